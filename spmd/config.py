@@ -1,0 +1,79 @@
+"""The model's hyper-parameters, read once from the GGUF header; derived fields computed here and nowhere else."""
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import UserError
+
+ARCHITECTURES = ("llama", "qwen2")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    ffn_dim: int
+    vocab: int
+    context: int
+    norm_eps: float
+    rope_theta: float
+    rope_dim: int  # leading dims of each head that are rotated
+    rope_neox: bool  # rotate halves (qwen2) instead of interleaved pairs (llama)
+    rope_linear_factor: float  # positions divided by this ("linear" rope scaling); 1 for none
+    qkv_bias: bool
+    tied_output: bool  # no output.weight: the classifier is token_embd
+
+    @property
+    def group(self) -> int:
+        """Query heads per KV head."""
+        return self.n_heads // self.n_kv_heads
+
+    def rope_inv_freq(self, factors=None) -> np.ndarray:
+        """(rope_dim/2,) rotation frequencies; `factors` (rope_freqs.weight, Llama 3 scaling) divide them."""
+        inv = 1.0 / self.rope_theta ** (np.arange(0, self.rope_dim, 2, dtype=np.float64) / self.rope_dim)
+        if factors is not None:
+            inv = inv / np.asarray(factors, dtype=np.float64)
+        return inv
+
+
+def read_config(f) -> ModelConfig:
+    """ModelConfig from an open GGUFFile; refuses architectures we do not run."""
+    arch = f.meta("general.architecture")
+    if arch not in ARCHITECTURES:
+        raise UserError(f"{f.path}: architecture {arch!r} is not supported (supported: {', '.join(ARCHITECTURES)})")
+
+    def need(key):
+        value = f.meta(f"{arch}.{key}")
+        if value is None:
+            raise UserError(f"{f.path}: metadata {arch}.{key} is missing")
+        return value
+
+    dim, n_heads = int(need("embedding_length")), int(need("attention.head_count"))
+    n_kv_heads = int(f.meta(f"{arch}.attention.head_count_kv", n_heads))
+    head_dim = int(f.meta(f"{arch}.attention.key_length", dim // n_heads))
+    embd = f.info("token_embd.weight")
+    if f.meta(f"{arch}.attention.sliding_window"):
+        raise UserError(f"{f.path}: sliding-window attention is not supported")
+    scaling = f.meta(f"{arch}.rope.scaling.type", "none")
+    if scaling not in ("none", "linear"):
+        raise UserError(f"{f.path}: RoPE scaling {scaling!r} is not supported (supported: none, linear, llama3)")
+    cfg = ModelConfig(
+        arch=arch, dim=dim, n_layers=int(need("block_count")), n_heads=n_heads, n_kv_heads=n_kv_heads,
+        head_dim=head_dim, ffn_dim=int(need("feed_forward_length")), vocab=embd.shape[0],
+        context=int(need("context_length")),
+        norm_eps=float(f.meta(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(f.meta(f"{arch}.rope.freq_base", 10000.0)),
+        rope_dim=int(f.meta(f"{arch}.rope.dimension_count", head_dim)),
+        rope_neox=arch == "qwen2",
+        rope_linear_factor=float(f.meta(f"{arch}.rope.scaling.factor", 1.0)) if scaling == "linear" else 1.0,
+        qkv_bias=f.has("blk.0.attn_q.bias"),
+        tied_output=not f.has("output.weight"),
+    )
+    if n_heads % n_kv_heads or embd.shape[1] != dim:
+        raise UserError(f"{f.path}: inconsistent shape (heads {n_heads}, kv heads {n_kv_heads}, "
+                        f"embedding {embd.shape})")
+    return cfg

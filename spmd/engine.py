@@ -1,0 +1,174 @@
+"""One generation, run the same way on every rank: set up (agreeing on errors), then rank 0 drives each step
+with one control message. Rank 0 tokenizes, samples, streams the text and assembles the result."""
+import resource
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import comm as C
+from .backends import get_backend
+from .config import read_config
+from .errors import UserError
+from .gguf_file import GGUFFile
+from .model import Model
+from .plan import make_plan, parse_ratios
+from .sampling import Sampler
+from .tokenizer import load_tokenizer
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    model: str
+    prompt: str = ""
+    steps: int = 64
+    ratios: str = None
+    allreduce: str = "star"
+    backend: str = "cpu"
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = None
+    tokenizer: str = None  # a sentencepiece .model instead of the GGUF's vocabulary
+    prompt_tokens: tuple = None  # token ids instead of a prompt text (tests)
+
+
+def agree(comm, step):
+    """Run `step()` on every rank; if it raised a UserError on any rank, raise the first one everywhere."""
+    error, value = None, None
+    try:
+        value = step()
+    except UserError as e:
+        error = str(e)
+    except MemoryError:
+        error = "out of memory"
+    first = comm.first_error(error)
+    if first is not None:
+        raise UserError(first)
+    return value
+
+
+def peak_rss_bytes():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class Engine:
+    def __init__(self, opts: RunOptions, comm: C.Comm, log=print):
+        self.opts, self.comm, self.log = opts, comm, log
+        if opts.steps < 1:
+            raise UserError(f"--steps must be at least 1 (got {opts.steps})")
+        if opts.allreduce not in C.ALGORITHMS:
+            raise UserError(f"--allreduce {opts.allreduce!r}: choose one of {', '.join(C.ALGORITHMS)}")
+        self.file, self.cfg, self.ratios, self.plan = agree(comm, self._read_header)
+        self.comm.ratios = self.ratios
+        self.share = self.plan[comm.rank]
+        self.tokenizer, self.prompt = None, None
+        if comm.is_root:
+            self.tokenizer, self.prompt = agree(comm, self._tokenize)
+        else:
+            agree(comm, lambda: None)
+        n_prompt = comm.bcast(len(self.prompt) if comm.is_root else None)
+        self.steps = min(opts.steps, self.cfg.context - n_prompt)
+        self.max_seq = n_prompt + self.steps  # the KV cache holds this many positions
+        if comm.is_root and self.steps < opts.steps:
+            log(f"note: --steps {opts.steps} would pass the model's context of {self.cfg.context}; "
+                f"generating {self.steps}")
+        t = time.perf_counter()
+        self.model = agree(comm, self._load)
+        self.load_s = time.perf_counter() - t
+        self._vocab_counts = [s.n_vocab for s in self.plan]
+        self._logits = np.empty(self.cfg.vocab, dtype=np.float32) if comm.is_root else None
+
+    def _read_header(self):
+        f = GGUFFile(self.opts.model)
+        cfg = read_config(f)
+        ratios = parse_ratios(self.opts.ratios, self.comm.size)
+        plan = make_plan(ratios, cfg.n_heads, cfg.n_kv_heads, cfg.ffn_dim, cfg.vocab)
+        return f, cfg, ratios, plan
+
+    def _tokenize(self):
+        tok = load_tokenizer(self.file, self.opts.tokenizer)
+        ids = list(self.opts.prompt_tokens) if self.opts.prompt_tokens is not None else tok.encode(self.opts.prompt)
+        if not ids:
+            raise UserError("the prompt is empty and the model has no BOS token to start from")
+        if len(ids) >= self.cfg.context:
+            raise UserError(f"the prompt is {len(ids)} tokens; the model's context is {self.cfg.context}, "
+                            "which leaves no room to generate")
+        if max(ids) >= self.cfg.vocab or min(ids) < 0:
+            raise UserError(f"prompt token ids must be in 0..{self.cfg.vocab - 1}")
+        return tok, np.array(ids, dtype=np.int64)
+
+    def _load(self):
+        backend = get_backend(self.opts.backend)
+        from .weights import load_shard
+        weights = load_shard(self.file, self.cfg, self.share, backend,
+                             notice=self.log if self.comm.is_root else (lambda _msg: None))
+        if hasattr(backend, "warmup"):
+            backend.warmup()
+        return Model(self.cfg, weights, self.share, max_seq=self.max_seq)
+
+    # ---- the step loop --------------------------------------------------------------------------------------
+    def forward(self, tokens, pos):
+        """Every rank: one pass; returns the full logits on rank 0 (None elsewhere)."""
+        local = self.model.forward(tokens, pos, self.comm.allreduce)
+        return self.comm.gather_logits(local, self._vocab_counts, self._logits)
+
+    def run(self, emit=None):
+        """Generate; on rank 0 returns the result dict (and streams text pieces to `emit`), elsewhere None."""
+        self.comm.barrier()
+        start_sync = self.comm.sync_s
+        t0 = time.perf_counter()
+        result = self._root_loop(emit) if self.comm.is_root else self._worker_loop()
+        total = time.perf_counter() - t0
+        sync = self.comm.sync_s - start_sync
+        stats = dict(rank=self.comm.rank, host=C.host_name(), share=self.share.describe(),
+                     compute_ms=round((total - sync) * 1e3, 3), sync_ms=round(sync * 1e3, 3),
+                     bytes_sent=int(self.comm.bytes_sent), weights_bytes=int(self.model.w.nbytes),
+                     peak_rss_bytes=int(peak_rss_bytes()))
+        ranks = self.comm.gather(stats)
+        if result is not None:
+            result["ranks"] = ranks
+        return result
+
+    def _worker_loop(self):
+        while True:
+            op, a, b, _ = self.comm.control()
+            if op == C.OP_STOP:
+                return None
+            if op == C.OP_PREFILL:
+                tokens = self.comm.broadcast_tokens(np.empty(a, dtype=np.int64))
+                self.forward(tokens, 0)
+            elif op == C.OP_DECODE:
+                self.forward(np.array([a], dtype=np.int64), b)
+
+    def _root_loop(self, emit):
+        sampler = Sampler(self.opts.temperature, self.opts.top_k, self.opts.top_p, self.opts.seed)
+        stream = self.tokenizer.stream()
+        t0 = time.perf_counter()
+        self.comm.control(C.OP_PREFILL, len(self.prompt))
+        self.comm.broadcast_tokens(self.prompt)
+        token = sampler(self.forward(self.prompt, 0))
+        prefill_s = time.perf_counter() - t0
+        tokens, pos, t1 = [], len(self.prompt), time.perf_counter()
+        while token not in self.tokenizer.eos_ids:
+            tokens.append(token)
+            if emit is not None:
+                emit(stream.push(token))
+            if len(tokens) == self.steps:
+                break
+            self.comm.control(C.OP_DECODE, token, pos)
+            token = sampler(self.forward(np.array([token], dtype=np.int64), pos))
+            pos += 1
+        self.comm.control(C.OP_STOP)
+        if emit is not None:
+            emit(stream.flush())
+        decode_s = time.perf_counter() - t1
+        n_decoded = pos - len(self.prompt)  # forward passes after the prefill
+        return dict(
+            prompt_tokens=self.prompt.tolist(), tokens=tokens, text=self.tokenizer.decode(tokens),
+            prefill_ms=round(prefill_s * 1e3, 3), prompt_tokens_per_s=round(len(self.prompt) / prefill_s, 3),
+            decode_tokens_per_s=round(n_decoded / decode_s, 3) if n_decoded else None,
+            ms_per_token=round(decode_s * 1e3 / n_decoded, 3) if n_decoded else None,
+            load_s=round(self.load_s, 3), n_ranks=self.comm.size, allreduce=self.comm.algorithm,
+            ratios=":".join(str(r) for r in self.ratios), backend=self.opts.backend,
+        )

@@ -1,0 +1,134 @@
+"""Open a GGUF file memory-mapped and read only the slices this rank keeps.
+
+The header is parsed by the `gguf` package. Tensor bytes are read through our own read-only mapping: a slice is
+copied out and the pages it touched are handed back to the kernel (MADV_DONTNEED), so a rank's resident memory
+holds its own share and not the file.
+"""
+import mmap
+import os
+from dataclasses import dataclass
+
+import numpy as np
+from gguf import GGMLQuantizationType as T
+from gguf import GGUFReader
+
+from .errors import UserError
+from .quants import NATIVE, QTensor, as_qtensor, block_size, dequantize_any, from_float, row_bytes
+
+PAGE = mmap.PAGESIZE
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    qtype: T
+    shape: tuple  # numpy order: (rows, cols) for a matrix, (n,) for a vector
+    offset: int  # absolute byte offset in the file
+    nbytes: int
+
+
+class GGUFFile:
+    def __init__(self, path):
+        self.path = str(path)
+        if not os.path.isfile(self.path):
+            raise UserError(f"model file not found: {self.path}")
+        try:
+            self._reader = GGUFReader(self.path, "r")
+        except Exception as e:  # the gguf package raises ValueError, struct errors, IndexError... on bad files
+            raise UserError(f"{self.path} is not a valid GGUF file ({type(e).__name__}: {e})") from None
+        self.tensors = {}
+        size = os.path.getsize(self.path)
+        for t in self._reader.tensors:
+            info = TensorInfo(t.name, T(t.tensor_type), tuple(int(d) for d in reversed(t.shape)),
+                              int(t.data_offset), int(t.n_bytes))
+            if info.offset + info.nbytes > size:
+                raise UserError(f"{self.path} is truncated: tensor {t.name} ends past the end of the file")
+            self.tensors[t.name] = info
+        with open(self.path, "rb") as f:
+            self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        self._bytes = np.frombuffer(self._mm, dtype=np.uint8)
+        self._noticed = set()  # weight types already announced as dequantised
+
+    # ---- metadata -------------------------------------------------------------------------------------------
+    def meta(self, key, default=None):
+        """A metadata value as plain Python (str, int, float, bool, list); `default` when absent."""
+        field = self._reader.fields.get(key)
+        return default if field is None else field.contents()
+
+    def keys(self):
+        return [k for k in self._reader.fields if not k.startswith("GGUF.")]
+
+    # ---- tensors --------------------------------------------------------------------------------------------
+    def info(self, name) -> TensorInfo:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise UserError(f"{self.path} has no tensor {name!r}") from None
+
+    def has(self, name) -> bool:
+        return name in self.tensors
+
+    def _raw(self, info: TensorInfo) -> np.ndarray:
+        return self._bytes[info.offset: info.offset + info.nbytes]
+
+    def _release(self, info: TensorInfo):
+        """Drop the mapped pages of a tensor from this process's resident set (the page cache keeps them)."""
+        start = info.offset // PAGE * PAGE
+        self._mm.madvise(mmap.MADV_DONTNEED, start, info.offset + info.nbytes - start)
+
+    def vector(self, name) -> np.ndarray:
+        """A 1-D tensor (norm weight, bias) as float32."""
+        info = self.info(name)
+        n = int(np.prod(info.shape))
+        out = dequantize_any(self._raw(info), info.qtype, 1, n).reshape(n).copy()
+        self._release(info)
+        return out
+
+    def rows(self, name, start, stop, notice=print) -> QTensor:
+        """Rows [start, stop) of a matrix, copied; a type we do not keep is dequantised (with one notice)."""
+        info = self.info(name)
+        n_rows, cols = info.shape
+        rb = row_bytes(info.qtype, cols)
+        raw = self._raw(info).reshape(n_rows, rb)[start:stop]
+        qt = self._convert(info, raw, stop - start, cols, notice)
+        self._release(info)
+        return qt
+
+    def cols(self, name, start, stop, notice=print) -> QTensor:
+        """Columns [start, stop) of a matrix, copied; quantised types need block-aligned bounds or are dequantised."""
+        info = self.info(name)
+        n_rows, cols = info.shape
+        rb = row_bytes(info.qtype, cols)
+        raw = self._raw(info).reshape(n_rows, rb)
+        bs = block_size(info.qtype)
+        if info.qtype in NATIVE and start % bs == 0 and (stop % bs == 0 or stop == cols):
+            per_block = rb // (cols // bs)
+            part = np.ascontiguousarray(raw[:, start // bs * per_block: -(-stop // bs) * per_block])
+            qt = as_qtensor(part, info.qtype, n_rows, stop - start)
+        else:
+            if info.qtype in NATIVE:
+                notice(f"note: {name} columns {start}:{stop} are not whole {info.qtype.name} blocks; "
+                       "dequantising that slice to F32")
+            qt = from_float(dequantize_any(raw, info.qtype, n_rows, cols)[:, start:stop])
+        self._release(info)
+        return qt
+
+    def row(self, name, i) -> np.ndarray:
+        """One row as float32 (an embedding lookup): the matrix itself stays on disk."""
+        info = self.info(name)
+        n_rows, cols = info.shape
+        rb = row_bytes(info.qtype, cols)
+        raw = self._raw(info)[i * rb:(i + 1) * rb]
+        return dequantize_any(raw, info.qtype, 1, cols).reshape(cols)
+
+    def _convert(self, info, raw, rows, cols, notice) -> QTensor:
+        if info.qtype in NATIVE:
+            return as_qtensor(np.ascontiguousarray(raw), info.qtype, rows, cols)
+        if info.qtype not in self._noticed:
+            self._noticed.add(info.qtype)
+            notice(f"note: the file holds {info.qtype.name} weights; dequantising them to F32 at load")
+        return from_float(dequantize_any(raw, info.qtype, rows, cols))
+
+    def close(self):
+        self._bytes = None
+        self._mm.close()

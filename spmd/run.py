@@ -1,0 +1,115 @@
+"""`python -m spmd.run`: the command every rank runs. Rank 0 streams the text to stdout and one summary line to
+stderr (or prints one JSON object with --output json); every other rank stays quiet unless something is wrong."""
+import contextlib
+import json
+import os
+import sys
+import traceback
+
+import click
+
+from .errors import UserError
+
+
+def split_ints(_ctx, _param, text):
+    if text is None:
+        return None
+    try:
+        return tuple(int(t) for t in text.replace(",", " ").split())
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: expected integers separated by commas") from None
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.option("--model", "-m", required=True, metavar="FILE.gguf", help="GGUF model file (the same path on every host).")
+@click.option("--prompt", "-p", default="", show_default=True, help="Text to continue; BOS is added as the model says.")
+@click.option("--prompt-ids", default=None, metavar="IDS", callback=split_ints,
+              help="Comma-separated token ids to use as the prompt instead of --prompt.")
+@click.option("--steps", "-n", default=64, show_default=True, type=int, help="Most tokens to generate.")
+@click.option("--ratios", default=None, metavar="R0:R1:...",
+              help="Each rank's share of the work, one number per rank (e.g. 2:3:3). Default: equal.")
+@click.option("--allreduce", default="star", show_default=True, type=click.Choice(["star", "ring", "mpi"]),
+              help="star: reduce to rank 0 + broadcast; ring: weighted reduce-scatter + allgather; "
+                   "mpi: the MPI library's Allreduce.")
+@click.option("--backend", default="cpu", show_default=True, type=click.Choice(["cpu", "numpy"]),
+              help="cpu: numba kernels on quantised weights; numpy: the readable reference.")
+@click.option("--temperature", "-t", default=0.0, show_default=True, type=click.FloatRange(min=0),
+              help="0 is greedy.")
+@click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0), help="0 keeps all tokens.")
+@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True),
+              help="Nucleus sampling mass.")
+@click.option("--seed", default=None, type=int, help="Sampling seed (default: random).")
+@click.option("--tokenizer", default=None, metavar="FILE.model",
+              help="A sentencepiece .model to use instead of the vocabulary in the GGUF.")
+@click.option("--output", default="text", show_default=True, type=click.Choice(["text", "json"]),
+              help="text: stream to stdout and a summary line on stderr; json: one object on stdout.")
+def cli(**kw):
+    """Generate text with a GGUF model split across MPI ranks by non-uniform tensor parallelism.
+
+    Run it on every rank: mpirun -hostfile hostfiles/localhost.txt python -m spmd.run --model m.gguf
+    """
+    return kw
+
+
+def parse_args(argv, is_root):
+    """The options dict, or an exit code when click handled it (--help, a bad flag). Only rank 0 prints."""
+    quiet = contextlib.ExitStack()
+    if not is_root:
+        devnull = quiet.enter_context(open(os.devnull, "w"))
+        quiet.enter_context(contextlib.redirect_stdout(devnull))
+        quiet.enter_context(contextlib.redirect_stderr(devnull))
+    with quiet:
+        try:
+            return cli.main(args=argv, prog_name="python -m spmd.run", standalone_mode=False)
+        except click.ClickException as e:
+            e.show()
+            return e.exit_code
+        except click.exceptions.Abort:
+            return 1
+
+
+def summary(r):
+    ranks = "; ".join(f"rank {s['rank']} ({s['host']}) compute {s['compute_ms']:.0f} ms sync {s['sync_ms']:.0f} ms "
+                      f"sent {s['bytes_sent'] / 1e6:.2f} MB rss {s['peak_rss_bytes'] / 2**20:.0f} MiB"
+                      for s in r["ranks"])
+    decode = (f"decode {r['decode_tokens_per_s']:.2f} tok/s ({r['ms_per_token']:.1f} ms/token)"
+              if r["decode_tokens_per_s"] else "decode -")
+    return (f"[spmd] {len(r['tokens'])} tokens, {decode}, prefill {len(r['prompt_tokens'])} tokens in "
+            f"{r['prefill_ms']:.0f} ms; {r['n_ranks']} rank(s) {r['allreduce']} {r['ratios']}, {r['backend']}; "
+            f"{ranks}")
+
+
+def main(argv=None):
+    from . import comm as C  # initialises MPI
+    comm = C.Comm()
+    kw = parse_args(argv, comm.is_root)
+    if not isinstance(kw, dict):
+        sys.exit(kw)
+    from .engine import Engine, RunOptions
+    log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if comm.is_root else (lambda msg: None)
+    text_out = kw.pop("output") == "text"
+    comm.algorithm = kw["allreduce"]
+    prompt_tokens = kw.pop("prompt_ids")
+    opts = RunOptions(**kw, prompt_tokens=prompt_tokens)
+    emit = (lambda piece: print(piece, end="", flush=True)) if text_out and comm.is_root else None
+    try:
+        result = Engine(opts, comm, log=log).run(emit)
+    except UserError as e:
+        log(f"error: {e}")
+        sys.exit(1)
+    except KeyboardInterrupt:
+        comm.abort(130)
+    except Exception:  # a bug, not a user mistake: show it, and take every rank down instead of hanging
+        traceback.print_exc()
+        sys.stderr.flush()
+        comm.abort(1)
+    if comm.is_root:
+        if text_out:
+            print(flush=True)
+            log(summary(result))
+        else:
+            print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""Multi-rank generation: greedy tokens at any rank count, ratios and allreduce equal those of one rank.
+
+Run with: mpirun -n 3 python -m pytest --with-mpi tests/test_engine_mpi.py (passes at any -n)."""
+import os
+import shutil
+import tempfile
+
+import numpy as np
+import pytest
+
+from spmd.comm import Comm
+from spmd.engine import Engine, RunOptions
+from spmd.synth import Shape, write_model
+
+MPI = pytest.importorskip("mpi4py.MPI")
+WORLD = MPI.COMM_WORLD
+UNEQUAL = {1: "1", 2: "1:3", 3: "2:3:3", 4: "1:2:3:2"}
+PROMPT = (1, 72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100)
+# dims that are whole quant blocks per head and per FFN block, so Q4_0 slices need no dequantising
+SHAPE = Shape(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, ffn=256, vocab=512, context=64)
+
+
+@pytest.fixture(scope="module")
+def models():
+    """Models written once by rank 0 into a directory every rank can read."""
+    folder = WORLD.bcast(tempfile.mkdtemp(prefix="spmd-test-") if WORLD.rank == 0 else None)
+    paths = {q: os.path.join(folder, f"tiny-{q}.gguf") for q in ("F32", "Q8_0", "Q4_0")}
+    if WORLD.rank == 0:
+        for qtype, path in paths.items():
+            write_model(path, SHAPE, qtype=qtype, seed=7)
+    WORLD.Barrier()
+    yield paths
+    WORLD.Barrier()
+    if WORLD.rank == 0:
+        shutil.rmtree(folder)
+
+
+def generate(comm, **kw):
+    opts = RunOptions(prompt_tokens=PROMPT, steps=12, **kw)
+    return Engine(opts, Comm(opts.allreduce, comm=comm), log=lambda _m: None).run()
+
+
+def single_rank_tokens(**kw):
+    """The tokens one rank alone produces, computed on rank 0 and shared with every rank."""
+    tokens = generate(MPI.COMM_SELF, **kw)["tokens"] if WORLD.rank == 0 else None
+    return WORLD.bcast(tokens)
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("qtype", ["F32", "Q8_0", "Q4_0"])
+@pytest.mark.parametrize("allreduce", ["star", "ring", "mpi"])
+@pytest.mark.parametrize("unequal", [False, True], ids=["equal", "unequal"])
+def test_tokens_equal_single_rank(models, qtype, allreduce, unequal):
+    expected = single_rank_tokens(model=models[qtype])
+    ratios = UNEQUAL[WORLD.size] if unequal else None
+    result = generate(WORLD, model=models[qtype], allreduce=allreduce, ratios=ratios)
+    if WORLD.rank == 0:
+        assert len(result["tokens"]) == 12
+        assert result["tokens"] == expected
+        assert [r["rank"] for r in result["ranks"]] == list(range(WORLD.size))
+    else:
+        assert result is None
+
+
+@pytest.mark.mpi
+def test_numpy_reference_backend_equals_cpu_backend(models):
+    expected = single_rank_tokens(model=models["F32"])
+    result = generate(WORLD, model=models["F32"], backend="numpy", ratios=UNEQUAL[WORLD.size])
+    if WORLD.rank == 0:
+        assert result["tokens"] == expected
+
+
+@pytest.mark.mpi
+def test_ranks_report_their_share_and_traffic(models):
+    result = generate(WORLD, model=models["Q4_0"], ratios=UNEQUAL[WORLD.size], allreduce="ring")
+    if WORLD.rank == 0:
+        shares = [r["share"] for r in result["ranks"]]
+        assert sum(s["kv_heads"] for s in shares) == SHAPE.n_kv_heads
+        assert sum(s["ffn_columns"] for s in shares) == SHAPE.ffn
+        assert sum(s["vocab_rows"] for s in shares) == SHAPE.vocab
+        for r in result["ranks"]:
+            assert r["peak_rss_bytes"] > 0 and r["compute_ms"] > 0
+            assert (r["bytes_sent"] > 0) == (WORLD.size > 1)
+
+
+@pytest.mark.mpi
+def test_bad_ratios_fail_on_every_rank_with_one_message(models):
+    from spmd.errors import UserError
+    with pytest.raises(UserError, match=f"has {WORLD.size + 1} values but the job has {WORLD.size} ranks"):
+        generate(WORLD, model=models["F32"], ratios=":".join(["1"] * (WORLD.size + 1)))
+
+
+@pytest.mark.mpi
+def test_a_missing_file_on_one_rank_is_reported_by_every_rank(models):
+    from spmd.errors import UserError
+    path = models["F32"] if WORLD.rank == 0 else "/nonexistent/model.gguf"
+    if WORLD.size == 1:
+        pytest.skip("needs a second rank")
+    with pytest.raises(UserError, match="rank 1: model file not found: /nonexistent/model.gguf"):
+        generate(WORLD, model=path)
+
+
+@pytest.mark.mpi
+def test_logits_match_across_ranks(models):
+    """The rank-0 logits after the prompt agree with one rank's to float32 rounding, not just the argmax."""
+    def logits(comm):
+        opts = RunOptions(model=models["F32"], prompt_tokens=PROMPT, steps=1, ratios=None)
+        engine = Engine(opts, Comm("ring", comm=comm), log=lambda _m: None)
+        return engine.forward(np.array(PROMPT, dtype=np.int64), 0)
+    alone = logits(MPI.COMM_SELF) if WORLD.rank == 0 else None
+    together = logits(WORLD)
+    if WORLD.rank == 0:
+        np.testing.assert_allclose(together, alone, rtol=0, atol=1e-4)
