@@ -1,0 +1,110 @@
+"""The command line as a user meets it: output formats, and one clear line for every mistake, on 1 and 3 ranks,
+with every rank exiting non-zero promptly (no hang, no traceback)."""
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from gguf import GGUFWriter
+
+from spmd.synth import Shape, write_model
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPE = Shape(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn=128, vocab=300, context=32)
+MPIRUN = shutil.which("mpirun")
+
+
+def run(args, ranks=1, timeout=90):
+    cmd = [sys.executable, "-m", "spmd.run", *map(str, args)]
+    if ranks > 1:
+        cmd = [MPIRUN, "-n", str(ranks), *cmd]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return write_model(tmp_path_factory.mktemp("m") / "tiny.gguf", SHAPE, qtype="Q8_0", seed=1)
+
+
+def test_json_output(model):
+    p = run(["--model", model, "--prompt", "Hello world", "--steps", 5, "--output", "json"])
+    assert p.returncode == 0, p.stderr
+    r = json.loads(p.stdout)
+    assert r["prompt_tokens"][0] == 1 and len(r["tokens"]) == 5
+    assert set(r) >= {"text", "prefill_ms", "decode_tokens_per_s", "ms_per_token", "ranks"}
+    assert set(r["ranks"][0]["share"]) == {"heads", "kv_heads", "ffn_columns", "vocab_rows"}
+
+
+def test_text_output_streams_then_summarises(model):
+    p = run(["--model", model, "--prompt", "Hello", "--steps", 4, "--output", "json"])
+    text = json.loads(p.stdout)["text"]
+    p = run(["--model", model, "--prompt", "Hello", "--steps", 4])
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == text + "\n"
+    assert p.stderr.startswith("[spmd] 4 tokens, decode ") and p.stderr.count("\n") == 1
+
+
+def test_help_documents_every_flag():
+    p = run(["--help"])
+    assert p.returncode == 0
+    for flag in ("--model", "--prompt", "--prompt-ids", "--steps", "--ratios", "--allreduce", "--backend",
+                 "--temperature", "--top-k", "--top-p", "--seed", "--tokenizer", "--output"):
+        assert flag in p.stdout
+
+
+def test_sampling_is_reproducible_with_a_seed(model):
+    args = ["--model", model, "--prompt", "Hi", "--steps", 8, "--output", "json", "--temperature", 0.8,
+            "--top-k", 40, "--top-p", 0.9, "--seed", 5]
+    assert json.loads(run(args).stdout)["tokens"] == json.loads(run(args).stdout)["tokens"]
+
+
+def write_garbage(path):
+    path.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 64)
+    return path
+
+
+def write_other_arch(path):
+    w = GGUFWriter(str(path), "mamba")
+    w.add_tensor("token_embd.weight", __import__("numpy").zeros((4, 8), "float32"))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def truncate(model, path):
+    data = Path(model).read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+    return path
+
+
+CASES = {
+    "missing file": (lambda m, d: d / "nope.gguf", [], "model file not found"),
+    "not gguf": (lambda m, d: write_garbage(d / "bad.gguf"), [], "is not a valid GGUF file"),
+    "truncated": (lambda m, d: truncate(m, d / "half.gguf"), [], "not a valid GGUF file|truncated"),
+    "unknown arch": (lambda m, d: write_other_arch(d / "mamba.gguf"), [], "architecture 'mamba' is not supported"),
+    "ratio count": (lambda m, d: m, ["--ratios", "1:2:3:4:5"], "has 5 values but the job has"),
+    "zero ratio": (lambda m, d: m, ["--ratios", "0"], "must be positive"),
+    "long prompt": (lambda m, d: m, ["--prompt", "word " * 60], "the model's context is 32"),
+    "bad token id": (lambda m, d: m, ["--prompt-ids", "1,99999"], "prompt token ids must be in 0..299"),
+    "bad flag value": (lambda m, d: m, ["--allreduce", "tree"], "Invalid value for '--allreduce'"),
+    "no tokenizer file": (lambda m, d: m, ["--tokenizer", "/nonexistent.model"], "/nonexistent.model"),
+}
+
+
+@pytest.mark.parametrize("ranks", [1, 3])
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_gives_one_line_and_every_rank_exits(model, tmp_path, case, ranks):
+    if ranks > 1 and MPIRUN is None:
+        pytest.skip("mpirun not on PATH")
+    make, extra, message = CASES[case]
+    p = run(["--model", make(model, tmp_path), *extra], ranks=ranks, timeout=60)
+    assert p.returncode != 0
+    assert "Traceback" not in p.stderr + p.stdout
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "rror" in ln]
+    assert len(errors) == 1, p.stderr  # once, from rank 0 only
+    assert __import__("re").search(message, errors[0]), errors[0]
