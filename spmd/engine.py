@@ -144,28 +144,38 @@ class Engine:
     def _root_loop(self, emit):
         sampler = Sampler(self.opts.temperature, self.opts.top_k, self.opts.top_p, self.opts.seed)
         stream = self.tokenizer.stream()
+        shown = "".join(stream.push(t) for t in self.prompt.tolist())  # so the first word keeps its space
+        if emit is not None:
+            emit(shown)
+        pieces = []
+        vocab = min(self.tokenizer.vocab_size, self.cfg.vocab)  # a padded classifier's extra rows are never sampled
+
+        def sample(logits):
+            return sampler(logits[:vocab])
         t0 = time.perf_counter()
         self.comm.control(C.OP_PREFILL, len(self.prompt))
         self.comm.broadcast_tokens(self.prompt)
-        token = sampler(self.forward(self.prompt, 0))
+        token = sample(self.forward(self.prompt, 0))
         prefill_s = time.perf_counter() - t0
         tokens, pos, t1 = [], len(self.prompt), time.perf_counter()
         while token not in self.tokenizer.eos_ids:
             tokens.append(token)
+            pieces.append(stream.push(token))
             if emit is not None:
-                emit(stream.push(token))
+                emit(pieces[-1])
             if len(tokens) == self.steps:
                 break
             self.comm.control(C.OP_DECODE, token, pos)
-            token = sampler(self.forward(np.array([token], dtype=np.int64), pos))
+            token = sample(self.forward(np.array([token], dtype=np.int64), pos))
             pos += 1
         self.comm.control(C.OP_STOP)
+        pieces.append(stream.flush())
         if emit is not None:
-            emit(stream.flush())
+            emit(pieces[-1])
         decode_s = time.perf_counter() - t1
         n_decoded = pos - len(self.prompt)  # forward passes after the prefill
         return dict(
-            prompt_tokens=self.prompt.tolist(), tokens=tokens, text=self.tokenizer.decode(tokens),
+            prompt_tokens=self.prompt.tolist(), tokens=tokens, text="".join(pieces),
             prefill_ms=round(prefill_s * 1e3, 3), prompt_tokens_per_s=round(len(self.prompt) / prefill_s, 3),
             decode_tokens_per_s=round(n_decoded / decode_s, 3) if n_decoded else None,
             ms_per_token=round(decode_s * 1e3 / n_decoded, 3) if n_decoded else None,

@@ -42,7 +42,7 @@ def test_text_output_streams_then_summarises(model):
     text = json.loads(p.stdout)["text"]
     p = run(["--model", model, "--prompt", "Hello", "--steps", 4])
     assert p.returncode == 0, p.stderr
-    assert p.stdout == text + "\n"
+    assert p.stdout == "Hello" + text + "\n"  # the prompt, then the continuation
     assert p.stderr.startswith("[spmd] 4 tokens, decode ") and p.stderr.count("\n") == 1
 
 
