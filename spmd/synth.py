@@ -1,0 +1,334 @@
+"""Random-weight GGUF models from fixed seeds: the test models and the decode benchmark's TinyLlama stand-in.
+
+A model is a `Shape` (the architecture's numbers), a weight type and a seed; the same three always give a
+byte-identical file. Every tensor draws from its own generator, `default_rng([seed, crc32(name)])`, so a tensor's
+values do not depend on the order or size of the others.
+
+Two ways to fill a quantised (Q8_0 / Q4_0) tensor:
+- exact (small models, the default up to EXACT_UP_TO weights): draw the float32 weights of `random_weights` and
+  quantise them with `spmd.quants.quantize`, so the file holds exactly `quantize(random_weights(...)[name])`;
+- direct (large models): draw random int8 / nibbles and random fp16 block scales of the same standard deviation,
+  one tensor at a time, straight into the file; TinyLlama in Q4_0 (~620 MB) writes in seconds in little memory.
+
+Layout follows llama.cpp's converter: matrices are (out, in) in numpy order; llama's attn_q / attn_k rows are in
+GGUF's interleaved-pair RoPE order (random weights are defined in that layout, the HF model un-permutes them);
+Llama-3 rope scaling is a `rope_freqs.weight` tensor of per-frequency divisors.
+"""
+import itertools
+import math
+import zlib
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import numpy as np
+from gguf import GGMLQuantizationType as T
+from gguf import GGUFWriter, LlamaFileType, TokenType
+
+from .quants import BLOCK, quantize, row_bytes
+
+EXACT_UP_TO = 1 << 24  # weights; bigger models get random quant blocks written directly
+RMS_EPS = {"llama": 1e-5, "qwen2": 1e-6}
+FILE_TYPE = {T.F32: LlamaFileType.ALL_F32, T.F16: LlamaFileType.MOSTLY_F16, T.BF16: LlamaFileType.MOSTLY_BF16,
+             T.Q8_0: LlamaFileType.MOSTLY_Q8_0, T.Q4_0: LlamaFileType.MOSTLY_Q4_0}
+# Standard deviation of a matrix is GAIN / sqrt(fan_in): q.k scores of std ~1, layers that move the residual as
+# much as the embedding does, and classifier logits of std ~2 so greedy steps are rarely near-ties.
+# Embeddings N(0, 1): each token stands out in the residual stream; N(0, 1/dim) when tied (the classifier's logits
+# then have std ~1 and the current token's own logit is not far ahead of the rest).
+GAIN = {"output": 2.0}
+EMBD_STD, NORM_STD, BIAS_STD = 1.0, 0.1, 0.2
+# Standard deviation of the integer part of a random block: uniform int8 in [-127, 127], nibbles in [1, 15] (-7..7).
+Q_STD = {T.Q8_0: math.sqrt((255 ** 2 - 1) / 12), T.Q4_0: math.sqrt((15 ** 2 - 1) / 12)}
+
+
+@dataclass(frozen=True)
+class Shape:
+    arch: str = "llama"  # "llama" | "qwen2"
+    dim: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    ffn: int = 128
+    vocab: int = 512
+    context: int = 256
+    rope_theta: float = 10000.0
+    tied: bool = False  # no output.weight: the classifier is token_embd
+    # llama3-style: {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
+    rope_scaling: dict | None = field(default=None, hash=False)
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def n_params(self) -> int:
+        return sum(int(np.prod(s.shape)) for s in tensor_plan(self))
+
+
+TINYLLAMA = Shape(dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, ffn=5632, vocab=32000, context=2048)
+
+
+class TensorSpec(NamedTuple):
+    name: str
+    shape: tuple  # numpy order: (out, in) for a matrix, (n,) for a vector
+    kind: str  # "embd" | "matrix" | "norm" | "bias" | "rope_freqs"
+
+
+def tensor_plan(shape: Shape) -> list:
+    """The model's tensors in file order (llama.cpp's: rope_freqs, token_embd, blocks, output_norm, output)."""
+    d, kv = shape.dim, shape.n_kv_heads * shape.head_dim
+    plan = []
+    if shape.rope_scaling:
+        plan.append(TensorSpec("rope_freqs.weight", (shape.head_dim // 2,), "rope_freqs"))
+    plan.append(TensorSpec("token_embd.weight", (shape.vocab, d), "embd"))
+    for i in range(shape.n_layers):
+        b = f"blk.{i}."
+        plan += [TensorSpec(b + "attn_norm.weight", (d,), "norm"),
+                 TensorSpec(b + "attn_q.weight", (d, d), "matrix"),
+                 TensorSpec(b + "attn_k.weight", (kv, d), "matrix"),
+                 TensorSpec(b + "attn_v.weight", (kv, d), "matrix")]
+        if shape.arch == "qwen2":
+            plan += [TensorSpec(b + "attn_q.bias", (d,), "bias"), TensorSpec(b + "attn_k.bias", (kv,), "bias"),
+                     TensorSpec(b + "attn_v.bias", (kv,), "bias")]
+        plan += [TensorSpec(b + "attn_output.weight", (d, d), "matrix"),
+                 TensorSpec(b + "ffn_norm.weight", (d,), "norm"),
+                 TensorSpec(b + "ffn_gate.weight", (shape.ffn, d), "matrix"),
+                 TensorSpec(b + "ffn_up.weight", (shape.ffn, d), "matrix"),
+                 TensorSpec(b + "ffn_down.weight", (d, shape.ffn), "matrix")]
+    plan.append(TensorSpec("output_norm.weight", (d,), "norm"))
+    if not shape.tied:
+        plan.append(TensorSpec("output.weight", (shape.vocab, d), "matrix"))
+    return plan
+
+
+def llama3_rope_factors(head_dim, theta, factor, low_freq_factor, high_freq_factor,
+                        original_max_position_embeddings) -> np.ndarray:
+    """Llama 3.1's rule as llama.cpp stores it: (head_dim/2,) float32 divisors of the rotation frequencies.
+
+    Wavelength 2*pi/freq below original/high_freq_factor: 1; above original/low_freq_factor: `factor`; between:
+    1 / ((1 - s) / factor + s) with s = (original / wavelength - low_freq_factor) / (high - low).
+    """
+    freqs = float(theta) ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    wavelen = 2 * math.pi / freqs
+    smooth = (original_max_position_embeddings / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    medium = 1.0 / ((1 - smooth) / factor + smooth)
+    out = np.where(wavelen < original_max_position_embeddings / high_freq_factor, 1.0,
+                   np.where(wavelen > original_max_position_embeddings / low_freq_factor, factor, medium))
+    return out.astype(np.float32)
+
+
+# ---- weights --------------------------------------------------------------------------------------------------
+def _rng(seed, name) -> np.random.Generator:
+    return np.random.default_rng([seed, zlib.crc32(name.encode())])
+
+
+def _std(spec: TensorSpec, tied: bool) -> float:
+    if spec.kind == "embd":  # a tied classifier needs small embeddings, or each token predicts itself
+        return EMBD_STD / math.sqrt(spec.shape[1]) if tied else EMBD_STD
+    return GAIN.get(spec.name.split(".")[-2], 1.0) / math.sqrt(spec.shape[1])
+
+
+def _float_tensor(spec: TensorSpec, shape: Shape, seed) -> np.ndarray:
+    if spec.kind == "rope_freqs":
+        return llama3_rope_factors(shape.head_dim, shape.rope_theta, **shape.rope_scaling)
+    z = _rng(seed, spec.name).standard_normal(spec.shape, dtype=np.float32)
+    if spec.kind == "norm":
+        return (1.0 + NORM_STD * z).astype(np.float32)
+    if spec.kind == "bias":
+        return (BIAS_STD * z).astype(np.float32)
+    return (np.float32(_std(spec, shape.tied)) * z).astype(np.float32)
+
+
+def random_weights(shape: Shape, seed=0) -> dict:
+    """{GGUF tensor name: float32 array (numpy shape (out, in) / (n,))}: the F32 file's exact contents."""
+    return {s.name: _float_tensor(s, shape, seed) for s in tensor_plan(shape)}
+
+
+def _random_blocks(spec: TensorSpec, qtype, seed, tied) -> np.ndarray:
+    """Random Q8_0 / Q4_0 blocks of the tensor's standard deviation, as uint8 (rows, row_bytes)."""
+    rows, cols = spec.shape
+    rng = _rng(seed, spec.name)
+    n_blocks = rows * cols // BLOCK
+    base = _std(spec, tied) / Q_STD[qtype]
+    scales = (rng.uniform(0.75, 1.25, size=(n_blocks, 1)) * base).astype(np.float16)
+    if qtype == T.Q8_0:
+        quants = rng.integers(-127, 128, size=(n_blocks, BLOCK), dtype=np.int8).view(np.uint8)
+    else:
+        nib = rng.integers(1, 16, size=(n_blocks, BLOCK), dtype=np.uint8)  # value = nibble - 8, in -7..7
+        quants = nib[:, :BLOCK // 2] | (nib[:, BLOCK // 2:] << 4)
+    return np.concatenate([scales.view(np.uint8), quants], axis=1).reshape(rows, row_bytes(qtype, cols))
+
+
+def _stored_type(spec: TensorSpec, qtype):
+    return qtype if len(spec.shape) == 2 else T.F32
+
+
+def _stored_data(spec: TensorSpec, qtype, shape: Shape, seed, exact) -> np.ndarray:
+    t = _stored_type(spec, qtype)
+    if t in (T.Q8_0, T.Q4_0) and not exact:
+        return _random_blocks(spec, t, seed, shape.tied)
+    w = _float_tensor(spec, shape, seed)
+    return w if t == T.F32 else quantize(w, t).data
+
+
+# ---- file -----------------------------------------------------------------------------------------------------
+def _check(shape: Shape, qtype):
+    if shape.arch not in RMS_EPS:
+        raise ValueError(f"unknown arch {shape.arch!r}; expected one of {sorted(RMS_EPS)}")
+    if qtype not in FILE_TYPE:
+        raise ValueError(f"unsupported weight type {qtype.name}; expected one of {[t.name for t in FILE_TYPE]}")
+    if shape.dim % shape.n_heads or shape.n_heads % shape.n_kv_heads or shape.head_dim % 2:
+        raise ValueError(f"inconsistent heads: dim {shape.dim}, n_heads {shape.n_heads}, n_kv {shape.n_kv_heads}")
+    if qtype in (T.Q8_0, T.Q4_0) and (shape.dim % BLOCK or shape.ffn % BLOCK):
+        raise ValueError(f"{qtype.name} needs dim and ffn to be multiples of {BLOCK}")
+
+
+def write_model(path, shape: Shape, qtype="F32", seed=0, exact=None):
+    """Write a random `shape` model to `path` (matrices in `qtype`, norms/biases F32); returns `path`.
+
+    exact: quantised types from quantising `random_weights` (True) or from random blocks (False);
+    None picks exact for models up to EXACT_UP_TO weights.
+    """
+    qtype = T[qtype] if isinstance(qtype, str) else T(qtype)
+    _check(shape, qtype)
+    if exact is None:
+        exact = shape.n_params <= EXACT_UP_TO
+    plan = tensor_plan(shape)
+    writer = GGUFWriter(str(path), shape.arch)
+    _add_metadata(writer, shape, qtype, seed)
+    for spec in plan:
+        t = _stored_type(spec, qtype)
+        rows = spec.shape[0] if len(spec.shape) == 2 else 1
+        nbytes = rows * row_bytes(t, spec.shape[-1])
+        if t in (T.Q8_0, T.Q4_0):
+            writer.add_tensor_info(spec.name, (rows, row_bytes(t, spec.shape[-1])), np.uint8, nbytes, raw_dtype=t)
+        else:
+            dtype = {T.F32: np.float32, T.F16: np.float16, T.BF16: np.uint16}[t]
+            writer.add_tensor_info(spec.name, spec.shape, dtype, nbytes, raw_dtype=t)
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for spec in plan:  # one tensor in memory at a time
+            writer.write_tensor_data(np.ascontiguousarray(_stored_data(spec, qtype, shape, seed, exact)))
+    finally:
+        writer.close()
+    return path
+
+
+def _add_metadata(w: GGUFWriter, shape: Shape, qtype, seed):
+    w.add_name(f"synth-{shape.arch}-d{shape.dim}-L{shape.n_layers}-{qtype.name}-seed{seed}")
+    w.add_file_type(FILE_TYPE[qtype])
+    if qtype in (T.Q8_0, T.Q4_0):
+        w.add_quantization_version(2)
+    w.add_context_length(shape.context)
+    w.add_embedding_length(shape.dim)
+    w.add_block_count(shape.n_layers)
+    w.add_feed_forward_length(shape.ffn)
+    w.add_head_count(shape.n_heads)
+    w.add_head_count_kv(shape.n_kv_heads)
+    w.add_layer_norm_rms_eps(RMS_EPS[shape.arch])
+    w.add_rope_freq_base(shape.rope_theta)
+    w.add_rope_dimension_count(shape.head_dim)
+    w.add_vocab_size(shape.vocab)
+    if shape.arch == "llama":
+        tokens, scores, types = llama_vocab(shape.vocab)
+        w.add_tokenizer_model("llama")
+        w.add_token_list(tokens)
+        w.add_token_scores(scores)
+        w.add_token_types(types)
+        w.add_unk_token_id(0)
+        w.add_bos_token_id(1)
+        w.add_eos_token_id(2)
+        w.add_add_bos_token(True)
+        w.add_add_eos_token(False)
+    else:
+        tokens, types, merges = gpt2_vocab(shape.vocab)
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("qwen2")
+        w.add_token_list(tokens)
+        w.add_token_types(types)
+        w.add_token_merges(merges)
+        eos = tokens.index("<|endoftext|>")
+        w.add_eos_token_id(eos)
+        w.add_bos_token_id(eos)  # as Qwen2's converted GGUFs have it; never added (add_bos_token false)
+        w.add_pad_token_id(eos)
+        w.add_add_bos_token(False)
+
+
+# ---- vocabularies ---------------------------------------------------------------------------------------------
+LLAMA_PIECES = (
+    "▁▁ ▁t er in ▁a en on ▁th es ▁▁▁▁ ▁s ▁d at or an ▁c is re it ▁the ar le ▁w ▁p ou al ▁f ▁m ed ▁o ▁b om ion "
+    "ing ic as el ent ▁in ▁h nd et ▁l ▁n st ▁to ch ▁I ro il ▁of de ct ▁( am ▁C ▁de ▁S ▁u ▁A ▁e ▁and ▁T ol ▁v "
+    "im ot ad ut ▁g em ur id ▁re ig ▁be ow ▁is ly he ▁he ▁that ▁for ▁it ▁you ▁was ▁on ▁with ▁as ▁are ▁this "
+    "▁at ▁by ▁not ▁from ▁have ▁or ▁an ▁but ▁they ▁his ▁we ▁can ▁all ▁one ▁will ▁there ▁so ▁what ▁about "
+    "▁which ▁when ▁their ▁if ▁more ▁time ▁would ▁been ▁Hello ▁world ▁The ▁cat ▁dog ▁sat ▁mat ▁quick ▁brown "
+    "▁fox ▁jump ▁over ▁lazy ing ▁Once ▁upon ▁day ▁story"
+).split() + ["▁"] + list("etaoinsrhldcumfpgwybvkxjqzETAOINSRHLDCUMFPGWYBVKXJQZ0123456789,.'-:;!?()\"/")
+
+
+def _filler_pieces():
+    """'▁ab', 'ab', '▁abc', 'abc', ...: unique pieces in a fixed order, as many as asked for."""
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    for n in itertools.count(2):
+        combos = ["".join(c) for c in itertools.product(letters, repeat=n)]
+        yield from ("▁" + c for c in combos)
+        yield from combos
+
+
+def llama_vocab(n: int):
+    """Sentencepiece-style vocab of n tokens -> (tokens, scores, types), in Llama 2's id order."""
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    types = [TokenType.UNKNOWN, TokenType.CONTROL, TokenType.CONTROL] + [TokenType.BYTE] * 256
+    if n <= len(tokens):
+        raise ValueError(f"a llama vocab needs more than {len(tokens)} tokens, got {n}")
+    pieces = list(dict.fromkeys(LLAMA_PIECES))[: n - len(tokens)]
+    seen = set(pieces)
+    fill = (p for p in _filler_pieces() if p not in seen)
+    pieces += list(itertools.islice(fill, n - len(tokens) - len(pieces)))
+    scores = [0.0] * len(tokens) + [-float(i) for i in range(len(pieces))]
+    return tokens + pieces, scores, [int(t) for t in types] + [int(TokenType.NORMAL)] * len(pieces)
+
+
+def bytes_to_unicode() -> dict:
+    """GPT-2's byte -> printable character map, in its order (printable bytes first, then the rest)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    cs = bs[:]
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + len(cs) - 188)  # 188 printable bytes come first
+    return dict(zip(bs, map(chr, cs)))
+
+
+GPT2_MERGES = (
+    "Ġ t|Ġ a|h e|i n|r e|o n|Ġt he|e r|Ġ s|a t|Ġ w|Ġ o|e n|Ġ c|i t|i s|a n|o r|e s|Ġ b|e d|Ġ f|in g|Ġ p|o u|"
+    "Ġa n|a l|a r|Ġt o|Ġ m|Ġo f|Ġ in|Ġ d|Ġ h|Ġan d|i c|a s|l e|Ġt h|i on|o m|l l|en t|Ġ n|Ġ l|s t|Ġ re|v e|Ġ e|"
+    "r o|l y|Ġb e|Ġ g|Ġ T|c t|Ġ S|i d|o t|Ġ I|u t|e t|Ġ A|Ġ i|Ġi s|Ġo n|i m|a m|o w|a y|a d|s e|Ġth at|Ġ C|i g|"
+    "Ġf or|a c|Ġ y|v er|u r|Ġ u|l d|Ġs t|Ġ M|' s|Ġ he|Ġi t|at ion|it h|i r|c e|Ġy ou|i l|Ġ B|Ġw h|o l|Ġ P|"
+    "Ġw ith|Ġ 1|t er|c h|Ġa s|Ġw e|Ġ (|n d|i ll|Ġ D|i f|Ġ 2|a g|er s|k e|Ġ \"|Ġ H|e m|Ġc on|Ġ W|Ġ R|he r|"
+    "Ġw as|Ġ r|o d|Ġ F|u l|at e|Ġa t|r i|p p|o re|ĠT he|Ġs e|u s|Ġp ro|Ġh a|u m|Ġa re|Ġd e|a in|an d|Ġo r|"
+    "ig h|es t|is t|a b|r om|Ġ N|t h|Ġc om|Ġ G|u n|o p|0 0|Ġ L|Ġn ot|es s|Ġe x|Ġ v|re s|Ġ E|e w|it y|an t|"
+    "Ġb y|e l|o s|or t|o c|q u|Ġf rom|a ve|Ġh ave|Ġs u|i ve|ou ld|Ġs h|Ġth is|n t|r a|p e|igh t|ar t|m ent|Ċ Ċ"
+).split("|")
+SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+
+
+def gpt2_vocab(n: int):
+    """Byte-level BPE vocab of n tokens -> (tokens, types, merges): 256 byte characters, merge results in rank
+    order, Qwen2's special tokens, then [PAD<id>] (unused) up to n, as llama.cpp's converter pads."""
+    tokens = list(bytes_to_unicode().values())
+    merges = GPT2_MERGES[: max(0, n - len(tokens) - len(SPECIALS))]
+    known = set(tokens)
+    for m in merges:
+        a, b = m.split(" ")
+        if a not in known or b not in known or a + b in known:
+            raise AssertionError(f"bad merge {m!r}")  # the table above is wrong
+        known.add(a + b)
+        tokens.append(a + b)
+    if n < len(tokens) + len(SPECIALS):
+        raise ValueError(f"a gpt2 vocab needs at least {len(tokens) + len(SPECIALS)} tokens, got {n}")
+    types = [int(TokenType.NORMAL)] * len(tokens) + [int(TokenType.CONTROL)] * len(SPECIALS)
+    tokens += SPECIALS
+    types += [int(TokenType.UNUSED)] * (n - len(tokens))
+    tokens += [f"[PAD{i}]" for i in range(len(tokens), n)]
+    return tokens, types, merges
