@@ -1,0 +1,76 @@
+"""`python -m spmd.launch`: check a hostfile and its hosts, then start the job through mpirun.
+
+    python -m spmd.launch --hostfile hostfiles/home.txt -n 3 -- --model model.gguf --ratios 2:3:3
+
+A hostfile in the wrong format, a host that does not resolve, or one whose ssh port does not answer gives one
+line naming the host and the line, before any process starts; ssh is then told to give up after a few seconds
+rather than hang. Everything after `--` goes to `python -m spmd.run`."""
+import os
+import shutil
+import socket
+import sys
+
+import click
+
+LOCAL = {"localhost", "127.0.0.1", "::1", socket.gethostname(), socket.getfqdn()}
+
+
+def parse_hostfile(path):
+    """MPICH format -> [(line number, host, slots)]; raises click.ClickException naming the bad line."""
+    try:
+        lines = open(path).read().splitlines()
+    except OSError as e:
+        raise click.ClickException(f"cannot read hostfile {path}: {e.strerror}") from None
+    hosts = []
+    for number, line in enumerate(lines, 1):
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        host, _, slots = text.partition(":")
+        if "#" in text or " " in text or not host or (slots and not slots.isdigit()) or slots == "0":
+            raise click.ClickException(
+                f"{path} line {number}: {text!r} is not HOST or HOST:SLOTS (MPICH format; comments go on their "
+                "own lines)")
+        hosts.append((number, host, int(slots or 1)))
+    if not hosts:
+        raise click.ClickException(f"{path} names no hosts")
+    return hosts
+
+
+def check_reachable(path, hosts, timeout):
+    for number, host, _ in hosts:
+        if host in LOCAL:
+            continue
+        try:
+            addr = socket.getaddrinfo(host, 22, type=socket.SOCK_STREAM)[0][4]
+        except socket.gaierror:
+            raise click.ClickException(f"{path} line {number}: host {host!r} does not resolve") from None
+        try:
+            socket.create_connection(addr[:2], timeout=timeout).close()
+        except OSError as e:
+            reason = "timed out" if isinstance(e, socket.timeout) else (e.strerror or str(e))
+            raise click.ClickException(
+                f"{path} line {number}: host {host} is unreachable on ssh port 22 ({reason})") from None
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--hostfile", "-f", required=True, type=click.Path(dir_okay=False), help="MPICH hostfile.")
+@click.option("-n", "ranks", type=click.IntRange(min=1), default=None,
+              help="Number of ranks (default: the slots in the hostfile).")
+@click.option("--timeout", default=5.0, show_default=True, help="Seconds to wait for each host.")
+@click.argument("run_args", nargs=-1, type=click.UNPROCESSED)
+def main(hostfile, ranks, timeout, run_args):
+    """Check HOSTFILE's hosts, then run `python -m spmd.run RUN_ARGS` on them through mpirun."""
+    hosts = parse_hostfile(hostfile)
+    check_reachable(hostfile, hosts, timeout)
+    mpirun = shutil.which("mpirun")
+    if mpirun is None:
+        raise click.ClickException("mpirun is not on PATH: run scripts/setup.sh and 'source .venv/bin/activate'")
+    ranks = ranks or sum(slots for _, _, slots in hosts)
+    env = dict(os.environ, HYDRA_LAUNCHER_EXTRA_ARGS=f"-o ConnectTimeout={int(timeout)} -o BatchMode=yes")
+    cmd = [mpirun, "-f", hostfile, "-n", str(ranks), sys.executable, "-m", "spmd.run", *run_args]
+    os.execve(mpirun, cmd, env)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""The launcher refuses a bad hostfile or an unreachable host in one line, before any rank starts."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def launch(tmp_path, hostfile_text, *args):
+    hostfile = tmp_path / "hosts.txt"
+    hostfile.write_text(hostfile_text)
+    return subprocess.run([sys.executable, "-m", "spmd.launch", "-f", str(hostfile), "--timeout", "2", *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=30)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("localhost:1\nnosuchhost.invalid:1\n", "line 2: host 'nosuchhost.invalid' does not resolve"),
+    # 127.0.0.2 is this machine's loopback, where no ssh server listens: refused, as a host that is down would be
+    ("localhost:1\n127.0.0.2:1\n", "line 2: host 127.0.0.2 is unreachable on ssh port 22"),
+    ("localhost slots=2\n", "line 1: 'localhost slots=2' is not HOST or HOST:SLOTS"),
+    ("localhost:2   # the desktop\n", "comments go on their own lines"),
+    ("# nothing\n", "names no hosts"),
+])
+def test_bad_hostfiles_and_hosts_are_named(tmp_path, text, message):
+    p = launch(tmp_path, text, "--", "--help")
+    assert p.returncode == 1
+    assert p.stderr.strip().splitlines() == [p.stderr.strip()] and message in p.stderr
+
+
+def test_a_good_hostfile_starts_the_job(tmp_path):
+    p = launch(tmp_path, "# one machine\nlocalhost:2\n", "--", "--help")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.count("Usage: python -m spmd.run") == 1  # two ranks, rank 0 alone prints
