@@ -27,7 +27,7 @@ class Comm:
         self.ratios = ratios if ratios is not None else (1,) * self.size
         self.sync_s = 0.0  # seconds spent inside communication
         self.bytes_sent = 0
-        self._ring = {}  # n -> (counts, displacements) of the weighted ring, built once per vector size
+        self._ring_layouts = {}  # n -> (counts, displacements) of the weighted ring, built once per vector size
         self._control = np.zeros(4, dtype=np.int64)
 
     @property
@@ -76,12 +76,12 @@ class Comm:
         self.comm.Bcast(flat, root=0)
 
     def _ring_layout(self, n):
-        if n not in self._ring:
+        if n not in self._ring_layouts:
             counts = np.array(chunk_counts(n, self.ratios), dtype=np.int64)
             displs = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
             chunk = np.empty(counts[self.rank], dtype=np.float32)  # this rank's reduced chunk
-            self._ring[n] = (counts.tolist(), displs.tolist(), chunk)
-        return self._ring[n]
+            self._ring_layouts[n] = (counts.tolist(), displs.tolist(), chunk)
+        return self._ring_layouts[n]
 
     def _ring(self, flat):
         counts, displs, chunk = self._ring_layout(flat.size)

@@ -45,10 +45,10 @@ def parse_ratios(text, n_ranks: int) -> tuple:
         values = tuple(Fraction(p.strip()) for p in parts)
     except (ValueError, ZeroDivisionError):
         raise UserError(f"--ratios {text!r}: expected numbers separated by ':' (for example 2:3:3)") from None
-    if len(values) != n_ranks:
-        raise UserError(f"--ratios {text!r} has {len(values)} values but the job has {n_ranks} ranks")
     if any(v <= 0 for v in values):
         raise UserError(f"--ratios {text!r}: every ratio must be positive")
+    if len(values) != n_ranks:
+        raise UserError(f"--ratios {text!r} has {len(values)} values but the job has {n_ranks} ranks")
     return values
 
 

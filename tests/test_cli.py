@@ -12,7 +12,7 @@ from gguf import GGUFWriter
 from spmd.synth import Shape, write_model
 
 ROOT = Path(__file__).resolve().parents[1]
-SHAPE = Shape(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn=128, vocab=300, context=32)
+SHAPE = Shape(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn=128, vocab=512, context=32)
 MPIRUN = shutil.which("mpirun")
 
 
@@ -89,7 +89,7 @@ CASES = {
     "ratio count": (lambda m, d: m, ["--ratios", "1:2:3:4:5"], "has 5 values but the job has"),
     "zero ratio": (lambda m, d: m, ["--ratios", "0"], "must be positive"),
     "long prompt": (lambda m, d: m, ["--prompt", "word " * 60], "the model's context is 32"),
-    "bad token id": (lambda m, d: m, ["--prompt-ids", "1,99999"], "prompt token ids must be in 0..299"),
+    "bad token id": (lambda m, d: m, ["--prompt-ids", "1,99999"], "prompt token ids must be in 0..511"),
     "bad flag value": (lambda m, d: m, ["--allreduce", "tree"], "Invalid value for '--allreduce'"),
     "no tokenizer file": (lambda m, d: m, ["--tokenizer", "/nonexistent.model"], "/nonexistent.model"),
 }

@@ -1,0 +1,27 @@
+"""The readable reference backend: dequantise to float32 at load, then `x @ W.T`."""
+import numpy as np
+
+from ..quants import QTensor, dequantize
+
+
+class NumpyLinear:
+    def __init__(self, w: QTensor):
+        self.rows, self.cols = w.rows, w.cols
+        self.w = np.ascontiguousarray(dequantize(w), dtype=np.float32)  # (rows, cols)
+        self.nbytes = self.w.nbytes
+
+    def __call__(self, x: np.ndarray, out: np.ndarray = None) -> np.ndarray:
+        """x: float32 (n, cols) -> float32 (n, rows), written into `out` when given."""
+        if out is None:
+            out = np.empty((x.shape[0], self.rows), dtype=np.float32)
+        if self.rows == 0 or self.cols == 0:  # a rank may hold no heads; matmul of an empty K is zeros anyway
+            out[...] = 0.0
+            return out
+        return np.matmul(x, self.w.T, out=out)
+
+
+class NumpyBackend:
+    name = "numpy"
+
+    def linear(self, w: QTensor) -> NumpyLinear:
+        return NumpyLinear(w)
