@@ -24,12 +24,13 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 from gguf import GGUFWriter, LlamaFileType, TokenType
 
-from .quants import BLOCK, quantize, row_bytes
+from .quants import BLOCK, block_size, quantize, row_bytes
 
 EXACT_UP_TO = 1 << 24  # weights; bigger models get random quant blocks written directly
 RMS_EPS = {"llama": 1e-5, "qwen2": 1e-6}
 FILE_TYPE = {T.F32: LlamaFileType.ALL_F32, T.F16: LlamaFileType.MOSTLY_F16, T.BF16: LlamaFileType.MOSTLY_BF16,
-             T.Q8_0: LlamaFileType.MOSTLY_Q8_0, T.Q4_0: LlamaFileType.MOSTLY_Q4_0}
+             T.Q8_0: LlamaFileType.MOSTLY_Q8_0, T.Q4_0: LlamaFileType.MOSTLY_Q4_0,
+             T.Q5_0: LlamaFileType.MOSTLY_Q5_0}  # Q5_0: a type the engine dequantises at load
 # Standard deviation of a matrix is GAIN / sqrt(fan_in): q.k scores of std ~1, layers that move the residual as
 # much as the embedding does, and classifier logits of std ~2 so greedy steps are rarely near-ties.
 # Embeddings N(0, 1): each token stands out in the residual stream; N(0, 1/dim) when tied (the classifier's logits
@@ -178,7 +179,7 @@ def _check(shape: Shape, qtype):
         raise ValueError(f"unsupported weight type {qtype.name}; expected one of {[t.name for t in FILE_TYPE]}")
     if shape.dim % shape.n_heads or shape.n_heads % shape.n_kv_heads or shape.head_dim % 2:
         raise ValueError(f"inconsistent heads: dim {shape.dim}, n_heads {shape.n_heads}, n_kv {shape.n_kv_heads}")
-    if qtype in (T.Q8_0, T.Q4_0) and (shape.dim % BLOCK or shape.ffn % BLOCK):
+    if block_size(qtype) > 1 and (shape.dim % BLOCK or shape.ffn % BLOCK):
         raise ValueError(f"{qtype.name} needs dim and ffn to be multiples of {BLOCK}")
 
 
@@ -199,7 +200,7 @@ def write_model(path, shape: Shape, qtype="F32", seed=0, exact=None):
         t = _stored_type(spec, qtype)
         rows = spec.shape[0] if len(spec.shape) == 2 else 1
         nbytes = rows * row_bytes(t, spec.shape[-1])
-        if t in (T.Q8_0, T.Q4_0):
+        if block_size(t) > 1:
             writer.add_tensor_info(spec.name, (rows, row_bytes(t, spec.shape[-1])), np.uint8, nbytes, raw_dtype=t)
         else:
             dtype = {T.F32: np.float32, T.F16: np.float16, T.BF16: np.uint16}[t]

@@ -67,3 +67,13 @@ def test_batched_prompt_equals_token_by_token(tmp_path):
     for pos in range(len(prompt)):
         one = e.forward(prompt[pos:pos + 1], pos)
     np.testing.assert_allclose(one, batched, rtol=0, atol=2e-3)
+
+
+def test_other_weight_types_are_dequantised_at_load_with_one_notice(tmp_path):
+    path = write_model(tmp_path / "q5.gguf", Shape(dim=64, ffn=128), qtype="Q5_0", seed=1)
+    notices = []
+    opts = RunOptions(model=str(path), prompt_tokens=(1, 5, 9), steps=2)
+    e = Engine(opts, Comm("star", comm=MPI.COMM_SELF), log=notices.append)
+    assert notices == ["note: the file holds Q5_0 weights; dequantising them to F32 at load"]
+    np.testing.assert_allclose(e.forward(np.array([1, 5, 9]), 0), reference.logits_for(path, [1, 5, 9])[-1],
+                               rtol=0, atol=1e-4)
