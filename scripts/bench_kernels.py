@@ -1,0 +1,89 @@
+"""Matrix-product speed of the cpu backend against the numpy reference, in one process, best of a few repeats.
+
+    python scripts/bench_kernels.py [--types Q4_0,Q8_0,F16,F32] [--shapes 5632x2048,...] [--n 1,64] [--repeats 3]
+
+Each case cycles through enough copies of the weights (at least 96 MB) that they come from memory, not the
+32 MB L3, as a whole model's weights would. GB/s is the weight bytes of the GGUF type read per second (the numpy
+reference holds float32, 4 bytes a weight, but is charged the same bytes, so "cpu x" is the speedup). For n > 1,
+"n matvecs / this" is how much faster the batch runs than n separate n = 1 calls.
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from gguf import GGMLQuantizationType as T
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from spmd.backends.cpu import CpuBackend  # noqa: E402
+from spmd.backends.numpy_ref import NumpyBackend  # noqa: E402
+from spmd.quants import QTensor, row_bytes  # noqa: E402
+
+SHAPES = ((2048, 2048), (256, 2048), (5632, 2048), (2048, 5632), (32000, 2048))  # TinyLlama: q/o, k/v, ffn, vocab
+COLD_BYTES = 96e6
+
+
+def random_weights(qtype, rows, cols, rng) -> QTensor:
+    """Random data in the type's layout, made directly (quantising 65M floats would take longer than timing)."""
+    if qtype in (T.Q4_0, T.Q8_0):
+        blk = 18 if qtype == T.Q4_0 else 34
+        data = rng.integers(0, 256, (rows, cols // 32, blk), dtype=np.uint8)
+        data[:, :, :2] = (rng.random((rows, cols // 32, 1), dtype=np.float32) * 0.01).astype(np.float16).view(np.uint8)
+        return QTensor(qtype, rows, cols, data.reshape(rows, row_bytes(qtype, cols)))
+    w = rng.standard_normal((rows, cols), dtype=np.float32)
+    data = {T.F32: w, T.F16: w.astype(np.float16), T.BF16: (w.view(np.uint32) >> 16).astype(np.uint16)}[qtype]
+    return QTensor(qtype, rows, cols, data)
+
+
+def best_ms(linears, x, out, repeats):
+    for lin in linears[:2]:
+        lin(x, out=out)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for lin in linears:
+            lin(x, out=out)
+        best = min(best, (time.perf_counter() - t) / len(linears))
+    return best * 1e3
+
+
+def bench(qtype, rows, cols, ns, repeats, rng):
+    w = random_weights(qtype, rows, cols, rng)
+    wbytes = w.nbytes
+    cpu, ref = [CpuBackend().linear(w)], [NumpyBackend().linear(w)]
+    for linears, backend in ((cpu, CpuBackend()), (ref, NumpyBackend())):  # copies, so that they come from memory
+        for _ in range(int(COLD_BYTES // linears[0].nbytes)):
+            linears.append(backend.linear(QTensor(qtype, rows, cols, w.data.copy())))
+    t_one = None
+    for n in ns:
+        x = rng.standard_normal((n, cols), dtype=np.float32)
+        out = np.empty((n, rows), np.float32)
+        t_cpu = best_ms(cpu, x, out, repeats)
+        t_ref = best_ms(ref, x, out, max(1, repeats // 2) if n > 1 else repeats)
+        t_one = t_cpu if n == 1 else t_one
+        gb = lambda ms: wbytes / ms / 1e6  # noqa: E731
+        batch = f" | {n} matvecs / this x{n * t_one / t_cpu:4.1f}" if n > 1 and t_one else ""
+        print(f"{qtype.name:5} {rows:>5}x{cols:<5} n={n:<3} cpu {t_cpu:8.3f} ms {gb(t_cpu):6.1f} GB/s | "
+              f"numpy {t_ref:8.3f} ms {gb(t_ref):6.1f} GB/s | cpu x{t_ref / t_cpu:6.1f}{batch}", flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--types", default="Q4_0,Q8_0,F16,F32")
+    ap.add_argument("--shapes", default=",".join(f"{r}x{c}" for r, c in SHAPES))
+    ap.add_argument("--n", default="1,64")
+    ap.add_argument("--repeats", type=int, default=3)
+    a = ap.parse_args()
+    rng = np.random.default_rng(0)
+    t = time.perf_counter()
+    CpuBackend().warmup()
+    print(f"warmup (compile or load numba's cache) {time.perf_counter() - t:.2f} s")
+    for name in a.types.split(","):
+        for shape in a.shapes.split(","):
+            rows, cols = map(int, shape.split("x"))
+            bench(T[name], rows, cols, [int(n) for n in a.n.split(",")], a.repeats, rng)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,223 @@
+"""Backends: numpy reference against gguf's dequantisation, cpu kernels against the reference (within a stated
+tolerance per type), `out=`, and the bit-exact invariances the multi-rank engine relies on."""
+import os
+import subprocess
+import sys
+import tracemalloc
+
+import numba
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as T
+from gguf import quants as gguf_quants
+
+from spmd.backends import cpu, get_backend
+from spmd.backends.cpu import CpuBackend
+from spmd.backends.numpy_ref import NumpyBackend
+from spmd.errors import UserError
+from spmd.quants import QTensor, dequantize, quantize, row_bytes
+
+TYPES = (T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0)
+QUANTISED = (T.Q8_0, T.Q4_0)
+NAMES = [t.name for t in TYPES]
+SHAPES = ((1, 32), (37, 96), (300, 544), (5, 4096), (0, 64))  # one block; odd rows; cols % 128 != 0; wide; none
+# float16 scales: normal, negative, subnormal (2^-20, -2^-24), zero
+SCALES = np.array([0.01, -0.02, 0.5, -1.0, 2.0 ** -20, -(2.0 ** -24), 0.0, 1e-3], np.float16)
+
+
+def random_qtensor(qtype, rows, cols, rng, raw=True) -> QTensor:
+    """Random weights; quantised types as raw blocks (every nibble/byte value, scales from SCALES)."""
+    if qtype in QUANTISED and raw:
+        blk = 18 if qtype == T.Q4_0 else 34
+        data = rng.integers(0, 256, (rows, cols // 32, blk), dtype=np.uint8)
+        data[:, :, :2] = rng.choice(SCALES, (rows, cols // 32, 1)).view(np.uint8)
+        return QTensor(qtype, rows, cols, data.reshape(rows, row_bytes(qtype, cols)))
+    return quantize(rng.standard_normal((rows, cols)).astype(np.float32), qtype)
+
+
+def activations(n, cols, rng):
+    x = rng.standard_normal((n, cols)).astype(np.float32)
+    if cols >= 64:
+        x[0, 32:64] = 0.0  # an all-zero block (activation scale 0)
+        x[-1, :32] *= 1e4
+    return x
+
+
+def tolerance(qtype, w, x):
+    """Per-element bound on |cpu - reference|: float32 summation order, plus for the quantised types the rounding
+    of the activations to int8 (each element moves at most 1/254 of its 32-block's absolute maximum)."""
+    aw = np.abs(NumpyBackend().linear(w).w).astype(np.float64)  # (rows, cols) dequantised
+    bound = 1e-5 * (np.abs(x) @ aw.T) + 1e-30
+    if qtype in QUANTISED:
+        n, cols = x.shape
+        amax = np.abs(x).reshape(n, cols // 32, 32).max(axis=2).repeat(32, axis=1)
+        bound += 1.0001 * (amax / 254.0) @ aw.T
+    return bound
+
+
+def bits(a):
+    return np.ascontiguousarray(a).view(np.uint32)
+
+
+# ---- the interface --------------------------------------------------------------------------------------------
+def test_get_backend_by_name():
+    assert get_backend("numpy").name == "numpy" and get_backend("cpu").name == "cpu"
+    with pytest.raises(UserError) as e:
+        get_backend("tpu")
+    assert "tpu" in str(e.value) and "\n" not in str(e.value)
+
+
+# ---- numpy reference against gguf -----------------------------------------------------------------------------
+@pytest.mark.parametrize("qtype", TYPES[1:], ids=NAMES[1:])
+def test_dequantize_matches_gguf(qtype):
+    rng = np.random.default_rng(1)
+    rows, cols = 23, 256
+    if qtype in QUANTISED:
+        w = random_qtensor(qtype, rows, cols, rng)
+    else:  # every bit pattern except inf/nan: subnormals, negatives, both zeros
+        raw = rng.integers(0, 1 << 16, (rows, cols), dtype=np.uint16)
+        exp_mask = 0x7C00 if qtype == T.F16 else 0x7F80
+        raw[(raw & exp_mask) == exp_mask] &= 0x83FF if qtype == T.F16 else 0x807F
+        raw[0, :4] = [0x0000, 0x8000, 0x0001, 0x8001]
+        w = QTensor(qtype, rows, cols, raw.view(np.float16) if qtype == T.F16 else raw)
+    ours = dequantize(w)
+    theirs = gguf_quants.dequantize(w.data.view(np.uint8), qtype).reshape(rows, cols)
+    assert ours.dtype == np.float32
+    np.testing.assert_array_equal(bits(ours), bits(theirs.astype(np.float32)))
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=NAMES)
+def test_numpy_reference_is_the_gguf_product(qtype):
+    rng = np.random.default_rng(2)
+    w = random_qtensor(qtype, 40, 128, rng)
+    x = activations(3, 128, rng)
+    w_gguf = gguf_quants.dequantize(w.data.view(np.uint8), qtype).reshape(40, 128).astype(np.float32)
+    np.testing.assert_allclose(NumpyBackend().linear(w)(x), x @ w_gguf.T, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", [NumpyBackend(), CpuBackend()], ids=["numpy", "cpu"])
+@pytest.mark.parametrize("qtype", TYPES, ids=NAMES)
+def test_empty_shard_gives_zeros(backend, qtype):
+    rng = np.random.default_rng(3)
+    no_rows = backend.linear(random_qtensor(qtype, 0, 64, rng))
+    assert no_rows(activations(2, 64, rng)).shape == (2, 0)
+    no_cols = backend.linear(QTensor(qtype, 3, 0, np.zeros((3, 0), random_qtensor(qtype, 1, 32, rng).data.dtype)))
+    out = np.full((2, 3), np.nan, np.float32)
+    assert no_cols(np.zeros((2, 0), np.float32), out=out) is out and not out.any()
+
+
+# ---- cpu kernels against the reference ------------------------------------------------------------------------
+@pytest.mark.parametrize("n", [1, 7])
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"{r}x{c}" for r, c in SHAPES])
+@pytest.mark.parametrize("qtype", TYPES, ids=NAMES)
+def test_cpu_matches_reference(qtype, shape, n):
+    rng = np.random.default_rng(4)
+    w = random_qtensor(qtype, *shape, rng)
+    x = activations(n, shape[1], rng)
+    ref = NumpyBackend().linear(w)(x)
+    lin = CpuBackend().linear(w)
+    assert (lin.rows, lin.cols) == shape and lin.nbytes >= w.nbytes  # more only by padding
+    got = lin(x)
+    assert got.shape == (n, shape[0]) and got.dtype == np.float32
+    assert np.all(np.abs(got - ref) <= tolerance(qtype, w, x))
+
+
+@pytest.mark.parametrize("qtype", QUANTISED, ids=NAMES[3:])
+def test_quantised_activation_accuracy(qtype):
+    """The int8-activation path on Gaussian data: relative RMS error about 0.55% (bound 0.8%), largest error about
+    0.6% of the largest output (bound 1.5%)."""
+    rng = np.random.default_rng(5)
+    w = quantize(rng.standard_normal((512, 2048)).astype(np.float32), qtype)
+    x = rng.standard_normal((4, 2048)).astype(np.float32)
+    ref, got = NumpyBackend().linear(w)(x), CpuBackend().linear(w)(x)
+    err = got - ref
+    assert np.sqrt(np.mean(err ** 2)) < 0.008 * np.sqrt(np.mean(ref ** 2))
+    assert np.abs(err).max() < 0.015 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("n", [1, 7])
+@pytest.mark.parametrize("qtype", TYPES, ids=NAMES)
+def test_out_is_filled_without_allocating(qtype, n):
+    rng = np.random.default_rng(6)
+    w = random_qtensor(qtype, 1024, 1024, rng)
+    lin = CpuBackend().linear(w)
+    x = activations(n, 1024, rng)
+    expect = lin(x)
+    out = np.full((n, 1024), np.nan, np.float32)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        got = lin(x, out=out)
+        grew = tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+    assert got is out
+    np.testing.assert_array_equal(bits(out), bits(expect))
+    if n == 1:  # the decode path reuses its scratch: no array is allocated (a few hundred bytes of call overhead)
+        assert grew < 2048, grew
+
+
+# ---- the invariances the engine relies on ---------------------------------------------------------------------
+@pytest.fixture(params=["serial", "parallel"])
+def kernel_backend(request, monkeypatch):
+    """The one-thread kernel, or the thread-pool kernel forced onto these small matrices."""
+    if request.param == "serial":
+        return CpuBackend(threads=1)
+    monkeypatch.setattr(cpu, "SMALL", 0)
+    return CpuBackend(threads=2)
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=NAMES)
+def test_row_slices_are_bit_identical(qtype, kernel_backend):
+    """A row's result does not depend on which rows the Linear holds, how threads split them, or the batch."""
+    rng = np.random.default_rng(7)
+    rows, cols = 101, 544
+    w = random_qtensor(qtype, rows, cols, rng)
+    x = activations(7, cols, rng)
+    full = CpuBackend(threads=1).linear(w)(x)
+    for a, b in ((50, 60), (1, 2), (33, 97), (100, 101), (0, 101)):
+        part = kernel_backend.linear(QTensor(qtype, b - a, cols, w.data[a:b].copy()))
+        np.testing.assert_array_equal(bits(part(x)), bits(full[:, a:b]))
+        for i in (0, 4, 6):  # batch of 7 (4 + 3 rows through different tiles) against one row at a time
+            np.testing.assert_array_equal(bits(part(x[i:i + 1])), bits(full[i:i + 1, a:b]))
+    if kernel_backend.threads > 1:
+        lin = kernel_backend.linear(w)
+        numba.set_num_threads(1)
+        try:
+            one_thread = lin(x)
+        finally:
+            numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+        np.testing.assert_array_equal(bits(one_thread), bits(full))
+
+
+GENERIC_SCRIPT = """
+import sys, numpy as np
+from gguf import GGMLQuantizationType as T
+from spmd.backends import cpu
+from spmd.quants import QTensor
+assert not cpu.VNNI
+for name in sys.argv[2:]:
+    w, x = np.load(sys.argv[1] + name + ".w.npy"), np.load(sys.argv[1] + name + ".x.npy")
+    np.save(sys.argv[1] + name + ".y.npy", cpu.CpuBackend(threads=1).linear(QTensor(T[name], 37, 544, w))(x))
+"""
+
+
+@pytest.mark.skipif(not cpu.VNNI, reason="the host has no AVX512-VNNI: the portable kernel is the one in use")
+def test_portable_kernel_is_bit_identical_to_vnni(tmp_path):
+    """SPMD_CPU_GENERIC=1 (in a fresh numba cache) gives the plain-LLVM kernel other CPUs get: same bits."""
+    rng = np.random.default_rng(8)
+    names, expect = [], {}
+    for qtype in QUANTISED:
+        w = random_qtensor(qtype, 37, 544, rng)
+        x = activations(5, 544, rng)
+        np.save(tmp_path / f"{qtype.name}.w.npy", w.data)
+        np.save(tmp_path / f"{qtype.name}.x.npy", x)
+        expect[qtype.name] = CpuBackend(threads=1).linear(w)(x)
+        names.append(qtype.name)
+    env = dict(os.environ, SPMD_CPU_GENERIC="1", NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([sys.executable, "-c", GENERIC_SCRIPT, str(tmp_path) + "/", *names], env=env, cwd=root,
+                   check=True)
+    for name in names:
+        np.testing.assert_array_equal(bits(np.load(tmp_path / f"{name}.y.npy")), bits(expect[name]))
