@@ -125,6 +125,13 @@ class Comm:
     def bcast(self, obj):
         return self.comm.bcast(obj, root=0)
 
+    def local_ranks(self):
+        """How many ranks of this job run on this rank's machine (they share its cores)."""
+        node = self.comm.Split_type(MPI.COMM_TYPE_SHARED)
+        n = node.Get_size()
+        node.Free()
+        return n
+
     def barrier(self):
         self.comm.Barrier()
 

@@ -1,5 +1,6 @@
 """One generation, run the same way on every rank: set up (agreeing on errors), then rank 0 drives each step
 with one control message. Rank 0 tokenizes, samples, streams the text and assembles the result."""
+import os
 import resource
 import time
 from dataclasses import dataclass
@@ -73,6 +74,9 @@ class Engine:
         if comm.is_root and self.steps < opts.steps:
             log(f"note: --steps {opts.steps} would pass the model's context of {self.cfg.context}; "
                 f"generating {self.steps}")
+        # ranks on one machine share its cores; a rank's kernel threads spinning on a core another rank needs
+        # stalls both
+        self.threads = max(1, len(os.sched_getaffinity(0)) // comm.local_ranks())
         t = time.perf_counter()
         self.model = agree(comm, self._load)
         self.load_s = time.perf_counter() - t
@@ -99,7 +103,7 @@ class Engine:
         return tok, np.array(ids, dtype=np.int64)
 
     def _load(self):
-        backend = get_backend(self.opts.backend)
+        backend = get_backend(self.opts.backend, threads=self.threads)
         from .weights import load_shard
         weights = load_shard(self.file, self.cfg, self.share, backend,
                              notice=self.log if self.comm.is_root else (lambda _msg: None))

@@ -103,7 +103,7 @@ class GGUFFile:
         bs = block_size(info.qtype)
         if info.qtype in NATIVE and start % bs == 0 and (stop % bs == 0 or stop == cols):
             per_block = rb // (cols // bs)
-            part = np.ascontiguousarray(raw[:, start // bs * per_block: -(-stop // bs) * per_block])
+            part = raw[:, start // bs * per_block: -(-stop // bs) * per_block].copy()  # a copy, not a view
             qt = as_qtensor(part, info.qtype, n_rows, stop - start)
         else:
             if info.qtype in NATIVE:
@@ -122,8 +122,8 @@ class GGUFFile:
         return dequantize_any(raw, info.qtype, 1, cols).reshape(cols)
 
     def _convert(self, info, raw, rows, cols, notice) -> QTensor:
-        if info.qtype in NATIVE:
-            return as_qtensor(np.ascontiguousarray(raw), info.qtype, rows, cols)
+        if info.qtype in NATIVE:  # a copy: a view would keep the file's pages resident after _release
+            return as_qtensor(raw.copy(), info.qtype, rows, cols)
         if info.qtype not in self._noticed:
             self._noticed.add(info.qtype)
             notice(f"note: the file holds {info.qtype.name} weights; dequantising them to F32 at load")

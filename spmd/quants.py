@@ -55,8 +55,8 @@ def quantize(w: np.ndarray, qtype) -> QTensor:
     return QTensor(qtype, w.shape[0], w.shape[1], np.ascontiguousarray(data))
 
 
-def _blocks(data: np.ndarray, block_bytes: int) -> np.ndarray:
-    return data.reshape(data.shape[0], -1, block_bytes)  # (rows, n_blocks, block_bytes)
+def _blocks(qt: QTensor, block_bytes: int) -> np.ndarray:
+    return qt.data.reshape(qt.rows, qt.cols // BLOCK, block_bytes)  # (rows, n_blocks, block_bytes)
 
 
 def dequantize(qt: QTensor) -> np.ndarray:
@@ -68,12 +68,12 @@ def dequantize(qt: QTensor) -> np.ndarray:
     if qt.qtype == T.BF16:
         return (qt.data.astype(np.uint32) << 16).view(np.float32)
     if qt.qtype == T.Q8_0:
-        b = _blocks(qt.data, 34)
+        b = _blocks(qt, 34)
         scale = b[:, :, :2].copy().view(np.float16).astype(np.float32)  # (rows, n_blocks, 1)
         q = b[:, :, 2:].view(np.int8).astype(np.float32)  # (rows, n_blocks, 32)
         return (q * scale).reshape(qt.rows, qt.cols)
     if qt.qtype == T.Q4_0:
-        b = _blocks(qt.data, 18)
+        b = _blocks(qt, 18)
         scale = b[:, :, :2].copy().view(np.float16).astype(np.float32)
         nib = b[:, :, 2:]
         q = np.concatenate([nib & 0x0F, nib >> 4], axis=2).astype(np.float32) - 8.0  # (rows, n_blocks, 32)

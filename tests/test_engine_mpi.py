@@ -82,6 +82,14 @@ def test_ranks_report_their_share_and_traffic(models):
             assert r["peak_rss_bytes"] > 0 and r["compute_ms"] > 0
             assert (r["bytes_sent"] > 0) == (WORLD.size > 1)
 
+    # weights held follow the share: every matrix is split, none is replicated (the numpy backend keeps exact
+    # shapes; the cpu backend pads each slice's rows to its vector width)
+    result = generate(WORLD, model=models["Q4_0"], ratios=UNEQUAL[WORLD.size], backend="numpy")
+    if WORLD.rank == 0:
+        total = sum(r["weights_bytes"] for r in result["ranks"])
+        alone = generate(MPI.COMM_SELF, model=models["Q4_0"], backend="numpy")["ranks"][0]["weights_bytes"]
+        assert total == alone
+
 
 @pytest.mark.mpi
 def test_bad_ratios_fail_on_every_rank_with_one_message(models):

@@ -77,3 +77,23 @@ def test_other_weight_types_are_dequantised_at_load_with_one_notice(tmp_path):
     assert notices == ["note: the file holds Q5_0 weights; dequantising them to F32 at load"]
     np.testing.assert_allclose(e.forward(np.array([1, 5, 9]), 0), reference.logits_for(path, [1, 5, 9])[-1],
                                rtol=0, atol=1e-4)
+
+
+def resident_bytes_of(path):
+    """Resident bytes of this process's mappings of `path` (Linux /proc/self/smaps)."""
+    total, inside = 0, False
+    for line in open("/proc/self/smaps"):
+        if line[0] in "0123456789abcdef" and "-" in line.split()[0]:
+            inside = line.rstrip().endswith(str(path))
+        elif inside and line.startswith("Rss:"):
+            total += int(line.split()[1]) * 1024
+    return total
+
+
+def test_the_file_is_not_kept_resident_after_loading(tmp_path):
+    path = write_model(tmp_path / "m.gguf", Shape(dim=512, n_layers=4, n_heads=8, n_kv_heads=4, ffn=1536,
+                                                  vocab=2048), qtype="Q4_0", seed=0)
+    e = engine(path, [1, 2, 3])
+    size = path.stat().st_size
+    assert e.model.w.nbytes > 0.8 * size  # the weights were copied out...
+    assert resident_bytes_of(path) < 0.1 * size  # ...and the mapping's pages handed back

@@ -369,7 +369,9 @@ class CpuBackend:
     def __init__(self, threads: int = None):
         """threads: 1 runs every kernel on the calling thread (for ranks that share a machine's cores); otherwise
         large matrices use numba's thread pool (numba.set_num_threads / NUMBA_NUM_THREADS set its size)."""
-        self.threads = threads or numba.config.NUMBA_NUM_THREADS
+        self.threads = min(threads or numba.config.NUMBA_NUM_THREADS, numba.config.NUMBA_NUM_THREADS)
+        if self.threads > 1:
+            numba.set_num_threads(self.threads)
 
     def linear(self, w: QTensor) -> CpuLinear:
         return CpuLinear(w, self.threads)

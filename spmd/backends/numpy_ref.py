@@ -7,18 +7,14 @@ from ..quants import QTensor, dequantize
 class NumpyLinear:
     def __init__(self, w: QTensor):
         self.rows, self.cols = w.rows, w.cols
-        empty = w.rows == 0 or w.cols == 0  # a rank may hold no heads
-        self.w = np.zeros((w.rows, w.cols), np.float32) if empty else np.ascontiguousarray(dequantize(w), np.float32)
+        self.w = np.ascontiguousarray(dequantize(w), np.float32)  # (rows, cols); 0 rows or 0 cols when a rank holds no heads
         self.nbytes = self.w.nbytes
 
     def __call__(self, x: np.ndarray, out: np.ndarray = None) -> np.ndarray:
         """x: float32 (n, cols) -> float32 (n, rows), written into `out` when given."""
         if out is None:
             out = np.empty((x.shape[0], self.rows), dtype=np.float32)
-        if self.rows == 0 or self.cols == 0:
-            out[...] = 0.0
-            return out
-        return np.matmul(x, self.w.T, out=out)
+        return np.matmul(x, self.w.T, out=out)  # an empty shard (0 cols) gives zeros
 
 
 class NumpyBackend:
