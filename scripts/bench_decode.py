@@ -21,9 +21,11 @@ sys.path.insert(0, str(ROOT))
 from spmd.synth import TINYLLAMA, write_model  # noqa: E402
 
 
-def run_spmd(model, ranks, steps, prompt_ids, allreduce):
+def run_spmd(model, ranks, steps, prompt_ids, allreduce, ratios=None):
     cmd = [sys.executable, "-m", "spmd.run", "--model", model, "--steps", str(steps), "--output", "json",
            "--allreduce", allreduce, "--prompt-ids", ",".join(map(str, prompt_ids))]
+    if ratios:
+        cmd += ["--ratios", ratios]
     if ranks > 1:
         cmd = [shutil.which("mpirun"), "-n", str(ranks)] + cmd
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
@@ -62,7 +64,8 @@ def matrix_bytes(model):
 @click.option("--qtype", default="Q4_0", type=click.Choice(["Q4_0", "Q8_0", "F16", "F32"]))
 @click.option("--steps", default=48, show_default=True)
 @click.option("--prompt-len", default=64, show_default=True)
-@click.option("--ranks", default="1,2", show_default=True, help="Rank counts to run, comma-separated.")
+@click.option("--ranks", default="1,2", show_default=True,
+              help="Runs, comma-separated: a rank count (equal shares) or ratios such as 1:3.")
 @click.option("--allreduce", default="star", show_default=True)
 @click.option("--model", default=None, help="Use this GGUF instead of writing a random TinyLlama-shaped one.")
 @click.option("--json", "json_out", default=None, help="Also write the results here.")
@@ -77,29 +80,32 @@ def main(qtype, steps, prompt_len, ranks, allreduce, model, json_out):
     weight_bytes = matrix_bytes(model)
     prompt = [1] + [int(x) for x in np.random.default_rng(0).integers(3, 32000, prompt_len - 1)]
     rows = []
-    for n in [int(r) for r in ranks.split(",")]:
-        r = run_spmd(model, n, steps, prompt, allreduce)
+    for run in ranks.split(","):
+        n, ratios = (len(run.split(":")), run) if ":" in run else (int(run), None)
+        r = run_spmd(model, n, steps, prompt, allreduce, ratios)
         rss = "/".join(f"{x['peak_rss_bytes'] / 2**20:.0f}" for x in r["ranks"])
-        rows.append(dict(name=f"spmd {n} rank{'s' if n > 1 else ''}", ranks=n,
+        held = "/".join(f"{x['weights_bytes'] / 2**20:.0f}" for x in r["ranks"])
+        rows.append(dict(name=f"spmd {n} rank{'s' if n > 1 else ''}" + (f" {ratios}" if ratios else ""), ranks=n,
                          prompt_tokens_per_s=r["prompt_tokens_per_s"], decode_tokens_per_s=r["decode_tokens_per_s"],
-                         ms_per_token=r["ms_per_token"], rss_mib=rss, tokens=r["tokens"]))
+                         ms_per_token=r["ms_per_token"], rss_mib=rss, weights_mib=held, tokens=r["tokens"]))
     lc = run_llama_cpp(model, steps, prompt)
     if lc is not None:
-        rows.append(dict(name="llama-cpp-python", ranks=1, rss_mib="-", tokens=None, **lc))
+        rows.append(dict(name="llama-cpp-python", ranks=1, rss_mib="-", weights_mib="-", tokens=None, **lc))
     base = rows[0]["decode_tokens_per_s"]
     print(f"\nmodel: TinyLlama-1.1B shape, {qtype}, {weight_bytes / 1e6:.0f} MB of matrices; prompt {prompt_len}, "
           f"{steps} steps, allreduce {allreduce}")
-    print(f"{'run':<18}{'prompt tok/s':>13}{'decode tok/s':>13}{'ms/token':>10}{'GB/s':>7}{'vs 1 rank':>10}"
-          f"{'peak RSS MiB (per rank)':>26}")
+    print(f"{'run':<22}{'prompt tok/s':>13}{'decode tok/s':>13}{'ms/token':>10}{'GB/s':>7}{'vs first':>9}"
+          f"{'weights MiB':>13}{'peak RSS MiB':>14}")
     for r in rows:
         gbs = weight_bytes * r["decode_tokens_per_s"] / 1e9
-        print(f"{r['name']:<18}{r['prompt_tokens_per_s']:>13.1f}{r['decode_tokens_per_s']:>13.2f}"
-              f"{r['ms_per_token']:>10.1f}{gbs:>7.1f}{r['decode_tokens_per_s'] / base:>10.2f}{r['rss_mib']:>26}")
+        print(f"{r['name']:<22}{r['prompt_tokens_per_s']:>13.1f}{r['decode_tokens_per_s']:>13.2f}"
+              f"{r['ms_per_token']:>10.1f}{gbs:>7.1f}{r['decode_tokens_per_s'] / base:>9.2f}{r['weights_mib']:>13}"
+              f"{r['rss_mib']:>14}")
     if lc is not None:
         print(f"spmd 1 rank / llama.cpp decode: {base / lc['decode_tokens_per_s']:.2f}, "
               f"prompt: {rows[0]['prompt_tokens_per_s'] / lc['prompt_tokens_per_s']:.2f}")
     same = all(r["tokens"] == rows[0]["tokens"] for r in rows if r["tokens"] is not None)
-    print(f"greedy tokens identical across rank counts: {same}")
+    print(f"greedy tokens identical across runs: {same}   (per-rank figures are rank 0/rank 1/...)")
     if json_out:
         Path(json_out).write_text(json.dumps(dict(qtype=qtype, weight_bytes=weight_bytes, rows=rows), indent=1))
     if tmp:

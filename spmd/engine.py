@@ -16,6 +16,7 @@ from .model import Model
 from .plan import make_plan, parse_ratios
 from .sampling import Sampler
 from .tokenizer import load_tokenizer
+from .weights import load_shard
 
 
 @dataclass(frozen=True)
@@ -63,11 +64,7 @@ class Engine:
         self.file, self.cfg, self.ratios, self.plan = agree(comm, self._read_header)
         self.comm.ratios = self.ratios
         self.share = self.plan[comm.rank]
-        self.tokenizer, self.prompt = None, None
-        if comm.is_root:
-            self.tokenizer, self.prompt = agree(comm, self._tokenize)
-        else:
-            agree(comm, lambda: None)
+        self.tokenizer, self.prompt = agree(comm, self._tokenize if comm.is_root else lambda: (None, None))
         n_prompt = comm.bcast(len(self.prompt) if comm.is_root else None)
         self.steps = min(opts.steps, self.cfg.context - n_prompt)
         self.max_seq = n_prompt + self.steps  # the KV cache holds this many positions
@@ -82,6 +79,7 @@ class Engine:
         self.load_s = time.perf_counter() - t
         self._vocab_counts = [s.n_vocab for s in self.plan]
         self._logits = np.empty(self.cfg.vocab, dtype=np.float32) if comm.is_root else None
+        self._decode_steps, self._decode_bytes = 0, 0
 
     def _read_header(self):
         f = GGUFFile(self.opts.model)
@@ -104,7 +102,6 @@ class Engine:
 
     def _load(self):
         backend = get_backend(self.opts.backend, threads=self.threads)
-        from .weights import load_shard
         weights = load_shard(self.file, self.cfg, self.share, backend,
                              notice=self.log if self.comm.is_root else (lambda _msg: None))
         if hasattr(backend, "warmup"):
@@ -114,8 +111,13 @@ class Engine:
     # ---- the step loop --------------------------------------------------------------------------------------
     def forward(self, tokens, pos):
         """Every rank: one pass; returns the full logits on rank 0 (None elsewhere)."""
+        sent = self.comm.bytes_sent
         local = self.model.forward(tokens, pos, self.comm.allreduce)
-        return self.comm.gather_logits(local, self._vocab_counts, self._logits)
+        logits = self.comm.gather_logits(local, self._vocab_counts, self._logits)
+        if len(tokens) == 1:  # a decode step: its traffic is the per-token figure
+            self._decode_steps += 1
+            self._decode_bytes += self.comm.bytes_sent - sent
+        return logits
 
     def run(self, emit=None):
         """Generate; on rank 0 returns the result dict (and streams text pieces to `emit`), elsewhere None."""
@@ -127,7 +129,8 @@ class Engine:
         sync = self.comm.sync_s - start_sync
         stats = dict(rank=self.comm.rank, host=C.host_name(), share=self.share.describe(),
                      compute_ms=round((total - sync) * 1e3, 3), sync_ms=round(sync * 1e3, 3),
-                     bytes_sent=int(self.comm.bytes_sent), weights_bytes=int(self.model.w.nbytes),
+                     bytes_sent=int(self.comm.bytes_sent),
+                     bytes_per_token=self._decode_bytes // max(self._decode_steps, 1), weights_bytes=int(self.model.w.nbytes),
                      peak_rss_bytes=int(peak_rss_bytes()))
         ranks = self.comm.gather(stats)
         if result is not None:

@@ -81,6 +81,13 @@ def test_ranks_report_their_share_and_traffic(models):
         for r in result["ranks"]:
             assert r["peak_rss_bytes"] > 0 and r["compute_ms"] > 0
             assert (r["bytes_sent"] > 0) == (WORLD.size > 1)
+        if WORLD.size > 1:  # ring: rank r sends (n - c_r) + (n - c_r+1) floats per allreduce, 2 per layer
+            from spmd.plan import chunk_counts, parse_ratios
+            c = chunk_counts(SHAPE.dim, parse_ratios(UNEQUAL[WORLD.size], WORLD.size))
+            for r, stats in enumerate(result["ranks"]):
+                per_allreduce = 4 * (2 * SHAPE.dim - c[r] - c[(r + 1) % WORLD.size])
+                logits = 0 if r == 0 else 4 * stats["share"]["vocab_rows"]
+                assert stats["bytes_per_token"] == 2 * SHAPE.n_layers * per_allreduce + logits
 
     # weights held follow the share: every matrix is split, none is replicated (the numpy backend keeps exact
     # shapes; the cpu backend pads each slice's rows to its vector width)
