@@ -47,7 +47,7 @@ class GGUFFile:
         with open(self.path, "rb") as f:
             self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         self._bytes = np.frombuffer(self._mm, dtype=np.uint8)
-        self._noticed = set()  # weight types already announced as dequantised
+        self._noticed = set()  # notices already given
 
     # ---- metadata -------------------------------------------------------------------------------------------
     def meta(self, key, default=None):
@@ -84,50 +84,52 @@ class GGUFFile:
         self._release(info)
         return out
 
-    def rows(self, name, start, stop, notice=print) -> QTensor:
-        """Rows [start, stop) of a matrix, copied; a type we do not keep is dequantised (with one notice)."""
+    def _matrix(self, name):
+        """(info, raw bytes as (rows, row_bytes)) of a matrix, still in the mapping."""
         info = self.info(name)
         n_rows, cols = info.shape
-        rb = row_bytes(info.qtype, cols)
-        raw = self._raw(info).reshape(n_rows, rb)[start:stop]
-        qt = self._convert(info, raw, stop - start, cols, notice)
+        return info, self._raw(info).reshape(n_rows, row_bytes(info.qtype, cols))
+
+    def rows(self, name, start, stop, notice=print) -> QTensor:
+        """Rows [start, stop) of a matrix, copied; a type we do not keep is dequantised (with one notice)."""
+        info, raw = self._matrix(name)
+        qt = self._keep(info, raw[start:stop], stop - start, info.shape[1], notice)
         self._release(info)
         return qt
 
     def cols(self, name, start, stop, notice=print) -> QTensor:
-        """Columns [start, stop) of a matrix, copied; quantised types need block-aligned bounds or are dequantised."""
-        info = self.info(name)
+        """Columns [start, stop) of a matrix, copied; a slice that cuts through quant blocks is dequantised."""
+        info, raw = self._matrix(name)
         n_rows, cols = info.shape
-        rb = row_bytes(info.qtype, cols)
-        raw = self._raw(info).reshape(n_rows, rb)
         bs = block_size(info.qtype)
-        if info.qtype in NATIVE and start % bs == 0 and (stop % bs == 0 or stop == cols):
-            per_block = rb // (cols // bs)
-            part = raw[:, start // bs * per_block: -(-stop // bs) * per_block].copy()  # a copy, not a view
-            qt = as_qtensor(part, info.qtype, n_rows, stop - start)
+        if start % bs == 0 and (stop % bs == 0 or stop == cols):  # whole blocks: slice the bytes
+            per_block = raw.shape[1] // (cols // bs)
+            part = raw[:, start // bs * per_block: -(-stop // bs) * per_block]
+            qt = self._keep(info, part, n_rows, stop - start, notice)
         else:
-            if info.qtype in NATIVE:
-                notice(f"note: {name} columns {start}:{stop} are not whole {info.qtype.name} blocks; "
-                       "dequantising that slice to F32")
+            self._notice_once(notice, ("cut", info.qtype), f"note: {info.qtype.name} column slices that cut "
+                              "through quant blocks are dequantised to F32 at load")
             qt = from_float(dequantize_any(raw, info.qtype, n_rows, cols)[:, start:stop])
         self._release(info)
         return qt
 
     def row(self, name, i) -> np.ndarray:
         """One row as float32 (an embedding lookup): the matrix itself stays on disk."""
-        info = self.info(name)
-        n_rows, cols = info.shape
-        rb = row_bytes(info.qtype, cols)
-        raw = self._raw(info)[i * rb:(i + 1) * rb]
-        return dequantize_any(raw, info.qtype, 1, cols).reshape(cols)
+        info, raw = self._matrix(name)
+        return dequantize_any(raw[i], info.qtype, 1, info.shape[1]).reshape(info.shape[1])
 
-    def _convert(self, info, raw, rows, cols, notice) -> QTensor:
+    def _keep(self, info, raw, rows, cols, notice) -> QTensor:
+        """Raw bytes (rows, ...) -> an owned QTensor: native types copied as they are, others dequantised."""
         if info.qtype in NATIVE:  # a copy: a view would keep the file's pages resident after _release
             return as_qtensor(raw.copy(), info.qtype, rows, cols)
-        if info.qtype not in self._noticed:
-            self._noticed.add(info.qtype)
-            notice(f"note: the file holds {info.qtype.name} weights; dequantising them to F32 at load")
+        self._notice_once(notice, info.qtype,
+                          f"note: the file holds {info.qtype.name} weights; dequantising them to F32 at load")
         return from_float(dequantize_any(raw, info.qtype, rows, cols))
+
+    def _notice_once(self, notice, key, message):
+        if key not in self._noticed:
+            self._noticed.add(key)
+            notice(message)
 
     def close(self):
         self._bytes = None

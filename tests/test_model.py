@@ -97,3 +97,20 @@ def test_the_file_is_not_kept_resident_after_loading(tmp_path):
     size = path.stat().st_size
     assert e.model.w.nbytes > 0.8 * size  # the weights were copied out...
     assert resident_bytes_of(path) < 0.1 * size  # ...and the mapping's pages handed back
+
+
+def test_column_slices_through_quant_blocks_are_dequantised_once_noticed(tmp_path):
+    from spmd.gguf_file import GGUFFile
+    from spmd.quants import dequantize
+    path = write_model(tmp_path / "hd16.gguf", Shape(dim=64, n_heads=4, n_kv_heads=4, ffn=128), "Q8_0", seed=2)
+    f, notices = GGUFFile(path), []
+    whole = dequantize(f.rows("blk.0.attn_output.weight", 0, 64))
+    for layer in (0, 1):  # head_dim 16: heads 1..2 are columns 16:48, through the middle of 32-blocks
+        part = f.cols(f"blk.{layer}.attn_output.weight", 16, 48, notice=notices.append)
+    assert part.qtype.name == "F32"
+    np.testing.assert_array_equal(f.cols("blk.0.attn_output.weight", 16, 48, notice=notices.append).data,
+                                  whole[:, 16:48])
+    assert notices == ["note: Q8_0 column slices that cut through quant blocks are dequantised to F32 at load"]
+    aligned = f.cols("blk.0.attn_output.weight", 32, 64)
+    assert aligned.qtype.name == "Q8_0"
+    np.testing.assert_array_equal(dequantize(aligned), whole[:, 32:64])
