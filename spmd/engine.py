@@ -90,6 +90,9 @@ class Engine:
 
     def _tokenize(self):
         tok = load_tokenizer(self.file, self.opts.tokenizer)
+        if tok.vocab_size > self.cfg.vocab:
+            raise UserError(f"the tokenizer has {tok.vocab_size} pieces but the model's vocabulary is "
+                            f"{self.cfg.vocab}: they do not belong together")
         ids = list(self.opts.prompt_tokens) if self.opts.prompt_tokens is not None else tok.encode(self.opts.prompt)
         if not ids:
             raise UserError("the prompt is empty and the model has no BOS token to start from")

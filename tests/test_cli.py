@@ -14,6 +14,7 @@ from spmd.synth import Shape, write_model
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = Shape(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn=128, vocab=512, context=32)
 MPIRUN = shutil.which("mpirun")
+LLAMA2_TOKENIZER = ROOT.parent / "shared" / "models" / "llama2-tokenizer.model"
 
 
 def run(args, ranks=1, timeout=90):
@@ -92,6 +93,7 @@ CASES = {
     "bad token id": (lambda m, d: m, ["--prompt-ids", "1,99999"], "prompt token ids must be in 0..511"),
     "bad flag value": (lambda m, d: m, ["--allreduce", "tree"], "Invalid value for '--allreduce'"),
     "no tokenizer file": (lambda m, d: m, ["--tokenizer", "/nonexistent.model"], "/nonexistent.model"),
+    "foreign tokenizer": (lambda m, d: m, ["--tokenizer", LLAMA2_TOKENIZER], "has 32000 pieces but the model's"),
 }
 
 
@@ -101,6 +103,8 @@ def test_bad_input_gives_one_line_and_every_rank_exits(model, tmp_path, case, ra
     if ranks > 1 and MPIRUN is None:
         pytest.skip("mpirun not on PATH")
     make, extra, message = CASES[case]
+    if LLAMA2_TOKENIZER in extra and not LLAMA2_TOKENIZER.exists():
+        pytest.skip(f"{LLAMA2_TOKENIZER} is absent")
     p = run(["--model", make(model, tmp_path), *extra], ranks=ranks, timeout=60)
     assert p.returncode != 0
     assert "Traceback" not in p.stderr + p.stdout
