@@ -1,13 +1,20 @@
 """Matrix-product speed of the cpu backend against the numpy reference, in one process, best of a few repeats.
 
     python scripts/bench_kernels.py [--types Q4_0,Q8_0,F16,F32] [--shapes 5632x2048,...] [--n 1,64] [--repeats 3]
+                                    [--peer OTHER_CPU.py]
 
-Each case cycles through enough copies of the weights (at least 96 MB) that they come from memory, not the
-32 MB L3, as a whole model's weights would. GB/s is the weight bytes of the GGUF type read per second (the numpy
-reference holds float32, 4 bytes a weight, but is charged the same bytes, so "cpu x" is the speedup). For n > 1,
+Each case cycles through enough copies of the weights (at least 96 MB) that they come from memory, not the 32 MB L3,
+as a whole model's weights would. GB/s is the weight bytes of the GGUF type read per second (the numpy reference
+holds float32, 4 bytes a weight, but is charged the same bytes, so "cpu x" is the speedup). For n > 1,
 "n matvecs / this" is how much faster the batch runs than n separate n = 1 calls.
+
+--peer times another version of spmd/backends/cpu.py in the same process, on the same data, each repeat timing the
+two in turn (say an older revision: git show REV:spmd/backends/cpu.py > /tmp/old_cpu.py); "cpu/peer" is this
+version's speed as a fraction of the peer's. The machine's load moves both timings; compare this ratio, and run it
+more than once.
 """
 import argparse
+import importlib.util
 import sys
 import time
 from pathlib import Path
@@ -36,36 +43,58 @@ def random_weights(qtype, rows, cols, rng) -> QTensor:
     return QTensor(qtype, rows, cols, data)
 
 
-def best_ms(linears, x, out, repeats):
-    for lin in linears[:2]:
-        lin(x, out=out)
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        for lin in linears:
+def best_ms(variants, x, out, repeats):
+    """Best time per call (ms) of each list of linears, the lists timed in turn every repeat."""
+    for linears in variants:
+        for lin in linears[:2]:
             lin(x, out=out)
-        best = min(best, (time.perf_counter() - t) / len(linears))
-    return best * 1e3
+    best = [float("inf")] * len(variants)
+    for _ in range(repeats):
+        for v, linears in enumerate(variants):
+            t = time.perf_counter()
+            for lin in linears:
+                lin(x, out=out)
+            best[v] = min(best[v], (time.perf_counter() - t) / len(linears))
+    return [b * 1e3 for b in best]
 
 
-def bench(qtype, rows, cols, ns, repeats, rng):
+def copies(backend, w):
+    """Linears of the same weights, enough copies that they come from memory."""
+    linears = [backend.linear(w)]
+    for _ in range(int(COLD_BYTES // linears[0].nbytes)):
+        linears.append(backend.linear(QTensor(w.qtype, w.rows, w.cols, w.data.copy())))
+    return linears
+
+
+def load_peer(path):
+    """Another version of spmd/backends/cpu.py, as a module of the same package (its relative imports work)."""
+    spec = importlib.util.spec_from_file_location("spmd.backends._peer_cpu", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def bench(qtype, rows, cols, ns, repeats, rng, peer):
     w = random_weights(qtype, rows, cols, rng)
     wbytes = w.nbytes
-    cpu, ref = [CpuBackend().linear(w)], [NumpyBackend().linear(w)]
-    for linears, backend in ((cpu, CpuBackend()), (ref, NumpyBackend())):  # copies, so that they come from memory
-        for _ in range(int(COLD_BYTES // linears[0].nbytes)):
-            linears.append(backend.linear(QTensor(qtype, rows, cols, w.data.copy())))
+    cpu = [copies(CpuBackend(), w)] + ([copies(peer.CpuBackend(), w)] if peer else [])
+    ref = copies(NumpyBackend(), w)
     t_one = None
     for n in ns:
         x = rng.standard_normal((n, cols), dtype=np.float32)
         out = np.empty((n, rows), np.float32)
         t_cpu = best_ms(cpu, x, out, repeats)
-        t_ref = best_ms(ref, x, out, max(1, repeats // 2) if n > 1 else repeats)
+        t_ref = best_ms([ref], x, out, max(1, repeats // 2) if n > 1 else repeats)[0]
         t_one = t_cpu if n == 1 else t_one
         gb = lambda ms: wbytes / ms / 1e6  # noqa: E731
-        batch = f" | {n} matvecs / this x{n * t_one / t_cpu:4.1f}" if n > 1 and t_one else ""
-        print(f"{qtype.name:5} {rows:>5}x{cols:<5} n={n:<3} cpu {t_cpu:8.3f} ms {gb(t_cpu):6.1f} GB/s | "
-              f"numpy {t_ref:8.3f} ms {gb(t_ref):6.1f} GB/s | cpu x{t_ref / t_cpu:6.1f}{batch}", flush=True)
+        line = f"{qtype.name:5} {rows:>5}x{cols:<5} n={n:<3} cpu {t_cpu[0]:8.3f} ms {gb(t_cpu[0]):6.1f} GB/s | "
+        if peer:
+            line += f"peer {t_cpu[1]:8.3f} ms {gb(t_cpu[1]):6.1f} GB/s, cpu/peer {t_cpu[1] / t_cpu[0]:4.2f} | "
+        line += f"numpy {t_ref:8.3f} ms {gb(t_ref):6.1f} GB/s | cpu x{t_ref / t_cpu[0]:6.1f}"
+        if n > 1 and t_one:
+            line += f" | {n} matvecs / this x{n * t_one[0] / t_cpu[0]:4.1f}"
+        print(line, flush=True)
 
 
 def main():
@@ -74,15 +103,19 @@ def main():
     ap.add_argument("--shapes", default=",".join(f"{r}x{c}" for r, c in SHAPES))
     ap.add_argument("--n", default="1,64")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--peer", help="another version of spmd/backends/cpu.py to time alongside")
     a = ap.parse_args()
     rng = np.random.default_rng(0)
     t = time.perf_counter()
     CpuBackend().warmup()
     print(f"warmup (compile or load numba's cache) {time.perf_counter() - t:.2f} s")
+    peer = load_peer(a.peer) if a.peer else None
+    if peer:
+        peer.CpuBackend().warmup()
     for name in a.types.split(","):
         for shape in a.shapes.split(","):
             rows, cols = map(int, shape.split("x"))
-            bench(T[name], rows, cols, [int(n) for n in a.n.split(",")], a.repeats, rng)
+            bench(T[name], rows, cols, [int(n) for n in a.n.split(",")], a.repeats, rng, peer)
 
 
 if __name__ == "__main__":

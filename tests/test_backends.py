@@ -1,5 +1,5 @@
-"""Backends: numpy reference against gguf's dequantisation, cpu kernels against the reference (within a stated
-tolerance per type), `out=`, and the bit-exact invariances the multi-rank engine relies on."""
+"""Backends: numpy reference against gguf's dequantisation, cpu kernels against the reference (within float32
+rounding, for every type), `out=`, and the bit-exact invariances the multi-rank engine relies on."""
 import os
 import subprocess
 import sys
@@ -20,7 +20,7 @@ from spmd.quants import QTensor, dequantize, quantize, row_bytes
 TYPES = (T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0)
 QUANTISED = (T.Q8_0, T.Q4_0)
 NAMES = [t.name for t in TYPES]
-SHAPES = ((1, 32), (37, 96), (300, 544), (5, 4096), (0, 64))  # one block; odd rows; cols % 128 != 0; wide; none
+SHAPES = ((1, 32), (37, 96), (300, 544), (20, 4160), (0, 64))  # one block; odd rows; cols % 128 != 0; long; none
 # float16 scales: normal, negative, subnormal (2^-20, -2^-24), zero
 SCALES = np.array([0.01, -0.02, 0.5, -1.0, 2.0 ** -20, -(2.0 ** -24), 0.0, 1e-3], np.float16)
 
@@ -43,16 +43,11 @@ def activations(n, cols, rng):
     return x
 
 
-def tolerance(qtype, w, x):
-    """Per-element bound on |cpu - reference|: float32 summation order, plus for the quantised types the rounding
-    of the activations to int8 (each element moves at most 1/254 of its 32-block's absolute maximum)."""
+def tolerance(w, x):
+    """Per-element bound on |cpu - reference| for every type: float32 summation order (activations stay float32,
+    quantised weights are converted exactly)."""
     aw = np.abs(NumpyBackend().linear(w).w).astype(np.float64)  # (rows, cols) dequantised
-    bound = 1e-5 * (np.abs(x) @ aw.T) + 1e-30
-    if qtype in QUANTISED:
-        n, cols = x.shape
-        amax = np.abs(x).reshape(n, cols // 32, 32).max(axis=2).repeat(32, axis=1)
-        bound += 1.0001 * (amax / 254.0) @ aw.T
-    return bound
+    return 1e-5 * (np.abs(x) @ aw.T) + 1e-30
 
 
 def bits(a):
@@ -119,20 +114,26 @@ def test_cpu_matches_reference(qtype, shape, n):
     assert (lin.rows, lin.cols) == shape and lin.nbytes >= w.nbytes  # more only by padding
     got = lin(x)
     assert got.shape == (n, shape[0]) and got.dtype == np.float32
-    assert np.all(np.abs(got - ref) <= tolerance(qtype, w, x))
+    assert np.all(np.abs(got - ref) <= tolerance(w, x))
 
 
 @pytest.mark.parametrize("qtype", QUANTISED, ids=NAMES[3:])
-def test_quantised_activation_accuracy(qtype):
-    """The int8-activation path on Gaussian data: relative RMS error about 0.55% (bound 0.8%), largest error about
-    0.6% of the largest output (bound 1.5%)."""
+def test_quantised_weights_keep_float_activations(qtype):
+    """Gaussian data: the error against the reference is float32 rounding (relative RMS ~3e-7), and activations
+    moved by ~1e-5 (relative) move the output by no more than the weights times that move: no int8 rounding of
+    the activations, whose steps (1/254 of a block's largest activation) made multi-rank output differ."""
     rng = np.random.default_rng(5)
     w = quantize(rng.standard_normal((512, 2048)).astype(np.float32), qtype)
     x = rng.standard_normal((4, 2048)).astype(np.float32)
-    ref, got = NumpyBackend().linear(w)(x), CpuBackend().linear(w)(x)
+    lin = CpuBackend().linear(w)
+    ref, got = NumpyBackend().linear(w)(x), lin(x)
     err = got - ref
-    assert np.sqrt(np.mean(err ** 2)) < 0.008 * np.sqrt(np.mean(ref ** 2))
-    assert np.abs(err).max() < 0.015 * np.abs(ref).max()
+    assert np.sqrt(np.mean(err ** 2)) < 1e-6 * np.sqrt(np.mean(ref ** 2))
+    assert np.abs(err).max() < 2e-6 * np.abs(ref).max()
+    x2 = (x * (1 + 1e-5 * rng.standard_normal(x.shape))).astype(np.float32)
+    aw = np.abs(NumpyBackend().linear(w).w).astype(np.float64)
+    moved = np.abs(x2 - x).astype(np.float64) @ aw.T
+    assert np.all(np.abs(lin(x2).astype(np.float64) - got) <= moved + 1e-6 * (np.abs(x) @ aw.T))
 
 
 @pytest.mark.parametrize("n", [1, 7])
@@ -168,11 +169,12 @@ def kernel_backend(request, monkeypatch):
     return CpuBackend(threads=2)
 
 
+@pytest.mark.parametrize("cols", [544, 4160], ids=["short", "long"])  # long: Q4_0 goes 8 rows at a time
 @pytest.mark.parametrize("qtype", TYPES, ids=NAMES)
-def test_row_slices_are_bit_identical(qtype, kernel_backend):
+def test_row_slices_are_bit_identical(qtype, cols, kernel_backend):
     """A row's result does not depend on which rows the Linear holds, how threads split them, or the batch."""
     rng = np.random.default_rng(7)
-    rows, cols = 101, 544
+    rows = 101
     w = random_qtensor(qtype, rows, cols, rng)
     x = activations(7, cols, rng)
     full = CpuBackend(threads=1).linear(w)(x)
@@ -196,16 +198,17 @@ import sys, numpy as np
 from gguf import GGMLQuantizationType as T
 from spmd.backends import cpu
 from spmd.quants import QTensor
-assert not cpu.VNNI
+assert not cpu.AVX512
 for name in sys.argv[2:]:
     w, x = np.load(sys.argv[1] + name + ".w.npy"), np.load(sys.argv[1] + name + ".x.npy")
     np.save(sys.argv[1] + name + ".y.npy", cpu.CpuBackend(threads=1).linear(QTensor(T[name], 37, 544, w))(x))
 """
 
 
-@pytest.mark.skipif(not cpu.VNNI, reason="the host has no AVX512-VNNI: the portable kernel is the one in use")
-def test_portable_kernel_is_bit_identical_to_vnni(tmp_path):
-    """SPMD_CPU_GENERIC=1 (in a fresh numba cache) gives the plain-LLVM kernel other CPUs get: same bits."""
+@pytest.mark.skipif(not cpu.AVX512, reason="no AVX-512 (or SPMD_CPU_GENERIC): the portable kernel is in use")
+def test_portable_kernel_is_bit_identical(tmp_path):
+    """SPMD_CPU_GENERIC=1 (in a fresh numba cache) gives the plain-LLVM Q4_0 conversion other CPUs get: same bits
+    (Q8_0 runs the same code either way, checked here too)."""
     rng = np.random.default_rng(8)
     names, expect = [], {}
     for qtype in QUANTISED:

@@ -1,55 +1,73 @@
 """The fast CPU backend: weights stay quantised in memory, numba kernels with explicit SIMD, prange over rows.
 
 The inner loops are LLVM vector IR written through numba intrinsics (`_make_dot`): plain numba loops widen small
-integers to int64 and did not vectorise (0.5-3 GB/s on Q4_0, measured); these read memory-bound, 30-40 GB/s.
+integers to int64 and did not vectorise (0.5-3 GB/s on Q4_0, measured); these decode (n = 1) at 25-45 GB/s of
+weights on the 2-core test machine, memory-bound with both cores (17-30 GB/s on one core).
+
+Activations stay float32 for every weight type: the weights are converted to float32 in registers and the products
+are summed in float32 with fused multiply-adds, so the output is the float product to within float32 rounding, and a
+tiny change in the activations (another order of a partial sum across ranks) makes a tiny change in the output.
+(Quantising the activations to int8 per block and using integer dot products, as llama.cpp does, made the output
+jump wherever such a change moved an activation across an int8 rounding boundary: after 22 layers the logits at 1
+and 2 ranks differed by ~0.05 and greedy tokens changed with the rank count. Those kernels were removed: measured in
+one process against them on the TinyLlama shapes, these decode at about their GB/s from memory (0.93-1.27 of it with
+both cores, 0.75-1.35 on one, a noisy machine), but from cache they were ~1.6x faster on Q4_0 and ~1.3x on Q8_0 (one
+vpdpbusd per 64 products), so where memory is faster per core the gap shows; prompts (n = 64) run at 0.7-1.0 of
+their speed, bound by one fused multiply-add per 16 products.)
 
 Layouts, made once at load (`_REPACK`); cols are padded with zeros to a multiple of 128 (Q4_0, Q8_0) or 64 (floats):
-  Q4_0  w  uint8   (rows, cols/2)    per 128-element group, 64 bytes: byte e holds element e (low nibble) and
-                                     element 64+e (high nibble), unsigned 0..15 (value = nibble - 8)
-  Q8_0  w  int8    (rows, cols)      as stored
+  Q4_0  w  uint8   (rows, cols/2)    per 128-element group, 64 bytes = 16 little-endian dwords: nibble v (bits
+                                     4v..4v+3) of dword l is element 8l + v, unsigned 0..15 (value = nibble - 8);
+                                     that is, byte e holds element 2e (low nibble) and 2e + 1 (high nibble)
+  Q8_0  w  int8    (rows, cols)      per 128-element group, byte 16v + l is element 8l + v
         wd uint16  (rows, cols/32)   float16 bits of one scale per 32-element block (Q4_0 and Q8_0)
   F32 / F16 / BF16   w float32 / int16 / uint16 (rows, cols): numba has no float16, so F16 keeps its bits as
                      int16, which also tells its kernel apart from BF16's uint16
 
-Quantised kernels (Q8_0 activations x Q4_0 or Q8_0 weights, as llama.cpp does): each activation row is quantised
-per 32-block to int8 (xq, (n, cols)) with the block's scale repeated per 4 elements (xd, (n, cols/4)). A weight
-byte vector (64 unsigned bytes; Q8_0 flipped to offset-binary w + 128) times 64 activation bytes gives 16 int32
-lanes of 4 products each (one `vpdpbusd` where the CPU has AVX512-VNNI, else plain LLVM vector code with the same
-exact integer result), starting from xo (n, cols/4) = -offset * (sum of the 4 activations), so the unsigned offset
-cancels exactly. Each lane is converted to float and fused-multiply-added with weight scale * activation scale.
-Float kernels convert 16 weights at a time to float32 and fused-multiply-add them. The kernels work on tiles of
-2 weight rows x 4 activation rows (2 x 1 for decode), so a prompt's weight loads serve 4 activation rows; prange
-runs over blocks of 16 weight rows, whose weights stay in cache while every activation tile goes past them.
-Weights are prefetched 4 KB ahead.
+Quantised kernels: lane l (of 16) of a 128-element group owns elements 8l..8l+7, all in block l // 4. For v = 0..7
+the kernel turns element 8l + v of every lane into its integer as float32 (Q4_0: a shift puts nibble v of each dword
+in the low 4 bits and vpermps looks it up in the 16-entry table -8..7; Q8_0: 16 bytes sign-extended and converted)
+and fused-multiply-adds it with x[8l + v] into the lane's sum s (v = 0 multiplies); then acc += the lane's block
+scale * s, one more fused multiply-add. Each of these rounds once, as a float dot product does. The activations are
+copied once per call into the same transposed order (scratch (n, padded cols) float32), so x[8l + v] of the 16 lanes
+is one load. Float kernels convert 16 weights at a time to float32 and fused-multiply-add them, in 2 accumulators.
+
+The kernels work on tiles of 2 weight rows x 4 activation rows, so a prompt's weight loads and conversions serve 4
+activation rows; the activation rows left over (decode's one) go past 4 weight rows at a time, or 8 for Q4_0 rows of
+over LONG = 4096 elements, whose activations (4 bytes an element against the weights' 0.56) then no longer stay in L1
+beside the weights (8 measured 17-29% faster than 4 on one core at 2048 x 5632; for Q8_0 and shorter rows, as fast or
+slower). prange runs over blocks of 16 weight rows, whose weights stay in cache while every activation tile goes
+past them. Each weight row is prefetched at the same place in the next tile's rows (rows are contiguous: nw rows
+ahead), which is where the kernel goes next.
 
 Every (weight row, activation row) dot product runs the same instructions in the same order whatever the tile, the
 row range held, the thread partition or the batch size, so results are bit-identical across those (the tests hold
-this). No fast-math: llvm.fma rounds once on any CPU (an instruction where there is one), so the float results do
-not depend on the CPU either, and the int8 products are exact.
-Accuracy of the quantised path: each activation moves at most 1/254 of its 32-block's absolute maximum; against
-the float reference the output's relative RMS error is about 0.55% for Gaussian activations (0.9% heavy-tailed),
-its largest error about 0.6-0.9% of the largest output (the tests hold the exact bound and these figures).
+this). No fast-math: llvm.fma rounds once on any CPU (an instruction where there is one), so the results do not
+depend on the CPU either: without AVX-512, or with SPMD_CPU_GENERIC=1, Q4_0 nibbles are converted with plain LLVM
+vector code (mask, integer to float, minus 8) to the same exact values as vpermps's table.
 """
 import os
 
-import llvmlite.binding as llb
 import numba
 import numpy as np
 from gguf import GGMLQuantizationType as T
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.core import cgutils
+from numba.core.codegen import get_host_cpu_features
 from numba.extending import intrinsic, overload
 
 from ..quants import QTensor, quantize
 
-# One vpdpbusd per 64 byte pairs where the CPU has AVX512-VNNI; SPMD_CPU_GENERIC=1 forces the portable LLVM vector
-# code every other CPU gets (same results; numba's cache does not see this switch, so use a fresh NUMBA_CACHE_DIR).
-VNNI = "avx512vnni" in llb.get_host_cpu_features().flatten() and not os.environ.get("SPMD_CPU_GENERIC")
-GROUP = 128  # quantised kernels: elements per loop step (4 blocks)
+# vpermps (AVX-512F) turns Q4_0 nibbles into floats where numba compiles for it (the host's features, or
+# NUMBA_CPU_FEATURES); SPMD_CPU_GENERIC=1 forces the portable LLVM vector code every other CPU gets (same results;
+# numba's cache does not see this switch, so use a fresh NUMBA_CACHE_DIR).
+_FEATURES = numba.config.CPU_FEATURES if numba.config.CPU_FEATURES is not None else get_host_cpu_features()
+AVX512 = "+avx512f" in _FEATURES.split(",") and not os.environ.get("SPMD_CPU_GENERIC")
+GROUP = 128  # quantised kernels: elements per loop step (4 blocks, 16 lanes of 8)
 CHUNK = 64  # float kernels: elements per loop step
 ROW_BLOCK = 16  # weight rows per parallel work item; activation rows go through 4 at a time
-PREFETCH = 4096  # bytes ahead in the weight stream
+LONG = 4096  # Q4_0 rows longer than this go 8 at a time past a leftover activation row (see the docstring)
 SMALL = 1 << 17  # weights below this many bytes run on one thread (a fork-join costs more than it saves)
 
 # ---- LLVM IR helpers ------------------------------------------------------------------------------------------
@@ -88,15 +106,10 @@ def _hsum(b, v):
     return b.extract_element(v, ir.Constant(I32, 0))
 
 
-def _dpbusd(b, acc, u8, s8):
-    """acc (16 x i32) + sums of 4 adjacent products of unsigned bytes u8 and signed bytes s8 (64 x i8 each)."""
-    if VNNI:
-        fnty = ir.FunctionType(_vec(I32, 16), [_vec(I32, 16)] * 3)
-        fn = cgutils.get_or_insert_function(b.module, fnty, "llvm.x86.avx512.vpdpbusd.512")
-        return b.call(fn, [acc, b.bitcast(u8, _vec(I32, 16)), b.bitcast(s8, _vec(I32, 16))])
-    p = b.sext(b.mul(b.zext(u8, _vec(I16, 64)), b.sext(s8, _vec(I16, 64))), _vec(I32, 64))  # |p| <= 255 * 128
-    p = b.add(_shuffle(b, p, range(0, 64, 2)), _shuffle(b, p, range(1, 64, 2)))
-    return b.add(acc, b.add(_shuffle(b, p, range(0, 32, 2)), _shuffle(b, p, range(1, 32, 2))))
+def _fma(b, x, y, acc):
+    """x * y + acc rounded once: llvm.fma is exact everywhere (an instruction where the CPU has FMA)."""
+    fn = cgutils.get_or_insert_function(b.module, ir.FunctionType(x.type, [x.type] * 3), "llvm.fma.v16f32")
+    return b.call(fn, [x, y, acc])
 
 
 def _to_f32(b, ptr, offset, dtype):
@@ -107,6 +120,19 @@ def _to_f32(b, ptr, offset, dtype):
         return b.fpext(_load(b, ptr, offset, _vec(F16, 16)), _vec(F32, 16))
     bits = b.shl(b.zext(_load(b, ptr, offset, _vec(I16, 16)), _vec(I32, 16)), _splat(I32, 16, 16))  # bfloat16
     return b.bitcast(bits, _vec(F32, 16))
+
+
+_NIBBLE_VALUES = ir.Constant(_vec(F32, 16), [ir.Constant(F32, float(n - 8)) for n in range(16)])
+
+
+def _nibbles_to_f32(b, dw, v):
+    """Nibble v of each of the 16 dwords dw, minus 8, as 16 x float (exact)."""
+    idx = b.lshr(dw, _splat(I32, 4 * v, 16)) if v else dw
+    if AVX512:  # vpermps: the table entry at the low 4 bits of each index
+        fnty = ir.FunctionType(_vec(F32, 16), [_vec(F32, 16), _vec(I32, 16)])
+        fn = cgutils.get_or_insert_function(b.module, fnty, "llvm.x86.avx512.permvar.sf.512")
+        return b.call(fn, [_NIBBLE_VALUES, idx])
+    return b.fsub(b.uitofp(b.and_(idx, _splat(I32, 15, 16)), _vec(F32, 16)), _splat(F32, 8.0, 16))
 
 
 class _Arg:
@@ -122,167 +148,156 @@ class _Arg:
         return self.b.gep(self.data, [self.b.mul(i, self.stride)])
 
 
-def _fma(b, x, y, acc):
-    """x * y + acc rounded once: llvm.fma is exact everywhere (an instruction where the CPU has FMA)."""
-    fn = cgutils.get_or_insert_function(b.module, ir.FunctionType(x.type, [x.type] * 3), "llvm.fma.v16f32")
-    return b.call(fn, [x, y, acc])
-
-
-def _quantised_step(b, g, pws, pds, pxs, dtype, accs):
-    """One 128-element group of every (weight row j, activation row k) pair into accs[j][k][half]."""
+# ---- the kernels' loop steps ----------------------------------------------------------------------------------
+def _quantised_step(b, g, pws, pds, pxs, dtype, accs, ahead):
+    """One 128-element group of every (Q4_0 / Q8_0 weight row j, activation row k) pair into accs[j][k][0]: lane l
+    sums weight integer times x over elements 8l..8l+7 (v = 0..7), then adds its block's scale times that sum."""
     c = lambda v: ir.Constant(g.type, v)  # noqa: E731
-    halves, scales = [], []
+    nbytes = GROUP // 2 if dtype == types.uint8 else GROUP
+    base = b.mul(g, c(nbytes))
+    weights, scales = [], []
     for pw, pd in zip(pws, pds):
-        if dtype == types.uint8:  # Q4_0: low nibbles are elements 0..63, high nibbles 64..127
-            _prefetch(b, pw, b.add(b.mul(g, c(64)), c(PREFETCH)))
-            v = _load(b, pw, b.mul(g, c(64)), _vec(I8, 64))
-            halves.append([b.and_(v, _splat(I8, 15, 64)), b.lshr(v, _splat(I8, 4, 64))])
-        else:  # Q8_0, flipped to offset binary: w + 128
-            for h in range(2):
-                _prefetch(b, pw, b.add(b.mul(g, c(128)), c(PREFETCH + 64 * h)))
-            halves.append([b.xor(_load(b, pw, b.add(b.mul(g, c(128)), c(64 * h)), _vec(I8, 64)),
-                                 _splat(I8, 0x80, 64)) for h in range(2)])
-        sw = b.fpext(_load(b, pd, b.mul(g, c(8)), _vec(F16, 4)), _vec(F32, 4))  # the 4 blocks' weight scales
-        scales.append([_shuffle(b, sw, [2 * h] * 8 + [2 * h + 1] * 8) for h in range(2)])  # 16 lanes of 4 each
-    for k, (xq, xo, xd) in enumerate(pxs):
-        for h in range(2):  # 64 elements = 2 blocks = 16 lanes of 4
-            off = b.add(b.mul(g, c(128)), c(64 * h))
-            q, o, d = (_load(b, p, off, t) for p, t in ((xq, _vec(I8, 64)), (xo, _vec(I32, 16)), (xd, _vec(F32, 16))))
-            for j in range(len(pws)):
-                isum = _dpbusd(b, o, halves[j][h], q)
-                acc = accs[j][k][h]
-                b.store(_fma(b, b.sitofp(isum, _vec(F32, 16)), b.fmul(scales[j][h], d), b.load(acc)), acc)
+        for line in range(nbytes // 64):
+            _prefetch(b, pw, b.add(base, b.add(ahead, c(64 * line))))
+        sd = b.fpext(_load(b, pd, b.mul(g, c(8)), _vec(F16, 4)), _vec(F32, 4))  # the group's 4 block scales
+        scales.append(_shuffle(b, sd, [lane // 4 for lane in range(16)]))
+        if dtype == types.uint8:  # Q4_0: nibble v of dword l
+            weights.append(lambda v, dw=_load(b, pw, base, _vec(I32, 16)): _nibbles_to_f32(b, dw, v))
+        else:  # Q8_0: byte l of the 16 at 16v
+            weights.append(lambda v, pw=pw: b.sitofp(_load(b, pw, b.add(base, c(16 * v)), _vec(I8, 16)),
+                                                     _vec(F32, 16)))
+    sums = [[None] * len(pxs) for _ in pws]
+    for v in range(GROUP // 16):
+        ws = [weight(v) for weight in weights]
+        for k, xs in enumerate(pxs):
+            xv = _load(b, xs, b.add(b.mul(g, c(GROUP * 4)), c(64 * v)), _vec(F32, 16))
+            for j, wv in enumerate(ws):
+                sums[j][k] = b.fmul(wv, xv) if v == 0 else _fma(b, wv, xv, sums[j][k])
+    for j, scale in enumerate(scales):
+        for k in range(len(pxs)):
+            acc = accs[j][k][0]
+            b.store(_fma(b, scale, sums[j][k], b.load(acc)), acc)
 
 
-def _float_step(b, g, pws, pxs, dtype, accs):
-    """One 64-element chunk of every (weight row j, activation row k) pair into accs[j][k][0 or 1]."""
+def _float_step(b, g, pws, pds, pxs, dtype, accs, ahead):
+    """One 64-element chunk of every (float weight row j, activation row k) pair: its 16-element vector v goes into
+    accs[j][k][v % 2] with one fused multiply-add."""
     c = lambda v: ir.Constant(g.type, v)  # noqa: E731
     size = {types.float32: 4}.get(dtype, 2)
-    ws = []
+    base = b.mul(g, c(CHUNK * size))
     for pw in pws:
         for line in range(size):
-            _prefetch(b, pw, b.add(b.mul(g, c(CHUNK * size)), c(PREFETCH + 64 * line)))
-        ws.append([_to_f32(b, pw, b.add(b.mul(g, c(CHUNK * size)), c(16 * size * v)), dtype) for v in range(4)])
-    for k, (xf,) in enumerate(pxs):
-        for v in range(4):
-            xv = _load(b, xf, b.add(b.mul(g, c(CHUNK * 4)), c(64 * v)), _vec(F32, 16))
-            for j in range(len(pws)):
+            _prefetch(b, pw, b.add(base, b.add(ahead, c(64 * line))))
+    for v in range(CHUNK // 16):
+        ws = [_to_f32(b, pw, b.add(base, c(16 * size * v)), dtype) for pw in pws]
+        for k, xs in enumerate(pxs):
+            xv = _load(b, xs, b.add(b.mul(g, c(CHUNK * 4)), c(64 * v)), _vec(F32, 16))
+            for j, wv in enumerate(ws):
                 acc = accs[j][k][v % 2]
-                b.store(_fma(b, ws[j][v], xv, b.load(acc)), acc)
+                b.store(_fma(b, wv, xv, b.load(acc)), acc)
 
 
 def _make_dot(nw, nx):
-    """Intrinsic dot(w, wd, r0, x, xo, xd, i0, y): y[i0 + k, r0 + j] = weight row r0 + j . activation row i0 + k
-    for j < nw, k < nx. Each pair gets the same instructions in the same order whatever nw and nx are."""
+    """Intrinsic dot(w, wd, r0, xs, i0, y): y[i0 + k, r0 + j] = weight row r0 + j . activation row i0 + k for j < nw,
+    k < nx (xs: the prepared activations). Each pair gets the same instructions in the same order whatever nw, nx."""
 
     @intrinsic
-    def dot(typingctx, w, wd, r0, x, xo, xd, i0, y):
+    def dot(typingctx, w, wd, r0, xs, i0, y):
         if w.dtype not in (types.uint8, types.int8, types.float32, types.int16, types.uint16):
             return None
         quantised = w.dtype in (types.uint8, types.int8)
+        step, size, naccs = (_quantised_step, GROUP, 1) if quantised else (_float_step, CHUNK, 2)
 
         def codegen(context, b, sig, args):
-            W, D, X, XO, XD, Y = (_Arg(context, b, sig.args[k], args[k]) for k in (0, 1, 3, 4, 5, 7))
-            r0, i0 = args[2], args[6]
+            W, D, X, Y = (_Arg(context, b, sig.args[k], args[k]) for k in (0, 1, 3, 5))
+            r0, i0 = args[2], args[4]
             c = lambda v: ir.Constant(r0.type, v)  # noqa: E731
             wrows = [b.add(r0, c(j)) for j in range(nw)]
             xrows = [b.add(i0, c(k)) for k in range(nx)]
-            pxs = [(X.row(i), XO.row(i), XD.row(i)) if quantised else (X.row(i),) for i in xrows]
             zero = ir.Constant(_vec(F32, 16), None)
-            accs = [[[cgutils.alloca_once_value(b, zero) for _ in range(2)] for _ in xrows] for _ in wrows]
-            steps = b.udiv(X.cols, c(GROUP if quantised else CHUNK))
-            with cgutils.for_range(b, steps) as loop:
-                if quantised:
-                    _quantised_step(b, loop.index, [W.row(r) for r in wrows], [D.row(r) for r in wrows], pxs,
-                                    w.dtype, accs)
-                else:
-                    _float_step(b, loop.index, [W.row(r) for r in wrows], pxs, w.dtype, accs)
+            accs = [[[cgutils.alloca_once_value(b, zero) for _ in range(naccs)] for _ in xrows] for _ in wrows]
+            ahead = b.mul(W.stride, c(nw))  # the same place in the next tile's rows
+            with cgutils.for_range(b, b.udiv(X.cols, c(size))) as loop:
+                step(b, loop.index, [W.row(r) for r in wrows], [D.row(r) for r in wrows], [X.row(i) for i in xrows],
+                     w.dtype, accs, ahead)
             for r, acc_j in zip(wrows, accs):
-                for i, (a0, a1) in zip(xrows, acc_j):
-                    p = b.bitcast(b.gep(Y.row(i), [b.mul(r, c(4))]), F32.as_pointer())
-                    b.store(_hsum(b, b.fadd(b.load(a0), b.load(a1))), p)
+                for i, acc in zip(xrows, acc_j):
+                    total = b.load(acc[0]) if naccs == 1 else b.fadd(b.load(acc[0]), b.load(acc[1]))
+                    b.store(_hsum(b, total), b.bitcast(b.gep(Y.row(i), [b.mul(r, c(4))]), F32.as_pointer()))
             return context.get_dummy_value()
 
-        return types.void(w, wd, r0, x, xo, xd, i0, y), codegen
+        return types.void(w, wd, r0, xs, i0, y), codegen
 
     return dot
 
 
-_dot11, _dot21, _dot14, _dot24 = _make_dot(1, 1), _make_dot(2, 1), _make_dot(1, 4), _make_dot(2, 4)
+_dot11, _dot21, _dot41, _dot81, _dot14, _dot24 = (_make_dot(nw, nx) for nw, nx in
+                                                  ((1, 1), (2, 1), (4, 1), (8, 1), (1, 4), (2, 4)))
 
 
-# ---- activations ----------------------------------------------------------------------------------------------
-@njit(cache=True)
-def _quantise_row(x, xq, xo, xd, offset):
-    """x (cols,) -> xq int8 (cols,) per 32-block, and per 4 elements: xd the block's scale, xo -offset * their sum."""
-    for blk in range(x.size // 32):
-        amax = np.float32(0.0)
-        for j in range(32):
-            amax = max(amax, abs(x[blk * 32 + j]))
-        d = amax / np.float32(127.0)
-        inv = np.float32(1.0) / d if d > 0 else np.float32(0.0)
-        for j in range(blk * 8, blk * 8 + 8):
-            s = 0
-            for e in range(4 * j, 4 * j + 4):
-                q = np.int32(np.rint(x[e] * inv))
-                xq[e] = q
-                s += q
-            xo[j] = -offset * s
-            xd[j] = d
-
-
-def _prepare(w, x, xq, xo, xd):
-    """Activations (n, cols) -> the kernel's input in the scratch arrays (padding stays zero)."""
+# ---- the kernels ----------------------------------------------------------------------------------------------
+def _prepare(w, x, xs):
+    """Activations x (n, cols) -> the kernels' order in scratch xs (n, padded cols); the padding stays zero."""
 
 
 @overload(_prepare)
-def _prepare_impl(w, x, xq, xo, xd):
+def _prepare_impl(w, x, xs):
     if w.dtype in (types.uint8, types.int8):
-        offset = 8 if w.dtype == types.uint8 else 128
-
-        def quantise(w, x, xq, xo, xd):
+        def transpose(w, x, xs):  # per group, element 8l + v to 16v + l
             for i in range(x.shape[0]):
-                _quantise_row(x[i], xq[i], xo[i], xd[i], offset)
-        return quantise
+                for e in range(0, x.shape[1], 8):
+                    at = e - e % GROUP + (e % GROUP) // 8
+                    for v in range(8):
+                        xs[i, at + 16 * v] = x[i, e + v]
+        return transpose
 
-    def copy(w, x, xq, xo, xd):
+    def copy(w, x, xs):
         for i in range(x.shape[0]):
-            for j in range(x.shape[1]):
-                xq[i, j] = x[i, j]
+            for e in range(x.shape[1]):
+                xs[i, e] = x[i, e]
     return copy
 
 
 @njit(cache=True)
-def _row_block(w, wd, xq, xo, xd, y, r0, r1):
-    """y[:, r0:r1] from prepared activations, in tiles of 2 weight rows x 4 activation rows."""
+def _row_block(w, wd, xs, y, r0, r1):
+    """y[:, r0:r1] from prepared activations, in tiles of 2 weight rows x 4 activation rows, then 4 (or 8) x 1."""
     n = y.shape[0]
+    eight = 2 * w.shape[1] == xs.shape[1] and xs.shape[1] > LONG  # Q4_0 (2 elements a byte), long rows
     for i in range(0, n - n % 4, 4):
         for r in range(r0, r1 - 1, 2):
-            _dot24(w, wd, r, xq, xo, xd, i, y)
+            _dot24(w, wd, r, xs, i, y)
         if (r1 - r0) % 2:
-            _dot14(w, wd, r1 - 1, xq, xo, xd, i, y)
+            _dot14(w, wd, r1 - 1, xs, i, y)
     for i in range(n - n % 4, n):
-        for r in range(r0, r1 - 1, 2):
-            _dot21(w, wd, r, xq, xo, xd, i, y)
-        if (r1 - r0) % 2:
-            _dot11(w, wd, r1 - 1, xq, xo, xd, i, y)
+        r = r0
+        while eight and r + 8 <= r1:
+            _dot81(w, wd, r, xs, i, y)
+            r += 8
+        while r + 4 <= r1:
+            _dot41(w, wd, r, xs, i, y)
+            r += 4
+        if r + 2 <= r1:
+            _dot21(w, wd, r, xs, i, y)
+            r += 2
+        if r < r1:
+            _dot11(w, wd, r, xs, i, y)
 
 
 @njit(parallel=True, cache=True)
-def _linear_parallel(w, wd, x, xq, xo, xd, y):
-    """y (n, rows) = x (n, cols) @ W.T; xq/xo/xd: scratch (see _prepare)."""
-    _prepare(w, x, xq, xo, xd)
+def _linear_parallel(w, wd, x, xs, y):
+    """y (n, rows) = x (n, cols) @ W.T; xs: scratch (n, padded cols) float32."""
+    _prepare(w, x, xs)
     rows = y.shape[1]
     for blk in prange((rows + ROW_BLOCK - 1) // ROW_BLOCK):
-        _row_block(w, wd, xq, xo, xd, y, blk * ROW_BLOCK, min(rows, (blk + 1) * ROW_BLOCK))
+        _row_block(w, wd, xs, y, blk * ROW_BLOCK, min(rows, (blk + 1) * ROW_BLOCK))
 
 
 @njit(cache=True)
-def _linear_serial(w, wd, x, xq, xo, xd, y):
-    _prepare(w, x, xq, xo, xd)
+def _linear_serial(w, wd, x, xs, y):
+    _prepare(w, x, xs)
     rows = y.shape[1]
     for r0 in range(0, rows, ROW_BLOCK):
-        _row_block(w, wd, xq, xo, xd, y, r0, min(rows, r0 + ROW_BLOCK))
+        _row_block(w, wd, xs, y, r0, min(rows, r0 + ROW_BLOCK))
 
 
 # ---- load-time repacking --------------------------------------------------------------------------------------
@@ -299,10 +314,10 @@ def _scales(blocks, rows, nb, padded_cols):
 def _repack_q4(qt):
     rows, nb, cp = qt.rows, qt.cols // 32, _pad(qt.cols, GROUP)
     blocks = qt.data.reshape(rows, nb, 18)
-    q = np.full((rows, cp // 32, 32), 8, np.uint8)  # nibbles by element, pad = value 0
-    q[:, :nb, :16], q[:, :nb, 16:] = blocks[:, :, 2:] & 15, blocks[:, :, 2:] >> 4
-    q = q.reshape(rows, cp // GROUP, 2, 64)
-    return (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(rows, cp // 2), _scales(blocks, rows, nb, cp)
+    q = np.full((rows, cp // 32, 32), 8, np.uint8)  # nibbles by element (stored: byte j = elements j, 16 + j)
+    q[:, :nb, :16], q[:, :nb, 16:] = blocks[:, :, 2:] & 15, blocks[:, :, 2:] >> 4  # pad = value 0
+    q = q.reshape(rows, cp)
+    return q[:, 0::2] | (q[:, 1::2] << 4), _scales(blocks, rows, nb, cp)
 
 
 def _repack_q8(qt):
@@ -310,7 +325,8 @@ def _repack_q8(qt):
     blocks = qt.data.reshape(rows, nb, 34)
     q = np.zeros((rows, cp), np.int8)
     q[:, :qt.cols] = blocks[:, :, 2:].view(np.int8).reshape(rows, qt.cols)
-    return q, _scales(blocks, rows, nb, cp)
+    q = q.reshape(rows, cp // GROUP, 16, 8).transpose(0, 1, 3, 2)  # per group, element 8l + v to 16v + l
+    return np.ascontiguousarray(q).reshape(rows, cp), _scales(blocks, rows, nb, cp)
 
 
 def _repack_float(dtype):
@@ -322,7 +338,6 @@ def _repack_float(dtype):
 
 
 _NO_SCALES = np.zeros((1, 1), np.uint16)
-_NO_I32, _NO_F32 = np.zeros((1, 1), np.int32), np.zeros((1, 1), np.float32)
 _REPACK = {T.Q4_0: _repack_q4, T.Q8_0: _repack_q8, T.F32: _repack_float(np.float32),
            T.F16: _repack_float(np.int16), T.BF16: _repack_float(np.uint16)}
 QUANTISED = (T.Q4_0, T.Q8_0)
@@ -339,10 +354,7 @@ class CpuLinear:
         self._one = self._scratch(1)  # the decode path's scratch, reused every call
 
     def _scratch(self, n):
-        cp = _pad(self.cols, GROUP if self.qtype in QUANTISED else CHUNK)
-        if self.qtype in QUANTISED:
-            return np.zeros((n, cp), np.int8), np.zeros((n, cp // 4), np.int32), np.zeros((n, cp // 4), np.float32)
-        return np.zeros((n, cp), np.float32), _NO_I32, _NO_F32
+        return np.zeros((n, _pad(self.cols, GROUP if self.qtype in QUANTISED else CHUNK)), np.float32)
 
     def __call__(self, x: np.ndarray, out: np.ndarray = None) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)  # (n, cols); no copy when it already is
@@ -357,7 +369,7 @@ class CpuLinear:
             out[...] = 0.0
             return out
         y = out if out.dtype == np.float32 and out.flags.c_contiguous else np.empty((n, self.rows), np.float32)
-        self._kernel(self.w, self.wd, x, *(self._one if n == 1 else self._scratch(n)), y)
+        self._kernel(self.w, self.wd, x, self._one if n == 1 else self._scratch(n), y)
         if y is not out:
             out[...] = y
         return out
@@ -382,4 +394,4 @@ class CpuBackend:
         for qtype in _REPACK:
             lin = CpuLinear(quantize(np.ones((2, 32), np.float32), qtype), self.threads)
             for kernel in kernels:
-                kernel(lin.w, lin.wd, np.ones((1, 32), np.float32), *lin._scratch(1), np.empty((1, 2), np.float32))
+                kernel(lin.w, lin.wd, np.ones((1, 32), np.float32), lin._scratch(1), np.empty((1, 2), np.float32))
