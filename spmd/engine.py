@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from . import comm as C
 from .backends import get_backend
@@ -71,9 +72,11 @@ class Engine:
         if comm.is_root and self.steps < opts.steps:
             log(f"note: --steps {opts.steps} would pass the model's context of {self.cfg.context}; "
                 f"generating {self.steps}")
-        # ranks on one machine share its cores; a rank's kernel threads spinning on a core another rank needs
-        # stalls both
+        # Ranks on one machine share its cores; a rank's kernel threads spinning on a core another rank needs
+        # stalls both. numpy's BLAS only serves the small attention products: its thread pool, left spinning after
+        # each, would take cores from the kernels (prefill ran 3x slower with it).
         self.threads = max(1, len(os.sched_getaffinity(0)) // comm.local_ranks())
+        threadpool_limits(1, user_api="blas")
         t = time.perf_counter()
         self.model = agree(comm, self._load)
         self.load_s = time.perf_counter() - t
