@@ -273,30 +273,26 @@ def test_mismatched_real_tokenizer(tmp_path, tokenizer):
 
 
 # ---- the engine against the reference ------------------------------------------------------------------------
-def engine_imports() -> bool:
-    done = subprocess.run([sys.executable, "-c", "import spmd.run"], cwd=ROOT, capture_output=True)
-    return done.returncode == 0
-
-
 def launcher(ranks):
     return [] if ranks == 1 else ["mpirun", "-n", str(ranks)]
 
 
-def run_engine(model, steps, prefix=()):
+def run_engine(model, steps, prefix=(), extra=()):
     """The engine's JSON answer for a greedy run of `steps` tokens from BOS, started with `prefix` (e.g. mpirun)."""
     cmd = [*prefix, sys.executable, "-m", "spmd.run", "--model", str(model), "--temperature", "0",
-           "--steps", str(steps), "--output", "json", "--prompt", ""]
+           "--steps", str(steps), "--output", "json", "--prompt", "", *extra]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stderr}"
     return json.loads(done.stdout)
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not engine_imports(), reason="spmd.run does not import yet")
-@pytest.mark.parametrize("ranks", [1, 2, 3])
-def test_engine_matches_llama2c_reference(converted, reference_tokens, ranks):
+@pytest.mark.parametrize("ranks, extra", [(1, ()), (2, ("--ratios", "1:3")),
+                                          (3, ("--ratios", "2:3:3", "--allreduce", "ring")),
+                                          (4, ("--allreduce", "mpi"))])
+def test_engine_matches_llama2c_reference(converted, reference_tokens, ranks, extra):
     if ranks > 1 and shutil.which("mpirun") is None:
         pytest.skip("mpirun is not on PATH")
-    answer = run_engine(converted("f32"), STEPS, launcher(ranks))
+    answer = run_engine(converted("f32"), STEPS, launcher(ranks), extra)
     assert answer["prompt_tokens"] == [BOS]
     assert answer["tokens"] == reference_tokens
