@@ -1,18 +1,19 @@
 """Open a GGUF file memory-mapped and read only the slices this rank keeps.
 
-The header is parsed by the `gguf` package. Tensor bytes are read through our own read-only mapping: a slice is
-copied out and the pages it touched are handed back to the kernel (MADV_DONTNEED), so a rank's resident memory
-holds its own share and not the file.
+The header is parsed by `gguf_header` (arrays such as the vocabulary only when asked for). Tensor bytes are read
+through a read-only mapping: a slice is copied out and the pages it touched are handed back to the kernel
+(MADV_DONTNEED), so a rank's resident memory holds its own share and not the file.
 """
 import mmap
 import os
+import struct
 from dataclasses import dataclass
 
 import numpy as np
-from gguf import GGMLQuantizationType as T
-from gguf import GGUFReader
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 
 from .errors import UserError
+from .gguf_header import GGUFHeader, HeaderError
 from .quants import NATIVE, QTensor, as_qtensor, block_size, dequantize_any, from_float, row_bytes
 
 PAGE = mmap.PAGESIZE
@@ -33,30 +34,38 @@ class GGUFFile:
         if not os.path.isfile(self.path):
             raise UserError(f"model file not found: {self.path}")
         try:
-            self._reader = GGUFReader(self.path, "r")
-        except Exception as e:  # the gguf package raises ValueError, struct errors, IndexError... on bad files
-            raise UserError(f"{self.path} is not a valid GGUF file ({type(e).__name__}: {e})") from None
-        self.tensors = {}
-        size = os.path.getsize(self.path)
-        for t in self._reader.tensors:
-            info = TensorInfo(t.name, T(t.tensor_type), tuple(int(d) for d in reversed(t.shape)),
-                              int(t.data_offset), int(t.n_bytes))
-            if info.offset + info.nbytes > size:
-                raise UserError(f"{self.path} is truncated: tensor {t.name} ends past the end of the file")
-            self.tensors[t.name] = info
-        with open(self.path, "rb") as f:
-            self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            with open(self.path, "rb") as f:
+                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            self._header = GGUFHeader(self._mm)
+            self.tensors = {t.name: self._tensor_info(t) for t in self._header.tensors}
+        except (ValueError, OSError, struct.error) as e:  # HeaderError is a ValueError
+            raise UserError(f"{self.path} is not a valid GGUF file ({e})") from None
+        self._mm.madvise(mmap.MADV_DONTNEED, 0, self._header.data_offset // PAGE * PAGE)  # the parsed header
         self._bytes = np.frombuffer(self._mm, dtype=np.uint8)
         self._noticed = set()  # notices already given
+
+    def _tensor_info(self, t) -> TensorInfo:
+        try:
+            qtype = T(t.ggml_type)
+        except ValueError:
+            raise HeaderError(f"tensor {t.name!r} has unknown type {t.ggml_type}") from None
+        shape = tuple(reversed(t.dims))
+        block, nbytes = GGML_QUANT_SIZES[qtype]
+        if shape and shape[-1] % block:
+            raise HeaderError(f"tensor {t.name!r} rows of {shape[-1]} are not whole {qtype.name} blocks")
+        info = TensorInfo(t.name, qtype, shape, self._header.data_offset + t.offset,
+                          int(np.prod(shape, dtype=np.int64)) // block * nbytes)
+        if info.offset + info.nbytes > len(self._mm):
+            raise HeaderError(f"truncated: tensor {t.name} ends past the end of the file")
+        return info
 
     # ---- metadata -------------------------------------------------------------------------------------------
     def meta(self, key, default=None):
         """A metadata value as plain Python (str, int, float, bool, list); `default` when absent."""
-        field = self._reader.fields.get(key)
-        return default if field is None else field.contents()
+        return self._header.value(key, default)
 
     def keys(self):
-        return [k for k in self._reader.fields if not k.startswith("GGUF.")]
+        return list(self._header.fields)
 
     # ---- tensors --------------------------------------------------------------------------------------------
     def info(self, name) -> TensorInfo:

@@ -1,0 +1,72 @@
+"""The lean GGUF header reader against the gguf package's own reader, and its refusal of damaged files."""
+import numpy as np
+import pytest
+from gguf import GGUFReader, GGUFWriter
+
+from spmd.errors import UserError
+from spmd.gguf_file import GGUFFile
+from spmd.synth import Shape, write_model
+
+
+def write_every_type(path):
+    w = GGUFWriter(str(path), "llama")
+    w.add_uint8("t.u8", 200)
+    w.add_int8("t.i8", -5)
+    w.add_uint16("t.u16", 60000)
+    w.add_int16("t.i16", -300)
+    w.add_uint32("t.u32", 4_000_000_000)
+    w.add_int32("t.i32", -7)
+    w.add_float32("t.f32", 0.25)
+    w.add_uint64("t.u64", 2**40)
+    w.add_int64("t.i64", -(2**40))
+    w.add_float64("t.f64", 1e-300)
+    w.add_bool("t.bool", True)
+    w.add_string("t.str", "héllo ▁wörld")
+    w.add_array("t.ints", [1, -2, 3])
+    w.add_array("t.floats", [0.5, 1.5])
+    w.add_array("t.strs", ["a", "", "ünï"])
+    w.add_tensor("m.weight", np.arange(64, dtype=np.float32).reshape(2, 32))
+    w.add_tensor("v.weight", np.ones(5, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.mark.parametrize("make", [write_every_type,
+                                  lambda p: write_model(p, Shape(arch="qwen2", tied=True), "Q4_0", seed=1),
+                                  lambda p: write_model(p, Shape(), "Q8_0", seed=1)])
+def test_metadata_and_tensors_equal_the_gguf_packages_reader(tmp_path, make):
+    path = make(tmp_path / "m.gguf")
+    ours, theirs = GGUFFile(path), GGUFReader(str(path))
+    keys = [k for k in theirs.fields if not k.startswith("GGUF.")]
+    assert ours.keys() == keys
+    for k in keys:
+        expected = theirs.fields[k].contents()
+        assert ours.meta(k) == pytest.approx(expected) if isinstance(expected, float) else ours.meta(k) == expected
+    for t in theirs.tensors:
+        info = ours.info(t.name)
+        assert (info.qtype, info.offset, info.nbytes) == (t.tensor_type, t.data_offset, t.n_bytes)
+        assert info.shape == tuple(reversed([int(d) for d in t.shape]))
+
+
+def test_arrays_are_decoded_only_when_asked(tmp_path):
+    f = GGUFFile(write_every_type(tmp_path / "m.gguf"))
+    assert type(f._header.fields["t.strs"]).__name__ == "ArrayRef"
+    assert f.meta("t.strs") == ["a", "", "ünï"]
+    assert f.meta("absent", "default") == "default"
+
+
+def test_every_truncation_and_garbage_is_one_clear_error(tmp_path):
+    good = write_model(tmp_path / "m.gguf", Shape(), "F32", seed=0).read_bytes()
+    rng = np.random.default_rng(0)
+    cuts = sorted(set(rng.integers(0, len(good), 60).tolist()) | {0, 3, 4, 8, 23, 24, 100})
+    for n in cuts:
+        (tmp_path / "cut.gguf").write_bytes(good[:n])
+        with pytest.raises(UserError, match="is not a valid GGUF file"):
+            GGUFFile(tmp_path / "cut.gguf")
+    for i in range(40):  # random bytes after a valid magic and version
+        (tmp_path / "junk.gguf").write_bytes(good[:8] + rng.integers(0, 256, 400, dtype=np.uint8).tobytes())
+        with pytest.raises(UserError, match="is not a valid GGUF file"):
+            GGUFFile(tmp_path / "junk.gguf")
