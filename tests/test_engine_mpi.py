@@ -126,3 +126,12 @@ def test_logits_match_across_ranks(models):
     together = logits(WORLD)
     if WORLD.rank == 0:
         np.testing.assert_allclose(together, alone, rtol=0, atol=1e-4)
+
+
+@pytest.mark.mpi
+def test_seeded_sampling_equals_single_rank(models):
+    kw = dict(model=models["Q8_0"], temperature=0.9, top_k=50, top_p=0.95, seed=11)
+    expected = single_rank_tokens(**kw)
+    result = generate(WORLD, ratios=UNEQUAL[WORLD.size], allreduce="ring", **kw)
+    if WORLD.rank == 0:
+        assert result["tokens"] == expected
