@@ -112,3 +112,18 @@ def test_bad_input_gives_one_line_and_every_rank_exits(model, tmp_path, case, ra
     errors = [ln for ln in lines if "rror" in ln]
     assert len(errors) == 1, p.stderr  # once, from rank 0 only
     assert __import__("re").search(message, errors[0]), errors[0]
+
+
+def test_sentencepiece_tokenizer_file(tmp_path):
+    if not LLAMA2_TOKENIZER.exists():
+        pytest.skip(f"{LLAMA2_TOKENIZER} is absent")
+    import sentencepiece as spm
+    model = write_model(tmp_path / "v32k.gguf", Shape(dim=64, n_heads=4, n_kv_heads=2, ffn=128, vocab=32000,
+                                                      context=64), qtype="F32", seed=0)
+    text = "Hello world, ünïcode!"
+    p = run(["--model", model, "--tokenizer", LLAMA2_TOKENIZER, "--prompt", text, "--steps", 3, "--output", "json"])
+    assert p.returncode == 0, p.stderr
+    sp = spm.SentencePieceProcessor(model_file=str(LLAMA2_TOKENIZER))
+    r = json.loads(p.stdout)
+    assert r["prompt_tokens"] == [sp.bos_id()] + sp.encode(text)
+    assert r["text"] == sp.decode(r["prompt_tokens"][1:] + r["tokens"])[len(text):]
