@@ -126,7 +126,8 @@ class Engine:
         return logits
 
     def run(self, emit=None):
-        """Generate; on rank 0 returns the result dict (and streams text pieces to `emit`), elsewhere None."""
+        """Generate; on rank 0 returns the result dict, elsewhere None. Rank 0 streams the text to `emit(piece)`,
+        which returns False once nobody reads any more (a closed pipe): generation then stops early."""
         self.comm.barrier()
         start_sync = self.comm.sync_s
         t0 = time.perf_counter()
@@ -155,11 +156,11 @@ class Engine:
                 self.forward(np.array([a], dtype=np.int64), b)
 
     def _root_loop(self, emit):
+        emit = emit or (lambda _piece: True)
         sampler = Sampler(self.opts.temperature, self.opts.top_k, self.opts.top_p, self.opts.seed)
         stream = self.tokenizer.stream()
         shown = "".join(stream.push(t) for t in self.prompt.tolist())  # so the first word keeps its space
-        if emit is not None:
-            emit(shown)
+        reading = emit(shown)
         pieces = []
         vocab = min(self.tokenizer.vocab_size, self.cfg.vocab)  # a padded classifier's extra rows are never sampled
 
@@ -171,20 +172,18 @@ class Engine:
         token = sample(self.forward(self.prompt, 0))
         prefill_s = time.perf_counter() - t0
         tokens, pos, t1 = [], len(self.prompt), time.perf_counter()
-        while token not in self.tokenizer.eos_ids:
+        while reading and token not in self.tokenizer.eos_ids:
             tokens.append(token)
             pieces.append(stream.push(token))
-            if emit is not None:
-                emit(pieces[-1])
-            if len(tokens) == self.steps:
+            reading = emit(pieces[-1])
+            if not reading or len(tokens) == self.steps:
                 break
             self.comm.control(C.OP_DECODE, token, pos)
             token = sample(self.forward(np.array([token], dtype=np.int64), pos))
             pos += 1
         self.comm.control(C.OP_STOP)
         pieces.append(stream.flush())
-        if emit is not None:
-            emit(pieces[-1])
+        emit(pieces[-1])
         decode_s = time.perf_counter() - t1
         n_decoded = pos - len(self.prompt)  # forward passes after the prefill
         return dict(

@@ -79,6 +79,17 @@ def summary(r):
             f"{ranks}")
 
 
+def write_stdout(piece):
+    """Stream a piece of text; False once the reader has gone (`| head`), after which stdout is silenced."""
+    try:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+        return True
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error when Python flushes at exit
+        return False
+
+
 def main(argv=None):
     from . import comm as C  # initialises MPI
     comm = C.Comm()
@@ -91,7 +102,7 @@ def main(argv=None):
     comm.algorithm = kw["allreduce"]
     prompt_tokens = kw.pop("prompt_ids")
     opts = RunOptions(**kw, prompt_tokens=prompt_tokens)
-    emit = (lambda piece: print(piece, end="", flush=True)) if text_out and comm.is_root else None
+    emit = write_stdout if text_out and comm.is_root else None
     try:
         result = Engine(opts, comm, log=log).run(emit)
     except UserError as e:

@@ -2,8 +2,10 @@
 with every rank exiting non-zero promptly (no hang, no traceback)."""
 import json
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -127,3 +129,32 @@ def test_sentencepiece_tokenizer_file(tmp_path):
     r = json.loads(p.stdout)
     assert r["prompt_tokens"] == [sp.bos_id()] + sp.encode(text)
     assert r["text"] == sp.decode(r["prompt_tokens"][1:] + r["tokens"])[len(text):]
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_a_reader_that_leaves_early_stops_generation_cleanly(tmp_path, ranks):
+    """`... | head -c 8`: no traceback, no hang. One rank stops generating, exits 0 and still prints its summary.
+    Under mpirun, rank 0 writes into mpirun's pipe, so mpirun takes the SIGPIPE (as `yes | head` does) and ends
+    the ranks: it must leave none behind."""
+    if ranks > 1 and MPIRUN is None:
+        pytest.skip("mpirun not on PATH")
+    model = write_model(tmp_path / "long.gguf", Shape(dim=64, n_heads=4, n_kv_heads=2, ffn=128, vocab=512,
+                                                      context=4096), qtype="F32", seed=3)
+    cmd = [sys.executable, "-m", "spmd.run", "--model", str(model), "--prompt", "Hello", "--steps", "4000"]
+    if ranks > 1:
+        cmd = [MPIRUN, "-n", str(ranks), *cmd]
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert len(p.stdout.read(8)) == 8
+    p.stdout.close()
+    _, err = p.communicate(timeout=120)
+    assert "Traceback" not in err
+    if ranks == 1:
+        assert p.returncode == 0, err
+        assert err.startswith("[spmd] ") and int(err.split()[1]) < 4000  # it stopped early
+    else:
+        assert p.returncode in (0, -signal.SIGPIPE), err
+        if shutil.which("pgrep") is None:
+            return
+        time.sleep(1)
+        left = subprocess.run(["pgrep", "-f", str(model)], capture_output=True, text=True).stdout
+        assert left == "", f"ranks left running: {left}"
