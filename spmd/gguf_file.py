@@ -35,10 +35,13 @@ class GGUFFile:
             raise UserError(f"model file not found: {self.path}")
         try:
             with open(self.path, "rb") as f:
-                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if os.fstat(f.fileno()).st_size else b""
+        except OSError as e:
+            raise UserError(f"cannot read model file {self.path}: {e.strerror}") from None
+        try:
             self._header = GGUFHeader(self._mm)
             self.tensors = {t.name: self._tensor_info(t) for t in self._header.tensors}
-        except (ValueError, OSError, struct.error) as e:  # HeaderError is a ValueError
+        except (ValueError, struct.error) as e:  # HeaderError is a ValueError
             raise UserError(f"{self.path} is not a valid GGUF file ({e})") from None
         self._mm.madvise(mmap.MADV_DONTNEED, 0, self._header.data_offset // PAGE * PAGE)  # the parsed header
         self._bytes = np.frombuffer(self._mm, dtype=np.uint8)

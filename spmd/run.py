@@ -108,7 +108,9 @@ def main(argv=None):
     except UserError as e:
         log(f"error: {e}")
         sys.exit(1)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C: one rank just stops; several must all stop, wherever each one is
+        if comm.size == 1:
+            sys.exit(130)
         comm.abort(130)
     except Exception:  # a bug, not a user mistake: show it, and take every rank down instead of hanging
         traceback.print_exc()
