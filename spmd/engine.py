@@ -63,7 +63,7 @@ class Engine:
         if opts.allreduce not in C.ALGORITHMS:
             raise UserError(f"--allreduce {opts.allreduce!r}: choose one of {', '.join(C.ALGORITHMS)}")
         self.file, self.cfg, self.ratios, self.plan = agree(comm, self._read_header)
-        self.comm.ratios = self.ratios
+        comm.algorithm, comm.ratios = opts.allreduce, self.ratios
         self.share = self.plan[comm.rank]
         self.tokenizer, self.prompt = agree(comm, self._tokenize if comm.is_root else lambda: (None, None))
         n_prompt = comm.bcast(len(self.prompt) if comm.is_root else None)

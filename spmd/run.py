@@ -99,7 +99,6 @@ def main(argv=None):
     from .engine import Engine, RunOptions
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if comm.is_root else (lambda msg: None)
     text_out = kw.pop("output") == "text"
-    comm.algorithm = kw["allreduce"]
     prompt_tokens = kw.pop("prompt_ids")
     opts = RunOptions(**kw, prompt_tokens=prompt_tokens)
     emit = write_stdout if text_out and comm.is_root else None

@@ -37,7 +37,7 @@ def models():
 
 def generate(comm, **kw):
     opts = RunOptions(prompt_tokens=PROMPT, steps=12, **kw)
-    return Engine(opts, Comm(opts.allreduce, comm=comm), log=lambda _m: None).run()
+    return Engine(opts, Comm(comm=comm), log=lambda _m: None).run()
 
 
 def single_rank_tokens(**kw):
@@ -119,8 +119,8 @@ def test_a_missing_file_on_one_rank_is_reported_by_every_rank(models):
 def test_logits_match_across_ranks(models):
     """The rank-0 logits after the prompt agree with one rank's to float32 rounding, not just the argmax."""
     def logits(comm):
-        opts = RunOptions(model=models["F32"], prompt_tokens=PROMPT, steps=1, ratios=None)
-        engine = Engine(opts, Comm("ring", comm=comm), log=lambda _m: None)
+        opts = RunOptions(model=models["F32"], prompt_tokens=PROMPT, steps=1, ratios=None, allreduce="ring")
+        engine = Engine(opts, Comm(comm=comm), log=lambda _m: None)
         return engine.forward(np.array(PROMPT, dtype=np.int64), 0)
     alone = logits(MPI.COMM_SELF) if WORLD.rank == 0 else None
     together = logits(WORLD)

@@ -23,7 +23,7 @@ def golden_model(tmp_path, case):
 
 def engine(path, prompt, backend="cpu", steps=4, **kw):
     opts = RunOptions(model=str(path), prompt_tokens=tuple(prompt), steps=steps, backend=backend, **kw)
-    return Engine(opts, Comm("star", comm=MPI.COMM_SELF), log=lambda _m: None)
+    return Engine(opts, Comm(comm=MPI.COMM_SELF), log=lambda _m: None)
 
 
 @pytest.mark.parametrize("backend", ["numpy", "cpu"])
@@ -73,7 +73,7 @@ def test_other_weight_types_are_dequantised_at_load_with_one_notice(tmp_path):
     path = write_model(tmp_path / "q5.gguf", Shape(dim=64, ffn=128), qtype="Q5_0", seed=1)
     notices = []
     opts = RunOptions(model=str(path), prompt_tokens=(1, 5, 9), steps=2)
-    e = Engine(opts, Comm("star", comm=MPI.COMM_SELF), log=notices.append)
+    e = Engine(opts, Comm(comm=MPI.COMM_SELF), log=notices.append)
     assert notices == ["note: the file holds Q5_0 weights; dequantising them to F32 at load"]
     np.testing.assert_allclose(e.forward(np.array([1, 5, 9]), 0), reference.logits_for(path, [1, 5, 9])[-1],
                                rtol=0, atol=1e-4)
