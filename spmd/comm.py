@@ -119,6 +119,9 @@ class Comm:
                 return e if rank == 0 else f"rank {rank}: {e}"
         return None
 
+    def allgather(self, obj):
+        return self.comm.allgather(obj)
+
     def gather(self, obj):
         return self.comm.gather(obj, root=0)
 

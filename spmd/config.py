@@ -73,7 +73,40 @@ def read_config(f) -> ModelConfig:
         qkv_bias=f.has("blk.0.attn_q.bias"),
         tied_output=not f.has("output.weight"),
     )
-    if n_heads % n_kv_heads or embd.shape[1] != dim:
-        raise UserError(f"{f.path}: inconsistent shape (heads {n_heads}, kv heads {n_kv_heads}, "
-                        f"embedding {embd.shape})")
+    sizes = dict(embedding_length=dim, block_count=cfg.n_layers, head_count=n_heads, head_count_kv=n_kv_heads,
+                 key_length=head_dim, feed_forward_length=cfg.ffn_dim, context_length=cfg.context)
+    for key, value in sizes.items():
+        if value < 1:
+            raise UserError(f"{f.path}: metadata {arch}.{key} is {value}; it must be at least 1")
+    if n_heads % n_kv_heads or cfg.rope_dim % 2 or cfg.rope_dim > head_dim:
+        raise UserError(f"{f.path}: inconsistent attention metadata (heads {n_heads}, kv heads {n_kv_heads}, "
+                        f"head size {head_dim}, rotated dims {cfg.rope_dim})")
+    check_tensors(f, cfg)
     return cfg
+
+
+def expected_shapes(cfg: ModelConfig) -> dict:
+    """Every tensor the engine reads, with its numpy shape as the metadata implies it."""
+    d, q, kv = cfg.dim, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    shapes = {"token_embd.weight": (cfg.vocab, d), "output_norm.weight": (d,)}
+    if not cfg.tied_output:
+        shapes["output.weight"] = (cfg.vocab, d)
+    for i in range(cfg.n_layers):
+        p = f"blk.{i}."
+        shapes.update({p + "attn_norm.weight": (d,), p + "attn_q.weight": (q, d), p + "attn_k.weight": (kv, d),
+                       p + "attn_v.weight": (kv, d), p + "attn_output.weight": (d, q), p + "ffn_norm.weight": (d,),
+                       p + "ffn_gate.weight": (cfg.ffn_dim, d), p + "ffn_up.weight": (cfg.ffn_dim, d),
+                       p + "ffn_down.weight": (d, cfg.ffn_dim)})
+        if cfg.qkv_bias:
+            shapes.update({p + "attn_q.bias": (q,), p + "attn_k.bias": (kv,), p + "attn_v.bias": (kv,)})
+    return shapes
+
+
+def check_tensors(f, cfg: ModelConfig):
+    """Refuse a file whose tensors disagree with its metadata, before anything is loaded."""
+    shapes = expected_shapes(cfg)
+    if f.has("rope_freqs.weight"):
+        shapes["rope_freqs.weight"] = (cfg.rope_dim // 2,)
+    for name, shape in shapes.items():
+        if f.info(name).shape != shape:
+            raise UserError(f"{f.path}: tensor {name} has shape {f.info(name).shape} but the metadata implies {shape}")

@@ -213,6 +213,9 @@ def cli():
               help="type of the matrices whose inputs are a multiple of 32; norms and the rest stay f32")
 def llama2c(checkpoint, tokenizer, out, outtype):
     """Convert a llama2.c CHECKPOINT and its TOKENIZER to OUT (GGUF, arch llama)."""
+    for source in (checkpoint, tokenizer):
+        if os.path.exists(out) and os.path.exists(source) and os.path.samefile(out, source):
+            raise click.ClickException(f"{out} is also an input: writing it would destroy {source}")
     try:
         c, arrays = read_llama2c(checkpoint)
         pieces, scores = read_llama2c_tokenizer(tokenizer, c["vocab_size"])

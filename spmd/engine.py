@@ -14,7 +14,7 @@ from .config import read_config
 from .errors import UserError
 from .gguf_file import GGUFFile
 from .model import Model
-from .plan import make_plan, parse_ratios
+from .plan import format_ratios, make_plan, parse_ratios
 from .sampling import Sampler
 from .tokenizer import load_tokenizer
 from .weights import load_shard
@@ -64,10 +64,11 @@ class Engine:
             raise UserError(f"--allreduce {opts.allreduce!r}: choose one of {', '.join(C.ALGORITHMS)}")
         self.file, self.cfg, self.ratios, self.plan = agree(comm, self._read_header)
         comm.algorithm, comm.ratios = opts.allreduce, self.ratios
+        self._check_same_as_rank_0()
         self.share = self.plan[comm.rank]
         self.tokenizer, self.prompt = agree(comm, self._tokenize if comm.is_root else lambda: (None, None))
-        n_prompt = comm.bcast(len(self.prompt) if comm.is_root else None)
-        self.steps = min(opts.steps, self.cfg.context - n_prompt)
+        n_prompt, steps = comm.bcast((len(self.prompt), opts.steps) if comm.is_root else None)
+        self.steps = min(steps, self.cfg.context - n_prompt)
         self.max_seq = n_prompt + self.steps  # the KV cache holds this many positions
         if comm.is_root and self.steps < opts.steps:
             log(f"note: --steps {opts.steps} would pass the model's context of {self.cfg.context}; "
@@ -91,6 +92,18 @@ class Engine:
         plan = make_plan(ratios, cfg.n_heads, cfg.n_kv_heads, cfg.ffn_dim, cfg.vocab)
         return f, cfg, ratios, plan
 
+    def _check_same_as_rank_0(self):
+        """A rank started with another model file (a stale copy on one host) or other flags would fail in the
+        middle of a step: refuse at set-up, naming what differs."""
+        mine = {"model (its header)": self.cfg, "model file size": os.path.getsize(self.opts.model),
+                "--ratios": self.ratios, "--allreduce": self.opts.allreduce}
+        everyone = self.comm.allgather(mine)
+        for rank, theirs in enumerate(everyone):
+            for what in mine:
+                if theirs[what] != everyone[0][what]:
+                    raise UserError(f"rank {rank} differs from rank 0 in its {what}: every rank must run the same "
+                                    "model file and flags")
+
     def _tokenize(self):
         tok = load_tokenizer(self.file, self.opts.tokenizer)
         if tok.vocab_size > self.cfg.vocab:
@@ -98,12 +111,14 @@ class Engine:
                             f"{self.cfg.vocab}: they do not belong together")
         ids = list(self.opts.prompt_tokens) if self.opts.prompt_tokens is not None else tok.encode(self.opts.prompt)
         if not ids:
-            raise UserError("the prompt is empty and the model has no BOS token to start from")
+            raise UserError("the prompt is empty" + ("" if self.opts.prompt_tokens is not None else
+                                                     " and this model adds no BOS token to start from: give --prompt"))
         if len(ids) >= self.cfg.context:
-            raise UserError(f"the prompt is {len(ids)} tokens; the model's context is {self.cfg.context}, "
+            raise UserError(f"the prompt is {len(ids)} tokens long; the model's context is {self.cfg.context}, "
                             "which leaves no room to generate")
-        if max(ids) >= self.cfg.vocab or min(ids) < 0:
-            raise UserError(f"prompt token ids must be in 0..{self.cfg.vocab - 1}")
+        vocab = min(tok.vocab_size, self.cfg.vocab)
+        if max(ids) >= vocab or min(ids) < 0:
+            raise UserError(f"prompt token ids must be in 0..{vocab - 1}")
         return tok, np.array(ids, dtype=np.int64)
 
     def _load(self):
@@ -192,5 +207,5 @@ class Engine:
             decode_tokens_per_s=round(n_decoded / decode_s, 3) if n_decoded else None,
             ms_per_token=round(decode_s * 1e3 / n_decoded, 3) if n_decoded else None,
             load_s=round(self.load_s, 3), n_ranks=self.comm.size, allreduce=self.comm.algorithm,
-            ratios=":".join(str(r) for r in self.ratios), backend=self.opts.backend,
+            ratios=format_ratios(self.ratios), backend=self.opts.backend,
         )

@@ -31,6 +31,8 @@ class TensorInfo:
 class GGUFFile:
     def __init__(self, path):
         self.path = str(path)
+        if os.path.isdir(self.path):
+            raise UserError(f"--model {self.path} is a directory, not a GGUF file")
         if not os.path.isfile(self.path):
             raise UserError(f"model file not found: {self.path}")
         try:

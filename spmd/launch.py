@@ -12,15 +12,19 @@ import sys
 
 import click
 
+from .run import finite
+
 LOCAL = {"localhost", "127.0.0.1", "::1", socket.gethostname(), socket.getfqdn()}
 
 
 def parse_hostfile(path):
     """MPICH format -> [(line number, host, slots)]; raises click.ClickException naming the bad line."""
     try:
-        lines = open(path).read().splitlines()
+        lines = open(path, encoding="utf-8").read().splitlines()
     except OSError as e:
         raise click.ClickException(f"cannot read hostfile {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise click.ClickException(f"hostfile {path} is not text") from None
     hosts = []
     for number, line in enumerate(lines, 1):
         text = line.strip()
@@ -43,7 +47,7 @@ def check_reachable(path, hosts, timeout):
             continue
         try:
             addr = socket.getaddrinfo(host, 22, type=socket.SOCK_STREAM)[0][4]
-        except socket.gaierror:
+        except (socket.gaierror, UnicodeError):  # UnicodeError: an empty or over-long label ("a..b")
             raise click.ClickException(f"{path} line {number}: host {host!r} does not resolve") from None
         try:
             socket.create_connection(addr[:2], timeout=timeout).close()
@@ -57,7 +61,8 @@ def check_reachable(path, hosts, timeout):
 @click.option("--hostfile", "-f", required=True, type=click.Path(dir_okay=False), help="MPICH hostfile.")
 @click.option("-n", "ranks", type=click.IntRange(min=1), default=None,
               help="Number of ranks (default: the slots in the hostfile).")
-@click.option("--timeout", default=5.0, show_default=True, help="Seconds to wait for each host.")
+@click.option("--timeout", default=5.0, show_default=True, type=click.FloatRange(1, 300), callback=finite,
+              help="Seconds to wait for each host.")
 @click.argument("run_args", nargs=-1, type=click.UNPROCESSED)
 def main(hostfile, ranks, timeout, run_args):
     """Check HOSTFILE's hosts, then run `python -m spmd.run RUN_ARGS` on them through mpirun."""

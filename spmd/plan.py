@@ -4,12 +4,14 @@ Work is handed out in whole units: a KV head with the query heads that share it,
 block of the down projection), a vocabulary row. Each kind is apportioned by the largest-remainder rule, the
 rounding that follows the ratios as closely as whole units allow.
 """
+import math
 from dataclasses import dataclass
 from fractions import Fraction
 
 from .errors import UserError
 
 FFN_BLOCK = 32
+RATIO_RANGE = (1e-6, 1e6)
 
 
 @dataclass(frozen=True)
@@ -40,16 +42,28 @@ def parse_ratios(text, n_ranks: int) -> tuple:
     """'2:3:3' -> (2, 3, 3) as Fractions; None -> equal shares. Refuses a wrong count, zero or negative values."""
     if text is None:
         return (Fraction(1),) * n_ranks
-    parts = str(text).replace(",", ":").split(":")
+    parts = [p.strip() for p in str(text).replace(",", ":").split(":")]
     try:
-        values = tuple(Fraction(p.strip()) for p in parts)
-    except (ValueError, ZeroDivisionError):
+        # float() first: Fraction("1e100000000") would build a 100-million-digit integer
+        approx = [float(Fraction(p)) if "/" in p else float(p) for p in parts]
+    except (ValueError, ZeroDivisionError, OverflowError):
         raise UserError(f"--ratios {text!r}: expected numbers separated by ':' (for example 2:3:3)") from None
-    if any(v <= 0 for v in values):
+    if any(not math.isfinite(v) for v in approx):
+        raise UserError(f"--ratios {text!r}: expected numbers separated by ':' (for example 2:3:3)")
+    if any(not v > 0 for v in approx):
         raise UserError(f"--ratios {text!r}: every ratio must be positive")
+    if any(not RATIO_RANGE[0] <= v <= RATIO_RANGE[1] for v in approx):
+        raise UserError(f"--ratios {text!r}: every ratio must lie between {RATIO_RANGE[0]:g} and {RATIO_RANGE[1]:g}")
+    values = tuple(Fraction(p) for p in parts)
     if len(values) != n_ranks:
-        raise UserError(f"--ratios {text!r} has {len(values)} values but the job has {n_ranks} ranks")
+        raise UserError(f"--ratios {text!r} has {len(values)} value{'s' * (len(values) != 1)} but the job has "
+                        f"{n_ranks} rank{'s' * (n_ranks != 1)}")
     return values
+
+
+def format_ratios(ratios) -> str:
+    """(Fraction(1, 2), 3) -> '0.5:3' as a user would write them."""
+    return ":".join(f"{float(r):g}" for r in ratios)
 
 
 def apportion(total: int, ratios) -> list:
@@ -84,7 +98,7 @@ def make_plan(ratios, n_heads: int, n_kv_heads: int, ffn_dim: int, vocab: int) -
         ffn_stop = min((blk_at + n_blk) * FFN_BLOCK, ffn_dim)
         share = Share(rank, kv_at, n_kv, n_heads // n_kv_heads, ffn_start, ffn_stop - ffn_start, row_at, n_rows)
         if share.n_kv == share.n_ffn == share.n_vocab == 0:
-            raise UserError(f"ratios {':'.join(str(r) for r in ratios)} leave rank {rank} no heads, FFN columns "
+            raise UserError(f"ratios {format_ratios(ratios)} leave rank {rank} no heads, FFN columns "
                             "or vocabulary rows; raise its ratio or use fewer ranks")
         shares.append(share)
     return shares

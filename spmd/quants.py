@@ -85,6 +85,8 @@ def dequantize_any(raw: np.ndarray, qtype, rows: int, cols: int) -> np.ndarray:
     """Raw bytes of any GGUF type -> float32 (rows, cols); gguf's own code for the types we do not keep."""
     if qtype in NATIVE:
         return dequantize(as_qtensor(raw, qtype, rows, cols))
+    if rows == 0 or cols == 0:  # a rank that holds no heads or FFN columns
+        return np.zeros((rows, cols), np.float32)
     return gguf_quants.dequantize(raw.reshape(rows, -1), qtype).astype(np.float32).reshape(rows, cols)
 
 

@@ -2,6 +2,7 @@
 stderr (or prints one JSON object with --output json); every other rank stays quiet unless something is wrong."""
 import contextlib
 import json
+import math
 import os
 import sys
 import traceback
@@ -9,6 +10,12 @@ import traceback
 import click
 
 from .errors import UserError
+
+
+def finite(_ctx, param, value):
+    if not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a finite number", param=param)
+    return value
 
 
 def split_ints(_ctx, _param, text):
@@ -34,11 +41,11 @@ def split_ints(_ctx, _param, text):
 @click.option("--backend", default="cpu", show_default=True, type=click.Choice(["cpu", "numpy"]),
               help="cpu: numba kernels on quantised weights; numpy: the readable reference.")
 @click.option("--temperature", "-t", default=0.0, show_default=True, type=click.FloatRange(min=0),
-              help="0 is greedy.")
+              callback=finite, help="0 is greedy.")
 @click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0), help="0 keeps all tokens.")
 @click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True),
-              help="Nucleus sampling mass.")
-@click.option("--seed", default=None, type=int, help="Sampling seed (default: random).")
+              callback=finite, help="Nucleus sampling mass.")
+@click.option("--seed", default=None, type=click.IntRange(min=0), help="Sampling seed (default: random).")
 @click.option("--tokenizer", default=None, metavar="FILE.model",
               help="A sentencepiece .model to use instead of the vocabulary in the GGUF.")
 @click.option("--output", default="text", show_default=True, type=click.Choice(["text", "json"]),
@@ -94,12 +101,21 @@ def main(argv=None):
     from . import comm as C  # initialises MPI
     comm = C.Comm()
     kw = parse_args(argv, comm.is_root)
-    if not isinstance(kw, dict):
-        sys.exit(kw)
+    # every rank parsed the same flags, unless started differently (mpirun's "A : B" form): all go on, or all stop
+    outcomes = comm.allgather("run" if isinstance(kw, dict) else kw)
+    if any(o != "run" for o in outcomes):
+        bad = next((rank for rank, o in enumerate(outcomes) if o not in ("run", 0)), None)
+        if comm.is_root and isinstance(kw, dict) and bad is not None:
+            print(f"error: rank {bad}: invalid command-line flags", file=sys.stderr)
+        sys.exit(0 if bad is None else 1)
     from .engine import Engine, RunOptions
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if comm.is_root else (lambda msg: None)
     text_out = kw.pop("output") == "text"
     prompt_tokens = kw.pop("prompt_ids")
+    if prompt_tokens is not None and kw["prompt"]:
+        if comm.is_root:
+            print("error: give --prompt or --prompt-ids, not both", file=sys.stderr)
+        sys.exit(1)
     opts = RunOptions(**kw, prompt_tokens=prompt_tokens)
     emit = write_stdout if text_out and comm.is_root else None
     try:

@@ -13,7 +13,8 @@ class Sampler:
         """logits (vocab,) float32 -> token id"""
         if self.temperature <= 0.0:
             return int(np.argmax(logits))
-        z = logits.astype(np.float64) / self.temperature
+        with np.errstate(over="ignore"):  # <= 0: a tiny temperature gives -inf, not NaN
+            z = (logits.astype(np.float64) - logits.max()) / self.temperature
         candidates = np.argsort(-z, kind="stable")  # best first
         if 0 < self.top_k < len(candidates):
             candidates = candidates[:self.top_k]

@@ -287,6 +287,8 @@ def _drops_first_space(sp, tokens, types) -> bool:
 
 def from_sentencepiece_proto(model_proto: bytes) -> Tokenizer:
     """sentencepiece's own encoder (exact for BPE and unigram models alike) with our table decoder."""
+    if not model_proto:  # sentencepiece itself would log several lines before failing
+        raise UserError("not a valid sentencepiece model (the file is empty)")
     try:
         sp = spm.SentencePieceProcessor(model_proto=model_proto)
     except RuntimeError as e:

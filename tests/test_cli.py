@@ -84,6 +84,16 @@ def truncate(model, path):
     return path
 
 
+def patch_u32(model, path, key, value):
+    """A copy of `model` whose u32 metadata `key` says `value` (the bytes after the key: type u32, value u32)."""
+    data = bytearray(Path(model).read_bytes())
+    at = data.index(key.encode()) + len(key)
+    assert int.from_bytes(data[at:at + 4], "little") == 4  # GGUF type uint32
+    data[at + 4:at + 8] = value.to_bytes(4, "little")
+    path.write_bytes(bytes(data))
+    return path
+
+
 CASES = {
     "missing file": (lambda m, d: d / "nope.gguf", [], "model file not found"),
     "not gguf": (lambda m, d: write_garbage(d / "bad.gguf"), [], "is not a valid GGUF file"),
@@ -95,6 +105,16 @@ CASES = {
     "bad token id": (lambda m, d: m, ["--prompt-ids", "1,99999"], "prompt token ids must be in 0..511"),
     "bad flag value": (lambda m, d: m, ["--allreduce", "tree"], "Invalid value for '--allreduce'"),
     "no tokenizer file": (lambda m, d: m, ["--tokenizer", "/nonexistent.model"], "/nonexistent.model"),
+    "empty tokenizer": (lambda m, d: m, ["--tokenizer", "/dev/null"], "the file is empty"),
+    "a directory": (lambda m, d: d, [], "is a directory, not a GGUF file"),
+    "negative seed": (lambda m, d: m, ["--seed", "-1"], "Invalid value for '--seed'"),
+    "nan temperature": (lambda m, d: m, ["--temperature", "nan"], "nan is not a finite number"),
+    "huge ratio": (lambda m, d: m, ["--ratios", "1e100000000"], "--ratios '1e100000000': "),
+    "both prompts": (lambda m, d: m, ["--prompt", "Hi", "--prompt-ids", "1,2"], "not both"),
+    "inconsistent file": (lambda m, d: patch_u32(m, d / "ffn.gguf", "llama.feed_forward_length", 100),
+                          [], "tensor blk.0.ffn_gate.weight has shape .128, 64. but the metadata implies .100, 64."),
+    "zero kv heads": (lambda m, d: patch_u32(m, d / "kv0.gguf", "llama.attention.head_count_kv", 0),
+                      [], "head_count_kv is 0; it must be at least 1"),
     "foreign tokenizer": (lambda m, d: m, ["--tokenizer", LLAMA2_TOKENIZER], "has 32000 pieces but the model's"),
 }
 

@@ -266,6 +266,16 @@ def test_bad_input_is_one_line_error(tmp_path, spoil, message):
     assert not (tmp_path / "m.gguf").exists()
 
 
+@pytest.mark.parametrize("victim", ["m.bin", "tok.bin"])
+def test_an_output_that_is_also_an_input_is_refused_untouched(tmp_path, victim):
+    write_checkpoint(tmp_path / "m.bin")
+    write_tokenizer(tmp_path / "tok.bin", synthetic_pieces(40))
+    before = (tmp_path / victim).read_bytes()
+    code, output, _ = convert(tmp_path / "m.bin", tmp_path / "tok.bin", tmp_path / victim)
+    assert code != 0 and "is also an input" in output and output.count("\n") == 1
+    assert (tmp_path / victim).read_bytes() == before
+
+
 def test_mismatched_real_tokenizer(tmp_path, tokenizer):
     write_checkpoint(tmp_path / "m.bin")
     code, output, _ = convert(tmp_path / "m.bin", tokenizer, tmp_path / "m.gguf")

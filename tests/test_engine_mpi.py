@@ -25,9 +25,11 @@ def models():
     """Models written once by rank 0 into a directory every rank can read."""
     folder = WORLD.bcast(tempfile.mkdtemp(prefix="spmd-test-") if WORLD.rank == 0 else None)
     paths = {q: os.path.join(folder, f"tiny-{q}.gguf") for q in ("F32", "Q8_0", "Q4_0")}
+    paths["Q5_0 one kv head"] = os.path.join(folder, "tiny-q5_0-kv1.gguf")
     if WORLD.rank == 0:
-        for qtype, path in paths.items():
-            write_model(path, SHAPE, qtype=qtype, seed=7)
+        for qtype in ("F32", "Q8_0", "Q4_0"):
+            write_model(paths[qtype], SHAPE, qtype=qtype, seed=7)
+        write_model(paths["Q5_0 one kv head"], Shape(**{**SHAPE.__dict__, "n_kv_heads": 1}), qtype="Q5_0", seed=7)
     WORLD.Barrier()
     yield paths
     WORLD.Barrier()
@@ -101,7 +103,7 @@ def test_ranks_report_their_share_and_traffic(models):
 @pytest.mark.mpi
 def test_bad_ratios_fail_on_every_rank_with_one_message(models):
     from spmd.errors import UserError
-    with pytest.raises(UserError, match=f"has {WORLD.size + 1} values but the job has {WORLD.size} ranks"):
+    with pytest.raises(UserError, match=f"has {WORLD.size + 1} values but the job has {WORLD.size} ranks?$"):
         generate(WORLD, model=models["F32"], ratios=":".join(["1"] * (WORLD.size + 1)))
 
 
@@ -135,3 +137,23 @@ def test_seeded_sampling_equals_single_rank(models):
     result = generate(WORLD, ratios=UNEQUAL[WORLD.size], allreduce="ring", **kw)
     if WORLD.rank == 0:
         assert result["tokens"] == expected
+
+
+@pytest.mark.mpi
+def test_a_dequantised_type_on_ranks_that_hold_no_heads(models):
+    """Q5_0 is dequantised at load; with one KV head, every rank but one holds an empty attention slice."""
+    expected = single_rank_tokens(model=models["Q5_0 one kv head"])
+    result = generate(WORLD, model=models["Q5_0 one kv head"], ratios=UNEQUAL[WORLD.size])
+    if WORLD.rank == 0:
+        assert sum(r["share"]["heads"] == 0 for r in result["ranks"]) == WORLD.size - 1
+        assert result["tokens"] == expected
+
+
+@pytest.mark.mpi
+def test_a_rank_with_another_model_file_is_refused_at_set_up(models):
+    from spmd.errors import UserError
+    if WORLD.size == 1:
+        pytest.skip("needs a second rank")
+    path = models["F32"] if WORLD.rank != 1 else models["Q8_0"]  # same header, another file: a stale copy
+    with pytest.raises(UserError, match="rank 1 differs from rank 0 in its model file size"):
+        generate(WORLD, model=path)

@@ -10,8 +10,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def launch(tmp_path, hostfile_text, *args):
     hostfile = tmp_path / "hosts.txt"
-    hostfile.write_text(hostfile_text)
-    return subprocess.run([sys.executable, "-m", "spmd.launch", "-f", str(hostfile), "--timeout", "2", *args],
+    hostfile.write_bytes(hostfile_text.encode("utf-8", "surrogateescape"))  # lone surrogates: raw bytes
+    return subprocess.run([sys.executable, "-m", "spmd.launch", "-f", str(hostfile), *(() if "--timeout" in args else ("--timeout", "2")), *args],
                           cwd=ROOT, capture_output=True, text=True, timeout=30)
 
 
@@ -22,6 +22,8 @@ def launch(tmp_path, hostfile_text, *args):
     ("localhost slots=2\n", "line 1: 'localhost slots=2' is not HOST or HOST:SLOTS"),
     ("localhost:2   # the desktop\n", "comments go on their own lines"),
     ("# nothing\n", "names no hosts"),
+    ("foo..bar:1\n", "line 1: host 'foo..bar' does not resolve"),
+    ("\udcff\udcfe:1\n", "is not text"),
 ])
 def test_bad_hostfiles_and_hosts_are_named(tmp_path, text, message):
     p = launch(tmp_path, text, "--", "--help")
@@ -33,3 +35,8 @@ def test_a_good_hostfile_starts_the_job(tmp_path):
     p = launch(tmp_path, "# one machine\nlocalhost:2\n", "--", "--help")
     assert p.returncode == 0, p.stderr
     assert p.stdout.count("Usage: python -m spmd.run") == 1  # two ranks, rank 0 alone prints
+
+
+def test_a_timeout_that_is_not_a_finite_number_is_refused(tmp_path):
+    p = launch(tmp_path, "localhost:1\n", "--timeout", "nan")
+    assert p.returncode == 2 and "nan is not a finite number" in p.stderr

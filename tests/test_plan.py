@@ -72,6 +72,10 @@ def test_ffn_not_a_multiple_of_the_block():
     ("1:-2", 2, "must be positive"),
     ("a:b", 2, "expected numbers"),
     ("", 1, "expected numbers"),
+    ("nan", 1, "expected numbers"),
+    ("1e100000000", 1, "expected numbers|must lie between"),  # and promptly: no 100-million-digit Fraction
+    ("1e7", 1, "must lie between"),
+    ("1e-7:1", 2, "must lie between"),
 ])
 def test_bad_ratios_are_refused(text, n, message):
     with pytest.raises(UserError, match=message):

@@ -37,3 +37,7 @@ def test_seed_repeats_and_differs():
     s1, s2, s3 = Sampler(1.0, seed=3), Sampler(1.0, seed=3), Sampler(1.0, seed=4)
     run = [[s(LOGITS) for _ in range(50)] for s in (s1, s2, s3)]
     assert run[0] == run[1] != run[2]
+
+
+def test_a_tiny_temperature_is_greedy_not_nan():
+    assert Sampler(1e-320, seed=0)(LOGITS) == 0

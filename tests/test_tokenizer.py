@@ -316,5 +316,5 @@ def test_unreadable_model_file(tmp_path):
     with pytest.raises(UserError, match="bad.model: not a valid sentencepiece model"):
         load_tokenizer(sp_model_path=bad)
     bad.write_bytes(b"")
-    with pytest.raises(UserError, match="no pieces"):
+    with pytest.raises(UserError, match="the file is empty"):
         load_tokenizer(sp_model_path=bad)
