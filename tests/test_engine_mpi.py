@@ -157,3 +157,15 @@ def test_a_rank_with_another_model_file_is_refused_at_set_up(models):
     path = models["F32"] if WORLD.rank != 1 else models["Q8_0"]  # same header, another file: a stale copy
     with pytest.raises(UserError, match="rank 1 differs from rank 0 in its model file size"):
         generate(WORLD, model=path)
+
+
+@pytest.mark.mpi
+def test_random_ratios_keep_the_tokens(models):
+    """Splits drawn at random (seeded, the same on every rank), down to ranks with almost nothing."""
+    expected = single_rank_tokens(model=models["Q4_0"])
+    rng = np.random.default_rng(WORLD.size)
+    for _ in range(3):
+        ratios = ":".join(f"{r:.3f}" for r in rng.uniform(0.05, 1.0, WORLD.size))
+        result = generate(WORLD, model=models["Q4_0"], ratios=ratios, allreduce=str(rng.choice(["star", "ring"])))
+        if WORLD.rank == 0:
+            assert result["tokens"] == expected, ratios
