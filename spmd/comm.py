@@ -113,7 +113,7 @@ class Comm:
     # ---- agreement and small objects ------------------------------------------------------------------------
     def first_error(self, message):
         """Every rank's error message (or None) -> the first one, on every rank, as 'rank N: message'."""
-        errors = self.comm.allgather(message)
+        errors = self.allgather(message)
         for rank, e in enumerate(errors):
             if e is not None:
                 return e if rank == 0 else f"rank {rank}: {e}"

@@ -51,6 +51,11 @@ def agree(comm, step):
     return value
 
 
+def known_vocab(tokenizer, cfg) -> int:
+    """Ids below this are known to both the tokenizer and the model (a padded classifier has extra rows)."""
+    return min(tokenizer.vocab_size, cfg.vocab)
+
+
 def peak_rss_bytes():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
@@ -116,7 +121,7 @@ class Engine:
         if len(ids) >= self.cfg.context:
             raise UserError(f"the prompt is {len(ids)} tokens long; the model's context is {self.cfg.context}, "
                             "which leaves no room to generate")
-        vocab = min(tok.vocab_size, self.cfg.vocab)
+        vocab = known_vocab(tok, self.cfg)
         if max(ids) >= vocab or min(ids) < 0:
             raise UserError(f"prompt token ids must be in 0..{vocab - 1}")
         return tok, np.array(ids, dtype=np.int64)
@@ -152,8 +157,8 @@ class Engine:
         stats = dict(rank=self.comm.rank, host=C.host_name(), share=self.share.describe(),
                      compute_ms=round((total - sync) * 1e3, 3), sync_ms=round(sync * 1e3, 3),
                      bytes_sent=int(self.comm.bytes_sent),
-                     bytes_per_token=self._decode_bytes // max(self._decode_steps, 1), weights_bytes=int(self.model.w.nbytes),
-                     peak_rss_bytes=int(peak_rss_bytes()))
+                     bytes_per_token=self._decode_bytes // max(self._decode_steps, 1),
+                     weights_bytes=int(self.model.w.nbytes), peak_rss_bytes=int(peak_rss_bytes()))
         ranks = self.comm.gather(stats)
         if result is not None:
             result["ranks"] = ranks
@@ -177,7 +182,7 @@ class Engine:
         shown = "".join(stream.push(t) for t in self.prompt.tolist())  # so the first word keeps its space
         reading = emit(shown)
         pieces = []
-        vocab = min(self.tokenizer.vocab_size, self.cfg.vocab)  # a padded classifier's extra rows are never sampled
+        vocab = known_vocab(self.tokenizer, self.cfg)  # a padded classifier's extra rows are never sampled
 
         def sample(logits):
             return sampler(logits[:vocab])

@@ -28,7 +28,8 @@ def split_ints(_ctx, _param, text):
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
-@click.option("--model", "-m", required=True, metavar="FILE.gguf", help="GGUF model file (the same path on every host).")
+@click.option("--model", "-m", required=True, metavar="FILE.gguf",
+              help="GGUF model file (the same path on every host).")
 @click.option("--prompt", "-p", default="", show_default=True, help="Text to continue; BOS is added as the model says.")
 @click.option("--prompt-ids", default=None, metavar="IDS", callback=split_ints,
               help="Comma-separated token ids to use as the prompt instead of --prompt.")

@@ -46,7 +46,8 @@ class ShardWeights:
 
     @property
     def nbytes(self) -> int:
-        linears = [self.output] + [getattr(lw, n) for lw in self.layers for n in ("wq", "wk", "wv", "wo", "w1", "w2", "w3")]
+        names = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+        linears = [self.output] + [getattr(lw, n) for lw in self.layers for n in names]
         return sum(lin.nbytes for lin in linears)
 
 

@@ -20,7 +20,8 @@ def ssh_answers(host):
 def launch(tmp_path, hostfile_text, *args):
     hostfile = tmp_path / "hosts.txt"
     hostfile.write_bytes(hostfile_text.encode("utf-8", "surrogateescape"))  # lone surrogates: raw bytes
-    return subprocess.run([sys.executable, "-m", "spmd.launch", "-f", str(hostfile), *(() if "--timeout" in args else ("--timeout", "2")), *args],
+    timeout = () if "--timeout" in args else ("--timeout", "2")
+    return subprocess.run([sys.executable, "-m", "spmd.launch", "-f", str(hostfile), *timeout, *args],
                           cwd=ROOT, capture_output=True, text=True, timeout=30)
 
 

@@ -7,7 +7,8 @@ from ..quants import QTensor, dequantize
 class NumpyLinear:
     def __init__(self, w: QTensor):
         self.rows, self.cols = w.rows, w.cols
-        self.w = np.ascontiguousarray(dequantize(w), np.float32)  # (rows, cols); 0 rows or 0 cols when a rank holds no heads
+        # (rows, cols); 0 rows or 0 cols when a rank holds no heads
+        self.w = np.ascontiguousarray(dequantize(w), np.float32)
         self.nbytes = self.w.nbytes
 
     def __call__(self, x: np.ndarray, out: np.ndarray = None) -> np.ndarray:
