@@ -135,6 +135,13 @@ class Comm:
         node.Free()
         return n
 
+    def local_rank(self):
+        """This rank's index among the ranks on its machine (it picks the GPU of that index by default)."""
+        node = self.comm.Split_type(MPI.COMM_TYPE_SHARED)
+        r = node.Get_rank()
+        node.Free()
+        return r
+
     def barrier(self):
         self.comm.Barrier()
 

@@ -9,7 +9,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from . import comm as C
-from .backends import get_backend
+from .backends import BACKENDS, get_backend
 from .config import read_config
 from .errors import UserError
 from .gguf_file import GGUFFile
@@ -27,7 +27,8 @@ class RunOptions:
     steps: int = 64
     ratios: str = None
     allreduce: str = "star"
-    backend: str = "cpu"
+    backend: str = "cpu"  # one name for every rank, or one per rank: "cpu,vulkan,vulkan"
+    gpu: str = None  # Vulkan device index on the rank's host: one for every rank, or one per rank (None: local rank)
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
@@ -56,6 +57,26 @@ def known_vocab(tokenizer, cfg) -> int:
     return min(tokenizer.vocab_size, cfg.vocab)
 
 
+def per_rank_choice(opts, comm):
+    """This rank's backend name and GPU index from --backend/--gpu: one value for every rank, or one per rank.
+    The default GPU is the rank's index among the ranks on its host, so each gets its own device."""
+    names = [n.strip() for n in opts.backend.split(",")]
+    if len(names) not in (1, comm.size):
+        raise UserError(f"--backend {opts.backend!r} names {len(names)} backends for {comm.size} ranks: "
+                        "give one for every rank, or one per rank")
+    for n in names:
+        if n not in BACKENDS:
+            raise UserError(f"--backend {n!r}: choose one of {', '.join(BACKENDS)}")
+    if opts.gpu is None:
+        gpu = comm.local_rank()
+    else:
+        parts = [g.strip() for g in str(opts.gpu).split(",")]
+        if len(parts) not in (1, comm.size) or not all(p.isdigit() for p in parts):
+            raise UserError(f"--gpu {opts.gpu!r}: expected a device index, or one per rank, separated by commas")
+        gpu = int(parts[0] if len(parts) == 1 else parts[comm.rank])
+    return names[0 if len(names) == 1 else comm.rank], gpu
+
+
 def peak_rss_bytes():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
@@ -67,6 +88,7 @@ class Engine:
             raise UserError(f"--steps must be at least 1 (got {opts.steps})")
         if opts.allreduce not in C.ALGORITHMS:
             raise UserError(f"--allreduce {opts.allreduce!r}: choose one of {', '.join(C.ALGORITHMS)}")
+        self.backend_name, self.gpu = per_rank_choice(opts, comm)
         self.file, self.cfg, self.ratios, self.plan = agree(comm, self._read_header)
         comm.algorithm, comm.ratios = opts.allreduce, self.ratios
         self._check_same_as_rank_0()
@@ -101,7 +123,8 @@ class Engine:
         """A rank started with another model file (a stale copy on one host) or other flags would fail in the
         middle of a step: refuse at set-up, naming what differs."""
         mine = {"model (its header)": self.cfg, "model file size": os.path.getsize(self.opts.model),
-                "--ratios": self.ratios, "--allreduce": self.opts.allreduce}
+                "--ratios": self.ratios, "--allreduce": self.opts.allreduce, "--backend": self.opts.backend,
+                "--gpu": self.opts.gpu}
         everyone = self.comm.allgather(mine)
         for rank, theirs in enumerate(everyone):
             for what in mine:
@@ -127,18 +150,19 @@ class Engine:
         return tok, np.array(ids, dtype=np.int64)
 
     def _load(self):
-        backend = get_backend(self.opts.backend, threads=self.threads)
+        self.backend = backend = get_backend(self.backend_name, threads=self.threads, device=self.gpu)
         weights = load_shard(self.file, self.cfg, self.share, backend,
                              notice=self.log if self.comm.is_root else (lambda _msg: None))
         if hasattr(backend, "warmup"):
             backend.warmup()
-        return Model(self.cfg, weights, self.share, max_seq=self.max_seq)
+        make_model = getattr(backend, "make_model", Model)
+        return make_model(self.cfg, weights, self.share, self.max_seq)
 
     # ---- the step loop --------------------------------------------------------------------------------------
     def forward(self, tokens, pos):
         """Every rank: one pass; returns the full logits on rank 0 (None elsewhere)."""
         sent = self.comm.bytes_sent
-        local = self.model.forward(tokens, pos, self.comm.allreduce)
+        local = self.model.forward(tokens, pos, self.comm.allreduce if self.comm.size > 1 else None)
         logits = self.comm.gather_logits(local, self._vocab_counts, self._logits)
         if len(tokens) == 1:  # a decode step: its traffic is the per-token figure
             self._decode_steps += 1
@@ -154,7 +178,8 @@ class Engine:
         result = self._root_loop(emit) if self.comm.is_root else self._worker_loop()
         total = time.perf_counter() - t0
         sync = self.comm.sync_s - start_sync
-        stats = dict(rank=self.comm.rank, host=C.host_name(), share=self.share.describe(),
+        stats = dict(rank=self.comm.rank, host=C.host_name(), backend=getattr(self.backend, 'description', self.backend.name),
+                     share=self.share.describe(),
                      compute_ms=round((total - sync) * 1e3, 3), sync_ms=round(sync * 1e3, 3),
                      bytes_sent=int(self.comm.bytes_sent),
                      bytes_per_token=self._decode_bytes // max(self._decode_steps, 1),

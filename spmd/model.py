@@ -69,6 +69,9 @@ class Model:
     def forward(self, tokens, pos, allreduce):
         """tokens (n,) at positions pos..pos+n-1 -> this rank's logits (n_vocab_local,) for the last token."""
         n = len(tokens)
+        if allreduce is None:  # one rank: its partial sums are the sums
+            def allreduce(x):
+                return x
         buf = self._decode_buffers if n == 1 else self._buffers(n)
         x = self.w.embed(tokens)  # (n, dim) residual stream, identical on every rank
         for layer, lw in enumerate(self.w.layers):

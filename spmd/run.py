@@ -39,8 +39,12 @@ def split_ints(_ctx, _param, text):
 @click.option("--allreduce", default="star", show_default=True, type=click.Choice(["star", "ring", "mpi"]),
               help="star: reduce to rank 0 + broadcast; ring: weighted reduce-scatter + allgather; "
                    "mpi: the MPI library's Allreduce.")
-@click.option("--backend", default="cpu", show_default=True, type=click.Choice(["cpu", "numpy"]),
-              help="cpu: numba kernels on quantised weights; numpy: the readable reference.")
+@click.option("--backend", default="cpu", show_default=True, metavar="NAME[,NAME...]",
+              help="cpu: numba kernels on quantised weights; vulkan: GLSL compute shaders on a GPU (or lavapipe); "
+                   "numpy: the readable reference. One for every rank, or one per rank: cpu,vulkan,vulkan.")
+@click.option("--gpu", default=None, metavar="N[,N...]",
+              help="Vulkan device index on each rank's host, one for all or one per rank. "
+                   "Default: the rank's index among the ranks on its host.")
 @click.option("--temperature", "-t", default=0.0, show_default=True, type=click.FloatRange(min=0),
               callback=finite, help="0 is greedy.")
 @click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0), help="0 keeps all tokens.")

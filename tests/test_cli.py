@@ -53,7 +53,7 @@ def test_help_documents_every_flag():
     p = run(["--help"])
     assert p.returncode == 0
     for flag in ("--model", "--prompt", "--prompt-ids", "--steps", "--ratios", "--allreduce", "--backend",
-                 "--temperature", "--top-k", "--top-p", "--seed", "--tokenizer", "--output"):
+                 "--gpu", "--temperature", "--top-k", "--top-p", "--seed", "--tokenizer", "--output"):
         assert flag in p.stdout
 
 
@@ -104,6 +104,9 @@ CASES = {
     "long prompt": (lambda m, d: m, ["--prompt", "word " * 60], "the model's context is 32"),
     "bad token id": (lambda m, d: m, ["--prompt-ids", "1,99999"], "prompt token ids must be in 0..511"),
     "bad flag value": (lambda m, d: m, ["--allreduce", "tree"], "Invalid value for '--allreduce'"),
+    "unknown backend": (lambda m, d: m, ["--backend", "cpu,tpu"], "--backend|'tpu'"),
+    "backend count": (lambda m, d: m, ["--backend", "cpu,cpu,cpu,cpu,cpu"], "names 5 backends for"),
+    "bad gpu": (lambda m, d: m, ["--gpu", "first"], "--gpu 'first': expected a device index"),
     "no tokenizer file": (lambda m, d: m, ["--tokenizer", "/nonexistent.model"], "/nonexistent.model"),
     "empty tokenizer": (lambda m, d: m, ["--tokenizer", "/dev/null"], "the file is empty"),
     "a directory": (lambda m, d: d, [], "is a directory, not a GGUF file"),

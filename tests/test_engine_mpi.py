@@ -73,6 +73,16 @@ def test_numpy_reference_backend_equals_cpu_backend(models):
 
 
 @pytest.mark.mpi
+def test_each_rank_its_own_backend(models):
+    expected = single_rank_tokens(model=models["Q8_0"])
+    backends = ",".join("numpy" if r % 2 else "cpu" for r in range(WORLD.size))
+    result = generate(WORLD, model=models["Q8_0"], backend=backends, ratios=UNEQUAL[WORLD.size])
+    if WORLD.rank == 0:
+        assert result["tokens"] == expected
+        assert [r["backend"].split()[0] for r in result["ranks"]] == backends.split(",")
+
+
+@pytest.mark.mpi
 def test_ranks_report_their_share_and_traffic(models):
     result = generate(WORLD, model=models["Q4_0"], ratios=UNEQUAL[WORLD.size], allreduce="ring")
     if WORLD.rank == 0:

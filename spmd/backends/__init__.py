@@ -8,10 +8,10 @@
 """
 from ..errors import UserError
 
-BACKENDS = ("numpy", "cpu")
+BACKENDS = ("numpy", "cpu", "vulkan")
 
 
-def get_backend(name: str, threads: int = None):
+def get_backend(name: str, threads: int = None, device: int = None):
     if name == "numpy":
         from .numpy_ref import NumpyBackend
         return NumpyBackend()
