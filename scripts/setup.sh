@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set-up on a fresh Debian/Ubuntu machine with Python 3.11: a virtual environment in .venv with the package,
-# MPI (the `mpich` wheel: mpirun lands in .venv/bin) and the test tools. Safe to run again.
+# MPI (the `mpich` wheel: mpirun lands in .venv/bin), the test and benchmark tools, and the Vulkan loader with
+# Mesa's lavapipe (Vulkan on the CPU, so the Vulkan backend runs and is tested on any machine). Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -10,7 +11,11 @@ if ! "$PYTHON" -c "import venv, ensurepip" 2>/dev/null; then
     echo "setup: installing python3-venv (Debian splits venv out of python3)"
     $SUDO apt-get update -qq && $SUDO apt-get install -y -qq python3-venv
 fi
+if ! ls /usr/lib/*/libvulkan.so.1 >/dev/null 2>&1 || ! ls /usr/share/vulkan/icd.d/lvp_icd*.json >/dev/null 2>&1; then
+    echo "setup: installing the Vulkan loader and Mesa's lavapipe (libvulkan1 mesa-vulkan-drivers)"
+    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq libvulkan1 mesa-vulkan-drivers
+fi
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e '.[test]'
+.venv/bin/python -m pip install -q -e '.[test,bench]'
 echo "setup: done. Activate with 'source .venv/bin/activate' (puts python and mpirun on PATH)."
