@@ -3,45 +3,97 @@ llama-cpp-python on the same file when it is installed, all in one run so the ra
 
     python scripts/bench_decode.py [--qtype Q4_0] [--steps 48] [--prompt-len 64] [--ranks 1,2] [--json out.json]
 
-Weight-read bandwidth is the bytes of weights one decode step reads (every matrix once) divided by its time."""
+Weight-read bandwidth is the bytes of weights one decode step reads (every matrix once) divided by its time.
+
+It also holds the pieces the other benchmarks share (scripts/bench_scaling.py, scripts/bench_allreduce.py): how to
+start a job under mpirun (locally, from a hostfile, or over scripts/netsim.sh's simulated hosts), one run of
+`python -m spmd.run --output json`, one llama.cpp run, and writing a PNG. llama-cpp-python is often installed for
+another Python than the project's: the llama.cpp run happens in a child process of whichever Python imports it
+(this file's `--llama-cpp-worker` mode, which needs only numpy and llama_cpp there)."""
 import json
 import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-import click
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
+NETSIM = ROOT / "scripts" / "netsim.sh"
+NETSIM_MARK = "# netsim:"  # first line of the hostfile that scripts/netsim.sh up writes
 sys.path.insert(0, str(ROOT))
-from spmd.synth import TINYLLAMA, write_model  # noqa: E402
 
 
-def run_spmd(model, ranks, steps, prompt_ids, allreduce, ratios=None):
-    cmd = [sys.executable, "-m", "spmd.run", "--model", model, "--steps", str(steps), "--output", "json",
-           "--allreduce", allreduce, "--prompt-ids", ",".join(map(str, prompt_ids))]
+# ---- launching ----------------------------------------------------------------------------------------------
+def is_netsim(hostfile):
+    return hostfile is not None and Path(hostfile).read_text().startswith(NETSIM_MARK)
+
+
+def where(hostfile):
+    """A few words on where the ranks run: the simulated hosts with their link cap, a hostfile, or here."""
+    if is_netsim(hostfile):
+        first = Path(hostfile).read_text().splitlines()[0]  # "# netsim: written by scripts/netsim.sh up 3 --rate ..."
+        return "simulated hosts (netsim " + first.split("netsim.sh ", 1)[-1].split(";")[0] + ")"
+    return f"hostfile {hostfile}" if hostfile else "one machine"
+
+
+def mpi_prefix(ranks, hostfile=None):
+    """The command that starts `ranks` processes: nothing for one local rank, mpirun next to this Python (the
+    set-up's), or scripts/netsim.sh run when the hostfile is the simulated hosts' (one rank per namespace)."""
+    if is_netsim(hostfile):
+        return [str(NETSIM), "run", "--", "-n", str(ranks)]
+    if ranks == 1 and hostfile is None:
+        return []
+    mpirun = Path(sys.executable).parent / "mpirun"
+    mpirun = str(mpirun) if mpirun.exists() else shutil.which("mpirun")
+    if mpirun is None:
+        raise SystemExit("mpirun not found: run scripts/setup.sh, or put an MPI's mpirun on PATH")
+    return [mpirun] + (["-f", str(hostfile)] if hostfile else []) + ["-n", str(ranks)]
+
+
+def run_spmd(model, ranks, steps, prompt_ids, allreduce="star", ratios=None, hostfile=None, env=None):
+    """One `python -m spmd.run --output json` under mpirun: its JSON result."""
+    cmd = mpi_prefix(ranks, hostfile) + [
+        sys.executable, "-m", "spmd.run", "--model", str(model), "--steps", str(steps), "--output", "json",
+        "--allreduce", allreduce, "--prompt-ids", ",".join(map(str, prompt_ids))]
     if ratios:
         cmd += ["--ratios", ratios]
-    if ranks > 1:
-        cmd = [shutil.which("mpirun"), "-n", str(ranks)] + cmd
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, **(env or {})})
     if p.returncode != 0:
-        raise SystemExit(f"spmd run failed:\n{p.stderr[-2000:]}")
+        raise SystemExit(f"spmd run failed ({' '.join(cmd[:8])} ...):\n{p.stderr[-2000:]}")
     return json.loads(p.stdout)
 
 
-def run_llama_cpp(model, steps, prompt_ids):
-    try:
-        from llama_cpp import Llama
-    except ImportError:
-        return None
+def parse_run(text):
+    """'3' -> (3 ranks, equal shares); '2:3:3' -> (3 ranks, those ratios)."""
+    return (len(text.split(":")), text) if ":" in text else (int(text), None)
+
+
+# ---- llama.cpp ----------------------------------------------------------------------------------------------
+def llama_cpp_python():
+    """A Python that imports llama_cpp: this one, $LLAMA_CPP_PYTHON, or python3 on PATH; None if there is none."""
+    candidates = [sys.executable, os.environ.get("LLAMA_CPP_PYTHON"), shutil.which("python3"), "/usr/bin/python3"]
+    for py in dict.fromkeys(c for c in candidates if c):
+        if subprocess.run([py, "-c", "import llama_cpp, numpy"], capture_output=True).returncode == 0:
+            return py
+    return None
+
+
+def run_llama_cpp(model, steps, prompt_ids, python):
+    """Greedy generation through llama-cpp-python in a child `python`: prompt and decode tokens/s, its tokens."""
+    job = json.dumps(dict(model=str(model), steps=steps, prompt_ids=list(prompt_ids)))
+    p = subprocess.run([python, __file__, "--llama-cpp-worker"], input=job, capture_output=True, text=True)
+    if p.returncode != 0:
+        raise SystemExit(f"llama.cpp run failed:\n{p.stderr[-2000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def llama_cpp_worker(model, steps, prompt_ids):
+    import numpy as np
+    from llama_cpp import Llama
     llm = Llama(model_path=model, n_ctx=len(prompt_ids) + steps + 8, n_threads=os.cpu_count(), n_batch=512,
                 verbose=False)
-    logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))  # the last token's
+    logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))  # the last token's (0.3.x)
 
     def greedy(ids):
         llm.eval(ids)
@@ -53,8 +105,23 @@ def run_llama_cpp(model, steps, prompt_ids):
     for _ in range(steps - 1):
         tokens.append(greedy([tokens[-1]]))
     decode = time.perf_counter() - t1
+    import llama_cpp
     return dict(prompt_tokens_per_s=len(prompt_ids) / prefill, decode_tokens_per_s=(steps - 1) / decode,
-                ms_per_token=decode * 1e3 / (steps - 1), tokens=tokens)
+                ms_per_token=decode * 1e3 / (steps - 1), tokens=tokens, version=llama_cpp.__version__)
+
+
+# ---- models and plots ---------------------------------------------------------------------------------------
+def random_prompt(length, vocab=32000):
+    """BOS (1) and random ids from 3 up (past the llama vocabulary's specials)."""
+    import numpy as np
+    return [1] + [int(x) for x in np.random.default_rng(0).integers(3, vocab, length - 1)]
+
+
+def write_random_model(path, shape, qtype):
+    from spmd.synth import write_model
+    t = time.perf_counter()
+    write_model(path, shape, qtype=qtype, seed=0)
+    print(f"wrote {path} ({os.path.getsize(path) / 1e6:.0f} MB) in {time.perf_counter() - t:.1f} s", flush=True)
 
 
 def matrix_bytes(model):
@@ -63,60 +130,91 @@ def matrix_bytes(model):
     return sum(t.nbytes for t in f.tensors.values() if len(t.shape) == 2 and t.name != "token_embd.weight")
 
 
-@click.command()
-@click.option("--qtype", default="Q4_0", type=click.Choice(["Q4_0", "Q8_0", "F16", "F32"]))
-@click.option("--steps", default=48, show_default=True)
-@click.option("--prompt-len", default=64, show_default=True)
-@click.option("--ranks", default="1,2", show_default=True,
-              help="Runs, comma-separated: a rank count (equal shares) or ratios such as 1:3.")
-@click.option("--allreduce", default="star", show_default=True)
-@click.option("--model", default=None, help="Use this GGUF instead of writing a random TinyLlama-shaped one.")
-@click.option("--json", "json_out", default=None, help="Also write the results here.")
-def main(qtype, steps, prompt_len, ranks, allreduce, model, json_out):
-    tmp = None
-    if model is None:
-        tmp = tempfile.mkdtemp(prefix="spmd-bench-")
-        model = os.path.join(tmp, f"tinyllama-random-{qtype}.gguf")
-        t = time.perf_counter()
-        write_model(model, TINYLLAMA, qtype=qtype, seed=0)
-        print(f"wrote {model} ({os.path.getsize(model) / 1e6:.0f} MB) in {time.perf_counter() - t:.1f} s")
-    weight_bytes = matrix_bytes(model)
-    prompt = [1] + [int(x) for x in np.random.default_rng(0).integers(3, 32000, prompt_len - 1)]
-    rows = []
-    for run in ranks.split(","):
-        n, ratios = (len(run.split(":")), run) if ":" in run else (int(run), None)
-        r = run_spmd(model, n, steps, prompt, allreduce, ratios)
-        rss = "/".join(f"{x['peak_rss_bytes'] / 2**20:.0f}" for x in r["ranks"])
-        held = "/".join(f"{x['weights_bytes'] / 2**20:.0f}" for x in r["ranks"])
-        rows.append(dict(name=f"spmd {n} rank{'s' if n > 1 else ''}" + (f" {ratios}" if ratios else ""), ranks=n,
-                         prompt_tokens_per_s=r["prompt_tokens_per_s"], decode_tokens_per_s=r["decode_tokens_per_s"],
-                         ms_per_token=r["ms_per_token"], rss_mib=rss, weights_mib=held, tokens=r["tokens"]))
-    lc = run_llama_cpp(model, steps, prompt)
-    if lc is not None:
-        rows.append(dict(name="llama-cpp-python", ranks=1, rss_mib="-", weights_mib="-", **lc))
-    base = rows[0]["decode_tokens_per_s"]
-    print(f"\nmodel: TinyLlama-1.1B shape, {qtype}, {weight_bytes / 1e6:.0f} MB of matrices; prompt {prompt_len}, "
-          f"{steps} steps, allreduce {allreduce}")
-    print(f"{'run':<22}{'prompt tok/s':>13}{'decode tok/s':>13}{'ms/token':>10}{'GB/s':>7}{'vs first':>9}"
-          f"{'weights MiB':>13}{'peak RSS MiB':>14}")
-    for r in rows:
-        gbs = weight_bytes * r["decode_tokens_per_s"] / 1e9
-        print(f"{r['name']:<22}{r['prompt_tokens_per_s']:>13.1f}{r['decode_tokens_per_s']:>13.2f}"
-              f"{r['ms_per_token']:>10.1f}{gbs:>7.1f}{r['decode_tokens_per_s'] / base:>9.2f}{r['weights_mib']:>13}"
-              f"{r['rss_mib']:>14}")
-    if lc is not None:
-        print(f"spmd 1 rank / llama.cpp decode: {base / lc['decode_tokens_per_s']:.2f}, "
-              f"prompt: {rows[0]['prompt_tokens_per_s'] / lc['prompt_tokens_per_s']:.2f}")
-    same = all(r["tokens"] == rows[0]["tokens"] for r in rows if r["name"].startswith("spmd"))
-    print(f"greedy tokens identical across spmd runs: {same}   (per-rank figures are rank 0/rank 1/...)")
-    if lc is not None:
-        agree = next((i for i, (a, b) in enumerate(zip(rows[0]["tokens"], lc["tokens"])) if a != b), steps)
-        print(f"llama.cpp's greedy tokens equal ours for the first {agree} of {steps}")
-    if json_out:
-        Path(json_out).write_text(json.dumps(dict(qtype=qtype, weight_bytes=weight_bytes, rows=rows), indent=1))
-    if tmp:
-        shutil.rmtree(tmp)
+def save_png(path, draw):
+    """draw(plt) makes the figure; written to `path`. Without matplotlib, a note instead of a PNG."""
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"no PNG ({path}): matplotlib is not installed (pip install matplotlib)")
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    draw(plt)
+    plt.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close("all")
+    print(f"wrote {path}")
+    return path
+
+
+# ---- this script's own benchmark ----------------------------------------------------------------------------
+def main():
+    import tempfile
+
+    import click
+    from spmd.synth import TINYLLAMA
+
+    @click.command()
+    @click.option("--qtype", default="Q4_0", type=click.Choice(["Q4_0", "Q8_0", "F16", "F32"]))
+    @click.option("--steps", default=48, show_default=True)
+    @click.option("--prompt-len", default=64, show_default=True)
+    @click.option("--ranks", default="1,2", show_default=True,
+                  help="Runs, comma-separated: a rank count (equal shares) or ratios such as 1:3.")
+    @click.option("--allreduce", default="star", show_default=True)
+    @click.option("--model", default=None, help="Use this GGUF instead of writing a random TinyLlama-shaped one.")
+    @click.option("--json", "json_out", default=None, help="Also write the results here.")
+    def cli(qtype, steps, prompt_len, ranks, allreduce, model, json_out):
+        tmp = None
+        if model is None:
+            tmp = tempfile.mkdtemp(prefix="spmd-bench-")
+            model = os.path.join(tmp, f"tinyllama-random-{qtype}.gguf")
+            write_random_model(model, TINYLLAMA, qtype)
+        weight_bytes = matrix_bytes(model)
+        prompt = random_prompt(prompt_len)
+        rows = []
+        for run in ranks.split(","):
+            n, ratios = parse_run(run)
+            r = run_spmd(model, n, steps, prompt, allreduce, ratios)
+            rss = "/".join(f"{x['peak_rss_bytes'] / 2**20:.0f}" for x in r["ranks"])
+            held = "/".join(f"{x['weights_bytes'] / 2**20:.0f}" for x in r["ranks"])
+            rows.append(dict(name=f"spmd {n} rank{'s' if n > 1 else ''}" + (f" {ratios}" if ratios else ""),
+                             ranks=n, prompt_tokens_per_s=r["prompt_tokens_per_s"],
+                             decode_tokens_per_s=r["decode_tokens_per_s"], ms_per_token=r["ms_per_token"],
+                             rss_mib=rss, weights_mib=held, tokens=r["tokens"]))
+        py = llama_cpp_python()
+        lc = run_llama_cpp(model, steps, prompt, py) if py else None
+        if lc is not None:
+            rows.append(dict(name="llama-cpp-python", ranks=1, rss_mib="-", weights_mib="-", **lc))
+        base = rows[0]["decode_tokens_per_s"]
+        print(f"\nmodel: {Path(model).name}, {weight_bytes / 1e6:.0f} MB of matrices; prompt {prompt_len}, "
+              f"{steps} steps, allreduce {allreduce}")
+        print(f"{'run':<22}{'prompt tok/s':>13}{'decode tok/s':>13}{'ms/token':>10}{'GB/s':>7}{'vs first':>9}"
+              f"{'weights MiB':>13}{'peak RSS MiB':>14}")
+        for r in rows:
+            gbs = weight_bytes * r["decode_tokens_per_s"] / 1e9
+            print(f"{r['name']:<22}{r['prompt_tokens_per_s']:>13.1f}{r['decode_tokens_per_s']:>13.2f}"
+                  f"{r['ms_per_token']:>10.1f}{gbs:>7.1f}{r['decode_tokens_per_s'] / base:>9.2f}"
+                  f"{r['weights_mib']:>13}{r['rss_mib']:>14}")
+        if lc is None:
+            print("llama.cpp: not run (no Python here imports llama_cpp; set LLAMA_CPP_PYTHON or "
+                  "pip install llama-cpp-python)")
+        else:
+            print(f"spmd 1 rank / llama.cpp decode: {base / lc['decode_tokens_per_s']:.2f}, "
+                  f"prompt: {rows[0]['prompt_tokens_per_s'] / lc['prompt_tokens_per_s']:.2f}")
+        same = all(r["tokens"] == rows[0]["tokens"] for r in rows if r["name"].startswith("spmd"))
+        print(f"greedy tokens identical across spmd runs: {same}   (per-rank figures are rank 0/rank 1/...)")
+        if lc is not None:
+            agree = next((i for i, (a, b) in enumerate(zip(rows[0]["tokens"], lc["tokens"])) if a != b), steps)
+            print(f"llama.cpp's greedy tokens equal ours for the first {agree} of {steps}")
+        if json_out:
+            Path(json_out).write_text(json.dumps(dict(qtype=qtype, weight_bytes=weight_bytes, rows=rows), indent=1))
+        if tmp:
+            shutil.rmtree(tmp)
+
+    cli()
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:] == ["--llama-cpp-worker"]:
+        print(json.dumps(llama_cpp_worker(**json.load(sys.stdin))))
+    else:
+        main()
