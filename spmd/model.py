@@ -67,7 +67,8 @@ class Model:
         )
 
     def forward(self, tokens, pos, allreduce):
-        """tokens (n,) at positions pos..pos+n-1 -> this rank's logits (n_vocab_local,) for the last token."""
+        """tokens (n,) at positions pos..pos+n-1 -> this rank's logits (n_vocab_local,) for the last token.
+        allreduce: sums a float32 array over the ranks in place and returns it; None when the job has one rank."""
         n = len(tokens)
         if allreduce is None:  # one rank: its partial sums are the sums
             def allreduce(x):
@@ -79,6 +80,18 @@ class Model:
             x += allreduce(self._ffn(lw, rmsnorm(x, lw.ffn_norm, self.cfg.norm_eps), buf))
         last = rmsnorm(x[-1:], self.w.output_norm, self.cfg.norm_eps)  # (1, dim)
         return self.w.output(last, out=buf["logits"])[0]
+
+    def read_cache(self, T):
+        """-> (k, v), each float32 (n_layers, n_kv_local, T, head_dim): positions 0..T-1 of the local cache."""
+        return self.cache.k[:, :, :T].copy(), self.cache.v[:, :, :T].copy()
+
+    def write_cache(self, k, v):
+        """Fill positions 0..k.shape[2]-1 from arrays shaped as read_cache gives them."""
+        self.cache.k[:, :, :k.shape[2]] = k
+        self.cache.v[:, :, :v.shape[2]] = v
+
+    def close(self):
+        """Nothing to free: the arrays go with the object (the Vulkan model frees device memory here)."""
 
     def _attention(self, layer, lw, xn, pos, buf):
         """xn (n, dim) -> (n, dim) this rank's partial sum of the attention output."""

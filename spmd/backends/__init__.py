@@ -1,10 +1,14 @@
 """Backends: where a rank's matrix products run. The model code calls exactly this interface:
 
-    backend = get_backend(name, threads) # "numpy" (readable reference) or "cpu" (fast numba kernels);
-                                         # threads: cores this rank may use (None: all)
+    backend = get_backend(name, threads, device) # "numpy" (readable reference), "cpu" (fast numba kernels) or
+                                         # "vulkan" (GPU kernels); threads: cores this rank may use (None: all);
+                                         # device: the Vulkan device index on this host (None: 0)
+    backend.description                  # e.g. "cpu (numba, 2 threads)", "vulkan (NVIDIA H100 80GB HBM3)"
     lin = backend.linear(w)              # w: QTensor (rows, cols), ownership passes; may be repacked
     lin.rows, lin.cols, lin.nbytes       # nbytes: resident bytes of the weights as kept
     y = lin(x, out=None)                 # x: float32 (n, cols) -> float32 (n, rows) = x @ W.T, into `out` if given
+    backend.make_model(cfg, weights, share, max_seq)   # optional: a model object of the backend's own (Vulkan);
+                                         # without it the engine builds spmd.model.Model
 """
 from ..errors import UserError
 
@@ -18,4 +22,7 @@ def get_backend(name: str, threads: int = None, device: int = None):
     if name == "cpu":
         from .cpu import CpuBackend
         return CpuBackend(threads)
+    if name == "vulkan":
+        from .vulkan import VulkanBackend
+        return VulkanBackend(device)
     raise UserError(f"unknown backend {name!r} (choose one of: {', '.join(BACKENDS)})")

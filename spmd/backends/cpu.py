@@ -384,6 +384,7 @@ class CpuBackend:
         self.threads = min(threads or numba.config.NUMBA_NUM_THREADS, numba.config.NUMBA_NUM_THREADS)
         if self.threads > 1:
             numba.set_num_threads(self.threads)
+        self.description = f"cpu (numba, {self.threads} thread{'s' * (self.threads != 1)})"
 
     def linear(self, w: QTensor) -> CpuLinear:
         return CpuLinear(w, self.threads)

@@ -20,6 +20,7 @@ class NumpyLinear:
 
 class NumpyBackend:
     name = "numpy"
+    description = "numpy (reference)"
 
     def linear(self, w: QTensor) -> NumpyLinear:
         return NumpyLinear(w)

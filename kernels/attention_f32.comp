@@ -1,0 +1,150 @@
+#version 450
+// Attention of one query head for one token, f32 throughout, with RoPE and the KV-cache store fused in.
+// Workgroup (h, i): query head h of this rank, token i of the pass (position pos + i). It rotates its query,
+// scores keys 0..pos+i causally, and sums the values with a running (online) softmax in chunks of CH keys.
+// Keys and values at positions < pos come from the cache; those of this pass (>= pos) straight from the qkv
+// buffer (keys rotated on the fly), so the first query head of each KV head can store token i's rotated key and
+// value at position pos + i in the same dispatch: no workgroup reads those cache slots here.
+// pos is read from a small host-written buffer, so a recorded command buffer serves every decode step.
+#extension GL_GOOGLE_include_directive : require
+#include "common.glsl"
+layout(constant_id = 1) const uint HD = 64;  // head_dim
+layout(constant_id = 2) const uint KS = 1;   // key splits of the value sum: max(1, WG / (HD / 4))
+layout(constant_id = 3) const uint E = 1;    // (4 dims, split) pairs per thread: ceil(HD / 4 * KS / WG)
+const uint H4 = HD / 4;                      // head_dim is a multiple of 4: the cache is read as vec4
+const uint CH = 256;                         // keys per chunk
+
+layout(push_constant) uniform Push {
+    uint group;       // query heads per KV head
+    uint qkv_stride;  // floats between tokens of qkv: [q (heads * HD) | k (kv * HD) | v (kv * HD) | padding]
+    uint k_off;       // float offset of k within a token
+    uint v_off;       // float offset of v within a token
+    uint o_stride;    // floats between tokens of the output (heads * HD, padded)
+    uint max_seq;     // positions in the cache
+    uint rope_dim;    // leading dims of a head that are rotated
+    uint neox;        // 1: pairs (i, i + rope_dim/2); 0: pairs (2i, 2i + 1)
+    float scale;      // 1 / sqrt(head_dim)
+} p;
+layout(std430, binding = 0) readonly buffer Params { uint pos; } params;
+layout(std430, binding = 1) readonly buffer Qkv { float qkv[]; };
+layout(std430, binding = 2) readonly buffer RopeT { float rope[]; };  // cos (max_seq, rope_dim/2), then sin
+layout(std430, binding = 3) buffer KCache { vec4 kc[]; };             // this layer's keys (kv, max_seq, HD)
+layout(std430, binding = 4) buffer VCache { vec4 vc[]; };
+layout(std430, binding = 5) writeonly buffer Out { float o[]; };
+
+shared float red_scratch[gl_WorkGroupSize.x];
+#include "reduce.glsl"
+shared float s[CH];
+shared float qs[HD];
+shared float kn[HD];
+shared vec4 comb[H4 * KS];
+
+float rotated(uint base, uint d, uint position) {
+    // element d of the head that starts at qkv[base], rotated for `position`
+    if (d >= p.rope_dim) return qkv[base + d];
+    uint half_ = p.rope_dim / 2u;
+    bool first;
+    uint i, ia, ib;
+    if (p.neox != 0u) {
+        first = d < half_;
+        i = first ? d : d - half_;
+        ia = i;
+        ib = i + half_;
+    } else {
+        first = (d & 1u) == 0u;
+        i = d >> 1;
+        ia = 2u * i;
+        ib = ia + 1u;
+    }
+    float c = rope[position * half_ + i], sn = rope[(p.max_seq + position) * half_ + i];
+    float xa = qkv[base + ia], xb = qkv[base + ib];
+    return first ? xa * c - xb * sn : xa * sn + xb * c;
+}
+
+vec4 value(uint tok, uint kvh, uint d4) {  // token tok of this pass, from the qkv buffer
+    uint at = tok * p.qkv_stride + p.v_off + kvh * HD + 4 * d4;
+    return vec4(qkv[at], qkv[at + 1], qkv[at + 2], qkv[at + 3]);
+}
+
+void main() {
+    uint WG = gl_WorkGroupSize.x;
+    uint h = gl_WorkGroupID.x, i = gl_WorkGroupID.y, tid = gl_LocalInvocationID.x;
+    uint kvh = h / p.group;
+    uint pos = params.pos, T = pos + i + 1u;
+    uint kbase = i * p.qkv_stride + p.k_off + kvh * HD;  // this token's key, rotated once into shared memory
+    for (uint d = tid; d < HD; d += WG) {
+        qs[d] = rotated(i * p.qkv_stride + h * HD, d, pos + i);
+        kn[d] = rotated(kbase, d, pos + i);
+    }
+    barrier();
+    if (h % p.group == 0u) {
+        for (uint d4 = tid; d4 < H4; d4 += WG) {
+            uint c = (kvh * p.max_seq + pos + i) * H4 + d4;
+            kc[c] = vec4(kn[4 * d4], kn[4 * d4 + 1], kn[4 * d4 + 2], kn[4 * d4 + 3]);
+            vc[c] = value(i, kvh, d4);
+        }
+    }
+    float m = -1e30, l = 0.0;
+    vec4 acc[E];
+    for (uint k = 0; k < E; k++) acc[k] = vec4(0.0);
+    for (uint c0 = 0; c0 < T; c0 += CH) {
+        uint cn = min(CH, T - c0);
+        float lmax = -1e30;
+        for (uint j = tid; j < cn; j += WG) {
+            uint t = c0 + j;
+            float sc = 0.0;
+            if (t < pos) {
+                uint kb = (kvh * p.max_seq + t) * H4;
+                for (uint d4 = 0; d4 < H4; d4++)
+                    sc += dot(vec4(qs[4 * d4], qs[4 * d4 + 1], qs[4 * d4 + 2], qs[4 * d4 + 3]), kc[kb + d4]);
+            } else if (t == pos + i) {
+                for (uint d = 0; d < HD; d++) sc += qs[d] * kn[d];
+            } else {  // an earlier token of this pass (prompts): rotated here
+                uint kb = (t - pos) * p.qkv_stride + p.k_off + kvh * HD;
+                for (uint d = 0; d < HD; d++) sc += qs[d] * rotated(kb, d, t);
+            }
+            sc *= p.scale;
+            s[j] = sc;
+            lmax = max(lmax, sc);
+        }
+        float mnew = max(m, wg_max(lmax));
+        float alpha = exp(m - mnew);
+        float lsum = 0.0;
+        for (uint j = tid; j < cn; j += WG) {
+            float e = exp(s[j] - mnew);
+            s[j] = e;
+            lsum += e;
+        }
+        l = l * alpha + wg_sum(lsum);
+        for (uint k = 0; k < E; k++) {
+            uint e = tid + k * WG;
+            if (e >= H4 * KS) break;
+            uint d4 = e % H4, ks = e / H4;
+            vec4 sum = acc[k] * alpha;
+            uint j = ks, base = kvh * p.max_seq * H4 + d4;
+            for (; j + 3u * KS < cn && c0 + j + 3u * KS < pos; j += 4u * KS) {  // 4 independent loads in flight
+                uint t = c0 + j;
+                vec4 v0 = vc[base + t * H4], v1 = vc[base + (t + KS) * H4];
+                vec4 v2 = vc[base + (t + 2u * KS) * H4], v3 = vc[base + (t + 3u * KS) * H4];
+                sum += s[j] * v0 + s[j + KS] * v1 + s[j + 2u * KS] * v2 + s[j + 3u * KS] * v3;
+            }
+            for (; j < cn; j += KS) {
+                uint t = c0 + j;
+                sum += s[j] * (t < pos ? vc[base + t * H4] : value(t - pos, kvh, d4));
+            }
+            acc[k] = sum;
+        }
+        m = mnew;
+        barrier();
+    }
+    for (uint k = 0; k < E; k++) {
+        uint e = tid + k * WG;
+        if (e < H4 * KS) comb[e] = acc[k];
+    }
+    barrier();
+    for (uint d = tid; d < HD; d += WG) {
+        float sum = 0.0;
+        for (uint ks = 0; ks < KS; ks++) sum += comb[ks * H4 + d / 4][d % 4];
+        o[i * p.o_stride + h * HD + d] = sum / l;
+    }
+}

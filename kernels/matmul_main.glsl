@@ -1,0 +1,96 @@
+// The body of every matrix product. Thread tid of the workgroup takes blocks tid, tid + WG, ... of its NW rows,
+// keeps NW x NT partial sums, and the workgroup adds them up with subgroupAdd and shared memory across subgroups
+// (no subgroup size assumed).
+const uint NV = NW * NT;  // values reduced per thread
+shared float red[NV * gl_WorkGroupSize.x];
+shared float red_scratch[gl_WorkGroupSize.x];
+#include "reduce.glsl"
+
+void main() {
+    uint g = gl_WorkGroupID.z * gl_NumWorkGroups.x + gl_WorkGroupID.x;
+    if (g >= p.groups) return;  // the whole workgroup: before any barrier
+    uint tid = gl_LocalInvocationID.x;
+    uint row0 = g * NR, tok0 = gl_WorkGroupID.y * NT;
+    float acc[NV];
+    [[unroll]] for (uint i = 0; i < NV; i++) acc[i] = 0.0;
+    uint xbase[NT];
+    [[unroll]] for (uint t = 0; t < NT; t++) xbase[t] = (p.x_off + min(tok0 + t, p.n - 1) * p.x_stride) / 4;
+
+    // Each thread loads UB blocks of every row before using any (more loads in flight); a block past the end of
+    // the row is read at the last block and counted with weight 0.
+    for (uint b0 = tid; b0 < p.nb; b0 += UB * gl_WorkGroupSize.x) {
+        Raw raw[UB * NW];
+        float sc[UB * NW];
+        uint bs[UB];
+        [[unroll]] for (uint u = 0; u < UB; u++) {
+            uint b = b0 + u * gl_WorkGroupSize.x;
+            float live = b < p.nb ? 1.0 : 0.0;
+            bs[u] = min(b, p.nb - 1);
+            [[unroll]] for (uint r = 0; r < NW; r++) {
+                uint blk = min(row0 + r % NR, p.rows - 1) * p.nb + bs[u];  // rows past the end repeat the last
+                uvec4 q[UV];
+                if (r < NR) {
+                    [[unroll]] for (uint i = 0; i < UV; i++) q[i] = w[UV * blk + i];
+                    sc[u * NW + r] = live * (QUANT != 0 ? block_scale(d[blk >> 1], blk) : 1.0);
+                } else {
+                    [[unroll]] for (uint i = 0; i < UV; i++) q[i] = w2[UV * blk + i];
+                    sc[u * NW + r] = live * (QUANT != 0 ? block_scale(d2[blk >> 1], blk) : 1.0);
+                }
+                raw[u * NW + r] = make_raw(q);
+            }
+        }
+        [[unroll]] for (uint u = 0; u < UB; u++) {
+            float part[NV];
+            [[unroll]] for (uint i = 0; i < NV; i++) part[i] = 0.0;
+            [[unroll]] for (uint j = 0; j < 8; j++) {
+                vec4 wv[NW];
+                [[unroll]] for (uint r = 0; r < NW; r++) wv[r] = deq(raw[u * NW + r], j);
+                [[unroll]] for (uint t = 0; t < NT; t++) {
+                    vec4 xv = x[xbase[t] + bs[u] * 8 + j];
+                    [[unroll]] for (uint r = 0; r < NW; r++) part[r * NT + t] += dot(wv[r], xv);
+                }
+            }
+            [[unroll]] for (uint i = 0; i < NV; i++) acc[i] += sc[u * NW + i / NT] * part[i];
+        }
+    }
+
+    uint nsg = gl_NumSubgroups;
+    [[unroll]] for (uint v = 0; v < NV; v++) {
+        float s = subgroupAdd(acc[v]);
+        if (subgroupElect()) red[v * gl_WorkGroupSize.x + gl_SubgroupID] = s;
+    }
+    barrier();
+    float scale = 1.0;
+    if ((p.flags & 4u) != 0u) {  // NORM (uniform: a push constant)
+        float part = 0.0;
+        for (uint i = tid; i < p.ss_count; i += gl_WorkGroupSize.x) part += ss[i];
+        scale = inversesqrt(wg_sum(part) * p.inv_dim + p.eps);
+    }
+    float sq = 0.0;
+    if (tid < NR * NT) {  // gl_WorkGroupSize.x >= NR * NT: one value a thread
+        uint v = tid;
+        uint row = row0 + v / NT, tok = tok0 + v % NT;
+        if (row < p.rows && tok < p.n) {
+            float sum = 0.0;
+            for (uint i = 0; i < nsg; i++) sum += red[v * gl_WorkGroupSize.x + i];
+            sum *= scale;
+            if (PAIR != 0) {  // rows of W2 follow those of W: value v + NR * NT
+                float up = 0.0;
+                for (uint i = 0; i < nsg; i++) up += red[(v + NR * NT) * gl_WorkGroupSize.x + i];
+                sum = sum / (1.0 + exp(-sum)) * (up * scale);
+            }
+            if ((p.flags & 2u) != 0u) sum += bias[p.bias_off + row];
+            uint at = p.y_off + tok * p.y_stride + row;
+            float value = (p.flags & 1u) != 0u ? y[at] + sum : sum;
+            y[at] = value;
+            if ((p.flags & 8u) != 0u) {
+                xg[at] = value * gnext[row];
+                sq = value * value;
+            }
+        }
+    }
+    if ((p.flags & 8u) != 0u) {  // PRODUCE: this workgroup's share of the next RMSNorm's sum of squares
+        float total = wg_sum(sq);
+        if (tid == 0u) ss[g] = total;
+    }
+}

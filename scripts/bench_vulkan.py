@@ -1,0 +1,238 @@
+"""Decode and prompt speed of the Vulkan backend on one rank, for a TinyLlama-1.1B-shaped random model.
+
+    python scripts/bench_vulkan.py                       # Q4_0 and Q8_0 on Vulkan device 0
+    python scripts/bench_vulkan.py --peak-tbs 2.0        # the GPU's memory bandwidth, when its name does not say
+    python scripts/bench_vulkan.py --cpu                 # also the cpu backend on the same files: the ratio
+
+Reports per weight type: prompt tokens/s (one batched pass), decode tokens/s, GPU time per decode token (timestamp
+queries around the command buffer), the time per token spent outside the GPU (wall minus GPU: Python, submit, wait,
+embedding upload, logits read-back), the weights read per token and the bandwidth that makes, as a fraction of the
+device's memory bandwidth (H100 SXM 3.35 TB/s, H100 PCIe 2.0 TB/s, H200 4.8 TB/s; from the device name or
+--peak-tbs). On a CPU Vulkan device (Mesa's lavapipe) the cpu backend runs on the same files in the same run by
+default, and the script prints lavapipe's speed as a fraction of it.
+"""
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from spmd.backends import get_backend  # noqa: E402
+from spmd.config import read_config  # noqa: E402
+from spmd.gguf_file import GGUFFile  # noqa: E402
+from spmd.model import Model  # noqa: E402
+from spmd.plan import make_plan, parse_ratios  # noqa: E402
+from spmd.synth import TINYLLAMA, Shape, write_model  # noqa: E402
+from spmd.weights import load_shard  # noqa: E402
+
+PEAK_TBS = (("H100 PCIE", 2.0), ("H100", 3.35), ("H200", 4.8), ("A100", 2.0))
+
+
+def peak_for(name, given):
+    if given:
+        return given
+    upper = name.upper()
+    return next((tbs for key, tbs in PEAK_TBS if key in upper), None)
+
+
+def build(path, backend_name, device, max_seq):
+    backend = get_backend(backend_name, threads=None, device=device)
+    f = GGUFFile(str(path))
+    cfg = read_config(f)
+    share = make_plan(parse_ratios(None, 1), cfg.n_heads, cfg.n_kv_heads, cfg.ffn_dim, cfg.vocab)[0]
+    t = time.perf_counter()
+    weights = load_shard(f, cfg, share, backend, notice=lambda _m: None)
+    if hasattr(backend, "warmup"):
+        backend.warmup()
+    make = getattr(backend, "make_model", Model)
+    model = make(cfg, weights, share, max_seq)
+    return backend, model, time.perf_counter() - t
+
+
+def measure(model, n_prompt, steps, repeats=3):
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(1, model.cfg.vocab, n_prompt)
+    model.forward(prompt, 0, None)  # warm-up: pipelines, first-use costs
+    prefill = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        logits = model.forward(prompt, 0, None)
+        prefill.append(time.perf_counter() - t)
+    token, walls, gpus = int(np.argmax(logits)), [], []
+    for i in range(steps):
+        t = time.perf_counter()
+        logits = model.forward(np.array([token]), n_prompt + i, None)
+        token = int(np.argmax(logits))  # greedy, as generation does
+        walls.append(time.perf_counter() - t)
+        gpus.append(getattr(model, "gpu_s", None))
+    warm = max(1, steps // 8)  # the first steps record the decode command buffer
+    walls = np.array(walls[warm:])
+    gpus = None if None in gpus else np.array(gpus[warm:])
+    return dict(prompt_tps=n_prompt / np.median(prefill), decode_tps=1.0 / np.median(walls),
+                ms_per_token=1e3 * np.median(walls), gpu_ms=None if gpus is None else 1e3 * np.median(gpus),
+                outside_ms=None if gpus is None else 1e3 * np.median(walls - gpus))
+
+
+def check(args):
+    """Correct first: greedy tokens and logits of a tiny model on the device against the numpy reference."""
+    shape = Shape(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, ffn=256, vocab=512, context=64)
+    for qtype in ("F32", "Q8_0", "Q4_0"):
+        path = Path(args.dir) / f"bench-vulkan-check-{qtype}.gguf"
+        write_model(path, shape, qtype=qtype, seed=7)
+        runs = []
+        for name in ("numpy", "vulkan"):
+            _, model, _ = build(path, name, args.device, 40)
+            logits = model.forward(np.arange(1, 14), 0, None)
+            tokens = [int(np.argmax(logits))]
+            for pos in range(13, 24):
+                tokens.append(int(np.argmax(model.forward(np.array(tokens[-1:]), pos, None))))
+            runs.append((logits, tokens))
+            getattr(model, "close", lambda: None)()
+        err = np.abs(runs[0][0] - runs[1][0]).max()
+        same = runs[0][1] == runs[1][1]
+        print(f"check {qtype}: max |logit difference| {err:.2e}, greedy tokens {'equal' if same else 'DIFFER'}")
+        if err > 1e-3 or not same:
+            sys.exit(1)
+
+
+def kernels(args):
+    """One product at a time: GPU time per dispatch of a row of products on random weights, with and without a
+    barrier between them, and the bandwidth that makes (steady state, no Python in the way)."""
+    from gguf import GGMLQuantizationType as T
+
+    from spmd.backends.vk_runtime import Buffer, Recording
+    from spmd.quants import QTensor, row_bytes
+    backend = get_backend("vulkan", device=args.device)
+    rng = np.random.default_rng(0)
+    for qtype in args.qtypes.split(","):
+        for rows, cols in ((2048, 2048), (5632, 2048), (2048, 5632), (32000, 2048), (65536, 4096)):
+            data = rng.integers(0, 256, (rows, row_bytes(T[qtype], cols)), dtype=np.uint8)
+            blk = 18 if qtype == "Q4_0" else 34
+            data.reshape(rows, -1, blk)[:, :, :2] = np.array([0.01], np.float16).view(np.uint8)
+            lin = backend.linear(QTensor(T[qtype], rows, cols, data))
+            x, y = Buffer(backend.dev, cols * 4), Buffer(backend.dev, rows * 4)
+            backend.dev.zero([x, y])
+            out = []
+            for barriers in (True, False):
+                rec = Recording(backend.dev, timestamps=True)
+                for _ in range(20):
+                    lin.dispatch(rec, x, cols, 0, y, rows, 0, 1)
+                    if barriers:
+                        rec.barrier()
+                rec.end()
+                rec.run()
+                rec.run()
+                t = rec.gpu_seconds() / 20
+                out.append(f"{1e6 * t:7.1f} us {lin.nbytes / t / 1e9:7.0f} GB/s")
+                rec.free()
+            print(f"kernel {qtype} {rows}x{cols} ({lin.nbytes / 1e6:.1f} MB): with a barrier after each {out[0]}; "
+                  f"without {out[1]}", flush=True)
+            lin.free()
+            x.free()
+            y.free()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--qtypes", default="Q4_0,Q8_0")
+    ap.add_argument("--prompt", type=int, default=128, help="prompt tokens (one batched pass)")
+    ap.add_argument("--steps", type=int, default=64, help="decode steps timed")
+    ap.add_argument("--device", type=int, default=0, help="Vulkan device index")
+    ap.add_argument("--peak-tbs", type=float, default=None, help="the device's memory bandwidth in TB/s")
+    ap.add_argument("--cpu", action=argparse.BooleanOptionalAction, default=None,
+                    help="also run --backend cpu on the same files (default: when the Vulkan device is a CPU)")
+    ap.add_argument("--rounds", type=int, default=2, help="turns of each backend when comparing with the cpu")
+    ap.add_argument("--small", action="store_true", help="a model 1/4 of TinyLlama's width (quick checks)")
+    ap.add_argument("--dir", default=os.environ.get("SPMD_BENCH_DIR", tempfile.gettempdir()))
+    ap.add_argument("--profile", action="store_true", help="GPU time of each step of a decode token")
+    ap.add_argument("--kernels", action="store_true", help="only time single products (steady state)")
+    ap.add_argument("--check", action="store_true", help="first compare a tiny model with the numpy reference")
+    args = ap.parse_args()
+    if args.check:
+        check(args)
+    if args.kernels:
+        kernels(args)
+        return
+    shape = Shape(**{**TINYLLAMA.__dict__, "dim": 512, "ffn": 1408}) if args.small else TINYLLAMA
+    rows = []
+    for qtype in args.qtypes.split(","):
+        path = Path(args.dir) / f"bench-vulkan-{'small' if args.small else 'tinyllama'}-{qtype}.gguf"
+        if not path.exists():
+            write_model(path, shape, qtype=qtype, seed=0)
+        rows += bench_type(args, qtype, path)
+    print(f"\nTinyLlama-1.1B shape{' (1/4 width)' if args.small else ''}, {args.prompt}-token prompt, "
+          f"{args.steps} decode steps, one rank")
+    print(f"{'type':5} {'backend':44} {'prompt tok/s':>12} {'decode tok/s':>12} {'ms/token':>9} {'GPU ms':>7} "
+          f"{'outside':>7} {'weights MB':>10} {'GB/s (GPU)':>10} {'roofline':>8}")
+    for r in rows:
+        fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+        print(f"{r['qtype']:5} {r['backend'][:44]:44} {r['prompt_tps']:12.1f} {r['decode_tps']:12.1f} "
+              f"{r['ms_per_token']:9.3f} {fmt(r.get('gpu_ms'), '7.3f')} {fmt(r.get('outside_ms'), '7.3f')} "
+              f"{r['weights_mb']:10.1f} {fmt(r.get('gbs_gpu'), '10.1f')} {fmt(r.get('roofline_gpu'), '8.0%')}")
+
+
+def best(a, b):
+    """The faster of two measurements of the same model (a shared machine's load only ever slows one down)."""
+    return a if b is None or a["decode_tps"] >= b["decode_tps"] else b
+
+
+def bench_type(args, qtype, path):
+    """Rows for one weight type: Vulkan, and the cpu backend on the same file when comparing (both models loaded,
+    measured in turns, the better of `rounds` turns each)."""
+    max_seq = args.prompt + args.steps + 1
+    backend, model, load_s = build(path, "vulkan", args.device, max_seq)
+    dev = backend.dev
+    peak = peak_for(dev.name, args.peak_tbs)
+    run_cpu = dev.is_cpu if args.cpu is None else args.cpu
+    cpu = build(path, "cpu", None, max_seq) if run_cpu else None
+    model.profile = args.profile
+    r = c = None
+    for _ in range(args.rounds if run_cpu else 1):
+        r = best(measure(model, args.prompt, args.steps), r)
+        if args.profile:
+            show_profile(model.last_profile)
+        if run_cpu:
+            c = best(measure(cpu[1], args.prompt, args.steps), c)
+    nbytes = model.w.nbytes
+    r.update(qtype=qtype, backend=backend.description, load_s=load_s, weights_mb=nbytes / 1e6,
+             gbs_gpu=None if r["gpu_ms"] is None else nbytes / r["gpu_ms"] / 1e6,
+             gbs_wall=nbytes / r["ms_per_token"] / 1e6)
+    r["roofline_gpu"] = None if peak is None or r["gbs_gpu"] is None else r["gbs_gpu"] / (peak * 1e3)
+    r["roofline_wall"] = None if peak is None else r["gbs_wall"] / (peak * 1e3)
+    model.close()
+    print_row(r, peak)
+    if not run_cpu:
+        return [r]
+    c.update(qtype=qtype, backend=cpu[0].description, load_s=cpu[2], weights_mb=cpu[1].w.nbytes / 1e6,
+             gbs_wall=cpu[1].w.nbytes / c["ms_per_token"] / 1e6)
+    print(f"{qtype}: {backend.description} / {cpu[0].description}: decode {r['decode_tps'] / c['decode_tps']:.2f}x, "
+          f"prompt {r['prompt_tps'] / c['prompt_tps']:.2f}x (the ratio of tokens/s, same file, same run)", flush=True)
+    return [r, c]
+
+
+def show_profile(profile):
+    """GPU time of one decode token by step (timestamps after each barrier)."""
+    total, count = {}, {}
+    for label, seconds in profile:
+        total[label] = total.get(label, 0.0) + seconds
+        count[label] = count.get(label, 0) + 1
+    whole = sum(total.values())
+    print("  GPU time of the last decode token by step: " + ", ".join(
+        f"{k} {1e3 * v:.3f} ms ({count[k]}x, {1e6 * v / count[k]:.1f} us each)" for k, v in total.items())
+        + f"; total {1e3 * whole:.3f} ms", flush=True)
+
+
+def print_row(r, peak):
+    print(f"{r['qtype']} {r['backend']}: prompt {r['prompt_tps']:.1f} tok/s, decode {r['decode_tps']:.1f} tok/s "
+          f"({r['ms_per_token']:.3f} ms/token; GPU {r['gpu_ms']} ms, outside {r['outside_ms']} ms), "
+          f"{r['weights_mb']:.0f} MB/token, {r['gbs_wall']:.1f} GB/s wall, GPU {r['gbs_gpu']} GB/s, "
+          f"peak {peak} TB/s, roofline (GPU time) {r['roofline_gpu']}, (wall) {r['roofline_wall']}, "
+          f"load {r['load_s']:.1f}s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,421 @@
+"""The raw Vulkan plumbing of the Vulkan backend: one device and queue, buffers, compute pipelines made from
+`kernels/*.spv` with specialisation constants, and command buffers recorded once and submitted many times.
+
+Every failure a user can fix (no loader, no device, too little memory, a missing .spv) is a one-line UserError
+that names the fix. Nothing here knows about transformers: see `vulkan.py`.
+"""
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import UserError
+
+KERNELS = Path(__file__).resolve().parents[2] / "kernels"
+INSTALL = "apt-get install libvulkan1 mesa-vulkan-drivers"
+MIB = 1 << 20
+
+
+def _import_vulkan():
+    try:
+        import vulkan
+    except OSError:  # the cffi bindings load libvulkan.so.1 at import
+        raise UserError(f"the Vulkan loader (libvulkan.so.1) is not installed: {INSTALL} "
+                        "(or your GPU vendor's driver)") from None
+    except ImportError:
+        raise UserError("the Python package 'vulkan' is missing: pip install vulkan") from None
+    return vulkan
+
+
+vk = None  # the bindings, imported by the first Device
+
+
+def _check(result, what):
+    if result != 0:
+        raise RuntimeError(f"Vulkan: {what} failed ({result})")
+
+
+class Buffer:
+    """A storage buffer with its own memory. `view` is a numpy uint8 view of its mapping when host-visible."""
+
+    def __init__(self, dev, nbytes, where="device"):
+        """where: "device" (weights, activations: device-local, host-visible when the device offers it),
+        "host" (the host reads what the GPU wrote: host-cached memory where there is such)."""
+        self.dev, self.nbytes = dev, max(int(nbytes), 16)
+        usage = (vk.VK_BUFFER_USAGE_STORAGE_BUFFER_BIT | vk.VK_BUFFER_USAGE_TRANSFER_DST_BIT
+                 | vk.VK_BUFFER_USAGE_TRANSFER_SRC_BIT)
+        self.handle = vk.vkCreateBuffer(dev.device, vk.VkBufferCreateInfo(
+            size=self.nbytes, usage=usage, sharingMode=vk.VK_SHARING_MODE_EXCLUSIVE), None)
+        req = vk.vkGetBufferMemoryRequirements(dev.device, self.handle)
+        type_index = dev.memory_type(req.memoryTypeBits, where)
+        heap = dev.heap_of[type_index]
+        if dev.heap_used[heap] + req.size > dev.heap_size[heap]:
+            vk.vkDestroyBuffer(dev.device, self.handle, None)
+            dev.out_of_memory(req.size, heap)
+        try:
+            self.memory = vk.vkAllocateMemory(dev.device, vk.VkMemoryAllocateInfo(
+                allocationSize=req.size, memoryTypeIndex=type_index), None)
+        except (vk.VkErrorOutOfDeviceMemory, vk.VkErrorOutOfHostMemory):
+            vk.vkDestroyBuffer(dev.device, self.handle, None)
+            dev.out_of_memory(req.size, heap)
+        self.size, self.heap = req.size, heap
+        dev.heap_used[heap] += req.size
+        vk.vkBindBufferMemory(dev.device, self.handle, self.memory, 0)
+        self.view = None
+        if dev.type_flags[type_index] & vk.VK_MEMORY_PROPERTY_HOST_VISIBLE_BIT and (where != "device" or dev.direct):
+            mapped = vk.vkMapMemory(dev.device, self.memory, 0, self.nbytes, 0)
+            self.view = np.frombuffer(mapped, np.uint8)
+
+    def array(self, dtype, shape, offset=0):
+        """A numpy view of the mapped memory (host-visible buffers only)."""
+        count = int(np.prod(shape))
+        return self.view[offset:offset + count * np.dtype(dtype).itemsize].view(dtype).reshape(shape)
+
+    def write(self, data, offset=0):
+        """Copy bytes of `data` in at `offset`: straight into the mapping, or through a staging buffer."""
+        raw = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+        if raw.size == 0:
+            return
+        if self.view is not None:
+            self.view[offset:offset + raw.size] = raw
+        else:
+            self.dev.staged_copy(raw, self, offset)
+
+    def free(self):
+        if self.handle is not None:
+            if self.view is not None:
+                self.view = None
+                vk.vkUnmapMemory(self.dev.device, self.memory)
+            vk.vkDestroyBuffer(self.dev.device, self.handle, None)
+            vk.vkFreeMemory(self.dev.device, self.memory, None)
+            self.dev.heap_used[self.heap] -= self.size
+            self.handle = None
+
+
+class Pipeline:
+    def __init__(self, dev, kernel, n_bindings, push_bytes, spec):
+        path = KERNELS / f"{kernel}.spv"
+        if not path.exists():
+            raise UserError(f"the Vulkan kernel {path} is missing: bash scripts/build_kernels.sh (needs glslc)")
+        code = path.read_bytes()
+        self.n_bindings, self.push_bytes = n_bindings, push_bytes
+        d = dev.device
+        module = vk.vkCreateShaderModule(d, vk.VkShaderModuleCreateInfo(codeSize=len(code), pCode=code), None)
+        bindings = [vk.VkDescriptorSetLayoutBinding(binding=i, descriptorType=vk.VK_DESCRIPTOR_TYPE_STORAGE_BUFFER,
+                                                    descriptorCount=1, stageFlags=vk.VK_SHADER_STAGE_COMPUTE_BIT)
+                    for i in range(n_bindings)]
+        self.set_layout = vk.vkCreateDescriptorSetLayout(d, vk.VkDescriptorSetLayoutCreateInfo(
+            bindingCount=n_bindings, pBindings=bindings), None)
+        ranges = [vk.VkPushConstantRange(stageFlags=vk.VK_SHADER_STAGE_COMPUTE_BIT, offset=0, size=push_bytes)]
+        self.layout = vk.vkCreatePipelineLayout(d, vk.VkPipelineLayoutCreateInfo(
+            setLayoutCount=1, pSetLayouts=[self.set_layout], pushConstantRangeCount=1 if push_bytes else 0,
+            pPushConstantRanges=ranges if push_bytes else None), None)
+        values = struct.pack(f"<{len(spec)}I", *spec)  # constant_id i = spec[i], all 32-bit
+        self._spec_data = vk.ffi.new("char[]", values)
+        entries = [vk.VkSpecializationMapEntry(constantID=i, offset=4 * i, size=4) for i in range(len(spec))]
+        info = vk.VkSpecializationInfo(mapEntryCount=len(spec), pMapEntries=entries, dataSize=len(values),
+                                       pData=self._spec_data)
+        stage = vk.VkPipelineShaderStageCreateInfo(stage=vk.VK_SHADER_STAGE_COMPUTE_BIT, module=module,
+                                                   pName="main", pSpecializationInfo=info)
+        self.handle = vk.vkCreateComputePipelines(d, vk.VK_NULL_HANDLE, 1, [vk.VkComputePipelineCreateInfo(
+            stage=stage, layout=self.layout)], None)[0]
+        vk.vkDestroyShaderModule(d, module, None)
+
+
+class Device:
+    """One Vulkan physical device (GPU index `index` % count, in a stable order), its compute queue and pools."""
+
+    def __init__(self, index=None):
+        global vk
+        vk = _import_vulkan()
+        app = vk.VkApplicationInfo(pApplicationName="spmd", applicationVersion=0, pEngineName="spmd",
+                                   engineVersion=0, apiVersion=vk.VK_MAKE_VERSION(1, 1, 0))
+        try:
+            self.instance = vk.vkCreateInstance(vk.VkInstanceCreateInfo(pApplicationInfo=app), None)
+            physical = vk.vkEnumeratePhysicalDevices(self.instance)
+        except (vk.VkErrorIncompatibleDriver, vk.VkErrorInitializationFailed):
+            physical = []
+        devices = self._ordered(physical)
+        if not devices:
+            raise UserError(f"no Vulkan device found: {INSTALL} for the CPU (lavapipe), or install your GPU "
+                            "vendor's Vulkan driver")
+        self.physical = devices[(index or 0) % len(devices)]
+        props = vk.vkGetPhysicalDeviceProperties(self.physical)
+        self.name = props.deviceName if isinstance(props.deviceName, str) else vk.ffi.string(props.deviceName).decode()
+        self.is_cpu = props.deviceType == vk.VK_PHYSICAL_DEVICE_TYPE_CPU
+        self.vendor = props.vendorID
+        limits = props.limits
+        self.max_range = int(limits.maxStorageBufferRange)
+        self.offset_align = int(limits.minStorageBufferOffsetAlignment)
+        self.max_groups = int(limits.maxComputeWorkGroupCount[0])
+        self.timestamp_period = float(limits.timestampPeriod)  # ns per tick
+        self._check_subgroups()
+        self._memory_types()
+        families = vk.vkGetPhysicalDeviceQueueFamilyProperties(self.physical)
+        self.family = next(i for i, f in enumerate(families) if f.queueFlags & vk.VK_QUEUE_COMPUTE_BIT)
+        self.timestamps = families[self.family].timestampValidBits > 0
+        queue_info = vk.VkDeviceQueueCreateInfo(queueFamilyIndex=self.family, queueCount=1, pQueuePriorities=[1.0])
+        self.device = vk.vkCreateDevice(self.physical, vk.VkDeviceCreateInfo(
+            queueCreateInfoCount=1, pQueueCreateInfos=[queue_info]), None)
+        self.queue = vk.vkGetDeviceQueue(self.device, self.family, 0)
+        self.pool = vk.vkCreateCommandPool(self.device, vk.VkCommandPoolCreateInfo(
+            flags=vk.VK_COMMAND_POOL_CREATE_RESET_COMMAND_BUFFER_BIT, queueFamilyIndex=self.family), None)
+        self.fence = vk.vkCreateFence(self.device, vk.VkFenceCreateInfo(), None)
+        self._pipelines = {}
+        self._staging = None
+
+    @staticmethod
+    def _ordered(physical):
+        """GPUs first (discrete, integrated, virtual) in enumeration order; CPU devices only if there is no GPU."""
+        rank = {vk.VK_PHYSICAL_DEVICE_TYPE_DISCRETE_GPU: 0, vk.VK_PHYSICAL_DEVICE_TYPE_INTEGRATED_GPU: 1,
+                vk.VK_PHYSICAL_DEVICE_TYPE_VIRTUAL_GPU: 2}
+        typed = [(rank.get(vk.vkGetPhysicalDeviceProperties(p).deviceType, 3), i, p) for i, p in enumerate(physical)]
+        gpus = [t for t in typed if t[0] < 3]
+        return [p for _, _, p in sorted(gpus or typed, key=lambda t: (t[0], t[1]))]
+
+    def _check_subgroups(self):
+        sub = vk.VkPhysicalDeviceSubgroupProperties()
+        vk.vkGetPhysicalDeviceProperties2(self.physical, vk.VkPhysicalDeviceProperties2(pNext=sub))
+        self.subgroup_size = int(sub.subgroupSize)
+        need = vk.VK_SUBGROUP_FEATURE_BASIC_BIT | vk.VK_SUBGROUP_FEATURE_ARITHMETIC_BIT
+        if (sub.supportedOperations & need) != need or not sub.supportedStages & vk.VK_SHADER_STAGE_COMPUTE_BIT:
+            raise UserError(f"the Vulkan device {self.name} lacks subgroup arithmetic in compute shaders "
+                            "(Vulkan 1.1): use --backend cpu on this machine")
+
+    def _memory_types(self):
+        mem = vk.vkGetPhysicalDeviceMemoryProperties(self.physical)
+        self.type_flags = [mem.memoryTypes[i].propertyFlags for i in range(mem.memoryTypeCount)]
+        self.heap_of = [mem.memoryTypes[i].heapIndex for i in range(mem.memoryTypeCount)]
+        self.heap_size = [int(mem.memoryHeaps[i].size) for i in range(mem.memoryHeapCount)]
+        self.heap_used = [0] * mem.memoryHeapCount
+        dl, hv = vk.VK_MEMORY_PROPERTY_DEVICE_LOCAL_BIT, vk.VK_MEMORY_PROPERTY_HOST_VISIBLE_BIT
+        local = [i for i, f in enumerate(self.type_flags) if f & dl]
+        biggest = max((self.heap_size[self.heap_of[i]] for i in local), default=0)
+        # device memory the host can write straight into (resizable BAR, unified memory, lavapipe), when its heap
+        # is the device's main one; else device-local memory filled through a staging buffer
+        mapped = [i for i in local if self.type_flags[i] & hv and self.heap_size[self.heap_of[i]] >= biggest / 2]
+        self.direct = bool(mapped)
+
+    def memory_type(self, bits, where):
+        dl, hv = vk.VK_MEMORY_PROPERTY_DEVICE_LOCAL_BIT, vk.VK_MEMORY_PROPERTY_HOST_VISIBLE_BIT
+        hc, cached = vk.VK_MEMORY_PROPERTY_HOST_COHERENT_BIT, vk.VK_MEMORY_PROPERTY_HOST_CACHED_BIT
+        if where == "device":
+            wants = [dl | hv, dl] if self.direct else [dl, dl | hv]
+        elif where == "host":
+            wants = [hv | hc | cached, hv | hc]
+        else:  # "staging"
+            wants = [hv | hc]
+        for want in wants:
+            for i, f in enumerate(self.type_flags):
+                if bits & (1 << i) and f & want == want:
+                    if where == "device" and want == dl and not self.direct and f & hv:
+                        continue  # a small host-visible window of device memory: keep it for the host
+                    return i
+        for i in range(len(self.type_flags)):
+            if bits & (1 << i):
+                return i
+        raise RuntimeError("Vulkan: no memory type for a buffer")
+
+    def out_of_memory(self, nbytes, heap):
+        free = (self.heap_size[heap] - self.heap_used[heap]) / MIB
+        raise UserError(f"the weights need {(self.heap_used[heap] + nbytes) / MIB:.0f} MiB or more of device "
+                        f"memory on {self.name}, which has {free:.0f} MiB free of {self.heap_size[heap] / MIB:.0f}; "
+                        "lower this rank's ratio (--ratios)")
+
+    def staged_copy(self, raw, dst, offset):
+        """Bytes into a buffer the host cannot map: through a host-visible staging buffer, in pieces."""
+        piece = 64 * MIB
+        if self._staging is None:
+            self._staging = Buffer(self, piece, "staging")
+        for start in range(0, raw.size, piece):
+            part = raw[start:start + piece]
+            self._staging.view[:part.size] = part
+            rec = Recording(self)
+            region = vk.VkBufferCopy(srcOffset=0, dstOffset=offset + start, size=part.size)
+            vk.vkCmdCopyBuffer(rec.cmd, self._staging.handle, dst.handle, 1, [region])
+            rec.end()
+            rec.run()
+            rec.free()
+
+    def zero(self, buffers):
+        """Fill buffers with zeros (activation padding must read as zero)."""
+        rec = Recording(self)
+        for b in buffers:
+            vk.vkCmdFillBuffer(rec.cmd, b.handle, 0, b.nbytes // 4 * 4, 0)
+        rec.barrier()
+        rec.end()
+        rec.run()
+        rec.free()
+
+    def read(self, buf, offset, nbytes):
+        """Bytes of a buffer as a fresh uint8 array: from its mapping, or through a host buffer."""
+        if buf.view is not None:
+            return buf.view[offset:offset + nbytes].copy()
+        host = Buffer(self, nbytes, "host")
+        rec = Recording(self)
+        vk.vkCmdCopyBuffer(rec.cmd, buf.handle, host.handle, 1, [vk.VkBufferCopy(srcOffset=offset, dstOffset=0,
+                                                                                  size=nbytes)])
+        rec.barrier(to_host=True)
+        rec.end()
+        rec.run()
+        rec.free()
+        data = host.view[:nbytes].copy()
+        host.free()
+        return data
+
+    def copy(self, rec, src, dst, nbytes):
+        """Record a copy of the first nbytes of src into dst."""
+        vk.vkCmdCopyBuffer(rec.cmd, src.handle, dst.handle, 1, [vk.VkBufferCopy(srcOffset=0, dstOffset=0,
+                                                                                 size=nbytes)])
+
+    def pipeline(self, kernel, n_bindings, push_bytes, spec=()):
+        key = (kernel, n_bindings, push_bytes, tuple(spec))
+        if key not in self._pipelines:
+            self._pipelines[key] = Pipeline(self, kernel, n_bindings, push_bytes, spec)
+        return self._pipelines[key]
+
+    def close(self):
+        vk.vkDeviceWaitIdle(self.device)
+        if self._staging is not None:
+            self._staging.free()
+        for p in self._pipelines.values():
+            vk.vkDestroyPipeline(self.device, p.handle, None)
+            vk.vkDestroyPipelineLayout(self.device, p.layout, None)
+            vk.vkDestroyDescriptorSetLayout(self.device, p.set_layout, None)
+        vk.vkDestroyFence(self.device, self.fence, None)
+        vk.vkDestroyCommandPool(self.device, self.pool, None)
+        vk.vkDestroyDevice(self.device, None)
+        vk.vkDestroyInstance(self.instance, None)
+
+
+class Recording:
+    """One command buffer: dispatches with their own descriptor sets, barriers between dependent ones, optional
+    timestamps around the whole. Record once, `run()` (submit and wait) as often as needed."""
+
+    SETS_PER_POOL = 256
+
+    def __init__(self, dev, timestamps=False, profile=False):
+        """timestamps: time the whole buffer on the GPU (gpu_seconds); profile: also after every `mark(label)`."""
+        self.dev = dev
+        self.cmd = vk.vkAllocateCommandBuffers(dev.device, vk.VkCommandBufferAllocateInfo(
+            commandPool=dev.pool, level=vk.VK_COMMAND_BUFFER_LEVEL_PRIMARY, commandBufferCount=1))[0]
+        vk.vkBeginCommandBuffer(self.cmd, vk.VkCommandBufferBeginInfo())
+        self._pools, self._left = [], 0
+        self.query_pool, self.labels, self._profile = None, [], profile
+        if (timestamps or profile) and dev.timestamps:
+            self._capacity = 4096 if profile else 2
+            self.query_pool = vk.vkCreateQueryPool(dev.device, vk.VkQueryPoolCreateInfo(
+                queryType=vk.VK_QUERY_TYPE_TIMESTAMP, queryCount=self._capacity), None)
+            vk.vkCmdResetQueryPool(self.cmd, self.query_pool, 0, self._capacity)
+            self._stamp("start", vk.VK_PIPELINE_STAGE_TOP_OF_PIPE_BIT)
+        self._submit = None
+
+    def _stamp(self, label, stage):
+        vk.vkCmdWriteTimestamp(self.cmd, stage, self.query_pool, len(self.labels))
+        self.labels.append(label)
+
+    def mark(self, label):
+        """Profiling: the GPU time from the previous mark to here is booked to `label`."""
+        if self._profile and self.query_pool is not None and len(self.labels) < self._capacity - 1:
+            self._stamp(label, vk.VK_PIPELINE_STAGE_BOTTOM_OF_PIPE_BIT)
+
+    def _set(self, pipeline):
+        if self._left == 0:
+            size = vk.VkDescriptorPoolSize(type=vk.VK_DESCRIPTOR_TYPE_STORAGE_BUFFER,
+                                           descriptorCount=8 * self.SETS_PER_POOL)
+            self._pools.append(vk.vkCreateDescriptorPool(self.dev.device, vk.VkDescriptorPoolCreateInfo(
+                maxSets=self.SETS_PER_POOL, poolSizeCount=1, pPoolSizes=[size]), None))
+            self._left = self.SETS_PER_POOL
+        self._left -= 1
+        return vk.vkAllocateDescriptorSets(self.dev.device, vk.VkDescriptorSetAllocateInfo(
+            descriptorPool=self._pools[-1], descriptorSetCount=1, pSetLayouts=[pipeline.set_layout]))[0]
+
+    def dispatch(self, pipeline, buffers, push, groups):
+        """buffers: one (Buffer, byte offset, byte range) per binding; push: bytes; groups: (x, y, z)."""
+        assert len(buffers) == pipeline.n_bindings and len(push) == pipeline.push_bytes
+        dset = self._set(pipeline)
+        infos = [vk.VkDescriptorBufferInfo(buffer=b.handle, offset=o, range=r) for b, o, r in buffers]
+        writes = [vk.VkWriteDescriptorSet(dstSet=dset, dstBinding=i, descriptorCount=1,
+                                          descriptorType=vk.VK_DESCRIPTOR_TYPE_STORAGE_BUFFER,
+                                          pBufferInfo=[info]) for i, info in enumerate(infos)]
+        vk.vkUpdateDescriptorSets(self.dev.device, len(writes), writes, 0, None)
+        vk.vkCmdBindPipeline(self.cmd, vk.VK_PIPELINE_BIND_POINT_COMPUTE, pipeline.handle)
+        vk.vkCmdBindDescriptorSets(self.cmd, vk.VK_PIPELINE_BIND_POINT_COMPUTE, pipeline.layout, 0, 1, [dset], 0,
+                                   None)
+        if push:
+            vk.vkCmdPushConstants(self.cmd, pipeline.layout, vk.VK_SHADER_STAGE_COMPUTE_BIT, 0, len(push),
+                                  vk.ffi.new("char[]", push))
+        vk.vkCmdDispatch(self.cmd, *groups)
+
+    def barrier(self, to_host=False):
+        """Writes of the dispatches before are visible to those after (and to the host with to_host)."""
+        dst_stage = vk.VK_PIPELINE_STAGE_HOST_BIT if to_host else vk.VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT
+        dst_access = vk.VK_ACCESS_HOST_READ_BIT if to_host else (vk.VK_ACCESS_SHADER_READ_BIT
+                                                                 | vk.VK_ACCESS_SHADER_WRITE_BIT)
+        src_stage = vk.VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT | vk.VK_PIPELINE_STAGE_TRANSFER_BIT
+        mb = vk.VkMemoryBarrier(srcAccessMask=vk.VK_ACCESS_SHADER_WRITE_BIT | vk.VK_ACCESS_TRANSFER_WRITE_BIT,
+                                dstAccessMask=dst_access)
+        vk.vkCmdPipelineBarrier(self.cmd, src_stage, dst_stage, 0, 1, [mb], 0, None, 0, None)
+
+    def end(self):
+        if self.query_pool is not None:
+            self._stamp("end", vk.VK_PIPELINE_STAGE_BOTTOM_OF_PIPE_BIT)
+        vk.vkEndCommandBuffer(self.cmd)
+        cmds = vk.ffi.new("VkCommandBuffer[1]", [self.cmd])
+        self._submit = (vk.ffi.new("VkSubmitInfo*", {"sType": vk.VK_STRUCTURE_TYPE_SUBMIT_INFO,
+                                                      "commandBufferCount": 1, "pCommandBuffers": cmds}), cmds)
+        self._fences = vk.ffi.new("VkFence[1]", [self.dev.fence])
+
+    def run(self):
+        """Submit and wait (the hot path: the C functions straight, no per-call struct building)."""
+        dev, lib = self.dev, vk.lib
+        _check(lib.vkQueueSubmit(dev.queue, 1, self._submit[0], dev.fence), "vkQueueSubmit")
+        if dev.is_cpu:  # lavapipe: the CPU's cores do the work, so sleep in the driver
+            _check(lib.vkWaitForFences(dev.device, 1, self._fences, 1, 3_600_000_000_000), "vkWaitForFences")
+        else:  # a GPU: poll, which answers sooner than the driver's sleeping wait (tens of microseconds a token)
+            while True:
+                status = lib.vkGetFenceStatus(dev.device, dev.fence)
+                if status == 0:
+                    break
+                if status != vk.VK_NOT_READY:
+                    _check(status, "vkGetFenceStatus")
+        _check(lib.vkResetFences(dev.device, 1, self._fences), "vkResetFences")
+
+    def _times(self):
+        n = len(self.labels)
+        if getattr(self, "_query_data", None) is None or len(self._query_data) != n:
+            self._query_data = vk.ffi.new("uint64_t[]", n)  # cffi parses a type string slowly: once
+        _check(vk.lib.vkGetQueryPoolResults(self.dev.device, self.query_pool, 0, n, 8 * n, self._query_data, 8,
+                                            vk.VK_QUERY_RESULT_64_BIT | vk.VK_QUERY_RESULT_WAIT_BIT),
+               "vkGetQueryPoolResults")
+        return self._query_data
+
+    def gpu_seconds(self):
+        """GPU time from the start of the buffer to its end in the last run (None without timestamps)."""
+        if self.query_pool is None:
+            return None
+        t = self._times()
+        return (t[len(self.labels) - 1] - t[0]) * self.dev.timestamp_period * 1e-9
+
+    def profile(self):
+        """[(label, seconds)] between consecutive marks of the last run."""
+        if self.query_pool is None:
+            return []
+        t = [v * self.dev.timestamp_period * 1e-9 for v in self._times()]
+        return [(label, b - a) for label, a, b in zip(self.labels[1:], t, t[1:])]
+
+    def free(self):
+        d = self.dev.device
+        vk.vkFreeCommandBuffers(d, self.dev.pool, 1, [self.cmd])
+        for pool in self._pools:
+            vk.vkDestroyDescriptorPool(d, pool, None)
+        if self.query_pool is not None:
+            vk.vkDestroyQueryPool(d, self.query_pool, None)
+        self._pools = []
+
+
+def env_tuple(name, default):
+    """Tuning knobs from the environment, e.g. SPMD_VK_MATVEC=64,4 (threads per workgroup, rows per workgroup)."""
+    value = os.environ.get(name)
+    return tuple(int(v) for v in value.split(",")) if value else default

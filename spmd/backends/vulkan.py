@@ -1,0 +1,189 @@
+"""The Vulkan backend: weights resident in device memory in their quantised form, GLSL compute kernels
+(`kernels/`), and a model (`vulkan_model.py`) whose work between two allreduces is one recorded command buffer.
+
+Weight layout on the device (made at load, `_repack`): a matrix is row-major 32-element blocks, the columns padded
+with zeros to a multiple of 32. Q4_0 and Q8_0 keep GGUF's block bytes (16 bytes of nibbles, 32 int8) with the
+2-byte fp16 scales moved to a second buffer (one per block), so every load is 16-byte aligned; F32, F16 and BF16
+keep their bits. A matrix larger than the device's maxStorageBufferRange (128 MiB on lavapipe) is held as row
+chunks, one buffer and one dispatch each.
+
+Kernels (see kernels/README.md): `matvec_<w>_f32` (decode) and `matmul_<w>_f32` (a prompt, 8 tokens a workgroup),
+with a bias, a residual add, and (gate and up in one pass) SiLU-multiply fused in; `rmsnorm_f32`; `attention_f32`
+with RoPE and the KV-cache store fused in; `add_f32` for the allreduced sums.
+
+Activations are float32 buffers whose rows are padded to a multiple of 32 floats (the padding stays zero).
+"""
+import struct
+
+import numpy as np
+from gguf import GGMLQuantizationType as T
+
+from ..quants import QTensor
+from .vk_runtime import Buffer, Device, Recording, env_tuple
+
+TYPES = {T.F32: "f32", T.F16: "f16", T.BF16: "bf16", T.Q8_0: "q8_0", T.Q4_0: "q4_0"}
+UV = {"f32": 8, "f16": 4, "bf16": 4, "q8_0": 2, "q4_0": 1}  # uvec4 (16 bytes) per 32-element block
+# rows, nb, x_stride, x_off, y_stride, y_off, n, groups, bias_off, flags, ss_count, inv_dim, eps
+MATVEC_PUSH = "<11I2f"
+ACCUM, BIAS, NORM, PRODUCE = 1, 2, 4, 8  # flags (kernels/matmul_io.glsl)
+_DEVICES = {}  # one Device per GPU index, shared by every backend and model of the process
+
+
+def pad(n, unit=32):
+    return -(-n // unit) * unit
+
+
+def whole(b):
+    """A binding: a Buffer (all of it) or (Buffer, byte offset, byte range) as it is."""
+    return b if isinstance(b, tuple) else (b, 0, b.nbytes)
+
+
+def _repack(w: QTensor):
+    """QTensor -> (blocks uint8 (rows, nb * 16 * UV), fp16 scales uint16 (rows, nb) or None)."""
+    rows, nb = w.rows, pad(w.cols) // 32
+    name = TYPES[w.qtype]
+    if name in ("q4_0", "q8_0"):
+        size = 18 if name == "q4_0" else 34
+        b = w.data.reshape(rows, nb, size)
+        quants = np.ascontiguousarray(b[:, :, 2:]).reshape(rows, nb * (size - 2))
+        return quants, np.ascontiguousarray(b[:, :, :2]).view(np.uint16).reshape(rows, nb)
+    dtype = np.float32 if name == "f32" else np.uint16
+    out = np.zeros((rows, nb * 32), dtype)
+    out[:, :w.cols] = w.data.view(dtype) if w.data.dtype != dtype else w.data
+    return out.view(np.uint8), None
+
+
+class Part:
+    """Rows row0..row0+rows-1 of a matrix in one buffer (and its scales)."""
+
+    def __init__(self, dev, row0, blocks, scales):
+        self.row0, self.rows = row0, blocks.shape[0]
+        self.w = Buffer(dev, blocks.nbytes)
+        self.w.write(blocks)
+        self.d = None
+        if scales is not None:
+            self.d = Buffer(dev, pad(scales.nbytes, 4))
+            self.d.write(scales)
+
+    @property
+    def nbytes(self):
+        return self.w.nbytes + (self.d.nbytes if self.d is not None else 0)
+
+    def free(self):
+        self.w.free()
+        if self.d is not None:
+            self.d.free()
+
+
+class VulkanLinear:
+    """A weight matrix resident in device memory; `__call__` runs one product (kernel tests, one-off uses)."""
+
+    def __init__(self, backend, w: QTensor):
+        if w.qtype not in TYPES:
+            raise ValueError(f"vulkan backend: no kernel for {w.qtype.name}")
+        self.backend, self.dev = backend, backend.dev
+        self.qtype, self.type, self.rows, self.cols = w.qtype, TYPES[w.qtype], w.rows, w.cols
+        self.nb = pad(w.cols) // 32
+        blocks, scales = _repack(w)
+        row_bytes = max(blocks.shape[1], 1)
+        chunk = max(1, min(self.dev.max_range // row_bytes, self.dev.max_range // max(2 * self.nb, 1)))
+        self.parts = [Part(self.dev, r0, blocks[r0:r0 + chunk], None if scales is None else scales[r0:r0 + chunk])
+                      for r0 in range(0, self.rows, chunk)]
+        self.nbytes = sum(p.nbytes for p in self.parts)
+        self._io = None  # (n, x buffer, y buffer, recording) of the last call
+
+    def dispatch(self, rec, x, x_stride, x_off, y, y_stride, y_off, n, pair=None, bias=None, bias_off=0,
+                 accum=False, norm=None, produce=None):
+        """Record y[tok, y_off + row] (+)= W[row] . x[tok] for n tokens (x, y, bias: Buffers or bindings).
+        pair: a VulkanLinear of the same shape and type; then y = silu(W x) * (pair x) (SwiGLU's gate and up).
+        norm: (ss buffer, count, eps, dim): x is RMSNorm's input times its weight; scale by the producer's sums.
+        produce (decode): (ss buffer, next norm weight binding, xg buffer): write xg = y * g and ss partials."""
+        b = self.backend
+        matvec = n == 1
+        wg, nr, nt = (b.matvec_wg, 4, 1) if matvec else (b.matmul_wg, 2, 8)  # kernels/matmul_io.glsl's NR, NT
+        assert wg >= nr * nt and (produce is None or (matvec and len(self.parts) == 1))
+        pipe = self.dev.pipeline(f"{'matvec' if matvec else 'matmul'}_{self.type}_f32", 10,
+                                 struct.calcsize(MATVEC_PUSH), (wg, int(pair is not None), b.unroll if matvec else 1))
+        flags = (ACCUM if accum else 0) | (BIAS if bias is not None else 0)
+        flags |= (NORM if norm is not None else 0) | (PRODUCE if produce is not None else 0)
+        ss_buf, count, eps, dim = norm if norm is not None else (None, 0, 0.0, 1)
+        dummy = b.dummy
+        if produce is not None:
+            ss_buf, gnext, xg = produce
+        for i, part in enumerate(self.parts):
+            groups = -(-part.rows // nr)
+            gx = min(groups, self.dev.max_groups)
+            push = struct.pack(MATVEC_PUSH, part.rows, self.nb, x_stride, x_off, y_stride, y_off + part.row0, n,
+                               groups, bias_off + part.row0, flags, count, 1.0 / dim, eps)
+            other = pair.parts[i] if pair is not None else part
+            bufs = [part.w, part.d or dummy, x, bias or dummy, y, other.w, other.d or dummy, ss_buf or dummy,
+                    gnext if produce is not None else dummy, xg if produce is not None else dummy]
+            rec.dispatch(pipe, [whole(buf) for buf in bufs], push, (gx, -(-n // nt), -(-groups // gx)))
+
+    def __call__(self, x: np.ndarray, out: np.ndarray = None) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        n = x.shape[0]
+        if out is None:
+            out = np.empty((n, self.rows), np.float32)
+        if x.shape != (n, self.cols) or out.shape != (n, self.rows):
+            raise ValueError(f"linear {self.rows}x{self.cols}: x {x.shape}, out {out.shape}")
+        if self.rows == 0 or n == 0:
+            return out
+        if self.cols == 0:
+            out[...] = 0.0
+            return out
+        if self._io is None or self._io[0] != n:
+            self._free_io()
+            xb, yb = Buffer(self.dev, n * self.nb * 128, "host"), Buffer(self.dev, n * self.rows * 4, "host")
+            rec = Recording(self.dev)
+            self.dispatch(rec, xb, self.nb * 32, 0, yb, self.rows, 0, n)
+            rec.barrier(to_host=True)
+            rec.end()
+            self._io = (n, xb, yb, rec)
+        _, xb, yb, rec = self._io
+        xs = xb.array(np.float32, (n, self.nb * 32))
+        xs[:, :self.cols] = x
+        xs[:, self.cols:] = 0.0
+        rec.run()
+        out[...] = yb.array(np.float32, (n, self.rows))
+        return out
+
+    def _free_io(self):
+        if self._io is not None:
+            _, xb, yb, rec = self._io
+            rec.free()
+            xb.free()
+            yb.free()
+            self._io = None
+
+    def free(self):
+        self._free_io()
+        for p in self.parts:
+            p.free()
+        self.parts = []
+
+
+class VulkanBackend:
+    name = "vulkan"
+
+    def __init__(self, device: int = None):
+        index = device or 0
+        if index not in _DEVICES:
+            _DEVICES[index] = Device(index)
+        self.dev = _DEVICES[index]
+        self.description = f"vulkan ({self.dev.name})"
+        # threads per workgroup of the kernels (specialisation constants), e.g. SPMD_VK_MATVEC=128 to try others
+        # (GPU: 64 measured 4-8% faster than 32 and 128 on an H200 at TinyLlama's shapes; lavapipe: 16 of 16-64)
+        self.matvec_wg = env_tuple("SPMD_VK_MATVEC", (16,) if self.dev.is_cpu else (64,))[0]
+        self.matmul_wg = env_tuple("SPMD_VK_MATMUL", (64,))[0]
+        self.unroll = env_tuple("SPMD_VK_UNROLL", (1,))[0]  # blocks of a row a decode thread loads at once
+        self.norm_wg = 64 if self.dev.is_cpu else 256
+        self.attention_wg = env_tuple("SPMD_VK_ATTENTION", (16,) if self.dev.is_cpu else (256,))[0]
+        self.dummy = Buffer(self.dev, 64)
+
+    def linear(self, w: QTensor) -> VulkanLinear:
+        return VulkanLinear(self, w)
+
+    def make_model(self, cfg, weights, share, max_seq):
+        from .vulkan_model import VulkanModel
+        return VulkanModel(self, cfg, weights, share, max_seq)

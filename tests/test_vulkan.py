@@ -1,0 +1,360 @@
+"""The Vulkan backend: compiled kernels up to date with their sources, each kernel against the numpy reference, the
+model on the device against spmd.model.Model and tests/reference.py (batched prefill with the rmsnorm kernel, decode
+with RMSNorm fused into the products, one command buffer per half-layer with an allreduce), and the one-line errors.
+
+Tolerances: a product is within 1e-5 * sum_k |x_k| |w_k| of the reference (float32 summation in another order;
+quantised weights are dequantised exactly, activations stay float32); logits within 1e-4 absolute of the float64
+reference, as the cpu backend's are. Runs on any Vulkan device; CI uses Mesa's lavapipe on the CPU."""
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as T
+from mpi4py import MPI
+
+import reference
+from spmd.backends import get_backend
+from spmd.backends.numpy_ref import NumpyBackend
+from spmd.comm import Comm
+from spmd.engine import Engine, RunOptions
+from spmd.errors import UserError
+from spmd.gguf_file import GGUFFile
+from spmd.model import Model
+from spmd.plan import make_plan, parse_ratios
+from spmd.synth import Shape, write_model
+from spmd.weights import load_shard
+from test_backends import activations, random_qtensor
+
+KERNELS = Path(__file__).resolve().parents[1] / "kernels"
+TYPES = (T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0)
+NAMES = [t.name for t in TYPES]
+PROMPT = (1, 72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100)
+LLAMA = Shape(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, ffn=256, vocab=512, context=64)  # GQA
+QWEN2 = Shape(arch="qwen2", dim=128, n_layers=2, n_heads=4, n_kv_heads=1, ffn=256, vocab=512, context=64)
+
+
+def _backend():
+    try:
+        return get_backend("vulkan")
+    except UserError as e:  # no loader or no device: say which
+        return str(e)
+
+
+BACKEND = _backend()
+needs_device = pytest.mark.skipif(isinstance(BACKEND, str), reason=f"no Vulkan: {BACKEND}")
+
+
+def tolerance(w, x):
+    aw = np.abs(NumpyBackend().linear(w).w).astype(np.float64)
+    return 1e-5 * (np.abs(x) @ aw.T) + 1e-30
+
+
+# ---- the compiled kernels -------------------------------------------------------------------------------------
+def source_hash(comp: Path) -> str:
+    """What scripts/build_kernels.sh writes to kernels/MANIFEST for comp's .spv."""
+    includes = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(KERNELS.glob("*.glsl"),
+                                                                      key=lambda p: p.name.encode()))).hexdigest()
+    own = hashlib.sha256(comp.read_bytes()).hexdigest()
+    return hashlib.sha256(f"{own}\n{includes}\n".encode()).hexdigest()
+
+
+def test_every_spv_is_built_from_its_current_source():
+    manifest = dict(line.split() for line in (KERNELS / "MANIFEST").read_text().splitlines())
+    sources = sorted(KERNELS.glob("*.comp"))
+    assert {c.with_suffix(".spv").name for c in sources} == set(manifest), "bash scripts/build_kernels.sh"
+    for comp in sources:
+        assert comp.with_suffix(".spv").exists(), f"{comp.name} has no .spv: bash scripts/build_kernels.sh"
+        assert manifest[comp.with_suffix(".spv").name] == source_hash(comp), \
+            f"{comp.with_suffix('.spv').name} is older than its source: bash scripts/build_kernels.sh"
+
+
+def test_no_spv_is_older_than_its_source_by_mtime():
+    """Meaningful only where the files were not all written at once (a fresh clone or copy stamps them together)."""
+    files = list(KERNELS.glob("*.comp")) + list(KERNELS.glob("*.glsl")) + list(KERNELS.glob("*.spv"))
+    times = [f.stat().st_mtime for f in files]
+    if max(times) - min(times) < 60:
+        pytest.skip("kernel files all written within a minute of each other (a checkout): mtimes say nothing")
+    newest_include = max(f.stat().st_mtime for f in KERNELS.glob("*.glsl"))
+    for comp in KERNELS.glob("*.comp"):
+        spv = comp.with_suffix(".spv")
+        assert spv.stat().st_mtime + 2 >= max(comp.stat().st_mtime, newest_include), \
+            f"{spv.name} is older than its sources: bash scripts/build_kernels.sh"
+
+
+# ---- kernels against the reference ----------------------------------------------------------------------------
+SHAPES = ((1, 32), (37, 96), (300, 544), (5, 4160), (0, 64))  # one block; odd rows; cols % 128; long; none
+
+
+@needs_device
+@pytest.mark.parametrize("n", [1, 11])  # decode (matvec) and a prompt (matmul: a tile of 8 and a partial one)
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"{r}x{c}" for r, c in SHAPES])
+@pytest.mark.parametrize("qtype", TYPES, ids=NAMES)
+def test_product_matches_reference(qtype, shape, n):
+    rng = np.random.default_rng(1)
+    w = random_qtensor(qtype, *shape, rng)
+    x = activations(n, shape[1], rng)
+    lin = BACKEND.linear(w)
+    assert (lin.rows, lin.cols) == shape and lin.nbytes >= w.nbytes - 2 * shape[0] * shape[1] // 32
+    got = lin(x)
+    assert got.shape == (n, shape[0]) and got.dtype == np.float32
+    assert np.all(np.abs(got - NumpyBackend().linear(w)(x)) <= tolerance(w, x))
+    out = np.full((n, shape[0]), np.nan, np.float32)
+    assert lin(x, out=out) is out and np.array_equal(out, got)
+    lin.free()
+
+
+@needs_device
+def test_columns_not_a_multiple_of_32_and_no_columns():
+    rng = np.random.default_rng(2)
+    w = random_qtensor(T.F32, 9, 48, rng)  # a column slice through quant blocks, dequantised to F32
+    x = activations(3, 48, rng)
+    np.testing.assert_allclose(BACKEND.linear(w)(x), NumpyBackend().linear(w)(x), rtol=1e-5, atol=1e-5)
+    from spmd.quants import QTensor
+    empty = BACKEND.linear(QTensor(T.Q8_0, 3, 0, np.zeros((3, 0), np.uint8)))
+    assert not empty(np.zeros((2, 0), np.float32)).any()
+
+
+@needs_device
+def test_a_matrix_over_the_storage_buffer_range_is_split_into_row_chunks(monkeypatch):
+    rng = np.random.default_rng(3)
+    w = random_qtensor(T.Q4_0, 100, 256, rng)
+    monkeypatch.setattr(BACKEND.dev, "max_range", 30 * 8 * 16)  # 30 rows of 8 blocks
+    lin = BACKEND.linear(w)
+    assert len(lin.parts) == 4
+    x = activations(2, 256, rng)
+    assert np.all(np.abs(lin(x) - NumpyBackend().linear(w)(x)) <= tolerance(w, x))
+
+
+def _run_pair(n, rng, bias=False, accum=False):
+    """silu(W1 x) * (W3 x) in one pass (gate and up rows side by side), with a bias and an add into y."""
+    from spmd.backends.vk_runtime import Buffer, Recording
+    from spmd.backends.vulkan import pad
+    rows, cols = 70, 160
+    w1, w3 = random_qtensor(T.Q4_0, rows, cols, rng), random_qtensor(T.Q4_0, rows, cols, rng)
+    lin1, lin3, dev = BACKEND.linear(w1), BACKEND.linear(w3), BACKEND.dev
+    x = rng.standard_normal((n, cols)).astype(np.float32)
+    b, y0 = rng.standard_normal(rows).astype(np.float32), rng.standard_normal((n, rows)).astype(np.float32)
+    xb, bb, yb = Buffer(dev, n * pad(cols) * 4), Buffer(dev, rows * 4), Buffer(dev, n * rows * 4)
+    dev.zero([xb, bb, yb])
+    xb.write(np.pad(x, ((0, 0), (0, pad(cols) - cols))))
+    bb.write(b)
+    yb.write(y0)
+    rec = Recording(dev)
+    lin1.dispatch(rec, xb, pad(cols), 0, yb, rows, 0, n, pair=lin3, bias=bb if bias else None, accum=accum)
+    rec.barrier(to_host=True)
+    rec.end()
+    rec.run()
+    got = dev.read(yb, 0, n * rows * 4).view(np.float32).reshape(n, rows)
+    rec.free()
+    for buf in (xb, bb, yb):
+        buf.free()
+    gate, up = NumpyBackend().linear(w1)(x).astype(np.float64), NumpyBackend().linear(w3)(x).astype(np.float64)
+    expect = gate / (1 + np.exp(-gate)) * up + (b if bias else 0) + (y0 if accum else 0)
+    tol = 1e-5 * (np.abs(x) @ (np.abs(NumpyBackend().linear(w1).w) + np.abs(NumpyBackend().linear(w3).w)).T)
+    return got, expect, tol * (1 + np.abs(up) + np.abs(gate)) + 1e-6 * np.abs(expect)
+
+
+@needs_device
+@pytest.mark.parametrize("n", [1, 9])
+@pytest.mark.parametrize("bias,accum", [(True, False), (False, True)], ids=["bias", "add"])
+def test_gate_and_up_in_one_pass_with_silu(bias, accum, n):
+    """SwiGLU's SiLU-multiply fused into the product of ffn_gate and ffn_up; a bias and the residual add."""
+    got, expect, tol = _run_pair(n, np.random.default_rng(4), bias, accum)
+    assert np.all(np.abs(got - expect) <= tol)
+
+
+# ---- the model on the device ----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("vulkan-models")
+    paths = {q: write_model(folder / f"llama-{q}.gguf", LLAMA, qtype=q, seed=7) for q in ("F32", "Q8_0", "Q4_0",
+                                                                                          "F16")}
+    paths["qwen2"] = write_model(folder / "qwen2.gguf", QWEN2, qtype="Q8_0", seed=3)
+    return paths
+
+
+def engine(path, backend, **kw):
+    opts = RunOptions(model=str(path), prompt_tokens=PROMPT, steps=12, backend=backend, **kw)
+    return Engine(opts, Comm(comm=MPI.COMM_SELF), log=lambda _m: None)
+
+
+@needs_device
+@pytest.mark.parametrize("case", ["F32", "Q8_0", "Q4_0", "F16", "qwen2"])
+def test_greedy_tokens_equal_numpy_reference(models, case):
+    expected = engine(models[case], "numpy").run()["tokens"]
+    result = engine(models[case], "vulkan").run()
+    assert result["tokens"] == expected and len(expected) == 12
+    assert "vulkan (" in result["ranks"][0].get("backend", "vulkan (")
+
+
+@needs_device
+@pytest.mark.parametrize("case", ["F32", "qwen2"])
+def test_logits_match_reference_batched_and_step_by_step(models, case):
+    tokens = list(PROMPT) + [5, 9, 200]
+    expected = reference.logits_for(models[case], tokens)
+    e = engine(models[case], "vulkan")
+    np.testing.assert_allclose(e.forward(np.array(tokens), 0), expected[-1], rtol=0, atol=1e-4)
+    e = engine(models[case], "vulkan")
+    e.forward(np.array(tokens[:5]), 0)
+    for pos in range(5, len(tokens)):
+        np.testing.assert_allclose(e.forward(np.array(tokens[pos:pos + 1]), pos), expected[pos], rtol=0, atol=1e-4)
+
+
+def _shard_models(path, share_of, cfg_change=None, max_seq=None):
+    """(numpy Model, VulkanModel) of the same shard."""
+    f = GGUFFile(path)
+    from spmd.config import read_config
+    cfg = read_config(f)
+    if cfg_change:
+        cfg = dataclasses.replace(cfg, **cfg_change)
+    share = share_of(cfg)
+    max_seq = max_seq or cfg.context
+    ref = Model(cfg, load_shard(f, cfg, share, NumpyBackend()), share, max_seq)
+    dev = BACKEND.make_model(cfg, load_shard(f, cfg, share, BACKEND), share, max_seq)
+    return ref, dev, cfg
+
+
+def _whole(cfg):
+    return make_plan(parse_ratios(None, 1), cfg.n_heads, cfg.n_kv_heads, cfg.ffn_dim, cfg.vocab)[0]
+
+
+@needs_device
+@pytest.mark.parametrize("neox", [False, True], ids=["interleaved", "neox"])
+def test_attention_over_a_long_cache_with_partial_rope(tmp_path, neox):
+    """A cache written through write_cache (300 positions: two chunks of the kernel's 256 keys), then 3 tokens;
+    half of each head rotated (rope_dim < head_dim), GQA; every layer against spmd.model.Model."""
+    path = write_model(tmp_path / "m.gguf", Shape(dim=128, n_heads=4, n_kv_heads=2, ffn=128, context=512), "F32", 5)
+    ref, dev, cfg = _shard_models(path, _whole, {"rope_dim": 16, "rope_neox": neox})
+    rng = np.random.default_rng(6)
+    k, v = (rng.standard_normal((cfg.n_layers, 2, 300, cfg.head_dim)).astype(np.float32) for _ in range(2))
+    for m in (ref, dev):
+        m.write_cache(k, v)
+    tokens = np.array([3, 4, 5])
+    np.testing.assert_allclose(dev.forward(tokens, 300, None), ref.forward(tokens, 300, None), rtol=0, atol=1e-4)
+    for a, b in zip(dev.read_cache(303), ref.read_cache(303)):
+        assert a.shape == (cfg.n_layers, 2, 303, cfg.head_dim)
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(dev.forward(np.array([7]), 303, None), ref.forward(np.array([7]), 303, None),
+                               rtol=0, atol=1e-4)
+    dev.close()
+
+
+@needs_device
+def test_half_layer_command_buffers_with_an_allreduce(models):
+    """The multi-rank recording (one command buffer per half-layer, partial sums through host memory) gives the
+    single-rank one's logits when the allreduce is the identity; it is called twice per layer."""
+    ref, dev, cfg = _shard_models(models["Q8_0"], _whole)
+    calls = []
+
+    def identity(a):
+        calls.append(a.shape)
+        return a
+    one = dev.forward(np.array(PROMPT), 0, None)
+    dev2 = BACKEND.make_model(cfg, dev.w, dev.share, dev.max_seq)
+    many = dev2.forward(np.array(PROMPT), 0, identity)
+    assert calls == [(len(PROMPT), cfg.dim)] * (2 * cfg.n_layers)
+    np.testing.assert_allclose(many, one, rtol=0, atol=1e-5)
+    for pos, t in enumerate((5, 6, 7), start=len(PROMPT)):
+        np.testing.assert_allclose(dev2.forward(np.array([t]), pos, identity), dev.forward(np.array([t]), pos, None),
+                                   rtol=0, atol=1e-5)
+    np.testing.assert_allclose(one, ref.forward(np.array(PROMPT), 0, None), rtol=0, atol=1e-4)
+    dev.close()
+
+
+@needs_device
+def test_a_new_share_after_repartition_rebuilds_buffers_and_frees_the_old(models):
+    """Ranks 0 and 1 of 2 (other widths of every matrix), built after one another on one device; close() gives
+    the device memory back; the cache moves through read_cache / write_cache."""
+    dev_mem = BACKEND.dev
+    before = list(dev_mem.heap_used)
+    plan = None
+
+    def share(rank):
+        def of(cfg):
+            nonlocal plan
+            plan = make_plan(parse_ratios("1:3", 2), cfg.n_heads, cfg.n_kv_heads, cfg.ffn_dim, cfg.vocab)
+            return plan[rank]
+        return of
+    ref0, dev0, _ = _shard_models(models["Q4_0"], share(0))
+    a = dev0.forward(np.array(PROMPT), 0, lambda x: x)
+    np.testing.assert_allclose(a, ref0.forward(np.array(PROMPT), 0, lambda x: x), rtol=0, atol=1e-4)
+    k, v = dev0.read_cache(len(PROMPT))
+    dev0.close()
+    assert dev_mem.heap_used == before
+    ref1, dev1, _ = _shard_models(models["Q4_0"], share(1))
+    assert dev1.nf != dev0.nf and dev1.nv != dev0.nv
+    b = dev1.forward(np.array(PROMPT), 0, lambda x: x)
+    np.testing.assert_allclose(b, ref1.forward(np.array(PROMPT), 0, lambda x: x), rtol=0, atol=1e-4)
+    dev1.close()
+    assert k.shape[1] == plan[0].n_kv
+
+
+@needs_device
+def test_a_device_whose_memory_the_host_cannot_map(monkeypatch, models):
+    """Discrete GPUs without a host-visible window on all their memory: weights, the cache and the embeddings go
+    through staging copies, and decode runs RMSNorm as a pass of its own; same tokens."""
+    expected = engine(models["Q8_0"], "numpy").run()["tokens"]
+    monkeypatch.setattr(BACKEND.dev, "direct", False)
+    e = engine(models["Q8_0"], "vulkan")
+    assert e.model.kcache[0].view is None and e.model.w.layers[0].wq.parts[0].w.view is None
+    assert e.run()["tokens"] == expected
+    k, v = e.model.read_cache(4)
+    e.model.write_cache(k, v)
+    np.testing.assert_array_equal(e.model.read_cache(4)[1], v)
+    e.model.close()
+
+
+# ---- errors ---------------------------------------------------------------------------------------------------
+def test_no_loader_names_the_package_to_install(monkeypatch):
+    import builtins
+
+    from spmd.backends import vk_runtime
+    real = builtins.__import__
+
+    def no_libvulkan(name, *a, **kw):
+        if name == "vulkan":
+            raise OSError("cannot load library 'libvulkan.so.1'")
+        return real(name, *a, **kw)
+    monkeypatch.setattr(builtins, "__import__", no_libvulkan)
+    with pytest.raises(UserError, match=r"apt-get install libvulkan1 mesa-vulkan-drivers") as e:
+        vk_runtime._import_vulkan()
+    assert "\n" not in str(e.value)
+
+
+@needs_device
+def test_no_device_names_the_driver_to_install(monkeypatch):
+    import vulkan
+
+    from spmd.backends import vk_runtime
+    monkeypatch.setattr(vulkan, "vkEnumeratePhysicalDevices", lambda _instance: [])
+    with pytest.raises(UserError, match=r"^no Vulkan device found: apt-get install .*mesa-vulkan-drivers"):
+        vk_runtime.Device(0)
+
+
+@needs_device
+def test_a_missing_spv_names_the_build_script(monkeypatch, tmp_path):
+    from spmd.backends import vk_runtime
+    monkeypatch.setattr(vk_runtime, "KERNELS", tmp_path)
+    with pytest.raises(UserError, match=r"matvec_q4_0_f32.spv is missing: bash scripts/build_kernels.sh"):
+        BACKEND.dev.pipeline("matvec_q4_0_f32", 6, 48, (64, 0))
+
+
+@needs_device
+def test_too_little_device_memory_says_how_much_and_what_to_do(monkeypatch, models):
+    dev = BACKEND.dev
+    monkeypatch.setattr(dev, "heap_size", [used + (1 << 16) for used in dev.heap_used])
+    with pytest.raises(UserError, match=r"need \d+ MiB or more of device memory .* MiB free .*lower this rank's "
+                                        r"ratio") as e:
+        engine(models["Q8_0"], "vulkan")
+    assert "\n" not in str(e.value)
+
+
+@needs_device
+def test_description_names_the_device_and_any_index_picks_one():
+    assert BACKEND.description == f"vulkan ({BACKEND.dev.name})"
+    assert get_backend("vulkan", device=7).dev.name  # 7 % count
+    assert get_backend("cpu", threads=1).description == "cpu (numba, 1 thread)"
+    assert json.dumps(get_backend("numpy").description)
