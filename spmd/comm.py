@@ -5,7 +5,19 @@ Bytes sent are counted per rank as each algorithm's schedule sends them (payload
   star  reduce to rank 0 then broadcast: a worker sends n elements, the root (P-1)*n
   ring  reduce-scatter with chunk c_r per rank, then allgather: rank r sends (n - c_r) + (n - c_{r+1})
   mpi   the library's own Allreduce, counted as the bandwidth-optimal 2*(P-1)/P*n
+
+TEST ONLY, simulated link latency: with SPMD_TEST_LINK_DELAY_MS=d set (a float, in ms), each message-passing call
+sleeps d ms per communication step of its schedule before it runs (counted in sync time), as if every message took
+d ms more to cross one link. Steps, at P > 1 ranks (one rank communicates nothing and sleeps nothing):
+  allreduce star  2            (all workers -> rank 0 at once, then rank 0 -> all)
+  allreduce ring  2*(P-1)      (P-1 reduce-scatter steps, P-1 allgather steps)
+  allreduce mpi   2*ceil(log2 P) (recursive halving + doubling, the schedule its byte count assumes)
+  control, broadcast_tokens, gather_logits   1 each (rank 0 -> all, or all -> rank 0)
+It models latency only (the bandwidth cap of scripts/netsim.sh is a real one), is the same on every rank, and is
+not a network delay: this machine's kernel has no netem. Unset or 0, it costs nothing.
 """
+import math
+import os
 import time
 
 import numpy as np
@@ -17,6 +29,29 @@ ALGORITHMS = ("star", "ring", "mpi")
 
 # control message: (op, a, b, c) int64
 OP_PREFILL, OP_DECODE, OP_STOP = 1, 2, 3
+# a live re-partition at a token boundary (a = new plan epoch, b = position; the plan follows by bcast), and a
+# gather of every rank's recent timings for the control socket's `status`
+OP_REPLAN, OP_STATUS = 4, 5
+TAG_META, TAG_DATA = 71, 72  # point-to-point messages of a re-partition
+
+
+def link_delay_s():
+    """SPMD_TEST_LINK_DELAY_MS as seconds (0 when unset): the simulated one-way latency of a link (test only)."""
+    text = os.environ.get("SPMD_TEST_LINK_DELAY_MS", "").strip()
+    try:
+        ms = float(text) if text else 0.0
+    except ValueError:
+        raise ValueError(f"SPMD_TEST_LINK_DELAY_MS={text!r} is not a number of milliseconds") from None
+    if not (ms >= 0 and math.isfinite(ms)):
+        raise ValueError(f"SPMD_TEST_LINK_DELAY_MS={text!r} must be a finite number >= 0")
+    return ms / 1e3
+
+
+def link_steps(algorithm, size):
+    """Communication steps of one allreduce's schedule (the simulated delay is paid once per step)."""
+    if size == 1:
+        return 0
+    return {"star": 2, "ring": 2 * (size - 1), "mpi": 2 * math.ceil(math.log2(size))}[algorithm]
 
 
 class Comm:
@@ -29,6 +64,7 @@ class Comm:
         self.bytes_sent = 0
         self._ring_layouts = {}  # n -> (counts, displacements) of the weighted ring, built once per vector size
         self._control = np.zeros(4, dtype=np.int64)
+        self.link_delay_s = link_delay_s() if self.size > 1 else 0.0  # test only; see the module's docstring
 
     @property
     def is_root(self):
@@ -38,6 +74,8 @@ class Comm:
     def control(self, op=0, a=0, b=0, c=0):
         """Rank 0's (op, a, b, c) on every rank."""
         t = time.perf_counter()
+        if self.link_delay_s:
+            time.sleep(self.link_delay_s)
         if self.is_root:
             self._control[:] = (op, a, b, c)
         self.comm.Bcast(self._control, root=0)
@@ -49,6 +87,8 @@ class Comm:
     def broadcast_tokens(self, tokens):
         """Rank 0's token ids (int64 array) on every rank; the count must already be known (from control)."""
         t = time.perf_counter()
+        if self.link_delay_s:
+            time.sleep(self.link_delay_s)
         self.comm.Bcast(tokens, root=0)
         self.sync_s += time.perf_counter() - t
         if self.is_root:
@@ -61,6 +101,8 @@ class Comm:
         if self.size == 1:
             return x
         t = time.perf_counter()
+        if self.link_delay_s:
+            time.sleep(self.link_delay_s * link_steps(self.algorithm, self.size))
         flat = x.reshape(-1)
         getattr(self, "_" + self.algorithm)(flat)
         self.sync_s += time.perf_counter() - t
@@ -103,12 +145,42 @@ class Comm:
             out[...] = local
             return out
         t = time.perf_counter()
+        if self.link_delay_s:
+            time.sleep(self.link_delay_s)
         displs = np.concatenate([[0], np.cumsum(vocab_counts)[:-1]]).tolist()
         self.comm.Gatherv(local, [out, (list(vocab_counts), displs), MPI.FLOAT] if self.is_root else None, root=0)
         self.sync_s += time.perf_counter() - t
         if not self.is_root:
             self.bytes_sent += local.nbytes
         return out
+
+    # ---- live re-partition ----------------------------------------------------------------------------------
+    def set_ratios(self, ratios):
+        """New ratios for the weighted ring's chunks (after a re-partition); its layouts are built again."""
+        self.ratios = tuple(ratios)
+        self._ring_layouts = {}
+
+    def exchange(self, outgoing, sources):
+        """Point-to-point: send {dest: (meta, uint8 array)} and receive one (meta, uint8 array) from each rank in
+        `sources`. Every send is posted before any receive, so no order of the pairs can deadlock. Returns
+        {source: (meta, array)}; small `meta` goes pickled, the array as a buffer."""
+        t = time.perf_counter()
+        requests = []
+        for dest, (meta, buf) in outgoing.items():
+            requests.append(self.comm.isend(meta, dest=dest, tag=TAG_META))
+            requests.append(self.comm.Isend(buf, dest=dest, tag=TAG_DATA))
+            self.bytes_sent += buf.nbytes
+        received = {}
+        for src in sources:
+            meta = self.comm.recv(source=src, tag=TAG_META)
+            status = MPI.Status()
+            self.comm.Probe(source=src, tag=TAG_DATA, status=status)
+            buf = np.empty(status.Get_count(MPI.BYTE), dtype=np.uint8)
+            self.comm.Recv(buf, source=src, tag=TAG_DATA)
+            received[src] = (meta, buf)
+        MPI.Request.Waitall(requests)
+        self.sync_s += time.perf_counter() - t
+        return received
 
     # ---- agreement and small objects ------------------------------------------------------------------------
     def first_error(self, message):

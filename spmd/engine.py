@@ -1,5 +1,6 @@
 """One generation, run the same way on every rank: set up (agreeing on errors), then rank 0 drives each step
 with one control message. Rank 0 tokenizes, samples, streams the text and assembles the result."""
+import collections
 import os
 import resource
 import time
@@ -15,6 +16,7 @@ from .errors import UserError
 from .gguf_file import GGUFFile
 from .model import Model
 from .plan import format_ratios, make_plan, parse_ratios
+from .repartition import WEIGHT_SOURCES, Repartition
 from .sampling import Sampler
 from .tokenizer import load_tokenizer
 from .weights import load_shard
@@ -35,6 +37,11 @@ class RunOptions:
     seed: int = None
     tokenizer: str = None  # a sentencepiece .model instead of the GGUF's vocabulary
     prompt_tokens: tuple = None  # token ids instead of a prompt text (tests)
+    control_socket: str = None  # rank 0 listens here for live migrations (None: no socket)
+    migrate_weights: str = "file"  # a migration's weights: "file" (each rank reads its own) or "peer" (sent)
+
+
+RECENT_STEPS = 16  # the control socket's `status` reports compute and sync time over this many decode steps
 
 
 def agree(comm, step):
@@ -88,6 +95,8 @@ class Engine:
             raise UserError(f"--steps must be at least 1 (got {opts.steps})")
         if opts.allreduce not in C.ALGORITHMS:
             raise UserError(f"--allreduce {opts.allreduce!r}: choose one of {', '.join(C.ALGORITHMS)}")
+        if opts.migrate_weights not in WEIGHT_SOURCES:
+            raise UserError(f"--migrate-weights {opts.migrate_weights!r}: choose one of {', '.join(WEIGHT_SOURCES)}")
         self.backend_name, self.gpu = per_rank_choice(opts, comm)
         self.file, self.cfg, self.ratios, self.plan = agree(comm, self._read_header)
         comm.algorithm, comm.ratios = opts.allreduce, self.ratios
@@ -111,6 +120,9 @@ class Engine:
         self._vocab_counts = [s.n_vocab for s in self.plan]
         self._logits = np.empty(self.cfg.vocab, dtype=np.float32) if comm.is_root else None
         self._decode_steps, self._decode_bytes = 0, 0
+        self._recent = collections.deque(maxlen=RECENT_STEPS)  # (compute s, sync s) of the last decode steps
+        self.epoch, self.migrations = 0, []  # the plan's epoch: how many re-partitions it has been through
+        self.control = agree(comm, self._open_control if comm.is_root else lambda: None)
 
     def _read_header(self):
         f = GGUFFile(self.opts.model)
@@ -124,7 +136,7 @@ class Engine:
         middle of a step: refuse at set-up, naming what differs."""
         mine = {"model (its header)": self.cfg, "model file size": os.path.getsize(self.opts.model),
                 "--ratios": self.ratios, "--allreduce": self.opts.allreduce, "--backend": self.opts.backend,
-                "--gpu": self.opts.gpu}
+                "--gpu": self.opts.gpu, "--migrate-weights": self.opts.migrate_weights}
         everyone = self.comm.allgather(mine)
         for rank, theirs in enumerate(everyone):
             for what in mine:
@@ -158,15 +170,30 @@ class Engine:
         make_model = getattr(backend, "make_model", Model)
         return make_model(self.cfg, weights, self.share, self.max_seq)
 
+    def _open_control(self):
+        """Rank 0: the control socket's listener (None without one)."""
+        if self.opts.control_socket is None:
+            return None
+        from .control import Listener, make_private_dir, socket_dir
+        path = self.opts.control_socket
+        if os.path.dirname(os.path.abspath(path)) == socket_dir():
+            make_private_dir(socket_dir())
+        first = len(self.prompt)  # token boundaries: positions first..last (none after the last sampled token)
+        listener = Listener(path, self.plan, self.ratios, first, first + self.steps - 2)
+        self.log(f"control socket: {path}")
+        return listener
+
     # ---- the step loop --------------------------------------------------------------------------------------
     def forward(self, tokens, pos):
         """Every rank: one pass; returns the full logits on rank 0 (None elsewhere)."""
-        sent = self.comm.bytes_sent
+        sent, sync, t = self.comm.bytes_sent, self.comm.sync_s, time.perf_counter()
         local = self.model.forward(tokens, pos, self.comm.allreduce if self.comm.size > 1 else None)
         logits = self.comm.gather_logits(local, self._vocab_counts, self._logits)
         if len(tokens) == 1:  # a decode step: its traffic is the per-token figure
             self._decode_steps += 1
             self._decode_bytes += self.comm.bytes_sent - sent
+            synced = self.comm.sync_s - sync
+            self._recent.append((time.perf_counter() - t - synced, synced))
         return logits
 
     def run(self, emit=None):
@@ -175,10 +202,14 @@ class Engine:
         self.comm.barrier()
         start_sync = self.comm.sync_s
         t0 = time.perf_counter()
-        result = self._root_loop(emit) if self.comm.is_root else self._worker_loop()
+        try:
+            result = self._root_loop(emit) if self.comm.is_root else self._worker_loop()
+        finally:
+            if self.control is not None:
+                self.control.close(self._pos)
         total = time.perf_counter() - t0
         sync = self.comm.sync_s - start_sync
-        stats = dict(rank=self.comm.rank, host=C.host_name(), backend=getattr(self.backend, 'description', self.backend.name),
+        stats = dict(rank=self.comm.rank, host=C.host_name(), backend=self.backend.description,
                      share=self.share.describe(),
                      compute_ms=round((total - sync) * 1e3, 3), sync_ms=round(sync * 1e3, 3),
                      bytes_sent=int(self.comm.bytes_sent),
@@ -187,6 +218,7 @@ class Engine:
         ranks = self.comm.gather(stats)
         if result is not None:
             result["ranks"] = ranks
+            result.update(plan_epoch=self.epoch, plan=[s.layout() for s in self.plan], migrations=self.migrations)
         return result
 
     def _worker_loop(self):
@@ -199,6 +231,10 @@ class Engine:
                 self.forward(tokens, 0)
             elif op == C.OP_DECODE:
                 self.forward(np.array([a], dtype=np.int64), b)
+            elif op == C.OP_REPLAN:
+                self._replan(a, b)
+            elif op == C.OP_STATUS:
+                self.comm.gather(self._recent_stats())
 
     def _root_loop(self, emit):
         emit = emit or (lambda _piece: True)
@@ -223,9 +259,13 @@ class Engine:
             reading = emit(pieces[-1])
             if not reading or len(tokens) == self.steps:
                 break
+            self._pos = pos
+            if self.control is not None:
+                self._between_tokens(pos)
             self.comm.control(C.OP_DECODE, token, pos)
             token = sample(self.forward(np.array([token], dtype=np.int64), pos))
             pos += 1
+        self._pos = pos
         self.comm.control(C.OP_STOP)
         pieces.append(stream.flush())
         emit(pieces[-1])
@@ -239,3 +279,52 @@ class Engine:
             load_s=round(self.load_s, 3), n_ranks=self.comm.size, allreduce=self.comm.algorithm,
             ratios=format_ratios(self.ratios), backend=self.opts.backend,
         )
+
+    # ---- live re-partition (rank 0 is told by the control socket) ---------------------------------------------
+    _pos = None  # rank 0: the position of the token boundary it is at, or where generation stopped
+
+    def _between_tokens(self, pos):
+        """Rank 0 at the token boundary before position `pos`: apply what the control socket has due now."""
+        due = self.control.poll(pos)
+        for request in due:
+            if request.cmd == "migrate":
+                self.comm.control(C.OP_REPLAN, request.epoch, pos)
+                t = time.perf_counter()
+                error, ranks = self._replan(request.epoch, pos, request.plan, request.ratios)
+                ms = round((time.perf_counter() - t) * 1e3, 3)
+                if error is not None:
+                    self.control.finish(request, {"ok": False, "error": f"the migration failed and the plan is "
+                                                                        f"unchanged: {error}", "applied_at": None})
+                    continue
+                moved = sum(r["weights_bytes_sent"] + r["cache_bytes_sent"] for r in ranks)
+                summary = dict(epoch=self.epoch, applied_at=pos, bytes_moved=moved, ms=ms)
+                self.migrations.append(summary)
+                self.control.finish(request, {"ok": True, **summary, "ratios": format_ratios(self.ratios),
+                                              "plan": [s.layout() for s in self.plan], "ranks": ranks},
+                                    self.plan, self.ratios, self.epoch)
+        statuses = [r for r in due if r.cmd == "status"]
+        if statuses:
+            self.comm.control(C.OP_STATUS)
+            reply = dict(ok=True, position=pos, epoch=self.epoch, ratios=format_ratios(self.ratios),
+                         n_layers=self.cfg.n_layers, ranks=self.comm.gather(self._recent_stats()))
+            for r in statuses:
+                self.control.finish(r, reply)
+
+    def _replan(self, epoch, pos, plan=None, ratios=None):
+        """Every rank: take rank 0's new plan and re-partition to it at position `pos`. Returns (the agreed error
+        or None, and on rank 0 every rank's figures)."""
+        plan, ratios = self.comm.bcast((plan, ratios))
+        error, stats = Repartition(self, plan, pos, self.opts.migrate_weights).run()
+        if error is None:
+            self.plan, self.share, self.ratios, self.epoch = plan, plan[self.comm.rank], ratios, epoch
+            self._vocab_counts = [s.n_vocab for s in plan]
+            self.comm.set_ratios(ratios)
+        return error, self.comm.gather(stats)
+
+    def _recent_stats(self):
+        """This rank's share and its mean compute and sync time per decode step over the last steps."""
+        n = len(self._recent)
+        compute, sync = (sum(c for c, _ in self._recent), sum(s for _, s in self._recent)) if n else (0.0, 0.0)
+        return {**self.share.layout(), "layers": [0, self.cfg.n_layers], "host": C.host_name(),
+                "compute_ms": round(compute * 1e3 / max(n, 1), 3), "sync_ms": round(sync * 1e3 / max(n, 1), 3),
+                "steps": n}

@@ -106,24 +106,39 @@ class GGUFFile:
 
     def rows(self, name, start, stop, notice=print) -> QTensor:
         """Rows [start, stop) of a matrix, copied; a type we do not keep is dequantised (with one notice)."""
-        info, raw = self._matrix(name)
-        qt = self._keep(info, raw[start:stop], stop - start, info.shape[1], notice)
-        self._release(info)
-        return qt
+        return self.row_ranges(name, [(start, stop)], notice)
 
     def cols(self, name, start, stop, notice=print) -> QTensor:
         """Columns [start, stop) of a matrix, copied; a slice that cuts through quant blocks is dequantised."""
+        return self.col_ranges(name, [(start, stop)], notice)
+
+    def row_ranges(self, name, spans, notice=print) -> QTensor:
+        """The rows of several [start, stop) ranges of a matrix, in that order, as one copied matrix."""
+        info, raw = self._matrix(name)
+        spans = list(spans) or [(0, 0)]
+        part = raw[spans[0][0]:spans[0][1]] if len(spans) == 1 else np.concatenate([raw[a:b] for a, b in spans])
+        qt = self._keep(info, part, part.shape[0], info.shape[1], notice)
+        self._release(info)
+        return qt
+
+    def col_ranges(self, name, spans, notice=print) -> QTensor:
+        """The columns of several [start, stop) ranges of a matrix, in that order, as one copied matrix; ranges
+        that cut through quant blocks are dequantised."""
         info, raw = self._matrix(name)
         n_rows, cols = info.shape
+        spans = list(spans) or [(0, 0)]
+        n = sum(b - a for a, b in spans)
         bs = block_size(info.qtype)
-        if start % bs == 0 and (stop % bs == 0 or stop == cols):  # whole blocks: slice the bytes
-            per_block = raw.shape[1] // (cols // bs)
-            part = raw[:, start // bs * per_block: -(-stop // bs) * per_block]
-            qt = self._keep(info, part, n_rows, stop - start, notice)
+        if all(a % bs == 0 and (b % bs == 0 or b == cols) for a, b in spans):  # whole blocks: slice the bytes
+            per_block = raw.shape[1] // (cols // bs) if cols else 0
+            parts = [raw[:, a // bs * per_block: -(-b // bs) * per_block] for a, b in spans]
+            part = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+            qt = self._keep(info, part, n_rows, n, notice)
         else:
             self._notice_once(notice, ("cut", info.qtype), f"note: {info.qtype.name} column slices that cut "
                               "through quant blocks are dequantised to F32 at load")
-            qt = from_float(dequantize_any(raw, info.qtype, n_rows, cols)[:, start:stop])
+            dense = dequantize_any(raw, info.qtype, n_rows, cols)
+            qt = from_float(np.concatenate([dense[:, a:b] for a, b in spans], axis=1))
         self._release(info)
         return qt
 

@@ -55,6 +55,12 @@ def split_ints(_ctx, _param, text):
               help="A sentencepiece .model to use instead of the vocabulary in the GGUF.")
 @click.option("--output", default="text", show_default=True, type=click.Choice(["text", "json"]),
               help="text: stream to stdout and a summary line on stderr; json: one object on stdout.")
+@click.option("--control-socket", default=None, metavar="PATH",
+              help="Unix socket on rank 0 for live migrations (python -m spmd.migrate). "
+                   "Default: $XDG_RUNTIME_DIR/spmd/control-PID.sock or /tmp/spmd-UID/control-PID.sock; none: off.")
+@click.option("--migrate-weights", default="file", show_default=True, type=click.Choice(["file", "peer"]),
+              help="Where a migration's moved weights come from: file: each rank reads them from its own model "
+                   "file; peer: the rank that held them reads and sends them.")
 def cli(**kw):
     """Generate text with a GGUF model split across MPI ranks by non-uniform tensor parallelism.
 
@@ -121,7 +127,11 @@ def main(argv=None):
         if comm.is_root:
             print("error: give --prompt or --prompt-ids, not both", file=sys.stderr)
         sys.exit(1)
-    opts = RunOptions(**kw, prompt_tokens=prompt_tokens)
+    from .control import default_path
+    root_pid = comm.bcast(os.getpid())  # only rank 0 listens; the default path names its pid
+    socket_path = kw.pop("control_socket") or default_path(root_pid)
+    opts = RunOptions(**kw, prompt_tokens=prompt_tokens,
+                      control_socket=None if socket_path.lower() == "none" else socket_path)
     emit = write_stdout if text_out and comm.is_root else None
     try:
         result = Engine(opts, comm, log=log).run(emit)

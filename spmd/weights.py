@@ -7,13 +7,28 @@ Slicing (the only place that knows it):
   ffn_down                                 columns of the rank's FFN columns (in features)  -> partial sum
   output (or token_embd when tied)         rows of the rank's vocabulary slice
   norms                                    replicated
-  token_embd                               not loaded: each token's row is read from the file when it is needed
+  token_embd                               not loaded: each token's row is read from the memory-mapped file
+
+A rank's heads and FFN columns may be several ranges (after a live move); a slice is their concatenation, in
+index order, the same order in every matrix of a layer and in the KV cache.
 """
 from dataclasses import dataclass
 
 import numpy as np
 
-from .plan import Share
+from .plan import Share, scale_ranges
+
+ROWS, COLS, VECTOR = 0, 1, 2  # how a tensor is sliced
+# field of LayerWeights -> (GGUF name in the block, slicing, element unit); "heads": query heads (head_dim rows each,
+# `group` per KV head), "kv": KV heads, "ffn": FFN columns
+LAYER_TENSORS = {
+    "wq": ("attn_q.weight", ROWS, "heads"), "wk": ("attn_k.weight", ROWS, "kv"), "wv": ("attn_v.weight", ROWS, "kv"),
+    "bq": ("attn_q.bias", VECTOR, "heads"), "bk": ("attn_k.bias", VECTOR, "kv"), "bv": ("attn_v.bias", VECTOR, "kv"),
+    "wo": ("attn_output.weight", COLS, "heads"),
+    "w1": ("ffn_gate.weight", ROWS, "ffn"), "w3": ("ffn_up.weight", ROWS, "ffn"),
+    "w2": ("ffn_down.weight", COLS, "ffn"),
+}
+UNIT_KIND = {"heads": "kv", "kv": "kv", "ffn": "ffn", "vocab": "vocab"}  # element unit -> plan unit that moves it
 
 
 @dataclass
@@ -51,39 +66,64 @@ class ShardWeights:
         return sum(lin.nbytes for lin in linears)
 
 
-def load_shard(f, cfg, share: Share, backend, notice=print) -> ShardWeights:
-    hd = cfg.head_dim
-    q = (share.head_start * hd, (share.head_start + share.n_heads) * hd)
-    kv = (share.kv_start * hd, (share.kv_start + share.n_kv) * hd)
-    ffn = (share.ffn_start, share.ffn_start + share.n_ffn)
+def classifier_name(cfg) -> str:
+    return "token_embd.weight" if cfg.tied_output else "output.weight"
 
-    def rows(name, span):
-        return backend.linear(f.rows(name, *span, notice=notice))
 
-    def cols(name, span):
-        return backend.linear(f.cols(name, *span, notice=notice))
+def element_spans(cfg, share: Share, unit) -> list:
+    """The [start, stop) ranges of a tensor's sliced axis that `share` holds, for an element unit."""
+    if unit == "heads":
+        return scale_ranges(share.kv_ranges, share.group * cfg.head_dim)
+    if unit == "kv":
+        return scale_ranges(share.kv_ranges, cfg.head_dim)
+    if unit == "ffn":
+        return share.ffn_ranges
+    return [(share.vocab_start, share.vocab_start + share.n_vocab)] if share.n_vocab else []
 
-    def bias(name, span):
-        return f.vector(name)[span[0]:span[1]].copy() if cfg.qkv_bias else None
+
+def file_reader(f, notice=print):
+    """read(name, slicing, spans) -> QTensor (a matrix's rows or columns) or float32 vector, from the mapped file."""
+    def read(name, slicing, spans):
+        if slicing == ROWS:
+            return f.row_ranges(name, spans, notice=notice)
+        if slicing == COLS:
+            return f.col_ranges(name, spans, notice=notice)
+        v = f.vector(name)
+        return np.concatenate([v[a:b] for a, b in spans]) if spans else v[:0].copy()
+    return read
+
+
+def load_shard(f, cfg, share: Share, backend, notice=print, read=None, old=None, keep=()) -> ShardWeights:
+    """This rank's weights for `share`. `read` (default: the file) supplies the slices; with `old` weights, the
+    matrices of the plan units in `keep` ("kv", "ffn", "vocab") and the replicated vectors are taken from `old`
+    as they are instead of being read again."""
+    read = read or file_reader(f, notice)
+
+    def get(field, block, old_layer):
+        name, slicing, unit = LAYER_TENSORS[field]
+        if old_layer is not None and UNIT_KIND[unit] in keep:
+            return getattr(old_layer, field)
+        if slicing == VECTOR:
+            return read(block + name, VECTOR, element_spans(cfg, share, unit)) if cfg.qkv_bias else None
+        return backend.linear(read(block + name, slicing, element_spans(cfg, share, unit)))
 
     layers = []
     for i in range(cfg.n_layers):
-        p = f"blk.{i}."
+        p, o = f"blk.{i}.", old.layers[i] if old is not None else None
         layers.append(LayerWeights(
-            attn_norm=f.vector(p + "attn_norm.weight"),
-            wq=rows(p + "attn_q.weight", q), wk=rows(p + "attn_k.weight", kv), wv=rows(p + "attn_v.weight", kv),
-            bq=bias(p + "attn_q.bias", q), bk=bias(p + "attn_k.bias", kv), bv=bias(p + "attn_v.bias", kv),
-            wo=cols(p + "attn_output.weight", q),
-            ffn_norm=f.vector(p + "ffn_norm.weight"),
-            w1=rows(p + "ffn_gate.weight", ffn), w3=rows(p + "ffn_up.weight", ffn),
-            w2=cols(p + "ffn_down.weight", ffn),
-        ))
-    classifier = "token_embd.weight" if cfg.tied_output else "output.weight"
-    vocab = (share.vocab_start, share.vocab_start + share.n_vocab)
+            attn_norm=o.attn_norm if o is not None else f.vector(p + "attn_norm.weight"),
+            ffn_norm=o.ffn_norm if o is not None else f.vector(p + "ffn_norm.weight"),
+            **{field: get(field, p, o) for field in LAYER_TENSORS}))
+    if old is not None and "vocab" in keep:
+        output = old.output
+    else:
+        output = backend.linear(read(classifier_name(cfg), ROWS, element_spans(cfg, share, "vocab")))
+    if old is not None:
+        return ShardWeights(layers, old.output_norm, output, old.rope_factors, f)
     return ShardWeights(
         layers=layers,
         output_norm=f.vector("output_norm.weight"),
-        output=rows(classifier, vocab),
+        output=output,
         rope_factors=f.vector("rope_freqs.weight") if f.has("rope_freqs.weight") else None,
         file=f,
     )

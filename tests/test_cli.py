@@ -46,14 +46,17 @@ def test_text_output_streams_then_summarises(model):
     p = run(["--model", model, "--prompt", "Hello", "--steps", 4])
     assert p.returncode == 0, p.stderr
     assert p.stdout == "Hello" + text + "\n"  # the prompt, then the continuation
-    assert p.stderr.startswith("[spmd] 4 tokens, decode ") and p.stderr.count("\n") == 1
+    lines = p.stderr.splitlines()  # the control socket at start-up, the summary at the end
+    assert len(lines) == 2 and lines[0].startswith("control socket: ") and lines[0].endswith(".sock")
+    assert lines[1].startswith("[spmd] 4 tokens, decode ")
 
 
 def test_help_documents_every_flag():
     p = run(["--help"])
     assert p.returncode == 0
     for flag in ("--model", "--prompt", "--prompt-ids", "--steps", "--ratios", "--allreduce", "--backend",
-                 "--gpu", "--temperature", "--top-k", "--top-p", "--seed", "--tokenizer", "--output"):
+                 "--gpu", "--temperature", "--top-k", "--top-p", "--seed", "--tokenizer", "--output",
+                 "--control-socket", "--migrate-weights"):
         assert flag in p.stdout
 
 
@@ -173,7 +176,8 @@ def test_a_reader_that_leaves_early_stops_generation_cleanly(tmp_path, ranks):
     assert "Traceback" not in err
     if ranks == 1:
         assert p.returncode == 0, err
-        assert err.startswith("[spmd] ") and int(err.split()[1]) < 4000  # it stopped early
+        summary = err.splitlines()[-1]
+        assert summary.startswith("[spmd] ") and int(summary.split()[1]) < 4000  # it stopped early
     else:
         assert p.returncode in (0, -signal.SIGPIPE), err
         if shutil.which("pgrep") is None:

@@ -1,0 +1,377 @@
+"""The control socket: rank 0 listens on a Unix domain socket for live re-partition commands while it generates.
+
+A daemon thread accepts connections; each connection gets its own daemon thread, which checks the peer's uid
+(SO_PEERCRED: only the job's own user), reads newline-delimited JSON requests (one line, at most MAX_LINE bytes,
+within IDLE_S seconds), validates each against the current plan and replies on the same line-based channel:
+
+  {"cmd": "status"}                                      -> answered at the next token boundary
+  {"cmd": "migrate", "kind": 1|2|3, "from": A, "to": B, "kv_groups": N, "ffn_blocks": M, "mode": "next"|"at",
+   "at": POS}                                            -> answered once applied (or failed)
+  {"cmd": "migrate", "ratios": "1:1:2" | [1, 1, 2], ...} -> the same, with a whole new split
+
+Replies are one JSON object a line with "ok" true or false ("error": the reason). A request's optional "id" is
+echoed back. Nothing here raises into the main thread: the engine calls `poll(pos)` between tokens (never
+blocking) and `finish(request, reply)` once it has applied a request, and `close()` at the end.
+"""
+import json
+import os
+import socket
+import stat
+import struct
+import threading
+from dataclasses import dataclass, field
+
+from . import plan as P
+from .errors import UserError
+
+MAX_LINE = 64 * 1024  # bytes in one request line
+IDLE_S = 10.0  # a connection that sends no complete line for this long is closed
+MAX_CONNECTIONS = 16
+MAX_STATUS_WAITING = 64
+FIELDS = {"status": {"cmd", "id"},
+          "migrate": {"cmd", "id", "kind", "from", "to", "kv_groups", "ffn_blocks", "ratios", "mode", "at"}}
+
+
+def socket_dir() -> str:
+    """The per-user folder of control sockets: $XDG_RUNTIME_DIR/spmd, or /tmp/spmd-<uid>."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    return os.path.join(runtime, "spmd") if runtime else f"/tmp/spmd-{os.getuid()}"
+
+
+def default_path(pid=None) -> str:
+    return os.path.join(socket_dir(), f"control-{os.getpid() if pid is None else pid}.sock")
+
+
+def make_private_dir(path):
+    """Create `path` mode 0700, or check that an existing one is ours, a real folder and closed to others."""
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        st = os.lstat(path)
+    except OSError as e:
+        raise UserError(f"cannot create the control socket's folder {path}: {e.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise UserError(f"{path} must be a folder of yours that only you can use (mode 0700); remove it or give "
+                        "--control-socket PATH")
+
+
+def is_live(path) -> bool:
+    """Whether a process accepts connections on the Unix socket at `path`."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
+def peer_uid(conn) -> int:
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", creds)[1]
+
+
+def encode(obj) -> bytes:
+    return (json.dumps(obj, separators=(", ", ": ")) + "\n").encode()
+
+
+@dataclass
+class Request:
+    """A request waiting for the main thread: a `status`, or a migration with its new plan worked out."""
+    cmd: str  # "status" | "migrate"
+    id: object = None
+    plan: list = None  # migrate: the new plan
+    ratios: tuple = None  # migrate: the ring's ratios after it
+    epoch: int = None  # migrate: the plan epoch it will make
+    at: int = None  # migrate: the position it is due at (None: the next token boundary)
+    reply: dict = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def describe(self) -> dict:
+        return {"epoch": self.epoch, "at": self.at}
+
+
+class Listener:
+    """The socket and the state it validates against (the plan, the position of the next token boundary)."""
+
+    def __init__(self, path, plan, ratios, first_boundary, last_boundary, epoch=0):
+        self.path = path
+        self._lock = threading.Lock()
+        self._plan, self._ratios, self._epoch = list(plan), tuple(ratios), epoch
+        self._next_boundary, self._last_boundary = first_boundary, last_boundary
+        self._pending = None  # the one migration waiting or being applied
+        self._status = []  # status requests waiting for the next boundary
+        self._closed = False
+        self._connections = 0
+        self._open = set()  # the connections being served
+        self._sock = self._bind(path)
+        st = os.lstat(path)
+        self._file_id = (st.st_dev, st.st_ino)
+        self._thread = threading.Thread(target=self._accept_loop, name="spmd-control", daemon=True)
+        self._thread.start()
+
+    # ---- set-up and tear-down ---------------------------------------------------------------------------------
+    @staticmethod
+    def _bind(path):
+        if len(os.fsencode(path)) >= 108:
+            raise UserError(f"control socket path {path} is too long for a Unix socket (107 bytes at most)")
+        if os.path.lexists(path):
+            if not stat.S_ISSOCK(os.lstat(path).st_mode):
+                raise UserError(f"control socket path {path} exists and is not a socket")
+            if is_live(path):
+                raise UserError(f"control socket {path} is served by another job; give another --control-socket "
+                                "PATH, or none")
+            try:
+                os.unlink(path)  # stale: its job has gone
+            except OSError as e:
+                raise UserError(f"cannot replace the stale control socket {path}: {e.strerror}") from None
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o177)  # the file is created 0600, never open to others even for a moment
+        try:
+            sock.bind(path)
+        except OSError as e:
+            sock.close()
+            raise UserError(f"cannot create control socket {path}: {e.strerror}") from None
+        finally:
+            os.umask(old_umask)
+        os.chmod(path, 0o600)
+        sock.listen(MAX_CONNECTIONS)
+        sock.settimeout(0.2)
+        return sock
+
+    def close(self, pos=None):
+        """Stop listening, remove the socket file, and answer every waiting request with an error."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            waiting = self._status + ([self._pending] if self._pending is not None else [])
+            self._status, self._pending = [], None
+        stopped = f" (it stopped at position {pos})" if pos is not None else ""
+        for r in waiting:
+            if r.cmd == "status":
+                why = "generation ended before the status could be gathered"
+            else:
+                why = f"generation ended before {'position ' + str(r.at) if r.at is not None else 'the next boundary'}"
+            self._answer(r, {"ok": False, "error": why + stopped})
+        try:
+            st = os.lstat(self.path)
+            if stat.S_ISSOCK(st.st_mode) and (st.st_dev, st.st_ino) == self._file_id:  # still ours
+                os.unlink(self.path)
+        except OSError:
+            pass
+        self._sock.close()
+        with self._lock:
+            still_open = list(self._open)
+        for conn in still_open:  # wake the connection threads: the job is over
+            try:
+                conn.shutdown(socket.SHUT_RD)  # a reply being sent still goes out
+            except OSError:
+                pass
+
+    def queued(self) -> int:
+        """Requests waiting for a token boundary (a migration not yet applied, status requests)."""
+        with self._lock:
+            return len(self._status) + (self._pending is not None and self._pending.reply is None)
+
+    # ---- the main thread's side ---------------------------------------------------------------------------------
+    def poll(self, pos) -> list:
+        """At the token boundary before position `pos` is computed: the requests due now (status requests first,
+        then at most one migration). Never blocks on the socket."""
+        with self._lock:
+            self._next_boundary = pos + 1
+            due, self._status = self._status, []
+            if self._pending is not None and self._pending.reply is None and (
+                    self._pending.at is None or self._pending.at <= pos):
+                due.append(self._pending)
+        return due
+
+    def finish(self, request, reply, plan=None, ratios=None, epoch=None):
+        """The main thread has applied (or failed) `request`: record the new plan and send the reply."""
+        with self._lock:
+            if plan is not None:
+                self._plan, self._ratios, self._epoch = list(plan), tuple(ratios), epoch
+            if request is self._pending:
+                self._pending = None
+        self._answer(request, reply)
+
+    @staticmethod
+    def _answer(request, reply):
+        if request.id is not None:
+            reply = {"id": request.id, **reply}
+        request.reply = reply
+        request.done.set()
+
+    # ---- requests ---------------------------------------------------------------------------------------------
+    def handle(self, line: bytes):
+        """One request line -> (an immediate reply dict, None) or (None, a queued Request)."""
+        try:
+            msg = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as e:
+            return {"ok": False, "error": f"malformed request: not JSON ({e})"[:300]}, None
+        if not isinstance(msg, dict):
+            return {"ok": False, "error": "malformed request: expected a JSON object"}, None
+        rid = msg.get("id")
+        if not (rid is None or isinstance(rid, (str, int)) and not isinstance(rid, bool) and len(str(rid)) <= 100):
+            return {"ok": False, "error": "'id' must be a string or an integer"}, None
+        try:
+            with self._lock:
+                if self._closed:
+                    raise UserError("generation has ended")
+                request = self._validate(msg)
+                if request.cmd == "status":
+                    if len(self._status) >= MAX_STATUS_WAITING:
+                        raise UserError("too many status requests waiting")
+                    self._status.append(request)
+                else:
+                    self._pending = request
+            return None, request
+        except UserError as e:
+            reply = {"ok": False, "error": str(e)}
+            return ({"id": rid, **reply} if rid is not None else reply), None
+
+    def _validate(self, msg) -> Request:
+        """A request from a parsed message, checked against the current state (the lock is held)."""
+        cmd = msg.get("cmd")
+        if cmd not in FIELDS:
+            raise UserError(f"unknown command {cmd!r}: expected 'status' or 'migrate'"[:300])
+        unknown = sorted(set(msg) - FIELDS[cmd])
+        if unknown:
+            raise UserError(f"unknown field{'s' * (len(unknown) > 1)} for {cmd}: {', '.join(map(repr, unknown))}"[:300])
+        if cmd == "status":
+            return Request("status", msg.get("id"))
+        if self._pending is not None:
+            raise UserError(f"another migration is pending (epoch {self._pending.epoch}); wait for its reply")
+        at = self._due_position(msg)
+        if "ratios" in msg:
+            extra = sorted({"kind", "from", "to", "kv_groups", "ffn_blocks"} & set(msg))
+            if extra:
+                raise UserError(f"give either 'ratios' or 'kind' with 'from' and 'to', not both ({', '.join(extra)})")
+            ratios = P.parse_ratios(_ratios_text(msg["ratios"]), len(self._plan))
+            new = P.replan(self._plan, ratios)
+        else:
+            for key in ("kind", "from", "to"):
+                if key not in msg:
+                    raise UserError(f"migrate needs '{key}' (or a whole new 'ratios')")
+            if msg["kind"] not in P.KINDS or isinstance(msg["kind"], bool):
+                raise UserError(f"unknown kind {msg['kind']!r}: 1 moves attention heads, 2 FFN columns, 3 both"[:300])
+            needs = {1: {"kv_groups"}, 2: {"ffn_blocks"}, 3: {"kv_groups", "ffn_blocks"}}[msg["kind"]]
+            extra = sorted({"kv_groups", "ffn_blocks"} - needs & set(msg))
+            if extra:
+                raise UserError(f"kind {msg['kind']} moves no {extra[0].replace('_', ' ')}; leave out {extra[0]!r}")
+            new = P.move(self._plan, msg["kind"], msg["from"], msg["to"], msg.get("kv_groups", 0),
+                         msg.get("ffn_blocks", 0))
+            ratios = P.work_ratios(new)
+        return Request("migrate", msg.get("id"), new, ratios, self._epoch + 1, at)
+
+    def _due_position(self, msg):
+        mode = msg.get("mode", "at" if "at" in msg else "next")
+        if mode not in ("next", "at"):
+            raise UserError(f"unknown mode {mode!r}: expected 'next' or 'at'"[:300])
+        if mode == "next":
+            if "at" in msg:
+                raise UserError("mode 'next' takes no 'at'")
+            at = None
+        else:
+            at = msg.get("at")
+            if not isinstance(at, int) or isinstance(at, bool):
+                raise UserError(f"mode 'at' needs 'at': a token position (got {at!r})"[:300])
+            if at < self._next_boundary:
+                raise UserError(f"position {at} has passed: the next token boundary is at position "
+                                f"{self._next_boundary}")
+        due, last = at if at is not None else self._next_boundary, self._last_boundary
+        if last < self._next_boundary:
+            raise UserError("no token boundary is left in this generation")
+        if due > last:
+            raise UserError(f"generation ends before position {due} (its last token boundary is at position {last})")
+        return at
+
+    # ---- the listener thread ----------------------------------------------------------------------------------
+    def _accept_loop(self):
+        while not self._closed:
+            try:
+                conn, _ = self._sock.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                if self._closed:
+                    return
+                continue
+            try:
+                self._admit(conn)
+            except Exception:  # noqa: BLE001 - nothing from a client may end the listener
+                conn.close()
+
+    def _admit(self, conn):
+        uid = peer_uid(conn)
+        if uid != os.getuid():
+            _send(conn, {"ok": False, "error": f"refused: the job belongs to uid {os.getuid()}, not {uid}"})
+            conn.close()
+            return
+        with self._lock:
+            busy = self._connections >= MAX_CONNECTIONS
+            self._connections += not busy
+        if busy:
+            _send(conn, {"ok": False, "error": f"too many connections (at most {MAX_CONNECTIONS}); try again"})
+            conn.close()
+            return
+        threading.Thread(target=self._serve, args=(conn,), name="spmd-control-conn", daemon=True).start()
+
+    def _serve(self, conn):
+        with self._lock:
+            self._open.add(conn)
+        try:
+            conn.settimeout(IDLE_S)
+            buffer = b""
+            while not self._closed:
+                line, buffer = _read_line(conn, buffer)
+                if line is None:
+                    return
+                if len(line) > MAX_LINE:
+                    _send(conn, {"ok": False, "error": f"request line longer than {MAX_LINE} bytes"})
+                    return
+                if not line.strip():
+                    continue
+                reply, request = self.handle(line)
+                if request is not None:
+                    request.done.wait()  # finish() or close() answers every queued request
+                    reply = request.reply
+                _send(conn, reply)
+        except Exception:  # noqa: BLE001 - a client that misbehaves or leaves is dropped, nothing more
+            pass
+        finally:
+            with self._lock:
+                self._connections -= 1
+                self._open.discard(conn)
+            conn.close()
+
+
+def _ratios_text(value):
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and value and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                 for v in value):
+        return ":".join(repr(v) for v in value)
+    raise UserError(f"'ratios' must be a string such as '1:1:2' or a list of positive numbers (got {value!r})"[:300])
+
+
+def _read_line(conn, buffer):
+    """(one line without its newline, the rest) or (None, b"") at end of stream, on a timeout, or once the line
+    passes MAX_LINE bytes without a newline (returned as it is, over the limit, for the caller to refuse)."""
+    while b"\n" not in buffer:
+        if len(buffer) > MAX_LINE:
+            return buffer, b""
+        try:
+            chunk = conn.recv(65536)
+        except (socket.timeout, OSError):
+            return None, b""
+        if not chunk:
+            return None, b""  # the client left, perhaps in the middle of a line: dropped
+        buffer += chunk
+    line, rest = buffer.split(b"\n", 1)
+    return line, rest
+
+
+def _send(conn, reply):
+    conn.sendall(encode(reply))  # an OSError (the client left) drops the connection

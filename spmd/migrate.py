@@ -1,0 +1,188 @@
+"""`python -m spmd.migrate`: move work between the ranks of a running job through its control socket.
+
+    python -m spmd.migrate status
+    python -m spmd.migrate move --kind 1 --from 0 --to 2 --heads 1            # one KV-head group, with its queries
+    python -m spmd.migrate move --kind 2 --from 1 --to 0 --ffn-columns 704    # FFN columns, in whole 32-blocks
+    python -m spmd.migrate move --kind 3 --from 0 --to 1 --heads 1 --ffn-blocks 22 --at 120
+    python -m spmd.migrate ratios 1:1:2
+
+The socket is found in the per-user folder when exactly one job is running there (or give --socket). A migration's
+reply comes once it has been applied. Errors are one line on stderr and exit status 1.
+"""
+import glob
+import json
+import os
+import socket
+import sys
+
+import click
+
+from .control import is_live, socket_dir
+from .plan import FFN_BLOCK
+
+
+class ClientError(Exception):
+    pass
+
+
+def find_socket(path):
+    if path:
+        return path
+    found = sorted(glob.glob(os.path.join(socket_dir(), "control-*.sock")))
+    live = [p for p in found if is_live(p)]
+    if len(live) == 1:
+        return live[0]
+    if not live:
+        raise ClientError(f"no running job has a control socket in {socket_dir()}; give --socket PATH")
+    raise ClientError(f"{len(live)} jobs have control sockets: {', '.join(live)}; choose one with --socket PATH")
+
+
+def request(path, req, timeout):
+    """Send one request line, return the reply object."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout if timeout > 0 else None)
+    try:
+        s.connect(path)
+        s.sendall((json.dumps(req) + "\n").encode())
+        line = s.makefile("rb").readline()
+    except socket.timeout:
+        raise ClientError(f"no reply from {path} within {timeout:g} s") from None
+    except OSError as e:
+        raise ClientError(f"cannot talk to {path}: {e.strerror or e}") from None
+    finally:
+        s.close()
+    if not line:
+        raise ClientError(f"{path} closed the connection without a reply")
+    try:
+        return json.loads(line)
+    except ValueError:
+        raise ClientError(f"{path} replied with something that is not JSON: {line[:200]!r}") from None
+
+
+def ranges_text(spans):
+    return ",".join(f"{a}" if b == a + 1 else f"{a}-{b - 1}" for a, b in spans) or "-"
+
+
+def show_plan(ranks):
+    lines = [f"{'rank':>4}  {'heads':>5}  {'kv groups':<10} {'ffn cols':>8}  {'ffn blocks':<16} {'vocab rows':<14}"
+             + ("  compute ms  sync ms" if "compute_ms" in ranks[0] else "")]
+    for r in ranks:
+        vocab = f"{r['vocab_range'][0]}-{r['vocab_range'][1] - 1}" if r["vocab_rows"] else "-"
+        line = (f"{r['rank']:>4}  {r['heads']:>5}  {ranges_text(r['kv_groups']):<10} {r['ffn_columns']:>8}  "
+                f"{ranges_text(r['ffn_blocks']):<16} {vocab:<14}")
+        if "compute_ms" in r:
+            line += f"  {r['compute_ms']:>10.2f}  {r['sync_ms']:>7.2f}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def show(reply):
+    if "position" in reply:  # status
+        return (f"position {reply['position']}, plan epoch {reply['epoch']}, ratios {reply['ratios']}, "
+                f"{reply['n_layers']} layers on every rank\n" + show_plan(reply["ranks"]))
+    return (f"applied at position {reply['applied_at']}: plan epoch {reply['epoch']}, "
+            f"{reply['bytes_moved'] / 1e6:.2f} MB moved in {reply['ms']:.1f} ms; ratios now {reply['ratios']}\n"
+            + show_plan(reply["plan"]))
+
+
+def run(ctx, req):
+    opts = ctx.obj
+    try:
+        reply = request(find_socket(opts["socket"]), req, opts["timeout"])
+    except ClientError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(1)
+    if not reply.get("ok"):
+        click.echo(f"error: {reply.get('error', reply)}", err=True)
+        sys.exit(1)
+    try:
+        text = json.dumps(reply) if opts["json"] else show(reply)
+    except (KeyError, TypeError, ValueError, IndexError):  # a reply of another shape than we know: as it came
+        text = json.dumps(reply)
+    click.echo(text)
+
+
+def with_mode(req, at):
+    return {**req, "mode": "at", "at": at} if at is not None else {**req, "mode": "next"}
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.option("--socket", "socket_path", default=None, metavar="PATH",
+              help="The job's control socket (default: the one running job's in the per-user folder).")
+@click.option("--json", "as_json", is_flag=True, help="Print the reply as it came (one JSON object).")
+@click.option("--timeout", default=0.0, show_default=True, type=click.FloatRange(min=0),
+              help="Seconds to wait for the reply (0: as long as it takes).")
+@click.pass_context
+def cli(ctx, socket_path, as_json, timeout):
+    """Move work between the ranks of a running `spmd.run` job, while it generates."""
+    ctx.obj = {"socket": socket_path, "json": as_json, "timeout": timeout}
+
+
+def json_flag(f):
+    def set_json(ctx, _param, value):
+        if value:
+            ctx.obj["json"] = True
+    return click.option("--json", "as_json", is_flag=True, expose_value=False, callback=set_json,
+                        help="Print the reply as it came.")(f)
+
+
+@cli.command()
+@json_flag
+@click.pass_context
+def status(ctx):
+    """The plan per rank, its epoch, and each rank's compute and sync time per token lately."""
+    run(ctx, {"cmd": "status"})
+
+
+@cli.command()
+@click.option("--kind", required=True, type=click.IntRange(1, 3),
+              help="1: attention heads only, 2: FFN columns only, 3: both.")
+@click.option("--from", "src", required=True, type=click.IntRange(min=0), help="The rank that gives work away.")
+@click.option("--to", "dst", required=True, type=click.IntRange(min=0), help="The rank that takes it.")
+@click.option("--heads", "--kv-groups", "kv_groups", type=click.IntRange(min=1),
+              help="KV-head groups to move, each a KV head with the query heads that share it (kinds 1 and 3).")
+@click.option("--ffn-blocks", type=click.IntRange(min=1), help=f"FFN blocks of {FFN_BLOCK} columns (kinds 2, 3).")
+@click.option("--ffn-columns", type=click.IntRange(min=1),
+              help=f"FFN columns instead of blocks: a multiple of {FFN_BLOCK}.")
+@click.option("--at", type=click.IntRange(min=0), help="Apply at this token position (default: the next token).")
+@json_flag
+@click.pass_context
+def move(ctx, kind, src, dst, kv_groups, ffn_blocks, ffn_columns, at):
+    """Move heads and/or FFN columns from one rank to another."""
+    if ffn_columns is not None:
+        if ffn_blocks is not None:
+            raise click.UsageError("give --ffn-blocks or --ffn-columns, not both")
+        if ffn_columns % FFN_BLOCK:
+            raise click.UsageError(f"--ffn-columns {ffn_columns}: FFN columns move in whole blocks of {FFN_BLOCK}")
+        ffn_blocks = ffn_columns // FFN_BLOCK
+    if kind in (1, 3) and kv_groups is None:
+        raise click.UsageError(f"--kind {kind} needs --heads N")
+    if kind in (2, 3) and ffn_blocks is None:
+        raise click.UsageError(f"--kind {kind} needs --ffn-blocks N or --ffn-columns N")
+    if kind == 1 and ffn_blocks is not None or kind == 2 and kv_groups is not None:
+        raise click.UsageError(f"--kind {kind} moves only {'heads' if kind == 1 else 'FFN columns'}; "
+                               "use --kind 3 for both")
+    req = {"cmd": "migrate", "kind": kind, "from": src, "to": dst}
+    if kv_groups is not None:
+        req["kv_groups"] = kv_groups
+    if ffn_blocks is not None:
+        req["ffn_blocks"] = ffn_blocks
+    run(ctx, with_mode(req, at))
+
+
+@cli.command()
+@click.argument("ratios")
+@click.option("--at", type=click.IntRange(min=0), help="Apply at this token position (default: the next token).")
+@json_flag
+@click.pass_context
+def ratios(ctx, ratios, at):
+    """A whole new split, e.g. 1:1:2; each rank keeps what it can of its current share."""
+    run(ctx, with_mode({"cmd": "migrate", "ratios": ratios}, at))
+
+
+def main(argv=None):
+    cli.main(args=argv, prog_name="python -m spmd.migrate")
+
+
+if __name__ == "__main__":
+    main()

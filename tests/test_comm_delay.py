@@ -1,0 +1,70 @@
+"""The test-only simulated link latency (SPMD_TEST_LINK_DELAY_MS): parsed strictly, off by default, paid once per
+step of each schedule, counted in sync time, and leaving results and byte counts as they were."""
+import numpy as np
+import pytest
+
+from spmd.comm import Comm, link_delay_s, link_steps
+
+MPI = pytest.importorskip("mpi4py.MPI")
+WORLD = MPI.COMM_WORLD
+DELAY_MS = 20.0
+
+
+@pytest.mark.parametrize("text, seconds", [(None, 0.0), ("", 0.0), ("0", 0.0), ("2.5", 0.0025), (" 10 ", 0.01)])
+def test_delay_is_read_from_the_environment(monkeypatch, text, seconds):
+    if text is None:
+        monkeypatch.delenv("SPMD_TEST_LINK_DELAY_MS", raising=False)
+    else:
+        monkeypatch.setenv("SPMD_TEST_LINK_DELAY_MS", text)
+    assert link_delay_s() == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("text", ["fast", "-1", "inf", "nan"])
+def test_a_bad_delay_is_refused_naming_the_variable(monkeypatch, text):
+    monkeypatch.setenv("SPMD_TEST_LINK_DELAY_MS", text)
+    with pytest.raises(ValueError, match="SPMD_TEST_LINK_DELAY_MS"):
+        link_delay_s()
+
+
+def test_steps_follow_each_schedule():
+    assert [link_steps(a, 1) for a in ("star", "ring", "mpi")] == [0, 0, 0]
+    assert [link_steps("star", p) for p in (2, 3, 4, 8)] == [2, 2, 2, 2]
+    assert [link_steps("ring", p) for p in (2, 3, 4, 8)] == [2, 4, 6, 14]
+    assert [link_steps("mpi", p) for p in (2, 3, 4, 8)] == [2, 4, 4, 6]
+
+
+def test_one_rank_never_sleeps(monkeypatch):
+    monkeypatch.setenv("SPMD_TEST_LINK_DELAY_MS", "1000")
+    comm = Comm(comm=MPI.COMM_SELF)
+    assert comm.link_delay_s == 0.0
+    assert comm.control(2, 1, 0, 0) == (2, 1, 0, 0)
+    assert comm.sync_s < 0.5
+
+
+def test_the_sleep_counts_as_sync_time():
+    comm = Comm(comm=MPI.COMM_SELF)
+    comm.link_delay_s = DELAY_MS / 1e3  # as if P > 1: control's one step
+    comm.control(2, 1, 0, 0)
+    assert comm.sync_s >= DELAY_MS / 1e3
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("algorithm", ["star", "ring", "mpi"])
+def test_delay_shows_in_sync_time_and_changes_nothing_else(monkeypatch, algorithm):
+    """Every rank makes the same calls before any assertion, so a failure on one rank cannot hang the others."""
+    n = 4096
+    x = np.random.default_rng([n, WORLD.rank]).standard_normal(n).astype(np.float32)
+    monkeypatch.delenv("SPMD_TEST_LINK_DELAY_MS", raising=False)
+    plain = Comm(algorithm, comm=WORLD)
+    want = plain.allreduce(x.copy())
+    monkeypatch.setenv("SPMD_TEST_LINK_DELAY_MS", str(DELAY_MS))
+    slow = Comm(algorithm, comm=WORLD)
+    got = slow.allreduce(x.copy())
+    allreduce_s = slow.sync_s
+    slow.control(1, 2, 3, 4)
+    control_s = slow.sync_s - allreduce_s
+    assert plain.link_delay_s == 0.0 and slow.link_delay_s == DELAY_MS / 1e3
+    np.testing.assert_array_equal(got, want)
+    assert slow.bytes_sent - plain.bytes_sent == (4 * 8 * (WORLD.size - 1) if WORLD.rank == 0 else 0)  # control
+    assert allreduce_s >= link_steps(algorithm, WORLD.size) * DELAY_MS / 1e3
+    assert control_s >= DELAY_MS / 1e3

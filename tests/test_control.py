@@ -1,0 +1,418 @@
+"""The control socket without MPI: a listener and a stand-in for the engine's token loop. Protocol replies, bad
+input of every kind, permissions (mode 0600, a peer of another uid refused by SO_PEERCRED), stale and live sockets,
+a fuzzer, and the `python -m spmd.migrate` client."""
+import json
+import os
+import random
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from spmd import control
+from spmd.control import Listener
+from spmd.plan import make_plan, parse_ratios
+
+ROOT = Path(__file__).resolve().parents[1]
+PLAN = make_plan(parse_ratios("1:1:1", 3), n_heads=8, n_kv_heads=4, ffn_dim=256, vocab=512)  # kv 2/1/1, blocks 3/3/2
+
+
+class Loop:
+    """The engine's side: a token boundary every `step_s` at positions first.., applying what `poll` returns."""
+
+    def __init__(self, listener, first=10, step_s=0.005):
+        self.listener, self.pos, self.step_s = listener, first, step_s
+        self.applied, self.plan, self.epoch = [], list(PLAN), 0
+        self.running = True
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self):
+        while self.running:
+            for r in self.listener.poll(self.pos):
+                if r.cmd == "status":
+                    self.listener.finish(r, {"ok": True, "position": self.pos, "epoch": self.epoch, "ratios": "1:1:1",
+                                             "n_layers": 2, "ranks": [s.layout() for s in self.plan]})
+                else:
+                    self.plan, self.epoch = r.plan, r.epoch
+                    self.applied.append((self.pos, r.epoch))
+                    self.listener.finish(r, {"ok": True, "epoch": r.epoch, "applied_at": self.pos}, r.plan,
+                                         r.ratios, r.epoch)
+            self.pos += 1
+            time.sleep(self.step_s)
+
+    def stop(self):
+        self.running = False
+        self.thread.join()
+
+
+@pytest.fixture
+def path(tmp_path):
+    return str(tmp_path / "c.sock")
+
+
+@pytest.fixture
+def served(path):
+    """A listener with a running loop; its last boundary is far away."""
+    listener = Listener(path, PLAN, (1, 1, 1), 10, 10_000)
+    loop = Loop(listener)
+    yield listener, loop
+    loop.stop()
+    listener.close(loop.pos)
+
+
+def ask(path, req, timeout=10):
+    """One request (an object, or raw bytes) on a fresh connection -> the reply object."""
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(timeout)
+    s.connect(path)
+    s.sendall(req if isinstance(req, bytes) else (json.dumps(req) + "\n").encode())
+    line = s.makefile("rb").readline()
+    s.close()
+    return json.loads(line) if line else None
+
+
+def test_socket_is_private_and_removed_at_close(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    folder = control.socket_dir()
+    assert folder == str(tmp_path / "spmd")
+    control.make_private_dir(folder)
+    path = control.default_path()
+    assert path == os.path.join(folder, f"control-{os.getpid()}.sock")
+    listener = Listener(path, PLAN, (1, 1, 1), 10, 20)
+    assert stat.S_IMODE(os.stat(folder).st_mode) == 0o700
+    assert stat.S_ISSOCK(os.stat(path).st_mode) and stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    listener.close()
+    assert not os.path.exists(path)
+
+
+def test_a_shared_folder_is_refused(tmp_path):
+    open_dir = tmp_path / "open"
+    open_dir.mkdir(mode=0o777)
+    os.chmod(open_dir, 0o777)
+    with pytest.raises(control.UserError, match="only you can use"):
+        control.make_private_dir(str(open_dir))
+
+
+def test_status_and_migrate_replies(served, path):
+    listener, loop = served
+    reply = ask(path, {"cmd": "status", "id": 7})
+    assert reply["id"] == 7 and reply["ok"] and reply["epoch"] == 0 and abs(reply["position"] - loop.pos) < 5
+    reply = ask(path, {"cmd": "migrate", "kind": 1, "from": 0, "to": 2, "kv_groups": 1})
+    assert reply["ok"] and reply["epoch"] == 1
+    at = loop.pos + 20
+    reply = ask(path, {"cmd": "migrate", "kind": 2, "from": 1, "to": 0, "ffn_blocks": 2, "mode": "at", "at": at})
+    assert reply == {"ok": True, "epoch": 2, "applied_at": at}
+    assert [s.kv for s in loop.plan] == [(0,), (2,), (1, 3)]
+    assert [s.ffn_blocks for s in loop.plan] == [(0, 1, 2, 4, 5), (3,), (6, 7)]  # rank 1 gave its last two
+    reply = ask(path, {"cmd": "migrate", "ratios": [1, 1, 2]})
+    assert reply["ok"] and reply["epoch"] == 3 and [s.n_kv for s in loop.plan] == [1, 1, 2]
+
+
+@pytest.mark.parametrize("req, message", [
+    (b"{not json\n", "malformed request: not JSON"),
+    (b"\xff\xfe\n", "malformed request: not JSON"),
+    (b"[1, 2]\n", "expected a JSON object"),
+    ({"cmd": "reboot"}, "unknown command 'reboot'"),
+    ({"kind": 1}, "unknown command None"),
+    ({"cmd": "status", "verbose": True}, "unknown field for status: 'verbose'"),
+    ({"cmd": "migrate", "kind": 4, "from": 0, "to": 1, "kv_groups": 1}, "unknown kind 4"),
+    ({"cmd": "migrate", "kind": "1", "from": 0, "to": 1, "kv_groups": 1}, "unknown kind '1'"),
+    ({"cmd": "migrate", "kind": 1, "from": 0, "to": 3, "kv_groups": 1}, "'to' rank 3 is out of range"),
+    ({"cmd": "migrate", "kind": 1, "from": -1, "to": 1, "kv_groups": 1}, "'from' rank -1 is out of range"),
+    ({"cmd": "migrate", "kind": 1, "from": 1, "to": 1, "kv_groups": 1}, "nothing would move"),
+    ({"cmd": "migrate", "kind": 1, "from": 1, "to": 0, "kv_groups": 2}, "rank 1 has 1 KV-head group; cannot move 2"),
+    ({"cmd": "migrate", "kind": 2, "from": 2, "to": 0, "ffn_blocks": 3}, "rank 2 has 2 FFN blocks; cannot move 3"),
+    ({"cmd": "migrate", "kind": 1, "from": 0, "to": 1, "kv_groups": 0.5}, "a whole number of KV-head groups"),
+    ({"cmd": "migrate", "kind": 1, "from": 0, "to": 1}, "kind 1 needs 'kv_groups'"),
+    ({"cmd": "migrate", "kind": 1, "from": 0, "to": 1, "kv_groups": 1, "ffn_blocks": 1}, "kind 1 moves no ffn"),
+    ({"cmd": "migrate", "kind": 1, "to": 1, "kv_groups": 1}, "migrate needs 'from'"),
+    ({"cmd": "migrate", "ratios": "1:1"}, "has 2 values but the job has 3 ranks"),
+    ({"cmd": "migrate", "ratios": "1:0:1"}, "must be positive"),
+    ({"cmd": "migrate", "ratios": {"a": 1}}, "'ratios' must be a string"),
+    ({"cmd": "migrate", "ratios": "1000000:1:1"}, "leave rank 1 no heads, FFN columns or vocabulary rows"),
+    ({"cmd": "migrate", "ratios": "1:1:1", "kind": 1}, "give either 'ratios' or 'kind'"),
+    ({"cmd": "migrate", "ratios": "1:1:1", "mode": "soon"}, "unknown mode 'soon'"),
+    ({"cmd": "migrate", "ratios": "1:1:1", "mode": "at"}, "mode 'at' needs 'at'"),
+    ({"cmd": "migrate", "ratios": "1:1:1", "mode": "at", "at": 3}, "position 3 has passed"),
+    ({"cmd": "migrate", "ratios": "1:1:1", "at": 10**9}, "generation ends before position 1000000000 "
+                                                        r"\(its last token boundary is at position 10000\)"),
+    ({"cmd": "migrate", "ratios": "1:1:1", "mode": "next", "at": 50}, "mode 'next' takes no 'at'"),
+    ({"cmd": "status", "id": [1]}, "'id' must be a string or an integer"),
+])
+def test_bad_requests_get_a_clear_error(served, path, req, message):
+    listener, loop = served
+    reply = ask(path, req)
+    assert reply["ok"] is False
+    import re
+    assert re.search(message, reply["error"]), reply["error"]
+    assert loop.applied == [] and ask(path, {"cmd": "status"})["ok"]  # and the listener serves on
+
+
+def test_one_pending_migration_at_a_time(served, path):
+    listener, loop = served
+    at = loop.pos + 200
+    got = []
+    t = threading.Thread(target=lambda: got.append(ask(path, {"cmd": "migrate", "kind": 1, "from": 0, "to": 1,
+                                                              "kv_groups": 1, "at": at})))
+    t.start()
+    for _ in range(500):
+        if listener._pending is not None:
+            break
+        time.sleep(0.01)
+    reply = ask(path, {"cmd": "migrate", "kind": 2, "from": 0, "to": 1, "ffn_blocks": 1})
+    assert reply == {"ok": False, "error": "another migration is pending (epoch 1); wait for its reply"}
+    t.join()
+    assert got[0]["ok"] and got[0]["applied_at"] == at and loop.applied == [(at, 1)]
+
+
+def test_pending_requests_get_an_error_when_generation_ends(path):
+    listener = Listener(path, PLAN, (1, 1, 1), 10, 100)  # no loop: nothing is ever due
+    replies = []
+    threads = [threading.Thread(target=lambda r=r: replies.append(ask(path, r))) for r in
+               ({"cmd": "migrate", "kind": 1, "from": 0, "to": 1, "kv_groups": 1, "at": 50}, {"cmd": "status"})]
+    for t in threads:
+        t.start()
+    for _ in range(500):
+        if listener._pending is not None and listener._status:
+            break
+        time.sleep(0.01)
+    listener.close(pos=42)
+    for t in threads:
+        t.join()
+    errors = sorted(r["error"] for r in replies)
+    assert errors == ["generation ended before position 50 (it stopped at position 42)",
+                      "generation ended before the status could be gathered (it stopped at position 42)"]
+    assert not os.path.exists(path)
+
+
+def test_no_boundary_left():
+    listener = Listener("/tmp/spmd-test-no-boundary.sock", PLAN, (1, 1, 1), 10, 9)  # --steps 1
+    try:
+        reply, _ = listener.handle(b'{"cmd": "migrate", "ratios": "1:1:2"}')
+        assert reply == {"ok": False, "error": "no token boundary is left in this generation"}
+    finally:
+        listener.close()
+
+
+def test_long_lines_idle_clients_and_clients_that_leave_are_dropped(served, path, monkeypatch):
+    listener, loop = served
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(path)
+    s.sendall(b"x" * (control.MAX_LINE + 10))
+    reply = json.loads(s.makefile("rb").readline())
+    assert reply == {"ok": False, "error": f"request line longer than {control.MAX_LINE} bytes"}
+    assert s.recv(10) == b""  # and the connection is closed
+    s.close()
+    for partial in (b'{"cmd": "migrate", "kind": 1, "fr', b"", b'{"cmd": "status"}'):  # leave mid-request
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(path)
+        s.sendall(partial)
+        s.close()
+    monkeypatch.setattr(control, "IDLE_S", 0.2)
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(path)
+    s.settimeout(5)
+    assert s.recv(10) == b""  # an idle client is let go
+    s.close()
+    # several requests on one connection, one reply line each
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(path)
+    s.sendall(b'{"cmd": "status", "id": 1}\n\n{"cmd": "nope"}\n{"cmd": "status", "id": "b"}\n')
+    f = s.makefile("rb")
+    lines = [json.loads(f.readline()) for _ in range(3)]
+    s.close()
+    assert [r.get("id") for r in lines] == [1, None, "b"] and [r["ok"] for r in lines] == [True, False, True]
+    assert loop.applied == []
+    for _ in range(500):
+        if listener._connections == 0:
+            break
+        time.sleep(0.01)
+    assert listener._connections == 0
+
+
+def test_a_peer_of_another_uid_is_refused():
+    if os.getuid() != 0:
+        pytest.skip("needs root to start a process of another uid")
+    folder = Path(tempfile.mkdtemp(prefix="spmd-peercred-", dir="/tmp"))  # pytest's tmp_path is closed to others
+    path = str(folder / "c.sock")
+    listener = Listener(path, PLAN, (1, 1, 1), 10, 100)
+    loop = Loop(listener)
+    try:
+        # the file system would let uid 65534 in: only SO_PEERCRED stands in the way
+        os.chmod(folder, 0o755)
+        os.chmod(path, 0o666)
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: become nobody and try
+            try:
+                os.close(read)
+                os.setgroups([])
+                os.setgid(65534)
+                os.setuid(65534)
+                s = socket.socket(socket.AF_UNIX)
+                s.settimeout(10)
+                s.connect(path)
+                try:  # the listener may have refused and closed already
+                    s.sendall(b'{"cmd": "migrate", "kind": 1, "from": 0, "to": 1, "kv_groups": 1}\n')
+                except BrokenPipeError:
+                    pass
+                out = s.makefile("rb").readline().decode()
+            except BaseException as e:  # noqa: BLE001
+                out = f"child failed: {e!r}"
+            os.write(write, out.encode())
+            os._exit(0)
+        os.close(write)
+        os.waitpid(pid, 0)
+        out = os.read(read, 65536).decode()
+        os.close(read)
+        assert json.loads(out) == {"ok": False, "error": f"refused: the job belongs to uid 0, not 65534"}, out
+        assert loop.applied == []
+        assert ask(path, {"cmd": "status"})["ok"]  # its own user still gets in
+    finally:
+        loop.stop()
+        listener.close()
+        shutil.rmtree(folder)
+
+
+def test_stale_socket_is_replaced_and_a_live_one_refused(tmp_path):
+    path = str(tmp_path / "c.sock")
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(path)
+    stale.close()  # the file stays, nobody listens: a job that died
+    listener = Listener(path, PLAN, (1, 1, 1), 10, 100)
+    try:
+        with pytest.raises(control.UserError, match="is served by another job"):
+            Listener(path, PLAN, (1, 1, 1), 10, 100)
+        assert os.path.exists(path)  # the live one is left alone
+    finally:
+        listener.close()
+    Path(path).write_text("not a socket")
+    with pytest.raises(control.UserError, match="exists and is not a socket"):
+        Listener(path, PLAN, (1, 1, 1), 10, 100)
+
+
+def garbage(rng):
+    """One line of generated garbage: random bytes, broken JSON, or JSON of the wrong shapes and values."""
+    values = [None, True, -1, 0, 1, 2, 3, 4, 2**70, 1.5, float("nan"), "", "x" * 300, "1:1:1", [], [1, 2, 3],
+              [0, -1, 2], {}, {"a": [1]}, "next", "at"]
+    keys = ["cmd", "kind", "from", "to", "kv_groups", "ffn_blocks", "ratios", "mode", "at", "id", "zzz"]
+    choice = rng.randrange(5)
+    if choice == 0:
+        return bytes(rng.choice([b for b in range(256) if b != 10]) for _ in range(rng.randrange(1, 200))) + b"\n"
+    if choice == 1:
+        text = json.dumps({"cmd": "migrate", "kind": 1, "from": 0, "to": 1, "kv_groups": 1})
+        return text[:rng.randrange(len(text))].encode() + b"\n"
+    msg = {k: rng.choice(values) for k in rng.sample(keys, rng.randrange(1, len(keys)))}
+    if choice >= 3:
+        msg["cmd"] = rng.choice(["migrate", "status"])
+    return (json.dumps(msg) + "\n").encode()
+
+
+def fuzz(path, seed, n, stop_at=None, answered=None):
+    """Throw `n` garbage lines at the socket, each on a fresh connection; every answer must be a JSON reply. With
+    `stop_at`, stop once it says so or the socket has gone (the job ended)."""
+    rng = random.Random(seed)
+    for _ in range(n):
+        if stop_at is not None and stop_at():
+            return
+        s = socket.socket(socket.AF_UNIX)
+        s.settimeout(10)
+        try:
+            s.connect(path)
+            line = garbage(rng)
+            if rng.random() < 0.2:  # leave in the middle
+                s.sendall(line[:max(1, len(line) // 2)])
+                continue
+            s.sendall(line)
+            if not line.strip():  # a blank line is no request: nothing to wait for
+                continue
+            reply = s.makefile("rb").readline()
+            if reply:
+                assert isinstance(json.loads(reply)["ok"], bool)
+                if answered is not None:
+                    answered.append(1)
+        except (ConnectionError, FileNotFoundError):
+            if stop_at is None:
+                raise
+            return
+        finally:
+            s.close()
+
+
+def test_fuzz_never_breaks_the_listener(served, path):
+    listener, loop = served
+    errors = []
+    old_hook = threading.excepthook
+    threading.excepthook = lambda args: errors.append(args)
+    try:
+        threads = [threading.Thread(target=fuzz, args=(path, seed, 150)) for seed in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        threading.excepthook = old_hook
+    assert errors == []
+    assert ask(path, {"cmd": "status"})["ok"]
+    for _ in range(100):  # a fuzzed migration may still be waiting for its position
+        if listener._pending is None:
+            break
+        time.sleep(0.05)
+    plan = loop.plan
+    assert sorted(j for s in plan for j in s.kv) == [0, 1, 2, 3]  # every applied plan was a whole one
+    assert sorted(b for s in plan for b in s.ffn_blocks) == list(range(8))
+
+
+def client(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "spmd.migrate", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60, env={**os.environ, **(env or {})})
+
+
+def test_client_commands_and_errors(served, path, tmp_path):
+    listener, loop = served
+    p = client("--socket", path, "move", "--kind", "1", "--from", "0", "--to", "2", "--heads", "1", "--json")
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["epoch"] == 1
+    p = client("--socket", path, "ratios", "1:1:2", "--at", str(loop.pos + 1000), "--json")
+    assert p.returncode == 0 and json.loads(p.stdout)["epoch"] == 2
+    p = client("--socket", path, "move", "--kind", "1", "--from", "1", "--to", "0", "--heads", "5")
+    assert p.returncode == 1 and p.stderr == "error: rank 1 has 1 KV-head group; cannot move 5\n"
+    p = client("--socket", path, "move", "--kind", "2", "--from", "0", "--to", "1", "--ffn-columns", "40")
+    assert p.returncode == 2 and "whole blocks of 32" in p.stderr
+    p = client("--socket", str(tmp_path / "nobody.sock"), "status")
+    assert p.returncode == 1 and p.stderr.startswith("error: cannot talk to ") and p.stderr.count("\n") == 1
+    # the default socket: the only live one in the per-user folder
+    env = {"XDG_RUNTIME_DIR": str(tmp_path / "run")}
+    p = client("status", env=env)
+    assert p.returncode == 1 and "no running job has a control socket" in p.stderr
+    os.makedirs(tmp_path / "run" / "spmd", mode=0o700)
+    other = Listener(str(tmp_path / "run" / "spmd" / "control-1.sock"), PLAN, (1, 1, 1), 10, 100)
+    other_loop = Loop(other)
+    try:
+        p = client("status", env=env)
+        assert p.returncode == 0 and p.stdout.startswith("position "), p.stderr
+    finally:
+        other_loop.stop()
+        other.close()
+    assert "Traceback" not in p.stderr
+
+
+def test_client_prints_status_and_plans_readably(path):
+    from spmd.migrate import show
+    listener = Listener(path, PLAN, (1, 1, 1), 10, 100)
+    listener.close()
+    ranks = [{**s.layout(), "layers": [0, 2], "compute_ms": 1.5, "sync_ms": 0.25} for s in PLAN]
+    text = show({"ok": True, "position": 12, "epoch": 0, "ratios": "1:1:1", "n_layers": 2, "ranks": ranks})
+    assert text.splitlines()[0] == "position 12, plan epoch 0, ratios 1:1:1, 2 layers on every rank"
+    assert text.splitlines()[2].split() == ["0", "4", "0-1", "96", "0-2", "0-170", "1.50", "0.25"]
+    text = show({"ok": True, "epoch": 1, "applied_at": 30, "bytes_moved": 2_500_000, "ms": 12.25, "ratios": "1:1:2",
+                 "plan": [s.layout() for s in PLAN]})
+    assert text.splitlines()[0] == "applied at position 30: plan epoch 1, 2.50 MB moved in 12.2 ms; ratios now 1:1:2"

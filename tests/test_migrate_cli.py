@@ -1,0 +1,90 @@
+"""End to end: `mpirun -n 2 python -m spmd.run` generating, `python -m spmd.migrate` moving its work around through
+the default per-user socket; the text equals that of a run without migrations."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from spmd.synth import Shape, write_model
+
+ROOT = Path(__file__).resolve().parents[1]
+MPIRUN = shutil.which("mpirun") or str(Path(sys.executable).parent / "mpirun")
+# seed 4 and "Hello" settle into a loop without an end-of-sequence token: 4000 tokens, a few seconds at 2 ranks
+SHAPE = Shape(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, ffn=256, vocab=512, context=8192)
+STEPS = 4000
+
+
+def job(model, env, *extra):
+    cmd = [MPIRUN, "-n", "2", sys.executable, "-m", "spmd.run", "--model", str(model), "--prompt", "Hello",
+           "--steps", str(STEPS), "--output", "json", *extra]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def client(env, *args):
+    return subprocess.run([sys.executable, "-m", "spmd.migrate", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+@pytest.mark.skipif(not os.path.exists(MPIRUN), reason="mpirun not found")
+def test_migrations_from_the_command_line_keep_the_text(tmp_path):
+    model = write_model(tmp_path / "long.gguf", SHAPE, qtype="Q8_0", seed=4)
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(tmp_path / "run")}
+    os.makedirs(tmp_path / "run", mode=0o700)
+    reference = job(model, env, "--control-socket", "none")
+    out, err = reference.communicate(timeout=300)
+    assert reference.returncode == 0, err
+    assert "control socket" not in err
+    expected = json.loads(out)["tokens"]
+    assert len(expected) == STEPS
+
+    p = job(model, env, "--migrate-weights", "peer")
+    folder = tmp_path / "run" / "spmd"
+    for _ in range(600):  # the job's socket appears once it has loaded
+        socks = list(folder.glob("control-*.sock")) if folder.exists() else []
+        if socks or p.poll() is not None:
+            break
+        time.sleep(0.05)
+    assert len(socks) == 1, p.communicate()
+    assert oct(os.stat(folder).st_mode & 0o777) == "0o700" and oct(os.stat(socks[0]).st_mode & 0o777) == "0o600"
+    steps = [client(env, "move", "--kind", "3", "--from", "0", "--to", "1", "--heads", "1", "--ffn-columns", "64"),
+             client(env, "status"),
+             client(env, "--json", "ratios", "1:3"),
+             client(env, "move", "--kind", "1", "--from", "1", "--to", "0", "--heads", "2"),
+             client(env, "move", "--kind", "2", "--from", "7", "--to", "0", "--ffn-blocks", "1")]
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+    for c in steps[:4]:
+        assert c.returncode == 0, c.stderr
+    assert steps[0].stdout.startswith("applied at position ")
+    assert steps[1].stdout.startswith("position ") and "compute ms" in steps[1].stdout
+    assert json.loads(steps[2].stdout)["epoch"] == 2
+    assert steps[4].returncode == 1 and steps[4].stderr == "error: 'from' rank 7 is out of range: the job has " \
+                                                           "ranks 0..1\n"
+    result = json.loads(out)
+    assert result["tokens"] == expected
+    assert result["plan_epoch"] == 3 and [m["epoch"] for m in result["migrations"]] == [1, 2, 3]
+    assert err.splitlines()[0] == f"control socket: {socks[0]}"
+    assert not socks[0].exists()  # removed at exit
+    assert "Traceback" not in err + "".join(c.stderr for c in steps)
+
+
+def test_a_socket_another_job_serves_is_refused_at_start_up(tmp_path):
+    from spmd.control import Listener
+    from spmd.plan import make_plan, parse_ratios
+    model = write_model(tmp_path / "m.gguf", Shape(context=64), qtype="F32", seed=1)
+    path = str(tmp_path / "busy.sock")
+    other = Listener(path, make_plan(parse_ratios(None, 1), 4, 2, 128, 512), (1,), 5, 10)
+    try:
+        p = subprocess.run([sys.executable, "-m", "spmd.run", "--model", str(model), "--steps", "4",
+                            "--control-socket", path],
+                           cwd=ROOT, capture_output=True, text=True, timeout=120)
+    finally:
+        other.close()
+    assert p.returncode == 1
+    assert p.stderr == f"error: control socket {path} is served by another job; give another --control-socket " \
+                       "PATH, or none\n"

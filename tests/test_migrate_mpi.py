@@ -1,0 +1,363 @@
+"""Live re-partition through the real control socket during generation: the tokens equal an unmigrated run for every
+kind of move, both weight sources, several weight types, many random migrations, a failure on one rank, and garbage
+thrown at the socket. Rank 0 runs a client inside the generation loop (the emit callback, between tokens), so each
+command lands at a known token boundary.
+
+Run with: mpirun -n 3 python -m pytest --with-mpi tests/test_migrate_mpi.py (passes at any -n; moves need 2)."""
+import json
+import os
+import random
+import shutil
+import socket
+import tempfile
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from spmd import plan as P
+from spmd import repartition
+from spmd.backends.numpy_ref import NumpyBackend
+from spmd.comm import Comm
+from spmd.engine import Engine, RunOptions
+from spmd.synth import Shape, write_model
+from spmd.weights import load_shard
+
+MPI = pytest.importorskip("mpi4py.MPI")
+WORLD = MPI.COMM_WORLD
+PROMPT = (1, 72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100)
+SHAPE = Shape(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, ffn=256, vocab=512, context=64)
+FIRST = len(PROMPT)  # the first token boundary: the prefill is one pass, migrations apply after it
+needs_two = pytest.mark.skipif(WORLD.size < 2, reason="a move needs a second rank")
+
+
+@pytest.fixture(scope="module")
+def models():
+    folder = WORLD.bcast(tempfile.mkdtemp(prefix="spmd-migrate-") if WORLD.rank == 0 else None)
+    paths = {q: os.path.join(folder, f"tiny-{q}.gguf") for q in ("F32", "Q8_0", "Q4_0")}
+    if WORLD.rank == 0:
+        for qtype, path in paths.items():
+            write_model(path, SHAPE, qtype=qtype, seed=7)
+    WORLD.Barrier()
+    yield paths
+    WORLD.Barrier()
+    if WORLD.rank == 0:
+        shutil.rmtree(folder)
+
+
+@pytest.fixture
+def socket_path():
+    path = WORLD.bcast(os.path.join(tempfile.mkdtemp(prefix="spmd-sock-"), "c.sock") if WORLD.rank == 0 else None)
+    yield path
+    WORLD.Barrier()
+    if WORLD.rank == 0:
+        shutil.rmtree(os.path.dirname(path))
+
+
+_expected = {}
+
+
+def expected_tokens(model, steps):
+    """One rank's tokens (computed once on rank 0, shared with every rank)."""
+    if (model, steps) not in _expected:
+        tokens = None
+        if WORLD.rank == 0:
+            opts = RunOptions(model=model, prompt_tokens=PROMPT, steps=steps)
+            tokens = Engine(opts, Comm(comm=MPI.COMM_SELF), log=lambda _m: None).run()["tokens"]
+        _expected[(model, steps)] = WORLD.bcast(tokens)
+    return _expected[(model, steps)]
+
+
+class Driver:
+    """Rank 0's client. `schedule[k]` lists requests to send while token k (1-based) is emitted, that is, at the
+    token boundary before position FIRST + k - 1; each is sent over the socket and the driver waits until the
+    listener holds it (or answered it), so it applies at that boundary (mode next) or at its own "at"."""
+
+    def __init__(self, path, schedule=None, each_token=None):
+        self.path, self.schedule, self.each_token = path, schedule or {}, each_token
+        self.engine, self.calls, self.replies, self.threads = None, 0, [], []
+
+    def send(self, req, wait=True):
+        answered = threading.Event()
+        before = self.engine.control.queued() if wait else 0
+
+        def talk():
+            s = socket.socket(socket.AF_UNIX)
+            s.settimeout(60)
+            try:
+                s.connect(self.path)
+                s.sendall(req if isinstance(req, bytes) else (json.dumps(req) + "\n").encode())
+                line = s.makefile("rb").readline()
+                self.replies.append((req, json.loads(line) if line else None))
+            finally:
+                answered.set()
+                s.close()
+        t = threading.Thread(target=talk)
+        t.start()
+        self.threads.append(t)
+        if wait:
+            listener = self.engine.control
+            for _ in range(10000):
+                if answered.is_set() or listener.queued() > before:
+                    return
+                time.sleep(0.001)
+            raise AssertionError(f"the listener never took {req}")
+
+    def emit(self, _piece):
+        if self.calls > 0:
+            for req in self.schedule.get(self.calls, []):
+                self.send(req)
+            if self.each_token is not None:
+                self.each_token(self, self.calls)
+        self.calls += 1
+        return True
+
+    def join(self):
+        for t in self.threads:
+            t.join(60)
+        return [reply for _, reply in self.replies]
+
+
+def run(model, socket_path, steps=16, schedule=None, each_token=None, **kw):
+    opts = RunOptions(model=model, prompt_tokens=PROMPT, steps=steps, control_socket=socket_path, **kw)
+    engine = Engine(opts, Comm(), log=lambda _m: None)
+    driver = Driver(socket_path, schedule, each_token) if WORLD.rank == 0 else None
+    if driver is not None:
+        driver.engine = engine
+    result = engine.run(driver.emit if driver else None)
+    replies = driver.join() if driver else None
+    return engine, result, replies
+
+
+def migrate(kind=None, src=None, dst=None, kv=None, ffn=None, at=None, ratios=None):
+    req = {"cmd": "migrate"}
+    if ratios is not None:
+        req["ratios"] = ratios
+    else:
+        req.update({"kind": kind, "from": src, "to": dst})
+        if kv is not None:
+            req["kv_groups"] = kv
+        if ffn is not None:
+            req["ffn_blocks"] = ffn
+    if at is not None:
+        req.update(mode="at", at=at)
+    return req
+
+
+def every_kind():
+    """Valid at 2, 3 and 4 ranks (2 KV heads, 8 FFN blocks): kinds 1, 2, 3, a ratios command, an "at" move."""
+    last = WORLD.size - 1
+    return {1: [migrate(1, 0, last, kv=1)],
+            3: [migrate(2, 1 % WORLD.size, 0, ffn=1), {"cmd": "status"}],
+            5: [migrate(3, last, 0, kv=1, ffn=1)],
+            7: [migrate(ratios=":".join(str(r + 1) for r in range(WORLD.size)))],
+            9: [migrate(2, last, 0, ffn=2, at=FIRST + 12)],
+            10: [migrate(1, 0, last, kv=1)]}  # refused: the one before is still pending
+
+
+def check_weights_equal_a_fresh_load(engine):
+    """The weights a rank holds after its migrations are exactly those it would read for its final share."""
+    fresh = load_shard(engine.file, engine.cfg, engine.share, NumpyBackend())
+    got = engine.model.w
+    for lw, fw in zip(got.layers + [got], fresh.layers + [fresh]):
+        for name in ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "output"):
+            if hasattr(fw, name):
+                np.testing.assert_array_equal(getattr(lw, name).w, getattr(fw, name).w, err_msg=name)
+
+
+@needs_two
+@pytest.mark.mpi
+@pytest.mark.parametrize("weights_from", ["file", "peer"])
+@pytest.mark.parametrize("qtype", ["F32", "Q8_0", "Q4_0"])
+def test_every_kind_of_migration_keeps_the_tokens(models, socket_path, qtype, weights_from):
+    expected = expected_tokens(models[qtype], 16)
+    schedule = every_kind()
+    engine, result, replies = run(models[qtype], socket_path, schedule=schedule, migrate_weights=weights_from,
+                                  backend="cpu" if qtype == "Q8_0" else "numpy", allreduce="ring")
+    if qtype != "Q8_0":  # the numpy backend keeps plain arrays to compare
+        check_weights_equal_a_fresh_load(engine)
+    if WORLD.rank == 0:
+        assert result["tokens"] == expected
+        by_epoch = {r["epoch"]: r for r in replies if r.get("applied_at") is not None}
+        refused = [r for r in replies if not r["ok"]]
+        assert refused == [{"ok": False, "error": "another migration is pending (epoch 5); wait for its reply"}]
+        assert [by_epoch[e]["applied_at"] for e in (1, 2, 3, 4, 5)] == [FIRST, FIRST + 2, FIRST + 4, FIRST + 6,
+                                                                      FIRST + 12]
+        assert by_epoch[1]["bytes_moved"] > 0  # a KV head's cache always travels
+        assert (by_epoch[2]["bytes_moved"] > 0) == (weights_from == "peer")  # FFN weights only in peer mode
+        status = next(r for r in replies if "position" in r)
+        assert status["position"] == FIRST + 2 and status["epoch"] == 2 and len(status["ranks"]) == WORLD.size
+        assert result["plan_epoch"] == 5 and len(result["migrations"]) == 5
+        plan = result["plan"]
+        assert sum(r["kv_heads"] for r in plan) == 2 and sum(r["ffn_columns"] for r in plan) == 256
+        assert [r["share"]["vocab_rows"] for r in result["ranks"]] == [r["vocab_rows"] for r in plan]
+        assert not os.path.exists(socket_path)
+
+
+def vulkan_available():
+    try:
+        from spmd.backends import get_backend
+        get_backend("vulkan", device=0)
+        return True
+    except Exception:  # noqa: BLE001 - no Vulkan loader, no device
+        return False
+
+
+@needs_two
+@pytest.mark.mpi
+@pytest.mark.parametrize("weights_from", ["file", "peer"])
+def test_vulkan_buffers_are_rebuilt_for_the_new_shapes(models, socket_path, weights_from):
+    """Ranks alternate cpu and vulkan backends; every kind of move rebuilds the Vulkan model's device buffers."""
+    if not all(WORLD.allgather(vulkan_available())):
+        pytest.skip("no Vulkan device on every rank")
+    expected = expected_tokens(models["Q8_0"], 16)
+    backends = ",".join("vulkan" if r % 2 == 0 else "cpu" for r in range(WORLD.size))
+    engine, result, replies = run(models["Q8_0"], socket_path, schedule=every_kind(), backend=backends,
+                                  migrate_weights=weights_from, gpu="0")
+    if WORLD.rank == 0:
+        assert [r["error"] for r in replies if not r["ok"]] == ["another migration is pending (epoch 5); wait "
+                                                                "for its reply"]
+        assert result["tokens"] == expected and result["plan_epoch"] == 5
+
+
+@needs_two
+@pytest.mark.mpi
+def test_the_kv_cache_travels_with_its_heads(models, socket_path):
+    """After moves, each rank's cache rows equal one rank's rows for the same KV heads (to float rounding)."""
+    model = models["F32"]
+    alone = None
+    if WORLD.rank == 0:
+        e = Engine(RunOptions(model=model, prompt_tokens=PROMPT, steps=8), Comm(comm=MPI.COMM_SELF),
+                   log=lambda _m: None)
+        e.run()
+        alone = e.model.read_cache(FIRST + 6)
+    alone = WORLD.bcast(alone)
+    last = WORLD.size - 1
+    engine, result, replies = run(model, socket_path, steps=8, migrate_weights="peer", backend="numpy",
+                                  schedule={1: [migrate(1, 0, last, kv=1)], 3: [migrate(1, last, 0, kv=1)]})
+    k, v = engine.model.read_cache(FIRST + 6)
+    for at, j in enumerate(engine.share.kv):
+        np.testing.assert_allclose(k[:, at], alone[0][:, j], atol=1e-4)
+        np.testing.assert_allclose(v[:, at], alone[1][:, j], atol=1e-4)
+    if WORLD.rank == 0:
+        assert all(r["ok"] for r in replies) and result["plan_epoch"] == 2
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("weights_from", ["file", "peer"])
+def test_many_random_migrations_keep_a_long_generation(models, socket_path, weights_from):
+    """Seeded random moves of every kind, ratios, 'next' and 'at', at most one pending, during 48 tokens."""
+    if WORLD.size < 2:
+        pytest.skip("a move needs a second rank")
+    model = models["Q8_0" if weights_from == "file" else "Q4_0"]
+    expected = expected_tokens(model, 48)
+    rng = random.Random(WORLD.size * 10 + (weights_from == "peer"))
+
+    def random_request(driver, k):
+        engine = driver.engine
+        if k > 47 or engine.control.queued() or rng.random() < 0.3:  # emit 48 is after the last boundary
+            return
+        plan, n = engine.plan, WORLD.size
+        for _ in range(20):
+            kind = rng.choice([1, 2, 3, "ratios"])
+            if kind == "ratios":
+                ratios = ":".join(f"{rng.uniform(0.3, 3):.2f}" for _ in range(n))
+                req, new = migrate(ratios=ratios), lambda: P.replan(plan, P.parse_ratios(ratios, n))
+            else:
+                src, dst = rng.sample(range(n), 2)
+                kv = rng.randint(1, max(1, plan[src].n_kv)) if kind != 2 else None
+                ffn = rng.randint(1, max(1, len(plan[src].ffn_blocks))) if kind != 1 else None
+                req = migrate(kind, src, dst, kv=kv, ffn=ffn)
+                new = lambda: P.move(plan, kind, src, dst, kv or 0, ffn or 0)  # noqa: E731
+            try:
+                new()
+            except P.UserError:
+                continue
+            if rng.random() < 0.3 and FIRST + k + 2 <= FIRST + 46:
+                req.update(mode="at", at=FIRST + k + rng.randint(0, 2))
+            driver.send(req)
+            return
+    engine, result, replies = run(model, socket_path, steps=48, each_token=random_request,
+                                  migrate_weights=weights_from, allreduce="ring")
+    if WORLD.rank == 0:
+        assert result["tokens"] == expected
+        applied = [r for r in replies if r["ok"]]
+        assert len(applied) >= 8 and result["plan_epoch"] == len(applied) == len(result["migrations"])
+        assert all(r["ok"] for r in replies), [r for r in replies if not r["ok"]]
+
+
+@needs_two
+@pytest.mark.mpi
+@pytest.mark.parametrize("phase", ["outgoing", "build"])
+def test_a_failed_migration_keeps_the_old_plan(models, socket_path, monkeypatch, phase):
+    """Out of memory on the last rank while it prepares or builds: every rank agrees, keeps its plan and model,
+    and generation goes on unchanged; the next migration works."""
+    expected = expected_tokens(models["Q8_0"], 12)
+    if WORLD.rank == WORLD.size - 1:
+        failures = [1]
+
+        def fail_once(original):
+            def wrapper(*a, **kw):
+                if failures:
+                    failures.pop()
+                    raise MemoryError()
+                return original(*a, **kw)
+            return wrapper
+        if phase == "build":
+            monkeypatch.setattr(repartition, "build", fail_once(repartition.build))
+        else:
+            monkeypatch.setattr(repartition.Repartition, "_outgoing", fail_once(repartition.Repartition._outgoing))
+    last = WORLD.size - 1
+    engine, result, replies = run(models["Q8_0"], socket_path, steps=12, migrate_weights="peer",
+                                  schedule={2: [migrate(1, 0, last, kv=1)], 4: [migrate(1, 0, last, kv=1)]})
+    if WORLD.rank == 0:
+        assert result["tokens"] == expected
+        assert replies[0] == {"ok": False, "applied_at": None, "error": "the migration failed and the plan is "
+                                                                        f"unchanged: rank {last}: out of memory"}
+        assert replies[1]["ok"] and replies[1]["epoch"] == 1 and result["plan_epoch"] == 1
+
+
+@pytest.mark.mpi
+def test_status_at_any_rank_count(models, socket_path):
+    engine, result, replies = run(models["Q4_0"], socket_path, steps=6, schedule={2: [{"cmd": "status", "id": 3}]})
+    if WORLD.rank == 0:
+        (status,) = replies
+        assert status["ok"] and status["id"] == 3 and status["position"] == FIRST + 1 and status["epoch"] == 0
+        assert [r["rank"] for r in status["ranks"]] == list(range(WORLD.size))
+        for r in status["ranks"]:
+            assert r["layers"] == [0, SHAPE.n_layers] and r["steps"] == 1 and r["compute_ms"] > 0
+        assert sum(r["kv_heads"] for r in status["ranks"]) == SHAPE.n_kv_heads
+        assert result["plan_epoch"] == 0
+
+
+@pytest.mark.mpi
+def test_garbage_at_the_socket_during_generation(models, socket_path):
+    """Generated garbage between tokens and from a thread all along: every reply is JSON, the tokens unchanged."""
+    from test_control import fuzz, garbage
+    expected = expected_tokens(models["Q4_0"], 24)
+    rng = random.Random(WORLD.size)
+    done = threading.Event()
+
+    answered = []
+    hammer = threading.Thread(target=fuzz, args=(socket_path, 99, 10**6, done.is_set, answered), daemon=True)
+
+    def between_tokens(driver, k):
+        if k == 1:
+            if WORLD.size > 1:  # a request that would leave a rank nothing, before the fuzzer may queue a move
+                driver.send(migrate(ratios=":".join(["1000000"] + ["1"] * (WORLD.size - 1))))
+            hammer.start()
+        for _ in range(3):
+            driver.send(garbage(rng), wait=False)
+        time.sleep(0.01)  # the hammer's turn
+    try:
+        engine, result, replies = run(models["Q4_0"], socket_path, steps=24, each_token=between_tokens)
+    finally:
+        done.set()
+    if WORLD.rank == 0:
+        hammer.join(30)
+        assert result["tokens"] == expected and len(answered) > 0
+        assert all(r is None or isinstance(r["ok"], bool) for r in replies)
+        if WORLD.size > 1:
+            assert any(r and "no heads, FFN columns or vocabulary rows" in r.get("error", "") for r in replies)
+        assert not os.path.exists(socket_path)
