@@ -26,7 +26,7 @@ from spmd.config import read_config  # noqa: E402
 from spmd.gguf_file import GGUFFile  # noqa: E402
 from spmd.model import Model  # noqa: E402
 from spmd.plan import make_plan, parse_ratios  # noqa: E402
-from spmd.synth import TINYLLAMA, Shape, write_model  # noqa: E402
+from spmd.synth import LLAMA2_7B, TINYLLAMA, Shape, write_model  # noqa: E402
 from spmd.weights import load_shard  # noqa: E402
 
 PEAK_TBS = (("H100 PCIE", 2.0), ("H100", 3.35), ("H200", 4.8), ("A100", 2.0))
@@ -147,6 +147,8 @@ def main():
                     help="also run --backend cpu on the same files (default: when the Vulkan device is a CPU)")
     ap.add_argument("--rounds", type=int, default=2, help="turns of each backend when comparing with the cpu")
     ap.add_argument("--small", action="store_true", help="a model 1/4 of TinyLlama's width (quick checks)")
+    ap.add_argument("--shape", choices=("tinyllama", "llama2-7b"), default="tinyllama",
+                    help="the model's shape: TinyLlama-1.1B, or Llama-2-7B (where the GPU is less latency-bound)")
     ap.add_argument("--dir", default=os.environ.get("SPMD_BENCH_DIR", tempfile.gettempdir()))
     ap.add_argument("--profile", action="store_true", help="GPU time of each step of a decode token")
     ap.add_argument("--kernels", action="store_true", help="only time single products (steady state)")
@@ -157,14 +159,17 @@ def main():
     if args.kernels:
         kernels(args)
         return
-    shape = Shape(**{**TINYLLAMA.__dict__, "dim": 512, "ffn": 1408}) if args.small else TINYLLAMA
+    shape = {"tinyllama": TINYLLAMA, "llama2-7b": LLAMA2_7B}[args.shape]
+    name = args.shape
+    if args.small:
+        shape, name = Shape(**{**shape.__dict__, "dim": shape.dim // 4, "ffn": shape.ffn // 4}), name + "-small"
     rows = []
     for qtype in args.qtypes.split(","):
-        path = Path(args.dir) / f"bench-vulkan-{'small' if args.small else 'tinyllama'}-{qtype}.gguf"
+        path = Path(args.dir) / f"bench-vulkan-{name}-{qtype}.gguf"
         if not path.exists():
             write_model(path, shape, qtype=qtype, seed=0)
         rows += bench_type(args, qtype, path)
-    print(f"\nTinyLlama-1.1B shape{' (1/4 width)' if args.small else ''}, {args.prompt}-token prompt, "
+    print(f"\n{args.shape} shape{' (1/4 width)' if args.small else ''}, {args.prompt}-token prompt, "
           f"{args.steps} decode steps, one rank")
     print(f"{'type':5} {'backend':44} {'prompt tok/s':>12} {'decode tok/s':>12} {'ms/token':>9} {'GPU ms':>7} "
           f"{'outside':>7} {'weights MB':>10} {'GB/s (GPU)':>10} {'roofline':>8}")

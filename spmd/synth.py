@@ -66,6 +66,7 @@ class Shape:
 
 
 TINYLLAMA = Shape(dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, ffn=5632, vocab=32000, context=2048)
+LLAMA2_7B = Shape(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, ffn=11008, vocab=32000, context=4096)
 
 
 class TensorSpec(NamedTuple):
