@@ -112,7 +112,7 @@ def main():
                   file=sys.stderr)
         prompt = [1] + [(97 * i + 13) % 31000 + 500 for i in range(args.prompt_len - 1)]
         positions = [args.prompt_len + 32, args.prompt_len + 64, args.prompt_len + 96]
-        rows, figures = [], {"ranks": args.ranks, "qtype": args.qtype, "prompt_len": args.prompt_len, "moves": []}
+        figures = {"ranks": args.ranks, "qtype": args.qtype, "prompt_len": args.prompt_len, "moves": []}
         results = {}
         for weights_from in ("file", "peer"):
             result, replies = migrating_job(model, args.ranks, prompt, positions, weights_from, folder)
@@ -136,7 +136,7 @@ def main():
         print(f"TinyLlama-1.1B shape, {args.qtype}, {args.ranks} ranks on one machine; decode "
               f"{result['ms_per_token']:.1f} ms/token; restart = load + prefill of the tokens so far (wall: the new "
               "job from mpirun to exit)")
-        print(f"| move | at | migration, file | migration, peer | restart: load + prefill | restart wall |")
+        print("| move | at | migration, file | migration, peer | restart: load + prefill | restart wall |")
         print("|---|---|---|---|---|---|")
         for r in figures["moves"]:
             print(f"| {r['move']} | {r['position']} | {r['file_ms']:.0f} ms, {r['file_bytes'] / 2**20:.2f} MiB | "

@@ -22,6 +22,7 @@ def test_allreduce_sums_and_every_rank_agrees(algorithm, n, ratios):
     x = rank_vector(n, WORLD.rank)
     expected = np.sum([rank_vector(n, r).astype(np.float64) for r in range(WORLD.size)], axis=0)
     out = comm.allreduce(x.reshape(1, n))
+    assert out.base is x or out is x  # in place
     np.testing.assert_allclose(x, expected, rtol=1e-5, atol=1e-5)
     everyone = WORLD.allgather(x.tobytes())
     assert all(b == everyone[0] for b in everyone)  # bit-identical on every rank

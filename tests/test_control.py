@@ -273,7 +273,7 @@ def test_a_peer_of_another_uid_is_refused():
         os.waitpid(pid, 0)
         out = os.read(read, 65536).decode()
         os.close(read)
-        assert json.loads(out) == {"ok": False, "error": f"refused: the job belongs to uid 0, not 65534"}, out
+        assert json.loads(out) == {"ok": False, "error": "refused: the job belongs to uid 0, not 65534"}, out
         assert loop.applied == []
         assert ask(path, {"cmd": "status"})["ok"]  # its own user still gets in
     finally:
