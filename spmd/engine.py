@@ -114,15 +114,21 @@ class Engine:
         # each, would take cores from the kernels (prefill ran 3x slower with it).
         self.threads = max(1, len(os.sched_getaffinity(0)) // comm.local_ranks())
         threadpool_limits(1, user_api="blas")
+        # the socket opens before the weights load, so a user (or a script) can queue a migration meanwhile
+        self.control = agree(comm, self._open_control if comm.is_root else lambda: None)
         t = time.perf_counter()
-        self.model = agree(comm, self._load)
+        try:
+            self.model = agree(comm, self._load)
+        except BaseException:
+            if self.control is not None:
+                self.control.close()
+            raise
         self.load_s = time.perf_counter() - t
         self._vocab_counts = [s.n_vocab for s in self.plan]
         self._logits = np.empty(self.cfg.vocab, dtype=np.float32) if comm.is_root else None
         self._decode_steps, self._decode_bytes = 0, 0
         self._recent = collections.deque(maxlen=RECENT_STEPS)  # (compute s, sync s) of the last decode steps
         self.epoch, self.migrations = 0, []  # the plan's epoch: how many re-partitions it has been through
-        self.control = agree(comm, self._open_control if comm.is_root else lambda: None)
 
     def _read_header(self):
         f = GGUFFile(self.opts.model)
