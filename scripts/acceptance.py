@@ -17,7 +17,8 @@ converted first, with the tokenizer of `--llama2c-tokenizer` (default: `tok<voca
 | 6 | `--ranks`, `--ratios` | vulkan | the same schedule |
 
 Every scenario runs greedy (temperature 0) on the same prompt and steps, so all must produce scenario 1's tokens.
-Writes OUT/report.md, OUT/report.json and OUT/*.png; exits 1 when a check fails, 2 on a usage error.
+The checks and OUT/report.md, OUT/report.json and OUT/*.png come from `scripts/acceptance_report.py`; exits 1 when a
+check fails, 2 on a usage error.
 """
 import datetime
 import json
@@ -35,6 +36,8 @@ from pathlib import Path
 
 import click
 
+from acceptance_report import all_checks, fmt, write_report
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from spmd.plan import FFN_BLOCK, apportion, parse_ratios  # noqa: E402
@@ -42,8 +45,6 @@ from spmd.plan import FFN_BLOCK, apportion, parse_ratios  # noqa: E402
 VENV = os.environ.get("SPMD_VENV", ".venv")
 PY, MPIRUN = f"{VENV}/bin/python", f"{VENV}/bin/mpirun"  # relative to ROOT, where every command runs
 ENV = {**os.environ, "PATH": f"{ROOT / VENV / 'bin'}:{os.environ.get('PATH', '')}"}
-RANK_KEYS = ("rank", "host", "backend", "share", "compute_ms", "sync_ms", "bytes_sent", "bytes_per_token",
-             "weights_bytes", "peak_rss_bytes")
 
 
 @dataclass(frozen=True)
@@ -114,25 +115,27 @@ def parse_result(stdout: str):
     return None
 
 
-def start(argv, workdir: Path, name: str):
-    """Start a command with stdout/stderr to files (no pipe to fill); its own session, so a timeout ends it all."""
-    out, err = open(workdir / f"{name}.stdout", "w+"), open(workdir / f"{name}.stderr", "w+")
-    proc = subprocess.Popen(argv, cwd=ROOT, env=ENV, stdout=out, stderr=err, text=True, start_new_session=True)
-    return proc, out, err
-
-
-def finish(proc, out, err, t0, timeout, load0) -> dict:
-    try:
-        rc = proc.wait(timeout=max(1.0, timeout - (time.perf_counter() - t0)))
-    except subprocess.TimeoutExpired:
-        end_group(proc)
-        rc = None
-    wall = time.perf_counter() - t0
-    out.seek(0), err.seek(0)
-    stdout, stderr = out.read(), err.read()
-    out.close(), err.close()
+def run_job(argv, workdir: Path, name: str, timeout: int, during=None) -> dict:
+    """Run a command in its own session (so that a timeout or Ctrl-C ends its mpirun and every rank), with stdout and
+    stderr to files (no pipe to fill). `during(proc, deadline)` runs meanwhile; what it returns is `migrations`."""
+    t0, load0 = time.perf_counter(), round(os.getloadavg()[0], 2)
+    with open(workdir / f"{name}.stdout", "w+") as out, open(workdir / f"{name}.stderr", "w+") as err:
+        proc = subprocess.Popen(argv, cwd=ROOT, env=ENV, stdout=out, stderr=err, text=True, start_new_session=True)
+        try:
+            talk = during(proc, t0 + timeout) if during else None
+            rc = proc.wait(timeout=max(1.0, t0 + timeout - time.perf_counter()))
+        except subprocess.TimeoutExpired:
+            rc = None
+        finally:
+            if proc.poll() is None:  # timed out, or interrupted
+                end_group(proc)
+        wall = time.perf_counter() - t0
+        out.seek(0), err.seek(0)
+        stdout, stderr = out.read(), err.read()
     record = dict(returncode=rc, wall_s=round(wall, 2), load_avg=[load0, round(os.getloadavg()[0], 2)],
                   stderr_tail=stderr[-4000:], result=parse_result(stdout))
+    if during:
+        record["migrations"] = talk
     if rc is None:
         record["error"] = f"timed out after {timeout} s"
     elif rc != 0:
@@ -143,7 +146,7 @@ def finish(proc, out, err, t0, timeout, load0) -> dict:
 
 
 def end_group(proc):
-    """End a run we started (its mpirun and every rank: the session `start` gave it), and reap it."""
+    """End a run we started (its mpirun and every rank: the session `run_job` gave it), and reap it."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
@@ -151,20 +154,10 @@ def end_group(proc):
     proc.wait()
 
 
-def run_plain(argv, workdir: Path, name: str, timeout: int) -> dict:
-    t0, load0 = time.perf_counter(), round(os.getloadavg()[0], 2)
-    proc, out, err = start(argv, workdir, name)
-    try:
-        return finish(proc, out, err, t0, timeout, load0)
-    except BaseException:  # Ctrl-C: its own session would not see it
-        end_group(proc)
-        raise
-
-
 # ---- live migrations ------------------------------------------------------------------------------------------
 def positions(n_prompt: int, steps: int, count: int) -> list:
     """`count` distinct positions from 30% to 75% of the generation's token boundaries (n_prompt ..
-    n_prompt + steps - 2): the first stretch lets the client connect, and a boundary is left for a last status."""
+    n_prompt + steps - 2), a stretch of tokens apart, with a boundary left after them for a last status."""
     span = steps - 1
     at = []
     for k in range(count):
@@ -173,12 +166,13 @@ def positions(n_prompt: int, steps: int, count: int) -> list:
     return at
 
 
-def migration_schedule(cfg, ratios: str, n_ranks: int, n_prompt: int, steps: int) -> list:
+def migration_schedule(config: dict, ratios: str, n_ranks: int, n_prompt: int, steps: int) -> list:
     """The fixed schedule: kind 1 (KV-head groups), kind 2 (FFN blocks), kind 3 (both), then new ratios, each at its
-    own position. Moves are chosen on the plan the earlier moves leave (most-loaded rank to least-loaded)."""
+    own position. Moves are chosen on the plan the earlier moves leave (most-loaded rank to least-loaded); a
+    ValueError when no rank has the units a move needs."""
     parsed = parse_ratios(ratios, n_ranks)
-    kv = apportion(cfg.n_kv_heads, parsed)
-    blocks = apportion(-(-cfg.ffn_dim // FFN_BLOCK), parsed)
+    kv = apportion(config["n_kv_heads"], parsed)
+    blocks = apportion(-(-config["ffn_dim"] // FFN_BLOCK), parsed)
     total_blocks = sum(blocks)
 
     def most(counts, floor=1):
@@ -187,54 +181,46 @@ def migration_schedule(cfg, ratios: str, n_ranks: int, n_prompt: int, steps: int
     def least(counts, other):
         return min((c, r) for r, c in enumerate(counts) if r != other)[1]
 
-    at = positions(n_prompt, steps, 4)
-    cmds = []
+    def move(kind, a, b, heads=0, n_blocks=0):
+        kv[a], kv[b] = kv[a] - heads, kv[b] + heads
+        blocks[a], blocks[b] = blocks[a] - n_blocks, blocks[b] + n_blocks
+        return (["move", "--kind", str(kind), "--from", str(a), "--to", str(b)] + ["--heads", str(heads)] * bool(heads)
+                + ["--ffn-blocks", str(n_blocks)] * bool(n_blocks))
+
     a = most(kv)
-    b = least(kv, a)
-    cmds.append(dict(at=at[0], args=["move", "--kind", "1", "--from", str(a), "--to", str(b), "--heads", "1"]))
-    kv[a], kv[b] = kv[a] - 1, kv[b] + 1
+    cmds = [move(1, a, least(kv, a), heads=1)]
     a = most(blocks, 2)
-    b = least(blocks, a)
-    n = max(1, min(blocks[a] - 1, total_blocks // (4 * n_ranks)))
-    cmds.append(dict(at=at[1], args=["move", "--kind", "2", "--from", str(a), "--to", str(b),
-                                     "--ffn-blocks", str(n)]))
-    blocks[a], blocks[b] = blocks[a] - n, blocks[b] + n
+    cmds.append(move(2, a, least(blocks, a), n_blocks=max(1, min(blocks[a] - 1, total_blocks // (4 * n_ranks)))))
     a = max((kv[r], blocks[r], r) for r in range(n_ranks) if kv[r] >= 1 and blocks[r] >= 2)[2]
-    b = least(blocks, a)
-    n = max(1, blocks[a] // 4)
-    cmds.append(dict(at=at[2], args=["move", "--kind", "3", "--from", str(a), "--to", str(b), "--heads", "1",
-                                     "--ffn-blocks", str(n)]))
+    cmds.append(move(3, a, least(blocks, a), heads=1, n_blocks=max(1, blocks[a] // 4)))
     new = ":".join(reversed(ratios.split(":")))
-    if new == ratios:
-        new = ":".join(str(r + 1) for r in range(n_ranks))
-    cmds.append(dict(at=at[3], args=["ratios", new]))
-    for c in cmds:
-        c["args"] += ["--at", str(c["at"])]
-    return cmds
+    cmds.append(["ratios", new if new != ratios else ":".join(str(r + 1) for r in range(n_ranks))])
+    return [dict(at=p, args=args + ["--at", str(p)]) for p, args in zip(positions(n_prompt, steps, 4), cmds)]
+
+
+MIGRATE_FIELDS = {"--kind": "kind", "--from": "from", "--to": "to", "--heads": "kv_groups",
+                  "--ffn-blocks": "ffn_blocks"}  # spmd.migrate's flags -> the request's fields
 
 
 def request_of(args) -> dict:
     """The control socket's request line for a schedule entry given in `spmd.migrate`'s words."""
     if args[0] == "status":
         return {"cmd": "status"}
-    flags = dict(zip(args[1::2], args[2::2])) if args[0] == "move" else {"--at": args[args.index("--at") + 1]}
-    req = {"cmd": "migrate"}
+    req, flags = {"cmd": "migrate"}, args[1:]
     if args[0] == "ratios":
-        req["ratios"] = args[1]
-    else:
-        req.update(kind=int(flags["--kind"]), **{"from": int(flags["--from"]), "to": int(flags["--to"])})
-        req.update({k: int(flags[f]) for k, f in (("kv_groups", "--heads"), ("ffn_blocks", "--ffn-blocks"))
-                    if f in flags})
+        req["ratios"], flags = args[1], args[2:]
+    flags = dict(zip(flags[::2], flags[1::2]))
+    req.update({MIGRATE_FIELDS[f]: int(v) for f, v in flags.items() if f in MIGRATE_FIELDS})
     return {**req, "mode": "at", "at": int(flags["--at"])}
 
 
 class ControlClient:
-    """One connection to the control socket, kept for the whole schedule: each command is sent the moment the
-    previous one is answered (a migration is answered once applied, and only one may wait at a time), so a fast run
-    does not pass a position before its command arrives, as it could while a new client process starts up."""
+    """One connection to the control socket, kept for the whole schedule: a migration is answered once applied and
+    only one may wait at a time, so each command is sent the moment the one before it is answered (a new client
+    process for each would take longer to start than a fast run takes to pass the next position)."""
 
     def __init__(self, sock: str, proc, deadline: float):
-        """Connect as soon as the run opens the socket (it starts generating at once)."""
+        """Connect as soon as the run opens the socket (before it loads its weights)."""
         import socket
         self.sock_path = sock
         while True:
@@ -268,21 +254,16 @@ class ControlClient:
         self.conn.close()
 
 
-def cli_status(sock: str):
-    """`python -m spmd.migrate --socket S status --json`, started in the background (answered at a boundary)."""
-    argv = [PY, "-m", "spmd.migrate", "--socket", sock, "status", "--json"]
-    return argv, subprocess.Popen(argv, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  text=True)
-
-
 def drive(sock: str, proc, schedule, deadline: float) -> list:
-    """Over one connection, opened the moment the socket appears: the schedule (each entry is answered once applied
-    at its position) and a `status`; meanwhile a `status` through the `spmd.migrate` client. Records in order."""
+    """A run's control commands, recorded in order. Over one connection, opened the moment the socket appears (so
+    the first command waits in the run before generation starts): the schedule, each entry answered once applied
+    at its position, then a `status`. Meanwhile, listed first, a `status` through the `spmd.migrate` client."""
     try:
         client = ControlClient(sock, proc, deadline)
     except OSError as e:
         return [dict(command="connect", request=None, reply={"ok": False, "error": f"cannot connect: {e}"})]
-    cli = cli_status(sock) if (ROOT / "spmd" / "migrate.py").exists() else None
+    argv = [PY, "-m", "spmd.migrate", "--socket", sock, "status", "--json"]  # answered at a boundary
+    cli = subprocess.Popen(argv, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     sent = []
     try:
         for c in schedule:
@@ -292,47 +273,41 @@ def drive(sock: str, proc, schedule, deadline: float) -> list:
         sent.append(client.ask(["status"]))
     finally:
         client.close()
-    if cli is not None:
-        argv, p = cli
-        try:
-            out, err = p.communicate(timeout=max(1.0, deadline - time.perf_counter()))
-            reply = parse_result(out) or {"ok": False, "error": f"exit {p.returncode}: {one_line(err or out)}"}
-        except subprocess.TimeoutExpired:
-            p.kill()
-            out, reply = None, {"ok": False, "error": "no reply"}
-        sent.insert(0, dict(command=shlex.join(argv), request=None, reply=reply, via="spmd.migrate"))
-    return sent
+    try:
+        out, err = cli.communicate(timeout=max(1.0, deadline - time.perf_counter()))
+        reply = parse_result(out) or {"ok": False, "error": f"exit {cli.returncode}: {one_line(err or out)}"}
+    except subprocess.TimeoutExpired:
+        cli.kill()
+        cli.wait()
+        reply = {"ok": False, "error": "no reply"}
+    return [dict(command=shlex.join(argv), request=None, reply=reply, via="spmd.migrate")] + sent
 
 
 def too_late(sent) -> bool:
-    """A command arrived after its position had passed (a fast run outran the client)."""
+    """A command arrived after its position had passed (the run outran the client between two commands)."""
     return any("has passed" in str(m["reply"].get("error", "")) for m in sent if "at" in m)
 
 
-ATTEMPTS = 3  # runs of a migration scenario when its first command arrives too late
+ATTEMPTS = 3  # runs of a migration scenario while a command arrives too late: a safety net for a very fast run
 
 
-def run_migrating(argv, schedule, workdir: Path, name: str, timeout: int) -> dict:
-    """Run with a control socket, drive the schedule through it, then wait for the run to end."""
+def run_migrating(argv, setup: Setup, model: dict, n_ranks: int, workdir: Path, name: str) -> dict:
+    """Run with a control socket and drive the schedule through it (again, up to ATTEMPTS runs in all, while a
+    command arrives after its position)."""
+    try:
+        schedule = migration_schedule(model["config"], setup.ratios, n_ranks, model["n_prompt"], setup.steps)
+    except ValueError:  # no rank has the units a move needs
+        return dict(error="no migration schedule fits this model and split (a kind-3 move needs a rank with a KV "
+                          "head and two FFN blocks)", migrations=[], schedule=[], result=None, wall_s=0)
     sock = str(workdir / f"{name}.sock")  # in our private temporary folder
     if len(os.fsencode(sock)) > 100:  # a Unix socket's path has at most 107 bytes
         sock = os.path.join(tempfile.mkdtemp(prefix="spmd-acc-", dir="/tmp"), f"{name}.sock")
     argv = argv + ["--control-socket", sock]
     for attempt in range(1, ATTEMPTS + 1):
-        t0, load0 = time.perf_counter(), round(os.getloadavg()[0], 2)
-        proc, out, err = start(argv, workdir, name)
-        try:
-            sent = drive(sock, proc, schedule, t0 + timeout)
-            record = finish(proc, out, err, t0, timeout, load0)
-        except BaseException:
-            end_group(proc)
-            raise
-        if not too_late(sent):
+        record = run_job(argv, workdir, name, setup.timeout, lambda proc, end: drive(sock, proc, schedule, end))
+        if not too_late(record["migrations"]):
             break
-    record.update(argv=argv, migrations=sent, schedule=schedule, attempts=attempt)
-    if not sent and "error" not in record:
-        record["error"] = "the control socket never appeared"
-    return record
+    return dict(record, argv=argv, schedule=schedule, attempts=attempt)
 
 
 # ---- models ---------------------------------------------------------------------------------------------------
@@ -423,368 +398,6 @@ def machine_info() -> dict:
                 date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"))
 
 
-def is_lavapipe(description: str) -> bool:
-    return "llvmpipe" in description.lower() or "lavapipe" in description.lower()
-
-
-# ---- checks ---------------------------------------------------------------------------------------------------
-def expected_backends(run) -> list:
-    names = run["backend"].split(",")
-    return names * run["n_ranks"] if len(names) == 1 else names
-
-
-def check_run(run, setup: Setup, model: dict, reference) -> list:
-    """[(check, ok, reason)] for one run."""
-    if "error" in run:
-        return [("ran", False, run["error"])]
-    r = run["result"]
-    out = [("ran", True, f"exit 0 in {run['wall_s']:.1f} s")]
-    want = min(setup.steps, model["config"]["context"] - len(r["prompt_tokens"]))
-    n = len(r["tokens"])
-    out.append(("tokens", n == want or 0 < n < want,
-                f"{n} of {want} tokens" + (" (stopped at end of sequence)" if 0 < n < want else "")))
-    got = [s.get("backend", "") for s in r["ranks"]]
-    bad = [f"rank {i}: {g!r}" for i, (g, w) in enumerate(zip(got, expected_backends(run))) if not g.startswith(w)]
-    out.append(("backend", not bad, "; ".join(bad) or ", ".join(sorted(set(got)))))
-    out.append(("per-rank stats",) + rank_stats_ok(r, run["n_ranks"]))
-    if reference is not run:
-        out.append(("same tokens as scenario 1",) + same_tokens(r["tokens"], reference))
-    if run.get("schedule") is not None:
-        out.append(("migrations applied",) + migrations_ok(run))
-        out.append(("status answered",) + statuses_ok(run))
-    return out
-
-
-def same_tokens(tokens, reference) -> tuple:
-    """Whether a run's tokens are scenario 1's; token i > 0 comes from the pass at position n_prompt + i - 1."""
-    if reference is None:
-        return True, "not compared: scenario 1 is not part of this invocation"
-    if "error" in reference:
-        return False, "scenario 1 failed, so there is nothing to compare with"
-    ref = reference["result"]["tokens"]
-    at = next((i for i, (a, b) in enumerate(zip(ref, tokens)) if a != b), None)
-    if at is not None:
-        pos = len(reference["result"]["prompt_tokens"]) + at - 1
-        where = "the prefill" if at == 0 else f"the pass at position {pos}"
-        return False, f"token {at} (from {where}) differs: {tokens[at]} against scenario 1's {ref[at]}"
-    if len(ref) != len(tokens):
-        return False, f"{len(tokens)} tokens against scenario 1's {len(ref)}"
-    return True, f"all {len(tokens)} tokens equal"
-
-
-def rank_stats_ok(r, n_ranks) -> tuple:
-    ranks = r.get("ranks") or []
-    if len(ranks) != n_ranks:
-        return False, f"{len(ranks)} rank records for {n_ranks} ranks"
-    for s in ranks:
-        missing = [k for k in RANK_KEYS if k not in s]
-        if missing:
-            return False, f"rank {s.get('rank')}: missing {', '.join(missing)}"
-        if not (s["compute_ms"] > 0 and s["weights_bytes"] > 0 and s["peak_rss_bytes"] > 0):
-            return False, f"rank {s['rank']}: compute, weights or memory figure is zero"
-        if n_ranks > 1 and not s["bytes_sent"] > 0:
-            return False, f"rank {s['rank']}: sent nothing in a {n_ranks}-rank run"
-    return True, f"{n_ranks} rank record{'s' * (n_ranks > 1)} with compute, sync, bytes and memory"
-
-
-def migrations_ok(run) -> tuple:
-    moves = [m for m in run["migrations"] if "at" in m]
-    failed = [f"{m['request']}: {m['reply'].get('error', 'not ok')}" for m in moves if not m["reply"].get("ok")]
-    if failed:
-        return False, "; ".join(failed)
-    if len(moves) != len(run["schedule"]):
-        return False, f"{len(moves)} of {len(run['schedule'])} commands sent"
-    late = [f"asked for {m['at']}, applied at {m['reply'].get('applied_at')}" for m in moves
-            if m["reply"].get("applied_at") != m["at"]]
-    if late:
-        return False, "; ".join(late)
-    epochs = [m["reply"].get("epoch") for m in moves]
-    if None in epochs or any(b <= a for a, b in zip([0] + epochs, epochs)):
-        return False, f"plan epochs did not advance: {epochs}"
-    final = run["result"].get("plan_epoch")
-    if final != epochs[-1]:
-        return False, f"the run ended at plan epoch {final}, not the last command's {epochs[-1]}"
-    return True, f"{len(moves)} of {len(moves)} applied at their positions; plan epochs {epochs}"
-
-
-def statuses_ok(run) -> tuple:
-    """The status replies; the client's may miss a run so short that it ended before the client started up."""
-    statuses = [m for m in run["migrations"] if "at" not in m]
-    missed = [m for m in statuses if m.get("via") and any(e in str(m["reply"].get("error")) for e in NEVER_CONNECTED)]
-    bad = [f"{m['command'].split(' --socket ')[0]} status: {m['reply'].get('error', 'not ok')}"
-           for m in statuses if not m["reply"].get("ok") and m not in missed]
-    if not any(m.get("via") == "spmd.migrate" for m in statuses):
-        bad.append("the spmd.migrate client was not exercised (no spmd/migrate.py)")
-    answered = sum(bool(m["reply"].get("ok")) for m in statuses)
-    note = (" (the spmd.migrate client's started after this short run had ended)" if missed else
-            ", one through the spmd.migrate client")
-    return not bad, "; ".join(bad) or f"{answered} status replies{note}"
-
-
-NEVER_CONNECTED = ("No such file or directory", "Connection refused")
-
-
-def all_checks(runs, setup, model) -> list:
-    reference = next((r for r in runs if r["id"] == "1"), None)
-    return [dict(run=run["id"], check=check, ok=bool(ok), reason=reason)
-            for run in runs for check, ok, reason in check_run(run, setup, model, reference)]
-
-
-# ---- report ---------------------------------------------------------------------------------------------------
-def label(run) -> str:
-    return f"{run['id']}: {run['n_ranks']}x {run['backend']}"
-
-
-def charts(runs, out: Path) -> dict:
-    """PNGs of the runs that produced a result: {name: file name}."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    done = [r for r in runs if r.get("result")]
-    if not done:
-        return {}
-    files = {}
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
-    names = [label(r) for r in done]
-    for ax, key, title in ((axes[0], "decode_tokens_per_s", "decode tokens/s"),
-                           (axes[1], "prompt_tokens_per_s", "prompt (prefill) tokens/s")):
-        values = [r["result"].get(key) or 0 for r in done]
-        bars = ax.barh(names, values, color=["tab:green" if "vulkan" in r["backend"] else "tab:blue" for r in done])
-        ax.bar_label(bars, fmt="%.1f", fontsize=7)
-        ax.set_title(title, fontsize=9)
-        ax.invert_yaxis()
-        ax.tick_params(labelsize=7)
-    files["speed"] = save(fig, out / "speed.png")
-    per_rank = [(f"{r['id']}/r{s['rank']}", s) for r in done for s in r["result"]["ranks"]]
-    xs = range(len(per_rank))
-    fig, ax = plt.subplots(figsize=(9, 3.2))
-    compute = [s["compute_ms"] / 1e3 for _, s in per_rank]
-    sync = [s["sync_ms"] / 1e3 for _, s in per_rank]
-    ax.bar(xs, compute, label="compute", color="tab:blue")
-    ax.bar(xs, sync, bottom=compute, label="sync (waiting in collectives)", color="tab:orange")
-    ax.set_xticks(list(xs), [n for n, _ in per_rank], rotation=60, fontsize=7)
-    ax.set_ylabel("seconds (generation)", fontsize=8)
-    ax.set_title("per rank: compute vs sync, scenario/rank", fontsize=9)
-    ax.legend(fontsize=7)
-    files["rank_time"] = save(fig, out / "rank_time.png")
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
-    axes[0].bar(xs, [s["bytes_sent"] / 1e6 for _, s in per_rank], color="tab:purple")
-    axes[0].set_title("bytes sent per rank (MB, whole run)", fontsize=9)
-    axes[1].bar(xs, [s["peak_rss_bytes"] / 2**20 for _, s in per_rank], label="peak RSS", color="tab:gray")
-    axes[1].bar(xs, [s["weights_bytes"] / 2**20 for _, s in per_rank], label="weights held", color="tab:red")
-    axes[1].set_title("memory per rank (MiB)", fontsize=9)
-    axes[1].legend(fontsize=7)
-    for ax in axes:
-        ax.set_xticks(list(xs), [n for n, _ in per_rank], rotation=60, fontsize=7)
-    files["rank_bytes"] = save(fig, out / "rank_bytes.png")
-    return files
-
-
-def save(fig, path: Path) -> str:
-    fig.tight_layout()
-    fig.savefig(path, dpi=72)
-    import matplotlib.pyplot as plt
-    plt.close(fig)
-    return path.name
-
-
-def table(headers, rows) -> str:
-    cell = lambda v: str(v).replace("|", "\\|").replace("\n", " ")  # noqa: E731
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    return "\n".join(lines + ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows])
-
-
-def fmt(v, spec=".1f"):
-    return "-" if v is None else format(v, spec)
-
-
-def mib(b):
-    return f"{b / 2**20:.0f}" if b >= 10 * 2**20 else f"{b / 2**20:.2f}"
-
-
-def vulkan_summary(machine, runs) -> str:
-    seen = sorted({s["backend"] for r in runs if r.get("result") for s in r["result"]["ranks"]
-                   if s["backend"].startswith("vulkan")})
-    listed = [f"{d['name']} ({d['type']})" for d in machine["vulkan_devices"]]
-    where = seen or listed
-    if not where:
-        return "none found (no Vulkan run succeeded and vulkaninfo lists no device)"
-    soft = all(is_lavapipe(d) for d in where)
-    return "; ".join(where) + (" — lavapipe, Mesa's Vulkan driver that runs on the CPU: this machine has no GPU, so "
-                               "the GPU scenarios exercise the Vulkan code path at CPU speed" if soft else
-                               " — a real GPU")
-
-
-def setup_section(setup: Setup, machine, model, runs) -> list:
-    c = model["config"]
-    shape = (f"{c['arch']}, dim {c['dim']}, {c['n_layers']} layers, {c['n_heads']} heads / {c['n_kv_heads']} KV "
-             f"heads, FFN {c['ffn_dim']}, vocab {c['vocab']}, context {c['context']}; matrices "
-             f"{', '.join(model['matrix_types'])}")
-    rows = [("date", machine["date"]), ("machine", f"{machine['host']}: {machine['os']}"),
-            ("CPU", f"{machine['cpu']}, {machine['cores']} cores, {machine['memory_bytes'] / 2**30:.1f} GiB memory"),
-            ("Vulkan device", vulkan_summary(machine, runs)),
-            ("Python / MPI", f"{machine['python']} / {machine['mpi']}"),
-            ("commit", machine["commit"]),
-            ("model file", f"`{model['path']}` ({model['bytes'] / 1e6:.1f} MB), {model['name']}"),
-            ("model made", model["origin"]), ("model shape", shape),
-            ("prompt", f"{setup.prompt!r} ({model['n_prompt']} tokens with BOS)"),
-            ("steps / seed", f"{setup.steps} / {setup.seed} (greedy: temperature 0)"),
-            ("multi-rank runs", f"{setup.ranks} ranks on this machine, ratios {setup.ratios}, allreduce "
-                                f"{setup.allreduce}")]
-    return ["## Setup", "", table(["", ""], rows), "",
-            "Commands run from the repository root (`.venv/` is the set-up's virtual environment).", ""]
-
-
-def summary_section(runs, checks, files) -> list:
-    failed = {c["run"] for c in checks if not c["ok"]}
-    rows = []
-    for r in runs:
-        res = r.get("result") or {}
-        rows.append((r["id"], r["title"], r["n_ranks"], r["backend"], len(res.get("tokens", [])) if res else "-",
-                     fmt(res.get("prefill_ms"), ".0f"), fmt(res.get("prompt_tokens_per_s")),
-                     fmt(res.get("decode_tokens_per_s"), ".2f"), fmt(res.get("ms_per_token")),
-                     "FAIL" if r["id"] in failed else "pass"))
-    out = ["## Summary", "", table(["run", "scenario", "ranks", "backend", "tokens", "prefill ms", "prompt tok/s",
-                                    "decode tok/s", "ms/token", "checks"], rows), ""]
-    out += [f"![{name}]({f})" for name, f in files.items()] + [""]
-    return out
-
-
-def headlines(runs) -> list:
-    """Ratios of decode speed between the scenarios that ran, and what the migrations cost."""
-    tps = {r["id"]: r["result"]["decode_tokens_per_s"] for r in runs if r.get("result")}
-    out = []
-    for a, b, what in (("3", "1", "CPU, 3 ranks against 1"), ("4", "2", "Vulkan, 3 ranks against 1"),
-                       ("2", "1", "one rank, Vulkan against CPU"), ("4", "3", "3 ranks, Vulkan against CPU"),
-                       ("5", "3", "CPU, 3 ranks with migrations against without"),
-                       ("6", "4", "Vulkan, 3 ranks with migrations against without")):
-        if tps.get(a) and tps.get(b):
-            out.append(f"{what}: {tps[a]:.2f} / {tps[b]:.2f} decode tok/s = {tps[a] / tps[b]:.2f}x")
-            run = next(r for r in runs if r["id"] == a)
-            if run["result"].get("migrations"):
-                bare = without_migrations(run["result"], run["steps"])[0]
-                out[-1] += f" ({fmt(bare, '.2f')} tok/s, {fmt(bare / tps[b], '.2f')}x, without the re-partitions' time)"
-    for r in runs:
-        moves = (r.get("result") or {}).get("migrations") or []
-        if moves:
-            ms = [m["ms"] for m in moves]
-            out.append(f"run {r['id']}: {len(moves)} re-partitions took {min(ms):.0f} to {max(ms):.0f} ms each "
-                       f"(mean {sum(ms) / len(ms):.0f} ms) and moved {sum(m['bytes_moved'] for m in moves):,} bytes "
-                       "between ranks in all")
-    return ["## Headlines", ""] + [f"- {line}" for line in out] + [""] if out else []
-
-
-def checks_section(checks) -> list:
-    rows = [(c["run"], c["check"], "pass" if c["ok"] else "**FAIL**", c["reason"]) for c in checks]
-    return ["## Checks", "", table(["run", "check", "result", "reason"], rows), ""]
-
-
-def without_migrations(res, steps) -> tuple:
-    """(decode tok/s, ms/token) with the re-partitions' time taken out. The decode passes are the tokens after the
-    first, or all of them when the run ended at an end-of-sequence token (the pass that sampled it counts)."""
-    n = len(res["tokens"]) - 1 + (len(res["tokens"]) < steps)
-    decode_ms = res["ms_per_token"] * n - sum(m["ms"] for m in res["migrations"])
-    return (n * 1e3 / decode_ms, decode_ms / n) if n and decode_ms > 0 else (None, None)
-
-
-def run_section(r) -> list:
-    out = [f"### {r['id']}. {r['title']}", "", "```", shlex.join(r["argv"]), "```", ""]
-    out += [n + "\n" for n in r.get("notes", [])]
-    if r.get("attempts", 1) > 1:
-        out += [f"Attempt {r['attempts']}: in the attempt{'s' * (r['attempts'] > 2)} before it a command reached the "
-                "run after its position had passed (the run generates from the moment it opens its socket, and "
-                "each command can only be sent once the one before it is applied).", ""]
-    if "error" in r:
-        out += [f"**Did not complete:** {r['error']}", ""]
-    if r.get("migrations"):
-        argv = r["argv"]
-        out += migration_lines(r["migrations"], argv[argv.index("--migrate-weights") + 1]
-                               if "--migrate-weights" in argv else "file")
-    res = r.get("result")
-    if not res:
-        return out
-    out += ["Output (greedy):", "", "```", res["text"], "```", ""]
-    if res.get("migrations"):
-        spent, (tps, ms) = sum(m["ms"] for m in res["migrations"]), without_migrations(res, r["steps"])
-        out += [f"The decode figures include the {len(res['migrations'])} re-partitions ({spent:.0f} ms in all); "
-                f"without them: {fmt(tps, '.2f')} tok/s, {fmt(ms)} ms/token.", ""]
-    out += [table(["prefill", "prompt tok/s", "decode tok/s", "ms/token", "model load s", "wall s",
-                   "load average before / after"],
-                  [(f"{res['prompt_tokens'].__len__()} tokens in {res['prefill_ms']:.0f} ms",
-                    fmt(res["prompt_tokens_per_s"]), fmt(res["decode_tokens_per_s"], ".2f"),
-                    fmt(res["ms_per_token"]), fmt(res["load_s"]), fmt(r["wall_s"]),
-                    " / ".join(map(str, r["load_avg"])))]), ""]
-    rows = [(s["rank"], s["host"], s["backend"],
-             f"{s['share']['heads']} / {s['share']['kv_heads']} / {s['share']['ffn_columns']} / "
-             f"{s['share']['vocab_rows']}",
-             f"{s['compute_ms']:.0f}", f"{s['sync_ms']:.0f}", f"{s['bytes_sent'] / 1e6:.2f}",
-             s["bytes_per_token"], mib(s["weights_bytes"]), mib(s["peak_rss_bytes"])) for s in res["ranks"]]
-    out += [table(["rank", "host", "backend", "heads / KV / FFN cols / vocab rows (at the end)", "compute ms",
-                   "sync ms", "sent MB", "bytes/token", "weights MiB", "peak RSS MiB"], rows), ""]
-    if r.get("schedule") is not None and res.get("plan_epoch") is not None:
-        out += [f"Plan epoch at the end: {res['plan_epoch']}.", ""]
-    return out
-
-
-def shares(plan) -> str:
-    return "; ".join(f"r{p['rank']} {p['kv_heads']} KV / {p['ffn_columns']} FFN / {p['vocab_rows']} vocab"
-                     for p in plan or [])
-
-
-def brief(reply) -> str:
-    """A reply without its bulky plan and per-rank lists (those are in report.json)."""
-    return json.dumps({k: v for k, v in reply.items() if k not in ("plan", "ranks")})
-
-
-def migration_lines(sent, weights_from) -> list:
-    rows = []
-    for m in sent:
-        rep = m["reply"]
-        after = shares(rep.get("plan") or rep.get("ranks")) if rep.get("ok") else rep.get("error", "")
-        rows.append((m.get("at", "-"), "`" + " ".join(m["command"].split(" --socket ")[1].split()[1:]) + "`",
-                     "ok" if rep.get("ok") else "**failed**", rep.get("epoch", "-"),
-                     rep.get("applied_at", rep.get("position", "-")), fmt(rep.get("bytes_moved"), ",") if
-                     rep.get("bytes_moved") is not None else "-", fmt(rep.get("ms")), after))
-    out = ["Control commands. As soon as the run opened its socket, a `status` went through the `spmd.migrate` "
-           "client (started in the background; answered at the token boundary it reached, listed first), and over "
-           "one connection the migrations went, each sent once the one before it was applied (each applies at the "
-           "token boundary before its `--at` position), then a last `status`. The exact command lines and the "
-           "replies follow the table. `bytes moved` counts what crossed between ranks: " + (
-               "with `--migrate-weights file` each rank reads the weights it takes on from its own copy of the "
-               "model, so only KV-cache rows travel." if weights_from == "file" else
-               "with `--migrate-weights peer` the moved weights travel from the rank that held them, with the "
-               "KV-cache rows."), "",
-           table(["--at", "command (after `--socket S`)", "reply", "epoch", "applied at / position", "bytes moved",
-                  "ms", "split after (per rank)"], rows), "", "<details><summary>commands and replies</summary>",
-           "", "```"]
-    for m in sent:
-        out += ["$ " + m["command"] + ("" if m.get("via") else "   # sent as " + json.dumps(m["request"])),
-                brief(m["reply"])]
-    return out + ["```", "", "</details>", ""]
-
-
-def write_report(out: Path, setup, machine, model, runs, checks) -> Path:
-    files = charts(runs, out)
-    passed = all(c["ok"] for c in checks)
-    md = [f"# Acceptance report: {Path(model['path']).name}", "",
-          f"**{'PASS' if passed else 'FAIL'}**: {sum(c['ok'] for c in checks)} of {len(checks)} checks passed "
-          f"over {len(runs)} run{'s' * (len(runs) != 1)}.", "",
-          "Made by `scripts/run_acceptance.sh` (`scripts/acceptance.py`); every figure below is also in "
-          "`report.json`.", ""]
-    md += setup_section(setup, machine, model, runs) + summary_section(runs, checks, files) + headlines(runs)
-    md += checks_section(checks)
-    if setup.notes:
-        md += ["## Notes", ""] + [f"- {n}" for n in setup.notes] + [""]
-    md += ["## Scenarios", ""]
-    for r in runs:
-        md += run_section(r)
-    (out / "report.md").write_text("\n".join(md))
-    everything = dict(passed=passed, setup=asdict(setup), machine=machine, model=model, runs=runs, checks=checks,
-                      charts=files)
-    (out / "report.json").write_text(json.dumps(everything, indent=1))
-    return out / "report.md"
-
-
 # ---- the run --------------------------------------------------------------------------------------------------
 def log(msg):
     print(f"[acceptance] {msg}", file=sys.stderr, flush=True)
@@ -802,33 +415,16 @@ def run_scenario(sc: Scenario, setup: Setup, model: dict, workdir: Path) -> list
         run = dict(id=rid, scenario=sc.id, title=title, n_ranks=n, backend=backend, steps=setup.steps, argv=argv)
         if rid == "4m":
             run["notes"] = ["The same static split with rank 0 on the CPU backend and the others on Vulkan."]
-        if not sc.migrate:
-            run.update(run_plain(argv, workdir, f"run{rid}", setup.timeout))
-        elif not (ROOT / "spmd" / "control.py").exists():
-            run.update(error="live migration is not available in this tree (no spmd/control.py)", migrations=[],
-                       schedule=[], result=None, wall_s=0)
+        if sc.migrate:
+            run.update(run_migrating(argv, setup, model, n, workdir, f"run{rid}"))
         else:
-            try:
-                schedule = migration_schedule(SimpleConfig(model["config"]), setup.ratios, n, model["n_prompt"],
-                                              setup.steps)
-            except ValueError:  # no rank has the units a move needs
-                schedule = None
-            if schedule is None:
-                run.update(error="no migration schedule fits this model and split (a kind-3 move needs a rank with "
-                                 "a KV head and two FFN blocks)", migrations=[], schedule=[], result=None, wall_s=0)
-            else:
-                run.update(run_migrating(argv, schedule, workdir, f"run{rid}", setup.timeout))
+            run.update(run_job(argv, workdir, f"run{rid}", setup.timeout))
         res = run.get("result")
         log(f"run {rid}: " + (run["error"] if "error" in run else
                               f"{len(res['tokens'])} tokens, decode {fmt(res['decode_tokens_per_s'], '.2f')} tok/s, "
                               f"{run['wall_s']:.1f} s"))
         runs.append(run)
     return runs
-
-
-class SimpleConfig:
-    def __init__(self, d):
-        self.__dict__.update(d)
 
 
 def parse_scenarios(text) -> list:
@@ -868,7 +464,7 @@ def parse_scenario_args(items) -> dict:
 @click.option("--llama2c-tokenizer", default=None, help="The tokenizer of a llama2.c checkpoint MODEL.")
 @click.option("--note", "notes", multiple=True, help="A line for the report's notes (repeatable).")
 @click.option("--rerender", is_flag=True, help="MODEL is a report.json: check it again and rewrite its report, "
-                                             "in --out or beside it, without running anything.")
+              "in --out or beside it, without running anything.")
 @click.option("--scenario-args", multiple=True, hidden=True, help="Test hook: ID=FLAGS appended to a run's flags.")
 def main(model, scenarios, out, steps, prompt, seed, ranks, ratios, allreduce, mixed, migrate_weights, timeout,
          model_dir, llama2c_tokenizer, notes, rerender, scenario_args):
@@ -885,7 +481,7 @@ def main(model, scenarios, out, steps, prompt, seed, ranks, ratios, allreduce, m
         where = Path(model).resolve().parent if out == "acceptance-out" else Path(out).resolve()
         where.mkdir(parents=True, exist_ok=True)
         setup = Setup(**{**saved["setup"], "notes": tuple(saved["setup"]["notes"]) + notes})
-        return conclude(where, setup, saved["machine"], saved["model"], saved["runs"])  # exits
+        conclude(where, setup, saved["machine"], saved["model"], saved["runs"])  # exits
     ids = parse_scenarios(scenarios)
     ratios = ratios or ":".join(["2"] + ["3"] * (ranks - 1))
     try:
@@ -908,7 +504,7 @@ def main(model, scenarios, out, steps, prompt, seed, ranks, ratios, allreduce, m
 
 
 def conclude(out: Path, setup: Setup, machine, info, runs):
-    """Check, write the report, say what failed, and exit 1 if anything did."""
+    """Check, write the report, say what failed, and exit: 1 if anything did, else 0."""
     checks = all_checks(runs, setup, info)
     report = write_report(out, setup, machine, info, runs, checks)
     failed = [c for c in checks if not c["ok"]]

@@ -161,7 +161,7 @@ def main(model, small, qtype, runs, prompt_len, prompt_lens, prompt_ranks, steps
     print_prompts(prompts)
     if not llama_py:
         print("llama.cpp: not run" + ("" if no_llama_cpp else " (no Python here imports llama_cpp; set "
-                                       "LLAMA_CPP_PYTHON or pip install llama-cpp-python)"))
+                                      "LLAMA_CPP_PYTHON or pip install llama-cpp-python)"))
     same = all(r["tokens"] == scaling[0]["tokens"] for r in scaling)
     print(f"greedy tokens identical across the rank/ratio runs: {same}")
     os.makedirs(out, exist_ok=True)

@@ -68,21 +68,21 @@ def forward(weights, config, token, pos, state):
     kv_dim = dim * config["n_kv_heads"] // n_heads
     kv_mul = n_heads // config["n_kv_heads"]
     x = w["token_embedding"][token].copy()  # (dim,)
-    for l in range(config["n_layers"]):
-        xb = rmsnorm(x, w["rms_att"][l])
-        q = w["wq"][l] @ xb  # (dim,)
-        k = w["wk"][l] @ xb  # (kv_dim,)
-        v = w["wv"][l] @ xb  # (kv_dim,)
+    for layer in range(config["n_layers"]):
+        xb = rmsnorm(x, w["rms_att"][layer])
+        q = w["wq"][layer] @ xb  # (dim,)
+        k = w["wk"][layer] @ xb  # (kv_dim,)
+        v = w["wv"][layer] @ xb  # (kv_dim,)
         rope(q, k, pos, head_size, kv_dim)
-        state.key_cache[l, pos] = k
-        state.value_cache[l, pos] = v
-        xb = attention(q, state.key_cache[l], state.value_cache[l], pos, n_heads, kv_mul, head_size)
-        x = x + w["wo"][l] @ xb
-        xb = rmsnorm(x, w["rms_ffn"][l])
-        hb = w["w1"][l] @ xb  # (hidden_dim,)
-        hb2 = w["w3"][l] @ xb
+        state.key_cache[layer, pos] = k
+        state.value_cache[layer, pos] = v
+        xb = attention(q, state.key_cache[layer], state.value_cache[layer], pos, n_heads, kv_mul, head_size)
+        x = x + w["wo"][layer] @ xb
+        xb = rmsnorm(x, w["rms_ffn"][layer])
+        hb = w["w1"][layer] @ xb  # (hidden_dim,)
+        hb2 = w["w3"][layer] @ xb
         hb = hb * (f32(1.0) / (f32(1.0) + np.exp(-hb))) * hb2
-        x = x + w["w2"][l] @ hb
+        x = x + w["w2"][layer] @ hb
     x = rmsnorm(x, w["rms_final"])
     return w.get("wcls", w["token_embedding"]) @ x  # (vocab,)
 

@@ -16,7 +16,6 @@ import acceptance  # noqa: E402
 
 SHAPE = Shape(dim=64, n_layers=2, n_heads=4, n_kv_heads=4, ffn=256, vocab=512, context=64)
 STEPS = 24
-HAS_MIGRATION = (ROOT / "spmd" / "migrate.py").exists()
 
 
 @pytest.fixture(scope="module")
@@ -34,13 +33,12 @@ def run_acceptance(model, cwd, *args):
 
 
 def test_scenarios_pass_and_report(model, tmp_path):
-    scenarios = "1,3,5" if HAS_MIGRATION else "1,3"
-    p = run_acceptance(model, tmp_path, "--scenarios", scenarios, "--out", "rep")  # a relative --out: under the cwd
+    p = run_acceptance(model, tmp_path, "--scenarios", "1,3,5", "--out", "rep")  # a relative --out: under the cwd
     out = tmp_path / "rep"
     report = json.loads((out / "report.json").read_text())
     failed = [c for c in report["checks"] if not c["ok"]]
     assert p.returncode == 0 and not failed, (failed, p.stderr[-3000:])
-    assert [r["id"] for r in report["runs"]] == scenarios.split(",")
+    assert [r["id"] for r in report["runs"]] == ["1", "3", "5"]
     assert {c["check"] for c in report["checks"] if c["run"] == "3"} >= {"ran", "tokens", "per-rank stats",
                                                                          "same tokens as scenario 1"}
     tokens = {tuple(r["result"]["tokens"]) for r in report["runs"]}
@@ -50,11 +48,10 @@ def test_scenarios_pass_and_report(model, tmp_path):
     for png in ("speed.png", "rank_time.png", "rank_bytes.png"):
         assert (out / png).stat().st_size > 1000 and f"]({png})" in md
     assert "mpirun -n 3" in md and "--ratios 2:3:3" in md  # the commands as run
-    if HAS_MIGRATION:
-        run5 = report["runs"][-1]
-        kinds = {m["command"].split("--kind ")[1][0] for m in run5["migrations"] if "--kind" in m["command"]}
-        assert kinds == {"1", "2", "3"} and any(" ratios " in m["command"] for m in run5["migrations"])
-        assert run5["attempts"] == 1
+    run5 = report["runs"][-1]
+    kinds = {m["command"].split("--kind ")[1][0] for m in run5["migrations"] if "--kind" in m["command"]}
+    assert kinds == {"1", "2", "3"} and any(" ratios " in m["command"] for m in run5["migrations"])
+    assert run5["attempts"] == 1
 
 
 def test_a_scenario_that_differs_fails(model, tmp_path):
@@ -80,14 +77,11 @@ def test_a_scenario_that_cannot_run_is_one_line(model, tmp_path):
 def test_migration_schedule_covers_every_kind(ratios, ffn, steps):
     from spmd import plan as P
     n_prompt, n_ranks = 5, len(ratios.split(":"))
-    cfg = acceptance.SimpleConfig(dict(n_kv_heads=4, ffn_dim=ffn))
-    schedule = acceptance.migration_schedule(cfg, ratios, n_ranks, n_prompt, steps)
+    schedule = acceptance.migration_schedule(dict(n_kv_heads=4, ffn_dim=ffn), ratios, n_ranks, n_prompt, steps)
     assert [c["args"][2] if c["args"][0] == "move" else c["args"][0] for c in schedule] == ["1", "2", "3", "ratios"]
     at = [c["at"] for c in schedule]
     assert at == sorted(set(at)) and n_prompt < at[0] and at[-1] <= n_prompt + steps - 2
     assert all(c["args"][-2:] == ["--at", str(c["at"])] for c in schedule)
-    if not hasattr(P, "move"):
-        return
     plan = P.make_plan(P.parse_ratios(ratios, n_ranks), 8, 4, ffn, 512)
     for c in schedule:  # every move is one the planner accepts, on the plan the earlier ones leave
         a = dict(zip(c["args"][1:-2:2], c["args"][2:-2:2]))

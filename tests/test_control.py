@@ -142,8 +142,8 @@ def test_status_and_migrate_replies(served, path):
     ({"cmd": "migrate", "ratios": "1:1:1", "mode": "soon"}, "unknown mode 'soon'"),
     ({"cmd": "migrate", "ratios": "1:1:1", "mode": "at"}, "mode 'at' needs 'at'"),
     ({"cmd": "migrate", "ratios": "1:1:1", "mode": "at", "at": 3}, "position 3 has passed"),
-    ({"cmd": "migrate", "ratios": "1:1:1", "at": 10**9}, "generation ends before position 1000000000 "
-                                                        r"\(its last token boundary is at position 10000\)"),
+    ({"cmd": "migrate", "ratios": "1:1:1", "at": 10**9},
+     r"generation ends before position 1000000000 \(its last token boundary is at position 10000\)"),
     ({"cmd": "migrate", "ratios": "1:1:1", "mode": "next", "at": 50}, "mode 'next' takes no 'at'"),
     ({"cmd": "status", "id": [1]}, "'id' must be a string or an integer"),
 ])

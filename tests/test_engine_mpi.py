@@ -1,51 +1,19 @@
 """Multi-rank generation: greedy tokens at any rank count, ratios and allreduce equal those of one rank.
 
 Run with: mpirun -n 3 python -m pytest --with-mpi tests/test_engine_mpi.py (passes at any -n)."""
-import os
-import shutil
-import tempfile
-
 import numpy as np
 import pytest
 
+from mpi_models import MPI, PROMPT, SHAPE, UNEQUAL, WORLD, generate, one_rank_tokens, shared_models
 from spmd.comm import Comm
 from spmd.engine import Engine, RunOptions
-from spmd.synth import Shape, write_model
-
-MPI = pytest.importorskip("mpi4py.MPI")
-WORLD = MPI.COMM_WORLD
-UNEQUAL = {1: "1", 2: "1:3", 3: "2:3:3", 4: "1:2:3:2"}
-PROMPT = (1, 72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100)
-# dims that are whole quant blocks per head and per FFN block, so Q4_0 slices need no dequantising
-SHAPE = Shape(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, ffn=256, vocab=512, context=64)
+from spmd.synth import Shape
 
 
 @pytest.fixture(scope="module")
 def models():
-    """Models written once by rank 0 into a directory every rank can read."""
-    folder = WORLD.bcast(tempfile.mkdtemp(prefix="spmd-test-") if WORLD.rank == 0 else None)
-    paths = {q: os.path.join(folder, f"tiny-{q}.gguf") for q in ("F32", "Q8_0", "Q4_0")}
-    paths["Q5_0 one kv head"] = os.path.join(folder, "tiny-q5_0-kv1.gguf")
-    if WORLD.rank == 0:
-        for qtype in ("F32", "Q8_0", "Q4_0"):
-            write_model(paths[qtype], SHAPE, qtype=qtype, seed=7)
-        write_model(paths["Q5_0 one kv head"], Shape(**{**SHAPE.__dict__, "n_kv_heads": 1}), qtype="Q5_0", seed=7)
-    WORLD.Barrier()
-    yield paths
-    WORLD.Barrier()
-    if WORLD.rank == 0:
-        shutil.rmtree(folder)
-
-
-def generate(comm, **kw):
-    opts = RunOptions(prompt_tokens=PROMPT, steps=12, **kw)
-    return Engine(opts, Comm(comm=comm), log=lambda _m: None).run()
-
-
-def single_rank_tokens(**kw):
-    """The tokens one rank alone produces, computed on rank 0 and shared with every rank."""
-    tokens = generate(MPI.COMM_SELF, **kw)["tokens"] if WORLD.rank == 0 else None
-    return WORLD.bcast(tokens)
+    one_kv_head = Shape(**{**SHAPE.__dict__, "n_kv_heads": 1})
+    yield from shared_models("spmd-test-", {"Q5_0 one kv head": (one_kv_head, "Q5_0", 7)})
 
 
 @pytest.mark.mpi
@@ -53,7 +21,7 @@ def single_rank_tokens(**kw):
 @pytest.mark.parametrize("allreduce", ["star", "ring", "mpi"])
 @pytest.mark.parametrize("unequal", [False, True], ids=["equal", "unequal"])
 def test_tokens_equal_single_rank(models, qtype, allreduce, unequal):
-    expected = single_rank_tokens(model=models[qtype])
+    expected = one_rank_tokens(model=models[qtype])
     ratios = UNEQUAL[WORLD.size] if unequal else None
     result = generate(WORLD, model=models[qtype], allreduce=allreduce, ratios=ratios)
     if WORLD.rank == 0:
@@ -66,7 +34,7 @@ def test_tokens_equal_single_rank(models, qtype, allreduce, unequal):
 
 @pytest.mark.mpi
 def test_numpy_reference_backend_equals_cpu_backend(models):
-    expected = single_rank_tokens(model=models["F32"])
+    expected = one_rank_tokens(model=models["F32"])
     result = generate(WORLD, model=models["F32"], backend="numpy", ratios=UNEQUAL[WORLD.size])
     if WORLD.rank == 0:
         assert result["tokens"] == expected
@@ -74,7 +42,7 @@ def test_numpy_reference_backend_equals_cpu_backend(models):
 
 @pytest.mark.mpi
 def test_each_rank_its_own_backend(models):
-    expected = single_rank_tokens(model=models["Q8_0"])
+    expected = one_rank_tokens(model=models["Q8_0"])
     backends = ",".join("numpy" if r % 2 else "cpu" for r in range(WORLD.size))
     result = generate(WORLD, model=models["Q8_0"], backend=backends, ratios=UNEQUAL[WORLD.size])
     if WORLD.rank == 0:
@@ -143,7 +111,7 @@ def test_logits_match_across_ranks(models):
 @pytest.mark.mpi
 def test_seeded_sampling_equals_single_rank(models):
     kw = dict(model=models["Q8_0"], temperature=0.9, top_k=50, top_p=0.95, seed=11)
-    expected = single_rank_tokens(**kw)
+    expected = one_rank_tokens(**kw)
     result = generate(WORLD, ratios=UNEQUAL[WORLD.size], allreduce="ring", **kw)
     if WORLD.rank == 0:
         assert result["tokens"] == expected
@@ -152,7 +120,7 @@ def test_seeded_sampling_equals_single_rank(models):
 @pytest.mark.mpi
 def test_a_dequantised_type_on_ranks_that_hold_no_heads(models):
     """Q5_0 is dequantised at load; with one KV head, every rank but one holds an empty attention slice."""
-    expected = single_rank_tokens(model=models["Q5_0 one kv head"])
+    expected = one_rank_tokens(model=models["Q5_0 one kv head"])
     result = generate(WORLD, model=models["Q5_0 one kv head"], ratios=UNEQUAL[WORLD.size])
     if WORLD.rank == 0:
         assert sum(r["share"]["heads"] == 0 for r in result["ranks"]) == WORLD.size - 1
@@ -172,7 +140,7 @@ def test_a_rank_with_another_model_file_is_refused_at_set_up(models):
 @pytest.mark.mpi
 def test_random_ratios_keep_the_tokens(models):
     """Splits drawn at random (seeded, the same on every rank), down to ranks with almost nothing."""
-    expected = single_rank_tokens(model=models["Q4_0"])
+    expected = one_rank_tokens(model=models["Q4_0"])
     rng = np.random.default_rng(WORLD.size)
     for _ in range(3):
         ratios = ":".join(f"{r:.3f}" for r in rng.uniform(0.05, 1.0, WORLD.size))

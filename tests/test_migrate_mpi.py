@@ -16,34 +16,21 @@ import time
 import numpy as np
 import pytest
 
+from mpi_models import MPI, PROMPT, SHAPE, WORLD, one_rank_tokens, shared_models
 from spmd import plan as P
 from spmd import repartition
 from spmd.backends.numpy_ref import NumpyBackend
 from spmd.comm import Comm
 from spmd.engine import Engine, RunOptions
-from spmd.synth import Shape, write_model
 from spmd.weights import load_shard
 
-MPI = pytest.importorskip("mpi4py.MPI")
-WORLD = MPI.COMM_WORLD
-PROMPT = (1, 72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100)
-SHAPE = Shape(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, ffn=256, vocab=512, context=64)
 FIRST = len(PROMPT)  # the first token boundary: the prefill is one pass, migrations apply after it
 needs_two = pytest.mark.skipif(WORLD.size < 2, reason="a move needs a second rank")
 
 
 @pytest.fixture(scope="module")
 def models():
-    folder = WORLD.bcast(tempfile.mkdtemp(prefix="spmd-migrate-") if WORLD.rank == 0 else None)
-    paths = {q: os.path.join(folder, f"tiny-{q}.gguf") for q in ("F32", "Q8_0", "Q4_0")}
-    if WORLD.rank == 0:
-        for qtype, path in paths.items():
-            write_model(path, SHAPE, qtype=qtype, seed=7)
-    WORLD.Barrier()
-    yield paths
-    WORLD.Barrier()
-    if WORLD.rank == 0:
-        shutil.rmtree(folder)
+    yield from shared_models("spmd-migrate-")
 
 
 @pytest.fixture
@@ -53,20 +40,6 @@ def socket_path():
     WORLD.Barrier()
     if WORLD.rank == 0:
         shutil.rmtree(os.path.dirname(path))
-
-
-_expected = {}
-
-
-def expected_tokens(model, steps):
-    """One rank's tokens (computed once on rank 0, shared with every rank)."""
-    if (model, steps) not in _expected:
-        tokens = None
-        if WORLD.rank == 0:
-            opts = RunOptions(model=model, prompt_tokens=PROMPT, steps=steps)
-            tokens = Engine(opts, Comm(comm=MPI.COMM_SELF), log=lambda _m: None).run()["tokens"]
-        _expected[(model, steps)] = WORLD.bcast(tokens)
-    return _expected[(model, steps)]
 
 
 class Driver:
@@ -171,7 +144,7 @@ def check_weights_equal_a_fresh_load(engine):
 @pytest.mark.parametrize("weights_from", ["file", "peer"])
 @pytest.mark.parametrize("qtype", ["F32", "Q8_0", "Q4_0"])
 def test_every_kind_of_migration_keeps_the_tokens(models, socket_path, qtype, weights_from):
-    expected = expected_tokens(models[qtype], 16)
+    expected = one_rank_tokens(model=models[qtype], steps=16)
     schedule = every_kind()
     engine, result, replies = run(models[qtype], socket_path, schedule=schedule, migrate_weights=weights_from,
                                   backend="cpu" if qtype == "Q8_0" else "numpy", allreduce="ring")
@@ -182,8 +155,7 @@ def test_every_kind_of_migration_keeps_the_tokens(models, socket_path, qtype, we
         by_epoch = {r["epoch"]: r for r in replies if r.get("applied_at") is not None}
         refused = [r for r in replies if not r["ok"]]
         assert refused == [{"ok": False, "error": "another migration is pending (epoch 5); wait for its reply"}]
-        assert [by_epoch[e]["applied_at"] for e in (1, 2, 3, 4, 5)] == [FIRST, FIRST + 2, FIRST + 4, FIRST + 6,
-                                                                      FIRST + 12]
+        assert [by_epoch[e]["applied_at"] for e in (1, 2, 3, 4, 5)] == [FIRST + d for d in (0, 2, 4, 6, 12)]
         assert by_epoch[1]["bytes_moved"] > 0  # a KV head's cache always travels
         assert (by_epoch[2]["bytes_moved"] > 0) == (weights_from == "peer")  # FFN weights only in peer mode
         status = next(r for r in replies if "position" in r)
@@ -211,7 +183,7 @@ def test_vulkan_buffers_are_rebuilt_for_the_new_shapes(models, socket_path, weig
     """Ranks alternate cpu and vulkan backends; every kind of move rebuilds the Vulkan model's device buffers."""
     if not all(WORLD.allgather(vulkan_available())):
         pytest.skip("no Vulkan device on every rank")
-    expected = expected_tokens(models["Q8_0"], 16)
+    expected = one_rank_tokens(model=models["Q8_0"], steps=16)
     backends = ",".join("vulkan" if r % 2 == 0 else "cpu" for r in range(WORLD.size))
     engine, result, replies = run(models["Q8_0"], socket_path, schedule=every_kind(), backend=backends,
                                   migrate_weights=weights_from, gpu="0")
@@ -251,7 +223,7 @@ def test_many_random_migrations_keep_a_long_generation(models, socket_path, weig
     if WORLD.size < 2:
         pytest.skip("a move needs a second rank")
     model = models["Q8_0" if weights_from == "file" else "Q4_0"]
-    expected = expected_tokens(model, 48)
+    expected = one_rank_tokens(model=model, steps=48)
     rng = random.Random(WORLD.size * 10 + (weights_from == "peer"))
 
     def random_request(driver, k):
@@ -261,17 +233,17 @@ def test_many_random_migrations_keep_a_long_generation(models, socket_path, weig
         plan, n = engine.plan, WORLD.size
         for _ in range(20):
             kind = rng.choice([1, 2, 3, "ratios"])
-            if kind == "ratios":
-                ratios = ":".join(f"{rng.uniform(0.3, 3):.2f}" for _ in range(n))
-                req, new = migrate(ratios=ratios), lambda: P.replan(plan, P.parse_ratios(ratios, n))
-            else:
-                src, dst = rng.sample(range(n), 2)
-                kv = rng.randint(1, max(1, plan[src].n_kv)) if kind != 2 else None
-                ffn = rng.randint(1, max(1, len(plan[src].ffn_blocks))) if kind != 1 else None
-                req = migrate(kind, src, dst, kv=kv, ffn=ffn)
-                new = lambda: P.move(plan, kind, src, dst, kv or 0, ffn or 0)  # noqa: E731
-            try:
-                new()
+            try:  # only a request the planner accepts
+                if kind == "ratios":
+                    ratios = ":".join(f"{rng.uniform(0.3, 3):.2f}" for _ in range(n))
+                    req = migrate(ratios=ratios)
+                    P.replan(plan, P.parse_ratios(ratios, n))
+                else:
+                    src, dst = rng.sample(range(n), 2)
+                    kv = rng.randint(1, max(1, plan[src].n_kv)) if kind != 2 else None
+                    ffn = rng.randint(1, max(1, len(plan[src].ffn_blocks))) if kind != 1 else None
+                    req = migrate(kind, src, dst, kv=kv, ffn=ffn)
+                    P.move(plan, kind, src, dst, kv or 0, ffn or 0)
             except P.UserError:
                 continue
             if rng.random() < 0.3 and FIRST + k + 2 <= FIRST + 46:
@@ -293,7 +265,7 @@ def test_many_random_migrations_keep_a_long_generation(models, socket_path, weig
 def test_a_failed_migration_keeps_the_old_plan(models, socket_path, monkeypatch, phase):
     """Out of memory on the last rank while it prepares or builds: every rank agrees, keeps its plan and model,
     and generation goes on unchanged; the next migration works."""
-    expected = expected_tokens(models["Q8_0"], 12)
+    expected = one_rank_tokens(model=models["Q8_0"], steps=12)
     if WORLD.rank == WORLD.size - 1:
         failures = [1]
 
@@ -335,7 +307,7 @@ def test_status_at_any_rank_count(models, socket_path):
 def test_garbage_at_the_socket_during_generation(models, socket_path):
     """Generated garbage between tokens and from a thread all along: every reply is JSON, the tokens unchanged."""
     from test_control import fuzz, garbage
-    expected = expected_tokens(models["Q4_0"], 24)
+    expected = one_rank_tokens(model=models["Q4_0"], steps=24)
     rng = random.Random(WORLD.size)
     done = threading.Event()
 

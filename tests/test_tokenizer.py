@@ -235,7 +235,9 @@ def test_gpt2_hand_derived(tmp_path):
     tok, tokens = tiny_gpt2(tmp_path / "tiny.gguf")
     assert tok.add_bos is False and tok.bos_id == tokens.index("<|begin_of_text|>")
     assert tok.eos_ids == {tok.bos_id, tok.bos_id + 1}
-    ids = lambda *pieces: [tokens.index(p) for p in pieces]
+
+    def ids(*pieces):
+        return [tokens.index(p) for p in pieces]
     assert tok.encode("hello the hello") == ids("hell", "o", "Ġthe", "Ġhello")
     assert tok.encode("hello", add_bos=True) == ids("<|begin_of_text|>", "hell", "o")
     assert tok.encode(" world") == ids("Ġworld")  # llama-bpe takes a whole pre-token found in the vocabulary

@@ -1,0 +1,54 @@
+"""What the multi-rank tests share: tiny models that rank 0 writes once into a folder every rank reads, a job's
+generation on a communicator, and the tokens one rank alone produces (to compare a job with)."""
+import os
+import shutil
+import tempfile
+
+import pytest
+
+from spmd.comm import Comm
+from spmd.engine import Engine, RunOptions
+from spmd.synth import Shape, write_model
+
+MPI = pytest.importorskip("mpi4py.MPI")
+WORLD = MPI.COMM_WORLD
+UNEQUAL = {1: "1", 2: "1:3", 3: "2:3:3", 4: "1:2:3:2"}
+PROMPT = (1, 72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100)
+# dims that are whole quant blocks per head and per FFN block, so Q4_0 slices need no dequantising
+SHAPE = Shape(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, ffn=256, vocab=512, context=64)
+QTYPES = ("F32", "Q8_0", "Q4_0")
+
+_one_rank = {}  # one_rank_tokens' answers, while the models they came from exist
+
+
+def shared_models(prefix, extra=None):
+    """The body of a module fixture: yields {name: path} of SHAPE in each of QTYPES (seed 7) and of the models in
+    `extra` ({name: (shape, qtype, seed)}), written by rank 0 into a new folder; removes it at the end."""
+    specs = {**{q: (SHAPE, q, 7) for q in QTYPES}, **(extra or {})}
+    folder = WORLD.bcast(tempfile.mkdtemp(prefix=prefix) if WORLD.rank == 0 else None)
+    paths = {name: os.path.join(folder, f"model-{i}.gguf") for i, name in enumerate(specs)}
+    if WORLD.rank == 0:
+        for name, (shape, qtype, seed) in specs.items():
+            write_model(paths[name], shape, qtype=qtype, seed=seed)
+    WORLD.Barrier()
+    yield paths
+    WORLD.Barrier()
+    _one_rank.clear()
+    if WORLD.rank == 0:
+        shutil.rmtree(folder)
+
+
+def generate(comm, **kw):
+    """A quiet run of PROMPT (12 steps unless `steps` is given) on `comm`: the result on rank 0, None elsewhere."""
+    opts = RunOptions(**{"prompt_tokens": PROMPT, "steps": 12, **kw})
+    return Engine(opts, Comm(comm=comm), log=lambda _m: None).run()
+
+
+def one_rank_tokens(**kw):
+    """The tokens one rank alone produces with `generate`'s options, computed on rank 0 (once for each set of
+    options) and shared with every rank."""
+    key = tuple(sorted(kw.items()))
+    if key not in _one_rank:
+        tokens = generate(MPI.COMM_SELF, **kw)["tokens"] if WORLD.rank == 0 else None
+        _one_rank[key] = WORLD.bcast(tokens)
+    return _one_rank[key]
