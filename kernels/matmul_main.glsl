@@ -15,6 +15,18 @@ void main() {
     [[unroll]] for (uint i = 0; i < NV; i++) acc[i] = 0.0;
     uint xbase[NT];
     [[unroll]] for (uint t = 0; t < NT; t++) xbase[t] = (p.x_off + min(tok0 + t, p.n - 1) * p.x_stride) / 4;
+    // The epilogue's reads of the bias, of y for the add and of the next norm's weight go out before the weights:
+    // their latency then hides behind the main loop's instead of following it (measured: wo and w2 0.4-1 us faster
+    // on an H100; the NORM sums of squares stay at the end, where hoisting them made gate/up 1.7 us slower).
+    uint row = row0 + tid / NT, tok = tok0 + tid % NT;  // the value this thread finishes (tid < NR * NT)
+    bool finishes = tid < NR * NT && row < p.rows && tok < p.n;  // gl_WorkGroupSize.x >= NR * NT
+    uint at = p.y_off + tok * p.y_stride + row;
+    float y_old = 0.0, b_row = 0.0, g_row = 0.0;
+    if (finishes) {
+        if ((p.flags & 1u) != 0u) y_old = y[at];
+        if ((p.flags & 2u) != 0u) b_row = bias[p.bias_off + row];
+        if ((p.flags & 8u) != 0u) g_row = gnext[row];
+    }
 
     // Each thread loads UB blocks of every row before using any (more loads in flight); a block past the end of
     // the row is read at the last block and counted with weight 0.
@@ -67,26 +79,21 @@ void main() {
         scale = inversesqrt(wg_sum(part) * p.inv_dim + p.eps);
     }
     float sq = 0.0;
-    if (tid < NR * NT) {  // gl_WorkGroupSize.x >= NR * NT: one value a thread
+    if (finishes) {
         uint v = tid;
-        uint row = row0 + v / NT, tok = tok0 + v % NT;
-        if (row < p.rows && tok < p.n) {
-            float sum = 0.0;
-            for (uint i = 0; i < nsg; i++) sum += red[v * gl_WorkGroupSize.x + i];
-            sum *= scale;
-            if (PAIR != 0) {  // rows of W2 follow those of W: value v + NR * NT
-                float up = 0.0;
-                for (uint i = 0; i < nsg; i++) up += red[(v + NR * NT) * gl_WorkGroupSize.x + i];
-                sum = sum / (1.0 + exp(-sum)) * (up * scale);
-            }
-            if ((p.flags & 2u) != 0u) sum += bias[p.bias_off + row];
-            uint at = p.y_off + tok * p.y_stride + row;
-            float value = (p.flags & 1u) != 0u ? y[at] + sum : sum;
-            y[at] = value;
-            if ((p.flags & 8u) != 0u) {
-                xg[at] = value * gnext[row];
-                sq = value * value;
-            }
+        float sum = 0.0;
+        for (uint i = 0; i < nsg; i++) sum += red[v * gl_WorkGroupSize.x + i];
+        sum *= scale;
+        if (PAIR != 0) {  // rows of W2 follow those of W: value v + NR * NT
+            float up = 0.0;
+            for (uint i = 0; i < nsg; i++) up += red[(v + NR * NT) * gl_WorkGroupSize.x + i];
+            sum = sum / (1.0 + exp(-sum)) * (up * scale);
+        }
+        float value = sum + b_row + y_old;  // b_row, y_old: 0 unless BIAS, ACCUM
+        y[at] = value;
+        if ((p.flags & 8u) != 0u) {
+            xg[at] = value * g_row;
+            sq = value * value;
         }
     }
     if ((p.flags & 8u) != 0u) {  // PRODUCE: this workgroup's share of the next RMSNorm's sum of squares
