@@ -51,13 +51,16 @@ def mpi_prefix(ranks, hostfile=None):
     return [mpirun] + (["-f", str(hostfile)] if hostfile else []) + ["-n", str(ranks)]
 
 
-def run_spmd(model, ranks, steps, prompt_ids, allreduce="star", ratios=None, hostfile=None, env=None):
-    """One `python -m spmd.run --output json` under mpirun: its JSON result."""
+def run_spmd(model, ranks, steps, prompt_ids, allreduce="star", ratios=None, hostfile=None, env=None, threads=None):
+    """One `python -m spmd.run --output json` under mpirun: its JSON result. threads: --threads of every rank
+    (simulated hosts share one machine's cores, which each would otherwise take for its own)."""
     cmd = mpi_prefix(ranks, hostfile) + [
         sys.executable, "-m", "spmd.run", "--model", str(model), "--steps", str(steps), "--output", "json",
         "--allreduce", allreduce, "--prompt-ids", ",".join(map(str, prompt_ids))]
     if ratios:
         cmd += ["--ratios", ratios]
+    if threads:
+        cmd += ["--threads", str(threads)]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, **(env or {})})
     if p.returncode != 0:
         raise SystemExit(f"spmd run failed ({' '.join(cmd[:8])} ...):\n{p.stderr[-2000:]}")

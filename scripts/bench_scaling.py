@@ -6,7 +6,7 @@ shown beside it as ours/llama.cpp.
 
     python scripts/bench_scaling.py                         # TinyLlama shape, Q4_0 (minutes on 2 cores)
     python scripts/bench_scaling.py --small                 # a small shape, seconds
-    python scripts/bench_scaling.py --runs 1,2,3 --hostfile hostfiles/netsim.txt   # over the simulated hosts
+    python scripts/bench_scaling.py --runs 1,2,3 --hostfile hostfiles/netsim.txt --threads 1   # simulated hosts
 
 Table 1 (ranks and ratios, prompt --prompt-len): decode tok/s, speed-up over the first run, per-rank sync time as a
 share of the run, bytes each rank sends per decode token. Table 2 (prompt lengths, at each --prompt-ranks count):
@@ -29,11 +29,11 @@ from spmd.synth import TINYLLAMA, Shape  # noqa: E402
 SMALL = Shape(dim=512, n_layers=4, n_heads=8, n_kv_heads=4, ffn=1408, vocab=32000, context=1024)
 
 
-def scaling_rows(model, runs, prompt, steps, allreduce, hostfile):
+def scaling_rows(model, runs, prompt, steps, allreduce, hostfile, threads):
     rows = []
     for run in runs:
         n, ratios = parse_run(run)
-        r = run_spmd(model, n, steps, prompt, allreduce, ratios, hostfile)
+        r = run_spmd(model, n, steps, prompt, allreduce, ratios, hostfile, threads=threads)
         total = r["prefill_ms"] + r["ms_per_token"] * (len(r["tokens"]) - 1)
         rows.append(dict(run=run, ranks=n, ratios=r["ratios"], decode_tokens_per_s=r["decode_tokens_per_s"],
                          prompt_tokens_per_s=r["prompt_tokens_per_s"], ms_per_token=r["ms_per_token"],
@@ -44,12 +44,12 @@ def scaling_rows(model, runs, prompt, steps, allreduce, hostfile):
     return rows
 
 
-def prompt_rows(model, lengths, ranks, steps, allreduce, hostfile, vocab, llama_py):
+def prompt_rows(model, lengths, ranks, steps, allreduce, hostfile, threads, vocab, llama_py):
     rows = []
     for length in lengths:
         prompt = random_prompt(length, vocab)
         for n in ranks:
-            r = run_spmd(model, n, steps, prompt, allreduce, None, hostfile)
+            r = run_spmd(model, n, steps, prompt, allreduce, None, hostfile, threads=threads)
             rows.append(dict(prompt_len=length, who=f"spmd {n} rank{'s' if n > 1 else ''}", ranks=n,
                              prompt_tokens_per_s=r["prompt_tokens_per_s"],
                              decode_tokens_per_s=r["decode_tokens_per_s"]))
@@ -126,10 +126,12 @@ def plot(scaling, prompts, lc, title, path):
 @click.option("--allreduce", default="star", show_default=True, type=click.Choice(["star", "ring", "mpi"]))
 @click.option("--hostfile", default=None, type=click.Path(exists=True, dir_okay=False),
               help="Run the ranks from this hostfile (hostfiles/netsim.txt: over the simulated hosts).")
+@click.option("--threads", default=None, type=click.IntRange(min=1),
+              help="--threads of every rank (simulated hosts share this machine's cores: give 1).")
 @click.option("--no-llama-cpp", is_flag=True, help="Do not run llama.cpp even where it is installed.")
 @click.option("--label", default=None, help="Name in the output files (default: the model's).")
 @click.option("--out", default="bench-out", show_default=True, help="Folder for the JSON and PNG.")
-def main(model, small, qtype, runs, prompt_len, prompt_lens, prompt_ranks, steps, allreduce, hostfile,
+def main(model, small, qtype, runs, prompt_len, prompt_lens, prompt_ranks, steps, allreduce, hostfile, threads,
          no_llama_cpp, label, out):
     tmp = None
     if model is None:
@@ -147,11 +149,12 @@ def main(model, small, qtype, runs, prompt_len, prompt_lens, prompt_ranks, steps
     try:
         print(f"ranks and ratios (prompt {prompt_len} tokens):", flush=True)
         prompt = random_prompt(prompt_len, vocab)
-        scaling = scaling_rows(model, runs.split(","), prompt, steps, allreduce, hostfile)
+        scaling = scaling_rows(model, runs.split(","), prompt, steps, allreduce, hostfile, threads)
         lc = run_llama_cpp(model, steps, prompt, llama_py) if llama_py else None
         print("prompt lengths:", flush=True)
         prompts = prompt_rows(model, [int(x) for x in prompt_lens.split(",")],
-                              [int(x) for x in prompt_ranks.split(",")], steps, allreduce, hostfile, vocab, llama_py)
+                              [int(x) for x in prompt_ranks.split(",")], steps, allreduce, hostfile, threads,
+                              vocab, llama_py)
     finally:
         if tmp:
             shutil.rmtree(tmp)

@@ -31,6 +31,7 @@ class RunOptions:
     allreduce: str = "star"
     backend: str = "cpu"  # one name for every rank, or one per rank: "cpu,vulkan,vulkan"
     gpu: str = None  # Vulkan device index on the rank's host: one for every rank, or one per rank (None: local rank)
+    threads: str = None  # kernel threads: one for every rank, or one per rank (None: the host's cores / its ranks)
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
@@ -64,24 +65,34 @@ def known_vocab(tokenizer, cfg) -> int:
     return min(tokenizer.vocab_size, cfg.vocab)
 
 
-def per_rank_choice(opts, comm):
-    """This rank's backend name and GPU index from --backend/--gpu: one value for every rank, or one per rank.
-    The default GPU is the rank's index among the ranks on its host, so each gets its own device."""
-    names = [n.strip() for n in opts.backend.split(",")]
-    if len(names) not in (1, comm.size):
-        raise UserError(f"--backend {opts.backend!r} names {len(names)} backends for {comm.size} ranks: "
+def per_rank(flag, text, comm, what):
+    """This rank's entry of a flag given once for every rank ("cpu") or once per rank ("cpu,vulkan,vulkan")."""
+    parts = [p.strip() for p in str(text).split(",")]
+    if len(parts) not in (1, comm.size):
+        raise UserError(f"{flag} {text!r} names {len(parts)} {what} for {comm.size} ranks: "
                         "give one for every rank, or one per rank")
-    for n in names:
-        if n not in BACKENDS:
-            raise UserError(f"--backend {n!r}: choose one of {', '.join(BACKENDS)}")
-    if opts.gpu is None:
-        gpu = comm.local_rank()
-    else:
-        parts = [g.strip() for g in str(opts.gpu).split(",")]
-        if len(parts) not in (1, comm.size) or not all(p.isdigit() for p in parts):
-            raise UserError(f"--gpu {opts.gpu!r}: expected a device index, or one per rank, separated by commas")
-        gpu = int(parts[0] if len(parts) == 1 else parts[comm.rank])
-    return names[0 if len(names) == 1 else comm.rank], gpu
+    return parts[0 if len(parts) == 1 else comm.rank]
+
+
+def per_rank_choice(opts, comm):
+    """This rank's backend name, GPU index and kernel threads from --backend/--gpu/--threads. By default a rank
+    takes the GPU of its index among the ranks on its host, and the host's cores divided among those ranks."""
+    for name in opts.backend.split(","):
+        if name.strip() not in BACKENDS:
+            raise UserError(f"--backend {name.strip()!r}: choose one of {', '.join(BACKENDS)}")
+    backend = per_rank("--backend", opts.backend, comm, "backends")
+    numbers = {}
+    for flag, text in (("--gpu", opts.gpu), ("--threads", opts.threads)):
+        if text is not None:
+            entry = per_rank(flag, text, comm, "values")
+            if not all(p.strip().isdigit() for p in str(text).split(",")):
+                raise UserError(f"{flag} {text!r}: expected a whole number, or one per rank, separated by commas")
+            numbers[flag] = int(entry)
+    if numbers.get("--threads") == 0:
+        raise UserError("--threads must be at least 1")
+    gpu = numbers.get("--gpu", comm.local_rank())
+    threads = numbers.get("--threads") or max(1, len(os.sched_getaffinity(0)) // comm.local_ranks())
+    return backend, gpu, threads
 
 
 def peak_rss_bytes():
@@ -97,7 +108,7 @@ class Engine:
             raise UserError(f"--allreduce {opts.allreduce!r}: choose one of {', '.join(C.ALGORITHMS)}")
         if opts.migrate_weights not in WEIGHT_SOURCES:
             raise UserError(f"--migrate-weights {opts.migrate_weights!r}: choose one of {', '.join(WEIGHT_SOURCES)}")
-        self.backend_name, self.gpu = per_rank_choice(opts, comm)
+        self.backend_name, self.gpu, self.threads = per_rank_choice(opts, comm)
         self.file, self.cfg, self.ratios, self.plan = agree(comm, self._read_header)
         comm.algorithm, comm.ratios = opts.allreduce, self.ratios
         self._check_same_as_rank_0()
@@ -109,10 +120,9 @@ class Engine:
         if comm.is_root and self.steps < opts.steps:
             log(f"note: --steps {opts.steps} would pass the model's context of {self.cfg.context}; "
                 f"generating {self.steps}")
-        # Ranks on one machine share its cores; a rank's kernel threads spinning on a core another rank needs
-        # stalls both. numpy's BLAS only serves the small attention products: its thread pool, left spinning after
-        # each, would take cores from the kernels (prefill ran 3x slower with it).
-        self.threads = max(1, len(os.sched_getaffinity(0)) // comm.local_ranks())
+        # Ranks on one machine share its cores (self.threads each); a rank's kernel threads spinning on a core another
+        # rank needs stall both. numpy's BLAS only serves the small attention products: its thread pool, left
+        # spinning after each, would take cores from the kernels (prefill ran 3x slower with it).
         threadpool_limits(1, user_api="blas")
         # the socket opens before the weights load, so a user (or a script) can queue a migration meanwhile
         self.control = agree(comm, self._open_control if comm.is_root else lambda: None)
@@ -142,7 +152,7 @@ class Engine:
         middle of a step: refuse at set-up, naming what differs."""
         mine = {"model (its header)": self.cfg, "model file size": os.path.getsize(self.opts.model),
                 "--ratios": self.ratios, "--allreduce": self.opts.allreduce, "--backend": self.opts.backend,
-                "--gpu": self.opts.gpu, "--migrate-weights": self.opts.migrate_weights}
+                "--gpu": self.opts.gpu, "--threads": self.opts.threads, "--migrate-weights": self.opts.migrate_weights}
         everyone = self.comm.allgather(mine)
         for rank, theirs in enumerate(everyone):
             for what in mine:

@@ -45,6 +45,9 @@ def split_ints(_ctx, _param, text):
 @click.option("--gpu", default=None, metavar="N[,N...]",
               help="Vulkan device index on each rank's host, one for all or one per rank. "
                    "Default: the rank's index among the ranks on its host.")
+@click.option("--threads", default=None, metavar="N[,N...]",
+              help="Kernel threads of each rank, one for all or one per rank. Default: the host's cores divided "
+                   "among the ranks on it (give 1 where hosts share cores, as simulated hosts do).")
 @click.option("--temperature", "-t", default=0.0, show_default=True, type=click.FloatRange(min=0),
               callback=finite, help="0 is greedy.")
 @click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0), help="0 keeps all tokens.")

@@ -55,7 +55,7 @@ def test_help_documents_every_flag():
     p = run(["--help"])
     assert p.returncode == 0
     for flag in ("--model", "--prompt", "--prompt-ids", "--steps", "--ratios", "--allreduce", "--backend",
-                 "--gpu", "--temperature", "--top-k", "--top-p", "--seed", "--tokenizer", "--output",
+                 "--gpu", "--threads", "--temperature", "--top-k", "--top-p", "--seed", "--tokenizer", "--output",
                  "--control-socket", "--migrate-weights"):
         assert flag in p.stdout
 
@@ -109,7 +109,9 @@ CASES = {
     "bad flag value": (lambda m, d: m, ["--allreduce", "tree"], "Invalid value for '--allreduce'"),
     "unknown backend": (lambda m, d: m, ["--backend", "cpu,tpu"], "--backend|'tpu'"),
     "backend count": (lambda m, d: m, ["--backend", "cpu,cpu,cpu,cpu,cpu"], "names 5 backends for"),
-    "bad gpu": (lambda m, d: m, ["--gpu", "first"], "--gpu 'first': expected a device index"),
+    "bad gpu": (lambda m, d: m, ["--gpu", "first"], "--gpu 'first': expected a whole number"),
+    "zero threads": (lambda m, d: m, ["--threads", "0"], "--threads must be at least 1"),
+    "thread count": (lambda m, d: m, ["--threads", "1,1,1,1,1"], "--threads '1,1,1,1,1' names 5 values for"),
     "no tokenizer file": (lambda m, d: m, ["--tokenizer", "/nonexistent.model"], "/nonexistent.model"),
     "empty tokenizer": (lambda m, d: m, ["--tokenizer", "/dev/null"], "the file is empty"),
     "a directory": (lambda m, d: d, [], "is a directory, not a GGUF file"),

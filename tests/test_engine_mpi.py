@@ -1,6 +1,7 @@
 """Multi-rank generation: greedy tokens at any rank count, ratios and allreduce equal those of one rank.
 
 Run with: mpirun -n 3 python -m pytest --with-mpi tests/test_engine_mpi.py (passes at any -n)."""
+import numba
 import numpy as np
 import pytest
 
@@ -44,10 +45,14 @@ def test_numpy_reference_backend_equals_cpu_backend(models):
 def test_each_rank_its_own_backend(models):
     expected = one_rank_tokens(model=models["Q8_0"])
     backends = ",".join("numpy" if r % 2 else "cpu" for r in range(WORLD.size))
-    result = generate(WORLD, model=models["Q8_0"], backend=backends, ratios=UNEQUAL[WORLD.size])
+    threads = ",".join(str(1 + r // 2 % 2) for r in range(WORLD.size))  # 1, 1, 2, 2: each rank its own count
+    result = generate(WORLD, model=models["Q8_0"], backend=backends, ratios=UNEQUAL[WORLD.size], threads=threads)
     if WORLD.rank == 0:
         assert result["tokens"] == expected
         assert [r["backend"].split()[0] for r in result["ranks"]] == backends.split(",")
+        for r, t in zip(result["ranks"], threads.split(",")):
+            if r["backend"].startswith("cpu"):  # numba's pool caps the count at the machine's cores
+                assert f"{min(int(t), numba.config.NUMBA_NUM_THREADS)} thread" in r["backend"]
 
 
 @pytest.mark.mpi
