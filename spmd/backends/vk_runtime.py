@@ -254,8 +254,8 @@ class Device:
             return buf.view[offset:offset + nbytes].copy()
         host = Buffer(self, nbytes, "host")
         rec = Recording(self)
-        vk.vkCmdCopyBuffer(rec.cmd, buf.handle, host.handle, 1, [vk.VkBufferCopy(srcOffset=offset, dstOffset=0,
-                                                                                  size=nbytes)])
+        region = vk.VkBufferCopy(srcOffset=offset, dstOffset=0, size=nbytes)
+        vk.vkCmdCopyBuffer(rec.cmd, buf.handle, host.handle, 1, [region])
         rec.barrier(to_host=True)
         rec.end()
         rec.run()
@@ -266,8 +266,8 @@ class Device:
 
     def copy(self, rec, src, dst, nbytes):
         """Record a copy of the first nbytes of src into dst."""
-        vk.vkCmdCopyBuffer(rec.cmd, src.handle, dst.handle, 1, [vk.VkBufferCopy(srcOffset=0, dstOffset=0,
-                                                                                 size=nbytes)])
+        region = vk.VkBufferCopy(srcOffset=0, dstOffset=0, size=nbytes)
+        vk.vkCmdCopyBuffer(rec.cmd, src.handle, dst.handle, 1, [region])
 
     def pipeline(self, kernel, n_bindings, push_bytes, spec=()):
         key = (kernel, n_bindings, push_bytes, tuple(spec))
@@ -363,8 +363,8 @@ class Recording:
             self._stamp("end", vk.VK_PIPELINE_STAGE_BOTTOM_OF_PIPE_BIT)
         vk.vkEndCommandBuffer(self.cmd)
         cmds = vk.ffi.new("VkCommandBuffer[1]", [self.cmd])
-        self._submit = (vk.ffi.new("VkSubmitInfo*", {"sType": vk.VK_STRUCTURE_TYPE_SUBMIT_INFO,
-                                                      "commandBufferCount": 1, "pCommandBuffers": cmds}), cmds)
+        info = {"sType": vk.VK_STRUCTURE_TYPE_SUBMIT_INFO, "commandBufferCount": 1, "pCommandBuffers": cmds}
+        self._submit = (vk.ffi.new("VkSubmitInfo*", info), cmds)
         self._fences = vk.ffi.new("VkFence[1]", [self.dev.fence])
 
     def run(self):
