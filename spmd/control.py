@@ -15,6 +15,7 @@ blocking) and `finish(request, reply)` once it has applied a request, and `close
 """
 import json
 import os
+import signal
 import socket
 import stat
 import struct
@@ -110,6 +111,34 @@ class Listener:
         self._file_id = (st.st_dev, st.st_ino)
         self._thread = threading.Thread(target=self._accept_loop, name="spmd-control", daemon=True)
         self._thread.start()
+        self._remove_on_signal()
+
+    def _remove_on_signal(self):
+        """Ctrl-C or SIGTERM ends the job, and the main thread may be blocked in a collective that never returns
+        (the other ranks abort it). Python's C-level handler still writes to the wake-up fd at once: a thread
+        waiting on it removes the socket file."""
+        if threading.current_thread() is not threading.main_thread():
+            return  # only the main thread may set the wake-up fd (tests build listeners in threads)
+        r, w = os.pipe()
+        os.set_blocking(w, False)
+        self._wakeup = (w, signal.set_wakeup_fd(w))
+
+        def wait():
+            if os.read(r, 1):  # a signal; b"" when close() closed the pipe
+                self._unlink()
+            os.close(r)
+        threading.Thread(target=wait, name="spmd-control-signal", daemon=True).start()
+
+    _wakeup = None  # (our wake-up fd, the one it replaced)
+
+    def _unlink(self):
+        """Remove the socket file if it is still ours."""
+        try:
+            st = os.lstat(self.path)
+            if stat.S_ISSOCK(st.st_mode) and (st.st_dev, st.st_ino) == self._file_id:
+                os.unlink(self.path)
+        except OSError:
+            pass
 
     # ---- set-up and tear-down ---------------------------------------------------------------------------------
     @staticmethod
@@ -155,12 +184,12 @@ class Listener:
             else:
                 why = f"generation ended before {'position ' + str(r.at) if r.at is not None else 'the next boundary'}"
             self._answer(r, {"ok": False, "error": why + stopped})
-        try:
-            st = os.lstat(self.path)
-            if stat.S_ISSOCK(st.st_mode) and (st.st_dev, st.st_ino) == self._file_id:  # still ours
-                os.unlink(self.path)
-        except OSError:
-            pass
+        self._unlink()
+        if self._wakeup is not None and threading.current_thread() is threading.main_thread():
+            w, previous = self._wakeup
+            signal.set_wakeup_fd(previous)
+            os.close(w)
+            self._wakeup = None
         self._sock.close()
         with self._lock:
             still_open = list(self._open)

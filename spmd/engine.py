@@ -69,7 +69,7 @@ def per_rank(flag, text, comm, what):
     """This rank's entry of a flag given once for every rank ("cpu") or once per rank ("cpu,vulkan,vulkan")."""
     parts = [p.strip() for p in str(text).split(",")]
     if len(parts) not in (1, comm.size):
-        raise UserError(f"{flag} {text!r} names {len(parts)} {what} for {comm.size} ranks: "
+        raise UserError(f"{flag} {text!r} names {len(parts)} {what} for {comm.size} rank{'s' * (comm.size != 1)}: "
                         "give one for every rank, or one per rank")
     return parts[0 if len(parts) == 1 else comm.rank]
 
@@ -90,7 +90,7 @@ def per_rank_choice(opts, comm):
             numbers[flag] = int(entry)
     if numbers.get("--threads") == 0:
         raise UserError("--threads must be at least 1")
-    gpu = numbers.get("--gpu", comm.local_rank())
+    gpu = numbers.get("--gpu")
     threads = numbers.get("--threads") or max(1, len(os.sched_getaffinity(0)) // comm.local_ranks())
     return backend, gpu, threads
 
@@ -178,7 +178,9 @@ class Engine:
         return tok, np.array(ids, dtype=np.int64)
 
     def _load(self):
-        self.backend = backend = get_backend(self.backend_name, threads=self.threads, device=self.gpu)
+        # by default each rank takes the device of its index among the ranks on its host, wrapping around
+        device, wrap = (self.gpu, False) if self.gpu is not None else (self.comm.local_rank(), True)
+        self.backend = backend = get_backend(self.backend_name, threads=self.threads, device=device, wrap=wrap)
         weights = load_shard(self.file, self.cfg, self.share, backend,
                              notice=self.log if self.comm.is_root else (lambda _msg: None))
         if hasattr(backend, "warmup"):

@@ -4,7 +4,9 @@ import contextlib
 import json
 import math
 import os
+import signal
 import sys
+import time
 import traceback
 
 import click
@@ -112,6 +114,20 @@ def write_stdout(piece):
 
 
 def main(argv=None):
+    """Ctrl-C, or a SIGTERM (mpirun passes both on to every rank), stops without a traceback; under way, every
+    rank stops together and rank 0's control socket file is removed."""
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        run(argv)
+    except KeyboardInterrupt:  # before the engine started (importing, parsing): nothing to clean up
+        sys.exit(130)
+
+
+def interrupt(_signum, _frame):
+    raise KeyboardInterrupt
+
+
+def run(argv):
     from . import comm as C  # initialises MPI
     comm = C.Comm()
     kw = parse_args(argv, comm.is_root)
@@ -142,9 +158,11 @@ def main(argv=None):
         log(f"error: {e}")
         sys.exit(1)
     except KeyboardInterrupt:  # Ctrl-C: one rank just stops; several must all stop, wherever each one is
-        if comm.size == 1:
-            sys.exit(130)
-        comm.abort(130)
+        if comm.size > 1:
+            if not comm.is_root:  # rank 0 (removing its socket file) aborts first, unless it is stuck in a step
+                time.sleep(1.0)
+            comm.abort(130)
+        sys.exit(130)
     except Exception:  # a bug, not a user mistake: show it, and take every rank down instead of hanging
         traceback.print_exc()
         sys.stderr.flush()

@@ -110,6 +110,7 @@ CASES = {
     "unknown backend": (lambda m, d: m, ["--backend", "cpu,tpu"], "--backend|'tpu'"),
     "backend count": (lambda m, d: m, ["--backend", "cpu,cpu,cpu,cpu,cpu"], "names 5 backends for"),
     "bad gpu": (lambda m, d: m, ["--gpu", "first"], "--gpu 'first': expected a whole number"),
+    "no such gpu": (lambda m, d: m, ["--backend", "vulkan", "--gpu", "64"], "--gpu 64: this host has 1 Vulkan device"),
     "zero threads": (lambda m, d: m, ["--threads", "0"], "--threads must be at least 1"),
     "thread count": (lambda m, d: m, ["--threads", "1,1,1,1,1"], "--threads '1,1,1,1,1' names 5 values for"),
     "no tokenizer file": (lambda m, d: m, ["--tokenizer", "/nonexistent.model"], "/nonexistent.model"),
@@ -190,3 +191,26 @@ def test_a_reader_that_leaves_early_stops_generation_cleanly(tmp_path, ranks):
                 break
             time.sleep(0.2)
         assert left == "", f"ranks left running: {left}"
+
+
+@pytest.mark.parametrize("ranks", [1, 3])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_stops_every_rank_and_removes_the_socket(tmp_path, ranks, sig):
+    """Ctrl-C or a SIGTERM to mpirun (it passes them on to every rank) mid-generation: no traceback, a non-zero
+    exit, and the control socket file gone."""
+    if ranks > 1 and MPIRUN is None:
+        pytest.skip("mpirun not on PATH")
+    model = write_model(tmp_path / "long.gguf", Shape(dim=64, n_heads=4, n_kv_heads=2, ffn=128, vocab=512,
+                                                      context=4096), qtype="F32", seed=3)
+    sock = tmp_path / "c.sock"
+    cmd = [sys.executable, "-m", "spmd.run", "--model", str(model), "--prompt", "Hello", "--steps", "4000",
+           "--threads", "1", "--control-socket", str(sock)]
+    if ranks > 1:
+        cmd = [MPIRUN, "-n", str(ranks), *cmd]
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert len(p.stdout.read(8)) == 8  # generating
+    p.send_signal(sig)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode != 0
+    assert "Traceback" not in err, err
+    assert not sock.exists()

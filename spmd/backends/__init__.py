@@ -2,7 +2,8 @@
 
     backend = get_backend(name, threads, device) # "numpy" (readable reference), "cpu" (fast numba kernels) or
                                          # "vulkan" (GPU kernels); threads: cores this rank may use (None: all);
-                                         # device: the Vulkan device index on this host (None: 0)
+                                         # device: the Vulkan device index on this host (None: 0);
+                                         # wrap: an index past the last device wraps around instead of failing
     backend.description                  # e.g. "cpu (numba, 2 threads)", "vulkan (NVIDIA H100 80GB HBM3)"
     lin = backend.linear(w)              # w: QTensor (rows, cols), ownership passes; may be repacked
     lin.rows, lin.cols, lin.nbytes       # nbytes: resident bytes of the weights as kept
@@ -15,7 +16,7 @@ from ..errors import UserError
 BACKENDS = ("numpy", "cpu", "vulkan")
 
 
-def get_backend(name: str, threads: int = None, device: int = None):
+def get_backend(name: str, threads: int = None, device: int = None, wrap: bool = False):
     if name == "numpy":
         from .numpy_ref import NumpyBackend
         return NumpyBackend()
@@ -24,5 +25,5 @@ def get_backend(name: str, threads: int = None, device: int = None):
         return CpuBackend(threads)
     if name == "vulkan":
         from .vulkan import VulkanBackend
-        return VulkanBackend(device)
+        return VulkanBackend(device, wrap)
     raise UserError(f"unknown backend {name!r} (choose one of: {', '.join(BACKENDS)})")

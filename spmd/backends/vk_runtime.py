@@ -124,9 +124,11 @@ class Pipeline:
 
 
 class Device:
-    """One Vulkan physical device (GPU index `index` % count, in a stable order), its compute queue and pools."""
+    """One Vulkan physical device, its compute queue and pools. Devices are in a stable order, GPUs first; `index`
+    picks one (None: 0); with `wrap`, an index past the last device wraps around (the default per-rank choice, so
+    that several ranks on a host with one GPU share it), otherwise it is refused."""
 
-    def __init__(self, index=None):
+    def __init__(self, index=None, wrap=False):
         global vk
         vk = _import_vulkan()
         app = vk.VkApplicationInfo(pApplicationName="spmd", applicationVersion=0, pEngineName="spmd",
@@ -140,7 +142,11 @@ class Device:
         if not devices:
             raise UserError(f"no Vulkan device found: {INSTALL} for the CPU (lavapipe), or install your GPU "
                             "vendor's Vulkan driver")
-        self.physical = devices[(index or 0) % len(devices)]
+        index = index or 0
+        if index >= len(devices) and not wrap:
+            raise UserError(f"--gpu {index}: this host has {len(devices)} Vulkan device"
+                            f"{'s' * (len(devices) != 1)}, numbered from 0")
+        self.physical = devices[index % len(devices)]
         props = vk.vkGetPhysicalDeviceProperties(self.physical)
         self.name = props.deviceName if isinstance(props.deviceName, str) else vk.ffi.string(props.deviceName).decode()
         self.is_cpu = props.deviceType == vk.VK_PHYSICAL_DEVICE_TYPE_CPU

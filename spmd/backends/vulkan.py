@@ -166,10 +166,10 @@ class VulkanLinear:
 class VulkanBackend:
     name = "vulkan"
 
-    def __init__(self, device: int = None):
+    def __init__(self, device: int = None, wrap: bool = False):
         index = device or 0
         if index not in _DEVICES:
-            _DEVICES[index] = Device(index)
+            _DEVICES[index] = Device(index, wrap)
         self.dev = _DEVICES[index]
         self.description = f"vulkan ({self.dev.name})"
         # threads per workgroup of the kernels (specialisation constants), e.g. SPMD_VK_MATVEC=128 to try others
