@@ -20,7 +20,7 @@
 #
 # Latency: this kernel has no netem, so the links add no delay of their own. For a simulated one-way link latency,
 # set SPMD_TEST_LINK_DELAY_MS (see spmd/comm.py): a test-only sleep per communication step, not a network delay.
-set -euo pipefail
+set -Eeuo pipefail  # -E: the ERR trap of a failed `up` also fires inside functions
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PREFIX=spmd
@@ -94,6 +94,8 @@ cmd_up() {
     if [ -n "$(namespaces)" ] || [ -n "$(host_links)" ] || ip link show "$BRIDGE" >/dev/null 2>&1; then
         die "already up ($(namespaces | tr '\n' ' ')): run '$0 down' first"
     fi
+    [ -z "$rate" ] || [[ "$rate" =~ ^[0-9]+(\.[0-9]+)?[kmgt]?(bit|bps)$ ]] \
+        || die "--rate '$rate': expected a rate such as 100mbit, 1gbit or 500kbit"
     command -v tc >/dev/null || [ -z "$rate" ] || die "'tc' not found (needed for --rate): install iproute2"
     trap 'echo "netsim: up failed; cleaning up" >&2; cmd_down >/dev/null 2>&1 || true' ERR
     mkdir -p "$STATE" "$(dirname "$HOSTFILE")"
