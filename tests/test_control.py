@@ -416,3 +416,15 @@ def test_client_prints_status_and_plans_readably(path):
     text = show({"ok": True, "epoch": 1, "applied_at": 30, "bytes_moved": 2_500_000, "ms": 12.25, "ratios": "1:1:2",
                  "plan": [s.layout() for s in PLAN]})
     assert text.splitlines()[0] == "applied at position 30: plan epoch 1, 2.50 MB moved in 12.2 ms; ratios now 1:1:2"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["move", "--kind", "1", "--from", "0", "--to", "1", "--heads", "1.5"], "'1.5' is not a valid integer"),
+    (["move", "--kind", "9", "--from", "0", "--to", "1", "--heads", "1"], "--kind"),
+    (["launch"], "No such command 'launch'"),
+])
+def test_client_usage_mistake_is_one_line(args, message):
+    p = subprocess.run([sys.executable, "-m", "spmd.migrate", *args], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], p.stderr
