@@ -243,7 +243,7 @@ class Listener:
             return {"ok": False, "error": "malformed request: expected a JSON object"}, None
         rid = msg.get("id")
         if not (rid is None or isinstance(rid, (str, int)) and not isinstance(rid, bool) and len(str(rid)) <= 100):
-            return {"ok": False, "error": "'id' must be a string or an integer"}, None
+            return {"ok": False, "error": "'id' must be a string or an integer of at most 100 characters"}, None
         try:
             with self._lock:
                 if self._closed:

@@ -146,6 +146,7 @@ def test_status_and_migrate_replies(served, path):
      r"generation ends before position 1000000000 \(its last token boundary is at position 10000\)"),
     ({"cmd": "migrate", "ratios": "1:1:1", "mode": "next", "at": 50}, "mode 'next' takes no 'at'"),
     ({"cmd": "status", "id": [1]}, "'id' must be a string or an integer"),
+    ({"cmd": "status", "id": "x" * 101}, "'id' must be a string or an integer of at most 100 characters"),
 ])
 def test_bad_requests_get_a_clear_error(served, path, req, message):
     listener, loop = served
