@@ -277,7 +277,7 @@ class Listener:
             extra = sorted({"kind", "from", "to", "kv_groups", "ffn_blocks"} & set(msg))
             if extra:
                 raise UserError(f"give either 'ratios' or 'kind' with 'from' and 'to', not both ({', '.join(extra)})")
-            ratios = P.parse_ratios(_ratios_text(msg["ratios"]), len(self._plan))
+            ratios = P.parse_ratios(_ratios_text(msg["ratios"]), len(self._plan), name="ratios")
             new = P.replan(self._plan, ratios)
         else:
             for key in ("kind", "from", "to"):

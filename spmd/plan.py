@@ -88,8 +88,9 @@ class Share:
                 "vocab_range": [self.vocab_start, self.vocab_start + self.n_vocab]}
 
 
-def parse_ratios(text, n_ranks: int) -> tuple:
-    """'2:3:3' -> (2, 3, 3) as Fractions; None -> equal shares. Refuses a wrong count, zero or negative values."""
+def parse_ratios(text, n_ranks: int, name: str = "--ratios") -> tuple:
+    """'2:3:3' -> (2, 3, 3) as Fractions; None -> equal shares. Refuses a wrong count, zero or negative values.
+    `name` is what the messages call the ratios (the flag, or the socket request's field)."""
     if text is None:
         return (Fraction(1),) * n_ranks
     parts = [p.strip() for p in str(text).replace(",", ":").split(":")]
@@ -97,16 +98,16 @@ def parse_ratios(text, n_ranks: int) -> tuple:
         # float() first: Fraction("1e100000000") would build a 100-million-digit integer
         approx = [float(Fraction(p)) if "/" in p else float(p) for p in parts]
     except (ValueError, ZeroDivisionError, OverflowError):
-        raise UserError(f"--ratios {text!r}: expected numbers separated by ':' (for example 2:3:3)") from None
+        raise UserError(f"{name} {text!r}: expected numbers separated by ':' (for example 2:3:3)") from None
     if any(not math.isfinite(v) for v in approx):
-        raise UserError(f"--ratios {text!r}: expected numbers separated by ':' (for example 2:3:3)")
+        raise UserError(f"{name} {text!r}: expected numbers separated by ':' (for example 2:3:3)")
     if any(not v > 0 for v in approx):
-        raise UserError(f"--ratios {text!r}: every ratio must be positive")
+        raise UserError(f"{name} {text!r}: every ratio must be positive")
     if any(not RATIO_RANGE[0] <= v <= RATIO_RANGE[1] for v in approx):
-        raise UserError(f"--ratios {text!r}: every ratio must lie between {RATIO_RANGE[0]:g} and {RATIO_RANGE[1]:g}")
+        raise UserError(f"{name} {text!r}: every ratio must lie between {RATIO_RANGE[0]:g} and {RATIO_RANGE[1]:g}")
     values = tuple(Fraction(p) for p in parts)
     if len(values) != n_ranks:
-        raise UserError(f"--ratios {text!r} has {len(values)} value{'s' * (len(values) != 1)} but the job has "
+        raise UserError(f"{name} {text!r} has {len(values)} value{'s' * (len(values) != 1)} but the job has "
                         f"{n_ranks} rank{'s' * (n_ranks != 1)}")
     return values
 

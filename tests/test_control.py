@@ -134,7 +134,7 @@ def test_status_and_migrate_replies(served, path):
     ({"cmd": "migrate", "kind": 1, "from": 0, "to": 1}, "kind 1 needs 'kv_groups'"),
     ({"cmd": "migrate", "kind": 1, "from": 0, "to": 1, "kv_groups": 1, "ffn_blocks": 1}, "kind 1 moves no ffn"),
     ({"cmd": "migrate", "kind": 1, "to": 1, "kv_groups": 1}, "migrate needs 'from'"),
-    ({"cmd": "migrate", "ratios": "1:1"}, "has 2 values but the job has 3 ranks"),
+    ({"cmd": "migrate", "ratios": "1:1"}, "^ratios '1:1' has 2 values but the job has 3 ranks"),
     ({"cmd": "migrate", "ratios": "1:0:1"}, "must be positive"),
     ({"cmd": "migrate", "ratios": {"a": 1}}, "'ratios' must be a string"),
     ({"cmd": "migrate", "ratios": "1000000:1:1"}, "leave rank 1 no heads, FFN columns or vocabulary rows"),
