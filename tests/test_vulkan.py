@@ -353,8 +353,10 @@ def test_too_little_device_memory_says_how_much_and_what_to_do(monkeypatch, mode
 
 
 @needs_device
-def test_description_names_the_device_and_any_index_picks_one():
+def test_description_names_the_device_and_a_wrapping_index_picks_one():
     assert BACKEND.description == f"vulkan ({BACKEND.dev.name})"
-    assert get_backend("vulkan", device=7).dev.name  # 7 % count
+    assert get_backend("vulkan", device=64, wrap=True).dev.name  # 64 % count: the default per-rank choice
+    with pytest.raises(UserError, match="--gpu 64: this host has"):
+        get_backend("vulkan", device=64)  # an index the user gave
     assert get_backend("cpu", threads=1).description == "cpu (numba, 1 thread)"
     assert json.dumps(get_backend("numpy").description)

@@ -11,6 +11,8 @@
     backend.make_model(cfg, weights, share, max_seq)   # optional: a model object of the backend's own (Vulkan);
                                          # without it the engine builds spmd.model.Model
 """
+import numpy as np
+
 from ..errors import UserError
 
 BACKENDS = ("numpy", "cpu", "vulkan")
@@ -27,3 +29,17 @@ def get_backend(name: str, threads: int = None, device: int = None, wrap: bool =
         from .vulkan import VulkanBackend
         return VulkanBackend(device, wrap)
     raise UserError(f"unknown backend {name!r} (choose one of: {', '.join(BACKENDS)})")
+
+
+def prepare_call(lin, x, out):
+    """The checks and trivial cases every kernel backend's `lin(x, out)` shares: returns (x as contiguous float32,
+    out, done), done when nothing is left to compute (no rows, no tokens, or no columns: zeros)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)  # (n, cols); no copy when it already is
+    n = x.shape[0]
+    if out is None:
+        out = np.empty((n, lin.rows), np.float32)
+    if x.shape != (n, lin.cols) or out.shape != (n, lin.rows):  # the kernels do not check bounds
+        raise ValueError(f"linear {lin.rows}x{lin.cols}: x {x.shape}, out {out.shape}")
+    if lin.cols == 0:
+        out[...] = 0.0
+    return x, out, lin.rows == 0 or n == 0 or lin.cols == 0

@@ -58,6 +58,7 @@ from numba.core.codegen import get_host_cpu_features
 from numba.extending import intrinsic, overload
 
 from ..quants import QTensor, quantize
+from . import prepare_call
 
 # vpermps (AVX-512F) turns Q4_0 nibbles into floats where numba compiles for it (the host's features, or
 # NUMBA_CPU_FEATURES); SPMD_CPU_GENERIC=1 forces the portable LLVM vector code every other CPU gets (same results;
@@ -357,17 +358,10 @@ class CpuLinear:
         return np.zeros((n, _pad(self.cols, GROUP if self.qtype in QUANTISED else CHUNK)), np.float32)
 
     def __call__(self, x: np.ndarray, out: np.ndarray = None) -> np.ndarray:
-        x = np.ascontiguousarray(x, dtype=np.float32)  # (n, cols); no copy when it already is
+        x, out, done = prepare_call(self, x, out)
+        if done:
+            return out
         n = x.shape[0]
-        if out is None:
-            out = np.empty((n, self.rows), np.float32)
-        if x.shape != (n, self.cols) or out.shape != (n, self.rows):  # the kernels do not check bounds
-            raise ValueError(f"linear {self.rows}x{self.cols}: x {x.shape}, out {out.shape}")
-        if self.rows == 0 or n == 0:
-            return out
-        if self.cols == 0:
-            out[...] = 0.0
-            return out
         y = out if out.dtype == np.float32 and out.flags.c_contiguous else np.empty((n, self.rows), np.float32)
         self._kernel(self.w, self.wd, x, self._one if n == 1 else self._scratch(n), y)
         if y is not out:

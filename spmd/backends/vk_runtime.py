@@ -142,10 +142,9 @@ class Device:
         if not devices:
             raise UserError(f"no Vulkan device found: {INSTALL} for the CPU (lavapipe), or install your GPU "
                             "vendor's Vulkan driver")
+        self.count = len(devices)
         index = index or 0
-        if index >= len(devices) and not wrap:
-            raise UserError(f"--gpu {index}: this host has {len(devices)} Vulkan device"
-                            f"{'s' * (len(devices) != 1)}, numbered from 0")
+        self.check_index(index, wrap)
         self.physical = devices[index % len(devices)]
         props = vk.vkGetPhysicalDeviceProperties(self.physical)
         self.name = props.deviceName if isinstance(props.deviceName, str) else vk.ffi.string(props.deviceName).decode()
@@ -170,6 +169,12 @@ class Device:
         self.fence = vk.vkCreateFence(self.device, vk.VkFenceCreateInfo(), None)
         self._pipelines = {}
         self._staging = None
+
+    def check_index(self, index, wrap):
+        """An index the user gave (not wrapping) must name one of this host's devices."""
+        if index >= self.count and not wrap:
+            raise UserError(f"--gpu {index}: this host has {self.count} Vulkan device{'s' * (self.count != 1)}, "
+                            "numbered from 0")
 
     @staticmethod
     def _ordered(physical):

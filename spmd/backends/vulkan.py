@@ -19,6 +19,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from ..quants import QTensor
+from . import prepare_call
 from .vk_runtime import Buffer, Device, Recording, env_tuple
 
 TYPES = {T.F32: "f32", T.F16: "f16", T.BF16: "bf16", T.Q8_0: "q8_0", T.Q4_0: "q4_0"}
@@ -121,17 +122,10 @@ class VulkanLinear:
             rec.dispatch(pipe, [whole(buf) for buf in bufs], push, (gx, -(-n // nt), -(-groups // gx)))
 
     def __call__(self, x: np.ndarray, out: np.ndarray = None) -> np.ndarray:
-        x = np.ascontiguousarray(x, dtype=np.float32)
+        x, out, done = prepare_call(self, x, out)
+        if done:
+            return out
         n = x.shape[0]
-        if out is None:
-            out = np.empty((n, self.rows), np.float32)
-        if x.shape != (n, self.cols) or out.shape != (n, self.rows):
-            raise ValueError(f"linear {self.rows}x{self.cols}: x {x.shape}, out {out.shape}")
-        if self.rows == 0 or n == 0:
-            return out
-        if self.cols == 0:
-            out[...] = 0.0
-            return out
         if self._io is None or self._io[0] != n:
             self._free_io()
             xb, yb = Buffer(self.dev, n * self.nb * 128, "host"), Buffer(self.dev, n * self.rows * 4, "host")
@@ -171,6 +165,7 @@ class VulkanBackend:
         if index not in _DEVICES:
             _DEVICES[index] = Device(index, wrap)
         self.dev = _DEVICES[index]
+        self.dev.check_index(index, wrap)
         self.description = f"vulkan ({self.dev.name})"
         # threads per workgroup of the kernels (specialisation constants), e.g. SPMD_VK_MATVEC=128 to try others
         # (GPU: 64 measured 4-8% faster than 32 and 128 on an H200 at TinyLlama's shapes; lavapipe: 16 of 16-64)
