@@ -329,6 +329,8 @@ def resolve_model(spec: str, seed: int, model_dir: Path, llama2c_tokenizer) -> t
         return str(path), (f"generated: spmd.synth.write_model(path, spmd.synth.{parts[1].upper()}, "
                            f"qtype={qtype!r}, seed={seed})")
     path = Path(spec).resolve()
+    if path.is_dir():
+        raise click.UsageError(f"{spec} is a directory: give a GGUF file, a llama2.c .bin or synth:tinyllama")
     if not path.is_file():
         raise click.UsageError(f"model not found: {spec}")
     if path.suffix != ".bin":
