@@ -200,19 +200,13 @@ class Comm:
     def bcast(self, obj):
         return self.comm.bcast(obj, root=0)
 
-    def local_ranks(self):
-        """How many ranks of this job run on this rank's machine (they share its cores)."""
+    def on_this_machine(self):
+        """(this rank's index among the job's ranks on its machine, how many they are): they share its cores, and
+        a rank takes the GPU of its index by default. A collective: every rank calls it."""
         node = self.comm.Split_type(MPI.COMM_TYPE_SHARED)
-        n = node.Get_size()
+        index, count = node.Get_rank(), node.Get_size()
         node.Free()
-        return n
-
-    def local_rank(self):
-        """This rank's index among the ranks on its machine (it picks the GPU of that index by default)."""
-        node = self.comm.Split_type(MPI.COMM_TYPE_SHARED)
-        r = node.Get_rank()
-        node.Free()
-        return r
+        return index, count
 
     def barrier(self):
         self.comm.Barrier()

@@ -76,7 +76,9 @@ def per_rank(flag, text, comm, what):
 
 def per_rank_choice(opts, comm):
     """This rank's backend name, GPU index and kernel threads from --backend/--gpu/--threads. By default a rank
-    takes the GPU of its index among the ranks on its host, and the host's cores divided among those ranks."""
+    takes the GPU of its index among the ranks on its host (wrapping around the host's GPUs: the last value
+    returned), and the host's cores divided among those ranks."""
+    local_index, local_count = comm.on_this_machine()  # a collective: before any check that could stop a rank
     for name in opts.backend.split(","):
         if name.strip() not in BACKENDS:
             raise UserError(f"--backend {name.strip()!r}: choose one of {', '.join(BACKENDS)}")
@@ -90,9 +92,9 @@ def per_rank_choice(opts, comm):
             numbers[flag] = int(entry)
     if numbers.get("--threads") == 0:
         raise UserError("--threads must be at least 1")
-    gpu = numbers.get("--gpu")
-    threads = numbers.get("--threads") or max(1, len(os.sched_getaffinity(0)) // comm.local_ranks())
-    return backend, gpu, threads
+    gpu = numbers.get("--gpu", local_index)
+    threads = numbers.get("--threads") or max(1, len(os.sched_getaffinity(0)) // local_count)
+    return backend, gpu, threads, "--gpu" not in numbers
 
 
 def peak_rss_bytes():
@@ -108,7 +110,7 @@ class Engine:
             raise UserError(f"--allreduce {opts.allreduce!r}: choose one of {', '.join(C.ALGORITHMS)}")
         if opts.migrate_weights not in WEIGHT_SOURCES:
             raise UserError(f"--migrate-weights {opts.migrate_weights!r}: choose one of {', '.join(WEIGHT_SOURCES)}")
-        self.backend_name, self.gpu, self.threads = per_rank_choice(opts, comm)
+        self.backend_name, self.gpu, self.threads, self.gpu_wraps = per_rank_choice(opts, comm)
         self.file, self.cfg, self.ratios, self.plan = agree(comm, self._read_header)
         comm.algorithm, comm.ratios = opts.allreduce, self.ratios
         self._check_same_as_rank_0()
@@ -178,9 +180,8 @@ class Engine:
         return tok, np.array(ids, dtype=np.int64)
 
     def _load(self):
-        # by default each rank takes the device of its index among the ranks on its host, wrapping around
-        device, wrap = (self.gpu, False) if self.gpu is not None else (self.comm.local_rank(), True)
-        self.backend = backend = get_backend(self.backend_name, threads=self.threads, device=device, wrap=wrap)
+        self.backend = backend = get_backend(self.backend_name, threads=self.threads, device=self.gpu,
+                                             wrap=self.gpu_wraps)
         weights = load_shard(self.file, self.cfg, self.share, backend,
                              notice=self.log if self.comm.is_root else (lambda _msg: None))
         if hasattr(backend, "warmup"):
