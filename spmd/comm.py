@@ -19,6 +19,8 @@ not a network delay: this machine's kernel has no netem. Unset or 0, it costs no
 import math
 import os
 import time
+from dataclasses import dataclass, fields
+from enum import IntEnum
 
 import numpy as np
 from mpi4py import MPI
@@ -26,13 +28,31 @@ from mpi4py import MPI
 from .plan import chunk_counts
 
 ALGORITHMS = ("star", "ring", "mpi")
+TAG_META, TAG_DATA, TAG_HIDDEN, TAG_LOGITS = 71, 72, 73, 74  # point-to-point messages
 
-# control message: (op, a, b, c) int64
-OP_PREFILL, OP_DECODE, OP_STOP = 1, 2, 3
-# a live re-partition at a token boundary (a = new plan epoch, b = position; the plan follows by bcast), and a
-# gather of every rank's recent timings for the control socket's `status`
-OP_REPLAN, OP_STATUS = 4, 5
-TAG_META, TAG_DATA = 71, 72  # point-to-point messages of a re-partition
+
+class Op(IntEnum):
+    """What a step does. REPLAN: a live re-partition at a token boundary (the new plan follows by bcast); STATUS: a
+    gather of every rank's recent timings for the control socket's `status`."""
+    PREFILL = 1
+    DECODE = 2
+    STOP = 3
+    REPLAN = 4
+    STATUS = 5
+
+
+@dataclass(frozen=True)
+class Step:
+    """The per-step control record rank 0 broadcasts: one int64 buffer of these fields, in this order."""
+    op: Op
+    epoch: int  # the plan epoch the step runs under (REPLAN: the epoch it makes)
+    slot: int = 0  # the sequence slot (its KV cache)
+    pos: int = 0  # position of the first token
+    token: int = 0  # DECODE: the token
+    n: int = 0  # PREFILL: the prompt tokens, which follow by broadcast_tokens
+
+
+STEP_FIELDS = len(fields(Step))
 
 
 def link_delay_s():
@@ -55,111 +75,161 @@ def link_steps(algorithm, size):
 
 
 class Comm:
-    def __init__(self, algorithm="star", ratios=None, comm=None):
+    """The job's communicator, and its stage's: `set_plan` (every rank, with the same plan) makes the stage
+    communicator its allreduces run in, and the routes of the hand-off and of the logits."""
+
+    def __init__(self, algorithm="star", comm=None):
         self.comm = comm if comm is not None else MPI.COMM_WORLD
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         self.algorithm = algorithm
-        self.ratios = ratios if ratios is not None else (1,) * self.size
         self.sync_s = 0.0  # seconds spent inside communication
         self.bytes_sent = 0
-        self._ring_layouts = {}  # n -> (counts, displacements) of the weighted ring, built once per vector size
-        self._control = np.zeros(4, dtype=np.int64)
+        self._step = np.zeros(STEP_FIELDS, dtype=np.int64)
         self.link_delay_s = link_delay_s() if self.size > 1 else 0.0  # test only; see the module's docstring
+        self.plan = None
+        self._stages = None  # the stages' rank tuples the stage communicator was made for
+        self.stage_comm, self.stage_rank, self.stage_size = None, 0, 1
+        self._ring_layouts = {}  # n -> (counts, displacements, chunk) of the weighted ring, per vector size
 
     @property
     def is_root(self):
         return self.rank == 0
 
+    def _delay(self, steps=1):
+        if self.link_delay_s and steps:
+            time.sleep(self.link_delay_s * steps)
+
+    # ---- the plan -----------------------------------------------------------------------------------------
+    def set_plan(self, plan):
+        """Every rank, with the same plan: the stage communicator (made again only where the stages' ranks
+        changed: a collective over the job), the ring's chunk weights, the routes."""
+        stages = tuple(st.ranks for st in plan.stages)
+        if stages != self._stages:
+            if self.stage_comm is not None and self.stage_comm != MPI.COMM_SELF:
+                self.stage_comm.Free()
+            stage = plan.stage_of(self.rank)
+            self.stage_comm = self.comm.Split(stage.index, self.rank) if self.size > 1 else MPI.COMM_SELF
+            self.stage_rank, self.stage_size = self.stage_comm.Get_rank(), self.stage_comm.Get_size()
+            self._stages = stages
+        self.plan = plan
+        self._ring_layouts = {}
+
     # ---- per-step control ---------------------------------------------------------------------------------
-    def control(self, op=0, a=0, b=0, c=0):
-        """Rank 0's (op, a, b, c) on every rank."""
+    def step(self, step: Step = None) -> Step:
+        """Rank 0's step record on every rank."""
         t = time.perf_counter()
-        if self.link_delay_s:
-            time.sleep(self.link_delay_s)
+        self._delay()
         if self.is_root:
-            self._control[:] = (op, a, b, c)
-        self.comm.Bcast(self._control, root=0)
+            self._step[:] = [int(getattr(step, f.name)) for f in fields(Step)]
+        if self.size > 1:
+            self.comm.Bcast(self._step, root=0)
+            if self.is_root:
+                self.bytes_sent += self._step.nbytes * (self.size - 1)
         self.sync_s += time.perf_counter() - t
-        if self.is_root:
-            self.bytes_sent += self._control.nbytes * (self.size - 1)
-        return tuple(int(v) for v in self._control)
+        values = [int(v) for v in self._step]
+        return Step(Op(values[0]), *values[1:])
 
     def broadcast_tokens(self, tokens):
-        """Rank 0's token ids (int64 array) on every rank; the count must already be known (from control)."""
+        """Rank 0's token ids (int64 array) on every rank; the count must already be known (from the step)."""
         t = time.perf_counter()
-        if self.link_delay_s:
-            time.sleep(self.link_delay_s)
+        self._delay()
         self.comm.Bcast(tokens, root=0)
         self.sync_s += time.perf_counter() - t
         if self.is_root:
             self.bytes_sent += tokens.nbytes * (self.size - 1)
         return tokens
 
-    # ---- allreduce ----------------------------------------------------------------------------------------
+    # ---- allreduce inside the stage -----------------------------------------------------------------------
     def allreduce(self, x):
-        """Sum of x (float32, C-contiguous) over all ranks, in place; returns x."""
-        if self.size == 1:
+        """Sum of x (float32, C-contiguous) over the ranks of this rank's stage, in place; returns x."""
+        if self.stage_size == 1:
             return x
         t = time.perf_counter()
-        if self.link_delay_s:
-            time.sleep(self.link_delay_s * link_steps(self.algorithm, self.size))
+        self._delay(link_steps(self.algorithm, self.stage_size))
         flat = x.reshape(-1)
         getattr(self, "_" + self.algorithm)(flat)
         self.sync_s += time.perf_counter() - t
         return x
 
     def _star(self, flat):
-        if self.is_root:
-            self.comm.Reduce(MPI.IN_PLACE, flat, op=MPI.SUM, root=0)
-            self.bytes_sent += flat.nbytes * (self.size - 1)
+        c = self.stage_comm
+        if self.stage_rank == 0:
+            c.Reduce(MPI.IN_PLACE, flat, op=MPI.SUM, root=0)
+            self.bytes_sent += flat.nbytes * (self.stage_size - 1)
         else:
-            self.comm.Reduce(flat, None, op=MPI.SUM, root=0)
+            c.Reduce(flat, None, op=MPI.SUM, root=0)
             self.bytes_sent += flat.nbytes
-        self.comm.Bcast(flat, root=0)
+        c.Bcast(flat, root=0)
 
     def _ring_layout(self, n):
         if n not in self._ring_layouts:
-            counts = np.array(chunk_counts(n, self.ratios), dtype=np.int64)
+            weights = self.plan.stage_speeds(self.plan.stage_of(self.rank))
+            counts = np.array(chunk_counts(n, weights), dtype=np.int64)
             displs = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
-            chunk = np.empty(counts[self.rank], dtype=np.float32)  # this rank's reduced chunk
+            chunk = np.empty(counts[self.stage_rank], dtype=np.float32)  # this rank's reduced chunk
             self._ring_layouts[n] = (counts.tolist(), displs.tolist(), chunk)
         return self._ring_layouts[n]
 
     def _ring(self, flat):
         counts, displs, chunk = self._ring_layout(flat.size)
-        r = self.rank
-        self.comm.Reduce_scatter(flat, chunk, recvcounts=counts, op=MPI.SUM)
+        r, c = self.stage_rank, self.stage_comm
+        c.Reduce_scatter(flat, chunk, recvcounts=counts, op=MPI.SUM)
         flat[displs[r]:displs[r] + counts[r]] = chunk
-        self.comm.Allgatherv(MPI.IN_PLACE, [flat, (counts, displs), MPI.FLOAT])
-        nxt = (r + 1) % self.size
+        c.Allgatherv(MPI.IN_PLACE, [flat, (counts, displs), MPI.FLOAT])
+        nxt = (r + 1) % self.stage_size
         self.bytes_sent += (2 * flat.size - counts[r] - counts[nxt]) * flat.itemsize
 
     def _mpi(self, flat):
-        self.comm.Allreduce(MPI.IN_PLACE, flat, op=MPI.SUM)
-        self.bytes_sent += 2 * (self.size - 1) * flat.nbytes // self.size
+        self.stage_comm.Allreduce(MPI.IN_PLACE, flat, op=MPI.SUM)
+        self.bytes_sent += 2 * (self.stage_size - 1) * flat.nbytes // self.stage_size
 
-    # ---- logits -------------------------------------------------------------------------------------------
-    def gather_logits(self, local, vocab_counts, out):
-        """Each rank's logits slice -> the full (vocab,) vector in `out` on rank 0."""
+    # ---- between stages -----------------------------------------------------------------------------------
+    def pass_on(self, x):
+        """The stage's hidden state x (n, dim) float32, the same on every rank of the stage: its leader sends it to
+        every rank of the next stage."""
+        stage = self.plan.stage_of(self.rank)
+        if self.rank != stage.ranks[0]:
+            return
+        t = time.perf_counter()
+        self._delay()
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        requests = [self.comm.Isend(x, dest=r, tag=TAG_HIDDEN) for r in self.plan.stages[stage.index + 1].ranks]
+        MPI.Request.Waitall(requests)
+        self.bytes_sent += x.nbytes * len(requests)
+        self.sync_s += time.perf_counter() - t
+
+    def take(self, out):
+        """The previous stage's hidden state, into `out` (n, dim) float32."""
+        stage = self.plan.stage_of(self.rank)
+        t = time.perf_counter()
+        self.comm.Recv(out, source=self.plan.stages[stage.index - 1].ranks[0], tag=TAG_HIDDEN)
+        self.sync_s += time.perf_counter() - t
+        return out
+
+    def gather_logits(self, local, out):
+        """Each last-stage rank's logits slice -> the full (vocab,) vector in `out` on rank 0."""
+        counts = self.plan.vocab_counts()
         if self.size == 1:
             out[...] = local
             return out
         t = time.perf_counter()
-        if self.link_delay_s:
-            time.sleep(self.link_delay_s)
-        displs = np.concatenate([[0], np.cumsum(vocab_counts)[:-1]]).tolist()
-        self.comm.Gatherv(local, [out, (list(vocab_counts), displs), MPI.FLOAT] if self.is_root else None, root=0)
-        self.sync_s += time.perf_counter() - t
-        if not self.is_root:
+        self._delay()
+        if self.is_root:
+            at, requests = 0, []
+            for r, n in enumerate(counts):
+                if n and r == 0:
+                    out[:n] = local
+                elif n:
+                    requests.append(self.comm.Irecv(out[at:at + n], source=r, tag=TAG_LOGITS))
+                at += n
+            MPI.Request.Waitall(requests)
+        elif counts[self.rank]:
+            self.comm.Send(np.ascontiguousarray(local, dtype=np.float32), dest=0, tag=TAG_LOGITS)
             self.bytes_sent += local.nbytes
+        self.sync_s += time.perf_counter() - t
         return out
 
     # ---- live re-partition ----------------------------------------------------------------------------------
-    def set_ratios(self, ratios):
-        """New ratios for the weighted ring's chunks (after a re-partition); its layouts are built again."""
-        self.ratios = tuple(ratios)
-        self._ring_layouts = {}
-
     def exchange(self, outgoing, sources):
         """Point-to-point: send {dest: (meta, uint8 array)} and receive one (meta, uint8 array) from each rank in
         `sources`. Every send is posted before any receive, so no order of the pairs can deadlock. Returns

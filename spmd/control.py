@@ -2,16 +2,12 @@
 
 A daemon thread accepts connections; each connection gets its own daemon thread, which checks the peer's uid
 (SO_PEERCRED: only the job's own user), reads newline-delimited JSON requests (one line, at most MAX_LINE bytes,
-within IDLE_S seconds), validates each against the current plan and replies on the same line-based channel:
+within IDLE_S seconds), validates each against the current plan (a reference to rank 0's state, whose plan the
+main thread swaps) and replies on the same line-based channel. The protocol is specified in
+docs/control-protocol.md; `spmd.client` is its one client.
 
-  {"cmd": "status"}                                      -> answered at the next token boundary
-  {"cmd": "migrate", "kind": 1|2|3, "from": A, "to": B, "kv_groups": N, "ffn_blocks": M, "mode": "next"|"at",
-   "at": POS}                                            -> answered once applied (or failed)
-  {"cmd": "migrate", "ratios": "1:1:2" | [1, 1, 2], ...} -> the same, with a whole new split
-
-Replies are one JSON object a line with "ok" true or false ("error": the reason). A request's optional "id" is
-echoed back. Nothing here raises into the main thread: the engine calls `poll(pos)` between tokens (never
-blocking) and `finish(request, reply)` once it has applied a request, and `close()` at the end.
+Nothing here raises into the main thread: the driver calls `poll(pos)` between tokens (never blocking) and
+`finish(request, reply)` once it has applied a request, and `close()` at the end.
 """
 import json
 import os
@@ -23,6 +19,7 @@ import threading
 from dataclasses import dataclass, field
 
 from . import plan as P
+from . import replan as R
 from .errors import UserError
 
 MAX_LINE = 64 * 1024  # bytes in one request line
@@ -30,7 +27,10 @@ IDLE_S = 10.0  # a connection that sends no complete line for this long is close
 MAX_CONNECTIONS = 16
 MAX_STATUS_WAITING = 64
 FIELDS = {"status": {"cmd", "id"},
-          "migrate": {"cmd", "id", "kind", "from", "to", "kv_groups", "ffn_blocks", "ratios", "mode", "at"}}
+          "migrate": {"cmd", "id", "kind", "from", "to", "kv_groups", "ffn_blocks", "from_stage", "to_stage", "count",
+                      "ratios", "mode", "at"}}
+KINDS = {1: ("kv_groups",), 2: ("ffn_blocks",), 3: ("kv_groups", "ffn_blocks"), "layers": ("count",)}
+MOVE_FIELDS = {"kind", "from", "to", "kv_groups", "ffn_blocks", "from_stage", "to_stage", "count"}
 
 
 def socket_dir() -> str:
@@ -82,24 +82,20 @@ class Request:
     """A request waiting for the main thread: a `status`, or a migration with its new plan worked out."""
     cmd: str  # "status" | "migrate"
     id: object = None
-    plan: list = None  # migrate: the new plan
-    ratios: tuple = None  # migrate: the ring's ratios after it
-    epoch: int = None  # migrate: the plan epoch it will make
+    plan: object = None  # migrate: the new plan (its epoch one past the current one)
     at: int = None  # migrate: the position it is due at (None: the next token boundary)
     reply: dict = None
     done: threading.Event = field(default_factory=threading.Event)
 
-    def describe(self) -> dict:
-        return {"epoch": self.epoch, "at": self.at}
-
 
 class Listener:
-    """The socket and the state it validates against (the plan, the position of the next token boundary)."""
+    """The socket, and what it validates against: `state.plan` (read when a request comes: the main thread swaps
+    it), the position of the next token boundary."""
 
-    def __init__(self, path, plan, ratios, first_boundary, last_boundary, epoch=0):
+    def __init__(self, path, state, first_boundary, last_boundary):
         self.path = path
         self._lock = threading.Lock()
-        self._plan, self._ratios, self._epoch = list(plan), tuple(ratios), epoch
+        self._state = state
         self._next_boundary, self._last_boundary = first_boundary, last_boundary
         self._pending = None  # the one migration waiting or being applied
         self._status = []  # status requests waiting for the next boundary
@@ -216,11 +212,9 @@ class Listener:
                 due.append(self._pending)
         return due
 
-    def finish(self, request, reply, plan=None, ratios=None, epoch=None):
-        """The main thread has applied (or failed) `request`: record the new plan and send the reply."""
+    def finish(self, request, reply):
+        """The main thread has applied (or failed) `request`: send the reply."""
         with self._lock:
-            if plan is not None:
-                self._plan, self._ratios, self._epoch = list(plan), tuple(ratios), epoch
             if request is self._pending:
                 self._pending = None
         self._answer(request, reply)
@@ -271,28 +265,33 @@ class Listener:
         if cmd == "status":
             return Request("status", msg.get("id"))
         if self._pending is not None:
-            raise UserError(f"another migration is pending (epoch {self._pending.epoch}); wait for its reply")
+            raise UserError(f"another migration is pending (epoch {self._pending.plan.epoch}); wait for its reply")
         at = self._due_position(msg)
+        plan = self._state.plan
         if "ratios" in msg:
-            extra = sorted({"kind", "from", "to", "kv_groups", "ffn_blocks"} & set(msg))
+            extra = sorted(MOVE_FIELDS & set(msg))
             if extra:
-                raise UserError(f"give either 'ratios' or 'kind' with 'from' and 'to', not both ({', '.join(extra)})")
-            ratios = P.parse_ratios(_ratios_text(msg["ratios"]), len(self._plan), name="ratios")
-            new = P.replan(self._plan, ratios)
+                raise UserError(f"give either 'ratios' or 'kind' with what to move, not both ({', '.join(extra)})")
+            new = R.relayout(plan, P.parse_layout(_ratios_text(msg["ratios"]), len(plan), name="ratios"))
+            return Request("migrate", msg.get("id"), new, at)
+        kind = msg.get("kind")
+        if "kind" not in msg:
+            raise UserError("migrate needs 'kind' (or a whole new 'ratios')")
+        if isinstance(kind, bool) or kind not in KINDS:
+            raise UserError(f"unknown kind {kind!r}: 1 moves attention heads, 2 FFN columns, 3 both, "
+                            f"'layers' layers between stages"[:300])
+        places = ("from_stage", "to_stage") if kind == "layers" else ("from", "to")
+        for key in places + KINDS[kind]:
+            if key not in msg:
+                raise UserError(f"kind {kind!r} needs '{key}'")
+        extra = sorted(MOVE_FIELDS - {"kind"} - set(places) - set(KINDS[kind]) & set(msg))
+        if extra:
+            raise UserError(f"kind {kind!r} takes no {extra[0]!r}")
+        if kind == "layers":
+            new = R.move_layers(plan, msg["from_stage"], msg["to_stage"], msg["count"])
         else:
-            for key in ("kind", "from", "to"):
-                if key not in msg:
-                    raise UserError(f"migrate needs '{key}' (or a whole new 'ratios')")
-            if msg["kind"] not in P.KINDS or isinstance(msg["kind"], bool):
-                raise UserError(f"unknown kind {msg['kind']!r}: 1 moves attention heads, 2 FFN columns, 3 both"[:300])
-            needs = {1: {"kv_groups"}, 2: {"ffn_blocks"}, 3: {"kv_groups", "ffn_blocks"}}[msg["kind"]]
-            extra = sorted({"kv_groups", "ffn_blocks"} - needs & set(msg))
-            if extra:
-                raise UserError(f"kind {msg['kind']} moves no {extra[0].replace('_', ' ')}; leave out {extra[0]!r}")
-            new = P.move(self._plan, msg["kind"], msg["from"], msg["to"], msg.get("kv_groups", 0),
-                         msg.get("ffn_blocks", 0))
-            ratios = P.work_ratios(new)
-        return Request("migrate", msg.get("id"), new, ratios, self._epoch + 1, at)
+            new = R.move_units(plan, msg["from"], msg["to"], msg.get("kv_groups"), msg.get("ffn_blocks"))
+        return Request("migrate", msg.get("id"), new, at)
 
     def _due_position(self, msg):
         mode = msg.get("mode", "at" if "at" in msg else "next")

@@ -1,5 +1,6 @@
-"""The transformer on one rank's shards. Knows nothing of MPI: the two partial sums per layer go through the
-`allreduce` callable it is given, and it returns this rank's slice of the logits.
+"""The transformer on one rank's shards: its stage's layers, and the head where it holds classifier rows. Knows
+nothing of MPI: the two partial sums per layer go through the `allreduce` callable it is given (the stage's), and
+it returns the hidden state for the next stage or this rank's slice of the logits.
 
 Shapes: n = tokens in this pass (the prompt, or 1 when decoding), h = local query heads, kv = local KV heads,
 hd = head_dim, T = positions in the cache so far.
@@ -14,6 +15,15 @@ def rmsnorm(x, weight, eps):
 
 def silu(x):
     return x / (1.0 + np.exp(-x))
+
+
+HALVES = ("attention", "ffn")
+
+
+def stage_schedule(layers):
+    """The order of a stage's work, the same for every backend: [(layer, half)], each half ending in a partial sum
+    that is allreduced across the stage's ranks and added to the residual stream."""
+    return [(layer, half) for layer in layers for half in HALVES]
 
 
 class Rope:
@@ -40,19 +50,41 @@ class Rope:
 
 
 class KVCache:
-    """Keys and values of this rank's KV heads only."""
+    """Keys and values of this rank's KV heads in its layers, one cache per sequence slot."""
 
-    def __init__(self, n_layers, n_kv, max_seq, head_dim):
-        self.k = np.zeros((n_layers, n_kv, max_seq, head_dim), dtype=np.float32)
-        self.v = np.zeros((n_layers, n_kv, max_seq, head_dim), dtype=np.float32)
+    def __init__(self, layers: range, kv: tuple, slots: int, max_seq: int, head_dim: int):
+        self.layers, self.kv = layers, tuple(kv)  # absolute layer indices; global KV-head indices, in local order
+        shape = (slots, len(layers), len(kv), max_seq, head_dim)
+        self.k = np.zeros(shape, dtype=np.float32)  # (slots, layers_local, kv_local, max_seq, hd)
+        self.v = np.zeros(shape, dtype=np.float32)
+
+    def layer(self, slot, layer):
+        """(k, v) of an absolute layer, each (kv_local, max_seq, hd), views to write into."""
+        i = layer - self.layers.start
+        return self.k[slot, i], self.v[slot, i]
+
+    def take(self, slot, T) -> dict:
+        """{(layer, kv head): (k, v) each (T, hd)}: copies of positions 0..T-1 of every head held."""
+        return {(layer, j): (self.k[slot, li, at, :T].copy(), self.v[slot, li, at, :T].copy())
+                for li, layer in enumerate(self.layers) for at, j in enumerate(self.kv)}
+
+    def put(self, slot, pieces: dict):
+        """Write what `take` gives (for heads and layers this cache holds) back into positions 0..T-1."""
+        for (layer, j), (k, v) in pieces.items():
+            li, at = layer - self.layers.start, self.kv.index(j)
+            self.k[slot, li, at, :k.shape[0]] = k
+            self.v[slot, li, at, :v.shape[0]] = v
 
 
 class Model:
-    def __init__(self, cfg, weights, share, max_seq):
+    """One rank's part of the transformer: its stage's layers on its shards, and the head where it holds
+    classifier rows. The backends' models (spmd.backends.vulkan_model) keep this interface."""
+
+    def __init__(self, cfg, weights, share, max_seq, slots=1):
         self.cfg, self.w, self.share = cfg, weights, share
         self.max_seq = max_seq
         self.rope = Rope(cfg, max_seq, weights.rope_factors)
-        self.cache = KVCache(cfg.n_layers, share.n_kv, max_seq, cfg.head_dim)
+        self.cache = KVCache(share.layer_ids, share.kv, slots, max_seq, cfg.head_dim)
         self.scale = np.float32(1.0 / np.sqrt(cfg.head_dim))
         self._decode_buffers = self._buffers(1)  # reused by every decode step
 
@@ -66,34 +98,44 @@ class Model:
             logits=np.empty((1, s.n_vocab), f32),
         )
 
-    def forward(self, tokens, pos, allreduce):
-        """tokens (n,) at positions pos..pos+n-1 -> this rank's logits (n_vocab_local,) for the last token.
-        allreduce: sums a float32 array over the ranks in place and returns it; None when the job has one rank."""
-        n = len(tokens)
-        if allreduce is None:  # one rank: its partial sums are the sums
-            def allreduce(x):
-                return x
-        buf = self._decode_buffers if n == 1 else self._buffers(n)
-        x = self.w.embed(tokens)  # (n, dim) residual stream, identical on every rank
-        for layer, lw in enumerate(self.w.layers):
-            x += allreduce(self._attention(layer, lw, rmsnorm(x, lw.attn_norm, self.cfg.norm_eps), pos, buf))
-            x += allreduce(self._ffn(lw, rmsnorm(x, lw.ffn_norm, self.cfg.norm_eps), buf))
+    def embed(self, tokens):
+        """(n,) token ids -> (n, dim) float32: the first stage's input."""
+        return self.w.embed(tokens)
+
+    def forward(self, x, pos, allreduce, head, slot=0):
+        """x (n, dim) float32, the hidden state entering this stage at positions pos..pos+n-1 (updated in place)
+        -> with `head`, this rank's logits slice (n_vocab_local,) of the last token; else x after the stage's
+        layers. allreduce: sums a float32 array over the stage's ranks in place, None when the stage has one."""
+        x = self.layers(x, pos, allreduce, slot)
+        return self.head(x) if head else x
+
+    def layers(self, x, pos, allreduce, slot=0):
+        """x (n, dim) through this rank's layers, two partial sums a layer (`stage_schedule`)."""
+        buf = self._decode_buffers if x.shape[0] == 1 else self._buffers(x.shape[0])
+        for layer, half in stage_schedule(self.share.layer_ids):
+            lw = self.w.layer(layer)
+            if half == "attention":
+                partial = self._attention(layer, lw, rmsnorm(x, lw.attn_norm, self.cfg.norm_eps), pos, buf, slot)
+            else:
+                partial = self._ffn(lw, rmsnorm(x, lw.ffn_norm, self.cfg.norm_eps), buf)
+            x += allreduce(partial) if allreduce is not None else partial
+        return x
+
+    def head(self, x):
+        """x (n, dim) -> this rank's logits slice (n_vocab_local,) of the last token."""
         last = rmsnorm(x[-1:], self.w.output_norm, self.cfg.norm_eps)  # (1, dim)
-        return self.w.output(last, out=buf["logits"])[0]
+        return self.w.output(last, out=self._decode_buffers["logits"])[0]
 
-    def read_cache(self, T):
-        """-> (k, v), each float32 (n_layers, n_kv_local, T, head_dim): positions 0..T-1 of the local cache."""
-        return self.cache.k[:, :, :T].copy(), self.cache.v[:, :, :T].copy()
+    def cache_take(self, slot, T) -> dict:
+        return self.cache.take(slot, T)
 
-    def write_cache(self, k, v):
-        """Fill positions 0..k.shape[2]-1 from arrays shaped as read_cache gives them."""
-        self.cache.k[:, :, :k.shape[2]] = k
-        self.cache.v[:, :, :v.shape[2]] = v
+    def cache_put(self, slot, pieces):
+        self.cache.put(slot, pieces)
 
     def close(self):
         """Nothing to free: the arrays go with the object (the Vulkan model frees device memory here)."""
 
-    def _attention(self, layer, lw, xn, pos, buf):
+    def _attention(self, layer, lw, xn, pos, buf, slot):
         """xn (n, dim) -> (n, dim) this rank's partial sum of the attention output."""
         cfg, n = self.cfg, xn.shape[0]
         hd, n_kv, group = cfg.head_dim, self.share.n_kv, cfg.group
@@ -105,7 +147,7 @@ class Model:
         q, k, v = q.reshape(n, n_kv * group, hd), k.reshape(n, n_kv, hd), v.reshape(n, n_kv, hd)
         self.rope(q, pos)
         self.rope(k, pos)
-        ck, cv = self.cache.k[layer], self.cache.v[layer]  # (kv, max_seq, hd)
+        ck, cv = self.cache.layer(slot, layer)  # (kv, max_seq, hd)
         ck[:, pos:pos + n] = k.transpose(1, 0, 2)
         cv[:, pos:pos + n] = v.transpose(1, 0, 2)
         T = pos + n

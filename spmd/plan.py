@@ -1,22 +1,30 @@
-"""Pure partitioning: ratios -> each rank's KV-head groups, FFN blocks and vocabulary rows; and the moves of a live
-re-partition (`move`, `replan`, `diff`). No MPI here.
+"""The plan: which rank runs which work, as one frozen value with an epoch. Pure functions, no MPI.
 
-Work is handed out in whole units: a KV head with the query heads that share it, a 32-column FFN block (the quant
-block of the down projection; the last block may be partial), a vocabulary row. At start-up each kind is
-apportioned by the largest-remainder rule, the rounding that follows the ratios as closely as whole units allow, in
-contiguous ranges. A rank holds its KV heads and FFN blocks as explicit sorted index sets, so a live move can hand
-single units from one rank to another without shifting a third rank's. Vocabulary rows stay one contiguous range
-per rank (the logits are gathered in rank order) and change only with new ratios.
+A plan splits the model's layers into **stages** (pipeline parallelism) and, inside each stage, every layer's work
+among the stage's ranks (tensor parallelism). A stage is a run of consecutive ranks that hold the same layer range;
+stage 0 holds layer 0 and contains rank 0. Inside a stage the work is handed out in whole units: a KV head with the
+query heads that share it, a 32-column FFN block (the quant block of the down projection; the last block may be
+partial), and, in the last stage only (where the classifier runs), a vocabulary row. A rank holds the same KV heads
+and FFN blocks in each of its stage's layers.
+
+The layout text (`--ratios`, EdgeVisor's syntax): `*` separates stages, `:` the ranks inside a stage, `@N` pins a
+stage's layer count. Every number is a rank's relative speed, comparable across the whole cluster:
+    2:3:3          one stage of three ranks (tensor parallelism only)
+    1*1*1          three stages of one rank (pipeline only)
+    1:1*2:3        two stages, ranks 0-1 and 2-3
+    1:1@10*1:1@12  the same with 10 and 12 layers
+A stage without `@N` gets layers in proportion to the sum of its ranks' speeds (largest remainder, at least one);
+units inside a stage follow its ranks' speeds. Everything else (the ring allreduce's chunk weights, the logits
+counts, the layout text shown) is derived from the plan; live changes to it are in `spmd.replan`.
 """
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from fractions import Fraction
 
 from .errors import UserError
 
 FFN_BLOCK = 32
 RATIO_RANGE = (1e-6, 1e6)
-KINDS = {1: "attention heads", 2: "FFN columns", 3: "attention heads and FFN columns"}
 
 
 def ranges(indices) -> list:
@@ -38,14 +46,20 @@ def scale_ranges(spans, unit, limit=None) -> list:
 
 @dataclass(frozen=True)
 class Share:
-    """One rank's slice of every layer: its KV heads (with their query heads), FFN blocks and vocabulary rows."""
+    """One rank's work: its stage's layers, and in each of them its KV heads (with their query heads) and FFN
+    blocks; and its classifier rows (in the last stage)."""
     rank: int
+    layers: tuple  # (first, stop): the stage's layer range
     kv: tuple  # sorted KV-head indices; the rank holds query heads j*group .. (j+1)*group-1 of each
     group: int  # query heads per KV head
     ffn_blocks: tuple  # sorted FFN block indices; block b is columns b*FFN_BLOCK .. min((b+1)*FFN_BLOCK, ffn_dim)-1
     ffn_dim: int  # the model's FFN width (the last block may be partial)
     vocab_start: int
-    n_vocab: int  # classifier rows vocab_start .. vocab_start+n_vocab-1
+    n_vocab: int  # classifier rows vocab_start .. vocab_start+n_vocab-1 (0 outside the last stage)
+
+    @property
+    def layer_ids(self) -> range:
+        return range(*self.layers)
 
     @property
     def n_kv(self) -> int:
@@ -77,10 +91,11 @@ class Share:
         return self.n_kv == 0 and self.n_ffn == 0 and self.n_vocab == 0
 
     def describe(self) -> dict:
-        return {"heads": self.n_heads, "kv_heads": self.n_kv, "ffn_columns": self.n_ffn, "vocab_rows": self.n_vocab}
+        return {"layers": list(self.layers), "heads": self.n_heads, "kv_heads": self.n_kv, "ffn_columns": self.n_ffn,
+                "vocab_rows": self.n_vocab}
 
     def layout(self) -> dict:
-        """Which units the rank holds, as [start, stop) ranges (the control socket's `status`)."""
+        """Which units the rank holds, as [start, stop) ranges (the result's and the control socket's plan)."""
         return {"rank": self.rank, **self.describe(),
                 "kv_groups": [list(r) for r in self.kv_ranges], "head_ranges": [list(r) for r in self.head_ranges],
                 "ffn_blocks": [list(r) for r in ranges(self.ffn_blocks)],
@@ -88,44 +103,154 @@ class Share:
                 "vocab_range": [self.vocab_start, self.vocab_start + self.n_vocab]}
 
 
-def parse_ratios(text, n_ranks: int, name: str = "--ratios") -> tuple:
-    """'2:3:3' -> (2, 3, 3) as Fractions; None -> equal shares. Refuses a wrong count, zero or negative values.
-    `name` is what the messages call the ratios (the flag, or the socket request's field)."""
-    if text is None:
-        return (Fraction(1),) * n_ranks
-    parts = [p.strip() for p in str(text).replace(",", ":").split(":")]
+@dataclass(frozen=True)
+class Stage:
+    index: int
+    layers: tuple  # (first, stop)
+    ranks: tuple  # consecutive rank numbers; ranks[0] is the stage's leader
+
+    @property
+    def n_layers(self) -> int:
+        return self.layers[1] - self.layers[0]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Every rank's share, each rank's relative speed, and how many re-partitions made it (the epoch)."""
+    shares: tuple  # Share per rank, in rank order
+    speeds: tuple  # Fraction per rank: the ratios it was made from (a move sets them to the work each rank holds)
+    epoch: int = 0
+
+    def __len__(self):
+        return len(self.shares)
+
+    def __getitem__(self, rank) -> Share:
+        return self.shares[rank]
+
+    def __iter__(self):
+        return iter(self.shares)
+
+    @property
+    def stages(self) -> tuple:
+        """The stages, in order: runs of consecutive ranks that hold the same layers."""
+        out = []
+        for s in self.shares:
+            if out and out[-1].layers == s.layers:
+                out[-1] = Stage(out[-1].index, s.layers, out[-1].ranks + (s.rank,))
+            else:
+                out.append(Stage(len(out), s.layers, (s.rank,)))
+        return tuple(out)
+
+    def stage_of(self, rank) -> Stage:
+        return next(st for st in self.stages if rank in st.ranks)
+
+    @property
+    def n_layers(self) -> int:
+        return self.shares[-1].layers[1]
+
+    def stage_speeds(self, stage: Stage) -> tuple:
+        """The speeds of a stage's ranks: the weights of its ring allreduce's chunks."""
+        return tuple(self.speeds[r] for r in stage.ranks)
+
+    def vocab_counts(self) -> list:
+        return [s.n_vocab for s in self.shares]
+
+    def text(self) -> str:
+        """The layout as `--ratios` takes it: '2:3:3' for one stage, '1:1@10*2:3@12' for several."""
+        stages = self.stages
+        parts = [":".join(f"{float(self.speeds[r]):g}" for r in st.ranks) for st in stages]
+        if len(stages) == 1:
+            return parts[0]
+        return "*".join(f"{p}@{st.n_layers}" for p, st in zip(parts, stages))
+
+    def describe(self) -> list:
+        """[{stage, layers, ranks}] for the result and the control socket."""
+        return [{"stage": st.index, "layers": list(st.layers), "ranks": list(st.ranks)} for st in self.stages]
+
+    def layout(self) -> list:
+        return [s.layout() for s in self.shares]
+
+
+# ---- the layout text ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StageSpec:
+    speeds: tuple  # Fraction per rank of the stage
+    n_layers: int = None  # pinned with @N, else None
+
+
+def _numbers(text, part, name):
+    pieces = [p.strip() for p in part.replace(",", ":").split(":")]
+    bad = f"{name} {text!r}: expected numbers separated by ':' and stages by '*' (for example 2:3:3 or 1:1*2)"
     try:
         # float() first: Fraction("1e100000000") would build a 100-million-digit integer
-        approx = [float(Fraction(p)) if "/" in p else float(p) for p in parts]
+        approx = [float(Fraction(p)) if "/" in p else float(p) for p in pieces]
     except (ValueError, ZeroDivisionError, OverflowError):
-        raise UserError(f"{name} {text!r}: expected numbers separated by ':' (for example 2:3:3)") from None
+        raise UserError(bad) from None
     if any(not math.isfinite(v) for v in approx):
-        raise UserError(f"{name} {text!r}: expected numbers separated by ':' (for example 2:3:3)")
+        raise UserError(bad)
     if any(not v > 0 for v in approx):
         raise UserError(f"{name} {text!r}: every ratio must be positive")
     if any(not RATIO_RANGE[0] <= v <= RATIO_RANGE[1] for v in approx):
         raise UserError(f"{name} {text!r}: every ratio must lie between {RATIO_RANGE[0]:g} and {RATIO_RANGE[1]:g}")
-    values = tuple(Fraction(p) for p in parts)
-    if len(values) != n_ranks:
-        raise UserError(f"{name} {text!r} has {len(values)} value{'s' * (len(values) != 1)} but the job has "
+    return tuple(Fraction(p) for p in pieces)
+
+
+def parse_layout(text, n_ranks: int, name: str = "--ratios") -> tuple:
+    """'1:1@10*2:3' -> (StageSpec((1, 1), 10), StageSpec((2, 3), None)); None -> one stage of equal speeds.
+    Refuses a wrong rank count, zero or negative speeds, and a bad @N. `name` is what the messages call the text
+    (the flag, or the socket request's field)."""
+    if text is None:
+        return (StageSpec((Fraction(1),) * n_ranks),)
+    specs = []
+    for part in str(text).split("*"):
+        layers = None
+        if "@" in part:
+            part, _, count = part.partition("@")
+            if not count.strip().isdigit() or int(count) < 1:
+                raise UserError(f"{name} {text!r}: @{count.strip()} must be a whole number of layers, at least 1")
+            layers = int(count)
+        specs.append(StageSpec(_numbers(text, part, name), layers))
+    n = sum(len(s.speeds) for s in specs)
+    if n != n_ranks:
+        raise UserError(f"{name} {text!r} has {n} value{'s' * (n != 1)} but the job has "
                         f"{n_ranks} rank{'s' * (n_ranks != 1)}")
-    return values
-
-
-def format_ratios(ratios) -> str:
-    """(Fraction(1, 2), 3) -> '0.5:3' as a user would write them."""
-    return ":".join(f"{float(r):g}" for r in ratios)
+    return tuple(specs)
 
 
 def apportion(total: int, ratios) -> list:
     """Split `total` whole units in proportion to `ratios` (largest remainder; ties go to the larger ratio,
-    then the lower rank). The counts sum to `total` and each is within one unit of its exact quota."""
+    then the lower index). The counts sum to `total` and each is within one unit of its exact quota."""
     ratios = [Fraction(r) for r in ratios]
     quotas = [total * r / sum(ratios) for r in ratios]
     counts = [int(q) for q in quotas]
     order = sorted(range(len(ratios)), key=lambda i: (-(quotas[i] - counts[i]), -ratios[i], i))
     for i in order[:total - sum(counts)]:
         counts[i] += 1
+    return counts
+
+
+def stage_layers(specs, n_layers: int, name="--ratios") -> list:
+    """Layer count of each stage: pinned ones as given, the others in proportion to the sum of their speeds (at
+    least one each)."""
+    text = "*".join(":".join(f"{float(r):g}" for r in s.speeds) + (f"@{s.n_layers}" if s.n_layers else "")
+                    for s in specs)
+    if len(specs) > n_layers:
+        raise UserError(f"{name} {text!r} makes {len(specs)} stages but the model has {n_layers} "
+                        f"layer{'s' * (n_layers != 1)}: at most one stage per layer")
+    free = [i for i, s in enumerate(specs) if s.n_layers is None]
+    left = n_layers - sum(s.n_layers for s in specs if s.n_layers is not None)
+    if not free and left != 0 or left < len(free):
+        pinned = n_layers - left
+        raise UserError(f"{name} {text!r}: the @N counts add up to {pinned} layers but the model has {n_layers}"
+                        + (f", leaving fewer than one for each of the other {len(free)} stages" if free else ""))
+    counts = [s.n_layers for s in specs]
+    if free:
+        shares = apportion(left, [sum(specs[i].speeds) for i in free])
+        for _ in range(shares.count(0)):  # at least one layer a stage: from the stage with the most
+            shares[shares.index(max(shares))] -= 1
+            shares[shares.index(0)] = 1
+        for i, c in zip(free, shares):
+            counts[i] = c
     return counts
 
 
@@ -137,11 +262,16 @@ def starts(counts) -> list:
     return out
 
 
+def contiguous(counts) -> list:
+    """Unit counts -> consecutive index tuples: [2, 1] -> [(0, 1), (2,)]."""
+    return [tuple(range(a, a + n)) for a, n in zip(starts(counts), counts)]
+
+
 def n_ffn_blocks(ffn_dim: int) -> int:
     return -(-ffn_dim // FFN_BLOCK)
 
 
-def _refuse_empty(shares, why):
+def refuse_empty(shares, why):
     for s in shares:
         if s.is_empty:
             raise UserError(f"{why} leave{'s' * why.startswith('moving')} rank {s.rank} no heads, FFN columns "
@@ -149,98 +279,32 @@ def _refuse_empty(shares, why):
     return shares
 
 
-def make_plan(ratios, n_heads: int, n_kv_heads: int, ffn_dim: int, vocab: int) -> list:
-    """The per-rank shares for `ratios`, contiguous; refuses ratios that leave a rank with nothing at all."""
-    kv = apportion(n_kv_heads, ratios)
-    blocks = apportion(n_ffn_blocks(ffn_dim), ratios)
-    rows = apportion(vocab, ratios)
-    shares = [Share(rank, tuple(range(kv_at, kv_at + n_kv)), n_heads // n_kv_heads,
-                    tuple(range(blk_at, blk_at + n_blk)), ffn_dim, row_at, n_rows)
-              for rank, (kv_at, n_kv, blk_at, n_blk, row_at, n_rows) in enumerate(
-                  zip(starts(kv), kv, starts(blocks), blocks, starts(rows), rows))]
-    return _refuse_empty(shares, f"ratios {format_ratios(ratios)}")
+def stage_shares(ranks, speeds, layers, dims, last, kv=None, blocks=None) -> list:
+    """The shares of one stage's ranks: contiguous units in proportion to `speeds`, or the given per-rank unit
+    tuples `kv` and `blocks`; the vocabulary rows in proportion to `speeds` when the stage is the `last`."""
+    group = dims.n_heads // dims.n_kv_heads
+    kv = kv or contiguous(apportion(dims.n_kv_heads, speeds))
+    blocks = blocks or contiguous(apportion(n_ffn_blocks(dims.ffn_dim), speeds))
+    rows = apportion(dims.vocab, speeds) if last else [0] * len(ranks)
+    return [Share(r, tuple(layers), k, group, b, dims.ffn_dim, at, n)
+            for r, k, b, at, n in zip(ranks, kv, blocks, starts(rows), rows)]
+
+
+def make_plan(specs, dims, epoch=0) -> Plan:
+    """The plan for a parsed layout on a model of `dims` (anything with n_layers, n_heads, n_kv_heads, ffn_dim,
+    vocab: the ModelConfig); refuses layouts that leave a rank with nothing at all."""
+    counts = stage_layers(specs, dims.n_layers)
+    shares, rank = [], 0
+    for i, (spec, first, count) in enumerate(zip(specs, starts(counts), counts)):
+        ranks = tuple(range(rank, rank + len(spec.speeds)))
+        shares += stage_shares(ranks, spec.speeds, (first, first + count), dims, i == len(specs) - 1)
+        rank += len(ranks)
+    speeds = tuple(v for s in specs for v in s.speeds)
+    plan = Plan(tuple(shares), speeds, epoch)
+    refuse_empty(plan, f"ratios {plan.text()}")
+    return plan
 
 
 def chunk_counts(n: int, ratios) -> list:
     """Element counts of each rank's chunk of an n-vector for the weighted ring allreduce."""
     return apportion(n, ratios)
-
-
-# ---- live re-partition ----------------------------------------------------------------------------------------
-def move(plan, kind: int, src: int, dst: int, kv_groups: int = 0, ffn_blocks: int = 0) -> list:
-    """A new plan with `kv_groups` KV-head groups (kind 1), `ffn_blocks` FFN blocks (kind 2) or both (kind 3) moved
-    from rank `src` to rank `dst`: the source's last units (highest indices). Everything else stays in place."""
-    if kind not in KINDS or isinstance(kind, bool):
-        raise UserError(f"unknown kind {kind!r}: 1 moves attention heads, 2 FFN columns, 3 both")
-    for what, r in (("from", src), ("to", dst)):
-        if not isinstance(r, int) or isinstance(r, bool) or not 0 <= r < len(plan):
-            raise UserError(f"'{what}' rank {r!r} is out of range: the job has ranks 0..{len(plan) - 1}")
-    if src == dst:
-        raise UserError(f"'from' and 'to' are both rank {src}: nothing would move")
-    units = [("kv", kv_groups, "KV-head group", "kv_groups")] * (kind != 2)
-    units += [("ffn_blocks", ffn_blocks, "FFN block", "ffn_blocks")] * (kind != 1)
-    a, b = plan[src], plan[dst]
-    new_a, new_b = {}, {}
-    for field, n, noun, key in units:
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise UserError(f"kind {kind} needs '{key}': a whole number of {noun}s, at least 1 (got {n!r})")
-        held = getattr(a, field)
-        if n > len(held):
-            raise UserError(f"rank {src} has {len(held)} {noun}{'s' * (len(held) != 1)}; cannot move {n}")
-        new_a[field] = held[:len(held) - n]
-        new_b[field] = tuple(sorted(getattr(b, field) + held[len(held) - n:]))
-    new = list(plan)
-    new[src], new[dst] = replace(a, **new_a), replace(b, **new_b)
-    return _refuse_empty(new, f"moving them from rank {src} would")
-
-
-def _rebalance(held, counts):
-    """Per-rank sorted unit tuples -> new tuples of `counts` units, each rank keeping as many of its own as it can:
-    ranks over their count give up their last units; ranks under it take the freed ones, lowest first."""
-    kept = [h[:c] for h, c in zip(held, counts)]
-    pool = sorted(u for h, c in zip(held, counts) for u in h[c:])
-    out = []
-    for k, c in zip(kept, counts):
-        take, pool = pool[:c - len(k)], pool[c - len(k):]
-        out.append(tuple(sorted(k + tuple(take))))
-    return out
-
-
-def replan(plan, ratios) -> list:
-    """A new plan whose counts follow `ratios` (largest remainder, as `make_plan`) while each rank keeps as many of
-    its KV heads and FFN blocks as it can. Vocabulary rows are contiguous ranges again, in rank order."""
-    if len(ratios) != len(plan):
-        raise UserError(f"ratios {format_ratios(ratios)} have {len(ratios)} values but the job has "
-                        f"{len(plan)} ranks")
-    s0 = plan[0]
-    n_kv = sum(s.n_kv for s in plan)
-    kv = _rebalance([s.kv for s in plan], apportion(n_kv, ratios))
-    ffn = _rebalance([s.ffn_blocks for s in plan], apportion(n_ffn_blocks(s0.ffn_dim), ratios))
-    rows = apportion(sum(s.n_vocab for s in plan), ratios)
-    new = [replace(s, kv=k, ffn_blocks=f, vocab_start=at, n_vocab=n)
-           for s, k, f, at, n in zip(plan, kv, ffn, starts(rows), rows)]
-    return _refuse_empty(new, f"ratios {format_ratios(ratios)}")
-
-
-def diff(old, new) -> list:
-    """The units that change hands: [(unit, index, from_rank, to_rank)], unit "kv" (a KV-head group), "ffn" (an FFN
-    block) or "vocab" (a classifier row), in unit then index order."""
-    moves = []
-    for unit, held in (("kv", lambda s: s.kv), ("ffn", lambda s: s.ffn_blocks),
-                       ("vocab", lambda s: range(s.vocab_start, s.vocab_start + s.n_vocab))):
-        owner_old = {i: s.rank for s in old for i in held(s)}
-        owner_new = {i: s.rank for s in new for i in held(s)}
-        moves += [(unit, i, owner_old[i], owner_new[i]) for i in sorted(owner_new) if owner_old[i] != owner_new[i]]
-    return moves
-
-
-def work_ratios(plan) -> tuple:
-    """Positive ratios that describe a plan's split (each rank's mean fraction of KV heads, FFN blocks and
-    vocabulary rows): the ring allreduce's chunk sizes after a move, and what the result reports."""
-    totals = [sum(s.n_kv for s in plan), sum(len(s.ffn_blocks) for s in plan), sum(s.n_vocab for s in plan)]
-    kinds = [i for i, t in enumerate(totals) if t]
-    out = []
-    for s in plan:
-        mine = (s.n_kv, len(s.ffn_blocks), s.n_vocab)
-        out.append(sum(Fraction(mine[i], totals[i]) for i in kinds) / len(kinds))
-    return tuple(max(r, Fraction(1, 10**6)) for r in out)  # a rank with nothing of a kind still gets a chunk

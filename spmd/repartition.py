@@ -1,16 +1,19 @@
 """A live re-partition, run by every rank at the same token boundary after rank 0 broadcast the new plan.
 
-Each rank works out the difference between the old and the new plan (`plan.diff`) and moves only what changes:
+Each rank works out the difference between the old and the new plan (`replan.diff`: KV-head groups and FFN blocks
+layer by layer, and classifier rows) and moves only what changes, whatever made the change (a head or FFN move
+inside a stage, layers moved between stages, a whole new layout):
 
-  1. outgoing: for every rank it hands units to, the KV cache rows of the moved KV heads (positions 0..pos-1) and,
-     with `--migrate-weights peer`, the weight slices of every moved unit, read from its own mapped file;
+  1. outgoing: for every rank it hands units to, the KV cache rows of the moved (layer, KV head) pairs (positions
+     0..pos-1) and, with `--migrate-weights peer`, the weight slices of every moved unit, read from its own file;
   2. errors in step 1 are agreed on (no rank waits for a message that will not come), then the messages travel by
      MPI point-to-point, every send posted before any receive;
   3. a rank whose share changed builds its new weights (matrices of unchanged kinds are kept as they are; the
      changed ones are read from its own file, or, in peer mode, assembled from its kept slices and the received
      ones) and its new model, and writes the KV cache into it; a rank whose share did not change keeps its model;
   4. errors in step 3 (out of memory, ...) are agreed on: then every rank keeps the old plan and model;
-  5. every rank switches to the new plan, and rank 0 gathers what each rank moved and how long it took.
+  5. every rank switches to the new plan (`RankState.swap`: the stage communicators follow), and rank 0 gathers
+     what each rank moved and how long it took.
 """
 import time
 from dataclasses import replace
@@ -18,16 +21,15 @@ from dataclasses import replace
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
-from .model import Model
-from .plan import diff
+from .plan import ranges
 from .quants import QTensor, dequantize, from_float
-from .weights import LAYER_TENSORS, ROWS, VECTOR, classifier_name, element_spans, file_reader, load_shard
-
-WEIGHT_SOURCES = ("file", "peer")
+from .replan import diff
+from .weights import LAYER_TENSORS, ROWS, UNIT_KIND, VECTOR, classifier_name, element_spans, file_reader
 
 
 def changed_kinds(old, new) -> set:
-    """The plan units ("kv", "ffn", "vocab") whose holding differs between two shares of one rank."""
+    """The plan units ("kv", "ffn", "vocab") whose holding differs between two shares of one rank (in the layers
+    both hold: a layer new to the rank is read whole anyway)."""
     out = set()
     if old.kv != new.kv:
         out.add("kv")
@@ -38,25 +40,21 @@ def changed_kinds(old, new) -> set:
     return out
 
 
-def moved_share(template, moves, src, dst):
-    """A pseudo-share holding exactly the units that go from `src` to `dst` (its element spans name the slices)."""
-    mine = [(unit, i) for unit, i, a, b in moves if (a, b) == (src, dst)]
-    kv = tuple(i for unit, i in mine if unit == "kv")
-    blocks = tuple(i for unit, i in mine if unit == "ffn")
-    rows = [i for unit, i in mine if unit == "vocab"]  # contiguous: old range of src within new range of dst
-    return replace(template, rank=src, kv=kv, ffn_blocks=blocks, vocab_start=rows[0] if rows else 0,
-                   n_vocab=len(rows))
-
-
-def weight_slices(cfg, share) -> list:
-    """[(tensor name, slicing, (start, stop))] of every weight slice a (pseudo-)share holds, in a fixed order."""
+def weight_slices(cfg, template, units) -> list:
+    """[(tensor name, slicing, (start, stop))] of the weights of `units` [(unit, layer, index)], in a fixed order;
+    `template` is any share (for the head group and FFN width)."""
     out = []
-    for i in range(cfg.n_layers):
+    layers = sorted({layer for unit, layer, _ in units if unit != "vocab"})
+    for layer in layers:
+        kv = tuple(sorted(i for unit, lay, i in units if unit == "kv" and lay == layer))
+        blocks = tuple(sorted(i for unit, lay, i in units if unit == "ffn" and lay == layer))
+        share = replace(template, kv=kv, ffn_blocks=blocks)
         for field, (name, slicing, unit) in LAYER_TENSORS.items():
             if slicing == VECTOR and not cfg.qkv_bias:
                 continue
-            out += [(f"blk.{i}.{name}", slicing, span) for span in element_spans(cfg, share, unit)]
-    out += [(classifier_name(cfg), ROWS, span) for span in element_spans(cfg, share, "vocab")]
+            out += [(f"blk.{layer}.{name}", slicing, span) for span in element_spans(cfg, share, unit)]
+    rows = sorted(i for unit, _, i in units if unit == "vocab")
+    out += [(classifier_name(cfg), ROWS, span) for span in ranges(rows)]
     return out
 
 
@@ -125,38 +123,37 @@ def assembling_reader(read_file, received):
 class Repartition:
     """One re-partition on one rank; `run()` is collective."""
 
-    def __init__(self, engine, new_plan, pos, weights_from="file"):
-        self.engine, self.comm, self.pos = engine, engine.comm, pos
-        self.new_plan, self.old_plan = new_plan, engine.plan
+    def __init__(self, state, new_plan, pos):
+        self.state, self.comm, self.pos = state, state.comm, pos
+        self.new_plan, self.old_plan = new_plan, state.plan
         self.rank = self.comm.rank
         self.old, self.new = self.old_plan[self.rank], new_plan[self.rank]
-        self.peer = weights_from == "peer"
-        self.moves = diff(self.old_plan, new_plan)
+        self.peer = state.opts.migrate_weights == "peer"
+        self.moves = diff(self.old_plan, new_plan)  # (unit, layer, index, from, to)
         self.stats = dict(rank=self.rank, changed=self.old != self.new, weights_bytes_sent=0, cache_bytes_sent=0,
                           bytes_received=0, file_bytes_read=0)
 
     def _pairs(self, side):
-        """The ranks this rank sends to (side 2) or receives from (side 3): those it hands units to / takes from,
+        """The ranks this rank sends to (side 3) or receives from (side 4): those it hands units to / takes from,
         where a message is needed (KV heads always carry their cache; other units only in peer mode)."""
-        other = 3 if side == 2 else 2
+        other = 4 if side == 3 else 3
         return sorted({m[other] for m in self.moves if m[side] == self.rank and (m[0] == "kv" or self.peer)})
 
     def _outgoing(self):
         out = {}
         cache = None
-        read = file_reader(self.engine.file, notice=lambda _m: None)
-        for dst in self._pairs(2):
-            units = moved_share(self.old, self.moves, self.rank, dst)
+        read = file_reader(self.state.file, notice=lambda _m: None)
+        for dst in self._pairs(3):
+            units = [m[:3] for m in self.moves if (m[3], m[4]) == (self.rank, dst)]
             pieces = []
-            if units.kv:
-                if cache is None:
-                    cache = self.engine.model.read_cache(self.pos)  # (k, v) (n_layers, n_kv_local, T, head_dim)
-                idx = [self.old.kv.index(j) for j in units.kv]
-                for j, at in zip(units.kv, idx):
-                    pieces.append((("cache", j), np.stack([cache[0][:, at], cache[1][:, at]])))
+            for unit, layer, j in units:
+                if unit == "kv":
+                    if cache is None:
+                        cache = self.state.model.cache_take(0, self.pos)  # {(layer, kv): (k, v) each (T, hd)}
+                    pieces.append((("cache", layer, j), np.stack(cache[(layer, j)])))
             n_cache = sum(p[1].nbytes for p in pieces)
             if self.peer:
-                pieces += [(s, read(*s[:2], [s[2]])) for s in weight_slices(self.engine.cfg, units)]
+                pieces += [(s, read(*s[:2], [s[2]])) for s in weight_slices(self.state.cfg, self.old, units)]
             meta, buf = pack(pieces)
             self.stats["cache_bytes_sent"] += n_cache
             self.stats["weights_bytes_sent"] += buf.nbytes - n_cache
@@ -174,24 +171,22 @@ class Repartition:
         error = self.comm.first_error(error)
         if error is not None:
             return error, self._done(t0)
-        messages = self.comm.exchange(outgoing, self._pairs(3))
+        messages = self.comm.exchange(outgoing, self._pairs(4))
         self.stats["bytes_received"] = sum(buf.nbytes for _, buf in messages.values())
         model = None
         try:
             received = {}
             for meta, buf in messages.values():
                 received.update(unpack(meta, buf))
-            model = build(self, received) if self.stats["changed"] else self.engine.model
+            model = build(self, received) if self.stats["changed"] else self.state.model
         except Exception as e:  # noqa: BLE001 - out of memory, a backend that refuses: keep the old plan
             error = _describe(e)
         error = self.comm.first_error(error)
         if error is not None:
-            if model is not None and model is not self.engine.model and hasattr(model, "close"):
+            if model is not None and model is not self.state.model:
                 model.close()
             return error, self._done(t0)
-        old_model, self.engine.model = self.engine.model, model
-        if model is not old_model and hasattr(old_model, "close"):
-            old_model.close()
+        self.state.swap(self.new_plan, model)
         return None, self._done(t0)
 
     def _done(self, t0):
@@ -200,10 +195,10 @@ class Repartition:
 
 
 def build(rp, received):
-    """A changed rank's new model: weights of unchanged kinds kept, changed ones read (or assembled), the KV cache
-    of kept heads copied and of received heads written."""
-    eng, new, old = rp.engine, rp.new, rp.old
-    counted = file_reader(eng.file, notice=lambda _m: None)
+    """A changed rank's new model: weights of unchanged kinds kept in the layers it keeps, the rest read (or
+    assembled), the KV cache of kept (layer, head) pairs copied and of received ones written."""
+    state, new, old = rp.state, rp.new, rp.old
+    counted = file_reader(state.file, notice=lambda _m: None)
 
     def read_file(name, slicing, spans):
         value = counted(name, slicing, spans)
@@ -212,20 +207,12 @@ def build(rp, received):
     weights_in = {k: v for k, v in received.items() if k[0] != "cache"}
     read = assembling_reader(read_file, weights_in) if rp.peer else read_file
     # matrices of unchanged kinds are kept as they are, unless the backend's model owns (and frees) its matrices
-    reuse = not hasattr(eng.backend, "make_model")
-    keep = {"kv", "ffn", "vocab"} - changed_kinds(old, new) if reuse else set()
-    weights = load_shard(eng.file, eng.cfg, new, eng.backend, read=read, old=eng.model.w, keep=keep)
-    k_old, v_old = eng.model.read_cache(rp.pos)  # (n_layers, n_kv_old, T, head_dim)
-    L, _, T_, hd = k_old.shape
-    k = np.empty((L, new.n_kv, T_, hd), np.float32)
-    v = np.empty_like(k)
-    for at, j in enumerate(new.kv):
-        if j in old.kv:
-            k[:, at], v[:, at] = k_old[:, old.kv.index(j)], v_old[:, old.kv.index(j)]
-        else:
-            k[:, at], v[:, at] = received[("cache", j)]
-    model = getattr(eng.backend, "make_model", Model)(eng.cfg, weights, new, eng.max_seq)
-    model.write_cache(k, v)
+    keep = set() if state.backend.model_owns_weights else set(UNIT_KIND.values()) - changed_kinds(old, new)
+    kept = state.model.cache_take(0, rp.pos)
+    cache = {key: kept[key] if key in kept else tuple(received[("cache", *key)])
+             for key in ((layer, j) for layer in new.layer_ids for j in new.kv)}
+    model = state.build_model(new, read=read, keep=keep)
+    model.cache_put(0, cache)
     return model
 
 

@@ -5,9 +5,11 @@ Slicing (the only place that knows it):
   attn_output                              columns of the rank's heads       (in features)  -> partial sum
   ffn_gate / ffn_up                        rows of the rank's FFN columns    (out features)
   ffn_down                                 columns of the rank's FFN columns (in features)  -> partial sum
-  output (or token_embd when tied)         rows of the rank's vocabulary slice
-  norms                                    replicated
+  output (or token_embd when tied)         rows of the rank's vocabulary slice (the last stage's ranks only)
+  norms                                    replicated in the rank's layers (output_norm: with the classifier)
   token_embd                               not loaded: each token's row is read from the memory-mapped file
+
+Only the layers of the rank's stage are read: memory follows the plan.
 
 A rank's heads and FFN columns may be several ranges (after a live move); a slice is their concatenation, in
 index order, the same order in every matrix of a layer and in the KV cache.
@@ -49,21 +51,28 @@ class LayerWeights:
 
 @dataclass
 class ShardWeights:
-    layers: list
-    output_norm: np.ndarray  # (dim,)
-    output: object  # Linear (n_vocab_local, dim)
+    first: int  # the absolute index of layers[0]
+    layers: list  # LayerWeights of the rank's layers first, first+1, ...
+    output_norm: np.ndarray  # (dim,), or None where the rank holds no classifier rows
+    output: object  # Linear (n_vocab_local, dim), or None where the rank holds no classifier rows
     rope_factors: np.ndarray  # (rope_dim / 2,) Llama 3 frequency divisors, or None
     file: object  # the GGUFFile, kept open for embedding lookups
+
+    def layer(self, i) -> LayerWeights:
+        """The weights of absolute layer i."""
+        return self.layers[i - self.first]
 
     def embed(self, tokens) -> np.ndarray:
         """(n,) token ids -> (n, dim) float32 rows of token_embd, read from the mapped file."""
         return np.stack([self.file.row("token_embd.weight", int(t)) for t in tokens])
 
+    def linears(self) -> list:
+        names = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+        return [self.output] * (self.output is not None) + [getattr(lw, n) for lw in self.layers for n in names]
+
     @property
     def nbytes(self) -> int:
-        names = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
-        linears = [self.output] + [getattr(lw, n) for lw in self.layers for n in names]
-        return sum(lin.nbytes for lin in linears)
+        return sum(lin.nbytes for lin in self.linears())
 
 
 def classifier_name(cfg) -> str:
@@ -94,36 +103,28 @@ def file_reader(f, notice=print):
 
 
 def load_shard(f, cfg, share: Share, backend, notice=print, read=None, old=None, keep=()) -> ShardWeights:
-    """This rank's weights for `share`. `read` (default: the file) supplies the slices; with `old` weights, the
-    matrices of the plan units in `keep` ("kv", "ffn", "vocab") and the replicated vectors are taken from `old`
-    as they are instead of being read again."""
+    """This rank's weights for `share`: its layers' slices, and the classifier rows where it holds some. `read`
+    (default: the file) supplies the slices; with `old` weights, the matrices of the plan units in `keep` ("kv",
+    "ffn", "vocab") are taken from `old` as they are in the layers it holds, instead of being read again."""
     read = read or file_reader(f, notice)
+    held = range(old.first, old.first + len(old.layers)) if old is not None else range(0)
 
-    def get(field, block, old_layer):
+    def get(field, i):
         name, slicing, unit = LAYER_TENSORS[field]
-        if old_layer is not None and UNIT_KIND[unit] in keep:
-            return getattr(old_layer, field)
+        if i in held and UNIT_KIND[unit] in keep:
+            return getattr(old.layer(i), field)
         if slicing == VECTOR:
-            return read(block + name, VECTOR, element_spans(cfg, share, unit)) if cfg.qkv_bias else None
-        return backend.linear(read(block + name, slicing, element_spans(cfg, share, unit)))
+            return read(f"blk.{i}.{name}", VECTOR, element_spans(cfg, share, unit)) if cfg.qkv_bias else None
+        return backend.linear(read(f"blk.{i}.{name}", slicing, element_spans(cfg, share, unit)))
 
-    layers = []
-    for i in range(cfg.n_layers):
-        p, o = f"blk.{i}.", old.layers[i] if old is not None else None
-        layers.append(LayerWeights(
-            attn_norm=o.attn_norm if o is not None else f.vector(p + "attn_norm.weight"),
-            ffn_norm=o.ffn_norm if o is not None else f.vector(p + "ffn_norm.weight"),
-            **{field: get(field, p, o) for field in LAYER_TENSORS}))
-    if old is not None and "vocab" in keep:
-        output = old.output
-    else:
+    layers = [LayerWeights(attn_norm=f.vector(f"blk.{i}.attn_norm.weight"), ffn_norm=f.vector(f"blk.{i}.ffn_norm.weight"),
+                           **{field: get(field, i) for field in LAYER_TENSORS}) for i in share.layer_ids]
+    output = output_norm = None
+    if share.n_vocab and old is not None and old.output is not None and "vocab" in keep:
+        output, output_norm = old.output, old.output_norm
+    elif share.n_vocab:
         output = backend.linear(read(classifier_name(cfg), ROWS, element_spans(cfg, share, "vocab")))
-    if old is not None:
-        return ShardWeights(layers, old.output_norm, output, old.rope_factors, f)
+        output_norm = f.vector("output_norm.weight")
     return ShardWeights(
-        layers=layers,
-        output_norm=f.vector("output_norm.weight"),
-        output=output,
-        rope_factors=f.vector("rope_freqs.weight") if f.has("rope_freqs.weight") else None,
-        file=f,
-    )
+        first=share.layers[0], layers=layers, output_norm=output_norm, output=output,
+        rope_factors=f.vector("rope_freqs.weight") if f.has("rope_freqs.weight") else None, file=f)

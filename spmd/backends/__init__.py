@@ -1,21 +1,38 @@
-"""Backends: where a rank's matrix products run. The model code calls exactly this interface:
+"""Backends: where a rank's matrix products run, behind one small interface (`Backend`):
 
-    backend = get_backend(name, threads, device) # "numpy" (readable reference), "cpu" (fast numba kernels) or
-                                         # "vulkan" (GPU kernels); threads: cores this rank may use (None: all);
+    backend = get_backend(name, threads, device, wrap)  # "numpy" (readable reference), "cpu" (fast numba kernels)
+                                         # or "vulkan" (GPU kernels); threads: cores this rank may use (None: all);
                                          # device: the Vulkan device index on this host (None: 0);
                                          # wrap: an index past the last device wraps around instead of failing
     backend.description                  # e.g. "cpu (numba, 2 threads)", "vulkan (NVIDIA H100 80GB HBM3)"
     lin = backend.linear(w)              # w: QTensor (rows, cols), ownership passes; may be repacked
     lin.rows, lin.cols, lin.nbytes       # nbytes: resident bytes of the weights as kept
     y = lin(x, out=None)                 # x: float32 (n, cols) -> float32 (n, rows) = x @ W.T, into `out` if given
-    backend.make_model(cfg, weights, share, max_seq)   # optional: a model object of the backend's own (Vulkan);
-                                         # without it the engine builds spmd.model.Model
+    model = backend.make_model(cfg, weights, share, max_seq)   # spmd.model.Model, or the backend's own (Vulkan)
+    backend.warmup()                     # compile what the first step would (numba); may do nothing
+    backend.model_owns_weights           # True where the model frees its matrices on close(): a re-partition
+                                         # then reads every matrix again instead of keeping unchanged ones
 """
 import numpy as np
 
 from ..errors import UserError
 
 BACKENDS = ("numpy", "cpu", "vulkan")
+
+
+class Backend:
+    name = description = None
+    model_owns_weights = False
+
+    def linear(self, w):
+        raise NotImplementedError
+
+    def make_model(self, cfg, weights, share, max_seq):
+        from ..model import Model
+        return Model(cfg, weights, share, max_seq)
+
+    def warmup(self):
+        pass
 
 
 def get_backend(name: str, threads: int = None, device: int = None, wrap: bool = False):

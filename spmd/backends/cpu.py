@@ -58,7 +58,7 @@ from numba.core.codegen import get_host_cpu_features
 from numba.extending import intrinsic, overload
 
 from ..quants import QTensor, quantize
-from . import prepare_call
+from . import Backend, prepare_call
 
 # vpermps (AVX-512F) turns Q4_0 nibbles into floats where numba compiles for it (the host's features, or
 # NUMBA_CPU_FEATURES); SPMD_CPU_GENERIC=1 forces the portable LLVM vector code every other CPU gets (same results;
@@ -369,7 +369,7 @@ class CpuLinear:
         return out
 
 
-class CpuBackend:
+class CpuBackend(Backend):
     name = "cpu"
 
     def __init__(self, threads: int = None):

@@ -2,6 +2,7 @@
 import numpy as np
 
 from ..quants import QTensor, dequantize
+from . import Backend
 
 
 class NumpyLinear:
@@ -18,7 +19,7 @@ class NumpyLinear:
         return np.matmul(x, self.w.T, out=out)  # an empty shard (0 cols) gives zeros
 
 
-class NumpyBackend:
+class NumpyBackend(Backend):
     name = "numpy"
     description = "numpy (reference)"
 

@@ -19,7 +19,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from ..quants import QTensor
-from . import prepare_call
+from . import Backend, prepare_call
 from .vk_runtime import Buffer, Device, Recording, env_tuple
 
 TYPES = {T.F32: "f32", T.F16: "f16", T.BF16: "bf16", T.Q8_0: "q8_0", T.Q4_0: "q4_0"}
@@ -157,7 +157,8 @@ class VulkanLinear:
         self.parts = []
 
 
-class VulkanBackend:
+class VulkanBackend(Backend):
+    model_owns_weights = True
     name = "vulkan"
 
     def __init__(self, device: int = None, wrap: bool = False):
