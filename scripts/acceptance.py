@@ -40,7 +40,7 @@ from acceptance_report import all_checks, fmt, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from spmd.plan import FFN_BLOCK, apportion, parse_ratios  # noqa: E402
+from spmd.plan import FFN_BLOCK, apportion, parse_layout  # noqa: E402
 
 VENV = os.environ.get("SPMD_VENV", ".venv")
 PY, MPIRUN = f"{VENV}/bin/python", f"{VENV}/bin/mpirun"  # relative to ROOT, where every command runs
@@ -170,7 +170,7 @@ def migration_schedule(config: dict, ratios: str, n_ranks: int, n_prompt: int, s
     """The fixed schedule: kind 1 (KV-head groups), kind 2 (FFN blocks), kind 3 (both), then new ratios, each at its
     own position. Moves are chosen on the plan the earlier moves leave (most-loaded rank to least-loaded); a
     ValueError when no rank has the units a move needs."""
-    parsed = parse_ratios(ratios, n_ranks)
+    parsed = parse_layout(ratios, n_ranks)[0].speeds  # one stage
     kv = apportion(config["n_kv_heads"], parsed)
     blocks = apportion(-(-config["ffn_dim"] // FFN_BLOCK), parsed)
     total_blocks = sum(blocks)
@@ -487,7 +487,7 @@ def main(model, scenarios, out, steps, prompt, seed, ranks, ratios, allreduce, m
     ids = parse_scenarios(scenarios)
     ratios = ratios or ":".join(["2"] + ["3"] * (ranks - 1))
     try:
-        parse_ratios(ratios, ranks)
+        parse_layout(ratios, ranks)
     except UserError as e:
         raise click.BadParameter(str(e), param_hint="--ratios") from None
     out = Path(out).resolve()

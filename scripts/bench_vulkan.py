@@ -24,8 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from spmd.backends import get_backend  # noqa: E402
 from spmd.config import read_config  # noqa: E402
 from spmd.gguf_file import GGUFFile  # noqa: E402
-from spmd.model import Model  # noqa: E402
-from spmd.plan import make_plan, parse_ratios  # noqa: E402
+from spmd.plan import make_plan, parse_layout  # noqa: E402
 from spmd.synth import LLAMA2_7B, TINYLLAMA, Shape, write_model  # noqa: E402
 from spmd.weights import load_shard  # noqa: E402
 
@@ -43,29 +42,32 @@ def build(path, backend_name, device, max_seq):
     backend = get_backend(backend_name, threads=None, device=device)
     f = GGUFFile(str(path))
     cfg = read_config(f)
-    share = make_plan(parse_ratios(None, 1), cfg.n_heads, cfg.n_kv_heads, cfg.ffn_dim, cfg.vocab)[0]
+    share = make_plan(parse_layout(None, 1), cfg)[0]
     t = time.perf_counter()
     weights = load_shard(f, cfg, share, backend, notice=lambda _m: None)
-    if hasattr(backend, "warmup"):
-        backend.warmup()
-    make = getattr(backend, "make_model", Model)
-    model = make(cfg, weights, share, max_seq)
+    backend.warmup()
+    model = backend.make_model(cfg, weights, share, max_seq)
     return backend, model, time.perf_counter() - t
+
+
+def step(model, tokens, pos):
+    """One pass of `tokens` at `pos` through the whole model (one rank: every layer and the head) -> logits."""
+    return model.forward(model.embed(tokens), pos, None, head=True)
 
 
 def measure(model, n_prompt, steps, repeats=3):
     rng = np.random.default_rng(0)
     prompt = rng.integers(1, model.cfg.vocab, n_prompt)
-    model.forward(prompt, 0, None)  # warm-up: pipelines, first-use costs
+    step(model, prompt, 0)  # warm-up: pipelines, first-use costs
     prefill = []
     for _ in range(repeats):
         t = time.perf_counter()
-        logits = model.forward(prompt, 0, None)
+        logits = step(model, prompt, 0)
         prefill.append(time.perf_counter() - t)
     token, walls, gpus = int(np.argmax(logits)), [], []
     for i in range(steps):
         t = time.perf_counter()
-        logits = model.forward(np.array([token]), n_prompt + i, None)
+        logits = step(model, np.array([token]), n_prompt + i)
         token = int(np.argmax(logits))  # greedy, as generation does
         walls.append(time.perf_counter() - t)
         gpus.append(getattr(model, "gpu_s", None))
@@ -86,10 +88,10 @@ def check(args):
         runs = []
         for name in ("numpy", "vulkan"):
             _, model, _ = build(path, name, args.device, 40)
-            logits = model.forward(np.arange(1, 14), 0, None)
+            logits = step(model, np.arange(1, 14), 0)
             tokens = [int(np.argmax(logits))]
             for pos in range(13, 24):
-                tokens.append(int(np.argmax(model.forward(np.array(tokens[-1:]), pos, None))))
+                tokens.append(int(np.argmax(step(model, np.array(tokens[-1:]), pos))))
             runs.append((logits, tokens))
             getattr(model, "close", lambda: None)()
         err = np.abs(runs[0][0] - runs[1][0]).max()

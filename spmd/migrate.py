@@ -4,59 +4,20 @@
     python -m spmd.migrate move --kind 1 --from 0 --to 2 --heads 1            # one KV-head group, with its queries
     python -m spmd.migrate move --kind 2 --from 1 --to 0 --ffn-columns 704    # FFN columns, in whole 32-blocks
     python -m spmd.migrate move --kind 3 --from 0 --to 1 --heads 1 --ffn-blocks 22 --at 120
+    python -m spmd.migrate layers --from-stage 0 --to-stage 1 --count 2      # boundary layers between stages
     python -m spmd.migrate ratios 1:1:2
+    python -m spmd.migrate ratios "1:1@10*2:3"                                # any layout for the same ranks
 
 The socket is found in the per-user folder when exactly one job is running there (or give --socket). A migration's
 reply comes once it has been applied. Errors are one line on stderr and exit status 1.
 """
-import glob
 import json
-import os
-import socket
 import sys
 
 import click
 
-from .control import is_live, socket_dir
+from .client import ClientError, find_socket, request
 from .plan import FFN_BLOCK
-
-
-class ClientError(Exception):
-    pass
-
-
-def find_socket(path):
-    if path:
-        return path
-    found = sorted(glob.glob(os.path.join(socket_dir(), "control-*.sock")))
-    live = [p for p in found if is_live(p)]
-    if len(live) == 1:
-        return live[0]
-    if not live:
-        raise ClientError(f"no running job has a control socket in {socket_dir()}; give --socket PATH")
-    raise ClientError(f"{len(live)} jobs have control sockets: {', '.join(live)}; choose one with --socket PATH")
-
-
-def request(path, req, timeout):
-    """Send one request line, return the reply object."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(timeout if timeout > 0 else None)
-    try:
-        s.connect(path)
-        s.sendall((json.dumps(req) + "\n").encode())
-        line = s.makefile("rb").readline()
-    except socket.timeout:
-        raise ClientError(f"no reply from {path} within {timeout:g} s") from None
-    except OSError as e:
-        raise ClientError(f"cannot talk to {path}: {e.strerror or e}") from None
-    finally:
-        s.close()
-    if not line:
-        raise ClientError(f"{path} closed the connection without a reply")
-    try:
-        return json.loads(line)
-    except ValueError:
-        raise ClientError(f"{path} replied with something that is not JSON: {line[:200]!r}") from None
 
 
 def ranges_text(spans):
@@ -64,31 +25,40 @@ def ranges_text(spans):
 
 
 def show_plan(ranks):
-    lines = [f"{'rank':>4}  {'heads':>5}  {'kv groups':<10} {'ffn cols':>8}  {'ffn blocks':<16} {'vocab rows':<14}"
-             + ("  compute ms  sync ms" if "compute_ms" in ranks[0] else "")]
+    timed = "compute_ms" in ranks[0]
+    lines = [f"{'rank':>4}  {'stage':>5}  {'layers':<8} {'heads':>5}  {'kv groups':<10} {'ffn cols':>8}  "
+             f"{'ffn blocks':<16} {'vocab rows':<14}" + ("  compute ms  sync ms" if timed else "")]
     for r in ranks:
         vocab = f"{r['vocab_range'][0]}-{r['vocab_range'][1] - 1}" if r["vocab_rows"] else "-"
-        line = (f"{r['rank']:>4}  {r['heads']:>5}  {ranges_text(r['kv_groups']):<10} {r['ffn_columns']:>8}  "
-                f"{ranges_text(r['ffn_blocks']):<16} {vocab:<14}")
-        if "compute_ms" in r:
+        layers = f"{r['layers'][0]}-{r['layers'][1] - 1}"
+        line = (f"{r['rank']:>4}  {r.get('stage', ''):>5}  {layers:<8} {r['heads']:>5}  {ranges_text(r['kv_groups']):<10} "
+                f"{r['ffn_columns']:>8}  {ranges_text(r['ffn_blocks']):<16} {vocab:<14}")
+        if timed:
             line += f"  {r['compute_ms']:>10.2f}  {r['sync_ms']:>7.2f}"
         lines.append(line)
     return "\n".join(lines)
 
 
+def show_stages(stages):
+    return "\n".join(f"stage {s['stage']}: layers {s['layers'][0]}-{s['layers'][1] - 1} on ranks "
+                     f"{ranges_text([(s['ranks'][0], s['ranks'][-1] + 1)])}"
+                     + (f", {s['compute_ms']:.2f} ms compute, {s['sync_ms']:.2f} ms sync per token"
+                        if "compute_ms" in s else "") for s in stages)
+
+
 def show(reply):
     if "position" in reply:  # status
-        return (f"position {reply['position']}, plan epoch {reply['epoch']}, ratios {reply['ratios']}, "
-                f"{reply['n_layers']} layers on every rank\n" + show_plan(reply["ranks"]))
+        return (f"position {reply['position']}, plan epoch {reply['epoch']}, layout {reply['ratios']}\n"
+                + show_stages(reply["stages"]) + "\n" + show_plan(reply["ranks"]))
     return (f"applied at position {reply['applied_at']}: plan epoch {reply['epoch']}, "
-            f"{reply['bytes_moved'] / 1e6:.2f} MB moved in {reply['ms']:.1f} ms; ratios now {reply['ratios']}\n"
-            + show_plan(reply["plan"]))
+            f"{reply['bytes_moved'] / 1e6:.2f} MB moved in {reply['ms']:.1f} ms; layout now {reply['ratios']}\n"
+            + show_stages(reply["stages"]) + "\n" + show_plan(reply["plan"]))
 
 
 def run(ctx, req):
     opts = ctx.obj
     try:
-        reply = request(find_socket(opts["socket"]), req, opts["timeout"])
+        reply = request(find_socket(opts["socket"]), req, opts["timeout"] or None)
     except ClientError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(1)
@@ -171,12 +141,28 @@ def move(ctx, kind, src, dst, kv_groups, ffn_blocks, ffn_columns, at):
 
 
 @cli.command()
+@click.option("--from-stage", "from_stage", required=True, type=click.IntRange(min=0),
+              help="The stage that gives layers away.")
+@click.option("--to-stage", "to_stage", required=True, type=click.IntRange(min=0),
+              help="An adjacent stage that takes them.")
+@click.option("--count", required=True, type=click.IntRange(min=1), help="How many boundary layers move.")
+@click.option("--at", type=click.IntRange(min=0), help="Apply at this token position (default: the next token).")
+@json_flag
+@click.pass_context
+def layers(ctx, from_stage, to_stage, count, at):
+    """Move the COUNT layers at the boundary of two adjacent stages, with their KV cache."""
+    run(ctx, with_mode({"cmd": "migrate", "kind": "layers", "from_stage": from_stage, "to_stage": to_stage,
+                        "count": count}, at))
+
+
+@cli.command()
 @click.argument("ratios")
 @click.option("--at", type=click.IntRange(min=0), help="Apply at this token position (default: the next token).")
 @json_flag
 @click.pass_context
 def ratios(ctx, ratios, at):
-    """A whole new split, e.g. 1:1:2; each rank keeps what it can of its current share."""
+    """A whole new layout for the same ranks, e.g. 1:1:2 or "1:1@10*2:3" (stages regroup as it says); each rank
+    keeps what it can of its current share."""
     run(ctx, with_mode({"cmd": "migrate", "ratios": ratios}, at))
 
 

@@ -75,18 +75,22 @@ def test_a_scenario_that_cannot_run_is_one_line(model, tmp_path):
 
 @pytest.mark.parametrize("ratios,ffn,steps", [("2:3:3", 256, 16), ("1:1", 172, 8), ("1:2:3:4", 5632, 40)])
 def test_migration_schedule_covers_every_kind(ratios, ffn, steps):
+    from types import SimpleNamespace
+
     from spmd import plan as P
+    from spmd import replan as R
     n_prompt, n_ranks = 5, len(ratios.split(":"))
     schedule = acceptance.migration_schedule(dict(n_kv_heads=4, ffn_dim=ffn), ratios, n_ranks, n_prompt, steps)
     assert [c["args"][2] if c["args"][0] == "move" else c["args"][0] for c in schedule] == ["1", "2", "3", "ratios"]
     at = [c["at"] for c in schedule]
     assert at == sorted(set(at)) and n_prompt < at[0] and at[-1] <= n_prompt + steps - 2
     assert all(c["args"][-2:] == ["--at", str(c["at"])] for c in schedule)
-    plan = P.make_plan(P.parse_ratios(ratios, n_ranks), 8, 4, ffn, 512)
+    dims = SimpleNamespace(n_layers=2, n_heads=8, n_kv_heads=4, ffn_dim=ffn, vocab=512)
+    plan = P.make_plan(P.parse_layout(ratios, n_ranks), dims)
     for c in schedule:  # every move is one the planner accepts, on the plan the earlier ones leave
         a = dict(zip(c["args"][1:-2:2], c["args"][2:-2:2]))
         if c["args"][0] == "ratios":
-            plan = P.replan(plan, P.parse_ratios(c["args"][1], n_ranks))
+            plan = R.relayout(plan, P.parse_layout(c["args"][1], n_ranks))
         else:
-            plan = P.move(plan, int(a["--kind"]), int(a["--from"]), int(a["--to"]), int(a.get("--heads", 0)),
-                          int(a.get("--ffn-blocks", 0)))
+            heads, blocks = a.get("--heads"), a.get("--ffn-blocks")
+            plan = R.move_units(plan, int(a["--from"]), int(a["--to"]), heads and int(heads), blocks and int(blocks))

@@ -1,9 +1,12 @@
 """The test-only simulated link latency (SPMD_TEST_LINK_DELAY_MS): parsed strictly, off by default, paid once per
 step of each schedule, counted in sync time, and leaving results and byte counts as they were."""
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
-from spmd.comm import Comm, link_delay_s, link_steps
+from spmd.comm import Comm, Op, Step, link_delay_s, link_steps
+from spmd.plan import make_plan, parse_layout
 
 MPI = pytest.importorskip("mpi4py.MPI")
 WORLD = MPI.COMM_WORLD
@@ -37,14 +40,14 @@ def test_one_rank_never_sleeps(monkeypatch):
     monkeypatch.setenv("SPMD_TEST_LINK_DELAY_MS", "1000")
     comm = Comm(comm=MPI.COMM_SELF)
     assert comm.link_delay_s == 0.0
-    assert comm.control(2, 1, 0, 0) == (2, 1, 0, 0)
+    assert comm.step(Step(Op.DECODE, 0, token=1)) == Step(Op.DECODE, 0, token=1)
     assert comm.sync_s < 0.5
 
 
 def test_the_sleep_counts_as_sync_time():
     comm = Comm(comm=MPI.COMM_SELF)
-    comm.link_delay_s = DELAY_MS / 1e3  # as if P > 1: control's one step
-    comm.control(2, 1, 0, 0)
+    comm.link_delay_s = DELAY_MS / 1e3  # as if P > 1: the step record's one step
+    comm.step(Step(Op.DECODE, 0, token=1))
     assert comm.sync_s >= DELAY_MS / 1e3
 
 
@@ -55,16 +58,20 @@ def test_delay_shows_in_sync_time_and_changes_nothing_else(monkeypatch, algorith
     n = 4096
     x = np.random.default_rng([n, WORLD.rank]).standard_normal(n).astype(np.float32)
     monkeypatch.delenv("SPMD_TEST_LINK_DELAY_MS", raising=False)
+    plan = make_plan(parse_layout(None, WORLD.size), SimpleNamespace(n_layers=2, n_heads=8, n_kv_heads=8,
+                                                                     ffn_dim=256, vocab=64))
     plain = Comm(algorithm, comm=WORLD)
+    plain.set_plan(plan)
     want = plain.allreduce(x.copy())
     monkeypatch.setenv("SPMD_TEST_LINK_DELAY_MS", str(DELAY_MS))
     slow = Comm(algorithm, comm=WORLD)
+    slow.set_plan(plan)
     got = slow.allreduce(x.copy())
     allreduce_s = slow.sync_s
-    slow.control(1, 2, 3, 4)
+    slow.step(Step(Op.PREFILL, 0, n=4))
     control_s = slow.sync_s - allreduce_s
     assert plain.link_delay_s == 0.0 and slow.link_delay_s == DELAY_MS / 1e3
     np.testing.assert_array_equal(got, want)
-    assert slow.bytes_sent - plain.bytes_sent == (4 * 8 * (WORLD.size - 1) if WORLD.rank == 0 else 0)  # control
+    assert slow.bytes_sent - plain.bytes_sent == (6 * 8 * (WORLD.size - 1) if WORLD.rank == 0 else 0)  # 6 fields
     assert allreduce_s >= link_steps(algorithm, WORLD.size) * DELAY_MS / 1e3
     assert control_s >= DELAY_MS / 1e3

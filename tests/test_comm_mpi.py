@@ -1,11 +1,22 @@
-"""The three allreduces and the logits gather, at any rank count (mpirun -n N python -m pytest --with-mpi)."""
+"""The three allreduces inside a stage, the hand-off between stages, the logits gather and the step record, at any
+rank count (mpirun -n N python -m pytest --with-mpi)."""
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
-from spmd.comm import Comm
+from spmd.comm import Comm, Op, Step
+from spmd.plan import make_plan, parse_layout
 
 MPI = pytest.importorskip("mpi4py.MPI")
 WORLD = MPI.COMM_WORLD
+DIMS = SimpleNamespace(n_layers=8, n_heads=8, n_kv_heads=8, ffn_dim=1024, vocab=1000)
+
+
+def comm_on(layout, algorithm="star", comm=WORLD):
+    c = Comm(algorithm, comm=comm)
+    c.set_plan(make_plan(parse_layout(layout, c.size), DIMS))
+    return c
 
 
 def rank_vector(n, rank):
@@ -17,8 +28,7 @@ def rank_vector(n, rank):
 @pytest.mark.parametrize("n", [1, 2, 7, 2048, 3 * 4096 + 5])
 @pytest.mark.parametrize("ratios", ["equal", "skewed"])
 def test_allreduce_sums_and_every_rank_agrees(algorithm, n, ratios):
-    weights = None if ratios == "equal" else tuple(range(1, WORLD.size + 1))
-    comm = Comm(algorithm, ratios=weights, comm=WORLD)
+    comm = comm_on(None if ratios == "equal" else ":".join(str(r + 1) for r in range(WORLD.size)), algorithm)
     x = rank_vector(n, WORLD.rank)
     expected = np.sum([rank_vector(n, r).astype(np.float64) for r in range(WORLD.size)], axis=0)
     out = comm.allreduce(x.reshape(1, n))
@@ -32,34 +42,80 @@ def test_allreduce_sums_and_every_rank_agrees(algorithm, n, ratios):
 @pytest.mark.parametrize("algorithm", ["star", "ring", "mpi"])
 def test_bytes_sent_follow_the_schedule(algorithm):
     n, P, r = 1000, WORLD.size, WORLD.rank
-    comm = Comm(algorithm, ratios=tuple(range(1, P + 1)), comm=WORLD)
+    comm = comm_on(":".join(str(k + 1) for k in range(P)), algorithm)
     comm.allreduce(np.ones(n, np.float32))
     if P == 1:
         expected = 0
     elif algorithm == "star":
         expected = 4 * n * (P - 1) if r == 0 else 4 * n
-    elif algorithm == "ring":
-        from spmd.plan import chunk_counts
-        c = chunk_counts(n, range(1, P + 1))
+    elif algorithm == "ring":  # chunks in proportion to 1, 2, ..., P: largest remainder, computed here by hand
+        quotas = [n * (k + 1) / (P * (P + 1) / 2) for k in range(P)]
+        c = [int(q) for q in quotas]
+        for k in sorted(range(P), key=lambda k: (-(quotas[k] - c[k]), -k))[:n - sum(c)]:
+            c[k] += 1
         expected = 4 * (2 * n - c[r] - c[(r + 1) % P])
     else:
         expected = 2 * (P - 1) * 4 * n // P
     assert comm.bytes_sent == expected
 
 
+def two_stages():
+    """The layout of two stages at this rank count: ranks 0..h-1 and h..P-1."""
+    h = max(1, WORLD.size // 2)
+    return ":".join(["1"] * h) + "*" + ":".join(["1"] * (WORLD.size - h))
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("algorithm", ["star", "ring", "mpi"])
+def test_allreduce_stays_inside_the_stage(algorithm):
+    comm = comm_on(two_stages(), algorithm)
+    stage = comm.plan.stage_of(WORLD.rank)
+    x = np.full(5, float(WORLD.rank + 1), np.float32)
+    comm.allreduce(x)
+    np.testing.assert_array_equal(x, np.full(5, float(sum(r + 1 for r in stage.ranks)), np.float32))
+
+
+@pytest.mark.mpi(min_size=2)
+def test_hand_off_reaches_every_rank_of_the_next_stage():
+    comm = comm_on(two_stages())
+    stage = comm.plan.stage_of(WORLD.rank)
+    x = np.arange(6, dtype=np.float32).reshape(2, 3) + 10 * stage.index
+    before = comm.bytes_sent
+    if stage.index == 0:
+        comm.pass_on(x)
+        leader = WORLD.rank == stage.ranks[0]
+        assert comm.bytes_sent - before == (x.nbytes * len(comm.plan.stages[1].ranks) if leader else 0)
+    else:
+        got = comm.take(np.empty((2, 3), np.float32))
+        np.testing.assert_array_equal(got, np.arange(6, dtype=np.float32).reshape(2, 3))
+
+
 @pytest.mark.mpi
-def test_gather_logits_assembles_the_vocabulary_on_rank_0():
-    counts = [3 + 2 * r for r in range(WORLD.size)]
-    start = sum(counts[:WORLD.rank])
-    local = np.arange(start, start + counts[WORLD.rank], dtype=np.float32)
-    out = np.empty(sum(counts), np.float32) if WORLD.rank == 0 else None
-    got = Comm(comm=WORLD).gather_logits(local, counts, out)
+@pytest.mark.parametrize("layout", ["tp", "pp"])
+def test_gather_logits_assembles_the_vocabulary_on_rank_0(layout):
+    comm = comm_on(None if layout == "tp" or WORLD.size == 1 else two_stages())
+    share = comm.plan[WORLD.rank]
+    local = np.arange(share.vocab_start, share.vocab_start + share.n_vocab, dtype=np.float32)
+    out = np.empty(DIMS.vocab, np.float32) if WORLD.rank == 0 else None
+    got = comm.gather_logits(local if share.n_vocab else None, out)
     if WORLD.rank == 0:
-        np.testing.assert_array_equal(got, np.arange(sum(counts), dtype=np.float32))
+        np.testing.assert_array_equal(got, np.arange(DIMS.vocab, dtype=np.float32))
 
 
 @pytest.mark.mpi
-def test_control_message_reaches_every_rank():
+def test_step_record_reaches_every_rank():
     comm = Comm(comm=WORLD)
-    args = (2, 17, 5, 0) if WORLD.rank == 0 else (9, 9, 9, 9)
-    assert comm.control(*args) == (2, 17, 5, 0)  # rank 0 speaks
+    mine = Step(Op.DECODE, epoch=3, slot=1, pos=17, token=5) if WORLD.rank == 0 else Step(Op.STOP, 9, 9, 9, 9, 9)
+    assert comm.step(mine) == Step(Op.DECODE, epoch=3, slot=1, pos=17, token=5, n=0)  # rank 0 speaks
+
+
+@pytest.mark.mpi(min_size=2)
+def test_a_new_stage_structure_makes_new_stage_communicators():
+    comm = comm_on(two_stages())
+    first = comm.stage_comm
+    comm.set_plan(make_plan(parse_layout(two_stages(), WORLD.size), DIMS, epoch=1))  # same stages: kept
+    assert comm.stage_comm is first
+    comm.set_plan(make_plan(parse_layout(None, WORLD.size), DIMS, epoch=2))  # one stage: every rank together
+    assert comm.stage_size == WORLD.size
+    x = np.ones(3, np.float32)
+    np.testing.assert_array_equal(comm.allreduce(x), np.full(3, WORLD.size, np.float32))

@@ -13,15 +13,23 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from spmd import control
+from spmd.client import ClientError, Connection
 from spmd.control import Listener
-from spmd.plan import make_plan, parse_ratios
+from spmd.plan import make_plan, parse_layout
 
 ROOT = Path(__file__).resolve().parents[1]
-PLAN = make_plan(parse_ratios("1:1:1", 3), n_heads=8, n_kv_heads=4, ffn_dim=256, vocab=512)  # kv 2/1/1, blocks 3/3/2
+DIMS = SimpleNamespace(n_layers=4, n_heads=8, n_kv_heads=4, ffn_dim=256, vocab=512)
+PLAN = make_plan(parse_layout("1:1:1", 3), DIMS)  # kv 2/1/1, blocks 3/3/2
+
+
+def state(plan=PLAN):
+    """What the listener validates against: rank 0's state, of which it reads `plan`."""
+    return SimpleNamespace(plan=plan)
 
 
 class Loop:
@@ -29,7 +37,8 @@ class Loop:
 
     def __init__(self, listener, first=10, step_s=0.005):
         self.listener, self.pos, self.step_s = listener, first, step_s
-        self.applied, self.plan, self.epoch = [], list(PLAN), 0
+        self.state = listener._state
+        self.applied = []
         self.running = True
         self.thread = threading.Thread(target=self.run, daemon=True)
         self.thread.start()
@@ -37,16 +46,22 @@ class Loop:
     def run(self):
         while self.running:
             for r in self.listener.poll(self.pos):
+                plan = self.state.plan
                 if r.cmd == "status":
-                    self.listener.finish(r, {"ok": True, "position": self.pos, "epoch": self.epoch, "ratios": "1:1:1",
-                                             "n_layers": 2, "ranks": [s.layout() for s in self.plan]})
+                    self.listener.finish(r, {"ok": True, "position": self.pos, "epoch": plan.epoch,
+                                             "ratios": plan.text(), "n_layers": plan.n_layers,
+                                             "stages": plan.describe(), "ranks": plan.layout()})
                 else:
-                    self.plan, self.epoch = r.plan, r.epoch
-                    self.applied.append((self.pos, r.epoch))
-                    self.listener.finish(r, {"ok": True, "epoch": r.epoch, "applied_at": self.pos}, r.plan,
-                                         r.ratios, r.epoch)
+                    self.state.plan = r.plan  # the driver swaps the plan; the listener reads it from the state
+                    self.applied.append((self.pos, r.plan.epoch))
+                    self.listener.finish(r, {"ok": True, "epoch": r.plan.epoch, "applied_at": self.pos,
+                                             "ratios": r.plan.text()})
             self.pos += 1
             time.sleep(self.step_s)
+
+    @property
+    def plan(self):
+        return self.state.plan
 
     def stop(self):
         self.running = False
@@ -61,7 +76,7 @@ def path(tmp_path):
 @pytest.fixture
 def served(path):
     """A listener with a running loop; its last boundary is far away."""
-    listener = Listener(path, PLAN, (1, 1, 1), 10, 10_000)
+    listener = Listener(path, state(), 10, 10_000)
     loop = Loop(listener)
     yield listener, loop
     loop.stop()
@@ -69,14 +84,13 @@ def served(path):
 
 
 def ask(path, req, timeout=10):
-    """One request (an object, or raw bytes) on a fresh connection -> the reply object."""
-    s = socket.socket(socket.AF_UNIX)
-    s.settimeout(timeout)
-    s.connect(path)
-    s.sendall(req if isinstance(req, bytes) else (json.dumps(req) + "\n").encode())
-    line = s.makefile("rb").readline()
-    s.close()
-    return json.loads(line) if line else None
+    """One request (an object, or raw bytes) on a fresh connection -> the reply object (None: no reply)."""
+    with Connection(path, timeout) as c:
+        c.send(req)
+        try:
+            return c.reply()
+        except ClientError:
+            return None
 
 
 def test_socket_is_private_and_removed_at_close(tmp_path, monkeypatch):
@@ -86,7 +100,7 @@ def test_socket_is_private_and_removed_at_close(tmp_path, monkeypatch):
     control.make_private_dir(folder)
     path = control.default_path()
     assert path == os.path.join(folder, f"control-{os.getpid()}.sock")
-    listener = Listener(path, PLAN, (1, 1, 1), 10, 20)
+    listener = Listener(path, state(), 10, 20)
     assert stat.S_IMODE(os.stat(folder).st_mode) == 0o700
     assert stat.S_ISSOCK(os.stat(path).st_mode) and stat.S_IMODE(os.stat(path).st_mode) == 0o600
     listener.close()
@@ -109,11 +123,19 @@ def test_status_and_migrate_replies(served, path):
     assert reply["ok"] and reply["epoch"] == 1
     at = loop.pos + 20
     reply = ask(path, {"cmd": "migrate", "kind": 2, "from": 1, "to": 0, "ffn_blocks": 2, "mode": "at", "at": at})
-    assert reply == {"ok": True, "epoch": 2, "applied_at": at}
+    assert reply == {"ok": True, "epoch": 2, "applied_at": at, "ratios": loop.plan.text()}
     assert [s.kv for s in loop.plan] == [(0,), (2,), (1, 3)]
     assert [s.ffn_blocks for s in loop.plan] == [(0, 1, 2, 4, 5), (3,), (6, 7)]  # rank 1 gave its last two
     reply = ask(path, {"cmd": "migrate", "ratios": [1, 1, 2]})
     assert reply["ok"] and reply["epoch"] == 3 and [s.n_kv for s in loop.plan] == [1, 1, 2]
+    reply = ask(path, {"cmd": "migrate", "ratios": "1:1*1"})  # regroup: two stages
+    assert reply["ok"] and reply["epoch"] == 4
+    assert [(st.layers, st.ranks) for st in loop.plan.stages] == [((0, 3), (0, 1)), ((3, 4), (2,))]
+    reply = ask(path, {"cmd": "migrate", "kind": "layers", "from_stage": 0, "to_stage": 1, "count": 2})
+    assert reply["ok"] and reply["epoch"] == 5
+    assert [st.layers for st in loop.plan.stages] == [(0, 1), (1, 4)] and loop.plan.text() == "1:1@1*1@3"
+    status = ask(path, {"cmd": "status"})
+    assert status["ratios"] == "1:1@1*1@3" and status["stages"][1] == {"stage": 1, "layers": [1, 4], "ranks": [2]}
 
 
 @pytest.mark.parametrize("req, message", [
@@ -132,8 +154,18 @@ def test_status_and_migrate_replies(served, path):
     ({"cmd": "migrate", "kind": 2, "from": 2, "to": 0, "ffn_blocks": 3}, "rank 2 has 2 FFN blocks; cannot move 3"),
     ({"cmd": "migrate", "kind": 1, "from": 0, "to": 1, "kv_groups": 0.5}, "a whole number of KV-head groups"),
     ({"cmd": "migrate", "kind": 1, "from": 0, "to": 1}, "kind 1 needs 'kv_groups'"),
-    ({"cmd": "migrate", "kind": 1, "from": 0, "to": 1, "kv_groups": 1, "ffn_blocks": 1}, "kind 1 moves no ffn"),
-    ({"cmd": "migrate", "kind": 1, "to": 1, "kv_groups": 1}, "migrate needs 'from'"),
+    ({"cmd": "migrate", "kind": 1, "from": 0, "to": 1, "kv_groups": 1, "ffn_blocks": 1},
+     "kind 1 takes no 'ffn_blocks'"),
+    ({"cmd": "migrate", "kind": 1, "to": 1, "kv_groups": 1}, "kind 1 needs 'from'"),
+    ({"cmd": "migrate", "from": 0, "to": 1, "kv_groups": 1}, "migrate needs 'kind'"),
+    ({"cmd": "migrate", "kind": "layers", "from_stage": 0, "to_stage": 1}, "kind 'layers' needs 'count'"),
+    ({"cmd": "migrate", "kind": "layers", "from_stage": 0, "to_stage": 1, "count": 1, "from": 0},
+     "kind 'layers' takes no 'from'"),
+    ({"cmd": "migrate", "kind": "layers", "from_stage": 0, "to_stage": 1, "count": 1},
+     r"'to_stage' 1 is out of range: the plan has stages 0..0"),
+    ({"cmd": "migrate", "ratios": "1*1*1*1*1"}, "has 5 values but the job has 3 ranks"),
+    ({"cmd": "migrate", "ratios": "1@3*1@3*1"}, "the @N counts add up to 6 layers but the model has 4"),
+    ({"cmd": "migrate", "ratios": "1@0*1:1"}, "@0 must be a whole number of layers, at least 1"),
     ({"cmd": "migrate", "ratios": "1:1"}, "^ratios '1:1' has 2 values but the job has 3 ranks"),
     ({"cmd": "migrate", "ratios": "1:0:1"}, "must be positive"),
     ({"cmd": "migrate", "ratios": {"a": 1}}, "'ratios' must be a string"),
@@ -175,7 +207,7 @@ def test_one_pending_migration_at_a_time(served, path):
 
 
 def test_pending_requests_get_an_error_when_generation_ends(path):
-    listener = Listener(path, PLAN, (1, 1, 1), 10, 100)  # no loop: nothing is ever due
+    listener = Listener(path, state(), 10, 100)  # no loop: nothing is ever due
     replies = []
     threads = [threading.Thread(target=lambda r=r: replies.append(ask(path, r))) for r in
                ({"cmd": "migrate", "kind": 1, "from": 0, "to": 1, "kv_groups": 1, "at": 50}, {"cmd": "status"})]
@@ -195,7 +227,7 @@ def test_pending_requests_get_an_error_when_generation_ends(path):
 
 
 def test_no_boundary_left():
-    listener = Listener("/tmp/spmd-test-no-boundary.sock", PLAN, (1, 1, 1), 10, 9)  # --steps 1
+    listener = Listener("/tmp/spmd-test-no-boundary.sock", state(), 10, 9)  # --steps 1
     try:
         reply, _ = listener.handle(b'{"cmd": "migrate", "ratios": "1:1:2"}')
         assert reply == {"ok": False, "error": "no token boundary is left in this generation"}
@@ -244,7 +276,7 @@ def test_a_peer_of_another_uid_is_refused():
         pytest.skip("needs root to start a process of another uid")
     folder = Path(tempfile.mkdtemp(prefix="spmd-peercred-", dir="/tmp"))  # pytest's tmp_path is closed to others
     path = str(folder / "c.sock")
-    listener = Listener(path, PLAN, (1, 1, 1), 10, 100)
+    listener = Listener(path, state(), 10, 100)
     loop = Loop(listener)
     try:
         # the file system would let uid 65534 in: only SO_PEERCRED stands in the way
@@ -288,16 +320,16 @@ def test_stale_socket_is_replaced_and_a_live_one_refused(tmp_path):
     stale = socket.socket(socket.AF_UNIX)
     stale.bind(path)
     stale.close()  # the file stays, nobody listens: a job that died
-    listener = Listener(path, PLAN, (1, 1, 1), 10, 100)
+    listener = Listener(path, state(), 10, 100)
     try:
         with pytest.raises(control.UserError, match="is served by another job"):
-            Listener(path, PLAN, (1, 1, 1), 10, 100)
+            Listener(path, state(), 10, 100)
         assert os.path.exists(path)  # the live one is left alone
     finally:
         listener.close()
     Path(path).write_text("not a socket")
     with pytest.raises(control.UserError, match="exists and is not a socket"):
-        Listener(path, PLAN, (1, 1, 1), 10, 100)
+        Listener(path, state(), 10, 100)
 
 
 def garbage(rng):
@@ -386,6 +418,15 @@ def test_client_commands_and_errors(served, path, tmp_path):
     assert p.returncode == 0 and json.loads(p.stdout)["epoch"] == 2
     p = client("--socket", path, "move", "--kind", "1", "--from", "1", "--to", "0", "--heads", "5")
     assert p.returncode == 1 and p.stderr == "error: rank 1 has 1 KV-head group; cannot move 5\n"
+    p = client("--socket", path, "ratios", "1*1:1", "--json")
+    assert p.returncode == 0 and json.loads(p.stdout)["ratios"] == "1@1*1:1@3", p.stderr
+    p = client("--socket", path, "layers", "--from-stage", "1", "--to-stage", "0", "--count", "2")
+    assert p.returncode == 0 and loop.plan.text() == "1@3*1:1@1", p.stderr
+    p = client("--socket", path, "layers", "--from-stage", "0", "--to-stage", "1", "--count", "3")
+    assert p.returncode == 1 and p.stderr == ("error: stage 0 has 3 layers; it must keep at least one, so at most 2 "
+                                              "can move\n")
+    p = client("--socket", path, "move", "--kind", "1", "--from", "0", "--to", "1", "--heads", "1")
+    assert p.returncode == 1 and "ranks 0 and 1 are in different stages" in p.stderr
     p = client("--socket", path, "move", "--kind", "2", "--from", "0", "--to", "1", "--ffn-columns", "40")
     assert p.returncode == 2 and "whole blocks of 32" in p.stderr
     p = client("--socket", str(tmp_path / "nobody.sock"), "status")
@@ -395,7 +436,7 @@ def test_client_commands_and_errors(served, path, tmp_path):
     p = client("status", env=env)
     assert p.returncode == 1 and "no running job has a control socket" in p.stderr
     os.makedirs(tmp_path / "run" / "spmd", mode=0o700)
-    other = Listener(str(tmp_path / "run" / "spmd" / "control-1.sock"), PLAN, (1, 1, 1), 10, 100)
+    other = Listener(str(tmp_path / "run" / "spmd" / "control-1.sock"), state(), 10, 100)
     other_loop = Loop(other)
     try:
         p = client("status", env=env)
@@ -408,15 +449,22 @@ def test_client_commands_and_errors(served, path, tmp_path):
 
 def test_client_prints_status_and_plans_readably(path):
     from spmd.migrate import show
-    listener = Listener(path, PLAN, (1, 1, 1), 10, 100)
+    listener = Listener(path, state(), 10, 100)
     listener.close()
-    ranks = [{**s.layout(), "layers": [0, 2], "compute_ms": 1.5, "sync_ms": 0.25} for s in PLAN]
-    text = show({"ok": True, "position": 12, "epoch": 0, "ratios": "1:1:1", "n_layers": 2, "ranks": ranks})
-    assert text.splitlines()[0] == "position 12, plan epoch 0, ratios 1:1:1, 2 layers on every rank"
-    assert text.splitlines()[2].split() == ["0", "4", "0-1", "96", "0-2", "0-170", "1.50", "0.25"]
+    plan = make_plan(parse_layout("1:1*1", 3), DIMS)
+    ranks = [{**s.layout(), "stage": int(s.rank == 2), "compute_ms": 1.5, "sync_ms": 0.25} for s in plan]
+    stages = [{**st, "compute_ms": 1.5, "sync_ms": 0.25} for st in plan.describe()]
+    text = show({"ok": True, "position": 12, "epoch": 0, "ratios": plan.text(), "n_layers": 4, "stages": stages,
+                 "ranks": ranks})
+    lines = text.splitlines()
+    assert lines[0] == "position 12, plan epoch 0, layout 1:1@3*1@1"
+    assert lines[1] == "stage 0: layers 0-2 on ranks 0-1, 1.50 ms compute, 0.25 ms sync per token"
+    assert lines[2] == "stage 1: layers 3-3 on ranks 2, 1.50 ms compute, 0.25 ms sync per token"
+    assert lines[4].split() == ["0", "0", "0-2", "4", "0-1", "128", "0-3", "-", "1.50", "0.25"]
+    assert lines[6].split() == ["2", "1", "3-3", "8", "0-3", "256", "0-7", "0-511", "1.50", "0.25"]
     text = show({"ok": True, "epoch": 1, "applied_at": 30, "bytes_moved": 2_500_000, "ms": 12.25, "ratios": "1:1:2",
-                 "plan": [s.layout() for s in PLAN]})
-    assert text.splitlines()[0] == "applied at position 30: plan epoch 1, 2.50 MB moved in 12.2 ms; ratios now 1:1:2"
+                 "stages": PLAN.describe(), "plan": PLAN.layout()})
+    assert text.splitlines()[0] == "applied at position 30: plan epoch 1, 2.50 MB moved in 12.2 ms; layout now 1:1:2"
 
 
 @pytest.mark.parametrize("args, message", [

@@ -67,8 +67,8 @@ def test_ranks_report_their_share_and_traffic(models):
             assert r["peak_rss_bytes"] > 0 and r["compute_ms"] > 0
             assert (r["bytes_sent"] > 0) == (WORLD.size > 1)
         if WORLD.size > 1:  # ring: rank r sends (n - c_r) + (n - c_r+1) floats per allreduce, 2 per layer
-            from spmd.plan import chunk_counts, parse_ratios
-            c = chunk_counts(SHAPE.dim, parse_ratios(UNEQUAL[WORLD.size], WORLD.size))
+            from spmd.plan import chunk_counts, parse_layout
+            c = chunk_counts(SHAPE.dim, parse_layout(UNEQUAL[WORLD.size], WORLD.size)[0].speeds)
             for r, stats in enumerate(result["ranks"]):
                 per_allreduce = 4 * (2 * SHAPE.dim - c[r] - c[(r + 1) % WORLD.size])
                 logits = 0 if r == 0 else 4 * stats["share"]["vocab_rows"]
@@ -101,14 +101,16 @@ def test_a_missing_file_on_one_rank_is_reported_by_every_rank(models):
 
 
 @pytest.mark.mpi
-def test_logits_match_across_ranks(models):
+@pytest.mark.parametrize("layout", ["tp", "pp"])
+def test_logits_match_across_ranks(models, layout):
     """The rank-0 logits after the prompt agree with one rank's to float32 rounding, not just the argmax."""
-    def logits(comm):
-        opts = RunOptions(model=models["F32"], prompt_tokens=PROMPT, steps=1, ratios=None, allreduce="ring")
+    def logits(comm, ratios=None):
+        opts = RunOptions(model=models["F32"], prompt_tokens=PROMPT, steps=1, ratios=ratios, allreduce="ring")
         engine = Engine(opts, Comm(comm=comm), log=lambda _m: None)
-        return engine.forward(np.array(PROMPT, dtype=np.int64), 0)
+        return engine.executor.forward(np.array(PROMPT, dtype=np.int64), 0)
     alone = logits(MPI.COMM_SELF) if WORLD.rank == 0 else None
-    together = logits(WORLD)
+    stages = "*".join(["1:1"] + ["1"] * (WORLD.size - 2)) if WORLD.size > 2 else "*".join(["1"] * WORLD.size)
+    together = logits(WORLD, stages if layout == "pp" and SHAPE.n_layers >= WORLD.size - 1 else None)
     if WORLD.rank == 0:
         np.testing.assert_allclose(together, alone, rtol=0, atol=1e-4)
 

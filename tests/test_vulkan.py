@@ -23,7 +23,7 @@ from spmd.engine import Engine, RunOptions
 from spmd.errors import UserError
 from spmd.gguf_file import GGUFFile
 from spmd.model import Model
-from spmd.plan import make_plan, parse_ratios
+from spmd.plan import make_plan, parse_layout
 from spmd.synth import Shape, write_model
 from spmd.weights import load_shard
 from test_backends import activations, random_qtensor
@@ -190,17 +190,22 @@ def test_greedy_tokens_equal_numpy_reference(models, case):
     assert "vulkan (" in result["ranks"][0].get("backend", "vulkan (")
 
 
+def logits(e, tokens, pos):
+    """An engine's full logits after one pass over `tokens` at `pos` (one rank: its executor's forward step)."""
+    return e.executor.forward(np.array(tokens, dtype=np.int64), pos)
+
+
 @needs_device
 @pytest.mark.parametrize("case", ["F32", "qwen2"])
 def test_logits_match_reference_batched_and_step_by_step(models, case):
     tokens = list(PROMPT) + [5, 9, 200]
     expected = reference.logits_for(models[case], tokens)
     e = engine(models[case], "vulkan")
-    np.testing.assert_allclose(e.forward(np.array(tokens), 0), expected[-1], rtol=0, atol=1e-4)
+    np.testing.assert_allclose(logits(e, tokens, 0), expected[-1], rtol=0, atol=1e-4)
     e = engine(models[case], "vulkan")
-    e.forward(np.array(tokens[:5]), 0)
+    logits(e, tokens[:5], 0)
     for pos in range(5, len(tokens)):
-        np.testing.assert_allclose(e.forward(np.array(tokens[pos:pos + 1]), pos), expected[pos], rtol=0, atol=1e-4)
+        np.testing.assert_allclose(logits(e, tokens[pos:pos + 1], pos), expected[pos], rtol=0, atol=1e-4)
 
 
 def _shard_models(path, share_of, cfg_change=None, max_seq=None):
@@ -218,27 +223,35 @@ def _shard_models(path, share_of, cfg_change=None, max_seq=None):
 
 
 def _whole(cfg):
-    return make_plan(parse_ratios(None, 1), cfg.n_heads, cfg.n_kv_heads, cfg.ffn_dim, cfg.vocab)[0]
+    return make_plan(parse_layout(None, 1), cfg)[0]
+
+
+def run(m, tokens, pos, allreduce=None, head=True):
+    """A whole-model pass on a model holding every layer: embed, the layers, the head."""
+    return m.forward(m.embed(np.array(tokens)), pos, allreduce, head)
 
 
 @needs_device
 @pytest.mark.parametrize("neox", [False, True], ids=["interleaved", "neox"])
 def test_attention_over_a_long_cache_with_partial_rope(tmp_path, neox):
-    """A cache written through write_cache (300 positions: two chunks of the kernel's 256 keys), then 3 tokens;
+    """A cache written through cache_put (300 positions: two chunks of the kernel's 256 keys), then 3 tokens;
     half of each head rotated (rope_dim < head_dim), GQA; every layer against spmd.model.Model."""
     path = write_model(tmp_path / "m.gguf", Shape(dim=128, n_heads=4, n_kv_heads=2, ffn=128, context=512), "F32", 5)
     ref, dev, cfg = _shard_models(path, _whole, {"rope_dim": 16, "rope_neox": neox})
     rng = np.random.default_rng(6)
-    k, v = (rng.standard_normal((cfg.n_layers, 2, 300, cfg.head_dim)).astype(np.float32) for _ in range(2))
+    pieces = {(layer, j): tuple(rng.standard_normal((300, cfg.head_dim)).astype(np.float32) for _ in "kv")
+              for layer in range(cfg.n_layers) for j in range(2)}
     for m in (ref, dev):
-        m.write_cache(k, v)
-    tokens = np.array([3, 4, 5])
-    np.testing.assert_allclose(dev.forward(tokens, 300, None), ref.forward(tokens, 300, None), rtol=0, atol=1e-4)
-    for a, b in zip(dev.read_cache(303), ref.read_cache(303)):
-        assert a.shape == (cfg.n_layers, 2, 303, cfg.head_dim)
-        np.testing.assert_allclose(a, b, rtol=0, atol=1e-4)
-    np.testing.assert_allclose(dev.forward(np.array([7]), 303, None), ref.forward(np.array([7]), 303, None),
-                               rtol=0, atol=1e-4)
+        m.cache_put(0, pieces)
+    tokens = [3, 4, 5]
+    np.testing.assert_allclose(run(dev, tokens, 300), run(ref, tokens, 300), rtol=0, atol=1e-4)
+    got, want = dev.cache_take(0, 303), ref.cache_take(0, 303)
+    assert set(got) == set(want) == set(pieces)
+    for key, (k, v) in got.items():
+        assert k.shape == v.shape == (303, cfg.head_dim)
+        np.testing.assert_allclose(k, want[key][0], rtol=0, atol=1e-4)
+        np.testing.assert_allclose(v, want[key][1], rtol=0, atol=1e-4)
+    np.testing.assert_allclose(run(dev, [7], 303), run(ref, [7], 303), rtol=0, atol=1e-4)
     dev.close()
 
 
@@ -252,22 +265,69 @@ def test_half_layer_command_buffers_with_an_allreduce(models):
     def identity(a):
         calls.append(a.shape)
         return a
-    one = dev.forward(np.array(PROMPT), 0, None)
+    one = run(dev, PROMPT, 0)
     dev2 = BACKEND.make_model(cfg, dev.w, dev.share, dev.max_seq)
-    many = dev2.forward(np.array(PROMPT), 0, identity)
+    many = run(dev2, PROMPT, 0, identity)
     assert calls == [(len(PROMPT), cfg.dim)] * (2 * cfg.n_layers)
     np.testing.assert_allclose(many, one, rtol=0, atol=1e-5)
     for pos, t in enumerate((5, 6, 7), start=len(PROMPT)):
-        np.testing.assert_allclose(dev2.forward(np.array([t]), pos, identity), dev.forward(np.array([t]), pos, None),
-                                   rtol=0, atol=1e-5)
-    np.testing.assert_allclose(one, ref.forward(np.array(PROMPT), 0, None), rtol=0, atol=1e-4)
+        np.testing.assert_allclose(run(dev2, [t], pos, identity), run(dev, [t], pos), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(one, run(ref, PROMPT, 0), rtol=0, atol=1e-4)
     dev.close()
+
+
+def _stage_models(path, text):
+    """(numpy Model holding every layer, [VulkanModel of each stage]) for a layout of one-rank stages."""
+    def share_of(rank):
+        return lambda cfg: make_plan(parse_layout(text, text.count("*") + 1), cfg)[rank]
+    ref = _shard_models(path, _whole)[0]
+    return ref, [_shard_models(path, share_of(rank))[1] for rank in range(text.count("*") + 1)]
+
+
+def _through_stages(stages, tokens, pos, allreduce):
+    """The logits after a pass through the stages in turn: each one's hidden state is the next one's input."""
+    x = stages[0].embed(np.array(tokens))
+    for i, m in enumerate(stages):
+        out = m.forward(x, pos, allreduce, head=i == len(stages) - 1)
+        if i < len(stages) - 1:
+            assert out.shape == (len(tokens), m.cfg.dim) and out.dtype == np.float32
+            x = out
+    return out
+
+
+@needs_device
+@pytest.mark.parametrize("direct", [True, False], ids=["mapped", "staged"])
+@pytest.mark.parametrize("multi", [False, True], ids=["one-buffer", "half-layers"])
+def test_pipeline_stages_in_turn_equal_the_whole_model(tmp_path, monkeypatch, multi, direct):
+    """Three one-rank stages of a 5-layer model (the first and middle without the head: the hidden state comes back
+    to the host, through a copy where the device's memory cannot be mapped); a prompt, then decode steps (the fused
+    one-buffer decode ends the first stages without the output norm). Each stage's cache holds its layers."""
+    if not direct:
+        monkeypatch.setattr(BACKEND.dev, "direct", False)
+    path = write_model(tmp_path / "m.gguf", Shape(**{**LLAMA.__dict__, "n_layers": 5}), "Q4_0", 7)
+    ref, stages = _stage_models(path, "1*2*1")
+    assert [m.share.layers for m in stages] == [(0, 1), (1, 4), (4, 5)] and stages[0].w.output is None
+    allreduce = (lambda a: a) if multi else None  # one rank per stage: the sum over the stage is the identity
+    np.testing.assert_allclose(_through_stages(stages, PROMPT, 0, allreduce), run(ref, PROMPT, 0), rtol=0, atol=1e-4)
+    for pos, t in enumerate((5, 6, 7), start=len(PROMPT)):
+        np.testing.assert_allclose(_through_stages(stages, [t], pos, allreduce), run(ref, [t], pos), rtol=0,
+                                   atol=1e-4)
+    acts, recs = stages[0]._decode[multi, False]  # the decode recording without the head
+    assert (acts.io is acts.x) == direct and acts.fused == (direct and not multi)
+    assert len(recs) == (1 if not multi else 2 * 1 + 1)
+    assert set(stages[1].cache_take(0, 4)) == {(layer, j) for layer in (1, 2, 3) for j in (0, 1)}
+    whole = ref.cache_take(0, len(PROMPT) + 3)
+    for m in stages:
+        for key, (k, v) in m.cache_take(0, len(PROMPT) + 3).items():
+            np.testing.assert_allclose(k, whole[key][0], rtol=0, atol=1e-4)
+            np.testing.assert_allclose(v, whole[key][1], rtol=0, atol=1e-4)
+        m.close()
 
 
 @needs_device
 def test_a_new_share_after_repartition_rebuilds_buffers_and_frees_the_old(models):
     """Ranks 0 and 1 of 2 (other widths of every matrix), built after one another on one device; close() gives
-    the device memory back; the cache moves through read_cache / write_cache."""
+    the device memory back; the cache moves through cache_take / cache_put."""
     dev_mem = BACKEND.dev
     before = list(dev_mem.heap_used)
     plan = None
@@ -275,21 +335,22 @@ def test_a_new_share_after_repartition_rebuilds_buffers_and_frees_the_old(models
     def share(rank):
         def of(cfg):
             nonlocal plan
-            plan = make_plan(parse_ratios("1:3", 2), cfg.n_heads, cfg.n_kv_heads, cfg.ffn_dim, cfg.vocab)
+            plan = make_plan(parse_layout("1:3", 2), cfg)
             return plan[rank]
         return of
     ref0, dev0, _ = _shard_models(models["Q4_0"], share(0))
-    a = dev0.forward(np.array(PROMPT), 0, lambda x: x)
-    np.testing.assert_allclose(a, ref0.forward(np.array(PROMPT), 0, lambda x: x), rtol=0, atol=1e-4)
-    k, v = dev0.read_cache(len(PROMPT))
+    a = run(dev0, PROMPT, 0, lambda x: x)
+    np.testing.assert_allclose(a, run(ref0, PROMPT, 0, lambda x: x), rtol=0, atol=1e-4)
+    cache = dev0.cache_take(0, len(PROMPT))
     dev0.close()
     assert dev_mem.heap_used == before
     ref1, dev1, _ = _shard_models(models["Q4_0"], share(1))
     assert dev1.nf != dev0.nf and dev1.nv != dev0.nv
-    b = dev1.forward(np.array(PROMPT), 0, lambda x: x)
-    np.testing.assert_allclose(b, ref1.forward(np.array(PROMPT), 0, lambda x: x), rtol=0, atol=1e-4)
+    dev1.cache_put(0, cache)  # heads rank 1 does not hold are left out
+    b = run(dev1, PROMPT, 0, lambda x: x)
+    np.testing.assert_allclose(b, run(ref1, PROMPT, 0, lambda x: x), rtol=0, atol=1e-4)
     dev1.close()
-    assert k.shape[1] == plan[0].n_kv
+    assert {j for _, j in cache} == set(plan[0].kv)
 
 
 @needs_device
@@ -299,12 +360,15 @@ def test_a_device_whose_memory_the_host_cannot_map(monkeypatch, models):
     expected = engine(models["Q8_0"], "numpy").run()["tokens"]
     monkeypatch.setattr(BACKEND.dev, "direct", False)
     e = engine(models["Q8_0"], "vulkan")
-    assert e.model.kcache[0].view is None and e.model.w.layers[0].wq.parts[0].w.view is None
+    model = e.state.model
+    assert model.kcache[0].view is None and model.w.layers[0].wq.parts[0].w.view is None
     assert e.run()["tokens"] == expected
-    k, v = e.model.read_cache(4)
-    e.model.write_cache(k, v)
-    np.testing.assert_array_equal(e.model.read_cache(4)[1], v)
-    e.model.close()
+    cache = model.cache_take(0, 4)
+    model.cache_put(0, {key: (k, v[::-1].copy()) for key, (k, v) in cache.items()})
+    for key, (k, v) in model.cache_take(0, 4).items():
+        np.testing.assert_array_equal(k, cache[key][0])
+        np.testing.assert_array_equal(v, cache[key][1][::-1])
+    model.close()
 
 
 # ---- errors ---------------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""Multi-rank generation on Vulkan: greedy tokens with every rank on the device, and with rank 0 on the cpu backend
-and the others on the device, equal those of one numpy rank. Passes at any -n; CI runs it on lavapipe:
+"""Multi-rank generation on Vulkan: greedy tokens with every rank on the device, with rank 0 on the cpu backend
+and the others on the device, and in pipeline and hybrid layouts (stages of one or several ranks), equal those of
+one numpy (or cpu) rank. Passes at any -n; CI runs it on lavapipe:
 mpirun -n 3 python -m pytest --with-mpi -m mpi tests/test_vulkan_mpi.py"""
 import pytest
 
@@ -26,7 +27,8 @@ needs_device = pytest.mark.skipif(MISSING is not None, reason=f"no Vulkan: {MISS
 @pytest.fixture(scope="module")
 def models():
     qwen2 = Shape(**{**SHAPE.__dict__, "arch": "qwen2"})
-    yield from shared_models("spmd-vk-test-", {"qwen2": (qwen2, "Q8_0", 3)})
+    deep = Shape(**{**SHAPE.__dict__, "n_layers": 5})  # room for a stage per rank
+    yield from shared_models("spmd-vk-test-", {"qwen2": (qwen2, "Q8_0", 3), "deep": (deep, "Q4_0", 7)})
 
 
 @needs_device
@@ -54,3 +56,25 @@ def test_cpu_rank_0_and_vulkan_elsewhere(models, case):
         assert result["tokens"] == expected
         names = [r["backend"].split(" ")[0] for r in result["ranks"]]
         assert names == ["cpu"] + ["vulkan"] * (WORLD.size - 1)
+
+
+# pipeline (stages of one rank) and hybrid (a stage of several) layouts at each rank count
+STAGED = {2: ("1*1", "1*3", "1@4*1"), 3: ("1*1*1", "1:1*1", "1*2:1", "1:2@2*3"),
+          4: ("1*1*1*1", "1:1*1:1", "1*1:2:1", "2:1*1@1*1")}
+
+
+@needs_device
+@pytest.mark.mpi
+@pytest.mark.parametrize("mixed", [False, True], ids=["vulkan", "cpu-rank-0"])
+def test_pipeline_and_hybrid_layouts_equal_one_rank(models, mixed):
+    """Every layout of STAGED[n]: the hidden state handed from stage to stage (one-rank stages decode in one fused
+    command buffer, with or without the head); mixed: rank 0 on the cpu backend."""
+    if WORLD.size not in STAGED:
+        pytest.skip(f"pipeline layouts need 2 to 4 ranks, not {WORLD.size}")
+    expected = one_rank_tokens(model=models["deep"], backend="cpu", threads="1")
+    backend = ",".join(["cpu" if mixed else "vulkan"] + ["vulkan"] * (WORLD.size - 1))
+    for layout in STAGED[WORLD.size]:
+        result = generate(WORLD, model=models["deep"], backend=backend, ratios=layout, threads="1")
+        if WORLD.rank == 0:
+            assert result["tokens"] == expected, layout
+            assert len(result["stages"]) == layout.count("*") + 1, layout

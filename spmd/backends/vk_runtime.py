@@ -12,7 +12,16 @@ import numpy as np
 
 from ..errors import UserError
 
-KERNELS = Path(__file__).resolve().parents[2] / "kernels"
+
+def _kernels_dir() -> Path:
+    """spmd/kernels/ in an installed wheel (pyproject.toml maps the top-level kernels/ there); the top-level
+    kernels/ in a checkout or an editable install."""
+    package = Path(__file__).resolve().parents[1]
+    installed = package / "kernels"
+    return installed if installed.is_dir() else package.parent / "kernels"
+
+
+KERNELS = _kernels_dir()
 INSTALL = "apt-get install libvulkan1 mesa-vulkan-drivers"
 MIB = 1 << 20
 
