@@ -4,11 +4,9 @@ thrown at the socket. Rank 0 runs a client inside the generation loop (the emit 
 command lands at a known token boundary.
 
 Run with: mpirun -n 3 python -m pytest --with-mpi tests/test_migrate_mpi.py (passes at any -n; moves need 2)."""
-import json
 import os
 import random
 import shutil
-import socket
 import tempfile
 import threading
 import time
@@ -18,19 +16,27 @@ import pytest
 
 from mpi_models import MPI, PROMPT, SHAPE, WORLD, one_rank_tokens, shared_models
 from spmd import plan as P
+from spmd import replan as R
 from spmd import repartition
 from spmd.backends.numpy_ref import NumpyBackend
+from spmd.client import ClientError, Connection
 from spmd.comm import Comm
 from spmd.engine import Engine, RunOptions
+from spmd.errors import UserError
+from spmd.synth import Shape
 from spmd.weights import load_shard
 
 FIRST = len(PROMPT)  # the first token boundary: the prefill is one pass, migrations apply after it
 needs_two = pytest.mark.skipif(WORLD.size < 2, reason="a move needs a second rank")
 
 
+DEEP = Shape(**{**SHAPE.__dict__, "n_layers": 5})  # room for a stage per rank at 4 ranks, and layers to move
+
+
 @pytest.fixture(scope="module")
 def models():
-    yield from shared_models("spmd-migrate-")
+    # seed 8: 48 tokens without an end-of-sequence (seed 7's Q4_0 stops after 26)
+    yield from shared_models("spmd-migrate-", {"deep F32": (DEEP, "F32", 8), "deep Q4_0": (DEEP, "Q4_0", 8)})
 
 
 @pytest.fixture
@@ -56,16 +62,15 @@ class Driver:
         before = self.engine.control.queued() if wait else 0
 
         def talk():
-            s = socket.socket(socket.AF_UNIX)
-            s.settimeout(60)
             try:
-                s.connect(self.path)
-                s.sendall(req if isinstance(req, bytes) else (json.dumps(req) + "\n").encode())
-                line = s.makefile("rb").readline()
-                self.replies.append((req, json.loads(line) if line else None))
+                with Connection(self.path, 60) as c:
+                    c.send(req)
+                    try:
+                        self.replies.append((req, c.reply()))
+                    except ClientError:
+                        self.replies.append((req, None))
             finally:
                 answered.set()
-                s.close()
         t = threading.Thread(target=talk)
         t.start()
         self.threads.append(t)
@@ -103,6 +108,11 @@ def run(model, socket_path, steps=16, schedule=None, each_token=None, **kw):
     return engine, result, replies
 
 
+def layers(from_stage, to_stage, count, at=None):
+    req = {"cmd": "migrate", "kind": "layers", "from_stage": from_stage, "to_stage": to_stage, "count": count}
+    return {**req, "mode": "at", "at": at} if at is not None else req
+
+
 def migrate(kind=None, src=None, dst=None, kv=None, ffn=None, at=None, ratios=None):
     req = {"cmd": "migrate"}
     if ratios is not None:
@@ -131,11 +141,14 @@ def every_kind():
 
 def check_weights_equal_a_fresh_load(engine):
     """The weights a rank holds after its migrations are exactly those it would read for its final share."""
-    fresh = load_shard(engine.file, engine.cfg, engine.share, NumpyBackend())
-    got = engine.model.w
+    state = engine.state
+    fresh = load_shard(state.file, state.cfg, state.share, NumpyBackend())
+    got = state.model.w
+    assert (got.first, len(got.layers)) == (fresh.first, len(fresh.layers))
+    assert (got.output is None) == (fresh.output is None)
     for lw, fw in zip(got.layers + [got], fresh.layers + [fresh]):
         for name in ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "output"):
-            if hasattr(fw, name):
+            if getattr(fw, name, None) is not None:
                 np.testing.assert_array_equal(getattr(lw, name).w, getattr(fw, name).w, err_msg=name)
 
 
@@ -193,27 +206,40 @@ def test_vulkan_buffers_are_rebuilt_for_the_new_shapes(models, socket_path, weig
         assert result["tokens"] == expected and result["plan_epoch"] == 5
 
 
+def pipeline(n):
+    """A layout of n ranks with a stage per rank after the first two (which share a stage), or one rank a stage."""
+    return "*".join(["1:1"] + ["1"] * (n - 2)) if n > 2 else "*".join(["1"] * n)
+
+
 @needs_two
 @pytest.mark.mpi
-def test_the_kv_cache_travels_with_its_heads(models, socket_path):
-    """After moves, each rank's cache rows equal one rank's rows for the same KV heads (to float rounding)."""
-    model = models["F32"]
+@pytest.mark.parametrize("moves", ["heads", "layers"])
+def test_the_kv_cache_travels_with_its_heads_and_layers(models, socket_path, moves):
+    """After moves, each rank's cache rows equal one rank's rows for the same (layer, KV head) (to rounding)."""
+    model = models["deep F32"]
     alone = None
     if WORLD.rank == 0:
         e = Engine(RunOptions(model=model, prompt_tokens=PROMPT, steps=8), Comm(comm=MPI.COMM_SELF),
                    log=lambda _m: None)
         e.run()
-        alone = e.model.read_cache(FIRST + 6)
+        alone = e.state.model.cache_take(0, FIRST + 6)
     alone = WORLD.bcast(alone)
     last = WORLD.size - 1
+    if moves == "heads":
+        ratios, schedule = None, {1: [migrate(1, 0, last, kv=1)], 3: [migrate(1, last, 0, kv=1)]}
+    else:  # the boundary layers there and back, then the stages regrouped
+        ratios = pipeline(WORLD.size)
+        schedule = {1: [layers(0, 1, 1)], 3: [layers(1, 0, 1)], 5: [migrate(ratios="*".join(["1"] * WORLD.size))]}
     engine, result, replies = run(model, socket_path, steps=8, migrate_weights="peer", backend="numpy",
-                                  schedule={1: [migrate(1, 0, last, kv=1)], 3: [migrate(1, last, 0, kv=1)]})
-    k, v = engine.model.read_cache(FIRST + 6)
-    for at, j in enumerate(engine.share.kv):
-        np.testing.assert_allclose(k[:, at], alone[0][:, j], atol=1e-4)
-        np.testing.assert_allclose(v[:, at], alone[1][:, j], atol=1e-4)
+                                  schedule=schedule, ratios=ratios)
+    mine = engine.state.model.cache_take(0, FIRST + 6)
+    assert set(mine) == {(layer, j) for layer in engine.state.share.layer_ids for j in engine.state.share.kv}
+    for key, (k, v) in mine.items():
+        np.testing.assert_allclose(k, alone[key][0], atol=1e-4)
+        np.testing.assert_allclose(v, alone[key][1], atol=1e-4)
     if WORLD.rank == 0:
-        assert all(r["ok"] for r in replies) and result["plan_epoch"] == 2
+        assert all(r["ok"] for r in replies), replies
+        assert result["plan_epoch"] == len(schedule)
 
 
 @pytest.mark.mpi
@@ -226,30 +252,7 @@ def test_many_random_migrations_keep_a_long_generation(models, socket_path, weig
     expected = one_rank_tokens(model=model, steps=48)
     rng = random.Random(WORLD.size * 10 + (weights_from == "peer"))
 
-    def random_request(driver, k):
-        engine = driver.engine
-        if k > 47 or engine.control.queued() or rng.random() < 0.3:  # emit 48 is after the last boundary
-            return
-        plan, n = engine.plan, WORLD.size
-        for _ in range(20):
-            kind = rng.choice([1, 2, 3, "ratios"])
-            try:  # only a request the planner accepts
-                if kind == "ratios":
-                    ratios = ":".join(f"{rng.uniform(0.3, 3):.2f}" for _ in range(n))
-                    req = migrate(ratios=ratios)
-                    P.replan(plan, P.parse_ratios(ratios, n))
-                else:
-                    src, dst = rng.sample(range(n), 2)
-                    kv = rng.randint(1, max(1, plan[src].n_kv)) if kind != 2 else None
-                    ffn = rng.randint(1, max(1, len(plan[src].ffn_blocks))) if kind != 1 else None
-                    req = migrate(kind, src, dst, kv=kv, ffn=ffn)
-                    P.move(plan, kind, src, dst, kv or 0, ffn or 0)
-            except P.UserError:
-                continue
-            if rng.random() < 0.3 and FIRST + k + 2 <= FIRST + 46:
-                req.update(mode="at", at=FIRST + k + rng.randint(0, 2))
-            driver.send(req)
-            return
+    random_request = random_requests(rng, stages=False)
     engine, result, replies = run(model, socket_path, steps=48, each_token=random_request,
                                   migrate_weights=weights_from, allreduce="ring")
     if WORLD.rank == 0:
@@ -257,6 +260,72 @@ def test_many_random_migrations_keep_a_long_generation(models, socket_path, weig
         applied = [r for r in replies if r["ok"]]
         assert len(applied) >= 8 and result["plan_epoch"] == len(applied) == len(result["migrations"])
         assert all(r["ok"] for r in replies), [r for r in replies if not r["ok"]]
+
+
+def random_layout(rng, n):
+    """Random speeds in a random grouping of n ranks into consecutive stages (at most 5: DEEP's layers)."""
+    cuts = sorted(rng.sample(range(1, n), rng.randrange(0, n)))
+    groups = [b - a for a, b in zip([0] + cuts, cuts + [n])]
+    return "*".join(":".join(f"{rng.uniform(0.3, 3):.2f}" for _ in range(g)) for g in groups)
+
+
+def random_requests(rng, stages):
+    """The each_token callback of a random schedule: seeded moves of every kind the planner accepts (with
+    `stages`, layer moves and regroupings too), 'next' and 'at', at most one pending, up to token 47 of 48."""
+    def random_request(driver, k):
+        engine = driver.engine
+        if k > 47 or engine.control.queued() or rng.random() < 0.3:  # emit 48 is after the last boundary
+            return
+        plan, n = engine.state.plan, WORLD.size
+        for _ in range(20):
+            kind = rng.choice([1, 2, 3, "ratios"] + ["layers", "layers"] * stages)
+            try:  # only a request the planner accepts
+                if kind == "ratios":
+                    text = random_layout(rng, n) if stages else ":".join(f"{rng.uniform(0.3, 3):.2f}"
+                                                                         for _ in range(n))
+                    req = migrate(ratios=text)
+                    R.relayout(plan, P.parse_layout(text, n))
+                elif kind == "layers":
+                    s = rng.randrange(len(plan.stages))
+                    t = s + rng.choice([-1, 1])
+                    req = layers(s, t, rng.randint(1, 2))
+                    R.move_layers(plan, s, t, req["count"])
+                else:
+                    src, dst = rng.sample(range(n), 2)
+                    kv = rng.randint(1, max(1, plan[src].n_kv)) if kind != 2 else None
+                    ffn = rng.randint(1, max(1, len(plan[src].ffn_blocks))) if kind != 1 else None
+                    req = migrate(kind, src, dst, kv=kv, ffn=ffn)
+                    R.move_units(plan, src, dst, kv, ffn)
+            except UserError:
+                continue
+            if rng.random() < 0.3 and FIRST + k + 2 <= FIRST + 46:
+                req.update(mode="at", at=FIRST + k + rng.randint(0, 2))
+            driver.send(req)
+            return
+    return random_request
+
+
+@needs_two
+@pytest.mark.mpi
+@pytest.mark.parametrize("weights_from", ["file", "peer"])
+def test_random_layer_moves_and_regroupings_keep_a_long_generation(models, socket_path, weights_from):
+    """Starting from stages, seeded random layer moves, regroupings of the stages, and head and FFN moves inside
+    them, during 48 tokens: the tokens equal one rank's; the final weights equal a fresh load."""
+    model = models["deep Q4_0"]
+    expected = one_rank_tokens(model=model, steps=48)
+    rng = random.Random(WORLD.size * 10 + 7 + (weights_from == "peer"))
+    engine, result, replies = run(model, socket_path, steps=48, each_token=random_requests(rng, stages=True),
+                                  migrate_weights=weights_from, allreduce="ring", ratios=pipeline(WORLD.size),
+                                  backend="numpy")
+    check_weights_equal_a_fresh_load(engine)
+    if WORLD.rank == 0:
+        assert result["tokens"] == expected
+        applied = [r for r in replies if r["ok"]]
+        assert all(r["ok"] for r in replies), [r for r in replies if not r["ok"]]
+        assert len(applied) >= 8 and result["plan_epoch"] == len(applied)
+        layouts = {r["ratios"] for r in applied}
+        assert len({text.count("*") for text in layouts}) > 1  # the stage structure did change
+        assert sum(r["stages"] != applied[i - 1]["stages"] for i, r in enumerate(applied) if i) >= 3
 
 
 @needs_two
@@ -299,6 +368,8 @@ def test_status_at_any_rank_count(models, socket_path):
         assert [r["rank"] for r in status["ranks"]] == list(range(WORLD.size))
         for r in status["ranks"]:
             assert r["layers"] == [0, SHAPE.n_layers] and r["steps"] == 1 and r["compute_ms"] > 0
+            assert r["stage"] == 0
+        assert status["stages"][0]["ranks"] == list(range(WORLD.size)) and status["ratios"] == result["ratios"]
         assert sum(r["kv_heads"] for r in status["ranks"]) == SHAPE.n_kv_heads
         assert result["plan_epoch"] == 0
 

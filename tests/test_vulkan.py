@@ -1,6 +1,7 @@
 """The Vulkan backend: compiled kernels up to date with their sources, each kernel against the numpy reference, the
 model on the device against spmd.model.Model and tests/reference.py (batched prefill with the rmsnorm kernel, decode
-with RMSNorm fused into the products, one command buffer per half-layer with an allreduce), and the one-line errors.
+with RMSNorm fused into the products, one command buffer per half-layer with an allreduce, pipeline stages handing
+the hidden state on), the KV cache taken and put back, and the one-line errors.
 
 Tolerances: a product is within 1e-5 * sum_k |x_k| |w_k| of the reference (float32 summation in another order;
 quantised weights are dequantised exactly, activations stay float32); logits within 1e-4 absolute of the float64
@@ -276,23 +277,13 @@ def test_half_layer_command_buffers_with_an_allreduce(models):
     dev.close()
 
 
-def _stage_models(path, text):
-    """(numpy Model holding every layer, [VulkanModel of each stage]) for a layout of one-rank stages."""
-    def share_of(rank):
-        return lambda cfg: make_plan(parse_layout(text, text.count("*") + 1), cfg)[rank]
-    ref = _shard_models(path, _whole)[0]
-    return ref, [_shard_models(path, share_of(rank))[1] for rank in range(text.count("*") + 1)]
-
-
 def _through_stages(stages, tokens, pos, allreduce):
     """The logits after a pass through the stages in turn: each one's hidden state is the next one's input."""
     x = stages[0].embed(np.array(tokens))
-    for i, m in enumerate(stages):
-        out = m.forward(x, pos, allreduce, head=i == len(stages) - 1)
-        if i < len(stages) - 1:
-            assert out.shape == (len(tokens), m.cfg.dim) and out.dtype == np.float32
-            x = out
-    return out
+    for m in stages[:-1]:
+        x = m.forward(x, pos, allreduce, head=False)
+        assert x.shape == (len(tokens), m.cfg.dim) and x.dtype == np.float32
+    return stages[-1].forward(x, pos, allreduce, head=True)
 
 
 @needs_device
@@ -305,7 +296,8 @@ def test_pipeline_stages_in_turn_equal_the_whole_model(tmp_path, monkeypatch, mu
     if not direct:
         monkeypatch.setattr(BACKEND.dev, "direct", False)
     path = write_model(tmp_path / "m.gguf", Shape(**{**LLAMA.__dict__, "n_layers": 5}), "Q4_0", 7)
-    ref, stages = _stage_models(path, "1*2*1")
+    ref = _shard_models(path, _whole)[0]
+    stages = [_shard_models(path, lambda cfg, r=r: make_plan(parse_layout("1*2*1", 3), cfg)[r])[1] for r in range(3)]
     assert [m.share.layers for m in stages] == [(0, 1), (1, 4), (4, 5)] and stages[0].w.output is None
     allreduce = (lambda a: a) if multi else None  # one rank per stage: the sum over the stage is the identity
     np.testing.assert_allclose(_through_stages(stages, PROMPT, 0, allreduce), run(ref, PROMPT, 0), rtol=0, atol=1e-4)
