@@ -97,7 +97,8 @@ class Executor:
                     compute_ms=round((total_s - sync_s) * 1e3, 3), sync_ms=round(sync_s * 1e3, 3),
                     bytes_sent=int(self.comm.bytes_sent),
                     bytes_per_token=self.decode_bytes // max(self.decode_steps, 1),
-                    weights_bytes=int(state.model.w.nbytes), peak_rss_bytes=int(peak_rss_bytes()))
+                    weights_bytes=int(state.model.w.nbytes), load_rss_bytes=int(state.load_rss_bytes),
+                    peak_rss_bytes=int(peak_rss_bytes()))
 
 
 def stage_figures(plan, ranks) -> list:

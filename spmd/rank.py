@@ -97,6 +97,15 @@ def peak_rss_bytes():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def rss_bytes():
+    """This process's resident memory now (0 where /proc is not there to tell)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 class RankState:
     """Set-up (collective: every rank constructs one, and a user's mistake on any rank is one UserError on all)."""
 
@@ -130,9 +139,10 @@ class RankState:
         try:
             self.backend = agree(comm, lambda: get_backend(self.backend_name, threads=self.threads, device=self.gpu,
                                                            wrap=self.gpu_wraps))
-            t = time.perf_counter()
+            t, rss = time.perf_counter(), rss_bytes()
             self.swap(plan, agree(comm, lambda: self.build_model(plan[comm.rank])))
             self.load_s = time.perf_counter() - t
+            self.load_rss_bytes = max(0, rss_bytes() - rss)  # measured: what loading this rank's share added
         except BaseException:
             if self.control is not None:
                 self.control.close()

@@ -1,0 +1,93 @@
+"""Pipeline stages and hybrid TP x PP: greedy tokens equal one rank's for every layout at any rank count, each
+allreduce, F32 and Q4_0, mixed backends; each rank holds (and measurably loads) only its stage's layers.
+
+Run with: mpirun -n 3 python -m pytest --with-mpi tests/test_pipeline_mpi.py (passes at any -n; stages need 2)."""
+import pytest
+
+from mpi_models import SHAPE, WORLD, generate, one_rank_tokens, shared_models
+from spmd.synth import Shape
+
+DEEP = Shape(**{**SHAPE.__dict__, "n_layers": 5})
+WIDE = Shape(dim=256, n_layers=8, n_heads=4, n_kv_heads=2, ffn=1024, vocab=512, context=64)  # ~4 MB a layer in F32
+LAYOUTS = {  # pure pipelines, hybrids, uneven @N
+    2: ["1*1", "1@1*1@4", "3*1"],
+    3: ["1*1*1", "1:1*1", "1*1:2", "2*1:1", "1@3*1@1*1@1"],
+    4: ["1*1*1*1", "1:2*1:1", "2*1:1:1", "1:1*1*1", "1@2*1:1:2@3"],
+}
+needs_two = pytest.mark.skipif(WORLD.size < 2, reason="stages need a second rank")
+
+
+@pytest.fixture(scope="module")
+def models():
+    yield from shared_models("spmd-pipeline-", {"deep F32": (DEEP, "F32", 8), "deep Q4_0": (DEEP, "Q4_0", 8),
+                                                "wide F32": (WIDE, "F32", 3)})
+
+
+def layouts():
+    return LAYOUTS.get(WORLD.size, [])
+
+
+@needs_two
+@pytest.mark.mpi
+@pytest.mark.parametrize("qtype", ["F32", "Q4_0"])
+@pytest.mark.parametrize("allreduce", ["star", "ring", "mpi"])
+def test_every_layout_equals_one_rank(models, qtype, allreduce):
+    model = models[f"deep {qtype}"]
+    expected = one_rank_tokens(model=model)
+    for layout in layouts():
+        result = generate(WORLD, model=model, ratios=layout, allreduce=allreduce)
+        if WORLD.rank == 0:
+            assert result["tokens"] == expected, layout
+            stages = result["stages"]
+            assert stages[0]["layers"][0] == 0 and stages[-1]["layers"][1] == DEEP.n_layers
+            assert len(stages) == layout.count("*") + 1
+            assert [r["stage"] for r in result["ranks"]] == [s["stage"] for s in stages for _ in s["ranks"]]
+
+
+@needs_two
+@pytest.mark.mpi
+def test_mixed_backends_on_a_hybrid_layout(models):
+    expected = one_rank_tokens(model=models["deep Q4_0"])
+    backends = ",".join("numpy" if r % 2 else "cpu" for r in range(WORLD.size))
+    for layout in layouts()[:3]:
+        result = generate(WORLD, model=models["deep Q4_0"], ratios=layout, backend=backends, threads="1")
+        if WORLD.rank == 0:
+            assert result["tokens"] == expected, layout
+
+
+@needs_two
+@pytest.mark.mpi
+def test_hand_off_bytes_per_token(models):
+    """Pure pipeline: a stage's leader sends one f32 row of dim per token to each rank of the next stage; the last
+    stage sends its logits rows to rank 0; nothing else moves in a decode step."""
+    layout = "*".join(["1"] * WORLD.size)
+    result = generate(WORLD, model=models["deep F32"], ratios=layout)
+    if WORLD.rank == 0:
+        for r in result["ranks"]:
+            last = r["rank"] == WORLD.size - 1
+            assert r["bytes_per_token"] == (4 * SHAPE.vocab if last else 4 * SHAPE.dim), r
+
+
+def wide_layer_bytes():
+    """Float32 bytes of one WIDE layer's matrices, from the shape (q, k, v, o, gate, up, down)."""
+    hd = WIDE.dim // WIDE.n_heads
+    q, kv = WIDE.n_heads * hd, WIDE.n_kv_heads * hd
+    return 4 * (WIDE.dim * (q + 2 * kv) + q * WIDE.dim + 3 * WIDE.ffn * WIDE.dim)
+
+
+@pytest.mark.mpi
+def test_memory_follows_the_layer_share(models):
+    """Each rank holds its layers' matrices and, in the last stage, the classifier: counted exactly, and the
+    resident memory its load added, measured, is about that."""
+    layout = "*".join(f"{1 + (r % 2)}" for r in range(WORLD.size))  # stages of speeds 1, 2, 1, 2, ...
+    result = generate(WORLD, model=models["wide F32"], ratios=layout, backend="numpy")
+    if WORLD.rank == 0:
+        for r in result["ranks"]:
+            first, stop = r["share"]["layers"]
+            expected = (stop - first) * wide_layer_bytes() + 4 * WIDE.dim * r["share"]["vocab_rows"]
+            assert r["weights_bytes"] == expected, r
+            assert 0.8 * expected <= r["load_rss_bytes"] <= 1.5 * expected + (4 << 20), r
+        held = [r["share"]["layers"][1] - r["share"]["layers"][0] for r in result["ranks"]]
+        assert sum(held) == WIDE.n_layers
+        if WORLD.size > 1:
+            assert held[1] > held[0]  # the faster stage holds more layers
