@@ -1,10 +1,15 @@
-"""The only module that imports mpi4py: the per-step control broadcast, the three allreduces, the logits gather,
-and the agreement on errors that lets every rank exit together.
+"""The only module that imports mpi4py: the per-step record's broadcast, the three allreduces (inside a pipeline
+stage, in the stage's own communicator), the hand-off of the hidden state between stages, the logits gather to
+rank 0, the point-to-point exchange of a re-partition, and the agreement on errors that lets every rank exit
+together.
 
-Bytes sent are counted per rank as each algorithm's schedule sends them (payload only):
-  star  reduce to rank 0 then broadcast: a worker sends n elements, the root (P-1)*n
-  ring  reduce-scatter with chunk c_r per rank, then allgather: rank r sends (n - c_r) + (n - c_{r+1})
+Bytes sent are counted per rank as each schedule sends them (payload only); P is the stage's rank count:
+  star  reduce to the stage's first rank then broadcast: a worker sends n elements, the first (P-1)*n
+  ring  reduce-scatter with chunk c_r per rank (weighted by the stage's speeds), then allgather: rank r sends
+        (n - c_r) + (n - c_{r+1})
   mpi   the library's own Allreduce, counted as the bandwidth-optimal 2*(P-1)/P*n
+  hand-off  a stage's leader sends the hidden state to each rank of the next stage
+  logits    each rank of the last stage (but rank 0) sends its slice to rank 0
 
 TEST ONLY, simulated link latency: with SPMD_TEST_LINK_DELAY_MS=d set (a float, in ms), each message-passing call
 sleeps d ms per communication step of its schedule before it runs (counted in sync time), as if every message took
@@ -12,7 +17,7 @@ d ms more to cross one link. Steps, at P > 1 ranks (one rank communicates nothin
   allreduce star  2            (all workers -> rank 0 at once, then rank 0 -> all)
   allreduce ring  2*(P-1)      (P-1 reduce-scatter steps, P-1 allgather steps)
   allreduce mpi   2*ceil(log2 P) (recursive halving + doubling, the schedule its byte count assumes)
-  control, broadcast_tokens, gather_logits   1 each (rank 0 -> all, or all -> rank 0)
+  step, broadcast_tokens, pass_on, gather_logits   1 each (one message across one link)
 It models latency only (the bandwidth cap of scripts/netsim.sh is a real one), is the same on every rank, and is
 not a network delay: this machine's kernel has no netem. Unset or 0, it costs nothing.
 """

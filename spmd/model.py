@@ -122,7 +122,9 @@ class Model:
         return x
 
     def head(self, x):
-        """x (n, dim) -> this rank's logits slice (n_vocab_local,) of the last token."""
+        """x (n, dim) -> this rank's logits slice (n_vocab_local,) of the last token (empty without classifier rows)."""
+        if self.w.output is None:
+            return np.empty(0, np.float32)
         last = rmsnorm(x[-1:], self.w.output_norm, self.cfg.norm_eps)  # (1, dim)
         return self.w.output(last, out=self._decode_buffers["logits"])[0]
 

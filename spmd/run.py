@@ -36,11 +36,13 @@ def split_ints(_ctx, _param, text):
 @click.option("--prompt-ids", default=None, metavar="IDS", callback=split_ints,
               help="Comma-separated token ids to use as the prompt instead of --prompt.")
 @click.option("--steps", "-n", default=64, show_default=True, type=int, help="Most tokens to generate.")
-@click.option("--ratios", default=None, metavar="R0:R1:...",
-              help="Each rank's share of the work, one number per rank (e.g. 2:3:3). Default: equal.")
+@click.option("--ratios", default=None, metavar="LAYOUT",
+              help="Each rank's relative speed, one number per rank: 2:3:3 (one stage, tensor parallel). '*' "
+                   "separates pipeline stages of consecutive ranks, '@N' pins a stage's layer count: 1*1*1, "
+                   "1:1*2:3, 1:1@10*1:1@12. Default: equal, one stage.")
 @click.option("--allreduce", default="star", show_default=True, type=click.Choice(["star", "ring", "mpi"]),
-              help="star: reduce to rank 0 + broadcast; ring: weighted reduce-scatter + allgather; "
-                   "mpi: the MPI library's Allreduce.")
+              help="How a stage's ranks add up their partial sums. star: reduce to the stage's first rank + "
+                   "broadcast; ring: weighted reduce-scatter + allgather; mpi: the MPI library's Allreduce.")
 @click.option("--backend", default="cpu", show_default=True, metavar="NAME[,NAME...]",
               help="cpu: numba kernels on quantised weights; vulkan: GLSL compute shaders on a GPU (or lavapipe); "
                    "numpy: the readable reference. One for every rank, or one per rank: cpu,vulkan,vulkan.")
@@ -67,7 +69,7 @@ def split_ints(_ctx, _param, text):
               help="Where a migration's moved weights come from: file: each rank reads them from its own model "
                    "file; peer: the rank that held them reads and sends them.")
 def cli(**kw):
-    """Generate text with a GGUF model split across MPI ranks by non-uniform tensor parallelism.
+    """Generate text with a GGUF model split across MPI ranks: non-uniform tensor parallelism, pipeline stages, or both.
 
     Run it on every rank: mpirun -hostfile hostfiles/localhost.txt python -m spmd.run --model m.gguf
     """
@@ -92,9 +94,14 @@ def parse_args(argv, is_root):
 
 
 def summary(r):
-    ranks = "; ".join(f"rank {s['rank']} ({s['host']}) compute {s['compute_ms']:.0f} ms sync {s['sync_ms']:.0f} ms "
-                      f"sent {s['bytes_sent'] / 1e6:.2f} MB rss {s['peak_rss_bytes'] / 2**20:.0f} MiB"
-                      for s in r["ranks"])
+    staged = len(r["stages"]) > 1
+
+    def where(s):
+        first, stop = s["share"]["layers"]
+        return f" stage {s['stage']} layers {first}-{stop - 1}" if staged else ""
+    ranks = "; ".join(f"rank {s['rank']} ({s['host']}){where(s)} compute {s['compute_ms']:.0f} ms sync "
+                      f"{s['sync_ms']:.0f} ms sent {s['bytes_sent'] / 1e6:.2f} MB rss "
+                      f"{s['peak_rss_bytes'] / 2**20:.0f} MiB" for s in r["ranks"])
     decode = (f"decode {r['decode_tokens_per_s']:.2f} tok/s ({r['ms_per_token']:.1f} ms/token)"
               if r["decode_tokens_per_s"] else "decode -")
     return (f"[spmd] {len(r['tokens'])} tokens, {decode}, prefill {len(r['prompt_tokens'])} tokens in "

@@ -120,6 +120,12 @@ CASES = {
     "negative seed": (lambda m, d: m, ["--seed", "-1"], "Invalid value for '--seed'"),
     "nan temperature": (lambda m, d: m, ["--temperature", "nan"], "nan is not a finite number"),
     "huge ratio": (lambda m, d: m, ["--ratios", "1e100000000"], "--ratios '1e100000000': "),
+    "stage count": (lambda m, d: m, ["--ratios", "1*1*1*1*1"], "has 5 values but the job has"),
+    "more stages than layers": (lambda m, d: m, ["--ratios", "1*1*1"],  # at 1 rank: the count is wrong first
+                                "makes 3 stages but the model has 2 layers|has 3 values but the job has 1 rank$"),
+    "@N that do not add up": (lambda m, d: m, ["--ratios", "1:1@1*1@3"],
+                              "the @N counts add up to 4 layers but the model has 2|has 3 values but the job has 1"),
+    "bad @N": (lambda m, d: m, ["--ratios", "1@x"], r"--ratios '1@x': @x must be a whole number of layers"),
     "both prompts": (lambda m, d: m, ["--prompt", "Hi", "--prompt-ids", "1,2"], "not both"),
     "inconsistent file": (lambda m, d: patch_u32(m, d / "ffn.gguf", "llama.feed_forward_length", 100),
                           [], "tensor blk.0.ffn_gate.weight has shape .128, 64. but the metadata implies .100, 64."),

@@ -55,30 +55,41 @@ def test_migrations_from_the_command_line_keep_the_text(tmp_path):
              client(env, "status"),
              client(env, "--json", "ratios", "1:3"),
              client(env, "move", "--kind", "1", "--from", "1", "--to", "0", "--heads", "2"),
-             client(env, "move", "--kind", "2", "--from", "7", "--to", "0", "--ffn-blocks", "1")]
+             client(env, "move", "--kind", "2", "--from", "7", "--to", "0", "--ffn-blocks", "1"),
+             client(env, "--json", "ratios", "1*1"),  # regroup: two pipeline stages of a layer each
+             client(env, "status"),
+             client(env, "layers", "--from-stage", "0", "--to-stage", "1", "--count", "1")]
     out, err = p.communicate(timeout=300)
     assert p.returncode == 0, err
-    for c in steps[:4]:
+    for c in steps[:4] + steps[5:7]:
         assert c.returncode == 0, c.stderr
     assert steps[0].stdout.startswith("applied at position ")
     assert steps[1].stdout.startswith("position ") and "compute ms" in steps[1].stdout
     assert json.loads(steps[2].stdout)["epoch"] == 2
     assert steps[4].returncode == 1 and steps[4].stderr == "error: 'from' rank 7 is out of range: the job has " \
                                                            "ranks 0..1\n"
+    assert json.loads(steps[5].stdout)["stages"] == [{"stage": 0, "layers": [0, 1], "ranks": [0]},
+                                                     {"stage": 1, "layers": [1, 2], "ranks": [1]}], steps[5].stderr
+    lines = steps[6].stdout.splitlines()
+    assert lines[1].startswith("stage 0: layers 0-0 on ranks 0, ") and lines[2].startswith("stage 1: layers 1-1 on ")
+    assert steps[7].returncode == 1 and steps[7].stderr == ("error: stage 0 has 1 layer; it must keep at least one, "
+                                                            "so at most 0 can move\n")
     result = json.loads(out)
     assert result["tokens"] == expected
-    assert result["plan_epoch"] == 3 and [m["epoch"] for m in result["migrations"]] == [1, 2, 3]
+    assert result["plan_epoch"] == 4 and [m["epoch"] for m in result["migrations"]] == [1, 2, 3, 4]
+    assert result["ratios"] == "1@1*1@1" and [r["stage"] for r in result["ranks"]] == [0, 1]
     assert err.splitlines()[0] == f"control socket: {socks[0]}"
     assert not socks[0].exists()  # removed at exit
     assert "Traceback" not in err + "".join(c.stderr for c in steps)
 
 
 def test_a_socket_another_job_serves_is_refused_at_start_up(tmp_path):
+    from types import SimpleNamespace
+
     from spmd.control import Listener
-    from spmd.plan import make_plan, parse_ratios
     model = write_model(tmp_path / "m.gguf", Shape(context=64), qtype="F32", seed=1)
     path = str(tmp_path / "busy.sock")
-    other = Listener(path, make_plan(parse_ratios(None, 1), 4, 2, 128, 512), (1,), 5, 10)
+    other = Listener(path, SimpleNamespace(plan=None), 5, 10)  # another job's: nothing is asked of its plan
     try:
         p = subprocess.run([sys.executable, "-m", "spmd.run", "--model", str(model), "--steps", "4",
                             "--control-socket", path],

@@ -34,11 +34,12 @@ def test_logits_match_reference_f32(tmp_path, case, backend):
     expected = reference.logits_for(path, tokens)  # (n, vocab) every position
     e = engine(path, tokens, backend=backend)
     # the whole sequence in one batched pass, then the same positions one token at a time from a fresh cache
-    np.testing.assert_allclose(e.forward(np.array(tokens), 0), expected[-1], rtol=0, atol=1e-4)
+    np.testing.assert_allclose(e.executor.forward(np.array(tokens), 0), expected[-1], rtol=0, atol=1e-4)
     e = engine(path, tokens, backend=backend)
-    e.forward(np.array(tokens[:5]), 0)
+    e.executor.forward(np.array(tokens[:5]), 0)
     for pos in range(5, len(tokens)):
-        np.testing.assert_allclose(e.forward(np.array(tokens[pos:pos + 1]), pos), expected[pos], rtol=0, atol=1e-4)
+        got = e.executor.forward(np.array(tokens[pos:pos + 1]), pos)
+        np.testing.assert_allclose(got, expected[pos], rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize("backend", ["numpy", "cpu"])
@@ -53,8 +54,8 @@ def test_llama3_rope_scaling_changes_the_output(tmp_path):
     """The rope_freqs factors are used: the same weights without them give other logits."""
     path, g = golden_model(tmp_path, "llama3_rope_f32")
     plain = write_model(tmp_path / "plain.gguf", Shape(**{**g["shape"], "rope_scaling": None}), "F32", g["seed"])
-    scaled_logits = engine(path, g["prompt"]).forward(np.array(g["prompt"]), 0)
-    plain_logits = engine(plain, g["prompt"]).forward(np.array(g["prompt"]), 0)
+    scaled_logits = engine(path, g["prompt"]).executor.forward(np.array(g["prompt"]), 0)
+    plain_logits = engine(plain, g["prompt"]).executor.forward(np.array(g["prompt"]), 0)
     assert np.abs(scaled_logits - plain_logits).max() > 1e-2
     np.testing.assert_allclose(scaled_logits, reference.logits_for(path, g["prompt"])[-1], atol=1e-4, rtol=0)
 
@@ -62,10 +63,10 @@ def test_llama3_rope_scaling_changes_the_output(tmp_path):
 def test_batched_prompt_equals_token_by_token(tmp_path):
     path, g = golden_model(tmp_path, "llama_q8_0")
     prompt = np.array(g["prompt"])
-    batched = engine(path, prompt).forward(prompt, 0).copy()
+    batched = engine(path, prompt).executor.forward(prompt, 0).copy()
     e = engine(path, prompt)
     for pos in range(len(prompt)):
-        one = e.forward(prompt[pos:pos + 1], pos)
+        one = e.executor.forward(prompt[pos:pos + 1], pos)
     np.testing.assert_allclose(one, batched, rtol=0, atol=2e-3)
 
 
@@ -75,7 +76,7 @@ def test_other_weight_types_are_dequantised_at_load_with_one_notice(tmp_path):
     opts = RunOptions(model=str(path), prompt_tokens=(1, 5, 9), steps=2)
     e = Engine(opts, Comm(comm=MPI.COMM_SELF), log=notices.append)
     assert notices == ["note: the file holds Q5_0 weights; dequantising them to F32 at load"]
-    np.testing.assert_allclose(e.forward(np.array([1, 5, 9]), 0), reference.logits_for(path, [1, 5, 9])[-1],
+    np.testing.assert_allclose(e.executor.forward(np.array([1, 5, 9]), 0), reference.logits_for(path, [1, 5, 9])[-1],
                                rtol=0, atol=1e-4)
 
 
@@ -95,7 +96,7 @@ def test_the_file_is_not_kept_resident_after_loading(tmp_path):
                                                   vocab=2048), qtype="Q4_0", seed=0)
     e = engine(path, [1, 2, 3])
     size = path.stat().st_size
-    assert e.model.w.nbytes > 0.8 * size  # the weights were copied out...
+    assert e.state.model.w.nbytes > 0.8 * size  # the weights were copied out...
     assert resident_bytes_of(path) < 0.1 * size  # ...and the mapping's pages handed back
 
 
