@@ -39,7 +39,8 @@ from pathlib import Path
 import click
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # spmd from this checkout
-from acceptance_report import all_checks, fmt, write_report  # noqa: E402
+from acceptance_checks import all_checks  # noqa: E402
+from acceptance_report import fmt, write_report  # noqa: E402
 from acceptance_runs import ENV, MPIRUN, PY, ROOT, VENV, one_line, run_job, run_migrating  # noqa: E402
 from acceptance_schedules import layer_schedule, unit_schedule  # noqa: E402
 from spmd.plan import parse_layout  # noqa: E402

@@ -2,11 +2,11 @@
 control-socket request each entry is sent as. Pure: nothing here runs anything.
 
     unit_schedule   one stage (scenarios 5, 6): a kind 1, 2 and 3 move between ranks, then new ratios
-    layer_schedule  a pipeline (scenarios 9, 10): boundary layers carried forward to the last stage and back, a
+    layer_schedule  a pipeline (scenarios 9, 10): at each stage boundary in turn layers moved across and back, a
                     regrouping into another stage structure, then a kind-3 move inside a stage of the new structure
 
-Each entry: `at` (the token position it applies at), `args` (spmd.migrate's arguments, `--at` last), `what`
-("move", "layers" or "ratios") and, in a layer schedule, `stages`: the (layers, ranks) of every stage once it is
+Each entry: `at` (the token position it applies at), `args` (spmd.migrate's arguments: `move`, `layers` or
+`ratios` first, `--at` last) and, in a layer schedule, `stages`: the layers and ranks of every stage once it is
 applied, counted here from the layer counts the schedule itself moves (the reply must say the same).
 """
 from spmd.errors import UserError
@@ -28,9 +28,9 @@ def positions(n_prompt: int, steps: int, count: int) -> list:
 
 
 def at_positions(cmds, n_prompt, steps) -> list:
-    """[(what, args, stages)] -> the schedule entries, each at its own position."""
-    return [dict(at=p, what=what, args=args + ["--at", str(p)], **({"stages": stages} if stages else {}))
-            for p, (what, args, stages) in zip(positions(n_prompt, steps, len(cmds)), cmds)]
+    """[(args, stages or None)] -> the schedule entries, each at its own position."""
+    return [dict(at=p, args=args + ["--at", str(p)], **({"stages": stages} if stages else {}))
+            for p, (args, stages) in zip(positions(n_prompt, steps, len(cmds)), cmds)]
 
 
 def move_args(kind, a, b, heads=0, n_blocks=0) -> list:
@@ -56,7 +56,7 @@ def unit_schedule(config: dict, ratios: str, n_ranks: int, n_prompt: int, steps:
     def move(kind, a, b, heads=0, n_blocks=0):
         kv[a], kv[b] = kv[a] - heads, kv[b] + heads
         blocks[a], blocks[b] = blocks[a] - n_blocks, blocks[b] + n_blocks
-        return "move", move_args(kind, a, b, heads, n_blocks), None
+        return move_args(kind, a, b, heads, n_blocks), None
 
     a = most(kv)
     cmds = [move(1, a, least(kv, a), heads=1)]
@@ -65,7 +65,7 @@ def unit_schedule(config: dict, ratios: str, n_ranks: int, n_prompt: int, steps:
     a = max((kv[r], blocks[r], r) for r in range(n_ranks) if kv[r] >= 1 and blocks[r] >= 2)[2]
     cmds.append(move(3, a, least(blocks, a), heads=1, n_blocks=max(1, blocks[a] // 4)))
     new = ":".join(reversed(ratios.split(":")))
-    cmds.append(("ratios", ["ratios", new if new != ratios else ":".join(str(r + 1) for r in range(n_ranks))], None))
+    cmds.append((["ratios", new if new != ratios else ":".join(str(r + 1) for r in range(n_ranks))], None))
     return at_positions(cmds, n_prompt, steps)
 
 
@@ -87,10 +87,10 @@ def stage_list(groups, counts) -> list:
 
 
 def layer_schedule(config: dict, layout: str, n_ranks: int, n_prompt: int, steps: int) -> list:
-    """A pipeline: the boundary layers carried from stage 0 forward to the last stage, one boundary at a time, and
-    back; then a regrouping `ratios` into another stage structure (every stage's layer count pinned with @N); then a
-    kind-3 move between two ranks of a stage of that structure. A ValueError when the layout has one stage or a
-    stage has too few layers to give any."""
+    """A pipeline: at each stage boundary, first to last, layers moved across (forward, from the earlier stage,
+    where it has more than one) and back; then a regrouping `ratios` into another stage structure (every stage's
+    layer count pinned with @N); then a kind-3 move between two ranks of a stage of that structure. A ValueError
+    when the layout has one stage, or two neighbouring stages have a layer each."""
     specs = parse_layout(layout, n_ranks)
     if len(specs) < 2:
         raise ValueError(f"{layout!r} has one stage: there are no stages to move layers between")
@@ -99,21 +99,20 @@ def layer_schedule(config: dict, layout: str, n_ranks: int, n_prompt: int, steps
         counts = stage_layers(specs, n_layers)
     except UserError as e:  # more stages than layers, or @N counts that do not add up
         raise ValueError(str(e)) from None
-    step = max(1, n_layers // (2 * len(specs)))
-    cmds = []
+    step, cmds = max(1, n_layers // (2 * len(specs))), []
 
-    def layers(a, b):
-        n = min(step, counts[a] - 1)
-        if n < 1:
-            raise ValueError(f"stage {a} of {layout!r} would hold one layer: it has none to give")
+    def layers(a, b, n):
         counts[a], counts[b] = counts[a] - n, counts[b] + n
         args = ["layers", "--from-stage", str(a), "--to-stage", str(b), "--count", str(n)]
-        cmds.append(("layers", args, stage_list(groups, counts)))
+        cmds.append((args, stage_list(groups, counts)))
 
     for s in range(len(specs) - 1):
-        layers(s, s + 1)
-    for s in reversed(range(len(specs) - 1)):
-        layers(s + 1, s)
+        a, b = (s, s + 1) if counts[s] > 1 else (s + 1, s)  # a stage keeps at least one layer
+        n = min(step, counts[a] - 1)
+        if n < 1:
+            raise ValueError(f"stages {s} and {s + 1} of {layout!r} hold one layer each: neither has one to give")
+        layers(a, b, n)
+        layers(b, a, n)
     groups = regrouped(groups)
     counts = [n_layers // len(groups) + (i < n_layers % len(groups)) for i in range(len(groups))]
     speeds = [f"{float(v):g}" for s in specs for v in s.speeds]
@@ -122,10 +121,10 @@ def layer_schedule(config: dict, layout: str, n_ranks: int, n_prompt: int, steps
         parts.append(":".join(speeds[rank:rank + g]) + (f"@{c}" if len(groups) > 1 else ""))
         rank += g
     stages = stage_list(groups, counts)
-    cmds.append(("ratios", ["ratios", "*".join(parts)], stages))
+    cmds.append((["ratios", "*".join(parts)], stages))
     inside = next((st for st in stages if len(st["ranks"]) > 1), None)
     if inside:
-        cmds.append(("move", unit_move(config, inside["ranks"], speeds), stages))
+        cmds.append((unit_move(config, inside["ranks"], speeds), stages))
     return at_positions(cmds, n_prompt, steps)
 
 

@@ -12,6 +12,7 @@ another Python than the project's: the llama.cpp run happens in a child process 
 (this file's `--llama-cpp-worker` mode, which needs only numpy and llama_cpp there)."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -68,8 +69,10 @@ def run_spmd(model, ranks, steps, prompt_ids, allreduce="star", ratios=None, hos
 
 
 def parse_run(text):
-    """'3' -> (3 ranks, equal shares); '2:3:3' -> (3 ranks, those ratios)."""
-    return (len(text.split(":")), text) if ":" in text else (int(text), None)
+    """'3' -> (3 ranks, equal shares); '2:3:3' -> (3 ranks, those ratios); a layout with stages ('1*1*1', '1:1*2',
+    '1:1@10*1:1@12') -> (its rank count, the layout)."""
+    text = text.strip()
+    return (int(text), None) if text.isdigit() else (len(re.split(r"[:*]", text)), text)
 
 
 # ---- llama.cpp ----------------------------------------------------------------------------------------------

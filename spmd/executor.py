@@ -78,7 +78,9 @@ class Executor:
         """Every rank: take rank 0's new plan and re-partition to it at the step's position. Returns (the agreed
         error or None, and on rank 0 every rank's figures)."""
         plan = self.comm.bcast(plan)
-        error, stats = Repartition(self.state, plan, step.pos).run()
+        error, stats, model = Repartition(self.state, plan, step.pos).run()
+        if error is None:
+            self.state.swap(plan, model)
         return error, self.comm.gather(stats)
 
     def recent(self):

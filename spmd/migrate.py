@@ -31,8 +31,9 @@ def show_plan(ranks):
     for r in ranks:
         vocab = f"{r['vocab_range'][0]}-{r['vocab_range'][1] - 1}" if r["vocab_rows"] else "-"
         layers = f"{r['layers'][0]}-{r['layers'][1] - 1}"
-        line = (f"{r['rank']:>4}  {r.get('stage', ''):>5}  {layers:<8} {r['heads']:>5}  {ranges_text(r['kv_groups']):<10} "
-                f"{r['ffn_columns']:>8}  {ranges_text(r['ffn_blocks']):<16} {vocab:<14}")
+        line = (f"{r['rank']:>4}  {r.get('stage', ''):>5}  {layers:<8} {r['heads']:>5}  "
+                f"{ranges_text(r['kv_groups']):<10} {r['ffn_columns']:>8}  {ranges_text(r['ffn_blocks']):<16} "
+                f"{vocab:<14}")
         if timed:
             line += f"  {r['compute_ms']:>10.2f}  {r['sync_ms']:>7.2f}"
         lines.append(line)

@@ -139,6 +139,7 @@ class RankState:
         try:
             self.backend = agree(comm, lambda: get_backend(self.backend_name, threads=self.threads, device=self.gpu,
                                                            wrap=self.gpu_wraps))
+            self.backend.warmup()
             t, rss = time.perf_counter(), rss_bytes()
             self.swap(plan, agree(comm, lambda: self.build_model(plan[comm.rank])))
             self.load_s = time.perf_counter() - t
@@ -170,7 +171,6 @@ class RankState:
         weights = load_shard(self.file, self.cfg, share, self.backend, read=read, keep=keep,
                              old=self.model.w if keep else None,
                              notice=self.log if self.comm.is_root else (lambda _msg: None))
-        self.backend.warmup()
         return self.backend.make_model(self.cfg, weights, share, self.max_seq)
 
     def _read_header(self):

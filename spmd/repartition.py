@@ -12,8 +12,9 @@ inside a stage, layers moved between stages, a whole new layout):
      changed ones are read from its own file, or, in peer mode, assembled from its kept slices and the received
      ones) and its new model, and writes the KV cache into it; a rank whose share did not change keeps its model;
   4. errors in step 3 (out of memory, ...) are agreed on: then every rank keeps the old plan and model;
-  5. every rank switches to the new plan (`RankState.swap`: the stage communicators follow), and rank 0 gathers
-     what each rank moved and how long it took.
+  5. `run` returns the new model (the old one where the rank's share did not change); the caller switches every
+     rank to the new plan and model (`RankState.swap`: the stage communicators follow), and rank 0 gathers what
+     each rank moved and how long it took.
 """
 import time
 from dataclasses import replace
@@ -161,7 +162,7 @@ class Repartition:
         return out
 
     def run(self):
-        """Every rank: move, build, agree, switch. Returns (error or None, this rank's stats)."""
+        """Every rank: move, build, agree. Returns (error or None, this rank's stats, the new model or None)."""
         t0 = time.perf_counter()
         outgoing, error = None, None
         try:
@@ -170,7 +171,7 @@ class Repartition:
             error = _describe(e)
         error = self.comm.first_error(error)
         if error is not None:
-            return error, self._done(t0)
+            return error, self._done(t0), None
         messages = self.comm.exchange(outgoing, self._pairs(4))
         self.stats["bytes_received"] = sum(buf.nbytes for _, buf in messages.values())
         model = None
@@ -185,9 +186,8 @@ class Repartition:
         if error is not None:
             if model is not None and model is not self.state.model:
                 model.close()
-            return error, self._done(t0)
-        self.state.swap(self.new_plan, model)
-        return None, self._done(t0)
+            return error, self._done(t0), None
+        return None, self._done(t0), model
 
     def _done(self, t0):
         self.stats["ms"] = round((time.perf_counter() - t0) * 1e3, 3)

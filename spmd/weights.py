@@ -117,7 +117,8 @@ def load_shard(f, cfg, share: Share, backend, notice=print, read=None, old=None,
             return read(f"blk.{i}.{name}", VECTOR, element_spans(cfg, share, unit)) if cfg.qkv_bias else None
         return backend.linear(read(f"blk.{i}.{name}", slicing, element_spans(cfg, share, unit)))
 
-    layers = [LayerWeights(attn_norm=f.vector(f"blk.{i}.attn_norm.weight"), ffn_norm=f.vector(f"blk.{i}.ffn_norm.weight"),
+    layers = [LayerWeights(attn_norm=f.vector(f"blk.{i}.attn_norm.weight"),
+                           ffn_norm=f.vector(f"blk.{i}.ffn_norm.weight"),
                            **{field: get(field, i) for field in LAYER_TENSORS}) for i in share.layer_ids]
     output = output_norm = None
     if share.n_vocab and old is not None and old.output is not None and "vocab" in keep:

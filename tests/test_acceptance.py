@@ -1,5 +1,7 @@
-"""The acceptance script on a tiny random model: its scenarios pass and agree, its report is complete, a scenario
-made to differ fails it (non-zero exit), and its migration schedule covers every kind with moves the plan allows."""
+"""The acceptance script on a tiny random model: its scenarios (one stage and pipeline, static and with live
+migrations) pass and agree, its report is complete, a scenario made to differ fails it (non-zero exit), its
+migration schedules cover every kind of move with moves the planner allows, and each schedule entry is sent as the
+request `python -m spmd.migrate` would send."""
 import json
 import os
 import subprocess
@@ -12,9 +14,9 @@ from spmd.synth import Shape, write_model
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
-import acceptance  # noqa: E402
+import acceptance_schedules as schedules  # noqa: E402
 
-SHAPE = Shape(dim=64, n_layers=2, n_heads=4, n_kv_heads=4, ffn=256, vocab=512, context=64)
+SHAPE = Shape(dim=64, n_layers=4, n_heads=4, n_kv_heads=4, ffn=256, vocab=512, context=64)  # 4 layers: 3 stages
 STEPS = 24
 
 
@@ -33,25 +35,31 @@ def run_acceptance(model, cwd, *args):
 
 
 def test_scenarios_pass_and_report(model, tmp_path):
-    p = run_acceptance(model, tmp_path, "--scenarios", "1,3,5", "--out", "rep")  # a relative --out: under the cwd
+    p = run_acceptance(model, tmp_path, "--scenarios", "1,3,5,7,9", "--out", "rep")  # relative --out: under the cwd
     out = tmp_path / "rep"
     report = json.loads((out / "report.json").read_text())
     failed = [c for c in report["checks"] if not c["ok"]]
     assert p.returncode == 0 and not failed, (failed, p.stderr[-3000:])
-    assert [r["id"] for r in report["runs"]] == ["1", "3", "5"]
-    assert {c["check"] for c in report["checks"] if c["run"] == "3"} >= {"ran", "tokens", "per-rank stats",
-                                                                         "same tokens as scenario 1"}
+    assert [r["id"] for r in report["runs"]] == ["1", "3", "5", "7", "9"]
+    checked = {run: {c["check"] for c in report["checks"] if c["run"] == run} for run in ("3", "7", "9")}
+    assert checked["3"] >= {"ran", "tokens", "per-rank stats", "same tokens as scenario 1"}
+    assert checked["7"] >= checked["3"] | {"stages", "weights split"}
+    assert checked["9"] >= checked["7"] | {"migrations applied", "layers moved as asked", "status answered"}
     tokens = {tuple(r["result"]["tokens"]) for r in report["runs"]}
     assert len(tokens) == 1 and len(next(iter(tokens))) == STEPS
     md = (out / "report.md").read_text()
     assert md.startswith("# Acceptance report") and "**PASS**" in md and "## Checks" in md
-    for png in ("speed.png", "rank_time.png", "rank_bytes.png"):
+    for png in ("speed.png", "rank_time.png", "rank_bytes.png", "layers.png"):
         assert (out / png).stat().st_size > 1000 and f"]({png})" in md
-    assert "mpirun -n 3" in md and "--ratios 2:3:3" in md  # the commands as run
-    run5 = report["runs"][-1]
+    assert "mpirun -n 3" in md and "--ratios 2:3:3" in md and "--ratios '1*1*1'" in md  # the commands as run
+    run5, run7, run9 = report["runs"][2:]
     kinds = {m["command"].split("--kind ")[1][0] for m in run5["migrations"] if "--kind" in m["command"]}
     assert kinds == {"1", "2", "3"} and any(" ratios " in m["command"] for m in run5["migrations"])
-    assert run5["attempts"] == 1
+    assert run5["attempts"] == 1 and run9["attempts"] == 1
+    assert [s["layers"] for s in run7["result"]["stages"]] == [[0, 2], [2, 3], [3, 4]]  # 4 layers on 3 stages
+    layer_moves = [m["request"] for m in run9["migrations"] if m["request"] and m["request"].get("kind") == "layers"]
+    assert [(r["from_stage"], r["to_stage"]) for r in layer_moves] == [(0, 1), (1, 2), (2, 1), (1, 0)]
+    assert len(run9["result"]["stages"]) == 2 and run9["result"]["plan_epoch"] == 6  # regrouped: 1:1*1
 
 
 def test_a_scenario_that_differs_fails(model, tmp_path):
@@ -74,23 +82,94 @@ def test_a_scenario_that_cannot_run_is_one_line(model, tmp_path):
 
 
 @pytest.mark.parametrize("ratios,ffn,steps", [("2:3:3", 256, 16), ("1:1", 172, 8), ("1:2:3:4", 5632, 40)])
-def test_migration_schedule_covers_every_kind(ratios, ffn, steps):
+def test_unit_schedule_covers_every_kind(ratios, ffn, steps):
     from types import SimpleNamespace
 
     from spmd import plan as P
     from spmd import replan as R
     n_prompt, n_ranks = 5, len(ratios.split(":"))
-    schedule = acceptance.migration_schedule(dict(n_kv_heads=4, ffn_dim=ffn), ratios, n_ranks, n_prompt, steps)
+    schedule = schedules.unit_schedule(dict(n_kv_heads=4, ffn_dim=ffn), ratios, n_ranks, n_prompt, steps)
     assert [c["args"][2] if c["args"][0] == "move" else c["args"][0] for c in schedule] == ["1", "2", "3", "ratios"]
-    at = [c["at"] for c in schedule]
-    assert at == sorted(set(at)) and n_prompt < at[0] and at[-1] <= n_prompt + steps - 2
-    assert all(c["args"][-2:] == ["--at", str(c["at"])] for c in schedule)
+    assert_positions(schedule, n_prompt, steps)
     dims = SimpleNamespace(n_layers=2, n_heads=8, n_kv_heads=4, ffn_dim=ffn, vocab=512)
     plan = P.make_plan(P.parse_layout(ratios, n_ranks), dims)
     for c in schedule:  # every move is one the planner accepts, on the plan the earlier ones leave
-        a = dict(zip(c["args"][1:-2:2], c["args"][2:-2:2]))
+        plan = apply(plan, c["args"], n_ranks)
+
+
+@pytest.mark.parametrize("layout,n_layers,steps,structure", [
+    ("1*1*1", 4, 24, [2, 1]), ("1*1*1", 22, 64, [2, 1]), ("1:1*1", 5, 16, [1, 2]), ("1*2:3", 6, 24, [3]),
+    ("1:1@10*2:3", 22, 40, [1, 3]), ("1*1*1*1", 8, 40, [2, 1, 1])])
+def test_layer_schedule_moves_layers_there_and_back_then_regroups(layout, n_layers, steps, structure):
+    """At each stage boundary layers go across (forward where the earlier stage can spare one) and come back; then
+    new stages (rank counts `structure`), and a move inside one of them: each accepted by the planner on the plan
+    the earlier ones leave, and leaving the stages the schedule says."""
+    from types import SimpleNamespace
+
+    from spmd import plan as P
+    n_prompt, n_ranks = 7, len(layout.replace("*", ":").split(":"))
+    config = dict(n_layers=n_layers, n_kv_heads=4, ffn_dim=256)
+    schedule = schedules.layer_schedule(config, layout, n_ranks, n_prompt, steps)
+    n_stages = layout.count("*") + 1
+    moves = [(int(c["args"][2]), int(c["args"][4]), c["args"][6]) for c in schedule if c["args"][0] == "layers"]
+    assert [{a, b} for a, b, _ in moves] == [{s, s + 1} for s in range(n_stages - 1) for _ in "there and back"]
+    assert all((b, a, n) == back for (a, b, n), back in zip(moves[::2], moves[1::2]))
+    assert moves[0][:2] == ((1, 0) if layout.startswith("1*2:3") else (0, 1))  # forward where stage 0 can spare one
+    assert [c["args"][0] for c in schedule][len(moves):] == ["ratios", "move"]
+    assert_positions(schedule, n_prompt, steps)
+    dims = SimpleNamespace(n_layers=n_layers, n_heads=8, n_kv_heads=4, ffn_dim=256, vocab=512)
+    plan = P.make_plan(P.parse_layout(layout, n_ranks), dims)
+    start = [st.layers for st in plan.stages]
+    for i, c in enumerate(schedule):
+        plan = apply(plan, c["args"], n_ranks)
+        assert [{"layers": list(st.layers), "ranks": list(st.ranks)} for st in plan.stages] == c["stages"]
+        if i % 2 and i < len(moves):  # back where they were after each there and back
+            assert [st.layers for st in plan.stages] == start
         if c["args"][0] == "ratios":
-            plan = R.relayout(plan, P.parse_layout(c["args"][1], n_ranks))
-        else:
-            heads, blocks = a.get("--heads"), a.get("--ffn-blocks")
-            plan = R.move_units(plan, int(a["--from"]), int(a["--to"]), heads and int(heads), blocks and int(blocks))
+            assert [len(st.ranks) for st in plan.stages] == structure
+
+
+def test_a_layer_schedule_needs_stages_with_layers_to_give():
+    with pytest.raises(ValueError, match="one stage"):
+        schedules.layer_schedule(dict(n_layers=4, n_kv_heads=4, ffn_dim=256), "1:1:1", 3, 5, 24)
+    with pytest.raises(ValueError, match="at most one stage per layer"):
+        schedules.layer_schedule(dict(n_layers=2, n_kv_heads=4, ffn_dim=256), "1*1*1", 3, 5, 24)
+    with pytest.raises(ValueError, match="neither has one to give"):
+        schedules.layer_schedule(dict(n_layers=3, n_kv_heads=4, ffn_dim=256), "1*1*1", 3, 5, 24)
+    with pytest.raises(ValueError, match="too few"):
+        schedules.layer_schedule(dict(n_layers=4, n_kv_heads=4, ffn_dim=256), "1*1*1", 3, 5, 6)
+
+
+def assert_positions(schedule, n_prompt, steps):
+    """Distinct increasing positions inside the generation, a token boundary left after the last for a status."""
+    at = [c["at"] for c in schedule]
+    assert at == sorted(set(at)) and n_prompt < at[0] and at[-1] <= n_prompt + steps - 3
+    assert all(c["args"][-2:] == ["--at", str(c["at"])] for c in schedule)
+
+
+def apply(plan, args, n_ranks):
+    """The plan after one schedule entry, by the planner's own functions (which refuse a move it does not allow)."""
+    from spmd import plan as P
+    from spmd import replan as R
+    a = dict(zip(args[1:-2:2], args[2:-2:2]))
+    if args[0] == "ratios":
+        return R.relayout(plan, P.parse_layout(args[1], n_ranks))
+    if args[0] == "layers":
+        return R.move_layers(plan, int(a["--from-stage"]), int(a["--to-stage"]), int(a["--count"]))
+    heads, blocks = a.get("--heads"), a.get("--ffn-blocks")
+    return R.move_units(plan, int(a["--from"]), int(a["--to"]), heads and int(heads), blocks and int(blocks))
+
+
+def test_each_entry_is_sent_as_spmd_migrate_sends_it(monkeypatch):
+    """The schedule goes over one connection as request lines; by hand, the report's `python -m spmd.migrate ...`
+    lines must send the same requests."""
+    from spmd import migrate
+    sent = []
+    monkeypatch.setattr(migrate, "request", lambda _path, req, _timeout=None: sent.append(req) or {"ok": True})
+    config = dict(n_layers=6, n_kv_heads=4, ffn_dim=256)
+    entries = (schedules.unit_schedule(config, "2:3:3", 3, 5, 24)
+               + schedules.layer_schedule(config, "1*1*1", 3, 5, 24) + [dict(args=["status"])])
+    for c in entries:
+        migrate.main(["--socket", "/nonexistent.sock", *c["args"]])  # exits only on an error
+        assert sent[-1] == schedules.request_of(c["args"]), c["args"]
+    assert len(sent) == len(entries)

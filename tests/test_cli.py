@@ -38,7 +38,10 @@ def test_json_output(model):
     assert r["prompt_tokens"][0] == 1 and len(r["tokens"]) == 5
     assert set(r) >= {"text", "prefill_ms", "decode_tokens_per_s", "ms_per_token", "ranks"}
     assert set(r["ranks"][0]["share"]) == {"layers", "heads", "kv_heads", "ffn_columns", "vocab_rows"}
-    assert r["ranks"][0]["share"]["layers"] == [0, 2] and r["stages"] == [{"stage": 0, "layers": [0, 2], "ranks": [0], "compute_ms": r["ranks"][0]["compute_ms"], "sync_ms": r["ranks"][0]["sync_ms"]}]
+    rank0 = r["ranks"][0]
+    assert rank0["share"]["layers"] == [0, 2] and rank0["stage"] == 0
+    assert r["stages"] == [{"stage": 0, "layers": [0, 2], "ranks": [0], "compute_ms": rank0["compute_ms"],
+                            "sync_ms": rank0["sync_ms"]}]
 
 
 def test_text_output_streams_then_summarises(model):

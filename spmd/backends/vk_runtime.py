@@ -368,11 +368,16 @@ class Recording:
                                   vk.ffi.new("char[]", push))
         vk.vkCmdDispatch(self.cmd, *groups)
 
-    def barrier(self, to_host=False):
-        """Writes of the dispatches before are visible to those after (and to the host with to_host)."""
-        dst_stage = vk.VK_PIPELINE_STAGE_HOST_BIT if to_host else vk.VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT
-        dst_access = vk.VK_ACCESS_HOST_READ_BIT if to_host else (vk.VK_ACCESS_SHADER_READ_BIT
-                                                                 | vk.VK_ACCESS_SHADER_WRITE_BIT)
+    def barrier(self, to_host=False, to_copy=False):
+        """Writes of the dispatches before are visible to those after (to the host with to_host, to a buffer copy
+        with to_copy)."""
+        if to_copy:
+            dst_stage, dst_access = vk.VK_PIPELINE_STAGE_TRANSFER_BIT, vk.VK_ACCESS_TRANSFER_READ_BIT
+        elif to_host:
+            dst_stage, dst_access = vk.VK_PIPELINE_STAGE_HOST_BIT, vk.VK_ACCESS_HOST_READ_BIT
+        else:
+            dst_stage = vk.VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT
+            dst_access = vk.VK_ACCESS_SHADER_READ_BIT | vk.VK_ACCESS_SHADER_WRITE_BIT
         src_stage = vk.VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT | vk.VK_PIPELINE_STAGE_TRANSFER_BIT
         mb = vk.VkMemoryBarrier(srcAccessMask=vk.VK_ACCESS_SHADER_WRITE_BIT | vk.VK_ACCESS_TRANSFER_WRITE_BIT,
                                 dstAccessMask=dst_access)

@@ -19,7 +19,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from ..quants import QTensor
-from . import Backend, prepare_call, vk_runtime
+from . import Backend, prepare_call
 from .vk_runtime import Buffer, Device, Recording, env_tuple
 
 TYPES = {T.F32: "f32", T.F16: "f16", T.BF16: "bf16", T.Q8_0: "q8_0", T.Q4_0: "q4_0"}
@@ -32,16 +32,6 @@ _DEVICES = {}  # one Device per GPU index, shared by every backend and model of 
 
 def pad(n, unit=32):
     return -(-n // unit) * unit
-
-
-def copy_after_dispatches(rec, src, dst, nbytes):
-    """Record a copy of the first nbytes of src, which the dispatches before wrote, into dst (with the
-    compute-to-transfer barrier that `Recording.barrier`, made for compute and host readers, does not give)."""
-    vk = vk_runtime.vk
-    mb = vk.VkMemoryBarrier(srcAccessMask=vk.VK_ACCESS_SHADER_WRITE_BIT, dstAccessMask=vk.VK_ACCESS_TRANSFER_READ_BIT)
-    vk.vkCmdPipelineBarrier(rec.cmd, vk.VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT, vk.VK_PIPELINE_STAGE_TRANSFER_BIT, 0,
-                            1, [mb], 0, None, 0, None)
-    rec.dev.copy(rec, src, dst, nbytes)
 
 
 def whole(b):

@@ -30,7 +30,7 @@ import numpy as np
 from ..errors import UserError
 from ..model import Rope, stage_schedule
 from .vk_runtime import Buffer, Recording
-from .vulkan import copy_after_dispatches, pad
+from .vulkan import pad
 
 ATTENTION_PUSH = "<8If"  # group, qkv_stride, k_off, v_off, o_stride, max_seq, rope_dim, neox, scale
 NORM_PUSH = "<4If"  # dim, x_stride, x_off, y_stride, eps
@@ -155,7 +155,8 @@ class VulkanModel:
         if head:
             self._classifier(recs[-1], a)
         elif a.io is not a.x:  # the hidden state back to the host
-            copy_after_dispatches(recs[-1], a.x, a.io, a.x.nbytes)
+            recs[-1].barrier(to_copy=True)
+            self.dev.copy(recs[-1], a.x, a.io, a.x.nbytes)
         recs[-1].barrier(to_host=True)
         recs[-1].mark("classifier" if head else "hidden state out")
         recs[-1].end()
