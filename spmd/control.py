@@ -55,6 +55,28 @@ def make_private_dir(path):
                         "--control-socket PATH")
 
 
+def remove_stale(folder):
+    """Remove the socket files in the per-user folder whose job has died without removing its own (killed with
+    SIGKILL, or taken down by mpirun when its output pipe closed): no process of that pid, nobody listening."""
+    for name in os.listdir(folder):
+        pid = name[len("control-"):-len(".sock")]
+        if not (name.startswith("control-") and name.endswith(".sock") and pid.isdigit()):
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # the process is there (perhaps still starting): its file
+        except PermissionError:
+            continue
+        except (ProcessLookupError, OverflowError):
+            pass
+        path = os.path.join(folder, name)
+        try:
+            if stat.S_ISSOCK(os.lstat(path).st_mode) and not is_live(path):
+                os.unlink(path)
+        except OSError:
+            pass
+
+
 def is_live(path) -> bool:
     """Whether a process accepts connections on the Unix socket at `path`."""
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

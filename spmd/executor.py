@@ -87,7 +87,7 @@ class Executor:
         """This rank's share and its mean compute and sync time per decode step over the last steps."""
         n = len(self._recent)
         compute, sync = (sum(c for c, _ in self._recent), sum(s for _, s in self._recent)) if n else (0.0, 0.0)
-        return {**self.state.share.layout(), "stage": self.state.stage.index, "host": host_name(),
+        return {**self.state.plan.layout()[self.comm.rank], "host": host_name(),
                 "compute_ms": round(compute * 1e3 / max(n, 1), 3), "sync_ms": round(sync * 1e3 / max(n, 1), 3),
                 "steps": n}
 

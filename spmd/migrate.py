@@ -30,7 +30,7 @@ def show_plan(ranks):
              f"{'ffn blocks':<16} {'vocab rows':<14}" + ("  compute ms  sync ms" if timed else "")]
     for r in ranks:
         vocab = f"{r['vocab_range'][0]}-{r['vocab_range'][1] - 1}" if r["vocab_rows"] else "-"
-        layers = f"{r['layers'][0]}-{r['layers'][1] - 1}"
+        layers = ranges_text([r["layers"]])
         line = (f"{r['rank']:>4}  {r.get('stage', ''):>5}  {layers:<8} {r['heads']:>5}  "
                 f"{ranges_text(r['kv_groups']):<10} {r['ffn_columns']:>8}  {ranges_text(r['ffn_blocks']):<16} "
                 f"{vocab:<14}")
@@ -41,7 +41,8 @@ def show_plan(ranks):
 
 
 def show_stages(stages):
-    return "\n".join(f"stage {s['stage']}: layers {s['layers'][0]}-{s['layers'][1] - 1} on ranks "
+    return "\n".join(f"stage {s['stage']}: layer{'s' * (s['layers'][1] - s['layers'][0] > 1)} "
+                     f"{ranges_text([s['layers']])} on rank{'s' * (len(s['ranks']) > 1)} "
                      f"{ranges_text([(s['ranks'][0], s['ranks'][-1] + 1)])}"
                      + (f", {s['compute_ms']:.2f} ms compute, {s['sync_ms']:.2f} ms sync per token"
                         if "compute_ms" in s else "") for s in stages)

@@ -17,7 +17,7 @@ A stage without `@N` gets layers in proportion to the sum of its ranks' speeds (
 units inside a stage follow its ranks' speeds. Everything else (the ring allreduce's chunk weights, the logits
 counts, the layout text shown) is derived from the plan; live changes to it are in `spmd.replan`.
 """
-import math
+import re
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -168,7 +168,9 @@ class Plan:
         return [{"stage": st.index, "layers": list(st.layers), "ranks": list(st.ranks)} for st in self.stages]
 
     def layout(self) -> list:
-        return [s.layout() for s in self.shares]
+        """Per rank: its stage and the units it holds (`Share.layout`)."""
+        stage = {r: st.index for st in self.stages for r in st.ranks}
+        return [{**s.layout(), "stage": stage[s.rank]} for s in self.shares]
 
 
 # ---- the layout text ------------------------------------------------------------------------------------------
@@ -178,43 +180,62 @@ class StageSpec:
     n_layers: int = None  # pinned with @N, else None
 
 
-def _numbers(text, part, name):
+@dataclass(frozen=True)
+class Layout:
+    """A parsed layout: its stages, and how messages name it ("--ratios '1:1*2'", "ratios '1*1'")."""
+    stages: tuple  # StageSpec per stage
+    what: str
+
+    def __iter__(self):
+        return iter(self.stages)
+
+    def __len__(self):
+        return len(self.stages)
+
+    def __getitem__(self, i):
+        return self.stages[i]
+
+
+NUMBER = re.compile(r"[+-]?(([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?|[0-9]+/[0-9]+)", re.ASCII)
+COUNT = re.compile(r"[0-9]+", re.ASCII)
+
+
+def _numbers(part, what):
     pieces = [p.strip() for p in part.replace(",", ":").split(":")]
-    bad = f"{name} {text!r}: expected numbers separated by ':' and stages by '*' (for example 2:3:3 or 1:1*2)"
-    try:
-        # float() first: Fraction("1e100000000") would build a 100-million-digit integer
-        approx = [float(Fraction(p)) if "/" in p else float(p) for p in pieces]
-    except (ValueError, ZeroDivisionError, OverflowError):
-        raise UserError(bad) from None
-    if any(not math.isfinite(v) for v in approx):
+    bad = f"{what}: expected numbers separated by ':' and stages by '*' (for example 2:3:3 or 1:1*2)"
+    if not all(NUMBER.fullmatch(p) for p in pieces):
         raise UserError(bad)
+    try:  # float() first: Fraction("1e100000000") would build a 100-million-digit integer
+        approx = [float(Fraction(p)) if "/" in p else float(p) for p in pieces]
+    except ZeroDivisionError:
+        raise UserError(bad) from None
     if any(not v > 0 for v in approx):
-        raise UserError(f"{name} {text!r}: every ratio must be positive")
+        raise UserError(f"{what}: every ratio must be positive")
     if any(not RATIO_RANGE[0] <= v <= RATIO_RANGE[1] for v in approx):
-        raise UserError(f"{name} {text!r}: every ratio must lie between {RATIO_RANGE[0]:g} and {RATIO_RANGE[1]:g}")
+        raise UserError(f"{what}: every ratio must lie between {RATIO_RANGE[0]:g} and {RATIO_RANGE[1]:g}")
     return tuple(Fraction(p) for p in pieces)
 
 
-def parse_layout(text, n_ranks: int, name: str = "--ratios") -> tuple:
-    """'1:1@10*2:3' -> (StageSpec((1, 1), 10), StageSpec((2, 3), None)); None -> one stage of equal speeds.
+def parse_layout(text, n_ranks: int, name: str = "--ratios") -> Layout:
+    """'1:1@10*2:3' -> stages (StageSpec((1, 1), 10), StageSpec((2, 3), None)); None -> one stage of equal speeds.
     Refuses a wrong rank count, zero or negative speeds, and a bad @N. `name` is what the messages call the text
     (the flag, or the socket request's field)."""
     if text is None:
-        return (StageSpec((Fraction(1),) * n_ranks),)
+        return Layout((StageSpec((Fraction(1),) * n_ranks),), "equal shares")
+    what = f"{name} {str(text)[:200]!r}"
     specs = []
     for part in str(text).split("*"):
         layers = None
         if "@" in part:
             part, _, count = part.partition("@")
-            if not count.strip().isdigit() or int(count) < 1:
-                raise UserError(f"{name} {text!r}: @{count.strip()} must be a whole number of layers, at least 1")
+            if not COUNT.fullmatch(count.strip()) or int(count) < 1:
+                raise UserError(f"{what}: @{count.strip()} must be a whole number of layers, at least 1")
             layers = int(count)
-        specs.append(StageSpec(_numbers(text, part, name), layers))
+        specs.append(StageSpec(_numbers(part, what), layers))
     n = sum(len(s.speeds) for s in specs)
     if n != n_ranks:
-        raise UserError(f"{name} {text!r} has {n} value{'s' * (n != 1)} but the job has "
-                        f"{n_ranks} rank{'s' * (n_ranks != 1)}")
-    return tuple(specs)
+        raise UserError(f"{what} has {n} value{'s' * (n != 1)} but the job has {n_ranks} rank{'s' * (n_ranks != 1)}")
+    return Layout(tuple(specs), what)
 
 
 def apportion(total: int, ratios) -> list:
@@ -229,23 +250,26 @@ def apportion(total: int, ratios) -> list:
     return counts
 
 
-def stage_layers(specs, n_layers: int, name="--ratios") -> list:
+def stage_layers(layout, n_layers: int) -> list:
     """Layer count of each stage: pinned ones as given, the others in proportion to the sum of their speeds (at
     least one each)."""
-    text = "*".join(":".join(f"{float(r):g}" for r in s.speeds) + (f"@{s.n_layers}" if s.n_layers else "")
-                    for s in specs)
+    specs, what = layout.stages, layout.what
     if len(specs) > n_layers:
-        raise UserError(f"{name} {text!r} makes {len(specs)} stages but the model has {n_layers} "
+        raise UserError(f"{what} makes {len(specs)} stages but the model has {n_layers} "
                         f"layer{'s' * (n_layers != 1)}: at most one stage per layer")
     free = [i for i, s in enumerate(specs) if s.n_layers is None]
-    left = n_layers - sum(s.n_layers for s in specs if s.n_layers is not None)
-    if not free and left != 0 or left < len(free):
-        pinned = n_layers - left
-        raise UserError(f"{name} {text!r}: the @N counts add up to {pinned} layers but the model has {n_layers}"
-                        + (f", leaving fewer than one for each of the other {len(free)} stages" if free else ""))
+    pinned = sum(s.n_layers for s in specs if s.n_layers is not None)
+    if not free and pinned != n_layers:
+        raise UserError(f"{what}: the @N counts add up to {pinned} layers but the model has {n_layers}")
+    if free and pinned >= n_layers:
+        raise UserError(f"{what}: the @N counts add up to {pinned} layers but the model has {n_layers}, which "
+                        f"leaves none for the stage{'s' * (len(free) != 1)} without @N")
+    if free and n_layers - pinned < len(free):
+        raise UserError(f"{what}: the @N counts take {pinned} of the model's {n_layers} layers, which leaves "
+                        f"{n_layers - pinned} for {len(free)} more stages: each needs at least one")
     counts = [s.n_layers for s in specs]
     if free:
-        shares = apportion(left, [sum(specs[i].speeds) for i in free])
+        shares = apportion(n_layers - pinned, [sum(specs[i].speeds) for i in free])
         for _ in range(shares.count(0)):  # at least one layer a stage: from the stage with the most
             shares[shares.index(max(shares))] -= 1
             shares[shares.index(0)] = 1
@@ -272,6 +296,7 @@ def n_ffn_blocks(ffn_dim: int) -> int:
 
 
 def refuse_empty(shares, why):
+    """`why` names what made the shares, as the subject of "leave(s)": "--ratios '1:9'", "moving them"."""
     for s in shares:
         if s.is_empty:
             raise UserError(f"{why} leave{'s' * why.startswith('moving')} rank {s.rank} no heads, FFN columns "
@@ -290,19 +315,17 @@ def stage_shares(ranks, speeds, layers, dims, last, kv=None, blocks=None) -> lis
             for r, k, b, at, n in zip(ranks, kv, blocks, starts(rows), rows)]
 
 
-def make_plan(specs, dims, epoch=0) -> Plan:
+def make_plan(layout, dims, epoch=0) -> Plan:
     """The plan for a parsed layout on a model of `dims` (anything with n_layers, n_heads, n_kv_heads, ffn_dim,
     vocab: the ModelConfig); refuses layouts that leave a rank with nothing at all."""
-    counts = stage_layers(specs, dims.n_layers)
+    counts = stage_layers(layout, dims.n_layers)
     shares, rank = [], 0
-    for i, (spec, first, count) in enumerate(zip(specs, starts(counts), counts)):
+    for i, (spec, first, count) in enumerate(zip(layout, starts(counts), counts)):
         ranks = tuple(range(rank, rank + len(spec.speeds)))
-        shares += stage_shares(ranks, spec.speeds, (first, first + count), dims, i == len(specs) - 1)
+        shares += stage_shares(ranks, spec.speeds, (first, first + count), dims, i == len(layout) - 1)
         rank += len(ranks)
-    speeds = tuple(v for s in specs for v in s.speeds)
-    plan = Plan(tuple(shares), speeds, epoch)
-    refuse_empty(plan, f"ratios {plan.text()}")
-    return plan
+    refuse_empty(shares, layout.what)
+    return Plan(tuple(shares), tuple(v for s in layout for v in s.speeds), epoch)
 
 
 def chunk_counts(n: int, ratios) -> list:

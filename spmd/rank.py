@@ -212,10 +212,11 @@ class RankState:
         """Rank 0: the control socket's listener (None without one). It validates requests against self.plan."""
         if self.opts.control_socket is None:
             return None
-        from .control import Listener, make_private_dir, socket_dir
+        from .control import Listener, make_private_dir, remove_stale, socket_dir
         path = self.opts.control_socket
         if os.path.dirname(os.path.abspath(path)) == socket_dir():
             make_private_dir(socket_dir())
+            remove_stale(socket_dir())
         first = len(self.prompt)  # token boundaries: positions first..last (none after the last sampled token)
         listener = Listener(path, self, first, first + self.steps - 2)
         self.log(f"control socket: {path}")

@@ -3,7 +3,7 @@
     move_units(plan, src, dst, kv_groups=, ffn_blocks=)   KV-head groups and/or FFN blocks between two ranks of a
                                                            stage: the source's last units, nothing else moves
     move_layers(plan, from_stage, to_stage, count)         the `count` boundary layers between adjacent stages
-    relayout(plan, specs)                                  a whole new layout (`plan.parse_layout`) for the same
+    relayout(plan, layout)                                 a whole new layout (`plan.parse_layout`) for the same
                                                            ranks, stage structure included; each rank keeps what
                                                            it can of its KV heads and FFN blocks
     diff(old, new)                                         the units that change hands, layer by layer
@@ -83,7 +83,7 @@ def move_units(plan, src: int, dst: int, kv_groups: int = None, ffn_blocks: int 
     speeds = list(plan.speeds)
     for r, w in zip(stage.ranks, work):
         speeds[r] = w * total / sum(work)
-    return _next(plan, shares, speeds, f"moving them from rank {src} would")
+    return _next(plan, shares, speeds, f"moving them from rank {src}")
 
 
 def move_layers(plan, from_stage: int, to_stage: int, count: int) -> Plan:
@@ -106,7 +106,7 @@ def move_layers(plan, from_stage: int, to_stage: int, count: int) -> Plan:
         {from_stage: (a + count, b), to_stage: (c, a + count)}
     shares = [replace(s, layers=new[st.index]) if st.index in new else s
               for st in stages for s in (plan[r] for r in st.ranks)]
-    return _next(plan, shares, plan.speeds, "moving layers would")
+    return _next(plan, shares, plan.speeds, "moving layers")
 
 
 def _keep_what_you_can(held, counts, n_units) -> list:
@@ -126,27 +126,28 @@ def _keep_what_you_can(held, counts, n_units) -> list:
     return out
 
 
-def relayout(plan, specs) -> Plan:
-    """A plan for the parsed layout `specs` (same rank count), each rank keeping what it can of its units."""
-    n = sum(len(s.speeds) for s in specs)
+def relayout(plan, layout) -> Plan:
+    """A plan for the parsed `layout` (same rank count), each rank keeping what it can of its units; refuses one
+    that would change nothing."""
+    n = sum(len(s.speeds) for s in layout)
     if n != len(plan):
-        raise UserError(f"the layout has {n} ranks but the job has {len(plan)}")
+        raise UserError(f"{layout.what} has {n} ranks but the job has {len(plan)}")
     dims = dims_of(plan)
-    counts = stage_layers(specs, dims.n_layers, name="ratios")
+    counts = stage_layers(layout, dims.n_layers)
     shares, rank = [], 0
-    for i, (spec, first, count) in enumerate(zip(specs, starts(counts), counts)):
+    for i, (spec, first, count) in enumerate(zip(layout, starts(counts), counts)):
         ranks = range(rank, rank + len(spec.speeds))
         kv = _keep_what_you_can([plan[r].kv for r in ranks], apportion(dims.n_kv_heads, spec.speeds),
                                 dims.n_kv_heads)
         blocks = _keep_what_you_can([plan[r].ffn_blocks for r in ranks],
                                     apportion(n_ffn_blocks(dims.ffn_dim), spec.speeds), n_ffn_blocks(dims.ffn_dim))
-        shares += stage_shares(tuple(ranks), spec.speeds, (first, first + count), dims, i == len(specs) - 1,
+        shares += stage_shares(tuple(ranks), spec.speeds, (first, first + count), dims, i == len(layout) - 1,
                                kv, blocks)
         rank += len(ranks)
-    speeds = [v for s in specs for v in s.speeds]
-    new = Plan(tuple(shares), tuple(speeds), plan.epoch + 1)
-    refuse_empty(new, f"ratios {new.text()}")
-    return new
+    speeds = tuple(v for s in layout for v in s.speeds)
+    if tuple(shares) == plan.shares and speeds == plan.speeds:
+        raise UserError(f"{layout.what} would change nothing: the plan is already {plan.text()}")
+    return _next(plan, shares, speeds, layout.what)
 
 
 def diff(old, new) -> list:

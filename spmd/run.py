@@ -121,17 +121,26 @@ def write_stdout(piece):
 
 
 def main(argv=None):
-    """Ctrl-C, or a SIGTERM (mpirun passes both on to every rank), stops without a traceback; under way, every
-    rank stops together and rank 0's control socket file is removed."""
+    """Ctrl-C, or a SIGTERM (mpirun passes both on to every rank), stops without a traceback, with the shell's
+    exit status for the signal (130, 143); under way, every rank stops together and rank 0's control socket file
+    is removed."""
     signal.signal(signal.SIGTERM, interrupt)
     try:
         run(argv)
     except KeyboardInterrupt:  # before the engine started (importing, parsing): nothing to clean up
-        sys.exit(130)
+        sys.exit(signal_status())
 
 
-def interrupt(_signum, _frame):
+_signals = []  # the signal that stopped the run: SIGTERM is raised as a KeyboardInterrupt too
+
+
+def interrupt(signum, _frame):
+    _signals.append(signum)
     raise KeyboardInterrupt
+
+
+def signal_status():
+    return 128 + (_signals[0] if _signals else signal.SIGINT)
 
 
 def run(argv):
@@ -168,8 +177,8 @@ def run(argv):
         if comm.size > 1:
             if not comm.is_root:  # rank 0 (removing its socket file) aborts first, unless it is stuck in a step
                 time.sleep(1.0)
-            comm.abort(130)
-        sys.exit(130)
+            comm.abort(signal_status())
+        sys.exit(signal_status())
     except Exception:  # a bug, not a user mistake: show it, and take every rank down instead of hanging
         traceback.print_exc()
         sys.stderr.flush()

@@ -221,6 +221,6 @@ def test_a_signal_stops_every_rank_and_removes_the_socket(tmp_path, ranks, sig):
     assert len(p.stdout.read(8)) == 8  # generating
     p.send_signal(sig)
     _, err = p.communicate(timeout=60)
-    assert p.returncode != 0
+    assert p.returncode == 128 + sig or ranks > 1 and p.returncode != 0  # mpirun reports in its own way
     assert "Traceback" not in err, err
     assert not sock.exists()

@@ -164,7 +164,8 @@ def test_status_and_migrate_replies(served, path):
     ({"cmd": "migrate", "kind": "layers", "from_stage": 0, "to_stage": 1, "count": 1},
      r"'to_stage' 1 is out of range: the plan has stages 0..0"),
     ({"cmd": "migrate", "ratios": "1*1*1*1*1"}, "has 5 values but the job has 3 ranks"),
-    ({"cmd": "migrate", "ratios": "1@3*1@3*1"}, "the @N counts add up to 6 layers but the model has 4"),
+    ({"cmd": "migrate", "ratios": "1@3*1@3*1"}, "the @N counts add up to 6 layers but the model has 4, which leaves"),
+    ({"cmd": "migrate", "ratios": "1:1:1"}, "^ratios '1:1:1' would change nothing: the plan is already 1:1:1$"),
     ({"cmd": "migrate", "ratios": "1@0*1:1"}, "@0 must be a whole number of layers, at least 1"),
     ({"cmd": "migrate", "ratios": "1:1"}, "^ratios '1:1' has 2 values but the job has 3 ranks"),
     ({"cmd": "migrate", "ratios": "1:0:1"}, "must be positive"),
@@ -452,19 +453,20 @@ def test_client_prints_status_and_plans_readably(path):
     listener = Listener(path, state(), 10, 100)
     listener.close()
     plan = make_plan(parse_layout("1:1*1", 3), DIMS)
-    ranks = [{**s.layout(), "stage": int(s.rank == 2), "compute_ms": 1.5, "sync_ms": 0.25} for s in plan]
+    ranks = [{**r, "compute_ms": 1.5, "sync_ms": 0.25} for r in plan.layout()]
     stages = [{**st, "compute_ms": 1.5, "sync_ms": 0.25} for st in plan.describe()]
     text = show({"ok": True, "position": 12, "epoch": 0, "ratios": plan.text(), "n_layers": 4, "stages": stages,
                  "ranks": ranks})
     lines = text.splitlines()
     assert lines[0] == "position 12, plan epoch 0, layout 1:1@3*1@1"
     assert lines[1] == "stage 0: layers 0-2 on ranks 0-1, 1.50 ms compute, 0.25 ms sync per token"
-    assert lines[2] == "stage 1: layers 3-3 on ranks 2, 1.50 ms compute, 0.25 ms sync per token"
+    assert lines[2] == "stage 1: layer 3 on rank 2, 1.50 ms compute, 0.25 ms sync per token"
     assert lines[4].split() == ["0", "0", "0-2", "4", "0-1", "128", "0-3", "-", "1.50", "0.25"]
-    assert lines[6].split() == ["2", "1", "3-3", "8", "0-3", "256", "0-7", "0-511", "1.50", "0.25"]
+    assert lines[6].split() == ["2", "1", "3", "8", "0-3", "256", "0-7", "0-511", "1.50", "0.25"]
     text = show({"ok": True, "epoch": 1, "applied_at": 30, "bytes_moved": 2_500_000, "ms": 12.25, "ratios": "1:1:2",
                  "stages": PLAN.describe(), "plan": PLAN.layout()})
     assert text.splitlines()[0] == "applied at position 30: plan epoch 1, 2.50 MB moved in 12.2 ms; layout now 1:1:2"
+    assert text.splitlines()[3].split()[:3] == ["0", "0", "0-3"]  # rank 0, stage 0, layers 0-3
 
 
 @pytest.mark.parametrize("args, message", [
@@ -477,3 +479,21 @@ def test_client_usage_mistake_is_one_line(args, message):
     assert p.returncode == 2
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], p.stderr
+
+
+def test_stale_sockets_of_dead_jobs_are_removed(tmp_path):
+    folder = tmp_path / "spmd"
+    control.make_private_dir(str(folder))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = folder / f"control-{int(dead.stdout)}.sock"  # a pid that has gone (and is not reused this soon)
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(stale))
+    s.close()
+    mine = Listener(str(folder / f"control-{os.getpid()}.sock"), state(), 10, 100)  # alive: kept
+    other = folder / "notes.txt"
+    other.write_text("not ours")
+    try:
+        control.remove_stale(str(folder))
+        assert sorted(p.name for p in folder.iterdir()) == sorted([f"control-{os.getpid()}.sock", "notes.txt"])
+    finally:
+        mine.close()

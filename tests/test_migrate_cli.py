@@ -71,7 +71,7 @@ def test_migrations_from_the_command_line_keep_the_text(tmp_path):
     assert json.loads(steps[5].stdout)["stages"] == [{"stage": 0, "layers": [0, 1], "ranks": [0]},
                                                      {"stage": 1, "layers": [1, 2], "ranks": [1]}], steps[5].stderr
     lines = steps[6].stdout.splitlines()
-    assert lines[1].startswith("stage 0: layers 0-0 on ranks 0, ") and lines[2].startswith("stage 1: layers 1-1 on ")
+    assert lines[1].startswith("stage 0: layer 0 on rank 0, ") and lines[2].startswith("stage 1: layer 1 on rank 1, ")
     assert steps[7].returncode == 1 and steps[7].stderr == ("error: stage 0 has 1 layer; it must keep at least one, "
                                                             "so at most 0 can move\n")
     result = json.loads(out)

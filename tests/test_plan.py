@@ -68,9 +68,11 @@ def test_stages_get_layers_in_proportion_to_their_speed(text, layers, ranks):
 
 
 def test_parse_layout_reads_stages_speeds_and_pins():
-    assert parse_layout("1:1@10*2:3", 4) == (StageSpec((1, 1), 10), StageSpec((2, 3), None))
-    assert parse_layout(None, 3) == (StageSpec((1, 1, 1)),)
-    assert parse_layout("0.5*1/2", 2) == (StageSpec((Fraction(1, 2),)), StageSpec((Fraction(1, 2),)))
+    assert parse_layout("1:1@10*2:3", 4).stages == (StageSpec((1, 1), 10), StageSpec((2, 3), None))
+    assert parse_layout("1:1@10*2:3", 4).what == "--ratios '1:1@10*2:3'"
+    assert parse_layout(None, 3).stages == (StageSpec((1, 1, 1)),)
+    assert parse_layout("0.5*1/2", 2).stages == (StageSpec((Fraction(1, 2),)), StageSpec((Fraction(1, 2),)))
+    assert parse_layout(" 1 : 2 * 3@ 4", 3, name="ratios").stages == (StageSpec((1, 2)), StageSpec((3,), 4))
 
 
 def test_apportion_follows_ratios_within_one_unit():
@@ -125,6 +127,14 @@ def test_ffn_not_a_multiple_of_the_block():
     ("1@x*1", 2, "@x must be a whole number of layers"),
     ("1@0*1", 2, "@0 must be a whole number of layers, at least 1"),
     ("1@-3*1", 2, "@-3 must be a whole number"),
+    ("\uff11*1", 2, "expected numbers"),  # a full-width digit
+    ("\u0663*1", 2, "expected numbers"),  # an Arabic-Indic digit
+    ("1_0*1", 2, "expected numbers"),
+    ("1@\uff12*1", 2, "must be a whole number of layers"),
+    ("1@1e0*1", 2, "must be a whole number of layers"),
+    ("0x10", 1, "expected numbers"),
+    ("1/0", 1, "expected numbers"),
+    ("inf", 1, "expected numbers"),
 ])
 def test_bad_layouts_are_refused(text, n, message):
     with pytest.raises(UserError, match=message):
@@ -135,8 +145,7 @@ def test_bad_layouts_are_refused(text, n, message):
     ("1*1*1", "makes 3 stages but the model has 2 layers: at most one stage per layer"),
     ("1@1*1@2", "the @N counts add up to 3 layers but the model has 2"),
     ("1@1*1@0", "@0 must be a whole number"),
-    ("1@2*1", "the @N counts add up to 2 layers but the model has 2, leaving fewer than one for each of the other "
-              "1 stages"),
+    ("1@2*1", "the @N counts add up to 2 layers but the model has 2, which leaves none for the stage without @N"),
     ("1@1*1@1*1", "makes 3 stages"),
 ])
 def test_layouts_that_do_not_fit_the_model_are_refused(text, message):
@@ -145,9 +154,18 @@ def test_layouts_that_do_not_fit_the_model_are_refused(text, message):
         make_plan(parse_layout(text, len(text.replace("*", ":").split(":"))), dims)
 
 
+def test_too_few_layers_left_for_the_stages_without_a_count():
+    dims = SimpleNamespace(n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=128, vocab=64)
+    with pytest.raises(UserError, match="the @N counts take 3 of the model's 4 layers, which leaves 1 for 2 more "
+                                        "stages: each needs at least one"):
+        make_plan(parse_layout("1@3*1*1", 3), dims)
+
+
+
+
 def test_ratios_that_leave_a_rank_nothing_are_refused():
     dims = SimpleNamespace(n_layers=2, n_heads=2, n_kv_heads=2, ffn_dim=64, vocab=8)
-    with pytest.raises(UserError, match="leave rank 1 no heads, FFN columns or vocabulary rows"):
+    with pytest.raises(UserError, match="^--ratios '1000:1' leave rank 1 no heads, FFN columns or vocabulary rows"):
         make_plan(parse_layout("1000:1", 2), dims)
     with pytest.raises(UserError, match="leave rank 1 no heads"):  # in a middle stage: no vocabulary rows either
         make_plan(parse_layout("1000:1*1", 3), dims)

@@ -125,7 +125,8 @@ def test_relayout_follows_the_ratios_and_keeps_what_each_rank_has():
     assert {m[0] for m in moved} == {"ffn", "vocab"}
     assert sum(m[0] == "ffn" for m in moved) == (59 - 44) * 2 * 6  # ranks 0, 1 give 15 blocks each, every layer
     assert all(m[4] == 2 for m in moved if m[0] == "ffn")
-    assert diff(new, relayout(new, parse_layout("1:1:2", 3))) == []
+    with pytest.raises(UserError, match="^--ratios '1:1:2' would change nothing: the plan is already 1:1:2$"):
+        relayout(new, parse_layout("1:1:2", 3))
 
 
 def test_relayout_regroups_stages():
