@@ -161,8 +161,6 @@ def test_too_few_layers_left_for_the_stages_without_a_count():
         make_plan(parse_layout("1@3*1*1", 3), dims)
 
 
-
-
 def test_ratios_that_leave_a_rank_nothing_are_refused():
     dims = SimpleNamespace(n_layers=2, n_heads=2, n_kv_heads=2, ffn_dim=64, vocab=8)
     with pytest.raises(UserError, match="^--ratios '1000:1' leave rank 1 no heads, FFN columns or vocabulary rows"):
