@@ -17,12 +17,13 @@ converted first, with the tokenizer of `--llama2c-tokenizer` (default: `tok<voca
 | 6 | `--ranks`, `--ratios` | vulkan | the same schedule |
 | 7 | `--ranks`, pipeline stages `--pipeline` | cpu | |
 | 8 | `--ranks`, `--pipeline` | vulkan (and with `--mixed`, a second run cpu,vulkan,vulkan) | |
-| 9 | `--ranks`, `--pipeline` | cpu | layers moved forward and back, new stages, a move in one (`layer_schedule`) |
+| 9 | `--ranks`, `--pipeline` | cpu | layers carried through the stages and back, new stages, a move in one |
 | 10 | `--ranks`, `--pipeline` | vulkan | the same schedule |
 
 Every scenario runs greedy (temperature 0) on the same prompt and steps, so all must produce scenario 1's tokens.
-`acceptance_runs.py` runs a job and drives its control socket; the checks and OUT/report.md, OUT/report.json and
-OUT/*.png come from `acceptance_report.py`. Exits 1 when a check fails, 2 on a usage error.
+`acceptance_runs.py` runs a job and drives its control socket, `acceptance_schedules.py` makes the migration
+schedules, `acceptance_checks.py` judges the runs, and `acceptance_report.py` (with `acceptance_charts.py`) writes
+OUT/report.md, OUT/report.json and OUT/*.png. Exits 1 when a check fails, 2 on a usage error.
 """
 import datetime
 import json
@@ -98,26 +99,28 @@ def spmd_argv(setup: Setup, sc: Scenario, backend=None) -> list:
     backend = backend or ("vulkan" if sc.gpu else "cpu")
     argv = [PY, "-m", "spmd.run", "--model", setup.model, "--prompt", setup.prompt, "--steps", str(setup.steps),
             "--seed", str(setup.seed), "--backend", backend, "--output", "json"]
-    if sc.split != "one":
-        ratios = setup.pipeline if sc.split == "pipeline" else setup.ratios
-        argv = [MPIRUN, "-n", str(setup.ranks)] + argv + ["--ratios", ratios, "--allreduce", setup.allreduce]
+    if sc.multi:
+        argv = [MPIRUN, "-n", str(setup.ranks)] + argv + ["--ratios", layout_of(sc, setup), "--allreduce",
+                                                          setup.allreduce]
     if sc.migrate:
         argv += ["--migrate-weights", setup.migrate_weights]
     return argv + list(setup.scenario_args.get(sc.id, ()))
 
 
+def layout_of(sc: Scenario, setup: Setup):
+    """The --ratios of a scenario's runs (None: one rank)."""
+    return {"one": None, "tensor": setup.ratios, "pipeline": setup.pipeline}[sc.split]
+
+
 def schedule_of(sc: Scenario, setup: Setup, model: dict):
-    """The scenario's migration schedule, or the one-line reason why none fits the model and split."""
-    args = (model["config"], setup.ranks, model["n_prompt"], setup.steps)
+    """The scenario's migration schedule, or the one-line reason why none fits the model and layout."""
+    make = layer_schedule if sc.split == "pipeline" else unit_schedule
     try:
-        if sc.split == "pipeline":
-            return layer_schedule(args[0], setup.pipeline, *args[1:])
-        return unit_schedule(args[0], setup.ratios, *args[1:])
+        return make(model["config"], layout_of(sc, setup), setup.ranks, model["n_prompt"], setup.steps)
     except ValueError as e:
-        if sc.split == "pipeline":
-            return f"no layer-move schedule fits this model and layout: {e}"
-        return ("no migration schedule fits this model and split (a kind-3 move needs a rank with a KV head and two "
-                f"FFN blocks, and the moves distinct positions): {e}")
+        why = ("" if sc.split == "pipeline" else
+               " (a kind-3 move needs a rank with a KV head and two FFN blocks, and the moves distinct positions)")
+        return f"no migration schedule fits this model and layout{why}: {e}"
 
 
 # ---- models ---------------------------------------------------------------------------------------------------
@@ -224,9 +227,8 @@ def run_scenario(sc: Scenario, setup: Setup, model: dict, workdir: Path) -> list
     for backend, rid, title in variants:
         argv = spmd_argv(setup, sc, backend)
         log(f"run {rid}: {title}: {shlex.join(argv)}")
-        layout = {"one": None, "tensor": setup.ratios, "pipeline": setup.pipeline}[sc.split]
         run = dict(id=rid, scenario=sc.id, title=title, n_ranks=n, backend=backend, steps=setup.steps, argv=argv,
-                   layout=layout)
+                   layout=layout_of(sc, setup))
         if rid.endswith("m"):
             run["notes"] = [f"The same static {'layout' if sc.split == 'pipeline' else 'split'} with rank 0 on the "
                             "CPU backend and the others on Vulkan."]

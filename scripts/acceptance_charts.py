@@ -88,9 +88,9 @@ def layers(runs, path, n_layers) -> str:
     """One panel per run: a row per epoch (the start, then each command), the layers of each stage as a bar."""
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
-    rows = [[("start", start_stages(r, n_layers))] + [(f"@{m['at']} {command_text(m['request'])}", m["reply"]["stages"])
-                                             for m in r["migrations"] if "at" in m and m["reply"].get("ok")]
-            for r in runs]
+    rows = [[("start", start_stages(r, n_layers))]
+            + [(f"@{m['at']} {command_text(m['request'])}", m["reply"]["stages"])
+               for m in r["migrations"] if "at" in m and m["reply"].get("ok")] for r in runs]
     fig, axes = plt.subplots(1, len(runs), figsize=(5 * len(runs), 0.8 + 0.35 * max(map(len, rows))), squeeze=False)
     colors = plt.get_cmap("tab10").colors
     for ax, run, steps in zip(axes[0], runs, rows):

@@ -75,30 +75,34 @@ def stages_ok(run, model) -> tuple:
     if layer != n_layers or rank != run["n_ranks"]:
         return False, f"the stages cover layers 0-{layer - 1} and {rank} ranks, not {n_layers} and {run['n_ranks']}"
     for s in r["ranks"]:
-        st = stages[s.get("stage", -1)] if 0 <= s.get("stage", -1) < len(stages) else None
-        if st is None or s["rank"] not in st["ranks"] or s["share"].get("layers") != st["layers"]:
-            return False, f"rank {s['rank']}: stage {s.get('stage')} and layers {s['share'].get('layers')} " \
-                          "disagree with the stage records"
+        stage, layers = s.get("stage"), s.get("share", {}).get("layers")
+        if stage not in range(len(stages)) or s["rank"] not in stages[stage]["ranks"] \
+                or layers != stages[stage]["layers"]:
+            return False, f"rank {s['rank']}: stage {stage} and layers {layers} disagree with the stage records"
     moves = [m for m in run.get("migrations") or [] if "at" in m and m["reply"].get("ok")]
     want, source = (moves[-1]["reply"]["stages"], "the last migration's reply") if moves else \
         (start_stages(run, n_layers), f"layout {run['layout']}")
     if shape(stages) != shape(want):
         return False, f"stages {shape(stages)} against {source}'s {shape(want)}"
-    return True, f"{len(stages)} stages as {source} says: " + ", ".join(
-        f"layer{'s' * (st['layers'][1] - st['layers'][0] > 1)} {layer_text(st['layers'])} on "
-        f"rank{'s' * (len(st['ranks']) > 1)} "
-        f"{','.join(map(str, st['ranks']))}" for st in stages) + f" (applied layout {r.get('ratios')})"
+    return True, f"{len(stages)} stages as {source} says: {stages_text(stages)} (applied as {r.get('ratios')})"
+
+
+def stages_text(stages) -> str:
+    """'layers 0-1 on rank 0, layer 2 on ranks 1,2'."""
+    return ", ".join(f"layer{'s' * (st['layers'][1] - st['layers'][0] > 1)} {layer_text(st['layers'])} on "
+                     f"rank{'s' * (len(st['ranks']) > 1)} {','.join(map(str, st['ranks']))}" for st in stages)
 
 
 def weights_split(r, reference) -> tuple:
-    """Every rank of a pipeline holds less weight than one rank holding the whole model."""
+    """Every rank of a pipeline holds fewer weight bytes than one rank holding the whole model."""
     if reference is None or "error" in reference:
         return True, "not compared: scenario 1 did not run here"
     whole = reference["result"]["ranks"][0]["weights_bytes"]
-    held = [s["weights_bytes"] for s in r["ranks"]]
-    big = [f"rank {s['rank']}: {s['weights_bytes']:,} bytes" for s in r["ranks"] if s["weights_bytes"] >= whole]
-    return not big, "; ".join(big) + f" of {whole:,} on one rank" if big else \
-        f"{', '.join(f'{b / whole:.0%}' for b in held)} of the {whole:,} bytes one rank holds"
+    big = [f"rank {s['rank']} holds {s['weights_bytes']:,}" for s in r["ranks"] if s["weights_bytes"] >= whole]
+    if big:
+        return False, f"{'; '.join(big)} bytes, as many as one rank with the whole model ({whole:,})"
+    shares = [f"{s['weights_bytes'] / whole:.0%}" for s in r["ranks"]]
+    return True, f"{', '.join(shares)} of the {whole:,} bytes one rank holds"
 
 
 def layers_moved(run) -> tuple:
@@ -194,5 +198,3 @@ def all_checks(runs, setup, model) -> list:
     reference = next((r for r in runs if r["id"] == "1"), None)
     return [dict(run=run["id"], check=check, ok=bool(ok), reason=reason)
             for run in runs for check, ok, reason in check_run(run, setup, model, reference)]
-
-

@@ -11,7 +11,6 @@ from pathlib import Path
 from acceptance_charts import charts
 from acceptance_checks import layer_text
 
-# ---- report ---------------------------------------------------------------------------------------------------
 
 def cell(v) -> str:
     return str(v).replace("|", "\\|").replace("\n", " ")
@@ -127,8 +126,9 @@ def by_kind(run) -> str:
     groups = {}
     for c, m in zip(run.get("schedule") or [], sent):
         groups.setdefault(c["args"][0], []).append(m["reply"]["ms"])
-    parts = [f"{len(ms)} {kinds[k]}{'s' * (len(ms) > 1 and k != 'ratios')} " + (f"{min(ms):.0f} to {max(ms):.0f} ms (mean {sum(ms) / len(ms):.0f} ms)"
-                                         if len(ms) > 1 else f"{ms[0]:.0f} ms") for k, ms in groups.items()]
+    parts = [f"{len(ms)} {kinds[k]}{'s' * (len(ms) > 1 and k != 'ratios')} "
+             + (f"{min(ms):.0f} to {max(ms):.0f} ms (mean {sum(ms) / len(ms):.0f} ms)" if len(ms) > 1 else
+                f"{ms[0]:.0f} ms") for k, ms in groups.items()]
     return ": " + ", ".join(parts) if len(groups) > 1 else ""
 
 
@@ -213,9 +213,9 @@ def migration_lines(sent, weights_from) -> list:
     rows = []
     for m in sent:
         rep = m["reply"]
-        after = (f"{rep['ratios']}: " * ("ratios" in rep) + shares(rep.get("plan") or rep.get("ranks"),
-                                                                    rep.get("stages") or [])
-                 if rep.get("ok") else rep.get("error", ""))
+        layout = f"{rep['ratios']}: " if "ratios" in rep else ""
+        after = (layout + shares(rep.get("plan") or rep.get("ranks"), rep.get("stages") or []) if rep.get("ok") else
+                 rep.get("error", ""))
         rows.append((m.get("at", "-"), "`" + " ".join(m["command"].split(" --socket ")[1].split()[1:]) + "`",
                      "ok" if rep.get("ok") else "**failed**", rep.get("epoch", "-"),
                      rep.get("applied_at", rep.get("position", "-")), fmt(rep.get("bytes_moved"), ",") if
@@ -230,8 +230,8 @@ def migration_lines(sent, weights_from) -> list:
                "with `--migrate-weights peer` the moved weights travel from the rank that held them, with the "
                "KV-cache rows."), "",
            table(["--at", "command (after `--socket S`)", "reply", "epoch", "applied at / position", "bytes moved",
-                  "ms", "layout and split after (per rank)"], rows), "", "<details><summary>commands and replies</summary>",
-           "", "```"]
+                  "ms", "layout and split after (per rank)"], rows), "",
+           "<details><summary>commands and replies</summary>", "", "```"]
     for m in sent:
         out += ["$ " + m["command"] + ("" if m.get("via") else "   # sent as " + json.dumps(m["request"])),
                 brief(m["reply"])]

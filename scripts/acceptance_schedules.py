@@ -2,8 +2,8 @@
 control-socket request each entry is sent as. Pure: nothing here runs anything.
 
     unit_schedule   one stage (scenarios 5, 6): a kind 1, 2 and 3 move between ranks, then new ratios
-    layer_schedule  a pipeline (scenarios 9, 10): at each stage boundary in turn layers moved across and back, a
-                    regrouping into another stage structure, then a kind-3 move inside a stage of the new structure
+    layer_schedule  a pipeline (scenarios 9, 10): layers carried stage by stage to the end of the pipeline and back,
+                    a regrouping into another stage structure, then a kind-3 move inside a stage of the new one
 
 Each entry: `at` (the token position it applies at), `args` (spmd.migrate's arguments: `move`, `layers` or
 `ratios` first, `--at` last) and, in a layer schedule, `stages`: the layers and ranks of every stage once it is
@@ -87,10 +87,10 @@ def stage_list(groups, counts) -> list:
 
 
 def layer_schedule(config: dict, layout: str, n_ranks: int, n_prompt: int, steps: int) -> list:
-    """A pipeline: at each stage boundary, first to last, layers moved across (forward, from the earlier stage,
-    where it has more than one) and back; then a regrouping `ratios` into another stage structure (every stage's
-    layer count pinned with @N); then a kind-3 move between two ranks of a stage of that structure. A ValueError
-    when the layout has one stage, or two neighbouring stages have a layer each."""
+    """A pipeline: layers carried from stage 0 (from the last stage where stage 0 has only one) stage by stage to the
+    other end of the pipeline and back, the same count each time; then a regrouping `ratios` into another stage
+    structure (every stage's layer count pinned with @N); then a kind-3 move between two ranks of a stage of that
+    structure. A ValueError when the layout has one stage, or its first and last stages one layer each."""
     specs = parse_layout(layout, n_ranks)
     if len(specs) < 2:
         raise ValueError(f"{layout!r} has one stage: there are no stages to move layers between")
@@ -99,20 +99,21 @@ def layer_schedule(config: dict, layout: str, n_ranks: int, n_prompt: int, steps
         counts = stage_layers(specs, n_layers)
     except UserError as e:  # more stages than layers, or @N counts that do not add up
         raise ValueError(str(e)) from None
-    step, cmds = max(1, n_layers // (2 * len(specs))), []
+    order = list(range(len(specs)))  # layers travel from an end stage that can spare some, through to the other
+    if counts[0] == 1:
+        order.reverse()
+    n, cmds = min(max(1, n_layers // (2 * len(specs))), counts[order[0]] - 1), []
+    if n < 1:
+        raise ValueError(f"the first and last stages of {layout!r} hold one layer each: neither has one to give")
 
-    def layers(a, b, n):
+    def layers(a, b):
         counts[a], counts[b] = counts[a] - n, counts[b] + n
         args = ["layers", "--from-stage", str(a), "--to-stage", str(b), "--count", str(n)]
         cmds.append((args, stage_list(groups, counts)))
 
-    for s in range(len(specs) - 1):
-        a, b = (s, s + 1) if counts[s] > 1 else (s + 1, s)  # a stage keeps at least one layer
-        n = min(step, counts[a] - 1)
-        if n < 1:
-            raise ValueError(f"stages {s} and {s + 1} of {layout!r} hold one layer each: neither has one to give")
-        layers(a, b, n)
-        layers(b, a, n)
+    hops = list(zip(order, order[1:]))
+    for a, b in hops + [(b, a) for a, b in reversed(hops)]:
+        layers(a, b)
     groups = regrouped(groups)
     counts = [n_layers // len(groups) + (i < n_layers % len(groups)) for i in range(len(groups))]
     speeds = [f"{float(v):g}" for s in specs for v in s.speeds]

@@ -81,12 +81,43 @@ def test_a_scenario_that_cannot_run_is_one_line(model, tmp_path):
     assert check["check"] == "ran" and check["reason"].startswith("exit 1: error:") and "\n" not in check["reason"]
 
 
+def test_stage_checks_fail_on_stages_other_than_asked():
+    """The pipeline checks on made-up results: right, a rank whose layers disagree with its stage, stages other than
+    the layout's, and a layer move whose reply's stages are not the schedule's."""
+    import acceptance_checks as checks
+
+    def run(spans, rank_layers=None):
+        stages = [dict(stage=i, layers=list(ab), ranks=[i]) for i, ab in enumerate(spans)]
+        ranks = [dict(rank=i, stage=i, share=dict(layers=list(rank_layers[i] if rank_layers else ab)))
+                 for i, ab in enumerate(spans)]
+        return dict(id="7", layout="1*1*1", n_ranks=3, result=dict(stages=stages, ranks=ranks, ratios="?"))
+
+    model = dict(config=dict(n_layers=4))
+    assert checks.stages_ok(run([(0, 2), (2, 3), (3, 4)]), model)[0]  # 4 layers on 1*1*1: 2, 1, 1
+    ok, why = checks.stages_ok(run([(0, 2), (2, 3), (3, 4)], [(0, 2), (2, 4), (3, 4)]), model)
+    assert not ok and why.startswith("rank 1: stage 1 and layers [2, 4]")
+    ok, why = checks.stages_ok(run([(0, 1), (1, 3), (3, 4)]), model)
+    assert not ok and "against layout 1*1*1's" in why
+    assert not checks.stages_ok(run([(0, 2), (2, 3)]), model)[0]  # a layer short
+    schedule = [dict(at=9, args=["layers", "--from-stage", "0", "--to-stage", "1", "--count", "1", "--at", "9"],
+                     stages=[dict(layers=[0, 1], ranks=[0]), dict(layers=[1, 3], ranks=[1]),
+                             dict(layers=[3, 4], ranks=[2])])]
+    wrong = [dict(stage=0, layers=[0, 2], ranks=[0]), dict(stage=1, layers=[2, 3], ranks=[1]),
+             dict(stage=2, layers=[3, 4], ranks=[2])]
+    reply = dict(ok=True, bytes_moved=512, stages=wrong)
+    ok, why = checks.layers_moved(dict(schedule=schedule, migrations=[dict(at=9, reply=reply)]))
+    assert not ok and why.startswith("layers --from-stage 0 --to-stage 1 --count 1 --at 9: stages")
+    reply["stages"] = [dict(st, stage=i) for i, st in enumerate(schedule[0]["stages"])]
+    assert checks.layers_moved(dict(schedule=schedule, migrations=[dict(at=9, reply=reply)]))[0]
+    reply["bytes_moved"] = 0  # the layer's KV cache did not travel
+    assert not checks.layers_moved(dict(schedule=schedule, migrations=[dict(at=9, reply=reply)]))[0]
+
+
 @pytest.mark.parametrize("ratios,ffn,steps", [("2:3:3", 256, 16), ("1:1", 172, 8), ("1:2:3:4", 5632, 40)])
 def test_unit_schedule_covers_every_kind(ratios, ffn, steps):
     from types import SimpleNamespace
 
     from spmd import plan as P
-    from spmd import replan as R
     n_prompt, n_ranks = 5, len(ratios.split(":"))
     schedule = schedules.unit_schedule(dict(n_kv_heads=4, ffn_dim=ffn), ratios, n_ranks, n_prompt, steps)
     assert [c["args"][2] if c["args"][0] == "move" else c["args"][0] for c in schedule] == ["1", "2", "3", "ratios"]
@@ -101,29 +132,30 @@ def test_unit_schedule_covers_every_kind(ratios, ffn, steps):
     ("1*1*1", 4, 24, [2, 1]), ("1*1*1", 22, 64, [2, 1]), ("1:1*1", 5, 16, [1, 2]), ("1*2:3", 6, 24, [3]),
     ("1:1@10*2:3", 22, 40, [1, 3]), ("1*1*1*1", 8, 40, [2, 1, 1])])
 def test_layer_schedule_moves_layers_there_and_back_then_regroups(layout, n_layers, steps, structure):
-    """At each stage boundary layers go across (forward where the earlier stage can spare one) and come back; then
-    new stages (rank counts `structure`), and a move inside one of them: each accepted by the planner on the plan
-    the earlier ones leave, and leaving the stages the schedule says."""
+    """Layers go stage by stage to the far end of the pipeline (forward where stage 0 can spare one) and come back;
+    then new stages (rank counts `structure`), and a move inside one of them: each accepted by the planner on the
+    plan the earlier ones leave, and leaving the stages the schedule says."""
     from types import SimpleNamespace
 
     from spmd import plan as P
     n_prompt, n_ranks = 7, len(layout.replace("*", ":").split(":"))
     config = dict(n_layers=n_layers, n_kv_heads=4, ffn_dim=256)
     schedule = schedules.layer_schedule(config, layout, n_ranks, n_prompt, steps)
-    n_stages = layout.count("*") + 1
-    moves = [(int(c["args"][2]), int(c["args"][4]), c["args"][6]) for c in schedule if c["args"][0] == "layers"]
-    assert [{a, b} for a, b, _ in moves] == [{s, s + 1} for s in range(n_stages - 1) for _ in "there and back"]
-    assert all((b, a, n) == back for (a, b, n), back in zip(moves[::2], moves[1::2]))
-    assert moves[0][:2] == ((1, 0) if layout.startswith("1*2:3") else (0, 1))  # forward where stage 0 can spare one
-    assert [c["args"][0] for c in schedule][len(moves):] == ["ratios", "move"]
-    assert_positions(schedule, n_prompt, steps)
     dims = SimpleNamespace(n_layers=n_layers, n_heads=8, n_kv_heads=4, ffn_dim=256, vocab=512)
     plan = P.make_plan(P.parse_layout(layout, n_ranks), dims)
     start = [st.layers for st in plan.stages]
+    moves = [(int(c["args"][2]), int(c["args"][4])) for c in schedule if c["args"][0] == "layers"]
+    hops = [(s, s + 1) for s in range(len(start) - 1)]
+    if start[0][1] - start[0][0] == 1:  # stage 0 cannot spare a layer: from the last stage
+        hops = [(b, a) for a, b in reversed(hops)]
+    assert moves == hops + [(b, a) for a, b in reversed(hops)]
+    assert len({c["args"][6] for c in schedule if c["args"][0] == "layers"}) == 1  # the same count each time
+    assert [c["args"][0] for c in schedule][len(moves):] == ["ratios", "move"]
+    assert_positions(schedule, n_prompt, steps)
     for i, c in enumerate(schedule):
         plan = apply(plan, c["args"], n_ranks)
         assert [{"layers": list(st.layers), "ranks": list(st.ranks)} for st in plan.stages] == c["stages"]
-        if i % 2 and i < len(moves):  # back where they were after each there and back
+        if i == len(moves) - 1:  # back where they were
             assert [st.layers for st in plan.stages] == start
         if c["args"][0] == "ratios":
             assert [len(st.ranks) for st in plan.stages] == structure
