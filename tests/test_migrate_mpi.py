@@ -229,7 +229,8 @@ def test_the_kv_cache_travels_with_its_heads_and_layers(models, socket_path, mov
         ratios, schedule = None, {1: [migrate(1, 0, last, kv=1)], 3: [migrate(1, last, 0, kv=1)]}
     else:  # the boundary layers there and back, then the stages regrouped
         ratios = pipeline(WORLD.size)
-        schedule = {1: [layers(0, 1, 1)], 3: [layers(1, 0, 1)], 5: [migrate(ratios="*".join(["1"] * WORLD.size))]}
+        regroup = "*".join(["1@1"] + ["1"] * (WORLD.size - 1))  # a stage per rank, the first of one layer
+        schedule = {1: [layers(0, 1, 1)], 3: [layers(1, 0, 1)], 5: [migrate(ratios=regroup)]}
     engine, result, replies = run(model, socket_path, steps=8, migrate_weights="peer", backend="numpy",
                                   schedule=schedule, ratios=ratios)
     mine = engine.state.model.cache_take(0, FIRST + 6)
