@@ -156,13 +156,14 @@ def layout_point(model, layout, allreduce, prompt, steps, hostfile, threads, del
 
 
 def layout_rows(model, layouts, allreduces, links, delays, prompt, steps, threads, repeat):
-    """Every layout (with each allreduce where a stage has several ranks) under every link condition, `repeat`
-    sweeps each; a row keeps its fastest sweep's figures and every sweep's decode tok/s."""
+    """Every layout (with each allreduce where a stage has several ranks) under every link condition, in `repeat`
+    sweeps over all conditions (so that a busy spell of the machine does not fall on one condition alone); a row
+    keeps its fastest sweep's figures and every sweep's decode tok/s."""
     rows = {}
     hosts = max(parse_run(x)[0] for x in layouts)
-    for name in links:
-        with link(name, hosts) as hostfile:
-            for sweep in range(repeat):
+    for _sweep in range(repeat):
+        for name in links:
+            with link(name, hosts) as hostfile:
                 for delay in delays:
                     for layout in layouts:
                         for ar in allreduces if has_allreduce(layout) else allreduces[:1]:
@@ -172,7 +173,7 @@ def layout_rows(model, layouts, allreduces, links, delays, prompt, steps, thread
                             if key not in rows or pt["decode_tokens_per_s"] > rows[key]["decode_tokens_per_s"]:
                                 rows[key] = dict(link=name, delay_ms=delay, **pt)
                             rows[key]["samples"] = samples
-                            print(f"  {name} +{delay} ms, {layout} {pt['allreduce'] or ''}: "
+                            print(f"  {condition(name, delay)}, {layout} {pt['allreduce'] or ''}: "
                                   f"{pt['decode_tokens_per_s']:.2f} tok/s (load {pt['load_1min']})", flush=True)
     return list(rows.values())
 
@@ -213,10 +214,15 @@ def print_layouts(rows):
 
 def plot_layouts(rows, title, path):
     def draw(plt):
-        counts = sorted({r["ranks"] for r in rows})
+        counts = sorted({r["ranks"] for r in rows if r["ranks"] > 1}) or [1]
         conds = list(dict.fromkeys((r["link"], r["delay_ms"]) for r in rows))
+        one = {(r["link"], r["delay_ms"]): r["decode_tokens_per_s"] for r in rows if r["ranks"] == 1}
         fig, axes = plt.subplots(1, len(counts), figsize=(7 * len(counts), 5), squeeze=False)
         for ax, n in zip(axes[0], counts):
+            for c, cond in enumerate(conds):  # the one-rank reference of each condition, across its group
+                if cond in one:
+                    ax.hlines(one[cond], c - 0.1, c + 0.8, colors="k", linestyles="--",
+                              label="1 rank" if c == 0 else None)
             keys = list(dict.fromkeys((r["layout"], r["allreduce"]) for r in rows if r["ranks"] == n))
             width = 0.8 / len(keys)
             for i, key in enumerate(keys):
