@@ -212,6 +212,13 @@ def print_layouts(rows):
             print(f"{n:<6}{condition(*c):<16}{cells}")
 
 
+def layouts_title(rows, model, steps, prompt_len, threads, repeat):
+    loads = [r["load_1min"] for r in rows]
+    return (f"{Path(model).name}, {steps} steps, prompt {prompt_len}, --threads {threads or 'default'}, best of "
+            f"{repeat}; load average {min(loads):.1f}-{max(loads):.1f} on {os.cpu_count()} cores; "
+            "+Nms: SPMD_TEST_LINK_DELAY_MS (test-only sleep per message)")
+
+
 def plot_layouts(rows, title, path):
     def draw(plt):
         counts = sorted({r["ranks"] for r in rows if r["ranks"] > 1}) or [1]
@@ -348,12 +355,8 @@ def main(model, small, qtype, tables, runs, prompt_len, prompt_lens, prompt_rank
     if tables & {"ranks", "prompts"} and not llama_py:
         print("llama.cpp: not run" + ("" if no_llama_cpp else " (no Python here imports llama_cpp; set "
                                       "LLAMA_CPP_PYTHON or pip install llama-cpp-python)"))
-    ltitle = ""
+    ltitle = layouts_title(lrows, model, steps, prompt_len, threads, repeat) if lrows else ""
     if lrows:
-        loads = [r["load_1min"] for r in lrows]
-        ltitle = (f"{Path(model).name}, {steps} steps, prompt {prompt_len}, --threads {threads or 'default'}, best of "
-                  f"{repeat}; load average {min(loads):.1f}-{max(loads):.1f} on {os.cpu_count()} cores; "
-                  "+Nms: SPMD_TEST_LINK_DELAY_MS (test-only sleep per message)")
         print(f"\n{ltitle}")
         print_layouts(lrows)
     everything = scaling + lrows
