@@ -20,6 +20,7 @@ counts, the layout text shown) is derived from the plan; live changes to it are 
 import re
 from dataclasses import dataclass
 from fractions import Fraction
+from functools import cached_property
 
 from .errors import UserError
 
@@ -130,7 +131,7 @@ class Plan:
     def __iter__(self):
         return iter(self.shares)
 
-    @property
+    @cached_property  # derived once per plan (written to the instance's __dict__, which frozen allows)
     def stages(self) -> tuple:
         """The stages, in order: runs of consecutive ranks that hold the same layers."""
         out = []
