@@ -1,11 +1,13 @@
 #version 450
-// Attention of one query head for one token, f32 throughout, with RoPE and the KV-cache store fused in.
-// Workgroup (h, i): query head h of this rank, token i of the pass (position pos + i). It rotates its query,
-// scores keys 0..pos+i causally, and sums the values with a running (online) softmax in chunks of CH keys.
-// Keys and values at positions < pos come from the cache; those of this pass (>= pos) straight from the qkv
-// buffer (keys rotated on the fly), so the first query head of each KV head can store token i's rotated key and
-// value at position pos + i in the same dispatch: no workgroup reads those cache slots here.
-// pos is read from a small host-written buffer, so a recorded command buffer serves every decode step.
+// Attention of one query head for one token row, f32 throughout, with RoPE and the KV-cache store fused in.
+// A pass stacks the rows of several segments (consecutive tokens of one sequence each, in its own cache slot).
+// Workgroup (h, i): query head h of this rank, row i of the pass, at position pos of its sequence (rows[i]). It
+// rotates its query, scores its sequence's keys 0..pos causally, and sums the values with a running (online)
+// softmax in chunks of CH keys. Keys and values at positions < start (its segment's first position) come from its
+// slot's cache; those of its segment in this pass (start..pos) straight from the qkv buffer (keys rotated on the
+// fly), so the first query head of each KV head can store row i's rotated key and value at position pos in the
+// same dispatch: no workgroup reads those cache entries here (one segment per slot in a pass).
+// The row table is host-written before each submit, so a recorded command buffer serves every decode step.
 #extension GL_GOOGLE_include_directive : require
 #include "common.glsl"
 layout(constant_id = 1) const uint HD = 64;  // head_dim
@@ -20,15 +22,17 @@ layout(push_constant) uniform Push {
     uint k_off;       // float offset of k within a token
     uint v_off;       // float offset of v within a token
     uint o_stride;    // floats between tokens of the output (heads * HD, padded)
-    uint max_seq;     // positions in the cache
+    uint max_seq;     // positions of a slot's cache (and of the rope tables)
     uint rope_dim;    // leading dims of a head that are rotated
     uint neox;        // 1: pairs (i, i + rope_dim/2); 0: pairs (2i, 2i + 1)
     float scale;      // 1 / sqrt(head_dim)
 } p;
-layout(std430, binding = 0) readonly buffer Params { uint pos; } params;
+// per row: (position, its segment's first position, the segment's first row in this pass, the slot's first
+// cache row: slot * kv * max_seq)
+layout(std430, binding = 0) readonly buffer Rows { uvec4 rows[]; };
 layout(std430, binding = 1) readonly buffer Qkv { float qkv[]; };
 layout(std430, binding = 2) readonly buffer RopeT { float rope[]; };  // cos (max_seq, rope_dim/2), then sin
-layout(std430, binding = 3) buffer KCache { vec4 kc[]; };             // this layer's keys (kv, max_seq, HD)
+layout(std430, binding = 3) buffer KCache { vec4 kc[]; };             // this layer's keys (slots, kv, max_seq, HD)
 layout(std430, binding = 4) buffer VCache { vec4 vc[]; };
 layout(std430, binding = 5) writeonly buffer Out { float o[]; };
 
@@ -61,8 +65,8 @@ float rotated(uint base, uint d, uint position) {
     return first ? xa * c - xb * sn : xa * sn + xb * c;
 }
 
-vec4 value(uint tok, uint kvh, uint d4) {  // token tok of this pass, from the qkv buffer
-    uint at = tok * p.qkv_stride + p.v_off + kvh * HD + 4 * d4;
+vec4 value(uint r, uint kvh, uint d4) {  // row r of this pass, from the qkv buffer
+    uint at = r * p.qkv_stride + p.v_off + kvh * HD + 4 * d4;
     return vec4(qkv[at], qkv[at + 1], qkv[at + 2], qkv[at + 3]);
 }
 
@@ -70,16 +74,18 @@ void main() {
     uint WG = gl_WorkGroupSize.x;
     uint h = gl_WorkGroupID.x, i = gl_WorkGroupID.y, tid = gl_LocalInvocationID.x;
     uint kvh = h / p.group;
-    uint pos = params.pos, T = pos + i + 1u;
+    uvec4 row = rows[i];
+    uint pos = row.x, start = row.y, first = row.z, T = pos + 1u;
+    uint cbase = row.w + kvh * p.max_seq;  // the cache row of this KV head's position 0 in this sequence's slot
     uint kbase = i * p.qkv_stride + p.k_off + kvh * HD;  // this token's key, rotated once into shared memory
     for (uint d = tid; d < HD; d += WG) {
-        qs[d] = rotated(i * p.qkv_stride + h * HD, d, pos + i);
-        kn[d] = rotated(kbase, d, pos + i);
+        qs[d] = rotated(i * p.qkv_stride + h * HD, d, pos);
+        kn[d] = rotated(kbase, d, pos);
     }
     barrier();
     if (h % p.group == 0u) {
         for (uint d4 = tid; d4 < H4; d4 += WG) {
-            uint c = (kvh * p.max_seq + pos + i) * H4 + d4;
+            uint c = (cbase + pos) * H4 + d4;
             kc[c] = vec4(kn[4 * d4], kn[4 * d4 + 1], kn[4 * d4 + 2], kn[4 * d4 + 3]);
             vc[c] = value(i, kvh, d4);
         }
@@ -93,14 +99,14 @@ void main() {
         for (uint j = tid; j < cn; j += WG) {
             uint t = c0 + j;
             float sc = 0.0;
-            if (t < pos) {
-                uint kb = (kvh * p.max_seq + t) * H4;
+            if (t < start) {
+                uint kb = (cbase + t) * H4;
                 for (uint d4 = 0; d4 < H4; d4++)
                     sc += dot(vec4(qs[4 * d4], qs[4 * d4 + 1], qs[4 * d4 + 2], qs[4 * d4 + 3]), kc[kb + d4]);
-            } else if (t == pos + i) {
+            } else if (t == pos) {
                 for (uint d = 0; d < HD; d++) sc += qs[d] * kn[d];
-            } else {  // an earlier token of this pass (prompts): rotated here
-                uint kb = (t - pos) * p.qkv_stride + p.k_off + kvh * HD;
+            } else {  // an earlier token of this segment in this pass (prompts): rotated here
+                uint kb = (first + t - start) * p.qkv_stride + p.k_off + kvh * HD;
                 for (uint d = 0; d < HD; d++) sc += qs[d] * rotated(kb, d, t);
             }
             sc *= p.scale;
@@ -121,8 +127,8 @@ void main() {
             if (e >= H4 * KS) break;
             uint d4 = e % H4, ks = e / H4;
             vec4 sum = acc[k] * alpha;
-            uint j = ks, base = kvh * p.max_seq * H4 + d4;
-            for (; j + 3u * KS < cn && c0 + j + 3u * KS < pos; j += 4u * KS) {  // 4 independent loads in flight
+            uint j = ks, base = cbase * H4 + d4;
+            for (; j + 3u * KS < cn && c0 + j + 3u * KS < start; j += 4u * KS) {  // 4 independent loads in flight
                 uint t = c0 + j;
                 vec4 v0 = vc[base + t * H4], v1 = vc[base + (t + KS) * H4];
                 vec4 v2 = vc[base + (t + 2u * KS) * H4], v3 = vc[base + (t + 3u * KS) * H4];
@@ -130,7 +136,7 @@ void main() {
             }
             for (; j < cn; j += KS) {
                 uint t = c0 + j;
-                sum += s[j] * (t < pos ? vc[base + t * H4] : value(t - pos, kvh, d4));
+                sum += s[j] * (t < start ? vc[base + t * H4] : value(first + t - start, kvh, d4));
             }
             acc[k] = sum;
         }

@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from spmd.backends import get_backend  # noqa: E402
 from spmd.config import read_config  # noqa: E402
 from spmd.gguf_file import GGUFFile  # noqa: E402
+from spmd.model import Segment  # noqa: E402
 from spmd.plan import make_plan, parse_layout  # noqa: E402
 from spmd.synth import LLAMA2_7B, TINYLLAMA, Shape, write_model  # noqa: E402
 from spmd.weights import load_shard  # noqa: E402
@@ -47,12 +48,13 @@ def build(path, backend_name, device, max_seq):
     weights = load_shard(f, cfg, share, backend, notice=lambda _m: None)
     backend.warmup()
     model = backend.make_model(cfg, weights, share, max_seq)
+    model.open(0, max_seq)
     return backend, model, time.perf_counter() - t
 
 
 def step(model, tokens, pos):
     """One pass of `tokens` at `pos` through the whole model (one rank: every layer and the head) -> logits."""
-    return model.forward(model.embed(tokens), pos, None, head=True)
+    return model.forward(model.embed(tokens), [Segment(0, pos, len(tokens))], None, head=True)[0]
 
 
 def measure(model, n_prompt, steps, repeats=3):

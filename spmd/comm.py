@@ -17,19 +17,20 @@ d ms more to cross one link. Steps, at P > 1 ranks (one rank communicates nothin
   allreduce star  2            (all workers -> rank 0 at once, then rank 0 -> all)
   allreduce ring  2*(P-1)      (P-1 reduce-scatter steps, P-1 allgather steps)
   allreduce mpi   2*ceil(log2 P) (recursive halving + doubling, the schedule its byte count assumes)
-  step, broadcast_tokens, pass_on, gather_logits   1 each (one message across one link)
+  step (and its prompt tokens), pass_on, gather_logits   1 each (one message across one link)
 It models latency only (the bandwidth cap of scripts/netsim.sh is a real one), is the same on every rank, and is
 not a network delay: this machine's kernel has no netem. Unset or 0, it costs nothing.
 """
 import math
 import os
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from enum import IntEnum
 
 import numpy as np
 from mpi4py import MPI
 
+from .model import Segment
 from .plan import chunk_counts
 
 ALGORITHMS = ("star", "ring", "mpi")
@@ -37,27 +38,35 @@ TAG_META, TAG_DATA, TAG_HIDDEN, TAG_LOGITS = 71, 72, 73, 74  # point-to-point me
 
 
 class Op(IntEnum):
-    """What a step does. REPLAN: a live re-partition at a token boundary (the new plan follows by bcast); STATUS: a
-    gather of every rank's recent timings for the control socket's `status`."""
-    PREFILL = 1
-    DECODE = 2
-    STOP = 3
-    REPLAN = 4
-    STATUS = 5
+    """What a step does. FORWARD: pipeline ticks (a batch of segments enters the first stage at the first tick);
+    REPLAN: a live re-partition with the pipeline empty (the new plan follows by bcast); STATUS: a gather of every
+    rank's recent timings for the control socket's `status`."""
+    FORWARD = 1
+    STOP = 2
+    REPLAN = 3
+    STATUS = 4
 
 
 @dataclass(frozen=True)
 class Step:
-    """The per-step control record rank 0 broadcasts: one int64 buffer of these fields, in this order."""
+    """The control record rank 0 broadcasts at each step: one int64 buffer of room for `slots` sequences (a prompt's
+    tokens follow in a second broadcast)."""
     op: Op
     epoch: int  # the plan epoch the step runs under (REPLAN: the epoch it makes)
-    slot: int = 0  # the sequence slot (its KV cache)
-    pos: int = 0  # position of the first token
-    token: int = 0  # DECODE: the token
-    n: int = 0  # PREFILL: the prompt tokens, which follow by broadcast_tokens
+    ticks: int = 1  # FORWARD: pipeline ticks to run; the batch enters the first stage at the first
+    segments: tuple = ()  # FORWARD: the batch, Segment(slot, pos, n) each (empty: none enters)
+    tokens: tuple = ()  # the segments' token ids, in order (a prompt's n, a decode step's one)
+    opens: tuple = ()  # (slot, need): KV caches opened before the first tick
+    frees: tuple = ()  # slots whose KV caches are freed before the first tick
 
 
-STEP_FIELDS = len(fields(Step))
+HEADER = 8  # op, epoch, ticks, segments, opens, frees, prompt tokens (in the second broadcast), 0
+SEGMENT = 4  # slot, pos, n, the token when n == 1 (else -1: the tokens follow)
+
+
+def record_size(slots):
+    """int64 fields of a step record with room for `slots` sequences (segments, opens and frees each)."""
+    return HEADER + (SEGMENT + 2 + 1) * slots
 
 
 def link_delay_s():
@@ -89,7 +98,9 @@ class Comm:
         self.algorithm = algorithm
         self.sync_s = 0.0  # seconds spent inside communication
         self.bytes_sent = 0
-        self._step = np.zeros(STEP_FIELDS, dtype=np.int64)
+        self.slots = 1  # sequence slots: the step record's room (`set_slots`)
+        self._step = np.zeros(record_size(1), dtype=np.int64)
+        self._sends = []  # (request, buffer) of the hand-offs in flight
         self.link_delay_s = link_delay_s() if self.size > 1 else 0.0  # test only; see the module's docstring
         self.plan = None
         self._stages = None  # the stages' rank tuples the stage communicator was made for
@@ -120,29 +131,69 @@ class Comm:
         self._ring_layouts = {}
 
     # ---- per-step control ---------------------------------------------------------------------------------
+    def set_slots(self, slots):
+        """Every rank, with the same number: the sequence slots a step record has room for."""
+        self.slots = slots
+        self._step = np.zeros(record_size(slots), dtype=np.int64)
+
     def step(self, step: Step = None) -> Step:
-        """Rank 0's step record on every rank."""
+        """Rank 0's step record on every rank: one broadcast, and a second for a prompt's tokens."""
         t = time.perf_counter()
         self._delay()
+        long_tokens = None
         if self.is_root:
-            self._step[:] = [int(getattr(step, f.name)) for f in fields(Step)]
+            long_tokens = self._encode(step)
         if self.size > 1:
             self.comm.Bcast(self._step, root=0)
             if self.is_root:
                 self.bytes_sent += self._step.nbytes * (self.size - 1)
+        n_long = int(self._step[6])
+        if n_long and self.size > 1:
+            self._delay()
+            long_tokens = long_tokens if self.is_root else np.empty(n_long, np.int64)
+            self.comm.Bcast(long_tokens, root=0)
+            if self.is_root:
+                self.bytes_sent += long_tokens.nbytes * (self.size - 1)
         self.sync_s += time.perf_counter() - t
-        values = [int(v) for v in self._step]
-        return Step(Op(values[0]), *values[1:])
+        return step if self.is_root else self._decode(long_tokens)
 
-    def broadcast_tokens(self, tokens):
-        """Rank 0's token ids (int64 array) on every rank; the count must already be known (from the step)."""
-        t = time.perf_counter()
-        self._delay()
-        self.comm.Bcast(tokens, root=0)
-        self.sync_s += time.perf_counter() - t
-        if self.is_root:
-            self.bytes_sent += tokens.nbytes * (self.size - 1)
-        return tokens
+    def _encode(self, step):
+        """`step` into the record buffer; returns the prompts' tokens (for the second broadcast) or None."""
+        n_seg, n_open, n_free = len(step.segments), len(step.opens), len(step.frees)
+        if max(n_seg, n_open, n_free) > self.slots:
+            raise ValueError(f"a step of {n_seg} segments, {n_open} opens, {n_free} frees: room for {self.slots}")
+        r, at, long_tokens, token_at = self._step, HEADER, [], 0
+        r[:] = 0
+        for seg in step.segments:
+            tokens = step.tokens[token_at:token_at + seg.n]
+            token_at += seg.n
+            r[at:at + SEGMENT] = (seg.slot, seg.pos, seg.n, tokens[0] if seg.n == 1 else -1)
+            if seg.n != 1:
+                long_tokens += tokens
+            at += SEGMENT
+        for slot, need in step.opens:
+            r[at:at + 2] = (slot, need)
+            at += 2
+        r[at:at + n_free] = step.frees
+        r[:HEADER - 1] = (int(step.op), step.epoch, step.ticks, n_seg, n_open, n_free, len(long_tokens))
+        return np.array(long_tokens, np.int64) if long_tokens else None
+
+    def _decode(self, long_tokens):
+        r = [int(v) for v in self._step]
+        op, epoch, ticks, n_seg, n_open, n_free = r[:6]
+        segments, tokens, at, long_at = [], [], HEADER, 0
+        for _ in range(n_seg):
+            slot, pos, n, token = r[at:at + SEGMENT]
+            segments.append(Segment(slot, pos, n))
+            if n == 1:
+                tokens.append(token)
+            else:
+                tokens += [int(t) for t in long_tokens[long_at:long_at + n]]
+                long_at += n
+            at += SEGMENT
+        opens = tuple((r[at + 2 * i], r[at + 2 * i + 1]) for i in range(n_open))
+        at += 2 * n_open
+        return Step(Op(op), epoch, ticks, tuple(segments), tuple(tokens), opens, tuple(r[at:at + n_free]))
 
     # ---- allreduce inside the stage -----------------------------------------------------------------------
     def allreduce(self, x):
@@ -196,12 +247,20 @@ class Comm:
         if self.rank != stage.ranks[0]:
             return
         t = time.perf_counter()
+        self.finish_sends()
         self._delay()
         x = np.ascontiguousarray(x, dtype=np.float32)
-        requests = [self.comm.Isend(x, dest=r, tag=TAG_HIDDEN) for r in self.plan.stages[stage.index + 1].ranks]
-        MPI.Request.Waitall(requests)
-        self.bytes_sent += x.nbytes * len(requests)
+        self._sends = [(self.comm.Isend(x, dest=r, tag=TAG_HIDDEN), x) for r in self.plan.stages[stage.index + 1].ranks]
+        self.bytes_sent += x.nbytes * len(self._sends)
         self.sync_s += time.perf_counter() - t
+
+    def finish_sends(self):
+        """Wait for the hand-offs in flight. A hand-off completes while the rank goes on: the next stage takes it
+        in a later pipeline tick, after the next step record, which rank 0 sends only once this rank's tick is
+        over (waiting for it here would deadlock)."""
+        if self._sends:
+            MPI.Request.Waitall([r for r, _ in self._sends])
+            self._sends = []
 
     def take(self, out):
         """The previous stage's hidden state, into `out` (n, dim) float32."""
@@ -212,7 +271,7 @@ class Comm:
         return out
 
     def gather_logits(self, local, out):
-        """Each last-stage rank's logits slice -> the full (vocab,) vector in `out` on rank 0."""
+        """Each last-stage rank's logits slices (m, its rows) -> the full (m, vocab) in `out` on rank 0."""
         counts = self.plan.vocab_counts()
         if self.size == 1:
             out[...] = local
@@ -220,14 +279,17 @@ class Comm:
         t = time.perf_counter()
         self._delay()
         if self.is_root:
-            at, requests = 0, []
+            at, requests, parts = 0, [], []
             for r, n in enumerate(counts):
                 if n and r == 0:
-                    out[:n] = local
+                    out[:, :n] = local
                 elif n:
-                    requests.append(self.comm.Irecv(out[at:at + n], source=r, tag=TAG_LOGITS))
+                    parts.append((at, n, np.empty((out.shape[0], n), np.float32)))
+                    requests.append(self.comm.Irecv(parts[-1][2], source=r, tag=TAG_LOGITS))
                 at += n
             MPI.Request.Waitall(requests)
+            for at, n, part in parts:
+                out[:, at:at + n] = part
         elif counts[self.rank]:
             self.comm.Send(np.ascontiguousarray(local, dtype=np.float32), dest=0, tag=TAG_LOGITS)
             self.bytes_sent += local.nbytes

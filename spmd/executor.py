@@ -1,9 +1,14 @@
 """The executor: what one rank does for one step record, the same on every rank. Rank 0's driver `issue`s steps;
 every other rank `serve`s them until STOP.
 
-A forward step on a rank: the first stage embeds the tokens, a later stage takes the previous stage's hidden state
-(point-to-point from its leader); the rank runs its stage's layers (allreduces inside the stage); the stage's leader
-passes the hidden state on, or, in the last stage, every rank sends its logits slice to rank 0.
+A FORWARD step runs pipeline ticks. At each tick the batches in flight move one stage on: the step's batch (if any)
+enters the first stage at the first tick, and the batch in the last stage leaves as logits on rank 0. Every rank
+keeps the same list of batches in flight (`pipeline`: index i is in stage i this tick), so a rank knows from the
+record alone what its stage runs at each tick: the first stage embeds the batch's tokens, a later stage takes the
+previous stage's hidden state (point-to-point from its leader); the rank runs its stage's layers over the batch
+(allreduces inside the stage); the stage's leader passes the hidden state on, or, in the last stage, every rank
+sends its logits slices to rank 0. With one sequence a step runs as many ticks as there are stages; with several
+in flight, each step admits one batch and runs one tick, so every stage works on another batch at once.
 """
 import collections
 import time
@@ -14,77 +19,139 @@ from .comm import Op, Step, host_name
 from .rank import peak_rss_bytes
 from .repartition import Repartition
 
-RECENT_STEPS = 16  # the control socket's `status` reports compute and sync time over this many decode steps
+RECENT_STEPS = 16  # the control socket's `status` reports compute and sync time over this many decode batches
+
+
+class Batch:
+    """Segments in flight together through the stages: rows of one pass."""
+
+    def __init__(self, segments, tokens):
+        self.segments, self.tokens = tuple(segments), np.asarray(tokens, np.int64)
+        self.rows = sum(seg.n for seg in segments)
+        self.decode = all(seg.n == 1 for seg in segments)
 
 
 class Executor:
     def __init__(self, state):
         self.state, self.comm = state, state.comm
-        self._logits = np.empty(state.cfg.vocab, dtype=np.float32) if self.comm.is_root else None
-        self.decode_steps, self.decode_bytes = 0, 0
-        self._recent = collections.deque(maxlen=RECENT_STEPS)  # (compute s, sync s) of the last decode steps
+        self.pipeline = collections.deque()  # the batches in flight after the last tick: [i] ran in stage i
+        self.decode_tokens, self.decode_bytes = 0, 0
+        self._recent = collections.deque(maxlen=RECENT_STEPS)  # (compute s, sync s) of the last decode batches
+        self.kv_bytes_peak = 0
 
-    def issue(self, step: Step, tokens=None, plan=None):
-        """Rank 0: broadcast `step` and run it here too. Returns the logits of a forward step, or for REPLAN
-        (error or None, every rank's figures), or for STATUS every rank's recent figures."""
-        return self._run(self.comm.step(step), tokens, plan)
+    def issue(self, step: Step, plan=None):
+        """Rank 0: broadcast `step` and run it here too. Returns for FORWARD [(batch, logits (m, vocab))] of the
+        batches that left the last stage, for REPLAN (error or None, every rank's figures), for STATUS every rank's
+        recent figures."""
+        return self._run(self.comm.step(step), plan)
 
     def serve(self):
         """Every rank but 0: run rank 0's steps until STOP."""
         while True:
             step = self.comm.step()
             if step.op == Op.STOP:
+                self.comm.finish_sends()
                 return
             self._run(step)
 
-    def _run(self, step, tokens=None, plan=None):
+    def _run(self, step, plan=None):
         expected = self.state.plan.epoch + (step.op == Op.REPLAN)
         if step.epoch != expected:  # a bug, never a user's mistake: every rank must run the same plan
             raise RuntimeError(f"rank {self.comm.rank}: step {step.op.name} for plan epoch {step.epoch}, "
                                f"expected {expected}")
-        if step.op == Op.PREFILL:
-            tokens = self.comm.broadcast_tokens(tokens if tokens is not None else np.empty(step.n, dtype=np.int64))
-            return self.forward(tokens, step.pos, step.slot)
-        if step.op == Op.DECODE:
-            return self.forward(np.array([step.token], dtype=np.int64), step.pos, step.slot)
+        if step.op == Op.FORWARD:
+            return self._forward(step)
         if step.op == Op.REPLAN:
-            return self._replan(step, plan)
+            return self._replan(plan)
         if step.op == Op.STATUS:
             return self.comm.gather(self.recent())
+        self.comm.finish_sends()  # STOP
         return None
 
-    def forward(self, tokens, pos, slot=0):
-        """One pass over `tokens` at positions pos..; the full logits on rank 0, None elsewhere."""
+    # ---- pipeline ticks ---------------------------------------------------------------------------------------
+    def _forward(self, step):
+        model = self.state.model
+        for slot in step.frees:
+            model.free(slot)
+        for slot, need in step.opens:
+            model.open(slot, need)
+        self.kv_bytes_peak = max(self.kv_bytes_peak, sum(model.slots.values()) * self.state.kv_bytes_per_position())
+        left = []
+        batch = Batch(step.segments, step.tokens) if step.segments else None
+        for tick in range(step.ticks):
+            out = self.tick(batch if tick == 0 else None)
+            if out is not None:
+                left.append(out)
+        return left
+
+    def tick(self, batch):
+        """One pipeline tick: `batch` (or None) enters the first stage, the others move on. Returns on rank 0 the
+        (batch, logits) that left the last stage, else None."""
+        stages = self.state.plan.stages
+        self.pipeline.appendleft(batch)
+        mine, logits = self.state.stage.index, None
+        if mine < len(self.pipeline) and self.pipeline[mine] is not None:
+            logits = self._run_stage(self.pipeline[mine])
+        leaving = self.pipeline.pop() if len(self.pipeline) == len(stages) else None
+        if leaving is None or not self.comm.is_root:
+            return None
+        if len(stages) > 1:  # the last stage's logits, to rank 0
+            logits = self.comm.gather_logits(None, np.empty((len(leaving.segments), self.state.cfg.vocab), np.float32))
+        return leaving, logits
+
+    def _run_stage(self, batch):
+        """This rank's stage over `batch`: take or embed, the layers, then pass on or send the logits. Returns the
+        full logits (m, vocab) where rank 0 is in the last stage, else None."""
         state, comm = self.state, self.comm
         sent, sync, t = comm.bytes_sent, comm.sync_s, time.perf_counter()
         stage, stages = state.stage, state.plan.stages
         if stage.index == 0:
-            x = state.model.embed(tokens)
+            x = state.model.embed(batch.tokens)
         else:
-            x = comm.take(np.empty((len(tokens), state.cfg.dim), np.float32))
+            x = comm.take(np.empty((batch.rows, state.cfg.dim), np.float32))
         last = stage.index == len(stages) - 1
-        out = state.model.forward(x, pos, comm.allreduce if comm.stage_size > 1 else None, head=last, slot=slot)
+        allreduce = comm.allreduce if comm.stage_size > 1 else None
+        out = state.model.forward(x, batch.segments, allreduce, head=last)
+        logits = None
         if not last:
             comm.pass_on(out)
-        logits = comm.gather_logits(out if last else None, self._logits)
-        if len(tokens) == 1:  # a decode step: its traffic is the per-token figure
-            self.decode_steps += 1
+        else:
+            logits = np.empty((len(batch.segments), state.cfg.vocab), np.float32) if comm.is_root else None
+            logits = comm.gather_logits(out, logits)
+        if batch.decode:  # a decode batch: its traffic makes the per-token figure
+            self.decode_tokens += len(batch.segments)
             self.decode_bytes += comm.bytes_sent - sent
             synced = comm.sync_s - sync
             self._recent.append((time.perf_counter() - t - synced, synced))
-        return logits if comm.is_root else None
+        return logits
 
-    def _replan(self, step, plan):
-        """Every rank: take rank 0's new plan and re-partition to it at the step's position. Returns (the agreed
-        error or None, and on rank 0 every rank's figures)."""
-        plan = self.comm.bcast(plan)
-        error, stats, model = Repartition(self.state, plan, step.pos).run()
+    def forward(self, tokens, pos, slot=0):
+        """Tests and tools, one rank: the full logits (vocab,) after one pass over `tokens` at positions pos.. of
+        `slot` (opened for the run's longest sequence at position 0)."""
+        from .model import Segment
+        if pos == 0:
+            self.state.model.open(slot, self.state.max_seq)
+        step = Step(Op.FORWARD, self.state.plan.epoch, ticks=len(self.state.plan.stages),
+                    segments=(Segment(slot, pos, len(tokens)),), tokens=tuple(int(t) for t in tokens))
+        left = self.issue(step)
+        return left[0][1][0] if self.comm.is_root else None
+
+    # ---- re-partition and status ----------------------------------------------------------------------------------
+    def _replan(self, plan):
+        """Every rank: take rank 0's new plan and the positions filled in each open slot, and re-partition. Returns
+        (the agreed error or None, and on rank 0 every rank's figures)."""
+        if any(b is not None for b in self.pipeline):
+            raise RuntimeError(f"rank {self.comm.rank}: a re-partition with batches in flight")
+        self.comm.finish_sends()
+        plan, filled = self.comm.bcast(plan)
+        error, stats, model = Repartition(self.state, plan, filled).run()
         if error is None:
             self.state.swap(plan, model)
+            self.pipeline.clear()
         return error, self.comm.gather(stats)
 
     def recent(self):
-        """This rank's share and its mean compute and sync time per decode step over the last steps."""
+        """This rank's share and its mean compute and sync time per decode batch over the last ones."""
         n = len(self._recent)
         compute, sync = (sum(c for c, _ in self._recent), sum(s for _, s in self._recent)) if n else (0.0, 0.0)
         return {**self.state.plan.layout()[self.comm.rank], "host": host_name(),
@@ -97,10 +164,13 @@ class Executor:
         return dict(rank=self.comm.rank, host=host_name(), backend=state.backend.description,
                     stage=state.stage.index, share=state.share.describe(),
                     compute_ms=round((total_s - sync_s) * 1e3, 3), sync_ms=round(sync_s * 1e3, 3),
+                    idle_fraction=round(sync_s / total_s, 4) if total_s > 0 else 0.0,
                     bytes_sent=int(self.comm.bytes_sent),
-                    bytes_per_token=self.decode_bytes // max(self.decode_steps, 1),
+                    bytes_per_token=self.decode_bytes // max(self.decode_tokens, 1),
                     weights_bytes=int(state.model.w.nbytes), load_rss_bytes=int(state.load_rss_bytes),
-                    peak_rss_bytes=int(peak_rss_bytes()))
+                    kv_bytes_per_position=state.kv_bytes_per_position(),
+                    kv_bytes_per_sequence=[state.kv_bytes_per_position() * need for need in state.needs],
+                    kv_bytes_peak=int(self.kv_bytes_peak), peak_rss_bytes=int(peak_rss_bytes()))
 
 
 def stage_figures(plan, ranks) -> list:

@@ -2,9 +2,16 @@
 nothing of MPI: the two partial sums per layer go through the `allreduce` callable it is given (the stage's), and
 it returns the hidden state for the next stage or this rank's slice of the logits.
 
-Shapes: n = tokens in this pass (the prompt, or 1 when decoding), h = local query heads, kv = local KV heads,
-hd = head_dim, T = positions in the cache so far.
+A pass runs one or more **segments** at once: each is a run of consecutive tokens of one sequence (its slot, the
+position of its first token, how many); a prompt is one segment of its n tokens, a batched decode step K segments
+of one token each. Their rows are stacked, so every matrix product reads the weights once for all of them;
+attention runs per segment, on that sequence's own KV cache.
+
+Shapes: n = rows in this pass (tokens of every segment), h = local query heads, kv = local KV heads,
+hd = head_dim, T = positions in a sequence's cache so far.
 """
+from typing import NamedTuple
+
 import numpy as np
 
 
@@ -18,6 +25,27 @@ def silu(x):
 
 
 HALVES = ("attention", "ffn")
+
+
+class Segment(NamedTuple):
+    """Consecutive tokens of one sequence in a pass: its KV-cache slot, the position of its first token, how many."""
+    slot: int
+    pos: int
+    n: int
+
+
+def segment_rows(segments):
+    """[(first row, segment)] of the segments stacked in a pass."""
+    out, at = [], 0
+    for seg in segments:
+        out.append((at, seg))
+        at += seg.n
+    return out
+
+
+def last_rows(segments):
+    """The row of each segment's last token in a pass: the rows the head turns into logits."""
+    return np.cumsum([seg.n for seg in segments]) - 1
 
 
 def stage_schedule(layers):
@@ -36,10 +64,9 @@ class Rope:
         self.sin = np.sin(angles).astype(np.float32)
         self.dim, self.neox = cfg.rope_dim, cfg.rope_neox
 
-    def __call__(self, x, pos):
-        """x (n, heads, hd), rotated in place for positions pos..pos+n-1."""
-        n = x.shape[0]
-        cos, sin = self.cos[pos:pos + n, None, :], self.sin[pos:pos + n, None, :]  # (n, 1, rope_dim/2)
+    def __call__(self, x, positions):
+        """x (n, heads, hd), rotated in place, row i for position positions[i]."""
+        cos, sin = self.cos[positions, None, :], self.sin[positions, None, :]  # (n, 1, rope_dim/2)
         if self.neox:  # pairs (i, i + rope_dim/2)
             a, b = x[..., :self.dim // 2], x[..., self.dim // 2:self.dim]
         else:  # interleaved pairs (2i, 2i+1)
@@ -50,83 +77,141 @@ class Rope:
 
 
 class KVCache:
-    """Keys and values of this rank's KV heads in its layers, one cache per sequence slot."""
+    """Keys and values of this rank's KV heads in its layers, one cache per open sequence slot, each sized to its
+    sequence's need (prompt + steps) when the slot opens and freed when it closes."""
 
-    def __init__(self, layers: range, kv: tuple, slots: int, max_seq: int, head_dim: int):
-        self.layers, self.kv = layers, tuple(kv)  # absolute layer indices; global KV-head indices, in local order
-        shape = (slots, len(layers), len(kv), max_seq, head_dim)
-        self.k = np.zeros(shape, dtype=np.float32)  # (slots, layers_local, kv_local, max_seq, hd)
-        self.v = np.zeros(shape, dtype=np.float32)
+    def __init__(self, layers: range, kv: tuple, head_dim: int):
+        self.layers, self.kv, self.hd = layers, tuple(kv), head_dim  # absolute layers; global KV heads, local order
+        self.k, self.v = {}, {}  # slot -> (layers_local, kv_local, need, hd) float32
+
+    def bytes_per_position(self):
+        return 2 * len(self.layers) * len(self.kv) * self.hd * 4
+
+    def open(self, slot, need):
+        shape = (len(self.layers), len(self.kv), need, self.hd)
+        self.k[slot], self.v[slot] = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+
+    def free(self, slot):
+        self.k.pop(slot, None)
+        self.v.pop(slot, None)
+
+    @property
+    def slots(self) -> dict:
+        """{slot: need} of the open slots."""
+        return {slot: k.shape[2] for slot, k in self.k.items()}
 
     def layer(self, slot, layer):
-        """(k, v) of an absolute layer, each (kv_local, max_seq, hd), views to write into."""
+        """(k, v) of an absolute layer, each (kv_local, need, hd), views to write into."""
         i = layer - self.layers.start
-        return self.k[slot, i], self.v[slot, i]
+        return self.k[slot][i], self.v[slot][i]
 
     def take(self, slot, T) -> dict:
         """{(layer, kv head): (k, v) each (T, hd)}: copies of positions 0..T-1 of every head held."""
-        return {(layer, j): (self.k[slot, li, at, :T].copy(), self.v[slot, li, at, :T].copy())
+        k, v = self.k[slot], self.v[slot]
+        return {(layer, j): (k[li, at, :T].copy(), v[li, at, :T].copy())
                 for li, layer in enumerate(self.layers) for at, j in enumerate(self.kv)}
 
     def put(self, slot, pieces: dict):
         """Write what `take` gives (for heads and layers this cache holds) back into positions 0..T-1."""
         for (layer, j), (k, v) in pieces.items():
             li, at = layer - self.layers.start, self.kv.index(j)
-            self.k[slot, li, at, :k.shape[0]] = k
-            self.v[slot, li, at, :v.shape[0]] = v
+            self.k[slot][li, at, :k.shape[0]] = k
+            self.v[slot][li, at, :v.shape[0]] = v
 
 
 class Model:
     """One rank's part of the transformer: its stage's layers on its shards, and the head where it holds
-    classifier rows. The backends' models (spmd.backends.vulkan_model) keep this interface."""
+    classifier rows. The backends' models (spmd.backends.vulkan_model) keep this interface:
+
+        open(slot, need) / free(slot) / slots    a sequence's KV cache for `need` positions; {slot: need} open
+        embed(tokens) -> (n, dim)                the first stage's input
+        forward(x, segments, allreduce, head)    the stage's layers over stacked segments, then the head
+        cache_take(slot, T) / cache_put(slot, pieces)   KV-cache rows of (layer, KV head) pairs, for moves
+        close()
+    """
 
     def __init__(self, cfg, weights, share, max_seq, slots=1):
         self.cfg, self.w, self.share = cfg, weights, share
-        self.max_seq = max_seq
+        self.max_seq = max_seq  # the longest sequence any slot may hold (the RoPE tables' length)
+        self.n_slots = slots  # slots 0..slots-1 may be open
         self.rope = Rope(cfg, max_seq, weights.rope_factors)
-        self.cache = KVCache(share.layer_ids, share.kv, slots, max_seq, cfg.head_dim)
+        self.cache = KVCache(share.layer_ids, share.kv, cfg.head_dim)
         self.scale = np.float32(1.0 / np.sqrt(cfg.head_dim))
-        self._decode_buffers = self._buffers(1)  # reused by every decode step
+        self._kept_buffers = {}  # rows -> buffers, for passes of up to KEEP_ROWS rows (decode steps, batched)
+
+    KEEP_ROWS = 64
 
     def _buffers(self, n):
+        if n in self._kept_buffers:
+            return self._kept_buffers[n]
         cfg, s = self.cfg, self.share
         f32 = np.float32
-        return dict(
+        buf = dict(
             q=np.empty((n, s.n_heads * cfg.head_dim), f32), k=np.empty((n, s.n_kv * cfg.head_dim), f32),
             v=np.empty((n, s.n_kv * cfg.head_dim), f32), proj=np.empty((n, cfg.dim), f32),
             gate=np.empty((n, s.n_ffn), f32), up=np.empty((n, s.n_ffn), f32),
-            logits=np.empty((1, s.n_vocab), f32),
         )
+        if n <= self.KEEP_ROWS:
+            self._kept_buffers[n] = buf
+        return buf
+
+    # ---- sequence slots -----------------------------------------------------------------------------------------
+    def open(self, slot, need):
+        """A KV cache for `slot` of `need` positions (at most max_seq), zeroed; replaces the slot's old one."""
+        if not 0 <= slot < self.n_slots or not 0 < need <= self.max_seq:
+            raise ValueError(f"slot {slot} of {need} positions: this model has slots 0..{self.n_slots - 1} of at "
+                             f"most {self.max_seq}")
+        self.cache.open(slot, need)
+
+    def free(self, slot):
+        self.cache.free(slot)
+
+    @property
+    def slots(self) -> dict:
+        return self.cache.slots
 
     def embed(self, tokens):
         """(n,) token ids -> (n, dim) float32: the first stage's input."""
         return self.w.embed(tokens)
 
-    def forward(self, x, pos, allreduce, head, slot=0):
-        """x (n, dim) float32, the hidden state entering this stage at positions pos..pos+n-1 (updated in place)
-        -> with `head`, this rank's logits slice (n_vocab_local,) of the last token; else x after the stage's
-        layers. allreduce: sums a float32 array over the stage's ranks in place, None when the stage has one."""
-        x = self.layers(x, pos, allreduce, slot)
-        return self.head(x) if head else x
+    def forward(self, x, segments, allreduce, head):
+        """x (n, dim) float32, the hidden state entering this stage, the segments' rows stacked (updated in place)
+        -> with `head`, this rank's logits slices (len(segments), n_vocab_local) of each segment's last token; else
+        x after the stage's layers. allreduce: sums a float32 array over the stage's ranks in place, None when the
+        stage has one."""
+        self._check(x, segments)
+        x = self.layers(x, segments, allreduce)
+        return self.head(x[last_rows(segments)]) if head else x
 
-    def layers(self, x, pos, allreduce, slot=0):
+    def _check(self, x, segments):
+        if x.shape[0] != sum(seg.n for seg in segments):
+            raise ValueError(f"{x.shape[0]} rows for segments of {sum(seg.n for seg in segments)} tokens")
+        for seg in segments:
+            need = self.cache.slots.get(seg.slot)
+            if need is None or seg.pos + seg.n > need:
+                raise ValueError(f"slot {seg.slot}: positions {seg.pos}..{seg.pos + seg.n - 1} pass its cache of "
+                                 f"{need or 0}")
+
+    def layers(self, x, segments, allreduce):
         """x (n, dim) through this rank's layers, two partial sums a layer (`stage_schedule`)."""
-        buf = self._decode_buffers if x.shape[0] == 1 else self._buffers(x.shape[0])
+        buf = self._buffers(x.shape[0])
+        positions = np.concatenate([np.arange(seg.pos, seg.pos + seg.n) for seg in segments])
         for layer, half in stage_schedule(self.share.layer_ids):
             lw = self.w.layer(layer)
             if half == "attention":
-                partial = self._attention(layer, lw, rmsnorm(x, lw.attn_norm, self.cfg.norm_eps), pos, buf, slot)
+                xn = rmsnorm(x, lw.attn_norm, self.cfg.norm_eps)
+                partial = self._attention(layer, lw, xn, segments, positions, buf)
             else:
                 partial = self._ffn(lw, rmsnorm(x, lw.ffn_norm, self.cfg.norm_eps), buf)
             x += allreduce(partial) if allreduce is not None else partial
         return x
 
     def head(self, x):
-        """x (n, dim) -> this rank's logits slice (n_vocab_local,) of the last token (empty without classifier rows)."""
+        """x (m, dim), the rows to score -> this rank's logits slices (m, n_vocab_local) (no columns without
+        classifier rows)."""
         if self.w.output is None:
-            return np.empty(0, np.float32)
-        last = rmsnorm(x[-1:], self.w.output_norm, self.cfg.norm_eps)  # (1, dim)
-        return self.w.output(last, out=self._decode_buffers["logits"])[0]
+            return np.empty((x.shape[0], 0), np.float32)
+        return self.w.output(rmsnorm(x, self.w.output_norm, self.cfg.norm_eps))
 
     def cache_take(self, slot, T) -> dict:
         return self.cache.take(slot, T)
@@ -137,7 +222,7 @@ class Model:
     def close(self):
         """Nothing to free: the arrays go with the object (the Vulkan model frees device memory here)."""
 
-    def _attention(self, layer, lw, xn, pos, buf, slot):
+    def _attention(self, layer, lw, xn, segments, positions, buf):
         """xn (n, dim) -> (n, dim) this rank's partial sum of the attention output."""
         cfg, n = self.cfg, xn.shape[0]
         hd, n_kv, group = cfg.head_dim, self.share.n_kv, cfg.group
@@ -147,9 +232,18 @@ class Model:
             k += lw.bk
             v += lw.bv
         q, k, v = q.reshape(n, n_kv * group, hd), k.reshape(n, n_kv, hd), v.reshape(n, n_kv, hd)
-        self.rope(q, pos)
-        self.rope(k, pos)
-        ck, cv = self.cache.layer(slot, layer)  # (kv, max_seq, hd)
+        self.rope(q, positions)
+        self.rope(k, positions)
+        out = np.empty((n, n_kv * group * hd), np.float32)
+        for row, seg in segment_rows(segments):
+            rows = slice(row, row + seg.n)
+            out[rows] = self._attend(layer, seg, q[rows], k[rows], v[rows])
+        return lw.wo(out, out=buf["proj"])
+
+    def _attend(self, layer, seg, q, k, v):
+        """One segment: its k, v into its slot's cache, then causal attention -> (seg.n, heads * hd)."""
+        n, pos, (n_kv, group, hd) = seg.n, seg.pos, (self.share.n_kv, self.cfg.group, self.cfg.head_dim)
+        ck, cv = self.cache.layer(seg.slot, layer)  # (kv, need, hd)
         ck[:, pos:pos + n] = k.transpose(1, 0, 2)
         cv[:, pos:pos + n] = v.transpose(1, 0, 2)
         T = pos + n
@@ -163,8 +257,7 @@ class Model:
         np.exp(scores, out=scores)
         scores /= scores.sum(axis=-1, keepdims=True)
         out = np.matmul(scores, cv[:, :T])  # (kv, group*n, hd)
-        out = out.reshape(n_kv, group, n, hd).transpose(2, 0, 1, 3).reshape(n, n_kv * group * hd)
-        return lw.wo(np.ascontiguousarray(out), out=buf["proj"])
+        return out.reshape(n_kv, group, n, hd).transpose(2, 0, 1, 3).reshape(n, n_kv * group * hd)
 
     def _ffn(self, lw, xn, buf):
         """xn (n, dim) -> (n, dim) this rank's partial sum of the SwiGLU FFN output."""

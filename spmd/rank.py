@@ -1,6 +1,7 @@
 """Every rank's set-up and state: the flags checked, errors agreed on, the file, config, plan, backend, model and
-communicator; `swap` is the one place the plan and model change. Rank 0 also holds the tokenizer, the prompt and
-the control socket's listener."""
+communicator; `swap` is the one place the plan and model change. Every rank knows each sequence's need (its prompt
+and steps: the KV-cache positions it takes) and the sequence slots; rank 0 also holds the tokenizer, the prompts
+and the control socket's listener."""
 import os
 import resource
 import time
@@ -15,16 +16,28 @@ from .config import read_config
 from .errors import UserError
 from .gguf_file import GGUFFile
 from .plan import make_plan, parse_layout
+from .prompts import PromptSpec, read_prompts_file
 from .tokenizer import load_tokenizer
-from .weights import load_shard
+from .weights import load_shard, share_file_bytes
 
 WEIGHT_SOURCES = ("file", "peer")
 
 
 @dataclass(frozen=True)
+class Work:
+    """A sequence to generate, on rank 0: its index in input order, prompt token ids, steps and settings."""
+    index: int
+    ids: np.ndarray
+    steps: int
+    spec: PromptSpec
+
+
+@dataclass(frozen=True)
 class RunOptions:
     model: str
-    prompt: str = ""
+    prompts: tuple = ()  # PromptSpec each (spmd.prompts), then those of prompts_file; none at all: one empty prompt
+    prompts_file: str = None
+    sequences: int = None  # the most in flight at once (None: the number of pipeline stages)
     steps: int = 64
     ratios: str = None  # the layout: "2:3:3", "1*1*1", "1:1@10*2:3" (spmd.plan)
     allreduce: str = "star"
@@ -36,7 +49,6 @@ class RunOptions:
     top_p: float = 1.0
     seed: int = None
     tokenizer: str = None  # a sentencepiece .model instead of the GGUF's vocabulary
-    prompt_tokens: tuple = None  # token ids instead of a prompt text (tests)
     control_socket: str = None  # rank 0 listens here for live migrations (None: no socket)
     migrate_weights: str = "file"  # a migration's weights: "file" (each rank reads its own) or "peer" (sent)
 
@@ -97,6 +109,18 @@ def peak_rss_bytes():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def available_bytes():
+    """The memory this host can give without swapping (MemAvailable), or None where /proc does not tell."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def rss_bytes():
     """This process's resident memory now (0 where /proc is not there to tell)."""
     try:
@@ -122,13 +146,14 @@ class RankState:
         comm.algorithm = opts.allreduce
         self._check_same_as_rank_0(plan)
         self.plan, self.model, self.backend = None, None, None
-        self.tokenizer, self.prompt = agree(comm, self._tokenize if comm.is_root else lambda: (None, None))
-        n_prompt, steps = comm.bcast((len(self.prompt), opts.steps) if comm.is_root else None)
-        self.steps = min(steps, self.cfg.context - n_prompt)
-        self.max_seq = n_prompt + self.steps  # the KV cache holds this many positions
-        if comm.is_root and self.steps < opts.steps:
-            log(f"note: --steps {opts.steps} would pass the model's context of {self.cfg.context}; "
-                f"generating {self.steps}")
+        if opts.sequences is not None and opts.sequences < 1:
+            raise UserError(f"--sequences must be at least 1 (got {opts.sequences})")
+        self.tokenizer, self.work = agree(comm, self._tokenize if comm.is_root else lambda: (None, None))
+        self.needs = comm.bcast([len(w.ids) + w.steps for w in self.work] if comm.is_root else None)
+        self.max_seq = max(self.needs)  # the longest sequence's KV-cache positions
+        self.n_slots = min(opts.sequences or len(plan.stages), len(self.needs))  # sequences in flight at most
+        comm.set_slots(self.n_slots)
+        agree(comm, lambda: self._check_memory(plan))
         # Ranks on one machine share its cores (self.threads each); a rank's kernel threads spinning on a core another
         # rank needs stall both. numpy's BLAS only serves the small attention products: its thread pool, left
         # spinning after each, would take cores from the kernels (prefill ran 3x slower with it).
@@ -171,7 +196,35 @@ class RankState:
         weights = load_shard(self.file, self.cfg, share, self.backend, read=read, keep=keep,
                              old=self.model.w if keep else None,
                              notice=self.log if self.comm.is_root else (lambda _msg: None))
-        return self.backend.make_model(self.cfg, weights, share, self.max_seq)
+        return self.backend.make_model(self.cfg, weights, share, self.max_seq, self.n_slots)
+
+    def kv_bytes_per_position(self, share=None):
+        """KV-cache bytes one position of one sequence takes on this rank (float32 keys and values)."""
+        share = share or self.share
+        return 2 * len(share.layer_ids) * share.n_kv * self.cfg.head_dim * 4
+
+    def _check_memory(self, plan):
+        """Refuse up front sequences whose KV caches, at their full length, cannot fit beside the weights in the
+        memory of some rank's host (the host's ranks together; the Vulkan pool is slots x the longest sequence)."""
+        per_position = self.kv_bytes_per_position(plan[self.comm.rank])
+        if self.backend_name == "vulkan":
+            worst = self.n_slots * self.max_seq
+        else:
+            worst = sum(sorted(self.needs, reverse=True)[:self.n_slots])
+        kv = per_position * worst
+        weights = share_file_bytes(self.file, self.cfg, plan[self.comm.rank], as_float32=self.backend_name == "numpy")
+        everyone = self.comm.allgather((C.host_name(), kv, weights, available_bytes()))
+        mine = [e for e in everyone if e[0] == everyone[self.comm.rank][0]]
+        need = sum(e[1] + e[2] for e in mine)
+        known = [e[3] for e in mine if e[3] is not None]
+        free = min(known) if known else None
+        if free is not None and need > free:
+            gib = lambda n: f"{n / 2**30:.1f} GiB"  # noqa: E731
+            seqs = f"{self.n_slots} sequence{'s' * (self.n_slots > 1)}"
+            raise UserError(f"--sequences {self.n_slots}: the KV caches of {seqs} of up to {self.max_seq} positions "
+                            f"need {gib(kv)} on rank {self.comm.rank} ({gib(per_position * self.max_seq)} for the "
+                            f"longest), and with the weights its host {everyone[self.comm.rank][0]} needs "
+                            f"{gib(need)} but has {gib(free)} available: give fewer --sequences or --steps")
 
     def _read_header(self):
         f = GGUFFile(self.opts.model)
@@ -192,21 +245,39 @@ class RankState:
                                     "model file and flags")
 
     def _tokenize(self):
-        tok = load_tokenizer(self.file, self.opts.tokenizer)
+        """Rank 0: the tokenizer and every sequence's Work, in input order."""
+        opts = self.opts
+        tok = load_tokenizer(self.file, opts.tokenizer)
         if tok.vocab_size > self.cfg.vocab:
             raise UserError(f"the tokenizer has {tok.vocab_size} pieces but the model's vocabulary is "
                             f"{self.cfg.vocab}: they do not belong together")
-        ids = list(self.opts.prompt_tokens) if self.opts.prompt_tokens is not None else tok.encode(self.opts.prompt)
+        specs = list(opts.prompts) + (read_prompts_file(opts.prompts_file) if opts.prompts_file else [])
+        work, capped = [], []
+        for index, spec in enumerate(specs or [PromptSpec()]):
+            ids = self._prompt_ids(tok, spec)
+            steps = spec.setting("steps", opts)
+            if steps < 1:
+                raise UserError(f"{spec.where}: steps must be at least 1 (got {steps})")
+            if steps > self.cfg.context - len(ids):
+                capped.append(spec.where)
+            work.append(Work(index, ids, min(steps, self.cfg.context - len(ids)), spec))
+        if capped:
+            self.log(f"note: {capped[0]}{f' and {len(capped) - 1} more' if len(capped) > 1 else ''}: the steps "
+                     f"would pass the model's context of {self.cfg.context}; generating up to it")
+        return tok, work
+
+    def _prompt_ids(self, tok, spec):
+        ids = list(spec.ids) if spec.ids is not None else tok.encode(spec.text)
         if not ids:
-            raise UserError("the prompt is empty" + ("" if self.opts.prompt_tokens is not None else
-                                                     " and this model adds no BOS token to start from: give --prompt"))
+            raise UserError(f"{spec.where} is empty" + ("" if spec.ids is not None else
+                                                        " and this model adds no BOS token to start from"))
         if len(ids) >= self.cfg.context:
-            raise UserError(f"the prompt is {len(ids)} tokens long; the model's context is {self.cfg.context}, "
+            raise UserError(f"{spec.where} is {len(ids)} tokens long; the model's context is {self.cfg.context}, "
                             "which leaves no room to generate")
         vocab = known_vocab(tok, self.cfg)
         if max(ids) >= vocab or min(ids) < 0:
-            raise UserError(f"prompt token ids must be in 0..{vocab - 1}")
-        return tok, np.array(ids, dtype=np.int64)
+            raise UserError(f"{spec.where}: token ids must be in 0..{vocab - 1}")
+        return np.array(ids, dtype=np.int64)
 
     def _open_control(self):
         """Rank 0: the control socket's listener (None without one). It validates requests against self.plan."""
@@ -217,7 +288,10 @@ class RankState:
         if os.path.dirname(os.path.abspath(path)) == socket_dir():
             make_private_dir(socket_dir())
             remove_stale(socket_dir())
-        first = len(self.prompt)  # token boundaries: positions first..last (none after the last sampled token)
-        listener = Listener(path, self, first, first + self.steps - 2)
+        if len(self.work) == 1:  # token boundaries: positions first..last (none after the last sampled token)
+            first, last = len(self.work[0].ids), len(self.work[0].ids) + self.work[0].steps - 2
+        else:  # several sequences: a boundary counts the tokens generated by all of them so far
+            first, last = 1, sum(w.steps for w in self.work) - 1
+        listener = Listener(path, self, first, last)
         self.log(f"control socket: {path}")
         return listener

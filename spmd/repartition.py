@@ -4,8 +4,9 @@ Each rank works out the difference between the old and the new plan (`replan.dif
 layer by layer, and classifier rows) and moves only what changes, whatever made the change (a head or FFN move
 inside a stage, layers moved between stages, a whole new layout):
 
-  1. outgoing: for every rank it hands units to, the KV cache rows of the moved (layer, KV head) pairs (positions
-     0..pos-1) and, with `--migrate-weights peer`, the weight slices of every moved unit, read from its own file;
+  1. outgoing: for every rank it hands units to, the KV cache rows of the moved (layer, KV head) pairs of every open
+     sequence slot (the positions each has filled) and, with `--migrate-weights peer`, the weight slices of every
+     moved unit, read from its own file;
   2. errors in step 1 are agreed on (no rank waits for a message that will not come), then the messages travel by
      MPI point-to-point, every send posted before any receive;
   3. a rank whose share changed builds its new weights (matrices of unchanged kinds are kept as they are; the
@@ -124,8 +125,9 @@ def assembling_reader(read_file, received):
 class Repartition:
     """One re-partition on one rank; `run()` is collective."""
 
-    def __init__(self, state, new_plan, pos):
-        self.state, self.comm, self.pos = state, state.comm, pos
+    def __init__(self, state, new_plan, filled):
+        self.state, self.comm = state, state.comm
+        self.filled = filled  # {slot: positions filled} of every open sequence slot
         self.new_plan, self.old_plan = new_plan, state.plan
         self.rank = self.comm.rank
         self.old, self.new = self.old_plan[self.rank], new_plan[self.rank]
@@ -149,9 +151,9 @@ class Repartition:
             pieces = []
             for unit, layer, j in units:
                 if unit == "kv":
-                    if cache is None:
-                        cache = self.state.model.cache_take(0, self.pos)  # {(layer, kv): (k, v) each (T, hd)}
-                    pieces.append((("cache", layer, j), np.stack(cache[(layer, j)])))
+                    if cache is None:  # {slot: {(layer, kv): (k, v) each (T, hd)}}
+                        cache = {slot: self.state.model.cache_take(slot, T) for slot, T in self.filled.items()}
+                    pieces += [(("cache", slot, layer, j), np.stack(cache[slot][(layer, j)])) for slot in cache]
             n_cache = sum(p[1].nbytes for p in pieces)
             if self.peer:
                 pieces += [(s, read(*s[:2], [s[2]])) for s in weight_slices(self.state.cfg, self.old, units)]
@@ -208,11 +210,13 @@ def build(rp, received):
     read = assembling_reader(read_file, weights_in) if rp.peer else read_file
     # matrices of unchanged kinds are kept as they are, unless the backend's model owns (and frees) its matrices
     keep = set() if state.backend.model_owns_weights else set(UNIT_KIND.values()) - changed_kinds(old, new)
-    kept = state.model.cache_take(0, rp.pos)
-    cache = {key: kept[key] if key in kept else tuple(received[("cache", *key)])
-             for key in ((layer, j) for layer in new.layer_ids for j in new.kv)}
     model = state.build_model(new, read=read, keep=keep)
-    model.cache_put(0, cache)
+    for slot, need in state.model.slots.items():
+        model.open(slot, need)
+    for slot, filled in rp.filled.items():
+        kept = state.model.cache_take(slot, filled)
+        model.cache_put(slot, {key: kept[key] if key in kept else tuple(received[("cache", slot, *key)])
+                               for key in ((layer, j) for layer in new.layer_ids for j in new.kv)})
     return model
 
 

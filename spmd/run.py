@@ -32,9 +32,17 @@ def split_ints(_ctx, _param, text):
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.option("--model", "-m", required=True, metavar="FILE.gguf",
               help="GGUF model file (the same path on every host).")
-@click.option("--prompt", "-p", default="", show_default=True, help="Text to continue; BOS is added as the model says.")
+@click.option("--prompt", "-p", multiple=True, metavar="TEXT",
+              help="Text to continue; BOS is added as the model says. Repeat it for several sequences.")
 @click.option("--prompt-ids", default=None, metavar="IDS", callback=split_ints,
               help="Comma-separated token ids to use as the prompt instead of --prompt.")
+@click.option("--prompts-file", default=None, metavar="FILE",
+              help="More prompts, one a line (blank lines skipped); FILE.jsonl: one JSON object a line with "
+                   "\"prompt\" (or \"prompt_ids\") and optional \"steps\", \"temperature\", \"top_k\", "
+                   "\"top_p\", \"seed\".")
+@click.option("--sequences", default=None, type=click.IntRange(min=1), metavar="K",
+              help="The most sequences in flight at once: pipeline stages work on different ones, and a stage "
+                   "decodes the ones it holds as one batch. Default: the number of pipeline stages.")
 @click.option("--steps", "-n", default=64, show_default=True, type=int, help="Most tokens to generate.")
 @click.option("--ratios", default=None, metavar="LAYOUT",
               help="Each rank's relative speed, one number per rank: 2:3:3 (one stage, tensor parallel). '*' "
@@ -94,6 +102,7 @@ def parse_args(argv, is_root):
 
 
 def summary(r):
+    """The one line on stderr after a text-mode run."""
     staged = len(r["stages"]) > 1
 
     def where(s):
@@ -102,11 +111,15 @@ def summary(r):
     ranks = "; ".join(f"rank {s['rank']} ({s['host']}){where(s)} compute {s['compute_ms']:.0f} ms sync "
                       f"{s['sync_ms']:.0f} ms sent {s['bytes_sent'] / 1e6:.2f} MB rss "
                       f"{s['peak_rss_bytes'] / 2**20:.0f} MiB" for s in r["ranks"])
+    setup = f"{r['n_ranks']} rank(s) {r['allreduce']} {r['ratios']}, {r['backend']}; {ranks}"
+    if "sequences" in r:
+        rate = f"{r['tokens_per_s']:.2f} tok/s in all" if r["tokens_per_s"] else "-"
+        return (f"[spmd] {len(r['sequences'])} sequences, {r['tokens_generated']} tokens in {r['elapsed_s']:.2f} s "
+                f"({rate}), at most {r['sequences_in_flight']} in flight; {setup}")
     decode = (f"decode {r['decode_tokens_per_s']:.2f} tok/s ({r['ms_per_token']:.1f} ms/token)"
               if r["decode_tokens_per_s"] else "decode -")
-    return (f"[spmd] {len(r['tokens'])} tokens, {decode}, prefill {len(r['prompt_tokens'])} tokens in "
-            f"{r['prefill_ms']:.0f} ms; {r['n_ranks']} rank(s) {r['allreduce']} {r['ratios']}, {r['backend']}; "
-            f"{ranks}")
+    prefill = f"{r['prefill_ms']:.0f} ms" if r["prefill_ms"] is not None else "-"
+    return f"[spmd] {len(r['tokens'])} tokens, {decode}, prefill {len(r['prompt_tokens'])} tokens in {prefill}; {setup}"
 
 
 def write_stdout(piece):
@@ -155,17 +168,22 @@ def run(argv):
             print(f"error: rank {bad}: invalid command-line flags", file=sys.stderr)
         sys.exit(0 if bad is None else 1)
     from .engine import Engine, RunOptions
+    from .prompts import PromptSpec
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if comm.is_root else (lambda msg: None)
     text_out = kw.pop("output") == "text"
-    prompt_tokens = kw.pop("prompt_ids")
-    if prompt_tokens is not None and kw["prompt"]:
+    prompt_ids, texts = kw.pop("prompt_ids"), kw.pop("prompt")
+    if prompt_ids is not None and texts:
         if comm.is_root:
             print("error: give --prompt or --prompt-ids, not both", file=sys.stderr)
         sys.exit(1)
+    prompts = tuple(PromptSpec(text=t, where="the prompt" if len(texts) == 1 else f"--prompt {i + 1}")
+                    for i, t in enumerate(texts))
+    if prompt_ids is not None:
+        prompts = (PromptSpec(ids=prompt_ids, where="--prompt-ids"),)
     from .control import default_path
     root_pid = comm.bcast(os.getpid())  # only rank 0 listens; the default path names its pid
     socket_path = kw.pop("control_socket") or default_path(root_pid)
-    opts = RunOptions(**kw, prompt_tokens=prompt_tokens,
+    opts = RunOptions(**kw, prompts=prompts,
                       control_socket=None if socket_path.lower() == "none" else socket_path)
     emit = write_stdout if text_out and comm.is_root else None
     try:
@@ -185,7 +203,8 @@ def run(argv):
         comm.abort(1)
     if comm.is_root:
         if text_out:
-            print(flush=True)
+            if "sequences" not in result:  # several sequences end their lines themselves
+                print(flush=True)
             log(summary(result))
         else:
             print(json.dumps(result), flush=True)

@@ -90,6 +90,21 @@ def element_spans(cfg, share: Share, unit) -> list:
     return [(share.vocab_start, share.vocab_start + share.n_vocab)] if share.n_vocab else []
 
 
+def share_file_bytes(f, cfg, share: Share, as_float32=False) -> int:
+    """The bytes of `share`'s weight slices as the file holds them (as float32 where the backend dequantises)."""
+    total = 0
+    matrices = [(f"blk.{i}.{name}", slicing, unit) for i in share.layer_ids
+                for name, slicing, unit in LAYER_TENSORS.values() if slicing != VECTOR]
+    if share.n_vocab:
+        matrices.append((classifier_name(cfg), ROWS, "vocab"))
+    for name, slicing, unit in matrices:
+        info = f.info(name)
+        held = sum(b - a for a, b in element_spans(cfg, share, unit))
+        nbytes = 4 * info.shape[0] * info.shape[1] if as_float32 else info.nbytes
+        total += nbytes * held // info.shape[slicing]
+    return total
+
+
 def file_reader(f, notice=print):
     """read(name, slicing, spans) -> QTensor (a matrix's rows or columns) or float32 vector, from the mapped file."""
     def read(name, slicing, spans):

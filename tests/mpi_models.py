@@ -8,6 +8,7 @@ import pytest
 
 from spmd.comm import Comm
 from spmd.engine import Engine, RunOptions
+from spmd.prompts import PromptSpec
 from spmd.synth import Shape, write_model
 
 MPI = pytest.importorskip("mpi4py.MPI")
@@ -40,7 +41,8 @@ def shared_models(prefix, extra=None):
 
 def generate(comm, **kw):
     """A quiet run of PROMPT (12 steps unless `steps` is given) on `comm`: the result on rank 0, None elsewhere."""
-    opts = RunOptions(**{"prompt_tokens": PROMPT, "steps": 12, **kw})
+    kw = {"prompt_tokens": PROMPT, **kw}
+    opts = RunOptions(**{"prompts": (PromptSpec(ids=tuple(kw.pop("prompt_tokens"))),), "steps": 12, **kw})
     return Engine(opts, Comm(comm=comm), log=lambda _m: None).run()
 
 

@@ -75,6 +75,12 @@ def write_garbage(path):
     return path
 
 
+def write_text(model, path, text):
+    """Write a prompts file beside the test's files; the model is the usual one."""
+    path.write_text(text)
+    return model
+
+
 def write_other_arch(path):
     w = GGUFWriter(str(path), "mamba")
     w.add_tensor("token_embd.weight", __import__("numpy").zeros((4, 8), "float32"))
@@ -109,7 +115,20 @@ CASES = {
     "ratio count": (lambda m, d: m, ["--ratios", "1:2:3:4:5"], "has 5 values but the job has"),
     "zero ratio": (lambda m, d: m, ["--ratios", "0"], "must be positive"),
     "long prompt": (lambda m, d: m, ["--prompt", "word " * 60], "the model's context is 32"),
-    "bad token id": (lambda m, d: m, ["--prompt-ids", "1,99999"], "prompt token ids must be in 0..511"),
+    "bad token id": (lambda m, d: m, ["--prompt-ids", "1,99999"], "--prompt-ids: token ids must be in 0..511"),
+    "no prompts file": (lambda m, d: m, ["--prompts-file", "{tmp}/none.txt"], "--prompts-file .*none.txt: No such"),
+    "blank prompts file": (lambda m, d: write_text(m, d / "p.txt", "\n \n"), ["--prompts-file", "{tmp}/p.txt"],
+                           "p.txt holds no prompt"),
+    "bad JSON line": (lambda m, d: write_text(m, d / "p.jsonl", '{"prompt": "a"}\n{"prompt": "b", "temp": 1}\n'),
+                      ["--prompts-file", "{tmp}/p.jsonl"], "p.jsonl line 2: unknown field 'temp'"),
+    "bad steps in JSON": (lambda m, d: write_text(m, d / "p.jsonl", '{"prompt": "a", "steps": 0}'),
+                          ["--prompts-file", "{tmp}/p.jsonl"], 'p.jsonl line 1: "steps" must be a whole number'),
+    "long prompt in a file": (lambda m, d: write_text(m, d / "p.txt", "ok\n" + "word " * 60),
+                              ["--prompts-file", "{tmp}/p.txt"], "p.txt line 2 is .* the model's context is 32"),
+    "zero sequences": (lambda m, d: m, ["--sequences", "0"], "Invalid value for '--sequences'"),
+    "cache beyond memory": (lambda m, d: write_model(d / "huge.gguf", Shape(**{**SHAPE.__dict__, "context": 2**28})),
+                            ["--steps", str(2**28 - 8), "--sequences", "2", "--prompt", "a", "--prompt", "b"],
+                            "--sequences 2: the KV caches of 2 sequences of up to .* positions need .* GiB on rank"),
     "bad flag value": (lambda m, d: m, ["--allreduce", "tree"], "Invalid value for '--allreduce'"),
     "unknown backend": (lambda m, d: m, ["--backend", "cpu,tpu"], "--backend|'tpu'"),
     "backend count": (lambda m, d: m, ["--backend", "cpu,cpu,cpu,cpu,cpu"], "names 5 backends for"),
@@ -146,6 +165,7 @@ def test_bad_input_gives_one_line_and_every_rank_exits(model, tmp_path, case, ra
     make, extra, message = CASES[case]
     if LLAMA2_TOKENIZER in extra and not LLAMA2_TOKENIZER.exists():
         pytest.skip(f"{LLAMA2_TOKENIZER} is absent")
+    extra = [a.replace("{tmp}", str(tmp_path)) if isinstance(a, str) else a for a in extra]
     p = run(["--model", make(model, tmp_path), *extra], ranks=ranks, timeout=60)
     assert p.returncode != 0
     assert "Traceback" not in p.stderr + p.stdout

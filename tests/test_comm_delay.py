@@ -5,7 +5,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from spmd.comm import Comm, Op, Step, link_delay_s, link_steps
+from spmd.comm import Comm, Op, Step, link_delay_s, link_steps, record_size
+from spmd.model import Segment
 from spmd.plan import make_plan, parse_layout
 
 MPI = pytest.importorskip("mpi4py.MPI")
@@ -40,14 +41,15 @@ def test_one_rank_never_sleeps(monkeypatch):
     monkeypatch.setenv("SPMD_TEST_LINK_DELAY_MS", "1000")
     comm = Comm(comm=MPI.COMM_SELF)
     assert comm.link_delay_s == 0.0
-    assert comm.step(Step(Op.DECODE, 0, token=1)) == Step(Op.DECODE, 0, token=1)
+    step = Step(Op.FORWARD, 0, segments=(Segment(0, 3, 1),), tokens=(1,))
+    assert comm.step(step) == step
     assert comm.sync_s < 0.5
 
 
 def test_the_sleep_counts_as_sync_time():
     comm = Comm(comm=MPI.COMM_SELF)
     comm.link_delay_s = DELAY_MS / 1e3  # as if P > 1: the step record's one step
-    comm.step(Step(Op.DECODE, 0, token=1))
+    comm.step(Step(Op.FORWARD, 0, segments=(Segment(0, 3, 1),), tokens=(1,)))
     assert comm.sync_s >= DELAY_MS / 1e3
 
 
@@ -68,10 +70,12 @@ def test_delay_shows_in_sync_time_and_changes_nothing_else(monkeypatch, algorith
     slow.set_plan(plan)
     got = slow.allreduce(x.copy())
     allreduce_s = slow.sync_s
-    slow.step(Step(Op.PREFILL, 0, n=4))
+    slow.step(Step(Op.FORWARD, 0, segments=(Segment(0, 0, 4),), tokens=(1, 2, 3, 4)))
     control_s = slow.sync_s - allreduce_s
     assert plain.link_delay_s == 0.0 and slow.link_delay_s == DELAY_MS / 1e3
     np.testing.assert_array_equal(got, want)
-    assert slow.bytes_sent - plain.bytes_sent == (6 * 8 * (WORLD.size - 1) if WORLD.rank == 0 else 0)  # 6 fields
+    # a prompt's step: the record (8 header fields, 7 per slot: one slot) and its 4 tokens, 8 bytes each
+    assert record_size(1) == 8 + 7
+    assert slow.bytes_sent - plain.bytes_sent == ((15 + 4) * 8 * (WORLD.size - 1) if WORLD.rank == 0 else 0)
     assert allreduce_s >= link_steps(algorithm, WORLD.size) * DELAY_MS / 1e3
-    assert control_s >= DELAY_MS / 1e3
+    assert control_s >= 2 * DELAY_MS / 1e3  # the record, then the prompt's tokens

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from spmd.comm import Comm, Op, Step
+from spmd.model import Segment
 from spmd.plan import make_plan, parse_layout
 
 MPI = pytest.importorskip("mpi4py.MPI")
@@ -93,20 +94,32 @@ def test_hand_off_reaches_every_rank_of_the_next_stage():
 @pytest.mark.mpi
 @pytest.mark.parametrize("layout", ["tp", "pp"])
 def test_gather_logits_assembles_the_vocabulary_on_rank_0(layout):
+    """Two rows (two sequences' last tokens): each last-stage rank's columns land in their place."""
     comm = comm_on(None if layout == "tp" or WORLD.size == 1 else two_stages())
     share = comm.plan[WORLD.rank]
-    local = np.arange(share.vocab_start, share.vocab_start + share.n_vocab, dtype=np.float32)
-    out = np.empty(DIMS.vocab, np.float32) if WORLD.rank == 0 else None
+    cols = np.arange(share.vocab_start, share.vocab_start + share.n_vocab, dtype=np.float32)
+    local = np.stack([cols, cols + 1000])
+    out = np.empty((2, DIMS.vocab), np.float32) if WORLD.rank == 0 else None
     got = comm.gather_logits(local if share.n_vocab else None, out)
     if WORLD.rank == 0:
-        np.testing.assert_array_equal(got, np.arange(DIMS.vocab, dtype=np.float32))
+        whole = np.arange(DIMS.vocab, dtype=np.float32)
+        np.testing.assert_array_equal(got, np.stack([whole, whole + 1000]))
 
 
 @pytest.mark.mpi
 def test_step_record_reaches_every_rank():
+    """Decode segments carry their token in the record; a prompt's tokens follow in a second broadcast; opens and
+    frees; a record with more segments than the slots it has room for is refused on rank 0."""
     comm = Comm(comm=WORLD)
-    mine = Step(Op.DECODE, epoch=3, slot=1, pos=17, token=5) if WORLD.rank == 0 else Step(Op.STOP, 9, 9, 9, 9, 9)
-    assert comm.step(mine) == Step(Op.DECODE, epoch=3, slot=1, pos=17, token=5, n=0)  # rank 0 speaks
+    comm.set_slots(3)
+    steps = [Step(Op.FORWARD, epoch=3, ticks=2, segments=(Segment(2, 17, 1), Segment(0, 0, 4), Segment(1, 9, 1)),
+                  tokens=(5, 10, 11, 12, 13, 7), opens=((0, 40),), frees=(0, 2)),
+             Step(Op.STOP, epoch=4)]
+    for want in steps:
+        assert comm.step(want if WORLD.rank == 0 else None) == want  # rank 0 speaks
+    if WORLD.rank == 0:
+        with pytest.raises(ValueError, match="room for 3"):
+            comm.step(Step(Op.FORWARD, 0, segments=(Segment(0, 0, 1),) * 4, tokens=(1,) * 4))
 
 
 @pytest.mark.mpi(min_size=2)

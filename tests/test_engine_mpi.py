@@ -8,6 +8,7 @@ import pytest
 from mpi_models import MPI, PROMPT, SHAPE, UNEQUAL, WORLD, generate, one_rank_tokens, shared_models
 from spmd.comm import Comm
 from spmd.engine import Engine, RunOptions
+from spmd.prompts import PromptSpec
 from spmd.synth import Shape
 
 
@@ -105,7 +106,8 @@ def test_a_missing_file_on_one_rank_is_reported_by_every_rank(models):
 def test_logits_match_across_ranks(models, layout):
     """The rank-0 logits after the prompt agree with one rank's to float32 rounding, not just the argmax."""
     def logits(comm, ratios=None):
-        opts = RunOptions(model=models["F32"], prompt_tokens=PROMPT, steps=1, ratios=ratios, allreduce="ring")
+        opts = RunOptions(model=models["F32"], prompts=(PromptSpec(ids=PROMPT),), steps=1, ratios=ratios,
+                          allreduce="ring")
         engine = Engine(opts, Comm(comm=comm), log=lambda _m: None)
         return engine.executor.forward(np.array(PROMPT, dtype=np.int64), 0)
     alone = logits(MPI.COMM_SELF) if WORLD.rank == 0 else None

@@ -22,6 +22,7 @@ from spmd.backends.numpy_ref import NumpyBackend
 from spmd.client import ClientError, Connection
 from spmd.comm import Comm
 from spmd.engine import Engine, RunOptions
+from spmd.prompts import PromptSpec
 from spmd.errors import UserError
 from spmd.synth import Shape
 from spmd.weights import load_shard
@@ -98,7 +99,7 @@ class Driver:
 
 
 def run(model, socket_path, steps=16, schedule=None, each_token=None, **kw):
-    opts = RunOptions(model=model, prompt_tokens=PROMPT, steps=steps, control_socket=socket_path, **kw)
+    opts = RunOptions(model=model, prompts=(PromptSpec(ids=PROMPT),), steps=steps, control_socket=socket_path, **kw)
     engine = Engine(opts, Comm(), log=lambda _m: None)
     driver = Driver(socket_path, schedule, each_token) if WORLD.rank == 0 else None
     if driver is not None:
@@ -219,7 +220,7 @@ def test_the_kv_cache_travels_with_its_heads_and_layers(models, socket_path, mov
     model = models["deep F32"]
     alone = None
     if WORLD.rank == 0:
-        e = Engine(RunOptions(model=model, prompt_tokens=PROMPT, steps=8), Comm(comm=MPI.COMM_SELF),
+        e = Engine(RunOptions(model=model, prompts=(PromptSpec(ids=PROMPT),), steps=8), Comm(comm=MPI.COMM_SELF),
                    log=lambda _m: None)
         e.run()
         alone = e.state.model.cache_take(0, FIRST + 6)

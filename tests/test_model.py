@@ -10,6 +10,7 @@ from mpi4py import MPI
 import reference
 from spmd.comm import Comm
 from spmd.engine import Engine, RunOptions
+from spmd.prompts import PromptSpec
 from spmd.synth import Shape, write_model
 
 GOLDEN = {p.stem: json.loads(p.read_text()) for p in sorted((Path(__file__).parent / "golden").glob("*.json"))}
@@ -22,7 +23,7 @@ def golden_model(tmp_path, case):
 
 
 def engine(path, prompt, backend="cpu", steps=4, **kw):
-    opts = RunOptions(model=str(path), prompt_tokens=tuple(prompt), steps=steps, backend=backend, **kw)
+    opts = RunOptions(model=str(path), prompts=(PromptSpec(ids=tuple(prompt)),), steps=steps, backend=backend, **kw)
     return Engine(opts, Comm(comm=MPI.COMM_SELF), log=lambda _m: None)
 
 
@@ -73,7 +74,7 @@ def test_batched_prompt_equals_token_by_token(tmp_path):
 def test_other_weight_types_are_dequantised_at_load_with_one_notice(tmp_path):
     path = write_model(tmp_path / "q5.gguf", Shape(dim=64, ffn=128), qtype="Q5_0", seed=1)
     notices = []
-    opts = RunOptions(model=str(path), prompt_tokens=(1, 5, 9), steps=2)
+    opts = RunOptions(model=str(path), prompts=(PromptSpec(ids=(1, 5, 9)),), steps=2)
     e = Engine(opts, Comm(comm=MPI.COMM_SELF), log=notices.append)
     assert notices == ["note: the file holds Q5_0 weights; dequantising them to F32 at load"]
     np.testing.assert_allclose(e.executor.forward(np.array([1, 5, 9]), 0), reference.logits_for(path, [1, 5, 9])[-1],

@@ -1,7 +1,8 @@
 """The Vulkan backend: compiled kernels up to date with their sources, each kernel against the numpy reference, the
 model on the device against spmd.model.Model and tests/reference.py (batched prefill with the rmsnorm kernel, decode
 with RMSNorm fused into the products, one command buffer per half-layer with an allreduce, pipeline stages handing
-the hidden state on), the KV cache taken and put back, and the one-line errors.
+the hidden state on), several sequences in one pass (prompts and decode tokens of different slots stacked), the KV
+cache taken and put back per slot, and the one-line errors.
 
 Tolerances: a product is within 1e-5 * sum_k |x_k| |w_k| of the reference (float32 summation in another order;
 quantised weights are dequantised exactly, activations stay float32); logits within 1e-4 absolute of the float64
@@ -23,8 +24,9 @@ from spmd.comm import Comm
 from spmd.engine import Engine, RunOptions
 from spmd.errors import UserError
 from spmd.gguf_file import GGUFFile
-from spmd.model import Model
+from spmd.model import Model, Segment
 from spmd.plan import make_plan, parse_layout
+from spmd.prompts import PromptSpec
 from spmd.synth import Shape, write_model
 from spmd.weights import load_shard
 from test_backends import activations, random_qtensor
@@ -178,7 +180,7 @@ def models(tmp_path_factory):
 
 
 def engine(path, backend, **kw):
-    opts = RunOptions(model=str(path), prompt_tokens=PROMPT, steps=12, backend=backend, **kw)
+    opts = RunOptions(model=str(path), prompts=(PromptSpec(ids=PROMPT),), steps=12, backend=backend, **kw)
     return Engine(opts, Comm(comm=MPI.COMM_SELF), log=lambda _m: None)
 
 
@@ -209,8 +211,8 @@ def test_logits_match_reference_batched_and_step_by_step(models, case):
         np.testing.assert_allclose(logits(e, tokens[pos:pos + 1], pos), expected[pos], rtol=0, atol=1e-4)
 
 
-def _shard_models(path, share_of, cfg_change=None, max_seq=None):
-    """(numpy Model, VulkanModel) of the same shard."""
+def _shard_models(path, share_of, cfg_change=None, max_seq=None, slots=1):
+    """(numpy Model, VulkanModel) of the same shard, slot 0 open for max_seq positions in both."""
     f = GGUFFile(path)
     from spmd.config import read_config
     cfg = read_config(f)
@@ -218,8 +220,10 @@ def _shard_models(path, share_of, cfg_change=None, max_seq=None):
         cfg = dataclasses.replace(cfg, **cfg_change)
     share = share_of(cfg)
     max_seq = max_seq or cfg.context
-    ref = Model(cfg, load_shard(f, cfg, share, NumpyBackend()), share, max_seq)
-    dev = BACKEND.make_model(cfg, load_shard(f, cfg, share, BACKEND), share, max_seq)
+    ref = Model(cfg, load_shard(f, cfg, share, NumpyBackend()), share, max_seq, slots)
+    dev = BACKEND.make_model(cfg, load_shard(f, cfg, share, BACKEND), share, max_seq, slots)
+    for m in (ref, dev):
+        m.open(0, max_seq)
     return ref, dev, cfg
 
 
@@ -227,9 +231,20 @@ def _whole(cfg):
     return make_plan(parse_layout(None, 1), cfg)[0]
 
 
-def run(m, tokens, pos, allreduce=None, head=True):
-    """A whole-model pass on a model holding every layer: embed, the layers, the head."""
-    return m.forward(m.embed(np.array(tokens)), pos, allreduce, head)
+def step(stages, segments, allreduce=None):
+    """One pass of segments [(slot, pos, tokens)], their rows stacked, through the stages in turn (each one's
+    hidden state is the next one's input; a whole model is one stage) -> logits (len(segments), n_vocab)."""
+    x = stages[0].embed(np.concatenate([np.array(tokens) for _, _, tokens in segments]))
+    segs = [Segment(slot, pos, len(tokens)) for slot, pos, tokens in segments]
+    for m in stages[:-1]:
+        x = m.forward(x, segs, allreduce, head=False)
+        assert x.shape == (sum(seg.n for seg in segs), m.cfg.dim) and x.dtype == np.float32
+    return stages[-1].forward(x, segs, allreduce, head=True)
+
+
+def run(m, tokens, pos, allreduce=None):
+    """A whole-model pass of one sequence in slot 0 -> logits (1, n_vocab)."""
+    return step([m], [(0, pos, tokens)], allreduce)
 
 
 @needs_device
@@ -268,6 +283,7 @@ def test_half_layer_command_buffers_with_an_allreduce(models):
         return a
     one = run(dev, PROMPT, 0)
     dev2 = BACKEND.make_model(cfg, dev.w, dev.share, dev.max_seq)
+    dev2.open(0, dev.max_seq)
     many = run(dev2, PROMPT, 0, identity)
     assert calls == [(len(PROMPT), cfg.dim)] * (2 * cfg.n_layers)
     np.testing.assert_allclose(many, one, rtol=0, atol=1e-5)
@@ -275,15 +291,6 @@ def test_half_layer_command_buffers_with_an_allreduce(models):
         np.testing.assert_allclose(run(dev2, [t], pos, identity), run(dev, [t], pos), rtol=0, atol=1e-5)
     np.testing.assert_allclose(one, run(ref, PROMPT, 0), rtol=0, atol=1e-4)
     dev.close()
-
-
-def _through_stages(stages, tokens, pos, allreduce):
-    """The logits after a pass through the stages in turn: each one's hidden state is the next one's input."""
-    x = stages[0].embed(np.array(tokens))
-    for m in stages[:-1]:
-        x = m.forward(x, pos, allreduce, head=False)
-        assert x.shape == (len(tokens), m.cfg.dim) and x.dtype == np.float32
-    return stages[-1].forward(x, pos, allreduce, head=True)
 
 
 @needs_device
@@ -300,11 +307,10 @@ def test_pipeline_stages_in_turn_equal_the_whole_model(tmp_path, monkeypatch, mu
     stages = [_shard_models(path, lambda cfg, r=r: make_plan(parse_layout("1*2*1", 3), cfg)[r])[1] for r in range(3)]
     assert [m.share.layers for m in stages] == [(0, 1), (1, 4), (4, 5)] and stages[0].w.output is None
     allreduce = (lambda a: a) if multi else None  # one rank per stage: the sum over the stage is the identity
-    np.testing.assert_allclose(_through_stages(stages, PROMPT, 0, allreduce), run(ref, PROMPT, 0), rtol=0, atol=1e-4)
+    np.testing.assert_allclose(step(stages, [(0, 0, PROMPT)], allreduce), run(ref, PROMPT, 0), rtol=0, atol=1e-4)
     for pos, t in enumerate((5, 6, 7), start=len(PROMPT)):
-        np.testing.assert_allclose(_through_stages(stages, [t], pos, allreduce), run(ref, [t], pos), rtol=0,
-                                   atol=1e-4)
-    acts, recs = stages[0]._decode[multi, False]  # the decode recording without the head
+        np.testing.assert_allclose(step(stages, [(0, pos, [t])], allreduce), run(ref, [t], pos), rtol=0, atol=1e-4)
+    acts, recs = stages[0]._decode[multi, False, 1]  # the one-token decode recording without the head
     assert (acts.io is acts.x) == direct and acts.fused == (direct and not multi)
     assert len(recs) == (1 if not multi else 2 * 1 + 1)
     assert set(stages[1].cache_take(0, 4)) == {(layer, j) for layer in (1, 2, 3) for j in (0, 1)}
@@ -314,6 +320,143 @@ def test_pipeline_stages_in_turn_equal_the_whole_model(tmp_path, monkeypatch, mu
             np.testing.assert_allclose(k, whole[key][0], rtol=0, atol=1e-4)
             np.testing.assert_allclose(v, whole[key][1], rtol=0, atol=1e-4)
         m.close()
+
+
+# passes of several sequences, each a list of segments (slot, pos, tokens): two prompts in slots 2 and 0, then a
+# prompt in slot 1 stacked with decode tokens of the others, then decode steps of the three in unsorted slot order
+PASSES = [
+    [(2, 0, (5, 9, 200, 33, 7, 41, 88, 3, 11)), (0, 0, (1, 72, 101, 108, 108))],
+    [(2, 9, (17,)), (1, 0, (4, 8, 15, 16)), (0, 5, (23,))],
+    [(2, 10, (42,)), (0, 6, (99,)), (1, 4, (31,))],
+    [(1, 5, (2,)), (2, 11, (64,)), (0, 7, (128,))],
+]
+NEED = 16  # positions each sequence of PASSES may hold
+FILLED = {0: 8, 1: 6, 2: 12}  # slot -> positions PASSES writes
+
+
+def _open_slots(models, slots=3):
+    for m in models:
+        for slot in range(slots):
+            m.open(slot, NEED)
+
+
+def _one_at_a_time(stages, allreduce):
+    """PASSES with each segment a pass of its own: the logits of each pass, stacked."""
+    return [np.concatenate([step(stages, [seg], allreduce) for seg in segments]) for segments in PASSES]
+
+
+def _same_caches(a, b, filled=FILLED):
+    """The caches of models (or stages) a equal b's: positions 0..n-1 of each slot of filled {slot: n}."""
+    for slot, n in filled.items():
+        want = {key: kv for m in b for key, kv in m.cache_take(slot, n).items()}
+        got = {key: kv for m in a for key, kv in m.cache_take(slot, n).items()}
+        assert set(got) == set(want)
+        for key, (k, v) in got.items():
+            np.testing.assert_allclose(k, want[key][0], rtol=0, atol=1e-4)
+            np.testing.assert_allclose(v, want[key][1], rtol=0, atol=1e-4)
+
+
+@needs_device
+@pytest.mark.parametrize("multi", [False, True], ids=["one-buffer", "half-layers"])
+def test_several_sequences_in_one_pass(models, multi):
+    """Prompts and decode tokens of three slots stacked in each pass, against spmd.model.Model doing the same and
+    against the same segments run one at a time on the device; the batched decode steps reuse one recording."""
+    ref, dev, cfg = _shard_models(models["Q8_0"], _whole, slots=3)
+    single = BACKEND.make_model(cfg, dev.w, dev.share, dev.max_seq, slots=3)
+    _open_slots([ref, dev, single])
+    allreduce = (lambda a: a) if multi else None  # one rank: the sum over the stage is the identity
+    alone = _one_at_a_time([single], allreduce)
+    for segments, expect in zip(PASSES, alone):
+        got = step([dev], segments, allreduce)
+        assert got.shape == (len(segments), cfg.vocab)
+        np.testing.assert_allclose(got, step([ref], segments, allreduce), rtol=0, atol=1e-4)
+        np.testing.assert_allclose(got, expect, rtol=0, atol=1e-4)
+    assert set(dev._decode) == {(multi, True, 3)}  # the prompts and the mixed pass were one-off recordings
+    _same_caches([dev], [ref])
+    _same_caches([single], [ref])
+    assert dev.slots == {0: NEED, 1: NEED, 2: NEED}
+    single.close()
+    dev.close()
+
+
+@needs_device
+@pytest.mark.parametrize("multi", [False, True], ids=["one-buffer", "half-layers"])
+def test_pipeline_stages_with_several_sequences(tmp_path, multi):
+    """PASSES through three one-rank stages (the hidden state of every segment's rows handed on) equal the whole
+    numpy model, and each stage's slots hold its layers' part of the whole model's caches."""
+    path = write_model(tmp_path / "m.gguf", Shape(**{**LLAMA.__dict__, "n_layers": 5}), "Q4_0", 7)
+    ref = _shard_models(path, _whole, slots=3)[0]
+    stages = [_shard_models(path, lambda cfg, r=r: make_plan(parse_layout("1*2*1", 3), cfg)[r], slots=3)[1]
+              for r in range(3)]
+    _open_slots([ref] + stages)
+    allreduce = (lambda a: a) if multi else None
+    for segments in PASSES:
+        np.testing.assert_allclose(step(stages, segments, allreduce), step([ref], segments, allreduce), rtol=0,
+                                   atol=1e-4)
+    _same_caches(stages, [ref])
+    for m in stages:
+        m.close()
+
+
+@needs_device
+def test_cache_of_one_slot_moves_while_another_holds_a_sequence(models):
+    """Slot 1's cache taken from one model and put into another whose slot 0 holds another sequence: slot 0 is
+    untouched and a decode step of both continues as the numpy model's; closed slots and positions past a slot's
+    need are refused."""
+    a, b = [1, 72, 101, 108, 108, 111], [5, 9, 200, 33]
+    ref, dev, cfg = _shard_models(models["F32"], _whole, slots=2)
+    other = BACKEND.make_model(cfg, dev.w, dev.share, dev.max_seq, slots=2)
+    for m in (ref, dev, other):
+        m.open(0, NEED)
+    for m in (ref, dev):
+        m.open(1, NEED)
+        step([m], [(0, 0, a), (1, 0, b)])
+    step([other], [(0, 0, a)])
+    other.open(1, NEED)
+    other.cache_put(1, dev.cache_take(1, len(b)))
+    _same_caches([other], [ref], {0: len(a), 1: len(b)})
+    want = step([ref], [(1, len(b), [7]), (0, len(a), [8])])
+    np.testing.assert_allclose(step([other], [(1, len(b), [7]), (0, len(a), [8])]), want, rtol=0, atol=1e-4)
+    assert other.slots == {0: NEED, 1: NEED}
+
+    other.free(1)
+    assert other.slots == {0: NEED}
+    with pytest.raises(ValueError, match="slot 1 is not open"):
+        step([other], [(1, 5, [3])])
+    with pytest.raises(ValueError, match="slot 1 is not open"):
+        other.cache_take(1, 2)
+    other.open(1, 4)
+    with pytest.raises(ValueError, match="slot 1: position 4 passes its cache of 4"):
+        step([other], [(0, len(a) + 1, [3]), (1, 3, [3, 4])])
+    with pytest.raises(ValueError, match="slot 0: position 16 passes its cache of 16"):
+        other.cache_take(0, NEED + 1)
+    with pytest.raises(ValueError, match="slot 0 twice"):
+        step([other], [(0, 7, [3]), (0, 8, [4])])
+    for slot, need in ((2, 4), (-1, 4), (0, 0), (0, dev.max_seq + 1)):
+        with pytest.raises(ValueError, match="this model has slots 0..1"):
+            other.open(slot, need)
+    other.close()
+    dev.close()
+
+
+@needs_device
+def test_a_cache_over_the_storage_buffer_range_is_refused(monkeypatch, models):
+    """A layer's cache for every slot is one buffer: past maxStorageBufferRange, a one-line error names the
+    limit, --sequences and the context."""
+    f = GGUFFile(models["Q8_0"])
+    from spmd.config import read_config
+    cfg = read_config(f)
+    share = _whole(cfg)
+    fits, over = load_shard(f, cfg, share, BACKEND), load_shard(f, cfg, share, BACKEND)
+    assert 2 * 64 * cfg.head_dim * 4 == 1 << 14  # a sequence of 64 positions, 2 KV heads: 16 KiB a layer
+    monkeypatch.setattr(BACKEND.dev, "max_range", 1 << 20)
+    BACKEND.make_model(cfg, fits, share, 64, slots=64).close()
+    with pytest.raises(UserError, match=r"128 sequences \(--sequences\) x 64 positions \(the context.* is 2 MiB, "
+                                        r"over the device's maxStorageBufferRange of 1 MiB: lower --sequences") as e:
+        BACKEND.make_model(cfg, over, share, 64, slots=128)
+    assert "\n" not in str(e.value)
+    for lin in over.linears():
+        lin.free()
 
 
 @needs_device

@@ -8,7 +8,8 @@
     lin = backend.linear(w)              # w: QTensor (rows, cols), ownership passes; may be repacked
     lin.rows, lin.cols, lin.nbytes       # nbytes: resident bytes of the weights as kept
     y = lin(x, out=None)                 # x: float32 (n, cols) -> float32 (n, rows) = x @ W.T, into `out` if given
-    model = backend.make_model(cfg, weights, share, max_seq)   # spmd.model.Model, or the backend's own (Vulkan)
+    model = backend.make_model(cfg, weights, share, max_seq, slots)   # spmd.model.Model, or the backend's own
+                                         # (Vulkan); sequences of up to max_seq positions in slots 0..slots-1
     backend.warmup()                     # compile what the first step would (numba); may do nothing
     backend.model_owns_weights           # True where the model frees its matrices on close(): a re-partition
                                          # then reads every matrix again instead of keeping unchanged ones
@@ -27,9 +28,9 @@ class Backend:
     def linear(self, w):
         raise NotImplementedError
 
-    def make_model(self, cfg, weights, share, max_seq):
+    def make_model(self, cfg, weights, share, max_seq, slots=1):
         from ..model import Model
-        return Model(cfg, weights, share, max_seq)
+        return Model(cfg, weights, share, max_seq, slots)
 
     def warmup(self):
         pass

@@ -180,6 +180,6 @@ class VulkanBackend(Backend):
     def linear(self, w: QTensor) -> VulkanLinear:
         return VulkanLinear(self, w)
 
-    def make_model(self, cfg, weights, share, max_seq):
+    def make_model(self, cfg, weights, share, max_seq, slots=1):
         from .vulkan_model import VulkanModel
-        return VulkanModel(self, cfg, weights, share, max_seq)
+        return VulkanModel(self, cfg, weights, share, max_seq, slots)

@@ -1,6 +1,6 @@
 """The transformer on one rank's shards, on a Vulkan device: `spmd.model.Model`'s math as recorded command buffers.
 
-A pass of n tokens through the rank's stage (its layers, `stage_schedule`; x: the residual stream, on the device
+A pass of n token rows through the rank's stage (its layers, `stage_schedule`; x: the residual stream, on the device
 throughout), per layer, with a barrier after each line:
     xn        = RMSNorm(x) * attn_norm                                  rmsnorm_f32
     q, k, v   = xn @ wq/wk/wv.T (+ biases)                              3 dispatches, no barrier between them
@@ -10,49 +10,84 @@ throughout), per layer, with a barrier after each line:
     h         = silu(xn @ w1.T) * (xn @ w3.T)                           1 dispatch: gate and up rows side by side
     x        += h @ w2.T                                                the partial sum: allreduced with the stage
 x comes in from the host (the embeddings, or the previous stage's hidden state) through `io`; at the end either
-logits = (RMSNorm(x[-1]) * output_norm) @ output.T (the head) or x goes back to the host through `io`.
+logits = (RMSNorm(x[rows]) * output_norm) @ output.T of each segment's last row (the head) or x goes back to the
+host through `io`.
 
-A one-rank stage's decode fuses RMSNorm away: each product that adds into x (wo, w2) also writes xg = x * (the next
-norm's weight) and one partial sum of x^2 per workgroup; the products that read xg add the partial sums up and
-scale their result by rsqrt(mean + eps). That leaves 5 barriers a layer (the host writes the first layer's xg with
-the input); the stage's last w2 writes xg only for the head.
+The rows are the stacked segments of the pass (`spmd.model.Segment`: consecutive tokens of one sequence): the
+products run once over all of them; the attention kernel reads, per row, a table the host writes before each
+submit (`_put_rows`): its position, its segment's first position and first row in the pass, and its slot's first
+row in the cache. Keys before the segment come from the slot's cache, those of the segment from this pass.
 
-With one rank in the stage (allreduce None) the whole pass is one command buffer, one submit per token. With
+The KV cache is a fixed pool on the device, allocated up front: per layer one buffer for K and one for V of
+(slots, kv, max_seq, head_dim) float32, every slot max_seq positions long (the CPU's caches are per-sequence arrays
+of the sequence's need). `open(slot, need)` makes a slot's region valid without clearing it: every position is
+written (by a pass, or `cache_put`) before a later pass reads it. A layer's buffer must fit the device's
+maxStorageBufferRange (128 MiB on lavapipe, 4 GiB on NVIDIA).
+
+A one-rank stage's one-token decode fuses RMSNorm away: each product that adds into x (wo, w2) also writes
+xg = x * (the next norm's weight) and one partial sum of x^2 per workgroup; the products that read xg add the
+partial sums up and scale their result by rsqrt(mean + eps). That leaves 5 barriers a layer (the host writes the
+first layer's xg with the input); the stage's last w2 writes xg only for the head.
+
+With one rank in the stage (allreduce None) the whole pass is one command buffer, one submit per step. With
 several, each half-layer ends by writing its partial sum to host memory (`delta`); the host allreduces it in place
-and the next command buffer starts with x += delta. Decode's command buffers are recorded once per model and
-(multi-rank, head) combination: the position is read by the kernels from a small host-written buffer; a prompt of
-n tokens records a one-off set.
+and the next command buffer starts with x += delta. Decode steps (one token of each of up to KEPT_ROWS sequences)
+keep their command buffers, recorded once per (multi-rank, head, rows); any other pass (a prompt, or prompts and
+decode tokens mixed) records a one-off set.
 """
 import struct
 
 import numpy as np
 
 from ..errors import UserError
-from ..model import Rope, stage_schedule
-from .vk_runtime import Buffer, Recording
+from ..model import Rope, last_rows, segment_rows, stage_schedule
+from .vk_runtime import MIB, Buffer, Recording
 from .vulkan import pad
 
 ATTENTION_PUSH = "<8If"  # group, qkv_stride, k_off, v_off, o_stride, max_seq, rope_dim, neox, scale
 NORM_PUSH = "<4If"  # dim, x_stride, x_off, y_stride, eps
+KEPT_ROWS = 64  # decode steps of up to this many sequences keep their recorded command buffers
+
+
+def runs(rows):
+    """[(index, first row, count)]: ascending rows as runs of consecutive ones (one dispatch each)."""
+    out = []
+    for at, row in enumerate(rows):
+        if out and out[-1][1] + out[-1][2] == row:
+            out[-1][2] += 1
+        else:
+            out.append([at, row, 1])
+    return out
 
 
 class Activations:
-    """The device buffers of one pass of n tokens (rows padded to 32 floats, zero-filled)."""
+    """The device buffers of one pass of n token rows (rows padded to 32 floats, zero-filled)."""
 
-    def __init__(self, m, n, fused=False):
-        """fused: one-rank decode, where each product that updates x also writes the next RMSNorm's input and its
-        partial sums of squares (xg, ss), so RMSNorm needs no pass of its own (the host does the first layer's)."""
+    def __init__(self, m, n, scored=0, fused=False):
+        """scored: rows the head turns into logits (0: no head). fused: one-rank one-token decode, where each
+        product that updates x also writes the next RMSNorm's input and its partial sums of squares (xg, ss), so
+        RMSNorm needs no pass of its own (the host does the first layer's)."""
         dev = m.dev
         self.n, self.fused = n, fused
         self.x = Buffer(dev, n * m.dp * 4)  # (n, dp) residual stream
         # (n, dp) the host's window on x: the input written in, the hidden state read out (x itself where mappable)
         self.io = self.x if self.x.view is not None else Buffer(dev, n * m.dp * 4, "host")
+        # (n, 4) uint32 the attention kernel's row table, written before each submit: in device memory where the
+        # host can map it (read by every attention workgroup: a read over PCIe from host memory cost ~2 us each
+        # on an H200)
+        self.table = Buffer(dev, n * 16, "device" if dev.direct else "host")
         self.xn = Buffer(dev, n * m.dp * 4)  # (n, dp) RMSNorm(x) * weight
         self.qkv = Buffer(dev, n * m.qkv_stride * 4)  # (n, [q | k | v])
         self.att = Buffer(dev, n * m.att_stride * 4)  # (n, heads * head_dim) attention output
         self.h = Buffer(dev, n * m.ffn_stride * 4)  # (n, n_ffn) silu(gate) * up
         self.delta = Buffer(dev, n * m.dp * 4, "host")  # (n, dp) a partial sum, allreduced by the host
-        self.buffers = [self.x, self.xn, self.qkv, self.att, self.h, self.delta]
+        self.buffers = [self.x, self.table, self.xn, self.qkv, self.att, self.h, self.delta]
+        if scored:
+            self.logits = Buffer(dev, scored * m.nv * 4, "host")  # (scored, nv)
+            self.buffers.append(self.logits)
+        if scored and not fused:  # (scored, norm_stride) the scored rows' RMSNorm, rows at aligned offsets
+            self.xh = Buffer(dev, scored * m.norm_stride * 4)
+            self.buffers.append(self.xh)
         if fused:
             self.ss_count = -(-m.cfg.dim // 4)  # workgroups of the matvec that writes x (4 rows each)
             self.xg = Buffer(dev, n * m.dp * 4)  # (n, dp) x * the next RMSNorm's weight
@@ -68,13 +103,23 @@ class Activations:
 
 
 class VulkanModel:
+    """`spmd.model.Model`'s interface (open / free / slots, embed, forward over segments, cache_take / cache_put,
+    close) on a Vulkan device; sequences in slots 0..slots-1 of up to max_seq positions each."""
+
     def __init__(self, backend, cfg, weights, share, max_seq, slots=1):
-        if slots != 1:
-            raise ValueError("vulkan backend: one sequence slot only")
         self.backend, self.dev = backend, backend.dev
-        self.cfg, self.w, self.share, self.max_seq = cfg, weights, share, max_seq
+        self.cfg, self.w, self.share, self.max_seq, self.n_slots = cfg, weights, share, max_seq, slots
         hd, layers = cfg.head_dim, share.layer_ids
         self.nh, self.nkv, self.nf, self.nv = share.n_heads, share.n_kv, share.n_ffn, share.n_vocab
+        if hd % 4:
+            raise UserError(f"vulkan backend: head size {hd} is not a multiple of 4; use --backend cpu")
+        self.slot_rows = self.nkv * max_seq  # cache rows (one position of one KV head) of a slot in a layer
+        layer_cache = slots * self.slot_rows * hd * 4  # (slots, kv, max_seq, hd) float32 per layer of the stage
+        if layer_cache > self.dev.max_range:
+            raise UserError(f"vulkan backend: a layer's KV cache of {slots} sequences (--sequences) x {max_seq} "
+                            f"positions (the context: prompt and steps) x {self.nkv} KV heads is "
+                            f"{layer_cache / MIB:.0f} MiB, over the device's maxStorageBufferRange of "
+                            f"{self.dev.max_range / MIB:.0f} MiB: lower --sequences or --steps")
         self.dp = pad(cfg.dim)
         self.qkv_width = (self.nh + 2 * self.nkv) * hd
         self.qkv_stride, self.att_stride, self.ffn_stride = pad(self.qkv_width), pad(self.nh * hd), pad(self.nf)
@@ -95,19 +140,12 @@ class VulkanModel:
                                                               weights.layer(i).bv]) for i in layers]))
         rope = Rope(cfg, max_seq, weights.rope_factors)
         self.rope = self._const(np.concatenate([rope.cos.reshape(-1), rope.sin.reshape(-1)]))
-        layer_cache = self.nkv * max_seq * hd * 4  # (kv, max_seq, hd) float32 per layer of the stage
         self.kcache = [self._buffer(layer_cache) for _ in layers]
         self.vcache = [self._buffer(layer_cache) for _ in layers]
-        # uint pos, written before each submit: in device memory where the host can map it (read by every
-        # attention workgroup: a read over PCIe from host memory cost ~2 us each on an H200)
-        self.params = self._buffer(16, "device" if self.dev.direct else "host")
-        self.pos = self.params.array(np.uint32, (4,))
-        self.logits = self._buffer(max(self.nv, 1) * 4, "host")
         self.dev.zero(self.kcache + self.vcache)
-        self._decode = {}  # (multi-rank, head) -> (Activations, [Recording])
+        self._open = {}  # slot -> need: the open sequence slots
+        self._decode = {}  # (multi-rank, head, rows) -> (Activations, [Recording]): decode steps
         self.gpu_s = None  # GPU time of the last pass (timestamps), where the device has them
-        if hd % 4:
-            raise UserError(f"vulkan backend: head size {hd} is not a multiple of 4; use --backend cpu")
         wg = backend.attention_wg
         ks = max(1, wg // (hd // 4))  # threads sum the values 4 dims at a time, keys split ks ways
         self._attention = self.dev.pipeline("attention_f32", 6, struct.calcsize(ATTENTION_PUSH),
@@ -134,8 +172,9 @@ class VulkanModel:
         return 2 * (layer - self.share.layers[0]) + half
 
     # ---- recording --------------------------------------------------------------------------------------------
-    def _record(self, a, multi, head, timestamps=False):
-        """The command buffers of one pass over a's n tokens: one, or one per half-layer plus the end."""
+    def _record(self, a, multi, head, scored, timestamps=False):
+        """The command buffers of one pass over a's n rows: one, or one per half-layer plus the end. scored: the
+        rows the head turns into logits (ascending)."""
         profile = timestamps and self.profile
         recs = [Recording(self.dev, timestamps, profile)]
         if a.io is not a.x:
@@ -153,7 +192,7 @@ class VulkanModel:
                 recs[-1].barrier()
                 recs[-1].mark("add")
         if head:
-            self._classifier(recs[-1], a)
+            self._classifier(recs[-1], a, scored)
         elif a.io is not a.x:  # the hidden state back to the host
             recs[-1].barrier(to_copy=True)
             self.dev.copy(recs[-1], a.x, a.io, a.x.nbytes)
@@ -162,13 +201,20 @@ class VulkanModel:
         recs[-1].end()
         return recs
 
-    def _classifier(self, rec, a):
-        """logits = (RMSNorm(x[-1]) * output_norm) @ output.T, where this rank holds classifier rows."""
+    def _classifier(self, rec, a, scored):
+        """logits[s] = (RMSNorm(x[scored[s]]) * output_norm) @ output.T, where this rank holds classifier rows:
+        the scored rows' norms gathered into xh (a dispatch per run of consecutive rows, bound at its 256-byte
+        aligned row), then one product over them all."""
         if self.nv and a.fused:
-            self.w.output.dispatch(rec, a.xg, self.dp, 0, self.logits, self.nv, 0, 1, norm=self._fused_norm(a))
-        elif self.nv:  # the last token only
-            self._norm_step(rec, a, self.n_norms - 1, 1, (a.n - 1) * self.dp)
-            self.w.output.dispatch(rec, a.xn, self.dp, 0, self.logits, self.nv, 0, 1)
+            self.w.output.dispatch(rec, a.xg, self.dp, 0, a.logits, self.nv, 0, 1, norm=self._fused_norm(a))
+        elif self.nv:
+            stride = self.norm_stride
+            for at, row, count in runs(scored):
+                self._rmsnorm_rows(rec, a, self.n_norms - 1, row, count, (a.xh, at * stride * 4, count * stride * 4),
+                                   stride)
+            rec.barrier()
+            rec.mark("rmsnorm")
+            self.w.output.dispatch(rec, a.xh, stride, 0, a.logits, self.nv, 0, len(scored))
 
     def _fused_norm(self, a):
         return (a.ss, a.ss_count, self.cfg.norm_eps, self.cfg.dim) if a.fused else None
@@ -178,11 +224,14 @@ class VulkanModel:
         the stage's last layer where the rank holds no output norm)."""
         return (a.ss, self._norm(row), a.xg) if a.fused and row < self.n_norms else None
 
-    def _norm_step(self, rec, a, row, n, x_off=0):
-        """a.xn[:n] = RMSNorm(a.x rows from x_off) * norm weight `row`, then a barrier."""
-        push = struct.pack(NORM_PUSH, self.cfg.dim, self.dp, x_off, self.dp, self.cfg.norm_eps)
-        rec.dispatch(self._rmsnorm, [(a.x, 0, a.x.nbytes), self._norm(row), (a.xn, 0, a.xn.nbytes)], push,
-                     (n, 1, 1))
+    def _rmsnorm_rows(self, rec, a, row, first, count, y, y_stride):
+        """y (a binding, rows y_stride floats apart) = RMSNorm(a.x rows first..first+count-1) * norm weight `row`."""
+        push = struct.pack(NORM_PUSH, self.cfg.dim, self.dp, first * self.dp, y_stride, self.cfg.norm_eps)
+        rec.dispatch(self._rmsnorm, [(a.x, 0, a.x.nbytes), self._norm(row), y], push, (count, 1, 1))
+
+    def _norm_step(self, rec, a, row):
+        """a.xn = RMSNorm(a.x) * norm weight `row`, then a barrier."""
+        self._rmsnorm_rows(rec, a, row, 0, a.n, (a.xn, 0, a.xn.nbytes), self.dp)
         rec.barrier()
         rec.mark("rmsnorm")
 
@@ -191,7 +240,7 @@ class VulkanModel:
         li = layer - self.share.layers[0]
         if self.nh:
             if not a.fused:
-                self._norm_step(rec, a, self._row(layer, 0), n)
+                self._norm_step(rec, a, self._row(layer, 0))
             for lin, off in ((lw.wq, 0), (lw.wk, self.nh * hd), (lw.wv, (self.nh + self.nkv) * hd)):
                 lin.dispatch(rec, a.xg if a.fused else a.xn, self.dp, 0, a.qkv, self.qkv_stride, off, n,
                              bias=self.bias, bias_off=li * self.qkv_width + off, norm=self._fused_norm(a))
@@ -200,7 +249,7 @@ class VulkanModel:
             push = struct.pack(ATTENTION_PUSH, cfg.group, self.qkv_stride, self.nh * hd, (self.nh + self.nkv) * hd,
                                self.att_stride, self.max_seq, cfg.rope_dim, int(cfg.rope_neox),
                                float(1.0 / np.sqrt(hd)))
-            bufs = [self.params, a.qkv, self.rope, self.kcache[li], self.vcache[li], a.att]
+            bufs = [a.table, a.qkv, self.rope, self.kcache[li], self.vcache[li], a.att]
             rec.dispatch(self._attention, [(b, 0, b.nbytes) for b in bufs], push, (self.nh, n, 1))
             rec.barrier()
             rec.mark("attention")
@@ -216,7 +265,7 @@ class VulkanModel:
         lw, n = self.w.layer(layer), a.n
         if self.nf:
             if not a.fused:
-                self._norm_step(rec, a, self._row(layer, 1), n)
+                self._norm_step(rec, a, self._row(layer, 1))
             lw.w1.dispatch(rec, a.xg if a.fused else a.xn, self.dp, 0, a.h, self.ffn_stride, 0, n, pair=lw.w3,
                            norm=self._fused_norm(a))  # silu(gate) * up
             rec.barrier()
@@ -229,31 +278,54 @@ class VulkanModel:
             rec.barrier()
             rec.mark("down")
 
+    # ---- sequence slots -----------------------------------------------------------------------------------------
+    def open(self, slot, need):
+        """Slot `slot` holds a sequence of up to `need` positions (at most max_seq) from now; its region of the
+        pool is not cleared (see the module's docstring)."""
+        if not 0 <= slot < self.n_slots or not 0 < need <= self.max_seq:
+            raise ValueError(f"slot {slot} of {need} positions: this model has slots 0..{self.n_slots - 1} of at "
+                             f"most {self.max_seq}")
+        self._open[slot] = need
+
+    def free(self, slot):
+        self._open.pop(slot, None)
+
+    @property
+    def slots(self) -> dict:
+        """{slot: need} of the open slots."""
+        return dict(self._open)
+
+    def _check_slot(self, slot, stop):
+        """Positions 0..stop-1 of `slot` may be used: the slot is open and they are within its need."""
+        if slot not in self._open:
+            raise ValueError(f"slot {slot} is not open")
+        if stop > self._open[slot]:
+            raise ValueError(f"slot {slot}: position {stop - 1} passes its cache of {self._open[slot]}")
+
     # ---- running ----------------------------------------------------------------------------------------------
     def embed(self, tokens):
         """(n,) token ids -> (n, dim) float32: the first stage's input."""
         return self.w.embed(tokens)
 
-    def forward(self, x, pos, allreduce, head, slot=0):
-        """x (n, dim) float32, the hidden state entering this stage at positions pos..pos+n-1 -> with `head`,
-        this rank's logits slice (n_vocab_local,) of the last token; else (n, dim) float32 after the stage's layers.
-        allreduce: sums a float32 array over the stage's ranks in place, or None when the stage has one rank."""
+    def forward(self, x, segments, allreduce, head):
+        """x (n, dim) float32, the hidden state entering this stage, the segments' rows stacked -> with `head`,
+        this rank's logits slices (len(segments), n_vocab_local) of each segment's last token; else (n, dim) float32
+        after the stage's layers. allreduce: sums a float32 array over the stage's ranks in place, or None when
+        the stage has one rank."""
+        self._check(x, segments)
         n, multi = x.shape[0], allreduce is not None
-        if slot != 0:
-            raise ValueError(f"vulkan backend: sequence slot {slot}: only slot 0 exists")
-        if pos + n > self.max_seq:
-            raise ValueError(f"positions {pos}..{pos + n - 1} pass the cache of {self.max_seq}")
-        if n == 1:
-            if (multi, head) not in self._decode:
-                acts = Activations(self, 1, fused=not multi and self.dev.direct)
-                self._decode[multi, head] = (acts, self._record(acts, multi, head, timestamps=True))
-            acts, recs = self._decode[multi, head]
+        kept = len(segments) == n <= KEPT_ROWS  # a decode step: one token of each sequence
+        if kept:
+            if (multi, head, n) not in self._decode:
+                acts = Activations(self, n, n if head else 0, fused=n == 1 and not multi and self.dev.direct)
+                self._decode[multi, head, n] = (acts, self._record(acts, multi, head, range(n), timestamps=True))
+            acts, recs = self._decode[multi, head, n]
         else:
-            acts = Activations(self, n)
-            recs = self._record(acts, multi, head)
+            acts = Activations(self, n, len(segments) if head else 0)
+            recs = self._record(acts, multi, head, last_rows(segments))
         try:
             self._put_input(acts, x)
-            self.pos[0] = pos
+            self._put_rows(acts, segments)
             delta = acts.delta.array(np.float32, (n, self.dp))
             for i, rec in enumerate(recs):
                 rec.run()
@@ -261,16 +333,28 @@ class VulkanModel:
                     self._allreduce(allreduce, delta)
             times = [rec.gpu_seconds() for rec in recs]
             self.gpu_s = sum(times) if None not in times else None
-            if self.profile and n == 1:
+            if self.profile and kept:
                 self.last_profile = [item for rec in recs for item in rec.profile()]
             if head:
-                return self.logits.array(np.float32, (self.nv,)).copy()
+                return acts.logits.array(np.float32, (len(segments), self.nv)).copy()
             return acts.io.array(np.float32, (n, self.dp))[:, :self.cfg.dim].copy()
         finally:
-            if n > 1:
+            if not kept:
                 for rec in recs:
                     rec.free()
                 acts.free()
+
+    def _check(self, x, segments):
+        if x.shape[0] != sum(seg.n for seg in segments):
+            raise ValueError(f"{x.shape[0]} rows for segments of {sum(seg.n for seg in segments)} tokens")
+        seen = set()
+        for seg in segments:
+            if seg.n < 1:
+                raise ValueError(f"vulkan backend: {seg} holds no tokens")
+            if seg.slot in seen:  # the attention kernel would read keys of the slot that it is writing
+                raise ValueError(f"vulkan backend: slot {seg.slot} twice in one pass")
+            seen.add(seg.slot)
+            self._check_slot(seg.slot, seg.pos + seg.n)
 
     def _put_input(self, acts, x):
         """x (n, dim) into the device's residual stream (through io); fused decode: also the first layer's xg."""
@@ -282,6 +366,13 @@ class VulkanModel:
             ss[:] = 0.0
             ss[0] = np.dot(x[0].astype(np.float64), x[0])
 
+    def _put_rows(self, acts, segments):
+        """The attention kernel's row table (n, 4): each row's position, its segment's first position and first
+        row in the pass, and its slot's first row in the cache."""
+        acts.table.array(np.uint32, (acts.n, 4))[:] = [
+            (seg.pos + i, seg.pos, first, seg.slot * self.slot_rows)
+            for first, seg in segment_rows(segments) for i in range(seg.n)]
+
     def _allreduce(self, allreduce, delta):
         """delta (n, dp) mapped memory; the sum runs over (n, dim) as the numpy model's does."""
         if self.dp == self.cfg.dim:
@@ -291,35 +382,36 @@ class VulkanModel:
             delta[:, :self.cfg.dim] = allreduce(part)
 
     # ---- the KV cache, for moving heads and layers between ranks ----------------------------------------------
+    def _head_offset(self, slot, at):
+        """Byte offset of position 0 of the rank's `at`-th KV head of `slot` in a layer's cache buffer."""
+        return (slot * self.slot_rows + at * self.max_seq) * self.cfg.head_dim * 4
+
     def cache_take(self, slot, T) -> dict:
         """{(layer, kv head): (k, v) each float32 (T, hd)}: copies of positions 0..T-1 of every head held."""
+        self._check_slot(slot, T)
         out = {}
-        if slot != 0 or T > self.max_seq:
-            raise ValueError(f"vulkan backend: slot {slot}, {T} positions: only slot 0, {self.max_seq} positions")
         for li, layer in enumerate(self.share.layer_ids):
             for at, j in enumerate(self.share.kv):
-                out[layer, j] = tuple(self._read_head(c[li], at, T) for c in (self.kcache, self.vcache))
+                out[layer, j] = tuple(self._read_head(c[li], slot, at, T) for c in (self.kcache, self.vcache))
         return out
 
-    def _read_head(self, cache, at, T):
-        """(T, hd) float32: positions 0..T-1 of the rank's `at`-th KV head in one layer's cache."""
+    def _read_head(self, cache, slot, at, T):
+        """(T, hd) float32: positions 0..T-1 of the rank's `at`-th KV head of `slot` in one layer's cache."""
         hd = self.cfg.head_dim
         if T == 0:
             return np.zeros((0, hd), np.float32)
-        return self.dev.read(cache, at * self.max_seq * hd * 4, T * hd * 4).view(np.float32).reshape(T, hd)
+        return self.dev.read(cache, self._head_offset(slot, at), T * hd * 4).view(np.float32).reshape(T, hd)
 
     def cache_put(self, slot, pieces):
         """Write what `cache_take` gives back into positions 0..T-1 (the layers and heads this rank holds)."""
-        hd, layers, kv = self.cfg.head_dim, self.share.layer_ids, self.share.kv
+        layers, kv = self.share.layer_ids, self.share.kv
         for (layer, j), (k, v) in pieces.items():
             if layer not in layers or j not in kv:
                 continue
-            if slot != 0 or k.shape[0] > self.max_seq:
-                raise ValueError(f"vulkan backend: slot {slot}, {k.shape[0]} positions: only slot 0, "
-                                 f"{self.max_seq} positions")
+            self._check_slot(slot, k.shape[0])
             li, at = layer - layers.start, kv.index(j)
             for caches, src in ((self.kcache, k), (self.vcache, v)):
-                caches[li].write(np.ascontiguousarray(src, np.float32), offset=at * self.max_seq * hd * 4)
+                caches[li].write(np.ascontiguousarray(src, np.float32), offset=self._head_offset(slot, at))
 
     def close(self):
         """Free the device memory of this model and of its weights (called when a model is replaced)."""
