@@ -176,13 +176,15 @@ def test_row_slices_are_bit_identical(qtype, cols, kernel_backend):
     rng = np.random.default_rng(7)
     rows = 101
     w = random_qtensor(qtype, rows, cols, rng)
-    x = activations(7, cols, rng)
+    x = activations(15, cols, rng)
     full = CpuBackend(threads=1).linear(w)(x)
     for a, b in ((50, 60), (1, 2), (33, 97), (100, 101), (0, 101)):
         part = kernel_backend.linear(QTensor(qtype, b - a, cols, w.data[a:b].copy()))
         np.testing.assert_array_equal(bits(part(x)), bits(full[:, a:b]))
-        for i in (0, 4, 6):  # batch of 7 (4 + 3 rows through different tiles) against one row at a time
+        for i in (0, 4, 9, 13, 14):  # a batch of 15 (8 + 4 + 2 + 1 rows through different tiles) against one row
             np.testing.assert_array_equal(bits(part(x[i:i + 1])), bits(full[i:i + 1, a:b]))
+        for n in (2, 3, 6):  # smaller batches: other tiles for the same rows
+            np.testing.assert_array_equal(bits(part(x[:n])), bits(full[:n, a:b]))
     if kernel_backend.threads > 1:
         lin = kernel_backend.linear(w)
         numba.set_num_threads(1)

@@ -55,12 +55,38 @@ def test_text_output_streams_then_summarises(model):
     assert lines[1].startswith("[spmd] 4 tokens, decode ")
 
 
+def test_several_prompts_from_flags_and_a_file(model, tmp_path):
+    """Repeated --prompt and a JSON Lines file with settings per prompt: JSON gives every sequence in input order,
+    each equal to its prompt run alone with the same settings; text labels each sequence as it ends."""
+    lines = ['{"prompt": "Once", "steps": 3}', '{"prompt": "A dog", "temperature": 0.9, "seed": 4}',
+             '{"prompt_ids": [1, 7, 8, 9], "steps": 2}']
+    (tmp_path / "p.jsonl").write_text("\n".join(lines) + "\n\n")
+    args = ["--model", model, "--steps", 5, "--sequences", 2, "--prompt", "Hello", "--prompt", "Hi there",
+            "--prompts-file", tmp_path / "p.jsonl"]
+    p = run(args + ["--output", "json"])
+    assert p.returncode == 0, p.stderr
+    r = json.loads(p.stdout)
+    alone = [["--prompt", "Hello"], ["--prompt", "Hi there"], ["--prompt", "Once", "--steps", 3],
+             ["--prompt", "A dog", "--temperature", 0.9, "--seed", 4], ["--prompt-ids", "1,7,8,9", "--steps", 2]]
+    want = [json.loads(run(["--model", model, "--steps", 5, "--output", "json", *a]).stdout) for a in alone]
+    assert [s["index"] for s in r["sequences"]] == [0, 1, 2, 3, 4]
+    assert [s["tokens"] for s in r["sequences"]] == [w["tokens"] for w in want]
+    assert [s["text"] for s in r["sequences"]] == [w["text"] for w in want]
+    assert r["sequences_in_flight"] == 2 and r["tokens_generated"] == sum(len(w["tokens"]) for w in want)
+    p = run(args)
+    assert p.returncode == 0, p.stderr
+    shown = ["Hello", "Hi there", "Once", "A dog", "\x04\x05\x06"]  # ids 7, 8, 9 are the bytes 4, 5, 6
+    for i, w in enumerate(want):  # each in the order they end, its lines whole
+        assert f"[{i}] {shown[i]}{w['text']}\n" in p.stdout, (i, p.stdout)
+    assert p.stderr.splitlines()[-1].startswith("[spmd] 5 sequences, ")
+
+
 def test_help_documents_every_flag():
     p = run(["--help"])
     assert p.returncode == 0
     for flag in ("--model", "--prompt", "--prompt-ids", "--steps", "--ratios", "--allreduce", "--backend",
                  "--gpu", "--threads", "--temperature", "--top-k", "--top-p", "--seed", "--tokenizer", "--output",
-                 "--control-socket", "--migrate-weights"):
+                 "--control-socket", "--migrate-weights", "--prompts-file", "--sequences"):
         assert flag in p.stdout
 
 

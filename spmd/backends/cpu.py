@@ -32,13 +32,14 @@ scale * s, one more fused multiply-add. Each of these rounds once, as a float do
 copied once per call into the same transposed order (scratch (n, padded cols) float32), so x[8l + v] of the 16 lanes
 is one load. Float kernels convert 16 weights at a time to float32 and fused-multiply-add them, in 2 accumulators.
 
-The kernels work on tiles of 2 weight rows x 4 activation rows, so a prompt's weight loads and conversions serve 4
-activation rows; the activation rows left over (decode's one) go past 4 weight rows at a time, or 8 for Q4_0 rows of
-over LONG = 4096 elements, whose activations (4 bytes an element against the weights' 0.56) then no longer stay in L1
-beside the weights (8 measured 17-29% faster than 4 on one core at 2048 x 5632; for Q8_0 and shorter rows, as fast or
-slower). prange runs over blocks of 16 weight rows, whose weights stay in cache while every activation tile goes
-past them. Each weight row is prefetched at the same place in the next tile's rows (rows are contiguous: nw rows
-ahead), which is where the kernel goes next.
+The kernels work on tiles of 2 weight rows x 4 activation rows (x 8 for quantised weights where AVX-512 has the
+registers, x 2 for a pair left over), so a prompt's or a batched decode step's weight loads and conversions serve
+several activation rows; the activation row left over (decode's one) goes past 4 weight rows at a time, or 8 for
+Q4_0 rows of over LONG = 4096 elements, whose activations (4 bytes an element against the weights' 0.56) then no
+longer stay in L1 beside the weights (8 measured 17-29% faster than 4 on one core at 2048 x 5632; for Q8_0 and
+shorter rows, as fast or slower). prange runs over blocks of 16 weight rows, whose weights stay in cache while
+every activation tile goes past them. Each weight row is prefetched at the same place in the next tile's rows (rows
+are contiguous: nw rows ahead), which is where the kernel goes next.
 
 Every (weight row, activation row) dot product runs the same instructions in the same order whatever the tile, the
 row range held, the thread partition or the batch size, so results are bit-identical across those (the tests hold
@@ -232,8 +233,8 @@ def _make_dot(nw, nx):
     return dot
 
 
-_dot11, _dot21, _dot41, _dot81, _dot14, _dot24 = (_make_dot(nw, nx) for nw, nx in
-                                                  ((1, 1), (2, 1), (4, 1), (8, 1), (1, 4), (2, 4)))
+_dot11, _dot21, _dot41, _dot81, _dot12, _dot22, _dot14, _dot24, _dot18, _dot28 = (
+    _make_dot(nw, nx) for nw, nx in ((1, 1), (2, 1), (4, 1), (8, 1), (1, 2), (2, 2), (1, 4), (2, 4), (1, 8), (2, 8)))
 
 
 # ---- the kernels ----------------------------------------------------------------------------------------------
@@ -261,15 +262,31 @@ def _prepare_impl(w, x, xs):
 
 @njit(cache=True)
 def _row_block(w, wd, xs, y, r0, r1):
-    """y[:, r0:r1] from prepared activations, in tiles of 2 weight rows x 4 activation rows, then 4 (or 8) x 1."""
+    """y[:, r0:r1] from prepared activations: in tiles of 2 weight rows x 8 activation rows (quantised weights
+    with AVX-512's 32 registers), x 4, x 2, then 4 (or 8) x 1."""
     n = y.shape[0]
     eight = 2 * w.shape[1] == xs.shape[1] and xs.shape[1] > LONG  # Q4_0 (2 elements a byte), long rows
-    for i in range(0, n - n % 4, 4):
+    wide = AVX512 and wd.shape[1] > 1  # quantised (floats have no scales): one accumulator a pair
+    i = 0
+    while wide and i + 8 <= n:
+        for r in range(r0, r1 - 1, 2):
+            _dot28(w, wd, r, xs, i, y)
+        if (r1 - r0) % 2:
+            _dot18(w, wd, r1 - 1, xs, i, y)
+        i += 8
+    while i + 4 <= n:
         for r in range(r0, r1 - 1, 2):
             _dot24(w, wd, r, xs, i, y)
         if (r1 - r0) % 2:
             _dot14(w, wd, r1 - 1, xs, i, y)
-    for i in range(n - n % 4, n):
+        i += 4
+    if i + 2 <= n:
+        for r in range(r0, r1 - 1, 2):
+            _dot22(w, wd, r, xs, i, y)
+        if (r1 - r0) % 2:
+            _dot12(w, wd, r1 - 1, xs, i, y)
+        i += 2
+    for i in range(i, n):
         r = r0
         while eight and r + 8 <= r1:
             _dot81(w, wd, r, xs, i, y)
