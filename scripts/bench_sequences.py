@@ -4,9 +4,10 @@ flight) for tensor-parallel, pipeline and hybrid layouts, measuring the real pro
 tokens each) and --sequences K. Ratios are against K = 1 of the same layout; for a layout of S stages the target is
 K = S at least 0.8 x S, and with batching on one stage K = 8 at least 4x.
 
-Where a llama.cpp build is at hand (--llama-batched-bench PATH: its `llama-batched-bench`, built natively as in
-../shared/FIELD-NOTES.md), it runs on the same file with the same threads: -npl K parallel sequences of the same
-prompt and steps, its aggregate generation tokens/s (S_TG) per K beside ours, as ours/llama.cpp.
+Where a llama.cpp build is at hand (--llama-bench PATH: its `llama-bench`, built natively as in
+../shared/FIELD-NOTES.md), it runs on the same file with the same threads: its tokens/s for one sequence's steps
+(tg) beside K = 1, and for a batch of K tokens through the weights at once (pp K, `-p K`: what batched decoding of
+K sequences computes, less their attention) beside K > 1, as ours/llama.cpp.
 
     python scripts/bench_sequences.py --small                         # a small shape, a minute on 2 cores
     python scripts/bench_sequences.py --layouts 1,1:1,1*1 --threads 1 # TinyLlama shape, Q4_0
@@ -15,7 +16,6 @@ prompt and steps, its aggregate generation tokens/s (S_TG) per K beside ours, as
 Writes bench-out/sequences-LABEL.json (--out, --label)."""
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -65,19 +65,17 @@ def run_point(model, layout, k, prompts, hostfile, threads, env):
                 ticks=r.get("pipeline_ticks"), kv_mib=[round(x["kv_bytes_peak"] / 2**20, 2) for x in r["ranks"]])
 
 
-def llama_batched(binary, model, ks, prompt_len, steps, threads):
-    """{K: aggregate generation tokens/s} from llama-batched-bench (its markdown table's S_TG t/s column)."""
-    cmd = [binary, "-m", str(model), "-c", str(max(ks) * (prompt_len + steps) + 64), "-b", "2048", "-ub", "512",
-           "-npp", str(prompt_len), "-ntg", str(steps), "-npl", ",".join(map(str, ks)), "-t", str(threads or 1),
-           "--no-mmap"]
+def llama_bench(binary, model, ks, steps, threads):
+    """{K: tokens/s} from llama-bench: K = 1 its decode (tg), K > 1 one batch of K tokens (pp K)."""
+    cmd = [binary, "-m", str(model), "-p", ",".join(str(k) for k in ks if k > 1), "-n", str(steps),
+           "-t", str(threads or 1), "-r", "3", "-o", "json"]
     p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode != 0:
-        raise SystemExit(f"llama-batched-bench failed:\n{p.stderr[-2000:]}")
+        raise SystemExit(f"llama-bench failed:\n{p.stderr[-2000:]}")
     out = {}
-    for line in p.stdout.splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) >= 8 and re.fullmatch(r"\d+", cells[2] or ""):
-            out[int(cells[2])] = float(cells[7])  # PP TG B N_KV T_PP S_PP T_TG S_TG ...
+    for test in json.loads(p.stdout):
+        k = 1 if test["n_gen"] else test["n_prompt"]
+        out[k] = float(test["avg_ts"])
     return out
 
 
@@ -94,8 +92,8 @@ def llama_batched(binary, model, ks, prompt_len, steps, threads):
               help="MPICH hostfile; hostfiles/netsim.txt runs on the simulated hosts (scripts/netsim.sh).")
 @click.option("--threads", default=None, type=click.IntRange(min=1), help="--threads of every rank.")
 @click.option("--delay-ms", default=0.0, show_default=True, help="SPMD_TEST_LINK_DELAY_MS (simulated latency).")
-@click.option("--llama-batched-bench", "llama_bin", default=None, type=click.Path(exists=True, dir_okay=False),
-              help="llama.cpp's llama-batched-bench binary: its batched throughput on the same file.")
+@click.option("--llama-bench", "llama_bin", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="llama.cpp's llama-bench binary: its decode and K-token batch throughput on the same file.")
 @click.option("--label", default=None)
 @click.option("--out", default="bench-out", show_default=True)
 def main(model, small, layouts, ks, prompt_len, steps, hostfile, threads, delay_ms, llama_bin, label, out):
@@ -112,7 +110,7 @@ def main(model, small, layouts, ks, prompt_len, steps, hostfile, threads, delay_
             r = run_point(model, layout, k, prompts_file(tmp, k, prompt_len, steps, vocab), hostfile, threads, env)
             rows.append(r)
             print(f"  {layout} K={k}: {r['tokens_per_s']:.2f} tok/s", flush=True)
-    peer = llama_batched(llama_bin, model, ks, prompt_len, steps, threads) if llama_bin else {}
+    peer = llama_bench(llama_bin, model, ks, steps, threads) if llama_bin else {}
     print(f"\nmodel {Path(model).name}; prompt {prompt_len}, {steps} steps a sequence; {where(hostfile)}, "
           f"threads {threads or 'default'}, link delay {delay_ms} ms")
     print(f"{'layout':<12}{'K':>3}{'tok/s':>10}{'vs K=1':>8}{'target':>8}{'ticks':>7}  {'idle per rank':<24}"

@@ -9,7 +9,8 @@ Bytes sent are counted per rank as each schedule sends them (payload only); P is
         (n - c_r) + (n - c_{r+1})
   mpi   the library's own Allreduce, counted as the bandwidth-optimal 2*(P-1)/P*n
   hand-off  a stage's leader sends the hidden state to each rank of the next stage
-  logits    each rank of the last stage (but rank 0) sends its slice to rank 0
+  logits    each rank of the last stage (but rank 0) sends rank 0 its slice's candidates: its best logit (greedy),
+            its top-k, or the whole slice
 
 TEST ONLY, simulated link latency: with SPMD_TEST_LINK_DELAY_MS=d set (a float, in ms), each message-passing call
 sleeps d ms per communication step of its schedule before it runs (counted in sync time), as if every message took
@@ -17,7 +18,7 @@ d ms more to cross one link. Steps, at P > 1 ranks (one rank communicates nothin
   allreduce star  2            (all workers -> rank 0 at once, then rank 0 -> all)
   allreduce ring  2*(P-1)      (P-1 reduce-scatter steps, P-1 allgather steps)
   allreduce mpi   2*ceil(log2 P) (recursive halving + doubling, the schedule its byte count assumes)
-  step (and its prompt tokens), pass_on, gather_logits   1 each (one message across one link)
+  step (and its prompt tokens), pass_on, gather_candidates   1 each (one message across one link)
 It models latency only (the bandwidth cap of scripts/netsim.sh is a real one), is the same on every rank, and is
 not a network delay: this machine's kernel has no netem. Unset or 0, it costs nothing.
 """
@@ -56,12 +57,13 @@ class Step:
     ticks: int = 1  # FORWARD: pipeline ticks to run; the batch enters the first stage at the first
     segments: tuple = ()  # FORWARD: the batch, Segment(slot, pos, n) each (empty: none enters)
     tokens: tuple = ()  # the segments' token ids, in order (a prompt's n, a decode step's one)
+    keeps: tuple = ()  # per segment, the best logits of each slice its sampler needs (0: all; default all)
     opens: tuple = ()  # (slot, need): KV caches opened before the first tick
     frees: tuple = ()  # slots whose KV caches are freed before the first tick
 
 
 HEADER = 8  # op, epoch, ticks, segments, opens, frees, prompt tokens (in the second broadcast), 0
-SEGMENT = 4  # slot, pos, n, the token when n == 1 (else -1: the tokens follow)
+SEGMENT = 5  # slot, pos, n, the token when n == 1 (else -1: the tokens follow), keep
 
 
 def record_size(slots):
@@ -164,10 +166,11 @@ class Comm:
             raise ValueError(f"a step of {n_seg} segments, {n_open} opens, {n_free} frees: room for {self.slots}")
         r, at, long_tokens, token_at = self._step, HEADER, [], 0
         r[:] = 0
-        for seg in step.segments:
+        keeps = step.keeps or (0,) * n_seg
+        for seg, keep in zip(step.segments, keeps):
             tokens = step.tokens[token_at:token_at + seg.n]
             token_at += seg.n
-            r[at:at + SEGMENT] = (seg.slot, seg.pos, seg.n, tokens[0] if seg.n == 1 else -1)
+            r[at:at + SEGMENT] = (seg.slot, seg.pos, seg.n, tokens[0] if seg.n == 1 else -1, keep)
             if seg.n != 1:
                 long_tokens += tokens
             at += SEGMENT
@@ -181,10 +184,11 @@ class Comm:
     def _decode(self, long_tokens):
         r = [int(v) for v in self._step]
         op, epoch, ticks, n_seg, n_open, n_free = r[:6]
-        segments, tokens, at, long_at = [], [], HEADER, 0
+        segments, tokens, keeps, at, long_at = [], [], [], HEADER, 0
         for _ in range(n_seg):
-            slot, pos, n, token = r[at:at + SEGMENT]
+            slot, pos, n, token, keep = r[at:at + SEGMENT]
             segments.append(Segment(slot, pos, n))
+            keeps.append(keep)
             if n == 1:
                 tokens.append(token)
             else:
@@ -193,7 +197,8 @@ class Comm:
             at += SEGMENT
         opens = tuple((r[at + 2 * i], r[at + 2 * i + 1]) for i in range(n_open))
         at += 2 * n_open
-        return Step(Op(op), epoch, ticks, tuple(segments), tuple(tokens), opens, tuple(r[at:at + n_free]))
+        return Step(Op(op), epoch, ticks, tuple(segments), tuple(tokens), tuple(keeps), opens,
+                    tuple(r[at:at + n_free]))
 
     # ---- allreduce inside the stage -----------------------------------------------------------------------
     def allreduce(self, x):
@@ -270,29 +275,44 @@ class Comm:
         self.sync_s += time.perf_counter() - t
         return out
 
-    def gather_logits(self, local, out):
-        """Each last-stage rank's logits slices (m, its rows) -> the full (m, vocab) in `out` on rank 0."""
-        counts = self.plan.vocab_counts()
-        if self.size == 1:
-            out[...] = local
-            return out
+    def gather_candidates(self, local, keeps, known):
+        """Each last-stage rank's logits slices (m rows, its classifier rows) -> on rank 0, per row, the candidates
+        (logits, token ids) its sampler needs: the `keeps[i]` best of each rank's slice (ties: the lower id), or, for
+        0, all of them; only ids below `known` (a padded classifier's extra rows are never sampled). Greedy rows
+        send 8 bytes a rank instead of the whole slice."""
+        counts, starts = self.plan.vocab_counts(), np.cumsum([0] + self.plan.vocab_counts()[:-1])
+        spans = [(int(a), int(min(a + n, known))) for a, n in zip(starts, counts)]  # each rank's ids below known
+        sizes = [[b - a if k == 0 else min(k, b - a) for k in keeps] if b > a else [0] * len(keeps)
+                 for a, b in spans]
         t = time.perf_counter()
-        self._delay()
+        if self.size > 1:
+            self._delay()
+        mine = None
+        if local is not None and sum(sizes[self.rank]):
+            mine = best(local[:, :spans[self.rank][1] - spans[self.rank][0]], keeps, spans[self.rank][0])
+            if not self.is_root:
+                self.comm.Send(mine[0], dest=0, tag=TAG_LOGITS)
+                self.comm.Send(mine[1], dest=0, tag=TAG_LOGITS)
+                self.bytes_sent += mine[0].nbytes + mine[1].nbytes
+        out = None
         if self.is_root:
-            at, requests, parts = 0, [], []
-            for r, n in enumerate(counts):
-                if n and r == 0:
-                    out[:, :n] = local
-                elif n:
-                    parts.append((at, n, np.empty((out.shape[0], n), np.float32)))
-                    requests.append(self.comm.Irecv(parts[-1][2], source=r, tag=TAG_LOGITS))
-                at += n
-            MPI.Request.Waitall(requests)
-            for at, n, part in parts:
-                out[:, at:at + n] = part
-        elif counts[self.rank]:
-            self.comm.Send(np.ascontiguousarray(local, dtype=np.float32), dest=0, tag=TAG_LOGITS)
-            self.bytes_sent += local.nbytes
+            parts = {}
+            for r, rows in enumerate(sizes):
+                if r == 0 and mine is not None:
+                    parts[r] = mine
+                elif sum(rows):
+                    parts[r] = (np.empty(sum(rows), np.float32), np.empty(sum(rows), np.int32))
+                    self.comm.Recv(parts[r][0], source=r, tag=TAG_LOGITS)
+                    self.comm.Recv(parts[r][1], source=r, tag=TAG_LOGITS)
+            out, at = [], {r: 0 for r in parts}
+            for i in range(len(keeps)):
+                values, ids = [], []
+                for r in parts:
+                    n = sizes[r][i]
+                    values.append(parts[r][0][at[r]:at[r] + n])
+                    ids.append(parts[r][1][at[r]:at[r] + n])
+                    at[r] += n
+                out.append((np.concatenate(values), np.concatenate(ids)))
         self.sync_s += time.perf_counter() - t
         return out
 
@@ -350,6 +370,20 @@ class Comm:
 
     def abort(self, code=1):
         self.comm.Abort(code)
+
+
+def best(logits, keeps, start):
+    """Rows of a logits slice -> (values, global ids) concatenated: per row its `keeps[i]` best (ties: the lower
+    id), or all of them for 0."""
+    values, ids = [], []
+    for row, k in zip(logits, keeps):
+        if k == 1:
+            order = np.array([np.argmax(row)])  # the first of equal maxima: the lower id
+        else:
+            order = np.arange(len(row)) if k == 0 else np.argsort(-row, kind="stable")[:k]
+        values.append(row[order])
+        ids.append(order + start)
+    return np.concatenate(values).astype(np.float32), np.concatenate(ids).astype(np.int32)
 
 
 def host_name():

@@ -14,7 +14,6 @@ import time
 from .comm import Op, Step
 from .executor import stage_figures
 from .model import Segment
-from .rank import known_vocab
 from .sampling import Sampler
 
 
@@ -96,7 +95,6 @@ class Driver:
         self.queue, self.ready = collections.deque(seqs), collections.deque()
         self.free, self.frees, self.by_slot = list(range(state.n_slots)), [], {}
         self.reading = emit(seqs[0].shown) if single else True
-        vocab = known_vocab(state.tokenizer, state.cfg)  # a padded classifier's extra rows are never sampled
         t0 = time.perf_counter()
         while True:
             if self.generated and state.control is not None:
@@ -105,15 +103,15 @@ class Driver:
             ticks = self._ticks(batch)
             if ticks == 0:
                 break
-            segments, tokens, opens = batch or ((), (), ())
+            segments, tokens, keeps, opens = batch or ((), (), (), ())
             left = self.executor.issue(self._step(Op.FORWARD, ticks=ticks, segments=segments, tokens=tokens,
-                                                  opens=opens, frees=tuple(self.frees)))
+                                                  keeps=keeps, opens=opens, frees=tuple(self.frees)))
             self.frees, self.ticks = [], self.ticks + ticks
             now = time.perf_counter()
-            for done_batch, logits in left:
-                for seg, row in zip(done_batch.segments, logits):
+            for done_batch, candidates in left:
+                for seg, (values, ids) in zip(done_batch.segments, candidates):
                     seq = self.by_slot[seg.slot]
-                    self._sampled(seq, seq.sampler(row[:vocab]), now, emit, single)
+                    self._sampled(seq, seq.sampler.pick(values, ids), now, emit, single)
         self.executor.issue(self._step(Op.STOP))
         now = time.perf_counter()
         for seq in seqs:
@@ -146,14 +144,15 @@ class Driver:
 
     # ---- scheduling -------------------------------------------------------------------------------------------
     def _admit(self):
-        """The batch that enters the first stage now: (segments, tokens, opens), or None."""
+        """The batch that enters the first stage now: (segments, tokens, candidates each needs, opens), or None."""
         now = time.perf_counter()
         if self.queue and self.free:
             seq = self.queue.popleft()
             seq.slot = self.free.pop(0)
             seq.times["admitted"] = now
             self.by_slot[seq.slot] = seq
-            return (Segment(seq.slot, 0, len(seq.ids)),), tuple(seq.ids.tolist()), ((seq.slot, seq.need),)
+            return ((Segment(seq.slot, 0, len(seq.ids)),), tuple(seq.ids.tolist()), (seq.sampler.candidates,),
+                    ((seq.slot, seq.need),))
         if not self.ready:
             return None
         holding = len(self.by_slot)
@@ -161,7 +160,8 @@ class Driver:
         batch = [self.ready.popleft() for _ in range(min(cap, len(self.ready)))]
         for seq in batch:
             seq.decodes += 1
-        return tuple(Segment(s.slot, s.pos, 1) for s in batch), tuple(s.tokens[-1] for s in batch), ()
+        return (tuple(Segment(s.slot, s.pos, 1) for s in batch), tuple(s.tokens[-1] for s in batch),
+                tuple(s.sampler.candidates for s in batch), ())
 
     def _ticks(self, batch):
         """Ticks the next step runs: 1 while there is more to admit at the next one, else until the first batch in

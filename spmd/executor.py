@@ -25,8 +25,9 @@ RECENT_STEPS = 16  # the control socket's `status` reports compute and sync time
 class Batch:
     """Segments in flight together through the stages: rows of one pass."""
 
-    def __init__(self, segments, tokens):
+    def __init__(self, segments, tokens, keeps):
         self.segments, self.tokens = tuple(segments), np.asarray(tokens, np.int64)
+        self.keeps = tuple(keeps) or (0,) * len(self.segments)  # candidates each segment's sampler needs
         self.rows = sum(seg.n for seg in segments)
         self.decode = all(seg.n == 1 for seg in segments)
 
@@ -40,9 +41,9 @@ class Executor:
         self.kv_bytes_peak = 0
 
     def issue(self, step: Step, plan=None):
-        """Rank 0: broadcast `step` and run it here too. Returns for FORWARD [(batch, logits (m, vocab))] of the
-        batches that left the last stage, for REPLAN (error or None, every rank's figures), for STATUS every rank's
-        recent figures."""
+        """Rank 0: broadcast `step` and run it here too. Returns for FORWARD [(batch, [(logits, token ids)] of each
+        segment's sampling candidates)] of the batches that left the last stage, for REPLAN (error or None, every
+        rank's figures), for STATUS every rank's recent figures."""
         return self._run(self.comm.step(step), plan)
 
     def serve(self):
@@ -77,7 +78,7 @@ class Executor:
             model.open(slot, need)
         self.kv_bytes_peak = max(self.kv_bytes_peak, sum(model.slots.values()) * self.state.kv_bytes_per_position())
         left = []
-        batch = Batch(step.segments, step.tokens) if step.segments else None
+        batch = Batch(step.segments, step.tokens, step.keeps) if step.segments else None
         for tick in range(step.ticks):
             out = self.tick(batch if tick == 0 else None)
             if out is not None:
@@ -86,22 +87,22 @@ class Executor:
 
     def tick(self, batch):
         """One pipeline tick: `batch` (or None) enters the first stage, the others move on. Returns on rank 0 the
-        (batch, logits) that left the last stage, else None."""
+        batch that left the last stage and, per segment, the candidates its sampler needs (logits, token ids)."""
         stages = self.state.plan.stages
         self.pipeline.appendleft(batch)
-        mine, logits = self.state.stage.index, None
+        mine, candidates = self.state.stage.index, None
         if mine < len(self.pipeline) and self.pipeline[mine] is not None:
-            logits = self._run_stage(self.pipeline[mine])
+            candidates = self._run_stage(self.pipeline[mine])
         leaving = self.pipeline.pop() if len(self.pipeline) == len(stages) else None
         if leaving is None or not self.comm.is_root:
             return None
-        if len(stages) > 1:  # the last stage's logits, to rank 0
-            logits = self.comm.gather_logits(None, np.empty((len(leaving.segments), self.state.cfg.vocab), np.float32))
-        return leaving, logits
+        if len(stages) > 1:  # from the last stage
+            candidates = self.comm.gather_candidates(None, leaving.keeps, self.state.n_known)
+        return leaving, candidates
 
     def _run_stage(self, batch):
-        """This rank's stage over `batch`: take or embed, the layers, then pass on or send the logits. Returns the
-        full logits (m, vocab) where rank 0 is in the last stage, else None."""
+        """This rank's stage over `batch`: take or embed, the layers, then pass on or send the logits' candidates.
+        Returns them where rank 0 is in the last stage, else None."""
         state, comm = self.state, self.comm
         sent, sync, t = comm.bytes_sent, comm.sync_s, time.perf_counter()
         stage, stages = state.stage, state.plan.stages
@@ -112,29 +113,28 @@ class Executor:
         last = stage.index == len(stages) - 1
         allreduce = comm.allreduce if comm.stage_size > 1 else None
         out = state.model.forward(x, batch.segments, allreduce, head=last)
-        logits = None
+        candidates = None
         if not last:
             comm.pass_on(out)
         else:
-            logits = np.empty((len(batch.segments), state.cfg.vocab), np.float32) if comm.is_root else None
-            logits = comm.gather_logits(out, logits)
+            candidates = comm.gather_candidates(out, batch.keeps, state.n_known)
         if batch.decode:  # a decode batch: its traffic makes the per-token figure
             self.decode_tokens += len(batch.segments)
             self.decode_bytes += comm.bytes_sent - sent
             synced = comm.sync_s - sync
             self._recent.append((time.perf_counter() - t - synced, synced))
-        return logits
+        return candidates
 
     def forward(self, tokens, pos, slot=0):
-        """Tests and tools, one rank: the full logits (vocab,) after one pass over `tokens` at positions pos.. of
-        `slot` (opened for the run's longest sequence at position 0)."""
+        """Tests and tools: on rank 0 the logits (of the ids the tokenizer knows) after one pass over `tokens` at
+        positions pos.. of `slot` (opened for the run's longest sequence at position 0)."""
         from .model import Segment
         if pos == 0:
             self.state.model.open(slot, self.state.max_seq)
         step = Step(Op.FORWARD, self.state.plan.epoch, ticks=len(self.state.plan.stages),
                     segments=(Segment(slot, pos, len(tokens)),), tokens=tuple(int(t) for t in tokens))
         left = self.issue(step)
-        return left[0][1][0] if self.comm.is_root else None
+        return left[0][1][0][0] if self.comm.is_root else None
 
     # ---- re-partition and status ----------------------------------------------------------------------------------
     def _replan(self, plan):

@@ -150,6 +150,7 @@ class RankState:
             raise UserError(f"--sequences must be at least 1 (got {opts.sequences})")
         self.tokenizer, self.work = agree(comm, self._tokenize if comm.is_root else lambda: (None, None))
         self.needs = comm.bcast([len(w.ids) + w.steps for w in self.work] if comm.is_root else None)
+        self.n_known = comm.bcast(known_vocab(self.tokenizer, self.cfg) if comm.is_root else None)  # ids sampled
         self.max_seq = max(self.needs)  # the longest sequence's KV-cache positions
         self.n_slots = min(opts.sequences or len(plan.stages), len(self.needs))  # sequences in flight at most
         comm.set_slots(self.n_slots)

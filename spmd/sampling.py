@@ -1,4 +1,5 @@
-"""Choosing the next token from the full logits, on rank 0 only."""
+"""Choosing the next token on rank 0, from the logits of the whole vocabulary or from the candidates the last
+stage's ranks sent: greedy needs each rank's best, top-k each rank's k best, anything else every logit."""
 import numpy as np
 
 
@@ -9,18 +10,28 @@ class Sampler:
         self.temperature, self.top_k, self.top_p = float(temperature), int(top_k), float(top_p)
         self.rng = np.random.default_rng(seed)
 
+    @property
+    def candidates(self) -> int:
+        """How many of the best logits of each rank's slice it needs: 1 (greedy), top_k, or 0 (all of them)."""
+        return 1 if self.temperature <= 0.0 else self.top_k
+
     def __call__(self, logits) -> int:
         """logits (vocab,) float32 -> token id"""
+        return self.pick(logits, np.arange(len(logits)))
+
+    def pick(self, values, ids) -> int:
+        """A token id from candidates: their logits `values` and token `ids` (every token's, or at least the
+        `candidates` best of each slice). The same token as from all the logits: ties go to the lower id."""
         if self.temperature <= 0.0:
-            return int(np.argmax(logits))
+            return int(ids[values == values.max()].min())
         with np.errstate(over="ignore"):  # <= 0: a tiny temperature gives -inf, not NaN
-            z = (logits.astype(np.float64) - logits.max()) / self.temperature
-        candidates = np.argsort(-z, kind="stable")  # best first
-        if 0 < self.top_k < len(candidates):
-            candidates = candidates[:self.top_k]
-        p = np.exp(z[candidates] - z[candidates[0]])
+            z = (values.astype(np.float64) - values.max()) / self.temperature
+        order = np.lexsort((ids, -z))  # best first, ties by id: a stable sort of the whole vocabulary
+        if 0 < self.top_k < len(order):
+            order = order[:self.top_k]
+        p = np.exp(z[order] - z[order[0]])
         p /= p.sum()
         if self.top_p < 1.0:  # the smallest prefix whose mass reaches top_p
             keep = int(np.searchsorted(np.cumsum(p), self.top_p)) + 1
-            candidates, p = candidates[:keep], p[:keep] / p[:keep].sum()
-        return int(candidates[self.rng.choice(len(candidates), p=p)])
+            order, p = order[:keep], p[:keep] / p[:keep].sum()
+        return int(ids[order[self.rng.choice(len(order), p=p)]])

@@ -74,8 +74,9 @@ def test_delay_shows_in_sync_time_and_changes_nothing_else(monkeypatch, algorith
     control_s = slow.sync_s - allreduce_s
     assert plain.link_delay_s == 0.0 and slow.link_delay_s == DELAY_MS / 1e3
     np.testing.assert_array_equal(got, want)
-    # a prompt's step: the record (8 header fields, 7 per slot: one slot) and its 4 tokens, 8 bytes each
-    assert record_size(1) == 8 + 7
-    assert slow.bytes_sent - plain.bytes_sent == ((15 + 4) * 8 * (WORLD.size - 1) if WORLD.rank == 0 else 0)
+    # a prompt's step: the record (8 header fields; per slot a segment's 5, an open's 2, a free's 1) and its 4
+    # tokens, 8 bytes each
+    assert record_size(1) == 8 + 5 + 2 + 1
+    assert slow.bytes_sent - plain.bytes_sent == ((16 + 4) * 8 * (WORLD.size - 1) if WORLD.rank == 0 else 0)
     assert allreduce_s >= link_steps(algorithm, WORLD.size) * DELAY_MS / 1e3
     assert control_s >= 2 * DELAY_MS / 1e3  # the record, then the prompt's tokens

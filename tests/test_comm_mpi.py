@@ -93,17 +93,25 @@ def test_hand_off_reaches_every_rank_of_the_next_stage():
 
 @pytest.mark.mpi
 @pytest.mark.parametrize("layout", ["tp", "pp"])
-def test_gather_logits_assembles_the_vocabulary_on_rank_0(layout):
-    """Two rows (two sequences' last tokens): each last-stage rank's columns land in their place."""
+def test_gather_candidates_brings_rank_0_what_each_sampler_needs(layout):
+    """Three rows: greedy (each rank's best), top-3 (each rank's 3 best, ties to the lower id) and all; only ids
+    below the known vocabulary. Rank 0 gets, per row, candidates among which the full row's choice is."""
     comm = comm_on(None if layout == "tp" or WORLD.size == 1 else two_stages())
     share = comm.plan[WORLD.rank]
-    cols = np.arange(share.vocab_start, share.vocab_start + share.n_vocab, dtype=np.float32)
-    local = np.stack([cols, cols + 1000])
-    out = np.empty((2, DIMS.vocab), np.float32) if WORLD.rank == 0 else None
-    got = comm.gather_logits(local if share.n_vocab else None, out)
+    rng = np.random.default_rng(3)
+    full = rng.standard_normal((3, DIMS.vocab)).astype(np.float32).round(1)  # rounded: ties happen
+    known = DIMS.vocab - 5
+    local = full[:, share.vocab_start:share.vocab_start + share.n_vocab]
+    got = comm.gather_candidates(local if share.n_vocab else None, (1, 3, 0), known)
     if WORLD.rank == 0:
-        whole = np.arange(DIMS.vocab, dtype=np.float32)
-        np.testing.assert_array_equal(got, np.stack([whole, whole + 1000]))
+        values, ids = got[0]
+        assert ids[np.argmax(values)] == np.argmax(full[0, :known])  # greedy: the first of equal maxima
+        values, ids = got[1]
+        top3 = np.argsort(-full[1, :known], kind="stable")[:3]
+        assert set(top3) <= set(ids.tolist()) and np.array_equal(values, full[1, ids])
+        values, ids = got[2]
+        np.testing.assert_array_equal(ids, np.arange(known))
+        np.testing.assert_array_equal(values, full[2, :known])
 
 
 @pytest.mark.mpi
@@ -113,7 +121,7 @@ def test_step_record_reaches_every_rank():
     comm = Comm(comm=WORLD)
     comm.set_slots(3)
     steps = [Step(Op.FORWARD, epoch=3, ticks=2, segments=(Segment(2, 17, 1), Segment(0, 0, 4), Segment(1, 9, 1)),
-                  tokens=(5, 10, 11, 12, 13, 7), opens=((0, 40),), frees=(0, 2)),
+                  tokens=(5, 10, 11, 12, 13, 7), keeps=(1, 0, 40), opens=((0, 40),), frees=(0, 2)),
              Step(Op.STOP, epoch=4)]
     for want in steps:
         assert comm.step(want if WORLD.rank == 0 else None) == want  # rank 0 speaks

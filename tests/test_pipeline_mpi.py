@@ -68,13 +68,14 @@ def test_mixed_backends_on_a_hybrid_layout(models):
 @pytest.mark.mpi
 def test_hand_off_bytes_per_token(models):
     """Pure pipeline: a stage's leader sends one f32 row of dim per token to each rank of the next stage; the last
-    stage sends its logits rows to rank 0; nothing else moves in a decode step."""
+    stage sends rank 0 what greedy sampling needs, its best logit and that token's id (4 + 4 bytes); nothing else
+    moves in a decode step."""
     layout = "*".join(["1"] * WORLD.size)
     result = generate(WORLD, model=models["deep F32"], ratios=layout)
     if WORLD.rank == 0:
         for r in result["ranks"]:
             last = r["rank"] == WORLD.size - 1
-            assert r["bytes_per_token"] == (4 * SHAPE.vocab if last else 4 * SHAPE.dim), r
+            assert r["bytes_per_token"] == (8 if last else 4 * SHAPE.dim), r  # greedy: the best logit and its id
 
 
 def wide_layer_bytes():
