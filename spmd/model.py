@@ -20,8 +20,14 @@ def rmsnorm(x, weight, eps):
     return x * (1.0 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)) * weight
 
 
-def silu(x):
-    return x / (1.0 + np.exp(-x))
+def silu_mul(gate, up):
+    """silu(gate) * up, in gate's memory: gate / (1 + exp(-gate)) * up, with one temporary."""
+    e = np.negative(gate)
+    np.exp(e, out=e)
+    e += 1.0
+    np.divide(gate, e, out=gate)
+    gate *= up
+    return gate
 
 
 HALVES = ("attention", "ffn")
@@ -64,9 +70,13 @@ class Rope:
         self.sin = np.sin(angles).astype(np.float32)
         self.dim, self.neox = cfg.rope_dim, cfg.rope_neox
 
-    def __call__(self, x, positions):
-        """x (n, heads, hd), rotated in place, row i for position positions[i]."""
-        cos, sin = self.cos[positions, None, :], self.sin[positions, None, :]  # (n, 1, rope_dim/2)
+    def at(self, positions):
+        """(cos, sin) of the positions, each (n, 1, rope_dim/2): what a pass's every layer rotates with."""
+        return self.cos[positions, None, :], self.sin[positions, None, :]
+
+    def __call__(self, x, tables):
+        """x (n, heads, hd), rotated in place: row i for the position of row i of `tables` (from `at`)."""
+        cos, sin = tables
         if self.neox:  # pairs (i, i + rope_dim/2)
             a, b = x[..., :self.dim // 2], x[..., self.dim // 2:self.dim]
         else:  # interleaved pairs (2i, 2i+1)
@@ -195,12 +205,12 @@ class Model:
     def layers(self, x, segments, allreduce):
         """x (n, dim) through this rank's layers, two partial sums a layer (`stage_schedule`)."""
         buf = self._buffers(x.shape[0])
-        positions = np.concatenate([np.arange(seg.pos, seg.pos + seg.n) for seg in segments])
+        rope = self.rope.at(np.concatenate([np.arange(seg.pos, seg.pos + seg.n) for seg in segments]))
         for layer, half in stage_schedule(self.share.layer_ids):
             lw = self.w.layer(layer)
             if half == "attention":
                 xn = rmsnorm(x, lw.attn_norm, self.cfg.norm_eps)
-                partial = self._attention(layer, lw, xn, segments, positions, buf)
+                partial = self._attention(layer, lw, xn, segments, rope, buf)
             else:
                 partial = self._ffn(lw, rmsnorm(x, lw.ffn_norm, self.cfg.norm_eps), buf)
             x += allreduce(partial) if allreduce is not None else partial
@@ -222,7 +232,7 @@ class Model:
     def close(self):
         """Nothing to free: the arrays go with the object (the Vulkan model frees device memory here)."""
 
-    def _attention(self, layer, lw, xn, segments, positions, buf):
+    def _attention(self, layer, lw, xn, segments, rope, buf):
         """xn (n, dim) -> (n, dim) this rank's partial sum of the attention output."""
         cfg, n = self.cfg, xn.shape[0]
         hd, n_kv, group = cfg.head_dim, self.share.n_kv, cfg.group
@@ -232,8 +242,8 @@ class Model:
             k += lw.bk
             v += lw.bv
         q, k, v = q.reshape(n, n_kv * group, hd), k.reshape(n, n_kv, hd), v.reshape(n, n_kv, hd)
-        self.rope(q, positions)
-        self.rope(k, positions)
+        self.rope(q, rope)
+        self.rope(k, rope)
         out = np.empty((n, n_kv * group * hd), np.float32)
         for row, seg in segment_rows(segments):
             rows = slice(row, row + seg.n)
@@ -262,4 +272,4 @@ class Model:
     def _ffn(self, lw, xn, buf):
         """xn (n, dim) -> (n, dim) this rank's partial sum of the SwiGLU FFN output."""
         gate, up = lw.w1(xn, out=buf["gate"]), lw.w3(xn, out=buf["up"])
-        return lw.w2(silu(gate) * up, out=buf["proj"])
+        return lw.w2(silu_mul(gate, up), out=buf["proj"])
