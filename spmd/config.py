@@ -1,4 +1,5 @@
 """The model's hyper-parameters, read once from the GGUF header; derived fields computed here and nowhere else."""
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,15 +47,21 @@ def read_config(f) -> ModelConfig:
     if arch not in ARCHITECTURES:
         raise UserError(f"{f.path}: architecture {arch!r} is not supported (supported: {', '.join(ARCHITECTURES)})")
 
-    def need(key):
-        value = f.meta(f"{arch}.{key}")
+    def meta(key, kind, default=None):
+        """A metadata value of the architecture: a whole number, or a finite number > 0; missing: `default`."""
+        value = f.meta(f"{arch}.{key}", default)
         if value is None:
             raise UserError(f"{f.path}: metadata {arch}.{key} is missing")
-        return value
+        whole = isinstance(value, int) and not isinstance(value, bool)
+        if kind is int and not whole:
+            raise UserError(f"{f.path}: metadata {arch}.{key} is {value!r:.40}; it must be a whole number")
+        if kind is float and not ((whole or isinstance(value, float)) and math.isfinite(value) and value > 0):
+            raise UserError(f"{f.path}: metadata {arch}.{key} is {value!r:.40}; it must be a finite number above 0")
+        return kind(value)
 
-    dim, n_heads = int(need("embedding_length")), int(need("attention.head_count"))
-    n_kv_heads = int(f.meta(f"{arch}.attention.head_count_kv", n_heads))
-    head_dim = int(f.meta(f"{arch}.attention.key_length", dim // n_heads))
+    dim, n_heads = meta("embedding_length", int), meta("attention.head_count", int)
+    n_kv_heads = meta("attention.head_count_kv", int, n_heads)
+    head_dim = meta("attention.key_length", int, dim // max(n_heads, 1))
     embd = f.info("token_embd.weight")
     if f.meta(f"{arch}.attention.sliding_window"):
         raise UserError(f"{f.path}: sliding-window attention is not supported")
@@ -62,14 +69,14 @@ def read_config(f) -> ModelConfig:
     if scaling not in ("none", "linear"):
         raise UserError(f"{f.path}: RoPE scaling {scaling!r} is not supported (supported: none, linear, llama3)")
     cfg = ModelConfig(
-        arch=arch, dim=dim, n_layers=int(need("block_count")), n_heads=n_heads, n_kv_heads=n_kv_heads,
-        head_dim=head_dim, ffn_dim=int(need("feed_forward_length")), vocab=embd.shape[0],
-        context=int(need("context_length")),
-        norm_eps=float(f.meta(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_theta=float(f.meta(f"{arch}.rope.freq_base", 10000.0)),
-        rope_dim=int(f.meta(f"{arch}.rope.dimension_count", head_dim)),
+        arch=arch, dim=dim, n_layers=meta("block_count", int), n_heads=n_heads, n_kv_heads=n_kv_heads,
+        head_dim=head_dim, ffn_dim=meta("feed_forward_length", int), vocab=embd.shape[0],
+        context=meta("context_length", int),
+        norm_eps=meta("attention.layer_norm_rms_epsilon", float, 1e-5),
+        rope_theta=meta("rope.freq_base", float, 10000.0),
+        rope_dim=meta("rope.dimension_count", int, head_dim),
         rope_neox=arch == "qwen2",
-        rope_linear_factor=float(f.meta(f"{arch}.rope.scaling.factor", 1.0)) if scaling == "linear" else 1.0,
+        rope_linear_factor=meta("rope.scaling.factor", float, 1.0) if scaling == "linear" else 1.0,
         qkv_bias=f.has("blk.0.attn_q.bias"),
         tied_output=not f.has("output.weight"),
     )

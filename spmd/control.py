@@ -2,8 +2,8 @@
 
 A daemon thread accepts connections; each connection gets its own daemon thread, which checks the peer's uid
 (SO_PEERCRED: only the job's own user), reads newline-delimited JSON requests (one line, at most MAX_LINE bytes,
-within IDLE_S seconds), validates each against the current plan (a reference to rank 0's state, whose plan the
-main thread swaps) and replies on the same line-based channel. The protocol is specified in
+each whole line within IDLE_S seconds), validates each against the current plan (a reference to rank 0's state,
+whose plan the main thread swaps) and replies on the same line-based channel. The protocol is specified in
 docs/control-protocol.md; `spmd.client` is its one client.
 
 Nothing here raises into the main thread: the driver calls `poll(pos)` between tokens (never blocking) and
@@ -16,6 +16,7 @@ import socket
 import stat
 import struct
 import threading
+import time
 from dataclasses import dataclass, field
 
 from . import plan as P
@@ -255,6 +256,8 @@ class Listener:
             msg = json.loads(line.decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as e:
             return {"ok": False, "error": f"malformed request: not JSON ({e})"[:300]}, None
+        except RecursionError:
+            return {"ok": False, "error": "malformed request: nested too deeply"}, None
         if not isinstance(msg, dict):
             return {"ok": False, "error": "malformed request: expected a JSON object"}, None
         rid = msg.get("id")
@@ -279,7 +282,7 @@ class Listener:
     def _validate(self, msg) -> Request:
         """A request from a parsed message, checked against the current state (the lock is held)."""
         cmd = msg.get("cmd")
-        if cmd not in FIELDS:
+        if not isinstance(cmd, str) or cmd not in FIELDS:
             raise UserError(f"unknown command {cmd!r}: expected 'status' or 'migrate'"[:300])
         unknown = sorted(set(msg) - FIELDS[cmd])
         if unknown:
@@ -372,10 +375,9 @@ class Listener:
         with self._lock:
             self._open.add(conn)
         try:
-            conn.settimeout(IDLE_S)
             buffer = b""
             while not self._closed:
-                line, buffer = _read_line(conn, buffer)
+                line, buffer = _read_line(conn, buffer, time.monotonic() + IDLE_S)
                 if line is None:
                     return
                 if len(line) > MAX_LINE:
@@ -406,13 +408,18 @@ def _ratios_text(value):
     raise UserError(f"'ratios' must be a string such as '1:1:2' or a list of positive numbers (got {value!r})"[:300])
 
 
-def _read_line(conn, buffer):
-    """(one line without its newline, the rest) or (None, b"") at end of stream, on a timeout, or once the line
-    passes MAX_LINE bytes without a newline (returned as it is, over the limit, for the caller to refuse)."""
+def _read_line(conn, buffer, deadline):
+    """(one line without its newline, the rest) or (None, b"") at end of stream, when the line is not complete by
+    `deadline` (time.monotonic(): a whole request, however slowly its bytes come), or once the line passes MAX_LINE
+    bytes without a newline (returned as it is, over the limit, for the caller to refuse)."""
     while b"\n" not in buffer:
         if len(buffer) > MAX_LINE:
             return buffer, b""
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return None, b""
         try:
+            conn.settimeout(left)
             chunk = conn.recv(65536)
         except (socket.timeout, OSError):
             return None, b""

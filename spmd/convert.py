@@ -186,17 +186,24 @@ def add_vocab(w, pieces, scores):
 
 
 def write_gguf(path, name, c, arrays, pieces, scores, outtype="f32"):
+    """Write to a temporary name beside `path`, then rename: a failed write leaves no partial file behind."""
     qtype, file_type = OUTTYPES[outtype]
-    w = GGUFWriter(str(path), "llama")
-    add_model_metadata(w, name, c, file_type)
-    add_vocab(w, pieces, scores)
-    for tensor_name, a in gguf_tensors(c, arrays):
-        data, dtype = encode(a, qtype)
-        w.add_tensor(tensor_name, data, raw_dtype=dtype)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    part = f"{path}.part-{os.getpid()}"
+    try:
+        w = GGUFWriter(part, "llama")
+        add_model_metadata(w, name, c, file_type)
+        add_vocab(w, pieces, scores)
+        for tensor_name, a in gguf_tensors(c, arrays):
+            data, dtype = encode(a, qtype)
+            w.add_tensor(tensor_name, data, raw_dtype=dtype)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        os.replace(part, path)
+    finally:
+        if os.path.exists(part):
+            os.unlink(part)
 
 
 # ---- command line --------------------------------------------------------------------------------------------
@@ -213,6 +220,8 @@ def cli():
               help="type of the matrices whose inputs are a multiple of 32; norms and the rest stay f32")
 def llama2c(checkpoint, tokenizer, out, outtype):
     """Convert a llama2.c CHECKPOINT and its TOKENIZER to OUT (GGUF, arch llama)."""
+    if not out.strip() or os.path.isdir(out):
+        raise click.ClickException(f"OUT {out!r} must name a file to write")
     for source in (checkpoint, tokenizer):
         if os.path.exists(out) and os.path.exists(source) and os.path.samefile(out, source):
             raise click.ClickException(f"{out} is also an input: writing it would destroy {source}")

@@ -11,6 +11,8 @@ import collections
 import math
 import time
 
+import numpy as np
+
 from .comm import Op, Step
 from .executor import stage_figures
 from .model import Segment
@@ -80,6 +82,7 @@ class Driver:
         self.ticks = 0  # pipeline ticks run
         self.migrations = []
         self._due_migration = None  # a migration waiting for the pipeline to empty
+        self.error = None  # why generation stopped short (non-finite logits): every rank raises it after STOP
 
     def _step(self, op, **kw):
         return Step(op, self.state.plan.epoch, **kw)
@@ -111,6 +114,11 @@ class Driver:
             for done_batch, candidates in left:
                 for seg, (values, ids) in zip(done_batch.segments, candidates):
                     seq = self.by_slot[seg.slot]
+                    if not np.isfinite(values).all():  # NaN or infinite weights, activations or logits
+                        self.error = (f"the model's logits for sequence {seq.index} at position {seg.pos + seg.n - 1} "
+                                      "are not finite (NaN or infinity): its weights or metadata hold invalid values")
+                        self.reading = False
+                        continue
                     self._sampled(seq, seq.sampler.pick(values, ids), now, emit, single)
         self.executor.issue(self._step(Op.STOP))
         now = time.perf_counter()

@@ -3,6 +3,7 @@
 import time
 
 from .driver import Driver
+from .errors import UserError
 from .executor import Executor
 from .rank import RankState, RunOptions  # noqa: F401 - RunOptions is part of this module's interface
 
@@ -29,6 +30,9 @@ class Engine:
         finally:
             if state.control is not None:
                 state.control.close(self.driver.pos)
+        error = comm.first_error(self.driver.error if comm.is_root else None)
+        if error is not None:
+            raise UserError(error)
         stats = self.executor.rank_stats(time.perf_counter() - t0, comm.sync_s - start_sync)
         ranks = comm.gather(stats)
         return self.driver.finish(result, ranks) if comm.is_root else None

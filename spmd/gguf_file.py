@@ -4,6 +4,7 @@ The header is parsed by `gguf_header` (arrays such as the vocabulary only when a
 through a read-only mapping: a slice is copied out and the pages it touched are handed back to the kernel
 (MADV_DONTNEED), so a rank's resident memory holds its own share and not the file.
 """
+import hashlib
 import mmap
 import os
 import struct
@@ -12,11 +13,12 @@ from dataclasses import dataclass
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 
-from .errors import UserError
+from .errors import UserError, regular_file
 from .gguf_header import GGUFHeader, HeaderError
 from .quants import NATIVE, QTensor, as_qtensor, block_size, dequantize_any, from_float, row_bytes
 
 PAGE = mmap.PAGESIZE
+FINGERPRINT_SAMPLE = 4096  # bytes hashed at each of three places of every tensor
 
 
 @dataclass(frozen=True)
@@ -33,8 +35,7 @@ class GGUFFile:
         self.path = str(path)
         if os.path.isdir(self.path):
             raise UserError(f"--model {self.path} is a directory, not a GGUF file")
-        if not os.path.isfile(self.path):
-            raise UserError(f"model file not found: {self.path}")
+        regular_file(self.path, "model file")
         try:
             with open(self.path, "rb") as f:
                 self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if os.fstat(f.fileno()).st_size else b""
@@ -154,6 +155,18 @@ class GGUFFile:
         self._notice_once(notice, info.qtype,
                           f"note: the file holds {info.qtype.name} weights; dequantising them to F32 at load")
         return from_float(dequantize_any(raw, info.qtype, rows, cols))
+
+    def fingerprint(self, sample=FINGERPRINT_SAMPLE) -> str:
+        """A hash of the header and tensor index, and of `sample` bytes at the start, middle and end of every
+        tensor: two files of the same shape and size (another seed, a stale copy) differ in it, and it reads a few
+        MB of a multi-GB file."""
+        h = hashlib.sha256(self._bytes[:self._header.data_offset].tobytes())
+        for info in self.tensors.values():
+            for at in (0, info.nbytes // 2, max(0, info.nbytes - sample)):
+                start = info.offset + min(at, max(0, info.nbytes - sample))
+                h.update(self._bytes[start:start + min(sample, info.nbytes)].tobytes())
+            self._release(info)
+        return h.hexdigest()
 
     def _notice_once(self, notice, key, message):
         if key not in self._noticed:

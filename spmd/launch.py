@@ -12,6 +12,7 @@ import sys
 
 import click
 
+from .errors import is_whole_number
 from .run import finite
 
 LOCAL = {"localhost", "127.0.0.1", "::1", socket.gethostname(), socket.getfqdn()}
@@ -31,10 +32,11 @@ def parse_hostfile(path):
         if not text or text.startswith("#"):
             continue
         host, _, slots = text.partition(":")
-        if "#" in text or " " in text or not host or (slots and not slots.isdigit()) or slots == "0":
+        if ("#" in text or " " in text or not host or (slots and not is_whole_number(slots)) or slots == "0"
+                or len(slots) > 6):
             raise click.ClickException(
-                f"{path} line {number}: {text!r} is not HOST or HOST:SLOTS (MPICH format; comments go on their "
-                "own lines)")
+                f"{path} line {number}: {text!r} is not HOST or HOST:SLOTS (MPICH format, SLOTS 1-999999; comments "
+                "go on their own lines)")
         hosts.append((number, host, int(slots or 1)))
     if not hosts:
         raise click.ClickException(f"{path} names no hosts")

@@ -13,7 +13,7 @@ from threadpoolctl import threadpool_limits
 from . import comm as C
 from .backends import BACKENDS, get_backend
 from .config import read_config
-from .errors import UserError
+from .errors import UserError, is_whole_number
 from .gguf_file import GGUFFile
 from .plan import make_plan, parse_layout
 from .prompts import PromptSpec, read_prompts_file
@@ -95,7 +95,7 @@ def per_rank_choice(opts, comm):
     for flag, text in (("--gpu", opts.gpu), ("--threads", opts.threads)):
         if text is not None:
             entry = per_rank(flag, text, comm, "values")
-            if not all(p.strip().isdigit() for p in str(text).split(",")):
+            if not all(is_whole_number(p.strip()) for p in str(text).split(",")):
                 raise UserError(f"{flag} {text!r}: expected a whole number, or one per rank, separated by commas")
             numbers[flag] = int(entry)
     if numbers.get("--threads") == 0:
@@ -236,6 +236,7 @@ class RankState:
         """A rank started with another model file (a stale copy on one host) or other flags would fail in the
         middle of a step: refuse at set-up, naming what differs."""
         mine = {"model (its header)": self.cfg, "model file size": os.path.getsize(self.opts.model),
+                "model file's contents (sampled)": self.file.fingerprint(),
                 "--ratios": plan, "--allreduce": self.opts.allreduce, "--backend": self.opts.backend,
                 "--gpu": self.opts.gpu, "--threads": self.opts.threads, "--migrate-weights": self.opts.migrate_weights}
         everyone = self.comm.allgather(mine)
@@ -268,6 +269,10 @@ class RankState:
         return tok, work
 
     def _prompt_ids(self, tok, spec):
+        try:
+            spec.text.encode("utf-8")
+        except UnicodeEncodeError:  # bytes the shell passed that are not UTF-8 (Python keeps them as surrogates)
+            raise UserError(f"{spec.where} is not UTF-8 text") from None
         ids = list(spec.ids) if spec.ids is not None else tok.encode(spec.text)
         if not ids:
             raise UserError(f"{spec.where} is empty" + ("" if spec.ids is not None else

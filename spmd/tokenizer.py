@@ -10,12 +10,13 @@ the encoder's prefix added dropped, for the first visible token). A .model file 
 import codecs
 import heapq
 import re
-from pathlib import Path
 
 import regex
 import sentencepiece as spm
 
-from .errors import UserError
+from .errors import UserError, regular_file
+
+MAX_TOKENIZER_BYTES = 64 * 2**20  # a sentencepiece model is a few MB
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6  # tokenizer.ggml.token_type
 SPACE = "\u2581"  # sentencepiece's visible space, "▁"
@@ -305,8 +306,13 @@ def from_sentencepiece_proto(model_proto: bytes) -> Tokenizer:
 def load_tokenizer(gguf_file=None, sp_model_path=None) -> Tokenizer:
     """From a sentencepiece .model when one is given, else from the GGUF file's metadata."""
     if sp_model_path is not None:
+        regular_file(sp_model_path, "tokenizer model")
         try:
-            return from_sentencepiece_proto(Path(sp_model_path).read_bytes())
+            with open(sp_model_path, "rb") as f:
+                data = f.read(MAX_TOKENIZER_BYTES + 1)
+            if len(data) > MAX_TOKENIZER_BYTES:
+                raise UserError(f"larger than {MAX_TOKENIZER_BYTES >> 20} MiB: not a sentencepiece model")
+            return from_sentencepiece_proto(data)
         except OSError as e:
             raise UserError(f"cannot read tokenizer model {sp_model_path}: {e.strerror}") from None
         except UserError as e:

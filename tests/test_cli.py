@@ -1,6 +1,7 @@
 """The command line as a user meets it: output formats, and one clear line for every mistake, on 1 and 3 ranks,
 with every rank exiting non-zero promptly (no hang, no traceback)."""
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -20,7 +21,7 @@ LLAMA2_TOKENIZER = ROOT.parent / "shared" / "models" / "llama2-tokenizer.model"
 
 
 def run(args, ranks=1, timeout=90):
-    cmd = [sys.executable, "-m", "spmd.run", *map(str, args)]
+    cmd = [sys.executable, "-m", "spmd.run", *(a if isinstance(a, bytes) else str(a) for a in args)]
     if ranks > 1:
         cmd = [MPIRUN, "-n", str(ranks), *cmd]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
@@ -101,6 +102,34 @@ def write_garbage(path):
     return path
 
 
+NAN = 0x7FC00000  # float32 bits
+
+
+def patch_meta(model, path, key, type_id, bits):
+    """A copy of `model` whose 4-byte metadata `key` has GGUF type `type_id` (4 uint32, 6 float32) and these bits."""
+    data = bytearray(Path(model).read_bytes())
+    at = data.index(key.encode()) + len(key)
+    data[at:at + 4] = type_id.to_bytes(4, "little")
+    data[at + 4:at + 8] = int(bits).to_bytes(4, "little")
+    path.write_bytes(bytes(data))
+    return path
+
+
+def nan_tensor(model, path, name):
+    """A copy of `model` whose F32 tensor `name` is all NaN."""
+    from spmd.gguf_file import GGUFFile
+    info = GGUFFile(str(model)).info(name)
+    data = bytearray(Path(model).read_bytes())
+    data[info.offset:info.offset + info.nbytes] = NAN.to_bytes(4, "little") * (info.nbytes // 4)
+    path.write_bytes(bytes(data))
+    return path
+
+
+def fifo(result, path):
+    os.mkfifo(path)
+    return result
+
+
 def write_text(model, path, text):
     """Write a prompts file beside the test's files; the model is the usual one."""
     path.write_text(text)
@@ -152,6 +181,19 @@ CASES = {
     "long prompt in a file": (lambda m, d: write_text(m, d / "p.txt", "ok\n" + "word " * 60),
                               ["--prompts-file", "{tmp}/p.txt"], "p.txt line 2 is .* the model's context is 32"),
     "zero sequences": (lambda m, d: m, ["--sequences", "0"], "Invalid value for '--sequences'"),
+    "non-ASCII digit": (lambda m, d: m, ["--threads", "\u00b2"], "--threads '\u00b2': expected a whole number"),
+    "prompt not UTF-8": (lambda m, d: m, ["--prompt", b"caf\xff"], "the prompt is not UTF-8 text"),
+    "tokenizer a FIFO": (lambda m, d: fifo(m, d / "tok"), ["--tokenizer", "{tmp}/tok"], "tok is not a regular file"),
+    "tokenizer a device": (lambda m, d: m, ["--tokenizer", "/dev/zero"], "/dev/zero is not a regular file"),
+    "model a FIFO": (lambda m, d: fifo(d / "m.gguf", d / "m.gguf"), [], "m.gguf is not a regular file"),
+    "size of the wrong type": (lambda m, d: patch_meta(m, d / "t.gguf", "llama.embedding_length", 6, 64),
+                               [], "embedding_length is .*; it must be a whole number"),
+    "NaN epsilon": (lambda m, d: patch_meta(m, d / "e.gguf", "llama.attention.layer_norm_rms_epsilon", 6, NAN),
+                    [], "layer_norm_rms_epsilon is nan; it must be a finite number above 0"),
+    "zero RoPE base": (lambda m, d: patch_meta(m, d / "r.gguf", "llama.rope.freq_base", 6, 0),
+                       [], "rope.freq_base is 0.0; it must be a finite number above 0"),
+    "NaN weights": (lambda m, d: nan_tensor(m, d / "n.gguf", "output_norm.weight"), [],
+                    "logits for sequence 0 at position .* are not finite"),
     "cache beyond memory": (lambda m, d: write_model(d / "huge.gguf", Shape(**{**SHAPE.__dict__, "context": 2**28})),
                             ["--steps", str(2**28 - 8), "--sequences", "2", "--prompt", "a", "--prompt", "b"],
                             "--sequences 2: the KV caches of 2 sequences of up to .* positions need .* GiB on rank"),
@@ -163,7 +205,8 @@ CASES = {
     "zero threads": (lambda m, d: m, ["--threads", "0"], "--threads must be at least 1"),
     "thread count": (lambda m, d: m, ["--threads", "1,1,1,1,1"], "--threads '1,1,1,1,1' names 5 values for"),
     "no tokenizer file": (lambda m, d: m, ["--tokenizer", "/nonexistent.model"], "/nonexistent.model"),
-    "empty tokenizer": (lambda m, d: m, ["--tokenizer", "/dev/null"], "the file is empty"),
+    "empty tokenizer": (lambda m, d: write_text(m, d / "e.model", ""), ["--tokenizer", "{tmp}/e.model"],
+                        "the file is empty"),
     "a directory": (lambda m, d: d, [], "is a directory, not a GGUF file"),
     "negative seed": (lambda m, d: m, ["--seed", "-1"], "Invalid value for '--seed'"),
     "nan temperature": (lambda m, d: m, ["--temperature", "nan"], "nan is not a finite number"),

@@ -256,12 +256,34 @@ def test_long_lines_idle_clients_and_clients_that_leave_are_dropped(served, path
     s.settimeout(5)
     assert s.recv(10) == b""  # an idle client is let go
     s.close()
+    s = socket.socket(socket.AF_UNIX)  # a byte at a time, never finishing a line: let go all the same
+    s.connect(path)
+    t = time.monotonic()
+    try:
+        for _ in range(100):
+            s.sendall(b"{")
+            time.sleep(0.05)
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    assert time.monotonic() - t < 2.0  # the whole request had 0.2 s, not each byte
+    s.close()
+    monkeypatch.setattr(control, "IDLE_S", 10.0)
+    # a command that is not a string, and JSON nested past the parser's depth: one reply each, not a dropped line
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(path)
+    s.sendall(b'{"cmd": ["status"]}\n' + b"[" * 60000 + b"\n")
+    f = s.makefile("rb")
+    odd = [json.loads(f.readline()) for _ in range(2)]
+    f.close()
+    s.close()
+    assert odd[0]["error"].startswith("unknown command ['status']") and odd[1]["error"].startswith("malformed")
     # several requests on one connection, one reply line each
     s = socket.socket(socket.AF_UNIX)
     s.connect(path)
     s.sendall(b'{"cmd": "status", "id": 1}\n\n{"cmd": "nope"}\n{"cmd": "status", "id": "b"}\n')
     f = s.makefile("rb")
     lines = [json.loads(f.readline()) for _ in range(3)]
+    f.close()
     s.close()
     assert [r.get("id") for r in lines] == [1, None, "b"] and [r["ok"] for r in lines] == [True, False, True]
     assert loop.applied == []

@@ -276,6 +276,29 @@ def test_an_output_that_is_also_an_input_is_refused_untouched(tmp_path, victim):
     assert (tmp_path / victim).read_bytes() == before
 
 
+def test_an_empty_output_name_is_one_line(tmp_path):
+    write_checkpoint(tmp_path / "m.bin")
+    write_tokenizer(tmp_path / "tok.bin", synthetic_pieces(40))
+    code, output, _ = convert(tmp_path / "m.bin", tmp_path / "tok.bin", "")
+    assert code != 0 and output == "Error: OUT '' must name a file to write\n"
+
+
+def test_a_failed_write_leaves_no_file(tmp_path, monkeypatch):
+    """The disk fills up half way: one line, and neither OUT nor a partial file is left."""
+    import errno
+
+    from gguf import GGUFWriter
+
+    def full(_self, *_a, **_k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    write_checkpoint(tmp_path / "m.bin")
+    write_tokenizer(tmp_path / "tok.bin", synthetic_pieces(40))
+    monkeypatch.setattr(GGUFWriter, "write_tensors_to_file", full)
+    code, output, _ = convert(tmp_path / "m.bin", tmp_path / "tok.bin", tmp_path / "m.gguf")
+    assert code != 0 and "No space left on device" in output and output.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.bin", "tok.bin"]
+
+
 def test_mismatched_real_tokenizer(tmp_path, tokenizer):
     write_checkpoint(tmp_path / "m.bin")
     code, output, _ = convert(tmp_path / "m.bin", tokenizer, tmp_path / "m.gguf")

@@ -1,6 +1,8 @@
 """Multi-rank generation: greedy tokens at any rank count, ratios and allreduce equal those of one rank.
 
 Run with: mpirun -n 3 python -m pytest --with-mpi tests/test_engine_mpi.py (passes at any -n)."""
+import os
+
 import numba
 import numpy as np
 import pytest
@@ -15,7 +17,8 @@ from spmd.synth import Shape
 @pytest.fixture(scope="module")
 def models():
     one_kv_head = Shape(**{**SHAPE.__dict__, "n_kv_heads": 1})
-    yield from shared_models("spmd-test-", {"Q5_0 one kv head": (one_kv_head, "Q5_0", 7)})
+    yield from shared_models("spmd-test-", {"Q5_0 one kv head": (one_kv_head, "Q5_0", 7),
+                                            "F32 seed 2": (SHAPE, "F32", 2)})
 
 
 @pytest.mark.mpi
@@ -143,6 +146,11 @@ def test_a_rank_with_another_model_file_is_refused_at_set_up(models):
         pytest.skip("needs a second rank")
     path = models["F32"] if WORLD.rank != 1 else models["Q8_0"]  # same header, another file: a stale copy
     with pytest.raises(UserError, match="rank 1 differs from rank 0 in its model file size"):
+        generate(WORLD, model=path)
+    # the same shape, type and size, other weights (another seed): only the contents tell them apart
+    path = models["F32"] if WORLD.rank != WORLD.size - 1 else models["F32 seed 2"]
+    assert os.path.getsize(models["F32"]) == os.path.getsize(models["F32 seed 2"])
+    with pytest.raises(UserError, match=f"rank {WORLD.size - 1} differs from rank 0 in its model file's contents"):
         generate(WORLD, model=path)
 
 

@@ -34,6 +34,9 @@ def launch(tmp_path, hostfile_text, *args):
     ("# nothing\n", "names no hosts"),
     ("foo..bar:1\n", "line 1: host 'foo..bar' does not resolve"),
     ("\udcff\udcfe:1\n", "is not text"),
+    ("localhost:\u00b2\n", "line 1: 'localhost:\u00b2' is not HOST or HOST:SLOTS"),  # a digit to str.isdigit
+    ("localhost:\u0661\n", "is not HOST or HOST:SLOTS"),  # Arabic-Indic one
+    ("localhost:99999999999999999999\n", "SLOTS 1-999999"),
 ])
 def test_bad_hostfiles_and_hosts_are_named(tmp_path, text, message):
     if "127.0.0.2" in text and ssh_answers("127.0.0.2"):

@@ -311,7 +311,7 @@ def test_unknown_pre_tokenizer(tmp_path):
 
 
 def test_unreadable_model_file(tmp_path):
-    with pytest.raises(UserError, match="cannot read"):
+    with pytest.raises(UserError, match="tokenizer model not found: .*absent.model"):
         load_tokenizer(sp_model_path=tmp_path / "absent.model")
     bad = tmp_path / "bad.model"
     bad.write_bytes(b"not a protobuf")
