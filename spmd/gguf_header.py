@@ -100,6 +100,8 @@ class GGUFHeader:
         if ref.item_type == V.STRING:  # walk the lengths without decoding
             for _ in range(ref.count):
                 self.pos += 8 + struct.unpack_from("<Q", self.buf, self.pos)[0]
+                if self.pos > len(self.buf):
+                    raise HeaderError("a string array runs past the end of the file")
         elif ref.item_type in DTYPES:
             self.pos += ref.count * DTYPES[ref.item_type].itemsize
         else:  # nested arrays: rare, read item by item

@@ -12,16 +12,23 @@ import sys
 
 import click
 
-from .errors import is_whole_number
+from .errors import UserError, is_whole_number, regular_file
 from .run import finite
 
+MAX_HOSTFILE_BYTES = 1 << 20
 LOCAL = {"localhost", "127.0.0.1", "::1", socket.gethostname(), socket.getfqdn()}
 
 
 def parse_hostfile(path):
     """MPICH format -> [(line number, host, slots)]; raises click.ClickException naming the bad line."""
     try:
-        lines = open(path, encoding="utf-8").read().splitlines()
+        regular_file(path, "hostfile")
+        with open(path, encoding="utf-8") as f:
+            lines = f.read(MAX_HOSTFILE_BYTES + 1).splitlines()
+        if sum(len(line) + 1 for line in lines) > MAX_HOSTFILE_BYTES:
+            raise click.ClickException(f"hostfile {path} is larger than {MAX_HOSTFILE_BYTES >> 10} KiB")
+    except UserError as e:
+        raise click.ClickException(str(e)) from None
     except OSError as e:
         raise click.ClickException(f"cannot read hostfile {path}: {e.strerror}") from None
     except UnicodeDecodeError:

@@ -167,8 +167,17 @@ def run(argv):
         if comm.is_root and isinstance(kw, dict) and bad is not None:
             print(f"error: rank {bad}: invalid command-line flags", file=sys.stderr)
         sys.exit(0 if bad is None else 1)
-    from .engine import Engine, RunOptions
-    from .prompts import PromptSpec
+    try:  # a module missing or broken on one host: every rank hears of it and stops, instead of waiting for it
+        from .engine import Engine, RunOptions
+        from .prompts import PromptSpec
+        broken = None
+    except ImportError as e:
+        broken = f"cannot import {e.name or 'a module'} ({e}): install the set-up on every host (scripts/setup.sh)"
+    broken = comm.first_error(broken)
+    if broken is not None:
+        if comm.is_root:
+            print(f"error: {broken}", file=sys.stderr)
+        sys.exit(1)
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if comm.is_root else (lambda msg: None)
     text_out = kw.pop("output") == "text"
     prompt_ids, texts = kw.pop("prompt_ids"), kw.pop("prompt")

@@ -134,8 +134,15 @@ def _llama_piece(token, kind) -> bytes:
     if kind == UNKNOWN:
         return UNK_TEXT.encode()
     if kind == BYTE:
-        return bytes([int(token[3:-1], 16)])  # "<0x0A>"
+        return bytes([byte_value(token)])  # "<0x0A>"
     return token.replace(SPACE, " ").encode()
+
+
+def byte_value(piece) -> int:
+    """The byte of a byte token "<0xHH>"."""
+    if not (isinstance(piece, str) and re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece)):
+        raise UserError(f"the vocabulary's byte token {piece!r:.40} is not <0xHH>")
+    return int(piece[3:-1], 16)
 
 
 class SpmEncoder:
@@ -146,7 +153,7 @@ class SpmEncoder:
         self._ids = {t: i for i, (t, k) in enumerate(zip(tokens, types)) if k in (NORMAL, USER_DEFINED)}
         self._user_defined = {t for t, k in zip(tokens, types) if k == USER_DEFINED}
         self._split_user_defined = _splitter(self._user_defined)
-        byte_ids = {int(t[3:-1], 16): i for i, (t, k) in enumerate(zip(tokens, types)) if k == BYTE}
+        byte_ids = {byte_value(t): i for i, (t, k) in enumerate(zip(tokens, types)) if k == BYTE}
         self._byte_ids = byte_ids if len(byte_ids) == 256 else None  # byte fallback needs all 256
         self._unk_id = unk_id
         self._prefix = SPACE if add_space_prefix else ""

@@ -70,3 +70,41 @@ def test_every_truncation_and_garbage_is_one_clear_error(tmp_path):
         (tmp_path / "junk.gguf").write_bytes(good[:8] + rng.integers(0, 256, 400, dtype=np.uint8).tobytes())
         with pytest.raises(UserError, match="is not a valid GGUF file"):
             GGUFFile(tmp_path / "junk.gguf")
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_fuzzed_headers_load_or_give_a_user_error(tmp_path, seed):
+    """1 to 4 random bytes of the header (metadata keys, types, values, lengths; the tensor index) changed, 100
+    times a seed: opening the file, reading its config and tokenizer and encoding a text either works or raises
+    the one-line UserError, never another exception (it found an unbounded string-array walk and byte tokens that
+    are not <0xHH>)."""
+    import random
+    import warnings
+
+    from spmd.config import read_config
+    from spmd.tokenizer import load_tokenizer
+    path = write_model(tmp_path / "m.gguf", Shape(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn=128, vocab=300,
+                                                  context=32), "Q8_0", 1)
+    original = path.read_bytes()
+    f = GGUFFile(path)
+    end = f._header.data_offset
+    f.close()
+    rng = random.Random(seed)
+    outcomes = {"loaded": 0, "refused": 0}
+    for _ in range(100):
+        data = bytearray(original)
+        for _ in range(rng.randint(1, 4)):
+            at = rng.randrange(end)
+            data[at] = rng.choice([0, 255, rng.randrange(256), data[at] ^ (1 << rng.randrange(8))])
+        (tmp_path / "x.gguf").write_bytes(bytes(data))
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # a NaN norm weight in a header-only check
+                g = GGUFFile(tmp_path / "x.gguf")
+                read_config(g)
+                load_tokenizer(g).encode("hello world")
+                g.close()
+            outcomes["loaded"] += 1
+        except UserError:
+            outcomes["refused"] += 1
+    assert outcomes["refused"] > 0 and sum(outcomes.values()) == 100

@@ -1,5 +1,6 @@
 """The launcher refuses a bad hostfile or an unreachable host in one line, before any rank starts."""
 import socket
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -55,3 +56,11 @@ def test_a_good_hostfile_starts_the_job(tmp_path):
 def test_a_timeout_that_is_not_a_finite_number_is_refused(tmp_path):
     p = launch(tmp_path, "localhost:1\n", "--timeout", "nan")
     assert p.returncode == 2 and "nan is not a finite number" in p.stderr
+
+
+def test_a_hostfile_that_is_a_pipe_is_refused_without_waiting(tmp_path):
+    os.mkfifo(tmp_path / "fifo")
+    p = subprocess.run([sys.executable, "-m", "spmd.launch", "-f", str(tmp_path / "fifo"), "--", "--help"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert p.returncode == 1 and p.stderr.strip().splitlines() == [p.stderr.strip()]
+    assert "is not a regular file" in p.stderr
