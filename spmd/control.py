@@ -162,6 +162,8 @@ class Listener:
     # ---- set-up and tear-down ---------------------------------------------------------------------------------
     @staticmethod
     def _bind(path):
+        if "\0" in path:
+            raise UserError(f"control socket path {path!r} holds a NUL byte")
         if len(os.fsencode(path)) >= 108:
             raise UserError(f"control socket path {path} is too long for a Unix socket (107 bytes at most)")
         if os.path.lexists(path):

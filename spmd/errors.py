@@ -22,6 +22,8 @@ def regular_file(path, what) -> str:
         raise UserError(f"{what} not found: {path}") from None
     except OSError as e:
         raise UserError(f"cannot read {what} {path}: {e.strerror}") from None
+    except ValueError:  # a NUL byte in the path
+        raise UserError(f"{what} {path!r}: not a file name") from None
     if stat.S_ISDIR(mode):
         raise UserError(f"{what} {path} is a directory, not a file")
     if not stat.S_ISREG(mode):

@@ -9,7 +9,7 @@ import json
 import math
 from dataclasses import dataclass
 
-from .errors import UserError
+from .errors import UserError, regular_file
 
 MAX_FILE_BYTES = 64 * 2**20
 SAMPLING = ("steps", "temperature", "top_k", "top_p", "seed")
@@ -36,6 +36,7 @@ class PromptSpec:
 
 def read_prompts_file(path) -> list:
     """[PromptSpec] of the file's non-blank lines, in order."""
+    regular_file(path, "--prompts-file")
     try:
         with open(path, "rb") as f:
             data = f.read(MAX_FILE_BYTES + 1)

@@ -171,7 +171,7 @@ CASES = {
     "zero ratio": (lambda m, d: m, ["--ratios", "0"], "must be positive"),
     "long prompt": (lambda m, d: m, ["--prompt", "word " * 60], "the model's context is 32"),
     "bad token id": (lambda m, d: m, ["--prompt-ids", "1,99999"], "--prompt-ids: token ids must be in 0..511"),
-    "no prompts file": (lambda m, d: m, ["--prompts-file", "{tmp}/none.txt"], "--prompts-file .*none.txt: No such"),
+    "no prompts file": (lambda m, d: m, ["--prompts-file", "{tmp}/none.txt"], "--prompts-file not found: .*none.txt"),
     "blank prompts file": (lambda m, d: write_text(m, d / "p.txt", "\n \n"), ["--prompts-file", "{tmp}/p.txt"],
                            "p.txt holds no prompt"),
     "bad JSON line": (lambda m, d: write_text(m, d / "p.jsonl", '{"prompt": "a"}\n{"prompt": "b", "temp": 1}\n'),
