@@ -304,7 +304,7 @@ class Listener:
         kind = msg.get("kind")
         if "kind" not in msg:
             raise UserError("migrate needs 'kind' (or a whole new 'ratios')")
-        if isinstance(kind, bool) or kind not in KINDS:
+        if not isinstance(kind, (int, str)) or isinstance(kind, bool) or kind not in KINDS:
             raise UserError(f"unknown kind {kind!r}: 1 moves attention heads, 2 FFN columns, 3 both, "
                             f"'layers' layers between stages"[:300])
         places = ("from_stage", "to_stage") if kind == "layers" else ("from", "to")

@@ -519,3 +519,36 @@ def test_stale_sockets_of_dead_jobs_are_removed(tmp_path):
         assert sorted(p.name for p in folder.iterdir()) == sorted([f"control-{os.getpid()}.sock", "notes.txt"])
     finally:
         mine.close()
+
+
+def test_fuzzed_requests_get_one_line_replies():
+    """3000 random requests (every command and field, values of every JSON type, unknown keys, bytes that are not
+    JSON): each gets a reply object with `ok`, and a refusal's `error` is one line of at most 300 characters; a
+    valid migration is queued (and answered here, so the next may come)."""
+    rng = random.Random(5)
+    values = [0, 1, 2, -1, 3, 10 ** 30, 0.5, float("nan"), "1:1:2", "", "x" * 500, [1, 2], [], {}, {"a": 1}, True,
+              None, "next", "at", 12, [1, "a"], "1*1", "1:1@1*1@1"]
+    keys = sorted(set().union(*control.FIELDS.values())) + ["extra", "cmd"]
+    path = f"/tmp/spmd-test-fuzz-{os.getpid()}.sock"
+    listener = Listener(path, state(), 10, 100)
+    kinds = {"queued": 0, "refused": 0}
+    try:
+        for _ in range(3000):
+            if rng.random() < 0.1:
+                line = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 40)))
+            else:
+                msg = {"cmd": rng.choice(["status", "migrate", "migrate", "nope", 7, ["status"]])}
+                for key in rng.sample(keys, rng.randrange(0, 6)):
+                    msg[key] = rng.choice(values)
+                line = json.dumps(msg).encode()
+            reply, request = listener.handle(line)
+            if request is not None:
+                kinds["queued"] += 1
+                listener.finish(request, {"ok": True})
+                continue
+            kinds["refused"] += 1
+            assert isinstance(reply, dict) and reply["ok"] is False, (line, reply)
+            assert isinstance(reply["error"], str) and "\n" not in reply["error"] and len(reply["error"]) <= 300
+    finally:
+        listener.close()
+    assert kinds["queued"] > 0 and kinds["refused"] > 0
