@@ -87,6 +87,8 @@ def per_rank_choice(opts, comm):
     takes the GPU of its index among the ranks on its host (wrapping around the host's GPUs: the last value
     returned), and the host's cores divided among those ranks."""
     local_index, local_count = comm.on_this_machine()  # a collective: before any check that could stop a rank
+    if local_index == 0:
+        remove_stale_shared_memory()
     for name in opts.backend.split(","):
         if name.strip() not in BACKENDS:
             raise UserError(f"--backend {name.strip()!r}: choose one of {', '.join(BACKENDS)}")
@@ -103,6 +105,40 @@ def per_rank_choice(opts, comm):
     gpu = numbers.get("--gpu", local_index)
     threads = numbers.get("--threads") or max(1, len(os.sched_getaffinity(0)) // local_count)
     return backend, gpu, threads, "--gpu" not in numbers
+
+
+SHM_DIR, SHM_PREFIX, SHM_AGE_S = "/dev/shm", "mpich_shm_", 60.0
+
+
+def remove_stale_shared_memory(folder=SHM_DIR, now=None):
+    """MPICH's shared-memory files (/dev/shm/mpich_shm_*) that a job ended abnormally left behind (a rank killed,
+    mpirun taken down): this user's, mapped by no process, older than a minute (a job starting now may not have
+    mapped its own yet). Run by one rank on each host as a job starts; returns the names removed."""
+    try:
+        names = [n for n in os.listdir(folder) if n.startswith(SHM_PREFIX)]
+    except OSError:
+        return []
+    if not names:
+        return []
+    mapped = set()
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/maps") as f:
+                    mapped.update(line.rsplit("/", 1)[-1].strip() for line in f if SHM_PREFIX in line)
+            except OSError:  # gone, or another user's
+                continue
+    removed, now = [], time.time() if now is None else now
+    for name in names:
+        path = os.path.join(folder, name)
+        try:
+            st = os.lstat(path)
+            if name not in mapped and st.st_uid == os.getuid() and now - st.st_mtime > SHM_AGE_S:
+                os.unlink(path)
+                removed.append(name)
+        except OSError:
+            pass
+    return removed
 
 
 def peak_rss_bytes():

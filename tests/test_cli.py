@@ -327,3 +327,21 @@ def test_a_signal_stops_every_rank_and_removes_the_socket(tmp_path, ranks, sig):
     assert p.returncode == 128 + sig or ranks > 1 and p.returncode != 0  # mpirun reports in its own way
     assert "Traceback" not in err, err
     assert not sock.exists()
+
+
+def test_stale_mpich_shared_memory_is_removed_at_start(tmp_path):
+    """MPICH's /dev/shm files left by a job that ended abnormally: a job's start removes this user's old ones that
+    no process maps; a new one (a job starting) and a mapped one (a job running) stay."""
+    import mmap
+
+    from spmd.rank import SHM_AGE_S, remove_stale_shared_memory
+    old, new, mapped = (tmp_path / f"mpich_shm_{name}_0" for name in ("old", "new", "mapped"))
+    for path in (old, new, mapped):
+        path.write_bytes(b"\0" * 4096)
+    (tmp_path / "other").write_bytes(b"x")
+    past = time.time() - SHM_AGE_S - 10
+    for path in (old, mapped, tmp_path / "other"):
+        os.utime(path, (past, past))
+    with open(mapped, "r+b") as f, mmap.mmap(f.fileno(), 4096):
+        assert remove_stale_shared_memory(str(tmp_path)) == [old.name]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([new.name, mapped.name, "other"])
