@@ -24,6 +24,7 @@ not a network delay: this machine's kernel has no netem. Unset or 0, it costs no
 """
 import math
 import os
+import signal
 import time
 from dataclasses import dataclass
 from enum import IntEnum
@@ -83,6 +84,16 @@ def link_delay_s():
     return ms / 1e3
 
 
+def test_stop_at(rank):
+    """TEST ONLY: SPMD_TEST_STOP_AT=RANK:STEP makes rank RANK stop itself (SIGSTOP) when it has seen STEP step
+    records, as a rank whose host froze would; None when unset or for another rank."""
+    text = os.environ.get("SPMD_TEST_STOP_AT", "")
+    if not text:
+        return None
+    who, _, at = text.partition(":")
+    return int(at) if int(who) == rank else None
+
+
 def link_steps(algorithm, size):
     """Communication steps of one allreduce's schedule (the simulated delay is paid once per step)."""
     if size == 1:
@@ -103,6 +114,8 @@ class Comm:
         self.slots = 1  # sequence slots: the step record's room (`set_slots`)
         self._step = np.zeros(record_size(1), dtype=np.int64)
         self._sends = []  # (request, buffer) of the hand-offs in flight
+        self.steps_seen, self.last_step_at = 0, time.monotonic()  # for the watchdog (spmd.engine)
+        self._stop_at = test_stop_at(self.rank)  # test only: this rank stops itself (SIGSTOP) at this step
         self.link_delay_s = link_delay_s() if self.size > 1 else 0.0  # test only; see the module's docstring
         self.plan = None
         self._stages = None  # the stages' rank tuples the stage communicator was made for
@@ -157,6 +170,9 @@ class Comm:
             if self.is_root:
                 self.bytes_sent += long_tokens.nbytes * (self.size - 1)
         self.sync_s += time.perf_counter() - t
+        self.steps_seen, self.last_step_at = self.steps_seen + 1, time.monotonic()
+        if self.steps_seen == self._stop_at:
+            os.kill(os.getpid(), signal.SIGSTOP)
         return step if self.is_root else self._decode(long_tokens)
 
     def _encode(self, step):

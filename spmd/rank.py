@@ -51,6 +51,7 @@ class RunOptions:
     tokenizer: str = None  # a sentencepiece .model instead of the GGUF's vocabulary
     control_socket: str = None  # rank 0 listens here for live migrations (None: no socket)
     migrate_weights: str = "file"  # a migration's weights: "file" (each rank reads its own) or "peer" (sent)
+    wait_timeout: float = 600.0  # seconds without a step record before every rank gives up (0: never)
 
 
 def agree(comm, step):

@@ -76,6 +76,9 @@ def split_ints(_ctx, _param, text):
 @click.option("--migrate-weights", default="file", show_default=True, type=click.Choice(["file", "peer"]),
               help="Where a migration's moved weights come from: file: each rank reads them from its own model "
                    "file; peer: the rank that held them reads and sends them.")
+@click.option("--wait-timeout", default=600.0, show_default=True, type=click.FloatRange(min=0), callback=finite,
+              metavar="S", help="Seconds a rank waits for the next step before the job gives up with one line "
+                                "(a rank stopped, a host gone); 0 waits for ever.")
 def cli(**kw):
     """Generate text with a GGUF model split across MPI ranks: non-uniform tensor parallelism, pipeline stages, or both.
 

@@ -87,7 +87,7 @@ def test_help_documents_every_flag():
     assert p.returncode == 0
     for flag in ("--model", "--prompt", "--prompt-ids", "--steps", "--ratios", "--allreduce", "--backend",
                  "--gpu", "--threads", "--temperature", "--top-k", "--top-p", "--seed", "--tokenizer", "--output",
-                 "--control-socket", "--migrate-weights", "--prompts-file", "--sequences"):
+                 "--control-socket", "--migrate-weights", "--prompts-file", "--sequences", "--wait-timeout"):
         assert flag in p.stdout
 
 
@@ -345,3 +345,20 @@ def test_stale_mpich_shared_memory_is_removed_at_start(tmp_path):
     with open(mapped, "r+b") as f, mmap.mmap(f.fileno(), 4096):
         assert remove_stale_shared_memory(str(tmp_path)) == [old.name]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([new.name, mapped.name, "other"])
+
+
+@pytest.mark.parametrize("stopped", [1, 2])
+def test_a_stopped_rank_ends_the_job_after_the_wait_timeout(model, stopped):
+    """A rank frozen mid-generation (SIGSTOP, the test hook SPMD_TEST_STOP_AT): the others no longer wait for ever;
+    after --wait-timeout rank 0 says so in one line and every rank is taken down."""
+    if MPIRUN is None:
+        pytest.skip("mpirun not on PATH")
+    t = time.monotonic()
+    p = subprocess.run([MPIRUN, "-n", "3", sys.executable, "-m", "spmd.run", "--model", str(model), "--steps", "25",
+                        "--ratios", "1*1:1", "--wait-timeout", "2", "--control-socket", "none"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "SPMD_TEST_STOP_AT": f"{stopped}:4"})
+    assert p.returncode != 0 and time.monotonic() - t < 45
+    errors = [line for line in p.stderr.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and errors[0].startswith("error: rank 0 (") and errors[0].endswith(
+        "no step for 2 s: another rank has stopped or its host is gone (--wait-timeout)"), p.stderr
