@@ -54,3 +54,16 @@ def one_rank_tokens(**kw):
         tokens = generate(MPI.COMM_SELF, **kw)["tokens"] if WORLD.rank == 0 else None
         _one_rank[key] = WORLD.bcast(tokens)
     return _one_rank[key]
+
+
+def patch_meta(model, path, key, type_id, bits):
+    """A copy of `model` whose 4-byte metadata `key` has GGUF type `type_id` (4 uint32, 6 float32) and these bits
+    (the 4 bytes of type, then the value, after the key)."""
+    with open(model, "rb") as f:
+        data = bytearray(f.read())
+    at = data.index(key.encode()) + len(key)
+    data[at:at + 4] = type_id.to_bytes(4, "little")
+    data[at + 4:at + 8] = int(bits).to_bytes(4, "little")
+    with open(path, "wb") as f:
+        f.write(bytes(data))
+    return path

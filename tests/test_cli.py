@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from gguf import GGUFWriter
 
+from mpi_models import patch_meta
 from spmd.synth import Shape, write_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,16 +106,6 @@ def write_garbage(path):
 NAN = 0x7FC00000  # float32 bits
 
 
-def patch_meta(model, path, key, type_id, bits):
-    """A copy of `model` whose 4-byte metadata `key` has GGUF type `type_id` (4 uint32, 6 float32) and these bits."""
-    data = bytearray(Path(model).read_bytes())
-    at = data.index(key.encode()) + len(key)
-    data[at:at + 4] = type_id.to_bytes(4, "little")
-    data[at + 4:at + 8] = int(bits).to_bytes(4, "little")
-    path.write_bytes(bytes(data))
-    return path
-
-
 def nan_tensor(model, path, name):
     """A copy of `model` whose F32 tensor `name` is all NaN."""
     from spmd.gguf_file import GGUFFile
@@ -149,16 +140,6 @@ def write_other_arch(path):
 def truncate(model, path):
     data = Path(model).read_bytes()
     path.write_bytes(data[:len(data) // 2])
-    return path
-
-
-def patch_u32(model, path, key, value):
-    """A copy of `model` whose u32 metadata `key` says `value` (the bytes after the key: type u32, value u32)."""
-    data = bytearray(Path(model).read_bytes())
-    at = data.index(key.encode()) + len(key)
-    assert int.from_bytes(data[at:at + 4], "little") == 4  # GGUF type uint32
-    data[at + 4:at + 8] = value.to_bytes(4, "little")
-    path.write_bytes(bytes(data))
     return path
 
 
@@ -218,9 +199,9 @@ CASES = {
                               "the @N counts add up to 4 layers but the model has 2|has 3 values but the job has 1"),
     "bad @N": (lambda m, d: m, ["--ratios", "1@x"], r"--ratios '1@x': @x must be a whole number of layers"),
     "both prompts": (lambda m, d: m, ["--prompt", "Hi", "--prompt-ids", "1,2"], "not both"),
-    "inconsistent file": (lambda m, d: patch_u32(m, d / "ffn.gguf", "llama.feed_forward_length", 100),
+    "inconsistent file": (lambda m, d: patch_meta(m, d / "ffn.gguf", "llama.feed_forward_length", 4, 100),
                           [], "tensor blk.0.ffn_gate.weight has shape .128, 64. but the metadata implies .100, 64."),
-    "zero kv heads": (lambda m, d: patch_u32(m, d / "kv0.gguf", "llama.attention.head_count_kv", 0),
+    "zero kv heads": (lambda m, d: patch_meta(m, d / "kv0.gguf", "llama.attention.head_count_kv", 4, 0),
                       [], "head_count_kv is 0; it must be at least 1"),
     "foreign tokenizer": (lambda m, d: m, ["--tokenizer", LLAMA2_TOKENIZER], "has 32000 pieces but the model's"),
 }

@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from mpi_models import SHAPE, WORLD, generate, one_rank_tokens, shared_models
+from mpi_models import SHAPE, WORLD, generate, one_rank_tokens, patch_meta, shared_models
 from spmd.prompts import PromptSpec
 from spmd.synth import Shape
 
@@ -74,7 +74,7 @@ def test_a_sequence_that_meets_eos_frees_its_slot_for_the_next(models, tmp_path_
     path = None
     if WORLD.rank == 0:
         path = str(tmp_path_factory.mktemp("eos") / "eos.gguf")
-        patch_eos(model, path, first[at])
+        patch_meta(model, path, "tokenizer.ggml.eos_token_id", 4, first[at])  # uint32
     path = WORLD.bcast(path)
     expected = [alone(path, i) for i in range(len(PROMPTS))]
     assert expected[1] == first[:at]
@@ -85,17 +85,6 @@ def test_a_sequence_that_meets_eos_frees_its_slot_for_the_next(models, tmp_path_
         assert got[1]["finish"] == "eos" and len(got[1]["tokens"]) < STEPS[1]
         assert all(s["finish"] in ("eos", "length") for s in got)
         os.unlink(path)
-
-
-def patch_eos(model, path, token):
-    """A copy of `model` whose tokenizer.ggml.eos_token_id says `token` (a u32 after its key)."""
-    data = bytearray(open(model, "rb").read())
-    key = b"tokenizer.ggml.eos_token_id"
-    at = data.index(key) + len(key)
-    assert int.from_bytes(data[at:at + 4], "little") == 4  # GGUF type uint32
-    data[at + 4:at + 8] = int(token).to_bytes(4, "little")
-    with open(path, "wb") as f:
-        f.write(bytes(data))
 
 
 @pytest.mark.mpi
