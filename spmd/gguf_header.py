@@ -55,6 +55,8 @@ class GGUFHeader:
             self.fields[key] = self._value(V(self._u32()))
         self.tensors = [self._tensor_info() for _ in range(n_tensors)]
         alignment = self.fields.get("general.alignment", 32)
+        if not isinstance(alignment, int) or isinstance(alignment, bool) or not 1 <= alignment <= 1 << 20:
+            raise HeaderError(f"general.alignment is {alignment!r:.40}; it must be a whole number from 1 to 1048576")
         self.data_offset = -(-self.pos // alignment) * alignment
 
     def value(self, key, default=None):

@@ -276,9 +276,15 @@ def from_gguf(gguf) -> Tokenizer:
     tokens = gguf.meta("tokenizer.ggml.tokens")
     if model is None or not tokens:
         raise UserError(f"{gguf.path} holds no tokenizer vocabulary; give a sentencepiece .model file instead")
-    if model not in _FROM_GGUF:
-        raise UserError(f"{gguf.path}: tokenizer model {model!r} is not supported (only 'llama' and 'gpt2')")
+    if not isinstance(model, str) or model not in _FROM_GGUF:
+        raise UserError(f"{gguf.path}: tokenizer model {model!r:.40} is not supported (only 'llama' and 'gpt2')")
     types = gguf.meta("tokenizer.ggml.token_type", [NORMAL] * len(tokens))
+    if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+        raise UserError(f"{gguf.path}: tokenizer.ggml.tokens must be a list of strings")
+    if not (isinstance(types, list) and len(types) == len(tokens)
+            and all(isinstance(k, int) and not isinstance(k, bool) for k in types)):
+        raise UserError(f"{gguf.path}: tokenizer.ggml.token_type must be a whole number for each of the "
+                        f"{len(tokens)} tokens")
     return _FROM_GGUF[model](gguf, tokens, types)
 
 

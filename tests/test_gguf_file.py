@@ -108,3 +108,16 @@ def test_fuzzed_headers_load_or_give_a_user_error(tmp_path, seed):
         except UserError:
             outcomes["refused"] += 1
     assert outcomes["refused"] > 0 and sum(outcomes.values()) == 100
+
+
+@pytest.mark.parametrize("value", [0, "32", 1 << 40])
+def test_an_alignment_that_is_not_a_sane_whole_number_is_one_line(tmp_path, value):
+    w = GGUFWriter(str(tmp_path / "a.gguf"), "llama")
+    (w.add_string if isinstance(value, str) else w.add_uint64)("general.alignment", value)
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(UserError, match="not a valid GGUF file .general.alignment is"):
+        GGUFFile(tmp_path / "a.gguf")

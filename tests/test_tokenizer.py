@@ -320,3 +320,21 @@ def test_unreadable_model_file(tmp_path):
     bad.write_bytes(b"")
     with pytest.raises(UserError, match="the file is empty"):
         load_tokenizer(sp_model_path=bad)
+
+
+@pytest.mark.parametrize("meta, message", [
+    ({"tokenizer.ggml.model": ["llama"], "tokenizer.ggml.tokens": ["a"]}, "tokenizer model .* is not supported"),
+    ({"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": [1, 2]}, "must be a list of strings"),
+    ({"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": ["a", "b"], "tokenizer.ggml.token_type": [1]},
+     "token_type must be a whole number for each of the 2 tokens"),
+    ({"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": ["a"], "tokenizer.ggml.token_type": ["x"]},
+     "token_type must be a whole number"),
+])
+def test_a_vocabulary_of_the_wrong_types_is_one_line(meta, message):
+    """Metadata as a damaged or hand-made file may hold it: values of the wrong types are refused by name."""
+    from types import SimpleNamespace
+
+    from spmd.tokenizer import from_gguf
+    gguf = SimpleNamespace(path="x.gguf", meta=lambda key, default=None: meta.get(key, default))
+    with pytest.raises(UserError, match=message):
+        from_gguf(gguf)
