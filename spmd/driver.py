@@ -102,6 +102,10 @@ class Driver:
         while True:
             if self.generated and state.control is not None:
                 self._between_tokens(seqs[0].pos if single else self.generated)
+            if self.reading and state.file.changed():  # before a batch's embedding rows are read from it
+                self.error = (f"the model file {state.file.path} was written during the run (truncated or "
+                              "overwritten); generation stopped")
+                self.reading = False
             batch = self._admit() if self.reading and not self._draining else None
             ticks = self._ticks(batch)
             if ticks == 0:

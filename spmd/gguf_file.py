@@ -38,7 +38,9 @@ class GGUFFile:
         regular_file(self.path, "model file")
         try:
             with open(self.path, "rb") as f:
-                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if os.fstat(f.fileno()).st_size else b""
+                st = os.fstat(f.fileno())
+                self._identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if st.st_size else b""
         except OSError as e:
             raise UserError(f"cannot read model file {self.path}: {e.strerror}") from None
         try:
@@ -155,6 +157,17 @@ class GGUFFile:
         self._notice_once(notice, info.qtype,
                           f"note: the file holds {info.qtype.name} weights; dequantising them to F32 at load")
         return from_float(dequantize_any(raw, info.qtype, rows, cols))
+
+    def changed(self) -> bool:
+        """Whether the file mapped here was written since it was opened (truncated or overwritten in place: reading
+        its pages then gives other weights, or a SIGBUS). A file replaced by another (a rename) is not: the mapping
+        still holds the old one."""
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return False
+        now = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        return now[:2] == self._identity[:2] and now != self._identity
 
     def fingerprint(self, sample=FINGERPRINT_SAMPLE) -> str:
         """A hash of the header and tensor index, and of `sample` bytes at the start, middle and end of every

@@ -1,6 +1,7 @@
 """Numerical truth on one rank: the engine's logits against tests/reference.py (an independent numpy
 transcription), and its greedy tokens against golden files recorded from Hugging Face transformers."""
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ from mpi4py import MPI
 import reference
 from spmd.comm import Comm
 from spmd.engine import Engine, RunOptions
+from spmd.errors import UserError
 from spmd.prompts import PromptSpec
 from spmd.synth import Shape, write_model
 
@@ -116,3 +118,22 @@ def test_column_slices_through_quant_blocks_are_dequantised_once_noticed(tmp_pat
     aligned = f.cols("blk.0.attn_output.weight", 32, 64)
     assert aligned.qtype.name == "Q8_0"
     np.testing.assert_array_equal(dequantize(aligned), whole[:, 32:64])
+
+
+def test_a_model_file_written_during_the_run_stops_it_with_one_error(tmp_path):
+    """The file is truncated in place after the third token: generation stops before reading from it again, with
+    a UserError naming the file (it used to end in a SIGBUS, or go on with other weights)."""
+    path = write_model(tmp_path / "m.gguf", Shape(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn=128, vocab=512,
+                                                  context=64), "F32", 3)
+    e = engine(path, [1, 5, 9], steps=20)
+    shown = []
+
+    def emit(piece):
+        shown.append(piece)
+        if len(shown) == 4:  # the prompt's text, then 3 tokens
+            with open(path, "r+b") as f:
+                f.truncate(os.path.getsize(path) // 2)
+        return True
+    with pytest.raises(UserError, match="m.gguf was written during the run"):
+        e.run(emit)
+    assert len(shown) < 8
