@@ -296,8 +296,7 @@ class Comm:
         (logits, token ids) its sampler needs: the `keeps[i]` best of each rank's slice (ties: the lower id), or, for
         0, all of them; only ids below `known` (a padded classifier's extra rows are never sampled). Greedy rows
         send 8 bytes a rank instead of the whole slice."""
-        counts, starts = self.plan.vocab_counts(), np.cumsum([0] + self.plan.vocab_counts()[:-1])
-        spans = [(int(a), int(min(a + n, known))) for a, n in zip(starts, counts)]  # each rank's ids below known
+        spans = [(s.vocab_start, min(s.vocab_start + s.n_vocab, known)) for s in self.plan]  # ids below known
         sizes = [[b - a if k == 0 else min(k, b - a) for k in keeps] if b > a else [0] * len(keeps)
                  for a, b in spans]
         t = time.perf_counter()

@@ -16,6 +16,7 @@ import time
 import numpy as np
 
 from .comm import Op, Step, host_name
+from .model import Segment
 from .rank import peak_rss_bytes
 from .repartition import Repartition
 
@@ -76,7 +77,8 @@ class Executor:
             model.free(slot)
         for slot, need in step.opens:
             model.open(slot, need)
-        self.kv_bytes_peak = max(self.kv_bytes_peak, sum(model.slots.values()) * self.state.kv_bytes_per_position())
+        if step.opens:  # what the caches hold rises only at an open (or a new plan: _replan)
+            self._note_kv_held()
         left = []
         batch = Batch(step.segments, step.tokens, step.keeps) if step.segments else None
         for tick in range(step.ticks):
@@ -84,6 +86,10 @@ class Executor:
             if out is not None:
                 left.append(out)
         return left
+
+    def _note_kv_held(self):
+        held = sum(self.state.model.slots.values()) * self.state.kv_bytes_per_position()
+        self.kv_bytes_peak = max(self.kv_bytes_peak, held)
 
     def tick(self, batch):
         """One pipeline tick: `batch` (or None) enters the first stage, the others move on. Returns on rank 0 the
@@ -128,7 +134,6 @@ class Executor:
     def forward(self, tokens, pos, slot=0):
         """Tests and tools: on rank 0 the logits (of the ids the tokenizer knows) after one pass over `tokens` at
         positions pos.. of `slot` (opened for the run's longest sequence at position 0)."""
-        from .model import Segment
         if pos == 0:
             self.state.model.open(slot, self.state.max_seq)
         step = Step(Op.FORWARD, self.state.plan.epoch, ticks=len(self.state.plan.stages),
@@ -148,6 +153,7 @@ class Executor:
         if error is None:
             self.state.swap(plan, model)
             self.pipeline.clear()
+            self._note_kv_held()
         return error, self.comm.gather(stats)
 
     def recent(self):

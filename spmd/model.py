@@ -94,9 +94,6 @@ class KVCache:
         self.layers, self.kv, self.hd = layers, tuple(kv), head_dim  # absolute layers; global KV heads, local order
         self.k, self.v = {}, {}  # slot -> (layers_local, kv_local, need, hd) float32
 
-    def bytes_per_position(self):
-        return 2 * len(self.layers) * len(self.kv) * self.hd * 4
-
     def open(self, slot, need):
         shape = (len(self.layers), len(self.kv), need, self.hd)
         self.k[slot], self.v[slot] = np.zeros(shape, np.float32), np.zeros(shape, np.float32)

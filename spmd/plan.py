@@ -153,9 +153,6 @@ class Plan:
         """The speeds of a stage's ranks: the weights of its ring allreduce's chunks."""
         return tuple(self.speeds[r] for r in stage.ranks)
 
-    def vocab_counts(self) -> list:
-        return [s.n_vocab for s in self.shares]
-
     def text(self) -> str:
         """The layout as `--ratios` takes it: '2:3:3' for one stage, '1:1@10*2:3@12' for several."""
         stages = self.stages

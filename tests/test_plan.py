@@ -180,4 +180,4 @@ def test_plan_is_a_frozen_value_with_an_epoch():
     with pytest.raises(AttributeError):
         plan.epoch = 1
     assert plan.stage_of(2).index == 1 and plan.n_layers == 22
-    assert plan.stage_speeds(plan.stages[0]) == (1, 1) and plan.vocab_counts() == [0, 0, 32000]
+    assert plan.stage_speeds(plan.stages[0]) == (1, 1) and [s.n_vocab for s in plan] == [0, 0, 32000]
