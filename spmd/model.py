@@ -49,6 +49,22 @@ def segment_rows(segments):
     return out
 
 
+def check_slot(open_slots, slot, stop):
+    """Positions 0..stop-1 of `slot` may be used: the slot is open ({slot: need}) and they are within its need."""
+    if slot not in open_slots:
+        raise ValueError(f"slot {slot} is not open")
+    if stop > open_slots[slot]:
+        raise ValueError(f"slot {slot}: position {stop - 1} passes its cache of {open_slots[slot]}")
+
+
+def check_pass(x, segments, open_slots):
+    """A pass's rows (n, dim) are the segments' tokens, each in an open slot and within its need."""
+    if x.shape[0] != sum(seg.n for seg in segments):
+        raise ValueError(f"{x.shape[0]} rows for segments of {sum(seg.n for seg in segments)} tokens")
+    for seg in segments:
+        check_slot(open_slots, seg.slot, seg.pos + seg.n)
+
+
 def last_rows(segments):
     """The row of each segment's last token in a pass: the rows the head turns into logits."""
     return np.cumsum([seg.n for seg in segments]) - 1
@@ -186,18 +202,9 @@ class Model:
         -> with `head`, this rank's logits slices (len(segments), n_vocab_local) of each segment's last token; else
         x after the stage's layers. allreduce: sums a float32 array over the stage's ranks in place, None when the
         stage has one."""
-        self._check(x, segments)
+        check_pass(x, segments, self.cache.slots)
         x = self.layers(x, segments, allreduce)
         return self.head(x[last_rows(segments)]) if head else x
-
-    def _check(self, x, segments):
-        if x.shape[0] != sum(seg.n for seg in segments):
-            raise ValueError(f"{x.shape[0]} rows for segments of {sum(seg.n for seg in segments)} tokens")
-        for seg in segments:
-            need = self.cache.slots.get(seg.slot)
-            if need is None or seg.pos + seg.n > need:
-                raise ValueError(f"slot {seg.slot}: positions {seg.pos}..{seg.pos + seg.n - 1} pass its cache of "
-                                 f"{need or 0}")
 
     def layers(self, x, segments, allreduce):
         """x (n, dim) through this rank's layers, two partial sums a layer (`stage_schedule`)."""

@@ -40,7 +40,7 @@ import struct
 import numpy as np
 
 from ..errors import UserError
-from ..model import Rope, last_rows, segment_rows, stage_schedule
+from ..model import Rope, check_pass, check_slot, last_rows, segment_rows, stage_schedule
 from .vk_runtime import MIB, Buffer, Recording
 from .vulkan import pad
 
@@ -295,13 +295,6 @@ class VulkanModel:
         """{slot: need} of the open slots."""
         return dict(self._open)
 
-    def _check_slot(self, slot, stop):
-        """Positions 0..stop-1 of `slot` may be used: the slot is open and they are within its need."""
-        if slot not in self._open:
-            raise ValueError(f"slot {slot} is not open")
-        if stop > self._open[slot]:
-            raise ValueError(f"slot {slot}: position {stop - 1} passes its cache of {self._open[slot]}")
-
     # ---- running ----------------------------------------------------------------------------------------------
     def embed(self, tokens):
         """(n,) token ids -> (n, dim) float32: the first stage's input."""
@@ -345,16 +338,16 @@ class VulkanModel:
                 acts.free()
 
     def _check(self, x, segments):
-        if x.shape[0] != sum(seg.n for seg in segments):
-            raise ValueError(f"{x.shape[0]} rows for segments of {sum(seg.n for seg in segments)} tokens")
+        """`check_pass`, and what the attention kernel needs besides: no empty segment, a slot once a pass (it
+        would read keys of the slot that it is writing)."""
         seen = set()
         for seg in segments:
             if seg.n < 1:
                 raise ValueError(f"vulkan backend: {seg} holds no tokens")
-            if seg.slot in seen:  # the attention kernel would read keys of the slot that it is writing
+            if seg.slot in seen:
                 raise ValueError(f"vulkan backend: slot {seg.slot} twice in one pass")
             seen.add(seg.slot)
-            self._check_slot(seg.slot, seg.pos + seg.n)
+        check_pass(x, segments, self._open)
 
     def _put_input(self, acts, x):
         """x (n, dim) into the device's residual stream (through io); fused decode: also the first layer's xg."""
@@ -388,7 +381,7 @@ class VulkanModel:
 
     def cache_take(self, slot, T) -> dict:
         """{(layer, kv head): (k, v) each float32 (T, hd)}: copies of positions 0..T-1 of every head held."""
-        self._check_slot(slot, T)
+        check_slot(self._open, slot, T)
         out = {}
         for li, layer in enumerate(self.share.layer_ids):
             for at, j in enumerate(self.share.kv):
@@ -408,7 +401,7 @@ class VulkanModel:
         for (layer, j), (k, v) in pieces.items():
             if layer not in layers or j not in kv:
                 continue
-            self._check_slot(slot, k.shape[0])
+            check_slot(self._open, slot, k.shape[0])
             li, at = layer - layers.start, kv.index(j)
             for caches, src in ((self.kcache, k), (self.vcache, v)):
                 caches[li].write(np.ascontiguousarray(src, np.float32), offset=self._head_offset(slot, at))
