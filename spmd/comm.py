@@ -139,8 +139,12 @@ class Comm:
             if self.stage_comm is not None and self.stage_comm != MPI.COMM_SELF:
                 self.stage_comm.Free()
             stage = plan.stage_of(self.rank)
-            self.stage_comm = self.comm.Split(stage.index, self.rank) if self.size > 1 else MPI.COMM_SELF
-            self.stage_rank, self.stage_size = self.stage_comm.Get_rank(), self.stage_comm.Get_size()
+            if stage is None:  # an idle rank: in no stage (it still takes the step records)
+                self.comm.Split(MPI.UNDEFINED, self.rank)
+                self.stage_comm, self.stage_rank, self.stage_size = None, 0, 0
+            else:
+                self.stage_comm = self.comm.Split(stage.index, self.rank) if self.size > 1 else MPI.COMM_SELF
+                self.stage_rank, self.stage_size = self.stage_comm.Get_rank(), self.stage_comm.Get_size()
             self._stages = stages
         self.plan = plan
         self._ring_layouts = {}

@@ -96,8 +96,8 @@ class Executor:
         batch that left the last stage and, per segment, the candidates its sampler needs (logits, token ids)."""
         stages = self.state.plan.stages
         self.pipeline.appendleft(batch)
-        mine, candidates = self.state.stage.index, None
-        if mine < len(self.pipeline) and self.pipeline[mine] is not None:
+        mine, candidates = self.state.stage.index if self.state.stage else None, None  # None: an idle rank
+        if mine is not None and mine < len(self.pipeline) and self.pipeline[mine] is not None:
             candidates = self._run_stage(self.pipeline[mine])
         leaving = self.pipeline.pop() if len(self.pipeline) == len(stages) else None
         if leaving is None or not self.comm.is_root:
@@ -168,7 +168,7 @@ class Executor:
         """This rank's figures for the whole run."""
         state = self.state
         return dict(rank=self.comm.rank, host=host_name(), backend=state.backend.description,
-                    stage=state.stage.index, share=state.share.describe(),
+                    stage=state.stage.index if state.stage else None, share=state.share.describe(),
                     compute_ms=round((total_s - sync_s) * 1e3, 3), sync_ms=round(sync_s * 1e3, 3),
                     idle_fraction=round(sync_s / total_s, 4) if total_s > 0 else 0.0,
                     bytes_sent=int(self.comm.bytes_sent),

@@ -13,6 +13,7 @@ stage's layer count. Every number is a rank's relative speed, comparable across 
     1*1*1          three stages of one rank (pipeline only)
     1:1*2:3        two stages, ranks 0-1 and 2-3
     1:1@10*1:1@12  the same with 10 and 12 layers
+    2:0:3          rank 1 idle: a 0 leaves a rank (never rank 0) with nothing; it takes part in no stage's work
 A stage without `@N` gets layers in proportion to the sum of its ranks' speeds (largest remainder, at least one);
 units inside a stage follow its ranks' speeds. Everything else (the ring allreduce's chunk weights, the logits
 counts, the layout text shown) is derived from the plan; live changes to it are in `spmd.replan`.
@@ -132,8 +133,9 @@ class Plan:
         return iter(self.shares)
 
     @cached_property  # derived once per plan (written to the instance's __dict__, which frozen allows)
-    def stages(self) -> tuple:
-        """The stages, in order: runs of consecutive ranks that hold the same layers."""
+    def groups(self) -> tuple:
+        """The stages as the layout text writes them, idle ranks included: Stage per run of consecutive ranks
+        that hold the same layers."""
         out = []
         for s in self.shares:
             if out and out[-1].layers == s.layers:
@@ -142,8 +144,19 @@ class Plan:
                 out.append(Stage(len(out), s.layers, (s.rank,)))
         return tuple(out)
 
-    def stage_of(self, rank) -> Stage:
-        return next(st for st in self.stages if rank in st.ranks)
+    @cached_property
+    def stages(self) -> tuple:
+        """The stages, in order, each with its working ranks only (an idle rank is in none)."""
+        return tuple(Stage(g.index, g.layers, tuple(r for r in g.ranks if r not in self.idle)) for g in self.groups)
+
+    @cached_property
+    def idle(self) -> tuple:
+        """The ranks given a ratio of 0: they hold nothing and take part in no stage's work."""
+        return tuple(r for r, v in enumerate(self.speeds) if v == 0)
+
+    def stage_of(self, rank):
+        """The stage whose work `rank` shares; None for an idle rank."""
+        return next((st for st in self.stages if rank in st.ranks), None)
 
     @property
     def n_layers(self) -> int:
@@ -155,20 +168,20 @@ class Plan:
 
     def text(self) -> str:
         """The layout as `--ratios` takes it: '2:3:3' for one stage, '1:1@10*2:3@12' for several."""
-        stages = self.stages
-        parts = [":".join(f"{float(self.speeds[r]):g}" for r in st.ranks) for st in stages]
-        if len(stages) == 1:
+        groups = self.groups
+        parts = [":".join(f"{float(self.speeds[r]):g}" for r in st.ranks) for st in groups]
+        if len(groups) == 1:
             return parts[0]
-        return "*".join(f"{p}@{st.n_layers}" for p, st in zip(parts, stages))
+        return "*".join(f"{p}@{st.n_layers}" for p, st in zip(parts, groups))
 
     def describe(self) -> list:
-        """[{stage, layers, ranks}] for the result and the control socket."""
+        """[{stage, layers, ranks}] for the result and the control socket (working ranks; idle ones apart)."""
         return [{"stage": st.index, "layers": list(st.layers), "ranks": list(st.ranks)} for st in self.stages]
 
     def layout(self) -> list:
-        """Per rank: its stage and the units it holds (`Share.layout`)."""
+        """Per rank: its stage (None when idle) and the units it holds (`Share.layout`)."""
         stage = {r: st.index for st in self.stages for r in st.ranks}
-        return [{**s.layout(), "stage": stage[s.rank]} for s in self.shares]
+        return [{**s.layout(), "stage": stage.get(s.rank)} for s in self.shares]
 
 
 # ---- the layout text ------------------------------------------------------------------------------------------
@@ -207,9 +220,9 @@ def _numbers(part, what):
         approx = [float(Fraction(p)) if "/" in p else float(p) for p in pieces]
     except ZeroDivisionError:
         raise UserError(bad) from None
-    if any(not v > 0 for v in approx):
-        raise UserError(f"{what}: every ratio must be positive")
-    if any(not RATIO_RANGE[0] <= v <= RATIO_RANGE[1] for v in approx):
+    if any(not v >= 0 for v in approx):
+        raise UserError(f"{what}: every ratio must be positive, or 0 for a rank left idle")
+    if any(v != 0 and not RATIO_RANGE[0] <= v <= RATIO_RANGE[1] for v in approx):
         raise UserError(f"{what}: every ratio must lie between {RATIO_RANGE[0]:g} and {RATIO_RANGE[1]:g}")
     return tuple(Fraction(p) for p in pieces)
 
@@ -230,6 +243,11 @@ def parse_layout(text, n_ranks: int, name: str = "--ratios") -> Layout:
                 raise UserError(f"{what}: @{count.strip()} must be a whole number of layers, at least 1")
             layers = int(count)
         specs.append(StageSpec(_numbers(part, what), layers))
+    if specs[0].speeds[0] == 0:
+        raise UserError(f"{what}: rank 0 cannot be idle (ratio 0): it embeds the tokens and samples")
+    for i, spec in enumerate(specs):
+        if not any(spec.speeds):
+            raise UserError(f"{what}: stage {i} has only idle ranks (ratio 0): give one of them a ratio")
     n = sum(len(s.speeds) for s in specs)
     if n != n_ranks:
         raise UserError(f"{what} has {n} value{'s' * (n != 1)} but the job has {n_ranks} rank{'s' * (n_ranks != 1)}")
@@ -293,10 +311,11 @@ def n_ffn_blocks(ffn_dim: int) -> int:
     return -(-ffn_dim // FFN_BLOCK)
 
 
-def refuse_empty(shares, why):
-    """`why` names what made the shares, as the subject of "leave(s)": "--ratios '1:9'", "moving them"."""
-    for s in shares:
-        if s.is_empty:
+def refuse_empty(shares, speeds, why):
+    """A rank with a ratio above 0 must hold something. `why` names what made the shares, as the subject of
+    "leave(s)": "--ratios '1:9'", "moving them"."""
+    for s, speed in zip(shares, speeds):
+        if s.is_empty and speed != 0:
             raise UserError(f"{why} leave{'s' * why.startswith('moving')} rank {s.rank} no heads, FFN columns "
                             "or vocabulary rows; raise its ratio or use fewer ranks")
     return shares
@@ -322,8 +341,9 @@ def make_plan(layout, dims, epoch=0) -> Plan:
         ranks = tuple(range(rank, rank + len(spec.speeds)))
         shares += stage_shares(ranks, spec.speeds, (first, first + count), dims, i == len(layout) - 1)
         rank += len(ranks)
-    refuse_empty(shares, layout.what)
-    return Plan(tuple(shares), tuple(v for s in layout for v in s.speeds), epoch)
+    speeds = tuple(v for s in layout for v in s.speeds)
+    refuse_empty(shares, speeds, layout.what)
+    return Plan(tuple(shares), speeds, epoch)
 
 
 def chunk_counts(n: int, ratios) -> list:

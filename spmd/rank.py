@@ -182,6 +182,9 @@ class RankState:
         self.file, self.cfg, plan = agree(comm, self._read_header)
         comm.algorithm = opts.allreduce
         self._check_same_as_rank_0(plan)
+        if plan.idle and comm.is_root:
+            ranks = ", ".join(map(str, plan.idle))
+            self.log(f"note: rank{'s' * (len(plan.idle) > 1)} {ranks} idle (ratio 0): holding no weights, in no stage")
         self.plan, self.model, self.backend = None, None, None
         if opts.sequences is not None and opts.sequences < 1:
             raise UserError(f"--sequences must be at least 1 (got {opts.sequences})")

@@ -28,7 +28,7 @@ def dims_of(plan) -> SimpleNamespace:
 
 
 def _next(plan, shares, speeds, why) -> Plan:
-    refuse_empty(shares, why)
+    refuse_empty(shares, speeds, why)
     return Plan(tuple(shares), tuple(speeds), plan.epoch + 1)
 
 
@@ -56,6 +56,9 @@ def move_units(plan, src: int, dst: int, kv_groups: int = None, ffn_blocks: int 
     _check_rank(plan, "to", dst)
     if src == dst:
         raise UserError(f"'from' and 'to' are both rank {src}: nothing would move")
+    for r in (src, dst):
+        if r in plan.idle:
+            raise UserError(f"rank {r} is idle (ratio 0): give it work with a new layout ('ratios')")
     stage = plan.stage_of(src)
     if dst not in stage.ranks:
         raise UserError(f"ranks {src} and {dst} are in different stages ({stage.index} and "
@@ -104,8 +107,8 @@ def move_layers(plan, from_stage: int, to_stage: int, count: int) -> Plan:
     (a, b), (c, d) = src.layers, stages[to_stage].layers
     new = {from_stage: (a, b - count), to_stage: (b - count, d)} if to_stage > from_stage else \
         {from_stage: (a + count, b), to_stage: (c, a + count)}
-    shares = [replace(s, layers=new[st.index]) if st.index in new else s
-              for st in stages for s in (plan[r] for r in st.ranks)]
+    shares = [replace(s, layers=new[g.index]) if g.index in new else s  # idle ranks too: they stay in place
+              for g in plan.groups for s in (plan[r] for r in g.ranks)]
     return _next(plan, shares, plan.speeds, "moving layers")
 
 

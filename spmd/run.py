@@ -47,7 +47,7 @@ def split_ints(_ctx, _param, text):
 @click.option("--ratios", default=None, metavar="LAYOUT",
               help="Each rank's relative speed, one number per rank: 2:3:3 (one stage, tensor parallel). '*' "
                    "separates pipeline stages of consecutive ranks, '@N' pins a stage's layer count: 1*1*1, "
-                   "1:1*2:3, 1:1@10*1:1@12. Default: equal, one stage.")
+                   "1:1*2:3, 1:1@10*1:1@12; 0 leaves a rank (never rank 0) idle: 2:0:3. Default: equal, one stage.")
 @click.option("--allreduce", default="star", show_default=True, type=click.Choice(["star", "ring", "mpi"]),
               help="How a stage's ranks add up their partial sums. star: reduce to the stage's first rank + "
                    "broadcast; ring: weighted reduce-scatter + allgather; mpi: the MPI library's Allreduce.")

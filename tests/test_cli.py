@@ -149,7 +149,7 @@ CASES = {
     "truncated": (lambda m, d: truncate(m, d / "half.gguf"), [], "not a valid GGUF file|truncated"),
     "unknown arch": (lambda m, d: write_other_arch(d / "mamba.gguf"), [], "architecture 'mamba' is not supported"),
     "ratio count": (lambda m, d: m, ["--ratios", "1:2:3:4:5"], "has 5 values but the job has"),
-    "zero ratio": (lambda m, d: m, ["--ratios", "0"], "must be positive"),
+    "zero ratio": (lambda m, d: m, ["--ratios", "0"], "rank 0 cannot be idle"),
     "long prompt": (lambda m, d: m, ["--prompt", "word " * 60], "the model's context is 32"),
     "bad token id": (lambda m, d: m, ["--prompt-ids", "1,99999"], "--prompt-ids: token ids must be in 0..511"),
     "no prompts file": (lambda m, d: m, ["--prompts-file", "{tmp}/none.txt"], "--prompts-file not found: .*none.txt"),

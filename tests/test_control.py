@@ -168,7 +168,7 @@ def test_status_and_migrate_replies(served, path):
     ({"cmd": "migrate", "ratios": "1:1:1"}, "^ratios '1:1:1' would change nothing: the plan is already 1:1:1$"),
     ({"cmd": "migrate", "ratios": "1@0*1:1"}, "@0 must be a whole number of layers, at least 1"),
     ({"cmd": "migrate", "ratios": "1:1"}, "^ratios '1:1' has 2 values but the job has 3 ranks"),
-    ({"cmd": "migrate", "ratios": "1:0:1"}, "must be positive"),
+    ({"cmd": "migrate", "ratios": "0:1:1"}, "rank 0 cannot be idle"),
     ({"cmd": "migrate", "ratios": {"a": 1}}, "'ratios' must be a string"),
     ({"cmd": "migrate", "ratios": "1000000:1:1"}, "leave rank 1 no heads, FFN columns or vocabulary rows"),
     ({"cmd": "migrate", "ratios": "1:1:1", "kind": 1}, "give either 'ratios' or 'kind'"),

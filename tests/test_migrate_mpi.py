@@ -264,11 +264,17 @@ def test_many_random_migrations_keep_a_long_generation(models, socket_path, weig
         assert all(r["ok"] for r in replies), [r for r in replies if not r["ok"]]
 
 
-def random_layout(rng, n):
-    """Random speeds in a random grouping of n ranks into consecutive stages (at most 5: DEEP's layers)."""
-    cuts = sorted(rng.sample(range(1, n), rng.randrange(0, n)))
+def random_layout(rng, n, stages=True):
+    """Random speeds in a random grouping of n ranks into consecutive stages (at most 5: DEEP's layers), or one
+    stage; now and then a rank other than 0 idle (0) where its stage keeps a working rank."""
+    cuts = sorted(rng.sample(range(1, n), rng.randrange(0, n))) if stages else []
     groups = [b - a for a, b in zip([0] + cuts, cuts + [n])]
-    return "*".join(":".join(f"{rng.uniform(0.3, 3):.2f}" for _ in range(g)) for g in groups)
+    speeds = [[f"{rng.uniform(0.3, 3):.2f}" for _ in range(g)] for g in groups]
+    for i, group in enumerate(speeds):
+        for j in range(1 if i == 0 else 0, len(group)):
+            if rng.random() < 0.2 and sum(v != "0" for v in group) > 1:
+                group[j] = "0"
+    return "*".join(":".join(group) for group in speeds)
 
 
 def random_requests(rng, stages):
@@ -283,8 +289,7 @@ def random_requests(rng, stages):
             kind = rng.choice([1, 2, 3, "ratios"] + ["layers", "layers"] * stages)
             try:  # only a request the planner accepts
                 if kind == "ratios":
-                    text = random_layout(rng, n) if stages else ":".join(f"{rng.uniform(0.3, 3):.2f}"
-                                                                         for _ in range(n))
+                    text = random_layout(rng, n, stages)
                     req = migrate(ratios=text)
                     R.relayout(plan, P.parse_layout(text, n))
                 elif kind == "layers":

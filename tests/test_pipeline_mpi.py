@@ -18,10 +18,10 @@ MPIRUN = shutil.which("mpirun") or str(Path(sys.executable).parent / "mpirun")
 
 DEEP = Shape(**{**SHAPE.__dict__, "n_layers": 5})
 WIDE = Shape(dim=256, n_layers=8, n_heads=4, n_kv_heads=2, ffn=1024, vocab=512, context=64)  # ~4 MB a layer in F32
-LAYOUTS = {  # pure pipelines, hybrids, uneven @N
-    2: ["1*1", "1@1*1@4", "3*1"],
-    3: ["1*1*1", "1:1*1", "1*1:2", "2*1:1", "1@3*1@1*1@1"],
-    4: ["1*1*1*1", "1:2*1:1", "2*1:1:1", "1:1*1*1", "1@2*1:1:2@3"],
+LAYOUTS = {  # pure pipelines, hybrids, uneven @N, idle ranks (0)
+    2: ["1*1", "1@1*1@4", "3*1", "1:0"],
+    3: ["1*1*1", "1:1*1", "1*1:2", "2*1:1", "1@3*1@1*1@1", "1:0:1", "1:0*1", "1*0:1"],
+    4: ["1*1*1*1", "1:2*1:1", "2*1:1:1", "1:1*1*1", "1@2*1:1:2@3", "1:0*1:1", "1*0:0:2", "1*0:1*1"],
 }
 needs_two = pytest.mark.skipif(WORLD.size < 2, reason="stages need a second rank")
 
@@ -50,7 +50,14 @@ def test_every_layout_equals_one_rank(models, qtype, allreduce):
             stages = result["stages"]
             assert stages[0]["layers"][0] == 0 and stages[-1]["layers"][1] == DEEP.n_layers
             assert len(stages) == layout.count("*") + 1
-            assert [r["stage"] for r in result["ranks"]] == [s["stage"] for s in stages for _ in s["ranks"]]
+            ratios = [float(v) for v in layout.replace("*", ":").split(":") if "@" not in v] if "@" not in layout \
+                else None
+            idle = [r for r, v in enumerate(ratios or []) if v == 0]
+            assert [r["rank"] for r in result["ranks"] if r["stage"] is None] == idle
+            assert all(result["ranks"][r]["weights_bytes"] == 0 and result["ranks"][r]["bytes_per_token"] == 0
+                       for r in idle)
+            assert [r["rank"] for r in result["ranks"] if r["stage"] is not None] == \
+                [r for s in stages for r in s["ranks"]]
 
 
 @needs_two

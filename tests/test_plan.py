@@ -115,7 +115,11 @@ def test_ffn_not_a_multiple_of_the_block():
 @pytest.mark.parametrize("text, n, message", [
     ("1:2", 3, "has 2 values but the job has 3 ranks"),
     ("1*1", 3, "has 2 values but the job has 3 ranks"),
-    ("1:0:1", 3, "must be positive"),
+    ("1:-1:1", 3, "must be positive"),
+    ("0:1", 2, "rank 0 cannot be idle"),
+    ("0*1", 2, "rank 0 cannot be idle"),
+    ("1*0", 2, "stage 1 has only idle ranks"),
+    ("1*0:0*1", 4, "stage 1 has only idle ranks"),
     ("1:-2", 2, "must be positive"),
     ("a:b", 2, "expected numbers"),
     ("", 1, "expected numbers"),
@@ -167,6 +171,28 @@ def test_ratios_that_leave_a_rank_nothing_are_refused():
         make_plan(parse_layout("1000:1", 2), dims)
     with pytest.raises(UserError, match="leave rank 1 no heads"):  # in a middle stage: no vocabulary rows either
         make_plan(parse_layout("1000:1*1", 3), dims)
+
+
+@pytest.mark.parametrize("text, stages, idle", [
+    ("1:0:1", [(0, 2)], (1,)),
+    ("2:0:0:3", [(0, 3)], (1, 2)),
+    ("1:0*1", [(0,), (2,)], (1,)),
+    ("1*0:1", [(0,), (2,)], (1,)),
+    ("1:0@5*0:2@17", [(0,), (3,)], (1, 2)),
+])
+def test_a_zero_ratio_leaves_a_rank_idle(text, stages, idle):
+    """A rank with ratio 0 holds no unit and is in no stage's working ranks; the others split everything; the
+    layout text keeps it where it was written."""
+    plan = plan_of(text)
+    assert plan.idle == idle
+    assert [st.ranks for st in plan.stages] == stages
+    for r in idle:
+        assert plan[r].is_empty and plan.stage_of(r) is None and plan.layout()[r]["stage"] is None
+    working = [plan[r] for st in plan.stages for r in st.ranks]
+    covers(working[:len(stages[0])], lambda s: s.kv, 4)
+    assert sum(s.n_vocab for s in plan) == 32000
+    assert plan_of(plan.text()).shares == plan.shares  # the text round-trips, idle ranks in place
+    assert plan.text().count(":") + plan.text().count("*") + 1 == len(plan)
 
 
 def test_ranges_merge_adjacent_indices():

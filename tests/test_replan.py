@@ -98,6 +98,21 @@ def test_move_layers_shifts_the_boundary_and_nothing_else():
     assert new.text() == "1:1@1*1@4*1@1"
 
 
+def test_idle_ranks_stay_in_place_through_every_kind_of_change():
+    """A rank with ratio 0 keeps nothing and stays where the layout wrote it: layer moves carry it along, unit
+    moves refuse it, a new layout can put it to work or idle another rank (its units go to the others)."""
+    old = plan_of("1:0*1:1")
+    moved = move_layers(old, 0, 1, 1)
+    assert len(moved) == 4 and moved.idle == (1,) and moved[1].is_empty
+    assert moved.text() == "1:0@1*1:1@5" and [st.ranks for st in moved.stages] == [(0,), (2, 3)]
+    with pytest.raises(UserError, match="rank 1 is idle"):
+        move_units(old, 0, 1, kv_groups=1)
+    woken = relayout(old, parse_layout("1:1*1:0", 4))
+    whole(woken)
+    assert woken.idle == (3,) and woken[3].is_empty and not woken[1].is_empty
+    assert {m[3] for m in diff(old, woken)} >= {3} and {m[4] for m in diff(old, woken)} >= {1}
+
+
 @pytest.mark.parametrize("args, message", [
     ((0, 2, 1), "stages 0 and 2 are not adjacent"),
     ((0, 3, 1), "'to_stage' 3 is out of range: the plan has stages 0..2"),
