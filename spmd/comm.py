@@ -94,6 +94,23 @@ def test_stop_at(rank):
     return int(at) if int(who) == rank else None
 
 
+def test_slow_factor(rank):
+    """TEST ONLY: SPMD_TEST_SLOW=RANK:FACTOR[,RANK:FACTOR...] makes those ranks' compute FACTOR times slower (a
+    slower machine, simulated: `executor.Slowdown`); None when unset or for another rank."""
+    text = os.environ.get("SPMD_TEST_SLOW", "").strip()
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        who, _, factor = part.partition(":")
+        try:
+            who, factor = int(who), float(factor)
+        except ValueError:
+            raise ValueError(f"SPMD_TEST_SLOW={text!r}: expected RANK:FACTOR[,RANK:FACTOR...]") from None
+        if not (math.isfinite(factor) and factor >= 1):
+            raise ValueError(f"SPMD_TEST_SLOW={text!r}: a factor must be a finite number >= 1")
+        if who == rank:
+            return factor if factor > 1 else None
+    return None
+
+
 def link_steps(algorithm, size):
     """Communication steps of one allreduce's schedule (the simulated delay is paid once per step)."""
     if size == 1:
@@ -358,6 +375,40 @@ class Comm:
         self.sync_s += time.perf_counter() - t
         return received
 
+    # ---- profiling ----------------------------------------------------------------------------------------
+    def ping_pong(self, a, b, n_bytes, repeats):
+        """Ranks a and b (the others return at once): `repeats` round trips of an n_bytes message, as the engine's
+        point-to-point messages travel (the simulated link delay included). Returns on a the median one-way
+        seconds, elsewhere None."""
+        if self.rank not in (a, b):
+            return None
+        buf, times = np.zeros(max(1, n_bytes), np.uint8), []
+        other = b if self.rank == a else a
+        for _ in range(repeats + 1):  # the first round trip sets the connection up: not counted
+            t = time.perf_counter()
+            if self.rank == a:
+                self._delay()
+                self.comm.Send(buf, dest=other, tag=TAG_DATA)
+                self.comm.Recv(buf, source=other, tag=TAG_DATA)
+            else:
+                self.comm.Recv(buf, source=other, tag=TAG_DATA)
+                self._delay()
+                self.comm.Send(buf, dest=other, tag=TAG_DATA)
+            times.append((time.perf_counter() - t) / 2)
+        return float(np.median(times[1:])) if self.rank == a else None
+
+    def bcast_seconds(self, repeats):
+        """Every rank: the median seconds rank 0 takes to broadcast a step record (to every rank, and back by a
+        barrier), as measured on rank 0."""
+        times = []
+        for _ in range(repeats + 1):
+            self.comm.Barrier()
+            t = time.perf_counter()
+            self._delay()
+            self.comm.Bcast(self._step, root=0)
+            times.append(time.perf_counter() - t)
+        return float(np.median(times[1:]))
+
     # ---- agreement and small objects ------------------------------------------------------------------------
     def first_error(self, message):
         """Every rank's error message (or None) -> the first one, on every rank, as 'rank N: message'."""
@@ -373,8 +424,8 @@ class Comm:
     def gather(self, obj):
         return self.comm.gather(obj, root=0)
 
-    def bcast(self, obj):
-        return self.comm.bcast(obj, root=0)
+    def bcast(self, obj, root=0):
+        return self.comm.bcast(obj, root=root)
 
     def on_this_machine(self):
         """(this rank's index among the job's ranks on its machine, how many they are): they share its cores, and

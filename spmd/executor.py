@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from .comm import Op, Step, host_name
+from .comm import Op, Step, host_name, test_slow_factor
 from .model import Segment
 from .rank import peak_rss_bytes
 from .repartition import Repartition
@@ -33,9 +33,40 @@ class Batch:
         self.decode = all(seg.n == 1 for seg in segments)
 
 
+class Slowdown:
+    """TEST ONLY: a rank's compute made `factor` times slower (SPMD_TEST_SLOW, `comm.test_slow_factor`), as on a
+    slower machine: after each stretch of compute (up to an allreduce, or the end of a pass) the rank sleeps
+    factor - 1 times as long. Communication is not slowed. Unset, there is none and it costs nothing."""
+
+    def __init__(self, factor):
+        self.factor, self.since = factor, None
+
+    def start(self):
+        self.since = time.perf_counter()
+
+    def pause(self):
+        """The end of a stretch of compute: sleep (factor - 1) x its time."""
+        time.sleep((self.factor - 1) * (time.perf_counter() - self.since))
+
+    def around(self, allreduce):
+        """`allreduce` with the compute before it slowed."""
+        def slowed(x):
+            self.pause()
+            out = allreduce(x)
+            self.start()
+            return out
+        return slowed
+
+
+def slowdown(rank):
+    factor = test_slow_factor(rank)
+    return Slowdown(factor) if factor else None
+
+
 class Executor:
     def __init__(self, state):
         self.state, self.comm = state, state.comm
+        self.slow = slowdown(self.comm.rank)  # test only: None unless SPMD_TEST_SLOW names this rank
         self.pipeline = collections.deque()  # the batches in flight after the last tick: [i] ran in stage i
         self.decode_tokens, self.decode_bytes = 0, 0
         self._recent = collections.deque(maxlen=RECENT_STEPS)  # (compute s, sync s) of the last decode batches
@@ -118,7 +149,12 @@ class Executor:
             x = comm.take(np.empty((batch.rows, state.cfg.dim), np.float32))
         last = stage.index == len(stages) - 1
         allreduce = comm.allreduce if comm.stage_size > 1 else None
+        if self.slow is not None:
+            self.slow.start()
+            allreduce = self.slow.around(allreduce) if allreduce is not None else None
         out = state.model.forward(x, batch.segments, allreduce, head=last)
+        if self.slow is not None:
+            self.slow.pause()
         candidates = None
         if not last:
             comm.pass_on(out)

@@ -349,3 +349,8 @@ def make_plan(layout, dims, epoch=0) -> Plan:
 def chunk_counts(n: int, ratios) -> list:
     """Element counts of each rank's chunk of an n-vector for the weighted ring allreduce."""
     return apportion(n, ratios)
+
+
+if __name__ == "__main__":  # python -m spmd.plan PROFILE.json: the planner's command, in spmd.planner
+    from spmd.planner import main
+    main()

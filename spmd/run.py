@@ -87,7 +87,7 @@ def cli(**kw):
     return kw
 
 
-def parse_args(argv, is_root):
+def parse_args(argv, is_root, command=cli, prog="python -m spmd.run"):
     """The options dict, or an exit code when click handled it (--help, a bad flag). Only rank 0 prints."""
     quiet = contextlib.ExitStack()
     if not is_root:
@@ -96,7 +96,7 @@ def parse_args(argv, is_root):
         quiet.enter_context(contextlib.redirect_stderr(devnull))
     with quiet:
         try:
-            return cli.main(args=argv, prog_name="python -m spmd.run", standalone_mode=False)
+            return command.main(args=argv, prog_name=prog, standalone_mode=False)
         except click.ClickException as e:
             e.show()
             return e.exit_code
@@ -159,20 +159,25 @@ def signal_status():
     return 128 + (_signals[0] if _signals else signal.SIGINT)
 
 
-def run(argv):
-    from . import comm as C  # initialises MPI
-    comm = C.Comm()
-    kw = parse_args(argv, comm.is_root)
-    # every rank parsed the same flags, unless started differently (mpirun's "A : B" form): all go on, or all stop
+def flags_agreed(comm, kw):
+    """Every rank parsed the same flags, unless started differently (mpirun's "A : B" form): all go on (returns
+    the options), or all stop (exits)."""
     outcomes = comm.allgather("run" if isinstance(kw, dict) else kw)
     if any(o != "run" for o in outcomes):
         bad = next((rank for rank, o in enumerate(outcomes) if o not in ("run", 0)), None)
         if comm.is_root and isinstance(kw, dict) and bad is not None:
             print(f"error: rank {bad}: invalid command-line flags", file=sys.stderr)
         sys.exit(0 if bad is None else 1)
-    try:  # a module missing or broken on one host: every rank hears of it and stops, instead of waiting for it
-        from .engine import Engine, RunOptions
-        from .prompts import PromptSpec
+    return kw
+
+
+def imports_agreed(comm, modules):
+    """Import `modules` (names under spmd) on every rank; a module missing or broken on one host: every rank
+    hears of it and stops (exits), instead of waiting for it."""
+    import importlib
+    try:
+        for name in modules:
+            importlib.import_module(f"spmd.{name}")
         broken = None
     except ImportError as e:
         broken = f"cannot import {e.name or 'a module'} ({e}): install the set-up on every host (scripts/setup.sh)"
@@ -181,7 +186,40 @@ def run(argv):
         if comm.is_root:
             print(f"error: {broken}", file=sys.stderr)
         sys.exit(1)
-    log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if comm.is_root else (lambda msg: None)
+
+
+def guarded(comm, log, work):
+    """`work()` on every rank: a UserError is one line on rank 0 and exit 1 everywhere; Ctrl-C stops every rank
+    together; a bug shows its traceback and takes every rank down instead of hanging. Returns what work returns."""
+    try:
+        return work()
+    except UserError as e:
+        log(f"error: {e}")
+        sys.exit(1)
+    except KeyboardInterrupt:  # Ctrl-C: one rank just stops; several must all stop, wherever each one is
+        if comm.size > 1:
+            if not comm.is_root:  # rank 0 (removing its socket file) aborts first, unless it is stuck in a step
+                time.sleep(1.0)
+            comm.abort(signal_status())
+        sys.exit(signal_status())
+    except Exception:  # a bug, not a user mistake: show it, and take every rank down instead of hanging
+        traceback.print_exc()
+        sys.stderr.flush()
+        comm.abort(1)
+
+
+def root_log(comm):
+    return (lambda msg: print(msg, file=sys.stderr, flush=True)) if comm.is_root else (lambda msg: None)
+
+
+def run(argv):
+    from . import comm as C  # initialises MPI
+    comm = C.Comm()
+    kw = flags_agreed(comm, parse_args(argv, comm.is_root))
+    imports_agreed(comm, ("engine", "prompts"))
+    from .engine import Engine, RunOptions
+    from .prompts import PromptSpec
+    log = root_log(comm)
     text_out = kw.pop("output") == "text"
     prompt_ids, texts = kw.pop("prompt_ids"), kw.pop("prompt")
     if prompt_ids is not None and texts:
@@ -198,21 +236,7 @@ def run(argv):
     opts = RunOptions(**kw, prompts=prompts,
                       control_socket=None if socket_path.lower() == "none" else socket_path)
     emit = write_stdout if text_out and comm.is_root else None
-    try:
-        result = Engine(opts, comm, log=log).run(emit)
-    except UserError as e:
-        log(f"error: {e}")
-        sys.exit(1)
-    except KeyboardInterrupt:  # Ctrl-C: one rank just stops; several must all stop, wherever each one is
-        if comm.size > 1:
-            if not comm.is_root:  # rank 0 (removing its socket file) aborts first, unless it is stuck in a step
-                time.sleep(1.0)
-            comm.abort(signal_status())
-        sys.exit(signal_status())
-    except Exception:  # a bug, not a user mistake: show it, and take every rank down instead of hanging
-        traceback.print_exc()
-        sys.stderr.flush()
-        comm.abort(1)
+    result = guarded(comm, log, lambda: Engine(opts, comm, log=log).run(emit))
     if comm.is_root:
         if text_out:
             if "sequences" not in result:  # several sequences end their lines themselves

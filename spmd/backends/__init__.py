@@ -35,6 +35,10 @@ class Backend:
     def warmup(self):
         pass
 
+    def device_memory_bytes(self):
+        """Memory of the device the backend computes on where it is not the host's (a GPU's), else None."""
+        return None
+
 
 def get_backend(name: str, threads: int = None, device: int = None, wrap: bool = False):
     if name == "numpy":

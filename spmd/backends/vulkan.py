@@ -180,6 +180,13 @@ class VulkanBackend(Backend):
     def linear(self, w: QTensor) -> VulkanLinear:
         return VulkanLinear(self, w)
 
+    def device_memory_bytes(self):
+        """The device's main memory heap, less what this process holds there (None for lavapipe: host memory)."""
+        if self.dev.is_cpu:
+            return None
+        heap = max(range(len(self.dev.heap_size)), key=lambda h: self.dev.heap_size[h])
+        return self.dev.heap_size[heap] - self.dev.heap_used[heap]
+
     def make_model(self, cfg, weights, share, max_seq, slots=1):
         from .vulkan_model import VulkanModel
         return VulkanModel(self, cfg, weights, share, max_seq, slots)

@@ -1,0 +1,730 @@
+"""The automatic planner: a profile of the cluster (`python -m spmd.profile`) and the run's needs -> the layout text
+`--ratios` takes. Pure, no MPI; `python -m spmd.plan PROFILE.json` runs `main`.
+
+The cost model: `predict` and the functions it calls (`_stage_cost`, `_stage_terms`, `_memory_terms`, `_cycle_ms`).
+A layout is always evaluated through `spmd.plan.make_plan`, so the prediction is for the real plan and its whole
+units. For stages s = 0..S-1 with working ranks R_s (leader R_s[0]) and n_s layers, rank r holding k_r KV groups,
+f_r FFN blocks and v_r classifier rows; K sequences in flight, a batch of b = ceil(K / S) rows when K >= S, else 1;
+B = b * dim * 4 bytes (one f32 row per batch row); link(i, j, x) = latency_ms[i][j] + x / bandwidth[i][j] * 1e3:
+    attn_r = layer_ms / 2 + k_r * kv_group_ms, ffn_r = layer_ms / 2 + f_r * ffn_block_ms, head_r = head_ms
+             + v_r * vocab_row_ms, each at b rows (linear between measured rows, from the last two beyond them,
+             never below the last: noise can make the last two fall; one point: in proportion to the rows)
+    layer_s = max_r attn_r + max_r ffn_r + 2 * allreduce_s(B); one-rank stage: no allreduce
+        star: 2 * max_{r in R_s[1:]} link(leader, r, B)
+        ring: 2 * (P - 1) * max over ring neighbours r_i -> r_{i+1 mod P} of link(r_i, r_{i+1}, B / P)
+        mpi:  2 * ceil(log2 P) * max over ordered pairs of the stage of link(i, j, B)
+    t_s = n_s * layer_s + (last stage: max_r head_r + max_{r in R_last, r != 0} link(r, 0, 8 * b))
+          + (s > 0: max_{r in R_s} link(R_{s-1}[0], r, B), the hand-off in)
+    step = step_ms + max_{r != 0} latency_ms[0][r]   (the step record reaches every rank, idle ones too)
+    cycle = max(sum_s t_s, m * max_s t_s) + m * step, m = min(K, S): every sequence advances one token
+    ms per token = cycle; tokens/s = K / cycle * 1000
+    memory_r = n_s * (layer + k_r * kv_group + f_r * ffn_block + k_r * kv_bytes_per_position * context * K)
+               + v_r * vocab_row; an idle rank holds nothing. The ranks of a host must fit together in its
+               memory_bytes (the smallest reported there); a rank with device_memory_bytes must fit in it too.
+
+The search (`plan`): every grouping of ranks 1..n-1 into {idle, joins the current stage, starts a new stage}
+(3^(n-1): exhaustive up to EXHAUSTIVE ranks, 6561 groupings, a few seconds; beyond, 3^(n-1) takes minutes, so
+only the j slowest ranks are tried idle, j = 0..n-1, each with every 2^(n'-1) grouping of the n' others: this
+misses a layout that idles a fast rank, say one behind a slow link). Inside a stage each rank's ratio is its speed,
+1 / its time for a whole layer's units at b rows, the stage's slowest 1, rounded to 3 significant digits; the
+rounded text is what is evaluated. Given the grouping and ratios, t_s is affine in n_s (a_s * n_s + c_s) and each
+rank's memory in its stage's n_s, so the layer split is exact: with T a bound on every t_s and f(T) the least
+sum_s t_s under it and the memory limits (one layer each, the rest to the smallest a_s first; where one host's
+ranks sit in several stages, a dynamic programme over the stages instead), the cycle of that split is at most
+max(f(T), m * T) + m * step, and the least of that over T (at the first T with m * T >= f(T), or the one before)
+is the optimum. Every stage is pinned with @N. A stage's units come from make_plan of its ratios, once per stage;
+a grouping's value comes from the cost functions above, and each one that may beat the best so far is `predict`ed
+from its text. The latency objective plans one sequence (K = 1, whatever `sequences` says); throughput, K =
+`sequences`. Ties: fewer working ranks, then fewer stages, then the smaller text.
+"""
+import json
+import math
+import sys
+from bisect import bisect_right
+from dataclasses import dataclass
+from functools import cached_property
+from itertools import product
+from typing import NamedTuple
+
+import click
+
+from .errors import UserError, regular_file
+from .plan import make_plan, n_ffn_blocks, parse_layout
+
+EXHAUSTIVE = 9  # ranks searched over every grouping (3^8 = 6561 candidates)
+ALLREDUCES = ("star", "ring", "mpi")
+SHAPES = ("any", "tp", "pp")
+OBJECTIVES = ("latency", "throughput")
+MIB = 2 ** 20
+
+
+# ---- the profile ---------------------------------------------------------------------------------------------
+class Compute(NamedTuple):
+    """One measured point: a pass of `rows` rows through one layer on one rank, and through the head."""
+    rows: int
+    layer_ms: float  # per layer, whatever the units held (norms, the rest)
+    kv_group_ms: float  # per KV-head group held, per layer
+    ffn_block_ms: float  # per FFN block held, per layer
+    head_ms: float
+    vocab_row_ms: float  # per classifier row held
+
+
+@dataclass(frozen=True)
+class Model:
+    """The model's sizes (it serves as `make_plan`'s dims) and its bytes per unit."""
+    file: str
+    n_layers: int
+    dim: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    ffn_dim: int
+    vocab: int
+    context: int
+    layer_bytes: int  # per layer, held by every rank of a stage
+    kv_group_bytes: int  # one KV-head group's weights in one layer
+    ffn_block_bytes: int  # one FFN block's weights in one layer
+    vocab_row_bytes: int  # one classifier row
+    kv_bytes_per_position: int  # KV cache of one position of one sequence, per layer per KV group
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    """One rank as profiled: where it runs, the memory it may use, and how fast it computes."""
+    rank: int
+    host: str
+    backend: str
+    threads: int
+    memory_bytes: int  # the host's available memory, or None
+    device_memory_bytes: int  # a Vulkan rank's GPU memory, or None
+    compute: tuple  # Compute points, rows ascending, rows 1 first
+
+    def at(self, rows: int) -> Compute:
+        """The compute point at `rows` rows, interpolated (see the module docstring)."""
+        pts = self.compute
+        if len(pts) == 1:
+            return Compute(rows, *(v * rows / pts[0].rows for v in pts[0][1:]))
+        i = min(bisect_right([p.rows for p in pts], rows), len(pts) - 1)  # >= 1: rows >= 1 = pts[0].rows
+        lo, hi = pts[i - 1], pts[i]
+        w = (rows - lo.rows) / (hi.rows - lo.rows)
+        values = (a + (b - a) * w for a, b in zip(lo[1:], hi[1:]))
+        if w > 1:  # beyond the last point
+            values = (max(v, b) for v, b in zip(values, hi[1:]))
+        return Compute(rows, *values)
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A checked profile (`load_profile`): the model, every rank, the links between them, rank 0's step cost."""
+    model: Model
+    ranks: tuple  # RankInfo per rank, in rank order
+    latency_ms: tuple  # [i][j]: one message from rank i to rank j (diagonal None)
+    bandwidth: tuple  # [i][j]: bytes per second from rank i to rank j (diagonal None)
+    step_ms: float  # rank 0's fixed cost per step record
+    seconds: float  # how long profiling took
+    source: str  # how messages name it
+
+    def link_ms(self, i, j, n_bytes) -> float:
+        return self.latency_ms[i][j] + n_bytes / self.bandwidth[i][j] * 1e3
+
+    @cached_property  # derived once (written to the instance's __dict__, which frozen allows)
+    def limits(self) -> list:
+        """(ranks, bytes available to them together, what) for each host that reports its memory and each device."""
+        hosts = {}
+        for r in self.ranks:
+            hosts.setdefault(r.host, []).append(r)
+        out = []
+        for host, rs in hosts.items():
+            known = [r.memory_bytes for r in rs if r.memory_bytes is not None]
+            if known:
+                ranks = ", ".join(str(r.rank) for r in rs)
+                out.append((tuple(r.rank for r in rs), min(known), f"host {host} (rank{'s' * (len(rs) > 1)} {ranks})"))
+        return out + [((r.rank,), r.device_memory_bytes, f"rank {r.rank}'s device") for r in self.ranks
+                      if r.device_memory_bytes is not None]
+
+
+def _shown(v) -> str:
+    return json.dumps(v, default=repr)[:40]
+
+
+class _Reader:
+    """Typed access to the profile's JSON; each refusal is one line naming the file and the field."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def fail(self, name, why):
+        raise UserError(f"{self.source}: {name} {why}")
+
+    def get(self, obj, key, name):
+        if not isinstance(obj, dict):
+            self.fail(name.rpartition(".")[0] or "the top level", "must be an object")
+        if key not in obj:
+            self.fail(name, "is missing")
+        return obj[key]
+
+    def whole(self, obj, key, name, least=0, null=False):
+        v = self.get(obj, key, name)
+        if v is None and null:
+            return None
+        if isinstance(v, bool) or not isinstance(v, int):
+            self.fail(name, f"must be a whole number, not {_shown(v)}")
+        if v < least:
+            self.fail(name, f"must be at least {least}, not {v}")
+        return v
+
+    def real(self, obj, key, name, positive=False):
+        v = self.get(obj, key, name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            self.fail(name, f"must be a number, not {_shown(v)}")
+        if not math.isfinite(v) or v < 0 or (positive and v == 0):
+            self.fail(name, f"must be a finite number {'above' if positive else 'of at least'} 0, not {v}")
+        return float(v)
+
+    def text(self, obj, key, name):
+        v = self.get(obj, key, name)
+        if not isinstance(v, str):
+            self.fail(name, f"must be a string, not {_shown(v)}")
+        return v
+
+    def items(self, obj, key, name, count=None):
+        """A non-empty list (of `count` items when given)."""
+        v = self.get(obj, key, name)
+        self.check_list(v, name, count)
+        return v
+
+    def check_list(self, v, name, count=None):
+        if not isinstance(v, list) or not v or (count is not None and len(v) != count):
+            self.fail(name, f"must be a list of {count} items" if count else "must be a non-empty list")
+
+    def matrix(self, obj, key, name, n, positive):
+        """An n x n matrix of numbers, its diagonal ignored (null)."""
+        rows = self.items(obj, key, name, n)
+        for i, row in enumerate(rows):
+            self.check_list(row, f"{name}[{i}]", n)
+        return tuple(tuple(None if i == j else self.real(dict(enumerate(row)), j, f"{name}[{i}][{j}]", positive)
+                           for j in range(n)) for i, row in enumerate(rows))
+
+
+def _model(rd, m):
+    b = rd.get(m, "bytes", "model.bytes")
+    names = ("n_layers", "dim", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "vocab", "context")
+    sizes = {k: rd.whole(m, k, f"model.{k}", 1) for k in names}
+    if sizes["n_heads"] % sizes["n_kv_heads"]:
+        rd.fail("model.n_kv_heads", f"must divide model.n_heads ({sizes['n_heads']})")
+    return Model(rd.text(m, "file", "model.file"), **sizes,
+                 **{f"{k}_bytes": rd.whole(b, k, f"model.bytes.{k}") for k in ("layer", "kv_group", "ffn_block",
+                                                                               "vocab_row")},
+                 kv_bytes_per_position=rd.whole(m, "kv_bytes_per_position", "model.kv_bytes_per_position"))
+
+
+def _rank(rd, ranks, i):
+    r, name = ranks[i], f"ranks[{i}]"
+    if rd.whole(r, "rank", f"{name}.rank") != i:
+        rd.fail(f"{name}.rank", f"must be {i} (the ranks in rank order)")
+    points = rd.items(r, "compute", f"{name}.compute")
+    compute = tuple(Compute(rd.whole(p, "rows", f"{name}.compute[{j}].rows", 1),
+                            *(rd.real(p, k, f"{name}.compute[{j}].{k}") for k in Compute._fields[1:]))
+                    for j, p in enumerate(points))
+    if compute[0].rows != 1 or any(a.rows >= b.rows for a, b in zip(compute, compute[1:])):
+        rd.fail(f"{name}.compute", "must have rows ascending, rows 1 first")
+    return RankInfo(i, rd.text(r, "host", f"{name}.host"), rd.text(r, "backend", f"{name}.backend"),
+                    rd.whole(r, "threads", f"{name}.threads"),
+                    rd.whole(r, "memory_bytes", f"{name}.memory_bytes", null=True),
+                    rd.whole(r, "device_memory_bytes", f"{name}.device_memory_bytes", null=True), compute)
+
+
+def load_profile(source) -> Profile:
+    """A profile from a JSON file's path or from its decoded dict, checked field by field (UserError: one line)."""
+    if isinstance(source, dict):
+        rd, data = _Reader("the profile"), source
+    else:
+        rd = _Reader(f"profile {source}")
+        try:
+            with open(regular_file(source, "profile"), encoding="utf-8") as f:
+                data = json.load(f)
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"cannot read profile {source}: {getattr(e, 'strerror', None) or e}") from None
+        except json.JSONDecodeError as e:
+            raise UserError(f"profile {source} is not JSON: {e.msg} at line {e.lineno}") from None
+    if rd.get(data, "format", "format") != "spmd-profile":
+        rd.fail("format", "must be \"spmd-profile\"")
+    if rd.whole(data, "version", "version") != 1:
+        rd.fail("version", f"is {data['version']}; this planner reads version 1")
+    model = _model(rd, rd.get(data, "model", "model"))
+    ranks = rd.items(data, "ranks", "ranks")
+    n, links = len(ranks), rd.get(data, "links", "links")
+    return Profile(model, tuple(_rank(rd, ranks, i) for i in range(n)),
+                   rd.matrix(links, "latency_ms", "links.latency_ms", n, False),
+                   rd.matrix(links, "bandwidth_bytes_per_s", "links.bandwidth_bytes_per_s", n, True),
+                   rd.real(data, "step_ms", "step_ms"), rd.real(data, "seconds", "seconds"), rd.source)
+
+
+def _profile(p) -> Profile:
+    return p if isinstance(p, Profile) else load_profile(p)
+
+
+# ---- the cost model ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Prediction:
+    """What a layout is predicted to do (see the module docstring)."""
+    text: str  # the layout, as --ratios takes it
+    ms_per_token: float  # one sequence's time per token: one cycle
+    tokens_per_s: float  # all sequences together
+    stage_ms: tuple  # t_s per stage
+    stages: tuple  # the working ranks of each stage
+    layers: tuple  # layer count of each stage
+    memory_bytes: tuple  # per rank (0 for an idle one)
+    fits: bool
+    why: str  # one line naming the shortfall when it does not fit, else ""
+    idle: tuple  # ranks given a ratio of 0
+    sequences: int  # K the prediction is for
+    context: int  # positions per sequence the KV caches hold
+
+
+class _Work(NamedTuple):
+    """What the cost model reads of a plan."""
+    stages: tuple  # the working ranks of each stage
+    layers: tuple  # layer count of each stage
+    units: tuple  # (KV groups, FFN blocks, classifier rows) per rank; (0, 0, 0) for an idle one
+
+
+def _work_of(plan) -> _Work:
+    return _Work(tuple(st.ranks for st in plan.stages), tuple(st.n_layers for st in plan.stages),
+                 tuple((s.n_kv, len(s.ffn_blocks), s.n_vocab) for s in plan.shares))
+
+
+def _rows(sequences, n_stages) -> int:
+    """Rows of a stage's batch: the sequences share the stages' ticks."""
+    return -(-sequences // n_stages) if sequences >= n_stages else 1
+
+
+def _allreduce_ms(prof, ranks, n_bytes, kind) -> float:
+    """One allreduce of n_bytes among a stage's working ranks."""
+    p = len(ranks)
+    if p == 1:
+        return 0.0
+    if kind == "star":
+        return 2 * max(prof.link_ms(ranks[0], r, n_bytes) for r in ranks[1:])
+    if kind == "ring":
+        return 2 * (p - 1) * max(prof.link_ms(a, ranks[(i + 1) % p], n_bytes / p) for i, a in enumerate(ranks))
+    return 2 * math.ceil(math.log2(p)) * max(prof.link_ms(i, j, n_bytes) for i in ranks for j in ranks if i != j)
+
+
+def _stage_cost(prof, ranks, units, rows, allreduce, last) -> tuple:
+    """(ms per layer, ms of the head and the candidates' return, or 0 outside the last stage) of one stage."""
+    pts = [(prof.ranks[r].at(rows), units[r]) for r in ranks]
+    attn = max(p.layer_ms / 2 + k * p.kv_group_ms for p, (k, f, v) in pts)
+    ffn = max(p.layer_ms / 2 + f * p.ffn_block_ms for p, (k, f, v) in pts)
+    per_layer = attn + ffn + 2 * _allreduce_ms(prof, ranks, rows * prof.model.dim * 4, allreduce)
+    if not last:
+        return per_layer, 0.0
+    return per_layer, (max(p.head_ms + v * p.vocab_row_ms for p, (k, f, v) in pts)
+                       + max((prof.link_ms(r, 0, 8 * rows) for r in ranks if r != 0), default=0.0))
+
+
+def _stage_terms(prof, work, rows, allreduce, cost=_stage_cost) -> list:
+    """(a_s, c_s) per stage: t_s = a_s * n_s + c_s ms. `cost`: _stage_cost, or a cache of it."""
+    out = []
+    for s, ranks in enumerate(work.stages):
+        a, c = cost(prof, ranks, work.units, rows, allreduce, s == len(work.stages) - 1)
+        if s > 0:  # the hand-off in: one (rows, dim) f32 from the previous stage's leader
+            c += max(prof.link_ms(work.stages[s - 1][0], r, rows * prof.model.dim * 4) for r in ranks)
+        out.append((a, c))
+    return out
+
+
+def _memory_terms(prof, work, sequences, context) -> list:
+    """(bytes per layer of its stage, fixed bytes) per rank; (0, 0) for an idle one."""
+    m, working = prof.model, {r for ranks in work.stages for r in ranks}
+    return [(m.layer_bytes + k * m.kv_group_bytes + f * m.ffn_block_bytes
+             + k * m.kv_bytes_per_position * context * sequences, v * m.vocab_row_bytes) if r in working else (0, 0)
+            for r, (k, f, v) in enumerate(work.units)]
+
+
+def _cycle_ms(stage_ms, sequences, step_ms) -> float:
+    """One cycle, in which every sequence in flight advances one token."""
+    m = min(sequences, len(stage_ms))
+    return max(sum(stage_ms), m * max(stage_ms)) + m * step_ms
+
+
+def _step_ms(prof) -> float:
+    """Rank 0's cost of one step record: its fixed cost and the slowest rank to hear of it."""
+    return prof.step_ms + max((prof.latency_ms[0][r] for r in range(1, len(prof.ranks))), default=0.0)
+
+
+def _size(n_bytes) -> str:
+    for unit, scale in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if n_bytes >= scale:
+            return f"{n_bytes / scale:.1f} {unit}"
+    return f"{n_bytes} bytes"
+
+
+def _check_run(prof, sequences, context, allreduce) -> int:
+    """The context the run's KV caches hold, after checking the run's needs."""
+    if isinstance(sequences, bool) or not isinstance(sequences, int) or sequences < 1:
+        raise UserError(f"sequences must be a whole number of at least 1, not {sequences!r}")
+    if context is not None and (isinstance(context, bool) or not isinstance(context, int) or context < 1):
+        raise UserError(f"context must be a whole number of positions, at least 1, not {context!r}")
+    if allreduce not in ALLREDUCES:
+        raise UserError(f"allreduce must be one of {', '.join(ALLREDUCES)}, not {allreduce!r}")
+    return prof.model.context if context is None else context
+
+
+def predict(profile, text, sequences=1, context=None, allreduce="star") -> Prediction:
+    """The prediction for a layout text with `sequences` sequences in flight, each up to `context` positions
+    (default: the model's context). `profile`: a Profile, a path or a decoded dict."""
+    prof = _profile(profile)
+    context = _check_run(prof, sequences, context, allreduce)
+    work = _work_of(make_plan(parse_layout(text, len(prof.ranks)), prof.model))
+    terms = _stage_terms(prof, work, _rows(sequences, len(work.stages)), allreduce)
+    stage_ms = tuple(a * n + c for (a, c), n in zip(terms, work.layers))
+    cycle = _cycle_ms(stage_ms, sequences, _step_ms(prof))
+    n_layers = {r: n for ranks, n in zip(work.stages, work.layers) for r in ranks}
+    memory = tuple(per * n_layers.get(r, 0) + fixed
+                   for r, (per, fixed) in enumerate(_memory_terms(prof, work, sequences, context)))
+    short = [f"{what} would need {_size(need)}, {_size(need - room)} more than its {_size(room)}"
+             for ranks, room, what in prof.limits if (need := sum(memory[r] for r in ranks)) > room]
+    return Prediction(text, cycle, sequences / cycle * 1000 if cycle > 0 else math.inf, stage_ms, work.stages,
+                      work.layers, memory, not short, short[0] if short else "",
+                      tuple(r for r in range(len(prof.ranks)) if r not in n_layers), sequences, context)
+
+
+# ---- the search ----------------------------------------------------------------------------------------------
+def _ratio_text(x) -> str:
+    """At most 3 significant digits, without an exponent while it reads well: 2.4666 -> '2.47'."""
+    return f"{float(f'{x:.3g}'):g}"
+
+
+def _choices(prof, unit_ms):
+    """Each rank after rank 0: 'i' idle, 'j' joins the current stage, 'n' starts a new one (module docstring)."""
+    n = len(prof.ranks)
+    if n <= EXHAUSTIVE:
+        yield from product("ijn", repeat=n - 1)
+        return
+    slowest = sorted(range(1, n), key=lambda r: (-unit_ms(r, 1), r))
+    for j in range(n):
+        idle = set(slowest[:j])
+        for moves in product("jn", repeat=n - 1 - j):
+            it = iter(moves)
+            yield tuple("i" if r in idle else next(it) for r in range(1, n))
+
+
+def _groups(choice) -> list:
+    """The stages as the text writes them, idle ranks included: [((rank, working), ...), ...]."""
+    out = [[(0, True)]]
+    for r, c in enumerate(choice, 1):
+        if c == "n":
+            out.append([(r, True)])
+        else:
+            out[-1].append((r, c == "j"))
+    return [tuple(g) for g in out]
+
+
+def _ratios(groups, rows, unit_ms) -> dict:
+    """Each rank's ratio text: its speed at `rows` rows (1 / its time for a layer's units), its stage's slowest 1;
+    an idle rank 0."""
+    out = {}
+    for g in groups:
+        unit = {r: unit_ms(r, rows) for r, working in g if working}
+        slowest = max(unit.values())
+        for r, _ in g:
+            out[r] = "0" if r not in unit else _ratio_text(slowest / max(unit[r], slowest * 1e-6) if slowest else 1)
+    return out
+
+
+def _layout_text(groups, ratios, layers=None) -> str:
+    parts = [":".join(ratios[r] for r, _ in g) for g in groups]
+    return parts[0] if len(parts) == 1 else "*".join(f"{p}@{n}" for p, n in zip(parts, layers))
+
+
+class _Search:
+    """One search's inputs and caches: a stage's units and costs recur across the groupings."""
+
+    def __init__(self, prof, sequences, context, allreduce):
+        self.prof, self.sequences, self.context, self.allreduce = prof, sequences, context, allreduce
+        self.step_ms = _step_ms(prof)
+        self._cache = {}
+
+    def cached(self, key, make):
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
+
+    def unit_ms(self, rank, rows) -> float:
+        """A rank's time for one whole layer's units at `rows` rows (1 / its speed)."""
+        def make():
+            p, m = self.prof.ranks[rank].at(rows), self.prof.model
+            return p.kv_group_ms * m.n_kv_heads + p.ffn_block_ms * n_ffn_blocks(m.ffn_dim)
+        return self.cached(("unit", rank, rows), make)
+
+    def stage_units(self, ratios, last):
+        """(KV groups, FFN blocks, classifier rows) of each rank of a stage written `ratios`, from make_plan of
+        its working ranks (a stage's units follow its own ratios; an idle rank gets none); None when a rank with a
+        ratio would get nothing."""
+        working = tuple(v for v in ratios if v != "0")
+
+        def make():
+            try:
+                shares = make_plan(parse_layout(":".join(working), len(working)), self.prof.model).shares
+            except UserError:  # the grouping with that rank idle is another candidate
+                return None
+            units = [(s.n_kv, len(s.ffn_blocks), s.n_vocab * last) for s in shares]
+            return None if (0, 0, 0) in units else units  # outside the last stage, classifier rows do not count
+        units = self.cached(("units", working, last), make)
+        if units is None:
+            return None
+        held = iter(units)
+        return tuple(next(held) if v != "0" else (0, 0, 0) for v in ratios)
+
+    def stage_cost(self, prof, ranks, units, rows, allreduce, last):
+        return self.cached(("cost", ranks, tuple(units[r] for r in ranks), rows, last),
+                           lambda: _stage_cost(prof, ranks, units, rows, allreduce, last))
+
+    def candidate(self, choice):
+        """(predicted ms per cycle, layout text) of one grouping's best layer split, its ratios fixed by the
+        ranks' speeds; None if no split fits or a rank with a ratio gets nothing."""
+        groups, n_layers, k = _groups(choice), self.prof.model.n_layers, self.sequences
+        if len(groups) > n_layers:
+            return None
+        rows = _rows(k, len(groups))
+        ratios = _ratios(groups, rows, self.unit_ms)
+        units = [self.stage_units(tuple(ratios[r] for r, _ in g), i == len(groups) - 1) for i, g in enumerate(groups)]
+        if None in units:
+            return None
+        work = _Work(tuple(tuple(r for r, w in g if w) for g in groups), None, sum(units, ()))
+        terms = _stage_terms(self.prof, work, rows, self.allreduce, self.stage_cost)
+        bounds = _memory_bounds(self.prof, work, _memory_terms(self.prof, work, k, self.context), n_layers)
+        counts = bounds and _layer_split(terms, n_layers, k, *bounds)
+        if not counts:
+            return None
+        ms = _cycle_ms([a * n + c for (a, c), n in zip(terms, counts)], k, self.step_ms)
+        return ms, _layout_text(groups, ratios, counts)
+
+
+def _memory_bounds(prof, work, mem, n_layers):
+    """Most layers each stage's memory allows on its own, and the limits that couple several stages (a host
+    whose ranks sit in more than one): (caps, [(bytes per layer of each stage, bytes left), ...]); None when
+    the fixed bytes alone do not fit."""
+    stage_of = {r: s for s, ranks in enumerate(work.stages) for r in ranks}
+    caps, coupled = [n_layers] * len(work.stages), []
+    for ranks, room, _ in prof.limits:
+        per = [0] * len(caps)
+        for r in ranks:
+            if r in stage_of:
+                per[stage_of[r]] += mem[r][0]
+                room -= mem[r][1]
+        touched = [s for s, w in enumerate(per) if w]
+        if room < 0:
+            return None
+        if len(touched) == 1:
+            caps[touched[0]] = min(caps[touched[0]], room // per[touched[0]])
+        elif touched:
+            coupled.append((tuple(per), room))
+    return caps, coupled
+
+
+def _least_sum(a, order, hi, n_layers, coupled):
+    """Layer counts (each 1..hi_s, summing to n_layers, within the coupled limits) of least sum_s a_s * n_s;
+    `order`: the stages by a_s."""
+    if not coupled:  # one each, the rest to the cheapest stages first
+        counts, rest = [1] * len(a), n_layers - len(a)
+        for s in order:
+            give = min(rest, hi[s] - 1)
+            counts[s], rest = counts[s] + give, rest - give
+        return counts if rest == 0 else None
+    last = [max(s for s, w in enumerate(per) if w) for per, _ in coupled]
+    states = {(0, (0,) * len(coupled)): (0.0, ())}  # (layers so far, bytes so far per limit) -> (cost, counts)
+    for s in range(len(a)):
+        grown = {}
+        for (used, held), (cost, counts) in states.items():
+            for n in range(1, min(hi[s], n_layers - used - (len(a) - 1 - s)) + 1):
+                now = tuple(h + per[s] * n for h, (per, _) in zip(held, coupled))
+                if any(h > room for h, (_, room) in zip(now, coupled)):
+                    break
+                key = (used + n, tuple(0 if last[i] <= s else h for i, h in enumerate(now)))  # settled: forget
+                if key not in grown or cost + a[s] * n < grown[key][0]:
+                    grown[key] = (cost + a[s] * n, counts + (n,))
+        states = _pareto(grown)
+    done = [v for (used, _), v in states.items() if used == n_layers]
+    return list(min(done)[1]) if done else None
+
+
+def _pareto(states) -> dict:
+    """Drop each state that another with as many layers beats or equals in both cost and bytes held."""
+    kept, out = {}, {}
+    for (used, held), (cost, counts) in sorted(states.items(), key=lambda kv: (kv[1], kv[0])):
+        front = kept.setdefault(used, [])
+        if not any(all(x <= y for x, y in zip(h, held)) for h in front):
+            front.append(held)
+            out[(used, held)] = (cost, counts)
+    return out
+
+
+def _layer_split(terms, n_layers, sequences, caps, coupled):
+    """The layer counts of least cycle, or None when no split fits. With T a bound on every t_s and f(T) the
+    least sum_s t_s under it, the cycle is at most max(f(T), m * T) (+ m * step), and the least of that over T is
+    the optimum; f falls and m * T grows with T, so the least is at the first T where m * T >= f(T) or the one
+    before it."""
+    a = [t[0] for t in terms]
+    order = sorted(range(len(a)), key=lambda s: (a[s], s))
+    ms = [[a_s * n + c_s for n in range(1, min(cap, n_layers - len(a) + 1) + 1)]  # t_s for each n_s that fits
+          for (a_s, c_s), cap in zip(terms, caps)]
+
+    def under(bound):  # (least sum_s t_s with every t_s <= bound, the counts), or (inf, None)
+        hi = [bisect_right(v, bound) for v in ms]
+        counts = (_least_sum(a, order, hi, n_layers, coupled) if min(hi) >= 1 and sum(hi) >= n_layers else None)
+        return (math.inf, None) if counts is None else (sum(v[n - 1] for v, n in zip(ms, counts)), counts)
+    m = min(sequences, len(a))
+    if m == 1:  # the cycle is the sum
+        return under(math.inf)[1]
+    bounds = sorted({t for v in ms for t in v})
+    lo, top = 0, len(bounds)  # bisection: m * T - f(T) grows with T
+    while lo < top:
+        mid = (lo + top) // 2
+        lo, top = (lo, mid) if m * bounds[mid] >= under(bounds[mid])[0] else (mid + 1, top)
+    found = [under(bounds[i])[1] for i in (lo - 1, lo) if 0 <= i < len(bounds)]
+    found = [c for c in found if c is not None]
+    return min(found, key=lambda c: _cycle_ms([ms[s][n - 1] for s, n in enumerate(c)], sequences, 0.0), default=None)
+
+
+def _better(new, old) -> bool:
+    """Less time per cycle (both objectives: K is fixed); ties: fewer ranks, fewer stages, the smaller text."""
+    if old is None or new.ms_per_token < old.ms_per_token * (1 - 1e-9):
+        return True
+    if new.ms_per_token > old.ms_per_token * (1 + 1e-9):
+        return False
+    key = (lambda p: (sum(map(len, p.stages)), len(p.stages), p.text))
+    return key(new) < key(old)
+
+
+def _search(prof, objective, sequences, context, allreduce) -> dict:
+    """The best layout that fits of each shape ("any", "tp", "pp"; None where none fits). A grouping's value
+    comes from the same cost functions as `predict`; each one that may beat a best so far is predicted whole."""
+    if objective not in OBJECTIVES:
+        raise UserError(f"objective must be one of {', '.join(OBJECTIVES)}, not {objective!r}")
+    context = _check_run(prof, sequences, context, allreduce)
+    k = 1 if objective == "latency" else sequences
+    search, best = _Search(prof, k, context, allreduce), dict.fromkeys(SHAPES)
+    for choice in _choices(prof, search.unit_ms):
+        shapes = ["any"] + ["tp"] * ("n" not in choice) + ["pp"] * ("j" not in choice)
+        found = search.candidate(choice)
+        if found is None or all(best[s] and found[0] > best[s].ms_per_token * (1 + 1e-9) for s in shapes):
+            continue
+        pred = predict(prof, found[1], k, context, allreduce)
+        for shape in shapes:
+            if pred.fits and _better(pred, best[shape]):
+                best[shape] = pred
+    if best["any"] is None:
+        raise UserError(_shortfall(prof, search))
+    return best
+
+
+def _shortfall(prof, search) -> str:
+    """Why nothing fits, from one stage over every rank (the most spread out): with the search's ratios, equal
+    ones, or rank 0 alone (when some rank would get nothing); and a layout that fits if one of those does."""
+    n, groups = len(prof.ranks), _groups("j" * (len(prof.ranks) - 1))
+    whys = {}
+    for text in (_layout_text(groups, _ratios(groups, search.sequences, search.unit_ms)), ":".join(["1"] * n),
+                 ":".join(["1"] + ["0"] * (n - 1))):
+        try:
+            whys.setdefault(text, predict(prof, text, search.sequences, search.context, search.allreduce).why)
+        except UserError:
+            continue
+    short, fits = [t for t, why in whys.items() if why], [t for t, why in whys.items() if not why]
+    if fits:  # short holds rank 0 alone at least: the search tried it
+        return (f"no layout with ratios that follow the ranks' speeds fits in memory (with --ratios '{short[0]}', "
+                f"{whys[short[0]]}); --ratios '{fits[0]}' would")
+    return (f"no layout fits in memory: even with --ratios '{short[0]}', {whys[short[0]]}; "
+            "lower --context or --sequences")
+
+
+def plan(profile, objective="latency", sequences=1, context=None, shape="any", allreduce="star") -> Prediction:
+    """The best layout that fits, for the objective (latency: one sequence; throughput: `sequences` in flight),
+    of the shape asked ("any", "tp": one stage, "pp": one working rank a stage); UserError if nothing fits."""
+    if shape not in SHAPES:
+        raise UserError(f"shape must be one of {', '.join(SHAPES)}, not {shape!r}")
+    best = _search(_profile(profile), objective, sequences, context, allreduce)
+    if best[shape] is None:
+        raise UserError(f"no {shape.upper()} layout fits in memory; the best that fits is --ratios "
+                        f"'{best['any'].text}'")
+    return best[shape]
+
+
+def alternatives(profile, objective="latency", sequences=1, context=None, allreduce="star") -> dict:
+    """{"best": the chosen Prediction, "tp": the best one-stage one, "pp": the best one-rank-a-stage one (None
+    where none fits)}, from one search; UserError if nothing fits."""
+    best = _search(_profile(profile), objective, sequences, context, allreduce)
+    return {"best": best["any"], "tp": best["tp"], "pp": best["pp"]}
+
+
+# ---- the CLI -------------------------------------------------------------------------------------------------
+def _summary(pred) -> str:
+    return f"--ratios '{pred.text}': {pred.ms_per_token:.2f} ms per token, {pred.tokens_per_s:.2f} tokens/s"
+
+
+def _memory_lines(prof, pred) -> list:
+    """Each working rank's bytes, each limit's use of what it has, each idle rank named."""
+    out = [f"rank {r.rank} (host {r.host}, {r.backend}): {pred.memory_bytes[r.rank] / MIB:.0f} MiB"
+           for r in prof.ranks if r.rank not in pred.idle]
+    out += [f"{what}: {sum(pred.memory_bytes[r] for r in ranks) / MIB:.0f} MiB of {room / MIB:.0f} MiB available"
+            for ranks, room, what in prof.limits]
+    return out + [f"rank {r} (host {prof.ranks[r].host}): too slow to help, left idle" for r in pred.idle]
+
+
+def _as_dict(prof, pred) -> dict:
+    first = [sum(pred.layers[:s]) for s in range(len(pred.layers))]
+    return {"ratios": pred.text, "flag": f"--ratios '{pred.text}'", "ms_per_token": pred.ms_per_token,
+            "tokens_per_s": pred.tokens_per_s, "sequences": pred.sequences, "context": pred.context,
+            "stages": [{"stage": s, "ranks": list(rs), "layers": [a, a + n], "ms": ms}
+                       for s, (rs, a, n, ms) in enumerate(zip(pred.stages, first, pred.layers, pred.stage_ms))],
+            "ranks": [{"rank": r.rank, "host": r.host, "idle": r.rank in pred.idle,
+                       "memory_bytes": pred.memory_bytes[r.rank], "host_memory_bytes": r.memory_bytes,
+                       "device_memory_bytes": r.device_memory_bytes} for r in prof.ranks]}
+
+
+def _report(prof, found, objective, allreduce) -> str:
+    best = found["best"]
+    first = [sum(best.layers[:s]) for s in range(len(best.layers))]
+    lines = [f"--ratios '{best.text}'",
+             f"predicted {best.ms_per_token:.2f} ms per token, {best.tokens_per_s:.2f} tokens/s ({objective}, "
+             f"{best.sequences} sequence{'s' * (best.sequences > 1)} of up to {best.context} positions, "
+             f"{allreduce} allreduce)"]
+    lines += [f"stage {s}: layers {a}-{a + n - 1} on rank{'s' * (len(rs) > 1)} {', '.join(map(str, rs))}: "
+              f"{ms:.2f} ms" for s, (rs, a, n, ms) in enumerate(zip(best.stages, first, best.layers, best.stage_ms))]
+    lines += _memory_lines(prof, best)
+    lines += [f"best {k.upper()} only: " + (_summary(found[k]) if found[k] else "none fits") for k in ("tp", "pp")]
+    return "\n".join(lines)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.argument("profile_path", metavar="PROFILE.json")
+@click.option("--objective", type=click.Choice(OBJECTIVES), default="latency", show_default=True,
+              help="latency: one sequence's time per token; throughput: tokens/s of --sequences together.")
+@click.option("--sequences", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Sequences in flight (the throughput objective; latency plans one).")
+@click.option("--context", type=click.IntRange(min=1), help="Positions per sequence (default: the model's).")
+@click.option("--allreduce", type=click.Choice(ALLREDUCES), default="star", show_default=True,
+              help="The allreduce the run will use inside a stage (spmd.run's --allreduce).")
+@click.option("--output", type=click.Choice(("text", "json")), default="text", show_default=True,
+              help="json: one object, the chosen layout ('best') and the best TP-only and PP-only ones.")
+def cli(profile_path, objective, sequences, context, allreduce, output):
+    """The layout (--ratios) predicted best for the cluster a profile (python -m spmd.profile) measured."""
+    prof = load_profile(profile_path)
+    found = alternatives(prof, objective, sequences, context, allreduce)
+    if output == "json":
+        click.echo(json.dumps({"objective": objective, "allreduce": allreduce,
+                               **{k: found[k] and _as_dict(prof, found[k]) for k in found}}))
+    else:
+        click.echo(_report(prof, found, objective, allreduce))
+
+
+def main(argv=None):
+    """`python -m spmd.plan`: a bad file or flag is one line on stderr and exit status 2."""
+    try:
+        cli.main(args=argv, prog_name="python -m spmd.plan", standalone_mode=False)
+    except (click.ClickException, UserError) as e:
+        click.echo(f"error: {e.format_message() if isinstance(e, click.ClickException) else e}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:  # Ctrl-C
+        sys.exit(130)

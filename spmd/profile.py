@@ -1,0 +1,266 @@
+"""`python -m spmd.profile`: measure what the planner (`spmd.planner`) needs, on every rank with its own backend and
+threads, in seconds. Writes a profile JSON (`--out`) and prints a table.
+
+Per rank, on one layer of the real file (layer 0) and classifier rows, with the rank's own backend:
+  compute   a decode pass of b rows (b sequences of one token each, at position POSITION) for b in ROWS, through
+            one layer holding every KV-head group and FFN block (K, F), none of the groups (0, F) and one block
+            (K, 1): three timings that give the layer's fixed cost and its cost per KV-head group and per FFN block
+            (t(k, f) = layer + k * kv_group + f * ffn_block); the head over VOCAB_ROWS and a quarter of them gives
+            its fixed cost and its cost per classifier row. The same at prefill (one sequence of PREFILL_ROWS).
+  memory    the host's available memory, and a Vulkan rank's device memory.
+Between every pair of ranks, one pair at a time: ping-pong round trips of one hidden-state row (dim * 4 bytes,
+what a decode token sends) and of LINK_LARGE bytes give each link's latency and bandwidth. Rank 0's broadcast of a
+step record gives `step_ms`. Each figure is the median of `repeats` runs after one not counted (warm-up).
+
+`measure(...)` is the collective the run's `--plan auto` calls too; rank 0 gets the profile as a dict (the format
+`spmd.planner.load_profile` reads). Simulated slow ranks (SPMD_TEST_SLOW) and links (SPMD_TEST_LINK_DELAY_MS)
+are measured as they would run.
+"""
+import json
+import sys
+import time
+from dataclasses import replace
+
+import click
+import numpy as np
+
+from .errors import UserError
+from .model import Segment
+from .plan import Share, n_ffn_blocks
+
+ROWS = (1, 4, 16)  # decode batch rows measured (the planner interpolates between them)
+PREFILL_ROWS = 64
+POSITION = 32  # positions each measured sequence already holds: the attention reads this many
+VOCAB_ROWS = 4096  # classifier rows timed (at most the vocabulary); the cost per row scales to the rest
+LINK_LARGE = 1 << 20  # bytes of the bandwidth ping-pong
+REPEATS = 5
+
+
+def probe_shares(cfg) -> dict:
+    """The shares timed: layer 0 with all (K, F), no (0, F) KV-head groups, one FFN block (K, 1); and the head with
+    VOCAB_ROWS rows and a quarter of them."""
+    blocks, rows = tuple(range(n_ffn_blocks(cfg.ffn_dim))), min(VOCAB_ROWS, cfg.vocab)
+    full = Share(0, (0, 1), tuple(range(cfg.n_kv_heads)), cfg.group, blocks, cfg.ffn_dim, 0, rows)
+    return {"full": full, "no_kv": replace(full, kv=(), n_vocab=max(1, rows // 4)),
+            "one_block": replace(full, ffn_blocks=blocks[:1], n_vocab=0)}
+
+
+class Timer:
+    """Median milliseconds of a call over `repeats` runs after one warm-up, the simulated slowdown included."""
+
+    def __init__(self, repeats, slow=None):
+        self.repeats, self.slow = repeats, slow
+
+    def __call__(self, fn) -> float:
+        times = []
+        for _ in range(self.repeats + 1):
+            t = time.perf_counter()
+            if self.slow is not None:
+                self.slow.start()
+            fn()
+            if self.slow is not None:
+                self.slow.pause()
+            times.append(time.perf_counter() - t)
+        return float(np.median(times[1:])) * 1e3
+
+
+def time_share(file, cfg, backend, share, timer, rows) -> dict:
+    """{rows: (layer ms, head ms)} of one share: decode passes of b one-token segments, and the prefill."""
+    from .weights import load_shard
+    slots = max(rows)
+    model = backend.make_model(cfg, load_shard(file, cfg, share, backend, notice=lambda _m: None), share,
+                               max(POSITION + 1, PREFILL_ROWS), slots)
+    rng = np.random.default_rng(0)
+    out = {}
+    try:
+        for slot in range(slots):
+            model.open(slot, POSITION + 1)
+        for b in rows:
+            x = rng.standard_normal((b, cfg.dim)).astype(np.float32)
+            segments = [Segment(slot, POSITION, 1) for slot in range(b)]
+            out[b] = (timer(lambda: model.forward(x.copy(), segments, None, head=False)),
+                      timer(lambda: model.head(x)) if share.n_vocab else 0.0)
+        model.free(0)
+        model.open(0, PREFILL_ROWS)
+        x = rng.standard_normal((PREFILL_ROWS, cfg.dim)).astype(np.float32)
+        out["prefill"] = (timer(lambda: model.forward(x.copy(), [Segment(0, 0, PREFILL_ROWS)], None, head=False)),
+                          timer(lambda: model.head(x)) if share.n_vocab else 0.0)
+    finally:
+        model.close()
+    return out
+
+
+def fit(cfg, shares, times, rows) -> dict:
+    """A compute point from the three shares' timings at `rows` (each cost at least 0: noise can make a
+    difference negative)."""
+    K, F = cfg.n_kv_heads, n_ffn_blocks(cfg.ffn_dim)
+    full, no_kv, one = (times[name][rows][0] for name in ("full", "no_kv", "one_block"))
+    kv_group = max(0.0, (full - no_kv) / K)
+    ffn_block = max(0.0, (full - one) / (F - 1)) if F > 1 else 0.0
+    layer = max(0.0, full - K * kv_group - F * ffn_block)
+    va, vb = shares["full"].n_vocab, shares["no_kv"].n_vocab
+    ha, hb = times["full"][rows][1], times["no_kv"][rows][1]
+    vocab_row = max(0.0, (ha - hb) / (va - vb)) if va > vb else ha / va
+    head = max(0.0, ha - va * vocab_row)
+    return {"rows": rows if rows != "prefill" else PREFILL_ROWS, "layer_ms": layer, "kv_group_ms": kv_group,
+            "ffn_block_ms": ffn_block, "head_ms": head, "vocab_row_ms": vocab_row}
+
+
+def model_bytes(file, cfg) -> dict:
+    """Bytes the planner counts per unit, as the file holds them."""
+    from .weights import share_file_bytes
+    blocks = tuple(range(n_ffn_blocks(cfg.ffn_dim)))
+    none = Share(0, (0, 1), (), cfg.group, (), cfg.ffn_dim, 0, 0)
+    per = {"kv_group": replace(none, kv=(0,)), "ffn_block": replace(none, ffn_blocks=blocks[:1]),
+           "vocab_row": replace(none, layers=(0, 0), n_vocab=1)}
+    out = {k: share_file_bytes(file, cfg, s) for k, s in per.items()}
+    return {"layer": 2 * cfg.dim * 4, **out}  # the layer's two norms, float32
+
+
+def measure_links(comm, dim, repeats):
+    """(latency ms, bandwidth bytes/s) n x n matrices (diagonal None), one pair at a time; every rank calls it."""
+    n = comm.size
+    lat = [[None] * n for _ in range(n)]
+    bw = [[None] * n for _ in range(n)]
+    for a in range(n):
+        for b in range(a + 1, n):
+            comm.barrier()
+            small = comm.ping_pong(a, b, dim * 4, repeats)
+            large = comm.ping_pong(a, b, LINK_LARGE, repeats)
+            small, large = comm.bcast((small, large), root=a)
+            per_byte = max((large - small) / (LINK_LARGE - dim * 4), 1e-12)
+            latency = max(small - dim * 4 * per_byte, 0.0)
+            lat[a][b] = lat[b][a] = latency * 1e3
+            bw[a][b] = bw[b][a] = 1.0 / per_byte
+    return lat, bw
+
+
+def measure(comm, file, cfg, backend, threads, repeats=REPEATS, slow=None):
+    """Every rank: time this rank, the links and the step record; rank 0 returns the profile dict (else None)."""
+    from .comm import host_name
+    from .rank import available_bytes
+    t0 = time.perf_counter()
+    timer, shares = Timer(repeats, slow), probe_shares(cfg)
+    times = {name: time_share(file, cfg, backend, s, timer, ROWS) for name, s in shares.items()}
+    mine = {"rank": comm.rank, "host": host_name(), "backend": backend.description, "threads": threads,
+            "memory_bytes": available_bytes(), "device_memory_bytes": backend.device_memory_bytes(),
+            "compute": [fit(cfg, shares, times, b) for b in ROWS],
+            "prefill": fit(cfg, shares, times, "prefill")}
+    ranks = comm.gather(mine)
+    lat, bw = measure_links(comm, cfg.dim, repeats)
+    step_ms = comm.bcast_seconds(repeats * 4) * 1e3
+    if not comm.is_root:
+        return None
+    return {"format": "spmd-profile", "version": 1,
+            "model": {"file": file.path, "n_layers": cfg.n_layers, "dim": cfg.dim, "n_heads": cfg.n_heads,
+                      "n_kv_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "ffn_dim": cfg.ffn_dim,
+                      "vocab": cfg.vocab, "context": cfg.context, "bytes": model_bytes(file, cfg),
+                      "kv_bytes_per_position": 2 * cfg.head_dim * 4},
+            "ranks": ranks, "links": {"latency_ms": lat, "bandwidth_bytes_per_s": bw},
+            "step_ms": step_ms, "seconds": time.perf_counter() - t0}
+
+
+def table(profile) -> str:
+    """The profile as a readable table: per rank its decode and prefill costs and memory; the links."""
+    m = profile["model"]
+    lines = [f"model {m['file']}: {m['n_layers']} layers, {m['n_kv_heads']} KV-head groups, "
+             f"{n_ffn_blocks(m['ffn_dim'])} FFN blocks, {m['vocab']} classifier rows",
+             f"{'rank':>4} {'host':<12} {'backend':<24} {'rows':>4} {'layer ms':>9} {'whole layer':>11} "
+             f"{'head ms':>8} {'memory':>9}"]
+    for r in profile["ranks"]:
+        for p in r["compute"] + [r["prefill"]]:
+            whole = p["layer_ms"] + m["n_kv_heads"] * p["kv_group_ms"] + n_ffn_blocks(m["ffn_dim"]) * p["ffn_block_ms"]
+            head = p["head_ms"] + m["vocab"] * p["vocab_row_ms"]
+            mem = f"{r['memory_bytes'] / 2**30:.1f} GiB" if r["memory_bytes"] is not None else "?"
+            lines.append(f"{r['rank']:>4} {r['host'][:12]:<12} {r['backend'][:24]:<24} {p['rows']:>4} "
+                         f"{p['layer_ms']:>9.3f} {whole:>11.3f} {head:>8.3f} {mem:>9}")
+    n = len(profile["ranks"])
+    for a in range(n):
+        for b in range(a + 1, n):
+            lat, bw = profile["links"]["latency_ms"][a][b], profile["links"]["bandwidth_bytes_per_s"][a][b]
+            lines.append(f"link {a}-{b}: latency {lat:.3f} ms, bandwidth {bw * 8 / 1e6:.0f} Mbit/s")
+    lines.append(f"step record: {profile['step_ms']:.3f} ms; measured in {profile['seconds']:.1f} s")
+    return "\n".join(lines)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.option("--model", "-m", required=True, metavar="FILE.gguf",
+              help="GGUF model file (the same path on every host).")
+@click.option("--backend", default="cpu", show_default=True, metavar="NAME[,NAME...]",
+              help="cpu, vulkan or numpy: one for every rank, or one per rank (as spmd.run takes it).")
+@click.option("--gpu", default=None, metavar="N[,N...]", help="Vulkan device index on each rank's host (as spmd.run).")
+@click.option("--threads", default=None, metavar="N[,N...]", help="Kernel threads of each rank (as spmd.run).")
+@click.option("--out", default=None, metavar="FILE.json", help="Write the profile here (python -m spmd.plan reads it).")
+@click.option("--repeats", default=REPEATS, show_default=True, type=click.IntRange(1, 1000),
+              help="Runs of each timing (the median counts).")
+def cli(**kw):
+    """Measure every rank (compute per layer unit and classifier row, memory) and every link, for the planner.
+
+    Run it on every rank: mpirun -hostfile hostfiles/home.txt python -m spmd.profile --model m.gguf --out p.json
+    """
+    return kw
+
+
+def set_up(comm, opts):
+    """Every rank: its backend name, threads, the file and config (errors agreed on), then the backend."""
+    from threadpoolctl import threadpool_limits
+
+    from .backends import get_backend
+    from .config import read_config
+    from .gguf_file import GGUFFile
+    from .rank import agree, per_rank_choice
+    name, gpu, threads, wraps = agree(comm, lambda: per_rank_choice(opts, comm))
+    file, cfg = agree(comm, lambda: (lambda f: (f, read_config(f)))(GGUFFile(opts.model)))
+    threadpool_limits(1, user_api="blas")  # as spmd.run: the kernels' threads, not BLAS's
+    backend = agree(comm, lambda: get_backend(name, threads=threads, device=gpu, wrap=wraps))
+    backend.warmup()
+    return file, cfg, backend, threads
+
+
+def write_json(path, data):
+    """Write `data` to `path` whole or not at all (a temporary file renamed over it)."""
+    import os
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=1)
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise UserError(f"--out {path}: cannot write it ({e.strerror or e})") from None
+
+
+def profile_run(comm, kw):
+    from types import SimpleNamespace
+
+    from .executor import slowdown
+    opts = SimpleNamespace(**kw)
+    file, cfg, backend, threads = set_up(comm, opts)
+    profile = measure(comm, file, cfg, backend, threads, opts.repeats, slowdown(comm.rank))
+    if comm.is_root and opts.out:
+        write_json(opts.out, profile)
+    return profile
+
+
+def main(argv=None):
+    import signal
+
+    from . import run as R
+    signal.signal(signal.SIGTERM, R.interrupt)
+    try:
+        from . import comm as C  # initialises MPI
+        comm = C.Comm()
+        kw = R.flags_agreed(comm, R.parse_args(argv, comm.is_root, cli, "python -m spmd.profile"))
+        R.imports_agreed(comm, ("backends", "executor", "weights"))
+        profile = R.guarded(comm, R.root_log(comm), lambda: profile_run(comm, kw))
+    except KeyboardInterrupt:
+        sys.exit(R.signal_status())
+    if comm.is_root:
+        print(table(profile), flush=True)
+        if kw["out"]:
+            print(f"wrote {kw['out']}: python -m spmd.plan {kw['out']}", file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    main()

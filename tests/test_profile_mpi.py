@@ -1,0 +1,115 @@
+"""The cluster's profile (`spmd.profile`): every rank measured with its own backend, the links between every pair,
+a file the planner reads; simulated slow ranks and links show in it. Passes at any -n.
+
+Run with: mpirun -n 3 python -m pytest --with-mpi tests/test_profile_mpi.py"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mpi_models import SHAPE, WORLD, shared_models
+from spmd.comm import Comm
+from spmd.executor import Slowdown
+from spmd.planner import load_profile, predict
+from spmd.profile import measure, set_up, table
+from spmd.synth import write_model
+
+MPIRUN = shutil.which("mpirun") or str(Path(sys.executable).parent / "mpirun")
+
+
+@pytest.fixture(scope="module")
+def models():
+    yield from shared_models("spmd-profile-")
+
+
+def whole_layer_ms(profile, rank, rows=1):
+    m = profile["model"]
+    p = next(p for p in profile["ranks"][rank]["compute"] if p["rows"] == rows)
+    return p["layer_ms"] + m["n_kv_heads"] * p["kv_group_ms"] + -(-m["ffn_dim"] // 32) * p["ffn_block_ms"]
+
+
+def profile_of(model, slow=None, comm=None):
+    comm = comm or Comm(comm=WORLD)
+    opts = type("Opts", (), {"model": model, "backend": "cpu", "gpu": None, "threads": "1"})()
+    file, cfg, backend, threads = set_up(comm, opts)
+    return measure(comm, file, cfg, backend, threads, repeats=3, slow=slow)
+
+
+@pytest.mark.mpi
+def test_every_rank_and_link_is_measured_and_the_planner_reads_it(models):
+    profile = profile_of(models["Q4_0"])
+    if WORLD.rank != 0:
+        assert profile is None
+        return
+    n = WORLD.size
+    prof = load_profile(profile)  # the planner's own checks, field by field
+    assert len(prof.ranks) == n and [r["rank"] for r in profile["ranks"]] == list(range(n))
+    assert profile["model"]["n_layers"] == 2 and profile["model"]["kv_bytes_per_position"] == 2 * 32 * 4
+    for r in profile["ranks"]:
+        assert [p["rows"] for p in r["compute"]] == [1, 4, 16]
+        assert r["memory_bytes"] > 0 and r["device_memory_bytes"] is None and r["threads"] == 1
+        assert all(v >= 0 for p in r["compute"] for v in p.values())
+    for i in range(n):
+        for j in range(n):
+            lat, bw = profile["links"]["latency_ms"][i][j], profile["links"]["bandwidth_bytes_per_s"][i][j]
+            assert (lat is None) == (bw is None) == (i == j)
+            if i != j:
+                assert lat == profile["links"]["latency_ms"][j][i] and 0 <= lat < 50 and bw > 1e6
+    # the bytes per unit, computed here from the shape: Q4_0 is 18 bytes per 32 weights
+    b = profile["model"]["bytes"]
+    assert b["kv_group"] == (2 * 32 + 32 + 32) * 128 * 18 // 32 + 128 * 2 * 32 * 18 // 32  # q (2 heads), k, v; o
+    assert b["ffn_block"] == 3 * 32 * 128 * 18 // 32 and b["layer"] == 2 * 128 * 4
+    assert "link 0-1" in table(profile) if n > 1 else "step record" in table(profile)
+    assert predict(prof, ":".join(["1"] * n)).fits
+
+
+@pytest.mark.mpi
+def test_a_slow_rank_and_a_slow_link_show_in_the_profile(models, monkeypatch):
+    """Rank n-1 computing 4x slower (the SPMD_TEST_SLOW hook's Slowdown) measures at least 2x the others' whole
+    layer; a simulated 3 ms link delay shows as at least 3 ms latency on every link."""
+    n = WORLD.size
+    if n < 2:
+        pytest.skip("needs two ranks")
+    comm = Comm(comm=WORLD)
+    comm.link_delay_s = 0.003
+    profile = profile_of(models["Q4_0"], slow=Slowdown(4.0) if WORLD.rank == n - 1 else None, comm=comm)
+    if WORLD.rank == 0:
+        others = min(whole_layer_ms(profile, r) for r in range(n - 1))
+        assert whole_layer_ms(profile, n - 1) > 2 * others, table(profile)
+        assert all(profile["links"]["latency_ms"][i][j] >= 3.0 for i in range(n) for j in range(n) if i != j)
+
+
+def test_slowdown_sleeps_factor_minus_one_times_the_compute():
+    slow = Slowdown(3.0)
+    t = time.perf_counter()
+    slow.start()
+    time.sleep(0.02)  # "compute"
+    slowed = slow.around(lambda x: x)
+    assert slowed(5) == 5  # the sleep came before the allreduce
+    slow.pause()  # nothing since the allreduce returned
+    assert 0.058 <= time.perf_counter() - t < 0.2
+
+
+@pytest.mark.skipif(WORLD.size > 1, reason="starts its own mpirun")
+def test_the_command_writes_the_profile_and_prints_the_table(tmp_path):
+    model = tmp_path / "m.gguf"
+    write_model(model, SHAPE, qtype="Q8_0", seed=1)
+    out = tmp_path / "p.json"
+    p = subprocess.run([MPIRUN, "-n", "2", sys.executable, "-m", "spmd.profile", "--model", str(model),
+                        "--threads", "1", "--out", str(out), "--repeats", "2"], capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "link 0-1" in p.stdout and "python -m spmd.plan" in p.stderr
+    load_profile(str(out))
+    assert json.loads(out.read_text())["ranks"][1]["rank"] == 1
+    assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]
+    bad = subprocess.run([MPIRUN, "-n", "2", sys.executable, "-m", "spmd.profile", "--model", str(model),
+                          "--out", str(tmp_path / "no" / "p.json")], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    assert [line for line in bad.stderr.splitlines() if line.startswith("error:")] == \
+        [f"error: --out {tmp_path / 'no' / 'p.json'}: cannot write it (No such file or directory)"]
