@@ -209,6 +209,13 @@ class Driver:
         plan = self.state.plan
         result.update(ranks=ranks, ratios=plan.text(), stages=stage_figures(plan, ranks), plan_epoch=plan.epoch,
                       plan=plan.layout(), migrations=self.migrations)
+        if self.state.planned is not None:  # --plan: the choice, its prediction and what was measured
+            per_seq = [s["ms_per_token"] for s in result.get("sequences", ()) if s["ms_per_token"]]
+            measured = result["ms_per_token"] if "ms_per_token" in result else \
+                (round(sum(per_seq) / len(per_seq), 3) if per_seq else None)  # each sequence's, on average
+            rate = result.get("tokens_per_s", result.get("decode_tokens_per_s"))
+            result["planner"] = {**self.state.planned, "measured_ms_per_token": measured,
+                                 "measured_tokens_per_s": rate}
         return result
 
     def _between_tokens(self, pos):

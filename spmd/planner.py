@@ -264,6 +264,19 @@ def _profile(p) -> Profile:
     return p if isinstance(p, Profile) else load_profile(p)
 
 
+def check_matches(profile, cfg, n_ranks):
+    """A saved profile must be of this job's rank count and this model's shape (`cfg`: a ModelConfig)."""
+    prof = _profile(profile)
+    if len(prof.ranks) != n_ranks:
+        raise UserError(f"{prof.source} was measured on {len(prof.ranks)} rank{'s' * (len(prof.ranks) != 1)} but the "
+                        f"job has {n_ranks}: profile this job's ranks (python -m spmd.profile) or use --plan auto")
+    m = prof.model
+    for name in ("n_layers", "dim", "n_heads", "n_kv_heads", "ffn_dim", "vocab"):
+        if getattr(m, name) != getattr(cfg, name):
+            raise UserError(f"{prof.source} was measured on another model ({name} {getattr(m, name)}, this one "
+                            f"{getattr(cfg, name)}): profile with this model or use --plan auto")
+
+
 # ---- the cost model ------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Prediction:

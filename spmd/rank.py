@@ -40,6 +40,7 @@ class RunOptions:
     sequences: int = None  # the most in flight at once (None: the number of pipeline stages)
     steps: int = 64
     ratios: str = None  # the layout: "2:3:3", "1*1*1", "1:1@10*2:3" (spmd.plan)
+    plan: str = None  # instead of ratios: "auto" (measure the cluster now) or a saved profile's path (spmd.planner)
     allreduce: str = "star"
     backend: str = "cpu"  # one name for every rank, or one per rank: "cpu,vulkan,vulkan"
     gpu: str = None  # Vulkan device index on the rank's host: one for every rank, or one per rank (None: local rank)
@@ -178,34 +179,38 @@ class RankState:
             raise UserError(f"--allreduce {opts.allreduce!r}: choose one of {', '.join(C.ALGORITHMS)}")
         if opts.migrate_weights not in WEIGHT_SOURCES:
             raise UserError(f"--migrate-weights {opts.migrate_weights!r}: choose one of {', '.join(WEIGHT_SOURCES)}")
+        if opts.plan is not None and opts.ratios is not None:
+            raise UserError("give --ratios or --plan, not both")
         self.backend_name, self.gpu, self.threads, self.gpu_wraps = per_rank_choice(opts, comm)
-        self.file, self.cfg, plan = agree(comm, self._read_header)
+        self.file, self.cfg = agree(comm, self._read_header)
         comm.algorithm = opts.allreduce
+        plan = None if opts.plan else agree(comm, lambda: make_plan(parse_layout(opts.ratios, comm.size), self.cfg))
         self._check_same_as_rank_0(plan)
-        if plan.idle and comm.is_root:
-            ranks = ", ".join(map(str, plan.idle))
-            self.log(f"note: rank{'s' * (len(plan.idle) > 1)} {ranks} idle (ratio 0): holding no weights, in no stage")
-        self.plan, self.model, self.backend = None, None, None
+        self.plan, self.model, self.backend, self.planned = None, None, None, None
         if opts.sequences is not None and opts.sequences < 1:
             raise UserError(f"--sequences must be at least 1 (got {opts.sequences})")
         self.tokenizer, self.work = agree(comm, self._tokenize if comm.is_root else lambda: (None, None))
         self.needs = comm.bcast([len(w.ids) + w.steps for w in self.work] if comm.is_root else None)
         self.n_known = comm.bcast(known_vocab(self.tokenizer, self.cfg) if comm.is_root else None)  # ids sampled
         self.max_seq = max(self.needs)  # the longest sequence's KV-cache positions
-        self.n_slots = min(opts.sequences or len(plan.stages), len(self.needs))  # sequences in flight at most
-        comm.set_slots(self.n_slots)
-        agree(comm, lambda: self._check_memory(plan))
         # Ranks on one machine share its cores (self.threads each); a rank's kernel threads spinning on a core another
         # rank needs stall both. numpy's BLAS only serves the small attention products: its thread pool, left
         # spinning after each, would take cores from the kernels (prefill ran 3x slower with it).
         threadpool_limits(1, user_api="blas")
+        self.backend = agree(comm, lambda: get_backend(self.backend_name, threads=self.threads, device=self.gpu,
+                                                       wrap=self.gpu_wraps))
+        self.backend.warmup()
+        plan = plan or self._planned()
+        if plan.idle and comm.is_root:
+            ranks = ", ".join(map(str, plan.idle))
+            self.log(f"note: rank{'s' * (len(plan.idle) > 1)} {ranks} idle (ratio 0): holding no weights, in no stage")
+        self.n_slots = min(opts.sequences or len(plan.stages), len(self.needs))  # sequences in flight at most
+        comm.set_slots(self.n_slots)
+        agree(comm, lambda: self._check_memory(plan))
         # the socket opens before the weights load, so a user (or a script) can queue a migration meanwhile
         self.plan = plan
         self.control = agree(comm, self._open_control if comm.is_root else lambda: None)
         try:
-            self.backend = agree(comm, lambda: get_backend(self.backend_name, threads=self.threads, device=self.gpu,
-                                                           wrap=self.gpu_wraps))
-            self.backend.warmup()
             t, rss = time.perf_counter(), rss_bytes()
             self.swap(plan, agree(comm, lambda: self.build_model(plan[comm.rank])))
             self.load_s = time.perf_counter() - t
@@ -269,16 +274,47 @@ class RankState:
 
     def _read_header(self):
         f = GGUFFile(self.opts.model)
-        cfg = read_config(f)
-        return f, cfg, make_plan(parse_layout(self.opts.ratios, self.comm.size), cfg)
+        return f, read_config(f)
+
+    def _planned(self):
+        """--plan auto (the cluster measured now, `spmd.profile`) or --plan FILE (a saved profile): rank 0 plans
+        for the run's sequences (throughput with several, else latency; the longest sequence's context) and
+        every rank makes that layout's plan. Rank 0 keeps the choice (`planned`) for the result."""
+        from . import planner
+        from .executor import slowdown
+        from .profile import measure
+        opts, comm = self.opts, self.comm
+        t = time.perf_counter()
+        data = measure(comm, self.file, self.cfg, self.backend, self.threads, repeats=3,
+                       slow=slowdown(comm.rank)) if opts.plan == "auto" else None
+
+        def choose():
+            profile = planner.load_profile(opts.plan if data is None else data)
+            planner.check_matches(profile, self.cfg, comm.size)
+            k = min(opts.sequences or len(self.needs), len(self.needs))
+            objective = "throughput" if k > 1 else "latency"
+            return planner.plan(profile, objective, sequences=k, context=self.max_seq, allreduce=opts.allreduce)
+        chosen = agree(comm, choose if comm.is_root else lambda: None)
+        text = comm.bcast(chosen.text if comm.is_root else None)
+        plan = make_plan(parse_layout(text, comm.size, "the planner's layout"), self.cfg)
+        if comm.is_root:
+            self.planned = {"profile": opts.plan, "seconds": round(time.perf_counter() - t, 3),
+                            "objective": "throughput" if chosen.sequences > 1 else "latency",
+                            "sequences": chosen.sequences, "ratios": text,
+                            "predicted_ms_per_token": round(chosen.ms_per_token, 3),
+                            "predicted_tokens_per_s": round(chosen.tokens_per_s, 2)}
+            self.log(f"plan ({'measured now' if data else opts.plan}): --ratios '{text}', predicted "
+                     f"{chosen.ms_per_token:.2f} ms per token")
+        return plan
 
     def _check_same_as_rank_0(self, plan):
         """A rank started with another model file (a stale copy on one host) or other flags would fail in the
         middle of a step: refuse at set-up, naming what differs."""
         mine = {"model (its header)": self.cfg, "model file size": os.path.getsize(self.opts.model),
                 "model file's contents (sampled)": self.file.fingerprint(),
-                "--ratios": plan, "--allreduce": self.opts.allreduce, "--backend": self.opts.backend,
-                "--gpu": self.opts.gpu, "--threads": self.opts.threads, "--migrate-weights": self.opts.migrate_weights}
+                "--ratios": plan, "--plan": self.opts.plan, "--allreduce": self.opts.allreduce,
+                "--backend": self.opts.backend, "--gpu": self.opts.gpu, "--threads": self.opts.threads,
+                "--migrate-weights": self.opts.migrate_weights}
         everyone = self.comm.allgather(mine)
         for rank, theirs in enumerate(everyone):
             for what in mine:

@@ -48,6 +48,10 @@ def split_ints(_ctx, _param, text):
               help="Each rank's relative speed, one number per rank: 2:3:3 (one stage, tensor parallel). '*' "
                    "separates pipeline stages of consecutive ranks, '@N' pins a stage's layer count: 1*1*1, "
                    "1:1*2:3, 1:1@10*1:1@12; 0 leaves a rank (never rank 0) idle: 2:0:3. Default: equal, one stage.")
+@click.option("--plan", default=None, metavar="auto|PROFILE.json",
+              help="Instead of --ratios: the planner chooses the layout (ranks left idle, stages, shares) from the "
+                   "cluster measured at start-up (auto, a few seconds) or a saved profile (python -m spmd.profile); "
+                   "for the least ms per token with one sequence, the most tokens/s with several.")
 @click.option("--allreduce", default="star", show_default=True, type=click.Choice(["star", "ring", "mpi"]),
               help="How a stage's ranks add up their partial sums. star: reduce to the stage's first rank + "
                    "broadcast; ring: weighted reduce-scatter + allgather; mpi: the MPI library's Allreduce.")

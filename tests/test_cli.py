@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHAPE = Shape(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn=128, vocab=512, context=32)
 MPIRUN = shutil.which("mpirun")
 LLAMA2_TOKENIZER = ROOT.parent / "shared" / "models" / "llama2-tokenizer.model"
+HOUSEHOLD = ROOT / "tests" / "profiles" / "household.json"  # a saved profile of 4 ranks and another model
 
 
 def run(args, ranks=1, timeout=90):
@@ -204,6 +205,12 @@ CASES = {
     "zero kv heads": (lambda m, d: patch_meta(m, d / "kv0.gguf", "llama.attention.head_count_kv", 4, 0),
                       [], "head_count_kv is 0; it must be at least 1"),
     "foreign tokenizer": (lambda m, d: m, ["--tokenizer", LLAMA2_TOKENIZER], "has 32000 pieces but the model's"),
+    "plan and ratios": (lambda m, d: m, ["--plan", "auto", "--ratios", "1"], "give --ratios or --plan, not both"),
+    "no profile": (lambda m, d: m, ["--plan", "{tmp}/none.json"], "profile not found: .*none.json"),
+    "bad profile": (lambda m, d: write_text(m, d / "p.json", '{"format": "spmd-profile"}'),
+                    ["--plan", "{tmp}/p.json"], "profile .*p.json: version is missing"),
+    "another job's profile": (lambda m, d: m, ["--plan", str(HOUSEHOLD)],
+                              "household.json was measured on (4 ranks but the job has|another model)"),
 }
 
 

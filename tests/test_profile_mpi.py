@@ -12,11 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from mpi_models import SHAPE, WORLD, shared_models
+from mpi_models import MPI, SHAPE, WORLD, shared_models
 from spmd.comm import Comm
+from spmd.engine import Engine, RunOptions
 from spmd.executor import Slowdown
 from spmd.planner import load_profile, predict
 from spmd.profile import measure, set_up, table
+from spmd.prompts import PromptSpec
 from spmd.synth import write_model
 
 MPIRUN = shutil.which("mpirun") or str(Path(sys.executable).parent / "mpirun")
@@ -113,3 +115,35 @@ def test_the_command_writes_the_profile_and_prints_the_table(tmp_path):
     assert bad.returncode == 1 and "Traceback" not in bad.stderr
     assert [line for line in bad.stderr.splitlines() if line.startswith("error:")] == \
         [f"error: --out {tmp_path / 'no' / 'p.json'}: cannot write it (No such file or directory)"]
+
+
+def run_job(model, prompts, comm=WORLD, **kw):
+    opts = RunOptions(model=model, prompts=tuple(PromptSpec(ids=p) for p in prompts), steps=10, threads="1", **kw)
+    return Engine(opts, Comm(comm=comm), log=lambda _m: None).run()
+
+
+PROMPTS = [(1, 72, 101, 108), (1, 44, 32), (1, 119, 111, 114, 108, 100)]
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("n_prompts", [1, 3])
+def test_plan_auto_gives_one_ranks_tokens_and_reports_its_prediction(models, n_prompts, monkeypatch):
+    """--plan auto measures, plans and runs: the tokens equal one rank's; with the last rank 30x slower the plan
+    gives it the least work (or none); the result names the plan, its prediction and what was measured."""
+    n = WORLD.size
+    model, prompts = models["Q8_0"], PROMPTS[:n_prompts]
+    alone = run_job(model, prompts, comm=MPI.COMM_SELF) if WORLD.rank == 0 else None
+    if n > 1:
+        monkeypatch.setenv("SPMD_TEST_SLOW", f"{n - 1}:30")
+    result = run_job(model, prompts, plan="auto")
+    if WORLD.rank != 0:
+        return
+    tokens = lambda r: [s["tokens"] for s in r["sequences"]] if "sequences" in r else [r["tokens"]]  # noqa: E731
+    assert tokens(result) == tokens(alone)
+    planned = result["planner"]
+    assert planned["ratios"] == result["ratios"] and planned["profile"] == "auto"
+    assert planned["objective"] == ("latency" if n_prompts == 1 else "throughput")
+    assert planned["predicted_ms_per_token"] > 0 and planned["measured_ms_per_token"] > 0
+    if n > 1:
+        work = [r["share"]["heads"] + r["share"]["ffn_columns"] for r in result["ranks"]]
+        assert work[n - 1] == min(work), (result["ratios"], work)
