@@ -95,19 +95,21 @@ def test_stop_at(rank):
 
 
 def test_slow_factor(rank):
-    """TEST ONLY: SPMD_TEST_SLOW=RANK:FACTOR[,RANK:FACTOR...] makes those ranks' compute FACTOR times slower (a
-    slower machine, simulated: `executor.Slowdown`); None when unset or for another rank."""
+    """TEST ONLY: SPMD_TEST_SLOW=RANK:FACTOR[@STEP][,...] makes those ranks' compute FACTOR times slower (a slower
+    machine, simulated: `executor.Slowdown`), from the STEP-th step record on (default: from the start, profiling
+    included). Returns (factor, step) for this rank, or None when unset or for another rank."""
     text = os.environ.get("SPMD_TEST_SLOW", "").strip()
     for part in filter(None, (p.strip() for p in text.split(","))):
-        who, _, factor = part.partition(":")
+        who, _, rest = part.partition(":")
+        factor, _, step = rest.partition("@")
         try:
-            who, factor = int(who), float(factor)
+            who, factor, step = int(who), float(factor), int(step or 0)
         except ValueError:
-            raise ValueError(f"SPMD_TEST_SLOW={text!r}: expected RANK:FACTOR[,RANK:FACTOR...]") from None
-        if not (math.isfinite(factor) and factor >= 1):
-            raise ValueError(f"SPMD_TEST_SLOW={text!r}: a factor must be a finite number >= 1")
+            raise ValueError(f"SPMD_TEST_SLOW={text!r}: expected RANK:FACTOR[@STEP][,...]") from None
+        if not (math.isfinite(factor) and factor >= 1 and step >= 0):
+            raise ValueError(f"SPMD_TEST_SLOW={text!r}: a factor must be a finite number >= 1, a step >= 0")
         if who == rank:
-            return factor if factor > 1 else None
+            return (factor, step) if factor > 1 else None
     return None
 
 

@@ -36,17 +36,19 @@ class Batch:
 class Slowdown:
     """TEST ONLY: a rank's compute made `factor` times slower (SPMD_TEST_SLOW, `comm.test_slow_factor`), as on a
     slower machine: after each stretch of compute (up to an allreduce, or the end of a pass) the rank sleeps
-    factor - 1 times as long. Communication is not slowed. Unset, there is none and it costs nothing."""
+    factor - 1 times as long, once `steps()` (the step records seen) reaches `after`. Communication is not slowed.
+    Unset, there is none and it costs nothing."""
 
-    def __init__(self, factor):
-        self.factor, self.since = factor, None
+    def __init__(self, factor, after=0, steps=lambda: 0):
+        self.factor, self.after, self.steps, self.since = factor, after, steps, None
 
     def start(self):
         self.since = time.perf_counter()
 
     def pause(self):
         """The end of a stretch of compute: sleep (factor - 1) x its time."""
-        time.sleep((self.factor - 1) * (time.perf_counter() - self.since))
+        if self.steps() >= self.after:
+            time.sleep((self.factor - 1) * (time.perf_counter() - self.since))
 
     def around(self, allreduce):
         """`allreduce` with the compute before it slowed."""
@@ -58,18 +60,19 @@ class Slowdown:
         return slowed
 
 
-def slowdown(rank):
-    factor = test_slow_factor(rank)
-    return Slowdown(factor) if factor else None
+def slowdown(comm):
+    """The simulated slowdown of `comm`'s rank, or None (test only)."""
+    found = test_slow_factor(comm.rank)
+    return Slowdown(found[0], found[1], lambda: comm.steps_seen) if found else None
 
 
 class Executor:
     def __init__(self, state):
         self.state, self.comm = state, state.comm
-        self.slow = slowdown(self.comm.rank)  # test only: None unless SPMD_TEST_SLOW names this rank
+        self.slow = slowdown(self.comm)  # test only: None unless SPMD_TEST_SLOW names this rank
         self.pipeline = collections.deque()  # the batches in flight after the last tick: [i] ran in stage i
         self.decode_tokens, self.decode_bytes = 0, 0
-        self._recent = collections.deque(maxlen=RECENT_STEPS)  # (compute s, sync s) of the last decode batches
+        self._recent = collections.deque(maxlen=RECENT_STEPS)  # (compute s, sync s, rows) of the last decode batches
         self.kv_bytes_peak = 0
 
     def issue(self, step: Step, plan=None):
@@ -164,7 +167,7 @@ class Executor:
             self.decode_tokens += len(batch.segments)
             self.decode_bytes += comm.bytes_sent - sent
             synced = comm.sync_s - sync
-            self._recent.append((time.perf_counter() - t - synced, synced))
+            self._recent.append((time.perf_counter() - t - synced, synced, batch.rows))
         return candidates
 
     def forward(self, tokens, pos, slot=0):
@@ -189,15 +192,17 @@ class Executor:
         if error is None:
             self.state.swap(plan, model)
             self.pipeline.clear()
+            self._recent.clear()  # figures of the old share
             self._note_kv_held()
         return error, self.comm.gather(stats)
 
     def recent(self):
-        """This rank's share and its mean compute and sync time per decode batch over the last ones."""
+        """This rank's share and its mean compute and sync time per decode batch (and rows a batch) over the last
+        ones under the current plan."""
         n = len(self._recent)
-        compute, sync = (sum(c for c, _ in self._recent), sum(s for _, s in self._recent)) if n else (0.0, 0.0)
+        compute, sync, rows = (sum(r[i] for r in self._recent) / max(n, 1) for i in range(3))
         return {**self.state.plan.layout()[self.comm.rank], "host": host_name(),
-                "compute_ms": round(compute * 1e3 / max(n, 1), 3), "sync_ms": round(sync * 1e3 / max(n, 1), 3),
+                "compute_ms": round(compute * 1e3, 3), "sync_ms": round(sync * 1e3, 3), "rows": round(rows, 2),
                 "steps": n}
 
     def rank_stats(self, total_s, sync_s):

@@ -41,7 +41,7 @@ import json
 import math
 import sys
 from bisect import bisect_right
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from itertools import product
 from typing import NamedTuple
@@ -401,6 +401,30 @@ def predict(profile, text, sequences=1, context=None, allreduce="star") -> Predi
     return Prediction(text, cycle, sequences / cycle * 1000 if cycle > 0 else math.inf, stage_ms, work.stages,
                       work.layers, memory, not short, short[0] if short else "",
                       tuple(r for r in range(len(prof.ranks)) if r not in n_layers), sequences, context)
+
+
+def rank_compute_ms(profile, plan, rows) -> list:
+    """Per rank, the compute one batch of `rows` decode rows costs it under `plan` (a Plan): its layers' two
+    halves and its head, no communication; None for an idle rank. What `--rebalance` holds each rank's measured
+    compute against."""
+    prof = _profile(profile)
+    out = [None] * len(prof.ranks)
+    for st in plan.stages:
+        last = st.index == len(plan.stages) - 1
+        for r in st.ranks:
+            p, s = prof.ranks[r].at(rows), plan[r]
+            head = p.head_ms + s.n_vocab * p.vocab_row_ms if last else 0.0
+            out[r] = st.n_layers * (p.layer_ms + s.n_kv * p.kv_group_ms + len(s.ffn_blocks) * p.ffn_block_ms) + head
+    return out
+
+
+def scaled(profile, factors) -> Profile:
+    """The profile with each rank's compute times multiplied by its factor (a rank measured slower or faster
+    than profiled)."""
+    prof = _profile(profile)
+    ranks = tuple(replace(r, compute=tuple(Compute(p.rows, *(v * f for v in p[1:])) for p in r.compute))
+                  for r, f in zip(prof.ranks, factors))
+    return replace(prof, ranks=ranks)
 
 
 # ---- the search ----------------------------------------------------------------------------------------------

@@ -237,7 +237,7 @@ def profile_run(comm, kw):
     from .executor import slowdown
     opts = SimpleNamespace(**kw)
     file, cfg, backend, threads = set_up(comm, opts)
-    profile = measure(comm, file, cfg, backend, threads, opts.repeats, slowdown(comm.rank))
+    profile = measure(comm, file, cfg, backend, threads, opts.repeats, slowdown(comm))
     if comm.is_root and opts.out:
         write_json(opts.out, profile)
     return profile

@@ -41,6 +41,7 @@ class RunOptions:
     steps: int = 64
     ratios: str = None  # the layout: "2:3:3", "1*1*1", "1:1@10*2:3" (spmd.plan)
     plan: str = None  # instead of ratios: "auto" (measure the cluster now) or a saved profile's path (spmd.planner)
+    rebalance: bool = False  # re-plan while running when the measured figures predict a gain (spmd.rebalance)
     allreduce: str = "star"
     backend: str = "cpu"  # one name for every rank, or one per rank: "cpu,vulkan,vulkan"
     gpu: str = None  # Vulkan device index on the rank's host: one for every rank, or one per rank (None: local rank)
@@ -200,7 +201,14 @@ class RankState:
         self.backend = agree(comm, lambda: get_backend(self.backend_name, threads=self.threads, device=self.gpu,
                                                        wrap=self.gpu_wraps))
         self.backend.warmup()
-        plan = plan or self._planned()
+        profile = self._profile() if opts.plan or opts.rebalance else None  # rank 0's; None elsewhere
+        plan = plan or self._planned(profile)
+        self.rebalancer = None
+        if opts.rebalance and comm.is_root:
+            from .rebalance import Rebalancer
+            k = min(opts.sequences or len(plan.stages), len(self.needs))
+            self.rebalancer = Rebalancer(profile, "throughput" if k > 1 else "latency", k, self.max_seq,
+                                         opts.allreduce)
         if plan.idle and comm.is_root:
             ranks = ", ".join(map(str, plan.idle))
             self.log(f"note: rank{'s' * (len(plan.idle) > 1)} {ranks} idle (ratio 0): holding no weights, in no stage")
@@ -276,21 +284,34 @@ class RankState:
         f = GGUFFile(self.opts.model)
         return f, read_config(f)
 
-    def _planned(self):
-        """--plan auto (the cluster measured now, `spmd.profile`) or --plan FILE (a saved profile): rank 0 plans
-        for the run's sequences (throughput with several, else latency; the longest sequence's context) and
-        every rank makes that layout's plan. Rank 0 keeps the choice (`planned`) for the result."""
+    def _profile(self):
+        """The cluster's profile on rank 0 (None elsewhere): measured now (`spmd.profile`: --plan auto, or for
+        --rebalance without --plan) or read from --plan FILE; a saved one must be of this job."""
         from . import planner
         from .executor import slowdown
         from .profile import measure
         opts, comm = self.opts, self.comm
         t = time.perf_counter()
+        measured = opts.plan in (None, "auto")
         data = measure(comm, self.file, self.cfg, self.backend, self.threads, repeats=3,
-                       slow=slowdown(comm.rank)) if opts.plan == "auto" else None
+                       slow=slowdown(comm)) if measured else None
+
+        def load():
+            profile = planner.load_profile(data if measured else opts.plan)
+            planner.check_matches(profile, self.cfg, comm.size)
+            return profile
+        profile = agree(comm, load if comm.is_root else lambda: None)
+        self.profile_s = time.perf_counter() - t
+        return profile
+
+    def _planned(self, profile):
+        """--plan: rank 0 plans from the profile for the run's sequences (throughput with several, else latency;
+        the longest sequence's context) and every rank makes that layout's plan. Rank 0 keeps the choice
+        (`planned`) for the result."""
+        from . import planner
+        opts, comm = self.opts, self.comm
 
         def choose():
-            profile = planner.load_profile(opts.plan if data is None else data)
-            planner.check_matches(profile, self.cfg, comm.size)
             k = min(opts.sequences or len(self.needs), len(self.needs))
             objective = "throughput" if k > 1 else "latency"
             return planner.plan(profile, objective, sequences=k, context=self.max_seq, allreduce=opts.allreduce)
@@ -298,13 +319,13 @@ class RankState:
         text = comm.bcast(chosen.text if comm.is_root else None)
         plan = make_plan(parse_layout(text, comm.size, "the planner's layout"), self.cfg)
         if comm.is_root:
-            self.planned = {"profile": opts.plan, "seconds": round(time.perf_counter() - t, 3),
+            self.planned = {"profile": opts.plan, "seconds": round(self.profile_s, 3),
                             "objective": "throughput" if chosen.sequences > 1 else "latency",
                             "sequences": chosen.sequences, "ratios": text,
                             "predicted_ms_per_token": round(chosen.ms_per_token, 3),
                             "predicted_tokens_per_s": round(chosen.tokens_per_s, 2)}
-            self.log(f"plan ({'measured now' if data else opts.plan}): --ratios '{text}', predicted "
-                     f"{chosen.ms_per_token:.2f} ms per token")
+            self.log(f"plan ({'measured now' if opts.plan == 'auto' else opts.plan}): --ratios '{text}', "
+                     f"predicted {chosen.ms_per_token:.2f} ms per token")
         return plan
 
     def _check_same_as_rank_0(self, plan):
@@ -312,9 +333,9 @@ class RankState:
         middle of a step: refuse at set-up, naming what differs."""
         mine = {"model (its header)": self.cfg, "model file size": os.path.getsize(self.opts.model),
                 "model file's contents (sampled)": self.file.fingerprint(),
-                "--ratios": plan, "--plan": self.opts.plan, "--allreduce": self.opts.allreduce,
-                "--backend": self.opts.backend, "--gpu": self.opts.gpu, "--threads": self.opts.threads,
-                "--migrate-weights": self.opts.migrate_weights}
+                "--ratios": plan, "--plan": self.opts.plan, "--rebalance": self.opts.rebalance,
+                "--allreduce": self.opts.allreduce, "--backend": self.opts.backend, "--gpu": self.opts.gpu,
+                "--threads": self.opts.threads, "--migrate-weights": self.opts.migrate_weights}
         everyone = self.comm.allgather(mine)
         for rank, theirs in enumerate(everyone):
             for what in mine:

@@ -52,6 +52,10 @@ def split_ints(_ctx, _param, text):
               help="Instead of --ratios: the planner chooses the layout (ranks left idle, stages, shares) from the "
                    "cluster measured at start-up (auto, a few seconds) or a saved profile (python -m spmd.profile); "
                    "for the least ms per token with one sequence, the most tokens/s with several.")
+@click.option("--rebalance", is_flag=True,
+              help="Keep the split balanced while it runs: every rank's measured compute corrects the cluster's "
+                   "profile (measured at start-up unless --plan FILE gives one), and a re-plan predicted at least "
+                   "10%% faster, worth its cost, is applied as a live migration; each move is logged on stderr.")
 @click.option("--allreduce", default="star", show_default=True, type=click.Choice(["star", "ring", "mpi"]),
               help="How a stage's ranks add up their partial sums. star: reduce to the stage's first rank + "
                    "broadcast; ring: weighted reduce-scatter + allgather; mpi: the MPI library's Allreduce.")

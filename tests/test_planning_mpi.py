@@ -118,7 +118,8 @@ def test_the_command_writes_the_profile_and_prints_the_table(tmp_path):
 
 
 def run_job(model, prompts, comm=WORLD, **kw):
-    opts = RunOptions(model=model, prompts=tuple(PromptSpec(ids=p) for p in prompts), steps=10, threads="1", **kw)
+    opts = RunOptions(**{"model": model, "prompts": tuple(PromptSpec(ids=p) for p in prompts), "steps": 10,
+                         "threads": "1", **kw})
     return Engine(opts, Comm(comm=comm), log=lambda _m: None).run()
 
 
@@ -147,3 +148,27 @@ def test_plan_auto_gives_one_ranks_tokens_and_reports_its_prediction(models, n_p
     if n > 1:
         work = [r["share"]["heads"] + r["share"]["ffn_columns"] for r in result["ranks"]]
         assert work[n - 1] == min(work), (result["ratios"], work)
+
+
+@pytest.mark.mpi
+def test_rebalance_moves_work_off_a_rank_that_turns_slow(models, monkeypatch):
+    """From equal ratios, the last rank turns 30x slower at step 10 (after the profile at start-up): --rebalance
+    sees it in the measured compute, moves work off it through a live migration, and the tokens stay one rank's."""
+    n = WORLD.size
+    model = models["Q8_0"]
+    alone = run_job(model, PROMPTS[:1], comm=MPI.COMM_SELF, steps=64) if WORLD.rank == 0 else None
+    if n > 1:
+        monkeypatch.setenv("SPMD_TEST_SLOW", f"{n - 1}:30@10")
+    result = run_job(model, PROMPTS[:1], rebalance=True, steps=64)
+    if WORLD.rank != 0:
+        return
+    assert result["tokens"] == alone["tokens"]
+    moves = result["rebalances"]
+    assert [m["by"] for m in result["migrations"]] == ["rebalance"] * len(moves)
+    if n == 1:
+        assert moves == []  # nothing to balance
+        return
+    assert moves and moves[0]["before"] == ":".join(["1"] * n) and moves[0]["factors"][n - 1] > 3
+    assert all(m["predicted_ms_after"] < 0.9 * m["predicted_ms_before"] for m in moves)
+    work = [r["share"]["heads"] + r["share"]["ffn_columns"] for r in result["ranks"]]
+    assert work[n - 1] == min(work) and work[n - 1] < work[0], (result["ratios"], work)

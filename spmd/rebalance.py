@@ -1,0 +1,94 @@
+"""`--rebalance`: keep the split balanced while it runs. Pure (no MPI): rank 0's driver feeds it every rank's
+recent figures (what the control socket's `status` reports) and carries out what it decides as a live migration.
+
+Each rank's measured compute per decode batch is held against what the profile predicts for its share at those
+rows (`planner.rank_compute_ms`): the ratio is the rank's correction factor (a rank running 3x slower than profiled
+gets 3), smoothed over looks. With the profile corrected by these factors (`planner.scaled`) the planner is asked
+again; a new layout is taken when it is predicted at least THRESHOLD faster than the current one (both predicted
+with the corrected profile) and the time it saves over the tokens still to come outweighs the move's cost. A rank
+must have run MIN_STEPS decode batches under the current plan before its figure counts; a layout left is not
+taken again for COOLDOWN looks. Every look that moves is kept (`decisions`) for the log and the result.
+"""
+import collections
+from dataclasses import dataclass
+
+from . import planner
+
+THRESHOLD = 0.10  # the least predicted gain that is worth a move
+MIN_STEPS = 8  # decode batches a rank must have run under the current plan before a look
+SMOOTHING = 0.5  # weight of a new measurement in a rank's factor
+COOLDOWN = 4  # looks before a layout left may be taken again
+MOVE_FIXED_MS = 50.0  # the estimated cost of a migration: a fixed part, and the bytes that change hands
+MOVE_BYTES_PER_MS = 1e6  # (read from the file or sent: about 1 GB/s)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A move the rebalancer made: when, from and to which layout, what it predicted, the factors it saw."""
+    at: int  # tokens generated when it was decided
+    before: str
+    after: str
+    predicted_ms_before: float  # per token, with the corrected profile
+    predicted_ms_after: float
+    factors: tuple  # each rank's measured / profiled compute
+
+    def line(self) -> str:
+        factors = ", ".join(f"{f:.2f}" for f in self.factors)
+        return (f"rebalance at token {self.at}: --ratios '{self.before}' -> '{self.after}' (predicted "
+                f"{self.predicted_ms_before:.2f} -> {self.predicted_ms_after:.2f} ms per token; compute measured / "
+                f"profiled per rank: {factors})")
+
+
+class Rebalancer:
+    def __init__(self, profile, objective, sequences, context, allreduce):
+        self.profile = planner.load_profile(profile) if not isinstance(profile, planner.Profile) else profile
+        self.objective, self.sequences, self.context, self.allreduce = objective, sequences, context, allreduce
+        self.factors = [1.0] * len(self.profile.ranks)
+        self.left = collections.deque(maxlen=COOLDOWN)  # layouts recently left
+        self.decisions = []
+
+    def observe(self, plan, ranks) -> bool:
+        """Take every rank's recent figures (compute_ms, rows, steps per rank, under `plan`); False while some
+        working rank has not run MIN_STEPS decode batches under it."""
+        if any(r["steps"] < MIN_STEPS for r in ranks if r["stage"] is not None):
+            return False
+        for r in ranks:
+            if r["stage"] is None:
+                continue  # an idle rank keeps the factor it had when it last worked
+            predicted = planner.rank_compute_ms(self.profile, plan, max(1, round(r["rows"])))[r["rank"]]
+            if predicted and predicted > 0:
+                f = SMOOTHING * r["compute_ms"] / predicted + (1 - SMOOTHING) * self.factors[r["rank"]]
+                self.factors[r["rank"]] = max(f, 1e-3)
+        return True
+
+    def consider(self, plan, tokens_left, at):
+        """A better layout's text, or None: predicted THRESHOLD faster, worth the move over the `tokens_left`
+        tokens still to generate, and not one left in the last COOLDOWN looks."""
+        current = plan.text()
+        prof = planner.scaled(self.profile, self.factors)
+        k = self.sequences if self.objective == "throughput" else 1
+        now = planner.predict(prof, current, k, self.context, self.allreduce)
+        best = planner.plan(prof, self.objective, self.sequences, self.context, allreduce=self.allreduce)
+        self.left.append(None)  # a look: the cooldown counts looks
+        if best.text == current or best.text in self.left:
+            return None
+        if best.ms_per_token > now.ms_per_token * (1 - THRESHOLD):
+            return None
+        saved_ms = tokens_left * (1000 / now.tokens_per_s - 1000 / best.tokens_per_s)
+        if saved_ms < self.move_ms(plan, best.text):
+            return None
+        self.left.append(current)
+        self.decisions.append(Decision(at, current, best.text, now.ms_per_token, best.ms_per_token,
+                                       tuple(round(f, 3) for f in self.factors)))
+        return best.text
+
+    def move_ms(self, plan, text) -> float:
+        """The estimated cost of moving from `plan` to the layout `text`: the weights of the units that change
+        hands, and a fixed part."""
+        from .plan import parse_layout
+        from .replan import diff, relayout
+        m = self.profile.model
+        new = relayout(plan, parse_layout(text, len(plan)))  # as the driver carries it out
+        per_unit = {"kv": m.kv_group_bytes, "ffn": m.ffn_block_bytes, "vocab": m.vocab_row_bytes}
+        moved = sum(per_unit[unit] for unit, *_ in diff(plan, new))
+        return MOVE_FIXED_MS + moved / MOVE_BYTES_PER_MS
