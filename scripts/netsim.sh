@@ -2,9 +2,11 @@
 # Simulated hosts on this machine: N network namespaces on a private test subnet, joined by a bridge, so that an
 # MPI job can run one rank per "host" and its traffic really crosses a (virtual) link. Needs root and iproute2.
 #
-#   scripts/netsim.sh up N [--rate 100mbit]   namespaces spmd-h0..h{N-1} (10.213.0.1..N/24 on their eth0), a
+#   scripts/netsim.sh up N [--rate 100mbit] [--rate-of I=10mbit ...]
+#                                             namespaces spmd-h0..h{N-1} (10.213.0.1..N/24 on their eth0), a
 #                                             bridge spmd-br0, optional tbf bandwidth cap on both directions of
-#                                             every host's link; writes hostfiles/netsim.txt and a launcher wrapper
+#                                             every host's link (--rate-of: host I's own cap, e.g. one machine on
+#                                             slow Wi-Fi); writes hostfiles/netsim.txt and a launcher wrapper
 #   scripts/netsim.sh run -- MPIEXEC-ARGS     mpiexec over those hosts, e.g.
 #                                             scripts/netsim.sh run -- -n 3 python -m spmd.run --model m.gguf
 #                                             (without -n: one rank per host)
@@ -81,22 +83,31 @@ cap_link() {  # tbf on one interface (inside namespace $2 if given): a full-dupl
 
 cmd_up() {
     need_root_and_ip
-    local n=${1:-} rate="" i ns
-    [ -n "$n" ] && shift || die "usage: $0 up N [--rate 100mbit]"
+    local n=${1:-} rate="" i ns own="" r
+    local -A rate_of=()
+    [ -n "$n" ] && shift || die "usage: $0 up N [--rate 100mbit] [--rate-of I=10mbit ...]"
     [[ "$n" =~ ^[0-9]+$ ]] && [ "$n" -ge 1 ] && [ "$n" -le $MAX_HOSTS ] || die "N must be 1..$MAX_HOSTS (got '$n')"
     while [ $# -gt 0 ]; do
         case "$1" in
             --rate) rate=${2:-}; [ -n "$rate" ] || die "--rate needs a value such as 100mbit"; shift 2 ;;
             --rate=*) rate=${1#--rate=}; shift ;;
-            *) die "unknown argument '$1' (usage: $0 up N [--rate 100mbit])" ;;
+            --rate-of) own=${2:-}; shift $(($# > 1 ? 2 : 1)) ;;
+            --rate-of=*) own=${1#--rate-of=}; shift ;;
+            *) die "unknown argument '$1' (usage: $0 up N [--rate 100mbit] [--rate-of I=10mbit ...])" ;;
         esac
+        if [ -n "$own" ]; then
+            [[ "$own" =~ ^([0-9]+)=([0-9]+(\.[0-9]+)?[kmgt]?(bit|bps))$ ]] && [ "${BASH_REMATCH[1]}" -lt "$n" ] \
+                || die "--rate-of '$own': expected I=RATE with I a host 0..$((n - 1)), such as 2=10mbit"
+            rate_of[${BASH_REMATCH[1]}]=${BASH_REMATCH[2]}
+            own=""
+        fi
     done
     if [ -n "$(namespaces)" ] || [ -n "$(host_links)" ] || ip link show "$BRIDGE" >/dev/null 2>&1; then
         die "already up ($(namespaces | tr '\n' ' ')): run '$0 down' first"
     fi
     [ -z "$rate" ] || [[ "$rate" =~ ^[0-9]+(\.[0-9]+)?[kmgt]?(bit|bps)$ ]] \
         || die "--rate '$rate': expected a rate such as 100mbit, 1gbit or 500kbit"
-    command -v tc >/dev/null || [ -z "$rate" ] || die "'tc' not found (needed for --rate): install iproute2"
+    command -v tc >/dev/null || [ -z "$rate${rate_of[*]}" ] || die "'tc' not found (needed for --rate): install iproute2"
     trap 'echo "netsim: up failed; cleaning up" >&2; cmd_down >/dev/null 2>&1 || true' ERR
     mkdir -p "$STATE" "$(dirname "$HOSTFILE")"
     ip link add "$BRIDGE" type bridge
@@ -109,9 +120,10 @@ cmd_up() {
         ip -n "$ns" link set lo up
         ip -n "$ns" addr add "$SUBNET.$((i + 1))/24" dev eth0
         ip -n "$ns" link set eth0 up
-        if [ -n "$rate" ]; then
-            cap_link eth0 "$ns" "$rate"              # host i -> bridge (its upload)
-            cap_link "${PREFIX}-v$i" "" "$rate"      # bridge -> host i (its download)
+        r=${rate_of[$i]:-$rate}
+        if [ -n "$r" ]; then
+            cap_link eth0 "$ns" "$r"                 # host i -> bridge (its upload)
+            cap_link "${PREFIX}-v$i" "" "$r"         # bridge -> host i (its download)
         fi
     done
     write_wrapper
@@ -120,7 +132,9 @@ cmd_up() {
         echo "# MPICH format HOST:SLOTS; run jobs on these hosts with: scripts/netsim.sh run -- MPIEXEC-ARGS"
         for i in $(seq 1 "$n"); do echo "$SUBNET.$i:1"; done
     } >"$HOSTFILE"
-    echo "n=$n rate=${rate:-none}" >"$STATE/config"
+    own=""
+    for i in "${!rate_of[@]}"; do own="$own $i=${rate_of[$i]}"; done
+    echo "n=$n rate=${rate:-none} rate_of='${own# }'" >"$STATE/config"
     trap - ERR
     if command -v ping >/dev/null; then  # the bridge forwards once its ports are up; `status` checks MPI itself
         for i in $(seq 2 "$n"); do
@@ -154,13 +168,13 @@ link_bytes() {  # "tx rx" of host i's eth0, read from the bridge side of its vet
 
 cmd_status() {
     need_root_and_ip
-    local i n rate ns
+    local i n rate rate_of ns
     if [ ! -f "$STATE/config" ]; then
         [ -z "$(namespaces)$(host_links)" ] || die "partly up ($(namespaces | tr '\n' ' ')): run '$0 down'"
         echo "netsim: down"; return 0
     fi
     eval "$(cat "$STATE/config")"
-    echo "netsim: up: $n hosts, link cap $rate, hostfile $HOSTFILE"
+    echo "netsim: up: $n hosts, link cap $rate${rate_of:+ (own: $rate_of)}, hostfile $HOSTFILE"
     for i in $(seq 0 $((n - 1))); do
         ns=${PREFIX}-h$i
         read -r tx rx < <(link_bytes "$i")

@@ -399,6 +399,19 @@ class Comm:
             times.append((time.perf_counter() - t) / 2)
         return float(np.median(times[1:])) if self.rank == a else None
 
+    def allreduce_seconds(self, n, repeats):
+        """Every rank: the median seconds of a star allreduce of n float32 over every rank (the simulated link
+        delay included), as measured on rank 0."""
+        x, times = np.zeros(n, np.float32), []
+        for _ in range(repeats + 1):
+            self.comm.Barrier()
+            t = time.perf_counter()
+            self._delay(2)
+            self.comm.Reduce(MPI.IN_PLACE if self.is_root else x, x if self.is_root else None, op=MPI.SUM, root=0)
+            self.comm.Bcast(x, root=0)
+            times.append(time.perf_counter() - t)
+        return float(np.median(times[1:]))
+
     def bcast_seconds(self, repeats):
         """Every rank: the median seconds rank 0 takes to broadcast a step record (to every rank, and back by a
         barrier), as measured on rank 0."""

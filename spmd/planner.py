@@ -123,6 +123,7 @@ class Profile:
     step_ms: float  # rank 0's fixed cost per step record
     seconds: float  # how long profiling took
     source: str  # how messages name it
+    allreduce_ms: float = 0.0  # what one allreduce of a row costs beyond its links' latency (optional in the file)
 
     def link_ms(self, i, j, n_bytes) -> float:
         return self.latency_ms[i][j] + n_bytes / self.bandwidth[i][j] * 1e3
@@ -257,7 +258,8 @@ def load_profile(source) -> Profile:
     return Profile(model, tuple(_rank(rd, ranks, i) for i in range(n)),
                    rd.matrix(links, "latency_ms", "links.latency_ms", n, False),
                    rd.matrix(links, "bandwidth_bytes_per_s", "links.bandwidth_bytes_per_s", n, True),
-                   rd.real(data, "step_ms", "step_ms"), rd.real(data, "seconds", "seconds"), rd.source)
+                   rd.real(data, "step_ms", "step_ms"), rd.real(data, "seconds", "seconds"), rd.source,
+                   rd.real(data, "allreduce_ms", "allreduce_ms") if "allreduce_ms" in data else 0.0)
 
 
 def _profile(p) -> Profile:
@@ -318,10 +320,12 @@ def _allreduce_ms(prof, ranks, n_bytes, kind) -> float:
     if p == 1:
         return 0.0
     if kind == "star":
-        return 2 * max(prof.link_ms(ranks[0], r, n_bytes) for r in ranks[1:])
-    if kind == "ring":
-        return 2 * (p - 1) * max(prof.link_ms(a, ranks[(i + 1) % p], n_bytes / p) for i, a in enumerate(ranks))
-    return 2 * math.ceil(math.log2(p)) * max(prof.link_ms(i, j, n_bytes) for i in ranks for j in ranks if i != j)
+        links = 2 * max(prof.link_ms(ranks[0], r, n_bytes) for r in ranks[1:])
+    elif kind == "ring":
+        links = 2 * (p - 1) * max(prof.link_ms(a, ranks[(i + 1) % p], n_bytes / p) for i, a in enumerate(ranks))
+    else:
+        links = 2 * math.ceil(math.log2(p)) * max(prof.link_ms(i, j, n_bytes) for i in ranks for j in ranks if i != j)
+    return links + prof.allreduce_ms
 
 
 def _stage_cost(prof, ranks, units, rows, allreduce, last) -> tuple:

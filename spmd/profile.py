@@ -3,14 +3,18 @@ threads, in seconds. Writes a profile JSON (`--out`) and prints a table.
 
 Per rank, on one layer of the real file (layer 0) and classifier rows, with the rank's own backend:
   compute   a decode pass of b rows (b sequences of one token each, at position POSITION) for b in ROWS, through
-            one layer holding every KV-head group and FFN block (K, F), none of the groups (0, F) and one block
-            (K, 1): three timings that give the layer's fixed cost and its cost per KV-head group and per FFN block
-            (t(k, f) = layer + k * kv_group + f * ffn_block); the head over VOCAB_ROWS and a quarter of them gives
-            its fixed cost and its cost per classifier row. The same at prefill (one sequence of PREFILL_ROWS).
+            one layer holding every KV-head group and FFN block, and holding half of each: the two give the
+            layer's fixed cost and its cost per weight byte, which the KV-head groups and FFN blocks take in
+            proportion to their bytes (a decode product reads every weight once, a batched or prefill one
+            multiplies each by every row). The head over VOCAB_ROWS and a quarter of them gives its fixed cost
+            and its cost per classifier row. The same at prefill (one sequence of PREFILL_ROWS).
   memory    the host's available memory, and a Vulkan rank's device memory.
 Between every pair of ranks, one pair at a time: ping-pong round trips of one hidden-state row (dim * 4 bytes,
 what a decode token sends) and of LINK_LARGE bytes give each link's latency and bandwidth. Rank 0's broadcast of a
-step record gives `step_ms`. Each figure is the median of `repeats` runs after one not counted (warm-up).
+step record gives `step_ms`, and a star allreduce of one row over every rank what an allreduce costs beyond its
+links' latency (`allreduce_ms`: MPI's and Python's own work, paid by every allreduce of a stage of several
+ranks). A compute timing is the least of `repeats` runs after one not counted (warm-up): the others' threads and
+the machine's other work only ever add to it. A link's or a collective's is the median.
 
 `measure(...)` is the collective the run's `--plan auto` calls too; rank 0 gets the profile as a dict (the format
 `spmd.planner.load_profile` reads). Simulated slow ranks (SPMD_TEST_SLOW) and links (SPMD_TEST_LINK_DELAY_MS)
@@ -37,16 +41,17 @@ REPEATS = 5
 
 
 def probe_shares(cfg) -> dict:
-    """The shares timed: layer 0 with all (K, F), no (0, F) KV-head groups, one FFN block (K, 1); and the head with
-    VOCAB_ROWS rows and a quarter of them."""
-    blocks, rows = tuple(range(n_ffn_blocks(cfg.ffn_dim))), min(VOCAB_ROWS, cfg.vocab)
-    full = Share(0, (0, 1), tuple(range(cfg.n_kv_heads)), cfg.group, blocks, cfg.ffn_dim, 0, rows)
-    return {"full": full, "no_kv": replace(full, kv=(), n_vocab=max(1, rows // 4)),
-            "one_block": replace(full, ffn_blocks=blocks[:1], n_vocab=0)}
+    """The shares timed: layer 0 with every KV-head group and FFN block and VOCAB_ROWS classifier rows ("full"),
+    and with half of each and a quarter of the rows ("half")."""
+    kv, blocks, rows = tuple(range(cfg.n_kv_heads)), tuple(range(n_ffn_blocks(cfg.ffn_dim))), min(VOCAB_ROWS, cfg.vocab)
+    full = Share(0, (0, 1), kv, cfg.group, blocks, cfg.ffn_dim, 0, rows)
+    half = replace(full, kv=kv[:-(-len(kv) // 2)], ffn_blocks=blocks[:-(-len(blocks) // 2)],
+                   n_vocab=max(1, rows // 4))
+    return {"full": full, "half": half}
 
 
 class Timer:
-    """Median milliseconds of a call over `repeats` runs after one warm-up, the simulated slowdown included."""
+    """The least milliseconds of a call over `repeats` runs after one warm-up, the simulated slowdown included."""
 
     def __init__(self, repeats, slow=None):
         self.repeats, self.slow = repeats, slow
@@ -61,7 +66,7 @@ class Timer:
             if self.slow is not None:
                 self.slow.pause()
             times.append(time.perf_counter() - t)
-        return float(np.median(times[1:])) * 1e3
+        return min(times[1:]) * 1e3
 
 
 def time_share(file, cfg, backend, share, timer, rows) -> dict:
@@ -90,20 +95,20 @@ def time_share(file, cfg, backend, share, timer, rows) -> dict:
     return out
 
 
-def fit(cfg, shares, times, rows) -> dict:
-    """A compute point from the three shares' timings at `rows` (each cost at least 0: noise can make a
-    difference negative)."""
-    K, F = cfg.n_kv_heads, n_ffn_blocks(cfg.ffn_dim)
-    full, no_kv, one = (times[name][rows][0] for name in ("full", "no_kv", "one_block"))
-    kv_group = max(0.0, (full - no_kv) / K)
-    ffn_block = max(0.0, (full - one) / (F - 1)) if F > 1 else 0.0
-    layer = max(0.0, full - K * kv_group - F * ffn_block)
-    va, vb = shares["full"].n_vocab, shares["no_kv"].n_vocab
-    ha, hb = times["full"][rows][1], times["no_kv"][rows][1]
+def fit(shares, unit_bytes, times, rows) -> dict:
+    """A compute point from the two shares' timings at `rows`: t = layer + cost per byte x the units' bytes, and
+    head = head + cost per row x rows (each at least 0: noise can make a difference negative)."""
+    full, half = shares["full"], shares["half"]
+    held = {name: s.n_kv * unit_bytes["kv_group"] + len(s.ffn_blocks) * unit_bytes["ffn_block"]
+            for name, s in shares.items()}
+    (ta, ha), (tb, hb) = times["full"][rows], times["half"][rows]
+    per_byte = (ta - tb) / (held["full"] - held["half"]) if held["full"] > held["half"] else ta / held["full"]
+    per_byte = max(per_byte, 0.0)
+    va, vb = full.n_vocab, half.n_vocab
     vocab_row = max(0.0, (ha - hb) / (va - vb)) if va > vb else ha / va
-    head = max(0.0, ha - va * vocab_row)
-    return {"rows": rows if rows != "prefill" else PREFILL_ROWS, "layer_ms": layer, "kv_group_ms": kv_group,
-            "ffn_block_ms": ffn_block, "head_ms": head, "vocab_row_ms": vocab_row}
+    return {"rows": rows if rows != "prefill" else PREFILL_ROWS, "layer_ms": max(0.0, ta - per_byte * held["full"]),
+            "kv_group_ms": per_byte * unit_bytes["kv_group"], "ffn_block_ms": per_byte * unit_bytes["ffn_block"],
+            "head_ms": max(0.0, ha - va * vocab_row), "vocab_row_ms": vocab_row}
 
 
 def model_bytes(file, cfg) -> dict:
@@ -140,24 +145,26 @@ def measure(comm, file, cfg, backend, threads, repeats=REPEATS, slow=None):
     from .comm import host_name
     from .rank import available_bytes
     t0 = time.perf_counter()
-    timer, shares = Timer(repeats, slow), probe_shares(cfg)
+    timer, shares, unit_bytes = Timer(repeats, slow), probe_shares(cfg), model_bytes(file, cfg)
     times = {name: time_share(file, cfg, backend, s, timer, ROWS) for name, s in shares.items()}
     mine = {"rank": comm.rank, "host": host_name(), "backend": backend.description, "threads": threads,
             "memory_bytes": available_bytes(), "device_memory_bytes": backend.device_memory_bytes(),
-            "compute": [fit(cfg, shares, times, b) for b in ROWS],
-            "prefill": fit(cfg, shares, times, "prefill")}
+            "compute": [fit(shares, unit_bytes, times, b) for b in ROWS],
+            "prefill": fit(shares, unit_bytes, times, "prefill")}
     ranks = comm.gather(mine)
     lat, bw = measure_links(comm, cfg.dim, repeats)
     step_ms = comm.bcast_seconds(repeats * 4) * 1e3
+    allreduce_ms = comm.allreduce_seconds(cfg.dim, repeats * 4) * 1e3 if comm.size > 1 else 0.0
     if not comm.is_root:
         return None
     return {"format": "spmd-profile", "version": 1,
             "model": {"file": file.path, "n_layers": cfg.n_layers, "dim": cfg.dim, "n_heads": cfg.n_heads,
                       "n_kv_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "ffn_dim": cfg.ffn_dim,
-                      "vocab": cfg.vocab, "context": cfg.context, "bytes": model_bytes(file, cfg),
+                      "vocab": cfg.vocab, "context": cfg.context, "bytes": unit_bytes,
                       "kv_bytes_per_position": 2 * cfg.head_dim * 4},
             "ranks": ranks, "links": {"latency_ms": lat, "bandwidth_bytes_per_s": bw},
-            "step_ms": step_ms, "seconds": time.perf_counter() - t0}
+            "step_ms": step_ms, "allreduce_ms": max(0.0, allreduce_ms - 2 * max(lat[0][1:], default=0.0)),
+            "seconds": time.perf_counter() - t0}
 
 
 def table(profile) -> str:
@@ -179,7 +186,8 @@ def table(profile) -> str:
         for b in range(a + 1, n):
             lat, bw = profile["links"]["latency_ms"][a][b], profile["links"]["bandwidth_bytes_per_s"][a][b]
             lines.append(f"link {a}-{b}: latency {lat:.3f} ms, bandwidth {bw * 8 / 1e6:.0f} Mbit/s")
-    lines.append(f"step record: {profile['step_ms']:.3f} ms; measured in {profile['seconds']:.1f} s")
+    lines.append(f"step record: {profile['step_ms']:.3f} ms; allreduce beyond its links: {profile['allreduce_ms']:.3f} "
+                 f"ms; measured in {profile['seconds']:.1f} s")
     return "\n".join(lines)
 
 

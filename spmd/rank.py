@@ -212,7 +212,8 @@ class RankState:
         if plan.idle and comm.is_root:
             ranks = ", ".join(map(str, plan.idle))
             self.log(f"note: rank{'s' * (len(plan.idle) > 1)} {ranks} idle (ratio 0): holding no weights, in no stage")
-        self.n_slots = min(opts.sequences or len(plan.stages), len(self.needs))  # sequences in flight at most
+        # sequences in flight at most: by default one a stage, or, planned, all the prompts (the planner's K)
+        self.n_slots = min(opts.sequences or (len(self.needs) if opts.plan else len(plan.stages)), len(self.needs))
         comm.set_slots(self.n_slots)
         agree(comm, lambda: self._check_memory(plan))
         # the socket opens before the weights load, so a user (or a script) can queue a migration meanwhile
@@ -293,7 +294,7 @@ class RankState:
         opts, comm = self.opts, self.comm
         t = time.perf_counter()
         measured = opts.plan in (None, "auto")
-        data = measure(comm, self.file, self.cfg, self.backend, self.threads, repeats=3,
+        data = measure(comm, self.file, self.cfg, self.backend, self.threads,
                        slow=slowdown(comm)) if measured else None
 
         def load():
