@@ -1,9 +1,11 @@
 """`python -m spmd.profile`: measure what the planner (`spmd.planner`) needs, on every rank with its own backend and
 threads, in seconds. Writes a profile JSON (`--out`) and prints a table.
 
-Per rank, on one layer of the real file (layer 0) and classifier rows, with the rank's own backend:
+Per rank, on the first layers of the real file (as many as PROBE_BYTES of weights: a decode pass streams its
+weights from memory, and a single layer timed again and again would run from the cache) and classifier rows,
+with the rank's own backend:
   compute   a decode pass of b rows (b sequences of one token each, at position POSITION) for b in ROWS, through
-            one layer holding every KV-head group and FFN block, and holding half of each: the two give the
+            those layers holding every KV-head group and FFN block, and holding half of each: the two give the
             layer's fixed cost and its cost per weight byte, which the KV-head groups and FFN blocks take in
             proportion to their bytes (a decode product reads every weight once, a batched or prefill one
             multiplies each by every row). The head over VOCAB_ROWS and a quarter of them gives its fixed cost
@@ -36,15 +38,18 @@ ROWS = (1, 4, 16)  # decode batch rows measured (the planner interpolates betwee
 PREFILL_ROWS = 64
 POSITION = 32  # positions each measured sequence already holds: the attention reads this many
 VOCAB_ROWS = 4096  # classifier rows timed (at most the vocabulary); the cost per row scales to the rest
+PROBE_BYTES = 384 << 20  # weights the timed layers hold at most: more than a household CPU's last-level cache
 LINK_LARGE = 1 << 20  # bytes of the bandwidth ping-pong
 REPEATS = 5
 
 
-def probe_shares(cfg) -> dict:
-    """The shares timed: layer 0 with every KV-head group and FFN block and VOCAB_ROWS classifier rows ("full"),
-    and with half of each and a quarter of the rows ("half")."""
+def probe_shares(cfg, unit_bytes) -> dict:
+    """The shares timed: the first layers (up to PROBE_BYTES, at least one) with every KV-head group and FFN block
+    and VOCAB_ROWS classifier rows ("full"), and with half of each and a quarter of the rows ("half")."""
     kv, blocks, rows = tuple(range(cfg.n_kv_heads)), tuple(range(n_ffn_blocks(cfg.ffn_dim))), min(VOCAB_ROWS, cfg.vocab)
-    full = Share(0, (0, 1), kv, cfg.group, blocks, cfg.ffn_dim, 0, rows)
+    layer = len(kv) * unit_bytes["kv_group"] + len(blocks) * unit_bytes["ffn_block"]
+    n_layers = min(cfg.n_layers, max(1, PROBE_BYTES // max(layer, 1)))
+    full = Share(0, (0, n_layers), kv, cfg.group, blocks, cfg.ffn_dim, 0, rows)
     half = replace(full, kv=kv[:-(-len(kv) // 2)], ffn_blocks=blocks[:-(-len(blocks) // 2)],
                    n_vocab=max(1, rows // 4))
     return {"full": full, "half": half}
@@ -101,7 +106,9 @@ def fit(shares, unit_bytes, times, rows) -> dict:
     full, half = shares["full"], shares["half"]
     held = {name: s.n_kv * unit_bytes["kv_group"] + len(s.ffn_blocks) * unit_bytes["ffn_block"]
             for name, s in shares.items()}
+    n = len(full.layer_ids)  # the layers timed: per layer from here on
     (ta, ha), (tb, hb) = times["full"][rows], times["half"][rows]
+    ta, tb = ta / n, tb / n
     per_byte = (ta - tb) / (held["full"] - held["half"]) if held["full"] > held["half"] else ta / held["full"]
     per_byte = max(per_byte, 0.0)
     va, vb = full.n_vocab, half.n_vocab
@@ -145,7 +152,8 @@ def measure(comm, file, cfg, backend, threads, repeats=REPEATS, slow=None):
     from .comm import host_name
     from .rank import available_bytes
     t0 = time.perf_counter()
-    timer, shares, unit_bytes = Timer(repeats, slow), probe_shares(cfg), model_bytes(file, cfg)
+    unit_bytes = model_bytes(file, cfg)
+    timer, shares = Timer(repeats, slow), probe_shares(cfg, unit_bytes)
     times = {name: time_share(file, cfg, backend, s, timer, ROWS) for name, s in shares.items()}
     mine = {"rank": comm.rank, "host": host_name(), "backend": backend.description, "threads": threads,
             "memory_bytes": available_bytes(), "device_memory_bytes": backend.device_memory_bytes(),
