@@ -38,7 +38,7 @@ ROWS = (1, 4, 16)  # decode batch rows measured (the planner interpolates betwee
 PREFILL_ROWS = 64
 POSITION = 32  # positions each measured sequence already holds: the attention reads this many
 VOCAB_ROWS = 4096  # classifier rows timed (at most the vocabulary); the cost per row scales to the rest
-PROBE_BYTES = 384 << 20  # weights the timed layers hold at most: more than a household CPU's last-level cache
+PROBE_BYTES = 128 << 20  # weights the timed layers hold at most: more than most household CPUs' last-level cache
 LINK_LARGE = 1 << 20  # bytes of the bandwidth ping-pong
 REPEATS = 5
 
