@@ -171,7 +171,8 @@ def measure(comm, file, cfg, backend, threads, repeats=REPEATS, slow=None):
                       "vocab": cfg.vocab, "context": cfg.context, "bytes": unit_bytes,
                       "kv_bytes_per_position": 2 * cfg.head_dim * 4},
             "ranks": ranks, "links": {"latency_ms": lat, "bandwidth_bytes_per_s": bw},
-            "step_ms": step_ms, "allreduce_ms": max(0.0, allreduce_ms - 2 * max(lat[0][1:], default=0.0)),
+            "step_ms": step_ms, "allreduce_ms": max(0.0, allreduce_ms - 2 * max(
+                (lat[0][r] + cfg.dim * 4 / bw[0][r] * 1e3 for r in range(1, comm.size)), default=0.0)),
             "seconds": time.perf_counter() - t0}
 
 
