@@ -98,6 +98,7 @@ class Driver:
         self._due_migration = None  # a migration waiting for the pipeline to empty (a socket request or a rebalance)
         self.rebalancer = state.rebalancer  # --rebalance (spmd.rebalance), or None
         self._next_look = REBALANCE_EVERY
+        self._window = (time.perf_counter(), 0)  # (when, tokens generated) of the rebalancer's last look
         self.error = None  # why generation stopped short (non-finite logits): every rank raises it after STOP
 
     def _step(self, op, **kw):
@@ -277,8 +278,11 @@ class Driver:
         if self.generated < self._next_look:
             return None
         self._next_look = self.generated + REBALANCE_EVERY
-        plan = self.state.plan
-        if not self.rebalancer.observe(plan, self.executor.issue(self._step(Op.STATUS))):
+        plan, now = self.state.plan, time.perf_counter()
+        since, at = max(self._window, self._last_move or self._window)  # tokens/s since the last look or move
+        rate = (self.generated - at) / (now - since) if now > since else None
+        self._window = (now, self.generated)
+        if not self.rebalancer.observe(plan, self.executor.issue(self._step(Op.STATUS)), rate):
             return None
         left = sum(s.steps - len(s.tokens) for s in self.by_slot.values()) + sum(s.steps for s in self.queue)
         text = self.rebalancer.consider(plan, left, self.generated)

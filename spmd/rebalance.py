@@ -7,7 +7,12 @@ gets 3), smoothed over looks. With the profile corrected by these factors (`plan
 again; a new layout is taken when it is predicted at least THRESHOLD faster than the current one (both predicted
 with the corrected profile) and the time it saves over the tokens still to come outweighs the move's cost. A rank
 must have run MIN_STEPS decode batches under the current plan before its figure counts; a layout left is not
-taken again for COOLDOWN looks. Every look that moves is kept (`decisions`) for the log and the result.
+taken again for COOLDOWN looks.
+
+Predictions can be wrong (a loaded machine, a model that misses a cost), so the tokens/s each layout actually gave
+is kept too: when the current layout runs THRESHOLD slower than one measured before, the rebalancer goes back to
+that one, and a layout measured slower than the current one is not proposed. So a move the model got wrong costs
+one look, not the rest of the run. Every move is kept (`decisions`) for the log and the result.
 """
 import collections
 from dataclasses import dataclass
@@ -31,9 +36,14 @@ class Decision:
     predicted_ms_before: float  # per token, with the corrected profile
     predicted_ms_after: float
     factors: tuple  # each rank's measured / profiled compute
+    measured: dict  # tokens/s each layout gave so far (the latest look at it)
+    why: str  # "predicted": the planner's proposal; "measured": back to a layout that ran faster
 
     def line(self) -> str:
         factors = ", ".join(f"{f:.2f}" for f in self.factors)
+        if self.why == "measured":
+            return (f"rebalance at token {self.at}: --ratios '{self.before}' -> '{self.after}' (back: measured "
+                    f"{self.measured[self.before]:.1f} against {self.measured[self.after]:.1f} tokens/s)")
         return (f"rebalance at token {self.at}: --ratios '{self.before}' -> '{self.after}' (predicted "
                 f"{self.predicted_ms_before:.2f} -> {self.predicted_ms_after:.2f} ms per token; compute measured / "
                 f"profiled per rank: {factors})")
@@ -45,13 +55,17 @@ class Rebalancer:
         self.objective, self.sequences, self.context, self.allreduce = objective, sequences, context, allreduce
         self.factors = [1.0] * len(self.profile.ranks)
         self.left = collections.deque(maxlen=COOLDOWN)  # layouts recently left
+        self.measured = {}  # layout text -> tokens/s it gave at its latest look
         self.decisions = []
 
-    def observe(self, plan, ranks) -> bool:
-        """Take every rank's recent figures (compute_ms, rows, steps per rank, under `plan`); False while some
-        working rank has not run MIN_STEPS decode batches under it."""
+    def observe(self, plan, ranks, rate=None) -> bool:
+        """Take every rank's recent figures (compute_ms, rows, steps per rank, under `plan`) and the tokens/s
+        measured since the last look (or move); False while some working rank has not run MIN_STEPS decode
+        batches under it."""
         if any(r["steps"] < MIN_STEPS for r in ranks if r["stage"] is not None):
             return False
+        if rate:
+            self.measured[plan.text()] = rate
         for r in ranks:
             if r["stage"] is None:
                 continue  # an idle rank keeps the factor it had when it last worked
@@ -68,19 +82,29 @@ class Rebalancer:
         prof = planner.scaled(self.profile, self.factors)
         k = self.sequences if self.objective == "throughput" else 1
         now = planner.predict(prof, current, k, self.context, self.allreduce)
-        best = planner.plan(prof, self.objective, self.sequences, self.context, allreduce=self.allreduce)
         self.left.append(None)  # a look: the cooldown counts looks
+        fastest = max(self.measured, key=self.measured.get, default=current)
+        if current in self.measured and self.measured[current] < self.measured[fastest] * (1 - THRESHOLD):
+            back = planner.predict(prof, fastest, k, self.context, self.allreduce)
+            return self._decide(at, current, fastest, now, back, "measured")
+        best = planner.plan(prof, self.objective, self.sequences, self.context, allreduce=self.allreduce)
         if best.text == current or best.text in self.left:
             return None
+        if self.measured.get(best.text, 0) and self.measured[best.text] <= self.measured.get(current, 0):
+            return None  # tried, and it ran no faster
         if best.ms_per_token > now.ms_per_token * (1 - THRESHOLD):
             return None
         saved_ms = tokens_left * (1000 / now.tokens_per_s - 1000 / best.tokens_per_s)
         if saved_ms < self.move_ms(plan, best.text):
             return None
+        return self._decide(at, current, best.text, now, best, "predicted")
+
+    def _decide(self, at, current, text, now, then, why):
         self.left.append(current)
-        self.decisions.append(Decision(at, current, best.text, now.ms_per_token, best.ms_per_token,
-                                       tuple(round(f, 3) for f in self.factors)))
-        return best.text
+        self.decisions.append(Decision(at, current, text, now.ms_per_token, then.ms_per_token,
+                                       tuple(round(f, 3) for f in self.factors),
+                                       {t: round(r, 3) for t, r in self.measured.items()}, why))
+        return text
 
     def move_ms(self, plan, text) -> float:
         """The estimated cost of moving from `plan` to the layout `text`: the weights of the units that change

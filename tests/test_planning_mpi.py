@@ -169,6 +169,6 @@ def test_rebalance_moves_work_off_a_rank_that_turns_slow(models, monkeypatch):
         assert moves == []  # nothing to balance
         return
     assert moves and moves[0]["before"] == ":".join(["1"] * n) and moves[0]["factors"][n - 1] > 3
-    assert all(m["predicted_ms_after"] < 0.9 * m["predicted_ms_before"] for m in moves)
+    assert all(m["predicted_ms_after"] < 0.9 * m["predicted_ms_before"] for m in moves if m["why"] == "predicted")
     work = [r["share"]["heads"] + r["share"]["ffn_columns"] for r in result["ranks"]]
     assert work[n - 1] == min(work) and work[n - 1] < work[0], (result["ratios"], work)

@@ -106,3 +106,24 @@ def test_the_move_cost_counts_the_units_that_change_hands():
 
 def owner(plan, row):
     return next(s.rank for s in plan if s.vocab_start <= row < s.vocab_start + s.n_vocab)
+
+
+def test_a_move_that_ran_slower_is_taken_back():
+    """The model predicted a gain, but the new layout measured THRESHOLD slower: the next look goes back to the
+    layout that ran faster, says why, and the planner's proposal is not tried again while it measures slower."""
+    prof = cluster()
+    rb = RB.Rebalancer(prof, "latency", 1, 64, "star")
+    first = make_plan(parse_layout("1:1:1", 3), prof.model)
+    assert rb.observe(first, figures(first, prof, [1, 1, 5]), rate=100.0)
+    proposed, factors = rb.consider(first, 10**6, 16), list(rb.factors)
+    moved = relayout(first, parse_layout(proposed, 3))
+    assert rb.observe(moved, figures(moved, prof, [1, 1, 5]), rate=60.0)  # slower than 1:1:1 ran, after all
+    assert rb.consider(moved, 10**6, 32) == "1:1:1"
+    d = rb.decisions[-1]
+    assert d.why == "measured" and d.measured == {"1:1:1": 100.0, proposed: 60.0}
+    assert "back: measured 60.0 against 100.0 tokens/s" in d.line()
+    back = relayout(moved, parse_layout("1:1:1", 3))
+    assert rb.observe(back, figures(back, prof, [1, 1, 5]), rate=100.0)
+    rb.factors = factors  # as when it proposed the move: it would propose it again
+    rb.left.clear()
+    assert rb.consider(back, 10**6, 48) is None  # but it measured slower
