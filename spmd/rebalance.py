@@ -12,7 +12,9 @@ taken again for COOLDOWN looks.
 Predictions can be wrong (a loaded machine, a model that misses a cost), so the tokens/s each layout actually gave
 is kept too: when the current layout runs THRESHOLD slower than one measured before, the rebalancer goes back to
 that one, and a layout measured slower than the current one is not proposed. So a move the model got wrong costs
-one look, not the rest of the run. Every move is kept (`decisions`) for the log and the result.
+one look, not the rest of the run; and each such miss doubles the gain the next proposal must promise, so a
+model that keeps missing (a cost it cannot represent) stops moving instead of oscillating. Every move is kept
+(`decisions`) for the log and the result.
 """
 import collections
 from dataclasses import dataclass
@@ -56,6 +58,7 @@ class Rebalancer:
         self.factors = [1.0] * len(self.profile.ranks)
         self.left = collections.deque(maxlen=COOLDOWN)  # layouts recently left
         self.measured = {}  # layout text -> tokens/s it gave at its latest look
+        self.misses = 0  # proposals that measured slower than the layout they left (each doubles the threshold)
         self.decisions = []
 
     def observe(self, plan, ranks, rate=None) -> bool:
@@ -85,6 +88,7 @@ class Rebalancer:
         self.left.append(None)  # a look: the cooldown counts looks
         fastest = max(self.measured, key=self.measured.get, default=current)
         if current in self.measured and self.measured[current] < self.measured[fastest] * (1 - THRESHOLD):
+            self.misses += 1
             back = planner.predict(prof, fastest, k, self.context, self.allreduce)
             return self._decide(at, current, fastest, now, back, "measured")
         best = planner.plan(prof, self.objective, self.sequences, self.context, allreduce=self.allreduce)
@@ -92,7 +96,7 @@ class Rebalancer:
             return None
         if self.measured.get(best.text, 0) and self.measured[best.text] <= self.measured.get(current, 0):
             return None  # tried, and it ran no faster
-        if best.ms_per_token > now.ms_per_token * (1 - THRESHOLD):
+        if best.ms_per_token > now.ms_per_token * (1 - min(0.9, THRESHOLD * 2 ** self.misses)):
             return None
         saved_ms = tokens_left * (1000 / now.tokens_per_s - 1000 / best.tokens_per_s)
         if saved_ms < self.move_ms(plan, best.text):

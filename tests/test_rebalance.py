@@ -127,3 +127,4 @@ def test_a_move_that_ran_slower_is_taken_back():
     rb.factors = factors  # as when it proposed the move: it would propose it again
     rb.left.clear()
     assert rb.consider(back, 10**6, 48) is None  # but it measured slower
+    assert rb.misses == 1  # and the next proposal must promise twice the gain
