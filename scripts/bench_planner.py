@@ -102,7 +102,8 @@ def point(name, r, predicted, extra=None):
 @click.option("--label", default="run")
 @click.option("--out", default=None)
 def main(model, small, ranks, threads, slow, hostfile, steps, sequences, warmup_steps, label, out):
-    from spmd.planner import load_profile, predict
+    from spmd.cluster import load_profile
+    from spmd.planner import predict
     env = {"SPMD_TEST_SLOW": slow} if slow else {}
     with tempfile.TemporaryDirectory() as folder:
         if model is None:

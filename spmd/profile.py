@@ -19,7 +19,7 @@ ranks). A compute timing is the least of `repeats` runs after one not counted (w
 the machine's other work only ever add to it. A link's or a collective's is the median.
 
 `measure(...)` is the collective the run's `--plan auto` calls too; rank 0 gets the profile as a dict (the format
-`spmd.planner.load_profile` reads). Simulated slow ranks (SPMD_TEST_SLOW) and links (SPMD_TEST_LINK_DELAY_MS)
+`spmd.cluster.load_profile` reads). Simulated slow ranks (SPMD_TEST_SLOW) and links (SPMD_TEST_LINK_DELAY_MS)
 are measured as they would run.
 """
 import json

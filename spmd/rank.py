@@ -288,7 +288,7 @@ class RankState:
     def _profile(self):
         """The cluster's profile on rank 0 (None elsewhere): measured now (`spmd.profile`: --plan auto, or for
         --rebalance without --plan) or read from --plan FILE; a saved one must be of this job."""
-        from . import planner
+        from . import cluster
         from .executor import slowdown
         from .profile import measure
         opts, comm = self.opts, self.comm
@@ -298,8 +298,8 @@ class RankState:
                        slow=slowdown(comm)) if measured else None
 
         def load():
-            profile = planner.load_profile(data if measured else opts.plan)
-            planner.check_matches(profile, self.cfg, comm.size)
+            profile = cluster.load_profile(data if measured else opts.plan)
+            cluster.check_matches(profile, self.cfg, comm.size)
             return profile
         profile = agree(comm, load if comm.is_root else lambda: None)
         self.profile_s = time.perf_counter() - t

@@ -20,6 +20,7 @@ import collections
 from dataclasses import dataclass
 
 from . import planner
+from .cluster import as_profile
 
 THRESHOLD = 0.10  # the least predicted gain that is worth a move
 MIN_STEPS = 8  # decode batches a rank must have run under the current plan before a look
@@ -53,7 +54,7 @@ class Decision:
 
 class Rebalancer:
     def __init__(self, profile, objective, sequences, context, allreduce):
-        self.profile = planner.load_profile(profile) if not isinstance(profile, planner.Profile) else profile
+        self.profile = as_profile(profile)
         self.objective, self.sequences, self.context, self.allreduce = objective, sequences, context, allreduce
         self.factors = [1.0] * len(self.profile.ranks)
         self.left = collections.deque(maxlen=COOLDOWN)  # layouts recently left

@@ -10,7 +10,8 @@ import pytest
 
 from spmd.errors import UserError
 from spmd.plan import parse_layout
-from spmd.planner import alternatives, load_profile, main, plan, predict
+from spmd.cluster import load_profile
+from spmd.planner import alternatives, main, plan, predict
 
 HOUSEHOLD = Path(__file__).resolve().parent / "profiles" / "household.json"
 TIMES = ("layer_ms", "kv_group_ms", "ffn_block_ms", "head_ms", "vocab_row_ms")

@@ -16,7 +16,8 @@ from mpi_models import MPI, SHAPE, WORLD, shared_models
 from spmd.comm import Comm
 from spmd.engine import Engine, RunOptions
 from spmd.executor import Slowdown
-from spmd.planner import load_profile, predict
+from spmd.cluster import load_profile
+from spmd.planner import predict
 from spmd.profile import measure, set_up, table
 from spmd.prompts import PromptSpec
 from spmd.synth import write_model

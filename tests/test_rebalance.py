@@ -7,7 +7,8 @@ import pytest
 from spmd import rebalance as RB
 from spmd.plan import make_plan, parse_layout
 from spmd.replan import relayout
-from spmd.planner import load_profile, rank_compute_ms, scaled
+from spmd.cluster import load_profile
+from spmd.planner import rank_compute_ms, scaled
 from spmd.planner import plan as best_plan
 from test_planner import profile
 
