@@ -127,13 +127,13 @@ cmd_up() {
         fi
     done
     write_wrapper
+    own=""
+    for i in "${!rate_of[@]}"; do own="$own $i=${rate_of[$i]}"; done
     {
-        echo "# netsim: written by scripts/netsim.sh up $n${rate:+ --rate $rate}; removed by 'down'."
+        echo "# netsim: written by scripts/netsim.sh up $n${rate:+ --rate $rate}${own:+ --rate-of${own}}; removed by 'down'."
         echo "# MPICH format HOST:SLOTS; run jobs on these hosts with: scripts/netsim.sh run -- MPIEXEC-ARGS"
         for i in $(seq 1 "$n"); do echo "$SUBNET.$i:1"; done
     } >"$HOSTFILE"
-    own=""
-    for i in "${!rate_of[@]}"; do own="$own $i=${rate_of[$i]}"; done
     echo "n=$n rate=${rate:-none} rate_of='${own# }'" >"$STATE/config"
     trap - ERR
     if command -v ping >/dev/null; then  # the bridge forwards once its ports are up; `status` checks MPI itself

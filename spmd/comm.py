@@ -399,18 +399,22 @@ class Comm:
             times.append((time.perf_counter() - t) / 2)
         return float(np.median(times[1:])) if self.rank == a else None
 
-    def allreduce_seconds(self, n, repeats):
-        """Every rank: the median seconds of a star allreduce of n float32 over every rank (the simulated link
-        delay included), as measured on rank 0."""
+    def allreduce_seconds(self, peer, n, repeats):
+        """Every rank: the median seconds of a star allreduce of n float32 between rank 0 and `peer` (the simulated
+        link delay included), as measured on rank 0; None elsewhere."""
+        pair = self.comm.Split(0 if self.rank in (0, peer) else MPI.UNDEFINED, self.rank)
+        if pair == MPI.COMM_NULL:
+            return None
         x, times = np.zeros(n, np.float32), []
         for _ in range(repeats + 1):
-            self.comm.Barrier()
+            pair.Barrier()
             t = time.perf_counter()
             self._delay(2)
-            self.comm.Reduce(MPI.IN_PLACE if self.is_root else x, x if self.is_root else None, op=MPI.SUM, root=0)
-            self.comm.Bcast(x, root=0)
+            pair.Reduce(MPI.IN_PLACE if self.is_root else x, x if self.is_root else None, op=MPI.SUM, root=0)
+            pair.Bcast(x, root=0)
             times.append(time.perf_counter() - t)
-        return float(np.median(times[1:]))
+        pair.Free()
+        return float(np.median(times[1:])) if self.is_root else None
 
     def bcast_seconds(self, repeats):
         """Every rank: the median seconds rank 0 takes to broadcast a step record (to every rank, and back by a

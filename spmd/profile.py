@@ -13,9 +13,9 @@ with the rank's own backend:
   memory    the host's available memory, and a Vulkan rank's device memory.
 Between every pair of ranks, one pair at a time: ping-pong round trips of one hidden-state row (dim * 4 bytes,
 what a decode token sends) and of LINK_LARGE bytes give each link's latency and bandwidth. Rank 0's broadcast of a
-step record gives `step_ms`, and a star allreduce of one row over every rank what an allreduce costs beyond its
-links' latency (`allreduce_ms`: MPI's and Python's own work, paid by every allreduce of a stage of several
-ranks). A compute timing is the least of `repeats` runs after one not counted (warm-up): the others' threads and
+step record gives `step_ms`, and a star allreduce of one row between rank 0 and its nearest rank what an
+allreduce costs beyond its links' latency and bandwidth (`allreduce_ms`: MPI's and Python's own work, paid by every
+allreduce of a stage of several ranks). A compute timing is the least of `repeats` runs after one not counted (warm-up): the others' threads and
 the machine's other work only ever add to it. A link's or a collective's is the median.
 
 `measure(...)` is the collective the run's `--plan auto` calls too; rank 0 gets the profile as a dict (the format
@@ -162,7 +162,9 @@ def measure(comm, file, cfg, backend, threads, repeats=REPEATS, slow=None):
     ranks = comm.gather(mine)
     lat, bw = measure_links(comm, cfg.dim, repeats)
     step_ms = comm.bcast_seconds(repeats * 4) * 1e3
-    allreduce_ms = comm.allreduce_seconds(cfg.dim, repeats * 4) * 1e3 if comm.size > 1 else 0.0
+    row = lambda r: lat[0][r] + cfg.dim * 4 / bw[0][r] * 1e3  # noqa: E731 - one row from rank 0 to rank r, ms
+    peer = comm.bcast(min(range(1, comm.size), key=row) if comm.is_root and comm.size > 1 else None)
+    allreduce_ms = comm.allreduce_seconds(peer, cfg.dim, repeats * 4) if peer is not None else None
     if not comm.is_root:
         return None
     return {"format": "spmd-profile", "version": 1,
@@ -171,8 +173,7 @@ def measure(comm, file, cfg, backend, threads, repeats=REPEATS, slow=None):
                       "vocab": cfg.vocab, "context": cfg.context, "bytes": unit_bytes,
                       "kv_bytes_per_position": 2 * cfg.head_dim * 4},
             "ranks": ranks, "links": {"latency_ms": lat, "bandwidth_bytes_per_s": bw},
-            "step_ms": step_ms, "allreduce_ms": max(0.0, allreduce_ms - 2 * max(
-                (lat[0][r] + cfg.dim * 4 / bw[0][r] * 1e3 for r in range(1, comm.size)), default=0.0)),
+            "step_ms": step_ms, "allreduce_ms": max(0.0, allreduce_ms * 1e3 - 2 * row(peer)) if peer else 0.0,
             "seconds": time.perf_counter() - t0}
 
 
