@@ -15,8 +15,9 @@ Between every pair of ranks, one pair at a time: ping-pong round trips of one hi
 what a decode token sends) and of LINK_LARGE bytes give each link's latency and bandwidth. Rank 0's broadcast of a
 step record gives `step_ms`, and a star allreduce of one row between rank 0 and its nearest rank what an
 allreduce costs beyond its links' latency and bandwidth (`allreduce_ms`: MPI's and Python's own work, paid by every
-allreduce of a stage of several ranks). A compute timing is the least of `repeats` runs after one not counted (warm-up): the others' threads and
-the machine's other work only ever add to it. A link's or a collective's is the median.
+allreduce of a stage of several ranks). A compute timing is the least of `repeats` runs after one not counted
+(warm-up): the others' threads and the machine's other work only ever add to it. A link's or a collective's is
+the median.
 
 `measure(...)` is the collective the run's `--plan auto` calls too; rank 0 gets the profile as a dict (the format
 `spmd.cluster.load_profile` reads). Simulated slow ranks (SPMD_TEST_SLOW) and links (SPMD_TEST_LINK_DELAY_MS)
