@@ -8,8 +8,9 @@ with the rank's own backend:
             those layers holding every KV-head group and FFN block, and holding half of each: the two give the
             layer's fixed cost and its cost per weight byte, which the KV-head groups and FFN blocks take in
             proportion to their bytes (a decode product reads every weight once, a batched or prefill one
-            multiplies each by every row). The head over VOCAB_ROWS and a quarter of them gives its fixed cost
-            and its cost per classifier row. The same at prefill (one sequence of PREFILL_ROWS).
+            multiplies each by every row). The head over VOCAB_ROWS and a quarter of them (behind a layer of one
+            KV-head group and FFN block, whose cost is taken off) gives its fixed cost and its cost per classifier
+            row. The same at prefill (one sequence of PREFILL_ROWS).
   memory    the host's available memory, and a Vulkan rank's device memory.
 Between every pair of ranks, one pair at a time: ping-pong round trips of one hidden-state row (dim * 4 bytes,
 what a decode token sends) and of LINK_LARGE bytes give each link's latency and bandwidth. Rank 0's broadcast of a
@@ -46,14 +47,15 @@ REPEATS = 5
 
 def probe_shares(cfg, unit_bytes) -> dict:
     """The shares timed: the first layers (up to PROBE_BYTES, at least one) with every KV-head group and FFN block
-    and VOCAB_ROWS classifier rows ("full"), and with half of each and a quarter of the rows ("half")."""
+    ("full") and with half of each ("half"); layer 0 with one of each (every backend's model runs at least one
+    layer: its cost is taken off) and VOCAB_ROWS classifier rows ("head") or a quarter of them ("head_quarter")."""
     kv, blocks, rows = tuple(range(cfg.n_kv_heads)), tuple(range(n_ffn_blocks(cfg.ffn_dim))), min(VOCAB_ROWS, cfg.vocab)
     layer = len(kv) * unit_bytes["kv_group"] + len(blocks) * unit_bytes["ffn_block"]
     n_layers = min(cfg.n_layers, max(1, PROBE_BYTES // max(layer, 1)))
-    full = Share(0, (0, n_layers), kv, cfg.group, blocks, cfg.ffn_dim, 0, rows)
-    half = replace(full, kv=kv[:-(-len(kv) // 2)], ffn_blocks=blocks[:-(-len(blocks) // 2)],
-                   n_vocab=max(1, rows // 4))
-    return {"full": full, "half": half}
+    full = Share(0, (0, n_layers), kv, cfg.group, blocks, cfg.ffn_dim, 0, 0)
+    head = Share(0, (0, 1), kv[:1], cfg.group, blocks[:1], cfg.ffn_dim, 0, rows)
+    return {"full": full, "half": replace(full, kv=kv[:-(-len(kv) // 2)], ffn_blocks=blocks[:-(-len(blocks) // 2)]),
+            "head": head, "head_quarter": replace(head, n_vocab=max(1, rows // 4))}
 
 
 class Timer:
@@ -76,9 +78,10 @@ class Timer:
 
 
 def time_share(file, cfg, backend, share, timer, rows) -> dict:
-    """{rows: (layer ms, head ms)} of one share: decode passes of b one-token segments, and the prefill."""
+    """{rows: ms} of one share's passes (through its layers, or its head alone): decode passes of b one-token
+    segments for b in `rows`, and "prefill", one segment of PREFILL_ROWS tokens."""
     from .weights import load_shard
-    slots = max(rows)
+    slots, head = max(rows), share.n_vocab > 0
     model = backend.make_model(cfg, load_shard(file, cfg, share, backend, notice=lambda _m: None), share,
                                max(POSITION + 1, PREFILL_ROWS), slots)
     rng = np.random.default_rng(0)
@@ -89,13 +92,11 @@ def time_share(file, cfg, backend, share, timer, rows) -> dict:
         for b in rows:
             x = rng.standard_normal((b, cfg.dim)).astype(np.float32)
             segments = [Segment(slot, POSITION, 1) for slot in range(b)]
-            out[b] = (timer(lambda: model.forward(x.copy(), segments, None, head=False)),
-                      timer(lambda: model.head(x)) if share.n_vocab else 0.0)
+            out[b] = timer(lambda: model.forward(x.copy(), segments, None, head=head))
         model.free(0)
         model.open(0, PREFILL_ROWS)
         x = rng.standard_normal((PREFILL_ROWS, cfg.dim)).astype(np.float32)
-        out["prefill"] = (timer(lambda: model.forward(x.copy(), [Segment(0, 0, PREFILL_ROWS)], None, head=False)),
-                          timer(lambda: model.head(x)) if share.n_vocab else 0.0)
+        out["prefill"] = timer(lambda: model.forward(x.copy(), [Segment(0, 0, PREFILL_ROWS)], None, head=head))
     finally:
         model.close()
     return out
@@ -104,19 +105,20 @@ def time_share(file, cfg, backend, share, timer, rows) -> dict:
 def fit(shares, unit_bytes, times, rows) -> dict:
     """A compute point from the two shares' timings at `rows`: t = layer + cost per byte x the units' bytes, and
     head = head + cost per row x rows (each at least 0: noise can make a difference negative)."""
-    full, half = shares["full"], shares["half"]
-    held = {name: s.n_kv * unit_bytes["kv_group"] + len(s.ffn_blocks) * unit_bytes["ffn_block"]
-            for name, s in shares.items()}
-    n = len(full.layer_ids)  # the layers timed: per layer from here on
-    (ta, ha), (tb, hb) = times["full"][rows], times["half"][rows]
-    ta, tb = ta / n, tb / n
+    held = {name: shares[name].n_kv * unit_bytes["kv_group"] + len(shares[name].ffn_blocks) * unit_bytes["ffn_block"]
+            for name in ("full", "half")}
+    n = len(shares["full"].layer_ids)  # the layers timed: per layer from here on
+    ta, tb = times["full"][rows] / n, times["half"][rows] / n
     per_byte = (ta - tb) / (held["full"] - held["half"]) if held["full"] > held["half"] else ta / held["full"]
     per_byte = max(per_byte, 0.0)
-    va, vb = full.n_vocab, half.n_vocab
+    ha, hb = times["head"][rows], times["head_quarter"][rows]
+    va, vb = shares["head"].n_vocab, shares["head_quarter"].n_vocab
     vocab_row = max(0.0, (ha - hb) / (va - vb)) if va > vb else ha / va
-    return {"rows": rows if rows != "prefill" else PREFILL_ROWS, "layer_ms": max(0.0, ta - per_byte * held["full"]),
+    layer = max(0.0, ta - per_byte * held["full"])
+    one_layer = layer + per_byte * (unit_bytes["kv_group"] + unit_bytes["ffn_block"])  # the head shares' layer
+    return {"rows": rows if rows != "prefill" else PREFILL_ROWS, "layer_ms": layer,
             "kv_group_ms": per_byte * unit_bytes["kv_group"], "ffn_block_ms": per_byte * unit_bytes["ffn_block"],
-            "head_ms": max(0.0, ha - va * vocab_row), "vocab_row_ms": vocab_row}
+            "head_ms": max(0.0, ha - va * vocab_row - one_layer), "vocab_row_ms": vocab_row}
 
 
 def model_bytes(file, cfg) -> dict:

@@ -36,9 +36,9 @@ def whole_layer_ms(profile, rank, rows=1):
     return p["layer_ms"] + m["n_kv_heads"] * p["kv_group_ms"] + -(-m["ffn_dim"] // 32) * p["ffn_block_ms"]
 
 
-def profile_of(model, slow=None, comm=None):
+def profile_of(model, slow=None, comm=None, backend="cpu"):
     comm = comm or Comm(comm=WORLD)
-    opts = type("Opts", (), {"model": model, "backend": "cpu", "gpu": None, "threads": "1"})()
+    opts = type("Opts", (), {"model": model, "backend": backend, "gpu": None, "threads": "1"})()
     file, cfg, backend, threads = set_up(comm, opts)
     return measure(comm, file, cfg, backend, threads, repeats=3, slow=slow)
 
@@ -85,6 +85,22 @@ def test_a_slow_rank_and_a_slow_link_show_in_the_profile(models, monkeypatch):
         others = min(whole_layer_ms(profile, r) for r in range(n - 1))
         assert whole_layer_ms(profile, n - 1) > 2 * others, table(profile)
         assert all(profile["links"]["latency_ms"][i][j] >= 3.0 for i in range(n) for j in range(n) if i != j)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "vulkan"])
+def test_every_backend_can_be_profiled(models, backend):
+    """The profile runs each backend's own model (the Vulkan one has no separate head: it is timed behind one
+    small layer whose cost is taken off)."""
+    if backend == "vulkan":
+        from test_migrate_mpi import vulkan_available
+        if not vulkan_available():
+            pytest.skip("no Vulkan device")
+    if WORLD.rank != 0:
+        return
+    profile = profile_of(models["Q8_0"], comm=Comm(comm=MPI.COMM_SELF), backend=backend)
+    prof = load_profile(profile)
+    assert backend in prof.ranks[0].backend and whole_layer_ms(profile, 0) > 0
+    assert all(p.head_ms + prof.model.vocab * p.vocab_row_ms > 0 for p in prof.ranks[0].compute)
 
 
 def test_slowdown_sleeps_factor_minus_one_times_the_compute():
