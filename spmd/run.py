@@ -42,7 +42,8 @@ def split_ints(_ctx, _param, text):
                    "\"top_p\", \"seed\".")
 @click.option("--sequences", default=None, type=click.IntRange(min=1), metavar="K",
               help="The most sequences in flight at once: pipeline stages work on different ones, and a stage "
-                   "decodes the ones it holds as one batch. Default: the number of pipeline stages.")
+                   "decodes the ones it holds as one batch. Default: the number of pipeline stages (with --plan: "
+                   "every prompt).")
 @click.option("--steps", "-n", default=64, show_default=True, type=int, help="Most tokens to generate.")
 @click.option("--ratios", default=None, metavar="LAYOUT",
               help="Each rank's relative speed, one number per rank: 2:3:3 (one stage, tensor parallel). '*' "
