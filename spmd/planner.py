@@ -186,6 +186,12 @@ def predict(profile, text, sequences=1, context=None, allreduce="star") -> Predi
                       tuple(r for r in range(len(prof.ranks)) if r not in n_layers), sequences, context)
 
 
+def allreduce_ms(profile, ranks, rows, kind="star") -> float:
+    """What one allreduce of `rows` hidden rows costs among a stage's working `ranks` (the cost model's)."""
+    prof = as_profile(profile)
+    return _allreduce_ms(prof, tuple(ranks), rows * prof.model.dim * 4, kind)
+
+
 def rank_compute_ms(profile, plan, rows) -> list:
     """Per rank, the compute one batch of `rows` decode rows costs it under `plan` (a Plan): its layers' two
     halves and its head, no communication; None for an idle rank. What `--rebalance` holds each rank's measured

@@ -3,11 +3,13 @@ recent figures (what the control socket's `status` reports) and carries out what
 
 Each rank's measured compute per decode batch is held against what the profile predicts for its share at those
 rows (`planner.rank_compute_ms`): the ratio is the rank's correction factor (a rank running 3x slower than profiled
-gets 3), smoothed over looks. With the profile corrected by these factors (`planner.scaled`) the planner is asked
-again; a new layout is taken when it is predicted at least THRESHOLD faster than the current one (both predicted
-with the corrected profile) and the time it saves over the tokens still to come outweighs the move's cost. A rank
-must have run MIN_STEPS decode batches under the current plan before its figure counts; a layout left is not
-taken again for COOLDOWN looks.
+gets 3), smoothed over looks. In a stage of several ranks, the one that waits least spends its sync time
+communicating: what its allreduces take beyond the links' latency and bandwidth corrects the profile's
+`allreduce_ms` (a network stack slower than the ping-pong showed). With the profile corrected by these
+(`planner.scaled`) the planner is asked again; a new layout is taken when it is predicted at least THRESHOLD
+faster than the current one (both predicted with the corrected profile) and the time it saves over the tokens
+still to come outweighs the move's cost. A rank must have run MIN_STEPS decode batches under the current plan
+before its figure counts; a layout left is not taken again for COOLDOWN looks.
 
 Predictions can be wrong (a loaded machine, a model that misses a cost), so the tokens/s each layout actually gave
 is kept too: when the current layout runs THRESHOLD slower than one measured before, the rebalancer goes back to
@@ -17,7 +19,7 @@ model that keeps missing (a cost it cannot represent) stops moving instead of os
 (`decisions`) for the log and the result.
 """
 import collections
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from . import planner
 from .cluster import as_profile
@@ -57,6 +59,7 @@ class Rebalancer:
         self.profile = as_profile(profile)
         self.objective, self.sequences, self.context, self.allreduce = objective, sequences, context, allreduce
         self.factors = [1.0] * len(self.profile.ranks)
+        self.allreduce_ms = self.profile.allreduce_ms  # an allreduce's own cost, corrected by what stages measure
         self.left = collections.deque(maxlen=COOLDOWN)  # layouts recently left
         self.measured = {}  # layout text -> tokens/s it gave at its latest look
         self.misses = 0  # proposals that measured slower than the layout they left (each doubles the threshold)
@@ -77,13 +80,28 @@ class Rebalancer:
             if predicted and predicted > 0:
                 f = SMOOTHING * r["compute_ms"] / predicted + (1 - SMOOTHING) * self.factors[r["rank"]]
                 self.factors[r["rank"]] = max(f, 1e-3)
+        self._observe_allreduces(plan, ranks)
         return True
+
+    def _observe_allreduces(self, plan, ranks):
+        """An allreduce's own cost, from the stages of several ranks: the rank that waits least in a stage (its
+        slowest) spends its sync time communicating, two allreduces a layer; what that takes beyond the links'
+        latency and bandwidth corrects the profile's `allreduce_ms` (smoothed)."""
+        links_only = replace(self.profile, allreduce_ms=0.0)
+        for st in plan.stages:
+            if len(st.ranks) < 2:
+                continue
+            mine = [ranks[r] for r in st.ranks]
+            rows = max(1, round(mine[0]["rows"]))
+            per = min(r["sync_ms"] for r in mine) / (2 * st.n_layers)
+            links = planner.allreduce_ms(links_only, st.ranks, rows, self.allreduce)
+            self.allreduce_ms = SMOOTHING * max(0.0, per - links) + (1 - SMOOTHING) * self.allreduce_ms
 
     def consider(self, plan, tokens_left, at):
         """A better layout's text, or None: predicted THRESHOLD faster, worth the move over the `tokens_left`
         tokens still to generate, and not one left in the last COOLDOWN looks."""
         current = plan.text()
-        prof = planner.scaled(self.profile, self.factors)
+        prof = replace(planner.scaled(self.profile, self.factors), allreduce_ms=self.allreduce_ms)
         k = self.sequences if self.objective == "throughput" else 1
         now = planner.predict(prof, current, k, self.context, self.allreduce)
         self.left.append(None)  # a look: the cooldown counts looks

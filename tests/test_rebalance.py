@@ -22,12 +22,12 @@ def cluster(n=3, n_layers=8):
                                 ffn_dim=9 * 32))
 
 
-def figures(plan, prof, factors, steps=RB.MIN_STEPS, rows=1):
+def figures(plan, prof, factors, steps=RB.MIN_STEPS, rows=1, sync_ms=0.0):
     """Every rank's recent figures as the STATUS step gives them: its compute `factors` times the profile's."""
     predicted = rank_compute_ms(prof, plan, rows)
     return [{"rank": r, "stage": None if predicted[r] is None else plan.stage_of(r).index,
-             "compute_ms": None if predicted[r] is None else predicted[r] * f, "rows": rows, "steps": steps}
-            for r, f in enumerate(factors)]
+             "compute_ms": None if predicted[r] is None else predicted[r] * f, "sync_ms": sync_ms, "rows": rows,
+             "steps": steps} for r, f in enumerate(factors)]
 
 
 def test_rank_compute_is_the_layers_halves_and_the_head():
@@ -129,3 +129,18 @@ def test_a_move_that_ran_slower_is_taken_back():
     rb.left.clear()
     assert rb.consider(back, 10**6, 48) is None  # but it measured slower
     assert rb.misses == 1  # and the next proposal must promise twice the gain
+
+
+def test_allreduces_slower_than_profiled_move_work_out_of_tensor_parallelism():
+    """Every rank of the one stage spends 200 ms a token communicating (8 layers, two allreduces each: 12.5 ms an
+    allreduce, where the profile's links say 0.02): with the corrected allreduce cost (half-way there after one
+    look) fewer ranks share the stage."""
+    prof = cluster()
+    rb = RB.Rebalancer(prof, "latency", 1, 64, "star")
+    plan = make_plan(parse_layout("1:1:1", 3), prof.model)
+    assert rb.observe(plan, figures(plan, prof, [1, 1, 1], sync_ms=200.0))
+    links = 2 * (0.01 + 64 * 4 / 1e10 * 1e3)  # star: out and back over the slowest link, one row of dim 64
+    assert rb.allreduce_ms == pytest.approx(RB.SMOOTHING * (200.0 / 16 - links))
+    text = rb.consider(plan, 10**6, 16)
+    assert text is not None and text.count(":") + text.count("*") == 2
+    assert len(make_plan(parse_layout(text, 3), prof.model).stages[0].ranks) < 3
