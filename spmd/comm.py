@@ -129,6 +129,7 @@ class Comm:
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         self.algorithm = algorithm
         self.sync_s = 0.0  # seconds spent inside communication
+        self.allreduce_s = 0.0  # of which inside allreduces
         self.bytes_sent = 0
         self.slots = 1  # sequence slots: the step record's room (`set_slots`)
         self._step = np.zeros(record_size(1), dtype=np.int64)
@@ -249,6 +250,7 @@ class Comm:
         flat = x.reshape(-1)
         getattr(self, "_" + self.algorithm)(flat)
         self.sync_s += time.perf_counter() - t
+        self.allreduce_s += time.perf_counter() - t
         return x
 
     def _star(self, flat):

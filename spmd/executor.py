@@ -72,7 +72,8 @@ class Executor:
         self.slow = slowdown(self.comm)  # test only: None unless SPMD_TEST_SLOW names this rank
         self.pipeline = collections.deque()  # the batches in flight after the last tick: [i] ran in stage i
         self.decode_tokens, self.decode_bytes = 0, 0
-        self._recent = collections.deque(maxlen=RECENT_STEPS)  # (compute s, sync s, rows) of the last decode batches
+        # (compute s, sync s, rows, of the sync s in allreduces) of the last decode batches
+        self._recent = collections.deque(maxlen=RECENT_STEPS)
         self.kv_bytes_peak = 0
 
     def issue(self, step: Step, plan=None):
@@ -144,7 +145,7 @@ class Executor:
         """This rank's stage over `batch`: take or embed, the layers, then pass on or send the logits' candidates.
         Returns them where rank 0 is in the last stage, else None."""
         state, comm = self.state, self.comm
-        sent, sync, t = comm.bytes_sent, comm.sync_s, time.perf_counter()
+        sent, sync, reduced, t = comm.bytes_sent, comm.sync_s, comm.allreduce_s, time.perf_counter()
         stage, stages = state.stage, state.plan.stages
         if stage.index == 0:
             x = state.model.embed(batch.tokens)
@@ -167,7 +168,7 @@ class Executor:
             self.decode_tokens += len(batch.segments)
             self.decode_bytes += comm.bytes_sent - sent
             synced = comm.sync_s - sync
-            self._recent.append((time.perf_counter() - t - synced, synced, batch.rows))
+            self._recent.append((time.perf_counter() - t - synced, synced, batch.rows, comm.allreduce_s - reduced))
         return candidates
 
     def forward(self, tokens, pos, slot=0):
@@ -197,13 +198,13 @@ class Executor:
         return error, self.comm.gather(stats)
 
     def recent(self):
-        """This rank's share and its mean compute and sync time per decode batch (and rows a batch) over the last
-        ones under the current plan."""
+        """This rank's share and its mean compute and sync time per decode batch (of the sync, the time in
+        allreduces; and rows a batch) over the last ones under the current plan."""
         n = len(self._recent)
-        compute, sync, rows = (sum(r[i] for r in self._recent) / max(n, 1) for i in range(3))
+        compute, sync, rows, reduced = (sum(r[i] for r in self._recent) / max(n, 1) for i in range(4))
         return {**self.state.plan.layout()[self.comm.rank], "host": host_name(),
-                "compute_ms": round(compute * 1e3, 3), "sync_ms": round(sync * 1e3, 3), "rows": round(rows, 2),
-                "steps": n}
+                "compute_ms": round(compute * 1e3, 3), "sync_ms": round(sync * 1e3, 3),
+                "allreduce_ms": round(reduced * 1e3, 3), "rows": round(rows, 2), "steps": n}
 
     def rank_stats(self, total_s, sync_s):
         """This rank's figures for the whole run."""

@@ -3,8 +3,8 @@ recent figures (what the control socket's `status` reports) and carries out what
 
 Each rank's measured compute per decode batch is held against what the profile predicts for its share at those
 rows (`planner.rank_compute_ms`): the ratio is the rank's correction factor (a rank running 3x slower than profiled
-gets 3), smoothed over looks. In a stage of several ranks, the one that waits least spends its sync time
-communicating: what its allreduces take beyond the links' latency and bandwidth corrects the profile's
+gets 3), smoothed over looks. In a stage of several ranks, the one that waits least in the allreduces spends that
+time communicating: what its allreduces take beyond the links' latency and bandwidth corrects the profile's
 `allreduce_ms` (a network stack slower than the ping-pong showed). With the profile corrected by these
 (`planner.scaled`) the planner is asked again; a new layout is taken when it is predicted at least THRESHOLD
 faster than the current one (both predicted with the corrected profile) and the time it saves over the tokens
@@ -84,16 +84,16 @@ class Rebalancer:
         return True
 
     def _observe_allreduces(self, plan, ranks):
-        """An allreduce's own cost, from the stages of several ranks: the rank that waits least in a stage (its
-        slowest) spends its sync time communicating, two allreduces a layer; what that takes beyond the links'
-        latency and bandwidth corrects the profile's `allreduce_ms` (smoothed)."""
+        """An allreduce's own cost, from the stages of several ranks: the rank that waits least in a stage's
+        allreduces (its slowest) spends that time communicating, two allreduces a layer; what that takes beyond
+        the links' latency and bandwidth corrects the profile's `allreduce_ms` (smoothed)."""
         links_only = replace(self.profile, allreduce_ms=0.0)
         for st in plan.stages:
             if len(st.ranks) < 2:
                 continue
             mine = [ranks[r] for r in st.ranks]
             rows = max(1, round(mine[0]["rows"]))
-            per = min(r["sync_ms"] for r in mine) / (2 * st.n_layers)
+            per = min(r["allreduce_ms"] for r in mine) / (2 * st.n_layers)
             links = planner.allreduce_ms(links_only, st.ranks, rows, self.allreduce)
             self.allreduce_ms = SMOOTHING * max(0.0, per - links) + (1 - SMOOTHING) * self.allreduce_ms
 

@@ -22,12 +22,12 @@ def cluster(n=3, n_layers=8):
                                 ffn_dim=9 * 32))
 
 
-def figures(plan, prof, factors, steps=RB.MIN_STEPS, rows=1, sync_ms=0.0):
+def figures(plan, prof, factors, steps=RB.MIN_STEPS, rows=1, allreduce_ms=0.0):
     """Every rank's recent figures as the STATUS step gives them: its compute `factors` times the profile's."""
     predicted = rank_compute_ms(prof, plan, rows)
     return [{"rank": r, "stage": None if predicted[r] is None else plan.stage_of(r).index,
-             "compute_ms": None if predicted[r] is None else predicted[r] * f, "sync_ms": sync_ms, "rows": rows,
-             "steps": steps} for r, f in enumerate(factors)]
+             "compute_ms": None if predicted[r] is None else predicted[r] * f, "allreduce_ms": allreduce_ms,
+             "rows": rows, "steps": steps} for r, f in enumerate(factors)]
 
 
 def test_rank_compute_is_the_layers_halves_and_the_head():
@@ -138,7 +138,7 @@ def test_allreduces_slower_than_profiled_move_work_out_of_tensor_parallelism():
     prof = cluster()
     rb = RB.Rebalancer(prof, "latency", 1, 64, "star")
     plan = make_plan(parse_layout("1:1:1", 3), prof.model)
-    assert rb.observe(plan, figures(plan, prof, [1, 1, 1], sync_ms=200.0))
+    assert rb.observe(plan, figures(plan, prof, [1, 1, 1], allreduce_ms=200.0))
     links = 2 * (0.01 + 64 * 4 / 1e10 * 1e3)  # star: out and back over the slowest link, one row of dim 64
     assert rb.allreduce_ms == pytest.approx(RB.SMOOTHING * (200.0 / 16 - links))
     text = rb.consider(plan, 10**6, 16)
