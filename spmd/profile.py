@@ -153,11 +153,12 @@ def measure_links(comm, dim, repeats):
 def measure(comm, file, cfg, backend, threads, repeats=REPEATS, slow=None):
     """Every rank: time this rank, the links and the step record; rank 0 returns the profile dict (else None)."""
     from .comm import host_name
-    from .rank import available_bytes
+    from .rank import agree, available_bytes
     t0 = time.perf_counter()
     unit_bytes = model_bytes(file, cfg)
     timer, shares = Timer(repeats, slow), probe_shares(cfg, unit_bytes)
-    times = {name: time_share(file, cfg, backend, s, timer, ROWS) for name, s in shares.items()}
+    # a rank that cannot time (out of memory, a device that refuses) stops every rank, not only itself
+    times = agree(comm, lambda: {name: time_share(file, cfg, backend, s, timer, ROWS) for name, s in shares.items()})
     mine = {"rank": comm.rank, "host": host_name(), "backend": backend.description, "threads": threads,
             "memory_bytes": available_bytes(), "device_memory_bytes": backend.device_memory_bytes(),
             "compute": [fit(shares, unit_bytes, times, b) for b in ROWS],
