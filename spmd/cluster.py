@@ -117,7 +117,7 @@ class _Reader:
             self.fail(name, "is missing")
         return obj[key]
 
-    def whole(self, obj, key, name, least=0, null=False):
+    def whole(self, obj, key, name, least=0, null=False, most=None):
         v = self.get(obj, key, name)
         if v is None and null:
             return None
@@ -125,6 +125,8 @@ class _Reader:
             self.fail(name, f"must be a whole number, not {_shown(v)}")
         if v < least:
             self.fail(name, f"must be at least {least}, not {v}")
+        if most is not None and v > most:
+            self.fail(name, f"must be at most {most}, not {_shown(v)}")
         return v
 
     def real(self, obj, key, name, positive=False):
@@ -160,10 +162,16 @@ class _Reader:
                            for j in range(n)) for i, row in enumerate(rows))
 
 
+# The largest sizes a profile may give: beyond any model in use (Llama 3.1 405B has 126 layers, dim 16384, FFN
+# 53248, 128256 tokens), and small enough that the planner's search stays quick and small.
+MOST = {"n_layers": 1024, "dim": 1 << 17, "n_heads": 1024, "n_kv_heads": 1024, "head_dim": 1 << 12,
+        "ffn_dim": 1 << 20, "vocab": 1 << 22, "context": 1 << 24}
+
+
 def _model(rd, m):
     b = rd.get(m, "bytes", "model.bytes")
     names = ("n_layers", "dim", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "vocab", "context")
-    sizes = {k: rd.whole(m, k, f"model.{k}", 1) for k in names}
+    sizes = {k: rd.whole(m, k, f"model.{k}", 1, most=MOST[k]) for k in names}
     if sizes["n_heads"] % sizes["n_kv_heads"]:
         rd.fail("model.n_kv_heads", f"must divide model.n_heads ({sizes['n_heads']})")
     return Model(rd.text(m, "file", "model.file"), **sizes,

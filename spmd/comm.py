@@ -32,6 +32,7 @@ from enum import IntEnum
 import numpy as np
 from mpi4py import MPI
 
+from .errors import UserError
 from .model import Segment
 from .plan import chunk_counts
 
@@ -105,9 +106,9 @@ def test_slow_factor(rank):
         try:
             who, factor, step = int(who), float(factor), int(step or 0)
         except ValueError:
-            raise ValueError(f"SPMD_TEST_SLOW={text!r}: expected RANK:FACTOR[@STEP][,...]") from None
-        if not (math.isfinite(factor) and factor >= 1 and step >= 0):
-            raise ValueError(f"SPMD_TEST_SLOW={text!r}: a factor must be a finite number >= 1, a step >= 0")
+            raise UserError(f"SPMD_TEST_SLOW={text!r}: expected RANK:FACTOR[@STEP][,...]") from None
+        if not (math.isfinite(factor) and 1 <= factor <= 1000 and step >= 0):
+            raise UserError(f"SPMD_TEST_SLOW={text!r}: a factor must be a number from 1 to 1000, a step >= 0")
         if who == rank:
             return (factor, step) if factor > 1 else None
     return None

@@ -223,7 +223,8 @@ def _numbers(part, what):
     if any(not v >= 0 for v in approx):
         raise UserError(f"{what}: every ratio must be positive, or 0 for a rank left idle")
     if any(v != 0 and not RATIO_RANGE[0] <= v <= RATIO_RANGE[1] for v in approx):
-        raise UserError(f"{what}: every ratio must lie between {RATIO_RANGE[0]:g} and {RATIO_RANGE[1]:g}")
+        raise UserError(f"{what}: every ratio must lie between {RATIO_RANGE[0]:g} and {RATIO_RANGE[1]:g}, or be 0 "
+                        "for an idle rank")
     return tuple(Fraction(p) for p in pieces)
 
 

@@ -164,6 +164,8 @@ def _check_run(prof, sequences, context, allreduce) -> int:
         raise UserError(f"context must be a whole number of positions, at least 1, not {context!r}")
     if allreduce not in ALLREDUCES:
         raise UserError(f"allreduce must be one of {', '.join(ALLREDUCES)}, not {allreduce!r}")
+    if context is not None and context > prof.model.context:
+        raise UserError(f"context {context} is beyond the model's context of {prof.model.context} positions")
     return prof.model.context if context is None else context
 
 
@@ -495,7 +497,8 @@ def _memory_lines(prof, pred) -> list:
            for r in prof.ranks if r.rank not in pred.idle]
     out += [f"{what}: {sum(pred.memory_bytes[r] for r in ranks) / MIB:.0f} MiB of {room / MIB:.0f} MiB available"
             for ranks, room, what in prof.limits]
-    return out + [f"rank {r} (host {prof.ranks[r].host}): too slow to help, left idle" for r in pred.idle]
+    return out + [f"rank {r} (host {prof.ranks[r].host}): left idle (the layout is predicted faster without it)"
+                  for r in pred.idle]
 
 
 def _as_dict(prof, pred) -> dict:
@@ -525,8 +528,9 @@ def _report(prof, found, objective, allreduce) -> str:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.argument("profile_path", metavar="PROFILE.json")
-@click.option("--objective", type=click.Choice(OBJECTIVES), default="latency", show_default=True,
-              help="latency: one sequence's time per token; throughput: tokens/s of --sequences together.")
+@click.option("--objective", type=click.Choice(OBJECTIVES), default=None,
+              help="latency: one sequence's time per token; throughput: tokens/s of --sequences together. "
+                   "Default: throughput with --sequences above 1, else latency.")
 @click.option("--sequences", default=1, show_default=True, type=click.IntRange(min=1),
               help="Sequences in flight (the throughput objective; latency plans one).")
 @click.option("--context", type=click.IntRange(min=1), help="Positions per sequence (default: the model's).")
@@ -537,6 +541,9 @@ def _report(prof, found, objective, allreduce) -> str:
 def cli(profile_path, objective, sequences, context, allreduce, output):
     """The layout (--ratios) predicted best for the cluster a profile (python -m spmd.profile) measured."""
     prof = load_profile(profile_path)
+    objective = objective or ("throughput" if sequences > 1 else "latency")
+    if objective == "latency" and sequences > 1:
+        raise UserError(f"--sequences {sequences} counts only with --objective throughput (latency plans one)")
     found = alternatives(prof, objective, sequences, context, allreduce)
     if output == "json":
         click.echo(json.dumps({"objective": objective, "allreduce": allreduce,

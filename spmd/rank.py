@@ -182,6 +182,8 @@ class RankState:
             raise UserError(f"--migrate-weights {opts.migrate_weights!r}: choose one of {', '.join(WEIGHT_SOURCES)}")
         if opts.plan is not None and opts.ratios is not None:
             raise UserError("give --ratios or --plan, not both")
+        if opts.plan is not None and not opts.plan.strip():
+            raise UserError("--plan needs auto or a profile's path (python -m spmd.profile --out FILE)")
         self.backend_name, self.gpu, self.threads, self.gpu_wraps = per_rank_choice(opts, comm)
         self.file, self.cfg = agree(comm, self._read_header)
         comm.algorithm = opts.allreduce

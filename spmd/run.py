@@ -118,6 +118,8 @@ def summary(r):
     staged = len(r["stages"]) > 1
 
     def where(s):
+        if s["stage"] is None:
+            return " idle"
         first, stop = s["share"]["layers"]
         return f" stage {s['stage']} layers {first}-{stop - 1}" if staged else ""
     ranks = "; ".join(f"rank {s['rank']} ({s['host']}){where(s)} compute {s['compute_ms']:.0f} ms sync "

@@ -386,7 +386,8 @@ def test_the_cli_writes_json(capsys):
 @pytest.mark.parametrize("args, message", [
     (["--allreduce", "tree"], "error: Invalid value for '--allreduce'"),
     (["--sequences", "0"], "error: Invalid value for '--sequences'"),
-    (["--context", "100000000"], "error: no layout fits in memory"),
+    (["--context", "100000000"], "error: context 100000000 is beyond the model's context of"),
+    (["--sequences", "4", "--objective", "latency"], "error: --sequences 4 counts only with --objective throughput"),
     (["--bogus"], "error: No such option '--bogus'"),
 ])
 def test_the_cli_refuses_in_one_line(capsys, args, message):
@@ -400,3 +401,12 @@ def test_the_cli_refuses_a_missing_file(capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
         main([str(tmp_path / "none.json")])
     assert e.value.code == 2 and capsys.readouterr().err == f"error: profile not found: {tmp_path / 'none.json'}\n"
+
+
+@pytest.mark.parametrize("field, value", [("n_layers", 10**9), ("ffn_dim", 10**9), ("vocab", 1 << 23)])
+def test_absurd_sizes_are_refused_before_the_search(field, value):
+    """An edited profile cannot make the search run away (10^9 layers took all memory)."""
+    p = profile(2)
+    p["model"][field] = value
+    with pytest.raises(UserError, match=f"model.{field} must be at most"):
+        load_profile(p)
