@@ -205,8 +205,10 @@ def load_profile(source) -> Profile:
         try:
             with open(regular_file(source, "profile"), encoding="utf-8") as f:
                 data = json.load(f)
-        except (OSError, UnicodeDecodeError) as e:
-            raise UserError(f"cannot read profile {source}: {getattr(e, 'strerror', None) or e}") from None
+        except OSError as e:
+            raise UserError(f"cannot read profile {source}: {e.strerror or e}") from None
+        except UnicodeDecodeError:
+            raise UserError(f"profile {source} is not JSON: it is not UTF-8 text") from None
         except json.JSONDecodeError as e:
             raise UserError(f"profile {source} is not JSON: {e.msg} at line {e.lineno}") from None
     if rd.get(data, "format", "format") != "spmd-profile":

@@ -182,11 +182,13 @@ def measure(comm, file, cfg, backend, threads, repeats=REPEATS, slow=None):
 
 
 def table(profile) -> str:
-    """The profile as a readable table: per rank its decode and prefill costs and memory; the links."""
+    """The profile as a readable table: per rank, at each row count (the last: the prefill), a layer's fixed cost
+    (`fixed ms`), a layer holding every unit (`layer ms`), the whole classifier (`head ms`), and its host's memory;
+    then the links."""
     m = profile["model"]
     lines = [f"model {m['file']}: {m['n_layers']} layers, {m['n_kv_heads']} KV-head groups, "
              f"{n_ffn_blocks(m['ffn_dim'])} FFN blocks, {m['vocab']} classifier rows",
-             f"{'rank':>4} {'host':<12} {'backend':<24} {'rows':>4} {'layer ms':>9} {'whole layer':>11} "
+             f"{'rank':>4} {'host':<12} {'backend':<24} {'rows':>4} {'fixed ms':>9} {'layer ms':>11} "
              f"{'head ms':>8} {'memory':>9}"]
     for r in profile["ranks"]:
         for p in r["compute"] + [r["prefill"]]:

@@ -410,3 +410,10 @@ def test_absurd_sizes_are_refused_before_the_search(field, value):
     p["model"][field] = value
     with pytest.raises(UserError, match=f"model.{field} must be at most"):
         load_profile(p)
+
+
+def test_a_binary_file_is_not_json(tmp_path):
+    junk = tmp_path / "junk.json"
+    junk.write_bytes(bytes(range(128, 256)))
+    with pytest.raises(UserError, match="junk.json is not JSON: it is not UTF-8 text"):
+        load_profile(str(junk))
