@@ -250,8 +250,9 @@ class Comm:
         self._delay(link_steps(self.algorithm, self.stage_size))
         flat = x.reshape(-1)
         getattr(self, "_" + self.algorithm)(flat)
-        self.sync_s += time.perf_counter() - t
-        self.allreduce_s += time.perf_counter() - t
+        took = time.perf_counter() - t
+        self.sync_s += took
+        self.allreduce_s += took
         return x
 
     def _star(self, flat):

@@ -102,6 +102,12 @@ class Rope:
         a[...] = a2
 
 
+def kv_bytes_per_position(cfg, n_layers=1, n_kv=1) -> int:
+    """KV-cache bytes of one position of one sequence in `n_layers` layers of `n_kv` KV heads (float32 keys and
+    values, as KVCache holds them)."""
+    return 2 * n_layers * n_kv * cfg.head_dim * 4
+
+
 class KVCache:
     """Keys and values of this rank's KV heads in its layers, one cache per open sequence slot, each sized to its
     sequence's need (prompt + steps) when the slot opens and freed when it closes."""

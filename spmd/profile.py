@@ -33,7 +33,7 @@ import click
 import numpy as np
 
 from .errors import UserError
-from .model import Segment
+from .model import Segment, kv_bytes_per_position
 from .plan import Share, n_ffn_blocks
 
 ROWS = (1, 4, 16)  # decode batch rows measured (the planner interpolates between them)
@@ -175,7 +175,7 @@ def measure(comm, file, cfg, backend, threads, repeats=REPEATS, slow=None):
             "model": {"file": file.path, "n_layers": cfg.n_layers, "dim": cfg.dim, "n_heads": cfg.n_heads,
                       "n_kv_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "ffn_dim": cfg.ffn_dim,
                       "vocab": cfg.vocab, "context": cfg.context, "bytes": unit_bytes,
-                      "kv_bytes_per_position": 2 * cfg.head_dim * 4},
+                      "kv_bytes_per_position": kv_bytes_per_position(cfg)},
             "ranks": ranks, "links": {"latency_ms": lat, "bandwidth_bytes_per_s": bw},
             "step_ms": step_ms, "allreduce_ms": max(0.0, allreduce_ms * 1e3 - 2 * row(peer)) if peer else 0.0,
             "seconds": time.perf_counter() - t0}
@@ -227,18 +227,10 @@ def cli(**kw):
 
 def set_up(comm, opts):
     """Every rank: its backend name, threads, the file and config (errors agreed on), then the backend."""
-    from threadpoolctl import threadpool_limits
-
-    from .backends import get_backend
-    from .config import read_config
-    from .gguf_file import GGUFFile
-    from .rank import agree, per_rank_choice
+    from .rank import agree, make_backend, open_model, per_rank_choice
     name, gpu, threads, wraps = agree(comm, lambda: per_rank_choice(opts, comm))
-    file, cfg = agree(comm, lambda: (lambda f: (f, read_config(f)))(GGUFFile(opts.model)))
-    threadpool_limits(1, user_api="blas")  # as spmd.run: the kernels' threads, not BLAS's
-    backend = agree(comm, lambda: get_backend(name, threads=threads, device=gpu, wrap=wraps))
-    backend.warmup()
-    return file, cfg, backend, threads
+    file, cfg = agree(comm, lambda: open_model(opts.model))
+    return file, cfg, make_backend(comm, name, threads, gpu, wraps), threads
 
 
 def write_json(path, data):

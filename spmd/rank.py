@@ -15,6 +15,7 @@ from .backends import BACKENDS, get_backend
 from .config import read_config
 from .errors import UserError, is_whole_number
 from .gguf_file import GGUFFile
+from .model import kv_bytes_per_position
 from .plan import make_plan, parse_layout
 from .prompts import PromptSpec, read_prompts_file
 from .tokenizer import load_tokenizer
@@ -144,6 +145,23 @@ def remove_stale_shared_memory(folder=SHM_DIR, now=None):
     return removed
 
 
+def open_model(path):
+    """(the memory-mapped GGUF file, its ModelConfig)."""
+    f = GGUFFile(path)
+    return f, read_config(f)
+
+
+def make_backend(comm, name, threads, gpu, wraps):
+    """Every rank: its backend (errors agreed on), warmed up."""
+    # Ranks on one machine share its cores (threads each); a rank's kernel threads spinning on a core another rank
+    # needs stall both. numpy's BLAS only serves the small attention products: its thread pool, left spinning after
+    # each, would take cores from the kernels (prefill ran 3x slower with it).
+    threadpool_limits(1, user_api="blas")
+    backend = agree(comm, lambda: get_backend(name, threads=threads, device=gpu, wrap=wraps))
+    backend.warmup()
+    return backend
+
+
 def peak_rss_bytes():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
@@ -196,27 +214,19 @@ class RankState:
         self.needs = comm.bcast([len(w.ids) + w.steps for w in self.work] if comm.is_root else None)
         self.n_known = comm.bcast(known_vocab(self.tokenizer, self.cfg) if comm.is_root else None)  # ids sampled
         self.max_seq = max(self.needs)  # the longest sequence's KV-cache positions
-        # Ranks on one machine share its cores (self.threads each); a rank's kernel threads spinning on a core another
-        # rank needs stall both. numpy's BLAS only serves the small attention products: its thread pool, left
-        # spinning after each, would take cores from the kernels (prefill ran 3x slower with it).
-        threadpool_limits(1, user_api="blas")
-        self.backend = agree(comm, lambda: get_backend(self.backend_name, threads=self.threads, device=self.gpu,
-                                                       wrap=self.gpu_wraps))
-        self.backend.warmup()
+        self.backend = make_backend(comm, self.backend_name, self.threads, self.gpu, self.gpu_wraps)
         profile = self._profile() if opts.plan or opts.rebalance else None  # rank 0's; None elsewhere
         plan = plan or self._planned(profile)
-        self.rebalancer = None
-        if opts.rebalance and comm.is_root:
-            from .rebalance import Rebalancer
-            k = min(opts.sequences or len(plan.stages), len(self.needs))
-            self.rebalancer = Rebalancer(profile, "throughput" if k > 1 else "latency", k, self.max_seq,
-                                         opts.allreduce)
         if plan.idle and comm.is_root:
             ranks = ", ".join(map(str, plan.idle))
             self.log(f"note: rank{'s' * (len(plan.idle) > 1)} {ranks} idle (ratio 0): holding no weights, in no stage")
-        # sequences in flight at most: by default one a stage, or, planned, all the prompts (the planner's K)
-        self.n_slots = min(opts.sequences or (len(self.needs) if opts.plan else len(plan.stages)), len(self.needs))
+        self.n_slots = self.in_flight(plan)
         comm.set_slots(self.n_slots)
+        self.rebalancer = None
+        if opts.rebalance and comm.is_root:
+            from .rebalance import Rebalancer
+            self.rebalancer = Rebalancer(profile, "throughput" if self.n_slots > 1 else "latency", self.n_slots,
+                                         self.max_seq, opts.allreduce)
         agree(comm, lambda: self._check_memory(plan))
         # the socket opens before the weights load, so a user (or a script) can queue a migration meanwhile
         self.plan = plan
@@ -256,9 +266,9 @@ class RankState:
         return self.backend.make_model(self.cfg, weights, share, self.max_seq, self.n_slots)
 
     def kv_bytes_per_position(self, share=None):
-        """KV-cache bytes one position of one sequence takes on this rank (float32 keys and values)."""
+        """KV-cache bytes one position of one sequence takes on this rank."""
         share = share or self.share
-        return 2 * len(share.layer_ids) * share.n_kv * self.cfg.head_dim * 4
+        return kv_bytes_per_position(self.cfg, len(share.layer_ids), share.n_kv)
 
     def _check_memory(self, plan):
         """Refuse up front sequences whose KV caches, at their full length, cannot fit beside the weights in the
@@ -284,8 +294,13 @@ class RankState:
                             f"{gib(need)} but has {gib(free)} available: give fewer --sequences or --steps")
 
     def _read_header(self):
-        f = GGUFFile(self.opts.model)
-        return f, read_config(f)
+        return open_model(self.opts.model)
+
+    def in_flight(self, plan=None):
+        """The most sequences in flight: --sequences, else one a stage of `plan`, or, planned (--plan: the
+        planner's K), every prompt; never more than the prompts."""
+        default = len(self.needs) if self.opts.plan else len(plan.stages)
+        return min(self.opts.sequences or default, len(self.needs))
 
     def _profile(self):
         """The cluster's profile on rank 0 (None elsewhere): measured now (`spmd.profile`: --plan auto, or for
@@ -315,7 +330,7 @@ class RankState:
         opts, comm = self.opts, self.comm
 
         def choose():
-            k = min(opts.sequences or len(self.needs), len(self.needs))
+            k = self.in_flight()
             objective = "throughput" if k > 1 else "latency"
             return planner.plan(profile, objective, sequences=k, context=self.max_seq, allreduce=opts.allreduce)
         chosen = agree(comm, choose if comm.is_root else lambda: None)
