@@ -37,17 +37,20 @@ from .model import Segment
 from .plan import chunk_counts
 
 ALGORITHMS = ("star", "ring", "mpi")
+SPIN_S, NAP_MAX_S = 0.01, 0.002  # waiting for a step record: spin this long, then test between naps up to this
 TAG_META, TAG_DATA, TAG_HIDDEN, TAG_LOGITS = 71, 72, 73, 74  # point-to-point messages
 
 
 class Op(IntEnum):
     """What a step does. FORWARD: pipeline ticks (a batch of segments enters the first stage at the first tick);
     REPLAN: a live re-partition with the pipeline empty (the new plan follows by bcast); STATUS: a gather of every
-    rank's recent timings for the control socket's `status`."""
+    rank's recent timings for the control socket's `status`; IDLE: nothing to do (rank 0 is waiting for work: the
+    server's heartbeat, which tells every rank's watchdog that rank 0 lives)."""
     FORWARD = 1
     STOP = 2
     REPLAN = 3
     STATUS = 4
+    IDLE = 5
 
 
 @dataclass(frozen=True)
@@ -184,7 +187,7 @@ class Comm:
         if self.is_root:
             long_tokens = self._encode(step)
         if self.size > 1:
-            self.comm.Bcast(self._step, root=0)
+            self._wait_politely(self.comm.Ibcast(self._step, root=0))
             if self.is_root:
                 self.bytes_sent += self._step.nbytes * (self.size - 1)
         n_long = int(self._step[6])
@@ -199,6 +202,18 @@ class Comm:
         if self.steps_seen == self._stop_at:
             os.kill(os.getpid(), signal.SIGSTOP)
         return step if self.is_root else self._decode(long_tokens)
+
+    def _wait_politely(self, request):
+        """Wait for a step record without taking a core for long: spin while records follow each other closely
+        (generating), then test between naps that double up to NAP_MAX_S (an idle server's ranks sleep)."""
+        if self.is_root:
+            request.Wait()
+            return
+        t, nap = time.perf_counter(), 1e-4
+        while not request.Test():
+            if time.perf_counter() - t > SPIN_S:
+                time.sleep(nap)
+                nap = min(2 * nap, NAP_MAX_S)
 
     def _encode(self, step):
         """`step` into the record buffer; returns the prompts' tokens (for the second broadcast) or None."""
@@ -428,7 +443,7 @@ class Comm:
             self.comm.Barrier()
             t = time.perf_counter()
             self._delay()
-            self.comm.Bcast(self._step, root=0)
+            self._wait_politely(self.comm.Ibcast(self._step, root=0))
             times.append(time.perf_counter() - t)
         return float(np.median(times[1:]))
 

@@ -6,10 +6,16 @@ batch into the first pipeline stage: a queued prompt where a slot is free (its p
 sequences whose next token is sampled (decode segments, one each), at most a 1/stages share of those holding slots,
 so that every stage gets a batch. The step runs one tick while there is more to admit, else as many ticks as it
 takes the first batch in flight to leave the last stage. A sequence ends at EOS or its steps and frees its slot.
+
+`run` generates a fixed list of prompts (spmd.run); `serve` takes them from an `Inbox` as they come (spmd.serve's
+HTTP thread puts them there), hands each sequence's text to its sink, ends a sequence whose sink says its client
+has gone or has what it wanted, and while there is nothing to do waits on the inbox, still answering the control
+socket, with an IDLE step now and then so that every rank's watchdog knows rank 0 lives.
 """
 import collections
 import dataclasses
 import math
+import threading
 import time
 from typing import NamedTuple
 
@@ -26,7 +32,7 @@ from .sampling import Sampler
 class Sequence:
     """One sequence on rank 0: its prompt, sampler, text and timings."""
 
-    def __init__(self, work, opts, tokenizer):
+    def __init__(self, work, opts, tokenizer, sink=None):
         spec = work.spec
         self.index, self.ids, self.steps = work.index, work.ids, work.steps
         self.sampler = Sampler(spec.setting("temperature", opts), spec.setting("top_k", opts),
@@ -37,6 +43,22 @@ class Sequence:
         self.tokens, self.pieces = [], []
         self.slot, self.decodes, self.finish = None, 0, None
         self.times = {}  # "admitted", "first", "done": perf_counter seconds
+        self.sink, self.sent = sink, 0  # spmd.serve: where the text goes (see Inbox), and the pieces sent so far
+
+    @property
+    def cancelled(self):
+        """Its sink wants no more (the client went away, a stop string matched): set from the server's thread."""
+        return self.sink is not None and self.sink.cancelled
+
+    def send(self):
+        """The pieces the sink has not had yet, then, once the sequence has ended, the end."""
+        if self.sink is None:
+            return
+        if self.sent < len(self.pieces):
+            self.sink.piece("".join(self.pieces[self.sent:]), len(self.tokens))
+            self.sent = len(self.pieces)
+        if self.finish is not None:
+            self.sink.done(self)
 
     @property
     def pos(self):
@@ -79,6 +101,53 @@ class Sequence:
 
 
 REBALANCE_EVERY = 16  # tokens generated between the rebalancer's looks
+IDLE_WAIT_S = 0.05  # serving with nothing to do: how long the driver waits on the inbox before it looks again
+
+
+class Inbox:
+    """Where spmd.serve's HTTP thread leaves work for the driver (thread-safe). A sink takes a sequence's text:
+    `piece(text, n_tokens)` as it comes, `done(sequence)` once at its end (both called on the driver's thread), and
+    has `cancelled`, which the server sets when it wants no more."""
+
+    def __init__(self):
+        self._lock, self._wake = threading.Lock(), threading.Event()
+        self._work, self._status = [], []
+        self.waiting = 0  # requests handed in and not yet admitted (the server's queue bound reads it)
+        self.closed = False
+
+    def put(self, work, sink):
+        with self._lock:
+            if self.closed:
+                return False
+            self._work.append((work, sink))
+            self.waiting += 1
+        self._wake.set()
+        return True
+
+    def ask_status(self, reply):
+        """`reply(status dict)` at the next token boundary, on the driver's thread."""
+        with self._lock:
+            self._status.append(reply)
+        self._wake.set()
+
+    def close(self):
+        """No more work: the driver ends what is in flight and stops."""
+        self.closed = True
+        self._wake.set()
+
+    def take(self, wait_s):
+        """(new work with its sinks, status replies), waiting up to `wait_s` for either."""
+        if wait_s and not self._wake.wait(wait_s):
+            return [], []
+        with self._lock:
+            self._wake.clear()
+            work, self._work = self._work, []
+            status, self._status = self._status, []
+        return work, status
+
+    def admitted(self):
+        with self._lock:
+            self.waiting -= 1
 
 
 class Rebalance(NamedTuple):
@@ -100,6 +169,10 @@ class Driver:
         self._next_look = REBALANCE_EVERY
         self._window = (time.perf_counter(), 0)  # (when, tokens generated) of the rebalancer's last look
         self.error = None  # why generation stopped short (non-finite logits): every rank raises it after STOP
+        self.inbox, self.served = None, 0  # serving: where requests come from (spmd.serve), and how many came
+        self._last_step = time.perf_counter()
+        timeout = state.opts.wait_timeout
+        self.heartbeat_s = min(1.0, timeout / 4) if timeout > 0 else 1.0  # serving: an IDLE step at least this often
 
     def _step(self, op, **kw):
         return Step(op, self.state.plan.epoch, **kw)
@@ -112,37 +185,12 @@ class Driver:
         emit = emit or (lambda _piece: True)
         seqs = [Sequence(w, state.opts, state.tokenizer) for w in state.work]
         single = len(seqs) == 1
-        self.queue, self.ready = collections.deque(seqs), collections.deque()
-        self.free, self.frees, self.by_slot = list(range(state.n_slots)), [], {}
+        self._start(seqs)
+        self._first = seqs[0]
         self.reading = emit(seqs[0].shown) if single else True
         t0 = time.perf_counter()
-        while True:
-            if self.generated and (state.control is not None or self.rebalancer is not None):
-                self._between_tokens(seqs[0].pos if single else self.generated)
-            if self.reading and state.file.changed():  # before a batch's embedding rows are read from it
-                self.error = (f"the model file {state.file.path} was written during the run (truncated or "
-                              "overwritten); generation stopped")
-                self.reading = False
-            batch = self._admit() if self.reading and not self._draining else None
-            ticks = self._ticks(batch)
-            if ticks == 0:
-                break
-            segments, tokens, keeps, opens = batch or ((), (), (), ())
-            left = self.executor.issue(self._step(Op.FORWARD, ticks=ticks, segments=segments, tokens=tokens,
-                                                  keeps=keeps, opens=opens, frees=tuple(self.frees)))
-            self.frees, self.ticks = [], self.ticks + ticks
-            now = time.perf_counter()
-            for done_batch, candidates in left:
-                for seg, (values, ids) in zip(done_batch.segments, candidates):
-                    seq = self.by_slot[seg.slot]
-                    if not np.isfinite(values).all():  # NaN or infinite weights, activations or logits
-                        self.error = (f"the model's logits for sequence {seq.index} at position {seg.pos + seg.n - 1} "
-                                      "are not finite (NaN or infinity): its weights or metadata hold invalid values")
-                        self.reading = False
-                        continue
-                    self._sampled(seq, seq.sampler.pick(values, ids), now, emit, single)
-        self.executor.issue(self._step(Op.STOP))
-        now = self._end = time.perf_counter()
+        self._generate(emit, single)
+        now = time.perf_counter()
         for seq in seqs:
             if seq.finish is None:
                 seq.end("stopped", now)
@@ -150,8 +198,6 @@ class Driver:
             emit(seqs[0].pieces[-1])  # what the stream held back
         self.pos = seqs[0].pos if single else self.generated
         elapsed = now - t0
-        common = dict(load_s=round(state.load_s, 3), n_ranks=state.comm.size, allreduce=state.comm.algorithm,
-                      backend=state.opts.backend)
         if single:
             r = seqs[0].result(t0)
             n_prompt = len(r["prompt_tokens"])
@@ -160,11 +206,113 @@ class Driver:
                         prefill_ms=r.get("prefill_ms"),
                         prompt_tokens_per_s=round(n_prompt / prefill_s, 3) if prefill_s else None,
                         decode_tokens_per_s=r.get("decode_tokens_per_s"), ms_per_token=r.get("ms_per_token"),
-                        finish=r["finish"], **common)
+                        finish=r["finish"], **self._common())
         generated = sum(len(s.tokens) for s in seqs)
         return dict(sequences=[s.result(t0) for s in seqs], sequences_in_flight=state.n_slots,
                     tokens_generated=generated, pipeline_ticks=self.ticks, elapsed_s=round(elapsed, 3),
-                    tokens_per_s=round(generated / elapsed, 3) if elapsed else None, **common)
+                    tokens_per_s=round(generated / elapsed, 3) if elapsed else None, **self._common())
+
+    def serve(self, inbox):
+        """Generate what comes into `inbox` until it is closed (spmd.serve); returns the result dict (without the
+        per-rank figures): requests, tokens, time."""
+        self.inbox = inbox
+        self._start([])
+        self.reading = True
+        t0 = time.perf_counter()
+        self._generate(lambda _piece: True, single=False)
+        now = time.perf_counter()
+        inbox.close()
+        late, status = inbox.take(0)
+        late = [Sequence(w, self.state.opts, self.state.tokenizer, sink) for w, sink in late]
+        for seq in list(self.by_slot.values()) + list(self.queue) + late:
+            seq.end("stopped", now)
+            seq.send()
+        for answer in status:
+            answer(None)
+        self.pos = self.generated
+        elapsed = now - t0
+        return dict(requests=self.served, tokens_generated=self.generated, pipeline_ticks=self.ticks,
+                    elapsed_s=round(elapsed, 3), sequences_in_flight=self.state.n_slots, **self._common())
+
+    def _common(self):
+        state = self.state
+        return dict(load_s=round(state.load_s, 3), n_ranks=state.comm.size, allreduce=state.comm.algorithm,
+                    backend=state.opts.backend)
+
+    def _start(self, seqs):
+        self.queue, self.ready = collections.deque(seqs), collections.deque()
+        self.free, self.frees, self.by_slot = list(range(self.state.n_slots)), [], {}
+        self.rates = collections.deque(maxlen=120)  # (perf_counter, tokens generated) once a second: the page's plot
+
+    def _generate(self, emit, single):
+        """Steps until nothing is left to do (serving: until the inbox closes), then STOP."""
+        state = self.state
+        serving = self.inbox is not None
+        while True:
+            if serving:
+                self._take_inbox()
+            if (self.generated or serving) and (state.control is not None or self.rebalancer is not None):
+                self._between_tokens(self._first.pos if single else self.generated)
+            if self.reading and state.file.changed():  # before a batch's embedding rows are read from it
+                self.error = (f"the model file {state.file.path} was written during the run (truncated or "
+                              "overwritten); generation stopped")
+                self.reading = False
+            batch = self._admit() if self.reading and not self._draining else None
+            ticks = self._ticks(batch)
+            if ticks == 0:
+                if serving and self.reading and not self.inbox.closed:
+                    continue  # waits on the inbox
+                break
+            segments, tokens, keeps, opens = batch or ((), (), (), ())
+            left = self.executor.issue(self._step(Op.FORWARD, ticks=ticks, segments=segments, tokens=tokens,
+                                                  keeps=keeps, opens=opens, frees=tuple(self.frees)))
+            self.frees, self.ticks = [], self.ticks + ticks
+            now = self._last_step = time.perf_counter()
+            for done_batch, candidates in left:
+                for seg, (values, ids) in zip(done_batch.segments, candidates):
+                    seq = self.by_slot[seg.slot]
+                    if seq.cancelled:
+                        seq.end("stopped", now)
+                        self._release(seq, emit, single)
+                        continue
+                    if not np.isfinite(values).all():  # NaN or infinite weights, activations or logits
+                        self.error = (f"the model's logits for sequence {seq.index} at position {seg.pos + seg.n - 1} "
+                                      "are not finite (NaN or infinity): its weights or metadata hold invalid values")
+                        self.reading = False
+                        continue
+                    self._sampled(seq, seq.sampler.pick(values, ids), now, emit, single)
+        self.executor.issue(self._step(Op.STOP))
+        self._end = time.perf_counter()
+
+    def _take_inbox(self):
+        """Serving: new requests join the queue, cancelled ones leave it; the page's status requests are answered.
+        With nothing to do it waits a little on the inbox, and sends an IDLE step when no step has gone for a
+        while."""
+        busy = self.queue or self.ready or any(b is not None for b in self.executor.pipeline) or self._draining
+        work, status = self.inbox.take(0 if busy else IDLE_WAIT_S)
+        if self.inbox.closed:  # shutting down: what is in flight leaves the pipeline, nothing more comes in
+            self.reading = False
+        for w, sink in work:
+            self.queue.append(Sequence(w, self.state.opts, self.state.tokenizer, sink))
+        now = time.perf_counter()
+        for seq in [s for s in self.queue if s.cancelled]:
+            self.queue.remove(seq)
+            self.inbox.admitted()
+            seq.end("stopped", now)
+            seq.send()
+        for seq in [s for s in self.ready if s.cancelled]:
+            self.ready.remove(seq)
+            seq.end("stopped", now)
+            self._release(seq, None, False)
+        if not self.rates or now - self.rates[-1][0] >= 1.0:
+            self.rates.append((now, self.generated))
+        if status:
+            reply = self._status()
+            for answer in status:
+                answer(reply)
+        if not busy and now - self._last_step > self.heartbeat_s:
+            self.executor.issue(self._step(Op.IDLE))
+            self._last_step = now
 
     @property
     def _draining(self):
@@ -177,6 +325,9 @@ class Driver:
         now = time.perf_counter()
         if self.queue and self.free:
             seq = self.queue.popleft()
+            if self.inbox is not None:
+                self.inbox.admitted()
+                self.served += 1
             seq.slot = self.free.pop(0)
             seq.times["admitted"] = now
             self.by_slot[seq.slot] = seq
@@ -212,12 +363,19 @@ class Driver:
             self.reading = False
         if seq.finish is None:
             self.ready.append(seq)
+            seq.send()
             return
+        self._release(seq, emit, single)
+
+    def _release(self, seq, emit, single):
+        """An ended sequence gives up its slot; its text goes out."""
         del self.by_slot[seq.slot]
         self.free.append(seq.slot)
         self.free.sort()
         self.frees.append(seq.slot)
-        if not single and not emit(f"[{seq.index}] {seq.shown}{''.join(seq.pieces)}\n"):
+        seq.send()
+        if emit is not None and not single and seq.sink is None \
+                and not emit(f"[{seq.index}] {seq.shown}{''.join(seq.pieces)}\n"):
             self.reading = False
 
     # ---- the control socket -----------------------------------------------------------------------------------
@@ -261,12 +419,24 @@ class Driver:
             self._due_migration = None
         statuses = [r for r in due if r.cmd == "status"]
         if statuses:
-            ranks = self.executor.issue(self._step(Op.STATUS))
-            plan = self.state.plan
-            reply = dict(ok=True, position=pos, epoch=plan.epoch, ratios=plan.text(), n_layers=self.state.cfg.n_layers,
-                         stages=stage_figures(plan, ranks), ranks=ranks)
+            reply = self._status()
             for r in statuses:
                 control.finish(r, reply)
+
+    def _status(self):
+        """The control socket's `status` reply (and the server page's cluster view): every rank's recent figures."""
+        ranks = self.executor.issue(self._step(Op.STATUS))
+        plan = self.state.plan
+        self._last_step = time.perf_counter()
+        reply = dict(ok=True, position=self.pos, epoch=plan.epoch, ratios=plan.text(),
+                     n_layers=self.state.cfg.n_layers, stages=stage_figures(plan, ranks), ranks=ranks,
+                     migrations=self.migrations)
+        if self.inbox is not None:  # serving: the requests, and the tokens generated once a second for a plot
+            t0 = self.rates[0][0] if self.rates else 0.0
+            reply["server"] = dict(requests=self.served, waiting=self.inbox.waiting, in_flight=len(self.by_slot),
+                                   slots=self.state.n_slots, tokens_generated=self.generated,
+                                   tokens_by_second=[[round(t - t0, 3), n] for t, n in self.rates])
+        return reply
 
     def _rebalance(self):
         """--rebalance: the move it decided and is waiting for the pipeline to empty; else, every REBALANCE_EVERY

@@ -22,9 +22,10 @@ class Engine:
     def control(self):
         return self.state.control
 
-    def run(self, emit=None):
+    def run(self, emit=None, inbox=None):
         """Generate; on rank 0 returns the result dict, elsewhere None. Rank 0 streams the text to `emit(piece)`,
-        which returns False once nobody reads any more (a closed pipe): generation then stops early."""
+        which returns False once nobody reads any more (a closed pipe): generation then stops early. With an
+        `inbox` (spmd.serve) rank 0 generates what comes into it until it is closed."""
         comm, state = self.comm, self.state
         comm.barrier()
         start_sync, t0 = comm.sync_s, time.perf_counter()
@@ -33,7 +34,10 @@ class Engine:
             threading.Thread(target=watch, args=(comm, state.opts.wait_timeout, done), name="spmd-watchdog",
                              daemon=True).start()
         try:
-            result = self.driver.run(emit) if comm.is_root else self.executor.serve()
+            if not comm.is_root:
+                result = self.executor.serve()
+            else:
+                result = self.driver.serve(inbox) if inbox is not None else self.driver.run(emit)
         finally:
             done.set()
             if state.control is not None:

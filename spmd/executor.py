@@ -102,6 +102,8 @@ class Executor:
             return self._replan(plan)
         if step.op == Op.STATUS:
             return self.comm.gather(self.recent())
+        if step.op == Op.IDLE:
+            return None
         self.comm.finish_sends()  # STOP
         return None
 

@@ -29,9 +29,55 @@ def split_ints(_ctx, _param, text):
         raise click.BadParameter(f"{text!r}: expected integers separated by commas") from None
 
 
+CLUSTER_OPTIONS = [  # the flags spmd.run and spmd.serve share: the model, and how the cluster runs it
+    click.option("--model", "-m", required=True, metavar="FILE.gguf",
+                 help="GGUF model file (the same path on every host)."),
+    click.option("--ratios", default=None, metavar="LAYOUT",
+                 help="Each rank's relative speed, one number per rank: 2:3:3 (one stage, tensor parallel). '*' "
+                      "separates pipeline stages of consecutive ranks, '@N' pins a stage's layer count: 1*1*1, "
+                      "1:1*2:3, 1:1@10*1:1@12; 0 leaves a rank (never rank 0) idle: 2:0:3. Default: equal, one stage."),
+    click.option("--plan", default=None, metavar="auto|PROFILE.json",
+                 help="Instead of --ratios: the planner chooses the layout (ranks left idle, stages, shares) from the "
+                      "cluster measured at start-up (auto, a few seconds) or a saved profile (python -m spmd.profile); "
+                      "for the least ms per token with one sequence, the most tokens/s with several."),
+    click.option("--rebalance", is_flag=True,
+                 help="Keep the split balanced while it runs: every rank's measured compute corrects the cluster's "
+                      "profile (measured at start-up unless --plan FILE gives one), and a re-plan predicted at least "
+                      "10%% faster, worth its cost, is applied as a live migration; each move is logged on stderr."),
+    click.option("--allreduce", default="star", show_default=True, type=click.Choice(["star", "ring", "mpi"]),
+                 help="How a stage's ranks add up their partial sums. star: reduce to the stage's first rank + "
+                      "broadcast; ring: weighted reduce-scatter + allgather; mpi: the MPI library's Allreduce."),
+    click.option("--backend", default="cpu", show_default=True, metavar="NAME[,NAME...]",
+                 help="cpu: numba kernels on quantised weights; vulkan: GLSL compute shaders on a GPU (or lavapipe); "
+                      "numpy: the readable reference. One for every rank, or one per rank: cpu,vulkan,vulkan."),
+    click.option("--gpu", default=None, metavar="N[,N...]",
+                 help="Vulkan device index on each rank's host, one for all or one per rank. "
+                      "Default: the rank's index among the ranks on its host."),
+    click.option("--threads", default=None, metavar="N[,N...]",
+                 help="Kernel threads of each rank, one for all or one per rank. Default: the host's cores divided "
+                      "among the ranks on it (give 1 where hosts share cores, as simulated hosts do)."),
+    click.option("--tokenizer", default=None, metavar="FILE.model",
+                 help="A sentencepiece .model to use instead of the vocabulary in the GGUF."),
+    click.option("--control-socket", default=None, metavar="PATH",
+                 help="Unix socket on rank 0 for live migrations (python -m spmd.migrate). "
+                      "Default: $XDG_RUNTIME_DIR/spmd/control-PID.sock or /tmp/spmd-UID/control-PID.sock; none: off."),
+    click.option("--migrate-weights", default="file", show_default=True, type=click.Choice(["file", "peer"]),
+                 help="Where a migration's moved weights come from: file: each rank reads them from its own model "
+                      "file; peer: the rank that held them reads and sends them."),
+    click.option("--wait-timeout", default=600.0, show_default=True, type=click.FloatRange(min=0), callback=finite,
+                 metavar="S", help="Seconds a rank waits for the next step before the job gives up with one line "
+                                   "(a rank stopped, a host gone); 0 waits for ever."),
+]
+
+
+def cluster_options(command):
+    """Decorate a click command with CLUSTER_OPTIONS."""
+    for option in reversed(CLUSTER_OPTIONS):
+        command = option(command)
+    return command
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
-@click.option("--model", "-m", required=True, metavar="FILE.gguf",
-              help="GGUF model file (the same path on every host).")
 @click.option("--prompt", "-p", multiple=True, metavar="TEXT",
               help="Text to continue; BOS is added as the model says. Repeat it for several sequences.")
 @click.option("--prompt-ids", default=None, metavar="IDS", callback=split_ints,
@@ -45,49 +91,15 @@ def split_ints(_ctx, _param, text):
                    "decodes the ones it holds as one batch. Default: the number of pipeline stages (with --plan: "
                    "every prompt).")
 @click.option("--steps", "-n", default=64, show_default=True, type=int, help="Most tokens to generate.")
-@click.option("--ratios", default=None, metavar="LAYOUT",
-              help="Each rank's relative speed, one number per rank: 2:3:3 (one stage, tensor parallel). '*' "
-                   "separates pipeline stages of consecutive ranks, '@N' pins a stage's layer count: 1*1*1, "
-                   "1:1*2:3, 1:1@10*1:1@12; 0 leaves a rank (never rank 0) idle: 2:0:3. Default: equal, one stage.")
-@click.option("--plan", default=None, metavar="auto|PROFILE.json",
-              help="Instead of --ratios: the planner chooses the layout (ranks left idle, stages, shares) from the "
-                   "cluster measured at start-up (auto, a few seconds) or a saved profile (python -m spmd.profile); "
-                   "for the least ms per token with one sequence, the most tokens/s with several.")
-@click.option("--rebalance", is_flag=True,
-              help="Keep the split balanced while it runs: every rank's measured compute corrects the cluster's "
-                   "profile (measured at start-up unless --plan FILE gives one), and a re-plan predicted at least "
-                   "10%% faster, worth its cost, is applied as a live migration; each move is logged on stderr.")
-@click.option("--allreduce", default="star", show_default=True, type=click.Choice(["star", "ring", "mpi"]),
-              help="How a stage's ranks add up their partial sums. star: reduce to the stage's first rank + "
-                   "broadcast; ring: weighted reduce-scatter + allgather; mpi: the MPI library's Allreduce.")
-@click.option("--backend", default="cpu", show_default=True, metavar="NAME[,NAME...]",
-              help="cpu: numba kernels on quantised weights; vulkan: GLSL compute shaders on a GPU (or lavapipe); "
-                   "numpy: the readable reference. One for every rank, or one per rank: cpu,vulkan,vulkan.")
-@click.option("--gpu", default=None, metavar="N[,N...]",
-              help="Vulkan device index on each rank's host, one for all or one per rank. "
-                   "Default: the rank's index among the ranks on its host.")
-@click.option("--threads", default=None, metavar="N[,N...]",
-              help="Kernel threads of each rank, one for all or one per rank. Default: the host's cores divided "
-                   "among the ranks on it (give 1 where hosts share cores, as simulated hosts do).")
 @click.option("--temperature", "-t", default=0.0, show_default=True, type=click.FloatRange(min=0),
               callback=finite, help="0 is greedy.")
 @click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0), help="0 keeps all tokens.")
 @click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True),
               callback=finite, help="Nucleus sampling mass.")
 @click.option("--seed", default=None, type=click.IntRange(min=0), help="Sampling seed (default: random).")
-@click.option("--tokenizer", default=None, metavar="FILE.model",
-              help="A sentencepiece .model to use instead of the vocabulary in the GGUF.")
 @click.option("--output", default="text", show_default=True, type=click.Choice(["text", "json"]),
               help="text: stream to stdout and a summary line on stderr; json: one object on stdout.")
-@click.option("--control-socket", default=None, metavar="PATH",
-              help="Unix socket on rank 0 for live migrations (python -m spmd.migrate). "
-                   "Default: $XDG_RUNTIME_DIR/spmd/control-PID.sock or /tmp/spmd-UID/control-PID.sock; none: off.")
-@click.option("--migrate-weights", default="file", show_default=True, type=click.Choice(["file", "peer"]),
-              help="Where a migration's moved weights come from: file: each rank reads them from its own model "
-                   "file; peer: the rank that held them reads and sends them.")
-@click.option("--wait-timeout", default=600.0, show_default=True, type=click.FloatRange(min=0), callback=finite,
-              metavar="S", help="Seconds a rank waits for the next step before the job gives up with one line "
-                                "(a rank stopped, a host gone); 0 waits for ever.")
+@cluster_options
 def cli(**kw):
     """Generate text with a GGUF model split across MPI ranks: non-uniform tensor parallelism, pipeline stages, or both.
 

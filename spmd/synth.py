@@ -184,8 +184,9 @@ def _check(shape: Shape, qtype):
         raise ValueError(f"{qtype.name} needs dim and ffn to be multiples of {BLOCK}")
 
 
-def write_model(path, shape: Shape, qtype="F32", seed=0, exact=None):
-    """Write a random `shape` model to `path` (matrices in `qtype`, norms/biases F32); returns `path`.
+def write_model(path, shape: Shape, qtype="F32", seed=0, exact=None, chat_template=None):
+    """Write a random `shape` model to `path` (matrices in `qtype`, norms/biases F32), with `chat_template` (Jinja
+    text) where given; returns `path`.
 
     exact: quantised types from quantising `random_weights` (True) or from random blocks (False);
     None picks exact for models up to EXACT_UP_TO weights.
@@ -197,6 +198,8 @@ def write_model(path, shape: Shape, qtype="F32", seed=0, exact=None):
     plan = tensor_plan(shape)
     writer = GGUFWriter(str(path), shape.arch)
     _add_metadata(writer, shape, qtype, seed)
+    if chat_template is not None:
+        writer.add_chat_template(chat_template)
     for spec in plan:
         t = _stored_type(spec, qtype)
         rows = spec.shape[0] if len(spec.shape) == 2 else 1

@@ -55,7 +55,7 @@ class StreamDecoder:
 class Tokenizer:
     """Encodes through a model-specific function; decodes through a table of the bytes of each id."""
 
-    def __init__(self, encode_fn, pieces, first_pieces, bos_id, eos_ids, add_bos):
+    def __init__(self, encode_fn, pieces, first_pieces, bos_id, eos_ids, add_bos, controls=None):
         self._encode = encode_fn  # str -> list[int], without BOS
         self._pieces = pieces  # id -> bytes it decodes to (b"" for control tokens)
         self._first_pieces = first_pieces  # the same, for the first visible token of a sequence
@@ -63,12 +63,30 @@ class Tokenizer:
         self.eos_ids = set(eos_ids)
         self.add_bos = add_bos
         self.vocab_size = len(pieces)
+        self.controls = dict(controls or {})  # control tokens' texts ("<s>", "<|im_start|>") -> ids
+        self._split_controls = _splitter(self.controls)
 
-    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
-        ids = self._encode(text)
-        if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
+    def encode(self, text: str, add_bos: bool | None = None, controls: bool = False) -> list[int]:
+        """The ids of `text`, BOS first where the model adds it. With `controls` (a chat template's output) the
+        texts of control tokens become those tokens, the rest between them is encoded as text, and BOS is not
+        added twice."""
+        if controls and self.controls:
+            ids = []
+            for k, chunk in enumerate(self._split_controls.split(text)):
+                ids += [self.controls[chunk]] if k % 2 else self._encode(chunk) if chunk else []
+        else:
+            ids = self._encode(text)
+        if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None \
+                and not (controls and ids[:1] == [self.bos_id]):
             ids = [self.bos_id] + ids
         return ids
+
+    def piece_text(self, token_id) -> str:
+        """The text a token stands for, as a chat template names it ("<s>" for BOS), or "" for none."""
+        for text, i in self.controls.items():
+            if i == token_id:
+                return text
+        return "" if token_id is None else self._pieces[token_id].decode("utf-8", "replace")
 
     def decode(self, ids: list[int]) -> str:
         stream = self.stream()
@@ -189,7 +207,7 @@ def _llama_from_gguf(gguf, tokens, types) -> Tokenizer:
                          add_space_prefix)
     pieces, first = _decode_tables(tokens, types, _llama_piece, add_space_prefix)
     return Tokenizer(encoder, pieces, first, gguf.meta("tokenizer.ggml.bos_token_id"), _eos_ids(gguf),
-                     gguf.meta("tokenizer.ggml.add_bos_token", True))
+                     gguf.meta("tokenizer.ggml.add_bos_token", True), _controls(tokens, types))
 
 
 # ---- gpt2: byte-level BPE -----------------------------------------------------------------------------------
@@ -258,7 +276,16 @@ def _gpt2_from_gguf(gguf, tokens, types) -> Tokenizer:
     pieces, first = _decode_tables(tokens, types, _gpt2_piece, drop_first_space=False)
     return Tokenizer(BpeEncoder(tokens, types, merges, pre), pieces, first,
                      gguf.meta("tokenizer.ggml.bos_token_id"), _eos_ids(gguf),
-                     gguf.meta("tokenizer.ggml.add_bos_token", False))
+                     gguf.meta("tokenizer.ggml.add_bos_token", False), _controls(tokens, types))
+
+
+def _controls(tokens, types) -> dict:
+    """Control tokens' texts -> ids (the first id where two share a text)."""
+    out = {}
+    for i, (t, k) in enumerate(zip(tokens, types)):
+        if k == CONTROL and t:
+            out.setdefault(t, i)
+    return out
 
 
 # ---- entry points -------------------------------------------------------------------------------------------
@@ -313,7 +340,8 @@ def from_sentencepiece_proto(model_proto: bytes) -> Tokenizer:
     types = [_sp_type(sp, i) for i in range(len(tokens))]
     pieces, first = _decode_tables(tokens, types, _llama_piece, _drops_first_space(sp, tokens, types))
     bos_id = sp.bos_id() if sp.bos_id() >= 0 else None
-    return Tokenizer(sp.encode, pieces, first, bos_id, {sp.eos_id()} - {-1}, add_bos=True)
+    return Tokenizer(sp.encode, pieces, first, bos_id, {sp.eos_id()} - {-1}, add_bos=True,
+                     controls=_controls(tokens, types))
 
 
 def load_tokenizer(gguf_file=None, sp_model_path=None) -> Tokenizer:

@@ -1,0 +1,451 @@
+"""spmd.serve's HTTP side, on rank 0 only: an OpenAI-compatible API (aiohttp), the page at `/`, and the cluster's
+status for it. It runs an asyncio loop on its own thread; the driver (on the main thread, which does every MPI
+call) takes each request from the `Inbox` and gives its text back through the request's `Sink`.
+
+Endpoints: GET /health (503 while the model loads, then 200), GET /v1/models, POST /v1/completions and
+/v1/chat/completions (streamed as server-sent events or not), GET /cluster (the control socket's `status`, with the
+server's own figures), GET / (the page). A mistake in a request is HTTP 400 with an OpenAI-style `error` object;
+a full queue 429 with Retry-After.
+"""
+import asyncio
+import json
+import math
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from importlib import resources
+
+import numpy as np
+from aiohttp import web
+
+from .chat_template import ROLES, TemplateError
+from .prompts import PromptSpec
+from .rank import Work
+
+MAX_BODY_BYTES = 4 * 2**20
+MAX_STOPS, MAX_STOP_CHARS = 16, 256
+STATUS_WAIT_S = 10.0  # the driver answers /cluster at its next token boundary; it is there within a token
+CHECK_CLIENT_S = 0.25  # how often a request waiting for its next token looks whether its client is still there
+# OpenAI fields that change what is generated and that spmd does not do: refused unless at their no-op value
+UNSUPPORTED = {"frequency_penalty": 0, "presence_penalty": 0, "logit_bias": None, "logprobs": None,
+               "top_logprobs": None, "tools": None, "tool_choice": None, "functions": None, "response_format": None,
+               "echo": False, "best_of": 1, "suffix": None}
+FINISH = {"eos": "stop", "length": "length"}  # the driver's end -> OpenAI's finish_reason
+
+
+class BadRequest(Exception):
+    def __init__(self, message, param=None):
+        super().__init__(message)
+        self.param = param
+
+
+def error_response(status, message, kind="invalid_request_error", param=None, headers=None):
+    return web.json_response({"error": {"message": message, "type": kind, "param": param, "code": None}},
+                             status=status, headers=headers)
+
+
+@dataclass
+class Gateway:
+    """What the server needs from the loaded engine (rank 0)."""
+    inbox: object  # driver.Inbox
+    tokenizer: object
+    template: object  # chat_template.ChatTemplate
+    context: int  # positions per sequence (--ctx-size)
+    n_known: int  # token ids the model and tokenizer both know
+    slots: int  # sequences in flight at most (--sequences)
+
+
+class Sink:
+    """One request's side of the driver: text pieces and the end come in on the driver's thread and are put on
+    an asyncio queue for the handler; `cancelled` (set here) tells the driver to end the sequence."""
+
+    def __init__(self, loop):
+        self.loop, self.events, self.cancelled = loop, asyncio.Queue(), False
+
+    def _put(self, event):
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the server's loop has closed: nobody is waiting any more
+            pass
+
+    def piece(self, text, n_tokens):
+        self._put(("piece", text, n_tokens))
+
+    def done(self, seq):
+        self._put(("done", seq.finish, len(seq.tokens)))
+
+
+class StopFilter:
+    """Cuts the text at the first of the stop strings (none of it appears in the output) and holds back the end
+    of the text while it could be the start of one."""
+
+    def __init__(self, stops):
+        self.stops, self.held = stops, ""
+
+    def push(self, text):
+        """(text that may go out now, whether a stop string was found)."""
+        self.held += text
+        found = [i for i in (self.held.find(s) for s in self.stops) if i >= 0]
+        if found:
+            out, self.held = self.held[:min(found)], ""
+            return out, True
+        keep = max((k for s in self.stops for k in range(1, len(s)) if self.held.endswith(s[:k])), default=0)
+        cut = len(self.held) - keep
+        out, self.held = self.held[:cut], self.held[cut:]
+        return out, False
+
+    def flush(self):
+        out, self.held = self.held, ""
+        return out
+
+
+# ---- request fields ---------------------------------------------------------------------------------------------
+def _number(body, name, lo, hi, default, integer=False, lo_open=False):
+    value = body.get(name)
+    if value is None:
+        return default
+    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok_type or not math.isfinite(value) or value > hi or value < lo \
+            or (lo_open and value == lo):
+        kind = "a whole number" if integer else "a number"
+        bounds = f"{'(' if lo_open else '['}{lo}, {hi}]"
+        raise BadRequest(f"'{name}' must be {kind} in {bounds} (got {json.dumps(value)[:40]})", name)
+    return value
+
+
+def _stops(body):
+    stop = body.get("stop")
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops) or len(stops) > MAX_STOPS \
+            or any(len(s) > MAX_STOP_CHARS for s in stops):
+        raise BadRequest(f"'stop' must be a string or a list of at most {MAX_STOPS} strings of at most "
+                         f"{MAX_STOP_CHARS} characters", "stop")
+    return [s for s in stops if s]
+
+
+def _sampling(body):
+    """The request's sampling fields, checked."""
+    for name, neutral in UNSUPPORTED.items():
+        value = body.get(name)
+        if not (value is None or value is False or value in ([], {}) or value == neutral):
+            raise BadRequest(f"'{name}' is not supported by spmd (only {json.dumps(neutral)})", name)
+    if _number(body, "n", 1, 1, 1, integer=True) != 1:
+        raise BadRequest("'n' must be 1", "n")
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    if max_tokens is not None:
+        max_tokens = _number({name: max_tokens}, name, 1, 2**31, None, integer=True)
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool) and stream is not None:
+        raise BadRequest("'stream' must be true or false", "stream")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
+        raise BadRequest("'stream_options' must be an object with 'include_usage' true or false", "stream_options")
+    return dict(max_tokens=max_tokens, stream=bool(stream), usage=bool(options.get("include_usage")),
+                temperature=_number(body, "temperature", 0, 2, 1.0),
+                top_p=_number(body, "top_p", 0, 1, 1.0, lo_open=True),
+                top_k=_number(body, "top_k", 0, 2**31, 0, integer=True),
+                seed=_seed(body), stop=_stops(body))
+
+
+def _seed(body):
+    seed = _number(body, "seed", -2**63, 2**64 - 1, None, integer=True)
+    return None if seed is None else seed % 2**64  # the generator takes whole numbers from 0
+
+
+def _messages(body):
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("'messages' must be a non-empty list of messages", "messages")
+    out = []
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise BadRequest(f"{where} must be an object with 'role' one of {', '.join(ROLES)}", "messages")
+        content = m.get("content")
+        if isinstance(content, list):  # parts: only text is understood
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                raise BadRequest(f"{where}.content: only text parts are supported", "messages")
+            content = "".join(p["text"] for p in content)
+        if not isinstance(content, str):
+            raise BadRequest(f"{where}.content must be text", "messages")
+        out.append({"role": m["role"], "content": content})
+    return out
+
+
+def _prompt(body):
+    """A completion's prompt: text, or token ids."""
+    prompt = body.get("prompt", "")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        return tuple(prompt)
+    raise BadRequest("'prompt' must be a string or a list of token ids (one prompt: n=1)", "prompt")
+
+
+# ---- the server ----------------------------------------------------------------------------------------------
+class Server:
+    """The HTTP server on its own thread. `start()` binds (an OSError if it cannot), `open(gateway)` once the
+    model has loaded, `stop()` at the end."""
+
+    def __init__(self, host, port, model_id, queue_limit, log=print):
+        self.host, self.port, self.model_id, self.queue_limit, self.log = host, port, model_id, queue_limit, log
+        self.gateway, self.created = None, int(time.time())
+        self.active = 0  # requests accepted and not yet answered (on the loop's thread only)
+        self.loop, self._thread, self._runner = None, None, None
+        app = web.Application(client_max_size=MAX_BODY_BYTES)
+        app.add_routes([web.get("/health", self.health), web.get("/v1/models", self.models),
+                        web.post("/v1/completions", self.completions),
+                        web.post("/v1/chat/completions", self.chat_completions),
+                        web.get("/cluster", self.cluster), web.get("/", self.page)])
+        self.app = app
+
+    # -- life cycle --
+    def start(self):
+        started, failure = threading.Event(), []
+
+        def main():
+            loop = self.loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(loop)
+            self._runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=2.0)
+            loop.run_until_complete(self._runner.setup())
+            site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
+            try:
+                loop.run_until_complete(site.start())
+                self.port = site._server.sockets[0].getsockname()[1]  # the real one where --port was 0
+            except OSError as e:
+                failure.append(e)
+                started.set()
+                loop.run_until_complete(self._runner.cleanup())
+                return
+            started.set()
+            loop.run_forever()
+            loop.run_until_complete(self._runner.cleanup())
+            loop.close()
+
+        self._thread = threading.Thread(target=main, name="spmd-http", daemon=True)
+        self._thread.start()
+        started.wait()
+        if failure:
+            raise failure[0]
+
+    def open(self, gateway):
+        self.gateway = gateway
+
+    def stop(self):
+        if self.loop is not None and self._thread.is_alive():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(timeout=10)
+
+    # -- endpoints --
+    async def health(self, _request):
+        if self.gateway is None:
+            return error_response(503, "the model is loading", "unavailable_error")
+        return web.json_response({"status": "ok"})
+
+    async def models(self, _request):
+        return web.json_response({"object": "list", "data": [
+            {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "spmd"}]})
+
+    async def page(self, _request):
+        html = resources.files("spmd").joinpath("page.html").read_text(encoding="utf-8")
+        return web.Response(text=html, content_type="text/html")
+
+    async def cluster(self, _request):
+        if self.gateway is None:
+            return error_response(503, "the model is loading", "unavailable_error")
+        loop, answer = asyncio.get_running_loop(), asyncio.get_running_loop().create_future()
+
+        def reply(status):
+            loop.call_soon_threadsafe(lambda: answer.done() or answer.set_result(status))
+        self.gateway.inbox.ask_status(reply)
+        try:
+            status = await asyncio.wait_for(answer, STATUS_WAIT_S)
+        except asyncio.TimeoutError:
+            status = None
+        if status is None:
+            return error_response(503, "the cluster did not answer (it is stopping, or busy moving work)",
+                                  "unavailable_error")
+        return web.json_response({**status, "model": self.model_id})
+
+    async def completions(self, request):
+        return await self._generate(request, chat=False)
+
+    async def chat_completions(self, request):
+        return await self._generate(request, chat=True)
+
+    # -- generation --
+    async def _generate(self, request, chat):
+        gw = self.gateway
+        if gw is None:
+            return error_response(503, "the model is loading", "unavailable_error")
+        try:
+            try:
+                body = json.loads(await request.read())
+            except (ValueError, UnicodeDecodeError) as e:
+                raise BadRequest(f"the body is not JSON ({e})"[:200]) from None
+            if not isinstance(body, dict):
+                raise BadRequest("the body must be a JSON object")
+            params = _sampling(body)
+            source = _messages(body) if chat else _prompt(body)
+            loop = asyncio.get_running_loop()
+            ids = await loop.run_in_executor(None, self._tokens, source, chat)
+        except web.HTTPRequestEntityTooLarge:
+            return error_response(413, f"the body is larger than {MAX_BODY_BYTES >> 20} MiB")
+        except BadRequest as e:
+            return error_response(400, str(e), param=e.param)
+        room = gw.context - len(ids)
+        if room < 1:
+            return error_response(400, f"the prompt is {len(ids)} tokens; a sequence holds {gw.context} "
+                                       "(--ctx-size), which leaves no room to generate", param="messages" if chat
+                                  else "prompt")
+        if self.active >= gw.slots + self.queue_limit:
+            return error_response(429, f"{gw.slots} requests are being answered and {self.queue_limit} are waiting "
+                                       "(--sequences, --queue): try again shortly", "rate_limit_error",
+                                  headers={"Retry-After": "1"})
+        steps = min(params["max_tokens"] or room, room)
+        spec = PromptSpec(ids=tuple(ids), steps=steps, temperature=params["temperature"], top_k=params["top_k"],
+                          top_p=params["top_p"], seed=params["seed"], where="the request")
+        sink = Sink(asyncio.get_running_loop())
+        if not gw.inbox.put(Work(next(_counter), np.array(ids, np.int64), steps, spec), sink):
+            return error_response(503, "the server is stopping", "unavailable_error")
+        reply = Reply(self, request, sink, chat, params, len(ids))
+        self.active += 1
+        try:
+            return await (reply.stream() if params["stream"] else reply.whole())
+        finally:
+            self.active -= 1
+            sink.cancelled = True  # whatever ended the handler (done, a stop string, the client gone): no more
+
+    def _tokens(self, source, chat):
+        """Prompt token ids (on a worker thread: a long prompt takes a while)."""
+        gw = self.gateway
+        if isinstance(source, tuple):
+            if max(source) >= gw.n_known or min(source) < 0:
+                raise BadRequest(f"token ids must be in 0..{gw.n_known - 1}", "prompt")
+            return list(source)
+        if chat:
+            try:
+                text = gw.template.render(source)
+            except TemplateError as e:
+                raise BadRequest(str(e), "messages") from None
+            return gw.tokenizer.encode(text, controls=True)
+        ids = gw.tokenizer.encode(source)
+        if not ids:
+            raise BadRequest("the prompt is empty and this model adds no BOS token to start from", "prompt")
+        return ids
+
+
+_counter = iter(range(1, 2**62))  # request numbers (the driver's sequence index)
+
+
+class Reply:
+    """One request's answer, from its sink's events: streamed as server-sent events, or whole."""
+
+    def __init__(self, server, request, sink, chat, params, n_prompt):
+        self.server, self.request, self.sink, self.chat, self.params = server, request, sink, chat, params
+        self.n_prompt, self.n_tokens, self.finish = n_prompt, 0, None
+        self.stops = StopFilter(params["stop"])
+        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        self.created = int(time.time())
+
+    def _client_gone(self):
+        transport = self.request.transport
+        return transport is None or transport.is_closing()
+
+    async def _texts(self):
+        """The answer's text as it comes, cut at a stop string; sets finish and n_tokens. None ends it early: the
+        client went away (the sequence is cancelled)."""
+        while True:
+            try:
+                event = await asyncio.wait_for(self.sink.events.get(), CHECK_CLIENT_S)
+            except asyncio.TimeoutError:
+                if self._client_gone():
+                    self.sink.cancelled = True
+                    return
+                continue
+            if event[0] == "piece":
+                _, text, self.n_tokens = event
+                out, hit = self.stops.push(text)
+                if out:
+                    yield out
+                if hit:
+                    self.sink.cancelled, self.finish = True, "stop"
+                    return
+                if self._client_gone():
+                    self.sink.cancelled = True
+                    return
+            else:
+                _, finish, self.n_tokens = event
+                out = self.stops.flush()
+                if out:
+                    yield out
+                self.finish = FINISH.get(finish, "stopped")
+                return
+
+    def usage(self):
+        return {"prompt_tokens": self.n_prompt, "completion_tokens": self.n_tokens,
+                "total_tokens": self.n_prompt + self.n_tokens}
+
+    def _choice(self, text, finish, delta=None):
+        if not self.chat:
+            return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+        if delta is None:
+            delta = {"content": text} if finish is None else {}
+        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+
+    def _chunk(self, choices, **extra):
+        kind = "chat.completion.chunk" if self.chat else "text_completion"
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.server.model_id,
+                "choices": choices, **extra}
+
+    async def whole(self):
+        text = "".join([t async for t in self._texts()])
+        if self.finish is None:  # the client has gone: nobody to answer
+            return web.Response(status=499)
+        if self.finish == "stopped":
+            return error_response(503, "the server stopped before the answer was complete", "unavailable_error")
+        if self.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                      "finish_reason": self.finish}
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": self.finish}
+        kind = "chat.completion" if self.chat else "text_completion"
+        return web.json_response({"id": self.id, "object": kind, "created": self.created,
+                                  "model": self.server.model_id, "choices": [choice], "usage": self.usage()})
+
+    async def stream(self):
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                               "X-Accel-Buffering": "no"})
+        await response.prepare(self.request)
+        usage = {"usage": None} if self.params["usage"] else {}
+        try:
+            if self.chat:  # the first chunk names the role only
+                await _event(response, self._chunk([self._choice("", None, {"role": "assistant", "content": ""})],
+                                                   **usage))
+            async for text in self._texts():
+                await _event(response, self._chunk([self._choice(text, None)], **usage))
+            if self.finish is None:
+                return response
+            if self.finish == "stopped":
+                await _event(response, {"error": {"message": "the server stopped before the answer was complete",
+                                                  "type": "unavailable_error", "param": None, "code": None}})
+            else:
+                await _event(response, self._chunk([self._choice("", self.finish)], **usage))
+                if self.params["usage"]:
+                    await _event(response, self._chunk([], usage=self.usage()))
+            await response.write(b"data: [DONE]\n\n")
+            await response.write_eof()
+        except ConnectionError:  # the client went away mid-stream
+            self.sink.cancelled = True
+        return response
+
+
+async def _event(response, obj):
+    await response.write(b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n")

@@ -1,0 +1,82 @@
+"""`python -m spmd.chat`: a terminal chat with a running spmd.serve (or any OpenAI-compatible server).
+
+The answer streams as it comes; the conversation is kept and sent with every turn. Ctrl-C stops the answer (the
+server frees its sequence) and keeps the program; Ctrl-D, /quit or /exit leaves; /reset forgets the conversation.
+"""
+import sys
+
+import click
+
+COMMANDS = "/reset forgets the conversation, /quit leaves, Ctrl-C stops an answer"
+
+
+def answer(client, model, messages, options, out):
+    """Stream one answer to `out`; returns its text (what came before a Ctrl-C, which stops it)."""
+    import openai
+    parts = []
+    try:
+        stream = client.chat.completions.create(model=model, messages=messages, stream=True, **options)
+        try:
+            for chunk in stream:
+                if chunk.choices and chunk.choices[0].delta.content:
+                    parts.append(chunk.choices[0].delta.content)
+                    out.write(parts[-1])
+                    out.flush()
+        finally:
+            stream.close()  # after a Ctrl-C: the server sees the client go and frees the sequence
+    except KeyboardInterrupt:
+        out.write(" [stopped]")
+    except openai.APIError as e:
+        out.write(f"\n[error: {getattr(e, 'message', e)}]")
+    out.write("\n")
+    return "".join(parts)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--url", default="http://127.0.0.1:8080", show_default=True, help="The server's address.")
+@click.option("--model", default=None, help="The model's id (default: the server's first).")
+@click.option("--system", default=None, metavar="TEXT", help="A system message to start the conversation with.")
+@click.option("--max-tokens", default=256, show_default=True, type=click.IntRange(min=1))
+@click.option("--temperature", default=0.7, show_default=True, type=click.FloatRange(0, 2))
+@click.option("--seed", default=None, type=int, help="Sampling seed (default: random).")
+def cli(url, model, system, max_tokens, temperature, seed):
+    """Chat with an spmd.serve server in the terminal."""
+    import openai
+    client = openai.OpenAI(base_url=url.rstrip("/") + "/v1", api_key="none", max_retries=0, timeout=600)
+    try:
+        model = model or client.models.list().data[0].id
+    except (openai.APIError, IndexError) as e:
+        raise click.ClickException(f"no server answers at {url} ({getattr(e, 'message', e)})") from None
+    options = dict(max_tokens=max_tokens, temperature=temperature, **({"seed": seed} if seed is not None else {}))
+    start = [{"role": "system", "content": system}] if system else []
+    messages = list(start)
+    interactive = sys.stdin.isatty()
+    click.echo(f"chatting with {model} at {url}; {COMMANDS}", err=True)
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except EOFError:
+            break
+        except KeyboardInterrupt:
+            click.echo("", err=True)
+            continue
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/quit", "/exit"):
+            break
+        if text == "/reset":
+            messages = list(start)
+            click.echo("(conversation forgotten)", err=True)
+            continue
+        messages.append({"role": "user", "content": text})
+        reply = answer(client, model, messages, options, sys.stdout)
+        messages.append({"role": "assistant", "content": reply})
+
+
+def main():
+    cli()
+
+
+if __name__ == "__main__":
+    main()

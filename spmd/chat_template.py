@@ -1,0 +1,66 @@
+"""Chat messages -> prompt text, by the model's own chat template (the GGUF's `tokenizer.chat_template`, a Jinja
+template as Hugging Face writes them) rendered in Jinja's immutable sandbox, or by FALLBACK where the file has none.
+
+The template sees `messages` (each a dict with "role" and "content" text), `add_generation_prompt` (True),
+`bos_token` and `eos_token` (their texts), `raise_exception(message)` and `strftime_now(format)`, as Hugging Face's
+`apply_chat_template` gives them. A template that fails is the caller's problem to report (TemplateError).
+"""
+import datetime
+
+import jinja2
+import jinja2.ext
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+# Used where the GGUF file has no tokenizer.chat_template: a plain transcript the model continues after
+# "Assistant:"; a system message opens it. The README documents it.
+FALLBACK = ("{% for m in messages %}"
+            "{% if m['role'] == 'system' %}{{ m['content'] }}\n\n"
+            "{% elif m['role'] == 'user' %}User: {{ m['content'] }}\n"
+            "{% else %}Assistant: {{ m['content'] }}\n{% endif %}"
+            "{% endfor %}"
+            "{% if add_generation_prompt %}Assistant:{% endif %}")
+ROLES = ("system", "user", "assistant", "tool", "developer")
+MAX_TEMPLATE_CHARS = 256 * 1024
+
+
+class TemplateError(Exception):
+    """The chat template could not be read or rendered (the message says why)."""
+
+
+def _raise(message):
+    raise TemplateError(str(message))
+
+
+class ChatTemplate:
+    def __init__(self, source, bos_token="", eos_token=""):
+        """`source`: the template's text, or None for FALLBACK."""
+        self.builtin = source is None
+        if source is not None and (not isinstance(source, str) or len(source) > MAX_TEMPLATE_CHARS):
+            raise TemplateError(f"tokenizer.chat_template must be text of at most {MAX_TEMPLATE_CHARS} characters")
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=[jinja2.ext.loopcontrols])
+        env.globals.update(raise_exception=_raise,
+                           strftime_now=lambda fmt: datetime.datetime.now().strftime(str(fmt)))
+        try:
+            self._template = env.from_string(FALLBACK if source is None else source)
+        except jinja2.TemplateError as e:
+            raise TemplateError(f"the model's chat template does not parse: {e}") from None
+        self.bos_token, self.eos_token = bos_token, eos_token
+
+    def render(self, messages) -> str:
+        """The prompt text for `messages` ([{"role": ..., "content": text}]) with the assistant's turn opened."""
+        try:
+            return self._template.render(messages=messages, add_generation_prompt=True, bos_token=self.bos_token,
+                                         eos_token=self.eos_token)
+        except TemplateError:
+            raise
+        except (jinja2.TemplateError, TypeError, ValueError, KeyError, IndexError, AttributeError,
+                RecursionError, OverflowError) as e:
+            raise TemplateError(f"the model's chat template failed on these messages: {e}"[:300]) from None
+
+
+def from_gguf(gguf, tokenizer) -> ChatTemplate:
+    """The file's template (or FALLBACK), with its BOS and EOS texts."""
+    eos = gguf.meta("tokenizer.ggml.eos_token_id", min(tokenizer.eos_ids, default=None))
+    return ChatTemplate(gguf.meta("tokenizer.chat_template"), tokenizer.piece_text(tokenizer.bos_id),
+                        tokenizer.piece_text(eos))

@@ -1,0 +1,116 @@
+"""`python -m spmd.serve`: the cluster as an OpenAI-compatible server. Every rank runs it, as spmd.run; rank 0
+serves HTTP (spmd.api) while every rank runs the model (the driver takes the requests as they come, up to
+--sequences at once). Ctrl-C or SIGTERM (mpirun passes it to every rank) stops it cleanly: the answers under way
+end, every rank exits with status 0, the control socket file is removed."""
+import os
+import signal
+import sys
+import threading
+
+import click
+
+from .run import cluster_options, flags_agreed, guarded, imports_agreed, interrupt, parse_args, root_log
+
+STOP_GRACE_S = 20.0  # a rank told to stop waits this long for rank 0's STOP before it takes the job down
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (0.0.0.0: every interface of rank 0's host).")
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535),
+              help="TCP port (0: any free one; the address is printed).")
+@click.option("--ctx-size", "-c", "context", default=0, type=click.IntRange(min=0), metavar="N",
+              help="Positions a sequence may take, prompt and answer. Default: the model's context, at most 4096.")
+@click.option("--sequences", default=4, show_default=True, type=click.IntRange(min=1), metavar="K",
+              help="Requests generated at once; the others wait in order.")
+@click.option("--queue", "queue_limit", default=32, show_default=True, type=click.IntRange(min=0), metavar="N",
+              help="Requests that may wait for a free sequence; more are answered 429 with Retry-After.")
+@click.option("--alias", default=None, metavar="NAME", help="The model's id in the API. Default: the file's name.")
+@cluster_options
+def cli(**kw):
+    """Serve a GGUF model split across MPI ranks as an OpenAI-compatible API, with a chat and a page at /.
+
+    Run it on every rank: mpirun -n 3 python -m spmd.serve --model m.gguf --ratios 2:3:3 --port 8080
+    """
+    return kw
+
+
+def main(argv=None):
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        run(argv)
+    except KeyboardInterrupt:  # before the engine started (importing, parsing): nothing to clean up
+        sys.exit(130)
+
+
+def run(argv):
+    from . import comm as C  # initialises MPI
+    comm = C.Comm()
+    kw = flags_agreed(comm, parse_args(argv, comm.is_root, cli, "python -m spmd.serve"))
+    imports_agreed(comm, ("engine", "api", "chat_template"))
+    from .api import Gateway, Server
+    from .chat_template import ChatTemplate, TemplateError, from_gguf
+    from .control import default_path
+    from .driver import Inbox
+    from .engine import Engine, RunOptions
+    log = root_log(comm)
+    host, port, queue_limit = kw.pop("host"), kw.pop("port"), kw.pop("queue_limit")
+    model_id = kw.pop("alias") or os.path.basename(kw["model"])
+    server, failed = None, None
+    if comm.is_root:
+        server = Server(host, port, model_id, queue_limit, log)
+        try:
+            server.start()  # /health answers 503 while the model loads
+        except OSError as e:
+            failed = f"cannot listen on {host}:{port}: {e.strerror or e}"
+    failed = comm.first_error(failed)
+    if failed is not None:
+        log(f"error: {failed}")
+        sys.exit(1)
+    root_pid = comm.bcast(os.getpid())
+    socket_path = kw.pop("control_socket") or default_path(root_pid)
+    opts = RunOptions(**kw, control_socket=None if socket_path.lower() == "none" else socket_path)
+    try:
+        engine = guarded(comm, log, lambda: Engine(opts, comm, log=log))
+        inbox = Inbox() if comm.is_root else None
+        if comm.is_root:
+            state = engine.state
+            try:
+                template = from_gguf(state.file, state.tokenizer)
+            except TemplateError as e:
+                log(f"note: {e}; chats use the built-in template (see the README)")
+                template = ChatTemplate(None)
+            if template.builtin:
+                log("note: the model file has no chat template; chats use the built-in one (see the README)")
+            server.open(Gateway(inbox, state.tokenizer, template, state.context, state.n_known, state.n_slots))
+            log(f"serving {model_id} on http://{host}:{server.port} ({comm.size} rank{'s' * (comm.size > 1)}, "
+                f"{state.n_slots} sequences of up to {state.context} positions at once)")
+        stop_on_signals(comm, inbox)
+        result = guarded(comm, log, lambda: engine.run(inbox=inbox))
+    finally:
+        if server is not None:
+            server.stop()
+    if comm.is_root:
+        log(f"[spmd] served {result['requests']} requests, {result['tokens_generated']} tokens in "
+            f"{result['elapsed_s']:.1f} s; {result['n_ranks']} rank(s) {result['ratios']}, {result['backend']}")
+
+
+def stop_on_signals(comm, inbox):
+    """From now on, Ctrl-C or SIGTERM stops the server cleanly: on rank 0 the inbox closes (the driver ends what is
+    in flight and sends STOP); another rank waits for that STOP, and takes the job down only if it does not come
+    within STOP_GRACE_S. A second signal on rank 0 stops at once."""
+    def on_signal(signum, frame):
+        if comm.is_root:
+            if inbox.closed:
+                interrupt(signum, frame)
+            inbox.close()
+        else:
+            timer = threading.Timer(STOP_GRACE_S, lambda: comm.abort(128 + signum))
+            timer.daemon = True
+            timer.start()
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+
+
+if __name__ == "__main__":
+    main()

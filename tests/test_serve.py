@@ -1,0 +1,318 @@
+"""spmd.serve as its users meet it: the real `openai` client against a real server at 1 and 3 ranks (subprocesses
+under mpirun), checked against spmd.run's greedy output for the same tokens; the stream's shape, stop strings,
+concurrent clients, a client that leaves, the 400/429 paths, a clean exit on SIGTERM; and spmd.chat."""
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import jinja2
+import openai
+import pytest
+
+from spmd.gguf_file import GGUFFile
+from spmd.synth import Shape, write_model
+from spmd.tokenizer import load_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+MPIRUN = shutil.which("mpirun")
+SHAPE = Shape(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, ffn=128, vocab=512, context=512)
+TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+            "{% elif m['role'] == 'system' %}<<SYS>>{{ m['content'] }}<</SYS>>"
+            "{% else %} {{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}")
+PROMPTS = ["Once upon a time", "The quick brown fox", "Hello world the cat sat"]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return write_model(tmp_path_factory.mktemp("serve") / "chat.gguf", SHAPE, qtype="Q8_0", seed=3,
+                       chat_template=TEMPLATE)
+
+
+class Served:
+    """A running `[mpirun -n N] python -m spmd.serve` on a free port; `stop()` sends SIGTERM and returns the exit
+    status (every rank gone)."""
+
+    def __init__(self, model, ranks=1, extra=(), env=None):
+        self.ranks = ranks
+        cmd = [sys.executable, "-m", "spmd.serve", "--model", str(model), "--port", "0", "--threads", "1", *extra]
+        if ranks > 1:
+            cmd = [MPIRUN, "-n", str(ranks), *cmd]
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     env={**os.environ, **(env or {})}, start_new_session=True)
+        self.lines, found = [], threading.Event()
+
+        def read():
+            for line in self.proc.stderr:
+                self.lines.append(line)
+                if " on http://" in line:
+                    found.set()
+            found.set()
+        threading.Thread(target=read, daemon=True).start()
+        found.wait(120)
+        match = next((re.search(r"on (http://\S+)", s) for s in self.lines if " on http://" in s), None)
+        if match is None:
+            self.proc.kill()
+            raise AssertionError("the server did not start:\n" + "".join(self.lines))
+        self.url = match.group(1)
+        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="none", max_retries=0, timeout=120)
+
+    def stop(self, timeout=60):
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            if self.proc.poll() is None:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+
+    def get(self, path):
+        with urllib.request.urlopen(self.url + path, timeout=30) as r:
+            return r.status, json.loads(r.read())
+
+    def post(self, path, body, raw=None):
+        """(status, parsed JSON body, headers) of a POST, errors included."""
+        data = raw if raw is not None else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return r.status, json.loads(r.read()), r.headers
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read()), e.headers
+
+
+@pytest.fixture(scope="module", params=[1, 3], ids=["1rank", "3ranks"])
+def served(request, model):
+    if request.param > 1 and MPIRUN is None:
+        pytest.skip("no mpirun")
+    extra = ("--ratios", "1:1*1") if request.param == 3 else ()
+    server = Served(model, request.param, extra)
+    yield server
+    assert server.stop() == 0, "".join(server.lines)
+    assert "Traceback" not in "".join(server.lines)
+
+
+def run_greedy(model, steps, prompt=None, ids=None):
+    """spmd.run's greedy result (one rank) for a prompt text or token ids."""
+    args = ["--prompt", prompt] if ids is None else ["--prompt-ids", ",".join(map(str, ids))]
+    p = subprocess.run([sys.executable, "-m", "spmd.run", "--model", str(model), *args, "--steps", str(steps),
+                        "--output", "json", "--threads", "1"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    return json.loads(p.stdout)
+
+
+def finish_of(r, steps):
+    return "length" if len(r["tokens"]) == steps else "stop"
+
+
+def test_completion_is_spmd_run_greedy(served, model):
+    for prompt in PROMPTS[:2]:
+        want = run_greedy(model, 12, prompt)
+        got = served.client.completions.create(model="any", prompt=prompt, max_tokens=12, temperature=0)
+        assert got.choices[0].text == want["text"]
+        assert got.choices[0].finish_reason == finish_of(want, 12)
+        assert got.usage.prompt_tokens == len(want["prompt_tokens"])
+        assert got.usage.completion_tokens == len(want["tokens"])
+        assert got.usage.total_tokens == got.usage.prompt_tokens + got.usage.completion_tokens
+
+
+def test_chat_uses_the_files_template(served, model):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Once upon a time"}]
+    template = jinja2.Environment().from_string(TEMPLATE)
+    text = template.render(messages=messages, bos_token="<s>", eos_token="</s>", add_generation_prompt=True)
+    tok = load_tokenizer(GGUFFile(model))
+    ids = [1] + tok.encode(text[len("<s>"):], add_bos=False)  # "<s>" is BOS, once; the rest is text
+    want = run_greedy(model, 10, ids=ids)
+    got = served.client.chat.completions.create(model="any", messages=messages, max_tokens=10, temperature=0)
+    assert got.usage.prompt_tokens == len(ids)
+    assert got.choices[0].message.role == "assistant"
+    assert got.choices[0].message.content == want["text"]
+    assert got.usage.completion_tokens == len(want["tokens"])
+
+
+def test_stream_shape(served):
+    messages = [{"role": "user", "content": "The quick brown fox"}]
+    whole = served.client.chat.completions.create(model="any", messages=messages, max_tokens=9, temperature=0)
+    chunks = list(served.client.chat.completions.create(model="any", messages=messages, max_tokens=9,
+                                                        temperature=0, stream=True,
+                                                        stream_options={"include_usage": True}))
+    assert len({c.id for c in chunks}) == 1 and chunks[0].id.startswith("chatcmpl-")
+    first = chunks[0].choices[0]
+    assert first.delta.role == "assistant" and not first.delta.content and first.finish_reason is None
+    *middle, last_choice, usage = chunks[1:]
+    assert all(c.choices[0].finish_reason is None and c.choices[0].delta.content for c in middle)
+    assert "".join(c.choices[0].delta.content for c in middle) == whole.choices[0].message.content
+    assert last_choice.choices[0].finish_reason == whole.choices[0].finish_reason
+    assert usage.choices == [] and usage.usage.model_dump() == whole.usage.model_dump()
+    assert all(c.usage is None for c in chunks[:-1])
+    plain = list(served.client.completions.create(model="any", prompt="The quick", max_tokens=5, temperature=0,
+                                                  stream=True))
+    assert plain[-1].choices[0].finish_reason in ("stop", "length") and all(c.usage is None for c in plain)
+
+
+def test_raw_stream_ends_with_done(served):
+    req = urllib.request.Request(served.url + "/v1/completions", data=json.dumps(
+        {"prompt": "Hello", "max_tokens": 3, "temperature": 0, "stream": True}).encode())
+    with urllib.request.urlopen(req, timeout=60) as r:
+        assert r.headers["Content-Type"].startswith("text/event-stream")
+        body = r.read().decode()
+    events = [e for e in body.split("\n\n") if e]
+    assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
+
+
+def test_stop_strings_are_cut(served, model):
+    want = run_greedy(model, 24, PROMPTS[0])["text"]
+    assert len(want) > 12
+    stop = want[5:9]  # inside the text, likely across tokens
+    cut = want[:want.index(stop)]
+    for stream in (False, True):
+        r = served.client.completions.create(model="any", prompt=PROMPTS[0], max_tokens=24, temperature=0,
+                                             stop=[stop, "never-there"], stream=stream)
+        if stream:
+            chunks = list(r)
+            text, finish = "".join(c.choices[0].text for c in chunks), chunks[-1].choices[0].finish_reason
+        else:
+            text, finish = r.choices[0].text, r.choices[0].finish_reason
+        assert text == cut and finish == "stop"
+
+
+def test_concurrent_clients_get_their_own_answers(served, model):
+    wants = {p: run_greedy(model, 16, p)["text"] for p in PROMPTS}
+    got = {}
+
+    def ask(p):
+        got[p] = served.client.completions.create(model="any", prompt=p, max_tokens=16, temperature=0).choices[0].text
+    threads = [threading.Thread(target=ask, args=(p,)) for p in PROMPTS]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert got == wants
+
+
+def test_seeded_sampling_repeats(served):
+    ask = lambda: served.client.completions.create(model="any", prompt="The cat", max_tokens=12,  # noqa: E731
+                                                   temperature=0.9, top_p=0.95, seed=42).choices[0].text
+    assert ask() == ask()
+
+
+def test_bad_requests(served):
+    cases = [(b"{not json", None), (b"[1, 2]", None)]
+    for raw, _ in cases:
+        status, body, _h = served.post("/v1/completions", None, raw=raw)
+        assert status == 400 and body["error"]["type"] == "invalid_request_error"
+    for path, body, param in [
+            ("/v1/chat/completions", {"messages": []}, "messages"),
+            ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, "messages"),
+            ("/v1/completions", {"prompt": "x", "temperature": 5}, "temperature"),
+            ("/v1/completions", {"prompt": "x", "n": 2}, "n"),
+            ("/v1/completions", {"prompt": "x", "max_tokens": 0}, "max_tokens"),
+            ("/v1/completions", {"prompt": "x", "stop": ["a"] * 40}, "stop"),
+            ("/v1/completions", {"prompt": "x", "logprobs": 3}, "logprobs"),
+            ("/v1/completions", {"prompt": [1, 99999]}, "prompt"),
+            ("/v1/completions", {"prompt": "the " * 600}, "prompt")]:
+        status, reply, _h = served.post(path, body)
+        assert status == 400, (body, reply)
+        assert reply["error"]["param"] == param and reply["error"]["message"]
+    status, models = served.get("/v1/models")
+    assert status == 200 and models["data"][0]["id"] == "chat.gguf"
+
+
+def test_cluster_status(served):
+    status, s = served.get("/cluster")
+    assert status == 200 and s["ok"] and s["model"] == "chat.gguf"
+    assert len(s["ranks"]) == served.ranks and len(s["stages"]) == (2 if served.ranks == 3 else 1)
+    assert {"host", "compute_ms", "sync_ms", "layers"} <= set(s["ranks"][0])
+    assert s["server"]["slots"] == 4 and s["server"]["in_flight"] == 0
+
+
+# ---- one server each: slow, full, stopped ------------------------------------------------------------------------
+SLOW = {"SPMD_TEST_SLOW": "0:40"}  # rank 0 computes 40x slower: an answer of many tokens takes seconds
+
+
+def test_a_client_that_leaves_frees_its_sequence(model):
+    server = Served(model, 1, ("--sequences", "1"), env=SLOW)
+    try:
+        stream = server.client.completions.create(model="any", prompt="Once", max_tokens=400, temperature=0,
+                                                  stream=True)
+        for i, _chunk in enumerate(stream):
+            if i == 3:
+                break
+        stream.close()
+        left = time.perf_counter()
+        while server.get("/cluster")[1]["server"]["in_flight"]:
+            assert time.perf_counter() - left < 10, "the sequence of a client that left is still generating"
+            time.sleep(0.05)
+        generated = server.get("/cluster")[1]["server"]["tokens_generated"]
+        assert generated < 60  # far from its 400
+        t = time.perf_counter()
+        r = server.client.completions.create(model="any", prompt="The", max_tokens=2, temperature=0)
+        assert r.usage.completion_tokens >= 1 and time.perf_counter() - t < 30
+    finally:
+        assert server.stop() == 0, "".join(server.lines)
+
+
+def test_a_full_queue_answers_429(model):
+    server = Served(model, 1, ("--sequences", "1", "--queue", "0"), env=SLOW)
+    try:
+        first = server.client.completions.create(model="any", prompt="Once", max_tokens=300, temperature=0,
+                                                 stream=True)
+        next(iter(first))
+        status, body, headers = server.post("/v1/completions", {"prompt": "Hi", "max_tokens": 2})
+        assert status == 429 and body["error"]["type"] == "rate_limit_error" and int(headers["Retry-After"]) >= 1
+        first.close()
+    finally:
+        assert server.stop() == 0, "".join(server.lines)
+
+
+@pytest.mark.skipif(MPIRUN is None, reason="no mpirun")
+def test_sigterm_mid_answer_stops_every_rank(model, tmp_path):
+    sock = tmp_path / "c.sock"
+    server = Served(model, 3, ("--ratios", "1*1:1", "--control-socket", sock), env=SLOW)
+    got = {}
+
+    def ask():
+        try:
+            got["r"] = server.client.completions.create(model="any", prompt="Once", max_tokens=400, temperature=0)
+        except openai.APIError as e:
+            got["e"] = e
+    t = threading.Thread(target=ask)
+    t.start()
+    time.sleep(2)
+    started = time.perf_counter()
+    assert server.stop() == 0, "".join(server.lines)
+    assert time.perf_counter() - started < 30
+    t.join(30)
+    assert "e" in got and getattr(got["e"], "status_code", None) == 503  # an unfinished answer is not a success
+    assert not sock.exists()
+    assert "[spmd] served 1 requests" in "".join(server.lines)
+
+
+def test_port_in_use_is_one_line(model):
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        p = subprocess.run([sys.executable, "-m", "spmd.serve", "--model", str(model), "--port", str(port)],
+                           cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1 and p.stderr.strip().startswith(f"error: cannot listen on 127.0.0.1:{port}")
+    assert len(p.stderr.strip().splitlines()) == 1
+
+
+def test_chat_cli(served):
+    want = served.client.chat.completions.create(model="any", messages=[{"role": "user", "content": "Hello"}],
+                                                 max_tokens=8, temperature=0).choices[0].message.content
+    p = subprocess.run([sys.executable, "-m", "spmd.chat", "--url", served.url, "--temperature", "0",
+                        "--max-tokens", "8"], input="Hello\n/reset\nHello\n/quit\n", cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == f"{want}\n{want}\n"  # the same answer again after /reset forgot the first turn
+    assert "chatting with chat.gguf" in p.stderr and "(conversation forgotten)" in p.stderr
