@@ -2,10 +2,19 @@
 
 The answer streams as it comes; the conversation is kept and sent with every turn. Ctrl-C stops the answer (the
 server frees its sequence) and keeps the program; Ctrl-D, /quit or /exit leaves; /reset forgets the conversation.
+Without --url, and with no server at the default address, it starts a one-rank spmd.serve of the embedded model for
+itself (said on stderr) and stops it at the end.
 """
+import re
+import subprocess
 import sys
+import threading
+import urllib.request
 
 import click
+
+DEFAULT_URL = "http://127.0.0.1:8080"
+START_TIMEOUT_S = 300.0
 
 COMMANDS = "/reset forgets the conversation, /quit leaves, Ctrl-C stops an answer"
 
@@ -32,8 +41,38 @@ def answer(client, model, messages, options, out):
     return "".join(parts)
 
 
+def answers(url) -> bool:
+    try:
+        with urllib.request.urlopen(url + "/v1/models", timeout=3) as r:
+            return r.status == 200
+    except (OSError, ValueError):
+        return False
+
+
+def start_local_server():
+    """A one-rank spmd.serve of the embedded model on a free port: (its process, its URL)."""
+    proc = subprocess.Popen([sys.executable, "-m", "spmd.serve", "--port", "0", "--control-socket", "none"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    found, lines = threading.Event(), []
+
+    def read():
+        for line in proc.stderr:
+            lines.append(line)
+            if " on http://" in line:
+                found.set()
+        found.set()
+    threading.Thread(target=read, daemon=True).start()
+    found.wait(START_TIMEOUT_S)
+    match = next((re.search(r"on (http://\S+)", s) for s in lines if " on http://" in s), None)
+    if match is None:
+        proc.kill()
+        raise click.ClickException("the local server did not start: " + "".join(lines[-3:]).strip())
+    return proc, match.group(1)
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--url", default="http://127.0.0.1:8080", show_default=True, help="The server's address.")
+@click.option("--url", default=None, help=f"The server's address. Default: {DEFAULT_URL}, or, where nothing answers "
+                                          "there, a server of the embedded model started for this chat.")
 @click.option("--model", default=None, help="The model's id (default: the server's first).")
 @click.option("--system", default=None, metavar="TEXT", help="A system message to start the conversation with.")
 @click.option("--max-tokens", default=256, show_default=True, type=click.IntRange(min=1))
@@ -41,6 +80,22 @@ def answer(client, model, messages, options, out):
 @click.option("--seed", default=None, type=int, help="Sampling seed (default: random).")
 def cli(url, model, system, max_tokens, temperature, seed):
     """Chat with an spmd.serve server in the terminal."""
+    local = None
+    if url is None:
+        url = DEFAULT_URL
+        if not answers(url):
+            click.echo(f"note: no server at {url}: starting one of the embedded model (python -m spmd.serve)",
+                       err=True)
+            local, url = start_local_server()
+    try:
+        chat(url, model, system, max_tokens, temperature, seed)
+    finally:
+        if local is not None:
+            local.terminate()
+            local.wait(60)
+
+
+def chat(url, model, system, max_tokens, temperature, seed):
     import openai
     client = openai.OpenAI(base_url=url.rstrip("/") + "/v1", api_key="none", max_retries=0, timeout=600)
     try:

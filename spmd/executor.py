@@ -17,7 +17,7 @@ import numpy as np
 
 from .comm import Op, Step, host_name, test_slow_factor
 from .model import Segment
-from .rank import peak_rss_bytes
+from .rank import peak_rss_bytes, rss_bytes
 from .repartition import Repartition
 
 RECENT_STEPS = 16  # the control socket's `status` reports compute and sync time over this many decode batches
@@ -204,9 +204,12 @@ class Executor:
         allreduces; and rows a batch) over the last ones under the current plan."""
         n = len(self._recent)
         compute, sync, rows, reduced = (sum(r[i] for r in self._recent) / max(n, 1) for i in range(4))
-        return {**self.state.plan.layout()[self.comm.rank], "host": host_name(),
+        state = self.state
+        return {**state.plan.layout()[self.comm.rank], "host": host_name(), "backend": state.backend.description,
                 "compute_ms": round(compute * 1e3, 3), "sync_ms": round(sync * 1e3, 3),
-                "allreduce_ms": round(reduced * 1e3, 3), "rows": round(rows, 2), "steps": n}
+                "allreduce_ms": round(reduced * 1e3, 3), "rows": round(rows, 2), "steps": n,
+                "bytes_sent": int(self.comm.bytes_sent), "weights_bytes": int(state.model.w.nbytes),
+                "kv_bytes": sum(state.model.slots.values()) * state.kv_bytes_per_position(), "rss_bytes": rss_bytes()}
 
     def rank_stats(self, total_s, sync_s):
         """This rank's figures for the whole run."""

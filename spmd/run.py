@@ -30,8 +30,9 @@ def split_ints(_ctx, _param, text):
 
 
 CLUSTER_OPTIONS = [  # the flags spmd.run and spmd.serve share: the model, and how the cluster runs it
-    click.option("--model", "-m", required=True, metavar="FILE.gguf",
-                 help="GGUF model file (the same path on every host)."),
+    click.option("--model", "-m", default=None, metavar="FILE.gguf",
+                 help="GGUF model file (the same path on every host). Default: the small model that ships with "
+                      "spmd (spmd/embedded.gguf, trained on Python's documentation)."),
     click.option("--ratios", default=None, metavar="LAYOUT",
                  help="Each rank's relative speed, one number per rank: 2:3:3 (one stage, tensor parallel). '*' "
                       "separates pipeline stages of consecutive ranks, '@N' pins a stage's layer count: 1*1*1, "
@@ -231,6 +232,17 @@ def guarded(comm, log, work):
         comm.abort(1)
 
 
+EMBEDDED_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "embedded.gguf")
+
+
+def model_or_embedded(kw, log):
+    """--model, or the embedded model where it is omitted (said on stderr)."""
+    if kw["model"] is None:
+        kw["model"] = EMBEDDED_MODEL
+        log(f"note: no --model given: using the embedded model {EMBEDDED_MODEL}")
+    return kw
+
+
 def root_log(comm):
     return (lambda msg: print(msg, file=sys.stderr, flush=True)) if comm.is_root else (lambda msg: None)
 
@@ -243,6 +255,7 @@ def run(argv):
     from .engine import Engine, RunOptions
     from .prompts import PromptSpec
     log = root_log(comm)
+    model_or_embedded(kw, log)
     text_out = kw.pop("output") == "text"
     prompt_ids, texts = kw.pop("prompt_ids"), kw.pop("prompt")
     if prompt_ids is not None and texts:

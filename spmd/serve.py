@@ -9,7 +9,8 @@ import threading
 
 import click
 
-from .run import cluster_options, flags_agreed, guarded, imports_agreed, interrupt, parse_args, root_log
+from .run import (cluster_options, flags_agreed, guarded, imports_agreed, interrupt, model_or_embedded, parse_args,
+                  root_log)
 
 STOP_GRACE_S = 20.0  # a rank told to stop waits this long for rank 0's STOP before it takes the job down
 
@@ -54,6 +55,7 @@ def run(argv):
     from .driver import Inbox
     from .engine import Engine, RunOptions
     log = root_log(comm)
+    model_or_embedded(kw, log)
     host, port, queue_limit = kw.pop("host"), kw.pop("port"), kw.pop("queue_limit")
     model_id = kw.pop("alias") or os.path.basename(kw["model"])
     server, failed = None, None

@@ -316,3 +316,34 @@ def test_chat_cli(served):
     assert p.returncode == 0, p.stderr
     assert p.stdout == f"{want}\n{want}\n"  # the same answer again after /reset forgot the first turn
     assert "chatting with chat.gguf" in p.stderr and "(conversation forgotten)" in p.stderr
+
+
+@pytest.mark.skipif(MPIRUN is None, reason="no mpirun")
+def test_live_migrations_while_serving_keep_the_text(model, tmp_path):
+    """Two streamed answers in flight while the layout changes twice (a new split, then a move of layers between
+    stages) over the control socket: both equal spmd.run's greedy text."""
+    wants = {p: run_greedy(model, 100, p)["text"] for p in PROMPTS[:2]}
+    sock = tmp_path / "c.sock"
+    server = Served(model, 3, ("--ratios", "1:1*1", "--control-socket", sock), env={"SPMD_TEST_SLOW": "0:8"})
+    got = {}
+
+    def ask(p):
+        got[p] = "".join(c.choices[0].text for c in server.client.completions.create(
+            model="any", prompt=p, max_tokens=100, temperature=0, stream=True))
+    try:
+        threads = [threading.Thread(target=ask, args=(p,)) for p in wants]
+        for t in threads:
+            t.start()
+        for args in (["ratios", "2:1*1"], ["layers", "--from-stage", "0", "--to-stage", "1", "--count", "1"]):
+            time.sleep(0.4)
+            p = subprocess.run([sys.executable, "-m", "spmd.migrate", "--socket", str(sock), "--json", *args],
+                               cwd=ROOT, capture_output=True, text=True, timeout=60)
+            assert p.returncode == 0 and json.loads(p.stdout)["ok"], p.stdout + p.stderr
+        for t in threads:
+            t.join(120)
+        assert got == wants
+        status = server.get("/cluster")[1]
+        assert status["epoch"] == 2 and [m["by"] for m in status["migrations"]] == ["migrate", "migrate"]
+        assert all(m["applied_at"] < 200 for m in status["migrations"])  # while the answers were generated
+    finally:
+        assert server.stop() == 0, "".join(server.lines)

@@ -1,0 +1,109 @@
+"""spmd.api's parts that need no cluster: stop strings held back and cut, the chat template in its sandbox and its
+fallback, request checks, and /health before and after the model has loaded (a real HTTP server on a free port)."""
+import json
+import urllib.error
+import urllib.request
+
+import pytest
+
+from spmd.api import BadRequest, Gateway, Server, StopFilter, _messages, _sampling
+from spmd.chat_template import FALLBACK, ChatTemplate, TemplateError
+
+
+def run_filter(stops, pieces):
+    f, out, hit = StopFilter(stops), [], False
+    for p in pieces:
+        text, hit = f.push(p)
+        out.append(text)
+        if hit:
+            break
+    if not hit:
+        out.append(f.flush())
+    return "".join(out), hit
+
+
+def test_stop_filter_cuts_across_pieces_and_holds_back():
+    assert run_filter(["END"], ["Hello E", "N", "D more"]) == ("Hello ", True)
+    assert run_filter(["END"], ["Hello E", "NOUGH"]) == ("Hello ENOUGH", False)  # released once it cannot match
+    f = StopFilter(["stop"])
+    assert f.push("a st") == ("a ", False)  # "st" could begin "stop": held back
+    assert f.push("o") == ("", False)
+    assert f.push("ry") == ("story", False)
+    assert run_filter(["b", "abc"], ["xxabc"]) == ("xx", True)  # the earliest match wins
+    assert run_filter(["abcd", "c"], ["ab", "c", "d"]) == ("ab", True)  # the first one complete, as it streams
+    assert run_filter([], ["a", "b"]) == ("ab", False)
+
+
+def test_stop_filter_against_a_plain_search():
+    import random
+    rng = random.Random(5)
+    for _ in range(300):
+        text = "".join(rng.choice("ab ") for _ in range(rng.randint(0, 30)))
+        stops = ["".join(rng.choice("ab ") for _ in range(rng.randint(1, 4))) for _ in range(rng.randint(1, 3))]
+        cuts = sorted(rng.sample(range(len(text) + 1), min(len(text) + 1, rng.randint(0, 6))))
+        pieces = [text[a:b] for a, b in zip([0] + cuts, cuts + [len(text)])]
+        want, seen = (text, False), ""
+        for p in pieces:  # the first time the text so far holds a stop string, it ends before the earliest
+            seen += p
+            found = [i for i in (seen.find(s) for s in stops) if i >= 0]
+            if found:
+                want = (seen[:min(found)], True)
+                break
+        assert run_filter(stops, pieces) == want, (text, stops, pieces)
+
+
+def test_fallback_template():
+    t = ChatTemplate(None)
+    assert t.builtin
+    text = t.render([{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"},
+                     {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"}])
+    assert text == "Be kind.\n\nUser: Hi\nAssistant: Hello.\nUser: Bye\nAssistant:"
+    assert "Assistant:" in FALLBACK
+
+
+def test_template_sandbox_and_errors():
+    t = ChatTemplate("{{ bos_token }}{% for m in messages %}{{ m['content'] | upper }}{% endfor %}", "<s>", "</s>")
+    assert t.render([{"role": "user", "content": "hi"}]) == "<s>HI"
+    with pytest.raises(TemplateError, match="does not parse"):
+        ChatTemplate("{% for %}")
+    with pytest.raises(TemplateError, match="only user"):
+        ChatTemplate("{{ raise_exception('only user') }}").render([])
+    with pytest.raises(TemplateError):  # the sandbox refuses attribute access to internals
+        ChatTemplate("{{ messages.__class__.__mro__ }}").render([])
+
+
+def test_request_checks():
+    assert _sampling({})["temperature"] == 1.0  # OpenAI's default
+    assert _sampling({"seed": -1})["seed"] == 2**64 - 1
+    for body, param in [({"top_p": 0}, "top_p"), ({"temperature": True}, "temperature"), ({"n": 3}, "n"),
+                        ({"max_tokens": 1.5}, "max_tokens"), ({"stop": 5}, "stop"), ({"stream": "yes"}, "stream"),
+                        ({"frequency_penalty": 0.5}, "frequency_penalty"), ({"seed": "1"}, "seed"),
+                        ({"stream_options": {"include_usage": "y"}}, "stream_options")]:
+        with pytest.raises(BadRequest) as e:
+            _sampling(body)
+        assert e.value.param == param
+    assert _sampling({"frequency_penalty": 0, "logit_bias": {}, "logprobs": False})["max_tokens"] is None
+    parts = [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]
+    assert _messages({"messages": [{"role": "user", "content": parts}]}) == [{"role": "user", "content": "ab"}]
+    with pytest.raises(BadRequest):
+        _messages({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]})
+
+
+def test_health_is_503_until_loaded():
+    server = Server("127.0.0.1", 0, "m", 4)
+    server.start()
+    try:
+        url = f"http://127.0.0.1:{server.port}"
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(url + "/health", timeout=10)
+        assert e.value.code == 503 and json.loads(e.value.read())["error"]["type"] == "unavailable_error"
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(urllib.request.Request(url + "/v1/completions", data=b"{}"), timeout=10)
+        assert e.value.code == 503
+        server.open(Gateway(inbox=None, tokenizer=None, template=None, context=8, n_known=8, slots=1))
+        with urllib.request.urlopen(url + "/health", timeout=10) as r:
+            assert r.status == 200 and json.loads(r.read()) == {"status": "ok"}
+        with urllib.request.urlopen(url + "/", timeout=10) as r:
+            assert b"<title>spmd</title>" in r.read()
+    finally:
+        server.stop()

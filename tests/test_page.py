@@ -1,0 +1,56 @@
+"""The page at / in a real headless browser (Debian's chromium, driven by selenium): a message sent in the chat box
+streams back the model's answer (the same text as the API's), and the rank table shows every rank of a 3-rank
+server with its stage and layers."""
+import shutil
+
+import pytest
+
+from test_serve import MPIRUN, Served, model  # noqa: F401 - the model fixture
+
+webdriver = pytest.importorskip("selenium.webdriver")
+CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+pytestmark = pytest.mark.skipif(not (CHROMIUM and DRIVER and MPIRUN), reason="needs chromium, chromedriver, mpirun")
+
+
+@pytest.fixture
+def browser():
+    from selenium.webdriver.chrome.service import Service
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(DRIVER), options=options)
+    yield driver
+    driver.quit()
+
+
+def test_chat_and_rank_table(browser, model):  # noqa: F811
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+    server = Served(model, 3, ("--ratios", "2:1*1"))
+    try:
+        want = server.client.chat.completions.create(
+            model="any", messages=[{"role": "user", "content": "Once upon a time"}], max_tokens=12,
+            temperature=0).choices[0].message.content
+        browser.get(server.url + "/")
+        wait = WebDriverWait(browser, 30)
+        wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#ranks tr.rank")) == 3)
+        rows = [[td.text for td in tr.find_elements(By.TAG_NAME, "td")]
+                for tr in browser.find_elements(By.CSS_SELECTOR, "#ranks tr.rank")]
+        assert [r[0] for r in rows] == ["0", "1", "2"]
+        assert [r[3] for r in rows] == ["0", "0", "1"]  # stages
+        assert rows[0][4] == rows[1][4] != rows[2][4]  # the first stage's layers, then the second's
+        assert "chat.gguf" in browser.find_element(By.ID, "model").text
+        browser.find_element(By.ID, "max-tokens").clear()
+        browser.find_element(By.ID, "max-tokens").send_keys("12")
+        browser.find_element(By.ID, "temperature").clear()
+        browser.find_element(By.ID, "temperature").send_keys("0")
+        browser.find_element(By.ID, "prompt").send_keys("Once upon a time")
+        browser.find_element(By.ID, "send").click()
+        answer = wait.until(lambda b: b.find_element(By.CSS_SELECTOR, ".assistant[data-done='1']"))
+        assert answer.text.strip() == want.strip()
+        assert browser.find_element(By.CSS_SELECTOR, ".user").text.endswith("Once upon a time")
+        wait.until(lambda b: "1 requests served" not in b.find_element(By.ID, "figures").text and
+                   "2 requests served" in b.find_element(By.ID, "figures").text)
+    finally:
+        assert server.stop() == 0, "".join(server.lines)
