@@ -4,7 +4,7 @@
 
 A hostfile in the wrong format, a host that does not resolve, or one whose ssh port does not answer gives one
 line naming the host and the line, before any process starts; ssh is then told to give up after a few seconds
-rather than hang. Everything after `--` goes to `python -m spmd.run`."""
+rather than hang. Everything after `--` goes to `python -m spmd.run` (with --serve, `python -m spmd.serve`)."""
 import os
 import shutil
 import socket
@@ -72,9 +72,10 @@ def check_reachable(path, hosts, timeout):
               help="Number of ranks (default: the slots in the hostfile).")
 @click.option("--timeout", default=5.0, show_default=True, type=click.FloatRange(1, 300), callback=finite,
               help="Seconds to wait for each host.")
+@click.option("--serve", is_flag=True, help="Run python -m spmd.serve (the server) instead of spmd.run.")
 @click.argument("run_args", nargs=-1, type=click.UNPROCESSED)
-def main(hostfile, ranks, timeout, run_args):
-    """Check HOSTFILE's hosts, then run `python -m spmd.run RUN_ARGS` on them through mpirun."""
+def main(hostfile, ranks, timeout, serve, run_args):
+    """Check HOSTFILE's hosts, then run `python -m spmd.run RUN_ARGS` (or spmd.serve) on them through mpirun."""
     hosts = parse_hostfile(hostfile)
     check_reachable(hostfile, hosts, timeout)
     mpirun = shutil.which("mpirun")
@@ -82,7 +83,8 @@ def main(hostfile, ranks, timeout, run_args):
         raise click.ClickException("mpirun is not on PATH: run scripts/setup.sh and 'source .venv/bin/activate'")
     ranks = ranks or sum(slots for _, _, slots in hosts)
     env = dict(os.environ, HYDRA_LAUNCHER_EXTRA_ARGS=f"-o ConnectTimeout={int(timeout)} -o BatchMode=yes")
-    cmd = [mpirun, "-f", hostfile, "-n", str(ranks), sys.executable, "-m", "spmd.run", *run_args]
+    module = "spmd.serve" if serve else "spmd.run"
+    cmd = [mpirun, "-f", hostfile, "-n", str(ranks), sys.executable, "-m", module, *run_args]
     os.execve(mpirun, cmd, env)
 
 

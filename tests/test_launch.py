@@ -53,6 +53,12 @@ def test_a_good_hostfile_starts_the_job(tmp_path):
     assert p.stdout.count("Usage: python -m spmd.run") == 1  # two ranks, rank 0 alone prints
 
 
+def test_serve_starts_the_server(tmp_path):
+    p = launch(tmp_path, "localhost:2\n", "--serve", "--", "--help")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.count("Usage: python -m spmd.serve") == 1
+
+
 def test_a_timeout_that_is_not_a_finite_number_is_refused(tmp_path):
     p = launch(tmp_path, "localhost:1\n", "--timeout", "nan")
     assert p.returncode == 2 and "nan is not a finite number" in p.stderr
