@@ -1,0 +1,87 @@
+"""The model that ships with spmd (spmd/embedded.gguf, made by scripts/train_embedded.py): used when --model is
+omitted (and said so), within 16 MB with its vocabulary, licence and chat template; its greedy tokens equal the
+independent numpy reference at 1 rank and at 3 (2:3:3); it writes sentences; a chat with it ends by itself."""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import reference
+from spmd.gguf_file import GGUFFile
+from spmd.run import EMBEDDED_MODEL
+from spmd.tokenizer import load_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+MPIRUN = shutil.which("mpirun")
+PROMPT = "The for statement"
+
+
+def run_default(ranks, *args):
+    cmd = [sys.executable, "-m", "spmd.run", "--prompt", PROMPT, "--steps", "24", "--threads", "1",
+           "--output", "json", *args]
+    if ranks > 1:
+        cmd = [MPIRUN, "-n", str(ranks), *cmd]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    return json.loads(p.stdout), p.stderr
+
+
+def test_the_file():
+    assert os.path.getsize(EMBEDDED_MODEL) <= 16 * 10**6
+    f = GGUFFile(EMBEDDED_MODEL)
+    assert f.meta("general.license") == "PSF-2.0" and "Python" in f.meta("general.description")
+    assert "Assistant:" in f.meta("tokenizer.chat_template")
+    assert load_tokenizer(f).vocab_size == 4096
+
+
+@pytest.fixture(scope="module")
+def want():
+    ids = load_tokenizer(GGUFFile(EMBEDDED_MODEL)).encode(PROMPT)
+    return ids, reference.greedy(EMBEDDED_MODEL, ids, 24)
+
+
+def test_default_model_equals_the_reference(want):
+    ids, tokens = want
+    r, err = run_default(1)
+    assert f"no --model given: using the embedded model {EMBEDDED_MODEL}" in err
+    assert r["prompt_tokens"] == ids
+    assert r["tokens"] == tokens[:len(r["tokens"])] and (len(r["tokens"]) == 24 or r["finish"] == "eos")
+    words = r["text"].split()
+    assert len(words) >= 10 and sum(bool(re.fullmatch(r"[A-Za-z_.,()'`:]+", w)) for w in words) >= 0.8 * len(words)
+
+
+@pytest.mark.skipif(MPIRUN is None, reason="no mpirun")
+def test_three_ranks_give_the_same_tokens(want):
+    r, _ = run_default(3, "--ratios", "2:3:3")
+    assert r["tokens"] == want[1][:len(r["tokens"])]
+
+
+def test_a_chat_with_it_ends_by_itself():
+    from test_serve import Served
+    server = Served(EMBEDDED_MODEL)
+    try:
+        r = server.client.chat.completions.create(model="any", temperature=0, max_tokens=200,
+                                                  messages=[{"role": "user", "content": "How do I copy a file?"}])
+        assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens < 200
+        assert "shutil" in r.choices[0].message.content
+    finally:
+        assert server.stop() == 0
+
+
+def test_spmd_chat_starts_its_own_server_when_none_answers():
+    import socket
+    from spmd.chat import DEFAULT_URL, answers
+    host, port = DEFAULT_URL.split("//")[1].split(":")
+    with socket.socket() as s:
+        if s.connect_ex((host, int(port))) == 0 or answers(DEFAULT_URL):
+            pytest.skip(f"something listens at {DEFAULT_URL}")
+    p = subprocess.run([sys.executable, "-m", "spmd.chat", "--temperature", "0", "--max-tokens", "40"],
+                       input="How do I copy a file?\n", cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert "starting one of the embedded model" in p.stderr and "chatting with embedded.gguf" in p.stderr
+    assert "shutil" in p.stdout
