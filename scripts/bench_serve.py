@@ -22,8 +22,6 @@ import time
 import urllib.request
 from pathlib import Path
 
-import openai
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -49,31 +47,38 @@ def wait_healthy(url, proc, timeout=600):
     raise SystemExit("the server did not become healthy")
 
 
-def one_client(client, prompt, tokens, out, ignore_eos):
-    extra = {"extra_body": {"ignore_eos": True}} if ignore_eos else {}
+def one_client(url, prompt, tokens, out, ignore_eos):
+    """One streamed completion; reads OpenAI's chunks, or llama-server's own ("content") where it answers so."""
+    body = {"prompt": prompt, "max_tokens": tokens, "n_predict": tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}, **({"ignore_eos": True} if ignore_eos else {})}
+    req = urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
     t0 = time.perf_counter()
-    first = last = None
-    usage, chunks = None, 0
-    stream = client.completions.create(model="any", prompt=prompt, max_tokens=tokens, temperature=0, stream=True,
-                                       stream_options={"include_usage": True}, **extra)
-    for chunk in stream:
-        now = time.perf_counter()
-        if chunk.choices and chunk.choices[0].text:
-            first, last, chunks = first or now, now, chunks + 1
-        if chunk.usage is not None:
-            usage = chunk.usage
-    n = usage.completion_tokens if usage else chunks  # a server without include_usage: a token a chunk
+    first = last = n = None
+    chunks = 0
+    with urllib.request.urlopen(req, timeout=600) as r:
+        for line in r:
+            if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
+                continue
+            now, event = time.perf_counter(), json.loads(line[6:])
+            text = event["choices"][0]["text"] if event.get("choices") else event.get("content")
+            if text:
+                first, last, chunks = first or now, now, chunks + 1
+            if event.get("usage"):
+                n = event["usage"]["completion_tokens"]
+            elif "tokens_predicted" in event:
+                n = event["tokens_predicted"]
+    n = n if n is not None else chunks
     out.append({"ttft_s": first - t0 if first else None, "tokens": n,
                 "tokens_per_s": (n - 1) / (last - first) if n and n > 1 and last > first else None})
 
 
 def measure(url, prompt, tokens, concurrency, ignore_eos, rounds):
-    client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
-    one_client(client, prompt, 4, [], ignore_eos)  # warm-up
+    one_client(url, prompt, 4, [], ignore_eos)  # warm-up
     rows = []
     for _ in range(rounds):
         out = []
-        threads = [threading.Thread(target=one_client, args=(client, prompt, tokens, out, ignore_eos))
+        threads = [threading.Thread(target=one_client, args=(url, prompt, tokens, out, ignore_eos))
                    for _ in range(concurrency)]
         for t in threads:
             t.start()

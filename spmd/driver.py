@@ -2,10 +2,11 @@
 the control socket has due at each token boundary, and assembles the result.
 
 Sequences wait in input order for a slot (at most `state.n_slots` in flight). At each step the driver admits one
-batch into the first pipeline stage: a queued prompt where a slot is free (its prefill, one segment), else the
-sequences whose next token is sampled (decode segments, one each), at most a 1/stages share of those holding slots,
-so that every stage gets a batch. The step runs one tick while there is more to admit, else as many ticks as it
-takes the first batch in flight to leave the last stage. A sequence ends at EOS or its steps and frees its slot.
+batch into the first pipeline stage: the queued prompts that free slots can take (their prefills, one segment each;
+the first whole, more up to PREFILL_TOKENS), beside the sequences whose next token is sampled (decode segments, one
+each), at most a 1/stages share of those holding slots, so that every stage gets a batch. The step runs one tick
+while there is more to admit, else as many ticks as it takes the first batch in flight to leave the last stage. A
+sequence ends at EOS or its steps and frees its slot.
 
 `run` generates a fixed list of prompts (spmd.run); `serve` takes them from an `Inbox` as they come (spmd.serve's
 HTTP thread puts them there), hands each sequence's text to its sink, ends a sequence whose sink says its client
@@ -101,6 +102,7 @@ class Sequence:
 
 
 REBALANCE_EVERY = 16  # tokens generated between the rebalancer's looks
+PREFILL_TOKENS = 512  # prompt tokens one batch takes beyond its first prompt (which always goes in whole)
 IDLE_WAIT_S = 0.05  # serving with nothing to do: how long the driver waits on the inbox before it looks again
 
 
@@ -321,9 +323,12 @@ class Driver:
 
     # ---- scheduling -------------------------------------------------------------------------------------------
     def _admit(self):
-        """The batch that enters the first stage now: (segments, tokens, candidates each needs, opens), or None."""
+        """The batch that enters the first stage now: (segments, tokens, candidates each needs, opens), or None.
+        Queued prompts take the free slots (the first whole, more while the batch's prompt tokens stay within
+        PREFILL_TOKENS), beside the decodes of at most a 1/stages share of the sequences holding slots."""
         now = time.perf_counter()
-        if self.queue and self.free:
+        prompts, taken = [], 0
+        while self.queue and self.free and (not prompts or taken + len(self.queue[0].ids) <= PREFILL_TOKENS):
             seq = self.queue.popleft()
             if self.inbox is not None:
                 self.inbox.admitted()
@@ -331,17 +336,19 @@ class Driver:
             seq.slot = self.free.pop(0)
             seq.times["admitted"] = now
             self.by_slot[seq.slot] = seq
-            return ((Segment(seq.slot, 0, len(seq.ids)),), tuple(seq.ids.tolist()), (seq.sampler.candidates,),
-                    ((seq.slot, seq.need),))
-        if not self.ready:
+            prompts.append(seq)
+            taken += len(seq.ids)
+        cap = math.ceil(len(self.by_slot) / len(self.state.plan.stages))
+        decodes = [self.ready.popleft() for _ in range(min(cap, len(self.ready)))]
+        if not prompts and not decodes:
             return None
-        holding = len(self.by_slot)
-        cap = math.ceil(holding / len(self.state.plan.stages))
-        batch = [self.ready.popleft() for _ in range(min(cap, len(self.ready)))]
-        for seq in batch:
+        for seq in decodes:
             seq.decodes += 1
-        return (tuple(Segment(s.slot, s.pos, 1) for s in batch), tuple(s.tokens[-1] for s in batch),
-                tuple(s.sampler.candidates for s in batch), ())
+        segments = tuple(Segment(s.slot, 0, len(s.ids)) for s in prompts) + \
+            tuple(Segment(s.slot, s.pos, 1) for s in decodes)
+        tokens = tuple(t for s in prompts for t in s.ids.tolist()) + tuple(s.tokens[-1] for s in decodes)
+        return (segments, tokens, tuple(s.sampler.candidates for s in prompts + decodes),
+                tuple((s.slot, s.need) for s in prompts))
 
     def _ticks(self, batch):
         """Ticks the next step runs: 1 while there is more to admit at the next one, else until the first batch in

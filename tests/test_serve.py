@@ -221,6 +221,8 @@ def test_bad_requests(served):
         status, reply, _h = served.post(path, body)
         assert status == 400, (body, reply)
         assert reply["error"]["param"] == param and reply["error"]["message"]
+    status, reply, _h = served.post("/v1/completions", None, raw=b'{"prompt": "' + b"a" * (5 * 2**20) + b'"}')
+    assert status == 413 and "larger than" in reply["error"]["message"]
     status, models = served.get("/v1/models")
     assert status == 200 and models["data"][0]["id"] == "chat.gguf"
 
