@@ -349,3 +349,29 @@ def test_live_migrations_while_serving_keep_the_text(model, tmp_path):
         assert all(m["applied_at"] < 200 for m in status["migrations"])  # while the answers were generated
     finally:
         assert server.stop() == 0, "".join(server.lines)
+
+
+def test_ctrl_c_in_the_chat_stops_the_answer_not_the_program(model):
+    server = Served(model, 1, ("--sequences", "1"), env=SLOW)
+    try:
+        chat = subprocess.Popen([sys.executable, "-m", "spmd.chat", "--url", server.url, "--temperature", "0",
+                                 "--max-tokens", "60"], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        chat.stdin.write("Once upon a time\n")
+        chat.stdin.flush()
+        deadline = time.perf_counter() + 60
+        while server.get("/cluster")[1]["server"]["tokens_generated"] < 3:
+            assert time.perf_counter() < deadline
+            time.sleep(0.1)
+        chat.send_signal(signal.SIGINT)
+        stopped = time.perf_counter()
+        while server.get("/cluster")[1]["server"]["in_flight"]:
+            assert time.perf_counter() - stopped < 10, "the stopped answer is still generating"
+            time.sleep(0.05)
+        out, err = chat.communicate("Hello\n/quit\n", timeout=120)
+        assert chat.returncode == 0, err
+        first, second = out.split("\n")[:2]
+        assert first.endswith(" [stopped]") and second  # then the next question was answered
+        assert server.get("/cluster")[1]["server"]["requests"] == 2
+    finally:
+        assert server.stop() == 0, "".join(server.lines)
