@@ -194,8 +194,8 @@ class Server:
     """The HTTP server on its own thread. `start()` binds (an OSError if it cannot), `open(gateway)` once the
     model has loaded, `stop()` at the end."""
 
-    def __init__(self, host, port, model_id, queue_limit, log=print):
-        self.host, self.port, self.model_id, self.queue_limit, self.log = host, port, model_id, queue_limit, log
+    def __init__(self, host, port, model_id, queue_limit):
+        self.host, self.port, self.model_id, self.queue_limit = host, port, model_id, queue_limit
         self.gateway, self.created = None, int(time.time())
         self.active = 0  # requests accepted and not yet answered (on the loop's thread only)
         self.loop, self._thread, self._runner = None, None, None

@@ -60,7 +60,7 @@ def run(argv):
     model_id = kw.pop("alias") or os.path.basename(kw["model"])
     server, failed = None, None
     if comm.is_root:
-        server = Server(host, port, model_id, queue_limit, log)
+        server = Server(host, port, model_id, queue_limit)
         try:
             server.start()  # /health answers 503 while the model loads
         except OSError as e:
