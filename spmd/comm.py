@@ -37,7 +37,7 @@ from .model import Segment
 from .plan import chunk_counts
 
 ALGORITHMS = ("star", "ring", "mpi")
-SPIN_S, NAP_MAX_S = 0.01, 0.002  # waiting for a step record: spin this long, then test between naps up to this
+SPIN_S, NAP_MAX_S = 0.05, 0.002  # waiting on MPI: test (yielding the core) this long, then between naps up to this
 TAG_META, TAG_DATA, TAG_HIDDEN, TAG_LOGITS = 71, 72, 73, 74  # point-to-point messages
 
 
@@ -187,14 +187,14 @@ class Comm:
         if self.is_root:
             long_tokens = self._encode(step)
         if self.size > 1:
-            self._wait_politely(self.comm.Ibcast(self._step, root=0))
+            wait(self.comm.Ibcast(self._step, root=0))
             if self.is_root:
                 self.bytes_sent += self._step.nbytes * (self.size - 1)
         n_long = int(self._step[6])
         if n_long and self.size > 1:
             self._delay()
             long_tokens = long_tokens if self.is_root else np.empty(n_long, np.int64)
-            self.comm.Bcast(long_tokens, root=0)
+            wait(self.comm.Ibcast(long_tokens, root=0))
             if self.is_root:
                 self.bytes_sent += long_tokens.nbytes * (self.size - 1)
         self.sync_s += time.perf_counter() - t
@@ -202,18 +202,6 @@ class Comm:
         if self.steps_seen == self._stop_at:
             os.kill(os.getpid(), signal.SIGSTOP)
         return step if self.is_root else self._decode(long_tokens)
-
-    def _wait_politely(self, request):
-        """Wait for a step record without taking a core for long: spin while records follow each other closely
-        (generating), then test between naps that double up to NAP_MAX_S (an idle server's ranks sleep)."""
-        if self.is_root:
-            request.Wait()
-            return
-        t, nap = time.perf_counter(), 1e-4
-        while not request.Test():
-            if time.perf_counter() - t > SPIN_S:
-                time.sleep(nap)
-                nap = min(2 * nap, NAP_MAX_S)
 
     def _encode(self, step):
         """`step` into the record buffer; returns the prompts' tokens (for the second broadcast) or None."""
@@ -273,12 +261,12 @@ class Comm:
     def _star(self, flat):
         c = self.stage_comm
         if self.stage_rank == 0:
-            c.Reduce(MPI.IN_PLACE, flat, op=MPI.SUM, root=0)
+            wait(c.Ireduce(MPI.IN_PLACE, flat, op=MPI.SUM, root=0))
             self.bytes_sent += flat.nbytes * (self.stage_size - 1)
         else:
-            c.Reduce(flat, None, op=MPI.SUM, root=0)
+            wait(c.Ireduce(flat, None, op=MPI.SUM, root=0))
             self.bytes_sent += flat.nbytes
-        c.Bcast(flat, root=0)
+        wait(c.Ibcast(flat, root=0))
 
     def _ring_layout(self, n):
         if n not in self._ring_layouts:
@@ -292,14 +280,14 @@ class Comm:
     def _ring(self, flat):
         counts, displs, chunk = self._ring_layout(flat.size)
         r, c = self.stage_rank, self.stage_comm
-        c.Reduce_scatter(flat, chunk, recvcounts=counts, op=MPI.SUM)
+        wait(c.Ireduce_scatter(flat, chunk, recvcounts=counts, op=MPI.SUM))
         flat[displs[r]:displs[r] + counts[r]] = chunk
-        c.Allgatherv(MPI.IN_PLACE, [flat, (counts, displs), MPI.FLOAT])
+        wait(c.Iallgatherv(MPI.IN_PLACE, [flat, (counts, displs), MPI.FLOAT]))
         nxt = (r + 1) % self.stage_size
         self.bytes_sent += (2 * flat.size - counts[r] - counts[nxt]) * flat.itemsize
 
     def _mpi(self, flat):
-        self.stage_comm.Allreduce(MPI.IN_PLACE, flat, op=MPI.SUM)
+        wait(self.stage_comm.Iallreduce(MPI.IN_PLACE, flat, op=MPI.SUM))
         self.bytes_sent += 2 * (self.stage_size - 1) * flat.nbytes // self.stage_size
 
     # ---- between stages -----------------------------------------------------------------------------------
@@ -322,14 +310,14 @@ class Comm:
         in a later pipeline tick, after the next step record, which rank 0 sends only once this rank's tick is
         over (waiting for it here would deadlock)."""
         if self._sends:
-            MPI.Request.Waitall([r for r, _ in self._sends])
+            wait(*(r for r, _ in self._sends))
             self._sends = []
 
     def take(self, out):
         """The previous stage's hidden state, into `out` (n, dim) float32."""
         stage = self.plan.stage_of(self.rank)
         t = time.perf_counter()
-        self.comm.Recv(out, source=self.plan.stages[stage.index - 1].ranks[0], tag=TAG_HIDDEN)
+        wait(self.comm.Irecv(out, source=self.plan.stages[stage.index - 1].ranks[0], tag=TAG_HIDDEN))
         self.sync_s += time.perf_counter() - t
         return out
 
@@ -359,8 +347,8 @@ class Comm:
                     parts[r] = mine
                 elif sum(rows):
                     parts[r] = (np.empty(sum(rows), np.float32), np.empty(sum(rows), np.int32))
-                    self.comm.Recv(parts[r][0], source=r, tag=TAG_LOGITS)
-                    self.comm.Recv(parts[r][1], source=r, tag=TAG_LOGITS)
+                    wait(self.comm.Irecv(parts[r][0], source=r, tag=TAG_LOGITS),
+                         self.comm.Irecv(parts[r][1], source=r, tag=TAG_LOGITS))
             out, at = [], {r: 0 for r in parts}
             for i in range(len(keeps)):
                 values, ids = [], []
@@ -443,7 +431,7 @@ class Comm:
             self.comm.Barrier()
             t = time.perf_counter()
             self._delay()
-            self._wait_politely(self.comm.Ibcast(self._step, root=0))
+            wait(self.comm.Ibcast(self._step, root=0))
             times.append(time.perf_counter() - t)
         return float(np.median(times[1:]))
 
@@ -492,6 +480,19 @@ def best(logits, keeps, start):
         values.append(row[order])
         ids.append(order + start)
     return np.concatenate(values).astype(np.float32), np.concatenate(ids).astype(np.int32)
+
+
+def wait(*requests):
+    """Wait for MPI requests without holding a core for long: test them, yielding the core between tests (ranks
+    may share cores), while they complete quickly (generating), then test between naps that double up to NAP_MAX_S
+    (an idle server's ranks, or ranks waiting for a stopped one, sleep instead of spinning as MPI's own waits do)."""
+    t, nap = time.perf_counter(), 1e-4
+    while not MPI.Request.Testall(requests):
+        if time.perf_counter() - t < SPIN_S:
+            os.sched_yield()
+        else:
+            time.sleep(nap)
+            nap = min(2 * nap, NAP_MAX_S)
 
 
 def host_name():

@@ -350,3 +350,45 @@ def test_a_stopped_rank_ends_the_job_after_the_wait_timeout(model, stopped):
     errors = [line for line in p.stderr.splitlines() if line.startswith("error")]
     assert len(errors) == 1 and errors[0].startswith("error: rank 0 (") and errors[0].endswith(
         "no step for 2 s: another rank has stopped or its host is gone (--wait-timeout)"), p.stderr
+
+
+def test_ranks_waiting_for_a_stopped_rank_do_not_spin(model):
+    """While rank 1 is frozen (in the middle of a step: the others wait in an allreduce), the other ranks wait for it
+    without holding a core each: they nap between tests of their MPI requests."""
+    if MPIRUN is None:
+        pytest.skip("mpirun not on PATH")
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def stat(pid):
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return fields[0], (int(fields[11]) + int(fields[12])) / tick  # state, CPU seconds
+
+    p = subprocess.Popen([MPIRUN, "-n", "3", sys.executable, "-m", "spmd.run", "--model", str(model), "--steps",
+                          "25", "--ratios", "1:1:1", "--wait-timeout", "20", "--control-socket", "none",
+                          "--threads", "1"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         env={**os.environ, "SPMD_TEST_STOP_AT": "1:4"}, start_new_session=True)
+    try:
+        deadline, ranks = time.monotonic() + 60, []
+        while time.monotonic() < deadline:
+            ranks = [int(x) for x in subprocess.run(["pgrep", "-f", f"python -m spmd.run --model {model}"],
+                                                    capture_output=True, text=True).stdout.split() if int(x) != p.pid]
+            states = {pid: stat(pid)[0] for pid in ranks if os.path.exists(f"/proc/{pid}")}
+            if "T" in states.values():
+                break
+            time.sleep(0.2)
+        waiting = [pid for pid, state in states.items() if state != "T"]
+        assert len(waiting) == 2, states
+        time.sleep(1.0)  # past the first 50 ms of testing the requests
+        before = {pid: stat(pid)[1] for pid in waiting}
+        time.sleep(3.0)
+        used = {pid: stat(pid)[1] - before[pid] for pid in waiting}
+        assert all(seconds < 0.3 * 3.0 for seconds in used.values()), used  # spinning would be about 3 s each
+    finally:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+        for pid in ranks:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass

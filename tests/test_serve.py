@@ -375,3 +375,25 @@ def test_ctrl_c_in_the_chat_stops_the_answer_not_the_program(model):
         assert server.get("/cluster")[1]["server"]["requests"] == 2
     finally:
         assert server.stop() == 0, "".join(server.lines)
+
+
+def test_fuzzed_requests_get_json_answers(served):
+    """Random values of every field (types and ranges), bounded in number: each answer is 200 or a 4xx with an
+    OpenAI-style error object, never a 500, and the server stays healthy."""
+    import random
+    rng = random.Random(11)
+    values = [None, True, False, 0, -1, 1, 2, 3.5, -0.0, 1e308, 2**70, "", "x", "stop", [], [1], ["a"], [[]], {},
+              {"role": "user"}, {"include_usage": True}, [{"role": "user", "content": "hi"}],
+              [{"role": "user", "content": [{"type": "text", "text": "a"}]}], [{"role": "user", "content": 5}]]
+    fields = ["prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed",
+              "stop", "n", "stream", "stream_options", "logprobs", "frequency_penalty", "model", "echo"]
+    for i in range(120):
+        body = {f: rng.choice(values) for f in rng.sample(fields, rng.randint(0, 6))}
+        if body.get("max_tokens") is None or rng.random() < 0.5:
+            body["max_tokens"] = 2  # short answers: the fuzz is of the checks, not of generation
+        body["stream"] = False
+        path = "/v1/chat/completions" if i % 2 else "/v1/completions"
+        status, reply, _h = served.post(path, body)
+        assert status in (200, 400), (path, body, status, reply)
+        assert ("choices" in reply) if status == 200 else reply["error"]["message"], (body, reply)
+    assert served.get("/health") == (200, {"status": "ok"})
