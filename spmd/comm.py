@@ -37,7 +37,8 @@ from .model import Segment
 from .plan import chunk_counts
 
 ALGORITHMS = ("star", "ring", "mpi")
-SPIN_S, NAP_MAX_S = 0.05, 0.002  # waiting on MPI: test (yielding the core) this long, then between naps up to this
+# waiting on MPI: test without pause this long, then yielding the core until SPIN_S, then between naps up to NAP_MAX_S
+BUSY_S, SPIN_S, NAP_MAX_S = 1e-4, 0.05, 0.002
 TAG_META, TAG_DATA, TAG_HIDDEN, TAG_LOGITS = 71, 72, 73, 74  # point-to-point messages
 
 
@@ -483,12 +484,16 @@ def best(logits, keeps, start):
 
 
 def wait(*requests):
-    """Wait for MPI requests without holding a core for long: test them, yielding the core between tests (ranks
-    may share cores), while they complete quickly (generating), then test between naps that double up to NAP_MAX_S
-    (an idle server's ranks, or ranks waiting for a stopped one, sleep instead of spinning as MPI's own waits do)."""
+    """Wait for MPI requests without holding a core for long: test them back to back for BUSY_S (an allreduce on
+    cores of its own is over by then), then yielding the core between tests (ranks may share cores) while messages
+    still follow each other closely (generating), then between naps that double up to NAP_MAX_S (an idle server's
+    ranks, or ranks waiting for a stopped one, sleep instead of spinning as MPI's own waits do)."""
     t, nap = time.perf_counter(), 1e-4
     while not MPI.Request.Testall(requests):
-        if time.perf_counter() - t < SPIN_S:
+        waited = time.perf_counter() - t
+        if waited < BUSY_S:
+            continue
+        if waited < SPIN_S:
             os.sched_yield()
         else:
             time.sleep(nap)
