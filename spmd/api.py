@@ -24,6 +24,7 @@ from .prompts import PromptSpec
 from .rank import Work
 
 MAX_BODY_BYTES = 4 * 2**20
+BODY_WAIT_S = 30.0  # a request's body must have come whole within this long
 MAX_STOPS, MAX_STOP_CHARS = 16, 256
 STATUS_WAIT_S = 10.0  # the driver answers /cluster at its next token boundary; it is there within a token
 CHECK_CLIENT_S = 0.25  # how often a request waiting for its next token looks whether its client is still there
@@ -227,6 +228,10 @@ class Server:
             started.set()
             loop.run_forever()
             loop.run_until_complete(self._runner.cleanup())
+            left = asyncio.all_tasks(loop)  # connections that were still open: end them before the loop closes
+            for task in left:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
             loop.close()
 
         self._thread = threading.Thread(target=main, name="spmd-http", daemon=True)
@@ -287,7 +292,9 @@ class Server:
             return error_response(503, "the model is loading", "unavailable_error")
         try:
             try:
-                body = json.loads(await request.read())
+                body = json.loads(await asyncio.wait_for(request.read(), BODY_WAIT_S))
+            except asyncio.TimeoutError:
+                return error_response(408, f"the request's body did not come whole within {BODY_WAIT_S:.0f} s")
             except (ValueError, UnicodeDecodeError) as e:
                 raise BadRequest(f"the body is not JSON ({e})"[:200]) from None
             if not isinstance(body, dict):

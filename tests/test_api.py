@@ -107,3 +107,20 @@ def test_health_is_503_until_loaded():
             assert b"<title>spmd</title>" in r.read()
     finally:
         server.stop()
+
+
+def test_a_body_that_comes_too_slowly_is_408(monkeypatch):
+    import socket
+    from spmd import api
+    monkeypatch.setattr(api, "BODY_WAIT_S", 0.5)
+    server = Server("127.0.0.1", 0, "m", 4)
+    server.start()
+    try:
+        server.open(Gateway(inbox=None, tokenizer=None, template=None, context=8, n_known=8, slots=1))
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 100\r\n\r\n{\"prompt\": ")
+            reply = s.recv(4096).decode()
+        assert reply.startswith("HTTP/1.1 408") and "did not come whole" in reply
+    finally:
+        server.stop()
