@@ -30,7 +30,8 @@ STATUS_WAIT_S = 10.0  # the driver answers /cluster at its next token boundary; 
 CHECK_CLIENT_S = 0.25  # how often a request waiting for its next token looks whether its client is still there
 # OpenAI fields that change what is generated and that spmd does not do: refused unless at their no-op value
 UNSUPPORTED = {"frequency_penalty": 0, "presence_penalty": 0, "logit_bias": None, "logprobs": None,
-               "top_logprobs": None, "tools": None, "tool_choice": None, "functions": None, "response_format": None,
+               "top_logprobs": None, "tools": None, "tool_choice": None, "functions": None,
+               "response_format": {"type": "text"},
                "echo": False, "best_of": 1, "suffix": None}
 FINISH = {"eos": "stop", "length": "length"}  # the driver's end -> OpenAI's finish_reason
 
@@ -107,8 +108,8 @@ def _number(body, name, lo, hi, default, integer=False, lo_open=False):
     if value is None:
         return default
     ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
-    if isinstance(value, bool) or not ok_type or not math.isfinite(value) or value > hi or value < lo \
-            or (lo_open and value == lo):
+    if isinstance(value, bool) or not ok_type or (isinstance(value, float) and not math.isfinite(value)) \
+            or value > hi or value < lo or (lo_open and value == lo):
         kind = "a whole number" if integer else "a number"
         bounds = f"{'(' if lo_open else '['}{lo}, {hi}]"
         raise BadRequest(f"'{name}' must be {kind} in {bounds} (got {json.dumps(value)[:40]})", name)
@@ -133,8 +134,8 @@ def _sampling(body):
         value = body.get(name)
         if not (value is None or value is False or value in ([], {}) or value == neutral):
             raise BadRequest(f"'{name}' is not supported by spmd (only {json.dumps(neutral)})", name)
-    if _number(body, "n", 1, 1, 1, integer=True) != 1:
-        raise BadRequest("'n' must be 1", "n")
+    if body.get("n") not in (None, 1) or isinstance(body.get("n"), bool):
+        raise BadRequest("'n' must be 1: one answer a request", "n")
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     if max_tokens is not None:
@@ -167,6 +168,8 @@ def _messages(body):
         if not isinstance(m, dict) or m.get("role") not in ROLES:
             raise BadRequest(f"{where} must be an object with 'role' one of {', '.join(ROLES)}", "messages")
         content = m.get("content")
+        if content is None and m["role"] == "assistant":
+            content = ""
         if isinstance(content, list):  # parts: only text is understood
             if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
                        for p in content):
@@ -292,11 +295,17 @@ class Server:
             return error_response(503, "the model is loading", "unavailable_error")
         try:
             try:
-                body = json.loads(await asyncio.wait_for(request.read(), BODY_WAIT_S))
+                raw = await asyncio.wait_for(request.read(), BODY_WAIT_S)
             except asyncio.TimeoutError:
                 return error_response(408, f"the request's body did not come whole within {BODY_WAIT_S:.0f} s")
+            except ConnectionError:  # the client went away while sending it
+                return web.Response(status=499)
+            try:
+                body = json.loads(raw)
             except (ValueError, UnicodeDecodeError) as e:
                 raise BadRequest(f"the body is not JSON ({e})"[:200]) from None
+            except RecursionError:
+                raise BadRequest("the body is not JSON this server reads (nested too deeply)") from None
             if not isinstance(body, dict):
                 raise BadRequest("the body must be a JSON object")
             params = _sampling(body)
@@ -342,11 +351,23 @@ class Server:
                 text = gw.template.render(source)
             except TemplateError as e:
                 raise BadRequest(str(e), "messages") from None
+            self._fits(text, "messages")
             return gw.tokenizer.encode(text, controls=True)
+        self._fits(source, "prompt")
         ids = gw.tokenizer.encode(source)
         if not ids:
             raise BadRequest("the prompt is empty and this model adds no BOS token to start from", "prompt")
         return ids
+
+    def _fits(self, text, param):
+        """Refuse, before tokenizing it, a text too long for a sequence whatever its tokens (no token stands for
+        more than the longest piece's bytes): tokenizing megabytes would hold rank 0's driver back meanwhile."""
+        gw = self.gateway
+        if len(text) > gw.context * gw.tokenizer.longest_piece:  # characters <= bytes
+            n = len(text.encode("utf-8", "replace"))
+            if n > gw.context * gw.tokenizer.longest_piece:
+                raise BadRequest(f"the prompt is {n} bytes: more than a sequence of {gw.context} positions "
+                                 "(--ctx-size) can hold", param)
 
 
 _counter = iter(range(1, 2**62))  # request numbers (the driver's sequence index)

@@ -20,9 +20,10 @@ COMMANDS = "/reset forgets the conversation, /quit leaves, Ctrl-C stops an answe
 
 
 def answer(client, model, messages, options, out):
-    """Stream one answer to `out`; returns its text (what came before a Ctrl-C, which stops it)."""
+    """Stream one answer to `out`; returns its text (what came before a Ctrl-C, which stops it), or None where the
+    server refused the turn."""
     import openai
-    parts = []
+    parts, finish = [], None
     try:
         stream = client.chat.completions.create(model=model, messages=messages, stream=True, **options)
         try:
@@ -31,13 +32,21 @@ def answer(client, model, messages, options, out):
                     parts.append(chunk.choices[0].delta.content)
                     out.write(parts[-1])
                     out.flush()
+                if chunk.choices and chunk.choices[0].finish_reason:
+                    finish = chunk.choices[0].finish_reason
         finally:
             stream.close()  # after a Ctrl-C: the server sees the client go and frees the sequence
     except KeyboardInterrupt:
         out.write(" [stopped]")
     except openai.APIError as e:
-        out.write(f"\n[error: {getattr(e, 'message', e)}]")
+        out.write(f"\n[error: {getattr(e, 'message', e)}]\n")
+        if getattr(e, "status_code", None) == 400:
+            click.echo("(the turn was not kept; /reset starts a new conversation where it has grown too long)",
+                       err=True)
+        return None
     out.write("\n")
+    if finish == "length":
+        click.echo("(cut: --max-tokens, or the conversation fills the server's context)", err=True)
     return "".join(parts)
 
 
@@ -126,7 +135,10 @@ def chat(url, model, system, max_tokens, temperature, seed):
             continue
         messages.append({"role": "user", "content": text})
         reply = answer(client, model, messages, options, sys.stdout)
-        messages.append({"role": "assistant", "content": reply})
+        if reply is None:
+            messages.pop()  # a refused turn is not part of the conversation
+        else:
+            messages.append({"role": "assistant", "content": reply})
 
 
 def main():

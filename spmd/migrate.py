@@ -86,7 +86,7 @@ def with_mode(req, at):
               help="Seconds to wait for the reply (0: as long as it takes).")
 @click.pass_context
 def cli(ctx, socket_path, as_json, timeout):
-    """Move work between the ranks of a running `spmd.run` job, while it generates."""
+    """Move work between the ranks of a running `spmd.run` or `spmd.serve` job, while it generates."""
     ctx.obj = {"socket": socket_path, "json": as_json, "timeout": timeout}
 
 

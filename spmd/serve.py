@@ -86,14 +86,15 @@ def run(argv):
                 log("note: the model file has no chat template; chats use the built-in one (see the README)")
             server.open(Gateway(inbox, state.tokenizer, template, state.context, state.n_known, state.n_slots))
             log(f"serving {model_id} on http://{host}:{server.port} ({comm.size} rank{'s' * (comm.size > 1)}, "
-                f"{state.n_slots} sequences of up to {state.context} positions at once)")
+                f"{state.n_slots} sequence{'s' * (state.n_slots > 1)} of up to {state.context} positions at once)")
         stop_on_signals(comm, inbox)
         result = guarded(comm, log, lambda: engine.run(inbox=inbox))
     finally:
         if server is not None:
             server.stop()
     if comm.is_root:
-        log(f"[spmd] served {result['requests']} requests, {result['tokens_generated']} tokens in "
+        log(f"[spmd] served {result['requests']} request{'s' * (result['requests'] != 1)}, "
+            f"{result['tokens_generated']} tokens in "
             f"{result['elapsed_s']:.1f} s; {result['n_ranks']} rank(s) {result['ratios']}, {result['backend']}")
 
 

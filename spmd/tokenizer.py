@@ -64,6 +64,7 @@ class Tokenizer:
         self.add_bos = add_bos
         self.vocab_size = len(pieces)
         self.controls = dict(controls or {})  # control tokens' texts ("<s>", "<|im_start|>") -> ids
+        self.longest_piece = max([len(p) for p in pieces] + [len(t) for t in self.controls] + [1])  # bytes
         self._split_controls = _splitter(self.controls)
 
     def encode(self, text: str, add_bos: bool | None = None, controls: bool = False) -> list[int]:

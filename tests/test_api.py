@@ -82,7 +82,9 @@ def test_request_checks():
         with pytest.raises(BadRequest) as e:
             _sampling(body)
         assert e.value.param == param
-    assert _sampling({"frequency_penalty": 0, "logit_bias": {}, "logprobs": False})["max_tokens"] is None
+    assert _sampling({"frequency_penalty": 0, "logit_bias": {}, "logprobs": False,
+                      "response_format": {"type": "text"}})["max_tokens"] is None
+    assert _messages({"messages": [{"role": "assistant", "content": None}]}) == [{"role": "assistant", "content": ""}]
     parts = [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]
     assert _messages({"messages": [{"role": "user", "content": parts}]}) == [{"role": "user", "content": "ab"}]
     with pytest.raises(BadRequest):

@@ -217,10 +217,15 @@ def test_bad_requests(served):
             ("/v1/completions", {"prompt": "x", "stop": ["a"] * 40}, "stop"),
             ("/v1/completions", {"prompt": "x", "logprobs": 3}, "logprobs"),
             ("/v1/completions", {"prompt": [1, 99999]}, "prompt"),
-            ("/v1/completions", {"prompt": "the " * 600}, "prompt")]:
+            ("/v1/completions", {"prompt": "the " * 600}, "prompt"),
+            ("/v1/completions", {"prompt": "x", "seed": 10**400}, "seed"),
+            ("/v1/completions", {"prompt": "x", "max_tokens": 10**400}, "max_tokens"),
+            ("/v1/completions", {"prompt": "a " * 1_500_000}, "prompt")]:
         status, reply, _h = served.post(path, body)
         assert status == 400, (body, reply)
         assert reply["error"]["param"] == param and reply["error"]["message"]
+    status, reply, _h = served.post("/v1/completions", None, raw=b"[" * 100_000 + b"]" * 100_000)
+    assert status == 400 and "nested too deeply" in reply["error"]["message"]
     status, reply, _h = served.post("/v1/completions", None, raw=b'{"prompt": "' + b"a" * (5 * 2**20) + b'"}')
     assert status == 413 and "larger than" in reply["error"]["message"]
     status, models = served.get("/v1/models")
@@ -294,7 +299,7 @@ def test_sigterm_mid_answer_stops_every_rank(model, tmp_path):
     t.join(30)
     assert "e" in got and getattr(got["e"], "status_code", None) == 503  # an unfinished answer is not a success
     assert not sock.exists()
-    assert "[spmd] served 1 requests" in "".join(server.lines)
+    assert "[spmd] served 1 request," in "".join(server.lines)
 
 
 def test_port_in_use_is_one_line(model):
