@@ -7,6 +7,16 @@ completion tokens (the server's usage) after the first over the time from the fi
 the TinyLlama-1.1B shape in Q4_0 with random weights (spmd.synth) unless --model gives a file.
 
     python scripts/bench_serve.py [--ranks 1] [--threads 2] [--llama-server PATH/llama-server] [--out bench-out]
+
+The peer is llama.cpp's own C++ server built natively, not llama-cpp-python's Python server. The newest sources a
+package registry offers with the server are those vendored in the llama-cpp-python 0.3.2 sdist (llama.cpp of
+November 2024; later sdists leave tools/server out):
+    pip download --no-deps --no-binary :all: llama-cpp-python==0.3.2 && tar xzf llama_cpp_python-0.3.2.tar.gz
+    cd llama_cpp_python-0.3.2/vendor/llama.cpp && cmake -B build -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
+        -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=ON -DLLAMA_BUILD_SERVER=ON -DLLAMA_CURL=OFF \
+        && cmake --build build -j 2 --target llama-server     # about 6 minutes on 2 cores
+That server's /v1/completions stream is llama.cpp's own format ("content" chunks, "tokens_predicted"), which this
+script reads as well as OpenAI's.
 """
 import argparse
 import json

@@ -388,8 +388,8 @@ class Reply:
         return transport is None or transport.is_closing()
 
     async def _texts(self):
-        """The answer's text as it comes, cut at a stop string; sets finish and n_tokens. None ends it early: the
-        client went away (the sequence is cancelled)."""
+        """The answer's text as it comes, cut at a stop string; sets finish and n_tokens. Where the client went away
+        it ends with finish still None (the sequence is cancelled)."""
         while True:
             try:
                 event = await asyncio.wait_for(self.sink.events.get(), CHECK_CLIENT_S)

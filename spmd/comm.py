@@ -260,14 +260,7 @@ class Comm:
         return x
 
     def _star(self, flat):
-        c = self.stage_comm
-        if self.stage_rank == 0:
-            wait(c.Ireduce(MPI.IN_PLACE, flat, op=MPI.SUM, root=0))
-            self.bytes_sent += flat.nbytes * (self.stage_size - 1)
-        else:
-            wait(c.Ireduce(flat, None, op=MPI.SUM, root=0))
-            self.bytes_sent += flat.nbytes
-        wait(c.Ibcast(flat, root=0))
+        self.bytes_sent += star_allreduce(self.stage_comm, flat)
 
     def _ring_layout(self, n):
         if n not in self._ring_layouts:
@@ -418,8 +411,7 @@ class Comm:
             pair.Barrier()
             t = time.perf_counter()
             self._delay(2)
-            pair.Reduce(MPI.IN_PLACE if self.is_root else x, x if self.is_root else None, op=MPI.SUM, root=0)
-            pair.Bcast(x, root=0)
+            star_allreduce(pair, x)
             times.append(time.perf_counter() - t)
         pair.Free()
         return float(np.median(times[1:])) if self.is_root else None
@@ -481,6 +473,15 @@ def best(logits, keeps, start):
         values.append(row[order])
         ids.append(order + start)
     return np.concatenate(values).astype(np.float32), np.concatenate(ids).astype(np.int32)
+
+
+def star_allreduce(c, flat):
+    """Sum `flat` (float32) over communicator `c` in place: reduce to its first rank, then broadcast. Returns the
+    bytes this rank sent."""
+    first, size = c.Get_rank() == 0, c.Get_size()
+    wait(c.Ireduce(MPI.IN_PLACE, flat, op=MPI.SUM, root=0) if first else c.Ireduce(flat, None, op=MPI.SUM, root=0))
+    wait(c.Ibcast(flat, root=0))
+    return flat.nbytes * (size - 1) if first else flat.nbytes
 
 
 def wait(*requests):

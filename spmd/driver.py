@@ -114,7 +114,6 @@ class Inbox:
     def __init__(self):
         self._lock, self._wake = threading.Lock(), threading.Event()
         self._work, self._status = [], []
-        self.waiting = 0  # requests handed in and not yet admitted (the server's queue bound reads it)
         self.closed = False
 
     def put(self, work, sink):
@@ -122,7 +121,6 @@ class Inbox:
             if self.closed:
                 return False
             self._work.append((work, sink))
-            self.waiting += 1
         self._wake.set()
         return True
 
@@ -147,10 +145,6 @@ class Inbox:
             status, self._status = self._status, []
         return work, status
 
-    def admitted(self):
-        with self._lock:
-            self.waiting -= 1
-
 
 class Rebalance(NamedTuple):
     """A move the rebalancer decided, waiting like a socket request for the pipeline to empty."""
@@ -172,7 +166,6 @@ class Driver:
         self._window = (time.perf_counter(), 0)  # (when, tokens generated) of the rebalancer's last look
         self.error = None  # why generation stopped short (non-finite logits): every rank raises it after STOP
         self.inbox, self.served = None, 0  # serving: where requests come from (spmd.serve), and how many came
-        self._last_step = time.perf_counter()
         timeout = state.opts.wait_timeout
         self.heartbeat_s = min(1.0, timeout / 4) if timeout > 0 else 1.0  # serving: an IDLE step at least this often
 
@@ -269,7 +262,7 @@ class Driver:
             left = self.executor.issue(self._step(Op.FORWARD, ticks=ticks, segments=segments, tokens=tokens,
                                                   keeps=keeps, opens=opens, frees=tuple(self.frees)))
             self.frees, self.ticks = [], self.ticks + ticks
-            now = self._last_step = time.perf_counter()
+            now = time.perf_counter()
             for done_batch, candidates in left:
                 for seg, (values, ids) in zip(done_batch.segments, candidates):
                     seq = self.by_slot[seg.slot]
@@ -290,7 +283,7 @@ class Driver:
         """Serving: new requests join the queue, cancelled ones leave it; the page's status requests are answered.
         With nothing to do it waits a little on the inbox, and sends an IDLE step when no step has gone for a
         while."""
-        busy = self.queue or self.ready or any(b is not None for b in self.executor.pipeline) or self._draining
+        busy = self.queue or self.ready or self.executor.busy or self._draining
         work, status = self.inbox.take(0 if busy else IDLE_WAIT_S)
         if self.inbox.closed:  # shutting down: what is in flight leaves the pipeline, nothing more comes in
             self.reading = False
@@ -299,7 +292,6 @@ class Driver:
         now = time.perf_counter()
         for seq in [s for s in self.queue if s.cancelled]:
             self.queue.remove(seq)
-            self.inbox.admitted()
             seq.end("stopped", now)
             seq.send()
         for seq in [s for s in self.ready if s.cancelled]:
@@ -312,9 +304,8 @@ class Driver:
             reply = self._status()
             for answer in status:
                 answer(reply)
-        if not busy and now - self._last_step > self.heartbeat_s:
+        if not busy and time.monotonic() - self.state.comm.last_step_at > self.heartbeat_s:
             self.executor.issue(self._step(Op.IDLE))
-            self._last_step = now
 
     @property
     def _draining(self):
@@ -331,7 +322,6 @@ class Driver:
         while self.queue and self.free and (not prompts or taken + len(self.queue[0].ids) <= PREFILL_TOKENS):
             seq = self.queue.popleft()
             if self.inbox is not None:
-                self.inbox.admitted()
                 self.served += 1
             seq.slot = self.free.pop(0)
             seq.times["admitted"] = now
@@ -415,7 +405,7 @@ class Driver:
         self.pos = pos
         due = control.poll(pos) if control is not None else []
         self._due_migration = next((r for r in due if r.cmd == "migrate"), None) or self._rebalance()
-        if self._due_migration is not None and not any(b is not None for b in self.executor.pipeline):
+        if self._due_migration is not None and not self.executor.busy:
             stale = self._due_migration.plan.epoch != self.state.plan.epoch + 1  # a rebalance moved first
             reply = {"ok": False, "applied_at": None, "error": "the plan changed since the request was checked (a "
                      "rebalance): send it again"} if stale else self._migrate(self._due_migration, pos)
@@ -434,13 +424,12 @@ class Driver:
         """The control socket's `status` reply (and the server page's cluster view): every rank's recent figures."""
         ranks = self.executor.issue(self._step(Op.STATUS))
         plan = self.state.plan
-        self._last_step = time.perf_counter()
         reply = dict(ok=True, position=self.pos, epoch=plan.epoch, ratios=plan.text(),
                      n_layers=self.state.cfg.n_layers, stages=stage_figures(plan, ranks), ranks=ranks,
                      migrations=self.migrations)
         if self.inbox is not None:  # serving: the requests, and the tokens generated once a second for a plot
             t0 = self.rates[0][0] if self.rates else 0.0
-            reply["server"] = dict(requests=self.served, waiting=self.inbox.waiting, in_flight=len(self.by_slot),
+            reply["server"] = dict(requests=self.served, waiting=len(self.queue), in_flight=len(self.by_slot),
                                    slots=self.state.n_slots, tokens_generated=self.generated,
                                    tokens_by_second=[[round(t - t0, 3), n] for t, n in self.rates])
         return reply

@@ -124,9 +124,17 @@ class Executor:
                 left.append(out)
         return left
 
+    @property
+    def busy(self):
+        """Whether a batch is in the pipeline."""
+        return any(b is not None for b in self.pipeline)
+
+    def _kv_held(self):
+        """The bytes of the KV caches this rank holds now."""
+        return sum(self.state.model.slots.values()) * self.state.kv_bytes_per_position()
+
     def _note_kv_held(self):
-        held = sum(self.state.model.slots.values()) * self.state.kv_bytes_per_position()
-        self.kv_bytes_peak = max(self.kv_bytes_peak, held)
+        self.kv_bytes_peak = max(self.kv_bytes_peak, self._kv_held())
 
     def tick(self, batch):
         """One pipeline tick: `batch` (or None) enters the first stage, the others move on. Returns on rank 0 the
@@ -187,7 +195,7 @@ class Executor:
     def _replan(self, plan):
         """Every rank: take rank 0's new plan and the positions filled in each open slot, and re-partition. Returns
         (the agreed error or None, and on rank 0 every rank's figures)."""
-        if any(b is not None for b in self.pipeline):
+        if self.busy:
             raise RuntimeError(f"rank {self.comm.rank}: a re-partition with batches in flight")
         self.comm.finish_sends()
         plan, filled = self.comm.bcast(plan)
@@ -209,7 +217,7 @@ class Executor:
                 "compute_ms": round(compute * 1e3, 3), "sync_ms": round(sync * 1e3, 3),
                 "allreduce_ms": round(reduced * 1e3, 3), "rows": round(rows, 2), "steps": n,
                 "bytes_sent": int(self.comm.bytes_sent), "weights_bytes": int(state.model.w.nbytes),
-                "kv_bytes": sum(state.model.slots.values()) * state.kv_bytes_per_position(), "rss_bytes": rss_bytes()}
+                "kv_bytes": self._kv_held(), "rss_bytes": rss_bytes()}
 
     def rank_stats(self, total_s, sync_s):
         """This rank's figures for the whole run."""
