@@ -89,14 +89,28 @@ def link_delay_s():
     return ms / 1e3
 
 
-def test_stop_at(rank):
-    """TEST ONLY: SPMD_TEST_STOP_AT=RANK:STEP makes rank RANK stop itself (SIGSTOP) when it has seen STEP step
-    records, as a rank whose host froze would; None when unset or for another rank."""
-    text = os.environ.get("SPMD_TEST_STOP_AT", "")
-    if not text:
-        return None
-    who, _, at = text.partition(":")
-    return int(at) if int(who) == rank else None
+def test_signals(rank):
+    """TEST ONLY: SPMD_TEST_SIGNAL=RANK:STEP:SIG[:ONCE][,...] makes rank RANK send itself SIG (STOP: a host that
+    froze; KILL: one that died) when it has seen STEP step records. With ONCE (a file path) only the rank that
+    creates that file does it, so a relaunched job (spmd.supervise) does not repeat it. {step: [(signal, once)]}
+    for this rank."""
+    text = os.environ.get("SPMD_TEST_SIGNAL", "").strip()
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        who, at, sig, *once = part.split(":", 3)
+        if int(who) == rank:
+            out.setdefault(int(at), []).append((getattr(signal, f"SIG{sig}"), once[0] if once else None))
+    return out
+
+
+def _test_signal(signals):
+    for signum, once in signals:
+        if once is not None:
+            try:
+                os.close(os.open(once, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                continue
+        os.kill(os.getpid(), signum)
 
 
 def test_slow_factor(rank):
@@ -140,7 +154,7 @@ class Comm:
         self._step = np.zeros(record_size(1), dtype=np.int64)
         self._sends = []  # (request, buffer) of the hand-offs in flight
         self.steps_seen, self.last_step_at = 0, time.monotonic()  # for the watchdog (spmd.engine)
-        self._stop_at = test_stop_at(self.rank)  # test only: this rank stops itself (SIGSTOP) at this step
+        self._signals = test_signals(self.rank)  # test only: this rank signals itself (SIGSTOP, SIGKILL) at a step
         self.link_delay_s = link_delay_s() if self.size > 1 else 0.0  # test only; see the module's docstring
         self.plan = None
         self._stages = None  # the stages' rank tuples the stage communicator was made for
@@ -200,8 +214,8 @@ class Comm:
                 self.bytes_sent += long_tokens.nbytes * (self.size - 1)
         self.sync_s += time.perf_counter() - t
         self.steps_seen, self.last_step_at = self.steps_seen + 1, time.monotonic()
-        if self.steps_seen == self._stop_at:
-            os.kill(os.getpid(), signal.SIGSTOP)
+        if self.steps_seen in self._signals:
+            _test_signal(self._signals[self.steps_seen])
         return step if self.is_root else self._decode(long_tokens)
 
     def _encode(self, step):

@@ -12,11 +12,11 @@ from .rank import RankState, RunOptions  # noqa: F401 - RunOptions is part of th
 
 
 class Engine:
-    def __init__(self, opts, comm, log=print):
+    def __init__(self, opts, comm, log=print, journal=None):
         self.comm = comm
         self.state = RankState(opts, comm, log)
         self.executor = Executor(self.state)
-        self.driver = Driver(self.state, self.executor) if comm.is_root else None
+        self.driver = Driver(self.state, self.executor, journal) if comm.is_root else None
 
     @property
     def control(self):

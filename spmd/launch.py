@@ -4,7 +4,11 @@
 
 A hostfile in the wrong format, a host that does not resolve, or one whose ssh port does not answer gives one
 line naming the host and the line, before any process starts; ssh is then told to give up after a few seconds
-rather than hang. Everything after `--` goes to `python -m spmd.run` (with --serve, `python -m spmd.serve`)."""
+rather than hang. Everything after `--` goes to `python -m spmd.run` (with --serve, `python -m spmd.serve`).
+
+A run is supervised (spmd.supervise): a rank that dies, a host that goes away or a job that stops making progress
+is recovered from by a relaunch on the survivors, which goes on from the last token; --no-recover ends the run
+instead, with one line naming the rank and host."""
 import os
 import shutil
 import socket
@@ -67,25 +71,50 @@ def check_reachable(path, hosts, timeout):
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--hostfile", "-f", required=True, type=click.Path(dir_okay=False), help="MPICH hostfile.")
+@click.option("--hostfile", "-f", default=None, type=click.Path(dir_okay=False),
+              help="MPICH hostfile; its first host must be this machine (rank 0 runs here). Default: every rank here.")
 @click.option("-n", "ranks", type=click.IntRange(min=1), default=None,
               help="Number of ranks (default: the slots in the hostfile).")
 @click.option("--timeout", default=5.0, show_default=True, type=click.FloatRange(1, 300), callback=finite,
               help="Seconds to wait for each host.")
-@click.option("--serve", is_flag=True, help="Run python -m spmd.serve (the server) instead of spmd.run.")
+@click.option("--serve", is_flag=True, help="Run python -m spmd.serve (the server) instead of spmd.run; it is not "
+                                            "supervised (yet): a lost rank ends it.")
+@click.option("--no-recover", is_flag=True,
+              help="A lost rank ends the run (with one line naming it), instead of a relaunch on the survivors.")
+@click.option("--max-recoveries", default=3, show_default=True, type=click.IntRange(min=0),
+              help="Relaunches on the survivors before the run gives up.")
+@click.option("--progress-timeout", default=10.0, show_default=True, type=click.FloatRange(min=0.1),
+              callback=finite, metavar="S",
+              help="A running job with no token for S seconds more than twice the slowest recent gap between tokens "
+                   "(a rank stopped, a host asleep, a link down) has failed.")
 @click.argument("run_args", nargs=-1, type=click.UNPROCESSED)
-def main(hostfile, ranks, timeout, serve, run_args):
-    """Check HOSTFILE's hosts, then run `python -m spmd.run RUN_ARGS` (or spmd.serve) on them through mpirun."""
-    hosts = parse_hostfile(hostfile)
-    check_reachable(hostfile, hosts, timeout)
+def main(hostfile, ranks, timeout, serve, no_recover, max_recoveries, progress_timeout, run_args):
+    """Check HOSTFILE's hosts, then run `python -m spmd.run RUN_ARGS` on them through mpirun, supervised: when a rank
+    dies, its host goes or the job stalls, the run goes on from where it was on the survivors. With --serve,
+    `python -m spmd.serve RUN_ARGS`."""
+    hosts = parse_hostfile(hostfile) if hostfile else None
+    if hosts is None and ranks is None:
+        raise click.ClickException("give -n RANKS (all on this machine) or --hostfile")
+    if hosts:
+        check_reachable(hostfile, hosts, timeout)
     mpirun = shutil.which("mpirun")
     if mpirun is None:
         raise click.ClickException("mpirun is not on PATH: run scripts/setup.sh and 'source .venv/bin/activate'")
     ranks = ranks or sum(slots for _, _, slots in hosts)
     env = dict(os.environ, HYDRA_LAUNCHER_EXTRA_ARGS=f"-o ConnectTimeout={int(timeout)} -o BatchMode=yes")
-    module = "spmd.serve" if serve else "spmd.run"
-    cmd = [mpirun, "-f", hostfile, "-n", str(ranks), sys.executable, "-m", module, *run_args]
-    os.execve(mpirun, cmd, env)
+    if serve:
+        cmd = [mpirun, *(["-f", hostfile] if hostfile else []), "-n", str(ranks), sys.executable, "-m",
+               "spmd.serve", *run_args]
+        os.execve(mpirun, cmd, env)
+    from .supervise import Supervisor, check_rank0_here
+    supervisor = Supervisor(mpirun, [(h, slots) for _, h, slots in hosts] if hosts else None, ranks, run_args,
+                            progress_timeout=progress_timeout, max_recoveries=0 if no_recover else max_recoveries,
+                            probe_timeout=min(timeout, 2.0), env=env)
+    try:
+        check_rank0_here(supervisor.rank_hosts)
+    except UserError as e:
+        raise click.ClickException(str(e)) from None
+    sys.exit(supervisor.run())
 
 
 if __name__ == "__main__":

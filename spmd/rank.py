@@ -5,6 +5,7 @@ and the control socket's listener."""
 import os
 import resource
 import time
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,9 +16,11 @@ from .backends import BACKENDS, get_backend
 from .config import read_config
 from .errors import UserError, is_whole_number
 from .gguf_file import GGUFFile
+from .journal import read_resume
 from .model import kv_bytes_per_position
 from .plan import make_plan, parse_layout
 from .prompts import PromptSpec, read_prompts_file
+from .sampling import Sampler
 from .tokenizer import load_tokenizer
 from .weights import load_shard, share_file_bytes
 
@@ -56,6 +59,7 @@ class RunOptions:
     migrate_weights: str = "file"  # a migration's weights: "file" (each rank reads its own) or "peer" (sent)
     wait_timeout: float = 600.0  # seconds without a step record before every rank gives up (0: never)
     context: int = None  # spmd.serve: no prompts up front; a sequence takes up to this many positions (0: default)
+    resume: str = None  # spmd.supervise's resume file: the layout, and each sequence's tokens so far, to go on from
 
 
 DEFAULT_SERVE_CONTEXT = 4096  # spmd.serve's positions per sequence unless --ctx-size says (or the model has fewer)
@@ -195,7 +199,12 @@ class RankState:
     """Set-up (collective: every rank constructs one, and a user's mistake on any rank is one UserError on all)."""
 
     def __init__(self, opts: RunOptions, comm: C.Comm, log=print):
-        self.opts, self.comm, self.log = opts, comm, log
+        self.comm, self.log, self.resume = comm, log, None
+        if opts.resume is not None:  # a relaunch (spmd.supervise): its layout replaces --ratios or --plan
+            self.resume = agree(comm, lambda: read_resume(opts.resume) if comm.is_root else None)
+            layout = comm.bcast(self.resume["ratios"] if comm.is_root else None)
+            opts = dataclasses.replace(opts, ratios=layout, plan=None)
+        self.opts = opts
         if opts.steps < 1:
             raise UserError(f"--steps must be at least 1 (got {opts.steps})")
         if opts.allreduce not in C.ALGORITHMS:
@@ -215,6 +224,8 @@ class RankState:
         if opts.sequences is not None and opts.sequences < 1:
             raise UserError(f"--sequences must be at least 1 (got {opts.sequences})")
         self.tokenizer, self.work = agree(comm, self._tokenize if comm.is_root else lambda: (None, None))
+        if opts.resume is not None:
+            agree(comm, self._check_resume)
         if opts.context is not None:  # serving: every slot may come to hold a sequence of the whole context
             self.context = agree(comm, self._serving_context)
             self.needs = [self.context] * (opts.sequences or 1)
@@ -402,6 +413,26 @@ class RankState:
             self.log(f"note: {capped[0]}{f' and {len(capped) - 1} more' if len(capped) > 1 else ''}: the steps "
                      f"would pass the model's context of {self.cfg.context}; generating up to it")
         return tok, work
+
+    def _check_resume(self):
+        """Rank 0 of a relaunch: each sequence of the resume file is one of this run's prompts, with fewer tokens
+        than its steps unless it ended, tokens the model knows, and a sampler state that restores."""
+        if not self.comm.is_root:
+            return
+        by_index = {w.index: w for w in self.work}
+        vocab = known_vocab(self.tokenizer, self.cfg)
+        for index, entry in self.resume["sequences"].items():
+            work, tokens = by_index.get(index), entry["tokens"]
+            where = f"--resume {self.opts.resume}: sequence {index}"
+            if work is None or entry["prompt"] != work.ids.tolist():
+                raise UserError(f"{where} is not one of this run's prompts (the run's flags must be the same)")
+            if len(tokens) > work.steps or (entry["finish"] is None and len(tokens) == work.steps) \
+                    or any(not 0 <= t < vocab for t in tokens):
+                raise UserError(f"{where}: its tokens do not fit this run's steps and vocabulary")
+            try:
+                Sampler(1.0).restore(entry["rng"])
+            except (ValueError, TypeError, KeyError):
+                raise UserError(f"{where}: its sampler state is not one numpy restores") from None
 
     def _prompt_ids(self, tok, spec):
         try:

@@ -100,6 +100,8 @@ def cluster_options(command):
 @click.option("--seed", default=None, type=click.IntRange(min=0), help="Sampling seed (default: random).")
 @click.option("--output", default="text", show_default=True, type=click.Choice(["text", "json"]),
               help="text: stream to stdout and a summary line on stderr; json: one object on stdout.")
+@click.option("--journal", default=None, hidden=True, help="spmd.supervise's pipe (spmd.journal), instead of stdout.")
+@click.option("--resume", default=None, hidden=True, help="spmd.supervise's resume file: go on from there.")
 @cluster_options
 def cli(**kw):
     """Generate text with a GGUF model split across MPI ranks: non-uniform tensor parallelism, pipeline stages, or both.
@@ -164,6 +166,8 @@ def main(argv=None):
     """Ctrl-C, or a SIGTERM (mpirun passes both on to every rank), stops without a traceback, with the shell's
     exit status for the signal (130, 143); under way, every rank stops together and rank 0's control socket file
     is removed."""
+    from .watch import fork_rank
+    fork_rank()  # supervised: a watcher process says which rank died (spmd.watch)
     signal.signal(signal.SIGTERM, interrupt)
     try:
         run(argv)
@@ -232,6 +236,21 @@ def guarded(comm, log, work):
         comm.abort(1)
 
 
+def supervised(comm, log, path):
+    """--journal (spmd.supervise starts the job with it): rank 0's journal (None elsewhere, or unsupervised), after
+    every rank's host and process id went into it."""
+    if path is None:
+        return None
+    from .comm import host_name
+    from .journal import Journal
+    from .rank import agree
+    journal = guarded(comm, log, lambda: agree(comm, lambda: Journal(path) if comm.is_root else None))
+    ranks = comm.gather((host_name(), os.getpid()))
+    if comm.is_root:
+        journal.event("ranks", ranks=ranks)
+    return journal
+
+
 EMBEDDED_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "embedded.gguf")
 
 
@@ -269,15 +288,24 @@ def run(argv):
     from .control import default_path
     root_pid = comm.bcast(os.getpid())  # only rank 0 listens; the default path names its pid
     socket_path = kw.pop("control_socket") or default_path(root_pid)
+    journal = supervised(comm, log, kw.pop("journal"))
     opts = RunOptions(**kw, prompts=prompts,
                       control_socket=None if socket_path.lower() == "none" else socket_path)
-    emit = write_stdout if text_out and comm.is_root else None
-    result = guarded(comm, log, lambda: Engine(opts, comm, log=log).run(emit))
+    engine = guarded(comm, log, lambda: Engine(opts, comm, log=log, journal=journal))
+    if journal:
+        journal.event("ready", ratios=engine.state.plan.text(), output="text" if text_out else "json",
+                      prompts=[w.ids.tolist() for w in engine.state.work])
+    emit = (journal.emit if journal else write_stdout) if text_out and comm.is_root else None
+    result = guarded(comm, log, lambda: engine.run(emit))
     if comm.is_root:
         if text_out:
             if "sequences" not in result:  # several sequences end their lines themselves
-                print(flush=True)
+                emit("\n")
+            if journal:
+                journal.event("done", text=journal.take())
             log(summary(result))
+        elif journal:
+            journal.event("result", result=result)
         else:
             print(json.dumps(result), flush=True)
 

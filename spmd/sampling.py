@@ -15,6 +15,16 @@ class Sampler:
         """How many of the best logits of each rank's slice it needs: 1 (greedy), top_k, or 0 (all of them)."""
         return 1 if self.temperature <= 0.0 else self.top_k
 
+    @property
+    def state(self):
+        """The generator's state (a JSON-able dict) where sampling draws from it; None when greedy."""
+        return self.rng.bit_generator.state if self.temperature > 0.0 else None
+
+    def restore(self, state):
+        """Continue from a `state` taken earlier (a relaunched job replaying a sequence: spmd.supervise)."""
+        if state is not None:
+            self.rng.bit_generator.state = state
+
     def __call__(self, logits) -> int:
         """logits (vocab,) float32 -> token id"""
         return self.pick(logits, np.arange(len(logits)))

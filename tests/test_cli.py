@@ -337,7 +337,7 @@ def test_stale_mpich_shared_memory_is_removed_at_start(tmp_path):
 
 @pytest.mark.parametrize("stopped", [1, 2])
 def test_a_stopped_rank_ends_the_job_after_the_wait_timeout(model, stopped):
-    """A rank frozen mid-generation (SIGSTOP, the test hook SPMD_TEST_STOP_AT): the others no longer wait for ever;
+    """A rank frozen mid-generation (SIGSTOP, the test hook SPMD_TEST_SIGNAL): the others no longer wait for ever;
     after --wait-timeout rank 0 says so in one line and every rank is taken down."""
     if MPIRUN is None:
         pytest.skip("mpirun not on PATH")
@@ -345,7 +345,7 @@ def test_a_stopped_rank_ends_the_job_after_the_wait_timeout(model, stopped):
     p = subprocess.run([MPIRUN, "-n", "3", sys.executable, "-m", "spmd.run", "--model", str(model), "--steps", "25",
                         "--ratios", "1*1:1", "--wait-timeout", "2", "--control-socket", "none"],
                        cwd=ROOT, capture_output=True, text=True, timeout=60,
-                       env={**os.environ, "SPMD_TEST_STOP_AT": f"{stopped}:4"})
+                       env={**os.environ, "SPMD_TEST_SIGNAL": f"{stopped}:4:STOP"})
     assert p.returncode != 0 and time.monotonic() - t < 45
     errors = [line for line in p.stderr.splitlines() if line.startswith("error")]
     assert len(errors) == 1 and errors[0].startswith("error: rank 0 (") and errors[0].endswith(
@@ -367,7 +367,7 @@ def test_ranks_waiting_for_a_stopped_rank_do_not_spin(model):
     p = subprocess.Popen([MPIRUN, "-n", "3", sys.executable, "-m", "spmd.run", "--model", str(model), "--steps",
                           "25", "--ratios", "1:1:1", "--wait-timeout", "20", "--control-socket", "none",
                           "--threads", "1"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                         env={**os.environ, "SPMD_TEST_STOP_AT": "1:4"}, start_new_session=True)
+                         env={**os.environ, "SPMD_TEST_SIGNAL": "1:4:STOP"}, start_new_session=True)
     try:
         deadline, ranks = time.monotonic() + 60, []
         while time.monotonic() < deadline:

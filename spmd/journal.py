@@ -1,0 +1,147 @@
+"""A supervised job's journal: what rank 0 tells its supervisor (spmd.supervise) as it goes, one JSON object a line
+on a pipe; and the resume file a relaunched job starts from. Both ends of the protocol live here.
+
+Events, in the order rank 0 writes them:
+  {"ev": "ranks", "ranks": [[host, pid], ...]}   each rank's host and process, as the job starts
+  {"ev": "ready", "ratios": LAYOUT, "prompts": [[ids], ...], "output": "text"|"json"}   set up and loaded
+  {"ev": "prefill", "tokens": N}    a step that runs N prompt tokens goes out (the supervisor allows for its time)
+  {"ev": "token", "seq": I, "token": T, "end": FINISH, "rng": STATE, "out": TEXT}
+        sequence I sampled T (null: EOS, which ended it); END is null or why it ended ("eos", "length",
+        "stopped"); RNG the sampler's generator state after it (null when greedy); OUT the text stdout gets with it
+  {"ev": "plan", "ratios": LAYOUT}  a migration applied
+  {"ev": "done", "text": TEXT}      generation has ended; TEXT is the rest of stdout (the last piece, the end of
+                                    line): a job that fails after this has nothing more to say
+  {"ev": "result", "result": {...}} --output json: the run's result (after "done")
+Each line is written whole by one write; a job killed in the middle of one leaves a line without its newline, which
+the reader drops: what was not journaled did not happen, so the text a supervisor prints is never doubled or cut.
+
+The resume file (written by the supervisor, read by rank 0 of the relaunched job):
+  {"version": 1, "ratios": LAYOUT, "sequences": [{"seq": I, "prompt": [ids], "tokens": [...], "finish": FINISH,
+   "rng": STATE}, ...]}
+"""
+import json
+import os
+
+from .errors import UserError, regular_file
+
+VERSION = 1
+MAX_RESUME_BYTES = 256 * 2**20
+FINISHES = (None, "eos", "length", "stopped")
+
+
+class Journal:
+    """Rank 0's end: the pipe the supervisor reads. `emit` is the run's stdout (spmd.run's write_stdout): its text
+    rides with the next token, or goes out on `flush`."""
+
+    def __init__(self, path):
+        try:
+            self.fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)  # the supervisor holds it open: never waits
+        except OSError as e:
+            raise UserError(f"--journal {path}: {e.strerror} (it is spmd.supervise's pipe)") from None
+        os.set_blocking(self.fd, True)
+        self.pending, self.gone = [], False
+
+    def emit(self, piece):
+        self.pending.append(piece)
+        return not self.gone
+
+    def token(self, seq, token):
+        self._write(ev="token", seq=seq.index, token=token, end=seq.finish, rng=seq.sampler.state, out=self.take())
+
+    def event(self, ev, **fields):
+        self._write(ev=ev, **fields)
+
+    def take(self):
+        """The stdout text not yet journaled."""
+        text, self.pending = "".join(self.pending), []
+        return text
+
+    def _write(self, **event):
+        if self.gone:
+            return
+        view = memoryview((json.dumps(event, separators=(",", ":")) + "\n").encode())
+        try:
+            while view:
+                view = view[os.write(self.fd, view):]
+        except BrokenPipeError:  # the supervisor has gone: nobody reads any more (the run stops, as with | head)
+            self.gone = True
+
+
+class Record:
+    """The supervisor's end: what the job has journaled, kept across relaunches. `apply(line)` takes one line and
+    returns the stdout text it carries ("" for none)."""
+
+    def __init__(self):
+        self.ranks, self.ready = [], False  # [(host, pid)] of the job now running; whether it has loaded
+        self.ratios = None  # its layout now
+        self.prompts, self.output = None, None  # [[ids]] by sequence index; "text" or "json"
+        self.sequences = {}  # index -> {"tokens": [...], "finish": ..., "rng": ...}
+        self.done, self.result = False, None
+        self.prefill = 0  # prompt tokens of the last prefill step not yet answered by a token
+        self.tokens = 0  # token events in all
+
+    def apply(self, line):
+        e = json.loads(line)
+        ev = e["ev"]
+        if ev == "ranks":
+            self.ranks = [tuple(r) for r in e["ranks"]]
+        elif ev == "ready":
+            self.ratios, self.prompts, self.output, self.ready = e["ratios"], e["prompts"], e["output"], True
+        elif ev == "prefill":
+            self.prefill += e["tokens"]
+        elif ev == "token":
+            self.prefill, self.tokens = 0, self.tokens + 1
+            seq = self.sequences.setdefault(e["seq"], {"tokens": [], "finish": None, "rng": None})
+            if e["token"] is not None:
+                seq["tokens"].append(e["token"])
+            seq["finish"], seq["rng"] = e["end"], e["rng"]
+            return e["out"]
+        elif ev == "plan":
+            self.ratios = e["ratios"]
+        elif ev == "done":
+            self.done = True
+            return e["text"]
+        elif ev == "result":
+            self.result = e["result"]
+        return ""
+
+    @property
+    def unfinished_tokens(self):
+        """Tokens a relaunch replays: those of the sequences not yet ended."""
+        return sum(len(s["tokens"]) for s in self.sequences.values() if s["finish"] is None)
+
+    def relaunch(self):
+        """A new job starts: what it has not said yet is unknown."""
+        self.ranks, self.ready, self.prefill = [], False, 0
+
+    def resume(self, ratios):
+        """The resume file's contents for a relaunch on `ratios`."""
+        return {"version": VERSION, "ratios": ratios,
+                "sequences": [{"seq": i, "prompt": self.prompts[i], **s} for i, s in sorted(self.sequences.items())]}
+
+
+def read_resume(path):
+    """Rank 0 of a relaunched job: the resume file, checked. {"ratios": LAYOUT, "sequences": {index: entry}}."""
+    regular_file(path, "--resume")
+    with open(path, "rb") as f:
+        data = f.read(MAX_RESUME_BYTES + 1)
+    bad = UserError(f"--resume {path}: not a resume file of this version of spmd (spmd.supervise writes it)")
+    try:
+        obj = json.loads(data) if len(data) <= MAX_RESUME_BYTES else None
+    except ValueError:
+        raise bad from None
+    if not (isinstance(obj, dict) and obj.get("version") == VERSION and isinstance(obj.get("ratios"), str)
+            and isinstance(obj.get("sequences"), list)):
+        raise bad
+    sequences = {}
+    for s in obj["sequences"]:
+        if not (isinstance(s, dict) and _ints(s.get("prompt")) and _ints(s.get("tokens"))
+                and isinstance(s.get("seq"), int) and s.get("finish") in FINISHES
+                and (s.get("rng") is None or isinstance(s["rng"], dict))):
+            raise bad
+        sequences[s["seq"]] = s
+    return {"ratios": obj["ratios"], "sequences": sequences}
+
+
+def _ints(v):
+    return isinstance(v, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in v)

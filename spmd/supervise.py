@@ -1,0 +1,455 @@
+"""The supervisor: runs a generation (`spmd.run`) under mpirun from outside the MPI job and, when a rank dies, a host
+goes away or the job stops making progress, relaunches it on the survivors from where it was. `spmd.launch` runs
+it.
+
+MPI cannot lose a rank and go on (mpirun takes every rank down, and MPICH's fault tolerance does not start), so a
+recovery is a new job: the same flags, the layout without the lost ranks (`without`), a hostfile without them, and
+a resume file (spmd.journal) with each sequence's prompt, the tokens it had sampled and its sampler's state; the
+new job's rank 0 re-prefills the prompt and those tokens and goes on after the last one. Rank 0 journals every token
+with the text that went to stdout for it, on a pipe only the supervisor reads, and the supervisor prints that
+text: what it printed is exactly what was journaled, so the text goes on after a recovery without a gap or a repeat.
+
+A failure is:
+- a rank killed (mpirun's "BAD TERMINATION" banner names its process and host: the rank is lost);
+- no progress: no token for `progress_timeout` seconds plus twice the slowest recent gap between tokens (plus the
+  time a pending prefill should take, from the prefills seen): a rank stopped (SIGSTOP, a sleeping laptop), a link
+  down. The supervisor ends the job; a rank whose process is stopped or gone on this machine is lost;
+- either way, a host that no longer answers on its ssh port (a refusal is an answer) is lost with all its ranks.
+A job that ends by itself with an error (a user's mistake, say) is not relaunched, nor one that fails before it is
+running (set-up, load) the first time, nor one whose rank 0 is lost: that is where the output goes.
+"""
+import json
+import os
+import re
+import select
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import deque
+from fractions import Fraction
+from typing import NamedTuple
+
+from .errors import UserError
+from .journal import Record
+from .plan import parse_layout
+
+DIED = re.compile(r"spmd: rank (\d+) \((.*)\) died \(signal (\d+)\)")  # spmd.watch's line
+BANNER_LINE = re.compile(r"^(=|YOUR APPLICATION TERMINATED|This typically refers|Please see the FAQ)")
+TERM_GRACE_S = 3.0  # after SIGTERM, how long mpirun has to take the job down before it is killed
+GAPS = 32  # recent gaps between tokens the progress bound looks at
+
+
+class Lost(NamedTuple):
+    rank: int
+    host: str
+    why: str
+
+
+def without(text, lost):
+    """The layout `text` (`--ratios` syntax) without the ranks in `lost`: each stage keeps its surviving ranks and
+    their ratios; a stage left with none goes, and then no stage keeps a pinned layer count (the layers are split
+    again by the ratios). A stage left with idle ranks only gives them ratio 1."""
+    layout = parse_layout(text, _count(text), "the layout")
+    stages, rank = [], 0
+    for spec in layout.stages:
+        kept = []
+        for speed in spec.speeds:
+            if rank not in lost:
+                kept.append(speed)
+            rank += 1
+        if kept:
+            if not any(kept):
+                kept = [Fraction(1)] * len(kept)
+            stages.append((kept, spec.n_layers))
+    pinned = len(stages) == len(layout.stages)
+    parts = [":".join(f"{float(s):g}" for s in kept) + (f"@{layers}" if pinned and layers else "")
+             for kept, layers in stages]
+    return "*".join(parts)
+
+
+def _count(text):
+    return sum(len(part.split("@")[0].split(":")) for part in text.split("*"))
+
+
+def probe(host, timeout):
+    """Does `host` answer on its ssh port? A refusal is an answer (the host is up); silence or no route is not."""
+    try:
+        with socket.create_connection((host, 22), timeout=timeout):
+            return True
+    except ConnectionRefusedError:
+        return True
+    except OSError:
+        return False
+
+
+def is_local(host):
+    """Is `host` this machine (a name of it, or an address one of its interfaces holds)?"""
+    from .launch import LOCAL
+    if host in LOCAL:
+        return True
+    try:
+        for family, kind, _, _, addr in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM):
+            with socket.socket(family, kind) as s:
+                try:
+                    s.bind((addr[0], 0))
+                    return True
+                except OSError:
+                    continue
+    except (socket.gaierror, UnicodeError):
+        pass
+    return False
+
+
+def process_state(pid):
+    """A process's state letter on this machine (R, S, T for stopped, Z...), or None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+class Job:
+    """One mpirun of the generation, with its journal pipe. Its stdout carries mpirun's own messages (its "BAD
+    TERMINATION" banner, dropped) and what rank 0 says outside the journal (--help); its stderr the ranks'
+    messages, passed on, except the watchers' lines (spmd.watch) naming a rank that died, which are kept."""
+
+    def __init__(self, cmd, env, fifo):
+        self.fd = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)  # a reader, and a writer so that it never reads EOF
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                                     start_new_session=True)
+        self.pipes = {p.fileno(): [p, b""] for p in (self.proc.stdout, self.proc.stderr)}
+        for fd in self.pipes:
+            os.set_blocking(fd, False)
+        self.lines = b""
+        self.died = {}  # rank -> signal, from the watchers' lines
+
+    def read(self, timeout):
+        """The complete journal lines that came within `timeout` seconds (mpirun's output handled meanwhile)."""
+        ready, _, _ = select.select([self.fd, *self.pipes], [], [], timeout)
+        lines = []
+        if self.fd in ready:
+            self.lines += os.read(self.fd, 1 << 20)
+            *lines, self.lines = self.lines.split(b"\n")
+        for fd in self.pipes:
+            if fd in ready:
+                self._output(fd, os.read(fd, 1 << 16))
+        return lines
+
+    def drain(self):
+        """After mpirun has ended: the rest of its output."""
+        for fd, (pipe, rest) in self.pipes.items():
+            data = b""
+            try:
+                while chunk := os.read(fd, 1 << 16):
+                    data += chunk
+            except BlockingIOError:  # a process of the job still holds it open
+                pass
+            self._output(fd, data + (b"\n" if rest and not data.endswith(b"\n") else b""))
+
+    def _output(self, fd, data):
+        pipe, rest = self.pipes[fd]
+        *lines, self.pipes[fd][1] = (rest + data).split(b"\n")
+        for raw in lines:
+            line = raw.decode("utf-8", "replace")
+            died = DIED.fullmatch(line.strip())
+            if died is not None:
+                self.died[int(died.group(1))] = int(died.group(3))
+            elif pipe is self.proc.stderr:
+                print(line, file=sys.stderr, flush=True)
+            elif line.strip() and not BANNER_LINE.match(line):  # rank 0's own (--help)
+                print(line, flush=True)
+
+    def signal(self, signum):
+        try:
+            self.proc.send_signal(signum)
+        except ProcessLookupError:
+            pass
+
+    def end(self, local_pids):
+        """Take the job down: SIGTERM to mpirun (it passes it on), SIGKILL after TERM_GRACE_S, and SIGKILL to any of
+        its ranks on this machine still there (a stopped one, say)."""
+        self.signal(signal.SIGTERM)
+        try:
+            self.proc.wait(TERM_GRACE_S)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        for pid in local_pids:
+            if process_state(pid) not in (None, "Z"):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+
+    def close(self):
+        os.close(self.fd)
+        self.proc.stdout.close()
+        self.proc.stderr.close()
+
+
+class Progress:
+    """Whether a running job is overdue: no token for `timeout` seconds plus twice the slowest of the recent gaps
+    between tokens, plus, while a prefill is pending, three times what its tokens took at the prefill speed seen
+    (unbounded before one was seen: the ranks' own --wait-timeout bounds it)."""
+
+    def __init__(self, timeout):
+        self.timeout, self.gaps = timeout, deque(maxlen=GAPS)
+        self.last = self.last_token = time.monotonic()
+        self.prefill_s = None  # seconds a prompt token took in the last prefill seen
+        self._prefill = None  # (when, tokens) of the prefill pending
+
+    def saw(self, now, token, prefill):
+        """An event at `now`: `token` whether it was a token, `prefill` the prompt tokens pending after it."""
+        if token:
+            if self._prefill is not None:
+                self.prefill_s = (now - self._prefill[0]) / self._prefill[1]
+                self._prefill = None
+            else:
+                self.gaps.append(now - self.last_token)
+            self.last_token = now
+        elif prefill and self._prefill is None:
+            self._prefill = (now, prefill)
+        self.last = now
+
+    def overdue(self, now):
+        bound = self.timeout + 2 * max(self.gaps, default=0.0)
+        if self._prefill is not None:
+            bound += float("inf") if self.prefill_s is None else 3 * self.prefill_s * self._prefill[1]
+        return now - self.last if now - self.last > bound else None
+
+
+class Supervisor:
+    """`run()` -> exit status. `hosts`: [(host, slots)] of the hostfile (None: every rank on this machine)."""
+
+    def __init__(self, mpirun, hosts, n_ranks, run_args, progress_timeout=10.0, max_recoveries=3,
+                 probe_timeout=2.0, env=None, module="spmd.run"):
+        self.mpirun, self.run_args, self.module = mpirun, list(run_args), module
+        self.progress_timeout, self.max_recoveries, self.probe_timeout = progress_timeout, max_recoveries, probe_timeout
+        self.env = dict(os.environ if env is None else env, SPMD_WATCH="1")  # each rank's watcher: spmd.watch
+        per_rank = [h for h, slots in hosts for _ in range(slots)] if hosts else ["localhost"]
+        self.rank_hosts = [per_rank[r % len(per_rank)] for r in range(n_ranks)]  # MPICH's order: fill, then wrap
+        self.hostfile = hosts is not None
+        self.record, self.recoveries, self.job = Record(), [], None
+        self.stopping = None  # the signal the user stopped the supervisor with
+        self.dir = None
+
+    # ---- the loop -------------------------------------------------------------------------------------------------
+    def run(self):
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        self.dir = tempfile.mkdtemp(prefix="spmd-supervise-", dir=os.environ.get("XDG_RUNTIME_DIR"))
+        try:
+            return self._run()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            for name in os.listdir(self.dir):
+                os.unlink(os.path.join(self.dir, name))
+            os.rmdir(self.dir)
+
+    def _on_signal(self, signum, _frame):
+        self.stopping = signum
+        if self.job is not None:
+            self.job.signal(signum)  # the job stops as spmd.run does on Ctrl-C; it is not relaunched
+
+    def _run(self):
+        resume, timing = None, None
+        while True:
+            status, failure = self._attempt(resume, timing)
+            if failure is None:
+                return status
+            lost, why, last_token = failure
+            if any(r.rank == 0 for r in lost):
+                r0 = next(r for r in lost if r.rank == 0)
+                return self._fail(f"rank 0 ({r0.host}) {r0.why}: it is where the run's output goes, so the run "
+                                  "ends here", status)
+            if self.record.ratios is None:
+                return self._fail(f"{why} while the job was starting (nothing generated yet): not relaunched", status)
+            if len(self.recoveries) >= self.max_recoveries:
+                limit = f"after {self.max_recoveries} recoveries (--max-recoveries)" if self.max_recoveries else \
+                    "(--no-recover)"
+                return self._fail(f"{why}: giving up {limit}", status)
+            resume, timing = self._replan(lost, why), (time.monotonic(), last_token)
+
+    def _fail(self, message, status):
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        return status if status not in (0, None) else 1
+
+    def _command(self, fifo, resume):
+        cmd = [self.mpirun]
+        if self.hostfile:
+            path = os.path.join(self.dir, "hostfile")
+            with open(path, "w") as f:
+                f.write(hostfile_text(self.rank_hosts))
+            cmd += ["-f", path]
+        cmd += ["-n", str(len(self.rank_hosts)), sys.executable, "-m", self.module, *self.run_args, "--journal", fifo]
+        if resume is not None:
+            path = os.path.join(self.dir, "resume.json")
+            with open(path, "w") as f:
+                json.dump(resume, f)
+            cmd += ["--resume", path]
+        return cmd
+
+    def _attempt(self, resume, timing):
+        """One job until it ends: (exit status, None) when the run is over, or (status, (lost ranks, why, when the
+        last token came)) when it failed in a way a relaunch may recover from. `timing`: (when the failure before
+        was detected, when its last token came), for the recovery's figures."""
+        fifo = os.path.join(self.dir, "journal")
+        if not os.path.exists(fifo):
+            os.mkfifo(fifo, 0o600)
+        record = self.record
+        record.relaunch()
+        self.job = job = Job(self._command(fifo, resume), self.env, fifo)
+        progress, ready_at = Progress(self.progress_timeout), None
+        try:
+            while job.proc.poll() is None:
+                lines, now = job.read(0.05), time.monotonic()
+                for line in lines:
+                    tokens = record.tokens
+                    if not self._apply(line):  # nobody reads stdout any more
+                        job.end(self._local_pids())
+                        return 0, None
+                    progress.saw(now, record.tokens != tokens, record.prefill)
+                    if record.ready and ready_at is None:
+                        ready_at = now
+                    if timing is not None and record.tokens != tokens:  # the first token after a recovery
+                        detected, last_token = timing
+                        self.recoveries[-1].update(relaunch_s=round(ready_at - detected, 3),
+                                                   stall_s=round(now - last_token, 3))
+                        timing = None
+                if record.ready and not record.done and self.stopping is None:
+                    waited = progress.overdue(now)
+                    if waited is not None:
+                        lost = self._stalled()
+                        job.end(self._local_pids())
+                        return 1, (lost, f"no token for {waited:.1f} s", progress.last_token)
+            job.drain()
+            for line in job.read(0) + [job.lines]:  # the last lines; one cut short by a kill is dropped
+                self._apply(line)
+        finally:
+            job.close()
+        return self._ended(job, progress.last_token)
+
+    def _apply(self, line):
+        """One journal line: its stdout text printed. False once nobody reads stdout."""
+        try:
+            text = self.record.apply(line)
+        except (ValueError, KeyError, TypeError, IndexError):  # a line cut short (a killed job) or not ours
+            return True
+        return self._print(text)
+
+    def _ended(self, job, last_token):
+        """After mpirun has ended by itself: over (status, None), or recoverable (status, (lost, why, last))."""
+        record, status = self.record, job.proc.returncode
+        status = 128 - status if status < 0 else status
+        if self.stopping is not None:
+            return 128 + self.stopping, None
+        if status == 0 and (record.result is not None or (record.done and record.output == "text")):
+            return self._success(), None
+        lost = self._lost_by_exit(job.died)
+        if not lost:
+            return status, None  # it ended by itself with an error it has said
+        why = ", ".join(f"rank {r.rank} ({r.host}) {r.why}" for r in lost)
+        if record.done and record.output == "text":  # the text was complete: only the summary line is lost
+            print(f"note: {why} after the text was complete", file=sys.stderr, flush=True)
+            return self._success(), None
+        return status, (lost, why, last_token)
+
+    def _print(self, text):
+        if not text:
+            return True
+        try:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+            return True
+        except BrokenPipeError:  # the reader has gone (| head): stop, as spmd.run does
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return False
+
+    def _success(self):
+        if self.record.result is not None:
+            print(json.dumps(dict(self.record.result, recoveries=self.recoveries)), flush=True)
+        elif self.recoveries:
+            stalled = sum(r.get("stall_s", 0) for r in self.recoveries)
+            print(f"[spmd] {len(self.recoveries)} recover{'ies' if len(self.recoveries) > 1 else 'y'}, "
+                  f"{stalled:.1f} s stalled in all", file=sys.stderr, flush=True)
+        return 0
+
+    # ---- who was lost ---------------------------------------------------------------------------------------------
+    def _local_pids(self):
+        return [pid for rank, (_host, pid) in enumerate(self.record.ranks) if is_local(self.rank_hosts[rank])]
+
+    def _lost_by_exit(self, died):
+        """After mpirun ended: the ranks its watchers said were killed ({rank: signal}), and every rank of a host
+        that does not answer."""
+        lost = {rank: Lost(rank, self.rank_hosts[rank], f"died (signal {signum})") for rank, signum in died.items()
+                if rank < len(self.rank_hosts)}
+        for rank, why in self._unreachable().items():
+            lost.setdefault(rank, Lost(rank, self.rank_hosts[rank], why))
+        return sorted(lost.values())
+
+    def _stalled(self):
+        """Before the supervisor ends a job that stopped making progress: its ranks stopped or gone on this machine,
+        and those of hosts that do not answer."""
+        lost = {}
+        for rank, (_host, pid) in enumerate(self.record.ranks):
+            if is_local(self.rank_hosts[rank]):
+                state = process_state(pid)
+                if state in (None, "Z", "T", "t"):
+                    lost[rank] = Lost(rank, self.rank_hosts[rank], "stopped" if state in ("T", "t") else "died")
+        for rank, why in self._unreachable().items():
+            lost.setdefault(rank, Lost(rank, self.rank_hosts[rank], why))
+        return sorted(lost.values())
+
+    def _unreachable(self):
+        """{rank: why} for the ranks on hosts that do not answer (probed at once, each within probe_timeout)."""
+        remote = sorted({h for h in self.rank_hosts if not is_local(h)})
+        answers = {}
+
+        def ask(host):
+            answers[host] = probe(host, self.probe_timeout)
+        threads = [threading.Thread(target=ask, args=(h,), daemon=True) for h in remote]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(self.probe_timeout + 1)
+        return {r: "is unreachable (its host does not answer)" for r, h in enumerate(self.rank_hosts)
+                if h in remote and not answers.get(h, False)}
+
+    # ---- the relaunch ---------------------------------------------------------------------------------------------
+    def _replan(self, lost, why):
+        """The resume file's contents for a job on the survivors; the recovery recorded and said in one line."""
+        record = self.record
+        gone = {r.rank for r in lost}
+        before = record.ratios
+        after = without(before, gone) if gone else before
+        self.rank_hosts = [h for r, h in enumerate(self.rank_hosts) if r not in gone]
+        n = len(self.rank_hosts)
+        self.recoveries.append({
+            "after_tokens": sum(len(s["tokens"]) for s in record.sequences.values()),
+            "lost": [r._asdict() for r in lost], "why": why, "ratios_before": before, "ratios_after": after,
+            "ranks_after": n, "tokens_replayed": record.unfinished_tokens})
+        print(f"[spmd] {why}; going on with {n} rank{'s' * (n > 1)}, --ratios {after} (recovery "
+              f"{len(self.recoveries)} of at most {self.max_recoveries})", file=sys.stderr, flush=True)
+        return record.resume(after)
+
+
+def hostfile_text(rank_hosts):
+    """A hostfile that places ranks on `rank_hosts` in order (runs of one host become HOST:COUNT)."""
+    lines = []
+    for host in rank_hosts:
+        if lines and lines[-1][0] == host:
+            lines[-1][1] += 1
+        else:
+            lines.append([host, 1])
+    return "".join(f"{h}:{c}\n" for h, c in lines)
+
+
+def check_rank0_here(rank_hosts):
+    if not is_local(rank_hosts[0]):
+        raise UserError(f"the hostfile's first host, {rank_hosts[0]}, must be this machine: rank 0 runs there and "
+                        "the supervisor reads its output (or give --no-recover)")

@@ -1,0 +1,51 @@
+"""A rank's watcher, for a supervised job (spmd.supervise sets SPMD_WATCH=1): before MPI starts, the rank's process
+forks; the child goes on as the rank, the parent only waits for it. When the child is killed by a signal (kill -9,
+the OOM killer, a crash) the parent says so in one line on stderr, which mpirun passes on from any host:
+
+    spmd: rank 2 (laptop) died (signal 9)
+
+That is how the supervisor knows which rank died: mpirun's own banner names whichever process it saw end first,
+often one it killed itself while taking the job down. The child dies with its parent (PR_SET_PDEATHSIG), so a job
+taken down (mpirun kills the processes it started: the parents) leaves no rank behind. A signal the parent gets
+(Ctrl-C, SIGTERM passed on by mpirun) goes on to the child. Pure standard library: nothing is imported before the
+fork that the parent does not need."""
+import ctypes
+import os
+import signal
+import socket
+import sys
+
+DIED = "spmd: rank {rank} ({host}) died (signal {signal})"
+PR_SET_PDEATHSIG = 1
+
+
+def fork_rank():
+    """In the child (the rank) return; in the parent wait, report, and exit with the child's status."""
+    if os.environ.get("SPMD_WATCH") != "1":
+        return
+    parent = os.getpid()
+    child = os.fork()
+    if child == 0:
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        except (OSError, AttributeError):  # not Linux: the rank is not tied to its watcher
+            pass
+        if os.getppid() != parent:  # the parent died before the tie was made
+            os._exit(1)
+        return
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(signum, lambda s, _f: os.kill(child, s))
+    while True:
+        try:
+            _, status = os.waitpid(child, 0)
+            break
+        except ChildProcessError:
+            os._exit(1)
+        except InterruptedError:
+            continue
+    if os.WIFSIGNALED(status):
+        signum = os.WTERMSIG(status)
+        print(DIED.format(rank=os.environ.get("PMI_RANK", "?"), host=socket.gethostname(), signal=signum),
+              file=sys.stderr, flush=True)
+        os._exit(128 + signum)
+    os._exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 1)
