@@ -267,12 +267,14 @@ class Supervisor:
                 r0 = next(r for r in lost if r.rank == 0)
                 return self._fail(f"rank 0 ({r0.host}) {r0.why}: it is where the run's output goes, so the run "
                                   "ends here", status)
+            what = describe(lost, why)
             if self.record.ratios is None:
-                return self._fail(f"{why} while the job was starting (nothing generated yet): not relaunched", status)
+                return self._fail(f"{what} while the job was starting (nothing generated yet): not relaunched",
+                                  status)
             if len(self.recoveries) >= self.max_recoveries:
                 limit = f"after {self.max_recoveries} recoveries (--max-recoveries)" if self.max_recoveries else \
                     "(--no-recover)"
-                return self._fail(f"{why}: giving up {limit}", status)
+                return self._fail(f"{what}: giving up {limit}", status)
             resume, timing = self._replan(lost, why), (time.monotonic(), last_token)
 
     def _fail(self, message, status):
@@ -353,11 +355,10 @@ class Supervisor:
         lost = self._lost_by_exit(job.died)
         if not lost:
             return status, None  # it ended by itself with an error it has said
-        why = ", ".join(f"rank {r.rank} ({r.host}) {r.why}" for r in lost)
         if record.done and record.output == "text":  # the text was complete: only the summary line is lost
-            print(f"note: {why} after the text was complete", file=sys.stderr, flush=True)
+            print(f"note: {describe(lost, '')} after the text was complete", file=sys.stderr, flush=True)
             return self._success(), None
-        return status, (lost, why, last_token)
+        return status, (lost, "", last_token)
 
     def _print(self, text):
         if not text:
@@ -429,13 +430,20 @@ class Supervisor:
         after = without(before, gone) if gone else before
         self.rank_hosts = [h for r, h in enumerate(self.rank_hosts) if r not in gone]
         n = len(self.rank_hosts)
+        what = describe(lost, why)
         self.recoveries.append({
             "after_tokens": sum(len(s["tokens"]) for s in record.sequences.values()),
-            "lost": [r._asdict() for r in lost], "why": why, "ratios_before": before, "ratios_after": after,
+            "lost": [r._asdict() for r in lost], "why": what, "ratios_before": before, "ratios_after": after,
             "ranks_after": n, "tokens_replayed": record.unfinished_tokens})
-        print(f"[spmd] {why}; going on with {n} rank{'s' * (n > 1)}, --ratios {after} (recovery "
+        print(f"[spmd] {what}; going on with {n} rank{'s' * (n > 1)}, --ratios {after} (recovery "
               f"{len(self.recoveries)} of at most {self.max_recoveries})", file=sys.stderr, flush=True)
         return record.resume(after)
+
+
+def describe(lost, why):
+    """'rank 2 (laptop) died (signal 9)', with `why` (a stall) in brackets, or `why` alone when no rank is known."""
+    names = ", ".join(f"rank {r.rank} ({r.host}) {r.why}" for r in lost)
+    return f"{names} ({why})" if names and why else names or why
 
 
 def hostfile_text(rank_hosts):

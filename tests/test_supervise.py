@@ -1,0 +1,192 @@
+"""Surviving a rank's death (spmd.supervise, run by spmd.launch): a rank killed or stopped mid-generation, at several
+tokens and layouts; the run goes on on the survivors and its tokens and text equal an uninterrupted run's (plain
+mpirun, no supervisor). Also the pure parts: the layout without the lost ranks, the hostfile, the journal."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from spmd.errors import UserError
+from spmd.journal import Journal, Record, read_resume
+from spmd.supervise import hostfile_text, without
+from spmd.synth import Shape, write_model
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPE = Shape(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, ffn=128, vocab=512, context=64)
+MPIRUN = shutil.which("mpirun")
+STEPS = 40
+
+
+@pytest.mark.parametrize("layout, lost, expected", [
+    ("2:3:3", {2}, "2:3"),
+    ("2:3:3", {1}, "2:3"),
+    ("1:1@2*2:3@2", {3}, "1:1@2*2@2"),  # a stage that keeps a rank keeps its layers
+    ("1@1*1@2*1@1", {1}, "1*1"),  # a stage gone: the layers are split again by the ratios
+    ("1:1@2*1:1@2", {2, 3}, "1:1"),
+    ("2:0:3", {2}, "2:0"),
+    ("1:1@2*0:0:1@2", {4}, "1:1@2*1:1@2"),  # idle ranks left alone in a stage take work
+    ("0.5:1.5", {1}, "0.5"),
+])
+def test_the_layout_without_the_lost_ranks(layout, lost, expected):
+    assert without(layout, lost) == expected
+
+
+def test_a_hostfile_in_rank_order():
+    assert hostfile_text(["a", "a", "b", "a"]) == "a:2\nb:1\na:1\n"
+
+
+class Seq:  # what Journal.token reads of a driver's sequence
+    def __init__(self, index, finish=None):
+        self.index, self.finish = index, finish
+        self.sampler = type("S", (), {"state": None})()
+
+
+def test_the_journal_carries_text_with_its_token_and_drops_a_line_cut_short(tmp_path):
+    fifo = tmp_path / "journal"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    journal = Journal(str(fifo))
+    journal.event("ranks", ranks=[["h", 1], ["h", 2]])
+    journal.event("ready", ratios="1:1", prompts=[[1, 5]], output="text")
+    journal.emit("Hello")
+    journal.token(Seq(0), 7)
+    journal.emit(" world")
+    journal.token(Seq(0, "length"), 9)
+    data = os.read(reader, 1 << 16) + b'{"ev":"token","seq":0,"tok'  # a job killed in the middle of a line
+    record, printed = Record(), []
+    *lines, rest = data.split(b"\n")
+    for line in lines:
+        printed.append(record.apply(line))
+    with pytest.raises(ValueError):
+        record.apply(rest)
+    assert "".join(printed) == "Hello world"
+    assert record.ranks == [("h", 1), ("h", 2)] and record.ratios == "1:1"
+    assert record.sequences == {0: {"tokens": [7, 9], "finish": "length", "rng": None}}
+    assert record.resume("1") == {"version": 1, "ratios": "1", "sequences": [
+        {"seq": 0, "prompt": [1, 5], "tokens": [7, 9], "finish": "length", "rng": None}]}
+    os.close(reader)
+
+
+@pytest.mark.parametrize("content", ["", "[]", '{"version": 2, "ratios": "1", "sequences": []}',
+                                     '{"version": 1, "ratios": "1", "sequences": [{"seq": 0, "prompt": [1], '
+                                     '"tokens": ["a"], "finish": null, "rng": null}]}'])
+def test_a_bad_resume_file_is_refused(tmp_path, content):
+    path = tmp_path / "r.json"
+    path.write_text(content)
+    with pytest.raises(UserError, match="not a resume file"):
+        read_resume(path)
+
+
+# ---- whole runs ----------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return write_model(tmp_path_factory.mktemp("m") / "tiny.gguf", SHAPE, qtype="Q8_0", seed=3)
+
+
+def reference(model, ranks, layout, *extra):
+    """The uninterrupted run's result, by plain mpirun (no supervisor, no journal)."""
+    p = subprocess.run([MPIRUN, "-n", str(ranks), sys.executable, "-m", "spmd.run", "--model", model,
+                        "--ratios", layout, "--steps", str(STEPS), "--output", "json", *extra],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    return json.loads(p.stdout)
+
+
+def supervised(model, ranks, layout, signals, *extra, launch=(), timeout=180):
+    env = dict(os.environ, SPMD_TEST_SIGNAL=signals)
+    return subprocess.run([sys.executable, "-m", "spmd.launch", "-n", str(ranks), *launch, "--", "--model", model,
+                           "--ratios", layout, "--steps", str(STEPS), *extra],
+                          cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def kills(tmp_path, *entries):
+    """SPMD_TEST_SIGNAL for rank:step:SIG entries, each once (a relaunch does not repeat it)."""
+    return ",".join(f"{e}:{tmp_path / f'once{i}'}" for i, e in enumerate(entries))
+
+
+@pytest.mark.parametrize("ranks, layout, signals, after", [
+    (3, "2:3:3", ["2:3:KILL"], "2:3"),  # tensor parallel, early
+    (3, "2:3:3", ["1:25:KILL"], "2:3"),  # late
+    (3, "1*1*1", ["1:12:KILL"], "1*1"),  # pipeline: a whole stage lost
+    (4, "1:1@2*1:1@2", ["3:10:KILL"], "1:1@2*1@2"),  # hybrid
+    (4, "1:1@2*1:1@2", ["2:6:KILL", "1:20:KILL"], "1@2*1@2"),  # two failures in one run
+    (3, "2:3:3", ["2:8:STOP"], "2:3"),  # a frozen rank: no progress, then it is found stopped
+])
+def test_a_lost_rank_is_recovered_from_and_the_text_is_unchanged(model, tmp_path, ranks, layout, signals, after):
+    want = reference(model, ranks, layout, "--prompt", "Hello")
+    p = supervised(model, ranks, layout, kills(tmp_path, *signals), "--prompt", "Hello", "--output", "json",
+                   launch=("--progress-timeout", "1"))
+    assert p.returncode == 0, p.stderr
+    got = json.loads(p.stdout)
+    assert got["tokens"] == want["tokens"] and got["text"] == want["text"]
+    recoveries = got["recoveries"]
+    assert len(recoveries) == len(signals) and recoveries[-1]["ratios_after"] == after
+    first = recoveries[0]
+    rank = int(signals[0].split(":")[0])
+    assert first["lost"] == [{"rank": rank, "host": "localhost",
+                              "why": "stopped" if "STOP" in signals[0] else "died (signal 9)"}]
+    assert first["stall_s"] > 0 and first["relaunch_s"] > 0
+    notices = [line for line in p.stderr.splitlines() if line.startswith("[spmd] rank")]
+    assert len(notices) == len(signals)
+    assert "BAD TERMINATION" not in p.stdout + p.stderr
+
+
+def test_text_streams_on_without_a_gap_or_a_repeat(model, tmp_path):
+    want = subprocess.run([MPIRUN, "-n", "3", sys.executable, "-m", "spmd.run", "--model", model, "--ratios",
+                           "1:1:1", "--steps", str(STEPS), "--prompt", "Hello"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    p = supervised(model, 3, "1:1:1", kills(tmp_path, "2:15:KILL"), "--prompt", "Hello")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == want.stdout
+    assert "[spmd] rank 2 (localhost) died (signal 9); going on with 2 ranks, --ratios 1:1" in p.stderr
+
+
+def test_several_sequences_and_a_seeded_sampler_go_on_as_if_nothing_happened(model, tmp_path):
+    extra = ("--prompt", "Hello", "--prompt", "Once upon", "--prompt", "x", "--sequences", "2",
+             "--temperature", "0.9", "--seed", "11")
+    want = reference(model, 3, "1:1:1", *extra)
+    p = supervised(model, 3, "1:1:1", kills(tmp_path, "1:30:KILL"), *extra, "--output", "json")
+    assert p.returncode == 0, p.stderr
+    got = json.loads(p.stdout)
+    assert [s["tokens"] for s in got["sequences"]] == [s["tokens"] for s in want["sequences"]]
+    assert [s["text"] for s in got["sequences"]] == [s["text"] for s in want["sequences"]]
+    assert len(got["recoveries"]) == 1 and got["recoveries"][0]["tokens_replayed"] > 0
+
+
+def test_rank_0_lost_ends_the_run_with_one_line(model, tmp_path):
+    p = supervised(model, 3, "1:1:1", kills(tmp_path, "0:10:KILL"), "--prompt", "Hello")
+    assert p.returncode != 0
+    assert p.stderr.splitlines()[-1] == ("error: rank 0 (localhost) died (signal 9): it is where the run's output "
+                                         "goes, so the run ends here")
+    assert "Traceback" not in p.stderr and "BAD TERMINATION" not in p.stdout
+
+
+def test_no_recover_names_the_rank_and_keeps_stdout_clean(model, tmp_path):
+    p = supervised(model, 3, "1:1:1", kills(tmp_path, "2:10:KILL"), "--prompt", "Hello", "--output", "json",
+                   launch=("--no-recover",))
+    assert p.returncode != 0 and p.stdout == ""
+    assert p.stderr.splitlines()[-1] == "error: rank 2 (localhost) died (signal 9): giving up (--no-recover)"
+
+
+def test_a_users_mistake_is_not_relaunched(model):
+    p = supervised(model, 2, "1:1", "", "--steps", "0")
+    assert p.returncode == 1
+    assert p.stderr.strip().splitlines()[-1] == "error: --steps must be at least 1 (got 0)"
+    assert "[spmd]" not in p.stderr
+
+
+def test_ctrl_c_stops_a_supervised_run_without_a_relaunch(model, tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "spmd.launch", "-n", "2", "--", "--model", model, "--steps",
+                             "10000", "--prompt", "Hello"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, SPMD_TEST_SLOW="0:1000"))
+    time.sleep(4)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    assert "going on with" not in err
