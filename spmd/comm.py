@@ -91,15 +91,16 @@ def link_delay_s():
 
 def test_signals(rank):
     """TEST ONLY: SPMD_TEST_SIGNAL=RANK:STEP:SIG[:ONCE][,...] makes rank RANK send itself SIG (STOP: a host that
-    froze; KILL: one that died) when it has seen STEP step records. With ONCE (a file path) only the rank that
-    creates that file does it, so a relaunched job (spmd.supervise) does not repeat it. {step: [(signal, once)]}
-    for this rank."""
+    froze; KILL: one that died) when it has seen STEP step records (STEP "replan": at the first migration's). With
+    ONCE (a file path) only the rank that creates that file does it, so a relaunched job (spmd.supervise) does not
+    repeat it. {step: [(signal, once)]} for this rank."""
     text = os.environ.get("SPMD_TEST_SIGNAL", "").strip()
     out = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         who, at, sig, *once = part.split(":", 3)
         if int(who) == rank:
-            out.setdefault(int(at), []).append((getattr(signal, f"SIG{sig}"), once[0] if once else None))
+            out.setdefault(at if at == "replan" else int(at), []).append((getattr(signal, f"SIG{sig}"),
+                                                                          once[0] if once else None))
     return out
 
 
@@ -214,9 +215,13 @@ class Comm:
                 self.bytes_sent += long_tokens.nbytes * (self.size - 1)
         self.sync_s += time.perf_counter() - t
         self.steps_seen, self.last_step_at = self.steps_seen + 1, time.monotonic()
-        if self.steps_seen in self._signals:
-            _test_signal(self._signals[self.steps_seen])
-        return step if self.is_root else self._decode(long_tokens)
+        step = step if self.is_root else self._decode(long_tokens)
+        if self._signals:
+            due = self._signals.pop(self.steps_seen, [])
+            if step.op == Op.REPLAN:
+                due += self._signals.pop("replan", [])
+            _test_signal(due)
+        return step
 
     def _encode(self, step):
         """`step` into the record buffer; returns the prompts' tokens (for the second broadcast) or None."""

@@ -275,7 +275,8 @@ class Supervisor:
                 limit = f"after {self.max_recoveries} recoveries (--max-recoveries)" if self.max_recoveries else \
                     "(--no-recover)"
                 return self._fail(f"{what}: giving up {limit}", status)
-            resume, timing = self._replan(lost, why), (time.monotonic(), last_token)
+            detected = time.monotonic()
+            resume, timing = self._replan(lost, why, round(detected - last_token, 3)), (detected, last_token)
 
     def _fail(self, message, status):
         print(f"error: {message}", file=sys.stderr, flush=True)
@@ -422,7 +423,7 @@ class Supervisor:
                 if h in remote and not answers.get(h, False)}
 
     # ---- the relaunch ---------------------------------------------------------------------------------------------
-    def _replan(self, lost, why):
+    def _replan(self, lost, why, detect_s):
         """The resume file's contents for a job on the survivors; the recovery recorded and said in one line."""
         record = self.record
         gone = {r.rank for r in lost}
@@ -434,7 +435,7 @@ class Supervisor:
         self.recoveries.append({
             "after_tokens": sum(len(s["tokens"]) for s in record.sequences.values()),
             "lost": [r._asdict() for r in lost], "why": what, "ratios_before": before, "ratios_after": after,
-            "ranks_after": n, "tokens_replayed": record.unfinished_tokens})
+            "ranks_after": n, "tokens_replayed": record.unfinished_tokens, "detect_s": detect_s})
         print(f"[spmd] {what}; going on with {n} rank{'s' * (n > 1)}, --ratios {after} (recovery "
               f"{len(self.recoveries)} of at most {self.max_recoveries})", file=sys.stderr, flush=True)
         return record.resume(after)

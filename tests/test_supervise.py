@@ -190,3 +190,26 @@ def test_ctrl_c_stops_a_supervised_run_without_a_relaunch(model, tmp_path):
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 130, err
     assert "going on with" not in err
+
+
+def test_a_rank_lost_during_a_migration(model, tmp_path):
+    """Rank 2 dies while the ranks re-partition: the migration is not applied, its client hears so, and the run goes
+    on from the layout before it, without rank 2."""
+    want = reference(model, 3, "1:1:1", "--prompt", "Hello")
+    socket_path = tmp_path / "ctl.sock"
+    env = dict(os.environ, SPMD_TEST_SIGNAL=kills(tmp_path, "2:replan:KILL"), SPMD_TEST_SLOW="0:50")
+    proc = subprocess.Popen([sys.executable, "-m", "spmd.launch", "-n", "3", "--", "--model", model, "--ratios",
+                             "1:1:1", "--steps", str(STEPS), "--prompt", "Hello", "--output", "json",
+                             "--control-socket", socket_path], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 30
+    while not socket_path.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    migrate = subprocess.run([sys.executable, "-m", "spmd.migrate", "--socket", socket_path, "--timeout", "30",
+                              "ratios", "1:2:1"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    out, err = proc.communicate(timeout=120)
+    assert migrate.returncode != 0 and "Traceback" not in migrate.stderr
+    assert proc.returncode == 0, err
+    got = json.loads(out)
+    assert got["tokens"] == want["tokens"]
+    assert [r["ratios_after"] for r in got["recoveries"]] == ["1:1"] and got["migrations"] == []

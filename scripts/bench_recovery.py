@@ -1,0 +1,62 @@
+"""What a recovery costs: a supervised run (spmd.launch) whose rank R is killed (SIGKILL) or stopped (SIGSTOP) at
+step T, on a model of your choice (the 1.1B-shaped spmd.synth file by default), against the same run
+uninterrupted. Prints per case: detection (last token to the failure seen), relaunch (to the new job loaded),
+stall (last token before to first token after), tokens replayed, and whether the tokens equal the uninterrupted
+run's.
+
+    python scripts/bench_recovery.py [--model bench-out/tinyllama-random-Q4_0.gguf] [--ranks 3] [--steps 40]
+"""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import click
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(model, ranks, steps, signals=None, supervised=True, progress_timeout=10):
+    args = ["--model", model, "--threads", "1", "--steps", str(steps), "--prompt", "Hello there, how are you",
+            "--output", "json"]
+    env = dict(os.environ)
+    if signals:
+        env["SPMD_TEST_SIGNAL"] = signals
+    cmd = [sys.executable, "-m", "spmd.launch", "-n", str(ranks), "--progress-timeout", str(progress_timeout), "--",
+           *args] if supervised else ["mpirun", "-n", str(ranks), sys.executable, "-m", "spmd.run", *args]
+    t = time.perf_counter()
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=900)
+    if p.returncode != 0:
+        sys.exit(f"failed: {' '.join(cmd)}\n{p.stderr}")
+    return json.loads(p.stdout), time.perf_counter() - t
+
+
+@click.command()
+@click.option("--model", default=str(ROOT / "bench-out" / "tinyllama-random-Q4_0.gguf"), show_default=True,
+              help="GGUF file (written, 1.1B-shaped Q4_0 random weights, where it is not there).")
+@click.option("--ranks", default=3, show_default=True)
+@click.option("--steps", default=40, show_default=True)
+@click.option("--progress-timeout", default=2.0, show_default=True)
+def main(model, ranks, steps, progress_timeout):
+    if not os.path.exists(model):  # the 1.1B-shaped random model the other benchmarks use
+        from spmd.synth import TINYLLAMA, write_model
+        os.makedirs(os.path.dirname(model), exist_ok=True)
+        write_model(model, TINYLLAMA, qtype="Q4_0", seed=0)
+    want, base_s = run(model, ranks, steps, supervised=False)
+    print(f"uninterrupted: {base_s:.1f} s wall, load {want['load_s']:.2f} s, {want['ms_per_token']:.0f} ms/token")
+    print("case                     detect_s relaunch_s stall_s replayed same_tokens wall_s")
+    with tempfile.TemporaryDirectory() as d:
+        for i, (name, signals) in enumerate([("kill rank 2 at step 5", "2:5:KILL"),
+                                             ("kill rank 1 at step 20", "1:20:KILL"),
+                                             ("stop rank 2 at step 10", "2:10:STOP")]):
+            got, wall = run(model, ranks, steps, f"{signals}:{d}/once{i}", progress_timeout=progress_timeout)
+            r = got["recoveries"][0]
+            print(f"{name:24} {r['detect_s']:8.2f} {r['relaunch_s']:10.2f} {r['stall_s']:7.2f} "
+                  f"{r['tokens_replayed']:8} {str(got['tokens'] == want['tokens']):>11} {wall:6.1f}")
+
+
+if __name__ == "__main__":
+    main()
