@@ -12,7 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PURE = ("spmd.plan", "spmd.replan", "spmd.model", "spmd.config", "spmd.weights", "spmd.sampling", "spmd.tokenizer",
         "spmd.gguf_file", "spmd.control", "spmd.client", "spmd.planner", "spmd.profile",
-        "spmd.rebalance", "spmd.cluster")
+        "spmd.rebalance", "spmd.cluster", "spmd.supervise", "spmd.journal", "spmd.watch", "spmd.launch")
 
 
 def loads_mpi(module: str) -> bool:
