@@ -33,7 +33,6 @@ from collections import deque
 from fractions import Fraction
 from typing import NamedTuple
 
-from .errors import UserError
 from .journal import Record
 from .plan import parse_layout
 
@@ -227,8 +226,8 @@ class Supervisor:
     """`run()` -> exit status. `hosts`: [(host, slots)] of the hostfile (None: every rank on this machine)."""
 
     def __init__(self, mpirun, hosts, n_ranks, run_args, progress_timeout=10.0, max_recoveries=3,
-                 probe_timeout=2.0, env=None, module="spmd.run"):
-        self.mpirun, self.run_args, self.module = mpirun, list(run_args), module
+                 probe_timeout=2.0, env=None):
+        self.mpirun, self.run_args = mpirun, list(run_args)
         self.progress_timeout, self.max_recoveries, self.probe_timeout = progress_timeout, max_recoveries, probe_timeout
         self.env = dict(os.environ if env is None else env, SPMD_WATCH="1")  # each rank's watcher: spmd.watch
         per_rank = [h for h, slots in hosts for _ in range(slots)] if hosts else ["localhost"]
@@ -289,7 +288,7 @@ class Supervisor:
             with open(path, "w") as f:
                 f.write(hostfile_text(self.rank_hosts))
             cmd += ["-f", path]
-        cmd += ["-n", str(len(self.rank_hosts)), sys.executable, "-m", self.module, *self.run_args, "--journal", fifo]
+        cmd += ["-n", str(len(self.rank_hosts)), sys.executable, "-m", "spmd.run", *self.run_args, "--journal", fifo]
         if resume is not None:
             path = os.path.join(self.dir, "resume.json")
             with open(path, "w") as f:
@@ -456,9 +455,3 @@ def hostfile_text(rank_hosts):
         else:
             lines.append([host, 1])
     return "".join(f"{h}:{c}\n" for h, c in lines)
-
-
-def check_rank0_here(rank_hosts):
-    if not is_local(rank_hosts[0]):
-        raise UserError(f"the hostfile's first host, {rank_hosts[0]}, must be this machine: rank 0 runs there and "
-                        "the supervisor reads its output (or give --no-recover)")
