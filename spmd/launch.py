@@ -72,13 +72,14 @@ def check_reachable(path, hosts, timeout):
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--hostfile", "-f", default=None, type=click.Path(dir_okay=False),
-              help="MPICH hostfile; its first host must be this machine (rank 0 runs here). Default: every rank here.")
+              help="MPICH hostfile; rank 0 runs on its first host, which must be this machine for the run to be "
+                   "supervised. Default: every rank here.")
 @click.option("-n", "ranks", type=click.IntRange(min=1), default=None,
               help="Number of ranks (default: the slots in the hostfile).")
 @click.option("--timeout", default=5.0, show_default=True, type=click.FloatRange(1, 300), callback=finite,
               help="Seconds to wait for each host.")
-@click.option("--serve", is_flag=True, help="Run python -m spmd.serve (the server) instead of spmd.run; it is not "
-                                            "supervised (yet): a lost rank ends it.")
+@click.option("--serve", is_flag=True, help="Run python -m spmd.serve (the server) instead of spmd.run, through "
+                                            "plain mpirun: not supervised (yet), a lost rank ends it.")
 @click.option("--no-recover", is_flag=True,
               help="A lost rank ends the run (with one line naming it), instead of a relaunch on the survivors.")
 @click.option("--max-recoveries", default=3, show_default=True, type=click.IntRange(min=0),

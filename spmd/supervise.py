@@ -10,7 +10,8 @@ with the text that went to stdout for it, on a pipe only the supervisor reads, a
 text: what it printed is exactly what was journaled, so the text goes on after a recovery without a gap or a repeat.
 
 A failure is:
-- a rank killed (mpirun's "BAD TERMINATION" banner names its process and host: the rank is lost);
+- a rank killed: its watcher (spmd.watch) says which, in a line on stderr (mpirun's "BAD TERMINATION" banner names
+  whichever process it saw end first, often one it killed itself, so it is only dropped);
 - no progress: no token for `progress_timeout` seconds plus twice the slowest recent gap between tokens (plus the
   time a pending prefill should take, from the prefills seen): a rank stopped (SIGSTOP, a sleeping laptop), a link
   down. The supervisor ends the job; a rank whose process is stopped or gone on this machine is lost;
@@ -194,12 +195,12 @@ class Job:
 class Progress:
     """Whether a running job is overdue: no token for `timeout` seconds plus twice the slowest of the recent gaps
     between tokens, plus, while a prefill is pending, three times what its tokens took at the prefill speed seen
-    (unbounded before one was seen: the ranks' own --wait-timeout bounds it)."""
+    (unbounded before one was seen, in this job or one before it: the ranks' own --wait-timeout bounds it)."""
 
-    def __init__(self, timeout):
+    def __init__(self, timeout, prefill_s=None):
         self.timeout, self.gaps = timeout, deque(maxlen=GAPS)
         self.last = self.last_token = time.monotonic()
-        self.prefill_s = None  # seconds a prompt token took in the last prefill seen
+        self.prefill_s = prefill_s  # seconds a prompt token took in the last prefill seen
         self._prefill = None  # (when, tokens) of the prefill pending
 
     def saw(self, now, token, prefill):
@@ -234,6 +235,7 @@ class Supervisor:
         self.rank_hosts = [per_rank[r % len(per_rank)] for r in range(n_ranks)]  # MPICH's order: fill, then wrap
         self.hostfile = hosts is not None
         self.record, self.recoveries, self.job = Record(), [], None
+        self.prefill_s = None  # what a prompt token took in the last prefill seen, kept across relaunches
         self.stopping = None  # the signal the user stopped the supervisor with
         self.dir = None
 
@@ -306,7 +308,7 @@ class Supervisor:
         record = self.record
         record.relaunch()
         self.job = job = Job(self._command(fifo, resume), self.env, fifo)
-        progress, ready_at = Progress(self.progress_timeout), None
+        progress, ready_at = Progress(self.progress_timeout, self.prefill_s), None
         try:
             while job.proc.poll() is None:
                 lines, now = job.read(0.05), time.monotonic()
@@ -334,6 +336,7 @@ class Supervisor:
                 self._apply(line)
         finally:
             job.close()
+            self.prefill_s = progress.prefill_s
         return self._ended(job, progress.last_token)
 
     def _apply(self, line):
