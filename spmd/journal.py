@@ -3,15 +3,15 @@ on a pipe; and the resume file a relaunched job starts from. Both ends of the pr
 
 Events, in the order rank 0 writes them:
   {"ev": "ranks", "ranks": [[host, pid], ...]}   each rank's host and process, as the job starts
-  {"ev": "ready", "ratios": LAYOUT, "prompts": [[ids], ...], "output": "text"|"json"}   set up and loaded
+  {"ev": "ready", "ratios": LAYOUT, "prompts": [[ids], ...]}   set up and loaded
   {"ev": "prefill", "tokens": N}    a step that runs N prompt tokens goes out (the supervisor allows for its time)
   {"ev": "token", "seq": I, "token": T, "end": FINISH, "rng": STATE, "out": TEXT}
         sequence I sampled T (null: EOS, which ended it); END is null or why it ended ("eos", "length",
         "stopped"); RNG the sampler's generator state after it (null when greedy); OUT the text stdout gets with it
   {"ev": "plan", "ratios": LAYOUT}  a migration applied
-  {"ev": "done", "text": TEXT}      generation has ended; TEXT is the rest of stdout (the last piece, the end of
-                                    line): a job that fails after this has nothing more to say
-  {"ev": "result", "result": {...}} --output json: the run's result (after "done")
+  {"ev": "done", "text": TEXT}      --output text: generation has ended; TEXT is the rest of stdout (the last
+                                    piece, the end of line): a job that fails after this has nothing more to say
+  {"ev": "result", "result": {...}} --output json, instead of "done": the run's result
 Each line is written whole by one write; a job killed in the middle of one leaves a line without its newline, which
 the reader drops: what was not journaled did not happen, so the text a supervisor prints is never doubled or cut.
 
@@ -74,7 +74,7 @@ class Record:
     def __init__(self):
         self.ranks, self.ready = [], False  # [(host, pid)] of the job now running; whether it has loaded
         self.ratios = None  # its layout now
-        self.prompts, self.output = None, None  # [[ids]] by sequence index; "text" or "json"
+        self.prompts = None  # [[ids]] by sequence index
         self.sequences = {}  # index -> {"tokens": [...], "finish": ..., "rng": ...}
         self.done, self.result = False, None
         self.prefill = 0  # prompt tokens of the last prefill step not yet answered by a token
@@ -86,7 +86,7 @@ class Record:
         if ev == "ranks":
             self.ranks = [tuple(r) for r in e["ranks"]]
         elif ev == "ready":
-            self.ratios, self.prompts, self.output, self.ready = e["ratios"], e["prompts"], e["output"], True
+            self.ratios, self.prompts, self.ready = e["ratios"], e["prompts"], True
         elif ev == "prefill":
             self.prefill += e["tokens"]
         elif ev == "token":

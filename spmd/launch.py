@@ -104,14 +104,14 @@ def main(hostfile, ranks, timeout, serve, no_recover, max_recoveries, progress_t
     ranks = ranks or sum(slots for _, _, slots in hosts)
     env = dict(os.environ, HYDRA_LAUNCHER_EXTRA_ARGS=f"-o ConnectTimeout={int(timeout)} -o BatchMode=yes")
     from .supervise import Supervisor, is_local
-    supervisor = Supervisor(mpirun, [(h, slots) for _, h, slots in hosts] if hosts else None, ranks, run_args,
+    first = hosts[0][1] if hosts else "localhost"  # where rank 0 runs
+    if not serve and is_local(first):
+        sys.exit(Supervisor(mpirun, [(h, slots) for _, h, slots in hosts] if hosts else None, ranks, run_args,
                             progress_timeout=progress_timeout, max_recoveries=0 if no_recover else max_recoveries,
-                            probe_timeout=min(timeout, 2.0), env=env)
-    if not serve and is_local(supervisor.rank_hosts[0]):
-        sys.exit(supervisor.run())
+                            probe_timeout=min(timeout, 2.0), env=env).run())
     if not serve:
-        print(f"note: rank 0 runs on {supervisor.rank_hosts[0]}, not on this machine: the run is not supervised (a "
-              "lost rank ends it); start spmd.launch there to have it supervised", file=sys.stderr)
+        print(f"note: rank 0 runs on {first}, not on this machine: the run is not supervised (a lost rank ends "
+              "it); start spmd.launch there to have it supervised", file=sys.stderr)
     cmd = [mpirun, *(["-f", hostfile] if hostfile else []), "-n", str(ranks), sys.executable, "-m",
            "spmd.serve" if serve else "spmd.run", *run_args]
     os.execve(mpirun, cmd, env)

@@ -5,8 +5,7 @@ and the control socket's listener."""
 import os
 import resource
 import time
-import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from threadpoolctl import threadpool_limits
@@ -203,7 +202,7 @@ class RankState:
         if opts.resume is not None:  # a relaunch (spmd.supervise): its layout replaces --ratios or --plan
             self.resume = agree(comm, lambda: read_resume(opts.resume) if comm.is_root else None)
             layout = comm.bcast(self.resume["ratios"] if comm.is_root else None)
-            opts = dataclasses.replace(opts, ratios=layout, plan=None)
+            opts = replace(opts, ratios=layout, plan=None)
         self.opts = opts
         if opts.steps < 1:
             raise UserError(f"--steps must be at least 1 (got {opts.steps})")
@@ -225,7 +224,7 @@ class RankState:
             raise UserError(f"--sequences must be at least 1 (got {opts.sequences})")
         self.tokenizer, self.work = agree(comm, self._tokenize if comm.is_root else lambda: (None, None))
         if opts.resume is not None:
-            agree(comm, self._check_resume)
+            agree(comm, self._check_resume if comm.is_root else lambda: None)
         if opts.context is not None:  # serving: every slot may come to hold a sequence of the whole context
             self.context = agree(comm, self._serving_context)
             self.needs = [self.context] * (opts.sequences or 1)
@@ -417,8 +416,6 @@ class RankState:
     def _check_resume(self):
         """Rank 0 of a relaunch: each sequence of the resume file is one of this run's prompts, with fewer tokens
         than its steps unless it ended, tokens the model knows, and a sampler state that restores."""
-        if not self.comm.is_root:
-            return
         by_index = {w.index: w for w in self.work}
         vocab = known_vocab(self.tokenizer, self.cfg)
         for index, entry in self.resume["sequences"].items():

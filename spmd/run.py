@@ -293,8 +293,7 @@ def run(argv):
                       control_socket=None if socket_path.lower() == "none" else socket_path)
     engine = guarded(comm, log, lambda: Engine(opts, comm, log=log, journal=journal))
     if journal:
-        journal.event("ready", ratios=engine.state.plan.text(), output="text" if text_out else "json",
-                      prompts=[w.ids.tolist() for w in engine.state.work])
+        journal.event("ready", ratios=engine.state.plan.text(), prompts=[w.ids.tolist() for w in engine.state.work])
     emit = (journal.emit if journal else write_stdout) if text_out and comm.is_root else None
     result = guarded(comm, log, lambda: engine.run(emit))
     if comm.is_root:

@@ -36,6 +36,7 @@ from typing import NamedTuple
 
 from .journal import Record
 from .plan import parse_layout
+from .run import write_stdout
 
 DIED = re.compile(r"spmd: rank (\d+) \((.*)\) died \(signal (\d+)\)")  # spmd.watch's line
 BANNER_LINE = re.compile(r"^(=|YOUR APPLICATION TERMINATED|This typically refers|Please see the FAQ)")
@@ -345,7 +346,7 @@ class Supervisor:
             text = self.record.apply(line)
         except (ValueError, KeyError, TypeError, IndexError):  # a line cut short (a killed job) or not ours
             return True
-        return self._print(text)
+        return write_stdout(text)
 
     def _ended(self, job, last_token):
         """After mpirun has ended by itself: over (status, None), or recoverable (status, (lost, why, last))."""
@@ -353,26 +354,15 @@ class Supervisor:
         status = 128 - status if status < 0 else status
         if self.stopping is not None:
             return 128 + self.stopping, None
-        if status == 0 and (record.result is not None or (record.done and record.output == "text")):
+        if status == 0 and (record.result is not None or record.done):
             return self._success(), None
         lost = self._lost_by_exit(job.died)
         if not lost:
             return status, None  # it ended by itself with an error it has said
-        if record.done and record.output == "text":  # the text was complete: only the summary line is lost
+        if record.done:  # the text was complete: only the summary line is lost
             print(f"note: {describe(lost, '')} after the text was complete", file=sys.stderr, flush=True)
             return self._success(), None
         return status, (lost, "", last_token)
-
-    def _print(self, text):
-        if not text:
-            return True
-        try:
-            sys.stdout.write(text)
-            sys.stdout.flush()
-            return True
-        except BrokenPipeError:  # the reader has gone (| head): stop, as spmd.run does
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            return False
 
     def _success(self):
         if self.record.result is not None:
@@ -390,11 +380,8 @@ class Supervisor:
     def _lost_by_exit(self, died):
         """After mpirun ended: the ranks its watchers said were killed ({rank: signal}), and every rank of a host
         that does not answer."""
-        lost = {rank: Lost(rank, self.rank_hosts[rank], f"died (signal {signum})") for rank, signum in died.items()
-                if rank < len(self.rank_hosts)}
-        for rank, why in self._unreachable().items():
-            lost.setdefault(rank, Lost(rank, self.rank_hosts[rank], why))
-        return sorted(lost.values())
+        return self._and_unreachable({rank: Lost(rank, self.rank_hosts[rank], f"died (signal {signum})")
+                                      for rank, signum in died.items() if rank < len(self.rank_hosts)})
 
     def _stalled(self):
         """Before the supervisor ends a job that stopped making progress: its ranks stopped or gone on this machine,
@@ -405,12 +392,11 @@ class Supervisor:
                 state = process_state(pid)
                 if state in (None, "Z", "T", "t"):
                     lost[rank] = Lost(rank, self.rank_hosts[rank], "stopped" if state in ("T", "t") else "died")
-        for rank, why in self._unreachable().items():
-            lost.setdefault(rank, Lost(rank, self.rank_hosts[rank], why))
-        return sorted(lost.values())
+        return self._and_unreachable(lost)
 
-    def _unreachable(self):
-        """{rank: why} for the ranks on hosts that do not answer (probed at once, each within probe_timeout)."""
+    def _and_unreachable(self, lost):
+        """`lost` ({rank: Lost}) with the ranks of hosts that do not answer (probed at once, each within
+        probe_timeout), in rank order."""
         remote = sorted({h for h in self.rank_hosts if not is_local(h)})
         answers = {}
 
@@ -421,8 +407,10 @@ class Supervisor:
             t.start()
         for t in threads:
             t.join(self.probe_timeout + 1)
-        return {r: "is unreachable (its host does not answer)" for r, h in enumerate(self.rank_hosts)
-                if h in remote and not answers.get(h, False)}
+        for rank, host in enumerate(self.rank_hosts):
+            if host in remote and not answers.get(host, False):
+                lost.setdefault(rank, Lost(rank, host, "is unreachable (its host does not answer)"))
+        return sorted(lost.values())
 
     # ---- the relaunch ---------------------------------------------------------------------------------------------
     def _replan(self, lost, why, detect_s):

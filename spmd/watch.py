@@ -35,14 +35,10 @@ def fork_rank():
         return
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(signum, lambda s, _f: os.kill(child, s))
-    while True:
-        try:
-            _, status = os.waitpid(child, 0)
-            break
-        except ChildProcessError:
-            os._exit(1)
-        except InterruptedError:
-            continue
+    try:
+        _, status = os.waitpid(child, 0)  # retried by Python after a signal's handler has run
+    except ChildProcessError:
+        os._exit(1)
     if os.WIFSIGNALED(status):
         signum = os.WTERMSIG(status)
         print(DIED.format(rank=os.environ.get("PMI_RANK", "?"), host=socket.gethostname(), signal=signum),

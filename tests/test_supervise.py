@@ -53,7 +53,7 @@ def test_the_journal_carries_text_with_its_token_and_drops_a_line_cut_short(tmp_
     reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
     journal = Journal(str(fifo))
     journal.event("ranks", ranks=[["h", 1], ["h", 2]])
-    journal.event("ready", ratios="1:1", prompts=[[1, 5]], output="text")
+    journal.event("ready", ratios="1:1", prompts=[[1, 5]])
     journal.emit("Hello")
     journal.token(Seq(0), 7)
     journal.emit(" world")
