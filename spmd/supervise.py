@@ -329,8 +329,10 @@ class Supervisor:
                 if record.ready and not record.done and self.stopping is None:
                     waited = progress.overdue(now)
                     if waited is not None:
-                        lost = self._stalled()
+                        stalled = self._stopped_or_gone()  # before the job is taken down
                         job.end(self._local_pids())
+                        job.drain()  # a watcher's line said before the stall was seen names the signal
+                        lost = self._lost({**stalled, **self._signalled(job.died)})
                         return 1, (lost, f"no token for {waited:.1f} s", progress.last_token)
             job.drain()
             for line in job.read(0) + [job.lines]:  # the last lines; one cut short by a kill is dropped
@@ -356,7 +358,7 @@ class Supervisor:
             return 128 + self.stopping, None
         if status == 0 and (record.result is not None or record.done):
             return self._success(), None
-        lost = self._lost_by_exit(job.died)
+        lost = self._lost(self._signalled(job.died))
         if not lost:
             return status, None  # it ended by itself with an error it has said
         if record.done:  # the text was complete: only the summary line is lost
@@ -377,26 +379,25 @@ class Supervisor:
     def _local_pids(self):
         return [pid for rank, (_host, pid) in enumerate(self.record.ranks) if is_local(self.rank_hosts[rank])]
 
-    def _lost_by_exit(self, died):
-        """After mpirun ended: the ranks its watchers said were killed ({rank: signal}), and every rank of a host
-        that does not answer."""
-        return self._and_unreachable({rank: Lost(rank, self.rank_hosts[rank], f"died (signal {signum})")
-                                      for rank, signum in died.items() if rank < len(self.rank_hosts)})
+    def _signalled(self, died):
+        """The ranks the watchers' lines ({rank: signal}) said were killed: {rank: why}."""
+        return {rank: f"died (signal {signum})" for rank, signum in died.items() if rank < len(self.rank_hosts)}
 
-    def _stalled(self):
-        """Before the supervisor ends a job that stopped making progress: its ranks stopped or gone on this machine,
-        and those of hosts that do not answer."""
+    def _stopped_or_gone(self):
+        """The ranks on this machine stopped or gone (before a job that stopped making progress is ended): {rank:
+        why}."""
         lost = {}
         for rank, (_host, pid) in enumerate(self.record.ranks):
             if is_local(self.rank_hosts[rank]):
                 state = process_state(pid)
                 if state in (None, "Z", "T", "t"):
-                    lost[rank] = Lost(rank, self.rank_hosts[rank], "stopped" if state in ("T", "t") else "died")
-        return self._and_unreachable(lost)
+                    lost[rank] = "stopped" if state in ("T", "t") else "died"
+        return lost
 
-    def _and_unreachable(self, lost):
-        """`lost` ({rank: Lost}) with the ranks of hosts that do not answer (probed at once, each within
-        probe_timeout), in rank order."""
+    def _lost(self, why):
+        """The lost ranks, in rank order: those of `why` ({rank: why}) and every rank of a host that does not answer
+        (probed at once, each within probe_timeout)."""
+        lost = {rank: Lost(rank, self.rank_hosts[rank], text) for rank, text in why.items()}
         remote = sorted({h for h in self.rank_hosts if not is_local(h)})
         answers = {}
 

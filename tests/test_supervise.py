@@ -120,8 +120,9 @@ def kills(tmp_path, *entries):
 ])
 def test_a_lost_rank_is_recovered_from_and_the_text_is_unchanged(model, tmp_path, ranks, layout, signals, after):
     want = reference(model, ranks, layout, "--prompt", "Hello")
+    stop = "STOP" in signals[0]  # found by the stall bound; a death is seen by mpirun, however slow the machine
     p = supervised(model, ranks, layout, kills(tmp_path, *signals), "--prompt", "Hello", "--output", "json",
-                   launch=("--progress-timeout", "1"))
+                   launch=("--progress-timeout", "1" if stop else "20"))
     assert p.returncode == 0, p.stderr
     got = json.loads(p.stdout)
     assert got["tokens"] == want["tokens"] and got["text"] == want["text"]
@@ -130,7 +131,7 @@ def test_a_lost_rank_is_recovered_from_and_the_text_is_unchanged(model, tmp_path
     first = recoveries[0]
     rank = int(signals[0].split(":")[0])
     assert first["lost"] == [{"rank": rank, "host": "localhost",
-                              "why": "stopped" if "STOP" in signals[0] else "died (signal 9)"}]
+                              "why": "stopped" if stop else "died (signal 9)"}]
     assert first["stall_s"] > 0 and first["relaunch_s"] > 0
     notices = [line for line in p.stderr.splitlines() if line.startswith("[spmd] rank")]
     assert len(notices) == len(signals)
