@@ -1,7 +1,12 @@
-"""Decode and prompt speed on a random-weight model of TinyLlama-1.1B's shape, at 1 and 2 ranks, and through
-llama-cpp-python on the same file when it is installed, all in one run so the ratios compare like with like.
+"""Decode and prompt speed on a random-weight model of TinyLlama-1.1B's shape, at 1 and 2 ranks, against
+llama.cpp on the same file, all in one run so the ratios compare like with like.
 
-    python scripts/bench_decode.py [--qtype Q4_0] [--steps 48] [--prompt-len 64] [--ranks 1,2] [--json out.json]
+    python scripts/bench_decode.py [--qtype Q4_0|Q8_0|Q4_K_M|Q5_K_M|Q6_K|...] [--steps 48] [--prompt-len 64]
+                                   [--ranks 1,2] [--model FILE] [--json out.json]
+
+The peer is llama.cpp built natively (`llama-bench`, from scripts/build_llama_cpp.sh, or $LLAMA_BENCH), with as
+many threads as spmd's one rank uses; without it, llama-cpp-python's Python loop, labelled as such (it measured
+about 0.6x of llama-bench's speed), and without that, no peer.
 
 Weight-read bandwidth is the bytes of weights one decode step reads (every matrix once) divided by its time.
 
@@ -76,6 +81,27 @@ def parse_run(text):
 
 
 # ---- llama.cpp ----------------------------------------------------------------------------------------------
+def llama_bench():
+    """The native llama-bench: $LLAMA_BENCH, or scripts/build_llama_cpp.sh's; None if there is none."""
+    path = os.environ.get("LLAMA_BENCH") or str(ROOT / "bench-out" / "llama.cpp" / "bin" / "llama-bench")
+    return path if os.access(path, os.X_OK) else None
+
+
+def run_llama_bench(binary, model, steps, prompt_len, threads):
+    """llama-bench's prompt (prompt_len tokens) and decode (steps tokens) speed, median of 3 repeats."""
+    cmd = [binary, "-m", str(model), "-p", str(prompt_len), "-n", str(steps), "-t", str(threads), "-r", "3",
+           "-o", "json"]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != 0:
+        raise SystemExit(f"llama-bench failed:\n{p.stderr[-2000:]}")
+    runs = json.loads(p.stdout)
+    rate = lambda r: sorted(r["samples_ts"])[len(r["samples_ts"]) // 2]  # noqa: E731
+    prompt = next(rate(r) for r in runs if r["n_prompt"] and not r["n_gen"])
+    decode = next(rate(r) for r in runs if r["n_gen"] and not r["n_prompt"])
+    return dict(prompt_tokens_per_s=prompt, decode_tokens_per_s=decode, ms_per_token=1e3 / decode, tokens=None,
+                version=runs[0].get("build_commit", "?"))
+
+
 def llama_cpp_python():
     """A Python that imports llama_cpp: this one, $LLAMA_CPP_PYTHON, or python3 on PATH; None if there is none."""
     candidates = [sys.executable, os.environ.get("LLAMA_CPP_PYTHON"), shutil.which("python3"), "/usr/bin/python3"]
@@ -157,10 +183,12 @@ def main():
     import tempfile
 
     import click
-    from spmd.synth import TINYLLAMA
+    import numba
+    from spmd.synth import FILE_TYPES, TINYLLAMA
 
     @click.command()
-    @click.option("--qtype", default="Q4_0", type=click.Choice(["Q4_0", "Q8_0", "F16", "F32"]))
+    @click.option("--qtype", default="Q4_0", type=click.Choice(list(FILE_TYPES)),
+                  help="The random model's file type (llama.cpp's: Q4_K_M is Q4_K with Q6_K where it gives more bits).")
     @click.option("--steps", default=48, show_default=True)
     @click.option("--prompt-len", default=64, show_default=True)
     @click.option("--ranks", default="1,2", show_default=True,
@@ -186,10 +214,15 @@ def main():
                              ranks=n, prompt_tokens_per_s=r["prompt_tokens_per_s"],
                              decode_tokens_per_s=r["decode_tokens_per_s"], ms_per_token=r["ms_per_token"],
                              rss_mib=rss, weights_mib=held, tokens=r["tokens"]))
-        py = llama_cpp_python()
-        lc = run_llama_cpp(model, steps, prompt, py) if py else None
-        if lc is not None:
-            rows.append(dict(name="llama-cpp-python", ranks=1, rss_mib="-", weights_mib="-", **lc))
+        native, threads = llama_bench(), numba.config.NUMBA_NUM_THREADS  # spmd's one rank: every core
+        py = None if native else llama_cpp_python()
+        if native:
+            lc = run_llama_bench(native, model, steps, prompt_len, threads)
+            rows.append(dict(name=f"llama.cpp -t {threads}", ranks=1, rss_mib="-", weights_mib="-", **lc))
+        else:
+            lc = run_llama_cpp(model, steps, prompt, py) if py else None
+            if lc is not None:
+                rows.append(dict(name="llama-cpp-python (slow)", ranks=1, rss_mib="-", weights_mib="-", **lc))
         base = rows[0]["decode_tokens_per_s"]
         print(f"\nmodel: {Path(model).name}, {weight_bytes / 1e6:.0f} MB of matrices; prompt {prompt_len}, "
               f"{steps} steps, allreduce {allreduce}")
@@ -201,14 +234,15 @@ def main():
                   f"{r['ms_per_token']:>10.1f}{gbs:>7.1f}{r['decode_tokens_per_s'] / base:>9.2f}"
                   f"{r['weights_mib']:>13}{r['rss_mib']:>14}")
         if lc is None:
-            print("llama.cpp: not run (no Python here imports llama_cpp; set LLAMA_CPP_PYTHON or "
-                  "pip install llama-cpp-python)")
+            print("llama.cpp: not run (no native llama-bench: bash scripts/build_llama_cpp.sh; no Python here "
+                  "imports llama_cpp either)")
         else:
-            print(f"spmd 1 rank / llama.cpp decode: {base / lc['decode_tokens_per_s']:.2f}, "
+            peer = "native llama-bench" if native else "llama-cpp-python's Python loop, not native llama.cpp"
+            print(f"spmd 1 rank / llama.cpp ({peer}) decode: {base / lc['decode_tokens_per_s']:.2f}, "
                   f"prompt: {rows[0]['prompt_tokens_per_s'] / lc['prompt_tokens_per_s']:.2f}")
         same = all(r["tokens"] == rows[0]["tokens"] for r in rows if r["name"].startswith("spmd"))
         print(f"greedy tokens identical across spmd runs: {same}   (per-rank figures are rank 0/rank 1/...)")
-        if lc is not None:
+        if lc is not None and lc["tokens"] is not None:
             agree = next((i for i, (a, b) in enumerate(zip(rows[0]["tokens"], lc["tokens"])) if a != b), steps)
             print(f"llama.cpp's greedy tokens equal ours for the first {agree} of {steps}")
         if json_out:

@@ -1,6 +1,7 @@
 """Matrix-product speed of the cpu backend against the numpy reference, in one process, best of a few repeats.
 
-    python scripts/bench_kernels.py [--types Q4_0,Q8_0,F16,F32] [--shapes 5632x2048,...] [--n 1,64] [--repeats 3]
+    python scripts/bench_kernels.py [--types Q4_0,Q8_0,Q4_K,Q6_K,F16,F32] [--shapes 5632x2048,...] [--n 1,64]
+                                    [--repeats 3]
                                     [--peer OTHER_CPU.py]
 
 Each case cycles through enough copies of the weights (at least 96 MB) that they come from memory, not the 32 MB L3,
@@ -20,12 +21,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-from gguf import GGMLQuantizationType as T
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from spmd.backends.cpu import CpuBackend  # noqa: E402
 from spmd.backends.numpy_ref import NumpyBackend  # noqa: E402
-from spmd.quants import QTensor, row_bytes  # noqa: E402
+from spmd.quants import F16_FIELDS, QTensor, row_bytes  # noqa: E402
 
 SHAPES = ((2048, 2048), (256, 2048), (5632, 2048), (2048, 5632), (32000, 2048))  # TinyLlama: q/o, k/v, ffn, vocab
 COLD_BYTES = 96e6
@@ -33,10 +34,12 @@ COLD_BYTES = 96e6
 
 def random_weights(qtype, rows, cols, rng) -> QTensor:
     """Random data in the type's layout, made directly (quantising 65M floats would take longer than timing)."""
-    if qtype in (T.Q4_0, T.Q8_0):
-        blk = 18 if qtype == T.Q4_0 else 34
-        data = rng.integers(0, 256, (rows, cols // 32, blk), dtype=np.uint8)
-        data[:, :, :2] = (rng.random((rows, cols // 32, 1), dtype=np.float32) * 0.01).astype(np.float16).view(np.uint8)
+    if qtype in F16_FIELDS:
+        elems, size = GGML_QUANT_SIZES[qtype]
+        data = rng.integers(0, 256, (rows, cols // elems, size), dtype=np.uint8)
+        for at in F16_FIELDS[qtype]:
+            scale = (rng.random((rows, cols // elems, 1), dtype=np.float32) * 0.01).astype(np.float16)
+            data[:, :, at:at + 2] = scale.view(np.uint8)
         return QTensor(qtype, rows, cols, data.reshape(rows, row_bytes(qtype, cols)))
     w = rng.standard_normal((rows, cols), dtype=np.float32)
     data = {T.F32: w, T.F16: w.astype(np.float16), T.BF16: (w.view(np.uint32) >> 16).astype(np.uint16)}[qtype]
@@ -99,19 +102,14 @@ def bench(qtype, rows, cols, ns, repeats, rng, peer):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--types", default="Q4_0,Q8_0,F16,F32")
+    ap.add_argument("--types", default="Q4_0,Q8_0,Q4_K,Q6_K,F16,F32")
     ap.add_argument("--shapes", default=",".join(f"{r}x{c}" for r, c in SHAPES))
     ap.add_argument("--n", default="1,64")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--peer", help="another version of spmd/backends/cpu.py to time alongside")
     a = ap.parse_args()
     rng = np.random.default_rng(0)
-    t = time.perf_counter()
-    CpuBackend().warmup()
-    print(f"warmup (compile or load numba's cache) {time.perf_counter() - t:.2f} s")
     peer = load_peer(a.peer) if a.peer else None
-    if peer:
-        peer.CpuBackend().warmup()
     for name in a.types.split(","):
         for shape in a.shapes.split(","):
             rows, cols = map(int, shape.split("x"))

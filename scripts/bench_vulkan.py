@@ -46,7 +46,6 @@ def build(path, backend_name, device, max_seq):
     share = make_plan(parse_layout(None, 1), cfg)[0]
     t = time.perf_counter()
     weights = load_shard(f, cfg, share, backend, notice=lambda _m: None)
-    backend.warmup()
     model = backend.make_model(cfg, weights, share, max_seq)
     model.open(0, max_seq)
     return backend, model, time.perf_counter() - t

@@ -10,6 +10,8 @@ from functools import cached_property
 from typing import NamedTuple
 
 from .errors import UserError, regular_file
+from .plan import FFN_BLOCK
+from .quants import SUPER
 
 
 class Compute(NamedTuple):
@@ -39,6 +41,7 @@ class Model:
     ffn_block_bytes: int  # one FFN block's weights in one layer
     vocab_row_bytes: int  # one classifier row
     kv_bytes_per_position: int  # KV cache of one position of one sequence, per layer per KV group
+    ffn_unit: int = 1  # FFN blocks a split keeps together (plan.ffn_unit)
 
 
 @dataclass(frozen=True)
@@ -177,7 +180,9 @@ def _model(rd, m):
     return Model(rd.text(m, "file", "model.file"), **sizes,
                  **{f"{k}_bytes": rd.whole(b, k, f"model.bytes.{k}") for k in ("layer", "kv_group", "ffn_block",
                                                                                "vocab_row")},
-                 kv_bytes_per_position=rd.whole(m, "kv_bytes_per_position", "model.kv_bytes_per_position"))
+                 kv_bytes_per_position=rd.whole(m, "kv_bytes_per_position", "model.kv_bytes_per_position"),
+                 ffn_unit=rd.whole(m, "ffn_unit", "model.ffn_unit", 1, most=SUPER // FFN_BLOCK) if "ffn_unit" in m
+                 else 1)
 
 
 def _rank(rd, ranks, i):

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import UserError
+from .plan import ffn_unit
 
 ARCHITECTURES = ("llama", "qwen2")
 
@@ -27,6 +28,7 @@ class ModelConfig:
     rope_linear_factor: float  # positions divided by this ("linear" rope scaling); 1 for none
     qkv_bias: bool
     tied_output: bool  # no output.weight: the classifier is token_embd
+    ffn_unit: int = 1  # FFN blocks the split keeps together: a K-quant ffn_down's super-block (plan.ffn_unit)
 
     @property
     def group(self) -> int:
@@ -79,6 +81,8 @@ def read_config(f) -> ModelConfig:
         rope_linear_factor=meta("rope.scaling.factor", float, 1.0) if scaling == "linear" else 1.0,
         qkv_bias=f.has("blk.0.attn_q.bias"),
         tied_output=not f.has("output.weight"),
+        ffn_unit=ffn_unit([f.info(f"blk.{i}.ffn_down.weight").qtype for i in range(meta("block_count", int))
+                           if f.has(f"blk.{i}.ffn_down.weight")]),
     )
     sizes = dict(embedding_length=dim, block_count=cfg.n_layers, head_count=n_heads, head_count_kv=n_kv_heads,
                  key_length=head_dim, feed_forward_length=cfg.ffn_dim, context_length=cfg.context)

@@ -112,7 +112,7 @@ class GGUFFile:
         return self.row_ranges(name, [(start, stop)], notice)
 
     def cols(self, name, start, stop, notice=print) -> QTensor:
-        """Columns [start, stop) of a matrix, copied; a slice that cuts through quant blocks is dequantised."""
+        """Columns [start, stop) of a matrix, copied (see col_ranges)."""
         return self.col_ranges(name, [(start, stop)], notice)
 
     def row_ranges(self, name, spans, notice=print) -> QTensor:
@@ -125,23 +125,23 @@ class GGUFFile:
         return qt
 
     def col_ranges(self, name, spans, notice=print) -> QTensor:
-        """The columns of several [start, stop) ranges of a matrix, in that order, as one copied matrix; ranges
-        that cut through quant blocks are dequantised."""
+        """The columns of several [start, stop) ranges of a matrix, in that order, as one copied matrix. A range
+        that cuts through quant blocks takes the whole blocks around it, and the QTensor's `keep` says which of
+        their columns are the range's."""
         info, raw = self._matrix(name)
         n_rows, cols = info.shape
-        spans = list(spans) or [(0, 0)]
-        n = sum(b - a for a, b in spans)
         bs = block_size(info.qtype)
-        if all(a % bs == 0 and (b % bs == 0 or b == cols) for a, b in spans):  # whole blocks: slice the bytes
-            per_block = raw.shape[1] // (cols // bs) if cols else 0
-            parts = [raw[:, a // bs * per_block: -(-b // bs) * per_block] for a, b in spans]
-            part = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
-            qt = self._keep(info, part, n_rows, n, notice)
-        else:
-            self._notice_once(notice, ("cut", info.qtype), f"note: {info.qtype.name} column slices that cut "
-                              "through quant blocks are dequantised to F32 at load")
-            dense = dequantize_any(raw, info.qtype, n_rows, cols)
-            qt = from_float(np.concatenate([dense[:, a:b] for a, b in spans], axis=1))
+        per_block = raw.shape[1] // (cols // bs) if cols else 0
+        parts, keep, at = [raw[:, :0]], [], 0
+        for a, b in (s for s in spans if s[1] > s[0]):
+            first, end = a // bs * bs, -(-b // bs) * bs
+            parts.append(raw[:, first // bs * per_block: end // bs * per_block])
+            keep.append((at + a - first, at + b - first))
+            at += end - first
+        part = parts[-1] if len(parts) == 2 else np.concatenate(parts, axis=1)
+        qt = self._keep(info, part, n_rows, at, notice)
+        if sum(b - a for a, b in keep) != at:
+            qt.keep = tuple(keep)
         self._release(info)
         return qt
 
@@ -154,8 +154,8 @@ class GGUFFile:
         """Raw bytes (rows, ...) -> an owned QTensor: native types copied as they are, others dequantised."""
         if info.qtype in NATIVE:  # a copy: a view would keep the file's pages resident after _release
             return as_qtensor(raw.copy(), info.qtype, rows, cols)
-        self._notice_once(notice, info.qtype,
-                          f"note: the file holds {info.qtype.name} weights; dequantising them to F32 at load")
+        self.notice_once(notice, info.qtype,
+                         f"note: the file holds {info.qtype.name} weights; dequantising them to F32 at load")
         return from_float(dequantize_any(raw, info.qtype, rows, cols))
 
     def changed(self) -> bool:
@@ -181,7 +181,8 @@ class GGUFFile:
             self._release(info)
         return h.hexdigest()
 
-    def _notice_once(self, notice, key, message):
+    def notice_once(self, notice, key, message):
+        """`notice(message)` the first time `key` is seen for this file."""
         if key not in self._noticed:
             self._noticed.add(key)
             notice(message)

@@ -24,6 +24,7 @@ from fractions import Fraction
 from functools import cached_property
 
 from .errors import UserError
+from .quants import K_QUANTS, SUPER
 
 FFN_BLOCK = 32
 RATIO_RANGE = (1e-6, 1e6)
@@ -312,6 +313,25 @@ def n_ffn_blocks(ffn_dim: int) -> int:
     return -(-ffn_dim // FFN_BLOCK)
 
 
+def ffn_unit(down_types) -> int:
+    """FFN blocks a split keeps together, from the types of the layers' ffn_down matrices (split by columns): a
+    K-quant's 256-column super-block (8 blocks), which a slice must not cut to stay in its type."""
+    return SUPER // FFN_BLOCK if any(t in K_QUANTS for t in down_types) else 1
+
+
+def ffn_counts(n_blocks: int, speeds, unit: int = 1) -> list:
+    """FFN block counts in proportion to `speeds`, in whole units of `unit` blocks (the last unit may be short),
+    or by single blocks where whole units would leave a working rank none (a slice then holds the blocks it cuts
+    through whole, spmd.gguf_file.col_ranges: more bytes, the same numbers)."""
+    counts = [u * unit for u in apportion(-(-n_blocks // unit), speeds)]
+    if counts and sum(counts) > n_blocks:  # the rank holding the last unit holds its short end
+        last = max(i for i, c in enumerate(counts) if c)
+        counts[last] -= sum(counts) - n_blocks
+    if any(c == 0 and s > 0 for c, s in zip(counts, speeds)):
+        return apportion(n_blocks, speeds)
+    return counts
+
+
 def refuse_empty(shares, speeds, why):
     """A rank with a ratio above 0 must hold something. `why` names what made the shares, as the subject of
     "leave(s)": "--ratios '1:9'", "moving them"."""
@@ -327,7 +347,7 @@ def stage_shares(ranks, speeds, layers, dims, last, kv=None, blocks=None) -> lis
     tuples `kv` and `blocks`; the vocabulary rows in proportion to `speeds` when the stage is the `last`."""
     group = dims.n_heads // dims.n_kv_heads
     kv = kv or contiguous(apportion(dims.n_kv_heads, speeds))
-    blocks = blocks or contiguous(apportion(n_ffn_blocks(dims.ffn_dim), speeds))
+    blocks = blocks or contiguous(ffn_counts(n_ffn_blocks(dims.ffn_dim), speeds, getattr(dims, "ffn_unit", 1)))
     rows = apportion(dims.vocab, speeds) if last else [0] * len(ranks)
     return [Share(r, tuple(layers), k, group, b, dims.ffn_dim, at, n)
             for r, k, b, at, n in zip(ranks, kv, blocks, starts(rows), rows)]
@@ -335,7 +355,7 @@ def stage_shares(ranks, speeds, layers, dims, last, kv=None, blocks=None) -> lis
 
 def make_plan(layout, dims, epoch=0) -> Plan:
     """The plan for a parsed layout on a model of `dims` (anything with n_layers, n_heads, n_kv_heads, ffn_dim,
-    vocab: the ModelConfig); refuses layouts that leave a rank with nothing at all."""
+    vocab, and optionally ffn_unit: the ModelConfig); refuses layouts that leave a rank with nothing at all."""
     counts = stage_layers(layout, dims.n_layers)
     shares, rank = [], 0
     for i, (spec, first, count) in enumerate(zip(layout, starts(counts), counts)):

@@ -175,7 +175,7 @@ def measure(comm, file, cfg, backend, threads, repeats=REPEATS, slow=None):
             "model": {"file": file.path, "n_layers": cfg.n_layers, "dim": cfg.dim, "n_heads": cfg.n_heads,
                       "n_kv_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "ffn_dim": cfg.ffn_dim,
                       "vocab": cfg.vocab, "context": cfg.context, "bytes": unit_bytes,
-                      "kv_bytes_per_position": kv_bytes_per_position(cfg)},
+                      "kv_bytes_per_position": kv_bytes_per_position(cfg), "ffn_unit": cfg.ffn_unit},
             "ranks": ranks, "links": {"latency_ms": lat, "bandwidth_bytes_per_s": bw},
             "step_ms": step_ms, "allreduce_ms": max(0.0, allreduce_ms * 1e3 - 2 * row(peer)) if peer else 0.0,
             "seconds": time.perf_counter() - t0}

@@ -1,8 +1,23 @@
 """Weight types as a table, and the readable numpy dequantisation of the ones we keep as they are.
 
 A 2-D weight is a `QTensor`: `rows` output rows of `cols` inputs each, stored the way the GGUF file stores it
-(row-major; a quantised row is `cols // 32` blocks). Q8_0 block: fp16 scale + 32 int8. Q4_0 block: fp16 scale +
-16 bytes, low nibbles are elements 0..15 and high nibbles 16..31, value = (nibble - 8) * scale.
+(row-major; a quantised row is cols / block elements blocks of block bytes). The block layouts, in llama.cpp's
+terms (f16: a float16; q: a row's integer, nibble `lo` plus high bits `hi`):
+
+  Q8_0  (34 B / 32)   f16 d, 32 int8                                   d * q
+  Q4_0  (18 B / 32)   f16 d, 16 bytes: low nibbles are elements 0..15,  d * (q - 8)
+                      high nibbles 16..31
+  Q4_1  (20 B / 32)   f16 d, f16 m, 16 bytes as Q4_0                     d * q + m
+  Q5_0  (22 B / 32)   f16 d, uint32 hi (bit e: element e), 16 bytes      d * (q - 16)
+  Q5_1  (24 B / 32)   f16 d, f16 m, uint32 hi, 16 bytes                  d * q + m
+  Q4_K  (144 B / 256) f16 d, f16 dmin, 12 bytes of eight 6-bit (sc, m) pairs, one per 32 elements; 128 bytes:
+                      byte 32c + i holds element i of sub-block 2c (low nibble) and of 2c + 1 (high)
+                                                                       d * sc * q - dmin * m
+  Q5_K  (176 B / 256) f16 d, f16 dmin, 12 bytes of (sc, m), 32 bytes hi (bit j of byte i: element i of
+                      sub-block j), 128 bytes as Q4_K                  d * sc * q - dmin * m
+  Q6_K  (210 B / 256) 128 bytes lo, 64 bytes hi (2 bits each), 16 int8 sc (one per 16 elements), f16 d: element
+                      128h + 32k + i is lo: byte 64h + 32(k % 2) + i, nibble k // 2; hi: byte 32h + i, bits 2k..2k+1
+                                                                       d * sc * (q - 32)
 """
 from dataclasses import dataclass
 
@@ -11,8 +26,13 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 from gguf import quants as gguf_quants
 
 # Types the engine computes with as stored; any other type is dequantised to F32 at load.
-NATIVE = (T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0)
-BLOCK = 32  # elements per quant block of Q8_0 / Q4_0, and the unit FFN columns are split in
+NATIVE = (T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K)
+K_QUANTS = (T.Q4_K, T.Q5_K, T.Q6_K)  # 256-element super-blocks
+# byte offsets of each block's float16 fields (d, then m or dmin where the type has one)
+F16_FIELDS = {T.Q8_0: (0,), T.Q4_0: (0,), T.Q4_1: (0, 2), T.Q5_0: (0,), T.Q5_1: (0, 2), T.Q4_K: (0, 2),
+              T.Q5_K: (0, 2), T.Q6_K: (208,)}
+BLOCK = 32  # elements per block of the 32-element quant types, and the unit FFN columns are split in
+SUPER = 256  # elements per K-quant super-block
 
 
 def block_size(qtype) -> int:
@@ -29,12 +49,20 @@ def row_bytes(qtype, cols: int) -> int:
 class QTensor:
     qtype: T
     rows: int
-    cols: int
-    data: np.ndarray  # F32: float32 (rows, cols); F16: float16; BF16: uint16; Q8_0/Q4_0: uint8 (rows, row_bytes)
+    cols: int  # as stored
+    data: np.ndarray  # F32: float32 (rows, cols); F16: float16; BF16: uint16; quantised: uint8 (rows, row_bytes)
+    # [(start, stop)] of the stored columns that are the matrix's, in order, or None for all: a column slice that
+    # cuts through quant blocks keeps the whole blocks around it (its numbers stay exactly the file's)
+    keep: tuple = None
 
     @property
     def nbytes(self) -> int:
         return self.data.nbytes
+
+    @property
+    def width(self) -> int:
+        """The matrix's columns (its inputs)."""
+        return self.cols if self.keep is None else sum(b - a for a, b in self.keep)
 
 
 def from_float(w: np.ndarray) -> QTensor:
@@ -49,36 +77,153 @@ def quantize(w: np.ndarray, qtype) -> QTensor:
         return from_float(w)
     if qtype == T.F16:
         return QTensor(qtype, *w.shape, w.astype(np.float16))
-    data = gguf_quants.quantize(w, qtype)
+    data = _quantize_k(w, qtype) if qtype in K_QUANTS else gguf_quants.quantize(w, qtype)
     if qtype == T.BF16:
         data = data.view(np.uint16)
     return QTensor(qtype, w.shape[0], w.shape[1], np.ascontiguousarray(data))
 
 
-def _blocks(qt: QTensor, block_bytes: int) -> np.ndarray:
-    return qt.data.reshape(qt.rows, qt.cols // BLOCK, block_bytes)  # (rows, n_blocks, block_bytes)
+def _quantize_k(w, qtype) -> np.ndarray:
+    """A plain K-quant quantiser (gguf has none): each sub-block's range mapped onto its integers, the sub-block
+    scales (and mins) onto 6 / 8 bits of the super-block's d (and dmin). Not llama.cpp's search for the best
+    scales, so a little less precise, but the blocks it writes are what llama.cpp reads."""
+    rows, cols = w.shape
+    if cols % SUPER:
+        raise ValueError(f"{qtype.name} needs rows of whole {SUPER}-element super-blocks, not {cols}")
+    x = w.reshape(-1, SUPER).astype(np.float32)
+    f16 = lambda a: a.astype(np.float16)  # noqa: E731
+    if qtype == T.Q6_K:
+        sub = x.reshape(-1, 16, 16)
+        amax = np.abs(sub).max(axis=2)  # (n, 16)
+        d = f16(amax.max(axis=1) / (31 * 127))
+        sc = np.clip(np.round(amax / 31 / np.maximum(d.astype(np.float32), 1e-30)[:, None]), 0, 127)
+        step = d.astype(np.float32)[:, None] * sc
+        q = np.clip(np.round(sub / np.where(step > 0, step, 1)[..., None]), -32, 31).astype(np.int16) + 32
+        q = q.reshape(-1, 2, 4, 32).astype(np.uint8)  # (half, k, i)
+        ql = (q[:, :, 0:2] & 15) | ((q[:, :, 2:4] & 15) << 4)  # byte 64h + 32(k % 2) + i
+        qh = (q >> 4) << (2 * np.arange(4, dtype=np.uint8))[:, None]
+        qh = np.bitwise_or.reduce(qh, axis=2)
+        out = [ql.reshape(-1, 128), qh.reshape(-1, 64), sc.astype(np.int8).view(np.uint8),
+               d[:, None].view(np.uint8)]
+        return np.concatenate(out, axis=1).reshape(rows, -1)
+    top = 15 if qtype == T.Q4_K else 31
+    sub = x.reshape(-1, 8, 32)
+    low = np.minimum(sub.min(axis=2), 0)  # (n, 8): what m undoes
+    scale = (sub.max(axis=2) - low) / top
+    d, dmin = f16(scale.max(axis=1) / 63), f16(-low.min(axis=1) / 63)
+    sc = np.clip(np.round(scale / np.maximum(d.astype(np.float32), 1e-30)[:, None]), 0, 63).astype(np.uint8)
+    m = np.clip(np.round(-low / np.maximum(dmin.astype(np.float32), 1e-30)[:, None]), 0, 63).astype(np.uint8)
+    step = d.astype(np.float32)[:, None] * sc
+    offset = dmin.astype(np.float32)[:, None] * m
+    q = np.round((sub + offset[..., None]) / np.where(step > 0, step, 1)[..., None])
+    q = np.clip(q, 0, top).astype(np.uint8)  # (n, 8, 32)
+    packed = np.concatenate([(sc[:, :4] & 63) | ((sc[:, 4:] >> 4) << 6), (m[:, :4] & 63) | ((m[:, 4:] >> 4) << 6),
+                             (sc[:, 4:] & 15) | ((m[:, 4:] & 15) << 4)], axis=1)
+    qs = (q[:, 0::2] & 15) | ((q[:, 1::2] & 15) << 4)  # byte 32c + i: sub-blocks 2c and 2c + 1
+    parts = [d[:, None].view(np.uint8), dmin[:, None].view(np.uint8), packed]
+    if qtype == T.Q5_K:  # bit j of byte i: element i of sub-block j
+        parts.append(np.bitwise_or.reduce((q >> 4) << np.arange(8, dtype=np.uint8)[:, None], axis=1))
+    return np.concatenate(parts + [qs.reshape(-1, 128)], axis=1).reshape(rows, -1)
+
+
+def _blocks(qt: QTensor) -> np.ndarray:
+    elems, nbytes = GGML_QUANT_SIZES[qt.qtype]
+    return qt.data.reshape(qt.rows, qt.cols // elems, nbytes)  # (rows, n_blocks, block bytes)
+
+
+def _f16(b, at):
+    """The float16 at byte `at` of each block, as float32 (..., 1)."""
+    return b[..., at:at + 2].copy().view(np.float16).astype(np.float32)
+
+
+def _nibbles(qs):
+    """16 bytes a block (..., 16) -> the 32 nibbles in element order: the low ones, then the high ones."""
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
+
+
+def _bits(hi, n):
+    """uint32 (..., 1) -> its n low bits (..., n), bit e at e."""
+    return ((hi.astype(np.uint32) >> np.arange(n, dtype=np.uint32)) & 1).astype(np.uint8)
+
+
+def k_scales(packed):
+    """Q4_K / Q5_K: the 12 bytes of scales (..., 12) -> (sc, m), each (..., 8) uint8 of 6 bits. Sub-blocks 0..3
+    keep theirs in the low 6 bits of bytes j (sc) and 4 + j (m); 4..7 in the nibbles of byte 8 + j (sc low, m low)
+    with the two top bits in the top bits of bytes j - 4 (sc) and j (m)."""
+    a, b, c = packed[..., 0:4], packed[..., 4:8], packed[..., 8:12]
+    sc = np.concatenate([a & 63, (c & 15) | ((a >> 6) << 4)], axis=-1)
+    m = np.concatenate([b & 63, (c >> 4) | ((b >> 6) << 4)], axis=-1)
+    return sc, m
+
+
+@dataclass
+class Unpacked:
+    """A quantised QTensor's numbers taken apart: element (r, e) is
+    d[r, e // super] * sc[r, e // sub] * q[r, e] + dmin[r, e // super] * m[r, e // sub]
+    where sc and m are 1 when None, and the dmin term 0 when dmin is None."""
+    q: np.ndarray  # int16 (rows, cols): the element's integer, its offset taken off (Q4_0: nibble - 8)
+    offset: int  # what was taken off the stored unsigned integer
+    super: int  # elements per d (and dmin)
+    sub: int  # elements per sc (and m)
+    d: np.ndarray  # float32 (rows, cols / super), from float16
+    sc: np.ndarray = None  # int16 (rows, cols / sub)
+    dmin: np.ndarray = None  # float32 (rows, cols / super), its sign included (K-quants: minus the file's dmin)
+    m: np.ndarray = None  # int16 (rows, cols / sub)
+
+
+def unpack(qt: QTensor) -> Unpacked:
+    t, b = qt.qtype, _blocks(qt)
+    rows = qt.rows
+    i16 = lambda a, per=1: a.astype(np.int16).reshape(rows, qt.cols // per)  # noqa: E731  (per: elements each)
+    if t == T.Q8_0:
+        return Unpacked(i16(b[..., 2:].view(np.int8)), 0, 32, 32, _f16(b, 0)[..., 0])
+    if t in (T.Q4_0, T.Q4_1):
+        q, offset = _nibbles(b[..., -16:]), (8 if t == T.Q4_0 else 0)
+    elif t in (T.Q5_0, T.Q5_1):
+        at = 2 if t == T.Q5_0 else 4
+        q = _nibbles(b[..., -16:]) | (_bits(b[..., at:at + 4].copy().view(np.uint32), 32) << 4)
+        offset = 16 if t == T.Q5_0 else 0
+    if t in (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1):
+        low = _f16(b, 2)[..., 0] if t in (T.Q4_1, T.Q5_1) else None
+        return Unpacked(i16(q) - offset, offset, 32, 32, _f16(b, 0)[..., 0], dmin=low)
+    if t in (T.Q4_K, T.Q5_K):
+        sc, m = k_scales(b[..., 4:16])  # (rows, n, 8)
+        qs = b[..., -128:].reshape(*b.shape[:2], 4, 1, 32)
+        q = np.concatenate([qs & 0x0F, qs >> 4], axis=3).reshape(*b.shape[:2], 8, 32)
+        if t == T.Q5_K:  # bit j of byte i: element i of sub-block j
+            q = q | (((b[..., 16:48, None] >> np.arange(8, dtype=np.uint8)) & 1).transpose(0, 1, 3, 2) << 4)
+        return Unpacked(i16(q), 0, SUPER, 32, _f16(b, 0)[..., 0], i16(sc, 32), -_f16(b, 2)[..., 0], i16(m, 32))
+    if t == T.Q6_K:
+        lo = b[..., :128].reshape(*b.shape[:2], 2, 2, 1, 32)  # (half, byte group k % 2, 1, i)
+        lo = np.concatenate([lo & 0x0F, lo >> 4], axis=4)  # (half, k % 2, k // 2, i)
+        lo = lo.transpose(0, 1, 2, 4, 3, 5).reshape(*b.shape[:2], 2, 4, 32)  # (half, k, i)
+        hi = (b[..., 128:192].reshape(*b.shape[:2], 2, 1, 32) >> (2 * np.arange(4, dtype=np.uint8))[:, None]) & 3
+        return Unpacked(i16(lo | (hi << 4)) - 32, 32, SUPER, 16, _f16(b, 208)[..., 0],
+                        i16(b[..., 192:208].view(np.int8), 16))
+    raise ValueError(f"no native dequantisation for {t.name}")
 
 
 def dequantize(qt: QTensor) -> np.ndarray:
-    """QTensor -> float32 (rows, cols), vectorised, no Python loop over blocks."""
+    """QTensor -> float32 (rows, width), vectorised, no Python loop over blocks."""
+    dense = _dequantize_stored(qt)
+    return dense if qt.keep is None else np.concatenate([dense[:, a:b] for a, b in qt.keep], axis=1)
+
+
+def _dequantize_stored(qt: QTensor) -> np.ndarray:
     if qt.qtype == T.F32:
         return qt.data
     if qt.qtype == T.F16:
         return qt.data.astype(np.float32)
     if qt.qtype == T.BF16:
         return (qt.data.astype(np.uint32) << 16).view(np.float32)
-    if qt.qtype == T.Q8_0:
-        b = _blocks(qt, 34)
-        scale = b[:, :, :2].copy().view(np.float16).astype(np.float32)  # (rows, n_blocks, 1)
-        q = b[:, :, 2:].view(np.int8).astype(np.float32)  # (rows, n_blocks, 32)
-        return (q * scale).reshape(qt.rows, qt.cols)
-    if qt.qtype == T.Q4_0:
-        b = _blocks(qt, 18)
-        scale = b[:, :, :2].copy().view(np.float16).astype(np.float32)
-        nib = b[:, :, 2:]
-        q = np.concatenate([nib & 0x0F, nib >> 4], axis=2).astype(np.float32) - 8.0  # (rows, n_blocks, 32)
-        return (q * scale).reshape(qt.rows, qt.cols)
-    raise ValueError(f"no native dequantisation for {qt.qtype.name}")
+    u = unpack(qt)
+    per_sub = lambda a: a.repeat(u.super // u.sub, axis=1)  # noqa: E731  (rows, cols / super) -> per sub-block
+    scale = per_sub(u.d) if u.sc is None else per_sub(u.d) * u.sc
+    values = scale[..., None] * u.q.reshape(qt.rows, qt.cols // u.sub, u.sub)
+    if u.dmin is not None:
+        low = per_sub(u.dmin) if u.m is None else per_sub(u.dmin) * u.m
+        values = values + low[..., None]
+    return values.astype(np.float32).reshape(qt.rows, qt.cols)
 
 
 def dequantize_any(raw: np.ndarray, qtype, rows: int, cols: int) -> np.ndarray:

@@ -159,14 +159,13 @@ def open_model(path):
 
 
 def make_backend(comm, name, threads, gpu, wraps):
-    """Every rank: its backend (errors agreed on), warmed up."""
+    """Every rank: its backend (errors agreed on). The cpu backend compiles each weight type's kernels (or loads
+    them from numba's cache) as the first matrix of that type is loaded, so the first token is not slower."""
     # Ranks on one machine share its cores (threads each); a rank's kernel threads spinning on a core another rank
     # needs stall both. numpy's BLAS only serves the small attention products: its thread pool, left spinning after
     # each, would take cores from the kernels (prefill ran 3x slower with it).
     threadpool_limits(1, user_api="blas")
-    backend = agree(comm, lambda: get_backend(name, threads=threads, device=gpu, wrap=wraps))
-    backend.warmup()
-    return backend
+    return agree(comm, lambda: get_backend(name, threads=threads, device=gpu, wrap=wraps))
 
 
 def peak_rss_bytes():

@@ -65,7 +65,7 @@ def pack(pieces):
     """[(key, QTensor or ndarray)] -> (meta, one uint8 buffer): what a message carries."""
     meta, arrays = [], []
     for key, value in pieces:
-        q = (int(value.qtype), value.rows, value.cols) if isinstance(value, QTensor) else None
+        q = (int(value.qtype), value.rows, value.cols, value.keep) if isinstance(value, QTensor) else None
         data = np.ascontiguousarray(value.data if q else value)
         meta.append((key, q, data.dtype.str, data.shape))
         arrays.append(data.reshape(-1).view(np.uint8))
@@ -78,7 +78,7 @@ def unpack(meta, buf) -> dict:
     for key, q, dtype, shape in meta:
         n = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
         data = buf[at:at + n].view(dtype).reshape(shape).copy()
-        out[key] = QTensor(T(q[0]), q[1], q[2], data) if q else data
+        out[key] = QTensor(T(q[0]), q[1], q[2], data, q[3] and tuple(map(tuple, q[3]))) if q else data
         at += n
     return out
 
@@ -90,11 +90,16 @@ def concat(parts, slicing):
     if len(parts) == 1:
         return parts[0]
     axis = 0 if slicing == ROWS else 1
-    if len({p.qtype for p in parts}) == 1:
+    if len({p.qtype for p in parts}) == 1 and (axis == 1 or all(p.keep is None for p in parts)):
         data = np.concatenate([p.data for p in parts], axis=axis)
-        rows = sum(p.rows for p in parts) if axis == 0 else parts[0].rows
-        cols = parts[0].cols if axis == 0 else sum(p.cols for p in parts)
-        return QTensor(parts[0].qtype, rows, cols, data)
+        if axis == 0:
+            return QTensor(parts[0].qtype, sum(p.rows for p in parts), parts[0].cols, data)
+        keep, at = [], 0
+        for p in parts:
+            keep += [(at + a, at + b) for a, b in (p.keep or [(0, p.cols)])]
+            at += p.cols
+        whole = sum(b - a for a, b in keep) == at
+        return QTensor(parts[0].qtype, parts[0].rows, at, data, None if whole else tuple(keep))
     return from_float(np.concatenate([dequantize(p) for p in parts], axis=axis))
 
 

@@ -4,11 +4,13 @@ A model is a `Shape` (the architecture's numbers), a weight type and a seed; the
 byte-identical file. Every tensor draws from its own generator, `default_rng([seed, crc32(name)])`, so a tensor's
 values do not depend on the order or size of the others.
 
-Two ways to fill a quantised (Q8_0 / Q4_0) tensor:
-- exact (small models, the default up to EXACT_UP_TO weights): draw the float32 weights of `random_weights` and
+The file types are llama.cpp's (`FILE_TYPES`): one type for the matrices, and in the _M mixes Q6_K for the
+classifier and for attn_v / ffn_down in some layers (`more_bits`); a K-quant tensor whose rows are not whole
+256-element super-blocks takes llama.cpp's fallback type (`FALLBACK`). Two ways to fill a quantised tensor:
+- exact (every type; Q8_0 / Q4_0 only up to EXACT_UP_TO weights): draw the float32 weights of `random_weights` and
   quantise them with `spmd.quants.quantize`, so the file holds exactly `quantize(random_weights(...)[name])`;
-- direct (large models): draw random int8 / nibbles and random fp16 block scales of the same standard deviation,
-  one tensor at a time, straight into the file; TinyLlama in Q4_0 (~620 MB) writes in seconds in little memory.
+- direct (large Q8_0 / Q4_0 models): draw random int8 / nibbles and random fp16 block scales of the same standard
+  deviation, one tensor at a time, straight into the file; TinyLlama in Q4_0 (~620 MB) writes in seconds.
 
 Layout follows llama.cpp's converter: matrices are (out, in) in numpy order; llama's attn_q / attn_k rows are in
 GGUF's interleaved-pair RoPE order (random weights are defined in that layout, the HF model un-permutes them);
@@ -24,13 +26,20 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 from gguf import GGUFWriter, LlamaFileType, TokenType
 
-from .quants import BLOCK, block_size, quantize, row_bytes
+from .quants import BLOCK, SUPER, block_size, quantize, row_bytes
 
 EXACT_UP_TO = 1 << 24  # weights; bigger models get random quant blocks written directly
 RMS_EPS = {"llama": 1e-5, "qwen2": 1e-6}
-FILE_TYPE = {T.F32: LlamaFileType.ALL_F32, T.F16: LlamaFileType.MOSTLY_F16, T.BF16: LlamaFileType.MOSTLY_BF16,
-             T.Q8_0: LlamaFileType.MOSTLY_Q8_0, T.Q4_0: LlamaFileType.MOSTLY_Q4_0,
-             T.Q5_0: LlamaFileType.MOSTLY_Q5_0}  # Q5_0: a type the engine dequantises at load
+# The file types synth writes, as llama.cpp's quantiser makes them: (its file type, the matrices' type, the type of
+# those that get more bits: the classifier, and attn_v and ffn_down in the layers of `more_bits`)
+FILE_TYPES = {"F32": (LlamaFileType.ALL_F32, T.F32, None), "F16": (LlamaFileType.MOSTLY_F16, T.F16, None),
+              "BF16": (LlamaFileType.MOSTLY_BF16, T.BF16, None), "Q8_0": (LlamaFileType.MOSTLY_Q8_0, T.Q8_0, None),
+              "Q4_0": (LlamaFileType.MOSTLY_Q4_0, T.Q4_0, None), "Q4_1": (LlamaFileType.MOSTLY_Q4_1, T.Q4_1, None),
+              "Q5_0": (LlamaFileType.MOSTLY_Q5_0, T.Q5_0, None), "Q5_1": (LlamaFileType.MOSTLY_Q5_1, T.Q5_1, None),
+              "Q4_K_M": (LlamaFileType.MOSTLY_Q4_K_M, T.Q4_K, T.Q6_K),
+              "Q5_K_M": (LlamaFileType.MOSTLY_Q5_K_M, T.Q5_K, T.Q6_K),
+              "Q6_K": (LlamaFileType.MOSTLY_Q6_K, T.Q6_K, None)}
+FALLBACK = {T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0}  # llama.cpp's, for rows not of whole super-blocks
 # Standard deviation of a matrix is GAIN / sqrt(fan_in): q.k scores of std ~1, layers that move the residual as
 # much as the embedding does, and classifier logits of std ~2 so greedy steps are rarely near-ties.
 # Embeddings N(0, 1): each token stands out in the residual stream; N(0, 1/dim) when tied (the classifier's logits
@@ -160,12 +169,26 @@ def _random_blocks(spec: TensorSpec, qtype, seed, tied) -> np.ndarray:
     return np.concatenate([scales.view(np.uint8), quants], axis=1).reshape(rows, row_bytes(qtype, cols))
 
 
-def _stored_type(spec: TensorSpec, qtype):
-    return qtype if len(spec.shape) == 2 else T.F32
+def more_bits(layer, n_layers) -> bool:
+    """llama.cpp's layers whose attn_v and ffn_down get more bits in a _M file: the first and last eighth, and
+    every third between."""
+    eighth = n_layers // 8
+    return layer < eighth or layer >= 7 * n_layers // 8 or (layer - eighth) % 3 == 2
 
 
-def _stored_data(spec: TensorSpec, qtype, shape: Shape, seed, exact) -> np.ndarray:
-    t = _stored_type(spec, qtype)
+def _stored_type(spec: TensorSpec, kind, shape: Shape):
+    if len(spec.shape) == 1:
+        return T.F32
+    _, t, more = FILE_TYPES[kind]
+    parts = spec.name.split(".")
+    classifier = spec.name == "output.weight" or (shape.tied and spec.kind == "embd")
+    if more is not None and (classifier or (parts[0] == "blk" and parts[2] in ("attn_v", "ffn_down")
+                                            and more_bits(int(parts[1]), shape.n_layers))):
+        t = more
+    return FALLBACK[t] if t in FALLBACK and spec.shape[1] % SUPER else t
+
+
+def _stored_data(spec: TensorSpec, t, shape: Shape, seed, exact) -> np.ndarray:
     if t in (T.Q8_0, T.Q4_0) and not exact:
         return _random_blocks(spec, t, seed, shape.tied)
     w = _float_tensor(spec, shape, seed)
@@ -173,11 +196,12 @@ def _stored_data(spec: TensorSpec, qtype, shape: Shape, seed, exact) -> np.ndarr
 
 
 # ---- file -----------------------------------------------------------------------------------------------------
-def _check(shape: Shape, qtype):
+def _check(shape: Shape, kind):
     if shape.arch not in RMS_EPS:
         raise ValueError(f"unknown arch {shape.arch!r}; expected one of {sorted(RMS_EPS)}")
-    if qtype not in FILE_TYPE:
-        raise ValueError(f"unsupported weight type {qtype.name}; expected one of {[t.name for t in FILE_TYPE]}")
+    if kind not in FILE_TYPES:
+        raise ValueError(f"unsupported file type {kind}; expected one of {list(FILE_TYPES)}")
+    qtype = FILE_TYPES[kind][1]
     if shape.dim % shape.n_heads or shape.n_heads % shape.n_kv_heads or shape.head_dim % 2:
         raise ValueError(f"inconsistent heads: dim {shape.dim}, n_heads {shape.n_heads}, n_kv {shape.n_kv_heads}")
     if block_size(qtype) > 1 and (shape.dim % BLOCK or shape.ffn % BLOCK):
@@ -185,23 +209,23 @@ def _check(shape: Shape, qtype):
 
 
 def write_model(path, shape: Shape, qtype="F32", seed=0, exact=None, chat_template=None):
-    """Write a random `shape` model to `path` (matrices in `qtype`, norms/biases F32), with `chat_template` (Jinja
-    text) where given; returns `path`.
+    """Write a random `shape` model to `path` (matrices in `qtype`, a type or a FILE_TYPES name such as "Q4_K_M";
+    norms/biases F32), with `chat_template` (Jinja text) where given; returns `path`.
 
     exact: quantised types from quantising `random_weights` (True) or from random blocks (False);
     None picks exact for models up to EXACT_UP_TO weights.
     """
-    qtype = T[qtype] if isinstance(qtype, str) else T(qtype)
-    _check(shape, qtype)
+    kind = qtype if isinstance(qtype, str) else T(qtype).name
+    _check(shape, kind)
     if exact is None:
         exact = shape.n_params <= EXACT_UP_TO
     plan = tensor_plan(shape)
     writer = GGUFWriter(str(path), shape.arch)
-    _add_metadata(writer, shape, qtype, seed)
+    _add_metadata(writer, shape, kind, seed)
     if chat_template is not None:
         writer.add_chat_template(chat_template)
     for spec in plan:
-        t = _stored_type(spec, qtype)
+        t = _stored_type(spec, kind, shape)
         rows = spec.shape[0] if len(spec.shape) == 2 else 1
         nbytes = rows * row_bytes(t, spec.shape[-1])
         if block_size(t) > 1:
@@ -214,16 +238,17 @@ def write_model(path, shape: Shape, qtype="F32", seed=0, exact=None, chat_templa
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         for spec in plan:  # one tensor in memory at a time
-            writer.write_tensor_data(np.ascontiguousarray(_stored_data(spec, qtype, shape, seed, exact)))
+            writer.write_tensor_data(np.ascontiguousarray(_stored_data(spec, _stored_type(spec, kind, shape), shape,
+                                                                       seed, exact)))
     finally:
         writer.close()
     return path
 
 
-def _add_metadata(w: GGUFWriter, shape: Shape, qtype, seed):
-    w.add_name(f"synth-{shape.arch}-d{shape.dim}-L{shape.n_layers}-{qtype.name}-seed{seed}")
-    w.add_file_type(FILE_TYPE[qtype])
-    if qtype in (T.Q8_0, T.Q4_0):
+def _add_metadata(w: GGUFWriter, shape: Shape, kind, seed):
+    w.add_name(f"synth-{shape.arch}-d{shape.dim}-L{shape.n_layers}-{kind}-seed{seed}")
+    w.add_file_type(FILE_TYPES[kind][0])
+    if block_size(FILE_TYPES[kind][1]) > 1:
         w.add_quantization_version(2)
     w.add_context_length(shape.context)
     w.add_embedding_length(shape.dim)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .plan import Share, scale_ranges
+from .quants import dequantize, from_float
 
 ROWS, COLS, VECTOR = 0, 1, 2  # how a tensor is sliced
 # field of LayerWeights -> (GGUF name in the block, slicing, element unit); "heads": query heads (head_dim rows each,
@@ -130,7 +131,16 @@ def load_shard(f, cfg, share: Share, backend, notice=print, read=None, old=None,
             return getattr(old.layer(i), field)
         if slicing == VECTOR:
             return read(f"blk.{i}.{name}", VECTOR, element_spans(cfg, share, unit)) if cfg.qkv_bias else None
-        return backend.linear(read(f"blk.{i}.{name}", slicing, element_spans(cfg, share, unit)))
+        return backend.linear(fit(read(f"blk.{i}.{name}", slicing, element_spans(cfg, share, unit))))
+
+    def fit(qt):
+        """The slice as the backend computes with it: F32 where it has no kernel for its type or its cut."""
+        if backend.types is None or (qt.qtype in backend.types and qt.keep is None):
+            return qt
+        why = "cut through quant blocks" if qt.qtype in backend.types else f"in {qt.qtype.name}"
+        f.notice_once(notice, ("backend", why), f"note: the {backend.name} backend has no kernel for weights {why}; "
+                      "it holds them as F32 (4 bytes a weight)")
+        return from_float(dequantize(qt))
 
     layers = [LayerWeights(attn_norm=f.vector(f"blk.{i}.attn_norm.weight"),
                            ffn_norm=f.vector(f"blk.{i}.ffn_norm.weight"),
@@ -139,7 +149,7 @@ def load_shard(f, cfg, share: Share, backend, notice=print, read=None, old=None,
     if share.n_vocab and old is not None and old.output is not None and "vocab" in keep:
         output, output_norm = old.output, old.output_norm
     elif share.n_vocab:
-        output = backend.linear(read(classifier_name(cfg), ROWS, element_spans(cfg, share, "vocab")))
+        output = backend.linear(fit(read(classifier_name(cfg), ROWS, element_spans(cfg, share, "vocab"))))
         output_norm = f.vector("output_norm.weight")
     return ShardWeights(
         first=share.layers[0], layers=layers, output_norm=output_norm, output=output,

@@ -8,29 +8,37 @@ import tracemalloc
 import numba
 import numpy as np
 import pytest
-from gguf import GGMLQuantizationType as T
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 from gguf import quants as gguf_quants
 
 from spmd.backends import cpu, get_backend
 from spmd.backends.cpu import CpuBackend
 from spmd.backends.numpy_ref import NumpyBackend
 from spmd.errors import UserError
-from spmd.quants import QTensor, dequantize, quantize, row_bytes
+from spmd.quants import F16_FIELDS, QTensor, block_size, dequantize, quantize, row_bytes
 
-TYPES = (T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0)
-QUANTISED = (T.Q8_0, T.Q4_0)
+TYPES = (T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K)
+QUANTISED = TYPES[3:]
 NAMES = [t.name for t in TYPES]
 SHAPES = ((1, 32), (37, 96), (300, 544), (20, 4160), (0, 64))  # one block; odd rows; cols % 128 != 0; long; none
 # float16 scales: normal, negative, subnormal (2^-20, -2^-24), zero
 SCALES = np.array([0.01, -0.02, 0.5, -1.0, 2.0 ** -20, -(2.0 ** -24), 0.0, 1e-3], np.float16)
 
 
+def whole_blocks(qtype, cols):
+    """`cols` rounded up to the type's block (K-quants: 256): the test shapes made valid for every type."""
+    return -(-cols // block_size(qtype)) * block_size(qtype)
+
+
 def random_qtensor(qtype, rows, cols, rng, raw=True) -> QTensor:
-    """Random weights; quantised types as raw blocks (every nibble/byte value, scales from SCALES)."""
+    """Random weights, `cols` rounded up to whole blocks; quantised types as raw blocks (every byte value, float16
+    scales and mins from SCALES)."""
+    cols = whole_blocks(qtype, cols)
     if qtype in QUANTISED and raw:
-        blk = 18 if qtype == T.Q4_0 else 34
-        data = rng.integers(0, 256, (rows, cols // 32, blk), dtype=np.uint8)
-        data[:, :, :2] = rng.choice(SCALES, (rows, cols // 32, 1)).view(np.uint8)
+        elems, size = GGML_QUANT_SIZES[qtype]
+        data = rng.integers(0, 256, (rows, cols // elems, size), dtype=np.uint8)
+        for at in F16_FIELDS[qtype]:
+            data[:, :, at:at + 2] = rng.choice(SCALES, (rows, cols // elems, 1)).view(np.uint8)
         return QTensor(qtype, rows, cols, data.reshape(rows, row_bytes(qtype, cols)))
     return quantize(rng.standard_normal((rows, cols)).astype(np.float32), qtype)
 
@@ -85,8 +93,8 @@ def test_dequantize_matches_gguf(qtype):
 def test_numpy_reference_is_the_gguf_product(qtype):
     rng = np.random.default_rng(2)
     w = random_qtensor(qtype, 40, 128, rng)
-    x = activations(3, 128, rng)
-    w_gguf = gguf_quants.dequantize(w.data.view(np.uint8), qtype).reshape(40, 128).astype(np.float32)
+    x = activations(3, w.cols, rng)
+    w_gguf = gguf_quants.dequantize(w.data.view(np.uint8), qtype).reshape(40, w.cols).astype(np.float32)
     np.testing.assert_allclose(NumpyBackend().linear(w)(x), x @ w_gguf.T, rtol=1e-6, atol=1e-6)
 
 
@@ -95,7 +103,7 @@ def test_numpy_reference_is_the_gguf_product(qtype):
 def test_empty_shard_gives_zeros(backend, qtype):
     rng = np.random.default_rng(3)
     no_rows = backend.linear(random_qtensor(qtype, 0, 64, rng))
-    assert no_rows(activations(2, 64, rng)).shape == (2, 0)
+    assert no_rows(activations(2, no_rows.cols, rng)).shape == (2, 0)
     no_cols = backend.linear(QTensor(qtype, 3, 0, np.zeros((3, 0), random_qtensor(qtype, 1, 32, rng).data.dtype)))
     out = np.full((2, 3), np.nan, np.float32)
     assert no_cols(np.zeros((2, 0), np.float32), out=out) is out and not out.any()
@@ -108,13 +116,21 @@ def test_empty_shard_gives_zeros(backend, qtype):
 def test_cpu_matches_reference(qtype, shape, n):
     rng = np.random.default_rng(4)
     w = random_qtensor(qtype, *shape, rng)
-    x = activations(n, shape[1], rng)
+    x = activations(n, w.cols, rng)
     ref = NumpyBackend().linear(w)(x)
     lin = CpuBackend().linear(w)
-    assert (lin.rows, lin.cols) == shape and lin.nbytes >= w.nbytes  # more only by padding
+    assert (lin.rows, lin.cols) == (w.rows, w.cols) and lin.nbytes >= w.nbytes  # more only by padding
     got = lin(x)
-    assert got.shape == (n, shape[0]) and got.dtype == np.float32
+    assert got.shape == (n, w.rows) and got.dtype == np.float32
     assert np.all(np.abs(got - ref) <= tolerance(w, x))
+
+
+@pytest.mark.parametrize("qtype", QUANTISED, ids=NAMES[3:])
+def test_cpu_holds_about_the_file_bytes(qtype):
+    """Kept quantised, not widened: rows of whole groups take the file's bytes, Q4_K / Q5_K 3% more at most (their
+    6-bit scales held as bytes)."""
+    w = random_qtensor(qtype, 8, 4096, np.random.default_rng(9))
+    assert w.nbytes <= CpuBackend().linear(w).nbytes <= 1.03 * w.nbytes
 
 
 @pytest.mark.parametrize("qtype", QUANTISED, ids=NAMES[3:])
@@ -176,10 +192,10 @@ def test_row_slices_are_bit_identical(qtype, cols, kernel_backend):
     rng = np.random.default_rng(7)
     rows = 101
     w = random_qtensor(qtype, rows, cols, rng)
-    x = activations(15, cols, rng)
+    x = activations(15, w.cols, rng)
     full = CpuBackend(threads=1).linear(w)(x)
     for a, b in ((50, 60), (1, 2), (33, 97), (100, 101), (0, 101)):
-        part = kernel_backend.linear(QTensor(qtype, b - a, cols, w.data[a:b].copy()))
+        part = kernel_backend.linear(QTensor(qtype, b - a, w.cols, w.data[a:b].copy()))
         np.testing.assert_array_equal(bits(part(x)), bits(full[:, a:b]))
         for i in (0, 4, 9, 13, 14):  # a batch of 15 (8 + 4 + 2 + 1 rows through different tiles) against one row
             np.testing.assert_array_equal(bits(part(x[i:i + 1])), bits(full[i:i + 1, a:b]))
@@ -203,19 +219,20 @@ from spmd.quants import QTensor
 assert not cpu.AVX512
 for name in sys.argv[2:]:
     w, x = np.load(sys.argv[1] + name + ".w.npy"), np.load(sys.argv[1] + name + ".x.npy")
-    np.save(sys.argv[1] + name + ".y.npy", cpu.CpuBackend(threads=1).linear(QTensor(T[name], 37, 544, w))(x))
+    lin = cpu.CpuBackend(threads=1).linear(QTensor(T[name], w.shape[0], x.shape[1], w))
+    np.save(sys.argv[1] + name + ".y.npy", lin(x))
 """
 
 
 @pytest.mark.skipif(not cpu.AVX512, reason="no AVX-512 (or SPMD_CPU_GENERIC): the portable kernel is in use")
 def test_portable_kernel_is_bit_identical(tmp_path):
-    """SPMD_CPU_GENERIC=1 (in a fresh numba cache) gives the plain-LLVM Q4_0 conversion other CPUs get: same bits
-    (Q8_0 runs the same code either way, checked here too)."""
+    """SPMD_CPU_GENERIC=1 (in a fresh numba cache) gives the plain-LLVM nibble conversion other CPUs get: same bits
+    for the 4-bit types that have a vpermps table (Q8_0 runs the same code either way, checked here too)."""
     rng = np.random.default_rng(8)
     names, expect = [], {}
-    for qtype in QUANTISED:
+    for qtype in (T.Q4_0, T.Q4_1, T.Q4_K, T.Q8_0):
         w = random_qtensor(qtype, 37, 544, rng)
-        x = activations(5, 544, rng)
+        x = activations(5, w.cols, rng)
         np.save(tmp_path / f"{qtype.name}.w.npy", w.data)
         np.save(tmp_path / f"{qtype.name}.x.npy", x)
         expect[qtype.name] = CpuBackend(threads=1).linear(w)(x)

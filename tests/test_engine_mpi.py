@@ -14,11 +14,18 @@ from spmd.prompts import PromptSpec
 from spmd.synth import Shape
 
 
+# K-quant files as llama.cpp's quantiser lays them out: rows of 256 (Q4_K / Q5_K, Q6_K where more bits go), and
+# with rows of 96 its fallbacks (Q5_0, Q5_1, Q8_0); a head's 64 columns cut Q4_K's 256-column super-blocks
+K_SHAPE = Shape(dim=256, n_layers=4, n_heads=4, n_kv_heads=2, ffn=768, vocab=512, context=64)
+K_MODELS = {"Q4_K_M": (K_SHAPE, "Q4_K_M", 7), "Q5_K_M": (K_SHAPE, "Q5_K_M", 7), "Q6_K": (K_SHAPE, "Q6_K", 7),
+            "Q5_K_M rows of 96": (Shape(**{**SHAPE.__dict__, "dim": 96, "ffn": 160, "n_layers": 4}), "Q5_K_M", 7)}
+
+
 @pytest.fixture(scope="module")
 def models():
     one_kv_head = Shape(**{**SHAPE.__dict__, "n_kv_heads": 1})
     yield from shared_models("spmd-test-", {"Q5_0 one kv head": (one_kv_head, "Q5_0", 7),
-                                            "F32 seed 2": (SHAPE, "F32", 2)})
+                                            "F32 seed 2": (SHAPE, "F32", 2), **K_MODELS})
 
 
 @pytest.mark.mpi
@@ -35,6 +42,39 @@ def test_tokens_equal_single_rank(models, qtype, allreduce, unequal):
         assert [r["rank"] for r in result["ranks"]] == list(range(WORLD.size))
     else:
         assert result is None
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("name", K_MODELS)
+def test_k_quant_files_give_the_same_tokens_at_any_layout(models, name):
+    """Kept as the file has them (kernels per type), the tokens do not change with the ranks, ratios or stages,
+    and match the numpy reference backend's (float32 weights dequantised from the file)."""
+    expected = one_rank_tokens(model=models[name], backend="numpy")
+    layouts = [None, UNEQUAL[WORLD.size]] + (["*".join("1" * WORLD.size)] if WORLD.size > 1 else [])
+    for ratios in layouts:
+        result = generate(WORLD, model=models[name], ratios=ratios)
+        if WORLD.rank == 0:
+            assert result["tokens"] == expected, ratios
+
+
+@pytest.mark.mpi
+def test_k_quant_weights_are_held_at_about_the_files_bytes(models):
+    """Each rank holds its share in the file's types, not as floats: the cpu backend's layouts add 3% at most (Q4_K:
+    148 bytes for 144). Ranks that split a column-split matrix (attn_output, ffn_down) inside a super-block both
+    hold it: at most one super-block a row more for each boundary between ranks."""
+    from gguf import GGML_QUANT_SIZES
+    from spmd.gguf_file import GGUFFile
+    f = GGUFFile(models["Q4_K_M"])
+    matrices = sum(i.nbytes for n, i in f.tensors.items() if len(i.shape) == 2 and n != "token_embd.weight")
+    super_rows = sum(i.shape[0] * GGML_QUANT_SIZES[i.qtype][1] for n, i in f.tensors.items()
+                     if n.endswith(("attn_output.weight", "ffn_down.weight")))
+    f.close()
+    alone = generate(MPI.COMM_SELF, model=models["Q4_K_M"], steps=1)["ranks"][0]["weights_bytes"]
+    result = generate(WORLD, model=models["Q4_K_M"], ratios=UNEQUAL[WORLD.size], steps=1)
+    if WORLD.rank == 0:
+        assert matrices <= alone <= 1.03 * matrices
+        held = sum(r["weights_bytes"] for r in result["ranks"])
+        assert matrices <= held <= 1.03 * (matrices + (WORLD.size - 1) * super_rows), (held, matrices)
 
 
 @pytest.mark.mpi

@@ -6,7 +6,8 @@ from types import SimpleNamespace
 import pytest
 
 from spmd.errors import UserError
-from spmd.plan import FFN_BLOCK, StageSpec, apportion, chunk_counts, make_plan, parse_layout, ranges
+from spmd.plan import (FFN_BLOCK, StageSpec, apportion, chunk_counts, ffn_counts, ffn_unit, make_plan, parse_layout,
+                       ranges)
 
 TINYLLAMA = SimpleNamespace(n_layers=22, n_heads=32, n_kv_heads=4, ffn_dim=5632, vocab=32000)
 
@@ -103,6 +104,21 @@ def test_more_ranks_than_kv_heads_leaves_some_ranks_without_heads():
     assert sum(s.n_kv for s in plan) == 4
     assert [s.n_kv for s in plan].count(0) == 2
     assert all(s.n_ffn > 0 and s.n_vocab > 0 for s in plan)
+
+
+def test_a_k_quant_ffn_down_is_split_in_whole_super_blocks():
+    """ffn_down is split by columns: in a K-quant file the ranks' FFN ranges keep its 256-column super-blocks
+    whole (8 blocks of 32), unless that would leave a working rank none."""
+    from spmd.gguf_file import T
+    dims = SimpleNamespace(**{**TINYLLAMA.__dict__, "ffn_unit": ffn_unit([T.Q4_K, T.Q6_K])})  # 5632 = 22 x 256
+    assert dims.ffn_unit == 8 and ffn_unit([T.Q8_0, T.F16]) == 1
+    for text in ("1:1", "2:3:3", "1:2:3:4"):
+        plan = plan_of(text, dims)
+        assert all(a % 256 == 0 for s in plan for a, _ in s.ffn_ranges)
+        covers(plan, lambda s: s.ffn_blocks, 176)
+    assert ffn_counts(20, [1, 1, 1], 8) == [8, 8, 4]  # the last unit short
+    assert ffn_counts(12, [1, 1, 1], 8) == [4, 4, 4]  # 2 units for 3 ranks: by single blocks
+    assert ffn_counts(12, [1, 0, 1], 8) == [8, 0, 4]  # an idle rank needs none
 
 
 def test_ffn_not_a_multiple_of_the_block():

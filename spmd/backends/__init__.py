@@ -10,9 +10,11 @@
     y = lin(x, out=None)                 # x: float32 (n, cols) -> float32 (n, rows) = x @ W.T, into `out` if given
     model = backend.make_model(cfg, weights, share, max_seq, slots)   # spmd.model.Model, or the backend's own
                                          # (Vulkan); sequences of up to max_seq positions in slots 0..slots-1
-    backend.warmup()                     # compile what the first step would (numba); may do nothing
     backend.model_owns_weights           # True where the model frees its matrices on close(): a re-partition
                                          # then reads every matrix again instead of keeping unchanged ones
+    backend.types                        # the weight types it computes with as they are, None: every type
+                                         # spmd.quants keeps, and slices that cut through quant blocks
+                                         # (spmd.weights hands it others as F32)
 """
 import numpy as np
 
@@ -24,6 +26,7 @@ BACKENDS = ("numpy", "cpu", "vulkan")
 class Backend:
     name = description = None
     model_owns_weights = False
+    types = None
 
     def linear(self, w):
         raise NotImplementedError
@@ -31,9 +34,6 @@ class Backend:
     def make_model(self, cfg, weights, share, max_seq, slots=1):
         from ..model import Model
         return Model(cfg, weights, share, max_seq, slots)
-
-    def warmup(self):
-        pass
 
     def device_memory_bytes(self):
         """Memory of the device the backend computes on where it is not the host's (a GPU's), else None."""

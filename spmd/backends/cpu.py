@@ -15,22 +15,33 @@ both cores, 0.75-1.35 on one, a noisy machine), but from cache they were ~1.6x f
 vpdpbusd per 64 products), so where memory is faster per core the gap shows; prompts (n = 64) run at 0.7-1.0 of
 their speed, bound by one fused multiply-add per 16 products.)
 
-Layouts, made once at load (`_REPACK`); cols are padded with zeros to a multiple of 128 (Q4_0, Q8_0) or 64 (floats):
-  Q4_0  w  uint8   (rows, cols/2)    per 128-element group, 64 bytes = 16 little-endian dwords: nibble v (bits
-                                     4v..4v+3) of dword l is element 8l + v, unsigned 0..15 (value = nibble - 8);
-                                     that is, byte e holds element 2e (low nibble) and 2e + 1 (high nibble)
-  Q8_0  w  int8    (rows, cols)      per 128-element group, byte 16v + l is element 8l + v
-        wd uint16  (rows, cols/32)   float16 bits of one scale per 32-element block (Q4_0 and Q8_0)
-  F32 / F16 / BF16   w float32 / int16 / uint16 (rows, cols): numba has no float16, so F16 keeps its bits as
-                     int16, which also tells its kernel apart from BF16's uint16
+Layouts, made once at load (`_repack_quantised`, `_repack_float`) from the file's blocks (`spmd.quants.unpack`);
+four arrays a matrix (w, wh, wd, ws; a type without one gets a 1x1 dummy), rows padded with zeros to a multiple of
+128 elements (K-quants: 256) or 64 (floats). `FORMATS` says what each quantised type has:
+  w   4-bit types   uint8 (rows, cols/2): per 128-element group, 64 bytes = 16 little-endian dwords: nibble v (bits
+                    4v..4v+3) of dword l is element 8l + v; that is, byte e holds elements 2e (low) and 2e + 1 (high)
+      Q8_0          int8 (rows, cols): per 128-element group, byte 16v + l is element 8l + v
+  wh  Q5_*, Q5_K    uint8 (rows, cols/8): bit v of byte 16g + l is the 5th bit of element 8l + v of group g
+      Q6_K          uint16 (rows, cols/8): bits 2v..2v+1 of word 16g + l are the top two bits of that element
+  wd  32-element    float16 bits: per group its 4 blocks' d, then (Q4_1, Q5_1) their 4 m
+      K-quants      float16 bits: per 256-element super-block its d, then (Q4_K, Q5_K) minus its dmin
+  ws  K-quants      uint8 (rows, cols/16): per group its 4 sub-blocks' 6-bit scales then their 6-bit mins (Q4_K,
+                    Q5_K), or its 8 int8 scales of 16 elements each (Q6_K)
+  F32 / F16 / BF16  w float32 / int16 / uint16 (rows, cols): numba has no float16, so F16 keeps its bits as int16
+An element is (integer - offset) * scale [+ min]: the integer is the nibble, with the high bits above it where the
+type has them; the scale is d (times the sub-block's scale for K-quants), the min dmin times its m (K) or m.
+Memory: the file's bytes (Q4_K 148 for 144, Q5_K 180 for 176: their packed 6-bit scales held as bytes).
 
-Quantised kernels: lane l (of 16) of a 128-element group owns elements 8l..8l+7, all in block l // 4. For v = 0..7
-the kernel turns element 8l + v of every lane into its integer as float32 (Q4_0: a shift puts nibble v of each dword
-in the low 4 bits and vpermps looks it up in the 16-entry table -8..7; Q8_0: 16 bytes sign-extended and converted)
-and fused-multiply-adds it with x[8l + v] into the lane's sum s (v = 0 multiplies); then acc += the lane's block
-scale * s, one more fused multiply-add. Each of these rounds once, as a float dot product does. The activations are
-copied once per call into the same transposed order (scratch (n, padded cols) float32), so x[8l + v] of the 16 lanes
-is one load. Float kernels convert 16 weights at a time to float32 and fused-multiply-add them, in 2 accumulators.
+Quantised kernels: lane l (of 16) of a 128-element group owns elements 8l..8l+7, all in sub-block l // 4 (Q6_K:
+l // 2). For v = 0..7 the kernel turns element 8l + v of every lane into its integer as float32 (4-bit types: a
+shift puts nibble v of each dword in the low 4 bits and vpermps looks it up in the 16-entry table of nibble minus
+offset; with high bits, shifts, masks and an or, then a conversion; Q8_0: 16 bytes sign-extended and converted) and
+fused-multiply-adds it with x[8l + v] into the lane's sum s (v = 0 multiplies); then acc += the lane's scale * s,
+and for types with mins acc += the lane's min * (the sum of its 8 activations), one fused multiply-add each. Each
+of these rounds once, as a float dot product does. The activations are copied once per call into the same
+transposed order (scratch (n, padded cols) float32), so x[8l + v] of the 16 lanes is one load, with their sums by
+8 beside them. Float kernels convert 16 weights at a time to float32 and fused-multiply-add them, in 2
+accumulators. A kernel is compiled per type (its GGML number a compile-time constant, `_entry`), on first use.
 
 The kernels work on tiles of 2 weight rows x 4 activation rows (x 8 for quantised weights where AVX-512 has the
 registers, x 2 for a pair left over), so a prompt's or a batched decode step's weight loads and conversions serve
@@ -44,10 +55,11 @@ are contiguous: nw rows ahead), which is where the kernel goes next.
 Every (weight row, activation row) dot product runs the same instructions in the same order whatever the tile, the
 row range held, the thread partition or the batch size, so results are bit-identical across those (the tests hold
 this). No fast-math: llvm.fma rounds once on any CPU (an instruction where there is one), so the results do not
-depend on the CPU either: without AVX-512, or with SPMD_CPU_GENERIC=1, Q4_0 nibbles are converted with plain LLVM
-vector code (mask, integer to float, minus 8) to the same exact values as vpermps's table.
+depend on the CPU either: without AVX-512, or with SPMD_CPU_GENERIC=1, nibbles are converted with plain LLVM
+vector code (mask, minus the offset, integer to float) to the same exact values as vpermps's table.
 """
 import os
+from dataclasses import dataclass
 
 import numba
 import numpy as np
@@ -58,7 +70,7 @@ from numba.core import cgutils
 from numba.core.codegen import get_host_cpu_features
 from numba.extending import intrinsic, overload
 
-from ..quants import QTensor, quantize
+from ..quants import SUPER, QTensor, unpack
 from . import Backend, prepare_call
 
 # vpermps (AVX-512F) turns Q4_0 nibbles into floats where numba compiles for it (the host's features, or
@@ -124,17 +136,24 @@ def _to_f32(b, ptr, offset, dtype):
     return b.bitcast(bits, _vec(F32, 16))
 
 
-_NIBBLE_VALUES = ir.Constant(_vec(F32, 16), [ir.Constant(F32, float(n - 8)) for n in range(16)])
-
-
-def _nibbles_to_f32(b, dw, v):
-    """Nibble v of each of the 16 dwords dw, minus 8, as 16 x float (exact)."""
+def _nibbles_to_f32(b, dw, v, offset):
+    """Nibble v of each of the 16 dwords dw, minus `offset`, as 16 x float (exact)."""
     idx = b.lshr(dw, _splat(I32, 4 * v, 16)) if v else dw
     if AVX512:  # vpermps: the table entry at the low 4 bits of each index
         fnty = ir.FunctionType(_vec(F32, 16), [_vec(F32, 16), _vec(I32, 16)])
         fn = cgutils.get_or_insert_function(b.module, fnty, "llvm.x86.avx512.permvar.sf.512")
-        return b.call(fn, [_NIBBLE_VALUES, idx])
-    return b.fsub(b.uitofp(b.and_(idx, _splat(I32, 15, 16)), _vec(F32, 16)), _splat(F32, 8.0, 16))
+        table = ir.Constant(_vec(F32, 16), [ir.Constant(F32, float(n - offset)) for n in range(16)])
+        return b.call(fn, [table, idx])
+    return b.sitofp(b.sub(b.and_(idx, _splat(I32, 15, 16)), _splat(I32, offset, 16)), _vec(F32, 16))
+
+
+def _ints_to_f32(b, dw, hw, v, fmt):
+    """Element 8l + v of the 16 lanes with high bits (Q5_*, Q6_K): nibble v of dword l, plus field v of the lane's
+    high-bit word hw (zero-extended) shifted up by 4, minus the offset, as 16 x float (exact)."""
+    lo = b.and_(b.lshr(dw, _splat(I32, 4 * v, 16)) if v else dw, _splat(I32, 15, 16))
+    hi = b.and_(b.lshr(hw, _splat(I32, fmt.high * v, 16)) if v else hw, _splat(I32, (1 << fmt.high) - 1, 16))
+    q = b.or_(lo, b.shl(hi, _splat(I32, 4, 16)))
+    return b.sitofp(b.sub(q, _splat(I32, fmt.offset, 16)) if fmt.offset else q, _vec(F32, 16))
 
 
 class _Arg:
@@ -151,42 +170,66 @@ class _Arg:
 
 
 # ---- the kernels' loop steps ----------------------------------------------------------------------------------
-def _quantised_step(b, g, pws, pds, pxs, dtype, accs, ahead):
-    """One 128-element group of every (Q4_0 / Q8_0 weight row j, activation row k) pair into accs[j][k][0]: lane l
-    sums weight integer times x over elements 8l..8l+7 (v = 0..7), then adds its block's scale times that sum."""
+def _group_scales(b, g, pd, ps, fmt):
+    """The 16 lanes' scales of group g of one weight row, and their mins (or None): 16 x float each."""
     c = lambda v: ir.Constant(g.type, v)  # noqa: E731
-    nbytes = GROUP // 2 if dtype == types.uint8 else GROUP
+    k = 2 if fmt.mins else 1
+    lanes = lambda v, first, per: _shuffle(b, v, [first + lane // per for lane in range(16)])  # noqa: E731
+    if fmt.per_d == 32:  # the group's 4 d (and then 4 dmin)
+        sd = b.fpext(_load(b, pd, b.mul(g, c(8 * k)), _vec(F16, 4 * k)), _vec(F32, 4 * k))
+        return lanes(sd, 0, 4), (lanes(sd, 4, 4) if fmt.mins else None)
+    dd = b.fpext(_load(b, pd, b.mul(b.lshr(g, c(1)), c(2 * k)), _vec(F16, k)), _vec(F32, k))  # d (, dmin)
+    sub = _load(b, ps, b.mul(g, c(8)), _vec(I8, 8))  # 4 sc then 4 m (Q4_K, Q5_K), or 8 sc (Q6_K)
+    sub = (b.sitofp if fmt.signed_sub else b.uitofp)(sub, _vec(F32, 8))
+    prod = b.fmul(sub, _shuffle(b, dd, [0, 0, 0, 0, k - 1, k - 1, k - 1, k - 1]))
+    if fmt.mins:
+        return lanes(prod, 0, 4), lanes(prod, 4, 4)
+    return lanes(prod, 0, 2), None
+
+
+def _quantised_step(b, g, wrows, pxs, pxqs, fmt, accs, ahead):
+    """One 128-element group of every (quantised weight row j, activation row k) pair into accs[j][k][0]: lane l
+    sums weight integer times x over elements 8l..8l+7 (v = 0..7), then adds its sub-block's scale times that sum
+    (and, for types with mins, its sub-block's min times the sum of those x)."""
+    c = lambda v: ir.Constant(g.type, v)  # noqa: E731
+    nbytes = GROUP if fmt.high < 0 else GROUP // 2
     base = b.mul(g, c(nbytes))
     weights, scales = [], []
-    for pw, pd in zip(pws, pds):
+    for pw, ph, pd, ps in wrows:
         for line in range(nbytes // 64):
             _prefetch(b, pw, b.add(base, b.add(ahead, c(64 * line))))
-        sd = b.fpext(_load(b, pd, b.mul(g, c(8)), _vec(F16, 4)), _vec(F32, 4))  # the group's 4 block scales
-        scales.append(_shuffle(b, sd, [lane // 4 for lane in range(16)]))
-        if dtype == types.uint8:  # Q4_0: nibble v of dword l
-            weights.append(lambda v, dw=_load(b, pw, base, _vec(I32, 16)): _nibbles_to_f32(b, dw, v))
-        else:  # Q8_0: byte l of the 16 at 16v
+        scales.append(_group_scales(b, g, pd, ps, fmt))
+        if fmt.high < 0:  # Q8_0: byte l of the 16 at 16v
             weights.append(lambda v, pw=pw: b.sitofp(_load(b, pw, b.add(base, c(16 * v)), _vec(I8, 16)),
                                                      _vec(F32, 16)))
-    sums = [[None] * len(pxs) for _ in pws]
+        elif fmt.high == 0:  # nibble v of dword l
+            weights.append(lambda v, dw=_load(b, pw, base, _vec(I32, 16)): _nibbles_to_f32(b, dw, v, fmt.offset))
+        else:  # and field v of the lane's high-bit word
+            width = ir.IntType(8 * fmt.high)
+            hw = b.zext(_load(b, ph, b.mul(g, c(16 * fmt.high)), _vec(width, 16)), _vec(I32, 16))
+            weights.append(lambda v, dw=_load(b, pw, base, _vec(I32, 16)), hw=hw: _ints_to_f32(b, dw, hw, v, fmt))
+    sums = [[None] * len(pxs) for _ in wrows]
     for v in range(GROUP // 16):
         ws = [weight(v) for weight in weights]
         for k, xs in enumerate(pxs):
             xv = _load(b, xs, b.add(b.mul(g, c(GROUP * 4)), c(64 * v)), _vec(F32, 16))
             for j, wv in enumerate(ws):
                 sums[j][k] = b.fmul(wv, xv) if v == 0 else _fma(b, wv, xv, sums[j][k])
-    for j, scale in enumerate(scales):
+    xsums = [_load(b, xq, b.mul(g, c(64)), _vec(F32, 16)) for xq in pxqs] if fmt.mins else None
+    for j, (scale, mins) in enumerate(scales):
         for k in range(len(pxs)):
             acc = accs[j][k][0]
-            b.store(_fma(b, scale, sums[j][k], b.load(acc)), acc)
+            total = _fma(b, scale, sums[j][k], b.load(acc))
+            b.store(_fma(b, mins, xsums[k], total) if fmt.mins else total, acc)
 
 
-def _float_step(b, g, pws, pds, pxs, dtype, accs, ahead):
+def _float_step(b, g, wrows, pxs, _pxqs, dtype, accs, ahead):
     """One 64-element chunk of every (float weight row j, activation row k) pair: its 16-element vector v goes into
     accs[j][k][v % 2] with one fused multiply-add."""
     c = lambda v: ir.Constant(g.type, v)  # noqa: E731
     size = {types.float32: 4}.get(dtype, 2)
     base = b.mul(g, c(CHUNK * size))
+    pws = [row[0] for row in wrows]
     for pw in pws:
         for line in range(size):
             _prefetch(b, pw, b.add(base, b.add(ahead, c(64 * line))))
@@ -200,19 +243,20 @@ def _float_step(b, g, pws, pds, pxs, dtype, accs, ahead):
 
 
 def _make_dot(nw, nx):
-    """Intrinsic dot(w, wd, r0, xs, i0, y): y[i0 + k, r0 + j] = weight row r0 + j . activation row i0 + k for j < nw,
-    k < nx (xs: the prepared activations). Each pair gets the same instructions in the same order whatever nw, nx."""
+    """Intrinsic dot(kind, w, wh, wd, ws, r0, xs, xq, i0, y): y[i0 + k, r0 + j] = weight row r0 + j . activation
+    row i0 + k for j < nw, k < nx (kind: the GGML type number, a compile-time constant; xs, xq: the prepared
+    activations and their sums). Each pair gets the same instructions in the same order whatever nw, nx."""
 
     @intrinsic
-    def dot(typingctx, w, wd, r0, xs, i0, y):
-        if w.dtype not in (types.uint8, types.int8, types.float32, types.int16, types.uint16):
+    def dot(typingctx, kind, w, wh, wd, ws, r0, xs, xq, i0, y):
+        if not isinstance(kind, types.IntegerLiteral):
             return None
-        quantised = w.dtype in (types.uint8, types.int8)
-        step, size, naccs = (_quantised_step, GROUP, 1) if quantised else (_float_step, CHUNK, 2)
+        fmt = FORMATS.get(T(kind.literal_value))
+        step, size, naccs, spec = (_quantised_step, GROUP, 1, fmt) if fmt else (_float_step, CHUNK, 2, w.dtype)
 
         def codegen(context, b, sig, args):
-            W, D, X, Y = (_Arg(context, b, sig.args[k], args[k]) for k in (0, 1, 3, 5))
-            r0, i0 = args[2], args[4]
+            W, H, D, S, X, Q, Y = (_Arg(context, b, sig.args[k], args[k]) for k in (1, 2, 3, 4, 6, 7, 9))
+            r0, i0 = args[5], args[8]
             c = lambda v: ir.Constant(r0.type, v)  # noqa: E731
             wrows = [b.add(r0, c(j)) for j in range(nw)]
             xrows = [b.add(i0, c(k)) for k in range(nx)]
@@ -220,15 +264,15 @@ def _make_dot(nw, nx):
             accs = [[[cgutils.alloca_once_value(b, zero) for _ in range(naccs)] for _ in xrows] for _ in wrows]
             ahead = b.mul(W.stride, c(nw))  # the same place in the next tile's rows
             with cgutils.for_range(b, b.udiv(X.cols, c(size))) as loop:
-                step(b, loop.index, [W.row(r) for r in wrows], [D.row(r) for r in wrows], [X.row(i) for i in xrows],
-                     w.dtype, accs, ahead)
+                step(b, loop.index, [(W.row(r), H.row(r), D.row(r), S.row(r)) for r in wrows],
+                     [X.row(i) for i in xrows], [Q.row(i) for i in xrows], spec, accs, ahead)
             for r, acc_j in zip(wrows, accs):
                 for i, acc in zip(xrows, acc_j):
                     total = b.load(acc[0]) if naccs == 1 else b.fadd(b.load(acc[0]), b.load(acc[1]))
                     b.store(_hsum(b, total), b.bitcast(b.gep(Y.row(i), [b.mul(r, c(4))]), F32.as_pointer()))
             return context.get_dummy_value()
 
-        return types.void(w, wd, r0, xs, i0, y), codegen
+        return types.void(kind, w, wh, wd, ws, r0, xs, xq, i0, y), codegen
 
     return dot
 
@@ -238,141 +282,214 @@ _dot11, _dot21, _dot41, _dot81, _dot12, _dot22, _dot14, _dot24, _dot18, _dot28 =
 
 
 # ---- the kernels ----------------------------------------------------------------------------------------------
-def _prepare(w, x, xs):
-    """Activations x (n, cols) -> the kernels' order in scratch xs (n, padded cols); the padding stays zero."""
+def _prepare(kind, x, xs, xq):
+    """Activations x (n, cols) -> the kernels' order in scratch xs (n, padded cols), and for types with mins the sum
+    of each lane's 8 in xq (n, padded cols / 8); the padding stays zero."""
+
+
+def _quantised(kind):
+    """Whether `kind` (a compile-time constant) is a quantised type."""
 
 
 @overload(_prepare)
-def _prepare_impl(w, x, xs):
-    if w.dtype in (types.uint8, types.int8):
-        def transpose(w, x, xs):  # per group, element 8l + v to 16v + l
+def _prepare_impl(kind, x, xs, xq):
+    if not isinstance(kind, types.IntegerLiteral):
+        return None
+    fmt = FORMATS.get(T(kind.literal_value))
+    if fmt is None:
+        def copy(kind, x, xs, xq):
             for i in range(x.shape[0]):
-                for e in range(0, x.shape[1], 8):
-                    at = e - e % GROUP + (e % GROUP) // 8
-                    for v in range(8):
-                        xs[i, at + 16 * v] = x[i, e + v]
-        return transpose
+                for e in range(x.shape[1]):
+                    xs[i, e] = x[i, e]
+        return copy
+    sums = fmt.mins
 
-    def copy(w, x, xs):
+    def transpose(kind, x, xs, xq):  # per group, element 8l + v to 16v + l
         for i in range(x.shape[0]):
-            for e in range(x.shape[1]):
-                xs[i, e] = x[i, e]
-    return copy
+            for e in range(0, x.shape[1], 8):
+                at = e - e % GROUP + (e % GROUP) // 8
+                total = np.float32(0.0)
+                for v in range(8):
+                    xs[i, at + 16 * v] = x[i, e + v]
+                    total += x[i, e + v]
+                if sums:
+                    xq[i, e // 8] = total
+    return transpose
+
+
+@overload(_quantised)
+def _quantised_impl(kind):
+    if not isinstance(kind, types.IntegerLiteral):
+        return None
+    answer = T(kind.literal_value) in FORMATS
+    return lambda kind: answer
 
 
 @njit(cache=True)
-def _row_block(w, wd, xs, y, r0, r1):
+def _row_block(kind, w, wh, wd, ws, xs, xq, y, r0, r1):
     """y[:, r0:r1] from prepared activations: in tiles of 2 weight rows x 8 activation rows (quantised weights
     with AVX-512's 32 registers), x 4, x 2, then 4 (or 8) x 1."""
     n = y.shape[0]
-    eight = 2 * w.shape[1] == xs.shape[1] and xs.shape[1] > LONG  # Q4_0 (2 elements a byte), long rows
-    wide = AVX512 and wd.shape[1] > 1  # quantised (floats have no scales): one accumulator a pair
+    eight = 2 * w.shape[1] == xs.shape[1] and xs.shape[1] > LONG  # 4-bit types (2 elements a byte), long rows
+    wide = AVX512 and _quantised(kind)  # one accumulator a pair
     i = 0
     while wide and i + 8 <= n:
         for r in range(r0, r1 - 1, 2):
-            _dot28(w, wd, r, xs, i, y)
+            _dot28(kind, w, wh, wd, ws, r, xs, xq, i, y)
         if (r1 - r0) % 2:
-            _dot18(w, wd, r1 - 1, xs, i, y)
+            _dot18(kind, w, wh, wd, ws, r1 - 1, xs, xq, i, y)
         i += 8
     while i + 4 <= n:
         for r in range(r0, r1 - 1, 2):
-            _dot24(w, wd, r, xs, i, y)
+            _dot24(kind, w, wh, wd, ws, r, xs, xq, i, y)
         if (r1 - r0) % 2:
-            _dot14(w, wd, r1 - 1, xs, i, y)
+            _dot14(kind, w, wh, wd, ws, r1 - 1, xs, xq, i, y)
         i += 4
     if i + 2 <= n:
         for r in range(r0, r1 - 1, 2):
-            _dot22(w, wd, r, xs, i, y)
+            _dot22(kind, w, wh, wd, ws, r, xs, xq, i, y)
         if (r1 - r0) % 2:
-            _dot12(w, wd, r1 - 1, xs, i, y)
+            _dot12(kind, w, wh, wd, ws, r1 - 1, xs, xq, i, y)
         i += 2
     for i in range(i, n):
         r = r0
         while eight and r + 8 <= r1:
-            _dot81(w, wd, r, xs, i, y)
+            _dot81(kind, w, wh, wd, ws, r, xs, xq, i, y)
             r += 8
         while r + 4 <= r1:
-            _dot41(w, wd, r, xs, i, y)
+            _dot41(kind, w, wh, wd, ws, r, xs, xq, i, y)
             r += 4
         if r + 2 <= r1:
-            _dot21(w, wd, r, xs, i, y)
+            _dot21(kind, w, wh, wd, ws, r, xs, xq, i, y)
             r += 2
         if r < r1:
-            _dot11(w, wd, r, xs, i, y)
+            _dot11(kind, w, wh, wd, ws, r, xs, xq, i, y)
 
 
 @njit(parallel=True, cache=True)
-def _linear_parallel(w, wd, x, xs, y):
-    """y (n, rows) = x (n, cols) @ W.T; xs: scratch (n, padded cols) float32."""
-    _prepare(w, x, xs)
+def _linear_parallel(kind, w, wh, wd, ws, x, xs, xq, y):
+    """y (n, rows) = x (n, cols) @ W.T; xs, xq: scratch (n, padded cols) and (n, padded cols / 8) float32."""
+    _prepare(kind, x, xs, xq)
     rows = y.shape[1]
     for blk in prange((rows + ROW_BLOCK - 1) // ROW_BLOCK):
-        _row_block(w, wd, xs, y, blk * ROW_BLOCK, min(rows, (blk + 1) * ROW_BLOCK))
+        _row_block(kind, w, wh, wd, ws, xs, xq, y, blk * ROW_BLOCK, min(rows, (blk + 1) * ROW_BLOCK))
 
 
 @njit(cache=True)
-def _linear_serial(w, wd, x, xs, y):
-    _prepare(w, x, xs)
+def _linear_serial(kind, w, wh, wd, ws, x, xs, xq, y):
+    _prepare(kind, x, xs, xq)
     rows = y.shape[1]
     for r0 in range(0, rows, ROW_BLOCK):
-        _row_block(w, wd, xs, y, r0, min(rows, r0 + ROW_BLOCK))
+        _row_block(kind, w, wh, wd, ws, xs, xq, y, r0, min(rows, r0 + ROW_BLOCK))
+
+
+_ENTRIES = {}  # (kernel, argument types) -> the compiled kernel's entry point
+
+
+def _entry(kernel, kind, args):
+    """The kernel compiled for `kind` (as a constant) and these arguments' types: its entry point, which calls it
+    in microseconds (the dispatcher, asked with a Python int for a literal, retypes the call: ~20 ms)."""
+    sig = (types.IntegerLiteral(int(kind)), *(numba.typeof(a) for a in args))
+    if (kernel, sig) not in _ENTRIES:
+        _ENTRIES[kernel, sig] = kernel.compile(sig)
+    return _ENTRIES[kernel, sig]
 
 
 # ---- load-time repacking --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Format:
+    """How the kernels hold a quantised type (see the module docstring)."""
+    offset: int = 0  # taken off the stored unsigned integer
+    high: int = 0  # bits above the nibble (Q5_*: 1, Q6_K: 2); -1: int8 (Q8_0)
+    per_d: int = 32  # elements per float16 d (and dmin)
+    mins: bool = False  # a dmin beside each d (K-quants: times an 8-bit m per 32 elements)
+    signed_sub: bool = False  # K-quants' 8-bit sub-block scales: int8 (Q6_K) or uint8
+
+
+FORMATS = {T.Q8_0: Format(high=-1), T.Q4_0: Format(offset=8), T.Q4_1: Format(mins=True),
+           T.Q5_0: Format(offset=16, high=1), T.Q5_1: Format(high=1, mins=True),
+           T.Q4_K: Format(per_d=SUPER, mins=True), T.Q5_K: Format(high=1, per_d=SUPER, mins=True),
+           T.Q6_K: Format(offset=32, high=2, per_d=SUPER, signed_sub=True)}
+FLOATS = {T.F32: np.float32, T.F16: np.int16, T.BF16: np.uint16}  # numba has no float16: F16 keeps its bits as int16
+
+
 def _pad(n, unit):
     return -(-n // unit) * unit
 
 
-def _scales(blocks, rows, nb, padded_cols):
-    wd = np.zeros((rows, padded_cols // 32), np.uint16)
-    wd[:, :nb] = blocks[:, :, :2].copy().view(np.uint16)[:, :, 0]
-    return wd
+def _padded(a, cols, fill=0):
+    out = np.full((a.shape[0], cols), fill, a.dtype)
+    out[:, :a.shape[1]] = a
+    return out
 
 
-def _repack_q4(qt):
-    rows, nb, cp = qt.rows, qt.cols // 32, _pad(qt.cols, GROUP)
-    blocks = qt.data.reshape(rows, nb, 18)
-    q = np.full((rows, cp // 32, 32), 8, np.uint8)  # nibbles by element (stored: byte j = elements j, 16 + j)
-    q[:, :nb, :16], q[:, :nb, 16:] = blocks[:, :, 2:] & 15, blocks[:, :, 2:] >> 4  # pad = value 0
-    q = q.reshape(rows, cp)
-    return q[:, 0::2] | (q[:, 1::2] << 4), _scales(blocks, rows, nb, cp)
+def _f16_bits(a):
+    return np.ascontiguousarray(a.astype(np.float16)).view(np.uint16)
 
 
-def _repack_q8(qt):
-    rows, nb, cp = qt.rows, qt.cols // 32, _pad(qt.cols, GROUP)
-    blocks = qt.data.reshape(rows, nb, 34)
-    q = np.zeros((rows, cp), np.int8)
-    q[:, :qt.cols] = blocks[:, :, 2:].view(np.int8).reshape(rows, qt.cols)
-    q = q.reshape(rows, cp // GROUP, 16, 8).transpose(0, 1, 3, 2)  # per group, element 8l + v to 16v + l
-    return np.ascontiguousarray(q).reshape(rows, cp), _scales(blocks, rows, nb, cp)
+def _repack_quantised(qt):
+    """QTensor -> (w, wh, wd, ws) in the kernels' layouts (module docstring)."""
+    fmt, u = FORMATS[qt.qtype], unpack(qt)
+    rows, cp = qt.rows, padded_cols(qt.qtype, qt.cols)
+    groups = cp // GROUP
+    if fmt.high < 0:  # Q8_0: per group, element 8l + v to 16v + l
+        q = _padded(u.q, cp).astype(np.int8).reshape(rows, groups, 16, 8).transpose(0, 1, 3, 2)
+        w, wh = np.ascontiguousarray(q).reshape(rows, cp), _NONE
+    else:
+        q = _padded(u.q + u.offset, cp, fill=u.offset).astype(np.uint8)  # the padding's value is 0
+        w = (q[:, 0::2] & 15) | ((q[:, 1::2] & 15) << 4)
+        lanes = (q >> 4).reshape(rows, cp // 8, 8).astype(np.uint16) << (fmt.high * np.arange(8, dtype=np.uint16))
+        wh = lanes.sum(axis=2, dtype=np.uint16).astype(np.uint8 if fmt.high == 1 else np.uint16)
+        wh = wh if fmt.high else _NONE
+    n_d = cp // fmt.per_d
+    parts = [_padded(u.d, n_d)] + ([_padded(u.dmin, n_d)] if fmt.mins else [])
+    if fmt.per_d == 32:  # per group: its 4 d, then its 4 dmin
+        wd = np.stack([p.reshape(rows, groups, 4) for p in parts], axis=2).reshape(rows, n_d * len(parts))
+        return w, wh, _f16_bits(wd), _NONE
+    wd = np.stack(parts, axis=2).reshape(rows, n_d * len(parts))  # per super-block: d (, dmin)
+    if fmt.mins:  # per group: the 4 sc, then the 4 m of its sub-blocks
+        ws = np.stack([u.sc.reshape(rows, groups, 4), u.m.reshape(rows, groups, 4)], axis=2).reshape(rows, cp // 16)
+    else:
+        ws = u.sc
+    return w, wh, _f16_bits(wd), ws.astype(np.int8 if fmt.signed_sub else np.uint8).view(np.uint8)
 
 
-def _repack_float(dtype):
-    def repack(qt):
-        w = np.zeros((qt.rows, _pad(qt.cols, CHUNK)), dtype)
-        w[:, :qt.cols] = qt.data.view(dtype)  # the same bits
-        return w, _NO_SCALES
-    return repack
+def _repack_float(qt):
+    w = np.zeros((qt.rows, padded_cols(qt.qtype, qt.cols)), FLOATS[qt.qtype])
+    w[:, :qt.cols] = qt.data.view(FLOATS[qt.qtype])  # the same bits
+    return w, _NONE, _NONE, _NONE
 
 
-_NO_SCALES = np.zeros((1, 1), np.uint16)
-_REPACK = {T.Q4_0: _repack_q4, T.Q8_0: _repack_q8, T.F32: _repack_float(np.float32),
-           T.F16: _repack_float(np.int16), T.BF16: _repack_float(np.uint16)}
-QUANTISED = (T.Q4_0, T.Q8_0)
+_NONE = np.zeros((1, 1), np.uint8)  # an array a type does not have
+
+
+def padded_cols(qtype, cols):
+    """The kernels' row length: quantised types by whole 128-element groups (K-quants: 256-element super-blocks),
+    floats by 64-element chunks."""
+    return _pad(cols, CHUNK if qtype in FLOATS else GROUP if FORMATS[qtype].per_d == 32 else SUPER)
 
 
 class CpuLinear:
     def __init__(self, w: QTensor, threads: int):
-        if w.qtype not in _REPACK:
+        if w.qtype not in FORMATS and w.qtype not in FLOATS:
             raise ValueError(f"cpu backend: no kernel for {w.qtype.name}")
-        self.qtype, self.rows, self.cols = w.qtype, w.rows, w.cols
-        self.w, self.wd = _REPACK[w.qtype](w)  # (rows, padded cols [/2]), (rows, padded cols / 32) or dummy
-        self.nbytes = self.w.nbytes + (self.wd.nbytes if w.qtype in QUANTISED else 0)
-        self._kernel = _linear_parallel if threads > 1 and self.nbytes >= SMALL else _linear_serial
+        self.qtype, self.rows, self.cols, self.stored = w.qtype, w.rows, w.width, w.cols
+        self.arrays = _repack_quantised(w) if w.qtype in FORMATS else _repack_float(w)  # w, wh, wd, ws
+        self.nbytes = sum(a.nbytes for a in self.arrays if a is not _NONE)
+        # a slice that cut through quant blocks: where its columns are among the stored ones (the rest get zeros)
+        self.spread = None if w.keep is None else np.concatenate([np.arange(a, b) for a, b in w.keep])
         self._one = self._scratch(1)  # the decode path's scratch, reused every call
+        kernel = _linear_parallel if threads > 1 and self.nbytes >= SMALL else _linear_serial
+        x, y = np.zeros((1, self.stored), np.float32), np.zeros((1, self.rows), np.float32)
+        self._kernel = _entry(kernel, self.qtype, (*self.arrays, x, *self._one[:2], y))
 
     def _scratch(self, n):
-        return np.zeros((n, _pad(self.cols, GROUP if self.qtype in QUANTISED else CHUNK)), np.float32)
+        """(xs, xq, wide): the prepared activations, the sums of each 8 of them (for types with mins), and the
+        activations spread over the stored columns (slices that cut through blocks)."""
+        cols = padded_cols(self.qtype, self.stored)
+        sums = self.qtype in FORMATS and FORMATS[self.qtype].mins
+        wide = np.zeros((n, self.stored), np.float32) if self.spread is not None else None
+        return np.zeros((n, cols), np.float32), np.zeros((n, cols // 8) if sums else (1, 1), np.float32), wide
 
     def __call__(self, x: np.ndarray, out: np.ndarray = None) -> np.ndarray:
         x, out, done = prepare_call(self, x, out)
@@ -380,7 +497,11 @@ class CpuLinear:
             return out
         n = x.shape[0]
         y = out if out.dtype == np.float32 and out.flags.c_contiguous else np.empty((n, self.rows), np.float32)
-        self._kernel(self.w, self.wd, x, self._one if n == 1 else self._scratch(n), y)
+        xs, xq, wide = self._one if n == 1 else self._scratch(n)
+        if wide is not None:
+            wide[:, self.spread] = x
+            x = wide
+        self._kernel(int(self.qtype), *self.arrays, x, xs, xq, y)
         if y is not out:
             out[...] = y
         return out
@@ -399,11 +520,3 @@ class CpuBackend(Backend):
 
     def linear(self, w: QTensor) -> CpuLinear:
         return CpuLinear(w, self.threads)
-
-    def warmup(self):
-        """Compile (or load from numba's cache) every kernel, so that the first token is not slower."""
-        kernels = (_linear_serial, _linear_parallel) if self.threads > 1 else (_linear_serial,)
-        for qtype in _REPACK:
-            lin = CpuLinear(quantize(np.ones((2, 32), np.float32), qtype), self.threads)
-            for kernel in kernels:
-                kernel(lin.w, lin.wd, np.ones((1, 32), np.float32), lin._scratch(1), np.empty((1, 2), np.float32))

@@ -7,7 +7,7 @@ from . import Backend
 
 class NumpyLinear:
     def __init__(self, w: QTensor):
-        self.rows, self.cols = w.rows, w.cols
+        self.rows, self.cols = w.rows, w.width
         # (rows, cols); 0 rows or 0 cols when a rank holds no heads
         self.w = np.ascontiguousarray(dequantize(w), np.float32)
         self.nbytes = self.w.nbytes

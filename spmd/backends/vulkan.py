@@ -160,6 +160,7 @@ class VulkanLinear:
 class VulkanBackend(Backend):
     model_owns_weights = True
     name = "vulkan"
+    types = tuple(TYPES)
 
     def __init__(self, device: int = None, wrap: bool = False):
         index = device or 0
