@@ -40,6 +40,8 @@ CASES = {
     "qwen2_tied_f32": (Shape(arch="qwen2", tied=True, rope_theta=1000000.0), "F32", 7, QWEN2_PROMPT),
     "llama_q8_0": (QUANT_SHAPE, "Q8_0", 0, LLAMA_PROMPT),
     "llama_q4_0": (QUANT_SHAPE, "Q4_0", 8, LLAMA_PROMPT),
+    # qwen3: per-head q/k norms, heads of 32 (4 x 32 = 128 wide where dim is 64), untied classifier
+    "qwen3_f32": (Shape(arch="qwen3", rope_theta=1000000.0, key_length=32), "F32", 1, QWEN2_PROMPT),
 }
 
 
@@ -51,7 +53,8 @@ def unpermute(w, n_head):
 
 def hf_model(gguf_path, shape: Shape):
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
+                              Qwen3ForCausalLM)
 
     _, t = reference.read_gguf(gguf_path)  # every tensor dequantised to float32
     rope = {"rope_type": "default", "rope_theta": shape.rope_theta}
@@ -63,8 +66,11 @@ def hf_model(gguf_path, shape: Shape):
                   tie_word_embeddings=shape.tied, rope_parameters=rope)
     if shape.arch == "llama":
         config, cls = LlamaConfig(rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, **common), LlamaForCausalLM
-    else:
+    elif shape.arch == "qwen2":
         config, cls = Qwen2Config(rms_norm_eps=1e-6, use_sliding_window=False, **common), Qwen2ForCausalLM
+    else:
+        config, cls = Qwen3Config(rms_norm_eps=1e-6, use_sliding_window=False, head_dim=shape.head_dim,
+                                  attention_bias=False, **common), Qwen3ForCausalLM
     config._attn_implementation = "eager"
     model = cls(config).to(torch.float32).eval()
 
@@ -85,6 +91,8 @@ def hf_model(gguf_path, shape: Shape):
                    h + "post_attention_layernorm.weight": t[g + "ffn_norm.weight"]})
         if shape.arch == "qwen2":
             sd.update({h + f"self_attn.{n}_proj.bias": t[g + f"attn_{n}.bias"] for n in "qkv"})
+        if shape.arch == "qwen3":
+            sd.update({h + f"self_attn.{n}_norm.weight": t[g + f"attn_{n}_norm.weight"] for n in "qk"})
     missing, unexpected = model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()},
                                                 strict=False)
     if missing or unexpected:

@@ -7,7 +7,7 @@ import numpy as np
 from .errors import UserError
 from .plan import ffn_unit
 
-ARCHITECTURES = ("llama", "qwen2")
+ARCHITECTURES = ("llama", "qwen2", "qwen3")
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,7 @@ class ModelConfig:
     rope_linear_factor: float  # positions divided by this ("linear" rope scaling); 1 for none
     qkv_bias: bool
     tied_output: bool  # no output.weight: the classifier is token_embd
+    qk_norm: bool = False  # qwen3: each head's q and k RMS-normalised (attn_q_norm / attn_k_norm, head_dim each)
     ffn_unit: int = 1  # FFN blocks the split keeps together: a K-quant ffn_down's super-block (plan.ffn_unit)
 
     @property
@@ -77,10 +78,11 @@ def read_config(f) -> ModelConfig:
         norm_eps=meta("attention.layer_norm_rms_epsilon", float, 1e-5),
         rope_theta=meta("rope.freq_base", float, 10000.0),
         rope_dim=meta("rope.dimension_count", int, head_dim),
-        rope_neox=arch == "qwen2",
+        rope_neox=arch in ("qwen2", "qwen3"),
         rope_linear_factor=meta("rope.scaling.factor", float, 1.0) if scaling == "linear" else 1.0,
         qkv_bias=f.has("blk.0.attn_q.bias"),
         tied_output=not f.has("output.weight"),
+        qk_norm=arch == "qwen3",
         ffn_unit=ffn_unit([f.info(f"blk.{i}.ffn_down.weight").qtype for i in range(meta("block_count", int))
                            if f.has(f"blk.{i}.ffn_down.weight")]),
     )
@@ -110,6 +112,8 @@ def expected_shapes(cfg: ModelConfig) -> dict:
                        p + "ffn_down.weight": (d, cfg.ffn_dim)})
         if cfg.qkv_bias:
             shapes.update({p + "attn_q.bias": (q,), p + "attn_k.bias": (kv,), p + "attn_v.bias": (kv,)})
+        if cfg.qk_norm:
+            shapes.update({p + "attn_q_norm.weight": (cfg.head_dim,), p + "attn_k_norm.weight": (cfg.head_dim,)})
     return shapes
 
 

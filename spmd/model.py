@@ -252,6 +252,9 @@ class Model:
             k += lw.bk
             v += lw.bv
         q, k, v = q.reshape(n, n_kv * group, hd), k.reshape(n, n_kv, hd), v.reshape(n, n_kv, hd)
+        if lw.q_norm is not None:  # qwen3: each head's vector normalised before the rotation
+            q[...] = rmsnorm(q, lw.q_norm, cfg.norm_eps)
+            k[...] = rmsnorm(k, lw.k_norm, cfg.norm_eps)
         self.rope(q, rope)
         self.rope(k, rope)
         out = np.empty((n, n_kv * group * hd), np.float32)

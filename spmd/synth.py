@@ -29,7 +29,7 @@ from gguf import GGUFWriter, LlamaFileType, TokenType
 from .quants import BLOCK, SUPER, block_size, quantize, row_bytes
 
 EXACT_UP_TO = 1 << 24  # weights; bigger models get random quant blocks written directly
-RMS_EPS = {"llama": 1e-5, "qwen2": 1e-6}
+RMS_EPS = {"llama": 1e-5, "qwen2": 1e-6, "qwen3": 1e-6}
 # The file types synth writes, as llama.cpp's quantiser makes them: (its file type, the matrices' type, the type of
 # those that get more bits: the classifier, and attn_v and ffn_down in the layers of `more_bits`)
 FILE_TYPES = {"F32": (LlamaFileType.ALL_F32, T.F32, None), "F16": (LlamaFileType.MOSTLY_F16, T.F16, None),
@@ -52,7 +52,7 @@ Q_STD = {T.Q8_0: math.sqrt((255 ** 2 - 1) / 12), T.Q4_0: math.sqrt((15 ** 2 - 1)
 
 @dataclass(frozen=True)
 class Shape:
-    arch: str = "llama"  # "llama" | "qwen2"
+    arch: str = "llama"  # "llama" | "qwen2" | "qwen3"
     dim: int = 64
     n_layers: int = 2
     n_heads: int = 4
@@ -64,10 +64,11 @@ class Shape:
     tied: bool = False  # no output.weight: the classifier is token_embd
     # llama3-style: {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
     rope_scaling: dict | None = field(default=None, hash=False)
+    key_length: int | None = None  # each head's size where it is not dim / n_heads (qwen3)
 
     @property
     def head_dim(self) -> int:
-        return self.dim // self.n_heads
+        return self.key_length or self.dim // self.n_heads
 
     @property
     def n_params(self) -> int:
@@ -86,7 +87,7 @@ class TensorSpec(NamedTuple):
 
 def tensor_plan(shape: Shape) -> list:
     """The model's tensors in file order (llama.cpp's: rope_freqs, token_embd, blocks, output_norm, output)."""
-    d, kv = shape.dim, shape.n_kv_heads * shape.head_dim
+    d, q, kv = shape.dim, shape.n_heads * shape.head_dim, shape.n_kv_heads * shape.head_dim
     plan = []
     if shape.rope_scaling:
         plan.append(TensorSpec("rope_freqs.weight", (shape.head_dim // 2,), "rope_freqs"))
@@ -94,13 +95,16 @@ def tensor_plan(shape: Shape) -> list:
     for i in range(shape.n_layers):
         b = f"blk.{i}."
         plan += [TensorSpec(b + "attn_norm.weight", (d,), "norm"),
-                 TensorSpec(b + "attn_q.weight", (d, d), "matrix"),
+                 TensorSpec(b + "attn_q.weight", (q, d), "matrix"),
                  TensorSpec(b + "attn_k.weight", (kv, d), "matrix"),
                  TensorSpec(b + "attn_v.weight", (kv, d), "matrix")]
         if shape.arch == "qwen2":
-            plan += [TensorSpec(b + "attn_q.bias", (d,), "bias"), TensorSpec(b + "attn_k.bias", (kv,), "bias"),
+            plan += [TensorSpec(b + "attn_q.bias", (q,), "bias"), TensorSpec(b + "attn_k.bias", (kv,), "bias"),
                      TensorSpec(b + "attn_v.bias", (kv,), "bias")]
-        plan += [TensorSpec(b + "attn_output.weight", (d, d), "matrix"),
+        if shape.arch == "qwen3":
+            plan += [TensorSpec(b + "attn_q_norm.weight", (shape.head_dim,), "norm"),
+                     TensorSpec(b + "attn_k_norm.weight", (shape.head_dim,), "norm")]
+        plan += [TensorSpec(b + "attn_output.weight", (d, q), "matrix"),
                  TensorSpec(b + "ffn_norm.weight", (d,), "norm"),
                  TensorSpec(b + "ffn_gate.weight", (shape.ffn, d), "matrix"),
                  TensorSpec(b + "ffn_up.weight", (shape.ffn, d), "matrix"),
@@ -202,7 +206,8 @@ def _check(shape: Shape, kind):
     if kind not in FILE_TYPES:
         raise ValueError(f"unsupported file type {kind}; expected one of {list(FILE_TYPES)}")
     qtype = FILE_TYPES[kind][1]
-    if shape.dim % shape.n_heads or shape.n_heads % shape.n_kv_heads or shape.head_dim % 2:
+    if (shape.key_length is None and shape.dim % shape.n_heads) or shape.n_heads % shape.n_kv_heads or \
+            shape.head_dim % 2:
         raise ValueError(f"inconsistent heads: dim {shape.dim}, n_heads {shape.n_heads}, n_kv {shape.n_kv_heads}")
     if block_size(qtype) > 1 and (shape.dim % BLOCK or shape.ffn % BLOCK):
         raise ValueError(f"{qtype.name} needs dim and ffn to be multiples of {BLOCK}")
@@ -259,6 +264,9 @@ def _add_metadata(w: GGUFWriter, shape: Shape, kind, seed):
     w.add_layer_norm_rms_eps(RMS_EPS[shape.arch])
     w.add_rope_freq_base(shape.rope_theta)
     w.add_rope_dimension_count(shape.head_dim)
+    if shape.key_length is not None:
+        w.add_key_length(shape.key_length)
+        w.add_value_length(shape.key_length)
     w.add_vocab_size(shape.vocab)
     if shape.arch == "llama":
         tokens, scores, types = llama_vocab(shape.vocab)

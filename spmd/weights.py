@@ -48,6 +48,8 @@ class LayerWeights:
     w1: object  # Linear (n_ffn_local, dim)    gate
     w3: object  # Linear (n_ffn_local, dim)    up
     w2: object  # Linear (dim, n_ffn_local)    down
+    q_norm: np.ndarray = None  # (head_dim,) qwen3's per-head RMSNorm weights of q and k, or None
+    k_norm: np.ndarray = None
 
 
 @dataclass
@@ -142,8 +144,9 @@ def load_shard(f, cfg, share: Share, backend, notice=print, read=None, old=None,
                       "it holds them as F32 (4 bytes a weight)")
         return from_float(dequantize(qt))
 
+    qk = lambda i, n: f.vector(f"blk.{i}.attn_{n}_norm.weight") if cfg.qk_norm else None  # noqa: E731
     layers = [LayerWeights(attn_norm=f.vector(f"blk.{i}.attn_norm.weight"),
-                           ffn_norm=f.vector(f"blk.{i}.ffn_norm.weight"),
+                           ffn_norm=f.vector(f"blk.{i}.ffn_norm.weight"), q_norm=qk(i, "q"), k_norm=qk(i, "k"),
                            **{field: get(field, i) for field in LAYER_TENSORS}) for i in share.layer_ids]
     output = output_norm = None
     if share.n_vocab and old is not None and old.output is not None and "vocab" in keep:

@@ -6,6 +6,8 @@ Written from the architectures' definitions, not from the engine: every weight i
   layout, whose attn_q / attn_k rows llama.cpp's converter permuted from Hugging Face's rotate-halves order --,
   SwiGLU FFN, final RMSNorm, classifier output.weight or (tied) token_embd.
 - qwen2: the same plus q/k/v biases, and NEOX RoPE (pairs (i, i + head_dim/2), no permutation).
+- qwen3: NEOX RoPE, no biases; each head's q and k RMS-normalised (attn_q_norm / attn_k_norm) before the rotation;
+  a head's size from attention.key_length where given (it need not be dim / n_heads).
 - `rope_freqs.weight`, when present, divides each rotation frequency (Llama 3.1 scaling as llama.cpp stores it).
 """
 from dataclasses import dataclass
@@ -44,7 +46,7 @@ def load(path) -> RefModel:
     n_heads = meta[f"{arch}.attention.head_count"]
     return RefModel(arch=arch, n_layers=meta[f"{arch}.block_count"], n_heads=n_heads,
                     n_kv_heads=meta[f"{arch}.attention.head_count_kv"],
-                    head_dim=meta[f"{arch}.embedding_length"] // n_heads,
+                    head_dim=meta.get(f"{arch}.attention.key_length", meta[f"{arch}.embedding_length"] // n_heads),
                     eps=meta[f"{arch}.attention.layer_norm_rms_epsilon"],
                     theta=meta.get(f"{arch}.rope.freq_base", 10000.0),
                     w={k: v.astype(np.float64) for k, v in tensors.items()})
@@ -62,7 +64,7 @@ def rope(x, m: RefModel):
         freqs = freqs / m.w["rope_freqs.weight"]
     angle = np.arange(seq, dtype=np.float64)[:, None] * freqs[None, :]  # (seq, half)
     cos, sin = np.cos(angle)[:, None, :], np.sin(angle)[:, None, :]  # (seq, 1, half)
-    if m.arch == "qwen2":  # NEOX: element i pairs with i + half
+    if m.arch in ("qwen2", "qwen3"):  # NEOX: element i pairs with i + half
         a, b = x[..., :half], x[..., half:]
         return np.concatenate([a * cos - b * sin, a * sin + b * cos], axis=-1)
     a, b = x[..., 0::2], x[..., 1::2]  # interleaved: element 2i pairs with 2i + 1
@@ -76,8 +78,10 @@ def attention(h, m: RefModel, b: str):
     q, k, v = (h @ m.w[b + f"attn_{n}.weight"].T for n in "qkv")
     if m.arch == "qwen2":
         q, k, v = q + m.w[b + "attn_q.bias"], k + m.w[b + "attn_k.bias"], v + m.w[b + "attn_v.bias"]
-    q = rope(q.reshape(seq, m.n_heads, hd), m)  # (seq, n_heads, hd)
-    k = rope(k.reshape(seq, m.n_kv_heads, hd), m)  # (seq, n_kv_heads, hd)
+    q, k = q.reshape(seq, m.n_heads, hd), k.reshape(seq, m.n_kv_heads, hd)
+    if m.arch == "qwen3":
+        q, k = rmsnorm(q, m.w[b + "attn_q_norm.weight"], m.eps), rmsnorm(k, m.w[b + "attn_k_norm.weight"], m.eps)
+    q, k = rope(q, m), rope(k, m)  # (seq, n_heads, hd), (seq, n_kv_heads, hd)
     v = v.reshape(seq, m.n_kv_heads, hd)
     group = m.n_heads // m.n_kv_heads  # query head i reads kv head i // group
     k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)  # (seq, n_heads, hd)

@@ -18,7 +18,9 @@ from spmd.synth import Shape
 # with rows of 96 its fallbacks (Q5_0, Q5_1, Q8_0); a head's 64 columns cut Q4_K's 256-column super-blocks
 K_SHAPE = Shape(dim=256, n_layers=4, n_heads=4, n_kv_heads=2, ffn=768, vocab=512, context=64)
 K_MODELS = {"Q4_K_M": (K_SHAPE, "Q4_K_M", 7), "Q5_K_M": (K_SHAPE, "Q5_K_M", 7), "Q6_K": (K_SHAPE, "Q6_K", 7),
-            "Q5_K_M rows of 96": (Shape(**{**SHAPE.__dict__, "dim": 96, "ffn": 160, "n_layers": 4}), "Q5_K_M", 7)}
+            "Q5_K_M rows of 96": (Shape(**{**SHAPE.__dict__, "dim": 96, "ffn": 160, "n_layers": 4}), "Q5_K_M", 7),
+            # qwen3 (per-head q/k norms) with heads of 128: q is 512 wide where dim is 256
+            "qwen3 Q4_K_M": (Shape(**{**K_SHAPE.__dict__, "arch": "qwen3", "key_length": 128}), "Q4_K_M", 7)}
 
 
 @pytest.fixture(scope="module")

@@ -113,6 +113,8 @@ class VulkanModel:
         self.nh, self.nkv, self.nf, self.nv = share.n_heads, share.n_kv, share.n_ffn, share.n_vocab
         if hd % 4:
             raise UserError(f"vulkan backend: head size {hd} is not a multiple of 4; use --backend cpu")
+        if cfg.qk_norm:
+            raise UserError(f"vulkan backend: {cfg.arch}'s per-head q/k norms have no kernel yet; use --backend cpu")
         self.slot_rows = self.nkv * max_seq  # cache rows (one position of one KV head) of a slot in a layer
         layer_cache = slots * self.slot_rows * hd * 4  # (slots, kv, max_seq, hd) float32 per layer of the stage
         if layer_cache > self.dev.max_range:
