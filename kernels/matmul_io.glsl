@@ -36,7 +36,8 @@ layout(push_constant) uniform Push {
 } p;
 
 layout(std430, binding = 0) readonly buffer Weights { uvec4 w[]; };  // blocks, row-major, UV uvec4 per block
-layout(std430, binding = 1) readonly buffer Scales { uint d[]; };    // Q8_0 / Q4_0: fp16 scale per block, 2 a uint
+layout(std430, binding = 1) readonly buffer Scales { uint d[]; };    // Q8_0 / Q4_0: fp16 scale per block, 2 a uint;
+                                                                     // q4m / q5m / q6: MW words per block
 layout(std430, binding = 2) readonly buffer Xin { vec4 x[]; };
 layout(std430, binding = 3) readonly buffer Bias { float bias[]; };
 layout(std430, binding = 4) buffer Yout { float y[]; };

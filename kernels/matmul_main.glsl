@@ -30,9 +30,12 @@ void main() {
 
     // Each thread loads UB blocks of every row before using any (more loads in flight); a block past the end of
     // the row is read at the last block and counted with weight 0.
+    // QUANT 1: an fp16 scale per block in d (two a uint); QUANT 2: MW words per block in d (the type's scale, min,
+    // high bits), read by its meta_scale / meta_min / make_raw; with HAS_MIN a block adds min * (sum of its x).
     for (uint b0 = tid; b0 < p.nb; b0 += UB * gl_WorkGroupSize.x) {
         Raw raw[UB * NW];
         float sc[UB * NW];
+        float mn[UB * NW];
         uint bs[UB];
         [[unroll]] for (uint u = 0; u < UB; u++) {
             uint b = b0 + u * gl_WorkGroupSize.x;
@@ -41,28 +44,55 @@ void main() {
             [[unroll]] for (uint r = 0; r < NW; r++) {
                 uint blk = min(row0 + r % NR, p.rows - 1) * p.nb + bs[u];  // rows past the end repeat the last
                 uvec4 q[UV];
+                uvec4 meta = uvec4(0u);
+                float s = 1.0;
                 if (r < NR) {
                     [[unroll]] for (uint i = 0; i < UV; i++) q[i] = w[UV * blk + i];
-                    sc[u * NW + r] = live * (QUANT != 0 ? block_scale(d[blk >> 1], blk) : 1.0);
+#ifdef MW
+                    [[unroll]] for (uint i = 0; i < MW; i++) meta[i] = d[MW * blk + i];
+#else
+                    if (QUANT != 0) s = block_scale(d[blk >> 1], blk);
+#endif
                 } else {
                     [[unroll]] for (uint i = 0; i < UV; i++) q[i] = w2[UV * blk + i];
-                    sc[u * NW + r] = live * (QUANT != 0 ? block_scale(d2[blk >> 1], blk) : 1.0);
+#ifdef MW
+                    [[unroll]] for (uint i = 0; i < MW; i++) meta[i] = d2[MW * blk + i];
+#else
+                    if (QUANT != 0) s = block_scale(d2[blk >> 1], blk);
+#endif
                 }
-                raw[u * NW + r] = make_raw(q);
+#ifdef MW
+                s = meta_scale(meta);
+                mn[u * NW + r] = live * meta_min(meta);
+#endif
+                sc[u * NW + r] = live * s;
+                raw[u * NW + r] = make_raw(q, meta);
             }
         }
         [[unroll]] for (uint u = 0; u < UB; u++) {
             float part[NV];
             [[unroll]] for (uint i = 0; i < NV; i++) part[i] = 0.0;
+#ifdef HAS_MIN
+            float xsum[NT];
+            [[unroll]] for (uint t = 0; t < NT; t++) xsum[t] = 0.0;
+#endif
             [[unroll]] for (uint j = 0; j < 8; j++) {
                 vec4 wv[NW];
                 [[unroll]] for (uint r = 0; r < NW; r++) wv[r] = deq(raw[u * NW + r], j);
                 [[unroll]] for (uint t = 0; t < NT; t++) {
                     vec4 xv = x[xbase[t] + bs[u] * 8 + j];
+#ifdef HAS_MIN
+                    xsum[t] += dot(xv, vec4(1.0));
+#endif
                     [[unroll]] for (uint r = 0; r < NW; r++) part[r * NT + t] += dot(wv[r], xv);
                 }
             }
-            [[unroll]] for (uint i = 0; i < NV; i++) acc[i] += sc[u * NW + i / NT] * part[i];
+            [[unroll]] for (uint i = 0; i < NV; i++) {
+                acc[i] += sc[u * NW + i / NT] * part[i];
+#ifdef HAS_MIN
+                acc[i] += mn[u * NW + i / NT] * xsum[i % NT];
+#endif
+            }
         }
     }
 

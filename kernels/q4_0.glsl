@@ -3,7 +3,7 @@
 const uint UV = 1;
 const uint QUANT = 1;
 struct Raw { uvec4 q; };
-Raw make_raw(uvec4 q[UV]) { return Raw(q[0]); }
+Raw make_raw(uvec4 q[UV], uvec4 meta) { return Raw(q[0]); }
 // Nibble n as float: the bits 0x4B000000 | n are 2^23 + n exactly, and subtracting 2^23 + 8 leaves n - 8 exactly:
 // integer logic and one float add instead of an integer-to-float conversion (a quarter-rate instruction on NVIDIA).
 vec4 deq(Raw r, uint j) {  // elements 4j..4j+3 of the block (j < 8)

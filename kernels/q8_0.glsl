@@ -2,7 +2,7 @@
 const uint UV = 2;
 const uint QUANT = 1;
 struct Raw { uvec4 q0; uvec4 q1; };
-Raw make_raw(uvec4 q[UV]) { return Raw(q[0], q[1]); }
+Raw make_raw(uvec4 q[UV], uvec4 meta) { return Raw(q[0], q[1]); }
 // Byte b (signed) as float without a conversion instruction: b + 128 (flip the sign bit) in the low bits of 2^23,
 // then subtract 2^23 + 128; exact (see q4_0.glsl).
 vec4 deq(Raw r, uint j) {

@@ -32,11 +32,12 @@ from spmd.weights import load_shard
 from test_backends import activations, random_qtensor
 
 KERNELS = Path(__file__).resolve().parents[1] / "kernels"
-TYPES = (T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0)
+TYPES = (T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K)
 NAMES = [t.name for t in TYPES]
 PROMPT = (1, 72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100)
 LLAMA = Shape(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, ffn=256, vocab=512, context=64)  # GQA
 QWEN2 = Shape(arch="qwen2", dim=128, n_layers=2, n_heads=4, n_kv_heads=1, ffn=256, vocab=512, context=64)
+K_LLAMA = Shape(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, ffn=512, vocab=512, context=64)  # rows of 256
 
 
 def _backend():
@@ -97,14 +98,14 @@ SHAPES = ((1, 32), (37, 96), (300, 544), (5, 4160), (0, 64))  # one block; odd r
 @pytest.mark.parametrize("qtype", TYPES, ids=NAMES)
 def test_product_matches_reference(qtype, shape, n):
     rng = np.random.default_rng(1)
-    w = random_qtensor(qtype, *shape, rng)
-    x = activations(n, shape[1], rng)
+    w = random_qtensor(qtype, *shape, rng)  # K-quants: columns rounded up to whole super-blocks
+    x = activations(n, w.cols, rng)
     lin = BACKEND.linear(w)
-    assert (lin.rows, lin.cols) == shape and lin.nbytes >= w.nbytes - 2 * shape[0] * shape[1] // 32
+    assert (lin.rows, lin.cols) == (w.rows, w.cols) and lin.nbytes >= w.nbytes - 2 * w.rows * w.cols // 32
     got = lin(x)
-    assert got.shape == (n, shape[0]) and got.dtype == np.float32
+    assert got.shape == (n, w.rows) and got.dtype == np.float32
     assert np.all(np.abs(got - NumpyBackend().linear(w)(x)) <= tolerance(w, x))
-    out = np.full((n, shape[0]), np.nan, np.float32)
+    out = np.full((n, w.rows), np.nan, np.float32)
     assert lin(x, out=out) is out and np.array_equal(out, got)
     lin.free()
 
@@ -176,6 +177,8 @@ def models(tmp_path_factory):
     paths = {q: write_model(folder / f"llama-{q}.gguf", LLAMA, qtype=q, seed=7) for q in ("F32", "Q8_0", "Q4_0",
                                                                                           "F16")}
     paths["qwen2"] = write_model(folder / "qwen2.gguf", QWEN2, qtype="Q8_0", seed=3)
+    for q in ("Q4_K_M", "Q5_K_M"):  # Q4_K / Q5_K with Q6_K where more bits go
+        paths[q] = write_model(folder / f"llama-{q}.gguf", K_LLAMA, qtype=q, seed=7)
     return paths
 
 
@@ -185,7 +188,7 @@ def engine(path, backend, **kw):
 
 
 @needs_device
-@pytest.mark.parametrize("case", ["F32", "Q8_0", "Q4_0", "F16", "qwen2"])
+@pytest.mark.parametrize("case", ["F32", "Q8_0", "Q4_0", "F16", "qwen2", "Q4_K_M", "Q5_K_M"])
 def test_greedy_tokens_equal_numpy_reference(models, case):
     expected = engine(models[case], "numpy").run()["tokens"]
     result = engine(models[case], "vulkan").run()

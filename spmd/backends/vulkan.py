@@ -4,8 +4,12 @@
 Weight layout on the device (made at load, `_repack`): a matrix is row-major 32-element blocks, the columns padded
 with zeros to a multiple of 32. Q4_0 and Q8_0 keep GGUF's block bytes (16 bytes of nibbles, 32 int8) with the
 2-byte fp16 scales moved to a second buffer (one per block), so every load is 16-byte aligned; F32, F16 and BF16
-keep their bits. A matrix larger than the device's maxStorageBufferRange (128 MiB on lavapipe) is held as row
-chunks, one buffer and one dispatch each.
+keep their bits. The other kept types are repacked (`_repack_words`) to 16 bytes of low nibbles per block and a
+few uint32 words per block in the second buffer: float32 scale and min (Q4_1 and Q4_K: "q4m", 6 bits a weight for
+Q4_K's 4.5), plus the fifth bits (Q5_0, Q5_1, Q5_K: "q5m", 7 bits for Q5_K's 5.5), or Q6_K's two half-block scales
+and top bits ("q6", 8 bits for its 6.56); a K-quant's d * sc is exact in float32, so the numbers stay the file's.
+A matrix larger than the device's maxStorageBufferRange (128 MiB on lavapipe) is held as row chunks, one buffer
+and one dispatch each.
 
 Kernels (see kernels/README.md): `matvec_<w>_f32` (decode) and `matmul_<w>_f32` (a prompt, 8 tokens a workgroup),
 with a bias, a residual add, and (gate and up in one pass) SiLU-multiply fused in; `rmsnorm_f32`; `attention_f32`
@@ -18,12 +22,14 @@ import struct
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
-from ..quants import QTensor
+from ..quants import QTensor, unpack
 from . import Backend, prepare_call
 from .vk_runtime import Buffer, Device, Recording, env_tuple
 
-TYPES = {T.F32: "f32", T.F16: "f16", T.BF16: "bf16", T.Q8_0: "q8_0", T.Q4_0: "q4_0"}
-UV = {"f32": 8, "f16": 4, "bf16": 4, "q8_0": 2, "q4_0": 1}  # uvec4 (16 bytes) per 32-element block
+# weight type -> its kernels' name (kernels/<name>.glsl): 4-bit with a min, 5-bit and Q6_K are repacked (_repack)
+TYPES = {T.F32: "f32", T.F16: "f16", T.BF16: "bf16", T.Q8_0: "q8_0", T.Q4_0: "q4_0", T.Q4_1: "q4m", T.Q4_K: "q4m",
+         T.Q5_0: "q5m", T.Q5_1: "q5m", T.Q5_K: "q5m", T.Q6_K: "q6"}
+UV = {"f32": 8, "f16": 4, "bf16": 4, "q8_0": 2, "q4_0": 1, "q4m": 1, "q5m": 1, "q6": 1}  # uvec4 per 32-element block
 # rows, nb, x_stride, x_off, y_stride, y_off, n, groups, bias_off, flags, ss_count, inv_dim, eps
 MATVEC_PUSH = "<11I2f"
 ACCUM, BIAS, NORM, PRODUCE = 1, 2, 4, 8  # flags (kernels/matmul_io.glsl)
@@ -39,10 +45,40 @@ def whole(b):
     return b if isinstance(b, tuple) else (b, 0, b.nbytes)
 
 
+def _repack_words(w: QTensor, rows, nb):
+    """q4m / q5m / q6 (kernels/q4m.glsl ...): (16 bytes of nibbles per block (rows, nb * 16), uint32 words per block
+    (rows, nb * MW): float32 scale and min, then the high bits; Q6_K: its halves' scales, then its top bits)."""
+    u = unpack(w)
+    cols = nb * 32
+    q = np.zeros((rows, cols), np.uint32)
+    q[:, :w.cols] = u.q + u.offset  # the stored unsigned integers; padding 0 (its activations are 0 too)
+    blocks = q.reshape(rows, nb, 32)
+    nibbles = ((blocks[:, :, :16] & 15) | ((blocks[:, :, 16:] & 15) << 4)).astype(np.uint8).reshape(rows, nb * 16)
+    per_sub = lambda a: a.repeat(u.super // u.sub, axis=1)  # noqa: E731
+    scale = np.zeros((rows, cols // u.sub), np.float32)  # per sub-block, exact in float32 (d * sc)
+    scale[:, :w.cols // u.sub] = per_sub(u.d) * (1 if u.sc is None else u.sc)
+    high = blocks >> 4
+    if TYPES[w.qtype] == "q6":  # two 16-element halves a block; top bits: element e at 2 (e % 16) of word e / 16
+        bits = (high.reshape(rows, nb, 2, 16) << (2 * np.arange(16, dtype=np.uint32))).sum(axis=3, dtype=np.uint32)
+        words = np.concatenate([scale.reshape(rows, nb, 2).view(np.uint32), bits], axis=2)
+        return nibbles, words.reshape(rows, nb * 4)
+    low = np.zeros((rows, nb), np.float32)  # the min: dmin * m (K-quants, sign included), m (_1), less offset * s
+    if u.dmin is not None:
+        low[:, :w.cols // 32] = per_sub(u.dmin) * (1 if u.m is None else u.m)
+    low -= u.offset * scale
+    words = [scale.view(np.uint32), low.view(np.uint32)]
+    if TYPES[w.qtype] == "q5m":  # bit e: element e's fifth bit
+        words.append((high << np.arange(32, dtype=np.uint32)).sum(axis=2, dtype=np.uint32))
+    return nibbles, np.stack(words, axis=2).reshape(rows, nb * len(words))
+
+
 def _repack(w: QTensor):
-    """QTensor -> (blocks uint8 (rows, nb * 16 * UV), fp16 scales uint16 (rows, nb) or None)."""
+    """QTensor -> (blocks uint8 (rows, nb * 16 * UV), per-block scales (fp16 uint16 (rows, nb), or the uint32 words
+    of _repack_words) or None)."""
     rows, nb = w.rows, pad(w.cols) // 32
     name = TYPES[w.qtype]
+    if name in ("q4m", "q5m", "q6"):
+        return _repack_words(w, rows, nb)
     if name in ("q4_0", "q8_0"):
         size = 18 if name == "q4_0" else 34
         b = w.data.reshape(rows, nb, size)
@@ -87,7 +123,8 @@ class VulkanLinear:
         self.nb = pad(w.cols) // 32
         blocks, scales = _repack(w)
         row_bytes = max(blocks.shape[1], 1)
-        chunk = max(1, min(self.dev.max_range // row_bytes, self.dev.max_range // max(2 * self.nb, 1)))
+        scale_bytes = 0 if scales is None else scales.shape[1] * scales.itemsize
+        chunk = max(1, min(self.dev.max_range // row_bytes, self.dev.max_range // max(scale_bytes, 1)))
         self.parts = [Part(self.dev, r0, blocks[r0:r0 + chunk], None if scales is None else scales[r0:r0 + chunk])
                       for r0 in range(0, self.rows, chunk)]
         self.nbytes = sum(p.nbytes for p in self.parts)

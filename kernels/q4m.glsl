@@ -1,0 +1,16 @@
+// 4-bit weights with a min (Q4_1, Q4_K), as spmd/backends/vulkan.py repacks them: per 32-element block 16 bytes
+// (one uvec4) whose byte j holds element j (low nibble) and 16 + j (high), and MW = 2 float32 words in the scales
+// buffer, the block's scale s and min m (Q4_K: d * sc and -dmin * m, exact in float32): value s * nibble + m.
+const uint UV = 1;
+const uint QUANT = 2;
+#define MW 2u
+#define HAS_MIN
+struct Raw { uvec4 q; };
+Raw make_raw(uvec4 q[UV], uvec4 meta) { return Raw(q[0]); }
+float meta_scale(uvec4 meta) { return uintBitsToFloat(meta.x); }
+float meta_min(uvec4 meta) { return uintBitsToFloat(meta.y); }
+vec4 deq(Raw r, uint j) {  // elements 4j..4j+3 of the block (j < 8), as integers (see q4_0.glsl's trick)
+    uint u = r.q[j & 3u];
+    uint s = (j >> 2) * 4u;
+    return uintBitsToFloat(((uvec4(u) >> uvec4(s, s + 8u, s + 16u, s + 24u)) & 15u) | 0x4B000000u) - 8388608.0;
+}
