@@ -10,8 +10,6 @@ from functools import cached_property
 from typing import NamedTuple
 
 from .errors import UserError, regular_file
-from .plan import FFN_BLOCK
-from .quants import SUPER
 
 
 class Compute(NamedTuple):
@@ -41,7 +39,7 @@ class Model:
     ffn_block_bytes: int  # one FFN block's weights in one layer
     vocab_row_bytes: int  # one classifier row
     kv_bytes_per_position: int  # KV cache of one position of one sequence, per layer per KV group
-    ffn_unit: int = 1  # FFN blocks a split keeps together (plan.ffn_unit)
+    ffn_unit: int = 1  # FFN blocks a split keeps together (config.ffn_unit)
 
 
 @dataclass(frozen=True)
@@ -181,7 +179,7 @@ def _model(rd, m):
                  **{f"{k}_bytes": rd.whole(b, k, f"model.bytes.{k}") for k in ("layer", "kv_group", "ffn_block",
                                                                                "vocab_row")},
                  kv_bytes_per_position=rd.whole(m, "kv_bytes_per_position", "model.kv_bytes_per_position"),
-                 ffn_unit=rd.whole(m, "ffn_unit", "model.ffn_unit", 1, most=SUPER // FFN_BLOCK) if "ffn_unit" in m
+                 ffn_unit=rd.whole(m, "ffn_unit", "model.ffn_unit", 1, most=MOST["ffn_dim"]) if "ffn_unit" in m
                  else 1)
 
 

@@ -5,7 +5,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import UserError
-from .plan import ffn_unit
+from .plan import FFN_BLOCK
+from .quants import K_QUANTS, SUPER
 
 ARCHITECTURES = ("llama", "qwen2", "qwen3")
 
@@ -29,7 +30,7 @@ class ModelConfig:
     qkv_bias: bool
     tied_output: bool  # no output.weight: the classifier is token_embd
     qk_norm: bool = False  # qwen3: each head's q and k RMS-normalised (attn_q_norm / attn_k_norm, head_dim each)
-    ffn_unit: int = 1  # FFN blocks the split keeps together: a K-quant ffn_down's super-block (plan.ffn_unit)
+    ffn_unit: int = 1  # FFN blocks the split keeps together: a K-quant ffn_down's super-block (ffn_unit)
 
     @property
     def group(self) -> int:
@@ -96,6 +97,12 @@ def read_config(f) -> ModelConfig:
                         f"head size {head_dim}, rotated dims {cfg.rope_dim})")
     check_tensors(f, cfg)
     return cfg
+
+
+def ffn_unit(down_types) -> int:
+    """FFN blocks a split keeps together, from the types of the layers' ffn_down matrices (split by columns): a
+    K-quant's 256-column super-block (8 blocks), so that a slice does not cut one (spmd.plan.ffn_counts)."""
+    return SUPER // FFN_BLOCK if any(t in K_QUANTS for t in down_types) else 1
 
 
 def expected_shapes(cfg: ModelConfig) -> dict:

@@ -24,7 +24,6 @@ from fractions import Fraction
 from functools import cached_property
 
 from .errors import UserError
-from .quants import K_QUANTS, SUPER
 
 FFN_BLOCK = 32
 RATIO_RANGE = (1e-6, 1e6)
@@ -311,12 +310,6 @@ def contiguous(counts) -> list:
 
 def n_ffn_blocks(ffn_dim: int) -> int:
     return -(-ffn_dim // FFN_BLOCK)
-
-
-def ffn_unit(down_types) -> int:
-    """FFN blocks a split keeps together, from the types of the layers' ffn_down matrices (split by columns): a
-    K-quant's 256-column super-block (8 blocks), which a slice must not cut to stay in its type."""
-    return SUPER // FFN_BLOCK if any(t in K_QUANTS for t in down_types) else 1
 
 
 def ffn_counts(n_blocks: int, speeds, unit: int = 1) -> list:

@@ -15,12 +15,23 @@ PURE = ("spmd.plan", "spmd.replan", "spmd.model", "spmd.config", "spmd.weights",
         "spmd.rebalance", "spmd.cluster", "spmd.supervise", "spmd.journal", "spmd.watch", "spmd.launch")
 
 
-def loads_mpi(module: str) -> bool:
-    """Whether importing module alone, in a new interpreter, loads mpi4py."""
-    code = f"import sys, {module}; print('mpi4py' in sys.modules)"
+# the tools around a job (the socket's client, the launcher and supervisor, the plan they check layouts with) start
+# in a fraction of a second: none of them loads numpy, the gguf package or numba (a migration request that took
+# 0.14 s longer to start, through spmd.plan importing the weight types, came after the answers it was meant for)
+LIGHT = ("spmd.plan", "spmd.replan", "spmd.client", "spmd.control", "spmd.migrate", "spmd.launch", "spmd.supervise")
+
+
+def loads_mpi(module: str, other="mpi4py") -> bool:
+    """Whether importing module alone, in a new interpreter, loads mpi4py (or `other`)."""
+    code = f"import sys, {module}; print({other!r} in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, f"import {module} failed:\n{done.stderr}"
     return {"True": True, "False": False}[done.stdout.strip()]
+
+
+@pytest.mark.parametrize("module", LIGHT)
+def test_the_tools_around_a_job_load_no_numerical_code(module):
+    assert not any(loads_mpi(module, heavy) for heavy in ("numpy", "gguf", "numba")), module
 
 
 @pytest.mark.parametrize("module", PURE)

@@ -6,8 +6,7 @@ from types import SimpleNamespace
 import pytest
 
 from spmd.errors import UserError
-from spmd.plan import (FFN_BLOCK, StageSpec, apportion, chunk_counts, ffn_counts, ffn_unit, make_plan, parse_layout,
-                       ranges)
+from spmd.plan import FFN_BLOCK, StageSpec, apportion, chunk_counts, ffn_counts, make_plan, parse_layout, ranges
 
 TINYLLAMA = SimpleNamespace(n_layers=22, n_heads=32, n_kv_heads=4, ffn_dim=5632, vocab=32000)
 
@@ -109,6 +108,7 @@ def test_more_ranks_than_kv_heads_leaves_some_ranks_without_heads():
 def test_a_k_quant_ffn_down_is_split_in_whole_super_blocks():
     """ffn_down is split by columns: in a K-quant file the ranks' FFN ranges keep its 256-column super-blocks
     whole (8 blocks of 32), unless that would leave a working rank none."""
+    from spmd.config import ffn_unit
     from spmd.gguf_file import T
     dims = SimpleNamespace(**{**TINYLLAMA.__dict__, "ffn_unit": ffn_unit([T.Q4_K, T.Q6_K])})  # 5632 = 22 x 256
     assert dims.ffn_unit == 8 and ffn_unit([T.Q8_0, T.F16]) == 1

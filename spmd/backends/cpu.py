@@ -386,13 +386,16 @@ def _linear_serial(kind, w, wh, wd, ws, x, xs, xq, y):
 _ENTRIES = {}  # (kernel, argument types) -> the compiled kernel's entry point
 
 
-def _entry(kernel, kind, args):
-    """The kernel compiled for `kind` (as a constant) and these arguments' types: its entry point, which calls it
-    in microseconds (the dispatcher, asked with a Python int for a literal, retypes the call: ~20 ms)."""
+def _entry(parallel, kind, args):
+    """The kernel (thread pool or one thread) compiled for `kind` (as a constant) and these arguments' types: its
+    entry point, which calls it in microseconds (the dispatcher, asked with a Python int for a literal, retypes the
+    call: ~20 ms). The first time a type is seen both kernels are compiled (or loaded from numba's cache), so a
+    later matrix of another size (a live migration's) never waits for a compiler."""
     sig = (types.IntegerLiteral(int(kind)), *(numba.typeof(a) for a in args))
-    if (kernel, sig) not in _ENTRIES:
-        _ENTRIES[kernel, sig] = kernel.compile(sig)
-    return _ENTRIES[kernel, sig]
+    if (_linear_serial, sig) not in _ENTRIES:
+        for kernel in (_linear_serial, _linear_parallel):
+            _ENTRIES[kernel, sig] = kernel.compile(sig)
+    return _ENTRIES[_linear_parallel if parallel else _linear_serial, sig]
 
 
 # ---- load-time repacking --------------------------------------------------------------------------------------
@@ -479,9 +482,8 @@ class CpuLinear:
         # a slice that cut through quant blocks: where its columns are among the stored ones (the rest get zeros)
         self.spread = None if w.keep is None else np.concatenate([np.arange(a, b) for a, b in w.keep])
         self._one = self._scratch(1)  # the decode path's scratch, reused every call
-        kernel = _linear_parallel if threads > 1 and self.nbytes >= SMALL else _linear_serial
         x, y = np.zeros((1, self.stored), np.float32), np.zeros((1, self.rows), np.float32)
-        self._kernel = _entry(kernel, self.qtype, (*self.arrays, x, *self._one[:2], y))
+        self._kernel = _entry(threads > 1 and self.nbytes >= SMALL, self.qtype, (*self.arrays, x, *self._one[:2], y))
 
     def _scratch(self, n):
         """(xs, xq, wide): the prepared activations, the sums of each 8 of them (for types with mins), and the
