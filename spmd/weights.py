@@ -136,12 +136,12 @@ def load_shard(f, cfg, share: Share, backend, notice=print, read=None, old=None,
         return backend.linear(fit(read(f"blk.{i}.{name}", slicing, element_spans(cfg, share, unit))))
 
     def fit(qt):
-        """The slice as the backend computes with it: F32 where it has no kernel for its type or its cut."""
-        if backend.types is None or (qt.qtype in backend.types and qt.keep is None):
+        """The slice as the backend computes with it: F32 where it lacks a kernel for its type or its cut."""
+        lacks = backend.lacks(qt)
+        if lacks is None:
             return qt
-        why = "cut through quant blocks" if qt.qtype in backend.types else f"in {qt.qtype.name}"
-        f.notice_once(notice, ("backend", why), f"note: the {backend.name} backend has no kernel for weights {why}; "
-                      "it holds them as F32 (4 bytes a weight)")
+        f.notice_once(notice, ("backend", lacks), f"note: the {backend.name} backend lacks {lacks}; it holds them "
+                      "as F32 (4 bytes a weight)")
         return from_float(dequantize(qt))
 
     qk = lambda i, n: f.vector(f"blk.{i}.attn_{n}_norm.weight") if cfg.qk_norm else None  # noqa: E731

@@ -122,6 +122,26 @@ def test_columns_not_a_multiple_of_32_and_no_columns():
 
 
 @needs_device
+@pytest.mark.parametrize("qtype", (T.Q4_K, T.Q5_K, T.Q6_K), ids=lambda t: t.name)
+def test_slices_that_cut_super_blocks_stay_quantised(qtype):
+    """A rank's columns that cut K-quant super-blocks (QTensor.keep, at 32-element blocks) keep their own blocks
+    on the device, repacked like the rest; a cut through a 32-element block is what the backend lacks."""
+    from spmd.quants import QTensor
+    rng = np.random.default_rng(5)
+    w = random_qtensor(qtype, 9, 768, rng)
+    for keep in (((64, 128),), ((0, 64), (448, 512), (544, 768))):
+        part = QTensor(qtype, w.rows, w.cols, w.data, keep)
+        assert BACKEND.lacks(part) is None
+        x = activations(3, part.width, rng)
+        lin = BACKEND.linear(part)
+        assert lin.nbytes <= 8 / 32 * 4 * part.rows * part.width  # 8 bits a weight at most: not widened to F32
+        assert np.all(np.abs(lin(x) - NumpyBackend().linear(part)(x)) <= tolerance(part, x))
+        lin.free()
+    q8 = random_qtensor(T.Q8_0, 2, 64, rng)
+    assert "cut through" in BACKEND.lacks(QTensor(T.Q8_0, 2, 64, q8.data, ((16, 48),)))
+
+
+@needs_device
 def test_a_matrix_over_the_storage_buffer_range_is_split_into_row_chunks(monkeypatch):
     rng = np.random.default_rng(3)
     w = random_qtensor(T.Q4_0, 100, 256, rng)

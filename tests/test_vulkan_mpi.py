@@ -28,7 +28,7 @@ needs_device = pytest.mark.skipif(MISSING is not None, reason=f"no Vulkan: {MISS
 def models():
     qwen2 = Shape(**{**SHAPE.__dict__, "arch": "qwen2"})
     deep = Shape(**{**SHAPE.__dict__, "n_layers": 5})  # room for a stage per rank
-    k_quant = Shape(**{**SHAPE.__dict__, "dim": 256, "ffn": 512})  # a rank's heads cut its super-blocks: F32 there
+    k_quant = Shape(**{**SHAPE.__dict__, "dim": 256, "ffn": 512})  # a rank's heads cut its super-blocks
     yield from shared_models("spmd-vk-test-", {"qwen2": (qwen2, "Q8_0", 3), "deep": (deep, "Q4_0", 7),
                                                "Q4_K_M": (k_quant, "Q4_K_M", 7)})
 

@@ -12,9 +12,8 @@
                                          # (Vulkan); sequences of up to max_seq positions in slots 0..slots-1
     backend.model_owns_weights           # True where the model frees its matrices on close(): a re-partition
                                          # then reads every matrix again instead of keeping unchanged ones
-    backend.types                        # the weight types it computes with as they are, None: every type
-                                         # spmd.quants keeps, and slices that cut through quant blocks
-                                         # (spmd.weights hands it others as F32)
+    backend.lacks(w)                     # None where it computes with QTensor w as it is, else what it lacks
+                                         # ("a kernel for Q2_K weights"): spmd.weights then hands it w as F32
 """
 import numpy as np
 
@@ -26,7 +25,10 @@ BACKENDS = ("numpy", "cpu", "vulkan")
 class Backend:
     name = description = None
     model_owns_weights = False
-    types = None
+
+    def lacks(self, w):
+        """None: every type spmd.quants keeps, and slices that cut through quant blocks (QTensor.keep)."""
+        return None
 
     def linear(self, w):
         raise NotImplementedError

@@ -7,7 +7,8 @@ with zeros to a multiple of 32. Q4_0 and Q8_0 keep GGUF's block bytes (16 bytes 
 keep their bits. The other kept types are repacked (`_repack_words`) to 16 bytes of low nibbles per block and a
 few uint32 words per block in the second buffer: float32 scale and min (Q4_1 and Q4_K: "q4m", 6 bits a weight for
 Q4_K's 4.5), plus the fifth bits (Q5_0, Q5_1, Q5_K: "q5m", 7 bits for Q5_K's 5.5), or Q6_K's two half-block scales
-and top bits ("q6", 8 bits for its 6.56); a K-quant's d * sc is exact in float32, so the numbers stay the file's.
+and top bits ("q6", 8 bits for its 6.56); a K-quant's d * sc is exact in float32, so the numbers stay the file's,
+and a slice that cuts its super-blocks (QTensor.keep) keeps just its own 32-element blocks.
 A matrix larger than the device's maxStorageBufferRange (128 MiB on lavapipe) is held as row chunks, one buffer
 and one dispatch each.
 
@@ -30,6 +31,7 @@ from .vk_runtime import Buffer, Device, Recording, env_tuple
 TYPES = {T.F32: "f32", T.F16: "f16", T.BF16: "bf16", T.Q8_0: "q8_0", T.Q4_0: "q4_0", T.Q4_1: "q4m", T.Q4_K: "q4m",
          T.Q5_0: "q5m", T.Q5_1: "q5m", T.Q5_K: "q5m", T.Q6_K: "q6"}
 UV = {"f32": 8, "f16": 4, "bf16": 4, "q8_0": 2, "q4_0": 1, "q4m": 1, "q5m": 1, "q6": 1}  # uvec4 per 32-element block
+WORDS = ("q4m", "q5m", "q6")  # repacked with uint32 words per block (_repack_words)
 # rows, nb, x_stride, x_off, y_stride, y_off, n, groups, bias_off, flags, ss_count, inv_dim, eps
 MATVEC_PUSH = "<11I2f"
 ACCUM, BIAS, NORM, PRODUCE = 1, 2, 4, 8  # flags (kernels/matmul_io.glsl)
@@ -47,25 +49,31 @@ def whole(b):
 
 def _repack_words(w: QTensor, rows, nb):
     """q4m / q5m / q6 (kernels/q4m.glsl ...): (16 bytes of nibbles per block (rows, nb * 16), uint32 words per block
-    (rows, nb * MW): float32 scale and min, then the high bits; Q6_K: its halves' scales, then its top bits)."""
+    (rows, nb * MW): float32 scale and min, then the high bits; Q6_K: its halves' scales, then its top bits). A
+    slice that cut K-quant super-blocks (w.keep, at 32-element blocks) keeps only its own blocks."""
     u = unpack(w)
-    cols = nb * 32
-    q = np.zeros((rows, cols), np.uint32)
+    stored = nb * 32 if w.keep is None else pad(w.cols)
+    q = np.zeros((rows, stored), np.uint32)
     q[:, :w.cols] = u.q + u.offset  # the stored unsigned integers; padding 0 (its activations are 0 too)
+    per_sub = lambda a: a.repeat(u.super // u.sub, axis=1)  # noqa: E731
+    scale = np.zeros((rows, stored // u.sub), np.float32)  # per sub-block, exact in float32 (d * sc)
+    scale[:, :w.cols // u.sub] = per_sub(u.d) * (1 if u.sc is None else u.sc)
+    low = np.zeros((rows, stored // 32), np.float32)  # the min: dmin * m (K-quants, sign included), m (_1)
+    if u.dmin is not None:
+        low[:, :w.cols // 32] = per_sub(u.dmin) * (1 if u.m is None else u.m)
+    if w.keep is not None:  # the kept 32-element blocks, in order
+        kept = np.concatenate([np.arange(a // 32, b // 32) for a, b in w.keep])
+        q = q.reshape(rows, -1, 32)[:, kept].reshape(rows, nb * 32)
+        scale = scale.reshape(rows, -1, 32 // u.sub)[:, kept].reshape(rows, nb * 32 // u.sub)
+        low = low[:, kept]
     blocks = q.reshape(rows, nb, 32)
     nibbles = ((blocks[:, :, :16] & 15) | ((blocks[:, :, 16:] & 15) << 4)).astype(np.uint8).reshape(rows, nb * 16)
-    per_sub = lambda a: a.repeat(u.super // u.sub, axis=1)  # noqa: E731
-    scale = np.zeros((rows, cols // u.sub), np.float32)  # per sub-block, exact in float32 (d * sc)
-    scale[:, :w.cols // u.sub] = per_sub(u.d) * (1 if u.sc is None else u.sc)
     high = blocks >> 4
     if TYPES[w.qtype] == "q6":  # two 16-element halves a block; top bits: element e at 2 (e % 16) of word e / 16
         bits = (high.reshape(rows, nb, 2, 16) << (2 * np.arange(16, dtype=np.uint32))).sum(axis=3, dtype=np.uint32)
         words = np.concatenate([scale.reshape(rows, nb, 2).view(np.uint32), bits], axis=2)
         return nibbles, words.reshape(rows, nb * 4)
-    low = np.zeros((rows, nb), np.float32)  # the min: dmin * m (K-quants, sign included), m (_1), less offset * s
-    if u.dmin is not None:
-        low[:, :w.cols // 32] = per_sub(u.dmin) * (1 if u.m is None else u.m)
-    low -= u.offset * scale
+    low -= u.offset * scale  # the stored integers are unsigned: Q5_0's m is -16 s
     words = [scale.view(np.uint32), low.view(np.uint32)]
     if TYPES[w.qtype] == "q5m":  # bit e: element e's fifth bit
         words.append((high << np.arange(32, dtype=np.uint32)).sum(axis=2, dtype=np.uint32))
@@ -75,9 +83,9 @@ def _repack_words(w: QTensor, rows, nb):
 def _repack(w: QTensor):
     """QTensor -> (blocks uint8 (rows, nb * 16 * UV), per-block scales (fp16 uint16 (rows, nb), or the uint32 words
     of _repack_words) or None)."""
-    rows, nb = w.rows, pad(w.cols) // 32
+    rows, nb = w.rows, pad(w.width) // 32
     name = TYPES[w.qtype]
-    if name in ("q4m", "q5m", "q6"):
+    if name in WORDS:
         return _repack_words(w, rows, nb)
     if name in ("q4_0", "q8_0"):
         size = 18 if name == "q4_0" else 34
@@ -116,11 +124,11 @@ class VulkanLinear:
     """A weight matrix resident in device memory; `__call__` runs one product (kernel tests, one-off uses)."""
 
     def __init__(self, backend, w: QTensor):
-        if w.qtype not in TYPES:
-            raise ValueError(f"vulkan backend: no kernel for {w.qtype.name}")
+        if backend.lacks(w):
+            raise ValueError(f"vulkan backend: lacks {backend.lacks(w)}")
         self.backend, self.dev = backend, backend.dev
-        self.qtype, self.type, self.rows, self.cols = w.qtype, TYPES[w.qtype], w.rows, w.cols
-        self.nb = pad(w.cols) // 32
+        self.qtype, self.type, self.rows, self.cols = w.qtype, TYPES[w.qtype], w.rows, w.width
+        self.nb = pad(self.cols) // 32
         blocks, scales = _repack(w)
         row_bytes = max(blocks.shape[1], 1)
         scale_bytes = 0 if scales is None else scales.shape[1] * scales.itemsize
@@ -197,7 +205,15 @@ class VulkanLinear:
 class VulkanBackend(Backend):
     model_owns_weights = True
     name = "vulkan"
-    types = tuple(TYPES)
+
+    def lacks(self, w):
+        """The repacked types (per-block scales) take slices that cut K-quant super-blocks at 32-element blocks;
+        a cut through a 32-element block, or a type without a kernel, is held as F32."""
+        if w.qtype not in TYPES:
+            return f"a kernel for {w.qtype.name} weights"
+        if w.keep is not None and (TYPES[w.qtype] not in WORDS or any(a % 32 or b % 32 for a, b in w.keep)):
+            return f"{w.qtype.name} slices that cut through its 32-element blocks"
+        return None
 
     def __init__(self, device: int = None, wrap: bool = False):
         index = device or 0
