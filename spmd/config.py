@@ -6,7 +6,7 @@ import numpy as np
 
 from .errors import UserError
 from .plan import FFN_BLOCK
-from .quants import K_QUANTS, SUPER
+from .quants import K_QUANTS, SUPER, readable
 
 ARCHITECTURES = ("llama", "qwen2", "qwen3")
 
@@ -130,5 +130,7 @@ def check_tensors(f, cfg: ModelConfig):
     if f.has("rope_freqs.weight"):
         shapes["rope_freqs.weight"] = (cfg.rope_dim // 2,)
     for name, shape in shapes.items():
+        if not readable(f.info(name).qtype):
+            raise UserError(f"{f.path}: tensor {name} is in {f.info(name).qtype.name}, a type spmd cannot read")
         if f.info(name).shape != shape:
             raise UserError(f"{f.path}: tensor {name} has shape {f.info(name).shape} but the metadata implies {shape}")

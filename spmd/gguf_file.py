@@ -15,7 +15,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 
 from .errors import UserError, regular_file
 from .gguf_header import GGUFHeader, HeaderError
-from .quants import NATIVE, QTensor, as_qtensor, block_size, dequantize_any, from_float, row_bytes
+from .quants import NATIVE, QTensor, as_qtensor, block_size, dequantize, dequantize_any, from_float, row_bytes
 
 PAGE = mmap.PAGESIZE
 FINGERPRINT_SAMPLE = 4096  # bytes hashed at each of three places of every tensor
@@ -142,6 +142,8 @@ class GGUFFile:
         qt = self._keep(info, part, n_rows, at, notice)
         if sum(b - a for a, b in keep) != at:
             qt.keep = tuple(keep)
+            if qt.qtype != info.qtype:  # dequantised at load: floats have no blocks to keep whole
+                qt = from_float(dequantize(qt))
         self._release(info)
         return qt
 

@@ -19,6 +19,7 @@ terms (f16: a float16; q: a row's integer, nibble `lo` plus high bits `hi`):
                       128h + 32k + i is lo: byte 64h + 32(k % 2) + i, nibble k // 2; hi: byte 32h + i, bits 2k..2k+1
                                                                        d * sc * (q - 32)
 """
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -172,6 +173,9 @@ class Unpacked:
 
 
 def unpack(qt: QTensor) -> Unpacked:
+    """A quantised QTensor's stored columns taken apart (the one decoder of the block layouts above: dequantize and
+    the backends' repacking read the numbers through it). The _1 types' own min m goes to `dmin` (it is a float per
+    block, as a K-quant's dmin is), their `m` staying None."""
     t, b = qt.qtype, _blocks(qt)
     rows = qt.rows
     i16 = lambda a, per=1: a.astype(np.int16).reshape(rows, qt.cols // per)  # noqa: E731  (per: elements each)
@@ -224,6 +228,20 @@ def _dequantize_stored(qt: QTensor) -> np.ndarray:
         low = per_sub(u.dmin) if u.m is None else per_sub(u.dmin) * u.m
         values = values + low[..., None]
     return values.astype(np.float32).reshape(qt.rows, qt.cols)
+
+
+@functools.lru_cache(maxsize=None)
+def readable(qtype) -> bool:
+    """Whether spmd can read weights of `qtype`: kept as they are, or dequantised at load by gguf's code (which has
+    no dequantisation for some types: Q8_K, Q8_1, the integer types, ...)."""
+    if qtype in NATIVE:
+        return True
+    elems, nbytes = GGML_QUANT_SIZES[qtype]
+    try:
+        gguf_quants.dequantize(np.zeros((1, nbytes), np.uint8), qtype)
+    except (NotImplementedError, ValueError, TypeError):
+        return False
+    return True
 
 
 def dequantize_any(raw: np.ndarray, qtype, rows: int, cols: int) -> np.ndarray:

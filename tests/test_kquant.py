@@ -1,9 +1,14 @@
 """K-quant files made by llama.cpp's own quantiser (tests/kquant, scripts/make_kquant_files.py): spmd reads them as
 they are (no type dequantised at load) and its greedy tokens equal tests/reference.py's, which dequantises every
 weight with the gguf package; at several ranks, layouts and stages they equal one rank's."""
+import struct
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from gguf import GGMLQuantizationType as T
 
 import reference
 from mpi_models import UNEQUAL, WORLD, generate, one_rank_tokens
@@ -29,6 +34,42 @@ def test_llama_cpp_files_are_kept_as_they_are_and_give_the_reference_tokens(path
         assert types & set(K_QUANTS)
     got = one_rank_tokens(model=str(path), prompt_tokens=PROMPT, steps=STEPS)
     assert got == reference.greedy(path, list(PROMPT), STEPS)
+
+
+def tensor_type_at(data, name):
+    """The byte offset of a tensor's type in a GGUF file's tensor index."""
+    key = struct.pack("<Q", len(name)) + name.encode()
+    at = data.index(key) + len(key)
+    return at + 4 + 8 * struct.unpack_from("<I", data, at)[0]
+
+
+def test_a_type_spmd_cannot_read_is_one_line(tmp_path):
+    """gguf's code dequantises the types the engine does not keep, but not all of them (Q8_K, Q8_1, integers):
+    such a file is refused at start-up with one line naming the tensor and its type."""
+    data = bytearray((Path(__file__).parent / "kquant" / "q4_k_m.gguf").read_bytes())
+    struct.pack_into("<I", data, tensor_type_at(data, "blk.0.ffn_gate.weight"), int(T.Q8_K))
+    bad = tmp_path / "q8_k.gguf"
+    bad.write_bytes(data)
+    p = subprocess.run([sys.executable, "-m", "spmd.run", "--model", str(bad), "--prompt", "Hi", "--steps", "2"],
+                       cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and p.stdout == ""
+    assert p.stderr.strip().splitlines()[-1] == f"error: {bad}: tensor blk.0.ffn_gate.weight is in Q8_K, a type " \
+        "spmd cannot read"
+    assert "Traceback" not in p.stderr
+
+
+def test_a_float_slice_of_a_type_read_as_floats_holds_only_its_columns(tmp_path):
+    """A type dequantised at load (here Q4_K taken off the kept list) is floats: a column slice that cut its
+    super-blocks holds just its own columns, not the blocks around them."""
+    from spmd import gguf_file
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gguf_file, "NATIVE", tuple(t for t in NATIVE if t != T.Q4_K))
+        f = GGUFFile(Path(__file__).parent / "kquant" / "q4_k_m.gguf")
+        part = f.col_ranges("blk.0.attn_output.weight", [(64, 128)], notice=lambda _m: None)
+        whole = f.rows("blk.0.attn_output.weight", 0, 256, notice=lambda _m: None)
+        f.close()
+    assert part.qtype == T.F32 and part.keep is None and part.data.shape == (256, 64)
+    assert np.array_equal(part.data, whole.data[:, 64:128])
 
 
 @pytest.mark.mpi

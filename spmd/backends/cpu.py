@@ -46,11 +46,12 @@ accumulators. A kernel is compiled per type (its GGML number a compile-time cons
 The kernels work on tiles of 2 weight rows x 4 activation rows (x 8 for quantised weights where AVX-512 has the
 registers, x 2 for a pair left over), so a prompt's or a batched decode step's weight loads and conversions serve
 several activation rows; the activation row left over (decode's one) goes past 4 weight rows at a time, or 8 for
-Q4_0 rows of over LONG = 4096 elements, whose activations (4 bytes an element against the weights' 0.56) then no
-longer stay in L1 beside the weights (8 measured 17-29% faster than 4 on one core at 2048 x 5632; for Q8_0 and
-shorter rows, as fast or slower). prange runs over blocks of 16 weight rows, whose weights stay in cache while
-every activation tile goes past them. Each weight row is prefetched at the same place in the next tile's rows (rows
-are contiguous: nw rows ahead), which is where the kernel goes next.
+rows of the nibble types over LONG = 4096 elements, whose activations (4 bytes an element against the weights'
+0.56-0.82) then no longer stay in L1 beside the weights (8 measured 17-29% faster than 4 on one core at 2048 x
+5632 for Q4_0, the one type timed both ways; for Q8_0 and shorter rows, as fast or slower). prange runs over
+blocks of 16 weight rows, whose weights stay in cache while every activation tile goes past them. Each weight row
+is prefetched at the same place in the next tile's rows (rows are contiguous: nw rows ahead), which is where the
+kernel goes next.
 
 Every (weight row, activation row) dot product runs the same instructions in the same order whatever the tile, the
 row range held, the thread partition or the batch size, so results are bit-identical across those (the tests hold
@@ -81,7 +82,7 @@ AVX512 = "+avx512f" in _FEATURES.split(",") and not os.environ.get("SPMD_CPU_GEN
 GROUP = 128  # quantised kernels: elements per loop step (4 blocks, 16 lanes of 8)
 CHUNK = 64  # float kernels: elements per loop step
 ROW_BLOCK = 16  # weight rows per parallel work item; activation rows go through 4 at a time
-LONG = 4096  # Q4_0 rows longer than this go 8 at a time past a leftover activation row (see the docstring)
+LONG = 4096  # nibble-type rows longer than this go 8 at a time past a leftover activation row (see the docstring)
 SMALL = 1 << 17  # weights below this many bytes run on one thread (a fork-join costs more than it saves)
 
 # ---- LLVM IR helpers ------------------------------------------------------------------------------------------

@@ -52,7 +52,7 @@ def _repack_words(w: QTensor, rows, nb):
     (rows, nb * MW): float32 scale and min, then the high bits; Q6_K: its halves' scales, then its top bits). A
     slice that cut K-quant super-blocks (w.keep, at 32-element blocks) keeps only its own blocks."""
     u = unpack(w)
-    stored = nb * 32 if w.keep is None else pad(w.cols)
+    stored = pad(w.cols)  # the stored columns (with w.keep, the blocks around its own)
     q = np.zeros((rows, stored), np.uint32)
     q[:, :w.cols] = u.q + u.offset  # the stored unsigned integers; padding 0 (its activations are 0 too)
     per_sub = lambda a: a.repeat(u.super // u.sub, axis=1)  # noqa: E731
@@ -124,8 +124,9 @@ class VulkanLinear:
     """A weight matrix resident in device memory; `__call__` runs one product (kernel tests, one-off uses)."""
 
     def __init__(self, backend, w: QTensor):
-        if backend.lacks(w):
-            raise ValueError(f"vulkan backend: lacks {backend.lacks(w)}")
+        lacks = backend.lacks(w)
+        if lacks:
+            raise ValueError(f"vulkan backend: lacks {lacks}")
         self.backend, self.dev = backend, backend.dev
         self.qtype, self.type, self.rows, self.cols = w.qtype, TYPES[w.qtype], w.rows, w.width
         self.nb = pad(self.cols) // 32
