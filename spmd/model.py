@@ -21,9 +21,11 @@ def rmsnorm(x, weight, eps):
 
 
 def silu_mul(gate, up):
-    """silu(gate) * up, in gate's memory: gate / (1 + exp(-gate)) * up, with one temporary."""
+    """silu(gate) * up, in gate's memory: gate / (1 + exp(-gate)) * up, with one temporary. exp overflows to inf for
+    a gate below about -88, where silu's value 0 is what gate / inf gives: not worth a warning."""
     e = np.negative(gate)
-    np.exp(e, out=e)
+    with np.errstate(over="ignore"):
+        np.exp(e, out=e)
     e += 1.0
     np.divide(gate, e, out=gate)
     gate *= up

@@ -250,7 +250,8 @@ def dequantize_any(raw: np.ndarray, qtype, rows: int, cols: int) -> np.ndarray:
         return dequantize(as_qtensor(raw, qtype, rows, cols))
     if rows == 0 or cols == 0:  # a rank that holds no heads or FFN columns
         return np.zeros((rows, cols), np.float32)
-    return gguf_quants.dequantize(raw.reshape(rows, -1), qtype).astype(np.float32).reshape(rows, cols)
+    with np.errstate(all="ignore"):  # garbage blocks give inf / nan, which the engine's checks report in one line
+        return gguf_quants.dequantize(raw.reshape(rows, -1), qtype).astype(np.float32).reshape(rows, cols)
 
 
 def as_qtensor(raw: np.ndarray, qtype, rows: int, cols: int) -> QTensor:

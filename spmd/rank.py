@@ -250,7 +250,9 @@ class RankState:
         self.control = agree(comm, self._open_control if comm.is_root else lambda: None)
         try:
             t, rss = time.perf_counter(), rss_bytes()
-            self.swap(plan, agree(comm, lambda: self.build_model(plan[comm.rank])))
+            notes = []  # what loading said on this rank (a backend holding a slice as F32, ...)
+            self.swap(plan, agree(comm, lambda: self.build_model(plan[comm.rank], notice=notes.append)))
+            self._say_notes(notes)
             self.load_s = time.perf_counter() - t
             self.load_rss_bytes = max(0, rss_bytes() - rss)  # measured: what loading this rank's share added
         except BaseException:
@@ -274,13 +276,27 @@ class RankState:
         self.plan = plan
         self.comm.set_plan(plan)
 
-    def build_model(self, share, read=None, keep=()):
+    def build_model(self, share, read=None, keep=(), notice=None):
         """A model for `share`: its weights read from the file (or by `read`, keeping the old model's matrices
-        of the plan units in `keep`)."""
+        of the plan units in `keep`). `notice` gets what loading says (default: rank 0 says it, others not)."""
+        notice = notice or (self.log if self.comm.is_root else (lambda _msg: None))
         weights = load_shard(self.file, self.cfg, share, self.backend, read=read, keep=keep,
-                             old=self.model.w if keep else None,
-                             notice=self.log if self.comm.is_root else (lambda _msg: None))
+                             old=self.model.w if keep else None, notice=notice)
         return self.backend.make_model(self.cfg, weights, share, self.max_seq, self.n_slots)
+
+    def _say_notes(self, notes):
+        """Every rank: what loading said, said once on rank 0 (with the ranks it came from where rank 0's own
+        load did not say it: a backend of their own, a layer range of their own)."""
+        everyone = self.comm.gather(notes)
+        if not self.comm.is_root:
+            return
+        said = {}
+        for rank, rank_notes in enumerate(everyone):
+            for note in rank_notes:
+                said.setdefault(note, []).append(rank)
+        for note, ranks in said.items():
+            where = "" if 0 in ranks else f"rank{'s' * (len(ranks) > 1)} {', '.join(map(str, ranks))}: "
+            self.log(where + note)
 
     def kv_bytes_per_position(self, share=None):
         """KV-cache bytes one position of one sequence takes on this rank."""

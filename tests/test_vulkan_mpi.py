@@ -29,8 +29,10 @@ def models():
     qwen2 = Shape(**{**SHAPE.__dict__, "arch": "qwen2"})
     deep = Shape(**{**SHAPE.__dict__, "n_layers": 5})  # room for a stage per rank
     k_quant = Shape(**{**SHAPE.__dict__, "dim": 256, "ffn": 512})  # a rank's heads cut its super-blocks
+    heads_of_16 = Shape(**{**SHAPE.__dict__, "dim": 64, "n_heads": 4, "n_kv_heads": 4, "ffn": 128})
     yield from shared_models("spmd-vk-test-", {"qwen2": (qwen2, "Q8_0", 3), "deep": (deep, "Q4_0", 7),
-                                               "Q4_K_M": (k_quant, "Q4_K_M", 7)})
+                                               "Q4_K_M": (k_quant, "Q4_K_M", 7),
+                                               "heads of 16": (heads_of_16, "Q8_0", 7)})
 
 
 @needs_device
@@ -58,6 +60,28 @@ def test_cpu_rank_0_and_vulkan_elsewhere(models, case):
         assert result["tokens"] == expected
         names = [r["backend"].split(" ")[0] for r in result["ranks"]]
         assert names == ["cpu"] + ["vulkan"] * (WORLD.size - 1)
+
+
+@needs_device
+@pytest.mark.mpi
+def test_what_another_ranks_load_says_reaches_rank_0(models):
+    """Rank 0 (cpu) keeps Q8_0 slices that cut its 32-element blocks (heads of 16 columns) as they are; the vulkan
+    ranks hold theirs as F32, and say so through rank 0, naming themselves."""
+    if WORLD.size < 2:
+        pytest.skip("needs a second rank")
+    from spmd.comm import Comm
+    from spmd.engine import Engine, RunOptions
+    from spmd.prompts import PromptSpec
+    expected = one_rank_tokens(model=models["heads of 16"], backend="numpy", prompt_tokens=(1, 72, 101), steps=4)
+    notes = []
+    one_head_each = {2: "3:1", 3: "2:1:1", 4: "1:1:1:1"}[WORLD.size]  # rank 1's 16 columns cut a block
+    opts = RunOptions(model=models["heads of 16"], prompts=(PromptSpec(ids=(1, 72, 101)),), steps=4,
+                      backend=",".join(["cpu"] + ["vulkan"] * (WORLD.size - 1)), ratios=one_head_each)
+    result = Engine(opts, Comm(comm=WORLD), log=notes.append).run()
+    if WORLD.rank == 0:
+        assert result["tokens"] == expected
+        lacking = [n for n in notes if "lacks" in n]
+        assert len(lacking) == 1 and lacking[0].startswith("rank") and "Q8_0 slices that cut" in lacking[0], notes
 
 
 # pipeline (stages of one rank) and hybrid (a stage of several) layouts at each rank count
