@@ -32,12 +32,16 @@ needs_two = pytest.mark.skipif(WORLD.size < 2, reason="a move needs a second ran
 
 
 DEEP = Shape(**{**SHAPE.__dict__, "n_layers": 5})  # room for a stage per rank at 4 ranks, and layers to move
+# rows of 256: Q4_K and Q6_K, whose super-blocks a move of one KV head (64 columns of attn_output) or of FFN blocks
+# cuts (the slices moved and kept hold the blocks around their columns)
+DEEP_K = Shape(**{**DEEP.__dict__, "dim": 256})
 
 
 @pytest.fixture(scope="module")
 def models():
     # seed 8: 48 tokens without an end-of-sequence (seed 7's Q4_0 stops after 26)
-    yield from shared_models("spmd-migrate-", {"deep F32": (DEEP, "F32", 8), "deep Q4_0": (DEEP, "Q4_0", 8)})
+    yield from shared_models("spmd-migrate-", {"deep F32": (DEEP, "F32", 8), "deep Q4_0": (DEEP, "Q4_0", 8),
+                                               "Q4_K_M": (DEEP_K, "Q4_K_M", 8)})
 
 
 @pytest.fixture
@@ -156,13 +160,15 @@ def check_weights_equal_a_fresh_load(engine):
 @needs_two
 @pytest.mark.mpi
 @pytest.mark.parametrize("weights_from", ["file", "peer"])
-@pytest.mark.parametrize("qtype", ["F32", "Q8_0", "Q4_0"])
+@pytest.mark.parametrize("qtype", ["F32", "Q8_0", "Q4_0", "Q4_K_M", "Q4_K_M cpu"])
 def test_every_kind_of_migration_keeps_the_tokens(models, socket_path, qtype, weights_from):
-    expected = one_rank_tokens(model=models[qtype], steps=16)
+    model = models[qtype.split()[0]]
+    cpu = qtype in ("Q8_0", "Q4_K_M cpu")
+    expected = one_rank_tokens(model=model, steps=16)
     schedule = every_kind()
-    engine, result, replies = run(models[qtype], socket_path, schedule=schedule, migrate_weights=weights_from,
-                                  backend="cpu" if qtype == "Q8_0" else "numpy", allreduce="ring")
-    if qtype != "Q8_0":  # the numpy backend keeps plain arrays to compare
+    engine, result, replies = run(model, socket_path, schedule=schedule, migrate_weights=weights_from,
+                                  backend="cpu" if cpu else "numpy", allreduce="ring")
+    if not cpu:  # the numpy backend keeps plain arrays to compare
         check_weights_equal_a_fresh_load(engine)
     if WORLD.rank == 0:
         assert result["tokens"] == expected
