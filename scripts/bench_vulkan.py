@@ -105,17 +105,18 @@ def check(args):
 def kernels(args):
     """One product at a time: GPU time per dispatch of a row of products on random weights, with and without a
     barrier between them, and the bandwidth that makes (steady state, no Python in the way)."""
-    from gguf import GGMLQuantizationType as T
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 
     from spmd.backends.vk_runtime import Buffer, Recording
-    from spmd.quants import QTensor, row_bytes
+    from spmd.quants import F16_FIELDS, QTensor, row_bytes
     backend = get_backend("vulkan", device=args.device)
     rng = np.random.default_rng(0)
     for qtype in args.qtypes.split(","):
         for rows, cols in ((2048, 2048), (5632, 2048), (2048, 5632), (32000, 2048), (65536, 4096)):
             data = rng.integers(0, 256, (rows, row_bytes(T[qtype], cols)), dtype=np.uint8)
-            blk = 18 if qtype == "Q4_0" else 34
-            data.reshape(rows, -1, blk)[:, :, :2] = np.array([0.01], np.float16).view(np.uint8)
+            for at in F16_FIELDS.get(T[qtype], ()):  # the block's float16 scale (and min): small and finite
+                blocks = data.reshape(rows, -1, GGML_QUANT_SIZES[T[qtype]][1])
+                blocks[:, :, at:at + 2] = np.array([0.01], np.float16).view(np.uint8)
             lin = backend.linear(QTensor(T[qtype], rows, cols, data))
             x, y = Buffer(backend.dev, cols * 4), Buffer(backend.dev, rows * 4)
             backend.dev.zero([x, y])
@@ -141,7 +142,8 @@ def kernels(args):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--qtypes", default="Q4_0,Q8_0")
+    ap.add_argument("--qtypes", default="Q4_0,Q8_0",
+                    help="file types (Q4_K_M: Q4_K with Q6_K where it gives more bits); with --kernels, weight types")
     ap.add_argument("--prompt", type=int, default=128, help="prompt tokens (one batched pass)")
     ap.add_argument("--steps", type=int, default=64, help="decode steps timed")
     ap.add_argument("--device", type=int, default=0, help="Vulkan device index")
