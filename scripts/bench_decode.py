@@ -102,6 +102,19 @@ def run_llama_bench(binary, model, steps, prompt_len, threads):
                 version=runs[0].get("build_commit", "?"))
 
 
+def llama_cpp_peer(threads):
+    """(label, run(model, steps, prompt_ids) -> its figures) of the llama.cpp to compare with: native llama-bench
+    with `threads`, else llama-cpp-python's Python loop, labelled as the slower peer it is; None without either."""
+    native = llama_bench()
+    if native:
+        return f"llama.cpp -t {threads}", lambda m, steps, prompt: run_llama_bench(native, m, steps, len(prompt),
+                                                                                   threads)
+    py = llama_cpp_python()
+    if py:
+        return "llama-cpp-python (slow)", lambda m, steps, prompt: run_llama_cpp(m, steps, prompt, py)
+    return None
+
+
 def llama_cpp_python():
     """A Python that imports llama_cpp: this one, $LLAMA_CPP_PYTHON, or python3 on PATH; None if there is none."""
     candidates = [sys.executable, os.environ.get("LLAMA_CPP_PYTHON"), shutil.which("python3"), "/usr/bin/python3"]
@@ -214,15 +227,10 @@ def main():
                              ranks=n, prompt_tokens_per_s=r["prompt_tokens_per_s"],
                              decode_tokens_per_s=r["decode_tokens_per_s"], ms_per_token=r["ms_per_token"],
                              rss_mib=rss, weights_mib=held, tokens=r["tokens"]))
-        native, threads = llama_bench(), numba.config.NUMBA_NUM_THREADS  # spmd's one rank: every core
-        py = None if native else llama_cpp_python()
-        if native:
-            lc = run_llama_bench(native, model, steps, prompt_len, threads)
-            rows.append(dict(name=f"llama.cpp -t {threads}", ranks=1, rss_mib="-", weights_mib="-", **lc))
-        else:
-            lc = run_llama_cpp(model, steps, prompt, py) if py else None
-            if lc is not None:
-                rows.append(dict(name="llama-cpp-python (slow)", ranks=1, rss_mib="-", weights_mib="-", **lc))
+        peer = llama_cpp_peer(numba.config.NUMBA_NUM_THREADS)  # as many threads as spmd's one rank: every core
+        lc = peer[1](model, steps, prompt) if peer else None
+        if lc is not None:
+            rows.append(dict(name=peer[0], ranks=1, rss_mib="-", weights_mib="-", **lc))
         base = rows[0]["decode_tokens_per_s"]
         print(f"\nmodel: {Path(model).name}, {weight_bytes / 1e6:.0f} MB of matrices; prompt {prompt_len}, "
               f"{steps} steps, allreduce {allreduce}")
@@ -237,8 +245,8 @@ def main():
             print("llama.cpp: not run (no native llama-bench: bash scripts/build_llama_cpp.sh; no Python here "
                   "imports llama_cpp either)")
         else:
-            peer = "native llama-bench" if native else "llama-cpp-python's Python loop, not native llama.cpp"
-            print(f"spmd 1 rank / llama.cpp ({peer}) decode: {base / lc['decode_tokens_per_s']:.2f}, "
+            which = "native llama-bench" if "slow" not in peer[0] else "llama-cpp-python's Python loop, not native"
+            print(f"spmd 1 rank / llama.cpp ({which}) decode: {base / lc['decode_tokens_per_s']:.2f}, "
                   f"prompt: {rows[0]['prompt_tokens_per_s'] / lc['prompt_tokens_per_s']:.2f}")
         same = all(r["tokens"] == rows[0]["tokens"] for r in rows if r["name"].startswith("spmd"))
         print(f"greedy tokens identical across spmd runs: {same}   (per-rank figures are rank 0/rank 1/...)")

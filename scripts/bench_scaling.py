@@ -1,8 +1,8 @@
 """Decode tokens/s against rank count and ratios, and prefill/decode tokens/s against prompt length, on a random
 TinyLlama-1.1B-shaped model (or --model FILE, or --small for a quick run), measuring the real program: each point is
-one `python -m spmd.run --output json` under mpirun. Where llama-cpp-python is installed (for this Python or
-another: see bench_decode.py), llama.cpp runs on the same GGUF in the same run and the single-rank figures are
-shown beside it as ours/llama.cpp.
+one `python -m spmd.run --output json` under mpirun. llama.cpp runs on the same GGUF in the same run (native
+llama-bench where scripts/build_llama_cpp.sh built it, else llama-cpp-python's slower loop, labelled: see
+bench_decode.py) and the single-rank figures are shown beside it as ours/llama.cpp.
 
     python scripts/bench_scaling.py                         # TinyLlama shape, Q4_0 (minutes on 2 cores)
     python scripts/bench_scaling.py --small                 # a small shape, seconds
@@ -31,7 +31,7 @@ from pathlib import Path
 import click
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_decode import (NETSIM, llama_cpp_python, parse_run, random_prompt, run_llama_cpp,  # noqa: E402
+from bench_decode import (NETSIM, llama_cpp_peer, parse_run, random_prompt,  # noqa: E402
                           run_spmd, save_png, where, write_random_model)
 from spmd.synth import TINYLLAMA, Shape  # noqa: E402
 
@@ -53,7 +53,7 @@ def scaling_rows(model, runs, prompt, steps, allreduce, hostfile, threads):
     return rows
 
 
-def prompt_rows(model, lengths, ranks, steps, allreduce, hostfile, threads, vocab, llama_py):
+def prompt_rows(model, lengths, ranks, steps, allreduce, hostfile, threads, vocab, peer):
     rows = []
     for length in lengths:
         prompt = random_prompt(length, vocab)
@@ -62,16 +62,16 @@ def prompt_rows(model, lengths, ranks, steps, allreduce, hostfile, threads, voca
             rows.append(dict(prompt_len=length, who=f"spmd {n} rank{'s' if n > 1 else ''}", ranks=n,
                              prompt_tokens_per_s=r["prompt_tokens_per_s"],
                              decode_tokens_per_s=r["decode_tokens_per_s"]))
-        if llama_py:
-            lc = run_llama_cpp(model, steps, prompt, llama_py)
-            rows.append(dict(prompt_len=length, who="llama.cpp", ranks=1,
+        if peer:
+            lc = peer[1](model, steps, prompt)
+            rows.append(dict(prompt_len=length, who=peer[0], ranks=1,
                              prompt_tokens_per_s=lc["prompt_tokens_per_s"],
                              decode_tokens_per_s=lc["decode_tokens_per_s"]))
         print(f"  prompt {length}: done", flush=True)
     return rows
 
 
-def print_scaling(rows, lc):
+def print_scaling(rows, lc, peer):
     base = rows[0]["decode_tokens_per_s"]
     print(f"{'run':<10}{'ratios':<10}{'decode tok/s':>13}{'ms/token':>10}{'vs first':>9}{'prompt tok/s':>13}"
           f"  {'sync share per rank':<24}{'bytes/token per rank'}")
@@ -81,18 +81,18 @@ def print_scaling(rows, lc):
               f"{'/'.join(f'{s:.2f}' for s in r['sync_share']):<24}{'/'.join(map(str, r['bytes_per_token']))}")
     if lc:
         print(f"{'llama.cpp':<20}{lc['decode_tokens_per_s']:>13.2f}{lc['ms_per_token']:>10.1f}"
-              f"{lc['decode_tokens_per_s'] / base:>9.2f}{lc['prompt_tokens_per_s']:>13.1f}   (llama-cpp-python "
+              f"{lc['decode_tokens_per_s'] / base:>9.2f}{lc['prompt_tokens_per_s']:>13.1f}   ({peer[0]} "
               f"{lc['version']}; spmd 1st run / llama.cpp decode: {base / lc['decode_tokens_per_s']:.2f})")
 
 
 def print_prompts(rows):
-    print(f"{'prompt':>7}  {'who':<14}{'prefill tok/s':>14}{'decode tok/s':>13}{'prefill / llama.cpp':>21}"
+    print(f"{'prompt':>7}  {'who':<24}{'prefill tok/s':>14}{'decode tok/s':>13}{'prefill / llama.cpp':>21}"
           f"{'decode / llama.cpp':>20}")
     for r in rows:
-        lc = next((x for x in rows if x["prompt_len"] == r["prompt_len"] and x["who"] == "llama.cpp"), None)
+        lc = next((x for x in rows if x["prompt_len"] == r["prompt_len"] and not x["who"].startswith("spmd")), None)
         ratio = (f"{r['prompt_tokens_per_s'] / lc['prompt_tokens_per_s']:>21.2f}"
                  f"{r['decode_tokens_per_s'] / lc['decode_tokens_per_s']:>20.2f}") if lc and r is not lc else ""
-        print(f"{r['prompt_len']:>7}  {r['who']:<14}{r['prompt_tokens_per_s']:>14.1f}"
+        print(f"{r['prompt_len']:>7}  {r['who']:<24}{r['prompt_tokens_per_s']:>14.1f}"
               f"{r['decode_tokens_per_s']:>13.2f}{ratio}")
 
 
@@ -322,7 +322,7 @@ def main(model, small, qtype, tables, runs, prompt_len, prompt_lens, prompt_rank
     from spmd.config import read_config
     from spmd.gguf_file import GGUFFile
     vocab = read_config(GGUFFile(model)).vocab
-    llama_py = None if no_llama_cpp or not tables & {"ranks", "prompts"} else llama_cpp_python()
+    peer = None if no_llama_cpp or not tables & {"ranks", "prompts"} else llama_cpp_peer(threads or os.cpu_count())
     place = where(hostfile)
     delay = os.environ.get("SPMD_TEST_LINK_DELAY_MS")
     title = (f"{Path(model).name}, {place}, allreduce {allreduce}, {steps} steps"
@@ -333,11 +333,11 @@ def main(model, small, qtype, tables, runs, prompt_len, prompt_lens, prompt_rank
         if "ranks" in tables:
             print(f"ranks and ratios (prompt {prompt_len} tokens):", flush=True)
             scaling = scaling_rows(model, split(runs), prompt, steps, allreduce, hostfile, threads)
-            lc = run_llama_cpp(model, steps, prompt, llama_py) if llama_py else None
+            lc = peer[1](model, steps, prompt) if peer else None
         if "prompts" in tables:
             print("prompt lengths:", flush=True)
             prompts = prompt_rows(model, split(prompt_lens, int), split(prompt_ranks, int), steps, allreduce,
-                                  hostfile, threads, vocab, llama_py)
+                                  hostfile, threads, vocab, peer)
         if "layouts" in tables:
             print(f"layouts (prompt {prompt_len} tokens, {steps} steps):", flush=True)
             lrows = layout_rows(model, split(layouts), split(layout_allreduces), split(links), split(delays, float),
@@ -348,13 +348,13 @@ def main(model, small, qtype, tables, runs, prompt_len, prompt_lens, prompt_rank
     if scaling or prompts:
         print(f"\n{title}")
     if scaling:
-        print_scaling(scaling, lc)
+        print_scaling(scaling, lc, peer)
         print()
     if prompts:
         print_prompts(prompts)
-    if tables & {"ranks", "prompts"} and not llama_py:
-        print("llama.cpp: not run" + ("" if no_llama_cpp else " (no Python here imports llama_cpp; set "
-                                      "LLAMA_CPP_PYTHON or pip install llama-cpp-python)"))
+    if tables & {"ranks", "prompts"} and not peer:
+        print("llama.cpp: not run" + ("" if no_llama_cpp else " (no native llama-bench: bash "
+                                      "scripts/build_llama_cpp.sh; no Python here imports llama_cpp either)"))
     ltitle = layouts_title(lrows, model, steps, prompt_len, threads, repeat) if lrows else ""
     if lrows:
         print(f"\n{ltitle}")

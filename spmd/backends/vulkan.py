@@ -65,7 +65,7 @@ def _repack_words(w: QTensor, rows, nb):
         kept = np.concatenate([np.arange(a // 32, b // 32) for a, b in w.keep])
         q = q.reshape(rows, -1, 32)[:, kept].reshape(rows, nb * 32)
         scale = scale.reshape(rows, -1, 32 // u.sub)[:, kept].reshape(rows, nb * 32 // u.sub)
-        low = low[:, kept]
+        low = low[:, kept]  # (Q6_K has no min: all zeros, unused)
     blocks = q.reshape(rows, nb, 32)
     nibbles = ((blocks[:, :, :16] & 15) | ((blocks[:, :, 16:] & 15) << 4)).astype(np.uint8).reshape(rows, nb * 16)
     high = blocks >> 4
