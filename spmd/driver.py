@@ -24,7 +24,7 @@ import numpy as np
 
 from .comm import Op, Step
 from .executor import stage_figures
-from .model import Segment
+from .model import PREFILL_TOKENS, Segment
 from .plan import parse_layout
 from .replan import relayout
 from .sampling import Sampler
@@ -119,7 +119,6 @@ class Sequence:
 
 
 REBALANCE_EVERY = 16  # tokens generated between the rebalancer's looks
-PREFILL_TOKENS = 512  # prompt tokens one batch takes beyond its first prompt (which always goes in whole)
 IDLE_WAIT_S = 0.05  # serving with nothing to do: how long the driver waits on the inbox before it looks again
 
 

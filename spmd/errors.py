@@ -11,6 +11,20 @@ def is_whole_number(text) -> bool:
     return isinstance(text, str) and text.isascii() and text.isdigit()
 
 
+SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text, what) -> int:
+    """Bytes from "2G", "512M", "1.5GiB", "300000000" (K, M, G, T: powers of 1024; B, iB allowed after them)."""
+    t = str(text).strip().upper().removesuffix("B").removesuffix("I")
+    unit = t[-1:] if t[-1:] in SIZE_UNITS else ""
+    number = t[:len(t) - len(unit)]
+    whole, _, frac = number.partition(".")
+    if not (is_whole_number(whole or "0") and (not frac or is_whole_number(frac)) and (whole or frac)):
+        raise UserError(f"{what} {text!r}: expected a size such as 2G, 512M or 1.5GiB")
+    return int(float(f"{whole or 0}.{frac or 0}") * SIZE_UNITS[unit])
+
+
 def regular_file(path, what) -> str:
     """`path` if it names a regular file (not a folder, FIFO or device, which a read could hang on or never end);
     else a UserError naming `what` ("--tokenizer", "model file")."""

@@ -72,6 +72,7 @@ class Executor:
         self.slow = slowdown(self.comm)  # test only: None unless SPMD_TEST_SLOW names this rank
         self.pipeline = collections.deque()  # the batches in flight after the last tick: [i] ran in stage i
         self.decode_tokens, self.decode_bytes = 0, 0
+        self.decode_streamed, self.decode_wait_s = 0, 0.0  # weights streamed and waited for in decode batches
         # (compute s, sync s, rows, of the sync s in allreduces) of the last decode batches
         self._recent = collections.deque(maxlen=RECENT_STEPS)
         self.kv_bytes_peak = 0
@@ -166,6 +167,8 @@ class Executor:
         if self.slow is not None:
             self.slow.start()
             allreduce = self.slow.around(allreduce) if allreduce is not None else None
+        window = state.model.w.window
+        streamed, waited = (window.streamed_bytes, window.wait_s) if window is not None else (0, 0.0)
         out = state.model.forward(x, batch.segments, allreduce, head=last)
         if self.slow is not None:
             self.slow.pause()
@@ -177,6 +180,9 @@ class Executor:
         if batch.decode:  # a decode batch: its traffic makes the per-token figure
             self.decode_tokens += len(batch.segments)
             self.decode_bytes += comm.bytes_sent - sent
+            if window is not None:
+                self.decode_streamed += window.streamed_bytes - streamed
+                self.decode_wait_s += window.wait_s - waited
             synced = comm.sync_s - sync
             self._recent.append((time.perf_counter() - t - synced, synced, batch.rows, comm.allreduce_s - reduced))
         return candidates
@@ -217,7 +223,18 @@ class Executor:
                 "compute_ms": round(compute * 1e3, 3), "sync_ms": round(sync * 1e3, 3),
                 "allreduce_ms": round(reduced * 1e3, 3), "rows": round(rows, 2), "steps": n,
                 "bytes_sent": int(self.comm.bytes_sent), "weights_bytes": int(state.model.w.nbytes),
-                "kv_bytes": self._kv_held(), "rss_bytes": rss_bytes()}
+                "kv_bytes": self._kv_held(), "rss_bytes": rss_bytes(), **self._stream_figures()}
+
+    def _stream_figures(self):
+        """The weights resident, and with a window (--memory-limit) what it streams: its figures, and per decode
+        token the bytes streamed and the time the compute thread waited for them."""
+        w = self.state.model.w
+        if w.window is None:
+            return {"resident_weights_bytes": int(w.nbytes)}
+        tokens = max(self.decode_tokens, 1)
+        return {"resident_weights_bytes": int(w.nbytes - w.window.held_bytes), **w.window.figures(),
+                "streamed_bytes_per_token": self.decode_streamed // tokens,
+                "stream_wait_ms_per_token": round(self.decode_wait_s * 1e3 / tokens, 3)}
 
     def rank_stats(self, total_s, sync_s):
         """This rank's figures for the whole run."""
@@ -231,7 +248,8 @@ class Executor:
                     weights_bytes=int(state.model.w.nbytes), load_rss_bytes=int(state.load_rss_bytes),
                     kv_bytes_per_position=state.kv_bytes_per_position(),
                     kv_bytes_per_sequence=[state.kv_bytes_per_position() * need for need in state.needs],
-                    kv_bytes_peak=int(self.kv_bytes_peak), peak_rss_bytes=int(peak_rss_bytes()))
+                    kv_bytes_peak=int(self.kv_bytes_peak), peak_rss_bytes=int(peak_rss_bytes()),
+                    **self._stream_figures(), **state.memory_figures())
 
 
 def stage_figures(plan, ranks) -> list:

@@ -33,6 +33,7 @@ def silu_mul(gate, up):
 
 
 HALVES = ("attention", "ffn")
+PREFILL_TOKENS = 512  # prompt tokens one batch takes beyond its first prompt (which always goes in whole: the driver)
 
 
 class Segment(NamedTuple):
@@ -108,6 +109,15 @@ def kv_bytes_per_position(cfg, n_layers=1, n_kv=1) -> int:
     """KV-cache bytes of one position of one sequence in `n_layers` layers of `n_kv` KV heads (float32 keys and
     values, as KVCache holds them)."""
     return 2 * n_layers * n_kv * cfg.head_dim * 4
+
+
+def pass_bytes(cfg, share, rows, T) -> int:
+    """The most a pass of `rows` rows, attending over up to T positions, holds on `share` beside the weights and
+    the KV cache (the budget --memory-limit keeps for it): per row the hidden state, its norm, q, k, v, the
+    projection, gate and up (float32), and the attention scores of every local head with their softmax's
+    temporary."""
+    per_row = 3 * cfg.dim + (share.n_heads + 2 * share.n_kv) * cfg.head_dim + 2 * share.n_ffn
+    return 4 * rows * (per_row + 2 * share.n_heads * T)
 
 
 class KVCache:
@@ -220,11 +230,12 @@ class Model:
         rope = self.rope.at(np.concatenate([np.arange(seg.pos, seg.pos + seg.n) for seg in segments]))
         for layer, half in stage_schedule(self.share.layer_ids):
             lw = self.w.layer(layer)
-            if half == "attention":
-                xn = rmsnorm(x, lw.attn_norm, self.cfg.norm_eps)
-                partial = self._attention(layer, lw, xn, segments, rope, buf)
-            else:
-                partial = self._ffn(lw, rmsnorm(x, lw.ffn_norm, self.cfg.norm_eps), buf)
+            with self.w.hold(layer, half):  # a streamed half: in the window until its partial sum is made
+                if half == "attention":
+                    xn = rmsnorm(x, lw.attn_norm, self.cfg.norm_eps)
+                    partial = self._attention(layer, lw, xn, segments, rope, buf)
+                else:
+                    partial = self._ffn(lw, rmsnorm(x, lw.ffn_norm, self.cfg.norm_eps), buf)
             x += allreduce(partial) if allreduce is not None else partial
         return x
 
@@ -242,7 +253,9 @@ class Model:
         self.cache.put(slot, pieces)
 
     def close(self):
-        """Nothing to free: the arrays go with the object (the Vulkan model frees device memory here)."""
+        """The arrays go with the object; a weight window stops its loader (the Vulkan model frees device memory)."""
+        if self.w.window is not None:
+            self.w.window.close()
 
     def _attention(self, layer, lw, xn, segments, rope, buf):
         """xn (n, dim) -> (n, dim) this rank's partial sum of the attention output."""

@@ -13,15 +13,16 @@ from threadpoolctl import threadpool_limits
 from . import comm as C
 from .backends import BACKENDS, get_backend
 from .config import read_config
-from .errors import UserError, is_whole_number
+from .errors import UserError, is_whole_number, parse_size
 from .gguf_file import GGUFFile
 from .journal import read_resume
-from .model import kv_bytes_per_position
+from .model import PREFILL_TOKENS, kv_bytes_per_position, pass_bytes
 from .plan import make_plan, parse_layout
 from .prompts import PromptSpec, read_prompts_file
 from .sampling import Sampler
 from .tokenizer import load_tokenizer
-from .weights import load_shard, share_file_bytes
+from .stream import Window, choose
+from .weights import half_bytes, load_shard, share_file_bytes
 
 WEIGHT_SOURCES = ("file", "peer")
 
@@ -59,6 +60,8 @@ class RunOptions:
     wait_timeout: float = 600.0  # seconds without a step record before every rank gives up (0: never)
     context: int = None  # spmd.serve: no prompts up front; a sequence takes up to this many positions (0: default)
     resume: str = None  # spmd.supervise's resume file: the layout, and each sequence's tokens so far, to go on from
+    memory_limit: str = None  # bytes a rank's weights, KV caches and activations may take: one for every rank, or
+    # one per rank ("2G,8G,8G"); a share that does not fit streams the rest (spmd.stream)
 
 
 DEFAULT_SERVE_CONTEXT = 4096  # spmd.serve's positions per sequence unless --ctx-size says (or the model has fewer)
@@ -214,6 +217,7 @@ class RankState:
         if opts.plan is not None and not opts.plan.strip():
             raise UserError("--plan needs auto or a profile's path (python -m spmd.profile --out FILE)")
         self.backend_name, self.gpu, self.threads, self.gpu_wraps = per_rank_choice(opts, comm)
+        self.memory_limit = agree(comm, self._memory_limit)
         self.file, self.cfg = agree(comm, self._read_header)
         comm.algorithm = opts.allreduce
         plan = None if opts.plan else agree(comm, lambda: make_plan(parse_layout(opts.ratios, comm.size), self.cfg))
@@ -278,11 +282,81 @@ class RankState:
 
     def build_model(self, share, read=None, keep=(), notice=None):
         """A model for `share`: its weights read from the file (or by `read`, keeping the old model's matrices
-        of the plan units in `keep`). `notice` gets what loading says (default: rank 0 says it, others not)."""
+        of the plan units in `keep`), the halves that do not fit --memory-limit spilled to a window. `notice`
+        gets what loading says (default: rank 0 says it, others not)."""
         notice = notice or (self.log if self.comm.is_root else (lambda _msg: None))
-        weights = load_shard(self.file, self.cfg, share, self.backend, read=read, keep=keep,
-                             old=self.model.w if keep else None, notice=notice)
-        return self.backend.make_model(self.cfg, weights, share, self.max_seq, self.n_slots)
+        window, budget = self._window(share) if self.memory_limit is not None else (None, 0)
+        try:
+            weights = load_shard(self.file, self.cfg, share, self.backend, read=read, keep=keep,
+                                 old=self.model.w if keep else None, notice=notice, window=window)
+            if window is not None:  # what the resident halves leave of the budget
+                classifier = weights.output.nbytes if weights.output is not None else 0
+                window.start(budget - (weights.nbytes - window.held_bytes - classifier))
+            return self.backend.make_model(self.cfg, weights, share, self.max_seq, self.n_slots)
+        except BaseException:
+            if window is not None:
+                window.close()
+            raise
+
+    def _memory_limit(self):
+        """This rank's --memory-limit in bytes, or None."""
+        if self.opts.memory_limit is None:
+            return None
+        entry = per_rank("--memory-limit", self.opts.memory_limit, self.comm, "sizes")
+        for text in str(self.opts.memory_limit).split(","):
+            if text.strip().lower() != "none":
+                parse_size(text, "--memory-limit")
+        if entry.lower() == "none":
+            return None
+        if self.backend_name == "vulkan":
+            raise UserError(f"--memory-limit on rank {self.comm.rank}: the vulkan backend does not stream weights "
+                            "yet; give 'none' for its ranks (--memory-limit 2G,none)")
+        return parse_size(entry, "--memory-limit")
+
+    def kv_need(self, share):
+        """The bytes of this rank's KV caches for `share` with every slot at its sequence's full length (Vulkan:
+        its pool, slots x the longest sequence)."""
+        if self.backend_name == "vulkan":
+            worst = self.n_slots * self.max_seq
+        else:
+            worst = sum(sorted(self.needs, reverse=True)[:self.n_slots])
+        return self.kv_bytes_per_position(share) * worst
+
+    def memory_needs(self, share):
+        """(what --memory-limit keeps for `share` beside its layers' halves: the KV caches at their full length,
+        the largest pass's activations, the classifier rows, norms and RoPE tables; {(layer, half): bytes held})."""
+        cfg = self.cfg
+        sizes, classifier = half_bytes(self.file, cfg, share, self.backend)
+        rows = min(self.max_seq * self.n_slots, max(self.max_seq, PREFILL_TOKENS))  # the largest pass
+        small = 4 * len(share.layer_ids) * (2 * cfg.dim + 2 * cfg.head_dim) + 4 * self.max_seq * cfg.rope_dim
+        fixed = self.kv_need(share) + pass_bytes(cfg, share, rows, self.max_seq) + classifier + small
+        return fixed, sizes
+
+    def memory_figures(self):
+        """This rank's need: the limit above which nothing streams, and the smallest that works (a window of the
+        largest half); {} where the backend does not stream."""
+        if self.backend_name == "vulkan" or not self.share.layer_ids:
+            return {}
+        fixed, sizes = self.memory_needs(self.share)
+        return {"memory_need_bytes": fixed + sum(sizes.values()), "memory_floor_bytes": fixed + max(sizes.values())}
+
+    def _window(self, share):
+        """(the spmd.stream Window of the halves of `share` that do not fit --memory-limit, or None; the bytes
+        for the halves, resident and window), or a UserError when not even the smallest window fits."""
+        limit = self.memory_limit
+        fixed, sizes = self.memory_needs(share)
+        chosen = choose(sizes, limit - fixed) if sizes else ([], 0)
+        if chosen is None:
+            mib = lambda n: f"{n / 2**20:.1f} MiB"  # noqa: E731
+            raise UserError(
+                f"--memory-limit {mib(limit)} on rank {self.comm.rank}: with its KV caches, activations and "
+                f"classifier rows ({mib(fixed)}), the smallest weight window (half a layer, {mib(max(sizes.values()))})"
+                f" needs {mib(fixed + max(sizes.values()))}: give more, fewer --sequences or a shorter context, or "
+                "more ranks")
+        streamed, _ = chosen
+        if not streamed:
+            return None, 0
+        return Window(streamed), limit - fixed
 
     def _say_notes(self, notes):
         """Every rank: what loading said, said once on rank 0 (with the ranks it came from where rank 0's own
@@ -307,12 +381,10 @@ class RankState:
         """Refuse up front sequences whose KV caches, at their full length, cannot fit beside the weights in the
         memory of some rank's host (the host's ranks together; the Vulkan pool is slots x the longest sequence)."""
         per_position = self.kv_bytes_per_position(plan[self.comm.rank])
-        if self.backend_name == "vulkan":
-            worst = self.n_slots * self.max_seq
-        else:
-            worst = sum(sorted(self.needs, reverse=True)[:self.n_slots])
-        kv = per_position * worst
+        kv = self.kv_need(plan[self.comm.rank])
         weights = share_file_bytes(self.file, self.cfg, plan[self.comm.rank], as_float32=self.backend_name == "numpy")
+        if self.memory_limit is not None:  # what does not fit streams
+            weights = min(weights, max(0, self.memory_limit - kv))
         everyone = self.comm.allgather((C.host_name(), kv, weights, available_bytes()))
         mine = [e for e in everyone if e[0] == everyone[self.comm.rank][0]]
         need = sum(e[1] + e[2] for e in mine)

@@ -213,8 +213,10 @@ def build(rp, received):
         return value
     weights_in = {k: v for k, v in received.items() if k[0] != "cache"}
     read = assembling_reader(read_file, weights_in) if rp.peer else read_file
-    # matrices of unchanged kinds are kept as they are, unless the backend's model owns (and frees) its matrices
-    keep = set() if state.backend.model_owns_weights else set(UNIT_KIND.values()) - changed_kinds(old, new)
+    # matrices of unchanged kinds are kept as they are, unless the backend's model owns (and frees) its matrices or
+    # the new model may stream them (--memory-limit: a spilled matrix holds no arrays, and the old model is live)
+    owned = state.backend.model_owns_weights or state.memory_limit is not None
+    keep = set() if owned else set(UNIT_KIND.values()) - changed_kinds(old, new)
     model = state.build_model(new, read=read, keep=keep)
     for slot, need in state.model.slots.items():
         model.open(slot, need)

@@ -14,12 +14,16 @@ Only the layers of the rank's stage are read: memory follows the plan.
 A rank's heads and FFN columns may be several ranges (after a live move); a slice is their concatenation, in
 index order, the same order in every matrix of a layer and in the KV cache.
 """
+import contextlib
 from dataclasses import dataclass
 
 import numpy as np
 
+from gguf import GGMLQuantizationType as T
+
+from .model import HALVES
 from .plan import Share, scale_ranges
-from .quants import dequantize, from_float
+from .quants import NATIVE, block_size, dequantize, from_float
 
 ROWS, COLS, VECTOR = 0, 1, 2  # how a tensor is sliced
 # field of LayerWeights -> (GGUF name in the block, slicing, element unit); "heads": query heads (head_dim rows each,
@@ -32,6 +36,7 @@ LAYER_TENSORS = {
     "w2": ("ffn_down.weight", COLS, "ffn"),
 }
 UNIT_KIND = {"heads": "kv", "kv": "kv", "ffn": "ffn", "vocab": "vocab"}  # element unit -> plan unit that moves it
+HALF = {"heads": "attention", "kv": "attention", "ffn": "ffn"}  # element unit -> the half of a layer that uses it
 
 
 @dataclass
@@ -60,10 +65,16 @@ class ShardWeights:
     output: object  # Linear (n_vocab_local, dim), or None where the rank holds no classifier rows
     rope_factors: np.ndarray  # (rope_dim / 2,) Llama 3 frequency divisors, or None
     file: object  # the GGUFFile, kept open for embedding lookups
+    window: object = None  # spmd.stream.Window of the streamed halves (--memory-limit), or None
 
     def layer(self, i) -> LayerWeights:
         """The weights of absolute layer i."""
         return self.layers[i - self.first]
+
+    def hold(self, i, half):
+        """A context in which half ("attention" or "ffn") of absolute layer i has its matrices (streamed halves
+        wait for the window; the others are always there)."""
+        return self.window.hold((i, half)) if self.window is not None else contextlib.nullcontext()
 
     def embed(self, tokens) -> np.ndarray:
         """(n,) token ids -> (n, dim) float32 rows of token_embd, read from the mapped file."""
@@ -108,6 +119,30 @@ def share_file_bytes(f, cfg, share: Share, as_float32=False) -> int:
     return total
 
 
+def half_bytes(f, cfg, share: Share, backend) -> tuple:
+    """What `backend` will hold of `share`'s matrices: ({(layer, half): bytes} in the order the stage runs them,
+    and the bytes of the classifier rows)."""
+    def held(name, slicing, unit):
+        info = f.info(name)
+        qtype = info.qtype if info.qtype in NATIVE else T.F32  # others are dequantised at load
+        rows, cols = info.shape
+        spans = element_spans(cfg, share, unit)
+        if slicing == ROWS:
+            rows = sum(b - a for a, b in spans)
+        else:  # a column slice keeps whole quant blocks (GGUFFile.col_ranges)
+            bs = block_size(qtype)
+            cols = sum(-(-b // bs) * bs - a // bs * bs for a, b in spans if b > a)
+        return backend.held_bytes(qtype, rows, cols)
+
+    sizes = {(i, half): 0 for i in share.layer_ids for half in HALVES}
+    for i in share.layer_ids:
+        for name, slicing, unit in LAYER_TENSORS.values():
+            if slicing != VECTOR:
+                sizes[i, HALF[unit]] += held(f"blk.{i}.{name}", slicing, unit)
+    classifier = held(classifier_name(cfg), ROWS, "vocab") if share.n_vocab else 0
+    return sizes, classifier
+
+
 def file_reader(f, notice=print):
     """read(name, slicing, spans) -> QTensor (a matrix's rows or columns) or float32 vector, from the mapped file."""
     def read(name, slicing, spans):
@@ -120,10 +155,11 @@ def file_reader(f, notice=print):
     return read
 
 
-def load_shard(f, cfg, share: Share, backend, notice=print, read=None, old=None, keep=()) -> ShardWeights:
+def load_shard(f, cfg, share: Share, backend, notice=print, read=None, old=None, keep=(), window=None) -> ShardWeights:
     """This rank's weights for `share`: its layers' slices, and the classifier rows where it holds some. `read`
     (default: the file) supplies the slices; with `old` weights, the matrices of the plan units in `keep` ("kv",
-    "ffn", "vocab") are taken from `old` as they are in the layers it holds, instead of being read again."""
+    "ffn", "vocab") are taken from `old` as they are in the layers it holds, instead of being read again. With a
+    `window` (spmd.stream), the halves it streams are spilled to it as each layer is read."""
     read = read or file_reader(f, notice)
     held = range(old.first, old.first + len(old.layers)) if old is not None else range(0)
 
@@ -145,9 +181,15 @@ def load_shard(f, cfg, share: Share, backend, notice=print, read=None, old=None,
         return from_float(dequantize(qt))
 
     qk = lambda i, n: f.vector(f"blk.{i}.attn_{n}_norm.weight") if cfg.qk_norm else None  # noqa: E731
-    layers = [LayerWeights(attn_norm=f.vector(f"blk.{i}.attn_norm.weight"),
-                           ffn_norm=f.vector(f"blk.{i}.ffn_norm.weight"), q_norm=qk(i, "q"), k_norm=qk(i, "k"),
-                           **{field: get(field, i) for field in LAYER_TENSORS}) for i in share.layer_ids]
+    layers = []
+    for i in share.layer_ids:
+        layers.append(LayerWeights(attn_norm=f.vector(f"blk.{i}.attn_norm.weight"),
+                                   ffn_norm=f.vector(f"blk.{i}.ffn_norm.weight"), q_norm=qk(i, "q"),
+                                   k_norm=qk(i, "k"), **{field: get(field, i) for field in LAYER_TENSORS}))
+        for half in HALVES if window is not None else ():
+            if (i, half) in window.index:
+                window.spill((i, half), [getattr(layers[-1], field) for field, (_, slicing, unit)
+                                         in LAYER_TENSORS.items() if slicing != VECTOR and HALF[unit] == half])
     output = output_norm = None
     if share.n_vocab and old is not None and old.output is not None and "vocab" in keep:
         output, output_norm = old.output, old.output_norm
@@ -156,4 +198,4 @@ def load_shard(f, cfg, share: Share, backend, notice=print, read=None, old=None,
         output_norm = f.vector("output_norm.weight")
     return ShardWeights(
         first=share.layers[0], layers=layers, output_norm=output_norm, output=output,
-        rope_factors=f.vector("rope_freqs.weight") if f.has("rope_freqs.weight") else None, file=f)
+        rope_factors=f.vector("rope_freqs.weight") if f.has("rope_freqs.weight") else None, file=f, window=window)

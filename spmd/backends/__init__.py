@@ -7,6 +7,9 @@
     backend.description                  # e.g. "cpu (numba, 2 threads)", "vulkan (NVIDIA H100 80GB HBM3)"
     lin = backend.linear(w)              # w: QTensor (rows, cols), ownership passes; may be repacked
     lin.rows, lin.cols, lin.nbytes       # nbytes: resident bytes of the weights as kept
+    lin.arrays                           # the arrays its products read (cpu, numpy): spmd.stream moves them
+                                         # to its spill file and back
+    backend.held_bytes(qtype, rows, cols)   # bytes lin.nbytes will be for such a matrix (cpu, numpy)
     y = lin(x, out=None)                 # x: float32 (n, cols) -> float32 (n, rows) = x @ W.T, into `out` if given
     model = backend.make_model(cfg, weights, share, max_seq, slots)   # spmd.model.Model, or the backend's own
                                          # (Vulkan); sequences of up to max_seq positions in slots 0..slots-1
@@ -32,6 +35,10 @@ class Backend:
 
     def linear(self, w):
         raise NotImplementedError
+
+    def held_bytes(self, qtype, rows, cols):
+        """What a linear of a (rows, cols) matrix of `qtype` holds (the numpy backend's float32)."""
+        return 4 * rows * cols
 
     def make_model(self, cfg, weights, share, max_seq, slots=1):
         from ..model import Model

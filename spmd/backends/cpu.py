@@ -367,7 +367,7 @@ def _row_block(kind, w, wh, wd, ws, xs, xq, y, r0, r1):
             _dot11(kind, w, wh, wd, ws, r, xs, xq, i, y)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, nogil=True)
 def _linear_parallel(kind, w, wh, wd, ws, x, xs, xq, y):
     """y (n, rows) = x (n, cols) @ W.T; xs, xq: scratch (n, padded cols) and (n, padded cols / 8) float32."""
     _prepare(kind, x, xs, xq)
@@ -376,7 +376,7 @@ def _linear_parallel(kind, w, wh, wd, ws, x, xs, xq, y):
         _row_block(kind, w, wh, wd, ws, xs, xq, y, blk * ROW_BLOCK, min(rows, (blk + 1) * ROW_BLOCK))
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _linear_serial(kind, w, wh, wd, ws, x, xs, xq, y):
     _prepare(kind, x, xs, xq)
     rows = y.shape[1]
@@ -431,6 +431,26 @@ def _f16_bits(a):
     return np.ascontiguousarray(a.astype(np.float16)).view(np.uint16)
 
 
+REPACK_ROWS = 1 << 22  # elements repacked at once: the temporaries of a big matrix's repacking stay tens of MB
+
+
+def _repack(qt):
+    """QTensor -> (w, wh, wd, ws) in the kernels' layouts, repacked a band of rows at a time."""
+    one = _repack_quantised if qt.qtype in FORMATS else _repack_float
+    band = max(1, REPACK_ROWS // max(qt.cols, 1))
+    if qt.rows <= band:
+        return one(qt)
+    out = None
+    for r in range(0, qt.rows, band):
+        part = one(QTensor(qt.qtype, min(band, qt.rows - r), qt.cols, qt.data[r:r + band], qt.keep))
+        if out is None:
+            out = tuple(a if a is _NONE else np.empty((qt.rows, *a.shape[1:]), a.dtype) for a in part)
+        for whole, a in zip(out, part):
+            if a is not _NONE:
+                whole[r:r + a.shape[0]] = a
+    return out
+
+
 def _repack_quantised(qt):
     """QTensor -> (w, wh, wd, ws) in the kernels' layouts (module docstring)."""
     fmt, u = FORMATS[qt.qtype], unpack(qt)
@@ -473,12 +493,25 @@ def padded_cols(qtype, cols):
     return _pad(cols, CHUNK if qtype in FLOATS else GROUP if FORMATS[qtype].per_d == 32 else SUPER)
 
 
+def held_bytes(qtype, rows, cols) -> int:
+    """The bytes a CpuLinear holds for a (rows, cols) matrix of `qtype`: its repacked arrays (w, wh, wd, ws)."""
+    cp = padded_cols(qtype, cols)
+    if qtype in FLOATS:
+        return rows * cp * np.dtype(FLOATS[qtype]).itemsize
+    fmt = FORMATS[qtype]
+    w = cp if fmt.high < 0 else cp // 2  # int8, or two nibbles a byte
+    wh = cp // 8 * max(fmt.high, 0)  # the high bits of 8 elements in 1 (or 2) bytes
+    wd = cp // fmt.per_d * (1 + fmt.mins) * 2  # float16 d (and dmin)
+    ws = 0 if fmt.per_d == 32 else cp // 16  # K-quants: 8-bit sub-scales (and mins) per 16 elements
+    return rows * (w + wh + wd + ws)
+
+
 class CpuLinear:
     def __init__(self, w: QTensor, threads: int):
         if w.qtype not in FORMATS and w.qtype not in FLOATS:
             raise ValueError(f"cpu backend: no kernel for {w.qtype.name}")
         self.qtype, self.rows, self.cols, self.stored = w.qtype, w.rows, w.width, w.cols
-        self.arrays = _repack_quantised(w) if w.qtype in FORMATS else _repack_float(w)  # w, wh, wd, ws
+        self.arrays = _repack(w)  # w, wh, wd, ws: what the kernel reads (spmd.stream swaps them in and out)
         self.nbytes = sum(a.nbytes for a in self.arrays if a is not _NONE)
         # a slice that cut through quant blocks: where its columns are among the stored ones (the rest get zeros)
         self.spread = None if w.keep is None else np.concatenate([np.arange(a, b) for a, b in w.keep])
@@ -523,3 +556,6 @@ class CpuBackend(Backend):
 
     def linear(self, w: QTensor) -> CpuLinear:
         return CpuLinear(w, self.threads)
+
+    def held_bytes(self, qtype, rows, cols) -> int:
+        return held_bytes(qtype, rows, cols)

@@ -1,0 +1,248 @@
+"""Weight streaming (--memory-limit): a rank whose share of the weights does not fit its limit keeps what fits
+resident and streams the rest, half a layer at a time (a layer's attention matrices, or its FFN matrices),
+through a window of memory.
+
+    streamed, window_bytes = choose(sizes, budget)  # which halves stream, evenly spread (pure)
+    window = Window(streamed, folder)               # at load:
+    window.spill(key, linears)                      #   a streamed half's arrays go to the spill file
+    window.start(window_bytes)                      #   mapped; the loader thread starts
+    with window.hold(key): ...                      # the compute thread, around a half's products
+    window.figures(), window.close()
+
+At load each streamed half is built as every other (read from the GGUF, repacked for the backend's kernels), then
+its linears' arrays (`lin.arrays`) are written to a spill file and dropped: repacking takes far longer than
+reading (250 MB/s against GB/s), so it is done once. The spill file is unnamed (O_TMPFILE): it is gone with the
+process however that ends, and takes disk space equal to the streamed bytes. Once all are spilled, the file is
+memory-mapped and the streamed linears' arrays become views of the mapping, for good: the kernels read the
+weights where the kernel's page cache holds them, with no copy.
+
+What makes it a window is which of those pages are in the process's memory. A loader thread brings the streamed
+halves in, in the order the stage runs them and round again, as far ahead as the window's bytes allow (more small
+halves than large ones: the prefetch depth follows the sizes): madvise(MADV_POPULATE_READ) reads a half from the
+disk where it is not cached and maps it (through ctypes, which lets go of the GIL, as the cpu kernels do). The
+compute thread `hold`s each half in turn: it waits until the loader has brought it in (the time is counted),
+computes, and drops the half's pages from the process (MADV_DONTNEED; the page cache keeps them while the host
+has room) before its allreduce, so the loader goes on while the stage's ranks add up their partial sums. A half
+asked for out of turn (an error left a pass half done) restarts the loader from it; its pages would fault in by
+themselves anyway, so the numbers never depend on the window.
+"""
+import ctypes
+import mmap
+import os
+import tempfile
+import threading
+import time
+from collections import deque
+from contextlib import contextmanager
+
+import numpy as np
+
+from .errors import UserError
+
+ALIGN = 64  # bytes: every array in the spill file starts at a multiple of this, every half at a page
+PAGE = mmap.PAGESIZE
+MADV_POPULATE_READ = 22  # Linux 5.14: fault the pages in (reading them from the disk where needed), synchronously
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+
+
+def choose(sizes: dict, budget: int):
+    """sizes: {(layer, half): bytes held} in the order the stage runs them; budget: bytes for them all, resident
+    and window. -> (the halves to stream, in that order; the window's bytes): ([], 0) when everything fits; None
+    when not even a window of the largest streamed half fits. FFN halves (the largest) stream first, then attention
+    halves, each kind evenly spread over the layers so that the loader reads while resident halves compute; the
+    window holds two of the largest streamed halves where the budget allows (one loads while one computes), else
+    one, and whatever the resident halves leave."""
+    total = sum(sizes.values())
+    if total <= budget:
+        return [], 0
+    kinds = [[k for k in sizes if k[1] == half] for half in ("ffn", "attention")]
+    for depth in (2, 1):
+        streamed = []
+        for keys in kinds:
+            for n in range(1, len(keys) + 1):
+                chosen = set(streamed) | {keys[(2 * j + 1) * len(keys) // (2 * n)] for j in range(n)}
+                resident = total - sum(sizes[k] for k in chosen)
+                if resident + depth * max(sizes[k] for k in chosen) <= budget:
+                    return [k for k in sizes if k in chosen], budget - resident
+            streamed += keys
+    return None
+
+
+class Window:
+    def __init__(self, order, folder=None):
+        self.order = list(order)  # the streamed halves, (layer, half), in the order the stage runs them
+        self.index = {key: i for i, key in enumerate(self.order)}
+        try:
+            self.file = tempfile.TemporaryFile(dir=folder)
+        except OSError as e:
+            raise UserError(f"cannot make the spill file for streamed weights in {folder or tempfile.gettempdir()}: "
+                            f"{e.strerror}") from None
+        self.parts = {}  # key -> (offset in the file, bytes, [(linear, [(dtype, shape, offset in the file)])])
+        self.spilled = 0  # bytes written
+        self.held_bytes = 0  # the spilled linears' nbytes: what they would hold resident
+        self.window_bytes, self.map, self.base = 0, None, 0
+        self.cond = threading.Condition()
+        self.held = deque()  # keys brought in and not yet dropped, in the order they came
+        self.in_bytes = 0  # their bytes
+        self.next = 0  # the loader's next index in `order`
+        self.loading = False  # the loader is bringing a half in
+        self.generation = 0  # a restart's count: a half brought in before it is not counted as held
+        self.closed, self.error = False, None
+        self.streamed_bytes, self.wait_s, self.read_s = 0, 0.0, 0.0
+        self.thread = None
+
+    # ---- at load --------------------------------------------------------------------------------------------------
+    def spill(self, key, linears):
+        """Write the half's arrays to the spill file (from a page boundary); its linears hold none until `start`."""
+        layout, at = [], self.spilled
+        self.held_bytes += sum(lin.nbytes for lin in linears)
+        try:
+            for lin in linears:
+                arrays = []
+                for a in lin.arrays:
+                    self.file.write(bytes(-at % ALIGN))
+                    at += -at % ALIGN
+                    self.file.write(np.ascontiguousarray(a).data)
+                    arrays.append((a.dtype, a.shape, at))
+                    at += a.nbytes
+                layout.append((lin, arrays))
+                lin.arrays = None
+            self.file.write(bytes(-at % PAGE))
+            self.file.flush()
+        except OSError as e:
+            raise UserError(f"cannot write the spill file for streamed weights: {e.strerror}") from None
+        self.parts[key] = (self.spilled, at - self.spilled, layout)
+        self.spilled = at + -at % PAGE
+
+    @property
+    def largest(self) -> int:
+        return max(size for _, size, _ in self.parts.values())
+
+    def start(self, window_bytes):
+        """Map the spill file, give the streamed linears their arrays in it, start the loader."""
+        if set(self.parts) != set(self.order):
+            raise RuntimeError("a streamed half was not spilled")
+        self.window_bytes = max(window_bytes, self.largest)
+        self.map = mmap.mmap(self.file.fileno(), self.spilled, access=mmap.ACCESS_READ)
+        whole = np.frombuffer(self.map, np.uint8)
+        self.base = whole.ctypes.data
+        for _, _, layout in self.parts.values():
+            for lin, arrays in layout:
+                lin.arrays = tuple(whole[off:off + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize]
+                                   .view(dtype).reshape(shape) for dtype, shape, off in arrays)
+        self._advise(0, self.spilled, mmap.MADV_DONTNEED)
+        self.thread = threading.Thread(target=self._load, name="spmd-stream", daemon=True)
+        self.thread.start()
+
+    def _advise(self, offset, size, advice):
+        if _libc.madvise(self.base + offset, size, advice) != 0:
+            e = ctypes.get_errno()
+            raise OSError(e, os.strerror(e))
+
+    # ---- the loader thread ----------------------------------------------------------------------------------------
+    def _load(self):
+        while True:
+            with self.cond:
+                while not self.closed and self.held and \
+                        self.in_bytes + self.parts[self.order[self.next]][1] > self.window_bytes:
+                    self.cond.wait()
+                if self.closed:
+                    return
+                key = self.order[self.next]
+                self.loading, generation = True, self.generation
+            offset, size, _ = self.parts[key]
+            t = time.perf_counter()
+            error = None
+            try:
+                self._bring_in(offset, size)
+            except OSError as e:
+                error = f"cannot read the spill file for streamed weights: {e.strerror}"
+            with self.cond:
+                self.loading = False
+                if error is not None:
+                    self.error, self.closed = error, True
+                elif generation == self.generation:
+                    self.held.append(key)
+                    self.in_bytes += size
+                    self.next = (self.next + 1) % len(self.order)
+                    self.streamed_bytes += size
+                    self.read_s += time.perf_counter() - t
+                self.cond.notify_all()
+
+    def _bring_in(self, offset, size):
+        """The half's pages read (where the page cache lacks them) and mapped. Without MADV_POPULATE_READ (Linux
+        before 5.14): read ahead, then touch a byte a page."""
+        try:
+            self._advise(offset, size, MADV_POPULATE_READ)
+        except OSError as e:
+            if e.errno != 22:  # EINVAL: an older kernel
+                raise
+            self._advise(offset, size, mmap.MADV_WILLNEED)
+            np.frombuffer(self.map, np.uint8, size, offset)[::PAGE].sum()
+
+    # ---- the compute thread ---------------------------------------------------------------------------------------
+    @contextmanager
+    def hold(self, key):
+        """The half `key` brought in for the block's length, dropped from the process after."""
+        if key not in self.index:
+            yield
+            return
+        self._acquire(key)
+        try:
+            yield
+        finally:
+            offset, size, _ = self.parts[key]
+            with self.cond:
+                self._advise(offset, size, mmap.MADV_DONTNEED)
+                if self.held and self.held[0] == key:
+                    self.held.popleft()
+                    self.in_bytes -= size
+                self.cond.notify_all()
+
+    def _acquire(self, key):
+        t = time.perf_counter()
+        with self.cond:
+            if not self._coming(key):  # out of turn: start again from `key`
+                self.generation += 1
+                while self.loading:
+                    self.cond.wait()
+                for k in self.held:
+                    self._advise(*self.parts[k][:2], mmap.MADV_DONTNEED)
+                self.held.clear()
+                self.in_bytes, self.next = 0, self.index[key]
+                self.cond.notify_all()
+            while not self.held and not self.closed:
+                self.cond.wait()
+            if self.error is not None:
+                raise RuntimeError(self.error)
+            if self.closed:
+                raise RuntimeError("the weight window is closed")
+            self.wait_s += time.perf_counter() - t
+
+    def _coming(self, key) -> bool:
+        """Whether `key` is the next half the compute thread gets without a restart."""
+        return self.held[0] == key if self.held else self.order[self.next] == key
+
+    # ---- figures and the end --------------------------------------------------------------------------------------
+    def figures(self) -> dict:
+        return dict(streamed_halves=len(self.order), streamed_weights_bytes=self.held_bytes,
+                    window_bytes=self.window_bytes, streamed_bytes=self.streamed_bytes,
+                    stream_wait_s=round(self.wait_s, 6), stream_read_s=round(self.read_s, 6))
+
+    def close(self):
+        """Stop the loader and unmap; the streamed linears are left without arrays."""
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+        if self.thread is not None:
+            self.thread.join()
+        for _, _, layout in self.parts.values():
+            for lin, _ in layout:
+                lin.arrays = None
+        if self.map is not None:
+            try:
+                self.map.close()
+            except BufferError:  # a view of it is still alive somewhere: the mapping goes with the last one
+                pass
+        self.file.close()

@@ -1,0 +1,172 @@
+"""Weight streaming's parts on one process: which halves stream (`choose`), the window (spill, bring in, drop),
+the size flag, and the cpu backend's bytes held (what the choice is made from)."""
+import os
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as T
+
+from spmd.errors import UserError, parse_size
+from spmd.stream import Window, choose
+
+
+def layer_sizes(n_layers, attention, ffn):
+    return {(i, half): size for i in range(n_layers) for half, size in (("attention", attention), ("ffn", ffn))}
+
+
+# ---- choose -----------------------------------------------------------------------------------------------------
+def test_everything_fits_streams_nothing():
+    sizes = layer_sizes(4, 10, 30)
+    assert choose(sizes, 160) == ([], 0)
+
+
+def test_ffn_halves_stream_first_evenly_spread_with_a_window_of_two():
+    sizes = layer_sizes(8, 10, 30)  # 320 in all
+    streamed, window = choose(sizes, 260)
+    # streaming k FFN halves leaves 320 - 30k resident beside a window of 60: k = 4 is the fewest that fit 260
+    assert all(half == "ffn" for _, half in streamed)
+    layers = [i for i, _ in streamed]
+    assert len(layers) == 4
+    gaps = np.diff(layers + [layers[0] + 8])  # round the cycle: evenly spread means every gap is 8 / 4
+    assert set(gaps) == {2}, layers
+    assert streamed == sorted(streamed)  # in the order the stage runs them
+    assert window == 260 - (320 - 4 * 30) and window >= 60
+
+
+def test_attention_halves_stream_once_every_ffn_half_does():
+    sizes = layer_sizes(4, 10, 30)  # 160
+    streamed, window = choose(sizes, 90)  # all FFN streamed: 40 resident + 60 window = 100 > 90; then attention
+    kinds = {half for _, half in streamed}
+    assert kinds == {"ffn", "attention"}
+    resident = 160 - sum(sizes[k] for k in streamed)
+    assert resident + 2 * 30 <= 90 and window == 90 - resident
+
+
+def test_a_window_of_one_half_when_two_do_not_fit_and_none_below():
+    sizes = layer_sizes(3, 10, 30)
+    streamed, window = choose(sizes, 45)  # two FFN halves (60) never fit 45: a window of one, 15 left for the rest
+    assert len(streamed) == 5 and window == 45 - 10  # one attention half (10) stays resident
+    assert choose(sizes, 30) == (list(sizes), 30)  # everything through a window of the largest half
+    assert choose(sizes, 29) is None  # below it
+
+
+# ---- the window -------------------------------------------------------------------------------------------------
+class FakeLinear:
+    """What the window needs of a backend's linear: the arrays its products read, and their bytes."""
+
+    def __init__(self, rng, shapes):
+        self.arrays = tuple(rng.integers(0, 255, s, dtype=np.uint8).view(np.float32) if len(s) == 2 and s[1] % 4 == 0
+                            else rng.integers(0, 255, s, dtype=np.uint8) for s in shapes)
+        self.nbytes = sum(a.nbytes for a in self.arrays)
+
+
+def make_halves(n_layers, rows, rng):
+    halves = {}
+    for i in range(n_layers):
+        for half in ("attention", "ffn"):
+            halves[i, half] = [FakeLinear(rng, [(rows, 256), (rows, 13), (1, 1)]) for _ in range(2 + (half == "ffn"))]
+    return halves
+
+
+def same(a, b):
+    """The same dtype, shape and bits (random float32 bits include NaNs)."""
+    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+
+
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_window_gives_every_half_its_arrays_in_turn_and_leaves_no_file(tmp_path):
+    rng = np.random.default_rng(0)
+    halves = make_halves(5, 300, rng)
+    copies = {k: [[a.copy() for a in lin.arrays] for lin in lins] for k, lins in halves.items()}
+    order = [k for k in halves if k[0] % 2 == 1 or k[1] == "ffn"]
+    w = Window(order, tmp_path)
+    for k in order:
+        w.spill(k, halves[k])
+        assert all(lin.arrays is None for lin in halves[k])
+    assert os.listdir(tmp_path) == []  # the spill file has no name
+    w.start(2 * w.largest)
+    for _ in range(3):  # round the cycle
+        for k in halves:
+            with w.hold(k):
+                for lin, expected in zip(halves[k], copies[k]):
+                    assert all(same(a, e) for a, e in zip(lin.arrays, expected))
+    fig = w.figures()
+    assert fig["streamed_halves"] == len(order)
+    assert fig["streamed_bytes"] >= 3 * sum(w.parts[k][1] for k in order)
+    # out of turn (a pass that stopped half way): the loader starts again from the half asked for
+    for k in [order[3], order[0], order[0], order[5]]:
+        with w.hold(k):
+            assert same(halves[k][0].arrays[0], copies[k][0][0])
+    w.close()
+    assert all(lin.arrays is None for k in order for lin in halves[k])
+    assert os.listdir(tmp_path) == []
+
+
+def test_window_pages_leave_the_process(tmp_path):
+    """Cycling through 48 MiB of streamed halves with a window of 2 of them (8 MiB) leaves the resident set
+    within the window (and a margin for the interpreter), not the 48 MiB."""
+    rng = np.random.default_rng(1)
+    mib = 1 << 20
+    halves = {(i, h): [FakeLinear(rng, [(4 * mib // 256, 256)])] for i in range(6) for h in ("attention", "ffn")}
+    w = Window(list(halves), tmp_path)
+    for k, lins in halves.items():
+        w.spill(k, lins)
+    w.start(2 * w.largest)
+    before = rss()
+    top = before
+    for _ in range(2):
+        for k in halves:
+            with w.hold(k):
+                assert halves[k][0].arrays[0].view(np.uint8).sum() >= 0  # read every page
+                top = max(top, rss())
+    w.close()
+    assert top - before <= 8 * mib + 4 * mib, (top - before) / mib
+
+
+def test_window_refuses_a_folder_it_cannot_write(tmp_path):
+    with pytest.raises(UserError, match="spill file"):
+        Window([(0, "ffn")], tmp_path / "missing")
+
+
+# ---- --memory-limit's sizes --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("text, expected", [("2G", 2 << 30), ("512M", 512 << 20), ("1.5GiB", 3 << 29),
+                                            ("300000", 300000), ("64k", 64 << 10), ("2gb", 2 << 30),
+                                            (" 1T ", 1 << 40)])
+def test_sizes(text, expected):
+    assert parse_size(text, "--memory-limit") == expected
+
+
+@pytest.mark.parametrize("text", ["", "G", "2X", "-1G", "1.2.3M", "²G", "1e9", "nan"])
+def test_bad_sizes_are_one_clear_error(text):
+    with pytest.raises(UserError, match="--memory-limit .*expected a size"):
+        parse_size(text, "--memory-limit")
+
+
+# ---- the cpu backend's bytes held ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("qtype", [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K,
+                                   T.Q6_K])
+@pytest.mark.parametrize("rows, cols", [(3, 256), (17, 768), (5, 1280)])
+def test_cpu_held_bytes_is_what_a_linear_holds(qtype, rows, cols):
+    from test_backends import random_qtensor
+
+    from spmd.backends.cpu import CpuBackend
+    backend = CpuBackend(1)
+    w = random_qtensor(qtype, rows, cols, np.random.default_rng(2))
+    assert backend.held_bytes(qtype, rows, cols) == backend.linear(w).nbytes
+
+
+def test_cpu_repacks_a_big_matrix_in_bands_with_the_same_result(monkeypatch):
+    from test_backends import random_qtensor
+
+    import spmd.backends.cpu as cpu
+    for qtype in (T.Q4_0, T.Q6_K, T.F16):
+        w = random_qtensor(qtype, 37, 512, np.random.default_rng(3))
+        whole = cpu._repack(w)
+        monkeypatch.setattr(cpu, "REPACK_ROWS", 512 * 5)  # bands of 5 rows, the last of 2
+        banded = cpu._repack(w)
+        monkeypatch.undo()
+        assert all(same(a, b) for a, b in zip(whole, banded))
