@@ -25,6 +25,14 @@ def parse_size(text, what) -> int:
     return int(float(f"{whole or 0}.{frac or 0}") * SIZE_UNITS[unit])
 
 
+def human_size(n) -> str:
+    """Bytes as a person reads them: 812 B, 10.0 KiB, 56.3 MiB, 1.5 GiB."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
 def regular_file(path, what) -> str:
     """`path` if it names a regular file (not a folder, FIFO or device, which a read could hang on or never end);
     else a UserError naming `what` ("--tokenizer", "model file")."""

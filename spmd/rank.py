@@ -13,7 +13,7 @@ from threadpoolctl import threadpool_limits
 from . import comm as C
 from .backends import BACKENDS, get_backend
 from .config import read_config
-from .errors import UserError, is_whole_number, parse_size
+from .errors import UserError, human_size, is_whole_number, parse_size
 from .gguf_file import GGUFFile
 from .journal import read_resume
 from .model import PREFILL_TOKENS, kv_bytes_per_position, pass_bytes
@@ -347,11 +347,11 @@ class RankState:
         fixed, sizes = self.memory_needs(share)
         chosen = choose(sizes, limit - fixed) if sizes else ([], 0)
         if chosen is None:
-            mib = lambda n: f"{n / 2**20:.1f} MiB"  # noqa: E731
+            half = max(sizes.values())
             raise UserError(
-                f"--memory-limit {mib(limit)} on rank {self.comm.rank}: with its KV caches, activations and "
-                f"classifier rows ({mib(fixed)}), the smallest weight window (half a layer, {mib(max(sizes.values()))})"
-                f" needs {mib(fixed + max(sizes.values()))}: give more, fewer --sequences or a shorter context, or "
+                f"--memory-limit {human_size(limit)} on rank {self.comm.rank}: with its KV caches, activations and "
+                f"classifier rows ({human_size(fixed)}), the smallest weight window (half a layer, {human_size(half)})"
+                f" needs {human_size(fixed + half)}: give more, fewer --sequences or a shorter context, or "
                 "more ranks")
         streamed, _ = chosen
         if not streamed:

@@ -49,14 +49,14 @@ _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 def choose(sizes: dict, budget: int):
     """sizes: {(layer, half): bytes held} in the order the stage runs them; budget: bytes for them all, resident
     and window. -> (the halves to stream, in that order; the window's bytes): ([], 0) when everything fits; None
-    when not even a window of the largest streamed half fits. FFN halves (the largest) stream first, then attention
+    when not even a window of the largest half fits. FFN halves (the largest) stream first, then attention
     halves, each kind evenly spread over the layers so that the loader reads while resident halves compute; the
     window holds two of the largest streamed halves where the budget allows (one loads while one computes), else
     one, and whatever the resident halves leave."""
     total = sum(sizes.values())
     if total <= budget:
         return [], 0
-    kinds = [[k for k in sizes if k[1] == half] for half in ("ffn", "attention")]
+    kinds = [[k for k in sizes if k[1] == half and sizes[k]] for half in ("ffn", "attention")]  # none empty
     for depth in (2, 1):
         streamed = []
         for keys in kinds:

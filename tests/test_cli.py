@@ -209,6 +209,12 @@ CASES = {
     "no profile": (lambda m, d: m, ["--plan", "{tmp}/none.json"], "profile not found: .*none.json"),
     "bad profile": (lambda m, d: write_text(m, d / "p.json", '{"format": "spmd-profile"}'),
                     ["--plan", "{tmp}/p.json"], "profile .*p.json: version is missing"),
+    "bad memory limit": (lambda m, d: m, ["--memory-limit", "2X"], "--memory-limit '2X': expected a size"),
+    "memory limit count": (lambda m, d: m, ["--memory-limit", "1G,1G,1G,1G,1G"], "--memory-limit .* names 5 sizes"),
+    "memory limit too small": (lambda m, d: m, ["--memory-limit", "10K"],
+                               "--memory-limit 10.0 KiB on rank 0: .* the smallest weight window .* needs"),
+    "memory limit on vulkan": (lambda m, d: m, ["--backend", "vulkan", "--memory-limit", "1G"],
+                               "--memory-limit on rank 0: the vulkan backend does not stream weights yet"),
     "another job's profile": (lambda m, d: m, ["--plan", str(HOUSEHOLD)],
                               "household.json was measured on (4 ranks but the job has|another model)"),
 }

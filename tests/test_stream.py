@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
 
-from spmd.errors import UserError, parse_size
+from spmd.errors import UserError, human_size, parse_size
 from spmd.stream import Window, choose
 
 
@@ -170,3 +170,8 @@ def test_cpu_repacks_a_big_matrix_in_bands_with_the_same_result(monkeypatch):
         banded = cpu._repack(w)
         monkeypatch.undo()
         assert all(same(a, b) for a, b in zip(whole, banded))
+
+
+def test_human_sizes():
+    assert [human_size(n) for n in (812, 10 << 10, 59036160, 3 << 29, 5 << 40)] == \
+        ["812 B", "10.0 KiB", "56.3 MiB", "1.5 GiB", "5120.0 GiB"]

@@ -12,11 +12,16 @@ class NumpyLinear:
         self.arrays = (np.ascontiguousarray(dequantize(w), np.float32),)
         self.nbytes = self.arrays[0].nbytes
 
+    @property
+    def w(self) -> np.ndarray:
+        """The float32 matrix (rows, cols)."""
+        return self.arrays[0]
+
     def __call__(self, x: np.ndarray, out: np.ndarray = None) -> np.ndarray:
         """x: float32 (n, cols) -> float32 (n, rows), written into `out` when given."""
         if out is None:
             out = np.empty((x.shape[0], self.rows), dtype=np.float32)
-        return np.matmul(x, self.arrays[0].T, out=out)  # an empty shard (0 cols) gives zeros
+        return np.matmul(x, self.w.T, out=out)  # an empty shard (0 cols) gives zeros
 
 
 class NumpyBackend(Backend):
