@@ -77,7 +77,7 @@ def test_a_limit_below_a_ranks_smallest_window_is_one_error_everywhere(models):
 
 
 @pytest.mark.mpi
-def test_migrations_under_a_memory_limit_keep_the_tokens(models, socket_path):
+def test_migrations_under_a_memory_limit_keep_the_tokens(models, socket_path):  # noqa: F811 - the fixture
     """Live moves (a KV head, FFN blocks, a new layout of a stage per rank) with every rank streaming from the
     start: the new shares are chosen and streamed under the same limits, and the text is the unmigrated run's."""
     if WORLD.size < 2:
