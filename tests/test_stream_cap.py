@@ -2,7 +2,7 @@
 kernel enforces (it kills the job past it), with the same greedy tokens as an uncapped run, and each run's peak
 resident set stays within its limit plus the runtime's own (RUNTIME), whatever the layer count.
 
-Skipped where this process may not make a memory cgroup (not root, no memory controller)."""
+Skipped where this process may not make a memory cgroup (not root, no memory controller: scripts/memory_cap.py)."""
 import json
 import os
 import subprocess
@@ -14,66 +14,13 @@ import pytest
 from spmd.synth import Shape, write_model
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+from memory_cap import CapUnavailable, MemoryCap  # noqa: E402
 MIB = 1 << 20
 CAP = 450 * MIB  # the cgroup's limit: below the 602 MB model
 LIMIT = 64 * MIB  # --memory-limit
 RUNTIME = 256 * MIB  # the interpreter, numpy, numba's compiled kernels, MPI: about 195 MiB measured
 WIDE = Shape(dim=1024, n_layers=44, n_heads=8, n_kv_heads=8, ffn=2816, vocab=512, context=64)  # Q8_0: 602 MB
-
-
-def own_memory_cgroup():
-    """(the folder of this process's memory cgroup, its version) or None."""
-    try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        _, controllers, path = line.split(":", 2)
-        if "memory" in controllers.split(","):
-            folder = Path("/sys/fs/cgroup/memory") / path.lstrip("/")
-            if folder.is_dir():
-                return folder, 1
-    for line in lines:
-        if line.startswith("0::"):
-            folder = Path("/sys/fs/cgroup") / line[3:].lstrip("/")
-            if "memory" in (folder / "cgroup.controllers").read_text(errors="ignore").split():
-                return folder, 2
-    return None
-
-
-class MemoryCap:
-    """A child memory cgroup of `limit` bytes that processes started with `enter` as preexec_fn run in."""
-
-    def __init__(self, limit):
-        found = own_memory_cgroup()
-        if found is None:
-            pytest.skip("no memory cgroup to make a capped one under")
-        parent, self.version = found
-        self.folder = parent / f"spmd-test-{os.getpid()}"
-        try:
-            self.folder.mkdir()
-            name = "memory.limit_in_bytes" if self.version == 1 else "memory.max"
-            (self.folder / name).write_text(str(limit))
-        except OSError as e:
-            self.remove()
-            pytest.skip(f"cannot make a memory cgroup here: {e}")
-
-    def enter(self):
-        (self.folder / "cgroup.procs").write_text(str(os.getpid()))
-
-    def killed(self) -> bool:
-        """Whether the kernel killed something in it for memory (cgroup v2 counts; v1: see the exit status)."""
-        events = self.folder / "memory.events"
-        if self.version == 2 and events.exists():
-            return any(line.split() == ["oom_kill", str(n)] for line in events.read_text().splitlines()
-                       for n in range(1, 1000))
-        return False
-
-    def remove(self):
-        try:
-            self.folder.rmdir()
-        except OSError:
-            pass
 
 
 def run(model, *flags, cap=None):
@@ -96,12 +43,14 @@ def models(tmp_path_factory):
 def test_a_model_larger_than_a_real_cap_streams_with_the_same_tokens(models):
     wide, half = models
     assert os.path.getsize(wide) > CAP
-    expected = run(wide)  # uncapped, everything resident
-    cap = MemoryCap(CAP)
     try:
-        capped = run(wide, "--memory-limit", str(LIMIT), cap=cap)
+        cap = MemoryCap(CAP)
+    except CapUnavailable as e:
+        pytest.skip(str(e))
+    expected = run(wide)  # uncapped, everything resident
+    try:
+        capped = run(wide, "--memory-limit", str(LIMIT), cap=cap)  # a kill past the cap fails run's exit check
         shorter = run(half, "--memory-limit", str(LIMIT), cap=cap)
-        assert not cap.killed()
     finally:
         cap.remove()
     assert capped["tokens"] == expected["tokens"]
