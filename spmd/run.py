@@ -77,6 +77,9 @@ CLUSTER_OPTIONS = [  # the flags spmd.run and spmd.serve share: the model, and h
 ]
 
 
+PER_RANK_FLAGS = ("--backend", "--gpu", "--threads", "--memory-limit")  # one value for all, or one per rank
+
+
 def cluster_options(command):
     """Decorate a click command with CLUSTER_OPTIONS."""
     for option in reversed(CLUSTER_OPTIONS):

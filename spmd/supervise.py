@@ -36,7 +36,7 @@ from typing import NamedTuple
 
 from .journal import Record
 from .plan import parse_layout
-from .run import write_stdout
+from .run import PER_RANK_FLAGS, write_stdout
 
 DIED = re.compile(r"spmd: rank (\d+) \((.*)\) died \(signal (\d+)\)")  # spmd.watch's line
 BANNER_LINE = re.compile(r"^(=|YOUR APPLICATION TERMINATED|This typically refers|Please see the FAQ)")
@@ -420,6 +420,7 @@ class Supervisor:
         gone = {r.rank for r in lost}
         before = record.ratios
         after = without(before, gone) if gone else before
+        self.run_args = args_without(self.run_args, gone, len(self.rank_hosts))
         self.rank_hosts = [h for r, h in enumerate(self.rank_hosts) if r not in gone]
         n = len(self.rank_hosts)
         what = describe(lost, why)
@@ -430,6 +431,23 @@ class Supervisor:
         print(f"[spmd] {what}; going on with {n} rank{'s' * (n > 1)}, --ratios {after} (recovery "
               f"{len(self.recoveries)} of at most {self.max_recoveries})", file=sys.stderr, flush=True)
         return record.resume(after)
+
+
+def args_without(args, lost, n_ranks):
+    """spmd.run's arguments for the job without the ranks in `lost` (of n_ranks): a flag given one value per rank
+    (--threads 4,2,2) loses the lost ranks' values."""
+    def drop(value):
+        parts = value.split(",")
+        return ",".join(p for r, p in enumerate(parts) if r not in lost) if len(parts) == n_ranks else value
+    out, args = [], list(args)
+    for i, a in enumerate(args):
+        name, eq, value = a.partition("=")
+        if eq and name in PER_RANK_FLAGS:
+            a = f"{name}={drop(value)}"
+        elif i > 0 and args[i - 1] in PER_RANK_FLAGS:
+            a = drop(a)
+        out.append(a)
+    return out
 
 
 def describe(lost, why):

@@ -14,7 +14,7 @@ import pytest
 
 from spmd.errors import UserError
 from spmd.journal import Journal, Record, read_resume
-from spmd.supervise import hostfile_text, without
+from spmd.supervise import args_without, hostfile_text, without
 from spmd.synth import Shape, write_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,6 +35,13 @@ STEPS = 40
 ])
 def test_the_layout_without_the_lost_ranks(layout, lost, expected):
     assert without(layout, lost) == expected
+
+
+def test_per_rank_flags_lose_the_lost_ranks_values():
+    args = ["--model", "m.gguf", "--threads", "4,2,2,1", "--memory-limit=1G,2G,3G,4G", "--backend", "cpu",
+            "--prompt", "4,2,2,1", "--gpu", "0,1"]
+    assert args_without(args, {1, 3}, 4) == ["--model", "m.gguf", "--threads", "4,2", "--memory-limit=1G,3G",
+                                             "--backend", "cpu", "--prompt", "4,2,2,1", "--gpu", "0,1"]
 
 
 def test_a_hostfile_in_rank_order():
