@@ -78,13 +78,15 @@ class Profile:
     seconds: float  # how long profiling took
     source: str  # how messages name it
     allreduce_ms: float = 0.0  # what one allreduce of a row costs beyond its links' latency (optional in the file)
+    memory_limits: tuple = ()  # per rank: its --memory-limit in bytes, or None (the run's, never in the file)
 
     def link_ms(self, i, j, n_bytes) -> float:
         return self.latency_ms[i][j] + n_bytes / self.bandwidth[i][j] * 1e3
 
     @cached_property  # derived once (written to the instance's __dict__, which frozen allows)
     def limits(self) -> list:
-        """(ranks, bytes available to them together, what) for each host that reports its memory and each device."""
+        """(ranks, bytes available to them together, what) for each host that reports its memory, each device and
+        each rank with a --memory-limit."""
         hosts = {}
         for r in self.ranks:
             hosts.setdefault(r.host, []).append(r)
@@ -94,8 +96,10 @@ class Profile:
             if known:
                 ranks = ", ".join(str(r.rank) for r in rs)
                 out.append((tuple(r.rank for r in rs), min(known), f"host {host} (rank{'s' * (len(rs) > 1)} {ranks})"))
-        return out + [((r.rank,), r.device_memory_bytes, f"rank {r.rank}'s device") for r in self.ranks
-                      if r.device_memory_bytes is not None]
+        out += [((r.rank,), r.device_memory_bytes, f"rank {r.rank}'s device") for r in self.ranks
+                if r.device_memory_bytes is not None]
+        return out + [((r,), limit, f"rank {r}'s --memory-limit") for r, limit in enumerate(self.memory_limits)
+                      if limit is not None]
 
 
 def _shown(v) -> str:

@@ -479,6 +479,21 @@ def plan(profile, objective="latency", sequences=1, context=None, shape="any", a
     return best[shape]
 
 
+def plan_within_limits(profile, limits, objective="latency", sequences=1, context=None, allreduce="star"):
+    """(plan's choice with each rank's --memory-limit in `limits` (bytes or None) as memory of its own, None)
+    where a layout keeps every rank within its limit; else (the choice without the limits, a note): a rank over
+    its limit then streams weights from disk, a cost this model does not know."""
+    limited = replace(as_profile(profile), memory_limits=tuple(limits))
+    try:
+        return plan(limited, objective, sequences, context, allreduce=allreduce), None
+    except UserError:
+        if not any(limit is not None for limit in limits):
+            raise
+    found = plan(profile, objective, sequences, context, allreduce=allreduce)
+    return found, ("note: no layout keeps every rank within its --memory-limit; planned as if there were none "
+                   "(ranks over their limit stream weights from disk, which the planner does not cost)")
+
+
 def alternatives(profile, objective="latency", sequences=1, context=None, allreduce="star") -> dict:
     """{"best": the chosen Prediction, "tp": the best one-stage one, "pp": the best one-rank-a-stage one (None
     where none fits)}, from one search; UserError if nothing fits."""

@@ -439,15 +439,21 @@ class RankState:
 
     def _planned(self, profile):
         """--plan: rank 0 plans from the profile for the run's sequences (throughput with several, else latency;
-        the longest sequence's context) and every rank makes that layout's plan. Rank 0 keeps the choice
-        (`planned`) for the result."""
+        the longest sequence's context; within each rank's --memory-limit where a layout can be) and every rank
+        makes that layout's plan. Rank 0 keeps the choice (`planned`) for the result."""
         from . import planner
         opts, comm = self.opts, self.comm
+
+        limits = comm.gather(self.memory_limit)
 
         def choose():
             k = self.in_flight()
             objective = "throughput" if k > 1 else "latency"
-            return planner.plan(profile, objective, sequences=k, context=self.max_seq, allreduce=opts.allreduce)
+            found, note = planner.plan_within_limits(profile, limits, objective, sequences=k, context=self.max_seq,
+                                                     allreduce=opts.allreduce)
+            if note:
+                self.log(note)
+            return found
         chosen = agree(comm, choose if comm.is_root else lambda: None)
         text = comm.bcast(chosen.text if comm.is_root else None)
         plan = make_plan(parse_layout(text, comm.size, "the planner's layout"), self.cfg)

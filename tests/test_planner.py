@@ -11,7 +11,7 @@ import pytest
 from spmd.errors import UserError
 from spmd.plan import parse_layout
 from spmd.cluster import load_profile
-from spmd.planner import alternatives, main, plan, predict
+from spmd.planner import alternatives, main, plan, plan_within_limits, predict
 
 HOUSEHOLD = Path(__file__).resolve().parent / "profiles" / "household.json"
 TIMES = ("layer_ms", "kv_group_ms", "ffn_block_ms", "head_ms", "vocab_row_ms")
@@ -239,6 +239,20 @@ def test_a_rank_whose_memory_holds_two_layers_gets_at_most_two():
     assert got.stages == ((0,), (1,)) and got.layers == (6, 2)
     got = plan(p, "latency")
     assert got.fits and got.memory_bytes[1] <= p["ranks"][1]["memory_bytes"]
+
+
+def test_a_memory_limit_bounds_a_rank_as_its_memory_does_and_where_none_fits_it_is_set_aside():
+    p = profile(2, 8, ms=[FAST, tuple(v / 5 for v in FAST)])
+    per_layer = 100 + 4 * (1000 + 128) + 8 * 500  # as above
+    limit = 2 * per_layer + 64 * 10 + 99
+    unlimited = plan(p, "latency")
+    assert unlimited.memory_bytes[1] > limit
+    got, note = plan_within_limits(p, [None, limit], "latency")
+    assert note is None and got.memory_bytes[1] <= limit and got.text != unlimited.text
+    got, note = plan_within_limits(p, [100, 100], "latency")  # nothing fits: rank 1 streams what it cannot hold
+    assert note.startswith("note: no layout keeps every rank within its --memory-limit") and got == unlimited
+    with pytest.raises(UserError, match="^no layout fits in memory"):  # the hosts' own memory still binds
+        plan_within_limits(profile(2, 8, memory=[5000, 5000]), [None, None])
 
 
 def test_nothing_fits_is_one_line():

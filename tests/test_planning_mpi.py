@@ -189,3 +189,16 @@ def test_rebalance_moves_work_off_a_rank_that_turns_slow(models, monkeypatch):
     assert all(m["predicted_ms_after"] < 0.9 * m["predicted_ms_before"] for m in moves if m["why"] == "predicted")
     work = [r["share"]["heads"] + r["share"]["ffn_columns"] for r in result["ranks"]]
     assert work[n - 1] == min(work) and work[n - 1] < work[0], (result["ratios"], work)
+
+
+@pytest.mark.mpi
+def test_plan_auto_under_memory_limits_gives_one_ranks_tokens(models):
+    """--plan auto with every rank's --memory-limit at the floor of the whole model on one rank (no share needs
+    more): the planner plans within the limits or, where no layout fits them, without (the ranks over stream)."""
+    model = models["Q8_0"]
+    alone = WORLD.bcast(run_job(model, PROMPTS[:1], comm=MPI.COMM_SELF) if WORLD.rank == 0 else None)
+    floor = alone["ranks"][0]["memory_floor_bytes"]
+    result = run_job(model, PROMPTS[:1], plan="auto", memory_limit=str(floor))
+    if WORLD.rank == 0:
+        assert result["tokens"] == alone["tokens"]
+        assert result["planner"]["ratios"] == result["ratios"]
