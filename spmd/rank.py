@@ -21,7 +21,7 @@ from .plan import make_plan, parse_layout
 from .prompts import PromptSpec, read_prompts_file
 from .sampling import Sampler
 from .tokenizer import load_tokenizer
-from .stream import Window, choose
+from .stream import Window, choose, in_memory
 from .weights import half_bytes, load_shard, share_file_bytes
 
 WEIGHT_SOURCES = ("file", "peer")
@@ -286,6 +286,9 @@ class RankState:
         gets what loading says (default: rank 0 says it, others not)."""
         notice = notice or (self.log if self.comm.is_root else (lambda _msg: None))
         window, budget = self._window(share) if self.memory_limit is not None else (None, 0)
+        if window is not None and in_memory(window.folder):
+            self.file.notice_once(notice, "spill in memory", f"note: the spill file for streamed weights is in "
+                                  f"memory ({window.folder} is a RAM disk): set TMPDIR to a folder on a disk")
         try:
             weights = load_shard(self.file, self.cfg, share, self.backend, read=read, keep=keep,
                                  old=self.model.w if keep else None, notice=notice, window=window)

@@ -61,7 +61,7 @@ CLUSTER_OPTIONS = [  # the flags spmd.run and spmd.serve share: the model, and h
                  help="The most memory each rank's weights, KV caches and activations may take (2G, 512M), one for "
                       "all or one per rank; the runtime adds about 200 MB. A share that does not fit streams: what "
                       "fits stays resident, the rest is read half a layer at a time, ahead of use, from a spill file "
-                      "in $TMPDIR (default /tmp; it should be on a disk, it takes the streamed bytes).",
+                      "in $TMPDIR (default /var/tmp; on a disk: it takes the streamed bytes).",
                  ),
     click.option("--tokenizer", default=None, metavar="FILE.model",
                  help="A sentencepiece .model to use instead of the vocabulary in the GGUF."),

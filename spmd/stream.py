@@ -46,6 +46,30 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 
 
+def spill_folder() -> str:
+    """Where spill files go: $TMPDIR where set, else /var/tmp (on a disk on every Linux, where /tmp may be a RAM
+    disk: Debian 13 mounts one there), else the system's temporary folder."""
+    if os.environ.get("TMPDIR"):
+        return os.environ["TMPDIR"]
+    return "/var/tmp" if os.access("/var/tmp", os.W_OK) else tempfile.gettempdir()
+
+
+def in_memory(folder) -> bool:
+    """Whether `folder` is on a RAM disk (tmpfs, ramfs): a spill file there takes memory, not disk space."""
+    path, fstype, best = os.path.realpath(folder), "", -1
+    try:
+        with open("/proc/mounts") as f:
+            for line in f:
+                fields = line.split()
+                mount = fields[1].replace("\\040", " ") if len(fields) > 2 else ""
+                inside = path == mount or path.startswith(mount.rstrip("/") + "/")
+                if mount and inside and len(mount) > best:
+                    fstype, best = fields[2], len(mount)
+    except OSError:
+        return False
+    return fstype in ("tmpfs", "ramfs")
+
+
 def choose(sizes: dict, budget: int):
     """sizes: {(layer, half): bytes held} in the order the stage runs them; budget: bytes for them all, resident
     and window. -> (the halves to stream, in that order; the window's bytes): ([], 0) when everything fits; None
@@ -73,11 +97,12 @@ class Window:
     def __init__(self, order, folder=None):
         self.order = list(order)  # the streamed halves, (layer, half), in the order the stage runs them
         self.index = {key: i for i, key in enumerate(self.order)}
+        self.folder = folder or spill_folder()
         try:
-            self.file = tempfile.TemporaryFile(dir=folder)
+            self.file = tempfile.TemporaryFile(dir=self.folder)
         except OSError as e:
-            raise UserError(f"cannot make the spill file for streamed weights in {folder or tempfile.gettempdir()}: "
-                            f"{e.strerror}") from None
+            raise UserError(f"cannot make the spill file for streamed weights in {self.folder}: {e.strerror}") \
+                from None
         self.parts = {}  # key -> (offset in the file, bytes, [(linear, [(dtype, shape, offset in the file)])])
         self.spilled = 0  # bytes written
         self.held_bytes = 0  # the spilled linears' nbytes: what they would hold resident

@@ -175,3 +175,66 @@ def test_cpu_repacks_a_big_matrix_in_bands_with_the_same_result(monkeypatch):
 def test_human_sizes():
     assert [human_size(n) for n in (812, 10 << 10, 59036160, 3 << 29, 5 << 40)] == \
         ["812 B", "10.0 KiB", "56.3 MiB", "1.5 GiB", "5120.0 GiB"]
+
+
+# ---- where the spill file goes --------------------------------------------------------------------------------------
+def test_spill_folder_is_tmpdir_else_var_tmp(monkeypatch, tmp_path):
+    from spmd.stream import spill_folder
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    assert spill_folder() == str(tmp_path)
+    monkeypatch.delenv("TMPDIR")
+    assert spill_folder() == ("/var/tmp" if os.access("/var/tmp", os.W_OK) else __import__("tempfile").gettempdir())
+
+
+def mount_type(path):
+    """The file system type of the mount holding `path`, read independently of spmd.stream (df's answer)."""
+    import subprocess
+    p = subprocess.run(["df", "--output=fstype", path], capture_output=True, text=True)
+    return p.stdout.split()[-1] if p.returncode == 0 else None
+
+
+@pytest.mark.parametrize("folder", ["/dev/shm", "/", "/var/tmp"])
+def test_a_ram_disk_is_told_apart(folder):
+    from spmd.stream import in_memory
+    if not os.path.isdir(folder) or mount_type(folder) is None:
+        pytest.skip(f"{folder} or df is absent")
+    assert in_memory(folder) == (mount_type(folder) in ("tmpfs", "ramfs"))
+
+
+def test_a_spill_file_that_cannot_be_written_is_one_error(tmp_path):
+    import resource
+    import signal
+    old = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    w = Window([(0, "ffn")], tmp_path)
+    lin = FakeLinear(np.random.default_rng(4), [(64, 256)])
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))
+    try:
+        with pytest.raises(UserError, match="^cannot write the spill file for streamed weights: File too large"):
+            w.spill((0, "ffn"), [lin])
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old)
+    w.close()
+
+
+def test_a_spill_file_on_a_ram_disk_is_said_once(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from spmd.stream import in_memory
+    from spmd.synth import Shape, write_model
+    if not os.path.isdir("/dev/shm") or not in_memory("/dev/shm"):
+        pytest.skip("no RAM disk at /dev/shm")
+    model = write_model(tmp_path / "m.gguf", Shape(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, ffn=128, vocab=512,
+                                                   context=32), qtype="Q8_0", seed=1)
+    cmd = [sys.executable, "-m", "spmd.run", "--model", str(model), "--prompt-ids", "1,2,3", "--steps", "3",
+           "--output", "json", "--control-socket", "none"]
+    free = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+    limit = str(free["ranks"][0]["memory_floor_bytes"])
+    p = subprocess.run(cmd + ["--memory-limit", limit], capture_output=True, text=True,
+                       env={**os.environ, "TMPDIR": "/dev/shm"})
+    assert p.returncode == 0, p.stderr
+    assert p.stderr.count("note: the spill file for streamed weights is in memory (/dev/shm is a RAM disk)") == 1
+    assert json.loads(p.stdout)["tokens"] == free["tokens"]
