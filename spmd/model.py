@@ -34,6 +34,7 @@ def silu_mul(gate, up):
 
 HALVES = ("attention", "ffn")
 PREFILL_TOKENS = 512  # prompt tokens one batch takes beyond its first prompt (which always goes in whole: the driver)
+ATTEND_ROWS = 128  # a segment's query rows that attend at once (their scores: heads x ATTEND_ROWS x positions)
 
 
 class Segment(NamedTuple):
@@ -114,10 +115,10 @@ def kv_bytes_per_position(cfg, n_layers=1, n_kv=1) -> int:
 def pass_bytes(cfg, share, rows, T) -> int:
     """The most a pass of `rows` rows, attending over up to T positions, holds on `share` beside the weights and
     the KV cache (the budget --memory-limit keeps for it): per row the hidden state, its norm, q, k, v, the
-    projection, gate and up (float32), and the attention scores of every local head with their softmax's
-    temporary."""
+    projection, gate and up (float32), and the attention scores of every local head for ATTEND_ROWS of them with
+    their softmax's temporary."""
     per_row = 3 * cfg.dim + (share.n_heads + 2 * share.n_kv) * cfg.head_dim + 2 * share.n_ffn
-    return 4 * rows * (per_row + 2 * share.n_heads * T)
+    return 4 * (rows * per_row + min(rows, ATTEND_ROWS) * 2 * share.n_heads * T)
 
 
 class KVCache:
@@ -275,27 +276,35 @@ class Model:
         out = np.empty((n, n_kv * group * hd), np.float32)
         for row, seg in segment_rows(segments):
             rows = slice(row, row + seg.n)
-            out[rows] = self._attend(layer, seg, q[rows], k[rows], v[rows])
+            self._attend(layer, seg, q[rows], k[rows], v[rows], out[rows])
         return lw.wo(out, out=buf["proj"])
 
-    def _attend(self, layer, seg, q, k, v):
-        """One segment: its k, v into its slot's cache, then causal attention -> (seg.n, heads * hd)."""
-        n, pos, (n_kv, group, hd) = seg.n, seg.pos, (self.share.n_kv, self.cfg.group, self.cfg.head_dim)
+    def _attend(self, layer, seg, q, k, v, out):
+        """One segment: its k, v into its slot's cache, then causal attention into out (seg.n, heads * hd), its
+        query rows ATTEND_ROWS at a time (a long prompt's scores would otherwise take heads x n x T floats)."""
+        n, pos = seg.n, seg.pos
         ck, cv = self.cache.layer(seg.slot, layer)  # (kv, need, hd)
         ck[:, pos:pos + n] = k.transpose(1, 0, 2)
         cv[:, pos:pos + n] = v.transpose(1, 0, 2)
-        T = pos + n
-        # (kv, group*n, hd): each KV head's query heads, all positions
-        qg = q.reshape(n, n_kv, group, hd).transpose(1, 2, 0, 3).reshape(n_kv, group * n, hd)
-        scores = np.matmul(qg, ck[:, :T].transpose(0, 2, 1)) * self.scale  # (kv, group*n, T)
-        if n > 1:  # causal: query i (position pos+i) sees keys 0..pos+i
-            future = np.arange(T)[None, :] > (pos + np.arange(n))[:, None]  # (n, T)
-            scores.reshape(n_kv, group, n, T)[:, :, future] = -np.inf
+        for first in range(0, n, ATTEND_ROWS):
+            rows = slice(first, min(n, first + ATTEND_ROWS))
+            out[rows] = self._attend_rows(q[rows], pos + first, ck, cv)
+
+    def _attend_rows(self, q, pos, ck, cv):
+        """Query rows q (m, heads, hd) at positions pos.. over the cache's keys 0..pos+m-1 -> (m, heads * hd)."""
+        m, (n_kv, group, hd) = q.shape[0], (self.share.n_kv, self.cfg.group, self.cfg.head_dim)
+        T = pos + m
+        # (kv, group*m, hd): each KV head's query heads, all rows
+        qg = q.reshape(m, n_kv, group, hd).transpose(1, 2, 0, 3).reshape(n_kv, group * m, hd)
+        scores = np.matmul(qg, ck[:, :T].transpose(0, 2, 1)) * self.scale  # (kv, group*m, T)
+        if m > 1:  # causal: query i (position pos+i) sees keys 0..pos+i
+            future = np.arange(T)[None, :] > (pos + np.arange(m))[:, None]  # (m, T)
+            scores.reshape(n_kv, group, m, T)[:, :, future] = -np.inf
         scores -= scores.max(axis=-1, keepdims=True)
         np.exp(scores, out=scores)
         scores /= scores.sum(axis=-1, keepdims=True)
-        out = np.matmul(scores, cv[:, :T])  # (kv, group*n, hd)
-        return out.reshape(n_kv, group, n, hd).transpose(2, 0, 1, 3).reshape(n, n_kv * group * hd)
+        out = np.matmul(scores, cv[:, :T])  # (kv, group*m, hd)
+        return out.reshape(n_kv, group, m, hd).transpose(2, 0, 1, 3).reshape(m, n_kv * group * hd)
 
     def _ffn(self, lw, xn, buf):
         """xn (n, dim) -> (n, dim) this rank's partial sum of the SwiGLU FFN output."""

@@ -88,6 +88,19 @@ def test_batched_prompt_equals_token_by_token(tmp_path):
     np.testing.assert_allclose(one, batched, rtol=0, atol=2e-3)
 
 
+@pytest.mark.parametrize("rows", [1, 3, 7])
+def test_a_long_prompt_attends_a_few_rows_at_a_time_with_the_references_logits(tmp_path, monkeypatch, rows):
+    """Queries in blocks of ATTEND_ROWS (here 1, 3 or 7 of a 23-token prompt: blocks that end inside it) give
+    every position the reference's logits, as one block does."""
+    import spmd.model
+    path, g = golden_model(tmp_path, "llama_gqa_f32")  # grouped queries: 2 query heads a KV head
+    tokens = (g["prompt"] + g["tokens"])[:23]
+    expected = reference.logits_for(path, tokens)
+    monkeypatch.setattr(spmd.model, "ATTEND_ROWS", rows)
+    got = engine(path, tokens, backend="numpy").executor.forward(np.array(tokens), 0)
+    np.testing.assert_allclose(got, expected[-1], rtol=0, atol=1e-4)
+
+
 def test_other_weight_types_are_dequantised_at_load_with_one_notice(tmp_path, monkeypatch):
     """A type the engine does not keep (Q2_K, IQ4_XS, ...; here Q5_0 taken off the kept list, as synth cannot write
     those) is read as F32, said once."""
