@@ -326,13 +326,16 @@ class RankState:
         return self.kv_bytes_per_position(share) * worst
 
     def memory_needs(self, share):
-        """(what --memory-limit keeps for `share` beside its layers' halves: the KV caches at their full length,
-        the largest pass's activations, the classifier rows, norms and RoPE tables; {(layer, half): bytes held})."""
+        """(what --memory-limit keeps for `share` beside its layers' halves: {"KV caches": at their full length,
+        "activations": the largest pass's, "classifier rows", "norms and RoPE tables"}; {(layer, half): bytes
+        held})."""
         cfg = self.cfg
         sizes, classifier = half_bytes(self.file, cfg, share, self.backend)
         rows = min(self.max_seq * self.n_slots, max(self.max_seq, PREFILL_TOKENS))  # the largest pass
-        small = 4 * len(share.layer_ids) * (2 * cfg.dim + 2 * cfg.head_dim) + 4 * self.max_seq * cfg.rope_dim
-        fixed = self.kv_need(share) + pass_bytes(cfg, share, rows, self.max_seq) + classifier + small
+        fixed = {"KV caches": self.kv_need(share), "activations": pass_bytes(cfg, share, rows, self.max_seq),
+                 "classifier rows": classifier,
+                 "norms and RoPE tables": 4 * len(share.layer_ids) * (2 * cfg.dim + 2 * cfg.head_dim)
+                 + 4 * self.max_seq * cfg.rope_dim}
         return fixed, sizes
 
     def memory_figures(self):
@@ -340,22 +343,27 @@ class RankState:
         largest half); {} where the backend does not stream."""
         if self.backend_name == "vulkan" or not self.share.layer_ids:
             return {}
-        fixed, sizes = self.memory_needs(self.share)
+        parts, sizes = self.memory_needs(self.share)
+        fixed = sum(parts.values())
         return {"memory_need_bytes": fixed + sum(sizes.values()), "memory_floor_bytes": fixed + max(sizes.values())}
 
     def _window(self, share):
         """(the spmd.stream Window of the halves of `share` that do not fit --memory-limit, or None; the bytes
         for the halves, resident and window), or a UserError when not even the smallest window fits."""
         limit = self.memory_limit
-        fixed, sizes = self.memory_needs(share)
+        parts, sizes = self.memory_needs(share)
+        fixed = sum(parts.values())
         chosen = choose(sizes, limit - fixed) if sizes else ([], 0)
         if chosen is None:
             half = max(sizes.values())
+            seqs = f"{self.n_slots} sequence{'s' * (self.n_slots > 1)} of {self.max_seq} positions"
+            kept = ", ".join(f"{what} {human_size(n)}" + (f" ({seqs})" if what == "KV caches" else "")
+                             for what, n in parts.items() if n)
             raise UserError(
-                f"--memory-limit {human_size(limit)} on rank {self.comm.rank}: with its KV caches, activations and "
-                f"classifier rows ({human_size(fixed)}), the smallest weight window (half a layer, {human_size(half)})"
-                f" needs {human_size(fixed + half)}: give more, fewer --sequences or a shorter context, or "
-                "more ranks")
+                f"--memory-limit {human_size(limit)} on rank {self.comm.rank} is below the {human_size(fixed + half)}"
+                f" it needs ({kept}, and a weight window of half a layer, {human_size(half)}): give more, fewer "
+                f"--sequences or {'a smaller --ctx-size' if self.opts.context is not None else 'fewer --steps'}, "
+                "or more ranks")
         streamed, _ = chosen
         if not streamed:
             return None, 0
