@@ -270,4 +270,7 @@ class Window:
                 self.map.close()
             except BufferError:  # a view of it is still alive somewhere: the mapping goes with the last one
                 pass
-        self.file.close()
+        try:
+            self.file.close()
+        except OSError:  # the write that failed (disk full) is still buffered: the unnamed file goes anyway
+            pass
