@@ -249,6 +249,7 @@ class RankState:
             self.rebalancer = Rebalancer(profile, "throughput" if self.n_slots > 1 else "latency", self.n_slots,
                                          self.max_seq, opts.allreduce)
         agree(comm, lambda: self._check_memory(plan))
+        agree(comm, lambda: self._check_limits(plan))
         # the socket opens before the weights load, so a user (or a script) can queue a migration meanwhile
         self.plan = plan
         self.control = agree(comm, self._open_control if comm.is_root else lambda: None)
@@ -338,6 +339,31 @@ class RankState:
                  + 4 * self.max_seq * cfg.rope_dim}
         return fixed, sizes
 
+    def _need_text(self, parts, sizes):
+        """'1193472 bytes (1.1 MiB: KV caches ..., activations ..., ..., a weight window of half a layer ...)'."""
+        half = max(sizes.values(), default=0)
+        seqs = f"{self.n_slots} sequence{'s' * (self.n_slots > 1)} of {self.max_seq} positions"
+        kept = ", ".join(f"{what} {human_size(n)}" + (f" for {seqs}" if what == "KV caches" else "")
+                         for what, n in parts.items() if n)
+        return (f"{sum(parts.values()) + half} bytes ({human_size(sum(parts.values()) + half)}: {kept}, and a "
+                f"weight window of half a layer, {human_size(half)})")
+
+    def _check_limits(self, plan):
+        """Every rank: refuse up front, naming every rank that is short, a --memory-limit below what a rank's share
+        needs with a window of one half (the same line on every rank)."""
+        short = None
+        if self.memory_limit is not None and plan[self.comm.rank].layer_ids:
+            parts, sizes = self.memory_needs(plan[self.comm.rank])
+            if sum(parts.values()) + max(sizes.values(), default=0) > self.memory_limit:
+                short = f"rank {self.comm.rank} has {human_size(self.memory_limit)} and needs " + \
+                    self._need_text(parts, sizes)
+        lines = [line for line in self.comm.allgather(short) if line]
+        if lines:
+            more = "fewer --sequences or a smaller --ctx-size" if self.opts.context is not None else \
+                "fewer --sequences or --steps"
+            raise UserError(f"--memory-limit is below what {'a rank needs' if len(lines) == 1 else 'ranks need'}: "
+                            f"{'; '.join(lines)}: give at least that, {more}, or more ranks")
+
     def memory_figures(self):
         """This rank's need: the limit above which nothing streams, and the smallest that works (a window of the
         largest half); {} where the backend does not stream."""
@@ -355,15 +381,8 @@ class RankState:
         fixed = sum(parts.values())
         chosen = choose(sizes, limit - fixed) if sizes else ([], 0)
         if chosen is None:
-            half = max(sizes.values())
-            seqs = f"{self.n_slots} sequence{'s' * (self.n_slots > 1)} of {self.max_seq} positions"
-            kept = ", ".join(f"{what} {human_size(n)}" + (f" ({seqs})" if what == "KV caches" else "")
-                             for what, n in parts.items() if n)
-            raise UserError(
-                f"--memory-limit {human_size(limit)} on rank {self.comm.rank} is below the {human_size(fixed + half)}"
-                f" it needs ({kept}, and a weight window of half a layer, {human_size(half)}): give more, fewer "
-                f"--sequences or {'a smaller --ctx-size' if self.opts.context is not None else 'fewer --steps'}, "
-                "or more ranks")
+            raise UserError(f"--memory-limit {human_size(limit)} is below what this share needs: "
+                            f"{self._need_text(parts, sizes)}: give more, or more ranks")
         streamed, _ = chosen
         if not streamed:
             return None, 0

@@ -73,24 +73,25 @@ def in_memory(folder) -> bool:
 def choose(sizes: dict, budget: int):
     """sizes: {(layer, half): bytes held} in the order the stage runs them; budget: bytes for them all, resident
     and window. -> (the halves to stream, in that order; the window's bytes): ([], 0) when everything fits; None
-    when not even a window of the largest half fits. FFN halves (the largest) stream first, then attention
-    halves, each kind evenly spread over the layers so that the loader reads while resident halves compute; the
-    window holds two of the largest streamed halves where the budget allows (one loads while one computes), else
-    one, and whatever the resident halves leave."""
+    when not even a window of the largest half fits. The fewest bytes stream that leave room for a window of the
+    largest streamed half, and the window gets all the resident halves leave (so it holds more than one half, and
+    the loader reads one while another computes, wherever the budget allows): a larger budget never streams more.
+    FFN halves (the largest) stream first, then attention halves, each kind evenly spread over the layers so that
+    the loader reads while resident halves compute."""
     total = sum(sizes.values())
     if total <= budget:
         return [], 0
     kinds = [[k for k in sizes if k[1] == half and sizes[k]] for half in ("ffn", "attention")]  # none empty
-    for depth in (2, 1):
-        streamed = []
-        for keys in kinds:
-            for n in range(1, len(keys) + 1):
-                chosen = set(streamed) | {keys[(2 * j + 1) * len(keys) // (2 * n)] for j in range(n)}
-                resident = total - sum(sizes[k] for k in chosen)
-                if resident + depth * max(sizes[k] for k in chosen) <= budget:
-                    return [k for k in sizes if k in chosen], budget - resident
-            streamed += keys
-    return None
+    candidates, streamed = [], []
+    for keys in kinds:
+        for n in range(1, len(keys) + 1):
+            candidates.append(set(streamed) | {keys[(2 * j + 1) * len(keys) // (2 * n)] for j in range(n)})
+        streamed += keys
+    fits = [c for c in candidates if total - sum(sizes[k] for k in c) + max(sizes[k] for k in c) <= budget]
+    if not fits:
+        return None
+    chosen = min(fits, key=lambda c: sum(sizes[k] for k in c))  # the first of the fewest bytes
+    return [k for k in sizes if k in chosen], budget - total + sum(sizes[k] for k in chosen)
 
 
 class Window:
