@@ -11,11 +11,12 @@ def is_whole_number(text) -> bool:
     return isinstance(text, str) and text.isascii() and text.isdigit()
 
 
-SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
 
 
 def parse_size(text, what) -> int:
-    """Bytes from "2G", "512M", "1.5GiB", "300000000" (K, M, G, T: powers of 1024; B, iB allowed after them)."""
+    """Bytes from "2G", "512M", "1.5GiB", "300000000" (K, M, G, T, P: powers of 1024, "MB" too; B, iB allowed
+    after them)."""
     t = str(text).strip().upper().removesuffix("B").removesuffix("I")
     unit = t[-1:] if t[-1:] in SIZE_UNITS else ""
     number = t[:len(t) - len(unit)]

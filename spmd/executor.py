@@ -223,14 +223,17 @@ class Executor:
                 "compute_ms": round(compute * 1e3, 3), "sync_ms": round(sync * 1e3, 3),
                 "allreduce_ms": round(reduced * 1e3, 3), "rows": round(rows, 2), "steps": n,
                 "bytes_sent": int(self.comm.bytes_sent), "weights_bytes": int(state.model.w.nbytes),
-                "kv_bytes": self._kv_held(), "rss_bytes": rss_bytes(), **self._stream_figures()}
+                "kv_bytes": self._kv_held(), "rss_bytes": rss_bytes(), **self._stream_figures(),
+                **state.memory_figures()}
 
     def _stream_figures(self):
         """The weights resident, and with a window (--memory-limit) what it streams: its figures, and per decode
         token the bytes streamed and the time the compute thread waited for them."""
         w = self.state.model.w
         if w.window is None:
-            return {"resident_weights_bytes": int(w.nbytes)}
+            return {"resident_weights_bytes": int(w.nbytes), "streamed_halves": 0, "streamed_weights_bytes": 0,
+                    "window_bytes": 0, "streamed_bytes": 0, "stream_wait_s": 0.0, "stream_read_s": 0.0,
+                    "streamed_bytes_per_token": 0, "stream_wait_ms_per_token": 0.0}
         tokens = max(self.decode_tokens, 1)
         return {"resident_weights_bytes": int(w.nbytes - w.window.held_bytes), **w.window.figures(),
                 "streamed_bytes_per_token": self.decode_streamed // tokens,

@@ -58,10 +58,11 @@ CLUSTER_OPTIONS = [  # the flags spmd.run and spmd.serve share: the model, and h
                  help="Kernel threads of each rank, one for all or one per rank. Default: the host's cores divided "
                       "among the ranks on it (give 1 where hosts share cores, as simulated hosts do)."),
     click.option("--memory-limit", default=None, metavar="SIZE[,SIZE...]",
-                 help="The most memory each rank's weights, KV caches and activations may take (2G, 512M), one for "
-                      "all or one per rank; the runtime adds about 200 MB. A share that does not fit streams: what "
-                      "fits stays resident, the rest is read half a layer at a time, ahead of use, from a spill file "
-                      "in $TMPDIR (default /var/tmp; on a disk: it takes the streamed bytes).",
+                 help="The most memory each rank's weights, KV caches and activations may take: 2G, 512M, 1.5GiB "
+                      "(powers of 1024), one for all or one per rank (none: no limit for that rank); the runtime "
+                      "adds about 200-250 MiB. A share that does not fit streams: what fits stays resident, the rest "
+                      "is read half a layer at a time, ahead of use, from a spill file in $TMPDIR (default /var/tmp; "
+                      "on a disk: it takes the streamed bytes).",
                  ),
     click.option("--tokenizer", default=None, metavar="FILE.model",
                  help="A sentencepiece .model to use instead of the vocabulary in the GGUF."),

@@ -92,10 +92,15 @@ def test_migrations_under_a_memory_limit_keep_the_tokens(models, socket_path):  
     limit = per_rank(max(b["memory_floor_bytes"], min(a["memory_need_bytes"] - 1, 3 * a["memory_floor_bytes"] // 2))
                      for a, b in zip(free["ranks"], final["ranks"]))
     last = WORLD.size - 1
-    schedule = {1: [migrate(1, 0, last, kv=1)], 3: [migrate(2, last, 0, ffn=2)],
+    schedule = {1: [migrate(1, 0, last, kv=1)], 2: [{"cmd": "status"}], 3: [migrate(2, last, 0, ffn=2)],
                 5: [migrate(ratios=stages)]}
     _, result, replies = migrate_run(model, socket_path, schedule=schedule, memory_limit=limit)
     if WORLD.rank == 0:
         assert result["tokens"] == free["tokens"]
         assert all(r["ok"] for r in replies) and result["plan_epoch"] == 3, replies
+        status = next(r for r in replies if "position" in r)  # the socket's status has the window's figures
+        for r in status["ranks"]:
+            assert {"streamed_halves", "window_bytes", "streamed_bytes_per_token", "memory_need_bytes",
+                    "memory_floor_bytes", "resident_weights_bytes"} <= set(r)
+            assert r["memory_floor_bytes"] <= r["memory_need_bytes"]
         assert any(r.get("streamed_halves", 0) > 0 for r in result["ranks"])
