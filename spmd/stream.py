@@ -137,7 +137,8 @@ class Window:
             self.file.write(bytes(-at % PAGE))
             self.file.flush()
         except OSError as e:
-            raise UserError(f"cannot write the spill file for streamed weights: {e.strerror}") from None
+            raise UserError(f"cannot write the spill file for streamed weights in {self.folder}: {e.strerror} "
+                            f"(it takes as much disk as the halves streamed; set TMPDIR elsewhere)") from None
         self.parts[key] = (self.spilled, at - self.spilled, layout)
         self.spilled = at + -at % PAGE
 

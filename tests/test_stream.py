@@ -228,7 +228,8 @@ def test_a_spill_file_that_cannot_be_written_is_one_error(tmp_path):
     lin = FakeLinear(np.random.default_rng(4), [(20, 250)])  # 5000 bytes: the buffer keeps what fails
     resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))
     try:
-        with pytest.raises(UserError, match="^cannot write the spill file for streamed weights: File too large"):
+        with pytest.raises(UserError, match=f"^cannot write the spill file for streamed weights in {tmp_path}: "
+                                            "File too large"):
             w.spill((0, "ffn"), [lin])
         w.close()  # the failed write is still buffered: closing must not raise it again
     finally:
