@@ -1,6 +1,7 @@
 """--memory-limit under a real memory cap: a model larger than the cap runs in a memory cgroup (v1 or v2) that the
 kernel enforces (it kills the job past it), with the same greedy tokens as an uncapped run, and each run's peak
-resident set stays within its limit plus the runtime's own (RUNTIME), whatever the layer count.
+resident set stays within its limit plus the runtime's own (measured in the same test on a one-layer model, at
+most RUNTIME) and a 32 MiB margin, whatever the layer count.
 
 Skipped where this process may not make a memory cgroup (not root, no memory controller: scripts/memory_cap.py)."""
 import json
@@ -37,17 +38,21 @@ def models(tmp_path_factory):
     folder = tmp_path_factory.mktemp("cap")
     wide = write_model(folder / "wide.gguf", WIDE, qtype="Q8_0", seed=4)
     half = write_model(folder / "half.gguf", Shape(**{**WIDE.__dict__, "n_layers": 22}), qtype="Q8_0", seed=4)
-    return str(wide), str(half)
+    one = write_model(folder / "one.gguf", Shape(**{**WIDE.__dict__, "n_layers": 1}), qtype="Q8_0", seed=4)
+    return str(wide), str(half), str(one)
 
 
 def test_a_model_larger_than_a_real_cap_streams_with_the_same_tokens(models):
-    wide, half = models
+    wide, half, one = models
     assert os.path.getsize(wide) > CAP
     try:
         cap = MemoryCap(CAP)
     except CapUnavailable as e:
         pytest.skip(str(e))
     expected = run(wide)  # uncapped, everything resident
+    alone = run(one)["ranks"][0]  # the runtime's own memory, measured now: a one-layer model's peak less its weights
+    runtime = alone["peak_rss_bytes"] - alone["weights_bytes"]
+    assert runtime <= RUNTIME, runtime / MIB
     try:
         capped = run(wide, "--memory-limit", str(LIMIT), cap=cap)  # a kill past the cap fails run's exit check
         shorter = run(half, "--memory-limit", str(LIMIT), cap=cap)
@@ -56,7 +61,7 @@ def test_a_model_larger_than_a_real_cap_streams_with_the_same_tokens(models):
     assert capped["tokens"] == expected["tokens"]
     r, s = capped["ranks"][0], shorter["ranks"][0]
     assert r["streamed_halves"] > 0 and r["resident_weights_bytes"] < LIMIT
-    assert r["peak_rss_bytes"] <= LIMIT + RUNTIME, r["peak_rss_bytes"] / MIB
+    assert r["peak_rss_bytes"] <= LIMIT + runtime + 32 * MIB, (r["peak_rss_bytes"] / MIB, runtime / MIB, r)
     assert expected["ranks"][0]["peak_rss_bytes"] > CAP  # the same run without a limit would not fit the cap
     # independent of the layer count: half the layers, the same limit, about the same peak
-    assert abs(r["peak_rss_bytes"] - s["peak_rss_bytes"]) <= 16 * MIB, (r["peak_rss_bytes"], s["peak_rss_bytes"])
+    assert abs(r["peak_rss_bytes"] - s["peak_rss_bytes"]) <= 32 * MIB, (r["peak_rss_bytes"], s["peak_rss_bytes"])
