@@ -172,6 +172,16 @@ def make_backend(comm, name, threads, gpu, wraps):
 
 
 def peak_rss_bytes():
+    """This process's peak resident memory: VmHWM, its memory's own high-water mark. (getrusage's ru_maxrss survives
+    exec: a process started by fork and exec from a large parent, as subprocess does with a preexec_fn, reports
+    the parent's size.)"""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 

@@ -65,3 +65,14 @@ def test_a_model_larger_than_a_real_cap_streams_with_the_same_tokens(models):
     assert expected["ranks"][0]["peak_rss_bytes"] > CAP  # the same run without a limit would not fit the cap
     # independent of the layer count: half the layers, the same limit, about the same peak
     assert abs(r["peak_rss_bytes"] - s["peak_rss_bytes"]) <= 32 * MIB, (r["peak_rss_bytes"], s["peak_rss_bytes"])
+
+
+def test_peak_memory_is_the_jobs_own_not_its_parents(models):
+    """A job started by fork and exec (subprocess with a preexec_fn, as under a cap) from a parent holding 400 MiB
+    reports its own peak: getrusage's ru_maxrss keeps the parent's size across exec, VmHWM does not."""
+    import numpy as np
+    _, _, one = models
+    held = np.ones(400 * MIB // 8)  # touched: 400 MiB resident in this process
+    r = run(one, cap=type("NoCap", (), {"enter": staticmethod(lambda: None)})())["ranks"][0]
+    assert held[-1] == 1.0
+    assert r["peak_rss_bytes"] < 400 * MIB, r["peak_rss_bytes"] / MIB
