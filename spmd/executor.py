@@ -19,6 +19,7 @@ from .comm import Op, Step, host_name, test_slow_factor
 from .model import Segment
 from .rank import peak_rss_bytes, rss_bytes
 from .repartition import Repartition
+from .stream import figures as stream_figures
 
 RECENT_STEPS = 16  # the control socket's `status` reports compute and sync time over this many decode batches
 
@@ -230,13 +231,9 @@ class Executor:
         """The weights resident, and with a window (--memory-limit) what it streams: its figures, and per decode
         token the bytes streamed and the time the compute thread waited for them."""
         w = self.state.model.w
-        if w.window is None:
-            return {"resident_weights_bytes": int(w.nbytes), "streamed_halves": 0, "streamed_weights_bytes": 0,
-                    "window_bytes": 0, "streamed_bytes": 0, "stream_wait_s": 0.0, "stream_read_s": 0.0,
-                    "streamed_bytes_per_token": 0, "stream_wait_ms_per_token": 0.0}
         tokens = max(self.decode_tokens, 1)
-        return {"resident_weights_bytes": int(w.nbytes - w.window.held_bytes), **w.window.figures(),
-                "streamed_bytes_per_token": self.decode_streamed // tokens,
+        return {"resident_weights_bytes": int(w.nbytes - (w.window.held_bytes if w.window else 0)),
+                **stream_figures(w.window), "streamed_bytes_per_token": self.decode_streamed // tokens,
                 "stream_wait_ms_per_token": round(self.decode_wait_s * 1e3 / tokens, 3)}
 
     def rank_stats(self, total_s, sync_s):

@@ -30,6 +30,12 @@ class TensorInfo:
     nbytes: int
 
 
+def covering_blocks(a, b, block) -> tuple:
+    """[first, end): columns a..b-1 widened to the whole quant blocks (of `block` elements) around them, what a
+    column slice keeps."""
+    return a // block * block, -(-b // block) * block
+
+
 class GGUFFile:
     def __init__(self, path):
         self.path = str(path)
@@ -134,7 +140,7 @@ class GGUFFile:
         per_block = raw.shape[1] // (cols // bs) if cols else 0
         parts, keep, at = [raw[:, :0]], [], 0
         for a, b in (s for s in spans if s[1] > s[0]):
-            first, end = a // bs * bs, -(-b // bs) * bs
+            first, end = covering_blocks(a, b, bs)
             parts.append(raw[:, first // bs * per_block: end // bs * per_block])
             keep.append((at + a - first, at + b - first))
             at += end - first

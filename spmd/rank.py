@@ -171,30 +171,29 @@ def make_backend(comm, name, threads, gpu, wraps):
     return agree(comm, lambda: get_backend(name, threads=threads, device=gpu, wrap=wraps))
 
 
-def peak_rss_bytes():
-    """This process's peak resident memory: VmHWM, its memory's own high-water mark. (getrusage's ru_maxrss survives
-    exec: a process started by fork and exec from a large parent, as subprocess does with a preexec_fn, reports
-    the parent's size.)"""
+def proc_bytes(path, field):
+    """A "Field:  N kB" line of a /proc file in bytes, or None where /proc does not tell."""
     try:
-        with open("/proc/self/status") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def available_bytes():
-    """The memory this host can give without swapping (MemAvailable), or None where /proc does not tell."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def peak_rss_bytes():
+    """This process's peak resident memory: VmHWM, its memory's own high-water mark. (getrusage's ru_maxrss survives
+    exec: a process started by fork and exec from a large parent, as subprocess does with a preexec_fn, reports
+    the parent's size.)"""
+    peak = proc_bytes("/proc/self/status", "VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def available_bytes():
+    """The memory this host can give without swapping (MemAvailable), or None where /proc does not tell."""
+    return proc_bytes("/proc/meminfo", "MemAvailable")
 
 
 def rss_bytes():
@@ -349,14 +348,20 @@ class RankState:
                  + 4 * self.max_seq * cfg.rope_dim}
         return fixed, sizes
 
+    @staticmethod
+    def floor_bytes(parts, sizes):
+        """The smallest --memory-limit that works for memory_needs' answer: what it keeps, and a window of its
+        largest half."""
+        return sum(parts.values()) + max(sizes.values(), default=0)
+
     def _need_text(self, parts, sizes):
         """'1193472 bytes (1.1 MiB: KV caches ..., activations ..., ..., a weight window of half a layer ...)'."""
-        half = max(sizes.values(), default=0)
+        floor = self.floor_bytes(parts, sizes)
         seqs = f"{self.n_slots} sequence{'s' * (self.n_slots > 1)} of {self.max_seq} positions"
         kept = ", ".join(f"{what} {human_size(n)}" + (f" for {seqs}" if what == "KV caches" else "")
                          for what, n in parts.items() if n)
-        return (f"{sum(parts.values()) + half} bytes ({human_size(sum(parts.values()) + half)}: {kept}, and a "
-                f"weight window of half a layer, {human_size(half)})")
+        return (f"{floor} bytes ({human_size(floor)}: {kept}, and a weight window of half a layer, "
+                f"{human_size(max(sizes.values(), default=0))})")
 
     def _check_limits(self, plan):
         """Every rank: refuse up front, naming every rank that is short, a --memory-limit below what a rank's share
@@ -364,7 +369,7 @@ class RankState:
         short = None
         if self.memory_limit is not None and plan[self.comm.rank].layer_ids:
             parts, sizes = self.memory_needs(plan[self.comm.rank])
-            if sum(parts.values()) + max(sizes.values(), default=0) > self.memory_limit:
+            if self.floor_bytes(parts, sizes) > self.memory_limit:
                 short = f"rank {self.comm.rank} has {human_size(self.memory_limit)} and needs " + \
                     self._need_text(parts, sizes)
         lines = [line for line in self.comm.allgather(short) if line]
@@ -380,8 +385,8 @@ class RankState:
         if self.backend_name == "vulkan" or not self.share.layer_ids:
             return {}
         parts, sizes = self.memory_needs(self.share)
-        fixed = sum(parts.values())
-        return {"memory_need_bytes": fixed + sum(sizes.values()), "memory_floor_bytes": fixed + max(sizes.values())}
+        return {"memory_need_bytes": sum(parts.values()) + sum(sizes.values()),
+                "memory_floor_bytes": self.floor_bytes(parts, sizes)}
 
     def _window(self, share):
         """(the spmd.stream Window of the halves of `share` that do not fit --memory-limit, or None; the bytes
@@ -486,7 +491,7 @@ class RankState:
 
         limits = comm.gather(self.memory_limit)
 
-        def choose():
+        def decide():
             k = self.in_flight()
             objective = "throughput" if k > 1 else "latency"
             found, note = planner.plan_within_limits(profile, limits, objective, sequences=k, context=self.max_seq,
@@ -494,7 +499,7 @@ class RankState:
             if note:
                 self.log(note)
             return found
-        chosen = agree(comm, choose if comm.is_root else lambda: None)
+        chosen = agree(comm, decide if comm.is_root else lambda: None)
         text = comm.bcast(chosen.text if comm.is_root else None)
         plan = make_plan(parse_layout(text, comm.size, "the planner's layout"), self.cfg)
         if comm.is_root:

@@ -7,7 +7,7 @@ through a window of memory.
     window.spill(key, linears)                      #   a streamed half's arrays go to the spill file
     window.start(window_bytes)                      #   mapped; the loader thread starts
     with window.hold(key): ...                      # the compute thread, around a half's products
-    window.figures(), window.close()
+    figures(window), window.close()                 # figures(None): a rank's zeros where nothing streams
 
 At load each streamed half is built as every other (read from the GGUF, repacked for the backend's kernels), then
 its linears' arrays (`lin.arrays`) are written to a spill file and dropped: repacking takes far longer than
@@ -92,6 +92,16 @@ def choose(sizes: dict, budget: int):
         return None
     chosen = min(fits, key=lambda c: sum(sizes[k] for k in c))  # the first of the fewest bytes
     return [k for k in sizes if k in chosen], budget - total + sum(sizes[k] for k in chosen)
+
+
+def figures(window) -> dict:
+    """A window's figures for the result and `status`: zeros where there is none (a rank that streams nothing)."""
+    if window is None:
+        return dict(streamed_halves=0, streamed_weights_bytes=0, window_bytes=0, streamed_bytes=0, stream_wait_s=0.0,
+                    stream_read_s=0.0)
+    return dict(streamed_halves=len(window.order), streamed_weights_bytes=window.held_bytes,
+                window_bytes=window.window_bytes, streamed_bytes=window.streamed_bytes,
+                stream_wait_s=round(window.wait_s, 6), stream_read_s=round(window.read_s, 6))
 
 
 class Window:
@@ -251,12 +261,7 @@ class Window:
         """Whether `key` is the next half the compute thread gets without a restart."""
         return self.held[0] == key if self.held else self.order[self.next] == key
 
-    # ---- figures and the end --------------------------------------------------------------------------------------
-    def figures(self) -> dict:
-        return dict(streamed_halves=len(self.order), streamed_weights_bytes=self.held_bytes,
-                    window_bytes=self.window_bytes, streamed_bytes=self.streamed_bytes,
-                    stream_wait_s=round(self.wait_s, 6), stream_read_s=round(self.read_s, 6))
-
+    # ---- the end -----------------------------------------------------------------------------------------------------
     def close(self):
         """Stop the loader and unmap; the streamed linears are left without arrays."""
         with self.cond:

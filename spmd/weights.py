@@ -21,6 +21,7 @@ import numpy as np
 
 from gguf import GGMLQuantizationType as T
 
+from .gguf_file import covering_blocks
 from .model import HALVES
 from .plan import Share, scale_ranges
 from .quants import NATIVE, block_size, dequantize, from_float
@@ -130,8 +131,8 @@ def half_bytes(f, cfg, share: Share, backend) -> tuple:
         if slicing == ROWS:
             rows = sum(b - a for a, b in spans)
         else:  # a column slice keeps whole quant blocks (GGUFFile.col_ranges)
-            bs = block_size(qtype)
-            cols = sum(-(-b // bs) * bs - a // bs * bs for a, b in spans if b > a)
+            cols = sum(end - first for first, end in (covering_blocks(a, b, block_size(qtype)) for a, b in spans
+                                                      if b > a))
         return backend.held_bytes(qtype, rows, cols)
 
     sizes = {(i, half): 0 for i in share.layer_ids for half in HALVES}
