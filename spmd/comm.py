@@ -39,7 +39,7 @@ from .plan import chunk_counts
 ALGORITHMS = ("star", "ring", "mpi")
 # waiting on MPI: test without pause this long, then yielding the core until SPIN_S, then between naps up to NAP_MAX_S
 BUSY_S, SPIN_S, NAP_MAX_S = 1e-4, 0.05, 0.002
-TAG_META, TAG_DATA, TAG_HIDDEN, TAG_LOGITS = 71, 72, 73, 74  # point-to-point messages
+TAG_META, TAG_DATA, TAG_HIDDEN, TAG_LOGITS, TAG_NOTE = 71, 72, 73, 74, 75  # point-to-point messages
 
 
 class Op(IntEnum):
@@ -154,6 +154,7 @@ class Comm:
         self.slots = 1  # sequence slots: the step record's room (`set_slots`)
         self._step = np.zeros(record_size(1), dtype=np.int64)
         self._sends = []  # (request, buffer) of the hand-offs in flight
+        self._notes, self._told = [], []  # requests of the lines sent to rank 0, and rank 0's own (`tell_root`)
         self.steps_seen, self.last_step_at = 0, time.monotonic()  # for the watchdog (spmd.engine)
         self._signals = test_signals(self.rank)  # test only: this rank signals itself (SIGSTOP, SIGKILL) at a step
         self.link_delay_s = link_delay_s() if self.size > 1 else 0.0  # test only; see the module's docstring
@@ -326,6 +327,11 @@ class Comm:
             wait(*(r for r, _ in self._sends))
             self._sends = []
 
+    def finish_notes(self):
+        """At STOP: wait for the lines sent to rank 0 (`tell_root`), which it has taken by then, or left."""
+        wait(*self._notes)
+        self._notes = []
+
     def take(self, out):
         """The previous stage's hidden state, into `out` (n, dim) float32."""
         stage = self.plan.stage_of(self.rank)
@@ -448,6 +454,26 @@ class Comm:
         return float(np.median(times[1:]))
 
     # ---- agreement and small objects ------------------------------------------------------------------------
+    def tell_root(self, line):
+        """Send rank 0's driver a line without waiting for it: why this rank's part of a step went wrong, where the
+        rank cannot stop the step alone (its model file written under it). The driver takes it with `told`."""
+        if self.is_root:
+            self._told.append(line)
+        else:
+            self._notes.append(self.comm.isend(line, dest=0, tag=TAG_NOTE))
+
+    def told(self, wait_s):
+        """Rank 0: a line some rank sent with `tell_root`, waiting up to wait_s for one to come; None if none."""
+        deadline = time.monotonic() + wait_s
+        while not self._told:
+            if self.comm.iprobe(source=MPI.ANY_SOURCE, tag=TAG_NOTE):
+                self._told.append(self.comm.recv(source=MPI.ANY_SOURCE, tag=TAG_NOTE))
+            elif time.monotonic() >= deadline:
+                return None
+            else:
+                time.sleep(0.01)
+        return self._told.pop(0)
+
     def first_error(self, message):
         """Every rank's error message (or None) -> the first one, on every rank, as 'rank N: message'."""
         errors = self.allgather(message)

@@ -119,6 +119,7 @@ class Sequence:
 
 
 REBALANCE_EVERY = 16  # tokens generated between the rebalancer's looks
+TOLD_WAIT_S = 1.0  # non-finite logits: how long rank 0 waits for a rank's reason to come (see Comm.tell_root)
 IDLE_WAIT_S = 0.05  # serving with nothing to do: how long the driver waits on the inbox before it looks again
 
 
@@ -255,6 +256,15 @@ class Driver:
         return dict(load_s=round(state.load_s, 3), n_ranks=state.comm.size, allreduce=state.comm.algorithm,
                     backend=state.opts.backend)
 
+    def _not_finite(self, seq, seg):
+        """A batch's logits are NaN or infinite: a rank's model file was written under it (that rank says so, see
+        Executor._embed), or the weights or metadata hold invalid values. Generation stops with the reason."""
+        if self.error is None:
+            told = self.state.comm.told(TOLD_WAIT_S)
+            self.error = told or (f"the model's logits for sequence {seq.index} at position {seg.pos + seg.n - 1} "
+                                  "are not finite (NaN or infinity): its weights or metadata hold invalid values")
+        self.reading = False
+
     def _start(self, seqs):
         self.queue, self.ready = collections.deque(seqs), collections.deque()
         self.free, self.frees, self.by_slot = list(range(self.state.n_slots)), [], {}
@@ -269,10 +279,6 @@ class Driver:
                 self._take_inbox()
             if (self.generated or serving) and (state.control is not None or self.rebalancer is not None):
                 self._between_tokens(self._first.pos if single else self.generated)
-            if self.reading and state.file.changed():  # before a batch's embedding rows are read from it
-                self.error = (f"the model file {state.file.path} was written during the run (truncated or "
-                              "overwritten); generation stopped")
-                self.reading = False
             batch = self._admit() if self.reading and not self._draining else None
             ticks = self._ticks(batch)
             if ticks == 0:
@@ -291,10 +297,8 @@ class Driver:
                         seq.end("stopped", now)
                         self._release(seq, emit, single)
                         continue
-                    if not np.isfinite(values).all():  # NaN or infinite weights, activations or logits
-                        self.error = (f"the model's logits for sequence {seq.index} at position {seg.pos + seg.n - 1} "
-                                      "are not finite (NaN or infinity): its weights or metadata hold invalid values")
-                        self.reading = False
+                    if not np.isfinite(values).all():
+                        self._not_finite(seq, seg)
                         continue
                     self._sampled(seq, seq.sampler.pick(values, ids), now, emit, single)
         self.executor.issue(self._step(Op.STOP))

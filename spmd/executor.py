@@ -77,6 +77,7 @@ class Executor:
         # (compute s, sync s, rows, of the sync s in allreduces) of the last decode batches
         self._recent = collections.deque(maxlen=RECENT_STEPS)
         self.kv_bytes_peak = 0
+        self._told = False  # whether this rank told rank 0 that its model file was written (`_embed`)
 
     def issue(self, step: Step, plan=None):
         """Rank 0: broadcast `step` and run it here too. Returns for FORWARD [(batch, [(logits, token ids)] of each
@@ -107,6 +108,7 @@ class Executor:
         if step.op == Op.IDLE:
             return None
         self.comm.finish_sends()  # STOP
+        self.comm.finish_notes()
         return None
 
     # ---- pipeline ticks ---------------------------------------------------------------------------------------
@@ -160,7 +162,7 @@ class Executor:
         sent, sync, reduced, t = comm.bytes_sent, comm.sync_s, comm.allreduce_s, time.perf_counter()
         stage, stages = state.stage, state.plan.stages
         if stage.index == 0:
-            x = state.model.embed(batch.tokens)
+            x = self._embed(batch.tokens)
         else:
             x = comm.take(np.empty((batch.rows, state.cfg.dim), np.float32))
         last = stage.index == len(stages) - 1
@@ -187,6 +189,19 @@ class Executor:
             synced = comm.sync_s - sync
             self._recent.append((time.perf_counter() - t - synced, synced, batch.rows, comm.allreduce_s - reduced))
         return candidates
+
+    def _embed(self, tokens):
+        """The first stage's input. A rank whose model file was written since it was mapped (truncated: reading it
+        is a SIGBUS; overwritten: other weights) reads nothing more from it: its rows are NaN instead, which makes
+        the batch's logits NaN on every rank, and it tells rank 0 why (the driver's `_not_finite` says it)."""
+        state = self.state
+        if not state.file.changed():
+            return state.model.embed(tokens)
+        if not self._told:
+            self._told = True
+            self.comm.tell_root(f"the model file {state.file.path} on rank {self.comm.rank} ({host_name()}) was "
+                                "written during the run (truncated or overwritten); generation stopped")
+        return np.full((len(tokens), state.cfg.dim), np.nan, np.float32)
 
     def forward(self, tokens, pos, slot=0):
         """Tests and tools: on rank 0 the logits (of the ids the tokenizer knows) after one pass over `tokens` at

@@ -7,6 +7,7 @@ through a read-only mapping: a slice is copied out and the pages it touched are 
 import hashlib
 import mmap
 import os
+import socket
 import struct
 from dataclasses import dataclass
 
@@ -92,6 +93,10 @@ class GGUFFile:
         return name in self.tensors
 
     def _raw(self, info: TensorInfo) -> np.ndarray:
+        """A tensor's bytes in the mapping; refused once the file was written since it was opened (see changed)."""
+        if self.changed():
+            raise UserError(f"the model file {self.path} on {socket.gethostname()} was written while in use "
+                            "(truncated or overwritten)")
         return self._bytes[info.offset: info.offset + info.nbytes]
 
     def _release(self, info: TensorInfo):

@@ -301,6 +301,30 @@ def test_a_reader_that_leaves_early_stops_generation_cleanly(tmp_path, ranks):
         assert left == "", f"ranks left running: {left}"
 
 
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_a_model_file_written_on_another_rank_stops_every_rank(tmp_path, ranks):
+    """The last rank reads its own copy of the model (another host's file), which is truncated mid-generation:
+    that rank reads nothing more from it (it used to end in a SIGBUS there), and rank 0 says why in one line."""
+    if MPIRUN is None:
+        pytest.skip("mpirun not on PATH")
+    model = write_model(tmp_path / "long.gguf", Shape(dim=64, n_heads=4, n_kv_heads=2, ffn=128, vocab=512,
+                                                      context=4096), qtype="F32", seed=3)
+    copy = tmp_path / "copy.gguf"
+    shutil.copyfile(model, copy)
+    job = [sys.executable, "-m", "spmd.run", "--prompt", "Hello", "--steps", "4000", "--threads", "1",
+           "--control-socket", "none"]
+    p = subprocess.Popen([MPIRUN, "-n", str(ranks - 1), *job, "--model", str(model), ":", "-n", "1", *job,
+                          "--model", str(copy)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert len(p.stdout.read(8)) == 8  # generating
+    with open(copy, "r+b") as f:
+        f.truncate(os.path.getsize(copy) // 2)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 1, err
+    assert err.strip().splitlines()[-1].startswith(f"error: the model file {copy} on rank {ranks - 1} (")
+    assert err.strip().endswith("was written during the run (truncated or overwritten); generation stopped")
+    assert "Traceback" not in err and "Bus error" not in err and len(out) < 4000
+
+
 @pytest.mark.parametrize("ranks", [1, 3])
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_a_signal_stops_every_rank_and_removes_the_socket(tmp_path, ranks, sig):
