@@ -25,6 +25,7 @@ from .rank import Work
 
 MAX_BODY_BYTES = 4 * 2**20
 BODY_WAIT_S = 30.0  # a request's body must have come whole within this long
+IDLE_S = 10.0  # a connection without a request in progress for this long is closed (see Connections)
 MAX_STOPS, MAX_STOP_CHARS = 16, 256
 STATUS_WAIT_S = 10.0  # the driver answers /cluster at its next token boundary; it is there within a token
 CHECK_CLIENT_S = 0.25  # how often a request waiting for its next token looks whether its client is still there
@@ -194,6 +195,36 @@ def _prompt(body):
 
 
 # ---- the server ----------------------------------------------------------------------------------------------
+class Connections:
+    """Closes a connection that holds no request in progress for IDLE_S: a client sending its headers a byte at a
+    time, or an idle keep-alive, holds a connection (a file descriptor) that long at most, where aiohttp bounds
+    neither. A request is in progress from its headers' end to its response's end (a stream included)."""
+
+    def __init__(self):
+        self.busy, self.since = {}, {}  # connection -> requests in progress; -> when it was last seen busy
+
+    @web.middleware
+    async def middleware(self, request, handler):
+        conn = request.protocol
+        self.busy[conn] = self.busy.get(conn, 0) + 1
+        try:
+            return await handler(request)
+        finally:
+            self.busy[conn] -= 1
+            self.since[conn] = time.monotonic()
+
+    async def sweep(self, server):
+        while True:
+            await asyncio.sleep(min(1.0, IDLE_S / 4))
+            now, open_now = time.monotonic(), set(server.connections)
+            self.busy = {c: n for c, n in self.busy.items() if c in open_now}
+            self.since = {c: t for c, t in self.since.items() if c in open_now}
+            for conn in open_now:
+                since = self.since.setdefault(conn, now)
+                if not self.busy.get(conn) and now - since > IDLE_S and conn.transport is not None:
+                    conn.transport.close()
+
+
 class Server:
     """The HTTP server on its own thread. `start()` binds (an OSError if it cannot), `open(gateway)` once the
     model has loaded, `stop()` at the end."""
@@ -203,7 +234,8 @@ class Server:
         self.gateway, self.created = None, int(time.time())
         self.active = 0  # requests accepted and not yet answered (on the loop's thread only)
         self.loop, self._thread, self._runner = None, None, None
-        app = web.Application(client_max_size=MAX_BODY_BYTES)
+        self.connections = Connections()
+        app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[self.connections.middleware])
         app.add_routes([web.get("/health", self.health), web.get("/v1/models", self.models),
                         web.post("/v1/completions", self.completions),
                         web.post("/v1/chat/completions", self.chat_completions),
@@ -229,7 +261,9 @@ class Server:
                 loop.run_until_complete(self._runner.cleanup())
                 return
             started.set()
+            sweep = loop.create_task(self.connections.sweep(self._runner.server))
             loop.run_forever()
+            sweep.cancel()
             loop.run_until_complete(self._runner.cleanup())
             left = asyncio.all_tasks(loop)  # connections that were still open: end them before the loop closes
             for task in left:

@@ -1,6 +1,7 @@
 """spmd.api's parts that need no cluster: stop strings held back and cut, the chat template in its sandbox and its
 fallback, request checks, and /health before and after the model has loaded (a real HTTP server on a free port)."""
 import json
+import time
 import urllib.error
 import urllib.request
 
@@ -124,5 +125,39 @@ def test_a_body_that_comes_too_slowly_is_408(monkeypatch):
                       b"Content-Length: 100\r\n\r\n{\"prompt\": ")
             reply = s.recv(4096).decode()
         assert reply.startswith("HTTP/1.1 408") and "did not come whole" in reply
+    finally:
+        server.stop()
+
+
+def test_a_connection_without_a_request_in_progress_is_closed(monkeypatch):
+    """Headers sent a byte at a time hold a connection IDLE_S at most (aiohttp has no header timeout), while other
+    clients are served; a request in progress (its body still coming) is not cut by that rule."""
+    import socket
+    from spmd import api
+    monkeypatch.setattr(api, "IDLE_S", 1.0)
+    monkeypatch.setattr(api, "BODY_WAIT_S", 3.0)
+    server = Server("127.0.0.1", 0, "m", 4)
+    server.start()
+    try:
+        server.open(Gateway(inbox=None, tokenizer=None, template=None, context=8, n_known=8, slots=1))
+        slow = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        busy = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        busy.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100\r\n\r\n{")
+        t, closed = time.monotonic(), None
+        for byte in b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 200:
+            try:
+                slow.sendall(bytes([byte]))
+            except OSError:
+                closed = time.monotonic() - t
+                break
+            with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/health", timeout=10) as r:
+                assert r.status == 200  # others are served meanwhile
+            time.sleep(0.1)
+        assert closed is not None and 1.0 < closed < 4.0
+        reply = busy.recv(4096).decode()  # at BODY_WAIT_S, not cut at IDLE_S
+        assert reply.startswith("HTTP/1.1 408") and time.monotonic() - t > 2.5
+        slow.close()
+        busy.close()
     finally:
         server.stop()
