@@ -21,7 +21,7 @@ from .plan import make_plan, parse_layout
 from .prompts import PromptSpec, read_prompts_file
 from .sampling import Sampler
 from .tokenizer import load_tokenizer
-from .stream import Window, choose, in_memory
+from .stream import DeviceWindow, Window, choose, in_memory
 from .weights import half_bytes, load_shard, share_file_bytes
 
 WEIGHT_SOURCES = ("file", "peer")
@@ -321,9 +321,6 @@ class RankState:
                 parse_size(text, "--memory-limit")
         if entry.lower() == "none":
             return None
-        if self.backend_name == "vulkan":
-            raise UserError(f"--memory-limit on rank {self.comm.rank}: the vulkan backend does not stream weights "
-                            "yet; give 'none' for its ranks (--memory-limit 2G,none)")
         return parse_size(entry, "--memory-limit")
 
     def kv_need(self, share):
@@ -381,8 +378,8 @@ class RankState:
 
     def memory_figures(self):
         """This rank's need: the limit above which nothing streams, and the smallest that works (a window of the
-        largest half); {} where the backend does not stream."""
-        if self.backend_name == "vulkan" or not self.share.layer_ids:
+        largest half); {} where the rank holds no layers."""
+        if not self.share.layer_ids:
             return {}
         parts, sizes = self.memory_needs(self.share)
         return {"memory_need_bytes": sum(parts.values()) + sum(sizes.values()),
@@ -401,6 +398,8 @@ class RankState:
         streamed, _ = chosen
         if not streamed:
             return None, 0
+        if self.backend_name == "vulkan":
+            return DeviceWindow(streamed, self.backend.dev), limit - fixed
         return Window(streamed), limit - fixed
 
     def _say_notes(self, notes):

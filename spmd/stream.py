@@ -40,6 +40,7 @@ import numpy as np
 from .errors import UserError
 
 ALIGN = 64  # bytes: every array in the spill file starts at a multiple of this, every half at a page
+DEVICE_ALIGN = 256  # bytes: every array in a device slot starts at a multiple of this (DeviceWindow)
 PAGE = mmap.PAGESIZE
 MADV_POPULATE_READ = 22  # Linux 5.14: fault the pages in (reading them from the disk where needed), synchronously
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -158,6 +159,10 @@ class Window:
 
     def start(self, window_bytes):
         """Map the spill file, give the streamed linears their arrays in it, start the loader."""
+        self._map(window_bytes)
+        self._launch()
+
+    def _map(self, window_bytes):
         if set(self.parts) != set(self.order):
             raise RuntimeError("a streamed half was not spilled")
         self.window_bytes = max(window_bytes, self.largest)
@@ -169,6 +174,8 @@ class Window:
                 lin.arrays = tuple(whole[off:off + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize]
                                    .view(dtype).reshape(shape) for dtype, shape, off in arrays)
         self._advise(0, self.spilled, mmap.MADV_DONTNEED)
+
+    def _launch(self):
         self.thread = threading.Thread(target=self._load, name="spmd-stream", daemon=True)
         self.thread.start()
 
@@ -181,8 +188,7 @@ class Window:
     def _load(self):
         while True:
             with self.cond:
-                while not self.closed and self.held and \
-                        self.in_bytes + self.parts[self.order[self.next]][1] > self.window_bytes:
+                while not self.closed and not self._room(self.order[self.next]):
                     self.cond.wait()
                 if self.closed:
                     return
@@ -192,7 +198,7 @@ class Window:
             t = time.perf_counter()
             error = None
             try:
-                self._bring_in(offset, size)
+                self._bring_in(key)
             except OSError as e:
                 error = f"cannot read the spill file for streamed weights: {e.strerror}"
             with self.cond:
@@ -207,8 +213,21 @@ class Window:
                     self.read_s += time.perf_counter() - t
                 self.cond.notify_all()
 
-    def _bring_in(self, offset, size):
-        """The half's pages read (where the page cache lacks them) and mapped. Without MADV_POPULATE_READ (Linux
+    def _room(self, key) -> bool:
+        """Whether the loader may bring `key` in now (the lock held): the window has room for it beside the halves
+        held, or none is held."""
+        return not self.held or self.in_bytes + self.parts[key][1] <= self.window_bytes
+
+    def _bring_in(self, key):
+        """The half's pages read (where the page cache lacks them) and mapped."""
+        self._populate(*self.parts[key][:2])
+
+    def _drop(self, key):
+        """The half's pages out of the process (the lock held)."""
+        self._advise(*self.parts[key][:2], mmap.MADV_DONTNEED)
+
+    def _populate(self, offset, size):
+        """Pages of the mapping read (where the page cache lacks them) and mapped. Without MADV_POPULATE_READ (Linux
         before 5.14): read ahead, then touch a byte a page."""
         try:
             self._advise(offset, size, MADV_POPULATE_READ)
@@ -227,15 +246,24 @@ class Window:
             return
         self._acquire(key)
         try:
+            self._ready(key)
             yield
         finally:
-            offset, size, _ = self.parts[key]
             with self.cond:
-                self._advise(offset, size, mmap.MADV_DONTNEED)
+                self._drop(key)
                 if self.held and self.held[0] == key:
                     self.held.popleft()
-                    self.in_bytes -= size
+                    self.in_bytes -= self.parts[key][1]
                 self.cond.notify_all()
+
+    def _ready(self, key):
+        """The compute thread, with `key` brought in: what is left to do before it computes (nothing here)."""
+
+    def _restart(self):
+        """Out of turn (the lock held, the loader idle): every half held dropped."""
+        for k in self.held:
+            self._drop(k)
+        self.held.clear()
 
     def _acquire(self, key):
         t = time.perf_counter()
@@ -244,9 +272,7 @@ class Window:
                 self.generation += 1
                 while self.loading:
                     self.cond.wait()
-                for k in self.held:
-                    self._advise(*self.parts[k][:2], mmap.MADV_DONTNEED)
-                self.held.clear()
+                self._restart()
                 self.in_bytes, self.next = 0, self.index[key]
                 self.cond.notify_all()
             while not self.held and not self.closed:
@@ -281,3 +307,90 @@ class Window:
             self.file.close()
         except OSError:  # the write that failed (disk full) is still buffered: the unnamed file goes anyway
             pass
+
+
+class DeviceWindow(Window):
+    """A Vulkan rank's window: the streamed halves' matrices, repacked for its kernels, are spilled as on the cpu,
+    and on the device they live in `slots`: buffers of the largest half each, as many as the window's bytes hold
+    (at most one per streamed half). The j-th streamed half in running order has slot j % len(slots) for good, so
+    the command buffers recorded once bind it; the loader brings a half in only once its slot is free (the half
+    before it in that slot has run). Bringing a half in reads its pages from the spill file and copies them into
+    its slot: on the loader thread where the host writes device memory directly (resizable BAR, unified memory,
+    lavapipe), else on the compute thread through a staging buffer just before the half runs (the device's queue
+    is the compute thread's). The host drops the pages at once: they are only passing through."""
+
+    def __init__(self, order, dev, folder=None):
+        super().__init__(order, folder)
+        self.dev, self.slots, self.slot_of, self.user = dev, [], {}, []
+
+    def start(self, window_bytes):
+        """Map the spill file, make the slots, bind each streamed linear to its slot, start the loader."""
+        from .backends.vk_runtime import Buffer
+        self._map(window_bytes)
+        places = {key: self._device_layout(layout) for key, (_, _, layout) in self.parts.items()}
+        slot_bytes = max(max(size for _, size in places.values()), 16)
+        count = max(1, min(len(self.order), self.window_bytes // slot_bytes))
+        self.window_bytes = count * slot_bytes
+        self.slots = [Buffer(self.dev, slot_bytes) for _ in range(count)]
+        self.user = [None] * count
+        for j, key in enumerate(self.order):
+            self.slot_of[key] = self.slots[j % count]
+            for (lin, _), at in zip(self.parts[key][2], places[key][0]):
+                lin.bind(self.slot_of[key], at)
+        self._launch()
+
+    @staticmethod
+    def _device_layout(layout) -> tuple:
+        """([each linear's arrays' offsets in its slot (at multiples of DEVICE_ALIGN: any storage-buffer offset
+        alignment), in the order its `bind` takes them], the bytes the half takes in a slot)."""
+        out, at = [], 0
+        for lin, arrays in layout:
+            mine = []
+            for dtype, shape, _ in arrays:
+                at = -(-at // DEVICE_ALIGN) * DEVICE_ALIGN
+                mine.append(at)
+                at += -(-max(int(np.prod(shape, dtype=np.int64)) * dtype.itemsize, 16) // 4) * 4  # as Part.bound
+            out.append(mine)
+        return out, at
+
+    def _room(self, key) -> bool:
+        slot = self.slots.index(self.slot_of[key])
+        if self.user[slot] is not None:
+            return False
+        self.user[slot] = key  # the loader brings it in next
+        return True
+
+    def _bring_in(self, key):
+        offset, size, _ = self.parts[key]
+        self._populate(offset, size)
+        if self.dev.direct:
+            self._copy(key)
+
+    def _ready(self, key):
+        if not self.dev.direct:
+            self._copy(key)
+
+    def _copy(self, key):
+        """The half's arrays from the mapping into its slot, then its pages out of the process."""
+        offset, size, layout = self.parts[key]
+        slot = self.slot_of[key]
+        for lin, _ in layout:
+            for array, at in zip(lin.arrays, lin.offsets):
+                slot.write(array, at)
+        self._advise(offset, size, mmap.MADV_DONTNEED)
+
+    def _drop(self, key):
+        super()._drop(key)
+        slot = self.slots.index(self.slot_of[key])
+        if self.user[slot] == key:
+            self.user[slot] = None
+
+    def _restart(self):
+        super()._restart()
+        self.user = [None] * len(self.slots)  # a half the loader brought in for nothing included
+
+    def close(self):
+        super().close()
+        for slot in self.slots:
+            slot.free()
+        self.slots = []

@@ -170,7 +170,8 @@ def load_shard(f, cfg, share: Share, backend, notice=print, read=None, old=None,
             return getattr(old.layer(i), field)
         if slicing == VECTOR:
             return read(f"blk.{i}.{name}", VECTOR, element_spans(cfg, share, unit)) if cfg.qkv_bias else None
-        return backend.linear(fit(read(f"blk.{i}.{name}", slicing, element_spans(cfg, share, unit))))
+        streamed = window is not None and (i, HALF[unit]) in window.index
+        return backend.linear(fit(read(f"blk.{i}.{name}", slicing, element_spans(cfg, share, unit))), not streamed)
 
     def fit(qt):
         """The slice as the backend computes with it: F32 where it lacks a kernel for its type or its cut."""

@@ -214,8 +214,9 @@ CASES = {
     "memory limit too small": (lambda m, d: m, ["--memory-limit", "10K"],
                                r"--memory-limit is below what (a rank needs|ranks need): rank 0 has 10.0 KiB and "
                                r"needs \d+ bytes .*KV caches .* weight window"),
-    "memory limit on vulkan": (lambda m, d: m, ["--backend", "vulkan", "--memory-limit", "1G"],
-                               "--memory-limit on rank 0: the vulkan backend does not stream weights yet"),
+    "memory limit too small on vulkan": (lambda m, d: m, ["--backend", "vulkan", "--memory-limit", "10K"],
+                                         r"--memory-limit is below what (a rank needs|ranks need): rank 0 has "
+                                         r"10.0 KiB and needs \d+ bytes .*KV caches .* weight window"),
     "another job's profile": (lambda m, d: m, ["--plan", str(HOUSEHOLD)],
                               "household.json was measured on (4 ranks but the job has|another model)"),
 }

@@ -1,5 +1,6 @@
 """Weight streaming's parts on one process: which halves stream (`choose`), the window (spill, bring in, drop),
-the size flag, and the cpu backend's bytes held (what the choice is made from)."""
+the size flag, and the cpu and vulkan backends' bytes held (what the choice is made from); the Vulkan window's
+device slots."""
 import os
 
 import numpy as np
@@ -175,6 +176,61 @@ def test_cpu_held_bytes_is_what_a_linear_holds(qtype, rows, cols):
     backend = CpuBackend(1)
     w = random_qtensor(qtype, rows, cols, np.random.default_rng(2))
     assert backend.held_bytes(qtype, rows, cols) == backend.linear(w).nbytes
+
+
+def vulkan_backend():
+    from spmd.backends import get_backend
+    try:
+        return get_backend("vulkan")
+    except UserError as e:
+        pytest.skip(f"no Vulkan: {e}")
+
+
+@pytest.mark.parametrize("qtype", [T.F32, T.F16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_K, T.Q6_K])
+@pytest.mark.parametrize("rows, cols", [(3, 256), (17, 768), (0, 256), (5, 0)])
+def test_vulkan_held_bytes_is_what_a_linear_holds(qtype, rows, cols):
+    from test_backends import random_qtensor
+    backend = vulkan_backend()
+    w = random_qtensor(qtype, rows, cols, np.random.default_rng(2))
+    lin = backend.linear(w)
+    assert backend.held_bytes(qtype, rows, cols) == lin.nbytes == backend.linear(w, resident=False).nbytes
+    assert lin.nbytes == (0 if rows * cols == 0 else sum(
+        max(p.w.nbytes, 16) + (p.d.nbytes if p.d is not None else 0) for p in lin.parts))
+    lin.free()
+
+
+def test_device_window_runs_each_streamed_half_from_its_slot(tmp_path):
+    """Five halves of Vulkan linears (K-quants with their word scales, Q8_0, F32) streamed through two slots (the
+    fifth wraps round onto the first's slot): every product equals the resident linear's, bit for bit, over three
+    cycles and out of turn; the slots are the window's only device memory for them."""
+    from test_backends import random_qtensor
+    backend = vulkan_backend()
+    rng = np.random.default_rng(4)
+    types = [T.Q4_K, T.Q8_0, T.F32, T.Q6_K, T.Q5_0]
+    tensors = {(i, "ffn"): [random_qtensor(q, r, 256, rng) for r in (40, 24)] for i, q in enumerate(types)}
+    x = rng.standard_normal((3, 256)).astype(np.float32)
+    expected = {}
+    for k, ws in tensors.items():
+        resident = [backend.linear(w) for w in ws]
+        expected[k] = [lin(x) for lin in resident]
+        for lin in resident:
+            lin.free()
+    from spmd.stream import DeviceWindow
+    w = DeviceWindow(list(tensors), backend.dev, tmp_path)
+    halves = {k: [backend.linear(q, resident=False) for q in ws] for k, ws in tensors.items()}
+    assert all(lin.parts == [] for lins in halves.values() for lin in lins)  # no device memory of their own
+    for k, lins in halves.items():
+        w.spill(k, lins)
+    used = backend.dev.heap_used[:]
+    w.start(2 * w.largest + 4096)
+    assert len(w.slots) == 2 and sum(backend.dev.heap_used) - sum(used) == sum(s.size for s in w.slots)
+    for k in 3 * list(tensors) + [(3, "ffn"), (0, "ffn"), (0, "ffn"), (4, "ffn")]:
+        with w.hold(k):
+            assert all(same(lin(x), e) for lin, e in zip(halves[k], expected[k])), k
+    w.close()
+    for lins in halves.values():
+        for lin in lins:
+            lin.free()
 
 
 def test_cpu_repacks_a_big_matrix_in_bands_with_the_same_result(monkeypatch):

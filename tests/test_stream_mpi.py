@@ -1,6 +1,6 @@
 """Weight streaming across ranks (--memory-limit): greedy tokens do not change with the limit, whatever the layout
-(tensor parallel, stages, both), the backend or the rank count; a limit below what a rank needs for its smallest
-window is one clear error on every rank.
+(tensor parallel, stages, both), the backend (Vulkan: streamed through device slots) or the rank count; a limit
+below what a rank needs for its smallest window is one clear error on every rank.
 
 Run with: mpirun -n 3 python -m pytest --with-mpi tests/test_stream_mpi.py (passes at any -n)."""
 import pytest
@@ -8,6 +8,7 @@ import pytest
 from mpi_models import SHAPE, UNEQUAL, WORLD, generate, shared_models
 from test_migrate_mpi import migrate, socket_path  # noqa: F401 - a fixture
 from test_migrate_mpi import run as migrate_run
+from test_vulkan_mpi import MISSING
 from spmd.errors import UserError
 from spmd.synth import Shape
 
@@ -40,9 +41,11 @@ def run(model, **kw):
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("backend", ["cpu", "numpy"])
+@pytest.mark.parametrize("backend", ["cpu", "numpy", "vulkan"])
 @pytest.mark.parametrize("name", ["Q8_0 deep", "Q4_K_M"])
 def test_tokens_do_not_change_with_the_memory_limit(models, name, backend):
+    if backend == "vulkan" and (MISSING is not None or name != "Q4_K_M"):  # one model: lavapipe takes its time
+        pytest.skip(f"no Vulkan: {MISSING}" if MISSING else "vulkan runs the Q4_K_M model")
     for ratios in layouts():
         free = run(models[name], ratios=ratios, backend=backend)
         need = [r["memory_need_bytes"] for r in free["ranks"]]
@@ -78,15 +81,18 @@ def test_a_limit_below_a_ranks_smallest_window_is_one_error_everywhere(models):
 
 
 @pytest.mark.mpi
-def test_migrations_under_a_memory_limit_keep_the_tokens(models, socket_path):  # noqa: F811 - the fixture
+@pytest.mark.parametrize("backend", ["cpu", "vulkan"])
+def test_migrations_under_a_memory_limit_keep_the_tokens(models, socket_path, backend):  # noqa: F811 - fixture
     """Live moves (a KV head, FFN blocks, a new layout of a stage per rank) with every rank streaming from the
     start: the new shares are chosen and streamed under the same limits, and the text is the unmigrated run's."""
     if WORLD.size < 2:
         pytest.skip("a move needs two ranks")
+    if backend == "vulkan" and MISSING is not None:
+        pytest.skip(f"no Vulkan: {MISSING}")
     model = models["Q8_0 deep"]
-    free = run(model, steps=16)
+    free = run(model, steps=16, backend=backend)
     stages = "*".join("1" * WORLD.size)
-    final = run(model, steps=16, ratios=stages)
+    final = run(model, steps=16, ratios=stages, backend=backend)
     # room for the moves' shares on the way, short of the first share's need (it streams from the start) unless
     # the last layout's share needs more (a rank in the last stage holds the whole classifier)
     limit = per_rank(max(b["memory_floor_bytes"], min(a["memory_need_bytes"] - 1, 3 * a["memory_floor_bytes"] // 2))
@@ -94,7 +100,7 @@ def test_migrations_under_a_memory_limit_keep_the_tokens(models, socket_path):  
     last = WORLD.size - 1
     schedule = {1: [migrate(1, 0, last, kv=1)], 2: [{"cmd": "status"}], 3: [migrate(2, last, 0, ffn=2)],
                 5: [migrate(ratios=stages)]}
-    _, result, replies = migrate_run(model, socket_path, schedule=schedule, memory_limit=limit)
+    _, result, replies = migrate_run(model, socket_path, schedule=schedule, memory_limit=limit, backend=backend)
     if WORLD.rank == 0:
         assert result["tokens"] == free["tokens"]
         assert all(r["ok"] for r in replies) and result["plan_epoch"] == 3, replies

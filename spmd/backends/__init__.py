@@ -5,11 +5,13 @@
                                          # device: the Vulkan device index on this host (None: 0);
                                          # wrap: an index past the last device wraps around instead of failing
     backend.description                  # e.g. "cpu (numba, 2 threads)", "vulkan (NVIDIA H100 80GB HBM3)"
-    lin = backend.linear(w)              # w: QTensor (rows, cols), ownership passes; may be repacked
+    lin = backend.linear(w, resident)    # w: QTensor (rows, cols), ownership passes; may be repacked;
+                                         # resident=False: a streamed half's (Vulkan: no device memory of its
+                                         # own, see spmd.stream.DeviceWindow)
     lin.rows, lin.cols, lin.nbytes       # nbytes: resident bytes of the weights as kept
-    lin.arrays                           # the arrays its products read (cpu, numpy): spmd.stream moves them
-                                         # to its spill file and back
-    backend.held_bytes(qtype, rows, cols)   # bytes lin.nbytes will be for such a matrix (cpu, numpy)
+    lin.arrays                           # the arrays its products read (cpu, numpy; Vulkan: a streamed one's
+                                         # repacked arrays): spmd.stream moves them to its spill file
+    backend.held_bytes(qtype, rows, cols)   # bytes lin.nbytes will be for such a matrix
     y = lin(x, out=None)                 # x: float32 (n, cols) -> float32 (n, rows) = x @ W.T, into `out` if given
     model = backend.make_model(cfg, weights, share, max_seq, slots)   # spmd.model.Model, or the backend's own
                                          # (Vulkan); sequences of up to max_seq positions in slots 0..slots-1
@@ -33,7 +35,7 @@ class Backend:
         """None: every type spmd.quants keeps, and slices that cut through quant blocks (QTensor.keep)."""
         return None
 
-    def linear(self, w):
+    def linear(self, w, resident=True):
         raise NotImplementedError
 
     def held_bytes(self, qtype, rows, cols):

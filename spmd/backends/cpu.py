@@ -554,7 +554,7 @@ class CpuBackend(Backend):
             numba.set_num_threads(self.threads)
         self.description = f"cpu (numba, {self.threads} thread{'s' * (self.threads != 1)})"
 
-    def linear(self, w: QTensor) -> CpuLinear:
+    def linear(self, w: QTensor, resident=True) -> CpuLinear:
         return CpuLinear(w, self.threads)
 
     def held_bytes(self, qtype, rows, cols) -> int:

@@ -28,5 +28,5 @@ class NumpyBackend(Backend):
     name = "numpy"
     description = "numpy (reference)"
 
-    def linear(self, w: QTensor) -> NumpyLinear:
+    def linear(self, w: QTensor, resident=True) -> NumpyLinear:
         return NumpyLinear(w)

@@ -32,6 +32,7 @@ TYPES = {T.F32: "f32", T.F16: "f16", T.BF16: "bf16", T.Q8_0: "q8_0", T.Q4_0: "q4
          T.Q5_0: "q5m", T.Q5_1: "q5m", T.Q5_K: "q5m", T.Q6_K: "q6"}
 UV = {"f32": 8, "f16": 4, "bf16": 4, "q8_0": 2, "q4_0": 1, "q4m": 1, "q5m": 1, "q6": 1}  # uvec4 per 32-element block
 WORDS = ("q4m", "q5m", "q6")  # repacked with uint32 words per block (_repack_words)
+SCALE_BYTES = {"q4_0": 2, "q8_0": 2, "q4m": 8, "q5m": 12, "q6": 16}  # a block's scales in their own buffer
 # rows, nb, x_stride, x_off, y_stride, y_off, n, groups, bias_off, flags, ss_count, inv_dim, eps
 MATVEC_PUSH = "<11I2f"
 ACCUM, BIAS, NORM, PRODUCE = 1, 2, 4, 8  # flags (kernels/matmul_io.glsl)
@@ -98,8 +99,30 @@ def _repack(w: QTensor):
     return out.view(np.uint8), None
 
 
+def stored_bytes(kind, cols) -> tuple:
+    """(block bytes, scale bytes) of one row of a matrix of `cols` columns as `_repack` stores it for kernels
+    `kind` (TYPES' values)."""
+    nb = pad(cols) // 32
+    return nb * 16 * UV[kind], nb * SCALE_BYTES.get(kind, 0)
+
+
+def chunk_rows(dev, kind, cols) -> int:
+    """Rows of a matrix in one buffer: a buffer's binding stays within maxStorageBufferRange."""
+    block, scale = stored_bytes(kind, cols)
+    return max(1, min(dev.max_range // max(block, 1), dev.max_range // max(scale, 1)))
+
+
+def part_bytes(block, scale) -> int:
+    """What a Part of these bytes holds on the device (Buffer sizes: at least 16 bytes, scales in whole words);
+    0 for an empty matrix (its buffers of 16 bytes, which its dispatches bind, are not weights)."""
+    if block == 0:
+        return 0
+    return max(block, 16) + (max(pad(scale, 4), 16) if scale else 0)
+
+
 class Part:
-    """Rows row0..row0+rows-1 of a matrix in one buffer (and its scales)."""
+    """Rows row0..row0+rows-1 of a matrix in one buffer (and its scales): its own buffers, or (`Part.bound`) byte
+    ranges of a streaming window's slot."""
 
     def __init__(self, dev, row0, blocks, scales):
         self.row0, self.rows = row0, blocks.shape[0]
@@ -109,21 +132,29 @@ class Part:
         if scales is not None:
             self.d = Buffer(dev, pad(scales.nbytes, 4))
             self.d.write(scales)
+        self.owned = True
 
-    @property
-    def nbytes(self):
-        return self.w.nbytes + (self.d.nbytes if self.d is not None else 0)
+    @classmethod
+    def bound(cls, row0, rows, slot, block_at, block_bytes, scale_at=None, scale_bytes=0):
+        part = cls.__new__(cls)
+        part.row0, part.rows, part.owned = row0, rows, False
+        part.w = (slot, block_at, max(block_bytes, 16))
+        part.d = (slot, scale_at, max(pad(scale_bytes, 4), 16)) if scale_at is not None else None
+        return part
 
     def free(self):
-        self.w.free()
-        if self.d is not None:
-            self.d.free()
+        if self.owned:
+            self.w.free()
+            if self.d is not None:
+                self.d.free()
 
 
 class VulkanLinear:
-    """A weight matrix resident in device memory; `__call__` runs one product (kernel tests, one-off uses)."""
+    """A weight matrix in device memory; `__call__` runs one product (kernel tests, one-off uses). Resident, it
+    holds its own buffers; streamed (`resident=False`, spmd.stream.DeviceWindow), it keeps its repacked `arrays`
+    on the host for the window to spill, and `bind` places them in a slot of the window."""
 
-    def __init__(self, backend, w: QTensor):
+    def __init__(self, backend, w: QTensor, resident=True):
         lacks = backend.lacks(w)
         if lacks:
             raise ValueError(f"vulkan backend: lacks {lacks}")
@@ -131,13 +162,27 @@ class VulkanLinear:
         self.qtype, self.type, self.rows, self.cols = w.qtype, TYPES[w.qtype], w.rows, w.width
         self.nb = pad(self.cols) // 32
         blocks, scales = _repack(w)
-        row_bytes = max(blocks.shape[1], 1)
-        scale_bytes = 0 if scales is None else scales.shape[1] * scales.itemsize
-        chunk = max(1, min(self.dev.max_range // row_bytes, self.dev.max_range // max(scale_bytes, 1)))
-        self.parts = [Part(self.dev, r0, blocks[r0:r0 + chunk], None if scales is None else scales[r0:r0 + chunk])
-                      for r0 in range(0, self.rows, chunk)]
-        self.nbytes = sum(p.nbytes for p in self.parts)
+        chunk = chunk_rows(self.dev, self.type, self.cols)
+        pieces = [(r0, blocks[r0:r0 + chunk], None if scales is None else scales[r0:r0 + chunk])
+                  for r0 in range(0, self.rows, chunk)]
+        self.nbytes = sum(part_bytes(b.nbytes, 0 if d is None else d.nbytes) for _, b, d in pieces)
+        self.parts, self.arrays, self.offsets = [], None, None
+        if resident:
+            self.parts = [Part(self.dev, r0, b, d) for r0, b, d in pieces]
+        else:
+            self.arrays = tuple(a for _, b, d in pieces for a in (b, d) if a is not None)
         self._io = None  # (n, x buffer, y buffer, recording) of the last call
+
+    def bind(self, slot, offsets):
+        """Streamed: the arrays live in `slot` at `offsets` (one per array, in `arrays`' order) from now on."""
+        self.offsets = list(offsets)
+        arrays, self.parts = iter(zip(self.arrays, self.offsets)), []
+        chunk = chunk_rows(self.dev, self.type, self.cols)
+        for r0 in range(0, self.rows, chunk):
+            block, at = next(arrays)
+            scale, scale_at = next(arrays) if self.type in SCALE_BYTES else (None, None)
+            self.parts.append(Part.bound(r0, block.shape[0], slot, at, block.nbytes, scale_at,
+                                         0 if scale is None else scale.nbytes))
 
     def dispatch(self, rec, x, x_stride, x_off, y, y_stride, y_off, n, pair=None, bias=None, bias_off=0,
                  accum=False, norm=None, produce=None):
@@ -232,8 +277,16 @@ class VulkanBackend(Backend):
         self.attention_wg = env_tuple("SPMD_VK_ATTENTION", (16,) if self.dev.is_cpu else (256,))[0]
         self.dummy = Buffer(self.dev, 64)
 
-    def linear(self, w: QTensor) -> VulkanLinear:
-        return VulkanLinear(self, w)
+    def linear(self, w: QTensor, resident=True) -> VulkanLinear:
+        return VulkanLinear(self, w, resident)
+
+    def held_bytes(self, qtype, rows, cols):
+        """What a VulkanLinear of a (rows, cols) matrix of `qtype` holds on the device (a type without a kernel:
+        as F32)."""
+        kind = TYPES.get(qtype, "f32")
+        block, scale = stored_bytes(kind, cols)
+        chunk = chunk_rows(self.dev, kind, cols)
+        return sum(part_bytes(block * n, scale * n) for n in (min(chunk, rows - r0) for r0 in range(0, rows, chunk)))
 
     def device_memory_bytes(self):
         """The device's main memory heap, less what this process holds there (None for lavapipe: host memory)."""

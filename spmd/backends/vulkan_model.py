@@ -31,9 +31,10 @@ first layer's xg with the input); the stage's last w2 writes xg only for the hea
 
 With one rank in the stage (allreduce None) the whole pass is one command buffer, one submit per step. With
 several, each half-layer ends by writing its partial sum to host memory (`delta`); the host allreduces it in place
-and the next command buffer starts with x += delta. Decode steps (one token of each of up to KEPT_ROWS sequences)
-keep their command buffers, recorded once per (multi-rank, head, rows); any other pass (a prompt, or prompts and
-decode tokens mixed) records a one-off set.
+and the next command buffer starts with x += delta. With weights streamed (--memory-limit, spmd.stream's
+DeviceWindow) each half-layer is a command buffer too, run while the window holds its matrices in their slot.
+Decode steps (one token of each of up to KEPT_ROWS sequences) keep their command buffers, recorded once per
+(multi-rank, head, rows); any other pass (a prompt, or prompts and decode tokens mixed) records a one-off set.
 """
 import struct
 
@@ -110,6 +111,7 @@ class VulkanModel:
         self.backend, self.dev = backend, backend.dev
         self.cfg, self.w, self.share, self.max_seq, self.n_slots = cfg, weights, share, max_seq, slots
         hd, layers = cfg.head_dim, share.layer_ids
+        self.schedule = stage_schedule(layers)
         self.nh, self.nkv, self.nf, self.nv = share.n_heads, share.n_kv, share.n_ffn, share.n_vocab
         if hd % 4:
             raise UserError(f"vulkan backend: head size {hd} is not a multiple of 4; use --backend cpu")
@@ -175,20 +177,22 @@ class VulkanModel:
 
     # ---- recording --------------------------------------------------------------------------------------------
     def _record(self, a, multi, head, scored, timestamps=False):
-        """The command buffers of one pass over a's n rows: one, or one per half-layer plus the end. scored: the
-        rows the head turns into logits (ascending)."""
+        """The command buffers of one pass over a's n rows: one, or (several ranks in the stage, or weights
+        streamed) one per half-layer, the i-th running the stage's i-th half, plus the end. scored: the rows the
+        head turns into logits (ascending)."""
         profile = timestamps and self.profile
         recs = [Recording(self.dev, timestamps, profile)]
         if a.io is not a.x:
             self.dev.copy(recs[0], a.io, a.x, a.x.nbytes)
             recs[0].barrier()
         halves = {"attention": self._attention_half, "ffn": self._ffn_half}
-        for layer, half in stage_schedule(self.share.layer_ids):
+        for layer, half in self.schedule:
             halves[half](recs[-1], layer, a, multi)
-            if multi:
-                recs[-1].barrier(to_host=True)
+            if multi or self.w.window is not None:
+                recs[-1].barrier(to_host=multi)
                 recs[-1].end()
                 recs.append(Recording(self.dev, timestamps, profile))
+            if multi:
                 recs[-1].dispatch(self._add, [(a.x, 0, a.x.nbytes), (a.delta, 0, a.delta.nbytes)],
                                   struct.pack("<I", a.n * self.dp), (-(-a.n * self.dp // 256), 1, 1))
                 recs[-1].barrier()
@@ -322,9 +326,14 @@ class VulkanModel:
             self._put_input(acts, x)
             self._put_rows(acts, segments)
             delta = acts.delta.array(np.float32, (n, self.dp))
+            schedule = self.schedule if len(recs) > 1 else []
             for i, rec in enumerate(recs):
-                rec.run()
-                if i < len(recs) - 1:
+                if i < len(schedule):
+                    with self.w.hold(*schedule[i]):  # a streamed half: in its slot of the window while it runs
+                        rec.run()
+                else:
+                    rec.run()
+                if multi and i < len(recs) - 1:
                     self._allreduce(allreduce, delta)
             times = [rec.gpu_seconds() for rec in recs]
             self.gpu_s = sum(times) if None not in times else None
@@ -409,7 +418,10 @@ class VulkanModel:
                 caches[li].write(np.ascontiguousarray(src, np.float32), offset=self._head_offset(slot, at))
 
     def close(self):
-        """Free the device memory of this model and of its weights (called when a model is replaced)."""
+        """Free the device memory of this model and of its weights (called when a model is replaced); a weight
+        window stops its loader first."""
+        if self.w.window is not None:
+            self.w.window.close()
         for acts, recs in self._decode.values():
             for rec in recs:
                 rec.free()
