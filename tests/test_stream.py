@@ -199,12 +199,15 @@ def test_vulkan_held_bytes_is_what_a_linear_holds(qtype, rows, cols):
     lin.free()
 
 
-def test_device_window_runs_each_streamed_half_from_its_slot(tmp_path):
+@pytest.mark.parametrize("direct", [True, False], ids=["mapped", "staged"])
+def test_device_window_runs_each_streamed_half_from_its_slot(tmp_path, monkeypatch, direct):
     """Five halves of Vulkan linears (K-quants with their word scales, Q8_0, F32) streamed through two slots (the
     fifth wraps round onto the first's slot): every product equals the resident linear's, bit for bit, over three
-    cycles and out of turn; the slots are the window's only device memory for them."""
+    cycles and out of turn; the slots are the window's only device memory for them. Staged: as on a GPU whose
+    memory the host cannot map (lavapipe's can), the compute thread copies each half in through a staging buffer."""
     from test_backends import random_qtensor
     backend = vulkan_backend()
+    monkeypatch.setattr(backend.dev, "direct", direct if backend.dev.direct else False)
     rng = np.random.default_rng(4)
     types = [T.Q4_K, T.Q8_0, T.F32, T.Q6_K, T.Q5_0]
     tensors = {(i, "ffn"): [random_qtensor(q, r, 256, rng) for r in (40, 24)] for i, q in enumerate(types)}
@@ -224,6 +227,7 @@ def test_device_window_runs_each_streamed_half_from_its_slot(tmp_path):
     used = backend.dev.heap_used[:]
     w.start(2 * w.largest + 4096)
     assert len(w.slots) == 2 and sum(backend.dev.heap_used) - sum(used) == sum(s.size for s in w.slots)
+    assert all((s.view is not None) == backend.dev.direct for s in w.slots)
     for k in 3 * list(tensors) + [(3, "ffn"), (0, "ffn"), (0, "ffn"), (4, "ffn")]:
         with w.hold(k):
             assert all(same(lin(x), e) for lin, e in zip(halves[k], expected[k])), k
