@@ -3,7 +3,7 @@ model of TinyLlama-1.1B's shape (one rank), beside the two bounds a streamed tok
 on the same file under the same memory cap.
 
     python scripts/bench_window.py [--qtype Q4_0] [--steps 16] [--fractions 1,0.75,0.5,0.25,0] [--threads N]
-                                   [--model FILE] [--json out.json]
+                                   [--model FILE] [--backend cpu|vulkan] [--json out.json]
 
 Each run is capped by a memory cgroup the kernel enforces (scripts/memory_cap.py) of the limit plus the runtime's
 own RUNTIME, page cache included, as on a machine with that much memory: the spill file's pages then cannot all
@@ -14,6 +14,11 @@ The bounds per row: compute + sync (the all-resident run's ms per token) and dis
 token over the disk's read speed, measured on the model file with its cached pages dropped first). The target is a
 streamed token within 1.2x of the larger. llama.cpp (native llama-bench, scripts/build_llama_cpp.sh) maps the
 file and leaves the rest to the page cache: under a cap below the model it reads evicted pages again and again.
+
+With --backend vulkan the limit is the GPU's: nothing is capped on the host (its page cache holds the spill file),
+the second bound is the streamed bytes over the host's write speed into device memory (measured), and the peer is
+llama.cpp with a GPU build ($LLAMA_BENCH) offloading as large a share of the layers to the GPU as spmd keeps
+resident there (`-ngl`), the rest on the CPU's threads: what llama.cpp does with a model larger than a GPU.
 """
 import json
 import os
@@ -65,9 +70,27 @@ def capped(limit):
         return None
 
 
-def run_spmd(model, steps, prompt, threads, limit=None, cap=None):
+def device_write_speed(size=256 * MIB):
+    """Bytes/s the host writes into Vulkan device memory from host memory (the spill file's cached pages into a
+    window slot): a streamed half's cost on a GPU when the page cache holds the spill file."""
+    import numpy as np
+
+    from spmd.backends import get_backend
+    from spmd.backends.vk_runtime import Buffer
+    dev = get_backend("vulkan").dev
+    src, dst = np.random.default_rng(0).integers(0, 255, size, np.uint8), Buffer(dev, size)
+    dst.write(src)
+    t = time.perf_counter()
+    for _ in range(3):
+        dst.write(src)
+    speed = 3 * size / (time.perf_counter() - t)
+    dst.free()
+    return speed
+
+
+def run_spmd(model, steps, prompt, threads, limit=None, cap=None, backend="cpu"):
     cmd = [sys.executable, "-m", "spmd.run", "--model", str(model), "--steps", str(steps), "--output", "json",
-           "--prompt-ids", ",".join(map(str, prompt)), "--threads", str(threads)]
+           "--prompt-ids", ",".join(map(str, prompt)), "--threads", str(threads), "--backend", backend]
     if limit is not None:
         cmd += ["--memory-limit", str(limit)]
     drop_cached(model)
@@ -77,10 +100,13 @@ def run_spmd(model, steps, prompt, threads, limit=None, cap=None):
     return json.loads(p.stdout)
 
 
-def run_llama(binary, model, steps, threads, cap=None, repack=True):
-    """llama-bench's decode tok/s (one repeat: a capped run can take long), or None where it failed (killed)."""
+def run_llama(binary, model, steps, threads, cap=None, repack=True, gpu_layers=None):
+    """llama-bench's decode tok/s (one repeat: a capped run can take long), or None where it failed (killed).
+    gpu_layers: a GPU build's -ngl."""
     cmd = [binary, "-m", str(model), "-p", "0", "-n", str(steps), "-t", str(threads), "-r", "1", "-o", "json",
            "--repack", str(int(repack))]
+    if gpu_layers is not None:
+        cmd += ["-ngl", str(gpu_layers)]
     drop_cached(model)
     p = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=cap.enter if cap else None)
     if p.returncode != 0:
@@ -91,6 +117,7 @@ def run_llama(binary, model, steps, threads, cap=None, repack=True):
 def main():
     import click
 
+    from spmd.gguf_file import GGUFFile
     from spmd.synth import FILE_TYPES, TINYLLAMA
 
     @click.command()
@@ -100,28 +127,42 @@ def main():
                   help="Limits as fractions of the way from the smallest window (0) to everything resident (1).")
     @click.option("--threads", default=os.cpu_count(), show_default=True)
     @click.option("--model", default=None, help="Use this GGUF instead of writing a random TinyLlama-shaped one.")
+    @click.option("--backend", default="cpu", type=click.Choice(["cpu", "vulkan"]), show_default=True)
     @click.option("--json", "json_out", default=None)
-    def cli(qtype, steps, fractions, threads, model, json_out):
+    def cli(qtype, steps, fractions, threads, model, backend, json_out):
         tmp = None
         if model is None:
             tmp = tempfile.mkdtemp(prefix="spmd-bench-")
             model = os.path.join(tmp, f"tinyllama-random-{qtype}.gguf")
             write_random_model(model, TINYLLAMA, qtype)
         prompt = random_prompt(8)
-        disk = disk_read_speed(tempfile.gettempdir())
-        print(f"disk read speed: {disk / 1e9:.2f} GB/s ({tempfile.gettempdir()})", flush=True)
-        free = run_spmd(model, steps, prompt, threads)
+        gpu = backend == "vulkan"
+        if gpu:
+            disk = device_write_speed()
+            print(f"host to device write speed: {disk / 1e9:.2f} GB/s", flush=True)
+        else:
+            disk = disk_read_speed(tempfile.gettempdir())
+            print(f"disk read speed: {disk / 1e9:.2f} GB/s ({tempfile.gettempdir()})", flush=True)
+        free = run_spmd(model, steps, prompt, threads, backend=backend)
         need, floor = free["ranks"][0]["memory_need_bytes"], free["ranks"][0]["memory_floor_bytes"]
         compute_ms = free["ms_per_token"]
         binary = llama_bench()
+        n_layers = len({name.split(".")[1] for name in GGUFFile(model).tensors if name.startswith("blk.")})
         rows = []
         for fraction in (float(f) for f in fractions.split(",")):
             limit = int(floor + fraction * (need - floor))
-            cap = capped(limit)
+            cap = None if gpu else capped(limit)
             try:
-                r = run_spmd(model, steps, prompt, threads, limit, cap)
-                peer = run_llama(binary, model, steps, threads, cap) if binary else None
-                plain = run_llama(binary, model, steps, threads, cap, repack=False) if binary else None
+                r = run_spmd(model, steps, prompt, threads, limit, cap, backend)
+                if gpu:  # llama.cpp with the same share of the weights on the GPU, the rest on the CPU
+                    x = r["ranks"][0]
+                    share = x["resident_weights_bytes"] / x["weights_bytes"]
+                    peer = run_llama(binary, model, steps, threads, gpu_layers=round(share * n_layers)) \
+                        if binary else None
+                    plain = None
+                else:
+                    peer = run_llama(binary, model, steps, threads, cap) if binary else None
+                    plain = run_llama(binary, model, steps, threads, cap, repack=False) if binary else None
             finally:
                 if cap:
                     cap.remove()
@@ -138,21 +179,23 @@ def main():
                              llama_cpp_tokens_per_s=peer, llama_cpp_no_repack_tokens_per_s=plain,
                              same_tokens=r["tokens"] == free["tokens"]))
             print(json.dumps(rows[-1]), flush=True)
-        print(f"\nspmd 1 rank x {threads} threads, {Path(model).name}; all resident: {compute_ms:.1f} ms/token; "
-              f"disk {disk / 1e9:.2f} GB/s; cap = limit + {RUNTIME // MIB} MiB"
-              + ("" if all(r["capped"] for r in rows) else " (NOT capped: no cgroup)"))
-        print("| limit MiB | resident MiB | streamed MiB/token | window MiB | tok/s | ms/token | waited ms | disk ms | "
-              "bound ms | ms / bound | peak RSS MiB | llama.cpp tok/s | its --repack 0 | spmd / best llama.cpp | "
+        where = "the GPU's memory; host to device" if gpu else f"cap = limit + {RUNTIME // MIB} MiB; disk"
+        print(f"\nspmd 1 rank ({backend}) x {threads} threads, {Path(model).name}; all resident: {compute_ms:.1f} "
+              f"ms/token; limit on {where} {disk / 1e9:.2f} GB/s"
+              + ("" if gpu or all(r["capped"] for r in rows) else " (NOT capped: no cgroup)"))
+        print(f"| limit MiB | resident MiB | streamed MiB/token | window MiB | tok/s | ms/token | waited ms | "
+              f"{'copy' if gpu else 'disk'} ms | bound ms | ms / bound | peak RSS MiB | llama.cpp tok/s"
+              f"{' (-ngl: the same share on the GPU)' if gpu else ''} | its --repack 0 | spmd / best llama.cpp | "
               "same tokens |")
         print("|" + "---|" * 15)
-        shown = lambda v: "killed" if v is None and binary else "-" if v is None else f"{v:.2f}"  # noqa: E731
+        shown = lambda v: "-" if v is None and (gpu or not binary) else "killed" if v is None else f"{v:.2f}"  # noqa
         for r in rows:
             peers = [v for v in (r["llama_cpp_tokens_per_s"], r["llama_cpp_no_repack_tokens_per_s"]) if v]
             print(f"| {r['limit_mib']:.0f} | {r['resident_mib']:.0f} | {r['streamed_mib']:.0f} | "
                   f"{r['window_mib']:.0f} | {r['decode_tokens_per_s']:.2f} | {r['ms_per_token']:.1f} | "
                   f"{r['wait_ms']:.1f} | {r['disk_ms']:.1f} | {r['bound_ms']:.1f} | {r['ratio']:.2f} | "
                   f"{r['peak_rss_mib']:.0f} | {shown(r['llama_cpp_tokens_per_s'])} | "
-                  f"{shown(r['llama_cpp_no_repack_tokens_per_s'])} | "
+                  f"{'-' if gpu else shown(r['llama_cpp_no_repack_tokens_per_s'])} | "
                   f"{r['decode_tokens_per_s'] / max(peers) if peers else float('nan'):.2f} | {r['same_tokens']} |")
         if json_out:
             Path(json_out).write_text(json.dumps(dict(model=str(model), disk_bytes_per_s=disk,
