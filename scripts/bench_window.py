@@ -36,23 +36,6 @@ MIB = 1 << 20
 RUNTIME = 256 * MIB  # what a rank takes beyond --memory-limit (interpreter, libraries, compiled kernels): ~195 MiB
 
 
-def disk_read_speed(folder, size=512 * MIB, block=16 * MIB):
-    """Bytes/s reading back `size` bytes written to a file in `folder` (where the spill files go) once they are
-    on the disk and out of the page cache: what a streamed half costs when the cache does not hold it. (On a
-    virtual machine the host's own cache may serve it: the same holds for the spill file.)"""
-    with tempfile.TemporaryFile(dir=folder) as f:
-        chunk = os.urandom(block)
-        for _ in range(size // block):
-            f.write(chunk)
-        f.flush()
-        os.fsync(f.fileno())
-        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)  # needs no root
-        buf, done, t = bytearray(block), 0, time.perf_counter()
-        while (n := os.preadv(f.fileno(), [buf], done)) > 0:
-            done += n
-        return done / (time.perf_counter() - t)
-
-
 def drop_cached(path):
     """Take `path`'s pages out of the page cache (those no process maps): read again, they are charged to the
     reader's cgroup (pages cached before, charged elsewhere, would escape its cap)."""
@@ -118,6 +101,7 @@ def main():
     import click
 
     from spmd.gguf_file import GGUFFile
+    from spmd.stream import disk_read_speed
     from spmd.synth import FILE_TYPES, TINYLLAMA
 
     @click.command()
@@ -141,7 +125,7 @@ def main():
             disk = device_write_speed()
             print(f"host to device write speed: {disk / 1e9:.2f} GB/s", flush=True)
         else:
-            disk = disk_read_speed(tempfile.gettempdir())
+            disk = disk_read_speed(tempfile.gettempdir(), 512 * MIB)
             print(f"disk read speed: {disk / 1e9:.2f} GB/s ({tempfile.gettempdir()})", flush=True)
         free = run_spmd(model, steps, prompt, threads, backend=backend)
         need, floor = free["ranks"][0]["memory_need_bytes"], free["ranks"][0]["memory_floor_bytes"]

@@ -52,6 +52,7 @@ class RankInfo:
     memory_bytes: int  # the host's available memory, or None
     device_memory_bytes: int  # a Vulkan rank's GPU memory, or None
     compute: tuple  # Compute points, rows ascending, rows 1 first
+    disk_bytes_per_s: float = None  # reading its spill folder (weight streaming), or None (an older profile)
 
     def at(self, rows: int) -> Compute:
         """The compute point at `rows` rows, interpolated (see the module docstring)."""
@@ -83,10 +84,17 @@ class Profile:
     def link_ms(self, i, j, n_bytes) -> float:
         return self.latency_ms[i][j] + n_bytes / self.bandwidth[i][j] * 1e3
 
+    @cached_property
+    def streaming(self) -> dict:
+        """{rank: its --memory-limit} of the ranks that may go over it and stream weights from disk (their disk
+        speed is known): soft limits, which the planner costs instead of refusing."""
+        return {r: limit for r, limit in enumerate(self.memory_limits)
+                if limit is not None and self.ranks[r].disk_bytes_per_s is not None}
+
     @cached_property  # derived once (written to the instance's __dict__, which frozen allows)
     def limits(self) -> list:
         """(ranks, bytes available to them together, what) for each host that reports its memory, each device and
-        each rank with a --memory-limit."""
+        each rank with a --memory-limit that cannot stream (see `streaming`)."""
         hosts = {}
         for r in self.ranks:
             hosts.setdefault(r.host, []).append(r)
@@ -99,7 +107,7 @@ class Profile:
         out += [((r.rank,), r.device_memory_bytes, f"rank {r.rank}'s device") for r in self.ranks
                 if r.device_memory_bytes is not None]
         return out + [((r,), limit, f"rank {r}'s --memory-limit") for r, limit in enumerate(self.memory_limits)
-                      if limit is not None]
+                      if limit is not None and r not in self.streaming]
 
 
 def _shown(v) -> str:
@@ -200,7 +208,9 @@ def _rank(rd, ranks, i):
     return RankInfo(i, rd.text(r, "host", f"{name}.host"), rd.text(r, "backend", f"{name}.backend"),
                     rd.whole(r, "threads", f"{name}.threads"),
                     rd.whole(r, "memory_bytes", f"{name}.memory_bytes", null=True),
-                    rd.whole(r, "device_memory_bytes", f"{name}.device_memory_bytes", null=True), compute)
+                    rd.whole(r, "device_memory_bytes", f"{name}.device_memory_bytes", null=True), compute,
+                    None if r.get("disk_bytes_per_s") is None else rd.real(r, "disk_bytes_per_s",
+                                                                           f"{name}.disk_bytes_per_s", True))
 
 
 def load_profile(source) -> Profile:

@@ -21,6 +21,11 @@ B = b * dim * 4 bytes (one f32 row per batch row); link(i, j, x) = latency_ms[i]
     memory_r = n_s * (layer + k_r * kv_group + f_r * ffn_block + k_r * kv_bytes_per_position * context * K)
                + v_r * vocab_row; an idle rank holds nothing. The ranks of a host must fit together in its
                memory_bytes (the smallest reported there); a rank with device_memory_bytes must fit in it too.
+    A rank with a --memory-limit L_r (the run's, Profile.memory_limits) fits within it, unless the profile has
+    its disk read speed d_r (`Profile.streaming`): then it may go over and stream, each token,
+        streamed_r = memory_r - L_r + half_r   (half_r = layer / 2 + max(k_r * kv_group, f_r * ffn_block))
+    which must leave memory_r - n_s * (layer + k_r * kv_group + f_r * ffn_block) + half_r within L_r, and
+        t_s = max(the t_s above, max over its streaming ranks of streamed_r / d_r)   (the loader reads ahead).
 
 The search (`plan`): every grouping of ranks 1..n-1 into {idle, joins the current stage, starts a new stage}
 (3^(n-1): exhaustive up to EXHAUSTIVE ranks, 6561 groupings, a few seconds; beyond, 3^(n-1) takes minutes, so
@@ -28,15 +33,17 @@ only the j slowest ranks are tried idle, j = 0..n-1, each with every 2^(n'-1) gr
 misses a layout that idles a fast rank, say one behind a slow link). Inside a stage each rank's ratio is its speed,
 1 / its time for a whole layer's units at b rows, the stage's slowest 1, rounded to 3 significant digits; the
 rounded text is what is evaluated. Given the grouping and ratios, t_s is affine in n_s (a_s * n_s + c_s) and each
-rank's memory in its stage's n_s, so the layer split is exact: with T a bound on every t_s and f(T) the least
-sum_s t_s under it and the memory limits (one layer each, the rest to the smallest a_s first; where one host's
-ranks sit in several stages, a dynamic programme over the stages instead), the cycle of that split is at most
+rank's memory in its stage's n_s (with streaming ranks t_s is convex in n_s: affine, then the steeper disk time),
+so the layer split is exact: with T a bound on every t_s and f(T) the least sum_s t_s under it and the memory
+limits (one layer each, then each next layer where it adds least; where one host's ranks sit in several stages, a
+dynamic programme over the stages instead), the cycle of that split is at most
 max(f(T), m * T) + m * step, and the least of that over T (at the first T with m * T >= f(T), or the one before)
 is the optimum. Every stage is pinned with @N. A stage's units come from make_plan of its ratios, once per stage;
 a grouping's value comes from the cost functions above, and each one that may beat the best so far is `predict`ed
 from its text. The latency objective plans one sequence (K = 1, whatever `sequences` says); throughput, K =
 `sequences`. Ties: fewer working ranks, then fewer stages, then the smaller text.
 """
+import heapq
 import json
 import math
 import sys
@@ -74,6 +81,7 @@ class Prediction:
     idle: tuple  # ranks given a ratio of 0
     sequences: int  # K the prediction is for
     context: int  # positions per sequence the KV caches hold
+    streamed_bytes: tuple = ()  # per rank, weights streamed from disk per token (over a --memory-limit)
 
 
 class _Work(NamedTuple):
@@ -138,6 +146,49 @@ def _memory_terms(prof, work, sequences, context) -> list:
             for r, (k, f, v) in enumerate(work.units)]
 
 
+def _stream_terms(prof, work) -> dict:
+    """{rank: (its --memory-limit, its weights per layer, a window of its largest half-layer, disk bytes/s)} of
+    the working ranks that may stream (Profile.streaming)."""
+    m, working = prof.model, {r for ranks in work.stages for r in ranks}
+    out = {}
+    for r, limit in prof.streaming.items():
+        if r in working:
+            k, f, _ = work.units[r]
+            out[r] = (limit, m.layer_bytes + k * m.kv_group_bytes + f * m.ffn_block_bytes,
+                      m.layer_bytes // 2 + max(k * m.kv_group_bytes, f * m.ffn_block_bytes),
+                      prof.ranks[r].disk_bytes_per_s)
+    return out
+
+
+def _streamed_bytes(need, n, term):
+    """Weights a rank holding `need` bytes (n layers of its stage) streams per token under its limit (`term`,
+    from _stream_terms): 0 within it, else what is over plus a window of one half; None where not even the rest
+    and that window fit."""
+    limit, per_layer, half, _ = term
+    if need <= limit:
+        return 0
+    if need - per_layer * n + half > limit:
+        return None
+    return need - limit + half
+
+
+def _stage_table(term, cap, n_most, ranks, mem, stream) -> list:
+    """t_s for n_s = 1, 2, ... while it fits (cap, n_most, every streaming rank's limit): a_s * n + c_s, or,
+    where a rank streams, its disk time for the streamed bytes if longer (the loader reads while the stage
+    computes). Convex and rising in n."""
+    (a, c), out = term, []
+    for n in range(1, min(cap, n_most) + 1):
+        t = a * n + c
+        for r in ranks:
+            if r in stream:
+                streamed = _streamed_bytes(mem[r][0] * n + mem[r][1], n, stream[r])
+                if streamed is None:
+                    return out
+                t = max(t, streamed / stream[r][3] * 1e3)
+        out.append(t)
+    return out
+
+
 def _cycle_ms(stage_ms, sequences, step_ms) -> float:
     """One cycle, in which every sequence in flight advances one token."""
     m = min(sequences, len(stage_ms))
@@ -176,16 +227,29 @@ def predict(profile, text, sequences=1, context=None, allreduce="star") -> Predi
     context = _check_run(prof, sequences, context, allreduce)
     work = _work_of(make_plan(parse_layout(text, len(prof.ranks)), prof.model))
     terms = _stage_terms(prof, work, _rows(sequences, len(work.stages)), allreduce)
-    stage_ms = tuple(a * n + c for (a, c), n in zip(terms, work.layers))
-    cycle = _cycle_ms(stage_ms, sequences, _step_ms(prof))
+    stage_ms = [a * n + c for (a, c), n in zip(terms, work.layers)]
     n_layers = {r: n for ranks, n in zip(work.stages, work.layers) for r in ranks}
     memory = tuple(per * n_layers.get(r, 0) + fixed
                    for r, (per, fixed) in enumerate(_memory_terms(prof, work, sequences, context)))
     short = [f"{what} would need {_size(need)}, {_size(need - room)} more than its {_size(room)}"
              for ranks, room, what in prof.limits if (need := sum(memory[r] for r in ranks)) > room]
-    return Prediction(text, cycle, sequences / cycle * 1000 if cycle > 0 else math.inf, stage_ms, work.stages,
-                      work.layers, memory, not short, short[0] if short else "",
-                      tuple(r for r in range(len(prof.ranks)) if r not in n_layers), sequences, context)
+    streamed = [0] * len(prof.ranks)
+    for s, ranks in enumerate(work.stages):
+        for r, term in _stream_terms(prof, work).items():
+            if r in ranks:
+                streamed[r] = _streamed_bytes(memory[r], n_layers[r], term)
+                if streamed[r] is None:
+                    limit, per_layer, half, _ = term
+                    floor = memory[r] - per_layer * n_layers[r] + half
+                    short.append(f"rank {r}'s --memory-limit of {_size(limit)} is below what it keeps beside its "
+                                 f"weights and a window of half a layer, {_size(floor)}")
+                    streamed[r] = 0
+                stage_ms[s] = max(stage_ms[s], streamed[r] / term[3] * 1e3)
+    cycle = _cycle_ms(stage_ms, sequences, _step_ms(prof))
+    return Prediction(text, cycle, sequences / cycle * 1000 if cycle > 0 else math.inf, tuple(stage_ms),
+                      work.stages, work.layers, memory, not short, short[0] if short else "",
+                      tuple(r for r in range(len(prof.ranks)) if r not in n_layers), sequences, context,
+                      tuple(streamed))
 
 
 def allreduce_ms(profile, ranks, rows, kind="star") -> float:
@@ -322,11 +386,18 @@ class _Search:
             return None
         work = _Work(tuple(tuple(r for r, w in g if w) for g in groups), None, sum(units, ()))
         terms = _stage_terms(self.prof, work, rows, self.allreduce, self.stage_cost)
-        bounds = _memory_bounds(self.prof, work, _memory_terms(self.prof, work, k, self.context), n_layers)
-        counts = bounds and _layer_split(terms, n_layers, k, *bounds)
+        mem = _memory_terms(self.prof, work, k, self.context)
+        bounds = _memory_bounds(self.prof, work, mem, n_layers)
+        if bounds is None:
+            return None
+        caps, coupled = bounds
+        stream = _stream_terms(self.prof, work)
+        tables = [_stage_table(term, cap, n_layers - len(terms) + 1, ranks, mem, stream)
+                  for term, cap, ranks in zip(terms, caps, work.stages)]
+        counts = _layer_split(tables, n_layers, k, coupled)
         if not counts:
             return None
-        ms = _cycle_ms([a * n + c for (a, c), n in zip(terms, counts)], k, self.step_ms)
+        ms = _cycle_ms([table[n - 1] for table, n in zip(tables, counts)], k, self.step_ms)
         return ms, _layout_text(groups, ratios, counts)
 
 
@@ -352,27 +423,34 @@ def _memory_bounds(prof, work, mem, n_layers):
     return caps, coupled
 
 
-def _least_sum(a, order, hi, n_layers, coupled):
-    """Layer counts (each 1..hi_s, summing to n_layers, within the coupled limits) of least sum_s a_s * n_s;
-    `order`: the stages by a_s."""
-    if not coupled:  # one each, the rest to the cheapest stages first
-        counts, rest = [1] * len(a), n_layers - len(a)
-        for s in order:
-            give = min(rest, hi[s] - 1)
-            counts[s], rest = counts[s] + give, rest - give
-        return counts if rest == 0 else None
+def _least_sum(ms, hi, n_layers, coupled):
+    """Layer counts (each 1..hi_s, summing to n_layers, within the coupled limits) of least sum_s t_s(n_s), with
+    t_s(n) = ms[s][n - 1] convex in n (affine, or affine then steeper where a rank streams)."""
+    if not coupled:  # one each, then each next layer where it adds least (ties: the lower stage)
+        counts, rest = [1] * len(ms), n_layers - len(ms)
+        step = lambda s: (float(f"{ms[s][counts[s]] - ms[s][counts[s] - 1]:.12g}"), s)  # noqa: E731 - rounding noise
+        heap = [step(s) for s in range(len(ms)) if hi[s] > 1]
+        heapq.heapify(heap)
+        for _ in range(rest):
+            if not heap:
+                return None
+            _, s = heapq.heappop(heap)
+            counts[s] += 1
+            if counts[s] < hi[s]:
+                heapq.heappush(heap, step(s))
+        return counts
     last = [max(s for s, w in enumerate(per) if w) for per, _ in coupled]
     states = {(0, (0,) * len(coupled)): (0.0, ())}  # (layers so far, bytes so far per limit) -> (cost, counts)
-    for s in range(len(a)):
+    for s in range(len(ms)):
         grown = {}
         for (used, held), (cost, counts) in states.items():
-            for n in range(1, min(hi[s], n_layers - used - (len(a) - 1 - s)) + 1):
+            for n in range(1, min(hi[s], n_layers - used - (len(ms) - 1 - s)) + 1):
                 now = tuple(h + per[s] * n for h, (per, _) in zip(held, coupled))
                 if any(h > room for h, (_, room) in zip(now, coupled)):
                     break
                 key = (used + n, tuple(0 if last[i] <= s else h for i, h in enumerate(now)))  # settled: forget
-                if key not in grown or cost + a[s] * n < grown[key][0]:
-                    grown[key] = (cost + a[s] * n, counts + (n,))
+                if key not in grown or cost + ms[s][n - 1] < grown[key][0]:
+                    grown[key] = (cost + ms[s][n - 1], counts + (n,))
         states = _pareto(grown)
     done = [v for (used, _), v in states.items() if used == n_layers]
     return list(min(done)[1]) if done else None
@@ -389,21 +467,16 @@ def _pareto(states) -> dict:
     return out
 
 
-def _layer_split(terms, n_layers, sequences, caps, coupled):
-    """The layer counts of least cycle, or None when no split fits. With T a bound on every t_s and f(T) the
-    least sum_s t_s under it, the cycle is at most max(f(T), m * T) (+ m * step), and the least of that over T is
-    the optimum; f falls and m * T grows with T, so the least is at the first T where m * T >= f(T) or the one
-    before it."""
-    a = [t[0] for t in terms]
-    order = sorted(range(len(a)), key=lambda s: (a[s], s))
-    ms = [[a_s * n + c_s for n in range(1, min(cap, n_layers - len(a) + 1) + 1)]  # t_s for each n_s that fits
-          for (a_s, c_s), cap in zip(terms, caps)]
-
+def _layer_split(ms, n_layers, sequences, coupled):
+    """The layer counts of least cycle, or None when no split fits; ms[s][n - 1]: t_s with n layers, for each n
+    that fits (_stage_table). With T a bound on every t_s and f(T) the least sum_s t_s under it, the cycle is at
+    most max(f(T), m * T) (+ m * step), and the least of that over T is the optimum; f falls and m * T grows with
+    T, so the least is at the first T where m * T >= f(T) or the one before it."""
     def under(bound):  # (least sum_s t_s with every t_s <= bound, the counts), or (inf, None)
         hi = [bisect_right(v, bound) for v in ms]
-        counts = (_least_sum(a, order, hi, n_layers, coupled) if min(hi) >= 1 and sum(hi) >= n_layers else None)
+        counts = (_least_sum(ms, hi, n_layers, coupled) if min(hi) >= 1 and sum(hi) >= n_layers else None)
         return (math.inf, None) if counts is None else (sum(v[n - 1] for v, n in zip(ms, counts)), counts)
-    m = min(sequences, len(a))
+    m = min(sequences, len(ms))
     if m == 1:  # the cycle is the sum
         return under(math.inf)[1]
     bounds = sorted({t for v in ms for t in v})
@@ -480,9 +553,10 @@ def plan(profile, objective="latency", sequences=1, context=None, shape="any", a
 
 
 def plan_within_limits(profile, limits, objective="latency", sequences=1, context=None, allreduce="star"):
-    """(plan's choice with each rank's --memory-limit in `limits` (bytes or None) as memory of its own, None)
-    where a layout keeps every rank within its limit; else (the choice without the limits, a note): a rank over
-    its limit then streams weights from disk, a cost this model does not know."""
+    """(plan's choice with each rank's --memory-limit in `limits` (bytes or None), None). A rank whose disk speed
+    the profile has may go over its limit, streaming weights from disk at that speed (costed: Profile.streaming);
+    one without is held within it, as by memory of its own. Where no layout fits that way: (the choice without
+    the limits, a note), the ranks over their limit then streaming at a cost the model does not know."""
     limited = replace(as_profile(profile), memory_limits=tuple(limits))
     try:
         return plan(limited, objective, sequences, context, allreduce=allreduce), None
@@ -491,7 +565,7 @@ def plan_within_limits(profile, limits, objective="latency", sequences=1, contex
             raise
     found = plan(profile, objective, sequences, context, allreduce=allreduce)
     return found, ("note: no layout keeps every rank within its --memory-limit; planned as if there were none "
-                   "(ranks over their limit stream weights from disk, which the planner does not cost)")
+                   "(ranks over their limit stream weights from disk at a cost the planner could not weigh)")
 
 
 def alternatives(profile, objective="latency", sequences=1, context=None, allreduce="star") -> dict:
@@ -512,6 +586,8 @@ def _memory_lines(prof, pred) -> list:
            for r in prof.ranks if r.rank not in pred.idle]
     out += [f"{what}: {sum(pred.memory_bytes[r] for r in ranks) / MIB:.0f} MiB of {room / MIB:.0f} MiB available"
             for ranks, room, what in prof.limits]
+    out += [f"rank {r}: over its --memory-limit of {prof.memory_limits[r] / MIB:.0f} MiB, streams "
+            f"{b / MIB:.1f} MiB a token from disk" for r, b in enumerate(pred.streamed_bytes) if b]
     return out + [f"rank {r} (host {prof.ranks[r].host}): left idle (the layout is predicted faster without it)"
                   for r in pred.idle]
 
@@ -524,7 +600,9 @@ def _as_dict(prof, pred) -> dict:
                        for s, (rs, a, n, ms) in enumerate(zip(pred.stages, first, pred.layers, pred.stage_ms))],
             "ranks": [{"rank": r.rank, "host": r.host, "idle": r.rank in pred.idle,
                        "memory_bytes": pred.memory_bytes[r.rank], "host_memory_bytes": r.memory_bytes,
-                       "device_memory_bytes": r.device_memory_bytes} for r in prof.ranks]}
+                       "device_memory_bytes": r.device_memory_bytes,
+                       "streamed_bytes_per_token": pred.streamed_bytes[r.rank] if pred.streamed_bytes else 0}
+                      for r in prof.ranks]}
 
 
 def _report(prof, found, objective, allreduce) -> str:

@@ -12,6 +12,8 @@ with the rank's own backend:
             KV-head group and FFN block, whose cost is taken off) gives its fixed cost and its cost per classifier
             row. The same at prefill (one sequence of PREFILL_ROWS).
   memory    the host's available memory, and a Vulkan rank's device memory.
+  disk      the read speed of the folder weight streaming spills to (--memory-limit): 64 MiB written, then read
+            back once out of the page cache.
 Between every pair of ranks, one pair at a time: ping-pong round trips of one hidden-state row (dim * 4 bytes,
 what a decode token sends) and of LINK_LARGE bytes give each link's latency and bandwidth. Rank 0's broadcast of a
 step record gives `step_ms`, and a star allreduce of one row between rank 0 and its nearest rank what an
@@ -150,6 +152,15 @@ def measure_links(comm, dim, repeats):
     return lat, bw
 
 
+def spill_read_speed():
+    """The spill folder's read speed (bytes/s), or None where it cannot be measured (not writable, no room)."""
+    from .stream import disk_read_speed, spill_folder
+    try:
+        return disk_read_speed(spill_folder())
+    except OSError:
+        return None
+
+
 def measure(comm, file, cfg, backend, threads, repeats=REPEATS, slow=None):
     """Every rank: time this rank, the links and the step record; rank 0 returns the profile dict (else None)."""
     from .comm import host_name
@@ -161,6 +172,7 @@ def measure(comm, file, cfg, backend, threads, repeats=REPEATS, slow=None):
     times = agree(comm, lambda: {name: time_share(file, cfg, backend, s, timer, ROWS) for name, s in shares.items()})
     mine = {"rank": comm.rank, "host": host_name(), "backend": backend.description, "threads": threads,
             "memory_bytes": available_bytes(), "device_memory_bytes": backend.device_memory_bytes(),
+            "disk_bytes_per_s": spill_read_speed(),
             "compute": [fit(shares, unit_bytes, times, b) for b in ROWS],
             "prefill": fit(shares, unit_bytes, times, "prefill")}
     ranks = comm.gather(mine)

@@ -55,6 +55,23 @@ def spill_folder() -> str:
     return "/var/tmp" if os.access("/var/tmp", os.W_OK) else tempfile.gettempdir()
 
 
+def disk_read_speed(folder, size=64 * 2**20, block=16 * 2**20) -> float:
+    """Bytes/s reading back `size` bytes written to a file in `folder` (where spill files go) once they are on the
+    disk and out of the page cache: what a streamed half costs when the cache does not hold it (on a virtual
+    machine the host's own cache may still serve it, as it would the spill file)."""
+    with tempfile.TemporaryFile(dir=folder) as f:
+        chunk = os.urandom(block)
+        for _ in range(max(1, size // block)):
+            f.write(chunk)
+        f.flush()
+        os.fsync(f.fileno())
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)  # needs no root
+        buf, done, t = bytearray(block), 0, time.perf_counter()
+        while (n := os.preadv(f.fileno(), [buf], done)) > 0:
+            done += n
+        return done / max(time.perf_counter() - t, 1e-9)
+
+
 def in_memory(folder) -> bool:
     """Whether `folder` is on a RAM disk (tmpfs, ramfs): a spill file there takes memory, not disk space."""
     path, fstype, best = os.path.realpath(folder), "", -1

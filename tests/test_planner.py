@@ -4,6 +4,7 @@ a slow link, too little memory, rank 0's place), the profile's checks, and the c
 import itertools
 import json
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -87,9 +88,10 @@ def stage_text(p, group, rows):
                     for r, working in group)
 
 
-def brute_force(p, sequences, groupings):
+def brute_force(p, sequences, groupings, run=None):
     """(The least ms per token over every grouping given (lists of stages of (rank, working)) and every layer
-    composition, of the layouts that fit, or None; how many layouts did not fit)."""
+    composition, of the layouts that fit, or None; how many layouts did not fit). run: p as a Profile with the
+    run's --memory-limits, where it has some."""
     best, short, n_layers = None, 0, p["model"]["n_layers"]
     for groups in groupings:
         if len(groups) > n_layers:
@@ -99,7 +101,7 @@ def brute_force(p, sequences, groupings):
         for counts in compositions(n_layers, len(groups)):
             text = texts[0] if len(groups) == 1 else "*".join(f"{t}@{c}" for t, c in zip(texts, counts))
             try:
-                pred = predict(p, text, sequences)
+                pred = predict(run or p, text, sequences)
             except UserError:  # a rank too slow for a whole unit
                 continue
             short += not pred.fits
@@ -124,17 +126,17 @@ def pipelines(n):
     return [g for g in every_grouping(n) if all(sum(w for _, w in s) == 1 for s in g)]
 
 
-def check_against(p, groupings, objective, sequences, shape):
+def check_against(p, groupings, objective, sequences, shape, run=None):
     """(Whether a layout fits, whether memory ruled some out); the planner's best is the brute force's."""
     k = 1 if objective == "latency" else sequences
-    want, short = brute_force(p, k, groupings)
+    want, short = brute_force(p, k, groupings, run)
     if want is None:
         with pytest.raises(UserError, match="^no .*layout.* fits"):
-            plan(p, objective, sequences, shape=shape)
+            plan(run or p, objective, sequences, shape=shape)
         return False, True
-    got = plan(p, objective, sequences, shape=shape)
+    got = plan(run or p, objective, sequences, shape=shape)
     assert got.fits and got.ms_per_token == pytest.approx(want, rel=1e-9), (got, want)
-    assert got == predict(p, got.text, k)
+    assert got == predict(run or p, got.text, k)
     return True, short > 0
 
 
@@ -253,6 +255,69 @@ def test_a_memory_limit_bounds_a_rank_as_its_memory_does_and_where_none_fits_it_
     assert note.startswith("note: no layout keeps every rank within its --memory-limit") and got == unlimited
     with pytest.raises(UserError, match="^no layout fits in memory"):  # the hosts' own memory still binds
         plan_within_limits(profile(2, 8, memory=[5000, 5000]), [None, None])
+
+
+def streaming(p, limits, disk):
+    """p as a Profile whose ranks read their spill folders at disk[r] bytes/s, run with these --memory-limits."""
+    for rank, speed in zip(p["ranks"], disk):
+        rank["disk_bytes_per_s"] = speed
+    return replace(load_profile(p), memory_limits=tuple(limits))
+
+
+def test_predict_costs_a_rank_over_its_limit_at_its_disk_speed():
+    """Rank 1 (4 layers, the last stage) over its --memory-limit streams what is over plus a window of its largest
+    half-layer, each token, at its disk speed: its stage takes the longer of its compute and that read."""
+    p = profile(2, 8, ms=[FAST, FAST])
+    per_layer = 100 + 4 * (1000 + 128) + 8 * 500  # all the units of a layer, with 128 positions of cache
+    need = 4 * per_layer + 64 * 10  # four layers and the classifier rows
+    limit = 2 * per_layer + 64 * 10 + 99
+    half = 100 // 2 + max(4 * 1000, 8 * 500)  # half the norms, and the larger of the KV groups and FFN blocks
+    free = predict(p, "1@4*1@4")
+    slow = predict(streaming(p, [None, limit], [None, 1e5]), "1@4*1@4")
+    assert slow.fits and slow.streamed_bytes == (0, need - limit + half)
+    assert slow.stage_ms == (free.stage_ms[0], max(free.stage_ms[1], (need - limit + half) / 1e5 * 1e3))
+    assert slow.stage_ms[1] > free.stage_ms[1]  # at 100 kB/s the disk binds
+    fast = predict(streaming(p, [None, limit], [None, 1e12]), "1@4*1@4")
+    assert fast.stage_ms == free.stage_ms  # at 1 TB/s it does not
+    tiny = predict(streaming(p, [None, 4 * 128 * 4 + 640 + half - 1], [None, 1e9]), "1@4*1@4")  # a byte short
+    assert not tiny.fits and "below what it keeps beside its weights and a window of half a layer" in tiny.why
+    without = predict(streaming(p, [None, limit], [None, None]), "1@4*1@4")  # no disk speed: a hard limit
+    assert not without.fits and "rank 1's --memory-limit would need" in without.why
+
+
+def test_the_planner_streams_from_a_fast_disk_and_not_from_a_slow_one():
+    """Rank 1, five times as fast, is limited to two layers' memory: from a fast disk it is given more layers
+    (it streams the rest), from a slow one it keeps within its limit, as when its disk is unknown."""
+    p = profile(2, 8, ms=[FAST, tuple(v / 5 for v in FAST)])
+    per_layer = 100 + 4 * (1000 + 128) + 8 * 500
+    limit = 2 * per_layer + 64 * 10 + 99
+    hard = plan(streaming(profile(2, 8, ms=[FAST, tuple(v / 5 for v in FAST)]), [None, limit], [None, None]),
+                "latency", shape="pp")
+    assert hard.layers == (6, 2) and not any(hard.streamed_bytes)
+    fast = plan(streaming(p, [None, limit], [None, 1e12]), "latency", shape="pp")
+    assert fast.layers[1] > 2 and fast.streamed_bytes[1] > 0 and fast.ms_per_token < hard.ms_per_token
+    slow = plan(streaming(profile(2, 8, ms=[FAST, tuple(v / 5 for v in FAST)]), [None, limit], [None, 1e3]),
+                "latency", shape="pp")
+    assert slow.layers == (6, 2) and not any(slow.streamed_bytes)
+
+
+@pytest.mark.parametrize("objective", ["latency", "throughput"])
+def test_layouts_that_stream_equal_brute_force(objective):
+    """Ranks over their --memory-limit stream at their disk speed (a cost convex in their layer count, no longer
+    affine): the search's layer split still finds the brute force's best over every layout."""
+    rng = random.Random(f"stream {objective}")
+    streamed = 0
+    for _ in range(40):
+        n, n_layers = rng.randint(1, 3), rng.randint(1, 6)
+        p = random_profile(rng, n, n_layers)
+        b, m = p["model"]["bytes"], p["model"]
+        whole = n_layers * (b["layer"] + m["n_kv_heads"] * b["kv_group"] + -(-m["ffn_dim"] // 32) * b["ffn_block"])
+        limits = [rng.choice([None, int(whole * rng.uniform(0.1, 0.6))]) for _ in range(n)]
+        prof = streaming(p, limits, [10 ** rng.uniform(5, 8) for _ in range(n)])
+        fit, _ = check_against(p, list(every_grouping(n)), objective, rng.randint(1, 4), "any", prof)
+        if fit:
+            streamed += any(plan(prof, objective, 4).streamed_bytes)
+    assert streamed >= 5
 
 
 def test_nothing_fits_is_one_line():
