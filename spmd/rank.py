@@ -336,14 +336,19 @@ class RankState:
         """(what --memory-limit keeps for `share` beside its layers' halves: {"KV caches": at their full length,
         "activations": the largest pass's, "classifier rows", "norms and RoPE tables"}; {(layer, half): bytes
         held})."""
-        cfg = self.cfg
-        sizes, classifier = half_bytes(self.file, cfg, share, self.backend)
-        rows = min(self.max_seq * self.n_slots, max(self.max_seq, PREFILL_TOKENS))  # the largest pass
-        fixed = {"KV caches": self.kv_need(share), "activations": pass_bytes(cfg, share, rows, self.max_seq),
-                 "classifier rows": classifier,
-                 "norms and RoPE tables": 4 * len(share.layer_ids) * (2 * cfg.dim + 2 * cfg.head_dim)
-                 + 4 * self.max_seq * cfg.rope_dim}
+        sizes, classifier = half_bytes(self.file, self.cfg, share, self.backend)
+        fixed = {"KV caches": self.kv_need(share), **self._passes_and_tables(share, self.n_slots),
+                 "classifier rows": classifier}
         return fixed, sizes
+
+    def _passes_and_tables(self, share, slots):
+        """What --memory-limit keeps for `share` besides weights and KV caches: {"activations": the largest pass's
+        (of `slots` sequences in flight), "norms and RoPE tables"}."""
+        cfg = self.cfg
+        rows = min(self.max_seq * slots, max(self.max_seq, PREFILL_TOKENS))  # the largest pass
+        return {"activations": pass_bytes(cfg, share, rows, self.max_seq),
+                "norms and RoPE tables": 4 * len(share.layer_ids) * (2 * cfg.dim + 2 * cfg.head_dim)
+                + 4 * self.max_seq * cfg.rope_dim}
 
     @staticmethod
     def floor_bytes(parts, sizes):
@@ -488,7 +493,11 @@ class RankState:
         from . import planner
         opts, comm = self.opts, self.comm
 
-        limits = comm.gather(self.memory_limit)
+        # the planner's memory model holds weights and KV caches: the rest of a limit's keep is taken off first, at
+        # its most (the whole model's share), so that a rank it plans to stream still has its window
+        whole = make_plan(parse_layout("1", 1), self.cfg)[0]
+        limits = comm.gather(None if self.memory_limit is None else
+                             self.memory_limit - sum(self._passes_and_tables(whole, self.in_flight()).values()))
 
         def decide():
             k = self.in_flight()
