@@ -64,6 +64,10 @@ def read_config(f) -> ModelConfig:
         return kind(value)
 
     dim, n_heads = meta("embedding_length", int), meta("attention.head_count", int)
+    n_layers = meta("block_count", int)
+    if n_layers > len(f.tensors) // 9:  # a layer has nine tensors at least
+        raise UserError(f"{f.path}: metadata {arch}.block_count is {n_layers}, but the file holds only "
+                        f"{len(f.tensors)} tensors")
     n_kv_heads = meta("attention.head_count_kv", int, n_heads)
     head_dim = meta("attention.key_length", int, dim // max(n_heads, 1))
     embd = f.info("token_embd.weight")
@@ -73,7 +77,7 @@ def read_config(f) -> ModelConfig:
     if scaling not in ("none", "linear"):
         raise UserError(f"{f.path}: RoPE scaling {scaling!r} is not supported (supported: none, linear, llama3)")
     cfg = ModelConfig(
-        arch=arch, dim=dim, n_layers=meta("block_count", int), n_heads=n_heads, n_kv_heads=n_kv_heads,
+        arch=arch, dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
         head_dim=head_dim, ffn_dim=meta("feed_forward_length", int), vocab=embd.shape[0],
         context=meta("context_length", int),
         norm_eps=meta("attention.layer_norm_rms_epsilon", float, 1e-5),
@@ -84,7 +88,7 @@ def read_config(f) -> ModelConfig:
         qkv_bias=f.has("blk.0.attn_q.bias"),
         tied_output=not f.has("output.weight"),
         qk_norm=arch == "qwen3",
-        ffn_unit=ffn_unit([f.info(f"blk.{i}.ffn_down.weight").qtype for i in range(meta("block_count", int))
+        ffn_unit=ffn_unit([f.info(f"blk.{i}.ffn_down.weight").qtype for i in range(n_layers)
                            if f.has(f"blk.{i}.ffn_down.weight")]),
     )
     sizes = dict(embedding_length=dim, block_count=cfg.n_layers, head_count=n_heads, head_count_kv=n_kv_heads,
@@ -92,7 +96,11 @@ def read_config(f) -> ModelConfig:
     for key, value in sizes.items():
         if value < 1:
             raise UserError(f"{f.path}: metadata {arch}.{key} is {value}; it must be at least 1")
-    if n_heads % n_kv_heads or cfg.rope_dim % 2 or cfg.rope_dim > head_dim:
+    vocab_size = f.meta(f"{arch}.vocab_size")
+    if vocab_size is not None and vocab_size != cfg.vocab:
+        raise UserError(f"{f.path}: metadata {arch}.vocab_size is {vocab_size!r:.40}, but token_embd.weight has "
+                        f"{cfg.vocab} rows")
+    if n_heads % n_kv_heads or cfg.rope_dim % 2 or not 2 <= cfg.rope_dim <= head_dim:
         raise UserError(f"{f.path}: inconsistent attention metadata (heads {n_heads}, kv heads {n_kv_heads}, "
                         f"head size {head_dim}, rotated dims {cfg.rope_dim})")
     check_tensors(f, cfg)

@@ -219,6 +219,9 @@ def imports_agreed(comm, modules):
         broken = None
     except ImportError as e:
         broken = f"cannot import {e.name or 'a module'} ({e}): install the set-up on every host (scripts/setup.sh)"
+    except Exception as e:  # noqa: BLE001 - a module broken on one host fails there however it fails
+        broken = (f"a module failed to import ({type(e).__name__}: {e}): install the set-up on every host "
+                  "(scripts/setup.sh)")
     broken = comm.first_error(broken)
     if broken is not None:
         if comm.is_root:

@@ -204,6 +204,12 @@ CASES = {
                           [], "tensor blk.0.ffn_gate.weight has shape .128, 64. but the metadata implies .100, 64."),
     "zero kv heads": (lambda m, d: patch_meta(m, d / "kv0.gguf", "llama.attention.head_count_kv", 4, 0),
                       [], "head_count_kv is 0; it must be at least 1"),
+    "huge block count": (lambda m, d: patch_meta(m, d / "n.gguf", "llama.block_count", 4, 2**32 - 1),  # hung
+                         [], "block_count is 4294967295, but the file holds only 21 tensors"),
+    "no rotated dims": (lambda m, d: patch_meta(m, d / "rd.gguf", "llama.rope.dimension_count", 4, 0),
+                        [], r"inconsistent attention metadata .*rotated dims 0"),
+    "vocab size that disagrees": (lambda m, d: patch_meta(m, d / "v.gguf", "llama.vocab_size", 4, 7),
+                                  [], "vocab_size is 7, but token_embd.weight has 512 rows"),
     "foreign tokenizer": (lambda m, d: m, ["--tokenizer", LLAMA2_TOKENIZER], "has 32000 pieces but the model's"),
     "plan and ratios": (lambda m, d: m, ["--plan", "auto", "--ratios", "1"], "give --ratios or --plan, not both"),
     "no profile": (lambda m, d: m, ["--plan", "{tmp}/none.json"], "profile not found: .*none.json"),
@@ -252,6 +258,19 @@ def test_a_module_broken_on_one_rank_stops_every_rank(model, tmp_path):
     assert p.returncode == 1 and "Traceback" not in p.stderr
     assert p.stderr.strip().splitlines() == ["error: rank 2: cannot import a module (not installed): install the "
                                              "set-up on every host (scripts/setup.sh)"]
+
+
+def test_a_module_that_fails_otherwise_on_one_rank_stops_every_rank(model, tmp_path):
+    """A module that raises something other than ImportError on one host (it used to hang the others)."""
+    if MPIRUN is None:
+        pytest.skip("mpirun not on PATH")
+    (tmp_path / "sentencepiece.py").write_text('raise RuntimeError("half installed")\n')
+    job = [sys.executable, "-m", "spmd.run", "--model", str(model), "--steps", "2", "--control-socket", "none"]
+    p = subprocess.run([MPIRUN, "-n", "1", *job, ":", "-n", "1", "env", f"PYTHONPATH={tmp_path}", *job],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    assert p.stderr.strip().splitlines() == ["error: rank 1: a module failed to import (RuntimeError: half "
+                                             "installed): install the set-up on every host (scripts/setup.sh)"]
 
 
 def test_sentencepiece_tokenizer_file(tmp_path):
