@@ -70,11 +70,14 @@ def check_reachable(path, hosts, timeout):
                 f"{path} line {number}: host {host} is unreachable on ssh port 22 ({reason})") from None
 
 
+MOST_RANKS = 1024  # beyond any household; a mistyped count would start that many processes here
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--hostfile", "-f", default=None, type=click.Path(dir_okay=False),
               help="MPICH hostfile; rank 0 runs on its first host, which must be this machine for the run to be "
                    "supervised. Default: every rank here.")
-@click.option("-n", "ranks", type=click.IntRange(min=1), default=None,
+@click.option("-n", "ranks", type=click.IntRange(min=1, max=MOST_RANKS), default=None,
               help="Number of ranks (default: the slots in the hostfile).")
 @click.option("--timeout", default=5.0, show_default=True, type=click.FloatRange(1, 300), callback=finite,
               help="Seconds to wait for each host.")
@@ -102,6 +105,8 @@ def main(hostfile, ranks, timeout, serve, no_recover, max_recoveries, progress_t
     if mpirun is None:
         raise click.ClickException("mpirun is not on PATH: run scripts/setup.sh and 'source .venv/bin/activate'")
     ranks = ranks or sum(slots for _, _, slots in hosts)
+    if ranks > MOST_RANKS:
+        raise click.ClickException(f"the hostfile's slots make {ranks} ranks; at most {MOST_RANKS} (give -n)")
     env = dict(os.environ, HYDRA_LAUNCHER_EXTRA_ARGS=f"-o ConnectTimeout={int(timeout)} -o BatchMode=yes")
     from .supervise import Supervisor, is_local
     first = hosts[0][1] if hosts else "localhost"  # where rank 0 runs

@@ -70,3 +70,16 @@ def test_a_hostfile_that_is_a_pipe_is_refused_without_waiting(tmp_path):
                        cwd=ROOT, capture_output=True, text=True, timeout=30)
     assert p.returncode == 1 and p.stderr.strip().splitlines() == [p.stderr.strip()]
     assert "is not a regular file" in p.stderr
+
+
+@pytest.mark.parametrize("count", ["99999999999999999999", "1025"])
+def test_a_rank_count_beyond_a_household_is_refused(count):
+    """-n 99999999999999999999 hung (mpirun tried to start them): refused at once, in one line."""
+    p = subprocess.run([sys.executable, "-m", "spmd.launch", "-n", count, "--", "--help"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=30)
+    assert p.returncode == 2 and "1<=x<=1024" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_hostfile_slots_beyond_a_household_are_refused(tmp_path):
+    p = launch(tmp_path, "localhost:999\nlocalhost:999\n", "--", "--help")
+    assert p.returncode == 1 and "slots make 1998 ranks; at most 1024" in p.stderr
