@@ -19,6 +19,7 @@ A failure is:
 A job that ends by itself with an error (a user's mistake, say) is not relaunched, nor one that fails before it is
 running (set-up, load) the first time, nor one whose rank 0 is lost: that is where the output goes.
 """
+import ctypes
 import json
 import os
 import re
@@ -114,6 +115,12 @@ def process_state(pid):
         return None
 
 
+def die_with_parent():
+    """In the child, before exec: SIGTERM to it when the supervisor dies (even by kill -9), so that mpirun takes
+    the job down instead of generating on alone (prctl PR_SET_PDEATHSIG)."""
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)
+
+
 class Job:
     """One mpirun of the generation, with its journal pipe. Its stdout carries mpirun's own messages (its "BAD
     TERMINATION" banner, dropped) and what rank 0 says outside the journal (--help); its stderr the ranks'
@@ -122,7 +129,7 @@ class Job:
     def __init__(self, cmd, env, fifo):
         self.fd = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)  # a reader, and a writer so that it never reads EOF
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
-                                     start_new_session=True)
+                                     start_new_session=True, preexec_fn=die_with_parent)
         self.pipes = {p.fileno(): [p, b""] for p in (self.proc.stdout, self.proc.stderr)}
         for fd in self.pipes:
             os.set_blocking(fd, False)

@@ -200,6 +200,34 @@ def test_ctrl_c_stops_a_supervised_run_without_a_relaunch(model, tmp_path):
     assert "going on with" not in err
 
 
+def test_the_job_ends_with_its_supervisor(model, tmp_path):
+    """kill -9 of spmd.launch itself while rank 0 is slow to write (a long prefill, a slow machine): mpirun and the
+    ranks do not go on alone (they did, until their next write into the closed pipe)."""
+    if shutil.which("pgrep") is None:
+        pytest.skip("no pgrep")
+    mark = tmp_path / "mark.gguf"
+    shutil.copyfile(model, mark)  # a path no other test's ranks have in their command lines
+    pgrep = lambda: subprocess.run(["pgrep", "-f", str(mark)], capture_output=True, text=True).stdout.split()  # noqa
+    proc = subprocess.Popen([sys.executable, "-m", "spmd.launch", "-n", "2", "--", "--model", str(mark), "--steps",
+                             "10000", "--prompt", "Hello", "--control-socket", "none"], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=dict(os.environ, SPMD_TEST_SLOW="0:1000"))
+    for _ in range(100):  # mpirun and both ranks started
+        if len(pgrep()) >= 3:
+            break
+        time.sleep(0.2)
+    time.sleep(2)
+    proc.kill()
+    proc.wait()
+    for _ in range(25):
+        left = pgrep()
+        if not left:
+            break
+        time.sleep(0.2)
+    subprocess.run(["pkill", "-9", "-f", str(mark)])
+    assert left == [], "processes of the job left running"
+
+
 def test_a_rank_lost_during_a_migration(model, tmp_path):
     """Rank 2 dies while the ranks re-partition: the migration is not applied, its client hears so, and the run goes
     on from the layout before it, without rank 2."""
