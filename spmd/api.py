@@ -9,6 +9,7 @@ a full queue 429 with Retry-After.
 """
 import asyncio
 import json
+import logging
 import math
 import threading
 import time
@@ -35,6 +36,22 @@ UNSUPPORTED = {"frequency_penalty": 0, "presence_penalty": 0, "logit_bias": None
                "response_format": {"type": "text"},
                "echo": False, "best_of": 1, "suffix": None}
 FINISH = {"eos": "stop", "length": "length"}  # the driver's end -> OpenAI's finish_reason
+
+
+class OneLine(logging.Filter):
+    """aiohttp logs a request it cannot parse (not HTTP, a bad header) with a traceback on the server's stderr: one
+    line is enough (the client got its 400)."""
+
+    def filter(self, record):
+        if record.exc_info:
+            e = record.exc_info[1]
+            detail = " ".join(str(e).split())[:200]
+            record.msg, record.args = f"note: {record.getMessage()}: {type(e).__name__} {detail}".rstrip(), ()
+            record.exc_info = record.exc_text = None
+        return True
+
+
+logging.getLogger("aiohttp.server").addFilter(OneLine())
 
 
 class BadRequest(Exception):

@@ -161,3 +161,20 @@ def test_a_connection_without_a_request_in_progress_is_closed(monkeypatch):
         busy.close()
     finally:
         server.stop()
+
+
+def test_a_request_that_is_not_http_is_400_and_one_line_on_the_servers_stderr(caplog):
+    import socket
+    server = Server("127.0.0.1", 0, "m", 4)
+    server.start()
+    try:
+        for raw in (b"GARBAGE\r\n\r\n", b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n"):
+            with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+                s.sendall(raw)
+                assert s.recv(4096).startswith(b"HTTP/1.0 400")
+        time.sleep(0.2)
+    finally:
+        server.stop()
+    said = [r for r in caplog.records if r.name == "aiohttp.server"]
+    assert said and all(r.exc_info is None and "\n" not in r.getMessage() for r in said)
+    assert all(r.getMessage().startswith("note: Error handling request from 127.0.0.1: BadHttpMessage") for r in said)
