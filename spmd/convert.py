@@ -18,7 +18,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as T, GGUFWriter, LlamaFileType, TokenType
 from gguf.quants import quantize
 
-from .errors import UserError
+from .errors import UserError, regular_file
 
 HEADER = ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "seq_len")
 HEADER_BYTES = 4 * len(HEADER)
@@ -60,8 +60,7 @@ def _layout(c) -> list:
 
 
 def _read_header(path) -> dict:
-    if not os.path.isfile(path):
-        raise UserError(f"checkpoint not found: {path}")
+    regular_file(path, "checkpoint")
     with open(path, "rb") as f:
         raw = f.read(HEADER_BYTES)
     if len(raw) < HEADER_BYTES:
@@ -109,9 +108,7 @@ def read_llama2c(path):
 
 def read_llama2c_tokenizer(path, vocab_size):
     """(pieces as bytes, scores) of a llama2.c tokenizer file that must hold exactly `vocab_size` tokens."""
-    path = str(path)
-    if not os.path.isfile(path):
-        raise UserError(f"tokenizer not found: {path}")
+    path = regular_file(str(path), "tokenizer")
     raw = Path(path).read_bytes()
     at, pieces, scores = 4, [], []  # skip max_token_length
     while at < len(raw) and len(pieces) <= vocab_size:
@@ -222,6 +219,8 @@ def llama2c(checkpoint, tokenizer, out, outtype):
     """Convert a llama2.c CHECKPOINT and its TOKENIZER to OUT (GGUF, arch llama)."""
     if not out.strip() or os.path.isdir(out):
         raise click.ClickException(f"OUT {out!r} must name a file to write")
+    if os.path.lexists(out) and not os.path.isfile(out):  # written by a rename, which would replace a device
+        raise click.ClickException(f"OUT {out} exists and is not a regular file (a device, a FIFO): name a file")
     for source in (checkpoint, tokenizer):
         if os.path.exists(out) and os.path.exists(source) and os.path.samefile(out, source):
             raise click.ClickException(f"{out} is also an input: writing it would destroy {source}")

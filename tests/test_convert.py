@@ -4,7 +4,9 @@ Tests on the real checkpoint (../shared/models/aidreams260K.bin) skip when it is
 tests write small synthetic checkpoints and always run.
 """
 import json
+import os
 import shutil
+import stat
 import struct
 import subprocess
 import sys
@@ -264,6 +266,38 @@ def test_bad_input_is_one_line_error(tmp_path, spoil, message):
     assert output.startswith("Error: ") and output.count("\n") == 1 and "Traceback" not in output
     assert message in output
     assert not (tmp_path / "m.gguf").exists()
+
+
+def fifo_checkpoint(tmp_path):
+    (tmp_path / "m.bin").unlink()
+    os.mkfifo(tmp_path / "m.bin")
+
+
+def fifo_tokenizer(tmp_path):
+    (tmp_path / "tok.bin").unlink()
+    os.mkfifo(tmp_path / "tok.bin")
+
+
+@pytest.mark.parametrize("spoil, message", [(fifo_checkpoint, "checkpoint .*m.bin is not a regular file"),
+                                            (fifo_tokenizer, "tokenizer .*tok.bin is not a regular file")])
+def test_an_input_that_is_no_file_is_named_so(tmp_path, spoil, message):
+    """A FIFO was reported as "not found" (and read from, it would hang)."""
+    import re
+    write_checkpoint(tmp_path / "m.bin")
+    write_tokenizer(tmp_path / "tok.bin", synthetic_pieces(40))
+    spoil(tmp_path)
+    code, output, _ = convert(tmp_path / "m.bin", tmp_path / "tok.bin", tmp_path / "m.gguf")
+    assert code != 0 and output.count("\n") == 1 and re.search(message, output), output
+
+
+def test_an_output_that_is_a_device_or_fifo_is_refused(tmp_path):
+    """A rename over /dev/full (as root) replaced the device with the model file."""
+    write_checkpoint(tmp_path / "m.bin")
+    write_tokenizer(tmp_path / "tok.bin", synthetic_pieces(40))
+    os.mkfifo(tmp_path / "out")
+    code, output, _ = convert(tmp_path / "m.bin", tmp_path / "tok.bin", tmp_path / "out")
+    assert code != 0 and "exists and is not a regular file" in output and output.count("\n") == 1
+    assert stat.S_ISFIFO(os.stat(tmp_path / "out").st_mode)  # still the FIFO
 
 
 @pytest.mark.parametrize("victim", ["m.bin", "tok.bin"])
