@@ -12,6 +12,7 @@ The socket is found in the per-user folder when exactly one job is running there
 reply comes once it has been applied. Errors are one line on stderr and exit status 1.
 """
 import json
+import math
 import sys
 
 import click
@@ -78,11 +79,17 @@ def with_mode(req, at):
     return {**req, "mode": "at", "at": at} if at is not None else {**req, "mode": "next"}
 
 
+def finite(_ctx, param, value):
+    if not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a finite number", param=param)
+    return value
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.option("--socket", "socket_path", default=None, metavar="PATH",
               help="The job's control socket (default: the one running job's in the per-user folder).")
 @click.option("--json", "as_json", is_flag=True, help="Print the reply as it came (one JSON object).")
-@click.option("--timeout", default=0.0, show_default=True, type=click.FloatRange(min=0),
+@click.option("--timeout", default=0.0, show_default=True, type=click.FloatRange(min=0), callback=finite,
               help="Seconds to wait for the reply (0: as long as it takes).")
 @click.pass_context
 def cli(ctx, socket_path, as_json, timeout):

@@ -530,6 +530,9 @@ class RankState:
                 "--threads": self.opts.threads, "--migrate-weights": self.opts.migrate_weights}
         everyone = self.comm.allgather(mine)
         for rank, theirs in enumerate(everyone):
+            if not isinstance(theirs, dict) or set(theirs) != set(mine):
+                raise UserError(f"rank {rank} runs another program than rank 0: every rank must run the same "
+                                "command (python -m spmd.run with the same flags)")
             for what in mine:
                 if theirs[what] != everyone[0][what]:
                     raise UserError(f"rank {rank} differs from rank 0 in its {what}: every rank must run the same "

@@ -20,6 +20,14 @@ def finite(_ctx, param, value):
     return value
 
 
+def wait_s(ctx, param, value):
+    """--wait-timeout: 0 (for ever), or a second at least (a shorter one fires between any two steps)."""
+    value = finite(ctx, param, value)
+    if 0 < value < 1:
+        raise click.BadParameter(f"{value} is below a second: give 0 (wait for ever) or at least 1", param=param)
+    return value
+
+
 def split_ints(_ctx, _param, text):
     if text is None:
         return None
@@ -72,7 +80,7 @@ CLUSTER_OPTIONS = [  # the flags spmd.run and spmd.serve share: the model, and h
     click.option("--migrate-weights", default="file", show_default=True, type=click.Choice(["file", "peer"]),
                  help="Where a migration's moved weights come from: file: each rank reads them from its own model "
                       "file; peer: the rank that held them reads and sends them."),
-    click.option("--wait-timeout", default=600.0, show_default=True, type=click.FloatRange(min=0), callback=finite,
+    click.option("--wait-timeout", default=600.0, show_default=True, type=click.FloatRange(min=0), callback=wait_s,
                  metavar="S", help="Seconds a rank waits for the next step before the job gives up with one line "
                                    "(a rank stopped, a host gone); 0 waits for ever."),
 ]
@@ -247,6 +255,7 @@ def guarded(comm, log, work):
         traceback.print_exc()
         sys.stderr.flush()
         comm.abort(1)
+        os._exit(1)  # MPI_Abort does not return; where it does, nothing may go on with no result
 
 
 def supervised(comm, log, path):

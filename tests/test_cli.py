@@ -163,6 +163,8 @@ CASES = {
     "long prompt in a file": (lambda m, d: write_text(m, d / "p.txt", "ok\n" + "word " * 60),
                               ["--prompts-file", "{tmp}/p.txt"], "p.txt line 2 is .* the model's context is 32"),
     "zero sequences": (lambda m, d: m, ["--sequences", "0"], "Invalid value for '--sequences'"),
+    "wait timeout below a second": (lambda m, d: m, ["--wait-timeout", "1e-9"],  # fired between steps, then exit 0
+                                    "1e-09 is below a second: give 0 .wait for ever. or at least 1"),
     "non-ASCII digit": (lambda m, d: m, ["--threads", "\u00b2"], "--threads '\u00b2': expected a whole number"),
     "prompt not UTF-8": (lambda m, d: m, ["--prompt", b"caf\xff"], "the prompt is not UTF-8 text"),
     "tokenizer a FIFO": (lambda m, d: fifo(m, d / "tok"), ["--tokenizer", "{tmp}/tok"], "tok is not a regular file"),
@@ -271,6 +273,18 @@ def test_a_module_that_fails_otherwise_on_one_rank_stops_every_rank(model, tmp_p
     assert p.returncode == 1 and "Traceback" not in p.stderr
     assert p.stderr.strip().splitlines() == ["error: rank 1: a module failed to import (RuntimeError: half "
                                              "installed): install the set-up on every host (scripts/setup.sh)"]
+
+
+def test_another_program_on_one_rank_is_one_line(model):
+    """spmd.run on rank 0 and spmd.profile on the others (a typo in an MPMD line): one line, no traceback (three
+    tracebacks before)."""
+    if MPIRUN is None:
+        pytest.skip("mpirun not on PATH")
+    p = subprocess.run([MPIRUN, "-n", "1", sys.executable, "-m", "spmd.run", "--model", str(model), "--steps", "2",
+                        ":", "-n", "2", sys.executable, "-m", "spmd.profile", "--model", str(model)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    assert "error: rank 1 runs another program than rank 0" in p.stderr
 
 
 def test_sentencepiece_tokenizer_file(tmp_path):

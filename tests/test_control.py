@@ -454,6 +454,8 @@ def test_client_commands_and_errors(served, path, tmp_path):
     assert p.returncode == 2 and "whole blocks of 32" in p.stderr
     p = client("--socket", str(tmp_path / "nobody.sock"), "status")
     assert p.returncode == 1 and p.stderr.startswith("error: cannot talk to ") and p.stderr.count("\n") == 1
+    p = client("--socket", path, "--timeout", "nan", "status")  # was a ValueError's traceback
+    assert p.returncode == 2 and "nan is not a finite number" in p.stderr and "Traceback" not in p.stderr
     # the default socket: the only live one in the per-user folder
     env = {"XDG_RUNTIME_DIR": str(tmp_path / "run")}
     p = client("status", env=env)
