@@ -143,7 +143,7 @@ class Listener:
         self._wakeup = (w, signal.set_wakeup_fd(w))
 
         def wait():
-            if os.read(r, 1):  # a signal; b"" when close() closed the pipe
+            while os.read(r, 1):  # a signal (read on: a second one must find a reader); b"" once close() closed it
                 self._unlink()
             os.close(r)
         threading.Thread(target=wait, name="spmd-control-signal", daemon=True).start()

@@ -250,6 +250,7 @@ def guarded(comm, log, work):
             if not comm.is_root:  # rank 0 (removing its socket file) aborts first, unless it is stuck in a step
                 time.sleep(1.0)
             comm.abort(signal_status())
+            os._exit(signal_status())  # where MPI_Abort returns: no interpreter teardown racing the job's end
         sys.exit(signal_status())
     except Exception:  # a bug, not a user mistake: show it, and take every rank down instead of hanging
         traceback.print_exc()
