@@ -186,7 +186,12 @@ def main(argv=None):
     is removed."""
     from .watch import fork_rank
     fork_rank()  # supervised: a watcher process says which rank died (spmd.watch)
-    signal.signal(signal.SIGTERM, interrupt)
+    if os.environ.get("SPMD_WATCH") == "1" and os.environ.get("PMI_RANK", "0") != "0":
+        # supervised, a rank other than 0: a SIGTERM is its machine going down (the supervisor ends a job with
+        # SIGINT), so the rank dies of it and the supervisor goes on without it
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    else:
+        signal.signal(signal.SIGTERM, interrupt)
     try:
         run(argv)
     except KeyboardInterrupt:  # before the engine started (importing, parsing): nothing to clean up

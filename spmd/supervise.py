@@ -40,8 +40,9 @@ from .plan import parse_layout
 from .run import PER_RANK_FLAGS, write_stdout
 
 DIED = re.compile(r"spmd: rank (\d+) \((.*)\) died \(signal (\d+)\)")  # spmd.watch's line
-BANNER_LINE = re.compile(r"^(=|YOUR APPLICATION TERMINATED|This typically refers|Please see the FAQ)")
-TERM_GRACE_S = 3.0  # after SIGTERM, how long mpirun has to take the job down before it is killed
+# mpirun's own lines on its stdout: its "BAD TERMINATION" banner, and what it says when a job is ended with SIGINT
+BANNER_LINE = re.compile(r"^(=|YOUR APPLICATION TERMINATED|This typically refers|Please see the FAQ|\[mpiexec@)")
+TERM_GRACE_S = 3.0  # after SIGINT, how long mpirun has to take the job down before it is killed
 GAPS = 32  # recent gaps between tokens the progress bound looks at
 
 
@@ -179,9 +180,10 @@ class Job:
             pass
 
     def end(self, local_pids):
-        """Take the job down: SIGTERM to mpirun (it passes it on), SIGKILL after TERM_GRACE_S, and SIGKILL to any of
-        its ranks on this machine still there (a stopped one, say)."""
-        self.signal(signal.SIGTERM)
+        """Take the job down: SIGINT to mpirun (it passes it on: the ranks stop as on Ctrl-C; a SIGTERM would be a
+        rank's machine going down), SIGKILL after TERM_GRACE_S, and SIGKILL to any of its ranks on this machine
+        still there (a stopped one, say)."""
+        self.signal(signal.SIGINT)
         try:
             self.proc.wait(TERM_GRACE_S)
         except subprocess.TimeoutExpired:
@@ -263,7 +265,7 @@ class Supervisor:
     def _on_signal(self, signum, _frame):
         self.stopping = signum
         if self.job is not None:
-            self.job.signal(signum)  # the job stops as spmd.run does on Ctrl-C; it is not relaunched
+            self.job.signal(signal.SIGINT)  # the job stops as spmd.run does on Ctrl-C; it is not relaunched
 
     def _run(self):
         resume, timing = None, None
