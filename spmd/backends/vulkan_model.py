@@ -32,7 +32,8 @@ first layer's xg with the input); the stage's last w2 writes xg only for the hea
 With one rank in the stage (allreduce None) the whole pass is one command buffer, one submit per step. With
 several, each half-layer ends by writing its partial sum to host memory (`delta`); the host allreduces it in place
 and the next command buffer starts with x += delta. With weights streamed (--memory-limit, spmd.stream's
-DeviceWindow) each half-layer is a command buffer too, run while the window holds its matrices in their slot.
+DeviceWindow) each streamed half-layer is a command buffer of its own, run while the window holds its matrices
+in their slot.
 Decode steps (one token of each of up to KEPT_ROWS sequences) keep their command buffers, recorded once per
 (multi-rank, head, rows); any other pass (a prompt, or prompts and decode tokens mixed) records a one-off set.
 """
@@ -177,21 +178,26 @@ class VulkanModel:
 
     # ---- recording --------------------------------------------------------------------------------------------
     def _record(self, a, multi, head, scored, timestamps=False):
-        """The command buffers of one pass over a's n rows: one, or (several ranks in the stage, or weights
-        streamed) one per half-layer, the i-th running the stage's i-th half, plus the end. scored: the rows the
-        head turns into logits (ascending)."""
+        """The command buffers of one pass over a's n rows: one; or, several ranks in the stage, one per half-layer
+        plus the end; or, weights streamed, each streamed half alone in one (its `key` names it) and the rest
+        between them. scored: the rows the head turns into logits (ascending)."""
         profile = timestamps and self.profile
         recs = [Recording(self.dev, timestamps, profile)]
         if a.io is not a.x:
             self.dev.copy(recs[0], a.io, a.x, a.x.nbytes)
             recs[0].barrier()
         halves = {"attention": self._attention_half, "ffn": self._ffn_half}
-        for layer, half in self.schedule:
+        streamed = self.w.window.index if self.w.window is not None else {}
+        recs[-1].key = None
+        for i, (layer, half) in enumerate(self.schedule):
+            if (layer, half) in streamed:  # alone in its command buffer: run while its slot holds it
+                recs[-1].key = (layer, half)
             halves[half](recs[-1], layer, a, multi)
-            if multi or self.w.window is not None:
+            if multi or (layer, half) in streamed or self.schedule[(i + 1) % len(self.schedule)] in streamed:
                 recs[-1].barrier(to_host=multi)
                 recs[-1].end()
                 recs.append(Recording(self.dev, timestamps, profile))
+                recs[-1].key = None
             if multi:
                 recs[-1].dispatch(self._add, [(a.x, 0, a.x.nbytes), (a.delta, 0, a.delta.nbytes)],
                                   struct.pack("<I", a.n * self.dp), (-(-a.n * self.dp // 256), 1, 1))
@@ -326,10 +332,9 @@ class VulkanModel:
             self._put_input(acts, x)
             self._put_rows(acts, segments)
             delta = acts.delta.array(np.float32, (n, self.dp))
-            schedule = self.schedule if len(recs) > 1 else []
             for i, rec in enumerate(recs):
-                if i < len(schedule):
-                    with self.w.hold(*schedule[i]):  # a streamed half: in its slot of the window while it runs
+                if rec.key is not None:
+                    with self.w.hold(*rec.key):  # a streamed half: in its slot of the window while it runs
                         rec.run()
                 else:
                     rec.run()
