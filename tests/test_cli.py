@@ -248,31 +248,23 @@ def test_bad_input_gives_one_line_and_every_rank_exits(model, tmp_path, case, ra
     assert __import__("re").search(message, errors[0]), errors[0]
 
 
-def test_a_module_broken_on_one_rank_stops_every_rank(model, tmp_path):
-    """One host's Python cannot import sentencepiece: one line on rank 0 naming that rank, and every rank exits at
-    once (it used to print a traceback and leave the others waiting for ever)."""
+@pytest.mark.parametrize("ranks, raised, line", [
+    (3, 'ImportError("not installed")', "error: rank 2: cannot import a module (not installed): install the set-up "
+                                        "on every host (scripts/setup.sh)"),
+    (2, 'RuntimeError("half installed")', "error: rank 1: a module failed to import (RuntimeError: half installed): "
+                                          "install the set-up on every host (scripts/setup.sh)")])
+def test_a_module_broken_on_one_rank_stops_every_rank(model, tmp_path, ranks, raised, line):
+    """One host's Python cannot import sentencepiece (missing, or failing otherwise): one line on rank 0 naming
+    that rank, and every rank exits at once (it used to print a traceback and leave the others waiting for ever;
+    an error other than ImportError hung them)."""
     if MPIRUN is None:
         pytest.skip("mpirun not on PATH")
-    (tmp_path / "sentencepiece.py").write_text('raise ImportError("not installed")\n')
+    (tmp_path / "sentencepiece.py").write_text(f"raise {raised}\n")
     job = [sys.executable, "-m", "spmd.run", "--model", str(model), "--steps", "2", "--control-socket", "none"]
-    p = subprocess.run([MPIRUN, "-n", "2", *job, ":", "-n", "1", "env", f"PYTHONPATH={tmp_path}", *job],
+    p = subprocess.run([MPIRUN, "-n", str(ranks - 1), *job, ":", "-n", "1", "env", f"PYTHONPATH={tmp_path}", *job],
                        cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert p.returncode == 1 and "Traceback" not in p.stderr
-    assert p.stderr.strip().splitlines() == ["error: rank 2: cannot import a module (not installed): install the "
-                                             "set-up on every host (scripts/setup.sh)"]
-
-
-def test_a_module_that_fails_otherwise_on_one_rank_stops_every_rank(model, tmp_path):
-    """A module that raises something other than ImportError on one host (it used to hang the others)."""
-    if MPIRUN is None:
-        pytest.skip("mpirun not on PATH")
-    (tmp_path / "sentencepiece.py").write_text('raise RuntimeError("half installed")\n')
-    job = [sys.executable, "-m", "spmd.run", "--model", str(model), "--steps", "2", "--control-socket", "none"]
-    p = subprocess.run([MPIRUN, "-n", "1", *job, ":", "-n", "1", "env", f"PYTHONPATH={tmp_path}", *job],
-                       cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert p.returncode == 1 and "Traceback" not in p.stderr
-    assert p.stderr.strip().splitlines() == ["error: rank 1: a module failed to import (RuntimeError: half "
-                                             "installed): install the set-up on every host (scripts/setup.sh)"]
+    assert p.stderr.strip().splitlines() == [line]
 
 
 def test_another_program_on_one_rank_is_one_line(model):
