@@ -158,10 +158,10 @@ class GGUFFile:
         self._release(info)
         return qt
 
-    def row(self, name, i) -> np.ndarray:
-        """One row as float32 (an embedding lookup): the matrix itself stays on disk."""
+    def lookup(self, name, ids) -> np.ndarray:
+        """Rows `ids` of a matrix as float32 (n, cols) (an embedding lookup): the matrix itself stays on disk."""
         info, raw = self._matrix(name)
-        return dequantize_any(raw[i], info.qtype, 1, info.shape[1]).reshape(info.shape[1])
+        return np.stack([dequantize_any(raw[i], info.qtype, 1, info.shape[1]).reshape(info.shape[1]) for i in ids])
 
     def _keep(self, info, raw, rows, cols, notice) -> QTensor:
         """Raw bytes (rows, ...) -> an owned QTensor: native types copied as they are, others dequantised."""

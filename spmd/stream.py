@@ -341,7 +341,7 @@ class DeviceWindow(Window):
 
     def __init__(self, order, dev, folder=None):
         super().__init__(order, folder)
-        self.dev, self.slots, self.slot_of, self.user = dev, [], {}, []
+        self.dev, self.slots, self.slot_of, self.user = dev, [], {}, []  # slot_of: key -> its slot's index
         self.pool = ThreadPoolExecutor(COPY_THREADS, "spmd-copy") if dev.direct else None
 
     def start(self, window_bytes):
@@ -355,9 +355,9 @@ class DeviceWindow(Window):
         self.slots = [Buffer(self.dev, slot_bytes) for _ in range(count)]
         self.user = [None] * count
         for j, key in enumerate(self.order):
-            self.slot_of[key] = self.slots[j % count]
+            self.slot_of[key] = j % count
             for (lin, _), at in zip(self.parts[key][2], places[key][0]):
-                lin.bind(self.slot_of[key], at)
+                lin.bind(self.slots[j % count], at)
         self._launch()
 
     @staticmethod
@@ -375,10 +375,9 @@ class DeviceWindow(Window):
         return out, at
 
     def _room(self, key) -> bool:
-        slot = self.slots.index(self.slot_of[key])
-        if self.user[slot] is not None:
+        if self.user[self.slot_of[key]] is not None:
             return False
-        self.user[slot] = key  # the loader brings it in next
+        self.user[self.slot_of[key]] = key  # the loader brings it in next
         return True
 
     def _bring_in(self, key):
@@ -395,7 +394,7 @@ class DeviceWindow(Window):
         """The half's arrays from the spill file's mapping into its slot (in pieces on COPY_THREADS threads where
         the host maps device memory, else through a staging buffer), then those pages out of the process."""
         offset, size, layout = self.parts[key]
-        slot = self.slot_of[key]
+        slot = self.slots[self.slot_of[key]]
         pieces = [(raw[at:at + COPY_PIECE], start + at) for lin, _ in layout
                   for array, start in zip(lin.arrays, lin.offsets)
                   for raw in (array.reshape(-1).view(np.uint8),) for at in range(0, raw.size, COPY_PIECE)]
@@ -408,9 +407,8 @@ class DeviceWindow(Window):
 
     def _drop(self, key):
         super()._drop(key)
-        slot = self.slots.index(self.slot_of[key])
-        if self.user[slot] == key:
-            self.user[slot] = None
+        if self.user[self.slot_of[key]] == key:
+            self.user[self.slot_of[key]] = None
 
     def _restart(self):
         super()._restart()

@@ -79,7 +79,7 @@ class ShardWeights:
 
     def embed(self, tokens) -> np.ndarray:
         """(n,) token ids -> (n, dim) float32 rows of token_embd, read from the mapped file."""
-        return np.stack([self.file.row("token_embd.weight", int(t)) for t in tokens])
+        return self.file.lookup("token_embd.weight", [int(t) for t in tokens])
 
     def linears(self) -> list:
         names = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
