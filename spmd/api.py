@@ -21,8 +21,7 @@ import numpy as np
 from aiohttp import web
 
 from .chat_template import ROLES, TemplateError
-from .prompts import PromptSpec
-from .rank import Work
+from .prompts import PromptSpec, Work
 
 MAX_BODY_BYTES = 4 * 2**20
 BODY_WAIT_S = 30.0  # a request's body must have come whole within this long
@@ -65,10 +64,55 @@ def error_response(status, message, kind="invalid_request_error", param=None, he
                              status=status, headers=headers)
 
 
+class Inbox:
+    """Where the HTTP thread leaves work for the driver (thread-safe); supervised, for the supervisor, which passes
+    it on to the job (spmd.front). A sink takes a sequence's text: `piece(text, n_tokens)` as it comes,
+    `done(finish, n_tokens)` once at its end (both called on the driver's or the supervisor's thread), and has
+    `cancelled`, which the server sets when it wants no more."""
+
+    def __init__(self, on_wake=None):
+        self._lock, self._wake = threading.Lock(), threading.Event()
+        self._work, self._status = [], []
+        self.closed = False
+        self.on_wake = on_wake or (lambda: None)  # also told of every put, ask and close (spmd.front's supervisor)
+
+    def put(self, work, sink):
+        with self._lock:
+            if self.closed:
+                return False
+            self._work.append((work, sink))
+        self._wake.set()
+        self.on_wake()
+        return True
+
+    def ask_status(self, reply):
+        """`reply(status dict)` at the next token boundary, on the driver's thread."""
+        with self._lock:
+            self._status.append(reply)
+        self._wake.set()
+        self.on_wake()
+
+    def close(self):
+        """No more work: the driver ends what is in flight and stops."""
+        self.closed = True
+        self._wake.set()
+        self.on_wake()
+
+    def take(self, wait_s):
+        """(new work with its sinks, status replies), waiting up to `wait_s` for either."""
+        if wait_s and not self._wake.wait(wait_s):
+            return [], []
+        with self._lock:
+            self._wake.clear()
+            work, self._work = self._work, []
+            status, self._status = self._status, []
+        return work, status
+
+
 @dataclass
 class Gateway:
     """What the server needs from the loaded engine (rank 0)."""
-    inbox: object  # driver.Inbox
+    inbox: Inbox
     tokenizer: object
     template: object  # chat_template.ChatTemplate
     context: int  # positions per sequence (--ctx-size)
@@ -92,8 +136,8 @@ class Sink:
     def piece(self, text, n_tokens):
         self._put(("piece", text, n_tokens))
 
-    def done(self, seq):
-        self._put(("done", seq.finish, len(seq.tokens)))
+    def done(self, finish, n_tokens):
+        self._put(("done", finish, n_tokens))
 
 
 class StopFilter:
@@ -274,8 +318,9 @@ class Server:
                 self.port = site._server.sockets[0].getsockname()[1]  # the real one where --port was 0
             except OSError as e:
                 failure.append(e)
-                started.set()
                 loop.run_until_complete(self._runner.cleanup())
+                loop.close()
+                started.set()
                 return
             started.set()
             sweep = loop.create_task(self.connections.sweep(self._runner.server))

@@ -64,3 +64,15 @@ def from_gguf(gguf, tokenizer) -> ChatTemplate:
     eos = gguf.meta("tokenizer.ggml.eos_token_id", min(tokenizer.eos_ids, default=None))
     return ChatTemplate(gguf.meta("tokenizer.chat_template"), tokenizer.piece_text(tokenizer.bos_id),
                         tokenizer.piece_text(eos))
+
+
+def load_template(gguf, tokenizer, log) -> ChatTemplate:
+    """from_gguf, or the built-in template where the file has none or one that does not load (said with `log`)."""
+    try:
+        template = from_gguf(gguf, tokenizer)
+    except TemplateError as e:
+        log(f"note: {e}; chats use the built-in template (see the README)")
+        return ChatTemplate(None)
+    if template.builtin:
+        log("note: the model file has no chat template; chats use the built-in one (see the README)")
+    return template

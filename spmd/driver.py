@@ -8,7 +8,7 @@ each), at most a 1/stages share of those holding slots, so that every stage gets
 while there is more to admit, else as many ticks as it takes the first batch in flight to leave the last stage. A
 sequence ends at EOS or its steps and frees its slot.
 
-`run` generates a fixed list of prompts (spmd.run); `serve` takes them from an `Inbox` as they come (spmd.serve's
+`run` generates a fixed list of prompts (spmd.run); `serve` takes them from an `api.Inbox` as they come (spmd.serve's
 HTTP thread puts them there), hands each sequence's text to its sink, ends a sequence whose sink says its client
 has gone or has what it wanted, and while there is nothing to do waits on the inbox, still answering the control
 socket, with an IDLE step now and then so that every rank's watchdog knows rank 0 lives.
@@ -16,7 +16,6 @@ socket, with an IDLE step now and then so that every rank's watchdog knows rank 
 import collections
 import dataclasses
 import math
-import threading
 import time
 from typing import NamedTuple
 
@@ -44,7 +43,7 @@ class Sequence:
         self.tokens, self.pieces = [], []
         self.slot, self.decodes, self.finish = None, 0, None
         self.times = {}  # "admitted", "first", "done": perf_counter seconds
-        self.sink, self.sent = sink, 0  # spmd.serve: where the text goes (see Inbox), and the pieces sent so far
+        self.sink, self.sent = sink, 0  # spmd.serve: where the text goes (see api.Inbox), and the pieces sent so far
         self.resumed = False  # a relaunched job's sequence that had sampled tokens (or ended) before: see `replay`
 
     def replay(self, entry, now):
@@ -76,7 +75,7 @@ class Sequence:
             self.sink.piece("".join(self.pieces[self.sent:]), len(self.tokens))
             self.sent = len(self.pieces)
         if self.finish is not None:
-            self.sink.done(self)
+            self.sink.done(self.finish, len(self.tokens))
 
     @property
     def pos(self):
@@ -121,46 +120,6 @@ class Sequence:
 REBALANCE_EVERY = 16  # tokens generated between the rebalancer's looks
 TOLD_WAIT_S = 1.0  # non-finite logits: how long rank 0 waits for a rank's reason to come (see Comm.tell_root)
 IDLE_WAIT_S = 0.05  # serving with nothing to do: how long the driver waits on the inbox before it looks again
-
-
-class Inbox:
-    """Where spmd.serve's HTTP thread leaves work for the driver (thread-safe). A sink takes a sequence's text:
-    `piece(text, n_tokens)` as it comes, `done(sequence)` once at its end (both called on the driver's thread), and
-    has `cancelled`, which the server sets when it wants no more."""
-
-    def __init__(self):
-        self._lock, self._wake = threading.Lock(), threading.Event()
-        self._work, self._status = [], []
-        self.closed = False
-
-    def put(self, work, sink):
-        with self._lock:
-            if self.closed:
-                return False
-            self._work.append((work, sink))
-        self._wake.set()
-        return True
-
-    def ask_status(self, reply):
-        """`reply(status dict)` at the next token boundary, on the driver's thread."""
-        with self._lock:
-            self._status.append(reply)
-        self._wake.set()
-
-    def close(self):
-        """No more work: the driver ends what is in flight and stops."""
-        self.closed = True
-        self._wake.set()
-
-    def take(self, wait_s):
-        """(new work with its sinks, status replies), waiting up to `wait_s` for either."""
-        if wait_s and not self._wake.wait(wait_s):
-            return [], []
-        with self._lock:
-            self._wake.clear()
-            work, self._work = self._work, []
-            status, self._status = self._status, []
-        return work, status
 
 
 class Rebalance(NamedTuple):
@@ -312,9 +271,13 @@ class Driver:
         work, status = self.inbox.take(0 if busy else IDLE_WAIT_S)
         if self.inbox.closed:  # shutting down: what is in flight leaves the pipeline, nothing more comes in
             self.reading = False
-        for w, sink in work:
-            self.queue.append(Sequence(w, self.state.opts, self.state.tokenizer, sink))
         now = time.perf_counter()
+        for w, sink in work:
+            seq = Sequence(w, self.state.opts, self.state.tokenizer, sink)
+            if w.resume is not None:  # a request the job before this one had begun (spmd.front)
+                seq.replay(w.resume, now)
+                seq.sent = len(seq.pieces)  # their text reached the client then
+            self.queue.append(seq)
         for seq in [s for s in self.queue if s.cancelled]:
             self.queue.remove(seq)
             seq.end("stopped", now)

@@ -68,10 +68,12 @@ class Journal:
 
 
 class Record:
-    """The supervisor's end: what the job has journaled, kept across relaunches. `apply(line)` takes one line and
-    returns the stdout text it carries ("" for none)."""
+    """The supervisor's end: what the job has journaled, kept across relaunches. `apply(event)` takes one line's
+    event and returns the stdout text it carries ("" for none). Serving (spmd.front), the requests' tokens are
+    the front's: the record only counts them."""
 
-    def __init__(self):
+    def __init__(self, serving=False):
+        self.serving = serving
         self.ranks, self.ready = [], False  # [(host, pid)] of the job now running; whether it has loaded
         self.ratios = None  # its layout now
         self.prompts = None  # [[ids]] by sequence index
@@ -80,8 +82,7 @@ class Record:
         self.prefill = 0  # prompt tokens of the last prefill step not yet answered by a token
         self.tokens = 0  # token events in all
 
-    def apply(self, line):
-        e = json.loads(line)
+    def apply(self, e):
         ev = e["ev"]
         if ev == "ranks":
             self.ranks = [tuple(r) for r in e["ranks"]]
@@ -91,6 +92,8 @@ class Record:
             self.prefill += e["tokens"]
         elif ev == "token":
             self.prefill, self.tokens = 0, self.tokens + 1
+            if self.serving:
+                return ""
             seq = self.sequences.setdefault(e["seq"], {"tokens": [], "finish": None, "rng": None})
             if e["token"] is not None:
                 seq["tokens"].append(e["token"])

@@ -8,7 +8,8 @@ rather than hang. Everything after `--` goes to `python -m spmd.run` (with --ser
 
 A run is supervised (spmd.supervise): a rank that dies, a host that goes away or a job that stops making progress
 is recovered from by a relaunch on the survivors, which goes on from the last token; --no-recover ends the run
-instead, with one line naming the rank and host."""
+instead, with one line naming the rank and host. So is a server (--serve): its HTTP side runs in the supervisor
+(spmd.front), and each client's stream goes on through a recovery."""
 import os
 import shutil
 import socket
@@ -81,8 +82,9 @@ MOST_RANKS = 1024  # beyond any household; a mistyped count would start that man
               help="Number of ranks (default: the slots in the hostfile).")
 @click.option("--timeout", default=5.0, show_default=True, type=click.FloatRange(1, 300), callback=finite,
               help="Seconds to wait for each host.")
-@click.option("--serve", is_flag=True, help="Run python -m spmd.serve (the server) instead of spmd.run, through "
-                                            "plain mpirun: not supervised (yet), a lost rank ends it.")
+@click.option("--serve", is_flag=True,
+              help="Run python -m spmd.serve (the server) instead of spmd.run. Supervised, its HTTP side runs in "
+                   "the supervisor: a client's stream goes on through a recovery.")
 @click.option("--no-recover", is_flag=True,
               help="A lost rank ends the run (with one line naming it), instead of a relaunch on the survivors.")
 @click.option("--max-recoveries", default=3, show_default=True, type=click.IntRange(min=0),
@@ -110,16 +112,27 @@ def main(hostfile, ranks, timeout, serve, no_recover, max_recoveries, progress_t
     env = dict(os.environ, HYDRA_LAUNCHER_EXTRA_ARGS=f"-o ConnectTimeout={int(timeout)} -o BatchMode=yes")
     from .supervise import Supervisor, is_local
     first = hosts[0][1] if hosts else "localhost"  # where rank 0 runs
-    if not serve and is_local(first):
+    if is_local(first):
+        flags = server_flags(run_args) if serve else None
         sys.exit(Supervisor(mpirun, [(h, slots) for _, h, slots in hosts] if hosts else None, ranks, run_args,
                             progress_timeout=progress_timeout, max_recoveries=0 if no_recover else max_recoveries,
-                            probe_timeout=min(timeout, 2.0), env=env).run())
-    if not serve:
-        print(f"note: rank 0 runs on {first}, not on this machine: the run is not supervised (a lost rank ends "
-              "it); start spmd.launch there to have it supervised", file=sys.stderr)
+                            probe_timeout=min(timeout, 2.0), env=env, serve=flags).run())
+    print(f"note: rank 0 runs on {first}, not on this machine: the {'server' if serve else 'run'} is not "
+          "supervised (a lost rank ends it); start spmd.launch there to have it supervised", file=sys.stderr)
     cmd = [mpirun, *(["-f", hostfile] if hostfile else []), "-n", str(ranks), sys.executable, "-m",
            "spmd.serve" if serve else "spmd.run", *run_args]
     os.execve(mpirun, cmd, env)
+
+
+def server_flags(run_args):
+    """spmd.serve's flags the supervisor's HTTP side takes: (host, port, model id, queue limit). A mistake in any
+    flag, or --help, ends here as spmd.serve would, before the port is bound."""
+    from .run import EMBEDDED_MODEL, parse_args
+    from .serve import cli
+    kw = parse_args(list(run_args), True, cli, "python -m spmd.serve")
+    if isinstance(kw, int):
+        sys.exit(kw)
+    return kw["host"], kw["port"], kw["alias"] or os.path.basename(kw["model"] or EMBEDDED_MODEL), kw["queue_limit"]
 
 
 if __name__ == "__main__":

@@ -34,6 +34,18 @@ class PromptSpec:
         return getattr(opts, name) if value is None else value
 
 
+@dataclass(frozen=True)
+class Work:
+    """A sequence to generate, on rank 0: its index in input order, prompt token ids (an int64 array), steps and
+    settings; `resume`, for a request a relaunched job goes on with (spmd.front), the tokens it had sampled and its
+    sampler's state (a resume file's entry: spmd.journal)."""
+    index: int
+    ids: object
+    steps: int
+    spec: PromptSpec
+    resume: dict = None
+
+
 def read_prompts_file(path) -> list:
     """[PromptSpec] of the file's non-blank lines, in order."""
     regular_file(path, "--prompts-file")

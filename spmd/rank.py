@@ -18,22 +18,13 @@ from .gguf_file import GGUFFile
 from .journal import read_resume
 from .model import PREFILL_TOKENS, kv_bytes_per_position, pass_bytes
 from .plan import make_plan, parse_layout
-from .prompts import PromptSpec, read_prompts_file
+from .prompts import PromptSpec, Work, read_prompts_file
 from .sampling import Sampler
 from .tokenizer import load_tokenizer
 from .stream import DeviceWindow, Window, choose, in_memory
 from .weights import half_bytes, load_shard, share_file_bytes
 
 WEIGHT_SOURCES = ("file", "peer")
-
-
-@dataclass(frozen=True)
-class Work:
-    """A sequence to generate, on rank 0: its index in input order, prompt token ids, steps and settings."""
-    index: int
-    ids: np.ndarray
-    steps: int
-    spec: PromptSpec
 
 
 @dataclass(frozen=True)

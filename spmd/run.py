@@ -184,18 +184,27 @@ def main(argv=None):
     """Ctrl-C, or a SIGTERM (mpirun passes both on to every rank), stops without a traceback, with the shell's
     exit status for the signal (130, 143); under way, every rank stops together and rank 0's control socket file
     is removed."""
-    from .watch import fork_rank
-    fork_rank()  # supervised: a watcher process says which rank died (spmd.watch)
-    if os.environ.get("SPMD_WATCH") == "1" and os.environ.get("PMI_RANK", "0") != "0":
-        # supervised, a rank other than 0: a SIGTERM is its machine going down (the supervisor ends a job with
-        # SIGINT), so the rank dies of it and the supervisor goes on without it
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    else:
+    watched()
+    if not term_is_loss():
         signal.signal(signal.SIGTERM, interrupt)
     try:
         run(argv)
     except KeyboardInterrupt:  # before the engine started (importing, parsing): nothing to clean up
         sys.exit(signal_status())
+
+
+def watched():
+    """Supervised, a watcher process says which rank died (spmd.watch); a rank other than 0 dies of a SIGTERM."""
+    from .watch import fork_rank
+    fork_rank()
+    if term_is_loss():
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def term_is_loss():
+    """Supervised, a rank other than 0: a SIGTERM is its machine going down (the supervisor ends a job with SIGINT),
+    so the rank dies of it and the supervisor goes on without it."""
+    return os.environ.get("SPMD_WATCH") == "1" and os.environ.get("PMI_RANK", "0") != "0"
 
 
 _signals = []  # the signal that stopped the run: SIGTERM is raised as a KeyboardInterrupt too

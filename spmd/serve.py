@@ -10,7 +10,7 @@ import threading
 import click
 
 from .run import (cluster_options, flags_agreed, guarded, imports_agreed, interrupt, model_or_embedded, parse_args,
-                  root_log)
+                  root_log, supervised, term_is_loss, watched)
 
 STOP_GRACE_S = 20.0  # a rank told to stop waits this long for rank 0's STOP before it takes the job down
 
@@ -27,6 +27,10 @@ STOP_GRACE_S = 20.0  # a rank told to stop waits this long for rank 0's STOP bef
 @click.option("--queue", "queue_limit", default=32, show_default=True, type=click.IntRange(min=0), metavar="N",
               help="Requests that may wait for a free sequence; more are answered 429 with Retry-After.")
 @click.option("--alias", default=None, metavar="NAME", help="The model's id in the API. Default: the file's name.")
+@click.option("--journal", default=None, hidden=True, help="spmd.supervise's pipe (spmd.journal).")
+@click.option("--requests", default=None, hidden=True,
+              help="spmd.front's pipe: the requests come from the supervisor, which serves HTTP.")
+@click.option("--resume", default=None, hidden=True, help="spmd.supervise's resume file: its layout.")
 @cluster_options
 def cli(**kw):
     """Serve a GGUF model split across MPI ranks as an OpenAI-compatible API, with a chat and a page at /.
@@ -37,7 +41,9 @@ def cli(**kw):
 
 
 def main(argv=None):
-    signal.signal(signal.SIGTERM, interrupt)
+    watched()
+    if not term_is_loss():
+        signal.signal(signal.SIGTERM, interrupt)
     try:
         run(argv)
     except KeyboardInterrupt:  # before the engine started (importing, parsing): nothing to clean up
@@ -48,18 +54,24 @@ def run(argv):
     from . import comm as C  # initialises MPI
     comm = C.Comm()
     kw = flags_agreed(comm, parse_args(argv, comm.is_root, cli, "python -m spmd.serve"))
-    imports_agreed(comm, ("engine", "api", "chat_template"))
-    from .api import Gateway, Server
-    from .chat_template import ChatTemplate, TemplateError, from_gguf
+    imports_agreed(comm, ("engine", "api", "chat_template", "front"))
+    from .api import Gateway, Inbox, Server
+    from .chat_template import load_template
     from .control import default_path
-    from .driver import Inbox
     from .engine import Engine, RunOptions
+    from .front import Feed
+    from .rank import agree
     log = root_log(comm)
     model_or_embedded(kw, log)
     host, port, queue_limit = kw.pop("host"), kw.pop("port"), kw.pop("queue_limit")
     model_id = kw.pop("alias") or os.path.basename(kw["model"])
+    requests = kw.pop("requests")  # supervised (spmd.front): the supervisor serves HTTP
+    journal = supervised(comm, log, kw.pop("journal"))
+    inbox = Inbox() if comm.is_root else None
+    feed = guarded(comm, log, lambda: agree(comm, lambda: Feed(requests, inbox, journal) if comm.is_root
+                                            and requests is not None else None))
     server, failed = None, None
-    if comm.is_root:
+    if comm.is_root and feed is None:
         server = Server(host, port, model_id, queue_limit)
         try:
             server.start()  # /health answers 503 while the model loads
@@ -73,18 +85,16 @@ def run(argv):
     socket_path = kw.pop("control_socket") or default_path(root_pid)
     opts = RunOptions(**kw, control_socket=None if socket_path.lower() == "none" else socket_path)
     try:
-        engine = guarded(comm, log, lambda: Engine(opts, comm, log=log))
-        inbox = Inbox() if comm.is_root else None
-        if comm.is_root:
-            state = engine.state
-            try:
-                template = from_gguf(state.file, state.tokenizer)
-            except TemplateError as e:
-                log(f"note: {e}; chats use the built-in template (see the README)")
-                template = ChatTemplate(None)
-            if template.builtin:
-                log("note: the model file has no chat template; chats use the built-in one (see the README)")
-            server.open(Gateway(inbox, state.tokenizer, template, state.context, state.n_known, state.n_slots))
+        engine = guarded(comm, log, lambda: Engine(opts, comm, log=log, journal=journal))
+        state = engine.state
+        if feed is not None:
+            journal.event("ready", ratios=state.plan.text(), prompts=[], model=os.path.abspath(opts.model),
+                          tokenizer=opts.tokenizer and os.path.abspath(opts.tokenizer), context=state.context,
+                          n_known=state.n_known, slots=state.n_slots)
+            feed.start()
+        elif server is not None:
+            server.open(Gateway(inbox, state.tokenizer, load_template(state.file, state.tokenizer, log),
+                                state.context, state.n_known, state.n_slots))
             log(f"serving {model_id} on http://{host}:{server.port} ({comm.size} rank{'s' * (comm.size > 1)}, "
                 f"{state.n_slots} sequence{'s' * (state.n_slots > 1)} of up to {state.context} positions at once)")
         stop_on_signals(comm, inbox)
@@ -92,7 +102,7 @@ def run(argv):
     finally:
         if server is not None:
             server.stop()
-    if comm.is_root:
+    if comm.is_root and feed is None:  # supervised, the supervisor says it for every job
         log(f"[spmd] served {result['requests']} request{'s' * (result['requests'] != 1)}, "
             f"{result['tokens_generated']} tokens in "
             f"{result['elapsed_s']:.1f} s; {result['n_ranks']} rank(s) {result['ratios']}, {result['backend']}")
@@ -112,7 +122,8 @@ def stop_on_signals(comm, inbox):
             timer.daemon = True
             timer.start()
     signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    if not term_is_loss():
+        signal.signal(signal.SIGTERM, on_signal)
 
 
 if __name__ == "__main__":

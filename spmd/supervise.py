@@ -127,8 +127,11 @@ class Job:
     TERMINATION" banner, dropped) and what rank 0 says outside the journal (--help); its stderr the ranks'
     messages, passed on, except the watchers' lines (spmd.watch) naming a rank that died, which are kept."""
 
-    def __init__(self, cmd, env, fifo):
+    def __init__(self, cmd, env, fifo, requests=None, wake=None):
         self.fd = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)  # a reader, and a writer so that it never reads EOF
+        # serving (spmd.front): the requests pipe, what is still to be written to it, and the front's wake-up pipe
+        self.out_fd = os.open(requests, os.O_RDWR | os.O_NONBLOCK) if requests else None
+        self.outgoing, self.wake = b"", wake
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
                                      start_new_session=True, preexec_fn=die_with_parent)
         self.pipes = {p.fileno(): [p, b""] for p in (self.proc.stdout, self.proc.stderr)}
@@ -137,9 +140,20 @@ class Job:
         self.lines = b""
         self.died = {}  # rank -> signal, from the watchers' lines
 
+    def send(self, data):
+        """Serving: bytes for the requests pipe, written as the job reads them (see `read`)."""
+        self.outgoing += data
+
     def read(self, timeout):
-        """The complete journal lines that came within `timeout` seconds (mpirun's output handled meanwhile)."""
-        ready, _, _ = select.select([self.fd, *self.pipes], [], [], timeout)
+        """The complete journal lines that came within `timeout` seconds (mpirun's output handled meanwhile, and
+        what `send` was given written as the pipe takes it); a request coming to the front ends the wait."""
+        readers = [self.fd, *self.pipes] + ([self.wake] if self.wake is not None else [])
+        ready, writable, _ = select.select(readers, [self.out_fd] if self.outgoing else [], [], timeout)
+        if writable:
+            try:
+                self.outgoing = self.outgoing[os.write(self.out_fd, self.outgoing):]
+            except BlockingIOError:
+                pass
         lines = []
         if self.fd in ready:
             self.lines += os.read(self.fd, 1 << 20)
@@ -198,6 +212,8 @@ class Job:
 
     def close(self):
         os.close(self.fd)
+        if self.out_fd is not None:
+            os.close(self.out_fd)
         self.proc.stdout.close()
         self.proc.stderr.close()
 
@@ -226,6 +242,11 @@ class Progress:
             self._prefill = (now, prefill)
         self.last = now
 
+    def idle(self, now):
+        """Nothing was asked of the job (an idle server): no token is due."""
+        self.last = self.last_token = now
+        self._prefill = None
+
     def overdue(self, now):
         bound = self.timeout + 2 * max(self.gaps, default=0.0)
         if self._prefill is not None:
@@ -237,14 +258,15 @@ class Supervisor:
     """`run()` -> exit status. `hosts`: [(host, slots)] of the hostfile (None: every rank on this machine)."""
 
     def __init__(self, mpirun, hosts, n_ranks, run_args, progress_timeout=10.0, max_recoveries=3,
-                 probe_timeout=2.0, env=None):
+                 probe_timeout=2.0, env=None, serve=None):
         self.mpirun, self.run_args = mpirun, list(run_args)
+        self.serve, self.front = serve, None  # spmd.serve: (host, port, model id, queue limit); its spmd.front
         self.progress_timeout, self.max_recoveries, self.probe_timeout = progress_timeout, max_recoveries, probe_timeout
         self.env = dict(os.environ if env is None else env, SPMD_WATCH="1")  # each rank's watcher: spmd.watch
         per_rank = [h for h, slots in hosts for _ in range(slots)] if hosts else ["localhost"]
         self.rank_hosts = [per_rank[r % len(per_rank)] for r in range(n_ranks)]  # MPICH's order: fill, then wrap
         self.hostfile = hosts is not None
-        self.record, self.recoveries, self.job = Record(), [], None
+        self.record, self.recoveries, self.job = Record(serving=serve is not None), [], None
         self.prefill_s = None  # what a prompt token took in the last prefill seen, kept across relaunches
         self.stopping = None  # the signal the user stopped the supervisor with
         self.dir = None
@@ -254,8 +276,18 @@ class Supervisor:
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         self.dir = tempfile.mkdtemp(prefix="spmd-supervise-", dir=os.environ.get("XDG_RUNTIME_DIR"))
         try:
+            if self.serve is not None:
+                from .errors import UserError
+                from .front import Front
+                try:
+                    self.front = Front(*self.serve, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+                except UserError as e:
+                    return self._fail(str(e), 1)
+                self.front.recoveries = self.recoveries
             return self._run()
         finally:
+            if self.front is not None:
+                self.front.close()
             for s, handler in previous.items():
                 signal.signal(s, handler)
             for name in os.listdir(self.dir):
@@ -264,6 +296,8 @@ class Supervisor:
 
     def _on_signal(self, signum, _frame):
         self.stopping = signum
+        if self.front is not None:
+            self.front.inbox.close()  # new requests are answered 503; those in flight are finished
         if self.job is not None:
             self.job.signal(signal.SIGINT)  # the job stops as spmd.run does on Ctrl-C; it is not relaunched
 
@@ -300,7 +334,10 @@ class Supervisor:
             with open(path, "w") as f:
                 f.write(hostfile_text(self.rank_hosts))
             cmd += ["-f", path]
-        cmd += ["-n", str(len(self.rank_hosts)), sys.executable, "-m", "spmd.run", *self.run_args, "--journal", fifo]
+        module = "spmd.run" if self.front is None else "spmd.serve"
+        cmd += ["-n", str(len(self.rank_hosts)), sys.executable, "-m", module, *self.run_args, "--journal", fifo]
+        if self.front is not None:
+            cmd += ["--requests", os.path.join(self.dir, "requests")]
         if resume is not None:
             path = os.path.join(self.dir, "resume.json")
             with open(path, "w") as f:
@@ -312,12 +349,14 @@ class Supervisor:
         """One job until it ends: (exit status, None) when the run is over, or (status, (lost ranks, why, when the
         last token came)) when it failed in a way a relaunch may recover from. `timing`: (when the failure before
         was detected, when its last token came), for the recovery's figures."""
-        fifo = os.path.join(self.dir, "journal")
-        if not os.path.exists(fifo):
-            os.mkfifo(fifo, 0o600)
-        record = self.record
+        fifo, requests = os.path.join(self.dir, "journal"), os.path.join(self.dir, "requests")
+        for path in (fifo, requests) if self.front is not None else (fifo,):
+            if not os.path.exists(path):
+                os.mkfifo(path, 0o600)
+        record, front = self.record, self.front
         record.relaunch()
-        self.job = job = Job(self._command(fifo, resume), self.env, fifo)
+        self.job = job = Job(self._command(fifo, resume), self.env, fifo, *(
+            (requests, front.wake) if front is not None else ()))
         progress, ready_at = Progress(self.progress_timeout, self.prefill_s), None
         try:
             while job.proc.poll() is None:
@@ -335,7 +374,12 @@ class Supervisor:
                         self.recoveries[-1].update(relaunch_s=round(ready_at - detected, 3),
                                                    stall_s=round(now - last_token, 3))
                         timing = None
-                if record.ready and not record.done and self.stopping is None:
+                if front is not None:
+                    job.send(front.lines(record.ready))
+                busy = front.busy if front is not None else not record.done
+                if front is not None and not busy:  # an idle server makes no tokens: the clock starts with work
+                    progress.idle(now)
+                if record.ready and busy and self.stopping is None:
                     waited = progress.overdue(now)
                     if waited is not None:
                         stalled = self._stopped_or_gone()  # before the job is taken down
@@ -348,24 +392,33 @@ class Supervisor:
                 self._apply(line)
         finally:
             job.close()
+            if front is not None:
+                front.lost()
             self.prefill_s = progress.prefill_s
         return self._ended(job, progress.last_token)
 
     def _apply(self, line):
-        """One journal line: its stdout text printed. False once nobody reads stdout."""
+        """One journal line: its stdout text printed (serving: its event to the front). False once nobody reads
+        stdout."""
         try:
-            text = self.record.apply(line)
+            event = json.loads(line)
+            text = self.record.apply(event)
         except (ValueError, KeyError, TypeError, IndexError):  # a line cut short (a killed job) or not ours
             return True
-        return write_stdout(text)
+        if self.front is not None:
+            if event["ev"] == "ready":
+                self.front.ready(event, len(self.record.ranks))
+            else:
+                self.front.apply(event)
+        return write_stdout(text) if text else True
 
     def _ended(self, job, last_token):
         """After mpirun has ended by itself: over (status, None), or recoverable (status, (lost, why, last))."""
         record, status = self.record, job.proc.returncode
         status = 128 - status if status < 0 else status
-        if self.stopping is not None:
-            return 128 + self.stopping, None
-        if status == 0 and (record.result is not None or record.done):
+        if self.stopping is not None:  # a server stopped by its user ends as the job did (0: cleanly)
+            return (128 + self.stopping if self.front is None else status), None
+        if status == 0 and (record.result is not None or record.done or self.front is not None):
             return self._success(), None
         lost = self._lost(self._signalled(job.died))
         if not lost:
@@ -433,10 +486,12 @@ class Supervisor:
         self.rank_hosts = [h for r, h in enumerate(self.rank_hosts) if r not in gone]
         n = len(self.rank_hosts)
         what = describe(lost, why)
+        front = self.front
         self.recoveries.append({
-            "after_tokens": sum(len(s["tokens"]) for s in record.sequences.values()),
+            "after_tokens": record.tokens if front else sum(len(s["tokens"]) for s in record.sequences.values()),
             "lost": [r._asdict() for r in lost], "why": what, "ratios_before": before, "ratios_after": after,
-            "ranks_after": n, "tokens_replayed": record.unfinished_tokens, "detect_s": detect_s})
+            "ranks_after": n, "detect_s": detect_s,
+            "tokens_replayed": sum(len(r[2]) for r in front.requests.values()) if front else record.unfinished_tokens})
         print(f"[spmd] {what}; going on with {n} rank{'s' * (n > 1)}, --ratios {after} (recovery "
               f"{len(self.recoveries)} of at most {self.max_recoveries})", file=sys.stderr, flush=True)
         return record.resume(after)

@@ -7,8 +7,9 @@ the OOM killer, a crash) the parent says so in one line on stderr, which mpirun 
 That is how the supervisor knows which rank died: mpirun's own banner names whichever process it saw end first,
 often one it killed itself while taking the job down. The child dies with its parent (PR_SET_PDEATHSIG), so a job
 taken down (mpirun kills the processes it started: the parents) leaves no rank behind. A signal the parent gets
-(Ctrl-C, SIGTERM passed on by mpirun) goes on to the child. Pure standard library: nothing is imported before the
-fork that the parent does not need."""
+(Ctrl-C, SIGTERM passed on by mpirun) goes on to the child, which has a process group of its own so that a
+signal mpirun sends the group comes once (twice, a Ctrl-C is a server's "stop at once"). Pure standard library:
+nothing is imported before the fork that the parent does not need."""
 import ctypes
 import os
 import signal
@@ -32,6 +33,7 @@ def fork_rank():
             pass
         if os.getppid() != parent:  # the parent died before the tie was made
             os._exit(1)
+        os.setpgid(0, 0)  # mpirun's proxy signals its process group: the parent passes each signal on, once
         return
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(signum, lambda s, _f: os.kill(child, s))
