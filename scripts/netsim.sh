@@ -10,6 +10,9 @@
 #   scripts/netsim.sh run -- MPIEXEC-ARGS     mpiexec over those hosts, e.g.
 #                                             scripts/netsim.sh run -- -n 3 python -m spmd.run --model m.gguf
 #                                             (without -n: one rank per host)
+#   scripts/netsim.sh launch -- LAUNCH-ARGS  python -m spmd.launch over those hosts, supervised, e.g.
+#                                             scripts/netsim.sh launch -- -- --model m.gguf --ratios 1:1:1
+#                                             (the hostfile is given; each host answers on port 22 as sshd would)
 #   scripts/netsim.sh status                  hosts, caps, link byte counters, and a check that an MPI job's
 #                                             bytes do cross the links (not shared memory)
 #   scripts/netsim.sh down                    removes everything (also after a partial `up`)
@@ -35,6 +38,16 @@ PYTHON=${PYTHON:-$ROOT/.venv/bin/python}
 MPIEXEC=${MPIEXEC:-$ROOT/.venv/bin/mpiexec}
 MAX_HOSTS=64
 
+PORT22='
+import socket
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 22))
+s.listen(64)
+while True:
+    s.accept()[0].close()
+'
+
 die() { echo "netsim: $*" >&2; exit 1; }
 
 need_root_and_ip() {
@@ -49,6 +62,7 @@ host_links() { ip -o link show 2>/dev/null | awk -F': ' '{print $2}' | sed 's/@.
 cmd_down() {
     need_root_and_ip
     local ns link
+    [ -f "$STATE/port22.pids" ] && xargs -r kill <"$STATE/port22.pids" 2>/dev/null || true
     for ns in $(namespaces); do ip netns del "$ns"; done      # takes the veth ends inside with it
     for link in $(host_links); do ip link del "$link" 2>/dev/null || true; done
     ip link show "$BRIDGE" >/dev/null 2>&1 && ip link del "$BRIDGE"
@@ -62,7 +76,7 @@ write_wrapper() {
     cat >"$WRAPPER" <<EOF
 #!/bin/sh
 # Written by scripts/netsim.sh up: hydra's "ssh" into a simulated host = enter its namespaces.
-while [ \$# -gt 0 ]; do case "\$1" in -*) shift ;; *) break ;; esac; done
+while [ \$# -gt 0 ]; do case "\$1" in -[opliF]) shift 2 ;; -*) shift ;; *) break ;; esac; done
 host=\$1; shift
 case "\$host" in
     ${SUBNET}.*) i=\$(( \${host##*.} - 1 )) ;;
@@ -120,6 +134,9 @@ cmd_up() {
         ip -n "$ns" link set lo up
         ip -n "$ns" addr add "$SUBNET.$((i + 1))/24" dev eth0
         ip -n "$ns" link set eth0 up
+        # an sshd stand-in on port 22 (spmd.launch checks each host there, its supervisor probes it)
+        ip netns exec "$ns" "$PYTHON" -c "$PORT22" >/dev/null 2>&1 &
+        echo $! >>"$STATE/port22.pids"
         r=${rate_of[$i]:-$rate}
         if [ -n "$r" ]; then
             cap_link eth0 "$ns" "$r"                 # host i -> bridge (its upload)
@@ -148,6 +165,15 @@ cmd_up() {
 
 mpi_env() {  # the environment that keeps MPICH on TCP over eth0
     echo UCX_TLS=tcp,self UCX_NET_DEVICES=eth0 MPIR_CVAR_NOLOCAL=1
+}
+
+cmd_launch() {  # spmd.launch in rank 0's host, its mpirun going through the wrapper
+    need_root_and_ip
+    [ -f "$STATE/config" ] && [ -x "$WRAPPER" ] || die "not up: run '$0 up N' first"
+    [ "${1:-}" = "--" ] && shift
+    exec ip netns exec ${PREFIX}-h0 unshare --uts /bin/sh -c 'hostname "$0" && exec "$@"' ${PREFIX}-h0 \
+        env $(mpi_env) PATH="$(dirname "$MPIEXEC"):$PATH" HYDRA_LAUNCHER=ssh HYDRA_LAUNCHER_EXEC="$WRAPPER" \
+        HYDRA_IFACE=eth0 "$PYTHON" -m spmd.launch -f "$HOSTFILE" "$@"
 }
 
 cmd_run() {
@@ -204,6 +230,8 @@ case "${1:-}" in
     up) shift; cmd_up "$@" ;;
     down) shift; cmd_down ;;
     run) shift; cmd_run "$@" ;;
+    launch) shift; cmd_launch "$@" ;;
     status) shift; cmd_status "$@" ;;
-    *) echo "usage: $0 up N [--rate 100mbit] | run -- MPIEXEC-ARGS | status [--no-check] | down" >&2; exit 2 ;;
+    *) echo "usage: $0 up N [--rate 100mbit] | run -- MPIEXEC-ARGS | launch -- LAUNCH-ARGS | status [--no-check]" \
+            "| down" >&2; exit 2 ;;
 esac

@@ -42,6 +42,7 @@ from .run import PER_RANK_FLAGS, write_stdout
 DIED = re.compile(r"spmd: rank (\d+) \((.*)\) died \(signal (\d+)\)")  # spmd.watch's line
 # mpirun's own lines on its stdout: its "BAD TERMINATION" banner, and what it says when a job is ended with SIGINT
 BANNER_LINE = re.compile(r"^(=|YOUR APPLICATION TERMINATED|This typically refers|Please see the FAQ|\[mpiexec@)")
+ABORTED = re.compile(r"^Abort\(\d+\) on node \d+")  # MPICH's line for a rank the supervisor's own SIGINT ended
 TERM_GRACE_S = 3.0  # after SIGINT, how long mpirun has to take the job down before it is killed
 GAPS = 32  # recent gaps between tokens the progress bound looks at
 
@@ -139,6 +140,7 @@ class Job:
             os.set_blocking(fd, False)
         self.lines = b""
         self.died = {}  # rank -> signal, from the watchers' lines
+        self.ending = False  # the supervisor is taking it down
 
     def send(self, data):
         """Serving: bytes for the requests pipe, written as the job reads them (see `read`)."""
@@ -183,7 +185,8 @@ class Job:
             if died is not None:
                 self.died[int(died.group(1))] = int(died.group(3))
             elif pipe is self.proc.stderr:
-                print(line, file=sys.stderr, flush=True)
+                if not (self.ending and ABORTED.match(line)):
+                    print(line, file=sys.stderr, flush=True)
             elif line.strip() and not BANNER_LINE.match(line):  # rank 0's own (--help)
                 print(line, flush=True)
 
@@ -197,6 +200,7 @@ class Job:
         """Take the job down: SIGINT to mpirun (it passes it on: the ranks stop as on Ctrl-C; a SIGTERM would be a
         rank's machine going down), SIGKILL after TERM_GRACE_S, and SIGKILL to any of its ranks on this machine
         still there (a stopped one, say)."""
+        self.ending = True
         self.signal(signal.SIGINT)
         try:
             self.proc.wait(TERM_GRACE_S)
