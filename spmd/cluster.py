@@ -5,7 +5,7 @@ The format is in spmd.profile's docstring and README's "Planning the split for y
 import json
 import math
 from bisect import bisect_right
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import NamedTuple
 
@@ -80,6 +80,14 @@ class Profile:
     source: str  # how messages name it
     allreduce_ms: float = 0.0  # what one allreduce of a row costs beyond its links' latency (optional in the file)
     memory_limits: tuple = ()  # per rank: its --memory-limit in bytes, or None (the run's, never in the file)
+
+    def subset(self, ranks) -> "Profile":
+        """The profile of a job on `ranks` of this one (old rank indices, in their new order: a relaunch on the
+        survivors, spmd.supervise), numbered from 0."""
+        return replace(self, ranks=tuple(replace(self.ranks[r], rank=i) for i, r in enumerate(ranks)),
+                       latency_ms=tuple(tuple(self.latency_ms[a][b] for b in ranks) for a in ranks),
+                       bandwidth=tuple(tuple(self.bandwidth[a][b] for b in ranks) for a in ranks),
+                       memory_limits=tuple(self.memory_limits[r] for r in ranks) if self.memory_limits else ())
 
     def link_ms(self, i, j, n_bytes) -> float:
         return self.latency_ms[i][j] + n_bytes / self.bandwidth[i][j] * 1e3

@@ -17,7 +17,10 @@ the reader drops: what was not journaled did not happen, so the text a superviso
 
 The resume file (written by the supervisor, read by rank 0 of the relaunched job):
   {"version": 1, "ratios": LAYOUT, "sequences": [{"seq": I, "prompt": [ids], "tokens": [...], "finish": FINISH,
-   "rng": STATE}, ...]}
+   "rng": STATE}, ...], "ranks": [...]}
+LAYOUT is null where the run was planned (--plan): the relaunch plans again, on a saved profile's ranks that
+"ranks" names (the survivors' indices in the profile, in their new order; absent for --plan auto, which measures
+again).
 """
 import json
 import os
@@ -117,14 +120,15 @@ class Record:
         """A new job starts: what it has not said yet is unknown."""
         self.ranks, self.ready, self.prefill = [], False, 0
 
-    def resume(self, ratios):
-        """The resume file's contents for a relaunch on `ratios`."""
-        return {"version": VERSION, "ratios": ratios,
+    def resume(self, ratios, ranks=None):
+        """The resume file's contents for a relaunch on `ratios` (None: planned again, on the profile's `ranks`)."""
+        return {"version": VERSION, "ratios": ratios, "ranks": ranks,
                 "sequences": [{"seq": i, "prompt": self.prompts[i], **s} for i, s in sorted(self.sequences.items())]}
 
 
 def read_resume(path):
-    """Rank 0 of a relaunched job: the resume file, checked. {"ratios": LAYOUT, "sequences": {index: entry}}."""
+    """Rank 0 of a relaunched job: the resume file, checked. {"ratios": LAYOUT or None, "ranks": [...] or None,
+    "sequences": {index: entry}}."""
     regular_file(path, "--resume")
     with open(path, "rb") as f:
         data = f.read(MAX_RESUME_BYTES + 1)
@@ -133,8 +137,8 @@ def read_resume(path):
         obj = json.loads(data) if len(data) <= MAX_RESUME_BYTES else None
     except ValueError:
         raise bad from None
-    if not (isinstance(obj, dict) and obj.get("version") == VERSION and isinstance(obj.get("ratios"), str)
-            and isinstance(obj.get("sequences"), list)):
+    if not (isinstance(obj, dict) and obj.get("version") == VERSION and isinstance(obj.get("ratios"), (str, type(None)))
+            and isinstance(obj.get("sequences"), list) and (obj.get("ranks") is None or _ints(obj["ranks"]))):
         raise bad
     sequences = {}
     for s in obj["sequences"]:
@@ -143,7 +147,7 @@ def read_resume(path):
                 and (s.get("rng") is None or isinstance(s["rng"], dict))):
             raise bad
         sequences[s["seq"]] = s
-    return {"ratios": obj["ratios"], "sequences": sequences}
+    return {"ratios": obj["ratios"], "ranks": obj.get("ranks"), "sequences": sequences}
 
 
 def _ints(v):

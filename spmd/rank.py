@@ -204,7 +204,8 @@ class RankState:
         if opts.resume is not None:  # a relaunch (spmd.supervise): its layout replaces --ratios or --plan
             self.resume = agree(comm, lambda: read_resume(opts.resume) if comm.is_root else None)
             layout = comm.bcast(self.resume["ratios"] if comm.is_root else None)
-            opts = replace(opts, ratios=layout, plan=None)
+            if layout is not None:  # else planned again (--plan), on the survivors
+                opts = replace(opts, ratios=layout, plan=None)
         self.opts = opts
         if opts.steps < 1:
             raise UserError(f"--steps must be at least 1 (got {opts.steps})")
@@ -471,6 +472,13 @@ class RankState:
 
         def load():
             profile = cluster.load_profile(data if measured else opts.plan)
+            survivors = self.resume and self.resume["ranks"]
+            if survivors is not None and not measured:  # a relaunch on some of the profiled ranks
+                if len(survivors) != comm.size or len(set(survivors)) != comm.size \
+                        or not all(0 <= r < len(profile.ranks) for r in survivors):
+                    raise UserError(f"--resume {opts.resume}: its ranks {survivors} are not {comm.size} of "
+                                    f"{profile.source}'s {len(profile.ranks)}")
+                profile = profile.subset(survivors)
             cluster.check_matches(profile, self.cfg, comm.size)
             return profile
         profile = agree(comm, load if comm.is_root else lambda: None)

@@ -270,6 +270,8 @@ class Supervisor:
         per_rank = [h for h, slots in hosts for _ in range(slots)] if hosts else ["localhost"]
         self.rank_hosts = [per_rank[r % len(per_rank)] for r in range(n_ranks)]  # MPICH's order: fill, then wrap
         self.hostfile = hosts is not None
+        self.planned = flag_value(self.run_args, "--plan")  # --plan: a relaunch plans again, on the survivors
+        self.profile_ranks = list(range(n_ranks))  # each rank's index in a saved profile (--plan FILE)
         self.record, self.recoveries, self.job = Record(serving=serve is not None), [], None
         self.prefill_s = None  # what a prompt token took in the last prefill seen, kept across relaunches
         self.stopping = None  # the signal the user stopped the supervisor with
@@ -373,6 +375,8 @@ class Supervisor:
                     progress.saw(now, record.tokens != tokens, record.prefill)
                     if record.ready and ready_at is None:
                         ready_at = now
+                        if self.recoveries and self.recoveries[-1]["ratios_after"] is None:  # planned again
+                            self.recoveries[-1]["ratios_after"] = record.ratios
                     if timing is not None and record.tokens != tokens:  # the first token after a recovery
                         detected, last_token = timing
                         self.recoveries[-1].update(relaunch_s=round(ready_at - detected, 3),
@@ -485,9 +489,10 @@ class Supervisor:
         record = self.record
         gone = {r.rank for r in lost}
         before = record.ratios
-        after = without(before, gone) if gone else before
+        after = None if self.planned else without(before, gone) if gone else before
         self.run_args = args_without(self.run_args, gone, len(self.rank_hosts))
         self.rank_hosts = [h for r, h in enumerate(self.rank_hosts) if r not in gone]
+        self.profile_ranks = [p for r, p in enumerate(self.profile_ranks) if r not in gone]
         n = len(self.rank_hosts)
         what = describe(lost, why)
         front = self.front
@@ -496,9 +501,10 @@ class Supervisor:
             "lost": [r._asdict() for r in lost], "why": what, "ratios_before": before, "ratios_after": after,
             "ranks_after": n, "detect_s": detect_s,
             "tokens_replayed": sum(len(r[2]) for r in front.requests.values()) if front else record.unfinished_tokens})
-        print(f"[spmd] {what}; going on with {n} rank{'s' * (n > 1)}, --ratios {after} (recovery "
+        layout = f"--ratios {after}" if after else f"planned again (--plan {self.planned})"
+        print(f"[spmd] {what}; going on with {n} rank{'s' * (n > 1)}, {layout} (recovery "
               f"{len(self.recoveries)} of at most {self.max_recoveries})", file=sys.stderr, flush=True)
-        return record.resume(after)
+        return record.resume(after, self.profile_ranks if self.planned not in (None, "auto") else None)
 
 
 def args_without(args, lost, n_ranks):
@@ -516,6 +522,17 @@ def args_without(args, lost, n_ranks):
             a = drop(a)
         out.append(a)
     return out
+
+
+def flag_value(args, name):
+    """The value of flag `name` in spmd.run's arguments (--name VALUE or --name=VALUE), or None."""
+    value = None
+    for i, a in enumerate(args):
+        if a == name and i + 1 < len(args):
+            value = args[i + 1]
+        elif a.startswith(name + "="):
+            value = a.partition("=")[2]
+    return value
 
 
 def describe(lost, why):

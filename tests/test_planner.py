@@ -496,3 +496,16 @@ def test_a_binary_file_is_not_json(tmp_path):
     junk.write_bytes(bytes(range(128, 256)))
     with pytest.raises(UserError, match="junk.json is not JSON: it is not UTF-8 text"):
         load_profile(str(junk))
+
+
+def test_a_profiles_subset_is_the_profile_of_those_ranks_written_out():
+    """Profile.subset (a relaunch on the survivors) equals loading a file holding only those ranks, in that order."""
+    data = json.loads(HOUSEHOLD.read_text())
+    keep = [3, 0, 2]
+    by_hand = dict(data, ranks=[dict(data["ranks"][r], rank=i) for i, r in enumerate(keep)],
+                   links={name: [[m[a][b] for b in keep] for a in keep] for name, m in data["links"].items()})
+    sub = load_profile(HOUSEHOLD).subset(keep)
+    want = load_profile(by_hand)
+    assert replace(sub, source=want.source) == want
+    assert [r.host for r in sub.ranks] == [data["ranks"][r]["host"] for r in keep]
+    assert plan(sub, "latency").text == plan(want, "latency").text

@@ -75,7 +75,7 @@ def test_the_journal_carries_text_with_its_token_and_drops_a_line_cut_short(tmp_
     assert "".join(printed) == "Hello world"
     assert record.ranks == [("h", 1), ("h", 2)] and record.ratios == "1:1"
     assert record.sequences == {0: {"tokens": [7, 9], "finish": "length", "rng": None}}
-    assert record.resume("1") == {"version": 1, "ratios": "1", "sequences": [
+    assert record.resume("1") == {"version": 1, "ratios": "1", "ranks": None, "sequences": [
         {"seq": 0, "prompt": [1, 5], "tokens": [7, 9], "finish": "length", "rng": None}]}
     os.close(reader)
 
@@ -169,6 +169,27 @@ def test_several_sequences_and_a_seeded_sampler_go_on_as_if_nothing_happened(mod
     assert [s["tokens"] for s in got["sequences"]] == [s["tokens"] for s in want["sequences"]]
     assert [s["text"] for s in got["sequences"]] == [s["text"] for s in want["sequences"]]
     assert len(got["recoveries"]) == 1 and got["recoveries"][0]["tokens_replayed"] > 0
+
+
+def test_a_planned_run_is_planned_again_on_the_survivors(model, tmp_path):
+    """--plan PROFILE: the relaunch plans again from the saved profile's surviving ranks (not the old layout less the
+    lost rank), and the text is unchanged."""
+    profile = tmp_path / "profile.json"
+    p = subprocess.run([MPIRUN, "-n", "3", sys.executable, "-m", "spmd.profile", "--model", model, "--out", profile],
+                       cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert p.returncode == 0, p.stderr
+    want = reference(model, 3, "1:1:1", "--prompt", "Hello")
+    p = subprocess.run([sys.executable, "-m", "spmd.launch", "-n", "3", "--", "--model", model, "--plan", profile,
+                        "--steps", str(STEPS), "--prompt", "Hello", "--output", "json"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=180,
+                       env=dict(os.environ, SPMD_TEST_SIGNAL=kills(tmp_path, "2:12:KILL")))
+    assert p.returncode == 0, p.stderr
+    got = json.loads(p.stdout)
+    assert got["tokens"] == want["tokens"]
+    (recovery,) = got["recoveries"]
+    assert recovery["ratios_after"] == got["ratios"] and len(got["plan"]) == 2
+    assert f"going on with 2 ranks, planned again (--plan {profile})" in p.stderr
+    assert len([line for line in p.stderr.splitlines() if line.startswith(f"plan ({profile}): --ratios")]) == 2
 
 
 def test_rank_0_lost_ends_the_run_with_one_line(model, tmp_path):
