@@ -225,7 +225,9 @@ class Job:
 class Progress:
     """Whether a running job is overdue: no token for `timeout` seconds plus twice the slowest of the recent gaps
     between tokens, plus, while a prefill is pending, three times what its tokens took at the prefill speed seen
-    (unbounded before one was seen, in this job or one before it: the ranks' own --wait-timeout bounds it)."""
+    (unbounded before one was seen, in this job or one before it: there the supervisor looks, every `timeout`
+    seconds of quiet, for a rank stopped or gone on this machine and a host that does not answer; a rank stopped
+    on another host is bounded by the ranks' own --wait-timeout)."""
 
     def __init__(self, timeout, prefill_s=None):
         self.timeout, self.gaps = timeout, deque(maxlen=GAPS)
@@ -364,6 +366,7 @@ class Supervisor:
         self.job = job = Job(self._command(fifo, resume), self.env, fifo, *(
             (requests, front.wake) if front is not None else ()))
         progress, ready_at = Progress(self.progress_timeout, self.prefill_s), None
+        checked = time.monotonic()  # when the ranks and hosts were last looked at while the job was quiet
         try:
             while job.proc.poll() is None:
                 lines, now = job.read(0.05), time.monotonic()
@@ -389,6 +392,11 @@ class Supervisor:
                     progress.idle(now)
                 if record.ready and busy and self.stopping is None:
                     waited = progress.overdue(now)
+                    if waited is None and min(now - progress.last, now - checked) > self.progress_timeout:
+                        # quiet for long, within the bound (a first prefill has none): is a rank or host gone?
+                        checked = now
+                        if self._stopped_or_gone() or self._silent_hosts():
+                            waited = now - progress.last
                     if waited is not None:
                         stalled = self._stopped_or_gone()  # before the job is taken down
                         job.end(self._local_pids())
@@ -468,6 +476,14 @@ class Supervisor:
         """The lost ranks, in rank order: those of `why` ({rank: why}) and every rank of a host that does not answer
         (probed at once, each within probe_timeout)."""
         lost = {rank: Lost(rank, self.rank_hosts[rank], text) for rank, text in why.items()}
+        silent = self._silent_hosts()
+        for rank, host in enumerate(self.rank_hosts):
+            if host in silent:
+                lost.setdefault(rank, Lost(rank, host, "is unreachable (its host does not answer)"))
+        return sorted(lost.values())
+
+    def _silent_hosts(self):
+        """The other machines that do not answer on their ssh port (probed at once, each within probe_timeout)."""
         remote = sorted({h for h in self.rank_hosts if not is_local(h)})
         answers = {}
 
@@ -478,10 +494,7 @@ class Supervisor:
             t.start()
         for t in threads:
             t.join(self.probe_timeout + 1)
-        for rank, host in enumerate(self.rank_hosts):
-            if host in remote and not answers.get(host, False):
-                lost.setdefault(rank, Lost(rank, host, "is unreachable (its host does not answer)"))
-        return sorted(lost.values())
+        return {h for h in remote if not answers.get(h, False)}
 
     # ---- the relaunch ---------------------------------------------------------------------------------------------
     def _replan(self, lost, why, detect_s):

@@ -124,6 +124,7 @@ def kills(tmp_path, *entries):
     (4, "1:1@2*1:1@2", ["3:10:KILL"], "1:1@2*1@2"),  # hybrid
     (4, "1:1@2*1:1@2", ["2:6:KILL", "1:20:KILL"], "1@2*1@2"),  # two failures in one run
     (3, "2:3:3", ["2:8:STOP"], "2:3"),  # a frozen rank: no progress, then it is found stopped
+    (3, "2:3:3", ["2:1:STOP"], "2:3"),  # frozen in the first prefill (no prefill speed seen: no bound on it)
     (3, "2:3:3", ["2:6:TERM"], "2:3"),  # its machine shutting down (it used to stop cleanly and end the run)
 ])
 def test_a_lost_rank_is_recovered_from_and_the_text_is_unchanged(model, tmp_path, ranks, layout, signals, after):
