@@ -61,7 +61,7 @@ def llama(bench, model, split, prompt_len, steps):
 @click.option("--shape", default="tinyllama", type=click.Choice(["tinyllama", "7b"]), show_default=True)
 @click.option("--qtype", default="Q4_0", show_default=True)
 @click.option("--prompt-len", default=128, show_default=True)
-@click.option("--steps", default=64, show_default=True)
+@click.option("--steps", default=256, show_default=True)
 @click.option("--threads", default=4, show_default=True, help="CPU threads of each rank (its host-side work).")
 @click.option("--llama-bench", "bench", default=os.environ.get("LLAMA_BENCH"), help="llama.cpp's llama-bench "
               "built with CUDA: the peer (-sm none, layer, row).")
@@ -79,6 +79,7 @@ def main(model, shape, qtype, prompt_len, steps, threads, bench):
     print(f"{os.path.basename(model)}: prompt {prompt_len} tokens, {steps} generated")
     print(f"{'layout':10} {'prompt tok/s':>12} {'decode tok/s':>12} {'x 1 GPU':>8} {'2 seqs tok/s':>12} "
           f"{'x 1 GPU':>8}  {'sync ms/token per rank':>24} {'us/allreduce':>12}")
+    run(model, "1", "0", [prompt[:8]], 4, threads)  # untimed: the driver's shader cache filled
     base, tokens = None, None
     for name, layout, gpus in LAYOUTS:
         one = run(model, layout, gpus, [prompt], steps, threads)
