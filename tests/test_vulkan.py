@@ -93,10 +93,14 @@ SHAPES = ((1, 32), (37, 96), (300, 544), (5, 4160), (0, 64))  # one block; odd r
 
 
 @needs_device
-@pytest.mark.parametrize("n", [1, 11])  # decode (matvec) and a prompt (matmul: a tile of 8 and a partial one)
+@pytest.mark.parametrize("n, matvec_rows", [(1, 1), (11, 1), (3, 8), (11, 16)],
+                         ids=["matvec", "matmul", "matvec-3-rows", "matvec-11-rows"])  # matmul: a tile of 8 and a part
 @pytest.mark.parametrize("shape", SHAPES, ids=[f"{r}x{c}" for r, c in SHAPES])
 @pytest.mark.parametrize("qtype", TYPES, ids=NAMES)
-def test_product_matches_reference(qtype, shape, n):
+def test_product_matches_reference(qtype, shape, n, matvec_rows, monkeypatch):
+    """Decode's matrix-vector kernel (one token, or a workgroup row per token for a few: several sequences on a
+    GPU) and the prompt's 8-token tiles."""
+    monkeypatch.setattr(BACKEND, "matvec_rows", matvec_rows)
     rng = np.random.default_rng(1)
     w = random_qtensor(qtype, *shape, rng)  # K-quants: columns rounded up to whole super-blocks
     x = activations(n, w.cols, rng)
@@ -380,10 +384,12 @@ def _same_caches(a, b, filled=FILLED):
 
 
 @needs_device
+@pytest.mark.parametrize("matvec_rows", [1, 8], ids=["matmul", "matvec"])  # lavapipe's choice and a GPU's
 @pytest.mark.parametrize("multi", [False, True], ids=["one-buffer", "half-layers"])
-def test_several_sequences_in_one_pass(models, multi):
+def test_several_sequences_in_one_pass(models, multi, matvec_rows, monkeypatch):
     """Prompts and decode tokens of three slots stacked in each pass, against spmd.model.Model doing the same and
     against the same segments run one at a time on the device; the batched decode steps reuse one recording."""
+    monkeypatch.setattr(BACKEND, "matvec_rows", matvec_rows)
     ref, dev, cfg = _shard_models(models["Q8_0"], _whole, slots=3)
     single = BACKEND.make_model(cfg, dev.w, dev.share, dev.max_seq, slots=3)
     _open_slots([ref, dev, single])
