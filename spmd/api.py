@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import math
+import os
 import threading
 import time
 import uuid
@@ -57,6 +58,11 @@ class BadRequest(Exception):
     def __init__(self, message, param=None):
         super().__init__(message)
         self.param = param
+
+
+def listen_error(e):
+    """Why binding failed, in a few words (aiohttp's OSError repeats the address)."""
+    return os.strerror(e.errno) if e.errno else str(e)
 
 
 def error_response(status, message, kind="invalid_request_error", param=None, headers=None):
@@ -374,7 +380,8 @@ class Server:
         except asyncio.TimeoutError:
             status = None
         if status is None:
-            return error_response(503, "the cluster did not answer (it is stopping, or busy moving work)",
+            return error_response(503, "the cluster did not answer (it is stopping, recovering from a lost machine, "
+                                       "or busy moving work)",
                                   "unavailable_error")
         return web.json_response({**status, "model": self.model_id})
 

@@ -37,9 +37,9 @@ class Front:
     """The supervisor's side. `lines(ready)` -> what to send the job now; `apply(event)` takes a journal event;
     `lost()` when a job has ended; `close()` at the end."""
 
-    def __init__(self, host, port, model_id, queue_limit, log):
-        from .api import Inbox, Server
-        self.log, self.model_id, self.host = log, model_id, host
+    def __init__(self, host, port, model_id, queue_limit, log, recovers=True):
+        from .api import Inbox, Server, listen_error
+        self.log, self.model_id, self.host, self.recovers = log, model_id, host, recovers
         self.wake, self._wake_w = os.pipe()  # the supervisor's select wakes as a request comes
         for fd in (self.wake, self._wake_w):
             os.set_blocking(fd, False)
@@ -49,7 +49,7 @@ class Front:
             self.server.start()
         except OSError as e:
             self._close_pipe()
-            raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+            raise UserError(f"cannot listen on {host}:{port}: {listen_error(e)}") from None
         self.requests = {}  # index -> [work, sink, tokens, rng]: sent to a job and not ended
         self.waiting = []  # (work, sink) taken from the inbox while no job was ready
         self.asks, self._asks = {}, iter(range(1, 2**62))  # status id -> reply
@@ -75,7 +75,8 @@ class Front:
             self.since = time.monotonic()
             self.log(f"serving {self.model_id} on http://{self.host}:{self.server.port} ({n_ranks} "
                      f"rank{'s' * (n_ranks > 1)}, {event['slots']} sequence{'s' * (event['slots'] > 1)} of up to "
-                     f"{event['context']} positions at once; supervised: a lost rank is recovered from)")
+                     f"{event['context']} positions at once; supervised: a lost rank "
+                     f"{'is recovered from' if self.recovers else 'ends it (--no-recover)'})")
         self.resend = True
 
     def _gateway(self, event):

@@ -78,6 +78,7 @@ class Record:
     def __init__(self, serving=False):
         self.serving = serving
         self.ranks, self.ready = [], False  # [(host, pid)] of the job now running; whether it has loaded
+        self.started = False  # whether any job has loaded (a failure before that is not recovered from)
         self.ratios = None  # its layout now
         self.prompts = None  # [[ids]] by sequence index
         self.sequences = {}  # index -> {"tokens": [...], "finish": ..., "rng": ...}
@@ -90,7 +91,7 @@ class Record:
         if ev == "ranks":
             self.ranks = [tuple(r) for r in e["ranks"]]
         elif ev == "ready":
-            self.ratios, self.prompts, self.ready = e["ratios"], e["prompts"], True
+            self.ratios, self.prompts, self.ready, self.started = e["ratios"], e["prompts"], True, True
         elif ev == "prefill":
             self.prefill += e["tokens"]
         elif ev == "token":

@@ -136,4 +136,7 @@ def server_flags(run_args):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # Ctrl-C before the supervisor took the signals over (importing, checking hosts)
+        sys.exit(130)

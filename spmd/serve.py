@@ -55,7 +55,7 @@ def run(argv):
     comm = C.Comm()
     kw = flags_agreed(comm, parse_args(argv, comm.is_root, cli, "python -m spmd.serve"))
     imports_agreed(comm, ("engine", "api", "chat_template", "front"))
-    from .api import Gateway, Inbox, Server
+    from .api import Gateway, Inbox, Server, listen_error
     from .chat_template import load_template
     from .control import default_path
     from .engine import Engine, RunOptions
@@ -76,7 +76,7 @@ def run(argv):
         try:
             server.start()  # /health answers 503 while the model loads
         except OSError as e:
-            failed = f"cannot listen on {host}:{port}: {e.strerror or e}"
+            failed = f"cannot listen on {host}:{port}: {listen_error(e)}"
     failed = comm.first_error(failed)
     if failed is not None:
         log(f"error: {failed}")

@@ -26,6 +26,7 @@ import re
 import select
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -43,6 +44,7 @@ DIED = re.compile(r"spmd: rank (\d+) \((.*)\) died \(signal (\d+)\)")  # spmd.wa
 # mpirun's own lines on its stdout: its "BAD TERMINATION" banner, and what it says when a job is ended with SIGINT
 BANNER_LINE = re.compile(r"^(=|YOUR APPLICATION TERMINATED|This typically refers|Please see the FAQ|\[mpiexec@)")
 ABORTED = re.compile(r"^Abort\(\d+\) on node \d+")  # MPICH's line for a rank the supervisor's own SIGINT ended
+DIR_PREFIX = "spmd-supervise-"  # then the supervisor's pid: a folder of one killed with -9 is removed later
 TERM_GRACE_S = 3.0  # after SIGINT, how long mpirun has to take the job down before it is killed
 GAPS = 32  # recent gaps between tokens the progress bound looks at
 
@@ -196,6 +198,19 @@ class Job:
         except ProcessLookupError:
             pass
 
+    def kill(self, local_pids):
+        """At once: mpirun and what it started here (its process group), and the ranks here."""
+        self.ending = True
+        for pid in local_pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except OSError:
+            pass
+
     def end(self, local_pids):
         """Take the job down: SIGINT to mpirun (it passes it on: the ranks stop as on Ctrl-C; a SIGTERM would be a
         rank's machine going down), SIGKILL after TERM_GRACE_S, and SIGKILL to any of its ranks on this machine
@@ -277,18 +292,21 @@ class Supervisor:
         self.record, self.recoveries, self.job = Record(serving=serve is not None), [], None
         self.prefill_s = None  # what a prompt token took in the last prefill seen, kept across relaunches
         self.stopping = None  # the signal the user stopped the supervisor with
+        self.forced = False  # a second signal: the job was killed
         self.dir = None
 
     # ---- the loop -------------------------------------------------------------------------------------------------
     def run(self):
-        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        self.dir = tempfile.mkdtemp(prefix="spmd-supervise-", dir=os.environ.get("XDG_RUNTIME_DIR"))
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+        remove_stale_dirs(os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir())
+        self.dir = tempfile.mkdtemp(prefix=f"{DIR_PREFIX}{os.getpid()}-", dir=os.environ.get("XDG_RUNTIME_DIR"))
         try:
             if self.serve is not None:
                 from .errors import UserError
                 from .front import Front
                 try:
-                    self.front = Front(*self.serve, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+                    self.front = Front(*self.serve, log=lambda msg: print(msg, file=sys.stderr, flush=True),
+                                       recovers=self.max_recoveries > 0)
                 except UserError as e:
                     return self._fail(str(e), 1)
                 self.front.recoveries = self.recoveries
@@ -303,32 +321,56 @@ class Supervisor:
             os.rmdir(self.dir)
 
     def _on_signal(self, signum, _frame):
-        self.stopping = signum
+        """The user stops the run: the job stops as spmd.run does on Ctrl-C (a server ends the answers under way)
+        and is not relaunched. A second signal takes it down at once."""
+        again, self.stopping = self.stopping is not None, signum
         if self.front is not None:
-            self.front.inbox.close()  # new requests are answered 503; those in flight are finished
-        if self.job is not None:
-            self.job.signal(signal.SIGINT)  # the job stops as spmd.run does on Ctrl-C; it is not relaunched
+            self.front.inbox.close()  # new requests are answered 503
+        if self.job is None:
+            return  # the loop sees `stopping` before it starts one
+        if again:
+            self.forced = True
+            self.job.kill(self._local_pids())
+            return
+        for pid in self._local_pids():  # a stopped rank would hold the others until their grace runs out
+            if process_state(pid) in ("T", "t"):
+                try:
+                    os.kill(pid, signal.SIGCONT)
+                except OSError:
+                    pass
+        self.job.signal(signal.SIGINT)
+
+    def _stopped(self, status):
+        """The exit status of a run its user stopped: a signal's (a run, or a server stopped at once), else, for a
+        server, 0 unless its job failed otherwise."""
+        if self.front is None or self.forced:
+            return 128 + self.stopping
+        return 0 if status in (None, 0, 128 + signal.SIGINT, 128 + signal.SIGTERM) else status
 
     def _run(self):
         resume, timing = None, None
         while True:
+            if self.stopping is not None:  # before the first job, or while a failure was being handled
+                return self._stopped(None)
             status, failure = self._attempt(resume, timing)
             if failure is None:
                 return status
-            lost, why, last_token = failure
+            if self.stopping is not None:
+                return self._stopped(status)
+            lost, why, last_token, detected = failure
             if any(r.rank == 0 for r in lost):
                 r0 = next(r for r in lost if r.rank == 0)
-                return self._fail(f"rank 0 ({r0.host}) {r0.why}: it is where the run's output goes, so the run "
-                                  "ends here", status)
+                ends = "it drives every sequence, so the server" if self.front else \
+                    "it is where the run's output goes, so the run"
+                return self._fail(f"rank 0 ({r0.host}) {r0.why}: {ends} ends here", status)
             what = describe(lost, why)
-            if self.record.ratios is None:
+            if not self.record.started:
                 return self._fail(f"{what} while the job was starting (nothing generated yet): not relaunched",
                                   status)
             if len(self.recoveries) >= self.max_recoveries:
-                limit = f"after {self.max_recoveries} recoveries (--max-recoveries)" if self.max_recoveries else \
-                    "(--no-recover)"
+                n = self.max_recoveries
+                limit = f"after {n} recover{'ies' if n > 1 else 'y'} (--max-recoveries)" if n else "(--no-recover)"
                 return self._fail(f"{what}: giving up {limit}", status)
-            detected = time.monotonic()
             resume, timing = self._replan(lost, why, round(detected - last_token, 3)), (detected, last_token)
 
     def _fail(self, message, status):
@@ -355,8 +397,8 @@ class Supervisor:
 
     def _attempt(self, resume, timing):
         """One job until it ends: (exit status, None) when the run is over, or (status, (lost ranks, why, when the
-        last token came)) when it failed in a way a relaunch may recover from. `timing`: (when the failure before
-        was detected, when its last token came), for the recovery's figures."""
+        last token came, when the failure was seen)) when it failed in a way a relaunch may recover from. `timing`:
+        (when the failure before was detected, when its last token came), for the recovery's figures."""
         fifo, requests = os.path.join(self.dir, "journal"), os.path.join(self.dir, "requests")
         for path in (fifo, requests) if self.front is not None else (fifo,):
             if not os.path.exists(path):
@@ -365,6 +407,8 @@ class Supervisor:
         record.relaunch()
         self.job = job = Job(self._command(fifo, resume), self.env, fifo, *(
             (requests, front.wake) if front is not None else ()))
+        if self.stopping is not None:  # the user's signal came while it started
+            job.signal(signal.SIGINT)
         progress, ready_at = Progress(self.progress_timeout, self.prefill_s), None
         checked = time.monotonic()  # when the ranks and hosts were last looked at while the job was quiet
         try:
@@ -390,28 +434,60 @@ class Supervisor:
                 busy = front.busy if front is not None else not record.done
                 if front is not None and not busy:  # an idle server makes no tokens: the clock starts with work
                     progress.idle(now)
-                if record.ready and busy and self.stopping is None:
-                    waited = progress.overdue(now)
+                if (busy or not record.ready) and self.stopping is None:
+                    waited = progress.overdue(now) if record.ready else None
                     if waited is None and min(now - progress.last, now - checked) > self.progress_timeout:
-                        # quiet for long, within the bound (a first prefill has none): is a rank or host gone?
+                        # quiet for long within the bound (a first prefill has none, nor a load): is a rank or a
+                        # host gone?
                         checked = now
                         if self._stopped_or_gone() or self._silent_hosts():
                             waited = now - progress.last
                     if waited is not None:
-                        stalled = self._stopped_or_gone()  # before the job is taken down
-                        job.end(self._local_pids())
-                        job.drain()  # a watcher's line said before the stall was seen names the signal
-                        lost = self._lost({**stalled, **self._signalled(job.died)})
-                        return 1, (lost, f"no token for {waited:.1f} s", progress.last_token)
+                        return 1, self._stalled(job, progress, waited, now)
             job.drain()
             for line in job.read(0) + [job.lines]:  # the last lines; one cut short by a kill is dropped
                 self._apply(line)
         finally:
             job.close()
+            self._remove_socket()
             if front is not None:
                 front.lost()
             self.prefill_s = progress.prefill_s
         return self._ended(job, progress.last_token)
+
+    def _stalled(self, job, progress, waited, detected):
+        """A job that stopped making progress: taken down (the ranks found stopped first: they are lost, and would
+        hold mpirun's own end back), and the failure for `_run`."""
+        stalled = self._stopped_or_gone()
+        for rank in stalled:
+            try:
+                os.kill(self.record.ranks[rank][1], signal.SIGKILL)
+            except OSError:
+                pass
+        job.end(self._local_pids())
+        job.drain()  # a watcher's line said before the stall was seen names the signal of a rank that died
+        why = {**stalled, **self._signalled(job.died)}
+        why.update({r: w for r, w in stalled.items() if w == "stopped"})  # not the SIGKILL given above
+        when = f"no token for {waited:.1f} s" if self.record.ready else f"no progress while loading for {waited:.1f} s"
+        return self._lost(why), when, progress.last_token, detected
+
+    def _remove_socket(self):
+        """The control socket of a job's rank 0 that did not end cleanly (killed by mpirun after another rank's
+        death, say): removed, as rank 0 would have done."""
+        if not self.record.ranks:
+            return
+        pid = self.record.ranks[0][1]
+        path = flag_value(self.run_args, "--control-socket")
+        if path is None:
+            from .control import default_path
+            path = default_path(pid)
+        if path.lower() == "none" or process_state(pid) not in (None, "Z"):
+            return
+        try:
+            if stat.S_ISSOCK(os.lstat(path).st_mode) and os.lstat(path).st_uid == os.getuid():
+                os.unlink(path)
+        except OSError:
+            pass
 
     def _apply(self, line):
         """One journal line: its stdout text printed (serving: its event to the front). False once nobody reads
@@ -432,8 +508,8 @@ class Supervisor:
         """After mpirun has ended by itself: over (status, None), or recoverable (status, (lost, why, last))."""
         record, status = self.record, job.proc.returncode
         status = 128 - status if status < 0 else status
-        if self.stopping is not None:  # a server stopped by its user ends as the job did (0: cleanly)
-            return (128 + self.stopping if self.front is None else status), None
+        if self.stopping is not None:
+            return self._stopped(status), None
         if status == 0 and (record.result is not None or record.done or self.front is not None):
             return self._success(), None
         lost = self._lost(self._signalled(job.died))
@@ -442,7 +518,7 @@ class Supervisor:
         if record.done:  # the text was complete: only the summary line is lost
             print(f"note: {describe(lost, '')} after the text was complete", file=sys.stderr, flush=True)
             return self._success(), None
-        return status, (lost, "", last_token)
+        return status, (lost, "", last_token, time.monotonic())
 
     def _success(self):
         if self.record.result is not None:
@@ -506,6 +582,8 @@ class Supervisor:
         self.run_args = args_without(self.run_args, gone, len(self.rank_hosts))
         self.rank_hosts = [h for r, h in enumerate(self.rank_hosts) if r not in gone]
         self.profile_ranks = [p for r, p in enumerate(self.profile_ranks) if r not in gone]
+        if after is not None:
+            record.ratios = after  # the relaunched job's, should it fail before it says so itself
         n = len(self.rank_hosts)
         what = describe(lost, why)
         front = self.front
@@ -518,6 +596,25 @@ class Supervisor:
         print(f"[spmd] {what}; going on with {n} rank{'s' * (n > 1)}, {layout} (recovery "
               f"{len(self.recoveries)} of at most {self.max_recoveries})", file=sys.stderr, flush=True)
         return record.resume(after, self.profile_ranks if self.planned not in (None, "auto") else None)
+
+
+def remove_stale_dirs(parent):
+    """The folders (journal and requests pipes, resume file) of this user's supervisors that were killed with -9."""
+    try:
+        names = [n for n in os.listdir(parent) if n.startswith(DIR_PREFIX)]
+    except OSError:
+        return
+    for name in names:
+        pid = name[len(DIR_PREFIX):].split("-")[0]
+        path = os.path.join(parent, name)
+        try:
+            if not pid.isdigit() or os.lstat(path).st_uid != os.getuid() or process_state(int(pid)) is not None:
+                continue
+            for entry in os.listdir(path):
+                os.unlink(os.path.join(path, entry))
+            os.rmdir(path)
+        except OSError:
+            pass
 
 
 def args_without(args, lost, n_ranks):

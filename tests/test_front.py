@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from spmd.control import socket_dir
 from spmd.synth import Shape, write_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,8 +44,8 @@ def reference(model, ranks, layout, ids, *extra):
 class Launched:
     """`python -m spmd.launch --serve` running, its stderr gathered; `url` once it serves."""
 
-    def __init__(self, model, ranks, layout, signals="", launch=()):
-        env = dict(os.environ, SPMD_TEST_SIGNAL=signals)
+    def __init__(self, model, ranks, layout, signals="", launch=(), env=None):
+        env = dict(os.environ, SPMD_TEST_SIGNAL=signals, **(env or {}))
         self.proc = subprocess.Popen([sys.executable, "-m", "spmd.launch", "-n", str(ranks), "--serve", *launch,
                                       "--", "--model", model, "--ratios", layout, "--port", "0"],
                                      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -107,6 +108,7 @@ def streamed(url, body):
     (3, "1:1:1", "2:10:STOP", "1:1"),  # a frozen rank: no progress, then it is found stopped
 ])
 def test_a_clients_stream_goes_on_through_a_lost_rank(model, tmp_path, ranks, layout, signals, after):
+    sockets = set(Path(socket_dir()).glob("control-*.sock"))
     want = reference(model, ranks, layout, GREEDY)["text"]
     want_seeded = reference(model, ranks, layout, SEEDED, "--temperature", "0.9", "--seed", "11")["text"]
     stop = "STOP" in signals
@@ -138,6 +140,30 @@ def test_a_clients_stream_goes_on_through_a_lost_rank(model, tmp_path, ranks, la
     assert status == 0, err
     assert f"[spmd] rank {rank} (localhost) {why}" in err and "[spmd] served 3 requests, 88 tokens" in err
     assert "88 tokens in" in err and "; 1 recovery, " in err and "Traceback" not in err and out == ""
+    assert set(Path(socket_dir()).glob("control-*.sock")) <= sockets  # the killed job's rank 0's is removed too
+
+
+def test_a_second_ctrl_c_stops_the_server_at_once(model, tmp_path):
+    """The first Ctrl-C lets the answer under way finish; a second one ends everything at once: exit 130, no
+    MPICH lines, no process left."""
+    mark = tmp_path / "mark.gguf"
+    shutil.copyfile(model, mark)  # a path no other test's ranks have in their command lines
+    server = Launched(str(mark), 3, "1:1:1", env={"SPMD_TEST_SLOW": "0:200"})
+    client = threading.Thread(target=lambda: streamed(server.url, {"prompt": GREEDY, "max_tokens": 80,
+                                                                   "temperature": 0}), daemon=True)
+    client.start()
+    time.sleep(2)
+    server.proc.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    server.proc.send_signal(signal.SIGINT)
+    status, out = server.wait()
+    err = "".join(server.lines)
+    assert status == 130 and out == "", err
+    assert "[proxy" not in err and "[mpiexec" not in err and "Traceback" not in err, err
+    time.sleep(1)
+    left = subprocess.run(["pgrep", "-f", str(mark)], capture_output=True, text=True).stdout.split()
+    subprocess.run(["pkill", "-9", "-f", str(mark)])
+    assert left == [], "processes of the job left running"
 
 
 def test_rank_0_lost_ends_the_server_with_one_line_and_the_stream_says_so(model, tmp_path):
@@ -146,7 +172,7 @@ def test_rank_0_lost_ends_the_server_with_one_line_and_the_stream_says_so(model,
     assert error and finish is None
     assert server.wait()[0] != 0
     err = "".join(server.lines)
-    assert "error: rank 0 (localhost) died (signal 9): it is where the run's output goes, so the run ends here" in err
+    assert "error: rank 0 (localhost) died (signal 9): it drives every sequence, so the server ends here" in err
     assert "Traceback" not in err
 
 

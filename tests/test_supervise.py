@@ -80,6 +80,20 @@ def test_the_journal_carries_text_with_its_token_and_drops_a_line_cut_short(tmp_
     os.close(reader)
 
 
+def test_a_second_loss_before_the_relaunch_has_loaded_starts_from_its_layout(tmp_path):
+    """Rank 1 of the relaunched job is lost while it loads (before it says its layout): the next layout is made from
+    the relaunched job's, not from the first's."""
+    from spmd.supervise import Lost, Supervisor
+    sup = Supervisor("mpirun", None, 3, ["--model", "m.gguf", "--threads", "1,2,3"], max_recoveries=3)
+    sup.record.apply({"ev": "ready", "ratios": "1:1:1", "prompts": [[1, 2]]})
+    first = sup._replan([Lost(2, "localhost", "died (signal 9)")], "", 0.1)
+    sup.record.relaunch()  # the relaunched job starts; it is lost before its "ready"
+    second = sup._replan([Lost(1, "localhost", "died (signal 9)")], "", 0.1)
+    assert (first["ratios"], second["ratios"]) == ("1:1", "1")
+    assert sup.run_args == ["--model", "m.gguf", "--threads", "1"] and sup.rank_hosts == ["localhost"]
+    assert [r["ratios_before"] for r in sup.recoveries] == ["1:1:1", "1:1"]
+
+
 @pytest.mark.parametrize("content", ["", "[]", '{"version": 2, "ratios": "1", "sequences": []}',
                                      '{"version": 1, "ratios": "1", "sequences": [{"seq": 0, "prompt": [1], '
                                      '"tokens": ["a"], "finish": null, "rng": null}]}'])
@@ -224,6 +238,18 @@ def test_ctrl_c_stops_a_supervised_run_without_a_relaunch(model, tmp_path):
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 130, err
     assert "going on with" not in err
+
+
+@pytest.mark.parametrize("after", [0.3, 1.5, 4.0])  # starting up, the job loading, generating
+def test_ctrl_c_at_any_moment_stops_without_a_relaunch(model, tmp_path, after):
+    proc = subprocess.Popen([sys.executable, "-m", "spmd.launch", "-n", "2", "--", "--model", model, "--steps",
+                             "10000", "--prompt", "Hello"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, SPMD_TEST_SLOW="0:1000"))
+    time.sleep(after)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    assert "going on with" not in err and "Traceback" not in err
 
 
 def test_the_job_ends_with_its_supervisor(model, tmp_path):
