@@ -145,7 +145,10 @@ class Front:
             reply = self.asks.pop(event["id"], None)
             if reply is not None:
                 status = event["status"]
-                reply(status if status is None else {**status, "recoveries": self.recoveries})
+                if status is not None:  # the counts of every job (the job's own start again at a relaunch)
+                    server = {**status.get("server", {}), "requests": self.served, "tokens_generated": self.tokens}
+                    status = {**status, "server": server, "recoveries": self.recoveries}
+                reply(status)
 
     def lost(self):
         """The job has ended: its status asks will not be answered."""

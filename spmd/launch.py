@@ -12,6 +12,7 @@ instead, with one line naming the rank and host. So is a server (--serve): its H
 (spmd.front), and each client's stream goes on through a recovery."""
 import os
 import shutil
+import signal
 import socket
 import sys
 
@@ -135,8 +136,10 @@ def server_flags(run_args):
     return kw["host"], kw["port"], kw["alias"] or os.path.basename(kw["model"] or EMBEDDED_MODEL), kw["queue_limit"]
 
 
+def _stop(_signum, _frame):
+    raise SystemExit(130)  # click takes a KeyboardInterrupt for "Aborted!" and status 1
+
+
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:  # Ctrl-C before the supervisor took the signals over (importing, checking hosts)
-        sys.exit(130)
+    signal.signal(signal.SIGINT, _stop)  # Ctrl-C before the supervisor takes the signals over (checking hosts)
+    main()

@@ -184,10 +184,10 @@ def main(argv=None):
     """Ctrl-C, or a SIGTERM (mpirun passes both on to every rank), stops without a traceback, with the shell's
     exit status for the signal (130, 143); under way, every rank stops together and rank 0's control socket file
     is removed."""
-    watched()
-    if not term_is_loss():
-        signal.signal(signal.SIGTERM, interrupt)
     try:
+        watched()
+        if not term_is_loss():
+            signal.signal(signal.SIGTERM, interrupt)
         run(argv)
     except KeyboardInterrupt:  # before the engine started (importing, parsing): nothing to clean up
         sys.exit(signal_status())

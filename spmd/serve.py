@@ -41,10 +41,10 @@ def cli(**kw):
 
 
 def main(argv=None):
-    watched()
-    if not term_is_loss():
-        signal.signal(signal.SIGTERM, interrupt)
     try:
+        watched()
+        if not term_is_loss():
+            signal.signal(signal.SIGTERM, interrupt)
         run(argv)
     except KeyboardInterrupt:  # before the engine started (importing, parsing): nothing to clean up
         sys.exit(130)

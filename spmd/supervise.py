@@ -43,9 +43,11 @@ from .run import PER_RANK_FLAGS, write_stdout
 DIED = re.compile(r"spmd: rank (\d+) \((.*)\) died \(signal (\d+)\)")  # spmd.watch's line
 # mpirun's own lines on its stdout: its "BAD TERMINATION" banner, and what it says when a job is ended with SIGINT
 BANNER_LINE = re.compile(r"^(=|YOUR APPLICATION TERMINATED|This typically refers|Please see the FAQ|\[mpiexec@)")
-ABORTED = re.compile(r"^Abort\(\d+\) on node \d+")  # MPICH's line for a rank the supervisor's own SIGINT ended
+# MPICH's line for a rank that a stop (the user's, or the supervisor's own) ended; it may follow another's text
+ABORTED = re.compile(r"Abort\(\d+\) on node \d+ \(rank \d+ in comm \d+\): application called MPI_Abort.*$")
 DIR_PREFIX = "spmd-supervise-"  # then the supervisor's pid: a folder of one killed with -9 is removed later
 TERM_GRACE_S = 3.0  # after SIGINT, how long mpirun has to take the job down before it is killed
+START_S = 10.0  # a user's stop waits this long at most for the ranks to start before it goes to mpirun
 GAPS = 32  # recent gaps between tokens the progress bound looks at
 
 
@@ -143,6 +145,7 @@ class Job:
         self.lines = b""
         self.died = {}  # rank -> signal, from the watchers' lines
         self.ending = False  # the supervisor is taking it down
+        self.interrupted = False  # the user's stop was passed on
 
     def send(self, data):
         """Serving: bytes for the requests pipe, written as the job reads them (see `read`)."""
@@ -187,8 +190,11 @@ class Job:
             if died is not None:
                 self.died[int(died.group(1))] = int(died.group(3))
             elif pipe is self.proc.stderr:
-                if not (self.ending and ABORTED.match(line)):
-                    print(line, file=sys.stderr, flush=True)
+                if self.ending or self.interrupted:
+                    line = ABORTED.sub("", line)
+                    if not line.strip():
+                        continue
+                print(line, file=sys.stderr, flush=True)
             elif line.strip() and not BANNER_LINE.match(line):  # rank 0's own (--help)
                 print(line, flush=True)
 
@@ -332,13 +338,20 @@ class Supervisor:
             self.forced = True
             self.job.kill(self._local_pids())
             return
+        if self.record.ranks:  # else the loop passes it on once the ranks have started (see `_interrupt`)
+            self._interrupt(self.job)
+
+    def _interrupt(self, job):
+        """The user's stop, passed on to a job whose ranks have started (one still importing would print a
+        traceback)."""
+        job.interrupted = True
         for pid in self._local_pids():  # a stopped rank would hold the others until their grace runs out
             if process_state(pid) in ("T", "t"):
                 try:
                     os.kill(pid, signal.SIGCONT)
                 except OSError:
                     pass
-        self.job.signal(signal.SIGINT)
+        job.signal(signal.SIGINT)
 
     def _stopped(self, status):
         """The exit status of a run its user stopped: a signal's (a run, or a server stopped at once), else, for a
@@ -407,13 +420,14 @@ class Supervisor:
         record.relaunch()
         self.job = job = Job(self._command(fifo, resume), self.env, fifo, *(
             (requests, front.wake) if front is not None else ()))
-        if self.stopping is not None:  # the user's signal came while it started
-            job.signal(signal.SIGINT)
+        started = time.monotonic()
         progress, ready_at = Progress(self.progress_timeout, self.prefill_s), None
         checked = time.monotonic()  # when the ranks and hosts were last looked at while the job was quiet
         try:
             while job.proc.poll() is None:
                 lines, now = job.read(0.05), time.monotonic()
+                if self.stopping is not None and not job.interrupted and (record.ranks or now - started > START_S):
+                    self._interrupt(job)  # the user's signal came while the ranks were starting
                 for line in lines:
                     tokens = record.tokens
                     if not self._apply(line):  # nobody reads stdout any more

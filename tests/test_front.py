@@ -125,7 +125,7 @@ def test_a_clients_stream_goes_on_through_a_lost_rank(model, tmp_path, ranks, la
         assert got["seeded"]["choices"][0]["text"] == want_seeded
         with urllib.request.urlopen(server.url + "/cluster", timeout=30) as r:
             cluster = json.load(r)
-        assert cluster["ratios"] == after
+        assert cluster["ratios"] == after and cluster["server"]["requests"] == 2  # both, though sent twice
         (recovery,) = cluster["recoveries"]
         rank = int(signals.split(":")[0])
         why = "stopped" if stop else "died (signal 9)"
@@ -224,6 +224,6 @@ def test_the_front_sends_requests_again_after_a_relaunch(model):
         front.inbox.ask_status(statuses.append)
         (ask,) = [json.loads(x) for x in front.lines(True).splitlines()]
         front.apply({"ev": "status", "id": ask["id"], "status": {"ok": True}})
-        assert statuses[-1] == {"ok": True, "recoveries": []}
+        assert statuses[-1] == {"ok": True, "recoveries": [], "server": {"requests": 2, "tokens_generated": 3}}
     finally:
         front.close()
