@@ -65,6 +65,12 @@ def listen_error(e):
     return os.strerror(e.errno) if e.errno else str(e)
 
 
+def serving_line(model_id, host, port, n_ranks, slots, context, more=""):
+    """The line that says where the server listens, once the model has loaded (`more`: said after the figures)."""
+    return (f"serving {model_id} on http://{host}:{port} ({n_ranks} rank{'s' * (n_ranks > 1)}, {slots} "
+            f"sequence{'s' * (slots > 1)} of up to {context} positions at once{more})")
+
+
 def error_response(status, message, kind="invalid_request_error", param=None, headers=None):
     return web.json_response({"error": {"message": message, "type": kind, "param": param, "code": None}},
                              status=status, headers=headers)

@@ -58,7 +58,7 @@ def make_private_dir(path):
 
 def remove_stale(folder):
     """Remove the socket files in the per-user folder whose job has died without removing its own (killed with
-    SIGKILL, or taken down by mpirun when its output pipe closed): no process of that pid, nobody listening."""
+    SIGKILL, or taken down by mpirun when its output pipe closed)."""
     for name in os.listdir(folder):
         pid = name[len("control-"):-len(".sock")]
         if not (name.startswith("control-") and name.endswith(".sock") and pid.isdigit()):
@@ -69,13 +69,18 @@ def remove_stale(folder):
         except PermissionError:
             continue
         except (ProcessLookupError, OverflowError):
-            pass
-        path = os.path.join(folder, name)
-        try:
-            if stat.S_ISSOCK(os.lstat(path).st_mode) and not is_live(path):
-                os.unlink(path)
-        except OSError:
-            pass
+            remove_if_stale(os.path.join(folder, name))
+
+
+def remove_if_stale(path):
+    """Remove the socket file at `path`, if it is ours and nobody listens there: its job's rank 0 has gone (the
+    caller knows it) without removing its own (spmd.supervise calls it after a job that was taken down)."""
+    try:
+        st = os.lstat(path)
+        if stat.S_ISSOCK(st.st_mode) and st.st_uid == os.getuid() and not is_live(path):
+            os.unlink(path)
+    except OSError:
+        pass
 
 
 def is_live(path) -> bool:

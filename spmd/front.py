@@ -24,6 +24,7 @@ import os
 import sys
 import threading
 import time
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -31,6 +32,16 @@ from .errors import UserError
 from .prompts import PromptSpec, Work
 
 MAX_LINE_BYTES = 16 * 2**20  # a work line holds at most a context of token ids
+
+
+@dataclass
+class Request:
+    """A request sent to a job and not ended: its work, its sink, the tokens sampled so far and the sampler's state
+    after them (what a relaunched job goes on from)."""
+    work: Work
+    sink: object
+    tokens: list = field(default_factory=list)
+    rng: dict = None
 
 
 class Front:
@@ -50,7 +61,7 @@ class Front:
         except OSError as e:
             self._close_pipe()
             raise UserError(f"cannot listen on {host}:{port}: {listen_error(e)}") from None
-        self.requests = {}  # index -> [work, sink, tokens, rng]: sent to a job and not ended
+        self.requests = {}  # index -> Request: sent to a job and not ended
         self.waiting = []  # (work, sink) taken from the inbox while no job was ready
         self.asks, self._asks = {}, iter(range(1, 2**62))  # status id -> reply
         self.recoveries = []  # the supervisor's, shown in /cluster
@@ -73,10 +84,10 @@ class Front:
         if self.server.gateway is None:
             self.server.open(self._gateway(event))
             self.since = time.monotonic()
-            self.log(f"serving {self.model_id} on http://{self.host}:{self.server.port} ({n_ranks} "
-                     f"rank{'s' * (n_ranks > 1)}, {event['slots']} sequence{'s' * (event['slots'] > 1)} of up to "
-                     f"{event['context']} positions at once; supervised: a lost rank "
-                     f"{'is recovered from' if self.recovers else 'ends it (--no-recover)'})")
+            from .api import serving_line
+            loss = "is recovered from" if self.recovers else "ends it (--no-recover)"
+            self.log(serving_line(self.model_id, self.host, self.server.port, n_ranks, event["slots"],
+                                  event["context"], f"; supervised: a lost rank {loss}"))
         self.resend = True
 
     def _gateway(self, event):
@@ -102,10 +113,10 @@ class Front:
         out = []
         if ready and self.resend:
             self.resend = False
-            for index, (w, sink, tokens, rng) in sorted(self.requests.items()):
-                out.append(_work_line(w, {"tokens": tokens, "rng": rng, "finish": None}))
+            for _, r in sorted(self.requests.items()):
+                out.append(_work_line(r.work, {"tokens": r.tokens, "rng": r.rng, "finish": None}))
         for index, request in list(self.requests.items()):
-            if request[1].cancelled:
+            if request.sink.cancelled:
                 del self.requests[index]
                 out.append({"ev": "cancel", "seq": index})
         for reply in asks:
@@ -119,7 +130,7 @@ class Front:
             for w, sink in self.waiting:
                 if not sink.cancelled:
                     self.served += 1
-                    self.requests[w.index] = [w, sink, [], None]
+                    self.requests[w.index] = Request(w, sink)
                     out.append(_work_line(w, None))
             self.waiting = []
         return b"".join(json.dumps(line, separators=(",", ":")).encode() + b"\n" for line in out)
@@ -128,18 +139,17 @@ class Front:
         """A journal event of the serving job: a token (its text to the client) or a status answer."""
         ev = event["ev"]
         if ev == "token":
-            request = self.requests.get(event["seq"])
-            if request is None:  # cancelled meanwhile
+            r = self.requests.get(event["seq"])
+            if r is None:  # cancelled meanwhile
                 return
-            _, sink, tokens, _ = request
             if event["token"] is not None:
-                tokens.append(event["token"])
+                r.tokens.append(event["token"])
                 self.tokens += 1
-            request[3] = event["rng"]
+            r.rng = event["rng"]
             if event["out"]:
-                sink.piece(event["out"], len(tokens))
+                r.sink.piece(event["out"], len(r.tokens))
             if event["end"] is not None:
-                sink.done(event["end"], len(tokens))
+                r.sink.done(event["end"], len(r.tokens))
                 del self.requests[event["seq"]]
         elif ev == "status":
             reply = self.asks.pop(event["id"], None)
@@ -163,19 +173,18 @@ class Front:
         for reply in asks:
             reply(None)
         self.lost()
-        for _, sink, tokens, _ in self.requests.values():
-            sink.done("stopped", len(tokens))
+        for r in self.requests.values():
+            r.sink.done("stopped", len(r.tokens))
         for _, sink in self.waiting + work:
             sink.done("stopped", 0)
         self.requests, self.waiting = {}, []
         self.server.stop()
         self._close_pipe()
         if self.since is not None:
-            n = len(self.recoveries)
-            stalled = sum(r.get("stall_s", 0) for r in self.recoveries)
+            from .supervise import recoveries_text
             self.log(f"[spmd] served {self.served} request{'s' * (self.served != 1)}, {self.tokens} tokens in "
-                     f"{time.monotonic() - self.since:.1f} s" + (
-                         f"; {n} recover{'ies' if n > 1 else 'y'}, {stalled:.1f} s stalled in all" if n else ""))
+                     f"{time.monotonic() - self.since:.1f} s"
+                     + (f"; {recoveries_text(self.recoveries)}" if self.recoveries else ""))
 
     def _close_pipe(self):
         os.close(self.wake)

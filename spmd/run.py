@@ -186,19 +186,17 @@ def main(argv=None):
     is removed."""
     try:
         watched()
-        if not term_is_loss():
-            signal.signal(signal.SIGTERM, interrupt)
         run(argv)
     except KeyboardInterrupt:  # before the engine started (importing, parsing): nothing to clean up
         sys.exit(signal_status())
 
 
 def watched():
-    """Supervised, a watcher process says which rank died (spmd.watch); a rank other than 0 dies of a SIGTERM."""
+    """Supervised, a watcher process says which rank died (spmd.watch). A SIGTERM stops the rank as Ctrl-C does,
+    except a supervised rank other than 0, which dies of it (`term_is_loss`)."""
     from .watch import fork_rank
     fork_rank()
-    if term_is_loss():
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL if term_is_loss() else interrupt)
 
 
 def term_is_loss():

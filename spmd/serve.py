@@ -43,8 +43,6 @@ def cli(**kw):
 def main(argv=None):
     try:
         watched()
-        if not term_is_loss():
-            signal.signal(signal.SIGTERM, interrupt)
         run(argv)
     except KeyboardInterrupt:  # before the engine started (importing, parsing): nothing to clean up
         sys.exit(130)
@@ -55,7 +53,7 @@ def run(argv):
     comm = C.Comm()
     kw = flags_agreed(comm, parse_args(argv, comm.is_root, cli, "python -m spmd.serve"))
     imports_agreed(comm, ("engine", "api", "chat_template", "front"))
-    from .api import Gateway, Inbox, Server, listen_error
+    from .api import Gateway, Inbox, Server, listen_error, serving_line
     from .chat_template import load_template
     from .control import default_path
     from .engine import Engine, RunOptions
@@ -95,8 +93,7 @@ def run(argv):
         elif server is not None:
             server.open(Gateway(inbox, state.tokenizer, load_template(state.file, state.tokenizer, log),
                                 state.context, state.n_known, state.n_slots))
-            log(f"serving {model_id} on http://{host}:{server.port} ({comm.size} rank{'s' * (comm.size > 1)}, "
-                f"{state.n_slots} sequence{'s' * (state.n_slots > 1)} of up to {state.context} positions at once)")
+            log(serving_line(model_id, host, server.port, comm.size, state.n_slots, state.context))
         stop_on_signals(comm, inbox)
         result = guarded(comm, log, lambda: engine.run(inbox=inbox))
     finally:

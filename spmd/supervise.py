@@ -26,7 +26,6 @@ import re
 import select
 import signal
 import socket
-import stat
 import subprocess
 import sys
 import tempfile
@@ -121,6 +120,15 @@ def process_state(pid):
         return None
 
 
+def signal_pids(pids, signum):
+    """`signum` to each of `pids` that is still there."""
+    for pid in pids:
+        try:
+            os.kill(pid, signum)
+        except OSError:
+            pass
+
+
 def die_with_parent():
     """In the child, before exec: SIGTERM to it when the supervisor dies (even by kill -9), so that mpirun takes
     the job down instead of generating on alone (prctl PR_SET_PDEATHSIG)."""
@@ -207,11 +215,7 @@ class Job:
     def kill(self, local_pids):
         """At once: mpirun and what it started here (its process group), and the ranks here."""
         self.ending = True
-        for pid in local_pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
+        signal_pids(local_pids, signal.SIGKILL)
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except OSError:
@@ -228,12 +232,7 @@ class Job:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-        for pid in local_pids:
-            if process_state(pid) not in (None, "Z"):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except OSError:
-                    pass
+        signal_pids([p for p in local_pids if process_state(p) not in (None, "Z")], signal.SIGKILL)
 
     def close(self):
         os.close(self.fd)
@@ -322,9 +321,7 @@ class Supervisor:
                 self.front.close()
             for s, handler in previous.items():
                 signal.signal(s, handler)
-            for name in os.listdir(self.dir):
-                os.unlink(os.path.join(self.dir, name))
-            os.rmdir(self.dir)
+            remove_dir(self.dir)
 
     def _on_signal(self, signum, _frame):
         """The user stops the run: the job stops as spmd.run does on Ctrl-C (a server ends the answers under way)
@@ -345,12 +342,8 @@ class Supervisor:
         """The user's stop, passed on to a job whose ranks have started (one still importing would print a
         traceback)."""
         job.interrupted = True
-        for pid in self._local_pids():  # a stopped rank would hold the others until their grace runs out
-            if process_state(pid) in ("T", "t"):
-                try:
-                    os.kill(pid, signal.SIGCONT)
-                except OSError:
-                    pass
+        # a stopped rank would hold the others until their grace runs out
+        signal_pids([p for p in self._local_pids() if process_state(p) in ("T", "t")], signal.SIGCONT)
         job.signal(signal.SIGINT)
 
     def _stopped(self, status):
@@ -420,9 +413,8 @@ class Supervisor:
         record.relaunch()
         self.job = job = Job(self._command(fifo, resume), self.env, fifo, *(
             (requests, front.wake) if front is not None else ()))
-        started = time.monotonic()
         progress, ready_at = Progress(self.progress_timeout, self.prefill_s), None
-        checked = time.monotonic()  # when the ranks and hosts were last looked at while the job was quiet
+        started = checked = time.monotonic()  # checked: when the ranks and hosts were last looked at while quiet
         try:
             while job.proc.poll() is None:
                 lines, now = job.read(0.05), time.monotonic()
@@ -473,11 +465,7 @@ class Supervisor:
         """A job that stopped making progress: taken down (the ranks found stopped first: they are lost, and would
         hold mpirun's own end back), and the failure for `_run`."""
         stalled = self._stopped_or_gone()
-        for rank in stalled:
-            try:
-                os.kill(self.record.ranks[rank][1], signal.SIGKILL)
-            except OSError:
-                pass
+        signal_pids([self.record.ranks[rank][1] for rank in stalled], signal.SIGKILL)
         job.end(self._local_pids())
         job.drain()  # a watcher's line said before the stall was seen names the signal of a rank that died
         why = {**stalled, **self._signalled(job.died)}
@@ -490,18 +478,11 @@ class Supervisor:
         death, say): removed, as rank 0 would have done."""
         if not self.record.ranks:
             return
+        from .control import default_path, remove_if_stale
         pid = self.record.ranks[0][1]
-        path = flag_value(self.run_args, "--control-socket")
-        if path is None:
-            from .control import default_path
-            path = default_path(pid)
-        if path.lower() == "none" or process_state(pid) not in (None, "Z"):
-            return
-        try:
-            if stat.S_ISSOCK(os.lstat(path).st_mode) and os.lstat(path).st_uid == os.getuid():
-                os.unlink(path)
-        except OSError:
-            pass
+        path = flag_value(self.run_args, "--control-socket") or default_path(pid)
+        if path.lower() != "none" and process_state(pid) in (None, "Z"):
+            remove_if_stale(path)
 
     def _apply(self, line):
         """One journal line: its stdout text printed (serving: its event to the front). False once nobody reads
@@ -537,10 +518,8 @@ class Supervisor:
     def _success(self):
         if self.record.result is not None:
             print(json.dumps(dict(self.record.result, recoveries=self.recoveries)), flush=True)
-        elif self.recoveries:
-            stalled = sum(r.get("stall_s", 0) for r in self.recoveries)
-            print(f"[spmd] {len(self.recoveries)} recover{'ies' if len(self.recoveries) > 1 else 'y'}, "
-                  f"{stalled:.1f} s stalled in all", file=sys.stderr, flush=True)
+        elif self.recoveries and self.front is None:  # a server's summary line says it
+            print(f"[spmd] {recoveries_text(self.recoveries)}", file=sys.stderr, flush=True)
         return 0
 
     # ---- who was lost ---------------------------------------------------------------------------------------------
@@ -604,8 +583,8 @@ class Supervisor:
         self.recoveries.append({
             "after_tokens": record.tokens if front else sum(len(s["tokens"]) for s in record.sequences.values()),
             "lost": [r._asdict() for r in lost], "why": what, "ratios_before": before, "ratios_after": after,
-            "ranks_after": n, "detect_s": detect_s,
-            "tokens_replayed": sum(len(r[2]) for r in front.requests.values()) if front else record.unfinished_tokens})
+            "ranks_after": n, "detect_s": detect_s, "tokens_replayed":
+                sum(len(r.tokens) for r in front.requests.values()) if front else record.unfinished_tokens})
         layout = f"--ratios {after}" if after else f"planned again (--plan {self.planned})"
         print(f"[spmd] {what}; going on with {n} rank{'s' * (n > 1)}, {layout} (recovery "
               f"{len(self.recoveries)} of at most {self.max_recoveries})", file=sys.stderr, flush=True)
@@ -622,13 +601,17 @@ def remove_stale_dirs(parent):
         pid = name[len(DIR_PREFIX):].split("-")[0]
         path = os.path.join(parent, name)
         try:
-            if not pid.isdigit() or os.lstat(path).st_uid != os.getuid() or process_state(int(pid)) is not None:
-                continue
-            for entry in os.listdir(path):
-                os.unlink(os.path.join(path, entry))
-            os.rmdir(path)
+            if pid.isdigit() and os.lstat(path).st_uid == os.getuid() and process_state(int(pid)) is None:
+                remove_dir(path)
         except OSError:
             pass
+
+
+def remove_dir(path):
+    """A supervisor's folder and the files in it (pipes, hostfile, resume file)."""
+    for entry in os.listdir(path):
+        os.unlink(os.path.join(path, entry))
+    os.rmdir(path)
 
 
 def args_without(args, lost, n_ranks):
@@ -657,6 +640,12 @@ def flag_value(args, name):
         elif a.startswith(name + "="):
             value = a.partition("=")[2]
     return value
+
+
+def recoveries_text(recoveries):
+    """'2 recoveries, 13.1 s stalled in all'."""
+    n, stalled = len(recoveries), sum(r.get("stall_s", 0) for r in recoveries)
+    return f"{n} recover{'ies' if n > 1 else 'y'}, {stalled:.1f} s stalled in all"
 
 
 def describe(lost, why):
