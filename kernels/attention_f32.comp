@@ -8,6 +8,8 @@
 // fly), so the first query head of each KV head can store row i's rotated key and value at position pos in the
 // same dispatch: no workgroup reads those cache entries here (one segment per slot in a pass).
 // The row table is host-written before each submit, so a recorded command buffer serves every decode step.
+// A prompt runs it twice (p.mode): first every row's key and value into the cache, then the attention with all
+// keys from the cache, where mode 0 would rotate each of its segment's keys again for every query head and row.
 #extension GL_GOOGLE_include_directive : require
 #include "common.glsl"
 layout(constant_id = 1) const uint HD = 64;  // head_dim
@@ -26,6 +28,8 @@ layout(push_constant) uniform Push {
     uint rope_dim;    // leading dims of a head that are rotated
     uint neox;        // 1: pairs (i, i + rope_dim/2); 0: pairs (2i, 2i + 1)
     float scale;      // 1 / sqrt(head_dim)
+    uint mode;        // 0: store this row's key and value, and attend (decode); prompts in two dispatches:
+                      // 1: store only, 2: attend only, every key and value from the cache (stored by mode 1)
 } p;
 // per row: (position, its segment's first position, the segment's first row in this pass, the slot's first
 // cache row: slot * kv * max_seq)
@@ -75,7 +79,7 @@ void main() {
     uint h = gl_WorkGroupID.x, i = gl_WorkGroupID.y, tid = gl_LocalInvocationID.x;
     uint kvh = h / p.group;
     uvec4 row = rows[i];
-    uint pos = row.x, start = row.y, first = row.z, T = pos + 1u;
+    uint pos = row.x, start = p.mode == 2u ? row.x + 1u : row.y, first = row.z, T = pos + 1u;
     uint cbase = row.w + kvh * p.max_seq;  // the cache row of this KV head's position 0 in this sequence's slot
     uint kbase = i * p.qkv_stride + p.k_off + kvh * HD;  // this token's key, rotated once into shared memory
     for (uint d = tid; d < HD; d += WG) {
@@ -83,13 +87,14 @@ void main() {
         kn[d] = rotated(kbase, d, pos);
     }
     barrier();
-    if (h % p.group == 0u) {
+    if (h % p.group == 0u && p.mode != 2u) {
         for (uint d4 = tid; d4 < H4; d4 += WG) {
             uint c = (cbase + pos) * H4 + d4;
             kc[c] = vec4(kn[4 * d4], kn[4 * d4 + 1], kn[4 * d4 + 2], kn[4 * d4 + 3]);
             vc[c] = value(i, kvh, d4);
         }
     }
+    if (p.mode == 1u) return;  // uniform: no barrier follows for anyone of this workgroup
     float m = -1e30, l = 0.0;
     vec4 acc[E];
     for (uint k = 0; k < E; k++) acc[k] = vec4(0.0);

@@ -65,6 +65,8 @@ def measure(model, n_prompt, steps, repeats=3):
         t = time.perf_counter()
         logits = step(model, prompt, 0)
         prefill.append(time.perf_counter() - t)
+    if model.profile:
+        show_profile(model.last_profile, f"the {n_prompt}-token prompt")
     token, walls, gpus = int(np.argmax(logits)), [], []
     for i in range(steps):
         t = time.perf_counter()
@@ -155,7 +157,7 @@ def main():
     ap.add_argument("--shape", choices=("tinyllama", "llama2-7b"), default="tinyllama",
                     help="the model's shape: TinyLlama-1.1B, or Llama-2-7B (where the GPU is less latency-bound)")
     ap.add_argument("--dir", default=os.environ.get("SPMD_BENCH_DIR", tempfile.gettempdir()))
-    ap.add_argument("--profile", action="store_true", help="GPU time of each step of a decode token")
+    ap.add_argument("--profile", action="store_true", help="GPU time of each step of a prompt pass and of a decode token")
     ap.add_argument("--kernels", action="store_true", help="only time single products (steady state)")
     ap.add_argument("--check", action="store_true", help="first compare a tiny model with the numpy reference")
     args = ap.parse_args()
@@ -224,14 +226,14 @@ def bench_type(args, qtype, path):
     return [r, c]
 
 
-def show_profile(profile):
-    """GPU time of one decode token by step (timestamps after each barrier)."""
+def show_profile(profile, what="the last decode token"):
+    """GPU time of one pass by step (timestamps after each barrier)."""
     total, count = {}, {}
     for label, seconds in profile:
         total[label] = total.get(label, 0.0) + seconds
         count[label] = count.get(label, 0) + 1
     whole = sum(total.values())
-    print("  GPU time of the last decode token by step: " + ", ".join(
+    print(f"  GPU time of {what} by step: " + ", ".join(
         f"{k} {1e3 * v:.3f} ms ({count[k]}x, {1e6 * v / count[k]:.1f} us each)" for k, v in total.items())
         + f"; total {1e3 * whole:.3f} ms", flush=True)
 

@@ -116,6 +116,7 @@ class Pipeline:
                     for i in range(n_bindings)]
         self.set_layout = vk.vkCreateDescriptorSetLayout(d, vk.VkDescriptorSetLayoutCreateInfo(
             bindingCount=n_bindings, pBindings=bindings), None)
+        self.set_layouts = vk.ffi.new("VkDescriptorSetLayout[1]", [self.set_layout])  # for Recording._set
         ranges = [vk.VkPushConstantRange(stageFlags=vk.VK_SHADER_STAGE_COMPUTE_BIT, offset=0, size=push_bytes)]
         self.layout = vk.vkCreatePipelineLayout(d, vk.VkPipelineLayoutCreateInfo(
             setLayoutCount=1, pSetLayouts=[self.set_layout], pushConstantRangeCount=1 if push_bytes else 0,
@@ -170,8 +171,11 @@ class Device:
         self.family = next(i for i, f in enumerate(families) if f.queueFlags & vk.VK_QUEUE_COMPUTE_BIT)
         self.timestamps = families[self.family].timestampValidBits > 0
         queue_info = vk.VkDeviceQueueCreateInfo(queueFamilyIndex=self.family, queueCount=1, pQueuePriorities=[1.0])
+        extensions, features = self._coop_matrix()
+        self.coop = bool(extensions)
         self.device = vk.vkCreateDevice(self.physical, vk.VkDeviceCreateInfo(
-            queueCreateInfoCount=1, pQueueCreateInfos=[queue_info]), None)
+            pNext=features, queueCreateInfoCount=1, pQueueCreateInfos=[queue_info],
+            enabledExtensionCount=len(extensions), ppEnabledExtensionNames=extensions or None), None)
         self.queue = vk.vkGetDeviceQueue(self.device, self.family, 0)
         self.pool = vk.vkCreateCommandPool(self.device, vk.VkCommandPoolCreateInfo(
             flags=vk.VK_COMMAND_POOL_CREATE_RESET_COMMAND_BUFFER_BIT, queueFamilyIndex=self.family), None)
@@ -202,6 +206,36 @@ class Device:
         if (sub.supportedOperations & need) != need or not sub.supportedStages & vk.VK_SHADER_STAGE_COMPUTE_BIT:
             raise UserError(f"the Vulkan device {self.name} lacks subgroup arithmetic in compute shaders "
                             "(Vulkan 1.1): use --backend cpu on this machine")
+
+    COOP_EXTENSIONS = ("VK_NV_cooperative_matrix", "VK_KHR_shader_float16_int8", "VK_KHR_vulkan_memory_model")
+
+    def _coop_matrix(self):
+        """(extensions, features to enable) for the prompt's products on the matrix units (kernels/coopmat_*):
+        GL_NV_cooperative_matrix with fp16 16x8x16 products summed in float32 by a subgroup of 32 (the kernels'
+        4 subgroups of a workgroup of 128), fp16 arithmetic and the Vulkan memory model; ([], None) where the device
+        lacks any of it, or SPMD_VK_COOP=0."""
+        if self.is_cpu or env_tuple("SPMD_VK_COOP", (1,))[0] == 0 or self.subgroup_size != 32:
+            return [], None
+        have = {e.extensionName if isinstance(e.extensionName, str) else vk.ffi.string(e.extensionName).decode()
+                for e in vk.vkEnumerateDeviceExtensionProperties(self.physical, None)}
+        if not all(e in have for e in self.COOP_EXTENSIONS):
+            return [], None
+        memory = vk.VkPhysicalDeviceVulkanMemoryModelFeatures()
+        half = vk.VkPhysicalDeviceShaderFloat16Int8Features(pNext=memory)
+        coop = vk.VkPhysicalDeviceCooperativeMatrixFeaturesNV(pNext=half)
+        vk.vkGetPhysicalDeviceFeatures2(self.physical, vk.VkPhysicalDeviceFeatures2(pNext=coop))
+        if not (coop.cooperativeMatrix and half.shaderFloat16 and memory.vulkanMemoryModel):
+            return [], None
+        shapes = vk.vkGetInstanceProcAddr(self.instance, "vkGetPhysicalDeviceCooperativeMatrixPropertiesNV")
+        f16, f32 = vk.VK_COMPONENT_TYPE_FLOAT16_KHR, vk.VK_COMPONENT_TYPE_FLOAT32_KHR  # the NV names alias these
+        want = (16, 8, 16, f16, f16, f32, f32, vk.VK_SCOPE_SUBGROUP_KHR)
+        if not any((m.MSize, m.NSize, m.KSize, m.AType, m.BType, m.CType, m.DType, m.scope) == want
+                   for m in shapes(self.physical)):
+            return [], None
+        enable = vk.VkPhysicalDeviceCooperativeMatrixFeaturesNV(cooperativeMatrix=vk.VK_TRUE, pNext=(
+            vk.VkPhysicalDeviceShaderFloat16Int8Features(shaderFloat16=vk.VK_TRUE, pNext=(
+                vk.VkPhysicalDeviceVulkanMemoryModelFeatures(vulkanMemoryModel=vk.VK_TRUE)))))
+        return list(self.COOP_EXTENSIONS), enable
 
     def _memory_types(self):
         mem = vk.vkGetPhysicalDeviceMemoryProperties(self.physical)
@@ -348,25 +382,36 @@ class Recording:
                 maxSets=self.SETS_PER_POOL, poolSizeCount=1, pPoolSizes=[size]), None))
             self._left = self.SETS_PER_POOL
         self._left -= 1
-        return vk.vkAllocateDescriptorSets(self.dev.device, vk.VkDescriptorSetAllocateInfo(
-            descriptorPool=self._pools[-1], descriptorSetCount=1, pSetLayouts=[pipeline.set_layout]))[0]
+        ffi = vk.ffi
+        info = ffi.new("VkDescriptorSetAllocateInfo*", {
+            "sType": vk.VK_STRUCTURE_TYPE_DESCRIPTOR_SET_ALLOCATE_INFO, "descriptorPool": self._pools[-1],
+            "descriptorSetCount": 1, "pSetLayouts": pipeline.set_layouts})
+        dset = ffi.new("VkDescriptorSet[1]")
+        _check(vk.lib.vkAllocateDescriptorSets(self.dev.device, info, dset), "vkAllocateDescriptorSets")
+        return dset
 
     def dispatch(self, pipeline, buffers, push, groups):
-        """buffers: one (Buffer, byte offset, byte range) per binding; push: bytes; groups: (x, y, z)."""
+        """buffers: one (Buffer, byte offset, byte range) per binding; push: bytes; groups: (x, y, z). Written with
+        the C functions and cffi structs filled in place: the bindings' Python constructors made recording a
+        prompt pass (hundreds of dispatches) cost tens of milliseconds."""
         assert len(buffers) == pipeline.n_bindings and len(push) == pipeline.push_bytes
+        ffi, lib, n = vk.ffi, vk.lib, len(buffers)
         dset = self._set(pipeline)
-        infos = [vk.VkDescriptorBufferInfo(buffer=b.handle, offset=o, range=r) for b, o, r in buffers]
-        writes = [vk.VkWriteDescriptorSet(dstSet=dset, dstBinding=i, descriptorCount=1,
-                                          descriptorType=vk.VK_DESCRIPTOR_TYPE_STORAGE_BUFFER,
-                                          pBufferInfo=[info]) for i, info in enumerate(infos)]
-        vk.vkUpdateDescriptorSets(self.dev.device, len(writes), writes, 0, None)
-        vk.vkCmdBindPipeline(self.cmd, vk.VK_PIPELINE_BIND_POINT_COMPUTE, pipeline.handle)
-        vk.vkCmdBindDescriptorSets(self.cmd, vk.VK_PIPELINE_BIND_POINT_COMPUTE, pipeline.layout, 0, 1, [dset], 0,
-                                   None)
+        infos = ffi.new("VkDescriptorBufferInfo[]", n)
+        writes = ffi.new("VkWriteDescriptorSet[]", n)
+        for i, (b, o, r) in enumerate(buffers):
+            info, write = infos[i], writes[i]
+            info.buffer, info.offset, info.range = b.handle, o, r
+            write.sType, write.dstSet, write.dstBinding = vk.VK_STRUCTURE_TYPE_WRITE_DESCRIPTOR_SET, dset[0], i
+            write.descriptorCount, write.descriptorType = 1, vk.VK_DESCRIPTOR_TYPE_STORAGE_BUFFER
+            write.pBufferInfo = infos + i
+        lib.vkUpdateDescriptorSets(self.dev.device, n, writes, 0, ffi.NULL)
+        lib.vkCmdBindPipeline(self.cmd, vk.VK_PIPELINE_BIND_POINT_COMPUTE, pipeline.handle)
+        lib.vkCmdBindDescriptorSets(self.cmd, vk.VK_PIPELINE_BIND_POINT_COMPUTE, pipeline.layout, 0, 1, dset, 0,
+                                    ffi.NULL)
         if push:
-            vk.vkCmdPushConstants(self.cmd, pipeline.layout, vk.VK_SHADER_STAGE_COMPUTE_BIT, 0, len(push),
-                                  vk.ffi.new("char[]", push))
-        vk.vkCmdDispatch(self.cmd, *groups)
+            lib.vkCmdPushConstants(self.cmd, pipeline.layout, vk.VK_SHADER_STAGE_COMPUTE_BIT, 0, len(push), push)
+        lib.vkCmdDispatch(self.cmd, *groups)
 
     def barrier(self, to_host=False, to_copy=False):
         """Writes of the dispatches before are visible to those after (to the host with to_host, to a buffer copy

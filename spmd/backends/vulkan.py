@@ -191,11 +191,16 @@ class VulkanLinear:
         norm: (ss buffer, count, eps, dim): x is RMSNorm's input times its weight; scale by the producer's sums.
         produce (decode): (ss buffer, next norm weight binding, xg buffer): write xg = y * g and ss partials."""
         b = self.backend
-        matvec = n <= b.matvec_rows
-        wg, nr, nt = (b.matvec_wg, 4, 1) if matvec else (b.matmul_wg, 2, 8)  # kernels/matmul_io.glsl's NR, NT
-        assert wg >= nr * nt and (produce is None or (matvec and len(self.parts) == 1))
-        pipe = self.dev.pipeline(f"{'matvec' if matvec else 'matmul'}_{self.type}_f32", 10,
-                                 struct.calcsize(MATVEC_PUSH), (wg, int(pair is not None), b.unroll if matvec else 1))
+        if n <= b.matvec_rows:
+            kernel, wg, nr, nt = "matvec", b.matvec_wg, 4, 1  # kernels/matmul_io.glsl's NR, NT
+        elif self.dev.coop and self.type != "f32" and norm is None:
+            kernel, wg, nr, nt = "coopmat", 128, 64, 32  # 4 subgroups of 32 (vk_runtime.Device._coop_matrix)
+        else:
+            kernel, wg, nr, nt = "matmul", b.matmul_wg, 2, 8
+        assert kernel == "coopmat" or wg >= nr * nt
+        assert produce is None or (kernel == "matvec" and len(self.parts) == 1)
+        pipe = self.dev.pipeline(f"{kernel}_{self.type}_f32", 10, struct.calcsize(MATVEC_PUSH),
+                                 (wg, int(pair is not None), b.unroll if kernel == "matvec" else 1))
         flags = (ACCUM if accum else 0) | (BIAS if bias is not None else 0)
         flags |= (NORM if norm is not None else 0) | (PRODUCE if produce is not None else 0)
         ss_buf, count, eps, dim = norm if norm is not None else (None, 0, 0.0, 1)

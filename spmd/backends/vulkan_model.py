@@ -46,9 +46,10 @@ from ..model import Rope, check_pass, check_slot, last_rows, segment_rows, stage
 from .vk_runtime import MIB, Buffer, Recording
 from .vulkan import pad
 
-ATTENTION_PUSH = "<8If"  # group, qkv_stride, k_off, v_off, o_stride, max_seq, rope_dim, neox, scale
+ATTENTION_PUSH = "<8IfI"  # group, qkv_stride, k_off, v_off, o_stride, max_seq, rope_dim, neox, scale, mode
 NORM_PUSH = "<4If"  # dim, x_stride, x_off, y_stride, eps
 KEPT_ROWS = 64  # decode steps of up to this many sequences keep their recorded command buffers
+ATTENTION_STORE = 8  # passes of more rows store their keys and values before attending (kernels/attention_f32)
 
 
 def runs(rows):
@@ -155,7 +156,7 @@ class VulkanModel:
         ks = max(1, wg // (hd // 4))  # threads sum the values 4 dims at a time, keys split ks ways
         self._attention = self.dev.pipeline("attention_f32", 6, struct.calcsize(ATTENTION_PUSH),
                                             (wg, hd, ks, -(-(hd // 4) * ks // wg)))
-        self.profile = False  # bench: timestamps after every step of the decode command buffers
+        self.profile = False  # bench: timestamps after every step of each pass (last_profile)
         self._add = self.dev.pipeline("add_f32", 2, 4)
         self._rmsnorm = self.dev.pipeline("rmsnorm_f32", 3, struct.calcsize(NORM_PUSH), (backend.norm_wg,))
 
@@ -258,12 +259,14 @@ class VulkanModel:
                              bias=self.bias, bias_off=li * self.qkv_width + off, norm=self._fused_norm(a))
             rec.barrier()
             rec.mark("q k v")
-            push = struct.pack(ATTENTION_PUSH, cfg.group, self.qkv_stride, self.nh * hd, (self.nh + self.nkv) * hd,
-                               self.att_stride, self.max_seq, cfg.rope_dim, int(cfg.rope_neox),
-                               float(1.0 / np.sqrt(hd)))
-            bufs = [a.table, a.qkv, self.rope, self.kcache[li], self.vcache[li], a.att]
-            rec.dispatch(self._attention, [(b, 0, b.nbytes) for b in bufs], push, (self.nh, n, 1))
-            rec.barrier()
+            bufs = [(b, 0, b.nbytes) for b in (a.table, a.qkv, self.rope, self.kcache[li], self.vcache[li], a.att)]
+            # a decode step stores and attends in one dispatch; a prompt stores every key first (ATTENTION_STORE)
+            for mode in (0,) if a.n <= ATTENTION_STORE else (1, 2):
+                push = struct.pack(ATTENTION_PUSH, cfg.group, self.qkv_stride, self.nh * hd, (self.nh + self.nkv) * hd,
+                                   self.att_stride, self.max_seq, cfg.rope_dim, int(cfg.rope_neox),
+                                   float(1.0 / np.sqrt(hd)), mode)
+                rec.dispatch(self._attention, bufs, push, (self.nh, n, 1))
+                rec.barrier()
             rec.mark("attention")
         if multi:  # the partial sum (zeros when this rank holds no heads)
             lw.wo.dispatch(rec, a.att, self.att_stride, 0, a.delta, self.dp, 0, n)
@@ -327,7 +330,7 @@ class VulkanModel:
             acts, recs = self._decode[multi, head, n]
         else:
             acts = Activations(self, n, len(segments) if head else 0)
-            recs = self._record(acts, multi, head, last_rows(segments))
+            recs = self._record(acts, multi, head, last_rows(segments), timestamps=self.profile)
         try:
             self._put_input(acts, x)
             self._put_rows(acts, segments)
@@ -342,7 +345,7 @@ class VulkanModel:
                     self._allreduce(allreduce, delta)
             times = [rec.gpu_seconds() for rec in recs]
             self.gpu_s = sum(times) if None not in times else None
-            if self.profile and kept:
+            if self.profile:
                 self.last_profile = [item for rec in recs for item in rec.profile()]
             if head:
                 return acts.logits.array(np.float32, (len(segments), self.nv)).copy()

@@ -1,0 +1,163 @@
+// The body of the prompt's matrix products on the matrix units (coopmat_<w>_f32.comp; GL_NV_cooperative_matrix,
+// used only where the device offers fp16 16x8x16 products with float32 sums in a subgroup of 32: spmd/backends/
+// vk_runtime.py checks). y[tok, row] (+)= sum_k W[row, k] * x[tok, k] for BR = 64 weight rows x BT = 32 tokens a
+// workgroup of 128 threads (4 subgroups).
+//
+// Each 32-column step stages one block of every row of the tile (dequantised by the type's deq, in float32) and
+// those 32 columns of every token in shared memory as fp16 pairs: v = hi + lo / 2^11, hi = fp16(v),
+// lo = fp16((v - hi) 2^11) (scaled so that it stays a normal fp16 number: a GPU may flush fp16 subnormals). The
+// products sum hi*hi in one float32 fragment and lo*hi + hi*lo in another, added at the end with the 2^-11: only
+// lo*lo, about 2^-22 of the value, is left out, so a product is as close to the float32 one as float32 summation
+// in another order, and greedy tokens do not move. The next step's weight blocks and x are loaded into registers
+// while this step's products run.
+// Subgroup s takes the 16 tokens 16 (s % 2).. against the 32 rows 32 (s / 2).., 4 fragments of 16 tokens x 8 rows.
+// The results go through shared memory to an epilogue of all threads: bias, residual add, stores a row of tokens
+// at a time. PAIR (gate and up) keeps both matrices' fragments and multiplies them element by element (two
+// fragments of one type lay out their elements alike).
+#extension GL_NV_cooperative_matrix : require
+#extension GL_KHR_memory_scope_semantics : require
+#extension GL_EXT_shader_explicit_arithmetic_types_float16 : require
+#extension GL_KHR_shader_subgroup_basic : require
+
+const uint WG = 128;
+layout(local_size_x = WG) in;
+const uint BR = NR, BT = NT;  // 64 weight rows, 32 tokens
+const uint RF = 4;            // row fragments of 8 a subgroup holds
+const uint KS = 40;           // halves between rows of a staged tile (32 + 8: fewer bank conflicts, 16-byte rows)
+const uint CS = BR + 4;       // floats between token rows of the result tile
+const uint XV = BT * 8 / WG;  // vec4 of x each thread stages a step
+const float LO = 2048.0;
+#define FRAG fcoopmatNV<32, gl_ScopeSubgroup, 16, 8>
+#define AMAT fcoopmatNV<16, gl_ScopeSubgroup, 16, 16>
+#define BMAT fcoopmatNV<16, gl_ScopeSubgroup, 16, 8>
+
+shared float16_t xs_hi[BT * KS], xs_lo[BT * KS];   // x: token-major
+shared float16_t ws_hi[BR * KS], ws_lo[BR * KS];   // W: row-major, read as W^T (column-major)
+shared float16_t vs_hi[BR * KS], vs_lo[BR * KS];   // PAIR: the second matrix
+shared float cs[BT * CS];
+
+void split4(vec4 v, uint at, uint dest) {  // dest 0: x, 1: W, 2: W2
+    // hi: v with its float32 mantissa rounded to fp16's 10 bits in integer arithmetic, so that v - hi is exactly
+    // what fp16 drops (an H200 took vec4(f16vec4(v)) for v: lo came out zero, errors of fp16 size)
+    vec4 h = uintBitsToFloat((floatBitsToUint(v) + 0x1000u) & 0xFFFFE000u);
+    f16vec4 hi = f16vec4(h);
+    f16vec4 lo = f16vec4((v - h) * LO);
+    [[unroll]] for (uint c = 0; c < 4; c++) {
+        if (dest == 0) {
+            xs_hi[at + c] = hi[c]; xs_lo[at + c] = lo[c];
+        } else if (dest == 1) {
+            ws_hi[at + c] = hi[c]; ws_lo[at + c] = lo[c];
+        } else {
+            vs_hi[at + c] = hi[c]; vs_lo[at + c] = lo[c];
+        }
+    }
+}
+
+// What a thread stages a step, loaded a step ahead: the block of one row (thread t < BR: of W, row t; t < 2 BR
+// with PAIR: of W2, row t - BR) and XV vec4 of x.
+uvec4 pq[UV];
+uvec4 pmeta;
+float ps;
+vec4 px[XV];
+
+void fetch(uint row0, uint tok0, uint b) {
+    uint tid = gl_LocalInvocationID.x;
+    if (tid < BR * (PAIR + 1)) {
+        bool second = tid >= BR;
+        uint blk = min(row0 + tid % BR, p.rows - 1) * p.nb + b;  // rows past the end repeat the last (not stored)
+        [[unroll]] for (uint i = 0; i < UV; i++) pq[i] = second ? w2[UV * blk + i] : w[UV * blk + i];
+        pmeta = uvec4(0u);
+        ps = 1.0;
+#ifdef MW
+        [[unroll]] for (uint i = 0; i < MW; i++) pmeta[i] = second ? d2[MW * blk + i] : d[MW * blk + i];
+#else
+        if (QUANT != 0) ps = block_scale(second ? d2[blk >> 1] : d[blk >> 1], blk);
+#endif
+    }
+    [[unroll]] for (uint i = 0; i < XV; i++) {
+        uint v = tid + i * WG, t = v / 8;
+        px[i] = x[(p.x_off + min(tok0 + t, p.n - 1) * p.x_stride) / 4 + b * 8 + v % 8];
+    }
+}
+
+void put() {
+    uint tid = gl_LocalInvocationID.x;
+    if (tid < BR * (PAIR + 1)) {
+        float s = ps, mn = 0.0;
+#ifdef MW
+        s = meta_scale(pmeta);
+        mn = meta_min(pmeta);
+#endif
+        Raw raw = make_raw(pq, pmeta);
+        [[unroll]] for (uint j = 0; j < 8; j++) split4(deq(raw, j) * s + mn, (tid % BR) * KS + 4 * j, 1 + tid / BR);
+    }
+    [[unroll]] for (uint i = 0; i < XV; i++) {
+        uint v = tid + i * WG;
+        split4(px[i], (v / 8) * KS + 4 * (v % 8), 0);
+    }
+}
+
+void main() {
+    uint g = gl_WorkGroupID.z * gl_NumWorkGroups.x + gl_WorkGroupID.x;
+    if (g >= p.groups) return;  // the whole workgroup: before any barrier
+    uint tid = gl_LocalInvocationID.x, sg = gl_SubgroupID;
+    uint row0 = g * BR, tok0 = gl_WorkGroupID.y * BT;
+    uint a_at = (sg % 2) * 16 * KS, b_at = (sg / 2) * RF * 8 * KS;  // this subgroup's tokens and rows
+    FRAG acc[RF], low[RF], acc2[RF], low2[RF];
+    [[unroll]] for (uint f = 0; f < RF; f++) {
+        acc[f] = FRAG(0.0);
+        low[f] = FRAG(0.0);
+        acc2[f] = FRAG(0.0);
+        low2[f] = FRAG(0.0);
+    }
+    fetch(row0, tok0, 0);
+    for (uint b = 0; b < p.nb; b++) {
+        put();
+        barrier();
+        if (b + 1 < p.nb) fetch(row0, tok0, b + 1);
+        [[unroll]] for (uint k = 0; k < 32; k += 16) {
+            AMAT ah, al;
+            coopMatLoadNV(ah, xs_hi, a_at + k, KS, false);
+            coopMatLoadNV(al, xs_lo, a_at + k, KS, false);
+            [[unroll]] for (uint f = 0; f < RF; f++) {
+                BMAT bh, bl;
+                coopMatLoadNV(bh, ws_hi, b_at + f * 8 * KS + k, KS, true);
+                coopMatLoadNV(bl, ws_lo, b_at + f * 8 * KS + k, KS, true);
+                acc[f] = coopMatMulAddNV(ah, bh, acc[f]);
+                low[f] = coopMatMulAddNV(al, bh, low[f]);
+                low[f] = coopMatMulAddNV(ah, bl, low[f]);
+                if (PAIR != 0) {
+                    coopMatLoadNV(bh, vs_hi, b_at + f * 8 * KS + k, KS, true);
+                    coopMatLoadNV(bl, vs_lo, b_at + f * 8 * KS + k, KS, true);
+                    acc2[f] = coopMatMulAddNV(ah, bh, acc2[f]);
+                    low2[f] = coopMatMulAddNV(al, bh, low2[f]);
+                    low2[f] = coopMatMulAddNV(ah, bl, low2[f]);
+                }
+            }
+        }
+        barrier();
+    }
+    [[unroll]] for (uint f = 0; f < RF; f++) {
+        acc[f] = acc[f] + low[f] * (1.0 / LO);
+        if (PAIR != 0) {
+            acc2[f] = acc2[f] + low2[f] * (1.0 / LO);
+            for (int i = 0; i < acc[f].length(); i++) {
+                float gate = acc[f][i];
+                acc[f][i] = gate / (1.0 + exp(-gate)) * acc2[f][i];
+            }
+        }
+        coopMatStoreNV(acc[f], cs, (sg % 2) * 16 * CS + (sg / 2) * RF * 8 + f * 8, CS, false);
+    }
+    barrier();
+    for (uint i = tid; i < BT * BR; i += WG) {
+        uint t = i / BR, r = i % BR;
+        uint row = row0 + r, tok = tok0 + t;
+        if (row < p.rows && tok < p.n) {
+            uint at = p.y_off + tok * p.y_stride + row;
+            float value = cs[t * CS + r];
+            if ((p.flags & 2u) != 0u) value += bias[p.bias_off + row];
+            if ((p.flags & 1u) != 0u) value += y[at];
+            y[at] = value;
+        }
+    }
+}

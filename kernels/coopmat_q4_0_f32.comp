@@ -1,0 +1,7 @@
+#version 450
+// coopmat: q4_0 weights, f32 activations, fp16 matrix units (see coopmat_main.glsl).
+#define COOPMAT
+#extension GL_GOOGLE_include_directive : require
+#include "matmul_io.glsl"
+#include "q4_0.glsl"
+#include "coopmat_main.glsl"
