@@ -1,7 +1,7 @@
 // The body of the prompt's matrix products on the matrix units (coopmat_<w>_f32.comp; GL_NV_cooperative_matrix,
 // used only where the device offers fp16 16x8x16 products with float32 sums in a subgroup of 32: spmd/backends/
-// vk_runtime.py checks). y[tok, row] (+)= sum_k W[row, k] * x[tok, k] for BR = 64 weight rows x BT = 32 tokens a
-// workgroup of 128 threads (4 subgroups).
+// vk_runtime.py checks). y[tok, row] (+)= sum_k W[row, k] * x[tok, k] for BR = 64 weight rows x BT tokens (32 or
+// 64, specialised: spmd/backends/vulkan.py's COOP_WIDE) a workgroup of 128 threads (4 subgroups).
 //
 // Each 32-column step stages one block of every row of the tile (dequantised by the type's deq, in float32) and
 // those 32 columns of every token in shared memory as fp16 pairs: v = hi + lo / 2^11, hi = fp16(v),
@@ -10,7 +10,8 @@
 // lo*lo, about 2^-22 of the value, is left out, so a product is as close to the float32 one as float32 summation
 // in another order, and greedy tokens do not move. The next step's weight blocks and x are loaded into registers
 // while this step's products run.
-// Subgroup s takes the 16 tokens 16 (s % 2).. against the 32 rows 32 (s / 2).., 4 fragments of 16 tokens x 8 rows.
+// The subgroups split the tile: TF = BT / 16 groups of 16 tokens, each against 64 / (4 / TF) rows, as fragments of
+// 16 tokens x 8 rows (RF of them). Shared memory at BT = 64: 48128 bytes, within the 48 KiB every device offers.
 // The results go through shared memory to an epilogue of all threads: bias, residual add, stores a row of tokens
 // at a time. PAIR (gate and up) keeps both matrices' fragments and multiplies them element by element (two
 // fragments of one type lay out their elements alike).
@@ -21,8 +22,10 @@
 
 const uint WG = 128;
 layout(local_size_x = WG) in;
-const uint BR = NR, BT = NT;  // 64 weight rows, 32 tokens
-const uint RF = 4;            // row fragments of 8 a subgroup holds
+const uint BR = NR;           // 64 weight rows
+layout(constant_id = 3) const uint BT = 32;  // tokens (32 or 64)
+const uint TF = BT / 16;      // groups of 16 tokens
+const uint RF = 2 * TF;       // row fragments of 8 a subgroup holds: 64 rows / (4 / TF) subgroups / 8
 const uint KS = 40;           // halves between rows of a staged tile (32 + 8: fewer bank conflicts, 16-byte rows)
 const uint CS = BR + 4;       // floats between token rows of the result tile
 const uint XV = BT * 8 / WG;  // vec4 of x each thread stages a step
@@ -31,49 +34,50 @@ const float LO = 2048.0;
 #define AMAT fcoopmatNV<16, gl_ScopeSubgroup, 16, 16>
 #define BMAT fcoopmatNV<16, gl_ScopeSubgroup, 16, 8>
 
-shared float16_t xs_hi[BT * KS], xs_lo[BT * KS];   // x: token-major
-shared float16_t ws_hi[BR * KS], ws_lo[BR * KS];   // W: row-major, read as W^T (column-major)
-shared float16_t vs_hi[BR * KS], vs_lo[BR * KS];   // PAIR: the second matrix
+// The staged tiles as fp16 in groups of 4 (uvec2, each group stored at once; the fragments are loaded with element
+// offsets and strides in those units: K4 groups a row)
+const uint K4 = KS / 4;
+shared uvec2 xs_hi[BT * K4], xs_lo[BT * K4];   // x: token-major
+shared uvec2 ws_hi[BR * K4], ws_lo[BR * K4];   // W: row-major, read as W^T (column-major)
+shared uvec2 vs_hi[BR * K4], vs_lo[BR * K4];   // PAIR: the second matrix
 shared float cs[BT * CS];
 
-void split4(vec4 v, uint at, uint dest) {  // dest 0: x, 1: W, 2: W2
+void split4(vec4 v, uint at, uint dest) {  // v -> group `at` of tile dest (0: x, 1: W, 2: W2)
     // hi: v with its float32 mantissa rounded to fp16's 10 bits in integer arithmetic, so that v - hi is exactly
     // what fp16 drops (an H200 took vec4(f16vec4(v)) for v: lo came out zero, errors of fp16 size)
     vec4 h = uintBitsToFloat((floatBitsToUint(v) + 0x1000u) & 0xFFFFE000u);
-    f16vec4 hi = f16vec4(h);
-    f16vec4 lo = f16vec4((v - h) * LO);
-    [[unroll]] for (uint c = 0; c < 4; c++) {
-        if (dest == 0) {
-            xs_hi[at + c] = hi[c]; xs_lo[at + c] = lo[c];
-        } else if (dest == 1) {
-            ws_hi[at + c] = hi[c]; ws_lo[at + c] = lo[c];
-        } else {
-            vs_hi[at + c] = hi[c]; vs_lo[at + c] = lo[c];
-        }
+    vec4 l = (v - h) * LO;
+    uvec2 hi = uvec2(packHalf2x16(h.xy), packHalf2x16(h.zw)), lo = uvec2(packHalf2x16(l.xy), packHalf2x16(l.zw));
+    if (dest == 0) {
+        xs_hi[at] = hi; xs_lo[at] = lo;
+    } else if (dest == 1) {
+        ws_hi[at] = hi; ws_lo[at] = lo;
+    } else {
+        vs_hi[at] = hi; vs_lo[at] = lo;
     }
 }
 
-// What a thread stages a step, loaded a step ahead: the block of one row (thread t < BR: of W, row t; t < 2 BR
-// with PAIR: of W2, row t - BR) and XV vec4 of x.
+// What a thread stages a step, loaded a step ahead: TPB threads share each block of the tile's rows (one
+// thread with PAIR, where W2's rows double the blocks; two without, each dequantising half of it), and XV vec4 of x.
+const uint TPB = WG / (BR * (PAIR + 1));
+const uint JN = 8 / TPB;      // groups of 4 elements of its block a thread stages
 uvec4 pq[UV];
 uvec4 pmeta;
 float ps;
 vec4 px[XV];
 
 void fetch(uint row0, uint tok0, uint b) {
-    uint tid = gl_LocalInvocationID.x;
-    if (tid < BR * (PAIR + 1)) {
-        bool second = tid >= BR;
-        uint blk = min(row0 + tid % BR, p.rows - 1) * p.nb + b;  // rows past the end repeat the last (not stored)
-        [[unroll]] for (uint i = 0; i < UV; i++) pq[i] = second ? w2[UV * blk + i] : w[UV * blk + i];
-        pmeta = uvec4(0u);
-        ps = 1.0;
+    uint tid = gl_LocalInvocationID.x, u = tid / TPB;  // its block: of row u % BR of W (u < BR) or W2
+    bool second = u >= BR;
+    uint blk = min(row0 + u % BR, p.rows - 1) * p.nb + b;  // rows past the end repeat the last (not stored)
+    [[unroll]] for (uint i = 0; i < UV; i++) pq[i] = second ? w2[UV * blk + i] : w[UV * blk + i];
+    pmeta = uvec4(0u);
+    ps = 1.0;
 #ifdef MW
-        [[unroll]] for (uint i = 0; i < MW; i++) pmeta[i] = second ? d2[MW * blk + i] : d[MW * blk + i];
+    [[unroll]] for (uint i = 0; i < MW; i++) pmeta[i] = second ? d2[MW * blk + i] : d[MW * blk + i];
 #else
-        if (QUANT != 0) ps = block_scale(second ? d2[blk >> 1] : d[blk >> 1], blk);
+    if (QUANT != 0) ps = block_scale(second ? d2[blk >> 1] : d[blk >> 1], blk);
 #endif
-    }
     [[unroll]] for (uint i = 0; i < XV; i++) {
         uint v = tid + i * WG, t = v / 8;
         px[i] = x[(p.x_off + min(tok0 + t, p.n - 1) * p.x_stride) / 4 + b * 8 + v % 8];
@@ -81,19 +85,17 @@ void fetch(uint row0, uint tok0, uint b) {
 }
 
 void put() {
-    uint tid = gl_LocalInvocationID.x;
-    if (tid < BR * (PAIR + 1)) {
-        float s = ps, mn = 0.0;
+    uint tid = gl_LocalInvocationID.x, u = tid / TPB, j0 = (tid % TPB) * JN;
+    float s = ps, mn = 0.0;
 #ifdef MW
-        s = meta_scale(pmeta);
-        mn = meta_min(pmeta);
+    s = meta_scale(pmeta);
+    mn = meta_min(pmeta);
 #endif
-        Raw raw = make_raw(pq, pmeta);
-        [[unroll]] for (uint j = 0; j < 8; j++) split4(deq(raw, j) * s + mn, (tid % BR) * KS + 4 * j, 1 + tid / BR);
-    }
+    Raw raw = make_raw(pq, pmeta);
+    [[unroll]] for (uint j = j0; j < j0 + JN; j++) split4(deq(raw, j) * s + mn, (u % BR) * K4 + j, 1 + u / BR);
     [[unroll]] for (uint i = 0; i < XV; i++) {
         uint v = tid + i * WG;
-        split4(px[i], (v / 8) * KS + 4 * (v % 8), 0);
+        split4(px[i], (v / 8) * K4 + v % 8, 0);
     }
 }
 
@@ -102,7 +104,7 @@ void main() {
     if (g >= p.groups) return;  // the whole workgroup: before any barrier
     uint tid = gl_LocalInvocationID.x, sg = gl_SubgroupID;
     uint row0 = g * BR, tok0 = gl_WorkGroupID.y * BT;
-    uint a_at = (sg % 2) * 16 * KS, b_at = (sg / 2) * RF * 8 * KS;  // this subgroup's tokens and rows
+    uint a_at = (sg % TF) * 16 * K4, b_at = (sg / TF) * RF * 8 * K4;  // this subgroup's tokens and rows
     FRAG acc[RF], low[RF], acc2[RF], low2[RF];
     [[unroll]] for (uint f = 0; f < RF; f++) {
         acc[f] = FRAG(0.0);
@@ -115,20 +117,20 @@ void main() {
         put();
         barrier();
         if (b + 1 < p.nb) fetch(row0, tok0, b + 1);
-        [[unroll]] for (uint k = 0; k < 32; k += 16) {
+        [[unroll]] for (uint k = 0; k < 8; k += 4) {  // 16 columns: 4 groups
             AMAT ah, al;
-            coopMatLoadNV(ah, xs_hi, a_at + k, KS, false);
-            coopMatLoadNV(al, xs_lo, a_at + k, KS, false);
+            coopMatLoadNV(ah, xs_hi, a_at + k, K4, false);
+            coopMatLoadNV(al, xs_lo, a_at + k, K4, false);
             [[unroll]] for (uint f = 0; f < RF; f++) {
                 BMAT bh, bl;
-                coopMatLoadNV(bh, ws_hi, b_at + f * 8 * KS + k, KS, true);
-                coopMatLoadNV(bl, ws_lo, b_at + f * 8 * KS + k, KS, true);
+                coopMatLoadNV(bh, ws_hi, b_at + f * 8 * K4 + k, K4, true);
+                coopMatLoadNV(bl, ws_lo, b_at + f * 8 * K4 + k, K4, true);
                 acc[f] = coopMatMulAddNV(ah, bh, acc[f]);
                 low[f] = coopMatMulAddNV(al, bh, low[f]);
                 low[f] = coopMatMulAddNV(ah, bl, low[f]);
                 if (PAIR != 0) {
-                    coopMatLoadNV(bh, vs_hi, b_at + f * 8 * KS + k, KS, true);
-                    coopMatLoadNV(bl, vs_lo, b_at + f * 8 * KS + k, KS, true);
+                    coopMatLoadNV(bh, vs_hi, b_at + f * 8 * K4 + k, K4, true);
+                    coopMatLoadNV(bl, vs_lo, b_at + f * 8 * K4 + k, K4, true);
                     acc2[f] = coopMatMulAddNV(ah, bh, acc2[f]);
                     low2[f] = coopMatMulAddNV(al, bh, low2[f]);
                     low2[f] = coopMatMulAddNV(ah, bl, low2[f]);
@@ -146,7 +148,7 @@ void main() {
                 acc[f][i] = gate / (1.0 + exp(-gate)) * acc2[f][i];
             }
         }
-        coopMatStoreNV(acc[f], cs, (sg % 2) * 16 * CS + (sg / 2) * RF * 8 + f * 8, CS, false);
+        coopMatStoreNV(acc[f], cs, (sg % TF) * 16 * CS + (sg / TF) * RF * 8 + f * 8, CS, false);
     }
     barrier();
     for (uint i = tid; i < BT * BR; i += WG) {

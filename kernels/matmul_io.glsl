@@ -4,8 +4,8 @@
 // Rows and tokens per workgroup are compile-time constants, so that every per-row array stays in registers
 // (loops over them are unrolled here, not left to the driver); the threads per workgroup are specialised.
 #if defined(COOPMAT)
-const uint NR = 64;                            // on the matrix units (coopmat_main.glsl)
-const uint NT = 32;
+const uint NR = 64;                            // on the matrix units (coopmat_main.glsl: its tokens are BT)
+const uint NT = 0;
 #elif defined(MATMUL)
 const uint NR = 2;                             // weight rows per workgroup
 const uint NT = 8;                             // tokens per workgroup (prompt processing)

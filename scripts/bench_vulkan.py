@@ -157,7 +157,8 @@ def main():
     ap.add_argument("--shape", choices=("tinyllama", "llama2-7b"), default="tinyllama",
                     help="the model's shape: TinyLlama-1.1B, or Llama-2-7B (where the GPU is less latency-bound)")
     ap.add_argument("--dir", default=os.environ.get("SPMD_BENCH_DIR", tempfile.gettempdir()))
-    ap.add_argument("--profile", action="store_true", help="GPU time of each step of a prompt pass and of a decode token")
+    ap.add_argument("--profile", action="store_true",
+                    help="GPU time of each step of a prompt pass and of a decode token")
     ap.add_argument("--kernels", action="store_true", help="only time single products (steady state)")
     ap.add_argument("--check", action="store_true", help="first compare a tiny model with the numpy reference")
     args = ap.parse_args()

@@ -36,6 +36,12 @@ SCALE_BYTES = {"q4_0": 2, "q8_0": 2, "q4m": 8, "q5m": 12, "q6": 16}  # a block's
 # rows, nb, x_stride, x_off, y_stride, y_off, n, groups, bias_off, flags, ss_count, inv_dim, eps
 MATVEC_PUSH = "<11I2f"
 ACCUM, BIAS, NORM, PRODUCE = 1, 2, 4, 8  # flags (kernels/matmul_io.glsl)
+# A coopmat workgroup stages (dequantises, splits into fp16 pairs) its 64 rows' weights once for all its tokens,
+# which is most of its time: 64 tokens a workgroup beat 32 where that still gives this many workgroups, and lose
+# where fewer leave much of the GPU idle (H200, 132 SMs, TinyLlama: wo at 128 tokens, 64 workgroups of 64, 72 us
+# with 32 tokens, 111 with 64; gate and up, 176: 311 and 294; wo at 512 tokens 268 and 212; 16 tokens were 1.9x
+# slower than 32 everywhere)
+COOP_WIDE = 160
 _DEVICES = {}  # one Device per GPU index, shared by every backend and model of the process
 
 
@@ -194,13 +200,16 @@ class VulkanLinear:
         if n <= b.matvec_rows:
             kernel, wg, nr, nt = "matvec", b.matvec_wg, 4, 1  # kernels/matmul_io.glsl's NR, NT
         elif self.dev.coop and self.type != "f32" and norm is None:
-            kernel, wg, nr, nt = "coopmat", 128, 64, 32  # 4 subgroups of 32 (vk_runtime.Device._coop_matrix)
+            # 4 subgroups of 32 (vk_runtime.Device._coop_matrix), 64 rows x 64 tokens a workgroup where that
+            # still makes COOP_WIDE workgroups, else x 32 tokens
+            wide = -(-self.parts[0].rows // 64) * -(-n // 64) >= COOP_WIDE
+            kernel, wg, nr, nt = "coopmat", 128, 64, b.coop_tokens or (64 if wide else 32)
         else:
             kernel, wg, nr, nt = "matmul", b.matmul_wg, 2, 8
         assert kernel == "coopmat" or wg >= nr * nt
         assert produce is None or (kernel == "matvec" and len(self.parts) == 1)
         pipe = self.dev.pipeline(f"{kernel}_{self.type}_f32", 10, struct.calcsize(MATVEC_PUSH),
-                                 (wg, int(pair is not None), b.unroll if kernel == "matvec" else 1))
+                                 (wg, int(pair is not None), b.unroll if kernel == "matvec" else 1, nt))
         flags = (ACCUM if accum else 0) | (BIAS if bias is not None else 0)
         flags |= (NORM if norm is not None else 0) | (PRODUCE if produce is not None else 0)
         ss_buf, count, eps, dim = norm if norm is not None else (None, 0, 0.0, 1)
@@ -282,6 +291,7 @@ class VulkanBackend(Backend):
         # workgroup row per token, reading the weights once a token: on a GPU the 8-token matmul tile costs about as
         # much as 8 of them (H200, Llama-2-7B Q4_0: 2 sequences decoded 3.6x slower than 1); lavapipe keeps matmul
         self.matvec_rows = env_tuple("SPMD_VK_MATVEC_ROWS", (1,) if self.dev.is_cpu else (8,))[0]
+        self.coop_tokens = env_tuple("SPMD_VK_COOP_TOKENS", (0,))[0]  # 32 or 64: coopmat's tokens (0: COOP_WIDE)
         self.norm_wg = 64 if self.dev.is_cpu else 256
         self.attention_wg = env_tuple("SPMD_VK_ATTENTION", (16,) if self.dev.is_cpu else (256,))[0]
         self.dummy = Buffer(self.dev, 64)
