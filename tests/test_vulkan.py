@@ -194,6 +194,54 @@ def test_gate_and_up_in_one_pass_with_silu(bias, accum, n):
     assert np.all(np.abs(got - expect) <= tol)
 
 
+needs_matrix_units = pytest.mark.skipif(isinstance(BACKEND, str) or not BACKEND.dev.coop,
+                                        reason="the device has no cooperative matrices (coopmat kernels)")
+
+
+@needs_matrix_units
+@pytest.mark.parametrize("tokens", [32, 64])
+@pytest.mark.parametrize("qtype", TYPES[1:], ids=NAMES[1:])  # F32 keeps the float32 kernel
+def test_matrix_unit_products_match_reference(qtype, tokens, monkeypatch):
+    """The prompt's products on the matrix units (fp16 pairs, float32 sums) within the float32 tolerance, with
+    tiles of either token count, a partial tile of rows and of tokens, and gate and up in one pass."""
+    monkeypatch.setattr(BACKEND, "coop_tokens", tokens)
+    rng = np.random.default_rng(5)
+    w = random_qtensor(qtype, 130, 544, rng)
+    x = activations(tokens + 7, w.cols, rng)
+    lin = BACKEND.linear(w)
+    assert np.all(np.abs(lin(x) - NumpyBackend().linear(w)(x)) <= tolerance(w, x))
+    assert any(key[0] == f"coopmat_{lin.type}_f32" and key[3][3] == tokens for key in BACKEND.dev._pipelines)
+    lin.free()
+    got, expect, tol = _run_pair(tokens + 3, rng, bias=True)
+    assert np.all(np.abs(got - expect) <= tol)
+
+
+@needs_device
+def test_descriptor_sets_are_kept_per_bindings_and_go_with_their_buffers():
+    """A dispatch over the same pipeline and bindings reuses its set in a later recording; freeing a buffer frees
+    the sets that bind it (their pool can give them again), and no others."""
+    from spmd.backends.vk_runtime import Buffer, Recording
+    dev = BACKEND.dev
+    pipe = dev.pipeline("add_f32", 2, 4)
+    a, b, c = Buffer(dev, 1024), Buffer(dev, 1024), Buffer(dev, 1024)
+    sets = dev.sets
+    before = len(sets.sets)
+    first = sets.get(pipe, [(a, 0, 1024), (b, 0, 1024)])
+    for _ in range(2):
+        rec = Recording(dev)
+        rec.dispatch(pipe, [(a, 0, 1024), (b, 0, 1024)], bytes(4), (1, 1, 1))
+        rec.dispatch(pipe, [(a, 0, 512), (c, 0, 1024)], bytes(4), (1, 1, 1))
+        rec.end()
+        rec.free()
+    assert sets.get(pipe, [(a, 0, 1024), (b, 0, 1024)])[0] == first[0] and len(sets.sets) == before + 2
+    left = sum(pool[1] for pool in sets.pools)
+    c.free()
+    assert len(sets.sets) == before + 1 and sum(pool[1] for pool in sets.pools) == left + 1
+    a.free()
+    b.free()
+    assert len(sets.sets) == before and b.key not in sets.by_buffer
+
+
 # ---- the model on the device ----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):

@@ -71,6 +71,7 @@ class Buffer:
         self.size, self.heap = req.size, heap
         dev.heap_used[heap] += req.size
         vk.vkBindBufferMemory(dev.device, self.handle, self.memory, 0)
+        self.key = int(vk.ffi.cast("uintptr_t", self.handle))  # names it in DescriptorSets
         self.view = None
         if dev.type_flags[type_index] & vk.VK_MEMORY_PROPERTY_HOST_VISIBLE_BIT and (where != "device" or dev.direct):
             mapped = vk.vkMapMemory(dev.device, self.memory, 0, self.nbytes, 0)
@@ -93,6 +94,7 @@ class Buffer:
 
     def free(self):
         if self.handle is not None:
+            self.dev.sets.forget(self)
             if self.view is not None:
                 self.view = None
                 vk.vkUnmapMemory(self.dev.device, self.memory)
@@ -100,6 +102,78 @@ class Buffer:
             vk.vkFreeMemory(self.dev.device, self.memory, None)
             self.dev.heap_used[self.heap] -= self.size
             self.handle = None
+
+
+class DescriptorSets:
+    """The descriptor sets of a device's dispatches, one per (pipeline, bindings), kept across recordings: a prompt
+    pass records its hundreds of dispatches again over the same buffers, and writing their sets was most of that
+    (H200 host: 6.5 ms of a 128-token prompt's 30). A set goes when a buffer it binds is freed (`forget`)."""
+
+    PER_POOL = 256  # sets a pool holds (of up to 16 bindings each)
+
+    def __init__(self, dev):
+        self.dev = dev
+        self.sets = {}  # key -> (VkDescriptorSet[1], pool index)
+        self.by_buffer = {}  # Buffer.key -> {key}
+        self.pools = []  # [pool, sets it can still give]
+
+    def get(self, pipeline, buffers):
+        """The set binding `buffers` ((Buffer, byte offset, byte range) each) for `pipeline`, as VkDescriptorSet[1]."""
+        key = (id(pipeline),) + tuple((b.key, o, r) for b, o, r in buffers)
+        entry = self.sets.get(key)
+        if entry is None:
+            entry = self.sets[key] = self._allocate(pipeline)
+            self._write(entry[0], buffers)
+            for b, _, _ in buffers:
+                self.by_buffer.setdefault(b.key, set()).add(key)
+        return entry[0]
+
+    def _allocate(self, pipeline):
+        ffi, lib = vk.ffi, vk.lib
+        dset = ffi.new("VkDescriptorSet[1]")
+        for index, pool in enumerate(self.pools):
+            if pool[1] == 0:
+                continue
+            info = ffi.new("VkDescriptorSetAllocateInfo*", {
+                "sType": vk.VK_STRUCTURE_TYPE_DESCRIPTOR_SET_ALLOCATE_INFO, "descriptorPool": pool[0],
+                "descriptorSetCount": 1, "pSetLayouts": pipeline.set_layouts})
+            if lib.vkAllocateDescriptorSets(self.dev.device, info, dset) == 0:
+                pool[1] -= 1
+                return dset, index
+            pool[1] = 0  # fragmented or out of descriptors: use others
+        size = vk.VkDescriptorPoolSize(type=vk.VK_DESCRIPTOR_TYPE_STORAGE_BUFFER, descriptorCount=16 * self.PER_POOL)
+        self.pools.append([vk.vkCreateDescriptorPool(self.dev.device, vk.VkDescriptorPoolCreateInfo(
+            flags=vk.VK_DESCRIPTOR_POOL_CREATE_FREE_DESCRIPTOR_SET_BIT, maxSets=self.PER_POOL, poolSizeCount=1,
+            pPoolSizes=[size]), None), self.PER_POOL])
+        return self._allocate(pipeline)
+
+    def _write(self, dset, buffers):
+        ffi, n = vk.ffi, len(buffers)
+        infos = ffi.new("VkDescriptorBufferInfo[]", n)
+        writes = ffi.new("VkWriteDescriptorSet[]", n)
+        for i, (b, o, r) in enumerate(buffers):
+            info, write = infos[i], writes[i]
+            info.buffer, info.offset, info.range = b.handle, o, r
+            write.sType, write.dstSet, write.dstBinding = vk.VK_STRUCTURE_TYPE_WRITE_DESCRIPTOR_SET, dset[0], i
+            write.descriptorCount, write.descriptorType = 1, vk.VK_DESCRIPTOR_TYPE_STORAGE_BUFFER
+            write.pBufferInfo = infos + i
+        vk.lib.vkUpdateDescriptorSets(self.dev.device, n, writes, 0, ffi.NULL)
+
+    def forget(self, buffer):
+        """Free the sets that bind `buffer` (it is being freed)."""
+        for key in self.by_buffer.pop(buffer.key, ()):
+            dset, index = self.sets.pop(key)
+            for other, _, _ in key[1:]:
+                if other != buffer.key:
+                    self.by_buffer.get(other, set()).discard(key)
+            _check(vk.lib.vkFreeDescriptorSets(self.dev.device, self.pools[index][0], 1, dset),
+                   "vkFreeDescriptorSets")
+            self.pools[index][1] += 1
+
+    def close(self):
+        for pool, _ in self.pools:
+            vk.vkDestroyDescriptorPool(self.dev.device, pool, None)
+        self.pools, self.sets, self.by_buffer = [], {}, {}
 
 
 class Pipeline:
@@ -182,6 +256,7 @@ class Device:
         self.fence = vk.vkCreateFence(self.device, vk.VkFenceCreateInfo(), None)
         self._pipelines = {}
         self._staging = None
+        self.sets = DescriptorSets(self)
 
     def check_index(self, index, wrap):
         """An index the user gave (not wrapping) must name one of this host's devices."""
@@ -333,6 +408,7 @@ class Device:
         vk.vkDeviceWaitIdle(self.device)
         if self._staging is not None:
             self._staging.free()
+        self.sets.close()
         for p in self._pipelines.values():
             vk.vkDestroyPipeline(self.device, p.handle, None)
             vk.vkDestroyPipelineLayout(self.device, p.layout, None)
@@ -344,10 +420,8 @@ class Device:
 
 
 class Recording:
-    """One command buffer: dispatches with their own descriptor sets, barriers between dependent ones, optional
-    timestamps around the whole. Record once, `run()` (submit and wait) as often as needed."""
-
-    SETS_PER_POOL = 256
+    """One command buffer: dispatches (their sets from the device's DescriptorSets), barriers between dependent ones,
+    optional timestamps around the whole. Record once, `run()` (submit and wait) as often as needed."""
 
     def __init__(self, dev, timestamps=False, profile=False):
         """timestamps: time the whole buffer on the GPU (gpu_seconds); profile: also after every `mark(label)`."""
@@ -355,7 +429,6 @@ class Recording:
         self.cmd = vk.vkAllocateCommandBuffers(dev.device, vk.VkCommandBufferAllocateInfo(
             commandPool=dev.pool, level=vk.VK_COMMAND_BUFFER_LEVEL_PRIMARY, commandBufferCount=1))[0]
         vk.vkBeginCommandBuffer(self.cmd, vk.VkCommandBufferBeginInfo())
-        self._pools, self._left = [], 0
         self.query_pool, self.labels, self._profile = None, [], profile
         if (timestamps or profile) and dev.timestamps:
             self._capacity = 4096 if profile else 2
@@ -374,41 +447,15 @@ class Recording:
         if self._profile and self.query_pool is not None and len(self.labels) < self._capacity - 1:
             self._stamp(label, vk.VK_PIPELINE_STAGE_BOTTOM_OF_PIPE_BIT)
 
-    def _set(self, pipeline):
-        if self._left == 0:
-            size = vk.VkDescriptorPoolSize(type=vk.VK_DESCRIPTOR_TYPE_STORAGE_BUFFER,
-                                           descriptorCount=8 * self.SETS_PER_POOL)
-            self._pools.append(vk.vkCreateDescriptorPool(self.dev.device, vk.VkDescriptorPoolCreateInfo(
-                maxSets=self.SETS_PER_POOL, poolSizeCount=1, pPoolSizes=[size]), None))
-            self._left = self.SETS_PER_POOL
-        self._left -= 1
-        ffi = vk.ffi
-        info = ffi.new("VkDescriptorSetAllocateInfo*", {
-            "sType": vk.VK_STRUCTURE_TYPE_DESCRIPTOR_SET_ALLOCATE_INFO, "descriptorPool": self._pools[-1],
-            "descriptorSetCount": 1, "pSetLayouts": pipeline.set_layouts})
-        dset = ffi.new("VkDescriptorSet[1]")
-        _check(vk.lib.vkAllocateDescriptorSets(self.dev.device, info, dset), "vkAllocateDescriptorSets")
-        return dset
-
     def dispatch(self, pipeline, buffers, push, groups):
-        """buffers: one (Buffer, byte offset, byte range) per binding; push: bytes; groups: (x, y, z). Written with
-        the C functions and cffi structs filled in place: the bindings' Python constructors made recording a
-        prompt pass (hundreds of dispatches) cost tens of milliseconds."""
+        """buffers: one (Buffer, byte offset, byte range) per binding; push: bytes; groups: (x, y, z). The C
+        functions straight: the bindings' Python wrappers cost tens of microseconds a dispatch."""
         assert len(buffers) == pipeline.n_bindings and len(push) == pipeline.push_bytes
-        ffi, lib, n = vk.ffi, vk.lib, len(buffers)
-        dset = self._set(pipeline)
-        infos = ffi.new("VkDescriptorBufferInfo[]", n)
-        writes = ffi.new("VkWriteDescriptorSet[]", n)
-        for i, (b, o, r) in enumerate(buffers):
-            info, write = infos[i], writes[i]
-            info.buffer, info.offset, info.range = b.handle, o, r
-            write.sType, write.dstSet, write.dstBinding = vk.VK_STRUCTURE_TYPE_WRITE_DESCRIPTOR_SET, dset[0], i
-            write.descriptorCount, write.descriptorType = 1, vk.VK_DESCRIPTOR_TYPE_STORAGE_BUFFER
-            write.pBufferInfo = infos + i
-        lib.vkUpdateDescriptorSets(self.dev.device, n, writes, 0, ffi.NULL)
+        lib = vk.lib
+        dset = self.dev.sets.get(pipeline, buffers)
         lib.vkCmdBindPipeline(self.cmd, vk.VK_PIPELINE_BIND_POINT_COMPUTE, pipeline.handle)
         lib.vkCmdBindDescriptorSets(self.cmd, vk.VK_PIPELINE_BIND_POINT_COMPUTE, pipeline.layout, 0, 1, dset, 0,
-                                    ffi.NULL)
+                                    vk.ffi.NULL)
         if push:
             lib.vkCmdPushConstants(self.cmd, pipeline.layout, vk.VK_SHADER_STAGE_COMPUTE_BIT, 0, len(push), push)
         lib.vkCmdDispatch(self.cmd, *groups)
@@ -478,11 +525,9 @@ class Recording:
     def free(self):
         d = self.dev.device
         vk.vkFreeCommandBuffers(d, self.dev.pool, 1, [self.cmd])
-        for pool in self._pools:
-            vk.vkDestroyDescriptorPool(d, pool, None)
         if self.query_pool is not None:
             vk.vkDestroyQueryPool(d, self.query_pool, None)
-        self._pools = []
+            self.query_pool = None
 
 
 def env_tuple(name, default):
