@@ -3,6 +3,8 @@
     python scripts/bench_vulkan.py                       # Q4_0 and Q8_0 on Vulkan device 0
     python scripts/bench_vulkan.py --peak-tbs 2.0        # the GPU's memory bandwidth, when its name does not say
     python scripts/bench_vulkan.py --cpu                 # also the cpu backend on the same files: the ratio
+    python scripts/bench_vulkan.py --llama-bench auto    # beside llama.cpp CUDA on the same files (built here
+                                                         # once by scripts/build_llama_cpp.sh --cuda)
 
 Reports per weight type: prompt tokens/s (one batched pass), decode tokens/s, GPU time per decode token (timestamp
 queries around the command buffer), the time per token spent outside the GPU (wall minus GPU: Python, submit, wait,
@@ -13,6 +15,7 @@ default, and the script prints lavapipe's speed as a fraction of it.
 """
 import argparse
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -21,6 +24,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_gpus import llama  # noqa: E402
 from spmd.backends import get_backend  # noqa: E402
 from spmd.config import read_config  # noqa: E402
 from spmd.gguf_file import GGUFFile  # noqa: E402
@@ -30,6 +35,8 @@ from spmd.synth import LLAMA2_7B, TINYLLAMA, Shape, write_model  # noqa: E402
 from spmd.weights import load_shard  # noqa: E402
 
 PEAK_TBS = (("H100 PCIE", 2.0), ("H100", 3.35), ("H200", 4.8), ("A100", 2.0))
+ROOT = Path(__file__).resolve().parents[1]
+CUDA_BENCH = ROOT / "bench-out" / "llama.cpp" / "cuda" / "bin" / "llama-bench"  # build_llama_cpp.sh --cuda
 
 
 def peak_for(name, given):
@@ -161,7 +168,16 @@ def main():
                     help="GPU time of each step of a prompt pass and of a decode token")
     ap.add_argument("--kernels", action="store_true", help="only time single products (steady state)")
     ap.add_argument("--check", action="store_true", help="first compare a tiny model with the numpy reference")
+    ap.add_argument("--llama-bench", default=None,
+                    help="llama.cpp's llama-bench with CUDA, run on the same files; auto: build it here once "
+                         "(scripts/build_llama_cpp.sh --cuda) or use the one built before")
     args = ap.parse_args()
+    if args.llama_bench == "auto":
+        args.llama_bench = str(CUDA_BENCH)
+        if not CUDA_BENCH.exists():
+            subprocess.run(["bash", str(ROOT / "scripts" / "build_llama_cpp.sh"), "--cuda"], check=True)
+    if args.llama_bench and not os.access(args.llama_bench, os.X_OK):
+        sys.exit(f"--llama-bench {args.llama_bench}: no such program")
     if args.check:
         check(args)
     if args.kernels:
@@ -186,6 +202,17 @@ def main():
         print(f"{r['qtype']:5} {r['backend'][:44]:44} {r['prompt_tps']:12.1f} {r['decode_tps']:12.1f} "
               f"{r['ms_per_token']:9.3f} {fmt(r.get('gpu_ms'), '7.3f')} {fmt(r.get('outside_ms'), '7.3f')} "
               f"{r['weights_mb']:10.1f} {fmt(r.get('gbs_gpu'), '10.1f')} {fmt(r.get('roofline_gpu'), '8.0%')}")
+    if args.llama_bench:
+        print(f"\nllama.cpp CUDA ({args.llama_bench}: -ngl 99 -fa 1, pp{args.prompt}, tg{args.steps} at depth "
+              f"{args.prompt}) on the same files, and spmd's ratio:")
+        for r in rows:
+            if r["backend"].startswith("vulkan"):
+                got = llama(args.llama_bench, r["path"], "none", args.prompt, args.steps, depth=args.prompt)
+                if got is None:
+                    print(f"{r['qtype']:5} llama-bench failed")
+                    continue
+                print(f"{r['qtype']:5} prompt {got[0]:9.1f} tok/s (spmd {r['prompt_tps'] / got[0]:.2f}x), decode "
+                      f"{got[1]:7.1f} tok/s (spmd {r['decode_tps'] / got[1]:.2f}x)", flush=True)
 
 
 def best(a, b):
@@ -211,7 +238,7 @@ def bench_type(args, qtype, path):
         if run_cpu:
             c = best(measure(cpu[1], args.prompt, args.steps), c)
     nbytes = model.w.nbytes
-    r.update(qtype=qtype, backend=backend.description, load_s=load_s, weights_mb=nbytes / 1e6,
+    r.update(qtype=qtype, backend=backend.description, load_s=load_s, weights_mb=nbytes / 1e6, path=path,
              gbs_gpu=None if r["gpu_ms"] is None else nbytes / r["gpu_ms"] / 1e6,
              gbs_wall=nbytes / r["ms_per_token"] / 1e6)
     r["roofline_gpu"] = None if peak is None or r["gbs_gpu"] is None else r["gbs_gpu"] / (peak * 1e3)

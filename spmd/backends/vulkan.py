@@ -13,8 +13,9 @@ A matrix larger than the device's maxStorageBufferRange (128 MiB on lavapipe) is
 and one dispatch each.
 
 Kernels (see kernels/README.md): `matvec_<w>_f32` (decode) and `matmul_<w>_f32` (a prompt, 8 tokens a workgroup),
-with a bias, a residual add, and (gate and up in one pass) SiLU-multiply fused in; `rmsnorm_f32`; `attention_f32`
-with RoPE and the KV-cache store fused in; `add_f32` for the allreduced sums.
+or `coopmat_<w>_f32` (a prompt on the matrix units, where the device has cooperative matrices), with a bias, a
+residual add, and (gate and up in one pass) SiLU-multiply fused in; `rmsnorm_f32`; `attention_f32` with RoPE and
+the KV-cache store fused in; `add_f32` for the allreduced sums.
 
 Activations are float32 buffers whose rows are padded to a multiple of 32 floats (the padding stays zero).
 """
