@@ -8,9 +8,8 @@
 // fly), so the first query head of each KV head can store row i's rotated key and value at position pos in the
 // same dispatch: no workgroup reads those cache entries here (one segment per slot in a pass).
 // The row table is host-written before each submit, so a recorded command buffer serves every decode step.
-// A prompt runs it with p.mode 1 (every row's key and value into the cache, nothing else), then
-// attention_tile_f32 over the cache: mode 0 would rotate each of its segment's keys again for every query head and
-// row, and read every key once per row.
+// A prompt runs it twice (p.mode): first every row's key and value into the cache, then the attention with all
+// keys from the cache, where mode 0 would rotate each of its segment's keys again for every query head and row.
 #extension GL_GOOGLE_include_directive : require
 #include "common.glsl"
 layout(constant_id = 1) const uint HD = 64;  // head_dim
@@ -19,7 +18,27 @@ layout(constant_id = 3) const uint E = 1;    // (4 dims, split) pairs per thread
 const uint H4 = HD / 4;                      // head_dim is a multiple of 4: the cache is read as vec4
 const uint CH = 256;                         // keys per chunk
 
-#include "attention_io.glsl"
+layout(push_constant) uniform Push {
+    uint group;       // query heads per KV head
+    uint qkv_stride;  // floats between tokens of qkv: [q (heads * HD) | k (kv * HD) | v (kv * HD) | padding]
+    uint k_off;       // float offset of k within a token
+    uint v_off;       // float offset of v within a token
+    uint o_stride;    // floats between tokens of the output (heads * HD, padded)
+    uint max_seq;     // positions of a slot's cache (and of the rope tables)
+    uint rope_dim;    // leading dims of a head that are rotated
+    uint neox;        // 1: pairs (i, i + rope_dim/2); 0: pairs (2i, 2i + 1)
+    float scale;      // 1 / sqrt(head_dim)
+    uint mode;        // 0: store this row's key and value, and attend (decode); prompts in two dispatches:
+                      // 1: store only, 2: attend only, every key and value from the cache (stored by mode 1)
+} p;
+// per row: (position, its segment's first position, the segment's first row in this pass, the slot's first
+// cache row: slot * kv * max_seq)
+layout(std430, binding = 0) readonly buffer Rows { uvec4 rows[]; };
+layout(std430, binding = 1) readonly buffer Qkv { float qkv[]; };
+layout(std430, binding = 2) readonly buffer RopeT { float rope[]; };  // cos (max_seq, rope_dim/2), then sin
+layout(std430, binding = 3) buffer KCache { vec4 kc[]; };             // this layer's keys (slots, kv, max_seq, HD)
+layout(std430, binding = 4) buffer VCache { vec4 vc[]; };
+layout(std430, binding = 5) writeonly buffer Out { float o[]; };
 
 shared float red_scratch[gl_WorkGroupSize.x];
 #include "reduce.glsl"
@@ -28,12 +47,39 @@ shared float qs[HD];
 shared float kn[HD];
 shared vec4 comb[H4 * KS];
 
+float rotated(uint base, uint d, uint position) {
+    // element d of the head that starts at qkv[base], rotated for `position`
+    if (d >= p.rope_dim) return qkv[base + d];
+    uint half_ = p.rope_dim / 2u;
+    bool first;
+    uint i, ia, ib;
+    if (p.neox != 0u) {
+        first = d < half_;
+        i = first ? d : d - half_;
+        ia = i;
+        ib = i + half_;
+    } else {
+        first = (d & 1u) == 0u;
+        i = d >> 1;
+        ia = 2u * i;
+        ib = ia + 1u;
+    }
+    float c = rope[position * half_ + i], sn = rope[(p.max_seq + position) * half_ + i];
+    float xa = qkv[base + ia], xb = qkv[base + ib];
+    return first ? xa * c - xb * sn : xa * sn + xb * c;
+}
+
+vec4 value(uint r, uint kvh, uint d4) {  // row r of this pass, from the qkv buffer
+    uint at = r * p.qkv_stride + p.v_off + kvh * HD + 4 * d4;
+    return vec4(qkv[at], qkv[at + 1], qkv[at + 2], qkv[at + 3]);
+}
+
 void main() {
     uint WG = gl_WorkGroupSize.x;
     uint h = gl_WorkGroupID.x, i = gl_WorkGroupID.y, tid = gl_LocalInvocationID.x;
     uint kvh = h / p.group;
     uvec4 row = rows[i];
-    uint pos = row.x, start = row.y, first = row.z, T = pos + 1u;
+    uint pos = row.x, start = p.mode == 2u ? row.x + 1u : row.y, first = row.z, T = pos + 1u;
     uint cbase = row.w + kvh * p.max_seq;  // the cache row of this KV head's position 0 in this sequence's slot
     uint kbase = i * p.qkv_stride + p.k_off + kvh * HD;  // this token's key, rotated once into shared memory
     for (uint d = tid; d < HD; d += WG) {
@@ -41,7 +87,7 @@ void main() {
         kn[d] = rotated(kbase, d, pos);
     }
     barrier();
-    if (h % p.group == 0u) {
+    if (h % p.group == 0u && p.mode != 2u) {
         for (uint d4 = tid; d4 < H4; d4 += WG) {
             uint c = (cbase + pos) * H4 + d4;
             kc[c] = vec4(kn[4 * d4], kn[4 * d4 + 1], kn[4 * d4 + 2], kn[4 * d4 + 3]);

@@ -46,11 +46,10 @@ from ..model import Rope, check_pass, check_slot, last_rows, segment_rows, stage
 from .vk_runtime import MIB, Buffer, Recording
 from .vulkan import pad
 
-# group, qkv_stride, k_off, v_off, o_stride, max_seq, rope_dim, neox, scale, mode, n (kernels/attention_io.glsl)
-ATTENTION_PUSH = "<8IfII"
+ATTENTION_PUSH = "<8IfI"  # group, qkv_stride, k_off, v_off, o_stride, max_seq, rope_dim, neox, scale, mode
 NORM_PUSH = "<4If"  # dim, x_stride, x_off, y_stride, eps
 KEPT_ROWS = 64  # decode steps of up to this many sequences keep their recorded command buffers
-ATTENTION_STORE = 8  # passes of more rows store their keys and values, then attend in tiles (attention_tile_f32)
+ATTENTION_STORE = 8  # passes of more rows store their keys and values before attending (kernels/attention_f32)
 
 
 def runs(rows):
@@ -158,8 +157,6 @@ class VulkanModel:
         ks = max(1, wg // (hd // 4))  # threads sum the values 4 dims at a time, keys split ks ways
         self._attention = self.dev.pipeline("attention_f32", 6, struct.calcsize(ATTENTION_PUSH),
                                             (wg, hd, ks, -(-(hd // 4) * ks // wg)))
-        self._attention_tile = self.dev.pipeline("attention_tile_f32", 6, struct.calcsize(ATTENTION_PUSH), (wg, hd))
-        self.tile_rows = 16 if hd <= 128 else 8  # kernels/attention_tile_f32.comp's QT
         self.profile = False  # bench: timestamps after every step of each pass (last_profile)
         self._add = self.dev.pipeline("add_f32", 2, 4)
         self._rmsnorm = self.dev.pipeline("rmsnorm_f32", 3, struct.calcsize(NORM_PUSH), (backend.norm_wg,))
@@ -264,16 +261,13 @@ class VulkanModel:
             rec.barrier()
             rec.mark("q k v")
             bufs = [(b, 0, b.nbytes) for b in (a.table, a.qkv, self.rope, self.kcache[li], self.vcache[li], a.att)]
-            push = lambda mode: struct.pack(  # noqa: E731
-                ATTENTION_PUSH, cfg.group, self.qkv_stride, self.nh * hd, (self.nh + self.nkv) * hd,
-                self.att_stride, self.max_seq, cfg.rope_dim, int(cfg.rope_neox), float(1.0 / np.sqrt(hd)), mode, n)
-            if n <= ATTENTION_STORE:  # a decode step: store and attend in one dispatch
-                rec.dispatch(self._attention, bufs, push(0), (self.nh, n, 1))
-            else:  # a prompt: every row's key and value into the cache, then tiles of rows attend from there
-                rec.dispatch(self._attention, bufs, push(1), (self.nh, n, 1))
+            # a decode step stores and attends in one dispatch; a prompt stores every key first (ATTENTION_STORE)
+            for mode in (0,) if a.n <= ATTENTION_STORE else (1, 2):
+                push = struct.pack(ATTENTION_PUSH, cfg.group, self.qkv_stride, self.nh * hd, (self.nh + self.nkv) * hd,
+                                   self.att_stride, self.max_seq, cfg.rope_dim, int(cfg.rope_neox),
+                                   float(1.0 / np.sqrt(hd)), mode)
+                rec.dispatch(self._attention, bufs, push, (self.nh, n, 1))
                 rec.barrier()
-                rec.dispatch(self._attention_tile, bufs, push(1), (self.nh, -(-n // self.tile_rows), 1))
-            rec.barrier()
             rec.mark("attention")
         if multi:  # the partial sum (zeros when this rank holds no heads)
             lw.wo.dispatch(rec, a.att, self.att_stride, 0, a.delta, self.dp, 0, n)
