@@ -432,6 +432,26 @@ def _same_caches(a, b, filled=FILLED):
 
 
 @needs_device
+@pytest.mark.parametrize("heads", [8, 2], ids=["head_dim-32", "head_dim-128"])
+def test_long_prompts_of_two_sequences_in_one_pass(tmp_path, heads):
+    """A prompt's keys stored first, then attended from the cache (attention_f32 mode 1, then 2): a 30-token
+    prompt, then in one pass 19 tokens of another sequence and 40 more of the first after its 30 in the cache;
+    head_dim 32 and 128. Logits and caches against spmd.model.Model."""
+    shape = Shape(dim=256, n_heads=heads, n_kv_heads=max(1, heads // 2), ffn=128, vocab=300, context=128)
+    path = write_model(tmp_path / "m.gguf", shape, "F32", 3)
+    ref, dev, cfg = _shard_models(path, _whole, slots=2)
+    assert cfg.head_dim == 256 // heads
+    rng = np.random.default_rng(8)
+    for m in (ref, dev):
+        m.open(1, 128)
+    first, other, more = (tuple(int(t) for t in rng.integers(1, 300, n)) for n in (30, 19, 40))
+    for segments in ([(0, 0, first)], [(1, 0, other), (0, 30, more)]):
+        np.testing.assert_allclose(step([dev], segments), step([ref], segments), rtol=0, atol=1e-4)
+    _same_caches([dev], [ref], {0: 70, 1: 19})
+    dev.close()
+
+
+@needs_device
 @pytest.mark.parametrize("matvec_rows", [1, 8], ids=["matmul", "matvec"])  # lavapipe's choice and a GPU's
 @pytest.mark.parametrize("multi", [False, True], ids=["one-buffer", "half-layers"])
 def test_several_sequences_in_one_pass(models, multi, matvec_rows, monkeypatch):
