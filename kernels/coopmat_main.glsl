@@ -44,7 +44,7 @@ shared float cs[BT * CS];
 
 void split4(vec4 v, uint at, uint dest) {  // v -> group `at` of tile dest (0: x, 1: W, 2: W2)
     // hi: v with its float32 mantissa rounded to fp16's 10 bits in integer arithmetic, so that v - hi is exactly
-    // what fp16 drops (an H200 took vec4(f16vec4(v)) for v: lo came out zero, errors of fp16 size)
+    // what fp16 drops (with conversions there, and lo unscaled, an H200 gave errors of fp16 size: kernels/README)
     vec4 h = uintBitsToFloat((floatBitsToUint(v) + 0x1000u) & 0xFFFFE000u);
     vec4 l = (v - h) * LO;
     uvec2 hi = uvec2(packHalf2x16(h.xy), packHalf2x16(h.zw)), lo = uvec2(packHalf2x16(l.xy), packHalf2x16(l.zw));
