@@ -8,8 +8,10 @@
 // fly), so the first query head of each KV head can store row i's rotated key and value at position pos in the
 // same dispatch: no workgroup reads those cache entries here (one segment per slot in a pass).
 // The row table is host-written before each submit, so a recorded command buffer serves every decode step.
-// A prompt runs it twice (p.mode): first every row's key and value into the cache, then the attention with all
+// A pass of more than ATTENTION_STORE rows (spmd/backends/vulkan_model.py: a prompt, or a decode step of many
+// sequences) runs it twice (p.mode): first every row's key and value into the cache, then the attention with all
 // keys from the cache, where mode 0 would rotate each of its segment's keys again for every query head and row.
+// (Mode 1 still starts every query head's workgroup and rotates its query: a cost not measured, left as it is.)
 #extension GL_GOOGLE_include_directive : require
 #include "common.glsl"
 layout(constant_id = 1) const uint HD = 64;  // head_dim
@@ -28,8 +30,8 @@ layout(push_constant) uniform Push {
     uint rope_dim;    // leading dims of a head that are rotated
     uint neox;        // 1: pairs (i, i + rope_dim/2); 0: pairs (2i, 2i + 1)
     float scale;      // 1 / sqrt(head_dim)
-    uint mode;        // 0: store this row's key and value, and attend (decode); prompts in two dispatches:
-                      // 1: store only, 2: attend only, every key and value from the cache (stored by mode 1)
+    uint mode;        // 0: store this row's key and value, and attend (passes of few rows); larger passes in two
+                      // dispatches: 1: store only, 2: attend only, every key and value from the cache
 } p;
 // per row: (position, its segment's first position, the segment's first row in this pass, the slot's first
 // cache row: slot * kv * max_seq)
@@ -110,7 +112,7 @@ void main() {
                     sc += dot(vec4(qs[4 * d4], qs[4 * d4 + 1], qs[4 * d4 + 2], qs[4 * d4 + 3]), kc[kb + d4]);
             } else if (t == pos) {
                 for (uint d = 0; d < HD; d++) sc += qs[d] * kn[d];
-            } else {  // an earlier token of this segment in this pass (prompts): rotated here
+            } else {  // an earlier token of this segment in this pass (mode 0): rotated here
                 uint kb = (first + t - start) * p.qkv_stride + p.k_off + kvh * HD;
                 for (uint d = 0; d < HD; d++) sc += qs[d] * rotated(kb, d, t);
             }

@@ -5,7 +5,8 @@
 //
 // Each 32-column step stages one block of every row of the tile (dequantised by the type's deq, in float32) and
 // those 32 columns of every token in shared memory as fp16 pairs: v = hi + lo / 2^11, hi = fp16(v),
-// lo = fp16((v - hi) 2^11) (scaled so that it stays a normal fp16 number: a GPU may flush fp16 subnormals). The
+// lo = fp16((v - hi) 2^11) (scaled: a GPU may flush fp16 subnormals, and lo then is normal unless |v - hi| is under
+// 2^-25, an absolute error it may drop; kernels/README). The
 // products sum hi*hi in one float32 fragment and lo*hi + hi*lo in another, added at the end with the 2^-11: only
 // lo*lo, about 2^-22 of the value, is left out, so a product is as close to the float32 one as float32 summation
 // in another order, and greedy tokens do not move. The next step's weight blocks and x are loaded into registers

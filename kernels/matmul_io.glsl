@@ -1,11 +1,11 @@
-// Declarations of the matrix products (matvec_*.comp, matmul_*.comp, coopmat_*.comp): weights in 32-element blocks, float32
-// activations. y[tok, row] (+)= sum_k W[row, k] * x[tok, k] for NR weight rows and NT tokens per workgroup.
+// Declarations of the matrix products (matvec_*.comp, matmul_*.comp, coopmat_*.comp): weights in 32-element
+// blocks, float32 activations. y[tok, row] (+)= sum_k W[row, k] * x[tok, k] for NR weight rows and NT tokens per
+// workgroup (coopmat: BT tokens, specialised).
 #extension GL_EXT_control_flow_attributes : require
 // Rows and tokens per workgroup are compile-time constants, so that every per-row array stays in registers
 // (loops over them are unrolled here, not left to the driver); the threads per workgroup are specialised.
 #if defined(COOPMAT)
-const uint NR = 64;                            // on the matrix units (coopmat_main.glsl: its tokens are BT)
-const uint NT = 0;
+const uint NR = 64;                            // on the matrix units (vulkan.py: COOP_ROWS)
 #elif defined(MATMUL)
 const uint NR = 2;                             // weight rows per workgroup
 const uint NT = 8;                             // tokens per workgroup (prompt processing)

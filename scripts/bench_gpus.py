@@ -48,13 +48,13 @@ def run(model, layout, gpus, prompts, steps, threads):
 def llama(bench, model, split, prompt_len, steps, depth=0):
     """llama-bench's (prompt tok/s, decode tok/s) with every layer on the GPUs, split by `split` (none: GPU 0),
     flash attention on; decode with `depth` tokens already in the cache (a run of its own); None if it fails."""
-    def run(*args):
+    def bench_json(*args):
         p = subprocess.run([bench, "-m", str(model), "-ngl", "99", "-sm", split, "-mg", "0", "-fa", "1", "-r", "3",
                             "-o", "json", *args], capture_output=True, text=True, timeout=600)
         return json.loads(p.stdout) if p.returncode == 0 else None
-    rows = run("-p", str(prompt_len), "-n", "0" if depth else str(steps))
+    rows = bench_json("-p", str(prompt_len), "-n", "0" if depth else str(steps))
     if rows and depth:
-        decode = run("-p", "0", "-n", str(steps), "-d", str(depth))
+        decode = bench_json("-p", "0", "-n", str(steps), "-d", str(depth))
         rows = rows + decode if decode else None
     if not rows:
         return None

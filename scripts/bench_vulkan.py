@@ -203,16 +203,21 @@ def main():
               f"{r['ms_per_token']:9.3f} {fmt(r.get('gpu_ms'), '7.3f')} {fmt(r.get('outside_ms'), '7.3f')} "
               f"{r['weights_mb']:10.1f} {fmt(r.get('gbs_gpu'), '10.1f')} {fmt(r.get('roofline_gpu'), '8.0%')}")
     if args.llama_bench:
-        print(f"\nllama.cpp CUDA ({args.llama_bench}: -ngl 99 -fa 1, pp{args.prompt}, tg{args.steps} at depth "
-              f"{args.prompt}) on the same files, and spmd's ratio:")
-        for r in rows:
-            if r["backend"].startswith("vulkan"):
-                got = llama(args.llama_bench, r["path"], "none", args.prompt, args.steps, depth=args.prompt)
-                if got is None:
-                    print(f"{r['qtype']:5} llama-bench failed")
-                    continue
-                print(f"{r['qtype']:5} prompt {got[0]:9.1f} tok/s (spmd {r['prompt_tps'] / got[0]:.2f}x), decode "
-                      f"{got[1]:7.1f} tok/s (spmd {r['decode_tps'] / got[1]:.2f}x)", flush=True)
+        compare_llama_cpp(args, rows)
+
+
+def compare_llama_cpp(args, rows):
+    """llama-bench (CUDA) on each Vulkan row's file, and spmd's ratio."""
+    print(f"\nllama.cpp CUDA ({args.llama_bench}: -ngl 99 -fa 1, pp{args.prompt}, tg{args.steps} at depth "
+          f"{args.prompt}) on the same files, and spmd's ratio:")
+    for r in rows:
+        if r["backend"].startswith("vulkan"):
+            got = llama(args.llama_bench, r["path"], "none", args.prompt, args.steps, depth=args.prompt)
+            if got is None:
+                print(f"{r['qtype']:5} llama-bench failed")
+                continue
+            print(f"{r['qtype']:5} prompt {got[0]:9.1f} tok/s (spmd {r['prompt_tps'] / got[0]:.2f}x), decode "
+                  f"{got[1]:7.1f} tok/s (spmd {r['decode_tps'] / got[1]:.2f}x)", flush=True)
 
 
 def best(a, b):

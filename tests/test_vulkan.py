@@ -234,9 +234,9 @@ def test_descriptor_sets_are_kept_per_bindings_and_go_with_their_buffers():
         rec.end()
         rec.free()
     assert sets.get(pipe, [(a, 0, 1024), (b, 0, 1024)])[0] == first[0] and len(sets.sets) == before + 2
-    left = sum(pool[1] for pool in sets.pools)
+    left = sum(pool.left for pool in sets.pools)
     c.free()
-    assert len(sets.sets) == before + 1 and sum(pool[1] for pool in sets.pools) == left + 1
+    assert len(sets.sets) == before + 1 and sum(pool.left for pool in sets.pools) == left + 1
     a.free()
     b.free()
     assert len(sets.sets) == before and b.key not in sets.by_buffer
@@ -448,6 +448,23 @@ def test_long_prompts_of_two_sequences_in_one_pass(tmp_path, heads):
     for segments in ([(0, 0, first)], [(1, 0, other), (0, 30, more)]):
         np.testing.assert_allclose(step([dev], segments), step([ref], segments), rtol=0, atol=1e-4)
     _same_caches([dev], [ref], {0: 70, 1: 19})
+    dev.close()
+
+
+@needs_device
+def test_prompt_activations_are_kept_up_to_a_size(monkeypatch, models):
+    """A prompt's activations stay for the next prompt (grown to the largest so far), except a pass over
+    KEPT_PASS_ROWS rows, whose own are freed after it: device memory goes back to what it was."""
+    import spmd.backends.vulkan_model as vulkan_model
+    monkeypatch.setattr(vulkan_model, "KEPT_PASS_ROWS", 12)
+    ref, dev, cfg = _shard_models(models["Q8_0"], _whole)
+    heap = dev.dev.heap_used[:]
+    for tokens, kept_rows in ((PROMPT[:9], 9), (PROMPT[:11], 11), (PROMPT[:10], 11)):
+        np.testing.assert_allclose(run(dev, tokens, 0), run(ref, tokens, 0), rtol=0, atol=1e-4)
+        assert dev._pass.rows == kept_rows
+    kept = dev.dev.heap_used[:]
+    np.testing.assert_allclose(run(dev, PROMPT, 0), run(ref, PROMPT, 0), rtol=0, atol=1e-4)  # 13 rows
+    assert dev._pass.rows == 11 and dev.dev.heap_used == kept and kept != heap
     dev.close()
 
 

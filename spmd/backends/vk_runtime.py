@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
+from .vk_sets import DescriptorSets
 
 
 def _kernels_dir() -> Path:
@@ -104,78 +105,6 @@ class Buffer:
             self.handle = None
 
 
-class DescriptorSets:
-    """The descriptor sets of a device's dispatches, one per (pipeline, bindings), kept across recordings: a prompt
-    pass records its hundreds of dispatches again over the same buffers, and writing their sets was most of that
-    (H200 host: 6.5 ms of a 128-token prompt's 30). A set goes when a buffer it binds is freed (`forget`)."""
-
-    PER_POOL = 256  # sets a pool holds (of up to 16 bindings each)
-
-    def __init__(self, dev):
-        self.dev = dev
-        self.sets = {}  # key -> (VkDescriptorSet[1], pool index)
-        self.by_buffer = {}  # Buffer.key -> {key}
-        self.pools = []  # [pool, sets it can still give]
-
-    def get(self, pipeline, buffers):
-        """The set binding `buffers` ((Buffer, byte offset, byte range) each) for `pipeline`, as VkDescriptorSet[1]."""
-        key = (id(pipeline),) + tuple((b.key, o, r) for b, o, r in buffers)
-        entry = self.sets.get(key)
-        if entry is None:
-            entry = self.sets[key] = self._allocate(pipeline)
-            self._write(entry[0], buffers)
-            for b, _, _ in buffers:
-                self.by_buffer.setdefault(b.key, set()).add(key)
-        return entry[0]
-
-    def _allocate(self, pipeline):
-        ffi, lib = vk.ffi, vk.lib
-        dset = ffi.new("VkDescriptorSet[1]")
-        for index, pool in enumerate(self.pools):
-            if pool[1] == 0:
-                continue
-            info = ffi.new("VkDescriptorSetAllocateInfo*", {
-                "sType": vk.VK_STRUCTURE_TYPE_DESCRIPTOR_SET_ALLOCATE_INFO, "descriptorPool": pool[0],
-                "descriptorSetCount": 1, "pSetLayouts": pipeline.set_layouts})
-            if lib.vkAllocateDescriptorSets(self.dev.device, info, dset) == 0:
-                pool[1] -= 1
-                return dset, index
-            pool[1] = 0  # fragmented or out of descriptors: use others
-        size = vk.VkDescriptorPoolSize(type=vk.VK_DESCRIPTOR_TYPE_STORAGE_BUFFER, descriptorCount=16 * self.PER_POOL)
-        self.pools.append([vk.vkCreateDescriptorPool(self.dev.device, vk.VkDescriptorPoolCreateInfo(
-            flags=vk.VK_DESCRIPTOR_POOL_CREATE_FREE_DESCRIPTOR_SET_BIT, maxSets=self.PER_POOL, poolSizeCount=1,
-            pPoolSizes=[size]), None), self.PER_POOL])
-        return self._allocate(pipeline)
-
-    def _write(self, dset, buffers):
-        ffi, n = vk.ffi, len(buffers)
-        infos = ffi.new("VkDescriptorBufferInfo[]", n)
-        writes = ffi.new("VkWriteDescriptorSet[]", n)
-        for i, (b, o, r) in enumerate(buffers):
-            info, write = infos[i], writes[i]
-            info.buffer, info.offset, info.range = b.handle, o, r
-            write.sType, write.dstSet, write.dstBinding = vk.VK_STRUCTURE_TYPE_WRITE_DESCRIPTOR_SET, dset[0], i
-            write.descriptorCount, write.descriptorType = 1, vk.VK_DESCRIPTOR_TYPE_STORAGE_BUFFER
-            write.pBufferInfo = infos + i
-        vk.lib.vkUpdateDescriptorSets(self.dev.device, n, writes, 0, ffi.NULL)
-
-    def forget(self, buffer):
-        """Free the sets that bind `buffer` (it is being freed)."""
-        for key in self.by_buffer.pop(buffer.key, ()):
-            dset, index = self.sets.pop(key)
-            for other, _, _ in key[1:]:
-                if other != buffer.key:
-                    self.by_buffer.get(other, set()).discard(key)
-            _check(vk.lib.vkFreeDescriptorSets(self.dev.device, self.pools[index][0], 1, dset),
-                   "vkFreeDescriptorSets")
-            self.pools[index][1] += 1
-
-    def close(self):
-        for pool, _ in self.pools:
-            vk.vkDestroyDescriptorPool(self.dev.device, pool, None)
-        self.pools, self.sets, self.by_buffer = [], {}, {}
-
-
 class Pipeline:
     def __init__(self, dev, kernel, n_bindings, push_bytes, spec):
         path = KERNELS / f"{kernel}.spv"
@@ -190,7 +119,7 @@ class Pipeline:
                     for i in range(n_bindings)]
         self.set_layout = vk.vkCreateDescriptorSetLayout(d, vk.VkDescriptorSetLayoutCreateInfo(
             bindingCount=n_bindings, pBindings=bindings), None)
-        self.set_layouts = vk.ffi.new("VkDescriptorSetLayout[1]", [self.set_layout])  # for Recording._set
+        self.set_layouts = vk.ffi.new("VkDescriptorSetLayout[1]", [self.set_layout])  # vk_sets allocates with it
         ranges = [vk.VkPushConstantRange(stageFlags=vk.VK_SHADER_STAGE_COMPUTE_BIT, offset=0, size=push_bytes)]
         self.layout = vk.vkCreatePipelineLayout(d, vk.VkPipelineLayoutCreateInfo(
             setLayoutCount=1, pSetLayouts=[self.set_layout], pushConstantRangeCount=1 if push_bytes else 0,
@@ -256,7 +185,7 @@ class Device:
         self.fence = vk.vkCreateFence(self.device, vk.VkFenceCreateInfo(), None)
         self._pipelines = {}
         self._staging = None
-        self.sets = DescriptorSets(self)
+        self.sets = DescriptorSets(self, vk)
 
     def check_index(self, index, wrap):
         """An index the user gave (not wrapping) must name one of this host's devices."""
@@ -420,8 +349,9 @@ class Device:
 
 
 class Recording:
-    """One command buffer: dispatches (their sets from the device's DescriptorSets), barriers between dependent ones,
-    optional timestamps around the whole. Record once, `run()` (submit and wait) as often as needed."""
+    """One command buffer: dispatches (their sets from the device's vk_sets.DescriptorSets), barriers between
+    dependent ones, optional timestamps around the whole. Record once, `run()` (submit and wait) as often as
+    needed."""
 
     def __init__(self, dev, timestamps=False, profile=False):
         """timestamps: time the whole buffer on the GPU (gpu_seconds); profile: also after every `mark(label)`."""

@@ -24,6 +24,7 @@ import struct
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
+from ..errors import UserError
 from ..quants import QTensor, unpack
 from . import Backend, prepare_call
 from .vk_runtime import Buffer, Device, Recording, env_tuple
@@ -43,6 +44,7 @@ ACCUM, BIAS, NORM, PRODUCE = 1, 2, 4, 8  # flags (kernels/matmul_io.glsl)
 # with 32 tokens, 111 with 64; gate and up, 176: 311 and 294; wo at 512 tokens 268 and 212; 16 tokens were 1.9x
 # slower than 32 everywhere)
 COOP_WIDE = 160
+COOP_ROWS, COOP_THREADS = 64, 128  # kernels/coopmat_main.glsl's BR and WG: 4 subgroups of 32 (Device._coop_matrix)
 _DEVICES = {}  # one Device per GPU index, shared by every backend and model of the process
 
 
@@ -200,11 +202,12 @@ class VulkanLinear:
         b = self.backend
         if n <= b.matvec_rows:
             kernel, wg, nr, nt = "matvec", b.matvec_wg, 4, 1  # kernels/matmul_io.glsl's NR, NT
-        elif self.dev.coop and self.type != "f32" and norm is None:
-            # 4 subgroups of 32 (vk_runtime.Device._coop_matrix), 64 rows x 64 tokens a workgroup where that
-            # still makes COOP_WIDE workgroups, else x 32 tokens
-            wide = -(-self.parts[0].rows // 64) * -(-n // 64) >= COOP_WIDE
-            kernel, wg, nr, nt = "coopmat", 128, 64, b.coop_tokens or (64 if wide else 32)
+        elif self.dev.coop and self.type != "f32" and norm is None and self.nb > 0:
+            # 64 rows x 64 tokens a workgroup where that still makes COOP_WIDE workgroups, else x 32 tokens (an
+            # empty matrix, a rank's zero partial sum, keeps matmul, which reads nothing)
+            nr = COOP_ROWS
+            wide = -(-self.parts[0].rows // nr) * -(-n // 64) >= COOP_WIDE
+            kernel, wg, nt = "coopmat", COOP_THREADS, b.coop_tokens or (64 if wide else 32)
         else:
             kernel, wg, nr, nt = "matmul", b.matmul_wg, 2, 8
         assert kernel == "coopmat" or wg >= nr * nt
@@ -293,6 +296,8 @@ class VulkanBackend(Backend):
         # much as 8 of them (H200, Llama-2-7B Q4_0: 2 sequences decoded 3.6x slower than 1); lavapipe keeps matmul
         self.matvec_rows = env_tuple("SPMD_VK_MATVEC_ROWS", (1,) if self.dev.is_cpu else (8,))[0]
         self.coop_tokens = env_tuple("SPMD_VK_COOP_TOKENS", (0,))[0]  # 32 or 64: coopmat's tokens (0: COOP_WIDE)
+        if self.coop_tokens not in (0, 16, 32, 64):  # BT: whole fragments of 16 tokens over 4 subgroups
+            raise UserError(f"SPMD_VK_COOP_TOKENS={self.coop_tokens}: give 16, 32 or 64 (or leave it unset)")
         self.norm_wg = 64 if self.dev.is_cpu else 256
         self.attention_wg = env_tuple("SPMD_VK_ATTENTION", (16,) if self.dev.is_cpu else (256,))[0]
         self.dummy = Buffer(self.dev, 64)

@@ -4,7 +4,8 @@ A pass of n token rows through the rank's stage (its layers, `stage_schedule`; x
 throughout), per layer, with a barrier after each line:
     xn        = RMSNorm(x) * attn_norm                                  rmsnorm_f32
     q, k, v   = xn @ wq/wk/wv.T (+ biases)                              3 dispatches, no barrier between them
-    att       = attention(rope(q), rope(k) -> cache, v -> cache)        1 dispatch (rope and cache store fused)
+    att       = attention(rope(q), rope(k) -> cache, v -> cache)        1 dispatch (rope and cache store fused); 2
+                                                                        over ATTENTION_STORE rows: store, attend
     x        += att @ wo.T                                              the partial sum: allreduced with the stage
     xn        = RMSNorm(x) * ffn_norm
     h         = silu(xn @ w1.T) * (xn @ w3.T)                           1 dispatch: gate and up rows side by side
@@ -16,7 +17,9 @@ host through `io`.
 The rows are the stacked segments of the pass (`spmd.model.Segment`: consecutive tokens of one sequence): the
 products run once over all of them; the attention kernel reads, per row, a table the host writes before each
 submit (`_put_rows`): its position, its segment's first position and first row in the pass, and its slot's first
-row in the cache. Keys before the segment come from the slot's cache, those of the segment from this pass.
+row in the cache. In a pass of up to ATTENTION_STORE rows, keys before the segment come from the slot's cache and
+those of the segment from this pass (rotated again by each row that reads them); a larger pass stores every row's
+key and value first, then attends with every key from the cache.
 
 The KV cache is a fixed pool on the device, allocated up front: per layer one buffer for K and one for V of
 (slots, kv, max_seq, head_dim) float32, every slot max_seq positions long (the CPU's caches are per-sequence arrays
@@ -35,7 +38,8 @@ and the next command buffer starts with x += delta. With weights streamed (--mem
 DeviceWindow) each streamed half-layer is a command buffer of its own, run while the window holds its matrices
 in their slot.
 Decode steps (one token of each of up to KEPT_ROWS sequences) keep their command buffers, recorded once per
-(multi-rank, head, rows); any other pass (a prompt, or prompts and decode tokens mixed) records a one-off set.
+(multi-rank, head, rows); any other pass (a prompt, or prompts and decode tokens mixed) records a one-off set over
+activations kept for such passes of up to KEPT_PASS_ROWS rows (`_pass_acts`).
 """
 import struct
 
@@ -49,7 +53,11 @@ from .vulkan import pad
 ATTENTION_PUSH = "<8IfI"  # group, qkv_stride, k_off, v_off, o_stride, max_seq, rope_dim, neox, scale, mode
 NORM_PUSH = "<4If"  # dim, x_stride, x_off, y_stride, eps
 KEPT_ROWS = 64  # decode steps of up to this many sequences keep their recorded command buffers
-ATTENTION_STORE = 8  # passes of more rows store their keys and values before attending (kernels/attention_f32)
+# Passes of more rows store their keys and values, then attend (kernels/attention_f32 modes 1, 2): 312 -> 51 us a
+# layer for a 128-token TinyLlama prompt on an H200; a decode step of up to 8 sequences keeps one dispatch (not
+# measured either way near 8 rows: the same bound as matvec_rows on a GPU)
+ATTENTION_STORE = 8
+KEPT_PASS_ROWS = 512  # activations of other passes up to this many rows stay allocated between passes
 
 
 def runs(rows):
@@ -64,7 +72,8 @@ def runs(rows):
 
 
 class Activations:
-    """The device buffers of one pass of n token rows (rows padded to 32 floats, zero-filled)."""
+    """The device buffers of a pass of up to `rows` token rows (each padded to 32 floats, zero-filled); `n`: the
+    rows of the pass they serve now (`use`). The (n, ...) shapes below are at n = rows."""
 
     def __init__(self, m, n, scored=0, fused=False):
         """scored: rows the head turns into logits (0: no head). fused: one-rank one-token decode, where each
@@ -99,6 +108,12 @@ class Activations:
         if self.io is not self.x:
             self.buffers.append(self.io)
         dev.zero(self.buffers)
+
+    def use(self, n):
+        """Serve a pass of n <= rows rows from now on."""
+        assert n <= self.rows
+        self.n = n
+        return self
 
     def free(self):
         for b in self.buffers:
@@ -355,19 +370,23 @@ class VulkanModel:
             if not kept:
                 for rec in recs:
                     rec.free()
+                if acts is not self._pass:
+                    acts.free()
 
     def _pass_acts(self, n, scored):
-        """The activations of a pass that is not a kept decode step (a prompt): one set, kept and grown to the
-        largest such pass so far (allocating and zeroing them for each prompt cost 4 ms of a 30 ms 128-token
-        prompt on an H200); their rows past n are not read."""
+        """The activations of a pass that is not a kept decode step (a prompt): for up to KEPT_PASS_ROWS rows one
+        set, kept and grown to the largest such pass so far (allocating and zeroing them for each prompt cost 4 ms
+        of a 30 ms 128-token prompt on an H200), its rows past n not read; a larger pass gets its own (the caller
+        frees it: `_pass` is not it)."""
+        if n > KEPT_PASS_ROWS:
+            return Activations(self, n, scored)
         a = self._pass
         if a is None or a.rows < n or a.scored < scored:
             rows, most = (n, scored) if a is None else (max(n, a.rows), max(scored, a.scored))
             if a is not None:
                 a.free()
             a = self._pass = Activations(self, rows, most)
-        a.n = n
-        return a
+        return a.use(n)
 
     def _check(self, x, segments):
         """`check_pass`, and what the attention kernel needs besides: no empty segment, a slot once a pass (it
