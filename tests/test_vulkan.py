@@ -37,6 +37,8 @@ NAMES = [t.name for t in TYPES]
 PROMPT = (1, 72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100)
 LLAMA = Shape(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, ffn=256, vocab=512, context=64)  # GQA
 QWEN2 = Shape(arch="qwen2", dim=128, n_layers=2, n_heads=4, n_kv_heads=1, ffn=256, vocab=512, context=64)
+# per-head q/k norms, heads of 64: q is 256 wide where dim is 128
+QWEN3 = Shape(arch="qwen3", dim=128, n_layers=2, n_heads=4, n_kv_heads=2, ffn=256, vocab=512, context=64, key_length=64)
 K_LLAMA = Shape(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, ffn=512, vocab=512, context=64)  # rows of 256
 
 
@@ -249,6 +251,7 @@ def models(tmp_path_factory):
     paths = {q: write_model(folder / f"llama-{q}.gguf", LLAMA, qtype=q, seed=7) for q in ("F32", "Q8_0", "Q4_0",
                                                                                           "F16")}
     paths["qwen2"] = write_model(folder / "qwen2.gguf", QWEN2, qtype="Q8_0", seed=3)
+    paths["qwen3"] = write_model(folder / "qwen3.gguf", QWEN3, qtype="Q8_0", seed=5)
     for q in ("Q4_K_M", "Q5_K_M"):  # Q4_K / Q5_K with Q6_K where more bits go
         paths[q] = write_model(folder / f"llama-{q}.gguf", K_LLAMA, qtype=q, seed=7)
     return paths
@@ -260,7 +263,7 @@ def engine(path, backend, **kw):
 
 
 @needs_device
-@pytest.mark.parametrize("case", ["F32", "Q8_0", "Q4_0", "F16", "qwen2", "Q4_K_M", "Q5_K_M"])
+@pytest.mark.parametrize("case", ["F32", "Q8_0", "Q4_0", "F16", "qwen2", "qwen3", "Q4_K_M", "Q5_K_M"])
 def test_greedy_tokens_equal_numpy_reference(models, case):
     expected = engine(models[case], "numpy").run()["tokens"]
     result = engine(models[case], "vulkan").run()
@@ -274,7 +277,7 @@ def logits(e, tokens, pos):
 
 
 @needs_device
-@pytest.mark.parametrize("case", ["F32", "qwen2"])
+@pytest.mark.parametrize("case", ["F32", "qwen2", "qwen3"])
 def test_logits_match_reference_batched_and_step_by_step(models, case):
     tokens = list(PROMPT) + [5, 9, 200]
     expected = reference.logits_for(models[case], tokens)

@@ -14,8 +14,8 @@ and one dispatch each.
 
 Kernels (see kernels/README.md): `matvec_<w>_f32` (decode) and `matmul_<w>_f32` (a prompt, 8 tokens a workgroup),
 or `coopmat_<w>_f32` (a prompt on the matrix units, where the device has cooperative matrices), with a bias, a
-residual add, and (gate and up in one pass) SiLU-multiply fused in; `rmsnorm_f32`; `attention_f32` with RoPE and
-the KV-cache store fused in; `add_f32` for the allreduced sums.
+residual add, and (gate and up in one pass) SiLU-multiply fused in; `rmsnorm_f32`; `headnorm_f32` (qwen3's q and
+k norms); `attention_f32` with RoPE and the KV-cache store fused in; `add_f32` for the allreduced sums.
 
 Activations are float32 buffers whose rows are padded to a multiple of 32 floats (the padding stays zero).
 """

@@ -4,6 +4,7 @@ A pass of n token rows through the rank's stage (its layers, `stage_schedule`; x
 throughout), per layer, with a barrier after each line:
     xn        = RMSNorm(x) * attn_norm                                  rmsnorm_f32
     q, k, v   = xn @ wq/wk/wv.T (+ biases)                              3 dispatches, no barrier between them
+    q, k      = RMSNorm of each head (qwen3)                            headnorm_f32, in place
     att       = attention(rope(q), rope(k) -> cache, v -> cache)        1 dispatch (rope and cache store fused); 2
                                                                         over ATTENTION_STORE rows: store, attend
     x        += att @ wo.T                                              the partial sum: allreduced with the stage
@@ -52,6 +53,7 @@ from .vulkan import pad
 
 ATTENTION_PUSH = "<8IfI"  # group, qkv_stride, k_off, v_off, o_stride, max_seq, rope_dim, neox, scale, mode
 NORM_PUSH = "<4If"  # dim, x_stride, x_off, y_stride, eps
+HEADNORM_PUSH = "<3If"  # head_dim, qkv_stride, heads, eps (kernels/headnorm_f32.comp)
 KEPT_ROWS = 64  # decode steps of up to this many sequences keep their recorded command buffers
 # Passes of more rows store their keys and values, then attend (kernels/attention_f32 modes 1, 2): 312 -> 51 us a
 # layer for a 128-token TinyLlama prompt on an H200; a decode step of up to 8 sequences keeps one dispatch (not
@@ -132,8 +134,6 @@ class VulkanModel:
         self.nh, self.nkv, self.nf, self.nv = share.n_heads, share.n_kv, share.n_ffn, share.n_vocab
         if hd % 4:
             raise UserError(f"vulkan backend: head size {hd} is not a multiple of 4; use --backend cpu")
-        if cfg.qk_norm:
-            raise UserError(f"vulkan backend: {cfg.arch}'s per-head q/k norms have no kernel yet; use --backend cpu")
         self.slot_rows = self.nkv * max_seq  # cache rows (one position of one KV head) of a slot in a layer
         layer_cache = slots * self.slot_rows * hd * 4  # (slots, kv, max_seq, hd) float32 per layer of the stage
         if layer_cache > self.dev.max_range:
@@ -155,6 +155,13 @@ class VulkanModel:
         if weights.output_norm is not None:
             norms[-1, :cfg.dim] = weights.output_norm
         self.norms = self._const(norms)
+        self.qk_norms = None  # qwen3: per layer of the stage its q then k norm weights (headnorm_f32), aligned rows
+        if cfg.qk_norm:
+            self.qk_stride = pad(2 * hd, 64)
+            qk = np.zeros((len(layers), self.qk_stride), np.float32)
+            for i, layer in enumerate(layers):
+                qk[i, :hd], qk[i, hd:2 * hd] = weights.layer(layer).q_norm, weights.layer(layer).k_norm
+            self.qk_norms = self._const(qk)
         self.bias = None
         if cfg.qkv_bias and self.qkv_width:
             self.bias = self._const(np.stack([np.concatenate([weights.layer(i).bq, weights.layer(i).bk,
@@ -175,6 +182,7 @@ class VulkanModel:
         self.profile = False  # bench: timestamps after every step of each pass (last_profile)
         self._add = self.dev.pipeline("add_f32", 2, 4)
         self._rmsnorm = self.dev.pipeline("rmsnorm_f32", 3, struct.calcsize(NORM_PUSH), (backend.norm_wg,))
+        self._headnorm = self.dev.pipeline("headnorm_f32", 2, struct.calcsize(HEADNORM_PUSH), (min(hd, 64),))
 
     def _buffer(self, nbytes, where="device"):
         b = Buffer(self.dev, nbytes, where)
@@ -275,6 +283,12 @@ class VulkanModel:
                              bias=self.bias, bias_off=li * self.qkv_width + off, norm=self._fused_norm(a))
             rec.barrier()
             rec.mark("q k v")
+            if self.qk_norms is not None:  # qwen3: each q and k head RMS-normalised in place
+                push = struct.pack(HEADNORM_PUSH, hd, self.qkv_stride, self.nh, cfg.norm_eps)
+                rows = (self.qk_norms, li * self.qk_stride * 4, 2 * hd * 4)
+                rec.dispatch(self._headnorm, [(a.qkv, 0, a.qkv.nbytes), rows], push, (self.nh + self.nkv, n, 1))
+                rec.barrier()
+                rec.mark("q k norms")
             bufs = [(b, 0, b.nbytes) for b in (a.table, a.qkv, self.rope, self.kcache[li], self.vcache[li], a.att)]
             # a decode step stores and attends in one dispatch; a prompt stores every key first (ATTENTION_STORE)
             for mode in (0,) if a.n <= ATTENTION_STORE else (1, 2):
