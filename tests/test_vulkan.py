@@ -219,6 +219,13 @@ def test_matrix_unit_products_match_reference(qtype, tokens, monkeypatch):
 
 
 @needs_device
+def test_a_matrix_unit_tile_that_does_not_exist_is_refused(monkeypatch):
+    monkeypatch.setenv("SPMD_VK_COOP_TOKENS", "48")
+    with pytest.raises(UserError, match="SPMD_VK_COOP_TOKENS=48: give 16, 32 or 64"):
+        get_backend("vulkan", threads=None, device=None)
+
+
+@needs_device
 def test_descriptor_sets_are_kept_per_bindings_and_go_with_their_buffers():
     """A dispatch over the same pipeline and bindings reuses its set in a later recording; freeing a buffer frees
     the sets that bind it (their pool can give them again), and no others."""

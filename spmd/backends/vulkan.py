@@ -206,7 +206,7 @@ class VulkanLinear:
             # 64 rows x 64 tokens a workgroup where that still makes COOP_WIDE workgroups, else x 32 tokens (an
             # empty matrix, a rank's zero partial sum, keeps matmul, which reads nothing)
             nr = COOP_ROWS
-            wide = -(-self.parts[0].rows // nr) * -(-n // 64) >= COOP_WIDE
+            wide = -(-self.rows // nr) * -(-n // 64) >= COOP_WIDE
             kernel, wg, nt = "coopmat", COOP_THREADS, b.coop_tokens or (64 if wide else 32)
         else:
             kernel, wg, nr, nt = "matmul", b.matmul_wg, 2, 8
@@ -295,7 +295,7 @@ class VulkanBackend(Backend):
         # workgroup row per token, reading the weights once a token: on a GPU the 8-token matmul tile costs about as
         # much as 8 of them (H200, Llama-2-7B Q4_0: 2 sequences decoded 3.6x slower than 1); lavapipe keeps matmul
         self.matvec_rows = env_tuple("SPMD_VK_MATVEC_ROWS", (1,) if self.dev.is_cpu else (8,))[0]
-        self.coop_tokens = env_tuple("SPMD_VK_COOP_TOKENS", (0,))[0]  # 32 or 64: coopmat's tokens (0: COOP_WIDE)
+        self.coop_tokens = env_tuple("SPMD_VK_COOP_TOKENS", (0,))[0]  # coopmat's tokens (0: by COOP_WIDE)
         if self.coop_tokens not in (0, 16, 32, 64):  # BT: whole fragments of 16 tokens over 4 subgroups
             raise UserError(f"SPMD_VK_COOP_TOKENS={self.coop_tokens}: give 16, 32 or 64 (or leave it unset)")
         self.norm_wg = 64 if self.dev.is_cpu else 256

@@ -290,7 +290,7 @@ class VulkanModel:
                 rec.barrier()
                 rec.mark("q k norms")
             bufs = [(b, 0, b.nbytes) for b in (a.table, a.qkv, self.rope, self.kcache[li], self.vcache[li], a.att)]
-            # a decode step stores and attends in one dispatch; a prompt stores every key first (ATTENTION_STORE)
+            # up to ATTENTION_STORE rows store and attend in one dispatch; more store every key first, then attend
             for mode in (0,) if a.n <= ATTENTION_STORE else (1, 2):
                 push = struct.pack(ATTENTION_PUSH, cfg.group, self.qkv_stride, self.nh * hd, (self.nh + self.nkv) * hd,
                                    self.att_stride, self.max_seq, cfg.rope_dim, int(cfg.rope_neox),
