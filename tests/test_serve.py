@@ -88,6 +88,26 @@ class Served:
             return e.code, json.loads(e.read()), e.headers
 
 
+@pytest.mark.skipif(MPIRUN is None, reason="no mpirun")
+def test_a_terminals_ctrl_c_under_mpirun_stops_the_server_cleanly(model):
+    """Ctrl-C in a terminal signals the whole process group, and mpiexec forwards it to the ranks as well, so rank 0
+    gets it twice within moments: that is one stop (every rank exits 0, the summary line, no socket file left), not
+    the second signal's stop at once (which left the control socket and MPICH's shared memory, exit 255)."""
+    from spmd.control import socket_dir
+    before = set(os.listdir(socket_dir())) if os.path.isdir(socket_dir()) else set()
+    server = Served(model, 2)
+    assert server.post("/v1/completions", {"prompt": "hello", "max_tokens": 3, "temperature": 0})[0] == 200
+    os.killpg(server.proc.pid, signal.SIGINT)
+    try:
+        assert server.proc.wait(60) == 0, "".join(server.lines)
+    finally:
+        if server.proc.poll() is None:
+            os.killpg(server.proc.pid, signal.SIGKILL)
+    text = "".join(server.lines)
+    assert "[spmd] served 1 request" in text and "Traceback" not in text, text
+    assert set(os.listdir(socket_dir())) <= before
+
+
 @pytest.fixture(scope="module", params=[1, 3], ids=["1rank", "3ranks"])
 def served(request, model):
     if request.param > 1 and MPIRUN is None:
