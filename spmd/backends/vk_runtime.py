@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from .vk_sets import DescriptorSets
 
 
 def _kernels_dir() -> Path:
@@ -40,6 +39,11 @@ def _import_vulkan():
 
 
 vk = None  # the bindings, imported by the first Device
+
+
+def _text(value):
+    """A fixed-size char array of a Vulkan struct (a name) as str: the bindings give one or the other."""
+    return value if isinstance(value, str) else vk.ffi.string(value).decode()
 
 
 def _check(result, what):
@@ -161,7 +165,7 @@ class Device:
         self.check_index(index, wrap)
         self.physical = devices[index % len(devices)]
         props = vk.vkGetPhysicalDeviceProperties(self.physical)
-        self.name = props.deviceName if isinstance(props.deviceName, str) else vk.ffi.string(props.deviceName).decode()
+        self.name = _text(props.deviceName)
         self.is_cpu = props.deviceType == vk.VK_PHYSICAL_DEVICE_TYPE_CPU
         self.vendor = props.vendorID
         limits = props.limits
@@ -186,6 +190,7 @@ class Device:
         self.fence = vk.vkCreateFence(self.device, vk.VkFenceCreateInfo(), None)
         self._pipelines = {}
         self._staging = None
+        from .vk_sets import DescriptorSets  # it uses _check, so not at the top
         self.sets = DescriptorSets(self, vk)
 
     def check_index(self, index, wrap):
@@ -221,8 +226,7 @@ class Device:
         lacks any of it, or SPMD_VK_COOP=0."""
         if self.is_cpu or env_tuple("SPMD_VK_COOP", (1,))[0] == 0 or self.subgroup_size != 32:
             return [], None
-        have = {e.extensionName if isinstance(e.extensionName, str) else vk.ffi.string(e.extensionName).decode()
-                for e in vk.vkEnumerateDeviceExtensionProperties(self.physical, None)}
+        have = {_text(e.extensionName) for e in vk.vkEnumerateDeviceExtensionProperties(self.physical, None)}
         if not all(e in have for e in self.COOP_EXTENSIONS):
             return [], None
         memory = vk.VkPhysicalDeviceVulkanMemoryModelFeatures()

@@ -4,6 +4,8 @@ their sets was most of that (H200 host: 6.5 ms of a 128-token prompt's 30). A se
 freed (`forget`, from `Buffer.free`); every recording that used it has run by then (runs wait for the GPU)."""
 from dataclasses import dataclass
 
+from .vk_runtime import _check
+
 OUT_OF_POOL_MEMORY, FRAGMENTED_POOL = -1000069000, -12  # VkResult: this pool cannot give another set
 PER_POOL = 256  # sets a pool holds
 PER_SET = 16  # bindings a set may have (a pool holds PER_SET * PER_POOL descriptors)
@@ -59,7 +61,7 @@ class DescriptorSets:
                 pool.left -= 1
                 return Entry(dset, pool)
             if result not in (OUT_OF_POOL_MEMORY, FRAGMENTED_POOL) or pool is self.pools[-1] and pool.left == PER_POOL:
-                raise RuntimeError(f"Vulkan: vkAllocateDescriptorSets failed ({result})")
+                _check(result, "vkAllocateDescriptorSets")
             pool.left = 0  # full or fragmented: the others, or a new one
 
     def _write(self, dset, buffers):
@@ -81,9 +83,8 @@ class DescriptorSets:
             for other, _, _ in key[1:]:
                 if other != buffer.key:
                     self.by_buffer.get(other, set()).discard(key)
-            result = self.vk.lib.vkFreeDescriptorSets(self.dev.device, entry.pool.handle, 1, entry.dset)
-            if result != 0:
-                raise RuntimeError(f"Vulkan: vkFreeDescriptorSets failed ({result})")
+            _check(self.vk.lib.vkFreeDescriptorSets(self.dev.device, entry.pool.handle, 1, entry.dset),
+                   "vkFreeDescriptorSets")
             entry.pool.left += 1
 
     def close(self):

@@ -162,6 +162,7 @@ class VulkanModel:
             for i, layer in enumerate(layers):
                 qk[i, :hd], qk[i, hd:2 * hd] = weights.layer(layer).q_norm, weights.layer(layer).k_norm
             self.qk_norms = self._const(qk)
+            self._headnorm = self.dev.pipeline("headnorm_f32", 2, struct.calcsize(HEADNORM_PUSH), (min(hd, 64),))
         self.bias = None
         if cfg.qkv_bias and self.qkv_width:
             self.bias = self._const(np.stack([np.concatenate([weights.layer(i).bq, weights.layer(i).bk,
@@ -182,7 +183,6 @@ class VulkanModel:
         self.profile = False  # bench: timestamps after every step of each pass (last_profile)
         self._add = self.dev.pipeline("add_f32", 2, 4)
         self._rmsnorm = self.dev.pipeline("rmsnorm_f32", 3, struct.calcsize(NORM_PUSH), (backend.norm_wg,))
-        self._headnorm = self.dev.pipeline("headnorm_f32", 2, struct.calcsize(HEADNORM_PUSH), (min(hd, 64),))
 
     def _buffer(self, nbytes, where="device"):
         b = Buffer(self.dev, nbytes, where)
