@@ -185,7 +185,7 @@ def kernel_backend(request, monkeypatch):
     return CpuBackend(threads=2)
 
 
-@pytest.mark.parametrize("cols", [544, 4160], ids=["short", "long"])  # long: Q4_0 goes 8 rows at a time
+@pytest.mark.parametrize("cols", [544, 4160], ids=["short", "long"])  # long: x no longer in L1 beside the rows
 @pytest.mark.parametrize("qtype", TYPES, ids=NAMES)
 def test_row_slices_are_bit_identical(qtype, cols, kernel_backend):
     """A row's result does not depend on which rows the Linear holds, how threads split them, or the batch."""
@@ -209,6 +209,20 @@ def test_row_slices_are_bit_identical(qtype, cols, kernel_backend):
         finally:
             numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
         np.testing.assert_array_equal(bits(one_thread), bits(full))
+
+
+def test_quantised_rows_are_held_in_quads():
+    """`_interleave`: array row k holds rows 4k..4k+3 unit by unit (their unit 0, then their unit 1, ...); a last
+    quad short of rows is filled with zeros."""
+    rows, units, unit = 6, 3, 2  # 6 rows of 3 units of 2 bytes
+    a = np.arange(1, rows * units * unit + 1, dtype=np.uint8).reshape(rows, units * unit)
+    got = cpu._interleave(a, unit)
+    expect = np.zeros((2, 4 * units * unit), np.uint8)
+    for r in range(rows):
+        for u in range(units):
+            at = (4 * u + r % 4) * unit
+            expect[r // 4, at:at + unit] = a[r, u * unit:(u + 1) * unit]
+    np.testing.assert_array_equal(got, expect)
 
 
 GENERIC_SCRIPT = """
