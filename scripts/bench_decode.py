@@ -57,12 +57,13 @@ def mpi_prefix(ranks, hostfile=None):
     return [mpirun] + (["-f", str(hostfile)] if hostfile else []) + ["-n", str(ranks)]
 
 
-def run_spmd(model, ranks, steps, prompt_ids, allreduce="star", ratios=None, hostfile=None, env=None, threads=None):
+def run_spmd(model, ranks, steps, prompt_ids, allreduce="star", ratios=None, hostfile=None, env=None, threads=None,
+             activations="f32"):
     """One `python -m spmd.run --output json` under mpirun: its JSON result. threads: --threads of every rank
     (simulated hosts share one machine's cores, which each would otherwise take for its own)."""
     cmd = mpi_prefix(ranks, hostfile) + [
         sys.executable, "-m", "spmd.run", "--model", str(model), "--steps", str(steps), "--output", "json",
-        "--allreduce", allreduce, "--prompt-ids", ",".join(map(str, prompt_ids))]
+        "--allreduce", allreduce, "--prompt-ids", ",".join(map(str, prompt_ids)), "--activations", activations]
     if ratios:
         cmd += ["--ratios", ratios]
     if threads:
@@ -208,8 +209,10 @@ def main():
                   help="Runs, comma-separated: a rank count (equal shares) or ratios such as 1:3.")
     @click.option("--allreduce", default="star", show_default=True)
     @click.option("--model", default=None, help="Use this GGUF instead of writing a random TinyLlama-shaped one.")
+    @click.option("--activations", default="f32", show_default=True,
+                  help="spmd's --activations, comma-separated for runs of each: f32,int8.")
     @click.option("--json", "json_out", default=None, help="Also write the results here.")
-    def cli(qtype, steps, prompt_len, ranks, allreduce, model, json_out):
+    def cli(qtype, steps, prompt_len, ranks, allreduce, activations, model, json_out):
         tmp = None
         if model is None:
             tmp = tempfile.mkdtemp(prefix="spmd-bench-")
@@ -218,19 +221,20 @@ def main():
         weight_bytes = matrix_bytes(model)
         prompt = random_prompt(prompt_len)
         rows = []
-        for run in ranks.split(","):
+        for act, run in ((act, run) for act in activations.split(",") for run in ranks.split(",")):
             n, ratios = parse_run(run)
-            r = run_spmd(model, n, steps, prompt, allreduce, ratios)
+            r = run_spmd(model, n, steps, prompt, allreduce, ratios, activations=act)
             rss = "/".join(f"{x['peak_rss_bytes'] / 2**20:.0f}" for x in r["ranks"])
             held = "/".join(f"{x['weights_bytes'] / 2**20:.0f}" for x in r["ranks"])
-            rows.append(dict(name=f"spmd {n} rank{'s' if n > 1 else ''}" + (f" {ratios}" if ratios else ""),
+            rows.append(dict(name=f"spmd {n} rank{'s' if n > 1 else ''}" + (f" {ratios}" if ratios else "")
+                             + (" int8" if act == "int8" else ""), activations=act,
                              ranks=n, prompt_tokens_per_s=r["prompt_tokens_per_s"],
                              decode_tokens_per_s=r["decode_tokens_per_s"], ms_per_token=r["ms_per_token"],
                              rss_mib=rss, weights_mib=held, tokens=r["tokens"]))
         peer = llama_cpp_peer(numba.config.NUMBA_NUM_THREADS)  # as many threads as spmd's one rank: every core
         lc = peer[1](model, steps, prompt) if peer else None
         if lc is not None:
-            rows.append(dict(name=peer[0], ranks=1, rss_mib="-", weights_mib="-", **lc))
+            rows.append(dict(name=peer[0], ranks=1, rss_mib="-", weights_mib="-", activations=None, **lc))
         base = rows[0]["decode_tokens_per_s"]
         print(f"\nmodel: {Path(model).name}, {weight_bytes / 1e6:.0f} MB of matrices; prompt {prompt_len}, "
               f"{steps} steps, allreduce {allreduce}")
@@ -246,10 +250,15 @@ def main():
                   "imports llama_cpp either)")
         else:
             which = "native llama-bench" if "slow" not in peer[0] else "llama-cpp-python's Python loop, not native"
-            print(f"spmd 1 rank / llama.cpp ({which}) decode: {base / lc['decode_tokens_per_s']:.2f}, "
-                  f"prompt: {rows[0]['prompt_tokens_per_s'] / lc['prompt_tokens_per_s']:.2f}")
-        same = all(r["tokens"] == rows[0]["tokens"] for r in rows if r["name"].startswith("spmd"))
-        print(f"greedy tokens identical across spmd runs: {same}   (per-rank figures are rank 0/rank 1/...)")
+            for r in rows[:-1]:
+                print(f"{r['name']} / llama.cpp ({which}) decode: "
+                      f"{r['decode_tokens_per_s'] / lc['decode_tokens_per_s']:.2f}, "
+                      f"prompt: {r['prompt_tokens_per_s'] / lc['prompt_tokens_per_s']:.2f}")
+        for act in activations.split(","):
+            runs = [r for r in rows if r["activations"] == act]
+            same = all(r["tokens"] == runs[0]["tokens"] for r in runs)
+            print(f"greedy tokens identical across spmd runs with --activations {act}: {same}   (per-rank figures "
+                  "are rank 0/rank 1/...)")
         if lc is not None and lc["tokens"] is not None:
             agree = next((i for i, (a, b) in enumerate(zip(rows[0]["tokens"], lc["tokens"])) if a != b), steps)
             print(f"llama.cpp's greedy tokens equal ours for the first {agree} of {steps}")

@@ -148,6 +148,7 @@ class Comm:
         self.comm = comm if comm is not None else MPI.COMM_WORLD
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         self.algorithm = algorithm
+        self.partial_dtype = np.float32  # what allreduces sum in: float64 where ranks' partial sums are exact (int8)
         self.sync_s = 0.0  # seconds spent inside communication
         self.allreduce_s = 0.0  # of which inside allreduces
         self.bytes_sent = 0
@@ -161,7 +162,7 @@ class Comm:
         self.plan = None
         self._stages = None  # the stages' rank tuples the stage communicator was made for
         self.stage_comm, self.stage_rank, self.stage_size = None, 0, 1
-        self._ring_layouts = {}  # n -> (counts, displacements, chunk) of the weighted ring, per vector size
+        self._ring_layouts = {}  # (n, dtype) -> (counts, displacements, chunk) of the weighted ring
 
     @property
     def is_root(self):
@@ -267,13 +268,19 @@ class Comm:
 
     # ---- allreduce inside the stage -----------------------------------------------------------------------
     def allreduce(self, x):
-        """Sum of x (float32, C-contiguous) over the ranks of this rank's stage, in place; returns x."""
+        """Sum of x (float32 or float64, C-contiguous) over the ranks of this rank's stage, in place; returns x. The
+        sum runs in `partial_dtype`, which every rank has (x of another type is converted for it and back), so
+        float64 partial sums of integers of 2^-28 (the cpu backend's --activations int8) add up exactly, in any
+        order."""
         if self.stage_size == 1:
             return x
         t = time.perf_counter()
         self._delay(link_steps(self.algorithm, self.stage_size))
         flat = x.reshape(-1)
-        getattr(self, "_" + self.algorithm)(flat)
+        wire = flat if flat.dtype == self.partial_dtype else flat.astype(self.partial_dtype)
+        getattr(self, "_" + self.algorithm)(wire)
+        if wire is not flat:
+            flat[...] = wire
         took = time.perf_counter() - t
         self.sync_s += took
         self.allreduce_s += took
@@ -282,21 +289,22 @@ class Comm:
     def _star(self, flat):
         self.bytes_sent += star_allreduce(self.stage_comm, flat)
 
-    def _ring_layout(self, n):
-        if n not in self._ring_layouts:
+    def _ring_layout(self, n, dtype):
+        if (n, dtype) not in self._ring_layouts:
             weights = self.plan.stage_speeds(self.plan.stage_of(self.rank))
             counts = np.array(chunk_counts(n, weights), dtype=np.int64)
             displs = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
-            chunk = np.empty(counts[self.stage_rank], dtype=np.float32)  # this rank's reduced chunk
-            self._ring_layouts[n] = (counts.tolist(), displs.tolist(), chunk)
-        return self._ring_layouts[n]
+            chunk = np.empty(counts[self.stage_rank], dtype=dtype)  # this rank's reduced chunk
+            self._ring_layouts[n, dtype] = (counts.tolist(), displs.tolist(), chunk)
+        return self._ring_layouts[n, dtype]
 
     def _ring(self, flat):
-        counts, displs, chunk = self._ring_layout(flat.size)
+        counts, displs, chunk = self._ring_layout(flat.size, flat.dtype)
         r, c = self.stage_rank, self.stage_comm
         wait(c.Ireduce_scatter(flat, chunk, recvcounts=counts, op=MPI.SUM))
         flat[displs[r]:displs[r] + counts[r]] = chunk
-        wait(c.Iallgatherv(MPI.IN_PLACE, [flat, (counts, displs), MPI.FLOAT]))
+        kind = MPI.DOUBLE if flat.dtype == np.float64 else MPI.FLOAT
+        wait(c.Iallgatherv(MPI.IN_PLACE, [flat, (counts, displs), kind]))
         nxt = (r + 1) % self.stage_size
         self.bytes_sent += (2 * flat.size - counts[r] - counts[nxt]) * flat.itemsize
 
@@ -521,8 +529,8 @@ def best(logits, keeps, start):
 
 
 def star_allreduce(c, flat):
-    """Sum `flat` (float32) over communicator `c` in place: reduce to its first rank, then broadcast. Returns the
-    bytes this rank sent."""
+    """Sum `flat` (float32 or float64) over communicator `c` in place: reduce to its first rank, then broadcast.
+    Returns the bytes this rank sent."""
     first, size = c.Get_rank() == 0, c.Get_size()
     wait(c.Ireduce(MPI.IN_PLACE, flat, op=MPI.SUM, root=0) if first else c.Ireduce(flat, None, op=MPI.SUM, root=0))
     wait(c.Ibcast(flat, root=0))

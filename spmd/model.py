@@ -172,8 +172,9 @@ class Model:
         close()
     """
 
-    def __init__(self, cfg, weights, share, max_seq, slots=1):
+    def __init__(self, cfg, weights, share, max_seq, slots=1, partial_dtype=np.float32):
         self.cfg, self.w, self.share = cfg, weights, share
+        self.partial_dtype = partial_dtype  # of the partial sums: float64 where the products sum exactly (cpu int8)
         self.max_seq = max_seq  # the longest sequence any slot may hold (the RoPE tables' length)
         self.n_slots = slots  # slots 0..slots-1 may be open
         self.rope = Rope(cfg, max_seq, weights.rope_factors)
@@ -190,7 +191,7 @@ class Model:
         f32 = np.float32
         buf = dict(
             q=np.empty((n, s.n_heads * cfg.head_dim), f32), k=np.empty((n, s.n_kv * cfg.head_dim), f32),
-            v=np.empty((n, s.n_kv * cfg.head_dim), f32), proj=np.empty((n, cfg.dim), f32),
+            v=np.empty((n, s.n_kv * cfg.head_dim), f32), proj=np.empty((n, cfg.dim), self.partial_dtype),
             gate=np.empty((n, s.n_ffn), f32), up=np.empty((n, s.n_ffn), f32),
         )
         if n <= self.KEEP_ROWS:

@@ -39,6 +39,7 @@ class RunOptions:
     rebalance: bool = False  # re-plan while running when the measured figures predict a gain (spmd.rebalance)
     allreduce: str = "star"
     backend: str = "cpu"  # one name for every rank, or one per rank: "cpu,vulkan,vulkan"
+    activations: str = "f32"  # the cpu backend's: "f32", or "int8" (8-bit activations, exact partial sums)
     gpu: str = None  # Vulkan device index on the rank's host: one for every rank, or one per rank (None: local rank)
     threads: str = None  # kernel threads: one for every rank, or one per rank (None: the host's cores / its ranks)
     temperature: float = 0.0
@@ -152,14 +153,14 @@ def open_model(path):
     return f, read_config(f)
 
 
-def make_backend(comm, name, threads, gpu, wraps):
+def make_backend(comm, name, threads, gpu, wraps, activations="f32"):
     """Every rank: its backend (errors agreed on). The cpu backend compiles each weight type's kernels (or loads
     them from numba's cache) as the first matrix of that type is loaded, so the first token is not slower."""
     # Ranks on one machine share its cores (threads each); a rank's kernel threads spinning on a core another rank
     # needs stall both. numpy's BLAS only serves the small attention products: its thread pool, left spinning after
     # each, would take cores from the kernels (prefill ran 3x slower with it).
     threadpool_limits(1, user_api="blas")
-    return agree(comm, lambda: get_backend(name, threads=threads, device=gpu, wrap=wraps))
+    return agree(comm, lambda: get_backend(name, threads=threads, device=gpu, wrap=wraps, activations=activations))
 
 
 def proc_bytes(path, field):
@@ -221,6 +222,7 @@ class RankState:
         self.memory_limit = agree(comm, self._memory_limit)
         self.file, self.cfg = agree(comm, self._read_header)
         comm.algorithm = opts.allreduce
+        comm.partial_dtype = np.float64 if opts.activations == "int8" else np.float32  # exact sums travel as float64
         plan = None if opts.plan else agree(comm, lambda: make_plan(parse_layout(opts.ratios, comm.size), self.cfg))
         self._check_same_as_rank_0(plan)
         self.plan, self.model, self.backend, self.planned = None, None, None, None
@@ -236,7 +238,7 @@ class RankState:
             self.needs = comm.bcast([len(w.ids) + w.steps for w in self.work] if comm.is_root else None)
         self.n_known = comm.bcast(known_vocab(self.tokenizer, self.cfg) if comm.is_root else None)  # ids sampled
         self.max_seq = max(self.needs)  # the longest sequence's KV-cache positions
-        self.backend = make_backend(comm, self.backend_name, self.threads, self.gpu, self.gpu_wraps)
+        self.backend = make_backend(comm, self.backend_name, self.threads, self.gpu, self.gpu_wraps, opts.activations)
         profile = self._profile() if opts.plan or opts.rebalance else None  # rank 0's; None elsewhere
         plan = plan or self._planned(profile)
         if plan.idle and comm.is_root:
@@ -526,7 +528,8 @@ class RankState:
                 "model file's contents (sampled)": self.file.fingerprint(),
                 "--ratios": plan, "--plan": self.opts.plan, "--rebalance": self.opts.rebalance,
                 "--allreduce": self.opts.allreduce, "--backend": self.opts.backend, "--gpu": self.opts.gpu,
-                "--threads": self.opts.threads, "--migrate-weights": self.opts.migrate_weights}
+                "--threads": self.opts.threads, "--migrate-weights": self.opts.migrate_weights,
+                "--activations": self.opts.activations}
         everyone = self.comm.allgather(mine)
         for rank, theirs in enumerate(everyone):
             if not isinstance(theirs, dict) or set(theirs) != set(mine):

@@ -15,7 +15,7 @@ from spmd.backends import cpu, get_backend
 from spmd.backends.cpu import CpuBackend
 from spmd.backends.numpy_ref import NumpyBackend
 from spmd.errors import UserError
-from spmd.quants import F16_FIELDS, QTensor, block_size, dequantize, quantize, row_bytes
+from spmd.quants import F16_FIELDS, QTensor, block_size, dequantize, quantize, row_bytes, unpack
 
 TYPES = (T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K)
 QUANTISED = TYPES[3:]
@@ -98,7 +98,8 @@ def test_numpy_reference_is_the_gguf_product(qtype):
     np.testing.assert_allclose(NumpyBackend().linear(w)(x), x @ w_gguf.T, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", [NumpyBackend(), CpuBackend()], ids=["numpy", "cpu"])
+@pytest.mark.parametrize("backend", [NumpyBackend(), CpuBackend(), CpuBackend(activations="int8")],
+                         ids=["numpy", "cpu", "cpu int8"])
 @pytest.mark.parametrize("qtype", TYPES, ids=NAMES)
 def test_empty_shard_gives_zeros(backend, qtype):
     rng = np.random.default_rng(3)
@@ -230,11 +231,15 @@ import sys, numpy as np
 from gguf import GGMLQuantizationType as T
 from spmd.backends import cpu
 from spmd.quants import QTensor
-assert not cpu.AVX512
+assert not cpu.AVX512 and not cpu.VNNI
 for name in sys.argv[2:]:
     w, x = np.load(sys.argv[1] + name + ".w.npy"), np.load(sys.argv[1] + name + ".x.npy")
     lin = cpu.CpuBackend(threads=1).linear(QTensor(T[name], w.shape[0], x.shape[1], w))
     np.save(sys.argv[1] + name + ".y.npy", lin(x))
+    if T[name] in cpu.INT8:
+        lin = cpu.CpuBackend(threads=1, activations="int8").linear(QTensor(T[name], w.shape[0], x.shape[1], w))
+        np.save(sys.argv[1] + name + ".fast.npy", lin(x))
+        np.save(sys.argv[1] + name + ".exact.npy", lin(x, out=np.empty((x.shape[0], w.shape[0]))))
 """
 
 
@@ -249,11 +254,100 @@ def test_portable_kernel_is_bit_identical(tmp_path):
         x = activations(5, w.cols, rng)
         np.save(tmp_path / f"{qtype.name}.w.npy", w.data)
         np.save(tmp_path / f"{qtype.name}.x.npy", x)
-        expect[qtype.name] = CpuBackend(threads=1).linear(w)(x)
+        expect[qtype.name + ".y"] = CpuBackend(threads=1).linear(w)(x)
+        if qtype in cpu.INT8:  # and the 8-bit kernels without vpdpbusd: plain LLVM integer products
+            lin = CpuBackend(threads=1, activations="int8").linear(w)
+            expect[qtype.name + ".fast"] = lin(x)
+            expect[qtype.name + ".exact"] = lin(x, out=np.empty((x.shape[0], w.rows)))
         names.append(qtype.name)
     env = dict(os.environ, SPMD_CPU_GENERIC="1", NUMBA_CACHE_DIR=str(tmp_path / "cache"))
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     subprocess.run([sys.executable, "-c", GENERIC_SCRIPT, str(tmp_path) + "/", *names], env=env, cwd=root,
                    check=True)
-    for name in names:
-        np.testing.assert_array_equal(bits(np.load(tmp_path / f"{name}.y.npy")), bits(expect[name]))
+    for name, want in expect.items():
+        np.testing.assert_array_equal(np.load(tmp_path / f"{name}.npy").view(np.uint8), want.view(np.uint8), name)
+
+
+# ---- 8-bit activations (--activations int8) -------------------------------------------------------------------
+INT8_TYPES = (T.Q4_0, T.Q8_0)
+
+
+def int8_reference(w, x):
+    """What --activations int8 computes, transcribed with whole-array numpy (no lanes, no tiles): per 32-element
+    block of x, d = max |x| / 127 and q = rint(x * (1 / d)) in float32; per 8 consecutive elements of a block, the
+    integer sum of the weights' integers times q, times d_w * d * 2^FIXED in float32, cut toward zero; all of those
+    summed as integers, times 2^-FIXED, as float64 (FIXED = 28: exact below 2^25)."""
+    u, (n, cols) = unpack(w), x.shape
+    xb = x.reshape(n, cols // 32, 32)
+    d = (np.abs(xb).max(axis=2) / np.float32(127)).astype(np.float32)
+    with np.errstate(divide="ignore"):
+        inverse = np.where(d > 0, np.float32(1) / d, np.float32(0)).astype(np.float32)
+    q = np.rint(xb * inverse[..., None]).astype(np.int64).reshape(n, cols // 32, 4, 8)
+    eights = np.einsum("rbjk,nbjk->nrbj", u.q.astype(np.int64).reshape(w.rows, cols // 32, 4, 8), q)
+    scale = (u.d[None] * (d * np.float32(2.0 ** cpu.FIXED))[:, None, :]).astype(np.float32)  # (n, rows, blocks)
+    cut = np.trunc((eights.astype(np.float32) * scale[..., None]).astype(np.float32)).astype(np.int64)
+    return cut.sum(axis=(2, 3)) * 2.0 ** -cpu.FIXED
+
+
+@pytest.mark.parametrize("shape", SHAPES[:4], ids=[f"{r}x{c}" for r, c in SHAPES[:4]])
+@pytest.mark.parametrize("qtype", INT8_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("n", [1, 3, 13])
+def test_int8_exact_sums_are_the_transcription(qtype, shape, n):
+    """A float64 result: the exact sums, the very bits of the transcription (raw blocks: every byte, float16
+    scales subnormal and zero, an all-zero activation block, one 1e4 times larger); a float32 result: the fast
+    sums, the same within float32 rounding and the exact sums' cuts."""
+    rng = np.random.default_rng(11)
+    w = random_qtensor(qtype, *shape, rng)
+    x = activations(n, w.cols, rng)
+    want = int8_reference(w, x)
+    for threads in (1, 2):
+        lin = CpuBackend(threads, activations="int8").linear(w)
+        np.testing.assert_array_equal(lin(x, out=np.empty((n, w.rows))), want)
+        cuts = w.cols / 8 * 2.0 ** -cpu.FIXED  # the exact sums' lanes each cut by under 2^-FIXED
+        bound = 1e-5 * (np.abs(x) @ np.abs(dequantize(w)).T.astype(np.float64)) + cuts
+        assert np.all(np.abs(lin(x) - want) <= bound)
+
+
+@pytest.mark.parametrize("qtype", INT8_TYPES, ids=lambda t: t.name)
+def test_int8_column_splits_add_up_to_the_same_bits(qtype):
+    """Split by columns at any blocks (as ranks hold heads and FFN blocks), the exact partial sums add up, in any
+    order, to the unsplit product's bits: what keeps int8 text the same at every layout."""
+    rng = np.random.default_rng(12)
+    w = random_qtensor(qtype, 45, 800, rng)
+    x = activations(6, w.cols, rng)
+    backend = CpuBackend(2, activations="int8")
+    whole = backend.linear(w)(x, out=np.empty((6, 45)))
+    size = GGML_QUANT_SIZES[qtype][1]
+    for cuts in ((0, 32, 800), (0, 96, 544, 800), (0, 160, 192, 224, 800)):
+        parts = [backend.linear(QTensor(qtype, 45, b - a, w.data[:, a // 32 * size:b // 32 * size].copy()))(
+            x[:, a:b], out=np.empty((6, 45))) for a, b in zip(cuts, cuts[1:])]
+        np.testing.assert_array_equal(sum(parts), whole)
+        np.testing.assert_array_equal(sum(reversed(parts)), whole)
+
+
+@pytest.mark.parametrize("qtype", INT8_TYPES, ids=lambda t: t.name)
+def test_int8_rows_are_bit_identical_in_any_tile(qtype):
+    """As with float activations: a row's fast and exact results do not depend on the rows held or the batch."""
+    rng = np.random.default_rng(13)
+    w = random_qtensor(qtype, 101, 544, rng)
+    x = activations(15, w.cols, rng)
+    backend = CpuBackend(2, activations="int8")
+    full = backend.linear(w)
+    for a, b in ((50, 60), (1, 2), (33, 97)):
+        part = backend.linear(QTensor(qtype, b - a, w.cols, w.data[a:b].copy()))
+        for rows in (slice(0, 15), slice(4, 5), slice(0, 3), slice(9, 15)):
+            np.testing.assert_array_equal(bits(part(x[rows])), bits(full(x[rows])[:, a:b]))
+            exact = part(x[rows], out=np.empty((rows.stop - rows.start, b - a)))
+            np.testing.assert_array_equal(exact, full(x[rows], out=np.empty((rows.stop - rows.start, 101)))[:, a:b])
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, 1e30])
+def test_int8_activations_too_large_give_nan(bad):
+    """A NaN, an infinity, or an activation past cpu.LIMIT (its lanes could pass 2^63 units) makes the result NaN,
+    for the engine to report, instead of wrapped integers."""
+    rng = np.random.default_rng(14)
+    w = random_qtensor(T.Q4_0, 8, 256, rng)
+    x = activations(2, 256, rng)
+    x[1, 100] = bad
+    lin = CpuBackend(1, activations="int8").linear(w)
+    assert np.isnan(lin(x)).all() and np.isnan(lin(x, out=np.empty((2, 8)))).all()

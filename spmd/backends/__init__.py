@@ -1,6 +1,6 @@
 """Backends: where a rank's matrix products run, behind one small interface (`Backend`):
 
-    backend = get_backend(name, threads, device, wrap)  # "numpy" (readable reference), "cpu" (fast numba kernels)
+    backend = get_backend(name, threads, device, wrap, activations)  # "numpy" (readable reference), "cpu" (numba)
                                          # or "vulkan" (GPU kernels); threads: cores this rank may use (None: all);
                                          # device: the Vulkan device index on this host (None: 0);
                                          # wrap: an index past the last device wraps around instead of failing
@@ -30,6 +30,7 @@ BACKENDS = ("numpy", "cpu", "vulkan")
 class Backend:
     name = description = None
     model_owns_weights = False
+    partial_dtype = np.float32  # the partial sums its model hands the stage's allreduce (cpu int8: float64, exact)
 
     def lacks(self, w):
         """None: every type spmd.quants keeps, and slices that cut through quant blocks (QTensor.keep)."""
@@ -44,20 +45,20 @@ class Backend:
 
     def make_model(self, cfg, weights, share, max_seq, slots=1):
         from ..model import Model
-        return Model(cfg, weights, share, max_seq, slots)
+        return Model(cfg, weights, share, max_seq, slots, self.partial_dtype)
 
     def device_memory_bytes(self):
         """Memory of the device the backend computes on where it is not the host's (a GPU's), else None."""
         return None
 
 
-def get_backend(name: str, threads: int = None, device: int = None, wrap: bool = False):
+def get_backend(name: str, threads: int = None, device: int = None, wrap: bool = False, activations="f32"):
     if name == "numpy":
         from .numpy_ref import NumpyBackend
         return NumpyBackend()
     if name == "cpu":
         from .cpu import CpuBackend
-        return CpuBackend(threads)
+        return CpuBackend(threads, activations)
     if name == "vulkan":
         from .vulkan import VulkanBackend
         return VulkanBackend(device, wrap)

@@ -1,19 +1,28 @@
 """The fast CPU backend: weights stay quantised in memory, numba kernels with explicit SIMD, prange over rows.
 
 The inner loops are LLVM vector IR written through numba intrinsics (`_make_dot`): plain numba loops widen small
-integers to int64 and did not vectorise (0.5-3 GB/s on Q4_0, measured); these decode (n = 1) at 25-45 GB/s of
-weights on the 2-core test machine, memory-bound with both cores (17-30 GB/s on one core).
+integers to int64 and did not vectorise (0.5-3 GB/s on Q4_0, measured); these decode (n = 1) at 20-35 GB/s of
+weights on the 2-core test machine (Q4_0 about 16 GB/s a core: its conversion binds, not memory).
 
-Activations stay float32 for every weight type: the weights are converted to float32 in registers and the products
-are summed in float32 with fused multiply-adds, so the output is the float product to within float32 rounding, and a
-tiny change in the activations (another order of a partial sum across ranks) makes a tiny change in the output.
-(Quantising the activations to int8 per block and using integer dot products, as llama.cpp does, made the output
-jump wherever such a change moved an activation across an int8 rounding boundary: after 22 layers the logits at 1
-and 2 ranks differed by ~0.05 and greedy tokens changed with the rank count. Those kernels were removed: measured in
-one process against them on the TinyLlama shapes, these decode at about their GB/s from memory (0.93-1.27 of it with
-both cores, 0.75-1.35 on one, a noisy machine), but from cache they were ~1.6x faster on Q4_0 and ~1.3x on Q8_0 (one
-vpdpbusd per 64 products), so where memory is faster per core the gap shows; prompts (n = 64) run at 0.7-1.0 of
-their speed, bound by one fused multiply-add per 16 products.)
+By default (--activations f32) activations stay float32 for every weight type: the weights are converted to
+float32 in registers and the products are summed in float32 with fused multiply-adds, so the output is the float
+product to within float32 rounding, and a tiny change in the activations (another order of a partial sum across
+ranks) makes a tiny change in the output.
+
+--activations int8 (Q4_0 and Q8_0, `INT8`; other types keep float activations) does what llama.cpp does: each 32
+activations become int8 with d_x = amax / 127 (`_prepare_int8`), and vpdpbusd sums 64 byte products at once
+(`_int8_step`; plain LLVM integer code where the CPU lacks it, the same integers). That alone would make the
+output jump wherever another order of a partial sum moved an activation across an int8 rounding boundary (after
+22 layers the logits at 1 and 2 ranks differed by ~0.05 and greedy tokens changed with the rank count: why such
+kernels were once removed). So the products that are split by columns across ranks, whose partial sums the stage
+adds up (wo and w2: the model asks for a float64 result), are summed exactly: each lane's 8 products are exact
+in int32, times d_w * d_x * 2^FIXED in float32, cut to an integer and summed in int64, then scaled back, exact in
+float64 below 2^25 in value. Those partial sums add up to the same bits in any order and at any split (the
+allreduce sums float64 in int8 runs), so every rank count, ratio and stage layout gives the same bits. Products
+split by rows (q, k, v, gate, up, the classifier) need no such care (a row is computed whole, in one order) and
+fused-multiply-add each lane's product into a float32 sum (the fast sums). Measured per matrix against the float
+kernels on the TinyLlama shapes, 2 cores, from memory: fast sums decode 1.2-1.8x and prompt (n = 64) 1.5-1.9x
+faster on Q4_0, exact sums about 1.2x both; Q8_0 decode is memory-bound either way.
 
 Layouts, made once at load (`_repack_quantised`, `_repack_float`) from the file's blocks (`spmd.quants.unpack`);
 four arrays a matrix (w, wh, wd, ws; a type without one gets a 1x1 dummy), rows padded with zeros to a multiple of
@@ -81,14 +90,19 @@ from . import Backend, prepare_call
 # numba's cache does not see this switch, so use a fresh NUMBA_CACHE_DIR).
 _FEATURES = numba.config.CPU_FEATURES if numba.config.CPU_FEATURES is not None else get_host_cpu_features()
 AVX512 = "+avx512f" in _FEATURES.split(",") and not os.environ.get("SPMD_CPU_GENERIC")
+VNNI = AVX512 and "+avx512vnni" in _FEATURES.split(",")  # vpdpbusd: 64 byte products summed into 16 int32
 GROUP = 128  # quantised kernels: elements per loop step (4 blocks, 16 lanes of 8)
 CHUNK = 64  # float kernels: elements per loop step
 ROW_BLOCK = 16  # weight rows per parallel work item; activation rows go through 4 at a time
 QUAD = 4  # quantised weights: rows interleaved in fours, so that the kernels' tiles read one stream (docstring)
 SMALL = 1 << 17  # weights below this many bytes run on one thread (a fork-join costs more than it saves)
+INT8 = {T.Q4_0: 8, T.Q8_0: 128}  # --activations int8: the types with 8-bit kernels, and the offset they store with
+FIXED = 28  # int8 exact sums: each lane's product is cut to a multiple of 2^-FIXED and summed as an integer
+LIMIT = 2.0 ** 24  # int8 exact sums: activations past this (or NaN) make the row NaN (a lane could pass 2^63)
 
 # ---- LLVM IR helpers ------------------------------------------------------------------------------------------
-I8, I16, I32, F16, F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.HalfType(), ir.FloatType()
+I8, I16, I32, I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
+F16, F32, F64 = ir.HalfType(), ir.FloatType(), ir.DoubleType()
 
 
 def _vec(t, n):
@@ -121,6 +135,28 @@ def _hsum(b, v):
         n //= 2
         v = b.fadd(_shuffle(b, v, range(n)), _shuffle(b, v, range(n, 2 * n)))
     return b.extract_element(v, ir.Constant(I32, 0))
+
+
+def _hsum_int(b, v):
+    """Sum of 8 int64 lanes (exact)."""
+    n = 8
+    while n > 1:
+        n //= 2
+        v = b.add(_shuffle(b, v, range(n)), _shuffle(b, v, range(n, 2 * n)))
+    return b.extract_element(v, ir.Constant(I32, 0))
+
+
+def _dpbusd(b, acc, u, s):
+    """acc (16 x int32) + in each lane the sum of its 4 unsigned bytes of u times the 4 signed bytes of s (exact)."""
+    if VNNI:
+        fn = cgutils.get_or_insert_function(b.module, ir.FunctionType(_vec(I32, 16), [_vec(I32, 16)] * 3),
+                                            "llvm.x86.avx512.vpdpbusd.512")
+        return b.call(fn, [acc, u, s])
+    unsigned = b.zext(b.bitcast(u, _vec(I8, 64)), _vec(I32, 64))
+    products = b.mul(unsigned, b.sext(b.bitcast(s, _vec(I8, 64)), _vec(I32, 64)))
+    for k in range(4):
+        acc = b.add(acc, _shuffle(b, products, range(k, 64, 4)))
+    return acc
 
 
 def _fma(b, x, y, acc):
@@ -250,17 +286,59 @@ def _float_step(b, g, wrows, pxs, _pxqs, dtype, accs, ahead):
                 b.store(_fma(b, wv, xv, b.load(acc)), acc)
 
 
+def _int8_step(b, g, wrows, pxs, _pxqs, spec, accs, ahead):
+    """One 128-element group of every (weight row j, activation row k) pair with 8-bit activations (--activations
+    int8; layouts in the docstring): lane l's 8 products, exact in int32 (two vpdpbusd, from the activations'
+    lane correction), then times the lane's d_w * d_x. Fast sums (a float32 result) fused-multiply-add that into
+    the lane's float sum; exact sums (a float64 result) cut it to an integer number of 2^-FIXED and add it to an
+    int64 sum, so the result does not depend on how the columns were split."""
+    fmt, exact = spec
+    c = lambda v: ir.Constant(g.type, v)  # noqa: E731
+    nbytes = fmt.units[0]
+    base = b.mul(g, c(QUAD * nbytes))
+    weights = []
+    for pw, _ph, pd, _ps in wrows:
+        for line in range(nbytes // 64):
+            _prefetch(b, pw, b.add(base, b.add(ahead, c(64 * line))))
+        dw = b.fpext(_load(b, pd, b.mul(g, c(QUAD * 8)), _vec(F16, 4)), _vec(F32, 4))
+        dw = _shuffle(b, dw, [lane // 4 for lane in range(16)])
+        if nbytes == GROUP:  # Q8_0: the two halves of the group's bytes
+            lo, hi = _load(b, pw, base, _vec(I32, 16)), _load(b, pw, b.add(base, c(64)), _vec(I32, 16))
+        else:  # nibbles: low and high
+            u, mask = _load(b, pw, base, _vec(I32, 16)), _splat(I32, 0x0F0F0F0F, 16)
+            lo, hi = b.and_(u, mask), b.and_(b.lshr(u, _splat(I32, 4, 16)), mask)
+        weights.append((lo, hi, dw))
+    for k, px in enumerate(pxs):
+        at = b.mul(g, c(2 * GROUP))
+        xlo, xhi = _load(b, px, at, _vec(I32, 16)), _load(b, px, b.add(at, c(64)), _vec(I32, 16))
+        correction = _load(b, px, b.add(at, c(128)), _vec(I32, 16))
+        dx = _load(b, px, b.add(at, c(192)), _vec(F32, 16))
+        for j, (lo, hi, dw) in enumerate(weights):
+            lane = b.sitofp(_dpbusd(b, _dpbusd(b, correction, lo, xlo), hi, xhi), _vec(F32, 16))
+            acc = accs[j][k][0]
+            if exact:
+                cut = b.fptosi(b.fmul(lane, b.fmul(dw, dx)), _vec(I64, 16))
+                b.store(b.add(b.load(acc), b.add(_shuffle(b, cut, range(8)), _shuffle(b, cut, range(8, 16)))), acc)
+            else:
+                b.store(_fma(b, lane, b.fmul(dw, dx), b.load(acc)), acc)
+
+
 def _make_dot(nw, nx):
     """Intrinsic dot(kind, w, wh, wd, ws, r0, xs, xq, i0, y): y[i0 + k, r0 + j] = weight row r0 + j . activation
     row i0 + k for j < nw, k < nx (kind: the GGML type number, a compile-time constant; xs, xq: the prepared
-    activations and their sums). Each pair gets the same instructions in the same order whatever nw, nx."""
+    activations and their sums, or with uint8 xs, the 8-bit activations, xq unused). Each pair gets the same
+    instructions in the same order whatever nw, nx."""
 
     @intrinsic
     def dot(typingctx, kind, w, wh, wd, ws, r0, xs, xq, i0, y):
         if not isinstance(kind, types.IntegerLiteral):
             return None
         fmt = FORMATS.get(T(kind.literal_value))
+        int8, exact = xs.dtype == types.uint8, y.dtype == types.float64
         step, size, naccs, spec = (_quantised_step, GROUP, 1, fmt) if fmt else (_float_step, CHUNK, 2, w.dtype)
+        if int8:
+            step, size, spec = _int8_step, 2 * GROUP, (fmt, exact)
+        zero = ir.Constant(_vec(I64, 8) if exact else _vec(F32, 16), None)
 
         def codegen(context, b, sig, args):
             W, H, D, S, X, Q, Y = (_Arg(context, b, sig.args[k], args[k]) for k in (1, 2, 3, 4, 6, 7, 9))
@@ -268,7 +346,6 @@ def _make_dot(nw, nx):
             c = lambda v: ir.Constant(r0.type, v)  # noqa: E731
             wrows = [b.add(r0, c(j)) for j in range(nw)]
             xrows = [b.add(i0, c(k)) for k in range(nx)]
-            zero = ir.Constant(_vec(F32, 16), None)
             accs = [[[cgutils.alloca_once_value(b, zero) for _ in range(naccs)] for _ in xrows] for _ in wrows]
             if fmt:  # rows in quads: 8 groups further along the quad's stream
                 ahead = c(8 * QUAD * fmt.units[0])
@@ -281,7 +358,14 @@ def _make_dot(nw, nx):
             for r, acc_j in zip(wrows, accs):
                 for i, acc in zip(xrows, acc_j):
                     total = b.load(acc[0]) if naccs == 1 else b.fadd(b.load(acc[0]), b.load(acc[1]))
-                    b.store(_hsum(b, total), b.bitcast(b.gep(Y.row(i), [b.mul(r, c(4))]), F32.as_pointer()))
+                    if exact:  # the integer sum, scaled back (exact below 2^53 units)
+                        total = b.fmul(b.sitofp(_hsum_int(b, total), F64), ir.Constant(F64, 2.0 ** -FIXED))
+                        b.store(total, b.bitcast(b.gep(Y.row(i), [b.mul(r, c(8))]), F64.as_pointer()))
+                        continue
+                    total = _hsum(b, total)
+                    if int8:
+                        total = b.fmul(total, ir.Constant(F32, 2.0 ** -FIXED))
+                    b.store(total, b.bitcast(b.gep(Y.row(i), [b.mul(r, c(4))]), F32.as_pointer()))
             return context.get_dummy_value()
 
         return types.void(kind, w, wh, wd, ws, r0, xs, xq, i0, y), codegen
@@ -308,6 +392,8 @@ def _prepare_impl(kind, x, xs, xq):
     if not isinstance(kind, types.IntegerLiteral):
         return None
     fmt = FORMATS.get(T(kind.literal_value))
+    if xs.dtype == types.uint8:
+        return _prepare_int8(INT8[T(kind.literal_value)])
     if fmt is None:
         def copy(kind, x, xs, xq):
             for i in range(x.shape[0]):
@@ -327,6 +413,37 @@ def _prepare_impl(kind, x, xs, xq):
                 if sums:
                     xq[i, e // 8] = total
     return transpose
+
+
+def _prepare_int8(offset):
+    """x (n, cols) -> per row of xs (n, 2 * padded cols) uint8, per 128-element group g (256 bytes): the 8-bit
+    activations (int8) at 256g + 64h + 4l + k for element 8j + 4h + k of block b (lane l = 4b + j), then lane l's
+    correction -offset * (the sum of its 8) as int32 at 256g + 128 + 4l, then d_x 2^FIXED as float32 at
+    256g + 192 + 4l. Per 32-element block d_x = amax / 127 and q = rint(x / d_x), as llama.cpp's Q8_0."""
+    scale = np.float32(2.0 ** FIXED)
+
+    def quantise(kind, x, xs, xq):
+        n, cols = x.shape
+        for i in range(n):
+            q8, q32, f32 = xs[i].view(np.int8), xs[i].view(np.int32), xs[i].view(np.float32)
+            for blk in range(xs.shape[1] // 64):
+                amax = np.float32(0.0)
+                for e in range(32 * blk, min(cols, 32 * blk + 32)):
+                    amax = max(amax, abs(x[i, e]))
+                d = amax / np.float32(127.0)
+                inverse = np.float32(1.0) / d if d > 0 else np.float32(0.0)
+                g, first = blk // 4, 16 * (blk % 4)  # first: the block's first byte in a half
+                for j in range(4):
+                    total = 0
+                    for h in range(2):
+                        for k in range(4):
+                            e = 32 * blk + 8 * j + 4 * h + k
+                            q = int(np.rint(x[i, e] * inverse)) if e < cols else 0
+                            q8[256 * g + 64 * h + first + 4 * j + k] = q
+                            total += q
+                    q32[64 * g + 32 + 4 * (blk % 4) + j] = -offset * total
+                    f32[64 * g + 48 + 4 * (blk % 4) + j] = d * scale
+    return quantise
 
 
 @overload(_quantised)
@@ -449,9 +566,12 @@ def _f16_bits(a):
 REPACK_ROWS = 1 << 22  # elements repacked at once: the temporaries of a big matrix's repacking stay tens of MB
 
 
-def _repack(qt):
-    """QTensor -> (w, wh, wd, ws) in the kernels' layouts, repacked a band of rows at a time."""
+def _repack(qt, int8=False):
+    """QTensor -> (w, wh, wd, ws) in the kernels' layouts (int8: for 8-bit activations), repacked a band of rows at
+    a time."""
     one, q = (_repack_quantised, QUAD) if qt.qtype in FORMATS else (_repack_float, 1)  # q: rows an array row holds
+    if int8:
+        one = _repack_int8
     band = max(1, REPACK_ROWS // max(qt.cols, 1) // QUAD) * QUAD
     if qt.rows <= band:
         return one(qt)
@@ -472,6 +592,21 @@ def _repack_quantised(qt):
     rows, cp = qt.rows, padded_cols(qt.qtype, qt.cols)
     arrays = _rows_quantised(u, fmt, rows, cp)
     return tuple(a if a is _NONE else _interleave(a, unit) for a, unit in zip(arrays, fmt.units))
+
+
+def _repack_int8(qt):
+    """QTensor (Q4_0, Q8_0) -> (w, -, wd, -) for 8-bit activations, in quads: per 128-element group, w holds byte
+    4l + k of lane l = 4b + j as element 8j + k of block b (Q4_0: in the low nibble, element 8j + 4 + k in the
+    high one; Q8_0: 64 bytes, then as many of the elements 8j + 4 + k), each its integer plus INT8[type] (unsigned,
+    for vpdpbusd); wd as for float activations."""
+    u, fmt = unpack(qt), FORMATS[qt.qtype]
+    rows, cp = qt.rows, padded_cols(qt.qtype, qt.cols)
+    q = (_padded(u.q, cp) + INT8[qt.qtype]).astype(np.uint8).reshape(rows, cp // GROUP, 4, 4, 2, 4)  # g b j h k
+    lo, hi = (np.ascontiguousarray(q[..., h, :]).reshape(rows, cp // GROUP, 64) for h in (0, 1))
+    w = (lo | (hi << 4)) if fmt.units[0] == 64 else np.concatenate([lo, hi], axis=2)
+    wd = _f16_bits(_padded(u.d, cp // 32))
+    w = w.reshape(rows, cp // GROUP * fmt.units[0])
+    return _interleave(w, fmt.units[0]), _NONE, _interleave(wd, fmt.units[2]), _NONE
 
 
 def _interleave(a, unit):
@@ -537,17 +672,22 @@ def held_bytes(qtype, rows, cols) -> int:
 
 
 class CpuLinear:
-    def __init__(self, w: QTensor, threads: int):
+    def __init__(self, w: QTensor, threads: int, int8=False):
         if w.qtype not in FORMATS and w.qtype not in FLOATS:
             raise ValueError(f"cpu backend: no kernel for {w.qtype.name}")
         self.qtype, self.rows, self.cols, self.stored = w.qtype, w.rows, w.width, w.cols
-        self.arrays = _repack(w)  # w, wh, wd, ws: what the kernel reads (spmd.stream swaps them in and out)
+        self.int8 = int8 and w.qtype in INT8  # 8-bit activations (--activations int8)
+        self.arrays = _repack(w, self.int8)  # w, wh, wd, ws: what the kernel reads (spmd.stream swaps them)
         self.nbytes = sum(a.nbytes for a in self.arrays if a is not _NONE)
         # a slice that cut through quant blocks: where its columns are among the stored ones (the rest get zeros)
         self.spread = None if w.keep is None else np.concatenate([np.arange(a, b) for a, b in w.keep])
         self._one = self._scratch(1)  # the decode path's scratch, reused every call
         x, y = np.zeros((1, self.stored), np.float32), np.zeros((1, self.rows), np.float32)
-        self._kernel = _entry(threads > 1 and self.nbytes >= SMALL, self.qtype, (*self.arrays, x, *self._one[:2], y))
+        parallel = threads > 1 and self.nbytes >= SMALL
+        self._kernel = _entry(parallel, self.qtype, (*self.arrays, x, *self._one[:2], y))
+        # a float64 result: the exact sums (a partial sum the stage adds up: spmd.model)
+        exact = (*self.arrays, x, *self._one[:2], y.astype(np.float64))
+        self._exact = _entry(parallel, self.qtype, exact) if self.int8 else None
 
     def _scratch(self, n):
         """(xs, xq, wide): the prepared activations, the sums of each 8 of them (for types with mins), and the
@@ -555,6 +695,8 @@ class CpuLinear:
         cols = padded_cols(self.qtype, self.stored)
         sums = self.qtype in FORMATS and FORMATS[self.qtype].mins
         wide = np.zeros((n, self.stored), np.float32) if self.spread is not None else None
+        if self.int8:  # 256 bytes a group (`_prepare_int8`)
+            return np.zeros((n, 2 * cols), np.uint8), np.zeros((1, 1), np.float32), wide
         return np.zeros((n, cols), np.float32), np.zeros((n, cols // 8) if sums else (1, 1), np.float32), wide
 
     def __call__(self, x: np.ndarray, out: np.ndarray = None) -> np.ndarray:
@@ -562,12 +704,15 @@ class CpuLinear:
         if done:
             return out
         n = x.shape[0]
-        y = out if out.dtype == np.float32 and out.flags.c_contiguous else np.empty((n, self.rows), np.float32)
+        dtype = np.float64 if self.int8 and out.dtype == np.float64 else np.float32  # float64: exact sums
+        y = out if out.dtype == dtype and out.flags.c_contiguous else np.empty((n, self.rows), dtype)
         xs, xq, wide = self._one if n == 1 else self._scratch(n)
         if wide is not None:
             wide[:, self.spread] = x
             x = wide
-        self._kernel(int(self.qtype), *self.arrays, x, xs, xq, y)
+        (self._exact if dtype == np.float64 else self._kernel)(int(self.qtype), *self.arrays, x, xs, xq, y)
+        if self.int8 and not max(x.max(), -x.min()) <= LIMIT:  # NaN, or a lane past 2^63 units
+            y[...] = np.nan
         if y is not out:
             out[...] = y
         return out
@@ -576,16 +721,19 @@ class CpuLinear:
 class CpuBackend(Backend):
     name = "cpu"
 
-    def __init__(self, threads: int = None):
+    def __init__(self, threads: int = None, activations="f32"):
         """threads: 1 runs every kernel on the calling thread (for ranks that share a machine's cores); otherwise
-        large matrices use numba's thread pool (numba.set_num_threads / NUMBA_NUM_THREADS set its size)."""
+        large matrices use numba's thread pool (numba.set_num_threads / NUMBA_NUM_THREADS set its size).
+        activations: "int8" quantises them to 8 bits for the INT8 types' products (the docstring)."""
         self.threads = min(threads or numba.config.NUMBA_NUM_THREADS, numba.config.NUMBA_NUM_THREADS)
         if self.threads > 1:
             numba.set_num_threads(self.threads)
-        self.description = f"cpu (numba, {self.threads} thread{'s' * (self.threads != 1)})"
+        self.int8 = activations == "int8"
+        self.partial_dtype = np.float64 if self.int8 else np.float32
+        self.description = f"cpu (numba, {self.threads} thread{'s' * (self.threads != 1)}{', int8' * self.int8})"
 
     def linear(self, w: QTensor, resident=True) -> CpuLinear:
-        return CpuLinear(w, self.threads)
+        return CpuLinear(w, self.threads, self.int8)
 
     def held_bytes(self, qtype, rows, cols) -> int:
         return held_bytes(qtype, rows, cols)
