@@ -3,7 +3,8 @@
     backend = get_backend(name, threads, device, wrap, activations)  # "numpy" (readable reference), "cpu" (numba)
                                          # or "vulkan" (GPU kernels); threads: cores this rank may use (None: all);
                                          # device: the Vulkan device index on this host (None: 0);
-                                         # wrap: an index past the last device wraps around instead of failing
+                                         # wrap: an index past the last device wraps around instead of failing;
+                                         # activations: the cpu backend's "f32" or "int8" (8-bit kernels)
     backend.description                  # e.g. "cpu (numba, 2 threads)", "vulkan (NVIDIA H100 80GB HBM3)"
     lin = backend.linear(w, resident)    # w: QTensor (rows, cols), ownership passes; may be repacked;
                                          # resident=False: a streamed half's (Vulkan: no device memory of its
@@ -13,6 +14,8 @@
                                          # repacked arrays): spmd.stream moves them to its spill file
     backend.held_bytes(qtype, rows, cols)   # bytes lin.nbytes will be for such a matrix
     y = lin(x, out=None)                 # x: float32 (n, cols) -> float32 (n, rows) = x @ W.T, into `out` if given
+                                         # (a float64 out: the cpu int8 kernels' exact sums)
+    backend.partial_dtype                # the dtype its model's partial sums have (float32; cpu int8: float64)
     model = backend.make_model(cfg, weights, share, max_seq, slots)   # spmd.model.Model, or the backend's own
                                          # (Vulkan); sequences of up to max_seq positions in slots 0..slots-1
     backend.model_owns_weights           # True where the model frees its matrices on close(): a re-partition
