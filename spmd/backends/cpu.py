@@ -387,6 +387,23 @@ def _quantised(kind):
     """Whether `kind` (a compile-time constant) is a quantised type."""
 
 
+def _finish(xs, xq, y):
+    """8-bit activations: the rows `_prepare_int8` marked in xq (a NaN, or an activation past LIMIT, whose lanes
+    could pass 2^63 units) become NaN, for the engine to report."""
+
+
+@overload(_finish)
+def _finish_impl(xs, xq, y):
+    if xs.dtype != types.uint8:
+        return lambda xs, xq, y: None
+
+    def mark(xs, xq, y):
+        for i in range(y.shape[0]):
+            if xq[i, 0] != 0:
+                y[i, :] = np.nan
+    return mark
+
+
 @overload(_prepare)
 def _prepare_impl(kind, x, xs, xq):
     if not isinstance(kind, types.IntegerLiteral):
@@ -419,17 +436,21 @@ def _prepare_int8(offset):
     """x (n, cols) -> per row of xs (n, 2 * padded cols) uint8, per 128-element group g (256 bytes): the 8-bit
     activations (int8) at 256g + 64h + 4l + k for element 8j + 4h + k of block b (lane l = 4b + j), then lane l's
     correction -offset * (the sum of its 8) as int32 at 256g + 128 + 4l, then d_x 2^FIXED as float32 at
-    256g + 192 + 4l. Per 32-element block d_x = amax / 127 and q = rint(x / d_x), as llama.cpp's Q8_0."""
+    256g + 192 + 4l. Per 32-element block d_x = amax / 127 and q = rint(x / d_x), as llama.cpp's Q8_0. xq[i, 0]:
+    1 where row i has a NaN or an activation past LIMIT (`_finish`)."""
     scale = np.float32(2.0 ** FIXED)
 
     def quantise(kind, x, xs, xq):
         n, cols = x.shape
         for i in range(n):
             q8, q32, f32 = xs[i].view(np.int8), xs[i].view(np.int32), xs[i].view(np.float32)
+            bad = False
             for blk in range(xs.shape[1] // 64):
                 amax = np.float32(0.0)
                 for e in range(32 * blk, min(cols, 32 * blk + 32)):
-                    amax = max(amax, abs(x[i, e]))
+                    a = abs(x[i, e])
+                    bad |= not a <= LIMIT
+                    amax = max(amax, a)
                 d = amax / np.float32(127.0)
                 inverse = np.float32(1.0) / d if d > 0 else np.float32(0.0)
                 g, first = blk // 4, 16 * (blk % 4)  # first: the block's first byte in a half
@@ -443,6 +464,7 @@ def _prepare_int8(offset):
                             total += q
                     q32[64 * g + 32 + 4 * (blk % 4) + j] = -offset * total
                     f32[64 * g + 48 + 4 * (blk % 4) + j] = d * scale
+            xq[i, 0] = bad
     return quantise
 
 
@@ -498,6 +520,7 @@ def _linear_parallel(kind, w, wh, wd, ws, x, xs, xq, y):
     rows = y.shape[1]
     for blk in prange((rows + ROW_BLOCK - 1) // ROW_BLOCK):
         _row_block(kind, w, wh, wd, ws, xs, xq, y, blk * ROW_BLOCK, min(rows, (blk + 1) * ROW_BLOCK))
+    _finish(xs, xq, y)
 
 
 @njit(cache=True, nogil=True)
@@ -506,6 +529,7 @@ def _linear_serial(kind, w, wh, wd, ws, x, xs, xq, y):
     rows = y.shape[1]
     for r0 in range(0, rows, ROW_BLOCK):
         _row_block(kind, w, wh, wd, ws, xs, xq, y, r0, min(rows, r0 + ROW_BLOCK))
+    _finish(xs, xq, y)
 
 
 _ENTRIES = {}  # (kernel, argument types) -> the compiled kernel's entry point
@@ -695,8 +719,8 @@ class CpuLinear:
         cols = padded_cols(self.qtype, self.stored)
         sums = self.qtype in FORMATS and FORMATS[self.qtype].mins
         wide = np.zeros((n, self.stored), np.float32) if self.spread is not None else None
-        if self.int8:  # 256 bytes a group (`_prepare_int8`)
-            return np.zeros((n, 2 * cols), np.uint8), np.zeros((1, 1), np.float32), wide
+        if self.int8:  # 256 bytes a group, and a row's mark (`_prepare_int8`)
+            return np.zeros((n, 2 * cols), np.uint8), np.zeros((n, 1), np.float32), wide
         return np.zeros((n, cols), np.float32), np.zeros((n, cols // 8) if sums else (1, 1), np.float32), wide
 
     def __call__(self, x: np.ndarray, out: np.ndarray = None) -> np.ndarray:
@@ -711,8 +735,6 @@ class CpuLinear:
             wide[:, self.spread] = x
             x = wide
         (self._exact if dtype == np.float64 else self._kernel)(int(self.qtype), *self.arrays, x, xs, xq, y)
-        if self.int8 and not max(x.max(), -x.min()) <= LIMIT:  # NaN, or a lane past 2^63 units
-            y[...] = np.nan
         if y is not out:
             out[...] = y
         return out
