@@ -214,6 +214,8 @@ class RankState:
             raise UserError(f"--allreduce {opts.allreduce!r}: choose one of {', '.join(C.ALGORITHMS)}")
         if opts.migrate_weights not in WEIGHT_SOURCES:
             raise UserError(f"--migrate-weights {opts.migrate_weights!r}: choose one of {', '.join(WEIGHT_SOURCES)}")
+        if opts.activations not in ("f32", "int8"):
+            raise UserError(f"--activations {opts.activations!r}: choose f32 or int8")
         if opts.plan is not None and opts.ratios is not None:
             raise UserError("give --ratios or --plan, not both")
         if opts.plan is not None and not opts.plan.strip():

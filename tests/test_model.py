@@ -46,6 +46,26 @@ def test_logits_match_reference_f32(tmp_path, case, backend):
         np.testing.assert_allclose(got, expected[pos], rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q8_0"])
+def test_int8_activations_stay_near_the_reference(tmp_path, qtype):
+    """--activations int8 moves the logits by about llama.cpp's 8-bit activations' error (1e-3..1e-1 here, against
+    the reference's float arithmetic), and a prompt in one pass gives what the same tokens one at a time give."""
+    shape = Shape(dim=128, n_layers=3, n_heads=4, n_kv_heads=2, ffn=256, vocab=512, context=64)
+    path = write_model(tmp_path / f"{qtype}.gguf", shape, qtype, seed=5)
+    tokens = [1, 5, 9, 200, 37, 411, 8, 99]
+    expected = reference.logits_for(path, tokens)
+    got = engine(path, tokens, activations="int8").executor.forward(np.array(tokens), 0)
+    moved = np.abs(got - expected[-1]).max()
+    assert 1e-4 < moved < 0.05 * np.abs(expected[-1]).max()
+    e = engine(path, tokens, activations="int8")
+    e.executor.forward(np.array(tokens[:5]), 0)
+    for pos in range(5, len(tokens)):
+        one = e.executor.forward(np.array(tokens[pos:pos + 1]), pos)
+    np.testing.assert_allclose(one, got, rtol=0, atol=1e-4)
+    with pytest.raises(UserError, match="--activations 'int4': choose f32 or int8"):
+        engine(path, tokens, activations="int4")
+
+
 @pytest.mark.parametrize("backend", ["numpy", "cpu"])
 @pytest.mark.parametrize("qtype", ["Q4_K_M", "Q5_K_M", "Q6_K", "Q4_1", "Q5_1"])
 def test_logits_of_quantised_files_match_reference(tmp_path, qtype, backend):
