@@ -42,8 +42,10 @@ a multiple of 4): array row k holds rows 4k..4k+3 unit by unit, the four rows' u
 (a unit: what one row has of that array per 128-element group; wd of a K-quant, per super-block). A tile of 4 weight
 rows then reads one contiguous stream instead of four short ones: decode measured 1.1-1.9x faster from memory on
 the 2-core test machine (8-row interleaves with 8-row tiles, tried too, were 0.9-1.2x slower than 4).
-An element is (integer - offset) * scale [+ min]: the integer is the nibble, with the high bits above it where the
-type has them; the scale is d (times the sub-block's scale for K-quants), the min dmin times its m (K) or m.
+With --activations int8, Q4_0 and Q8_0 are repacked for vpdpbusd instead (`_repack_int8`: the same bytes a row,
+in the same quads). An element is (integer - offset) * scale [+ min]: the integer is the nibble, with the high bits
+above it where the type has them; the scale is d (times the sub-block's scale for K-quants), the min dmin times its
+m (K) or m.
 Memory: the file's bytes (Q4_K 148 for 144, Q5_K 180 for 176: their packed 6-bit scales held as bytes).
 
 Quantised kernels: lane l (of 16) of a 128-element group owns elements 8l..8l+7, all in sub-block l // 4 (Q6_K:
