@@ -131,20 +131,12 @@ def _prefetch(b, base, offset):
 
 
 def _hsum(b, v):
-    """Sum of 16 float lanes in a fixed tree order."""
-    n = 16
+    """Sum of a vector's lanes in a fixed tree order (floats: 16 lanes; integers, exact: 8 int64)."""
+    add = b.add if isinstance(v.type.element, ir.IntType) else b.fadd
+    n = v.type.count
     while n > 1:
         n //= 2
-        v = b.fadd(_shuffle(b, v, range(n)), _shuffle(b, v, range(n, 2 * n)))
-    return b.extract_element(v, ir.Constant(I32, 0))
-
-
-def _hsum_int(b, v):
-    """Sum of 8 int64 lanes (exact)."""
-    n = 8
-    while n > 1:
-        n //= 2
-        v = b.add(_shuffle(b, v, range(n)), _shuffle(b, v, range(n, 2 * n)))
+        v = add(_shuffle(b, v, range(n)), _shuffle(b, v, range(n, 2 * n)))
     return b.extract_element(v, ir.Constant(I32, 0))
 
 
@@ -299,11 +291,10 @@ def _int8_step(b, g, wrows, pxs, _pxqs, spec, accs, ahead):
     nbytes = fmt.units[0]
     base = b.mul(g, c(QUAD * nbytes))
     weights = []
-    for pw, _ph, pd, _ps in wrows:
+    for pw, _ph, pd, ps in wrows:
         for line in range(nbytes // 64):
             _prefetch(b, pw, b.add(base, b.add(ahead, c(64 * line))))
-        dw = b.fpext(_load(b, pd, b.mul(g, c(QUAD * 8)), _vec(F16, 4)), _vec(F32, 4))
-        dw = _shuffle(b, dw, [lane // 4 for lane in range(16)])
+        dw = _group_scales(b, g, pd, ps, fmt)[0]  # lane l: its block's d
         if nbytes == GROUP:  # Q8_0: the two halves of the group's bytes
             lo, hi = _load(b, pw, base, _vec(I32, 16)), _load(b, pw, b.add(base, c(64)), _vec(I32, 16))
         else:  # nibbles: low and high
@@ -361,7 +352,7 @@ def _make_dot(nw, nx):
                 for i, acc in zip(xrows, acc_j):
                     total = b.load(acc[0]) if naccs == 1 else b.fadd(b.load(acc[0]), b.load(acc[1]))
                     if exact:  # the integer sum, scaled back (exact below 2^53 units)
-                        total = b.fmul(b.sitofp(_hsum_int(b, total), F64), ir.Constant(F64, 2.0 ** -FIXED))
+                        total = b.fmul(b.sitofp(_hsum(b, total), F64), ir.Constant(F64, 2.0 ** -FIXED))
                         b.store(total, b.bitcast(b.gep(Y.row(i), [b.mul(r, c(8))]), F64.as_pointer()))
                         continue
                     total = _hsum(b, total)
