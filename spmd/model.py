@@ -234,10 +234,9 @@ class Model:
             lw = self.w.layer(layer)
             with self.w.hold(layer, half):  # a streamed half: in the window until its partial sum is made
                 if half == "attention":
-                    xn = rmsnorm(x, lw.attn_norm, self.cfg.norm_eps)
-                    partial = self._attention(layer, lw, xn, segments, rope, buf)
+                    partial = self._attention(layer, lw, self._norm(x, lw.attn_norm), segments, rope, buf)
                 else:
-                    partial = self._ffn(lw, rmsnorm(x, lw.ffn_norm, self.cfg.norm_eps), buf)
+                    partial = self._ffn(lw, self._norm(x, lw.ffn_norm), buf)
             x += allreduce(partial) if allreduce is not None else partial
         return x
 
@@ -246,7 +245,7 @@ class Model:
         classifier rows)."""
         if self.w.output is None:
             return np.empty((x.shape[0], 0), np.float32)
-        return self.w.output(rmsnorm(x, self.w.output_norm, self.cfg.norm_eps))
+        return self.w.output(self._norm(x, self.w.output_norm))
 
     def cache_take(self, slot, T) -> dict:
         return self.cache.take(slot, T)
@@ -270,15 +269,25 @@ class Model:
             v += lw.bv
         q, k, v = q.reshape(n, n_kv * group, hd), k.reshape(n, n_kv, hd), v.reshape(n, n_kv, hd)
         if lw.q_norm is not None:  # qwen3: each head's vector normalised before the rotation
-            q[...] = rmsnorm(q, lw.q_norm, cfg.norm_eps)
-            k[...] = rmsnorm(k, lw.k_norm, cfg.norm_eps)
-        self.rope(q, rope)
-        self.rope(k, rope)
+            q[...] = self._norm(q, lw.q_norm)
+            k[...] = self._norm(k, lw.k_norm)
+        self._rotate(q, rope)
+        self._rotate(k, rope)
         out = np.empty((n, n_kv * group * hd), np.float32)
         for row, seg in segment_rows(segments):
             rows = slice(row, row + seg.n)
             self._attend(layer, seg, q[rows], k[rows], v[rows], out[rows])
         return lw.wo(out, out=buf["proj"])
+
+    # ---- the work between the products (the cpu backend's CpuModel does these in numba) ---------------------------
+    def _norm(self, x, weight):
+        return rmsnorm(x, weight, self.cfg.norm_eps)
+
+    def _rotate(self, x, tables):
+        self.rope(x, tables)
+
+    def _silu_mul(self, gate, up):
+        return silu_mul(gate, up)
 
     def _attend(self, layer, seg, q, k, v, out):
         """One segment: its k, v into its slot's cache, then causal attention into out (seg.n, heads * hd), its
@@ -310,4 +319,4 @@ class Model:
     def _ffn(self, lw, xn, buf):
         """xn (n, dim) -> (n, dim) this rank's partial sum of the SwiGLU FFN output."""
         gate, up = lw.w1(xn, out=buf["gate"]), lw.w3(xn, out=buf["up"])
-        return lw.w2(silu_mul(gate, up), out=buf["proj"])
+        return lw.w2(self._silu_mul(gate, up), out=buf["proj"])

@@ -752,3 +752,7 @@ class CpuBackend(Backend):
 
     def held_bytes(self, qtype, rows, cols) -> int:
         return held_bytes(qtype, rows, cols)
+
+    def make_model(self, cfg, weights, share, max_seq, slots=1):
+        from .cpu_model import CpuModel
+        return CpuModel(cfg, weights, share, max_seq, slots, self.partial_dtype)

@@ -1,0 +1,95 @@
+"""The cpu backend's numba steps between the matrix products (spmd.backends.cpu_model) against plain numpy written
+here: RMSNorm, RoPE (the same bits as spmd.model's), SiLU, and one-token attention on odd head sizes, group sizes
+and positions, with each head's bits independent of the other heads a rank holds."""
+import warnings
+
+import numpy as np
+import pytest
+
+from spmd.backends import cpu_model
+from spmd.model import Rope
+
+
+def softmax_attention(q, ck, cv, pos, scale):
+    """q (heads, hd) at position pos over keys 0..pos of ck, cv (kv, need, hd), in float64 -> (heads * hd,)."""
+    heads, hd = q.shape
+    group = heads // ck.shape[0]
+    out = np.empty((heads, hd))
+    for h in range(heads):
+        keys, values = ck[h // group, :pos + 1].astype(np.float64), cv[h // group, :pos + 1].astype(np.float64)
+        s = keys @ q[h].astype(np.float64) * float(scale)
+        p = np.exp(s - s.max())
+        out[h] = p @ values / p.sum()
+    return out.reshape(-1)
+
+
+def attend(q, k, v, ck, cv, pos, scale):
+    """What CpuModel._attend does for a one-token segment, on these arrays."""
+    s = cpu_model._scores(q, k, v, ck, cv, pos, scale)
+    np.exp(s, out=s)
+    out = np.empty(q.size, np.float32)
+    cpu_model._values(s, cv, out)
+    return out
+
+
+@pytest.mark.parametrize("dim", [16, 20, 2048, 4100])
+def test_rmsnorm_is_the_references_within_rounding_and_each_row_its_own(dim):
+    rng = np.random.default_rng(dim)
+    x = (rng.standard_normal((3, dim)) * [[1.0], [1e-3], [30.0]]).astype(np.float32)
+    w = rng.standard_normal(dim).astype(np.float32)
+    got = cpu_model._rmsnorm(x, w, np.float32(1e-5), np.empty_like(x))
+    expected = x / np.sqrt((x.astype(np.float64) ** 2).mean(axis=1, keepdims=True) + 1e-5) * w
+    np.testing.assert_allclose(got, expected, rtol=2e-6, atol=1e-7)
+    assert np.array_equal(cpu_model._rmsnorm(x[1:2].copy(), w, np.float32(1e-5), np.empty_like(x[1:2])), got[1:2])
+
+
+@pytest.mark.parametrize("neox", [False, True])
+@pytest.mark.parametrize("hd, rope_dim", [(16, 16), (64, 64), (80, 32)])
+def test_rotation_is_the_references_bit_for_bit(neox, hd, rope_dim):
+    rng = np.random.default_rng(hd + rope_dim)
+    rope = Rope.__new__(Rope)
+    angles = np.outer(np.arange(50), rng.uniform(0.01, 1.0, rope_dim // 2))
+    rope.cos, rope.sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+    rope.dim, rope.neox = rope_dim, neox
+    positions = np.array([0, 7, 49])
+    x = rng.standard_normal((3, 5, hd)).astype(np.float32)
+    expected, got = x.copy(), x.copy()
+    rope(expected, rope.at(positions))
+    cos, sin = rope.at(positions)
+    cpu_model._rotate(got, cos[:, 0], sin[:, 0], neox)
+    assert np.array_equal(got, expected)
+    assert not np.array_equal(got, x)
+
+
+def test_silu_is_the_references_and_a_very_negative_gate_gives_zero_quietly():
+    rng = np.random.default_rng(3)
+    gate = np.concatenate([rng.standard_normal(1000) * 5, [-100.0, -1e30, 100.0, 0.0]]).astype(np.float32)[None]
+    up = rng.standard_normal(gate.shape).astype(np.float32)
+    with np.errstate(over="ignore"):
+        expected = gate.astype(np.float64) / (1 + np.exp(-gate.astype(np.float64))) * up
+    model = cpu_model.CpuModel.__new__(cpu_model.CpuModel)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = model._silu_mul(gate.copy(), up)
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-30)
+    assert got[0, -4] == 0.0 and got[0, -3] == 0.0
+
+
+@pytest.mark.parametrize("hd", [16, 48, 64, 80, 128])
+@pytest.mark.parametrize("heads, kv", [(4, 4), (8, 2), (6, 1)])
+@pytest.mark.parametrize("pos", [0, 1, 37, 300])
+def test_one_token_attention_is_softmax_attention_and_heads_are_independent(hd, heads, kv, pos):
+    rng = np.random.default_rng(hd * 1000 + heads * 10 + pos)
+    need = pos + 3
+    ck = rng.standard_normal((kv, need, hd)).astype(np.float32)
+    cv = rng.standard_normal((kv, need, hd)).astype(np.float32)
+    q = (rng.standard_normal((heads, hd)) * 2).astype(np.float32)
+    k, v = rng.standard_normal((kv, hd)).astype(np.float32), rng.standard_normal((kv, hd)).astype(np.float32)
+    scale = np.float32(1 / np.sqrt(hd))
+    got = attend(q, k, v, ck, cv, pos, scale)
+    assert np.array_equal(ck[:, pos], k) and np.array_equal(cv[:, pos], v)  # the token's k, v went into the cache
+    np.testing.assert_allclose(got, softmax_attention(q, ck, cv, pos, scale), rtol=0, atol=2e-6)
+    # the last KV head's query heads alone (what a rank holding only that head computes): the same bits
+    group = heads // kv
+    alone = attend(q[-group:].copy(), k[-1:].copy(), v[-1:].copy(), ck[-1:].copy(), cv[-1:].copy(), pos, scale)
+    assert np.array_equal(alone, got[-group * hd:])
