@@ -23,11 +23,17 @@ def softmax_attention(q, ck, cv, pos, scale):
     return out.reshape(-1)
 
 
-def attend(q, k, v, ck, cv, pos, scale):
-    """What CpuModel._attend does for a one-token segment, on these arrays."""
+def attend(q, k, v, ck, cv, pos, scale, parts=1):
+    """What CpuModel._attend does for a one-token segment, on these arrays (parts > 1: its heads in that many
+    ranges on numba's threads)."""
+    out = np.empty(q.size, np.float32)
+    if parts > 1:
+        s = cpu_model._scores_parallel(q, k, v, ck, cv, pos, scale, parts)
+        np.exp(s, out=s)
+        cpu_model._values_parallel(s, cv, out, parts)
+        return out
     s = cpu_model._scores(q, k, v, ck, cv, pos, scale)
     np.exp(s, out=s)
-    out = np.empty(q.size, np.float32)
     cpu_model._values(s, cv, out)
     return out
 
@@ -93,3 +99,5 @@ def test_one_token_attention_is_softmax_attention_and_heads_are_independent(hd, 
     group = heads // kv
     alone = attend(q[-group:].copy(), k[-1:].copy(), v[-1:].copy(), ck[-1:].copy(), cv[-1:].copy(), pos, scale)
     assert np.array_equal(alone, got[-group * hd:])
+    for parts in (2, 3):  # the heads split over threads (long sequences): the same bits
+        assert np.array_equal(attend(q, k, v, ck, cv, pos, scale, parts), got)

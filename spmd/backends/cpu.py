@@ -755,4 +755,4 @@ class CpuBackend(Backend):
 
     def make_model(self, cfg, weights, share, max_seq, slots=1):
         from .cpu_model import CpuModel
-        return CpuModel(cfg, weights, share, max_seq, slots, self.partial_dtype)
+        return CpuModel(cfg, weights, share, max_seq, slots, self.partial_dtype, threads=self.threads)

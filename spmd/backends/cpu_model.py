@@ -1,7 +1,7 @@
 """The cpu backend's model: spmd.model.Model with the work between the matrix products in numba.
 
 A decode token on the TinyLlama shape made about 60 numpy calls a layer besides its 7 matrix products (RMSNorm
-alone 7, attention about 20), 4-5 ms of a 25 ms token on the 2-core test machine. Here each is one call:
+alone 7, attention about 20), 4-5 ms of a 25 ms token on the 2-core test machine. Here each is one call or a few:
 
     _rmsnorm(x, w, eps, out)          the sum of squares in 16 float32 lanes, then x * r * w as the reference does
     _rotate(x, cos, sin, neox)        RoPE in place, the reference's arithmetic (bit-identical to it)
@@ -9,6 +9,7 @@ alone 7, attention about 20), 4-5 ms of a 25 ms token on the 2-core test machine
     decode attention of a segment of one token (`_attend`): `_scores` writes its k, v into the cache and the
     scaled dot products of every local head with keys 0..pos less each head's maximum; numpy's exp (vectorised)
     takes them in place; `_values` sums each head's p_t * v_t in 16-float lanes and divides by the sum of p.
+    From PARALLEL_SCORES scores on (32 heads: 32 positions) the heads are split over the rank's threads.
 
 A prompt's attention (several rows a segment) stays numpy's batched matmul, which is faster there. Each function
 gives the same bits for a head or a row whatever else the pass holds (its rank's other heads, other segments), as
@@ -17,7 +18,7 @@ summed in a fixed tree (`spmd.backends.cpu._hsum`), so the bits do not depend on
 """
 import numpy as np
 from llvmlite import ir
-from numba import njit, types
+from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
@@ -25,6 +26,7 @@ from ..model import Model
 from .cpu import F32, _Arg, _fma, _hsum, _load, _vec
 
 LANES = 16
+PARALLEL_SCORES = 1024  # a token's attention splits its heads over the rank's threads from this many scores
 
 
 @intrinsic
@@ -117,16 +119,12 @@ def _silu_finish(gate, e, up):
 
 
 @njit(cache=True, nogil=True)
-def _scores(q, k, v, ck, cv, pos, scale):
-    """One token at position pos: k, v (kv, hd) into the caches (kv, need, hd) at pos; -> s (heads, pos + 1), each
-    head's scaled dot products with keys 0..pos less their maximum. q (heads, hd)."""
+def _head_scores(q, ck, pos, scale, s, h0, h1):
+    """Heads h0..h1-1 of q (heads, hd) at position pos: s[h] (pos + 1,) = the scaled dot products with keys 0..pos
+    of its KV head in ck (kv, need, hd), less their maximum."""
     heads, hd = q.shape
-    n_kv = ck.shape[0]
-    group = heads // n_kv
-    ck[:, pos] = k
-    cv[:, pos] = v
-    s = np.empty((heads, pos + 1), np.float32)
-    for h in range(heads):
+    group = heads // ck.shape[0]
+    for h in range(h0, h1):
         keys = ck[h // group]
         top = np.float32(-np.inf)
         for t in range(pos + 1):
@@ -135,17 +133,16 @@ def _scores(q, k, v, ck, cv, pos, scale):
             top = max(top, d)
         for t in range(pos + 1):
             s[h, t] -= top
-    return s
 
 
 @njit(cache=True, nogil=True)
-def _values(p, cv, out):
-    """out (heads * hd,) = each head's sum over t of p[h, t] * v_t, divided by the sum of p[h] (p: exp of the
-    scores)."""
+def _head_values(p, cv, out, h0, h1):
+    """Heads h0..h1-1: out[h * hd:(h + 1) * hd] = the sum over t of p[h, t] * v_t, divided by the sum of p[h] (p:
+    exp of the scores)."""
     heads, n = p.shape
     n_kv, _, hd = cv.shape
     group = heads // n_kv
-    for h in range(heads):
+    for h in range(h0, h1):
         values = cv[h // group]
         sums = np.zeros(4, np.float32)  # four running sums (one would wait on each add)
         for t in range(n - n % 4):
@@ -162,8 +159,49 @@ def _values(p, cv, out):
             o[j] /= total
 
 
+@njit(cache=True, nogil=True)
+def _scores(q, k, v, ck, cv, pos, scale):
+    """One token at position pos: k, v (kv, hd) into the caches (kv, need, hd) at pos; -> s (heads, pos + 1), each
+    head's scores (`_head_scores`). q (heads, hd)."""
+    ck[:, pos] = k
+    cv[:, pos] = v
+    s = np.empty((q.shape[0], pos + 1), np.float32)
+    _head_scores(q, ck, pos, scale, s, 0, q.shape[0])
+    return s
+
+
+@njit(cache=True, nogil=True)
+def _values(p, cv, out):
+    """out (heads * hd,): every head's `_head_values`."""
+    _head_values(p, cv, out, 0, p.shape[0])
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _scores_parallel(q, k, v, ck, cv, pos, scale, parts):
+    """`_scores` with the heads in `parts` ranges on numba's threads."""
+    ck[:, pos] = k
+    cv[:, pos] = v
+    heads = q.shape[0]
+    s = np.empty((heads, pos + 1), np.float32)
+    for j in prange(parts):
+        _head_scores(q, ck, pos, scale, s, j * heads // parts, (j + 1) * heads // parts)
+    return s
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _values_parallel(p, cv, out, parts):
+    heads = p.shape[0]
+    for j in prange(parts):
+        _head_values(p, cv, out, j * heads // parts, (j + 1) * heads // parts)
+
+
 class CpuModel(Model):
-    """Model with its RMSNorm, RoPE, SiLU and one-token attention as numba functions (the module's docstring)."""
+    """Model with its RMSNorm, RoPE, SiLU and one-token attention as numba functions (the module's docstring).
+    threads: the rank's (its backend's); attention over more than PARALLEL_SCORES scores splits its heads over them."""
+
+    def __init__(self, *args, threads=1, **kw):
+        super().__init__(*args, **kw)
+        self.threads = threads
 
     def _norm(self, x, weight):
         out = np.empty_like(x)
@@ -184,6 +222,12 @@ class CpuModel(Model):
         if seg.n > 1 or self.cfg.head_dim % LANES or not self.share.n_kv:  # a prompt (or no heads here): numpy's
             return super()._attend(layer, seg, q, k, v, out)
         ck, cv = self.cache.layer(seg.slot, layer)
-        s = _scores(q[0], k[0], v[0], ck, cv, seg.pos, self.scale)
-        np.exp(s, out=s)
-        _values(s, cv, out[0])
+        parts = min(self.threads, q.shape[1])
+        if parts > 1 and q.shape[1] * (seg.pos + 1) >= PARALLEL_SCORES:
+            s = _scores_parallel(q[0], k[0], v[0], ck, cv, seg.pos, self.scale, parts)
+            np.exp(s, out=s)
+            _values_parallel(s, cv, out[0], parts)
+        else:
+            s = _scores(q[0], k[0], v[0], ck, cv, seg.pos, self.scale)
+            np.exp(s, out=s)
+            _values(s, cv, out[0])
