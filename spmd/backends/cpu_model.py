@@ -80,7 +80,7 @@ def _make_weighted(nv):
 _weighted4, _weighted1 = _make_weighted(4), _make_weighted(1)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _rmsnorm(x, w, eps, out):
     """out (n, dim) = x * (1 / sqrt(mean(x * x) + eps)) * w, in float32 as spmd.model.rmsnorm."""
     n, dim = x.shape
@@ -95,7 +95,7 @@ def _rmsnorm(x, w, eps, out):
     return out
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _rotate(x, cos, sin, neox):
     """x (n, heads, hd) rotated in place: row i by cos[i], sin[i] (rope_dim / 2 each), as spmd.model.Rope."""
     n, heads, _ = x.shape
@@ -109,7 +109,7 @@ def _rotate(x, cos, sin, neox):
                 x[i, h, ib] = a * sin[i, j] + b * cos[i, j]
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _silu_finish(gate, e, up):
     """gate = gate / (1 + e) * up, e = exp(-gate) (numpy's, vectorised: numba's exp is scalar)."""
     g, ev, u = gate.reshape(-1), e.reshape(-1), up.reshape(-1)
@@ -118,7 +118,7 @@ def _silu_finish(gate, e, up):
     return gate
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _head_scores(q, ck, pos, scale, s, h0, h1):
     """Heads h0..h1-1 of q (heads, hd) at position pos: s[h] (pos + 1,) = the scaled dot products with keys 0..pos
     of its KV head in ck (kv, need, hd), less their maximum."""
@@ -135,7 +135,7 @@ def _head_scores(q, ck, pos, scale, s, h0, h1):
             s[h, t] -= top
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _head_values(p, cv, out, h0, h1):
     """Heads h0..h1-1: out[h * hd:(h + 1) * hd] = the sum over t of p[h, t] * v_t, divided by the sum of p[h] (p:
     exp of the scores)."""
@@ -159,7 +159,7 @@ def _head_values(p, cv, out, h0, h1):
             o[j] /= total
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _scores(q, k, v, ck, cv, pos, scale):
     """One token at position pos: k, v (kv, hd) into the caches (kv, need, hd) at pos; -> s (heads, pos + 1), each
     head's scores (`_head_scores`). q (heads, hd)."""
@@ -170,13 +170,13 @@ def _scores(q, k, v, ck, cv, pos, scale):
     return s
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _values(p, cv, out):
     """out (heads * hd,): every head's `_head_values`."""
     _head_values(p, cv, out, 0, p.shape[0])
 
 
-@njit(parallel=True, cache=True, nogil=True)
+@njit(parallel=True, cache=True, nogil=True, error_model="numpy")
 def _scores_parallel(q, k, v, ck, cv, pos, scale, parts):
     """`_scores` with the heads in `parts` ranges on numba's threads."""
     ck[:, pos] = k
@@ -188,7 +188,7 @@ def _scores_parallel(q, k, v, ck, cv, pos, scale, parts):
     return s
 
 
-@njit(parallel=True, cache=True, nogil=True)
+@njit(parallel=True, cache=True, nogil=True, error_model="numpy")
 def _values_parallel(p, cv, out, parts):
     heads = p.shape[0]
     for j in prange(parts):
@@ -202,9 +202,24 @@ class CpuModel(Model):
     def __init__(self, *args, threads=1, **kw):
         super().__init__(*args, **kw)
         self.threads = threads
+        self._compile()
+
+    def _compile(self):
+        """Compile the functions for the argument types they get (or load them from numba's cache) at load, so that
+        the first tokens do not wait for it."""
+        f32 = np.float32
+        x, cache = np.ones((1, LANES), f32), np.zeros((1, 1, LANES), f32)
+        _rmsnorm(x, x[0], f32(1.0), x.copy())
+        _rotate(np.zeros((1, 1, 2), f32), x[:, :1].copy(), x[:, :1].copy(), self.rope.neox)
+        _silu_finish(x.copy(), x.copy(), x)
+        out = np.zeros(LANES, f32)
+        _values(_scores(x, x, x, cache, cache.copy(), 0, self.scale), cache, out)  # (0 / 0: NaN, no error)
+        if self.threads > 1:
+            _values_parallel(_scores_parallel(x, x, x, cache, cache.copy(), 0, self.scale, 1), cache, out, 1)
 
     def _norm(self, x, weight):
-        out = np.empty_like(x)
+        x = np.ascontiguousarray(x)  # (the dot products read whole rows)
+        out = np.empty(x.shape, np.float32)
         _rmsnorm(x.reshape(-1, x.shape[-1]), weight, np.float32(self.cfg.norm_eps), out.reshape(-1, x.shape[-1]))
         return out
 
