@@ -269,24 +269,35 @@ def test_portable_kernel_is_bit_identical(tmp_path):
 
 
 # ---- 8-bit activations (--activations int8) -------------------------------------------------------------------
-INT8_TYPES = (T.Q4_0, T.Q8_0)
+INT8_TYPES = (T.Q4_0, T.Q8_0, T.Q4_K)
 
 
 def int8_reference(w, x):
     """What --activations int8 computes, transcribed with whole-array numpy (no lanes, no tiles): per 32-element
     block of x, d = max |x| / 127 and q = rint(x * (1 / d)) in float32; per 8 consecutive elements of a block, the
-    integer sum of the weights' integers times q, times d_w * d * 2^FIXED in float32, cut toward zero; all of those
-    summed as integers, times 2^-FIXED, as float64 (FIXED = 28: exact below 2^25)."""
+    integer sum of the weights' integers times q, times d_w * d * 2^FIXED in float32 (K-quants: d_w = the super-block's
+    d times the block's sc), cut toward zero; with mins, also the sum of those 8 q times the block's min (dmin * m)
+    times d * 2^FIXED, cut; all of those summed as integers, times 2^-FIXED, as float64 (FIXED = 28: exact below
+    2^25)."""
     u, (n, cols) = unpack(w), x.shape
+    f32 = np.float32
     xb = x.reshape(n, cols // 32, 32)
-    d = (np.abs(xb).max(axis=2) / np.float32(127)).astype(np.float32)
+    d = (np.abs(xb).max(axis=2) / f32(127)).astype(f32)
     with np.errstate(divide="ignore"):
-        inverse = np.where(d > 0, np.float32(1) / d, np.float32(0)).astype(np.float32)
+        inverse = np.where(d > 0, f32(1) / d, f32(0)).astype(f32)
     q = np.rint(xb * inverse[..., None]).astype(np.int64).reshape(n, cols // 32, 4, 8)
     eights = np.einsum("rbjk,nbjk->nrbj", u.q.astype(np.int64).reshape(w.rows, cols // 32, 4, 8), q)
-    scale = (u.d[None] * (d * np.float32(2.0 ** cpu.FIXED))[:, None, :]).astype(np.float32)  # (n, rows, blocks)
-    cut = np.trunc((eights.astype(np.float32) * scale[..., None]).astype(np.float32)).astype(np.int64)
-    return cut.sum(axis=(2, 3)) * 2.0 ** -cpu.FIXED
+    dx = d * f32(2.0 ** cpu.FIXED)
+    per_block = lambda a: np.repeat(a, u.super // 32, axis=1)  # noqa: E731  (a super-block's value, per block)
+    dw = u.d if u.sc is None else (u.sc.astype(f32) * per_block(u.d)).astype(f32)
+    terms = [(eights, dw)]
+    if u.m is not None:  # K-quants' mins
+        terms.append((np.broadcast_to(q.sum(axis=3)[:, None], eights.shape), (u.m.astype(f32) * per_block(u.dmin))))
+    total = 0
+    for value, scale in terms:
+        scale = (scale.astype(f32)[None] * dx[:, None, :]).astype(f32)  # (n, rows, blocks)
+        total = total + np.trunc((value.astype(f32) * scale[..., None]).astype(f32)).astype(np.int64).sum(axis=(2, 3))
+    return total * 2.0 ** -cpu.FIXED
 
 
 @pytest.mark.parametrize("shape", SHAPES[:4], ids=[f"{r}x{c}" for r, c in SHAPES[:4]])
@@ -317,9 +328,10 @@ def test_int8_column_splits_add_up_to_the_same_bits(qtype):
     x = activations(6, w.cols, rng)
     backend = CpuBackend(2, activations="int8")
     whole = backend.linear(w)(x, out=np.empty((6, 45)))
-    size = GGML_QUANT_SIZES[qtype][1]
+    block, size = GGML_QUANT_SIZES[qtype]
     for cuts in ((0, 32, 800), (0, 96, 544, 800), (0, 160, 192, 224, 800)):
-        parts = [backend.linear(QTensor(qtype, 45, b - a, w.data[:, a // 32 * size:b // 32 * size].copy()))(
+        cuts = sorted({min(whole_blocks(qtype, c), w.cols) for c in cuts})  # K-quants: whole super-blocks
+        parts = [backend.linear(QTensor(qtype, 45, b - a, w.data[:, a // block * size:b // block * size].copy()))(
             x[:, a:b], out=np.empty((6, 45))) for a, b in zip(cuts, cuts[1:])]
         np.testing.assert_array_equal(sum(parts), whole)
         np.testing.assert_array_equal(sum(reversed(parts)), whole)

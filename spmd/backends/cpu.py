@@ -9,16 +9,19 @@ float32 in registers and the products are summed in float32 with fused multiply-
 product to within float32 rounding, and a tiny change in the activations (another order of a partial sum across
 ranks) makes a tiny change in the output.
 
---activations int8 (Q4_0 and Q8_0, `INT8`; other types keep float activations) does what llama.cpp does: each 32
-activations become int8 with d_x = amax / 127 (`_prepare_int8`), and vpdpbusd sums 64 byte products at once
+--activations int8 (Q4_0, Q8_0 and Q4_K: `INT8`; other types keep float activations) does what llama.cpp does:
+each 32 activations become int8 with d_x = amax / 127 (`_prepare_int8`), and vpdpbusd sums 64 byte products at once
 (`_int8_step`; plain LLVM integer code where the CPU lacks it, the same integers). That alone would make the
 output jump wherever another order of a partial sum moved an activation across an int8 rounding boundary (after
 22 layers the logits at 1 and 2 ranks differed by ~0.05 and greedy tokens changed with the rank count: why such
 kernels were once removed). So the products that are split by columns across ranks, whose partial sums the stage
 adds up (wo and w2: the model asks for a float64 result), are summed exactly: each lane's 8 products are exact
-in int32, times d_w * d_x * 2^FIXED in float32, cut to an integer and summed in int64, then scaled back, exact in
-float64 below 2^25 in value. Those partial sums add up to the same bits in any order and at any split (the
-allreduce sums float64 in int8 runs), so every rank count, ratio and stage layout gives the same bits. Products
+in int32, times d_w * d_x * 2^FIXED in float32 (Q4_K: d_w = d * sc, and the lane's min term, dmin * m times the
+sum of its 8 activations times d_x * 2^FIXED, the same way), cut to an integer and summed in int64, then scaled
+back, exact in float64 below 2^25 in value. Those partial sums add up to the same bits in any order and at any
+split (the allreduce sums float64 in int8 runs), so every rank count, ratio and stage layout gives the same bits
+(a type without 8-bit kernels, such as a Q4_K_M file's Q6_K matrices, sums in float32 as with --activations f32:
+its partial sums are not exact). Products
 split by rows (q, k, v, gate, up, the classifier) need no such care (a row is computed whole, in one order) and
 fused-multiply-add each lane's product into a float32 sum (the fast sums). Measured per matrix against the float
 kernels on the TinyLlama shapes, 2 cores, from memory: fast sums decode 1.2-1.8x and prompt (n = 64) 1.5-1.9x
@@ -42,7 +45,7 @@ a multiple of 4): array row k holds rows 4k..4k+3 unit by unit, the four rows' u
 (a unit: what one row has of that array per 128-element group; wd of a K-quant, per super-block). A tile of 4 weight
 rows then reads one contiguous stream instead of four short ones: decode measured 1.1-1.9x faster from memory on
 the 2-core test machine (8-row interleaves with 8-row tiles, tried too, were 0.9-1.2x slower than 4).
-With --activations int8, Q4_0 and Q8_0 are repacked for vpdpbusd instead (`_repack_int8`: the same bytes a row,
+With --activations int8, INT8's types are repacked for vpdpbusd instead (`_repack_int8`: the same bytes a row,
 in the same quads). An element is (integer - offset) * scale [+ min]: the integer is the nibble, with the high bits
 above it where the type has them; the scale is d (times the sub-block's scale for K-quants), the min dmin times its
 m (K) or m.
@@ -98,7 +101,8 @@ CHUNK = 64  # float kernels: elements per loop step
 ROW_BLOCK = 16  # weight rows per parallel work item; activation rows go through 4 at a time
 QUAD = 4  # quantised weights: rows interleaved in fours, so that the kernels' tiles read one stream (docstring)
 SMALL = 1 << 17  # weights below this many bytes run on one thread (a fork-join costs more than it saves)
-INT8 = {T.Q4_0: 8, T.Q8_0: 128}  # --activations int8: the types with 8-bit kernels, and the offset they store with
+INT8 = {T.Q4_0: 8, T.Q8_0: 128, T.Q4_K: 0}  # --activations int8: the types with 8-bit kernels, and the offset they
+# store with
 FIXED = 28  # int8 exact sums: each lane's product is cut to a multiple of 2^-FIXED and summed as an integer
 LIMIT = 2.0 ** 24  # int8 exact sums: activations past this (or NaN) make the row NaN (a lane could pass 2^63)
 
@@ -285,7 +289,8 @@ def _int8_step(b, g, wrows, pxs, _pxqs, spec, accs, ahead):
     int8; layouts in the docstring): lane l's 8 products, exact in int32 (two vpdpbusd, from the activations'
     lane correction), then times the lane's d_w * d_x. Fast sums (a float32 result) fused-multiply-add that into
     the lane's float sum; exact sums (a float64 result) cut it to an integer number of 2^-FIXED and add it to an
-    int64 sum, so the result does not depend on how the columns were split."""
+    int64 sum, so the result does not depend on how the columns were split. Types with mins (Q4_K) add the lane's
+    min times the sum of its 8 activations (prepared where the others have their correction) the same way."""
     fmt, exact = spec
     c = lambda v: ir.Constant(g.type, v)  # noqa: E731
     nbytes = fmt.units[0]
@@ -294,26 +299,30 @@ def _int8_step(b, g, wrows, pxs, _pxqs, spec, accs, ahead):
     for pw, _ph, pd, ps in wrows:
         for line in range(nbytes // 64):
             _prefetch(b, pw, b.add(base, b.add(ahead, c(64 * line))))
-        dw = _group_scales(b, g, pd, ps, fmt)[0]  # lane l: its block's d
+        dw, mw = _group_scales(b, g, pd, ps, fmt)  # lane l: its block's d (K: d times sc), and min (or None)
         if nbytes == GROUP:  # Q8_0: the two halves of the group's bytes
             lo, hi = _load(b, pw, base, _vec(I32, 16)), _load(b, pw, b.add(base, c(64)), _vec(I32, 16))
         else:  # nibbles: low and high
             u, mask = _load(b, pw, base, _vec(I32, 16)), _splat(I32, 0x0F0F0F0F, 16)
             lo, hi = b.and_(u, mask), b.and_(b.lshr(u, _splat(I32, 4, 16)), mask)
-        weights.append((lo, hi, dw))
+        weights.append((lo, hi, dw, mw))
     for k, px in enumerate(pxs):
         at = b.mul(g, c(2 * GROUP))
         xlo, xhi = _load(b, px, at, _vec(I32, 16)), _load(b, px, b.add(at, c(64)), _vec(I32, 16))
-        correction = _load(b, px, b.add(at, c(128)), _vec(I32, 16))
+        correction = _load(b, px, b.add(at, c(128)), _vec(I32, 16))  # types with mins: the lanes' sums
         dx = _load(b, px, b.add(at, c(192)), _vec(F32, 16))
-        for j, (lo, hi, dw) in enumerate(weights):
-            lane = b.sitofp(_dpbusd(b, _dpbusd(b, correction, lo, xlo), hi, xhi), _vec(F32, 16))
+        start = ir.Constant(_vec(I32, 16), None) if fmt.mins else correction
+        for j, (lo, hi, dw, mw) in enumerate(weights):
+            lane = b.sitofp(_dpbusd(b, _dpbusd(b, start, lo, xlo), hi, xhi), _vec(F32, 16))
+            terms = [(lane, dw)] + ([(b.sitofp(correction, _vec(F32, 16)), mw)] if fmt.mins else [])
             acc = accs[j][k][0]
-            if exact:
-                cut = b.fptosi(b.fmul(lane, b.fmul(dw, dx)), _vec(I64, 16))
-                b.store(b.add(b.load(acc), b.add(_shuffle(b, cut, range(8)), _shuffle(b, cut, range(8, 16)))), acc)
-            else:
-                b.store(_fma(b, lane, b.fmul(dw, dx), b.load(acc)), acc)
+            for value, scale in terms:
+                if exact:
+                    cut = b.fptosi(b.fmul(value, b.fmul(scale, dx)), _vec(I64, 16))
+                    total = b.add(_shuffle(b, cut, range(8)), _shuffle(b, cut, range(8, 16)))
+                    b.store(b.add(b.load(acc), total), acc)
+                else:
+                    b.store(_fma(b, value, b.fmul(scale, dx), b.load(acc)), acc)
 
 
 def _make_dot(nw, nx):
@@ -403,7 +412,7 @@ def _prepare_impl(kind, x, xs, xq):
         return None
     fmt = FORMATS.get(T(kind.literal_value))
     if xs.dtype == types.uint8:
-        return _prepare_int8(INT8[T(kind.literal_value)])
+        return _prepare_int8(INT8[T(kind.literal_value)], fmt.mins)
     if fmt is None:
         def copy(kind, x, xs, xq):
             for i in range(x.shape[0]):
@@ -425,13 +434,15 @@ def _prepare_impl(kind, x, xs, xq):
     return transpose
 
 
-def _prepare_int8(offset):
+def _prepare_int8(offset, mins):
     """x (n, cols) -> per row of xs (n, 2 * padded cols) uint8, per 128-element group g (256 bytes): the 8-bit
     activations (int8) at 256g + 64h + 4l + k for element 8j + 4h + k of block b (lane l = 4b + j), then lane l's
-    correction -offset * (the sum of its 8) as int32 at 256g + 128 + 4l, then d_x 2^FIXED as float32 at
-    256g + 192 + 4l. Per 32-element block d_x = amax / 127 and q = rint(x / d_x), as llama.cpp's Q8_0. xq[i, 0]:
-    1 where row i has a NaN or an activation past LIMIT (`_finish`)."""
+    correction -offset * (the sum of its 8) as int32 at 256g + 128 + 4l (types with mins: the sum itself, for the
+    min term), then d_x 2^FIXED as float32 at 256g + 192 + 4l. Per 32-element block d_x = amax / 127 and
+    q = rint(x / d_x), as llama.cpp's Q8_0. xq[i, 0]: 1 where row i has a NaN or an activation past LIMIT
+    (`_finish`)."""
     scale = np.float32(2.0 ** FIXED)
+    factor = 1 if mins else -offset
 
     def quantise(kind, x, xs, xq):
         n, cols = x.shape
@@ -455,7 +466,7 @@ def _prepare_int8(offset):
                             q = int(np.rint(x[i, e] * inverse)) if e < cols else 0
                             q8[256 * g + 64 * h + first + 4 * j + k] = q
                             total += q
-                    q32[64 * g + 32 + 4 * (blk % 4) + j] = -offset * total
+                    q32[64 * g + 32 + 4 * (blk % 4) + j] = factor * total
                     f32[64 * g + 48 + 4 * (blk % 4) + j] = d * scale
             xq[i, 0] = bad
     return quantise
@@ -612,18 +623,18 @@ def _repack_quantised(qt):
 
 
 def _repack_int8(qt):
-    """QTensor (Q4_0, Q8_0) -> (w, -, wd, -) for 8-bit activations, in quads: per 128-element group, w holds byte
-    4l + k of lane l = 4b + j as element 8j + k of block b (Q4_0: in the low nibble, element 8j + 4 + k in the
-    high one; Q8_0: 64 bytes, then as many of the elements 8j + 4 + k), each its integer plus INT8[type] (unsigned,
-    for vpdpbusd); wd as for float activations."""
+    """QTensor (INT8's types) -> (w, -, wd, ws) for 8-bit activations, in quads: per 128-element group, w holds byte
+    4l + k of lane l = 4b + j as element 8j + k of block b (4-bit types: in the low nibble, element 8j + 4 + k in
+    the high one; Q8_0: 64 bytes, then as many of the elements 8j + 4 + k), each its integer plus INT8[type]
+    (unsigned, for vpdpbusd); wd and ws as for float activations."""
     u, fmt = unpack(qt), FORMATS[qt.qtype]
     rows, cp = qt.rows, padded_cols(qt.qtype, qt.cols)
     q = (_padded(u.q, cp) + INT8[qt.qtype]).astype(np.uint8).reshape(rows, cp // GROUP, 4, 4, 2, 4)  # g b j h k
     lo, hi = (np.ascontiguousarray(q[..., h, :]).reshape(rows, cp // GROUP, 64) for h in (0, 1))
     w = (lo | (hi << 4)) if fmt.units[0] == 64 else np.concatenate([lo, hi], axis=2)
-    wd = _f16_bits(_padded(u.d, cp // 32))
     w = w.reshape(rows, cp // GROUP * fmt.units[0])
-    return _interleave(w, fmt.units[0]), _NONE, _interleave(wd, fmt.units[2]), _NONE
+    wd, ws = _scales(u, fmt, rows, cp)
+    return tuple(a if a is _NONE else _interleave(a, unit) for a, unit in zip((w, _NONE, wd, ws), fmt.units))
 
 
 def _interleave(a, unit):
@@ -647,17 +658,22 @@ def _rows_quantised(u, fmt, rows, cp):
         lanes = (q >> 4).reshape(rows, cp // 8, 8).astype(np.uint16) << (fmt.high * np.arange(8, dtype=np.uint16))
         wh = lanes.sum(axis=2, dtype=np.uint16).astype(np.uint8 if fmt.high == 1 else np.uint16)
         wh = wh if fmt.high else _NONE
-    n_d = cp // fmt.per_d
+    return (w, wh) + _scales(u, fmt, rows, cp)
+
+
+def _scales(u, fmt, rows, cp):
+    """The file's numbers `u` -> (wd, ws), a row each row, before the interleave."""
+    n_d, groups = cp // fmt.per_d, cp // GROUP
     parts = [_padded(u.d, n_d)] + ([_padded(u.dmin, n_d)] if fmt.mins else [])
     if fmt.per_d == 32:  # per group: its 4 d, then its 4 dmin
         wd = np.stack([p.reshape(rows, groups, 4) for p in parts], axis=2).reshape(rows, n_d * len(parts))
-        return w, wh, _f16_bits(wd), _NONE
+        return _f16_bits(wd), _NONE
     wd = np.stack(parts, axis=2).reshape(rows, n_d * len(parts))  # per super-block: d (, dmin)
     if fmt.mins:  # per group: the 4 sc, then the 4 m of its sub-blocks
         ws = np.stack([u.sc.reshape(rows, groups, 4), u.m.reshape(rows, groups, 4)], axis=2).reshape(rows, cp // 16)
     else:
         ws = u.sc
-    return w, wh, _f16_bits(wd), ws.astype(np.int8 if fmt.signed_sub else np.uint8).view(np.uint8)
+    return _f16_bits(wd), ws.astype(np.int8 if fmt.signed_sub else np.uint8).view(np.uint8)
 
 
 def _repack_float(qt):
