@@ -269,16 +269,16 @@ def test_portable_kernel_is_bit_identical(tmp_path):
 
 
 # ---- 8-bit activations (--activations int8) -------------------------------------------------------------------
-INT8_TYPES = (T.Q4_0, T.Q8_0, T.Q4_K)
+INT8_TYPES = (T.Q4_0, T.Q8_0, T.Q4_K, T.Q6_K)
 
 
 def int8_reference(w, x):
     """What --activations int8 computes, transcribed with whole-array numpy (no lanes, no tiles): per 32-element
     block of x, d = max |x| / 127 and q = rint(x * (1 / d)) in float32; per 8 consecutive elements of a block, the
     integer sum of the weights' integers times q, times d_w * d * 2^FIXED in float32 (K-quants: d_w = the super-block's
-    d times the block's sc), cut toward zero; with mins, also the sum of those 8 q times the block's min (dmin * m)
-    times d * 2^FIXED, cut; all of those summed as integers, times 2^-FIXED, as float64 (FIXED = 28: exact below
-    2^25)."""
+    d times the sub-block's sc), cut toward zero; with mins, also the sum of those 8 q times the sub-block's min
+    (dmin * m) times d * 2^FIXED, cut; all of those summed as integers, times 2^-FIXED, as float64 (FIXED = 28:
+    exact below 2^25)."""
     u, (n, cols) = unpack(w), x.shape
     f32 = np.float32
     xb = x.reshape(n, cols // 32, 32)
@@ -287,16 +287,19 @@ def int8_reference(w, x):
         inverse = np.where(d > 0, f32(1) / d, f32(0)).astype(f32)
     q = np.rint(xb * inverse[..., None]).astype(np.int64).reshape(n, cols // 32, 4, 8)
     eights = np.einsum("rbjk,nbjk->nrbj", u.q.astype(np.int64).reshape(w.rows, cols // 32, 4, 8), q)
-    dx = d * f32(2.0 ** cpu.FIXED)
-    per_block = lambda a: np.repeat(a, u.super // 32, axis=1)  # noqa: E731  (a super-block's value, per block)
-    dw = u.d if u.sc is None else (u.sc.astype(f32) * per_block(u.d)).astype(f32)
-    terms = [(eights, dw)]
+    dx = (d * f32(2.0 ** cpu.FIXED))[:, None, :, None]  # (n, 1, blocks, 1)
+
+    def per_eight(a, per):  # a value per `per` elements -> per 8 elements, (rows, blocks, 4)
+        return np.repeat(a.astype(f32), per // 8, axis=1).reshape(w.rows, cols // 32, 4)
+    dw = per_eight(u.d, u.super)
+    terms = [(eights, dw if u.sc is None else (per_eight(u.sc, u.sub) * dw).astype(f32))]
     if u.m is not None:  # K-quants' mins
-        terms.append((np.broadcast_to(q.sum(axis=3)[:, None], eights.shape), (u.m.astype(f32) * per_block(u.dmin))))
+        mins = (per_eight(u.m, u.sub) * per_eight(u.dmin, u.super)).astype(f32)
+        terms.append((np.broadcast_to(q.sum(axis=3)[:, None], eights.shape), mins))
     total = 0
     for value, scale in terms:
-        scale = (scale.astype(f32)[None] * dx[:, None, :]).astype(f32)  # (n, rows, blocks)
-        total = total + np.trunc((value.astype(f32) * scale[..., None]).astype(f32)).astype(np.int64).sum(axis=(2, 3))
+        scale = (scale[None] * dx).astype(f32)  # (n, rows, blocks, 4)
+        total = total + np.trunc((value.astype(f32) * scale).astype(f32)).astype(np.int64).sum(axis=(2, 3))
     return total * 2.0 ** -cpu.FIXED
 
 
@@ -322,10 +325,12 @@ def test_int8_exact_sums_are_the_transcription(qtype, shape, n):
 @pytest.mark.parametrize("qtype", INT8_TYPES, ids=lambda t: t.name)
 def test_int8_column_splits_add_up_to_the_same_bits(qtype):
     """Split by columns at any blocks (as ranks hold heads and FFN blocks), the exact partial sums add up, in any
-    order, to the unsplit product's bits: what keeps int8 text the same at every layout."""
+    order, to the unsplit product's bits: what keeps int8 text the same at every layout. (The raw blocks' weights
+    reach 8192 (Q6_K): x is scaled so that the sums stay within the exact range, 2^25.)"""
     rng = np.random.default_rng(12)
     w = random_qtensor(qtype, 45, 800, rng)
-    x = activations(6, w.cols, rng)
+    x = activations(6, w.cols, rng) / 100
+    assert np.abs(int8_reference(w, x)).max() < 2 ** 25
     backend = CpuBackend(2, activations="int8")
     whole = backend.linear(w)(x, out=np.empty((6, 45)))
     block, size = GGML_QUANT_SIZES[qtype]

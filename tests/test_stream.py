@@ -169,11 +169,12 @@ def test_bad_sizes_are_one_clear_error(text):
 @pytest.mark.parametrize("qtype", [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K,
                                    T.Q6_K])
 @pytest.mark.parametrize("rows, cols", [(3, 256), (17, 768), (5, 1280)])
-def test_cpu_held_bytes_is_what_a_linear_holds(qtype, rows, cols):
+@pytest.mark.parametrize("activations", ["f32", "int8"])
+def test_cpu_held_bytes_is_what_a_linear_holds(qtype, rows, cols, activations):
     from test_backends import random_qtensor
 
     from spmd.backends.cpu import CpuBackend
-    backend = CpuBackend(1)
+    backend = CpuBackend(1, activations)
     w = random_qtensor(qtype, rows, cols, np.random.default_rng(2))
     assert backend.held_bytes(qtype, rows, cols) == backend.linear(w).nbytes
 

@@ -9,21 +9,21 @@ float32 in registers and the products are summed in float32 with fused multiply-
 product to within float32 rounding, and a tiny change in the activations (another order of a partial sum across
 ranks) makes a tiny change in the output.
 
---activations int8 (Q4_0, Q8_0 and Q4_K: `INT8`; other types keep float activations) does what llama.cpp does:
+--activations int8 (Q4_0, Q8_0, Q4_K and Q6_K: `INT8`; other types keep float activations) does what llama.cpp does:
 each 32 activations become int8 with d_x = amax / 127 (`_prepare_int8`), and vpdpbusd sums 64 byte products at once
 (`_int8_step`; plain LLVM integer code where the CPU lacks it, the same integers). That alone would make the
 output jump wherever another order of a partial sum moved an activation across an int8 rounding boundary (after
 22 layers the logits at 1 and 2 ranks differed by ~0.05 and greedy tokens changed with the rank count: why such
 kernels were once removed). So the products that are split by columns across ranks, whose partial sums the stage
 adds up (wo and w2: the model asks for a float64 result), are summed exactly: each lane's 8 products are exact
-in int32, times d_w * d_x * 2^FIXED in float32 (Q4_K: d_w = d * sc, and the lane's min term, dmin * m times the
-sum of its 8 activations times d_x * 2^FIXED, the same way), cut to an integer and summed in int64, then scaled
-back, exact in float64 below 2^25 in value. Those partial sums add up to the same bits in any order and at any
-split (the allreduce sums float64 in int8 runs), so every rank count, ratio and stage layout gives the same bits
-(a type without 8-bit kernels, such as a Q4_K_M file's Q6_K matrices, sums in float32 as with --activations f32:
-its partial sums are not exact). Products
-split by rows (q, k, v, gate, up, the classifier) need no such care (a row is computed whole, in one order) and
-fused-multiply-add each lane's product into a float32 sum (the fast sums). Measured per matrix against the float
+in int32, times d_w * d_x * 2^FIXED in float32 (K-quants: d_w = d * sc; Q4_K adds the lane's min term, dmin * m
+times the sum of its 8 activations times d_x * 2^FIXED, the same way), cut to an integer and summed in int64, then
+scaled back, exact in float64 below 2^25 in value. Those partial sums add up to the same bits in any order and at
+any split (the allreduce sums float64 in int8 runs), so every rank count, ratio and stage layout gives the same
+bits (a type without 8-bit kernels, such as a Q5_K_M file's Q5_K matrices, sums in float32 as with --activations
+f32: its partial sums are not exact). Products split by rows (q, k, v, gate, up, the classifier) need no such care
+(a row is computed whole, in one order) and fused-multiply-add each lane's product into a float32 sum (the fast
+sums). Measured per matrix against the float
 kernels on the TinyLlama shapes, 2 cores, from memory: fast sums decode 1.2-1.8x and prompt (n = 64) 1.5-1.9x
 faster on Q4_0, exact sums about 1.2x both; Q8_0 decode is memory-bound either way.
 
@@ -49,7 +49,8 @@ With --activations int8, INT8's types are repacked for vpdpbusd instead (`_repac
 in the same quads). An element is (integer - offset) * scale [+ min]: the integer is the nibble, with the high bits
 above it where the type has them; the scale is d (times the sub-block's scale for K-quants), the min dmin times its
 m (K) or m.
-Memory: the file's bytes (Q4_K 148 for 144, Q5_K 180 for 176: their packed 6-bit scales held as bytes).
+Memory: the file's bytes (Q4_K 148 for 144, Q5_K 180 for 176: their packed 6-bit scales held as bytes); with
+--activations int8 Q6_K holds a byte an element (274 bytes for 210).
 
 Quantised kernels: lane l (of 16) of a 128-element group owns elements 8l..8l+7, all in sub-block l // 4 (Q6_K:
 l // 2). For v = 0..7 the kernel turns element 8l + v of every lane into its integer as float32 (4-bit types: a
@@ -101,8 +102,8 @@ CHUNK = 64  # float kernels: elements per loop step
 ROW_BLOCK = 16  # weight rows per parallel work item; activation rows go through 4 at a time
 QUAD = 4  # quantised weights: rows interleaved in fours, so that the kernels' tiles read one stream (docstring)
 SMALL = 1 << 17  # weights below this many bytes run on one thread (a fork-join costs more than it saves)
-INT8 = {T.Q4_0: 8, T.Q8_0: 128, T.Q4_K: 0}  # --activations int8: the types with 8-bit kernels, and the offset they
-# store with
+INT8 = {T.Q4_0: 8, T.Q8_0: 128, T.Q4_K: 0, T.Q6_K: 32}  # --activations int8: the types with 8-bit kernels, and the
+# offset they store with
 FIXED = 28  # int8 exact sums: each lane's product is cut to a multiple of 2^-FIXED and summed as an integer
 LIMIT = 2.0 ** 24  # int8 exact sums: activations past this (or NaN) make the row NaN (a lane could pass 2^63)
 
@@ -293,14 +294,14 @@ def _int8_step(b, g, wrows, pxs, _pxqs, spec, accs, ahead):
     min times the sum of its 8 activations (prepared where the others have their correction) the same way."""
     fmt, exact = spec
     c = lambda v: ir.Constant(g.type, v)  # noqa: E731
-    nbytes = fmt.units[0]
+    nbytes = fmt.int8_units[0]
     base = b.mul(g, c(QUAD * nbytes))
     weights = []
     for pw, _ph, pd, ps in wrows:
         for line in range(nbytes // 64):
             _prefetch(b, pw, b.add(base, b.add(ahead, c(64 * line))))
         dw, mw = _group_scales(b, g, pd, ps, fmt)  # lane l: its block's d (K: d times sc), and min (or None)
-        if nbytes == GROUP:  # Q8_0: the two halves of the group's bytes
+        if nbytes == GROUP:  # a byte each: the two halves of the group's bytes
             lo, hi = _load(b, pw, base, _vec(I32, 16)), _load(b, pw, b.add(base, c(64)), _vec(I32, 16))
         else:  # nibbles: low and high
             u, mask = _load(b, pw, base, _vec(I32, 16)), _splat(I32, 0x0F0F0F0F, 16)
@@ -350,8 +351,9 @@ def _make_dot(nw, nx):
             xrows = [b.add(i0, c(k)) for k in range(nx)]
             accs = [[[cgutils.alloca_once_value(b, zero) for _ in range(naccs)] for _ in xrows] for _ in wrows]
             if fmt:  # rows in quads: 8 groups further along the quad's stream
-                ahead = c(8 * QUAD * fmt.units[0])
-                rows = [tuple(A.quad_row(r, unit) for A, unit in zip((W, H, D, S), fmt.units)) for r in wrows]
+                units = fmt.int8_units if int8 else fmt.units
+                ahead = c(8 * QUAD * units[0])
+                rows = [tuple(A.quad_row(r, unit) for A, unit in zip((W, H, D, S), units)) for r in wrows]
             else:  # the same place in the next tile's rows
                 ahead = b.mul(W.stride, c(nw))
                 rows = [(W.row(r), H.row(r), D.row(r), S.row(r)) for r in wrows]
@@ -569,6 +571,12 @@ class Format:
         return (GROUP if self.high < 0 else GROUP // 2, 16 * max(self.high, 0), (8 if self.per_d == 32 else 2) * k,
                 0 if self.per_d == 32 else 8)
 
+    @property
+    def int8_units(self):
+        """The same for the 8-bit activations' layout (`_repack_int8`): 4-bit types' nibbles as they are, any other
+        type's integers a byte each (no high-bit array)."""
+        return (GROUP // 2 if self.high == 0 else GROUP, 0) + self.units[2:]
+
 
 FORMATS = {T.Q8_0: Format(high=-1), T.Q4_0: Format(offset=8), T.Q4_1: Format(mins=True),
            T.Q5_0: Format(offset=16, high=1), T.Q5_1: Format(high=1, mins=True),
@@ -625,16 +633,16 @@ def _repack_quantised(qt):
 def _repack_int8(qt):
     """QTensor (INT8's types) -> (w, -, wd, ws) for 8-bit activations, in quads: per 128-element group, w holds byte
     4l + k of lane l = 4b + j as element 8j + k of block b (4-bit types: in the low nibble, element 8j + 4 + k in
-    the high one; Q8_0: 64 bytes, then as many of the elements 8j + 4 + k), each its integer plus INT8[type]
+    the high one; Q8_0, Q6_K: 64 bytes, then as many of the elements 8j + 4 + k), each its integer plus INT8[type]
     (unsigned, for vpdpbusd); wd and ws as for float activations."""
     u, fmt = unpack(qt), FORMATS[qt.qtype]
     rows, cp = qt.rows, padded_cols(qt.qtype, qt.cols)
     q = (_padded(u.q, cp) + INT8[qt.qtype]).astype(np.uint8).reshape(rows, cp // GROUP, 4, 4, 2, 4)  # g b j h k
     lo, hi = (np.ascontiguousarray(q[..., h, :]).reshape(rows, cp // GROUP, 64) for h in (0, 1))
-    w = (lo | (hi << 4)) if fmt.units[0] == 64 else np.concatenate([lo, hi], axis=2)
-    w = w.reshape(rows, cp // GROUP * fmt.units[0])
+    w = (lo | (hi << 4)) if fmt.int8_units[0] == 64 else np.concatenate([lo, hi], axis=2)
+    w = w.reshape(rows, cp // GROUP * fmt.int8_units[0])
     wd, ws = _scales(u, fmt, rows, cp)
-    return tuple(a if a is _NONE else _interleave(a, unit) for a, unit in zip((w, _NONE, wd, ws), fmt.units))
+    return tuple(a if a is _NONE else _interleave(a, unit) for a, unit in zip((w, _NONE, wd, ws), fmt.int8_units))
 
 
 def _interleave(a, unit):
@@ -691,17 +699,15 @@ def padded_cols(qtype, cols):
     return _pad(cols, CHUNK if qtype in FLOATS else GROUP if FORMATS[qtype].per_d == 32 else SUPER)
 
 
-def held_bytes(qtype, rows, cols) -> int:
-    """The bytes a CpuLinear holds for a (rows, cols) matrix of `qtype`: its repacked arrays (w, wh, wd, ws)."""
+def held_bytes(qtype, rows, cols, int8=False) -> int:
+    """The bytes a CpuLinear holds for a (rows, cols) matrix of `qtype`: its repacked arrays (w, wh, wd, ws); int8:
+    with 8-bit activations."""
     cp = padded_cols(qtype, cols)
     if qtype in FLOATS:
         return rows * cp * np.dtype(FLOATS[qtype]).itemsize
-    fmt, rows = FORMATS[qtype], _pad(rows, QUAD)
-    w = cp if fmt.high < 0 else cp // 2  # int8, or two nibbles a byte
-    wh = cp // 8 * max(fmt.high, 0)  # the high bits of 8 elements in 1 (or 2) bytes
-    wd = cp // fmt.per_d * (1 + fmt.mins) * 2  # float16 d (and dmin)
-    ws = 0 if fmt.per_d == 32 else cp // 16  # K-quants: 8-bit sub-scales (and mins) per 16 elements
-    return rows * (w + wh + wd + ws)
+    fmt = FORMATS[qtype]
+    w, wh, wd, ws = fmt.int8_units if int8 and qtype in INT8 else fmt.units  # bytes a row per group (wd: per d)
+    return _pad(rows, QUAD) * (cp // GROUP * (w + wh + ws) + cp // max(fmt.per_d, GROUP) * wd)
 
 
 class CpuLinear:
@@ -767,7 +773,7 @@ class CpuBackend(Backend):
         return CpuLinear(w, self.threads, self.int8)
 
     def held_bytes(self, qtype, rows, cols) -> int:
-        return held_bytes(qtype, rows, cols)
+        return held_bytes(qtype, rows, cols, self.int8)
 
     def make_model(self, cfg, weights, share, max_seq, slots=1):
         from .cpu_model import CpuModel
