@@ -276,9 +276,9 @@ def int8_reference(w, x):
     """What --activations int8 computes, transcribed with whole-array numpy (no lanes, no tiles): per 32-element
     block of x, d = max |x| / 127 and q = rint(x * (1 / d)) in float32; per 8 consecutive elements of a block, the
     integer sum of the weights' integers times q, times d_w * d * 2^FIXED in float32 (K-quants: d_w = the super-block's
-    d times the sub-block's sc), cut toward zero; with mins, also the sum of those 8 q times the sub-block's min
-    (dmin * m) times d * 2^FIXED, cut; all of those summed as integers, times 2^-FIXED, as float64 (FIXED = 28:
-    exact below 2^25)."""
+    d times the sub-block's sc; with mins, plus the sum of those 8 q times the sub-block's min (dmin * m) times
+    d * 2^FIXED), cut toward zero; all of those summed as integers, times 2^-FIXED, as float64 (FIXED = 28: exact
+    below 2^25)."""
     u, (n, cols) = unpack(w), x.shape
     f32 = np.float32
     xb = x.reshape(n, cols // 32, 32)
@@ -296,11 +296,8 @@ def int8_reference(w, x):
     if u.m is not None:  # K-quants' mins
         mins = (per_eight(u.m, u.sub) * per_eight(u.dmin, u.super)).astype(f32)
         terms.append((np.broadcast_to(q.sum(axis=3)[:, None], eights.shape), mins))
-    total = 0
-    for value, scale in terms:
-        scale = (scale[None] * dx).astype(f32)  # (n, rows, blocks, 4)
-        total = total + np.trunc((value.astype(f32) * scale).astype(f32)).astype(np.int64).sum(axis=(2, 3))
-    return total * 2.0 ** -cpu.FIXED
+    lanes = sum((value.astype(f32) * (scale[None] * dx).astype(f32)).astype(f32) for value, scale in terms)
+    return np.trunc(lanes.astype(f32)).astype(np.int64).sum(axis=(2, 3)) * 2.0 ** -cpu.FIXED
 
 
 @pytest.mark.parametrize("shape", SHAPES[:4], ids=[f"{r}x{c}" for r, c in SHAPES[:4]])

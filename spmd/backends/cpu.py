@@ -17,7 +17,7 @@ output jump wherever another order of a partial sum moved an activation across a
 kernels were once removed). So the products that are split by columns across ranks, whose partial sums the stage
 adds up (wo and w2: the model asks for a float64 result), are summed exactly: each lane's 8 products are exact
 in int32, times d_w * d_x * 2^FIXED in float32 (K-quants: d_w = d * sc; Q4_K adds the lane's min term, dmin * m
-times the sum of its 8 activations times d_x * 2^FIXED, the same way), cut to an integer and summed in int64, then
+times the sum of its 8 activations times d_x * 2^FIXED), cut to an integer and summed in int64, then
 scaled back, exact in float64 below 2^25 in value. Those partial sums add up to the same bits in any order and at
 any split (the allreduce sums float64 in int8 runs), so every rank count, ratio and stage layout gives the same
 bits (a type without 8-bit kernels, such as a Q5_K_M file's Q5_K matrices, sums in float32 as with --activations
@@ -291,7 +291,8 @@ def _int8_step(b, g, wrows, pxs, _pxqs, spec, accs, ahead):
     lane correction), then times the lane's d_w * d_x. Fast sums (a float32 result) fused-multiply-add that into
     the lane's float sum; exact sums (a float64 result) cut it to an integer number of 2^-FIXED and add it to an
     int64 sum, so the result does not depend on how the columns were split. Types with mins (Q4_K) add the lane's
-    min times the sum of its 8 activations (prepared where the others have their correction) the same way."""
+    min times the sum of its 8 activations (prepared where the others have their correction): a second fused
+    multiply-add, or in the exact sums added to the lane's product before the cut."""
     fmt, exact = spec
     c = lambda v: ir.Constant(g.type, v)  # noqa: E731
     nbytes = fmt.int8_units[0]
@@ -313,17 +314,19 @@ def _int8_step(b, g, wrows, pxs, _pxqs, spec, accs, ahead):
         correction = _load(b, px, b.add(at, c(128)), _vec(I32, 16))  # types with mins: the lanes' sums
         dx = _load(b, px, b.add(at, c(192)), _vec(F32, 16))
         start = ir.Constant(_vec(I32, 16), None) if fmt.mins else correction
+        sums = b.sitofp(correction, _vec(F32, 16)) if fmt.mins else None
         for j, (lo, hi, dw, mw) in enumerate(weights):
             lane = b.sitofp(_dpbusd(b, _dpbusd(b, start, lo, xlo), hi, xhi), _vec(F32, 16))
-            terms = [(lane, dw)] + ([(b.sitofp(correction, _vec(F32, 16)), mw)] if fmt.mins else [])
             acc = accs[j][k][0]
-            for value, scale in terms:
-                if exact:
-                    cut = b.fptosi(b.fmul(value, b.fmul(scale, dx)), _vec(I64, 16))
-                    total = b.add(_shuffle(b, cut, range(8)), _shuffle(b, cut, range(8, 16)))
-                    b.store(b.add(b.load(acc), total), acc)
-                else:
-                    b.store(_fma(b, value, b.fmul(scale, dx), b.load(acc)), acc)
+            if exact:  # the lane's product (plus its min term), cut once
+                value = b.fmul(lane, b.fmul(dw, dx))
+                if fmt.mins:
+                    value = b.fadd(value, b.fmul(sums, b.fmul(mw, dx)))
+                cut = b.fptosi(value, _vec(I64, 16))
+                b.store(b.add(b.load(acc), b.add(_shuffle(b, cut, range(8)), _shuffle(b, cut, range(8, 16)))), acc)
+            else:
+                total = _fma(b, lane, b.fmul(dw, dx), b.load(acc))
+                b.store(_fma(b, sums, b.fmul(mw, dx), total) if fmt.mins else total, acc)
 
 
 def _make_dot(nw, nx):
