@@ -2,7 +2,11 @@
 llama.cpp on the same file, all in one run so the ratios compare like with like.
 
     python scripts/bench_decode.py [--qtype Q4_0|Q8_0|Q4_K_M|Q5_K_M|Q6_K|...] [--steps 48] [--prompt-len 64]
-                                   [--ranks 1,2] [--model FILE] [--json out.json]
+                                   [--ranks 1,2] [--model FILE] [--activations f32,int8] [--repeats 3]
+                                   [--json out.json]
+
+spmd runs the prompt --repeats times, one sequence after another, and reports the medians (a single first pass
+runs cold: its prompt speed moved by 25% between runs), as llama-bench reports the median of its repeats.
 
 The peer is llama.cpp built natively (`llama-bench`, from scripts/build_llama_cpp.sh, or $LLAMA_BENCH), with as
 many threads as spmd's one rank uses; without it, llama-cpp-python's Python loop, labelled as such (it measured
@@ -21,6 +25,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -58,20 +63,36 @@ def mpi_prefix(ranks, hostfile=None):
 
 
 def run_spmd(model, ranks, steps, prompt_ids, allreduce="star", ratios=None, hostfile=None, env=None, threads=None,
-             activations="f32"):
+             activations="f32", repeats=1):
     """One `python -m spmd.run --output json` under mpirun: its JSON result. threads: --threads of every rank
-    (simulated hosts share one machine's cores, which each would otherwise take for its own)."""
+    (simulated hosts share one machine's cores, which each would otherwise take for its own). repeats > 1: the
+    prompt goes in that many times, one sequence after another, and the result's prompt_tokens_per_s,
+    decode_tokens_per_s and ms_per_token are the medians over them (as llama-bench's over its repeats), its tokens
+    the first sequence's."""
     cmd = mpi_prefix(ranks, hostfile) + [
         sys.executable, "-m", "spmd.run", "--model", str(model), "--steps", str(steps), "--output", "json",
-        "--allreduce", allreduce, "--prompt-ids", ",".join(map(str, prompt_ids)), "--activations", activations]
-    if ratios:
-        cmd += ["--ratios", ratios]
-    if threads:
-        cmd += ["--threads", str(threads)]
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, **(env or {})})
+        "--allreduce", allreduce, "--activations", activations]
+    with tempfile.TemporaryDirectory(prefix="spmd-bench-") as tmp:
+        if repeats > 1:
+            prompts = Path(tmp) / "prompts.jsonl"
+            prompts.write_text((json.dumps({"prompt_ids": list(prompt_ids)}) + "\n") * repeats)
+            cmd += ["--prompts-file", str(prompts), "--sequences", "1"]
+        else:
+            cmd += ["--prompt-ids", ",".join(map(str, prompt_ids))]
+        if ratios:
+            cmd += ["--ratios", ratios]
+        if threads:
+            cmd += ["--threads", str(threads)]
+        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, **(env or {})})
     if p.returncode != 0:
         raise SystemExit(f"spmd run failed ({' '.join(cmd[:8])} ...):\n{p.stderr[-2000:]}")
-    return json.loads(p.stdout)
+    r = json.loads(p.stdout)
+    if repeats > 1:
+        seqs = r["sequences"]
+        median = lambda key: sorted(s[key] for s in seqs)[len(seqs) // 2]  # noqa: E731
+        r.update(prompt_tokens_per_s=len(prompt_ids) / median("prefill_ms") * 1e3, tokens=seqs[0]["tokens"],
+                 decode_tokens_per_s=median("decode_tokens_per_s"), ms_per_token=median("ms_per_token"))
+    return r
 
 
 def parse_run(text):
@@ -194,8 +215,6 @@ def save_png(path, draw):
 
 # ---- this script's own benchmark ----------------------------------------------------------------------------
 def main():
-    import tempfile
-
     import click
     import numba
     from spmd.synth import FILE_TYPES, TINYLLAMA
@@ -211,8 +230,11 @@ def main():
     @click.option("--model", default=None, help="Use this GGUF instead of writing a random TinyLlama-shaped one.")
     @click.option("--activations", default="f32", show_default=True,
                   help="spmd's --activations, comma-separated for runs of each: f32,int8.")
+    @click.option("--repeats", default=3, show_default=True,
+                  help="spmd runs the prompt this many times, one sequence after another, and reports the medians "
+                       "(llama-bench: the median of 3 repeats after a warm-up).")
     @click.option("--json", "json_out", default=None, help="Also write the results here.")
-    def cli(qtype, steps, prompt_len, ranks, allreduce, activations, model, json_out):
+    def cli(qtype, steps, prompt_len, ranks, allreduce, activations, model, repeats, json_out):
         tmp = None
         if model is None:
             tmp = tempfile.mkdtemp(prefix="spmd-bench-")
@@ -223,7 +245,7 @@ def main():
         rows = []
         for act, run in ((act, run) for act in activations.split(",") for run in ranks.split(",")):
             n, ratios = parse_run(run)
-            r = run_spmd(model, n, steps, prompt, allreduce, ratios, activations=act)
+            r = run_spmd(model, n, steps, prompt, allreduce, ratios, activations=act, repeats=repeats)
             rss = "/".join(f"{x['peak_rss_bytes'] / 2**20:.0f}" for x in r["ranks"])
             held = "/".join(f"{x['weights_bytes'] / 2**20:.0f}" for x in r["ranks"])
             rows.append(dict(name=f"spmd {n} rank{'s' if n > 1 else ''}" + (f" {ratios}" if ratios else "")
