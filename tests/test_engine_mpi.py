@@ -163,7 +163,7 @@ def test_logits_match_across_ranks(models, layout):
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("qtype", ["Q4_0", "Q8_0"])
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q8_0", "Q4_K_M"])  # Q4_K_M: its Q4_K and Q6_K (rows of 256)
 @pytest.mark.parametrize("allreduce", ["star", "ring", "mpi"])
 def test_int8_activations_give_the_same_bits_at_any_layout(models, qtype, allreduce):
     """--activations int8: the column-split products' partial sums are exact (float64 integers of 2^-28), so rank
