@@ -23,9 +23,9 @@ any split (the allreduce sums float64 in int8 runs), so every rank count, ratio 
 bits (a type without 8-bit kernels, such as a Q5_K_M file's Q5_K matrices, sums in float32 as with --activations
 f32: its partial sums are not exact). Products split by rows (q, k, v, gate, up, the classifier) need no such care
 (a row is computed whole, in one order) and fused-multiply-add each lane's product into a float32 sum (the fast
-sums). Measured per matrix against the float
-kernels on the TinyLlama shapes, 2 cores, from memory: fast sums decode 1.2-1.8x and prompt (n = 64) 1.5-1.9x
-faster on Q4_0, exact sums about 1.2x both; Q8_0 decode is memory-bound either way.
+sums). Measured per matrix against the float kernels on the TinyLlama shapes, 2 cores, from memory: fast sums
+decode 1.2-1.8x and prompt (n = 64) 1.5-1.9x faster on Q4_0 (Q4_K: 1.4-1.6x and 1.7-1.9x; Q6_K 1.1x and 1.8x,
+reading its bytes); the exact sums take 1.0-1.1x the fast sums' time to decode and 1.5x for prompts.
 
 Layouts, made once at load (`_repack_quantised`, `_repack_float`) from the file's blocks (`spmd.quants.unpack`);
 four arrays a matrix (w, wh, wd, ws; a type without one gets a 1x1 dummy), rows padded with zeros to a multiple of
@@ -102,8 +102,8 @@ CHUNK = 64  # float kernels: elements per loop step
 ROW_BLOCK = 16  # weight rows per parallel work item; activation rows go through 4 at a time
 QUAD = 4  # quantised weights: rows interleaved in fours, so that the kernels' tiles read one stream (docstring)
 SMALL = 1 << 17  # weights below this many bytes run on one thread (a fork-join costs more than it saves)
-INT8 = {T.Q4_0: 8, T.Q8_0: 128, T.Q4_K: 0, T.Q6_K: 32}  # --activations int8: the types with 8-bit kernels, and the
-# offset they store with
+# --activations int8: the types with 8-bit kernels, and the offset they store their integers with
+INT8 = {T.Q4_0: 8, T.Q8_0: 128, T.Q4_K: 0, T.Q6_K: 32}
 FIXED = 28  # int8 exact sums: each lane's product is cut to a multiple of 2^-FIXED and summed as an integer
 LIMIT = 2.0 ** 24  # int8 exact sums: activations past this (or NaN) make the row NaN (a lane could pass 2^63)
 

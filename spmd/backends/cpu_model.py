@@ -190,6 +190,7 @@ def _scores_parallel(q, k, v, ck, cv, pos, scale, parts):
 
 @njit(parallel=True, cache=True, nogil=True, error_model="numpy")
 def _values_parallel(p, cv, out, parts):
+    """`_values` with the heads in `parts` ranges on numba's threads."""
     heads = p.shape[0]
     for j in prange(parts):
         _head_values(p, cv, out, j * heads // parts, (j + 1) * heads // parts)
@@ -197,7 +198,8 @@ def _values_parallel(p, cv, out, parts):
 
 class CpuModel(Model):
     """Model with its RMSNorm, RoPE, SiLU and one-token attention as numba functions (the module's docstring).
-    threads: the rank's (its backend's); attention over more than PARALLEL_SCORES scores splits its heads over them."""
+    threads: the rank's (its backend's); a token's attention from PARALLEL_SCORES scores on splits its heads over
+    them."""
 
     def __init__(self, *args, threads=1, **kw):
         super().__init__(*args, **kw)
