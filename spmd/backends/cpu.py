@@ -49,8 +49,8 @@ With --activations int8, INT8's types are repacked for vpdpbusd instead (`_repac
 in the same quads). An element is (integer - offset) * scale [+ min]: the integer is the nibble, with the high bits
 above it where the type has them; the scale is d (times the sub-block's scale for K-quants), the min dmin times its
 m (K) or m.
-Memory: the file's bytes (Q4_K 148 for 144, Q5_K 180 for 176: their packed 6-bit scales held as bytes); with
---activations int8 Q6_K holds a byte an element (274 bytes for 210).
+Memory: the file's bytes (Q4_K 148 for 144, Q5_K 180 for 176: their packed 6-bit scales held as bytes), with
+either activations.
 
 Quantised kernels: lane l (of 16) of a 128-element group owns elements 8l..8l+7, all in sub-block l // 4 (Q6_K:
 l // 2). For v = 0..7 the kernel turns element 8l + v of every lane into its integer as float32 (4-bit types: a
@@ -295,18 +295,24 @@ def _int8_step(b, g, wrows, pxs, _pxqs, spec, accs, ahead):
     multiply-add, or in the exact sums added to the lane's product before the cut."""
     fmt, exact = spec
     c = lambda v: ir.Constant(g.type, v)  # noqa: E731
-    nbytes = fmt.int8_units[0]
+    nbytes = fmt.units[0]
     base = b.mul(g, c(QUAD * nbytes))
     weights = []
-    for pw, _ph, pd, ps in wrows:
+    for pw, ph, pd, ps in wrows:
         for line in range(nbytes // 64):
             _prefetch(b, pw, b.add(base, b.add(ahead, c(64 * line))))
         dw, mw = _group_scales(b, g, pd, ps, fmt)  # lane l: its block's d (K: d times sc), and min (or None)
-        if nbytes == GROUP:  # a byte each: the two halves of the group's bytes
+        if nbytes == GROUP:  # Q8_0, a byte each: the two halves of the group's bytes
             lo, hi = _load(b, pw, base, _vec(I32, 16)), _load(b, pw, b.add(base, c(64)), _vec(I32, 16))
         else:  # nibbles: low and high
             u, mask = _load(b, pw, base, _vec(I32, 16)), _splat(I32, 0x0F0F0F0F, 16)
             lo, hi = b.and_(u, mask), b.and_(b.lshr(u, _splat(I32, 4, 16)), mask)
+        if fmt.high == 2:  # Q6_K: dword l % 8 of the plane, lanes 8..15 shifted up by 4: bits 4-5, 6-7 of byte k
+            plane = _shuffle(b, _load(b, ph, b.mul(g, c(QUAD * 32)), _vec(I32, 8)), list(range(8)) * 2)
+            plane = b.shl(plane, ir.Constant(_vec(I32, 16), [ir.Constant(I32, 4 * (lane >= 8)) for lane in range(16)]))
+            top = _splat(I32, 0x30303030, 16)
+            lo = b.or_(lo, b.and_(plane, top))
+            hi = b.or_(hi, b.and_(b.lshr(plane, _splat(I32, 2, 16)), top))
         weights.append((lo, hi, dw, mw))
     for k, px in enumerate(pxs):
         at = b.mul(g, c(2 * GROUP))
@@ -354,9 +360,8 @@ def _make_dot(nw, nx):
             xrows = [b.add(i0, c(k)) for k in range(nx)]
             accs = [[[cgutils.alloca_once_value(b, zero) for _ in range(naccs)] for _ in xrows] for _ in wrows]
             if fmt:  # rows in quads: 8 groups further along the quad's stream
-                units = fmt.int8_units if int8 else fmt.units
-                ahead = c(8 * QUAD * units[0])
-                rows = [tuple(A.quad_row(r, unit) for A, unit in zip((W, H, D, S), units)) for r in wrows]
+                ahead = c(8 * QUAD * fmt.units[0])
+                rows = [tuple(A.quad_row(r, unit) for A, unit in zip((W, H, D, S), fmt.units)) for r in wrows]
             else:  # the same place in the next tile's rows
                 ahead = b.mul(W.stride, c(nw))
                 rows = [(W.row(r), H.row(r), D.row(r), S.row(r)) for r in wrows]
@@ -574,12 +579,6 @@ class Format:
         return (GROUP if self.high < 0 else GROUP // 2, 16 * max(self.high, 0), (8 if self.per_d == 32 else 2) * k,
                 0 if self.per_d == 32 else 8)
 
-    @property
-    def int8_units(self):
-        """The same for the 8-bit activations' layout (`_repack_int8`): 4-bit types' nibbles as they are, any other
-        type's integers a byte each (no high-bit array)."""
-        return (GROUP // 2 if self.high == 0 else GROUP, 0) + self.units[2:]
-
 
 FORMATS = {T.Q8_0: Format(high=-1), T.Q4_0: Format(offset=8), T.Q4_1: Format(mins=True),
            T.Q5_0: Format(offset=16, high=1), T.Q5_1: Format(high=1, mins=True),
@@ -634,18 +633,26 @@ def _repack_quantised(qt):
 
 
 def _repack_int8(qt):
-    """QTensor (INT8's types) -> (w, -, wd, ws) for 8-bit activations, in quads: per 128-element group, w holds byte
-    4l + k of lane l = 4b + j as element 8j + k of block b (4-bit types: in the low nibble, element 8j + 4 + k in
-    the high one; Q8_0, Q6_K: 64 bytes, then as many of the elements 8j + 4 + k), each its integer plus INT8[type]
-    (unsigned, for vpdpbusd); wd and ws as for float activations."""
+    """QTensor (INT8's types) -> (w, wh, wd, ws) for 8-bit activations, in quads, as many bytes as for float
+    activations: per 128-element group, w holds byte 4l + k of lane l = 4b + j as element 8j + k of block b
+    (Q8_0: 64 bytes, then as many of the elements 8j + 4 + k; the others: in the low nibble, element 8j + 4 + k in
+    the high one), each its integer plus INT8[type] (unsigned, for vpdpbusd). Q6_K's top two bits go in wh, 32
+    bytes a group: bits 4-5 of byte k of dword m are those of element 8j + k of lane m, bits 6-7 of 8j + 4 + k, and
+    bits 0-1 and 2-3 the same of lane m + 8 (the kernel shifts lanes 8..15 up by 4). wd and ws as for float
+    activations."""
     u, fmt = unpack(qt), FORMATS[qt.qtype]
     rows, cp = qt.rows, padded_cols(qt.qtype, qt.cols)
-    q = (_padded(u.q, cp) + INT8[qt.qtype]).astype(np.uint8).reshape(rows, cp // GROUP, 4, 4, 2, 4)  # g b j h k
-    lo, hi = (np.ascontiguousarray(q[..., h, :]).reshape(rows, cp // GROUP, 64) for h in (0, 1))
-    w = (lo | (hi << 4)) if fmt.int8_units[0] == 64 else np.concatenate([lo, hi], axis=2)
-    w = w.reshape(rows, cp // GROUP * fmt.int8_units[0])
-    wd, ws = _scales(u, fmt, rows, cp)
-    return tuple(a if a is _NONE else _interleave(a, unit) for a, unit in zip((w, _NONE, wd, ws), fmt.int8_units))
+    q = (_padded(u.q, cp) + INT8[qt.qtype]).astype(np.uint8).reshape(rows, cp // GROUP, 16, 2, 4)  # g l h k
+    if fmt.high < 0:  # Q8_0
+        w, wh = np.concatenate([q[..., 0, :], q[..., 1, :]], axis=2), _NONE
+    else:
+        w, wh = (q[..., 0, :] & 15) | ((q[..., 1, :] & 15) << 4), _NONE
+        if fmt.high:  # Q6_K
+            top = q >> 4
+            wh = (top[:, :, :8, 0] << 4) | (top[:, :, :8, 1] << 6) | top[:, :, 8:, 0] | (top[:, :, 8:, 1] << 2)
+    arrays = [a if a is _NONE else a.reshape(rows, cp // GROUP * unit) for a, unit in zip((w, wh), fmt.units)]
+    arrays += _scales(u, fmt, rows, cp)
+    return tuple(a if a is _NONE else _interleave(a, unit) for a, unit in zip(arrays, fmt.units))
 
 
 def _interleave(a, unit):
@@ -702,14 +709,14 @@ def padded_cols(qtype, cols):
     return _pad(cols, CHUNK if qtype in FLOATS else GROUP if FORMATS[qtype].per_d == 32 else SUPER)
 
 
-def held_bytes(qtype, rows, cols, int8=False) -> int:
-    """The bytes a CpuLinear holds for a (rows, cols) matrix of `qtype`: its repacked arrays (w, wh, wd, ws); int8:
-    with 8-bit activations."""
+def held_bytes(qtype, rows, cols) -> int:
+    """The bytes a CpuLinear holds for a (rows, cols) matrix of `qtype`: its repacked arrays (w, wh, wd, ws), with
+    float or 8-bit activations."""
     cp = padded_cols(qtype, cols)
     if qtype in FLOATS:
         return rows * cp * np.dtype(FLOATS[qtype]).itemsize
     fmt = FORMATS[qtype]
-    w, wh, wd, ws = fmt.int8_units if int8 and qtype in INT8 else fmt.units  # bytes a row per group (wd: per d)
+    w, wh, wd, ws = fmt.units  # bytes a row per group (wd: per d); the int8 layouts hold as many
     return _pad(rows, QUAD) * (cp // GROUP * (w + wh + ws) + cp // max(fmt.per_d, GROUP) * wd)
 
 
@@ -776,7 +783,7 @@ class CpuBackend(Backend):
         return CpuLinear(w, self.threads, self.int8)
 
     def held_bytes(self, qtype, rows, cols) -> int:
-        return held_bytes(qtype, rows, cols, self.int8)
+        return held_bytes(qtype, rows, cols)
 
     def make_model(self, cfg, weights, share, max_seq, slots=1):
         from .cpu_model import CpuModel
