@@ -351,7 +351,7 @@ def test_live_migrations_while_serving_keep_the_text(model, tmp_path):
     stages) over the control socket: both equal spmd.run's greedy text."""
     wants = {p: run_greedy(model, 100, p)["text"] for p in PROMPTS[:2]}
     sock = tmp_path / "c.sock"
-    server = Served(model, 3, ("--ratios", "1:1*1", "--control-socket", sock), env={"SPMD_TEST_SLOW": "0:8"})
+    server = Served(model, 3, ("--ratios", "1:1*1", "--control-socket", sock), env={"SPMD_TEST_SLOW": "0:24"})
     got = {}
 
     def ask(p):
