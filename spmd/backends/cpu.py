@@ -24,8 +24,8 @@ bits (a type without 8-bit kernels, such as a Q5_K_M file's Q5_K matrices, sums 
 f32: its partial sums are not exact). Products split by rows (q, k, v, gate, up, the classifier) need no such care
 (a row is computed whole, in one order) and fused-multiply-add each lane's product into a float32 sum (the fast
 sums). Measured per matrix against the float kernels on the TinyLlama shapes, 2 cores, from memory: fast sums
-decode 1.2-1.8x and prompt (n = 64) 1.5-1.9x faster on Q4_0 (Q4_K: 1.4-1.6x and 1.7-1.9x; Q6_K 1.1x and 1.8x,
-reading its bytes); the exact sums take 1.0-1.1x the fast sums' time to decode and 1.5x for prompts.
+decode 1.2-1.8x and prompt (n = 64) 1.5-1.9x faster on Q4_0 (Q4_K: 1.4-1.6x and 1.7-1.9x; Q6_K: 1.25x and
+1.8x); the exact sums take 0.9-1.1x the fast sums' time to decode and 1.5x for prompts.
 
 Layouts, made once at load (`_repack_quantised`, `_repack_float`) from the file's blocks (`spmd.quants.unpack`);
 four arrays a matrix (w, wh, wd, ws; a type without one gets a 1x1 dummy), rows padded with zeros to a multiple of
@@ -643,13 +643,14 @@ def _repack_int8(qt):
     u, fmt = unpack(qt), FORMATS[qt.qtype]
     rows, cp = qt.rows, padded_cols(qt.qtype, qt.cols)
     q = (_padded(u.q, cp) + INT8[qt.qtype]).astype(np.uint8).reshape(rows, cp // GROUP, 16, 2, 4)  # g l h k
+    wh = _NONE
     if fmt.high < 0:  # Q8_0
-        w, wh = np.concatenate([q[..., 0, :], q[..., 1, :]], axis=2), _NONE
+        w = np.concatenate([q[..., 0, :], q[..., 1, :]], axis=2)
     else:
-        w, wh = (q[..., 0, :] & 15) | ((q[..., 1, :] & 15) << 4), _NONE
-        if fmt.high:  # Q6_K
-            top = q >> 4
-            wh = (top[:, :, :8, 0] << 4) | (top[:, :, :8, 1] << 6) | top[:, :, 8:, 0] | (top[:, :, 8:, 1] << 2)
+        w = (q[..., 0, :] & 15) | ((q[..., 1, :] & 15) << 4)
+    if fmt.high > 0:  # Q6_K
+        top = q >> 4
+        wh = (top[:, :, :8, 0] << 4) | (top[:, :, :8, 1] << 6) | top[:, :, 8:, 0] | (top[:, :, 8:, 1] << 2)
     arrays = [a if a is _NONE else a.reshape(rows, cp // GROUP * unit) for a, unit in zip((w, wh), fmt.units)]
     arrays += _scales(u, fmt, rows, cp)
     return tuple(a if a is _NONE else _interleave(a, unit) for a, unit in zip(arrays, fmt.units))
