@@ -11,21 +11,23 @@ ranks) makes a tiny change in the output.
 
 --activations int8 (Q4_0, Q8_0, Q4_K and Q6_K: `INT8`; other types keep float activations) does what llama.cpp does:
 each 32 activations become int8 with d_x = amax / 127 (`_prepare_int8`), and vpdpbusd sums 64 byte products at once
-(`_int8_step`; plain LLVM integer code where the CPU lacks it, the same integers). That alone would make the
+(`_int8_step`; plain LLVM integer code where the CPU lacks it, the same integers): four of them give each of 16
+lanes the integer dot product of its 16 elements, so the float work (a conversion, the lane's d_w * d_x, a
+multiply-add) comes once per 16 elements. That alone would make the
 output jump wherever another order of a partial sum moved an activation across an int8 rounding boundary (after
 22 layers the logits at 1 and 2 ranks differed by ~0.05 and greedy tokens changed with the rank count: why such
 kernels were once removed). So the products that are split by columns across ranks, whose partial sums the stage
-adds up (wo and w2: the model asks for a float64 result), are summed exactly: each lane's 8 products are exact
+adds up (wo and w2: the model asks for a float64 result), are summed exactly: each lane's 16 products are exact
 in int32, times d_w * d_x * 2^FIXED in float32 (K-quants: d_w = d * sc; Q4_K adds the lane's min term, dmin * m
-times the sum of its 8 activations times d_x * 2^FIXED), cut to an integer and summed in int64, then
+times the sum of its 16 activations times d_x * 2^FIXED), cut to an integer and summed in int64, then
 scaled back, exact in float64 below 2^25 in value. Those partial sums add up to the same bits in any order and at
 any split (the allreduce sums float64 in int8 runs), so every rank count, ratio and stage layout gives the same
 bits (a type without 8-bit kernels, such as a Q5_K_M file's Q5_K matrices, sums in float32 as with --activations
 f32: its partial sums are not exact). Products split by rows (q, k, v, gate, up, the classifier) need no such care
 (a row is computed whole, in one order) and fused-multiply-add each lane's product into a float32 sum (the fast
-sums). Measured per matrix against the float kernels on the TinyLlama shapes, 2 cores, from memory: fast sums
-decode 1.2-1.8x and prompt (n = 64) 1.5-1.9x faster on Q4_0 (Q4_K: 1.4-1.6x and 1.7-1.9x; Q6_K: 1.25x and
-1.8x); the exact sums take 0.9-1.1x the fast sums' time to decode and 1.5x for prompts.
+sums). Lanes of 16 elements (a first version had lanes of 8: twice the float work) made a 64-token prompt 1.3-1.4x
+faster end to end (TinyLlama shape, 2 cores: Q4_0 119 -> 159 tok/s, Q4_K_M 99 -> 142); the exact sums take about
+1.4-1.5x the fast sums' time for prompts.
 
 Layouts, made once at load (`_repack_quantised`, `_repack_float`) from the file's blocks (`spmd.quants.unpack`);
 four arrays a matrix (w, wh, wd, ws; a type without one gets a 1x1 dummy), rows padded with zeros to a multiple of
@@ -46,7 +48,7 @@ a multiple of 4): array row k holds rows 4k..4k+3 unit by unit, the four rows' u
 rows then reads one contiguous stream instead of four short ones: decode measured 1.1-1.9x faster from memory on
 the 2-core test machine (8-row interleaves with 8-row tiles, tried too, were 0.9-1.2x slower than 4).
 With --activations int8, INT8's types are repacked for vpdpbusd instead (`_repack_int8`: the same bytes a row,
-in the same quads). An element is (integer - offset) * scale [+ min]: the integer is the nibble, with the high bits
+in quads whose unit is a 256-element group, rows padded to a multiple of 256 elements). An element is (integer - offset) * scale [+ min]: the integer is the nibble, with the high bits
 above it where the type has them; the scale is d (times the sub-block's scale for K-quants), the min dmin times its
 m (K) or m.
 Memory: the file's bytes (Q4_K 148 for 144, Q5_K 180 for 176: their packed 6-bit scales held as bytes), with
@@ -98,6 +100,8 @@ _FEATURES = numba.config.CPU_FEATURES if numba.config.CPU_FEATURES is not None e
 AVX512 = "+avx512f" in _FEATURES.split(",") and not os.environ.get("SPMD_CPU_GENERIC")
 VNNI = AVX512 and "+avx512vnni" in _FEATURES.split(",")  # vpdpbusd: 64 byte products summed into 16 int32
 GROUP = 128  # quantised kernels: elements per loop step (4 blocks, 16 lanes of 8)
+GROUP8 = 256  # 8-bit activations: elements per loop step (16 lanes of 16)
+X8 = 384  # 8-bit activations: bytes of a prepared 256-element group (`_prepare_int8`)
 CHUNK = 64  # float kernels: elements per loop step
 ROW_BLOCK = 16  # weight rows per parallel work item; activation rows go through 4 at a time
 QUAD = 4  # quantised weights: rows interleaved in fours, so that the kernels' tiles read one stream (docstring)
@@ -285,44 +289,66 @@ def _float_step(b, g, wrows, pxs, _pxqs, dtype, accs, ahead):
                 b.store(_fma(b, wv, xv, b.load(acc)), acc)
 
 
+def _lane_scales(b, g, pd, ps, fmt):
+    """With 8-bit activations: the 16 lanes' scales of 256-element group g of one weight row (K-quants: d times the
+    sub-block's sc), and their mins (dmin times m; or None): 16 x float each (`_repack_int8`)."""
+    c = lambda v: ir.Constant(g.type, v)  # noqa: E731
+    lanes = lambda v, idx: _shuffle(b, v, [idx(lane) for lane in range(16)])  # noqa: E731
+    if fmt.per_d == 32:  # the group's 8 d, a block's for its two lanes
+        return lanes(b.fpext(_load(b, pd, b.mul(g, c(QUAD * 16)), _vec(F16, 8)), _vec(F32, 8)), lambda l: l // 2), None
+    k = 2 if fmt.mins else 1
+    dd = b.fpext(_load(b, pd, b.mul(g, c(QUAD * 2 * k)), _vec(F16, k)), _vec(F32, k))  # d (, dmin)
+    sub = _load(b, ps, b.mul(g, c(QUAD * 16)), _vec(I8, 16))  # 4 sc, 4 m, 4 sc, 4 m (Q4_K) or 16 sc (Q6_K)
+    sub = (b.sitofp if fmt.signed_sub else b.uitofp)(sub, _vec(F32, 16))
+    if not fmt.mins:
+        return b.fmul(sub, lanes(dd, lambda l: 0)), None
+    sc = lanes(sub, lambda l: l // 2 + 4 * (l // 8))  # lane l: sub-block l // 2
+    m = lanes(sub, lambda l: l // 2 + 4 * (l // 8) + 4)
+    return b.fmul(sc, lanes(dd, lambda l: 0)), b.fmul(m, lanes(dd, lambda l: 1))
+
+
 def _int8_step(b, g, wrows, pxs, _pxqs, spec, accs, ahead):
-    """One 128-element group of every (weight row j, activation row k) pair with 8-bit activations (--activations
-    int8; layouts in the docstring): lane l's 8 products, exact in int32 (two vpdpbusd, from the activations'
-    lane correction), then times the lane's d_w * d_x. Fast sums (a float32 result) fused-multiply-add that into
-    the lane's float sum; exact sums (a float64 result) cut it to an integer number of 2^-FIXED and add it to an
-    int64 sum, so the result does not depend on how the columns were split. Types with mins (Q4_K) add the lane's
-    min times the sum of its 8 activations (prepared where the others have their correction): a second fused
-    multiply-add, or in the exact sums added to the lane's product before the cut."""
+    """One 256-element group of every (weight row j, activation row k) pair with 8-bit activations (--activations
+    int8; layouts in `_repack_int8`, `_prepare_int8`): lane l's 16 products, exact in int32 (four vpdpbusd, from the
+    activations' lane correction), then times the lane's d_w * d_x. Fast sums (a float32 result) fused-multiply-add
+    that into the lane's float sum; exact sums (a float64 result) cut it to an integer number of 2^-FIXED and add it
+    to an int64 sum, so the result does not depend on how the columns were split. Types with mins (Q4_K) add the
+    lane's min times the sum of its 16 activations (prepared where the others have their correction): a second
+    fused multiply-add, or in the exact sums added to the lane's product before the cut."""
     fmt, exact = spec
     c = lambda v: ir.Constant(g.type, v)  # noqa: E731
-    nbytes = fmt.units[0]
-    base = b.mul(g, c(QUAD * nbytes))
+    units = fmt.int8_units
+    base = b.mul(g, c(QUAD * units[0]))
+    mask = _splat(I32, 0x0F0F0F0F, 16)
     weights = []
     for pw, ph, pd, ps in wrows:
-        for line in range(nbytes // 64):
+        for line in range(units[0] // 64):
             _prefetch(b, pw, b.add(base, b.add(ahead, c(64 * line))))
-        dw, mw = _group_scales(b, g, pd, ps, fmt)  # lane l: its block's d (K: d times sc), and min (or None)
-        if nbytes == GROUP:  # Q8_0, a byte each: the two halves of the group's bytes
+        dw, mw = _lane_scales(b, g, pd, ps, fmt)  # lane l: its block's d (K: d times sc), and min (or None)
+        if fmt.high < 0:  # Q8_0, a byte each: chunk k in the group's k-th 64 bytes
+            chunks = [_load(b, pw, b.add(base, c(64 * k)), _vec(I32, 16)) for k in range(4)]
+        else:  # nibbles: chunks 0, 1 low and high of the first 64 bytes, 2, 3 of the next
             lo, hi = _load(b, pw, base, _vec(I32, 16)), _load(b, pw, b.add(base, c(64)), _vec(I32, 16))
-        else:  # nibbles: low and high
-            u, mask = _load(b, pw, base, _vec(I32, 16)), _splat(I32, 0x0F0F0F0F, 16)
-            lo, hi = b.and_(u, mask), b.and_(b.lshr(u, _splat(I32, 4, 16)), mask)
-        if fmt.high == 2:  # Q6_K: dword l % 8 of the plane, lanes 8..15 shifted up by 4: bits 4-5, 6-7 of byte k
-            plane = _shuffle(b, _load(b, ph, b.mul(g, c(QUAD * 32)), _vec(I32, 8)), list(range(8)) * 2)
-            plane = b.shl(plane, ir.Constant(_vec(I32, 16), [ir.Constant(I32, 4 * (lane >= 8)) for lane in range(16)]))
+            chunks = [b.and_(v, mask) for v in (lo, b.lshr(lo, _splat(I32, 4, 16)), hi, b.lshr(hi, _splat(I32, 4, 16)))]
+        if fmt.high == 2:  # Q6_K: bits 2c..2c+1 of the plane's bytes, moved to bits 4-5
+            plane = _load(b, ph, b.mul(g, c(QUAD * units[1])), _vec(I32, 16))
+            shifted = (b.shl(plane, _splat(I32, 4, 16)), b.shl(plane, _splat(I32, 2, 16)), plane,
+                       b.lshr(plane, _splat(I32, 2, 16)))
             top = _splat(I32, 0x30303030, 16)
-            lo = b.or_(lo, b.and_(plane, top))
-            hi = b.or_(hi, b.and_(b.lshr(plane, _splat(I32, 2, 16)), top))
-        weights.append((lo, hi, dw, mw))
+            chunks = [b.or_(chunk, b.and_(bits, top)) for chunk, bits in zip(chunks, shifted)]
+        weights.append((chunks, dw, mw))
     for k, px in enumerate(pxs):
-        at = b.mul(g, c(2 * GROUP))
-        xlo, xhi = _load(b, px, at, _vec(I32, 16)), _load(b, px, b.add(at, c(64)), _vec(I32, 16))
-        correction = _load(b, px, b.add(at, c(128)), _vec(I32, 16))  # types with mins: the lanes' sums
-        dx = _load(b, px, b.add(at, c(192)), _vec(F32, 16))
+        at = b.mul(g, c(X8))
+        xc = [_load(b, px, b.add(at, c(64 * i)), _vec(I32, 16)) for i in range(4)]
+        correction = _load(b, px, b.add(at, c(256)), _vec(I32, 16))  # types with mins: the lanes' sums
+        dx = _load(b, px, b.add(at, c(320)), _vec(F32, 16))
         start = ir.Constant(_vec(I32, 16), None) if fmt.mins else correction
         sums = b.sitofp(correction, _vec(F32, 16)) if fmt.mins else None
-        for j, (lo, hi, dw, mw) in enumerate(weights):
-            lane = b.sitofp(_dpbusd(b, _dpbusd(b, start, lo, xlo), hi, xhi), _vec(F32, 16))
+        for j, (chunks, dw, mw) in enumerate(weights):
+            total = start
+            for chunk, xv in zip(chunks, xc):
+                total = _dpbusd(b, total, chunk, xv)
+            lane = b.sitofp(total, _vec(F32, 16))
             acc = accs[j][k][0]
             if exact:  # the lane's product (plus its min term), cut once
                 value = b.fmul(lane, b.fmul(dw, dx))
@@ -349,7 +375,7 @@ def _make_dot(nw, nx):
         int8, exact = xs.dtype == types.uint8, y.dtype == types.float64
         step, size, naccs, spec = (_quantised_step, GROUP, 1, fmt) if fmt else (_float_step, CHUNK, 2, w.dtype)
         if int8:
-            step, size, spec = _int8_step, 2 * GROUP, (fmt, exact)
+            step, size, spec = _int8_step, X8, (fmt, exact)
         zero = ir.Constant(_vec(I64, 8) if exact else _vec(F32, 16), None)
 
         def codegen(context, b, sig, args):
@@ -359,9 +385,10 @@ def _make_dot(nw, nx):
             wrows = [b.add(r0, c(j)) for j in range(nw)]
             xrows = [b.add(i0, c(k)) for k in range(nx)]
             accs = [[[cgutils.alloca_once_value(b, zero) for _ in range(naccs)] for _ in xrows] for _ in wrows]
-            if fmt:  # rows in quads: 8 groups further along the quad's stream
+            if fmt:  # rows in quads: 2 KiB (Q8_0: 4) further along the quad's stream
+                units = fmt.int8_units if int8 else fmt.units
                 ahead = c(8 * QUAD * fmt.units[0])
-                rows = [tuple(A.quad_row(r, unit) for A, unit in zip((W, H, D, S), fmt.units)) for r in wrows]
+                rows = [tuple(A.quad_row(r, unit) for A, unit in zip((W, H, D, S), units)) for r in wrows]
             else:  # the same place in the next tile's rows
                 ahead = b.mul(W.stride, c(nw))
                 rows = [(W.row(r), H.row(r), D.row(r), S.row(r)) for r in wrows]
@@ -445,12 +472,12 @@ def _prepare_impl(kind, x, xs, xq):
 
 
 def _prepare_int8(offset, mins):
-    """x (n, cols) -> per row of xs (n, 2 * padded cols) uint8, per 128-element group g (256 bytes): the 8-bit
-    activations (int8) at 256g + 64h + 4l + k for element 8j + 4h + k of block b (lane l = 4b + j), then lane l's
-    correction -offset * (the sum of its 8) as int32 at 256g + 128 + 4l (types with mins: the sum itself, for the
-    min term), then d_x 2^FIXED as float32 at 256g + 192 + 4l. Per 32-element block d_x = amax / 127 and
-    q = rint(x / d_x), as llama.cpp's Q8_0. xq[i, 0]: 1 where row i has a NaN or an activation past LIMIT
-    (`_finish`)."""
+    """x (n, cols) -> per row of xs (n, padded cols / 256 * X8) uint8, per 256-element group g (X8 = 384 bytes):
+    the 8-bit activations (int8) at 384g + 64c + 4l + k for element 16l + 4c + k (lane l, chunk c, as the weights'
+    `_repack_int8`), then lane l's correction -offset * (the sum of its 16) as int32 at 384g + 256 + 4l (types with
+    mins: the sum itself, for the min term), then d_x 2^FIXED of its block as float32 at 384g + 320 + 4l. Per
+    32-element block (lanes 2b, 2b + 1) d_x = amax / 127 and q = rint(x / d_x), as llama.cpp's Q8_0. xq[i, 0]: 1
+    where row i has a NaN or an activation past LIMIT (`_finish`)."""
     scale = np.float32(2.0 ** FIXED)
     factor = 1 if mins else -offset
 
@@ -459,7 +486,7 @@ def _prepare_int8(offset, mins):
         for i in range(n):
             q8, q32, f32 = xs[i].view(np.int8), xs[i].view(np.int32), xs[i].view(np.float32)
             bad = False
-            for blk in range(xs.shape[1] // 64):
+            for blk in range(xs.shape[1] // (X8 // 8)):
                 amax = np.float32(0.0)
                 for e in range(32 * blk, min(cols, 32 * blk + 32)):
                     a = abs(x[i, e])
@@ -467,17 +494,17 @@ def _prepare_int8(offset, mins):
                     amax = max(amax, a)
                 d = amax / np.float32(127.0)
                 inverse = np.float32(1.0) / d if d > 0 else np.float32(0.0)
-                g, first = blk // 4, 16 * (blk % 4)  # first: the block's first byte in a half
-                for j in range(4):
+                g = blk // 8
+                for lane in range(2 * (blk % 8), 2 * (blk % 8) + 2):
                     total = 0
-                    for h in range(2):
+                    for c in range(4):
                         for k in range(4):
-                            e = 32 * blk + 8 * j + 4 * h + k
+                            e = GROUP8 * g + 16 * lane + 4 * c + k
                             q = int(np.rint(x[i, e] * inverse)) if e < cols else 0
-                            q8[256 * g + 64 * h + first + 4 * j + k] = q
+                            q8[X8 * g + 64 * c + 4 * lane + k] = q
                             total += q
-                    q32[64 * g + 32 + 4 * (blk % 4) + j] = factor * total
-                    f32[64 * g + 48 + 4 * (blk % 4) + j] = d * scale
+                    q32[X8 // 4 * g + 64 + lane] = factor * total
+                    f32[X8 // 4 * g + 80 + lane] = d * scale
             xq[i, 0] = bad
     return quantise
 
@@ -579,6 +606,13 @@ class Format:
         return (GROUP if self.high < 0 else GROUP // 2, 16 * max(self.high, 0), (8 if self.per_d == 32 else 2) * k,
                 0 if self.per_d == 32 else 8)
 
+    @property
+    def int8_units(self):
+        """The same for the 8-bit activations' layouts (`_repack_int8`), whose unit is a 256-element group: twice
+        the bytes, but a K-quant's wd (its super-block's d, dmin) once."""
+        w, wh, wd, ws = self.units
+        return 2 * w, 2 * wh, wd * (2 if self.per_d == 32 else 1), 2 * ws
+
 
 FORMATS = {T.Q8_0: Format(high=-1), T.Q4_0: Format(offset=8), T.Q4_1: Format(mins=True),
            T.Q5_0: Format(offset=16, high=1), T.Q5_1: Format(high=1, mins=True),
@@ -633,27 +667,28 @@ def _repack_quantised(qt):
 
 
 def _repack_int8(qt):
-    """QTensor (INT8's types) -> (w, wh, wd, ws) for 8-bit activations, in quads, as many bytes as for float
-    activations: per 128-element group, w holds byte 4l + k of lane l = 4b + j as element 8j + k of block b
-    (Q8_0: 64 bytes, then as many of the elements 8j + 4 + k; the others: in the low nibble, element 8j + 4 + k in
-    the high one), each its integer plus INT8[type] (unsigned, for vpdpbusd). Q6_K's top two bits go in wh, 32
-    bytes a group: bits 4-5 of byte k of dword m are those of element 8j + k of lane m, bits 6-7 of 8j + 4 + k, and
-    bits 0-1 and 2-3 the same of lane m + 8 (the kernel shifts lanes 8..15 up by 4). wd and ws as for float
-    activations."""
+    """QTensor (INT8's types) -> (w, wh, wd, ws) for 8-bit activations, in quads of rows with a 256-element group as
+    the unit (`Format.int8_units`), as many bytes as for float activations. Lane l (of 16) of a group owns its
+    elements 16l..16l+15, in four chunks c of 4 (16l + 4c + k, k = 0..3), each its integer plus INT8[type]
+    (unsigned, for vpdpbusd). w: Q8_0, byte 64c + 4l + k; the 4-bit types, chunks 0 and 1 in the low and high
+    nibbles of byte 4l + k, chunks 2 and 3 in those of byte 64 + 4l + k. Q6_K's top two bits go in wh, 64 bytes a
+    group: bits 2c..2c+1 of byte 4l + k. wd and ws as for float activations (per group: 8 d; or the super-block's d
+    (, dmin) and its sub-blocks' 8 sc (4 sc, 4 m, 4 sc, 4 m for Q4_K) or 16 sc (Q6_K))."""
     u, fmt = unpack(qt), FORMATS[qt.qtype]
-    rows, cp = qt.rows, padded_cols(qt.qtype, qt.cols)
-    q = (_padded(u.q, cp) + INT8[qt.qtype]).astype(np.uint8).reshape(rows, cp // GROUP, 16, 2, 4)  # g l h k
+    rows, cp = qt.rows, padded_cols(qt.qtype, qt.cols, int8=True)
+    q = (_padded(u.q, cp) + INT8[qt.qtype]).astype(np.uint8).reshape(rows, cp // GROUP8, 16, 4, 4)  # g l c k
     wh = _NONE
     if fmt.high < 0:  # Q8_0
-        w = np.concatenate([q[..., 0, :], q[..., 1, :]], axis=2)
+        w = q.transpose(0, 1, 3, 2, 4)
     else:
-        w = (q[..., 0, :] & 15) | ((q[..., 1, :] & 15) << 4)
+        w = np.stack([(q[:, :, :, 2 * h] & 15) | ((q[:, :, :, 2 * h + 1] & 15) << 4) for h in (0, 1)], axis=2)
     if fmt.high > 0:  # Q6_K
-        top = q >> 4
-        wh = (top[:, :, :8, 0] << 4) | (top[:, :, :8, 1] << 6) | top[:, :, 8:, 0] | (top[:, :, 8:, 1] << 2)
-    arrays = [a if a is _NONE else a.reshape(rows, cp // GROUP * unit) for a, unit in zip((w, wh), fmt.units)]
+        top = (q >> 4).astype(np.uint8)
+        wh = top[:, :, :, 0] | (top[:, :, :, 1] << 2) | (top[:, :, :, 2] << 4) | (top[:, :, :, 3] << 6)
+    groups, units = cp // GROUP8, fmt.int8_units
+    arrays = [a if a is _NONE else np.ascontiguousarray(a).reshape(rows, groups * unit) for a, unit in zip((w, wh), units)]
     arrays += _scales(u, fmt, rows, cp)
-    return tuple(a if a is _NONE else _interleave(a, unit) for a, unit in zip(arrays, fmt.units))
+    return tuple(a if a is _NONE else _interleave(a, unit) for a, unit in zip(arrays, units))
 
 
 def _interleave(a, unit):
@@ -704,20 +739,25 @@ def _repack_float(qt):
 _NONE = np.zeros((1, 1), np.uint8)  # an array a type does not have
 
 
-def padded_cols(qtype, cols):
-    """The kernels' row length: quantised types by whole 128-element groups (K-quants: 256-element super-blocks),
-    floats by 64-element chunks."""
+def padded_cols(qtype, cols, int8=False):
+    """The kernels' row length: quantised types by whole 128-element groups (K-quants, and any with 8-bit
+    activations: 256), floats by 64-element chunks."""
+    if int8:
+        return _pad(cols, GROUP8)
     return _pad(cols, CHUNK if qtype in FLOATS else GROUP if FORMATS[qtype].per_d == 32 else SUPER)
 
 
-def held_bytes(qtype, rows, cols) -> int:
+def held_bytes(qtype, rows, cols, int8=False) -> int:
     """The bytes a CpuLinear holds for a (rows, cols) matrix of `qtype`: its repacked arrays (w, wh, wd, ws), with
-    float or 8-bit activations."""
-    cp = padded_cols(qtype, cols)
+    float or (int8, for INT8's types) 8-bit activations."""
+    int8 = int8 and qtype in INT8
+    cp = padded_cols(qtype, cols, int8)
     if qtype in FLOATS:
         return rows * cp * np.dtype(FLOATS[qtype]).itemsize
     fmt = FORMATS[qtype]
-    w, wh, wd, ws = fmt.units  # bytes a row per group (wd: per d); the int8 layouts hold as many
+    if int8:
+        return _pad(rows, QUAD) * cp // GROUP8 * sum(fmt.int8_units)
+    w, wh, wd, ws = fmt.units  # bytes a row per group (wd: per d)
     return _pad(rows, QUAD) * (cp // GROUP * (w + wh + ws) + cp // max(fmt.per_d, GROUP) * wd)
 
 
@@ -742,11 +782,11 @@ class CpuLinear:
     def _scratch(self, n):
         """(xs, xq, wide): the prepared activations, the sums of each 8 of them (for types with mins), and the
         activations spread over the stored columns (slices that cut through blocks)."""
-        cols = padded_cols(self.qtype, self.stored)
+        cols = padded_cols(self.qtype, self.stored, self.int8)
         sums = self.qtype in FORMATS and FORMATS[self.qtype].mins
         wide = np.zeros((n, self.stored), np.float32) if self.spread is not None else None
-        if self.int8:  # 256 bytes a group, and a row's mark (`_prepare_int8`)
-            return np.zeros((n, 2 * cols), np.uint8), np.zeros((n, 1), np.float32), wide
+        if self.int8:  # 384 bytes a 256-element group, and a row's mark (`_prepare_int8`)
+            return np.zeros((n, X8 * cols // GROUP8), np.uint8), np.zeros((n, 1), np.float32), wide
         return np.zeros((n, cols), np.float32), np.zeros((n, cols // 8) if sums else (1, 1), np.float32), wide
 
     def __call__(self, x: np.ndarray, out: np.ndarray = None) -> np.ndarray:
@@ -784,7 +824,7 @@ class CpuBackend(Backend):
         return CpuLinear(w, self.threads, self.int8)
 
     def held_bytes(self, qtype, rows, cols) -> int:
-        return held_bytes(qtype, rows, cols)
+        return held_bytes(qtype, rows, cols, self.int8)
 
     def make_model(self, cfg, weights, share, max_seq, slots=1):
         from .cpu_model import CpuModel
