@@ -48,9 +48,9 @@ a multiple of 4): array row k holds rows 4k..4k+3 unit by unit, the four rows' u
 rows then reads one contiguous stream instead of four short ones: decode measured 1.1-1.9x faster from memory on
 the 2-core test machine (8-row interleaves with 8-row tiles, tried too, were 0.9-1.2x slower than 4).
 With --activations int8, INT8's types are repacked for vpdpbusd instead (`_repack_int8`: the same bytes a row,
-in quads whose unit is a 256-element group, rows padded to a multiple of 256 elements). An element is (integer - offset) * scale [+ min]: the integer is the nibble, with the high bits
-above it where the type has them; the scale is d (times the sub-block's scale for K-quants), the min dmin times its
-m (K) or m.
+in quads whose unit is a 256-element group, rows padded to a multiple of 256 elements). An element is (integer -
+offset) * scale [+ min]: the integer is the nibble, with the high bits above it where the type has them; the scale
+is d (times the sub-block's scale for K-quants), the min dmin times its m (K) or m.
 Memory: the file's bytes (Q4_K 148 for 144, Q5_K 180 for 176: their packed 6-bit scales held as bytes), with
 either activations.
 
@@ -295,16 +295,17 @@ def _lane_scales(b, g, pd, ps, fmt):
     c = lambda v: ir.Constant(g.type, v)  # noqa: E731
     lanes = lambda v, idx: _shuffle(b, v, [idx(lane) for lane in range(16)])  # noqa: E731
     if fmt.per_d == 32:  # the group's 8 d, a block's for its two lanes
-        return lanes(b.fpext(_load(b, pd, b.mul(g, c(QUAD * 16)), _vec(F16, 8)), _vec(F32, 8)), lambda l: l // 2), None
+        d = b.fpext(_load(b, pd, b.mul(g, c(QUAD * 16)), _vec(F16, 8)), _vec(F32, 8))
+        return lanes(d, lambda i: i // 2), None
     k = 2 if fmt.mins else 1
     dd = b.fpext(_load(b, pd, b.mul(g, c(QUAD * 2 * k)), _vec(F16, k)), _vec(F32, k))  # d (, dmin)
     sub = _load(b, ps, b.mul(g, c(QUAD * 16)), _vec(I8, 16))  # 4 sc, 4 m, 4 sc, 4 m (Q4_K) or 16 sc (Q6_K)
     sub = (b.sitofp if fmt.signed_sub else b.uitofp)(sub, _vec(F32, 16))
     if not fmt.mins:
-        return b.fmul(sub, lanes(dd, lambda l: 0)), None
-    sc = lanes(sub, lambda l: l // 2 + 4 * (l // 8))  # lane l: sub-block l // 2
-    m = lanes(sub, lambda l: l // 2 + 4 * (l // 8) + 4)
-    return b.fmul(sc, lanes(dd, lambda l: 0)), b.fmul(m, lanes(dd, lambda l: 1))
+        return b.fmul(sub, lanes(dd, lambda i: 0)), None
+    sc = lanes(sub, lambda i: i // 2 + 4 * (i // 8))  # lane l: sub-block l // 2
+    m = lanes(sub, lambda i: i // 2 + 4 * (i // 8) + 4)
+    return b.fmul(sc, lanes(dd, lambda i: 0)), b.fmul(m, lanes(dd, lambda i: 1))
 
 
 def _int8_step(b, g, wrows, pxs, _pxqs, spec, accs, ahead):
@@ -686,7 +687,8 @@ def _repack_int8(qt):
         top = (q >> 4).astype(np.uint8)
         wh = top[:, :, :, 0] | (top[:, :, :, 1] << 2) | (top[:, :, :, 2] << 4) | (top[:, :, :, 3] << 6)
     groups, units = cp // GROUP8, fmt.int8_units
-    arrays = [a if a is _NONE else np.ascontiguousarray(a).reshape(rows, groups * unit) for a, unit in zip((w, wh), units)]
+    arrays = [a if a is _NONE else np.ascontiguousarray(a).reshape(rows, groups * unit)
+              for a, unit in zip((w, wh), units)]
     arrays += _scales(u, fmt, rows, cp)
     return tuple(a if a is _NONE else _interleave(a, unit) for a, unit in zip(arrays, units))
 
