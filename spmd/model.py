@@ -262,7 +262,7 @@ class Model:
         """xn (n, dim) -> (n, dim) this rank's partial sum of the attention output."""
         cfg, n = self.cfg, xn.shape[0]
         hd, n_kv, group = cfg.head_dim, self.share.n_kv, cfg.group
-        q, k, v = lw.wq(xn, out=buf["q"]), lw.wk(xn, out=buf["k"]), lw.wv(xn, out=buf["v"])
+        q, k, v = self._products((lw.wq, lw.wk, lw.wv), xn, (buf["q"], buf["k"], buf["v"]))
         if lw.bq is not None:
             q += lw.bq
             k += lw.bk
@@ -280,6 +280,10 @@ class Model:
         return lw.wo(out, out=buf["proj"])
 
     # ---- the work between the products (the cpu backend's CpuModel does these in numba) ---------------------------
+    def _products(self, linears, x, outs):
+        """outs[m] = linears[m](x): products that share their input (the cpu backend's run in one call)."""
+        return [lin(x, out=out) for lin, out in zip(linears, outs)]
+
     def _norm(self, x, weight):
         return rmsnorm(x, weight, self.cfg.norm_eps)
 
@@ -318,5 +322,5 @@ class Model:
 
     def _ffn(self, lw, xn, buf):
         """xn (n, dim) -> (n, dim) this rank's partial sum of the SwiGLU FFN output."""
-        gate, up = lw.w1(xn, out=buf["gate"]), lw.w3(xn, out=buf["up"])
+        gate, up = self._products((lw.w1, lw.w3), xn, (buf["gate"], buf["up"]))
         return lw.w2(self._silu_mul(gate, up), out=buf["proj"])

@@ -268,6 +268,31 @@ def test_portable_kernel_is_bit_identical(tmp_path):
         np.testing.assert_array_equal(np.load(tmp_path / f"{name}.npy").view(np.uint8), want.view(np.uint8), name)
 
 
+@pytest.mark.parametrize("mode", ["f32", "int8"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_products_sharing_their_input_give_each_ones_bits(mode, threads):
+    """`cpu.products` (q, k, v; gate, up in one kernel call): each result the bits of its own call, for three or two
+    matrices of one type, one or several rows, matrices big enough to split over threads; mixed types (a Q4_K_M
+    file's Q6_K v) and a cut slice go one call each, with the same results."""
+    rng = np.random.default_rng(15)
+    backend = CpuBackend(threads, activations=mode)
+    for types, rows in (((T.Q4_0,) * 3, (600, 37, 64)), ((T.Q4_K,) * 2, (700, 129)), ((T.Q8_0,) * 3, (16, 1, 2)),
+                        ((T.Q4_K, T.Q4_K, T.Q6_K), (64, 32, 32)), ((T.F16,) * 2, (33, 40))):
+        lins = [backend.linear(random_qtensor(t, r, 512, rng)) for t, r in zip(types, rows)]
+        for n in (1, 5):
+            x = activations(n, 512, rng)
+            outs = [np.full((n, lin.rows), np.nan, np.float32) for lin in lins]
+            got = cpu.products(lins, x, outs)
+            assert all(g is o for g, o in zip(got, outs))
+            for lin, out in zip(lins, outs):
+                np.testing.assert_array_equal(bits(out), bits(lin(x)))
+    cut = QTensor(T.Q4_0, 20, 128, random_qtensor(T.Q4_0, 20, 128, rng).data, keep=((0, 40), (64, 120)))
+    lins = [backend.linear(cut), backend.linear(cut)]
+    x = activations(3, 96, rng)
+    outs = cpu.products(lins, x, [np.empty((3, 20), np.float32), np.empty((3, 20), np.float32)])
+    np.testing.assert_array_equal(bits(outs[1]), bits(lins[1](x)))
+
+
 # ---- 8-bit activations (--activations int8) -------------------------------------------------------------------
 INT8_TYPES = (T.Q4_0, T.Q8_0, T.Q4_K, T.Q6_K)
 

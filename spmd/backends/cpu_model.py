@@ -23,7 +23,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ..model import Model
-from .cpu import F32, _Arg, _fma, _hsum, _load, _vec
+from .cpu import F32, _Arg, _fma, _hsum, _load, _vec, products
 
 LANES = 16
 PARALLEL_SCORES = 1024  # a token's attention splits its heads over the rank's threads from this many scores
@@ -218,6 +218,9 @@ class CpuModel(Model):
         _values(_scores(x, x, x, cache, cache.copy(), 0, self.scale), cache, out)  # (0 / 0: NaN, no error)
         if self.threads > 1:
             _values_parallel(_scores_parallel(x, x, x, cache, cache.copy(), 0, self.scale, 1), cache, out, 1)
+
+    def _products(self, linears, x, outs):
+        return products(linears, x, outs)
 
     def _norm(self, x, weight):
         x = np.ascontiguousarray(x)  # (the dot products read whole rows)
