@@ -3,10 +3,12 @@ llama.cpp on the same file, all in one run so the ratios compare like with like.
 
     python scripts/bench_decode.py [--qtype Q4_0|Q8_0|Q4_K_M|Q5_K_M|Q6_K|...] [--steps 48] [--prompt-len 64]
                                    [--ranks 1,2] [--model FILE] [--activations f32,int8] [--repeats 3]
-                                   [--json out.json]
+                                   [--rounds 1] [--json out.json]
 
 spmd runs the prompt --repeats times, one sequence after another, and reports the medians (a single first pass
 runs cold: its prompt speed moved by 25% between runs), as llama-bench reports the median of its repeats.
+--rounds N runs every engine N times in turn and reports medians and each ratio's range: on a shared machine whose
+speed drifts between minutes, a slow spell then hits both engines instead of one.
 
 The peer is llama.cpp built natively (`llama-bench`, from scripts/build_llama_cpp.sh, or $LLAMA_BENCH), with as
 many threads as spmd's one rank uses; without it, llama-cpp-python's Python loop, labelled as such (it measured
@@ -28,6 +30,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 NETSIM = ROOT / "scripts" / "netsim.sh"
@@ -156,7 +160,6 @@ def run_llama_cpp(model, steps, prompt_ids, python):
 
 
 def llama_cpp_worker(model, steps, prompt_ids):
-    import numpy as np
     from llama_cpp import Llama
     llm = Llama(model_path=model, n_ctx=len(prompt_ids) + steps + 8, n_threads=os.cpu_count(), n_batch=512,
                 verbose=False)
@@ -180,7 +183,6 @@ def llama_cpp_worker(model, steps, prompt_ids):
 # ---- models and plots ---------------------------------------------------------------------------------------
 def random_prompt(length, vocab=32000):
     """BOS (1) and random ids from 3 up (past the llama vocabulary's specials)."""
-    import numpy as np
     return [1] + [int(x) for x in np.random.default_rng(0).integers(3, vocab, length - 1)]
 
 
@@ -214,6 +216,21 @@ def save_png(path, draw):
 
 
 # ---- this script's own benchmark ----------------------------------------------------------------------------
+FIGURES = ("prompt_tokens_per_s", "decode_tokens_per_s", "ms_per_token")
+
+
+def medians(results):
+    """The median of each speed figure over rounds of one run."""
+    return {k: float(np.median([r[k] for r in results])) for k in FIGURES}
+
+
+def ratio(row, peer, key):
+    """Ours over the peer's, per round: the median, and the range where there were several rounds."""
+    each = sorted(a[key] / b[key] for a, b in zip(row["rounds"], peer["rounds"]))
+    text = f"{np.median(each):.2f}"
+    return text + (f" ({each[0]:.2f}-{each[-1]:.2f} over {len(each)} rounds)" if len(each) > 1 else "")
+
+
 def main():
     import click
     import numba
@@ -233,8 +250,11 @@ def main():
     @click.option("--repeats", default=3, show_default=True,
                   help="spmd runs the prompt this many times, one sequence after another, and reports the medians "
                        "(llama-bench: the median of 3 repeats after a warm-up).")
+    @click.option("--rounds", default=1, show_default=True,
+                  help="Run every engine this many times in turn and report the medians, with each ratio's median "
+                       "and range over the rounds (this machine's speed drifts by 10-20% between minutes).")
     @click.option("--json", "json_out", default=None, help="Also write the results here.")
-    def cli(qtype, steps, prompt_len, ranks, allreduce, activations, model, repeats, json_out):
+    def cli(qtype, steps, prompt_len, ranks, allreduce, activations, model, repeats, rounds, json_out):
         tmp = None
         if model is None:
             tmp = tempfile.mkdtemp(prefix="spmd-bench-")
@@ -242,21 +262,27 @@ def main():
             write_random_model(model, TINYLLAMA, qtype)
         weight_bytes = matrix_bytes(model)
         prompt = random_prompt(prompt_len)
+        runs = [(act, run) for act in activations.split(",") for run in ranks.split(",")]
+        peer = llama_cpp_peer(numba.config.NUMBA_NUM_THREADS)  # as many threads as spmd's one rank: every core
+        rounds_out = []  # per round: the spmd runs' figures, then the peer's (or None)
+        for _ in range(rounds):  # each round runs every engine once: a slow spell of the machine hits all of them
+            out = [run_spmd(model, parse_run(run)[0], steps, prompt, allreduce, parse_run(run)[1], activations=act,
+                            repeats=repeats) for act, run in runs]
+            rounds_out.append((out, peer[1](model, steps, prompt) if peer else None))
         rows = []
-        for act, run in ((act, run) for act in activations.split(",") for run in ranks.split(",")):
+        for i, (act, run) in enumerate(runs):
             n, ratios = parse_run(run)
-            r = run_spmd(model, n, steps, prompt, allreduce, ratios, activations=act, repeats=repeats)
+            r = rounds_out[0][0][i]
             rss = "/".join(f"{x['peak_rss_bytes'] / 2**20:.0f}" for x in r["ranks"])
             held = "/".join(f"{x['weights_bytes'] / 2**20:.0f}" for x in r["ranks"])
             rows.append(dict(name=f"spmd {n} rank{'s' if n > 1 else ''}" + (f" {ratios}" if ratios else "")
-                             + (" int8" if act == "int8" else ""), activations=act,
-                             ranks=n, prompt_tokens_per_s=r["prompt_tokens_per_s"],
-                             decode_tokens_per_s=r["decode_tokens_per_s"], ms_per_token=r["ms_per_token"],
-                             rss_mib=rss, weights_mib=held, tokens=r["tokens"]))
-        peer = llama_cpp_peer(numba.config.NUMBA_NUM_THREADS)  # as many threads as spmd's one rank: every core
-        lc = peer[1](model, steps, prompt) if peer else None
+                             + (" int8" if act == "int8" else ""), activations=act, ranks=n,
+                             **medians([out[i] for out, _ in rounds_out]), rss_mib=rss, weights_mib=held,
+                             tokens=r["tokens"], rounds=[out[i] for out, _ in rounds_out]))
+        lc = medians([p for _, p in rounds_out]) if peer else None
         if lc is not None:
-            rows.append(dict(name=peer[0], ranks=1, rss_mib="-", weights_mib="-", activations=None, **lc))
+            rows.append(dict(name=peer[0], ranks=1, rss_mib="-", weights_mib="-", activations=None,
+                             tokens=rounds_out[0][1]["tokens"], rounds=[p for _, p in rounds_out], **lc))
         base = rows[0]["decode_tokens_per_s"]
         print(f"\nmodel: {Path(model).name}, {weight_bytes / 1e6:.0f} MB of matrices; prompt {prompt_len}, "
               f"{steps} steps, allreduce {allreduce}")
@@ -273,19 +299,19 @@ def main():
         else:
             which = "native llama-bench" if "slow" not in peer[0] else "llama-cpp-python's Python loop, not native"
             for r in rows[:-1]:
-                print(f"{r['name']} / llama.cpp ({which}) decode: "
-                      f"{r['decode_tokens_per_s'] / lc['decode_tokens_per_s']:.2f}, "
-                      f"prompt: {r['prompt_tokens_per_s'] / lc['prompt_tokens_per_s']:.2f}")
+                print(f"{r['name']} / llama.cpp ({which}) decode: {ratio(r, rows[-1], 'decode_tokens_per_s')}, "
+                      f"prompt: {ratio(r, rows[-1], 'prompt_tokens_per_s')}")
         for act in activations.split(","):
             runs = [r for r in rows if r["activations"] == act]
             same = all(r["tokens"] == runs[0]["tokens"] for r in runs)
             print(f"greedy tokens identical across spmd runs with --activations {act}: {same}   (per-rank figures "
                   "are rank 0/rank 1/...)")
-        if lc is not None and lc["tokens"] is not None:
-            agree = next((i for i, (a, b) in enumerate(zip(rows[0]["tokens"], lc["tokens"])) if a != b), steps)
+        if lc is not None and rows[-1]["tokens"] is not None:
+            agree = next((i for i, (a, b) in enumerate(zip(rows[0]["tokens"], rows[-1]["tokens"])) if a != b), steps)
             print(f"llama.cpp's greedy tokens equal ours for the first {agree} of {steps}")
         if json_out:
-            Path(json_out).write_text(json.dumps(dict(qtype=qtype, weight_bytes=weight_bytes, rows=rows), indent=1))
+            Path(json_out).write_text(json.dumps(dict(qtype=qtype, weight_bytes=weight_bytes, rows=rows), indent=1,
+                                                 default=str))
         if tmp:
             shutil.rmtree(tmp)
 

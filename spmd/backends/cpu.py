@@ -849,27 +849,43 @@ _FUSED = {}  # (type, int8, parallel) -> `_linears_*`'s entry point
 
 
 def products(lins, x, outs):
-    """outs[m][...] = lins[m](x) for products that share their input (q, k, v; gate, up). Where they are CpuLinears of
-    one type and width (no cut blocks) with contiguous float32 results, one kernel call prepares the activations
-    once and runs all their rows in one fork-join (`_linears_parallel`: about 1 ms of a 22 ms decode token on the
-    TinyLlama shape, 2 cores), each row the same bits as from its own call; otherwise one call each."""
+    """outs[m][...] = lins[m](x) for products that share their input (q, k, v; gate, up). Those that are CpuLinears
+    of one type and width (no cut blocks) with contiguous float32 results go in one kernel call (a Q4_K_M file's q
+    and k where its v is Q6_K): the activations prepared once and all their rows in one fork-join
+    (`_linears_parallel`: about 1 ms of a 22 ms decode token on the TinyLlama shape, 2 cores), each row the same
+    bits as from its own call; the others one call each. Returns outs."""
     x = np.ascontiguousarray(x, dtype=np.float32)
-    first, n = lins[0], x.shape[0]
-    fused = len(lins) in (2, 3) and n > 0 and first.cols > 0 and x.shape == (n, first.cols) and all(
-        isinstance(lin, CpuLinear) and (lin.qtype, lin.int8, lin.stored) == (first.qtype, first.int8, first.stored)
-        and lin.spread is None and lin.rows > 0 and out.dtype == np.float32 and out.flags.c_contiguous
-        and out.shape == (n, lin.rows) for lin, out in zip(lins, outs))
-    if not fused:
-        return [lin(x, out=out) for lin, out in zip(lins, outs)]
+    n, alike = x.shape[0], {}
+    for lin, out in zip(lins, outs):
+        fits = (isinstance(lin, CpuLinear) and n > 0 and lin.cols > 0 and x.shape == (n, lin.cols) and lin.rows > 0
+                and lin.spread is None and out.dtype == np.float32 and out.flags.c_contiguous
+                and out.shape == (n, lin.rows))
+        alike.setdefault((lin.qtype, lin.int8) if fits else id(lin), []).append((lin, out))
+    for pairs in alike.values():
+        if len(pairs) == 1:
+            lin, out = pairs[0]
+            lin(x, out=out)
+            continue
+        for at in range(0, len(pairs), 3):
+            _fused(pairs[at:at + 3], x)
+    return outs
+
+
+def _fused(pairs, x):
+    """Two or three (CpuLinear, out) of one type and width through `_linears_*` (a pair gets an empty third)."""
+    (first, _), n = pairs[0], x.shape[0]
+    if len(pairs) == 1:
+        first(x, out=pairs[0][1])
+        return
     xs, xq, _ = first._one if n == 1 else first._scratch(n)
+    lins = [lin for lin, _ in pairs]
     parallel = first.threads > 1 and sum(lin.nbytes for lin in lins) >= SMALL
-    ys = (*outs, np.empty((n, 0), np.float32))[:3]  # gate and up: an empty third
+    ys = (*(out for _, out in pairs), np.empty((n, 0), np.float32))[:3]
     args = (*(a for lin in (*lins, lins[-1])[:3] for a in lin.arrays), x, xs, xq, *ys)
     key = (first.qtype, first.int8, parallel)
     if key not in _FUSED:
         _FUSED[key] = _entry(parallel, first.qtype, args)
     _FUSED[key](int(first.qtype), *args)
-    return outs
 
 
 class CpuBackend(Backend):
