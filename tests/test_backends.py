@@ -297,30 +297,35 @@ def test_products_sharing_their_input_give_each_ones_bits(mode, threads):
 INT8_TYPES = (T.Q4_0, T.Q8_0, T.Q4_K, T.Q6_K)
 
 
+def int8_lane(qtype):
+    """Elements a lane of the 8-bit kernels owns: a 32-element block, or Q6_K's 16-element sub-block."""
+    return 16 if qtype == T.Q6_K else 32
+
+
 def int8_reference(w, x):
     """What --activations int8 computes, transcribed with whole-array numpy (no lanes, no tiles): per 32-element
-    block of x, d = max |x| / 127 and q = rint(x * (1 / d)) in float32; per 16 consecutive elements of a block, the
-    integer sum of the weights' integers times q, times d_w * d * 2^FIXED in float32 (K-quants: d_w = the
-    super-block's d times the sub-block's sc; with mins, plus the sum of those 16 q times the sub-block's min (dmin *
-    m) times d * 2^FIXED), cut toward zero; all of those summed as integers, times 2^-FIXED, as float64 (FIXED = 28:
-    exact below 2^25)."""
-    u, (n, cols) = unpack(w), x.shape
-    f32 = np.float32
+    block of x, d = max |x| / 127 and q = rint(x * (1 / d)) in float32; per lane (a block, or Q6_K's 16 elements of
+    one), the integer sum of the weights' integers times q, times d_w * d * 2^FIXED in float32 (K-quants: d_w = the
+    super-block's d times the sub-block's sc; with mins, plus the sum of the lane's q times the sub-block's min (dmin
+    * m) times d * 2^FIXED), cut toward zero; all of those summed as integers, times 2^-FIXED, as float64 (FIXED =
+    28: exact below 2^25)."""
+    u, (n, cols), lane = unpack(w), x.shape, int8_lane(w.qtype)
+    f32, per = np.float32, 32 // lane  # lanes a block
     xb = x.reshape(n, cols // 32, 32)
     d = (np.abs(xb).max(axis=2) / f32(127)).astype(f32)
     with np.errstate(divide="ignore"):
         inverse = np.where(d > 0, f32(1) / d, f32(0)).astype(f32)
-    q = np.rint(xb * inverse[..., None]).astype(np.int64).reshape(n, cols // 32, 2, 16)
-    sixteens = np.einsum("rbjk,nbjk->nrbj", u.q.astype(np.int64).reshape(w.rows, cols // 32, 2, 16), q)
+    q = np.rint(xb * inverse[..., None]).astype(np.int64).reshape(n, cols // 32, per, lane)
+    products = np.einsum("rbjk,nbjk->nrbj", u.q.astype(np.int64).reshape(w.rows, cols // 32, per, lane), q)
     dx = (d * f32(2.0 ** cpu.FIXED))[:, None, :, None]  # (n, 1, blocks, 1)
 
-    def per_sixteen(a, per):  # a value per `per` elements -> per 16 elements, (rows, blocks, 2)
-        return np.repeat(a.astype(f32), per // 16, axis=1).reshape(w.rows, cols // 32, 2)
-    dw = per_sixteen(u.d, u.super)
-    terms = [(sixteens, dw if u.sc is None else (per_sixteen(u.sc, u.sub) * dw).astype(f32))]
+    def per_lane(a, every):  # a value per `every` elements -> per lane, (rows, blocks, lanes a block)
+        return np.repeat(a.astype(f32), every // lane, axis=1).reshape(w.rows, cols // 32, per)
+    dw = per_lane(u.d, u.super)
+    terms = [(products, dw if u.sc is None else (per_lane(u.sc, u.sub) * dw).astype(f32))]
     if u.m is not None:  # K-quants' mins
-        mins = (per_sixteen(u.m, u.sub) * per_sixteen(u.dmin, u.super)).astype(f32)
-        terms.append((np.broadcast_to(q.sum(axis=3)[:, None], sixteens.shape), mins))
+        mins = (per_lane(u.m, u.sub) * per_lane(u.dmin, u.super)).astype(f32)
+        terms.append((np.broadcast_to(q.sum(axis=3)[:, None], products.shape), mins))
     lanes = sum((value.astype(f32) * (scale[None] * dx).astype(f32)).astype(f32) for value, scale in terms)
     return np.trunc(lanes.astype(f32)).astype(np.int64).sum(axis=(2, 3)) * 2.0 ** -cpu.FIXED
 
@@ -339,7 +344,7 @@ def test_int8_exact_sums_are_the_transcription(qtype, shape, n):
     for threads in (1, 2):
         lin = CpuBackend(threads, activations="int8").linear(w)
         np.testing.assert_array_equal(lin(x, out=np.empty((n, w.rows))), want)
-        cuts = w.cols / 16 * 2.0 ** -cpu.FIXED  # the exact sums' lanes each cut by under 2^-FIXED
+        cuts = w.cols / int8_lane(qtype) * 2.0 ** -cpu.FIXED  # the exact sums' lanes each cut by under 2^-FIXED
         bound = 1e-5 * (np.abs(x) @ np.abs(dequantize(w)).T.astype(np.float64)) + cuts
         assert np.all(np.abs(lin(x) - want) <= bound)
 

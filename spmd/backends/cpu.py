@@ -11,23 +11,24 @@ ranks) makes a tiny change in the output.
 
 --activations int8 (Q4_0, Q8_0, Q4_K and Q6_K: `INT8`; other types keep float activations) does what llama.cpp does:
 each 32 activations become int8 with d_x = amax / 127 (`_prepare_int8`), and vpdpbusd sums 64 byte products at once
-(`_int8_step`; plain LLVM integer code where the CPU lacks it, the same integers): four of them give each of 16
-lanes the integer dot product of its 16 elements, so the float work (a conversion, the lane's d_w * d_x, a
-multiply-add) comes once per 16 elements. That alone would make the
-output jump wherever another order of a partial sum moved an activation across an int8 rounding boundary (after
-22 layers the logits at 1 and 2 ranks differed by ~0.05 and greedy tokens changed with the rank count: why such
-kernels were once removed). So the products that are split by columns across ranks, whose partial sums the stage
-adds up (wo and w2: the model asks for a float64 result), are summed exactly: each lane's 16 products are exact
-in int32, times d_w * d_x * 2^FIXED in float32 (K-quants: d_w = d * sc; Q4_K adds the lane's min term, dmin * m
-times the sum of its 16 activations times d_x * 2^FIXED), cut to an integer and summed in int64, then
-scaled back, exact in float64 below 2^25 in value. Those partial sums add up to the same bits in any order and at
+(`_int8_step`; plain LLVM integer code where the CPU lacks it, the same integers): eight of them give each of 16
+lanes the integer dot product of its 32 elements, a block or sub-block with one scale (Q6_K: four, for its
+16-element sub-blocks), so the float work (a conversion, the lane's d_w * d_x, a multiply-add) comes once per
+scale. That alone would make the output jump wherever another order of a partial sum moved an activation across
+an int8 rounding boundary (after 22 layers the logits at 1 and 2 ranks differed by ~0.05 and greedy tokens changed
+with the rank count: why such kernels were once removed). So the products that are split by columns across ranks,
+whose partial sums the stage adds up (wo and w2: the model asks for a float64 result), are summed exactly: each
+lane's products are exact in int32, times d_w * d_x * 2^FIXED in float32 (K-quants: d_w = d * sc; Q4_K adds the
+lane's min term, dmin * m times the sum of its activations times d_x * 2^FIXED), cut to an integer and summed in
+int64, then scaled back, exact in float64 below 2^25 in value. Those partial sums add up to the same bits in any order and at
 any split (the allreduce sums float64 in int8 runs), so every rank count, ratio and stage layout gives the same
 bits (a type without 8-bit kernels, such as a Q5_K_M file's Q5_K matrices, sums in float32 as with --activations
 f32: its partial sums are not exact). Products split by rows (q, k, v, gate, up, the classifier) need no such care
 (a row is computed whole, in one order) and fused-multiply-add each lane's product into a float32 sum (the fast
-sums). Lanes of 16 elements (a first version had lanes of 8: twice the float work) made a 64-token prompt 1.3-1.4x
-faster end to end (TinyLlama shape, 2 cores: Q4_0 119 -> 159 tok/s, Q4_K_M 99 -> 142); the exact sums take about
-1.4-1.5x the fast sums' time for prompts.
+sums). Lanes of 16 elements (the first version had lanes of 8: twice the float work) made a 64-token prompt
+1.3-1.4x faster end to end (TinyLlama shape, 2 cores: Q4_0 119 -> 159 tok/s, Q4_K_M 99 -> 142); lanes of 32 then
+made the exact sums 1.3-1.55x faster for prompts and 1.4x for decode (per matrix, against lanes of 16), within
+0.9-1.2x of the fast sums' time.
 
 Layouts, made once at load (`_repack_quantised`, `_repack_float`) from the file's blocks (`spmd.quants.unpack`);
 four arrays a matrix (w, wh, wd, ws; a type without one gets a 1x1 dummy), rows padded with zeros to a multiple of
@@ -48,9 +49,9 @@ a multiple of 4): array row k holds rows 4k..4k+3 unit by unit, the four rows' u
 rows then reads one contiguous stream instead of four short ones: decode measured 1.1-1.9x faster from memory on
 the 2-core test machine (8-row interleaves with 8-row tiles, tried too, were 0.9-1.2x slower than 4).
 With --activations int8, INT8's types are repacked for vpdpbusd instead (`_repack_int8`: the same bytes a row,
-in quads whose unit is a 256-element group, rows padded to a multiple of 256 elements). An element is (integer -
-offset) * scale [+ min]: the integer is the nibble, with the high bits above it where the type has them; the scale
-is d (times the sub-block's scale for K-quants), the min dmin times its m (K) or m.
+in quads whose unit is a group of 16 lanes, rows padded to a multiple of 512 elements, Q6_K 256). An element is
+(integer - offset) * scale [+ min]: the integer is the nibble, with the high bits above it where the type has them;
+the scale is d (times the sub-block's scale for K-quants), the min dmin times its m (K) or m.
 Memory: the file's bytes (Q4_K 148 for 144, Q5_K 180 for 176: their packed 6-bit scales held as bytes), with
 either activations.
 
@@ -101,8 +102,6 @@ _FEATURES = numba.config.CPU_FEATURES if numba.config.CPU_FEATURES is not None e
 AVX512 = "+avx512f" in _FEATURES.split(",") and not os.environ.get("SPMD_CPU_GENERIC")
 VNNI = AVX512 and "+avx512vnni" in _FEATURES.split(",")  # vpdpbusd: 64 byte products summed into 16 int32
 GROUP = 128  # quantised kernels: elements per loop step (4 blocks, 16 lanes of 8)
-GROUP8 = 256  # 8-bit activations: elements per loop step (16 lanes of 16)
-X8 = 384  # 8-bit activations: bytes of a prepared 256-element group (`_prepare_int8`)
 CHUNK = 64  # float kernels: elements per loop step
 ROW_BLOCK = 16  # weight rows per parallel work item; activation rows go through 4 at a time
 QUAD = 4  # quantised weights: rows interleaved in fours, so that the kernels' tiles read one stream (docstring)
@@ -291,73 +290,77 @@ def _float_step(b, g, wrows, pxs, _pxqs, dtype, accs, ahead):
 
 
 def _lane_scales(b, g, pd, ps, fmt):
-    """With 8-bit activations: the 16 lanes' scales of 256-element group g of one weight row (K-quants: d times the
-    sub-block's sc), and their mins (dmin times m; or None): 16 x float each (`_repack_int8`)."""
+    """With 8-bit activations: the 16 lanes' scales of group g of one weight row (K-quants: d times the sub-block's
+    sc), and their mins (dmin times m; or None): 16 x float each (`_repack_int8`)."""
     c = lambda v: ir.Constant(g.type, v)  # noqa: E731
     lanes = lambda v, idx: _shuffle(b, v, [idx(lane) for lane in range(16)])  # noqa: E731
-    if fmt.per_d == 32:  # the group's 8 d, a block's for its two lanes
-        d = b.fpext(_load(b, pd, b.mul(g, c(QUAD * 16)), _vec(F16, 8)), _vec(F32, 8))
-        return lanes(d, lambda i: i // 2), None
-    k = 2 if fmt.mins else 1
-    dd = b.fpext(_load(b, pd, b.mul(g, c(QUAD * 2 * k)), _vec(F16, k)), _vec(F32, k))  # d (, dmin)
-    sub = _load(b, ps, b.mul(g, c(QUAD * 16)), _vec(I8, 16))  # 4 sc, 4 m, 4 sc, 4 m (Q4_K) or 16 sc (Q6_K)
-    sub = (b.sitofp if fmt.signed_sub else b.uitofp)(sub, _vec(F32, 16))
+    units = fmt.int8_units
+    if fmt.per_d == 32:  # the group's 16 d, a lane's block's
+        return b.fpext(_load(b, pd, b.mul(g, c(QUAD * units[2])), _vec(F16, 16)), _vec(F32, 16)), None
+    k, supers = 2 if fmt.mins else 1, fmt.group8 // SUPER
+    dd = b.fpext(_load(b, pd, b.mul(g, c(QUAD * units[2])), _vec(F16, k * supers)), _vec(F32, k * supers))
+    sub = _load(b, ps, b.mul(g, c(QUAD * units[3])), _vec(I8, units[3]))  # Q4_K: 4 sc, 4 m, ... (32); Q6_K: 16 sc
+    sub = (b.sitofp if fmt.signed_sub else b.uitofp)(sub, _vec(F32, units[3]))
     if not fmt.mins:
         return b.fmul(sub, lanes(dd, lambda i: 0)), None
-    sc = lanes(sub, lambda i: i // 2 + 4 * (i // 8))  # lane l: sub-block l // 2
-    m = lanes(sub, lambda i: i // 2 + 4 * (i // 8) + 4)
-    return b.fmul(sc, lanes(dd, lambda i: 0)), b.fmul(m, lanes(dd, lambda i: 1))
+    if supers == 1:
+        raise NotImplementedError("8-bit lanes of 16 for a type with mins")
+    sc = lanes(sub, lambda i: 8 * (i // 4) + i % 4)  # lane i: sub-block i, of super-block i // 8
+    m = lanes(sub, lambda i: 8 * (i // 4) + i % 4 + 4)
+    return b.fmul(sc, lanes(dd, lambda i: 2 * (i // 8))), b.fmul(m, lanes(dd, lambda i: 2 * (i // 8) + 1))
 
 
 def _int8_step(b, g, wrows, pxs, _pxqs, spec, accs, _ahead):
-    """One 256-element group of every (weight row j, activation row k) pair with 8-bit activations (--activations
-    int8; layouts in `_repack_int8`, `_prepare_int8`): lane l's 16 products, exact in int32 (four vpdpbusd, from the
-    activations' lane correction), then times the lane's d_w * d_x. Fast sums (a float32 result) fused-multiply-add
-    that into the lane's float sum; exact sums (a float64 result) cut it to an integer number of 2^-FIXED and add it
-    to an int64 sum, so the result does not depend on how the columns were split. Types with mins (Q4_K) add the
-    lane's min times the sum of its 16 activations (prepared where the others have their correction): a second
-    fused multiply-add, or in the exact sums added to the lane's product before the cut."""
+    """One group (16 lanes of L = `Format.lane8` elements) of every (weight row j, activation row k) pair with
+    8-bit activations (--activations int8; layouts in `_repack_int8`, `_prepare_int8`): lane l's L products, exact in
+    int32 (L / 4 vpdpbusd, from the activations' lane correction), then times the lane's d_w * d_x. Fast sums (a
+    float32 result) fused-multiply-add that into the lane's float sum; exact sums (a float64 result) cut it to an
+    integer number of 2^-FIXED and add it to an int64 sum, so the result does not depend on how the columns were
+    split. Types with mins (Q4_K) add the lane's min times the sum of its activations (prepared where the others
+    have their correction): a second fused multiply-add, or in the exact sums added to the lane's product before
+    the cut."""
     fmt, exact = spec
     c = lambda v: ir.Constant(g.type, v)  # noqa: E731
-    units = fmt.int8_units
+    units, lane = fmt.int8_units, fmt.lane8
     base = b.mul(g, c(QUAD * units[0]))
-    mask = _splat(I32, 0x0F0F0F0F, 16)
+    mask, four = _splat(I32, 0x0F0F0F0F, 16), _splat(I32, 4, 16)
     weights = []
     for pw, ph, pd, ps in wrows:  # (no software prefetch: decode streamed 5-15% faster without, the CPU's own does)
         dw, mw = _lane_scales(b, g, pd, ps, fmt)  # lane l: its block's d (K: d times sc), and min (or None)
-        if fmt.high < 0:  # Q8_0, a byte each: chunk k in the group's k-th 64 bytes
-            chunks = [_load(b, pw, b.add(base, c(64 * k)), _vec(I32, 16)) for k in range(4)]
-        else:  # nibbles: chunks 0, 1 low and high of the first 64 bytes, 2, 3 of the next
-            lo, hi = _load(b, pw, base, _vec(I32, 16)), _load(b, pw, b.add(base, c(64)), _vec(I32, 16))
-            chunks = [b.and_(v, mask) for v in (lo, b.lshr(lo, _splat(I32, 4, 16)), hi, b.lshr(hi, _splat(I32, 4, 16)))]
+        if fmt.high < 0:  # Q8_0, a byte each: chunk c in the group's c-th 64 bytes
+            chunks = [_load(b, pw, b.add(base, c(64 * k)), _vec(I32, 16)) for k in range(lane // 4)]
+        else:  # nibbles: chunks 2h, 2h + 1 low and high of the h-th 64 bytes
+            chunks = []
+            for h in range(lane // 8):
+                v = _load(b, pw, b.add(base, c(64 * h)), _vec(I32, 16))
+                chunks += [b.and_(v, mask), b.and_(b.lshr(v, four), mask)]
         if fmt.high == 2:  # Q6_K: bits 2c..2c+1 of the plane's bytes, moved to bits 4-5
             plane = _load(b, ph, b.mul(g, c(QUAD * units[1])), _vec(I32, 16))
-            shifted = (b.shl(plane, _splat(I32, 4, 16)), b.shl(plane, _splat(I32, 2, 16)), plane,
-                       b.lshr(plane, _splat(I32, 2, 16)))
+            shifted = (b.shl(plane, four), b.shl(plane, _splat(I32, 2, 16)), plane, b.lshr(plane, _splat(I32, 2, 16)))
             top = _splat(I32, 0x30303030, 16)
             chunks = [b.or_(chunk, b.and_(bits, top)) for chunk, bits in zip(chunks, shifted)]
         weights.append((chunks, dw, mw))
     for k, px in enumerate(pxs):
-        at = b.mul(g, c(X8))
-        xc = [_load(b, px, b.add(at, c(64 * i)), _vec(I32, 16)) for i in range(4)]
-        correction = _load(b, px, b.add(at, c(256)), _vec(I32, 16))  # types with mins: the lanes' sums
-        dx = _load(b, px, b.add(at, c(320)), _vec(F32, 16))
+        at = b.mul(g, c(fmt.x8))
+        xc = [_load(b, px, b.add(at, c(64 * i)), _vec(I32, 16)) for i in range(lane // 4)]
+        correction = _load(b, px, b.add(at, c(16 * lane)), _vec(I32, 16))  # types with mins: the lanes' sums
+        dx = _load(b, px, b.add(at, c(16 * lane + 64)), _vec(F32, 16))
         start = ir.Constant(_vec(I32, 16), None) if fmt.mins else correction
         sums = b.sitofp(correction, _vec(F32, 16)) if fmt.mins else None
         for j, (chunks, dw, mw) in enumerate(weights):
             total = start
             for chunk, xv in zip(chunks, xc):
                 total = _dpbusd(b, total, chunk, xv)
-            lane = b.sitofp(total, _vec(F32, 16))
+            lanes = b.sitofp(total, _vec(F32, 16))
             acc = accs[j][k][0]
             if exact:  # the lane's product (plus its min term), cut once
-                value = b.fmul(lane, b.fmul(dw, dx))
+                value = b.fmul(lanes, b.fmul(dw, dx))
                 if fmt.mins:
                     value = b.fadd(value, b.fmul(sums, b.fmul(mw, dx)))
                 cut = b.fptosi(value, _vec(I64, 16))
                 b.store(b.add(b.load(acc), b.add(_shuffle(b, cut, range(8)), _shuffle(b, cut, range(8, 16)))), acc)
             else:
-                total = _fma(b, lane, b.fmul(dw, dx), b.load(acc))
+                total = _fma(b, lanes, b.fmul(dw, dx), b.load(acc))
                 b.store(_fma(b, sums, b.fmul(mw, dx), total) if fmt.mins else total, acc)
 
 
@@ -375,7 +378,7 @@ def _make_dot(nw, nx):
         int8, exact = xs.dtype == types.uint8, y.dtype == types.float64
         step, size, naccs, spec = (_quantised_step, GROUP, 1, fmt) if fmt else (_float_step, CHUNK, 2, w.dtype)
         if int8:
-            step, size, spec = _int8_step, X8, (fmt, exact)
+            step, size, spec = _int8_step, fmt.x8, (fmt, exact)
         zero = ir.Constant(_vec(I64, 8) if exact else _vec(F32, 16), None)
 
         def codegen(context, b, sig, args):
@@ -449,7 +452,7 @@ def _prepare_impl(kind, x, xs, xq):
         return None
     fmt = FORMATS.get(T(kind.literal_value))
     if xs.dtype == types.uint8:
-        return _prepare_int8(INT8[T(kind.literal_value)], fmt.mins)
+        return _prepare_int8(INT8[T(kind.literal_value)], fmt.mins, fmt.lane8)
     if fmt is None:
         def copy(kind, x, xs, xq):
             for i in range(x.shape[0]):
@@ -471,22 +474,23 @@ def _prepare_impl(kind, x, xs, xq):
     return transpose
 
 
-def _prepare_int8(offset, mins):
-    """x (n, cols) -> per row of xs (n, padded cols / 256 * X8) uint8, per 256-element group g (X8 = 384 bytes):
-    the 8-bit activations (int8) at 384g + 64c + 4l + k for element 16l + 4c + k (lane l, chunk c, as the weights'
-    `_repack_int8`), then lane l's correction -offset * (the sum of its 16) as int32 at 384g + 256 + 4l (types with
-    mins: the sum itself, for the min term), then d_x 2^FIXED of its block as float32 at 384g + 320 + 4l. Per
-    32-element block (lanes 2b, 2b + 1) d_x = amax / 127 and q = rint(x / d_x), as llama.cpp's Q8_0. xq[i, 0]: 1
-    where row i has a NaN or an activation past LIMIT (`_finish`)."""
+def _prepare_int8(offset, mins, lane):
+    """x (n, cols) -> per row of xs (n, padded cols / G * X) uint8 (G = 16 lane elements a group, X = 16 lane + 128
+    bytes: `Format.group8`, `Format.x8`), per group g: the 8-bit activations (int8) at Xg + 64c + 4l + k for element
+    lane * l + 4c + k (lane l, chunk c, as the weights' `_repack_int8`), then lane l's correction -offset * (the sum
+    of its integers) as int32 at Xg + 16 lane + 4l (types with mins: the sum itself, for the min term), then d_x
+    2^FIXED of its block as float32 at Xg + 16 lane + 64 + 4l. Per 32-element block d_x = amax / 127 and q = rint(x
+    / d_x), as llama.cpp's Q8_0. xq[i, 0]: 1 where row i has a NaN or an activation past LIMIT (`_finish`)."""
     scale = np.float32(2.0 ** FIXED)
     factor = 1 if mins else -offset
+    size, per = 16 * lane + 128, 32 // lane  # a group's bytes; lanes a block
 
     def quantise(kind, x, xs, xq):
         n, cols = x.shape
         for i in range(n):
             q8, q32, f32 = xs[i].view(np.int8), xs[i].view(np.int32), xs[i].view(np.float32)
             bad = False
-            for blk in range(xs.shape[1] // (X8 // 8)):
+            for blk in range(xs.shape[1] // size * lane // 2):
                 amax = np.float32(0.0)
                 for e in range(32 * blk, min(cols, 32 * blk + 32)):
                     a = abs(x[i, e])
@@ -494,17 +498,17 @@ def _prepare_int8(offset, mins):
                     amax = max(amax, a)
                 d = amax / np.float32(127.0)
                 inverse = np.float32(1.0) / d if d > 0 else np.float32(0.0)
-                g = blk // 8
-                for lane in range(2 * (blk % 8), 2 * (blk % 8) + 2):
+                g, first = blk // (lane // 2), per * (blk % (lane // 2))
+                for ln in range(first, first + per):
                     total = 0
-                    for c in range(4):
+                    for c in range(lane // 4):
                         for k in range(4):
-                            e = GROUP8 * g + 16 * lane + 4 * c + k
+                            e = 16 * lane * g + lane * ln + 4 * c + k
                             q = int(np.rint(x[i, e] * inverse)) if e < cols else 0
-                            q8[X8 * g + 64 * c + 4 * lane + k] = q
+                            q8[size * g + 64 * c + 4 * ln + k] = q
                             total += q
-                    q32[X8 // 4 * g + 64 + lane] = factor * total
-                    f32[X8 // 4 * g + 80 + lane] = d * scale
+                    q32[size // 4 * g + 4 * lane + ln] = factor * total
+                    f32[size // 4 * g + 4 * lane + 16 + ln] = d * scale
             xq[i, 0] = bad
     return quantise
 
@@ -643,11 +647,27 @@ class Format:
                 0 if self.per_d == 32 else 8)
 
     @property
+    def lane8(self):
+        """8-bit activations: elements a lane of the kernels owns, those of one scale: a 32-element block (Q4_0,
+        Q8_0) or sub-block (Q4_K), or Q6_K's 16-element sub-block."""
+        return 16 if self.high == 2 else 32
+
+    @property
+    def group8(self):
+        """8-bit activations: elements of a loop step (16 lanes), the unit of `_repack_int8`'s layouts."""
+        return 16 * self.lane8
+
+    @property
+    def x8(self):
+        """8-bit activations: bytes of a group's prepared activations (`_prepare_int8`)."""
+        return 16 * self.lane8 + 128
+
+    @property
     def int8_units(self):
-        """The same for the 8-bit activations' layouts (`_repack_int8`), whose unit is a 256-element group: twice
-        the bytes, but a K-quant's wd (its super-block's d, dmin) once."""
+        """`units` for the 8-bit activations' layouts (`_repack_int8`), whose unit is a group of `group8` elements."""
         w, wh, wd, ws = self.units
-        return 2 * w, 2 * wh, wd * (2 if self.per_d == 32 else 1), 2 * ws
+        f = self.group8 // GROUP
+        return f * w, f * wh, wd * (f if self.per_d == 32 else self.group8 // SUPER), f * ws
 
 
 FORMATS = {T.Q8_0: Format(high=-1), T.Q4_0: Format(offset=8), T.Q4_1: Format(mins=True),
@@ -703,25 +723,26 @@ def _repack_quantised(qt):
 
 
 def _repack_int8(qt):
-    """QTensor (INT8's types) -> (w, wh, wd, ws) for 8-bit activations, in quads of rows with a 256-element group as
-    the unit (`Format.int8_units`), as many bytes as for float activations. Lane l (of 16) of a group owns its
-    elements 16l..16l+15, in four chunks c of 4 (16l + 4c + k, k = 0..3), each its integer plus INT8[type]
-    (unsigned, for vpdpbusd). w: Q8_0, byte 64c + 4l + k; the 4-bit types, chunks 0 and 1 in the low and high
-    nibbles of byte 4l + k, chunks 2 and 3 in those of byte 64 + 4l + k. Q6_K's top two bits go in wh, 64 bytes a
-    group: bits 2c..2c+1 of byte 4l + k. wd and ws as for float activations (per group: 8 d; or the super-block's d
-    (, dmin) and its sub-blocks' 8 sc (4 sc, 4 m, 4 sc, 4 m for Q4_K) or 16 sc (Q6_K))."""
+    """QTensor (INT8's types) -> (w, wh, wd, ws) for 8-bit activations, in quads of rows with a group of 16 lanes as
+    the unit (`Format.int8_units`), as many bytes as for float activations. Lane l of a group owns its elements
+    Ll..Ll+L-1 (L = `Format.lane8`: 32, Q6_K 16), in chunks c of 4 (Ll + 4c + k, k = 0..3), each its integer plus
+    INT8[type] (unsigned, for vpdpbusd). w: Q8_0, byte 64c + 4l + k; the 4-bit types, chunks 2h and 2h + 1 in the
+    low and high nibbles of byte 64h + 4l + k. Q6_K's top two bits go in wh, 64 bytes a group: bits 2c..2c+1 of byte
+    4l + k. wd and ws hold what they do for float activations (per group: its blocks' d; or its super-blocks' d (,
+    dmin) and their sub-blocks' sc (Q4_K: 4 sc, 4 m, 4 sc, 4 m each; Q6_K: 16 sc))."""
     u, fmt = unpack(qt), FORMATS[qt.qtype]
-    rows, cp = qt.rows, padded_cols(qt.qtype, qt.cols, int8=True)
-    q = (_padded(u.q, cp) + INT8[qt.qtype]).astype(np.uint8).reshape(rows, cp // GROUP8, 16, 4, 4)  # g l c k
-    wh = _NONE
+    rows, cp, lane = qt.rows, padded_cols(qt.qtype, qt.cols, int8=True), fmt.lane8
+    q = (_padded(u.q, cp) + INT8[qt.qtype]).astype(np.uint8).reshape(rows, cp // fmt.group8, 16, lane // 4, 4)
+    wh = _NONE  # q: g l c k
     if fmt.high < 0:  # Q8_0
         w = q.transpose(0, 1, 3, 2, 4)
     else:
-        w = np.stack([(q[:, :, :, 2 * h] & 15) | ((q[:, :, :, 2 * h + 1] & 15) << 4) for h in (0, 1)], axis=2)
+        w = np.stack([(q[:, :, :, 2 * h] & 15) | ((q[:, :, :, 2 * h + 1] & 15) << 4) for h in range(lane // 8)],
+                     axis=2)
     if fmt.high > 0:  # Q6_K
         top = (q >> 4).astype(np.uint8)
         wh = top[:, :, :, 0] | (top[:, :, :, 1] << 2) | (top[:, :, :, 2] << 4) | (top[:, :, :, 3] << 6)
-    groups, units = cp // GROUP8, fmt.int8_units
+    groups, units = cp // fmt.group8, fmt.int8_units
     arrays = [a if a is _NONE else np.ascontiguousarray(a).reshape(rows, groups * unit)
               for a, unit in zip((w, wh), units)]
     arrays += _scales(u, fmt, rows, cp)
@@ -760,10 +781,12 @@ def _scales(u, fmt, rows, cp):
         wd = np.stack([p.reshape(rows, groups, 4) for p in parts], axis=2).reshape(rows, n_d * len(parts))
         return _f16_bits(wd), _NONE
     wd = np.stack(parts, axis=2).reshape(rows, n_d * len(parts))  # per super-block: d (, dmin)
+    sc = _padded(u.sc, cp // u.sub)  # (8-bit activations pad Q4_K to 512 elements)
     if fmt.mins:  # per group: the 4 sc, then the 4 m of its sub-blocks
-        ws = np.stack([u.sc.reshape(rows, groups, 4), u.m.reshape(rows, groups, 4)], axis=2).reshape(rows, cp // 16)
+        m = _padded(u.m, cp // u.sub)
+        ws = np.stack([sc.reshape(rows, groups, 4), m.reshape(rows, groups, 4)], axis=2).reshape(rows, cp // 16)
     else:
-        ws = u.sc
+        ws = sc
     return _f16_bits(wd), ws.astype(np.int8 if fmt.signed_sub else np.uint8).view(np.uint8)
 
 
@@ -777,10 +800,10 @@ _NONE = np.zeros((1, 1), np.uint8)  # an array a type does not have
 
 
 def padded_cols(qtype, cols, int8=False):
-    """The kernels' row length: quantised types by whole 128-element groups (K-quants, and any with 8-bit
-    activations: 256), floats by 64-element chunks."""
+    """The kernels' row length: quantised types by whole 128-element groups (K-quants: 256; with 8-bit activations,
+    groups of 16 lanes: 512, Q6_K 256), floats by 64-element chunks."""
     if int8:
-        return _pad(cols, GROUP8)
+        return _pad(cols, FORMATS[qtype].group8)
     return _pad(cols, CHUNK if qtype in FLOATS else GROUP if FORMATS[qtype].per_d == 32 else SUPER)
 
 
@@ -793,7 +816,7 @@ def held_bytes(qtype, rows, cols, int8=False) -> int:
         return rows * cp * np.dtype(FLOATS[qtype]).itemsize
     fmt = FORMATS[qtype]
     if int8:
-        return _pad(rows, QUAD) * cp // GROUP8 * sum(fmt.int8_units)
+        return _pad(rows, QUAD) * cp // fmt.group8 * sum(fmt.int8_units)
     w, wh, wd, ws = fmt.units  # bytes a row per group (wd: per d)
     return _pad(rows, QUAD) * (cp // GROUP * (w + wh + ws) + cp // max(fmt.per_d, GROUP) * wd)
 
@@ -823,8 +846,9 @@ class CpuLinear:
         cols = padded_cols(self.qtype, self.stored, self.int8)
         sums = self.qtype in FORMATS and FORMATS[self.qtype].mins
         wide = np.zeros((n, self.stored), np.float32) if self.spread is not None else None
-        if self.int8:  # 384 bytes a 256-element group, and a row's mark (`_prepare_int8`)
-            return np.zeros((n, X8 * cols // GROUP8), np.uint8), np.zeros((n, 1), np.float32), wide
+        if self.int8:  # x8 bytes a group, and a row's mark (`_prepare_int8`)
+            fmt = FORMATS[self.qtype]
+            return np.zeros((n, fmt.x8 * cols // fmt.group8), np.uint8), np.zeros((n, 1), np.float32), wide
         return np.zeros((n, cols), np.float32), np.zeros((n, cols // 8) if sums else (1, 1), np.float32), wide
 
     def __call__(self, x: np.ndarray, out: np.ndarray = None) -> np.ndarray:
