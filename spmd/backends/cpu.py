@@ -23,9 +23,9 @@ lane's min term, dmin * m times the sum of its activations times d_x * 2^FIXED),
 int64, then scaled back, exact in float64 below 2^25 in value. Those partial sums add up to the same bits in any
 order and at any split (the allreduce sums float64 in int8 runs), so every rank count, ratio and stage layout gives
 the same bits (a type without 8-bit kernels, such as a Q5_K_M file's Q5_K matrices, sums in float32 as with
---activations f32: its partial sums are not exact). Products split by rows (q, k, v, gate, up, the classifier) need no such care
-(a row is computed whole, in one order) and fused-multiply-add each lane's product into a float32 sum (the fast
-sums). Lanes of 16 elements (the first version had lanes of 8: twice the float work) made a 64-token prompt
+--activations f32: its partial sums are not exact). Products split by rows (q, k, v, gate, up, the classifier)
+need no such care (a row is computed whole, in one order) and fused-multiply-add each lane's product into a
+float32 sum (the fast sums). Lanes of 16 elements (the first version had lanes of 8: twice the float work) made a 64-token prompt
 1.3-1.4x faster end to end (TinyLlama shape, 2 cores: Q4_0 119 -> 159 tok/s, Q4_K_M 99 -> 142); lanes of 32 then
 made the exact sums 1.3-1.55x faster for prompts and 1.4x for decode (per matrix, against lanes of 16), within
 0.9-1.2x of the fast sums' time.
