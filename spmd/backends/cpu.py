@@ -13,22 +13,22 @@ ranks) makes a tiny change in the output.
 each 32 activations become int8 with d_x = amax / 127 (`_prepare_int8`), and vpdpbusd sums 64 byte products at once
 (`_int8_step`; plain LLVM integer code where the CPU lacks it, the same integers): eight of them give each of 16
 lanes the integer dot product of its 32 elements, a block or sub-block with one scale (Q6_K: four, for its
-16-element sub-blocks), so the float work (a conversion, the lane's d_w * d_x, a multiply-add) comes once per
-scale. That alone would make the output jump wherever another order of a partial sum moved an activation across
-an int8 rounding boundary (after 22 layers the logits at 1 and 2 ranks differed by ~0.05 and greedy tokens changed
-with the rank count: why such kernels were once removed). So the products that are split by columns across ranks,
-whose partial sums the stage adds up (wo and w2: the model asks for a float64 result), are summed exactly: each
-lane's products are exact in int32, times d_w * d_x * 2^FIXED in float32 (K-quants: d_w = d * sc; Q4_K adds the
-lane's min term, dmin * m times the sum of its activations times d_x * 2^FIXED), cut to an integer and summed in
-int64, then scaled back, exact in float64 below 2^25 in value. Those partial sums add up to the same bits in any
-order and at any split (the allreduce sums float64 in int8 runs), so every rank count, ratio and stage layout gives
-the same bits (a type without 8-bit kernels, such as a Q5_K_M file's Q5_K matrices, sums in float32 as with
---activations f32: its partial sums are not exact). Products split by rows (q, k, v, gate, up, the classifier)
-need no such care (a row is computed whole, in one order) and fused-multiply-add each lane's product into a
-float32 sum (the fast sums). Lanes of 16 elements (the first version had lanes of 8: twice the float work) made a 64-token prompt
-1.3-1.4x faster end to end (TinyLlama shape, 2 cores: Q4_0 119 -> 159 tok/s, Q4_K_M 99 -> 142); lanes of 32 then
-made the exact sums 1.3-1.55x faster for prompts and 1.4x for decode (per matrix, against lanes of 16), within
-0.9-1.2x of the fast sums' time.
+16-element sub-blocks), so the float work (a conversion, the lane's d_w * d_x, a multiply-add) comes once per scale.
+That alone would make the output jump wherever another order of a partial sum moved an activation across an int8
+rounding boundary (after 22 layers the logits at 1 and 2 ranks differed by ~0.05 and greedy tokens changed with the
+rank count: why such kernels were once removed). So the products that are split by columns across ranks, whose
+partial sums the stage adds up (wo and w2: the model asks for a float64 result), are summed exactly: each lane's
+products are exact in int32, times d_w * d_x * 2^FIXED in float32 (K-quants: d_w = d * sc; Q4_K adds the lane's min
+term, dmin * m times the sum of its activations times d_x * 2^FIXED), cut to an integer and summed in int64, then
+scaled back, exact in float64 below 2^25 in value. Those partial sums add up to the same bits in any order and at
+any split (the allreduce sums float64 in int8 runs), so every rank count, ratio and stage layout gives the same bits
+(a type without 8-bit kernels, such as a Q5_K_M file's Q5_K matrices, sums in float32 as with --activations f32: its
+partial sums are not exact). Products split by rows (q, k, v, gate, up, the classifier) need no such care (a row is
+computed whole, in one order) and fused-multiply-add each lane's product into a float32 sum (the fast sums). Lanes
+of 16 elements (the first version had lanes of 8: twice the float work) made a 64-token prompt 1.3-1.4x faster end
+to end (TinyLlama shape, 2 cores: Q4_0 119 -> 159 tok/s, Q4_K_M 99 -> 142); lanes of 32 then made the exact sums
+1.3-1.55x faster for prompts and 1.4x for decode (per matrix, against lanes of 16), within 0.9-1.2x of the fast
+sums' time.
 
 Layouts, made once at load (`_repack_quantised`, `_repack_float`) from the file's blocks (`spmd.quants.unpack`);
 four arrays a matrix (w, wh, wd, ws; a type without one gets a 1x1 dummy), rows padded with zeros to a multiple of
