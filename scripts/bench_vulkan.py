@@ -34,8 +34,9 @@ from spmd.plan import make_plan, parse_layout  # noqa: E402
 from spmd.synth import LLAMA2_7B, TINYLLAMA, Shape, write_model  # noqa: E402
 from spmd.weights import load_shard  # noqa: E402
 
-WARM_S = 0.3  # the GPU is kept busy this long before a figure is timed (an H200 idles at 345 MHz, not 1980: in
-# --kernels, a product measured right after seconds of repacking on the CPU read 5.7x slower, and so did the next)
+WARM_S = 1.0  # the GPU is kept busy this long before a figure is timed (an H200 idles at 345 MHz, not 1980: in
+# --kernels, a product measured right after seconds of repacking on the CPU read 5.7x slower, and so did the next;
+# a second model's prompt in one run read 3x slower after 0.3 s of warm-up, as fast as the first after 1 s)
 PEAK_TBS = (("H100 PCIE", 2.0), ("H100", 3.35), ("H200", 4.8), ("A100", 2.0))
 ROOT = Path(__file__).resolve().parents[1]
 CUDA_BENCH = ROOT / "bench-out" / "llama.cpp" / "cuda" / "bin" / "llama-bench"  # build_llama_cpp.sh --cuda
