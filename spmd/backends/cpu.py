@@ -301,10 +301,8 @@ def _lane_scales(b, g, pd, ps, fmt):
     dd = b.fpext(_load(b, pd, b.mul(g, c(QUAD * units[2])), _vec(F16, k * supers)), _vec(F32, k * supers))
     sub = _load(b, ps, b.mul(g, c(QUAD * units[3])), _vec(I8, units[3]))  # Q4_K: 4 sc, 4 m, ... (32); Q6_K: 16 sc
     sub = (b.sitofp if fmt.signed_sub else b.uitofp)(sub, _vec(F32, units[3]))
-    if not fmt.mins:
+    if not fmt.mins:  # Q6_K: one super-block
         return b.fmul(sub, lanes(dd, lambda i: 0)), None
-    if supers == 1:
-        raise NotImplementedError("8-bit lanes of 16 for a type with mins")
     sc = lanes(sub, lambda i: 8 * (i // 4) + i % 4)  # lane i: sub-block i, of super-block i // 8
     m = lanes(sub, lambda i: 8 * (i // 4) + i % 4 + 4)
     return b.fmul(sc, lanes(dd, lambda i: 2 * (i // 8))), b.fmul(m, lanes(dd, lambda i: 2 * (i // 8) + 1))
@@ -607,25 +605,33 @@ def _linears_parallel(kind, w0, wh0, wd0, ws0, w1, wh1, wd1, ws1, w2, wh2, wd2, 
 
 @njit(cache=True, nogil=True)
 def _linears_serial(kind, w0, wh0, wd0, ws0, w1, wh1, wd1, ws1, w2, wh2, wd2, ws2, x, xs, xq, y0, y1, y2):
-    _linear_serial(kind, w0, wh0, wd0, ws0, x, xs, xq, y0)
-    _linear_serial(kind, w1, wh1, wd1, ws1, x, xs, xq, y1)  # (prepares x again: one thread gains less here)
-    _linear_serial(kind, w2, wh2, wd2, ws2, x, xs, xq, y2)
+    _prepare(kind, x, xs, xq)
+    for r0 in range(0, y0.shape[1], ROW_BLOCK):
+        _row_block(kind, w0, wh0, wd0, ws0, xs, xq, y0, r0, min(y0.shape[1], r0 + ROW_BLOCK))
+    for r0 in range(0, y1.shape[1], ROW_BLOCK):
+        _row_block(kind, w1, wh1, wd1, ws1, xs, xq, y1, r0, min(y1.shape[1], r0 + ROW_BLOCK))
+    for r0 in range(0, y2.shape[1], ROW_BLOCK):
+        _row_block(kind, w2, wh2, wd2, ws2, xs, xq, y2, r0, min(y2.shape[1], r0 + ROW_BLOCK))
+    for y in (y0, y1, y2):
+        _finish(xs, xq, y)
 
 
 _ENTRIES = {}  # (kernel, argument types) -> the compiled kernel's entry point
 
 
-def _entry(parallel, kind, args):
-    """The kernel (thread pool or one thread) compiled for `kind` (as a constant) and these arguments' types: its
-    entry point, which calls it in microseconds (the dispatcher, asked with a Python int for a literal, retypes the
-    call: ~20 ms). The first time a type is seen both kernels are compiled (or loaded from numba's cache), so a
-    later matrix of another size (a live migration's) never waits for a compiler."""
+def _entry(kernels, parallel, kind, args):
+    """Of `kernels` (one thread, thread pool), the one `parallel` asks for, compiled for `kind` (as a constant) and
+    these arguments' types: its entry point, which calls it in microseconds (the dispatcher, asked with a Python int
+    for a literal, retypes the call: ~20 ms). The first time a type is seen both are compiled (or loaded from
+    numba's cache), so a later matrix of another size (a live migration's) never waits for a compiler."""
     sig = (types.IntegerLiteral(int(kind)), *(numba.typeof(a) for a in args))
-    kernels = (_linears_serial, _linears_parallel) if len(args) > 9 else (_linear_serial, _linear_parallel)
     if (kernels[0], sig) not in _ENTRIES:
         for kernel in kernels:
             _ENTRIES[kernel, sig] = kernel.compile(sig)
-    return _ENTRIES[kernels[parallel], sig]
+    return _ENTRIES[kernels[1 if parallel else 0], sig]
+
+
+LINEAR, LINEARS = (_linear_serial, _linear_parallel), (_linears_serial, _linears_parallel)
 
 
 # ---- load-time repacking --------------------------------------------------------------------------------------
@@ -835,10 +841,10 @@ class CpuLinear:
         x, y = np.zeros((1, self.stored), np.float32), np.zeros((1, self.rows), np.float32)
         self.threads = threads
         parallel = threads > 1 and self.nbytes >= SMALL
-        self._kernel = _entry(parallel, self.qtype, (*self.arrays, x, *self._one[:2], y))
+        self._kernel = _entry(LINEAR, parallel, self.qtype, (*self.arrays, x, *self._one[:2], y))
         # a float64 result: the exact sums (a partial sum the stage adds up: spmd.model)
         exact = (*self.arrays, x, *self._one[:2], y.astype(np.float64))
-        self._exact = _entry(parallel, self.qtype, exact) if self.int8 else None
+        self._exact = _entry(LINEAR, parallel, self.qtype, exact) if self.int8 else None
 
     def _scratch(self, n):
         """(xs, xq, wide): the prepared activations, the sums of each 8 of them (for types with mins), and the
@@ -907,7 +913,7 @@ def _fused(pairs, x):
     args = (*(a for lin in (*lins, lins[-1])[:3] for a in lin.arrays), x, xs, xq, *ys)
     key = (first.qtype, first.int8, parallel)
     if key not in _FUSED:
-        _FUSED[key] = _entry(parallel, first.qtype, args)
+        _FUSED[key] = _entry(LINEARS, parallel, first.qtype, args)
     _FUSED[key](int(first.qtype), *args)
 
 
