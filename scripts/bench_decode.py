@@ -250,7 +250,7 @@ def main():
     @click.option("--repeats", default=3, show_default=True,
                   help="spmd runs the prompt this many times, one sequence after another, and reports the medians "
                        "(llama-bench: the median of 3 repeats after a warm-up).")
-    @click.option("--rounds", default=1, show_default=True,
+    @click.option("--rounds", default=1, show_default=True, type=click.IntRange(1),
                   help="Run every engine this many times in turn and report the medians, with each ratio's median "
                        "and range over the rounds (this machine's speed drifts by 10-20% between minutes).")
     @click.option("--json", "json_out", default=None, help="Also write the results here.")
@@ -262,17 +262,17 @@ def main():
             write_random_model(model, TINYLLAMA, qtype)
         weight_bytes = matrix_bytes(model)
         prompt = random_prompt(prompt_len)
-        runs = [(act, run) for act in activations.split(",") for run in ranks.split(",")]
+        configs = [(act, run) for act in activations.split(",") for run in ranks.split(",")]
         peer = llama_cpp_peer(numba.config.NUMBA_NUM_THREADS)  # as many threads as spmd's one rank: every core
         rounds_out = []  # per round: the spmd runs' figures, then the peer's (or None)
         for _ in range(rounds):  # each round runs every engine once: a slow spell of the machine hits all of them
             out = [run_spmd(model, parse_run(run)[0], steps, prompt, allreduce, parse_run(run)[1], activations=act,
-                            repeats=repeats) for act, run in runs]
+                            repeats=repeats) for act, run in configs]
             rounds_out.append((out, peer[1](model, steps, prompt) if peer else None))
         rows = []
-        for i, (act, run) in enumerate(runs):
+        for i, (act, run) in enumerate(configs):
             n, ratios = parse_run(run)
-            r = rounds_out[-1][0][i]  # memory from the last round: a first run after a change compiles the kernels
+            r = rounds_out[-1][0][i]  # memory (and tokens) from the last round: a first run after a change compiles
             rss = "/".join(f"{x['peak_rss_bytes'] / 2**20:.0f}" for x in r["ranks"])
             held = "/".join(f"{x['weights_bytes'] / 2**20:.0f}" for x in r["ranks"])
             rows.append(dict(name=f"spmd {n} rank{'s' if n > 1 else ''}" + (f" {ratios}" if ratios else "")
@@ -282,7 +282,7 @@ def main():
         lc = medians([p for _, p in rounds_out]) if peer else None
         if lc is not None:
             rows.append(dict(name=peer[0], ranks=1, rss_mib="-", weights_mib="-", activations=None,
-                             tokens=rounds_out[0][1]["tokens"], rounds=[p for _, p in rounds_out], **lc))
+                             tokens=rounds_out[-1][1]["tokens"], rounds=[p for _, p in rounds_out], **lc))
         base = rows[0]["decode_tokens_per_s"]
         print(f"\nmodel: {Path(model).name}, {weight_bytes / 1e6:.0f} MB of matrices; prompt {prompt_len}, "
               f"{steps} steps, allreduce {allreduce}")
@@ -301,17 +301,16 @@ def main():
             for r in rows[:-1]:
                 print(f"{r['name']} / llama.cpp ({which}) decode: {ratio(r, rows[-1], 'decode_tokens_per_s')}, "
                       f"prompt: {ratio(r, rows[-1], 'prompt_tokens_per_s')}")
-        for act in activations.split(","):
-            runs = [r for r in rows if r["activations"] == act]
-            same = all(r["tokens"] == runs[0]["tokens"] for r in runs)
+        for act in activations.split(","):  # every round of every run of this mode
+            tokens = [one["tokens"] for r in rows if r["activations"] == act for one in r["rounds"]]
+            same = all(t == tokens[0] for t in tokens)
             print(f"greedy tokens identical across spmd runs with --activations {act}: {same}   (per-rank figures "
                   "are rank 0/rank 1/...)")
         if lc is not None and rows[-1]["tokens"] is not None:
             agree = next((i for i, (a, b) in enumerate(zip(rows[0]["tokens"], rows[-1]["tokens"])) if a != b), steps)
             print(f"llama.cpp's greedy tokens equal ours for the first {agree} of {steps}")
         if json_out:
-            Path(json_out).write_text(json.dumps(dict(qtype=qtype, weight_bytes=weight_bytes, rows=rows), indent=1,
-                                                 default=str))
+            Path(json_out).write_text(json.dumps(dict(qtype=qtype, weight_bytes=weight_bytes, rows=rows), indent=1))
         if tmp:
             shutil.rmtree(tmp)
 

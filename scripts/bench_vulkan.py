@@ -142,7 +142,7 @@ def kernels(args):
                     if barriers:
                         rec.barrier()
                 rec.end()
-                busy = time.perf_counter() + WARM_S  # the GPU's clock drops to idle during the CPU's repacking
+                busy = time.perf_counter() + WARM_S * barriers  # (once a matrix: the CPU's repacking idles the GPU)
                 while time.perf_counter() < busy:
                     rec.run()
                 rec.run()

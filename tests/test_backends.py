@@ -249,7 +249,7 @@ def test_portable_kernel_is_bit_identical(tmp_path):
     for the 4-bit types that have a vpermps table (Q8_0 runs the same code either way, checked here too)."""
     rng = np.random.default_rng(8)
     names, expect = [], {}
-    for qtype in (T.Q4_0, T.Q4_1, T.Q4_K, T.Q8_0):
+    for qtype in (T.Q4_0, T.Q4_1, T.Q4_K, T.Q8_0, T.Q6_K):
         w = random_qtensor(qtype, 37, 544, rng)
         x = activations(5, w.cols, rng)
         np.save(tmp_path / f"{qtype.name}.w.npy", w.data)
@@ -270,26 +270,32 @@ def test_portable_kernel_is_bit_identical(tmp_path):
 
 @pytest.mark.parametrize("mode", ["f32", "int8"])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_products_sharing_their_input_give_each_ones_bits(mode, threads):
+def test_products_sharing_their_input_give_each_ones_bits(mode, threads, monkeypatch):
     """`cpu.products` (q, k, v; gate, up in one kernel call): each result the bits of its own call, for three or two
     matrices of one type, one or several rows, matrices big enough to split over threads; mixed types (a Q4_K_M
     file's Q6_K v) and a cut slice go one call each, with the same results."""
     rng = np.random.default_rng(15)
     backend = CpuBackend(threads, activations=mode)
+    fused, run = [], cpu._fused
+    monkeypatch.setattr(cpu, "_fused", lambda pairs, x: fused.append(len(pairs)) or run(pairs, x))
     for types, rows in (((T.Q4_0,) * 3, (600, 37, 64)), ((T.Q4_K,) * 2, (700, 129)), ((T.Q8_0,) * 3, (16, 1, 2)),
                         ((T.Q4_K, T.Q4_K, T.Q6_K), (64, 32, 32)), ((T.F16,) * 2, (33, 40))):
         lins = [backend.linear(random_qtensor(t, r, 512, rng)) for t, r in zip(types, rows)]
         for n in (1, 5):
             x = activations(n, 512, rng)
             outs = [np.full((n, lin.rows), np.nan, np.float32) for lin in lins]
+            fused.clear()
             got = cpu.products(lins, x, outs)
             assert all(g is o for g, o in zip(got, outs))
+            assert fused == ([2, 1] if types[2:] == (T.Q6_K,) else [len(lins)])  # (a Q6_K v goes alone)
             for lin, out in zip(lins, outs):
                 np.testing.assert_array_equal(bits(out), bits(lin(x)))
     cut = QTensor(T.Q4_0, 20, 128, random_qtensor(T.Q4_0, 20, 128, rng).data, keep=((0, 40), (64, 120)))
     lins = [backend.linear(cut), backend.linear(cut)]
     x = activations(3, 96, rng)
+    fused.clear()
     outs = cpu.products(lins, x, [np.empty((3, 20), np.float32), np.empty((3, 20), np.float32)])
+    assert fused == []
     np.testing.assert_array_equal(bits(outs[1]), bits(lins[1](x)))
 
 

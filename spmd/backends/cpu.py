@@ -48,12 +48,12 @@ a multiple of 4): array row k holds rows 4k..4k+3 unit by unit, the four rows' u
 (a unit: what one row has of that array per 128-element group; wd of a K-quant, per super-block). A tile of 4 weight
 rows then reads one contiguous stream instead of four short ones: decode measured 1.1-1.9x faster from memory on
 the 2-core test machine (8-row interleaves with 8-row tiles, tried too, were 0.9-1.2x slower than 4).
-With --activations int8, INT8's types are repacked for vpdpbusd instead (`_repack_int8`: the same bytes a row,
-in quads whose unit is a group of 16 lanes, rows padded to a multiple of 512 elements, Q6_K 256). An element is
+With --activations int8, INT8's types are repacked for vpdpbusd instead (`_repack_int8`: the same bytes per
+element, in quads whose unit is a group of 16 lanes, rows padded to a multiple of 512 elements, Q6_K 256). An element is
 (integer - offset) * scale [+ min]: the integer is the nibble, with the high bits above it where the type has them;
 the scale is d (times the sub-block's scale for K-quants), the min dmin times its m (K) or m.
 Memory: the file's bytes (Q4_K 148 for 144, Q5_K 180 for 176: their packed 6-bit scales held as bytes), with
-either activations.
+either activations, but for the padding (`held_bytes`; with int8, a row of 2816 columns holds 3072).
 
 Quantised kernels: lane l (of 16) of a 128-element group owns elements 8l..8l+7, all in sub-block l // 4 (Q6_K:
 l // 2). For v = 0..7 the kernel turns element 8l + v of every lane into its integer as float32 (4-bit types: a
@@ -109,7 +109,8 @@ SMALL = 1 << 17  # weights below this many bytes run on one thread (a fork-join 
 # --activations int8: the types with 8-bit kernels, and the offset they store their integers with
 INT8 = {T.Q4_0: 8, T.Q8_0: 128, T.Q4_K: 0, T.Q6_K: 32}
 FIXED = 28  # int8 exact sums: each lane's product is cut to a multiple of 2^-FIXED and summed as an integer
-LIMIT = 2.0 ** 24  # int8 exact sums: activations past this (or NaN) make the row NaN (a lane could pass 2^63)
+LIMIT = 2.0 ** 22  # int8 exact sums: activations past this (or NaN) make the row NaN: a lane's value, up to 2^19
+# (32 products of 127 x 128) times d_w * d_x * 2^FIXED, d_x up to LIMIT / 127, stays under 2^63 for |d_w| < 2
 
 # ---- LLVM IR helpers ------------------------------------------------------------------------------------------
 I8, I16, I32, I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
@@ -323,7 +324,7 @@ def _int8_step(b, g, wrows, pxs, _pxqs, spec, accs, _ahead):
     base = b.mul(g, c(QUAD * units[0]))
     mask, four = _splat(I32, 0x0F0F0F0F, 16), _splat(I32, 4, 16)
     weights = []
-    for pw, ph, pd, ps in wrows:  # (no software prefetch: decode streamed 5-15% faster without, the CPU's own does)
+    for pw, ph, pd, ps in wrows:  # (no software prefetch: decode streams faster without, module docstring)
         dw, mw = _lane_scales(b, g, pd, ps, fmt)  # lane l: its block's d (K: d times sc), and min (or None)
         if fmt.high < 0:  # Q8_0, a byte each: chunk c in the group's c-th 64 bytes
             chunks = [_load(b, pw, b.add(base, c(64 * k)), _vec(I32, 16)) for k in range(lane // 4)]
@@ -386,7 +387,7 @@ def _make_dot(nw, nx):
             wrows = [b.add(r0, c(j)) for j in range(nw)]
             xrows = [b.add(i0, c(k)) for k in range(nx)]
             accs = [[[cgutils.alloca_once_value(b, zero) for _ in range(naccs)] for _ in xrows] for _ in wrows]
-            if fmt:  # rows in quads: 8 groups further along the quad's stream
+            if fmt:  # rows in quads: 8 groups further along the quad's stream (the 8-bit step does not prefetch)
                 units = fmt.int8_units if int8 else fmt.units
                 ahead = c(8 * QUAD * fmt.units[0])
                 rows = [tuple(A.quad_row(r, unit) for A, unit in zip((W, H, D, S), units)) for r in wrows]
@@ -558,7 +559,7 @@ def _row_block(kind, w, wh, wd, ws, xs, xq, y, r0, r1):
 
 @njit(parallel=True, cache=True, nogil=True)
 def _linear_parallel(kind, w, wh, wd, ws, x, xs, xq, y):
-    """y (n, rows) = x (n, cols) @ W.T; xs, xq: scratch (n, padded cols) and (n, padded cols / 8) float32."""
+    """y (n, rows) = x (n, cols) @ W.T; xs, xq: scratch (`CpuLinear._scratch`)."""
     _prepare(kind, x, xs, xq)
     rows = y.shape[1]
     for blk in prange((rows + ROW_BLOCK - 1) // ROW_BLOCK):
@@ -729,13 +730,13 @@ def _repack_quantised(qt):
 
 
 def _repack_int8(qt):
-    """QTensor (INT8's types) -> (w, wh, wd, ws) for 8-bit activations, in quads of rows with a group of 16 lanes as
-    the unit (`Format.int8_units`), as many bytes as for float activations. Lane l of a group owns its elements
-    Ll..Ll+L-1 (L = `Format.lane8`: 32, Q6_K 16), in chunks c of 4 (Ll + 4c + k, k = 0..3), each its integer plus
-    INT8[type] (unsigned, for vpdpbusd). w: Q8_0, byte 64c + 4l + k; the 4-bit types, chunks 2h and 2h + 1 in the
-    low and high nibbles of byte 64h + 4l + k. Q6_K's top two bits go in wh, 64 bytes a group: bits 2c..2c+1 of byte
-    4l + k. wd and ws hold what they do for float activations (per group: its blocks' d; or its super-blocks' d (,
-    dmin) and their sub-blocks' sc (Q4_K: 4 sc, 4 m, 4 sc, 4 m each; Q6_K: 16 sc))."""
+    """QTensor (INT8's types) -> (w, wh, wd, ws) for 8-bit activations, in quads of rows with a group of 16 lanes as the
+    unit (`Format.int8_units`), as many bytes per element as for float activations. Lane l of a group owns its
+    elements Ll..Ll+L-1 (L = `Format.lane8`: 32, Q6_K 16), in chunks c of 4 (Ll + 4c + k, k = 0..3), each its
+    integer plus INT8[type] (unsigned, for vpdpbusd). w: Q8_0, byte 64c + 4l + k; the 4-bit types, chunks 2h and 2h
+    + 1 in the low and high nibbles of byte 64h + 4l + k. Q6_K's top two bits go in wh, 64 bytes a group: bits
+    2c..2c+1 of byte 4l + k. wd and ws hold what they do for float activations (per group: its blocks' d; or its
+    super-blocks' d (, dmin) and their sub-blocks' sc (Q4_K: 4 sc, 4 m, 4 sc, 4 m each; Q6_K: 16 sc))."""
     u, fmt = unpack(qt), FORMATS[qt.qtype]
     rows, cp, lane = qt.rows, padded_cols(qt.qtype, qt.cols, int8=True), fmt.lane8
     q = (_padded(u.q, cp) + INT8[qt.qtype]).astype(np.uint8).reshape(rows, cp // fmt.group8, 16, lane // 4, 4)
@@ -746,7 +747,7 @@ def _repack_int8(qt):
         w = np.stack([(q[:, :, :, 2 * h] & 15) | ((q[:, :, :, 2 * h + 1] & 15) << 4) for h in range(lane // 8)],
                      axis=2)
     if fmt.high > 0:  # Q6_K
-        top = (q >> 4).astype(np.uint8)
+        top = q >> 4
         wh = top[:, :, :, 0] | (top[:, :, :, 1] << 2) | (top[:, :, :, 2] << 4) | (top[:, :, :, 3] << 6)
     groups, units = cp // fmt.group8, fmt.int8_units
     arrays = [a if a is _NONE else np.ascontiguousarray(a).reshape(rows, groups * unit)
@@ -807,7 +808,7 @@ _NONE = np.zeros((1, 1), np.uint8)  # an array a type does not have
 
 def padded_cols(qtype, cols, int8=False):
     """The kernels' row length: quantised types by whole 128-element groups (K-quants: 256; with 8-bit activations,
-    groups of 16 lanes: 512, Q6_K 256), floats by 64-element chunks."""
+    int8 and qtype in INT8, groups of 16 lanes: 512, Q6_K 256), floats by 64-element chunks."""
     if int8:
         return _pad(cols, FORMATS[qtype].group8)
     return _pad(cols, CHUNK if qtype in FLOATS else GROUP if FORMATS[qtype].per_d == 32 else SUPER)
@@ -845,10 +846,15 @@ class CpuLinear:
         # a float64 result: the exact sums (a partial sum the stage adds up: spmd.model)
         exact = (*self.arrays, x, *self._one[:2], y.astype(np.float64))
         self._exact = _entry(LINEAR, parallel, self.qtype, exact) if self.int8 else None
+        for p in (False, True):  # `products` of this type: compiled (or loaded) now, not in the first token
+            if (self.qtype, self.int8, p) not in _FUSED:
+                three = (*(self.arrays * 3), x, *self._one[:2], y, y, np.empty((1, 0), np.float32))
+                _FUSED[self.qtype, self.int8, p] = _entry(LINEARS, p, self.qtype, three)
 
     def _scratch(self, n):
-        """(xs, xq, wide): the prepared activations, the sums of each 8 of them (for types with mins), and the
-        activations spread over the stored columns (slices that cut through blocks)."""
+        """(xs, xq, wide): the prepared activations ((n, padded cols) float32, or with int8 uint8, `_prepare_int8`),
+        the sums of each 8 of them (types with mins; with int8 each row's NaN mark), and the activations spread over
+        the stored columns (slices that cut through blocks)."""
         cols = padded_cols(self.qtype, self.stored, self.int8)
         sums = self.qtype in FORMATS and FORMATS[self.qtype].mins
         wide = np.zeros((n, self.stored), np.float32) if self.spread is not None else None
@@ -874,47 +880,45 @@ class CpuLinear:
         return out
 
 
-_FUSED = {}  # (type, int8, parallel) -> `_linears_*`'s entry point
+_FUSED = {}  # (type, int8, parallel) -> `_linears_*`'s entry point, compiled as a CpuLinear of the type is made
+# (every such call has the same argument types: arrays of the type's dtypes, float32 results; an entry point does not
+# check them, which also lets a stream window's read-only arrays through, as for `CpuLinear._kernel`)
 
 
 def products(lins, x, outs):
-    """outs[m][...] = lins[m](x) for products that share their input (q, k, v; gate, up). Those that are CpuLinears
+    """[lins[m](x, out=outs[m])] for products that share their input (q, k, v; gate, up). Those that are CpuLinears
     of one type and width (no cut blocks) with contiguous float32 results go in one kernel call (a Q4_K_M file's q
     and k where its v is Q6_K): the activations prepared once and all their rows in one fork-join
     (`_linears_parallel`: about 1 ms of a 22 ms decode token on the TinyLlama shape, 2 cores), each row the same
-    bits as from its own call; the others one call each. Returns outs."""
+    bits as from its own call; the others one call each."""
     x = np.ascontiguousarray(x, dtype=np.float32)
-    n, alike = x.shape[0], {}
-    for lin, out in zip(lins, outs):
-        fits = (isinstance(lin, CpuLinear) and n > 0 and lin.cols > 0 and x.shape == (n, lin.cols) and lin.rows > 0
-                and lin.spread is None and out.dtype == np.float32 and out.flags.c_contiguous
-                and out.shape == (n, lin.rows))
-        alike.setdefault((lin.qtype, lin.int8) if fits else id(lin), []).append((lin, out))
-    for pairs in alike.values():
-        if len(pairs) == 1:
-            lin, out = pairs[0]
-            lin(x, out=out)
-            continue
-        for at in range(0, len(pairs), 3):
-            _fused(pairs[at:at + 3], x)
-    return outs
+    n, results, alike = x.shape[0], list(outs), {}
+    for m, (lin, out) in enumerate(zip(lins, outs)):
+        if (isinstance(lin, CpuLinear) and out is not None and n > 0 and lin.cols > 0 and lin.rows > 0
+                and x.shape == (n, lin.cols) and lin.spread is None and out.dtype == np.float32
+                and out.flags.c_contiguous and out.shape == (n, lin.rows)):
+            alike.setdefault((lin.qtype, lin.int8), []).append(m)
+        else:
+            results[m] = lin(x, out=out)
+    for group in alike.values():
+        for at in range(0, len(group), 3):
+            _fused([(lins[m], outs[m]) for m in group[at:at + 3]], x)
+    return results
 
 
 def _fused(pairs, x):
-    """Two or three (CpuLinear, out) of one type and width through `_linears_*` (a pair gets an empty third)."""
-    (first, _), n = pairs[0], x.shape[0]
+    """One to three (CpuLinear, out) of one type and width through `_linears_*` (an empty third where two; one goes
+    alone)."""
+    (first, out), n = pairs[0], x.shape[0]
     if len(pairs) == 1:
-        first(x, out=pairs[0][1])
+        first(x, out=out)
         return
     xs, xq, _ = first._one if n == 1 else first._scratch(n)
     lins = [lin for lin, _ in pairs]
     parallel = first.threads > 1 and sum(lin.nbytes for lin in lins) >= SMALL
     ys = (*(out for _, out in pairs), np.empty((n, 0), np.float32))[:3]
     args = (*(a for lin in (*lins, lins[-1])[:3] for a in lin.arrays), x, xs, xq, *ys)
-    key = (first.qtype, first.int8, parallel)
-    if key not in _FUSED:
-        _FUSED[key] = _entry(LINEARS, parallel, first.qtype, args)
-    _FUSED[key](int(first.qtype), *args)
+    _FUSED[first.qtype, first.int8, parallel](int(first.qtype), *args)
 
 
 class CpuBackend(Backend):
