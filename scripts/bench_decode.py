@@ -266,8 +266,8 @@ def main():
         peer = llama_cpp_peer(numba.config.NUMBA_NUM_THREADS)  # as many threads as spmd's one rank: every core
         rounds_out = []  # per round: the spmd runs' figures, then the peer's (or None)
         for _ in range(rounds):  # each round runs every engine once: a slow spell of the machine hits all of them
-            out = [run_spmd(model, parse_run(run)[0], steps, prompt, allreduce, parse_run(run)[1], activations=act,
-                            repeats=repeats) for act, run in configs]
+            out = [run_spmd(model, n, steps, prompt, allreduce, ratios, activations=act, repeats=repeats)
+                   for act, (n, ratios) in ((act, parse_run(run)) for act, run in configs)]
             rounds_out.append((out, peer[1](model, steps, prompt) if peer else None))
         rows = []
         for i, (act, run) in enumerate(configs):

@@ -451,7 +451,7 @@ def _prepare_impl(kind, x, xs, xq):
         return None
     fmt = FORMATS.get(T(kind.literal_value))
     if xs.dtype == types.uint8:
-        return _prepare_int8(INT8[T(kind.literal_value)], fmt.mins, fmt.lane8)
+        return _prepare_int8(INT8[T(kind.literal_value)], fmt)
     if fmt is None:
         def copy(kind, x, xs, xq):
             for i in range(x.shape[0]):
@@ -473,7 +473,7 @@ def _prepare_impl(kind, x, xs, xq):
     return transpose
 
 
-def _prepare_int8(offset, mins, lane):
+def _prepare_int8(offset, fmt):
     """x (n, cols) -> per row of xs (n, padded cols / G * X) uint8 (G = 16 lane elements a group, X = 16 lane + 128
     bytes: `Format.group8`, `Format.x8`), per group g: the 8-bit activations (int8) at Xg + 64c + 4l + k for element
     lane * l + 4c + k (lane l, chunk c, as the weights' `_repack_int8`), then lane l's correction -offset * (the sum
@@ -481,8 +481,8 @@ def _prepare_int8(offset, mins, lane):
     2^FIXED of its block as float32 at Xg + 16 lane + 64 + 4l. Per 32-element block d_x = amax / 127 and q = rint(x
     / d_x), as llama.cpp's Q8_0. xq[i, 0]: 1 where row i has a NaN or an activation past LIMIT (`_finish`)."""
     scale = np.float32(2.0 ** FIXED)
-    factor = 1 if mins else -offset
-    size, per = 16 * lane + 128, 32 // lane  # a group's bytes; lanes a block
+    factor = 1 if fmt.mins else -offset
+    lane, size, per = fmt.lane8, fmt.x8, 32 // fmt.lane8  # a lane's elements, a group's bytes, lanes a block
 
     def quantise(kind, x, xs, xq):
         n, cols = x.shape
@@ -561,19 +561,25 @@ def _row_block(kind, w, wh, wd, ws, xs, xq, y, r0, r1):
 def _linear_parallel(kind, w, wh, wd, ws, x, xs, xq, y):
     """y (n, rows) = x (n, cols) @ W.T; xs, xq: scratch (`CpuLinear._scratch`)."""
     _prepare(kind, x, xs, xq)
-    rows = y.shape[1]
-    for blk in prange((rows + ROW_BLOCK - 1) // ROW_BLOCK):
-        _row_block(kind, w, wh, wd, ws, xs, xq, y, blk * ROW_BLOCK, min(rows, (blk + 1) * ROW_BLOCK))
+    for blk in prange(_block_count(y)):
+        r0, r1 = _blocks(y, blk)
+        _row_block(kind, w, wh, wd, ws, xs, xq, y, r0, r1)
     _finish(xs, xq, y)
 
 
 @njit(cache=True, nogil=True)
 def _linear_serial(kind, w, wh, wd, ws, x, xs, xq, y):
     _prepare(kind, x, xs, xq)
-    rows = y.shape[1]
-    for r0 in range(0, rows, ROW_BLOCK):
-        _row_block(kind, w, wh, wd, ws, xs, xq, y, r0, min(rows, r0 + ROW_BLOCK))
+    for blk in range(_block_count(y)):
+        r0, r1 = _blocks(y, blk)
+        _row_block(kind, w, wh, wd, ws, xs, xq, y, r0, r1)
     _finish(xs, xq, y)
+
+
+@njit(cache=True)
+def _block_count(y):
+    """Work items (ROW_BLOCK rows each) of y (n, rows)."""
+    return (y.shape[1] + ROW_BLOCK - 1) // ROW_BLOCK
 
 
 @njit(cache=True)
@@ -588,8 +594,7 @@ def _linears_parallel(kind, w0, wh0, wd0, ws0, w1, wh1, wd1, ws1, w2, wh2, wd2, 
     activations prepared once and one fork-join for all; each row as `_linear_parallel` computes it. (A parallel
     region takes no tuples of arrays: hence the arguments one by one.)"""
     _prepare(kind, x, xs, xq)
-    n0, n1 = (y0.shape[1] + ROW_BLOCK - 1) // ROW_BLOCK, (y1.shape[1] + ROW_BLOCK - 1) // ROW_BLOCK
-    n2 = (y2.shape[1] + ROW_BLOCK - 1) // ROW_BLOCK
+    n0, n1, n2 = _block_count(y0), _block_count(y1), _block_count(y2)
     for blk in prange(n0 + n1 + n2):
         if blk < n0:
             r0, r1 = _blocks(y0, blk)
@@ -607,12 +612,15 @@ def _linears_parallel(kind, w0, wh0, wd0, ws0, w1, wh1, wd1, ws1, w2, wh2, wd2, 
 @njit(cache=True, nogil=True)
 def _linears_serial(kind, w0, wh0, wd0, ws0, w1, wh1, wd1, ws1, w2, wh2, wd2, ws2, x, xs, xq, y0, y1, y2):
     _prepare(kind, x, xs, xq)
-    for r0 in range(0, y0.shape[1], ROW_BLOCK):
-        _row_block(kind, w0, wh0, wd0, ws0, xs, xq, y0, r0, min(y0.shape[1], r0 + ROW_BLOCK))
-    for r0 in range(0, y1.shape[1], ROW_BLOCK):
-        _row_block(kind, w1, wh1, wd1, ws1, xs, xq, y1, r0, min(y1.shape[1], r0 + ROW_BLOCK))
-    for r0 in range(0, y2.shape[1], ROW_BLOCK):
-        _row_block(kind, w2, wh2, wd2, ws2, xs, xq, y2, r0, min(y2.shape[1], r0 + ROW_BLOCK))
+    for blk in range(_block_count(y0)):
+        r0, r1 = _blocks(y0, blk)
+        _row_block(kind, w0, wh0, wd0, ws0, xs, xq, y0, r0, r1)
+    for blk in range(_block_count(y1)):
+        r0, r1 = _blocks(y1, blk)
+        _row_block(kind, w1, wh1, wd1, ws1, xs, xq, y1, r0, r1)
+    for blk in range(_block_count(y2)):
+        r0, r1 = _blocks(y2, blk)
+        _row_block(kind, w2, wh2, wd2, ws2, xs, xq, y2, r0, r1)
     for y in (y0, y1, y2):
         _finish(xs, xq, y)
 
