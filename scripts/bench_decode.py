@@ -11,7 +11,8 @@ runs cold: its prompt speed moved by 25% between runs), as llama-bench reports t
 speed drifts between minutes, a slow spell then hits both engines instead of one.
 
 The peer is llama.cpp built natively (`llama-bench`, from scripts/build_llama_cpp.sh, or $LLAMA_BENCH), with as
-many threads as spmd's one rank uses; without it, llama-cpp-python's Python loop, labelled as such (it measured
+many threads as spmd's one rank uses, decoding with the prompt's tokens already in its cache (`-d`: spmd decodes
+after its prompt too); without it, llama-cpp-python's Python loop, labelled as such (it measured
 about 0.6x of llama-bench's speed), and without that, no peer.
 
 Weight-read bandwidth is the bytes of weights one decode step reads (every matrix once) divided by its time.
@@ -114,18 +115,20 @@ def llama_bench():
 
 
 def run_llama_bench(binary, model, steps, prompt_len, threads):
-    """llama-bench's prompt (prompt_len tokens) and decode (steps tokens) speed, median of 3 repeats."""
-    cmd = [binary, "-m", str(model), "-p", str(prompt_len), "-n", str(steps), "-t", str(threads), "-r", "3",
-           "-o", "json"]
-    p = subprocess.run(cmd, capture_output=True, text=True)
-    if p.returncode != 0:
-        raise SystemExit(f"llama-bench failed:\n{p.stderr[-2000:]}")
-    runs = json.loads(p.stdout)
+    """llama-bench's prompt (prompt_len tokens) and decode (steps tokens, with prompt_len already in the cache, as
+    spmd decodes after its prompt) speed, median of 3 repeats each."""
+    def bench_json(*args):
+        cmd = [binary, "-m", str(model), "-t", str(threads), "-r", "3", "-o", "json", *args]
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        if p.returncode != 0:
+            raise SystemExit(f"llama-bench failed:\n{p.stderr[-2000:]}")
+        return json.loads(p.stdout)
+
     rate = lambda r: sorted(r["samples_ts"])[len(r["samples_ts"]) // 2]  # noqa: E731
-    prompt = next(rate(r) for r in runs if r["n_prompt"] and not r["n_gen"])
-    decode = next(rate(r) for r in runs if r["n_gen"] and not r["n_prompt"])
-    return dict(prompt_tokens_per_s=prompt, decode_tokens_per_s=decode, ms_per_token=1e3 / decode, tokens=None,
-                version=runs[0].get("build_commit", "?"))
+    prompt = bench_json("-p", str(prompt_len), "-n", "0")
+    decode = bench_json("-p", "0", "-n", str(steps), "-d", str(prompt_len))
+    return dict(prompt_tokens_per_s=rate(prompt[0]), decode_tokens_per_s=rate(decode[0]),
+                ms_per_token=1e3 / rate(decode[0]), tokens=None, version=prompt[0].get("build_commit", "?"))
 
 
 def llama_cpp_peer(threads):

@@ -101,3 +101,6 @@ def test_one_token_attention_is_softmax_attention_and_heads_are_independent(hd, 
     assert np.array_equal(alone, got[-group * hd:])
     for parts in (2, 3):  # the heads split over threads (long sequences): the same bits
         assert np.array_equal(attend(q, k, v, ck, cv, pos, scale, parts), got)
+    h = heads - 1  # one query head alone (no group to share its values' reads with): the same bits
+    one = attend(q[h:].copy(), k[-1:].copy(), v[-1:].copy(), ck[-1:].copy(), cv[-1:].copy(), pos, scale)
+    assert np.array_equal(one, got[h * hd:])

@@ -473,16 +473,80 @@ def _prepare_impl(kind, x, xs, xq):
     return transpose
 
 
+@intrinsic
+def _block_amax(typingctx, x, i, e0):
+    """max |x[i, e0:e0 + 32]| (a 2-D float32 array with contiguous rows), +inf where one of them is NaN or past
+    LIMIT."""
+
+    def codegen(context, b, sig, args):
+        px = _Arg(context, b, sig.args[0], args[0]).row(args[1])
+        at = b.mul(args[2], ir.Constant(args[2].type, 4))
+        fabs = cgutils.get_or_insert_function(b.module, ir.FunctionType(_vec(F32, 16), [_vec(F32, 16)]),
+                                              "llvm.fabs.v16f32")
+        halves = [b.call(fabs, [_load(b, px, b.add(at, ir.Constant(at.type, 64 * h)), _vec(F32, 16))])
+                  for h in range(2)]
+        bad = [b.fcmp_unordered(">", a, _splat(F32, LIMIT, 16)) for a in halves]  # NaN, or past LIMIT
+        bad = b.icmp_unsigned("!=", b.bitcast(b.or_(*bad), ir.IntType(16)), ir.Constant(ir.IntType(16), 0))
+        v, n = b.select(b.fcmp_ordered(">", halves[0], halves[1]), halves[0], halves[1]), 16
+        while n > 1:  # max is exact: any order gives the same value
+            n //= 2
+            lo, hi = _shuffle(b, v, range(n)), _shuffle(b, v, range(n, 2 * n))
+            v = b.select(b.fcmp_ordered(">", lo, hi), lo, hi)
+        return b.select(bad, ir.Constant(F32, float("inf")), b.extract_element(v, ir.Constant(I32, 0)))
+
+    return types.float32(x, i, e0), codegen
+
+
+def _make_q8_block(lane):
+    """Intrinsic q8_block(x, i, e0, inverse, xs, at, sums_at, factor): the 32 activations x[i, e0:e0 + 32] as
+    rint(x * inverse) in 8 bits into row i of xs (uint8) in `_prepare_int8`'s order for lanes of `lane` elements:
+    element lane * j + 4c + k at byte at + 4j + 64c + k, and each lane's factor * (the sum of its integers) as int32
+    at sums_at + 4j."""
+
+    @intrinsic
+    def q8_block(typingctx, x, i, e0, inverse, xs, at, sums_at, factor):
+        def codegen(context, b, sig, args):
+            x_, i_, e0_, inverse_, xs_, at_, sums_at_, factor_ = args
+            c = lambda v: ir.Constant(at_.type, v)  # noqa: E731
+            px = _Arg(context, b, sig.args[0], x_).row(i_)
+            po = _Arg(context, b, sig.args[4], xs_).row(i_)
+            rint = cgutils.get_or_insert_function(b.module, ir.FunctionType(_vec(F32, 16), [_vec(F32, 16)]),
+                                                  "llvm.rint.v16f32")
+            scale = b.insert_element(ir.Constant(_vec(F32, 16), ir.Undefined), inverse_, ir.Constant(I32, 0))
+            scale = b.shuffle_vector(scale, scale, ir.Constant(_vec(I32, 16), None))
+            ints = [b.fptosi(b.call(rint, [b.fmul(_load(b, px, b.mul(b.add(e0_, c(16 * h)), c(4)), _vec(F32, 16)),
+                                                  scale)]), _vec(I32, 16)) for h in range(2)]
+            q = b.shuffle_vector(ints[0], ints[1], ir.Constant(_vec(I32, 32), list(range(32))))
+            words = b.bitcast(b.trunc(q, _vec(I8, 32)), _vec(I32, 8))  # word w: elements 4w..4w+3
+            for j in range(32 // lane):
+                for ch in range(lane // 4):
+                    dst = b.bitcast(b.gep(po, [b.add(at_, c(4 * j + 64 * ch))]), I32.as_pointer())
+                    b.store(b.extract_element(words, ir.Constant(I32, lane // 4 * j + ch)), dst, align=1)
+                total = _hsum(b, _shuffle(b, q, range(lane * j, lane * j + lane)))  # integers: exact
+                dst = b.bitcast(b.gep(po, [b.add(sums_at_, c(4 * j))]), I32.as_pointer())
+                b.store(b.mul(total, b.trunc(factor_, I32)), dst, align=1)
+            return context.get_dummy_value()
+
+        return types.void(x, i, e0, inverse, xs, at, sums_at, factor), codegen
+
+    return q8_block
+
+
+_Q8_BLOCK = {lane: _make_q8_block(lane) for lane in (16, 32)}
+
+
 def _prepare_int8(offset, fmt):
     """x (n, cols) -> per row of xs (n, padded cols / G * X) uint8 (G = 16 lane elements a group, X = 16 lane + 128
     bytes: `Format.group8`, `Format.x8`), per group g: the 8-bit activations (int8) at Xg + 64c + 4l + k for element
     lane * l + 4c + k (lane l, chunk c, as the weights' `_repack_int8`), then lane l's correction -offset * (the sum
     of its integers) as int32 at Xg + 16 lane + 4l (types with mins: the sum itself, for the min term), then d_x
     2^FIXED of its block as float32 at Xg + 16 lane + 64 + 4l. Per 32-element block d_x = amax / 127 and q = rint(x
-    / d_x), as llama.cpp's Q8_0. xq[i, 0]: 1 where row i has a NaN or an activation past LIMIT (`_finish`)."""
+    / d_x), as llama.cpp's Q8_0, in vectors (`_block_amax`, `_make_q8_block`) for every block within x's columns.
+    xq[i, 0]: 1 where row i has a NaN or an activation past LIMIT (`_finish`)."""
     scale = np.float32(2.0 ** FIXED)
     factor = 1 if fmt.mins else -offset
     lane, size, per = fmt.lane8, fmt.x8, 32 // fmt.lane8  # a lane's elements, a group's bytes, lanes a block
+    q8_block = _Q8_BLOCK[lane]
 
     def quantise(kind, x, xs, xq):
         n, cols = x.shape
@@ -490,23 +554,32 @@ def _prepare_int8(offset, fmt):
             q8, q32, f32 = xs[i].view(np.int8), xs[i].view(np.int32), xs[i].view(np.float32)
             bad = False
             for blk in range(xs.shape[1] // size * lane // 2):
-                amax = np.float32(0.0)
-                for e in range(32 * blk, min(cols, 32 * blk + 32)):
-                    a = abs(x[i, e])
-                    bad |= not a <= LIMIT
-                    amax = max(amax, a)
-                d = amax / np.float32(127.0)
-                inverse = np.float32(1.0) / d if d > 0 else np.float32(0.0)
                 g, first = blk // (lane // 2), per * (blk % (lane // 2))
+                if 32 * blk + 32 <= cols:
+                    amax = _block_amax(x, i, 32 * blk)
+                    bad |= not amax <= LIMIT
+                    d = amax / np.float32(127.0)
+                    inverse = np.float32(1.0) / d if d > 0 else np.float32(0.0)
+                    q8_block(x, i, 32 * blk, inverse, xs, size * g + 4 * first, size * g + 16 * lane + 4 * first,
+                             factor)
+                else:  # the last columns' block, cut short, and the padding's
+                    amax = np.float32(0.0)
+                    for e in range(32 * blk, min(cols, 32 * blk + 32)):
+                        a = abs(x[i, e])
+                        bad |= not a <= LIMIT
+                        amax = max(amax, a)
+                    d = amax / np.float32(127.0)
+                    inverse = np.float32(1.0) / d if d > 0 else np.float32(0.0)
+                    for ln in range(first, first + per):
+                        total = 0
+                        for c in range(lane // 4):
+                            for k in range(4):
+                                e = 16 * lane * g + lane * ln + 4 * c + k
+                                q = int(np.rint(x[i, e] * inverse)) if e < cols else 0
+                                q8[size * g + 64 * c + 4 * ln + k] = q
+                                total += q
+                        q32[size // 4 * g + 4 * lane + ln] = factor * total
                 for ln in range(first, first + per):
-                    total = 0
-                    for c in range(lane // 4):
-                        for k in range(4):
-                            e = 16 * lane * g + lane * ln + 4 * c + k
-                            q = int(np.rint(x[i, e] * inverse)) if e < cols else 0
-                            q8[size * g + 64 * c + 4 * ln + k] = q
-                            total += q
-                    q32[size // 4 * g + 4 * lane + ln] = factor * total
                     f32[size // 4 * g + 4 * lane + 16 + ln] = d * scale
             xq[i, 0] = bad
     return quantise

@@ -7,8 +7,9 @@ alone 7, attention about 20), 4-5 ms of a 25 ms token on the 2-core test machine
     _rotate(x, cos, sin, neox)        RoPE in place, the reference's arithmetic (bit-identical to it)
     _silu_finish(gate, e, up)         gate / (1 + e) * up into gate, e = exp(-gate) from numpy (vectorised)
     decode attention of a segment of one token (`_attend`): `_scores` writes its k, v into the cache and the
-    scaled dot products of every local head with keys 0..pos less each head's maximum; numpy's exp (vectorised)
-    takes them in place; `_values` sums each head's p_t * v_t in 16-float lanes and divides by the sum of p.
+    scaled dot products of every local head with keys 0..pos less each head's maximum (16 keys at a time, their
+    lane sums reduced together); numpy's exp (vectorised) takes them in place; `_values` sums each head's p_t * v_t
+    in 16-float lanes, four heads of a KV head at a time, and divides by the sum of p.
     From PARALLEL_SCORES scores on (32 heads: 32 positions) the heads are split over the rank's threads.
 
 A prompt's attention (several rows a segment) stays numpy's batched matmul, which is faster there. Each function
@@ -23,7 +24,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ..model import Model
-from .cpu import F32, _Arg, _fma, _hsum, _load, _vec, products
+from .cpu import F32, _Arg, _fma, _hsum, _load, _shuffle, _vec, products
 
 LANES = 16
 PARALLEL_SCORES = 1024  # a token's attention splits its heads over the rank's threads from this many scores
@@ -46,38 +47,96 @@ def _dot(typingctx, a, ia, b_, ib, vectors):
     return types.float32(a, ia, b_, ib, vectors), codegen
 
 
-def _make_weighted(nv):
-    """Intrinsic weighted(p, n, v, out, first): out[first:first + 16 * nv] = sum over t < n of p[t] * v[t, first:..]
-    (p 1-D, v 2-D with contiguous rows, out 1-D; float32), the nv vectors' sums held in registers across t."""
+@intrinsic
+def _dots16(typingctx, a, ia, b_, ib, vectors, scale, s, js):
+    """s[js, ib:ib + 16] = (a[ia, :16 * vectors] . b[ib + j, :16 * vectors]) * scale for j < 16 (2-D float32
+    arrays with contiguous rows): each dot product as `_dot` makes it, bit for bit, their lane sums reduced together
+    (`_hsums`). Returns their maximum (where one is NaN, any of them: the head's output is NaN anyway)."""
+
+    def codegen(context, b, sig, args):
+        pa = _Arg(context, b, sig.args[0], args[0]).row(args[1])
+        B = _Arg(context, b, sig.args[2], args[2])
+        rows = [B.row(b.add(args[3], ir.Constant(args[3].type, j))) for j in range(LANES)]
+        accs = [cgutils.alloca_once_value(b, ir.Constant(_vec(F32, LANES), None)) for _ in range(LANES)]
+        with cgutils.for_range(b, args[4]) as loop:
+            at = b.mul(loop.index, ir.Constant(loop.index.type, 4 * LANES))
+            qv = _load(b, pa, at, _vec(F32, LANES))
+            for row, acc in zip(rows, accs):
+                b.store(_fma(b, qv, _load(b, row, at, _vec(F32, LANES)), b.load(acc)), acc)
+        scale = b.insert_element(ir.Constant(_vec(F32, LANES), ir.Undefined), args[5], ir.Constant(ir.IntType(32), 0))
+        scale = b.shuffle_vector(scale, scale, ir.Constant(_vec(ir.IntType(32), LANES), None))
+        sums = b.fmul(_hsums(b, [b.load(acc) for acc in accs]), scale)
+        ps = _Arg(context, b, sig.args[6], args[6]).row(args[7])
+        dst = b.bitcast(b.gep(ps, [b.mul(args[3], ir.Constant(args[3].type, 4))]), _vec(F32, LANES).as_pointer())
+        b.store(sums, dst, align=1)
+        n = LANES
+        while n > 1:  # their maximum (exact: the order does not matter)
+            n //= 2
+            lo, hi = _shuffle(b, sums, range(n)), _shuffle(b, sums, range(n, 2 * n))
+            sums = b.select(b.fcmp_ordered(">", lo, hi), lo, hi)
+        return b.extract_element(sums, ir.Constant(ir.IntType(32), 0))
+
+    return types.float32(a, ia, b_, ib, vectors, scale, s, js), codegen
+
+
+def _hsums(b, vs):
+    """16 vectors of 16 floats -> one whose lane j is `_hsum(vs[j])`, the same additions in the same tree, done for
+    all of them together: at each level, pairs of vectors are merged so that one add takes both halves' steps."""
+    w = LANES  # lanes a vector holds of each of its keys
+    while len(vs) > 1:
+        w //= 2
+        keys = LANES // (2 * w)  # of each vector before the merge
+        lo = [k * 2 * w + lane for k in range(keys) for lane in range(w)]
+        hi = [i + w for i in lo]
+        merged = []
+        for x, y in zip(vs[0::2], vs[1::2]):
+            pick = lambda idx: b.shuffle_vector(  # noqa: E731
+                x, y, ir.Constant(_vec(ir.IntType(32), LANES), idx + [i + LANES for i in idx]))
+            merged.append(b.fadd(pick(lo), pick(hi)))
+        vs = merged
+    return vs[0]
+
+
+def _make_weighted(nh, nv):
+    """Intrinsic weighted(p, h, n, v, out, first, hd): for the nh heads h..h + nh - 1 (rows of p, 2-D), out[(h +
+    j) * hd + first:... + 16 * nv] = sum over t < n of p[h + j, t] * v[t, first:...] (v 2-D with contiguous rows,
+    out 1-D; float32): each row of v read once for the nh heads, every sum held in registers across t."""
 
     @intrinsic
-    def weighted(typingctx, p, n, v, out, first):
+    def weighted(typingctx, p, h, n, v, out, first, hd):
         def codegen(context, b, sig, args):
-            pp = b.bitcast(context.make_array(sig.args[0])(context, b, args[0]).data, F32.as_pointer())
-            V = _Arg(context, b, sig.args[2], args[2])
-            po = b.bitcast(context.make_array(sig.args[3])(context, b, args[3]).data, ir.IntType(8).as_pointer())
-            c = lambda k: ir.Constant(args[4].type, k)  # noqa: E731
-            at = b.mul(args[4], c(4))  # the first element's byte offset in a row of v and in out
-            accs = [cgutils.alloca_once_value(b, ir.Constant(_vec(F32, LANES), None)) for _ in range(nv)]
-            with cgutils.for_range(b, args[1]) as loop:
-                pt = b.load(b.gep(pp, [loop.index]))
-                ps = b.insert_element(ir.Constant(_vec(F32, LANES), ir.Undefined), pt, ir.Constant(ir.IntType(32), 0))
-                ps = b.shuffle_vector(ps, ps, ir.Constant(_vec(ir.IntType(32), LANES), None))
+            P, V = _Arg(context, b, sig.args[0], args[0]), _Arg(context, b, sig.args[3], args[3])
+            prows = [b.bitcast(P.row(b.add(args[1], ir.Constant(args[1].type, j))), F32.as_pointer())
+                     for j in range(nh)]
+            po = b.bitcast(context.make_array(sig.args[4])(context, b, args[4]).data, ir.IntType(8).as_pointer())
+            c = lambda k: ir.Constant(args[5].type, k)  # noqa: E731
+            at = b.mul(args[5], c(4))  # the first element's byte offset in a row of v
+            accs = [[cgutils.alloca_once_value(b, ir.Constant(_vec(F32, LANES), None)) for _ in range(nv)]
+                    for _ in range(nh)]
+            with cgutils.for_range(b, args[2]) as loop:
                 row = V.row(loop.index)
-                for k, acc in enumerate(accs):
-                    vk = _load(b, row, b.add(at, c(4 * LANES * k)), _vec(F32, LANES))
-                    b.store(_fma(b, ps, vk, b.load(acc)), acc)
-            for k, acc in enumerate(accs):
-                dst = b.bitcast(b.gep(po, [b.add(at, c(4 * LANES * k))]), _vec(F32, LANES).as_pointer())
-                b.store(b.load(acc), dst, align=1)
+                vks = [_load(b, row, b.add(at, c(4 * LANES * k)), _vec(F32, LANES)) for k in range(nv)]
+                for prow, head in zip(prows, accs):
+                    pt = b.load(b.gep(prow, [loop.index]))
+                    ps = b.insert_element(ir.Constant(_vec(F32, LANES), ir.Undefined), pt,
+                                          ir.Constant(ir.IntType(32), 0))
+                    ps = b.shuffle_vector(ps, ps, ir.Constant(_vec(ir.IntType(32), LANES), None))
+                    for vk, acc in zip(vks, head):
+                        b.store(_fma(b, ps, vk, b.load(acc)), acc)
+            for j, head in enumerate(accs):
+                base = b.mul(b.add(b.mul(b.add(args[1], c(j)), args[6]), args[5]), c(4))  # ((h + j) hd + first) 4
+                for k, acc in enumerate(head):
+                    dst = b.bitcast(b.gep(po, [b.add(base, c(4 * LANES * k))]), _vec(F32, LANES).as_pointer())
+                    b.store(b.load(acc), dst, align=1)
             return context.get_dummy_value()
 
-        return types.void(p, n, v, out, first), codegen
+        return types.void(p, h, n, v, out, first, hd), codegen
 
     return weighted
 
 
-_weighted4, _weighted1 = _make_weighted(4), _make_weighted(1)
+_weighted44, _weighted14, _weighted41, _weighted11 = (
+    _make_weighted(nh, nv) for nh, nv in ((4, 4), (1, 4), (4, 1), (1, 1)))
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -121,16 +180,18 @@ def _silu_finish(gate, e, up):
 @njit(cache=True, nogil=True, error_model="numpy")
 def _head_scores(q, ck, pos, scale, s, h0, h1):
     """Heads h0..h1-1 of q (heads, hd) at position pos: s[h] (pos + 1,) = the scaled dot products with keys 0..pos
-    of its KV head in ck (kv, need, hd), less their maximum."""
+    of its KV head in ck (kv, need, hd), less their maximum (16 keys at a time, `_dots16`, then one by one)."""
     heads, hd = q.shape
     group = heads // ck.shape[0]
+    whole = (pos + 1) // LANES * LANES
     for h in range(h0, h1):
         keys = ck[h // group]
         top = np.float32(-np.inf)
-        for t in range(pos + 1):
-            d = _dot(q, h, keys, t, hd // LANES) * scale
-            s[h, t] = d
-            top = max(top, d)
+        for t in range(0, whole, LANES):
+            top = max(top, _dots16(q, h, keys, t, hd // LANES, scale, s, h))
+        for t in range(whole, pos + 1):
+            s[h, t] = _dot(q, h, keys, t, hd // LANES) * scale
+            top = max(top, s[h, t])
         for t in range(pos + 1):
             s[h, t] -= top
 
@@ -138,25 +199,35 @@ def _head_scores(q, ck, pos, scale, s, h0, h1):
 @njit(cache=True, nogil=True, error_model="numpy")
 def _head_values(p, cv, out, h0, h1):
     """Heads h0..h1-1: out[h * hd:(h + 1) * hd] = the sum over t of p[h, t] * v_t, divided by the sum of p[h] (p:
-    exp of the scores)."""
+    exp of the scores). Heads of one KV head go four at a time (`_make_weighted`: each value read once for them)."""
     heads, n = p.shape
     n_kv, _, hd = cv.shape
     group = heads // n_kv
-    for h in range(h0, h1):
+    h = h0
+    while h < h1:
         values = cv[h // group]
+        end = min(h1, (h // group + 1) * group)  # this KV head's query heads within h0..h1
+        while h + 4 <= end:
+            for first in range(0, hd - hd % 64, 64):
+                _weighted44(p, h, n, values, out, first, hd)
+            for first in range(hd - hd % 64, hd, LANES):
+                _weighted41(p, h, n, values, out, first, hd)
+            h += 4
+        while h < end:
+            for first in range(0, hd - hd % 64, 64):
+                _weighted14(p, h, n, values, out, first, hd)
+            for first in range(hd - hd % 64, hd, LANES):
+                _weighted11(p, h, n, values, out, first, hd)
+            h += 1
+    for h in range(h0, h1):
         sums = np.zeros(4, np.float32)  # four running sums (one would wait on each add)
         for t in range(n - n % 4):
             sums[t % 4] += p[h, t]
         total = (sums[0] + sums[1]) + (sums[2] + sums[3])
         for t in range(n - n % 4, n):
             total += p[h, t]
-        o = out[h * hd:(h + 1) * hd]
-        for first in range(0, hd - hd % 64, 64):
-            _weighted4(p[h], n, values, o, first)
-        for first in range(hd - hd % 64, hd, LANES):
-            _weighted1(p[h], n, values, o, first)
-        for j in range(hd):
-            o[j] /= total
+        for j in range(h * hd, (h + 1) * hd):
+            out[j] /= total
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
