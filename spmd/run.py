@@ -60,7 +60,7 @@ CLUSTER_OPTIONS = [  # the flags spmd.run and spmd.serve share: the model, and h
                  help="cpu: numba kernels on quantised weights; vulkan: GLSL compute shaders on a GPU (or lavapipe); "
                       "numpy: the readable reference. One for every rank, or one per rank: cpu,vulkan,vulkan."),
     click.option("--activations", default="f32", show_default=True, type=click.Choice(["f32", "int8"]),
-                 help="The cpu backend's arithmetic on Q4_0, Q8_0, Q4_K and Q6_K weights. f32: float32 activations, "
+                 help="The cpu backend's arithmetic on quantised weights. f32: float32 activations, "
                       "the reference's products to within float rounding. int8: each 32 activations quantised to 8 "
                       "bits as llama.cpp does (faster; results move by about 0.5%%, as llama.cpp's do), the partial "
                       "sums added up exactly, so the text still does not change with the layout."),

@@ -249,7 +249,7 @@ def test_portable_kernel_is_bit_identical(tmp_path):
     for the 4-bit types that have a vpermps table (Q8_0 runs the same code either way, checked here too)."""
     rng = np.random.default_rng(8)
     names, expect = [], {}
-    for qtype in (T.Q4_0, T.Q4_1, T.Q4_K, T.Q8_0, T.Q6_K):
+    for qtype in (T.Q4_0, T.Q4_1, T.Q5_1, T.Q4_K, T.Q8_0, T.Q6_K):
         w = random_qtensor(qtype, 37, 544, rng)
         x = activations(5, w.cols, rng)
         np.save(tmp_path / f"{qtype.name}.w.npy", w.data)
@@ -300,7 +300,7 @@ def test_products_sharing_their_input_give_each_ones_bits(mode, threads, monkeyp
 
 
 # ---- 8-bit activations (--activations int8) -------------------------------------------------------------------
-INT8_TYPES = (T.Q4_0, T.Q8_0, T.Q4_K, T.Q6_K)
+INT8_TYPES = (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K)
 
 
 def int8_lane(qtype):
@@ -312,9 +312,9 @@ def int8_reference(w, x):
     """What --activations int8 computes, transcribed with whole-array numpy (no lanes, no tiles): per 32-element
     block of x, d = max |x| / 127 and q = rint(x * (1 / d)) in float32; per lane (a block, or Q6_K's 16 elements of
     one), the integer sum of the weights' integers times q, times d_w * d * 2^FIXED in float32 (K-quants: d_w = the
-    super-block's d times the sub-block's sc; with mins, plus the sum of the lane's q times the sub-block's min (dmin
-    * m) times d * 2^FIXED), cut toward zero; all of those summed as integers, times 2^-FIXED, as float64 (FIXED =
-    28: exact below 2^25)."""
+    super-block's d times the sub-block's sc; with mins, plus the sum of the lane's q times its min (K-quants: dmin
+    * m of the sub-block; Q4_1, Q5_1: the block's m) times d * 2^FIXED), cut toward zero; all of those summed as
+    integers, times 2^-FIXED, as float64 (FIXED = 28: exact below 2^25)."""
     u, (n, cols), lane = unpack(w), x.shape, int8_lane(w.qtype)
     f32, per = np.float32, 32 // lane  # lanes a block
     xb = x.reshape(n, cols // 32, 32)
@@ -329,8 +329,9 @@ def int8_reference(w, x):
         return np.repeat(a.astype(f32), every // lane, axis=1).reshape(w.rows, cols // 32, per)
     dw = per_lane(u.d, u.super)
     terms = [(products, dw if u.sc is None else (per_lane(u.sc, u.sub) * dw).astype(f32))]
-    if u.m is not None:  # K-quants' mins
-        mins = (per_lane(u.m, u.sub) * per_lane(u.dmin, u.super)).astype(f32)
+    if u.dmin is not None:  # mins: the _1 types' m, K-quants' dmin * m
+        mins = per_lane(u.dmin, u.super)
+        mins = mins if u.m is None else (per_lane(u.m, u.sub) * mins).astype(f32)
         terms.append((np.broadcast_to(q.sum(axis=3)[:, None], products.shape), mins))
     lanes = sum((value.astype(f32) * (scale[None] * dx).astype(f32)).astype(f32) for value, scale in terms)
     return np.trunc(lanes.astype(f32)).astype(np.int64).sum(axis=(2, 3)) * 2.0 ** -cpu.FIXED

@@ -26,7 +26,8 @@ K_MODELS = {"Q4_K_M": (K_SHAPE, "Q4_K_M", 7), "Q5_K_M": (K_SHAPE, "Q5_K_M", 7), 
 @pytest.fixture(scope="module")
 def models():
     one_kv_head = Shape(**{**SHAPE.__dict__, "n_kv_heads": 1})
-    yield from shared_models("spmd-test-", {"Q5_0 one kv head": (one_kv_head, "Q5_0", 7),
+    yield from shared_models("spmd-test-", {"Q5_0 one kv head": (one_kv_head, "Q5_0", 7), "Q5_1": (SHAPE, "Q5_1", 7),
+                                            "Q4_1": (SHAPE, "Q4_1", 7),
                                             "F32 seed 2": (SHAPE, "F32", 2), **K_MODELS})
 
 
@@ -163,12 +164,14 @@ def test_logits_match_across_ranks(models, layout):
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("qtype", ["Q4_0", "Q8_0", "Q4_K_M"])  # Q4_K_M: its Q4_K and Q6_K (rows of 256)
-@pytest.mark.parametrize("allreduce", ["star", "ring", "mpi"])
+@pytest.mark.parametrize("qtype, allreduce", [  # Q4_K_M, Q5_K_M: Q4_K, Q5_K and Q6_K (rows of 256)
+    *((q, a) for q in ("Q4_0", "Q8_0", "Q4_K_M") for a in ("star", "ring", "mpi")),
+    ("Q5_K_M", "ring"), ("Q5_0 one kv head", "star"), ("Q5_1", "mpi"), ("Q4_1", "star")])
 def test_int8_activations_give_the_same_bits_at_any_layout(models, qtype, allreduce):
     """--activations int8: the column-split products' partial sums are exact (float64 integers of 2^-28), so rank
     0's logits after the prompt are the very same bits as one rank's at unequal ratios and across stages, and the
-    greedy tokens after them are the same."""
+    greedy tokens after them are the same. (This needs each rank's columns to start and end on a 32-element block,
+    as heads of 32, 64 or 128 do: an activation block cut by a split would be quantised by its part's maximum.)"""
     def logits(comm, ratios=None, activations="int8"):
         opts = RunOptions(model=models[qtype], prompts=(PromptSpec(ids=PROMPT),), steps=1, ratios=ratios,
                           allreduce=allreduce, activations=activations)

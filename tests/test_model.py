@@ -46,11 +46,11 @@ def test_logits_match_reference_f32(tmp_path, case, backend):
         np.testing.assert_allclose(got, expected[pos], rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize("qtype", ["Q4_0", "Q8_0", "Q4_K_M"])
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q8_0", "Q4_K_M", "Q5_K_M"])
 def test_int8_activations_stay_near_the_reference(tmp_path, qtype):
     """--activations int8 moves the logits by about llama.cpp's 8-bit activations' error (1e-3..1e-1 here, against
     the reference's float arithmetic), and a prompt in one pass gives what the same tokens one at a time give."""
-    dim = 256 if qtype == "Q4_K_M" else 128  # rows of 256: Q4_K (and Q6_K) rather than their fallbacks
+    dim = 256 if qtype.endswith("_K_M") else 128  # rows of 256: Q4_K, Q5_K (and Q6_K), not their fallbacks
     shape = Shape(dim=dim, n_layers=3, n_heads=4, n_kv_heads=2, ffn=2 * dim, vocab=512, context=64)
     path = write_model(tmp_path / f"{qtype}.gguf", shape, qtype, seed=5)
     tokens = [1, 5, 9, 200, 37, 411, 8, 99]

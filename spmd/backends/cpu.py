@@ -9,20 +9,20 @@ float32 in registers and the products are summed in float32 with fused multiply-
 product to within float32 rounding, and a tiny change in the activations (another order of a partial sum across
 ranks) makes a tiny change in the output.
 
---activations int8 (Q4_0, Q8_0, Q4_K and Q6_K: `INT8`; other types keep float activations) does what llama.cpp does:
-each 32 activations become int8 with d_x = amax / 127 (`_prepare_int8`), and vpdpbusd sums 64 byte products at once
-(`_int8_step`; plain LLVM integer code where the CPU lacks it, the same integers): eight of them give each of 16
-lanes the integer dot product of its 32 elements, a block or sub-block with one scale (Q6_K: four, for its
+--activations int8 (every quantised type: `INT8`; F32, F16 and BF16 keep float activations) does what llama.cpp
+does: each 32 activations become int8 with d_x = amax / 127 (`_prepare_int8`), and vpdpbusd sums 64 byte products at
+once (`_int8_step`; plain LLVM integer code where the CPU lacks it, the same integers): eight of them give each of
+16 lanes the integer dot product of its 32 elements, a block or sub-block with one scale (Q6_K: four, for its
 16-element sub-blocks), so the float work (a conversion, the lane's d_w * d_x, a multiply-add) comes once per scale.
 That alone would make the output jump wherever another order of a partial sum moved an activation across an int8
 rounding boundary (after 22 layers the logits at 1 and 2 ranks differed by ~0.05 and greedy tokens changed with the
 rank count: why such kernels were once removed). So the products that are split by columns across ranks, whose
 partial sums the stage adds up (wo and w2: the model asks for a float64 result), are summed exactly: each lane's
-products are exact in int32, times d_w * d_x * 2^FIXED in float32 (K-quants: d_w = d * sc; Q4_K adds the lane's min
-term, dmin * m times the sum of its activations times d_x * 2^FIXED), cut to an integer and summed in int64, then
-scaled back, exact in float64 below 2^25 in value. Those partial sums add up to the same bits in any order and at
-any split (the allreduce sums float64 in int8 runs), so every rank count, ratio and stage layout gives the same bits
-(a type without 8-bit kernels, such as a Q5_K_M file's Q5_K matrices, sums in float32 as with --activations f32: its
+products are exact in int32, times d_w * d_x * 2^FIXED in float32 (K-quants: d_w = d * sc; Q4_K and Q5_K add the
+lane's min term, dmin * m times the sum of its activations times d_x * 2^FIXED; Q4_1 and Q5_1 their block's m), cut
+to an integer and summed in int64, then scaled back, exact in float64 below 2^25 in value. Those partial sums add up
+to the same bits in any order and at any split (the allreduce sums float64 in int8 runs), so every rank count, ratio
+and stage layout gives the same bits (a float matrix (F16, BF16, F32) sums in float32 as with --activations f32: its
 partial sums are not exact). Products split by rows (q, k, v, gate, up, the classifier) need no such care (a row is
 computed whole, in one order) and fused-multiply-add each lane's product into a float32 sum (the fast sums). Lanes
 of 16 elements (the first version had lanes of 8: twice the float work) made a 64-token prompt 1.3-1.4x faster end
@@ -107,7 +107,7 @@ ROW_BLOCK = 16  # weight rows per parallel work item; activation rows go through
 QUAD = 4  # quantised weights: rows interleaved in fours, so that the kernels' tiles read one stream (docstring)
 SMALL = 1 << 17  # weights below this many bytes run on one thread (a fork-join costs more than it saves)
 # --activations int8: the types with 8-bit kernels, and the offset they store their integers with
-INT8 = {T.Q4_0: 8, T.Q8_0: 128, T.Q4_K: 0, T.Q6_K: 32}
+INT8 = {T.Q4_0: 8, T.Q4_1: 0, T.Q5_0: 16, T.Q5_1: 0, T.Q8_0: 128, T.Q4_K: 0, T.Q5_K: 0, T.Q6_K: 32}
 FIXED = 28  # int8 exact sums: each lane's product is cut to a multiple of 2^-FIXED and summed as an integer
 LIMIT = 2.0 ** 22  # int8 exact sums: activations past this (or NaN) make the row NaN: a lane's value, up to 2^19
 # (32 products of 127 x 128) times d_w * d_x * 2^FIXED, d_x up to LIMIT / 127, stays under 2^63 for |d_w| < 2
@@ -296,8 +296,12 @@ def _lane_scales(b, g, pd, ps, fmt):
     c = lambda v: ir.Constant(g.type, v)  # noqa: E731
     lanes = lambda v, idx: _shuffle(b, v, [idx(lane) for lane in range(16)])  # noqa: E731
     units = fmt.int8_units
-    if fmt.per_d == 32:  # the group's 16 d, a lane's block's
-        return b.fpext(_load(b, pd, b.mul(g, c(QUAD * units[2])), _vec(F16, 16)), _vec(F32, 16)), None
+    if fmt.per_d == 32:  # the group's 16 d, a lane's block's (and its m: wd holds 4 d, then their 4 m, 4 times)
+        dd = b.fpext(_load(b, pd, b.mul(g, c(QUAD * units[2])), _vec(F16, 32 if fmt.mins else 16)),
+                     _vec(F32, 32 if fmt.mins else 16))
+        if not fmt.mins:
+            return dd, None
+        return (lanes(dd, lambda i: 8 * (i // 4) + i % 4), lanes(dd, lambda i: 8 * (i // 4) + i % 4 + 4))
     k, supers = 2 if fmt.mins else 1, fmt.group8 // SUPER
     dd = b.fpext(_load(b, pd, b.mul(g, c(QUAD * units[2])), _vec(F16, k * supers)), _vec(F32, k * supers))
     sub = _load(b, ps, b.mul(g, c(QUAD * units[3])), _vec(I8, units[3]))  # Q4_K: 4 sc, 4 m, ... (32); Q6_K: 16 sc
@@ -310,14 +314,14 @@ def _lane_scales(b, g, pd, ps, fmt):
 
 
 def _int8_step(b, g, wrows, pxs, _pxqs, spec, accs, _ahead):
-    """One group (16 lanes of L = `Format.lane8` elements) of every (weight row j, activation row k) pair with
-    8-bit activations (--activations int8; layouts in `_repack_int8`, `_prepare_int8`): lane l's L products, exact in
+    """One group (16 lanes of L = `Format.lane8` elements) of every (weight row j, activation row k) pair with 8-bit
+    activations (--activations int8; layouts in `_repack_int8`, `_prepare_int8`): lane l's L products, exact in
     int32 (L / 4 vpdpbusd, from the activations' lane correction), then times the lane's d_w * d_x. Fast sums (a
     float32 result) fused-multiply-add that into the lane's float sum; exact sums (a float64 result) cut it to an
     integer number of 2^-FIXED and add it to an int64 sum, so the result does not depend on how the columns were
-    split. Types with mins (Q4_K) add the lane's min times the sum of its activations (prepared where the others
-    have their correction): a second fused multiply-add, or in the exact sums added to the lane's product before
-    the cut."""
+    split. Types with mins (Q4_1, Q5_1, Q4_K, Q5_K) add the lane's min times the sum of its activations (prepared
+    where the others have their correction): a second fused multiply-add, or in the exact sums added to the lane's
+    product before the cut."""
     fmt, exact = spec
     c = lambda v: ir.Constant(g.type, v)  # noqa: E731
     units, lane = fmt.int8_units, fmt.lane8
@@ -333,11 +337,13 @@ def _int8_step(b, g, wrows, pxs, _pxqs, spec, accs, _ahead):
             for h in range(lane // 8):
                 v = _load(b, pw, b.add(base, c(64 * h)), _vec(I32, 16))
                 chunks += [b.and_(v, mask), b.and_(b.lshr(v, four), mask)]
-        if fmt.high == 2:  # Q6_K: bits 2c..2c+1 of the plane's bytes, moved to bits 4-5
+        if fmt.high > 0:  # Q5_*: bit c, Q6_K: bits 2c..2c+1 of the plane's bytes, moved to bit 4 (and 5)
             plane = _load(b, ph, b.mul(g, c(QUAD * units[1])), _vec(I32, 16))
-            shifted = (b.shl(plane, four), b.shl(plane, _splat(I32, 2, 16)), plane, b.lshr(plane, _splat(I32, 2, 16)))
-            top = _splat(I32, 0x30303030, 16)
-            chunks = [b.or_(chunk, b.and_(bits, top)) for chunk, bits in zip(chunks, shifted)]
+            top = _splat(I32, 0x10101010 if fmt.high == 1 else 0x30303030, 16)
+            for i, chunk in enumerate(chunks):
+                move = 4 - fmt.high * i  # bits to move up (down where negative)
+                bits = b.shl(plane, _splat(I32, move, 16)) if move >= 0 else b.lshr(plane, _splat(I32, -move, 16))
+                chunks[i] = b.or_(chunk, b.and_(bits, top))
         weights.append((chunks, dw, mw))
     for k, px in enumerate(pxs):
         at = b.mul(g, c(fmt.x8))
@@ -815,9 +821,10 @@ def _repack_int8(qt):
     unit (`Format.int8_units`), as many bytes per element as for float activations. Lane l of a group owns its
     elements Ll..Ll+L-1 (L = `Format.lane8`: 32, Q6_K 16), in chunks c of 4 (Ll + 4c + k, k = 0..3), each its
     integer plus INT8[type] (unsigned, for vpdpbusd). w: Q8_0, byte 64c + 4l + k; the 4-bit types, chunks 2h and 2h
-    + 1 in the low and high nibbles of byte 64h + 4l + k. Q6_K's top two bits go in wh, 64 bytes a group: bits
-    2c..2c+1 of byte 4l + k. wd and ws hold what they do for float activations (per group: its blocks' d; or its
-    super-blocks' d (, dmin) and their sub-blocks' sc (Q4_K: 4 sc, 4 m, 4 sc, 4 m each; Q6_K: 16 sc))."""
+    + 1 in the low and high nibbles of byte 64h + 4l + k. The bits above the nibble go in wh, 64 bytes a group: Q5_*'s
+    fifth bit of chunk c is bit c of byte 4l + k, Q6_K's top two bits 2c..2c+1. wd and ws hold what they do for float
+    activations (per 128 elements: its blocks' d (Q4_1, Q5_1: then their m); or per super-block its d (, dmin) and
+    its sub-blocks' sc (Q4_K, Q5_K: 4 sc, 4 m, 4 sc, 4 m each; Q6_K: 16 sc))."""
     u, fmt = unpack(qt), FORMATS[qt.qtype]
     rows, cp, lane = qt.rows, padded_cols(qt.qtype, qt.cols, int8=True), fmt.lane8
     q = (_padded(u.q, cp) + INT8[qt.qtype]).astype(np.uint8).reshape(rows, cp // fmt.group8, 16, lane // 4, 4)
@@ -827,9 +834,9 @@ def _repack_int8(qt):
     else:
         w = np.stack([(q[:, :, :, 2 * h] & 15) | ((q[:, :, :, 2 * h + 1] & 15) << 4) for h in range(lane // 8)],
                      axis=2)
-    if fmt.high > 0:  # Q6_K
+    if fmt.high > 0:  # Q5_*: bit c of byte 4l + k is chunk c's; Q6_K: bits 2c..2c+1
         top = q >> 4
-        wh = top[:, :, :, 0] | (top[:, :, :, 1] << 2) | (top[:, :, :, 2] << 4) | (top[:, :, :, 3] << 6)
+        wh = sum(top[:, :, :, c] << (fmt.high * c) for c in range(lane // 4)).astype(np.uint8)
     groups, units = cp // fmt.group8, fmt.int8_units
     arrays = [a if a is _NONE else np.ascontiguousarray(a).reshape(rows, groups * unit)
               for a, unit in zip((w, wh), units)]
