@@ -303,9 +303,11 @@ def _lane_scales(b, g, pd, ps, fmt):
             return dd, None
         return (lanes(dd, lambda i: 8 * (i // 4) + i % 4), lanes(dd, lambda i: 8 * (i // 4) + i % 4 + 4))
     k, supers = 2 if fmt.mins else 1, fmt.group8 // SUPER
-    dd = b.fpext(_load(b, pd, b.mul(g, c(QUAD * units[2])), _vec(F16, k * supers)), _vec(F32, k * supers))
-    sub = _load(b, ps, b.mul(g, c(QUAD * units[3])), _vec(I8, units[3]))  # Q4_K: 4 sc, 4 m, ... (32); Q6_K: 16 sc
-    sub = (b.sitofp if fmt.signed_sub else b.uitofp)(sub, _vec(F32, units[3]))
+    n_sub = units[3] - 2 * k * supers  # ws: the sub-blocks' sc (and m) bytes, then the float16 d (and dmin)
+    at = b.mul(g, c(QUAD * units[3]))
+    dd = b.fpext(_load(b, ps, b.add(at, c(n_sub)), _vec(F16, k * supers)), _vec(F32, k * supers))
+    sub = _load(b, ps, at, _vec(I8, n_sub))  # Q4_K: 4 sc, 4 m, ... (32); Q6_K: 16 sc
+    sub = (b.sitofp if fmt.signed_sub else b.uitofp)(sub, _vec(F32, n_sub))
     if not fmt.mins:  # Q6_K: one super-block
         return b.fmul(sub, lanes(dd, lambda i: 0)), None
     sc = lanes(sub, lambda i: 8 * (i // 4) + i % 4)  # lane i: sub-block i, of super-block i // 8
@@ -761,7 +763,9 @@ class Format:
         """`units` for the 8-bit activations' layouts (`_repack_int8`), whose unit is a group of `group8` elements."""
         w, wh, wd, ws = self.units
         f = self.group8 // GROUP
-        return f * w, f * wh, wd * (f if self.per_d == 32 else self.group8 // SUPER), f * ws
+        if self.per_d == 32:
+            return f * w, f * wh, f * wd, f * ws
+        return f * w, f * wh, 0, f * ws + wd * self.group8 // SUPER  # K-quants: d (, dmin) after the sc in ws
 
 
 FORMATS = {T.Q8_0: Format(high=-1), T.Q4_0: Format(offset=8), T.Q4_1: Format(mins=True),
@@ -822,9 +826,11 @@ def _repack_int8(qt):
     elements Ll..Ll+L-1 (L = `Format.lane8`: 32, Q6_K 16), in chunks c of 4 (Ll + 4c + k, k = 0..3), each its
     integer plus INT8[type] (unsigned, for vpdpbusd). w: Q8_0, byte 64c + 4l + k; the 4-bit types, chunks 2h and 2h
     + 1 in the low and high nibbles of byte 64h + 4l + k. The bits above the nibble go in wh, 64 bytes a group: Q5_*'s
-    fifth bit of chunk c is bit c of byte 4l + k, Q6_K's top two bits 2c..2c+1. wd and ws hold what they do for float
-    activations (per 128 elements: its blocks' d (Q4_1, Q5_1: then their m); or per super-block its d (, dmin) and
-    its sub-blocks' sc (Q4_K, Q5_K: 4 sc, 4 m, 4 sc, 4 m each; Q6_K: 16 sc))."""
+    fifth bit of chunk c is bit c of byte 4l + k, Q6_K's top two bits 2c..2c+1. wd holds what it does for float
+    activations (per 128 elements: its blocks' d; Q4_1, Q5_1: then their m). K-quants have one stream of scales, ws,
+    per group: its sub-blocks' sc as for float activations (Q4_K, Q5_K: 4 sc, 4 m, 4 sc, 4 m, ...; Q6_K: 16 sc),
+    then its super-blocks' float16 d (Q4_K, Q5_K: d, minus dmin, each); their wd is empty (a third stream per quad
+    had made the exact sums 8-16% slower on Q4_K)."""
     u, fmt = unpack(qt), FORMATS[qt.qtype]
     rows, cp, lane = qt.rows, padded_cols(qt.qtype, qt.cols, int8=True), fmt.lane8
     q = (_padded(u.q, cp) + INT8[qt.qtype]).astype(np.uint8).reshape(rows, cp // fmt.group8, 16, lane // 4, 4)
@@ -840,7 +846,12 @@ def _repack_int8(qt):
     groups, units = cp // fmt.group8, fmt.int8_units
     arrays = [a if a is _NONE else np.ascontiguousarray(a).reshape(rows, groups * unit)
               for a, unit in zip((w, wh), units)]
-    arrays += _scales(u, fmt, rows, cp)
+    wd, ws = _scales(u, fmt, rows, cp)
+    if fmt.per_d == SUPER:  # one stream of scales: per group its sub-blocks' sc (and m), then its d (and dmin)
+        per = lambda a: a.reshape(rows, groups, a.shape[1] // max(groups, 1))  # noqa: E731  (a group's bytes)
+        merged = np.concatenate([per(ws), per(wd.view(np.uint8))], axis=2)
+        wd, ws = _NONE, merged.reshape(rows, groups * merged.shape[2])
+    arrays += [wd, ws]
     return tuple(a if a is _NONE else _interleave(a, unit) for a, unit in zip(arrays, units))
 
 
