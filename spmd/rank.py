@@ -246,6 +246,11 @@ class RankState:
         if plan.idle and comm.is_root:
             ranks = ", ".join(map(str, plan.idle))
             self.log(f"note: rank{'s' * (len(plan.idle) > 1)} {ranks} idle (ratio 0): holding no weights, in no stage")
+        cut = self.cfg.group * self.cfg.head_dim % 32  # a KV group's attention outputs: wo's columns a rank takes
+        if opts.activations == "int8" and cut and comm.is_root and any(len(s.ranks) > 1 for s in plan.stages):
+            self.log(f"note: --activations int8 with KV groups of {self.cfg.group * self.cfg.head_dim} attention "
+                     "outputs: ranks split 32-element activation blocks between them, so the text can change with "
+                     "the layout (groups of a multiple of 32 keep it the same)")
         self.n_slots = self.in_flight(plan)
         comm.set_slots(self.n_slots)
         self.rebalancer = None

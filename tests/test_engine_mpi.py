@@ -194,6 +194,18 @@ def test_int8_activations_give_the_same_bits_at_any_layout(models, qtype, allred
 
 
 @pytest.mark.mpi
+@pytest.mark.parametrize("qtype", ["Q5_K_M rows of 96", "Q4_0"])
+def test_int8_says_where_heads_cut_its_blocks(models, qtype):
+    """Heads of 24 (KV groups of 48 attention outputs) split 32-element activation blocks between the ranks of a
+    stage: int8's text can then change with the layout, and rank 0 says so once; heads of 32 do not."""
+    lines = []
+    opts = RunOptions(model=models[qtype], prompts=(PromptSpec(ids=PROMPT),), steps=1, activations="int8")
+    Engine(opts, Comm(comm=WORLD), log=lines.append)
+    said = [line for line in lines if "--activations int8 with KV groups" in line]
+    assert len(said) == (1 if WORLD.rank == 0 and WORLD.size > 1 and qtype != "Q4_0" else 0)
+
+
+@pytest.mark.mpi
 def test_seeded_sampling_equals_single_rank(models):
     kw = dict(model=models["Q8_0"], temperature=0.9, top_k=50, top_p=0.95, seed=11)
     expected = one_rank_tokens(**kw)
