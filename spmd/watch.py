@@ -20,6 +20,17 @@ DIED = "spmd: rank {rank} ({host}) died (signal {signal})"
 PR_SET_PDEATHSIG = 1
 
 
+def passer(child):
+    """The parent's handler: a signal goes on to the child. One that comes after the child has ended (a job taken
+    down sends more than one) has no one to go to: it is dropped, not a traceback on the rank's stderr."""
+    def pass_on(signum, _frame):
+        try:
+            os.kill(child, signum)
+        except ProcessLookupError:
+            pass
+    return pass_on
+
+
 def fork_rank():
     """In the child (the rank) return; in the parent wait, report, and exit with the child's status."""
     if os.environ.get("SPMD_WATCH") != "1":
@@ -36,7 +47,7 @@ def fork_rank():
         os.setpgid(0, 0)  # mpirun's proxy signals its process group: the parent passes each signal on, once
         return
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
-        signal.signal(signum, lambda s, _f: os.kill(child, s))
+        signal.signal(signum, passer(child))
     try:
         _, status = os.waitpid(child, 0)  # retried by Python after a signal's handler has run
     except ChildProcessError:

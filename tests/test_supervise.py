@@ -301,3 +301,15 @@ def test_a_rank_lost_during_a_migration(model, tmp_path):
     got = json.loads(out)
     assert got["tokens"] == want["tokens"]
     assert [r["ratios_after"] for r in got["recoveries"]] == ["1:1"] and got["migrations"] == []
+
+
+def test_a_watchers_signal_goes_on_to_its_rank_and_is_dropped_once_the_rank_is_gone():
+    """spmd.watch's parent passes each signal on to its rank; one that comes after the rank has ended (a job taken
+    down sends more than one) has no one to go to and is dropped, where it was a traceback on the rank's stderr."""
+    from spmd.watch import passer
+    live = subprocess.Popen(["sleep", "30"])
+    passer(live.pid)(signal.SIGTERM, None)
+    assert live.wait(timeout=10) == -signal.SIGTERM
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # ended and reaped: no such process any more
+    passer(gone.pid)(signal.SIGINT, None)
