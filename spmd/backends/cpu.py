@@ -150,6 +150,23 @@ def _hsum(b, v):
     return b.extract_element(v, ir.Constant(I32, 0))
 
 
+def _hmax(b, v):
+    """The largest of a float vector's lanes (where one is NaN: any of them), in a tree: max is exact, so any order
+    gives the same value."""
+    n = v.type.count
+    while n > 1:
+        n //= 2
+        lo, hi = _shuffle(b, v, range(n)), _shuffle(b, v, range(n, 2 * n))
+        v = b.select(b.fcmp_ordered(">", lo, hi), lo, hi)
+    return b.extract_element(v, ir.Constant(I32, 0))
+
+
+def _broadcast(b, value, n):
+    """A scalar in all n lanes of a vector."""
+    v = b.insert_element(ir.Constant(_vec(value.type, n), ir.Undefined), value, ir.Constant(I32, 0))
+    return b.shuffle_vector(v, v, ir.Constant(_vec(I32, n), None))
+
+
 def _dpbusd(b, acc, u, s):
     """acc (16 x int32) + in each lane the sum of its 4 unsigned bytes of u times the 4 signed bytes of s (exact)."""
     if VNNI:
@@ -495,12 +512,8 @@ def _block_amax(typingctx, x, i, e0):
                   for h in range(2)]
         bad = [b.fcmp_unordered(">", a, _splat(F32, LIMIT, 16)) for a in halves]  # NaN, or past LIMIT
         bad = b.icmp_unsigned("!=", b.bitcast(b.or_(*bad), ir.IntType(16)), ir.Constant(ir.IntType(16), 0))
-        v, n = b.select(b.fcmp_ordered(">", halves[0], halves[1]), halves[0], halves[1]), 16
-        while n > 1:  # max is exact: any order gives the same value
-            n //= 2
-            lo, hi = _shuffle(b, v, range(n)), _shuffle(b, v, range(n, 2 * n))
-            v = b.select(b.fcmp_ordered(">", lo, hi), lo, hi)
-        return b.select(bad, ir.Constant(F32, float("inf")), b.extract_element(v, ir.Constant(I32, 0)))
+        top = _hmax(b, b.select(b.fcmp_ordered(">", halves[0], halves[1]), halves[0], halves[1]))
+        return b.select(bad, ir.Constant(F32, float("inf")), top)
 
     return types.float32(x, i, e0), codegen
 
@@ -520,8 +533,7 @@ def _make_q8_block(lane):
             po = _Arg(context, b, sig.args[4], xs_).row(i_)
             rint = cgutils.get_or_insert_function(b.module, ir.FunctionType(_vec(F32, 16), [_vec(F32, 16)]),
                                                   "llvm.rint.v16f32")
-            scale = b.insert_element(ir.Constant(_vec(F32, 16), ir.Undefined), inverse_, ir.Constant(I32, 0))
-            scale = b.shuffle_vector(scale, scale, ir.Constant(_vec(I32, 16), None))
+            scale = _broadcast(b, inverse_, 16)
             ints = [b.fptosi(b.call(rint, [b.fmul(_load(b, px, b.mul(b.add(e0_, c(16 * h)), c(4)), _vec(F32, 16)),
                                                   scale)]), _vec(I32, 16)) for h in range(2)]
             q = b.shuffle_vector(ints[0], ints[1], ir.Constant(_vec(I32, 32), list(range(32))))
@@ -563,21 +575,22 @@ def _prepare_int8(offset, fmt):
             bad = False
             for blk in range(xs.shape[1] // size * lane // 2):
                 g, first = blk // (lane // 2), per * (blk % (lane // 2))
-                if 32 * blk + 32 <= cols:
+                whole = 32 * blk + 32 <= cols  # else the last columns' block, cut short, or the padding's
+                if whole:
                     amax = _block_amax(x, i, 32 * blk)
                     bad |= not amax <= LIMIT
-                    d = amax / np.float32(127.0)
-                    inverse = np.float32(1.0) / d if d > 0 else np.float32(0.0)
-                    q8_block(x, i, 32 * blk, inverse, xs, size * g + 4 * first, size * g + 16 * lane + 4 * first,
-                             factor)
-                else:  # the last columns' block, cut short, and the padding's
+                else:
                     amax = np.float32(0.0)
                     for e in range(32 * blk, min(cols, 32 * blk + 32)):
                         a = abs(x[i, e])
                         bad |= not a <= LIMIT
                         amax = max(amax, a)
-                    d = amax / np.float32(127.0)
-                    inverse = np.float32(1.0) / d if d > 0 else np.float32(0.0)
+                d = amax / np.float32(127.0)
+                inverse = np.float32(1.0) / d if d > 0 else np.float32(0.0)
+                if whole:
+                    q8_block(x, i, 32 * blk, inverse, xs, size * g + 4 * first, size * g + 16 * lane + 4 * first,
+                             factor)
+                else:
                     for ln in range(first, first + per):
                         total = 0
                         for c in range(lane // 4):

@@ -24,7 +24,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ..model import Model
-from .cpu import F32, _Arg, _fma, _hsum, _load, _shuffle, _vec, products
+from .cpu import F32, _Arg, _broadcast, _fma, _hmax, _hsum, _load, _vec, products
 
 LANES = 16
 PARALLEL_SCORES = 1024  # a token's attention splits its heads over the rank's threads from this many scores
@@ -63,18 +63,11 @@ def _dots16(typingctx, a, ia, b_, ib, vectors, scale, s, js):
             qv = _load(b, pa, at, _vec(F32, LANES))
             for row, acc in zip(rows, accs):
                 b.store(_fma(b, qv, _load(b, row, at, _vec(F32, LANES)), b.load(acc)), acc)
-        scale = b.insert_element(ir.Constant(_vec(F32, LANES), ir.Undefined), args[5], ir.Constant(ir.IntType(32), 0))
-        scale = b.shuffle_vector(scale, scale, ir.Constant(_vec(ir.IntType(32), LANES), None))
-        sums = b.fmul(_hsums(b, [b.load(acc) for acc in accs]), scale)
+        sums = b.fmul(_hsums(b, [b.load(acc) for acc in accs]), _broadcast(b, args[5], LANES))
         ps = _Arg(context, b, sig.args[6], args[6]).row(args[7])
         dst = b.bitcast(b.gep(ps, [b.mul(args[3], ir.Constant(args[3].type, 4))]), _vec(F32, LANES).as_pointer())
         b.store(sums, dst, align=1)
-        n = LANES
-        while n > 1:  # their maximum (exact: the order does not matter)
-            n //= 2
-            lo, hi = _shuffle(b, sums, range(n)), _shuffle(b, sums, range(n, 2 * n))
-            sums = b.select(b.fcmp_ordered(">", lo, hi), lo, hi)
-        return b.extract_element(sums, ir.Constant(ir.IntType(32), 0))
+        return _hmax(b, sums)
 
     return types.float32(a, ia, b_, ib, vectors, scale, s, js), codegen
 
@@ -117,10 +110,7 @@ def _make_weighted(nh, nv):
                 row = V.row(loop.index)
                 vks = [_load(b, row, b.add(at, c(4 * LANES * k)), _vec(F32, LANES)) for k in range(nv)]
                 for prow, head in zip(prows, accs):
-                    pt = b.load(b.gep(prow, [loop.index]))
-                    ps = b.insert_element(ir.Constant(_vec(F32, LANES), ir.Undefined), pt,
-                                          ir.Constant(ir.IntType(32), 0))
-                    ps = b.shuffle_vector(ps, ps, ir.Constant(_vec(ir.IntType(32), LANES), None))
+                    ps = _broadcast(b, b.load(b.gep(prow, [loop.index])), LANES)
                     for vk, acc in zip(vks, head):
                         b.store(_fma(b, ps, vk, b.load(acc)), acc)
             for j, head in enumerate(accs):
