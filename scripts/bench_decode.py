@@ -2,8 +2,8 @@
 llama.cpp on the same file, all in one run so the ratios compare like with like.
 
     python scripts/bench_decode.py [--qtype Q4_0|Q8_0|Q4_K_M|Q5_K_M|Q6_K|...] [--steps 48] [--prompt-len 64]
-                                   [--ranks 1,2] [--model FILE] [--activations f32,int8] [--repeats 3]
-                                   [--rounds 1] [--json out.json]
+                                   [--ranks 1,2] [--model FILE] [--activations f32,int8] [--kv-cache f16]
+                                   [--repeats 3] [--rounds 1] [--json out.json]
 
 spmd runs the prompt --repeats times, one sequence after another, and reports the medians (a single first pass
 runs cold: its prompt speed moved by 25% between runs), as llama-bench reports the median of its repeats.
@@ -12,7 +12,8 @@ speed drifts between minutes, a slow spell then hits both engines instead of one
 
 The peer is llama.cpp built natively (`llama-bench`, from scripts/build_llama_cpp.sh, or $LLAMA_BENCH), with as
 many threads as spmd's one rank uses, decoding with the prompt's tokens already in its cache (`-d`: spmd decodes
-after its prompt too); without it, llama-cpp-python's Python loop, labelled as such (it measured
+after its prompt too) and its KV cache in float16 (llama-bench has no float32 cache: --kv-cache f16, the default
+here, compares like with like); without it, llama-cpp-python's Python loop, labelled as such (it measured
 about 0.6x of llama-bench's speed), and without that, no peer.
 
 Weight-read bandwidth is the bytes of weights one decode step reads (every matrix once) divided by its time.
@@ -68,7 +69,7 @@ def mpi_prefix(ranks, hostfile=None):
 
 
 def run_spmd(model, ranks, steps, prompt_ids, allreduce="star", ratios=None, hostfile=None, env=None, threads=None,
-             activations="f32", repeats=1):
+             activations="f32", repeats=1, kv_cache="f32"):
     """One `python -m spmd.run --output json` under mpirun: its JSON result. threads: --threads of every rank
     (simulated hosts share one machine's cores, which each would otherwise take for its own). repeats > 1: the
     prompt goes in that many times, one sequence after another, and the result's prompt_tokens_per_s,
@@ -76,7 +77,7 @@ def run_spmd(model, ranks, steps, prompt_ids, allreduce="star", ratios=None, hos
     the first sequence's."""
     cmd = mpi_prefix(ranks, hostfile) + [
         sys.executable, "-m", "spmd.run", "--model", str(model), "--steps", str(steps), "--output", "json",
-        "--allreduce", allreduce, "--activations", activations]
+        "--allreduce", allreduce, "--activations", activations, "--kv-cache", kv_cache]
     with tempfile.TemporaryDirectory(prefix="spmd-bench-") as tmp:
         if repeats > 1:
             prompts = Path(tmp) / "prompts.jsonl"
@@ -116,7 +117,7 @@ def llama_bench():
 
 def run_llama_bench(binary, model, steps, prompt_len, threads):
     """llama-bench's prompt (prompt_len tokens) and decode (steps tokens, with prompt_len already in the cache, as
-    spmd decodes after its prompt) speed, median of 3 repeats each."""
+    spmd decodes after its prompt) speed, median of 3 repeats each (its KV cache: float16)."""
     def bench_json(*args):
         cmd = [binary, "-m", str(model), "-t", str(threads), "-r", "3", "-o", "json", *args]
         p = subprocess.run(cmd, capture_output=True, text=True)
@@ -250,6 +251,8 @@ def main():
     @click.option("--model", default=None, help="Use this GGUF instead of writing a random TinyLlama-shaped one.")
     @click.option("--activations", default="f32", show_default=True,
                   help="spmd's --activations, comma-separated for runs of each: f32,int8.")
+    @click.option("--kv-cache", default="f16", show_default=True, type=click.Choice(["f32", "f16"]),
+                  help="spmd's --kv-cache (llama.cpp keeps float16: f16 compares like with like).")
     @click.option("--repeats", default=3, show_default=True,
                   help="spmd runs the prompt this many times, one sequence after another, and reports the medians "
                        "(llama-bench: the median of 3 repeats after a warm-up).")
@@ -257,7 +260,7 @@ def main():
                   help="Run every engine this many times in turn and report the medians, with each ratio's median "
                        "and range over the rounds (this machine's speed drifts by 10-20% between minutes).")
     @click.option("--json", "json_out", default=None, help="Also write the results here.")
-    def cli(qtype, steps, prompt_len, ranks, allreduce, activations, model, repeats, rounds, json_out):
+    def cli(qtype, steps, prompt_len, ranks, allreduce, activations, kv_cache, model, repeats, rounds, json_out):
         tmp = None
         if model is None:
             tmp = tempfile.mkdtemp(prefix="spmd-bench-")
@@ -269,7 +272,8 @@ def main():
         peer = llama_cpp_peer(numba.config.NUMBA_NUM_THREADS)  # as many threads as spmd's one rank: every core
         rounds_out = []  # per round: the spmd runs' figures, then the peer's (or None)
         for _ in range(rounds):  # each round runs every engine once: a slow spell of the machine hits all of them
-            out = [run_spmd(model, n, steps, prompt, allreduce, ratios, activations=act, repeats=repeats)
+            out = [run_spmd(model, n, steps, prompt, allreduce, ratios, activations=act, repeats=repeats,
+                            kv_cache=kv_cache)
                    for act, (n, ratios) in ((act, parse_run(run)) for act, run in configs)]
             rounds_out.append((out, peer[1](model, steps, prompt) if peer else None))
         rows = []
@@ -288,7 +292,7 @@ def main():
                              tokens=rounds_out[-1][1]["tokens"], rounds=[p for _, p in rounds_out], **lc))
         base = rows[0]["decode_tokens_per_s"]
         print(f"\nmodel: {Path(model).name}, {weight_bytes / 1e6:.0f} MB of matrices; prompt {prompt_len}, "
-              f"{steps} steps, allreduce {allreduce}")
+              f"{steps} steps, allreduce {allreduce}, KV cache: spmd {kv_cache}, llama.cpp f16")
         print(f"{'run':<22}{'prompt tok/s':>13}{'decode tok/s':>13}{'ms/token':>10}{'GB/s':>7}{'vs first':>9}"
               f"{'weights MiB':>13}{'peak RSS MiB':>14}")
         for r in rows:
@@ -313,7 +317,8 @@ def main():
             agree = next((i for i, (a, b) in enumerate(zip(rows[0]["tokens"], rows[-1]["tokens"])) if a != b), steps)
             print(f"llama.cpp's greedy tokens equal ours for the first {agree} of {steps}")
         if json_out:
-            Path(json_out).write_text(json.dumps(dict(qtype=qtype, weight_bytes=weight_bytes, rows=rows), indent=1))
+            Path(json_out).write_text(json.dumps(dict(qtype=qtype, weight_bytes=weight_bytes, kv_cache=kv_cache,
+                                                      rows=rows), indent=1))
         if tmp:
             shutil.rmtree(tmp)
 

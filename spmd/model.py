@@ -106,10 +106,13 @@ class Rope:
         a[...] = a2
 
 
-def kv_bytes_per_position(cfg, n_layers=1, n_kv=1) -> int:
-    """KV-cache bytes of one position of one sequence in `n_layers` layers of `n_kv` KV heads (float32 keys and
-    values, as KVCache holds them)."""
-    return 2 * n_layers * n_kv * cfg.head_dim * 4
+KV_DTYPES = {"f32": np.float32, "f16": np.float16}  # --kv-cache: what the KV caches hold keys and values in
+
+
+def kv_bytes_per_position(cfg, n_layers=1, n_kv=1, kv_cache="f32") -> int:
+    """KV-cache bytes of one position of one sequence in `n_layers` layers of `n_kv` KV heads (keys and values in
+    --kv-cache's type, as KVCache holds them)."""
+    return 2 * n_layers * n_kv * cfg.head_dim * np.dtype(KV_DTYPES[kv_cache]).itemsize
 
 
 def pass_bytes(cfg, share, rows, T) -> int:
@@ -123,15 +126,17 @@ def pass_bytes(cfg, share, rows, T) -> int:
 
 class KVCache:
     """Keys and values of this rank's KV heads in its layers, one cache per open sequence slot, each sized to its
-    sequence's need (prompt + steps) when the slot opens and freed when it closes."""
+    sequence's need (prompt + steps) when the slot opens and freed when it closes. dtype: float32, or float16
+    (--kv-cache f16: a key or value is rounded to float16 as it is stored, and read back as that value exactly)."""
 
-    def __init__(self, layers: range, kv: tuple, head_dim: int):
+    def __init__(self, layers: range, kv: tuple, head_dim: int, dtype=np.float32):
         self.layers, self.kv, self.hd = layers, tuple(kv), head_dim  # absolute layers; global KV heads, local order
-        self.k, self.v = {}, {}  # slot -> (layers_local, kv_local, need, hd) float32
+        self.dtype = dtype
+        self.k, self.v = {}, {}  # slot -> (layers_local, kv_local, need, hd) of dtype
 
     def open(self, slot, need):
         shape = (len(self.layers), len(self.kv), need, self.hd)
-        self.k[slot], self.v[slot] = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+        self.k[slot], self.v[slot] = np.zeros(shape, self.dtype), np.zeros(shape, self.dtype)
 
     def free(self, slot):
         self.k.pop(slot, None)
@@ -148,7 +153,8 @@ class KVCache:
         return self.k[slot][i], self.v[slot][i]
 
     def take(self, slot, T) -> dict:
-        """{(layer, kv head): (k, v) each (T, hd)}: copies of positions 0..T-1 of every head held."""
+        """{(layer, kv head): (k, v) each (T, hd) of the cache's dtype}: copies of positions 0..T-1 of every head
+        held."""
         k, v = self.k[slot], self.v[slot]
         return {(layer, j): (k[li, at, :T].copy(), v[li, at, :T].copy())
                 for li, layer in enumerate(self.layers) for at, j in enumerate(self.kv)}
@@ -172,13 +178,13 @@ class Model:
         close()
     """
 
-    def __init__(self, cfg, weights, share, max_seq, slots=1, partial_dtype=np.float32):
+    def __init__(self, cfg, weights, share, max_seq, slots=1, partial_dtype=np.float32, kv_cache="f32"):
         self.cfg, self.w, self.share = cfg, weights, share
         self.partial_dtype = partial_dtype  # of the partial sums: float64 where the products sum exactly (cpu int8)
         self.max_seq = max_seq  # the longest sequence any slot may hold (the RoPE tables' length)
         self.n_slots = slots  # slots 0..slots-1 may be open
         self.rope = Rope(cfg, max_seq, weights.rope_factors)
-        self.cache = KVCache(share.layer_ids, share.kv, cfg.head_dim)
+        self.cache = KVCache(share.layer_ids, share.kv, cfg.head_dim, KV_DTYPES[kv_cache])
         self.scale = np.float32(1.0 / np.sqrt(cfg.head_dim))
         self._kept_buffers = {}  # rows -> buffers, for passes of up to KEEP_ROWS rows (decode steps, batched)
 
@@ -308,16 +314,17 @@ class Model:
         """Query rows q (m, heads, hd) at positions pos.. over the cache's keys 0..pos+m-1 -> (m, heads * hd)."""
         m, (n_kv, group, hd) = q.shape[0], (self.share.n_kv, self.cfg.group, self.cfg.head_dim)
         T = pos + m
+        ck, cv = ck[:, :T].astype(np.float32, copy=False), cv[:, :T].astype(np.float32, copy=False)  # (f16: exactly)
         # (kv, group*m, hd): each KV head's query heads, all rows
         qg = q.reshape(m, n_kv, group, hd).transpose(1, 2, 0, 3).reshape(n_kv, group * m, hd)
-        scores = np.matmul(qg, ck[:, :T].transpose(0, 2, 1)) * self.scale  # (kv, group*m, T)
+        scores = np.matmul(qg, ck.transpose(0, 2, 1)) * self.scale  # (kv, group*m, T)
         if m > 1:  # causal: query i (position pos+i) sees keys 0..pos+i
             future = np.arange(T)[None, :] > (pos + np.arange(m))[:, None]  # (m, T)
             scores.reshape(n_kv, group, m, T)[:, :, future] = -np.inf
         scores -= scores.max(axis=-1, keepdims=True)
         np.exp(scores, out=scores)
         scores /= scores.sum(axis=-1, keepdims=True)
-        out = np.matmul(scores, cv[:, :T])  # (kv, group*m, hd)
+        out = np.matmul(scores, cv)  # (kv, group*m, hd)
         return out.reshape(n_kv, group, m, hd).transpose(2, 0, 1, 3).reshape(m, n_kv * group * hd)
 
     def _ffn(self, lw, xn, buf):

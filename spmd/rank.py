@@ -16,7 +16,7 @@ from .config import read_config
 from .errors import UserError, human_size, is_whole_number, parse_size
 from .gguf_file import GGUFFile
 from .journal import read_resume
-from .model import PREFILL_TOKENS, kv_bytes_per_position, pass_bytes
+from .model import KV_DTYPES, PREFILL_TOKENS, kv_bytes_per_position, pass_bytes
 from .plan import make_plan, parse_layout
 from .prompts import PromptSpec, Work, read_prompts_file
 from .sampling import Sampler
@@ -40,6 +40,7 @@ class RunOptions:
     allreduce: str = "star"
     backend: str = "cpu"  # one name for every rank, or one per rank: "cpu,vulkan,vulkan"
     activations: str = "f32"  # the cpu backend's: "f32", or "int8" (8-bit activations, exact partial sums)
+    kv_cache: str = "f32"  # what the KV caches keep keys and values in: "f32", or "f16" (half the memory)
     gpu: str = None  # Vulkan device index on the rank's host: one for every rank, or one per rank (None: local rank)
     threads: str = None  # kernel threads: one for every rank, or one per rank (None: the host's cores / its ranks)
     temperature: float = 0.0
@@ -216,6 +217,8 @@ class RankState:
             raise UserError(f"--migrate-weights {opts.migrate_weights!r}: choose one of {', '.join(WEIGHT_SOURCES)}")
         if opts.activations not in ("f32", "int8"):
             raise UserError(f"--activations {opts.activations!r}: choose f32 or int8")
+        if opts.kv_cache not in KV_DTYPES:
+            raise UserError(f"--kv-cache {opts.kv_cache!r}: choose {' or '.join(KV_DTYPES)}")
         if opts.plan is not None and opts.ratios is not None:
             raise UserError("give --ratios or --plan, not both")
         if opts.plan is not None and not opts.plan.strip():
@@ -306,7 +309,7 @@ class RankState:
             if window is not None:  # what the resident halves leave of the budget
                 classifier = weights.output.nbytes if weights.output is not None else 0
                 window.start(budget - (weights.nbytes - window.held_bytes - classifier))
-            return self.backend.make_model(self.cfg, weights, share, self.max_seq, self.n_slots)
+            return self.backend.make_model(self.cfg, weights, share, self.max_seq, self.n_slots, self.opts.kv_cache)
         except BaseException:
             if window is not None:
                 window.close()
@@ -425,7 +428,7 @@ class RankState:
     def kv_bytes_per_position(self, share=None):
         """KV-cache bytes one position of one sequence takes on this rank."""
         share = share or self.share
-        return kv_bytes_per_position(self.cfg, len(share.layer_ids), share.n_kv)
+        return kv_bytes_per_position(self.cfg, len(share.layer_ids), share.n_kv, self.opts.kv_cache)
 
     def _check_memory(self, plan):
         """Refuse up front sequences whose KV caches, at their full length, cannot fit beside the weights in the
@@ -489,7 +492,8 @@ class RankState:
                                     f"{profile.source}'s {len(profile.ranks)}")
                 profile = profile.subset(survivors)
             cluster.check_matches(profile, self.cfg, comm.size)
-            return profile
+            kv = kv_bytes_per_position(self.cfg, kv_cache=opts.kv_cache)  # the profile's is float32's
+            return replace(profile, model=replace(profile.model, kv_bytes_per_position=kv))
         profile = agree(comm, load if comm.is_root else lambda: None)
         self.profile_s = time.perf_counter() - t
         return profile
@@ -536,7 +540,7 @@ class RankState:
                 "--ratios": plan, "--plan": self.opts.plan, "--rebalance": self.opts.rebalance,
                 "--allreduce": self.opts.allreduce, "--backend": self.opts.backend, "--gpu": self.opts.gpu,
                 "--threads": self.opts.threads, "--migrate-weights": self.opts.migrate_weights,
-                "--activations": self.opts.activations}
+                "--activations": self.opts.activations, "--kv-cache": self.opts.kv_cache}
         everyone = self.comm.allgather(mine)
         for rank, theirs in enumerate(everyone):
             if not isinstance(theirs, dict) or set(theirs) != set(mine):

@@ -64,6 +64,10 @@ CLUSTER_OPTIONS = [  # the flags spmd.run and spmd.serve share: the model, and h
                       "the reference's products to within float rounding. int8: each 32 activations quantised to 8 "
                       "bits as llama.cpp does (faster; results move by about 0.5%%, as llama.cpp's do), the partial "
                       "sums added up exactly, so the text still does not change with the layout."),
+    click.option("--kv-cache", default="f32", show_default=True, type=click.Choice(["f32", "f16"]),
+                 help="What the KV caches keep keys and values in. f16: half the memory of f32 (a sequence's "
+                      "context costs half as much on every rank, as llama.cpp's default cache), each key and value "
+                      "rounded to float16 as it is stored; the cpu and numpy backends."),
     click.option("--gpu", default=None, metavar="N[,N...]",
                  help="Vulkan device index on each rank's host, one for all or one per rank. "
                       "Default: the rank's index among the ranks on its host."),

@@ -183,6 +183,7 @@ CASES = {
                             "--sequences 2: the KV caches of 2 sequences of up to .* positions need .* GiB on rank"),
     "bad flag value": (lambda m, d: m, ["--allreduce", "tree"], "Invalid value for '--allreduce'"),
     "bad activations": (lambda m, d: m, ["--activations", "int4"], "Invalid value for '--activations'"),
+    "bad kv cache": (lambda m, d: m, ["--kv-cache", "f8"], "Invalid value for '--kv-cache'"),
     "unknown backend": (lambda m, d: m, ["--backend", "cpu,tpu"], "--backend|'tpu'"),
     "backend count": (lambda m, d: m, ["--backend", "cpu,cpu,cpu,cpu,cpu"], "names 5 backends for"),
     "bad gpu": (lambda m, d: m, ["--gpu", "first"], "--gpu 'first': expected a whole number"),

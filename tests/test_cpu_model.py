@@ -25,14 +25,16 @@ def softmax_attention(q, ck, cv, pos, scale):
 
 def attend(q, k, v, ck, cv, pos, scale, parts=1):
     """What CpuModel._attend does for a one-token segment, on these arrays (parts > 1: its heads in that many
-    ranges on numba's threads)."""
+    ranges on numba's threads; float16 caches: --kv-cache f16)."""
     out = np.empty(q.size, np.float32)
+    ck[:, pos], cv[:, pos] = k, v
+    ck, cv = cpu_model.CpuModel._kernel_view(ck), cpu_model.CpuModel._kernel_view(cv)
     if parts > 1:
-        s = cpu_model._scores_parallel(q, k, v, ck, cv, pos, scale, parts)
+        s = cpu_model._scores_parallel(q, ck, pos, scale, parts)
         np.exp(s, out=s)
         cpu_model._values_parallel(s, cv, out, parts)
         return out
-    s = cpu_model._scores(q, k, v, ck, cv, pos, scale)
+    s = cpu_model._scores(q, ck, pos, scale)
     np.exp(s, out=s)
     cpu_model._values(s, cv, out)
     return out
@@ -84,17 +86,22 @@ def test_silu_is_the_references_and_a_very_negative_gate_gives_zero_quietly():
 @pytest.mark.parametrize("hd", [16, 48, 64, 80, 128])
 @pytest.mark.parametrize("heads, kv", [(4, 4), (8, 2), (6, 1)])
 @pytest.mark.parametrize("pos", [0, 1, 37, 300])
-def test_one_token_attention_is_softmax_attention_and_heads_are_independent(hd, heads, kv, pos):
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_one_token_attention_is_softmax_attention_and_heads_are_independent(hd, heads, kv, pos, dtype):
     rng = np.random.default_rng(hd * 1000 + heads * 10 + pos)
     need = pos + 3
-    ck = rng.standard_normal((kv, need, hd)).astype(np.float32)
-    cv = rng.standard_normal((kv, need, hd)).astype(np.float32)
+    ck = rng.standard_normal((kv, need, hd)).astype(dtype)
+    cv = rng.standard_normal((kv, need, hd)).astype(dtype)
     q = (rng.standard_normal((heads, hd)) * 2).astype(np.float32)
     k, v = rng.standard_normal((kv, hd)).astype(np.float32), rng.standard_normal((kv, hd)).astype(np.float32)
     scale = np.float32(1 / np.sqrt(hd))
     got = attend(q, k, v, ck, cv, pos, scale)
-    assert np.array_equal(ck[:, pos], k) and np.array_equal(cv[:, pos], v)  # the token's k, v went into the cache
+    # the token's k, v went into the cache (rounded to its type)
+    assert np.array_equal(ck[:, pos], k.astype(dtype)) and np.array_equal(cv[:, pos], v.astype(dtype))
     np.testing.assert_allclose(got, softmax_attention(q, ck, cv, pos, scale), rtol=0, atol=2e-6)
+    if dtype == np.float16:  # each key and value widened exactly: the float32 kernels' bits on the same values
+        wide_k, wide_v = ck.astype(np.float32), cv.astype(np.float32)
+        assert np.array_equal(attend(q, wide_k[:, pos], wide_v[:, pos], wide_k, wide_v, pos, scale), got)
     # the last KV head's query heads alone (what a rank holding only that head computes): the same bits
     group = heads // kv
     alone = attend(q[-group:].copy(), k[-1:].copy(), v[-1:].copy(), ck[-1:].copy(), cv[-1:].copy(), pos, scale)

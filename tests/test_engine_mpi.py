@@ -194,6 +194,31 @@ def test_int8_activations_give_the_same_bits_at_any_layout(models, qtype, allred
 
 
 @pytest.mark.mpi
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_K_M"])
+def test_a_float16_kv_cache_gives_the_references_tokens_at_any_layout(models, qtype):
+    """--kv-cache f16: the cpu backend's decode attention reads float16 keys and values (the numba kernels widen
+    them) and gives the tokens of the numpy reference with a float16 cache, at one rank and at unequal ratios and
+    across stages; each rank's KV cache takes 2 bytes a value."""
+    model = models[qtype]
+    expected = one_rank_tokens(model=model, backend="numpy", kv_cache="f16")
+    if WORLD.rank == 0:  # the float16 cache did change the numbers (the prompt's keys are read back from it)
+        def logits(kv_cache):
+            opts = RunOptions(model=model, prompts=(PromptSpec(ids=PROMPT),), steps=1, kv_cache=kv_cache)
+            engine = Engine(opts, Comm(comm=MPI.COMM_SELF), log=lambda _m: None)
+            return engine.executor.forward(np.array(PROMPT, dtype=np.int64), 0)
+        assert 0 < np.abs(logits("f16") - logits("f32")).max() < 1e-2
+    hybrid = ":".join(str(r + 1) for r in range(WORLD.size - 1)) + "*1" if WORLD.size > 1 else None  # 2 stages
+    for ratios in (None, UNEQUAL[WORLD.size], hybrid):
+        result = generate(WORLD, model=model, ratios=ratios, kv_cache="f16")
+        if WORLD.rank == 0:
+            assert result["tokens"] == expected, ratios
+            head_dim = SHAPE.dim // SHAPE.n_heads if qtype == "Q4_0" else K_SHAPE.dim // K_SHAPE.n_heads
+            for r in result["ranks"]:
+                first, end = r["share"]["layers"]
+                assert r["kv_bytes_per_position"] == 2 * (end - first) * r["share"]["kv_heads"] * head_dim * 2
+
+
+@pytest.mark.mpi
 @pytest.mark.parametrize("qtype", ["Q5_K_M rows of 96", "Q4_0"])
 def test_int8_says_where_heads_cut_its_blocks(models, qtype):
     """Heads of 24 (KV groups of 48 attention outputs) split 32-element activation blocks between the ranks of a

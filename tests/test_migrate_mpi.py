@@ -221,13 +221,15 @@ def pipeline(n):
 @needs_two
 @pytest.mark.mpi
 @pytest.mark.parametrize("moves", ["heads", "layers"])
-def test_the_kv_cache_travels_with_its_heads_and_layers(models, socket_path, moves):
-    """After moves, each rank's cache rows equal one rank's rows for the same (layer, KV head) (to rounding)."""
+@pytest.mark.parametrize("kv_cache", ["f32", "f16"])
+def test_the_kv_cache_travels_with_its_heads_and_layers(models, socket_path, moves, kv_cache):
+    """After moves, each rank's cache rows equal one rank's rows for the same (layer, KV head) (to rounding; a
+    float16 cache (--kv-cache f16) travels as float16)."""
     model = models["deep F32"]
     alone = None
     if WORLD.rank == 0:
-        e = Engine(RunOptions(model=model, prompts=(PromptSpec(ids=PROMPT),), steps=8), Comm(comm=MPI.COMM_SELF),
-                   log=lambda _m: None)
+        e = Engine(RunOptions(model=model, prompts=(PromptSpec(ids=PROMPT),), steps=8, kv_cache=kv_cache),
+                   Comm(comm=MPI.COMM_SELF), log=lambda _m: None)
         e.run()
         alone = e.state.model.cache_take(0, FIRST + 6)
     alone = WORLD.bcast(alone)
@@ -239,12 +241,14 @@ def test_the_kv_cache_travels_with_its_heads_and_layers(models, socket_path, mov
         regroup = "*".join(["1@1"] + ["1"] * (WORLD.size - 1))  # a stage per rank, the first of one layer
         schedule = {1: [layers(0, 1, 1)], 3: [layers(1, 0, 1)], 5: [migrate(ratios=regroup)]}
     engine, result, replies = run(model, socket_path, steps=8, migrate_weights="peer", backend="numpy",
-                                  schedule=schedule, ratios=ratios)
+                                  schedule=schedule, ratios=ratios, kv_cache=kv_cache)
     mine = engine.state.model.cache_take(0, FIRST + 6)
     assert set(mine) == {(layer, j) for layer in engine.state.share.layer_ids for j in engine.state.share.kv}
     for key, (k, v) in mine.items():
-        np.testing.assert_allclose(k, alone[key][0], atol=1e-4)
-        np.testing.assert_allclose(v, alone[key][1], atol=1e-4)
+        for got, want in ((k, alone[key][0]), (v, alone[key][1])):
+            assert got.dtype == want.dtype == (np.float16 if kv_cache == "f16" else np.float32)
+            step = 2.0 ** -10 * float(np.abs(want).max()) if kv_cache == "f16" else 0.0  # a float16 rounding flip
+            np.testing.assert_allclose(got, want, atol=1e-4 + step)
     if WORLD.rank == 0:
         assert all(r["ok"] for r in replies), replies
         assert result["plan_epoch"] == len(schedule)

@@ -18,7 +18,7 @@ from gguf import GGMLQuantizationType as T
 from mpi4py import MPI
 
 import reference
-from spmd.backends import get_backend
+from spmd.backends import get_backend, vulkan_model
 from spmd.backends.numpy_ref import NumpyBackend
 from spmd.comm import Comm
 from spmd.engine import Engine, RunOptions
@@ -296,7 +296,7 @@ def test_logits_match_reference_batched_and_step_by_step(models, case):
         np.testing.assert_allclose(logits(e, tokens[pos:pos + 1], pos), expected[pos], rtol=0, atol=1e-4)
 
 
-def _shard_models(path, share_of, cfg_change=None, max_seq=None, slots=1):
+def _shard_models(path, share_of, cfg_change=None, max_seq=None, slots=1, kv_cache="f32"):
     """(numpy Model, VulkanModel) of the same shard, slot 0 open for max_seq positions in both."""
     f = GGUFFile(path)
     from spmd.config import read_config
@@ -305,8 +305,8 @@ def _shard_models(path, share_of, cfg_change=None, max_seq=None, slots=1):
         cfg = dataclasses.replace(cfg, **cfg_change)
     share = share_of(cfg)
     max_seq = max_seq or cfg.context
-    ref = Model(cfg, load_shard(f, cfg, share, NumpyBackend()), share, max_seq, slots)
-    dev = BACKEND.make_model(cfg, load_shard(f, cfg, share, BACKEND), share, max_seq, slots)
+    ref = Model(cfg, load_shard(f, cfg, share, NumpyBackend()), share, max_seq, slots, kv_cache=kv_cache)
+    dev = BACKEND.make_model(cfg, load_shard(f, cfg, share, BACKEND), share, max_seq, slots, kv_cache)
     for m in (ref, dev):
         m.open(0, max_seq)
     return ref, dev, cfg
@@ -501,6 +501,49 @@ def test_several_sequences_in_one_pass(models, multi, matvec_rows, monkeypatch):
     assert dev.slots == {0: NEED, 1: NEED, 2: NEED}
     single.close()
     dev.close()
+
+
+@needs_device
+@pytest.mark.parametrize("matvec_rows", [1, 8], ids=["matmul", "matvec"])
+def test_a_float16_kv_cache_equals_the_reference_with_one(models, matvec_rows, monkeypatch):
+    """--kv-cache f16 (kernels/attention_kv16): PASSES (the first over ATTENTION_STORE rows: attention modes 1 and
+    2; then prompts and decode tokens of three sequences in mode 0, where a pass's own keys and values come from
+    the qkv buffer, rounded as the cache rounds them) against spmd.model.Model with a float16 cache; the cache
+    holds float16, half the bytes, and greedy tokens of a whole run equal the reference's."""
+    monkeypatch.setattr(BACKEND, "matvec_rows", matvec_rows)
+    ref, dev, cfg = _shard_models(models["Q8_0"], _whole, slots=3, kv_cache="f16")
+    wide = _shard_models(models["Q8_0"], _whole, slots=3)[1]
+    _open_slots([ref, dev, wide])
+    moved, passes = 0.0, []
+    for segments in PASSES:
+        got, want = step([dev], segments), step([ref], segments)
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-3)  # (the float32 products' rounding can flip a
+        moved = max(moved, float(np.abs(got - step([wide], segments)).max()))  # key's float16 rounding)
+        passes.append(got)
+    assert moved > 1e-4  # the float16 cache did change the numbers
+    # mode 0 reads its pass's own keys and values from the qkv buffer, rounded as the cache holds them: the same
+    # logits as with every key and value read back from the cache (modes 1 and 2 for every pass)
+    monkeypatch.setattr(vulkan_model, "ATTENTION_STORE", 0)
+    stored = _shard_models(models["Q8_0"], _whole, slots=3, kv_cache="f16")[1]
+    _open_slots([stored])
+    for segments, got in zip(PASSES, passes):
+        np.testing.assert_allclose(step([stored], segments), got, rtol=0, atol=1e-5)
+    stored.close()
+    for slot, n in FILLED.items():
+        want = ref.cache_take(slot, n)
+        for key, (k, v) in dev.cache_take(slot, n).items():
+            assert k.dtype == v.dtype == np.float16
+            for got_kv, want_kv in ((k, want[key][0]), (v, want[key][1])):  # within a float16 rounding step of
+                scale = np.abs(want_kv).astype(np.float32).max()  # the largest (float32 products' errors differ)
+                np.testing.assert_allclose(got_kv, want_kv, rtol=2 ** -10, atol=2 ** -10 * scale)
+    assert 2 * dev.kcache[0].nbytes == wide.kcache[0].nbytes
+    for m in (dev, wide):
+        m.close()
+    expected = engine(models["Q4_K_M"], "numpy", kv_cache="f16").run()["tokens"]
+    result = engine(models["Q4_K_M"], "vulkan", kv_cache="f16").run()
+    assert result["tokens"] == expected
+    assert result["ranks"][0]["kv_bytes_per_position"] == engine(models["Q4_K_M"], "vulkan").run()["ranks"][0][
+        "kv_bytes_per_position"] // 2
 
 
 @needs_device

@@ -16,8 +16,9 @@
     y = lin(x, out=None)                 # x: float32 (n, cols) -> float32 (n, rows) = x @ W.T, into `out` if given
                                          # (a float64 out: the cpu int8 kernels' exact sums)
     backend.partial_dtype                # the dtype its model's partial sums have (float32; cpu int8: float64)
-    model = backend.make_model(cfg, weights, share, max_seq, slots)   # spmd.model.Model, or the backend's own
-                                         # (Vulkan); sequences of up to max_seq positions in slots 0..slots-1
+    model = backend.make_model(cfg, weights, share, max_seq, slots, kv_cache)   # spmd.model.Model, or the
+                                         # backend's own (Vulkan); sequences of up to max_seq positions in slots
+                                         # 0..slots-1; kv_cache: "f32" or "f16", the type keys and values are kept in
     backend.model_owns_weights           # True where the model frees its matrices on close(): a re-partition
                                          # then reads every matrix again instead of keeping unchanged ones
     backend.lacks(w)                     # None where it computes with QTensor w as it is, else what it lacks
@@ -46,9 +47,9 @@ class Backend:
         """What a linear of a (rows, cols) matrix of `qtype` holds (the numpy backend's float32)."""
         return 4 * rows * cols
 
-    def make_model(self, cfg, weights, share, max_seq, slots=1):
+    def make_model(self, cfg, weights, share, max_seq, slots=1, kv_cache="f32"):
         from ..model import Model
-        return Model(cfg, weights, share, max_seq, slots, self.partial_dtype)
+        return Model(cfg, weights, share, max_seq, slots, self.partial_dtype, kv_cache)
 
     def device_memory_bytes(self):
         """Memory of the device the backend computes on where it is not the host's (a GPU's), else None."""

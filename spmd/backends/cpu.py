@@ -1053,6 +1053,6 @@ class CpuBackend(Backend):
     def held_bytes(self, qtype, rows, cols) -> int:
         return held_bytes(qtype, rows, cols, self.int8)
 
-    def make_model(self, cfg, weights, share, max_seq, slots=1):
+    def make_model(self, cfg, weights, share, max_seq, slots=1, kv_cache="f32"):
         from .cpu_model import CpuModel
-        return CpuModel(cfg, weights, share, max_seq, slots, self.partial_dtype, threads=self.threads)
+        return CpuModel(cfg, weights, share, max_seq, slots, self.partial_dtype, kv_cache, threads=self.threads)

@@ -6,11 +6,13 @@ alone 7, attention about 20), 4-5 ms of a 25 ms token on the 2-core test machine
     _rmsnorm(x, w, eps, out)          the sum of squares in 16 float32 lanes, then x * r * w as the reference does
     _rotate(x, cos, sin, neox)        RoPE in place, the reference's arithmetic (bit-identical to it)
     _silu_finish(gate, e, up)         gate / (1 + e) * up into gate, e = exp(-gate) from numpy (vectorised)
-    decode attention of a segment of one token (`_attend`): `_scores` writes its k, v into the cache and the
+    decode attention of a segment of one token (`_attend`): its k, v go into the cache (numpy), then `_scores`: the
     scaled dot products of every local head with keys 0..pos less each head's maximum (16 keys at a time, their
     lane sums reduced together); numpy's exp (vectorised) takes them in place; `_values` sums each head's p_t * v_t
     in 16-float lanes, four heads of a KV head at a time, and divides by the sum of p.
     From PARALLEL_SCORES scores on (32 heads: 32 positions) the heads are split over the rank's threads.
+    With --kv-cache f16 the caches hold float16 (its bits as int16 here) and these functions widen each key and
+    value as they read it (`_lanes`): the same values the reference reads from its float16 cache.
 
 A prompt's attention (several rows a segment) stays numpy's batched matmul, which is faster there. Each function
 gives the same bits for a head or a row whatever else the pass holds (its rank's other heads, other segments), as
@@ -24,24 +26,31 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ..model import Model
-from .cpu import F32, _Arg, _broadcast, _fma, _hmax, _hsum, _load, _vec, products
+from .cpu import F32, _Arg, _broadcast, _fma, _hmax, _hsum, _to_f32, _vec, products
 
 LANES = 16
 PARALLEL_SCORES = 1024  # a token's attention splits its heads over the rank's threads from this many scores
 
 
+def _lanes(b, row, at, dtype):
+    """16 floats of a row from element `at` on: float32, or float16 bits held as int16 (a --kv-cache f16 cache's
+    keys and values), widened exactly."""
+    return _to_f32(b, row, b.mul(at, ir.Constant(at.type, dtype.bitwidth // 8)), dtype)
+
+
 @intrinsic
 def _dot(typingctx, a, ia, b_, ib, vectors):
-    """a[ia, :16 * vectors] . b[ib, :16 * vectors] (2-D float32 arrays with contiguous rows): 16 lanes of fused
-    multiply-adds, then their sum in a fixed tree."""
+    """a[ia, :16 * vectors] . b[ib, :16 * vectors] (2-D arrays with contiguous rows: a float32, b float32 or
+    float16 bits (`_lanes`)): 16 lanes of fused multiply-adds, then their sum in a fixed tree."""
 
     def codegen(context, b, sig, args):
         pa = _Arg(context, b, sig.args[0], args[0]).row(args[1])
         pb = _Arg(context, b, sig.args[2], args[2]).row(args[3])
         acc = cgutils.alloca_once_value(b, ir.Constant(_vec(F32, LANES), None))
         with cgutils.for_range(b, args[4]) as loop:
-            at = b.mul(loop.index, ir.Constant(loop.index.type, 4 * LANES))
-            b.store(_fma(b, _load(b, pa, at, _vec(F32, LANES)), _load(b, pb, at, _vec(F32, LANES)), b.load(acc)), acc)
+            at = b.mul(loop.index, ir.Constant(loop.index.type, LANES))
+            wv = _lanes(b, pb, at, sig.args[2].dtype)
+            b.store(_fma(b, _lanes(b, pa, at, sig.args[0].dtype), wv, b.load(acc)), acc)
         return _hsum(b, b.load(acc))
 
     return types.float32(a, ia, b_, ib, vectors), codegen
@@ -49,9 +58,9 @@ def _dot(typingctx, a, ia, b_, ib, vectors):
 
 @intrinsic
 def _dots16(typingctx, a, ia, b_, ib, vectors, scale, s, js):
-    """s[js, ib:ib + 16] = (a[ia, :16 * vectors] . b[ib + j, :16 * vectors]) * scale for j < 16 (2-D float32
-    arrays with contiguous rows): each dot product as `_dot` makes it, bit for bit, their lane sums reduced together
-    (`_hsums`). Returns their maximum (where one is NaN, any of them: the head's output is NaN anyway)."""
+    """s[js, ib:ib + 16] = (a[ia, :16 * vectors] . b[ib + j, :16 * vectors]) * scale for j < 16 (2-D arrays with
+    contiguous rows, as `_dot`'s): each dot product as `_dot` makes it, bit for bit, their lane sums reduced
+    together (`_hsums`). Returns their maximum (where one is NaN, any of them: the head's output is NaN anyway)."""
 
     def codegen(context, b, sig, args):
         pa = _Arg(context, b, sig.args[0], args[0]).row(args[1])
@@ -59,10 +68,10 @@ def _dots16(typingctx, a, ia, b_, ib, vectors, scale, s, js):
         rows = [B.row(b.add(args[3], ir.Constant(args[3].type, j))) for j in range(LANES)]
         accs = [cgutils.alloca_once_value(b, ir.Constant(_vec(F32, LANES), None)) for _ in range(LANES)]
         with cgutils.for_range(b, args[4]) as loop:
-            at = b.mul(loop.index, ir.Constant(loop.index.type, 4 * LANES))
-            qv = _load(b, pa, at, _vec(F32, LANES))
+            at = b.mul(loop.index, ir.Constant(loop.index.type, LANES))
+            qv = _lanes(b, pa, at, sig.args[0].dtype)
             for row, acc in zip(rows, accs):
-                b.store(_fma(b, qv, _load(b, row, at, _vec(F32, LANES)), b.load(acc)), acc)
+                b.store(_fma(b, qv, _lanes(b, row, at, sig.args[2].dtype), b.load(acc)), acc)
         sums = b.fmul(_hsums(b, [b.load(acc) for acc in accs]), _broadcast(b, args[5], LANES))
         ps = _Arg(context, b, sig.args[6], args[6]).row(args[7])
         dst = b.bitcast(b.gep(ps, [b.mul(args[3], ir.Constant(args[3].type, 4))]), _vec(F32, LANES).as_pointer())
@@ -93,7 +102,8 @@ def _hsums(b, vs):
 def _make_weighted(nh, nv):
     """Intrinsic weighted(p, h, n, v, out, first, hd): for the nh heads h..h + nh - 1 (rows of p, 2-D), out[(h +
     j) * hd + first:... + 16 * nv] = sum over t < n of p[h + j, t] * v[t, first:...] (v 2-D with contiguous rows,
-    out 1-D; float32): each row of v read once for the nh heads, every sum held in registers across t."""
+    float32 or float16 bits (`_lanes`); out 1-D; float32): each row of v read once for the nh heads, every sum held
+    in registers across t."""
 
     @intrinsic
     def weighted(typingctx, p, h, n, v, out, first, hd):
@@ -103,12 +113,11 @@ def _make_weighted(nh, nv):
                      for j in range(nh)]
             po = b.bitcast(context.make_array(sig.args[4])(context, b, args[4]).data, ir.IntType(8).as_pointer())
             c = lambda k: ir.Constant(args[5].type, k)  # noqa: E731
-            at = b.mul(args[5], c(4))  # the first element's byte offset in a row of v
             accs = [[cgutils.alloca_once_value(b, ir.Constant(_vec(F32, LANES), None)) for _ in range(nv)]
                     for _ in range(nh)]
             with cgutils.for_range(b, args[2]) as loop:
                 row = V.row(loop.index)
-                vks = [_load(b, row, b.add(at, c(4 * LANES * k)), _vec(F32, LANES)) for k in range(nv)]
+                vks = [_lanes(b, row, b.add(args[5], c(LANES * k)), sig.args[3].dtype) for k in range(nv)]
                 for prow, head in zip(prows, accs):
                     ps = _broadcast(b, b.load(b.gep(prow, [loop.index])), LANES)
                     for vk, acc in zip(vks, head):
@@ -221,11 +230,9 @@ def _head_values(p, cv, out, h0, h1):
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def _scores(q, k, v, ck, cv, pos, scale):
-    """One token at position pos: k, v (kv, hd) into the caches (kv, need, hd) at pos; -> s (heads, pos + 1), each
-    head's scores (`_head_scores`). q (heads, hd)."""
-    ck[:, pos] = k
-    cv[:, pos] = v
+def _scores(q, ck, pos, scale):
+    """One token at position pos, its keys in ck (kv, need, hd) up to pos -> s (heads, pos + 1), each head's scores
+    (`_head_scores`). q (heads, hd)."""
     s = np.empty((q.shape[0], pos + 1), np.float32)
     _head_scores(q, ck, pos, scale, s, 0, q.shape[0])
     return s
@@ -238,10 +245,8 @@ def _values(p, cv, out):
 
 
 @njit(parallel=True, cache=True, nogil=True, error_model="numpy")
-def _scores_parallel(q, k, v, ck, cv, pos, scale, parts):
+def _scores_parallel(q, ck, pos, scale, parts):
     """`_scores` with the heads in `parts` ranges on numba's threads."""
-    ck[:, pos] = k
-    cv[:, pos] = v
     heads = q.shape[0]
     s = np.empty((heads, pos + 1), np.float32)
     for j in prange(parts):
@@ -271,14 +276,20 @@ class CpuModel(Model):
         """Compile the functions for the argument types they get (or load them from numba's cache) at load, so that
         the first tokens do not wait for it."""
         f32 = np.float32
-        x, cache = np.ones((1, LANES), f32), np.zeros((1, 1, LANES), f32)
+        x, cache = np.ones((1, LANES), f32), self._kernel_view(np.zeros((1, 1, LANES), self.cache.dtype))
         _rmsnorm(x, x[0], f32(1.0), x.copy())
         _rotate(np.zeros((1, 1, 2), f32), x[:, :1].copy(), x[:, :1].copy(), self.rope.neox)
         _silu_finish(x.copy(), x.copy(), x)
         out = np.zeros(LANES, f32)
-        _values(_scores(x, x, x, cache, cache.copy(), 0, self.scale), cache, out)  # (0 / 0: NaN, no error)
+        _values(_scores(x, cache, 0, self.scale), cache, out)  # (0 / 0: NaN, no error)
         if self.threads > 1:
-            _values_parallel(_scores_parallel(x, x, x, cache, cache.copy(), 0, self.scale, 1), cache, out, 1)
+            _values_parallel(_scores_parallel(x, cache, 0, self.scale, 1), cache, out, 1)
+
+    @staticmethod
+    def _kernel_view(cache):
+        """A KV cache as the attention functions take it: float32, or a float16 one's bits as int16 (numba has no
+        float16)."""
+        return cache.view(np.int16) if cache.dtype == np.float16 else cache
 
     def _products(self, linears, x, outs):
         return products(linears, x, outs)
@@ -303,12 +314,14 @@ class CpuModel(Model):
         if seg.n > 1 or self.cfg.head_dim % LANES or not self.share.n_kv:  # a prompt (or no heads here): numpy's
             return super()._attend(layer, seg, q, k, v, out)
         ck, cv = self.cache.layer(seg.slot, layer)
+        ck[:, seg.pos], cv[:, seg.pos] = k[0], v[0]
+        ck, cv = self._kernel_view(ck), self._kernel_view(cv)
         parts = min(self.threads, q.shape[1])
         if parts > 1 and q.shape[1] * (seg.pos + 1) >= PARALLEL_SCORES:
-            s = _scores_parallel(q[0], k[0], v[0], ck, cv, seg.pos, self.scale, parts)
+            s = _scores_parallel(q[0], ck, seg.pos, self.scale, parts)
             np.exp(s, out=s)
             _values_parallel(s, cv, out[0], parts)
         else:
-            s = _scores(q[0], k[0], v[0], ck, cv, seg.pos, self.scale)
+            s = _scores(q[0], ck, seg.pos, self.scale)
             np.exp(s, out=s)
             _values(s, cv, out[0])

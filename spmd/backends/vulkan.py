@@ -320,6 +320,6 @@ class VulkanBackend(Backend):
         heap = max(range(len(self.dev.heap_size)), key=lambda h: self.dev.heap_size[h])
         return self.dev.heap_size[heap] - self.dev.heap_used[heap]
 
-    def make_model(self, cfg, weights, share, max_seq, slots=1):
+    def make_model(self, cfg, weights, share, max_seq, slots=1, kv_cache="f32"):
         from .vulkan_model import VulkanModel
-        return VulkanModel(self, cfg, weights, share, max_seq, slots)
+        return VulkanModel(self, cfg, weights, share, max_seq, slots, kv_cache)

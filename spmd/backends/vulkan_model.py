@@ -23,10 +23,11 @@ those of the segment from this pass (rotated again by each row that reads them);
 key and value first, then attends with every key from the cache.
 
 The KV cache is a fixed pool on the device, allocated up front: per layer one buffer for K and one for V of
-(slots, kv, max_seq, head_dim) float32, every slot max_seq positions long (the CPU's caches are per-sequence arrays
-of the sequence's need). `open(slot, need)` makes a slot's region valid without clearing it: every position is
-written (by a pass, or `cache_put`) before a later pass reads it. A layer's buffer must fit the device's
-maxStorageBufferRange (128 MiB on lavapipe, 4 GiB on NVIDIA).
+(slots, kv, max_seq, head_dim) float32 (--kv-cache f16: float16, kernels/attention_kv16), every slot max_seq
+positions long (the CPU's caches are per-sequence arrays of the sequence's need). `open(slot, need)` makes a
+slot's region valid without clearing it: every position is written (by a pass, or `cache_put`) before a later
+pass reads it. A layer's buffer must fit the device's maxStorageBufferRange (128 MiB on lavapipe, 4 GiB on
+NVIDIA).
 
 A one-rank stage's one-token decode fuses RMSNorm away: each product that adds into x (wo, w2) also writes
 xg = x * (the next norm's weight) and one partial sum of x^2 per workgroup; the products that read xg add the
@@ -47,7 +48,7 @@ import struct
 import numpy as np
 
 from ..errors import UserError
-from ..model import Rope, check_pass, check_slot, last_rows, segment_rows, stage_schedule
+from ..model import KV_DTYPES, Rope, check_pass, check_slot, last_rows, segment_rows, stage_schedule
 from .vk_runtime import MIB, Buffer, Recording
 from .vulkan import pad
 
@@ -126,7 +127,7 @@ class VulkanModel:
     """`spmd.model.Model`'s interface (open / free / slots, embed, forward over segments, cache_take / cache_put,
     close) on a Vulkan device; sequences in slots 0..slots-1 of up to max_seq positions each."""
 
-    def __init__(self, backend, cfg, weights, share, max_seq, slots=1):
+    def __init__(self, backend, cfg, weights, share, max_seq, slots=1, kv_cache="f32"):
         self.backend, self.dev = backend, backend.dev
         self.cfg, self.w, self.share, self.max_seq, self.n_slots = cfg, weights, share, max_seq, slots
         hd, layers = cfg.head_dim, share.layer_ids
@@ -135,7 +136,8 @@ class VulkanModel:
         if hd % 4:
             raise UserError(f"vulkan backend: head size {hd} is not a multiple of 4; use --backend cpu")
         self.slot_rows = self.nkv * max_seq  # cache rows (one position of one KV head) of a slot in a layer
-        layer_cache = slots * self.slot_rows * hd * 4  # (slots, kv, max_seq, hd) float32 per layer of the stage
+        self.kv_dtype = np.dtype(KV_DTYPES[kv_cache])  # float32, or float16 (kernels/attention_kv16)
+        layer_cache = slots * self.slot_rows * hd * self.kv_dtype.itemsize  # (slots, kv, max_seq, hd) a layer
         if layer_cache > self.dev.max_range:
             raise UserError(f"vulkan backend: a layer's KV cache of {slots} sequences (--sequences) x {max_seq} "
                             f"positions (the context: prompt and steps) x {self.nkv} KV heads is "
@@ -178,7 +180,8 @@ class VulkanModel:
         self.gpu_s = None  # GPU time of the last pass (timestamps), where the device has them
         wg = backend.attention_wg
         ks = max(1, wg // (hd // 4))  # threads sum the values 4 dims at a time, keys split ks ways
-        self._attention = self.dev.pipeline("attention_f32", 6, struct.calcsize(ATTENTION_PUSH),
+        kernel = "attention_kv16" if self.kv_dtype == np.float16 else "attention_f32"
+        self._attention = self.dev.pipeline(kernel, 6, struct.calcsize(ATTENTION_PUSH),
                                             (wg, hd, ks, -(-(hd // 4) * ks // wg)))
         self.profile = False  # bench: timestamps after every step of each pass (last_profile)
         self._add = self.dev.pipeline("add_f32", 2, 4)
@@ -442,10 +445,11 @@ class VulkanModel:
     # ---- the KV cache, for moving heads and layers between ranks ----------------------------------------------
     def _head_offset(self, slot, at):
         """Byte offset of position 0 of the rank's `at`-th KV head of `slot` in a layer's cache buffer."""
-        return (slot * self.slot_rows + at * self.max_seq) * self.cfg.head_dim * 4
+        return (slot * self.slot_rows + at * self.max_seq) * self.cfg.head_dim * self.kv_dtype.itemsize
 
     def cache_take(self, slot, T) -> dict:
-        """{(layer, kv head): (k, v) each float32 (T, hd)}: copies of positions 0..T-1 of every head held."""
+        """{(layer, kv head): (k, v) each (T, hd) of the cache's dtype}: copies of positions 0..T-1 of every head
+        held."""
         check_slot(self._open, slot, T)
         out = {}
         for li, layer in enumerate(self.share.layer_ids):
@@ -454,11 +458,12 @@ class VulkanModel:
         return out
 
     def _read_head(self, cache, slot, at, T):
-        """(T, hd) float32: positions 0..T-1 of the rank's `at`-th KV head of `slot` in one layer's cache."""
-        hd = self.cfg.head_dim
+        """(T, hd) of the cache's dtype: positions 0..T-1 of the rank's `at`-th KV head of `slot` in one layer's
+        cache."""
+        hd, dtype = self.cfg.head_dim, self.kv_dtype
         if T == 0:
-            return np.zeros((0, hd), np.float32)
-        return self.dev.read(cache, self._head_offset(slot, at), T * hd * 4).view(np.float32).reshape(T, hd)
+            return np.zeros((0, hd), dtype)
+        return self.dev.read(cache, self._head_offset(slot, at), T * hd * dtype.itemsize).view(dtype).reshape(T, hd)
 
     def cache_put(self, slot, pieces):
         """Write what `cache_take` gives back into positions 0..T-1 (the layers and heads this rank holds)."""
@@ -469,7 +474,7 @@ class VulkanModel:
             check_slot(self._open, slot, k.shape[0])
             li, at = layer - layers.start, kv.index(j)
             for caches, src in ((self.kcache, k), (self.vcache, v)):
-                caches[li].write(np.ascontiguousarray(src, np.float32), offset=self._head_offset(slot, at))
+                caches[li].write(np.ascontiguousarray(src, self.kv_dtype), offset=self._head_offset(slot, at))
 
     def close(self):
         """Free the device memory of this model and of its weights (called when a model is replaced); a weight

@@ -1,0 +1,175 @@
+// The body of attention_f32.comp and attention_kv16.comp (KV_F16: the cache holds keys and values as float16).
+// Attention of one query head for one token row, f32 arithmetic, with RoPE and the KV-cache store fused in.
+// A pass stacks the rows of several segments (consecutive tokens of one sequence each, in its own cache slot).
+// Workgroup (h, i): query head h of this rank, row i of the pass, at position pos of its sequence (rows[i]). It
+// rotates its query, scores its sequence's keys 0..pos causally, and sums the values with a running (online)
+// softmax in chunks of CH keys. Keys and values at positions < start (its segment's first position) come from its
+// slot's cache; those of its segment in this pass (start..pos) straight from the qkv buffer (keys rotated on the
+// fly), so the first query head of each KV head can store row i's rotated key and value at position pos in the
+// same dispatch: no workgroup reads those cache entries here (one segment per slot in a pass).
+// The row table is host-written before each submit, so a recorded command buffer serves every decode step.
+// A pass of more than ATTENTION_STORE rows (spmd/backends/vulkan_model.py: a prompt, or a decode step of many
+// sequences) runs it twice (p.mode): first every row's key and value into the cache, then the attention with all
+// keys from the cache, where mode 0 would rotate each of its segment's keys again for every query head and row.
+// (Mode 1 still starts every query head's workgroup and rotates its query: a cost not measured, left as it is.)
+// With KV_F16 (--kv-cache f16) each key and value is rounded to float16 as it is stored, and the keys and values
+// of this pass's own rows are rounded the same way where they are read from the qkv buffer: every key and value
+// is then the float16 value the cache holds, as in the reference (spmd.model), whichever mode runs.
+layout(constant_id = 1) const uint HD = 64;  // head_dim
+layout(constant_id = 2) const uint KS = 1;   // key splits of the value sum: max(1, WG / (HD / 4))
+layout(constant_id = 3) const uint E = 1;    // (4 dims, split) pairs per thread: ceil(HD / 4 * KS / WG)
+const uint H4 = HD / 4;                      // head_dim is a multiple of 4: the cache is read as vec4
+const uint CH = 256;                         // keys per chunk
+
+layout(push_constant) uniform Push {
+    uint group;       // query heads per KV head
+    uint qkv_stride;  // floats between tokens of qkv: [q (heads * HD) | k (kv * HD) | v (kv * HD) | padding]
+    uint k_off;       // float offset of k within a token
+    uint v_off;       // float offset of v within a token
+    uint o_stride;    // floats between tokens of the output (heads * HD, padded)
+    uint max_seq;     // positions of a slot's cache (and of the rope tables)
+    uint rope_dim;    // leading dims of a head that are rotated
+    uint neox;        // 1: pairs (i, i + rope_dim/2); 0: pairs (2i, 2i + 1)
+    float scale;      // 1 / sqrt(head_dim)
+    uint mode;        // 0: store this row's key and value, and attend (passes of few rows); larger passes in two
+                      // dispatches: 1: store only, 2: attend only, every key and value from the cache
+} p;
+// per row: (position, its segment's first position, the segment's first row in this pass, the slot's first
+// cache row: slot * kv * max_seq)
+layout(std430, binding = 0) readonly buffer Rows { uvec4 rows[]; };
+layout(std430, binding = 1) readonly buffer Qkv { float qkv[]; };
+layout(std430, binding = 2) readonly buffer RopeT { float rope[]; };  // cos (max_seq, rope_dim/2), then sin
+#ifdef KV_F16
+layout(std430, binding = 3) buffer KCache { uvec2 kc[]; };  // this layer's keys (slots, kv, max_seq, HD), 4 a uvec2
+layout(std430, binding = 4) buffer VCache { uvec2 vc[]; };
+vec4 widen(uvec2 u) { return vec4(unpackHalf2x16(u.x), unpackHalf2x16(u.y)); }
+uvec2 narrow(vec4 v) { return uvec2(packHalf2x16(v.xy), packHalf2x16(v.zw)); }
+float kv(float x) { return unpackHalf2x16(packHalf2x16(vec2(x, 0.0))).x; }  // as the cache would hold it
+#else
+layout(std430, binding = 3) buffer KCache { vec4 kc[]; };   // this layer's keys (slots, kv, max_seq, HD)
+layout(std430, binding = 4) buffer VCache { vec4 vc[]; };
+vec4 widen(vec4 v) { return v; }
+vec4 narrow(vec4 v) { return v; }
+float kv(float x) { return x; }
+#endif
+layout(std430, binding = 5) writeonly buffer Out { float o[]; };
+
+shared float red_scratch[gl_WorkGroupSize.x];
+#include "reduce.glsl"
+shared float s[CH];
+shared float qs[HD];
+shared float kn[HD];
+shared vec4 comb[H4 * KS];
+
+float rotated(uint base, uint d, uint position) {
+    // element d of the head that starts at qkv[base], rotated for `position`
+    if (d >= p.rope_dim) return qkv[base + d];
+    uint half_ = p.rope_dim / 2u;
+    bool first;
+    uint i, ia, ib;
+    if (p.neox != 0u) {
+        first = d < half_;
+        i = first ? d : d - half_;
+        ia = i;
+        ib = i + half_;
+    } else {
+        first = (d & 1u) == 0u;
+        i = d >> 1;
+        ia = 2u * i;
+        ib = ia + 1u;
+    }
+    float c = rope[position * half_ + i], sn = rope[(p.max_seq + position) * half_ + i];
+    float xa = qkv[base + ia], xb = qkv[base + ib];
+    return first ? xa * c - xb * sn : xa * sn + xb * c;
+}
+
+vec4 value(uint r, uint kvh, uint d4) {  // row r of this pass, from the qkv buffer (as the cache holds it)
+    uint at = r * p.qkv_stride + p.v_off + kvh * HD + 4 * d4;
+    return vec4(kv(qkv[at]), kv(qkv[at + 1]), kv(qkv[at + 2]), kv(qkv[at + 3]));
+}
+
+void main() {
+    uint WG = gl_WorkGroupSize.x;
+    uint h = gl_WorkGroupID.x, i = gl_WorkGroupID.y, tid = gl_LocalInvocationID.x;
+    uint kvh = h / p.group;
+    uvec4 row = rows[i];
+    uint pos = row.x, start = p.mode == 2u ? row.x + 1u : row.y, first = row.z, T = pos + 1u;
+    uint cbase = row.w + kvh * p.max_seq;  // the cache row of this KV head's position 0 in this sequence's slot
+    uint kbase = i * p.qkv_stride + p.k_off + kvh * HD;  // this token's key, rotated once into shared memory
+    for (uint d = tid; d < HD; d += WG) {
+        qs[d] = rotated(i * p.qkv_stride + h * HD, d, pos);
+        kn[d] = kv(rotated(kbase, d, pos));
+    }
+    barrier();
+    if (h % p.group == 0u && p.mode != 2u) {
+        for (uint d4 = tid; d4 < H4; d4 += WG) {
+            uint c = (cbase + pos) * H4 + d4;
+            kc[c] = narrow(vec4(kn[4 * d4], kn[4 * d4 + 1], kn[4 * d4 + 2], kn[4 * d4 + 3]));
+            vc[c] = narrow(value(i, kvh, d4));
+        }
+    }
+    if (p.mode == 1u) return;  // uniform: no barrier follows for anyone of this workgroup
+    float m = -1e30, l = 0.0;
+    vec4 acc[E];
+    for (uint k = 0; k < E; k++) acc[k] = vec4(0.0);
+    for (uint c0 = 0; c0 < T; c0 += CH) {
+        uint cn = min(CH, T - c0);
+        float lmax = -1e30;
+        for (uint j = tid; j < cn; j += WG) {
+            uint t = c0 + j;
+            float sc = 0.0;
+            if (t < start) {
+                uint kb = (cbase + t) * H4;
+                for (uint d4 = 0; d4 < H4; d4++)
+                    sc += dot(vec4(qs[4 * d4], qs[4 * d4 + 1], qs[4 * d4 + 2], qs[4 * d4 + 3]), widen(kc[kb + d4]));
+            } else if (t == pos) {
+                for (uint d = 0; d < HD; d++) sc += qs[d] * kn[d];
+            } else {  // an earlier token of this segment in this pass (mode 0): rotated here
+                uint kb = (first + t - start) * p.qkv_stride + p.k_off + kvh * HD;
+                for (uint d = 0; d < HD; d++) sc += qs[d] * kv(rotated(kb, d, t));
+            }
+            sc *= p.scale;
+            s[j] = sc;
+            lmax = max(lmax, sc);
+        }
+        float mnew = max(m, wg_max(lmax));
+        float alpha = exp(m - mnew);
+        float lsum = 0.0;
+        for (uint j = tid; j < cn; j += WG) {
+            float e = exp(s[j] - mnew);
+            s[j] = e;
+            lsum += e;
+        }
+        l = l * alpha + wg_sum(lsum);
+        for (uint k = 0; k < E; k++) {
+            uint e = tid + k * WG;
+            if (e >= H4 * KS) break;
+            uint d4 = e % H4, ks = e / H4;
+            vec4 sum = acc[k] * alpha;
+            uint j = ks, base = cbase * H4 + d4;
+            for (; j + 3u * KS < cn && c0 + j + 3u * KS < start; j += 4u * KS) {  // 4 independent loads in flight
+                uint t = c0 + j;
+                vec4 v0 = widen(vc[base + t * H4]), v1 = widen(vc[base + (t + KS) * H4]);
+                vec4 v2 = widen(vc[base + (t + 2u * KS) * H4]), v3 = widen(vc[base + (t + 3u * KS) * H4]);
+                sum += s[j] * v0 + s[j + KS] * v1 + s[j + 2u * KS] * v2 + s[j + 3u * KS] * v3;
+            }
+            for (; j < cn; j += KS) {
+                uint t = c0 + j;
+                sum += s[j] * (t < start ? widen(vc[base + t * H4]) : value(first + t - start, kvh, d4));
+            }
+            acc[k] = sum;
+        }
+        m = mnew;
+        barrier();
+    }
+    for (uint k = 0; k < E; k++) {
+        uint e = tid + k * WG;
+        if (e < H4 * KS) comb[e] = acc[k];
+    }
+    barrier();
+    for (uint d = tid; d < HD; d += WG) {
+        float sum = 0.0;
+        for (uint ks = 0; ks < KS; ks++) sum += comb[ks * H4 + d / 4][d % 4];
+        o[i * p.o_stride + h * HD + d] = sum / l;
+    }
+}
