@@ -42,9 +42,17 @@ layout(std430, binding = 2) readonly buffer RopeT { float rope[]; };  // cos (ma
 #ifdef KV_F16
 layout(std430, binding = 3) buffer KCache { uvec2 kc[]; };  // this layer's keys (slots, kv, max_seq, HD), 4 a uvec2
 layout(std430, binding = 4) buffer VCache { uvec2 vc[]; };
+// x as the cache holds it: the nearest float16 value, ties to even (numpy's astype(float16)), in float32. Done
+// with integer logic: a driver may fold a float16 round trip in registers away (NVIDIA's did), and packHalf2x16's
+// rounding is the implementation's; this makes the value, and then packing it is exact.
+float kv(float x) {
+    if (abs(x) < 6.103515625e-05) return roundEven(x * 16777216.0) * 5.9604644775390625e-08;  // subnormal: 2^-24
+    uint u = floatBitsToUint(x);
+    float r = uintBitsToFloat((u + 0x0FFFu + ((u >> 13) & 1u)) & 0xFFFFE000u);  // 10 bits of mantissa kept
+    return abs(r) > 65504.0 ? sign(x) * uintBitsToFloat(0x7F800000u) : r;  // past float16's largest: infinite
+}
 vec4 widen(uvec2 u) { return vec4(unpackHalf2x16(u.x), unpackHalf2x16(u.y)); }
-uvec2 narrow(vec4 v) { return uvec2(packHalf2x16(v.xy), packHalf2x16(v.zw)); }
-float kv(float x) { return unpackHalf2x16(packHalf2x16(vec2(x, 0.0))).x; }  // as the cache would hold it
+uvec2 narrow(vec4 v) { return uvec2(packHalf2x16(vec2(kv(v.x), kv(v.y))), packHalf2x16(vec2(kv(v.z), kv(v.w)))); }
 #else
 layout(std430, binding = 3) buffer KCache { vec4 kc[]; };   // this layer's keys (slots, kv, max_seq, HD)
 layout(std430, binding = 4) buffer VCache { vec4 vc[]; };

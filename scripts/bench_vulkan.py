@@ -49,14 +49,14 @@ def peak_for(name, given):
     return next((tbs for key, tbs in PEAK_TBS if key in upper), None)
 
 
-def build(path, backend_name, device, max_seq):
+def build(path, backend_name, device, max_seq, kv_cache="f32"):
     backend = get_backend(backend_name, threads=None, device=device)
     f = GGUFFile(str(path))
     cfg = read_config(f)
     share = make_plan(parse_layout(None, 1), cfg)[0]
     t = time.perf_counter()
     weights = load_shard(f, cfg, share, backend, notice=lambda _m: None)
-    model = backend.make_model(cfg, weights, share, max_seq)
+    model = backend.make_model(cfg, weights, share, max_seq, kv_cache=kv_cache)
     model.open(0, max_seq)
     return backend, model, time.perf_counter() - t
 
@@ -163,6 +163,8 @@ def main():
     ap.add_argument("--prompt", type=int, default=128, help="prompt tokens (one batched pass)")
     ap.add_argument("--steps", type=int, default=64, help="decode steps timed")
     ap.add_argument("--device", type=int, default=0, help="Vulkan device index")
+    ap.add_argument("--kv-cache", choices=("f32", "f16"), default="f32",
+                    help="spmd's --kv-cache (llama.cpp keeps float16, its default)")
     ap.add_argument("--peak-tbs", type=float, default=None, help="the device's memory bandwidth in TB/s")
     ap.add_argument("--cpu", action=argparse.BooleanOptionalAction, default=None,
                     help="also run --backend cpu on the same files (default: when the Vulkan device is a CPU)")
@@ -201,7 +203,7 @@ def main():
             write_model(path, shape, qtype=qtype, seed=0)
         rows += bench_type(args, qtype, path)
     print(f"\n{args.shape} shape{' (1/4 width)' if args.small else ''}, {args.prompt}-token prompt, "
-          f"{args.steps} decode steps, one rank")
+          f"{args.steps} decode steps, one rank, KV cache {args.kv_cache}")
     print(f"{'type':5} {'backend':44} {'prompt tok/s':>12} {'decode tok/s':>12} {'ms/token':>9} {'GPU ms':>7} "
           f"{'outside':>7} {'weights MB':>10} {'GB/s (GPU)':>10} {'roofline':>8}")
     for r in rows:
@@ -236,11 +238,11 @@ def bench_type(args, qtype, path):
     """Rows for one weight type: Vulkan, and the cpu backend on the same file when comparing (both models loaded,
     measured in turns, the better of `rounds` turns each)."""
     max_seq = args.prompt + args.steps + 1
-    backend, model, load_s = build(path, "vulkan", args.device, max_seq)
+    backend, model, load_s = build(path, "vulkan", args.device, max_seq, args.kv_cache)
     dev = backend.dev
     peak = peak_for(dev.name, args.peak_tbs)
     run_cpu = dev.is_cpu if args.cpu is None else args.cpu
-    cpu = build(path, "cpu", None, max_seq) if run_cpu else None
+    cpu = build(path, "cpu", None, max_seq, args.kv_cache) if run_cpu else None
     model.profile = args.profile
     r = c = None
     for _ in range(args.rounds if run_cpu else 1):
