@@ -12,6 +12,9 @@
 // sequences) runs it twice (p.mode): first every row's key and value into the cache, then the attention with all
 // keys from the cache, where mode 0 would rotate each of its segment's keys again for every query head and row.
 // (Mode 1 still starts every query head's workgroup and rotates its query: a cost not measured, left as it is.)
+// A decode step over long caches (SPLIT_FROM) stores (mode 1), then attends in splits of keys, a workgroup
+// (h, i, split) each writing its partial softmax (mode 3), then combines them (mode 4): with a workgroup per query
+// head alone, most of a GPU idled while a few workgroups walked thousands of keys (flash-decoding's split).
 // With KV_F16 (--kv-cache f16) each key and value is rounded to float16 as it is stored, and the keys and values
 // of this pass's own rows are rounded the same way where they are read from the qkv buffer: every key and value
 // is then the float16 value the cache holds, as in the reference (spmd.model), whichever mode runs.
@@ -32,7 +35,12 @@ layout(push_constant) uniform Push {
     uint neox;        // 1: pairs (i, i + rope_dim/2); 0: pairs (2i, 2i + 1)
     float scale;      // 1 / sqrt(head_dim)
     uint mode;        // 0: store this row's key and value, and attend (passes of few rows); larger passes in two
-                      // dispatches: 1: store only, 2: attend only, every key and value from the cache
+                      // dispatches: 1: store only, 2: attend only, every key and value from the cache; a decode
+                      // step over a long cache in three: 1, then 3: each workgroup (h, i, split) attends keys
+                      // split * split_keys.. of the cache and writes its partial softmax to `part`, 4: (h, i)
+                      // combines them
+    uint splits;      // modes 3, 4: the splits a (head, row) has in `part` (the mode 3 grid's depth)
+    uint split_keys;  // modes 3, 4: keys a split holds (at most CH)
 } p;
 // per row: (position, its segment's first position, the segment's first row in this pass, the slot's first
 // cache row: slot * kv * max_seq)
@@ -61,6 +69,9 @@ vec4 narrow(vec4 v) { return v; }
 float kv(float x) { return x; }
 #endif
 layout(std430, binding = 5) writeonly buffer Out { float o[]; };
+// modes 3, 4: per (row, head, split), ((i * heads + h) * splits + split) * (HD + 2): the split's largest score m,
+// its sum l of exp(score - m), and its HD sums of exp(score - m) * value
+layout(std430, binding = 6) buffer Part { float part[]; };
 
 shared float red_scratch[gl_WorkGroupSize.x];
 #include "reduce.glsl"
@@ -96,12 +107,39 @@ vec4 value(uint r, uint kvh, uint d4) {  // row r of this pass, from the qkv buf
     return vec4(kv(qkv[at]), kv(qkv[at + 1]), kv(qkv[at + 2]), kv(qkv[at + 3]));
 }
 
+void combine(uint h, uint i, uint T) {
+    // mode 4: the live splits' partial softmaxes of (head h, row i) rescaled to their largest m and added up
+    uint WG = gl_WorkGroupSize.x, at0 = (i * gl_NumWorkGroups.x + h) * p.splits;
+    uint live = (T + p.split_keys - 1u) / p.split_keys;
+    float mx = -1e30, total = 0.0;
+    for (uint k = 0; k < live; k++) mx = max(mx, part[(at0 + k) * (HD + 2u)]);
+    for (uint k = 0; k < live; k++) total += part[(at0 + k) * (HD + 2u) + 1u] * exp(part[(at0 + k) * (HD + 2u)] - mx);
+    for (uint d = gl_LocalInvocationID.x; d < HD; d += WG) {
+        float sum = 0.0;
+        for (uint k = 0; k < live; k++) {
+            uint at = (at0 + k) * (HD + 2u);
+            sum += part[at + 2u + d] * exp(part[at] - mx);
+        }
+        o[i * p.o_stride + h * HD + d] = sum / total;
+    }
+}
+
 void main() {
     uint WG = gl_WorkGroupSize.x;
     uint h = gl_WorkGroupID.x, i = gl_WorkGroupID.y, tid = gl_LocalInvocationID.x;
     uint kvh = h / p.group;
     uvec4 row = rows[i];
-    uint pos = row.x, start = p.mode == 2u ? row.x + 1u : row.y, first = row.z, T = pos + 1u;
+    uint pos = row.x, start = p.mode >= 2u ? row.x + 1u : row.y, first = row.z, T = pos + 1u;
+    if (p.mode == 4u) {
+        combine(h, i, T);
+        return;
+    }
+    uint lo = 0u, hi = T;  // the keys this workgroup attends: all, or (mode 3) its split's
+    if (p.mode == 3u) {
+        lo = gl_WorkGroupID.z * p.split_keys;
+        if (lo >= T) return;  // a split past this row's keys (uniform: before any barrier)
+        hi = min(T, lo + p.split_keys);
+    }
     uint cbase = row.w + kvh * p.max_seq;  // the cache row of this KV head's position 0 in this sequence's slot
     uint kbase = i * p.qkv_stride + p.k_off + kvh * HD;  // this token's key, rotated once into shared memory
     for (uint d = tid; d < HD; d += WG) {
@@ -109,7 +147,7 @@ void main() {
         kn[d] = kv(rotated(kbase, d, pos));
     }
     barrier();
-    if (h % p.group == 0u && p.mode != 2u) {
+    if (h % p.group == 0u && p.mode <= 1u) {
         for (uint d4 = tid; d4 < H4; d4 += WG) {
             uint c = (cbase + pos) * H4 + d4;
             kc[c] = narrow(vec4(kn[4 * d4], kn[4 * d4 + 1], kn[4 * d4 + 2], kn[4 * d4 + 3]));
@@ -120,8 +158,8 @@ void main() {
     float m = -1e30, l = 0.0;
     vec4 acc[E];
     for (uint k = 0; k < E; k++) acc[k] = vec4(0.0);
-    for (uint c0 = 0; c0 < T; c0 += CH) {
-        uint cn = min(CH, T - c0);
+    for (uint c0 = lo; c0 < hi; c0 += CH) {
+        uint cn = min(CH, hi - c0);
         float lmax = -1e30;
         for (uint j = tid; j < cn; j += WG) {
             uint t = c0 + j;
@@ -175,9 +213,17 @@ void main() {
         if (e < H4 * KS) comb[e] = acc[k];
     }
     barrier();
+    uint at = ((i * gl_NumWorkGroups.x + h) * p.splits + gl_WorkGroupID.z) * (HD + 2u);  // mode 3's place in part
+    if (p.mode == 3u && tid == 0u) {
+        part[at] = m;
+        part[at + 1u] = l;
+    }
     for (uint d = tid; d < HD; d += WG) {
         float sum = 0.0;
         for (uint ks = 0; ks < KS; ks++) sum += comb[ks * H4 + d / 4][d % 4];
-        o[i * p.o_stride + h * HD + d] = sum / l;
+        if (p.mode == 3u)
+            part[at + 2u + d] = sum;
+        else
+            o[i * p.o_stride + h * HD + d] = sum / l;
     }
 }

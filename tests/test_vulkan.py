@@ -357,6 +357,34 @@ def test_attention_over_a_long_cache_with_partial_rope(tmp_path, neox):
 
 
 @needs_device
+@pytest.mark.parametrize("kv_cache", ["f32", "f16"])
+def test_decode_steps_over_long_caches_attend_in_splits(tmp_path, kv_cache):
+    """Decode steps of three sequences at 700, 40 and 300 positions (caches written through cache_put), and of one
+    alone: from SPLIT_FROM positions on their attention runs in splits of split_keys keys (256: 3 of 4 splits live for
+    the longest, 1 for the shortest) combined by a last dispatch; every step's logits against spmd.model.Model, and a
+    step under SPLIT_FROM keeps the one-dispatch recording."""
+    path = write_model(tmp_path / "m.gguf", Shape(dim=128, n_heads=4, n_kv_heads=2, ffn=128, context=1024), "Q8_0", 5)
+    ref, dev, cfg = _shard_models(path, _whole, slots=3, kv_cache=kv_cache)
+    assert (dev.splits - 1) * BACKEND.split_keys < cfg.context <= dev.splits * BACKEND.split_keys  # enough for all
+    rng = np.random.default_rng(6)
+    filled = {0: 700, 1: 40, 2: 300}
+    for slot, n in filled.items():
+        pieces = {(layer, j): tuple(rng.standard_normal((n, cfg.head_dim)).astype(np.float32) for _ in "kv")
+                  for layer in range(cfg.n_layers) for j in range(2)}
+        for m in (ref, dev):
+            m.open(slot, cfg.context)
+            m.cache_put(slot, pieces)
+    for step_no in range(3):  # three steps: the recorded command buffers replayed
+        segments = [(slot, n + step_no, [3 + slot + step_no]) for slot, n in filled.items()]
+        np.testing.assert_allclose(step([dev], segments), step([ref], segments), rtol=0, atol=1e-4)
+    np.testing.assert_allclose(run(dev, [9], 703), run(ref, [9], 703), rtol=0, atol=1e-4)  # one sequence
+    short = [(1, 43, [5])]  # one sequence under SPLIT_FROM: one dispatch
+    np.testing.assert_allclose(step([dev], short), step([ref], short), rtol=0, atol=1e-4)
+    assert set(dev._decode) == {(False, True, 3, True), (False, True, 1, True), (False, True, 1, False)}
+    dev.close()
+
+
+@needs_device
 def test_half_layer_command_buffers_with_an_allreduce(models):
     """The multi-rank recording (one command buffer per half-layer, partial sums through host memory) gives the
     single-rank one's logits when the allreduce is the identity; it is called twice per layer."""
@@ -395,7 +423,7 @@ def test_pipeline_stages_in_turn_equal_the_whole_model(tmp_path, monkeypatch, mu
     np.testing.assert_allclose(step(stages, [(0, 0, PROMPT)], allreduce), run(ref, PROMPT, 0), rtol=0, atol=1e-4)
     for pos, t in enumerate((5, 6, 7), start=len(PROMPT)):
         np.testing.assert_allclose(step(stages, [(0, pos, [t])], allreduce), run(ref, [t], pos), rtol=0, atol=1e-4)
-    acts, recs = stages[0]._decode[multi, False, 1]  # the one-token decode recording without the head
+    acts, recs = stages[0]._decode[multi, False, 1, False]  # the one-token decode recording without the head
     assert (acts.io is acts.x) == direct and acts.fused == (direct and not multi)
     assert len(recs) == (1 if not multi else 2 * 1 + 1)
     assert set(stages[1].cache_take(0, 4)) == {(layer, j) for layer in (1, 2, 3) for j in (0, 1)}
@@ -495,7 +523,7 @@ def test_several_sequences_in_one_pass(models, multi, matvec_rows, monkeypatch):
         assert got.shape == (len(segments), cfg.vocab)
         np.testing.assert_allclose(got, step([ref], segments, allreduce), rtol=0, atol=1e-4)
         np.testing.assert_allclose(got, expect, rtol=0, atol=1e-4)
-    assert set(dev._decode) == {(multi, True, 3)}  # the prompts and the mixed pass were one-off recordings
+    assert set(dev._decode) == {(multi, True, 3, False)}  # the prompts and the mixed pass were one-off recordings
     _same_caches([dev], [ref])
     _same_caches([single], [ref])
     assert dev.slots == {0: NEED, 1: NEED, 2: NEED}

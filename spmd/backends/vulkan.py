@@ -45,6 +45,8 @@ ACCUM, BIAS, NORM, PRODUCE = 1, 2, 4, 8  # flags (kernels/matmul_io.glsl)
 # slower than 32 everywhere)
 COOP_WIDE = 160
 COOP_ROWS, COOP_THREADS = 64, 128  # kernels/coopmat_main.glsl's BR and WG: 4 subgroups of 32 (Device._coop_matrix)
+SPLIT_KEYS = 256  # keys a workgroup attends in a decode step over long caches (vulkan_model.SPLIT_FROM; at most the
+# attention kernel's chunk of 256), SPMD_VK_SPLIT_KEYS to try others
 _DEVICES = {}  # one Device per GPU index, shared by every backend and model of the process
 
 
@@ -295,6 +297,9 @@ class VulkanBackend(Backend):
         # workgroup row per token, reading the weights once a token: on a GPU the 8-token matmul tile costs about as
         # much as 8 of them (H200, Llama-2-7B Q4_0: 2 sequences decoded 3.6x slower than 1); lavapipe keeps matmul
         self.matvec_rows = env_tuple("SPMD_VK_MATVEC_ROWS", (1,) if self.dev.is_cpu else (8,))[0]
+        self.split_keys = env_tuple("SPMD_VK_SPLIT_KEYS", (SPLIT_KEYS,))[0]  # a long decode's keys per workgroup
+        if not 1 <= self.split_keys <= 256:  # at most the attention kernel's chunk (CH)
+            raise UserError(f"SPMD_VK_SPLIT_KEYS={self.split_keys}: give 1 to 256 (or leave it unset)")
         self.coop_tokens = env_tuple("SPMD_VK_COOP_TOKENS", (0,))[0]  # coopmat's tokens (0: by COOP_WIDE)
         if self.coop_tokens not in (0, 16, 32, 64):  # BT: whole fragments of 16 tokens over 4 subgroups
             raise UserError(f"SPMD_VK_COOP_TOKENS={self.coop_tokens}: give 16, 32 or 64 (or leave it unset)")

@@ -6,7 +6,9 @@ throughout), per layer, with a barrier after each line:
     q, k, v   = xn @ wq/wk/wv.T (+ biases)                              3 dispatches, no barrier between them
     q, k      = RMSNorm of each head (qwen3)                            headnorm_f32, in place
     att       = attention(rope(q), rope(k) -> cache, v -> cache)        1 dispatch (rope and cache store fused); 2
-                                                                        over ATTENTION_STORE rows: store, attend
+                                                                        over ATTENTION_STORE rows: store, attend;
+                                                                        3 for a decode step over long caches
+                                                                        (SPLIT_FROM): store, splits, combine
     x        += att @ wo.T                                              the partial sum: allreduced with the stage
     xn        = RMSNorm(x) * ffn_norm
     h         = silu(xn @ w1.T) * (xn @ w3.T)                           1 dispatch: gate and up rows side by side
@@ -40,8 +42,9 @@ and the next command buffer starts with x += delta. With weights streamed (--mem
 DeviceWindow) each streamed half-layer is a command buffer of its own, run while the window holds its matrices
 in their slot.
 Decode steps (one token of each of up to KEPT_ROWS sequences) keep their command buffers, recorded once per
-(multi-rank, head, rows); any other pass (a prompt, or prompts and decode tokens mixed) records a one-off set over
-activations kept for such passes of up to KEPT_PASS_ROWS rows (`_pass_acts`).
+(multi-rank, head, rows, split: whether its caches are long); any other pass (a prompt, or prompts and decode
+tokens mixed) records a one-off set over activations kept for such passes of up to KEPT_PASS_ROWS rows
+(`_pass_acts`).
 """
 import struct
 
@@ -52,7 +55,8 @@ from ..model import KV_DTYPES, Rope, check_pass, check_slot, last_rows, segment_
 from .vk_runtime import MIB, Buffer, Recording
 from .vulkan import pad
 
-ATTENTION_PUSH = "<8IfI"  # group, qkv_stride, k_off, v_off, o_stride, max_seq, rope_dim, neox, scale, mode
+ATTENTION_PUSH = "<8IfIII"  # group, qkv_stride, k_off, v_off, o_stride, max_seq, rope_dim, neox, scale, mode,
+# splits, split_keys
 NORM_PUSH = "<4If"  # dim, x_stride, x_off, y_stride, eps
 HEADNORM_PUSH = "<3If"  # head_dim, qkv_stride, heads, eps (kernels/headnorm_f32.comp)
 KEPT_ROWS = 64  # decode steps of up to this many sequences keep their recorded command buffers
@@ -60,6 +64,11 @@ KEPT_ROWS = 64  # decode steps of up to this many sequences keep their recorded 
 # layer for a 128-token TinyLlama prompt on an H200; a decode step of up to 8 sequences keeps one dispatch (not
 # measured either way near 8 rows: the same bound as matvec_rows on a GPU)
 ATTENTION_STORE = 8
+# A decode step whose longest sequence has SPLIT_FROM positions or more attends in splits of the backend's
+# split_keys keys (spmd.backends.vulkan.SPLIT_KEYS), one workgroup each, whose partial softmaxes a last dispatch
+# combines (modes 3 and 4): one workgroup a query head had left most of the GPU idle (TinyLlama on an H200 at 2048
+# positions: 2.44 ms a token, 0.42x llama.cpp CUDA's decode). Below it one dispatch (mode 0) costs less than three.
+SPLIT_FROM = 512
 KEPT_PASS_ROWS = 512  # activations of other passes up to this many rows stay allocated between passes
 
 
@@ -78,12 +87,14 @@ class Activations:
     """The device buffers of a pass of up to `rows` token rows (each padded to 32 floats, zero-filled); `n`: the
     rows of the pass they serve now (`use`). The (n, ...) shapes below are at n = rows."""
 
-    def __init__(self, m, n, scored=0, fused=False):
+    def __init__(self, m, n, scored=0, fused=False, split=False):
         """scored: rows the head turns into logits (0: no head). fused: one-rank one-token decode, where each
         product that updates x also writes the next RMSNorm's input and its partial sums of squares (xg, ss), so
-        RMSNorm needs no pass of its own (the host does the first layer's)."""
+        RMSNorm needs no pass of its own (the host does the first layer's). split: a decode step over long caches,
+        whose attention goes in splits (SPLIT_FROM) with their partial softmaxes in `part`."""
         dev = m.dev
         self.n, self.rows, self.scored, self.fused = n, n, scored, fused  # rows: what the buffers hold (n or more)
+        self.split = split
         self.x = Buffer(dev, n * m.dp * 4)  # (n, dp) residual stream
         # (n, dp) the host's window on x: the input written in, the hidden state read out (x itself where mappable)
         self.io = self.x if self.x.view is not None else Buffer(dev, n * m.dp * 4, "host")
@@ -97,6 +108,9 @@ class Activations:
         self.h = Buffer(dev, n * m.ffn_stride * 4)  # (n, n_ffn) silu(gate) * up
         self.delta = Buffer(dev, n * m.dp * 4, "host")  # (n, dp) a partial sum, allreduced by the host
         self.buffers = [self.x, self.table, self.xn, self.qkv, self.att, self.h, self.delta]
+        if split:  # (n, heads, splits, head_dim + 2): each split's m, l and sums (kernels/attention_main.glsl)
+            self.part = Buffer(dev, n * m.nh * m.splits * (m.cfg.head_dim + 2) * 4)
+            self.buffers.append(self.part)
         if scored:
             self.logits = Buffer(dev, scored * m.nv * 4, "host")  # (scored, nv)
             self.buffers.append(self.logits)
@@ -175,13 +189,14 @@ class VulkanModel:
         self.vcache = [self._buffer(layer_cache) for _ in layers]
         self.dev.zero(self.kcache + self.vcache)
         self._open = {}  # slot -> need: the open sequence slots
-        self._decode = {}  # (multi-rank, head, rows) -> (Activations, [Recording]): decode steps
+        self._decode = {}  # (multi-rank, head, rows, split) -> (Activations, [Recording]): decode steps
         self._pass = None  # the Activations of other passes (_pass_acts)
         self.gpu_s = None  # GPU time of the last pass (timestamps), where the device has them
         wg = backend.attention_wg
         ks = max(1, wg // (hd // 4))  # threads sum the values 4 dims at a time, keys split ks ways
         kernel = "attention_kv16" if self.kv_dtype == np.float16 else "attention_f32"
-        self._attention = self.dev.pipeline(kernel, 6, struct.calcsize(ATTENTION_PUSH),
+        self.splits = -(-max_seq // backend.split_keys)  # a split decode step's: enough for the longest sequence
+        self._attention = self.dev.pipeline(kernel, 7, struct.calcsize(ATTENTION_PUSH),
                                             (wg, hd, ks, -(-(hd // 4) * ks // wg)))
         self.profile = False  # bench: timestamps after every step of each pass (last_profile)
         self._add = self.dev.pipeline("add_f32", 2, 4)
@@ -292,13 +307,16 @@ class VulkanModel:
                 rec.dispatch(self._headnorm, [(a.qkv, 0, a.qkv.nbytes), rows], push, (self.nh + self.nkv, n, 1))
                 rec.barrier()
                 rec.mark("q k norms")
-            bufs = [(b, 0, b.nbytes) for b in (a.table, a.qkv, self.rope, self.kcache[li], self.vcache[li], a.att)]
-            # up to ATTENTION_STORE rows store and attend in one dispatch; more store every key first, then attend
-            for mode in (0,) if a.n <= ATTENTION_STORE else (1, 2):
+            bufs = [(b, 0, b.nbytes) for b in (a.table, a.qkv, self.rope, self.kcache[li], self.vcache[li], a.att,
+                                               a.part if a.split else a.att)]
+            # up to ATTENTION_STORE rows store and attend in one dispatch; more store every key first, then attend;
+            # a decode step over long caches stores, attends in splits, then combines them
+            modes = (1, 3, 4) if a.split else (0,) if a.n <= ATTENTION_STORE else (1, 2)
+            for mode in modes:
                 push = struct.pack(ATTENTION_PUSH, cfg.group, self.qkv_stride, self.nh * hd, (self.nh + self.nkv) * hd,
                                    self.att_stride, self.max_seq, cfg.rope_dim, int(cfg.rope_neox),
-                                   float(1.0 / np.sqrt(hd)), mode)
-                rec.dispatch(self._attention, bufs, push, (self.nh, n, 1))
+                                   float(1.0 / np.sqrt(hd)), mode, self.splits, self.backend.split_keys)
+                rec.dispatch(self._attention, bufs, push, (self.nh, n, self.splits if mode == 3 else 1))
                 rec.barrier()
             rec.mark("attention")
         if multi:  # the partial sum (zeros when this rank holds no heads)
@@ -357,10 +375,13 @@ class VulkanModel:
         n, multi = x.shape[0], allreduce is not None
         kept = len(segments) == n <= KEPT_ROWS  # a decode step: one token of each sequence
         if kept:
-            if (multi, head, n) not in self._decode:
-                acts = Activations(self, n, n if head else 0, fused=n == 1 and not multi and self.dev.direct)
-                self._decode[multi, head, n] = (acts, self._record(acts, multi, head, range(n), timestamps=True))
-            acts, recs = self._decode[multi, head, n]
+            split = self.splits > 1 and max(seg.pos for seg in segments) + 1 >= SPLIT_FROM
+            if (multi, head, n, split) not in self._decode:
+                acts = Activations(self, n, n if head else 0, fused=n == 1 and not multi and self.dev.direct,
+                                   split=split)
+                recs = self._record(acts, multi, head, range(n), timestamps=True)
+                self._decode[multi, head, n, split] = (acts, recs)
+            acts, recs = self._decode[multi, head, n, split]
         else:
             acts = self._pass_acts(n, len(segments) if head else 0)
             recs = self._record(acts, multi, head, last_rows(segments), timestamps=self.profile)
