@@ -12,9 +12,10 @@
 // sequences) runs it twice (p.mode): first every row's key and value into the cache, then the attention with all
 // keys from the cache, where mode 0 would rotate each of its segment's keys again for every query head and row.
 // (Mode 1 still starts every query head's workgroup and rotates its query: a cost not measured, left as it is.)
-// A decode step over long caches (SPLIT_FROM) stores (mode 1), then attends in splits of keys, a workgroup
-// (h, i, split) each writing its partial softmax (mode 3), then combines them (mode 4): with a workgroup per query
-// head alone, most of a GPU idled while a few workgroups walked thousands of keys (flash-decoding's split).
+// A decode step over long caches (SPLIT_FROM) attends in splits of keys, a workgroup (h, i, split) each writing its
+// partial softmax (mode 3; split 0 stores the row's key and value, which the split holding its position reads from
+// qkv, as mode 0 does), then combines them (mode 4): with a workgroup per query head alone, most of a GPU idled
+// while a few workgroups walked thousands of keys (flash-decoding's split). Its rows are one-token segments.
 // With KV_F16 (--kv-cache f16) each key and value is rounded to float16 as it is stored, and the keys and values
 // of this pass's own rows are rounded the same way where they are read from the qkv buffer: every key and value
 // is then the float16 value the cache holds, as in the reference (spmd.model), whichever mode runs.
@@ -36,9 +37,9 @@ layout(push_constant) uniform Push {
     float scale;      // 1 / sqrt(head_dim)
     uint mode;        // 0: store this row's key and value, and attend (passes of few rows); larger passes in two
                       // dispatches: 1: store only, 2: attend only, every key and value from the cache; a decode
-                      // step over a long cache in three: 1, then 3: each workgroup (h, i, split) attends keys
-                      // split * split_keys.. of the cache and writes its partial softmax to `part`, 4: (h, i)
-                      // combines them
+                      // step over a long cache in two: 3: each workgroup (h, i, split) attends keys
+                      // split * split_keys.. (as mode 0: the row's own from qkv, split 0 stores it) and writes
+                      // its partial softmax to `part`, 4: (h, i) combines them
     uint splits;      // modes 3, 4: the splits a (head, row) has in `part` (the mode 3 grid's depth)
     uint split_keys;  // modes 3, 4: keys a split holds (at most CH)
 } p;
@@ -129,7 +130,7 @@ void main() {
     uint h = gl_WorkGroupID.x, i = gl_WorkGroupID.y, tid = gl_LocalInvocationID.x;
     uint kvh = h / p.group;
     uvec4 row = rows[i];
-    uint pos = row.x, start = p.mode >= 2u ? row.x + 1u : row.y, first = row.z, T = pos + 1u;
+    uint pos = row.x, start = p.mode == 2u ? row.x + 1u : row.y, first = row.z, T = pos + 1u;
     if (p.mode == 4u) {
         combine(h, i, T);
         return;
@@ -147,7 +148,7 @@ void main() {
         kn[d] = kv(rotated(kbase, d, pos));
     }
     barrier();
-    if (h % p.group == 0u && p.mode <= 1u) {
+    if (h % p.group == 0u && (p.mode <= 1u || (p.mode == 3u && gl_WorkGroupID.z == 0u))) {
         for (uint d4 = tid; d4 < H4; d4 += WG) {
             uint c = (cbase + pos) * H4 + d4;
             kc[c] = narrow(vec4(kn[4 * d4], kn[4 * d4 + 1], kn[4 * d4 + 2], kn[4 * d4 + 3]));

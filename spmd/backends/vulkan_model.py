@@ -7,8 +7,8 @@ throughout), per layer, with a barrier after each line:
     q, k      = RMSNorm of each head (qwen3)                            headnorm_f32, in place
     att       = attention(rope(q), rope(k) -> cache, v -> cache)        1 dispatch (rope and cache store fused); 2
                                                                         over ATTENTION_STORE rows: store, attend;
-                                                                        3 for a decode step over long caches
-                                                                        (SPLIT_FROM): store, splits, combine
+                                                                        2 for a decode step over long caches
+                                                                        (SPLIT_FROM): splits (storing), combine
     x        += att @ wo.T                                              the partial sum: allreduced with the stage
     xn        = RMSNorm(x) * ffn_norm
     h         = silu(xn @ w1.T) * (xn @ w3.T)                           1 dispatch: gate and up rows side by side
@@ -67,7 +67,7 @@ ATTENTION_STORE = 8
 # A decode step whose longest sequence has SPLIT_FROM positions or more attends in splits of the backend's
 # split_keys keys (spmd.backends.vulkan.SPLIT_KEYS), one workgroup each, whose partial softmaxes a last dispatch
 # combines (modes 3 and 4): one workgroup a query head had left most of the GPU idle (TinyLlama on an H200 at 2048
-# positions: 2.44 ms a token, 0.42x llama.cpp CUDA's decode). Below it one dispatch (mode 0) costs less than three.
+# positions: 2.44 ms a token, 0.42x llama.cpp CUDA's decode). Below it one dispatch (mode 0) costs less than two.
 SPLIT_FROM = 512
 KEPT_PASS_ROWS = 512  # activations of other passes up to this many rows stay allocated between passes
 
@@ -310,8 +310,8 @@ class VulkanModel:
             bufs = [(b, 0, b.nbytes) for b in (a.table, a.qkv, self.rope, self.kcache[li], self.vcache[li], a.att,
                                                a.part if a.split else a.att)]
             # up to ATTENTION_STORE rows store and attend in one dispatch; more store every key first, then attend;
-            # a decode step over long caches stores, attends in splits, then combines them
-            modes = (1, 3, 4) if a.split else (0,) if a.n <= ATTENTION_STORE else (1, 2)
+            # a decode step over long caches attends in splits (storing), then combines them
+            modes = (3, 4) if a.split else (0,) if a.n <= ATTENTION_STORE else (1, 2)
             for mode in modes:
                 push = struct.pack(ATTENTION_PUSH, cfg.group, self.qkv_stride, self.nh * hd, (self.nh + self.nkv) * hd,
                                    self.att_stride, self.max_seq, cfg.rope_dim, int(cfg.rope_neox),
