@@ -350,7 +350,7 @@ class RankState:
         (of `slots` sequences in flight), "norms and RoPE tables"}."""
         cfg = self.cfg
         rows = min(self.max_seq * slots, max(self.max_seq, PREFILL_TOKENS))  # the largest pass
-        return {"activations": pass_bytes(cfg, share, rows, self.max_seq),
+        return {"activations": pass_bytes(cfg, share, rows, self.max_seq, self.opts.kv_cache),
                 "norms and RoPE tables": 4 * len(share.layer_ids) * (2 * cfg.dim + 2 * cfg.head_dim)
                 + 4 * self.max_seq * cfg.rope_dim}
 
