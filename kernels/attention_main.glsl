@@ -54,20 +54,22 @@ layout(std430, binding = 4) buffer VCache { uvec2 vc[]; };
 // x as the cache holds it: the nearest float16 value, ties to even (numpy's astype(float16)), in float32. Done
 // with integer logic: a driver may fold a float16 round trip in registers away (NVIDIA's did), and packHalf2x16's
 // rounding is the implementation's; this makes the value, and then packing it is exact.
-float kv(float x) {
+float as_cached(float x) {
     if (abs(x) < 6.103515625e-05) return roundEven(x * 16777216.0) * 5.9604644775390625e-08;  // subnormal: 2^-24
     uint u = floatBitsToUint(x);
     float r = uintBitsToFloat((u + 0x0FFFu + ((u >> 13) & 1u)) & 0xFFFFE000u);  // 10 bits of mantissa kept
     return abs(r) > 65504.0 ? sign(x) * uintBitsToFloat(0x7F800000u) : r;  // past float16's largest: infinite
 }
 vec4 widen(uvec2 u) { return vec4(unpackHalf2x16(u.x), unpackHalf2x16(u.y)); }
-uvec2 narrow(vec4 v) { return uvec2(packHalf2x16(vec2(kv(v.x), kv(v.y))), packHalf2x16(vec2(kv(v.z), kv(v.w)))); }
+uvec2 narrow(vec4 v) {
+    return uvec2(packHalf2x16(vec2(as_cached(v.x), as_cached(v.y))), packHalf2x16(vec2(as_cached(v.z), as_cached(v.w))));
+}
 #else
 layout(std430, binding = 3) buffer KCache { vec4 kc[]; };   // this layer's keys (slots, kv, max_seq, HD)
 layout(std430, binding = 4) buffer VCache { vec4 vc[]; };
 vec4 widen(vec4 v) { return v; }
 vec4 narrow(vec4 v) { return v; }
-float kv(float x) { return x; }
+float as_cached(float x) { return x; }
 #endif
 layout(std430, binding = 5) writeonly buffer Out { float o[]; };
 // modes 3, 4: per (row, head, split), ((i * heads + h) * splits + split) * (HD + 2): the split's largest score m,
@@ -105,7 +107,7 @@ float rotated(uint base, uint d, uint position) {
 
 vec4 value(uint r, uint kvh, uint d4) {  // row r of this pass, from the qkv buffer (as the cache holds it)
     uint at = r * p.qkv_stride + p.v_off + kvh * HD + 4 * d4;
-    return vec4(kv(qkv[at]), kv(qkv[at + 1]), kv(qkv[at + 2]), kv(qkv[at + 3]));
+    return vec4(as_cached(qkv[at]), as_cached(qkv[at + 1]), as_cached(qkv[at + 2]), as_cached(qkv[at + 3]));
 }
 
 void combine(uint h, uint i, uint T) {
@@ -145,7 +147,7 @@ void main() {
     uint kbase = i * p.qkv_stride + p.k_off + kvh * HD;  // this token's key, rotated once into shared memory
     for (uint d = tid; d < HD; d += WG) {
         qs[d] = rotated(i * p.qkv_stride + h * HD, d, pos);
-        kn[d] = kv(rotated(kbase, d, pos));
+        kn[d] = as_cached(rotated(kbase, d, pos));
     }
     barrier();
     if (h % p.group == 0u && (p.mode <= 1u || (p.mode == 3u && gl_WorkGroupID.z == 0u))) {
@@ -173,7 +175,7 @@ void main() {
                 for (uint d = 0; d < HD; d++) sc += qs[d] * kn[d];
             } else {  // an earlier token of this segment in this pass (mode 0): rotated here
                 uint kb = (first + t - start) * p.qkv_stride + p.k_off + kvh * HD;
-                for (uint d = 0; d < HD; d++) sc += qs[d] * kv(rotated(kb, d, t));
+                for (uint d = 0; d < HD; d++) sc += qs[d] * as_cached(rotated(kb, d, t));
             }
             sc *= p.scale;
             s[j] = sc;

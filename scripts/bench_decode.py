@@ -69,9 +69,10 @@ def mpi_prefix(ranks, hostfile=None):
 
 
 def run_spmd(model, ranks, steps, prompt_ids, allreduce="star", ratios=None, hostfile=None, env=None, threads=None,
-             activations="f32", repeats=1, kv_cache="f32"):
+             activations="f32", repeats=1, kv_cache="f16"):
     """One `python -m spmd.run --output json` under mpirun: its JSON result. threads: --threads of every rank
-    (simulated hosts share one machine's cores, which each would otherwise take for its own). repeats > 1: the
+    (simulated hosts share one machine's cores, which each would otherwise take for its own). kv_cache: spmd's
+    --kv-cache (f16 by default: the cache llama.cpp keeps, which the benchmarks compare with). repeats > 1: the
     prompt goes in that many times, one sequence after another, and the result's prompt_tokens_per_s,
     decode_tokens_per_s and ms_per_token are the medians over them (as llama-bench's over its repeats), its tokens
     the first sequence's."""

@@ -9,7 +9,10 @@ from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import NamedTuple
 
+import numpy as np
+
 from .errors import UserError, regular_file
+from .model import KV_DTYPES
 
 
 class Compute(NamedTuple):
@@ -88,6 +91,11 @@ class Profile:
                        latency_ms=tuple(tuple(self.latency_ms[a][b] for b in ranks) for a in ranks),
                        bandwidth=tuple(tuple(self.bandwidth[a][b] for b in ranks) for a in ranks),
                        memory_limits=tuple(self.memory_limits[r] for r in ranks) if self.memory_limits else ())
+
+    def with_kv_cache(self, kv_cache) -> "Profile":
+        """This profile for a run whose KV caches hold --kv-cache's type (a profile's file holds float32's figure)."""
+        per_position = self.model.kv_bytes_per_position * np.dtype(KV_DTYPES[kv_cache]).itemsize // 4
+        return replace(self, model=replace(self.model, kv_bytes_per_position=per_position))
 
     def link_ms(self, i, j, n_bytes) -> float:
         return self.latency_ms[i][j] + n_bytes / self.bandwidth[i][j] * 1e3

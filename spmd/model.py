@@ -115,14 +115,14 @@ def kv_bytes_per_position(cfg, n_layers=1, n_kv=1, kv_cache="f32") -> int:
     return 2 * n_layers * n_kv * cfg.head_dim * np.dtype(KV_DTYPES[kv_cache]).itemsize
 
 
-def pass_bytes(cfg, share, rows, T, kv_cache="f32") -> int:
+def pass_bytes(cfg, share, rows, T, widened_cache=False) -> int:
     """The most a pass of `rows` rows, attending over up to T positions, holds on `share` beside the weights and
     the KV cache (the budget --memory-limit keeps for it): per row the hidden state, its norm, q, k, v, the
     projection, gate and up (float32), and the attention scores of every local head for ATTEND_ROWS of them with
-    their softmax's temporary; with a float16 cache, the float32 copy of a layer's keys and values a prompt's
-    attention reads (`Model._attend_rows`)."""
+    their softmax's temporary; widened_cache: and the float32 copy of a layer's keys and values that this model's
+    prompt attention makes of a float16 cache (`Model._attend_rows`; the Vulkan kernel reads it as it is)."""
     per_row = 3 * cfg.dim + (share.n_heads + 2 * share.n_kv) * cfg.head_dim + 2 * share.n_ffn
-    widened = 2 * share.n_kv * T * cfg.head_dim if KV_DTYPES[kv_cache] != np.float32 else 0
+    widened = 2 * share.n_kv * T * cfg.head_dim if widened_cache else 0
     return 4 * (rows * per_row + min(rows, ATTEND_ROWS) * 2 * share.n_heads * T + widened)
 
 

@@ -56,6 +56,7 @@ import click
 
 from .cluster import Compute, Profile, as_profile, load_profile
 from .errors import UserError
+from .model import KV_DTYPES
 from .plan import make_plan, n_ffn_blocks, parse_layout
 
 EXHAUSTIVE = 9  # ranks searched over every grouping (3^8 = 6561 candidates)
@@ -629,11 +630,13 @@ def _report(prof, found, objective, allreduce) -> str:
 @click.option("--context", type=click.IntRange(min=1), help="Positions per sequence (default: the model's).")
 @click.option("--allreduce", type=click.Choice(ALLREDUCES), default="star", show_default=True,
               help="The allreduce the run will use inside a stage (spmd.run's --allreduce).")
+@click.option("--kv-cache", type=click.Choice(tuple(KV_DTYPES)), default="f32", show_default=True,
+              help="What the run's KV caches will hold (spmd.run's --kv-cache): f16 takes half the memory.")
 @click.option("--output", type=click.Choice(("text", "json")), default="text", show_default=True,
               help="json: one object, the chosen layout ('best') and the best TP-only and PP-only ones.")
-def cli(profile_path, objective, sequences, context, allreduce, output):
+def cli(profile_path, objective, sequences, context, allreduce, kv_cache, output):
     """The layout (--ratios) predicted best for the cluster a profile (python -m spmd.profile) measured."""
-    prof = load_profile(profile_path)
+    prof = load_profile(profile_path).with_kv_cache(kv_cache)
     objective = objective or ("throughput" if sequences > 1 else "latency")
     if objective == "latency" and sequences > 1:
         raise UserError(f"--sequences {sequences} counts only with --objective throughput (latency plans one)")

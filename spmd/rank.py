@@ -350,7 +350,8 @@ class RankState:
         (of `slots` sequences in flight), "norms and RoPE tables"}."""
         cfg = self.cfg
         rows = min(self.max_seq * slots, max(self.max_seq, PREFILL_TOKENS))  # the largest pass
-        return {"activations": pass_bytes(cfg, share, rows, self.max_seq, self.opts.kv_cache),
+        widened = self.opts.kv_cache == "f16" and self.backend_name != "vulkan"
+        return {"activations": pass_bytes(cfg, share, rows, self.max_seq, widened),
                 "norms and RoPE tables": 4 * len(share.layer_ids) * (2 * cfg.dim + 2 * cfg.head_dim)
                 + 4 * self.max_seq * cfg.rope_dim}
 
@@ -450,7 +451,8 @@ class RankState:
                             f"need {gib(kv)} on rank {self.comm.rank} ({gib(per_position * self.max_seq)} for the "
                             f"longest), and with the weights its host {everyone[self.comm.rank][0]} needs "
                             f"{gib(need)} but has {gib(free)} available: give fewer --sequences or "
-                            f"{'a smaller --ctx-size' if self.opts.context is not None else '--steps'}")
+                            f"{'a smaller --ctx-size' if self.opts.context is not None else '--steps'}"
+                            f"{', or --kv-cache f16' if self.opts.kv_cache == 'f32' else ''}")
 
     def _read_header(self):
         return open_model(self.opts.model)
@@ -492,8 +494,7 @@ class RankState:
                                     f"{profile.source}'s {len(profile.ranks)}")
                 profile = profile.subset(survivors)
             cluster.check_matches(profile, self.cfg, comm.size)
-            kv = kv_bytes_per_position(self.cfg, kv_cache=opts.kv_cache)  # the profile's is float32's
-            return replace(profile, model=replace(profile.model, kv_bytes_per_position=kv))
+            return profile.with_kv_cache(opts.kv_cache)
         profile = agree(comm, load if comm.is_root else lambda: None)
         self.profile_s = time.perf_counter() - t
         return profile

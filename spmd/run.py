@@ -67,7 +67,7 @@ CLUSTER_OPTIONS = [  # the flags spmd.run and spmd.serve share: the model, and h
     click.option("--kv-cache", default="f32", show_default=True, type=click.Choice(["f32", "f16"]),
                  help="What the KV caches keep keys and values in. f16: half the memory of f32 (a sequence's "
                       "context costs half as much on every rank, as llama.cpp's default cache), each key and value "
-                      "rounded to float16 as it is stored; the cpu and numpy backends."),
+                      "rounded to float16 as it is stored."),
     click.option("--gpu", default=None, metavar="N[,N...]",
                  help="Vulkan device index on each rank's host, one for all or one per rank. "
                       "Default: the rank's index among the ranks on its host."),

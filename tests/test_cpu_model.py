@@ -28,7 +28,7 @@ def attend(q, k, v, ck, cv, pos, scale, parts=1):
     ranges on numba's threads; float16 caches: --kv-cache f16)."""
     out = np.empty(q.size, np.float32)
     ck[:, pos], cv[:, pos] = k, v
-    ck, cv = cpu_model.CpuModel._kernel_view(ck), cpu_model.CpuModel._kernel_view(cv)
+    ck, cv = cpu_model.kernel_view(ck), cpu_model.kernel_view(cv)
     if parts > 1:
         s = cpu_model._scores_parallel(q, ck, pos, scale, parts)
         np.exp(s, out=s)

@@ -212,6 +212,7 @@ def test_a_float16_kv_cache_gives_the_references_tokens_at_any_layout(models, qt
         result = generate(WORLD, model=model, ratios=ratios, kv_cache="f16")
         if WORLD.rank == 0:
             assert result["tokens"] == expected, ratios
+            assert result["kv_cache"] == "f16"
             head_dim = SHAPE.dim // SHAPE.n_heads if qtype == "Q4_0" else K_SHAPE.dim // K_SHAPE.n_heads
             for r in result["ranks"]:
                 first, end = r["share"]["layers"]

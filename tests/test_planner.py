@@ -462,7 +462,23 @@ def test_the_cli_writes_json(capsys):
     assert found["best"]["tokens_per_s"] >= found["pp"]["tokens_per_s"] and found["best"]["sequences"] == 4
 
 
+def test_a_float16_kv_cache_is_planned_at_half_the_bytes(capsys):
+    """--kv-cache f16: the profile's float32 figure halved, four sequences' caches fit a one-stage layout that
+    float32 ones did not (above), and the best layout predicts more tokens/s."""
+    assert load_profile(str(HOUSEHOLD)).with_kv_cache("f16").model.kv_bytes_per_position * 2 == \
+        load_profile(str(HOUSEHOLD)).model.kv_bytes_per_position
+    found = {}
+    for kv_cache in ("f32", "f16"):
+        main([str(HOUSEHOLD), "--objective", "throughput", "--sequences", "4", "--output", "json", "--kv-cache",
+              kv_cache])
+        found[kv_cache] = json.loads(capsys.readouterr().out)
+    assert found["f32"]["tp"] is None and found["f16"]["tp"] is not None
+    assert len(parse_layout(found["f16"]["tp"]["ratios"], 4)) == 1
+    assert found["f16"]["best"]["tokens_per_s"] > found["f32"]["best"]["tokens_per_s"]
+
+
 @pytest.mark.parametrize("args, message", [
+    (["--kv-cache", "f8"], "error: Invalid value for '--kv-cache'"),
     (["--allreduce", "tree"], "error: Invalid value for '--allreduce'"),
     (["--sequences", "0"], "error: Invalid value for '--sequences'"),
     (["--context", "100000000"], "error: context 100000000 is beyond the model's context of"),

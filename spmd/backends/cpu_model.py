@@ -35,7 +35,15 @@ PARALLEL_SCORES = 1024  # a token's attention splits its heads over the rank's t
 def _lanes(b, row, at, dtype):
     """16 floats of a row from element `at` on: float32, or float16 bits held as int16 (a --kv-cache f16 cache's
     keys and values), widened exactly."""
+    if dtype not in (types.float32, types.int16):
+        raise TypeError(f"attention rows of {dtype}: float32, or float16 bits as int16")
     return _to_f32(b, row, b.mul(at, ir.Constant(at.type, dtype.bitwidth // 8)), dtype)
+
+
+def kernel_view(cache):
+    """A KV cache as the attention functions take it: float32, or a float16 one's bits as int16 (numba has no
+    float16)."""
+    return cache.view(np.int16) if cache.dtype == np.float16 else cache
 
 
 @intrinsic
@@ -276,7 +284,7 @@ class CpuModel(Model):
         """Compile the functions for the argument types they get (or load them from numba's cache) at load, so that
         the first tokens do not wait for it."""
         f32 = np.float32
-        x, cache = np.ones((1, LANES), f32), self._kernel_view(np.zeros((1, 1, LANES), self.cache.dtype))
+        x, cache = np.ones((1, LANES), f32), kernel_view(np.zeros((1, 1, LANES), self.cache.dtype))
         _rmsnorm(x, x[0], f32(1.0), x.copy())
         _rotate(np.zeros((1, 1, 2), f32), x[:, :1].copy(), x[:, :1].copy(), self.rope.neox)
         _silu_finish(x.copy(), x.copy(), x)
@@ -284,12 +292,6 @@ class CpuModel(Model):
         _values(_scores(x, cache, 0, self.scale), cache, out)  # (0 / 0: NaN, no error)
         if self.threads > 1:
             _values_parallel(_scores_parallel(x, cache, 0, self.scale, 1), cache, out, 1)
-
-    @staticmethod
-    def _kernel_view(cache):
-        """A KV cache as the attention functions take it: float32, or a float16 one's bits as int16 (numba has no
-        float16)."""
-        return cache.view(np.int16) if cache.dtype == np.float16 else cache
 
     def _products(self, linears, x, outs):
         return products(linears, x, outs)
@@ -315,7 +317,7 @@ class CpuModel(Model):
             return super()._attend(layer, seg, q, k, v, out)
         ck, cv = self.cache.layer(seg.slot, layer)
         ck[:, seg.pos], cv[:, seg.pos] = k[0], v[0]
-        ck, cv = self._kernel_view(ck), self._kernel_view(cv)
+        ck, cv = kernel_view(ck), kernel_view(cv)
         parts = min(self.threads, q.shape[1])
         if parts > 1 and q.shape[1] * (seg.pos + 1) >= PARALLEL_SCORES:
             s = _scores_parallel(q[0], ck, seg.pos, self.scale, parts)

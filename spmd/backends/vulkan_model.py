@@ -156,7 +156,7 @@ class VulkanModel:
             raise UserError(f"vulkan backend: a layer's KV cache of {slots} sequences (--sequences) x {max_seq} "
                             f"positions (the context: prompt and steps) x {self.nkv} KV heads is "
                             f"{layer_cache / MIB:.0f} MiB, over the device's maxStorageBufferRange of "
-                            f"{self.dev.max_range / MIB:.0f} MiB: lower --sequences or --steps")
+                            f"{self.dev.max_range / MIB:.0f} MiB: lower --sequences or --steps, or give --kv-cache f16")
         self.dp = pad(cfg.dim)
         self.qkv_width = (self.nh + 2 * self.nkv) * hd
         self.qkv_stride, self.att_stride, self.ffn_stride = pad(self.qkv_width), pad(self.nh * hd), pad(self.nf)
@@ -307,8 +307,9 @@ class VulkanModel:
                 rec.dispatch(self._headnorm, [(a.qkv, 0, a.qkv.nbytes), rows], push, (self.nh + self.nkv, n, 1))
                 rec.barrier()
                 rec.mark("q k norms")
+            part = a.part if a.split else a.att  # (only modes 3 and 4 use binding 6: att stands in for it)
             bufs = [(b, 0, b.nbytes) for b in (a.table, a.qkv, self.rope, self.kcache[li], self.vcache[li], a.att,
-                                               a.part if a.split else a.att)]
+                                               part)]
             # up to ATTENTION_STORE rows store and attend in one dispatch; more store every key first, then attend;
             # a decode step over long caches attends in splits (storing), then combines them
             modes = (3, 4) if a.split else (0,) if a.n <= ATTENTION_STORE else (1, 2)
