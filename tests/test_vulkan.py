@@ -357,8 +357,9 @@ def test_attention_over_a_long_cache_with_partial_rope(tmp_path, neox):
 
 
 @needs_device
+@pytest.mark.parametrize("multi", [False, True], ids=["one-buffer", "half-layers"])
 @pytest.mark.parametrize("kv_cache", ["f32", "f16"])
-def test_decode_steps_over_long_caches_attend_in_splits(tmp_path, kv_cache):
+def test_decode_steps_over_long_caches_attend_in_splits(tmp_path, kv_cache, multi):
     """Decode steps of three sequences at 700, 40 and 300 positions (caches written through cache_put), and of one
     alone: from SPLIT_FROM positions on their attention runs in splits of split_keys keys (256: 3 of 4 splits live for
     the longest, 1 for the shortest) combined by a last dispatch; every step's logits against spmd.model.Model, and a
@@ -374,13 +375,15 @@ def test_decode_steps_over_long_caches_attend_in_splits(tmp_path, kv_cache):
         for m in (ref, dev):
             m.open(slot, cfg.context)
             m.cache_put(slot, pieces)
+    allreduce = (lambda a: a) if multi else None  # one rank: the sum over the stage is the identity
     for step_no in range(3):  # three steps: the recorded command buffers replayed
         segments = [(slot, n + step_no, [3 + slot + step_no]) for slot, n in filled.items()]
-        np.testing.assert_allclose(step([dev], segments), step([ref], segments), rtol=0, atol=1e-4)
-    np.testing.assert_allclose(run(dev, [9], 703), run(ref, [9], 703), rtol=0, atol=1e-4)  # one sequence
+        np.testing.assert_allclose(step([dev], segments, allreduce), step([ref], segments, allreduce), rtol=0,
+                                   atol=1e-4)
+    np.testing.assert_allclose(run(dev, [9], 703, allreduce), run(ref, [9], 703, allreduce), rtol=0, atol=1e-4)
     short = [(1, 43, [5])]  # one sequence under SPLIT_FROM: one dispatch
-    np.testing.assert_allclose(step([dev], short), step([ref], short), rtol=0, atol=1e-4)
-    assert set(dev._decode) == {(False, True, 3, True), (False, True, 1, True), (False, True, 1, False)}
+    np.testing.assert_allclose(step([dev], short, allreduce), step([ref], short, allreduce), rtol=0, atol=1e-4)
+    assert set(dev._decode) == {(multi, True, 3, True), (multi, True, 1, True), (multi, True, 1, False)}
     dev.close()
 
 
