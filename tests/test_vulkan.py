@@ -225,6 +225,16 @@ def test_a_matrix_unit_tile_that_does_not_exist_is_refused(monkeypatch):
         get_backend("vulkan", threads=None, device=None)
 
 
+@pytest.mark.parametrize("name, value, message", [
+    ("SPMD_VK_SPLIT_KEYS", "512", "SPMD_VK_SPLIT_KEYS=512: give 1 to 256"),
+    ("SPMD_VK_MATVEC", "64x", "SPMD_VK_MATVEC=64x: expected whole numbers"),
+])
+def test_a_tuning_knob_out_of_range_or_not_a_number_is_one_error(monkeypatch, name, value, message):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(UserError, match=message):
+        get_backend("vulkan", threads=None, device=None)
+
+
 @needs_device
 def test_descriptor_sets_are_kept_per_bindings_and_go_with_their_buffers():
     """A dispatch over the same pipeline and bindings reuses its set in a later recording; freeing a buffer frees

@@ -468,4 +468,9 @@ class Recording:
 def env_tuple(name, default):
     """Tuning knobs from the environment, e.g. SPMD_VK_MATVEC=64,4 (threads per workgroup, rows per workgroup)."""
     value = os.environ.get(name)
-    return tuple(int(v) for v in value.split(",")) if value else default
+    if not value:
+        return default
+    try:
+        return tuple(int(v) for v in value.split(","))
+    except ValueError:
+        raise UserError(f"{name}={value}: expected whole numbers, comma-separated (or leave it unset)") from None
