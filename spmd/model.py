@@ -154,6 +154,14 @@ class KVCache:
         i = layer - self.layers.start
         return self.k[slot][i], self.v[slot][i]
 
+    def store(self, slot, layer, pos, k, v):
+        """A segment's k, v (n, kv_local, hd) into positions pos..pos+n-1 of an absolute layer's caches (rounded to
+        the cache's type) -> that layer's (k, v) caches, as `layer` gives them."""
+        ck, cv = self.layer(slot, layer)
+        ck[:, pos:pos + k.shape[0]] = k.transpose(1, 0, 2)
+        cv[:, pos:pos + v.shape[0]] = v.transpose(1, 0, 2)
+        return ck, cv
+
     def take(self, slot, T) -> dict:
         """{(layer, kv head): (k, v) each (T, hd) of the cache's dtype}: copies of positions 0..T-1 of every head
         held."""
@@ -305,9 +313,7 @@ class Model:
         """One segment: its k, v into its slot's cache, then causal attention into out (seg.n, heads * hd), its
         query rows ATTEND_ROWS at a time (a long prompt's scores would otherwise take heads x n x T floats)."""
         n, pos = seg.n, seg.pos
-        ck, cv = self.cache.layer(seg.slot, layer)  # (kv, need, hd)
-        ck[:, pos:pos + n] = k.transpose(1, 0, 2)
-        cv[:, pos:pos + n] = v.transpose(1, 0, 2)
+        ck, cv = self.cache.store(seg.slot, layer, pos, k, v)  # (kv, need, hd)
         for first in range(0, n, ATTEND_ROWS):
             rows = slice(first, min(n, first + ATTEND_ROWS))
             out[rows] = self._attend_rows(q[rows], pos + first, ck, cv)

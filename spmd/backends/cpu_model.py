@@ -315,9 +315,7 @@ class CpuModel(Model):
     def _attend(self, layer, seg, q, k, v, out):
         if seg.n > 1 or self.cfg.head_dim % LANES or not self.share.n_kv:  # a prompt (or no heads here): numpy's
             return super()._attend(layer, seg, q, k, v, out)
-        ck, cv = self.cache.layer(seg.slot, layer)
-        ck[:, seg.pos], cv[:, seg.pos] = k[0], v[0]
-        ck, cv = kernel_view(ck), kernel_view(cv)
+        ck, cv = (kernel_view(c) for c in self.cache.store(seg.slot, layer, seg.pos, k, v))
         parts = min(self.threads, q.shape[1])
         if parts > 1 and q.shape[1] * (seg.pos + 1) >= PARALLEL_SCORES:
             s = _scores_parallel(q[0], ck, seg.pos, self.scale, parts)
