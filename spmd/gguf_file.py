@@ -161,7 +161,7 @@ class GGUFFile:
     def lookup(self, name, ids) -> np.ndarray:
         """Rows `ids` of a matrix as float32 (n, cols) (an embedding lookup): the matrix itself stays on disk."""
         info, raw = self._matrix(name)
-        return np.stack([dequantize_any(raw[i], info.qtype, 1, info.shape[1]).reshape(info.shape[1]) for i in ids])
+        return dequantize_any(raw[np.asarray(ids, dtype=np.int64)], info.qtype, len(ids), info.shape[1])
 
     def _keep(self, info, raw, rows, cols, notice) -> QTensor:
         """Raw bytes (rows, ...) -> an owned QTensor: native types copied as they are, others dequantised."""

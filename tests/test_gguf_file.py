@@ -1,7 +1,7 @@
 """The lean GGUF header reader against the gguf package's own reader, and its refusal of damaged files."""
 import numpy as np
 import pytest
-from gguf import GGUFReader, GGUFWriter
+from gguf import GGUFReader, GGUFWriter, quants as gguf_quants
 
 from spmd.errors import UserError
 from spmd.gguf_file import GGUFFile
@@ -49,6 +49,17 @@ def test_metadata_and_tensors_equal_the_gguf_packages_reader(tmp_path, make):
         info = ours.info(t.name)
         assert (info.qtype, info.offset, info.nbytes) == (t.tensor_type, t.data_offset, t.n_bytes)
         assert info.shape == tuple(reversed([int(d) for d in t.shape]))
+
+
+@pytest.mark.parametrize("qtype", ["F32", "F16", "Q4_0", "Q8_0", "Q4_K_M", "Q5_K_M"])
+def test_an_embedding_lookup_gives_the_rows_the_gguf_package_dequantises(tmp_path, qtype):
+    path = write_model(tmp_path / "m.gguf", Shape(dim=256, vocab=300), qtype, seed=1)
+    theirs = next(t for t in GGUFReader(str(path)).tensors if t.name == "token_embd.weight")
+    whole = gguf_quants.dequantize(theirs.data, theirs.tensor_type).reshape(300, 256)
+    ids = [5, 0, 5, 299, 17]  # repeated and out of order: one vectorised dequantisation of the rows
+    got = GGUFFile(path).lookup("token_embd.weight", ids)
+    assert got.dtype == np.float32 and got.shape == (5, 256)
+    np.testing.assert_array_equal(got, whole[ids].astype(np.float32))
 
 
 def test_arrays_are_decoded_only_when_asked(tmp_path):

@@ -353,6 +353,9 @@ class Device:
         vk.vkDestroyInstance(self.instance, None)
 
 
+_BARRIERS = {}  # "compute" / "host" / "copy" -> (destination stage, VkMemoryBarrier*): `Recording.barrier`
+
+
 class Recording:
     """One command buffer: dispatches (their sets from the device's vk_sets.DescriptorSets), barriers between
     dependent ones, optional timestamps around the whole. Record once, `run()` (submit and wait) as often as
@@ -371,7 +374,7 @@ class Recording:
                 queryType=vk.VK_QUERY_TYPE_TIMESTAMP, queryCount=self._capacity), None)
             vk.vkCmdResetQueryPool(self.cmd, self.query_pool, 0, self._capacity)
             self._stamp("start", vk.VK_PIPELINE_STAGE_TOP_OF_PIPE_BIT)
-        self._submit = None
+        self._submit, self._bound = None, None  # _bound: the pipeline the last dispatch bound
 
     def _stamp(self, label, stage):
         vk.vkCmdWriteTimestamp(self.cmd, stage, self.query_pool, len(self.labels))
@@ -388,7 +391,9 @@ class Recording:
         assert len(buffers) == pipeline.n_bindings and len(push) == pipeline.push_bytes
         lib = vk.lib
         dset = self.dev.sets.get(pipeline, buffers)
-        lib.vkCmdBindPipeline(self.cmd, vk.VK_PIPELINE_BIND_POINT_COMPUTE, pipeline.handle)
+        if pipeline is not self._bound:  # (a run of one kernel, as a prompt's norms and products, binds it once)
+            lib.vkCmdBindPipeline(self.cmd, vk.VK_PIPELINE_BIND_POINT_COMPUTE, pipeline.handle)
+            self._bound = pipeline
         lib.vkCmdBindDescriptorSets(self.cmd, vk.VK_PIPELINE_BIND_POINT_COMPUTE, pipeline.layout, 0, 1, dset, 0,
                                     vk.ffi.NULL)
         if push:
@@ -397,18 +402,22 @@ class Recording:
 
     def barrier(self, to_host=False, to_copy=False):
         """Writes of the dispatches before are visible to those after (to the host with to_host, to a buffer copy
-        with to_copy)."""
-        if to_copy:
-            dst_stage, dst_access = vk.VK_PIPELINE_STAGE_TRANSFER_BIT, vk.VK_ACCESS_TRANSFER_READ_BIT
-        elif to_host:
-            dst_stage, dst_access = vk.VK_PIPELINE_STAGE_HOST_BIT, vk.VK_ACCESS_HOST_READ_BIT
-        else:
-            dst_stage = vk.VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT
-            dst_access = vk.VK_ACCESS_SHADER_READ_BIT | vk.VK_ACCESS_SHADER_WRITE_BIT
+        with to_copy). The C function straight, its barrier struct made once (`_BARRIERS`): the bindings' wrappers
+        took about a third of the time of recording a prompt's pass."""
+        kind = "copy" if to_copy else "host" if to_host else "compute"
+        if kind not in _BARRIERS:
+            dst_stage, dst_access = {
+                "copy": (vk.VK_PIPELINE_STAGE_TRANSFER_BIT, vk.VK_ACCESS_TRANSFER_READ_BIT),
+                "host": (vk.VK_PIPELINE_STAGE_HOST_BIT, vk.VK_ACCESS_HOST_READ_BIT),
+                "compute": (vk.VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT,
+                            vk.VK_ACCESS_SHADER_READ_BIT | vk.VK_ACCESS_SHADER_WRITE_BIT)}[kind]
+            mb = vk.ffi.new("VkMemoryBarrier*", {
+                "sType": vk.VK_STRUCTURE_TYPE_MEMORY_BARRIER, "dstAccessMask": dst_access,
+                "srcAccessMask": vk.VK_ACCESS_SHADER_WRITE_BIT | vk.VK_ACCESS_TRANSFER_WRITE_BIT})
+            _BARRIERS[kind] = (dst_stage, mb)
+        dst_stage, mb = _BARRIERS[kind]
         src_stage = vk.VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT | vk.VK_PIPELINE_STAGE_TRANSFER_BIT
-        mb = vk.VkMemoryBarrier(srcAccessMask=vk.VK_ACCESS_SHADER_WRITE_BIT | vk.VK_ACCESS_TRANSFER_WRITE_BIT,
-                                dstAccessMask=dst_access)
-        vk.vkCmdPipelineBarrier(self.cmd, src_stage, dst_stage, 0, 1, [mb], 0, None, 0, None)
+        vk.lib.vkCmdPipelineBarrier(self.cmd, src_stage, dst_stage, 0, 1, mb, 0, vk.ffi.NULL, 0, vk.ffi.NULL)
 
     def end(self):
         if self.query_pool is not None:
