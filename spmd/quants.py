@@ -227,7 +227,7 @@ def _dequantize_stored(qt: QTensor) -> np.ndarray:
     if u.dmin is not None:
         low = per_sub(u.dmin) if u.m is None else per_sub(u.dmin) * u.m
         values = values + low[..., None]
-    return values.astype(np.float32).reshape(qt.rows, qt.cols)
+    return values.astype(np.float32, copy=False).reshape(qt.rows, qt.cols)
 
 
 @functools.lru_cache(maxsize=None)
