@@ -520,6 +520,29 @@ def test_prompt_activations_are_kept_up_to_a_size(monkeypatch, models):
 
 
 @needs_device
+def test_a_prompt_is_queued_in_parts_as_it_is_recorded(monkeypatch, models):
+    """One rank's prompt pass goes to the device in parts, cut after half-layers 1, 2, 4, 8, ..., each queued as
+    soon as it is recorded and only the last waited for (the GPU works while the host records the rest); a decode
+    step stays one buffer. Both equal the reference."""
+    from spmd.backends.vk_runtime import Recording
+    fences, real = [], Recording.submit
+    monkeypatch.setattr(Recording, "submit", lambda self, fence=True: (fences.append(fence), real(self, fence))[1])
+    ref, dev, cfg = _shard_models(models["Q8_0"], _whole)
+    halves = 2 * cfg.n_layers
+    cuts = [k for k in (2 ** j for j in range(halves)) if k < halves]
+    assert cuts  # (a model of more than one half-layer)
+    for _ in range(2):  # (the first pass also zeroes the activations it makes: other submits)
+        fences.clear()
+        np.testing.assert_allclose(run(dev, PROMPT, 0), run(ref, PROMPT, 0), rtol=0, atol=1e-4)
+    assert fences == [False] * len(cuts) + [True]
+    for pos in range(len(PROMPT), len(PROMPT) + 2):  # the second step replays the kept recording
+        fences.clear()
+        np.testing.assert_allclose(run(dev, [7], pos), run(ref, [7], pos), rtol=0, atol=1e-4)
+    assert fences == [True]
+    dev.close()
+
+
+@needs_device
 @pytest.mark.parametrize("matvec_rows", [1, 8], ids=["matmul", "matvec"])  # lavapipe's choice and a GPU's
 @pytest.mark.parametrize("multi", [False, True], ids=["one-buffer", "half-layers"])
 def test_several_sequences_in_one_pass(models, multi, matvec_rows, monkeypatch):

@@ -338,8 +338,12 @@ class Device:
             self._pipelines[key] = Pipeline(self, kernel, n_bindings, push_bytes, spec)
         return self._pipelines[key]
 
-    def close(self):
+    def idle(self):
+        """Until the device has done everything queued."""
         vk.vkDeviceWaitIdle(self.device)
+
+    def close(self):
+        self.idle()
         if self._staging is not None:
             self._staging.free()
         self.sets.close()
@@ -430,8 +434,20 @@ class Recording:
 
     def run(self):
         """Submit and wait (the hot path: the C functions straight, no per-call struct building)."""
+        self.submit()
+        self.wait()
+
+    def submit(self, fence=True):
+        """Queue the buffer behind those queued before it; with `fence`, the device's fence signals when it is done
+        (then `wait`). One queued without (a pass's first part, queued while the host records the rest) is done
+        when the buffer after it that waits on its work is: a barrier orders it before all later commands."""
+        dev = self.dev
+        _check(vk.lib.vkQueueSubmit(dev.queue, 1, self._submit[0], dev.fence if fence else vk.ffi.NULL),
+               "vkQueueSubmit")
+
+    def wait(self):
+        """Until the buffer submitted with the fence is done."""
         dev, lib = self.dev, vk.lib
-        _check(lib.vkQueueSubmit(dev.queue, 1, self._submit[0], dev.fence), "vkQueueSubmit")
         if dev.is_cpu:  # lavapipe: the CPU's cores do the work, so sleep in the driver
             _check(lib.vkWaitForFences(dev.device, 1, self._fences, 1, 3_600_000_000_000), "vkWaitForFences")
         else:  # a GPU: poll, which answers sooner than the driver's sleeping wait (tens of microseconds a token)
