@@ -161,7 +161,8 @@ class GGUFFile:
     def lookup(self, name, ids) -> np.ndarray:
         """Rows `ids` of a matrix as float32 (n, cols) (an embedding lookup): the matrix itself stays on disk."""
         info, raw = self._matrix(name)
-        return dequantize_any(raw[np.asarray(ids, dtype=np.int64)], info.qtype, len(ids), info.shape[1])
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        return dequantize_any(raw[ids], info.qtype, len(ids), info.shape[1])
 
     def _keep(self, info, raw, rows, cols, notice) -> QTensor:
         """Raw bytes (rows, ...) -> an owned QTensor: native types copied as they are, others dequantised."""

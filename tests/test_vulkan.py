@@ -543,6 +543,27 @@ def test_a_prompt_is_queued_in_parts_as_it_is_recorded(monkeypatch, models):
 
 
 @needs_device
+def test_a_prompt_that_fails_after_parts_were_queued_leaves_the_device_usable(monkeypatch, models):
+    """An error while the rest is recorded (here the second FFN half, after two parts were queued): the parts are
+    waited for and freed, the error goes up, and the next pass runs and equals the reference."""
+    ref, dev, cfg = _shard_models(models["Q8_0"], _whole)
+    run(dev, PROMPT, 0)
+    real, calls = dev._ffn_half, []
+
+    def failing(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("injected")
+        return real(*args)
+    monkeypatch.setattr(dev, "_ffn_half", failing)
+    with pytest.raises(RuntimeError, match="injected"):
+        run(dev, PROMPT, 0)
+    monkeypatch.setattr(dev, "_ffn_half", real)
+    np.testing.assert_allclose(run(dev, PROMPT, 0), run(ref, PROMPT, 0), rtol=0, atol=1e-4)
+    dev.close()
+
+
+@needs_device
 @pytest.mark.parametrize("matvec_rows", [1, 8], ids=["matmul", "matvec"])  # lavapipe's choice and a GPU's
 @pytest.mark.parametrize("multi", [False, True], ids=["one-buffer", "half-layers"])
 def test_several_sequences_in_one_pass(models, multi, matvec_rows, monkeypatch):

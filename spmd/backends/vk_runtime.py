@@ -339,8 +339,10 @@ class Device:
         return self._pipelines[key]
 
     def idle(self):
-        """Until the device has done everything queued."""
+        """Until the device has done everything queued; then the fence is reset (a wait cut short left it to be
+        signalled)."""
         vk.vkDeviceWaitIdle(self.device)
+        vk.vkResetFences(self.device, 1, [self.fence])
 
     def close(self):
         self.idle()
@@ -438,9 +440,9 @@ class Recording:
         self.wait()
 
     def submit(self, fence=True):
-        """Queue the buffer behind those queued before it; with `fence`, the device's fence signals when it is done
-        (then `wait`). One queued without (a pass's first part, queued while the host records the rest) is done
-        when the buffer after it that waits on its work is: a barrier orders it before all later commands."""
+        """Queue the buffer behind those queued before it; with `fence`, the device's fence signals when it and
+        everything queued before it are done (then `wait`). Without: a prompt's parts but the last, queued while the
+        host records the rest (each ends with a barrier, which orders its work before all later commands)."""
         dev = self.dev
         _check(vk.lib.vkQueueSubmit(dev.queue, 1, self._submit[0], dev.fence if fence else vk.ffi.NULL),
                "vkQueueSubmit")

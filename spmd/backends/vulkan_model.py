@@ -37,9 +37,9 @@ partial sums up and scale their result by rsqrt(mean + eps). That leaves 5 barri
 first layer's xg with the input); the stage's last w2 writes xg only for the head.
 
 With one rank in the stage (allreduce None) a decode step is one command buffer, one submit; any other pass (a
-prompt) is cut after half-layers 1, 2, 4, 8, ... and each part is submitted as soon as it is recorded, only the
-last waited for, so that the GPU works while the host records the rest (a 128-token TinyLlama prompt: 2-4 ms of
-recording against 11 ms on an H200's GPU; 0.48x -> 0.56x llama.cpp CUDA's prompt speed). With
+prompt; not while profiling) is cut after half-layers 1, 2, 4, 8, ... and each part is submitted as soon as it is
+recorded, only the last waited for, so that the GPU works while the host records the rest (a 128-token TinyLlama
+prompt: 2-4 ms of recording against 11 ms on an H200's GPU; 0.48x -> 0.56x llama.cpp CUDA's prompt speed). With
 several, each half-layer ends by writing its partial sum to host memory (`delta`); the host allreduces it in place
 and the next command buffer starts with x += delta. With weights streamed (--memory-limit, spmd.stream's
 DeviceWindow) each streamed half-layer is a command buffer of its own, run while the window holds its matrices
@@ -402,7 +402,8 @@ class VulkanModel:
         self._check(x, segments)
         n, multi = x.shape[0], allreduce is not None
         kept = len(segments) == n <= KEPT_ROWS  # a decode step: one token of each sequence
-        early = not kept and not multi and self.w.window is None  # parts queued as they are recorded (`_record`)
+        # parts queued as they are recorded (`_record`; not while profiling, whose timestamps would overlap)
+        early = not kept and not multi and self.w.window is None and not self.profile
         if kept:
             split = self.splits > 1 and max(seg.pos for seg in segments) + 1 >= SPLIT_FROM
             if (multi, head, n, split) not in self._decode:
@@ -412,15 +413,12 @@ class VulkanModel:
                 self._decode[multi, head, n, split] = (acts, recs)
             acts, recs = self._decode[multi, head, n, split]
         else:
-            acts = self._pass_acts(n, len(segments) if head else 0)
-            if early:
-                self._put_input(acts, x)
-                self._put_rows(acts, segments)
-            recs = self._record(acts, multi, head, last_rows(segments), timestamps=self.profile, early=early)
+            acts, recs = self._pass_acts(n, len(segments) if head else 0), []
         try:
-            if not early:
-                self._put_input(acts, x)
-                self._put_rows(acts, segments)
+            self._put_input(acts, x)
+            self._put_rows(acts, segments)
+            if not kept:
+                recs = self._record(acts, multi, head, last_rows(segments), timestamps=self.profile, early=early)
             delta = acts.delta.array(np.float32, (n, self.dp))
             for i, rec in enumerate(recs[-1:] if early else recs):
                 if rec.key is not None:
@@ -437,6 +435,9 @@ class VulkanModel:
             if head:
                 return acts.logits.array(np.float32, (len(segments), self.nv)).copy()
             return acts.io.array(np.float32, (n, self.dp))[:, :self.cfg.dim].copy()
+        except BaseException:  # (a Ctrl-C while waiting): nothing may still run when its buffers go
+            self.dev.idle()
+            raise
         finally:
             if not kept:
                 for rec in recs:
