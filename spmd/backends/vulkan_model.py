@@ -223,42 +223,30 @@ class VulkanModel:
         return 2 * (layer - self.share.layers[0]) + half
 
     # ---- recording --------------------------------------------------------------------------------------------
-    def _record(self, a, multi, head, scored, timestamps=False, early=False):
+    def _record(self, a, multi, head, scored, timestamps=False, early=False, recs=None):
         """The command buffers of one pass over a's n rows: one; or, several ranks in the stage, one per half-layer
         plus the end; or, weights streamed, each streamed half alone in one (its `key` names it) and the rest
-        between them. scored: the rows the head turns into logits (ascending).
+        between them. scored: the rows the head turns into logits (ascending). recs: the list they go into (the
+        caller's, which frees what is in it however recording ends), else a new one.
         early (one rank, nothing streamed; the pass's input in place): the pass is cut after half-layers 1, 2, 4,
         8, ... and each part but the last is submitted as soon as it is recorded, so that the GPU works while the
         host records the rest (the caller runs the last, which waits for all)."""
         profile = timestamps and self.profile
-        recs = [Recording(self.dev, timestamps, profile)]
-        try:
-            self._record_into(recs, a, multi, head, scored, early, (timestamps, profile))
-        except BaseException:
-            if early:  # parts may be queued: the GPU finishes them before their buffers go
-                self.dev.idle()
-            for rec in recs:
-                rec.free()
-            raise
-        return recs
-
-    def _record_into(self, recs, a, multi, head, scored, early, stamps):
-        """`_record`'s work, appending to recs (its first recording begun; stamps: Recording's timestamps and
-        profile)."""
-        first = recs[0]
+        recs = [] if recs is None else recs
+        recs.append(Recording(self.dev, timestamps, profile))
         if a.io is not a.x:
-            self.dev.copy(first, a.io, a.x, a.n * self.dp * 4)
-            first.barrier()
+            self.dev.copy(recs[0], a.io, a.x, a.n * self.dp * 4)
+            recs[0].barrier()
         halves = {"attention": self._attention_half, "ffn": self._ffn_half}
         streamed = self.w.window.index if self.w.window is not None else {}
-        first.key = None
+        recs[-1].key = None
 
         def cut(**barrier):
             recs[-1].barrier(**barrier)
             recs[-1].end()
             if early:
                 recs[-1].submit(fence=False)
-            recs.append(Recording(self.dev, *stamps))
+            recs.append(Recording(self.dev, timestamps, profile))
             recs[-1].key = None
 
         for i, (layer, half) in enumerate(self.schedule):
@@ -282,6 +270,7 @@ class VulkanModel:
         recs[-1].barrier(to_host=True)
         recs[-1].mark("classifier" if head else "hidden state out")
         recs[-1].end()
+        return recs
 
     def _classifier(self, rec, a, scored):
         """logits[s] = (RMSNorm(x[scored[s]]) * output_norm) @ output.T, where this rank holds classifier rows:
@@ -418,7 +407,7 @@ class VulkanModel:
             self._put_input(acts, x)
             self._put_rows(acts, segments)
             if not kept:
-                recs = self._record(acts, multi, head, last_rows(segments), timestamps=self.profile, early=early)
+                self._record(acts, multi, head, last_rows(segments), timestamps=self.profile, early=early, recs=recs)
             delta = acts.delta.array(np.float32, (n, self.dp))
             for i, rec in enumerate(recs[-1:] if early else recs):
                 if rec.key is not None:
@@ -435,7 +424,8 @@ class VulkanModel:
             if head:
                 return acts.logits.array(np.float32, (len(segments), self.nv)).copy()
             return acts.io.array(np.float32, (n, self.dp))[:, :self.cfg.dim].copy()
-        except BaseException:  # (a Ctrl-C while waiting): nothing may still run when its buffers go
+        except BaseException:  # (recording failed, or a Ctrl-C while waiting): nothing may still run when its
+            # buffers go
             self.dev.idle()
             raise
         finally:
