@@ -11,8 +11,12 @@
 // lo*lo, about 2^-22 of the value, is left out, so a product is as close to the float32 one as float32 summation
 // in another order, and greedy tokens do not move. The next step's weight blocks and x are loaded into registers
 // while this step's products run.
+// INTW (Q4_0, Q8_0: w = d * q, q an integer of at most 8 bits): q itself is staged, exact in fp16, and d once a row
+// (on 16 rows of ds, so that a fragment of 16 tokens x 8 rows loads it). A block's products q.x_lo / 2^11 + q.x_hi
+// (4 products, not 6, and W is not split) are scaled by d as they are added to the sums; only x's lo*lo is dropped.
 // The subgroups split the tile: TF = BT / 16 groups of 16 tokens, each against 64 / (4 / TF) rows, as fragments of
-// 16 tokens x 8 rows (RF of them). Shared memory at BT = 64: 48128 bytes, within the 48 KiB every device offers.
+// 16 tokens x 8 rows (RF of them). Shared memory at BT = 64: 48128 bytes (INTW 46592), within the 48 KiB every
+// device offers.
 // The results go through shared memory to an epilogue of all threads: bias, residual add, stores a row of tokens
 // at a time. PAIR (gate and up) keeps both matrices' fragments and multiplies them element by element (two
 // fragments of one type lay out their elements alike).
@@ -39,8 +43,13 @@ const float LO = 2048.0;
 // offsets and strides in those units: K4 groups a row)
 const uint K4 = KS / 4;
 shared uvec2 xs_hi[BT * K4], xs_lo[BT * K4];   // x: token-major
+#ifdef INTW
+shared uvec2 ws_hi[BR * K4], vs_hi[BR * K4];   // W (and PAIR's second matrix): integers q, read as W^T
+shared float ds[16 * CS], ds2[16 * CS];        // each row's block scale d, on 16 rows (a fragment's 16 tokens)
+#else
 shared uvec2 ws_hi[BR * K4], ws_lo[BR * K4];   // W: row-major, read as W^T (column-major)
 shared uvec2 vs_hi[BR * K4], vs_lo[BR * K4];   // PAIR: the second matrix
+#endif
 shared float cs[BT * CS];
 
 void split4(vec4 v, uint at, uint dest) {  // v -> group `at` of tile dest (0: x, 1: W, 2: W2)
@@ -51,10 +60,12 @@ void split4(vec4 v, uint at, uint dest) {  // v -> group `at` of tile dest (0: x
     uvec2 hi = uvec2(packHalf2x16(h.xy), packHalf2x16(h.zw)), lo = uvec2(packHalf2x16(l.xy), packHalf2x16(l.zw));
     if (dest == 0) {
         xs_hi[at] = hi; xs_lo[at] = lo;
+#ifndef INTW
     } else if (dest == 1) {
         ws_hi[at] = hi; ws_lo[at] = lo;
     } else {
         vs_hi[at] = hi; vs_lo[at] = lo;
+#endif
     }
 }
 
@@ -93,12 +104,31 @@ void put() {
     mn = meta_min(pmeta);
 #endif
     Raw raw = make_raw(pq, pmeta);
+#ifdef INTW
+    [[unroll]] for (uint j = j0; j < j0 + JN; j++) {  // integers: exact in fp16
+        vec4 q = deq(raw, j);
+        uvec2 h = uvec2(packHalf2x16(q.xy), packHalf2x16(q.zw));
+        if (u < BR) ws_hi[(u % BR) * K4 + j] = h; else vs_hi[(u % BR) * K4 + j] = h;
+    }
+    [[unroll]] for (uint i = tid % TPB; i < 16; i += TPB) {
+        if (u < BR) ds[i * CS + u % BR] = s; else ds2[i * CS + u % BR] = s;
+    }
+#else
     [[unroll]] for (uint j = j0; j < j0 + JN; j++) split4(deq(raw, j) * s + mn, (u % BR) * K4 + j, 1 + u / BR);
+#endif
     [[unroll]] for (uint i = 0; i < XV; i++) {
         uint v = tid + i * WG;
         split4(px[i], (v / 8) * K4 + v % 8, 0);
     }
 }
+
+#ifdef INTW
+// One block's products of 16 tokens' x (hi, lo: 32 columns as two 16-column halves) with 8 rows' integers q
+FRAG block_sum(AMAT ah0, AMAT ah1, AMAT al0, AMAT al1, BMAT q0, BMAT q1) {
+    FRAG part = coopMatMulAddNV(al1, q1, coopMatMulAddNV(al0, q0, FRAG(0.0))) * (1.0 / LO);
+    return coopMatMulAddNV(ah1, q1, coopMatMulAddNV(ah0, q0, part));
+}
+#endif
 
 void main() {
     uint g = gl_WorkGroupID.z * gl_NumWorkGroups.x + gl_WorkGroupID.x;
@@ -118,6 +148,30 @@ void main() {
         put();
         barrier();
         if (b + 1 < p.nb) fetch(row0, tok0, b + 1);
+#ifdef INTW
+        AMAT ah0, ah1, al0, al1;  // the block's two 16-column halves
+        coopMatLoadNV(ah0, xs_hi, a_at, K4, false);
+        coopMatLoadNV(ah1, xs_hi, a_at + 4, K4, false);
+        coopMatLoadNV(al0, xs_lo, a_at, K4, false);
+        coopMatLoadNV(al1, xs_lo, a_at + 4, K4, false);
+        [[unroll]] for (uint f = 0; f < RF; f++) {
+            uint w_at = b_at + f * 8 * K4, d_at = (sg / TF) * RF * 8 + f * 8;
+            BMAT q0, q1;
+            FRAG scale;
+            coopMatLoadNV(q0, ws_hi, w_at, K4, true);
+            coopMatLoadNV(q1, ws_hi, w_at + 4, K4, true);
+            coopMatLoadNV(scale, ds, d_at, CS, false);
+            FRAG part = block_sum(ah0, ah1, al0, al1, q0, q1);
+            for (int i = 0; i < part.length(); i++) acc[f][i] += part[i] * scale[i];
+            if (PAIR != 0) {
+                coopMatLoadNV(q0, vs_hi, w_at, K4, true);
+                coopMatLoadNV(q1, vs_hi, w_at + 4, K4, true);
+                coopMatLoadNV(scale, ds2, d_at, CS, false);
+                part = block_sum(ah0, ah1, al0, al1, q0, q1);
+                for (int i = 0; i < part.length(); i++) acc2[f][i] += part[i] * scale[i];
+            }
+        }
+#else
         [[unroll]] for (uint k = 0; k < 8; k += 4) {  // 16 columns: 4 groups
             AMAT ah, al;
             coopMatLoadNV(ah, xs_hi, a_at + k, K4, false);
@@ -138,12 +192,15 @@ void main() {
                 }
             }
         }
+#endif
         barrier();
     }
     [[unroll]] for (uint f = 0; f < RF; f++) {
+#ifndef INTW
         acc[f] = acc[f] + low[f] * (1.0 / LO);
+        if (PAIR != 0) acc2[f] = acc2[f] + low2[f] * (1.0 / LO);
+#endif
         if (PAIR != 0) {
-            acc2[f] = acc2[f] + low2[f] * (1.0 / LO);
             for (int i = 0; i < acc[f].length(); i++) {
                 float gate = acc[f][i];
                 acc[f][i] = gate / (1.0 + exp(-gate)) * acc2[f][i];

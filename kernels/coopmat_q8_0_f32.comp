@@ -4,4 +4,5 @@
 #extension GL_GOOGLE_include_directive : require
 #include "matmul_io.glsl"
 #include "q8_0.glsl"
+#define INTW  // d * q: q staged as fp16 integers (coopmat_main.glsl)
 #include "coopmat_main.glsl"

@@ -40,10 +40,10 @@ MATVEC_PUSH = "<11I2f"
 ACCUM, BIAS, NORM, PRODUCE = 1, 2, 4, 8  # flags (kernels/matmul_io.glsl)
 # A coopmat workgroup stages (dequantises, splits into fp16 pairs) its 64 rows' weights once for all its tokens,
 # which is most of its time: 64 tokens a workgroup beat 32 where that still gives this many workgroups, and lose
-# where fewer leave much of the GPU idle (H200, 132 SMs, TinyLlama: wo at 128 tokens, 64 workgroups of 64, 72 us
-# with 32 tokens, 111 with 64; gate and up, 176: 311 and 294; wo at 512 tokens 268 and 212; 16 tokens were 1.9x
-# slower than 32 everywhere)
-COOP_WIDE = 160
+# where fewer leave much of the GPU idle. H200 (132 SMs), 128 tokens, one product timed alone: TinyLlama's wo, 64
+# workgroups of 64 tokens, 57 us against 39 with 32 tokens; its q/k/v, 80 of 64: 57 against 76; Llama-2-7B's wo,
+# 128 of 64: 108 against 145, and its w2 288 against 460 (the workgroups run in waves of about one an SM)
+COOP_WIDE = 72
 COOP_ROWS, COOP_THREADS = 64, 128  # kernels/coopmat_main.glsl's BR and WG: 4 subgroups of 32 (Device._coop_matrix)
 SPLIT_KEYS = 256  # keys a workgroup attends in a decode step over long caches (vulkan_model.SPLIT_FROM; at most the
 # attention kernel's chunk of 256), SPMD_VK_SPLIT_KEYS to try others
