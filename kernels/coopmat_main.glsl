@@ -11,12 +11,14 @@
 // lo*lo, about 2^-22 of the value, is left out, so a product is as close to the float32 one as float32 summation
 // in another order, and greedy tokens do not move. The next step's weight blocks and x are loaded into registers
 // while this step's products run.
-// INTW (Q4_0, Q8_0: w = d * q, q an integer of at most 8 bits): q itself is staged, exact in fp16, and d once a row
-// (on 16 rows of ds, so that a fragment of 16 tokens x 8 rows loads it). A block's products q.x_lo / 2^11 + q.x_hi
-// (4 products, not 6, and W is not split) are scaled by d as they are added to the sums; only x's lo*lo is dropped.
+// INTW (the quantised types: a weight is s * q (+ m), q an integer of at most 8 bits): q itself is staged, exact
+// in fp16, and each row's scale (Q6_K: one a 16-element half) and min once, in rs, read as fragments with a stride
+// of 0 (every token's row alike). A block's products q.x_lo / 2^11 + q.x_hi (4 products, not 6, and W is not split)
+// are scaled as they are added to the sums; a min multiplies x's sum over the block (products with a matrix of
+// ones, once a subgroup). Only x's lo*lo is dropped. F16 and BF16 weights are split as above.
 // The subgroups split the tile: TF = BT / 16 groups of 16 tokens, each against 64 / (4 / TF) rows, as fragments of
-// 16 tokens x 8 rows (RF of them). Shared memory at BT = 64: 48128 bytes (INTW 46592), within the 48 KiB every
-// device offers.
+// 16 tokens x 8 rows (RF of them). Shared memory at BT = 64: 48128 bytes (INTW at most 39424), within the 48 KiB
+// every device offers.
 // The results go through shared memory to an epilogue of all threads: bias, residual add, stores a row of tokens
 // at a time. PAIR (gate and up) keeps both matrices' fragments and multiplies them element by element (two
 // fragments of one type lay out their elements alike).
@@ -44,8 +46,19 @@ const float LO = 2048.0;
 const uint K4 = KS / 4;
 shared uvec2 xs_hi[BT * K4], xs_lo[BT * K4];   // x: token-major
 #ifdef INTW
+#ifndef HALF_SCALES
+#define deq_int deq   // the type's deq gives the integers; its scale (and min) come apart
+#endif
 shared uvec2 ws_hi[BR * K4], vs_hi[BR * K4];   // W (and PAIR's second matrix): integers q, read as W^T
-shared float ds[16 * CS], ds2[16 * CS];        // each row's block scale d, on 16 rows (a fragment's 16 tokens)
+#ifdef HALF_SCALES
+const uint NH = 2;                             // Q6_K: a scale for each 16-element half of a block
+#else
+const uint NH = 1;
+#endif
+// The step's scales of each row, for matrix m and half k at (m * NH + k) * BR, then (HAS_MIN) its mins at MINS +
+// m * BR: read as fragments of 16 tokens x 8 rows with a stride of 0 (every token's row alike)
+const uint MINS = 2 * NH * BR;
+shared float rs[MINS + 2 * BR];
 #else
 shared uvec2 ws_hi[BR * K4], ws_lo[BR * K4];   // W: row-major, read as W^T (column-major)
 shared uvec2 vs_hi[BR * K4], vs_lo[BR * K4];   // PAIR: the second matrix
@@ -106,12 +119,21 @@ void put() {
     Raw raw = make_raw(pq, pmeta);
 #ifdef INTW
     [[unroll]] for (uint j = j0; j < j0 + JN; j++) {  // integers: exact in fp16
-        vec4 q = deq(raw, j);
+        vec4 q = deq_int(raw, j);
         uvec2 h = uvec2(packHalf2x16(q.xy), packHalf2x16(q.zw));
         if (u < BR) ws_hi[(u % BR) * K4 + j] = h; else vs_hi[(u % BR) * K4 + j] = h;
     }
-    [[unroll]] for (uint i = tid % TPB; i < 16; i += TPB) {
-        if (u < BR) ds[i * CS + u % BR] = s; else ds2[i * CS + u % BR] = s;
+    if (tid % TPB == 0) {
+        uint m = u / BR, r = u % BR;
+#ifdef HALF_SCALES
+        rs[2 * m * BR + r] = uintBitsToFloat(pmeta.x);
+        rs[(2 * m + 1) * BR + r] = uintBitsToFloat(pmeta.y);
+#else
+        rs[m * BR + r] = s;
+#endif
+#ifdef HAS_MIN
+        rs[MINS + m * BR + r] = mn;
+#endif
     }
 #else
     [[unroll]] for (uint j = j0; j < j0 + JN; j++) split4(deq(raw, j) * s + mn, (u % BR) * K4 + j, 1 + u / BR);
@@ -123,10 +145,40 @@ void put() {
 }
 
 #ifdef INTW
-// One block's products of 16 tokens' x (hi, lo: 32 columns as two 16-column halves) with 8 rows' integers q
-FRAG block_sum(AMAT ah0, AMAT ah1, AMAT al0, AMAT al1, BMAT q0, BMAT q1) {
-    FRAG part = coopMatMulAddNV(al1, q1, coopMatMulAddNV(al0, q0, FRAG(0.0))) * (1.0 / LO);
-    return coopMatMulAddNV(ah1, q1, coopMatMulAddNV(ah0, q0, part));
+struct XBlock { AMAT h0, h1, l0, l1; };  // a block of 16 tokens' x: its two 16-column halves, hi and lo
+
+FRAG row_values(uint at) {  // one value a weight row (rs), alike for every token
+    FRAG v;
+    coopMatLoadNV(v, rs, at, 0, false);
+    return v;
+}
+
+// acc += matrix m's block of 8 rows (integers q at w_at, its scales and mins at row r of rs) times x: the products
+// q.x_lo / 2^11 + q.x_hi, scaled by the row's scale (of each half, HALF_SCALES), plus its min times x's sum
+void add_block(inout FRAG acc, XBlock a, FRAG xsum, uint m, uint w_at, uint r) {
+    BMAT q0, q1;
+    if (m == 0) {
+        coopMatLoadNV(q0, ws_hi, w_at, K4, true);
+        coopMatLoadNV(q1, ws_hi, w_at + 4, K4, true);
+    } else {
+        coopMatLoadNV(q0, vs_hi, w_at, K4, true);
+        coopMatLoadNV(q1, vs_hi, w_at + 4, K4, true);
+    }
+#ifdef HALF_SCALES
+    FRAG p0 = coopMatMulAddNV(a.h0, q0, coopMatMulAddNV(a.l0, q0, FRAG(0.0)) * (1.0 / LO));
+    FRAG p1 = coopMatMulAddNV(a.h1, q1, coopMatMulAddNV(a.l1, q1, FRAG(0.0)) * (1.0 / LO));
+    FRAG s0 = row_values(2 * m * BR + r), s1 = row_values((2 * m + 1) * BR + r);
+    for (int i = 0; i < acc.length(); i++) acc[i] += p0[i] * s0[i] + p1[i] * s1[i];
+#else
+    FRAG part = coopMatMulAddNV(a.l1, q1, coopMatMulAddNV(a.l0, q0, FRAG(0.0))) * (1.0 / LO);
+    part = coopMatMulAddNV(a.h1, q1, coopMatMulAddNV(a.h0, q0, part));
+    FRAG scale = row_values(m * BR + r);
+    for (int i = 0; i < acc.length(); i++) acc[i] += part[i] * scale[i];
+#endif
+#ifdef HAS_MIN
+    FRAG mins = row_values(MINS + m * BR + r);
+    for (int i = 0; i < acc.length(); i++) acc[i] += xsum[i] * mins[i];
+#endif
 }
 #endif
 
@@ -149,27 +201,21 @@ void main() {
         barrier();
         if (b + 1 < p.nb) fetch(row0, tok0, b + 1);
 #ifdef INTW
-        AMAT ah0, ah1, al0, al1;  // the block's two 16-column halves
-        coopMatLoadNV(ah0, xs_hi, a_at, K4, false);
-        coopMatLoadNV(ah1, xs_hi, a_at + 4, K4, false);
-        coopMatLoadNV(al0, xs_lo, a_at, K4, false);
-        coopMatLoadNV(al1, xs_lo, a_at + 4, K4, false);
+        XBlock a;
+        coopMatLoadNV(a.h0, xs_hi, a_at, K4, false);
+        coopMatLoadNV(a.h1, xs_hi, a_at + 4, K4, false);
+        coopMatLoadNV(a.l0, xs_lo, a_at, K4, false);
+        coopMatLoadNV(a.l1, xs_lo, a_at + 4, K4, false);
+        FRAG xsum = FRAG(0.0);  // HAS_MIN: each token's sum of the block's x (products with ones), for the mins
+#ifdef HAS_MIN
+        BMAT ones = BMAT(1.0);
+        xsum = coopMatMulAddNV(a.h1, ones, coopMatMulAddNV(a.h0, ones, coopMatMulAddNV(a.l1, ones,
+            coopMatMulAddNV(a.l0, ones, FRAG(0.0))) * (1.0 / LO)));
+#endif
         [[unroll]] for (uint f = 0; f < RF; f++) {
-            uint w_at = b_at + f * 8 * K4, d_at = (sg / TF) * RF * 8 + f * 8;
-            BMAT q0, q1;
-            FRAG scale;
-            coopMatLoadNV(q0, ws_hi, w_at, K4, true);
-            coopMatLoadNV(q1, ws_hi, w_at + 4, K4, true);
-            coopMatLoadNV(scale, ds, d_at, CS, false);
-            FRAG part = block_sum(ah0, ah1, al0, al1, q0, q1);
-            for (int i = 0; i < part.length(); i++) acc[f][i] += part[i] * scale[i];
-            if (PAIR != 0) {
-                coopMatLoadNV(q0, vs_hi, w_at, K4, true);
-                coopMatLoadNV(q1, vs_hi, w_at + 4, K4, true);
-                coopMatLoadNV(scale, ds2, d_at, CS, false);
-                part = block_sum(ah0, ah1, al0, al1, q0, q1);
-                for (int i = 0; i < part.length(); i++) acc2[f][i] += part[i] * scale[i];
-            }
+            uint w_at = b_at + f * 8 * K4, r = (sg / TF) * RF * 8 + f * 8;
+            add_block(acc[f], a, xsum, 0, w_at, r);
+            if (PAIR != 0) add_block(acc2[f], a, xsum, 1, w_at, r);
         }
 #else
         [[unroll]] for (uint k = 0; k < 8; k += 4) {  // 16 columns: 4 groups

@@ -4,5 +4,5 @@
 #extension GL_GOOGLE_include_directive : require
 #include "matmul_io.glsl"
 #include "q4_0.glsl"
-#define INTW  // d * q: q staged as fp16 integers (coopmat_main.glsl)
+#define INTW  // integers q staged as fp16, scales (and mins) applied as the products are summed (coopmat_main.glsl)
 #include "coopmat_main.glsl"

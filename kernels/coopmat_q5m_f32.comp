@@ -4,4 +4,5 @@
 #extension GL_GOOGLE_include_directive : require
 #include "matmul_io.glsl"
 #include "q5m.glsl"
+#define INTW  // integers q staged as fp16, scales (and mins) applied as the products are summed (coopmat_main.glsl)
 #include "coopmat_main.glsl"
