@@ -205,8 +205,9 @@ needs_matrix_units = pytest.mark.skipif(isinstance(BACKEND, str) or not BACKEND.
 @pytest.mark.parametrize("tokens", [32, 64])
 @pytest.mark.parametrize("qtype", TYPES[1:], ids=NAMES[1:])  # F32 keeps the float32 kernel
 def test_matrix_unit_products_match_reference(qtype, tokens, monkeypatch):
-    """The prompt's products on the matrix units (fp16 pairs, float32 sums) within the float32 tolerance, with
-    tiles of either token count, a partial tile of rows and of tokens, and gate and up in one pass."""
+    """The prompt's products on the matrix units (a quantised type's integers or fp16 pairs, float32 sums) within the
+    float32 tolerance, with tiles of either token count, a partial tile of rows and of tokens, and gate and up of
+    the type in one pass."""
     monkeypatch.setattr(BACKEND, "coop_tokens", tokens)
     rng = np.random.default_rng(5)
     w = random_qtensor(qtype, 130, 544, rng)

@@ -38,8 +38,8 @@ SCALE_BYTES = {"q4_0": 2, "q8_0": 2, "q4m": 8, "q5m": 12, "q6": 16}  # a block's
 # rows, nb, x_stride, x_off, y_stride, y_off, n, groups, bias_off, flags, ss_count, inv_dim, eps
 MATVEC_PUSH = "<11I2f"
 ACCUM, BIAS, NORM, PRODUCE = 1, 2, 4, 8  # flags (kernels/matmul_io.glsl)
-# A coopmat workgroup stages (dequantises, splits into fp16 pairs) its 64 rows' weights once for all its tokens,
-# which is most of its time: 64 tokens a workgroup beat 32 where that still gives this many workgroups, and lose
+# A coopmat workgroup stages its 64 rows' weights (a quantised type's integers, or fp16 pairs) once for all its
+# tokens, which is much of its time: 64 tokens a workgroup beat 32 where that still gives this many workgroups, and lose
 # where fewer leave much of the GPU idle. H200 (132 SMs), 128 tokens, one product timed alone: TinyLlama's wo, 64
 # workgroups of 64 tokens, 57 us against 39 with 32 tokens; its q/k/v, 80 of 64: 57 against 76; Llama-2-7B's wo,
 # 128 of 64: 108 against 145, and its w2 288 against 460 (the workgroups run in waves of about one an SM)
