@@ -266,18 +266,37 @@ def guarded(comm, log, work):
     except UserError as e:
         log(f"error: {e}")
         sys.exit(1)
-    except KeyboardInterrupt:  # Ctrl-C: one rank just stops; several must all stop, wherever each one is
-        if comm.size > 1:
-            if not comm.is_root:  # rank 0 (removing its socket file) aborts first, unless it is stuck in a step
-                time.sleep(1.0)
-            comm.abort(signal_status())
-            os._exit(signal_status())  # where MPI_Abort returns: no interpreter teardown racing the job's end
-        sys.exit(signal_status())
-    except Exception:  # a bug, not a user mistake: show it, and take every rank down instead of hanging
+    except KeyboardInterrupt:
+        stop(comm)
+    except Exception as e:  # a bug, not a user mistake: show it, and take every rank down instead of hanging
+        if interrupted(e):
+            stop(comm)
         traceback.print_exc()
         sys.stderr.flush()
         comm.abort(1)
         os._exit(1)  # MPI_Abort does not return; where it does, nothing may go on with no result
+
+
+def stop(comm):
+    """Ctrl-C or SIGTERM: one rank just stops; several must all stop, wherever each one is."""
+    if comm.size > 1:
+        if not comm.is_root:  # rank 0 (removing its socket file) aborts first, unless it is stuck in a step
+            time.sleep(1.0)
+        comm.abort(signal_status())
+        os._exit(signal_status())  # where MPI_Abort returns: no interpreter teardown racing the job's end
+    sys.exit(signal_status())
+
+
+def interrupted(e) -> bool:
+    """Whether `e` comes of a Ctrl-C or SIGTERM: a signal that arrives while a compiled (numba) function runs
+    raises its KeyboardInterrupt as the function returns, which Python reports as a SystemError caused by it."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def supervised(comm, log, path):
