@@ -106,7 +106,8 @@ def time_share(file, cfg, backend, share, timer, rows) -> dict:
 
 def fit(shares, unit_bytes, times, rows) -> dict:
     """A compute point from the two shares' timings at `rows`: t = layer + cost per byte x the units' bytes, and
-    head = head + cost per row x rows (each at least 0: noise can make a difference negative)."""
+    head = head + cost per row x rows (each at least 0: noise can make a difference negative; where it makes the
+    cost per row so, the head's whole time is taken as per row)."""
     held = {name: shares[name].n_kv * unit_bytes["kv_group"] + len(shares[name].ffn_blocks) * unit_bytes["ffn_block"]
             for name in ("full", "half")}
     n = len(shares["full"].layer_ids)  # the layers timed: per layer from here on
@@ -115,7 +116,9 @@ def fit(shares, unit_bytes, times, rows) -> dict:
     per_byte = max(per_byte, 0.0)
     ha, hb = times["head"][rows], times["head_quarter"][rows]
     va, vb = shares["head"].n_vocab, shares["head_quarter"].n_vocab
-    vocab_row = max(0.0, (ha - hb) / (va - vb)) if va > vb else ha / va
+    vocab_row = (ha - hb) / (va - vb) if va > vb else ha / va
+    if vocab_row <= 0.0:  # noise: the larger head timed no slower than the smaller; its whole time, row by row
+        vocab_row = ha / va
     layer = max(0.0, ta - per_byte * held["full"])
     one_layer = layer + per_byte * (unit_bytes["kv_group"] + unit_bytes["ffn_block"])  # the head shares' layer
     return {"rows": rows if rows != "prefill" else PREFILL_ROWS, "layer_ms": layer,

@@ -103,6 +103,25 @@ def test_every_backend_can_be_profiled(models, backend):
     assert all(p.head_ms + prof.model.vocab * p.vocab_row_ms > 0 for p in prof.ranks[0].compute)
 
 
+def test_a_head_timed_faster_than_its_quarter_still_costs_its_time():
+    """Noise can time the whole-vocabulary head no slower than the quarter one (seen on lavapipe under load: head
+    cost 0, and the planner would think the classifier free); the head's whole time is then taken as per row."""
+    from types import SimpleNamespace as Share
+
+    from spmd.profile import fit
+    shares = {"full": Share(n_kv=2, ffn_blocks=[0, 1], layer_ids=[0, 1], n_vocab=0),
+              "half": Share(n_kv=1, ffn_blocks=[0], layer_ids=[0, 1], n_vocab=0),
+              "head": Share(n_kv=2, ffn_blocks=[0, 1], layer_ids=[0], n_vocab=512),
+              "head_quarter": Share(n_kv=2, ffn_blocks=[0, 1], layer_ids=[0], n_vocab=128)}
+    units = {"kv_group": 1000, "ffn_block": 3000}
+    noisy = {"full": {1: 2.0}, "half": {1: 1.2}, "head": {1: 0.9}, "head_quarter": {1: 1.0}}
+    point = fit(shares, units, noisy, 1)
+    assert point["head_ms"] + 512 * point["vocab_row_ms"] == pytest.approx(0.9)
+    steady = dict(noisy, head={1: 1.8})  # (1.8 - 1.0) / 384 a row
+    point = fit(shares, units, steady, 1)
+    assert point["vocab_row_ms"] == pytest.approx(0.8 / 384)
+
+
 def test_slowdown_sleeps_factor_minus_one_times_the_compute():
     slow = Slowdown(3.0)
     t = time.perf_counter()
