@@ -235,8 +235,8 @@ class VulkanModel:
         recs = [] if recs is None else recs
         recs.append(Recording(self.dev, timestamps, profile))
         if a.io is not a.x:
-            self.dev.copy(recs[0], a.io, a.x, a.n * self.dp * 4)
-            recs[0].barrier()
+            self.dev.copy(recs[-1], a.io, a.x, a.n * self.dp * 4)
+            recs[-1].barrier()
         halves = {"attention": self._attention_half, "ffn": self._ffn_half}
         streamed = self.w.window.index if self.w.window is not None else {}
         recs[-1].key = None
