@@ -1,7 +1,8 @@
 // The body of the prompt's matrix products on the matrix units (coopmat_<w>_f32.comp; GL_NV_cooperative_matrix,
 // used only where the device offers fp16 16x8x16 products with float32 sums in a subgroup of 32: spmd/backends/
-// vk_runtime.py checks). y[tok, row] (+)= sum_k W[row, k] * x[tok, k] for BR = 64 weight rows x BT tokens (32 or
-// 64, specialised: spmd/backends/vulkan.py's COOP_WIDE) a workgroup of 128 threads (4 subgroups).
+// vk_runtime.py checks). y[tok, row] (+)= sum_k W[row, k] * x[tok, k] for BR = 64 weight rows x BT tokens (16, 32
+// or 64) a workgroup of 128 threads (4 subgroups); BT and TG below are specialised (spmd/backends/vulkan.py's
+// `coop_tile`).
 //
 // Each 32-column step stages one block of every row of the tile (dequantised by the type's deq, in float32) and
 // those 32 columns of every token in shared memory as fp16 pairs: v = hi + lo / 2^11, hi = fp16(v),
@@ -16,12 +17,14 @@
 // of 0 (every token's row alike). A block's products q.x_lo / 2^11 + q.x_hi (4 products, not 6, and W is not split)
 // are scaled as they are added to the sums; a min multiplies x's sum over the block (products with a matrix of
 // ones, once a subgroup). Only x's lo*lo is dropped. F16 and BF16 weights are split as above.
-// The subgroups split the tile: TF = BT / 16 groups of 16 tokens, each against 64 / (4 / TF) rows, as fragments of
-// 16 tokens x 8 rows (RF of them). Shared memory at BT = 64: 48128 bytes (INTW at most 39424), within the 48 KiB
-// every device offers.
-// The results go through shared memory to an epilogue of all threads: bias, residual add, stores a row of tokens
-// at a time. PAIR (gate and up) keeps both matrices' fragments and multiplies them element by element (two
-// fragments of one type lay out their elements alike).
+// The subgroups split the tile in TSG groups of tokens x RSG groups of rows; each holds TG fragments of 16 tokens
+// against RF of 8 rows, and every fragment it loads from shared memory serves several products. TG = 2 (with
+// BT = 64) loads fewer fragments a product than TG = 1 but takes more registers: faster where the workgroups are
+// few or PAIR's second matrix shares the x fragments, slower where many share an SM (vulkan.py measured it). Shared
+// memory at most 48128 bytes (F16 pairs at BT = 64, TG = 1), within the 48 KiB every device offers.
+// The results go through shared memory to an epilogue of all threads, a group of rows at a time: bias, residual
+// add, stores a row of tokens at a time. PAIR (gate and up) keeps both matrices' fragments and multiplies them
+// element by element (two fragments of one type lay out their elements alike).
 #extension GL_NV_cooperative_matrix : require
 #extension GL_KHR_memory_scope_semantics : require
 #extension GL_EXT_shader_explicit_arithmetic_types_float16 : require
@@ -30,11 +33,14 @@
 const uint WG = 128;
 layout(local_size_x = WG) in;
 const uint BR = NR;           // 64 weight rows
-layout(constant_id = 3) const uint BT = 32;  // tokens (32 or 64)
-const uint TF = BT / 16;      // groups of 16 tokens
-const uint RF = 2 * TF;       // row fragments of 8 a subgroup holds: 64 rows / (4 / TF) subgroups / 8
+layout(constant_id = 3) const uint BT = 32;  // tokens (16, 32 or 64)
+layout(constant_id = 4) const uint TG = 1;   // fragments of 16 tokens a subgroup holds (2 only with BT 32 or 64)
+const uint TSG = BT / (16 * TG);  // subgroups along the tokens (1, 2 or 4)
+const uint RSG = 4 / TSG;     // ... along the rows (4, 2 or 1)
+const uint SR = BR / RSG;     // rows a subgroup holds
+const uint RF = SR / 8;       // its row fragments of 8
 const uint KS = 40;           // halves between rows of a staged tile (32 + 8: fewer bank conflicts, 16-byte rows)
-const uint CS = BR + 4;       // floats between token rows of the result tile
+const uint CS = SR + 4;       // floats between token rows of the result tile (a subgroup's rows at a time)
 const uint XV = BT * 8 / WG;  // vec4 of x each thread stages a step
 const float LO = 2048.0;
 #define FRAG fcoopmatNV<32, gl_ScopeSubgroup, 16, 8>
@@ -153,47 +159,45 @@ FRAG row_values(uint at) {  // one value a weight row (rs), alike for every toke
     return v;
 }
 
-// acc += matrix m's block of 8 rows (integers q at w_at, its scales and mins at row r of rs) times x: the products
-// q.x_lo / 2^11 + q.x_hi, scaled by the row's scale (of each half, HALF_SCALES), plus its min times x's sum
-void add_block(inout FRAG acc, XBlock a, FRAG xsum, uint m, uint w_at, uint r) {
-    BMAT q0, q1;
-    if (m == 0) {
-        coopMatLoadNV(q0, ws_hi, w_at, K4, true);
-        coopMatLoadNV(q1, ws_hi, w_at + 4, K4, true);
-    } else {
-        coopMatLoadNV(q0, vs_hi, w_at, K4, true);
-        coopMatLoadNV(q1, vs_hi, w_at + 4, K4, true);
-    }
+// What a block of 8 rows (integers q0 and q1: its 16-column halves) adds to 16 tokens' sums: the products
+// q.x_lo / 2^11 + q.x_hi, scaled by the row's scale s0 (s0 and s1: of each half, HALF_SCALES), plus its min times
+// x's sum (HAS_MIN)
+FRAG block_sum(XBlock a, FRAG xsum, BMAT q0, BMAT q1, FRAG s0, FRAG s1, FRAG mins) {
+    FRAG v;
 #ifdef HALF_SCALES
     FRAG p0 = coopMatMulAddNV(a.h0, q0, coopMatMulAddNV(a.l0, q0, FRAG(0.0)) * (1.0 / LO));
     FRAG p1 = coopMatMulAddNV(a.h1, q1, coopMatMulAddNV(a.l1, q1, FRAG(0.0)) * (1.0 / LO));
-    FRAG s0 = row_values(2 * m * BR + r), s1 = row_values((2 * m + 1) * BR + r);
-    for (int i = 0; i < acc.length(); i++) acc[i] += p0[i] * s0[i] + p1[i] * s1[i];
+    for (int i = 0; i < v.length(); i++) v[i] = p0[i] * s0[i] + p1[i] * s1[i];
 #else
     FRAG part = coopMatMulAddNV(a.l1, q1, coopMatMulAddNV(a.l0, q0, FRAG(0.0))) * (1.0 / LO);
     part = coopMatMulAddNV(a.h1, q1, coopMatMulAddNV(a.h0, q0, part));
-    FRAG scale = row_values(m * BR + r);
-    for (int i = 0; i < acc.length(); i++) acc[i] += part[i] * scale[i];
+    for (int i = 0; i < v.length(); i++) v[i] = part[i] * s0[i];
 #endif
 #ifdef HAS_MIN
-    FRAG mins = row_values(MINS + m * BR + r);
-    for (int i = 0; i < acc.length(); i++) acc[i] += xsum[i] * mins[i];
+    for (int i = 0; i < v.length(); i++) v[i] += xsum[i] * mins[i];
 #endif
+    return v;
 }
 #endif
 
 void main() {
     uint g = gl_WorkGroupID.z * gl_NumWorkGroups.x + gl_WorkGroupID.x;
     if (g >= p.groups) return;  // the whole workgroup: before any barrier
-    uint tid = gl_LocalInvocationID.x, sg = gl_SubgroupID;
+    uint tid = gl_LocalInvocationID.x, sg = gl_SubgroupID, rg = sg / TSG;
     uint row0 = g * BR, tok0 = gl_WorkGroupID.y * BT;
-    uint a_at = (sg % TF) * 16 * K4, b_at = (sg / TF) * RF * 8 * K4;  // this subgroup's tokens and rows
-    FRAG acc[RF], low[RF], acc2[RF], low2[RF];
-    [[unroll]] for (uint f = 0; f < RF; f++) {
-        acc[f] = FRAG(0.0);
-        low[f] = FRAG(0.0);
-        acc2[f] = FRAG(0.0);
-        low2[f] = FRAG(0.0);
+    uint a_at = (sg % TSG) * TG * 16 * K4, b_at = rg * SR * K4;  // this subgroup's tokens and rows
+    // sums: token fragment t against row fragment f at t * RF + f (PAIR: W2's in acc2)
+    FRAG acc[TG * RF], acc2[TG * RF];
+#ifndef INTW
+    FRAG low[TG * RF], low2[TG * RF];
+#endif
+    [[unroll]] for (uint i = 0; i < TG * RF; i++) {
+        acc[i] = FRAG(0.0);
+        acc2[i] = FRAG(0.0);
+#ifndef INTW
+        low[i] = FRAG(0.0);
+        low2[i] = FRAG(0.0);
+#endif
     }
     fetch(row0, tok0, 0);
     for (uint b = 0; b < p.nb; b++) {
@@ -201,69 +205,110 @@ void main() {
         barrier();
         if (b + 1 < p.nb) fetch(row0, tok0, b + 1);
 #ifdef INTW
-        XBlock a;
-        coopMatLoadNV(a.h0, xs_hi, a_at, K4, false);
-        coopMatLoadNV(a.h1, xs_hi, a_at + 4, K4, false);
-        coopMatLoadNV(a.l0, xs_lo, a_at, K4, false);
-        coopMatLoadNV(a.l1, xs_lo, a_at + 4, K4, false);
-        FRAG xsum = FRAG(0.0);  // HAS_MIN: each token's sum of the block's x (products with ones), for the mins
+        XBlock a[TG];
+        FRAG xsum[TG];  // HAS_MIN: each token's sum of the block's x (products with ones), for the mins
+        [[unroll]] for (uint t = 0; t < TG; t++) {
+            uint at = a_at + t * 16 * K4;
+            coopMatLoadNV(a[t].h0, xs_hi, at, K4, false);
+            coopMatLoadNV(a[t].h1, xs_hi, at + 4, K4, false);
+            coopMatLoadNV(a[t].l0, xs_lo, at, K4, false);
+            coopMatLoadNV(a[t].l1, xs_lo, at + 4, K4, false);
+            xsum[t] = FRAG(0.0);
 #ifdef HAS_MIN
-        BMAT ones = BMAT(1.0);
-        xsum = coopMatMulAddNV(a.h1, ones, coopMatMulAddNV(a.h0, ones, coopMatMulAddNV(a.l1, ones,
-            coopMatMulAddNV(a.l0, ones, FRAG(0.0))) * (1.0 / LO)));
+            BMAT ones = BMAT(1.0);
+            xsum[t] = coopMatMulAddNV(a[t].h1, ones, coopMatMulAddNV(a[t].h0, ones, coopMatMulAddNV(a[t].l1, ones,
+                coopMatMulAddNV(a[t].l0, ones, FRAG(0.0))) * (1.0 / LO)));
 #endif
+        }
         [[unroll]] for (uint f = 0; f < RF; f++) {
-            uint w_at = b_at + f * 8 * K4, r = (sg / TF) * RF * 8 + f * 8;
-            add_block(acc[f], a, xsum, 0, w_at, r);
-            if (PAIR != 0) add_block(acc2[f], a, xsum, 1, w_at, r);
+            uint w_at = b_at + f * 8 * K4, r = rg * SR + f * 8;
+            [[unroll]] for (uint m = 0; m <= PAIR; m++) {  // W, then W2
+                BMAT q0, q1;
+                if (m == 0) {
+                    coopMatLoadNV(q0, ws_hi, w_at, K4, true);
+                    coopMatLoadNV(q1, ws_hi, w_at + 4, K4, true);
+                } else {
+                    coopMatLoadNV(q0, vs_hi, w_at, K4, true);
+                    coopMatLoadNV(q1, vs_hi, w_at + 4, K4, true);
+                }
+                FRAG s0 = row_values(m * NH * BR + r), s1 = s0, mins = s0;
+#ifdef HALF_SCALES
+                s1 = row_values((2 * m + 1) * BR + r);
+#endif
+#ifdef HAS_MIN
+                mins = row_values(MINS + m * BR + r);
+#endif
+                [[unroll]] for (uint t = 0; t < TG; t++) {
+                    FRAG v = block_sum(a[t], xsum[t], q0, q1, s0, s1, mins);
+                    if (m == 0) acc[t * RF + f] = acc[t * RF + f] + v;
+                    else acc2[t * RF + f] = acc2[t * RF + f] + v;
+                }
+            }
         }
 #else
         [[unroll]] for (uint k = 0; k < 8; k += 4) {  // 16 columns: 4 groups
-            AMAT ah, al;
-            coopMatLoadNV(ah, xs_hi, a_at + k, K4, false);
-            coopMatLoadNV(al, xs_lo, a_at + k, K4, false);
+            AMAT ah[TG], al[TG];
+            [[unroll]] for (uint t = 0; t < TG; t++) {
+                coopMatLoadNV(ah[t], xs_hi, a_at + t * 16 * K4 + k, K4, false);
+                coopMatLoadNV(al[t], xs_lo, a_at + t * 16 * K4 + k, K4, false);
+            }
             [[unroll]] for (uint f = 0; f < RF; f++) {
                 BMAT bh, bl;
                 coopMatLoadNV(bh, ws_hi, b_at + f * 8 * K4 + k, K4, true);
                 coopMatLoadNV(bl, ws_lo, b_at + f * 8 * K4 + k, K4, true);
-                acc[f] = coopMatMulAddNV(ah, bh, acc[f]);
-                low[f] = coopMatMulAddNV(al, bh, low[f]);
-                low[f] = coopMatMulAddNV(ah, bl, low[f]);
+                [[unroll]] for (uint t = 0; t < TG; t++) {
+                    uint i = t * RF + f;
+                    acc[i] = coopMatMulAddNV(ah[t], bh, acc[i]);
+                    low[i] = coopMatMulAddNV(al[t], bh, low[i]);
+                    low[i] = coopMatMulAddNV(ah[t], bl, low[i]);
+                }
                 if (PAIR != 0) {
                     coopMatLoadNV(bh, vs_hi, b_at + f * 8 * K4 + k, K4, true);
                     coopMatLoadNV(bl, vs_lo, b_at + f * 8 * K4 + k, K4, true);
-                    acc2[f] = coopMatMulAddNV(ah, bh, acc2[f]);
-                    low2[f] = coopMatMulAddNV(al, bh, low2[f]);
-                    low2[f] = coopMatMulAddNV(ah, bl, low2[f]);
+                    [[unroll]] for (uint t = 0; t < TG; t++) {
+                        uint i = t * RF + f;
+                        acc2[i] = coopMatMulAddNV(ah[t], bh, acc2[i]);
+                        low2[i] = coopMatMulAddNV(al[t], bh, low2[i]);
+                        low2[i] = coopMatMulAddNV(ah[t], bl, low2[i]);
+                    }
                 }
             }
         }
 #endif
         barrier();
     }
-    [[unroll]] for (uint f = 0; f < RF; f++) {
+    [[unroll]] for (uint i = 0; i < TG * RF; i++) {
 #ifndef INTW
-        acc[f] = acc[f] + low[f] * (1.0 / LO);
-        if (PAIR != 0) acc2[f] = acc2[f] + low2[f] * (1.0 / LO);
+        acc[i] = acc[i] + low[i] * (1.0 / LO);
+        if (PAIR != 0) acc2[i] = acc2[i] + low2[i] * (1.0 / LO);
 #endif
         if (PAIR != 0) {
-            for (int i = 0; i < acc[f].length(); i++) {
-                float gate = acc[f][i];
-                acc[f][i] = gate / (1.0 + exp(-gate)) * acc2[f][i];
+            for (int e = 0; e < acc[i].length(); e++) {
+                float gate = acc[i][e];
+                acc[i][e] = gate / (1.0 + exp(-gate)) * acc2[i][e];
             }
         }
-        coopMatStoreNV(acc[f], cs, (sg % TF) * 16 * CS + (sg / TF) * RF * 8 + f * 8, CS, false);
     }
-    barrier();
-    for (uint i = tid; i < BT * BR; i += WG) {
-        uint t = i / BR, r = i % BR;
-        uint row = row0 + r, tok = tok0 + t;
-        if (row < p.rows && tok < p.n) {
-            uint at = p.y_off + tok * p.y_stride + row;
-            float value = cs[t * CS + r];
-            if ((p.flags & 2u) != 0u) value += bias[p.bias_off + row];
-            if ((p.flags & 1u) != 0u) value += y[at];
-            y[at] = value;
+    for (uint k = 0; k < RSG; k++) {  // the epilogue, a group of rows (one subgroup's) at a time
+        if (rg == k) {
+            [[unroll]] for (uint t = 0; t < TG; t++) {
+                [[unroll]] for (uint f = 0; f < RF; f++) {
+                    coopMatStoreNV(acc[t * RF + f], cs, (a_at / K4 + t * 16) * CS + f * 8, CS, false);
+                }
+            }
         }
+        barrier();
+        for (uint i = tid; i < BT * SR; i += WG) {
+            uint t = i / SR, r = i % SR;
+            uint row = row0 + k * SR + r, tok = tok0 + t;
+            if (row < p.rows && tok < p.n) {
+                uint at = p.y_off + tok * p.y_stride + row;
+                float value = cs[t * CS + r];
+                if ((p.flags & 2u) != 0u) value += bias[p.bias_off + row];
+                if ((p.flags & 1u) != 0u) value += y[at];
+                y[at] = value;
+            }
+        }
+        barrier();
     }
 }

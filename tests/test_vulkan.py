@@ -18,7 +18,7 @@ from gguf import GGMLQuantizationType as T
 from mpi4py import MPI
 
 import reference
-from spmd.backends import get_backend, vulkan_model
+from spmd.backends import get_backend, vulkan, vulkan_model
 from spmd.backends.numpy_ref import NumpyBackend
 from spmd.comm import Comm
 from spmd.engine import Engine, RunOptions
@@ -202,22 +202,37 @@ needs_matrix_units = pytest.mark.skipif(isinstance(BACKEND, str) or not BACKEND.
 
 
 @needs_matrix_units
-@pytest.mark.parametrize("tokens", [32, 64])
+@pytest.mark.parametrize("tokens,few", [(16, 0), (32, 0), (64, 0), (64, 10 ** 6)])
 @pytest.mark.parametrize("qtype", TYPES[1:], ids=NAMES[1:])  # F32 keeps the float32 kernel
-def test_matrix_unit_products_match_reference(qtype, tokens, monkeypatch):
+def test_matrix_unit_products_match_reference(qtype, tokens, few, monkeypatch):
     """The prompt's products on the matrix units (a quantised type's integers or fp16 pairs, float32 sums) within the
-    float32 tolerance, with tiles of either token count, a partial tile of rows and of tokens, and gate and up of
-    the type in one pass."""
+    float32 tolerance, with tiles of each token count, either split of a 64-token tile among the subgroups (COOP_FEW
+    0: 16 tokens x 64 rows each, 10^6: 32 x 32), a partial tile of rows and of tokens, and gate and up of the type
+    in one pass (always 32 x 32 at 64 tokens)."""
     monkeypatch.setattr(BACKEND, "coop_tokens", tokens)
+    monkeypatch.setattr(vulkan, "COOP_FEW", few)
     rng = np.random.default_rng(5)
     w = random_qtensor(qtype, 130, 544, rng)
     x = activations(tokens + 7, w.cols, rng)
     lin = BACKEND.linear(w)
     assert np.all(np.abs(lin(x) - NumpyBackend().linear(w)(x)) <= tolerance(w, x))
-    assert any(key[0] == f"coopmat_{lin.type}_f32" and key[3][3] == tokens for key in BACKEND.dev._pipelines)
+    split = 2 if tokens == 64 and few else 1
+    assert any(key[0] == f"coopmat_{lin.type}_f32" and key[3][3:] == (tokens, split) for key in BACKEND.dev._pipelines)
     lin.free()
     got, expect, tol = _run_pair(tokens + 3, rng, bias=True, qtype=qtype)
     assert np.all(np.abs(got - expect) <= tol)
+
+
+def test_matrix_unit_tiles_follow_the_workgroup_counts():
+    """coop_tile: 64 tokens where that makes COOP_WIDE workgroups of 64 rows, else 32; with 64, two fragments of 16
+    tokens a subgroup for a pair or at most COOP_FEW workgroups, else one."""
+    from spmd.backends.vulkan import COOP_FEW, COOP_WIDE, coop_tile
+    assert 64 * 2 >= COOP_WIDE and 64 * 2 <= COOP_FEW < 32 * 8
+    assert coop_tile(4096, 128, False) == (64, 2)  # 64 x 2 workgroups
+    assert coop_tile(2048, 512, False) == (64, 1)  # 32 x 8
+    assert coop_tile(2048, 512, True) == (64, 2)  # a pair
+    assert 32 * 2 < COOP_WIDE and coop_tile(2048, 128, True) == (32, 1)  # 32 x 2 at 64 tokens: too few
+    assert coop_tile(4096, 128, False, fixed_tokens=32) == (32, 1)
 
 
 @needs_device

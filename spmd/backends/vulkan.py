@@ -44,7 +44,25 @@ ACCUM, BIAS, NORM, PRODUCE = 1, 2, 4, 8  # flags (kernels/matmul_io.glsl)
 # workgroups of 64 tokens, 57 us against 39 with 32 tokens; its q/k/v, 80 of 64: 57 against 76; Llama-2-7B's wo,
 # 128 of 64: 108 against 145, and its w2 288 against 460 (the workgroups run in waves of about one an SM)
 COOP_WIDE = 72
+# With 64 tokens, a subgroup's 16 tokens x 64 rows (TG = 1) or 32 x 32 (TG = 2, fewer fragment loads a product, more
+# registers): TG = 2 for gate and up (H200, 128-token prompt: Llama-2-7B 369 us against 404, TinyLlama 125 against
+# 140; 512 tokens: 367 against 411) and where a product has at most COOP_FEW workgroups (128: Llama-2-7B's q k v 270
+# against 289 and wo 106 against 112; TinyLlama's q k v 54 against 76); TG = 1 with more (256 workgroups of
+# TinyLlama at 512 tokens: q k v 118 against 89, wo 107 against 59, w2 281 against 150)
+COOP_FEW = 160
 COOP_ROWS, COOP_THREADS = 64, 128  # kernels/coopmat_main.glsl's BR and WG: 4 subgroups of 32 (Device._coop_matrix)
+
+
+def coop_tile(rows, n, pair, fixed_tokens=0):
+    """(tokens, fragments of 16 tokens a subgroup holds) for a coopmat product (kernels/coopmat_main.glsl's BT and
+    TG): 64 tokens where that still makes COOP_WIDE workgroups, else 32 (fixed_tokens: SPMD_VK_COOP_TOKENS); TG 2
+    with 64 tokens for a pair or at most COOP_FEW workgroups."""
+    groups = -(-rows // COOP_ROWS)
+    tokens = fixed_tokens or (64 if groups * -(-n // 64) >= COOP_WIDE else 32)
+    few = groups * -(-n // tokens) <= COOP_FEW
+    return tokens, 2 if tokens == 64 and (pair or few) else 1
+
+
 SPLIT_KEYS = 256  # keys a workgroup attends in a decode step over long caches (vulkan_model.SPLIT_FROM; at most the
 # attention kernel's chunk of 256), SPMD_VK_SPLIT_KEYS to try others
 _DEVICES = {}  # one Device per GPU index, shared by every backend and model of the process
@@ -201,21 +219,19 @@ class VulkanLinear:
         pair: a VulkanLinear of the same shape and type; then y = silu(W x) * (pair x) (SwiGLU's gate and up).
         norm: (ss buffer, count, eps, dim): x is RMSNorm's input times its weight; scale by the producer's sums.
         produce (decode): (ss buffer, next norm weight binding, xg buffer): write xg = y * g and ss partials."""
-        b = self.backend
+        b, tg = self.backend, 1
         if n <= b.matvec_rows:
             kernel, wg, nr, nt = "matvec", b.matvec_wg, 4, 1  # kernels/matmul_io.glsl's NR, NT
         elif self.dev.coop and self.type != "f32" and norm is None and self.nb > 0:
-            # 64 rows x 64 tokens a workgroup where that still makes COOP_WIDE workgroups, else x 32 tokens (an
-            # empty matrix, a rank's zero partial sum, keeps matmul, which reads nothing)
-            nr = COOP_ROWS
-            wide = -(-self.rows // nr) * -(-n // 64) >= COOP_WIDE
-            kernel, wg, nt = "coopmat", COOP_THREADS, b.coop_tokens or (64 if wide else 32)
+            # (an empty matrix, a rank's zero partial sum, keeps matmul, which reads nothing)
+            nt, tg = coop_tile(self.rows, n, pair is not None, b.coop_tokens)
+            kernel, wg, nr = "coopmat", COOP_THREADS, COOP_ROWS
         else:
             kernel, wg, nr, nt = "matmul", b.matmul_wg, 2, 8
         assert kernel == "coopmat" or wg >= nr * nt
         assert produce is None or (kernel == "matvec" and len(self.parts) == 1)
         pipe = self.dev.pipeline(f"{kernel}_{self.type}_f32", 10, struct.calcsize(MATVEC_PUSH),
-                                 (wg, int(pair is not None), b.unroll if kernel == "matvec" else 1, nt))
+                                 (wg, int(pair is not None), b.unroll if kernel == "matvec" else 1, nt, tg))
         flags = (ACCUM if accum else 0) | (BIAS if bias is not None else 0)
         flags |= (NORM if norm is not None else 0) | (PRODUCE if produce is not None else 0)
         ss_buf, count, eps, dim = norm if norm is not None else (None, 0, 0.0, 1)
