@@ -500,22 +500,31 @@ def _same_caches(a, b, filled=FILLED):
 
 
 @needs_device
-@pytest.mark.parametrize("heads", [8, 2], ids=["head_dim-32", "head_dim-128"])
-def test_long_prompts_of_two_sequences_in_one_pass(tmp_path, heads):
-    """A prompt's keys stored first, then attended from the cache (attention_f32 mode 1, then 2): a 30-token
-    prompt, then in one pass 19 tokens of another sequence and 40 more of the first after its 30 in the cache;
-    head_dim 32 and 128. Logits and caches against spmd.model.Model."""
+@pytest.mark.parametrize("kv_cache", ["f32", "f16"])
+@pytest.mark.parametrize("heads", [8, 4, 2], ids=["head_dim-32", "head_dim-64", "head_dim-128"])
+@pytest.mark.parametrize("blocks", [1, 0], ids=["in-blocks", "a-row-at-a-time"])
+def test_long_prompts_of_several_sequences_in_one_pass(tmp_path, heads, kv_cache, blocks, monkeypatch):
+    """A prompt's keys stored first, then attended from the cache (attention_f32 mode 1, then
+    attention_block: BLOCK_ROWS rows a workgroup, or a row at a time, mode 2): a 30-token prompt, then in one pass
+    19 tokens of another sequence and 40 more of the first after its 30 in the cache, then 3 segments of 7, 5 and
+    30 rows (the first 32-row block holds pieces of all three); head_dim 32, 64 and 128, float32 and float16
+    caches. Logits and caches against spmd.model.Model."""
+    monkeypatch.setenv("SPMD_VK_ATTENTION_BLOCKS", str(blocks))
     shape = Shape(dim=256, n_heads=heads, n_kv_heads=max(1, heads // 2), ffn=128, vocab=300, context=128)
     path = write_model(tmp_path / "m.gguf", shape, "F32", 3)
-    ref, dev, cfg = _shard_models(path, _whole, slots=2)
+    ref, dev, cfg = _shard_models(path, _whole, slots=3, kv_cache=kv_cache)
     assert cfg.head_dim == 256 // heads
+    assert (dev._attention_block is not None) == bool(blocks and dev.dev.quads)
     rng = np.random.default_rng(8)
     for m in (ref, dev):
         m.open(1, 128)
-    first, other, more = (tuple(int(t) for t in rng.integers(1, 300, n)) for n in (30, 19, 40))
-    for segments in ([(0, 0, first)], [(1, 0, other), (0, 30, more)]):
-        np.testing.assert_allclose(step([dev], segments), step([ref], segments), rtol=0, atol=1e-4)
-    _same_caches([dev], [ref], {0: 70, 1: 19})
+        m.open(2, 128)
+    first, other, more, a, b, c = (tuple(int(t) for t in rng.integers(1, 300, n)) for n in (30, 19, 40, 7, 5, 30))
+    tol = 1e-4 if kv_cache == "f32" else 1e-3  # (float16: the products' rounding can flip a key's float16 rounding)
+    for segments in ([(0, 0, first)], [(1, 0, other), (0, 30, more)], [(2, 0, a), (1, 19, b), (0, 70, c)]):
+        np.testing.assert_allclose(step([dev], segments), step([ref], segments), rtol=0, atol=tol)
+    if kv_cache == "f32":  # (test_a_float16_kv_cache_equals_the_reference_with_one checks float16 caches)
+        _same_caches([dev], [ref], {0: 100, 1: 24, 2: 7})
     dev.close()
 
 
@@ -613,6 +622,9 @@ def test_a_float16_kv_cache_equals_the_reference_with_one(models, matvec_rows, m
     the qkv buffer, rounded as the cache rounds them) against spmd.model.Model with a float16 cache; the cache
     holds float16, half the bytes, and greedy tokens of a whole run equal the reference's."""
     monkeypatch.setattr(BACKEND, "matvec_rows", matvec_rows)
+    # mode 2 for the prompt's rows, whose sums are in mode 0's order (attention_block's are not: the long prompt
+    # tests hold it to the reference)
+    monkeypatch.setenv("SPMD_VK_ATTENTION_BLOCKS", "0")
     ref, dev, cfg = _shard_models(models["Q8_0"], _whole, slots=3, kv_cache="f16")
     wide = _shard_models(models["Q8_0"], _whole, slots=3)[1]
     _open_slots([ref, dev, wide])

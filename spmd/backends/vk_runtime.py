@@ -216,6 +216,8 @@ class Device:
         if (sub.supportedOperations & need) != need or not sub.supportedStages & vk.VK_SHADER_STAGE_COMPUTE_BIT:
             raise UserError(f"the Vulkan device {self.name} lacks subgroup arithmetic in compute shaders "
                             "(Vulkan 1.1): use --backend cpu on this machine")
+        # quad operations (kernels/attention_block.glsl; without them a prompt attends a row at a time)
+        self.quads = bool(sub.supportedOperations & vk.VK_SUBGROUP_FEATURE_QUAD_BIT) and self.subgroup_size >= 4
 
     COOP_EXTENSIONS = ("VK_NV_cooperative_matrix", "VK_KHR_shader_float16_int8", "VK_KHR_vulkan_memory_model")
 

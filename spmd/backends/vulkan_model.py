@@ -55,11 +55,11 @@ import numpy as np
 
 from ..errors import UserError
 from ..model import KV_DTYPES, Rope, check_pass, check_slot, last_rows, segment_rows, stage_schedule
-from .vk_runtime import MIB, Buffer, Recording
+from .vk_runtime import MIB, Buffer, Recording, env_tuple
 from .vulkan import pad
 
-ATTENTION_PUSH = "<8IfIII"  # group, qkv_stride, k_off, v_off, o_stride, max_seq, rope_dim, neox, scale, mode,
-# splits, split_keys
+ATTENTION_PUSH = "<8IfIIII"  # group, qkv_stride, k_off, v_off, o_stride, max_seq, rope_dim, neox, scale, mode,
+# splits, split_keys, n (kernels/attention_io.glsl)
 NORM_PUSH = "<4If"  # dim, x_stride, x_off, y_stride, eps
 HEADNORM_PUSH = "<3If"  # head_dim, qkv_stride, heads, eps (kernels/headnorm_f32.comp)
 KEPT_ROWS = 64  # decode steps of up to this many sequences keep their recorded command buffers
@@ -67,6 +67,9 @@ KEPT_ROWS = 64  # decode steps of up to this many sequences keep their recorded 
 # layer for a 128-token TinyLlama prompt on an H200; a decode step of up to 8 sequences keeps one dispatch (not
 # measured either way near 8 rows: the same bound as matvec_rows on a GPU)
 ATTENTION_STORE = 8
+# ... and attend in blocks of this many rows (kernels/attention_block.glsl; its BQ), where the device has subgroup
+# quad operations (SPMD_VK_ATTENTION_BLOCKS=0: a row at a time, attention_f32's mode 2)
+BLOCK_ROWS = 32
 # A decode step whose longest sequence has SPLIT_FROM positions or more attends in splits of the backend's
 # split_keys keys (spmd.backends.vulkan.SPLIT_KEYS), one workgroup each, whose partial softmaxes a last dispatch
 # combines (modes 3 and 4): one workgroup a query head had left most of the GPU idle (TinyLlama on an H200 at 2048
@@ -201,6 +204,10 @@ class VulkanModel:
         self.splits = -(-max_seq // backend.split_keys)  # a split decode step's: enough for the longest sequence
         self._attention = self.dev.pipeline(kernel, 7, struct.calcsize(ATTENTION_PUSH),
                                             (wg, hd, ks, -(-(hd // 4) * ks // wg)))
+        self._attention_block = None
+        if self.dev.quads and env_tuple("SPMD_VK_ATTENTION_BLOCKS", (1,))[0] and hd <= 256:
+            self._attention_block = self.dev.pipeline(kernel.replace("attention", "attention_block"), 7,
+                                                      struct.calcsize(ATTENTION_PUSH), (4 * BLOCK_ROWS, hd))
         self.profile = False  # bench: timestamps after every step of each pass (last_profile)
         self._add = self.dev.pipeline("add_f32", 2, 4)
         self._rmsnorm = self.dev.pipeline("rmsnorm_f32", 3, struct.calcsize(NORM_PUSH), (backend.norm_wg,))
@@ -326,14 +333,18 @@ class VulkanModel:
             part = a.part if a.split else a.att  # (only modes 3 and 4 use binding 6: att stands in for it)
             bufs = [(b, 0, b.nbytes) for b in (a.table, a.qkv, self.rope, self.kcache[li], self.vcache[li], a.att,
                                                part)]
-            # up to ATTENTION_STORE rows store and attend in one dispatch; more store every key first, then attend;
-            # a decode step over long caches attends in splits (storing), then combines them
+            # up to ATTENTION_STORE rows store and attend in one dispatch; more store every key first, then attend
+            # (in blocks of rows where the device can); a decode step over long caches attends in splits (storing),
+            # then combines them
             modes = (3, 4) if a.split else (0,) if a.n <= ATTENTION_STORE else (1, 2)
             for mode in modes:
                 push = struct.pack(ATTENTION_PUSH, cfg.group, self.qkv_stride, self.nh * hd, (self.nh + self.nkv) * hd,
                                    self.att_stride, self.max_seq, cfg.rope_dim, int(cfg.rope_neox),
-                                   float(1.0 / np.sqrt(hd)), mode, self.splits, self.backend.split_keys)
-                rec.dispatch(self._attention, bufs, push, (self.nh, n, self.splits if mode == 3 else 1))
+                                   float(1.0 / np.sqrt(hd)), mode, self.splits, self.backend.split_keys, n)
+                if mode == 2 and self._attention_block is not None:
+                    rec.dispatch(self._attention_block, bufs, push, (self.nh, -(-n // BLOCK_ROWS), 1))
+                else:
+                    rec.dispatch(self._attention, bufs, push, (self.nh, n, self.splits if mode == 3 else 1))
                 rec.barrier()
             rec.mark("attention")
         if multi:  # the partial sum (zeros when this rank holds no heads)
