@@ -85,7 +85,7 @@ def measure(model, n_prompt, steps, repeats=3):
         logits = step(model, np.array([token]), n_prompt + i)
         token = int(np.argmax(logits))  # greedy, as generation does
         walls.append(time.perf_counter() - t)
-        gpus.append(getattr(model, "gpu_s", None))
+        gpus.append(model.gpu_seconds() if hasattr(model, "gpu_seconds") else None)  # (not timed: read after)
     warm = max(1, steps // 8)  # the first steps record the decode command buffer
     walls = np.array(walls[warm:])
     gpus = None if None in gpus else np.array(gpus[warm:])

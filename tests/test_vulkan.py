@@ -10,6 +10,7 @@ reference, as the cpu backend's are. Runs on any Vulkan device; CI uses Mesa's l
 import dataclasses
 import hashlib
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -542,6 +543,22 @@ def test_prompt_activations_are_kept_up_to_a_size(monkeypatch, models):
     kept = dev.dev.heap_used[:]
     np.testing.assert_allclose(run(dev, PROMPT, 0), run(ref, PROMPT, 0), rtol=0, atol=1e-4)  # 13 rows
     assert dev._pass.rows == 11 and dev.dev.heap_used == kept and kept != heap
+    dev.close()
+
+
+@needs_device
+def test_gpu_time_of_a_decode_step_is_read_when_asked(models):
+    """gpu_seconds: the last decode step's GPU time from its timestamps (positive, and less than the step's wall
+    time), None after a prompt pass (its recordings are gone) and before any pass."""
+    ref, dev, cfg = _shard_models(models["Q8_0"], _whole)
+    assert dev.gpu_seconds() is None
+    run(dev, PROMPT, 0)
+    assert dev.gpu_seconds() is None
+    t = time.perf_counter()
+    run(dev, (7,), len(PROMPT))
+    wall = time.perf_counter() - t
+    if dev.dev.timestamp_period:
+        assert 0 < dev.gpu_seconds() < wall
     dev.close()
 
 

@@ -197,7 +197,7 @@ class VulkanModel:
         self._open = {}  # slot -> need: the open sequence slots
         self._decode = {}  # (multi-rank, head, rows, split) -> (Activations, [Recording]): decode steps
         self._pass = None  # the Activations of other passes (_pass_acts)
-        self.gpu_s = None  # GPU time of the last pass (timestamps), where the device has them
+        self._timed = None  # the last pass's recordings, where it was a decode step (their timestamps: gpu_seconds)
         wg = backend.attention_wg
         ks = max(1, wg // (hd // 4))  # threads sum the values 4 dims at a time, keys split ks ways
         kernel = "attention_kv16" if self.kv_dtype == np.float16 else "attention_f32"
@@ -428,8 +428,7 @@ class VulkanModel:
                     rec.run()
                 if multi and i < len(recs) - 1:
                     self._allreduce(allreduce, delta)
-            times = [rec.gpu_seconds() for rec in recs]
-            self.gpu_s = sum(times) if None not in times else None
+            self._timed = recs if kept else None
             if self.profile:
                 self.last_profile = [item for rec in recs for item in rec.profile()]
             if head:
@@ -445,6 +444,14 @@ class VulkanModel:
                     rec.free()
                 if acts is not self._pass:
                     acts.free()
+
+    def gpu_seconds(self):
+        """GPU time of the last pass where it was a decode step (its timestamps), else None; read only when asked
+        (scripts/bench_vulkan.py): reading the query results at every step took 90 us a token on lavapipe."""
+        if not self._timed:
+            return None
+        times = [rec.gpu_seconds() for rec in self._timed]
+        return None if None in times else sum(times)
 
     def _pass_acts(self, n, scored):
         """The activations of a pass that is not a kept decode step (a prompt): for up to KEPT_PASS_ROWS rows one
