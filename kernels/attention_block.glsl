@@ -16,8 +16,11 @@ const uint TK = 4096 / HD;    // keys a tile: 32 KiB of shared memory for its ke
 shared float ks[TK * HD], vs[TK * HD];
 
 void main() {
-    uint h = gl_WorkGroupID.x, tid = gl_LocalInvocationID.x, part_ = tid % 4u, kvh = h / p.group;
-    uint b0 = gl_WorkGroupID.y * BQ, b1 = min(b0 + BQ, p.n), i = b0 + tid / 4u;
+    uint h = gl_WorkGroupID.x, tid = gl_LocalInvocationID.x, kvh = h / p.group;
+    // a row's 4 threads: a quad of lanes in one subgroup, by lane number (whatever the subgroups' order in the
+    // workgroup; 4 * BQ threads make whole subgroups of 4 or more lanes)
+    uint lane = gl_SubgroupID * gl_SubgroupSize + gl_SubgroupInvocationID, part_ = lane % 4u;
+    uint b0 = gl_WorkGroupID.y * BQ, b1 = min(b0 + BQ, p.n), i = b0 + lane / 4u;
     for (uint r = b0; r < b1;) {  // a segment's rows of this block: r .. e - 1
         uint seg = rows[r].z, e = r + 1u;
         while (e < b1 && rows[e].z == seg) e++;
