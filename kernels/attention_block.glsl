@@ -10,7 +10,7 @@
 // memory, here each is read once a block of BQ rows. float32 arithmetic; the keys and values are the cache's.
 #extension GL_KHR_shader_subgroup_quad : require
 #include "attention_io.glsl"
-const uint BQ = 32;           // rows a workgroup (WG = 4 * BQ threads, vulkan_model's BLOCK_ROWS)
+const uint BQ = gl_WorkGroupSize.x / 4;  // rows a workgroup (vulkan_model's BLOCK_ROWS)
 const uint D = HD / 4;        // dims a thread holds
 const uint TK = 4096 / HD;    // keys a tile: 32 KiB of shared memory for its keys and values
 shared float ks[TK * HD], vs[TK * HD];
@@ -58,9 +58,11 @@ void main() {
             l *= alpha;
             for (uint k = 0; k < D; k++) acc[k] *= alpha;
             for (uint j = 0; j < TK; j++) {
-                float e_ = sc[j] > -1e30 ? exp(sc[j] - mnew) : 0.0;
-                l += e_;
-                for (uint k = 0; k < D; k++) acc[k] += e_ * vs[j * HD + 4u * k + part_];
+                if (sc[j] > -1e30) {  // (a masked key's value is not read: 0 * an infinite one would be NaN)
+                    float e_ = exp(sc[j] - mnew);
+                    l += e_;
+                    for (uint k = 0; k < D; k++) acc[k] += e_ * vs[j * HD + 4u * k + part_];
+                }
             }
             m = mnew;
         }

@@ -44,22 +44,35 @@ case "$mode" in
 sources)
     echo "sources in $out/src";;
 cpu)
-    cmake -S "$out/src" -B "$out/build" "${common[@]}" -DGGML_NATIVE=ON >/dev/null
-    cmake --build "$out/build" -j "$(nproc)" --target llama-bench llama-quantize >/dev/null
+    build_cpu() {  # $1: extra C and C++ flags (empty: none, also when an earlier run's cache holds others)
+        cmake -S "$out/src" -B "$out/build" "${common[@]}" -DGGML_NATIVE=ON -DCMAKE_C_FLAGS="$1" \
+            -DCMAKE_CXX_FLAGS="$1" >/dev/null
+        cmake --build "$out/build" -j "$(nproc)" --target llama-bench llama-quantize >/dev/null
+    }
+    smoke() {  # the exit status of llama-bench on a tiny model (over 128: killed by a signal)
+        local status=0
+        "$out/build/bin/llama-bench" -m "$tiny" -p 8 -n 1 -r 1 -t 1 >/dev/null 2>&1 || status=$?
+        return $status
+    }
+    build_cpu ""
     # A CPU with AMX under a hypervisor that does not keep its tile state (seen here, 2026-12-01: a Xeon whose
     # native build crashed at its first product, signal 11) gets a native build without AMX's instructions
-    if grep -qw amx_tile /proc/cpuinfo; then
-        tiny="$out/smoke.gguf"
-        "$python" -c "import sys; from spmd.synth import Shape, write_model; write_model(sys.argv[1], Shape(), 'Q4_0', 0)" \
-            "$tiny"
-        if ! "$out/build/bin/llama-bench" -m "$tiny" -p 8 -n 1 -r 1 -t 1 >/dev/null 2>&1; then
-            echo "llama-bench crashed with AMX on this machine: building it again without AMX" >&2
-            noamx="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
-            cmake -S "$out/src" -B "$out/build" "${common[@]}" -DGGML_NATIVE=ON -DCMAKE_C_FLAGS="$noamx" \
-                -DCMAKE_CXX_FLAGS="$noamx" >/dev/null
-            cmake --build "$out/build" -j "$(nproc)" --target llama-bench llama-quantize >/dev/null
+    tiny="$out/smoke.gguf"
+    if grep -qw amx_tile /proc/cpuinfo && "$python" -c "import sys; from spmd.synth import Shape, write_model
+write_model(sys.argv[1], Shape(), 'Q4_0', 0)" "$tiny" 2>/dev/null; then
+        status=0
+        smoke || status=$?
+        if [ "$status" -gt 128 ]; then
+            echo "llama-bench was killed by signal $((status - 128)) with AMX on this machine: building it again" \
+                "without AMX" >&2
+            build_cpu "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+            status=0
+            smoke || status=$?
         fi
         rm -f "$tiny"
+        if [ "$status" -ne 0 ]; then
+            echo "error: llama-bench fails on a tiny model (exit status $status)" >&2; exit 1
+        fi
     fi
     mkdir -p "$out/bin"
     cp "$out/build/bin/llama-bench" "$out/build/bin/llama-quantize" "$out/bin/"

@@ -547,6 +547,34 @@ def test_prompt_activations_are_kept_up_to_a_size(monkeypatch, models):
 
 
 @needs_device
+def test_attention_in_blocks_only_for_passes_of_long_segments(monkeypatch, models):
+    """attention_block for a prompt; a row at a time (mode 2) for a decode step of 12 sequences (12 one-row
+    segments: in blocks it ran 3-10x slower) and for a pass whose segments average under BLOCK_SEGMENT_ROWS rows."""
+    from spmd.backends.vk_runtime import Recording
+    ref, dev, cfg = _shard_models(models["Q8_0"], _whole, slots=12)
+    if dev._attention_block is None:
+        pytest.skip("no subgroup quads: no attention blocks")
+    used, real = [], Recording.dispatch
+
+    def dispatch(rec, pipe, *args, **kw):
+        used.append(pipe)
+        return real(rec, pipe, *args, **kw)
+
+    monkeypatch.setattr(Recording, "dispatch", dispatch)
+    for slot in range(1, 12):
+        dev.open(slot, 32)
+    passes = [[(0, 0, PROMPT)],  # 13 rows, one segment
+              [(slot, 0, (slot + 3,)) for slot in range(1, 12)] + [(0, len(PROMPT), (9,))],  # 12 one-row segments
+              [(slot, 1, (5, 6)) for slot in range(1, 10)]]  # 18 rows, 9 segments of 2
+    for segments, blocks in zip(passes, (True, False, False)):
+        used.clear()
+        step([dev], segments)
+        assert (dev._attention_block in used) == blocks
+        assert dev._attention in used
+    dev.close()
+
+
+@needs_device
 def test_gpu_time_of_a_decode_step_is_read_when_asked(models):
     """gpu_seconds: the last decode step's GPU time from its timestamps (positive, and less than the step's wall
     time), None after a prompt pass (its recordings are gone) and before any pass."""

@@ -173,6 +173,7 @@ class Device:
         self.offset_align = int(limits.minStorageBufferOffsetAlignment)
         self.max_groups = int(limits.maxComputeWorkGroupCount[0])
         self.timestamp_period = float(limits.timestampPeriod)  # ns per tick
+        self.shared_bytes = int(limits.maxComputeSharedMemorySize)
         self._check_subgroups()
         self._memory_types()
         families = vk.vkGetPhysicalDeviceQueueFamilyProperties(self.physical)

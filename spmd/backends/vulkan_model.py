@@ -70,6 +70,11 @@ ATTENTION_STORE = 8
 # ... and attend in blocks of this many rows (kernels/attention_block.glsl; its BQ), where the device has subgroup
 # quad operations (SPMD_VK_ATTENTION_BLOCKS=0: a row at a time, attention_f32's mode 2)
 BLOCK_ROWS = 32
+# ... only where the pass's segments average this many rows: a block takes its segments one after another, all its
+# threads over each one's keys, so decode steps of 9-64 sequences (one row a segment) ran 3-10x slower in blocks
+# than a row at a time (lavapipe, 12 sequences at position 100 and 32 at 480)
+BLOCK_SEGMENT_ROWS = 8
+BLOCK_SHARED = 32768  # its key and value tiles' bytes (TK = 4096 / head_dim keys of head_dim floats, twice)
 # A decode step whose longest sequence has SPLIT_FROM positions or more attends in splits of the backend's
 # split_keys keys (spmd.backends.vulkan.SPLIT_KEYS), one workgroup each, whose partial softmaxes a last dispatch
 # combines (modes 3 and 4): one workgroup a query head had left most of the GPU idle (TinyLlama on an H200 at 2048
@@ -100,6 +105,7 @@ class Activations:
         whose attention goes in splits (SPLIT_FROM) with their partial softmaxes in `part`."""
         dev = m.dev
         self.n, self.rows, self.scored, self.fused = n, n, scored, fused  # rows: what the buffers hold (n or more)
+        self.segments = n  # segments of the pass being recorded (forward sets it; a decode step: one a row)
         self.split = split
         self.x = Buffer(dev, n * m.dp * 4)  # (n, dp) residual stream
         # (n, dp) the host's window on x: the input written in, the hidden state read out (x itself where mappable)
@@ -205,7 +211,8 @@ class VulkanModel:
         self._attention = self.dev.pipeline(kernel, 7, struct.calcsize(ATTENTION_PUSH),
                                             (wg, hd, ks, -(-(hd // 4) * ks // wg)))
         self._attention_block = None
-        if self.dev.quads and env_tuple("SPMD_VK_ATTENTION_BLOCKS", (1,))[0] and hd <= 256:
+        blocks = self.dev.quads and self.dev.shared_bytes >= BLOCK_SHARED and hd <= 256  # (a thread holds hd / 2)
+        if blocks and env_tuple("SPMD_VK_ATTENTION_BLOCKS", (1,))[0]:
             self._attention_block = self.dev.pipeline(kernel.replace("attention", "attention_block"), 7,
                                                       struct.calcsize(ATTENTION_PUSH), (4 * BLOCK_ROWS, hd))
         self.profile = False  # bench: timestamps after every step of each pass (last_profile)
@@ -341,7 +348,7 @@ class VulkanModel:
                 push = struct.pack(ATTENTION_PUSH, cfg.group, self.qkv_stride, self.nh * hd, (self.nh + self.nkv) * hd,
                                    self.att_stride, self.max_seq, cfg.rope_dim, int(cfg.rope_neox),
                                    float(1.0 / np.sqrt(hd)), mode, self.splits, self.backend.split_keys, n)
-                if mode == 2 and self._attention_block is not None:
+                if mode == 2 and self._attention_block is not None and a.n >= BLOCK_SEGMENT_ROWS * a.segments:
                     rec.dispatch(self._attention_block, bufs, push, (self.nh, -(-n // BLOCK_ROWS), 1))
                 else:
                     rec.dispatch(self._attention, bufs, push, (self.nh, n, self.splits if mode == 3 else 1))
@@ -400,6 +407,7 @@ class VulkanModel:
         after the stage's layers. allreduce: sums a float32 array over the stage's ranks in place, or None when
         the stage has one rank."""
         self._check(x, segments)
+        self._timed = None
         n, multi = x.shape[0], allreduce is not None
         kept = len(segments) == n <= KEPT_ROWS  # a decode step: one token of each sequence
         # parts queued as they are recorded (`_record`; not while profiling, whose timestamps would overlap)
@@ -414,6 +422,7 @@ class VulkanModel:
             acts, recs = self._decode[multi, head, n, split]
         else:
             acts, recs = self._pass_acts(n, len(segments) if head else 0), []
+            acts.segments = len(segments)
         try:
             self._put_input(acts, x)
             self._put_rows(acts, segments)
