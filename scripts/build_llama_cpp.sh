@@ -49,10 +49,8 @@ cpu)
             -DCMAKE_CXX_FLAGS="$1" >/dev/null
         cmake --build "$out/build" -j "$(nproc)" --target llama-bench llama-quantize >/dev/null
     }
-    smoke() {  # the exit status of llama-bench on a tiny model (over 128: killed by a signal)
-        local status=0
-        "$out/build/bin/llama-bench" -m "$tiny" -p 8 -n 1 -r 1 -t 1 >/dev/null 2>&1 || status=$?
-        return $status
+    smoke() {  # llama-bench on a tiny model: its exit status (over 128: killed by a signal)
+        "$out/build/bin/llama-bench" -m "$tiny" -p 8 -n 1 -r 1 -t 1 >/dev/null 2>&1
     }
     build_cpu ""
     # A CPU with AMX under a hypervisor that does not keep its tile state (seen here, 2026-12-01: a Xeon whose
