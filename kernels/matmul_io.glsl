@@ -21,8 +21,8 @@ layout(constant_id = 2) const uint UB = 1;     // blocks of each row a thread lo
 layout(push_constant) uniform Push {
     uint rows;      // weight rows
     uint nb;        // 32-element blocks per row (columns padded with zeros to a multiple of 32)
-    uint x_stride;  // floats between tokens of x (a multiple of 32; padding columns are zero)
-    uint x_off;     // float offset of token 0 in x (a multiple of 4)
+    uint x_stride;  // floats between tokens of x (a multiple of 32; padding columns are zero; INT8: elements)
+    uint x_off;     // float offset of token 0 in x (a multiple of 4; INT8: 0)
     uint y_stride;  // floats between tokens of y
     uint y_off;     // float offset of token 0, row 0 in y
     uint n;         // tokens
@@ -32,7 +32,9 @@ layout(push_constant) uniform Push {
                     // bit 2 (NORM): x is RMSNorm's input times its weight, and the result is scaled by
                     //   rsqrt(sum(ss[0..ss_count)) / dim + eps): the sum of squares comes from its producer;
                     // bit 3 (PRODUCE, matvec): also write xg = y * g (the next RMSNorm's input) and ss[group] =
-                    //   the sum of y^2 over this workgroup's rows: RMSNorm without a pass of its own
+                    //   the sum of y^2 over this workgroup's rows: RMSNorm without a pass of its own;
+                    // bit 4 (QUANTIZE, one-token matvec, --activations int8): also round what it finished (xg with
+                    //   PRODUCE, else y) to 8 bits for the next product, as quantize_f32 does (matmul_main.glsl)
     uint ss_count;  // NORM: partial sums of squares to add up
     float inv_dim;  // NORM: 1 / elements of the normalised row
     float eps;      // NORM: RMSNorm's epsilon
@@ -41,14 +43,25 @@ layout(push_constant) uniform Push {
 layout(std430, binding = 0) readonly buffer Weights { uvec4 w[]; };  // blocks, row-major, UV uvec4 per block
 layout(std430, binding = 1) readonly buffer Scales { uint d[]; };    // Q8_0 / Q4_0: fp16 scale per block, 2 a uint;
                                                                      // q4m / q5m / q6: MW words per block
+#ifdef INT8  // matvec_*_i8: the activations as quantize_f32 writes them, 8 bits each, a scale per 32-element block
+layout(std430, binding = 2) readonly buffer Xin { uvec4 xq[]; };      // a block's 32 int8 in two uvec4
+layout(std430, binding = 10) readonly buffer XScales { vec2 xd[]; };  // a block's (d, d * the sum of its integers)
+#else
 layout(std430, binding = 2) readonly buffer Xin { vec4 x[]; };
+#endif
 layout(std430, binding = 3) readonly buffer Bias { float bias[]; };
-layout(std430, binding = 4) buffer Yout { float y[]; };
+layout(std430, binding = 4) coherent buffer Yout { float y[]; };  // (coherent: QUANTIZE reads other workgroups')
 layout(std430, binding = 5) readonly buffer Weights2 { uvec4 w2[]; };  // PAIR: the second matrix
 layout(std430, binding = 6) readonly buffer Scales2 { uint d2[]; };
 layout(std430, binding = 7) buffer SumSquares { float ss[]; };        // NORM reads, PRODUCE writes
 layout(std430, binding = 8) readonly buffer NormWeight { float gnext[]; };  // PRODUCE: the next RMSNorm's weight
-layout(std430, binding = 9) writeonly buffer NormInput { float xg[]; }; // PRODUCE: y * g
+layout(std430, binding = 9) coherent buffer NormInput { float xg[]; };  // PRODUCE: y * g
+#if !defined(MATMUL) && !defined(COOPMAT)  // matvec, flag QUANTIZE: what it finished, rounded for the next product
+layout(std430, binding = 11) writeonly buffer Yq { uint yq[]; };    // as quantize_f32's xq
+layout(std430, binding = 12) writeonly buffer Yd { vec2 yd[]; };    // ... its xd
+layout(std430, binding = 13) writeonly buffer Yr { float yr[]; };   // ... its rounded floats
+layout(std430, binding = 14) coherent buffer Counts { uint counts[]; };  // per 32-row block: workgroups done
+#endif
 
 float block_scale(uint u, uint blk) {  // u = d[blk >> 1]
     return unpackHalf2x16((blk & 1u) != 0u ? u >> 16 : u).x;

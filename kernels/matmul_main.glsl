@@ -6,6 +6,57 @@ shared float red[NV * gl_WorkGroupSize.x];
 shared float red_scratch[gl_WorkGroupSize.x];
 #include "reduce.glsl"
 
+#if !defined(MATMUL)
+#include "quantize.glsl"
+shared bool last_of_block;
+shared float block_v[32];
+
+// QUANTIZE: the values this product finished (xg where it PRODUCEs, else y; one token, y_off a multiple of 32) go on
+// to the next product rounded to 8 bits, without a pass of quantize_f32 between the two: the workgroup that finishes
+// a 32-row block last (a count per block, set back to 0 by it) rounds the block, whose other rows other workgroups
+// wrote (their writes made visible before they count; y and xg are coherent).
+void quantize_block(uint g, uint tid) {
+    uint blk = g * NR / 32u, first = blk * 32u;
+    uint expected = (min(p.rows, first + 32u) - first + NR - 1u) / NR;  // workgroups with rows in the block
+    memoryBarrierBuffer();
+    barrier();
+    if (tid == 0u) last_of_block = atomicAdd(counts[blk], 1u) + 1u == expected;
+    barrier();
+    if (!last_of_block) return;  // (uniform in the workgroup)
+    memoryBarrierBuffer();
+    bool produce = (p.flags & 8u) != 0u;
+    for (uint e = tid; e < 32u; e += gl_WorkGroupSize.x) {
+        uint at = p.y_off + first + e;
+        block_v[e] = first + e < p.rows ? (produce ? xg[at] : y[at]) : 0.0;
+    }
+    barrier();
+    float m = 0.0;  // every thread the block's scale and sum, from shared memory (one workgroup a block does this)
+    bool bad = false;
+    for (uint e = 0u; e < 32u; e++) {
+        float a = abs(block_v[e]);
+        m = max(m, a);
+        bad = bad || !(a <= INT8_LIMIT);
+    }
+    float d = int8_scale(m), inverse = int8_inverse(d);
+    int sum = 0;
+    for (uint e = 0u; e < 32u; e++) sum += bad ? 0 : int(roundEven(block_v[e] * inverse));
+    if (bad) d = uintBitsToFloat(0x7FC00000u);  // NaN
+    uint ob = p.y_off / 32u + blk;
+    for (uint e = tid; e < 32u; e += gl_WorkGroupSize.x)
+        yr[ob * 32u + e] = (bad ? 0.0 : roundEven(block_v[e] * inverse)) * d;
+    for (uint word = tid; word < 8u; word += gl_WorkGroupSize.x) {
+        uint packed = 0u;
+        for (uint k = 0u; k < 4u; k++)
+            packed |= (uint(bad ? 0 : int(roundEven(block_v[4u * word + k] * inverse))) & 255u) << (8u * k);
+        yq[ob * 8u + word] = packed;
+    }
+    if (tid == 0u) {
+        yd[ob] = vec2(d, d * float(sum));
+        counts[blk] = 0u;
+    }
+}
+#endif
+
 void main() {
     uint g = gl_WorkGroupID.z * gl_NumWorkGroups.x + gl_WorkGroupID.x;
     if (g >= p.groups) return;  // the whole workgroup: before any barrier
@@ -32,6 +83,34 @@ void main() {
     // the row is read at the last block and counted with weight 0.
     // QUANT 1: an fp16 scale per block in d (two a uint); QUANT 2: MW words per block in d (the type's scale, min,
     // high bits), read by its meta_scale / meta_min / make_raw; with HAS_MIN a block adds min * (sum of its x).
+#ifdef INT8  // (Q8_0 and Q4_0: QUANT 1, no mins)
+    for (uint b0 = tid; b0 < p.nb; b0 += UB * gl_WorkGroupSize.x) {
+        Raw raw[UB * NW];
+        float sc[UB * NW];
+        uint bs[UB];
+        [[unroll]] for (uint u = 0; u < UB; u++) {
+            uint b = b0 + u * gl_WorkGroupSize.x;
+            float live = b < p.nb ? 1.0 : 0.0;
+            bs[u] = min(b, p.nb - 1);
+            [[unroll]] for (uint r = 0; r < NW; r++) {
+                uint blk = min(row0 + r % NR, p.rows - 1) * p.nb + bs[u];  // rows past the end repeat the last
+                uvec4 q[UV];
+                [[unroll]] for (uint i = 0; i < UV; i++) q[i] = r < NR ? w[UV * blk + i] : w2[UV * blk + i];
+                sc[u * NW + r] = live * block_scale(r < NR ? d[blk >> 1] : d2[blk >> 1], blk);
+                raw[u * NW + r] = make_raw(q, uvec4(0u));
+            }
+        }
+        [[unroll]] for (uint u = 0; u < UB; u++) {
+            [[unroll]] for (uint t = 0; t < NT; t++) {
+                uint xb = xbase[t] / 8 + bs[u];  // the token's block: two uvec4 of xq, one vec2 of xd
+                uvec4 x0 = xq[2 * xb], x1 = xq[2 * xb + 1];
+                vec2 s = xd[xb];
+                [[unroll]] for (uint r = 0; r < NW; r++)
+                    acc[r * NT + t] += sc[u * NW + r] * (s.x * float(idot(raw[u * NW + r], x0, x1)) - OFFSET * s.y);
+            }
+        }
+    }
+#else
     for (uint b0 = tid; b0 < p.nb; b0 += UB * gl_WorkGroupSize.x) {
         Raw raw[UB * NW];
         float sc[UB * NW];
@@ -96,6 +175,7 @@ void main() {
         }
     }
 
+#endif
     uint nsg = gl_NumSubgroups;
     [[unroll]] for (uint v = 0; v < NV; v++) {
         float s = subgroupAdd(acc[v]);
@@ -130,4 +210,7 @@ void main() {
         float total = wg_sum(sq);
         if (tid == 0u) ss[g] = total;
     }
+#if !defined(MATMUL)
+    if ((p.flags & 16u) != 0u) quantize_block(g, tid);
+#endif
 }

@@ -49,8 +49,8 @@ def peak_for(name, given):
     return next((tbs for key, tbs in PEAK_TBS if key in upper), None)
 
 
-def build(path, backend_name, device, max_seq, kv_cache="f32"):
-    backend = get_backend(backend_name, threads=None, device=device)
+def build(path, backend_name, device, max_seq, kv_cache="f32", activations="f32"):
+    backend = get_backend(backend_name, threads=None, device=device, activations=activations)
     f = GGUFFile(str(path))
     cfg = read_config(f)
     share = make_plan(parse_layout(None, 1), cfg)[0]
@@ -118,15 +118,35 @@ def check(args):
 
 def kernels(args):
     """One product at a time: GPU time per dispatch of a row of products on random weights, with and without a
-    barrier between them, and the bandwidth that makes (steady state, no Python in the way)."""
+    barrier between them, and the bandwidth that makes (steady state, no Python in the way); with int8 activations
+    also the rounding of x to 8 bits (kernels/quantize_f32) alone, which each product's input takes once."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 
     from spmd.backends.vk_runtime import Buffer, Recording
     from spmd.quants import F16_FIELDS, QTensor, row_bytes
-    backend = get_backend("vulkan", device=args.device)
+    backend = get_backend("vulkan", device=args.device, activations="int8" if "int8" in args.activations else "f32")
     rng = np.random.default_rng(0)
+
+    def timed(record):
+        out = []
+        for barriers in (True, False):
+            rec = Recording(backend.dev, timestamps=True)
+            for _ in range(20):
+                record(rec)
+                if barriers:
+                    rec.barrier()
+            rec.end()
+            busy = time.perf_counter() + WARM_S * barriers  # (once a matrix: the CPU's repacking idles the GPU)
+            while time.perf_counter() < busy:
+                rec.run()
+            rec.run()
+            out.append(rec.gpu_seconds() / 20)
+            rec.free()
+        return out
+
     for qtype in args.qtypes.split(","):
-        for rows, cols in ((2048, 2048), (5632, 2048), (2048, 5632), (32000, 2048), (65536, 4096)):
+        for rows, cols in ((2048, 2048), (5632, 2048), (2048, 5632), (32000, 2048), (4096, 4096), (12288, 4096),
+                           (4096, 11008), (65536, 4096)):
             data = rng.integers(0, 256, (rows, row_bytes(T[qtype], cols)), dtype=np.uint8)
             for at in F16_FIELDS.get(T[qtype], ()):  # the block's float16 scale (and min): small and finite
                 blocks = data.reshape(rows, -1, GGML_QUANT_SIZES[T[qtype]][1])
@@ -134,23 +154,20 @@ def kernels(args):
             lin = backend.linear(QTensor(T[qtype], rows, cols, data))
             x, y = Buffer(backend.dev, cols * 4), Buffer(backend.dev, rows * 4)
             backend.dev.zero([x, y])
-            out = []
-            for barriers in (True, False):
-                rec = Recording(backend.dev, timestamps=True)
-                for _ in range(20):
-                    lin.dispatch(rec, x, cols, 0, y, rows, 0, 1)
-                    if barriers:
-                        rec.barrier()
-                rec.end()
-                busy = time.perf_counter() + WARM_S * barriers  # (once a matrix: the CPU's repacking idles the GPU)
-                while time.perf_counter() < busy:
-                    rec.run()
-                rec.run()
-                t = rec.gpu_seconds() / 20
-                out.append(f"{1e6 * t:7.1f} us {lin.nbytes / t / 1e9:7.0f} GB/s")
-                rec.free()
-            print(f"kernel {qtype} {rows}x{cols} ({lin.nbytes / 1e6:.1f} MB): with a barrier after each {out[0]}; "
-                  f"without {out[1]}", flush=True)
+            int8 = backend.int8_input(1, cols) if backend.int8 else None
+            if int8 is not None:
+                backend.dev.zero([int8.rounded, int8.q, int8.d])
+            for activations in args.activations.split(","):
+                given = int8 if activations == "int8" else None
+                t = timed(lambda rec: lin.dispatch(rec, x, cols, 0, y, rows, 0, 1, int8=given))
+                print(f"kernel {qtype} {rows}x{cols} ({lin.nbytes / 1e6:.1f} MB) {activations}: with a barrier after "
+                      f"each {1e6 * t[0]:7.1f} us {lin.nbytes / t[0] / 1e9:6.0f} GB/s; without {1e6 * t[1]:7.1f} us "
+                      f"{lin.nbytes / t[1] / 1e9:6.0f} GB/s", flush=True)
+            if int8 is not None:
+                t = timed(lambda rec: backend.quantize(rec, x, cols, 1, int8))  # (its own barrier: one only)
+                print(f"kernel quantize_f32 of {cols} activations: {1e6 * t[0]:.1f} us", flush=True)
+                for buf in (int8.rounded, int8.q, int8.d):
+                    buf.free()
             lin.free()
             x.free()
             y.free()
@@ -165,6 +182,8 @@ def main():
     ap.add_argument("--device", type=int, default=0, help="Vulkan device index")
     ap.add_argument("--kv-cache", choices=("f32", "f16"), default="f32",
                     help="spmd's --kv-cache (llama.cpp keeps float16, its default)")
+    ap.add_argument("--activations", default="f32",
+                    help="spmd's --activations on Vulkan: f32, int8, or f32,int8 (both, each a row)")
     ap.add_argument("--peak-tbs", type=float, default=None, help="the device's memory bandwidth in TB/s")
     ap.add_argument("--cpu", action=argparse.BooleanOptionalAction, default=None,
                     help="also run --backend cpu on the same files (default: when the Vulkan device is a CPU)")
@@ -201,7 +220,8 @@ def main():
         path = Path(args.dir) / f"bench-vulkan-{name}-{qtype}.gguf"
         if not path.exists():
             write_model(path, shape, qtype=qtype, seed=0)
-        rows += bench_type(args, qtype, path)
+        for activations in args.activations.split(","):
+            rows += bench_type(args, qtype, path, activations)
     print(f"\n{args.shape} shape{' (1/4 width)' if args.small else ''}, {args.prompt}-token prompt, "
           f"{args.steps} decode steps, one rank, KV cache {args.kv_cache}")
     print(f"{'type':5} {'backend':44} {'prompt tok/s':>12} {'decode tok/s':>12} {'ms/token':>9} {'GPU ms':>7} "
@@ -219,13 +239,17 @@ def compare_llama_cpp(args, rows):
     """llama-bench (CUDA) on each Vulkan row's file, and spmd's ratio."""
     print(f"\nllama.cpp CUDA ({args.llama_bench}: -ngl 99 -fa 1, pp{args.prompt}, tg{args.steps} at depth "
           f"{args.prompt}) on the same files, and spmd's ratio:")
+    done = {}  # path -> llama.cpp's figures (once a file, whatever spmd's rows on it)
     for r in rows:
         if r["backend"].startswith("vulkan"):
-            got = llama(args.llama_bench, r["path"], "none", args.prompt, args.steps, depth=args.prompt)
+            if r["path"] not in done:
+                done[r["path"]] = llama(args.llama_bench, r["path"], "none", args.prompt, args.steps, depth=args.prompt)
+            got = done[r["path"]]
             if got is None:
                 print(f"{r['qtype']:5} llama-bench failed")
                 continue
-            print(f"{r['qtype']:5} prompt {got[0]:9.1f} tok/s (spmd {r['prompt_tps'] / got[0]:.2f}x), decode "
+            print(f"{r['qtype']:5} {r['activations']:4} prompt {got[0]:9.1f} tok/s "
+                  f"(spmd {r['prompt_tps'] / got[0]:.2f}x), decode "
                   f"{got[1]:7.1f} tok/s (spmd {r['decode_tps'] / got[1]:.2f}x)", flush=True)
 
 
@@ -234,15 +258,15 @@ def best(a, b):
     return a if b is None or a["decode_tps"] >= b["decode_tps"] else b
 
 
-def bench_type(args, qtype, path):
+def bench_type(args, qtype, path, activations):
     """Rows for one weight type: Vulkan, and the cpu backend on the same file when comparing (both models loaded,
-    measured in turns, the better of `rounds` turns each)."""
+    measured in turns, the better of `rounds` turns each), both with `activations`."""
     max_seq = args.prompt + args.steps + 1
-    backend, model, load_s = build(path, "vulkan", args.device, max_seq, args.kv_cache)
+    backend, model, load_s = build(path, "vulkan", args.device, max_seq, args.kv_cache, activations)
     dev = backend.dev
     peak = peak_for(dev.name, args.peak_tbs)
     run_cpu = dev.is_cpu if args.cpu is None else args.cpu
-    cpu = build(path, "cpu", None, max_seq, args.kv_cache) if run_cpu else None
+    cpu = build(path, "cpu", None, max_seq, args.kv_cache, activations) if run_cpu else None
     model.profile = args.profile
     r = c = None
     for _ in range(args.rounds if run_cpu else 1):
@@ -252,7 +276,8 @@ def bench_type(args, qtype, path):
         if run_cpu:
             c = best(measure(cpu[1], args.prompt, args.steps), c)
     nbytes = model.w.nbytes
-    r.update(qtype=qtype, backend=backend.description, load_s=load_s, weights_mb=nbytes / 1e6, path=path,
+    r.update(qtype=qtype, backend=f"{backend.description} {activations}", activations=activations, load_s=load_s,
+             weights_mb=nbytes / 1e6, path=path,
              gbs_gpu=None if r["gpu_ms"] is None else nbytes / r["gpu_ms"] / 1e6,
              gbs_wall=nbytes / r["ms_per_token"] / 1e6)
     r["roofline_gpu"] = None if peak is None or r["gbs_gpu"] is None else r["gbs_gpu"] / (peak * 1e3)
@@ -261,7 +286,8 @@ def bench_type(args, qtype, path):
     print_row(r, peak)
     if not run_cpu:
         return [r]
-    c.update(qtype=qtype, backend=cpu[0].description, load_s=cpu[2], weights_mb=cpu[1].w.nbytes / 1e6,
+    c.update(qtype=qtype, backend=f"{cpu[0].description} {activations}", activations=activations, load_s=cpu[2],
+             weights_mb=cpu[1].w.nbytes / 1e6,
              gbs_wall=cpu[1].w.nbytes / c["ms_per_token"] / 1e6)
     print(f"{qtype}: {backend.description} / {cpu[0].description}: decode {r['decode_tps'] / c['decode_tps']:.2f}x, "
           f"prompt {r['prompt_tps'] / c['prompt_tps']:.2f}x (the ratio of tokens/s, same file, same run)", flush=True)

@@ -4,7 +4,7 @@
                                          # or "vulkan" (GPU kernels); threads: cores this rank may use (None: all);
                                          # device: the Vulkan device index on this host (None: 0);
                                          # wrap: an index past the last device wraps around instead of failing;
-                                         # activations: the cpu backend's "f32" or "int8" (8-bit kernels)
+                                         # activations: "f32" or "int8" (cpu, vulkan: 8-bit kernels)
     backend.description                  # e.g. "cpu (numba, 2 threads)", "vulkan (NVIDIA H100 80GB HBM3)"
     lin = backend.linear(w, resident)    # w: QTensor (rows, cols), ownership passes; may be repacked;
                                          # resident=False: a streamed half's (Vulkan: no device memory of its
@@ -65,7 +65,7 @@ def get_backend(name: str, threads: int = None, device: int = None, wrap: bool =
         return CpuBackend(threads, activations)
     if name == "vulkan":
         from .vulkan import VulkanBackend
-        return VulkanBackend(device, wrap)
+        return VulkanBackend(device, wrap, activations)
     raise UserError(f"unknown backend {name!r} (choose one of: {', '.join(BACKENDS)})")
 
 

@@ -182,6 +182,12 @@ class Device:
         queue_info = vk.VkDeviceQueueCreateInfo(queueFamilyIndex=self.family, queueCount=1, pQueuePriorities=[1.0])
         extensions, features = self._coop_matrix()
         self.coop = bool(extensions)
+        self.int_dot = self._integer_dot()
+        if self.int_dot:  # (--activations int8's kernels: 8-bit dot products, float64 in the rounding)
+            extensions = extensions + [self.INT_DOT]
+            features = vk.VkPhysicalDeviceFeatures2(features=vk.VkPhysicalDeviceFeatures(shaderFloat64=vk.VK_TRUE),
+                                                    pNext=vk.VkPhysicalDeviceShaderIntegerDotProductFeatures(
+                                                        shaderIntegerDotProduct=vk.VK_TRUE, pNext=features))
         self.device = vk.vkCreateDevice(self.physical, vk.VkDeviceCreateInfo(
             pNext=features, queueCreateInfoCount=1, pQueueCreateInfos=[queue_info],
             enabledExtensionCount=len(extensions), ppEnabledExtensionNames=extensions or None), None)
@@ -219,6 +225,20 @@ class Device:
                             "(Vulkan 1.1): use --backend cpu on this machine")
         # quad operations (kernels/attention_block.glsl; without them a prompt attends a row at a time)
         self.quads = bool(sub.supportedOperations & vk.VK_SUBGROUP_FEATURE_QUAD_BIT) and self.subgroup_size >= 4
+
+    INT_DOT = "VK_KHR_shader_integer_dot_product"
+
+    def _integer_dot(self):
+        """Whether the device has what --activations int8's kernels need: packed 4 x 8-bit integer dot products in
+        shaders (kernels/int8.glsl: Vulkan 1.3 drivers have them, lavapipe's emulated) and float64 arithmetic
+        (kernels/quantize.glsl)."""
+        have = {_text(e.extensionName) for e in vk.vkEnumerateDeviceExtensionProperties(self.physical, None)}
+        if self.INT_DOT not in have:
+            return False
+        found = vk.VkPhysicalDeviceShaderIntegerDotProductFeatures()
+        both = vk.VkPhysicalDeviceFeatures2(pNext=found)
+        vk.vkGetPhysicalDeviceFeatures2(self.physical, both)
+        return bool(found.shaderIntegerDotProduct and both.features.shaderFloat64)
 
     COOP_EXTENSIONS = ("VK_NV_cooperative_matrix", "VK_KHR_shader_float16_int8", "VK_KHR_vulkan_memory_model")
 

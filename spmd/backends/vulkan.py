@@ -20,6 +20,7 @@ k norms); `attention_f32` with RoPE and the KV-cache store fused in; `add_f32` f
 Activations are float32 buffers whose rows are padded to a multiple of 32 floats (the padding stays zero).
 """
 import struct
+from typing import NamedTuple
 
 import numpy as np
 from gguf import GGMLQuantizationType as T
@@ -33,11 +34,14 @@ from .vk_runtime import Buffer, Device, Recording, env_tuple
 TYPES = {T.F32: "f32", T.F16: "f16", T.BF16: "bf16", T.Q8_0: "q8_0", T.Q4_0: "q4_0", T.Q4_1: "q4m", T.Q4_K: "q4m",
          T.Q5_0: "q5m", T.Q5_1: "q5m", T.Q5_K: "q5m", T.Q6_K: "q6"}
 UV = {"f32": 8, "f16": 4, "bf16": 4, "q8_0": 2, "q4_0": 1, "q4m": 1, "q5m": 1, "q6": 1}  # uvec4 per 32-element block
+FLOATS = ("f32", "f16", "bf16")  # kernels of float weights: float activations under --activations int8 too
+INT8 = ("q4_0", "q8_0")  # kernels of 8-bit activations (matvec_<w>_i8); other quantised types read them as floats
 WORDS = ("q4m", "q5m", "q6")  # repacked with uint32 words per block (_repack_words)
 SCALE_BYTES = {"q4_0": 2, "q8_0": 2, "q4m": 8, "q5m": 12, "q6": 16}  # a block's scales in their own buffer
 # rows, nb, x_stride, x_off, y_stride, y_off, n, groups, bias_off, flags, ss_count, inv_dim, eps
 MATVEC_PUSH = "<11I2f"
-ACCUM, BIAS, NORM, PRODUCE = 1, 2, 4, 8  # flags (kernels/matmul_io.glsl)
+ACCUM, BIAS, NORM, PRODUCE, QUANTIZE = 1, 2, 4, 8, 16  # flags (kernels/matmul_io.glsl)
+MATVEC_BINDINGS, MATMUL_BINDINGS = 15, 10  # (matmul_io.glsl: matvec's 10 is the _i8 kernels' xd, 11-14 QUANTIZE's)
 # A coopmat workgroup stages its 64 rows' weights (a quantised type's integers, or fp16 pairs) once for all its
 # tokens, which is much of its time: 64 tokens a workgroup beat 32 where that still gives this many workgroups, and lose
 # where fewer leave much of the GPU idle. H200 (132 SMs), 128 tokens, one product timed alone: TinyLlama's wo, 64
@@ -178,6 +182,15 @@ class Part:
                 self.d.free()
 
 
+class Int8Input(NamedTuple):
+    """A pass's activations rounded to 8 bits by kernels/quantize_f32 (--activations int8), as bindings: the rounded
+    floats (rows `stride` floats apart), the 8-bit integers and the blocks' scales."""
+    rounded: tuple
+    stride: int
+    q: tuple
+    d: tuple
+
+
 class VulkanLinear:
     """A weight matrix in device memory; `__call__` runs one product (kernel tests, one-off uses). Resident, it
     holds its own buffers; streamed (`resident=False`, spmd.stream.DeviceWindow), it keeps its repacked `arrays`
@@ -214,12 +227,20 @@ class VulkanLinear:
                                          0 if scale is None else scale.nbytes))
 
     def dispatch(self, rec, x, x_stride, x_off, y, y_stride, y_off, n, pair=None, bias=None, bias_off=0,
-                 accum=False, norm=None, produce=None):
+                 accum=False, norm=None, produce=None, int8=None, quantize=None):
         """Record y[tok, y_off + row] (+)= W[row] . x[tok] for n tokens (x, y, bias: Buffers or bindings).
         pair: a VulkanLinear of the same shape and type; then y = silu(W x) * (pair x) (SwiGLU's gate and up).
         norm: (ss buffer, count, eps, dim): x is RMSNorm's input times its weight; scale by the producer's sums.
-        produce (decode): (ss buffer, next norm weight binding, xg buffer): write xg = y * g and ss partials."""
-        b, tg = self.backend, 1
+        produce (decode): (ss buffer, next norm weight binding, xg buffer): write xg = y * g and ss partials.
+        int8 (--activations int8): x's rows as kernels/quantize_f32 wrote them, an `Int8Input`: a quantised
+        matrix reads them (the 8-bit kernel where its type has one, else the rounded floats) instead of x.
+        quantize (one-token decode with int8): (Int8Input, counts buffer): also round what this product finishes
+        (xg where it produces, else y) into the Int8Input for the next product (flag QUANTIZE)."""
+        b, tg, suffix, x_bind = self.backend, 1, "f32", None
+        if int8 is not None and self.type not in FLOATS:
+            x, x_stride, x_off = int8.rounded, int8.stride, 0
+            if n <= b.matvec_rows and self.type in INT8:
+                suffix, x, x_bind = "i8", int8.q, int8.d
         if n <= b.matvec_rows:
             kernel, wg, nr, nt = "matvec", b.matvec_wg, 4, 1  # kernels/matmul_io.glsl's NR, NT
         elif self.dev.coop and self.type != "f32" and norm is None and self.nb > 0:
@@ -230,10 +251,13 @@ class VulkanLinear:
             kernel, wg, nr, nt = "matmul", b.matmul_wg, 2, 8
         assert kernel == "coopmat" or wg >= nr * nt
         assert produce is None or (kernel == "matvec" and len(self.parts) == 1)
-        pipe = self.dev.pipeline(f"{kernel}_{self.type}_f32", 10, struct.calcsize(MATVEC_PUSH),
+        assert quantize is None or (kernel == "matvec" and n == 1 and len(self.parts) == 1 and y_off % 32 == 0)
+        bindings = MATVEC_BINDINGS if kernel == "matvec" else MATMUL_BINDINGS
+        pipe = self.dev.pipeline(f"{kernel}_{self.type}_{suffix}", bindings, struct.calcsize(MATVEC_PUSH),
                                  (wg, int(pair is not None), b.unroll if kernel == "matvec" else 1, nt, tg))
         flags = (ACCUM if accum else 0) | (BIAS if bias is not None else 0)
         flags |= (NORM if norm is not None else 0) | (PRODUCE if produce is not None else 0)
+        flags |= QUANTIZE if quantize is not None else 0
         ss_buf, count, eps, dim = norm if norm is not None else (None, 0, 0.0, 1)
         dummy = b.dummy
         if produce is not None:
@@ -246,6 +270,9 @@ class VulkanLinear:
             other = pair.parts[i] if pair is not None else part
             bufs = [part.w, part.d or dummy, x, bias or dummy, y, other.w, other.d or dummy, ss_buf or dummy,
                     gnext if produce is not None else dummy, xg if produce is not None else dummy]
+            if kernel == "matvec":
+                out, counts = quantize if quantize is not None else (None, None)
+                bufs += [x_bind or dummy] + ([out.q, out.d, out.rounded, counts] if out else [dummy] * 4)
             rec.dispatch(pipe, [whole(buf) for buf in bufs], push, (gx, -(-n // nt), -(-groups // gx)))
 
     def __call__(self, x: np.ndarray, out: np.ndarray = None) -> np.ndarray:
@@ -257,11 +284,14 @@ class VulkanLinear:
             self._free_io()
             xb, yb = Buffer(self.dev, n * self.nb * 128, "host"), Buffer(self.dev, n * self.rows * 4, "host")
             rec = Recording(self.dev)
-            self.dispatch(rec, xb, self.nb * 32, 0, yb, self.rows, 0, n)
+            int8 = self.backend.int8_input(n, self.nb * 32) if self.backend.int8 else None
+            if int8 is not None:
+                self.backend.quantize(rec, xb, self.nb * 32, n, int8)
+            self.dispatch(rec, xb, self.nb * 32, 0, yb, self.rows, 0, n, int8=int8)
             rec.barrier(to_host=True)
             rec.end()
-            self._io = (n, xb, yb, rec)
-        _, xb, yb, rec = self._io
+            self._io = (n, xb, yb, rec, int8)
+        _, xb, yb, rec, _ = self._io
         xs = xb.array(np.float32, (n, self.nb * 32))
         xs[:, :self.cols] = x
         xs[:, self.cols:] = 0.0
@@ -271,10 +301,10 @@ class VulkanLinear:
 
     def _free_io(self):
         if self._io is not None:
-            _, xb, yb, rec = self._io
+            _, xb, yb, rec, int8 = self._io
             rec.free()
-            xb.free()
-            yb.free()
+            for buf in (xb, yb) + ((int8.rounded, int8.q, int8.d) if int8 is not None else ()):
+                buf.free()
             self._io = None
 
     def free(self):
@@ -297,13 +327,17 @@ class VulkanBackend(Backend):
             return f"{w.qtype.name} slices that cut through its 32-element blocks"
         return None
 
-    def __init__(self, device: int = None, wrap: bool = False):
+    def __init__(self, device: int = None, wrap: bool = False, activations="f32"):
         index = device or 0
         if index not in _DEVICES:
             _DEVICES[index] = Device(index, wrap)
         self.dev = _DEVICES[index]
         self.dev.check_index(index, wrap)
         self.description = f"vulkan ({self.dev.name})"
+        self.int8 = activations == "int8"  # quantised products read 8-bit activations (VulkanModel._int8)
+        if self.int8 and not self.dev.int_dot:
+            raise UserError(f"--activations int8: the Vulkan device {self.dev.name} lacks 8-bit integer dot "
+                            f"products ({Device.INT_DOT}) or float64 arithmetic: use --activations f32")
         # threads per workgroup of the kernels (specialisation constants), e.g. SPMD_VK_MATVEC=128 to try others
         # (GPU: 64 measured 4-8% faster than 32 and 128 on an H200 at TinyLlama's shapes; lavapipe: 16 of 16-64)
         self.matvec_wg = env_tuple("SPMD_VK_MATVEC", (16,) if self.dev.is_cpu else (64,))[0]
@@ -322,6 +356,22 @@ class VulkanBackend(Backend):
         self.norm_wg = 64 if self.dev.is_cpu else 256
         self.attention_wg = env_tuple("SPMD_VK_ATTENTION", (16,) if self.dev.is_cpu else (256,))[0]
         self.dummy = Buffer(self.dev, 64)
+
+    def int8_input(self, n, stride):
+        """Buffers for n rows of `stride` (a multiple of 32) activations rounded to 8 bits (the caller frees
+        them)."""
+        return Int8Input(Buffer(self.dev, n * stride * 4), stride, Buffer(self.dev, n * stride),
+                         Buffer(self.dev, n * stride // 32 * 8))
+
+    def quantize(self, rec, x, x_stride, n, into):
+        """Record `into` (an Int8Input) = the first into.stride floats of x's n rows (x_stride apart) rounded to 8
+        bits a block (kernels/quantize_f32), then a barrier."""
+        pipe = self.dev.pipeline("quantize_f32", 4, 12, (64,))  # (64: a multiple of a block's 8 threads)
+        nb = into.stride // 32
+        rec.dispatch(pipe, [whole(b) for b in (x, into.q, into.d, into.rounded)], struct.pack("<3I", nb, x_stride, 0),
+                     (-(-nb * 8 // 64), n, 1))
+        rec.barrier()
+        rec.mark("int8")
 
     def linear(self, w: QTensor, resident=True) -> VulkanLinear:
         return VulkanLinear(self, w, resident)

@@ -56,7 +56,7 @@ import numpy as np
 from ..errors import UserError
 from ..model import KV_DTYPES, Rope, check_pass, check_slot, last_rows, segment_rows, stage_schedule
 from .vk_runtime import MIB, Buffer, Recording, env_tuple
-from .vulkan import pad
+from .vulkan import FLOATS, pad
 
 ATTENTION_PUSH = "<8IfIIII"  # group, qkv_stride, k_off, v_off, o_stride, max_seq, rope_dim, neox, scale, mode,
 # splits, split_keys, n (kernels/attention_io.glsl)
@@ -134,6 +134,18 @@ class Activations:
             self.xg = Buffer(dev, n * m.dp * 4)  # (n, dp) x * the next RMSNorm's weight
             self.ss = Buffer(dev, self.ss_count * 4)  # partial sums of x^2
             self.buffers += [self.xg, self.ss]
+        # --activations int8: a product's input rounded to 8 bits (VulkanModel._int8); fused, a second set for
+        # the RMSNorm inputs that wo and w2 round as they finish them (matvec's QUANTIZE, with a count per block)
+        # while gate and up round theirs into the first
+        self.int8 = self.int8_norm = self.counts = None
+        if m.backend.int8:
+            widest = max(m.dp, m.att_stride, m.ffn_stride)
+            self.int8 = m.backend.int8_input(n, widest)
+            self.buffers += [self.int8.rounded, self.int8.q, self.int8.d]
+            if fused:
+                self.int8_norm = m.backend.int8_input(1, m.dp)
+                self.counts = Buffer(dev, widest // 32 * 4)
+                self.buffers += [self.int8_norm.rounded, self.int8_norm.q, self.int8_norm.d, self.counts]
         if self.io is not self.x:
             self.buffers.append(self.io)
         dev.zero(self.buffers)
@@ -251,6 +263,8 @@ class VulkanModel:
         if a.io is not a.x:
             self.dev.copy(recs[-1], a.io, a.x, a.n * self.dp * 4)
             recs[-1].barrier()
+        if a.int8_norm is not None:  # the first layer's RMSNorm input, which the host wrote
+            self.backend.quantize(recs[-1], a.xg, self.dp, 1, a.int8_norm)
         halves = {"attention": self._attention_half, "ffn": self._ffn_half}
         streamed = self.w.window.index if self.w.window is not None else {}
         recs[-1].key = None
@@ -290,8 +304,9 @@ class VulkanModel:
         """logits[s] = (RMSNorm(x[scored[s]]) * output_norm) @ output.T, where this rank holds classifier rows:
         the scored rows' norms gathered into xh (a dispatch per run of consecutive rows, bound at its 256-byte
         aligned row), then one product over them all."""
-        if self.nv and a.fused:
-            self.w.output.dispatch(rec, a.xg, self.dp, 0, a.logits, self.nv, 0, 1, norm=self._fused_norm(a))
+        out = self.w.output
+        if self.nv and a.fused:  # (int8: the stage's last w2 rounded xg)
+            out.dispatch(rec, a.xg, self.dp, 0, a.logits, self.nv, 0, 1, norm=self._fused_norm(a), int8=a.int8_norm)
         elif self.nv:
             stride = self.norm_stride
             for at, row, count in runs(scored):
@@ -299,7 +314,22 @@ class VulkanModel:
                                    stride)
             rec.barrier()
             rec.mark("rmsnorm")
-            self.w.output.dispatch(rec, a.xh, stride, 0, a.logits, self.nv, 0, len(scored))
+            int8 = self._int8(rec, a, a.xh, stride, self.cfg.dim, len(scored), (out,))
+            out.dispatch(rec, a.xh, stride, 0, a.logits, self.nv, 0, len(scored), int8=int8)
+
+    def _int8(self, rec, a, x, x_stride, width, rows, lins):
+        """--activations int8: the first `width` floats of x's `rows` rows rounded to 8 bits a block for the
+        products `lins` that read them (an Int8Input the dispatches take, after a barrier); None without int8, or
+        where every one of them is a float matrix (which keeps float activations, as on the cpu backend)."""
+        if a.int8 is None or not width or all(lin.type in FLOATS for lin in lins):
+            return None
+        into = a.int8._replace(stride=pad(width))
+        self.backend.quantize(rec, x, x_stride, rows, into)
+        return into
+
+    def _rounds(self, a, into):
+        """The `quantize` of a fused decode product with int8 activations: (into, counts), else None."""
+        return (into, a.counts) if a.int8_norm is not None else None
 
     def _fused_norm(self, a):
         return (a.ss, a.ss_count, self.cfg.norm_eps, self.cfg.dim) if a.fused else None
@@ -326,9 +356,11 @@ class VulkanModel:
         if self.nh:
             if not a.fused:
                 self._norm_step(rec, a, self._row(layer, 0))
+            x = a.xg if a.fused else a.xn
+            int8 = a.int8_norm or self._int8(rec, a, x, self.dp, cfg.dim, n, (lw.wq, lw.wk, lw.wv))
             for lin, off in ((lw.wq, 0), (lw.wk, self.nh * hd), (lw.wv, (self.nh + self.nkv) * hd)):
-                lin.dispatch(rec, a.xg if a.fused else a.xn, self.dp, 0, a.qkv, self.qkv_stride, off, n,
-                             bias=self.bias, bias_off=li * self.qkv_width + off, norm=self._fused_norm(a))
+                lin.dispatch(rec, x, self.dp, 0, a.qkv, self.qkv_stride, off, n, bias=self.bias,
+                             bias_off=li * self.qkv_width + off, norm=self._fused_norm(a), int8=int8)
             rec.barrier()
             rec.mark("q k v")
             if self.qk_norms is not None:  # qwen3: each q and k head RMS-normalised in place
@@ -354,11 +386,13 @@ class VulkanModel:
                     rec.dispatch(self._attention, bufs, push, (self.nh, n, self.splits if mode == 3 else 1))
                 rec.barrier()
             rec.mark("attention")
+        int8 = self._int8(rec, a, a.att, self.att_stride, self.nh * hd, n, (lw.wo,))
         if multi:  # the partial sum (zeros when this rank holds no heads)
-            lw.wo.dispatch(rec, a.att, self.att_stride, 0, a.delta, self.dp, 0, n)
+            lw.wo.dispatch(rec, a.att, self.att_stride, 0, a.delta, self.dp, 0, n, int8=int8)
         elif self.nh:
-            lw.wo.dispatch(rec, a.att, self.att_stride, 0, a.x, self.dp, 0, n, accum=True,
-                           produce=self._produce(a, self._row(layer, 1)))
+            produce = self._produce(a, self._row(layer, 1))
+            lw.wo.dispatch(rec, a.att, self.att_stride, 0, a.x, self.dp, 0, n, accum=True, produce=produce,
+                           int8=int8, quantize=self._rounds(a, a.int8_norm) if produce else None)
             rec.barrier()
             rec.mark("wo")
 
@@ -367,15 +401,22 @@ class VulkanModel:
         if self.nf:
             if not a.fused:
                 self._norm_step(rec, a, self._row(layer, 1))
-            lw.w1.dispatch(rec, a.xg if a.fused else a.xn, self.dp, 0, a.h, self.ffn_stride, 0, n, pair=lw.w3,
-                           norm=self._fused_norm(a))  # silu(gate) * up
+            x = a.xg if a.fused else a.xn
+            int8 = a.int8_norm or self._int8(rec, a, x, self.dp, self.cfg.dim, n, (lw.w1, lw.w3))
+            lw.w1.dispatch(rec, x, self.dp, 0, a.h, self.ffn_stride, 0, n, pair=lw.w3, norm=self._fused_norm(a),
+                           int8=int8, quantize=self._rounds(a, a.int8))  # silu(gate) * up
             rec.barrier()
             rec.mark("gate up")
+        if a.int8_norm is not None:
+            int8 = a.int8._replace(stride=self.ffn_stride)  # (gate and up rounded h)
+        else:
+            int8 = self._int8(rec, a, a.h, self.ffn_stride, self.nf, n, (lw.w2,))
         if multi:
-            lw.w2.dispatch(rec, a.h, self.ffn_stride, 0, a.delta, self.dp, 0, n)
+            lw.w2.dispatch(rec, a.h, self.ffn_stride, 0, a.delta, self.dp, 0, n, int8=int8)
         elif self.nf:
-            lw.w2.dispatch(rec, a.h, self.ffn_stride, 0, a.x, self.dp, 0, n, accum=True,
-                           produce=self._produce(a, self._row(layer, 2)))
+            produce = self._produce(a, self._row(layer, 2))
+            lw.w2.dispatch(rec, a.h, self.ffn_stride, 0, a.x, self.dp, 0, n, accum=True, produce=produce,
+                           int8=int8, quantize=self._rounds(a, a.int8_norm) if produce else None)
             rec.barrier()
             rec.mark("down")
 

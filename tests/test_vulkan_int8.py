@@ -1,0 +1,200 @@
+"""--activations int8 on the Vulkan backend: every product of a quantised matrix reads its input rounded to 8 bits a
+32-element block as the cpu backend rounds it (kernels/quantize.glsl); Q4_0 and Q8_0 decode products sum 8-bit
+integer dot products (matvec_*_i8), the other types and the prompt's products read the rounded floats; a one-token
+decode rounds each product's result inside that product (flag QUANTIZE) instead of in a pass of its own.
+
+The products are held to tests/test_backends.int8_reference (the transcription of what the cpu backend computes)
+within float32 summation (1e-5 of sum |x||w|, as in tests/test_vulkan.py) plus the reference's own cuts to 2^-28;
+the rounding itself to the bit."""
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as T
+
+from spmd.backends import cpu, get_backend, vulkan
+from spmd.backends.vk_runtime import Buffer, Recording
+from spmd.config import read_config
+from spmd.errors import UserError
+from spmd.gguf_file import GGUFFile
+from spmd.model import Segment
+from spmd.quants import dequantize
+from spmd.weights import load_shard
+from test_backends import INT8_TYPES, activations, int8_lane, int8_reference, random_qtensor
+from test_vulkan import PROMPT, BACKEND, NumpyBackend, _whole, models, tolerance  # noqa: F401 (models: a fixture)
+
+
+def _backend8():
+    if isinstance(BACKEND, str):
+        return BACKEND
+    try:
+        return get_backend("vulkan", activations="int8")
+    except UserError as e:
+        return str(e)
+
+
+BACKEND8 = _backend8()
+needs_int8 = pytest.mark.skipif(isinstance(BACKEND8, str), reason=f"no Vulkan int8: {BACKEND8}")
+
+
+def rounded(x):
+    """The cpu backend's 8-bit activations, transcribed: (q (n, cols) int, d (n, cols / 32) float32)."""
+    f32 = np.float32
+    xb = x.reshape(x.shape[0], -1, 32)
+    d = (np.abs(xb).max(axis=2) / f32(127)).astype(f32)
+    with np.errstate(divide="ignore"):
+        inverse = np.where(d > 0, f32(1) / d, f32(0)).astype(f32)
+    return np.rint(xb * inverse[..., None]).reshape(x.shape).astype(np.int64), d
+
+
+def read(buf, dtype, shape):
+    return BACKEND8.dev.read(buf, 0, int(np.prod(shape)) * np.dtype(dtype).itemsize).view(dtype).reshape(shape)
+
+
+def quantized(into, n, cols):
+    """What an Int8Input holds for n rows of cols: (q, d, d * sum of q per block, the rounded floats)."""
+    q = read(into.q, np.int8, (n, cols)).astype(np.int64)
+    dd = read(into.d, np.float32, (n, cols // 32, 2))
+    return q, dd[..., 0], dd[..., 1], read(into.rounded, np.float32, (n, cols))
+
+
+@needs_int8
+@pytest.mark.parametrize("n, matvec_rows", [(1, 1), (3, 8), (13, 8)], ids=["one", "matvec-3", "prompt-13"])
+@pytest.mark.parametrize("shape", ((37, 96), (300, 544), (20, 4160)), ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("qtype", INT8_TYPES + (T.F16,), ids=lambda t: t.name)
+def test_products_are_the_transcription(qtype, shape, n, matvec_rows, monkeypatch):
+    """Each quantised type against the transcription (F16 keeps float activations, as on the cpu backend); Q4_0 and
+    Q8_0 through the 8-bit kernels where the matrix-vector kernel runs."""
+    monkeypatch.setattr(BACKEND8, "matvec_rows", matvec_rows)
+    rng = np.random.default_rng(21)
+    w = random_qtensor(qtype, *shape, rng)
+    x = activations(n, w.cols, rng)
+    got = BACKEND8.linear(w)(x)
+    if qtype == T.F16:
+        assert np.all(np.abs(got - NumpyBackend().linear(w)(x)) <= tolerance(w, x))
+        return
+    cuts = w.cols / int8_lane(qtype) * 2.0 ** -cpu.FIXED
+    bound = 1e-5 * (np.abs(x) @ np.abs(dequantize(w)).T.astype(np.float64)) + cuts
+    assert np.all(np.abs(got - int8_reference(w, x)) <= bound)
+    kernels = {key[0] for key in BACKEND8.dev._pipelines}
+    if n <= matvec_rows and vulkan.TYPES[qtype] in vulkan.INT8:
+        assert f"matvec_{vulkan.TYPES[qtype]}_i8" in kernels
+
+
+@needs_int8
+def test_the_rounding_is_the_cpus_to_the_bit():
+    """kernels/quantize_f32 against the transcription: the integers, d, d * their sum and the rounded floats, on
+    blocks of every scale (one all zero, one 1e4 times larger, tiny ones); a block with a NaN, an infinity or a
+    value over 2^22 gets d = NaN, and the others keep theirs."""
+    rng = np.random.default_rng(22)
+    n, cols = 5, 1024
+    x = activations(n, cols, rng) * (10.0 ** rng.integers(-20, 6, (n, 1))).astype(np.float32)
+    x[2, 64:96] = 3.0  # an exact tie at +-0.5 nowhere, one value a block
+    bad = {(3, 100): np.nan, (3, 300): np.inf, (4, 900): 5e6}
+    for (i, j), v in bad.items():
+        x[i, j] = v
+    xb, into = Buffer(BACKEND8.dev, x.nbytes), BACKEND8.int8_input(n, cols)
+    xb.write(x)
+    rec = Recording(BACKEND8.dev)
+    BACKEND8.quantize(rec, xb, cols, n, into)
+    rec.barrier(to_host=True)
+    rec.end()
+    rec.run()
+    q, d, dsum, floats = quantized(into, n, cols)
+    want_q, want_d = rounded(np.where(np.isfinite(x), x, 0.0).astype(np.float32))
+    broken = np.zeros((n, cols // 32), bool)
+    for i, j in bad:
+        broken[i, j // 32] = True
+    assert np.isnan(d[broken]).all() and not np.isnan(d[~broken]).any()
+    good = np.repeat(~broken, 32, axis=1)
+    np.testing.assert_array_equal(q[good], want_q[good])
+    np.testing.assert_array_equal(d[~broken], want_d[~broken])
+    sums = want_q.reshape(n, -1, 32).sum(axis=2)
+    np.testing.assert_array_equal(dsum[~broken], (want_d * sums.astype(np.float32))[~broken])
+    np.testing.assert_array_equal(floats[good], (want_q * np.repeat(want_d, 32, axis=1)).astype(np.float32)[good])
+    for b in (xb, into.rounded, into.q, into.d):
+        b.free()
+    rec.free()
+
+
+@needs_int8
+@pytest.mark.parametrize("rows", [96, 100], ids=["whole-blocks", "a-part-block"])
+@pytest.mark.parametrize("kind", ["produce", "pair"])
+def test_a_product_rounds_what_it_finishes_as_the_rounding_pass_does(kind, rows):
+    """Flag QUANTIZE: the workgroup that finishes a 32-row block last rounds it; the result is quantize_f32's of
+    what the product wrote (xg where it produces, y for gate and up) to the bit, also the second time the same
+    recording runs (the counts went back to 0)."""
+    rng = np.random.default_rng(23)
+    cols = 256
+    w = random_qtensor(T.Q8_0, rows, cols, rng)
+    lin = BACKEND8.linear(w)
+    pair = BACKEND8.linear(random_qtensor(T.Q8_0, rows, cols, rng)) if kind == "pair" else None
+    dev, width = BACKEND8.dev, vulkan.pad(rows)
+    x, y, xg = Buffer(dev, cols * 4), Buffer(dev, width * 4), Buffer(dev, width * 4)
+    ss, g, counts = Buffer(dev, 4 * width), Buffer(dev, width * 4), Buffer(dev, width)
+    fused, again = BACKEND8.int8_input(1, width), BACKEND8.int8_input(1, width)
+    dev.zero([y, xg, ss, counts, fused.rounded, fused.q, fused.d])
+    g.write(rng.standard_normal(width).astype(np.float32))
+    for trial in range(2):
+        x.write(rng.standard_normal(cols).astype(np.float32))
+        rec = Recording(dev)
+        produce = (ss, g, xg) if kind == "produce" else None
+        lin.dispatch(rec, x, cols, 0, y, width, 0, 1, pair=pair, produce=produce, quantize=(fused, counts))
+        rec.barrier()
+        BACKEND8.quantize(rec, xg if kind == "produce" else y, width, 1, again)
+        rec.barrier(to_host=True)
+        rec.end()
+        rec.run()
+        rec.free()
+        for a, b in zip(quantized(fused, 1, width), quantized(again, 1, width)):
+            np.testing.assert_array_equal(a, b)
+        assert not read(counts, np.uint32, (width // 32,)).any()
+        assert np.abs(quantized(fused, 1, width)[3]).max() > 0
+    for b in (x, y, xg, ss, g, counts, fused.rounded, fused.q, fused.d, again.rounded, again.q, again.d):
+        b.free()
+    lin.free()
+
+
+def _int8_model(path, name):
+    """The whole model of `path` on the vulkan or cpu backend with int8 activations, slot 0 open."""
+    f = GGUFFile(path)
+    cfg = read_config(f)
+    share = _whole(cfg)
+    backend = BACKEND8 if name == "vulkan" else get_backend("cpu", threads=1, activations="int8")
+    model = backend.make_model(cfg, load_shard(f, cfg, share, backend), share, 64)
+    model.open(0, 64)
+    return model
+
+
+def _logits(model, tokens, pos):
+    return model.forward(model.embed(np.array(tokens)), [Segment(0, pos, len(tokens))], None, head=True)[0]
+
+
+@needs_int8
+@pytest.mark.parametrize("case", ["Q8_0", "Q4_0", "Q4_K_M"])
+def test_logits_follow_the_cpu_backends_with_int8(models, case):  # noqa: F811 (the fixture)
+    """The test models' logits against the cpu backend's --activations int8: prompts of 1 to 13 tokens in one pass,
+    then 8 decode steps after the first 8 (the rounding inside the products). Two engines' activations that differ
+    in their last bit (float32 sums in another order) can round to integers one apart, which moves the logits by
+    about as much as int8 activations move them from float32 ones (0.05-0.1 here), and that pass's later ones with
+    it: so most passes, not all, must agree to float32 summation (on lavapipe 21, 19 and 17 of 21), and every one
+    to within int8's own noise."""
+    cpu8, dev8 = _int8_model(models[case], "cpu"), _int8_model(models[case], "vulkan")
+    diffs = [np.abs(_logits(dev8, PROMPT[:n], 0) - _logits(cpu8, PROMPT[:n], 0)).max() for n in range(1, 14)]
+    token, pos = int(np.argmax(_logits(cpu8, PROMPT[:8], 0))), 8
+    _logits(dev8, PROMPT[:8], 0)
+    for _ in range(8):
+        want = _logits(cpu8, [token], pos)
+        diffs.append(np.abs(_logits(dev8, [token], pos) - want).max())
+        token, pos = int(np.argmax(want)), pos + 1
+    assert sum(d <= 1e-4 for d in diffs) >= 2 * len(diffs) // 3, diffs
+    assert max(diffs) < 0.5, diffs
+    assert dev8._decode and all(acts.int8_norm is not None for acts, _ in dev8._decode.values())  # fused
+    dev8.close()
+
+
+def test_a_device_without_integer_dot_products_refuses_int8(monkeypatch):
+    if isinstance(BACKEND, str):
+        pytest.skip(BACKEND)
+    monkeypatch.setattr(BACKEND.dev, "int_dot", False)
+    with pytest.raises(UserError, match="--activations int8: the Vulkan device .* lacks 8-bit integer dot products"):
+        get_backend("vulkan", activations="int8")
