@@ -224,11 +224,11 @@ def main():
             rows += bench_type(args, qtype, path, activations)
     print(f"\n{args.shape} shape{' (1/4 width)' if args.small else ''}, {args.prompt}-token prompt, "
           f"{args.steps} decode steps, one rank, KV cache {args.kv_cache}")
-    print(f"{'type':5} {'backend':44} {'prompt tok/s':>12} {'decode tok/s':>12} {'ms/token':>9} {'GPU ms':>7} "
+    print(f"{'type':5} {'backend':52} {'prompt tok/s':>12} {'decode tok/s':>12} {'ms/token':>9} {'GPU ms':>7} "
           f"{'outside':>7} {'weights MB':>10} {'GB/s (GPU)':>10} {'roofline':>8}")
     for r in rows:
         fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
-        print(f"{r['qtype']:5} {r['backend'][:44]:44} {r['prompt_tps']:12.1f} {r['decode_tps']:12.1f} "
+        print(f"{r['qtype']:5} {r['backend'][:52]:52} {r['prompt_tps']:12.1f} {r['decode_tps']:12.1f} "
               f"{r['ms_per_token']:9.3f} {fmt(r.get('gpu_ms'), '7.3f')} {fmt(r.get('outside_ms'), '7.3f')} "
               f"{r['weights_mb']:10.1f} {fmt(r.get('gbs_gpu'), '10.1f')} {fmt(r.get('roofline_gpu'), '8.0%')}")
     if args.llama_bench:
@@ -276,7 +276,7 @@ def bench_type(args, qtype, path, activations):
         if run_cpu:
             c = best(measure(cpu[1], args.prompt, args.steps), c)
     nbytes = model.w.nbytes
-    r.update(qtype=qtype, backend=f"{backend.description} {activations}", activations=activations, load_s=load_s,
+    r.update(qtype=qtype, backend=backend.description, activations=activations, load_s=load_s,
              weights_mb=nbytes / 1e6, path=path,
              gbs_gpu=None if r["gpu_ms"] is None else nbytes / r["gpu_ms"] / 1e6,
              gbs_wall=nbytes / r["ms_per_token"] / 1e6)
@@ -286,7 +286,7 @@ def bench_type(args, qtype, path, activations):
     print_row(r, peak)
     if not run_cpu:
         return [r]
-    c.update(qtype=qtype, backend=f"{cpu[0].description} {activations}", activations=activations, load_s=cpu[2],
+    c.update(qtype=qtype, backend=cpu[0].description, activations=activations, load_s=cpu[2],
              weights_mb=cpu[1].w.nbytes / 1e6,
              gbs_wall=cpu[1].w.nbytes / c["ms_per_token"] / 1e6)
     print(f"{qtype}: {backend.description} / {cpu[0].description}: decode {r['decode_tps'] / c['decode_tps']:.2f}x, "

@@ -8,5 +8,5 @@ export PATH="$PWD/${SPMD_VENV:-.venv}/bin:$PATH"  # python and mpirun of the set
 timeout 1200 python -m pytest --with-mpi -q "$@"
 for n in 2 3 4; do
     echo "== $n ranks"
-    timeout 600 mpirun -n "$n" python -m pytest --with-mpi -q -m mpi -p no:cacheprovider "$@"
+    timeout 900 mpirun -n "$n" python -m pytest --with-mpi -q -m mpi -p no:cacheprovider "$@"
 done

@@ -66,6 +66,23 @@ def test_cpu_rank_0_and_vulkan_elsewhere(models, case):
 
 @needs_device
 @pytest.mark.mpi
+@pytest.mark.parametrize("mixed", [False, True], ids=["vulkan", "cpu-rank-0"])
+def test_int8_activations_on_vulkan_ranks(models, mixed):
+    """--activations int8 with every rank on the device, or rank 0 on the cpu backend: each vulkan rank rounds its
+    products' inputs as the cpu backend does (kernels/quantize_f32) and sums its partials in float32, which the
+    stage adds up in float64 (the cpu ranks' exact ones too): the test model's tokens equal one cpu rank's with int8.
+    (A partial sum added in another order can round an activation to an integer one apart and part the text at a
+    near tie; this model and prompt were checked at 1-4 ranks on lavapipe.)"""
+    expected = one_rank_tokens(model=models["Q8_0"], backend="cpu", activations="int8")
+    backends = ",".join((["cpu"] if mixed else ["vulkan"]) + ["vulkan"] * (WORLD.size - 1))
+    result = generate(WORLD, model=models["Q8_0"], backend=backends, activations="int8", ratios=UNEQUAL[WORLD.size])
+    if WORLD.rank == 0:
+        assert result["tokens"] == expected and len(expected) == 12
+        assert all(r["backend"].endswith(", int8)") for r in result["ranks"])
+
+
+@needs_device
+@pytest.mark.mpi
 def test_what_another_ranks_load_says_reaches_rank_0(models):
     """Rank 0 (cpu) keeps Q8_0 slices that cut its 32-element blocks (heads of 16 columns) as they are; the vulkan
     ranks hold theirs as F32, and say so through rank 0, naming themselves."""

@@ -333,8 +333,8 @@ class VulkanBackend(Backend):
             _DEVICES[index] = Device(index, wrap)
         self.dev = _DEVICES[index]
         self.dev.check_index(index, wrap)
-        self.description = f"vulkan ({self.dev.name})"
         self.int8 = activations == "int8"  # quantised products read 8-bit activations (VulkanModel._int8)
+        self.description = f"vulkan ({self.dev.name}{', int8' * self.int8})"
         if self.int8 and not self.dev.int_dot:
             raise UserError(f"--activations int8: the Vulkan device {self.dev.name} lacks 8-bit integer dot "
                             f"products ({Device.INT_DOT}) or float64 arithmetic: use --activations f32")
