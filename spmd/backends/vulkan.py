@@ -284,7 +284,7 @@ class VulkanLinear:
             self._free_io()
             xb, yb = Buffer(self.dev, n * self.nb * 128, "host"), Buffer(self.dev, n * self.rows * 4, "host")
             rec = Recording(self.dev)
-            int8 = self.backend.int8_input(n, self.nb * 32) if self.backend.int8 else None
+            int8 = self.backend.int8_input(n, self.nb * 32) if self.backend.int8 and self.type not in FLOATS else None
             if int8 is not None:
                 self.backend.quantize(rec, xb, self.nb * 32, n, int8)
             self.dispatch(rec, xb, self.nb * 32, 0, yb, self.rows, 0, n, int8=int8)
