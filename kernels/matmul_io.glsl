@@ -45,7 +45,7 @@ layout(std430, binding = 1) readonly buffer Scales { uint d[]; };    // Q8_0 / Q
                                                                      // q4m / q5m / q6: MW words per block
 #ifdef INT8  // matvec_*_i8: the activations as quantize_f32 writes them, 8 bits each, a scale per 32-element block
 layout(std430, binding = 2) readonly buffer Xin { uvec4 xq[]; };      // a block's 32 int8 in two uvec4
-layout(std430, binding = 10) readonly buffer XScales { vec2 xd[]; };  // a block's (d, d * the sum of its integers)
+layout(std430, binding = 10) readonly buffer XScales { vec2 xd[]; };  // a block's (d, the sum of its integers)
 #else
 layout(std430, binding = 2) readonly buffer Xin { vec4 x[]; };
 #endif

@@ -51,7 +51,7 @@ void quantize_block(uint g, uint tid) {
         yq[ob * 8u + word] = packed;
     }
     if (tid == 0u) {
-        yd[ob] = vec2(d, d * float(sum));
+        yd[ob] = vec2(d, float(sum));
         counts[blk] = 0u;
     }
 }
@@ -106,7 +106,7 @@ void main() {
                 uvec4 x0 = xq[2 * xb], x1 = xq[2 * xb + 1];
                 vec2 s = xd[xb];
                 [[unroll]] for (uint r = 0; r < NW; r++)
-                    acc[r * NT + t] += sc[u * NW + r] * (s.x * float(idot(raw[u * NW + r], x0, x1)) - OFFSET * s.y);
+                    acc[r * NT + t] += sc[u * NW + r] * s.x * float(idot(raw[u * NW + r], x0, x1) - OFFSET * int(s.y));
             }
         }
     }

@@ -13,8 +13,8 @@ vec4 deq(Raw r, uint j) {  // elements 4j..4j+3 of the block (j < 8)
 }
 #ifdef INT8
 // The block's integer dot product with 8-bit activations x0 (elements 0..15), x1 (16..31): the nibbles as stored
-// (0..15); the kernel takes 8 times the sum of the activations off (OFFSET), which makes them n - 8.
-const float OFFSET = 8.0;
+// (0..15); the kernel takes 8 times the sum of the activations' integers off (OFFSET), exactly: n - 8.
+const int OFFSET = 8;
 int idot(Raw r, uvec4 x0, uvec4 x1) {
     int i = 0;
     [[unroll]] for (uint k = 0; k < 4; k++) {

@@ -10,7 +10,7 @@ vec4 deq(Raw r, uint j) {
     return uintBitsToFloat(((uvec4(u) >> uvec4(0, 8, 16, 24)) & 0xFFu) | 0x4B000000u) - 8388736.0;
 }
 #ifdef INT8
-const float OFFSET = 0.0;
+const int OFFSET = 0;
 int idot(Raw r, uvec4 x0, uvec4 x1) {  // the block's integer dot product with 8-bit activations x0 (0..15), x1
     int i = 0;
     [[unroll]] for (uint k = 0; k < 4; k++) i = dot8_acc(x1[k], r.q1[k], dot8_acc(x0[k], r.q0[k], i, 0), 0);

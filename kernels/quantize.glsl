@@ -1,19 +1,41 @@
 // Rounding activations to 8 bits a 32-element block (--activations int8) as the cpu backend does
 // (spmd/backends/cpu.py `_prepare_int8`): d = max |x| / 127, q = rint(x * (1 / d)), each step rounded to float32.
 // A GPU's float division need not be correctly rounded (Vulkan allows 2.5 ulp), nor its fma fused (lavapipe's is
-// not), and a scale an ulp off moves the q of an x near a rounding boundary: both are taken from float64 products,
-// which are correctly rounded (m / 127 as m times the float64 1 / 127: within 2^-52 of the quotient, which is
-// never that close to a midpoint of two floats; 1 / d by one Newton step from the float quotient), so that the same
-// x gives the cpu's integers. A block whose largest value is over 2^22 (cpu.LIMIT), or NaN, gets d = NaN: its
-// products come out NaN.
+// not), and a scale an ulp off moves the q of an x near a rounding boundary: both divisions are done here in 32-bit
+// integers, bit by bit, and rounded to nearest even as IEEE division is, so that the same x gives the cpu's
+// integers (float64 would do it too, but many GPUs lack it). A block whose largest value is over 2^22 (cpu.LIMIT),
+// or NaN, gets d = NaN: its products come out NaN.
 const float INT8_LIMIT = 4194304.0;
+const float SMALLEST_NORMAL = 1.17549435e-38;
 
-float int8_scale(float m) {  // m / 127, correctly rounded
-    return float(double(m) * (1.0lf / 127.0lf));
+float divided(float a, float b) {  // a / b rounded to nearest even, for a, b and the quotient normal floats > 0
+    int ea, eb;
+    float fa = frexp(a, ea), fb = frexp(b, eb);  // in [0.5, 1)
+    uint na = uint(fa * 16777216.0), nb = uint(fb * 16777216.0);  // their 24-bit integer mantissas
+    int e = ea - eb;  // a / b = (na / nb) 2^e
+    if (na < nb) {
+        na <<= 1;
+        e -= 1;
+    }
+    uint rest = na - nb, q = 1u;  // na / nb in [1, 2): its leading bit, then 24 more (23 kept, one to round by)
+    for (int i = 0; i < 24; i++) {
+        rest <<= 1;  // (< 2^25)
+        q <<= 1;
+        if (rest >= nb) {
+            rest -= nb;
+            q |= 1u;
+        }
+    }
+    uint kept = q >> 1;
+    if ((q & 1u) != 0u && (rest != 0u || (kept & 1u) != 0u)) kept++;  // past half, or half and odd
+    return ldexp(float(kept), e - 23);  // (kept may reach 2^24: still exact)
 }
 
-float int8_inverse(float d) {  // 1 / d (0 for d = 0), correctly rounded unless 1 / d is within 2^-45 of a midpoint
+float int8_scale(float m) {  // m / 127 (0 for 0; a subnormal m, whose block is all but zero: not rounded so)
+    return m >= SMALLEST_NORMAL ? divided(m, 127.0) : m / 127.0;
+}
+
+float int8_inverse(float d) {  // 1 / d (0 for d = 0)
     if (!(d > 0.0)) return 0.0;
-    double y = double(1.0 / d), e = 1.0lf - double(d) * y;  // (d * y is exact in float64)
-    return float(y + y * e);
+    return d >= SMALLEST_NORMAL && d < 8.5e37 ? divided(1.0, d) : 1.0 / d;
 }

@@ -1,6 +1,6 @@
 #version 450
 // --activations int8: each 32-element block of a pass's activations rounded to 8 bits (quantize.glsl), written
-// twice: as 8-bit integers with (d, d * the sum of the block's q) for the 8-bit kernels (matvec_*_i8), and as the
+// twice: as 8-bit integers with (d, the sum of the block's q) for the 8-bit kernels (matvec_*_i8), and as the
 // floats q * d that the other products read (so every product of a quantised matrix sees the same activations).
 // 8 threads a block, each 4 elements; a token row per y of the grid.
 #extension GL_GOOGLE_include_directive : require
@@ -45,6 +45,6 @@ void main() {
         uint at = row * p.nb * 8 + i;
         xq[at] = (uint(q.x) & 255u) | ((uint(q.y) & 255u) << 8) | ((uint(q.z) & 255u) << 16) | (uint(q.w) << 24);
         xr[at] = vec4(q) * d;
-        if (tid == first) xd[row * p.nb + b] = vec2(d, d * float(s));
+        if (tid == first) xd[row * p.nb + b] = vec2(d, float(s));
     }
 }

@@ -115,15 +115,18 @@ def kv_bytes_per_position(cfg, n_layers=1, n_kv=1, kv_cache="f32") -> int:
     return 2 * n_layers * n_kv * cfg.head_dim * np.dtype(KV_DTYPES[kv_cache]).itemsize
 
 
-def pass_bytes(cfg, share, rows, T, widened_cache=False) -> int:
+def pass_bytes(cfg, share, rows, T, widened_cache=False, int8=False) -> int:
     """The most a pass of `rows` rows, attending over up to T positions, holds on `share` beside the weights and
     the KV cache (the budget --memory-limit keeps for it): per row the hidden state, its norm, q, k, v, the
     projection, gate and up (float32), and the attention scores of every local head for ATTEND_ROWS of them with
     their softmax's temporary; widened_cache: and the float32 copy of a layer's keys and values that this model's
-    prompt attention makes of a float16 cache (`Model._attend_rows`; the Vulkan kernel reads it as it is)."""
+    prompt attention makes of a float16 cache (`Model._attend_rows`; the Vulkan kernel reads it as it is); int8
+    (--activations int8): and a product's input rounded to 8 bits, as the Vulkan model keeps it (rounded floats,
+    integers and a scale and sum a block: 5.25 bytes an element of the widest input; the cpu backend's is less)."""
     per_row = 3 * cfg.dim + (share.n_heads + 2 * share.n_kv) * cfg.head_dim + 2 * share.n_ffn
     widened = 2 * share.n_kv * T * cfg.head_dim if widened_cache else 0
-    return 4 * (rows * per_row + min(rows, ATTEND_ROWS) * 2 * share.n_heads * T + widened)
+    rounded = rows * 21 * max(cfg.dim, share.n_heads * cfg.head_dim, share.n_ffn) // 16 if int8 else 0
+    return 4 * (rows * per_row + min(rows, ATTEND_ROWS) * 2 * share.n_heads * T + widened) + rounded
 
 
 class KVCache:

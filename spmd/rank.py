@@ -39,7 +39,7 @@ class RunOptions:
     rebalance: bool = False  # re-plan while running when the measured figures predict a gain (spmd.rebalance)
     allreduce: str = "star"
     backend: str = "cpu"  # one name for every rank, or one per rank: "cpu,vulkan,vulkan"
-    activations: str = "f32"  # the cpu backend's: "f32", or "int8" (8-bit activations, exact partial sums)
+    activations: str = "f32"  # "f32", or "int8" (8-bit activations; the cpu backend's partial sums exact)
     kv_cache: str = "f32"  # what the KV caches keep keys and values in: "f32", or "f16" (half the memory)
     gpu: str = None  # Vulkan device index on the rank's host: one for every rank, or one per rank (None: local rank)
     threads: str = None  # kernel threads: one for every rank, or one per rank (None: the host's cores / its ranks)
@@ -351,7 +351,7 @@ class RankState:
         cfg = self.cfg
         rows = min(self.max_seq * slots, max(self.max_seq, PREFILL_TOKENS))  # the largest pass
         widened = self.opts.kv_cache == "f16" and self.backend_name != "vulkan"
-        return {"activations": pass_bytes(cfg, share, rows, self.max_seq, widened),
+        return {"activations": pass_bytes(cfg, share, rows, self.max_seq, widened, self.opts.activations == "int8"),
                 "norms and RoPE tables": 4 * len(share.layer_ids) * (2 * cfg.dim + 2 * cfg.head_dim)
                 + 4 * self.max_seq * cfg.rope_dim}
 

@@ -183,11 +183,10 @@ class Device:
         extensions, features = self._coop_matrix()
         self.coop = bool(extensions)
         self.int_dot = self._integer_dot()
-        if self.int_dot:  # (--activations int8's kernels: 8-bit dot products, float64 in the rounding)
+        if self.int_dot:  # (--activations int8's kernels)
             extensions = extensions + [self.INT_DOT]
-            features = vk.VkPhysicalDeviceFeatures2(features=vk.VkPhysicalDeviceFeatures(shaderFloat64=vk.VK_TRUE),
-                                                    pNext=vk.VkPhysicalDeviceShaderIntegerDotProductFeatures(
-                                                        shaderIntegerDotProduct=vk.VK_TRUE, pNext=features))
+            features = vk.VkPhysicalDeviceShaderIntegerDotProductFeatures(shaderIntegerDotProduct=vk.VK_TRUE,
+                                                                          pNext=features)
         self.device = vk.vkCreateDevice(self.physical, vk.VkDeviceCreateInfo(
             pNext=features, queueCreateInfoCount=1, pQueueCreateInfos=[queue_info],
             enabledExtensionCount=len(extensions), ppEnabledExtensionNames=extensions or None), None)
@@ -229,16 +228,14 @@ class Device:
     INT_DOT = "VK_KHR_shader_integer_dot_product"
 
     def _integer_dot(self):
-        """Whether the device has what --activations int8's kernels need: packed 4 x 8-bit integer dot products in
-        shaders (kernels/int8.glsl: Vulkan 1.3 drivers have them, lavapipe's emulated) and float64 arithmetic
-        (kernels/quantize.glsl)."""
+        """Whether the device has packed 4 x 8-bit integer dot products in shaders (--activations int8's kernels,
+        kernels/int8.glsl: Vulkan 1.3 drivers have them, lavapipe's emulated)."""
         have = {_text(e.extensionName) for e in vk.vkEnumerateDeviceExtensionProperties(self.physical, None)}
         if self.INT_DOT not in have:
             return False
         found = vk.VkPhysicalDeviceShaderIntegerDotProductFeatures()
-        both = vk.VkPhysicalDeviceFeatures2(pNext=found)
-        vk.vkGetPhysicalDeviceFeatures2(self.physical, both)
-        return bool(found.shaderIntegerDotProduct and both.features.shaderFloat64)
+        vk.vkGetPhysicalDeviceFeatures2(self.physical, vk.VkPhysicalDeviceFeatures2(pNext=found))
+        return bool(found.shaderIntegerDotProduct)
 
     COOP_EXTENSIONS = ("VK_NV_cooperative_matrix", "VK_KHR_shader_float16_int8", "VK_KHR_vulkan_memory_model")
 

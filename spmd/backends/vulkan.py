@@ -15,7 +15,9 @@ and one dispatch each.
 Kernels (see kernels/README.md): `matvec_<w>_f32` (decode) and `matmul_<w>_f32` (a prompt, 8 tokens a workgroup),
 or `coopmat_<w>_f32` (a prompt on the matrix units, where the device has cooperative matrices), with a bias, a
 residual add, and (gate and up in one pass) SiLU-multiply fused in; `rmsnorm_f32`; `headnorm_f32` (qwen3's q and
-k norms); `attention_f32` with RoPE and the KV-cache store fused in; `add_f32` for the allreduced sums.
+k norms); `attention_f32` with RoPE and the KV-cache store fused in; `add_f32` for the allreduced sums. With
+--activations int8, `quantize_f32` rounds a product's input to 8 bits a block (a one-rank, one-token decode rounds
+most inside the products, flag QUANTIZE) and Q4_0 and Q8_0 decode products run `matvec_<w>_i8`.
 
 Activations are float32 buffers whose rows are padded to a multiple of 32 floats (the padding stays zero).
 """
@@ -337,7 +339,7 @@ class VulkanBackend(Backend):
         self.description = f"vulkan ({self.dev.name}{', int8' * self.int8})"
         if self.int8 and not self.dev.int_dot:
             raise UserError(f"--activations int8: the Vulkan device {self.dev.name} lacks 8-bit integer dot "
-                            f"products ({Device.INT_DOT}) or float64 arithmetic: use --activations f32")
+                            f"products ({Device.INT_DOT}): use --activations f32")
         # threads per workgroup of the kernels (specialisation constants), e.g. SPMD_VK_MATVEC=128 to try others
         # (GPU: 64 measured 4-8% faster than 32 and 128 on an H200 at TinyLlama's shapes; lavapipe: 16 of 16-64)
         self.matvec_wg = env_tuple("SPMD_VK_MATVEC", (16,) if self.dev.is_cpu else (64,))[0]
