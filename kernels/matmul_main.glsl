@@ -83,34 +83,6 @@ void main() {
     // the row is read at the last block and counted with weight 0.
     // QUANT 1: an fp16 scale per block in d (two a uint); QUANT 2: MW words per block in d (the type's scale, min,
     // high bits), read by its meta_scale / meta_min / make_raw; with HAS_MIN a block adds min * (sum of its x).
-#ifdef INT8  // (Q8_0 and Q4_0: QUANT 1, no mins)
-    for (uint b0 = tid; b0 < p.nb; b0 += UB * gl_WorkGroupSize.x) {
-        Raw raw[UB * NW];
-        float sc[UB * NW];
-        uint bs[UB];
-        [[unroll]] for (uint u = 0; u < UB; u++) {
-            uint b = b0 + u * gl_WorkGroupSize.x;
-            float live = b < p.nb ? 1.0 : 0.0;
-            bs[u] = min(b, p.nb - 1);
-            [[unroll]] for (uint r = 0; r < NW; r++) {
-                uint blk = min(row0 + r % NR, p.rows - 1) * p.nb + bs[u];  // rows past the end repeat the last
-                uvec4 q[UV];
-                [[unroll]] for (uint i = 0; i < UV; i++) q[i] = r < NR ? w[UV * blk + i] : w2[UV * blk + i];
-                sc[u * NW + r] = live * block_scale(r < NR ? d[blk >> 1] : d2[blk >> 1], blk);
-                raw[u * NW + r] = make_raw(q, uvec4(0u));
-            }
-        }
-        [[unroll]] for (uint u = 0; u < UB; u++) {
-            [[unroll]] for (uint t = 0; t < NT; t++) {
-                uint xb = xbase[t] / 8 + bs[u];  // the token's block: two uvec4 of xq, one vec2 of xd
-                uvec4 x0 = xq[2 * xb], x1 = xq[2 * xb + 1];
-                vec2 s = xd[xb];
-                [[unroll]] for (uint r = 0; r < NW; r++)
-                    acc[r * NT + t] += sc[u * NW + r] * s.x * float(idot(raw[u * NW + r], x0, x1) - OFFSET * int(s.y));
-            }
-        }
-    }
-#else
     for (uint b0 = tid; b0 < p.nb; b0 += UB * gl_WorkGroupSize.x) {
         Raw raw[UB * NW];
         float sc[UB * NW];
@@ -148,6 +120,17 @@ void main() {
                 raw[u * NW + r] = make_raw(q, meta);
             }
         }
+#ifdef INT8  // matvec_*_i8 (Q8_0, Q4_0: no mins): a token's block is two uvec4 of xq and one vec2 of xd
+        [[unroll]] for (uint u = 0; u < UB; u++) {
+            [[unroll]] for (uint t = 0; t < NT; t++) {
+                uint xb = xbase[t] / 8 + bs[u];
+                uvec4 x0 = xq[2 * xb], x1 = xq[2 * xb + 1];
+                vec2 s = xd[xb];
+                [[unroll]] for (uint r = 0; r < NW; r++)
+                    acc[r * NT + t] += sc[u * NW + r] * s.x * float(idot(raw[u * NW + r], x0, x1) - OFFSET * int(s.y));
+            }
+        }
+#else
         [[unroll]] for (uint u = 0; u < UB; u++) {
             float part[NV];
             [[unroll]] for (uint i = 0; i < NV; i++) part[i] = 0.0;
@@ -173,9 +156,9 @@ void main() {
 #endif
             }
         }
+#endif
     }
 
-#endif
     uint nsg = gl_NumSubgroups;
     [[unroll]] for (uint v = 0; v < NV; v++) {
         float s = subgroupAdd(acc[v]);
