@@ -10,6 +10,7 @@ shared float red_scratch[gl_WorkGroupSize.x];
 #include "quantize.glsl"
 shared bool last_of_block;
 shared float block_v[32];
+shared int block_q[32];
 
 // QUANTIZE: the values this product finished (xg where it PRODUCEs, else y; one token, y_off a multiple of 32) go on
 // to the next product rounded to 8 bits, without a pass of quantize_f32 between the two: the workgroup that finishes
@@ -30,7 +31,7 @@ void quantize_block(uint g, uint tid) {
         block_v[e] = first + e < p.rows ? (produce ? xg[at] : y[at]) : 0.0;
     }
     barrier();
-    float m = 0.0;  // every thread the block's scale and sum, from shared memory (one workgroup a block does this)
+    float m = 0.0;  // every thread the block's scale, from shared memory (one workgroup a block does this)
     bool bad = false;
     for (uint e = 0u; e < 32u; e++) {
         float a = abs(block_v[e]);
@@ -38,19 +39,17 @@ void quantize_block(uint g, uint tid) {
         bad = bad || !(a <= INT8_LIMIT);
     }
     float d = int8_scale(m), inverse = int8_inverse(d);
-    int sum = 0;
-    for (uint e = 0u; e < 32u; e++) sum += bad ? 0 : int(roundEven(block_v[e] * inverse));
-    if (bad) d = uintBitsToFloat(0x7FC00000u);  // NaN
+    for (uint e = tid; e < 32u; e += gl_WorkGroupSize.x) block_q[e] = bad ? 0 : int(roundEven(block_v[e] * inverse));
+    barrier();
+    if (bad) d = uintBitsToFloat(INT8_NAN);
     uint ob = p.y_off / 32u + blk;
-    for (uint e = tid; e < 32u; e += gl_WorkGroupSize.x)
-        yr[ob * 32u + e] = (bad ? 0.0 : roundEven(block_v[e] * inverse)) * d;
-    for (uint word = tid; word < 8u; word += gl_WorkGroupSize.x) {
-        uint packed = 0u;
-        for (uint k = 0u; k < 4u; k++)
-            packed |= (uint(bad ? 0 : int(roundEven(block_v[4u * word + k] * inverse))) & 255u) << (8u * k);
-        yq[ob * 8u + word] = packed;
-    }
+    for (uint e = tid; e < 32u; e += gl_WorkGroupSize.x) yr[ob * 32u + e] = float(block_q[e]) * d;
+    for (uint word = tid; word < 8u; word += gl_WorkGroupSize.x)
+        yq[ob * 8u + word] = int8_pack(ivec4(block_q[4u * word], block_q[4u * word + 1u], block_q[4u * word + 2u],
+                                             block_q[4u * word + 3u]));
     if (tid == 0u) {
+        int sum = 0;
+        for (uint e = 0u; e < 32u; e++) sum += block_q[e];
         yd[ob] = vec2(d, float(sum));
         counts[blk] = 0u;
     }

@@ -7,6 +7,11 @@
 // or NaN, gets d = NaN: its products come out NaN.
 const float INT8_LIMIT = 4194304.0;
 const float SMALLEST_NORMAL = 1.17549435e-38;
+const uint INT8_NAN = 0x7FC00000u;  // the bits of the d of a block over the limit or with a NaN
+
+uint int8_pack(ivec4 q) {  // four 8-bit integers in a word, the first in the low byte
+    return (uint(q.x) & 255u) | ((uint(q.y) & 255u) << 8) | ((uint(q.z) & 255u) << 16) | (uint(q.w) << 24);
+}
 
 float divided(float a, float b) {  // a / b rounded to nearest even, for a, b and the quotient normal floats > 0
     int ea, eb;

@@ -40,10 +40,10 @@ void main() {
     barrier();
     int s = 0;
     for (uint k = first; k < first + 8u; k++) s += sums[k];
-    if (bad) d = uintBitsToFloat(0x7FC00000u);  // NaN
+    if (bad) d = uintBitsToFloat(INT8_NAN);
     if (live) {
         uint at = row * p.nb * 8 + i;
-        xq[at] = (uint(q.x) & 255u) | ((uint(q.y) & 255u) << 8) | ((uint(q.z) & 255u) << 16) | (uint(q.w) << 24);
+        xq[at] = int8_pack(q);
         xr[at] = vec4(q) * d;
         if (tid == first) xd[row * p.nb + b] = vec2(d, float(s));
     }

@@ -239,10 +239,6 @@ class VulkanLinear:
         quantize (one-token decode with int8): (Int8Input, counts buffer): also round what this product finishes
         (xg where it produces, else y) into the Int8Input for the next product (flag QUANTIZE)."""
         b, tg, suffix, x_bind = self.backend, 1, "f32", None
-        if int8 is not None and self.type not in FLOATS:
-            x, x_stride, x_off = int8.rounded, int8.stride, 0
-            if n <= b.matvec_rows and self.type in INT8:
-                suffix, x, x_bind = "i8", int8.q, int8.d
         if n <= b.matvec_rows:
             kernel, wg, nr, nt = "matvec", b.matvec_wg, 4, 1  # kernels/matmul_io.glsl's NR, NT
         elif self.dev.coop and self.type != "f32" and norm is None and self.nb > 0:
@@ -252,6 +248,10 @@ class VulkanLinear:
         else:
             kernel, wg, nr, nt = "matmul", b.matmul_wg, 2, 8
         assert kernel == "coopmat" or wg >= nr * nt
+        if int8 is not None and self.type not in FLOATS:
+            x, x_stride, x_off = int8.rounded, int8.stride, 0
+            if kernel == "matvec" and self.type in INT8:
+                suffix, x, x_bind = "i8", int8.q, int8.d
         assert produce is None or (kernel == "matvec" and len(self.parts) == 1)
         assert quantize is None or (kernel == "matvec" and n == 1 and len(self.parts) == 1 and y_off % 32 == 0)
         bindings = MATVEC_BINDINGS if kernel == "matvec" else MATMUL_BINDINGS
