@@ -21,6 +21,8 @@ layout(push_constant) uniform Push {
     uint splits;      // modes 3, 4: the splits a (head, row) has in `part` (the mode 3 grid's depth)
     uint split_keys;  // modes 3, 4: keys a split holds (at most CH)
     uint n;           // rows of the pass (attention_block)
+    uint round;       // modes 0, 4 (--activations int8, a one-token decode): 1: also write the output rounded to 8
+                      // bits a block (bindings 7-9, as kernels/quantize_f32 writes rows of o_stride floats)
 } p;
 // per row: (position, its segment's first position, the segment's first row in this pass, the slot's first
 // cache row: slot * kv * max_seq)
@@ -54,6 +56,9 @@ layout(std430, binding = 5) writeonly buffer Out { float o[]; };
 // modes 3, 4: per (row, head, split), ((i * heads + h) * splits + split) * (HD + 2): the split's largest score m,
 // its sum l of exp(score - m), and its HD sums of exp(score - m) * value
 layout(std430, binding = 6) buffer Part { float part[]; };
+layout(std430, binding = 7) writeonly buffer Oq { uint oq[]; };   // p.round: row i, block b: words 8 (i nb + b) ..
+layout(std430, binding = 8) writeonly buffer Od { vec2 od[]; };   // (d, the sum of the block's q) at i nb + b
+layout(std430, binding = 9) writeonly buffer Or { float o_rounded[]; };  // q * d, as o
 
 float rotated(uint base, uint d, uint position) {
     // element d of the head that starts at qkv[base], rotated for `position`

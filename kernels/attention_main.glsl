@@ -19,7 +19,10 @@
 // With KV_F16 (--kv-cache f16) each key and value is rounded to float16 as it is stored, and the keys and values
 // of this pass's own rows are rounded the same way where they are read from the qkv buffer: every key and value
 // is then the float16 value the cache holds, as in the reference (spmd.model), whichever mode runs.
+// With p.round (--activations int8, a one-token decode) modes 0 and 4 also round the head's output to 8 bits a
+// block for wo (`round_head`), which saves wo's input a rounding pass of its own and the step it waits for.
 #include "attention_io.glsl"
+#include "quantize.glsl"
 layout(constant_id = 2) const uint KS = 1;   // key splits of the value sum: max(1, WG / (HD / 4))
 layout(constant_id = 3) const uint E = 1;    // (4 dims, split) pairs per thread: ceil(HD / 4 * KS / WG)
 const uint CH = 256;                         // keys per chunk
@@ -30,6 +33,43 @@ shared float s[CH];
 shared float qs[HD];
 shared float kn[HD];
 shared vec4 comb[H4 * KS];
+shared float res[HD];       // p.round: the head's output
+shared int res_q[HD];       // and its integers
+shared vec2 res_d[(HD + 31u) / 32u];  // per block (d, 1 / d); a block over the limit (NaN, -1)
+
+void round_head(uint i, uint h) {
+    // res, the head's output (h * HD.. of row i, HD a multiple of 32), rounded to 8 bits a 32-element block as
+    // kernels/quantize_f32 rounds it: the same integers, scales and sums, bit for bit
+    uint tid = gl_LocalInvocationID.x, WG = gl_WorkGroupSize.x, nb = p.o_stride / 32u;
+    barrier();
+    for (uint b = tid; b < HD / 32u; b += WG) {
+        float m = 0.0;
+        bool bad = false;
+        for (uint e = 32u * b; e < 32u * b + 32u; e++) {
+            float a = abs(res[e]);
+            m = max(m, a);
+            bad = bad || !(a <= INT8_LIMIT);  // (NaN too)
+        }
+        float d = int8_scale(m);
+        res_d[b] = bad ? vec2(uintBitsToFloat(INT8_NAN), -1.0) : vec2(d, int8_inverse(d));
+    }
+    barrier();
+    uint ob = i * nb + h * HD / 32u;  // the head's first block in the row
+    for (uint e = tid; e < HD; e += WG) {
+        vec2 d = res_d[e / 32u];
+        int q = d.y < 0.0 ? 0 : int(roundEven(res[e] * d.y));
+        res_q[e] = q;
+        o_rounded[ob * 32u + e] = float(q) * d.x;
+    }
+    barrier();
+    for (uint w = tid; w < HD / 4u; w += WG)
+        oq[ob * 8u + w] = int8_pack(ivec4(res_q[4u * w], res_q[4u * w + 1u], res_q[4u * w + 2u], res_q[4u * w + 3u]));
+    for (uint b = tid; b < HD / 32u; b += WG) {
+        int sum = 0;
+        for (uint e = 32u * b; e < 32u * b + 32u; e++) sum += res_q[e];
+        od[ob + b] = vec2(res_d[b].x, float(sum));
+    }
+}
 
 void combine(uint h, uint i, uint T) {
     // mode 4: the live splits' partial softmaxes of (head h, row i) rescaled to their largest m and added up
@@ -44,8 +84,9 @@ void combine(uint h, uint i, uint T) {
             uint at = (at0 + k) * (HD + 2u);
             sum += part[at + 2u + d] * exp(part[at] - mx);
         }
-        o[i * p.o_stride + h * HD + d] = sum / total;
+        o[i * p.o_stride + h * HD + d] = res[d] = sum / total;
     }
+    if (p.round != 0u) round_head(i, h);
 }
 
 void main() {
@@ -148,6 +189,7 @@ void main() {
         if (p.mode == 3u)
             part[at + 2u + d] = sum;
         else
-            o[i * p.o_stride + h * HD + d] = sum / l;
+            o[i * p.o_stride + h * HD + d] = res[d] = sum / l;
     }
+    if (p.round != 0u) round_head(i, h);
 }

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
 
-from spmd.backends import cpu, get_backend, vulkan
+from spmd.backends import cpu, get_backend, vulkan, vulkan_model
 from spmd.backends.vk_runtime import Buffer, Recording
 from spmd.config import read_config
 from spmd.errors import UserError
@@ -202,3 +202,34 @@ def test_a_device_without_integer_dot_products_refuses_int8(monkeypatch):
     monkeypatch.setattr(BACKEND.dev, "int_dot", False)
     with pytest.raises(UserError, match="--activations int8: the Vulkan device .* lacks 8-bit integer dot products"):
         get_backend("vulkan", activations="int8")
+
+
+@needs_int8
+@pytest.mark.parametrize("split", [False, True], ids=["one-dispatch", "in-splits"])
+def test_the_attention_rounds_its_output_as_the_rounding_pass_does(models, split, monkeypatch):  # noqa: F811
+    """A fused int8 decode: the attention kernel rounds each head's output for wo (`round_head`, in mode 0, or in
+    mode 4 where the keys go in splits) instead of a rounding pass after it. The logits of 8 decode steps are those
+    of the same model with the pass, to the bit, and the pass runs once a layer less a step."""
+    if split:  # splits of 4 keys from position 10 on
+        monkeypatch.setattr(BACKEND8, "split_keys", 4)
+        monkeypatch.setattr(vulkan_model, "SPLIT_FROM", 10)
+    passes, quantize = [], BACKEND8.quantize
+    monkeypatch.setattr(BACKEND8, "quantize", lambda *args: passes.append(1) or quantize(*args))
+    runs = []
+    for attention_rounds in (True, False):
+        model = _int8_model(models["Q4_0"], "vulkan")
+        if not attention_rounds:
+            model._attention_rounds = lambda a, lw: None
+        token, logits = 1, [_logits(model, PROMPT[:8], 0)]
+        before = len(passes)
+        for pos in range(8, 16):
+            logits.append(_logits(model, [token], pos))
+            token = int(np.argmax(logits[-1]))
+        recorded = [acts.split for acts, _ in model._decode.values()]
+        runs.append((logits, len(passes) - before))
+        model.close()
+    assert split in recorded
+    for a, b in zip(runs[0][0], runs[1][0]):
+        np.testing.assert_array_equal(a, b)
+    layers = read_config(GGUFFile(models["Q4_0"])).n_layers
+    assert runs[1][1] - runs[0][1] == layers * len(recorded), (runs[0][1], runs[1][1], recorded)

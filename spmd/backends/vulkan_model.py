@@ -58,8 +58,8 @@ from ..model import KV_DTYPES, Rope, check_pass, check_slot, last_rows, segment_
 from .vk_runtime import MIB, Buffer, Recording, env_tuple
 from .vulkan import FLOATS, pad
 
-ATTENTION_PUSH = "<8IfIIII"  # group, qkv_stride, k_off, v_off, o_stride, max_seq, rope_dim, neox, scale, mode,
-# splits, split_keys, n (kernels/attention_io.glsl)
+ATTENTION_PUSH = "<8IfIIIII"  # group, qkv_stride, k_off, v_off, o_stride, max_seq, rope_dim, neox, scale, mode,
+# splits, split_keys, n, round (kernels/attention_io.glsl)
 NORM_PUSH = "<4If"  # dim, x_stride, x_off, y_stride, eps
 HEADNORM_PUSH = "<3If"  # head_dim, qkv_stride, heads, eps (kernels/headnorm_f32.comp)
 KEPT_ROWS = 64  # decode steps of up to this many sequences keep their recorded command buffers
@@ -220,12 +220,12 @@ class VulkanModel:
         ks = max(1, wg // (hd // 4))  # threads sum the values 4 dims at a time, keys split ks ways
         kernel = "attention_kv16" if self.kv_dtype == np.float16 else "attention_f32"
         self.splits = -(-max_seq // backend.split_keys)  # a split decode step's: enough for the longest sequence
-        self._attention = self.dev.pipeline(kernel, 7, struct.calcsize(ATTENTION_PUSH),
+        self._attention = self.dev.pipeline(kernel, 10, struct.calcsize(ATTENTION_PUSH),
                                             (wg, hd, ks, -(-(hd // 4) * ks // wg)))
         self._attention_block = None
         blocks = self.dev.quads and self.dev.shared_bytes >= BLOCK_SHARED and hd <= 256  # (a thread holds hd / 2)
         if blocks and env_tuple("SPMD_VK_ATTENTION_BLOCKS", (1,))[0]:
-            self._attention_block = self.dev.pipeline(kernel.replace("attention", "attention_block"), 7,
+            self._attention_block = self.dev.pipeline(kernel.replace("attention", "attention_block"), 10,
                                                       struct.calcsize(ATTENTION_PUSH), (4 * BLOCK_ROWS, hd))
         self.profile = False  # bench: timestamps after every step of each pass (last_profile)
         self._add = self.dev.pipeline("add_f32", 2, 4)
@@ -327,6 +327,14 @@ class VulkanModel:
         self.backend.quantize(rec, x, x_stride, rows, into)
         return into
 
+    def _attention_rounds(self, a, lw):
+        """A fused int8 decode: the Int8Input that the attention kernel rounds its output into for wo (modes 0 and 4,
+        kernels/attention_main.glsl `round_head`); None where wo needs no rounded input or a head is not whole
+        blocks (a rounding pass then)."""
+        if a.int8_norm is None or not self.nh or self.cfg.head_dim % 32 or lw.wo.type in FLOATS:
+            return None
+        return a.int8._replace(stride=self.att_stride)
+
     def _rounds(self, a, into):
         """The `quantize` of a fused decode product with int8 activations: (into, counts), else None."""
         return (into, a.counts) if a.int8_norm is not None else None
@@ -353,6 +361,7 @@ class VulkanModel:
     def _attention_half(self, rec, layer, a, multi):
         cfg, lw, n, hd = self.cfg, self.w.layer(layer), a.n, self.cfg.head_dim
         li = layer - self.share.layers[0]
+        rounded = self._attention_rounds(a, lw)
         if self.nh:
             if not a.fused:
                 self._norm_step(rec, a, self._row(layer, 0))
@@ -371,7 +380,8 @@ class VulkanModel:
                 rec.mark("q k norms")
             part = a.part if a.split else a.att  # (only modes 3 and 4 use binding 6: att stands in for it)
             bufs = [(b, 0, b.nbytes) for b in (a.table, a.qkv, self.rope, self.kcache[li], self.vcache[li], a.att,
-                                               part)]
+                                               part, *((rounded.q, rounded.d, rounded.rounded) if rounded else
+                                                       (a.att,) * 3))]
             # up to ATTENTION_STORE rows store and attend in one dispatch; more store every key first, then attend
             # (in blocks of rows where the device can); a decode step over long caches attends in splits (storing),
             # then combines them
@@ -379,14 +389,15 @@ class VulkanModel:
             for mode in modes:
                 push = struct.pack(ATTENTION_PUSH, cfg.group, self.qkv_stride, self.nh * hd, (self.nh + self.nkv) * hd,
                                    self.att_stride, self.max_seq, cfg.rope_dim, int(cfg.rope_neox),
-                                   float(1.0 / np.sqrt(hd)), mode, self.splits, self.backend.split_keys, n)
+                                   float(1.0 / np.sqrt(hd)), mode, self.splits, self.backend.split_keys, n,
+                                   int(rounded is not None and mode in (0, 4)))
                 if mode == 2 and self._attention_block is not None and a.n >= BLOCK_SEGMENT_ROWS * a.segments:
                     rec.dispatch(self._attention_block, bufs, push, (self.nh, -(-n // BLOCK_ROWS), 1))
                 else:
                     rec.dispatch(self._attention, bufs, push, (self.nh, n, self.splits if mode == 3 else 1))
                 rec.barrier()
             rec.mark("attention")
-        int8 = self._int8(rec, a, a.att, self.att_stride, self.nh * hd, n, (lw.wo,))
+        int8 = rounded or self._int8(rec, a, a.att, self.att_stride, self.nh * hd, n, (lw.wo,))
         if multi:  # the partial sum (zeros when this rank holds no heads)
             lw.wo.dispatch(rec, a.att, self.att_stride, 0, a.delta, self.dp, 0, n, int8=int8)
         elif self.nh:
