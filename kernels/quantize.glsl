@@ -22,17 +22,21 @@ float divided(float a, float b) {  // a / b rounded to nearest even, for a, b an
         na <<= 1;
         e -= 1;
     }
-    uint rest = na - nb, q = 1u;  // na / nb in [1, 2): its leading bit, then 24 more (23 kept, one to round by)
-    for (int i = 0; i < 24; i++) {
-        rest <<= 1;  // (< 2^25)
-        q <<= 1;
-        if (rest >= nb) {
-            rest -= nb;
-            q |= 1u;
-        }
+    // q = floor(na 2^24 / nb) (25 bits: the leading one, 23 kept, one to round by) and its remainder r: first
+    // estimated with a float division (within a few units of q), then corrected in integers; r is exact modulo 2^32
+    // in wrapping arithmetic, and small (|r| < 2^31): so its sign and value are exact
+    uint q = uint(float(na) / float(nb) * 16777216.0);
+    int r = int((na << 24) - q * nb);
+    for (int i = 0; i < 64 && r < 0; i++) {
+        q--;
+        r += int(nb);
+    }
+    for (int i = 0; i < 64 && r >= int(nb); i++) {
+        q++;
+        r -= int(nb);
     }
     uint kept = q >> 1;
-    if ((q & 1u) != 0u && (rest != 0u || (kept & 1u) != 0u)) kept++;  // past half, or half and odd
+    if ((q & 1u) != 0u && (r != 0 || (kept & 1u) != 0u)) kept++;  // past half, or half and odd
     return ldexp(float(kept), e - 23);  // (kept may reach 2^24: still exact)
 }
 
