@@ -233,3 +233,28 @@ def test_the_attention_rounds_its_output_as_the_rounding_pass_does(models, split
         np.testing.assert_array_equal(a, b)
     layers = read_config(GGUFFile(models["Q4_0"])).n_layers
     assert runs[1][1] - runs[0][1] == layers * len(recorded), (runs[0][1], runs[1][1], recorded)
+
+
+@needs_int8
+def test_a_model_of_float_matrices_rounds_nothing(models, monkeypatch):  # noqa: F811 (the fixture)
+    """F16 matrices read float activations: with --activations int8 such a model records no rounding (no pass, no
+    rounding inside the products) and gives the float backend's logits, to the bit."""
+    passes, quantize = [], BACKEND8.quantize
+    monkeypatch.setattr(BACKEND8, "quantize", lambda *args: passes.append(1) or quantize(*args))
+    f = GGUFFile(models["F16"])
+    cfg = read_config(f)
+    share = _whole(cfg)
+    runs = []
+    for backend in (BACKEND8, BACKEND):
+        model = backend.make_model(cfg, load_shard(f, cfg, share, backend), share, 64)
+        model.open(0, 64)
+        logits, token = [_logits(model, PROMPT[:8], 0)], 1
+        for pos in range(8, 12):
+            logits.append(_logits(model, [token], pos))
+            token = int(np.argmax(logits[-1]))
+        runs.append(logits)
+        assert all(acts.int8 is None and acts.int8_norm is None for acts, _ in model._decode.values())
+        model.close()
+    assert not passes
+    for a, b in zip(*runs):
+        np.testing.assert_array_equal(a, b)

@@ -138,7 +138,7 @@ class Activations:
         # the RMSNorm inputs that wo and w2 round as they finish them (matvec's QUANTIZE, with a count per block)
         # while gate and up round theirs into the first
         self.int8 = self.int8_norm = self.counts = None
-        if m.backend.int8:
+        if m.int8:
             widest = max(m.dp, m.att_stride, m.ffn_stride)
             self.int8 = m.backend.int8_input(n, widest)
             self.buffers += [self.int8.rounded, self.int8.q, self.int8.d]
@@ -181,6 +181,9 @@ class VulkanModel:
                             f"positions (the context: prompt and steps) x {self.nkv} KV heads is "
                             f"{layer_cache / MIB:.0f} MiB, over the device's maxStorageBufferRange of "
                             f"{self.dev.max_range / MIB:.0f} MiB: lower --sequences or --steps, or give --kv-cache f16")
+        # --activations int8 where some product has a quantised matrix (float ones read float activations: a model
+        # of F16 or F32 matrices then rounds nothing)
+        self.int8 = backend.int8 and any(lin.type not in FLOATS for lin in weights.linears())
         self.dp = pad(cfg.dim)
         self.qkv_width = (self.nh + 2 * self.nkv) * hd
         self.qkv_stride, self.att_stride, self.ffn_stride = pad(self.qkv_width), pad(self.nh * hd), pad(self.nf)
