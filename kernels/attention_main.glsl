@@ -40,6 +40,7 @@ shared vec2 res_d[(HD + 31u) / 32u];  // per block (d, 1 / d); a block over the 
 void round_head(uint i, uint h) {
     // res, the head's output (h * HD.. of row i, HD a multiple of 32), rounded to 8 bits a 32-element block as
     // kernels/quantize_f32 rounds it: the same integers, scales and sums, bit for bit
+    if (HD % 32u != 0u) return;  // (uniform: a specialisation constant; the host asks only for whole blocks)
     uint tid = gl_LocalInvocationID.x, WG = gl_WorkGroupSize.x, nb = p.o_stride / 32u;
     barrier();
     for (uint b = tid; b < HD / 32u; b += WG) {

@@ -81,10 +81,17 @@ def test_products_are_the_transcription(qtype, shape, n, matvec_rows, monkeypatc
 
 
 @needs_int8
-def test_the_rounding_is_the_cpus_to_the_bit():
+@pytest.mark.parametrize("skew", [0, -7, 7])
+def test_the_rounding_is_the_cpus_to_the_bit(skew, monkeypatch):
     """kernels/quantize_f32 against the transcription: the integers, d, their sum and the rounded floats, on
     blocks of every scale (one all zero, one 1e4 times larger, tiny ones); a block with a NaN, an infinity or a
-    value over 2^22 gets d = NaN, and the others keep theirs."""
+    value over 2^22 gets d = NaN, and the others keep theirs. skew: the divisions' float estimates made that many
+    units off (ESTIMATE_SKEW), as a GPU's inexact division would leave them: the integer correction brings them
+    back (on lavapipe, whose division is exact, it would otherwise never run)."""
+    pipeline = BACKEND8.dev.pipeline
+    monkeypatch.setattr(BACKEND8.dev, "pipeline", lambda kernel, *args: pipeline(
+        kernel, *args[:2], args[2] + (0,) * (5 - len(args[2])) + (skew % 2**32,)) if kernel == "quantize_f32"
+        else pipeline(kernel, *args))
     rng = np.random.default_rng(22)
     n, cols = 64, 1024
     x = (activations(n, cols, rng) * 10.0 ** rng.uniform(-20, 2, (n, cols // 32)).repeat(32, axis=1)).astype(np.float32)
@@ -205,11 +212,14 @@ def test_a_device_without_integer_dot_products_refuses_int8(monkeypatch):
 
 
 @needs_int8
+@pytest.mark.parametrize("case", ["Q4_0", "qwen3", "Q4_K_M"])
 @pytest.mark.parametrize("split", [False, True], ids=["one-dispatch", "in-splits"])
-def test_the_attention_rounds_its_output_as_the_rounding_pass_does(models, split, monkeypatch):  # noqa: F811
+def test_the_attention_rounds_its_output_as_the_rounding_pass_does(models, split, case, monkeypatch):  # noqa: F811
     """A fused int8 decode: the attention kernel rounds each head's output for wo (`round_head`, in mode 0, or in
     mode 4 where the keys go in splits) instead of a rounding pass after it. The logits of 8 decode steps are those
-    of the same model with the pass, to the bit, and the pass runs once a layer less a step."""
+    of the same model with the pass, to the bit, and the pass runs once a layer less a step. Heads of one block
+    (Q4_0: 32 wide) and of two (qwen3, Q4_K_M: 64), read by the 8-bit kernel (Q4_0, qwen3's Q8_0) as integers and
+    scales, or (Q4_K) as the rounded floats."""
     if split:  # splits of 4 keys from position 10 on
         monkeypatch.setattr(BACKEND8, "split_keys", 4)
         monkeypatch.setattr(vulkan_model, "SPLIT_FROM", 10)
@@ -217,7 +227,7 @@ def test_the_attention_rounds_its_output_as_the_rounding_pass_does(models, split
     monkeypatch.setattr(BACKEND8, "quantize", lambda *args: passes.append(1) or quantize(*args))
     runs = []
     for attention_rounds in (True, False):
-        model = _int8_model(models["Q4_0"], "vulkan")
+        model = _int8_model(models[case], "vulkan")
         if not attention_rounds:
             model._attention_rounds = lambda a, lw: None
         token, logits = 1, [_logits(model, PROMPT[:8], 0)]
@@ -231,7 +241,7 @@ def test_the_attention_rounds_its_output_as_the_rounding_pass_does(models, split
     assert split in recorded
     for a, b in zip(runs[0][0], runs[1][0]):
         np.testing.assert_array_equal(a, b)
-    layers = read_config(GGUFFile(models["Q4_0"])).n_layers
+    layers = read_config(GGUFFile(models[case])).n_layers
     assert runs[1][1] - runs[0][1] == layers * len(recorded), (runs[0][1], runs[1][1], recorded)
 
 
