@@ -17,7 +17,8 @@ or `coopmat_<w>_f32` (a prompt on the matrix units, where the device has coopera
 residual add, and (gate and up in one pass) SiLU-multiply fused in; `rmsnorm_f32`; `headnorm_f32` (qwen3's q and
 k norms); `attention_f32` with RoPE and the KV-cache store fused in; `add_f32` for the allreduced sums. With
 --activations int8, `quantize_f32` rounds a product's input to 8 bits a block (a one-rank, one-token decode rounds
-most inside the products, flag QUANTIZE) and Q4_0 and Q8_0 decode products run `matvec_<w>_i8`.
+inside the products, flag QUANTIZE, and the attention kernel, all but the first layer's input) and Q4_0 and Q8_0
+decode products run `matvec_<w>_i8`.
 
 Activations are float32 buffers whose rows are padded to a multiple of 32 floats (the padding stays zero).
 """
