@@ -52,7 +52,7 @@ CLUSTER_OPTIONS = [  # the flags spmd.run and spmd.serve share: the model, and h
     click.option("--rebalance", is_flag=True,
                  help="Keep the split balanced while it runs: every rank's measured compute corrects the cluster's "
                       "profile (measured at start-up unless --plan FILE gives one), and a re-plan predicted at least "
-                      "10%% faster, worth its cost, is applied as a live migration; each move is logged on stderr."),
+                      "10% faster, worth its cost, is applied as a live migration; each move is logged on stderr."),
     click.option("--allreduce", default="star", show_default=True, type=click.Choice(["star", "ring", "mpi"]),
                  help="How a stage's ranks add up their partial sums. star: reduce to the stage's first rank + "
                       "broadcast; ring: weighted reduce-scatter + allgather; mpi: the MPI library's Allreduce."),
@@ -62,7 +62,7 @@ CLUSTER_OPTIONS = [  # the flags spmd.run and spmd.serve share: the model, and h
     click.option("--activations", default="f32", show_default=True, type=click.Choice(["f32", "int8"]),
                  help="The arithmetic on quantised weights. f32: float32 activations, the reference's products to "
                       "within float rounding. int8: each 32 activations quantised to 8 bits as llama.cpp does "
-                      "(faster on the cpu backend; results move by about 0.5%%, as llama.cpp's do); the cpu "
+                      "(faster on the cpu backend; results move by about 0.5%, as llama.cpp's do); the cpu "
                       "backend's partial sums add up exactly, so its text still does not change with the layout; "
                       "vulkan: 8-bit dot products for Q4_0 and Q8_0 decode (README)."),
     click.option("--kv-cache", default="f32", show_default=True, type=click.Choice(["f32", "f16"]),
@@ -318,12 +318,13 @@ def supervised(comm, log, path):
 EMBEDDED_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "embedded.gguf")
 
 
-def model_or_embedded(kw, log):
-    """--model, or the embedded model where it is omitted (said on stderr)."""
+def model_or_embedded(kw):
+    """--model, or the embedded model where it is omitted: the note to log once the engine is up (a flag's error
+    then comes alone), else None."""
     if kw["model"] is None:
         kw["model"] = EMBEDDED_MODEL
-        log(f"note: no --model given: using the embedded model {EMBEDDED_MODEL}")
-    return kw
+        return f"note: no --model given: using the embedded model {EMBEDDED_MODEL}"
+    return None
 
 
 def root_log(comm):
@@ -338,7 +339,7 @@ def run(argv):
     from .engine import Engine, RunOptions
     from .prompts import PromptSpec
     log = root_log(comm)
-    model_or_embedded(kw, log)
+    note = model_or_embedded(kw)
     text_out = kw.pop("output") == "text"
     prompt_ids, texts = kw.pop("prompt_ids"), kw.pop("prompt")
     if prompt_ids is not None and texts:
@@ -356,6 +357,8 @@ def run(argv):
     opts = RunOptions(**kw, prompts=prompts,
                       control_socket=None if socket_path.lower() == "none" else socket_path)
     engine = guarded(comm, log, lambda: Engine(opts, comm, log=log, journal=journal))
+    if note:
+        log(note)
     if journal:
         journal.event("ready", ratios=engine.state.plan.text(), prompts=[w.ids.tolist() for w in engine.state.work])
     emit = (journal.emit if journal else write_stdout) if text_out and comm.is_root else None

@@ -60,7 +60,7 @@ def run(argv):
     from .front import Feed
     from .rank import agree
     log = root_log(comm)
-    model_or_embedded(kw, log)
+    note = model_or_embedded(kw)
     host, port, queue_limit = kw.pop("host"), kw.pop("port"), kw.pop("queue_limit")
     model_id = kw.pop("alias") or os.path.basename(kw["model"])
     requests = kw.pop("requests")  # supervised (spmd.front): the supervisor serves HTTP
@@ -84,6 +84,8 @@ def run(argv):
     opts = RunOptions(**kw, control_socket=None if socket_path.lower() == "none" else socket_path)
     try:
         engine = guarded(comm, log, lambda: Engine(opts, comm, log=log, journal=journal))
+        if note:
+            log(note)
         state = engine.state
         if feed is not None:
             journal.event("ready", ratios=state.plan.text(), prompts=[], model=os.path.abspath(opts.model),

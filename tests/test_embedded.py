@@ -85,3 +85,11 @@ def test_spmd_chat_starts_its_own_server_when_none_answers():
     assert p.returncode == 0, p.stderr
     assert "starting one of the embedded model" in p.stderr and "chatting with embedded.gguf" in p.stderr
     assert "shutil" in p.stdout
+
+
+def test_a_bad_flag_without_a_model_is_one_line():
+    """The embedded model's note comes once the engine is up: a flag's error before that comes alone."""
+    p = subprocess.run([sys.executable, "-m", "spmd.run", "--ratios", "1:x"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode != 0
+    assert len(p.stderr.strip().splitlines()) == 1 and p.stderr.startswith("error: --ratios '1:x'"), p.stderr
