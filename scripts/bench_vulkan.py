@@ -77,18 +77,29 @@ def measure(model, n_prompt, steps, repeats=3):
         t = time.perf_counter()
         logits = step(model, prompt, 0)
         prefill.append(time.perf_counter() - t)
-    if model.profile:
+    profile = getattr(model, "profile", False)  # (the cpu backend's model, compared on lavapipe, has none)
+    if profile:
         show_profile(model.last_profile, f"the {n_prompt}-token prompt")
-    token, walls, gpus = int(np.argmax(logits)), [], []
-    for i in range(steps):
-        t = time.perf_counter()
-        logits = step(model, np.array([token]), n_prompt + i)
+    token, walls, gpus, parts = int(np.argmax(logits)), [], [], []
+    for i in range(steps):  # `step`, timed in its parts: the embedding, the pass, the greedy choice
+        t0 = time.perf_counter()
+        x = model.embed(np.array([token]))
+        t1 = time.perf_counter()
+        logits = model.forward(x, [Segment(0, n_prompt + i, 1)], None, head=True)[0]
+        t2 = time.perf_counter()
         token = int(np.argmax(logits))  # greedy, as generation does
-        walls.append(time.perf_counter() - t)
+        t3 = time.perf_counter()
+        walls.append(t3 - t0)
+        parts.append((t1 - t0, t2 - t1, t3 - t2))
         gpus.append(model.gpu_seconds() if hasattr(model, "gpu_seconds") else None)  # (not timed: read after)
     warm = max(1, steps // 8)  # the first steps record the decode command buffer
     walls = np.array(walls[warm:])
     gpus = None if None in gpus else np.array(gpus[warm:])
+    if profile and gpus is not None:
+        embed, forward, choice = np.median(np.array(parts[warm:]), axis=0)
+        print(f"  host time of a decode token (medians): embedding {1e6 * embed:.0f} us, the pass less its GPU time "
+              f"{1e6 * (forward - np.median(gpus)):.0f} us (its input and row table, submit, the fence poll, the "
+              f"logits copy), argmax {1e6 * choice:.0f} us", flush=True)
     return dict(prompt_tps=n_prompt / np.median(prefill), decode_tps=1.0 / np.median(walls),
                 ms_per_token=1e3 * np.median(walls), gpu_ms=None if gpus is None else 1e3 * np.median(gpus),
                 outside_ms=None if gpus is None else 1e3 * np.median(walls - gpus))
@@ -193,7 +204,8 @@ def main():
                     help="the model's shape: TinyLlama-1.1B, or Llama-2-7B (where the GPU is less latency-bound)")
     ap.add_argument("--dir", default=os.environ.get("SPMD_BENCH_DIR", tempfile.gettempdir()))
     ap.add_argument("--profile", action="store_true",
-                    help="GPU time of each step of a prompt pass and of a decode token")
+                    help="GPU time of each step of a prompt pass and of a decode token, and the host's time of a "
+                         "decode token in parts (embedding, the pass less its GPU time, argmax)")
     ap.add_argument("--kernels", action="store_true", help="only time single products (steady state)")
     ap.add_argument("--check", action="store_true", help="first compare a tiny model with the numpy reference")
     ap.add_argument("--llama-bench", default=None,
