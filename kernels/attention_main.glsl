@@ -35,7 +35,7 @@ shared float kn[HD];
 shared vec4 comb[H4 * KS];
 shared float res[HD];       // p.round: the head's output
 shared int res_q[HD];       // and its integers
-shared vec2 res_d[(HD + 31u) / 32u];  // per block (d, 1 / d); a block over the limit (NaN, -1)
+shared vec2 res_d[(HD + 31u) / 32u];  // per block (d, 1 / d): `int8_block`'s
 
 void round_head(uint i, uint h) {
     // res, the head's output (h * HD.. of row i, HD a multiple of 32), rounded to 8 bits a 32-element block as
@@ -51,16 +51,15 @@ void round_head(uint i, uint h) {
             m = max(m, a);
             bad = bad || !(a <= INT8_LIMIT);  // (NaN too)
         }
-        float d = int8_scale(m);
-        res_d[b] = bad ? vec2(uintBitsToFloat(INT8_NAN), -1.0) : vec2(d, int8_inverse(d));
+        res_d[b] = int8_block(m, bad);
     }
     barrier();
     uint ob = i * nb + h * HD / 32u;  // the head's first block in the row
     for (uint e = tid; e < HD; e += WG) {
-        vec2 d = res_d[e / 32u];
-        int q = d.y < 0.0 ? 0 : int(roundEven(res[e] * d.y));
+        vec2 scale = res_d[e / 32u];
+        int q = int8_round(res[e], scale);
         res_q[e] = q;
-        o_rounded[ob * 32u + e] = float(q) * d.x;
+        o_rounded[ob * 32u + e] = float(q) * scale.x;
     }
     barrier();
     for (uint w = tid; w < HD / 4u; w += WG)

@@ -38,19 +38,18 @@ void quantize_block(uint g, uint tid) {
         m = max(m, a);
         bad = bad || !(a <= INT8_LIMIT);
     }
-    float d = int8_scale(m), inverse = int8_inverse(d);
-    for (uint e = tid; e < 32u; e += gl_WorkGroupSize.x) block_q[e] = bad ? 0 : int(roundEven(block_v[e] * inverse));
+    vec2 scale = int8_block(m, bad);
+    for (uint e = tid; e < 32u; e += gl_WorkGroupSize.x) block_q[e] = int8_round(block_v[e], scale);
     barrier();
-    if (bad) d = uintBitsToFloat(INT8_NAN);
     uint ob = p.y_off / 32u + blk;
-    for (uint e = tid; e < 32u; e += gl_WorkGroupSize.x) yr[ob * 32u + e] = float(block_q[e]) * d;
+    for (uint e = tid; e < 32u; e += gl_WorkGroupSize.x) yr[ob * 32u + e] = float(block_q[e]) * scale.x;
     for (uint word = tid; word < 8u; word += gl_WorkGroupSize.x)
         yq[ob * 8u + word] = int8_pack(ivec4(block_q[4u * word], block_q[4u * word + 1u], block_q[4u * word + 2u],
                                              block_q[4u * word + 3u]));
     if (tid == 0u) {
         int sum = 0;
         for (uint e = 0u; e < 32u; e++) sum += block_q[e];
-        yd[ob] = vec2(d, float(sum));
+        yd[ob] = vec2(scale.x, float(sum));
         counts[blk] = 0u;
     }
 }

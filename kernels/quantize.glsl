@@ -52,3 +52,18 @@ float int8_inverse(float d) {  // 1 / d (0 for d = 0)
     if (!(d > 0.0)) return 0.0;
     return d >= SMALLEST_NORMAL && d < 8.5e37 ? divided(1.0, d) : 1.0 / d;
 }
+
+vec2 int8_block(float m, bool bad) {  // a block's (d, 1 / d) from its largest |x|; bad (a value over the limit, or
+    // a NaN): (NaN, -1), whose integers are 0 and products NaN
+    if (bad) return vec2(uintBitsToFloat(INT8_NAN), -1.0);
+    float d = int8_scale(m);
+    return vec2(d, int8_inverse(d));
+}
+
+int int8_round(float x, vec2 s) {  // x's integer in its block of scale s (`int8_block`)
+    return s.y < 0.0 ? 0 : int(roundEven(x * s.y));
+}
+
+ivec4 int8_round(vec4 x, vec2 s) {
+    return s.y < 0.0 ? ivec4(0) : ivec4(roundEven(x * s.y));
+}

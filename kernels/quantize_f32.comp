@@ -33,18 +33,16 @@ void main() {
         m = max(m, top[k]);
         bad = bad || top[k] < 0.0;
     }
-    float d = int8_scale(m);
-    float inverse = int8_inverse(d);
-    ivec4 q = bad ? ivec4(0) : ivec4(roundEven(v * inverse));
+    vec2 scale = int8_block(m, bad);
+    ivec4 q = int8_round(v, scale);
     sums[tid] = q.x + q.y + q.z + q.w;
     barrier();
     int s = 0;
     for (uint k = first; k < first + 8u; k++) s += sums[k];
-    if (bad) d = uintBitsToFloat(INT8_NAN);
     if (live) {
         uint at = row * p.nb * 8 + i;
         xq[at] = int8_pack(q);
-        xr[at] = vec4(q) * d;
-        if (tid == first) xd[row * p.nb + b] = vec2(d, float(s));
+        xr[at] = vec4(q) * scale.x;
+        if (tid == first) xd[row * p.nb + b] = vec2(scale.x, float(s));
     }
 }
