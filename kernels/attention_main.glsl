@@ -21,10 +21,12 @@
 // is then the float16 value the cache holds, as in the reference (spmd.model), whichever mode runs.
 // With p.round (--activations int8, a one-token decode) modes 0 and 4 also round the head's output to 8 bits a
 // block for wo (`round_head`), which saves wo's input a rounding pass of its own and the step it waits for.
+#extension GL_EXT_control_flow_attributes : require
 #include "attention_io.glsl"
 #include "quantize.glsl"
 layout(constant_id = 2) const uint KS = 1;   // key splits of the value sum: max(1, WG / (HD / 4))
 layout(constant_id = 3) const uint E = 1;    // (4 dims, split) pairs per thread: ceil(HD / 4 * KS / WG)
+layout(constant_id = 4) const uint VU = 8;   // values a thread loads before it sums them (loads in flight)
 const uint CH = 256;                         // keys per chunk
 
 shared float red_scratch[gl_WorkGroupSize.x];
@@ -32,6 +34,7 @@ shared float red_scratch[gl_WorkGroupSize.x];
 shared float s[CH];
 shared float qs[HD];
 shared float kn[HD];
+shared float vn[HD];        // this row's value (as the cache holds it), stored with its key at the end
 shared vec4 comb[H4 * KS];
 shared float res[HD];       // p.round: the head's output
 shared int res_q[HD];       // and its integers
@@ -71,6 +74,15 @@ void round_head(uint i, uint h) {
     }
 }
 
+void store_row(bool stores, uint c) {
+    // the row's key and value (in kn, vn) into cache row c, where this workgroup is the one that stores them
+    if (!stores) return;
+    for (uint d4 = gl_LocalInvocationID.x; d4 < H4; d4 += gl_WorkGroupSize.x) {
+        kc[c * H4 + d4] = narrow(vec4(kn[4 * d4], kn[4 * d4 + 1], kn[4 * d4 + 2], kn[4 * d4 + 3]));
+        vc[c * H4 + d4] = narrow(vec4(vn[4 * d4], vn[4 * d4 + 1], vn[4 * d4 + 2], vn[4 * d4 + 3]));
+    }
+}
+
 void combine(uint h, uint i, uint T) {
     // mode 4: the live splits' partial softmaxes of (head h, row i) rescaled to their largest m and added up
     uint WG = gl_WorkGroupSize.x, at0 = (i * gl_NumWorkGroups.x + h) * p.splits;
@@ -107,19 +119,19 @@ void main() {
     }
     uint cbase = row.w + kvh * p.max_seq;  // the cache row of this KV head's position 0 in this sequence's slot
     uint kbase = i * p.qkv_stride + p.k_off + kvh * HD;  // this token's key, rotated once into shared memory
+    // The row's query, key and value are read in one round of loads; its key and value go to the cache at the end
+    // (no workgroup of this dispatch reads them there), where the stores delay nothing
     for (uint d = tid; d < HD; d += WG) {
         qs[d] = rotated(i * p.qkv_stride + h * HD, d, pos);
         kn[d] = as_cached(rotated(kbase, d, pos));
+        vn[d] = as_cached(qkv[i * p.qkv_stride + p.v_off + kvh * HD + d]);
     }
     barrier();
-    if (h % p.group == 0u && (p.mode <= 1u || (p.mode == 3u && gl_WorkGroupID.z == 0u))) {
-        for (uint d4 = tid; d4 < H4; d4 += WG) {
-            uint c = (cbase + pos) * H4 + d4;
-            kc[c] = narrow(vec4(kn[4 * d4], kn[4 * d4 + 1], kn[4 * d4 + 2], kn[4 * d4 + 3]));
-            vc[c] = narrow(value(i, kvh, d4));
-        }
+    bool stores = h % p.group == 0u && (p.mode <= 1u || (p.mode == 3u && gl_WorkGroupID.z == 0u));
+    if (p.mode == 1u) {  // uniform: no barrier follows for anyone of this workgroup
+        store_row(stores, cbase + pos);
+        return;
     }
-    if (p.mode == 1u) return;  // uniform: no barrier follows for anyone of this workgroup
     float m = -1e30, l = 0.0;
     vec4 acc[E];
     for (uint k = 0; k < E; k++) acc[k] = vec4(0.0);
@@ -158,15 +170,16 @@ void main() {
             uint d4 = e % H4, ks = e / H4;
             vec4 sum = acc[k] * alpha;
             uint j = ks, base = cbase * H4 + d4;
-            for (; j + 3u * KS < cn && c0 + j + 3u * KS < start; j += 4u * KS) {  // 4 independent loads in flight
-                uint t = c0 + j;
-                vec4 v0 = widen(vc[base + t * H4]), v1 = widen(vc[base + (t + KS) * H4]);
-                vec4 v2 = widen(vc[base + (t + 2u * KS) * H4]), v3 = widen(vc[base + (t + 3u * KS) * H4]);
-                sum += s[j] * v0 + s[j + KS] * v1 + s[j + 2u * KS] * v2 + s[j + 3u * KS] * v3;
+            for (; j + (VU - 1u) * KS < cn && c0 + j + (VU - 1u) * KS < start; j += VU * KS) {  // VU loads in flight
+                vec4 v[VU];
+                [[unroll]] for (uint u = 0; u < VU; u++) v[u] = widen(vc[base + (c0 + j + u * KS) * H4]);
+                [[unroll]] for (uint u = 0; u < VU; u++) sum += s[j + u * KS] * v[u];
             }
             for (; j < cn; j += KS) {
                 uint t = c0 + j;
-                sum += s[j] * (t < start ? widen(vc[base + t * H4]) : value(first + t - start, kvh, d4));
+                vec4 own = vec4(vn[4 * d4], vn[4 * d4 + 1], vn[4 * d4 + 2], vn[4 * d4 + 3]);  // t == pos
+                sum += s[j] * (t < start ? widen(vc[base + t * H4]) : t == pos ? own
+                                                                                : value(first + t - start, kvh, d4));
             }
             acc[k] = sum;
         }
@@ -191,5 +204,6 @@ void main() {
         else
             o[i * p.o_stride + h * HD + d] = res[d] = sum / l;
     }
+    store_row(stores, cbase + pos);
     if (p.round != 0u) round_head(i, h);
 }

@@ -40,6 +40,7 @@ layout(push_constant) uniform Push {
     float eps;      // NORM: RMSNorm's epsilon
 } p;
 
+#include "block_scale.glsl"
 layout(std430, binding = 0) readonly buffer Weights { uvec4 w[]; };  // blocks, row-major, UV uvec4 per block
 layout(std430, binding = 1) readonly buffer Scales { uint d[]; };    // Q8_0 / Q4_0: fp16 scale per block, 2 a uint;
                                                                      // q4m / q5m / q6: MW words per block
@@ -63,6 +64,3 @@ layout(std430, binding = 13) writeonly buffer Yr { float yr[]; };   // ... its r
 layout(std430, binding = 14) coherent buffer Counts { uint counts[]; };  // per 32-row block: workgroups done
 #endif
 
-float block_scale(uint u, uint blk) {  // u = d[blk >> 1]
-    return unpackHalf2x16((blk & 1u) != 0u ? u >> 16 : u).x;
-}

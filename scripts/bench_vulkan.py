@@ -80,7 +80,8 @@ def measure(model, n_prompt, steps, repeats=3):
     profile = getattr(model, "profile", False)  # (the cpu backend's model, compared on lavapipe, has none)
     if profile:
         show_profile(model.last_profile, f"the {n_prompt}-token prompt")
-    token, walls, gpus, parts = int(np.argmax(logits)), [], [], []
+    first = token = int(np.argmax(logits))
+    walls, gpus, parts, greedy = [], [], [], []
     for i in range(steps):  # `step`, timed in its parts: the embedding, the pass, the greedy choice
         t0 = time.perf_counter()
         x = model.embed(np.array([token]))
@@ -89,6 +90,7 @@ def measure(model, n_prompt, steps, repeats=3):
         t2 = time.perf_counter()
         token = int(np.argmax(logits))  # greedy, as generation does
         t3 = time.perf_counter()
+        greedy.append(token)
         walls.append(t3 - t0)
         parts.append((t1 - t0, t2 - t1, t3 - t2))
         gpus.append(model.gpu_seconds() if hasattr(model, "gpu_seconds") else None)  # (not timed: read after)
@@ -100,9 +102,30 @@ def measure(model, n_prompt, steps, repeats=3):
         print(f"  host time of a decode token (medians): embedding {1e6 * embed:.0f} us, the pass less its GPU time "
               f"{1e6 * (forward - np.median(gpus)):.0f} us (its input and row table, submit, the fence poll, the "
               f"logits copy), argmax {1e6 * choice:.0f} us", flush=True)
-    return dict(prompt_tps=n_prompt / np.median(prefill), decode_tps=1.0 / np.median(walls),
-                ms_per_token=1e3 * np.median(walls), gpu_ms=None if gpus is None else 1e3 * np.median(gpus),
-                outside_ms=None if gpus is None else 1e3 * np.median(walls - gpus))
+    r = dict(prompt_tps=n_prompt / np.median(prefill), decode_tps=1.0 / np.median(walls),
+             ms_per_token=1e3 * np.median(walls), gpu_ms=None if gpus is None else 1e3 * np.median(gpus),
+             outside_ms=None if gpus is None else 1e3 * np.median(walls - gpus), chained=False)
+    most = getattr(model, "ahead_tokens", lambda: 0)()
+    if most:  # as generation decodes greedily on one rank: chains of `most` tokens on the device (`ahead`)
+        r.update(step_tps=r["decode_tps"], chained=True, **chained(model, first, n_prompt, steps, most, greedy))
+    return r
+
+
+def chained(model, token, pos, steps, most, greedy):
+    """Decode `steps` tokens from `token` at `pos` in chains (VulkanModel.ahead) after one chain that records their
+    command buffers; the figures per token, and whether its tokens are the step-a-token loop's (`greedy`)."""
+    model.ahead(token, Segment(0, pos, 1), min(most, steps), model.cfg.vocab)  # (recording)
+    got, gpu, t = [], 0.0, time.perf_counter()
+    while len(got) < steps:
+        k = min(most, steps - len(got))
+        tokens, _ = model.ahead(got[-1] if got else token, Segment(0, pos + len(got), 1), k, model.cfg.vocab)
+        got += tokens
+        gpu += model.gpu_seconds() or 0.0
+    wall = (time.perf_counter() - t) / steps
+    if got != greedy:
+        print(f"  WARNING: chained greedy tokens differ from the step-a-token loop's: {got} against {greedy}")
+    return dict(decode_tps=1.0 / wall, ms_per_token=1e3 * wall, gpu_ms=1e3 * gpu / steps if gpu else None,
+                outside_ms=1e3 * (wall - gpu / steps) if gpu else None, chain=most)
 
 
 def check(args):
@@ -319,8 +342,10 @@ def show_profile(profile, what="the last decode token"):
 
 
 def print_row(r, peak):
+    how = f"chained on the device {r['chain']} a submit; a step a token {r['step_tps']:.1f} tok/s" if r["chained"] \
+        else "a step a token"
     print(f"{r['qtype']} {r['backend']}: prompt {r['prompt_tps']:.1f} tok/s, decode {r['decode_tps']:.1f} tok/s "
-          f"({r['ms_per_token']:.3f} ms/token; GPU {r['gpu_ms']} ms, outside {r['outside_ms']} ms), "
+          f"({how}; {r['ms_per_token']:.3f} ms/token; GPU {r['gpu_ms']} ms, outside {r['outside_ms']} ms), "
           f"{r['weights_mb']:.0f} MB/token, {r['gbs_wall']:.1f} GB/s wall, GPU {r['gbs_gpu']} GB/s, "
           f"peak {peak} TB/s, roofline (GPU time) {r['roofline_gpu']}, (wall) {r['roofline_wall']}, "
           f"load {r['load_s']:.1f}s", flush=True)

@@ -66,9 +66,10 @@ class Step:
     keeps: tuple = ()  # per segment, the best logits of each slice its sampler needs (0: all; default all)
     opens: tuple = ()  # (slot, need): KV caches opened before the first tick
     frees: tuple = ()  # slots whose KV caches are freed before the first tick
+    ahead: int = 0  # FORWARD, one rank: a greedy decode of this many tokens chained on the device (Model.ahead)
 
 
-HEADER = 8  # op, epoch, ticks, segments, opens, frees, prompt tokens (in the second broadcast), 0
+HEADER = 8  # op, epoch, ticks, segments, opens, frees, prompt tokens (in the second broadcast), ahead
 SEGMENT = 5  # slot, pos, n, the token when n == 1 (else -1: the tokens follow), keep
 
 
@@ -244,7 +245,7 @@ class Comm:
             r[at:at + 2] = (slot, need)
             at += 2
         r[at:at + n_free] = step.frees
-        r[:HEADER - 1] = (int(step.op), step.epoch, step.ticks, n_seg, n_open, n_free, len(long_tokens))
+        r[:HEADER] = (int(step.op), step.epoch, step.ticks, n_seg, n_open, n_free, len(long_tokens), step.ahead)
         return np.array(long_tokens, np.int64) if long_tokens else None
 
     def _decode(self, long_tokens):
@@ -264,7 +265,7 @@ class Comm:
         opens = tuple((r[at + 2 * i], r[at + 2 * i + 1]) for i in range(n_open))
         at += 2 * n_open
         return Step(Op(op), epoch, ticks, tuple(segments), tuple(tokens), tuple(keeps), opens,
-                    tuple(r[at:at + n_free]))
+                    tuple(r[at:at + n_free]), r[7])
 
     # ---- allreduce inside the stage -----------------------------------------------------------------------
     def allreduce(self, x):

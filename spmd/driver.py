@@ -245,10 +245,14 @@ class Driver:
                     continue  # waits on the inbox
                 break
             segments, tokens, keeps, opens = batch or ((), (), (), ())
+            ahead = self._ahead(batch)
             left = self.executor.issue(self._step(Op.FORWARD, ticks=ticks, segments=segments, tokens=tokens,
-                                                  keeps=keeps, opens=opens, frees=tuple(self.frees)))
+                                                  keeps=keeps, opens=opens, frees=tuple(self.frees), ahead=ahead))
             self.frees, self.ticks = [], self.ticks + ticks
             now = time.perf_counter()
+            if ahead:
+                self._chained(self.by_slot[segments[0].slot], segments[0], *left, now, emit, single)
+                continue
             for done_batch, candidates in left:
                 for seg, (values, ids) in zip(done_batch.segments, candidates):
                     seq = self.by_slot[seg.slot]
@@ -341,6 +345,35 @@ class Driver:
             return 0
         more = self.reading and not self._draining and (self.ready or (self.queue and self.free))
         return 1 if more else min(waits)
+
+    def _ahead(self, batch):
+        """The tokens of a greedy decode to chain on the device in the next step (Model.ahead), or 0: where the
+        only rank's model has a chained decode, the batch is one sequence's decode token and it samples greedily;
+        at most the tokens the sequence has left."""
+        if batch is None or self.state.comm.size != 1 or len(batch[0]) != 1 or batch[0][0].n != 1:
+            return 0
+        seq = self.by_slot[batch[0][0].slot]
+        if seq.sampler.candidates != 1:
+            return 0
+        return min(self.state.model.ahead_tokens(), seq.steps - len(seq.tokens))
+
+    def _chained(self, seq, seg, tokens, finite, now, emit, single):
+        """Take a chained decode's tokens as if each had been sampled from its own step, up to where the sequence
+        ends (the rest were computed for nothing)."""
+        for i, (token, fine) in enumerate(zip(tokens, finite)):
+            if i:  # (the step's own decode was counted when it was admitted)
+                self.ready.remove(seq)
+                seq.decodes += 1
+            if seq.cancelled:
+                seq.end("stopped", now)
+                self._release(seq, emit, single)
+                return
+            if not fine:
+                self._not_finite(seq, Segment(seg.slot, seg.pos + i, 1))
+                return
+            self._sampled(seq, token, now, emit, single)
+            if seq.finish is not None or not self.reading:
+                return
 
     def _sampled(self, seq, token, now, emit, single):
         before = len(seq.tokens)

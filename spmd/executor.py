@@ -120,6 +120,8 @@ class Executor:
             model.open(slot, need)
         if step.opens:  # what the caches hold rises only at an open (or a new plan: _replan)
             self._note_kv_held()
+        if step.ahead:
+            return self._ahead(step)
         left = []
         batch = Batch(step.segments, step.tokens, step.keeps) if step.segments else None
         for tick in range(step.ticks):
@@ -127,6 +129,16 @@ class Executor:
             if out is not None:
                 left.append(out)
         return left
+
+    def _ahead(self, step):
+        """A chained greedy decode (the only rank; the driver's `_ahead`): (the step.ahead tokens after the step's
+        one decode token, whether the logits of each were finite)."""
+        t = time.perf_counter()
+        out = self.state.model.ahead(step.tokens[0], step.segments[0], step.ahead, self.state.n_known)
+        each = (time.perf_counter() - t) / step.ahead
+        self.decode_tokens += step.ahead
+        self._recent.extend([(each, 0.0, 1, 0.0)] * step.ahead)
+        return out
 
     @property
     def busy(self):

@@ -188,6 +188,8 @@ class Model:
         embed(tokens) -> (n, dim)                the first stage's input
         forward(x, segments, allreduce, head)    the stage's layers over stacked segments, then the head
         cache_take(slot, T) / cache_put(slot, pieces)   KV-cache rows of (layer, KV head) pairs, for moves
+        ahead_tokens() -> k                      how many tokens `ahead` chains at most (0: it has none)
+        ahead(token, segment, k, n_known)        a one-rank greedy decode of k tokens on the device (vulkan)
         close()
     """
 
@@ -231,6 +233,9 @@ class Model:
     @property
     def slots(self) -> dict:
         return self.cache.slots
+
+    def ahead_tokens(self) -> int:
+        return 0  # (the host's models gain nothing from chaining: they pick each token where they compute it)
 
     def embed(self, tokens):
         """(n,) token ids -> (n, dim) float32: the first stage's input."""

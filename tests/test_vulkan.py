@@ -885,3 +885,155 @@ def test_description_names_the_device_and_a_wrapping_index_picks_one():
         get_backend("vulkan", device=64)  # an index the user gave
     assert get_backend("cpu", threads=1).description == "cpu (numba, 1 thread)"
     assert json.dumps(get_backend("numpy").description)
+
+
+# ---- a greedy decode chained on the device (VulkanModel.ahead) ------------------------------------------------
+def _chains(monkeypatch):
+    """The k of every chained decode (`VulkanModel.ahead`) run from now on."""
+    calls, real = [], vulkan_model.VulkanModel.ahead
+    monkeypatch.setattr(vulkan_model.VulkanModel, "ahead",
+                        lambda self, token, seg, k, n_known: (calls.append(k), real(self, token, seg, k, n_known))[1])
+    return calls
+
+
+@needs_device
+@pytest.mark.parametrize("case,activations", [("F32", "f32"), ("Q8_0", "f32"), ("Q4_0", "f32"), ("F16", "f32"),
+                                              ("qwen2", "f32"), ("qwen3", "f32"), ("Q4_0", "int8"),
+                                              ("qwen3", "int8")])
+def test_a_greedy_decode_chained_on_the_device_gives_the_tokens_of_a_step_a_token(models, case, activations,
+                                                                                  monkeypatch):
+    """One rank, greedy: the decode runs in chains (the token embedded, the model, the argmax, the next token's
+    embedding, all on the device) of at most SPMD_VK_AHEAD tokens, then what the sequence has left, and its tokens
+    are those of one step a token (SPMD_VK_AHEAD=0) and the numpy reference's."""
+    monkeypatch.setenv("SPMD_VK_AHEAD", "0")
+    calls = _chains(monkeypatch)
+    plain = engine(models[case], "vulkan", activations=activations).run()["tokens"]
+    assert calls == [] and len(plain) == 12
+    if activations == "f32":
+        assert plain == engine(models[case], "numpy").run()["tokens"]
+    for most in (8, 5):
+        monkeypatch.setenv("SPMD_VK_AHEAD", str(most))
+        assert engine(models[case], "vulkan", activations=activations).run()["tokens"] == plain
+        left = len(plain) - 1  # (the first token comes from the prompt's logits)
+        assert calls == [min(most, left - done) for done in range(0, left, most)]
+        calls.clear()
+
+
+@needs_device
+def test_a_sampled_decode_or_an_embedding_without_a_kernel_is_not_chained(models, monkeypatch):
+    """Sampling (temperature > 0) needs the logits on the host, and a token_embd of a K-quant type has no
+    kernels/embed_*: both decode a step a token, as before."""
+    calls = _chains(monkeypatch)
+    sampled = dict(temperature=0.8, seed=3)
+    assert engine(models["Q8_0"], "vulkan", **sampled).run()["tokens"] == \
+        engine(models["Q8_0"], "numpy", **sampled).run()["tokens"]
+    k_embd = GGUFFile(models["Q4_K_M"]).info("token_embd.weight").qtype
+    assert vulkan.TYPES.get(k_embd) not in vulkan_model.EMBED
+    engine(models["Q4_K_M"], "vulkan").run()
+    assert calls == []
+
+
+@needs_device
+def test_non_finite_logits_in_a_chain_stop_generation_at_the_same_position(models, tmp_path, monkeypatch):
+    """A token whose embedding row is NaN makes the logits after it NaN: chained or not, generation stops with the
+    same one-line error naming that position (the chain's argmax says which of its tokens' logits were not
+    finite), and the tokens before it were the same."""
+    monkeypatch.setenv("SPMD_VK_AHEAD", "0")
+    plain = engine(models["F32"], "vulkan").run()["tokens"]
+    at = next(i for i, t in enumerate(plain) if i >= 3 and t not in PROMPT and t not in plain[:i])
+    f = GGUFFile(models["F32"])
+    info, dim = f.info("token_embd.weight"), f.info("token_embd.weight").shape[1]
+    data = bytearray(Path(models["F32"]).read_bytes())
+    start = info.offset + plain[at] * dim * 4
+    data[start:start + dim * 4] = np.full(dim, np.nan, np.float32).tobytes()
+    path = tmp_path / "nan-row.gguf"
+    path.write_bytes(bytes(data))
+    position = len(PROMPT) + at  # where the NaN row is the input
+    calls = _chains(monkeypatch)
+    for most in ("0", "8"):
+        monkeypatch.setenv("SPMD_VK_AHEAD", most)
+        with pytest.raises(UserError, match=f"logits for sequence 0 at position {position} are not finite"):
+            engine(path, "vulkan").run()
+    assert calls == [8]
+
+
+def _argmax(values, n):
+    """kernels/argmax_f32 over `values` (ids 0..n-1) as token 0 of a chain: (the chain buffer's 3 words, the row
+    table's first row after it)."""
+    import struct
+    from spmd.backends.vk_runtime import Buffer, Recording
+    dev = BACKEND.dev
+    logits, chain, rows = Buffer(dev, 4 * len(values), "host"), Buffer(dev, 12, "host"), Buffer(dev, 16, "host")
+    logits.write(np.asarray(values, np.float32))
+    rows.write(np.array([9, 9, 0, 40], np.uint32))
+    rec = Recording(dev)
+    rec.dispatch(dev.pipeline("argmax_f32", 3, 8, (vulkan_model.ARGMAX_WG,)),
+                 [(b, 0, b.nbytes) for b in (logits, chain, rows)], struct.pack("<2I", n, 0), (1, 1, 1))
+    rec.barrier(to_host=True)
+    rec.end()
+    rec.run()
+    out = chain.array(np.uint32, (3,)).copy(), rows.array(np.uint32, (4,)).copy()
+    rec.free()
+    for b in (logits, chain, rows):
+        b.free()
+    return out
+
+
+@needs_device
+def test_the_device_argmax_picks_as_the_greedy_sampler_does():
+    """The first of equal maxima among ids below n (spmd.sampling's greedy rule), a flag for any non-finite logit
+    among them, and the row table moved on one position."""
+    from spmd.sampling import Sampler
+    rng = np.random.default_rng(4)
+    greedy = Sampler()
+    for size, n, ties in ((50000, 50000, True), (50000, 50000, False), (3000, 2999, True), (7, 7, True),
+                          (1, 1, False)):
+        values = rng.standard_normal(size).astype(np.float32)
+        if ties:
+            values[[n // 2, n - 1]] = 9.0  # equal maxima: the lower id wins
+        values[n:] = 20.0  # beyond n: never chosen
+        (token, *rest), rows = _argmax(values, n)
+        assert token == greedy.pick(values[:n], np.arange(n)) and rest == [token, 1]
+        assert rows.tolist() == [10, 10, 0, 40]
+    values = np.zeros(100, np.float32)
+    for bad, where in ((np.nan, 5), (np.inf, 7), (-np.inf, 99)):
+        values[:] = 0.0
+        values[where] = bad
+        (token, _, finite), _ = _argmax(values, 100)
+        assert finite == 0
+    (token, _, finite), _ = _argmax(np.zeros(100, np.float32), 100)
+    assert (token, finite) == (0, 1)
+
+
+@needs_device
+def test_a_chain_past_its_slot_is_refused(models):
+    ref, dev, cfg = _shard_models(models["Q8_0"], _whole, max_seq=20)
+    run(dev, PROMPT, 0)
+    with pytest.raises(ValueError):
+        dev.ahead(5, Segment(0, len(PROMPT), 1), 8, cfg.vocab)  # positions 13..20: past the 20 open
+    assert dev.ahead(5, Segment(0, len(PROMPT), 1), 7, cfg.vocab)[1] == [True] * 7
+    dev.close()
+
+
+@needs_device
+@pytest.mark.parametrize("case,activations", [("F32", "f32"), ("Q4_0", "f32"), ("Q4_0", "int8"), ("qwen3", "f32")])
+def test_a_chained_token_has_the_logits_of_a_step_to_the_bit(models, case, activations, monkeypatch):
+    """The chain's input step (the embedding row dequantised on the device, the first RMSNorm's input and sum of
+    squares) makes the same bits as the host's lookup and kernels/prenorm_f32: the logits of a chain's last token
+    equal, bit for bit, those of the same token decoded a step at a time."""
+    monkeypatch.setattr(BACKEND, "int8", activations == "int8")
+    ref, dev, cfg = _shard_models(models[case], _whole)
+    token = int(np.argmax(run(dev, PROMPT, 0)[0]))
+    first, pos = token, len(PROMPT)
+    for i in range(5):
+        logits = run(dev, (token,), pos + i)[0]
+        token = int(np.argmax(logits))
+    ref, chained, _ = _shard_models(models[case], _whole)
+    run(chained, PROMPT, 0)
+    tokens, finite = chained.ahead(first, Segment(0, pos, 1), 5, cfg.vocab)
+    assert tokens[-1] == token and finite == [True] * 5
+    acts = chained._chains[False][0]
+    last = chained.dev.read(acts.logits, 0, cfg.vocab * 4).view(np.float32)
+    assert np.array_equal(last, logits)
+    dev.close()
+    chained.close()

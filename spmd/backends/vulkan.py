@@ -70,6 +70,7 @@ def coop_tile(rows, n, pair, fixed_tokens=0):
     return tokens, 2 if tokens == 64 and (pair or few) else 1
 
 
+AHEAD_TOKENS = 8  # a chained greedy decode's tokens a submit (SPMD_VK_AHEAD; each a command buffer of its own)
 SPLIT_KEYS = 256  # keys a workgroup attends in a decode step over long caches (vulkan_model.SPLIT_FROM; at most the
 # attention kernel's chunk of 256), SPMD_VK_SPLIT_KEYS to try others
 _DEVICES = {}  # one Device per GPU index, shared by every backend and model of the process
@@ -358,6 +359,14 @@ class VulkanBackend(Backend):
             raise UserError(f"SPMD_VK_COOP_TOKENS={self.coop_tokens}: give 16, 32 or 64 (or leave it unset)")
         self.norm_wg = 64 if self.dev.is_cpu else 256
         self.attention_wg = env_tuple("SPMD_VK_ATTENTION", (16,) if self.dev.is_cpu else (256,))[0]
+        # values an attention thread loads before summing them (kernels/attention_main.glsl VU)
+        self.attention_unroll = env_tuple("SPMD_VK_ATTENTION_UNROLL", (8,))[0]
+        if not 1 <= self.attention_unroll <= 32:
+            raise UserError(f"SPMD_VK_ATTENTION_UNROLL={self.attention_unroll}: give 1 to 32 (or leave it unset)")
+        # a one-rank greedy decode's tokens chained on the device a submit (vulkan_model's `ahead`; 0: none)
+        self.ahead = env_tuple("SPMD_VK_AHEAD", (AHEAD_TOKENS,))[0]
+        if not 0 <= self.ahead <= 64:
+            raise UserError(f"SPMD_VK_AHEAD={self.ahead}: give 0 (off) to 64 (or leave it unset)")
         self.dummy = Buffer(self.dev, 64)
 
     def int8_input(self, n, stride):

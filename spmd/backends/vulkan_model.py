@@ -33,8 +33,11 @@ NVIDIA).
 
 A one-rank stage's one-token decode fuses RMSNorm away: each product that adds into x (wo, w2) also writes
 xg = x * (the next norm's weight) and one partial sum of x^2 per workgroup; the products that read xg add the
-partial sums up and scale their result by rsqrt(mean + eps). That leaves 5 barriers a layer (the host writes the
-first layer's xg with the input); the stage's last w2 writes xg only for the head.
+partial sums up and scale their result by rsqrt(mean + eps). That leaves 5 barriers a layer (and one a token before
+the first layer: kernels/prenorm_f32 makes its xg and sums from the host's x); the stage's last w2 writes xg only for
+the head. A chained greedy decode (`ahead`) runs the same command buffers but for that first step, which embeds the
+token on the device instead (kernels/embed_<w>, the same sums in the same order), and ends each token with
+kernels/argmax_f32, whose choice the next token's command buffer embeds.
 
 With one rank in the stage (allreduce None) a decode step is one command buffer, one submit; any other pass (a
 prompt; not while profiling) is cut after half-layers 1, 2, 4, 8, ... and each part is submitted as soon as it is
@@ -56,7 +59,7 @@ import numpy as np
 from ..errors import UserError
 from ..model import KV_DTYPES, Rope, check_pass, check_slot, last_rows, segment_rows, stage_schedule
 from .vk_runtime import MIB, Buffer, Recording, env_tuple
-from .vulkan import FLOATS, pad
+from .vulkan import FLOATS, TYPES, pad
 
 ATTENTION_PUSH = "<8IfIIIII"  # group, qkv_stride, k_off, v_off, o_stride, max_seq, rope_dim, neox, scale, mode,
 # splits, split_keys, n, round (kernels/attention_io.glsl)
@@ -81,6 +84,8 @@ BLOCK_SHARED = 32768  # its key and value tiles' bytes (TK = 4096 / head_dim key
 # positions: 2.44 ms a token, 0.42x llama.cpp CUDA's decode). Below it one dispatch (mode 0) costs less than two.
 SPLIT_FROM = 512
 KEPT_PASS_ROWS = 512  # activations of other passes up to this many rows stay allocated between passes
+EMBED = ("f32", "f16", "bf16", "q8_0", "q4_0")  # token_embd types kernels/embed_<w> reads (a chained decode's input)
+ARGMAX_WG = 1024  # kernels/argmax_f32's threads (one workgroup)
 
 
 def runs(rows):
@@ -98,11 +103,12 @@ class Activations:
     """The device buffers of a pass of up to `rows` token rows (each padded to 32 floats, zero-filled); `n`: the
     rows of the pass they serve now (`use`). The (n, ...) shapes below are at n = rows."""
 
-    def __init__(self, m, n, scored=0, fused=False, split=False):
+    def __init__(self, m, n, scored=0, fused=False, split=False, chained=False):
         """scored: rows the head turns into logits (0: no head). fused: one-rank one-token decode, where each
         product that updates x also writes the next RMSNorm's input and its partial sums of squares (xg, ss), so
-        RMSNorm needs no pass of its own (the host does the first layer's). split: a decode step over long caches,
-        whose attention goes in splits (SPLIT_FROM) with their partial softmaxes in `part`."""
+        RMSNorm needs no pass of its own (`_first_norm` does the first layer's). split: a decode step over long caches,
+        whose attention goes in splits (SPLIT_FROM) with their partial softmaxes in `part`. chained: a chained
+        decode's (`VulkanModel.ahead`), whose logits stay on the device for kernels/argmax_f32."""
         dev = m.dev
         self.n, self.rows, self.scored, self.fused = n, n, scored, fused  # rows: what the buffers hold (n or more)
         self.segments = n  # segments of the pass being recorded (forward sets it; a decode step: one a row)
@@ -124,7 +130,7 @@ class Activations:
             self.part = Buffer(dev, n * m.nh * m.splits * (m.cfg.head_dim + 2) * 4)
             self.buffers.append(self.part)
         if scored:
-            self.logits = Buffer(dev, scored * m.nv * 4, "host")  # (scored, nv)
+            self.logits = Buffer(dev, scored * m.nv * 4, "device" if chained else "host")  # (scored, nv)
             self.buffers.append(self.logits)
         if scored and not fused:  # (scored, norm_stride) the scored rows' RMSNorm, rows at aligned offsets
             self.xh = Buffer(dev, scored * m.norm_stride * 4)
@@ -219,12 +225,15 @@ class VulkanModel:
         self._decode = {}  # (multi-rank, head, rows, split) -> (Activations, [Recording]): decode steps
         self._pass = None  # the Activations of other passes (_pass_acts)
         self._timed = None  # the last pass's recordings, where it was a decode step (their timestamps: gpu_seconds)
+        self._chains = {}  # split -> (Activations, a Recording per chained token, chain buffer): `ahead`
+        self._embedding_ = False  # token_embd on the device (`_embedding`): not looked for yet
+        self._embedded = None  # ... where it is a VulkanLinear of its own (freed at close)
         wg = backend.attention_wg
         ks = max(1, wg // (hd // 4))  # threads sum the values 4 dims at a time, keys split ks ways
         kernel = "attention_kv16" if self.kv_dtype == np.float16 else "attention_f32"
         self.splits = -(-max_seq // backend.split_keys)  # a split decode step's: enough for the longest sequence
         self._attention = self.dev.pipeline(kernel, 10, struct.calcsize(ATTENTION_PUSH),
-                                            (wg, hd, ks, -(-(hd // 4) * ks // wg)))
+                                            (wg, hd, ks, -(-(hd // 4) * ks // wg), backend.attention_unroll))
         self._attention_block = None
         blocks = self.dev.quads and self.dev.shared_bytes >= BLOCK_SHARED and hd <= 256  # (a thread holds hd / 2)
         if blocks and env_tuple("SPMD_VK_ATTENTION_BLOCKS", (1,))[0]:
@@ -233,6 +242,7 @@ class VulkanModel:
         self.profile = False  # bench: timestamps after every step of each pass (last_profile)
         self._add = self.dev.pipeline("add_f32", 2, 4)
         self._rmsnorm = self.dev.pipeline("rmsnorm_f32", 3, struct.calcsize(NORM_PUSH), (backend.norm_wg,))
+        self._prenorm = self.dev.pipeline("prenorm_f32", 7, 12, (backend.norm_wg,))  # (`_first_norm`)
 
     def _buffer(self, nbytes, where="device"):
         b = Buffer(self.dev, nbytes, where)
@@ -252,21 +262,26 @@ class VulkanModel:
         return 2 * (layer - self.share.layers[0]) + half
 
     # ---- recording --------------------------------------------------------------------------------------------
-    def _record(self, a, multi, head, scored, timestamps=False, early=False, recs=None):
+    def _record(self, a, multi, head, scored, timestamps=False, early=False, recs=None, into=None):
         """The command buffers of one pass over a's n rows: one; or, several ranks in the stage, one per half-layer
         plus the end; or, weights streamed, each streamed half alone in one (its `key` names it) and the rest
         between them. scored: the rows the head turns into logits (ascending). recs: the list they go into (the
         caller's, which frees what is in it however recording ends), else a new one.
         early (one rank, nothing streamed; the pass's input in place): the pass is cut after half-layers 1, 2, 4,
         8, ... and each part but the last is submitted as soon as it is recorded, so that the GPU works while the
-        host records the rest (the caller runs the last, which waits for all)."""
+        host records the rest (the caller runs the last, which waits for all).
+        into (a one-rank pass, nothing streamed): the caller's begun Recording, last in recs, which the pass goes
+        into and which stays open (a barrier after the head) for what the caller records next."""
         profile = timestamps and self.profile
         recs = [] if recs is None else recs
-        recs.append(Recording(self.dev, timestamps, profile))
-        if a.io is not a.x:
+        if into is None:
+            recs.append(Recording(self.dev, timestamps, profile))
+        if a.io is not a.x and into is None:
             self.dev.copy(recs[-1], a.io, a.x, a.n * self.dp * 4)
             recs[-1].barrier()
-        if a.int8_norm is not None:  # the first layer's RMSNorm input, which the host wrote
+        if a.fused and into is None:  # the first layer's RMSNorm input and sum of squares from x
+            self._first_norm(recs[-1], a, self._prenorm, self.backend.dummy, self.backend.dummy, self.backend.dummy)
+        if a.int8_norm is not None:  # that input rounded for q, k, v
             self.backend.quantize(recs[-1], a.xg, self.dp, 1, a.int8_norm)
         halves = {"attention": self._attention_half, "ffn": self._ffn_half}
         streamed = self.w.window.index if self.w.window is not None else {}
@@ -298,10 +313,25 @@ class VulkanModel:
         elif a.io is not a.x:  # the hidden state back to the host
             recs[-1].barrier(to_copy=True)
             self.dev.copy(recs[-1], a.x, a.io, a.n * self.dp * 4)
+        if into is not None:
+            into.barrier()
+            into.mark("classifier")
+            return recs
         recs[-1].barrier(to_host=True)
         recs[-1].mark("classifier" if head else "hidden state out")
         recs[-1].end()
         return recs
+
+    def _first_norm(self, rec, a, pipe, w, d, chain):
+        """A fused decode's input step (kernels/embed_main.glsl, one workgroup): xg = x * the first layer's norm
+        weight and ss = the sum of x^2, where x comes from the host (prenorm_f32) or (embed_<w>: w, d the
+        embedding's buffers) from token_embd's row chain[0]; then a barrier."""
+        first = self._row(self.share.layers[0], 0)
+        rec.dispatch(pipe, [(b, 0, b.nbytes) for b in (w, d, chain, a.x)] + [self._norm(first)]
+                     + [(b, 0, b.nbytes) for b in (a.xg, a.ss)],
+                     struct.pack("<3I", self.dp // 32, self.cfg.dim, a.ss_count), (1, 1, 1))
+        rec.barrier()
+        rec.mark("input")
 
     def _classifier(self, rec, a, scored):
         """logits[s] = (RMSNorm(x[scored[s]]) * output_norm) @ output.T, where this rank holds classifier rows:
@@ -509,6 +539,86 @@ class VulkanModel:
                 if acts is not self._pass:
                     acts.free()
 
+    # ---- chained greedy decode ---------------------------------------------------------------------------------
+    def ahead_tokens(self):
+        """The tokens `ahead` chains at most (the backend's, SPMD_VK_AHEAD), or 0 where it cannot run: it needs
+        the whole model here (the caller knows whether this is the only rank), a device whose memory the host
+        maps, no streamed weights, and a token_embd of a type kernels/embed_<w> reads."""
+        whole = len(self.share.layer_ids) == self.cfg.n_layers and self.nv == self.cfg.vocab
+        can = self.backend.ahead and whole and self.dev.direct and self.w.window is None
+        return self.backend.ahead if can and self._embedding() is not None else 0
+
+    def _embedding(self):
+        """token_embd as a VulkanLinear (the classifier itself where they are one tensor), or None where its type
+        has no kernels/embed_<w>; loaded on first use."""
+        if self._embedding_ is False:
+            self._embedding_ = None
+            name, f = "token_embd.weight", self.w.file
+            if self.cfg.tied_output and self.w.output.type in EMBED:
+                self._embedding_ = self.w.output
+            elif not self.cfg.tied_output and TYPES.get(f.info(name).qtype) in EMBED:
+                self._embedding_ = self.backend.linear(f.rows(name, 0, self.cfg.vocab))
+                self._embedded = self._embedding_  # (ours to free)
+            if self._embedding_ is not None and len(self._embedding_.parts) > 1:  # over maxStorageBufferRange
+                self._embedding_ = None
+        return self._embedding_
+
+    def ahead(self, token, seg, k, n_known):
+        """Greedy decode of one sequence (slot seg.slot, `token` at position seg.pos) for k <= `ahead_tokens()` tokens
+        without the host in the loop: each token's command buffer embeds the token on the device (kernels/embed_*),
+        runs the one-token decode, and picks the next token (kernels/argmax_f32 over ids 0..n_known-1), which the
+        next one embeds; all k are submitted at once and waited for once. Returns (the k tokens, whether the logits
+        of each were finite). Positions seg.pos + k - 1 onwards of the slot hold keys the caller may never use."""
+        if not 1 <= k <= self.backend.ahead or seg.n != 1:
+            raise ValueError(f"ahead: {k} tokens of {seg} (1..{self.backend.ahead} from a one-token segment)")
+        check_slot(self._open, seg.slot, seg.pos + k)
+        self._timed = None
+        split = self.splits > 1 and seg.pos + k >= SPLIT_FROM
+        if split not in self._chains:
+            self._chains[split] = self._record_chain(split, n_known)
+        acts, recs, chain = self._chains[split]
+        try:
+            self._put_rows(acts, [seg])
+            chain.array(np.uint32, (1,))[0] = token
+            for rec in recs[:k - 1]:
+                rec.submit(fence=False)
+            recs[k - 1].run()
+            out = chain.array(np.uint32, (1 + 2 * self.backend.ahead,))[1:1 + 2 * k].reshape(k, 2).copy()
+        except BaseException:
+            self.dev.idle()
+            raise
+        self._timed = recs[:k]
+        return [int(t) for t in out[:, 0]], [bool(f) for f in out[:, 1]]
+
+    def _record_chain(self, split, n_known):
+        """The Activations and the command buffers (one per token `ahead_tokens()` allows) of a chained decode
+        (`ahead`), and the chain buffer they pass the token in."""
+        acts = Activations(self, 1, 1, fused=True, split=split, chained=True)
+        chain = Buffer(self.dev, (1 + 2 * self.backend.ahead) * 4, "device")
+        acts.buffers.append(chain)
+        emb = self._embedding()
+        part = emb.parts[0]  # (one: `_embedding`)
+        embed = self.dev.pipeline(f"embed_{emb.type}", 7, 12, (self.backend.norm_wg,))
+        argmax = self.dev.pipeline("argmax_f32", 3, 8, (ARGMAX_WG,))
+        recs = []
+        try:
+            for at in range(self.backend.ahead):
+                rec = Recording(self.dev, True, self.profile)
+                recs.append(rec)
+                self._first_norm(rec, acts, embed, part.w, part.d or self.backend.dummy, chain)
+                self._record(acts, False, True, range(1), timestamps=True, recs=recs, into=rec)
+                rec.dispatch(argmax, [(b, 0, b.nbytes) for b in (acts.logits, chain, acts.table)],
+                             struct.pack("<2I", min(n_known, self.nv), at), (1, 1, 1))
+                rec.barrier(to_host=True)
+                rec.mark("argmax")
+                rec.end()
+        except BaseException:
+            for rec in recs:
+                rec.free()
+            acts.free()
+            raise
+        return acts, recs, chain
+
     def gpu_seconds(self):
         """GPU time of the last pass where it was a decode step (its timestamps), else None; read only when asked
         (scripts/bench_vulkan.py): reading the query results at every step took 90 us a token on lavapipe."""
@@ -545,14 +655,8 @@ class VulkanModel:
         check_pass(x, segments, self._open)
 
     def _put_input(self, acts, x):
-        """x (n, dim) into the device's residual stream (through io); fused decode: also the first layer's xg."""
+        """x (n, dim) into the device's residual stream (through io)."""
         acts.io.array(np.float32, (acts.n, self.dp))[:, :self.cfg.dim] = x
-        if acts.fused:  # the first layer's RMSNorm input, as the products write it for the layers after
-            first = self.w.layer(self.share.layers[0])
-            acts.xg.array(np.float32, (self.dp,))[:self.cfg.dim] = x[0] * first.attn_norm
-            ss = acts.ss.array(np.float32, (acts.ss_count,))
-            ss[:] = 0.0
-            ss[0] = np.dot(x[0].astype(np.float64), x[0])
 
     def _put_rows(self, acts, segments):
         """The attention kernel's row table (n, 4): each row's position, its segment's first position and first
@@ -613,6 +717,14 @@ class VulkanModel:
                 rec.free()
             acts.free()
         self._decode = {}
+        for acts, recs, _ in self._chains.values():
+            for rec in recs:
+                rec.free()
+            acts.free()
+        self._chains = {}
+        if self._embedded is not None:
+            self._embedded.free()
+            self._embedded = None
         if self._pass is not None:
             self._pass.free()
             self._pass = None
