@@ -1,8 +1,11 @@
 // The body of embed_<w>.comp and prenorm_f32.comp: the input of a one-token decode whose RMSNorms are fused into
 // the products (spmd/backends/vulkan_model.py), one workgroup. embed_<w> (a chained greedy decode, `ahead`): x =
 // row chain[0] of the device's copy of token_embd in the products' block layout (the type's .glsl: make_raw, deq;
-// QUANT 0: float blocks, 1: an fp16 scale a block), dequantised as spmd.quants does on the host (q * scale, one
-// rounding: the same floats). prenorm_f32 (FROM_X): x as the host wrote it. Both write xg = x * g (the first
+// QUANT 0: float blocks, 1: an fp16 scale a block, 2: words of scale, min and high bits), dequantised as
+// spmd.quants does on the host, to the same floats: q * scale rounds once; where a min follows, that product is
+// exact in float32 (a scale of at most 17 bits times a q of at most 5), so q * scale + min rounds once however it
+// is computed (fused or not).
+// prenorm_f32 (FROM_X): x as the host wrote it. Both write xg = x * g (the first
 // layer's RMSNorm input) and the sum of x^2 into ss[0] (ss[1..ss_count) zero), summed in the same order: a token
 // chained on the device and one embedded by the host give the same bits.
 layout(push_constant) uniform Push {
@@ -32,8 +35,14 @@ void main() {
         uint blk = row * p.nb + b;
         uvec4 q[UV];
         [[unroll]] for (uint i = 0; i < UV; i++) q[i] = w[UV * blk + i];
+        uvec4 meta = uvec4(0u);
+#ifdef MW  // QUANT 2: the block's words (scale, min, high bits)
+        [[unroll]] for (uint i = 0; i < MW; i++) meta[i] = d[MW * blk + i];
+        float s = meta_scale(meta);
+#else
         float s = QUANT != 0 ? block_scale(d[blk >> 1], blk) : 1.0;
-        Raw raw = make_raw(q, uvec4(0u));
+#endif
+        Raw raw = make_raw(q, meta);
 #endif
         [[unroll]] for (uint j = 0; j < 8; j++) {
             [[unroll]] for (uint e = 0; e < 4; e++) {
@@ -43,6 +52,9 @@ void main() {
                     float v = x[k];
 #else
                     float v = deq(raw, j)[e] * s;
+#ifdef HAS_MIN
+                    v += meta_min(meta);
+#endif
                     x[k] = v;
 #endif
                     xg[k] = v * g[k];

@@ -898,8 +898,8 @@ def _chains(monkeypatch):
 
 @needs_device
 @pytest.mark.parametrize("case,activations", [("F32", "f32"), ("Q8_0", "f32"), ("Q4_0", "f32"), ("F16", "f32"),
-                                              ("qwen2", "f32"), ("qwen3", "f32"), ("Q4_0", "int8"),
-                                              ("qwen3", "int8")])
+                                              ("qwen2", "f32"), ("qwen3", "f32"), ("Q4_K_M", "f32"),
+                                              ("Q5_K_M", "f32"), ("Q4_0", "int8"), ("qwen3", "int8")])
 def test_a_greedy_decode_chained_on_the_device_gives_the_tokens_of_a_step_a_token(models, case, activations,
                                                                                   monkeypatch):
     """One rank, greedy: the decode runs in chains (the token embedded, the model, the argmax, the next token's
@@ -920,16 +920,12 @@ def test_a_greedy_decode_chained_on_the_device_gives_the_tokens_of_a_step_a_toke
 
 
 @needs_device
-def test_a_sampled_decode_or_an_embedding_without_a_kernel_is_not_chained(models, monkeypatch):
-    """Sampling (temperature > 0) needs the logits on the host, and a token_embd of a K-quant type has no
-    kernels/embed_*: both decode a step a token, as before."""
+def test_a_sampled_decode_is_not_chained(models, monkeypatch):
+    """Sampling (temperature > 0) needs the logits on the host: a step a token, as before."""
     calls = _chains(monkeypatch)
     sampled = dict(temperature=0.8, seed=3)
     assert engine(models["Q8_0"], "vulkan", **sampled).run()["tokens"] == \
         engine(models["Q8_0"], "numpy", **sampled).run()["tokens"]
-    k_embd = GGUFFile(models["Q4_K_M"]).info("token_embd.weight").qtype
-    assert vulkan.TYPES.get(k_embd) not in vulkan_model.EMBED
-    engine(models["Q4_K_M"], "vulkan").run()
     assert calls == []
 
 
@@ -1016,19 +1012,27 @@ def test_a_chain_past_its_slot_is_refused(models):
 
 
 @needs_device
-@pytest.mark.parametrize("case,activations", [("F32", "f32"), ("Q4_0", "f32"), ("Q4_0", "int8"), ("qwen3", "f32")])
-def test_a_chained_token_has_the_logits_of_a_step_to_the_bit(models, case, activations, monkeypatch):
-    """The chain's input step (the embedding row dequantised on the device, the first RMSNorm's input and sum of
-    squares) makes the same bits as the host's lookup and kernels/prenorm_f32: the logits of a chain's last token
-    equal, bit for bit, those of the same token decoded a step at a time."""
+@pytest.mark.parametrize("case,activations", [("F32", "f32"), ("Q4_0", "f32"), ("Q4_0", "int8"), ("qwen3", "f32"),
+                                              ("Q4_K_M", "f32"), ("Q5_K_M", "f32"), ("Q5_K_M", "int8"),
+                                              ("Q6_K", "f32"), ("Q4_1", "f32"), ("Q5_0", "f32"), ("Q5_1", "f32"),
+                                              ("BF16", "f32")])
+def test_a_chained_token_has_the_logits_of_a_step_to_the_bit(models, case, activations, monkeypatch, tmp_path):
+    """The chain's input step (the embedding row dequantised on the device, kernels/embed_<w> for every type kept
+    as it is, the first RMSNorm's input and sum of squares) makes the same bits as the host's lookup and
+    kernels/prenorm_f32: the logits of a chain's last token equal, bit for bit, those of the same token decoded a
+    step at a time."""
     monkeypatch.setattr(BACKEND, "int8", activations == "int8")
-    ref, dev, cfg = _shard_models(models[case], _whole)
+    path = models.get(case)
+    if path is None:  # a file of one type, its token_embd too
+        path = write_model(tmp_path / f"{case}.gguf", K_LLAMA if case == "Q6_K" else LLAMA, qtype=case, seed=7)
+        assert GGUFFile(path).info("token_embd.weight").qtype.name == case
+    ref, dev, cfg = _shard_models(path, _whole)
     token = int(np.argmax(run(dev, PROMPT, 0)[0]))
     first, pos = token, len(PROMPT)
     for i in range(5):
         logits = run(dev, (token,), pos + i)[0]
         token = int(np.argmax(logits))
-    ref, chained, _ = _shard_models(models[case], _whole)
+    ref, chained, _ = _shard_models(path, _whole)
     run(chained, PROMPT, 0)
     tokens, finite = chained.ahead(first, Segment(0, pos, 1), 5, cfg.vocab)
     assert tokens[-1] == token and finite == [True] * 5
@@ -1037,3 +1041,17 @@ def test_a_chained_token_has_the_logits_of_a_step_to_the_bit(models, case, activ
     assert np.array_equal(last, logits)
     dev.close()
     chained.close()
+
+
+@needs_device
+def test_an_embedding_over_the_storage_buffer_range_is_not_chained(models, monkeypatch):
+    """token_embd in row chunks (over maxStorageBufferRange) has no one buffer for kernels/embed_<w> to read: the
+    model offers no chained decode, and keeps no copy of it."""
+    monkeypatch.setattr(BACKEND.dev, "max_range", 40000)  # token_embd (and output): 64 KiB; the rest fits
+    ref, dev, cfg = _shard_models(models["Q8_0"], _whole)
+    assert len(dev.w.output.parts) > 1 and dev.ahead_tokens() == 0 and dev._embedded is None
+    monkeypatch.undo()
+    ref, whole, cfg = _shard_models(models["Q8_0"], _whole)
+    assert whole.ahead_tokens() == vulkan.AHEAD_TOKENS and len(whole._embedded.parts) == 1
+    dev.close()
+    whole.close()

@@ -84,7 +84,6 @@ BLOCK_SHARED = 32768  # its key and value tiles' bytes (TK = 4096 / head_dim key
 # positions: 2.44 ms a token, 0.42x llama.cpp CUDA's decode). Below it one dispatch (mode 0) costs less than two.
 SPLIT_FROM = 512
 KEPT_PASS_ROWS = 512  # activations of other passes up to this many rows stay allocated between passes
-EMBED = ("f32", "f16", "bf16", "q8_0", "q4_0")  # token_embd types kernels/embed_<w> reads (a chained decode's input)
 ARGMAX_WG = 1024  # kernels/argmax_f32's threads (one workgroup)
 
 
@@ -227,7 +226,7 @@ class VulkanModel:
         self._timed = None  # the last pass's recordings, where it was a decode step (their timestamps: gpu_seconds)
         self._chains = {}  # split -> (Activations, a Recording per chained token, chain buffer): `ahead`
         self._embedding_ = False  # token_embd on the device (`_embedding`): not looked for yet
-        self._embedded = None  # ... where it is a VulkanLinear of its own (freed at close)
+        self._embedded = None  # ... where it is a VulkanLinear of its own (freed at close), not the classifier
         wg = backend.attention_wg
         ks = max(1, wg // (hd // 4))  # threads sum the values 4 dims at a time, keys split ks ways
         kernel = "attention_kv16" if self.kv_dtype == np.float16 else "attention_f32"
@@ -549,18 +548,21 @@ class VulkanModel:
         return self.backend.ahead if can and self._embedding() is not None else 0
 
     def _embedding(self):
-        """token_embd as a VulkanLinear (the classifier itself where they are one tensor), or None where its type
-        has no kernels/embed_<w>; loaded on first use."""
+        """token_embd as a VulkanLinear (the classifier itself where they are one tensor), or None where the file's
+        type is one the backend dequantises at load (whose host lookup kernels/embed_<w> does not reproduce);
+        loaded on first use."""
         if self._embedding_ is False:
             self._embedding_ = None
             name, f = "token_embd.weight", self.w.file
-            if self.cfg.tied_output and self.w.output.type in EMBED:
+            if f.info(name).qtype in TYPES and self.cfg.tied_output:
                 self._embedding_ = self.w.output
-            elif not self.cfg.tied_output and TYPES.get(f.info(name).qtype) in EMBED:
-                self._embedding_ = self.backend.linear(f.rows(name, 0, self.cfg.vocab))
-                self._embedded = self._embedding_  # (ours to free)
+            elif f.info(name).qtype in TYPES:
+                self._embedding_ = self._embedded = self.backend.linear(f.rows(name, 0, self.cfg.vocab))
             if self._embedding_ is not None and len(self._embedding_.parts) > 1:  # over maxStorageBufferRange
                 self._embedding_ = None
+                if self._embedded is not None:
+                    self._embedded.free()
+                    self._embedded = None
         return self._embedding_
 
     def ahead(self, token, seg, k, n_known):
