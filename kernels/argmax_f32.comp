@@ -1,7 +1,9 @@
 #version 450
 // A chained greedy decode's choice (spmd/backends/vulkan_model.py `ahead`): the first of the largest logits among
 // ids 0..n-1 (ties to the lower id, as spmd.sampling's greedy pick), written as the next token (chain[0]) and as
-// chain token p.at (chain[1 + 2 at]), with whether every one of those logits was finite (chain[2 + 2 at]: 1 or 0);
+// chain token p.at (chain[1 + 2 at]), with whether the step path would call its logits finite (chain[2 + 2 at]: 1
+// or 0): none is NaN or +infinity and the largest is not -infinity (spmd.comm.best's greedy candidate, which
+// np.argmax makes the first NaN where there is one);
 // then row 0 of the attention kernel's row table moves on one position (its position and its segment's start).
 // One workgroup.
 #extension GL_GOOGLE_include_directive : require
@@ -24,7 +26,7 @@ void main() {
     bool finite = true;
     for (uint k = tid; k < p.n; k += gl_WorkGroupSize.x) {
         float l = logits[k];
-        finite = finite && abs(l) <= 3.4028234663852886e38;  // (false for NaN)
+        finite = finite && l <= 3.4028234663852886e38;  // (false for NaN and +infinity)
         if (l > v || (at == p.n && l == v)) {  // ascending k: the first of equal values stays
             v = l;
             at = k;
@@ -48,6 +50,7 @@ void main() {
         }
         fine = min(fine, all_finite[s]);
     }
+    fine = m >= -3.4028234663852886e38 ? fine : 0u;  // (all -infinity: the step path's candidate is -infinity)
     first = min(first, p.n - 1u);  // (every logit NaN: any id; `fine` says so)
     chain[0] = first;
     chain[1u + 2u * p.at] = first;

@@ -342,7 +342,7 @@ def show_profile(profile, what="the last decode token"):
 
 
 def print_row(r, peak):
-    how = f"chained on the device {r['chain']} a submit; a step a token {r['step_tps']:.1f} tok/s" if r["chained"] \
+    how = f"chained on the device, {r['chain']} a wait; a step a token {r['step_tps']:.1f} tok/s" if r["chained"] \
         else "a step a token"
     print(f"{r['qtype']} {r['backend']}: prompt {r['prompt_tps']:.1f} tok/s, decode {r['decode_tps']:.1f} tok/s "
           f"({how}; {r['ms_per_token']:.3f} ms/token; GPU {r['gpu_ms']} ms, outside {r['outside_ms']} ms), "

@@ -347,11 +347,11 @@ class Driver:
         return 1 if more else min(waits)
 
     def _ahead(self, batch):
-        """The tokens of a greedy decode to chain on the device in the next step (Model.ahead), or 0: where the
-        only rank's model has a chained decode, the batch is one sequence's decode token and it samples greedily;
-        at most the tokens the sequence has left."""
-        if batch is None or self.state.comm.size != 1 or len(batch[0]) != 1 or batch[0][0].n != 1:
-            return 0
+        """The tokens of a greedy decode to chain on the device in the next step (Model.ahead, which may give
+        fewer), or 0: where the only rank's model has a chained decode, the batch is one sequence's decode token
+        and it samples greedily; at most the tokens the sequence has left."""
+        if batch is None or self.state.comm.size != 1 or len(batch[0]) != 1 or batch[0][0].n != 1 or batch[3]:
+            return 0  # (batch[3], the slots it opens: a prompt of one token)
         seq = self.by_slot[batch[0][0].slot]
         if seq.sampler.candidates != 1:
             return 0

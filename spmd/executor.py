@@ -131,14 +131,14 @@ class Executor:
         return left
 
     def _ahead(self, step):
-        """A chained greedy decode (the only rank; the driver's `_ahead`): (the step.ahead tokens after the step's
+        """A chained greedy decode (the only rank; the driver's `_ahead`): (up to step.ahead tokens after the step's
         one decode token, whether the logits of each were finite)."""
         t = time.perf_counter()
-        out = self.state.model.ahead(step.tokens[0], step.segments[0], step.ahead, self.state.n_known)
-        each = (time.perf_counter() - t) / step.ahead
-        self.decode_tokens += step.ahead
-        self._recent.extend([(each, 0.0, 1, 0.0)] * step.ahead)
-        return out
+        tokens, finite = self.state.model.ahead(step.tokens[0], step.segments[0], step.ahead, self.state.n_known)
+        each = (time.perf_counter() - t) / len(tokens)
+        self.decode_tokens += len(tokens)  # (computed: the driver may use fewer)
+        self._recent.extend([(each, 0.0, 1, 0.0)] * len(tokens))
+        return tokens, finite
 
     @property
     def busy(self):

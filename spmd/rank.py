@@ -19,6 +19,7 @@ from .journal import read_resume
 from .model import KV_DTYPES, PREFILL_TOKENS, kv_bytes_per_position, pass_bytes
 from .plan import make_plan, parse_layout
 from .prompts import PromptSpec, Work, read_prompts_file
+from .quants import NATIVE
 from .sampling import Sampler
 from .tokenizer import load_tokenizer
 from .stream import DeviceWindow, Window, choose, in_memory
@@ -342,8 +343,17 @@ class RankState:
         held})."""
         sizes, classifier = half_bytes(self.file, self.cfg, share, self.backend)
         fixed = {"KV caches": self.kv_need(share), **self._passes_and_tables(share, self.n_slots),
-                 "classifier rows": classifier}
+                 "classifier rows": classifier, "token_embd on the device": self._embedding_copy(share)}
         return fixed, sizes
+
+    def _embedding_copy(self, share):
+        """The bytes of the token_embd copy a vulkan model holding the whole model keeps for its chained decode
+        (VulkanModel._embedding; none where the classifier is token_embd itself)."""
+        cfg, info = self.cfg, self.file.info("token_embd.weight")
+        whole = len(share.layer_ids) == cfg.n_layers and share.n_vocab == cfg.vocab
+        if not (whole and getattr(self.backend, "ahead", 0)) or cfg.tied_output or info.qtype not in NATIVE:
+            return 0
+        return self.backend.held_bytes(info.qtype, cfg.vocab, cfg.dim)
 
     def _passes_and_tables(self, share, slots):
         """What --memory-limit keeps for `share` besides weights and KV caches: {"activations": the largest pass's

@@ -991,14 +991,13 @@ def test_the_device_argmax_picks_as_the_greedy_sampler_does():
         (token, *rest), rows = _argmax(values, n)
         assert token == greedy.pick(values[:n], np.arange(n)) and rest == [token, 1]
         assert rows.tolist() == [10, 10, 0, 40]
-    values = np.zeros(100, np.float32)
-    for bad, where in ((np.nan, 5), (np.inf, 7), (-np.inf, 99)):
-        values[:] = 0.0
+    for bad, where, ok in ((np.nan, 5, 0), (np.inf, 7, 0), (-np.inf, 99, 1), (-np.inf, slice(None), 0),
+                           (np.nan, 150, 1), (0.0, 0, 1)):  # (150: past n, not looked at)
+        values = np.zeros(200, np.float32)
         values[where] = bad
         (token, _, finite), _ = _argmax(values, 100)
-        assert finite == 0
-    (token, _, finite), _ = _argmax(np.zeros(100, np.float32), 100)
-    assert (token, finite) == (0, 1)
+        # the step path: the greedy candidate (np.argmax: the first NaN where there is one) must be finite
+        assert finite == ok == np.isfinite(values[:100][np.argmax(values[:100])])
 
 
 @needs_device
@@ -1036,7 +1035,7 @@ def test_a_chained_token_has_the_logits_of_a_step_to_the_bit(models, case, activ
     run(chained, PROMPT, 0)
     tokens, finite = chained.ahead(first, Segment(0, pos, 1), 5, cfg.vocab)
     assert tokens[-1] == token and finite == [True] * 5
-    acts = chained._chains[False][0]
+    acts = chained._chains[False, cfg.vocab][0]
     last = chained.dev.read(acts.logits, 0, cfg.vocab * 4).view(np.float32)
     assert np.array_equal(last, logits)
     dev.close()
@@ -1055,3 +1054,68 @@ def test_an_embedding_over_the_storage_buffer_range_is_not_chained(models, monke
     assert whole.ahead_tokens() == vulkan.AHEAD_TOKENS and len(whole._embedded.parts) == 1
     dev.close()
     whole.close()
+
+
+@needs_device
+def test_a_chain_stops_where_the_attention_starts_to_split(models, monkeypatch):
+    """A decode step from SPLIT_FROM - 1 on attends in splits: a chain that would cross it gives back only the
+    tokens before it, and the next chain runs split, so every token's logits are a step a token's to the bit."""
+    monkeypatch.setattr(vulkan_model, "SPLIT_FROM", 17)
+    monkeypatch.setattr(BACKEND, "split_keys", 8)
+    steps = []
+    ref, dev, cfg = _shard_models(models["Q8_0"], _whole)
+    token = first = int(np.argmax(run(dev, PROMPT, 0)[0]))
+    for pos in range(13, 21):
+        logits = run(dev, (token,), pos)[0]
+        token = int(np.argmax(logits))
+        steps.append(token)
+    ref, chained, _ = _shard_models(models["Q8_0"], _whole)
+    assert chained.splits > 1
+    run(chained, PROMPT, 0)
+    got, done, token = [], 0, first
+    while done < 8:
+        tokens, _ = chained.ahead(token, Segment(0, 13 + done, 1), 8 - done, cfg.vocab)
+        got.append(tokens)
+        done, token = done + len(tokens), tokens[-1]
+    assert [len(t) for t in got] == [3, 5]  # positions 13-15, then 16-20 in splits
+    assert sum(got, []) == steps
+    last = chained.dev.read(chained._chains[True, cfg.vocab][0].logits, 0, cfg.vocab * 4).view(np.float32)
+    assert np.array_equal(last, logits)
+    dev.close()
+    chained.close()
+
+
+@needs_device
+def test_eos_or_a_one_token_prompt_in_a_chained_decode(models, monkeypatch, tmp_path):
+    """EOS inside a chain ends the sequence there, as a step a token would (the tokens after it are dropped); a
+    one-token prompt is a prefill, not a chain (its first token comes from it alone)."""
+    monkeypatch.setenv("SPMD_VK_AHEAD", "0")
+    plain = engine(models["Q4_0"], "vulkan").run()
+    eos = plain["tokens"][5]
+    assert eos not in plain["tokens"][:5]
+    results = []
+    for most in ("0", "8"):
+        monkeypatch.setenv("SPMD_VK_AHEAD", most)
+        e = engine(models["Q4_0"], "vulkan")
+        e.state.tokenizer.eos_ids = {eos}
+        results.append(e.run())
+    assert [r["tokens"] for r in results] == [plain["tokens"][:5]] * 2
+    assert [r["finish"] for r in results] == ["eos", "eos"]
+    calls = _chains(monkeypatch)
+    opts = RunOptions(model=str(models["Q4_0"]), prompts=(PromptSpec(ids=(1,)),), steps=12, backend="vulkan")
+    one = Engine(opts, Comm(comm=MPI.COMM_SELF), log=lambda _m: None).run()
+    monkeypatch.setenv("SPMD_VK_AHEAD", "0")
+    assert one["tokens"] == Engine(opts, Comm(comm=MPI.COMM_SELF), log=lambda _m: None).run()["tokens"]
+    assert calls == [8, 3]  # the prefill alone, then 11 tokens chained
+
+
+@needs_device
+def test_the_embedding_copy_is_counted_in_what_a_rank_keeps(models):
+    """--memory-limit's accounting (RankState.memory_needs) counts the token_embd copy a one-rank vulkan model
+    keeps for its chained decode, with the bytes it holds; the cpu backend keeps none."""
+    e = engine(models["Q4_0"], "vulkan")
+    parts, _ = e.state.memory_needs(e.state.share)
+    held = e.state.model._embedded.nbytes
+    assert parts["token_embd on the device"] == held > 0
+    e = engine(models["Q4_0"], "cpu")
+    assert e.state.memory_needs(e.state.share)[0]["token_embd on the device"] == 0

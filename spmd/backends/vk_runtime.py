@@ -174,6 +174,7 @@ class Device:
         self.max_groups = int(limits.maxComputeWorkGroupCount[0])
         self.timestamp_period = float(limits.timestampPeriod)  # ns per tick
         self.shared_bytes = int(limits.maxComputeSharedMemorySize)
+        self.max_threads = int(limits.maxComputeWorkGroupInvocations)
         self._check_subgroups()
         self._memory_types()
         families = vk.vkGetPhysicalDeviceQueueFamilyProperties(self.physical)

@@ -70,7 +70,7 @@ def coop_tile(rows, n, pair, fixed_tokens=0):
     return tokens, 2 if tokens == 64 and (pair or few) else 1
 
 
-AHEAD_TOKENS = 8  # a chained greedy decode's tokens a submit (SPMD_VK_AHEAD; each a command buffer of its own)
+AHEAD_TOKENS = 8  # a chained greedy decode's tokens a wait (SPMD_VK_AHEAD; each a command buffer of its own)
 SPLIT_KEYS = 256  # keys a workgroup attends in a decode step over long caches (vulkan_model.SPLIT_FROM; at most the
 # attention kernel's chunk of 256), SPMD_VK_SPLIT_KEYS to try others
 _DEVICES = {}  # one Device per GPU index, shared by every backend and model of the process

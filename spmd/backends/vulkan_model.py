@@ -58,8 +58,9 @@ import numpy as np
 
 from ..errors import UserError
 from ..model import KV_DTYPES, Rope, check_pass, check_slot, last_rows, segment_rows, stage_schedule
+from ..quants import NATIVE
 from .vk_runtime import MIB, Buffer, Recording, env_tuple
-from .vulkan import FLOATS, TYPES, pad
+from .vulkan import FLOATS, pad
 
 ATTENTION_PUSH = "<8IfIIIII"  # group, qkv_stride, k_off, v_off, o_stride, max_seq, rope_dim, neox, scale, mode,
 # splits, split_keys, n, round (kernels/attention_io.glsl)
@@ -84,7 +85,7 @@ BLOCK_SHARED = 32768  # its key and value tiles' bytes (TK = 4096 / head_dim key
 # positions: 2.44 ms a token, 0.42x llama.cpp CUDA's decode). Below it one dispatch (mode 0) costs less than two.
 SPLIT_FROM = 512
 KEPT_PASS_ROWS = 512  # activations of other passes up to this many rows stay allocated between passes
-ARGMAX_WG = 1024  # kernels/argmax_f32's threads (one workgroup)
+ARGMAX_WG = 1024  # kernels/argmax_f32's threads (one workgroup), or the device's most
 
 
 def runs(rows):
@@ -224,7 +225,7 @@ class VulkanModel:
         self._decode = {}  # (multi-rank, head, rows, split) -> (Activations, [Recording]): decode steps
         self._pass = None  # the Activations of other passes (_pass_acts)
         self._timed = None  # the last pass's recordings, where it was a decode step (their timestamps: gpu_seconds)
-        self._chains = {}  # split -> (Activations, a Recording per chained token, chain buffer): `ahead`
+        self._chains = {}  # (split, n_known) -> (Activations, a Recording per chained token, chain buffer): `ahead`
         self._embedding_ = False  # token_embd on the device (`_embedding`): not looked for yet
         self._embedded = None  # ... where it is a VulkanLinear of its own (freed at close), not the classifier
         wg = backend.attention_wg
@@ -242,6 +243,7 @@ class VulkanModel:
         self._add = self.dev.pipeline("add_f32", 2, 4)
         self._rmsnorm = self.dev.pipeline("rmsnorm_f32", 3, struct.calcsize(NORM_PUSH), (backend.norm_wg,))
         self._prenorm = self.dev.pipeline("prenorm_f32", 7, 12, (backend.norm_wg,))  # (`_first_norm`)
+        self.ahead_tokens()  # token_embd onto the device now, where a chained decode may run (`_embedding`)
 
     def _buffer(self, nbytes, where="device"):
         b = Buffer(self.dev, nbytes, where)
@@ -550,13 +552,13 @@ class VulkanModel:
     def _embedding(self):
         """token_embd as a VulkanLinear (the classifier itself where they are one tensor), or None where the file's
         type is one the backend dequantises at load (whose host lookup kernels/embed_<w> does not reproduce);
-        loaded on first use."""
+        loaded once (when the model is made: `RankState.memory_needs` counts it)."""
         if self._embedding_ is False:
             self._embedding_ = None
             name, f = "token_embd.weight", self.w.file
-            if f.info(name).qtype in TYPES and self.cfg.tied_output:
+            if f.info(name).qtype in NATIVE and self.cfg.tied_output:
                 self._embedding_ = self.w.output
-            elif f.info(name).qtype in TYPES:
+            elif f.info(name).qtype in NATIVE:
                 self._embedding_ = self._embedded = self.backend.linear(f.rows(name, 0, self.cfg.vocab))
             if self._embedding_ is not None and len(self._embedding_.parts) > 1:  # over maxStorageBufferRange
                 self._embedding_ = None
@@ -566,19 +568,24 @@ class VulkanModel:
         return self._embedding_
 
     def ahead(self, token, seg, k, n_known):
-        """Greedy decode of one sequence (slot seg.slot, `token` at position seg.pos) for k <= `ahead_tokens()` tokens
-        without the host in the loop: each token's command buffer embeds the token on the device (kernels/embed_*),
-        runs the one-token decode, and picks the next token (kernels/argmax_f32 over ids 0..n_known-1), which the
-        next one embeds; all k are submitted at once and waited for once. Returns (the k tokens, whether the logits
-        of each were finite). Positions seg.pos + k - 1 onwards of the slot hold keys the caller may never use."""
+        """Greedy decode of one sequence (slot seg.slot, `token` at position seg.pos) for up to k <= `ahead_tokens()`
+        tokens without the host in the loop: each token's command buffer embeds the token on the device
+        (kernels/embed_*), runs the one-token decode, and picks the next token (kernels/argmax_f32 over ids
+        0..n_known-1), which the next one embeds; they are submitted one after another and the last waited for.
+        Returns (the tokens, whether the logits of each were finite): k of them, or fewer where the chain reaches
+        the position from which a decode step attends in splits (SPLIT_FROM), so that every token runs the
+        attention a step a token would: the same bits. The slot's positions after the caller's last used token
+        hold keys it never reads."""
         if not 1 <= k <= self.backend.ahead or seg.n != 1:
             raise ValueError(f"ahead: {k} tokens of {seg} (1..{self.backend.ahead} from a one-token segment)")
         check_slot(self._open, seg.slot, seg.pos + k)
         self._timed = None
-        split = self.splits > 1 and seg.pos + k >= SPLIT_FROM
-        if split not in self._chains:
-            self._chains[split] = self._record_chain(split, n_known)
-        acts, recs, chain = self._chains[split]
+        split = self.splits > 1 and seg.pos + 1 >= SPLIT_FROM  # (as `forward` decides for a decode step)
+        if self.splits > 1 and not split:
+            k = min(k, SPLIT_FROM - 1 - seg.pos)
+        if (split, n_known) not in self._chains:
+            self._chains[split, n_known] = self._record_chain(split, n_known)
+        acts, recs, chain = self._chains[split, n_known]
         try:
             self._put_rows(acts, [seg])
             chain.array(np.uint32, (1,))[0] = token
@@ -601,7 +608,7 @@ class VulkanModel:
         emb = self._embedding()
         part = emb.parts[0]  # (one: `_embedding`)
         embed = self.dev.pipeline(f"embed_{emb.type}", 7, 12, (self.backend.norm_wg,))
-        argmax = self.dev.pipeline("argmax_f32", 3, 8, (ARGMAX_WG,))
+        argmax = self.dev.pipeline("argmax_f32", 3, 8, (min(ARGMAX_WG, self.dev.max_threads),))
         recs = []
         try:
             for at in range(self.backend.ahead):
@@ -611,6 +618,7 @@ class VulkanModel:
                 self._record(acts, False, True, range(1), timestamps=True, recs=recs, into=rec)
                 rec.dispatch(argmax, [(b, 0, b.nbytes) for b in (acts.logits, chain, acts.table)],
                              struct.pack("<2I", min(n_known, self.nv), at), (1, 1, 1))
+                rec.barrier()  # its token and row table, for the next token's command buffer
                 rec.barrier(to_host=True)
                 rec.mark("argmax")
                 rec.end()
