@@ -118,6 +118,7 @@ class Sequence:
 
 
 REBALANCE_EVERY = 16  # tokens generated between the rebalancer's looks
+CHAIN_S = 0.05  # the most time a chained decode computes before its tokens stream (a slow GPU: a token a chain)
 TOLD_WAIT_S = 1.0  # non-finite logits: how long rank 0 waits for a rank's reason to come (see Comm.tell_root)
 IDLE_WAIT_S = 0.05  # serving with nothing to do: how long the driver waits on the inbox before it looks again
 
@@ -349,13 +350,17 @@ class Driver:
     def _ahead(self, batch):
         """The tokens of a greedy decode to chain on the device in the next step (Model.ahead, which may give
         fewer), or 0: where the only rank's model has a chained decode, the batch is one sequence's decode token
-        and it samples greedily; at most the tokens the sequence has left."""
+        and it samples greedily; at most the tokens the sequence has left, and as many as the last decode's time a
+        token says fit in CHAIN_S (its text streams a chain at a time)."""
         if batch is None or self.state.comm.size != 1 or len(batch[0]) != 1 or batch[0][0].n != 1 or batch[3]:
             return 0  # (batch[3], the slots it opens: a prompt of one token)
         seq = self.by_slot[batch[0][0].slot]
-        if seq.sampler.candidates != 1:
+        most = self.state.model.ahead_tokens()
+        if seq.sampler.candidates != 1 or not most:
             return 0
-        return min(self.state.model.ahead_tokens(), seq.steps - len(seq.tokens))
+        took = self.executor.last_decode_s  # (a token first: how long one takes is not known yet)
+        fits = 1 if took is None else int(CHAIN_S / max(took, 1e-6))
+        return max(1, min(most, fits, seq.steps - len(seq.tokens)))
 
     def _chained(self, seq, seg, tokens, finite, now, emit, single):
         """Take a chained decode's tokens as if each had been sampled from its own step, up to where the sequence

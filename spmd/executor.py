@@ -141,6 +141,11 @@ class Executor:
         return tokens, finite
 
     @property
+    def last_decode_s(self):
+        """Seconds of compute a token of the last decode batch took on this rank (None before any)."""
+        return self._recent[-1][0] / self._recent[-1][2] if self._recent else None
+
+    @property
     def busy(self):
         """Whether a batch is in the pipeline."""
         return any(b is not None for b in self.pipeline)

@@ -23,6 +23,7 @@ from spmd.backends import get_backend, vulkan, vulkan_model
 from spmd.backends.numpy_ref import NumpyBackend
 from spmd.comm import Comm
 from spmd.engine import Engine, RunOptions
+from spmd.executor import Executor
 from spmd.errors import UserError
 from spmd.gguf_file import GGUFFile
 from spmd.model import Model, Segment
@@ -888,8 +889,11 @@ def test_description_names_the_device_and_a_wrapping_index_picks_one():
 
 
 # ---- a greedy decode chained on the device (VulkanModel.ahead) ------------------------------------------------
-def _chains(monkeypatch):
-    """The k of every chained decode (`VulkanModel.ahead`) run from now on."""
+def _chains(monkeypatch, chain_s=1e9):
+    """The k of every chained decode (`VulkanModel.ahead`) run from now on, with the driver's time a chain may take
+    (CHAIN_S) set to `chain_s` (default: any, so that the chains' lengths do not depend on the machine's speed)."""
+    from spmd import driver
+    monkeypatch.setattr(driver, "CHAIN_S", chain_s)
     calls, real = [], vulkan_model.VulkanModel.ahead
     monkeypatch.setattr(vulkan_model.VulkanModel, "ahead",
                         lambda self, token, seg, k, n_known: (calls.append(k), real(self, token, seg, k, n_known))[1])
@@ -903,8 +907,9 @@ def _chains(monkeypatch):
 def test_a_greedy_decode_chained_on_the_device_gives_the_tokens_of_a_step_a_token(models, case, activations,
                                                                                   monkeypatch):
     """One rank, greedy: the decode runs in chains (the token embedded, the model, the argmax, the next token's
-    embedding, all on the device) of at most SPMD_VK_AHEAD tokens, then what the sequence has left, and its tokens
-    are those of one step a token (SPMD_VK_AHEAD=0) and the numpy reference's."""
+    embedding, all on the device): one token first (how long a token takes is not known yet), then chains of
+    SPMD_VK_AHEAD tokens, then what the sequence has left; its tokens are those of one step a token
+    (SPMD_VK_AHEAD=0) and the numpy reference's."""
     monkeypatch.setenv("SPMD_VK_AHEAD", "0")
     calls = _chains(monkeypatch)
     plain = engine(models[case], "vulkan", activations=activations).run()["tokens"]
@@ -914,8 +919,8 @@ def test_a_greedy_decode_chained_on_the_device_gives_the_tokens_of_a_step_a_toke
     for most in (8, 5):
         monkeypatch.setenv("SPMD_VK_AHEAD", str(most))
         assert engine(models[case], "vulkan", activations=activations).run()["tokens"] == plain
-        left = len(plain) - 1  # (the first token comes from the prompt's logits)
-        assert calls == [min(most, left - done) for done in range(0, left, most)]
+        left = len(plain) - 2  # (the first token comes from the prompt's logits, the second from a chain of 1)
+        assert calls == [1] + [min(most, left - done) for done in range(0, left, most)]
         calls.clear()
 
 
@@ -950,7 +955,7 @@ def test_non_finite_logits_in_a_chain_stop_generation_at_the_same_position(model
         monkeypatch.setenv("SPMD_VK_AHEAD", most)
         with pytest.raises(UserError, match=f"logits for sequence 0 at position {position} are not finite"):
             engine(path, "vulkan").run()
-    assert calls == [8]
+    assert calls[0] == 1 and max(calls) == 8
 
 
 def _argmax(values, n):
@@ -1106,7 +1111,7 @@ def test_eos_or_a_one_token_prompt_in_a_chained_decode(models, monkeypatch, tmp_
     one = Engine(opts, Comm(comm=MPI.COMM_SELF), log=lambda _m: None).run()
     monkeypatch.setenv("SPMD_VK_AHEAD", "0")
     assert one["tokens"] == Engine(opts, Comm(comm=MPI.COMM_SELF), log=lambda _m: None).run()["tokens"]
-    assert calls == [8, 3]  # the prefill alone, then 11 tokens chained
+    assert calls == [8, 3]  # the prefill alone (a pass of one token, timed as one), then 11 tokens chained
 
 
 @needs_device
@@ -1119,3 +1124,18 @@ def test_the_embedding_copy_is_counted_in_what_a_rank_keeps(models):
     assert parts["token_embd on the device"] == held > 0
     e = engine(models["Q4_0"], "cpu")
     assert e.state.memory_needs(e.state.share)[0]["token_embd on the device"] == 0
+
+
+@needs_device
+def test_a_chain_takes_as_many_tokens_as_fit_in_its_time(models, monkeypatch):
+    """The driver sizes each chain by the last decode's time a token (Executor.last_decode_s) so that its text
+    streams at least every CHAIN_S: with no time to spare a token a chain (a slow GPU), with a chain's time of
+    3.5 tokens 3 a chain; the tokens are the same."""
+    from spmd import driver
+    plain = engine(models["Q8_0"], "vulkan").run()["tokens"]
+    calls = _chains(monkeypatch, chain_s=0.0)
+    assert engine(models["Q8_0"], "vulkan").run()["tokens"] == plain and calls == [1] * 11
+    calls.clear()
+    monkeypatch.setattr(driver, "CHAIN_S", 3.5)
+    monkeypatch.setattr(Executor, "last_decode_s", property(lambda self: 1.0 if self._recent else None))
+    assert engine(models["Q8_0"], "vulkan").run()["tokens"] == plain and calls == [1, 3, 3, 3, 1]
