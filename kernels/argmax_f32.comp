@@ -1,16 +1,18 @@
 #version 450
-// A chained greedy decode's choice (spmd/backends/vulkan_model.py `ahead`): the first of the largest logits among
-// ids 0..n-1 (ties to the lower id, as spmd.sampling's greedy pick), written as the next token (chain[0]) and as
-// chain token p.at (chain[1 + 2 at]), with whether the step path would call its logits finite (chain[2 + 2 at]: 1
-// or 0): none is NaN or +infinity and the largest is not -infinity (spmd.comm.best's greedy candidate, which
-// np.argmax makes the first NaN where there is one);
-// then row 0 of the attention kernel's row table moves on one position (its position and its segment's start).
-// One workgroup.
+// A chained greedy decode's choice (spmd/backends/vulkan_model.py `ahead`), a workgroup a row r of the pass (of
+// p.rows): the first of the largest of its logits among ids 0..n-1 (ties to the lower id, as spmd.sampling's greedy
+// pick), written as the row's next token (chain[r]) and as its token p.at of the chain (chain[rows + 2 (at rows +
+// r)]), with whether the step path would call its logits finite (the word after: 1 or 0): none is NaN or +infinity
+// and the largest is not -infinity (spmd.comm.best's greedy candidate, which np.argmax makes the first NaN where
+// there is one); then row r of the attention kernel's row table moves on one position (its position and its
+// segment's start).
 #extension GL_GOOGLE_include_directive : require
 #include "common.glsl"
 layout(push_constant) uniform Push {
-    uint n;   // logits to choose from (the ids the tokenizer knows)
-    uint at;  // this token's place in the chain
+    uint n;       // logits to choose from (the ids the tokenizer knows)
+    uint at;      // this token's place in the chain
+    uint rows;    // rows of the pass
+    uint stride;  // floats between rows of logits
 } p;
 layout(std430, binding = 0) readonly buffer Logits { float logits[]; };
 layout(std430, binding = 1) buffer Chain { uint chain[]; };
@@ -20,12 +22,12 @@ shared uint best_i[gl_WorkGroupSize.x];
 shared uint all_finite[gl_WorkGroupSize.x];
 
 void main() {
-    uint tid = gl_LocalInvocationID.x;
+    uint tid = gl_LocalInvocationID.x, r = gl_WorkGroupID.x;
     float v = uintBitsToFloat(0xFF800000u);  // -infinity
     uint at = p.n;  // none yet
     bool finite = true;
     for (uint k = tid; k < p.n; k += gl_WorkGroupSize.x) {
-        float l = logits[k];
+        float l = logits[r * p.stride + k];
         finite = finite && l <= 3.4028234663852886e38;  // (false for NaN and +infinity)
         if (l > v || (at == p.n && l == v)) {  // ascending k: the first of equal values stays
             v = l;
@@ -52,9 +54,10 @@ void main() {
     }
     fine = m >= -3.4028234663852886e38 ? fine : 0u;  // (all -infinity: the step path's candidate is -infinity)
     first = min(first, p.n - 1u);  // (every logit NaN: any id; `fine` says so)
-    chain[0] = first;
-    chain[1u + 2u * p.at] = first;
-    chain[2u + 2u * p.at] = fine;
-    uvec4 r = rows[0];
-    rows[0] = uvec4(r.x + 1u, r.x + 1u, r.z, r.w);
+    uint slot = p.rows + 2u * (p.at * p.rows + r);
+    chain[r] = first;
+    chain[slot] = first;
+    chain[slot + 1u] = fine;
+    uvec4 row = rows[r];
+    rows[r] = uvec4(row.x + 1u, row.x + 1u, row.z, row.w);
 }

@@ -114,12 +114,12 @@ def measure(model, n_prompt, steps, repeats=3):
 def chained(model, token, pos, steps, most, greedy):
     """Decode `steps` tokens from `token` at `pos` in chains (VulkanModel.ahead) after one chain that records their
     command buffers; the figures per token, and whether its tokens are the step-a-token loop's (`greedy`)."""
-    model.ahead(token, Segment(0, pos, 1), min(most, steps), model.cfg.vocab)  # (recording)
+    model.ahead([token], [Segment(0, pos, 1)], min(most, steps), model.cfg.vocab)  # (recording)
     got, gpu, t = [], 0.0, time.perf_counter()
     while len(got) < steps:
         k = min(most, steps - len(got))
-        tokens, _ = model.ahead(got[-1] if got else token, Segment(0, pos + len(got), 1), k, model.cfg.vocab)
-        got += tokens
+        tokens, _ = model.ahead([got[-1] if got else token], [Segment(0, pos + len(got), 1)], k, model.cfg.vocab)
+        got += [t for t, in tokens]
         gpu += model.gpu_seconds() or 0.0
     wall = (time.perf_counter() - t) / steps
     if got != greedy:

@@ -252,7 +252,7 @@ class Driver:
             self.frees, self.ticks = [], self.ticks + ticks
             now = time.perf_counter()
             if ahead:
-                self._chained(self.by_slot[segments[0].slot], segments[0], *left, now, emit, single)
+                self._chained(segments, *left, now, emit, single)
                 continue
             for done_batch, candidates in left:
                 for seg, (values, ids) in zip(done_batch.segments, candidates):
@@ -348,36 +348,42 @@ class Driver:
         return 1 if more else min(waits)
 
     def _ahead(self, batch):
-        """The tokens of a greedy decode to chain on the device in the next step (Model.ahead, which may give
-        fewer), or 0: where the only rank's model has a chained decode, the batch is one sequence's decode token
-        and it samples greedily; at most the tokens the sequence has left, and as many as the last decode's time a
-        token says fit in CHAIN_S (its text streams a chain at a time)."""
-        if batch is None or self.state.comm.size != 1 or len(batch[0]) != 1 or batch[0][0].n != 1 or batch[3]:
-            return 0  # (batch[3], the slots it opens: a prompt of one token)
-        seq = self.by_slot[batch[0][0].slot]
-        most = self.state.model.ahead_tokens()
-        if seq.sampler.candidates != 1 or not most:
+        """The decode steps to chain on the device in the next step (Model.ahead, which may run fewer), or 0: where
+        the only rank's model has a chained decode, the batch is decode tokens only (batch[3], the slots it opens:
+        a prompt, even of one token) and each of their sequences samples greedily; at most the tokens any of them
+        has left, and as many as the last decode step's time says fit in CHAIN_S (the text streams a chain at a
+        time)."""
+        if batch is None or self.state.comm.size != 1 or batch[3] or any(seg.n != 1 for seg in batch[0]):
             return 0
-        took = self.executor.last_decode_s  # (a token first: how long one takes is not known yet)
+        seqs = [self.by_slot[seg.slot] for seg in batch[0]]
+        most = self.state.model.ahead_tokens(len(seqs))
+        if not most or any(seq.sampler.candidates != 1 for seq in seqs):
+            return 0
+        took = self.executor.last_decode_s  # (a step first: how long one takes is not known yet)
         fits = 1 if took is None else int(CHAIN_S / max(took, 1e-6))
-        return max(1, min(most, fits, seq.steps - len(seq.tokens)))
+        return max(1, min(most, fits, *(seq.steps - len(seq.tokens) for seq in seqs)))
 
-    def _chained(self, seq, seg, tokens, finite, now, emit, single):
-        """Take a chained decode's tokens as if each had been sampled from its own step, up to where the sequence
-        ends (the rest were computed for nothing)."""
-        for i, (token, fine) in enumerate(zip(tokens, finite)):
-            if i:  # (the step's own decode was counted when it was admitted)
-                self.ready.remove(seq)
-                seq.decodes += 1
-            if seq.cancelled:
-                seq.end("stopped", now)
-                self._release(seq, emit, single)
-                return
-            if not fine:
-                self._not_finite(seq, Segment(seg.slot, seg.pos + i, 1))
-                return
-            self._sampled(seq, token, now, emit, single)
-            if seq.finish is not None or not self.reading:
+    def _chained(self, segments, tokens, finite, now, emit, single):
+        """Take a chained decode's tokens (per chained step, each segment's sequence's) as if each step had been a
+        step of its own: each sequence up to where it ends (its later tokens were computed for nothing), and none
+        after a step that stopped generation (non-finite logits, nobody reading)."""
+        going = list(enumerate(segments))
+        for i, (step_tokens, step_finite) in enumerate(zip(tokens, finite)):
+            for at, seg in list(going):
+                seq = self.by_slot[seg.slot]
+                if i:  # (its first decode was counted when it was admitted)
+                    self.ready.remove(seq)
+                    seq.decodes += 1
+                if seq.cancelled:
+                    seq.end("stopped", now)
+                    self._release(seq, emit, single)
+                elif not step_finite[at]:
+                    self._not_finite(seq, Segment(seg.slot, seg.pos + i, 1))
+                else:
+                    self._sampled(seq, step_tokens[at], now, emit, single)
+                if seq.finish is not None or not step_finite[at]:
+                    going.remove((at, seg))
+            if not going or not self.reading:
                 return
 
     def _sampled(self, seq, token, now, emit, single):

@@ -131,19 +131,20 @@ class Executor:
         return left
 
     def _ahead(self, step):
-        """A chained greedy decode (the only rank; the driver's `_ahead`): (up to step.ahead tokens after the step's
-        one decode token, whether the logits of each were finite)."""
+        """A chained greedy decode (the only rank; the driver's `_ahead`) of the step's decode tokens: (per chained
+        step, up to step.ahead of them, each sequence's next token, and whether its logits were finite)."""
         t = time.perf_counter()
-        tokens, finite = self.state.model.ahead(step.tokens[0], step.segments[0], step.ahead, self.state.n_known)
+        tokens, finite = self.state.model.ahead(step.tokens, step.segments, step.ahead, self.state.n_known)
+        rows = len(step.segments)
         each = (time.perf_counter() - t) / len(tokens)
-        self.decode_tokens += len(tokens)  # (computed: the driver may use fewer)
-        self._recent.extend([(each, 0.0, 1, 0.0)] * len(tokens))
+        self.decode_tokens += rows * len(tokens)  # (computed: the driver may use fewer)
+        self._recent.extend([(each, 0.0, rows, 0.0)] * len(tokens))
         return tokens, finite
 
     @property
     def last_decode_s(self):
-        """Seconds of compute a token of the last decode batch took on this rank (None before any)."""
-        return self._recent[-1][0] / self._recent[-1][2] if self._recent else None
+        """Seconds of compute the last decode step took on this rank (None before any)."""
+        return self._recent[-1][0] if self._recent else None
 
     @property
     def busy(self):

@@ -188,8 +188,8 @@ class Model:
         embed(tokens) -> (n, dim)                the first stage's input
         forward(x, segments, allreduce, head)    the stage's layers over stacked segments, then the head
         cache_take(slot, T) / cache_put(slot, pieces)   KV-cache rows of (layer, KV head) pairs, for moves
-        ahead_tokens() -> k                      how many tokens `ahead` chains at most (0: it has none)
-        ahead(token, segment, k, n_known)        a one-rank greedy decode of k tokens on the device (vulkan)
+        ahead_tokens(rows) -> k                  how many steps `ahead` chains at most (0: it has none)
+        ahead(tokens, segments, k, n_known)      a one-rank greedy decode of k steps on the device (vulkan)
         close()
     """
 
@@ -234,7 +234,7 @@ class Model:
     def slots(self) -> dict:
         return self.cache.slots
 
-    def ahead_tokens(self) -> int:
+    def ahead_tokens(self, rows=1) -> int:
         return 0  # (the host's models gain nothing from chaining: they pick each token where they compute it)
 
     def embed(self, tokens):

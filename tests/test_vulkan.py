@@ -895,8 +895,8 @@ def _chains(monkeypatch, chain_s=1e9):
     from spmd import driver
     monkeypatch.setattr(driver, "CHAIN_S", chain_s)
     calls, real = [], vulkan_model.VulkanModel.ahead
-    monkeypatch.setattr(vulkan_model.VulkanModel, "ahead",
-                        lambda self, token, seg, k, n_known: (calls.append(k), real(self, token, seg, k, n_known))[1])
+    monkeypatch.setattr(vulkan_model.VulkanModel, "ahead", lambda self, tokens, segments, k, n_known: (
+        calls.append(k), real(self, tokens, segments, k, n_known))[1])
     return calls
 
 
@@ -958,22 +958,30 @@ def test_non_finite_logits_in_a_chain_stop_generation_at_the_same_position(model
     assert calls[0] == 1 and max(calls) == 8
 
 
-def _argmax(values, n):
-    """kernels/argmax_f32 over `values` (ids 0..n-1) as token 0 of a chain: (the chain buffer's 3 words, the row
-    table's first row after it)."""
+def _argmax(values, n, at=0):
+    """kernels/argmax_f32 over each row of `values` (ids 0..n-1) as step `at` of a chain of 2 steps: per row (its
+    next token, its token of the step, its finite flag), and the row table after it (row r at position 9 + r
+    before)."""
     import struct
     from spmd.backends.vk_runtime import Buffer, Recording
-    dev = BACKEND.dev
-    logits, chain, rows = Buffer(dev, 4 * len(values), "host"), Buffer(dev, 12, "host"), Buffer(dev, 16, "host")
-    logits.write(np.asarray(values, np.float32))
-    rows.write(np.array([9, 9, 0, 40], np.uint32))
+    dev, values = BACKEND.dev, np.atleast_2d(np.asarray(values, np.float32))
+    rows_n, size = values.shape
+    logits, chain = Buffer(dev, values.nbytes, "host"), Buffer(dev, 4 * rows_n * 5, "host")
+    rows = Buffer(dev, 16 * rows_n, "host")
+    logits.write(values)
+    chain.write(np.zeros(rows_n * 5, np.uint32))
+    rows.write(np.array([[9 + r, 9 + r, r, 40] for r in range(rows_n)], np.uint32))
     rec = Recording(dev)
-    rec.dispatch(dev.pipeline("argmax_f32", 3, 8, (vulkan_model.ARGMAX_WG,)),
-                 [(b, 0, b.nbytes) for b in (logits, chain, rows)], struct.pack("<2I", n, 0), (1, 1, 1))
+    rec.dispatch(dev.pipeline("argmax_f32", 3, 16, (vulkan_model.ARGMAX_WG,)),
+                 [(b, 0, b.nbytes) for b in (logits, chain, rows)], struct.pack("<4I", n, at, rows_n, size),
+                 (rows_n, 1, 1))
     rec.barrier(to_host=True)
     rec.end()
     rec.run()
-    out = chain.array(np.uint32, (3,)).copy(), rows.array(np.uint32, (4,)).copy()
+    words = chain.array(np.uint32, (rows_n * 5,)).copy()
+    steps = words[rows_n:].reshape(2, rows_n, 2)
+    out = [(int(words[r]), *steps[at, r].tolist()) for r in range(rows_n)], rows.array(np.uint32, (rows_n, 4)).copy()
+    assert not steps[1 - at].any()  # (the other step's words untouched)
     rec.free()
     for b in (logits, chain, rows):
         b.free()
@@ -982,27 +990,30 @@ def _argmax(values, n):
 
 @needs_device
 def test_the_device_argmax_picks_as_the_greedy_sampler_does():
-    """The first of equal maxima among ids below n (spmd.sampling's greedy rule), a flag for any non-finite logit
-    among them, and the row table moved on one position."""
+    """Per row, the first of equal maxima among ids below n (spmd.sampling's greedy rule), a flag for non-finite
+    logits as the step path has it, and the row's place in the row table moved on one position."""
     from spmd.sampling import Sampler
     rng = np.random.default_rng(4)
     greedy = Sampler()
-    for size, n, ties in ((50000, 50000, True), (50000, 50000, False), (3000, 2999, True), (7, 7, True),
-                          (1, 1, False)):
-        values = rng.standard_normal(size).astype(np.float32)
+    for size, n, ties, rows_n in ((50000, 50000, True, 1), (50000, 50000, False, 3), (3000, 2999, True, 2),
+                                  (7, 7, True, 1), (1, 1, False, 2)):
+        values = rng.standard_normal((rows_n, size)).astype(np.float32)
         if ties:
-            values[[n // 2, n - 1]] = 9.0  # equal maxima: the lower id wins
-        values[n:] = 20.0  # beyond n: never chosen
-        (token, *rest), rows = _argmax(values, n)
-        assert token == greedy.pick(values[:n], np.arange(n)) and rest == [token, 1]
-        assert rows.tolist() == [10, 10, 0, 40]
-    for bad, where, ok in ((np.nan, 5, 0), (np.inf, 7, 0), (-np.inf, 99, 1), (-np.inf, slice(None), 0),
-                           (np.nan, 150, 1), (0.0, 0, 1)):  # (150: past n, not looked at)
-        values = np.zeros(200, np.float32)
-        values[where] = bad
-        (token, _, finite), _ = _argmax(values, 100)
-        # the step path: the greedy candidate (np.argmax: the first NaN where there is one) must be finite
-        assert finite == ok == np.isfinite(values[:100][np.argmax(values[:100])])
+            values[0, [n // 2, n - 1]] = 9.0  # equal maxima: the lower id wins
+        values[:, n:] = 20.0  # beyond n: never chosen
+        for at in (0, 1):
+            out, rows = _argmax(values, n, at)
+            assert out == [(t, t, 1) for t in (greedy.pick(v[:n], np.arange(n)) for v in values)]
+            assert rows.tolist() == [[10 + r, 10 + r, r, 40] for r in range(rows_n)]
+    cases = ((np.nan, 5, 0), (np.inf, 7, 0), (-np.inf, 99, 1), (-np.inf, slice(None), 0), (np.nan, 150, 1),
+             (0.0, 0, 1))  # (150: past n, not looked at)
+    values = np.zeros((len(cases), 200), np.float32)
+    for row, (bad, where, _) in zip(values, cases):
+        row[where] = bad
+    out, _ = _argmax(values, 100)
+    # the step path: the greedy candidate (np.argmax: the first NaN where there is one) must be finite
+    assert [finite for _, _, finite in out] == [ok for _, _, ok in cases] == \
+        [int(np.isfinite(v[:100][np.argmax(v[:100])])) for v in values]
 
 
 @needs_device
@@ -1010,8 +1021,10 @@ def test_a_chain_past_its_slot_is_refused(models):
     ref, dev, cfg = _shard_models(models["Q8_0"], _whole, max_seq=20)
     run(dev, PROMPT, 0)
     with pytest.raises(ValueError):
-        dev.ahead(5, Segment(0, len(PROMPT), 1), 8, cfg.vocab)  # positions 13..20: past the 20 open
-    assert dev.ahead(5, Segment(0, len(PROMPT), 1), 7, cfg.vocab)[1] == [True] * 7
+        dev.ahead([5], [Segment(0, len(PROMPT), 1)], 8, cfg.vocab)  # positions 13..20: past the 20 open
+    with pytest.raises(ValueError):  # slot 1 is not open
+        dev.ahead([5, 6], [Segment(0, len(PROMPT), 1), Segment(1, 3, 1)], 2, cfg.vocab)
+    assert dev.ahead([5], [Segment(0, len(PROMPT), 1)], 7, cfg.vocab)[1] == [[True]] * 7
     dev.close()
 
 
@@ -1038,9 +1051,9 @@ def test_a_chained_token_has_the_logits_of_a_step_to_the_bit(models, case, activ
         token = int(np.argmax(logits))
     ref, chained, _ = _shard_models(path, _whole)
     run(chained, PROMPT, 0)
-    tokens, finite = chained.ahead(first, Segment(0, pos, 1), 5, cfg.vocab)
-    assert tokens[-1] == token and finite == [True] * 5
-    acts = chained._chains[False, cfg.vocab][0]
+    tokens, finite = chained.ahead([first], [Segment(0, pos, 1)], 5, cfg.vocab)
+    assert tokens[-1] == [token] and finite == [[True]] * 5
+    acts = chained._chains[1, False, cfg.vocab][0]
     last = chained.dev.read(acts.logits, 0, cfg.vocab * 4).view(np.float32)
     assert np.array_equal(last, logits)
     dev.close()
@@ -1079,12 +1092,12 @@ def test_a_chain_stops_where_the_attention_starts_to_split(models, monkeypatch):
     run(chained, PROMPT, 0)
     got, done, token = [], 0, first
     while done < 8:
-        tokens, _ = chained.ahead(token, Segment(0, 13 + done, 1), 8 - done, cfg.vocab)
-        got.append(tokens)
-        done, token = done + len(tokens), tokens[-1]
+        tokens, _ = chained.ahead([token], [Segment(0, 13 + done, 1)], 8 - done, cfg.vocab)
+        got.append([t for t, in tokens])
+        done, token = done + len(tokens), tokens[-1][0]
     assert [len(t) for t in got] == [3, 5]  # positions 13-15, then 16-20 in splits
     assert sum(got, []) == steps
-    last = chained.dev.read(chained._chains[True, cfg.vocab][0].logits, 0, cfg.vocab * 4).view(np.float32)
+    last = chained.dev.read(chained._chains[1, True, cfg.vocab][0].logits, 0, cfg.vocab * 4).view(np.float32)
     assert np.array_equal(last, logits)
     dev.close()
     chained.close()
@@ -1139,3 +1152,65 @@ def test_a_chain_takes_as_many_tokens_as_fit_in_its_time(models, monkeypatch):
     monkeypatch.setattr(driver, "CHAIN_S", 3.5)
     monkeypatch.setattr(Executor, "last_decode_s", property(lambda self: 1.0 if self._recent else None))
     assert engine(models["Q8_0"], "vulkan").run()["tokens"] == plain and calls == [1, 3, 3, 3, 1]
+
+
+def _several(path, monkeypatch, most, prompts, eos=None):
+    """The sequences of a vulkan run of `prompts` (12 steps unless they say, 3 in flight), SPMD_VK_AHEAD=most,
+    with the tokenizer's EOS ids `eos` where given."""
+    monkeypatch.setenv("SPMD_VK_AHEAD", str(most))
+    opts = RunOptions(model=str(path), prompts=prompts, steps=12, backend="vulkan", sequences=3)
+    e = Engine(opts, Comm(comm=MPI.COMM_SELF), log=lambda _m: None)
+    if eos is not None:
+        e.state.tokenizer.eos_ids = eos
+    return e.run()
+
+
+@needs_device
+def test_several_sequences_decode_chained_as_a_step_a_token(models, monkeypatch):
+    """Several greedy sequences in flight decode in chains of steps of all of them (each row embedded, decoded and
+    chosen on the device): the same tokens as a step at a time, each sequence ending where it would (its own steps,
+    EOS), the others going on; a sampled sequence among them keeps the batch a step at a time."""
+    prompts = (PromptSpec(ids=PROMPT), PromptSpec(ids=PROMPT[:5], steps=7), PromptSpec(ids=PROMPT[3:]))
+    plain = [s["tokens"] for s in _several(models["Q8_0"], monkeypatch, 0, prompts)["sequences"]]
+    assert [len(t) for t in plain] == [12, 7, 12]
+    calls = _chains(monkeypatch)
+    got = _several(models["Q8_0"], monkeypatch, 8, prompts)
+    assert [s["tokens"] for s in got["sequences"]] == plain and calls and max(calls) > 1
+    assert sum(calls) < sum(len(t) for t in plain)  # (chains of the three rows, not one a sequence)
+    calls.clear()  # EOS: the second sequence's 4th token ends it there
+    ended = _several(models["Q8_0"], monkeypatch, 8, prompts, eos={plain[1][3]})["sequences"]
+    assert ended[1]["tokens"] == plain[1][:3] and ended[1]["finish"] == "eos"
+    stepped = _several(models["Q8_0"], monkeypatch, 0, prompts, eos={plain[1][3]})["sequences"]
+    assert [(s["tokens"], s["finish"]) for s in ended] == [(s["tokens"], s["finish"]) for s in stepped]
+    for seq, tokens in zip(ended, plain):  # the others: up to their own first EOS, if any
+        cut = tokens.index(plain[1][3]) if plain[1][3] in tokens else len(tokens)
+        assert seq["tokens"] == tokens[:cut]
+    calls.clear()
+    mixed = prompts[:2] + (PromptSpec(ids=PROMPT[3:], temperature=0.7, seed=1),)
+    sampled = _several(models["Q8_0"], monkeypatch, 0, mixed)["sequences"]
+    assert [s["tokens"] for s in _several(models["Q8_0"], monkeypatch, 8, mixed)["sequences"]] == \
+        [s["tokens"] for s in sampled]
+    assert calls == []  # (every step holds the sampled one until it ends, and it ends last)
+
+
+@needs_device
+@pytest.mark.parametrize("case", ["Q4_0", "qwen3"])
+def test_a_chained_step_of_two_sequences_has_their_logits_to_the_bit(models, case):
+    """Two sequences at different positions chained together: each row's logits after 4 steps equal, bit for bit,
+    those of the same rows decoded a step at a time (several rows: the RMSNorm passes, not the fused decode)."""
+    ref, dev, cfg = _shard_models(models[case], _whole, slots=2)
+    _, chained, _ = _shard_models(models[case], _whole, slots=2)
+    prompts = [(0, 0, PROMPT), (1, 0, PROMPT[:6])]
+    for m in (dev, chained):
+        m.open(1, cfg.context)
+        first = [int(np.argmax(row)) for row in step([m], prompts)]
+    tokens = list(first)
+    for i in range(4):
+        logits = step([dev], [(0, len(PROMPT) + i, (tokens[0],)), (1, 6 + i, (tokens[1],))])
+        tokens = [int(np.argmax(row)) for row in logits]
+    got, finite = chained.ahead(first, [Segment(0, len(PROMPT), 1), Segment(1, 6, 1)], 4, cfg.vocab)
+    assert got[-1] == tokens and finite == [[True, True]] * 4
+    last = chained.dev.read(chained._chains[2, False, cfg.vocab][0].logits, 0, 2 * cfg.vocab * 4)
+    assert np.array_equal(last.view(np.float32).reshape(2, -1), logits)
+    dev.close()
+    chained.close()

@@ -35,9 +35,9 @@ A one-rank stage's one-token decode fuses RMSNorm away: each product that adds i
 xg = x * (the next norm's weight) and one partial sum of x^2 per workgroup; the products that read xg add the
 partial sums up and scale their result by rsqrt(mean + eps). That leaves 5 barriers a layer (and one a token before
 the first layer: kernels/prenorm_f32 makes its xg and sums from the host's x); the stage's last w2 writes xg only for
-the head. A chained greedy decode (`ahead`) runs the same command buffers but for that first step, which embeds the
-token on the device instead (kernels/embed_<w>, the same sums in the same order), and ends each token with
-kernels/argmax_f32, whose choice the next token's command buffer embeds.
+the head. A chained greedy decode (`ahead`, of one or several sequences) records a decode step's work after a first
+step that embeds the tokens on the device (kernels/embed_<w>; one row: with the same sums in the same order as
+prenorm_f32) and ends each step with kernels/argmax_f32, whose choices the next step's command buffer embeds.
 
 With one rank in the stage (allreduce None) a decode step is one command buffer, one submit; any other pass (a
 prompt; not while profiling) is cut after half-layers 1, 2, 4, 8, ... and each part is submitted as soon as it is
@@ -225,7 +225,7 @@ class VulkanModel:
         self._decode = {}  # (multi-rank, head, rows, split) -> (Activations, [Recording]): decode steps
         self._pass = None  # the Activations of other passes (_pass_acts)
         self._timed = None  # the last pass's recordings, where it was a decode step (their timestamps: gpu_seconds)
-        self._chains = {}  # (split, n_known) -> (Activations, a Recording per chained token, chain buffer): `ahead`
+        self._chains = {}  # (rows, split, n_known) -> (Activations, a Recording per chained token, chain buffer)
         self._embedding_ = False  # token_embd on the device (`_embedding`): not looked for yet
         self._embedded = None  # ... where it is a VulkanLinear of its own (freed at close), not the classifier
         wg = backend.attention_wg
@@ -242,7 +242,7 @@ class VulkanModel:
         self.profile = False  # bench: timestamps after every step of each pass (last_profile)
         self._add = self.dev.pipeline("add_f32", 2, 4)
         self._rmsnorm = self.dev.pipeline("rmsnorm_f32", 3, struct.calcsize(NORM_PUSH), (backend.norm_wg,))
-        self._prenorm = self.dev.pipeline("prenorm_f32", 7, 12, (backend.norm_wg,))  # (`_first_norm`)
+        self._prenorm = self.dev.pipeline("prenorm_f32", 7, 16, (backend.norm_wg,))  # (`_first_norm`)
         self.ahead_tokens()  # token_embd onto the device now, where a chained decode may run (`_embedding`)
 
     def _buffer(self, nbytes, where="device"):
@@ -324,13 +324,15 @@ class VulkanModel:
         return recs
 
     def _first_norm(self, rec, a, pipe, w, d, chain):
-        """A fused decode's input step (kernels/embed_main.glsl, one workgroup): xg = x * the first layer's norm
-        weight and ss = the sum of x^2, where x comes from the host (prenorm_f32) or (embed_<w>: w, d the
-        embedding's buffers) from token_embd's row chain[0]; then a barrier."""
-        first = self._row(self.share.layers[0], 0)
+        """A decode step's input step (kernels/embed_main.glsl, a workgroup a row), then a barrier: embed_<w> (w, d
+        the embedding's buffers) writes x's rows from token_embd's rows chain[0..n); fused (one row), it and
+        prenorm_f32 (x from the host) write xg = x * the first layer's norm weight and ss = the sum of x^2."""
+        first, dummy = self._row(self.share.layers[0], 0), self.backend.dummy
+        xg, ss = (a.xg, a.ss) if a.fused else (dummy, dummy)
         rec.dispatch(pipe, [(b, 0, b.nbytes) for b in (w, d, chain, a.x)] + [self._norm(first)]
-                     + [(b, 0, b.nbytes) for b in (a.xg, a.ss)],
-                     struct.pack("<3I", self.dp // 32, self.cfg.dim, a.ss_count), (1, 1, 1))
+                     + [(b, 0, b.nbytes) for b in (xg, ss)],
+                     struct.pack("<4I", self.dp // 32, self.cfg.dim, a.ss_count if a.fused else 0, self.dp),
+                     (a.n, 1, 1))
         rec.barrier()
         rec.mark("input")
 
@@ -541,12 +543,13 @@ class VulkanModel:
                     acts.free()
 
     # ---- chained greedy decode ---------------------------------------------------------------------------------
-    def ahead_tokens(self):
-        """The tokens `ahead` chains at most (the backend's, SPMD_VK_AHEAD), or 0 where it cannot run: it needs
-        the whole model here (the caller knows whether this is the only rank), a device whose memory the host
-        maps, no streamed weights, and a token_embd of a type kernels/embed_<w> reads."""
+    def ahead_tokens(self, rows=1):
+        """The tokens `ahead` chains at most for decode steps of `rows` sequences (the backend's, SPMD_VK_AHEAD),
+        or 0 where it cannot run: it needs the whole model here (the caller knows whether this is the only rank),
+        a device whose memory the host maps, no streamed weights, a token_embd of a type kernels/embed_<w> reads,
+        and a step whose command buffers are kept (KEPT_ROWS)."""
         whole = len(self.share.layer_ids) == self.cfg.n_layers and self.nv == self.cfg.vocab
-        can = self.backend.ahead and whole and self.dev.direct and self.w.window is None
+        can = self.backend.ahead and whole and self.dev.direct and self.w.window is None and rows <= KEPT_ROWS
         return self.backend.ahead if can and self._embedding() is not None else 0
 
     def _embedding(self):
@@ -567,57 +570,62 @@ class VulkanModel:
                     self._embedded = None
         return self._embedding_
 
-    def ahead(self, token, seg, k, n_known):
-        """Greedy decode of one sequence (slot seg.slot, `token` at position seg.pos) for up to k <= `ahead_tokens()`
-        tokens without the host in the loop: each token's command buffer embeds the token on the device
-        (kernels/embed_*), runs the one-token decode, and picks the next token (kernels/argmax_f32 over ids
-        0..n_known-1), which the next one embeds; they are submitted one after another and the last waited for.
-        Returns (the tokens, whether the logits of each were finite): k of them, or fewer where the chain reaches
-        the position from which a decode step attends in splits (SPLIT_FROM), so that every token runs the
-        attention a step a token would: the same bits. The slot's positions after the caller's last used token
-        hold keys it never reads."""
-        if not 1 <= k <= self.backend.ahead or seg.n != 1:
-            raise ValueError(f"ahead: {k} tokens of {seg} (1..{self.backend.ahead} from a one-token segment)")
-        check_slot(self._open, seg.slot, seg.pos + k)
+    def ahead(self, tokens, segments, k, n_known):
+        """Greedy decode of sequences (`tokens[i]` at segments[i].pos of slot segments[i].slot, one-token segments)
+        for up to k <= `ahead_tokens(len(segments))` tokens without the host in the loop: each token's command
+        buffer embeds the tokens on the device (kernels/embed_*), runs the decode step, and picks each row's next
+        token (kernels/argmax_f32 over ids 0..n_known-1), which the next one embeds; they are submitted one after
+        another and the last waited for. Returns (tokens, finite): per chained step a list of each sequence's
+        token, and whether its logits were finite; k steps, or fewer where the chain reaches the position from
+        which a decode step attends in splits (SPLIT_FROM), so that every step runs the attention a step a token
+        would: the same bits. A slot's positions after the caller's last used token hold keys it never reads."""
+        n = len(segments)
+        if not 1 <= k <= self.backend.ahead or not 1 <= n <= KEPT_ROWS or any(seg.n != 1 for seg in segments):
+            raise ValueError(f"ahead: {k} tokens of {segments} (1..{self.backend.ahead} from 1..{KEPT_ROWS} "
+                             "one-token segments)")
+        self._check(np.zeros((n, self.cfg.dim), np.float32), segments)  # (each slot open, once)
+        for seg in segments:
+            check_slot(self._open, seg.slot, seg.pos + k)
         self._timed = None
-        split = self.splits > 1 and seg.pos + 1 >= SPLIT_FROM  # (as `forward` decides for a decode step)
+        last = max(seg.pos for seg in segments)
+        split = self.splits > 1 and last + 1 >= SPLIT_FROM  # (as `forward` decides for a decode step)
         if self.splits > 1 and not split:
-            k = min(k, SPLIT_FROM - 1 - seg.pos)
-        if (split, n_known) not in self._chains:
-            self._chains[split, n_known] = self._record_chain(split, n_known)
-        acts, recs, chain = self._chains[split, n_known]
+            k = min(k, SPLIT_FROM - 1 - last)
+        if (n, split, n_known) not in self._chains:
+            self._chains[n, split, n_known] = self._record_chain(n, split, n_known)
+        acts, recs, chain = self._chains[n, split, n_known]
         try:
-            self._put_rows(acts, [seg])
-            chain.array(np.uint32, (1,))[0] = token
+            self._put_rows(acts, segments)
+            chain.array(np.uint32, (n,))[:] = tokens
             for rec in recs[:k - 1]:
                 rec.submit(fence=False)
             recs[k - 1].run()
-            out = chain.array(np.uint32, (1 + 2 * self.backend.ahead,))[1:1 + 2 * k].reshape(k, 2).copy()
+            out = chain.array(np.uint32, (n + 2 * n * self.backend.ahead,))[n:n + 2 * n * k].reshape(k, n, 2).copy()
         except BaseException:
             self.dev.idle()
             raise
         self._timed = recs[:k]
-        return [int(t) for t in out[:, 0]], [bool(f) for f in out[:, 1]]
+        return out[:, :, 0].astype(int).tolist(), (out[:, :, 1] != 0).tolist()
 
-    def _record_chain(self, split, n_known):
-        """The Activations and the command buffers (one per token `ahead_tokens()` allows) of a chained decode
-        (`ahead`), and the chain buffer they pass the token in."""
-        acts = Activations(self, 1, 1, fused=True, split=split, chained=True)
-        chain = Buffer(self.dev, (1 + 2 * self.backend.ahead) * 4, "device")
+    def _record_chain(self, n, split, n_known):
+        """The Activations and the command buffers (one per token `ahead_tokens()` allows) of a chained decode of
+        n sequences (`ahead`), and the chain buffer they pass the tokens in."""
+        acts = Activations(self, n, n, fused=n == 1, split=split, chained=True)
+        chain = Buffer(self.dev, (n + 2 * n * self.backend.ahead) * 4, "device")
         acts.buffers.append(chain)
         emb = self._embedding()
         part = emb.parts[0]  # (one: `_embedding`)
-        embed = self.dev.pipeline(f"embed_{emb.type}", 7, 12, (self.backend.norm_wg,))
-        argmax = self.dev.pipeline("argmax_f32", 3, 8, (min(ARGMAX_WG, self.dev.max_threads),))
+        embed = self.dev.pipeline(f"embed_{emb.type}", 7, 16, (self.backend.norm_wg,))
+        argmax = self.dev.pipeline("argmax_f32", 3, 16, (min(ARGMAX_WG, self.dev.max_threads),))
         recs = []
         try:
             for at in range(self.backend.ahead):
                 rec = Recording(self.dev, True, self.profile)
                 recs.append(rec)
                 self._first_norm(rec, acts, embed, part.w, part.d or self.backend.dummy, chain)
-                self._record(acts, False, True, range(1), timestamps=True, recs=recs, into=rec)
+                self._record(acts, False, True, range(n), timestamps=True, recs=recs, into=rec)
                 rec.dispatch(argmax, [(b, 0, b.nbytes) for b in (acts.logits, chain, acts.table)],
-                             struct.pack("<2I", min(n_known, self.nv), at), (1, 1, 1))
+                             struct.pack("<4I", min(n_known, self.nv), at, n, self.nv), (n, 1, 1))
                 rec.barrier()  # its token and row table, for the next token's command buffer
                 rec.barrier(to_host=True)
                 rec.mark("argmax")
