@@ -66,7 +66,7 @@ class Step:
     keeps: tuple = ()  # per segment, the best logits of each slice its sampler needs (0: all; default all)
     opens: tuple = ()  # (slot, need): KV caches opened before the first tick
     frees: tuple = ()  # slots whose KV caches are freed before the first tick
-    ahead: int = 0  # FORWARD, one rank: a greedy decode of this many tokens chained on the device (Model.ahead)
+    ahead: int = 0  # FORWARD, one rank: a greedy decode of this many steps chained on the device (Model.ahead)
 
 
 HEADER = 8  # op, epoch, ticks, segments, opens, frees, prompt tokens (in the second broadcast), ahead
