@@ -359,31 +359,32 @@ class Driver:
         most = self.state.model.ahead_tokens(len(seqs))
         if not most or any(seq.sampler.candidates != 1 for seq in seqs):
             return 0
-        took = self.executor.last_decode_s  # (a step first: how long one takes is not known yet)
-        fits = 1 if took is None else int(CHAIN_S / max(took, 1e-6))
+        took = self.executor.last_decode_s  # a row's share of the last decode step (None: not known yet, a step)
+        fits = 1 if took is None else int(CHAIN_S / max(took * len(seqs), 1e-6))
         return max(1, min(most, fits, *(seq.steps - len(seq.tokens) for seq in seqs)))
 
     def _chained(self, segments, tokens, finite, now, emit, single):
         """Take a chained decode's tokens (per chained step, each segment's sequence's) as if each step had been a
-        step of its own: each sequence up to where it ends (its later tokens were computed for nothing), and none
-        after a step that stopped generation (non-finite logits, nobody reading)."""
-        going = list(enumerate(segments))
+        step of its own, up to the first step in which a sequence ends or generation stops (EOS, its steps, a
+        cancelled client, non-finite logits, nobody reading): the steps after it were computed for nothing, for
+        every sequence, because a step of its own would have had other rows from there on (not the ended one; a
+        prompt in its slot), and a decode's logits depend on its rows to the last bit."""
+        seqs = [self.by_slot[seg.slot] for seg in segments]
         for i, (step_tokens, step_finite) in enumerate(zip(tokens, finite)):
-            for at, seg in list(going):
-                seq = self.by_slot[seg.slot]
+            ended = False
+            for seq, seg, token, fine in zip(seqs, segments, step_tokens, step_finite):
                 if i:  # (its first decode was counted when it was admitted)
                     self.ready.remove(seq)
                     seq.decodes += 1
                 if seq.cancelled:
                     seq.end("stopped", now)
                     self._release(seq, emit, single)
-                elif not step_finite[at]:
+                elif not fine:
                     self._not_finite(seq, Segment(seg.slot, seg.pos + i, 1))
                 else:
-                    self._sampled(seq, step_tokens[at], now, emit, single)
-                if seq.finish is not None or not step_finite[at]:
-                    going.remove((at, seg))
-            if not going or not self.reading:
+                    self._sampled(seq, token, now, emit, single)
+                ended = ended or seq.finish is not None or not fine
+            if ended or not self.reading:
                 return
 
     def _sampled(self, seq, token, now, emit, single):

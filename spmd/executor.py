@@ -143,8 +143,8 @@ class Executor:
 
     @property
     def last_decode_s(self):
-        """Seconds of compute the last decode step took on this rank (None before any)."""
-        return self._recent[-1][0] if self._recent else None
+        """Seconds of compute the last decode step took on this rank over its rows (None before any)."""
+        return self._recent[-1][0] / self._recent[-1][2] if self._recent else None
 
     @property
     def busy(self):

@@ -889,14 +889,15 @@ def test_description_names_the_device_and_a_wrapping_index_picks_one():
 
 
 # ---- a greedy decode chained on the device (VulkanModel.ahead) ------------------------------------------------
-def _chains(monkeypatch, chain_s=1e9):
-    """The k of every chained decode (`VulkanModel.ahead`) run from now on, with the driver's time a chain may take
-    (CHAIN_S) set to `chain_s` (default: any, so that the chains' lengths do not depend on the machine's speed)."""
+def _chains(monkeypatch, chain_s=1e9, segments=None):
+    """The k of every chained decode (`VulkanModel.ahead`) run from now on (and its segments into the list
+    `segments` where given), with the driver's time a chain may take (CHAIN_S) set to `chain_s` (default: any, so
+    that the chains' lengths do not depend on the machine's speed)."""
     from spmd import driver
     monkeypatch.setattr(driver, "CHAIN_S", chain_s)
-    calls, real = [], vulkan_model.VulkanModel.ahead
-    monkeypatch.setattr(vulkan_model.VulkanModel, "ahead", lambda self, tokens, segments, k, n_known: (
-        calls.append(k), real(self, tokens, segments, k, n_known))[1])
+    calls, real, segments = [], vulkan_model.VulkanModel.ahead, [] if segments is None else segments
+    monkeypatch.setattr(vulkan_model.VulkanModel, "ahead", lambda self, tokens, segs, k, n_known: (
+        calls.append(k), segments.append(segs), real(self, tokens, segs, k, n_known))[2])
     return calls
 
 
@@ -1177,9 +1178,16 @@ def test_several_sequences_decode_chained_as_a_step_a_token(models, monkeypatch)
     got = _several(models["Q8_0"], monkeypatch, 8, prompts)
     assert [s["tokens"] for s in got["sequences"]] == plain and calls and max(calls) > 1
     assert sum(calls) < sum(len(t) for t in plain)  # (chains of the three rows, not one a sequence)
-    calls.clear()  # EOS: the second sequence's 4th token ends it there
+    # EOS: the second sequence's 4th token ends it there, in the step at its position 5 + 3 - 1 = 7, when the
+    # others are at 15 and 12: the chain's later steps are dropped (a step of its own would have had two rows), and
+    # the next chain starts from there
+    segs = []
+    calls = _chains(monkeypatch, segments=segs)
     ended = _several(models["Q8_0"], monkeypatch, 8, prompts, eos={plain[1][3]})["sequences"]
     assert ended[1]["tokens"] == plain[1][:3] and ended[1]["finish"] == "eos"
+    after = next(i for i, s in enumerate(segs) if len(s) == 2)
+    assert any(seg.pos <= 7 < seg.pos + calls[after - 1] for seg in segs[after - 1] if seg.pos < 13)
+    assert [seg.pos for seg in segs[after]] == [16, 13]
     stepped = _several(models["Q8_0"], monkeypatch, 0, prompts, eos={plain[1][3]})["sequences"]
     assert [(s["tokens"], s["finish"]) for s in ended] == [(s["tokens"], s["finish"]) for s in stepped]
     for seq, tokens in zip(ended, plain):  # the others: up to their own first EOS, if any
