@@ -520,13 +520,24 @@ def best(logits, keeps, start):
     id), or all of them for 0."""
     values, ids = [], []
     for row, k in zip(logits, keeps):
-        if k == 1:
-            order = np.array([np.argmax(row)])  # the first of equal maxima: the lower id
-        else:
-            order = np.arange(len(row)) if k == 0 else np.argsort(-row, kind="stable")[:k]
+        if k == 0:
+            values.append(row)
+            ids.append(np.arange(start, start + len(row)))
+            continue
+        order = np.array([np.argmax(row)]) if k == 1 else top(row, k)  # (ties: the lower id)
         values.append(row[order])
         ids.append(order + start)
     return np.concatenate(values).astype(np.float32), np.concatenate(ids).astype(np.int32)
+
+
+def top(row, k):
+    """The indices of row's k largest values, largest first, ties by the lower index: np.argsort(-row,
+    kind="stable")[:k], found in linear time (a full sort of 32000 logits took 1-2 ms a token)."""
+    if k >= len(row) or np.isnan(row).any():  # (NaN: the sort's order, whatever it is)
+        return np.argsort(-row, kind="stable")[:k]
+    kth = np.partition(row, len(row) - k)[len(row) - k]  # the k-th largest value
+    chosen = np.concatenate([np.flatnonzero(row > kth), np.flatnonzero(row == kth)])[:k]
+    return chosen[np.lexsort((chosen, -row[chosen]))]
 
 
 def star_allreduce(c, flat):
