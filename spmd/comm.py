@@ -522,12 +522,13 @@ def best(logits, keeps, start):
     for row, k in zip(logits, keeps):
         if k == 0:
             values.append(row)
-            ids.append(np.arange(start, start + len(row)))
+            ids.append(np.arange(start, start + len(row), dtype=np.int32))
             continue
         order = np.array([np.argmax(row)]) if k == 1 else top(row, k)  # (ties: the lower id)
         values.append(row[order])
         ids.append(order + start)
-    return np.concatenate(values).astype(np.float32), np.concatenate(ids).astype(np.int32)
+    return (np.concatenate(values).astype(np.float32, copy=False),
+            np.concatenate(ids).astype(np.int32, copy=False))
 
 
 def top(row, k):

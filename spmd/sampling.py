@@ -35,20 +35,23 @@ class Sampler:
         to the lower id, and every token's probability is laid out in id order (top-k: best first) for the draw."""
         if self.temperature <= 0.0:
             return int(ids[values == values.max()].min())
+        z = values.astype(np.float64)
+        z -= z.max()  # (the largest: 0)
         with np.errstate(over="ignore"):  # <= 0: a tiny temperature gives -inf, not NaN
-            z = (values.astype(np.float64) - values.max()) / self.temperature  # (the largest: 0)
+            z /= self.temperature
         by_id = self.top_k == 0  # (whatever the candidates' number: the order must not depend on the layout)
         if not by_id:  # the top_k best (few: each slice's best), best first, ties by id
             order = np.lexsort((ids, -z))[:self.top_k]
         elif np.all(ids[1:] > ids[:-1]):  # every token, in id order (as every layout gathers them)
-            order = np.arange(len(ids))
+            order = None
         else:
             order = np.argsort(ids, kind="stable")
-        p = np.exp(z[order])
+        p = np.exp(z if order is None else z[order])
         if self.top_p < 1.0:
-            order, p = self._nucleus(order, p, ids, by_id)
+            order, p = self._nucleus(np.arange(len(p)) if order is None else order, p, ids, by_id)
         cdf = np.cumsum(p)  # one uniform draw, as Generator.choice makes (without its checks of p: 0.3 ms)
-        return int(ids[order[min(int(np.searchsorted(cdf, self.rng.random() * cdf[-1], side="right")), len(p) - 1)]])
+        at = min(int(np.searchsorted(cdf, self.rng.random() * cdf[-1], side="right")), len(p) - 1)
+        return int(ids[at if order is None else order[at]])
 
     def _nucleus(self, order, p, ids, by_id):
         """The smallest prefix of the candidates `order` (weights p; in id order where by_id), best first and ties
