@@ -119,7 +119,7 @@ def chained(model, token, pos, steps, most, greedy):
     while len(got) < steps:
         k = min(most, steps - len(got))
         tokens, _ = model.ahead([got[-1] if got else token], [Segment(0, pos + len(got), 1)], k, model.cfg.vocab)
-        got += [t for t, in tokens]
+        got += [row[0] for row in tokens]
         gpu += model.gpu_seconds() or 0.0
     wall = (time.perf_counter() - t) / steps
     if got != greedy:
