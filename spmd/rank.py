@@ -348,7 +348,7 @@ class RankState:
 
     def _embedding_copy(self, share):
         """The bytes of the token_embd copy a vulkan model holding the whole model keeps for its chained decode
-        (VulkanModel._embedding; none where the classifier is token_embd itself)."""
+        (VulkanModel.embedding; none where the classifier is token_embd itself)."""
         cfg, info = self.cfg, self.file.info("token_embd.weight")
         whole = len(share.layer_ids) == cfg.n_layers and share.n_vocab == cfg.vocab
         if not (whole and getattr(self.backend, "ahead", 0)) or cfg.tied_output or info.qtype not in NATIVE:

@@ -1067,10 +1067,10 @@ def test_an_embedding_over_the_storage_buffer_range_is_not_chained(models, monke
     model offers no chained decode, and keeps no copy of it."""
     monkeypatch.setattr(BACKEND.dev, "max_range", 40000)  # token_embd (and output): 64 KiB; the rest fits
     ref, dev, cfg = _shard_models(models["Q8_0"], _whole)
-    assert len(dev.w.output.parts) > 1 and dev.ahead_tokens() == 0 and dev._embedded is None
+    assert len(dev.w.output.parts) > 1 and dev.ahead_tokens() == 0 and dev.embedding is None
     monkeypatch.undo()
     ref, whole, cfg = _shard_models(models["Q8_0"], _whole)
-    assert whole.ahead_tokens() == vulkan.AHEAD_TOKENS and len(whole._embedded.parts) == 1
+    assert whole.ahead_tokens() == vulkan.AHEAD_TOKENS and len(whole.embedding.parts) == 1
     dev.close()
     whole.close()
 
@@ -1134,7 +1134,7 @@ def test_the_embedding_copy_is_counted_in_what_a_rank_keeps(models):
     keeps for its chained decode, with the bytes it holds; the cpu backend keeps none."""
     e = engine(models["Q4_0"], "vulkan")
     parts, _ = e.state.memory_needs(e.state.share)
-    held = e.state.model._embedded.nbytes
+    held = e.state.model.embedding.nbytes
     assert parts["token_embd on the device"] == held > 0
     e = engine(models["Q4_0"], "cpu")
     assert e.state.memory_needs(e.state.share)[0]["token_embd on the device"] == 0

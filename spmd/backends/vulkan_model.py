@@ -88,6 +88,13 @@ KEPT_PASS_ROWS = 512  # activations of other passes up to this many rows stay al
 ARGMAX_WG = 1024  # kernels/argmax_f32's threads (one workgroup), or the device's most
 
 
+def free_pass(acts, recs):
+    """Free a pass's recorded command buffers and its Activations."""
+    for rec in recs:
+        rec.free()
+    acts.free()
+
+
 def runs(rows):
     """[(index, first row, count)]: ascending rows as runs of consecutive ones (one dispatch each)."""
     out = []
@@ -226,8 +233,6 @@ class VulkanModel:
         self._pass = None  # the Activations of other passes (_pass_acts)
         self._timed = None  # the last pass's recordings, where it was a decode step (their timestamps: gpu_seconds)
         self._chains = {}  # (rows, split, n_known) -> (Activations, a Recording per chained token, chain buffer)
-        self._embedding_ = False  # token_embd on the device (`_embedding`): not looked for yet
-        self._embedded = None  # ... where it is a VulkanLinear of its own (freed at close), not the classifier
         wg = backend.attention_wg
         ks = max(1, wg // (hd // 4))  # threads sum the values 4 dims at a time, keys split ks ways
         kernel = "attention_kv16" if self.kv_dtype == np.float16 else "attention_f32"
@@ -243,7 +248,7 @@ class VulkanModel:
         self._add = self.dev.pipeline("add_f32", 2, 4)
         self._rmsnorm = self.dev.pipeline("rmsnorm_f32", 3, struct.calcsize(NORM_PUSH), (backend.norm_wg,))
         self._prenorm = self.dev.pipeline("prenorm_f32", 7, 16, (backend.norm_wg,))  # (`_first_norm`)
-        self.ahead_tokens()  # token_embd onto the device now, where a chained decode may run (`_embedding`)
+        self.embedding = self._embedding()  # token_embd on the device for `ahead`, or None
 
     def _buffer(self, nbytes, where="device"):
         b = Buffer(self.dev, nbytes, where)
@@ -547,28 +552,26 @@ class VulkanModel:
         """The tokens `ahead` chains at most for decode steps of `rows` sequences (the backend's, SPMD_VK_AHEAD),
         or 0 where it cannot run: it needs the whole model here (the caller knows whether this is the only rank),
         a device whose memory the host maps, no streamed weights, a token_embd of a type kernels/embed_<w> reads,
-        and a step whose command buffers are kept (KEPT_ROWS)."""
-        whole = len(self.share.layer_ids) == self.cfg.n_layers and self.nv == self.cfg.vocab
-        can = self.backend.ahead and whole and self.dev.direct and self.w.window is None and rows <= KEPT_ROWS
-        return self.backend.ahead if can and self._embedding() is not None else 0
+        and a step whose command buffers are kept (KEPT_ROWS): `_embedding`."""
+        return self.backend.ahead if self.embedding is not None and rows <= KEPT_ROWS else 0
 
     def _embedding(self):
-        """token_embd as a VulkanLinear (the classifier itself where they are one tensor), or None where the file's
-        type is one the backend dequantises at load (whose host lookup kernels/embed_<w> does not reproduce);
-        loaded once (when the model is made: `RankState.memory_needs` counts it)."""
-        if self._embedding_ is False:
-            self._embedding_ = None
-            name, f = "token_embd.weight", self.w.file
-            if f.info(name).qtype in NATIVE and self.cfg.tied_output:
-                self._embedding_ = self.w.output
-            elif f.info(name).qtype in NATIVE:
-                self._embedding_ = self._embedded = self.backend.linear(f.rows(name, 0, self.cfg.vocab))
-            if self._embedding_ is not None and len(self._embedding_.parts) > 1:  # over maxStorageBufferRange
-                self._embedding_ = None
-                if self._embedded is not None:
-                    self._embedded.free()
-                    self._embedded = None
-        return self._embedding_
+        """token_embd as one VulkanLinear (the classifier itself where they are one tensor), loaded with the model
+        (`RankState.memory_needs` counts it), where a chained decode can run: the whole model here (the caller
+        knows whether this is the only rank), a device whose memory the host maps, no streamed weights, a type kept
+        as it is (a type dequantised at load has a host lookup kernels/embed_<w> does not reproduce), one buffer
+        (within maxStorageBufferRange). Else None."""
+        name, f = "token_embd.weight", self.w.file
+        whole = len(self.share.layer_ids) == self.cfg.n_layers and self.nv == self.cfg.vocab
+        if not (self.backend.ahead and whole and self.dev.direct and self.w.window is None
+                and f.info(name).qtype in NATIVE):
+            return None
+        emb = self.w.output if self.cfg.tied_output else self.backend.linear(f.rows(name, 0, self.cfg.vocab))
+        if len(emb.parts) == 1:
+            return emb
+        if emb is not self.w.output:
+            emb.free()
+        return None
 
     def ahead(self, tokens, segments, k, n_known):
         """Greedy decode of sequences (`tokens[i]` at segments[i].pos of slot segments[i].slot, one-token segments)
@@ -613,7 +616,7 @@ class VulkanModel:
         acts = Activations(self, n, n, fused=n == 1, split=split, chained=True)
         chain = Buffer(self.dev, (n + 2 * n * self.backend.ahead) * 4, "device")
         acts.buffers.append(chain)
-        emb = self._embedding()
+        emb = self.embedding
         part = emb.parts[0]  # (one: `_embedding`)
         embed = self.dev.pipeline(f"embed_{emb.type}", 7, 16, (self.backend.norm_wg,))
         argmax = self.dev.pipeline("argmax_f32", 3, 16, (min(ARGMAX_WG, self.dev.max_threads),))
@@ -631,9 +634,7 @@ class VulkanModel:
                 rec.mark("argmax")
                 rec.end()
         except BaseException:
-            for rec in recs:
-                rec.free()
-            acts.free()
+            free_pass(acts, recs)
             raise
         return acts, recs, chain
 
@@ -730,19 +731,12 @@ class VulkanModel:
         window stops its loader first."""
         if self.w.window is not None:
             self.w.window.close()
-        for acts, recs in self._decode.values():
-            for rec in recs:
-                rec.free()
-            acts.free()
-        self._decode = {}
-        for acts, recs, _ in self._chains.values():
-            for rec in recs:
-                rec.free()
-            acts.free()
-        self._chains = {}
-        if self._embedded is not None:
-            self._embedded.free()
-            self._embedded = None
+        for acts, recs, *_ in [*self._decode.values(), *self._chains.values()]:
+            free_pass(acts, recs)
+        self._decode, self._chains = {}, {}
+        if self.embedding is not None and self.embedding is not self.w.output:
+            self.embedding.free()
+        self.embedding = None
         if self._pass is not None:
             self._pass.free()
             self._pass = None
