@@ -169,6 +169,7 @@ void main() {
             if (e >= H4 * KS) break;
             uint d4 = e % H4, ks = e / H4;
             vec4 sum = acc[k] * alpha;
+            vec4 own = vec4(vn[4 * d4], vn[4 * d4 + 1], vn[4 * d4 + 2], vn[4 * d4 + 3]);  // (key pos)
             uint j = ks, base = cbase * H4 + d4;
             for (; j + (VU - 1u) * KS < cn && c0 + j + (VU - 1u) * KS < start; j += VU * KS) {  // VU loads in flight
                 vec4 v[VU];
@@ -177,7 +178,6 @@ void main() {
             }
             for (; j < cn; j += KS) {
                 uint t = c0 + j;
-                vec4 own = vec4(vn[4 * d4], vn[4 * d4 + 1], vn[4 * d4 + 2], vn[4 * d4 + 3]);  // t == pos
                 sum += s[j] * (t < start ? widen(vc[base + t * H4]) : t == pos ? own
                                                                                 : value(first + t - start, kvh, d4));
             }
