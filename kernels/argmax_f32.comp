@@ -1,16 +1,17 @@
 #version 450
 // A chained greedy decode's choice (spmd/backends/vulkan_model.py `ahead`), a workgroup a row r of the pass (of
 // p.rows): the first of the largest of its logits among ids 0..n-1 (ties to the lower id, as spmd.sampling's greedy
-// pick), written as the row's next token (chain[r]) and as its token p.at of the chain (chain[rows + 2 (at rows +
-// r)]), with whether the step path would call its logits finite (the word after: 1 or 0): none is NaN or +infinity
-// and the largest is not -infinity (spmd.comm.best's greedy candidate, which np.argmax makes the first NaN where
-// there is one); then row r of the attention kernel's row table moves on one position (its position and its
-// segment's start).
+// pick), written as the row's next token (chain[r]) and as its token `step` of the chain (chain[2 rows + 2 (step
+// rows + r)]), with whether the step path would call its logits finite (the word after: 1 or 0): none is NaN or
+// +infinity and the largest is not -infinity (spmd.comm.best's greedy candidate, which np.argmax makes the first NaN
+// where there is one); then row r of the attention kernel's row table moves on one position (its position and its
+// segment's start). `step` is the row's count of chained steps (chain[rows + r], which the host zeroes and this step
+// moves on), so that every step of a chain is the same command buffer; a step past p.most keeps no token.
 #extension GL_GOOGLE_include_directive : require
 #include "common.glsl"
 layout(push_constant) uniform Push {
     uint n;       // logits to choose from (the ids the tokenizer knows)
-    uint at;      // this token's place in the chain
+    uint most;    // the chain's steps (its room for tokens)
     uint rows;    // rows of the pass
     uint stride;  // floats between rows of logits
 } p;
@@ -54,10 +55,14 @@ void main() {
     }
     fine = m >= -3.4028234663852886e38 ? fine : 0u;  // (all -infinity: the step path's candidate is -infinity)
     first = min(first, p.n - 1u);  // (every logit NaN: any id; `fine` says so)
-    uint slot = p.rows + 2u * (p.at * p.rows + r);
+    uint step = chain[p.rows + r];
     chain[r] = first;
-    chain[slot] = first;
-    chain[slot + 1u] = fine;
+    chain[p.rows + r] = step + 1u;
+    if (step < p.most) {
+        uint slot = 2u * p.rows + 2u * (step * p.rows + r);
+        chain[slot] = first;
+        chain[slot + 1u] = fine;
+    }
     uvec4 row = rows[r];
     rows[r] = uvec4(row.x + 1u, row.x + 1u, row.z, row.w);
 }

@@ -960,29 +960,31 @@ def test_non_finite_logits_in_a_chain_stop_generation_at_the_same_position(model
 
 
 def _argmax(values, n, at=0):
-    """kernels/argmax_f32 over each row of `values` (ids 0..n-1) as step `at` of a chain of 2 steps: per row (its
-    next token, its token of the step, its finite flag), and the row table after it (row r at position 9 + r
-    before)."""
+    """kernels/argmax_f32 over each row of `values` (ids 0..n-1) as step `at` of a chain of 2 steps (each row's
+    count of steps taken set to `at`): per row (its next token, its token of the step, its finite flag), and the row
+    table after it (row r at position 9 + r before)."""
     import struct
     from spmd.backends.vk_runtime import Buffer, Recording
     dev, values = BACKEND.dev, np.atleast_2d(np.asarray(values, np.float32))
     rows_n, size = values.shape
-    logits, chain = Buffer(dev, values.nbytes, "host"), Buffer(dev, 4 * rows_n * 5, "host")
+    logits, chain = Buffer(dev, values.nbytes, "host"), Buffer(dev, 4 * rows_n * 6, "host")
     rows = Buffer(dev, 16 * rows_n, "host")
     logits.write(values)
-    chain.write(np.zeros(rows_n * 5, np.uint32))
+    chain.write(np.r_[np.zeros(rows_n, np.uint32), np.full(rows_n, at, np.uint32), np.zeros(rows_n * 4, np.uint32)])
     rows.write(np.array([[9 + r, 9 + r, r, 40] for r in range(rows_n)], np.uint32))
     rec = Recording(dev)
     rec.dispatch(dev.pipeline("argmax_f32", 3, 16, (vulkan_model.ARGMAX_WG,)),
-                 [(b, 0, b.nbytes) for b in (logits, chain, rows)], struct.pack("<4I", n, at, rows_n, size),
+                 [(b, 0, b.nbytes) for b in (logits, chain, rows)], struct.pack("<4I", n, 2, rows_n, size),
                  (rows_n, 1, 1))
     rec.barrier(to_host=True)
     rec.end()
     rec.run()
-    words = chain.array(np.uint32, (rows_n * 5,)).copy()
-    steps = words[rows_n:].reshape(2, rows_n, 2)
-    out = [(int(words[r]), *steps[at, r].tolist()) for r in range(rows_n)], rows.array(np.uint32, (rows_n, 4)).copy()
-    assert not steps[1 - at].any()  # (the other step's words untouched)
+    words = chain.array(np.uint32, (rows_n * 6,)).copy()
+    steps = words[2 * rows_n:].reshape(2, rows_n, 2)
+    kept = steps[at].tolist() if at < 2 else [(None, None)] * rows_n  # (a step past the chain's 2 keeps none)
+    out = [(int(words[r]), *kept[r]) for r in range(rows_n)], rows.array(np.uint32, (rows_n, 4)).copy()
+    assert not steps[[s for s in range(2) if s != at]].any()  # (the other steps' words untouched)
+    assert words[rows_n:2 * rows_n].tolist() == [at + 1] * rows_n  # (each row's count moved on)
     rec.free()
     for b in (logits, chain, rows):
         b.free()
@@ -1002,9 +1004,10 @@ def test_the_device_argmax_picks_as_the_greedy_sampler_does():
         if ties:
             values[0, [n // 2, n - 1]] = 9.0  # equal maxima: the lower id wins
         values[:, n:] = 20.0  # beyond n: never chosen
-        for at in (0, 1):
+        picks = [greedy.pick(v[:n], np.arange(n)) for v in values]
+        for at in (0, 1, 2):
             out, rows = _argmax(values, n, at)
-            assert out == [(t, t, 1) for t in (greedy.pick(v[:n], np.arange(n)) for v in values)]
+            assert out == [(t, t, 1) if at < 2 else (t, None, None) for t in picks]
             assert rows.tolist() == [[10 + r, 10 + r, r, 40] for r in range(rows_n)]
     cases = ((np.nan, 5, 0), (np.inf, 7, 0), (-np.inf, 99, 1), (-np.inf, slice(None), 0), (np.nan, 150, 1),
              (0.0, 0, 1))  # (150: past n, not looked at)

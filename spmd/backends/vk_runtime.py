@@ -388,12 +388,15 @@ class Recording:
     dependent ones, optional timestamps around the whole. Record once, `run()` (submit and wait) as often as
     needed."""
 
-    def __init__(self, dev, timestamps=False, profile=False):
-        """timestamps: time the whole buffer on the GPU (gpu_seconds); profile: also after every `mark(label)`."""
+    def __init__(self, dev, timestamps=False, profile=False, queued_again=False):
+        """timestamps: time the whole buffer on the GPU (gpu_seconds: its last run); profile: also after every
+        `mark(label)`. queued_again: the buffer may be submitted again before its last submission is done (a chained
+        decode's steps)."""
         self.dev = dev
         self.cmd = vk.vkAllocateCommandBuffers(dev.device, vk.VkCommandBufferAllocateInfo(
             commandPool=dev.pool, level=vk.VK_COMMAND_BUFFER_LEVEL_PRIMARY, commandBufferCount=1))[0]
-        vk.vkBeginCommandBuffer(self.cmd, vk.VkCommandBufferBeginInfo())
+        vk.vkBeginCommandBuffer(self.cmd, vk.VkCommandBufferBeginInfo(
+            flags=vk.VK_COMMAND_BUFFER_USAGE_SIMULTANEOUS_USE_BIT if queued_again else 0))
         self.query_pool, self.labels, self._profile = None, [], profile
         if (timestamps or profile) and dev.timestamps:
             self._capacity = 4096 if profile else 2

@@ -575,10 +575,10 @@ class VulkanModel:
 
     def ahead(self, tokens, segments, k, n_known):
         """Greedy decode of sequences (`tokens[i]` at segments[i].pos of slot segments[i].slot, one-token segments)
-        for up to k <= `ahead_tokens(len(segments))` tokens without the host in the loop: each token's command
-        buffer embeds the tokens on the device (kernels/embed_*), runs the decode step, and picks each row's next
-        token (kernels/argmax_f32 over ids 0..n_known-1), which the next one embeds; they are submitted one after
-        another and the last waited for. Returns (tokens, finite): per chained step a list of each sequence's
+        for up to k <= `ahead_tokens(len(segments))` tokens without the host in the loop: a step's command buffer
+        embeds the tokens on the device (kernels/embed_*), runs the decode step, and picks each row's next token
+        (kernels/argmax_f32 over ids 0..n_known-1), which the next step embeds; the one buffer is submitted k times
+        and the last waited for. Returns (tokens, finite): per chained step a list of each sequence's
         token, and whether its logits were finite; k steps, or fewer where the chain reaches the position from
         which a decode step attends in splits (SPLIT_FROM), so that every step runs the attention a step a token
         would: the same bits. A slot's positions after the caller's last used token hold keys it never reads."""
@@ -597,42 +597,42 @@ class VulkanModel:
         if (n, split, n_known) not in self._chains:
             self._chains[n, split, n_known] = self._record_chain(n, split, n_known)
         acts, recs, chain = self._chains[n, split, n_known]
+        words = chain.array(np.uint32, (2 * n + 2 * n * self.backend.ahead,))
         try:
             self._put_rows(acts, segments)
-            chain.array(np.uint32, (n,))[:] = tokens
-            for rec in recs[:k - 1]:
-                rec.submit(fence=False)
-            recs[k - 1].run()
-            out = chain.array(np.uint32, (n + 2 * n * self.backend.ahead,))[n:n + 2 * n * k].reshape(k, n, 2).copy()
+            words[:n], words[n:2 * n] = tokens, 0  # each row's token, and its count of steps taken
+            for _ in range(k - 1):
+                recs[0].submit(fence=False)
+            recs[0].run()
+            out = words[2 * n:2 * n + 2 * n * k].reshape(k, n, 2).copy()
         except BaseException:
             self.dev.idle()
             raise
-        self._timed = recs[:k]
+        self._timed = recs * k  # (the last step's GPU time, k times: every step runs the same work)
         return out[:, :, 0].astype(int).tolist(), (out[:, :, 1] != 0).tolist()
 
     def _record_chain(self, n, split, n_known):
-        """The Activations and the command buffers (one per token `ahead_tokens()` allows) of a chained decode of
-        n sequences (`ahead`), and the chain buffer they pass the tokens in."""
+        """The Activations and the command buffer (in a list, for free_pass) of a chained decode of n sequences
+        (`ahead`): one step, submitted once a token; and the chain buffer the steps pass the tokens in (each row's
+        token, its count of steps taken, then each step's tokens and finite flags)."""
         acts = Activations(self, n, n, fused=n == 1, split=split, chained=True)
-        chain = Buffer(self.dev, (n + 2 * n * self.backend.ahead) * 4, "device")
+        chain = Buffer(self.dev, (2 * n + 2 * n * self.backend.ahead) * 4, "device")
         acts.buffers.append(chain)
         emb = self.embedding
         part = emb.parts[0]  # (one: `_embedding`)
         embed = self.dev.pipeline(f"embed_{emb.type}", 7, 16, (self.backend.norm_wg,))
         argmax = self.dev.pipeline("argmax_f32", 3, 16, (min(ARGMAX_WG, self.dev.max_threads),))
-        recs = []
+        rec = Recording(self.dev, True, self.profile, queued_again=True)
+        recs = [rec]
         try:
-            for at in range(self.backend.ahead):
-                rec = Recording(self.dev, True, self.profile)
-                recs.append(rec)
-                self._first_norm(rec, acts, embed, part.w, part.d or self.backend.dummy, chain)
-                self._record(acts, False, True, range(n), timestamps=True, recs=recs, into=rec)
-                rec.dispatch(argmax, [(b, 0, b.nbytes) for b in (acts.logits, chain, acts.table)],
-                             struct.pack("<4I", min(n_known, self.nv), at, n, self.nv), (n, 1, 1))
-                rec.barrier()  # its token and row table, for the next token's command buffer
-                rec.barrier(to_host=True)
-                rec.mark("argmax")
-                rec.end()
+            self._first_norm(rec, acts, embed, part.w, part.d or self.backend.dummy, chain)
+            self._record(acts, False, True, range(n), timestamps=True, recs=recs, into=rec)
+            rec.dispatch(argmax, [(b, 0, b.nbytes) for b in (acts.logits, chain, acts.table)],
+                         struct.pack("<4I", min(n_known, self.nv), self.backend.ahead, n, self.nv), (n, 1, 1))
+            rec.barrier()  # its tokens, counts and row table, for the next step
+            rec.barrier(to_host=True)
+            rec.mark("argmax")
+            rec.end()
         except BaseException:
             free_pass(acts, recs)
             raise
