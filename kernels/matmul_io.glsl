@@ -10,8 +10,8 @@ const uint NR = 64;                            // on the matrix units (vulkan.py
 const uint NR = 2;                             // weight rows per workgroup
 const uint NT = 8;                             // tokens per workgroup (prompt processing)
 #else
-const uint NR = 4;                             // matrix-vector (decode):
-layout(constant_id = 3) const uint NT = 1;     // the step's rows (sequences), each weight block read once for all
+const uint NR = 4;
+const uint NT = 1;                             // matrix-vector (decode)
 #endif
 layout(constant_id = 1) const uint PAIR = 0;   // 1: the same rows of W and W2 (ffn_gate, ffn_up) in one pass,
                                                // y = silu(W x) * (W2 x): SwiGLU's SiLU-multiply fused

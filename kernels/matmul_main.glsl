@@ -56,15 +56,10 @@ void quantize_block(uint g, uint tid) {
 #endif
 
 void main() {
-#if defined(MATMUL) || defined(COOPMAT)
-    uint g = gl_WorkGroupID.z * gl_NumWorkGroups.x + gl_WorkGroupID.x, tok0 = gl_WorkGroupID.y * NT;
-#else  // matvec: workgroups of the same rows for other tokens (more than NT) are neighbours in the grid (x), so that
-       // they run together and their weights come from memory once
-    uint g = gl_WorkGroupID.z * gl_NumWorkGroups.y + gl_WorkGroupID.y, tok0 = gl_WorkGroupID.x * NT;
-#endif
+    uint g = gl_WorkGroupID.z * gl_NumWorkGroups.x + gl_WorkGroupID.x;
     if (g >= p.groups) return;  // the whole workgroup: before any barrier
     uint tid = gl_LocalInvocationID.x;
-    uint row0 = g * NR;
+    uint row0 = g * NR, tok0 = gl_WorkGroupID.y * NT;
     float acc[NV];
     [[unroll]] for (uint i = 0; i < NV; i++) acc[i] = 0.0;
     uint xbase[NT];

@@ -102,8 +102,8 @@ SHAPES = ((1, 32), (37, 96), (300, 544), (5, 4160), (0, 64))  # one block; odd r
 @pytest.mark.parametrize("shape", SHAPES, ids=[f"{r}x{c}" for r, c in SHAPES])
 @pytest.mark.parametrize("qtype", TYPES, ids=NAMES)
 def test_product_matches_reference(qtype, shape, n, matvec_rows, monkeypatch):
-    """Decode's matrix-vector kernel (one token, or every token of a few in each workgroup: several sequences'
-    decode; 11 tokens: workgroups of 8 and of 3) and the prompt's 8-token tiles."""
+    """Decode's matrix-vector kernel (one token, or a workgroup row per token for a few: several sequences on a
+    GPU) and the prompt's 8-token tiles."""
     monkeypatch.setattr(BACKEND, "matvec_rows", matvec_rows)
     rng = np.random.default_rng(1)
     w = random_qtensor(qtype, *shape, rng)  # K-quants: columns rounded up to whole super-blocks
@@ -636,7 +636,7 @@ def test_a_prompt_that_fails_after_parts_were_queued_leaves_the_device_usable(mo
 
 
 @needs_device
-@pytest.mark.parametrize("matvec_rows", [1, 8], ids=["matmul", "matvec"])  # the 8-token tiles, and the default
+@pytest.mark.parametrize("matvec_rows", [1, 8], ids=["matmul", "matvec"])  # lavapipe's choice and a GPU's
 @pytest.mark.parametrize("multi", [False, True], ids=["one-buffer", "half-layers"])
 def test_several_sequences_in_one_pass(models, multi, matvec_rows, monkeypatch):
     """Prompts and decode tokens of three slots stacked in each pass, against spmd.model.Model doing the same and

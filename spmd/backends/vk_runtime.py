@@ -172,7 +172,6 @@ class Device:
         self.max_range = int(limits.maxStorageBufferRange)
         self.offset_align = int(limits.minStorageBufferOffsetAlignment)
         self.max_groups = int(limits.maxComputeWorkGroupCount[0])
-        self.max_groups_y = int(limits.maxComputeWorkGroupCount[1])
         self.timestamp_period = float(limits.timestampPeriod)  # ns per tick
         self.shared_bytes = int(limits.maxComputeSharedMemorySize)
         self.max_threads = int(limits.maxComputeWorkGroupInvocations)

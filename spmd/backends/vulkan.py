@@ -58,7 +58,6 @@ COOP_WIDE = 72
 # TinyLlama at 512 tokens: q k v 118 against 89, wo 107 against 59, w2 281 against 150)
 COOP_FEW = 160
 COOP_ROWS, COOP_THREADS = 64, 128  # kernels/coopmat_main.glsl's BR and WG: 4 subgroups of 32 (Device._coop_matrix)
-MATVEC_TOKENS = 8  # a decode step's tokens a matvec workgroup takes at most (its NT): each weight block read once
 
 
 def coop_tile(rows, n, pair, fixed_tokens=0):
@@ -242,9 +241,8 @@ class VulkanLinear:
         quantize (one-token decode with int8): (Int8Input, counts buffer): also round what this product finishes
         (xg where it produces, else y) into the Int8Input for the next product (flag QUANTIZE)."""
         b, tg, suffix, x_bind = self.backend, 1, "f32", None
-        if n <= b.matvec_rows:  # (NT: every token of the step in a workgroup, up to MATVEC_TOKENS)
-            kernel, wg, nr = "matvec", b.matvec_wg, 4  # kernels/matmul_io.glsl's NR, NT
-            nt = min(n, MATVEC_TOKENS, wg // nr)
+        if n <= b.matvec_rows:
+            kernel, wg, nr, nt = "matvec", b.matvec_wg, 4, 1  # kernels/matmul_io.glsl's NR, NT
         elif self.dev.coop and self.type != "f32" and norm is None and self.nb > 0:
             # (an empty matrix, a rank's zero partial sum, keeps matmul, which reads nothing)
             nt, tg = coop_tile(self.rows, n, pair is not None, b.coop_tokens)
@@ -270,7 +268,7 @@ class VulkanLinear:
             ss_buf, gnext, xg = produce
         for i, part in enumerate(self.parts):
             groups = -(-part.rows // nr)
-            gx = min(groups, self.dev.max_groups_y if kernel == "matvec" else self.dev.max_groups)
+            gx = min(groups, self.dev.max_groups)
             push = struct.pack(MATVEC_PUSH, part.rows, self.nb, x_stride, x_off, y_stride, y_off + part.row0, n,
                                groups, bias_off + part.row0, flags, count, 1.0 / dim, eps)
             other = pair.parts[i] if pair is not None else part
@@ -279,8 +277,7 @@ class VulkanLinear:
             if kernel == "matvec":
                 out, counts = quantize if quantize is not None else (None, None)
                 bufs += [x_bind or dummy] + ([out.q, out.d, out.rounded, counts] if out else [dummy] * 4)
-            grid = (-(-n // nt), gx, -(-groups // gx)) if kernel == "matvec" else (gx, -(-n // nt), -(-groups // gx))
-            rec.dispatch(pipe, [whole(buf) for buf in bufs], push, grid)
+            rec.dispatch(pipe, [whole(buf) for buf in bufs], push, (gx, -(-n // nt), -(-groups // gx)))
 
     def __call__(self, x: np.ndarray, out: np.ndarray = None) -> np.ndarray:
         x, out, done = prepare_call(self, x, out)
@@ -350,11 +347,10 @@ class VulkanBackend(Backend):
         self.matvec_wg = env_tuple("SPMD_VK_MATVEC", (16,) if self.dev.is_cpu else (64,))[0]
         self.matmul_wg = env_tuple("SPMD_VK_MATMUL", (64,))[0]
         self.unroll = env_tuple("SPMD_VK_UNROLL", (1,))[0]  # blocks of a row a decode thread loads at once
-        # passes of up to this many token rows (decode of several sequences) run the matrix-vector kernel, each
-        # workgroup taking its rows for every token (MATVEC_TOKENS), so the weights are read once a step: on a GPU
-        # the 8-token matmul tile cost about as much as 8 one-token passes (H200, Llama-2-7B Q4_0: 2 sequences
-        # decoded 3.6x slower than 1); lavapipe, 8 rows of a 1/4-width TinyLlama: 210 ms a step against 379
-        self.matvec_rows = env_tuple("SPMD_VK_MATVEC_ROWS", (MATVEC_TOKENS,))[0]
+        # passes of up to this many token rows (decode of several sequences) run the matrix-vector kernel, one
+        # workgroup row per token, reading the weights once a token: on a GPU the 8-token matmul tile costs about as
+        # much as 8 of them (H200, Llama-2-7B Q4_0: 2 sequences decoded 3.6x slower than 1); lavapipe keeps matmul
+        self.matvec_rows = env_tuple("SPMD_VK_MATVEC_ROWS", (1,) if self.dev.is_cpu else (8,))[0]
         self.split_keys = env_tuple("SPMD_VK_SPLIT_KEYS", (SPLIT_KEYS,))[0]  # a long decode's keys per workgroup
         if not 1 <= self.split_keys <= 256:  # at most the attention kernel's chunk (CH)
             raise UserError(f"SPMD_VK_SPLIT_KEYS={self.split_keys}: give 1 to 256 (or leave it unset)")
