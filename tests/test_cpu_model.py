@@ -111,3 +111,32 @@ def test_one_token_attention_is_softmax_attention_and_heads_are_independent(hd, 
     h = heads - 1  # one query head alone (no group to share its values' reads with): the same bits
     one = attend(q[h:].copy(), k[-1:].copy(), v[-1:].copy(), ck[-1:].copy(), cv[-1:].copy(), pos, scale)
     assert np.array_equal(one, got[h * hd:])
+
+
+@pytest.mark.parametrize("hd, heads, kv", [(16, 4, 4), (64, 8, 2), (80, 6, 1)])
+@pytest.mark.parametrize("pos, m", [(0, 1), (0, 37), (5, 20)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_a_prompts_attention_is_each_rows_one_token_attention_to_the_bit(hd, heads, kv, pos, m, dtype):
+    """A prompt's rows (CpuModel._attend_rows: `_rows_scores`, numpy's exp, `_rows_values`) at positions pos.. give
+    what a one-token step at each row's position gives, bit for bit, on any number of threads: the same text
+    whether a prompt comes in one pass or a token at a time."""
+    rng = np.random.default_rng(hd + 10 * heads + 100 * pos + m)
+    need = pos + m + 2
+    ck = rng.standard_normal((kv, need, hd)).astype(dtype)
+    cv = rng.standard_normal((kv, need, hd)).astype(dtype)
+    q = (rng.standard_normal((m, heads, hd)) * 2).astype(np.float32)
+    scale = np.float32(1 / np.sqrt(hd))
+    rows = []
+    for i in range(m):  # the one-token path, with row i's key and value as the step would store them
+        ck1, cv1 = ck.copy(), cv.copy()
+        rows.append(attend(q[i], ck[:, pos + i].astype(np.float32), cv[:, pos + i].astype(np.float32), ck1, cv1,
+                           pos + i, scale))
+    for parts in (1, 2, 3):
+        s = np.empty((m, heads, pos + m), np.float32)
+        cpu_model._rows_scores(q, cpu_model.kernel_view(ck), pos, scale, s, parts)
+        np.exp(s, out=s)
+        out = np.empty((m, heads * hd), np.float32)
+        cpu_model._rows_values(s, pos, cpu_model.kernel_view(cv), out, parts)
+        assert np.array_equal(out, np.array(rows))
+    for i in range(m):
+        np.testing.assert_allclose(out[i], softmax_attention(q[i], ck, cv, pos + i, scale), rtol=0, atol=2e-6)
