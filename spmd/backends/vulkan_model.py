@@ -574,14 +574,14 @@ class VulkanModel:
         return None
 
     def ahead(self, tokens, segments, k, n_known):
-        """Greedy decode of sequences (`tokens[i]` at segments[i].pos of slot segments[i].slot, one-token segments)
-        for up to k <= `ahead_tokens(len(segments))` tokens without the host in the loop: a step's command buffer
-        embeds the tokens on the device (kernels/embed_*), runs the decode step, and picks each row's next token
+        """Greedy decode of sequences (`tokens[i]` at segments[i].pos of slot segments[i].slot, one-token segments) for
+        up to k <= `ahead_tokens(len(segments))` tokens without the host in the loop: a step's command buffer embeds
+        the tokens on the device (kernels/embed_*), runs the decode step, and picks each row's next token
         (kernels/argmax_f32 over ids 0..n_known-1), which the next step embeds; the one buffer is submitted k times
-        and the last waited for. Returns (tokens, finite): per chained step a list of each sequence's
-        token, and whether its logits were finite; k steps, or fewer where the chain reaches the position from
-        which a decode step attends in splits (SPLIT_FROM), so that every step runs the attention a step a token
-        would: the same bits. A slot's positions after the caller's last used token hold keys it never reads."""
+        and the last waited for. Returns (tokens, finite): per chained step a list of each sequence's token, and
+        whether its logits were finite; k steps, or fewer where the chain reaches the position from which a decode
+        step attends in splits (SPLIT_FROM), so that every step runs the attention a step a token would: the same
+        bits. A slot's positions after the caller's last used token hold keys it never reads."""
         n = len(segments)
         if not 1 <= k <= self.backend.ahead or not 1 <= n <= KEPT_ROWS or any(seg.n != 1 for seg in segments):
             raise ValueError(f"ahead: {k} tokens of {segments} (1..{self.backend.ahead} from 1..{KEPT_ROWS} "
