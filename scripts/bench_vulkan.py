@@ -112,8 +112,10 @@ def measure(model, n_prompt, steps, repeats=3):
 
 
 def chained(model, token, pos, steps, most, greedy):
-    """Decode `steps` tokens from `token` at `pos` in chains (VulkanModel.ahead) after one chain that records their
-    command buffers; the figures per token, and whether its tokens are the step-a-token loop's (`greedy`)."""
+    """Decode `steps` tokens from `token` at `pos` in chains (VulkanModel.ahead) after one chain that records its
+    command buffer; the figures per token, and whether its tokens are the step-a-token loop's (`greedy`). A chain's
+    GPU time is its last step's times its steps (one buffer: its timestamps are the last run's), a little above the
+    mean where the cache grows along the chain."""
     model.ahead([token], [Segment(0, pos, 1)], min(most, steps), model.cfg.vocab)  # (recording)
     got, gpu, t = [], 0.0, time.perf_counter()
     while len(got) < steps:

@@ -120,7 +120,7 @@ def pass_bytes(cfg, share, rows, T, widened_cache=False, int8=False) -> int:
     the KV cache (the budget --memory-limit keeps for it): per row the hidden state, its norm, q, k, v, the
     projection, gate and up (float32), and the attention scores of every local head for ATTEND_ROWS of them with
     their softmax's temporary; widened_cache: and the float32 copy of a layer's keys and values that this model's
-    prompt attention makes of a float16 cache (`Model._attend_rows`; the Vulkan kernel reads it as it is); int8
+    prompt attention makes of a float16 cache (`Model._attend_rows`; `Backend.widens_f16_cache`); int8
     (--activations int8): and a product's input rounded to 8 bits, as the Vulkan model keeps it (rounded floats,
     integers and a scale and sum a block: 5.25 bytes an element of the widest input; the cpu backend's is less)."""
     per_row = 3 * cfg.dim + (share.n_heads + 2 * share.n_kv) * cfg.head_dim + 2 * share.n_ffn

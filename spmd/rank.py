@@ -360,7 +360,7 @@ class RankState:
         (of `slots` sequences in flight), "norms and RoPE tables"}."""
         cfg = self.cfg
         rows = min(self.max_seq * slots, max(self.max_seq, PREFILL_TOKENS))  # the largest pass
-        widened = self.opts.kv_cache == "f16" and self.backend_name != "vulkan"
+        widened = self.opts.kv_cache == "f16" and self.backend.widens_f16_cache(cfg.head_dim)
         return {"activations": pass_bytes(cfg, share, rows, self.max_seq, widened, self.opts.activations == "int8"),
                 "norms and RoPE tables": 4 * len(share.layer_ids) * (2 * cfg.dim + 2 * cfg.head_dim)
                 + 4 * self.max_seq * cfg.rope_dim}

@@ -128,17 +128,24 @@ def test_the_cpu_backends_prompt_in_one_pass_is_token_by_token_to_the_bit(tmp_pa
     assert np.array_equal(batched, one) and np.array_equal(batched, halves)
 
 
+@pytest.mark.parametrize("backend", ["numpy", "cpu"])
 @pytest.mark.parametrize("rows", [1, 3, 7])
-def test_a_long_prompt_attends_a_few_rows_at_a_time_with_the_references_logits(tmp_path, monkeypatch, rows):
+def test_a_long_prompt_attends_a_few_rows_at_a_time_with_the_references_logits(tmp_path, monkeypatch, rows, backend):
     """Queries in blocks of ATTEND_ROWS (here 1, 3 or 7 of a 23-token prompt: blocks that end inside it) give
-    every position the reference's logits, as one block does."""
+    every position the reference's logits, as one block does; on the cpu backend the same bits as a token at a
+    time."""
     import spmd.model
     path, g = golden_model(tmp_path, "llama_gqa_f32")  # grouped queries: 2 query heads a KV head
     tokens = (g["prompt"] + g["tokens"])[:23]
     expected = reference.logits_for(path, tokens)
     monkeypatch.setattr(spmd.model, "ATTEND_ROWS", rows)
-    got = engine(path, tokens, backend="numpy").executor.forward(np.array(tokens), 0)
+    got = engine(path, tokens, backend=backend).executor.forward(np.array(tokens), 0)
     np.testing.assert_allclose(got, expected[-1], rtol=0, atol=1e-4)
+    if backend == "cpu":
+        e = engine(path, tokens)
+        for pos in range(len(tokens)):
+            one = e.executor.forward(np.array(tokens[pos:pos + 1]), pos)
+        assert np.array_equal(got, one)
 
 
 def test_other_weight_types_are_dequantised_at_load_with_one_notice(tmp_path, monkeypatch):

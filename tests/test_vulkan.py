@@ -578,7 +578,8 @@ def test_attention_in_blocks_only_for_passes_of_long_segments(monkeypatch, model
 @needs_device
 def test_gpu_time_of_a_decode_step_is_read_when_asked(models):
     """gpu_seconds: the last decode step's GPU time from its timestamps (positive, and less than the step's wall
-    time), None after a prompt pass (its recordings are gone) and before any pass."""
+    time), None after a prompt pass (its recordings are gone) and before any pass; after a chained decode of k
+    steps, k times its last step's (one command buffer: its timestamps are the last run's)."""
     ref, dev, cfg = _shard_models(models["Q8_0"], _whole)
     assert dev.gpu_seconds() is None
     run(dev, PROMPT, 0)
@@ -588,6 +589,12 @@ def test_gpu_time_of_a_decode_step_is_read_when_asked(models):
     wall = time.perf_counter() - t
     if dev.dev.timestamp_period:
         assert 0 < dev.gpu_seconds() < wall
+        dev.ahead([7], [Segment(0, len(PROMPT) + 1, 1)], 1, cfg.vocab)  # (recording)
+        t = time.perf_counter()
+        dev.ahead([7], [Segment(0, len(PROMPT) + 1, 1)], 3, cfg.vocab)
+        wall = time.perf_counter() - t
+        last = dev._chains[1, False, cfg.vocab][1][0].gpu_seconds()
+        assert 0 < dev.gpu_seconds() == 3 * last < wall
     dev.close()
 
 

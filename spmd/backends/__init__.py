@@ -47,6 +47,11 @@ class Backend:
         """What a linear of a (rows, cols) matrix of `qtype` holds (the numpy backend's float32)."""
         return 4 * rows * cols
 
+    def widens_f16_cache(self, head_dim) -> bool:
+        """Whether its model's prompt attention reads a layer's float16 keys and values through a float32 copy
+        (spmd.model's `_attend_rows`: what --memory-limit's accounting counts, `pass_bytes`)."""
+        return True
+
     def make_model(self, cfg, weights, share, max_seq, slots=1, kv_cache="f32"):
         from ..model import Model
         return Model(cfg, weights, share, max_seq, slots, self.partial_dtype, kv_cache)

@@ -1036,6 +1036,10 @@ def _fused(pairs, x):
 class CpuBackend(Backend):
     name = "cpu"
 
+    def widens_f16_cache(self, head_dim):
+        from .cpu_model import LANES
+        return head_dim % LANES != 0  # (else CpuModel widens each key and value as it reads it)
+
     def __init__(self, threads: int = None, activations="f32"):
         """threads: 1 runs every kernel on the calling thread (for ranks that share a machine's cores); otherwise
         large matrices use numba's thread pool (numba.set_num_threads / NUMBA_NUM_THREADS set its size).

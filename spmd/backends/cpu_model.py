@@ -295,7 +295,7 @@ def _rows_values(p, pos, cv, out, parts):
 
 
 class CpuModel(Model):
-    """Model with its RMSNorm, RoPE, SiLU and one-token attention as numba functions (the module's docstring).
+    """Model with its RMSNorm, RoPE, SiLU and attention as numba functions (the module's docstring).
     threads: the rank's (its backend's); a token's attention from PARALLEL_SCORES scores on splits its heads over
     them."""
 

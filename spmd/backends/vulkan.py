@@ -322,6 +322,9 @@ class VulkanBackend(Backend):
     model_owns_weights = True
     name = "vulkan"
 
+    def widens_f16_cache(self, head_dim):
+        return False  # (the attention kernels read float16 as it is)
+
     def lacks(self, w):
         """The repacked types (per-block scales) take slices that cut K-quant super-blocks at 32-element blocks;
         a cut through a 32-element block, or a type without a kernel, is held as F32."""

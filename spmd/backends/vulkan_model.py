@@ -232,7 +232,7 @@ class VulkanModel:
         self._decode = {}  # (multi-rank, head, rows, split) -> (Activations, [Recording]): decode steps
         self._pass = None  # the Activations of other passes (_pass_acts)
         self._timed = None  # the last pass's recordings, where it was a decode step (their timestamps: gpu_seconds)
-        self._chains = {}  # (rows, split, n_known) -> (Activations, a Recording per chained token, chain buffer)
+        self._chains = {}  # (rows, split, n_known) -> (Activations, [the one Recording of a step], chain buffer)
         wg = backend.attention_wg
         ks = max(1, wg // (hd // 4))  # threads sum the values 4 dims at a time, keys split ks ways
         kernel = "attention_kv16" if self.kv_dtype == np.float16 else "attention_f32"
