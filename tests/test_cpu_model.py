@@ -131,12 +131,18 @@ def test_a_prompts_attention_is_each_rows_one_token_attention_to_the_bit(hd, hea
         ck1, cv1 = ck.copy(), cv.copy()
         rows.append(attend(q[i], ck[:, pos + i].astype(np.float32), cv[:, pos + i].astype(np.float32), ck1, cv1,
                            pos + i, scale))
-    for parts in (1, 2, 3):
+    for parts in (1, 2, 3):  # (1: the serial functions CpuModel calls with one thread)
         s = np.empty((m, heads, pos + m), np.float32)
-        cpu_model._rows_scores(q, cpu_model.kernel_view(ck), pos, scale, s, parts)
-        np.exp(s, out=s)
         out = np.empty((m, heads * hd), np.float32)
-        cpu_model._rows_values(s, pos, cpu_model.kernel_view(cv), out, parts)
+        ck16, cv16 = cpu_model.kernel_view(ck), cpu_model.kernel_view(cv)
+        if parts == 1:
+            cpu_model._rows_scores(q, ck16, pos, scale, s)
+            np.exp(s, out=s)
+            cpu_model._rows_values(s, pos, cv16, out)
+        else:
+            cpu_model._rows_scores_parallel(q, ck16, pos, scale, s, parts)
+            np.exp(s, out=s)
+            cpu_model._rows_values_parallel(s, pos, cv16, out, parts)
         assert np.array_equal(out, np.array(rows))
     for i in range(m):
         np.testing.assert_allclose(out[i], softmax_attention(q[i], ck, cv, pos + i, scale), rtol=0, atol=2e-6)

@@ -273,25 +273,38 @@ def _values_parallel(p, cv, out, parts):
         _head_values(p, cv, out, j * heads // parts, (j + 1) * heads // parts)
 
 
-@njit(parallel=True, cache=True, nogil=True, error_model="numpy")
-def _rows_scores(q, ck, pos, scale, s, parts):
+@njit(cache=True, nogil=True, error_model="numpy")
+def _rows_scores(q, ck, pos, scale, s, j=0, parts=1):
     """A prompt's query rows q (m, heads, hd) at positions pos, pos + 1, ... -> s (m, heads, >= pos + m): row i's
     scores of keys 0..pos + i, each head's less their maximum (`_head_scores`, as a one-token step has them), the
-    later keys -inf; rows i, i + parts, ... on thread i."""
+    later keys -inf; rows j, j + parts, ... (all by default)."""
     m, heads = q.shape[0], q.shape[1]
-    for j in prange(parts):
-        for i in range(j, m, parts):
-            _head_scores(q[i], ck, pos + i, scale, s[i], 0, heads)
-            s[i, :, pos + i + 1:] = -np.inf
+    for i in range(j, m, parts):
+        _head_scores(q[i], ck, pos + i, scale, s[i], 0, heads)
+        s[i, :, pos + i + 1:] = -np.inf
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _rows_values(p, pos, cv, out, j=0, parts=1):
+    """out (m, heads * hd): row i's `_head_values` of p[i] (exp of `_rows_scores`) over keys 0..pos + i, for rows
+    j, j + parts, ... (all by default)."""
+    m, heads = p.shape[0], p.shape[1]
+    for i in range(j, m, parts):
+        _head_values(p[i, :, :pos + i + 1], cv, out[i], 0, heads)
 
 
 @njit(parallel=True, cache=True, nogil=True, error_model="numpy")
-def _rows_values(p, pos, cv, out, parts):
-    """out (m, heads * hd): row i's `_head_values` of p[i] (exp of `_rows_scores`) over keys 0..pos + i."""
-    m, heads = p.shape[0], p.shape[1]
+def _rows_scores_parallel(q, ck, pos, scale, s, parts):
+    """`_rows_scores` with rows i, i + parts, ... on thread i."""
     for j in prange(parts):
-        for i in range(j, m, parts):
-            _head_values(p[i, :, :pos + i + 1], cv, out[i], 0, heads)
+        _rows_scores(q, ck, pos, scale, s, j, parts)
+
+
+@njit(parallel=True, cache=True, nogil=True, error_model="numpy")
+def _rows_values_parallel(p, pos, cv, out, parts):
+    """`_rows_values` with rows i, i + parts, ... on thread i."""
+    for j in prange(parts):
+        _rows_values(p, pos, cv, out, j, parts)
 
 
 class CpuModel(Model):
@@ -316,9 +329,12 @@ class CpuModel(Model):
         _values(_scores(x, cache, 0, self.scale), cache, out)  # (0 / 0: NaN, no error)
         if self.threads > 1:
             _values_parallel(_scores_parallel(x, cache, 0, self.scale, 1), cache, out, 1)
-        s = np.zeros((1, 1, 1), f32)
-        _rows_scores(x.reshape(1, 1, LANES), cache, 0, self.scale, s, 1)
-        _rows_values(s, 0, cache, out.reshape(1, LANES), 1)
+        s, row = np.zeros((1, 1, 1), f32), x.reshape(1, 1, LANES)
+        _rows_scores(row, cache, 0, self.scale, s)
+        _rows_values(s, 0, cache, out.reshape(1, LANES))
+        if self.threads > 1:
+            _rows_scores_parallel(row, cache, 0, self.scale, s, 1)
+            _rows_values_parallel(s, 0, cache, out.reshape(1, LANES), 1)
 
     def _products(self, linears, x, outs):
         return products(linears, x, outs)
@@ -347,11 +363,16 @@ class CpuModel(Model):
         m, heads = q.shape[0], q.shape[1]
         parts = min(self.threads, m)
         s = np.empty((m, heads, pos + m), np.float32)
-        ck, cv = kernel_view(ck), kernel_view(cv)
-        _rows_scores(q, ck, pos, self.scale, s, parts)
-        np.exp(s, out=s)
         out = np.empty((m, heads * self.cfg.head_dim), np.float32)
-        _rows_values(s, pos, cv, out, parts)
+        ck, cv = kernel_view(ck), kernel_view(cv)
+        if parts > 1:  # (one thread: no parallel region, which ranks sharing cores wait on)
+            _rows_scores_parallel(q, ck, pos, self.scale, s, parts)
+            np.exp(s, out=s)
+            _rows_values_parallel(s, pos, cv, out, parts)
+        else:
+            _rows_scores(q, ck, pos, self.scale, s)
+            np.exp(s, out=s)
+            _rows_values(s, pos, cv, out)
         return out
 
     def _attend(self, layer, seg, q, k, v, out):
