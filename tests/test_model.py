@@ -226,3 +226,26 @@ def test_a_model_file_written_during_the_run_stops_it_with_one_error(tmp_path):
     with pytest.raises(UserError, match=r"m.gguf on rank 0 \(.*\) was written during the run"):
         e.run(emit)
     assert len(shown) < 8
+
+
+@pytest.mark.parametrize("backend", ["numpy", "cpu"])
+def test_the_memory_accounting_knows_whose_prompt_attention_copies_a_float16_cache(tmp_path, backend):
+    """Backend.widens_f16_cache (what --memory-limit counts, `pass_bytes`) says what the model's prompt attention
+    does: the numpy model reads a float16 cache through a float32 copy of its keys and values, the cpu model (heads
+    of whole 16-lanes) widens each as it reads it. Measured with tracemalloc, which sees numpy's allocations."""
+    import tracemalloc
+    path, g = golden_model(tmp_path, "llama_gqa_f32")  # head_dim 16
+    e = engine(path, g["prompt"], backend=backend, kv_cache="f16")
+    model, cfg = e.state.model, e.state.cfg
+    rng = np.random.default_rng(0)
+    T, m = 4000, 2
+    ck, cv = (rng.standard_normal((cfg.n_kv_heads, T, cfg.head_dim)).astype(np.float16) for _ in range(2))
+    q = rng.standard_normal((m, cfg.n_heads, cfg.head_dim)).astype(np.float32)
+    model._attend_rows(q, T - m, ck, cv)  # (compiled, scratch made)
+    tracemalloc.start()
+    out = model._attend_rows(q, T - m, ck, cv)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    copy = 2 * ck.size * 4  # float32 keys and values
+    assert (peak >= copy) == e.state.backend.widens_f16_cache(cfg.head_dim) == (backend == "numpy")
+    assert peak < copy + 4 * m * cfg.n_heads * T * 4 + out.nbytes * 2  # (the scores, their temporaries, out)
