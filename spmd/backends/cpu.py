@@ -1036,10 +1036,6 @@ def _fused(pairs, x):
 class CpuBackend(Backend):
     name = "cpu"
 
-    def widens_f16_cache(self, head_dim):
-        from .cpu_model import LANES
-        return head_dim % LANES != 0  # (else CpuModel widens each key and value as it reads it)
-
     def __init__(self, threads: int = None, activations="f32"):
         """threads: 1 runs every kernel on the calling thread (for ranks that share a machine's cores); otherwise
         large matrices use numba's thread pool (numba.set_num_threads / NUMBA_NUM_THREADS set its size).
@@ -1050,6 +1046,10 @@ class CpuBackend(Backend):
         self.int8 = activations == "int8"
         self.partial_dtype = np.float64 if self.int8 else np.float32
         self.description = f"cpu (numba, {self.threads} thread{'s' * (self.threads != 1)}{', int8' * self.int8})"
+
+    def widens_f16_cache(self, head_dim):
+        from .cpu_model import LANES
+        return head_dim % LANES != 0  # (else CpuModel widens each key and value as it reads it)
 
     def linear(self, w: QTensor, resident=True) -> CpuLinear:
         return CpuLinear(w, self.threads, self.int8)
