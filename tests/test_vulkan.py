@@ -590,11 +590,9 @@ def test_gpu_time_of_a_decode_step_is_read_when_asked(models):
     if dev.dev.timestamp_period:
         assert 0 < dev.gpu_seconds() < wall
         dev.ahead([7], [Segment(0, len(PROMPT) + 1, 1)], 1, cfg.vocab)  # (recording)
-        t = time.perf_counter()
         dev.ahead([7], [Segment(0, len(PROMPT) + 1, 1)], 3, cfg.vocab)
-        wall = time.perf_counter() - t
         last = dev._chains[1, False, cfg.vocab][1][0].gpu_seconds()
-        assert 0 < dev.gpu_seconds() == 3 * last < wall
+        assert 0 < dev.gpu_seconds() == 3 * last  # (an estimate: not bounded by the chain's wall time)
     dev.close()
 
 
