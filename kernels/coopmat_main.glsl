@@ -25,6 +25,11 @@
 // The results go through shared memory to an epilogue of all threads, a group of rows at a time: bias, residual
 // add, stores a row of tokens at a time. PAIR (gate and up) keeps both matrices' fragments and multiplies them
 // element by element (two fragments of one type lay out their elements alike).
+// INT8 (coopmat_<w>_i8, --activations int8; Q4_0, Q8_0, Q4_1/Q4_K): x is kernels/quantize_f32's 8-bit integers
+// and block scales, and a block's products are 8-bit (16x8x32, int32 sums, exact): staged as they are (the weights'
+// nibbles masked, their offset taken off through x's sum of integers as matvec_*_i8 does), then scaled by the row's
+// and the token's scales as the float32 sums add them up (matvec_*_i8's arithmetic: each block's exact integer
+// sum, times the two scales, plus the min times the token's scale and sum).
 #extension GL_NV_cooperative_matrix : require
 #extension GL_KHR_memory_scope_semantics : require
 #extension GL_EXT_shader_explicit_arithmetic_types_float16 : require
@@ -46,16 +51,33 @@ const float LO = 2048.0;
 #define FRAG fcoopmatNV<32, gl_ScopeSubgroup, 16, 8>
 #define AMAT fcoopmatNV<16, gl_ScopeSubgroup, 16, 16>
 #define BMAT fcoopmatNV<16, gl_ScopeSubgroup, 16, 8>
+#ifdef INT8
+#extension GL_NV_integer_cooperative_matrix : require
+#extension GL_EXT_shader_explicit_arithmetic_types_int8 : require
+#define IMAT_A icoopmatNV<8, gl_ScopeSubgroup, 16, 32>
+#define IMAT_B icoopmatNV<8, gl_ScopeSubgroup, 32, 8>
+#define IFRAG icoopmatNV<32, gl_ScopeSubgroup, 16, 8>
+#endif
 
 // The staged tiles as fp16 in groups of 4 (uvec2, each group stored at once; the fragments are loaded with element
 // offsets and strides in those units: K4 groups a row)
 const uint K4 = KS / 4;
+#ifdef INT8
+// 8-bit tiles as uvec4 (16 of them), KB a row (32 bytes and 16 of padding), fragments loaded in those units
+const uint KB = 3;
+shared uvec4 xs8[BT * KB];                     // x: token-major
+shared uvec4 ws8[BR * KB], vs8[BR * KB];       // W (and PAIR's second matrix): read as W^T
+shared float xsc[BT], xsu[BT];                 // each token's block scale and sum of its integers
+#else
 shared uvec2 xs_hi[BT * K4], xs_lo[BT * K4];   // x: token-major
+#endif
 #ifdef INTW
 #ifndef HALF_SCALES
 #define deq_int deq   // the type's deq gives the integers; its scale (and min) come apart
 #endif
+#ifndef INT8
 shared uvec2 ws_hi[BR * K4], vs_hi[BR * K4];   // W (and PAIR's second matrix): integers q, read as W^T
+#endif
 #ifdef HALF_SCALES
 const uint NH = 2;                             // Q6_K: a scale for each 16-element half of a block
 #else
@@ -71,6 +93,7 @@ shared uvec2 vs_hi[BR * K4], vs_lo[BR * K4];   // PAIR: the second matrix
 #endif
 shared float cs[BT * CS];
 
+#ifndef INT8
 void split4(vec4 v, uint at, uint dest) {  // v -> group `at` of tile dest (0: x, 1: W, 2: W2)
     // hi: v with its float32 mantissa rounded to fp16's 10 bits in integer arithmetic, so that v - hi is exactly
     // what fp16 drops (with conversions there, and lo unscaled, an H200 gave errors of fp16 size: kernels/README)
@@ -87,15 +110,22 @@ void split4(vec4 v, uint at, uint dest) {  // v -> group `at` of tile dest (0: x
 #endif
     }
 }
+#endif
 
 // What a thread stages a step, loaded a step ahead: TPB threads share each block of the tile's rows (one
-// thread with PAIR, where W2's rows double the blocks; two without, each dequantising half of it), and XV vec4 of x.
+// thread with PAIR, where W2's rows double the blocks; two without, each dequantising half of it), and XV vec4 of x
+// (INT8: half a block of a token's integers, and a token's scale and sum).
 const uint TPB = WG / (BR * (PAIR + 1));
 const uint JN = 8 / TPB;      // groups of 4 elements of its block a thread stages
 uvec4 pq[UV];
 uvec4 pmeta;
 float ps;
+#ifdef INT8
+uvec4 px8;
+vec2 pxd;
+#else
 vec4 px[XV];
+#endif
 
 void fetch(uint row0, uint tok0, uint b) {
     uint tid = gl_LocalInvocationID.x, u = tid / TPB;  // its block: of row u % BR of W (u < BR) or W2
@@ -109,10 +139,15 @@ void fetch(uint row0, uint tok0, uint b) {
 #else
     if (QUANT != 0) ps = block_scale(second ? d2[blk >> 1] : d[blk >> 1], blk);
 #endif
+#ifdef INT8  // x_stride: elements; a block of x: two uvec4 in xq, a vec2 in xd
+    if (tid < 2 * BT) px8 = xq[2 * (min(tok0 + tid / 2, p.n - 1) * p.x_stride / 32 + b) + tid % 2];
+    if (tid < BT) pxd = xd[min(tok0 + tid, p.n - 1) * p.x_stride / 32 + b];
+#else
     [[unroll]] for (uint i = 0; i < XV; i++) {
         uint v = tid + i * WG, t = v / 8;
         px[i] = x[(p.x_off + min(tok0 + t, p.n - 1) * p.x_stride) / 4 + b * 8 + v % 8];
     }
+#endif
 }
 
 void put() {
@@ -123,12 +158,20 @@ void put() {
     mn = meta_min(pmeta);
 #endif
     Raw raw = make_raw(pq, pmeta);
-#ifdef INTW
+#ifdef INT8
+    [[unroll]] for (uint k = 0; k < 2 / TPB; k++) {  // 8-bit integers, 16 a half block
+        uint h = (tid % TPB) * (2 / TPB) + k;
+        uvec4 q = int8_half(raw, h);
+        if (u < BR) ws8[(u % BR) * KB + h] = q; else vs8[(u % BR) * KB + h] = q;
+    }
+#elif defined(INTW)
     [[unroll]] for (uint j = j0; j < j0 + JN; j++) {  // integers: exact in fp16
         vec4 q = deq_int(raw, j);
         uvec2 h = uvec2(packHalf2x16(q.xy), packHalf2x16(q.zw));
         if (u < BR) ws_hi[(u % BR) * K4 + j] = h; else vs_hi[(u % BR) * K4 + j] = h;
     }
+#endif
+#ifdef INTW
     if (tid % TPB == 0) {
         uint m = u / BR, r = u % BR;
 #ifdef HALF_SCALES
@@ -144,10 +187,18 @@ void put() {
 #else
     [[unroll]] for (uint j = j0; j < j0 + JN; j++) split4(deq(raw, j) * s + mn, (u % BR) * K4 + j, 1 + u / BR);
 #endif
+#ifdef INT8
+    if (tid < 2 * BT) xs8[(tid / 2) * KB + tid % 2] = px8;
+    if (tid < BT) {
+        xsc[tid] = pxd.x;
+        xsu[tid] = pxd.y;
+    }
+#else
     [[unroll]] for (uint i = 0; i < XV; i++) {
         uint v = tid + i * WG;
         split4(px[i], (v / 8) * K4 + v % 8, 0);
     }
+#endif
 }
 
 #ifdef INTW
@@ -185,7 +236,8 @@ void main() {
     if (g >= p.groups) return;  // the whole workgroup: before any barrier
     uint tid = gl_LocalInvocationID.x, sg = gl_SubgroupID, rg = sg / TSG;
     uint row0 = g * BR, tok0 = gl_WorkGroupID.y * BT;
-    uint a_at = (sg % TSG) * TG * 16 * K4, b_at = rg * SR * K4;  // this subgroup's tokens and rows
+    uint tk = (sg % TSG) * TG * 16;  // this subgroup's first token in the tile and its rows' at rg * SR
+    uint a_at = tk * K4, b_at = rg * SR * K4;
     // sums: token fragment t against row fragment f at t * RF + f (PAIR: W2's in acc2)
     FRAG acc[TG * RF], acc2[TG * RF];
 #ifndef INTW
@@ -204,7 +256,44 @@ void main() {
         put();
         barrier();
         if (b + 1 < p.nb) fetch(row0, tok0, b + 1);
-#ifdef INTW
+#ifdef INT8
+        IMAT_A a[TG];
+        FRAG xs[TG], xo[TG], xm[TG];  // each token's scale, OFFSET times its sum, scale times sum (HAS_MIN)
+        [[unroll]] for (uint t = 0; t < TG; t++) {
+            uint at = tk + t * 16;
+            coopMatLoadNV(a[t], xs8, at * KB, KB, false);
+            FRAG su;
+            coopMatLoadNV(xs[t], xsc, at, 0, true);  // (column-major with a stride of 0: alike for every row)
+            coopMatLoadNV(su, xsu, at, 0, true);
+            for (int i = 0; i < su.length(); i++) {
+                xo[t][i] = float(OFFSET) * su[i];
+                xm[t][i] = xs[t][i] * su[i];
+            }
+        }
+        [[unroll]] for (uint f = 0; f < RF; f++) {
+            uint r = rg * SR + f * 8;
+            [[unroll]] for (uint m = 0; m <= PAIR; m++) {  // W, then W2
+                IMAT_B q;
+                if (m == 0) coopMatLoadNV(q, ws8, r * KB, KB, true);
+                else coopMatLoadNV(q, vs8, r * KB, KB, true);
+                FRAG s0 = row_values(m * BR + r), mins = s0;
+#ifdef HAS_MIN
+                mins = row_values(MINS + m * BR + r);
+#endif
+                [[unroll]] for (uint t = 0; t < TG; t++) {
+                    FRAG v = FRAG(coopMatMulAddNV(a[t], q, IFRAG(0)));  // exact
+                    for (int i = 0; i < v.length(); i++) {
+                        v[i] = s0[i] * xs[t][i] * (v[i] - xo[t][i]);
+#ifdef HAS_MIN
+                        v[i] += mins[i] * xm[t][i];
+#endif
+                    }
+                    if (m == 0) acc[t * RF + f] = acc[t * RF + f] + v;
+                    else acc2[t * RF + f] = acc2[t * RF + f] + v;
+                }
+            }
+        }
+#elif defined(INTW)
         XBlock a[TG];
         FRAG xsum[TG];  // HAS_MIN: each token's sum of the block's x (products with ones), for the mins
         [[unroll]] for (uint t = 0; t < TG; t++) {
@@ -293,7 +382,7 @@ void main() {
         if (rg == k) {
             [[unroll]] for (uint t = 0; t < TG; t++) {
                 [[unroll]] for (uint f = 0; f < RF; f++) {
-                    coopMatStoreNV(acc[t * RF + f], cs, (a_at / K4 + t * 16) * CS + f * 8, CS, false);
+                    coopMatStoreNV(acc[t * RF + f], cs, (tk + t * 16) * CS + f * 8, CS, false);
                 }
             }
         }

@@ -23,4 +23,7 @@ int idot(Raw r, uvec4 x0, uvec4 x1) {
     }
     return i;
 }
+uvec4 int8_half(Raw r, uint h) {  // coopmat_*_i8: elements 16h..16h+15 as 8-bit integers (the nibbles as stored)
+    return (r.q >> (4u * h)) & 0x0F0F0F0Fu;
+}
 #endif

@@ -16,4 +16,5 @@ int idot(Raw r, uvec4 x0, uvec4 x1) {  // the block's integer dot product with 8
     [[unroll]] for (uint k = 0; k < 4; k++) i = dot8_acc(x1[k], r.q1[k], dot8_acc(x0[k], r.q0[k], i, 0), 0);
     return i;
 }
+uvec4 int8_half(Raw r, uint h) { return h == 0u ? r.q0 : r.q1; }  // coopmat_*_i8: elements 16h..16h+15
 #endif

@@ -1,6 +1,7 @@
 """--activations int8 on the Vulkan backend: every product of a quantised matrix reads its input rounded to 8 bits a
-32-element block as the cpu backend rounds it (kernels/quantize.glsl); Q4_0 and Q8_0 decode products sum 8-bit
-integer dot products (matvec_*_i8), the other types and the prompt's products read the rounded floats; a one-token
+32-element block as the cpu backend rounds it (kernels/quantize.glsl); Q4_0, Q8_0, Q4_1 and Q4_K products sum 8-bit
+integer products (matvec_*_i8 in decode, coopmat_*_i8 in a prompt on 8-bit matrix units), the other types, and the
+prompt's products elsewhere, read the rounded floats; a one-token
 decode rounds each product's result inside that product (flag QUANTIZE) instead of in a pass of its own.
 
 The products are held to tests/test_backends.int8_reference (the transcription of what the cpu backend computes)
@@ -78,6 +79,29 @@ def test_products_are_the_transcription(qtype, shape, n, matvec_rows, monkeypatc
     kernels = {key[0] for key in BACKEND8.dev._pipelines}
     if n <= matvec_rows and vulkan.TYPES[qtype] in vulkan.INT8:
         assert f"matvec_{vulkan.TYPES[qtype]}_i8" in kernels
+
+
+@needs_int8
+@pytest.mark.skipif(isinstance(BACKEND8, str) or not BACKEND8.dev.coop_int8,
+                    reason="the device has no 8-bit matrix units (coopmat_*_i8)")
+@pytest.mark.parametrize("tokens,few", [(16, 0), (32, 0), (64, 0), (64, 10 ** 6)])
+@pytest.mark.parametrize("qtype", (T.Q4_0, T.Q8_0, T.Q4_1, T.Q4_K), ids=lambda t: t.name)
+def test_matrix_unit_products_are_the_transcription(qtype, tokens, few, monkeypatch):
+    """The prompt's 8-bit products on the matrix units against the transcription, with tiles of each token count,
+    either split of a 64-token tile among the subgroups, and a partial tile of rows and of tokens."""
+    monkeypatch.setattr(BACKEND8, "coop_tokens", tokens)
+    monkeypatch.setattr(vulkan, "COOP_FEW", few)
+    rng = np.random.default_rng(22)
+    w = random_qtensor(qtype, 130, 544, rng)
+    x = activations(tokens + 7, w.cols, rng)
+    lin = BACKEND8.linear(w)
+    got = lin(x)
+    cuts = w.cols / int8_lane(qtype) * 2.0 ** -cpu.FIXED
+    bound = 1e-5 * (np.abs(x) @ np.abs(dequantize(w)).T.astype(np.float64)) + cuts
+    assert np.all(np.abs(got - int8_reference(w, x)) <= bound)
+    split = 2 if tokens == 64 and few else 1
+    assert any(key[0] == f"coopmat_{lin.type}_i8" and key[3][3:] == (tokens, split) for key in BACKEND8.dev._pipelines)
+    lin.free()
 
 
 @needs_int8

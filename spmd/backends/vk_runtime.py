@@ -182,7 +182,7 @@ class Device:
         self.timestamps = families[self.family].timestampValidBits > 0
         queue_info = vk.VkDeviceQueueCreateInfo(queueFamilyIndex=self.family, queueCount=1, pQueuePriorities=[1.0])
         extensions, features = self._coop_matrix()
-        self.coop = bool(extensions)
+        self.coop = bool(extensions)  # (and self.coop_int8: set by _coop_matrix)
         self.int_dot = self._integer_dot()
         if self.int_dot:  # (--activations int8's kernels)
             extensions = extensions + [self.INT_DOT]
@@ -244,7 +244,9 @@ class Device:
         """(extensions, features to enable) for the prompt's products on the matrix units (kernels/coopmat_*):
         GL_NV_cooperative_matrix with fp16 16x8x16 products summed in float32 by a subgroup of 32 (the kernels'
         4 subgroups of a workgroup of 128), fp16 arithmetic and the Vulkan memory model; ([], None) where the device
-        lacks any of it, or SPMD_VK_COOP=0."""
+        lacks any of it, or SPMD_VK_COOP=0. Sets self.coop_int8 where the device also has 8-bit 16x8x32 products
+        summed in int32 and 8-bit shader arithmetic (coopmat_*_i8, --activations int8)."""
+        self.coop_int8 = False
         if self.is_cpu or env_tuple("SPMD_VK_COOP", (1,))[0] == 0 or self.subgroup_size != 32:
             return [], None
         have = {_text(e.extensionName) for e in vk.vkEnumerateDeviceExtensionProperties(self.physical, None)}
@@ -258,12 +260,14 @@ class Device:
             return [], None
         shapes = vk.vkGetInstanceProcAddr(self.instance, "vkGetPhysicalDeviceCooperativeMatrixPropertiesNV")
         f16, f32 = vk.VK_COMPONENT_TYPE_FLOAT16_KHR, vk.VK_COMPONENT_TYPE_FLOAT32_KHR  # the NV names alias these
-        want = (16, 8, 16, f16, f16, f32, f32, vk.VK_SCOPE_SUBGROUP_KHR)
-        if not any((m.MSize, m.NSize, m.KSize, m.AType, m.BType, m.CType, m.DType, m.scope) == want
-                   for m in shapes(self.physical)):
+        s8, s32 = vk.VK_COMPONENT_TYPE_SINT8_KHR, vk.VK_COMPONENT_TYPE_SINT32_KHR
+        offered = {(m.MSize, m.NSize, m.KSize, m.AType, m.BType, m.CType, m.DType, m.scope)
+                   for m in shapes(self.physical)}
+        if (16, 8, 16, f16, f16, f32, f32, vk.VK_SCOPE_SUBGROUP_KHR) not in offered:
             return [], None
+        self.coop_int8 = bool(half.shaderInt8) and (16, 8, 32, s8, s8, s32, s32, vk.VK_SCOPE_SUBGROUP_KHR) in offered
         enable = vk.VkPhysicalDeviceCooperativeMatrixFeaturesNV(cooperativeMatrix=vk.VK_TRUE, pNext=(
-            vk.VkPhysicalDeviceShaderFloat16Int8Features(shaderFloat16=vk.VK_TRUE, pNext=(
+            vk.VkPhysicalDeviceShaderFloat16Int8Features(shaderFloat16=vk.VK_TRUE, shaderInt8=self.coop_int8, pNext=(
                 vk.VkPhysicalDeviceVulkanMemoryModelFeatures(vulkanMemoryModel=vk.VK_TRUE)))))
         return list(self.COOP_EXTENSIONS), enable
 
