@@ -59,25 +59,31 @@ const float LO = 2048.0;
 #define IFRAG icoopmatNV<32, gl_ScopeSubgroup, 16, 8>
 #endif
 
+#ifdef INT8
+// 8-bit tiles as uvec4 (16 of them; the fragments are loaded with element offsets and strides in those units): SB
+// blocks a step (a barrier for 4 blocks, not one; 2 for a pair of 16 x 64 subgroups, within 48 KiB), KB uvec4 a row
+// (SB blocks of 32 bytes and 16 bytes of padding: fewer bank conflicts)
+const uint SB = PAIR == 1 && TG == 1 ? 2 : 4;
+const uint KB = 2 * SB + 1;
+shared uvec4 xs8[BT * KB];                     // x: token-major
+shared uvec4 ws8[BR * KB];                     // W: read as W^T
+shared uvec4 vs8[PAIR == 1 ? BR * KB : 1];     // PAIR's second matrix
+shared float xsc[SB * BT], xsu[SB * BT];       // block s of token t at s * BT + t: its scale and sum of integers
+// block s's scale of row r of matrix m at (2s + m) * BR + r, and (HAS_MIN) its min at MINS + the same; read as
+// fragments of 16 tokens x 8 rows with a stride of 0 (every token's row alike)
+const uint MINS = 2 * SB * BR;
+shared float rs[2 * MINS];
+#else
+const uint SB = 1;                             // blocks a step
 // The staged tiles as fp16 in groups of 4 (uvec2, each group stored at once; the fragments are loaded with element
 // offsets and strides in those units: K4 groups a row)
 const uint K4 = KS / 4;
-#ifdef INT8
-// 8-bit tiles as uvec4 (16 of them), KB a row (32 bytes and 16 of padding), fragments loaded in those units
-const uint KB = 3;
-shared uvec4 xs8[BT * KB];                     // x: token-major
-shared uvec4 ws8[BR * KB], vs8[BR * KB];       // W (and PAIR's second matrix): read as W^T
-shared float xsc[BT], xsu[BT];                 // each token's block scale and sum of its integers
-#else
 shared uvec2 xs_hi[BT * K4], xs_lo[BT * K4];   // x: token-major
-#endif
 #ifdef INTW
 #ifndef HALF_SCALES
 #define deq_int deq   // the type's deq gives the integers; its scale (and min) come apart
 #endif
-#ifndef INT8
 shared uvec2 ws_hi[BR * K4], vs_hi[BR * K4];   // W (and PAIR's second matrix): integers q, read as W^T
-#endif
 #ifdef HALF_SCALES
 const uint NH = 2;                             // Q6_K: a scale for each 16-element half of a block
 #else
@@ -90,6 +96,7 @@ shared float rs[MINS + 2 * BR];
 #else
 shared uvec2 ws_hi[BR * K4], ws_lo[BR * K4];   // W: row-major, read as W^T (column-major)
 shared uvec2 vs_hi[BR * K4], vs_lo[BR * K4];   // PAIR: the second matrix
+#endif
 #endif
 shared float cs[BT * CS];
 
@@ -112,20 +119,86 @@ void split4(vec4 v, uint at, uint dest) {  // v -> group `at` of tile dest (0: x
 }
 #endif
 
+#ifdef INT8
+// What a thread stages a step (blocks b .. b + SB - 1), loaded a step ahead: WI blocks of the tile's rows (W's, then
+// PAIR's W2's, block by block), XI halves of a token's block of x and DI of its (scale, sum of integers). Blocks
+// past the row's end are read at its last and staged with scale and min 0.
+const uint WROWS = BR * (PAIR + 1);
+const uint WI = WROWS * SB / WG;
+const uint XI = (2 * SB * BT + WG - 1) / WG, DI = (SB * BT + WG - 1) / WG;
+uvec4 pq[WI * UV];
+uvec4 pmeta[WI];
+float ps[WI];
+uvec4 px8[XI];
+vec2 pxd[DI];
+
+void fetch(uint row0, uint tok0, uint b) {
+    uint tid = gl_LocalInvocationID.x;
+    [[unroll]] for (uint k = 0; k < WI; k++) {
+        uint i = tid + k * WG, u = i % WROWS;  // row u % BR of W (u < BR) or W2, block b + i / WROWS
+        bool second = u >= BR;
+        uint blk = min(row0 + u % BR, p.rows - 1) * p.nb + min(b + i / WROWS, p.nb - 1);
+        [[unroll]] for (uint j = 0; j < UV; j++) pq[k * UV + j] = second ? w2[UV * blk + j] : w[UV * blk + j];
+        pmeta[k] = uvec4(0u);
+        ps[k] = b + i / WROWS < p.nb ? 1.0 : 0.0;
+#ifdef MW
+        [[unroll]] for (uint j = 0; j < MW; j++) pmeta[k][j] = second ? d2[MW * blk + j] : d[MW * blk + j];
+#else
+        ps[k] *= block_scale(second ? d2[blk >> 1] : d[blk >> 1], blk);
+#endif
+    }
+    // x_stride: elements; a block of x is two uvec4 in xq and a vec2 in xd
+    [[unroll]] for (uint k = 0; k < XI; k++) {
+        uint i = tid + k * WG, t = min(tok0 + i / (2 * SB), p.n - 1), c = i % (2 * SB);
+        if (i < 2 * SB * BT) px8[k] = xq[2 * (t * p.x_stride / 32 + min(b + c / 2, p.nb - 1)) + c % 2];
+    }
+    [[unroll]] for (uint k = 0; k < DI; k++) {
+        uint i = tid + k * WG, t = min(tok0 + i / SB, p.n - 1);
+        if (i < SB * BT) pxd[k] = xd[t * p.x_stride / 32 + min(b + i % SB, p.nb - 1)];
+    }
+}
+
+void put() {
+    uint tid = gl_LocalInvocationID.x;
+    [[unroll]] for (uint k = 0; k < WI; k++) {
+        uint i = tid + k * WG, u = i % WROWS, s = i / WROWS, r = u % BR, m = u / BR;
+        uvec4 q[UV];
+        [[unroll]] for (uint j = 0; j < UV; j++) q[j] = pq[k * UV + j];
+        Raw raw = make_raw(q, pmeta[k]);
+        [[unroll]] for (uint h = 0; h < 2; h++) {  // 8-bit integers, 16 a half block
+            if (m == 0) ws8[r * KB + 2 * s + h] = int8_half(raw, h);
+            else vs8[r * KB + 2 * s + h] = int8_half(raw, h);
+        }
+#ifdef MW
+        rs[(2 * s + m) * BR + r] = ps[k] * meta_scale(pmeta[k]);
+#else
+        rs[(2 * s + m) * BR + r] = ps[k];
+#endif
+#ifdef HAS_MIN
+        rs[MINS + (2 * s + m) * BR + r] = ps[k] * meta_min(pmeta[k]);
+#endif
+    }
+    [[unroll]] for (uint k = 0; k < XI; k++) {
+        uint i = tid + k * WG;
+        if (i < 2 * SB * BT) xs8[(i / (2 * SB)) * KB + i % (2 * SB)] = px8[k];
+    }
+    [[unroll]] for (uint k = 0; k < DI; k++) {
+        uint i = tid + k * WG;
+        if (i < SB * BT) {
+            xsc[(i % SB) * BT + i / SB] = pxd[k].x;
+            xsu[(i % SB) * BT + i / SB] = pxd[k].y;
+        }
+    }
+}
+#else
 // What a thread stages a step, loaded a step ahead: TPB threads share each block of the tile's rows (one
-// thread with PAIR, where W2's rows double the blocks; two without, each dequantising half of it), and XV vec4 of x
-// (INT8: half a block of a token's integers, and a token's scale and sum).
+// thread with PAIR, where W2's rows double the blocks; two without, each dequantising half of it), and XV vec4 of x.
 const uint TPB = WG / (BR * (PAIR + 1));
 const uint JN = 8 / TPB;      // groups of 4 elements of its block a thread stages
 uvec4 pq[UV];
 uvec4 pmeta;
 float ps;
-#ifdef INT8
-uvec4 px8;
-vec2 pxd;
-#else
 vec4 px[XV];
-#endif
 
 void fetch(uint row0, uint tok0, uint b) {
     uint tid = gl_LocalInvocationID.x, u = tid / TPB;  // its block: of row u % BR of W (u < BR) or W2
@@ -139,15 +212,10 @@ void fetch(uint row0, uint tok0, uint b) {
 #else
     if (QUANT != 0) ps = block_scale(second ? d2[blk >> 1] : d[blk >> 1], blk);
 #endif
-#ifdef INT8  // x_stride: elements; a block of x: two uvec4 in xq, a vec2 in xd
-    if (tid < 2 * BT) px8 = xq[2 * (min(tok0 + tid / 2, p.n - 1) * p.x_stride / 32 + b) + tid % 2];
-    if (tid < BT) pxd = xd[min(tok0 + tid, p.n - 1) * p.x_stride / 32 + b];
-#else
     [[unroll]] for (uint i = 0; i < XV; i++) {
         uint v = tid + i * WG, t = v / 8;
         px[i] = x[(p.x_off + min(tok0 + t, p.n - 1) * p.x_stride) / 4 + b * 8 + v % 8];
     }
-#endif
 }
 
 void put() {
@@ -158,20 +226,12 @@ void put() {
     mn = meta_min(pmeta);
 #endif
     Raw raw = make_raw(pq, pmeta);
-#ifdef INT8
-    [[unroll]] for (uint k = 0; k < 2 / TPB; k++) {  // 8-bit integers, 16 a half block
-        uint h = (tid % TPB) * (2 / TPB) + k;
-        uvec4 q = int8_half(raw, h);
-        if (u < BR) ws8[(u % BR) * KB + h] = q; else vs8[(u % BR) * KB + h] = q;
-    }
-#elif defined(INTW)
+#ifdef INTW
     [[unroll]] for (uint j = j0; j < j0 + JN; j++) {  // integers: exact in fp16
         vec4 q = deq_int(raw, j);
         uvec2 h = uvec2(packHalf2x16(q.xy), packHalf2x16(q.zw));
         if (u < BR) ws_hi[(u % BR) * K4 + j] = h; else vs_hi[(u % BR) * K4 + j] = h;
     }
-#endif
-#ifdef INTW
     if (tid % TPB == 0) {
         uint m = u / BR, r = u % BR;
 #ifdef HALF_SCALES
@@ -187,19 +247,12 @@ void put() {
 #else
     [[unroll]] for (uint j = j0; j < j0 + JN; j++) split4(deq(raw, j) * s + mn, (u % BR) * K4 + j, 1 + u / BR);
 #endif
-#ifdef INT8
-    if (tid < 2 * BT) xs8[(tid / 2) * KB + tid % 2] = px8;
-    if (tid < BT) {
-        xsc[tid] = pxd.x;
-        xsu[tid] = pxd.y;
-    }
-#else
     [[unroll]] for (uint i = 0; i < XV; i++) {
         uint v = tid + i * WG;
         split4(px[i], (v / 8) * K4 + v % 8, 0);
     }
-#endif
 }
+#endif
 
 #ifdef INTW
 struct XBlock { AMAT h0, h1, l0, l1; };  // a block of 16 tokens' x: its two 16-column halves, hi and lo
@@ -236,8 +289,10 @@ void main() {
     if (g >= p.groups) return;  // the whole workgroup: before any barrier
     uint tid = gl_LocalInvocationID.x, sg = gl_SubgroupID, rg = sg / TSG;
     uint row0 = g * BR, tok0 = gl_WorkGroupID.y * BT;
-    uint tk = (sg % TSG) * TG * 16;  // this subgroup's first token in the tile and its rows' at rg * SR
+    uint tk = (sg % TSG) * TG * 16;  // this subgroup's first token in the tile (its first row: rg * SR)
+#ifndef INT8
     uint a_at = tk * K4, b_at = rg * SR * K4;
+#endif
     // sums: token fragment t against row fragment f at t * RF + f (PAIR: W2's in acc2)
     FRAG acc[TG * RF], acc2[TG * RF];
 #ifndef INTW
@@ -252,44 +307,47 @@ void main() {
 #endif
     }
     fetch(row0, tok0, 0);
-    for (uint b = 0; b < p.nb; b++) {
+    for (uint b = 0; b < p.nb; b += SB) {
         put();
         barrier();
-        if (b + 1 < p.nb) fetch(row0, tok0, b + 1);
+        if (b + SB < p.nb) fetch(row0, tok0, b + SB);
 #ifdef INT8
-        IMAT_A a[TG];
-        FRAG xs[TG], xo[TG], xm[TG];  // each token's scale, OFFSET times its sum, scale times sum (HAS_MIN)
-        [[unroll]] for (uint t = 0; t < TG; t++) {
-            uint at = tk + t * 16;
-            coopMatLoadNV(a[t], xs8, at * KB, KB, false);
-            FRAG su;
-            coopMatLoadNV(xs[t], xsc, at, 0, true);  // (column-major with a stride of 0: alike for every row)
-            coopMatLoadNV(su, xsu, at, 0, true);
-            for (int i = 0; i < su.length(); i++) {
-                xo[t][i] = float(OFFSET) * su[i];
-                xm[t][i] = xs[t][i] * su[i];
+        [[unroll]] for (uint sb = 0; sb < SB; sb++) {  // the step's blocks
+            IMAT_A a[TG];
+            FRAG xs[TG], xo[TG], xm[TG];  // each token's scale, OFFSET times its sum, scale times sum (HAS_MIN)
+            [[unroll]] for (uint t = 0; t < TG; t++) {
+                uint at = tk + t * 16;
+                coopMatLoadNV(a[t], xs8, at * KB + 2 * sb, KB, false);
+                FRAG su;
+                // (column-major with a stride of 0: alike for every row)
+                coopMatLoadNV(xs[t], xsc, sb * BT + at, 0, true);
+                coopMatLoadNV(su, xsu, sb * BT + at, 0, true);
+                for (int i = 0; i < su.length(); i++) {
+                    xo[t][i] = float(OFFSET) * su[i];
+                    xm[t][i] = xs[t][i] * su[i];
+                }
             }
-        }
-        [[unroll]] for (uint f = 0; f < RF; f++) {
-            uint r = rg * SR + f * 8;
-            [[unroll]] for (uint m = 0; m <= PAIR; m++) {  // W, then W2
-                IMAT_B q;
-                if (m == 0) coopMatLoadNV(q, ws8, r * KB, KB, true);
-                else coopMatLoadNV(q, vs8, r * KB, KB, true);
-                FRAG s0 = row_values(m * BR + r), mins = s0;
+            [[unroll]] for (uint f = 0; f < RF; f++) {
+                uint r = rg * SR + f * 8;
+                [[unroll]] for (uint m = 0; m <= PAIR; m++) {  // W, then W2
+                    IMAT_B q;
+                    if (m == 0) coopMatLoadNV(q, ws8, r * KB + 2 * sb, KB, true);
+                    else coopMatLoadNV(q, vs8, r * KB + 2 * sb, KB, true);
+                    FRAG s0 = row_values((2 * sb + m) * BR + r), mins = s0;
 #ifdef HAS_MIN
-                mins = row_values(MINS + m * BR + r);
+                    mins = row_values(MINS + (2 * sb + m) * BR + r);
 #endif
-                [[unroll]] for (uint t = 0; t < TG; t++) {
-                    FRAG v = FRAG(coopMatMulAddNV(a[t], q, IFRAG(0)));  // exact
-                    for (int i = 0; i < v.length(); i++) {
-                        v[i] = s0[i] * xs[t][i] * (v[i] - xo[t][i]);
+                    [[unroll]] for (uint t = 0; t < TG; t++) {
+                        FRAG v = FRAG(coopMatMulAddNV(a[t], q, IFRAG(0)));  // exact
+                        for (int i = 0; i < v.length(); i++) {
+                            v[i] = s0[i] * xs[t][i] * (v[i] - xo[t][i]);
 #ifdef HAS_MIN
-                        v[i] += mins[i] * xm[t][i];
+                            v[i] += mins[i] * xm[t][i];
 #endif
+                        }
+                        if (m == 0) acc[t * RF + f] = acc[t * RF + f] + v;
+                        else acc2[t * RF + f] = acc2[t * RF + f] + v;
                     }
-                    if (m == 0) acc[t * RF + f] = acc[t * RF + f] + v;
-                    else acc2[t * RF + f] = acc2[t * RF + f] + v;
                 }
             }
         }
