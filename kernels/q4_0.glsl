@@ -12,18 +12,8 @@ vec4 deq(Raw r, uint j) {  // elements 4j..4j+3 of the block (j < 8)
     return uintBitsToFloat(((uvec4(u) >> uvec4(s, s + 8u, s + 16u, s + 24u)) & 15u) | 0x4B000000u) - 8388616.0;
 }
 #ifdef INT8
-// The block's integer dot product with 8-bit activations x0 (elements 0..15), x1 (16..31): the nibbles as stored
-// (0..15); the kernel takes 8 times the sum of the activations' integers off (OFFSET), exactly: n - 8.
+// 8-bit activations: the nibbles as stored (0..15); the kernel takes 8 times the sum of the activations' integers
+// off (OFFSET), exactly: n - 8.
 const int OFFSET = 8;
-int idot(Raw r, uvec4 x0, uvec4 x1) {
-    int i = 0;
-    [[unroll]] for (uint k = 0; k < 4; k++) {
-        i = dot8u_acc(x0[k], r.q[k] & 0x0F0F0F0Fu, i, 0);
-        i = dot8u_acc(x1[k], (r.q[k] >> 4) & 0x0F0F0F0Fu, i, 0);
-    }
-    return i;
-}
-uvec4 int8_half(Raw r, uint h) {  // coopmat_*_i8: elements 16h..16h+15 as 8-bit integers (the nibbles as stored)
-    return (r.q >> (4u * h)) & 0x0F0F0F0Fu;
-}
+#include "nibbles_int8.glsl"
 #endif

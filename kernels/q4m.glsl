@@ -17,13 +17,5 @@ vec4 deq(Raw r, uint j) {  // elements 4j..4j+3 of the block (j < 8), as integer
 #ifdef INT8
 // 8-bit activations: the nibbles as they are (OFFSET 0; the min comes from the activations' sum, HAS_MIN)
 const int OFFSET = 0;
-int idot(Raw r, uvec4 x0, uvec4 x1) {  // the block's integer dot product with x0 (elements 0..15), x1 (16..31)
-    int i = 0;
-    [[unroll]] for (uint k = 0; k < 4; k++) {
-        i = dot8u_acc(x0[k], r.q[k] & 0x0F0F0F0Fu, i, 0);
-        i = dot8u_acc(x1[k], (r.q[k] >> 4) & 0x0F0F0F0Fu, i, 0);
-    }
-    return i;
-}
-uvec4 int8_half(Raw r, uint h) { return (r.q >> (4u * h)) & 0x0F0F0F0Fu; }  // coopmat_*_i8: elements 16h..16h+15
+#include "nibbles_int8.glsl"
 #endif
