@@ -58,6 +58,12 @@ def quantized(into, n, cols):
     return q, dd[..., 0], dd[..., 1], read(into.rounded, np.float32, (n, cols))
 
 
+def _bound(w, x):
+    """The transcription's tolerance: float32 summation plus its own cuts to 2^-FIXED."""
+    cuts = w.cols / int8_lane(w.qtype) * 2.0 ** -cpu.FIXED
+    return 1e-5 * (np.abs(x) @ np.abs(dequantize(w)).T.astype(np.float64)) + cuts
+
+
 @needs_int8
 @pytest.mark.parametrize("n, matvec_rows", [(1, 1), (3, 8), (13, 8)], ids=["one", "matvec-3", "prompt-13"])
 @pytest.mark.parametrize("shape", ((37, 96), (300, 544), (20, 4160)), ids=lambda s: f"{s[0]}x{s[1]}")
@@ -73,35 +79,70 @@ def test_products_are_the_transcription(qtype, shape, n, matvec_rows, monkeypatc
     if qtype == T.F16:
         assert np.all(np.abs(got - NumpyBackend().linear(w)(x)) <= tolerance(w, x))
         return
-    cuts = w.cols / int8_lane(qtype) * 2.0 ** -cpu.FIXED
-    bound = 1e-5 * (np.abs(x) @ np.abs(dequantize(w)).T.astype(np.float64)) + cuts
-    assert np.all(np.abs(got - int8_reference(w, x)) <= bound)
+    assert np.all(np.abs(got - int8_reference(w, x)) <= _bound(w, x))
     kernels = {key[0] for key in BACKEND8.dev._pipelines}
     if n <= matvec_rows and vulkan.TYPES[qtype] in vulkan.INT8:
         assert f"matvec_{vulkan.TYPES[qtype]}_i8" in kernels
 
 
+needs_matrix_units8 = pytest.mark.skipif(isinstance(BACKEND8, str) or not BACKEND8.dev.coop_int8,
+                                         reason="the device has no 8-bit matrix units (coopmat_*_i8)")
+
+
 @needs_int8
-@pytest.mark.skipif(isinstance(BACKEND8, str) or not BACKEND8.dev.coop_int8,
-                    reason="the device has no 8-bit matrix units (coopmat_*_i8)")
+@needs_matrix_units8
+@pytest.mark.parametrize("units", ["int8", "fp16"])
 @pytest.mark.parametrize("tokens,few", [(16, 0), (32, 0), (64, 0), (64, 10 ** 6)])
 @pytest.mark.parametrize("qtype", (T.Q4_0, T.Q8_0, T.Q4_1, T.Q4_K), ids=lambda t: t.name)
-def test_matrix_unit_products_are_the_transcription(qtype, tokens, few, monkeypatch):
+def test_matrix_unit_products_are_the_transcription(qtype, tokens, few, units, monkeypatch):
     """The prompt's 8-bit products on the matrix units against the transcription, with tiles of each token count,
-    either split of a 64-token tile among the subgroups, and a partial tile of rows and of tokens."""
+    either split of a 64-token tile among the subgroups, and a partial tile of rows and of tokens; and where a
+    device's matrix units lacked 8-bit products (units fp16), the fp16 kernels on the rounded floats."""
     monkeypatch.setattr(BACKEND8, "coop_tokens", tokens)
     monkeypatch.setattr(vulkan, "COOP_FEW", few)
+    monkeypatch.setattr(BACKEND8.dev, "coop_int8", units == "int8")
     rng = np.random.default_rng(22)
     w = random_qtensor(qtype, 130, 544, rng)
     x = activations(tokens + 7, w.cols, rng)
     lin = BACKEND8.linear(w)
-    got = lin(x)
-    cuts = w.cols / int8_lane(qtype) * 2.0 ** -cpu.FIXED
-    bound = 1e-5 * (np.abs(x) @ np.abs(dequantize(w)).T.astype(np.float64)) + cuts
-    assert np.all(np.abs(got - int8_reference(w, x)) <= bound)
+    assert np.all(np.abs(lin(x) - int8_reference(w, x)) <= _bound(w, x))
     split = 2 if tokens == 64 and few else 1
-    assert any(key[0] == f"coopmat_{lin.type}_i8" and key[3][3:] == (tokens, split) for key in BACKEND8.dev._pipelines)
+    kernel = f"coopmat_{lin.type}_{'i8' if units == 'int8' else 'f32'}"
+    assert any(key[0] == kernel and key[3][3:] == (tokens, split) for key in BACKEND8.dev._pipelines)
     lin.free()
+
+
+@needs_int8
+@needs_matrix_units8
+@pytest.mark.parametrize("tokens", [16, 32, 64])
+@pytest.mark.parametrize("qtype", (T.Q4_0, T.Q8_0, T.Q4_K), ids=lambda t: t.name)
+def test_matrix_unit_gate_and_up_are_the_transcription(qtype, tokens, monkeypatch):
+    """Gate and up in one 8-bit pass on the matrix units (two blocks a step where a pair's subgroups hold 16 tokens
+    x 64 rows, four where they hold 32 x 32), with SiLU-multiply, against silu(gate) * up of the transcription."""
+    monkeypatch.setattr(BACKEND8, "coop_tokens", tokens)
+    rng = np.random.default_rng(23)
+    n, w1, w3 = tokens + 5, random_qtensor(qtype, 70, 288, rng), random_qtensor(qtype, 70, 288, rng)
+    lin1, lin3, dev = BACKEND8.linear(w1), BACKEND8.linear(w3), BACKEND8.dev
+    x = activations(n, w1.cols, rng)
+    xb, yb = Buffer(dev, x.nbytes), Buffer(dev, n * w1.rows * 4)
+    xb.write(x)
+    into = BACKEND8.int8_input(n, w1.cols)
+    rec = Recording(dev)
+    BACKEND8.quantize(rec, xb, w1.cols, n, into)
+    lin1.dispatch(rec, xb, w1.cols, 0, yb, w1.rows, 0, n, pair=lin3, int8=into)
+    rec.barrier(to_host=True)
+    rec.end()
+    rec.run()
+    got = read(yb, np.float32, (n, w1.rows))
+    rec.free()
+    for buf in (xb, yb, into.rounded, into.q, into.d):
+        buf.free()
+    gate, up = int8_reference(w1, x), int8_reference(w3, x)
+    with np.errstate(over="ignore"):
+        expect = gate / (1 + np.exp(-gate)) * up
+    tol = _bound(w1, x) * (1 + np.abs(up)) + _bound(w3, x) * np.abs(gate / (1 + np.exp(-gate))) + 1e-6 * np.abs(expect)
+    assert np.all(np.abs(got - expect) <= tol)
+    assert any(key[0] == f"coopmat_{lin1.type}_i8" and key[3][1] == 1 for key in dev._pipelines)
 
 
 @needs_int8
