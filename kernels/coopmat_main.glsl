@@ -61,7 +61,8 @@ const float LO = 2048.0;
 
 #ifdef INT8
 // 8-bit tiles as uvec4 (16 of them; the fragments are loaded with element offsets and strides in those units): SB
-// blocks a step (a barrier for 4 blocks, not one; 2 for a pair of 16 x 64 subgroups, within 48 KiB), KB uvec4 a row
+// blocks a step (a barrier for 4 blocks, not one; 2 for a pair whose subgroups hold 16 tokens, TG 1: at 64 tokens 4
+// would pass 48 KiB; at 16 or 32 they would fit, not measured), KB uvec4 a row
 // (SB blocks of 32 bytes and 16 bytes of padding: fewer bank conflicts)
 const uint SB = PAIR == 1 && TG == 1 ? 2 : 4;
 const uint KB = 2 * SB + 1;

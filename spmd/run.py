@@ -62,9 +62,10 @@ CLUSTER_OPTIONS = [  # the flags spmd.run and spmd.serve share: the model, and h
     click.option("--activations", default="f32", show_default=True, type=click.Choice(["f32", "int8"]),
                  help="The arithmetic on quantised weights. f32: float32 activations, the reference's products to "
                       "within float rounding. int8: each 32 activations quantised to 8 bits as llama.cpp does "
-                      "(faster on the cpu backend; results move by about 0.5%, as llama.cpp's do); the cpu "
-                      "backend's partial sums add up exactly, so its text still does not change with the layout; "
-                      "vulkan: 8-bit dot products for Q4_0 and Q8_0 decode (README)."),
+                      "(faster on the cpu backend, and on a GPU for the larger models and for Q4_0, Q8_0, Q4_1 and "
+                      "Q4_K prompts on its matrix units; results move by about 0.5%, as llama.cpp's do); the cpu "
+                      "backend's partial sums add up exactly, so its text still does not change with the layout "
+                      "(README)."),
     click.option("--kv-cache", default="f32", show_default=True, type=click.Choice(["f32", "f16"]),
                  help="What the KV caches keep keys and values in. f16: half the memory of f32 (a sequence's "
                       "context costs half as much on every rank, as llama.cpp's default cache), each key and value "

@@ -283,8 +283,8 @@ def test_the_attention_rounds_its_output_as_the_rounding_pass_does(models, split
     """A fused int8 decode: the attention kernel rounds each head's output for wo (`round_head`, in mode 0, or in
     mode 4 where the keys go in splits) instead of a rounding pass after it. The logits of 8 decode steps are those
     of the same model with the pass, to the bit, and the pass runs once a layer less a step. Heads of one block
-    (Q4_0: 32 wide) and of two (qwen3, Q4_K_M: 64), read by the 8-bit kernel (Q4_0, qwen3's Q8_0) as integers and
-    scales, or (Q4_K) as the rounded floats."""
+    (Q4_0: 32 wide) and of two (qwen3, Q4_K_M: 64), read by the 8-bit kernels (Q4_0, qwen3's Q8_0, Q4_K_M's Q4_K) as
+    integers and scales, or (Q4_K_M's Q6_K) as the rounded floats."""
     if split:  # splits of 4 keys from position 10 on
         monkeypatch.setattr(BACKEND8, "split_keys", 4)
         monkeypatch.setattr(vulkan_model, "SPLIT_FROM", 10)

@@ -181,8 +181,8 @@ class Device:
         self.family = next(i for i, f in enumerate(families) if f.queueFlags & vk.VK_QUEUE_COMPUTE_BIT)
         self.timestamps = families[self.family].timestampValidBits > 0
         queue_info = vk.VkDeviceQueueCreateInfo(queueFamilyIndex=self.family, queueCount=1, pQueuePriorities=[1.0])
-        extensions, features = self._coop_matrix()
-        self.coop = bool(extensions)  # (and self.coop_int8: set by _coop_matrix)
+        extensions, features, self.coop_int8 = self._coop_matrix()
+        self.coop = bool(extensions)
         self.int_dot = self._integer_dot()
         if self.int_dot:  # (--activations int8's kernels)
             extensions = extensions + [self.INT_DOT]
@@ -241,35 +241,35 @@ class Device:
     COOP_EXTENSIONS = ("VK_NV_cooperative_matrix", "VK_KHR_shader_float16_int8", "VK_KHR_vulkan_memory_model")
 
     def _coop_matrix(self):
-        """(extensions, features to enable) for the prompt's products on the matrix units (kernels/coopmat_*):
+        """(extensions, features to enable, int8) for the prompt's products on the matrix units (kernels/coopmat_*):
         GL_NV_cooperative_matrix with fp16 16x8x16 products summed in float32 by a subgroup of 32 (the kernels'
-        4 subgroups of a workgroup of 128), fp16 arithmetic and the Vulkan memory model; ([], None) where the device
-        lacks any of it, or SPMD_VK_COOP=0. Sets self.coop_int8 where the device also has 8-bit 16x8x32 products
-        summed in int32 and 8-bit shader arithmetic (coopmat_*_i8, --activations int8)."""
-        self.coop_int8 = False
+        4 subgroups of a workgroup of 128), fp16 arithmetic and the Vulkan memory model; ([], None, False) where the
+        device lacks any of it, or SPMD_VK_COOP=0. int8: the device also has 8-bit 16x8x32 products summed in int32
+        and 8-bit shader arithmetic (coopmat_*_i8, with --activations int8, which itself needs the integer dot
+        products of matvec_*_i8: VulkanBackend refuses it without them)."""
         if self.is_cpu or env_tuple("SPMD_VK_COOP", (1,))[0] == 0 or self.subgroup_size != 32:
-            return [], None
+            return [], None, False
         have = {_text(e.extensionName) for e in vk.vkEnumerateDeviceExtensionProperties(self.physical, None)}
         if not all(e in have for e in self.COOP_EXTENSIONS):
-            return [], None
+            return [], None, False
         memory = vk.VkPhysicalDeviceVulkanMemoryModelFeatures()
         half = vk.VkPhysicalDeviceShaderFloat16Int8Features(pNext=memory)
         coop = vk.VkPhysicalDeviceCooperativeMatrixFeaturesNV(pNext=half)
         vk.vkGetPhysicalDeviceFeatures2(self.physical, vk.VkPhysicalDeviceFeatures2(pNext=coop))
         if not (coop.cooperativeMatrix and half.shaderFloat16 and memory.vulkanMemoryModel):
-            return [], None
+            return [], None, False
         shapes = vk.vkGetInstanceProcAddr(self.instance, "vkGetPhysicalDeviceCooperativeMatrixPropertiesNV")
         f16, f32 = vk.VK_COMPONENT_TYPE_FLOAT16_KHR, vk.VK_COMPONENT_TYPE_FLOAT32_KHR  # the NV names alias these
         s8, s32 = vk.VK_COMPONENT_TYPE_SINT8_KHR, vk.VK_COMPONENT_TYPE_SINT32_KHR
         offered = {(m.MSize, m.NSize, m.KSize, m.AType, m.BType, m.CType, m.DType, m.scope)
                    for m in shapes(self.physical)}
         if (16, 8, 16, f16, f16, f32, f32, vk.VK_SCOPE_SUBGROUP_KHR) not in offered:
-            return [], None
-        self.coop_int8 = bool(half.shaderInt8) and (16, 8, 32, s8, s8, s32, s32, vk.VK_SCOPE_SUBGROUP_KHR) in offered
+            return [], None, False
+        int8 = bool(half.shaderInt8) and (16, 8, 32, s8, s8, s32, s32, vk.VK_SCOPE_SUBGROUP_KHR) in offered
         enable = vk.VkPhysicalDeviceCooperativeMatrixFeaturesNV(cooperativeMatrix=vk.VK_TRUE, pNext=(
-            vk.VkPhysicalDeviceShaderFloat16Int8Features(shaderFloat16=vk.VK_TRUE, shaderInt8=self.coop_int8, pNext=(
+            vk.VkPhysicalDeviceShaderFloat16Int8Features(shaderFloat16=vk.VK_TRUE, shaderInt8=int8, pNext=(
                 vk.VkPhysicalDeviceVulkanMemoryModelFeatures(vulkanMemoryModel=vk.VK_TRUE)))))
-        return list(self.COOP_EXTENSIONS), enable
+        return list(self.COOP_EXTENSIONS), enable, int8
 
     def _memory_types(self):
         mem = vk.vkGetPhysicalDeviceMemoryProperties(self.physical)
