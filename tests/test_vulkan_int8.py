@@ -117,8 +117,9 @@ def test_matrix_unit_products_are_the_transcription(qtype, tokens, few, units, m
 @pytest.mark.parametrize("tokens", [16, 32, 64])
 @pytest.mark.parametrize("qtype", (T.Q4_0, T.Q8_0, T.Q4_K), ids=lambda t: t.name)
 def test_matrix_unit_gate_and_up_are_the_transcription(qtype, tokens, monkeypatch):
-    """Gate and up in one 8-bit pass on the matrix units (two blocks a step where a pair's subgroups hold 16 tokens
-    x 64 rows, four where they hold 32 x 32), with SiLU-multiply, against silu(gate) * up of the transcription."""
+    """Gate and up in one 8-bit pass on the matrix units (two blocks a step where the subgroups hold 16 tokens each,
+    with tiles of 16 and 32 tokens; four with 64, 32 x 32 a subgroup), with SiLU-multiply, against silu(gate) * up
+    of the transcription."""
     monkeypatch.setattr(BACKEND8, "coop_tokens", tokens)
     rng = np.random.default_rng(23)
     n, w1, w3 = tokens + 5, random_qtensor(qtype, 70, 288, rng), random_qtensor(qtype, 70, 288, rng)
@@ -137,6 +138,8 @@ def test_matrix_unit_gate_and_up_are_the_transcription(qtype, tokens, monkeypatc
     rec.free()
     for buf in (xb, yb, into.rounded, into.q, into.d):
         buf.free()
+    lin1.free()
+    lin3.free()
     gate, up = int8_reference(w1, x), int8_reference(w3, x)
     with np.errstate(over="ignore"):
         expect = gate / (1 + np.exp(-gate)) * up
