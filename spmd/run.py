@@ -62,8 +62,9 @@ CLUSTER_OPTIONS = [  # the flags spmd.run and spmd.serve share: the model, and h
     click.option("--activations", default="f32", show_default=True, type=click.Choice(["f32", "int8"]),
                  help="The arithmetic on quantised weights. f32: float32 activations, the reference's products to "
                       "within float rounding. int8: each 32 activations quantised to 8 bits as llama.cpp does "
-                      "(faster on the cpu backend, and on a GPU for the larger models and for Q4_0, Q8_0, Q4_1 and "
-                      "Q4_K prompts on its matrix units; results move by about 0.5%, as llama.cpp's do); the cpu "
+                      "(on the cpu backend prompts 2-3x faster, decode about the same; on a GPU faster decode for the "
+                      "larger models, and prompts on its matrix units for Q4_0, Q8_0, Q4_1 and Q4_K; results move "
+                      "by about 0.5%, as llama.cpp's do); the cpu "
                       "backend's partial sums add up exactly, so its text still does not change with the layout "
                       "(README)."),
     click.option("--kv-cache", default="f32", show_default=True, type=click.Choice(["f32", "f16"]),
@@ -141,7 +142,8 @@ def cli(**kw):
 
 
 def parse_args(argv, is_root, command=cli, prog="python -m spmd.run"):
-    """The options dict, or an exit code when click handled it (--help, a bad flag). Only rank 0 prints."""
+    """The options dict, or an exit code when click handled it (--help, a bad flag: one line, "error: ..."). Only
+    rank 0 prints."""
     quiet = contextlib.ExitStack()
     if not is_root:
         devnull = quiet.enter_context(open(os.devnull, "w"))
@@ -151,7 +153,8 @@ def parse_args(argv, is_root, command=cli, prog="python -m spmd.run"):
         try:
             return command.main(args=argv, prog_name=prog, standalone_mode=False)
         except click.ClickException as e:
-            e.show()
+            hint = f" (see {prog} --help)" if isinstance(e, click.UsageError) else ""
+            click.echo(f"error: {e.format_message()}{hint}", err=True)
             return e.exit_code
         except click.exceptions.Abort:
             return 1
@@ -169,7 +172,8 @@ def summary(r):
     ranks = "; ".join(f"rank {s['rank']} ({s['host']}){where(s)} compute {s['compute_ms']:.0f} ms sync "
                       f"{s['sync_ms']:.0f} ms sent {s['bytes_sent'] / 1e6:.2f} MB rss "
                       f"{s['peak_rss_bytes'] / 2**20:.0f} MiB" for s in r["ranks"])
-    setup = f"{r['n_ranks']} rank(s) {r['allreduce']} {r['ratios']}, {r['backend']}; {ranks}"
+    int8 = ", int8 activations" if r["activations"] == "int8" else ""
+    setup = f"{r['n_ranks']} rank(s) {r['allreduce']} {r['ratios']}, {r['backend']}{int8}; {ranks}"
     if "sequences" in r:
         rate = f"{r['tokens_per_s']:.2f} tok/s in all" if r["tokens_per_s"] else "-"
         return (f"[spmd] {len(r['sequences'])} sequences, {r['tokens_generated']} tokens in {r['elapsed_s']:.2f} s "

@@ -55,7 +55,17 @@ def test_text_output_streams_then_summarises(model):
     assert p.stdout == "Hello" + text + "\n"  # the prompt, then the continuation
     lines = p.stderr.splitlines()  # the control socket at start-up, the summary at the end
     assert len(lines) == 2 and lines[0].startswith("control socket: ") and lines[0].endswith(".sock")
-    assert lines[1].startswith("[spmd] 4 tokens, decode ")
+    assert lines[1].startswith("[spmd] 4 tokens, decode ") and ", cpu; rank 0 " in lines[1]
+
+
+def test_the_result_says_the_activations(model):
+    """--activations int8 shows in the summary line and in the JSON result."""
+    p = run(["--model", model, "--prompt", "Hello", "--steps", 2, "--activations", "int8"])
+    assert p.returncode == 0, p.stderr
+    assert ", cpu, int8 activations; rank 0 " in p.stderr.splitlines()[-1]
+    for activations in ("f32", "int8"):
+        p = run(["--model", model, "--prompt", "Hello", "--steps", 2, "--activations", activations, "--output", "json"])
+        assert json.loads(p.stdout)["activations"] == activations
 
 
 def test_several_prompts_from_flags_and_a_file(model, tmp_path):
@@ -248,6 +258,32 @@ def test_bad_input_gives_one_line_and_every_rank_exits(model, tmp_path, case, ra
     errors = [ln for ln in lines if "rror" in ln]
     assert len(errors) == 1, p.stderr  # once, from rank 0 only
     assert __import__("re").search(message, errors[0]), errors[0]
+
+
+@pytest.mark.parametrize("ranks", [1, 3])
+@pytest.mark.parametrize("flags, line", [
+    (["--activations", "int4"], "error: Invalid value for '--activations': 'int4' is not one of 'f32', 'int8'. "
+                                "(see python -m spmd.run --help)"),
+    (["--bogus"], "error: No such option '--bogus'"),
+    (["--ratios"], "error: Option '--ratios' requires an argument. (see python -m spmd.run --help)")])
+def test_a_bad_flag_is_one_line_on_stderr(flags, line, ranks):
+    """A flag click refuses: one line (not click's usage block of three) from rank 0 alone, nothing on stdout."""
+    if ranks > 1 and MPIRUN is None:
+        pytest.skip("mpirun not on PATH")
+    p = run(flags, ranks=ranks, timeout=60)
+    assert p.returncode != 0 and p.stdout == ""
+    assert p.stderr.count("\n") == 1 and p.stderr.startswith(line), p.stderr
+
+
+@pytest.mark.parametrize("module", ["spmd.run", "spmd.serve", "spmd.chat"])
+def test_a_python_without_the_set_up_is_one_line(module):
+    """Run by a Python that lacks the set-up's packages (here the venv's own with its site-packages off: python -S),
+    each entry point says what it lacks in one line, not a traceback."""
+    p = subprocess.run([sys.executable, "-S", "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == 1 and p.stdout == ""
+    assert p.stderr.count("\n") == 1 and p.stderr.startswith("error: this Python ("), p.stderr
+    assert "lacks numpy, click, mpi4py" in p.stderr and "scripts/setup.sh" in p.stderr
 
 
 @pytest.mark.parametrize("ranks, raised, line", [
