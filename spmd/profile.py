@@ -235,7 +235,7 @@ def table(profile) -> str:
 def cli(**kw):
     """Measure every rank (compute per layer unit and classifier row, memory) and every link, for the planner.
 
-    Run it on every rank: mpirun -hostfile hostfiles/home.txt python -m spmd.profile --model m.gguf --out p.json
+    Run it on every rank: mpirun -hostfile hostfiles/home.txt -n 3 python -m spmd.profile --model m.gguf --out p.json
     """
     return kw
 

@@ -136,7 +136,7 @@ def cluster_options(command):
 def cli(**kw):
     """Generate text with a GGUF model split across MPI ranks: non-uniform tensor parallelism, pipeline stages, or both.
 
-    Run it on every rank: mpirun -hostfile hostfiles/localhost.txt python -m spmd.run --model m.gguf
+    Run it on every rank: mpirun -hostfile hostfiles/localhost.txt -n 3 python -m spmd.run --model m.gguf
     """
     return kw
 
