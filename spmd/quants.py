@@ -28,6 +28,7 @@ from gguf import quants as gguf_quants
 
 # Types the engine computes with as stored; any other type is dequantised to F32 at load.
 NATIVE = (T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K)
+FLOATS = (T.F32, T.F16, T.BF16)  # float matrices: float activations under --activations int8 too
 K_QUANTS = (T.Q4_K, T.Q5_K, T.Q6_K)  # 256-element super-blocks
 # byte offsets of each block's float16 fields (d, then m or dmin where the type has one)
 F16_FIELDS = {T.Q8_0: (0,), T.Q4_0: (0,), T.Q4_1: (0, 2), T.Q5_0: (0,), T.Q5_1: (0, 2), T.Q4_K: (0, 2),

@@ -19,7 +19,7 @@ from .journal import read_resume
 from .model import KV_DTYPES, PREFILL_TOKENS, kv_bytes_per_position, pass_bytes
 from .plan import make_plan, parse_layout
 from .prompts import PromptSpec, Work, read_prompts_file
-from .quants import NATIVE
+from .quants import FLOATS, NATIVE
 from .sampling import Sampler
 from .tokenizer import load_tokenizer
 from .stream import DeviceWindow, Window, choose, in_memory
@@ -255,6 +255,10 @@ class RankState:
             self.log(f"note: --activations int8 with KV groups of {self.cfg.group * self.cfg.head_dim} attention "
                      "outputs: ranks split 32-element activation blocks between them, so the text can change with "
                      "the layout (groups of a multiple of 32 keep it the same)")
+        if opts.activations == "int8" and comm.is_root and all(
+                len(t.shape) < 2 or t.qtype in FLOATS for t in self.file.tensors.values()):
+            self.log("note: --activations int8: the model holds no quantised matrix, and float matrices keep float32 "
+                     "activations")
         self.n_slots = self.in_flight(plan)
         comm.set_slots(self.n_slots)
         self.rebalancer = None

@@ -63,9 +63,17 @@ def test_the_result_says_the_activations(model):
     p = run(["--model", model, "--prompt", "Hello", "--steps", 2, "--activations", "int8"])
     assert p.returncode == 0, p.stderr
     assert ", cpu, int8 activations; rank 0 " in p.stderr.splitlines()[-1]
+    assert "no quantised matrix" not in p.stderr
     for activations in ("f32", "int8"):
         p = run(["--model", model, "--prompt", "Hello", "--steps", 2, "--activations", activations, "--output", "json"])
         assert json.loads(p.stdout)["activations"] == activations
+
+
+def test_int8_on_a_model_of_float_matrices_says_it_changes_nothing(tmp_path):
+    floats = write_model(tmp_path / "f16.gguf", SHAPE, qtype="F16", seed=1)
+    p = run(["--model", floats, "--prompt", "Hello", "--steps", 2, "--activations", "int8"])
+    assert p.returncode == 0, p.stderr
+    assert p.stderr.count("note: --activations int8: the model holds no quantised matrix") == 1
 
 
 def test_several_prompts_from_flags_and_a_file(model, tmp_path):
