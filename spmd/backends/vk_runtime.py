@@ -7,6 +7,7 @@ that names the fix. Nothing here knows about transformers: see `vulkan.py`.
 import math
 import os
 import struct
+import time
 from pathlib import Path
 
 import numpy as np
@@ -196,6 +197,7 @@ class Device:
             flags=vk.VK_COMMAND_POOL_CREATE_RESET_COMMAND_BUFFER_BIT, queueFamilyIndex=self.family), None)
         self.fence = vk.vkCreateFence(self.device, vk.VkFenceCreateInfo(), None)
         self._pipelines = {}
+        self.waited_s = 0.0  # seconds the host has waited for the GPU (`Recording.wait`; benchmarks read it)
         self._staging = None
         from .vk_sets import DescriptorSets  # it uses _check, so not at the top
         self.sets = DescriptorSets(self, vk)
@@ -477,7 +479,7 @@ class Recording:
 
     def wait(self):
         """Until the buffer submitted with the fence is done."""
-        dev, lib = self.dev, vk.lib
+        dev, lib, t = self.dev, vk.lib, time.perf_counter()
         if dev.is_cpu:  # lavapipe: the CPU's cores do the work, so sleep in the driver
             _check(lib.vkWaitForFences(dev.device, 1, self._fences, 1, 3_600_000_000_000), "vkWaitForFences")
         else:  # a GPU: poll, which answers sooner than the driver's sleeping wait (tens of microseconds a token)
@@ -488,6 +490,7 @@ class Recording:
                 if status != vk.VK_NOT_READY:
                     _check(status, "vkGetFenceStatus")
         _check(lib.vkResetFences(dev.device, 1, self._fences), "vkResetFences")
+        dev.waited_s += time.perf_counter() - t
 
     def _times(self):
         n = len(self.labels)
