@@ -5,6 +5,7 @@ server frees its sequence) and keeps the program; Ctrl-D, /quit or /exit leaves;
 Without --url, and with no server at the default address, it starts a one-rank spmd.serve of the embedded model for
 itself (said on stderr) and stops it at the end.
 """
+from . import needs  # noqa: F401 (first: one line, not a traceback, where this Python lacks the set-up)
 import re
 import subprocess
 import sys

@@ -8,6 +8,7 @@ keeps it, and llama2.c's RoPE rotates interleaved pairs as GGUF's llama arch doe
 
 llama2.c tokenizer: int32 max_token_length, then per token: float32 score, int32 length, `length` bytes.
 """
+from . import needs  # noqa: F401 (first: one line, not a traceback, where this Python lacks the set-up)
 import os
 import re
 import struct

@@ -10,6 +10,7 @@ A run is supervised (spmd.supervise): a rank that dies, a host that goes away or
 is recovered from by a relaunch on the survivors, which goes on from the last token; --no-recover ends the run
 instead, with one line naming the rank and host. So is a server (--serve): its HTTP side runs in the supervisor
 (spmd.front), and each client's stream goes on through a recovery."""
+from . import needs  # noqa: F401 (first: one line, not a traceback, where this Python lacks the set-up)
 import os
 import signal
 

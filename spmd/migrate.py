@@ -11,6 +11,7 @@
 The socket is found in the per-user folder when exactly one job is running there (or give --socket). A migration's
 reply comes once it has been applied. Errors are one line on stderr and exit status 1.
 """
+from . import needs  # noqa: F401 (first: one line, not a traceback, where this Python lacks the set-up)
 import json
 import math
 import sys

@@ -366,5 +366,6 @@ def chunk_counts(n: int, ratios) -> list:
 
 
 if __name__ == "__main__":  # python -m spmd.plan PROFILE.json: the planner's command, in spmd.planner
+    from spmd import needs  # noqa: F401 (first: one line where this Python lacks the set-up)
     from spmd.planner import main
     main()

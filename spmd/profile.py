@@ -26,6 +26,7 @@ the median.
 `spmd.cluster.load_profile` reads). Simulated slow ranks (SPMD_TEST_SLOW) and links (SPMD_TEST_LINK_DELAY_MS)
 are measured as they would run.
 """
+from . import needs  # noqa: F401 (first: one line, not a traceback, where this Python lacks the set-up)
 import json
 import sys
 import time

@@ -1,5 +1,6 @@
 """`python -m spmd.run`: the command every rank runs. Rank 0 streams the text to stdout and one summary line to
 stderr (or prints one JSON object with --output json); every other rank stays quiet unless something is wrong."""
+from . import needs  # noqa: F401 (first: one line, not a traceback, where this Python lacks the set-up)
 import contextlib
 import json
 import math

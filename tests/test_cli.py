@@ -283,12 +283,12 @@ def test_a_bad_flag_is_one_line_on_stderr(flags, line, ranks):
     assert p.stderr.count("\n") == 1 and p.stderr.startswith(line), p.stderr
 
 
-@pytest.mark.parametrize("module", ["spmd.run", "spmd.serve", "spmd.chat"])
+@pytest.mark.parametrize("module", ["run", "serve", "chat", "launch", "convert", "migrate", "plan", "profile"])
 def test_a_python_without_the_set_up_is_one_line(module):
     """Run by a Python that lacks the set-up's packages (here the venv's own with its site-packages off: python -S),
-    each entry point says what it lacks in one line, not a traceback."""
-    p = subprocess.run([sys.executable, "-S", "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True,
-                       timeout=60)
+    each command says what it lacks in one line, not a traceback (spmd.needs)."""
+    p = subprocess.run([sys.executable, "-S", "-m", f"spmd.{module}", "--help"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=60)
     assert p.returncode == 1 and p.stdout == ""
     assert p.stderr.count("\n") == 1 and p.stderr.startswith("error: this Python ("), p.stderr
     assert "lacks numpy, click, mpi4py" in p.stderr and "scripts/setup.sh" in p.stderr
