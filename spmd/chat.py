@@ -14,6 +14,8 @@ import urllib.request
 
 import click
 
+from .errors import click_main
+
 DEFAULT_URL = "http://127.0.0.1:8080"
 START_TIMEOUT_S = 300.0
 
@@ -143,7 +145,7 @@ def chat(url, model, system, max_tokens, temperature, seed):
 
 
 def main():
-    cli()
+    click_main(cli, "python -m spmd.chat")
 
 
 if __name__ == "__main__":

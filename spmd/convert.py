@@ -19,7 +19,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as T, GGUFWriter, LlamaFileType, TokenType
 from gguf.quants import quantize
 
-from .errors import UserError, regular_file
+from .errors import UserError, click_main, regular_file
 
 HEADER = ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "seq_len")
 HEADER_BYTES = 4 * len(HEADER)
@@ -236,5 +236,9 @@ def llama2c(checkpoint, tokenizer, out, outtype):
     click.echo(f"wrote {out}: {c['n_layers']} layers, dim {c['dim']}, vocab {c['vocab_size']}, {outtype}")
 
 
+def main():
+    click_main(cli, "python -m spmd.convert")
+
+
 if __name__ == "__main__":
-    cli()
+    main()

@@ -1,9 +1,29 @@
-"""The one exception type for a user's mistake (printed as one line on rank 0, never as a traceback), and the
-checks of user input that several modules share."""
+"""The one exception type for a user's mistake (printed as one line on rank 0, never as a traceback), the checks of
+user input that several modules share, and how a click command runs as a program (`click_main`)."""
+import sys
 
 
 class UserError(Exception):
     """Bad input (file, flag, prompt, hostfile): the message names the problem in one line."""
+
+
+def click_main(command, prog, argv=None):
+    """Run a click command as the program `prog`: a usage mistake is one line on stderr, "error: ... (see PROG
+    --help)", exit 2 (click's own block is three lines); its other errors as click shows them (one line); Ctrl-C
+    exit 130."""
+    import click
+    try:
+        code = command.main(args=argv, prog_name=prog, standalone_mode=False)
+    except click.UsageError as e:
+        click.echo(f"error: {e.format_message()} (see {prog} --help)", err=True)
+        sys.exit(e.exit_code)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    if isinstance(code, int):  # (--help, or the command's ctx.exit)
+        sys.exit(code)
 
 
 def is_whole_number(text) -> bool:

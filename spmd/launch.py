@@ -23,7 +23,7 @@ import sys  # noqa: E402
 
 import click  # noqa: E402
 
-from .errors import UserError, is_whole_number, regular_file  # noqa: E402
+from .errors import UserError, click_main, is_whole_number, regular_file  # noqa: E402
 from .run import finite  # noqa: E402
 
 MAX_HOSTFILE_BYTES = 1 << 20
@@ -100,7 +100,7 @@ MOST_RANKS = 1024  # beyond any household; a mistyped count would start that man
               help="A running job with no token for S seconds more than twice the slowest recent gap between tokens "
                    "(a rank stopped, a host asleep, a link down) has failed.")
 @click.argument("run_args", nargs=-1, type=click.UNPROCESSED)
-def main(hostfile, ranks, timeout, serve, no_recover, max_recoveries, progress_timeout, run_args):
+def cli(hostfile, ranks, timeout, serve, no_recover, max_recoveries, progress_timeout, run_args):
     """Check HOSTFILE's hosts, then run `python -m spmd.run RUN_ARGS` on them through mpirun, supervised: when a rank
     dies, its host goes or the job stalls, the run goes on from where it was on the survivors. With --serve,
     `python -m spmd.serve RUN_ARGS`."""
@@ -143,6 +143,10 @@ def server_flags(run_args):
 
 def _stop(_signum, _frame):
     raise SystemExit(130)  # click takes a KeyboardInterrupt for "Aborted!" and status 1
+
+
+def main():
+    click_main(cli, "python -m spmd.launch")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import sys
 import click
 
 from .client import ClientError, find_socket, request
+from .errors import click_main
 from .plan import FFN_BLOCK
 
 
@@ -178,17 +179,7 @@ def ratios(ctx, ratios, at):
 
 def main(argv=None):
     """A mistake on the command line is one line too (click's usage block would be three), exit 2."""
-    try:
-        cli.main(args=argv, prog_name="python -m spmd.migrate", standalone_mode=False)
-    except click.UsageError as e:
-        hint = f" (see {e.ctx.command_path} --help)" if e.ctx is not None else ""
-        click.echo(f"error: {e.format_message()}{hint}", err=True)
-        sys.exit(2)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
-    except click.exceptions.Abort:
-        sys.exit(1)
+    click_main(cli, "python -m spmd.migrate", argv)
 
 
 if __name__ == "__main__":

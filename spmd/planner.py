@@ -55,7 +55,7 @@ from typing import NamedTuple
 import click
 
 from .cluster import Compute, Profile, as_profile, load_profile
-from .errors import UserError
+from .errors import UserError, click_main
 from .model import KV_DTYPES
 from .plan import make_plan, n_ffn_blocks, parse_layout
 
@@ -651,9 +651,7 @@ def cli(profile_path, objective, sequences, context, allreduce, kv_cache, output
 def main(argv=None):
     """`python -m spmd.plan`: a bad file or flag is one line on stderr and exit status 2."""
     try:
-        cli.main(args=argv, prog_name="python -m spmd.plan", standalone_mode=False)
-    except (click.ClickException, UserError) as e:
-        click.echo(f"error: {e.format_message() if isinstance(e, click.ClickException) else e}", err=True)
+        click_main(cli, "python -m spmd.plan", argv)
+    except UserError as e:
+        click.echo(f"error: {e}", err=True)
         sys.exit(2)
-    except click.exceptions.Abort:  # Ctrl-C
-        sys.exit(130)

@@ -283,6 +283,15 @@ def test_a_bad_flag_is_one_line_on_stderr(flags, line, ranks):
     assert p.stderr.count("\n") == 1 and p.stderr.startswith(line), p.stderr
 
 
+@pytest.mark.parametrize("module", ["launch", "chat", "convert", "migrate", "plan", "profile", "serve"])
+def test_every_command_says_a_bad_flag_in_one_line(module):
+    p = subprocess.run([sys.executable, "-m", f"spmd.{module}", "--bogus"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode in (1, 2) and p.stdout == ""  # (2: click's; 1: the MPI commands, which agree on it first)
+    assert p.stderr.count("\n") == 1 and p.stderr.startswith("error: No such option '--bogus'"), p.stderr
+    assert p.stderr.endswith(f"(see python -m spmd.{module} --help)\n")
+
+
 @pytest.mark.parametrize("module", ["run", "serve", "chat", "launch", "convert", "migrate", "plan", "profile"])
 def test_a_python_without_the_set_up_is_one_line(module):
     """Run by a Python that lacks the set-up's packages (here the venv's own with its site-packages off: python -S),
