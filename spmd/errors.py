@@ -7,15 +7,22 @@ class UserError(Exception):
     """Bad input (file, flag, prompt, hostfile): the message names the problem in one line."""
 
 
+def click_error_line(e, prog) -> str:
+    """A click error as one line, "error: ...", with where --help is for a usage mistake (click's own block for
+    one is three lines)."""
+    import click
+    hint = f" (see {prog} --help)" if isinstance(e, click.UsageError) else ""
+    return f"error: {e.format_message()}{hint}"
+
+
 def click_main(command, prog, argv=None):
-    """Run a click command as the program `prog`: a usage mistake is one line on stderr, "error: ... (see PROG
-    --help)", exit 2 (click's own block is three lines); its other errors as click shows them (one line); Ctrl-C
-    exit 130."""
+    """Run a click command as the program `prog`: a usage mistake is one line on stderr (`click_error_line`), exit
+    2; its other errors as click shows them (one line); Ctrl-C exit 130."""
     import click
     try:
         code = command.main(args=argv, prog_name=prog, standalone_mode=False)
     except click.UsageError as e:
-        click.echo(f"error: {e.format_message()} (see {prog} --help)", err=True)
+        click.echo(click_error_line(e, prog), err=True)
         sys.exit(e.exit_code)
     except click.ClickException as e:
         e.show()

@@ -12,7 +12,7 @@ import traceback
 
 import click
 
-from .errors import UserError
+from .errors import UserError, click_error_line
 
 
 def finite(_ctx, param, value):
@@ -154,8 +154,7 @@ def parse_args(argv, is_root, command=cli, prog="python -m spmd.run"):
         try:
             return command.main(args=argv, prog_name=prog, standalone_mode=False)
         except click.ClickException as e:
-            hint = f" (see {prog} --help)" if isinstance(e, click.UsageError) else ""
-            click.echo(f"error: {e.format_message()}{hint}", err=True)
+            click.echo(click_error_line(e, prog), err=True)
             return e.exit_code
         except click.exceptions.Abort:
             return 1

@@ -30,6 +30,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from ..errors import UserError
+from .. import quants
 from ..quants import QTensor, unpack
 from . import Backend, prepare_call
 from .vk_runtime import Buffer, Device, Recording, env_tuple
@@ -38,7 +39,7 @@ from .vk_runtime import Buffer, Device, Recording, env_tuple
 TYPES = {T.F32: "f32", T.F16: "f16", T.BF16: "bf16", T.Q8_0: "q8_0", T.Q4_0: "q4_0", T.Q4_1: "q4m", T.Q4_K: "q4m",
          T.Q5_0: "q5m", T.Q5_1: "q5m", T.Q5_K: "q5m", T.Q6_K: "q6"}
 UV = {"f32": 8, "f16": 4, "bf16": 4, "q8_0": 2, "q4_0": 1, "q4m": 1, "q5m": 1, "q6": 1}  # uvec4 per 32-element block
-FLOATS = ("f32", "f16", "bf16")  # kernels of float weights: float activations under --activations int8 too
+FLOATS = tuple(TYPES[t] for t in quants.FLOATS)  # kernels of float weights (float activations under int8 too)
 # kernels of 8-bit activations (matvec_<w>_i8; coopmat_<w>_i8 where the device has 8-bit matrix units); the other
 # quantised types read them as floats
 INT8 = ("q4_0", "q8_0", "q4m")
