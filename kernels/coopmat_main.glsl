@@ -64,14 +64,20 @@ const float LO = 2048.0;
 // blocks a step (a barrier for 4 blocks, not one; 2 for a pair whose subgroups hold 16 tokens, TG 1: at 64 tokens 4
 // would pass 48 KiB; at 16 or 32 they would fit, not measured), KB uvec4 a row
 // (SB blocks of 32 bytes and 16 bytes of padding: fewer bank conflicts)
-const uint SB = PAIR == 1 && TG == 1 ? 2 : 4;
-const uint KB = 2 * SB + 1;
+// HALF_SCALES (Q6_K): a weight block is staged as its first half, 32 zero bytes and its second half (KW uvec4 a
+// row), so that the 32 bytes from either half's start make that half alone: two products a block, one a half
+#ifdef HALF_SCALES
+const uint SB = 2, WB = 4;
+#else
+const uint SB = PAIR == 1 && TG == 1 ? 2 : 4, WB = 2;  // WB: uvec4 a staged weight block
+#endif
+const uint KB = 2 * SB + 1, KW = WB * SB + 1;
 shared uvec4 xs8[BT * KB];                     // x: token-major
-shared uvec4 ws8[BR * KB];                     // W: read as W^T
-shared uvec4 vs8[PAIR == 1 ? BR * KB : 1];     // PAIR's second matrix
+shared uvec4 ws8[BR * KW];                     // W: read as W^T
+shared uvec4 vs8[PAIR == 1 ? BR * KW : 1];     // PAIR's second matrix
 shared float xsc[SB * BT], xsu[SB * BT];       // block s of token t at s * BT + t: its scale and sum of integers
-// block s's scale of row r of matrix m at (2s + m) * BR + r, and (HAS_MIN) its min at MINS + the same; read as
-// fragments of 16 tokens x 8 rows with a stride of 0 (every token's row alike)
+// block s's scale of row r of matrix m at (2s + m) * BR + r, and (HAS_MIN) its min (HALF_SCALES: its second half's
+// scale) at MINS + the same; read as fragments of 16 tokens x 8 rows with a stride of 0 (every token's row alike)
 const uint MINS = 2 * SB * BR;
 shared float rs[2 * MINS];
 #else
@@ -166,11 +172,15 @@ void put() {
         uvec4 q[UV];
         [[unroll]] for (uint j = 0; j < UV; j++) q[j] = pq[k * UV + j];
         Raw raw = make_raw(q, pmeta[k]);
-        [[unroll]] for (uint h = 0; h < 2; h++) {  // 8-bit integers, 16 a half block
-            if (m == 0) ws8[r * KB + 2 * s + h] = int8_half(raw, h);
-            else vs8[r * KB + 2 * s + h] = int8_half(raw, h);
+        [[unroll]] for (uint h = 0; h < WB; h++) {  // 8-bit integers, 16 a half block (HALF_SCALES: zeros between)
+            uvec4 q = h == 0 ? int8_half(raw, 0u) : h == WB - 1 ? int8_half(raw, 1u) : uvec4(0u);
+            if (m == 0) ws8[r * KW + WB * s + h] = q;
+            else vs8[r * KW + WB * s + h] = q;
         }
-#ifdef MW
+#ifdef HALF_SCALES
+        rs[(2 * s + m) * BR + r] = ps[k] * uintBitsToFloat(pmeta[k].x);
+        rs[MINS + (2 * s + m) * BR + r] = ps[k] * uintBitsToFloat(pmeta[k].y);
+#elif defined(MW)
         rs[(2 * s + m) * BR + r] = ps[k] * meta_scale(pmeta[k]);
 #else
         rs[(2 * s + m) * BR + r] = ps[k];
@@ -331,21 +341,30 @@ void main() {
             [[unroll]] for (uint f = 0; f < RF; f++) {
                 uint r = rg * SR + f * 8;
                 [[unroll]] for (uint m = 0; m <= PAIR; m++) {  // W, then W2
-                    IMAT_B q;
-                    if (m == 0) coopMatLoadNV(q, ws8, r * KB + 2 * sb, KB, true);
-                    else coopMatLoadNV(q, vs8, r * KB + 2 * sb, KB, true);
+                    IMAT_B q, q2;  // (q2: HALF_SCALES, the second half)
+                    if (m == 0) coopMatLoadNV(q, ws8, r * KW + WB * sb, KW, true);
+                    else coopMatLoadNV(q, vs8, r * KW + WB * sb, KW, true);
+#ifdef HALF_SCALES
+                    if (m == 0) coopMatLoadNV(q2, ws8, r * KW + WB * sb + 2, KW, true);
+                    else coopMatLoadNV(q2, vs8, r * KW + WB * sb + 2, KW, true);
+#endif
                     FRAG s0 = row_values((2 * sb + m) * BR + r), mins = s0;
-#ifdef HAS_MIN
-                    mins = row_values(MINS + (2 * sb + m) * BR + r);
+#if defined(HAS_MIN) || defined(HALF_SCALES)
+                    mins = row_values(MINS + (2 * sb + m) * BR + r);  // (HALF_SCALES: the second half's scale)
 #endif
                     [[unroll]] for (uint t = 0; t < TG; t++) {
                         FRAG v = FRAG(coopMatMulAddNV(a[t], q, IFRAG(0)));  // exact
+#ifdef HALF_SCALES  // each half's sum times its scale, as matvec_q6_i8 adds them
+                        FRAG v2 = FRAG(coopMatMulAddNV(a[t], q2, IFRAG(0)));
+                        for (int i = 0; i < v.length(); i++) v[i] = xs[t][i] * (v[i] * s0[i] + v2[i] * mins[i]);
+#else
                         for (int i = 0; i < v.length(); i++) {
                             v[i] = s0[i] * xs[t][i] * (v[i] - xo[t][i]);
 #ifdef HAS_MIN
                             v[i] += mins[i] * xm[t][i];
 #endif
                         }
+#endif
                         if (m == 0) acc[t * RF + f] = acc[t * RF + f] + v;
                         else acc2[t * RF + f] = acc2[t * RF + f] + v;
                     }

@@ -118,14 +118,18 @@ void main() {
                 raw[u * NW + r] = make_raw(q, meta);
             }
         }
-#ifdef INT8  // matvec_*_i8 (Q8_0, Q4_0, Q4_1/Q4_K): a token's block is two uvec4 of xq and one vec2 of xd
+#ifdef INT8  // matvec_*_i8: a token's block is two uvec4 of xq and one vec2 of xd
         [[unroll]] for (uint u = 0; u < UB; u++) {
             [[unroll]] for (uint t = 0; t < NT; t++) {
                 uint xb = xbase[t] / 8 + bs[u];
                 uvec4 x0 = xq[2 * xb], x1 = xq[2 * xb + 1];
                 vec2 s = xd[xb];  // the block's scale and the sum of its integers
                 [[unroll]] for (uint r = 0; r < NW; r++) {
+#ifdef HALF_SCALES  // Q6_K: each half's integer sum times its scale
+                    acc[r * NT + t] += sc[u * NW + r] * s.x * dots_scaled(raw[u * NW + r], x0, x1);
+#else
                     acc[r * NT + t] += sc[u * NW + r] * s.x * float(idot(raw[u * NW + r], x0, x1) - OFFSET * int(s.y));
+#endif
 #ifdef HAS_MIN
                     acc[r * NT + t] += mn[u * NW + r] * (s.x * s.y);
 #endif

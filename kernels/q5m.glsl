@@ -16,3 +16,21 @@ vec4 deq(Raw r, uint j) {
     uvec4 hi = ((uvec4(r.h) >> (uvec4(0u, 1u, 2u, 3u) + 4u * j)) & 1u) << 4;
     return uintBitsToFloat(lo | hi | 0x4B000000u) - 8388608.0;
 }
+#ifdef INT8
+// 8-bit activations (matvec_q5m_i8): q (0..31) as bytes, OFFSET 0; the min comes from the activations' sum (HAS_MIN)
+const int OFFSET = 0;
+uvec4 int8_half(Raw r, uint h) {  // elements 16h..16h+15
+    uvec4 q;
+    [[unroll]] for (uint k = 0; k < 4; k++) {
+        uint t = (r.h >> (16u * h + 4u * k)) & 15u;  // the fifth bits of elements 16h + 4k .. + 3
+        q[k] = ((r.q[k] >> (4u * h)) & 0x0F0F0F0Fu) | (((t * 0x00204081u) & 0x01010101u) << 4);  // bit i to byte i
+    }
+    return q;
+}
+int idot(Raw r, uvec4 x0, uvec4 x1) {  // the block's integer dot product with x0 (elements 0..15), x1 (16..31)
+    uvec4 w0 = int8_half(r, 0u), w1 = int8_half(r, 1u);
+    int i = 0;
+    [[unroll]] for (uint k = 0; k < 4; k++) i = dot8u_acc(x1[k], w1[k], dot8u_acc(x0[k], w0[k], i, 0), 0);
+    return i;
+}
+#endif

@@ -20,3 +20,28 @@ vec4 deq_int(Raw r, uint j) {  // q - 32 of elements 4j..4j+3 (j < 8)
 vec4 deq(Raw r, uint j) {
     return deq_int(r, j) * uintBitsToFloat(r.m[j >> 2]);
 }
+#ifdef INT8
+// 8-bit activations (matvec_q6_i8): each half's q - 32 as signed bytes, its dot product with the activations'
+// integers scaled by the half's scale (dots_scaled; the block's own scale is 1)
+const int OFFSET = 0;
+uvec4 int8_half(Raw r, uint h) {  // elements 16h..16h+15
+    uvec4 q;
+    [[unroll]] for (uint k = 0; k < 4; k++) {
+        uint t = (r.m[2u + h] >> (8u * k)) & 0xFFu;  // the top bits of elements 16h + 4k + i at bits 2i
+        uint a = t & 0x33u, b = (t >> 2) & 0x33u;  // fields 0, 2 and 1, 3 to bytes 0 and 2, then 1 and 3
+        uint top = ((a * 0x1001u) & 0x00030003u) | (((b * 0x1001u) & 0x00030003u) << 8);
+        uint v = ((r.q[k] >> (4u * h)) & 0x0F0F0F0Fu) | (top << 4);  // q, 0..63 a byte
+        q[k] = ((v | 0x80808080u) - 0x20202020u) ^ 0x80808080u;  // q - 32 a byte, no borrow across bytes
+    }
+    return q;
+}
+float dots_scaled(Raw r, uvec4 x0, uvec4 x1) {
+    uvec4 w0 = int8_half(r, 0u), w1 = int8_half(r, 1u);
+    int i0 = 0, i1 = 0;
+    [[unroll]] for (uint k = 0; k < 4; k++) {
+        i0 = dot8_acc(x0[k], w0[k], i0, 0);
+        i1 = dot8_acc(x1[k], w1[k], i1, 0);
+    }
+    return float(i0) * uintBitsToFloat(r.m.x) + float(i1) * uintBitsToFloat(r.m.y);
+}
+#endif

@@ -1,7 +1,7 @@
 """--activations int8 on the Vulkan backend: every product of a quantised matrix reads its input rounded to 8 bits a
-32-element block as the cpu backend rounds it (kernels/quantize.glsl); Q4_0, Q8_0, Q4_1 and Q4_K products sum 8-bit
-integer products (matvec_*_i8 in decode, coopmat_*_i8 in a prompt on 8-bit matrix units), the other types, and the
-prompt's products elsewhere, read the rounded floats; a one-token
+32-element block as the cpu backend rounds it (kernels/quantize.glsl); decode products sum 8-bit integer products
+(matvec_*_i8), and so do Q4_0, Q8_0, Q4_1 and Q4_K prompt products on 8-bit matrix units (coopmat_*_i8); the other
+prompt products read the rounded floats; a one-token
 decode rounds each product's result inside that product (flag QUANTIZE) instead of in a pass of its own.
 
 The products are held to tests/test_backends.int8_reference (the transcription of what the cpu backend computes)
@@ -69,8 +69,8 @@ def _bound(w, x):
 @pytest.mark.parametrize("shape", ((37, 96), (300, 544), (20, 4160)), ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("qtype", INT8_TYPES + (T.F16,), ids=lambda t: t.name)
 def test_products_are_the_transcription(qtype, shape, n, matvec_rows, monkeypatch):
-    """Each quantised type against the transcription (F16 keeps float activations, as on the cpu backend); Q4_0 and
-    Q8_0 through the 8-bit kernels where the matrix-vector kernel runs."""
+    """Each quantised type against the transcription (F16 keeps float activations, as on the cpu backend), through
+    the 8-bit kernels where the matrix-vector kernel runs."""
     monkeypatch.setattr(BACKEND8, "matvec_rows", matvec_rows)
     rng = np.random.default_rng(21)
     w = random_qtensor(qtype, *shape, rng)
@@ -93,7 +93,7 @@ needs_matrix_units8 = pytest.mark.skipif(isinstance(BACKEND8, str) or not BACKEN
 @needs_matrix_units8
 @pytest.mark.parametrize("units", ["int8", "fp16"])
 @pytest.mark.parametrize("tokens,few", [(16, 0), (32, 0), (64, 0), (64, 10 ** 6)])
-@pytest.mark.parametrize("qtype", (T.Q4_0, T.Q8_0, T.Q4_1, T.Q4_K), ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", INT8_TYPES, ids=lambda t: t.name)
 def test_matrix_unit_products_are_the_transcription(qtype, tokens, few, units, monkeypatch):
     """The prompt's 8-bit products on the matrix units against the transcription, with tiles of each token count,
     either split of a 64-token tile among the subgroups, and a partial tile of rows and of tokens; and where a
@@ -115,7 +115,7 @@ def test_matrix_unit_products_are_the_transcription(qtype, tokens, few, units, m
 @needs_int8
 @needs_matrix_units8
 @pytest.mark.parametrize("tokens", [16, 32, 64])
-@pytest.mark.parametrize("qtype", (T.Q4_0, T.Q8_0, T.Q4_K), ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", (T.Q4_0, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K), ids=lambda t: t.name)
 def test_matrix_unit_gate_and_up_are_the_transcription(qtype, tokens, monkeypatch):
     """Gate and up in one 8-bit pass on the matrix units (two blocks a step where the subgroups hold 16 tokens each,
     with tiles of 16 and 32 tokens; four with 64, 32 x 32 a subgroup), with SiLU-multiply, against silu(gate) * up

@@ -17,9 +17,9 @@ or `coopmat_<w>_f32` (a prompt on the matrix units, where the device has coopera
 residual add, and (gate and up in one pass) SiLU-multiply fused in; `rmsnorm_f32`; `headnorm_f32` (qwen3's q and
 k norms); `attention_f32` with RoPE and the KV-cache store fused in; `add_f32` for the allreduced sums. With
 --activations int8, `quantize_f32` rounds a product's input to 8 bits a block (a one-rank, one-token decode rounds
-inside the products, flag QUANTIZE, and the attention kernel, all but the first layer's input), and Q4_0, Q8_0 and
-Q4_1/Q4_K products sum 8-bit integer products: `matvec_<w>_i8` in decode, `coopmat_<w>_i8` in a prompt where the
-device's matrix units take 8-bit integers.
+inside the products, flag QUANTIZE, and the attention kernel, all but the first layer's input), and the quantised
+products sum 8-bit integer products: `matvec_<w>_i8` in decode, and for Q4_0, Q8_0 and Q4_1/Q4_K `coopmat_<w>_i8`
+in a prompt where the device's matrix units take 8-bit integers.
 
 Activations are float32 buffers whose rows are padded to a multiple of 32 floats (the padding stays zero).
 """
@@ -40,9 +40,9 @@ TYPES = {T.F32: "f32", T.F16: "f16", T.BF16: "bf16", T.Q8_0: "q8_0", T.Q4_0: "q4
          T.Q5_0: "q5m", T.Q5_1: "q5m", T.Q5_K: "q5m", T.Q6_K: "q6"}
 UV = {"f32": 8, "f16": 4, "bf16": 4, "q8_0": 2, "q4_0": 1, "q4m": 1, "q5m": 1, "q6": 1}  # uvec4 per 32-element block
 FLOATS = tuple(TYPES[t] for t in quants.FLOATS)  # kernels of float weights (float activations under int8 too)
-# kernels of 8-bit activations (matvec_<w>_i8; coopmat_<w>_i8 where the device has 8-bit matrix units); the other
-# quantised types read them as floats
-INT8 = ("q4_0", "q8_0", "q4m")
+# kernels of 8-bit activations: matvec_<w>_i8 (every quantised type), coopmat_<w>_i8 where the device has 8-bit
+# matrix units
+INT8 = ("q4_0", "q8_0", "q4m", "q5m", "q6")
 WORDS = ("q4m", "q5m", "q6")  # repacked with uint32 words per block (_repack_words)
 SCALE_BYTES = {"q4_0": 2, "q8_0": 2, "q4m": 8, "q5m": 12, "q6": 16}  # a block's scales in their own buffer
 # rows, nb, x_stride, x_off, y_stride, y_off, n, groups, bias_off, flags, ss_count, inv_dim, eps
@@ -256,7 +256,7 @@ class VulkanLinear:
         assert kernel == "coopmat" or wg >= nr * nt
         if int8 is not None and self.type not in FLOATS:
             x, x_stride, x_off = int8.rounded, int8.stride, 0
-            if self.type in INT8 and (kernel == "matvec" or (kernel == "coopmat" and self.dev.coop_int8)):
+            if self.type in INT8 and (kernel == "matvec" or self.dev.coop_int8):
                 suffix, x, x_bind = "i8", int8.q, int8.d
         assert produce is None or (kernel == "matvec" and len(self.parts) == 1)
         assert quantize is None or (kernel == "matvec" and n == 1 and len(self.parts) == 1 and y_off % 32 == 0)
