@@ -26,13 +26,13 @@ class Entry:
 class DescriptorSets:
     def __init__(self, dev, vk):
         self.dev, self.vk = dev, vk
-        self.sets = {}  # (id(pipeline), (Buffer.key, offset, range)...) -> Entry
+        self.sets = {}  # (Pipeline, (Buffer, offset, range)...) -> Entry
         self.by_buffer = {}  # Buffer.key -> {set key}
         self.pools = []
 
     def get(self, pipeline, buffers):
         """The set binding `buffers` ((Buffer, byte offset, byte range) each) for `pipeline`, as VkDescriptorSet[1]."""
-        key = (id(pipeline),) + tuple((b.key, o, r) for b, o, r in buffers)
+        key = (pipeline, *buffers)  # (hashed and compared in C: Buffers by identity)
         entry = self.sets.get(key)
         if entry is None:
             assert len(buffers) <= PER_SET
@@ -81,8 +81,8 @@ class DescriptorSets:
         for key in self.by_buffer.pop(buffer.key, ()):
             entry = self.sets.pop(key)
             for other, _, _ in key[1:]:
-                if other != buffer.key:
-                    self.by_buffer.get(other, set()).discard(key)
+                if other is not buffer:
+                    self.by_buffer.get(other.key, set()).discard(key)
             _check(self.vk.lib.vkFreeDescriptorSets(self.dev.device, entry.pool.handle, 1, entry.dset),
                    "vkFreeDescriptorSets")
             entry.pool.left += 1

@@ -47,6 +47,7 @@ WORDS = ("q4m", "q5m", "q6")  # repacked with uint32 words per block (_repack_wo
 SCALE_BYTES = {"q4_0": 2, "q8_0": 2, "q4m": 8, "q5m": 12, "q6": 16}  # a block's scales in their own buffer
 # rows, nb, x_stride, x_off, y_stride, y_off, n, groups, bias_off, flags, ss_count, inv_dim, eps
 MATVEC_PUSH = "<11I2f"
+PUSH_BYTES = struct.calcsize(MATVEC_PUSH)
 ACCUM, BIAS, NORM, PRODUCE, QUANTIZE = 1, 2, 4, 8, 16  # flags (kernels/matmul_io.glsl)
 MATVEC_BINDINGS, MATMUL_BINDINGS = 15, 10  # (matmul_io.glsl: 10 is the _i8 kernels' xd, matvec's 11-14 QUANTIZE's)
 # A coopmat workgroup stages its 64 rows' weights (a quantised type's integers, or fp16 pairs) once for all its
@@ -216,9 +217,10 @@ class VulkanLinear:
         pieces = [(r0, blocks[r0:r0 + chunk], None if scales is None else scales[r0:r0 + chunk])
                   for r0 in range(0, self.rows, chunk)]
         self.nbytes = sum(part_bytes(b.nbytes, 0 if d is None else d.nbytes) for _, b, d in pieces)
-        self.parts, self.arrays, self.offsets = [], None, None
+        self.parts, self.bindings, self.arrays, self.offsets = [], [], None, None
         if resident:
             self.parts = [Part(self.dev, r0, b, d) for r0, b, d in pieces]
+            self._bind_parts()
         else:
             self.arrays = tuple(a for _, b, d in pieces for a in (b, d) if a is not None)
         self._io = None  # (n, x buffer, y buffer, recording) of the last call
@@ -233,6 +235,11 @@ class VulkanLinear:
             scale, scale_at = next(arrays) if self.type in SCALE_BYTES else (None, None)
             self.parts.append(Part.bound(r0, block.shape[0], slot, at, block.nbytes, scale_at,
                                          0 if scale is None else scale.nbytes))
+        self._bind_parts()
+
+    def _bind_parts(self):
+        """Each part's weights and scales as bindings (a product's 0-1, or 5-6 for the pair's), made once."""
+        self.bindings = [(whole(p.w), whole(p.d or self.backend.dummy)) for p in self.parts]
 
     def dispatch(self, rec, x, x_stride, x_off, y, y_stride, y_off, n, pair=None, bias=None, bias_off=0,
                  accum=False, norm=None, produce=None, int8=None, quantize=None):
@@ -261,29 +268,34 @@ class VulkanLinear:
         assert produce is None or (kernel == "matvec" and len(self.parts) == 1)
         assert quantize is None or (kernel == "matvec" and n == 1 and len(self.parts) == 1 and y_off % 32 == 0)
         bindings = MATVEC_BINDINGS if kernel == "matvec" else MATMUL_BINDINGS + (x_bind is not None)
-        pipe = self.dev.pipeline(f"{kernel}_{self.type}_{suffix}", bindings, struct.calcsize(MATVEC_PUSH),
+        pipe = self.dev.pipeline(f"{kernel}_{self.type}_{suffix}", bindings, PUSH_BYTES,
                                  (wg, int(pair is not None), b.unroll if kernel == "matvec" else 1, nt, tg))
         flags = (ACCUM if accum else 0) | (BIAS if bias is not None else 0)
         flags |= (NORM if norm is not None else 0) | (PRODUCE if produce is not None else 0)
         flags |= QUANTIZE if quantize is not None else 0
         ss_buf, count, eps, dim = norm if norm is not None else (None, 0, 0.0, 1)
-        dummy = b.dummy
+        dummy = whole(b.dummy)
+        gnext = xg = dummy
         if produce is not None:
             ss_buf, gnext, xg = produce
+        x, y = whole(x), whole(y)
+        shared = [x, dummy if bias is None else whole(bias), y]  # (bindings 2-4)
+        tail = [dummy if ss_buf is None else whole(ss_buf), whole(gnext), whole(xg)]  # (7-9)
+        if kernel == "matvec":
+            out, counts = quantize if quantize is not None else (None, None)
+            tail += [whole(x_bind or dummy)] + ([whole(out.q), whole(out.d), whole(out.rounded), whole(counts)]
+                                                if out else [dummy] * 4)
+        elif x_bind is not None:
+            tail.append(whole(x_bind))
         for i, part in enumerate(self.parts):
             groups = -(-part.rows // nr)
             gx = min(groups, self.dev.max_groups)
             push = struct.pack(MATVEC_PUSH, part.rows, self.nb, x_stride, x_off, y_stride, y_off + part.row0, n,
                                groups, bias_off + part.row0, flags, count, 1.0 / dim, eps)
-            other = pair.parts[i] if pair is not None else part
-            bufs = [part.w, part.d or dummy, x, bias or dummy, y, other.w, other.d or dummy, ss_buf or dummy,
-                    gnext if produce is not None else dummy, xg if produce is not None else dummy]
-            if kernel == "matvec":
-                out, counts = quantize if quantize is not None else (None, None)
-                bufs += [x_bind or dummy] + ([out.q, out.d, out.rounded, counts] if out else [dummy] * 4)
-            elif x_bind is not None:
-                bufs.append(x_bind)
-            rec.dispatch(pipe, [whole(buf) for buf in bufs], push, (gx, -(-n // nt), -(-groups // gx)))
+            own = self.bindings[i]
+            other = pair.bindings[i] if pair is not None else own
+            rec.dispatch(pipe, [*own, *shared, *other, *tail], push,
+                         (gx, -(-n // nt), -(-groups // gx)))
 
     def __call__(self, x: np.ndarray, out: np.ndarray = None) -> np.ndarray:
         x, out, done = prepare_call(self, x, out)
@@ -321,7 +333,7 @@ class VulkanLinear:
         self._free_io()
         for p in self.parts:
             p.free()
-        self.parts = []
+        self.parts, self.bindings = [], []
 
 
 class VulkanBackend(Backend):
