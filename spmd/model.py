@@ -185,7 +185,7 @@ class Model:
     classifier rows. The backends' models (spmd.backends.vulkan_model) keep this interface:
 
         open(slot, need) / free(slot) / slots    a sequence's KV cache for `need` positions; {slot: need} open
-        embed(tokens) -> (n, dim)                the first stage's input
+        embed(tokens) -> (n, dim)                the first stage's input (vulkan: or the ids, embedded in the pass)
         forward(x, segments, allreduce, head)    the stage's layers over stacked segments, then the head
         cache_take(slot, T) / cache_put(slot, pieces)   KV-cache rows of (layer, KV head) pairs, for moves
         ahead_tokens(rows) -> k                  how many steps `ahead` chains at most (0: it has none)

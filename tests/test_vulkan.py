@@ -620,6 +620,32 @@ def test_a_prompt_is_queued_in_parts_as_it_is_recorded(monkeypatch, models):
 
 
 @needs_device
+@pytest.mark.parametrize("case", ["F32", "Q4_0", "Q4_K_M", "Q5_K_M"])
+def test_a_prompt_embedded_on_the_device_gives_the_hosts_bits(models, case):
+    """Where the one rank holds token_embd on the device, `embed` leaves a prompt's ids (Tokens) and the pass embeds
+    them (kernels/embed_<w>): the logits and caches are those of the same pass from the host's lookup, bit for bit,
+    for prompts of several sequences; a decode step's ids are looked up on the host."""
+    _, dev, cfg = _shard_models(models[case], _whole, slots=3)
+    _, host, _ = _shard_models(models[case], _whole, slots=3)
+    assert dev.embedding is not None
+    _open_slots([dev, host])
+    for segments in PASSES:
+        ids = np.concatenate([np.array(tokens) for _, _, tokens in segments])
+        segs = [Segment(slot, pos, len(tokens)) for slot, pos, tokens in segments]
+        x = dev.embed(ids)
+        assert isinstance(x, vulkan_model.Tokens) and x.shape == (len(ids), cfg.dim)
+        got = dev.forward(x, segs, None, head=True)
+        want = host.forward(host.w.embed(ids), segs, None, head=True)
+        np.testing.assert_array_equal(got, want)
+    for slot, n in FILLED.items():
+        for key, (k, v) in dev.cache_take(slot, n).items():
+            np.testing.assert_array_equal(k, host.cache_take(slot, n)[key][0])
+            np.testing.assert_array_equal(v, host.cache_take(slot, n)[key][1])
+    dev.close()
+    host.close()
+
+
+@needs_device
 def test_a_prompt_that_fails_after_parts_were_queued_leaves_the_device_usable(monkeypatch, models):
     """An error while the rest is recorded (here the second FFN half, after two parts were queued): the parts are
     waited for and freed, the error goes up, and the next pass runs and equals the reference."""

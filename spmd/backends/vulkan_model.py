@@ -13,7 +13,8 @@ throughout), per layer, with a barrier after each line:
     xn        = RMSNorm(x) * ffn_norm
     h         = silu(xn @ w1.T) * (xn @ w3.T)                           1 dispatch: gate and up rows side by side
     x        += h @ w2.T                                                the partial sum: allreduced with the stage
-x comes in from the host (the embeddings, or the previous stage's hidden state) through `io`; at the end either
+x comes in from the host (the embeddings, or the previous stage's hidden state) through `io`, or a prompt's rows
+are embedded on the device where the one rank holds token_embd there (`embed`, kernels/embed_<w>); at the end either
 logits = (RMSNorm(x[rows]) * output_norm) @ output.T of each segment's last row (the head) or x goes back to the
 host through `io`.
 
@@ -53,6 +54,7 @@ tokens mixed) records a one-off set over activations kept for such passes of up 
 (`_pass_acts`).
 """
 import struct
+from typing import NamedTuple
 
 import numpy as np
 
@@ -106,6 +108,16 @@ def runs(rows):
     return out
 
 
+class Tokens(NamedTuple):
+    """A first stage's input left as token ids (`VulkanModel.embed`): `forward` embeds them on the device."""
+    ids: np.ndarray
+    dim: int
+
+    @property
+    def shape(self):
+        return (len(self.ids), self.dim)
+
+
 class Activations:
     """The device buffers of a pass of up to `rows` token rows (each padded to 32 floats, zero-filled); `n`: the
     rows of the pass they serve now (`use`). The (n, ...) shapes below are at n = rows."""
@@ -133,6 +145,10 @@ class Activations:
         self.h = Buffer(dev, n * m.ffn_stride * 4)  # (n, n_ffn) silu(gate) * up
         self.delta = Buffer(dev, n * m.dp * 4, "host")  # (n, dp) a partial sum, allreduced by the host
         self.buffers = [self.x, self.table, self.xn, self.qkv, self.att, self.h, self.delta]
+        self.ids = None  # (n,) uint32 token ids that a prompt pass embeds on the device (`VulkanModel.embed`)
+        if m.embedding is not None and not chained:
+            self.ids = Buffer(dev, n * 4)
+            self.buffers.append(self.ids)
         if split:  # (n, heads, splits, head_dim + 2): each split's m, l and sums (kernels/attention_main.glsl)
             self.part = Buffer(dev, n * m.nh * m.splits * (m.cfg.head_dim + 2) * 4)
             self.buffers.append(self.part)
@@ -268,7 +284,7 @@ class VulkanModel:
         return 2 * (layer - self.share.layers[0]) + half
 
     # ---- recording --------------------------------------------------------------------------------------------
-    def _record(self, a, multi, head, scored, timestamps=False, early=False, recs=None, into=None):
+    def _record(self, a, multi, head, scored, timestamps=False, early=False, recs=None, into=None, embed=False):
         """The command buffers of one pass over a's n rows: one; or, several ranks in the stage, one per half-layer
         plus the end; or, weights streamed, each streamed half alone in one (its `key` names it) and the rest
         between them. scored: the rows the head turns into logits (ascending). recs: the list they go into (the
@@ -277,12 +293,16 @@ class VulkanModel:
         8, ... and each part but the last is submitted as soon as it is recorded, so that the GPU works while the
         host records the rest (the caller runs the last, which waits for all).
         into (a one-rank pass, nothing streamed): the caller's begun Recording, last in recs, which the pass goes
-        into and which stays open (a barrier after the head) for what the caller records next."""
+        into and which stays open (a barrier after the head) for what the caller records next.
+        embed: x's rows are token_embd's rows a.ids, embedded first (`embedding`; else x comes in through io)."""
         profile = timestamps and self.profile
         recs = [] if recs is None else recs
         if into is None:
             recs.append(Recording(self.dev, timestamps, profile))
-        if a.io is not a.x and into is None:
+        if embed:
+            part = self.embedding.parts[0]
+            self._first_norm(recs[-1], a, self._embed_pipe(), part.w, part.d or self.backend.dummy, a.ids)
+        elif a.io is not a.x and into is None:
             self.dev.copy(recs[-1], a.io, a.x, a.n * self.dp * 4)
             recs[-1].barrier()
         if a.fused and into is None:  # the first layer's RMSNorm input and sum of squares from x
@@ -491,8 +511,12 @@ class VulkanModel:
 
     # ---- running ----------------------------------------------------------------------------------------------
     def embed(self, tokens):
-        """(n,) token ids -> (n, dim) float32: the first stage's input."""
-        return self.w.embed(tokens)
+        """(n,) token ids -> the first stage's input: (n, dim) float32; or, where token_embd is on the device
+        (`embedding`), the ids as `Tokens`, which a prompt pass embeds on the device (kernels/embed_<w>: the same
+        floats as the host's lookup; a decode step looks them up on the host, `forward`)."""
+        if self.embedding is None:
+            return self.w.embed(tokens)
+        return Tokens(np.asarray(tokens, np.int64).reshape(-1), self.cfg.dim)
 
     def forward(self, x, segments, allreduce, head):
         """x (n, dim) float32, the hidden state entering this stage, the segments' rows stacked -> with `head`,
@@ -503,6 +527,9 @@ class VulkanModel:
         self._timed = None
         n, multi = x.shape[0], allreduce is not None
         kept = len(segments) == n <= KEPT_ROWS  # a decode step: one token of each sequence
+        tokens = x.ids if isinstance(x, Tokens) else None
+        if tokens is not None and (kept or multi):  # (a kept step's input goes in through io)
+            x, tokens = self.w.embed(tokens), None
         # parts queued as they are recorded (`_record`; not while profiling, whose timestamps would overlap)
         early = not kept and not multi and self.w.window is None and not self.profile
         if kept:
@@ -517,10 +544,14 @@ class VulkanModel:
             acts, recs = self._pass_acts(n, len(segments) if head else 0), []
             acts.segments = len(segments)
         try:
-            self._put_input(acts, x)
+            if tokens is None:
+                self._put_input(acts, x)
+            else:
+                acts.ids.array(np.uint32, (n,))[:] = tokens
             self._put_rows(acts, segments)
             if not kept:
-                self._record(acts, multi, head, last_rows(segments), timestamps=self.profile, early=early, recs=recs)
+                self._record(acts, multi, head, last_rows(segments), timestamps=self.profile, early=early, recs=recs,
+                             embed=tokens is not None)
             delta = acts.delta.array(np.float32, (n, self.dp))
             for i, rec in enumerate(recs[-1:] if early else recs):
                 if rec.key is not None:
@@ -611,6 +642,9 @@ class VulkanModel:
         self._timed = recs * k  # (the last step's GPU time, k times: every step runs the same work)
         return out[:, :, 0].astype(int).tolist(), (out[:, :, 1] != 0).tolist()
 
+    def _embed_pipe(self):
+        return self.dev.pipeline(f"embed_{self.embedding.type}", 7, 16, (self.backend.norm_wg,))
+
     def _record_chain(self, n, split, n_known):
         """The Activations and the command buffer (in a list, for free_pass) of a chained decode of n sequences
         (`ahead`): one step, submitted once a token; and the chain buffer the steps pass the tokens in (each row's
@@ -618,9 +652,8 @@ class VulkanModel:
         acts = Activations(self, n, n, fused=n == 1, split=split, chained=True)
         chain = Buffer(self.dev, (2 * n + 2 * n * self.backend.ahead) * 4, "device")
         acts.buffers.append(chain)
-        emb = self.embedding
-        part = emb.parts[0]  # (one: `_embedding`)
-        embed = self.dev.pipeline(f"embed_{emb.type}", 7, 16, (self.backend.norm_wg,))
+        part = self.embedding.parts[0]  # (one: `_embedding`)
+        embed = self._embed_pipe()
         argmax = self.dev.pipeline("argmax_f32", 3, 16, (min(ARGMAX_WG, self.dev.max_threads),))
         rec = Recording(self.dev, True, self.profile, queued_again=True)
         recs = [rec]
