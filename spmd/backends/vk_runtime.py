@@ -196,6 +196,7 @@ class Device:
         self.pool = vk.vkCreateCommandPool(self.device, vk.VkCommandPoolCreateInfo(
             flags=vk.VK_COMMAND_POOL_CREATE_RESET_COMMAND_BUFFER_BIT, queueFamilyIndex=self.family), None)
         self.fence = vk.vkCreateFence(self.device, vk.VkFenceCreateInfo(), None)
+        self.spare = []  # command buffers of freed Recordings, begun again by the next ones (the pool resets them)
         self._pipelines = {}
         self.waited_s = 0.0  # seconds the host has waited for the GPU (`Recording.wait`; benchmarks read it)
         self._staging = None
@@ -387,6 +388,7 @@ class Device:
 
 
 _BARRIERS = {}  # "compute" / "host" / "copy" -> (destination stage, VkMemoryBarrier*): `Recording.barrier`
+_BEGIN = {}  # queued_again -> VkCommandBufferBeginInfo*
 
 
 class Recording:
@@ -399,10 +401,16 @@ class Recording:
         `mark(label)`. queued_again: the buffer may be submitted again before its last submission is done (a chained
         decode's steps)."""
         self.dev = dev
-        self.cmd = vk.vkAllocateCommandBuffers(dev.device, vk.VkCommandBufferAllocateInfo(
-            commandPool=dev.pool, level=vk.VK_COMMAND_BUFFER_LEVEL_PRIMARY, commandBufferCount=1))[0]
-        vk.vkBeginCommandBuffer(self.cmd, vk.VkCommandBufferBeginInfo(
-            flags=vk.VK_COMMAND_BUFFER_USAGE_SIMULTANEOUS_USE_BIT if queued_again else 0))
+        if dev.spare:
+            self.cmd = dev.spare.pop()
+        else:
+            self.cmd = vk.vkAllocateCommandBuffers(dev.device, vk.VkCommandBufferAllocateInfo(
+                commandPool=dev.pool, level=vk.VK_COMMAND_BUFFER_LEVEL_PRIMARY, commandBufferCount=1))[0]
+        if queued_again not in _BEGIN:  # (the C function straight, its struct made once, as `barrier`'s)
+            _BEGIN[queued_again] = vk.ffi.new("VkCommandBufferBeginInfo*", {
+                "sType": vk.VK_STRUCTURE_TYPE_COMMAND_BUFFER_BEGIN_INFO,
+                "flags": vk.VK_COMMAND_BUFFER_USAGE_SIMULTANEOUS_USE_BIT if queued_again else 0})
+        _check(vk.lib.vkBeginCommandBuffer(self.cmd, _BEGIN[queued_again]), "vkBeginCommandBuffer")
         self.query_pool, self.labels, self._profile = None, [], profile
         if (timestamps or profile) and dev.timestamps:
             self._capacity = 4096 if profile else 2
@@ -458,7 +466,7 @@ class Recording:
     def end(self):
         if self.query_pool is not None:
             self._stamp("end", vk.VK_PIPELINE_STAGE_BOTTOM_OF_PIPE_BIT)
-        vk.vkEndCommandBuffer(self.cmd)
+        _check(vk.lib.vkEndCommandBuffer(self.cmd), "vkEndCommandBuffer")
         cmds = vk.ffi.new("VkCommandBuffer[1]", [self.cmd])
         info = {"sType": vk.VK_STRUCTURE_TYPE_SUBMIT_INFO, "commandBufferCount": 1, "pCommandBuffers": cmds}
         self._submit = (vk.ffi.new("VkSubmitInfo*", info), cmds)
@@ -517,7 +525,11 @@ class Recording:
 
     def free(self):
         d = self.dev.device
-        vk.vkFreeCommandBuffers(d, self.dev.pool, 1, [self.cmd])
+        if self.cmd is not None:  # (every run of it is done: the next Recording begins it again)
+            if self._submit is None:  # (recording stopped before its end: begun again, it must not be recording)
+                _check(vk.lib.vkResetCommandBuffer(self.cmd, 0), "vkResetCommandBuffer")
+            self.dev.spare.append(self.cmd)
+            self.cmd = None
         if self.query_pool is not None:
             vk.vkDestroyQueryPool(d, self.query_pool, None)
             self.query_pool = None
