@@ -70,6 +70,9 @@ The kernels work on tiles of 2 weight rows x 4 activation rows (x 8 for quantise
 registers, x 2 for a pair left over), so a prompt's or a batched decode step's weight loads and conversions serve
 several activation rows; the activation row left over (decode's one) goes past 4 weight rows (a quad) at a time.
 prange runs over blocks of 16 weight rows, whose weights stay in cache while every activation tile goes past them.
+A tile of 8 activation rows goes past them in chunks of 512 columns (CHUNK_GROUPS), so that its activations stay in
+the L1 cache (8 x 2048 floats do not): each pair's 16 lane sums are carried from chunk to chunk in a scratch array,
+the same arithmetic in the same order (TinyLlama Q4_0, a 128-token prompt's pass: 17-21% faster).
 The float-activation kernels prefetch a quantised quad's stream 8 groups ahead, and a float row at the same place in
 the next tile's rows (nw rows ahead), which is where it goes next; the 8-bit ones leave it to the CPU (streaming a
 matrix against a plain read of as many bytes in the same process: 0.86-0.92 of its speed without, 0.72-0.86 with).
@@ -103,6 +106,8 @@ AVX512 = "+avx512f" in _FEATURES.split(",") and not os.environ.get("SPMD_CPU_GEN
 VNNI = AVX512 and "+avx512vnni" in _FEATURES.split(",")  # vpdpbusd: 64 byte products summed into 16 int32
 GROUP = 128  # quantised kernels: elements per loop step (4 blocks, 16 lanes of 8)
 CHUNK = 64  # float kernels: elements per loop step
+CHUNK_GROUPS = 4  # a prompt's quantised products with float activations: groups a step of 8 activation rows
+# covers (8 x 512 float32: 16 KiB, held in the L1 cache while the row block's weights go past them)
 ROW_BLOCK = 16  # weight rows per parallel work item; activation rows go through 4 at a time
 QUAD = 4  # quantised weights: rows interleaved in fours, so that the kernels' tiles read one stream (docstring)
 SMALL = 1 << 17  # weights below this many bytes run on one thread (a fork-join costs more than it saves)
@@ -388,39 +393,73 @@ def _int8_step(b, g, wrows, pxs, _pxqs, spec, accs, _ahead):
                 b.store(_fma(b, sums, b.fmul(mw, dx), total) if fmt.mins else total, acc)
 
 
-def _make_dot(nw, nx):
+def _make_dot(nw, nx, chunked=False):
     """Intrinsic dot(kind, w, wh, wd, ws, r0, xs, xq, i0, y): y[i0 + k, r0 + j] = weight row r0 + j . activation
     row i0 + k for j < nw, k < nx (kind: the GGML type number, a compile-time constant; xs, xq: the prepared
     activations and their sums, or with uint8 xs, the 8-bit activations, xq unused). Each pair gets the same
-    instructions in the same order whatever nw, nx."""
+    instructions in the same order whatever nw, nx.
+    chunked (quantised weights, float activations): dot(..., y, g0, g1, carry, cr, last) runs groups g0..g1-1 only,
+    each pair's 16-lane sum starting from carry row cr + 8j + k and, unless `last`, stored back there (`last`: its
+    lanes summed into y as the whole dot would): the same arithmetic in the same order, in parts whose activations
+    stay in the L1 cache (`_row_block`)."""
 
     @intrinsic
     def dot(typingctx, kind, w, wh, wd, ws, r0, xs, xq, i0, y):
         if not isinstance(kind, types.IntegerLiteral):
             return None
-        fmt = FORMATS.get(T(kind.literal_value))
-        int8, exact = xs.dtype == types.uint8, y.dtype == types.float64
-        step, size, naccs, spec = (_quantised_step, GROUP, 1, fmt) if fmt else (_float_step, CHUNK, 2, w.dtype)
-        if int8:
-            step, size, spec = _int8_step, fmt.x8, (fmt, exact)
-        zero = ir.Constant(_vec(I64, 8) if exact else _vec(F32, 16), None)
+        return types.void(kind, w, wh, wd, ws, r0, xs, xq, i0, y), _dot_codegen(kind, w, xs, y, nw, nx)
 
-        def codegen(context, b, sig, args):
-            W, H, D, S, X, Q, Y = (_Arg(context, b, sig.args[k], args[k]) for k in (1, 2, 3, 4, 6, 7, 9))
-            r0, i0 = args[5], args[8]
-            c = lambda v: ir.Constant(r0.type, v)  # noqa: E731
-            wrows = [b.add(r0, c(j)) for j in range(nw)]
-            xrows = [b.add(i0, c(k)) for k in range(nx)]
-            accs = [[[cgutils.alloca_once_value(b, zero) for _ in range(naccs)] for _ in xrows] for _ in wrows]
-            if fmt:  # rows in quads: 8 groups further along the quad's stream (the 8-bit step does not prefetch)
-                units = fmt.int8_units if int8 else fmt.units
-                ahead = c(8 * QUAD * fmt.units[0])
-                rows = [tuple(A.quad_row(r, unit) for A, unit in zip((W, H, D, S), units)) for r in wrows]
-            else:  # the same place in the next tile's rows
-                ahead = b.mul(W.stride, c(nw))
-                rows = [(W.row(r), H.row(r), D.row(r), S.row(r)) for r in wrows]
+    @intrinsic
+    def dot_chunk(typingctx, kind, w, wh, wd, ws, r0, xs, xq, i0, y, g0, g1, carry, cr, last):
+        if not isinstance(kind, types.IntegerLiteral):
+            return None
+        return (types.void(kind, w, wh, wd, ws, r0, xs, xq, i0, y, g0, g1, carry, cr, last),
+                _dot_codegen(kind, w, xs, y, nw, nx, chunked=True))
+
+    return dot_chunk if chunked else dot
+
+
+def _dot_codegen(kind, w, xs, y, nw, nx, chunked=False):
+    fmt = FORMATS.get(T(kind.literal_value))
+    int8, exact = xs.dtype == types.uint8, y.dtype == types.float64
+    step, size, naccs, spec = (_quantised_step, GROUP, 1, fmt) if fmt else (_float_step, CHUNK, 2, w.dtype)
+    if int8:
+        step, size, spec = _int8_step, fmt.x8, (fmt, exact)
+    if chunked and not (fmt and not int8 and not exact):  # (typed in `_row_block`'s branch these never take)
+        return lambda context, b, sig, args: context.get_dummy_value()
+    zero = ir.Constant(_vec(I64, 8) if exact else _vec(F32, 16), None)
+
+    def codegen(context, b, sig, args):
+        W, H, D, S, X, Q, Y = (_Arg(context, b, sig.args[k], args[k]) for k in (1, 2, 3, 4, 6, 7, 9))
+        r0, i0 = args[5], args[8]
+        c = lambda v: ir.Constant(r0.type, v)  # noqa: E731
+        wrows = [b.add(r0, c(j)) for j in range(nw)]
+        xrows = [b.add(i0, c(k)) for k in range(nx)]
+        accs = [[[cgutils.alloca_once_value(b, zero) for _ in range(naccs)] for _ in xrows] for _ in wrows]
+        if chunked:  # each pair's lanes so far
+            g0, g1, cr, last = args[10], args[11], args[13], args[14]
+            C = _Arg(context, b, sig.args[12], args[12])
+            carried = [[b.bitcast(C.row(b.add(cr, c(8 * j + k))), zero.type.as_pointer()) for k in range(nx)]
+                       for j in range(nw)]
+            for j in range(nw):
+                for k in range(nx):
+                    b.store(b.load(carried[j][k], align=4), accs[j][k][0])  # (numpy's rows: 4-byte aligned)
+        if fmt:  # rows in quads: 8 groups further along the quad's stream (the 8-bit step does not prefetch)
+            units = fmt.int8_units if int8 else fmt.units
+            ahead = c(8 * QUAD * fmt.units[0])
+            rows = [tuple(A.quad_row(r, unit) for A, unit in zip((W, H, D, S), units)) for r in wrows]
+        else:  # the same place in the next tile's rows
+            ahead = b.mul(W.stride, c(nw))
+            rows = [(W.row(r), H.row(r), D.row(r), S.row(r)) for r in wrows]
+        xs_rows, xq_rows = [X.row(i) for i in xrows], [Q.row(i) for i in xrows]
+        if chunked:
+            with cgutils.for_range_slice(b, g0, g1, c(1)) as (index, _):
+                step(b, index, rows, xs_rows, xq_rows, spec, accs, ahead)
+        else:
             with cgutils.for_range(b, b.udiv(X.cols, c(size))) as loop:
-                step(b, loop.index, rows, [X.row(i) for i in xrows], [Q.row(i) for i in xrows], spec, accs, ahead)
+                step(b, loop.index, rows, xs_rows, xq_rows, spec, accs, ahead)
+
+        def store_y():
             for r, acc_j in zip(wrows, accs):
                 for i, acc in zip(xrows, acc_j):
                     total = b.load(acc[0]) if naccs == 1 else b.fadd(b.load(acc[0]), b.load(acc[1]))
@@ -432,15 +471,25 @@ def _make_dot(nw, nx):
                     if int8:
                         total = b.fmul(total, ir.Constant(F32, 2.0 ** -FIXED))
                     b.store(total, b.bitcast(b.gep(Y.row(i), [b.mul(r, c(4))]), F32.as_pointer()))
-            return context.get_dummy_value()
 
-        return types.void(kind, w, wh, wd, ws, r0, xs, xq, i0, y), codegen
+        if chunked:
+            with b.if_else(b.icmp_unsigned("!=", last, ir.Constant(last.type, 0))) as (then, otherwise):
+                with then:
+                    store_y()
+                with otherwise:
+                    for j in range(nw):
+                        for k in range(nx):
+                            b.store(b.load(accs[j][k][0]), carried[j][k], align=4)
+        else:
+            store_y()
+        return context.get_dummy_value()
 
-    return dot
+    return codegen
 
 
 _dot11, _dot21, _dot41, _dot12, _dot22, _dot14, _dot24, _dot18, _dot28 = (
     _make_dot(nw, nx) for nw, nx in ((1, 1), (2, 1), (4, 1), (1, 2), (2, 2), (1, 4), (2, 4), (1, 8), (2, 8)))
+_chunk18, _chunk28 = _make_dot(1, 8, chunked=True), _make_dot(2, 8, chunked=True)
 
 
 # ---- the kernels ----------------------------------------------------------------------------------------------
@@ -451,6 +500,10 @@ def _prepare(kind, x, xs, xq):
 
 def _quantised(kind):
     """Whether `kind` (a compile-time constant) is a quantised type."""
+
+
+def _float_input(xs):
+    """Whether the prepared activations `xs` are floats (not --activations int8's bytes): known at compile time."""
 
 
 def _finish(xs, xq, y):
@@ -614,13 +667,32 @@ def _quantised_impl(kind):
     return lambda kind: answer
 
 
+@overload(_float_input)
+def _float_input_impl(xs):
+    answer = xs.dtype == types.float32
+    return lambda xs: answer
+
+
 @njit(cache=True)
 def _row_block(kind, w, wh, wd, ws, xs, xq, y, r0, r1):
     """y[:, r0:r1] from prepared activations: in tiles of 2 weight rows x 8 activation rows (quantised weights
     with AVX-512's 32 registers), x 4, x 2, then 4 (or 8) x 1."""
     n = y.shape[0]
     wide = AVX512 and _quantised(kind)  # one accumulator a pair
+    groups = xs.shape[1] // GROUP
+    chunked = wide and _float_input(xs) and groups > CHUNK_GROUPS and n >= 8
+    carry = np.empty(((r1 - r0) * 8 if chunked else 0, 16), np.float32)
     i = 0
+    while chunked and i + 8 <= n:  # (the columns in chunks, their 8 rows of activations held in the L1 cache)
+        carry[:] = 0.0
+        for g0 in range(0, groups, CHUNK_GROUPS):
+            g1 = min(groups, g0 + CHUNK_GROUPS)
+            last = 1 if g1 == groups else 0
+            for r in range(r0, r1 - 1, 2):
+                _chunk28(kind, w, wh, wd, ws, r, xs, xq, i, y, g0, g1, carry, (r - r0) * 8, last)
+            if (r1 - r0) % 2:
+                _chunk18(kind, w, wh, wd, ws, r1 - 1, xs, xq, i, y, g0, g1, carry, (r1 - 1 - r0) * 8, last)
+        i += 8
     while wide and i + 8 <= n:
         for r in range(r0, r1 - 1, 2):
             _dot28(kind, w, wh, wd, ws, r, xs, xq, i, y)
