@@ -674,16 +674,14 @@ def _float_input_impl(xs):
 
 
 @njit(cache=True)
-def _row_block(kind, w, wh, wd, ws, xs, xq, y, r0, r1):
-    """y[:, r0:r1] from prepared activations: in tiles of 2 weight rows x 8 activation rows (quantised weights
-    with AVX-512's 32 registers), x 4, x 2, then 4 (or 8) x 1."""
-    n = y.shape[0]
-    wide = AVX512 and _quantised(kind)  # one accumulator a pair
+def _chunked_tiles(kind, w, wh, wd, ws, xs, xq, y, r0, r1):
+    """y[:i, r0:r1] for the first i = 8k activation rows, in tiles of 8 that go past the rows in chunks of the
+    columns (CHUNK_GROUPS groups: their activations stay in the L1 cache), each pair's lanes carried between them.
+    Returns i."""
     groups = xs.shape[1] // GROUP
-    chunked = wide and _float_input(xs) and groups > CHUNK_GROUPS and n >= 8
-    carry = np.empty(((r1 - r0) * 8 if chunked else 0, 16), np.float32)
+    carry = np.empty(((r1 - r0) * 8, 16), np.float32)  # row 8 (r - r0) + k: pair (r, i + k)'s 16 lane sums
     i = 0
-    while chunked and i + 8 <= n:  # (the columns in chunks, their 8 rows of activations held in the L1 cache)
+    while i + 8 <= y.shape[0]:
         carry[:] = 0.0
         for g0 in range(0, groups, CHUNK_GROUPS):
             g1 = min(groups, g0 + CHUNK_GROUPS)
@@ -693,6 +691,18 @@ def _row_block(kind, w, wh, wd, ws, xs, xq, y, r0, r1):
             if (r1 - r0) % 2:
                 _chunk18(kind, w, wh, wd, ws, r1 - 1, xs, xq, i, y, g0, g1, carry, (r1 - 1 - r0) * 8, last)
         i += 8
+    return i
+
+
+@njit(cache=True)
+def _row_block(kind, w, wh, wd, ws, xs, xq, y, r0, r1):
+    """y[:, r0:r1] from prepared activations: in tiles of 2 weight rows x 8 activation rows (quantised weights
+    with AVX-512's 32 registers), x 4, x 2, then 4 (or 8) x 1."""
+    n = y.shape[0]
+    wide = AVX512 and _quantised(kind)  # one accumulator a pair
+    i = 0
+    if wide and _float_input(xs) and xs.shape[1] > CHUNK_GROUPS * GROUP and n >= 8:
+        i = _chunked_tiles(kind, w, wh, wd, ws, xs, xq, y, r0, r1)
     while wide and i + 8 <= n:
         for r in range(r0, r1 - 1, 2):
             _dot28(kind, w, wh, wd, ws, r, xs, xq, i, y)
