@@ -401,7 +401,7 @@ def _make_dot(nw, nx, chunked=False):
     chunked (quantised weights, float activations): dot(..., y, g0, g1, carry, cr, last) runs groups g0..g1-1 only,
     each pair's 16-lane sum starting from carry row cr + 8j + k and, unless `last`, stored back there (`last`: its
     lanes summed into y as the whole dot would): the same arithmetic in the same order, in parts whose activations
-    stay in the L1 cache (`_row_block`)."""
+    stay in the L1 cache (`_chunked_tiles`)."""
 
     @intrinsic
     def dot(typingctx, kind, w, wh, wd, ws, r0, xs, xq, i0, y):
@@ -420,12 +420,13 @@ def _make_dot(nw, nx, chunked=False):
 
 
 def _dot_codegen(kind, w, xs, y, nw, nx, chunked=False):
+    """`_make_dot`'s code for one type and tile."""
     fmt = FORMATS.get(T(kind.literal_value))
     int8, exact = xs.dtype == types.uint8, y.dtype == types.float64
     step, size, naccs, spec = (_quantised_step, GROUP, 1, fmt) if fmt else (_float_step, CHUNK, 2, w.dtype)
     if int8:
         step, size, spec = _int8_step, fmt.x8, (fmt, exact)
-    if chunked and not (fmt and not int8 and not exact):  # (typed in `_row_block`'s branch these never take)
+    if chunked and not (fmt and not int8 and not exact):  # (typed where `_row_block` never calls it)
         return lambda context, b, sig, args: context.get_dummy_value()
     zero = ir.Constant(_vec(I64, 8) if exact else _vec(F32, 16), None)
 
