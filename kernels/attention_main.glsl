@@ -32,48 +32,45 @@ const uint CH = 256;                         // keys per chunk
 shared float red_scratch[gl_WorkGroupSize.x];
 #include "reduce.glsl"
 shared float s[CH];
-shared vec4 q4[H4];       // the row's rotated query
+shared float qs[HD];
 shared float kn[HD];
 shared float vn[HD];        // this row's value (as the cache holds it), stored with its key at the end
 shared vec4 comb[H4 * KS];
 shared float res[HD];       // p.round: the head's output
-shared float res_top[H4];   // the largest |x| of each 4 of its elements (-1: one over the limit, or NaN)
-shared int res_sum[H4];     // the sum of their integers
-shared float res_d[(HD + 31u) / 32u];  // each block's d
+shared int res_q[HD];       // and its integers
+shared vec2 res_d[(HD + 31u) / 32u];  // per block (d, 1 / d): `int8_block`'s
 
 void round_head(uint i, uint h) {
     // res, the head's output (h * HD.. of row i, HD a multiple of 32), rounded to 8 bits a 32-element block as
-    // kernels/quantize_f32 rounds it, 8 threads a block, 4 elements each: the same integers, scales and sums
+    // kernels/quantize_f32 rounds it: the same integers, scales and sums, bit for bit
     if (HD % 32u != 0u) return;  // (uniform: a specialisation constant; the host asks only for whole blocks)
     uint tid = gl_LocalInvocationID.x, WG = gl_WorkGroupSize.x, nb = p.o_stride / 32u;
-    uint ob = i * nb + h * HD / 32u;  // the head's first block in the row
-    barrier();
-    for (uint w = tid; w < H4; w += WG) {
-        vec4 a = abs(vec4(res[4u * w], res[4u * w + 1u], res[4u * w + 2u], res[4u * w + 3u]));
-        bool over = !all(lessThanEqual(a, vec4(INT8_LIMIT)));  // (NaN compares false)
-        res_top[w] = over ? -1.0 : max(max(a.x, a.y), max(a.z, a.w));
-    }
-    barrier();
-    for (uint w = tid; w < H4; w += WG) {
-        float m = 0.0;
-        bool bad = false;
-        for (uint k = w & ~7u; k < (w & ~7u) + 8u; k++) {
-            m = max(m, res_top[k]);
-            bad = bad || res_top[k] < 0.0;
-        }
-        vec2 scale = int8_block(m, bad);
-        ivec4 q = int8_round(vec4(res[4u * w], res[4u * w + 1u], res[4u * w + 2u], res[4u * w + 3u]), scale);
-        oq[ob * 8u + w] = int8_pack(q);
-        vec4 r = vec4(q) * scale.x;
-        for (uint k = 0u; k < 4u; k++) o_rounded[ob * 32u + 4u * w + k] = r[k];
-        res_sum[w] = q.x + q.y + q.z + q.w;
-        if ((w & 7u) == 0u) res_d[w / 8u] = scale.x;
-    }
     barrier();
     for (uint b = tid; b < HD / 32u; b += WG) {
+        float m = 0.0;
+        bool bad = false;
+        for (uint e = 32u * b; e < 32u * b + 32u; e++) {
+            float a = abs(res[e]);
+            m = max(m, a);
+            bad = bad || !(a <= INT8_LIMIT);  // (NaN too)
+        }
+        res_d[b] = int8_block(m, bad);
+    }
+    barrier();
+    uint ob = i * nb + h * HD / 32u;  // the head's first block in the row
+    for (uint e = tid; e < HD; e += WG) {
+        vec2 scale = res_d[e / 32u];
+        int q = int8_round(res[e], scale);
+        res_q[e] = q;
+        o_rounded[ob * 32u + e] = float(q) * scale.x;
+    }
+    barrier();
+    for (uint w = tid; w < HD / 4u; w += WG)
+        oq[ob * 8u + w] = int8_pack(ivec4(res_q[4u * w], res_q[4u * w + 1u], res_q[4u * w + 2u], res_q[4u * w + 3u]));
+    for (uint b = tid; b < HD / 32u; b += WG) {
         int sum = 0;
-        for (uint k = 8u * b; k < 8u * b + 8u; k++) sum += res_sum[k];
-        od[ob + b] = vec2(res_d[b], float(sum));
+        for (uint e = 32u * b; e < 32u * b + 32u; e++) sum += res_q[e];
+        od[ob + b] = vec2(res_d[b].x, float(sum));
     }
 }
 
@@ -125,7 +122,7 @@ void main() {
     // The row's query, key and value are read in one round of loads; its key and value go to the cache at the end
     // (no workgroup of this dispatch reads them there), where the stores delay nothing
     for (uint d = tid; d < HD; d += WG) {
-        q4[d / 4][d % 4] = rotated(i * p.qkv_stride + h * HD, d, pos);
+        qs[d] = rotated(i * p.qkv_stride + h * HD, d, pos);
         kn[d] = as_cached(rotated(kbase, d, pos));
         vn[d] = as_cached(qkv[i * p.qkv_stride + p.v_off + kvh * HD + d]);
     }
@@ -145,13 +142,14 @@ void main() {
             uint t = c0 + j;
             float sc = 0.0;
             if (t < start) {
-                uint kb = (cbase + t) * H4;  // (unrolled: the key's loads all in flight; a loop waited on each)
-                [[unroll]] for (uint d4 = 0; d4 < H4; d4++) sc += dot(q4[d4], widen(kc[kb + d4]));
+                uint kb = (cbase + t) * H4;
+                for (uint d4 = 0; d4 < H4; d4++)
+                    sc += dot(vec4(qs[4 * d4], qs[4 * d4 + 1], qs[4 * d4 + 2], qs[4 * d4 + 3]), widen(kc[kb + d4]));
             } else if (t == pos) {
-                for (uint d = 0; d < HD; d++) sc += q4[d / 4][d % 4] * kn[d];
+                for (uint d = 0; d < HD; d++) sc += qs[d] * kn[d];
             } else {  // an earlier token of this segment in this pass (mode 0): rotated here
                 uint kb = (first + t - start) * p.qkv_stride + p.k_off + kvh * HD;
-                for (uint d = 0; d < HD; d++) sc += q4[d / 4][d % 4] * as_cached(rotated(kb, d, t));
+                for (uint d = 0; d < HD; d++) sc += qs[d] * as_cached(rotated(kb, d, t));
             }
             sc *= p.scale;
             s[j] = sc;
