@@ -17,7 +17,7 @@ def click_error_line(e, prog) -> str:
 
 def click_main(command, prog, argv=None):
     """Run a click command as the program `prog`: a usage mistake is one line on stderr (`click_error_line`), exit
-    2; its other errors as click shows them (one line); Ctrl-C exit 130."""
+    2; its other errors one line `error: ...` (as spmd.run's), exit 1; Ctrl-C exit 130."""
     import click
     try:
         code = command.main(args=argv, prog_name=prog, standalone_mode=False)
@@ -25,7 +25,7 @@ def click_main(command, prog, argv=None):
         click.echo(click_error_line(e, prog), err=True)
         sys.exit(e.exit_code)
     except click.ClickException as e:
-        e.show()
+        click.echo(f"error: {e.format_message()}", err=True)
         sys.exit(e.exit_code)
     except click.exceptions.Abort:
         sys.exit(130)

@@ -292,6 +292,15 @@ def test_every_command_says_a_bad_flag_in_one_line(module):
     assert p.stderr.endswith(f"(see python -m spmd.{module} --help)\n")
 
 
+def test_a_commands_own_refusal_is_one_error_line_as_spmd_runs(tmp_path):
+    hosts = tmp_path / "hosts.txt"
+    hosts.write_text("nosuchhost.invalid\n")
+    p = subprocess.run([sys.executable, "-m", "spmd.launch", "--hostfile", str(hosts), "-n", "1"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1 and p.stdout == ""
+    assert p.stderr == f"error: {hosts} line 1: host 'nosuchhost.invalid' does not resolve\n", p.stderr
+
+
 @pytest.mark.parametrize("module", ["run", "serve", "chat", "launch", "convert", "migrate", "plan", "profile"])
 def test_a_python_without_the_set_up_is_one_line(module):
     """Run by a Python that lacks the set-up's packages (here the venv's own with its site-packages off: python -S),
