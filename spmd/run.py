@@ -325,10 +325,10 @@ EMBEDDED_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "embed
 
 def model_or_embedded(kw):
     """--model, or the embedded model where it is omitted: the note to log once the engine is up (a flag's error
-    then comes alone), else None."""
+    then comes alone; a job resumed after a recovery does not say it again), else None."""
     if kw["model"] is None:
         kw["model"] = EMBEDDED_MODEL
-        return f"note: no --model given: using the embedded model {EMBEDDED_MODEL}"
+        return None if kw.get("resume") else f"note: no --model given: using the embedded model {EMBEDDED_MODEL}"
     return None
 
 

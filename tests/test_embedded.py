@@ -55,6 +55,13 @@ def test_default_model_equals_the_reference(want):
     assert len(words) >= 10 and sum(bool(re.fullmatch(r"[A-Za-z_.,()'`:]+", w)) for w in words) >= 0.8 * len(words)
 
 
+def test_a_job_resumed_after_a_recovery_does_not_note_the_embedded_model_again():
+    from spmd.run import model_or_embedded
+    first, resumed = {"model": None}, {"model": None, "resume": "resume.json"}
+    assert model_or_embedded(first) is not None and model_or_embedded(resumed) is None
+    assert first["model"] == resumed["model"] == EMBEDDED_MODEL
+
+
 @pytest.mark.skipif(MPIRUN is None, reason="no mpirun")
 def test_three_ranks_give_the_same_tokens(want):
     r, _ = run_default(3, "--ratios", "2:3:3")
