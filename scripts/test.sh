@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PWD/${SPMD_VENV:-.venv}/bin:$PATH"  # python and mpirun of the set-up
-timeout 1200 python -m pytest --with-mpi -q "$@"
+timeout 2400 python -m pytest --with-mpi -q "$@"
 for n in 2 3 4; do
     echo "== $n ranks"
     timeout 900 mpirun -n "$n" python -m pytest --with-mpi -q -m mpi -p no:cacheprovider "$@"
