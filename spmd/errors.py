@@ -21,11 +21,8 @@ def click_main(command, prog, argv=None):
     import click
     try:
         code = command.main(args=argv, prog_name=prog, standalone_mode=False)
-    except click.UsageError as e:
+    except click.ClickException as e:  # (a UsageError too, which click_error_line tells where --help is)
         click.echo(click_error_line(e, prog), err=True)
-        sys.exit(e.exit_code)
-    except click.ClickException as e:
-        click.echo(f"error: {e.format_message()}", err=True)
         sys.exit(e.exit_code)
     except click.exceptions.Abort:
         sys.exit(130)
