@@ -11,7 +11,8 @@ text: what it printed is exactly what was journaled, so the text goes on after a
 
 A failure is:
 - a rank killed: its watcher (spmd.watch) says which, in a line on stderr (mpirun's "BAD TERMINATION" banner names
-  whichever process it saw end first, often one it killed itself, so it is only dropped);
+  whichever process it saw end first, often one it killed itself, so it is only dropped); mpirun then ends the
+  job, or the supervisor does after `DEATH_GRACE_S` (a loaded machine's mpirun took more than 10 s);
 - no progress: no token for `progress_timeout` seconds plus twice the slowest recent gap between tokens (plus the
   time a pending prefill should take, from the prefills seen): a rank stopped (SIGSTOP, a sleeping laptop), a link
   down. The supervisor ends the job; a rank whose process is stopped or gone on this machine is lost;
@@ -46,6 +47,7 @@ BANNER_LINE = re.compile(r"^(=|YOUR APPLICATION TERMINATED|This typically refers
 ABORTED = re.compile(r"Abort\(\d+\) on node \d+ \(rank \d+ in comm \d+\): application called MPI_Abort.*$")
 DIR_PREFIX = "spmd-supervise-"  # then the supervisor's pid: a folder of one killed with -9 is removed later
 TERM_GRACE_S = 3.0  # after SIGINT, how long mpirun has to take the job down before it is killed
+DEATH_GRACE_S = 2.0  # after a watcher's line says a rank died, how long mpirun has to end the job by itself
 START_S = 10.0  # a user's stop waits this long at most for the ranks to start before it goes to mpirun
 GAPS = 32  # recent gaps between tokens the progress bound looks at
 
@@ -413,7 +415,7 @@ class Supervisor:
         record.relaunch()
         self.job = job = Job(self._command(fifo, resume), self.env, fifo, *(
             (requests, front.wake) if front is not None else ()))
-        progress, ready_at = Progress(self.progress_timeout, self.prefill_s), None
+        progress, ready_at, died_at = Progress(self.progress_timeout, self.prefill_s), None, None
         started = checked = time.monotonic()  # checked: when the ranks and hosts were last looked at while quiet
         try:
             while job.proc.poll() is None:
@@ -450,6 +452,10 @@ class Supervisor:
                             waited = now - progress.last
                     if waited is not None:
                         return 1, self._stalled(job, progress, waited, now)
+                if job.died and not record.done:  # mpirun ends a job a rank of which died; a loaded machine is slow
+                    died_at = now if died_at is None else died_at
+                    if now - died_at > DEATH_GRACE_S:
+                        return 1, self._stalled(job, progress, None, now)
             job.drain()
             for line in job.read(0) + [job.lines]:  # the last lines; one cut short by a kill is dropped
                 self._apply(line)
@@ -462,15 +468,17 @@ class Supervisor:
         return self._ended(job, progress.last_token)
 
     def _stalled(self, job, progress, waited, detected):
-        """A job that stopped making progress: taken down (the ranks found stopped first: they are lost, and would
-        hold mpirun's own end back), and the failure for `_run`."""
+        """A job that stopped making progress for `waited` seconds (None: a rank of which died, and mpirun did not end
+        it): taken down (the ranks found stopped first: they are lost, and would hold mpirun's own end back), and the
+        failure for `_run`."""
         stalled = self._stopped_or_gone()
         signal_pids([self.record.ranks[rank][1] for rank in stalled], signal.SIGKILL)
         job.end(self._local_pids())
         job.drain()  # a watcher's line said before the stall was seen names the signal of a rank that died
         why = {**stalled, **self._signalled(job.died)}
         why.update({r: w for r, w in stalled.items() if w == "stopped"})  # not the SIGKILL given above
-        when = f"no token for {waited:.1f} s" if self.record.ready else f"no progress while loading for {waited:.1f} s"
+        when = ("" if waited is None else f"no token for {waited:.1f} s" if self.record.ready
+                else f"no progress while loading for {waited:.1f} s")
         return self._lost(why), when, progress.last_token, detected
 
     def _remove_socket(self):

@@ -104,6 +104,37 @@ def test_a_bad_resume_file_is_refused(tmp_path, content):
         read_resume(path)
 
 
+def test_a_rank_that_died_ends_the_job_when_mpirun_does_not(tmp_path, capsys):
+    """A watcher's line says rank 1 died but mpirun goes on (on a loaded machine it took more than the progress
+    timeout to end such a job): the supervisor takes the job down itself, soon, and names the rank and its signal."""
+    from spmd.supervise import DEATH_GRACE_S, Supervisor
+    rank1 = subprocess.Popen(["sleep", "60"])
+    fake = tmp_path / "mpirun"  # it loads, makes a token, reports rank 1's death, and does not end
+    fake.write_text(f"""#!{sys.executable}
+import os, sys, time
+sys.path.insert(0, {str(ROOT)!r})
+from spmd.journal import Journal
+journal = Journal(sys.argv[sys.argv.index("--journal") + 1])
+journal.event("ranks", ranks=[["localhost", os.getpid()], ["localhost", {rank1.pid}]])
+journal.event("ready", ratios="1:1", prompts=[[1, 5]])
+journal.event("token", seq=0, token=7, end=None, rng=None, out="Hi")
+print("spmd: rank 1 (localhost) died (signal 9)", file=sys.stderr, flush=True)
+time.sleep(60)
+""")
+    fake.chmod(0o755)
+    sup = Supervisor(str(fake), None, 2, ["--model", "m.gguf"], progress_timeout=30.0, max_recoveries=0)
+    start = time.monotonic()
+    try:
+        status = sup.run()
+    finally:
+        rank1.kill()
+        rank1.wait()
+    assert status != 0 and time.monotonic() - start < DEATH_GRACE_S + 5
+    assert sup.job.proc.returncode is not None  # taken down
+    out, err = capsys.readouterr()
+    assert out == "Hi" and err.splitlines()[-1] == "error: rank 1 (localhost) died (signal 9): giving up (--no-recover)"
+
+
 # ---- whole runs ----------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
