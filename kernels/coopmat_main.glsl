@@ -148,8 +148,8 @@ void fetch(uint row0, uint tok0, uint b) {
         [[unroll]] for (uint j = 0; j < UV; j++) pq[k * UV + j] = second ? w2[UV * blk + j] : w[UV * blk + j];
         pmeta[k] = uvec4(0u);
         ps[k] = b + i / WROWS < p.nb ? 1.0 : 0.0;
-#ifdef MW
-        [[unroll]] for (uint j = 0; j < MW; j++) pmeta[k][j] = second ? d2[MW * blk + j] : d[MW * blk + j];
+#ifdef META
+        pmeta[k] = second ? META(d2, blk) : META(d, blk);
 #else
         ps[k] *= block_scale(second ? d2[blk >> 1] : d[blk >> 1], blk);
 #endif
@@ -180,7 +180,7 @@ void put() {
 #ifdef HALF_SCALES
         rs[(2 * s + m) * BR + r] = ps[k] * uintBitsToFloat(pmeta[k].x);
         rs[MINS + (2 * s + m) * BR + r] = ps[k] * uintBitsToFloat(pmeta[k].y);
-#elif defined(MW)
+#elif defined(META)
         rs[(2 * s + m) * BR + r] = ps[k] * meta_scale(pmeta[k]);
 #else
         rs[(2 * s + m) * BR + r] = ps[k];
@@ -218,8 +218,8 @@ void fetch(uint row0, uint tok0, uint b) {
     [[unroll]] for (uint i = 0; i < UV; i++) pq[i] = second ? w2[UV * blk + i] : w[UV * blk + i];
     pmeta = uvec4(0u);
     ps = 1.0;
-#ifdef MW
-    [[unroll]] for (uint i = 0; i < MW; i++) pmeta[i] = second ? d2[MW * blk + i] : d[MW * blk + i];
+#ifdef META
+    pmeta = second ? META(d2, blk) : META(d, blk);
 #else
     if (QUANT != 0) ps = block_scale(second ? d2[blk >> 1] : d[blk >> 1], blk);
 #endif
@@ -232,7 +232,7 @@ void fetch(uint row0, uint tok0, uint b) {
 void put() {
     uint tid = gl_LocalInvocationID.x, u = tid / TPB, j0 = (tid % TPB) * JN;
     float s = ps, mn = 0.0;
-#ifdef MW
+#ifdef META
     s = meta_scale(pmeta);
     mn = meta_min(pmeta);
 #endif

@@ -39,8 +39,8 @@ void main() {
         uvec4 q[UV];
         [[unroll]] for (uint i = 0; i < UV; i++) q[i] = w[UV * blk + i];
         uvec4 meta = uvec4(0u);
-#ifdef MW  // QUANT 2: the block's words (scale, min, high bits)
-        [[unroll]] for (uint i = 0; i < MW; i++) meta[i] = d[MW * blk + i];
+#ifdef META  // QUANT 2: the block's words (scale, min, high bits)
+        meta = META(d, blk);
         float s = meta_scale(meta);
 #else
         float s = QUANT != 0 ? block_scale(d[blk >> 1], blk) : 1.0;

@@ -79,8 +79,8 @@ void main() {
 
     // Each thread loads UB blocks of every row before using any (more loads in flight); a block past the end of
     // the row is read at the last block and counted with weight 0.
-    // QUANT 1: an fp16 scale per block in d (two a uint); QUANT 2: MW words per block in d (the type's scale, min,
-    // high bits), read by its meta_scale / meta_min / make_raw; with HAS_MIN a block adds min * (sum of its x).
+    // QUANT 1: an fp16 scale per block in d (two a uint); QUANT 2: the type's words in d (a block's scale, min,
+    // high bits: META), read by its meta_scale / meta_min / make_raw; with HAS_MIN a block adds min * (sum of its x).
     for (uint b0 = tid; b0 < p.nb; b0 += UB * gl_WorkGroupSize.x) {
         Raw raw[UB * NW];
         float sc[UB * NW];
@@ -97,20 +97,20 @@ void main() {
                 float s = 1.0;
                 if (r < NR) {
                     [[unroll]] for (uint i = 0; i < UV; i++) q[i] = w[UV * blk + i];
-#ifdef MW
-                    [[unroll]] for (uint i = 0; i < MW; i++) meta[i] = d[MW * blk + i];
+#ifdef META
+                    meta = META(d, blk);
 #else
                     if (QUANT != 0) s = block_scale(d[blk >> 1], blk);
 #endif
                 } else {
                     [[unroll]] for (uint i = 0; i < UV; i++) q[i] = w2[UV * blk + i];
-#ifdef MW
-                    [[unroll]] for (uint i = 0; i < MW; i++) meta[i] = d2[MW * blk + i];
+#ifdef META
+                    meta = META(d2, blk);
 #else
                     if (QUANT != 0) s = block_scale(d2[blk >> 1], blk);
 #endif
                 }
-#ifdef MW
+#ifdef META
                 s = meta_scale(meta);
                 mn[u * NW + r] = live * meta_min(meta);
 #endif

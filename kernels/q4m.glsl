@@ -1,9 +1,9 @@
 // 4-bit weights with a min (Q4_1, Q4_K), as spmd/backends/vulkan.py repacks them: per 32-element block 16 bytes
-// (one uvec4) whose byte j holds element j (low nibble) and 16 + j (high), and MW = 2 float32 words in the scales
+// (one uvec4) whose byte j holds element j (low nibble) and 16 + j (high), and 2 float32 words in the scales
 // buffer, the block's scale s and min m (Q4_K: d * sc and -dmin * m, exact in float32): value s * nibble + m.
 const uint UV = 1;
 const uint QUANT = 2;
-#define MW 2u
+#define META(buf, blk) uvec4(buf[2u * (blk)], buf[2u * (blk) + 1u], 0u, 0u)  // the block's words
 #define HAS_MIN
 struct Raw { uvec4 q; };
 Raw make_raw(uvec4 q[UV], uvec4 meta) { return Raw(q[0]); }

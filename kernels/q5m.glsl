@@ -1,9 +1,9 @@
 // 5-bit weights (Q5_0, Q5_1, Q5_K), as spmd/backends/vulkan.py repacks them: per 32-element block the 16 bytes of
-// low nibbles of q4m.glsl, and MW = 3 words in the scales buffer: the block's scale s and min m as float32 (Q5_0:
+// low nibbles of q4m.glsl, and 3 words in the scales buffer: the block's scale s and min m as float32 (Q5_0:
 // m = -16 s; Q5_K: d * sc and -dmin * m) and the fifth bits (bit e: element e): value s * q + m.
 const uint UV = 1;
 const uint QUANT = 2;
-#define MW 3u
+#define META(buf, blk) uvec4(buf[3u * (blk)], buf[3u * (blk) + 1u], buf[3u * (blk) + 2u], 0u)
 #define HAS_MIN
 struct Raw { uvec4 q; uint h; };
 Raw make_raw(uvec4 q[UV], uvec4 meta) { return Raw(q[0], meta.z); }

@@ -1,10 +1,10 @@
 // Q6_K, as spmd/backends/vulkan.py repacks it: per 32-element block the 16 bytes of low nibbles of q4m.glsl, and
-// MW = 4 words in the scales buffer: the float32 scales d * sc of its two 16-element halves, then the top two bits
+// 4 words in the scales buffer: the float32 scales d * sc of its two 16-element halves, then the top two bits
 // of each element (element e: bits 2(e % 16) of word 2 + e / 16). value = scale of its half * (q - 32); the block
 // itself has scale 1.
 const uint UV = 1;
 const uint QUANT = 2;
-#define MW 4u
+#define META(buf, blk) uvec4(buf[4u * (blk)], buf[4u * (blk) + 1u], buf[4u * (blk) + 2u], buf[4u * (blk) + 3u])
 struct Raw { uvec4 q; uvec4 m; };
 Raw make_raw(uvec4 q[UV], uvec4 meta) { return Raw(q[0], meta); }
 float meta_scale(uvec4 meta) { return 1.0; }

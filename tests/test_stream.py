@@ -187,7 +187,7 @@ def vulkan_backend():
         pytest.skip(f"no Vulkan: {e}")
 
 
-@pytest.mark.parametrize("qtype", [T.F32, T.F16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_K, T.Q6_K])
+@pytest.mark.parametrize("qtype", [T.F32, T.F16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q4_K, T.Q5_K, T.Q6_K])
 @pytest.mark.parametrize("rows, cols", [(3, 256), (17, 768), (0, 256), (5, 0)])
 def test_vulkan_held_bytes_is_what_a_linear_holds(qtype, rows, cols):
     from test_backends import random_qtensor

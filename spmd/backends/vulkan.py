@@ -5,10 +5,12 @@ Weight layout on the device (made at load, `_repack`): a matrix is row-major 32-
 with zeros to a multiple of 32. Q4_0 and Q8_0 keep GGUF's block bytes (16 bytes of nibbles, 32 int8) with the
 2-byte fp16 scales moved to a second buffer (one per block), so every load is 16-byte aligned; F32, F16 and BF16
 keep their bits. The other kept types are repacked (`_repack_words`) to 16 bytes of low nibbles per block and a
-few uint32 words per block in the second buffer: float32 scale and min (Q4_1 and Q4_K: "q4m", 6 bits a weight for
-Q4_K's 4.5), plus the fifth bits (Q5_0, Q5_1, Q5_K: "q5m", 7 bits for Q5_K's 5.5), or Q6_K's two half-block scales
-and top bits ("q6", 8 bits for its 6.56); a K-quant's d * sc is exact in float32, so the numbers stay the file's,
-and a slice that cuts its super-blocks (QTensor.keep) keeps just its own 32-element blocks.
+few uint32 words per block in the second buffer: float32 scale and min (Q4_1, and Q4_K sliced through its
+super-blocks: "q4m", 6 bits a weight), plus the fifth bits (Q5_0, Q5_1, Q5_K: "q5m", 7 bits for Q5_K's 5.5), or
+Q6_K's two half-block scales and top bits ("q6", 8 bits for its 6.56); a K-quant's d * sc is exact in float32, so
+the numbers stay the file's, and a slice that cuts its super-blocks (QTensor.keep) keeps just its own 32-element
+blocks. Q4_K kept whole ("q4k", `kind`) keeps q4m's nibbles and, as its scales, each super-block's d, dmin and 12
+bytes of 6-bit scales and mins as the file has them: 4.5 bits a weight, the file's.
 A matrix larger than the device's maxStorageBufferRange (128 MiB on lavapipe) is held as row chunks, one buffer
 and one dispatch each.
 
@@ -38,13 +40,14 @@ from .vk_runtime import Buffer, Device, Recording, env_tuple
 # weight type -> its kernels' name (kernels/<name>.glsl): 4-bit with a min, 5-bit and Q6_K are repacked (_repack)
 TYPES = {T.F32: "f32", T.F16: "f16", T.BF16: "bf16", T.Q8_0: "q8_0", T.Q4_0: "q4_0", T.Q4_1: "q4m", T.Q4_K: "q4m",
          T.Q5_0: "q5m", T.Q5_1: "q5m", T.Q5_K: "q5m", T.Q6_K: "q6"}
-UV = {"f32": 8, "f16": 4, "bf16": 4, "q8_0": 2, "q4_0": 1, "q4m": 1, "q5m": 1, "q6": 1}  # uvec4 per 32-element block
+# (kind: Q4_K whole is "q4k")
+UV = {"f32": 8, "f16": 4, "bf16": 4, "q8_0": 2, "q4_0": 1, "q4m": 1, "q4k": 1, "q5m": 1, "q6": 1}  # uvec4 a block
 FLOATS = tuple(TYPES[t] for t in quants.FLOATS)  # kernels of float weights (float activations under int8 too)
 # kernels of 8-bit activations: matvec_<w>_i8 (every quantised type), coopmat_<w>_i8 where the device has 8-bit
 # matrix units
-INT8 = ("q4_0", "q8_0", "q4m", "q5m", "q6")
-WORDS = ("q4m", "q5m", "q6")  # repacked with uint32 words per block (_repack_words)
-SCALE_BYTES = {"q4_0": 2, "q8_0": 2, "q4m": 8, "q5m": 12, "q6": 16}  # a block's scales in their own buffer
+INT8 = ("q4_0", "q8_0", "q4m", "q4k", "q5m", "q6")
+WORDS = ("q4m", "q4k", "q5m", "q6")  # repacked with uint32 words for their blocks (_repack_words)
+SCALE_BYTES = {"q4_0": 2, "q8_0": 2, "q4m": 8, "q4k": 2, "q5m": 12, "q6": 16}  # a block's scales, their own buffer
 # rows, nb, x_stride, x_off, y_stride, y_off, n, groups, bias_off, flags, ss_count, inv_dim, eps
 MATVEC_PUSH = "<11I2f"
 PUSH_BYTES = struct.calcsize(MATVEC_PUSH)
@@ -90,6 +93,12 @@ def whole(b):
     return b if isinstance(b, tuple) else (b, 0, b.nbytes)
 
 
+def kind(qtype, whole=True):
+    """The kernels (kernels/<kind>.glsl) for weights of `qtype`: TYPES', but Q4_K kept whole (not `whole`: a slice
+    that cuts its super-blocks, QTensor.keep) is "q4k"."""
+    return "q4k" if qtype == T.Q4_K and whole else TYPES[qtype]
+
+
 def _repack_words(w: QTensor, rows, nb):
     """q4m / q5m / q6 (kernels/q4m.glsl ...): (16 bytes of nibbles per block (rows, nb * 16), uint32 words per block
     (rows, nb * MW): float32 scale and min, then the high bits; Q6_K: its halves' scales, then its top bits). A
@@ -111,6 +120,9 @@ def _repack_words(w: QTensor, rows, nb):
         low = low[:, kept]  # (Q6_K has no min: all zeros, unused)
     blocks = q.reshape(rows, nb, 32)
     nibbles = ((blocks[:, :, :16] & 15) | ((blocks[:, :, 16:] & 15) << 4)).astype(np.uint8).reshape(rows, nb * 16)
+    if kind(w.qtype, w.keep is None) == "q4k":  # each super-block's d, dmin and scales as the file has them
+        heads = w.data.reshape(rows, nb // 8, quants.row_bytes(T.Q4_K, 256))[:, :, :16]
+        return nibbles, np.ascontiguousarray(heads).view(np.uint32).reshape(rows, nb // 2)
     high = blocks >> 4
     if TYPES[w.qtype] == "q6":  # two 16-element halves a block; top bits: element e at 2 (e % 16) of word e / 16
         bits = (high.reshape(rows, nb, 2, 16) << (2 * np.arange(16, dtype=np.uint32))).sum(axis=3, dtype=np.uint32)
@@ -127,7 +139,7 @@ def _repack(w: QTensor):
     """QTensor -> (blocks uint8 (rows, nb * 16 * UV), per-block scales (fp16 uint16 (rows, nb), or the uint32 words
     of _repack_words) or None)."""
     rows, nb = w.rows, pad(w.width) // 32
-    name = TYPES[w.qtype]
+    name = kind(w.qtype, w.keep is None)
     if name in WORDS:
         return _repack_words(w, rows, nb)
     if name in ("q4_0", "q8_0"):
@@ -141,16 +153,16 @@ def _repack(w: QTensor):
     return out.view(np.uint8), None
 
 
-def stored_bytes(kind, cols) -> tuple:
+def stored_bytes(name, cols) -> tuple:
     """(block bytes, scale bytes) of one row of a matrix of `cols` columns as `_repack` stores it for kernels
-    `kind` (TYPES' values)."""
+    `name` (`kind`'s values)."""
     nb = pad(cols) // 32
-    return nb * 16 * UV[kind], nb * SCALE_BYTES.get(kind, 0)
+    return nb * 16 * UV[name], nb * SCALE_BYTES.get(name, 0)
 
 
-def chunk_rows(dev, kind, cols) -> int:
+def chunk_rows(dev, name, cols) -> int:
     """Rows of a matrix in one buffer: a buffer's binding stays within maxStorageBufferRange."""
-    block, scale = stored_bytes(kind, cols)
+    block, scale = stored_bytes(name, cols)
     return max(1, min(dev.max_range // max(block, 1), dev.max_range // max(scale, 1)))
 
 
@@ -210,7 +222,7 @@ class VulkanLinear:
         if lacks:
             raise ValueError(f"vulkan backend: lacks {lacks}")
         self.backend, self.dev = backend, backend.dev
-        self.qtype, self.type, self.rows, self.cols = w.qtype, TYPES[w.qtype], w.rows, w.width
+        self.qtype, self.type, self.rows, self.cols = w.qtype, kind(w.qtype, w.keep is None), w.rows, w.width
         self.nb = pad(self.cols) // 32
         blocks, scales = _repack(w)
         chunk = chunk_rows(self.dev, self.type, self.cols)
@@ -411,10 +423,10 @@ class VulkanBackend(Backend):
 
     def held_bytes(self, qtype, rows, cols):
         """What a VulkanLinear of a (rows, cols) matrix of `qtype` holds on the device (a type without a kernel:
-        as F32)."""
-        kind = TYPES.get(qtype, "f32")
-        block, scale = stored_bytes(kind, cols)
-        chunk = chunk_rows(self.dev, kind, cols)
+        as F32; Q4_K as q4k, which a slice cutting its super-blocks is not: there it is an estimate)."""
+        name = kind(qtype) if qtype in TYPES else "f32"
+        block, scale = stored_bytes(name, cols)
+        chunk = chunk_rows(self.dev, name, cols)
         return sum(part_bytes(block * n, scale * n) for n in (min(chunk, rows - r0) for r0 in range(0, rows, chunk)))
 
     def device_memory_bytes(self):
