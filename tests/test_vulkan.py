@@ -151,14 +151,15 @@ def test_slices_that_cut_super_blocks_stay_quantised(qtype):
 
 @needs_device
 def test_a_whole_q4_k_matrix_holds_the_files_bytes_and_computes_as_its_repacked_form():
-    """Q4_K kept whole (q4k) holds 144 bytes a 256-element super-block, as the file does, and its products equal,
-    bit for bit, those of the same matrix in q4m's float words a block (a slice of all its columns)."""
+    """Q4_K kept whole (q4k) holds 148 bytes a 256-element super-block (the file 144: its nibbles, d, dmin, and its
+    6-bit scales and mins a byte each), and its products equal, bit for bit, those of the same matrix in q4m's float
+    words a block (a slice of all its columns)."""
     from spmd.quants import QTensor
     rng = np.random.default_rng(6)
     w = random_qtensor(T.Q4_K, 37, 768, rng)
     whole, cut = BACKEND.linear(w), BACKEND.linear(QTensor(T.Q4_K, w.rows, w.cols, w.data, ((0, w.cols),)))
     assert (whole.type, cut.type) == ("q4k", "q4m")
-    assert whole.nbytes == 37 * 768 // 256 * 144 == BACKEND.held_bytes(T.Q4_K, 37, 768)
+    assert whole.nbytes == 37 * 768 // 256 * (128 + 4 + 16) == BACKEND.held_bytes(T.Q4_K, 37, 768)
     assert cut.nbytes == 37 * 768 // 32 * (16 + 8)  # nibbles, and a float32 scale and min a block
     for n in (1, 11):  # decode's and a prompt's kernels
         x = activations(n, w.cols, rng)
