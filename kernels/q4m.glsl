@@ -3,12 +3,14 @@
 // buffer, the block's scale s and min m (Q4_K: d * sc and -dmin * m, exact in float32): value s * nibble + m.
 const uint UV = 1;
 const uint QUANT = 2;
+#ifndef META  // (q4k.glsl has words of its own)
 #define META(buf, blk) uvec4(buf[2u * (blk)], buf[2u * (blk) + 1u], 0u, 0u)  // the block's words
+float meta_scale(uvec4 meta) { return uintBitsToFloat(meta.x); }
+float meta_min(uvec4 meta) { return uintBitsToFloat(meta.y); }
+#endif
 #define HAS_MIN
 struct Raw { uvec4 q; };
 Raw make_raw(uvec4 q[UV], uvec4 meta) { return Raw(q[0]); }
-float meta_scale(uvec4 meta) { return uintBitsToFloat(meta.x); }
-float meta_min(uvec4 meta) { return uintBitsToFloat(meta.y); }
 vec4 deq(Raw r, uint j) {  // elements 4j..4j+3 of the block (j < 8), as integers (see q4_0.glsl's trick)
     uint u = r.q[j & 3u];
     uint s = (j >> 2) * 4u;
