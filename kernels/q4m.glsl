@@ -1,6 +1,7 @@
-// 4-bit weights with a min (Q4_1, Q4_K), as spmd/backends/vulkan.py repacks them: per 32-element block 16 bytes
-// (one uvec4) whose byte j holds element j (low nibble) and 16 + j (high), and 2 float32 words in the scales
-// buffer, the block's scale s and min m (Q4_K: d * sc and -dmin * m, exact in float32): value s * nibble + m.
+// 4-bit weights with a min (Q4_1, and Q4_K sliced through its super-blocks; q4k.glsl: Q4_K kept whole), as
+// spmd/backends/vulkan.py repacks them: per 32-element block 16 bytes (one uvec4) whose byte j holds element j (low
+// nibble) and 16 + j (high), and 2 float32 words in the scales buffer, the block's scale s and min m (Q4_K: d * sc
+// and -dmin * m, exact in float32): value s * nibble + m.
 const uint UV = 1;
 const uint QUANT = 2;
 #ifndef META  // (q4k.glsl has words of its own)

@@ -10,8 +10,8 @@ super-blocks: "q4m", 6 bits a weight), plus the fifth bits (Q5_0, Q5_1, Q5_K: "q
 Q6_K's two half-block scales and top bits ("q6", 8 bits for its 6.56); a K-quant's d * sc is exact in float32, so
 the numbers stay the file's, and a slice that cuts its super-blocks (QTensor.keep) keeps just its own 32-element
 blocks. Q4_K kept whole ("q4k", `kind`) keeps q4m's nibbles and, as its scales, each super-block's fp16 d and dmin
-and its 6-bit scales and mins a byte each: 4.625 bits a weight against the file's 4.5 (on an H200, 0.96x q4m's
-decode speed and 0.85x its float32 prompt speed, for 18% fewer bytes: the kernels make each block's float words).
+and its 6-bit scales and mins a byte each: 4.625 bits a weight against the file's 4.5; its kernels make a block's
+float scale and min (on an H200 that costs more than the 18% fewer bytes save: README).
 A matrix larger than the device's maxStorageBufferRange (128 MiB on lavapipe) is held as row chunks, one buffer
 and one dispatch each.
 
@@ -40,8 +40,7 @@ from .vk_runtime import Buffer, Device, Recording, env_tuple
 
 # weight type -> its kernels' name (kernels/<name>.glsl): 4-bit with a min, 5-bit and Q6_K are repacked (_repack)
 TYPES = {T.F32: "f32", T.F16: "f16", T.BF16: "bf16", T.Q8_0: "q8_0", T.Q4_0: "q4_0", T.Q4_1: "q4m", T.Q4_K: "q4m",
-         T.Q5_0: "q5m", T.Q5_1: "q5m", T.Q5_K: "q5m", T.Q6_K: "q6"}
-# (kind: Q4_K whole is "q4k")
+         T.Q5_0: "q5m", T.Q5_1: "q5m", T.Q5_K: "q5m", T.Q6_K: "q6"}  # (`kind`: Q4_K kept whole is "q4k")
 UV = {"f32": 8, "f16": 4, "bf16": 4, "q8_0": 2, "q4_0": 1, "q4m": 1, "q4k": 1, "q5m": 1, "q6": 1}  # uvec4 a block
 FLOATS = tuple(TYPES[t] for t in quants.FLOATS)  # kernels of float weights (float activations under int8 too)
 # kernels of 8-bit activations: matvec_<w>_i8 (every quantised type), coopmat_<w>_i8 where the device has 8-bit
@@ -102,9 +101,10 @@ def kind(qtype, whole=True):
 
 
 def _repack_words(w: QTensor, rows, nb):
-    """q4m / q5m / q6 (kernels/q4m.glsl ...): (16 bytes of nibbles per block (rows, nb * 16), uint32 words per block
-    (rows, nb * MW): float32 scale and min, then the high bits; Q6_K: its halves' scales, then its top bits). A
-    slice that cut K-quant super-blocks (w.keep, at 32-element blocks) keeps only its own blocks."""
+    """q4m / q5m / q6 / q4k (kernels/q4m.glsl ...): (16 bytes of nibbles per block (rows, nb * 16), uint32 words
+    (rows, words a row): a block's float32 scale and min, then its high bits; Q6_K: its halves' scales, then its top
+    bits; q4k: a super-block's d and dmin, its 8 scales and 8 mins a byte each). A slice that cut K-quant
+    super-blocks (w.keep, at 32-element blocks) keeps only its own blocks."""
     u = unpack(w)
     stored = pad(w.cols)  # the stored columns (with w.keep, the blocks around its own)
     q = np.zeros((rows, stored), np.uint32)
