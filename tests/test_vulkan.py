@@ -150,7 +150,7 @@ def test_slices_that_cut_super_blocks_stay_quantised(qtype):
 
 
 @needs_device
-def test_a_whole_q4_k_matrix_holds_the_files_bytes_and_computes_as_its_repacked_form():
+def test_a_whole_q4_k_matrix_is_held_near_its_files_bytes_and_computes_as_q4m():
     """Q4_K kept whole (q4k) holds 148 bytes a 256-element super-block (the file 144: its nibbles, d, dmin, and its
     6-bit scales and mins a byte each), and its products equal, bit for bit, those of the same matrix in q4m's float
     words a block (a slice of all its columns)."""
