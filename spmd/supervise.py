@@ -452,10 +452,9 @@ class Supervisor:
                             waited = now - progress.last
                     if waited is not None:
                         return 1, self._stalled(job, progress, waited, now)
-                if job.died and not record.done:  # mpirun ends a job a rank of which died; a loaded machine is slow
-                    died_at = now if died_at is None else died_at
-                    if now - died_at > DEATH_GRACE_S:
-                        return 1, self._stalled(job, progress, None, now)
+                died_at = self._death_noticed(job, died_at, now)
+                if died_at is not None and now - died_at > DEATH_GRACE_S:
+                    return 1, self._stalled(job, progress, None, now)
             job.drain()
             for line in job.read(0) + [job.lines]:  # the last lines; one cut short by a kill is dropped
                 self._apply(line)
@@ -467,11 +466,22 @@ class Supervisor:
             self.prefill_s = progress.prefill_s
         return self._ended(job, progress.last_token)
 
+    def _death_noticed(self, job, died_at, now):
+        """When a watcher's line first said a rank died, while mpirun has still to end the job (it does so by itself,
+        but a loaded machine's mpirun took more than 10 s); None while no rank died, or the text was complete or the
+        user stopped the run (mpirun's end says those)."""
+        if not job.died or self.record.done or self.stopping is not None:
+            return None
+        return now if died_at is None else died_at
+
     def _stalled(self, job, progress, waited, detected):
         """A job that stopped making progress for `waited` seconds (None: a rank of which died, and mpirun did not end
         it): taken down (the ranks found stopped first: they are lost, and would hold mpirun's own end back), and the
-        failure for `_run`."""
+        failure for `_run`. After a death only the watchers' ranks and stopped ones are lost: mpirun's teardown may
+        have ended healthy local ranks already."""
         stalled = self._stopped_or_gone()
+        if waited is None:
+            stalled = {rank: why for rank, why in stalled.items() if why == "stopped"}
         signal_pids([self.record.ranks[rank][1] for rank in stalled], signal.SIGKILL)
         job.end(self._local_pids())
         job.drain()  # a watcher's line said before the stall was seen names the signal of a rank that died

@@ -127,13 +127,15 @@ def half_bytes(f, cfg, share: Share, backend) -> tuple:
         info = f.info(name)
         qtype = info.qtype if info.qtype in NATIVE else T.F32  # others are dequantised at load
         rows, cols = info.shape
-        spans = element_spans(cfg, share, unit)
+        spans, kept = element_spans(cfg, share, unit), None
         if slicing == ROWS:
             rows = sum(b - a for a, b in spans)
-        else:  # a column slice keeps whole quant blocks (GGUFFile.col_ranges)
+        else:  # a column slice keeps whole quant blocks (GGUFFile.col_ranges); one that cuts them says which
+            own = sum(b - a for a, b in spans)
             cols = sum(end - first for first, end in (covering_blocks(a, b, block_size(qtype)) for a, b in spans
                                                       if b > a))
-        return backend.held_bytes(qtype, rows, cols)
+            kept = own if own != cols else None
+        return backend.held_bytes(qtype, rows, cols, kept)
 
     sizes = {(i, half): 0 for i in share.layer_ids for half in HALVES}
     for i in share.layer_ids:

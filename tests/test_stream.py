@@ -8,6 +8,7 @@ import pytest
 from gguf import GGMLQuantizationType as T
 
 from spmd.errors import UserError, human_size, parse_size
+from spmd.quants import QTensor
 from spmd.stream import Window, choose, figures
 
 
@@ -198,6 +199,23 @@ def test_vulkan_held_bytes_is_what_a_linear_holds(qtype, rows, cols):
     assert lin.nbytes == (0 if rows * cols == 0 else sum(
         max(p.w.nbytes, 16) + (p.d.nbytes if p.d is not None else 0) for p in lin.parts))
     lin.free()
+
+
+@pytest.mark.parametrize("name", ["numpy", "cpu", "vulkan"])
+@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q5_K, T.Q6_K])
+def test_held_bytes_of_a_slice_that_cuts_super_blocks_is_what_its_linear_holds(name, qtype):
+    """A column slice that cuts K-quant super-blocks (QTensor.keep: the blocks around its own columns) is priced
+    by its own columns where the backend keeps only those (numpy, Vulkan: Q4_K there as q4m, not q4k)."""
+    from test_backends import random_qtensor
+
+    from spmd.backends import get_backend
+    backend = vulkan_backend() if name == "vulkan" else get_backend(name, 1)
+    whole = random_qtensor(qtype, 5, 768, np.random.default_rng(4))
+    keep = ((32, 96), (256, 512), (608, 640))
+    lin = backend.linear(QTensor(qtype, 5, 768, whole.data, keep))
+    assert backend.held_bytes(qtype, 5, 768, kept=64 + 256 + 32) == lin.nbytes
+    if name == "vulkan":
+        lin.free()
 
 
 @pytest.mark.parametrize("direct", [True, False], ids=["mapped", "staged"])

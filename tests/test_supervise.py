@@ -135,6 +135,43 @@ time.sleep(60)
     assert out == "Hi" and err.splitlines()[-1] == "error: rank 1 (localhost) died (signal 9): giving up (--no-recover)"
 
 
+def test_ranks_the_teardown_ended_after_a_death_are_not_lost(tmp_path, capsys):
+    """mpirun's teardown after rank 1's death has already ended rank 0 (healthy) when the supervisor takes the job
+    down: only rank 1 is lost, and the job is relaunched on one rank rather than given up as "rank 0 died"."""
+    from spmd.supervise import Supervisor
+    rank0, rank1 = (subprocess.Popen(["sleep", "60"]) for _ in range(2))
+    fake, relaunched = tmp_path / "mpirun", tmp_path / "relaunched"
+    fake.write_text(f"""#!{sys.executable}
+import os, sys, time
+sys.path.insert(0, {str(ROOT)!r})
+if "--resume" in sys.argv:  # the relaunch: says how it was called, and fails
+    open({str(relaunched)!r}, "w").write(" ".join(sys.argv[1:]))
+    sys.exit(3)
+from spmd.journal import Journal
+journal = Journal(sys.argv[sys.argv.index("--journal") + 1])
+journal.event("ranks", ranks=[["localhost", {rank0.pid}], ["localhost", {rank1.pid}]])
+journal.event("ready", ratios="1:1", prompts=[[1, 5]])
+journal.event("token", seq=0, token=7, end=None, rng=None, out="Hi")
+os.kill({rank1.pid}, 9)
+print("spmd: rank 1 (localhost) died (signal 9)", file=sys.stderr, flush=True)
+time.sleep(0.3)
+os.kill({rank0.pid}, 9)  # the teardown ends rank 0, whose watcher says nothing, and mpirun is slow to end
+time.sleep(60)
+""")
+    fake.chmod(0o755)
+    sup = Supervisor(str(fake), None, 2, ["--model", "m.gguf"], progress_timeout=30.0, max_recoveries=1)
+    try:
+        status = sup.run()
+    finally:
+        for p in (rank0, rank1):
+            p.kill()
+            p.wait()
+    assert status == 3
+    assert relaunched.read_text().split()[:2] == ["-n", "1"]
+    err = capsys.readouterr().err
+    assert "rank 1 (localhost) died (signal 9)" in err and "rank 0" not in err
+
+
 # ---- whole runs ----------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):

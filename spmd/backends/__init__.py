@@ -12,7 +12,8 @@
     lin.rows, lin.cols, lin.nbytes       # nbytes: resident bytes of the weights as kept
     lin.arrays                           # the arrays its products read (cpu, numpy; Vulkan: a streamed one's
                                          # repacked arrays): spmd.stream moves them to its spill file
-    backend.held_bytes(qtype, rows, cols)   # bytes lin.nbytes will be for such a matrix
+    backend.held_bytes(qtype, rows, cols, kept)   # bytes lin.nbytes will be for such a matrix; kept: the
+                                         # columns of a slice that cuts quant blocks (QTensor.keep's), else None
     y = lin(x, out=None)                 # x: float32 (n, cols) -> float32 (n, rows) = x @ W.T, into `out` if given
                                          # (a float64 out: the cpu int8 kernels' exact sums)
     backend.partial_dtype                # the dtype its model's partial sums have (float32; cpu int8: float64)
@@ -43,9 +44,9 @@ class Backend:
     def linear(self, w, resident=True):
         raise NotImplementedError
 
-    def held_bytes(self, qtype, rows, cols):
-        """What a linear of a (rows, cols) matrix of `qtype` holds (the numpy backend's float32)."""
-        return 4 * rows * cols
+    def held_bytes(self, qtype, rows, cols, kept=None):
+        """What a linear of a (rows, cols) matrix of `qtype` holds (the numpy backend's float32 of its own columns)."""
+        return 4 * rows * (cols if kept is None else kept)
 
     def widens_f16_cache(self, head_dim) -> bool:
         """Whether its model's prompt attention reads a layer's float16 keys and values through a float32 copy

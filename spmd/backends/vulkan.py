@@ -11,7 +11,7 @@ Q6_K's two half-block scales and top bits ("q6", 8 bits for its 6.56); a K-quant
 the numbers stay the file's, and a slice that cuts its super-blocks (QTensor.keep) keeps just its own 32-element
 blocks. Q4_K kept whole ("q4k", `kind`) keeps q4m's nibbles and, as its scales, each super-block's fp16 d and dmin
 and its 6-bit scales and mins a byte each: 4.625 bits a weight against the file's 4.5; its kernels make a block's
-float scale and min (on an H200 that costs more than the 18% fewer bytes save: README).
+float scale and min (on an H200 that costs more than the 23% fewer bytes a matrix save: README).
 A matrix larger than the device's maxStorageBufferRange (128 MiB on lavapipe) is held as row chunks, one buffer
 and one dispatch each.
 
@@ -100,6 +100,13 @@ def kind(qtype, whole=True):
     return "q4k" if qtype == T.Q4_K and whole else TYPES[qtype]
 
 
+def _nibbles(blocks):
+    """(rows, nb, 32) unsigned integers -> 16 bytes a block of their low nibbles (rows, nb * 16): element e in the
+    low nibble of byte e, element 16 + e in its high one."""
+    rows, nb, _ = blocks.shape
+    return ((blocks[:, :, :16] & 15) | ((blocks[:, :, 16:] & 15) << 4)).astype(np.uint8).reshape(rows, nb * 16)
+
+
 def _repack_words(w: QTensor, rows, nb):
     """q4m / q5m / q6 / q4k (kernels/q4m.glsl ...): (16 bytes of nibbles per block (rows, nb * 16), uint32 words
     (rows, words a row): a block's float32 scale and min, then its high bits; Q6_K: its halves' scales, then its top
@@ -109,6 +116,11 @@ def _repack_words(w: QTensor, rows, nb):
     stored = pad(w.cols)  # the stored columns (with w.keep, the blocks around its own)
     q = np.zeros((rows, stored), np.uint32)
     q[:, :w.cols] = u.q + u.offset  # the stored unsigned integers; padding 0 (its activations are 0 too)
+    if kind(w.qtype, w.keep is None) == "q4k":  # a super-block's d and dmin as the file has them, sc and m as bytes
+        heads = w.data.reshape(rows, nb // 8, quants.row_bytes(T.Q4_K, 256))[:, :, :4]
+        sc, m = (a.reshape(rows, nb // 8, 8).astype(np.uint8) for a in (u.sc, u.m))
+        words = np.concatenate([np.ascontiguousarray(heads), sc, m], axis=2).view(np.uint32)
+        return _nibbles(q.reshape(rows, nb, 32)), words.reshape(rows, nb // 8 * 5)
     per_sub = lambda a: a.repeat(u.super // u.sub, axis=1)  # noqa: E731
     scale = np.zeros((rows, stored // u.sub), np.float32)  # per sub-block, exact in float32 (d * sc)
     scale[:, :w.cols // u.sub] = per_sub(u.d) * (1 if u.sc is None else u.sc)
@@ -121,12 +133,7 @@ def _repack_words(w: QTensor, rows, nb):
         scale = scale.reshape(rows, -1, 32 // u.sub)[:, kept].reshape(rows, nb * 32 // u.sub)
         low = low[:, kept]  # (Q6_K has no min: all zeros, unused)
     blocks = q.reshape(rows, nb, 32)
-    nibbles = ((blocks[:, :, :16] & 15) | ((blocks[:, :, 16:] & 15) << 4)).astype(np.uint8).reshape(rows, nb * 16)
-    if kind(w.qtype, w.keep is None) == "q4k":  # a super-block's d and dmin as the file has them, sc and m as bytes
-        heads = w.data.reshape(rows, nb // 8, quants.row_bytes(T.Q4_K, 256))[:, :, :4]
-        sc, m = (a.reshape(rows, nb // 8, 8).astype(np.uint8) for a in (u.sc, u.m))
-        words = np.concatenate([np.ascontiguousarray(heads), sc, m], axis=2).view(np.uint32)
-        return nibbles, words.reshape(rows, nb // 8 * 5)
+    nibbles = _nibbles(blocks)
     high = blocks >> 4
     if TYPES[w.qtype] == "q6":  # two 16-element halves a block; top bits: element e at 2 (e % 16) of word e / 16
         bits = (high.reshape(rows, nb, 2, 16) << (2 * np.arange(16, dtype=np.uint32))).sum(axis=3, dtype=np.uint32)
@@ -425,10 +432,11 @@ class VulkanBackend(Backend):
     def linear(self, w: QTensor, resident=True) -> VulkanLinear:
         return VulkanLinear(self, w, resident)
 
-    def held_bytes(self, qtype, rows, cols):
+    def held_bytes(self, qtype, rows, cols, kept=None):
         """What a VulkanLinear of a (rows, cols) matrix of `qtype` holds on the device (a type without a kernel:
-        as F32; Q4_K as q4k, which a slice cutting its super-blocks is not: there it is an estimate)."""
-        name = kind(qtype) if qtype in TYPES else "f32"
+        as F32); a slice that cuts super-blocks holds its `kept` columns' own blocks."""
+        name = kind(qtype, kept is None) if qtype in TYPES else "f32"
+        cols = cols if kept is None else kept
         block, scale = stored_bytes(name, cols)
         chunk = chunk_rows(self.dev, name, cols)
         return sum(part_bytes(block * n, scale * n) for n in (min(chunk, rows - r0) for r0 in range(0, rows, chunk)))
