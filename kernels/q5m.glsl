@@ -1,14 +1,17 @@
-// 5-bit weights (Q5_0, Q5_1, Q5_K), as spmd/backends/vulkan.py repacks them: per 32-element block the 16 bytes of
-// low nibbles of q4m.glsl, and 3 words in the scales buffer: the block's scale s and min m as float32 (Q5_0:
-// m = -16 s; Q5_K: d * sc and -dmin * m) and the fifth bits (bit e: element e): value s * q + m.
+// 5-bit weights (Q5_0, Q5_1, and Q5_K sliced through its super-blocks; q5k.glsl: Q5_K kept whole), as
+// spmd/backends/vulkan.py repacks them: per 32-element block the 16 bytes of low nibbles of q4m.glsl, and 3 words in
+// the scales buffer: the block's scale s and min m as float32 (Q5_0: m = -16 s; Q5_K: d * sc and -dmin * m) and the
+// fifth bits (bit e: element e): value s * q + m.
 const uint UV = 1;
 const uint QUANT = 2;
+#ifndef META  // (q5k.glsl has words of its own: its fifth bits are meta.z too)
 #define META(buf, blk) uvec4(buf[3u * (blk)], buf[3u * (blk) + 1u], buf[3u * (blk) + 2u], 0u)
+float meta_scale(uvec4 meta) { return uintBitsToFloat(meta.x); }
+float meta_min(uvec4 meta) { return uintBitsToFloat(meta.y); }
+#endif
 #define HAS_MIN
 struct Raw { uvec4 q; uint h; };
 Raw make_raw(uvec4 q[UV], uvec4 meta) { return Raw(q[0], meta.z); }
-float meta_scale(uvec4 meta) { return uintBitsToFloat(meta.x); }
-float meta_min(uvec4 meta) { return uintBitsToFloat(meta.y); }
 vec4 deq(Raw r, uint j) {
     uint u = r.q[j & 3u];
     uint s = (j >> 2) * 4u;

@@ -150,17 +150,23 @@ def test_slices_that_cut_super_blocks_stay_quantised(qtype):
 
 
 @needs_device
-def test_a_whole_q4_k_matrix_is_held_near_its_files_bytes_and_computes_as_q4m():
-    """Q4_K kept whole (q4k) holds 148 bytes a 256-element super-block (the file 144: its nibbles, d, dmin, and its
-    6-bit scales and mins a byte each), and its products equal, bit for bit, those of the same matrix in q4m's float
-    words a block (a slice of all its columns)."""
+@pytest.mark.parametrize("qtype, names, words", [(T.Q4_K, ("q4k", "q4m"), 2), (T.Q5_K, ("q5k", "q5m"), 3)],
+                         ids=lambda v: v.name if isinstance(v, T) else "")
+def test_a_whole_k_quant_matrix_is_held_near_its_files_bytes_and_computes_as_its_cut_slices(qtype, names, words):
+    """Q4_K and Q5_K kept whole (q4k, q5k) hold the file's super-block bytes but for 4 (the file's 12 bytes of 6-bit
+    scales and mins held as 16): Q4_K 148 a 256-element super-block for 144 (nibbles, d and dmin, scales and mins),
+    Q5_K 180 for 176 (and 32 bytes of fifth bits). Their products equal, bit for bit, those of the same matrix held
+    as a slice of all its columns (q4m, q5m: float32 words a block, the scale, the min, and Q5_K's fifth bits)."""
+    from gguf import GGML_QUANT_SIZES
+
     from spmd.quants import QTensor
     rng = np.random.default_rng(6)
-    w = random_qtensor(T.Q4_K, 37, 768, rng)
-    whole, cut = BACKEND.linear(w), BACKEND.linear(QTensor(T.Q4_K, w.rows, w.cols, w.data, ((0, w.cols),)))
-    assert (whole.type, cut.type) == ("q4k", "q4m")
-    assert whole.nbytes == 37 * 768 // 256 * (128 + 4 + 16) == BACKEND.held_bytes(T.Q4_K, 37, 768)
-    assert cut.nbytes == 37 * 768 // 32 * (16 + 8)  # nibbles, and a float32 scale and min a block
+    w = random_qtensor(qtype, 37, 768, rng)
+    whole, cut = BACKEND.linear(w), BACKEND.linear(QTensor(qtype, w.rows, w.cols, w.data, ((0, w.cols),)))
+    assert (whole.type, cut.type) == names
+    file_bytes = GGML_QUANT_SIZES[qtype][1]  # a super-block's
+    assert whole.nbytes == 37 * 768 // 256 * (file_bytes + 4) == BACKEND.held_bytes(qtype, 37, 768)
+    assert cut.nbytes == 37 * 768 // 32 * (16 + 4 * words)  # nibbles, and the words of a block
     for n in (1, 11):  # decode's and a prompt's kernels
         x = activations(n, w.cols, rng)
         assert np.array_equal(whole(x), cut(x))

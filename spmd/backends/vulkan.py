@@ -11,7 +11,8 @@ Q6_K's two half-block scales and top bits ("q6", 8 bits for its 6.56); a K-quant
 the numbers stay the file's, and a slice that cuts its super-blocks (QTensor.keep) keeps just its own 32-element
 blocks. Q4_K kept whole ("q4k", `kind`) keeps q4m's nibbles and, as its scales, each super-block's fp16 d and dmin
 and its 6-bit scales and mins a byte each: 4.625 bits a weight against the file's 4.5; its kernels make a block's
-float scale and min (on an H200 that costs more than the 23% fewer bytes a matrix save: README).
+float scale and min (on an H200 that costs more than the 23% fewer bytes a matrix save: README). Q5_K kept whole
+("q5k") does the same beside q5m's fifth bits: 5.625 bits a weight against the file's 5.5 (q5m: 7).
 A matrix larger than the device's maxStorageBufferRange (128 MiB on lavapipe) is held as row chunks, one buffer
 and one dispatch each.
 
@@ -40,15 +41,17 @@ from .vk_runtime import Buffer, Device, Recording, env_tuple
 
 # weight type -> its kernels' name (kernels/<name>.glsl): 4-bit with a min, 5-bit and Q6_K are repacked (_repack)
 TYPES = {T.F32: "f32", T.F16: "f16", T.BF16: "bf16", T.Q8_0: "q8_0", T.Q4_0: "q4_0", T.Q4_1: "q4m", T.Q4_K: "q4m",
-         T.Q5_0: "q5m", T.Q5_1: "q5m", T.Q5_K: "q5m", T.Q6_K: "q6"}  # (`kind`: Q4_K kept whole is "q4k")
-UV = {"f32": 8, "f16": 4, "bf16": 4, "q8_0": 2, "q4_0": 1, "q4m": 1, "q4k": 1, "q5m": 1, "q6": 1}  # uvec4 a block
+         T.Q5_0: "q5m", T.Q5_1: "q5m", T.Q5_K: "q5m", T.Q6_K: "q6"}  # (`kind`: WHOLE's where kept whole)
+WHOLE = {T.Q4_K: "q4k", T.Q5_K: "q5k"}  # a K-quant kept whole: kernels with the file's super-block scales
+UV = {"f32": 8, "f16": 4, "bf16": 4, "q8_0": 2, "q4_0": 1, "q4m": 1, "q4k": 1, "q5m": 1, "q5k": 1, "q6": 1}  # uvec4s
+# a block
 FLOATS = tuple(TYPES[t] for t in quants.FLOATS)  # kernels of float weights (float activations under int8 too)
 # kernels of 8-bit activations: matvec_<w>_i8 (every quantised type), coopmat_<w>_i8 where the device has 8-bit
 # matrix units
-INT8 = ("q4_0", "q8_0", "q4m", "q4k", "q5m", "q6")
-WORDS = ("q4m", "q4k", "q5m", "q6")  # repacked with uint32 words for their blocks (_repack_words)
-# a block's scales, in their own buffer (q4k: 20 bytes a super-block of 8 blocks)
-SCALE_BYTES = {"q4_0": 2, "q8_0": 2, "q4m": 8, "q4k": 2.5, "q5m": 12, "q6": 16}
+INT8 = ("q4_0", "q8_0", "q4m", "q4k", "q5m", "q5k", "q6")
+WORDS = ("q4m", "q4k", "q5m", "q5k", "q6")  # repacked with uint32 words for their blocks (_repack_words)
+# a block's scales, in their own buffer (q4k: 20 bytes a super-block of 8 blocks, q5k 52)
+SCALE_BYTES = {"q4_0": 2, "q8_0": 2, "q4m": 8, "q4k": 2.5, "q5m": 12, "q5k": 6.5, "q6": 16}
 # rows, nb, x_stride, x_off, y_stride, y_off, n, groups, bias_off, flags, ss_count, inv_dim, eps
 MATVEC_PUSH = "<11I2f"
 PUSH_BYTES = struct.calcsize(MATVEC_PUSH)
@@ -95,9 +98,9 @@ def whole(b):
 
 
 def kind(qtype, whole=True):
-    """The kernels (kernels/<kind>.glsl) for weights of `qtype`: TYPES', but Q4_K kept whole (not `whole`: a slice
-    that cuts its super-blocks, QTensor.keep) is "q4k"."""
-    return "q4k" if qtype == T.Q4_K and whole else TYPES[qtype]
+    """The kernels (kernels/<kind>.glsl) for weights of `qtype`: TYPES', but Q4_K and Q5_K kept whole (not `whole`:
+    a slice that cuts their super-blocks, QTensor.keep) are WHOLE's."""
+    return WHOLE[qtype] if qtype in WHOLE and whole else TYPES[qtype]
 
 
 def _nibbles(blocks):
@@ -108,19 +111,28 @@ def _nibbles(blocks):
 
 
 def _repack_words(w: QTensor, rows, nb):
-    """q4m / q5m / q6 / q4k (kernels/q4m.glsl ...): (16 bytes of nibbles per block (rows, nb * 16), uint32 words
-    (rows, words a row): a block's float32 scale and min, then its high bits; Q6_K: its halves' scales, then its top
-    bits; q4k: a super-block's d and dmin, its 8 scales and 8 mins a byte each). A slice that cut K-quant
+    """q4m / q5m / q6 / q4k / q5k (kernels/q4m.glsl ...): (16 bytes of nibbles per block (rows, nb * 16), uint32
+    words (rows, words a row): a block's float32 scale and min, then its high bits; Q6_K: its halves' scales, then its
+    top bits; q4k: a super-block's d and dmin, its 8 scales and 8 mins a byte each; q5k: d and dmin, the scales and
+    mins a byte each, block j's two in half-word j, then each block's fifth bits). A slice that cut K-quant
     super-blocks (w.keep, at 32-element blocks) keeps only its own blocks."""
     u = unpack(w)
     stored = pad(w.cols)  # the stored columns (with w.keep, the blocks around its own)
     q = np.zeros((rows, stored), np.uint32)
     q[:, :w.cols] = u.q + u.offset  # the stored unsigned integers; padding 0 (its activations are 0 too)
-    if kind(w.qtype, w.keep is None) == "q4k":  # a super-block's d and dmin as the file has them, sc and m as bytes
-        heads = w.data.reshape(rows, nb // 8, quants.row_bytes(T.Q4_K, 256))[:, :, :4]
+    name = kind(w.qtype, w.keep is None)
+    if name in ("q4k", "q5k"):  # a super-block's d and dmin as the file has them, sc and m as bytes
+        heads = np.ascontiguousarray(w.data.reshape(rows, nb // 8, quants.row_bytes(w.qtype, 256))[:, :, :4])
         sc, m = (a.reshape(rows, nb // 8, 8).astype(np.uint8) for a in (u.sc, u.m))
-        words = np.concatenate([np.ascontiguousarray(heads), sc, m], axis=2).view(np.uint32)
-        return _nibbles(q.reshape(rows, nb, 32)), words.reshape(rows, nb // 8 * 5)
+        blocks = q.reshape(rows, nb, 32)
+        if name == "q4k":  # the 8 sc, then the 8 m
+            words = np.concatenate([heads, sc, m], axis=2).view(np.uint32)
+        else:  # sc_j, m_j pairs, then each block's fifth bits (bit e: element e)
+            pairs = np.stack([sc, m], axis=3).reshape(rows, nb // 8, 16)
+            fifth = ((blocks >> 4) << np.arange(32, dtype=np.uint32)).sum(axis=2, dtype=np.uint32)
+            words = np.concatenate([np.concatenate([heads, pairs], axis=2).view(np.uint32),
+                                    fifth.reshape(rows, nb // 8, 8)], axis=2)
+        return _nibbles(blocks), words.reshape(rows, nb // 8 * round(8 * SCALE_BYTES[name] / 4))
     per_sub = lambda a: a.repeat(u.super // u.sub, axis=1)  # noqa: E731
     scale = np.zeros((rows, stored // u.sub), np.float32)  # per sub-block, exact in float32 (d * sc)
     scale[:, :w.cols // u.sub] = per_sub(u.d) * (1 if u.sc is None else u.sc)
@@ -168,7 +180,7 @@ def stored_bytes(name, cols) -> tuple:
     """(block bytes, scale bytes) of one row of a matrix of `cols` columns as `_repack` stores it for kernels
     `name` (`kind`'s values)."""
     nb = pad(cols) // 32
-    return nb * 16 * UV[name], int(nb * SCALE_BYTES.get(name, 0))  # (q4k: nb a multiple of 8)
+    return nb * 16 * UV[name], int(nb * SCALE_BYTES.get(name, 0))  # (q4k, q5k: nb a multiple of 8)
 
 
 def chunk_rows(dev, name, cols) -> int:
