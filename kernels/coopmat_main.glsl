@@ -178,8 +178,8 @@ void put() {
             else vs8[r * KW + WB * s + h] = q;
         }
 #ifdef HALF_SCALES
-        rs[(2 * s + m) * BR + r] = ps[k] * uintBitsToFloat(pmeta[k].x);
-        rs[MINS + (2 * s + m) * BR + r] = ps[k] * uintBitsToFloat(pmeta[k].y);
+        rs[(2 * s + m) * BR + r] = ps[k] * half_scale(pmeta[k], 0u);
+        rs[MINS + (2 * s + m) * BR + r] = ps[k] * half_scale(pmeta[k], 1u);
 #elif defined(META)
         rs[(2 * s + m) * BR + r] = ps[k] * meta_scale(pmeta[k]);
 #else
@@ -246,8 +246,8 @@ void put() {
     if (tid % TPB == 0) {
         uint m = u / BR, r = u % BR;
 #ifdef HALF_SCALES
-        rs[2 * m * BR + r] = uintBitsToFloat(pmeta.x);
-        rs[(2 * m + 1) * BR + r] = uintBitsToFloat(pmeta.y);
+        rs[2 * m * BR + r] = half_scale(pmeta, 0u);
+        rs[(2 * m + 1) * BR + r] = half_scale(pmeta, 1u);
 #else
         rs[m * BR + r] = s;
 #endif

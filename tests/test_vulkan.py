@@ -175,6 +175,29 @@ def test_a_whole_k_quant_matrix_is_held_near_its_files_bytes_and_computes_as_its
 
 
 @needs_device
+@pytest.mark.parametrize("qtype", (T.Q4_K, T.Q5_K, T.Q6_K), ids=lambda t: t.name)
+def test_k_quant_scales_below_float16s_normal_range_are_widened_exactly(qtype):
+    """Every super-block's d (and dmin) below float16's smallest normal number (6.1e-5, as in many real files): the
+    kernels that widen them on the device (q4k, q5k, q6) keep them, as the host does, where a flush to zero would
+    lose those blocks."""
+    from gguf import GGML_QUANT_SIZES
+
+    from spmd.quants import F16_FIELDS
+    rng = np.random.default_rng(8)
+    w = random_qtensor(qtype, 21, 512, rng)
+    blocks = w.data.reshape(w.rows, -1, GGML_QUANT_SIZES[qtype][1])
+    for at in F16_FIELDS[qtype]:  # float16 bits 0x0001..0x03ff, either sign: subnormal
+        bits = rng.integers(1, 1024, blocks.shape[:2] + (1,), dtype=np.uint16) | rng.choice([0, 0x8000], (1,))
+        blocks[:, :, at:at + 2] = bits.astype(np.uint16).view(np.uint8)
+    lin = BACKEND.linear(w)
+    for n in (1, 11):
+        x = activations(n, w.cols, rng)
+        got, want = lin(x), NumpyBackend().linear(w)(x)
+        assert np.abs(want).max() > 0 and np.all(np.abs(got - want) <= tolerance(w, x))
+    lin.free()
+
+
+@needs_device
 def test_a_matrix_over_the_storage_buffer_range_is_split_into_row_chunks(monkeypatch):
     rng = np.random.default_rng(3)
     w = random_qtensor(T.Q4_0, 100, 256, rng)

@@ -2,17 +2,17 @@
 (`kernels/`), and a model (`vulkan_model.py`) whose work between two allreduces is one recorded command buffer.
 
 Weight layout on the device (made at load, `_repack`): a matrix is row-major 32-element blocks, the columns padded
-with zeros to a multiple of 32. Q4_0 and Q8_0 keep GGUF's block bytes (16 bytes of nibbles, 32 int8) with the
-2-byte fp16 scales moved to a second buffer (one per block), so every load is 16-byte aligned; F32, F16 and BF16
-keep their bits. The other kept types are repacked (`_repack_words`) to 16 bytes of low nibbles per block and a
-few uint32 words per block in the second buffer: float32 scale and min (Q4_1, and Q4_K sliced through its
-super-blocks: "q4m", 6 bits a weight), plus the fifth bits (Q5_0, Q5_1, Q5_K: "q5m", 7 bits for Q5_K's 5.5), or
-Q6_K's two half-block scales and top bits ("q6", 8 bits for its 6.56); a K-quant's d * sc is exact in float32, so
-the numbers stay the file's, and a slice that cuts its super-blocks (QTensor.keep) keeps just its own 32-element
-blocks. Q4_K kept whole ("q4k", `kind`) keeps q4m's nibbles and, as its scales, each super-block's fp16 d and dmin
-and its 6-bit scales and mins a byte each: 4.625 bits a weight against the file's 4.5; its kernels make a block's
-float scale and min (on an H200 that costs more than the 23% fewer bytes a matrix save: README). Q5_K kept whole
-("q5k") does the same beside q5m's fifth bits: 5.625 bits a weight against the file's 5.5 (q5m: 7).
+with zeros to a multiple of 32. Q4_0 and Q8_0 keep GGUF's block bytes (16 bytes of nibbles, 32 int8) with the 2-byte
+fp16 scales moved to a second buffer (one per block), so every load is 16-byte aligned; F32, F16 and BF16 keep their
+bits. The other kept types are repacked (`_repack_words`) to 16 bytes of low nibbles per block and a few uint32 words
+per block in the second buffer: float32 scale and min (Q4_1, and Q4_K sliced through its super-blocks: "q4m", 6 bits a
+weight), plus the fifth bits (Q5_0, Q5_1, Q5_K: "q5m", 7 bits for Q5_K's 5.5), or Q6_K's two half-block int8 scales,
+its super-block's d and top bits ("q6", 7 bits for its 6.56); a K-quant's d * sc is exact in float32, so the numbers
+stay the file's, and a slice that cuts its super-blocks (QTensor.keep) keeps just its own 32-element blocks. Q4_K kept
+whole ("q4k", `kind`) keeps q4m's nibbles and, as its scales, each super-block's fp16 d and dmin and its 6-bit scales
+and mins a byte each: 4.625 bits a weight against the file's 4.5; its kernels make a block's float scale and min (on
+an H200 that costs more than the 23% fewer bytes a matrix save: README). Q5_K kept whole ("q5k") does the same beside
+q5m's fifth bits: 5.625 bits a weight against the file's 5.5 (q5m: 7).
 A matrix larger than the device's maxStorageBufferRange (128 MiB on lavapipe) is held as row chunks, one buffer
 and one dispatch each.
 
@@ -51,7 +51,7 @@ FLOATS = tuple(TYPES[t] for t in quants.FLOATS)  # kernels of float weights (flo
 INT8 = ("q4_0", "q8_0", "q4m", "q4k", "q5m", "q5k", "q6")
 WORDS = ("q4m", "q4k", "q5m", "q5k", "q6")  # repacked with uint32 words for their blocks (_repack_words)
 # a block's scales, in their own buffer (q4k: 20 bytes a super-block of 8 blocks, q5k 52)
-SCALE_BYTES = {"q4_0": 2, "q8_0": 2, "q4m": 8, "q4k": 2.5, "q5m": 12, "q5k": 6.5, "q6": 16}
+SCALE_BYTES = {"q4_0": 2, "q8_0": 2, "q4m": 8, "q4k": 2.5, "q5m": 12, "q5k": 6.5, "q6": 12}
 # rows, nb, x_stride, x_off, y_stride, y_off, n, groups, bias_off, flags, ss_count, inv_dim, eps
 MATVEC_PUSH = "<11I2f"
 PUSH_BYTES = struct.calcsize(MATVEC_PUSH)
@@ -112,10 +112,10 @@ def _nibbles(blocks):
 
 def _repack_words(w: QTensor, rows, nb):
     """q4m / q5m / q6 / q4k / q5k (kernels/q4m.glsl ...): (16 bytes of nibbles per block (rows, nb * 16), uint32
-    words (rows, words a row): a block's float32 scale and min, then its high bits; Q6_K: its halves' scales, then its
-    top bits; q4k: a super-block's d and dmin, its 8 scales and 8 mins a byte each; q5k: d and dmin, the scales and
-    mins a byte each, block j's two in half-word j, then each block's fifth bits). A slice that cut K-quant
-    super-blocks (w.keep, at 32-element blocks) keeps only its own blocks."""
+    words (rows, words a row): a block's float32 scale and min, then its high bits; q6: its halves' int8 scales and
+    its d in one word, then its top bits; q4k: a super-block's d and dmin, its 8 scales and 8 mins a byte each; q5k:
+    d and dmin, the scales and mins a byte each, block j's two in half-word j, then each block's fifth bits). A slice
+    that cut K-quant super-blocks (w.keep, at 32-element blocks) keeps only its own blocks."""
     u = unpack(w)
     stored = pad(w.cols)  # the stored columns (with w.keep, the blocks around its own)
     q = np.zeros((rows, stored), np.uint32)
@@ -139,6 +139,10 @@ def _repack_words(w: QTensor, rows, nb):
     low = np.zeros((rows, stored // 32), np.float32)  # the min: dmin * m (K-quants, sign included), m (_1)
     if u.dmin is not None:
         low[:, :w.cols // 32] = per_sub(u.dmin) * (1 if u.m is None else u.m)
+    if name == "q6":  # per 16-element half instead: its int8 sc (a byte) and its super-block's d (fp16 bits above)
+        scale = np.zeros((rows, stored // u.sub), np.uint32)
+        d_bits = per_sub(u.d).astype(np.float16).view(np.uint16).astype(np.uint32)
+        scale[:, :w.cols // u.sub] = u.sc.astype(np.int8).view(np.uint8) | d_bits << 16
     if w.keep is not None:  # the kept 32-element blocks, in order
         kept = np.concatenate([np.arange(a // 32, b // 32) for a, b in w.keep])
         q = q.reshape(rows, -1, 32)[:, kept].reshape(rows, nb * 32)
@@ -147,10 +151,11 @@ def _repack_words(w: QTensor, rows, nb):
     blocks = q.reshape(rows, nb, 32)
     nibbles = _nibbles(blocks)
     high = blocks >> 4
-    if TYPES[w.qtype] == "q6":  # two 16-element halves a block; top bits: element e at 2 (e % 16) of word e / 16
+    if name == "q6":  # a block's two sc and its d in a word; top bits: element e at 2 (e % 16) of word 1 + e / 16
+        halves = scale.reshape(rows, nb, 2)
+        first = halves[:, :, :1] | (halves[:, :, 1:] & 255) << 8  # (d: the same super-block's in both)
         bits = (high.reshape(rows, nb, 2, 16) << (2 * np.arange(16, dtype=np.uint32))).sum(axis=3, dtype=np.uint32)
-        words = np.concatenate([scale.reshape(rows, nb, 2).view(np.uint32), bits], axis=2)
-        return nibbles, words.reshape(rows, nb * 4)
+        return nibbles, np.concatenate([first, bits], axis=2).reshape(rows, nb * 3)
     low -= u.offset * scale  # the stored integers are unsigned: Q5_0's m is -16 s
     words = [scale.view(np.uint32), low.view(np.uint32)]
     if TYPES[w.qtype] == "q5m":  # bit e: element e's fifth bit
