@@ -43,7 +43,7 @@ layout(push_constant) uniform Push {
 #include "block_scale.glsl"
 layout(std430, binding = 0) readonly buffer Weights { uvec4 w[]; };  // blocks, row-major, UV uvec4 per block
 layout(std430, binding = 1) readonly buffer Scales { uint d[]; };    // Q8_0 / Q4_0: fp16 scale per block, 2 a uint;
-                                                                     // q4m / q5m / q6 / q4k: the type's META words
+                                                                     // q4m / q5m / q6 / q4k / q5k: the type's META words
 #ifdef INT8  // matvec_*_i8: the activations as quantize_f32 writes them, 8 bits each, a scale per 32-element block
 layout(std430, binding = 2) readonly buffer Xin { uvec4 xq[]; };      // a block's 32 int8 in two uvec4
 layout(std430, binding = 10) readonly buffer XScales { vec2 xd[]; };  // a block's (d, the sum of its integers)

@@ -37,6 +37,19 @@ def covering_blocks(a, b, block) -> tuple:
     return a // block * block, -(-b // block) * block
 
 
+def column_cover(spans, block) -> tuple:
+    """A column slice of several [start, stop) spans as `col_ranges` holds it: ([first, end) of the whole blocks
+    around each span, its QTensor's `keep` (where the span's columns lie among the held ones; None where no span
+    cuts a block), the columns held)."""
+    covers, keep, at = [], [], 0
+    for a, b in (s for s in spans if s[1] > s[0]):
+        first, end = covering_blocks(a, b, block)
+        covers.append((first, end))
+        keep.append((at + a - first, at + b - first))
+        at += end - first
+    return covers, tuple(keep) if sum(b - a for a, b in keep) != at else None, at
+
+
 class GGUFFile:
     def __init__(self, path):
         self.path = str(path)
@@ -143,16 +156,12 @@ class GGUFFile:
         n_rows, cols = info.shape
         bs = block_size(info.qtype)
         per_block = raw.shape[1] // (cols // bs) if cols else 0
-        parts, keep, at = [raw[:, :0]], [], 0
-        for a, b in (s for s in spans if s[1] > s[0]):
-            first, end = covering_blocks(a, b, bs)
-            parts.append(raw[:, first // bs * per_block: end // bs * per_block])
-            keep.append((at + a - first, at + b - first))
-            at += end - first
+        covers, keep, at = column_cover(spans, bs)
+        parts = [raw[:, :0]] + [raw[:, first // bs * per_block: end // bs * per_block] for first, end in covers]
         part = parts[-1] if len(parts) == 2 else np.concatenate(parts, axis=1)
         qt = self._keep(info, part, n_rows, at, notice)
-        if sum(b - a for a, b in keep) != at:
-            qt.keep = tuple(keep)
+        if keep is not None:
+            qt.keep = keep
             if qt.qtype != info.qtype:  # dequantised at load: floats have no blocks to keep whole
                 qt = from_float(dequantize(qt))
         self._release(info)

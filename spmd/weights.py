@@ -21,7 +21,7 @@ import numpy as np
 
 from gguf import GGMLQuantizationType as T
 
-from .gguf_file import covering_blocks
+from .gguf_file import column_cover
 from .model import HALVES
 from .plan import Share, scale_ranges
 from .quants import NATIVE, block_size, dequantize, from_float
@@ -127,15 +127,12 @@ def half_bytes(f, cfg, share: Share, backend) -> tuple:
         info = f.info(name)
         qtype = info.qtype if info.qtype in NATIVE else T.F32  # others are dequantised at load
         rows, cols = info.shape
-        spans, kept = element_spans(cfg, share, unit), None
+        spans, keep = element_spans(cfg, share, unit), None
         if slicing == ROWS:
             rows = sum(b - a for a, b in spans)
         else:  # a column slice keeps whole quant blocks (GGUFFile.col_ranges); one that cuts them says which
-            own = sum(b - a for a, b in spans)
-            cols = sum(end - first for first, end in (covering_blocks(a, b, block_size(qtype)) for a, b in spans
-                                                      if b > a))
-            kept = own if own != cols else None
-        return backend.held_bytes(qtype, rows, cols, kept)
+            _, keep, cols = column_cover(spans, block_size(qtype))
+        return backend.held_bytes(qtype, rows, cols, keep)
 
     sizes = {(i, half): 0 for i in share.layer_ids for half in HALVES}
     for i in share.layer_ids:

@@ -8,7 +8,7 @@ import pytest
 from gguf import GGMLQuantizationType as T
 
 from spmd.errors import UserError, human_size, parse_size
-from spmd.quants import QTensor
+from spmd.quants import QTensor, dequantize, from_float
 from spmd.stream import Window, choose, figures
 
 
@@ -202,18 +202,21 @@ def test_vulkan_held_bytes_is_what_a_linear_holds(qtype, rows, cols):
 
 
 @pytest.mark.parametrize("name", ["numpy", "cpu", "vulkan"])
-@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q5_K, T.Q6_K])
-def test_held_bytes_of_a_slice_that_cuts_super_blocks_is_what_its_linear_holds(name, qtype):
-    """A column slice that cuts K-quant super-blocks (QTensor.keep: the blocks around its own columns) is priced
-    by its own columns where the backend keeps only those (numpy, Vulkan: Q4_K there as q4m, not q4k)."""
+@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q5_K, T.Q6_K, T.Q4_0])
+@pytest.mark.parametrize("keep", [((32, 96), (256, 512), (608, 640)), ((8, 40), (256, 300))], ids=["blocks", "cut"])
+def test_held_bytes_of_a_slice_that_cuts_quant_blocks_is_what_its_linear_holds(name, qtype, keep):
+    """A column slice that cuts quant blocks (QTensor.keep: the blocks around its own columns) is priced by what
+    the backend keeps: numpy its own columns as float32; Vulkan a K-quant's own 32-element blocks (Q4_K there as
+    q4m, not q4k), and float32 of its own columns for a cut inside 32-element blocks or of a type kept whole
+    (Q4_0); cpu the blocks around them."""
     from test_backends import random_qtensor
 
     from spmd.backends import get_backend
     backend = vulkan_backend() if name == "vulkan" else get_backend(name, 1)
     whole = random_qtensor(qtype, 5, 768, np.random.default_rng(4))
-    keep = ((32, 96), (256, 512), (608, 640))
-    lin = backend.linear(QTensor(qtype, 5, 768, whole.data, keep))
-    assert backend.held_bytes(qtype, 5, 768, kept=64 + 256 + 32) == lin.nbytes
+    w = QTensor(qtype, 5, 768, whole.data, keep)
+    lin = backend.linear(w if backend.lacks(w) is None else from_float(dequantize(w)))  # as spmd.weights does
+    assert backend.held_bytes(qtype, 5, 768, keep) == lin.nbytes
     if name == "vulkan":
         lin.free()
 

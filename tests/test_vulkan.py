@@ -187,7 +187,8 @@ def test_k_quant_scales_below_float16s_normal_range_are_widened_exactly(qtype):
     w = random_qtensor(qtype, 21, 512, rng)
     blocks = w.data.reshape(w.rows, -1, GGML_QUANT_SIZES[qtype][1])
     for at in F16_FIELDS[qtype]:  # float16 bits 0x0001..0x03ff, either sign: subnormal
-        bits = rng.integers(1, 1024, blocks.shape[:2] + (1,), dtype=np.uint16) | rng.choice([0, 0x8000], (1,))
+        shape = blocks.shape[:2] + (1,)
+        bits = rng.integers(1, 1024, shape, dtype=np.uint16) | rng.choice([0, 0x8000], shape)
         blocks[:, :, at:at + 2] = bits.astype(np.uint16).view(np.uint8)
     lin = BACKEND.linear(w)
     for n in (1, 11):
@@ -198,10 +199,11 @@ def test_k_quant_scales_below_float16s_normal_range_are_widened_exactly(qtype):
 
 
 @needs_device
-def test_a_matrix_over_the_storage_buffer_range_is_split_into_row_chunks(monkeypatch):
+@pytest.mark.parametrize("qtype", (T.Q4_0, T.Q4_K, T.Q5_K, T.Q6_K), ids=lambda t: t.name)
+def test_a_matrix_over_the_storage_buffer_range_is_split_into_row_chunks(monkeypatch, qtype):
     rng = np.random.default_rng(3)
-    w = random_qtensor(T.Q4_0, 100, 256, rng)
-    monkeypatch.setattr(BACKEND.dev, "max_range", 30 * 8 * 16)  # 30 rows of 8 blocks
+    w = random_qtensor(qtype, 100, 256, rng)
+    monkeypatch.setattr(BACKEND.dev, "max_range", 30 * 8 * 16)  # 30 rows of 8 blocks (their scales take less)
     lin = BACKEND.linear(w)
     assert len(lin.parts) == 4
     x = activations(2, 256, rng)

@@ -12,8 +12,8 @@
     lin.rows, lin.cols, lin.nbytes       # nbytes: resident bytes of the weights as kept
     lin.arrays                           # the arrays its products read (cpu, numpy; Vulkan: a streamed one's
                                          # repacked arrays): spmd.stream moves them to its spill file
-    backend.held_bytes(qtype, rows, cols, kept)   # bytes lin.nbytes will be for such a matrix; kept: the
-                                         # columns of a slice that cuts quant blocks (QTensor.keep's), else None
+    backend.held_bytes(qtype, rows, cols, keep)   # bytes lin.nbytes will be for such a matrix; keep: a slice
+                                         # that cuts quant blocks, its QTensor.keep, else None
     y = lin(x, out=None)                 # x: float32 (n, cols) -> float32 (n, rows) = x @ W.T, into `out` if given
                                          # (a float64 out: the cpu int8 kernels' exact sums)
     backend.partial_dtype                # the dtype its model's partial sums have (float32; cpu int8: float64)
@@ -44,9 +44,9 @@ class Backend:
     def linear(self, w, resident=True):
         raise NotImplementedError
 
-    def held_bytes(self, qtype, rows, cols, kept=None):
+    def held_bytes(self, qtype, rows, cols, keep=None):
         """What a linear of a (rows, cols) matrix of `qtype` holds (the numpy backend's float32 of its own columns)."""
-        return 4 * rows * (cols if kept is None else kept)
+        return 4 * rows * (cols if keep is None else sum(b - a for a, b in keep))
 
     def widens_f16_cache(self, head_dim) -> bool:
         """Whether its model's prompt attention reads a layer's float16 keys and values through a float32 copy

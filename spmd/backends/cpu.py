@@ -1137,7 +1137,7 @@ class CpuBackend(Backend):
     def linear(self, w: QTensor, resident=True) -> CpuLinear:
         return CpuLinear(w, self.threads, self.int8)
 
-    def held_bytes(self, qtype, rows, cols, kept=None) -> int:
+    def held_bytes(self, qtype, rows, cols, keep=None) -> int:
         return held_bytes(qtype, rows, cols, self.int8)  # a cut slice keeps the whole blocks around it
 
     def make_model(self, cfg, weights, share, max_seq, slots=1, kv_cache="f32"):

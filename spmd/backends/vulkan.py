@@ -6,13 +6,14 @@ with zeros to a multiple of 32. Q4_0 and Q8_0 keep GGUF's block bytes (16 bytes 
 fp16 scales moved to a second buffer (one per block), so every load is 16-byte aligned; F32, F16 and BF16 keep their
 bits. The other kept types are repacked (`_repack_words`) to 16 bytes of low nibbles per block and a few uint32 words
 per block in the second buffer: float32 scale and min (Q4_1, and Q4_K sliced through its super-blocks: "q4m", 6 bits a
-weight), plus the fifth bits (Q5_0, Q5_1, Q5_K: "q5m", 7 bits for Q5_K's 5.5), or Q6_K's two half-block int8 scales,
-its super-block's d and top bits ("q6", 7 bits for its 6.56); a K-quant's d * sc is exact in float32, so the numbers
-stay the file's, and a slice that cuts its super-blocks (QTensor.keep) keeps just its own 32-element blocks. Q4_K kept
-whole ("q4k", `kind`) keeps q4m's nibbles and, as its scales, each super-block's fp16 d and dmin and its 6-bit scales
-and mins a byte each: 4.625 bits a weight against the file's 4.5; its kernels make a block's float scale and min (on
-an H200 that costs more than the 23% fewer bytes a matrix save: README). Q5_K kept whole ("q5k") does the same beside
-q5m's fifth bits: 5.625 bits a weight against the file's 5.5 (q5m: 7).
+weight), plus the fifth bits (Q5_0, Q5_1, and Q5_K sliced through its super-blocks: "q5m", 7 bits for Q5_K's 5.5), or
+Q6_K's two half-block int8 scales, its super-block's d and top bits ("q6", 7 bits for its 6.56); a K-quant's d * sc is
+exact in float32, so the numbers stay the file's, and a slice that cuts its super-blocks (QTensor.keep) keeps just its
+own 32-element blocks. Q4_K kept whole ("q4k", `kind`) keeps q4m's nibbles and, as its scales, each super-block's
+fp16 d and dmin and its 6-bit scales and mins a byte each: 4.625 bits a weight against the file's 4.5; its kernels
+make a block's float scale and min where they use it (on an H200 a float32 prompt 0.97x q4m's, an int8 one 1.04x,
+decode 0.96-0.97x: README). Q5_K kept whole ("q5k") does the same beside q5m's fifth bits: 5.625 bits a weight
+against the file's 5.5 (q5m: 7).
 A matrix larger than the device's maxStorageBufferRange (128 MiB on lavapipe) is held as row chunks, one buffer
 and one dispatch each.
 
@@ -43,8 +44,8 @@ from .vk_runtime import Buffer, Device, Recording, env_tuple
 TYPES = {T.F32: "f32", T.F16: "f16", T.BF16: "bf16", T.Q8_0: "q8_0", T.Q4_0: "q4_0", T.Q4_1: "q4m", T.Q4_K: "q4m",
          T.Q5_0: "q5m", T.Q5_1: "q5m", T.Q5_K: "q5m", T.Q6_K: "q6"}  # (`kind`: WHOLE's where kept whole)
 WHOLE = {T.Q4_K: "q4k", T.Q5_K: "q5k"}  # a K-quant kept whole: kernels with the file's super-block scales
-UV = {"f32": 8, "f16": 4, "bf16": 4, "q8_0": 2, "q4_0": 1, "q4m": 1, "q4k": 1, "q5m": 1, "q5k": 1, "q6": 1}  # uvec4s
-# a block
+# uvec4s a block
+UV = {"f32": 8, "f16": 4, "bf16": 4, "q8_0": 2, "q4_0": 1, "q4m": 1, "q4k": 1, "q5m": 1, "q5k": 1, "q6": 1}
 FLOATS = tuple(TYPES[t] for t in quants.FLOATS)  # kernels of float weights (float activations under int8 too)
 # kernels of 8-bit activations: matvec_<w>_i8 (every quantised type), coopmat_<w>_i8 where the device has 8-bit
 # matrix units
@@ -103,6 +104,12 @@ def kind(qtype, whole=True):
     return WHOLE[qtype] if qtype in WHOLE and whole else TYPES[qtype]
 
 
+def _cut_within_blocks(qtype, keep) -> bool:
+    """Whether a slice (QTensor.keep) cuts blocks the kernels cannot take apart: a type not repacked in 32-element
+    blocks, or a cut inside one (such a slice is held as F32)."""
+    return keep is not None and (TYPES[qtype] not in WORDS or any(a % 32 or b % 32 for a, b in keep))
+
+
 def _nibbles(blocks):
     """(rows, nb, 32) unsigned integers -> 16 bytes a block of their low nibbles (rows, nb * 16): element e in the
     low nibble of byte e, element 16 + e in its high one."""
@@ -134,20 +141,21 @@ def _repack_words(w: QTensor, rows, nb):
                                     fifth.reshape(rows, nb // 8, 8)], axis=2)
         return _nibbles(blocks), words.reshape(rows, nb // 8 * round(8 * SCALE_BYTES[name] / 4))
     per_sub = lambda a: a.repeat(u.super // u.sub, axis=1)  # noqa: E731
-    scale = np.zeros((rows, stored // u.sub), np.float32)  # per sub-block, exact in float32 (d * sc)
-    scale[:, :w.cols // u.sub] = per_sub(u.d) * (1 if u.sc is None else u.sc)
-    low = np.zeros((rows, stored // 32), np.float32)  # the min: dmin * m (K-quants, sign included), m (_1)
-    if u.dmin is not None:
-        low[:, :w.cols // 32] = per_sub(u.dmin) * (1 if u.m is None else u.m)
-    if name == "q6":  # per 16-element half instead: its int8 sc (a byte) and its super-block's d (fp16 bits above)
+    if name == "q6":  # per 16-element half: its int8 sc (a byte) and its super-block's d (fp16 bits above)
         scale = np.zeros((rows, stored // u.sub), np.uint32)
         d_bits = per_sub(u.d).astype(np.float16).view(np.uint16).astype(np.uint32)
         scale[:, :w.cols // u.sub] = u.sc.astype(np.int8).view(np.uint8) | d_bits << 16
+    else:  # per sub-block, exact in float32 (d * sc)
+        scale = np.zeros((rows, stored // u.sub), np.float32)
+        scale[:, :w.cols // u.sub] = per_sub(u.d) * (1 if u.sc is None else u.sc)
+    low = np.zeros((rows, stored // 32), np.float32)  # the min: dmin * m (K-quants, sign included), m (_1); Q6_K: 0
+    if u.dmin is not None:
+        low[:, :w.cols // 32] = per_sub(u.dmin) * (1 if u.m is None else u.m)
     if w.keep is not None:  # the kept 32-element blocks, in order
         kept = np.concatenate([np.arange(a // 32, b // 32) for a, b in w.keep])
         q = q.reshape(rows, -1, 32)[:, kept].reshape(rows, nb * 32)
         scale = scale.reshape(rows, -1, 32 // u.sub)[:, kept].reshape(rows, nb * 32 // u.sub)
-        low = low[:, kept]  # (Q6_K has no min: all zeros, unused)
+        low = low[:, kept]
     blocks = q.reshape(rows, nb, 32)
     nibbles = _nibbles(blocks)
     high = blocks >> 4
@@ -388,7 +396,7 @@ class VulkanBackend(Backend):
         a cut through a 32-element block, or a type without a kernel, is held as F32."""
         if w.qtype not in TYPES:
             return f"a kernel for {w.qtype.name} weights"
-        if w.keep is not None and (TYPES[w.qtype] not in WORDS or any(a % 32 or b % 32 for a, b in w.keep)):
+        if _cut_within_blocks(w.qtype, w.keep):
             return f"{w.qtype.name} slices that cut through its 32-element blocks"
         return None
 
@@ -449,11 +457,12 @@ class VulkanBackend(Backend):
     def linear(self, w: QTensor, resident=True) -> VulkanLinear:
         return VulkanLinear(self, w, resident)
 
-    def held_bytes(self, qtype, rows, cols, kept=None):
-        """What a VulkanLinear of a (rows, cols) matrix of `qtype` holds on the device (a type without a kernel:
-        as F32); a slice that cuts super-blocks holds its `kept` columns' own blocks."""
-        name = kind(qtype, kept is None) if qtype in TYPES else "f32"
-        cols = cols if kept is None else kept
+    def held_bytes(self, qtype, rows, cols, keep=None):
+        """What a VulkanLinear of a (rows, cols) matrix of `qtype` holds on the device (a type without a kernel, or
+        a slice that cuts its 32-element blocks: as F32); a slice that cuts super-blocks holds its own columns'
+        blocks."""
+        name = "f32" if qtype not in TYPES or _cut_within_blocks(qtype, keep) else kind(qtype, keep is None)
+        cols = cols if keep is None else sum(b - a for a, b in keep)
         block, scale = stored_bytes(name, cols)
         chunk = chunk_rows(self.dev, name, cols)
         return sum(part_bytes(block * n, scale * n) for n in (min(chunk, rows - r0) for r0 in range(0, rows, chunk)))
