@@ -49,6 +49,7 @@ DIR_PREFIX = "spmd-supervise-"  # then the supervisor's pid: a folder of one kil
 TERM_GRACE_S = 3.0  # after SIGINT, how long mpirun has to take the job down before it is killed
 DEATH_GRACE_S = 2.0  # after a watcher's line says a rank died, how long mpirun has to end the job by itself
 START_S = 10.0  # a user's stop waits this long at most for the ranks to start before it goes to mpirun
+STOP_S = 20.0  # and then this long at most for the job to end before it is killed
 GAPS = 32  # recent gaps between tokens the progress bound looks at
 
 
@@ -155,7 +156,7 @@ class Job:
         self.lines = b""
         self.died = {}  # rank -> signal, from the watchers' lines
         self.ending = False  # the supervisor is taking it down
-        self.interrupted = False  # the user's stop was passed on
+        self.interrupted = None  # when the user's stop was passed on
 
     def send(self, data):
         """Serving: bytes for the requests pipe, written as the job reads them (see `read`)."""
@@ -200,7 +201,7 @@ class Job:
             if died is not None:
                 self.died[int(died.group(1))] = int(died.group(3))
             elif pipe is self.proc.stderr:
-                if self.ending or self.interrupted:
+                if self.ending or self.interrupted is not None:
                     line = ABORTED.sub("", line)
                     if not line.strip():
                         continue
@@ -343,7 +344,7 @@ class Supervisor:
     def _interrupt(self, job):
         """The user's stop, passed on to a job whose ranks have started (one still importing would print a
         traceback)."""
-        job.interrupted = True
+        job.interrupted = time.monotonic()
         # a stopped rank would hold the others until their grace runs out
         signal_pids([p for p in self._local_pids() if process_state(p) in ("T", "t")], signal.SIGCONT)
         job.signal(signal.SIGINT)
@@ -420,8 +421,10 @@ class Supervisor:
         try:
             while job.proc.poll() is None:
                 lines, now = job.read(0.05), time.monotonic()
-                if self.stopping is not None and not job.interrupted and (record.ranks or now - started > START_S):
+                if self.stopping is not None and job.interrupted is None and (record.ranks or now - started > START_S):
                     self._interrupt(job)  # the user's signal came while the ranks were starting
+                if job.interrupted is not None and now - job.interrupted > STOP_S:
+                    job.kill(self._local_pids())  # the stop passed on did not end it (a rank died meanwhile, say)
                 for line in lines:
                     tokens = record.tokens
                     if not self._apply(line):  # nobody reads stdout any more

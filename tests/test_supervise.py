@@ -172,6 +172,39 @@ time.sleep(60)
     assert "rank 1 (localhost) died (signal 9)" in err and "rank 0" not in err
 
 
+def test_a_stop_that_does_not_end_the_job_kills_it(tmp_path, monkeypatch):
+    """The user's Ctrl-C is passed on to mpirun, which does not end (it ignores SIGINT here; a rank dying meanwhile
+    did that): the supervisor kills the job after STOP_S, and exits as a stopped run does, no relaunch."""
+    import threading
+
+    from spmd import supervise
+    monkeypatch.setattr(supervise, "STOP_S", 1.0)
+    fake, relaunched = tmp_path / "mpirun", tmp_path / "relaunched"
+    fake.write_text(f"""#!{sys.executable}
+import os, signal, sys, time
+sys.path.insert(0, {str(ROOT)!r})
+if "--resume" in sys.argv:
+    open({str(relaunched)!r}, "w").write("yes")
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+from spmd.journal import Journal
+journal = Journal(sys.argv[sys.argv.index("--journal") + 1])
+journal.event("ranks", ranks=[["localhost", os.getpid()]])
+journal.event("ready", ratios="1", prompts=[[1, 5]])
+time.sleep(60)
+""")
+    fake.chmod(0o755)
+    sup = supervise.Supervisor(str(fake), None, 1, ["--model", "m.gguf"], progress_timeout=30.0, max_recoveries=1)
+    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    start = time.monotonic()
+    try:
+        status = sup.run()
+    finally:
+        timer.cancel()
+    assert status == 128 + signal.SIGINT and time.monotonic() - start < 1.0 + 1.0 + 5
+    assert sup.job.proc.returncode is not None and not relaunched.exists()
+
+
 # ---- whole runs ----------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
