@@ -42,6 +42,7 @@ from .errors import UserError
 
 ALIGN = 64  # bytes: every array in the spill file starts at a multiple of this, every half at a page
 DEVICE_ALIGN = 256  # bytes: every array in a device slot starts at a multiple of this (DeviceWindow)
+POOL_SPARE = 1 << 30  # DeviceWindow: host memory left over before it holds the streamed halves itself
 COPY_THREADS, COPY_PIECE = 4, 1 << 20  # DeviceWindow's copies into mapped device memory: threads, bytes a piece
 # (pieces of 4 MiB left the threads uneven on a half's 9 arrays: a TinyLlama token streaming 520 MiB into an H200
 # took 46.0-74.2 ms with them, 39.8-52.8 with 1 MiB, in either order on two hosts)
@@ -330,21 +331,34 @@ class Window:
             pass
 
 
+def halves_on_host(dev, nbytes) -> bool:
+    """Whether a DeviceWindow holds its streamed halves (nbytes as its slots hold them) in the host's memory, the
+    device copying each into its slot: a GPU whose host has that memory to spare."""
+    from .rank import available_bytes
+    return not dev.is_cpu and (available_bytes() or 0) >= nbytes + POOL_SPARE
+
+
 class DeviceWindow(Window):
     """A Vulkan rank's window: the streamed halves' matrices, repacked for its kernels, are spilled as on the cpu,
     and on the device they live in `slots`: buffers of the largest half each, as many as the window's bytes hold
     (at most one per streamed half). The j-th streamed half in running order has slot j % len(slots) for good, so
-    the command buffers recorded once bind it; the loader brings a half in only once its slot is free (the half
-    before it in that slot has run). Bringing a half in copies it from the spill file's mapping into its slot:
-    on the loader thread, in pieces on COPY_THREADS threads, where the host maps device memory (resizable BAR,
-    unified memory, lavapipe: one thread's writes into an H200's memory reach ~10 GB/s, four ~26); else on the
-    compute thread through a staging buffer just before the half runs (the device's queue is the compute
-    thread's). The host drops the pages at once: they are only passing through."""
+    the command buffers recorded once bind it.
+    Where the host has the memory to spare (`POOL_SPARE` beyond them), the streamed halves are held in the host's
+    memory as a Vulkan buffer (`host`, written once at start from the spill file) and the GPU's own copy engine
+    brings each half into its slot (a copy queued just before the half runs, each recorded once): no host thread
+    copies, and the copy runs at the bus's DMA speed (an H200's host: 50 GB/s, where its writes reach 17-24).
+    Otherwise (or on a CPU device, lavapipe, whose "device" memory is the host's, which --memory-limit caps) the
+    loader brings a half in once its slot is free (the half before it in that slot has run), copying it from the
+    spill file's mapping into its slot: on the loader thread, in pieces on COPY_THREADS threads, where the host maps
+    device memory (resizable BAR, unified memory, lavapipe: one thread's writes into an H200's memory reach ~10
+    GB/s, four ~26); else on the compute thread through a staging buffer just before the half runs (the device's
+    queue is the compute thread's). The host drops the pages at once: they are only passing through."""
 
     def __init__(self, order, dev, folder=None):
         super().__init__(order, folder)
         self.dev, self.slots, self.slot_of, self.user = dev, [], {}, []  # slot_of: key -> its slot's index
         self.pool = ThreadPoolExecutor(COPY_THREADS, "spmd-copy") if dev.direct else None
+        self.host, self.copies = None, {}  # the halves in host memory, and each one's recorded copy to its slot
 
     def start(self, window_bytes):
         """Map the spill file, make the slots, bind each streamed linear to its slot, start the loader."""
@@ -360,7 +374,41 @@ class DeviceWindow(Window):
             self.slot_of[key] = j % count
             for (lin, _), at in zip(self.parts[key][2], places[key][0]):
                 lin.bind(self.slots[j % count], at)
-        self._launch()
+        if halves_on_host(self.dev, sum(size for _, size in places.values())):
+            self._fill_host(places)
+        else:
+            self._launch()
+
+    def _fill_host(self, places):
+        """Every streamed half into `host`, each laid out as in its slot, and its copy into the slot recorded."""
+        from .backends.vk_runtime import Buffer, Recording
+        at, where = 0, {}
+        for key in self.order:
+            where[key] = at
+            at += -(-places[key][1] // DEVICE_ALIGN) * DEVICE_ALIGN
+        self.host = Buffer(self.dev, at, "pool")
+        for key in self.order:
+            for lin, _ in self.parts[key][2]:
+                for array, start in zip(lin.arrays, lin.offsets):
+                    self.host.write(array, where[key] + start)
+            self._advise(*self.parts[key][:2], mmap.MADV_DONTNEED)
+            rec = self.copies[key] = Recording(self.dev)
+            rec.barrier(to_copy=True)  # (after the products queued before it, which may read the slot)
+            self.dev.copy(rec, self.host, self.slots[self.slot_of[key]], max(places[key][1], 4), where[key])
+            rec.barrier()  # (the copy's writes before the half's products, queued after it, read them)
+            rec.end()
+
+    @contextmanager
+    def hold(self, key):
+        if self.host is None or key not in self.index:
+            with super().hold(key):
+                yield
+            return
+        # the copy queued now runs after what was queued before it (the half before it in that slot) and before
+        # what the compute thread queues next: the half's products
+        self.copies[key].submit(fence=False)
+        self.streamed_bytes += self.parts[key][1]
+        yield
 
     @staticmethod
     def _device_layout(layout) -> tuple:
@@ -420,6 +468,11 @@ class DeviceWindow(Window):
         super().close()
         if self.pool is not None:
             self.pool.shutdown()
-        for slot in self.slots:
-            slot.free()
-        self.slots = []
+        if self.copies:
+            self.dev.idle()  # (a copy queued for nothing, after an error)
+        for rec in self.copies.values():
+            rec.free()
+        self.copies = {}
+        for buf in self.slots + ([self.host] if self.host is not None else []):
+            buf.free()
+        self.slots, self.host = [], None

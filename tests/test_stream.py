@@ -221,15 +221,22 @@ def test_held_bytes_of_a_slice_that_cuts_quant_blocks_is_what_its_linear_holds(n
         lin.free()
 
 
-@pytest.mark.parametrize("direct", [True, False], ids=["mapped", "staged"])
-def test_device_window_runs_each_streamed_half_from_its_slot(tmp_path, monkeypatch, direct):
+@pytest.mark.parametrize("direct, on_host", [(True, False), (False, False), (True, True)],
+                         ids=["mapped", "staged", "host"])
+def test_device_window_runs_each_streamed_half_from_its_slot(tmp_path, monkeypatch, direct, on_host):
     """Five halves of Vulkan linears (K-quants with their word scales, Q8_0, F32) streamed through two slots (the
     fifth wraps round onto the first's slot): every product equals the resident linear's, bit for bit, over three
     cycles and out of turn; the slots are the window's only device memory for them. Staged: as on a GPU whose
-    memory the host cannot map (lavapipe's can), the compute thread copies each half in through a staging buffer."""
+    memory the host cannot map (lavapipe's can), the compute thread copies each half in through a staging buffer.
+    Host: as on a GPU whose host has memory to spare, the halves are held in host memory and the device copies
+    each into its slot (lavapipe's "device" memory being the host's, it does not do so by itself)."""
     from test_backends import random_qtensor
+
+    from spmd import stream
+    from spmd.stream import DeviceWindow
     backend = vulkan_backend()
     monkeypatch.setattr(backend.dev, "direct", direct if backend.dev.direct else False)
+    monkeypatch.setattr(stream, "halves_on_host", lambda dev, nbytes: on_host)
     rng = np.random.default_rng(4)
     types = [T.Q4_K, T.Q8_0, T.F32, T.Q6_K, T.Q5_0]
     tensors = {(i, "ffn"): [random_qtensor(q, r, 256, rng) for r in (40, 24)] for i, q in enumerate(types)}
@@ -240,7 +247,6 @@ def test_device_window_runs_each_streamed_half_from_its_slot(tmp_path, monkeypat
         expected[k] = [lin(x) for lin in resident]
         for lin in resident:
             lin.free()
-    from spmd.stream import DeviceWindow
     w = DeviceWindow(list(tensors), backend.dev, tmp_path)
     halves = {k: [backend.linear(q, resident=False) for q in ws] for k, ws in tensors.items()}
     assert all(lin.parts == [] for lins in halves.values() for lin in lins)  # no device memory of their own
@@ -248,7 +254,9 @@ def test_device_window_runs_each_streamed_half_from_its_slot(tmp_path, monkeypat
         w.spill(k, lins)
     used = backend.dev.heap_used[:]
     w.start(2 * w.largest + 4096)
-    assert len(w.slots) == 2 and sum(backend.dev.heap_used) - sum(used) == sum(s.size for s in w.slots)
+    host = w.host.size if on_host else 0  # (lavapipe: one heap)
+    assert (w.host is not None) == on_host and (w.thread is None) == on_host  # (no loader thread)
+    assert len(w.slots) == 2 and sum(backend.dev.heap_used) - sum(used) == sum(s.size for s in w.slots) + host
     assert all((s.view is not None) == backend.dev.direct for s in w.slots)
     for k in 3 * list(tensors) + [(3, "ffn"), (0, "ffn"), (0, "ffn"), (4, "ffn")]:
         with w.hold(k):

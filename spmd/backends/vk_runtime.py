@@ -57,7 +57,8 @@ class Buffer:
 
     def __init__(self, dev, nbytes, where="device"):
         """where: "device" (weights, activations: device-local, host-visible when the device offers it),
-        "host" (the host reads what the GPU wrote: host-cached memory where there is such)."""
+        "host" (the host reads what the GPU wrote: host-cached memory where there is such), "pool" (the host's
+        memory, which the GPU's copies read: spmd.stream.DeviceWindow's streamed weights)."""
         self.dev, self.nbytes = dev, max(int(nbytes), 16)
         usage = (vk.VK_BUFFER_USAGE_STORAGE_BUFFER_BIT | vk.VK_BUFFER_USAGE_TRANSFER_DST_BIT
                  | vk.VK_BUFFER_USAGE_TRANSFER_SRC_BIT)
@@ -291,11 +292,15 @@ class Device:
     def memory_type(self, bits, where):
         dl, hv = vk.VK_MEMORY_PROPERTY_DEVICE_LOCAL_BIT, vk.VK_MEMORY_PROPERTY_HOST_VISIBLE_BIT
         hc, cached = vk.VK_MEMORY_PROPERTY_HOST_COHERENT_BIT, vk.VK_MEMORY_PROPERTY_HOST_CACHED_BIT
+        if where == "pool":  # host-visible and not the device's own memory, where there is such
+            for i, f in enumerate(self.type_flags):
+                if bits & (1 << i) and f & (hv | hc) == hv | hc and not f & dl:
+                    return i
         if where == "device":
             wants = [dl | hv, dl] if self.direct else [dl, dl | hv]
         elif where == "host":
             wants = [hv | hc | cached, hv | hc]
-        else:  # "staging"
+        else:  # "staging", "pool"
             wants = [hv | hc]
         for want in wants:
             for i, f in enumerate(self.type_flags):
@@ -355,9 +360,9 @@ class Device:
         host.free()
         return data
 
-    def copy(self, rec, src, dst, nbytes):
-        """Record a copy of the first nbytes of src into dst."""
-        region = vk.VkBufferCopy(srcOffset=0, dstOffset=0, size=nbytes)
+    def copy(self, rec, src, dst, nbytes, src_offset=0, dst_offset=0):
+        """Record a copy of nbytes of src (from src_offset) into dst (at dst_offset)."""
+        region = vk.VkBufferCopy(srcOffset=src_offset, dstOffset=dst_offset, size=nbytes)
         vk.vkCmdCopyBuffer(rec.cmd, src.handle, dst.handle, 1, [region])
 
     def pipeline(self, kernel, n_bindings, push_bytes, spec=()):

@@ -553,12 +553,16 @@ class VulkanModel:
                 self._record(acts, multi, head, last_rows(segments), timestamps=self.profile, early=early, recs=recs,
                              embed=tokens is not None)
             delta = acts.delta.array(np.float32, (n, self.dp))
+            # the device copies streamed halves in itself (the window holds them in host memory): one rank queues
+            # the pass's command buffers without waiting between them
+            queued = not multi and self.w.window is not None and self.w.window.host is not None
             for i, rec in enumerate(recs[-1:] if early else recs):
+                go = (lambda: rec.submit(fence=False)) if queued and i < len(recs) - 1 else rec.run  # noqa: E731
                 if rec.key is not None:
                     with self.w.hold(*rec.key):  # a streamed half: in its slot of the window while it runs
-                        rec.run()
+                        go()
                 else:
-                    rec.run()
+                    go()
                 if multi and i < len(recs) - 1:
                     self._allreduce(allreduce, delta)
             self._timed = recs if kept else None
