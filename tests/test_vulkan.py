@@ -1306,3 +1306,28 @@ def test_a_chained_step_of_two_sequences_has_their_logits_to_the_bit(models, cas
     assert np.array_equal(last.view(np.float32).reshape(2, -1), logits)
     dev.close()
     chained.close()
+
+
+def test_the_devices_memory_is_its_largest_device_local_heap_not_the_hosts(monkeypatch):
+    """A 24 GiB GPU on a host of 64 GiB (the host's memory, a heap the GPU can use, is the larger): what a Vulkan
+    rank reports as its device's memory (the planner and --memory-limit's checks) is the GPU's heap; the host's
+    stays the window's host pool's ("pool" memory: host-visible, not device-local)."""
+    from types import SimpleNamespace
+
+    from spmd.backends import vk_runtime
+    vk = vk_runtime.vk
+    dl, hv, hc = (vk.VK_MEMORY_PROPERTY_DEVICE_LOCAL_BIT, vk.VK_MEMORY_PROPERTY_HOST_VISIBLE_BIT,
+                  vk.VK_MEMORY_PROPERTY_HOST_COHERENT_BIT)
+    types = [SimpleNamespace(propertyFlags=f, heapIndex=h) for f, h in ((dl, 0), (hv | hc, 1), (dl | hv | hc, 0))]
+    heaps = [SimpleNamespace(size=24 << 30), SimpleNamespace(size=64 << 30)]
+    monkeypatch.setattr(vk, "vkGetPhysicalDeviceMemoryProperties", lambda physical: SimpleNamespace(
+        memoryTypeCount=3, memoryTypes=types, memoryHeapCount=2, memoryHeaps=heaps))
+    dev = vk_runtime.Device.__new__(vk_runtime.Device)
+    dev.physical = None
+    dev._memory_types()
+    dev.heap_used[0] = 4 << 30
+    backend = vulkan.VulkanBackend.__new__(vulkan.VulkanBackend)
+    backend.dev = SimpleNamespace(is_cpu=False, main_heap=dev.main_heap, heap_size=dev.heap_size,
+                                  heap_used=dev.heap_used)
+    assert backend.device_memory_bytes() == 20 << 30
+    assert dev.memory_type(0b111, "pool") == 1 and dev.memory_type(0b111, "device") == 2  # (direct: mapped)

@@ -284,6 +284,8 @@ class Device:
         dl, hv = vk.VK_MEMORY_PROPERTY_DEVICE_LOCAL_BIT, vk.VK_MEMORY_PROPERTY_HOST_VISIBLE_BIT
         local = [i for i, f in enumerate(self.type_flags) if f & dl]
         biggest = max((self.heap_size[self.heap_of[i]] for i in local), default=0)
+        # the device's own memory: its largest device-local heap (a host's RAM may be larger than a GPU's)
+        self.main_heap = max((self.heap_of[i] for i in local), key=lambda h: self.heap_size[h], default=0)
         # device memory the host can write straight into (resizable BAR, unified memory, lavapipe), when its heap
         # is the device's main one; else device-local memory filled through a staging buffer
         mapped = [i for i in local if self.type_flags[i] & hv and self.heap_size[self.heap_of[i]] >= biggest / 2]

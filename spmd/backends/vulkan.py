@@ -471,7 +471,7 @@ class VulkanBackend(Backend):
         """The device's main memory heap, less what this process holds there (None for lavapipe: host memory)."""
         if self.dev.is_cpu:
             return None
-        heap = max(range(len(self.dev.heap_size)), key=lambda h: self.dev.heap_size[h])
+        heap = self.dev.main_heap
         return self.dev.heap_size[heap] - self.dev.heap_used[heap]
 
     def make_model(self, cfg, weights, share, max_seq, slots=1, kv_cache="f32"):
