@@ -333,9 +333,16 @@ class Window:
 
 def halves_on_host(dev, nbytes) -> bool:
     """Whether a DeviceWindow holds its streamed halves (nbytes as its slots hold them) in the host's memory, the
-    device copying each into its slot: a GPU whose host has that memory to spare."""
+    device copying each into its slot: a GPU with memory of its own (not lavapipe, nor one that shares the
+    host's: its host-visible memory is a heap apart from its main one) whose host has that memory to spare. (Each
+    rank decides alone: several GPU ranks of one host may each count the same spare memory.)"""
     from .rank import available_bytes
-    return not dev.is_cpu and (available_bytes() or 0) >= nbytes + POOL_SPARE
+    if dev.is_cpu:
+        return False
+    pool = dev.memory_type((1 << len(dev.type_flags)) - 1, "pool")
+    heap = dev.heap_of[pool]
+    return (heap != dev.main_heap and dev.heap_size[heap] - dev.heap_used[heap] >= nbytes
+            and (available_bytes() or 0) >= nbytes + POOL_SPARE)
 
 
 class DeviceWindow(Window):
@@ -375,9 +382,12 @@ class DeviceWindow(Window):
             for (lin, _), at in zip(self.parts[key][2], places[key][0]):
                 lin.bind(self.slots[j % count], at)
         if halves_on_host(self.dev, sum(size for _, size in places.values())):
-            self._fill_host(places)
-        else:
-            self._launch()
+            try:
+                self._fill_host(places)
+                return
+            except UserError:  # the driver refused the buffer (Buffer's out-of-memory): the host's copies instead
+                self._free_host()
+        self._launch()
 
     def _fill_host(self, places):
         """Every streamed half into `host`, each laid out as in its slot, and its copy into the slot recorded."""
@@ -464,15 +474,21 @@ class DeviceWindow(Window):
         super()._restart()
         self.user = [None] * len(self.slots)  # a half the loader brought in for nothing included
 
-    def close(self):
-        super().close()
-        if self.pool is not None:
-            self.pool.shutdown()
+    def _free_host(self):
         if self.copies:
             self.dev.idle()  # (a copy queued for nothing, after an error)
         for rec in self.copies.values():
             rec.free()
         self.copies = {}
-        for buf in self.slots + ([self.host] if self.host is not None else []):
+        if self.host is not None:
+            self.host.free()
+        self.host = None
+
+    def close(self):
+        super().close()
+        if self.pool is not None:
+            self.pool.shutdown()
+        self._free_host()
+        for buf in self.slots:
             buf.free()
-        self.slots, self.host = [], None
+        self.slots = []

@@ -221,15 +221,17 @@ def test_held_bytes_of_a_slice_that_cuts_quant_blocks_is_what_its_linear_holds(n
         lin.free()
 
 
-@pytest.mark.parametrize("direct, on_host", [(True, False), (False, False), (True, True)],
-                         ids=["mapped", "staged", "host"])
-def test_device_window_runs_each_streamed_half_from_its_slot(tmp_path, monkeypatch, direct, on_host):
+@pytest.mark.parametrize("direct, on_host, refused", [(True, False, False), (False, False, False),
+                                                      (True, True, False), (True, True, True)],
+                         ids=["mapped", "staged", "host", "host refused"])
+def test_device_window_runs_each_streamed_half_from_its_slot(tmp_path, monkeypatch, direct, on_host, refused):
     """Five halves of Vulkan linears (K-quants with their word scales, Q8_0, F32) streamed through two slots (the
     fifth wraps round onto the first's slot): every product equals the resident linear's, bit for bit, over three
     cycles and out of turn; the slots are the window's only device memory for them. Staged: as on a GPU whose
     memory the host cannot map (lavapipe's can), the compute thread copies each half in through a staging buffer.
     Host: as on a GPU whose host has memory to spare, the halves are held in host memory and the device copies
-    each into its slot (lavapipe's "device" memory being the host's, it does not do so by itself)."""
+    each into its slot (lavapipe's "device" memory being the host's, it does not do so by itself); refused: the
+    driver refuses that host buffer, and the host's copies take over."""
     from test_backends import random_qtensor
 
     from spmd import stream
@@ -237,6 +239,11 @@ def test_device_window_runs_each_streamed_half_from_its_slot(tmp_path, monkeypat
     backend = vulkan_backend()
     monkeypatch.setattr(backend.dev, "direct", direct if backend.dev.direct else False)
     monkeypatch.setattr(stream, "halves_on_host", lambda dev, nbytes: on_host)
+    if refused:
+        def refuse(self, places):
+            raise UserError("the weights need more device memory")
+        monkeypatch.setattr(DeviceWindow, "_fill_host", refuse)
+        on_host = False
     rng = np.random.default_rng(4)
     types = [T.Q4_K, T.Q8_0, T.F32, T.Q6_K, T.Q5_0]
     tensors = {(i, "ffn"): [random_qtensor(q, r, 256, rng) for r in (40, 24)] for i, q in enumerate(types)}
@@ -265,6 +272,31 @@ def test_device_window_runs_each_streamed_half_from_its_slot(tmp_path, monkeypat
     for lins in halves.values():
         for lin in lins:
             lin.free()
+
+
+@pytest.mark.parametrize("case, expected", [("gpu", True), ("unified", False), ("lavapipe", False),
+                                            ("heap too small", False), ("host short", False)])
+def test_halves_go_to_host_memory_only_on_a_gpu_with_its_own_memory_and_a_host_with_room(monkeypatch, case, expected):
+    """A discrete GPU (24 GiB of its own, a host heap of 32 GiB apart) whose host has 40 GiB available takes 8 GiB of
+    streamed halves into host memory; not a GPU whose host-visible memory is its main heap (unified memory), not
+    lavapipe, not where the host heap or the host's available memory lacks the bytes and a spare GiB."""
+    from types import SimpleNamespace
+
+    from spmd import rank, stream
+    from spmd.backends import vk_runtime
+    vk = vk_runtime.vk
+    dl, hv, hc = (vk.VK_MEMORY_PROPERTY_DEVICE_LOCAL_BIT, vk.VK_MEMORY_PROPERTY_HOST_VISIBLE_BIT,
+                  vk.VK_MEMORY_PROPERTY_HOST_COHERENT_BIT)
+    flags = ((dl, 0), (dl | hv | hc, 0)) if case == "unified" else ((dl, 0), (hv | hc, 1))
+    types = [SimpleNamespace(propertyFlags=f, heapIndex=h) for f, h in flags]
+    heaps = [SimpleNamespace(size=24 << 30), SimpleNamespace(size=(4 if case == "heap too small" else 32) << 30)]
+    monkeypatch.setattr(vk, "vkGetPhysicalDeviceMemoryProperties", lambda physical: SimpleNamespace(
+        memoryTypeCount=2, memoryTypes=types, memoryHeapCount=2, memoryHeaps=heaps))
+    monkeypatch.setattr(rank, "available_bytes", lambda: (8 << 30 if case == "host short" else 40 << 30))
+    dev = vk_runtime.Device.__new__(vk_runtime.Device)
+    dev.physical, dev.is_cpu = None, case == "lavapipe"
+    dev._memory_types()
+    assert stream.halves_on_host(dev, 8 << 30) == expected
 
 
 def test_cpu_repacks_a_big_matrix_in_bands_with_the_same_result(monkeypatch):

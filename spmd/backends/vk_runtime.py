@@ -458,7 +458,8 @@ class Recording:
         kind = "copy" if to_copy else "host" if to_host else "compute"
         if kind not in _BARRIERS:
             dst_stage, dst_access = {
-                "copy": (vk.VK_PIPELINE_STAGE_TRANSFER_BIT, vk.VK_ACCESS_TRANSFER_READ_BIT),
+                "copy": (vk.VK_PIPELINE_STAGE_TRANSFER_BIT, vk.VK_ACCESS_TRANSFER_READ_BIT
+                         | vk.VK_ACCESS_TRANSFER_WRITE_BIT),
                 "host": (vk.VK_PIPELINE_STAGE_HOST_BIT, vk.VK_ACCESS_HOST_READ_BIT),
                 "compute": (vk.VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT,
                             vk.VK_ACCESS_SHADER_READ_BIT | vk.VK_ACCESS_SHADER_WRITE_BIT)}[kind]

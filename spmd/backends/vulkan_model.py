@@ -555,7 +555,7 @@ class VulkanModel:
             delta = acts.delta.array(np.float32, (n, self.dp))
             # the device copies streamed halves in itself (the window holds them in host memory): one rank queues
             # the pass's command buffers without waiting between them
-            queued = not multi and self.w.window is not None and self.w.window.host is not None
+            queued = not (multi or self.profile) and self.w.window is not None and self.w.window.host is not None
             for i, rec in enumerate(recs[-1:] if early else recs):
                 go = (lambda: rec.submit(fence=False)) if queued and i < len(recs) - 1 else rec.run  # noqa: E731
                 if rec.key is not None:
