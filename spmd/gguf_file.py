@@ -31,19 +31,13 @@ class TensorInfo:
     nbytes: int
 
 
-def covering_blocks(a, b, block) -> tuple:
-    """[first, end): columns a..b-1 widened to the whole quant blocks (of `block` elements) around them, what a
-    column slice keeps."""
-    return a // block * block, -(-b // block) * block
-
-
 def column_cover(spans, block) -> tuple:
-    """A column slice of several [start, stop) spans as `col_ranges` holds it: ([first, end) of the whole blocks
-    around each span, its QTensor's `keep` (where the span's columns lie among the held ones; None where no span
-    cuts a block), the columns held)."""
+    """A column slice of several [start, stop) spans as `col_ranges` holds it: ([first, end) of the whole quant
+    blocks (of `block` elements) around each span, its QTensor's `keep` (where the span's columns lie among the held
+    ones; None where no span cuts a block), the columns held)."""
     covers, keep, at = [], [], 0
     for a, b in (s for s in spans if s[1] > s[0]):
-        first, end = covering_blocks(a, b, block)
+        first, end = a // block * block, -(-b // block) * block
         covers.append((first, end))
         keep.append((at + a - first, at + b - first))
         at += end - first

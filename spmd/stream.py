@@ -350,25 +350,27 @@ class DeviceWindow(Window):
     and on the device they live in `slots`: buffers of the largest half each, as many as the window's bytes hold
     (at most one per streamed half). The j-th streamed half in running order has slot j % len(slots) for good, so
     the command buffers recorded once bind it.
-    Where the host has the memory to spare (`POOL_SPARE` beyond them), the streamed halves are held in the host's
-    memory as a Vulkan buffer (`host`, written once at start from the spill file) and the GPU's own copy engine
-    brings each half into its slot (a copy queued just before the half runs, each recorded once): no host thread
-    copies, and the copy runs at the bus's DMA speed (an H200's host: 50 GB/s, where its writes reach 17-24).
-    Otherwise (or on a CPU device, lavapipe, whose "device" memory is the host's, which --memory-limit caps) the
-    loader brings a half in once its slot is free (the half before it in that slot has run), copying it from the
-    spill file's mapping into its slot: on the loader thread, in pieces on COPY_THREADS threads, where the host maps
-    device memory (resizable BAR, unified memory, lavapipe: one thread's writes into an H200's memory reach ~10
-    GB/s, four ~26); else on the compute thread through a staging buffer just before the half runs (the device's
-    queue is the compute thread's). The host drops the pages at once: they are only passing through."""
+    On a GPU with memory of its own whose host has the memory to spare (`halves_on_host`), the streamed halves
+    are held in the host's memory as a Vulkan buffer (`host`, written once at start from the spill file) and the
+    GPU's own copy engine brings each half into its slot (a copy queued just before the half runs, each recorded
+    once): no host thread copies, and the copy runs at the bus's DMA speed (an H200's host: 50 GB/s, where its
+    writes reach 17-24). Otherwise (lavapipe, say, whose "device" memory is the host's, which --memory-limit caps;
+    or a host buffer the driver refused) the loader brings a half in once its slot is free (the half before it in
+    that slot has run), copying it from the spill file's mapping into its slot: on the loader thread, in pieces on
+    COPY_THREADS threads, where the host maps device memory (resizable BAR, unified memory, lavapipe: one thread's
+    writes into an H200's memory reach ~10 GB/s, four ~26); else on the compute thread through a staging buffer
+    just before the half runs (the device's queue is the compute thread's). The host drops the pages at once: they
+    are only passing through."""
 
     def __init__(self, order, dev, folder=None):
         super().__init__(order, folder)
         self.dev, self.slots, self.slot_of, self.user = dev, [], {}, []  # slot_of: key -> its slot's index
-        self.pool = ThreadPoolExecutor(COPY_THREADS, "spmd-copy") if dev.direct else None
+        self.copiers = ThreadPoolExecutor(COPY_THREADS, "spmd-copy") if dev.direct else None
         self.host, self.copies = None, {}  # the halves in host memory, and each one's recorded copy to its slot
 
     def start(self, window_bytes):
-        """Map the spill file, make the slots, bind each streamed linear to its slot, start the loader."""
+        """Map the spill file, make the slots, bind each streamed linear to its slot; then the halves into host
+        memory (`_fill_host`), or the loader started."""
         from .backends.vk_runtime import Buffer
         self._map(window_bytes)
         places = {key: self._device_layout(layout) for key, (_, _, layout) in self.parts.items()}
@@ -458,8 +460,8 @@ class DeviceWindow(Window):
         pieces = [(raw[at:at + COPY_PIECE], start + at) for lin, _ in layout
                   for array, start in zip(lin.arrays, lin.offsets)
                   for raw in (array.reshape(-1).view(np.uint8),) for at in range(0, raw.size, COPY_PIECE)]
-        if self.pool is not None:
-            list(self.pool.map(lambda piece: slot.write(*piece), pieces))
+        if self.copiers is not None:
+            list(self.copiers.map(lambda piece: slot.write(*piece), pieces))
         else:
             for piece in pieces:
                 slot.write(*piece)
@@ -486,8 +488,8 @@ class DeviceWindow(Window):
 
     def close(self):
         super().close()
-        if self.pool is not None:
-            self.pool.shutdown()
+        if self.copiers is not None:
+            self.copiers.shutdown()
         self._free_host()
         for buf in self.slots:
             buf.free()
