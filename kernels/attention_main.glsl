@@ -28,11 +28,6 @@ layout(constant_id = 2) const uint KS = 1;   // key splits of the value sum: max
 layout(constant_id = 3) const uint E = 1;    // (4 dims, split) pairs per thread: ceil(HD / 4 * KS / WG)
 layout(constant_id = 4) const uint VU = 8;   // values a thread loads before it sums them (loads in flight)
 const uint CH = 256;                         // keys per chunk
-#ifdef KEY_QUADS  // (the .comp enables GL_KHR_shader_subgroup_quad)
-const uint KT = 4;                           // threads that score a key
-#else
-const uint KT = 1;
-#endif
 
 shared float red_scratch[gl_WorkGroupSize.x];
 #include "reduce.glsl"
@@ -137,37 +132,27 @@ void main() {
         store_row(stores, cbase + pos);
         return;
     }
-    // the threads that score a key: a quad of lanes of one subgroup with KEY_QUADS (each taking every 4th vec4 of
-    // the key: a quad reads neighbouring words, where a thread a key read words a key row apart), else one
-    uint key_lane = KT == 1u ? tid : gl_SubgroupID * gl_SubgroupSize + gl_SubgroupInvocationID;
-    uint key_part = key_lane % KT;
     float m = -1e30, l = 0.0;
     vec4 acc[E];
     for (uint k = 0; k < E; k++) acc[k] = vec4(0.0);
     for (uint c0 = lo; c0 < hi; c0 += CH) {
         uint cn = min(CH, hi - c0);
         float lmax = -1e30;
-        for (uint j = key_lane / KT; j < cn; j += WG / KT) {  // (the KT threads of a key: the same trips)
+        for (uint j = tid; j < cn; j += WG) {
             uint t = c0 + j;
             float sc = 0.0;
             if (t < start) {
                 uint kb = (cbase + t) * H4;
-                for (uint d4 = key_part; d4 < H4; d4 += KT)
+                for (uint d4 = 0; d4 < H4; d4++)
                     sc += dot(vec4(qs[4 * d4], qs[4 * d4 + 1], qs[4 * d4 + 2], qs[4 * d4 + 3]), widen(kc[kb + d4]));
             } else if (t == pos) {
-                for (uint d4 = key_part; d4 < H4; d4 += KT)
-                    for (uint c = 4 * d4; c < 4 * d4 + 4; c++) sc += qs[c] * kn[c];
+                for (uint d = 0; d < HD; d++) sc += qs[d] * kn[d];
             } else {  // an earlier token of this segment in this pass (mode 0): rotated here
                 uint kb = (first + t - start) * p.qkv_stride + p.k_off + kvh * HD;
-                for (uint d4 = key_part; d4 < H4; d4 += KT)
-                    for (uint c = 4 * d4; c < 4 * d4 + 4; c++) sc += qs[c] * as_cached(rotated(kb, c, t));
+                for (uint d = 0; d < HD; d++) sc += qs[d] * as_cached(rotated(kb, d, t));
             }
-#ifdef KEY_QUADS
-            sc += subgroupQuadSwapHorizontal(sc);  // the key's 4 partial sums, the same bits in each thread
-            sc += subgroupQuadSwapVertical(sc);
-#endif
             sc *= p.scale;
-            if (key_part == 0u) s[j] = sc;
+            s[j] = sc;
             lmax = max(lmax, sc);
         }
         float mnew = max(m, wg_max(lmax));

@@ -467,37 +467,6 @@ def test_decode_steps_over_long_caches_attend_in_splits(tmp_path, kv_cache, mult
 
 
 @needs_device
-@pytest.mark.parametrize("kv_cache", ["f32", "f16"])
-@pytest.mark.parametrize("quads", [1, 0], ids=["a-quad-a-key", "a-thread-a-key"])
-def test_attention_scores_a_key_with_a_quad_of_threads_or_one(tmp_path, kv_cache, quads, monkeypatch):
-    """attention_quads_* (where the device has quad operations: 4 threads score a key, their sums added by quad
-    swaps) and attention_f32 / _kv16 (SPMD_VK_ATTENTION_QUADS=0, as on a device without them) give the reference's
-    logits: PASSES in mode 0 (several-row segments rotating their own keys, one-row decode steps), then a decode
-    step over 700 positions in splits (modes 3, 4); head_dim 64, and 72 (18 vec4s: a quad's threads take 5 or 4)."""
-    monkeypatch.setenv("SPMD_VK_ATTENTION_QUADS", str(quads))
-    monkeypatch.setattr(vulkan_model, "ATTENTION_STORE", 64)  # PASSES' 14-row pass in mode 0 too
-    for heads, kv in ((2, 1), (4, 2), (2, 2)):
-        dim = {(2, 1): 128, (4, 2): 256, (2, 2): 144}[heads, kv]  # head_dim 64, 64, 72
-        shape = Shape(dim=dim, n_heads=heads, n_kv_heads=kv, ffn=128, vocab=300, context=1024)
-        path = write_model(tmp_path / f"m{heads}{kv}.gguf", shape, "Q8_0" if dim % 32 == 0 else "F32", 4)
-        ref, dev, cfg = _shard_models(path, _whole, slots=3, kv_cache=kv_cache)
-        want = "attention_quads_" if quads and dev.dev.quads else "attention_"
-        assert dev._attention.kernel == want + ("kv16" if kv_cache == "f16" else "f32")
-        _open_slots([ref, dev])
-        tol = 1e-4 if kv_cache == "f32" else 1e-3
-        for segments in PASSES:
-            np.testing.assert_allclose(step([dev], segments), step([ref], segments), rtol=0, atol=tol)
-        rng = np.random.default_rng(heads)
-        pieces = {(layer, j): tuple(rng.standard_normal((700, cfg.head_dim)).astype(np.float32) for _ in "kv")
-                  for layer in range(cfg.n_layers) for j in range(kv)}
-        for m in (ref, dev):
-            m.open(0, cfg.context)
-            m.cache_put(0, pieces)
-        np.testing.assert_allclose(step([dev], [(0, 700, [7])]), step([ref], [(0, 700, [7])]), rtol=0, atol=tol)
-        dev.close()
-
-
-@needs_device
 def test_half_layer_command_buffers_with_an_allreduce(models):
     """The multi-rank recording (one command buffer per half-layer, partial sums through host memory) gives the
     single-rank one's logits when the allreduce is the identity; it is called twice per layer."""

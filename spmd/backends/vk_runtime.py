@@ -118,7 +118,7 @@ class Pipeline:
         if not path.exists():
             raise UserError(f"the Vulkan kernel {path} is missing: bash scripts/build_kernels.sh (needs glslc)")
         code = path.read_bytes()
-        self.kernel, self.n_bindings, self.push_bytes = kernel, n_bindings, push_bytes
+        self.n_bindings, self.push_bytes = n_bindings, push_bytes
         d = dev.device
         module = vk.vkCreateShaderModule(d, vk.VkShaderModuleCreateInfo(codeSize=len(code), pCode=code), None)
         bindings = [vk.VkDescriptorSetLayoutBinding(binding=i, descriptorType=vk.VK_DESCRIPTOR_TYPE_STORAGE_BUFFER,

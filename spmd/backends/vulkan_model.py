@@ -251,16 +251,14 @@ class VulkanModel:
         self._chains = {}  # (rows, split, n_known) -> (Activations, [the one Recording of a step], chain buffer)
         wg = backend.attention_wg
         ks = max(1, wg // (hd // 4))  # threads sum the values 4 dims at a time, keys split ks ways
-        cache = "kv16" if self.kv_dtype == np.float16 else "f32"
+        kernel = "attention_kv16" if self.kv_dtype == np.float16 else "attention_f32"
         self.splits = -(-max_seq // backend.split_keys)  # a split decode step's: enough for the longest sequence
-        quads = self.dev.quads and env_tuple("SPMD_VK_ATTENTION_QUADS", (1,))[0]  # a quad of threads scores a key
-        self._attention = self.dev.pipeline(f"attention_{'quads_' * bool(quads)}{cache}", 10,
-                                            struct.calcsize(ATTENTION_PUSH),
+        self._attention = self.dev.pipeline(kernel, 10, struct.calcsize(ATTENTION_PUSH),
                                             (wg, hd, ks, -(-(hd // 4) * ks // wg), backend.attention_unroll))
         self._attention_block = None
         blocks = self.dev.quads and self.dev.shared_bytes >= BLOCK_SHARED and hd <= 256  # (a thread holds hd / 2)
         if blocks and env_tuple("SPMD_VK_ATTENTION_BLOCKS", (1,))[0]:
-            self._attention_block = self.dev.pipeline(f"attention_block_{cache}", 10,
+            self._attention_block = self.dev.pipeline(kernel.replace("attention", "attention_block"), 10,
                                                       struct.calcsize(ATTENTION_PUSH), (4 * BLOCK_ROWS, hd))
         self.profile = False  # bench: timestamps after every step of each pass (last_profile)
         self._add = self.dev.pipeline("add_f32", 2, 4)
