@@ -367,6 +367,8 @@ class DeviceWindow(Window):
         self.dev, self.slots, self.slot_of, self.user = dev, [], {}, []  # slot_of: key -> its slot's index
         self.copiers = ThreadPoolExecutor(COPY_THREADS, "spmd-copy") if dev.direct else None
         self.host, self.copies = None, {}  # the halves in host memory, and each one's recorded copy to its slot
+        self.host_at = {}  # key -> (its offset in host, its bytes in a slot)
+        self.in_slot = []  # the half whose copy into each slot was queued last (host memory)
 
     def start(self, window_bytes):
         """Map the spill file, make the slots, bind each streamed linear to its slot; then the halves into host
@@ -399,28 +401,60 @@ class DeviceWindow(Window):
             where[key] = at
             at += -(-places[key][1] // DEVICE_ALIGN) * DEVICE_ALIGN
         self.host = Buffer(self.dev, at, "pool")
+        self.in_slot = [None] * len(self.slots)
         for key in self.order:
             for lin, _ in self.parts[key][2]:
                 for array, start in zip(lin.arrays, lin.offsets):
                     self.host.write(array, where[key] + start)
             self._advise(*self.parts[key][:2], mmap.MADV_DONTNEED)
+            self.host_at[key] = (where[key], max(places[key][1], 4))
             rec = self.copies[key] = Recording(self.dev)
-            rec.barrier(to_copy=True)  # (after the products queued before it, which may read the slot)
-            self.dev.copy(rec, self.host, self.slots[self.slot_of[key]], max(places[key][1], 4), where[key])
-            rec.barrier()  # (the copy's writes before the half's products, queued after it, read them)
+            self._record_copy(rec, key)
+            rec.barrier(after_copy=True)  # (the copy's writes before what is queued after it, which reads them)
             rec.end()
 
+    def _record_copy(self, rec, key):
+        """The half's copy from host memory into its slot, after everything queued before it (which may read the
+        slot)."""
+        rec.barrier(to_copy=True)
+        self.dev.copy(rec, self.host, self.slots[self.slot_of[key]], self.host_at[key][1], self.host_at[key][0])
+
+    def record_next(self, rec, key, before):
+        """A streamed half's command buffer (the Vulkan model records one for each), before its products (before)
+        or after them: what the window puts there. Before: a barrier that orders its products after the copies
+        queued before them (its own). With the halves in host memory, also the copy of the streamed half that runs
+        next into its slot, so that the device copies it while this half's products run (before: where the next
+        half's slot is another) or while the resident halves between the two run (after: where it is this half's);
+        none where every half has a slot of its own (each copied once). -> the half whose copy was
+        recorded, for `hold`, or None."""
+        if before:
+            rec.barrier(after_copy=True)
+        if self.host is None or len(self.slots) == len(self.order):
+            return None
+        follows = self.order[(self.index[key] + 1) % len(self.order)]
+        if (self.slot_of[follows] != self.slot_of[key]) != before:
+            return None
+        self._record_copy(rec, follows)
+        return follows
+
     @contextmanager
-    def hold(self, key):
+    def hold(self, key, queues=None):
+        """queues: the half whose copy the caller's work in this block queues (its command buffer's, recorded by
+        `record_next`), or None."""
         if self.host is None or key not in self.index:
             with super().hold(key):
                 yield
             return
-        # the copy queued now runs after what was queued before it (the half before it in that slot) and before
-        # what the compute thread queues next: the half's products
-        self.copies[key].submit(fence=False)
-        self.streamed_bytes += self.parts[key][1]
+        if self.in_slot[self.slot_of[key]] != key:  # (out of turn, the first time, or not queued ahead)
+            # the copy queued now runs after what was queued before it (the half before it in that slot) and
+            # before what the compute thread queues next: the half's products
+            self.copies[key].submit(fence=False)
+            self.in_slot[self.slot_of[key]] = key
+            self.streamed_bytes += self.parts[key][1]
         yield
+        if queues is not None:
+            self.in_slot[self.slot_of[queues]] = queues
+            self.streamed_bytes += self.parts[queues][1]
 
     @staticmethod
     def _device_layout(layout) -> tuple:

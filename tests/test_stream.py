@@ -274,6 +274,69 @@ def test_device_window_runs_each_streamed_half_from_its_slot(tmp_path, monkeypat
             lin.free()
 
 
+@pytest.mark.parametrize("slots", [1, 2, 5])
+def test_host_memory_halves_are_copied_ahead_by_each_halfs_command_buffer(tmp_path, monkeypatch, slots):
+    """As the Vulkan model records them (`DeviceWindow.record_next` in each streamed half's command buffer): with
+    one slot the next half's copy follows the half's products, with two it goes before them where the next half's
+    slot is the other (after them for the fifth, whose next shares its slot), with a slot each none is recorded
+    (each half copied once); `hold` then queues a copy only for a half its slot does not hold (the first, and out
+    of turn). Products against the resident linears', bit for bit, over three rounds and out of turn."""
+    from test_backends import random_qtensor
+
+    from spmd import stream
+    from spmd.backends.vk_runtime import Buffer, Recording
+    from spmd.stream import DeviceWindow
+    backend = vulkan_backend()
+    monkeypatch.setattr(stream, "halves_on_host", lambda dev, nbytes: True)
+    rng = np.random.default_rng(5)
+    types = [T.Q4_K, T.Q8_0, T.F32, T.Q6_K, T.Q5_0]
+    tensors = {(i, "ffn"): random_qtensor(q, 40, 256, rng) for i, q in enumerate(types)}
+    x = rng.standard_normal((1, 256)).astype(np.float32)
+    expected = {}
+    for k, wt in tensors.items():
+        resident = backend.linear(wt)
+        expected[k] = resident(x)
+        resident.free()
+    w = DeviceWindow(list(tensors), backend.dev, tmp_path)
+    halves = {k: backend.linear(wt, resident=False) for k, wt in tensors.items()}
+    for k, lin in halves.items():
+        w.spill(k, [lin])
+    w.start(slots * w.largest + 4096)
+    assert len(w.slots) == slots and w.host is not None
+    xb, yb = Buffer(backend.dev, 256 * 4, "host"), Buffer(backend.dev, 40 * 4, "host")
+    xb.array(np.float32, (1, 256))[:] = x
+    recs = {}
+    for k, lin in halves.items():  # (as VulkanModel._record)
+        rec = recs[k] = Recording(backend.dev)
+        rec.queues = w.record_next(rec, k, before=True)
+        lin.dispatch(rec, xb, 256, 0, yb, 40, 0, 1)
+        rec.queues = rec.queues or w.record_next(rec, k, before=False)
+        rec.barrier(to_host=True)
+        rec.end()
+    follows = {k: list(tensors)[(i + 1) % 5] for i, k in enumerate(tensors)}
+    assert all(r.queues == (None if slots == 5 else follows[k]) for k, r in recs.items())
+    standalone = []
+    monkeypatch.setattr(Recording, "submit", lambda self, fence=True, submit=Recording.submit: (
+        standalone.append(self) if self in w.copies.values() else None, submit(self, fence))[1])
+    turns = 3 * list(tensors) + [(3, "ffn"), (0, "ffn"), (0, "ffn"), (4, "ffn")]
+    for k in turns:
+        with w.hold(k, recs[k].queues):
+            recs[k].run()
+        assert same(yb.array(np.float32, (1, 40)).copy(), expected[k]), k
+    # copies of their own: a slot each: 5, each half once. Else the first half, then after the three rounds (the
+    # last half's buffer has queued 0, which shares its slot, after its products): one slot: 3, 0 (3's buffer
+    # queued 4), 0 again (0's queued 1 into the slot), 4; two slots: 3 is still in slot 1 and queues 4 into slot
+    # 0, so 0, then 0 again is there (it queued 1 into slot 1), then 4
+    assert len(standalone) == {1: 5, 2: 3, 5: 5}[slots]
+    w.close()
+    for buf in (xb, yb):
+        buf.free()
+    for r in recs.values():
+        r.free()
+    for lin in halves.values():
+        lin.free()
+
+
 @pytest.mark.parametrize("case, expected", [("gpu", True), ("unified", False), ("lavapipe", False),
                                             ("heap too small", False), ("host short", False)])
 def test_halves_go_to_host_memory_only_on_a_gpu_with_its_own_memory_and_a_host_with_room(monkeypatch, case, expected):

@@ -341,7 +341,7 @@ class Device:
         rec = Recording(self)
         for b in buffers:
             vk.vkCmdFillBuffer(rec.cmd, b.handle, 0, b.nbytes // 4 * 4, 0)
-        rec.barrier()
+        rec.barrier(after_copy=True)
         rec.end()
         rec.run()
         rec.free()
@@ -451,24 +451,28 @@ class Recording:
             lib.vkCmdPushConstants(self.cmd, pipeline.layout, vk.VK_SHADER_STAGE_COMPUTE_BIT, 0, len(push), push)
         lib.vkCmdDispatch(self.cmd, *groups)
 
-    def barrier(self, to_host=False, to_copy=False):
+    def barrier(self, to_host=False, to_copy=False, after_copy=False):
         """Writes of the dispatches before are visible to those after (to the host with to_host, to a buffer copy
-        with to_copy). The C function straight, its barrier struct made once (`_BARRIERS`): the bindings' wrappers
-        took about a third of the time of recording a prompt's pass."""
-        kind = "copy" if to_copy else "host" if to_host else "compute"
+        with to_copy); a plain barrier orders dispatches after dispatches only, so that a copy queued before it (a
+        streamed half's, spmd.stream.DeviceWindow) runs on beside them: after_copy also orders them after the copies
+        and fills before it. The C function straight, its barrier struct made once (`_BARRIERS`): the bindings'
+        wrappers took about a third of the time of recording a prompt's pass."""
+        kind = "copy" if to_copy else "host" if to_host else "after copy" if after_copy else "compute"
         if kind not in _BARRIERS:
-            dst_stage, dst_access = {
-                "copy": (vk.VK_PIPELINE_STAGE_TRANSFER_BIT, vk.VK_ACCESS_TRANSFER_READ_BIT
-                         | vk.VK_ACCESS_TRANSFER_WRITE_BIT),
-                "host": (vk.VK_PIPELINE_STAGE_HOST_BIT, vk.VK_ACCESS_HOST_READ_BIT),
-                "compute": (vk.VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT,
-                            vk.VK_ACCESS_SHADER_READ_BIT | vk.VK_ACCESS_SHADER_WRITE_BIT)}[kind]
+            shader = (vk.VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT, vk.VK_ACCESS_SHADER_WRITE_BIT)
+            both = (shader[0] | vk.VK_PIPELINE_STAGE_TRANSFER_BIT, shader[1] | vk.VK_ACCESS_TRANSFER_WRITE_BIT)
+            reads = (vk.VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT, vk.VK_ACCESS_SHADER_READ_BIT | vk.VK_ACCESS_SHADER_WRITE_BIT)
+            (src_stage, src_access), (dst_stage, dst_access) = {
+                "copy": (both, (vk.VK_PIPELINE_STAGE_TRANSFER_BIT,
+                                vk.VK_ACCESS_TRANSFER_READ_BIT | vk.VK_ACCESS_TRANSFER_WRITE_BIT)),
+                "host": (both, (vk.VK_PIPELINE_STAGE_HOST_BIT, vk.VK_ACCESS_HOST_READ_BIT)),
+                "after copy": (both, reads),
+                "compute": (shader, reads)}[kind]
             mb = vk.ffi.new("VkMemoryBarrier*", {
                 "sType": vk.VK_STRUCTURE_TYPE_MEMORY_BARRIER, "dstAccessMask": dst_access,
-                "srcAccessMask": vk.VK_ACCESS_SHADER_WRITE_BIT | vk.VK_ACCESS_TRANSFER_WRITE_BIT})
-            _BARRIERS[kind] = (dst_stage, mb)
-        dst_stage, mb = _BARRIERS[kind]
-        src_stage = vk.VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT | vk.VK_PIPELINE_STAGE_TRANSFER_BIT
+                "srcAccessMask": src_access})
+            _BARRIERS[kind] = (src_stage, dst_stage, mb)
+        src_stage, dst_stage, mb = _BARRIERS[kind]
         vk.lib.vkCmdPipelineBarrier(self.cmd, src_stage, dst_stage, 0, 1, mb, 0, vk.ffi.NULL, 0, vk.ffi.NULL)
 
     def end(self):

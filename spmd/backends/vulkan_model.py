@@ -304,14 +304,14 @@ class VulkanModel:
             self._first_norm(recs[-1], a, self._embed_pipe(), part.w, part.d or self.backend.dummy, a.ids)
         elif a.io is not a.x and into is None:
             self.dev.copy(recs[-1], a.io, a.x, a.n * self.dp * 4)
-            recs[-1].barrier()
+            recs[-1].barrier(after_copy=True)
         if a.fused and into is None:  # the first layer's RMSNorm input and sum of squares from x
             self._first_norm(recs[-1], a, self._prenorm, self.backend.dummy, self.backend.dummy, self.backend.dummy)
         if a.int8_norm is not None:  # that input rounded for q, k, v
             self.backend.quantize(recs[-1], a.xg, self.dp, 1, a.int8_norm)
         halves = {"attention": self._attention_half, "ffn": self._ffn_half}
         streamed = self.w.window.index if self.w.window is not None else {}
-        recs[-1].key = None
+        recs[-1].key = recs[-1].queues = None
 
         def cut(**barrier):
             recs[-1].barrier(**barrier)
@@ -319,12 +319,15 @@ class VulkanModel:
             if early:
                 recs[-1].submit(fence=False)
             recs.append(Recording(self.dev, timestamps, profile))
-            recs[-1].key = None
+            recs[-1].key = recs[-1].queues = None
 
         for i, (layer, half) in enumerate(self.schedule):
             if (layer, half) in streamed:  # alone in its command buffer: run while its slot holds it
                 recs[-1].key = (layer, half)
+                recs[-1].queues = self.w.window.record_next(recs[-1], (layer, half), before=True)
             halves[half](recs[-1], layer, a, multi)
+            if (layer, half) in streamed and recs[-1].queues is None:
+                recs[-1].queues = self.w.window.record_next(recs[-1], (layer, half), before=False)
             if multi or (layer, half) in streamed or self.schedule[(i + 1) % len(self.schedule)] in streamed:
                 cut(to_host=multi)
             elif early and i + 1 < len(self.schedule) and (i + 1) & i == 0:  # after half-layers 1, 2, 4, 8, ...
@@ -340,7 +343,7 @@ class VulkanModel:
             recs[-1].barrier(to_copy=True)
             self.dev.copy(recs[-1], a.x, a.io, a.n * self.dp * 4)
         if into is not None:
-            into.barrier()
+            into.barrier(after_copy=True)
             into.mark("classifier")
             return recs
         recs[-1].barrier(to_host=True)
@@ -558,8 +561,8 @@ class VulkanModel:
             queued = not (multi or self.profile) and self.w.window is not None and self.w.window.host is not None
             for i, rec in enumerate(recs[-1:] if early else recs):
                 go = (lambda: rec.submit(fence=False)) if queued and i < len(recs) - 1 else rec.run  # noqa: E731
-                if rec.key is not None:
-                    with self.w.hold(*rec.key):  # a streamed half: in its slot of the window while it runs
+                if rec.key is not None:  # a streamed half: in its slot of the window while it runs
+                    with self.w.window.hold(rec.key, rec.queues):
                         go()
                 else:
                     go()
