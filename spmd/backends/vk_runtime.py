@@ -461,7 +461,8 @@ class Recording:
         if kind not in _BARRIERS:
             shader = (vk.VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT, vk.VK_ACCESS_SHADER_WRITE_BIT)
             both = (shader[0] | vk.VK_PIPELINE_STAGE_TRANSFER_BIT, shader[1] | vk.VK_ACCESS_TRANSFER_WRITE_BIT)
-            reads = (vk.VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT, vk.VK_ACCESS_SHADER_READ_BIT | vk.VK_ACCESS_SHADER_WRITE_BIT)
+            reads = (vk.VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT,
+                     vk.VK_ACCESS_SHADER_READ_BIT | vk.VK_ACCESS_SHADER_WRITE_BIT)
             (src_stage, src_access), (dst_stage, dst_access) = {
                 "copy": (both, (vk.VK_PIPELINE_STAGE_TRANSFER_BIT,
                                 vk.VK_ACCESS_TRANSFER_READ_BIT | vk.VK_ACCESS_TRANSFER_WRITE_BIT)),
