@@ -118,13 +118,17 @@ def choose(sizes: dict, budget: int):
 
 
 def figures(window) -> dict:
-    """A window's figures for the result and `status`: zeros where there is none (a rank that streams nothing)."""
+    """A window's figures for the result and `status`: zeros where there is none (a rank that streams nothing).
+    stream_copies_by: "host" where the host brings the halves in (the loader thread, or the compute thread's
+    staged copies), "device" where a GPU copies them from host memory itself (its wait is then GPU time, in the
+    token's, not stream_wait_s), "" where nothing streams."""
     if window is None:
         return dict(streamed_halves=0, streamed_weights_bytes=0, window_bytes=0, streamed_bytes=0, stream_wait_s=0.0,
-                    stream_read_s=0.0)
+                    stream_read_s=0.0, stream_copies_by="")
     return dict(streamed_halves=len(window.order), streamed_weights_bytes=window.held_bytes,
                 window_bytes=window.window_bytes, streamed_bytes=window.streamed_bytes,
-                stream_wait_s=round(window.wait_s, 6), stream_read_s=round(window.read_s, 6))
+                stream_wait_s=round(window.wait_s, 6), stream_read_s=round(window.read_s, 6),
+                stream_copies_by="device" if getattr(window, "host", None) is not None else "host")
 
 
 class Window:

@@ -108,7 +108,8 @@ def test_window_gives_every_half_its_arrays_in_turn_and_leaves_no_file(tmp_path)
                 for lin, expected in zip(halves[k], copies[k]):
                     assert all(same(a, e) for a, e in zip(lin.arrays, expected))
     fig = figures(w)
-    assert fig["streamed_halves"] == len(order)
+    assert fig["streamed_halves"] == len(order) and fig["stream_copies_by"] == "host"
+    assert figures(None)["stream_copies_by"] == "" and figures(None)["streamed_bytes"] == 0
     assert fig["streamed_bytes"] >= 3 * sum(w.parts[k][1] for k in order)
     # out of turn (a pass that stopped half way): the loader starts again from the half asked for
     for k in [order[3], order[0], order[0], order[5]]:
@@ -263,6 +264,7 @@ def test_device_window_runs_each_streamed_half_from_its_slot(tmp_path, monkeypat
     w.start(2 * w.largest + 4096)
     host = w.host.size if on_host else 0  # (lavapipe: one heap)
     assert (w.host is not None) == on_host and (w.thread is None) == on_host  # (no loader thread)
+    assert figures(w)["stream_copies_by"] == ("device" if on_host else "host")
     assert len(w.slots) == 2 and sum(backend.dev.heap_used) - sum(used) == sum(s.size for s in w.slots) + host
     assert all((s.view is not None) == backend.dev.direct for s in w.slots)
     for k in 3 * list(tensors) + [(3, "ffn"), (0, "ffn"), (0, "ffn"), (4, "ffn")]:

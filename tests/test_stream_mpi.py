@@ -114,6 +114,7 @@ def test_migrations_under_a_memory_limit_keep_the_tokens(models, socket_path, ba
         status = next(r for r in replies if "position" in r)  # the socket's status has the window's figures
         for r in status["ranks"]:
             assert {"streamed_halves", "window_bytes", "streamed_bytes_per_token", "memory_need_bytes",
-                    "memory_floor_bytes", "resident_weights_bytes"} <= set(r)
+                    "memory_floor_bytes", "resident_weights_bytes", "stream_copies_by"} <= set(r)
+            assert r["stream_copies_by"] == ("host" if r["streamed_halves"] else "")
             assert r["memory_floor_bytes"] <= r["memory_need_bytes"]
         assert any(r.get("streamed_halves", 0) > 0 for r in result["ranks"])
