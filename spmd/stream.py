@@ -354,17 +354,17 @@ class DeviceWindow(Window):
     and on the device they live in `slots`: buffers of the largest half each, as many as the window's bytes hold
     (at most one per streamed half). The j-th streamed half in running order has slot j % len(slots) for good, so
     the command buffers recorded once bind it.
-    On a GPU with memory of its own whose host has the memory to spare (`halves_on_host`), the streamed halves
-    are held in the host's memory as a Vulkan buffer (`host`, written once at start from the spill file) and the
-    GPU's own copy engine brings each half into its slot (a copy queued just before the half runs, each recorded
-    once): no host thread copies, and the copy runs at the bus's DMA speed (an H200's host: 50 GB/s, where its
-    writes reach 17-24). Otherwise (lavapipe, say, whose "device" memory is the host's, which --memory-limit caps;
-    or a host buffer the driver refused) the loader brings a half in once its slot is free (the half before it in
-    that slot has run), copying it from the spill file's mapping into its slot: on the loader thread, in pieces on
-    COPY_THREADS threads, where the host maps device memory (resizable BAR, unified memory, lavapipe: one thread's
-    writes into an H200's memory reach ~10 GB/s, four ~26); else on the compute thread through a staging buffer
-    just before the half runs (the device's queue is the compute thread's). The host drops the pages at once: they
-    are only passing through."""
+    On a GPU with memory of its own whose host has the memory to spare (`halves_on_host`), the streamed halves are
+    held in the host's memory as a Vulkan buffer (`host`, written once at start from the spill file) and the GPU's
+    own copy engine brings each half into its slot (a copy recorded in the command buffer of the streamed half
+    before it, `record_next`; or queued by `hold` where the slot does not hold the half): no host thread copies, and
+    the copy runs at the bus's DMA speed (an H200's host: 50 GB/s, where its writes reach 17-24). Otherwise
+    (lavapipe, say, whose "device" memory is the host's, which --memory-limit caps; or a host buffer the driver
+    refused) the loader brings a half in once its slot is free (the half before it in that slot has run), copying it
+    from the spill file's mapping into its slot: on the loader thread, in pieces on COPY_THREADS threads, where the
+    host maps device memory (resizable BAR, unified memory, lavapipe: one thread's writes into an H200's memory
+    reach ~10 GB/s, four ~26); else on the compute thread through a staging buffer just before the half runs (the
+    device's queue is the compute thread's). The host drops the pages at once: they are only passing through."""
 
     def __init__(self, order, dev, folder=None):
         super().__init__(order, folder)
@@ -455,6 +455,8 @@ class DeviceWindow(Window):
             self.copies[key].submit(fence=False)
             self.in_slot[self.slot_of[key]] = key
             self.streamed_bytes += self.parts[key][1]
+        if queues is not None:  # (unknown until the block is done: an error in it may leave the copy queued or not)
+            self.in_slot[self.slot_of[queues]] = None
         yield
         if queues is not None:
             self.in_slot[self.slot_of[queues]] = queues

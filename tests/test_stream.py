@@ -276,13 +276,14 @@ def test_device_window_runs_each_streamed_half_from_its_slot(tmp_path, monkeypat
             lin.free()
 
 
-@pytest.mark.parametrize("slots", [1, 2, 5])
+@pytest.mark.parametrize("slots", [1, 2, 3, 5])
 def test_host_memory_halves_are_copied_ahead_by_each_halfs_command_buffer(tmp_path, monkeypatch, slots):
     """As the Vulkan model records them (`DeviceWindow.record_next` in each streamed half's command buffer): with
     one slot the next half's copy follows the half's products, with two it goes before them where the next half's
-    slot is the other (after them for the fifth, whose next shares its slot), with a slot each none is recorded
-    (each half copied once); `hold` then queues a copy only for a half its slot does not hold (the first, and out
-    of turn). Products against the resident linears', bit for bit, over three rounds and out of turn."""
+    slot is the other (after them for the fifth, whose next shares its slot; with three, before them for all), with
+    a slot each none is recorded (each half copied once); `hold` then queues a copy only for a half its slot does
+    not hold (the first, and out of turn). Products against the resident linears', bit for bit, over three rounds
+    and out of turn."""
     from test_backends import random_qtensor
 
     from spmd import stream
@@ -328,8 +329,9 @@ def test_host_memory_halves_are_copied_ahead_by_each_halfs_command_buffer(tmp_pa
     # copies of their own: a slot each: 5, each half once. Else the first half, then after the three rounds (the
     # last half's buffer has queued 0, which shares its slot, after its products): one slot: 3, 0 (3's buffer
     # queued 4), 0 again (0's queued 1 into the slot), 4; two slots: 3 is still in slot 1 and queues 4 into slot
-    # 0, so 0, then 0 again is there (it queued 1 into slot 1), then 4
-    assert len(standalone) == {1: 5, 2: 3, 5: 5}[slots]
+    # 0, so 0, then 0 again is there (it queued 1 into slot 1), then 4; three slots: 3 (slot 0 holds 0), 0 (3 is
+    # there), not 0 again, 4 (0 queued 1 into its slot)
+    assert len(standalone) == {1: 5, 2: 3, 3: 4, 5: 5}[slots]
     w.close()
     for buf in (xb, yb):
         buf.free()

@@ -394,7 +394,8 @@ class Device:
         vk.vkDestroyInstance(self.instance, None)
 
 
-_BARRIERS = {}  # "compute" / "host" / "copy" -> (destination stage, VkMemoryBarrier*): `Recording.barrier`
+_BARRIERS = {}  # "compute" / "after copy" / "host" / "copy" -> (source stage, destination stage, VkMemoryBarrier*):
+# `Recording.barrier`
 _BEGIN = {}  # queued_again -> VkCommandBufferBeginInfo*
 
 
@@ -493,7 +494,9 @@ class Recording:
     def submit(self, fence=True):
         """Queue the buffer behind those queued before it; with `fence`, the device's fence signals when it and
         everything queued before it are done (then `wait`). Without: a prompt's parts but the last, queued while the
-        host records the rest (each ends with a barrier, which orders its work before all later commands)."""
+        host records the rest, or a one-rank pass's command buffers where weights stream (each ends with a barrier
+        that orders its dispatches before the dispatches queued after it; a streamed half's copy of the next half
+        is left to run beside them, `spmd.stream.DeviceWindow.record_next`)."""
         dev = self.dev
         _check(vk.lib.vkQueueSubmit(dev.queue, 1, self._submit[0], dev.fence if fence else vk.ffi.NULL),
                "vkQueueSubmit")
