@@ -128,7 +128,7 @@ def figures(window) -> dict:
     return dict(streamed_halves=len(window.order), streamed_weights_bytes=window.held_bytes,
                 window_bytes=window.window_bytes, streamed_bytes=window.streamed_bytes,
                 stream_wait_s=round(window.wait_s, 6), stream_read_s=round(window.read_s, 6),
-                stream_copies_by="device" if getattr(window, "host", None) is not None else "host")
+                stream_copies_by=window.copies_by)
 
 
 class Window:
@@ -154,6 +154,11 @@ class Window:
         self.closed, self.error = False, None
         self.streamed_bytes, self.wait_s, self.read_s = 0, 0.0, 0.0
         self.thread = None
+
+    @property
+    def copies_by(self) -> str:
+        """Who brings the streamed halves in (`figures`' stream_copies_by): here the host."""
+        return "host"
 
     # ---- at load --------------------------------------------------------------------------------------------------
     def spill(self, key, linears):
@@ -416,6 +421,10 @@ class DeviceWindow(Window):
             self._record_copy(rec, key)
             rec.barrier(after_copy=True)  # (the copy's writes before what is queued after it, which reads them)
             rec.end()
+
+    @property
+    def copies_by(self) -> str:
+        return "device" if self.host is not None else "host"
 
     def _record_copy(self, rec, key):
         """The half's copy from host memory into its slot, after everything queued before it (which may read the
