@@ -415,7 +415,8 @@ class RankState:
         limit = self.memory_limit
         parts, sizes = self.memory_needs(share)
         fixed = sum(parts.values())
-        chosen = choose(sizes, limit - fixed) if sizes else ([], 0)
+        # (a Vulkan rank's window of two slots where the limit allows: one is copied while the other computes)
+        chosen = choose(sizes, limit - fixed, 2 if self.backend_name == "vulkan" else 1) if sizes else ([], 0)
         if chosen is None:
             raise UserError(f"--memory-limit {human_size(limit)} is below what this share needs: "
                             f"{self._need_text(parts, sizes)}: give more, or more ranks")

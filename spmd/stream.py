@@ -93,12 +93,14 @@ def in_memory(folder) -> bool:
     return fstype in ("tmpfs", "ramfs")
 
 
-def choose(sizes: dict, budget: int):
+def choose(sizes: dict, budget: int, slots: int = 1):
     """sizes: {(layer, half): bytes held} in the order the stage runs them; budget: bytes for them all, resident
     and window. -> (the halves to stream, in that order; the window's bytes): ([], 0) when everything fits; None
-    when not even a window of the largest half fits. The fewest bytes stream that leave room for a window of the
-    largest streamed half, and the window gets all the resident halves leave (so it holds more than one half, and
-    the loader reads one while another computes, wherever the budget allows): a larger budget never streams more.
+    when not even a window of the largest half fits. The fewest bytes stream that leave room for a window of
+    `slots` of the largest streamed half (else, where no choice leaves that much, of one), and the window gets all
+    the resident halves leave (so it holds more than one half, and the loader reads one while another computes,
+    wherever the budget allows). With one slot a larger budget never streams more; with two it may, where it
+    first leaves room for two (a Vulkan rank's: its copies then run beside the streamed halves' products).
     FFN halves (the largest) stream first, then attention halves, each kind evenly spread over the layers so that
     the loader reads while resident halves compute."""
     total = sum(sizes.values())
@@ -110,11 +112,13 @@ def choose(sizes: dict, budget: int):
         for n in range(1, len(keys) + 1):
             candidates.append(set(streamed) | {keys[(2 * j + 1) * len(keys) // (2 * n)] for j in range(n)})
         streamed += keys
-    fits = [c for c in candidates if total - sum(sizes[k] for k in c) + max(sizes[k] for k in c) <= budget]
-    if not fits:
-        return None
-    chosen = min(fits, key=lambda c: sum(sizes[k] for k in c))  # the first of the fewest bytes
-    return [k for k in sizes if k in chosen], budget - total + sum(sizes[k] for k in chosen)
+    for room in range(slots, 0, -1):
+        fits = [c for c in candidates
+                if total - sum(sizes[k] for k in c) + min(room, len(c)) * max(sizes[k] for k in c) <= budget]
+        if fits:
+            chosen = min(fits, key=lambda c: sum(sizes[k] for k in c))  # the first of the fewest bytes
+            return [k for k in sizes if k in chosen], budget - total + sum(sizes[k] for k in chosen)
+    return None
 
 
 def figures(window) -> dict:
@@ -360,24 +364,29 @@ class DeviceWindow(Window):
     (at most one per streamed half). The j-th streamed half in running order has slot j % len(slots) for good, so
     the command buffers recorded once bind it.
     On a GPU with memory of its own whose host has the memory to spare (`halves_on_host`), the streamed halves are
-    held in the host's memory as a Vulkan buffer (`host`, written once at start from the spill file) and the GPU's
-    own copy engine brings each half into its slot (a copy recorded in the command buffer of the streamed half
-    before it, `record_next`; or queued by `hold` where the slot does not hold the half): no host thread copies, and
-    the copy runs at the bus's DMA speed (an H200's host: 50 GB/s, where its writes reach 17-24). Otherwise
-    (lavapipe, say, whose "device" memory is the host's, which --memory-limit caps; or a host buffer the driver
-    refused) the loader brings a half in once its slot is free (the half before it in that slot has run), copying it
-    from the spill file's mapping into its slot: on the loader thread, in pieces on COPY_THREADS threads, where the
-    host maps device memory (resizable BAR, unified memory, lavapipe: one thread's writes into an H200's memory
-    reach ~10 GB/s, four ~26); else on the compute thread through a staging buffer just before the half runs (the
-    device's queue is the compute thread's). The host drops the pages at once: they are only passing through."""
+    held in the host's memory as a Vulkan buffer (`host`, written once at start from the spill file) and the
+    device's copy queue (its copy engines, where it has them: `Device.copy_commands`) brings each into its slot:
+    `hold` queues the copy of the half that uses the slot next as soon as the half's products are queued, to start
+    once they are done (timeline semaphores order the two queues), so that it runs while the halves between the two
+    compute, and the half's products wait for their own copy. No host thread copies, and the copy runs at the bus's
+    DMA speed (an H200's host: 50 GB/s, where its writes reach 17-24). Otherwise (a device without timeline
+    semaphores; lavapipe, say, whose "device" memory is the host's, which --memory-limit caps; or a host buffer the
+    driver refused) the loader brings a half in once its slot is free (the half before it in that slot has run),
+    copying it from the spill file's mapping into its slot: on the loader thread, in pieces on COPY_THREADS threads,
+    where the host maps device memory (resizable BAR, unified memory, lavapipe: one thread's writes into an H200's
+    memory reach ~10 GB/s, four ~26); else on the compute thread through a staging buffer just before the half runs
+    (the device's queue is the compute thread's). The host drops the pages at once: they are only passing
+    through."""
 
     def __init__(self, order, dev, folder=None):
         super().__init__(order, folder)
         self.dev, self.slots, self.slot_of, self.user = dev, [], {}, []  # slot_of: key -> its slot's index
         self.copiers = ThreadPoolExecutor(COPY_THREADS, "spmd-copy") if dev.direct else None
-        self.host, self.copies = None, {}  # the halves in host memory, and each one's recorded copy to its slot
-        self.host_at = {}  # key -> (its offset in host, its bytes in a slot)
-        self.in_slot = []  # the half whose copy into each slot was queued last (host memory)
+        self.host, self.copies = None, {}  # the halves in host memory, and each one's copy to its slot (a command
+        # buffer of the copy queue)
+        self.in_slot, self.ready, self.free_at = [], [], []  # per slot: the half whose copy was queued last, the
+        # value of dev.copied once it is there, and of dev.computed once the products reading its last half are done
+        self.next_in_slot = {}  # key -> the half that uses its slot after it in running order (itself: a slot each)
 
     def start(self, window_bytes):
         """Map the spill file, make the slots, bind each streamed linear to its slot; then the halves into host
@@ -388,13 +397,15 @@ class DeviceWindow(Window):
         slot_bytes = max(max(size for _, size in places.values()), 16)
         count = max(1, min(len(self.order), self.window_bytes // slot_bytes))
         self.window_bytes = count * slot_bytes
-        self.slots = [Buffer(self.dev, slot_bytes) for _ in range(count)]
+        self.slots = [Buffer(self.dev, slot_bytes, copied=True) for _ in range(count)]
         self.user = [None] * count
         for j, key in enumerate(self.order):
             self.slot_of[key] = j % count
+            self.next_in_slot[key] = next(self.order[(j + i) % len(self.order)] for i in range(1, len(self.order) + 1)
+                                          if (j + i) % len(self.order) % count == j % count)
             for (lin, _), at in zip(self.parts[key][2], places[key][0]):
                 lin.bind(self.slots[j % count], at)
-        if halves_on_host(self.dev, sum(size for _, size in places.values())):
+        if self.dev.timeline and halves_on_host(self.dev, sum(size for _, size in places.values())):
             try:
                 self._fill_host(places)
                 return
@@ -404,72 +415,55 @@ class DeviceWindow(Window):
 
     def _fill_host(self, places):
         """Every streamed half into `host`, each laid out as in its slot, and its copy into the slot recorded."""
-        from .backends.vk_runtime import Buffer, Recording
+        from .backends.vk_runtime import Buffer
         at, where = 0, {}
         for key in self.order:
             where[key] = at
             at += -(-places[key][1] // DEVICE_ALIGN) * DEVICE_ALIGN
-        self.host = Buffer(self.dev, at, "pool")
-        self.in_slot = [None] * len(self.slots)
+        self.host = Buffer(self.dev, at, "pool", copied=True)
+        count = len(self.slots)
+        self.in_slot, self.ready, self.free_at = [None] * count, [0] * count, [0] * count
         for key in self.order:
             for lin, _ in self.parts[key][2]:
                 for array, start in zip(lin.arrays, lin.offsets):
                     self.host.write(array, where[key] + start)
             self._advise(*self.parts[key][:2], mmap.MADV_DONTNEED)
-            self.host_at[key] = (where[key], max(places[key][1], 4))
-            rec = self.copies[key] = Recording(self.dev)
-            self._record_copy(rec, key)
-            rec.barrier(after_copy=True)  # (the copy's writes before what is queued after it, which reads them)
-            rec.end()
+            self.copies[key] = self.dev.copy_commands(self.host, self.slots[self.slot_of[key]],
+                                                      max(places[key][1], 4), where[key])
 
     @property
     def copies_by(self) -> str:
         return "device" if self.host is not None else "host"
 
-    def _record_copy(self, rec, key):
-        """The half's copy from host memory into its slot, after everything queued before it (which may read the
-        slot)."""
-        rec.barrier(to_copy=True)
-        self.dev.copy(rec, self.host, self.slots[self.slot_of[key]], self.host_at[key][1], self.host_at[key][0])
-
-    def record_next(self, rec, key, before):
-        """A streamed half's command buffer (the Vulkan model records one for each), before its products (before)
-        or after them: what the window puts there. Before: a barrier that orders its products after the copies
-        queued before them (its own). With the halves in host memory, also the copy of the streamed half that runs
-        next into its slot, so that the device copies it while this half's products run (before: where the next
-        half's slot is another) or while the resident halves between the two run (after: where it is this half's);
-        none where every half has a slot of its own (each copied once). -> the half whose copy was
-        recorded, for `hold`, or None."""
-        if before:
-            rec.barrier(after_copy=True)
-        if self.host is None or len(self.slots) == len(self.order):
-            return None
-        follows = self.order[(self.index[key] + 1) % len(self.order)]
-        if (self.slot_of[follows] != self.slot_of[key]) != before:
-            return None
-        self._record_copy(rec, follows)
-        return follows
+    def _queue_copy(self, key):
+        """The half's copy into its slot on the device's copy queue, to start once the products that read the
+        slot's last half are done."""
+        slot = self.slot_of[key]
+        self.ready[slot] = self.dev.queue_copy(self.copies[key], after=self.free_at[slot])
+        self.in_slot[slot] = key
+        self.streamed_bytes += self.parts[key][1]
 
     @contextmanager
-    def hold(self, key, queues=None):
-        """queues: the half whose copy the caller's work in this block queues (its command buffer's, recorded by
-        `record_next`), or None."""
+    def hold(self, key):
+        """With the halves in host memory: the compute queue's submissions in the block (the half's products) wait
+        for its copy (queued now if its slot does not hold it: the first time, or out of turn); after the block,
+        the copy of the half that uses its slot next is queued, to start once they are done."""
         if self.host is None or key not in self.index:
             with super().hold(key):
                 yield
             return
-        if self.in_slot[self.slot_of[key]] != key:  # (out of turn, the first time, or not queued ahead)
-            # the copy queued now runs after what was queued before it (the half before it in that slot) and
-            # before what the compute thread queues next: the half's products
-            self.copies[key].submit(fence=False)
-            self.in_slot[self.slot_of[key]] = key
-            self.streamed_bytes += self.parts[key][1]
-        if queues is not None:  # (unknown until the block is done: an error in it may leave the copy queued or not)
-            self.in_slot[self.slot_of[queues]] = None
-        yield
-        if queues is not None:
-            self.in_slot[self.slot_of[queues]] = queues
-            self.streamed_bytes += self.parts[queues][1]
+        slot = self.slot_of[key]
+        if self.in_slot[slot] != key:
+            self._queue_copy(key)
+        self.dev.gate = self.ready[slot]
+        try:
+            yield
+        finally:
+            self.dev.gate = 0
+            # (whether or not the block queued its products: a signal after all of the compute queue's work)
+            self.free_at[slot] = self.dev.signal_computed()
+        if self.next_in_slot[key] != key:
+            self._queue_copy(self.next_in_slot[key])
 
     @staticmethod
     def _device_layout(layout) -> tuple:
@@ -528,8 +522,8 @@ class DeviceWindow(Window):
     def _free_host(self):
         if self.copies:
             self.dev.idle()  # (a copy queued for nothing, after an error)
-        for rec in self.copies.values():
-            rec.free()
+        for cmd in self.copies.values():
+            self.dev.free_copy(cmd)
         self.copies = {}
         if self.host is not None:
             self.host.free()

@@ -52,6 +52,17 @@ def test_a_window_of_the_largest_half_at_least_and_none_below():
     assert choose(sizes, 29) is None  # below it
 
 
+def test_two_slots_where_the_budget_leaves_room_for_them_else_one():
+    sizes = layer_sizes(8, 10, 30)  # 320 in all
+    streamed, window = choose(sizes, 270, slots=2)
+    # k FFN halves streamed leave 320 - 30k resident beside two of 30: 320 - 30k + 60 <= 270 first at k = 4
+    assert len(streamed) == 4 and all(half == "ffn" for _, half in streamed)
+    assert window == 270 - (320 - 4 * 30) == 70
+    sizes = layer_sizes(3, 10, 30)  # 120: two of 30 beside anything resident never fit 45
+    assert choose(sizes, 45, slots=2) == choose(sizes, 45)
+    assert choose(sizes, 29, slots=2) is None
+
+
 def test_a_larger_budget_never_streams_more():
     rng = np.random.default_rng(5)
     for _ in range(20):
@@ -277,13 +288,13 @@ def test_device_window_runs_each_streamed_half_from_its_slot(tmp_path, monkeypat
 
 
 @pytest.mark.parametrize("slots", [1, 2, 3, 5])
-def test_host_memory_halves_are_copied_ahead_by_each_halfs_command_buffer(tmp_path, monkeypatch, slots):
-    """As the Vulkan model records them (`DeviceWindow.record_next` in each streamed half's command buffer): with
-    one slot the next half's copy follows the half's products, with two it goes before them where the next half's
-    slot is the other (after them for the fifth, whose next shares its slot; with three, before them for all), with
-    a slot each none is recorded (each half copied once); `hold` then queues a copy only for a half its slot does
-    not hold (the first, and out of turn). Products against the resident linears', bit for bit, over three rounds
-    and out of turn."""
+def test_host_memory_halves_are_copied_ahead_on_the_copy_queue(tmp_path, monkeypatch, slots):
+    """With the halves in host memory, `hold` queues each half's copy into its slot as soon as the products of the
+    half before it in that slot are queued (then the device copies it while the halves between compute), the
+    products wait for their own copy, and a half whose slot does not hold it (the first time, out of turn) has
+    its copy queued on the spot. Products against the resident linears', bit for bit, over three rounds and out of
+    turn, each half's command buffer queued without waiting (as a one-rank pass queues them) and waited for at the
+    end of each round; the copies queued are counted against the slots' sequence worked out here by hand."""
     from test_backends import random_qtensor
 
     from spmd import stream
@@ -294,44 +305,59 @@ def test_host_memory_halves_are_copied_ahead_by_each_halfs_command_buffer(tmp_pa
     rng = np.random.default_rng(5)
     types = [T.Q4_K, T.Q8_0, T.F32, T.Q6_K, T.Q5_0]
     tensors = {(i, "ffn"): random_qtensor(q, 40, 256, rng) for i, q in enumerate(types)}
+    keys = list(tensors)
     x = rng.standard_normal((1, 256)).astype(np.float32)
     expected = {}
     for k, wt in tensors.items():
         resident = backend.linear(wt)
         expected[k] = resident(x)
         resident.free()
-    w = DeviceWindow(list(tensors), backend.dev, tmp_path)
+    w = DeviceWindow(keys, backend.dev, tmp_path)
     halves = {k: backend.linear(wt, resident=False) for k, wt in tensors.items()}
     for k, lin in halves.items():
         w.spill(k, [lin])
     w.start(slots * w.largest + 4096)
     assert len(w.slots) == slots and w.host is not None
-    xb, yb = Buffer(backend.dev, 256 * 4, "host"), Buffer(backend.dev, 40 * 4, "host")
+    # each half writes its own rows of the result, so that a round's products can all be queued before any is read
+    xb, yb = Buffer(backend.dev, 256 * 4, "host"), Buffer(backend.dev, 5 * 40 * 4, "host")
     xb.array(np.float32, (1, 256))[:] = x
     recs = {}
-    for k, lin in halves.items():  # (as VulkanModel._record)
+    for i, (k, lin) in enumerate(halves.items()):  # (as VulkanModel._record)
         rec = recs[k] = Recording(backend.dev)
-        rec.queues = w.record_next(rec, k, before=True)
-        lin.dispatch(rec, xb, 256, 0, yb, 40, 0, 1)
-        rec.queues = rec.queues or w.record_next(rec, k, before=False)
+        rec.barrier(after_copy=True)
+        lin.dispatch(rec, xb, 256, 0, yb, 200, 40 * i, 1)
         rec.barrier(to_host=True)
         rec.end()
-    follows = {k: list(tensors)[(i + 1) % 5] for i, k in enumerate(tensors)}
-    assert all(r.queues == (None if slots == 5 else follows[k]) for k, r in recs.items())
-    standalone = []
-    monkeypatch.setattr(Recording, "submit", lambda self, fence=True, submit=Recording.submit: (
-        standalone.append(self) if self in w.copies.values() else None, submit(self, fence))[1])
-    turns = 3 * list(tensors) + [(3, "ffn"), (0, "ffn"), (0, "ffn"), (4, "ffn")]
-    for k in turns:
-        with w.hold(k, recs[k].queues):
-            recs[k].run()
-        assert same(yb.array(np.float32, (1, 40)).copy(), expected[k]), k
-    # copies of their own: a slot each: 5, each half once. Else the first half, then after the three rounds (the
-    # last half's buffer has queued 0, which shares its slot, after its products): one slot: 3, 0 (3's buffer
-    # queued 4), 0 again (0's queued 1 into the slot), 4; two slots: 3 is still in slot 1 and queues 4 into slot
-    # 0, so 0, then 0 again is there (it queued 1 into slot 1), then 4; three slots: 3 (slot 0 holds 0), 0 (3 is
-    # there), not 0 again, 4 (0 queued 1 into its slot)
-    assert len(standalone) == {1: 5, 2: 3, 3: 4, 5: 5}[slots]
+    queued = []
+    monkeypatch.setattr(backend.dev, "queue_copy", lambda cmd, after, queue=backend.dev.queue_copy: (
+        queued.append(next(k for k, c in w.copies.items() if c == cmd)), queue(cmd, after))[1])
+    rounds = [keys, keys, keys, [keys[3], keys[0], keys[0], keys[4]]]
+    for turns in rounds:
+        for k in turns:
+            with w.hold(k):
+                recs[k].submit(fence=k is turns[-1])
+        recs[turns[-1]].wait()
+        got = yb.array(np.float32, (5, 40))
+        for k in turns:
+            assert same(got[keys.index(k)][None], expected[k]), k
+    # the slots' sequence by hand: a half j in slot j % slots; after its products, the next half in running order
+    # with that slot is queued; a hold whose slot holds another queues its own first
+    in_slot, expect = [None] * slots, []
+    for k in [k for turns in rounds for k in turns]:
+        j = keys.index(k)
+        if in_slot[j % slots] != k:
+            expect.append(k)
+            in_slot[j % slots] = k
+        after = [keys[(j + i) % 5] for i in range(1, 6) if (j + i) % 5 % slots == j % slots][0]
+        if after != k:
+            expect.append(after)
+            in_slot[j % slots] = after
+    assert queued == expect
+    if slots == 5:
+        assert queued == keys  # (a slot each: every half copied once)
+    if slots == 1:
+        # (each hold queues the next; the first queues itself, and so does each of the last round's, out of turn)
+        assert len(queued) == 1 + 3 * 5 + 2 * 4
     w.close()
     for buf in (xb, yb):
         buf.free()

@@ -1,5 +1,7 @@
-"""The raw Vulkan plumbing of the Vulkan backend: one device and queue, buffers, compute pipelines made from
-`kernels/*.spv` with specialisation constants, and command buffers recorded once and submitted many times.
+"""The raw Vulkan plumbing of the Vulkan backend: one device, its compute queue and a copy queue (the copy engines'
+where it has them: a streamed window's copies, ordered against the compute queue by two timeline semaphores),
+buffers, compute pipelines made from `kernels/*.spv` with specialisation constants, and command buffers recorded
+once and submitted many times.
 
 Every failure a user can fix (no loader, no device, too little memory, a missing .spv) is a one-line UserError
 that names the fix. Nothing here knows about transformers: see `vulkan.py`.
@@ -55,15 +57,20 @@ def _check(result, what):
 class Buffer:
     """A storage buffer with its own memory. `view` is a numpy uint8 view of its mapping when host-visible."""
 
-    def __init__(self, dev, nbytes, where="device"):
+    def __init__(self, dev, nbytes, where="device", copied=False):
         """where: "device" (weights, activations: device-local, host-visible when the device offers it),
         "host" (the host reads what the GPU wrote: host-cached memory where there is such), "pool" (the host's
-        memory, which the GPU's copies read: spmd.stream.DeviceWindow's streamed weights)."""
+        memory, which the GPU's copies read: spmd.stream.DeviceWindow's streamed weights). copied: the device's copy
+        queue (`Device.copy_commands`) reads or writes it too."""
         self.dev, self.nbytes = dev, max(int(nbytes), 16)
         usage = (vk.VK_BUFFER_USAGE_STORAGE_BUFFER_BIT | vk.VK_BUFFER_USAGE_TRANSFER_DST_BIT
                  | vk.VK_BUFFER_USAGE_TRANSFER_SRC_BIT)
-        self.handle = vk.vkCreateBuffer(dev.device, vk.VkBufferCreateInfo(
-            size=self.nbytes, usage=usage, sharingMode=vk.VK_SHARING_MODE_EXCLUSIVE), None)
+        sharing = dict(sharingMode=vk.VK_SHARING_MODE_EXCLUSIVE)
+        if copied and dev.copy_family is not None:  # (used by two queue families, without ownership transfers)
+            sharing = dict(sharingMode=vk.VK_SHARING_MODE_CONCURRENT, queueFamilyIndexCount=2,
+                           pQueueFamilyIndices=[dev.family, dev.copy_family])
+        self.handle = vk.vkCreateBuffer(dev.device, vk.VkBufferCreateInfo(size=self.nbytes, usage=usage, **sharing),
+                                        None)
         req = vk.vkGetBufferMemoryRequirements(dev.device, self.handle)
         type_index = dev.memory_type(req.memoryTypeBits, where)
         heap = dev.heap_of[type_index]
@@ -152,7 +159,7 @@ class Device:
         global vk
         vk = _import_vulkan()
         app = vk.VkApplicationInfo(pApplicationName="spmd", applicationVersion=0, pEngineName="spmd",
-                                   engineVersion=0, apiVersion=vk.VK_MAKE_VERSION(1, 1, 0))
+                                   engineVersion=0, apiVersion=vk.VK_MAKE_VERSION(1, 2, 0))
         try:
             self.instance = vk.vkCreateInstance(vk.VkInstanceCreateInfo(pApplicationInfo=app), None)
             physical = vk.vkEnumeratePhysicalDevices(self.instance)
@@ -182,7 +189,10 @@ class Device:
         families = vk.vkGetPhysicalDeviceQueueFamilyProperties(self.physical)
         self.family = next(i for i, f in enumerate(families) if f.queueFlags & vk.VK_QUEUE_COMPUTE_BIT)
         self.timestamps = families[self.family].timestampValidBits > 0
-        queue_info = vk.VkDeviceQueueCreateInfo(queueFamilyIndex=self.family, queueCount=1, pQueuePriorities=[1.0])
+        self.timeline = self._timeline(props)
+        self.copy_family = self._copy_family(families) if self.timeline else None
+        queue_infos = [vk.VkDeviceQueueCreateInfo(queueFamilyIndex=family, queueCount=1, pQueuePriorities=[1.0])
+                       for family in (self.family, self.copy_family) if family is not None]
         extensions, features, self.coop_int8 = self._coop_matrix()
         self.coop = bool(extensions)
         self.int_dot = self._integer_dot()
@@ -190,13 +200,27 @@ class Device:
             extensions = extensions + [self.INT_DOT]
             features = vk.VkPhysicalDeviceShaderIntegerDotProductFeatures(shaderIntegerDotProduct=vk.VK_TRUE,
                                                                           pNext=features)
+        if self.timeline:
+            features = vk.VkPhysicalDeviceTimelineSemaphoreFeatures(timelineSemaphore=vk.VK_TRUE, pNext=features)
         self.device = vk.vkCreateDevice(self.physical, vk.VkDeviceCreateInfo(
-            pNext=features, queueCreateInfoCount=1, pQueueCreateInfos=[queue_info],
+            pNext=features, queueCreateInfoCount=len(queue_infos), pQueueCreateInfos=queue_infos,
             enabledExtensionCount=len(extensions), ppEnabledExtensionNames=extensions or None), None)
         self.queue = vk.vkGetDeviceQueue(self.device, self.family, 0)
-        self.pool = vk.vkCreateCommandPool(self.device, vk.VkCommandPoolCreateInfo(
-            flags=vk.VK_COMMAND_POOL_CREATE_RESET_COMMAND_BUFFER_BIT, queueFamilyIndex=self.family), None)
+        self.pool = self._command_pool(self.family)
         self.fence = vk.vkCreateFence(self.device, vk.VkFenceCreateInfo(), None)
+        # the copy queue (`copy_commands`, `queue_copy`): the copy engines' own where the device has a queue family
+        # of them, else the compute queue itself; two timeline semaphores order the two queues' work
+        self.copy_queue, self.copy_pool = self.queue, self.pool
+        if self.copy_family is not None:
+            self.copy_queue = vk.vkGetDeviceQueue(self.device, self.copy_family, 0)
+            self.copy_pool = self._command_pool(self.copy_family)
+        self.copied = self.computed = None  # timeline semaphores: copies done, compute queue's work done
+        self.copied_value = self.computed_value = 0  # the last value queued to signal each
+        self.gate = 0  # compute submissions wait until `copied` reaches this (spmd.stream.DeviceWindow.hold)
+        if self.timeline:
+            self.copied, self.computed = (vk.vkCreateSemaphore(self.device, vk.VkSemaphoreCreateInfo(
+                pNext=vk.VkSemaphoreTypeCreateInfo(semaphoreType=vk.VK_SEMAPHORE_TYPE_TIMELINE, initialValue=0)),
+                None) for _ in range(2))
         self.spare = []  # command buffers of freed Recordings, begun again by the next ones (the pool resets them)
         self._pipelines = {}
         self.waited_s = 0.0  # seconds the host has waited for the GPU (`Recording.wait`; benchmarks read it)
@@ -229,6 +253,29 @@ class Device:
                             "(Vulkan 1.1): use --backend cpu on this machine")
         # quad operations (kernels/attention_block.glsl; without them a prompt attends a row at a time)
         self.quads = bool(sub.supportedOperations & vk.VK_SUBGROUP_FEATURE_QUAD_BIT) and self.subgroup_size >= 4
+
+    def _timeline(self, props):
+        """Whether the device has timeline semaphores (Vulkan 1.2), which order the copy queue's work and the
+        compute queue's (`queue_copy`); without them a streamed window's halves are copied by the host."""
+        if vk.VK_VERSION_MINOR(props.apiVersion) < 2 and vk.VK_VERSION_MAJOR(props.apiVersion) == 1:
+            return False
+        found = vk.VkPhysicalDeviceTimelineSemaphoreFeatures()
+        vk.vkGetPhysicalDeviceFeatures2(self.physical, vk.VkPhysicalDeviceFeatures2(pNext=found))
+        return bool(found.timelineSemaphore)
+
+    @staticmethod
+    def _copy_family(families):
+        """A queue family of transfers only (a GPU's copy engines, which run beside its compute), or None (then the
+        copies go on the compute queue); SPMD_VK_COPY_QUEUE=0 declines it."""
+        if env_tuple("SPMD_VK_COPY_QUEUE", (1,))[0] == 0:
+            return None
+        busy = vk.VK_QUEUE_COMPUTE_BIT | vk.VK_QUEUE_GRAPHICS_BIT
+        return next((i for i, f in enumerate(families)
+                     if f.queueFlags & vk.VK_QUEUE_TRANSFER_BIT and not f.queueFlags & busy and f.queueCount), None)
+
+    def _command_pool(self, family):
+        return vk.vkCreateCommandPool(self.device, vk.VkCommandPoolCreateInfo(
+            flags=vk.VK_COMMAND_POOL_CREATE_RESET_COMMAND_BUFFER_BIT, queueFamilyIndex=family), None)
 
     INT_DOT = "VK_KHR_shader_integer_dot_product"
 
@@ -367,6 +414,63 @@ class Device:
         region = vk.VkBufferCopy(srcOffset=src_offset, dstOffset=dst_offset, size=nbytes)
         vk.vkCmdCopyBuffer(rec.cmd, src.handle, dst.handle, 1, [region])
 
+    def copy_commands(self, src, dst, nbytes, src_offset=0, dst_offset=0):
+        """A command buffer for the copy queue (`queue_copy`) of one copy, after the copies queued before it on that
+        queue (which may write the same bytes); `free_copy` frees it."""
+        cmd = vk.vkAllocateCommandBuffers(self.device, vk.VkCommandBufferAllocateInfo(
+            commandPool=self.copy_pool, level=vk.VK_COMMAND_BUFFER_LEVEL_PRIMARY, commandBufferCount=1))[0]
+        vk.vkBeginCommandBuffer(cmd, vk.VkCommandBufferBeginInfo(
+            flags=vk.VK_COMMAND_BUFFER_USAGE_SIMULTANEOUS_USE_BIT))
+        transfer = vk.VK_PIPELINE_STAGE_TRANSFER_BIT
+        vk.vkCmdPipelineBarrier(cmd, transfer, transfer, 0, 1, [vk.VkMemoryBarrier(
+            srcAccessMask=vk.VK_ACCESS_TRANSFER_WRITE_BIT, dstAccessMask=vk.VK_ACCESS_TRANSFER_WRITE_BIT)], 0, None,
+            0, None)
+        vk.vkCmdCopyBuffer(cmd, src.handle, dst.handle, 1, [vk.VkBufferCopy(
+            srcOffset=src_offset, dstOffset=dst_offset, size=nbytes)])
+        vk.vkEndCommandBuffer(cmd)
+        return cmd
+
+    def free_copy(self, cmd):
+        vk.vkFreeCommandBuffers(self.device, self.copy_pool, 1, [cmd])
+
+    def queue_copy(self, cmd, after):
+        """Queue a `copy_commands` buffer on the copy queue, to start once `computed` reaches `after` (the compute
+        queue's work that reads what it overwrites is done) -> the value `copied` reaches when it is done."""
+        self.copied_value += 1
+        self._queue(self.copy_queue, cmd, (self.computed, after, vk.VK_PIPELINE_STAGE_TRANSFER_BIT),
+                    (self.copied, self.copied_value))
+        return self.copied_value
+
+    def signal_computed(self):
+        """-> the value `computed` reaches once everything queued on the compute queue so far is done (an empty
+        submission that signals it)."""
+        self.computed_value += 1
+        self._queue(self.queue, None, None, (self.computed, self.computed_value))
+        return self.computed_value
+
+    def _queue(self, queue, cmd, wait, signal, fence=None):
+        """vkQueueSubmit of one command buffer (or none) with a timeline semaphore's wait (semaphore, value, stage)
+        and signal (semaphore, value), either None."""
+        ffi = vk.ffi
+        timeline = {"sType": vk.VK_STRUCTURE_TYPE_TIMELINE_SEMAPHORE_SUBMIT_INFO}
+        info = {"sType": vk.VK_STRUCTURE_TYPE_SUBMIT_INFO}
+        keep = []  # (cffi's arrays live while they are referenced)
+        if cmd is not None:
+            keep.append(ffi.new("VkCommandBuffer[1]", [cmd]))
+            info.update(commandBufferCount=1, pCommandBuffers=keep[-1])
+        if wait is not None:
+            keep += [ffi.new("VkSemaphore[1]", [wait[0]]), ffi.new("uint64_t[1]", [wait[1]]),
+                     ffi.new("VkPipelineStageFlags[1]", [wait[2]])]
+            info.update(waitSemaphoreCount=1, pWaitSemaphores=keep[-3], pWaitDstStageMask=keep[-1])
+            timeline.update(waitSemaphoreValueCount=1, pWaitSemaphoreValues=keep[-2])
+        if signal is not None:
+            keep += [ffi.new("VkSemaphore[1]", [signal[0]]), ffi.new("uint64_t[1]", [signal[1]])]
+            info.update(signalSemaphoreCount=1, pSignalSemaphores=keep[-2])
+            timeline.update(signalSemaphoreValueCount=1, pSignalSemaphoreValues=keep[-1])
+        keep.append(ffi.new("VkTimelineSemaphoreSubmitInfo*", timeline))
+        info["pNext"] = keep[-1]
+        _check(vk.lib.vkQueueSubmit(queue, 1, ffi.new("VkSubmitInfo*", info), fence or ffi.NULL), "vkQueueSubmit")
+
     def pipeline(self, kernel, n_bindings, push_bytes, spec=()):
         key = (kernel, n_bindings, push_bytes, tuple(spec))
         if key not in self._pipelines:
@@ -389,6 +493,11 @@ class Device:
             vk.vkDestroyPipelineLayout(self.device, p.layout, None)
             vk.vkDestroyDescriptorSetLayout(self.device, p.set_layout, None)
         vk.vkDestroyFence(self.device, self.fence, None)
+        for semaphore in (self.copied, self.computed):
+            if semaphore is not None:
+                vk.vkDestroySemaphore(self.device, semaphore, None)
+        if self.copy_pool != self.pool:
+            vk.vkDestroyCommandPool(self.device, self.copy_pool, None)
         vk.vkDestroyCommandPool(self.device, self.pool, None)
         vk.vkDestroyDevice(self.device, None)
         vk.vkDestroyInstance(self.instance, None)
@@ -495,9 +604,14 @@ class Recording:
         """Queue the buffer behind those queued before it; with `fence`, the device's fence signals when it and
         everything queued before it are done (then `wait`). Without: a prompt's parts but the last, queued while the
         host records the rest, or a one-rank pass's command buffers where weights stream (each ends with a barrier
-        that orders its dispatches before the dispatches queued after it; a streamed half's copy of the next half
-        is left to run beside them, `spmd.stream.DeviceWindow.record_next`)."""
+        that orders its dispatches before the dispatches queued after it). While the device's `gate` is set (a
+        streamed half held, spmd.stream.DeviceWindow.hold), the buffer's dispatches wait for the copy queue's
+        `copied` to reach it: the half's copy into its slot."""
         dev = self.dev
+        if dev.gate:  # (a streamed half's: its products wait for its copy into its slot)
+            dev._queue(dev.queue, self.cmd, (dev.copied, dev.gate, vk.VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT), None,
+                       dev.fence if fence else None)
+            return
         _check(vk.lib.vkQueueSubmit(dev.queue, 1, self._submit[0], dev.fence if fence else vk.ffi.NULL),
                "vkQueueSubmit")
 

@@ -286,8 +286,8 @@ class VulkanModel:
     # ---- recording --------------------------------------------------------------------------------------------
     def _record(self, a, multi, head, scored, timestamps=False, early=False, recs=None, into=None, embed=False):
         """The command buffers of one pass over a's n rows: one; or, several ranks in the stage, one per half-layer
-        plus the end; or, weights streamed, each streamed half alone in one (its `key` names it; `queues`: the
-        streamed half whose copy it holds, `DeviceWindow.record_next`) and the rest between them. scored: the rows
+        plus the end; or, weights streamed, each streamed half alone in one (its `key` names it, for
+        `DeviceWindow.hold`) and the rest between them. scored: the rows
         the head turns into logits (ascending). recs: the list they go into (the caller's, which frees what is in
         it however recording ends), else a new one.
         early (one rank, nothing streamed; the pass's input in place): the pass is cut after half-layers 1, 2, 4,
@@ -312,7 +312,7 @@ class VulkanModel:
             self.backend.quantize(recs[-1], a.xg, self.dp, 1, a.int8_norm)
         halves = {"attention": self._attention_half, "ffn": self._ffn_half}
         streamed = self.w.window.index if self.w.window is not None else {}
-        recs[-1].key = recs[-1].queues = None
+        recs[-1].key = None
 
         def cut(**barrier):
             recs[-1].barrier(**barrier)
@@ -320,15 +320,13 @@ class VulkanModel:
             if early:
                 recs[-1].submit(fence=False)
             recs.append(Recording(self.dev, timestamps, profile))
-            recs[-1].key = recs[-1].queues = None
+            recs[-1].key = None
 
         for i, (layer, half) in enumerate(self.schedule):
             if (layer, half) in streamed:  # alone in its command buffer: run while its slot holds it
                 recs[-1].key = (layer, half)
-                recs[-1].queues = self.w.window.record_next(recs[-1], (layer, half), before=True)
+                recs[-1].barrier(after_copy=True)  # (after the copy that brought it in, where that was queued here)
             halves[half](recs[-1], layer, a, multi)
-            if (layer, half) in streamed and recs[-1].queues is None:
-                recs[-1].queues = self.w.window.record_next(recs[-1], (layer, half), before=False)
             if multi or (layer, half) in streamed or self.schedule[(i + 1) % len(self.schedule)] in streamed:
                 cut(to_host=multi)
             elif early and i + 1 < len(self.schedule) and (i + 1) & i == 0:  # after half-layers 1, 2, 4, 8, ...
@@ -563,7 +561,7 @@ class VulkanModel:
             for i, rec in enumerate(recs[-1:] if early else recs):
                 go = (lambda: rec.submit(fence=False)) if queued and i < len(recs) - 1 else rec.run  # noqa: E731
                 if rec.key is not None:  # a streamed half: in its slot of the window while it runs
-                    with self.w.window.hold(rec.key, rec.queues):
+                    with self.w.window.hold(rec.key):
                         go()
                 else:
                     go()
