@@ -27,6 +27,7 @@ asked for out of turn (an error left a pass half done) restarts the loader from 
 themselves anyway, so the numbers never depend on the window.
 """
 import ctypes
+import fcntl
 import mmap
 import os
 import tempfile
@@ -43,6 +44,7 @@ from .errors import UserError
 ALIGN = 64  # bytes: every array in the spill file starts at a multiple of this, every half at a page
 DEVICE_ALIGN = 256  # bytes: every array in a device slot starts at a multiple of this (DeviceWindow)
 POOL_SPARE = 1 << 30  # DeviceWindow: host memory left over before it holds the streamed halves itself
+TURN_WAIT_S = 120.0  # DeviceWindow: how long a rank waits for its host's other ranks to take that memory
 COPY_THREADS, COPY_PIECE = 4, 1 << 20  # DeviceWindow's copies into mapped device memory: threads, bytes a piece
 # (pieces of 4 MiB left the threads uneven on a half's 9 arrays: a TinyLlama token streaming 520 MiB into an H200
 # took 46.0-74.2 ms with them, 39.8-52.8 with 1 MiB, in either order on two hosts)
@@ -347,8 +349,8 @@ class Window:
 def halves_on_host(dev, nbytes) -> bool:
     """Whether a DeviceWindow holds its streamed halves (nbytes as its slots hold them) in the host's memory, the
     device copying each into its slot: a GPU with memory of its own (not lavapipe, nor one that shares the
-    host's: its host-visible memory is a heap apart from its main one) whose host has that memory to spare. (Each
-    rank decides alone: several GPU ranks of one host may each count the same spare memory.)"""
+    host's: its host-visible memory is a heap apart from its main one) whose host has that memory to spare (asked
+    in the rank's `host_turn`, after the host's ranks before it took theirs)."""
     from .rank import available_bytes
     if dev.is_cpu:
         return False
@@ -356,6 +358,34 @@ def halves_on_host(dev, nbytes) -> bool:
     heap = dev.heap_of[pool]
     return (heap != dev.main_heap and dev.heap_size[heap] - dev.heap_used[heap] >= nbytes
             and (available_bytes() or 0) >= nbytes + POOL_SPARE)
+
+
+@contextmanager
+def host_turn(folder, wait_s=TURN_WAIT_S):
+    """The ranks of one host, one at a time (an flock on the spill folder, held by an open descriptor: nothing is
+    left behind however the process ends): each decides whether the host holds its streamed halves once the ranks
+    before it have taken their memory, so that MemAvailable counts them. -> whether this rank has its turn (False
+    after wait_s: another holds it that long; True without a lock where the folder cannot be opened to read)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        yield True
+        return
+    try:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                turn = True
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    turn = False
+                    break
+                time.sleep(0.02)
+        yield turn
+    finally:
+        os.close(fd)  # (the lock goes with it)
 
 
 class DeviceWindow(Window):
@@ -405,12 +435,13 @@ class DeviceWindow(Window):
                                           if (j + i) % len(self.order) % count == j % count)
             for (lin, _), at in zip(self.parts[key][2], places[key][0]):
                 lin.bind(self.slots[j % count], at)
-        if self.dev.timeline and halves_on_host(self.dev, sum(size for _, size in places.values())):
-            try:
-                self._fill_host(places)
-                return
-            except UserError:  # the driver refused the buffer (Buffer's out-of-memory): the host's copies instead
-                self._free_host()
+        with host_turn(self.folder) as turn:  # (without a turn, the host's copies: they take no memory)
+            if turn and self.dev.timeline and halves_on_host(self.dev, sum(size for _, size in places.values())):
+                try:
+                    self._fill_host(places)
+                    return
+                except UserError:  # the driver refused the buffer (Buffer's out-of-memory): the host's copies
+                    self._free_host()
         self._launch()
 
     def _fill_host(self, places):

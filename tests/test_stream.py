@@ -2,6 +2,7 @@
 the size flag, and the cpu and vulkan backends' bytes held (what the choice is made from); the Vulkan window's
 device slots."""
 import os
+import time
 
 import numpy as np
 import pytest
@@ -365,6 +366,22 @@ def test_host_memory_halves_are_copied_ahead_on_the_copy_queue(tmp_path, monkeyp
         r.free()
     for lin in halves.values():
         lin.free()
+
+
+def test_the_ranks_of_a_host_take_turns_to_decide_on_host_memory(tmp_path):
+    """host_turn: while one holds the spill folder's turn, another (a second descriptor: as another process) waits
+    for it, and goes on without it after its wait; once it is given back, the next has it at once."""
+    from spmd.stream import host_turn
+    with host_turn(str(tmp_path)) as first:
+        t = time.perf_counter()
+        with host_turn(str(tmp_path), wait_s=0.2) as second:
+            waited = time.perf_counter() - t
+        assert first and not second and waited >= 0.2
+    t = time.perf_counter()
+    with host_turn(str(tmp_path), wait_s=5) as third:
+        assert third and time.perf_counter() - t < 1
+    with host_turn(str(tmp_path / "missing")) as unlocked:  # (nothing to lock: as before, each rank alone)
+        assert unlocked
 
 
 @pytest.mark.parametrize("case, expected", [("gpu", True), ("unified", False), ("lavapipe", False),
