@@ -116,7 +116,7 @@ def choose(sizes: dict, budget: int, slots: int = 1):
         streamed += keys
     for room in range(slots, 0, -1):
         fits = [c for c in candidates
-                if total - sum(sizes[k] for k in c) + min(room, len(c)) * max(sizes[k] for k in c) <= budget]
+                if total - sum(sizes[k] for k in c) + room * max(sizes[k] for k in c) <= budget]
         if fits:
             chosen = min(fits, key=lambda c: sum(sizes[k] for k in c))  # the first of the fewest bytes
             return [k for k in sizes if k in chosen], budget - total + sum(sizes[k] for k in chosen)
@@ -427,7 +427,7 @@ class DeviceWindow(Window):
         slot_bytes = max(max(size for _, size in places.values()), 16)
         count = max(1, min(len(self.order), self.window_bytes // slot_bytes))
         self.window_bytes = count * slot_bytes
-        self.slots = [Buffer(self.dev, slot_bytes, copied=True) for _ in range(count)]
+        self.slots = [Buffer(self.dev, slot_bytes, copy_queue=True) for _ in range(count)]
         self.user = [None] * count
         for j, key in enumerate(self.order):
             self.slot_of[key] = j % count
@@ -451,9 +451,10 @@ class DeviceWindow(Window):
         for key in self.order:
             where[key] = at
             at += -(-places[key][1] // DEVICE_ALIGN) * DEVICE_ALIGN
-        self.host = Buffer(self.dev, at, "pool", copied=True)
-        count = len(self.slots)
-        self.in_slot, self.ready, self.free_at = [None] * count, [0] * count, [0] * count
+        self.host = Buffer(self.dev, at, "pool", copy_queue=True)
+        count = len(self.slots)  # (the semaphores' values now, not 0: a wait must stay within 2^31 of them)
+        self.in_slot, self.ready, self.free_at = [None] * count, [self.dev.copied_value] * count, \
+            [self.dev.computed_value] * count
         for key in self.order:
             for lin, _ in self.parts[key][2]:
                 for array, start in zip(lin.arrays, lin.offsets):
@@ -470,6 +471,7 @@ class DeviceWindow(Window):
         """The half's copy into its slot on the device's copy queue, to start once the products that read the
         slot's last half are done."""
         slot = self.slot_of[key]
+        self.in_slot[slot] = None  # (until it is queued: an interrupt in between leaves the slot unknown)
         self.ready[slot] = self.dev.queue_copy(self.copies[key], after=self.free_at[slot])
         self.in_slot[slot] = key
         self.streamed_bytes += self.parts[key][1]
@@ -486,8 +488,8 @@ class DeviceWindow(Window):
         slot = self.slot_of[key]
         if self.in_slot[slot] != key:
             self._queue_copy(key)
-        self.dev.gate = self.ready[slot]
         try:
+            self.dev.gate = self.ready[slot]
             yield
         finally:
             self.dev.gate = 0

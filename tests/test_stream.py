@@ -317,6 +317,7 @@ def test_host_memory_halves_are_copied_ahead_on_the_copy_queue(tmp_path, monkeyp
     halves = {k: backend.linear(wt, resident=False) for k, wt in tensors.items()}
     for k, lin in halves.items():
         w.spill(k, [lin])
+    base = backend.dev.computed_value  # (the device's semaphores count on from earlier tests)
     w.start(slots * w.largest + 4096)
     assert len(w.slots) == slots and w.host is not None
     # each half writes its own rows of the result, so that a round's products can all be queued before any is read
@@ -329,18 +330,45 @@ def test_host_memory_halves_are_copied_ahead_on_the_copy_queue(tmp_path, monkeyp
         lin.dispatch(rec, xb, 256, 0, yb, 200, 40 * i, 1)
         rec.barrier(to_host=True)
         rec.end()
-    queued = []
-    monkeypatch.setattr(backend.dev, "queue_copy", lambda cmd, after, queue=backend.dev.queue_copy: (
-        queued.append(next(k for k, c in w.copies.items() if c == cmd)), queue(cmd, after))[1])
+    dev, log = backend.dev, []  # ("copy", key, after, value), ("products", key, gate), ("computed", value)
+
+    def queue_copy(cmd, after, queue=dev.queue_copy):
+        value = queue(cmd, after)
+        log.append(("copy", next(k for k, c in w.copies.items() if c == cmd), after, value))
+        return value
+
+    def signal_computed(signal=dev.signal_computed):
+        log.append(("computed", signal()))
+        return log[-1][1]
+
+    monkeypatch.setattr(dev, "queue_copy", queue_copy)
+    monkeypatch.setattr(dev, "signal_computed", signal_computed)
     rounds = [keys, keys, keys, [keys[3], keys[0], keys[0], keys[4]]]
     for turns in rounds:
-        for k in turns:
+        for i, k in enumerate(turns):
             with w.hold(k):
-                recs[k].submit(fence=k is turns[-1])
+                log.append(("products", k, dev.gate))
+                recs[k].submit(fence=k in turns[i + 1:] or i == len(turns) - 1)  # (waited before it goes again)
+                if k in turns[i + 1:]:
+                    recs[k].wait()
         recs[turns[-1]].wait()
         got = yb.array(np.float32, (5, 40))
         for k in turns:
             assert same(got[keys.index(k)][None], expected[k]), k
+    # the semaphores' values from the log: each copy waits for the products of the half its slot held last (the
+    # value signalled after them), each half's products for the latest copy into their slot, which is their own
+    freed, holds, copied, current = {}, {}, {}, None
+    for entry in log:
+        if entry[0] == "copy":
+            _, k, after, value = entry
+            assert after == freed.get(keys.index(k) % slots, base) and value > max(copied.values(), default=0)
+            holds[keys.index(k) % slots], copied[k] = k, value
+        elif entry[0] == "products":
+            _, current, gate = entry
+            assert holds[keys.index(current) % slots] == current and gate == copied[current], entry
+        else:
+            freed[keys.index(current) % slots] = entry[1]
+    queued = [entry[1] for entry in log if entry[0] == "copy"]
     # the slots' sequence by hand: a half j in slot j % slots; after its products, the next half in running order
     # with that slot is queued; a hold whose slot holds another queues its own first
     in_slot, expect = [None] * slots, []

@@ -57,16 +57,16 @@ def _check(result, what):
 class Buffer:
     """A storage buffer with its own memory. `view` is a numpy uint8 view of its mapping when host-visible."""
 
-    def __init__(self, dev, nbytes, where="device", copied=False):
+    def __init__(self, dev, nbytes, where="device", copy_queue=False):
         """where: "device" (weights, activations: device-local, host-visible when the device offers it),
         "host" (the host reads what the GPU wrote: host-cached memory where there is such), "pool" (the host's
-        memory, which the GPU's copies read: spmd.stream.DeviceWindow's streamed weights). copied: the device's copy
-        queue (`Device.copy_commands`) reads or writes it too."""
+        memory, which the GPU's copies read: spmd.stream.DeviceWindow's streamed weights). copy_queue: the device's
+        copy queue (`Device.copy_commands`) reads or writes it too."""
         self.dev, self.nbytes = dev, max(int(nbytes), 16)
         usage = (vk.VK_BUFFER_USAGE_STORAGE_BUFFER_BIT | vk.VK_BUFFER_USAGE_TRANSFER_DST_BIT
                  | vk.VK_BUFFER_USAGE_TRANSFER_SRC_BIT)
         sharing = dict(sharingMode=vk.VK_SHARING_MODE_EXCLUSIVE)
-        if copied and dev.copy_family is not None:  # (used by two queue families, without ownership transfers)
+        if copy_queue and dev.copy_family is not None:  # (used by two queue families, without ownership transfers)
             sharing = dict(sharingMode=vk.VK_SHARING_MODE_CONCURRENT, queueFamilyIndexCount=2,
                            pQueueFamilyIndices=[dev.family, dev.copy_family])
         self.handle = vk.vkCreateBuffer(dev.device, vk.VkBufferCreateInfo(size=self.nbytes, usage=usage, **sharing),

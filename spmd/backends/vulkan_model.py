@@ -325,7 +325,7 @@ class VulkanModel:
         for i, (layer, half) in enumerate(self.schedule):
             if (layer, half) in streamed:  # alone in its command buffer: run while its slot holds it
                 recs[-1].key = (layer, half)
-                recs[-1].barrier(after_copy=True)  # (after the copy that brought it in, where that was queued here)
+                recs[-1].barrier(after_copy=True)  # (after a staging buffer's copy into its slot, where there is one)
             halves[half](recs[-1], layer, a, multi)
             if multi or (layer, half) in streamed or self.schedule[(i + 1) % len(self.schedule)] in streamed:
                 cut(to_host=multi)
