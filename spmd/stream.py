@@ -346,17 +346,25 @@ class Window:
             pass
 
 
+def device_copies(dev) -> bool:
+    """Whether the device can copy streamed halves from host memory itself (`halves_on_host`, memory allowing): a
+    GPU with memory of its own (not lavapipe, nor one that shares the host's: its host-visible memory is a heap
+    apart from its main one) and timeline semaphores (Vulkan 1.2), which order its copy queue's work and its
+    compute queue's."""
+    if dev.is_cpu or not dev.timeline:
+        return False
+    return dev.heap_of[dev.memory_type((1 << len(dev.type_flags)) - 1, "pool")] != dev.main_heap
+
+
 def halves_on_host(dev, nbytes) -> bool:
     """Whether a DeviceWindow holds its streamed halves (nbytes as its slots hold them) in the host's memory, the
-    device copying each into its slot: a GPU with memory of its own (not lavapipe, nor one that shares the
-    host's: its host-visible memory is a heap apart from its main one) whose host has that memory to spare (asked
-    in the rank's `host_turn`, after the host's ranks before it took theirs)."""
+    device copying each into its slot: `device_copies`, with room in that heap and that memory to spare on the
+    host (asked in the rank's `host_turn`, after the host's ranks before it took theirs)."""
     from .rank import available_bytes
-    if dev.is_cpu:
+    if not device_copies(dev):
         return False
-    pool = dev.memory_type((1 << len(dev.type_flags)) - 1, "pool")
-    heap = dev.heap_of[pool]
-    return (heap != dev.main_heap and dev.heap_size[heap] - dev.heap_used[heap] >= nbytes
+    heap = dev.heap_of[dev.memory_type((1 << len(dev.type_flags)) - 1, "pool")]
+    return (dev.heap_size[heap] - dev.heap_used[heap] >= nbytes
             and (available_bytes() or 0) >= nbytes + POOL_SPARE)
 
 
@@ -436,7 +444,7 @@ class DeviceWindow(Window):
             for (lin, _), at in zip(self.parts[key][2], places[key][0]):
                 lin.bind(self.slots[j % count], at)
         with host_turn(self.folder) as turn:  # (without a turn, the host's copies: they take no memory)
-            if turn and self.dev.timeline and halves_on_host(self.dev, sum(size for _, size in places.values())):
+            if turn and halves_on_host(self.dev, sum(size for _, size in places.values())):
                 try:
                     self._fill_host(places)
                     return

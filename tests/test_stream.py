@@ -413,11 +413,13 @@ def test_the_ranks_of_a_host_take_turns_to_decide_on_host_memory(tmp_path):
 
 
 @pytest.mark.parametrize("case, expected", [("gpu", True), ("unified", False), ("lavapipe", False),
-                                            ("heap too small", False), ("host short", False)])
+                                            ("no timeline", False), ("heap too small", False), ("host short", False)])
 def test_halves_go_to_host_memory_only_on_a_gpu_with_its_own_memory_and_a_host_with_room(monkeypatch, case, expected):
-    """A discrete GPU (24 GiB of its own, a host heap of 32 GiB apart) whose host has 40 GiB available takes 8 GiB of
-    streamed halves into host memory; not a GPU whose host-visible memory is its main heap (unified memory), not
-    lavapipe, not where the host heap or the host's available memory lacks the bytes and a spare GiB."""
+    """A discrete GPU (24 GiB of its own, a host heap of 32 GiB apart, timeline semaphores) whose host has 40 GiB
+    available takes 8 GiB of streamed halves into host memory; not a GPU whose host-visible memory is its main heap
+    (unified memory), not lavapipe, not a device without timeline semaphores, not where the host heap or the host's
+    available memory lacks the bytes and a spare GiB (such a GPU can still copy them: `device_copies`, which gives a
+    Vulkan rank two slots)."""
     from types import SimpleNamespace
 
     from spmd import rank, stream
@@ -432,9 +434,10 @@ def test_halves_go_to_host_memory_only_on_a_gpu_with_its_own_memory_and_a_host_w
         memoryTypeCount=2, memoryTypes=types, memoryHeapCount=2, memoryHeaps=heaps))
     monkeypatch.setattr(rank, "available_bytes", lambda: (8 << 30 if case == "host short" else 40 << 30))
     dev = vk_runtime.Device.__new__(vk_runtime.Device)
-    dev.physical, dev.is_cpu = None, case == "lavapipe"
+    dev.physical, dev.is_cpu, dev.timeline = None, case == "lavapipe", case != "no timeline"
     dev._memory_types()
     assert stream.halves_on_host(dev, 8 << 30) == expected
+    assert stream.device_copies(dev) == (case in ("gpu", "heap too small", "host short"))
 
 
 def test_cpu_repacks_a_big_matrix_in_bands_with_the_same_result(monkeypatch):
