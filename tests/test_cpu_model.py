@@ -5,6 +5,7 @@ import warnings
 
 import numpy as np
 import pytest
+from numba import njit
 
 from spmd.backends import cpu_model
 from spmd.model import Rope
@@ -30,14 +31,39 @@ def attend(q, k, v, ck, cv, pos, scale, parts=1):
     ck[:, pos], cv[:, pos] = k, v
     ck, cv = cpu_model.kernel_view(ck), cpu_model.kernel_view(cv)
     if parts > 1:
-        s = cpu_model._scores_parallel(q, ck, pos, scale, parts)
-        np.exp(s, out=s)
-        cpu_model._values_parallel(s, cv, out, parts)
-        return out
-    s = cpu_model._scores(q, ck, pos, scale)
-    np.exp(s, out=s)
-    cpu_model._values(s, cv, out)
+        cpu_model._attend_parallel(q, ck, cv, pos, scale, out, parts)
+    else:
+        cpu_model._attend_one(q, ck, cv, pos, scale, out)
     return out
+
+
+@njit
+def exps(a):
+    cpu_model._exps(a, a.size)
+    return a
+
+
+def test_exp_is_within_an_ulp_everywhere_and_the_same_wherever_an_element_is():
+    """`_exps` (the attention's and SiLU's exp) against float64 numpy over float32's whole range: within one unit
+    in the last place where the result is normal, a subnormal step below; 0 below the range and for -inf,
+    inf above it, NaN for NaN, without a warning; an element's result the same at any place in an array of any
+    length (the vectors and the last few alike)."""
+    x = np.concatenate([np.linspace(-110, 95, 300_001), [-np.inf, np.inf, np.nan, 0.0, -0.0, 1e-30, -1e-30]])
+    x = x.astype(np.float32)
+    got = exps(x.copy())
+    with np.errstate(over="ignore"):
+        ref = np.exp(x.astype(np.float64))
+    normal = (ref >= np.finfo(np.float32).tiny) & (ref <= np.finfo(np.float32).max)
+    ulps = np.abs(got[normal] - ref[normal]) / np.spacing(ref[normal].astype(np.float32))
+    assert ulps.max() <= 1.0, ulps.max()
+    small = (ref > 0) & (ref < np.finfo(np.float32).tiny)
+    assert np.abs(got[small] - ref[small]).max() <= 2.0 ** -149  # (the smallest subnormal: rounded twice)
+    assert (got[ref == 0] == 0).all() and (got[ref > np.finfo(np.float32).max] == np.inf).all()
+    assert np.isnan(got[-5]) and got[-7] == 0 and got[-6] == np.inf and (got[-4:] == 1).all()
+    rng = np.random.default_rng(0)
+    for n in (1, 15, 16, 17, 40):
+        at = rng.integers(0, x.size - n)
+        assert np.array_equal(exps(x[at:at + n].copy()), got[at:at + n], equal_nan=True)
 
 
 @pytest.mark.parametrize("dim", [16, 20, 2048, 4100])
@@ -117,7 +143,7 @@ def test_one_token_attention_is_softmax_attention_and_heads_are_independent(hd, 
 @pytest.mark.parametrize("pos, m", [(0, 1), (0, 37), (5, 20)])
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 def test_a_prompts_attention_is_each_rows_one_token_attention_to_the_bit(hd, heads, kv, pos, m, dtype):
-    """A prompt's rows (CpuModel._attend_rows: `_rows_scores`, numpy's exp, `_rows_values`) at positions pos.. give
+    """A prompt's rows (CpuModel._attend_rows: `_rows_attend`) at positions pos.. give
     what a one-token step at each row's position gives, bit for bit, on any number of threads: the same text
     whether a prompt comes in one pass or a token at a time."""
     rng = np.random.default_rng(hd + 10 * heads + 100 * pos + m)
@@ -136,13 +162,9 @@ def test_a_prompts_attention_is_each_rows_one_token_attention_to_the_bit(hd, hea
         out = np.empty((m, heads * hd), np.float32)
         ck16, cv16 = cpu_model.kernel_view(ck), cpu_model.kernel_view(cv)
         if parts == 1:
-            cpu_model._rows_scores(q, ck16, pos, scale, s)
-            np.exp(s, out=s)
-            cpu_model._rows_values(s, pos, cv16, out)
+            cpu_model._rows_attend(q, ck16, cv16, pos, scale, s, out)
         else:
-            cpu_model._rows_scores_parallel(q, ck16, pos, scale, s, parts)
-            np.exp(s, out=s)
-            cpu_model._rows_values_parallel(s, pos, cv16, out, parts)
+            cpu_model._rows_attend_parallel(q, ck16, cv16, pos, scale, s, out, parts)
         assert np.array_equal(out, np.array(rows))
     for i in range(m):
         np.testing.assert_allclose(out[i], softmax_attention(q[i], ck, cv, pos + i, scale), rtol=0, atol=2e-6)

@@ -5,22 +5,25 @@ alone 7, attention about 20), 4-5 ms of a 25 ms token on the 2-core test machine
 
     _rmsnorm(x, w, eps, out)          the sum of squares in 16 float32 lanes, then x * r * w as the reference does
     _rotate(x, cos, sin, neox)        RoPE in place, the reference's arithmetic (bit-identical to it)
-    _silu_finish(gate, e, up)         gate / (1 + e) * up into gate, e = exp(-gate) from numpy (vectorised)
-    decode attention of a segment of one token (`_attend`): its k, v go into the cache (numpy), then `_scores`: the
-    scaled dot products of every local head with keys 0..pos less each head's maximum (16 keys at a time, their
-    lane sums reduced together); numpy's exp (vectorised) takes them in place; `_values` sums each head's p_t * v_t
-    in 16-float lanes, four heads of a KV head at a time, and divides by the sum of p.
+    _silu(gate, up)                   gate / (1 + exp(-gate)) * up into gate (`_exps`)
+    decode attention of a segment of one token (`_attend`): its k, v go into the cache (numpy), then one call,
+    `_attend_one` (`_head_attend` over its heads): `_head_scores`, the scaled dot products of every local head
+    with keys 0..pos less each head's maximum (16 keys at a time, their lane sums reduced together); `_exps` takes
+    them in place; `_head_values` sums each head's p_t * v_t in 16-float lanes, four heads of a KV head at a time,
+    and divides by the sum of p.
     From PARALLEL_SCORES scores on (32 heads: 32 positions) the heads are split over the rank's threads.
     With --kv-cache f16 the caches hold float16 (its bits as int16 here) and these functions widen each key and
     value as they read it (`_lanes`): the same values the reference reads from its float16 cache.
 
 A prompt's rows (several a segment) attend with the same functions, a row at a time, on the rank's threads
-(`_rows_scores`, numpy's exp over all rows, `_rows_values`): each row's bits are a one-token step's at its position,
+(`_rows_attend`, `_head_attend` for each row): each row's bits are a one-token step's at its position,
 so on the cpu backend a prompt's logits are the same in one pass, in parts or a token at a time (numpy's batched
 matmul, used before, moved them by up to 0.24 with int8 activations, and took 10% longer on a 128-token prompt).
 Each function gives the same bits for a head or a row whatever else the pass holds (its rank's other heads, other
 segments), as the reference does: results do not change with the rank count. The dot products are explicit 16-lane
-vectors summed in a fixed tree (`spmd.backends.cpu._hsum`), so the bits do not depend on the CPU either.
+vectors summed in a fixed tree (`spmd.backends.cpu._hsum`), so the bits do not depend on the CPU either; so is
+exp (`_exp16`, fused multiply-adds: numpy's exp, used before, takes another code path on another CPU, and cost a
+call of its own and a fork-join more a layer: a TinyLlama decode token 1.0 ms faster on the 2-core test machine).
 """
 import numpy as np
 from llvmlite import ir
@@ -29,7 +32,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ..model import Model
-from .cpu import F32, _Arg, _broadcast, _fma, _hmax, _hsum, _to_f32, _vec, products
+from .cpu import F32, I32, _Arg, _broadcast, _fma, _hmax, _hsum, _splat, _to_f32, _vec, products
 
 LANES = 16
 PARALLEL_SCORES = 1024  # a token's attention splits its heads over the rank's threads from this many scores
@@ -47,6 +50,64 @@ def kernel_view(cache):
     """A KV cache as the attention functions take it: float32, or a float16 one's bits as int16 (numba has no
     float16)."""
     return cache.view(np.int16) if cache.dtype == np.float16 else cache
+
+
+EXP_LOW, EXP_HIGH = -103.97207708, 88.72283935  # exp underflows to 0 below, overflows to inf above (float32)
+EXP_POLY = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1)
+
+
+def _exp16(b, x):
+    """exp of 16 float32 lanes, the same bits on every CPU (fused multiply-adds, no table): x = n ln 2 + r with n
+    = floor(x log2(e) + 1/2), exp(r) by Cephes' polynomial, times 2^n in two factors (2^(n/2) each, so that
+    results down to the subnormals are reached); within a unit in the last place of float32, a subnormal step
+    below the normal range (tests/test_cpu_model.py measures it); NaN stays NaN, -inf gives 0, +inf inf."""
+    v = _vec(F32, LANES)
+    c = lambda value: _splat(F32, value, LANES)  # noqa: E731
+    nan = b.fcmp_unordered("uno", x, x)
+    xs = b.select(nan, c(0.0), x)
+    low, high = b.fcmp_ordered("<", xs, c(EXP_LOW)), b.fcmp_ordered(">", xs, c(EXP_HIGH))
+    xc = b.select(low, c(EXP_LOW), b.select(high, c(EXP_HIGH), xs))
+    floor = cgutils.get_or_insert_function(b.module, ir.FunctionType(v, [v]), "llvm.floor.v16f32")
+    n = b.call(floor, [_fma(b, xc, c(1.4426950408889634), c(0.5))])
+    r = _fma(b, n, c(-0.693359375), xc)  # ln 2 in two parts: n times the first is exact
+    r = _fma(b, n, c(2.12194440e-4), r)
+    poly = c(EXP_POLY[0])
+    for k in EXP_POLY[1:]:
+        poly = _fma(b, poly, r, c(k))
+    y = b.fadd(_fma(b, poly, b.fmul(r, r), r), c(1.0))
+    ni = b.fptosi(n, _vec(I32, LANES))
+    half = b.ashr(ni, _splat(I32, 1, LANES))
+    power = lambda k: b.bitcast(b.shl(b.add(k, _splat(I32, 127, LANES)), _splat(I32, 23, LANES)), v)  # noqa: E731
+    out = b.fmul(b.fmul(y, power(half)), power(b.sub(ni, half)))
+    out = b.select(low, c(0.0), b.select(high, c(float("inf")), out))
+    return b.select(nan, x, out)
+
+
+@intrinsic
+def _exps(typingctx, a, n):
+    """a[:n] = exp(a[:n]) in place (a: 1-D contiguous float32), 16 at a time (`_exp16`; the last few through a
+    vector of their own): an element's result does not depend on where it is."""
+
+    def codegen(context, b, sig, args):
+        base = b.bitcast(context.make_array(sig.args[0])(context, b, args[0]).data, F32.as_pointer())
+        count = context.cast(b, args[1], sig.args[1], types.intp)
+        sixteen = ir.Constant(count.type, LANES)
+        whole = b.sdiv(count, sixteen)
+        with cgutils.for_range(b, whole) as loop:
+            at = b.bitcast(b.gep(base, [b.mul(loop.index, sixteen)]), _vec(F32, LANES).as_pointer())
+            b.store(_exp16(b, b.load(at, align=4)), at, align=4)
+        done = b.mul(whole, sixteen)
+        rest = b.sub(count, done)
+        tail = cgutils.alloca_once_value(b, ir.Constant(_vec(F32, LANES), None))
+        lanes = b.bitcast(tail, F32.as_pointer())
+        with cgutils.for_range(b, rest) as loop:
+            b.store(b.load(b.gep(base, [b.add(done, loop.index)])), b.gep(lanes, [loop.index]))
+        b.store(_exp16(b, b.load(tail)), tail)
+        with cgutils.for_range(b, rest) as loop:
+            b.store(b.load(b.gep(lanes, [loop.index])), b.gep(base, [b.add(done, loop.index)]))
+        return context.get_dummy_value()
+
+    return types.void(a, n), codegen
 
 
 @intrinsic
@@ -179,11 +240,15 @@ def _rotate(x, cos, sin, neox):
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def _silu_finish(gate, e, up):
-    """gate = gate / (1 + e) * up, e = exp(-gate) (numpy's, vectorised: numba's exp is scalar)."""
-    g, ev, u = gate.reshape(-1), e.reshape(-1), up.reshape(-1)
+def _silu(gate, up):
+    """gate = gate / (1 + exp(-gate)) * up (`_exps`; exp(-gate) = inf gives silu's 0)."""
+    g, u = gate.reshape(-1), up.reshape(-1)
+    e = np.empty(g.size, np.float32)
     for j in range(g.size):
-        g[j] = g[j] / (np.float32(1.0) + ev[j]) * u[j]
+        e[j] = -g[j]
+    _exps(e, g.size)
+    for j in range(g.size):
+        g[j] = g[j] / (np.float32(1.0) + e[j]) * u[j]
     return gate
 
 
@@ -241,70 +306,46 @@ def _head_values(p, cv, out, h0, h1):
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def _scores(q, ck, pos, scale):
-    """One token at position pos, its keys in ck (kv, need, hd) up to pos -> s (heads, pos + 1), each head's scores
-    (`_head_scores`). q (heads, hd)."""
-    s = np.empty((q.shape[0], pos + 1), np.float32)
-    _head_scores(q, ck, pos, scale, s, 0, q.shape[0])
-    return s
+def _head_attend(q, ck, cv, pos, scale, s, out, h0, h1):
+    """Heads h0..h1-1 of q (heads, hd) at position pos over keys and values 0..pos of ck, cv (kv, need, hd): their
+    scores into s (heads, >= pos + 1: `_head_scores`), exp (`_exps`), then `_head_values` into out."""
+    _head_scores(q, ck, pos, scale, s, h0, h1)
+    for h in range(h0, h1):
+        _exps(s[h], pos + 1)
+    _head_values(s[:, :pos + 1], cv, out, h0, h1)
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def _values(p, cv, out):
-    """out (heads * hd,): every head's `_head_values`."""
-    _head_values(p, cv, out, 0, p.shape[0])
+def _attend_one(q, ck, cv, pos, scale, out):
+    """One token at position pos, its keys and values in ck, cv up to pos -> out (heads * hd,): every head's
+    `_head_attend`."""
+    _head_attend(q, ck, cv, pos, scale, np.empty((q.shape[0], pos + 1), np.float32), out, 0, q.shape[0])
 
 
 @njit(parallel=True, cache=True, nogil=True, error_model="numpy")
-def _scores_parallel(q, ck, pos, scale, parts):
-    """`_scores` with the heads in `parts` ranges on numba's threads."""
+def _attend_parallel(q, ck, cv, pos, scale, out, parts):
+    """`_attend_one` with the heads in `parts` ranges on numba's threads."""
     heads = q.shape[0]
     s = np.empty((heads, pos + 1), np.float32)
     for j in prange(parts):
-        _head_scores(q, ck, pos, scale, s, j * heads // parts, (j + 1) * heads // parts)
-    return s
-
-
-@njit(parallel=True, cache=True, nogil=True, error_model="numpy")
-def _values_parallel(p, cv, out, parts):
-    """`_values` with the heads in `parts` ranges on numba's threads."""
-    heads = p.shape[0]
-    for j in prange(parts):
-        _head_values(p, cv, out, j * heads // parts, (j + 1) * heads // parts)
+        _head_attend(q, ck, cv, pos, scale, s, out, j * heads // parts, (j + 1) * heads // parts)
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def _rows_scores(q, ck, pos, scale, s, j=0, parts=1):
-    """A prompt's query rows q (m, heads, hd) at positions pos, pos + 1, ... -> s (m, heads, >= pos + m): row i's
-    scores of keys 0..pos + i, each head's less their maximum (`_head_scores`, as a one-token step has them), the
-    later keys -inf; rows j, j + parts, ... (all by default)."""
+def _rows_attend(q, ck, cv, pos, scale, s, out, j=0, parts=1):
+    """A prompt's query rows q (m, heads, hd) at positions pos, pos + 1, ... -> out (m, heads * hd): row i over
+    keys 0..pos + i as a one-token step at that position attends (`_head_attend`, s[i] its scores, s (m, heads,
+    >= pos + m)), for rows j, j + parts, ... (all by default)."""
     m, heads = q.shape[0], q.shape[1]
     for i in range(j, m, parts):
-        _head_scores(q[i], ck, pos + i, scale, s[i], 0, heads)
-        s[i, :, pos + i + 1:] = -np.inf
-
-
-@njit(cache=True, nogil=True, error_model="numpy")
-def _rows_values(p, pos, cv, out, j=0, parts=1):
-    """out (m, heads * hd): row i's `_head_values` of p[i] (exp of `_rows_scores`) over keys 0..pos + i, for rows
-    j, j + parts, ... (all by default)."""
-    m, heads = p.shape[0], p.shape[1]
-    for i in range(j, m, parts):
-        _head_values(p[i, :, :pos + i + 1], cv, out[i], 0, heads)
+        _head_attend(q[i], ck, cv, pos + i, scale, s[i], out[i], 0, heads)
 
 
 @njit(parallel=True, cache=True, nogil=True, error_model="numpy")
-def _rows_scores_parallel(q, ck, pos, scale, s, parts):
-    """`_rows_scores` with rows i, i + parts, ... on thread i."""
+def _rows_attend_parallel(q, ck, cv, pos, scale, s, out, parts):
+    """`_rows_attend` with rows i, i + parts, ... on thread i."""
     for j in prange(parts):
-        _rows_scores(q, ck, pos, scale, s, j, parts)
-
-
-@njit(parallel=True, cache=True, nogil=True, error_model="numpy")
-def _rows_values_parallel(p, pos, cv, out, parts):
-    """`_rows_values` with rows i, i + parts, ... on thread i."""
-    for j in prange(parts):
-        _rows_values(p, pos, cv, out, j, parts)
+        _rows_attend(q, ck, cv, pos, scale, s, out, j, parts)
 
 
 class CpuModel(Model):
@@ -324,17 +365,14 @@ class CpuModel(Model):
         x, cache = np.ones((1, LANES), f32), kernel_view(np.zeros((1, 1, LANES), self.cache.dtype))
         _rmsnorm(x, x[0], f32(1.0), x.copy())
         _rotate(np.zeros((1, 1, 2), f32), x[:, :1].copy(), x[:, :1].copy(), self.rope.neox)
-        _silu_finish(x.copy(), x.copy(), x)
+        _silu(x.copy(), x)
         out = np.zeros(LANES, f32)
-        _values(_scores(x, cache, 0, self.scale), cache, out)  # (0 / 0: NaN, no error)
-        if self.threads > 1:
-            _values_parallel(_scores_parallel(x, cache, 0, self.scale, 1), cache, out, 1)
+        _attend_one(x, cache, cache, 0, self.scale, out)  # (0 / 0: NaN, no error)
         s, row = np.zeros((1, 1, 1), f32), x.reshape(1, 1, LANES)
-        _rows_scores(row, cache, 0, self.scale, s)
-        _rows_values(s, 0, cache, out.reshape(1, LANES))
+        _rows_attend(row, cache, cache, 0, self.scale, s, out.reshape(1, LANES))
         if self.threads > 1:
-            _rows_scores_parallel(row, cache, 0, self.scale, s, 1)
-            _rows_values_parallel(s, 0, cache, out.reshape(1, LANES), 1)
+            _attend_parallel(x, cache, cache, 0, self.scale, out, 1)
+            _rows_attend_parallel(row, cache, cache, 0, self.scale, s, out.reshape(1, LANES), 1)
 
     def _products(self, linears, x, outs):
         return products(linears, x, outs)
@@ -350,10 +388,7 @@ class CpuModel(Model):
         _rotate(x, cos[:, 0], sin[:, 0], self.rope.neox)
 
     def _silu_mul(self, gate, up):
-        e = np.negative(gate)
-        with np.errstate(over="ignore"):  # exp(-gate) = inf gives silu's 0, as the reference
-            np.exp(e, out=e)
-        return _silu_finish(gate, e, up)
+        return _silu(gate, up)
 
     def _attend_rows(self, q, pos, ck, cv):
         """A prompt's rows (Model._attend, ATTEND_ROWS at a time), each as a one-token step attends: the same bits
@@ -366,13 +401,9 @@ class CpuModel(Model):
         out = np.empty((m, heads * self.cfg.head_dim), np.float32)
         ck, cv = kernel_view(ck), kernel_view(cv)
         if parts > 1:  # (one thread: no parallel region, which ranks sharing cores wait on)
-            _rows_scores_parallel(q, ck, pos, self.scale, s, parts)
-            np.exp(s, out=s)
-            _rows_values_parallel(s, pos, cv, out, parts)
+            _rows_attend_parallel(q, ck, cv, pos, self.scale, s, out, parts)
         else:
-            _rows_scores(q, ck, pos, self.scale, s)
-            np.exp(s, out=s)
-            _rows_values(s, pos, cv, out)
+            _rows_attend(q, ck, cv, pos, self.scale, s, out)
         return out
 
     def _attend(self, layer, seg, q, k, v, out):
@@ -381,10 +412,6 @@ class CpuModel(Model):
         ck, cv = (kernel_view(c) for c in self.cache.store(seg.slot, layer, seg.pos, k, v))
         parts = min(self.threads, q.shape[1])
         if parts > 1 and q.shape[1] * (seg.pos + 1) >= PARALLEL_SCORES:
-            s = _scores_parallel(q[0], ck, seg.pos, self.scale, parts)
-            np.exp(s, out=s)
-            _values_parallel(s, cv, out[0], parts)
+            _attend_parallel(q[0], ck, cv, seg.pos, self.scale, out[0], parts)
         else:
-            s = _scores(q[0], ck, seg.pos, self.scale)
-            np.exp(s, out=s)
-            _values(s, cv, out[0])
+            _attend_one(q[0], ck, cv, seg.pos, self.scale, out[0])
