@@ -28,8 +28,8 @@ def attend(q, k, v, ck, cv, pos, scale, parts=1):
     """What CpuModel._attend does for a one-token segment, on these arrays (parts > 1: its heads in that many
     ranges on numba's threads; float16 caches: --kv-cache f16)."""
     out = np.empty(q.size, np.float32)
-    ck[:, pos], cv[:, pos] = k, v
     ck, cv = cpu_model.kernel_view(ck), cpu_model.kernel_view(cv)
+    cpu_model._store_token(k, v, ck, cv, pos)
     if parts > 1:
         cpu_model._attend_parallel(q, ck, cv, pos, scale, out, parts)
     else:
@@ -41,6 +41,25 @@ def attend(q, k, v, ck, cv, pos, scale, parts=1):
 def exps(a):
     cpu_model._exps(a, a.size)
     return a
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_a_tokens_keys_go_into_the_cache_as_numpy_rounds_them(dtype):
+    """`_store_token` writes position pos of every KV head, rounded to float16 as numpy's astype rounds (ties to
+    even, subnormals, overflow to inf), and nothing else."""
+    rng = np.random.default_rng(1)
+    half = np.float32(2.0 ** -11)  # halfway between 1 and the next float16
+    special = [1 + half, 1 + 3 * half, 65519.0, 65520.0, 1e6, -1e6, 3e-6, 6e-8, 2e-8, 1e-30, -0.0, np.inf, -np.inf]
+    k = np.concatenate([special, rng.standard_normal(64 - len(special)) * 10]).astype(np.float32).reshape(2, 32)
+    v = rng.standard_normal((2, 32)).astype(np.float32) * 1e-5
+    ck, cv = np.full((2, 5, 32), 7, dtype), np.full((2, 5, 32), 7, dtype)
+    cpu_model._store_token(k, v, cpu_model.kernel_view(ck), cpu_model.kernel_view(cv), 3)
+    with np.errstate(over="ignore"):
+        assert np.array_equal(ck[:, 3], k.astype(dtype)) and np.array_equal(cv[:, 3], v.astype(dtype))
+    assert (np.delete(ck, 3, axis=1) == 7).all() and (np.delete(cv, 3, axis=1) == 7).all()
+    nan = np.full((2, 32), np.nan, np.float32)
+    cpu_model._store_token(nan, nan, cpu_model.kernel_view(ck), cpu_model.kernel_view(cv), 0)
+    assert np.isnan(ck[:, 0]).all() and np.isnan(cv[:, 0]).all()
 
 
 def test_exp_is_within_an_ulp_everywhere_and_the_same_wherever_an_element_is():

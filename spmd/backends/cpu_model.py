@@ -6,7 +6,7 @@ alone 7, attention about 20), 4-5 ms of a 25 ms token on the 2-core test machine
     _rmsnorm(x, w, eps, out)          the sum of squares in 16 float32 lanes, then x * r * w as the reference does
     _rotate(x, cos, sin, neox)        RoPE in place, the reference's arithmetic (bit-identical to it)
     _silu(gate, up)                   gate / (1 + exp(-gate)) * up into gate (`_exps`)
-    decode attention of a segment of one token (`_attend`): its k, v go into the cache (numpy), then one call,
+    decode attention of a segment of one token (`_attend`): its k, v go into the cache (`_store_token`), then one call,
     `_attend_one` (`_head_attend` over its heads): `_head_scores`, the scaled dot products of every local head
     with keys 0..pos less each head's maximum (16 keys at a time, their lane sums reduced together); `_exps` takes
     them in place; `_head_values` sums each head's p_t * v_t in 16-float lanes, four heads of a KV head at a time,
@@ -32,7 +32,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ..model import Model
-from .cpu import F32, I32, _Arg, _broadcast, _fma, _hmax, _hsum, _splat, _to_f32, _vec, products
+from .cpu import F16, F32, I32, _Arg, _broadcast, _fma, _hmax, _hsum, _splat, _to_f32, _vec, products
 
 LANES = 16
 PARALLEL_SCORES = 1024  # a token's attention splits its heads over the rank's threads from this many scores
@@ -210,6 +210,25 @@ _weighted44, _weighted14, _weighted41, _weighted11 = (
     _make_weighted(nh, nv) for nh, nv in ((4, 4), (1, 4), (4, 1), (1, 1)))
 
 
+@intrinsic
+def _as_cached(typingctx, x, cache):
+    """A float32 as `cache` (a KV cache, `kernel_view`) holds it: itself, or rounded to float16 (to nearest, ties to
+    even, as numpy's astype) as its bits."""
+    if cache.dtype == types.float32:
+        return types.float32(x, cache), lambda context, b, sig, args: args[0]
+    return types.int16(x, cache), lambda context, b, sig, args: b.bitcast(b.fptrunc(args[0], F16), ir.IntType(16))
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _store_token(k, v, ck, cv, pos):
+    """A token's k, v (kv, hd) float32 into position pos of its layer's caches ck, cv (kv, need, hd; `kernel_view`):
+    what KVCache.store does, in one call."""
+    for h in range(k.shape[0]):
+        for j in range(k.shape[1]):
+            ck[h, pos, j] = _as_cached(k[h, j], ck)
+            cv[h, pos, j] = _as_cached(v[h, j], cv)
+
+
 @njit(cache=True, nogil=True, error_model="numpy")
 def _rmsnorm(x, w, eps, out):
     """out (n, dim) = x * (1 / sqrt(mean(x * x) + eps)) * w, in float32 as spmd.model.rmsnorm."""
@@ -367,6 +386,7 @@ class CpuModel(Model):
         _rotate(np.zeros((1, 1, 2), f32), x[:, :1].copy(), x[:, :1].copy(), self.rope.neox)
         _silu(x.copy(), x)
         out = np.zeros(LANES, f32)
+        _store_token(x, x, cache, cache.copy(), 0)
         _attend_one(x, cache, cache, 0, self.scale, out)  # (0 / 0: NaN, no error)
         s, row = np.zeros((1, 1, 1), f32), x.reshape(1, 1, LANES)
         _rows_attend(row, cache, cache, 0, self.scale, s, out.reshape(1, LANES))
@@ -409,7 +429,8 @@ class CpuModel(Model):
     def _attend(self, layer, seg, q, k, v, out):
         if seg.n > 1 or self.cfg.head_dim % LANES or not self.share.n_kv:  # a prompt (`_attend_rows`), or no heads
             return super()._attend(layer, seg, q, k, v, out)
-        ck, cv = (kernel_view(c) for c in self.cache.store(seg.slot, layer, seg.pos, k, v))
+        ck, cv = (kernel_view(c) for c in self.cache.layer(seg.slot, layer))
+        _store_token(k[0], v[0], ck, cv, seg.pos)
         parts = min(self.threads, q.shape[1])
         if parts > 1 and q.shape[1] * (seg.pos + 1) >= PARALLEL_SCORES:
             _attend_parallel(q[0], ck, cv, seg.pos, self.scale, out[0], parts)
