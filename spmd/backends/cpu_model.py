@@ -61,8 +61,9 @@ EXP_POLY = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 
 def _exp16(b, x):
     """exp of 16 float32 lanes, the same bits on every CPU (fused multiply-adds, no table): x = n ln 2 + r with n
     = floor(x log2(e) + 1/2), exp(r) by Cephes' polynomial, times 2^n in two factors (2^(n/2) each, so that
-    results down to the subnormals are reached); within a unit in the last place of float32, a subnormal step
-    below the normal range (tests/test_cpu_model.py measures it); NaN stays NaN, -inf gives 0, +inf inf."""
+    results down to the subnormals are reached); within 1.01 units in the last place of float32 (just over one
+    where n changes, x / ln 2 near k + 1/2), a subnormal step below the normal range (tests/test_cpu_model.py
+    measures it); NaN stays NaN, -inf gives 0, +inf inf."""
     v = _vec(F32, LANES)
     c = lambda value: _splat(F32, value, LANES)  # noqa: E731
     nan = b.fcmp_unordered("uno", x, x)
@@ -216,6 +217,8 @@ _weighted44, _weighted14, _weighted41, _weighted11 = (
 def _as_cached(typingctx, x, cache):
     """A float32 as `cache` (a KV cache, `kernel_view`) holds it: itself, or rounded to float16 (to nearest, ties to
     even, as numpy's astype) as its bits."""
+    if x != types.float32 or cache.dtype not in (types.float32, types.int16):
+        raise TypeError(f"a {x} into a cache of {cache.dtype}: float32 into float32, or float16 bits as int16")
     if cache.dtype == types.float32:
         return types.float32(x, cache), lambda context, b, sig, args: args[0]
     return types.int16(x, cache), lambda context, b, sig, args: b.bitcast(b.fptrunc(args[0], F16), ir.IntType(16))
