@@ -351,9 +351,12 @@ def device_copies(dev) -> bool:
     GPU with memory of its own (not lavapipe, nor one that shares the host's: its host-visible memory is a heap
     apart from its main one) and timeline semaphores (Vulkan 1.2), which order its copy queue's work and its
     compute queue's."""
-    if dev.is_cpu or not dev.timeline:
-        return False
-    return dev.heap_of[dev.memory_type((1 << len(dev.type_flags)) - 1, "pool")] != dev.main_heap
+    return not dev.is_cpu and dev.timeline and _pool_heap(dev) != dev.main_heap
+
+
+def _pool_heap(dev) -> int:
+    """The memory heap of the device's "pool" buffers (vk_runtime.Buffer): where `host` would be."""
+    return dev.heap_of[dev.memory_type((1 << len(dev.type_flags)) - 1, "pool")]
 
 
 def halves_on_host(dev, nbytes) -> bool:
@@ -363,7 +366,7 @@ def halves_on_host(dev, nbytes) -> bool:
     from .rank import available_bytes
     if not device_copies(dev):
         return False
-    heap = dev.heap_of[dev.memory_type((1 << len(dev.type_flags)) - 1, "pool")]
+    heap = _pool_heap(dev)
     return (dev.heap_size[heap] - dev.heap_used[heap] >= nbytes
             and (available_bytes() or 0) >= nbytes + POOL_SPARE)
 
@@ -439,8 +442,8 @@ class DeviceWindow(Window):
         self.user = [None] * count
         for j, key in enumerate(self.order):
             self.slot_of[key] = j % count
-            self.next_in_slot[key] = next(self.order[(j + i) % len(self.order)] for i in range(1, len(self.order) + 1)
-                                          if (j + i) % len(self.order) % count == j % count)
+            # (after the last round of the slots, the first half in this slot: its index is the slot's)
+            self.next_in_slot[key] = self.order[j + count if j + count < len(self.order) else j % count]
             for (lin, _), at in zip(self.parts[key][2], places[key][0]):
                 lin.bind(self.slots[j % count], at)
         with host_turn(self.folder) as turn:  # (without a turn, the host's copies: they take no memory)

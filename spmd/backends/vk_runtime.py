@@ -563,10 +563,10 @@ class Recording:
 
     def barrier(self, to_host=False, to_copy=False, after_copy=False):
         """Writes of the dispatches before are visible to those after (to the host with to_host, to a buffer copy
-        with to_copy); a plain barrier orders dispatches after dispatches only, so that a copy queued before it (a
-        streamed half's, spmd.stream.DeviceWindow) runs on beside them: after_copy also orders them after the copies
-        and fills before it. The C function straight, its barrier struct made once (`_BARRIERS`): the bindings'
-        wrappers took about a third of the time of recording a prompt's pass."""
+        with to_copy); a plain barrier orders dispatches after dispatches only: after_copy also orders them after
+        the copies and fills before it in the queue (a fill, an input's copy in, a staging buffer's copy). The C
+        function straight, its barrier struct made once (`_BARRIERS`): the bindings' wrappers took about a third of
+        the time of recording a prompt's pass."""
         kind = "copy" if to_copy else "host" if to_host else "after copy" if after_copy else "compute"
         if kind not in _BARRIERS:
             shader = (vk.VK_PIPELINE_STAGE_COMPUTE_SHADER_BIT, vk.VK_ACCESS_SHADER_WRITE_BIT)

@@ -287,9 +287,9 @@ class VulkanModel:
     def _record(self, a, multi, head, scored, timestamps=False, early=False, recs=None, into=None, embed=False):
         """The command buffers of one pass over a's n rows: one; or, several ranks in the stage, one per half-layer
         plus the end; or, weights streamed, each streamed half alone in one (its `key` names it, for
-        `DeviceWindow.hold`) and the rest between them. scored: the rows
-        the head turns into logits (ascending). recs: the list they go into (the caller's, which frees what is in
-        it however recording ends), else a new one.
+        `DeviceWindow.hold`) and the rest between them. scored: the rows the head turns into logits (ascending).
+        recs: the list they go into (the caller's, which frees what is in it however recording ends), else a new
+        one.
         early (one rank, nothing streamed; the pass's input in place): the pass is cut after half-layers 1, 2, 4,
         8, ... and each part but the last is submitted as soon as it is recorded, so that the GPU works while the
         host records the rest (the caller runs the last, which waits for all).
