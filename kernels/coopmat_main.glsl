@@ -44,9 +44,7 @@ const uint TSG = BT / (16 * TG);  // subgroups along the tokens (1, 2 or 4)
 const uint RSG = 4 / TSG;     // ... along the rows (4, 2 or 1)
 const uint SR = BR / RSG;     // rows a subgroup holds
 const uint RF = SR / 8;       // its row fragments of 8
-const uint KS = 40;           // halves between rows of a staged tile (32 + 8: fewer bank conflicts, 16-byte rows)
 const uint CS = SR + 4;       // floats between token rows of the result tile (a subgroup's rows at a time)
-const uint XV = BT * 8 / WG;  // vec4 of x each thread stages a step
 const float LO = 2048.0;
 #define FRAG fcoopmatNV<32, gl_ScopeSubgroup, 16, 8>
 #define AMAT fcoopmatNV<16, gl_ScopeSubgroup, 16, 16>
@@ -81,31 +79,56 @@ shared float xsc[SB * BT], xsu[SB * BT];       // block s of token t at s * BT +
 const uint MINS = 2 * SB * BR;
 shared float rs[2 * MINS];
 #else
-const uint SB = 1;                             // blocks a step
+// Blocks a step: 2 where the type's .comp says so (coopmat_q4_0_f32: a barrier for two blocks, and x's tile then
+// holds the results; faster for Q4_0 only, kernels/README), else 1. F16 and BF16 pairs would pass 48 KiB with 2.
+#ifndef STEP_BLOCKS
+#define STEP_BLOCKS 1
+#endif
+#if STEP_BLOCKS != 1 && (STEP_BLOCKS != 2 || !defined(INTW))
+#error STEP_BLOCKS: 1, or 2 with INTW
+#endif
+const uint SB = STEP_BLOCKS;
 // The staged tiles as fp16 in groups of 4 (uvec2, each group stored at once; the fragments are loaded with element
-// offsets and strides in those units: K4 groups a row)
-const uint K4 = KS / 4;
-shared uvec2 xs_hi[BT * K4], xs_lo[BT * K4];   // x: token-major
+// offsets and strides in those units: K4 groups a row of SB blocks and 8 halves of padding: fewer bank conflicts,
+// 16-byte rows)
+const uint K4 = 8 * SB + 2;
+// x: token-major, its his then at XLO its los (STEP_BLOCKS 2: the result tile afterwards, result_at)
+shared uvec2 xs[2 * BT * K4];
+const uint XLO = BT * K4;
 #ifdef INTW
 #ifndef HALF_SCALES
 #define deq_int deq   // the type's deq gives the integers; its scale (and min) come apart
 #endif
-shared uvec2 ws_hi[BR * K4], vs_hi[BR * K4];   // W (and PAIR's second matrix): integers q, read as W^T
+// W (and PAIR's W2): integers q, read as W^T. (vs_hi sized by PAIR, `PAIR == 1 ? BR * K4 : 1` or with a product
+// and a sum, gave wrong products on an H200, though it was never read without PAIR: sizes stay constant here)
+shared uvec2 ws_hi[BR * K4], vs_hi[BR * K4];
 #ifdef HALF_SCALES
-const uint NH = 2;                             // Q6_K: a scale for each 16-element half of a block
+const uint NV = 2;                             // Q6_K: a scale for each 16-element half of a block
+#elif defined(HAS_MIN)
+const uint NV = 2;                             // a scale and a min
 #else
-const uint NH = 1;
+const uint NV = 1;
 #endif
-// The step's scales of each row, for matrix m and half k at (m * NH + k) * BR, then (HAS_MIN) its mins at MINS +
-// m * BR: read as fragments of 16 tokens x 8 rows with a stride of 0 (every token's row alike)
-const uint MINS = 2 * NH * BR;
-shared float rs[MINS + 2 * BR];
+// Value v of row r of matrix m (0: W, 1: W2) in the step's block s (v 0: its scale, or its first half's; 1: its
+// second half's scale (HALF_SCALES) or its min (HAS_MIN)) at ((s * (PAIR + 1) + m) * NV + v) * BR + r: read as
+// fragments of 16 tokens x 8 rows with a stride of 0 (every token's row alike)
+shared float rs[SB * (PAIR + 1) * NV * BR];
+uint rs_at(uint s, uint m, uint v, uint r) { return ((s * (PAIR + 1) + m) * NV + v) * BR + r; }
 #else
 shared uvec2 ws_hi[BR * K4], ws_lo[BR * K4];   // W: row-major, read as W^T (column-major)
 shared uvec2 vs_hi[BR * K4], vs_lo[BR * K4];   // PAIR: the second matrix
 #endif
 #endif
+#if !defined(INT8) && STEP_BLOCKS == 2
+// The result tile (BT * CS floats) takes x's place in the epilogue, which follows the last step's barrier: 2 * K4
+// floats a token, at least CS (72 against 68 at most), leave room for two blocks a step within 48 KiB
+void put_result(FRAG v, uint at) { coopMatStoreNV(v, xs, at / 2, CS / 2, false); }
+float result_at(uint at) { return uintBitsToFloat(xs[at / 2][at % 2]); }
+#else
 shared float cs[BT * CS];
+void put_result(FRAG v, uint at) { coopMatStoreNV(v, cs, at, CS, false); }
+float result_at(uint at) { return cs[at]; }
+#endif
 
 #ifndef INT8
 void split4(vec4 v, uint at, uint dest) {  // v -> group `at` of tile dest (0: x, 1: W, 2: W2)
@@ -115,7 +138,7 @@ void split4(vec4 v, uint at, uint dest) {  // v -> group `at` of tile dest (0: x
     vec4 l = (v - h) * LO;
     uvec2 hi = uvec2(packHalf2x16(h.xy), packHalf2x16(h.zw)), lo = uvec2(packHalf2x16(l.xy), packHalf2x16(l.zw));
     if (dest == 0) {
-        xs_hi[at] = hi; xs_lo[at] = lo;
+        xs[at] = hi; xs[XLO + at] = lo;
 #ifndef INTW
     } else if (dest == 1) {
         ws_hi[at] = hi; ws_lo[at] = lo;
@@ -202,65 +225,81 @@ void put() {
     }
 }
 #else
-// What a thread stages a step, loaded a step ahead: TPB threads share each block of the tile's rows (one
-// thread with PAIR, where W2's rows double the blocks; two without, each dequantising half of it), and XV vec4 of x.
-const uint TPB = WG / (BR * (PAIR + 1));
-const uint JN = 8 / TPB;      // groups of 4 elements of its block a thread stages
-uvec4 pq[UV];
-uvec4 pmeta;
-float ps;
+// What a thread stages a step (blocks b .. b + SB - 1), loaded a step ahead: the step's NBLK blocks of the tile's
+// rows (W's, then PAIR's W2's, block by block) shared out TPB threads a block (each dequantising JN of its 8 groups
+// of 4 elements) or BPT blocks a thread, and XV vec4 of x. Blocks past the row's end are read at its last and staged
+// with scale and min 0.
+const uint WROWS = BR * (PAIR + 1), NBLK = WROWS * SB;
+const uint TPB = NBLK >= WG ? 1 : WG / NBLK, BPT = NBLK >= WG ? NBLK / WG : 1;
+const uint JN = 8 / TPB;
+const uint XV = BT * 8 * SB / WG;
+uvec4 pq[BPT * UV];
+uvec4 pmeta[BPT];
+float ps[BPT];
 vec4 px[XV];
 
+uint block_of(uint k) { return gl_LocalInvocationID.x / TPB + k * (WG / TPB); }  // the thread's k-th block: u + s WROWS
+
 void fetch(uint row0, uint tok0, uint b) {
-    uint tid = gl_LocalInvocationID.x, u = tid / TPB;  // its block: of row u % BR of W (u < BR) or W2
-    bool second = u >= BR;
-    uint blk = min(row0 + u % BR, p.rows - 1) * p.nb + b;  // rows past the end repeat the last (not stored)
-    [[unroll]] for (uint i = 0; i < UV; i++) pq[i] = second ? w2[UV * blk + i] : w[UV * blk + i];
-    pmeta = uvec4(0u);
-    ps = 1.0;
+    uint tid = gl_LocalInvocationID.x;
+    [[unroll]] for (uint k = 0; k < BPT; k++) {
+        uint i = block_of(k), u = i % WROWS, s = i / WROWS;  // row u % BR of W (u < BR) or W2, block b + s
+        bool second = u >= BR;
+        // rows past the end repeat the last (not stored)
+        uint blk = min(row0 + u % BR, p.rows - 1) * p.nb + min(b + s, p.nb - 1);
+        [[unroll]] for (uint j = 0; j < UV; j++) pq[k * UV + j] = second ? w2[UV * blk + j] : w[UV * blk + j];
+        pmeta[k] = uvec4(0u);
+        ps[k] = b + s < p.nb ? 1.0 : 0.0;
 #ifdef META
-    pmeta = second ? META(d2, blk) : META(d, blk);
+        pmeta[k] = second ? META(d2, blk) : META(d, blk);
 #else
-    if (QUANT != 0) ps = block_scale(second ? d2[blk >> 1] : d[blk >> 1], blk);
+        if (QUANT != 0) ps[k] *= block_scale(second ? d2[blk >> 1] : d[blk >> 1], blk);
 #endif
+    }
     [[unroll]] for (uint i = 0; i < XV; i++) {
-        uint v = tid + i * WG, t = v / 8;
-        px[i] = x[(p.x_off + min(tok0 + t, p.n - 1) * p.x_stride) / 4 + b * 8 + v % 8];
+        uint v = tid + i * WG, t = v / (8 * SB), c = v % (8 * SB);  // vec4 c of the step's blocks of token t
+        uint col = min(b + c / 8, p.nb - 1) * 8 + c % 8;
+        px[i] = x[(p.x_off + min(tok0 + t, p.n - 1) * p.x_stride) / 4 + col];
     }
 }
 
 void put() {
-    uint tid = gl_LocalInvocationID.x, u = tid / TPB, j0 = (tid % TPB) * JN;
-    float s = ps, mn = 0.0;
+    uint tid = gl_LocalInvocationID.x, j0 = (tid % TPB) * JN;
+    [[unroll]] for (uint k = 0; k < BPT; k++) {
+        uint i = block_of(k), u = i % WROWS, s = i / WROWS, r = u % BR, m = u / BR;
+        float sc = ps[k], mn = 0.0;
 #ifdef META
-    s = meta_scale(pmeta);
-    mn = meta_min(pmeta);
+        sc *= meta_scale(pmeta[k]);
+        mn = ps[k] * meta_min(pmeta[k]);
 #endif
-    Raw raw = make_raw(pq, pmeta);
+        uvec4 q[UV];
+        [[unroll]] for (uint j = 0; j < UV; j++) q[j] = pq[k * UV + j];
+        Raw raw = make_raw(q, pmeta[k]);
+        uint at = r * K4 + s * 8;
 #ifdef INTW
-    [[unroll]] for (uint j = j0; j < j0 + JN; j++) {  // integers: exact in fp16
-        vec4 q = deq_int(raw, j);
-        uvec2 h = uvec2(packHalf2x16(q.xy), packHalf2x16(q.zw));
-        if (u < BR) ws_hi[(u % BR) * K4 + j] = h; else vs_hi[(u % BR) * K4 + j] = h;
-    }
-    if (tid % TPB == 0) {
-        uint m = u / BR, r = u % BR;
+        [[unroll]] for (uint j = j0; j < j0 + JN; j++) {  // integers: exact in fp16
+            vec4 v = deq_int(raw, j);
+            uvec2 h = uvec2(packHalf2x16(v.xy), packHalf2x16(v.zw));
+            if (m == 0) ws_hi[at + j] = h; else vs_hi[at + j] = h;
+        }
+        if (tid % TPB == 0) {
 #ifdef HALF_SCALES
-        rs[2 * m * BR + r] = half_scale(pmeta, 0u);
-        rs[(2 * m + 1) * BR + r] = half_scale(pmeta, 1u);
+            rs[rs_at(s, m, 0, r)] = ps[k] * half_scale(pmeta[k], 0u);
+            rs[rs_at(s, m, 1, r)] = ps[k] * half_scale(pmeta[k], 1u);
 #else
-        rs[m * BR + r] = s;
+            rs[rs_at(s, m, 0, r)] = sc;
 #endif
 #ifdef HAS_MIN
-        rs[MINS + m * BR + r] = mn;
+            rs[rs_at(s, m, 1, r)] = mn;
+#endif
+        }
+#else
+        [[unroll]] for (uint j = j0; j < j0 + JN; j++) split4(deq(raw, j) * sc + mn, at + j, 1 + m);
 #endif
     }
-#else
-    [[unroll]] for (uint j = j0; j < j0 + JN; j++) split4(deq(raw, j) * s + mn, (u % BR) * K4 + j, 1 + u / BR);
-#endif
     [[unroll]] for (uint i = 0; i < XV; i++) {
         uint v = tid + i * WG;
-        split4(px[i], (v / 8) * K4 + v % 8, 0);
+        split4(px[i], (v / (8 * SB)) * K4 + v % (8 * SB), 0);
     }
 }
 #endif
@@ -372,43 +411,45 @@ void main() {
             }
         }
 #elif defined(INTW)
-        XBlock a[TG];
-        FRAG xsum[TG];  // HAS_MIN: each token's sum of the block's x (products with ones), for the mins
-        [[unroll]] for (uint t = 0; t < TG; t++) {
-            uint at = a_at + t * 16 * K4;
-            coopMatLoadNV(a[t].h0, xs_hi, at, K4, false);
-            coopMatLoadNV(a[t].h1, xs_hi, at + 4, K4, false);
-            coopMatLoadNV(a[t].l0, xs_lo, at, K4, false);
-            coopMatLoadNV(a[t].l1, xs_lo, at + 4, K4, false);
-            xsum[t] = FRAG(0.0);
+        [[unroll]] for (uint sb = 0; sb < SB; sb++) {  // the step's blocks
+            XBlock a[TG];
+            FRAG xsum[TG];  // HAS_MIN: each token's sum of the block's x (products with ones), for the mins
+            [[unroll]] for (uint t = 0; t < TG; t++) {
+                uint at = a_at + t * 16 * K4 + sb * 8;
+                coopMatLoadNV(a[t].h0, xs, at, K4, false);
+                coopMatLoadNV(a[t].h1, xs, at + 4, K4, false);
+                coopMatLoadNV(a[t].l0, xs, XLO + at, K4, false);
+                coopMatLoadNV(a[t].l1, xs, XLO + at + 4, K4, false);
+                xsum[t] = FRAG(0.0);
 #ifdef HAS_MIN
-            BMAT ones = BMAT(1.0);
-            xsum[t] = coopMatMulAddNV(a[t].h1, ones, coopMatMulAddNV(a[t].h0, ones, coopMatMulAddNV(a[t].l1, ones,
-                coopMatMulAddNV(a[t].l0, ones, FRAG(0.0))) * (1.0 / LO)));
+                BMAT ones = BMAT(1.0);
+                xsum[t] = coopMatMulAddNV(a[t].h1, ones, coopMatMulAddNV(a[t].h0, ones, coopMatMulAddNV(a[t].l1,
+                    ones, coopMatMulAddNV(a[t].l0, ones, FRAG(0.0))) * (1.0 / LO)));
 #endif
-        }
-        [[unroll]] for (uint f = 0; f < RF; f++) {
-            uint w_at = b_at + f * 8 * K4, r = rg * SR + f * 8;
-            [[unroll]] for (uint m = 0; m <= PAIR; m++) {  // W, then W2
-                BMAT q0, q1;
-                if (m == 0) {
-                    coopMatLoadNV(q0, ws_hi, w_at, K4, true);
-                    coopMatLoadNV(q1, ws_hi, w_at + 4, K4, true);
-                } else {
-                    coopMatLoadNV(q0, vs_hi, w_at, K4, true);
-                    coopMatLoadNV(q1, vs_hi, w_at + 4, K4, true);
-                }
-                FRAG s0 = row_values(m * NH * BR + r), s1 = s0, mins = s0;
+            }
+            [[unroll]] for (uint f = 0; f < RF; f++) {
+                uint w_at = b_at + f * 8 * K4 + sb * 8, r = rg * SR + f * 8;
+                [[unroll]] for (uint m = 0; m <= PAIR; m++) {  // W, then W2
+                    BMAT q0, q1;
+                    if (m == 0) {
+                        coopMatLoadNV(q0, ws_hi, w_at, K4, true);
+                        coopMatLoadNV(q1, ws_hi, w_at + 4, K4, true);
+                    } else {
+                        coopMatLoadNV(q0, vs_hi, w_at, K4, true);
+                        coopMatLoadNV(q1, vs_hi, w_at + 4, K4, true);
+                    }
+                    FRAG s0 = row_values(rs_at(sb, m, 0, r)), s1 = s0, mins = s0;
 #ifdef HALF_SCALES
-                s1 = row_values((2 * m + 1) * BR + r);
+                    s1 = row_values(rs_at(sb, m, 1, r));
 #endif
 #ifdef HAS_MIN
-                mins = row_values(MINS + m * BR + r);
+                    mins = row_values(rs_at(sb, m, 1, r));
 #endif
-                [[unroll]] for (uint t = 0; t < TG; t++) {
-                    FRAG v = block_sum(a[t], xsum[t], q0, q1, s0, s1, mins);
-                    if (m == 0) acc[t * RF + f] = acc[t * RF + f] + v;
-                    else acc2[t * RF + f] = acc2[t * RF + f] + v;
+                    [[unroll]] for (uint t = 0; t < TG; t++) {
+                        FRAG v = block_sum(a[t], xsum[t], q0, q1, s0, s1, mins);
+                        if (m == 0) acc[t * RF + f] = acc[t * RF + f] + v;
+                        else acc2[t * RF + f] = acc2[t * RF + f] + v;
+                    }
                 }
             }
         }
@@ -416,8 +457,8 @@ void main() {
         [[unroll]] for (uint k = 0; k < 8; k += 4) {  // 16 columns: 4 groups
             AMAT ah[TG], al[TG];
             [[unroll]] for (uint t = 0; t < TG; t++) {
-                coopMatLoadNV(ah[t], xs_hi, a_at + t * 16 * K4 + k, K4, false);
-                coopMatLoadNV(al[t], xs_lo, a_at + t * 16 * K4 + k, K4, false);
+                coopMatLoadNV(ah[t], xs, a_at + t * 16 * K4 + k, K4, false);
+                coopMatLoadNV(al[t], xs, XLO + a_at + t * 16 * K4 + k, K4, false);
             }
             [[unroll]] for (uint f = 0; f < RF; f++) {
                 BMAT bh, bl;
@@ -460,7 +501,7 @@ void main() {
         if (rg == k) {
             [[unroll]] for (uint t = 0; t < TG; t++) {
                 [[unroll]] for (uint f = 0; f < RF; f++) {
-                    coopMatStoreNV(acc[t * RF + f], cs, (tk + t * 16) * CS + f * 8, CS, false);
+                    put_result(acc[t * RF + f], (tk + t * 16) * CS + f * 8);
                 }
             }
         }
@@ -470,7 +511,7 @@ void main() {
             uint row = row0 + k * SR + r, tok = tok0 + t;
             if (row < p.rows && tok < p.n) {
                 uint at = p.y_off + tok * p.y_stride + row;
-                float value = cs[t * CS + r];
+                float value = result_at(t * CS + r);
                 if ((p.flags & 2u) != 0u) value += bias[p.bias_off + row];
                 if ((p.flags & 1u) != 0u) value += y[at];
                 y[at] = value;
