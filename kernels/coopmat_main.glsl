@@ -4,8 +4,8 @@
 // or 64) a workgroup of 128 threads (4 subgroups); BT and TG below are specialised (spmd/backends/vulkan.py's
 // `coop_tile`).
 //
-// Each 32-column step stages one block of every row of the tile (dequantised by the type's deq, in float32) and
-// those 32 columns of every token in shared memory as fp16 pairs: v = hi + lo / 2^11, hi = fp16(v),
+// Each step stages SB blocks (one, or two where the type's .comp sets STEP_BLOCKS 2: Q4_0) of every row of the tile
+// (dequantised by the type's deq, in float32) and those columns of every token in shared memory as fp16 pairs: v = hi + lo / 2^11, hi = fp16(v),
 // lo = fp16((v - hi) 2^11) (scaled: a GPU may flush fp16 subnormals, and lo then is normal unless |v - hi| is under
 // 2^-25, an absolute error it may drop; kernels/README). The
 // products sum hi*hi in one float32 fragment and lo*hi + hi*lo in another, added at the end with the 2^-11: only
@@ -22,7 +22,7 @@
 // BT = 64) loads fewer fragments a product than TG = 1 but takes more registers: faster where the workgroups are
 // few or PAIR's second matrix shares the x fragments, slower where many share an SM (vulkan.py measured it). Shared
 // memory at most 48128 bytes (F16 pairs at BT = 64, TG = 1), within the 48 KiB every device offers.
-// The results go through shared memory to an epilogue of all threads, a group of rows at a time: bias, residual
+// The results go through shared memory (with two blocks a step, x's: result_at) to an epilogue of all threads, a group of rows at a time: bias, residual
 // add, stores a row of tokens at a time. PAIR (gate and up) keeps both matrices' fragments and multiplies them
 // element by element (two fragments of one type lay out their elements alike).
 // INT8 (coopmat_<w>_i8, --activations int8; Q4_0, Q8_0, Q4_1/Q4_K): x is kernels/quantize_f32's 8-bit integers
