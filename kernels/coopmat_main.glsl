@@ -5,12 +5,12 @@
 // `coop_tile`).
 //
 // Each step stages SB blocks (one, or two where the type's .comp sets STEP_BLOCKS 2: Q4_0) of every row of the tile
-// (dequantised by the type's deq, in float32) and those columns of every token in shared memory as fp16 pairs: v = hi + lo / 2^11, hi = fp16(v),
-// lo = fp16((v - hi) 2^11) (scaled: a GPU may flush fp16 subnormals, and lo then is normal unless |v - hi| is under
-// 2^-25, an absolute error it may drop; kernels/README). The
-// products sum hi*hi in one float32 fragment and lo*hi + hi*lo in another, added at the end with the 2^-11: only
-// lo*lo, about 2^-22 of the value, is left out, so a product is as close to the float32 one as float32 summation
-// in another order, and greedy tokens do not move. The next step's weight blocks and x are loaded into registers
+// (dequantised by the type's deq, in float32) and those columns of every token in shared memory as fp16 pairs:
+// v = hi + lo / 2^11, hi = fp16(v), lo = fp16((v - hi) 2^11) (scaled: a GPU may flush fp16 subnormals, and lo then
+// is normal unless |v - hi| is under 2^-25, an absolute error it may drop; kernels/README). The products sum
+// hi*hi in one float32 fragment and lo*hi + hi*lo in another, added at the end with the 2^-11: only lo*lo, about
+// 2^-22 of the value, is left out, so a product is as close to the float32 one as float32 summation in another
+// order, and greedy tokens do not move. The next step's weight blocks and x are loaded into registers
 // while this step's products run.
 // INTW (the quantised types: a weight is s * q (+ m), q an integer of at most 8 bits): q itself is staged, exact
 // in fp16, and each row's scale (Q6_K: one a 16-element half) and min once, in rs, read as fragments with a stride
@@ -22,9 +22,10 @@
 // BT = 64) loads fewer fragments a product than TG = 1 but takes more registers: faster where the workgroups are
 // few or PAIR's second matrix shares the x fragments, slower where many share an SM (vulkan.py measured it). Shared
 // memory at most 48128 bytes (F16 pairs at BT = 64, TG = 1), within the 48 KiB every device offers.
-// The results go through shared memory (with two blocks a step, x's: result_at) to an epilogue of all threads, a group of rows at a time: bias, residual
-// add, stores a row of tokens at a time. PAIR (gate and up) keeps both matrices' fragments and multiplies them
-// element by element (two fragments of one type lay out their elements alike).
+// The results go through shared memory (with two blocks a step, x's: result_at) to an epilogue of all threads, a
+// group of rows at a time: bias, residual add, stores a row of tokens at a time. PAIR (gate and up) keeps both
+// matrices' fragments and multiplies them element by element (two fragments of one type lay out their elements
+// alike).
 // INT8 (coopmat_<w>_i8, --activations int8; Q4_0, Q8_0, Q4_1/Q4_K): x is kernels/quantize_f32's 8-bit integers
 // and block scales, and a block's products are 8-bit (16x8x32, int32 sums, exact): staged as they are (the weights'
 // nibbles masked, their offset taken off through x's sum of integers as matvec_*_i8 does), then scaled by the row's
@@ -92,7 +93,7 @@ const uint SB = STEP_BLOCKS;
 // offsets and strides in those units: K4 groups a row of SB blocks and 8 halves of padding: fewer bank conflicts,
 // 16-byte rows)
 const uint K4 = 8 * SB + 2;
-// x: token-major, its his then at XLO its los (STEP_BLOCKS 2: the result tile afterwards, result_at)
+// x: token-major, the fp16 highs, then from XLO the lows (STEP_BLOCKS 2: the result tile afterwards, result_at)
 shared uvec2 xs[2 * BT * K4];
 const uint XLO = BT * K4;
 #ifdef INTW
