@@ -146,12 +146,13 @@ def _prefetch(b, base, offset):
 
 
 def _fence(b):
-    """An empty asm statement that clobbers memory: the loads before it are issued before the loads after it. The 8-bit
-    exact sums load a weight row's 512 bytes of a group, then the next row's: left to itself LLVM interleaved the
-    four rows' loads (its registers were short for the exact sums' int64 lanes), and streaming from memory then ran
-    at 0.55-0.6 of the fast sums' speed (Q8_0, one thread, the same matrices; alike from the cache); with the rows
-    kept apart, 0.9 (Q4_0 and Q4_K: 0.9 -> 0.95). The fast sums' own order is kept (a fence made Q4_K's 5-10%
-    slower)."""
+    """An empty asm statement that clobbers memory: the compiler keeps the loads before it ahead of those after it
+    (the CPU still runs them out of order). The 8-bit exact sums load a weight row's bytes of a group, then the next
+    row's: left to itself LLVM interleaved the four rows' loads there (not in the fast sums, whose registers are
+    fewer), and from memory the exact sums then streamed at 0.55-0.6 of the fast sums' speed (Q8_0, one thread of
+    the 2-core test machine, the same matrices: 1000 against 550-600 us; from the cache as fast), with a fence
+    between rows at 0.9-1.0 (Q4_0 and Q4_K a few percent better too). The fast sums keep the compiler's order (a
+    fence made Q4_K's 5-10% slower)."""
     fn = ir.InlineAsm(ir.FunctionType(ir.VoidType(), []), "", "~{memory}", side_effect=True)
     b.call(fn, [])
 
