@@ -151,7 +151,7 @@ def _fence(b):
     row's: left to itself LLVM interleaved the four rows' loads there (not in the fast sums, whose registers are
     fewer), and from memory the exact sums then streamed at 0.55-0.6 of the fast sums' speed (Q8_0, one thread of
     the 2-core test machine, the same matrices: 1000 against 550-600 us; from the cache as fast), with a fence
-    between rows at 0.9-1.0 (Q4_0 and Q4_K a few percent better too). The fast sums keep the compiler's order (a
+    between rows at 0.9-1.0 (Q4_K 0.80-0.86 -> 0.95; Q4_0 within the noise). The fast sums keep the compiler's order (a
     fence made Q4_K's 5-10% slower)."""
     fn = ir.InlineAsm(ir.FunctionType(ir.VoidType(), []), "", "~{memory}", side_effect=True)
     b.call(fn, [])
