@@ -150,34 +150,44 @@ void split4(vec4 v, uint at, uint dest) {  // v -> group `at` of tile dest (0: x
 }
 #endif
 
+// What a thread stages a step (blocks b .. b + SB - 1), loaded a step ahead: the step's NBLK blocks of the tile's
+// rows (W's, then PAIR's W2's, block by block) shared out TPB threads a block (the float32 path's small steps: each
+// dequantises JN of a block's 8 groups of 4 elements) or BPT blocks a thread (the INT8 path: always), and its share
+// of x. Blocks past the row's end are read at its last and staged with scale and min 0.
+const uint WROWS = BR * (PAIR + 1), NBLK = WROWS * SB;
+const uint TPB = NBLK >= WG ? 1 : WG / NBLK, BPT = NBLK >= WG ? NBLK / WG : 1;
+uvec4 pq[BPT * UV];
+uvec4 pmeta[BPT];
+float ps[BPT];
+
+uint block_of(uint k) { return gl_LocalInvocationID.x / TPB + k * (WG / TPB); }  // the thread's k-th block: u + s WROWS
+
+void fetch_weights(uint row0, uint b) {
+    [[unroll]] for (uint k = 0; k < BPT; k++) {
+        uint i = block_of(k), u = i % WROWS, s = i / WROWS;  // row u % BR of W (u < BR) or W2, block b + s
+        bool second = u >= BR;
+        // rows past the end repeat the last (not stored)
+        uint blk = min(row0 + u % BR, p.rows - 1) * p.nb + min(b + s, p.nb - 1);
+        [[unroll]] for (uint j = 0; j < UV; j++) pq[k * UV + j] = second ? w2[UV * blk + j] : w[UV * blk + j];
+        pmeta[k] = uvec4(0u);
+        ps[k] = b + s < p.nb ? 1.0 : 0.0;
+#ifdef META
+        pmeta[k] = second ? META(d2, blk) : META(d, blk);
+#else
+        if (QUANT != 0) ps[k] *= block_scale(second ? d2[blk >> 1] : d[blk >> 1], blk);
+#endif
+    }
+}
+
 #ifdef INT8
-// What a thread stages a step (blocks b .. b + SB - 1), loaded a step ahead: WI blocks of the tile's rows (W's, then
-// PAIR's W2's, block by block), XI halves of a token's block of x and DI of its (scale, sum of integers). Blocks
-// past the row's end are read at its last and staged with scale and min 0.
-const uint WROWS = BR * (PAIR + 1);
-const uint WI = WROWS * SB / WG;
+// x: XI halves of a token's block and DI of its (scale, sum of integers)
 const uint XI = (2 * SB * BT + WG - 1) / WG, DI = (SB * BT + WG - 1) / WG;
-uvec4 pq[WI * UV];
-uvec4 pmeta[WI];
-float ps[WI];
 uvec4 px8[XI];
 vec2 pxd[DI];
 
 void fetch(uint row0, uint tok0, uint b) {
     uint tid = gl_LocalInvocationID.x;
-    [[unroll]] for (uint k = 0; k < WI; k++) {
-        uint i = tid + k * WG, u = i % WROWS;  // row u % BR of W (u < BR) or W2, block b + i / WROWS
-        bool second = u >= BR;
-        uint blk = min(row0 + u % BR, p.rows - 1) * p.nb + min(b + i / WROWS, p.nb - 1);
-        [[unroll]] for (uint j = 0; j < UV; j++) pq[k * UV + j] = second ? w2[UV * blk + j] : w[UV * blk + j];
-        pmeta[k] = uvec4(0u);
-        ps[k] = b + i / WROWS < p.nb ? 1.0 : 0.0;
-#ifdef META
-        pmeta[k] = second ? META(d2, blk) : META(d, blk);
-#else
-        ps[k] *= block_scale(second ? d2[blk >> 1] : d[blk >> 1], blk);
-#endif
-    }
+    fetch_weights(row0, b);
     // x_stride: elements; a block of x is two uvec4 in xq and a vec2 in xd
     [[unroll]] for (uint k = 0; k < XI; k++) {
         uint i = tid + k * WG, t = min(tok0 + i / (2 * SB), p.n - 1), c = i % (2 * SB);
@@ -191,8 +201,8 @@ void fetch(uint row0, uint tok0, uint b) {
 
 void put() {
     uint tid = gl_LocalInvocationID.x;
-    [[unroll]] for (uint k = 0; k < WI; k++) {
-        uint i = tid + k * WG, u = i % WROWS, s = i / WROWS, r = u % BR, m = u / BR;
+    [[unroll]] for (uint k = 0; k < BPT; k++) {
+        uint i = block_of(k), u = i % WROWS, s = i / WROWS, r = u % BR, m = u / BR;
         uvec4 q[UV];
         [[unroll]] for (uint j = 0; j < UV; j++) q[j] = pq[k * UV + j];
         Raw raw = make_raw(q, pmeta[k]);
@@ -226,37 +236,13 @@ void put() {
     }
 }
 #else
-// What a thread stages a step (blocks b .. b + SB - 1), loaded a step ahead: the step's NBLK blocks of the tile's
-// rows (W's, then PAIR's W2's, block by block) shared out TPB threads a block (each dequantising JN of its 8 groups
-// of 4 elements) or BPT blocks a thread, and XV vec4 of x. Blocks past the row's end are read at its last and staged
-// with scale and min 0.
-const uint WROWS = BR * (PAIR + 1), NBLK = WROWS * SB;
-const uint TPB = NBLK >= WG ? 1 : WG / NBLK, BPT = NBLK >= WG ? NBLK / WG : 1;
 const uint JN = 8 / TPB;
-const uint XV = BT * 8 * SB / WG;
-uvec4 pq[BPT * UV];
-uvec4 pmeta[BPT];
-float ps[BPT];
+const uint XV = BT * 8 * SB / WG;  // x: vec4 a thread
 vec4 px[XV];
-
-uint block_of(uint k) { return gl_LocalInvocationID.x / TPB + k * (WG / TPB); }  // the thread's k-th block: u + s WROWS
 
 void fetch(uint row0, uint tok0, uint b) {
     uint tid = gl_LocalInvocationID.x;
-    [[unroll]] for (uint k = 0; k < BPT; k++) {
-        uint i = block_of(k), u = i % WROWS, s = i / WROWS;  // row u % BR of W (u < BR) or W2, block b + s
-        bool second = u >= BR;
-        // rows past the end repeat the last (not stored)
-        uint blk = min(row0 + u % BR, p.rows - 1) * p.nb + min(b + s, p.nb - 1);
-        [[unroll]] for (uint j = 0; j < UV; j++) pq[k * UV + j] = second ? w2[UV * blk + j] : w[UV * blk + j];
-        pmeta[k] = uvec4(0u);
-        ps[k] = b + s < p.nb ? 1.0 : 0.0;
-#ifdef META
-        pmeta[k] = second ? META(d2, blk) : META(d, blk);
-#else
-        if (QUANT != 0) ps[k] *= block_scale(second ? d2[blk >> 1] : d[blk >> 1], blk);
-#endif
-    }
+    fetch_weights(row0, b);
     [[unroll]] for (uint i = 0; i < XV; i++) {
         uint v = tid + i * WG, t = v / (8 * SB), c = v % (8 * SB);  // vec4 c of the step's blocks of token t
         uint col = min(b + c / 8, p.nb - 1) * 8 + c % 8;

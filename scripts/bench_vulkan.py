@@ -258,6 +258,7 @@ def main():
     if args.small:
         shape, name = Shape(**{**shape.__dict__, "dim": shape.dim // 4, "ffn": shape.ffn // 4}), name + "-small"
     rows = []
+    Path(args.dir).mkdir(parents=True, exist_ok=True)
     for qtype in args.qtypes.split(","):
         path = Path(args.dir) / f"bench-vulkan-{name}-{qtype}.gguf"
         if not path.exists():
