@@ -244,7 +244,7 @@ def cli(**kw):
 def set_up(comm, opts):
     """Every rank: its backend name, threads, the file and config (errors agreed on), then the backend."""
     from .rank import agree, make_backend, open_model, per_rank_choice
-    name, gpu, threads, wraps = agree(comm, lambda: per_rank_choice(opts, comm))
+    name, gpu, threads, wraps, _ = agree(comm, lambda: per_rank_choice(opts, comm))
     file, cfg = agree(comm, lambda: open_model(opts.model))
     return file, cfg, make_backend(comm, name, threads, gpu, wraps), threads
 

@@ -91,9 +91,10 @@ def per_rank(flag, text, comm, what):
 
 
 def per_rank_choice(opts, comm):
-    """This rank's backend name, GPU index and kernel threads from --backend/--gpu/--threads. By default a rank
-    takes the GPU of its index among the ranks on its host (wrapping around the host's GPUs: the last value
-    returned), and the host's cores divided among those ranks."""
+    """This rank's backend name, GPU index and kernel threads from --backend/--gpu/--threads, whether its GPU
+    wraps around, and a note for rank 0 or None (`cores_note`). By default a rank takes the GPU of its index among
+    the ranks on its host (wrapping around the host's GPUs), and the cores it may run on divided among those
+    ranks."""
     local_index, local_count = comm.on_this_machine()  # a collective: before any check that could stop a rank
     if local_index == 0:
         remove_stale_shared_memory()
@@ -111,8 +112,22 @@ def per_rank_choice(opts, comm):
     if numbers.get("--threads") == 0:
         raise UserError("--threads must be at least 1")
     gpu = numbers.get("--gpu", local_index)
-    threads = numbers.get("--threads") or max(1, len(os.sched_getaffinity(0)) // local_count)
-    return backend, gpu, threads, "--gpu" not in numbers
+    cores = len(os.sched_getaffinity(0))
+    threads = numbers.get("--threads") or max(1, cores // local_count)
+    note = cores_note(backend, numbers.get("--threads"), cores, os.cpu_count() or cores, local_count)
+    return backend, gpu, min(threads, cores), "--gpu" not in numbers, note
+
+
+def cores_note(backend, asked, cores, host_cores, local_count):
+    """A note where a cpu rank may run on fewer cores than its --threads, or (without --threads) than its share
+    of the host's: its CPU affinity, which an MPI launcher may have set (Open MPI's mpirun binds each rank to one
+    core where it starts two ranks or fewer, and a rank's 15 kernel threads then share that core); else None."""
+    if backend != "cpu" or cores >= (asked or host_cores // local_count):
+        return None
+    start = f"--threads {asked}, but this rank" if asked else "this rank"
+    return (f"note: {start} may run on only {cores} of the host's {host_cores} cores (its CPU affinity, which a "
+            f"launcher's binding sets: Open MPI's mpirun binds ranks to cores unless given --bind-to none): "
+            f"{cores} kernel thread{'s' * (cores != 1)}")
 
 
 SHM_DIR, SHM_PREFIX, SHM_AGE_S = "/dev/shm", "mpich_shm_", 60.0
@@ -224,7 +239,7 @@ class RankState:
             raise UserError("give --ratios or --plan, not both")
         if opts.plan is not None and not opts.plan.strip():
             raise UserError("--plan needs auto or a profile's path (python -m spmd.profile --out FILE)")
-        self.backend_name, self.gpu, self.threads, self.gpu_wraps = per_rank_choice(opts, comm)
+        self.backend_name, self.gpu, self.threads, self.gpu_wraps, cores_note = per_rank_choice(opts, comm)
         self.memory_limit = agree(comm, self._memory_limit)
         self.file, self.cfg = agree(comm, self._read_header)
         comm.algorithm = opts.allreduce
@@ -273,7 +288,9 @@ class RankState:
         self.control = agree(comm, self._open_control if comm.is_root else lambda: None)
         try:
             t, rss = time.perf_counter(), rss_bytes()
-            notes = []  # what loading said on this rank (a backend holding a slice as F32, ...)
+            notes = [cores_note] if cores_note else []  # and what loading says on this rank (a backend holding a
+            # slice as F32, ...): said together, in a collective every rank reaches (spmd.profile on some ranks,
+            # an MPMD typo, must not leave rank 0 waiting in one of its own)
             self.swap(plan, agree(comm, lambda: self.build_model(plan[comm.rank], notice=notes.append)))
             self._say_notes(notes)
             self.load_s = time.perf_counter() - t

@@ -76,8 +76,9 @@ CLUSTER_OPTIONS = [  # the flags spmd.run and spmd.serve share: the model, and h
                  help="Vulkan device index on each rank's host, one for all or one per rank. "
                       "Default: the rank's index among the ranks on its host."),
     click.option("--threads", default=None, metavar="N[,N...]",
-                 help="Kernel threads of each rank, one for all or one per rank. Default: the host's cores divided "
-                      "among the ranks on it (give 1 where hosts share cores, as simulated hosts do)."),
+                 help="Kernel threads of each rank, one for all or one per rank, at most the cores it may run on "
+                      "(with Open MPI: mpirun --bind-to none). Default: those cores divided among the host's ranks "
+                      "(give 1 where hosts share cores, as simulated hosts do)."),
     click.option("--memory-limit", default=None, metavar="SIZE[,SIZE...]",
                  help="The most memory each rank's weights, KV caches and activations may take: 2G, 512M, 1.5GiB "
                       "(powers of 1024), one for all or one per rank (none: no limit for that rank); the runtime "
