@@ -314,7 +314,9 @@ class Model:
     def _rotate(self, x, tables):
         self.rope(x, tables)
 
-    def _silu_mul(self, gate, up):
+    def _swiglu(self, linears, x, outs):
+        """silu(x @ gate.T) * (x @ up.T) (linears: gate, up; into outs[0], the cpu backend's in one call)."""
+        gate, up = self._products(linears, x, outs)
         return silu_mul(gate, up)
 
     def _attend(self, layer, seg, q, k, v, out):
@@ -345,5 +347,4 @@ class Model:
 
     def _ffn(self, lw, xn, buf):
         """xn (n, dim) -> (n, dim) this rank's partial sum of the SwiGLU FFN output."""
-        gate, up = self._products((lw.w1, lw.w3), xn, (buf["gate"], buf["up"]))
-        return lw.w2(self._silu_mul(gate, up), out=buf["proj"])
+        return lw.w2(self._swiglu((lw.w1, lw.w3), xn, (buf["gate"], buf["up"])), out=buf["proj"])

@@ -299,6 +299,40 @@ def test_products_sharing_their_input_give_each_ones_bits(mode, threads, monkeyp
     np.testing.assert_array_equal(bits(outs[1]), bits(lins[1](x)))
 
 
+@pytest.mark.parametrize("mode", ["f32", "int8"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_gate_up_and_silu_in_one_call_give_the_bits_of_the_products_then_silu(mode, threads, monkeypatch):
+    """`cpu_model.swiglu` (the FFN's gate and up, then SiLU, in one kernel call: each row block's SiLU while its rows
+    are in cache; a decode step's one row) gives the bits of `products` followed by `_silu`, and a bad activation
+    (NaN with int8) a NaN row; several rows, a gate and up of two types, or cut slices take that way instead."""
+    from spmd.backends import cpu_model
+    rng = np.random.default_rng(16)
+    backend = CpuBackend(threads, activations=mode)
+    calls, products = [], cpu_model.products
+    monkeypatch.setattr(cpu_model, "products", lambda *a: calls.append("products") or products(*a))
+    cut = [QTensor(T.Q4_0, 20, 128, random_qtensor(T.Q4_0, 20, 128, rng).data, keep=((0, 40), (64, 120)))
+           for _ in range(2)]
+    for types, rows, cols in (((T.Q4_0, T.Q4_0), 600, 512), ((T.Q4_K, T.Q4_K), 129, 256), ((T.F16, T.F16), 33, 512),
+                              ((T.Q4_K, T.Q6_K), 64, 512), (None, 20, 96)):
+        if types is None:
+            gate, up = (backend.linear(w) for w in cut)
+        else:
+            gate, up = (backend.linear(random_qtensor(t, rows, cols, rng)) for t in types)
+        for n in (1, 5):
+            fused = types is not None and types[0] == types[1] and n == 1
+            x = activations(n, cols, rng)
+            if mode == "int8":
+                x[n // 2, 7] = np.nan
+            want = cpu_model._silu(*products((gate, up), x, [np.empty((n, rows), np.float32) for _ in "gu"]))
+            calls.clear()
+            out = [np.full((n, rows), np.nan, np.float32) for _ in "gu"]
+            got = cpu_model.swiglu((gate, up), x, out)
+            assert got is out[0]
+            assert calls == ([] if fused else ["products"])
+            np.testing.assert_array_equal(bits(got), bits(want))
+            assert np.isnan(got).any(axis=1).tolist() == [mode == "int8" and i == n // 2 for i in range(n)]
+
+
 # ---- 8-bit activations (--activations int8) -------------------------------------------------------------------
 INT8_TYPES = (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K)
 

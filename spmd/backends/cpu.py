@@ -1101,11 +1101,9 @@ def products(lins, x, outs):
     (`_linears_parallel`: about 1 ms of a 22 ms decode token on the TinyLlama shape, 2 cores), each row the same
     bits as from its own call; the others one call each."""
     x = np.ascontiguousarray(x, dtype=np.float32)
-    n, results, alike = x.shape[0], list(outs), {}
+    results, alike = list(outs), {}
     for m, (lin, out) in enumerate(zip(lins, outs)):
-        if (isinstance(lin, CpuLinear) and out is not None and n > 0 and lin.cols > 0 and lin.rows > 0
-                and x.shape == (n, lin.cols) and lin.spread is None and out.dtype == np.float32
-                and out.flags.c_contiguous and out.shape == (n, lin.rows)):
+        if fusable(lin, x, out):
             alike.setdefault((lin.qtype, lin.int8), []).append(m)
         else:
             results[m] = lin(x, out=out)
@@ -1113,6 +1111,15 @@ def products(lins, x, outs):
         for at in range(0, len(group), 3):
             _fused([(lins[m], outs[m]) for m in group[at:at + 3]], x)
     return results
+
+
+def fusable(lin, x, out) -> bool:
+    """Whether `lin` (x) may go into one kernel call with others of its type and width: a CpuLinear (no cut
+    blocks) of x (n >= 1, contiguous float32) with a contiguous float32 result."""
+    n = x.shape[0]
+    return (isinstance(lin, CpuLinear) and out is not None and n > 0 and lin.cols > 0 and lin.rows > 0
+            and x.shape == (n, lin.cols) and lin.spread is None and out.dtype == np.float32
+            and out.flags.c_contiguous and out.shape == (n, lin.rows))
 
 
 def _fused(pairs, x):
