@@ -819,16 +819,18 @@ def _linears_serial(kind, w0, wh0, wd0, ws0, w1, wh1, wd1, ws1, w2, wh2, wd2, ws
 _ENTRIES = {}  # (kernel, argument types) -> the compiled kernel's entry point
 
 
-def _entry(kernels, parallel, kind, args):
+def _entry(kernels, parallel, kind, args, both=True):
     """Of `kernels` (one thread, thread pool), the one `parallel` asks for, compiled for `kind` (as a constant) and
     these arguments' types: its entry point, which calls it in microseconds (the dispatcher, asked with a Python int
     for a literal, retypes the call: ~20 ms). The first time a type is seen both are compiled (or loaded from
-    numba's cache), so a later matrix of another size (a live migration's) never waits for a compiler."""
+    numba's cache), so a later matrix of another size (a live migration's) never waits for a compiler; with
+    both=False only the one asked for (its caller compiles again as a model loads: cpu_model.swiglu's)."""
     sig = (types.IntegerLiteral(int(kind)), *(numba.typeof(a) for a in args))
-    if (kernels[0], sig) not in _ENTRIES:
-        for kernel in kernels:
-            _ENTRIES[kernel, sig] = kernel.compile(sig)
-    return _ENTRIES[kernels[1 if parallel else 0], sig]
+    kernel = kernels[1 if parallel else 0]
+    if (kernel, sig) not in _ENTRIES:
+        for k in kernels if both else (kernel,):
+            _ENTRIES[k, sig] = k.compile(sig)
+    return _ENTRIES[kernel, sig]
 
 
 LINEAR, LINEARS = (_linear_serial, _linear_parallel), (_linears_serial, _linears_parallel)

@@ -11,9 +11,10 @@ alone 7, attention about 20), 4-5 ms of a 25 ms token on the 2-core test machine
                                       (one pass and one call less a layer: a decode token 2-4% faster on 16 cores)
     decode attention of a segment of one token (`_attend`): its k, v go into the cache (`_store_token`), then one call,
     `_attend_one` (`_head_attend` over its heads): `_head_scores`, the scaled dot products of every local head
-    with keys 0..pos less each head's maximum (16 keys at a time, their lane sums reduced together); `_exps` takes
-    them in place; `_head_values` sums each head's p_t * v_t in 16-float lanes, four heads of a KV head at a time,
-    and divides by the sum of p.
+    with keys 0..pos less each head's maximum (16 dot products a call, their lane sums reduced together: 4 heads of
+    a KV head x 4 keys, each key read once for them, or 2 x 8, or 1 x 16); `_exps` takes them in place;
+    `_head_values` sums each head's p_t * v_t in 16-float lanes, four heads of a KV head at a time, and divides by
+    the sum of p.
     From PARALLEL_SCORES scores on (32 heads: 32 positions) the heads are split over the rank's threads.
     With --kv-cache f16 the caches hold float16 (its bits as int16 here) and these functions widen each key and
     value as they read it (`_lanes`): the same values the reference reads from its float16 cache.
@@ -38,7 +39,7 @@ from numba.extending import intrinsic
 
 from ..model import Model
 from .cpu import (F16, F32, I32, SMALL, _Arg, _block_count, _blocks, _broadcast, _entry, _finish, _fma, _hmax, _hsum,
-                  _prepare, _row_block, _splat, _to_f32, _vec, fusable, products)
+                  _prepare, _row_block, _shuffle, _splat, _to_f32, _vec, fusable, products)
 
 LANES = 16
 PARALLEL_SCORES = 1024  # a token's attention splits its heads over the rank's threads from this many scores
@@ -135,29 +136,50 @@ def _dot(typingctx, a, ia, b_, ib, vectors):
     return types.float32(a, ia, b_, ib, vectors), codegen
 
 
-@intrinsic
-def _dots16(typingctx, a, ia, b_, ib, vectors, scale, s, js):
-    """s[js, ib:ib + 16] = (a[ia, :16 * vectors] . b[ib + j, :16 * vectors]) * scale for j < 16 (2-D arrays with
-    contiguous rows, as `_dot`'s): each dot product as `_dot` makes it, bit for bit, their lane sums reduced
-    together (`_hsums`). Returns their maximum (where one is NaN, any of them: the head's output is NaN anyway)."""
+def _make_dots(nh):
+    """Intrinsic dots(a, ia, b, ib, vectors, scale, s, tops): for the nh heads ia..ia + nh - 1 (rows of a) and the
+    16 / nh keys ib.. (rows of b; 2-D arrays with contiguous rows, as `_dot`'s), s[ia + j, ib + k] = (a[ia + j] .
+    b[ib + k]) * scale over 16 * vectors elements, each dot product as `_dot` makes it, bit for bit, their 16 lane
+    sums reduced together (`_hsums`); tops[j] becomes the larger of itself and head j's new scores (where one is
+    NaN, any of them: the head's output is NaN anyway). Each key's vectors are loaded (and widened) once for the nh
+    heads."""
+    nk = LANES // nh
 
-    def codegen(context, b, sig, args):
-        pa = _Arg(context, b, sig.args[0], args[0]).row(args[1])
-        B = _Arg(context, b, sig.args[2], args[2])
-        rows = [B.row(b.add(args[3], ir.Constant(args[3].type, j))) for j in range(LANES)]
-        accs = [cgutils.alloca_once_value(b, ir.Constant(_vec(F32, LANES), None)) for _ in range(LANES)]
-        with cgutils.for_range(b, args[4]) as loop:
-            at = b.mul(loop.index, ir.Constant(loop.index.type, LANES))
-            qv = _lanes(b, pa, at, sig.args[0].dtype)
-            for row, acc in zip(rows, accs):
-                b.store(_fma(b, qv, _lanes(b, row, at, sig.args[2].dtype), b.load(acc)), acc)
-        sums = b.fmul(_hsums(b, [b.load(acc) for acc in accs]), _broadcast(b, args[5], LANES))
-        ps = _Arg(context, b, sig.args[6], args[6]).row(args[7])
-        dst = b.bitcast(b.gep(ps, [b.mul(args[3], ir.Constant(args[3].type, 4))]), _vec(F32, LANES).as_pointer())
-        b.store(sums, dst, align=1)
-        return _hmax(b, sums)
+    @intrinsic
+    def dots(typingctx, a, ia, b_, ib, vectors, scale, s, tops):
+        def codegen(context, b, sig, args):
+            A, B = _Arg(context, b, sig.args[0], args[0]), _Arg(context, b, sig.args[2], args[2])
+            heads = [A.row(b.add(args[1], ir.Constant(args[1].type, j))) for j in range(nh)]
+            keys = [B.row(b.add(args[3], ir.Constant(args[3].type, k))) for k in range(nk)]
+            accs = [[cgutils.alloca_once_value(b, ir.Constant(_vec(F32, LANES), None)) for _ in range(nk)]
+                    for _ in range(nh)]
+            with cgutils.for_range(b, args[4]) as loop:
+                at = b.mul(loop.index, ir.Constant(loop.index.type, LANES))
+                qs = [_lanes(b, row, at, sig.args[0].dtype) for row in heads]
+                for k, key in enumerate(keys):
+                    kv = _lanes(b, key, at, sig.args[2].dtype)
+                    for j in range(nh):
+                        b.store(_fma(b, qs[j], kv, b.load(accs[j][k])), accs[j][k])
+            sums = b.fmul(_hsums(b, [b.load(acc) for row in accs for acc in row]), _broadcast(b, args[5], LANES))
+            S, tops = _Arg(context, b, sig.args[6], args[6]), context.make_array(sig.args[7])(context, b, args[7])
+            top_at = b.bitcast(tops.data, F32.as_pointer())
+            for j in range(nh):
+                part = _shuffle(b, sums, range(j * nk, (j + 1) * nk))  # head j's scores of the nk keys
+                row = S.row(b.add(args[1], ir.Constant(args[1].type, j)))
+                dst = b.gep(row, [b.mul(args[3], ir.Constant(args[3].type, 4))])
+                b.store(part, b.bitcast(dst, _vec(F32, nk).as_pointer()), align=1)
+                old, new = b.load(b.gep(top_at, [ir.Constant(I32, j)])), _hmax(b, part)
+                b.store(b.select(b.fcmp_ordered(">", new, old), new, old), b.gep(top_at, [ir.Constant(I32, j)]))
+            return context.get_dummy_value()
 
-    return types.float32(a, ia, b_, ib, vectors, scale, s, js), codegen
+        return types.void(a, ia, b_, ib, vectors, scale, s, tops), codegen
+
+    return dots
+
+
+# heads a pass over the keys scores at once (a KV head's query heads: each key read for all of them), by how many
+# of its heads are left: 4 x 4 keys, 2 x 8, 1 x 16 (each 16 dot products, one `_hsums`)
+_dots4, _dots2, _dots1 = _make_dots(4), _make_dots(2), _make_dots(1)
 
 
 def _hsums(b, vs):
@@ -341,7 +363,7 @@ def swiglu(lins, x, outs, compile_only=False):
         args = (*gate.arrays, *up.arrays, x, xs, xq, *outs, gate.threads)
         key = gate.qtype, gate.int8, parallel
         if key not in _SWIGLU:
-            _SWIGLU[key] = _entry(SWIGLU, parallel, gate.qtype, args)
+            _SWIGLU[key] = _entry(SWIGLU, parallel, gate.qtype, args, both=False)  # (CpuModel._compile asks)
         if not compile_only:
             _SWIGLU[key](int(gate.qtype), *args)
         return outs[0]
@@ -354,20 +376,34 @@ def swiglu(lins, x, outs, compile_only=False):
 @njit(cache=True, nogil=True, error_model="numpy")
 def _head_scores(q, ck, pos, scale, s, h0, h1):
     """Heads h0..h1-1 of q (heads, hd) at position pos: s[h] (pos + 1,) = the scaled dot products with keys 0..pos
-    of its KV head in ck (kv, need, hd), less their maximum (16 keys at a time, `_dots16`, then one by one)."""
+    of its KV head in ck (kv, need, hd), less their maximum: up to 4 heads of one KV head together (`_dots4`, `_dots2`,
+    `_dots1`: 16 dot products a call, each key's vectors read once for those heads), the keys left one by one
+    (`_dot`); every score the same bits whichever heads went with it."""
     heads, hd = q.shape
     group = heads // ck.shape[0]
-    whole = (pos + 1) // LANES * LANES
-    for h in range(h0, h1):
+    tops = np.empty(4, np.float32)
+    h = h0
+    while h < h1:
         keys = ck[h // group]
-        top = np.float32(-np.inf)
-        for t in range(0, whole, LANES):
-            top = max(top, _dots16(q, h, keys, t, hd // LANES, scale, s, h))
-        for t in range(whole, pos + 1):
-            s[h, t] = _dot(q, h, keys, t, hd // LANES) * scale
-            top = max(top, s[h, t])
-        for t in range(pos + 1):
-            s[h, t] -= top
+        left = min(h1, (h // group + 1) * group) - h  # this KV head's query heads from h on
+        nh = 4 if left >= 4 else 2 if left >= 2 else 1
+        step = LANES // nh  # keys a call
+        tops[:] = -np.inf
+        for t in range(0, (pos + 1) // step * step, step):
+            if nh == 4:
+                _dots4(q, h, keys, t, hd // LANES, scale, s, tops)
+            elif nh == 2:
+                _dots2(q, h, keys, t, hd // LANES, scale, s, tops)
+            else:
+                _dots1(q, h, keys, t, hd // LANES, scale, s, tops)
+        for j in range(nh):
+            top = tops[j]
+            for t in range((pos + 1) // step * step, pos + 1):
+                s[h + j, t] = _dot(q, h + j, keys, t, hd // LANES) * scale
+                top = max(top, s[h + j, t])
+            for t in range(pos + 1):
+                s[h + j, t] -= top
+        h += nh
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
