@@ -124,10 +124,12 @@ def cores_note(backend, asked, cores, host_cores, local_count):
     core where it starts two ranks or fewer, and a rank's 15 kernel threads then share that core); else None."""
     if backend != "cpu" or cores >= (asked or host_cores // local_count):
         return None
+    threads = f"{cores} kernel thread{'s' * (cores != 1)}"
+    if cores >= host_cores:
+        return f"note: --threads {asked}, but the host has {host_cores} cores: {threads}"
     start = f"--threads {asked}, but this rank" if asked else "this rank"
     return (f"note: {start} may run on only {cores} of the host's {host_cores} cores (its CPU affinity, which a "
-            f"launcher's binding sets: Open MPI's mpirun binds ranks to cores unless given --bind-to none): "
-            f"{cores} kernel thread{'s' * (cores != 1)}")
+            f"launcher's binding sets: Open MPI's mpirun binds ranks to cores unless given --bind-to none): {threads}")
 
 
 SHM_DIR, SHM_PREFIX, SHM_AGE_S = "/dev/shm", "mpich_shm_", 60.0

@@ -550,7 +550,8 @@ def test_ranks_waiting_for_a_stopped_rank_do_not_spin(model):
 def test_a_rank_bound_to_fewer_cores_than_its_threads_says_so(model):
     """A launcher's binding (here the job's CPU affinity set to one core, as Open MPI's mpirun sets each rank's)
     leaves a rank fewer cores than --threads gives it, or than its share of the host's: a note says which rank and
-    how many it runs with; the text does not change, and a rank with the cores it was given says nothing."""
+    how many it runs with; the text does not change, and a rank with the cores it was given says nothing; --threads
+    above the host's cores gets a note of its own."""
     one_core = lambda: os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # noqa: E731
     job = [sys.executable, "-m", "spmd.run", "--model", str(model), "--prompt", "Hello", "--steps", "4",
            "--control-socket", "none"]
@@ -560,7 +561,7 @@ def test_a_rank_bound_to_fewer_cores_than_its_threads_says_so(model):
         p = subprocess.run([MPIRUN, "-n", str(ranks), *job, *flags], cwd=ROOT, capture_output=True, text=True,
                            timeout=90, preexec_fn=one_core if bound else None)
         assert p.returncode == 0, p.stderr
-        return p.stdout, [line for line in p.stderr.splitlines() if "may run on only" in line]
+        return p.stdout, [line for line in p.stderr.splitlines() if "kernel thread" in line]
 
     why = ("(its CPU affinity, which a launcher's binding sets: Open MPI's mpirun binds ranks to cores unless given "
            "--bind-to none): 1 kernel thread")
@@ -572,3 +573,5 @@ def test_a_rank_bound_to_fewer_cores_than_its_threads_says_so(model):
     assert go("--threads", "1")[1] == []  # as many cores as threads: nothing to say
     _, notes = go(ranks=1)  # no --threads: one rank's share of the host is all its cores
     assert notes == [f"note: this rank may run on only 1 of the host's {host} cores {why}"]
+    text, notes = go("--threads", str(host + 1), ranks=1, bound=False)  # more than the host has
+    assert notes == [f"note: --threads {host + 1}, but the host has {host} cores: {host} kernel threads"]
