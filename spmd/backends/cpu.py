@@ -824,13 +824,19 @@ def _entry(kernels, parallel, kind, args, both=True):
     these arguments' types: its entry point, which calls it in microseconds (the dispatcher, asked with a Python int
     for a literal, retypes the call: ~20 ms). The first time a type is seen both are compiled (or loaded from
     numba's cache), so a later matrix of another size (a live migration's) never waits for a compiler; with
-    both=False only the one asked for (its caller compiles again as a model loads: cpu_model.swiglu's)."""
-    sig = (types.IntegerLiteral(int(kind)), *(numba.typeof(a) for a in args))
+    both=False only the one asked for (its caller compiles again as a model loads: cpu_model.swiglu's). Read-only
+    arrays (a weight window's spilled matrices) are typed as writable ones: the same compiled kernel, found in
+    numba's cache, not compiled again under a memory cap."""
+    sig = (types.IntegerLiteral(int(kind)), *(_writable(numba.typeof(a)) for a in args))
     kernel = kernels[1 if parallel else 0]
     if (kernel, sig) not in _ENTRIES:
         for k in kernels if both else (kernel,):
             _ENTRIES[k, sig] = k.compile(sig)
     return _ENTRIES[kernel, sig]
+
+
+def _writable(ty):
+    return ty.copy(readonly=False) if isinstance(ty, types.Array) and not ty.mutable else ty
 
 
 LINEAR, LINEARS = (_linear_serial, _linear_parallel), (_linears_serial, _linears_parallel)
