@@ -241,7 +241,7 @@ class RankState:
             raise UserError("give --ratios or --plan, not both")
         if opts.plan is not None and not opts.plan.strip():
             raise UserError("--plan needs auto or a profile's path (python -m spmd.profile --out FILE)")
-        self.backend_name, self.gpu, self.threads, self.gpu_wraps, cores_note = per_rank_choice(opts, comm)
+        self.backend_name, self.gpu, self.threads, self.gpu_wraps, threads_note = per_rank_choice(opts, comm)
         self.memory_limit = agree(comm, self._memory_limit)
         self.file, self.cfg = agree(comm, self._read_header)
         comm.algorithm = opts.allreduce
@@ -290,7 +290,7 @@ class RankState:
         self.control = agree(comm, self._open_control if comm.is_root else lambda: None)
         try:
             t, rss = time.perf_counter(), rss_bytes()
-            notes = [cores_note] if cores_note else []  # and what loading says on this rank (a backend holding a
+            notes = [threads_note] if threads_note else []  # and what loading says on this rank (a backend holding a
             # slice as F32, ...): said together, in a collective every rank reaches (spmd.profile on some ranks,
             # an MPMD typo, must not leave rank 0 waiting in one of its own)
             self.swap(plan, agree(comm, lambda: self.build_model(plan[comm.rank], notice=notes.append)))
