@@ -839,6 +839,19 @@ def _writable(ty):
     return ty.copy(readonly=False) if isinstance(ty, types.Array) and not ty.mutable else ty
 
 
+_BY_TYPE = {}  # (kernels, type, int8, parallel) -> `_entry`'s entry point, for calls that skip typing their arguments
+
+
+def typed_entry(kernels, parallel, lin, args, both=True):
+    """`_entry` for a call whose arguments' types follow from `lin`'s type and activations alone (arrays of its
+    dtypes, float32 activations and results: `products`' `_linears_*`, cpu_model.swiglu's `_swiglu_*`): found by
+    those, without numba.typeof on each argument (~100 us a call). An entry point does not check its arguments."""
+    key = kernels, lin.qtype, lin.int8, parallel
+    if key not in _BY_TYPE:
+        _BY_TYPE[key] = _entry(kernels, parallel, lin.qtype, args, both)
+    return _BY_TYPE[key]
+
+
 LINEAR, LINEARS = (_linear_serial, _linear_parallel), (_linears_serial, _linears_parallel)
 
 
@@ -1063,10 +1076,8 @@ class CpuLinear:
         # a float64 result: the exact sums (a partial sum the stage adds up: spmd.model)
         exact = (*self.arrays, x, *self._one[:2], y.astype(np.float64))
         self._exact = _entry(LINEAR, parallel, self.qtype, exact) if self.int8 else None
-        for p in (False, True):  # `products` of this type: compiled (or loaded) now, not in the first token
-            if (self.qtype, self.int8, p) not in _FUSED:
-                three = (*(self.arrays * 3), x, *self._one[:2], y, y, np.empty((1, 0), np.float32))
-                _FUSED[self.qtype, self.int8, p] = _entry(LINEARS, p, self.qtype, three)
+        three = (*(self.arrays * 3), x, *self._one[:2], y, y, np.empty((1, 0), np.float32))
+        typed_entry(LINEARS, parallel, self, three)  # `products` of this type: compiled (or loaded) now, both kinds
 
     def _scratch(self, n):
         """(xs, xq, wide): the prepared activations ((n, padded cols) float32, or with int8 uint8, `_prepare_int8`),
@@ -1095,11 +1106,6 @@ class CpuLinear:
         if y is not out:
             out[...] = y
         return out
-
-
-_FUSED = {}  # (type, int8, parallel) -> `_linears_*`'s entry point, compiled as a CpuLinear of the type is made
-# (every such call has the same argument types: arrays of the type's dtypes, float32 results; an entry point does not
-# check them, which also lets a stream window's read-only arrays through, as for `CpuLinear._kernel`)
 
 
 def products(lins, x, outs):
@@ -1142,7 +1148,7 @@ def _fused(pairs, x):
     parallel = first.threads > 1 and sum(lin.nbytes for lin in lins) >= SMALL
     ys = (*(out for _, out in pairs), np.empty((n, 0), np.float32))[:3]
     args = (*(a for lin in (*lins, lins[-1])[:3] for a in lin.arrays), x, xs, xq, *ys)
-    _FUSED[first.qtype, first.int8, parallel](int(first.qtype), *args)
+    typed_entry(LINEARS, parallel, first, args)(int(first.qtype), *args)
 
 
 class CpuBackend(Backend):

@@ -38,8 +38,8 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ..model import Model
-from .cpu import (F16, F32, I32, SMALL, _Arg, _block_count, _blocks, _broadcast, _entry, _finish, _fma, _hmax, _hsum,
-                  _prepare, _row_block, _shuffle, _splat, _to_f32, _vec, fusable, products)
+from .cpu import (F16, F32, I32, SMALL, _Arg, _block_count, _blocks, _broadcast, _finish, _fma, _hmax, _hsum,
+                  _prepare, _row_block, _shuffle, _splat, _to_f32, _vec, fusable, products, typed_entry)
 
 LANES = 16
 PARALLEL_SCORES = 1024  # a token's attention splits its heads over the rank's threads from this many scores
@@ -345,7 +345,6 @@ def _swiglu_serial(kind, w0, wh0, wd0, ws0, w1, wh1, wd1, ws1, x, xs, xq, y0, y1
 
 
 SWIGLU = (_swiglu_serial, _swiglu_parallel)
-_SWIGLU = {}  # (type, int8, parallel) -> `_swiglu_*`'s entry point (as cpu._FUSED for `products`)
 
 
 def swiglu(lins, x, outs, compile_only=False):
@@ -361,11 +360,9 @@ def swiglu(lins, x, outs, compile_only=False):
         xs, xq, _ = gate._one
         parallel = gate.threads > 1 and gate.nbytes + up.nbytes >= SMALL
         args = (*gate.arrays, *up.arrays, x, xs, xq, *outs, gate.threads)
-        key = gate.qtype, gate.int8, parallel
-        if key not in _SWIGLU:
-            _SWIGLU[key] = _entry(SWIGLU, parallel, gate.qtype, args, both=False)  # (CpuModel._compile asks)
+        kernel = typed_entry(SWIGLU, parallel, gate, args, both=False)  # (CpuModel._compile asks)
         if not compile_only:
-            _SWIGLU[key](int(gate.qtype), *args)
+            kernel(int(gate.qtype), *args)
         return outs[0]
     if compile_only:
         return None
