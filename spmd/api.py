@@ -76,6 +76,19 @@ def error_response(status, message, kind="invalid_request_error", param=None, he
                              status=status, headers=headers)
 
 
+@web.middleware
+async def json_errors(request, handler):
+    """aiohttp's own errors (no such path: 404; not that method: 405, with its Allow header) as the API's JSON
+    error body, as OpenAI's API answers them, where aiohttp answers in plain text."""
+    try:
+        return await handler(request)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        allow = {"Allow": e.headers["Allow"]} if "Allow" in e.headers else None
+        return error_response(e.status, f"{e.reason}: {request.method} {request.path}"[:200], headers=allow)
+
+
 class Inbox:
     """Where the HTTP thread leaves work for the driver (thread-safe); supervised, for the supervisor, which passes
     it on to the job (spmd.front). A sink takes a sequence's text: `piece(text, n_tokens)` as it comes,
@@ -213,7 +226,7 @@ def _sampling(body):
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     if max_tokens is not None:
-        max_tokens = _number({name: max_tokens}, name, 1, 2**31, None, integer=True)
+        max_tokens = _number({name: max_tokens}, name, 1, 2**31 - 1, None, integer=True)
     stream = body.get("stream", False)
     if not isinstance(stream, bool) and stream is not None:
         raise BadRequest("'stream' must be true or false", "stream")
@@ -223,7 +236,7 @@ def _sampling(body):
     return dict(max_tokens=max_tokens, stream=bool(stream), usage=bool(options.get("include_usage")),
                 temperature=_number(body, "temperature", 0, 2, 1.0),
                 top_p=_number(body, "top_p", 0, 1, 1.0, lo_open=True),
-                top_k=_number(body, "top_k", 0, 2**31, 0, integer=True),
+                top_k=_number(body, "top_k", 0, 2**31 - 1, 0, integer=True),
                 seed=_seed(body), stop=_stops(body))
 
 
@@ -308,7 +321,7 @@ class Server:
         self.active = 0  # requests accepted and not yet answered (on the loop's thread only)
         self.loop, self._thread, self._runner = None, None, None
         self.connections = Connections()
-        app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[self.connections.middleware])
+        app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[self.connections.middleware, json_errors])
         app.add_routes([web.get("/health", self.health), web.get("/v1/models", self.models),
                         web.post("/v1/completions", self.completions),
                         web.post("/v1/chat/completions", self.chat_completions),

@@ -82,6 +82,16 @@ def _check_header(path, c):
                         f"{c['n_heads']} heads, {c['n_kv_heads']} KV heads)")
 
 
+def looks_like_llama2c(path) -> bool:
+    """Whether `path` holds a llama2.c checkpoint (a consistent header and at least the bytes its arrays need):
+    spmd.gguf_file's hint where a --model is not GGUF."""
+    try:
+        c = _read_header(path)
+    except UserError:
+        return False
+    return os.path.getsize(path) >= HEADER_BYTES + 4 * sum(int(np.prod(shape)) for _, shape in _layout(c))
+
+
 def read_llama2c(path):
     """(config, arrays) of a llama2.c checkpoint; the arrays are float32 views of the file, keyed by llama2.c's
     names (plus `wcls` when the classifier is not shared). Raises UserError on a bad file."""

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 
+from .convert import looks_like_llama2c
 from .errors import UserError, regular_file
 from .gguf_header import GGUFHeader, HeaderError
 from .quants import NATIVE, QTensor, as_qtensor, block_size, dequantize, dequantize_any, from_float, row_bytes
@@ -61,7 +62,9 @@ class GGUFFile:
             self._header = GGUFHeader(self._mm)
             self.tensors = {t.name: self._tensor_info(t) for t in self._header.tensors}
         except (ValueError, struct.error) as e:  # HeaderError is a ValueError
-            raise UserError(f"{self.path} is not a valid GGUF file ({e})") from None
+            hint = (f"; it is a llama2.c checkpoint: python -m spmd.convert llama2c {self.path} TOKENIZER.bin OUT.gguf "
+                    "makes a GGUF of it" if looks_like_llama2c(self.path) else "")
+            raise UserError(f"{self.path} is not a valid GGUF file ({e}){hint}") from None
         self._mm.madvise(mmap.MADV_DONTNEED, 0, self._header.data_offset // PAGE * PAGE)  # the parsed header
         self._bytes = np.frombuffer(self._mm, dtype=np.uint8)
         self._noticed = set()  # notices already given

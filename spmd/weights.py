@@ -187,15 +187,21 @@ def load_shard(f, cfg, share: Share, backend, notice=print, read=None, old=None,
         layers.append(LayerWeights(attn_norm=f.vector(f"blk.{i}.attn_norm.weight"),
                                    ffn_norm=f.vector(f"blk.{i}.ffn_norm.weight"), q_norm=qk(i, "q"),
                                    k_norm=qk(i, "k"), **{field: get(field, i) for field in LAYER_TENSORS}))
-        for half in HALVES if window is not None else ():
-            if (i, half) in window.index:
-                window.spill((i, half), [getattr(layers[-1], field) for field, (_, slicing, unit)
-                                         in LAYER_TENSORS.items() if slicing != VECTOR and HALF[unit] == half])
+        for half in HALVES:
+            fields = [field for field, (_, slicing, unit) in LAYER_TENSORS.items()
+                      if slicing != VECTOR and HALF[unit] == half]
+            lins = [getattr(layers[-1], field) for field in fields]
+            if window is not None and (i, half) in window.index:
+                window.spill((i, half), lins)
+            else:  # (those kept from `old` were settled when made)
+                backend.settle([lin for lin, field in zip(lins, fields)
+                                if i not in held or lin is not getattr(old.layer(i), field)])
     output = output_norm = None
     if share.n_vocab and old is not None and old.output is not None and "vocab" in keep:
         output, output_norm = old.output, old.output_norm
     elif share.n_vocab:
         output = backend.linear(fit(read(classifier_name(cfg), ROWS, element_spans(cfg, share, "vocab"))))
+        backend.settle([output])
         output_norm = f.vector("output_norm.weight")
     return ShardWeights(
         first=share.layers[0], layers=layers, output_norm=output_norm, output=output,

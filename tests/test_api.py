@@ -112,6 +112,25 @@ def test_health_is_503_until_loaded():
         server.stop()
 
 
+def test_no_such_path_or_method_is_a_json_error():
+    """404 and 405 come as the API's JSON error body (aiohttp's own are plain text), 405 with its Allow header."""
+    server = Server("127.0.0.1", 0, "m", 4)
+    server.start()
+    try:
+        server.open(Gateway(inbox=None, tokenizer=None, template=None, context=8, n_known=8, slots=1))
+        url = f"http://127.0.0.1:{server.port}"
+        for request, code in ((urllib.request.Request(url + "/v1/nope"), 404),
+                              (urllib.request.Request(url + "/v1/models", data=b"{}"), 405)):
+            with pytest.raises(urllib.error.HTTPError) as e:
+                urllib.request.urlopen(request, timeout=10)
+            error = json.loads(e.value.read())["error"]
+            assert e.value.code == code and error["type"] == "invalid_request_error"
+            assert request.full_url.split(str(server.port))[1] in error["message"]
+            assert (e.value.headers.get("Allow") is not None) == (code == 405)
+    finally:
+        server.stop()
+
+
 def test_a_body_that_comes_too_slowly_is_408(monkeypatch):
     import socket
     from spmd import api

@@ -333,6 +333,73 @@ def test_gate_up_and_silu_in_one_call_give_the_bits_of_the_products_then_silu(mo
             assert np.isnan(got).any(axis=1).tolist() == [mode == "int8" and i == n // 2 for i in range(n)]
 
 
+def vm_flags(address):
+    """The VmFlags of the mapping of this process that holds `address` (/proc/self/smaps), or None."""
+    start = None
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and ":" not in head:
+                lo, hi = (int(h, 16) for h in head.split("-"))
+                start = lo <= address < hi
+            elif head == "VmFlags:" and start:
+                return line.split()[1:]
+    return None
+
+
+@pytest.mark.parametrize("mode", ["f32", "int8"])
+def test_settling_a_half_puts_its_arrays_together_on_huge_pages_with_the_same_bits(mode, tmp_path):
+    """`CpuBackend.settle` (load_shard calls it for each resident half and the classifier) moves the half's arrays
+    into one mapping, in turn, each at a 64-byte boundary, with the same bytes, and its products give the same bits;
+    the mapping's whole 2 MiB runs are marked for transparent huge pages (VmFlags `hg`) where the kernel has them.
+    A loaded model's halves then hold one mapping each; a half kept from an old shard is not moved again."""
+    from spmd.config import read_config
+    from spmd.gguf_file import GGUFFile
+    from spmd.plan import make_plan, parse_layout
+    from spmd.synth import Shape, write_model
+    from spmd.weights import load_shard
+    rng = np.random.default_rng(18)
+    backend = CpuBackend(2, activations=mode)
+    lins = [backend.linear(random_qtensor(t, r, c, rng)) for t, r, c in
+            ((T.Q4_0, 2048, 2048), (T.Q6_K, 300, 512), (T.Q8_0, 1024, 1024), (T.F16, 40, 96))]
+    before = [tuple(a.copy() for a in lin.arrays) for lin in lins]
+    xs = [activations(3, lin.cols, rng) for lin in lins]
+    want = [lin(x) for lin, x in zip(lins, xs)]
+    backend.settle(lins)
+    moved = [a for lin in lins for a in lin.arrays if a is not cpu._NONE]  # (a type's absent array: shared)
+    base = moved[0].base
+    while base.base is not None and isinstance(base.base, np.ndarray):
+        base = base.base
+    first = moved[0].ctypes.data
+    at = first
+    for a in moved:
+        assert np.shares_memory(a, base) and a.ctypes.data == at and a.ctypes.data % 64 == 0
+        at += -(-a.nbytes // 64) * 64
+    for lin, old in zip(lins, before):
+        for a, b in zip(lin.arrays, old):
+            np.testing.assert_array_equal(a, b)
+    for lin, x, w in zip(lins, xs, want):
+        np.testing.assert_array_equal(bits(lin(x)), bits(w))
+    thp = "/sys/kernel/mm/transparent_hugepage/enabled"
+    if os.path.exists(thp) and "[never]" not in open(thp).read():
+        run = -(-first // cpu.HUGE) * cpu.HUGE  # the first whole 2 MiB run
+        assert run + cpu.HUGE <= at and "hg" in vm_flags(run)
+    shape = Shape(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, ffn=512, vocab=300, context=64)
+    f = GGUFFile(str(write_model(tmp_path / "m.gguf", shape, "Q4_0", 3)))
+    cfg = read_config(f)
+    share = make_plan(parse_layout(None, 1), cfg)[0]
+    weights = load_shard(f, cfg, share, backend, notice=lambda _m: None)
+    for lw in weights.layers:
+        for fields in (("wq", "wk", "wv", "wo"), ("w1", "w3", "w2")):
+            arrays = [a for field in fields for a in getattr(lw, field).arrays if a is not cpu._NONE]
+            bound = [(a.ctypes.data, a.ctypes.data + a.nbytes) for a in arrays]
+            assert max(hi for _, hi in bound) - min(lo for lo, _ in bound) < sum(a.nbytes + 64 for a in arrays)
+    again = load_shard(f, cfg, share, backend, notice=lambda _m: None, old=weights, keep=("ffn",))
+    for old, new in zip(weights.layers, again.layers):
+        assert new.w1 is old.w1 and all(a is b for a, b in zip(new.w1.arrays, old.w1.arrays))
+        assert new.wq is not old.wq
+
+
 # ---- 8-bit activations (--activations int8) -------------------------------------------------------------------
 INT8_TYPES = (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K)
 

@@ -83,6 +83,22 @@ def test_every_truncation_and_garbage_is_one_clear_error(tmp_path):
             GGUFFile(tmp_path / "junk.gguf")
 
 
+def test_a_llama2c_checkpoint_as_model_says_how_to_convert_it(tmp_path):
+    """A --model that is a llama2.c checkpoint (a consistent header and the bytes its arrays need) gets the
+    spmd.convert command in its error; a file of other bytes, or a header whose arrays are cut short, does not."""
+    import struct
+    dim, hidden, layers, heads, kv, vocab, seq = 8, 16, 1, 2, 2, 10, 4
+    floats = vocab * dim + layers * (2 * dim + 4 * dim * dim + 3 * dim * hidden) + dim
+    header = struct.pack("<7i", dim, hidden, layers, heads, kv, vocab, seq)
+    for name, data, hinted in (("ckpt.bin", header + bytes(4 * floats), True),
+                               ("short.bin", header + bytes(4 * floats - 4), False),
+                               ("other.bin", b"not a model at all" * 10, False)):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(UserError, match="is not a valid GGUF file") as e:
+            GGUFFile(tmp_path / name)
+        assert ("python -m spmd.convert llama2c" in str(e.value)) == hinted, str(e.value)
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_fuzzed_headers_load_or_give_a_user_error(tmp_path, seed):
     """1 to 4 random bytes of the header (metadata keys, types, values, lengths; the tensor index) changed, 100

@@ -12,6 +12,8 @@
     lin.rows, lin.cols, lin.nbytes       # nbytes: resident bytes of the weights as kept
     lin.arrays                           # the arrays its products read (cpu, numpy; Vulkan: a streamed one's
                                          # repacked arrays): spmd.stream moves them to its spill file
+    backend.settle(lins)                 # a resident half's linears, all made: their arrays placed for speed (cpu:
+                                         # together on huge pages; the others: as they are)
     backend.held_bytes(qtype, rows, cols, keep)   # bytes lin.nbytes will be for such a matrix; keep: a slice
                                          # that cuts quant blocks, its QTensor.keep, else None
     y = lin(x, out=None)                 # x: float32 (n, cols) -> float32 (n, rows) = x @ W.T, into `out` if given
@@ -43,6 +45,9 @@ class Backend:
 
     def linear(self, w, resident=True):
         raise NotImplementedError
+
+    def settle(self, lins):
+        """A resident half's linears, all made: nothing to do here (the cpu backend moves their arrays)."""
 
     def held_bytes(self, qtype, rows, cols, keep=None):
         """What a linear of a (rows, cols) matrix of `qtype` holds (the numpy backend's float32 of its own columns)."""

@@ -83,6 +83,7 @@ this). No fast-math: llvm.fma rounds once on any CPU (an instruction where there
 depend on the CPU either: without AVX-512, or with SPMD_CPU_GENERIC=1, nibbles are converted with plain LLVM
 vector code (mask, minus the offset, integer to float) to the same exact values as vpermps's table.
 """
+import mmap
 import os
 from dataclasses import dataclass
 
@@ -921,6 +922,47 @@ def _f16_bits(a):
 
 
 REPACK_ROWS = 1 << 22  # elements repacked at once: the temporaries of a big matrix's repacking stay tens of MB
+HUGE = 2 << 20  # bytes of a transparent huge page (x86-64; arm64 with 4 KiB pages)
+
+
+def huge_bytes(nbytes):
+    """A uint8 array of nbytes in anonymous memory whose whole HUGE-byte runs the kernel is asked (madvise) to back
+    with transparent huge pages, where it does so only when asked (`enabled` = madvise, as on Debian); np.empty's
+    below HUGE. The tail past the last whole run stays on small pages: nothing is held beyond the bytes used."""
+    if nbytes < HUGE or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return np.empty(nbytes, np.uint8)
+    # private: a shared anonymous mapping is shmem, whose huge pages follow another setting (usually off)
+    mapping = mmap.mmap(-1, nbytes + HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # (unmapped with its last view)
+    raw = np.frombuffer(mapping, np.uint8)
+    at = -raw.ctypes.data % HUGE
+    try:
+        mapping.madvise(mmap.MADV_HUGEPAGE, at, nbytes // HUGE * HUGE)
+    except OSError:  # (huge pages off in this kernel)
+        pass
+    return raw[at:at + nbytes]
+
+
+def settle(lins):
+    """The arrays of a half's CpuLinears (a layer's attention or FFN, or the classifier) moved into one
+    `huge_bytes`, each aligned to 64 bytes, one at a time (an original is freed as its copy is made): a decode
+    token streams every weight once, and on 4 KiB pages each page costs a TLB miss and stops the hardware
+    prefetcher; a half's arrays together leave one tail on small pages where each array would leave its own
+    (TinyLlama Q4_0 int8, 2 cores: a token 1-4.5% faster with all its weights on huge pages, no faster with each
+    array on its own). The half's arrays then go together (a migration or a stream window replaces a whole half)."""
+    lins = [lin for lin in lins if isinstance(lin, CpuLinear) and lin.arrays is not None]
+    pad = lambda a: -(-a.nbytes // 64) * 64  # noqa: E731
+    arena = huge_bytes(sum(pad(a) for lin in lins for a in lin.arrays if a is not _NONE))
+    at = 0
+    for lin in lins:
+        moved = []
+        for a in lin.arrays:
+            if a is not _NONE:
+                b = arena[at:at + a.nbytes].view(a.dtype).reshape(a.shape)
+                b[...] = a
+                at += pad(a)
+                a = b
+            moved.append(a)
+        lin.arrays = tuple(moved)
 
 
 def _repack(qt, int8=False):
@@ -1171,6 +1213,9 @@ class CpuBackend(Backend):
 
     def linear(self, w: QTensor, resident=True) -> CpuLinear:
         return CpuLinear(w, self.threads, self.int8)
+
+    def settle(self, lins):
+        settle(lins)
 
     def held_bytes(self, qtype, rows, cols, keep=None) -> int:
         return held_bytes(qtype, rows, cols, self.int8)  # a cut slice keeps the whole blocks around it
