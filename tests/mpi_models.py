@@ -2,7 +2,6 @@
 generation on a communicator, and the tokens one rank alone produces (to compare a job with)."""
 import os
 import shutil
-import tempfile
 
 import pytest
 
@@ -22,11 +21,12 @@ QTYPES = ("F32", "Q8_0", "Q4_0")
 _one_rank = {}  # one_rank_tokens' answers, while the models they came from exist
 
 
-def shared_models(prefix, extra=None):
+def shared_models(tmp_path_factory, prefix, extra=None):
     """The body of a module fixture: yields {name: path} of SHAPE in each of QTYPES (seed 7) and of the models in
-    `extra` ({name: (shape, qtype, seed)}), written by rank 0 into a new folder; removes it at the end."""
+    `extra` ({name: (shape, qtype, seed)}), written by rank 0 into a new folder of pytest's (rank 0's) temporary
+    tree; removes it at the end (pytest removes what a killed run leaves, three runs later)."""
     specs = {**{q: (SHAPE, q, 7) for q in QTYPES}, **(extra or {})}
-    folder = WORLD.bcast(tempfile.mkdtemp(prefix=prefix) if WORLD.rank == 0 else None)
+    folder = WORLD.bcast(str(tmp_path_factory.mktemp(prefix)) if WORLD.rank == 0 else None)
     paths = {name: os.path.join(folder, f"model-{i}.gguf") for i, name in enumerate(specs)}
     if WORLD.rank == 0:
         for name, (shape, qtype, seed) in specs.items():

@@ -24,11 +24,11 @@ K_MODELS = {"Q4_K_M": (K_SHAPE, "Q4_K_M", 7), "Q5_K_M": (K_SHAPE, "Q5_K_M", 7), 
 
 
 @pytest.fixture(scope="module")
-def models():
+def models(tmp_path_factory):
     one_kv_head = Shape(**{**SHAPE.__dict__, "n_kv_heads": 1})
-    yield from shared_models("spmd-test-", {"Q5_0 one kv head": (one_kv_head, "Q5_0", 7), "Q5_1": (SHAPE, "Q5_1", 7),
-                                            "Q4_1": (SHAPE, "Q4_1", 7),
-                                            "F32 seed 2": (SHAPE, "F32", 2), **K_MODELS})
+    yield from shared_models(tmp_path_factory, "spmd-test-", {
+        "Q5_0 one kv head": (one_kv_head, "Q5_0", 7), "Q5_1": (SHAPE, "Q5_1", 7), "Q4_1": (SHAPE, "Q4_1", 7),
+        "F32 seed 2": (SHAPE, "F32", 2), **K_MODELS})
 
 
 @pytest.mark.mpi

@@ -38,10 +38,10 @@ DEEP_K = Shape(**{**DEEP.__dict__, "dim": 256})
 
 
 @pytest.fixture(scope="module")
-def models():
+def models(tmp_path_factory):
     # seed 8: 48 tokens without an end-of-sequence (seed 7's Q4_0 stops after 26)
-    yield from shared_models("spmd-migrate-", {"deep F32": (DEEP, "F32", 8), "deep Q4_0": (DEEP, "Q4_0", 8),
-                                               "Q4_K_M": (DEEP_K, "Q4_K_M", 8)})
+    yield from shared_models(tmp_path_factory, "spmd-migrate-", {
+        "deep F32": (DEEP, "F32", 8), "deep Q4_0": (DEEP, "Q4_0", 8), "Q4_K_M": (DEEP_K, "Q4_K_M", 8)})
 
 
 @pytest.fixture

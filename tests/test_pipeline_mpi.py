@@ -27,9 +27,9 @@ needs_two = pytest.mark.skipif(WORLD.size < 2, reason="stages need a second rank
 
 
 @pytest.fixture(scope="module")
-def models():
-    yield from shared_models("spmd-pipeline-", {"deep F32": (DEEP, "F32", 8), "deep Q4_0": (DEEP, "Q4_0", 8),
-                                                "wide F32": (WIDE, "F32", 3)})
+def models(tmp_path_factory):
+    yield from shared_models(tmp_path_factory, "spmd-pipeline-", {
+        "deep F32": (DEEP, "F32", 8), "deep Q4_0": (DEEP, "Q4_0", 8), "wide F32": (WIDE, "F32", 3)})
 
 
 def layouts():

@@ -26,8 +26,8 @@ MPIRUN = shutil.which("mpirun") or str(Path(sys.executable).parent / "mpirun")
 
 
 @pytest.fixture(scope="module")
-def models():
-    yield from shared_models("spmd-profile-")
+def models(tmp_path_factory):
+    yield from shared_models(tmp_path_factory, "spmd-profile-")
 
 
 def whole_layer_ms(profile, rank, rows=1):

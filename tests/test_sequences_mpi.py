@@ -20,8 +20,9 @@ LAYOUTS = {1: ["1"], 2: ["1:1", "1*1", "1@1*1@4"], 3: ["2:3:3", "1*1*1", "1:1*1"
 
 
 @pytest.fixture(scope="module")
-def models():
-    yield from shared_models("spmd-sequences-", {"deep Q4_0": (DEEP, "Q4_0", 8), "deep F32": (DEEP, "F32", 8)})
+def models(tmp_path_factory):
+    yield from shared_models(tmp_path_factory, "spmd-sequences-",
+                             {"deep Q4_0": (DEEP, "Q4_0", 8), "deep F32": (DEEP, "F32", 8)})
 
 
 def specs(n=len(PROMPTS), **kw):

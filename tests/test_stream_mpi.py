@@ -17,8 +17,9 @@ K_DEEP = Shape(dim=256, n_layers=4, n_heads=4, n_kv_heads=2, ffn=768, vocab=512,
 
 
 @pytest.fixture(scope="module")
-def models():
-    yield from shared_models("spmd-stream-", {"Q8_0 deep": (DEEP, "Q8_0", 3), "Q4_K_M": (K_DEEP, "Q4_K_M", 5)})
+def models(tmp_path_factory):
+    yield from shared_models(tmp_path_factory, "spmd-stream-",
+                             {"Q8_0 deep": (DEEP, "Q8_0", 3), "Q4_K_M": (K_DEEP, "Q4_K_M", 5)})
 
 
 def layouts():

@@ -25,16 +25,15 @@ needs_device = pytest.mark.skipif(MISSING is not None, reason=f"no Vulkan: {MISS
 
 
 @pytest.fixture(scope="module")
-def models():
+def models(tmp_path_factory):
     qwen2 = Shape(**{**SHAPE.__dict__, "arch": "qwen2"})
     qwen3 = Shape(**{**SHAPE.__dict__, "arch": "qwen3", "key_length": 64})  # per-head q/k norms, q wider than dim
     deep = Shape(**{**SHAPE.__dict__, "n_layers": 5})  # room for a stage per rank
     k_quant = Shape(**{**SHAPE.__dict__, "dim": 256, "ffn": 512})  # a rank's heads cut its super-blocks
     heads_of_16 = Shape(**{**SHAPE.__dict__, "dim": 64, "n_heads": 4, "n_kv_heads": 4, "ffn": 128})
-    yield from shared_models("spmd-vk-test-", {"qwen2": (qwen2, "Q8_0", 3), "qwen3": (qwen3, "Q8_0", 5),
-                                               "deep": (deep, "Q4_0", 7),
-                                               "Q4_K_M": (k_quant, "Q4_K_M", 7),
-                                               "heads of 16": (heads_of_16, "Q8_0", 7)})
+    yield from shared_models(tmp_path_factory, "spmd-vk-test-", {
+        "qwen2": (qwen2, "Q8_0", 3), "qwen3": (qwen3, "Q8_0", 5), "deep": (deep, "Q4_0", 7),
+        "Q4_K_M": (k_quant, "Q4_K_M", 7), "heads of 16": (heads_of_16, "Q8_0", 7)})
 
 
 @needs_device
