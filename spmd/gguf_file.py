@@ -14,7 +14,6 @@ from dataclasses import dataclass
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 
-from .convert import looks_like_llama2c
 from .errors import UserError, regular_file
 from .gguf_header import GGUFHeader, HeaderError
 from .quants import NATIVE, QTensor, as_qtensor, block_size, dequantize, dequantize_any, from_float, row_bytes
@@ -62,6 +61,7 @@ class GGUFFile:
             self._header = GGUFHeader(self._mm)
             self.tensors = {t.name: self._tensor_info(t) for t in self._header.tensors}
         except (ValueError, struct.error) as e:  # HeaderError is a ValueError
+            from .convert import looks_like_llama2c  # (here: the converter and click, 14 ms, only on this error)
             hint = (f"; it is a llama2.c checkpoint: python -m spmd.convert llama2c {self.path} TOKENIZER.bin OUT.gguf "
                     "makes a GGUF of it" if looks_like_llama2c(self.path) else "")
             raise UserError(f"{self.path} is not a valid GGUF file ({e}){hint}") from None

@@ -951,8 +951,7 @@ def settle(lins):
     pages: 0.93-1.01 of the time on 2 cores, 0.98-1.00 on 16. The half's arrays then go together (a migration or a
     stream window replaces a whole half)."""
     lins = [lin for lin in lins if isinstance(lin, CpuLinear) and lin.arrays is not None]
-    pad = lambda a: -(-a.nbytes // 64) * 64  # noqa: E731
-    arena = huge_bytes(sum(pad(a) for lin in lins for a in lin.arrays if a is not _NONE))
+    arena = huge_bytes(sum(_pad(a.nbytes, 64) for lin in lins for a in lin.arrays if a is not _NONE))
     at = 0
     for lin in lins:
         moved = []
@@ -960,7 +959,7 @@ def settle(lins):
             if a is not _NONE:
                 b = arena[at:at + a.nbytes].view(a.dtype).reshape(a.shape)
                 b[...] = a
-                at += pad(a)
+                at += _pad(a.nbytes, 64)
                 a = b
             moved.append(a)
         lin.arrays = tuple(moved)
