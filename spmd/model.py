@@ -257,12 +257,15 @@ class Model:
         for layer, half in stage_schedule(self.share.layer_ids):
             lw = self.w.layer(layer)
             with self.w.hold(layer, half):  # a streamed half: in the window until its partial sum is made
-                if half == "attention":
-                    partial = self._attention(layer, lw, self._norm(x, lw.attn_norm), segments, rope, buf)
-                else:
-                    partial = self._ffn(lw, self._norm(x, lw.ffn_norm), buf)
+                partial = self._half(layer, half, lw, x, segments, rope, buf)
             x += allreduce(partial) if allreduce is not None else partial
         return x
+
+    def _half(self, layer, half, lw, x, segments, rope, buf):
+        """This rank's partial sum of one half of a layer (its RMSNorm, then `_attention` or `_ffn`) for x (n, dim)."""
+        if half == "attention":
+            return self._attention(layer, lw, self._norm(x, lw.attn_norm), segments, rope, buf)
+        return self._ffn(lw, self._norm(x, lw.ffn_norm), buf)
 
     def head(self, x):
         """x (m, dim), the rows to score -> this rank's logits slices (m, n_vocab_local) (no columns without

@@ -197,3 +197,50 @@ def test_a_prompts_attention_is_each_rows_one_token_attention_to_the_bit(hd, hea
         assert np.array_equal(out, np.array(rows))
     for i in range(m):
         np.testing.assert_allclose(out[i], softmax_attention(q[i], ck, cv, pos + i, scale), rtol=0, atol=2e-6)
+
+
+# ---- a decode step's half in one call (CpuModel._half) ------------------------------------------------------------
+@pytest.mark.parametrize("arch, qtype, activations, kv_cache", [
+    ("llama", "Q4_0", "f32", "f32"), ("llama", "Q4_0", "int8", "f16"),
+    ("llama", "Q4_K_M", "int8", "f32"),  # q and k Q4_K, v Q6_K in some layers: two groups of products
+    ("qwen2", "Q8_0", "f32", "f16"),  # q, k, v biases
+    ("qwen3", "Q4_K_M", "f32", "f32"),  # each head's RMSNorm of q and k
+    ("llama", "F16", "int8", "f32"),  # a float wo and w2 with exact partial sums: Model's way
+])
+def test_a_decode_steps_halves_in_one_call_give_the_bits_of_the_calls_one_by_one(
+        arch, qtype, activations, kv_cache, tmp_path, monkeypatch):
+    """With one token a pass, CpuModel runs each half of a layer as one compiled call (`_attention_step`,
+    `_ffn_step`); its logits equal those of Model's calls one at a time (CpuModel._half switched off) bit for bit,
+    across the position from which a token's attention splits its heads over two threads, and every half that can
+    takes it (F16 matrices with int8's exact partial sums cannot: Model's way for all)."""
+    from spmd.backends.cpu import CpuBackend
+    from spmd.config import read_config
+    from spmd.gguf_file import GGUFFile
+    from spmd.model import Model, Segment
+    from spmd.plan import make_plan, parse_layout
+    from spmd.synth import Shape, write_model
+    from spmd.weights import load_shard
+    shape = Shape(arch=arch, dim=256, n_layers=4, n_heads=8, n_kv_heads=2, ffn=512, vocab=300, context=192,
+                  key_length=64 if arch == "qwen3" else None)
+    f = GGUFFile(str(write_model(tmp_path / "m.gguf", shape, qtype, 5)))
+    cfg = read_config(f)
+    share = make_plan(parse_layout(None, 1), cfg)[0]
+    backend = CpuBackend(2, activations=activations)
+    model = backend.make_model(cfg, load_shard(f, cfg, share, backend, notice=lambda _m: None), share, 192,
+                               kv_cache=kv_cache)
+    first = cpu_model.PARALLEL_SCORES // share.n_heads - 1  # the first position whose attention splits the heads
+    prompt = np.arange(3, first - 1)
+
+    def logits():
+        model.open(0, 192)
+        model.forward(model.embed(prompt), [Segment(0, 0, len(prompt))], None, head=True)
+        return [model.forward(model.embed(np.array([7 + i])), [Segment(0, len(prompt) + i, 1)], None, head=True)
+                for i in range(4)]  # positions first - 2 .. first + 1
+
+    one_call = logits()
+    steps = list(model._one_call.values())
+    assert len(steps) == 2 * cfg.n_layers
+    assert all(step is None for step in steps) if qtype == "F16" else all(step is not None for step in steps)
+    monkeypatch.setattr(cpu_model.CpuModel, "_half", Model._half)
+    for got, want in zip(one_call, logits()):
+        np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
