@@ -23,8 +23,8 @@ A pass of one token (a decode step of one sequence) runs each half of a layer as
 (`CpuModel._half`): `_attention_step` (RMSNorm, q, k, v, their biases or head norms, RoPE, the cache store,
 attention, wo) and `_ffn_step` (RMSNorm, swiglu's kernel, w2), calling the same functions in the same order as the
 calls one at a time, so the same bits, without the Python between them (about 25 calls and numpy operations a layer):
-TinyLlama-shaped Q4_0 tokens in turn in one process took 0.95-0.97 of the time on the 2-core test machine and
-0.81-0.90 on a 16-core Xeon at 8 and 16 threads (2026-12-04). Each (layer, half) keeps its compiled entry point
+TinyLlama-shaped Q4_0 tokens in turn in one process took 0.93-0.97 of the time on the 2-core test machine and
+0.81-0.92 on a 16-core Xeon at 8 and 16 threads (2026-12-04). Each (layer, half) keeps its compiled entry point
 (`_step`, at load: 3-4 s a function and type mix the first time, then numba's cache); a half it cannot take goes
 Model's way.
 
@@ -615,7 +615,7 @@ class CpuModel(Model):
     def _half(self, layer, half, lw, x, segments, rope, buf):
         """A decode step of one token: the half in one compiled call (`_attention_step`, `_ffn_step`) where its
         matrices allow, the same functions in the same order as Model's calls one at a time, without Python between
-        them (TinyLlama Q4_0 tokens 4-5% faster on 2 cores, 10-20% on 16); otherwise Model's way."""
+        them (TinyLlama Q4_0 tokens 3-7% faster on 2 cores, 8-19% on 16); otherwise Model's way."""
         if x.shape[0] == 1 and x.dtype == np.float32 and x.flags.c_contiguous:
             if (layer, half) not in self._one_call:
                 self._one_call[layer, half] = self._step(layer, half, lw)
