@@ -560,13 +560,16 @@ _STEPS = {}  # (function, signature) -> its entry point
 ONE_CALL_ARCHITECTURES = ("llama", "qwen2", "qwen3")
 
 
-def _step_entry(fn, args, kinds):
-    """fn's entry point for arguments of these types, the positions in `kinds` as compile-time constants
-    (`cpu._entry`'s way: compiled, or loaded from numba's cache, once per process)."""
+def _step_entry(fn, args, constants):
+    """fn's entry point for arguments of these types, the parameters named in `constants` (the kernels' kinds and
+    the flags) as compile-time constants (`cpu._entry`'s way: compiled, or loaded from numba's cache, once per
+    process)."""
+    names = fn.py_func.__code__.co_varnames[:fn.py_func.__code__.co_argcount]
+
     def typed(a):
         ty = numba.typeof(a)
         return types.Tuple([_writable(t) for t in ty]) if isinstance(ty, types.BaseTuple) else _writable(ty)
-    sig = tuple(types.literal(a) if i in kinds else typed(a) for i, a in enumerate(args))
+    sig = tuple(types.literal(a) if name in constants else typed(a) for name, a in zip(names, args))
     if (fn, sig) not in _STEPS:
         _STEPS[fn, sig] = fn.compile(sig)
     return _STEPS[fn, sig]
@@ -679,7 +682,7 @@ class CpuModel(Model):
                         self._att, int(wo.qtype), wo.arrays, wo._one[:2], buf["proj"],
                         wo.threads > 1 and wo.nbytes >= SMALL)
 
-            fn, kinds = _attention_step, (4, 8, 9, 13, 14, 16, 18, 32, 36)
+            fn, constants = _attention_step, ("ka", "pa", "kb", "pb", "second", "biased", "normed", "ko", "po")
             dummy = kernel_view(np.zeros((1, 1, hd), self.cache.dtype))
             typed = args(lw, self._xn, Segment(0, 0, 1), self._buffers(1), (dummy, dummy))
         else:
@@ -695,9 +698,9 @@ class CpuModel(Model):
                         int(down.qtype), down.arrays, down._one[:2], buf["proj"],
                         down.threads > 1 and down.nbytes >= SMALL)
 
-            fn, kinds = _ffn_step, (4, 10, 11, 15)
+            fn, constants = _ffn_step, ("kg", "pg", "kd", "pd")
             typed = args(lw, self._xn, Segment(0, 0, 1), self._buffers(1))
-        return _step_entry(fn, typed, kinds), args
+        return _step_entry(fn, typed, constants), args
 
     def _products(self, linears, x, outs):
         return products(linears, x, outs)
