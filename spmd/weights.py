@@ -40,6 +40,11 @@ UNIT_KIND = {"heads": "kv", "kv": "kv", "ffn": "ffn", "vocab": "vocab"}  # eleme
 HALF = {"heads": "attention", "kv": "attention", "ffn": "ffn"}  # element unit -> the half of a layer that uses it
 
 
+def half_fields(half) -> list:
+    """The LayerWeights fields of a half's matrices ("attention": wq, wk, wv, wo; "ffn": w1, w3, w2)."""
+    return [field for field, (_, slicing, unit) in LAYER_TENSORS.items() if slicing != VECTOR and HALF[unit] == half]
+
+
 @dataclass
 class LayerWeights:
     attn_norm: np.ndarray  # (dim,)
@@ -188,8 +193,7 @@ def load_shard(f, cfg, share: Share, backend, notice=print, read=None, old=None,
                                    ffn_norm=f.vector(f"blk.{i}.ffn_norm.weight"), q_norm=qk(i, "q"),
                                    k_norm=qk(i, "k"), **{field: get(field, i) for field in LAYER_TENSORS}))
         for half in HALVES:
-            fields = [field for field, (_, slicing, unit) in LAYER_TENSORS.items()
-                      if slicing != VECTOR and HALF[unit] == half]
+            fields = half_fields(half)
             lins = [getattr(layers[-1], field) for field in fields]
             if window is not None and (i, half) in window.index:
                 window.spill((i, half), lins)

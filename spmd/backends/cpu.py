@@ -1113,7 +1113,7 @@ class CpuLinear:
         self._one = self._scratch(1)  # the decode path's scratch, reused every call
         x, y = np.zeros((1, self.stored), np.float32), np.zeros((1, self.rows), np.float32)
         self.threads = threads
-        parallel = threads > 1 and self.nbytes >= SMALL
+        parallel = on_threads((self,))
         self._kernel = _entry(LINEAR, parallel, self.qtype, (*self.arrays, x, *self._one[:2], y))
         # a float64 result: the exact sums (a partial sum the stage adds up: spmd.model)
         exact = (*self.arrays, x, *self._one[:2], y.astype(np.float64))
@@ -1169,6 +1169,12 @@ def products(lins, x, outs):
     return results
 
 
+def on_threads(lins) -> bool:
+    """Whether one kernel call of these CpuLinears (one alone, or those `products` or swiglu fuses) runs on the
+    thread pool: where the rank has threads and the call reads SMALL bytes or more."""
+    return lins[0].threads > 1 and sum(lin.nbytes for lin in lins) >= SMALL
+
+
 def fusable(lin, x, out) -> bool:
     """Whether `lin` (x) may go into one kernel call with others of its type and width: a CpuLinear (no cut
     blocks) of x (n >= 1, contiguous float32) with a contiguous float32 result."""
@@ -1187,7 +1193,7 @@ def _fused(pairs, x):
         return
     xs, xq, _ = first._one if n == 1 else first._scratch(n)
     lins = [lin for lin, _ in pairs]
-    parallel = first.threads > 1 and sum(lin.nbytes for lin in lins) >= SMALL
+    parallel = on_threads(lins)
     ys = (*(out for _, out in pairs), np.empty((n, 0), np.float32))[:3]
     args = (*(a for lin in (*lins, lins[-1])[:3] for a in lin.arrays), x, xs, xq, *ys)
     typed_entry(LINEARS, parallel, first, args)(int(first.qtype), *args)

@@ -48,9 +48,10 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ..model import Model, Segment, stage_schedule
-from .cpu import (F16, F32, I32, SMALL, CpuLinear, _Arg, _block_count, _blocks, _broadcast, _finish, _fma, _hmax, _hsum,
-                  _linear_parallel, _linear_serial, _linears_parallel, _linears_serial, _prepare, _row_block,
-                  _shuffle, _splat, _to_f32, _vec, _writable, fusable, products, typed_entry)
+from ..weights import half_fields
+from .cpu import (_ENTRIES, F16, F32, I32, CpuLinear, _Arg, _block_count, _blocks, _broadcast, _finish, _fma, _hmax,
+                  _hsum, _linear_parallel, _linear_serial, _linears_parallel, _linears_serial, _prepare, _row_block,
+                  _shuffle, _splat, _to_f32, _vec, _writable, fusable, on_threads, products, typed_entry)
 
 LANES = 16
 PARALLEL_SCORES = 1024  # a token's attention splits its heads over the rank's threads from this many scores
@@ -369,7 +370,7 @@ def swiglu(lins, x, outs, compile_only=False):
     if (x.shape[0] == 1 and fusable(gate, x, outs[0]) and fusable(up, x, outs[1])
             and (gate.qtype, gate.int8, gate.rows) == (up.qtype, up.int8, up.rows)):
         xs, xq, _ = gate._one
-        parallel = gate.threads > 1 and gate.nbytes + up.nbytes >= SMALL
+        parallel = on_threads((gate, up))
         args = (*gate.arrays, *up.arrays, x, xs, xq, *outs, gate.threads)
         kernel = typed_entry(SWIGLU, parallel, gate, args, both=False)  # (CpuModel._compile asks)
         if not compile_only:
@@ -554,7 +555,6 @@ def _ffn_step(x, g, eps, xn, kg, gu, s, gate, up, parts, pg, kd, d, sd, y, pd):
         _linear_serial(kd, d[0], d[1], d[2], d[3], gate, sd[0], sd[1], y)
 
 
-_STEPS = {}  # (function, signature) -> its entry point
 # the architectures whose halves `_attention_step` and `_ffn_step` do as Model does (another one: Model's way, until
 # they do its arithmetic too and test_a_decode_steps_halves_in_one_call_give_the_bits_of_the_calls_one_by_one runs it)
 ONE_CALL_ARCHITECTURES = ("llama", "qwen2", "qwen3")
@@ -562,17 +562,17 @@ ONE_CALL_ARCHITECTURES = ("llama", "qwen2", "qwen3")
 
 def _step_entry(fn, args, constants):
     """fn's entry point for arguments of these types, the parameters named in `constants` (the kernels' kinds and
-    the flags) as compile-time constants (`cpu._entry`'s way: compiled, or loaded from numba's cache, once per
-    process)."""
+    the flags) as compile-time constants (`cpu._entry`'s way and cache: compiled, or loaded from numba's cache,
+    once per process)."""
     names = fn.py_func.__code__.co_varnames[:fn.py_func.__code__.co_argcount]
 
     def typed(a):
         ty = numba.typeof(a)
         return types.Tuple([_writable(t) for t in ty]) if isinstance(ty, types.BaseTuple) else _writable(ty)
     sig = tuple(types.literal(a) if name in constants else typed(a) for name, a in zip(names, args))
-    if (fn, sig) not in _STEPS:
-        _STEPS[fn, sig] = fn.compile(sig)
-    return _STEPS[fn, sig]
+    if (fn, sig) not in _ENTRIES:
+        _ENTRIES[fn, sig] = fn.compile(sig)
+    return _ENTRIES[fn, sig]
 
 
 class CpuModel(Model):
@@ -611,8 +611,7 @@ class CpuModel(Model):
                        (np.empty((1, gate.rows), f32), np.empty((1, up.rows), f32)), compile_only=True)
         for layer, half in stage_schedule(self.share.layer_ids):  # a decode step's halves, one call each (a
             lw = self.w.layer(layer)  # streamed half's arrays come with the window's start: at its first step)
-            lins = (lw.wq, lw.wk, lw.wv, lw.wo) if half == "attention" else (lw.w1, lw.w3, lw.w2)
-            if all(getattr(lin, "arrays", None) is not None for lin in lins):
+            if all(getattr(getattr(lw, field), "arrays", None) is not None for field in half_fields(half)):
                 self._one_call[layer, half] = self._step(layer, half, lw)
 
     def _half(self, layer, half, lw, x, segments, rope, buf):
@@ -663,8 +662,7 @@ class CpuModel(Model):
                 lins = [getattr(lw, w) for w, _ in names]
                 padded = (lins + lins[-1:] * 2)[:3]
                 ys = tuple(([buf[y] for _, y in names] + [none, none])[:3])
-                return (int(lins[0].qtype), arrays(padded), lins[0]._one[:2], ys,
-                        lins[0].threads > 1 and sum(lin.nbytes for lin in lins) >= SMALL)
+                return int(lins[0].qtype), arrays(padded), lins[0]._one[:2], ys, on_threads(lins)
 
             def args(lw, x, seg, buf, caches=None):
                 a = group(lw, buf, ga)
@@ -679,8 +677,7 @@ class CpuModel(Model):
                 return (x, lw.attn_norm, eps, self._xn, *a, *b, bool(gb), biases, lw.bq is not None, norms,
                         lw.q_norm is not None, buf["q"], buf["k"], buf["v"], hd, self.rope.cos[seg.pos:seg.pos + 1],
                         self.rope.sin[seg.pos:seg.pos + 1], self.rope.neox, ck, cv, seg.pos, self.scale, parts,
-                        self._att, int(wo.qtype), wo.arrays, wo._one[:2], buf["proj"],
-                        wo.threads > 1 and wo.nbytes >= SMALL)
+                        self._att, int(wo.qtype), wo.arrays, wo._one[:2], buf["proj"], on_threads((wo,)))
 
             fn, constants = _attention_step, ("ka", "pa", "kb", "pb", "second", "biased", "normed", "ko", "po")
             dummy = kernel_view(np.zeros((1, 1, hd), self.cache.dtype))
@@ -694,9 +691,8 @@ class CpuModel(Model):
             def args(lw, x, seg, buf):
                 gate, up, down = lw.w1, lw.w3, lw.w2
                 return (x, lw.ffn_norm, eps, self._xn, int(gate.qtype), arrays((gate, up)), gate._one[:2],
-                        buf["gate"], buf["up"], gate.threads, gate.threads > 1 and gate.nbytes + up.nbytes >= SMALL,
-                        int(down.qtype), down.arrays, down._one[:2], buf["proj"],
-                        down.threads > 1 and down.nbytes >= SMALL)
+                        buf["gate"], buf["up"], gate.threads, on_threads((gate, up)), int(down.qtype), down.arrays,
+                        down._one[:2], buf["proj"], on_threads((down,)))
 
             fn, constants = _ffn_step, ("kg", "pg", "kd", "pd")
             typed = args(lw, self._xn, Segment(0, 0, 1), self._buffers(1))
