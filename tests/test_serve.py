@@ -261,7 +261,7 @@ def test_cluster_status(served):
 
 
 # ---- one server each: slow, full, stopped ------------------------------------------------------------------------
-SLOW = {"SPMD_TEST_SLOW": "0:40"}  # rank 0 computes 40x slower: an answer of many tokens takes seconds
+SLOW = {"SPMD_TEST_SLOW": "0:200"}  # rank 0 computes 200x slower: an answer of many tokens takes many seconds
 
 
 def test_a_client_that_leaves_frees_its_sequence(model):
@@ -312,7 +312,10 @@ def test_sigterm_mid_answer_stops_every_rank(model, tmp_path):
             got["e"] = e
     t = threading.Thread(target=ask)
     t.start()
-    time.sleep(2)
+    deadline = time.perf_counter() + 60
+    while not server.get("/cluster")[1]["server"]["in_flight"]:  # stopped while answering, however fast the host
+        assert time.perf_counter() < deadline and "r" not in got
+        time.sleep(0.05)
     started = time.perf_counter()
     assert server.stop() == 0, "".join(server.lines)
     assert time.perf_counter() - started < 30
@@ -351,7 +354,7 @@ def test_live_migrations_while_serving_keep_the_text(model, tmp_path):
     stages) over the control socket: both equal spmd.run's greedy text."""
     wants = {p: run_greedy(model, 100, p)["text"] for p in PROMPTS[:2]}
     sock = tmp_path / "c.sock"
-    server = Served(model, 3, ("--ratios", "1:1*1", "--control-socket", sock), env={"SPMD_TEST_SLOW": "0:24"})
+    server = Served(model, 3, ("--ratios", "1:1*1", "--control-socket", sock), env={"SPMD_TEST_SLOW": "0:60"})
     got = {}
 
     def ask(p):
