@@ -386,7 +386,7 @@ def test_a_rank_lost_during_a_migration(model, tmp_path):
     on from the layout before it, without rank 2."""
     want = reference(model, 3, "1:1:1", "--prompt", "Hello")
     socket_path = tmp_path / "ctl.sock"
-    env = dict(os.environ, SPMD_TEST_SIGNAL=kills(tmp_path, "2:replan:KILL"), SPMD_TEST_SLOW="0:50")
+    env = dict(os.environ, SPMD_TEST_SIGNAL=kills(tmp_path, "2:replan:KILL"), SPMD_TEST_SLOW="0:100")
     proc = subprocess.Popen([sys.executable, "-m", "spmd.launch", "-n", "3", "--", "--model", model, "--ratios",
                              "1:1:1", "--steps", str(STEPS), "--prompt", "Hello", "--output", "json",
                              "--control-socket", socket_path], cwd=ROOT, stdout=subprocess.PIPE,
