@@ -268,6 +268,30 @@ def test_portable_kernel_is_bit_identical(tmp_path):
         np.testing.assert_array_equal(np.load(tmp_path / f"{name}.npy").view(np.uint8), want.view(np.uint8), name)
 
 
+def test_the_kernels_cache_follows_both_kernel_files(tmp_path, monkeypatch):
+    """numba finds a cached function by its own file's time stamp alone, and cpu_model's steps inline cpu.py's
+    kernels: the cache directory is named by both files (and SPMD_CPU_GENERIC), so a change to either compiles anew
+    where it had loaded stale machine code; the other version's directory goes."""
+    from spmd.backends import cpu_model
+    sources = [tmp_path / "cpu.py", tmp_path / "cpu_model.py"]
+    for f in sources:
+        f.write_text("x = 1\n")
+    base = tmp_path / "cache"
+    first = cpu.kernel_cache_dir(str(base), sources)
+    assert cpu.kernel_cache_dir(str(base), sources) == first and os.path.isdir(first)
+    sources[0].write_text("x = 2\n")  # the kernels changed, their callers' file did not
+    second = cpu.kernel_cache_dir(str(base), sources)
+    assert second != first and os.path.isdir(second) and not os.path.exists(first)
+    with monkeypatch.context() as m:
+        m.setenv("SPMD_CPU_GENERIC", "1" if not os.environ.get("SPMD_CPU_GENERIC") else "")
+        assert cpu.kernel_cache_dir(str(base), sources) not in (first, second)
+    # this process's kernels and steps are cached in the directory named by the real files
+    here = numba.config.CACHE_DIR
+    assert os.path.basename(here).startswith("kernels-") and here == cpu.kernel_cache_dir(os.path.dirname(here))
+    for dispatcher in (cpu._row_block, cpu_model._attention_step, cpu_model._ffn_step):
+        assert dispatcher._cache._cache_path.startswith(here + os.sep)
+
+
 @pytest.mark.parametrize("mode", ["f32", "int8"])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_products_sharing_their_input_give_each_ones_bits(mode, threads, monkeypatch):

@@ -83,8 +83,11 @@ this). No fast-math: llvm.fma rounds once on any CPU (an instruction where there
 depend on the CPU either: without AVX-512, or with SPMD_CPU_GENERIC=1, nibbles are converted with plain LLVM
 vector code (mask, minus the offset, integer to float) to the same exact values as vpermps's table.
 """
+import glob
+import hashlib
 import mmap
 import os
+import shutil
 from dataclasses import dataclass
 
 import numba
@@ -99,9 +102,39 @@ from numba.extending import intrinsic, overload
 from ..quants import SUPER, QTensor, unpack
 from . import Backend, prepare_call
 
+
+def kernel_cache_dir(base=None, sources=None):
+    """Where numba caches the kernels: a directory named by a hash of this file, cpu_model.py and SPMD_CPU_GENERIC,
+    under $NUMBA_CACHE_DIR, else this package's __pycache__ (or ~/.cache/spmd where that is read-only). numba keys
+    a cached function by its own file's time stamp alone, so cpu_model's steps, which inline this file's kernels,
+    came back stale from the cache after a change to this file only (or to the switch): compiled for other array
+    layouts, they would have computed wrong numbers. Other versions' directories in the same place are removed when
+    a new one is made."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    digest = hashlib.sha256(os.environ.get("SPMD_CPU_GENERIC", "").encode())
+    for path in sources or (os.path.join(here, "cpu.py"), os.path.join(here, "cpu_model.py")):
+        with open(path, "rb") as f:
+            digest.update(f.read())
+    base = base or os.environ.get("NUMBA_CACHE_DIR") or os.path.join(here, "__pycache__")
+    try:
+        os.makedirs(base, exist_ok=True)
+        writable = os.access(base, os.W_OK)
+    except OSError:
+        writable = False
+    if not writable:
+        base = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "spmd")
+    path = os.path.join(base, "kernels-" + digest.hexdigest()[:16])
+    if not os.path.isdir(path):
+        for old in set(glob.glob(os.path.join(base, "kernels-*"))) - {path}:
+            shutil.rmtree(old, ignore_errors=True)
+        os.makedirs(path, exist_ok=True)
+    return path
+
+
+numba.config.CACHE_DIR = kernel_cache_dir()  # before the first @njit(cache=True) below and in cpu_model
+
 # vpermps (AVX-512F) turns Q4_0 nibbles into floats where numba compiles for it (the host's features, or
-# NUMBA_CPU_FEATURES); SPMD_CPU_GENERIC=1 forces the portable LLVM vector code every other CPU gets (same results;
-# numba's cache does not see this switch, so use a fresh NUMBA_CACHE_DIR).
+# NUMBA_CPU_FEATURES); SPMD_CPU_GENERIC=1 forces the portable LLVM vector code every other CPU gets (same results).
 _FEATURES = numba.config.CPU_FEATURES if numba.config.CPU_FEATURES is not None else get_host_cpu_features()
 AVX512 = "+avx512f" in _FEATURES.split(",") and not os.environ.get("SPMD_CPU_GENERIC")
 VNNI = AVX512 and "+avx512vnni" in _FEATURES.split(",")  # vpdpbusd: 64 byte products summed into 16 int32
