@@ -285,6 +285,11 @@ def test_the_kernels_cache_follows_both_kernel_files(tmp_path, monkeypatch):
     with monkeypatch.context() as m:
         m.setenv("SPMD_CPU_GENERIC", "1" if not os.environ.get("SPMD_CPU_GENERIC") else "")
         assert cpu.kernel_cache_dir(str(base), sources) not in (first, second)
+    blocked = tmp_path / "a-file"  # a place that cannot hold a directory: the user's cache folder instead
+    blocked.write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    fallback = cpu.kernel_cache_dir(str(blocked / "cache"), sources)
+    assert fallback == str(tmp_path / "xdg" / "spmd" / os.path.basename(second))
     # this process's kernels and steps are cached in the directory named by the real files
     here = numba.config.CACHE_DIR
     assert os.path.basename(here).startswith("kernels-") and here == cpu.kernel_cache_dir(os.path.dirname(here))

@@ -88,6 +88,7 @@ import hashlib
 import mmap
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 
 import numba
@@ -105,30 +106,31 @@ from . import Backend, prepare_call
 
 def kernel_cache_dir(base=None, sources=None):
     """Where numba caches the kernels: a directory named by a hash of this file, cpu_model.py and SPMD_CPU_GENERIC,
-    under $NUMBA_CACHE_DIR, else this package's __pycache__ (or ~/.cache/spmd where that is read-only). numba keys
-    a cached function by its own file's time stamp alone, so cpu_model's steps, which inline this file's kernels,
-    came back stale from the cache after a change to this file only (or to the switch): compiled for other array
-    layouts, they would have computed wrong numbers. Other versions' directories in the same place are removed when
-    a new one is made."""
+    under $NUMBA_CACHE_DIR, else this package's __pycache__ (where that is read-only, ~/.cache/spmd, else the temp
+    folder). numba keys a cached function by its own file's time stamp alone, so cpu_model's steps, which inline
+    this file's kernels, came back stale from the cache after a change to this file only (or to the switch):
+    compiled for other array layouts, they would have computed wrong numbers. Other versions' directories in the
+    same place are removed when a new one is made."""
     here = os.path.dirname(os.path.abspath(__file__))
     digest = hashlib.sha256(os.environ.get("SPMD_CPU_GENERIC", "").encode())
     for path in sources or (os.path.join(here, "cpu.py"), os.path.join(here, "cpu_model.py")):
         with open(path, "rb") as f:
             digest.update(f.read())
-    base = base or os.environ.get("NUMBA_CACHE_DIR") or os.path.join(here, "__pycache__")
-    try:
-        os.makedirs(base, exist_ok=True)
-        writable = os.access(base, os.W_OK)
-    except OSError:
-        writable = False
-    if not writable:
-        base = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "spmd")
-    path = os.path.join(base, "kernels-" + digest.hexdigest()[:16])
-    if not os.path.isdir(path):
-        for old in set(glob.glob(os.path.join(base, "kernels-*"))) - {path}:
-            shutil.rmtree(old, ignore_errors=True)
-        os.makedirs(path, exist_ok=True)
-    return path
+    name = "kernels-" + digest.hexdigest()[:16]
+    user = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "spmd")
+    for place in (base or os.environ.get("NUMBA_CACHE_DIR") or os.path.join(here, "__pycache__"), user,
+                  os.path.join(tempfile.gettempdir(), f"spmd-{os.getuid()}")):
+        path = os.path.join(place, name)
+        try:
+            if not os.path.isdir(path):
+                for old in set(glob.glob(os.path.join(place, "kernels-*"))) - {path}:
+                    shutil.rmtree(old, ignore_errors=True)
+                os.makedirs(path, exist_ok=True)
+            if os.access(path, os.W_OK):
+                return path
+        except OSError:
+            pass
+    return path  # none writable: numba warns that it cannot cache, and compiles every run
 
 
 numba.config.CACHE_DIR = kernel_cache_dir()  # before the first @njit(cache=True) below and in cpu_model
