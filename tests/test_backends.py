@@ -269,9 +269,9 @@ def test_portable_kernel_is_bit_identical(tmp_path):
 
 
 def test_the_kernels_cache_follows_both_kernel_files(tmp_path, monkeypatch):
-    """numba finds a cached function by its own file's time stamp alone, and cpu_model's steps inline cpu.py's
-    kernels: the cache directory is named by both files (and SPMD_CPU_GENERIC), so a change to either compiles anew
-    where it had loaded stale machine code; the other version's directory goes."""
+    """numba finds a cached function by its own file's time stamp alone, and cpu_model's kernels are generated with
+    cpu.py's code generators: the cache directory is named by both files (and SPMD_CPU_GENERIC), so a change to
+    either compiles anew where it had loaded stale machine code; the other version's directory goes."""
     from spmd.backends import cpu_model
     sources = [tmp_path / "cpu.py", tmp_path / "cpu_model.py"]
     for f in sources:

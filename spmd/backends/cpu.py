@@ -107,10 +107,11 @@ from . import Backend, prepare_call
 def kernel_cache_dir(base=None, sources=None):
     """Where numba caches the kernels: a directory named by a hash of this file, cpu_model.py and SPMD_CPU_GENERIC,
     under $NUMBA_CACHE_DIR, else this package's __pycache__ (where that is read-only, ~/.cache/spmd, else the temp
-    folder). numba keys a cached function by its own file's time stamp alone, so cpu_model's steps, which inline
-    this file's kernels, came back stale from the cache after a change to this file only (or to the switch):
-    compiled for other array layouts, they would have computed wrong numbers. Other versions' directories in the
-    same place are removed when a new one is made."""
+    folder). numba keys a cached function by its own file's time stamp alone, and cpu_model's kernels are built
+    with this file's code generators (`_hsum`, `_fma`, `_Arg`, ...): after a change to this file only (or to the
+    switch) a warm cache gave them back as compiled from the old code (measured: the same sources, with `_hsum`
+    changed, gave other logits from a warm cache than from a fresh one; calls of this file's compiled functions were
+    current). Other versions' directories in the same place are removed when a new one is made."""
     here = os.path.dirname(os.path.abspath(__file__))
     digest = hashlib.sha256(os.environ.get("SPMD_CPU_GENERIC", "").encode())
     for path in sources or (os.path.join(here, "cpu.py"), os.path.join(here, "cpu_model.py")):
