@@ -398,8 +398,8 @@ def _int8_step(b, g, wrows, pxs, _pxqs, spec, accs, _ahead):
     Order: with one activation row (decode) the exact sums, and Q8_0's fast sums, load a weight row and use it before
     the next row's loads (the four rows' loads first had held 32 registers of Q8_0 weights and spilled; a Q8_0,
     Q4_0 or Q4_K decode product's exact sums 0.76-0.92 of the time, paired runs on the 2-core test machine; Q8_0's
-    fast sums 0.87-0.93; a whole token 0.96 (Q8_0), 0.98 (Q4_0, Q4_K_M); Q4_0's and Q4_K's fast sums 1.0 and 1.17
-    that way: they keep the rows' loads first)."""
+    fast sums 0.87-0.93; a whole token 0.96-1.02 in three paired runs, within the noise of a memory-bound token
+    there; Q4_0's and Q4_K's fast sums 1.0 and 1.17 that way: they keep the rows' loads first)."""
     fmt, exact = spec
     c = lambda v: ir.Constant(g.type, v)  # noqa: E731
     units, lane = fmt.int8_units, fmt.lane8
