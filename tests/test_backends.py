@@ -3,6 +3,7 @@ rounding, for every type), `out=`, and the bit-exact invariances the multi-rank 
 import os
 import subprocess
 import sys
+import time
 import tracemalloc
 
 import numba
@@ -271,28 +272,33 @@ def test_portable_kernel_is_bit_identical(tmp_path):
 def test_the_kernels_cache_follows_both_kernel_files(tmp_path, monkeypatch):
     """numba finds a cached function by its own file's time stamp alone, and cpu_model's kernels are generated with
     cpu.py's code generators: the cache directory is named by both files (and SPMD_CPU_GENERIC), so a change to
-    either compiles anew where it had loaded stale machine code; the other version's directory goes."""
-    from spmd.backends import cpu_model
+    either compiles anew where it had loaded stale machine code; another version's directory goes once it has not
+    been used for KEEP_DAYS. (The staleness itself was measured by hand: see spmd/backends/kernel_cache.py.)"""
+    from spmd.backends import cpu_model, kernel_cache
     sources = [tmp_path / "cpu.py", tmp_path / "cpu_model.py"]
     for f in sources:
         f.write_text("x = 1\n")
     base = tmp_path / "cache"
-    first = cpu.kernel_cache_dir(str(base), sources)
-    assert cpu.kernel_cache_dir(str(base), sources) == first and os.path.isdir(first)
+    first = kernel_cache.kernel_cache_dir(str(base), sources)
+    assert kernel_cache.kernel_cache_dir(str(base), sources) == first and os.path.isdir(first)
     sources[0].write_text("x = 2\n")  # the kernels changed, their callers' file did not
-    second = cpu.kernel_cache_dir(str(base), sources)
-    assert second != first and os.path.isdir(second) and not os.path.exists(first)
+    second = kernel_cache.kernel_cache_dir(str(base), sources)
+    assert second != first and os.path.isdir(first)  # a version in use (another checkout's) keeps its own
     with monkeypatch.context() as m:
         m.setenv("SPMD_CPU_GENERIC", "1" if not os.environ.get("SPMD_CPU_GENERIC") else "")
-        assert cpu.kernel_cache_dir(str(base), sources) not in (first, second)
+        assert kernel_cache.kernel_cache_dir(str(base), sources) not in (first, second)
+    long_ago = time.time() - (kernel_cache.KEEP_DAYS + 1) * 86400
+    os.utime(first, (long_ago, long_ago))
+    assert kernel_cache.kernel_cache_dir(str(base), sources) == second and not os.path.exists(first)
     blocked = tmp_path / "a-file"  # a place that cannot hold a directory: the user's cache folder instead
     blocked.write_text("")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    fallback = cpu.kernel_cache_dir(str(blocked / "cache"), sources)
+    fallback = kernel_cache.kernel_cache_dir(str(blocked / "cache"), sources)
     assert fallback == str(tmp_path / "xdg" / "spmd" / os.path.basename(second))
-    # this process's kernels and steps are cached in the directory named by the real files
+    # this process's kernels and steps are cached in the directory named by the real files (numba's own attribute)
     here = numba.config.CACHE_DIR
-    assert os.path.basename(here).startswith("kernels-") and here == cpu.kernel_cache_dir(os.path.dirname(here))
+    assert os.path.basename(here).startswith("kernels-") and here == kernel_cache.kernel_cache_dir(
+        os.path.dirname(here))
     for dispatcher in (cpu._row_block, cpu_model._attention_step, cpu_model._ffn_step):
         assert dispatcher._cache._cache_path.startswith(here + os.sep)
 

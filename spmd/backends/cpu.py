@@ -83,12 +83,8 @@ this). No fast-math: llvm.fma rounds once on any CPU (an instruction where there
 depend on the CPU either: without AVX-512, or with SPMD_CPU_GENERIC=1, nibbles are converted with plain LLVM
 vector code (mask, minus the offset, integer to float) to the same exact values as vpermps's table.
 """
-import glob
-import hashlib
 import mmap
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 
 import numba
@@ -102,39 +98,9 @@ from numba.extending import intrinsic, overload
 
 from ..quants import SUPER, QTensor, unpack
 from . import Backend, prepare_call
+from .kernel_cache import kernel_cache_dir
 
-
-def kernel_cache_dir(base=None, sources=None):
-    """Where numba caches the kernels: a directory named by a hash of this file, cpu_model.py and SPMD_CPU_GENERIC,
-    under $NUMBA_CACHE_DIR, else this package's __pycache__ (where that is read-only, ~/.cache/spmd, else the temp
-    folder). numba keys a cached function by its own file's time stamp alone, and cpu_model's kernels are built
-    with this file's code generators (`_hsum`, `_fma`, `_Arg`, ...): after a change to this file only (or to the
-    switch) a warm cache gave them back as compiled from the old code (measured: the same sources, with `_hsum`
-    changed, gave other logits from a warm cache than from a fresh one; calls of this file's compiled functions were
-    current). Other versions' directories in the same place are removed when a new one is made."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    digest = hashlib.sha256(os.environ.get("SPMD_CPU_GENERIC", "").encode())
-    for path in sources or (os.path.join(here, "cpu.py"), os.path.join(here, "cpu_model.py")):
-        with open(path, "rb") as f:
-            digest.update(f.read())
-    name = "kernels-" + digest.hexdigest()[:16]
-    user = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "spmd")
-    for place in (base or os.environ.get("NUMBA_CACHE_DIR") or os.path.join(here, "__pycache__"), user,
-                  os.path.join(tempfile.gettempdir(), f"spmd-{os.getuid()}")):
-        path = os.path.join(place, name)
-        try:
-            if not os.path.isdir(path):
-                for old in set(glob.glob(os.path.join(place, "kernels-*"))) - {path}:
-                    shutil.rmtree(old, ignore_errors=True)
-                os.makedirs(path, exist_ok=True)
-            if os.access(path, os.W_OK):
-                return path
-        except OSError:
-            pass
-    return path  # none writable: numba warns that it cannot cache, and compiles every run
-
-
-numba.config.CACHE_DIR = kernel_cache_dir()  # before the first @njit(cache=True) below and in cpu_model
+numba.config.CACHE_DIR = kernel_cache_dir() or numba.config.CACHE_DIR  # before the first @njit(cache=True)
 
 # vpermps (AVX-512F) turns Q4_0 nibbles into floats where numba compiles for it (the host's features, or
 # NUMBA_CPU_FEATURES); SPMD_CPU_GENERIC=1 forces the portable LLVM vector code every other CPU gets (same results).
