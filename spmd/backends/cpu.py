@@ -415,22 +415,20 @@ def _int8_step(b, g, wrows, pxs, _pxqs, spec, accs, _ahead):
             total = _fma(b, lanes, b.fmul(dw, dx), b.load(acc))
             b.store(_fma(b, sums, b.fmul(mw, dx), total) if fmt.mins else total, acc)
 
-    if len(pxs) == 1 and (exact or fmt.high < 0):  # one activation row: each weight row loaded, then used
-        xside = activations(pxs[0])
-        for j, wrow in enumerate(wrows):
-            pair(row(*wrow), xside, accs[j][0][0])
-            if exact:
-                _fence(b)  # this row's loads before the next row's (`_fence`)
-        return
+    one_by_one = len(pxs) == 1 and (exact or fmt.high < 0)  # one activation row: each weight row loaded, then used
+    first = activations(pxs[0]) if one_by_one else None
     weights = []
-    for wrow in wrows:
+    for j, wrow in enumerate(wrows):
         weights.append(row(*wrow))
+        if one_by_one:
+            pair(weights[-1], first, accs[j][0][0])
         if exact:
             _fence(b)  # this row's loads before the next row's (`_fence`)
-    for k, px in enumerate(pxs):
-        xside = activations(px)
-        for j, w in enumerate(weights):
-            pair(w, xside, accs[j][k][0])
+    if not one_by_one:  # the rows' loads first, then each activation row past them
+        for k, px in enumerate(pxs):
+            xside = activations(px)
+            for j, w in enumerate(weights):
+                pair(w, xside, accs[j][k][0])
 
 
 def _make_dot(nw, nx, chunked=False):
