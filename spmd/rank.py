@@ -216,6 +216,26 @@ def rss_bytes():
         return 0
 
 
+def check_options(opts: RunOptions):
+    """Refuse, in one line, a flag value no layout can serve (every rank reaches the same answer alone)."""
+    if opts.steps < 1:
+        raise UserError(f"--steps must be at least 1 (got {opts.steps})")
+    if opts.sequences is not None and opts.sequences < 1:
+        raise UserError(f"--sequences must be at least 1 (got {opts.sequences})")
+    if opts.allreduce not in C.ALGORITHMS:
+        raise UserError(f"--allreduce {opts.allreduce!r}: choose one of {', '.join(C.ALGORITHMS)}")
+    if opts.migrate_weights not in WEIGHT_SOURCES:
+        raise UserError(f"--migrate-weights {opts.migrate_weights!r}: choose one of {', '.join(WEIGHT_SOURCES)}")
+    if opts.activations not in ("f32", "int8"):
+        raise UserError(f"--activations {opts.activations!r}: choose f32 or int8")
+    if opts.kv_cache not in KV_DTYPES:
+        raise UserError(f"--kv-cache {opts.kv_cache!r}: choose {' or '.join(KV_DTYPES)}")
+    if opts.plan is not None and opts.ratios is not None:
+        raise UserError("give --ratios or --plan, not both")
+    if opts.plan is not None and not opts.plan.strip():
+        raise UserError("--plan needs auto or a profile's path (python -m spmd.profile --out FILE)")
+
+
 class RankState:
     """Set-up (collective: every rank constructs one, and a user's mistake on any rank is one UserError on all)."""
 
@@ -227,20 +247,7 @@ class RankState:
             if layout is not None:  # else planned again (--plan), on the survivors
                 opts = replace(opts, ratios=layout, plan=None)
         self.opts = opts
-        if opts.steps < 1:
-            raise UserError(f"--steps must be at least 1 (got {opts.steps})")
-        if opts.allreduce not in C.ALGORITHMS:
-            raise UserError(f"--allreduce {opts.allreduce!r}: choose one of {', '.join(C.ALGORITHMS)}")
-        if opts.migrate_weights not in WEIGHT_SOURCES:
-            raise UserError(f"--migrate-weights {opts.migrate_weights!r}: choose one of {', '.join(WEIGHT_SOURCES)}")
-        if opts.activations not in ("f32", "int8"):
-            raise UserError(f"--activations {opts.activations!r}: choose f32 or int8")
-        if opts.kv_cache not in KV_DTYPES:
-            raise UserError(f"--kv-cache {opts.kv_cache!r}: choose {' or '.join(KV_DTYPES)}")
-        if opts.plan is not None and opts.ratios is not None:
-            raise UserError("give --ratios or --plan, not both")
-        if opts.plan is not None and not opts.plan.strip():
-            raise UserError("--plan needs auto or a profile's path (python -m spmd.profile --out FILE)")
+        check_options(opts)
         self.backend_name, self.gpu, self.threads, self.gpu_wraps, threads_note = per_rank_choice(opts, comm)
         self.memory_limit = agree(comm, self._memory_limit)
         self.file, self.cfg = agree(comm, self._read_header)
@@ -249,8 +256,6 @@ class RankState:
         plan = None if opts.plan else agree(comm, lambda: make_plan(parse_layout(opts.ratios, comm.size), self.cfg))
         self._check_same_as_rank_0(plan)
         self.plan, self.model, self.backend, self.planned = None, None, None, None
-        if opts.sequences is not None and opts.sequences < 1:
-            raise UserError(f"--sequences must be at least 1 (got {opts.sequences})")
         self.tokenizer, self.work = agree(comm, self._tokenize if comm.is_root else lambda: (None, None))
         if opts.resume is not None:
             agree(comm, self._check_resume if comm.is_root else lambda: None)
@@ -264,18 +269,8 @@ class RankState:
         self.backend = make_backend(comm, self.backend_name, self.threads, self.gpu, self.gpu_wraps, opts.activations)
         profile = self._profile() if opts.plan or opts.rebalance else None  # rank 0's; None elsewhere
         plan = plan or self._planned(profile)
-        if plan.idle and comm.is_root:
-            ranks = ", ".join(map(str, plan.idle))
-            self.log(f"note: rank{'s' * (len(plan.idle) > 1)} {ranks} idle (ratio 0): holding no weights, in no stage")
-        cut = self.cfg.group * self.cfg.head_dim % 32  # a KV group's attention outputs: wo's columns a rank takes
-        if opts.activations == "int8" and cut and comm.is_root and any(len(s.ranks) > 1 for s in plan.stages):
-            self.log(f"note: --activations int8 with KV groups of {self.cfg.group * self.cfg.head_dim} attention "
-                     "outputs: ranks split 32-element activation blocks between them, so the text can change with "
-                     "the layout (groups of a multiple of 32 keep it the same)")
-        if opts.activations == "int8" and comm.is_root and all(
-                len(t.shape) < 2 or t.qtype in FLOATS for t in self.file.tensors.values()):
-            self.log("note: --activations int8: the model holds no quantised matrix, and float matrices keep float32 "
-                     "activations")
+        if comm.is_root:
+            self._say_layout_notes(plan)
         self.n_slots = self.in_flight(plan)
         comm.set_slots(self.n_slots)
         self.rebalancer = None
@@ -301,6 +296,23 @@ class RankState:
             if self.control is not None:
                 self.control.close()
             raise
+
+    def _say_layout_notes(self, plan):
+        """Rank 0: what a user should know of `plan` with these options (idle ranks; where int8 activations
+        cannot keep the text the same across layouts, or have nothing to act on)."""
+        if plan.idle:
+            ranks = ", ".join(map(str, plan.idle))
+            self.log(f"note: rank{'s' * (len(plan.idle) > 1)} {ranks} idle (ratio 0): holding no weights, in no stage")
+        if self.opts.activations != "int8":
+            return
+        outputs = self.cfg.group * self.cfg.head_dim  # a KV group's attention outputs: wo's columns a rank takes
+        if outputs % 32 and any(len(s.ranks) > 1 for s in plan.stages):
+            self.log(f"note: --activations int8 with KV groups of {outputs} attention outputs: ranks split 32-element "
+                     "activation blocks between them, so the text can change with the layout (groups of a multiple "
+                     "of 32 keep it the same)")
+        if all(len(t.shape) < 2 or t.qtype in FLOATS for t in self.file.tensors.values()):
+            self.log("note: --activations int8: the model holds no quantised matrix, and float matrices keep float32 "
+                     "activations")
 
     @property
     def share(self):

@@ -352,6 +352,62 @@ def _lane_scales(b, g, pd, ps, fmt):
     return b.fmul(sc, lanes(dd, lambda i: 2 * (i // 8))), b.fmul(m, lanes(dd, lambda i: 2 * (i // 8) + 1))
 
 
+def _int8_weights(b, g, base, fmt, pw, ph, pd, ps):
+    """`_int8_step`'s weight side: a weight row's chunks of group g (8-bit integers in int32 x 16 vectors; `base`:
+    the group's offset in the row's stream), its lanes' scales and mins (no software prefetch: decode streams faster
+    without, module docstring)."""
+    c = lambda v: ir.Constant(g.type, v)  # noqa: E731
+    units, lane = fmt.int8_units, fmt.lane8
+    dw, mw = _lane_scales(b, g, pd, ps, fmt)  # lane l: its block's d (K: d times sc), and min (or None)
+    if fmt.high < 0:  # Q8_0, a byte each: chunk c in the group's c-th 64 bytes
+        chunks = [_load(b, pw, b.add(base, c(64 * k)), _vec(I32, 16)) for k in range(lane // 4)]
+    else:  # nibbles: chunks 2h, 2h + 1 low and high of the h-th 64 bytes
+        mask, four = _splat(I32, 0x0F0F0F0F, 16), _splat(I32, 4, 16)
+        chunks = []
+        for h in range(lane // 8):
+            v = _load(b, pw, b.add(base, c(64 * h)), _vec(I32, 16))
+            chunks += [b.and_(v, mask), b.and_(b.lshr(v, four), mask)]
+    if fmt.high > 0:  # Q5_*: bit c, Q6_K: bits 2c..2c+1 of the plane's bytes, moved to bit 4 (and 5)
+        plane = _load(b, ph, b.mul(g, c(QUAD * units[1])), _vec(I32, 16))
+        top = _splat(I32, 0x10101010 if fmt.high == 1 else 0x30303030, 16)
+        for i, chunk in enumerate(chunks):
+            move = 4 - fmt.high * i  # bits to move up (down where negative)
+            bits = b.shl(plane, _splat(I32, move, 16)) if move >= 0 else b.lshr(plane, _splat(I32, -move, 16))
+            chunks[i] = b.or_(chunk, b.and_(bits, top))
+    return chunks, dw, mw
+
+
+def _int8_activations(b, g, fmt, px):
+    """`_int8_step`'s activation side: an activation row's chunks of group g, its lanes' start (the correction, or
+    zero for types with mins), their sums as floats (types with mins; else None) and their d_x."""
+    c = lambda v: ir.Constant(g.type, v)  # noqa: E731
+    lane = fmt.lane8
+    at = b.mul(g, c(fmt.x8))
+    xc = [_load(b, px, b.add(at, c(64 * i)), _vec(I32, 16)) for i in range(lane // 4)]
+    correction = _load(b, px, b.add(at, c(16 * lane)), _vec(I32, 16))  # types with mins: the lanes' sums
+    dx = _load(b, px, b.add(at, c(16 * lane + 64)), _vec(F32, 16))
+    start = ir.Constant(_vec(I32, 16), None) if fmt.mins else correction
+    return xc, start, (b.sitofp(correction, _vec(F32, 16)) if fmt.mins else None), dx
+
+
+def _int8_pair(b, fmt, exact, weights, xside, acc):
+    """`_int8_step`'s products of one (weight row, activation row) pair's group, added into its sum `acc`."""
+    (chunks, dw, mw), (xc, start, sums, dx) = weights, xside
+    total = start
+    for chunk, xv in zip(chunks, xc):
+        total = _dpbusd(b, total, chunk, xv)
+    lanes = b.sitofp(total, _vec(F32, 16))
+    if exact:  # the lane's product (plus its min term), cut once
+        value = b.fmul(lanes, b.fmul(dw, dx))
+        if fmt.mins:
+            value = b.fadd(value, b.fmul(sums, b.fmul(mw, dx)))
+        cut = b.fptosi(value, _vec(I64, 16))
+        b.store(b.add(b.load(acc), b.add(_shuffle(b, cut, range(8)), _shuffle(b, cut, range(8, 16)))), acc)
+    else:
+        total = _fma(b, lanes, b.fmul(dw, dx), b.load(acc))
+        b.store(_fma(b, sums, b.fmul(mw, dx), total) if fmt.mins else total, acc)
+
+
 def _int8_step(b, g, wrows, pxs, _pxqs, spec, accs, _ahead):
     """One group (16 lanes of L = `Format.lane8` elements) of every (weight row j, activation row k) pair with 8-bit
     activations (--activations int8; layouts in `_repack_int8`, `_prepare_int8`): lane l's L products, exact in
@@ -367,68 +423,21 @@ def _int8_step(b, g, wrows, pxs, _pxqs, spec, accs, _ahead):
     fast sums 0.87-0.93; a whole token 0.96-1.02 in three paired runs, within the noise of a memory-bound token
     there; Q4_0's and Q4_K's fast sums 1.0 and 1.17 that way: they keep the rows' loads first)."""
     fmt, exact = spec
-    c = lambda v: ir.Constant(g.type, v)  # noqa: E731
-    units, lane = fmt.int8_units, fmt.lane8
-    base = b.mul(g, c(QUAD * units[0]))
-    mask, four = _splat(I32, 0x0F0F0F0F, 16), _splat(I32, 4, 16)
-
-    def row(pw, ph, pd, ps):  # a weight row's chunks of the group, its lanes' scales and mins (no software
-        # prefetch: decode streams faster without, module docstring)
-        dw, mw = _lane_scales(b, g, pd, ps, fmt)  # lane l: its block's d (K: d times sc), and min (or None)
-        if fmt.high < 0:  # Q8_0, a byte each: chunk c in the group's c-th 64 bytes
-            chunks = [_load(b, pw, b.add(base, c(64 * k)), _vec(I32, 16)) for k in range(lane // 4)]
-        else:  # nibbles: chunks 2h, 2h + 1 low and high of the h-th 64 bytes
-            chunks = []
-            for h in range(lane // 8):
-                v = _load(b, pw, b.add(base, c(64 * h)), _vec(I32, 16))
-                chunks += [b.and_(v, mask), b.and_(b.lshr(v, four), mask)]
-        if fmt.high > 0:  # Q5_*: bit c, Q6_K: bits 2c..2c+1 of the plane's bytes, moved to bit 4 (and 5)
-            plane = _load(b, ph, b.mul(g, c(QUAD * units[1])), _vec(I32, 16))
-            top = _splat(I32, 0x10101010 if fmt.high == 1 else 0x30303030, 16)
-            for i, chunk in enumerate(chunks):
-                move = 4 - fmt.high * i  # bits to move up (down where negative)
-                bits = b.shl(plane, _splat(I32, move, 16)) if move >= 0 else b.lshr(plane, _splat(I32, -move, 16))
-                chunks[i] = b.or_(chunk, b.and_(bits, top))
-        return chunks, dw, mw
-
-    def activations(px):  # an activation row's chunks of the group, its lanes' start, sums (mins) and d_x
-        at = b.mul(g, c(fmt.x8))
-        xc = [_load(b, px, b.add(at, c(64 * i)), _vec(I32, 16)) for i in range(lane // 4)]
-        correction = _load(b, px, b.add(at, c(16 * lane)), _vec(I32, 16))  # types with mins: the lanes' sums
-        dx = _load(b, px, b.add(at, c(16 * lane + 64)), _vec(F32, 16))
-        start = ir.Constant(_vec(I32, 16), None) if fmt.mins else correction
-        return xc, start, (b.sitofp(correction, _vec(F32, 16)) if fmt.mins else None), dx
-
-    def pair(weights, xside, acc):
-        (chunks, dw, mw), (xc, start, sums, dx) = weights, xside
-        total = start
-        for chunk, xv in zip(chunks, xc):
-            total = _dpbusd(b, total, chunk, xv)
-        lanes = b.sitofp(total, _vec(F32, 16))
-        if exact:  # the lane's product (plus its min term), cut once
-            value = b.fmul(lanes, b.fmul(dw, dx))
-            if fmt.mins:
-                value = b.fadd(value, b.fmul(sums, b.fmul(mw, dx)))
-            cut = b.fptosi(value, _vec(I64, 16))
-            b.store(b.add(b.load(acc), b.add(_shuffle(b, cut, range(8)), _shuffle(b, cut, range(8, 16)))), acc)
-        else:
-            total = _fma(b, lanes, b.fmul(dw, dx), b.load(acc))
-            b.store(_fma(b, sums, b.fmul(mw, dx), total) if fmt.mins else total, acc)
-
+    base = b.mul(g, ir.Constant(g.type, QUAD * fmt.int8_units[0]))
     one_by_one = len(pxs) == 1 and (exact or fmt.high < 0)  # one activation row: each weight row loaded, then used
-    first = activations(pxs[0]) if one_by_one else None
+    first = _int8_activations(b, g, fmt, pxs[0]) if one_by_one else None
     weights = []
     for j, wrow in enumerate(wrows):
-        weights.append(row(*wrow))
+        weights.append(_int8_weights(b, g, base, fmt, *wrow))
         if one_by_one:
-            pair(weights[-1], first, accs[j][0][0])
+            _int8_pair(b, fmt, exact, weights[-1], first, accs[j][0][0])
         if exact:
             _fence(b)  # this row's loads before the next row's (`_fence`)
     if not one_by_one:  # the rows' loads first, then each activation row past them
         for k, px in enumerate(pxs):
-            xside = activations(px)
+            xside = _int8_activations(b, g, fmt, px)
             for j, w in enumerate(weights):
-                pair(w, xside, accs[j][k][0])
+                _int8_pair(b, fmt, exact, w, xside, accs[j][k][0])
 
 
 def _make_dot(nw, nx, chunked=False):
