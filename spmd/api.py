@@ -2,10 +2,10 @@
 status for it. It runs an asyncio loop on its own thread; the driver (on the main thread, which does every MPI
 call) takes each request from the `Inbox` and gives its text back through the request's `Sink`.
 
-Endpoints: GET /health (503 while the model loads, then 200), GET /v1/models, POST /v1/completions and
-/v1/chat/completions (streamed as server-sent events or not), GET /cluster (the control socket's `status`, with the
-server's own figures), GET / (the page). A mistake in a request is HTTP 400 with an OpenAI-style `error` object;
-a full queue 429 with Retry-After.
+Endpoints: GET /health (503 while the model loads, then 200), GET /v1/models (and /v1/models/ID), POST
+/v1/completions and /v1/chat/completions (streamed as server-sent events or not), GET /cluster (the control socket's
+`status`, with the server's own figures), GET / (the page). A mistake in a request is HTTP 400 with an
+OpenAI-style `error` object; a full queue 429 with Retry-After.
 """
 import asyncio
 import json
@@ -215,6 +215,27 @@ def _stops(body):
     return [s for s in stops if s]
 
 
+def _json_object(raw):
+    """The request's body: a JSON object of text (no unpaired UTF-16 surrogate, which JSON's \\u escapes can
+    write but no text holds)."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BadRequest(f"the body is not JSON ({e})"[:200]) from None
+    except RecursionError:
+        raise BadRequest("the body is not JSON this server reads (nested too deeply)") from None
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object")
+    try:
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise BadRequest(f"the body holds an unpaired UTF-16 surrogate ({json.dumps(e.object[e.start:e.end])}), "
+                         "which is not text") from None
+    except RecursionError:
+        raise BadRequest("the body is not JSON this server reads (nested too deeply)") from None
+    return body
+
+
 def _sampling(body):
     """The request's sampling fields, checked."""
     for name, neutral in UNSUPPORTED.items():
@@ -223,14 +244,15 @@ def _sampling(body):
             raise BadRequest(f"'{name}' is not supported by spmd (only {json.dumps(neutral)})", name)
     if body.get("n") not in (None, 1) or isinstance(body.get("n"), bool):
         raise BadRequest("'n' must be 1: one answer a request", "n")
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    if max_tokens is not None:
-        max_tokens = _number({name: max_tokens}, name, 1, 2**31 - 1, None, integer=True)
+    caps = [_number(body, name, 1, 2**31 - 1, None, integer=True) for name in ("max_completion_tokens", "max_tokens")]
+    max_tokens = next((cap for cap in caps if cap is not None), None)  # (null: not given)
     stream = body.get("stream", False)
     if not isinstance(stream, bool) and stream is not None:
         raise BadRequest("'stream' must be true or false", "stream")
-    options = body.get("stream_options") or {}
+    options = body.get("stream_options")
+    if options is not None and not stream:
+        raise BadRequest("'stream_options' is only for a streamed answer (\"stream\": true)", "stream_options")
+    options = options or {}
     if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
         raise BadRequest("'stream_options' must be an object with 'include_usage' true or false", "stream_options")
     return dict(max_tokens=max_tokens, stream=bool(stream), usage=bool(options.get("include_usage")),
@@ -264,7 +286,8 @@ def _messages(body):
             content = "".join(p["text"] for p in content)
         if not isinstance(content, str):
             raise BadRequest(f"{where}.content must be text", "messages")
-        out.append({"role": m["role"], "content": content})
+        role = "system" if m["role"] == "developer" else m["role"]  # (OpenAI's newer name for it)
+        out.append({"role": role, "content": content})
     return out
 
 
@@ -323,6 +346,7 @@ class Server:
         self.connections = Connections()
         app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[self.connections.middleware, json_errors])
         app.add_routes([web.get("/health", self.health), web.get("/v1/models", self.models),
+                        web.get("/v1/models/{id}", self.model),
                         web.post("/v1/completions", self.completions),
                         web.post("/v1/chat/completions", self.chat_completions),
                         web.get("/cluster", self.cluster), web.get("/", self.page)])
@@ -379,8 +403,16 @@ class Server:
         return web.json_response({"status": "ok"})
 
     async def models(self, _request):
-        return web.json_response({"object": "list", "data": [
-            {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "spmd"}]})
+        return web.json_response({"object": "list", "data": [self._model_object()]})
+
+    def _model_object(self):
+        return {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "spmd"}
+
+    async def model(self, request):
+        if request.match_info["id"] != self.model_id:
+            return error_response(404, f"no model {request.match_info['id']!r} here: this server has "
+                                       f"{self.model_id!r}", param="model")
+        return web.json_response(self._model_object())
 
     async def page(self, _request):
         html = resources.files("spmd").joinpath("page.html").read_text(encoding="utf-8")
@@ -416,20 +448,19 @@ class Server:
         if gw is None:
             return error_response(503, "the model is loading", "unavailable_error")
         try:
+            if (request.content_length or 0) > MAX_BODY_BYTES:  # said up front: not worth waiting for
+                raise web.HTTPRequestEntityTooLarge(max_size=MAX_BODY_BYTES, actual_size=request.content_length)
             try:
                 raw = await asyncio.wait_for(request.read(), BODY_WAIT_S)
             except asyncio.TimeoutError:
-                return error_response(408, f"the request's body did not come whole within {BODY_WAIT_S:.0f} s")
+                late = error_response(408, f"the request's body did not come whole within {BODY_WAIT_S:.0f} s")
+                late.force_close()  # what is left of the body would be read as the next request
+                return late
             except ConnectionError:  # the client went away while sending it
                 return web.Response(status=499)
-            try:
-                body = json.loads(raw)
-            except (ValueError, UnicodeDecodeError) as e:
-                raise BadRequest(f"the body is not JSON ({e})"[:200]) from None
-            except RecursionError:
-                raise BadRequest("the body is not JSON this server reads (nested too deeply)") from None
-            if not isinstance(body, dict):
-                raise BadRequest("the body must be a JSON object")
+            except web.RequestPayloadError as e:  # (a Content-Encoding that does not decode, a bad chunk)
+                raise BadRequest(f"the body could not be read: {e}"[:200]) from None
+            body = _json_object(raw)
             params = _sampling(body)
             source = _messages(body) if chat else _prompt(body)
             loop = asyncio.get_running_loop()

@@ -16,6 +16,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 FALLBACK = ("{% for m in messages %}"
             "{% if m['role'] == 'system' %}{{ m['content'] }}\n\n"
             "{% elif m['role'] == 'user' %}User: {{ m['content'] }}\n"
+            "{% elif m['role'] == 'tool' %}Tool: {{ m['content'] }}\n"
             "{% else %}Assistant: {{ m['content'] }}\n{% endif %}"
             "{% endfor %}"
             "{% if add_generation_prompt %}Assistant:{% endif %}")

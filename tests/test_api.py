@@ -7,7 +7,7 @@ import urllib.request
 
 import pytest
 
-from spmd.api import BadRequest, Gateway, Server, StopFilter, _messages, _sampling
+from spmd.api import BadRequest, Gateway, Server, StopFilter, _json_object, _messages, _sampling
 from spmd.chat_template import FALLBACK, ChatTemplate, TemplateError
 
 
@@ -60,6 +60,8 @@ def test_fallback_template():
                      {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"}])
     assert text == "Be kind.\n\nUser: Hi\nAssistant: Hello.\nUser: Bye\nAssistant:"
     assert "Assistant:" in FALLBACK
+    tool = t.render([{"role": "user", "content": "2*21?"}, {"role": "tool", "content": "42"}])
+    assert tool == "User: 2*21?\nTool: 42\nAssistant:"  # a tool's answer is not the assistant's own line
 
 
 def test_template_sandbox_and_errors():
@@ -79,17 +81,82 @@ def test_request_checks():
     for body, param in [({"top_p": 0}, "top_p"), ({"temperature": True}, "temperature"), ({"n": 3}, "n"),
                         ({"max_tokens": 1.5}, "max_tokens"), ({"stop": 5}, "stop"), ({"stream": "yes"}, "stream"),
                         ({"frequency_penalty": 0.5}, "frequency_penalty"), ({"seed": "1"}, "seed"),
-                        ({"stream_options": {"include_usage": "y"}}, "stream_options")]:
+                        ({"stream": True, "stream_options": {"include_usage": "y"}}, "stream_options"),
+                        ({"stream_options": {"include_usage": True}}, "stream_options"),  # (OpenAI: not unstreamed)
+                        ({"max_tokens": "x", "max_completion_tokens": 5}, "max_tokens"),  # both checked
+                        ({"max_tokens": 5, "max_completion_tokens": 0}, "max_completion_tokens")]:
         with pytest.raises(BadRequest) as e:
             _sampling(body)
         assert e.value.param == param
     assert _sampling({"frequency_penalty": 0, "logit_bias": {}, "logprobs": False,
                       "response_format": {"type": "text"}})["max_tokens"] is None
     assert _messages({"messages": [{"role": "assistant", "content": None}]}) == [{"role": "assistant", "content": ""}]
+    for given, cap in [({"max_tokens": 5, "max_completion_tokens": None}, 5), ({"max_completion_tokens": 3}, 3),
+                       ({"max_tokens": 5, "max_completion_tokens": 7}, 7), ({"max_tokens": None}, None)]:
+        assert _sampling(given)["max_tokens"] == cap, given  # null is not given
+    developer = _messages({"messages": [{"role": "developer", "content": "Be brief."}]})
+    assert developer == [{"role": "system", "content": "Be brief."}]  # OpenAI's newer name for a system message
     parts = [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]
     assert _messages({"messages": [{"role": "user", "content": parts}]}) == [{"role": "user", "content": "ab"}]
     with pytest.raises(BadRequest):
         _messages({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]})
+
+
+def test_a_body_must_be_a_json_object_of_text():
+    assert _json_object(b'{"prompt": "caf\\u00e9 \\ud83d\\ude00"}') == {"prompt": "caf\u00e9 \U0001F600"}  # a pair
+    for raw, said in [(b'{"prompt": "\\ud800"}', "unpaired UTF-16 surrogate"),
+                      (b'{"messages": [{"role": "user", "content": "a\\udfffb"}]}', "surrogate"),
+                      (b'[1]', "JSON object"), (b'{"a": ', "not JSON"), (b'\xff{}', "not JSON")]:
+        with pytest.raises(BadRequest, match=said):
+            _json_object(raw)
+
+
+def served_without_a_cluster():
+    server = Server("127.0.0.1", 0, "m", 4)
+    server.start()
+    server.open(Gateway(inbox=None, tokenizer=None, template=None, context=8, n_known=8, slots=1))
+    return server
+
+
+def raw_reply(port, request, timeout=10):
+    import socket
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(request)
+        return s.recv(65536).decode("latin-1")
+
+
+def test_a_body_that_does_not_decode_or_is_declared_too_large_is_a_json_error():
+    """A Content-Encoding whose bytes do not decode is 400, a declared length over the limit 413 at once (not after
+    BODY_WAIT_S), both in the API's JSON error shape."""
+    server = served_without_a_cluster()
+    try:
+        head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        for encoding in (b"gzip", b"deflate"):
+            reply = raw_reply(server.port, head + b"Content-Encoding: " + encoding + b"\r\nContent-Length: 5\r\n"
+                              b"Connection: close\r\n\r\nhello")
+            assert reply.startswith("HTTP/1.1 400"), reply
+            error = json.loads(reply.split("\r\n\r\n", 1)[1])["error"]
+            assert "could not be read" in error["message"] and error["type"] == "invalid_request_error"
+        t = time.monotonic()
+        reply = raw_reply(server.port, head + b"Content-Length: 99999999999\r\n\r\n{}")
+        assert reply.startswith("HTTP/1.1 413") and time.monotonic() - t < 5, reply
+        assert "larger than" in json.loads(reply.split("\r\n\r\n", 1)[1])["error"]["message"]
+    finally:
+        server.stop()
+
+
+def test_one_model_by_its_id():
+    server = served_without_a_cluster()
+    try:
+        url = f"http://127.0.0.1:{server.port}/v1/models"
+        with urllib.request.urlopen(url + "/m", timeout=10) as r:
+            listed = json.loads(urllib.request.urlopen(url, timeout=10).read())["data"][0]
+            assert json.loads(r.read()) == listed and listed["id"] == "m"
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(url + "/other", timeout=10)
+        assert e.value.code == 404 and json.loads(e.value.read())["error"]["param"] == "model"
+    finally:
+        server.stop()
 
 
 def test_health_is_503_until_loaded():

@@ -224,7 +224,8 @@ def test_seeded_sampling_repeats(served):
 
 
 def test_bad_requests(served):
-    cases = [(b"{not json", None), (b"[1, 2]", None)]
+    cases = [(b"{not json", None), (b"[1, 2]", None), (b'{"prompt": "\\ud800"}', None),
+             (b'{"prompt": "x", "max_tokens": 2, "stream_options": {"include_usage": true}}', None)]
     for raw, _ in cases:
         status, body, _h = served.post("/v1/completions", None, raw=raw)
         assert status == 400 and body["error"]["type"] == "invalid_request_error"
@@ -248,6 +249,8 @@ def test_bad_requests(served):
     assert status == 400 and "nested too deeply" in reply["error"]["message"]
     status, reply, _h = served.post("/v1/completions", None, raw=b'{"prompt": "' + b"a" * (5 * 2**20) + b'"}')
     assert status == 413 and "larger than" in reply["error"]["message"]
+    status, reply, _h = served.post("/v1/completions", {"prompt": "x", "max_tokens": 2, "max_completion_tokens": None})
+    assert status == 200 and reply["usage"]["completion_tokens"] <= 2  # null: not given
     status, models = served.get("/v1/models")
     assert status == 200 and models["data"][0]["id"] == "chat.gguf"
 
