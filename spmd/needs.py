@@ -5,8 +5,11 @@ itself, imported as a library, does not check."""
 import importlib.util
 import sys
 
-MISSING = [name for name in ("numpy", "click", "mpi4py", "gguf", "numba", "sentencepiece")
-           if importlib.util.find_spec(name) is None]
+# pyproject.toml's dependencies by the names they are imported as (mpich: the MPI library mpi4py loads; vulkan: only
+# a vulkan rank imports it, and says itself where it is missing)
+IMPORTS = ("numpy", "click", "mpi4py", "gguf", "numba", "sentencepiece", "regex", "threadpoolctl", "aiohttp", "jinja2",
+           "openai")
+MISSING = [name for name in IMPORTS if importlib.util.find_spec(name) is None]
 if MISSING:
     raise SystemExit(f"error: this Python ({sys.executable}) lacks {', '.join(MISSING)}: run scripts/setup.sh, "
                      f"then use .venv/bin/python and .venv/bin/mpirun (or 'source .venv/bin/activate')")

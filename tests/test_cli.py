@@ -312,6 +312,16 @@ def test_a_python_without_the_set_up_is_one_line(module):
     assert "lacks numpy, click, mpi4py" in p.stderr and "scripts/setup.sh" in p.stderr
 
 
+def test_the_set_ups_check_names_every_dependency():
+    """spmd.needs checks what pyproject.toml installs (a dependency it missed gave a traceback from its import)."""
+    import re
+    import tomllib
+    from spmd.needs import IMPORTS
+    with open(ROOT / "pyproject.toml", "rb") as f:
+        listed = {re.match(r"[A-Za-z0-9_.-]+", d).group(0).lower() for d in tomllib.load(f)["project"]["dependencies"]}
+    assert listed - {"mpich", "vulkan"} == set(IMPORTS)
+
+
 @pytest.mark.parametrize("ranks, raised, line", [
     (3, 'ImportError("not installed")', "error: rank 2: cannot import a module (not installed): install the set-up "
                                         "on every host (scripts/setup.sh)"),
