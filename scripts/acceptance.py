@@ -44,6 +44,7 @@ from acceptance_checks import all_checks  # noqa: E402
 from acceptance_report import fmt, write_report  # noqa: E402
 from acceptance_runs import ENV, MPIRUN, PY, ROOT, VENV, one_line, run_job, run_migrating  # noqa: E402
 from acceptance_schedules import layer_schedule, unit_schedule  # noqa: E402
+from spmd.choices import ALLREDUCES, WEIGHT_SOURCES  # noqa: E402
 from spmd.plan import parse_layout  # noqa: E402
 
 
@@ -278,9 +279,9 @@ def parse_scenario_args(items) -> dict:
 @click.option("--ratios", default=None, help="Ratios of scenarios 3-6, one stage [default: 2:3:3, or 2:3:...:3].")
 @click.option("--pipeline", default=None, help="Layout of scenarios 7-10, at least two stages (`*` between stages, "
               "`:` between the ranks of one, `@N` a stage's layers) [default: 1*1*1, or 1*...*1].")
-@click.option("--allreduce", default="star", show_default=True, type=click.Choice(["star", "ring", "mpi"]))
+@click.option("--allreduce", default="star", show_default=True, type=click.Choice(ALLREDUCES))
 @click.option("--mixed", is_flag=True, help="Scenarios 4 and 8 also run cpu,vulkan,... (rank 0 on the CPU).")
-@click.option("--migrate-weights", default="file", show_default=True, type=click.Choice(["file", "peer"]),
+@click.option("--migrate-weights", default="file", show_default=True, type=click.Choice(WEIGHT_SOURCES),
               help="Where scenarios 5, 6, 9, 10 take moved weights from (spmd.run --migrate-weights).")
 @click.option("--timeout", default=1800, show_default=True, help="Seconds a run may take before it is killed.")
 @click.option("--model-dir", default=None, help="Where generated and converted models go [default: a folder in /tmp].")

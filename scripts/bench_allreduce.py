@@ -28,7 +28,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_decode import ROOT, is_netsim, mpi_prefix, save_png, where  # noqa: E402
 
-ALGORITHMS = ("star", "ring", "mpi")
+from spmd.choices import ALLREDUCES as ALGORITHMS  # noqa: E402
 SIZES = "256,1024,2048,4096,16384,65536,262144,1048576"
 PER_TOKEN = {"TinyLlama-1.1B": (2048, 44), "Llama-7B": (4096, 64)}  # floats per allreduce, allreduces per token
 TCP_LOOPBACK = {"UCX_TLS": "tcp,self", "MPIR_CVAR_NOLOCAL": "1"}  # MPICH: no shared memory between local ranks

@@ -239,6 +239,7 @@ def ratio(row, peer, key):
 def main():
     import click
     import numba
+    from spmd.choices import KV_CACHES
     from spmd.synth import FILE_TYPES, TINYLLAMA
 
     @click.command()
@@ -252,7 +253,7 @@ def main():
     @click.option("--model", default=None, help="Use this GGUF instead of writing a random TinyLlama-shaped one.")
     @click.option("--activations", default="f32", show_default=True,
                   help="spmd's --activations, comma-separated for runs of each: f32,int8.")
-    @click.option("--kv-cache", default="f16", show_default=True, type=click.Choice(["f32", "f16"]),
+    @click.option("--kv-cache", default="f16", show_default=True, type=click.Choice(KV_CACHES),
                   help="spmd's --kv-cache (llama.cpp keeps float16: f16 compares like with like).")
     @click.option("--repeats", default=3, show_default=True,
                   help="spmd runs the prompt this many times, one sequence after another, and reports the medians "

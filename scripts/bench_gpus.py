@@ -14,7 +14,6 @@ allreduces go through MPICH's shared memory after each GPU's partial sum is read
 import json
 import os
 import random
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -23,6 +22,8 @@ from pathlib import Path
 import click
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+from bench_decode import mpi_prefix  # noqa: E402
 LAYOUTS = (("1 GPU", "1", "0"), ("TP 1:1", "1:1", "0,1"), ("PP 1*1", "1*1", "0,1"))
 
 
@@ -35,7 +36,7 @@ def run(model, layout, gpus, prompts, steps, threads):
         for ids in prompts:
             f.write(json.dumps({"prompt_ids": ids}) + "\n")
     try:
-        cmd = [shutil.which("mpirun"), "-n", str(ranks), sys.executable, "-m", "spmd.run", *args]
+        cmd = [*mpi_prefix(ranks), sys.executable, "-m", "spmd.run", *args]
         cmd += ["--prompts-file", f.name] if len(prompts) > 1 else ["--prompt-ids", ",".join(map(str, prompts[0]))]
         p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     finally:

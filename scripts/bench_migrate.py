@@ -32,7 +32,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 
+from bench_decode import mpi_prefix  # noqa: E402
 from spmd.client import ClientError, request  # noqa: E402
 
 CASES = {  # name -> (layout or None for the --ranks default, [(label, request without "at")])
@@ -49,17 +51,12 @@ CASES = {  # name -> (layout or None for the --ranks default, [(label, request w
 GAP = 32  # tokens between the prompt and the first move, and between moves
 
 
-def mpirun():
-    local = Path(sys.executable).parent / "mpirun"
-    return str(local) if local.exists() else shutil.which("mpirun")
-
-
 def n_ranks(layout):
     return len(layout.replace("*", ":").split(":"))
 
 
 def job_command(model, ranks, prompt_ids, steps, *extra):
-    return [mpirun(), "-n", str(ranks), sys.executable, "-m", "spmd.run", "--model", str(model),
+    return [*mpi_prefix(ranks), sys.executable, "-m", "spmd.run", "--model", str(model),
             "--prompt-ids", ",".join(map(str, prompt_ids)), "--steps", str(steps), "--output", "json", *extra]
 
 

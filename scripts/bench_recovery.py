@@ -21,6 +21,8 @@ from pathlib import Path
 import click
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+from bench_decode import mpi_prefix  # noqa: E402
 
 
 def run(model, ranks, steps, signals=None, supervised=True, progress_timeout=10):
@@ -30,7 +32,7 @@ def run(model, ranks, steps, signals=None, supervised=True, progress_timeout=10)
     if signals:
         env["SPMD_TEST_SIGNAL"] = signals
     cmd = [sys.executable, "-m", "spmd.launch", "-n", str(ranks), "--progress-timeout", str(progress_timeout), "--",
-           *args] if supervised else ["mpirun", "-n", str(ranks), sys.executable, "-m", "spmd.run", *args]
+           *args] if supervised else [*mpi_prefix(ranks), sys.executable, "-m", "spmd.run", *args]
     t = time.perf_counter()
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=900)
     if p.returncode != 0:

@@ -33,6 +33,7 @@ import click
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_decode import (NETSIM, llama_cpp_peer, parse_run, random_prompt,  # noqa: E402
                           run_spmd, save_png, where, write_random_model)
+from spmd.choices import ALLREDUCES  # noqa: E402
 from spmd.synth import TINYLLAMA, Shape  # noqa: E402
 
 SMALL = Shape(dim=512, n_layers=4, n_heads=8, n_kv_heads=4, ffn=1408, vocab=32000, context=1024)
@@ -297,7 +298,7 @@ def split(text, kind=str):
 @click.option("--prompt-lens", default="8,32,128,512", show_default=True)
 @click.option("--prompt-ranks", default="1,2", show_default=True, help="Rank counts of the prompt-length runs.")
 @click.option("--steps", default=32, show_default=True, help="Tokens generated per run.")
-@click.option("--allreduce", default="star", show_default=True, type=click.Choice(["star", "ring", "mpi"]),
+@click.option("--allreduce", default="star", show_default=True, type=click.Choice(ALLREDUCES),
               help="Allreduce of tables 1 and 2.")
 @click.option("--hostfile", default=None, type=click.Path(exists=True, dir_okay=False),
               help="Tables 1 and 2: run the ranks from this hostfile (hostfiles/netsim.txt: the simulated hosts).")

@@ -21,7 +21,6 @@ script reads as well as OpenAI's.
 import argparse
 import json
 import os
-import shutil
 import signal
 import socket
 import statistics
@@ -34,6 +33,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+from bench_decode import mpi_prefix  # noqa: E402
 
 
 def free_port():
@@ -151,7 +152,7 @@ def main():
     if args.ratios:
         cmd += ["--ratios", args.ratios]
     if args.ranks > 1:
-        cmd = [shutil.which("mpirun"), "-n", str(args.ranks), *cmd]
+        cmd = [*mpi_prefix(args.ranks), *cmd]
     proc = serve(cmd, url)
     try:
         results["spmd"] = [measure(url, prompt, args.tokens, c, False, args.rounds) for c in clients]

@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_gpus import llama  # noqa: E402
 from spmd.backends import get_backend  # noqa: E402
+from spmd.choices import KV_CACHES  # noqa: E402
 from spmd.config import read_config  # noqa: E402
 from spmd.gguf_file import GGUFFile  # noqa: E402
 from spmd.model import Segment  # noqa: E402
@@ -219,7 +220,7 @@ def main():
     ap.add_argument("--prompt", type=int, default=128, help="prompt tokens (one batched pass)")
     ap.add_argument("--steps", type=int, default=64, help="decode steps timed")
     ap.add_argument("--device", type=int, default=0, help="Vulkan device index")
-    ap.add_argument("--kv-cache", choices=("f32", "f16"), default="f32",
+    ap.add_argument("--kv-cache", choices=KV_CACHES, default="f32",
                     help="spmd's --kv-cache (llama.cpp keeps float16, its default)")
     ap.add_argument("--activations", default="f32",
                     help="spmd's --activations on Vulkan: f32, int8, or f32,int8 (both, each a row)")

@@ -36,7 +36,6 @@ from .errors import UserError
 from .model import Segment
 from .plan import chunk_counts
 
-ALGORITHMS = ("star", "ring", "mpi")
 # waiting on MPI: test without pause this long, then yielding the core until SPIN_S, then between naps up to NAP_MAX_S
 BUSY_S, SPIN_S, NAP_MAX_S = 1e-4, 0.05, 0.002
 TAG_META, TAG_DATA, TAG_HIDDEN, TAG_LOGITS, TAG_NOTE = 71, 72, 73, 74, 75  # point-to-point messages

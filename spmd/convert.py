@@ -34,8 +34,7 @@ OUTTYPES = {
     "q4_0": (T.Q4_0, LlamaFileType.MOSTLY_Q4_0),
 }
 
-# llama2.c's array names -> GGUF's, for the whole model and per layer (blk.N.<name>.weight).
-GLOBAL_NAMES = {"token_embedding": "token_embd", "rms_final": "output_norm", "wcls": "output"}
+# llama2.c's array names -> GGUF's per layer (blk.N.<name>.weight; the whole model's: `gguf_tensors`).
 LAYER_NAMES = {"rms_att": "attn_norm", "wq": "attn_q", "wk": "attn_k", "wv": "attn_v", "wo": "attn_output",
                "rms_ffn": "ffn_norm", "w1": "ffn_gate", "w2": "ffn_down", "w3": "ffn_up"}
 

@@ -14,6 +14,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .choices import KV_CACHES
+
 
 def rmsnorm(x, weight, eps):
     """x (n, dim) -> (n, dim)"""
@@ -106,7 +108,7 @@ class Rope:
         a[...] = a2
 
 
-KV_DTYPES = {"f32": np.float32, "f16": np.float16}  # --kv-cache: what the KV caches hold keys and values in
+KV_DTYPES = dict(zip(KV_CACHES, (np.float32, np.float16)))  # --kv-cache: numpy's type of each
 
 
 def kv_bytes_per_position(cfg, n_layers=1, n_kv=1, kv_cache="f32") -> int:

@@ -54,13 +54,12 @@ from typing import NamedTuple
 
 import click
 
+from .choices import ALLREDUCES, KV_CACHES
 from .cluster import Compute, Profile, as_profile, load_profile
 from .errors import UserError, click_main
-from .model import KV_DTYPES
 from .plan import make_plan, n_ffn_blocks, parse_layout
 
 EXHAUSTIVE = 9  # ranks searched over every grouping (3^8 = 6561 candidates)
-ALLREDUCES = ("star", "ring", "mpi")
 SHAPES = ("any", "tp", "pp")
 OBJECTIVES = ("latency", "throughput")
 MIB = 2 ** 20
@@ -630,7 +629,7 @@ def _report(prof, found, objective, allreduce) -> str:
 @click.option("--context", type=click.IntRange(min=1), help="Positions per sequence (default: the model's).")
 @click.option("--allreduce", type=click.Choice(ALLREDUCES), default="star", show_default=True,
               help="The allreduce the run will use inside a stage (spmd.run's --allreduce).")
-@click.option("--kv-cache", type=click.Choice(tuple(KV_DTYPES)), default="f32", show_default=True,
+@click.option("--kv-cache", type=click.Choice(KV_CACHES), default="f32", show_default=True,
               help="What the run's KV caches will hold (spmd.run's --kv-cache): f16 takes half the memory.")
 @click.option("--output", type=click.Choice(("text", "json")), default="text", show_default=True,
               help="json: one object, the chosen layout ('best') and the best TP-only and PP-only ones.")

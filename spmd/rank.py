@@ -12,11 +12,12 @@ from threadpoolctl import threadpool_limits
 
 from . import comm as C
 from .backends import BACKENDS, get_backend
+from .choices import ACTIVATIONS, ALLREDUCES, KV_CACHES, WEIGHT_SOURCES
 from .config import read_config
 from .errors import UserError, human_size, is_whole_number, parse_size
 from .gguf_file import GGUFFile
 from .journal import read_resume
-from .model import KV_DTYPES, PREFILL_TOKENS, kv_bytes_per_position, pass_bytes
+from .model import PREFILL_TOKENS, kv_bytes_per_position, pass_bytes
 from .plan import make_plan, parse_layout
 from .prompts import PromptSpec, Work, read_prompts_file
 from .quants import FLOATS, NATIVE
@@ -24,8 +25,6 @@ from .sampling import Sampler
 from .tokenizer import load_tokenizer
 from .stream import DeviceWindow, Window, choose, device_copies, in_memory
 from .weights import half_bytes, load_shard, share_file_bytes
-
-WEIGHT_SOURCES = ("file", "peer")
 
 
 @dataclass(frozen=True)
@@ -222,14 +221,14 @@ def check_options(opts: RunOptions):
         raise UserError(f"--steps must be at least 1 (got {opts.steps})")
     if opts.sequences is not None and opts.sequences < 1:
         raise UserError(f"--sequences must be at least 1 (got {opts.sequences})")
-    if opts.allreduce not in C.ALGORITHMS:
-        raise UserError(f"--allreduce {opts.allreduce!r}: choose one of {', '.join(C.ALGORITHMS)}")
+    if opts.allreduce not in ALLREDUCES:
+        raise UserError(f"--allreduce {opts.allreduce!r}: choose one of {', '.join(ALLREDUCES)}")
     if opts.migrate_weights not in WEIGHT_SOURCES:
         raise UserError(f"--migrate-weights {opts.migrate_weights!r}: choose one of {', '.join(WEIGHT_SOURCES)}")
-    if opts.activations not in ("f32", "int8"):
-        raise UserError(f"--activations {opts.activations!r}: choose f32 or int8")
-    if opts.kv_cache not in KV_DTYPES:
-        raise UserError(f"--kv-cache {opts.kv_cache!r}: choose {' or '.join(KV_DTYPES)}")
+    if opts.activations not in ACTIVATIONS:
+        raise UserError(f"--activations {opts.activations!r}: choose {' or '.join(ACTIVATIONS)}")
+    if opts.kv_cache not in KV_CACHES:
+        raise UserError(f"--kv-cache {opts.kv_cache!r}: choose {' or '.join(KV_CACHES)}")
     if opts.plan is not None and opts.ratios is not None:
         raise UserError("give --ratios or --plan, not both")
     if opts.plan is not None and not opts.plan.strip():

@@ -12,6 +12,7 @@ import traceback
 
 import click
 
+from .choices import ACTIVATIONS, ALLREDUCES, KV_CACHES, WEIGHT_SOURCES
 from .errors import UserError, click_error_line
 
 
@@ -54,13 +55,13 @@ CLUSTER_OPTIONS = [  # the flags spmd.run and spmd.serve share: the model, and h
                  help="Keep the split balanced while it runs: every rank's measured compute corrects the cluster's "
                       "profile (measured at start-up unless --plan FILE gives one), and a re-plan predicted at least "
                       "10% faster, worth its cost, is applied as a live migration; each move is logged on stderr."),
-    click.option("--allreduce", default="star", show_default=True, type=click.Choice(["star", "ring", "mpi"]),
+    click.option("--allreduce", default="star", show_default=True, type=click.Choice(ALLREDUCES),
                  help="How a stage's ranks add up their partial sums. star: reduce to the stage's first rank + "
                       "broadcast; ring: weighted reduce-scatter + allgather; mpi: the MPI library's Allreduce."),
     click.option("--backend", default="cpu", show_default=True, metavar="NAME[,NAME...]",
                  help="cpu: numba kernels on quantised weights; vulkan: GLSL compute shaders on a GPU (or lavapipe); "
                       "numpy: the readable reference. One for every rank, or one per rank: cpu,vulkan,vulkan."),
-    click.option("--activations", default="f32", show_default=True, type=click.Choice(["f32", "int8"]),
+    click.option("--activations", default="f32", show_default=True, type=click.Choice(ACTIVATIONS),
                  help="The arithmetic on quantised weights. f32: float32 activations, the reference's products to "
                       "within float rounding. int8: each 32 activations quantised to 8 bits as llama.cpp does "
                       "(on the cpu backend prompts 2-3x faster, decode about the same; on a GPU faster decode for the "
@@ -68,7 +69,7 @@ CLUSTER_OPTIONS = [  # the flags spmd.run and spmd.serve share: the model, and h
                       "by about 0.5%, as llama.cpp's do); the cpu "
                       "backend's partial sums add up exactly, so its text still does not change with the layout "
                       "(README)."),
-    click.option("--kv-cache", default="f32", show_default=True, type=click.Choice(["f32", "f16"]),
+    click.option("--kv-cache", default="f32", show_default=True, type=click.Choice(KV_CACHES),
                  help="What the KV caches keep keys and values in. f16: half the memory of f32 (a sequence's "
                       "context costs half as much on every rank, as llama.cpp's default cache), each key and value "
                       "rounded to float16 as it is stored."),
@@ -91,7 +92,7 @@ CLUSTER_OPTIONS = [  # the flags spmd.run and spmd.serve share: the model, and h
     click.option("--control-socket", default=None, metavar="PATH",
                  help="Unix socket on rank 0 for live migrations (python -m spmd.migrate). "
                       "Default: $XDG_RUNTIME_DIR/spmd/control-PID.sock or /tmp/spmd-UID/control-PID.sock; none: off."),
-    click.option("--migrate-weights", default="file", show_default=True, type=click.Choice(["file", "peer"]),
+    click.option("--migrate-weights", default="file", show_default=True, type=click.Choice(WEIGHT_SOURCES),
                  help="Where a migration's moved weights come from: file: each rank reads them from its own model "
                       "file; peer: the rank that held them reads and sends them."),
     click.option("--wait-timeout", default=600.0, show_default=True, type=click.FloatRange(min=0), callback=wait_s,

@@ -39,8 +39,10 @@ from typing import NamedTuple
 from .journal import Record
 from .plan import parse_layout
 from .run import PER_RANK_FLAGS, write_stdout
+from .watch import DIED as DIED_LINE, PR_SET_PDEATHSIG
 
-DIED = re.compile(r"spmd: rank (\d+) \((.*)\) died \(signal (\d+)\)")  # spmd.watch's line
+DIED = re.compile(re.escape(DIED_LINE).replace(r"\{rank\}", r"(\d+)").replace(r"\{host\}", "(.*)")
+                  .replace(r"\{signal\}", r"(\d+)"))  # spmd.watch's line: rank, host, signal
 # mpirun's own lines on its stdout: its "BAD TERMINATION" banner, and what it says when a job is ended with SIGINT
 BANNER_LINE = re.compile(r"^(=|YOUR APPLICATION TERMINATED|This typically refers|Please see the FAQ|\[mpiexec@)")
 # MPICH's line for a rank that a stop (the user's, or the supervisor's own) ended; it may follow another's text
@@ -135,7 +137,7 @@ def signal_pids(pids, signum):
 def die_with_parent():
     """In the child, before exec: SIGTERM to it when the supervisor dies (even by kill -9), so that mpirun takes
     the job down instead of generating on alone (prctl PR_SET_PDEATHSIG)."""
-    ctypes.CDLL(None).prctl(1, signal.SIGTERM)
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class Job:

@@ -328,7 +328,9 @@ def llama_vocab(n: int):
 
 
 def bytes_to_unicode() -> dict:
-    """GPT-2's byte -> printable character map, in its order (printable bytes first, then the rest)."""
+    """GPT-2's byte -> printable character map, in its order (printable bytes first, then the rest). Written apart
+    from spmd.tokenizer's on purpose: the test vocabularies this module writes must not share the reader's mistakes
+    (tests/test_tokenizer.py holds the two to each other and to GPT-2's known stand-ins)."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
     cs = bs[:]
     for b in range(256):

@@ -18,7 +18,8 @@ PURE = ("spmd.plan", "spmd.replan", "spmd.model", "spmd.config", "spmd.weights",
 # the tools around a job (the socket's client, the launcher and supervisor, the plan they check layouts with) start
 # in a fraction of a second: none of them loads numpy, the gguf package or numba (a migration request that took
 # 0.14 s longer to start, through spmd.plan importing the weight types, came after the answers it was meant for)
-LIGHT = ("spmd.plan", "spmd.replan", "spmd.client", "spmd.control", "spmd.migrate", "spmd.launch", "spmd.supervise")
+LIGHT = ("spmd.choices", "spmd.plan", "spmd.replan", "spmd.client", "spmd.control", "spmd.migrate", "spmd.launch",
+         "spmd.supervise")
 
 
 def loads_mpi(module: str, other="mpi4py") -> bool:

@@ -223,3 +223,9 @@ def test_plan_is_a_frozen_value_with_an_epoch():
         plan.epoch = 1
     assert plan.stage_of(2).index == 1 and plan.n_layers == 22
     assert plan.stage_speeds(plan.stages[0]) == (1, 1) and [s.n_vocab for s in plan] == [0, 0, 32000]
+
+
+def test_an_ffn_block_is_a_quant_block():
+    """plan.FFN_BLOCK repeats quants.BLOCK (plan stays free of numpy and gguf: tests/test_imports.py's LIGHT)."""
+    from spmd.quants import BLOCK
+    assert FFN_BLOCK == BLOCK

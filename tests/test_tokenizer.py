@@ -338,3 +338,12 @@ def test_a_vocabulary_of_the_wrong_types_is_one_line(meta, message):
     gguf = SimpleNamespace(path="x.gguf", meta=lambda key, default=None: meta.get(key, default))
     with pytest.raises(UserError, match=message):
         from_gguf(gguf)
+
+
+def test_gpt2s_byte_map_read_and_written_alike():
+    """The reader's byte map and the test-file writer's (written apart) agree, with GPT-2's known stand-ins:
+    a space is U+0120 (Ġ), a newline U+010A (Ċ), printable ASCII itself."""
+    from spmd import synth, tokenizer
+    read, written = tokenizer.bytes_to_unicode(), synth.bytes_to_unicode()
+    assert read == written and len(set(read.values())) == 256
+    assert read[32] == "\u0120" and read[10] == "\u010a" and read[ord("a")] == "a" and read[0] == "\u0100"
