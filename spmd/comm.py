@@ -91,27 +91,29 @@ def link_delay_s():
 
 def test_signals(rank):
     """TEST ONLY: SPMD_TEST_SIGNAL=RANK:STEP:SIG[:ONCE][,...] makes rank RANK send itself SIG (STOP: a host that
-    froze; KILL: one that died) when it has seen STEP step records (STEP "replan": at the first migration's). With
-    ONCE (a file path) only the rank that creates that file does it, so a relaunched job (spmd.supervise) does not
-    repeat it. {step: [(signal, once)]} for this rank."""
+    froze; KILL: one that died; WATCHER_KILL: SIGKILL to its supervised watcher, spmd.watch) when it has seen STEP
+    step records (STEP "replan": at the first migration's). With ONCE (a file path) only the rank that creates that
+    file does it, so a relaunched job (spmd.supervise) does not repeat it. {step: [(signal, once, to the
+    watcher)]} for this rank."""
     text = os.environ.get("SPMD_TEST_SIGNAL", "").strip()
     out = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         who, at, sig, *once = part.split(":", 3)
         if int(who) == rank:
-            out.setdefault(at if at == "replan" else int(at), []).append((getattr(signal, f"SIG{sig}"),
-                                                                          once[0] if once else None))
+            watcher = sig.startswith("WATCHER_")
+            out.setdefault(at if at == "replan" else int(at), []).append(
+                (getattr(signal, f"SIG{sig.removeprefix('WATCHER_')}"), once[0] if once else None, watcher))
     return out
 
 
 def _test_signal(signals):
-    for signum, once in signals:
+    for signum, once, watcher in signals:
         if once is not None:
             try:
                 os.close(os.open(once, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
             except FileExistsError:
                 continue
-        os.kill(os.getpid(), signum)
+        os.kill(os.getppid() if watcher else os.getpid(), signum)
 
 
 def test_slow_factor(rank):

@@ -24,7 +24,7 @@ from .plan import FFN_BLOCK
 
 
 def ranges_text(spans):
-    return ",".join(f"{a}" if b == a + 1 else f"{a}-{b - 1}" for a, b in spans) or "-"
+    return ",".join(f"{a}" if b == a + 1 else f"{a}-{b - 1}" for a, b in spans if b > a) or "-"
 
 
 def show_plan(ranks):
@@ -33,8 +33,9 @@ def show_plan(ranks):
              f"{'ffn blocks':<16} {'vocab rows':<14}" + ("  compute ms  sync ms" if timed else "")]
     for r in ranks:
         vocab = f"{r['vocab_range'][0]}-{r['vocab_range'][1] - 1}" if r["vocab_rows"] else "-"
-        layers = ranges_text([r["layers"]])
-        line = (f"{r['rank']:>4}  {r.get('stage', ''):>5}  {layers:<8} {r['heads']:>5}  "
+        idle = r.get("stage") is None  # (ratio 0: in no stage, holding nothing)
+        stage, layers = ("idle", "-") if idle else (r["stage"], ranges_text([r["layers"]]))
+        line = (f"{r['rank']:>4}  {stage:>5}  {layers:<8} {r['heads']:>5}  "
                 f"{ranges_text(r['kv_groups']):<10} {r['ffn_columns']:>8}  {ranges_text(r['ffn_blocks']):<16} "
                 f"{vocab:<14}")
         if timed:

@@ -531,6 +531,11 @@ class Supervisor:
         if status == 0 and (record.result is not None or record.done or self.front is not None):
             return self._success(), None
         lost = self._lost(self._signalled(job.died))
+        if not lost and status == signal.SIGKILL and not record.done:  # (mpirun's status for a process killed)
+            print("error: the job ended with a process killed (status 9) and no rank's watcher said which rank died "
+                  "(a watcher process itself killed?): not relaunched, as the lost rank is not known",
+                  file=sys.stderr, flush=True)
+            return status, None
         if not lost:
             return status, None  # it ended by itself with an error it has said
         if record.done:  # the text was complete: only the summary line is lost

@@ -99,3 +99,17 @@ def test_a_socket_another_job_serves_is_refused_at_start_up(tmp_path):
     assert p.returncode == 1
     assert p.stderr == f"error: control socket {path} is served by another job; give another --control-socket " \
                        "PATH, or none\n"
+
+
+def test_a_status_with_an_idle_rank_shows_as_a_table():
+    """A layout with a rank at ratio 0 (no stage, no layers) is shown as the table, the idle rank saying so (the
+    table failed on its stage and the client fell back to the raw JSON)."""
+    from types import SimpleNamespace
+    from spmd.migrate import show
+    from spmd.plan import make_plan, parse_layout
+    dims = SimpleNamespace(n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=256, vocab=512)
+    plan = make_plan(parse_layout("1:0:1", 3), dims)
+    ranks = [{**r, "compute_ms": 0.5, "sync_ms": 0.1} for r in plan.layout()]
+    text = show({"position": 7, "epoch": 1, "ratios": "1:0:1", "stages": plan.describe(), "ranks": ranks})
+    rows = text.splitlines()[-3:]
+    assert [row.split()[:3] for row in rows] == [["0", "0", "0-3"], ["1", "idle", "-"], ["2", "0", "0-3"]], text

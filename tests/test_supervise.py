@@ -323,6 +323,17 @@ def test_no_recover_names_the_rank_and_keeps_stdout_clean(model, tmp_path):
     assert p.stderr.splitlines()[-1] == "error: rank 2 (localhost) died (signal 9): giving up (--no-recover)"
 
 
+@pytest.mark.parametrize("rank", [2, 0])
+def test_a_killed_watcher_ends_the_run_with_one_line(model, tmp_path, rank):
+    """A rank's watcher (its parent process, spmd.watch) killed takes its rank with it and says nothing: mpirun ends
+    with status 9 and no line names a rank. One line says so (it used to end silently, the text cut short)."""
+    p = supervised(model, 3, "1:1:1", kills(tmp_path, f"{rank}:10:WATCHER_KILL"), "--prompt", "Hello")
+    assert p.returncode == 9, p.stderr
+    assert p.stderr.splitlines()[-1].startswith("error: the job ended with a process killed (status 9) and no "
+                                                "rank's watcher said which rank died"), p.stderr
+    assert "Traceback" not in p.stderr and "BAD TERMINATION" not in p.stdout
+
+
 def test_a_users_mistake_is_not_relaunched(model):
     p = supervised(model, 2, "1:1", "", "--steps", "0")
     assert p.returncode == 1
