@@ -30,11 +30,15 @@ from dataclasses import dataclass
 from enum import IntEnum
 
 import numpy as np
-from mpi4py import MPI
 
 from .errors import UserError
 from .model import Segment
 from .plan import chunk_counts
+
+# UCX (the mpich wheel's transport) takes SIGHUP as its signal to log at debug level, by default: a terminal's
+# hang-up then went on generating with UCX's debug lines in the text. Off, SIGHUP is spmd's (run.watched).
+os.environ.setdefault("UCX_DEBUG_SIGNO", "0")
+from mpi4py import MPI  # noqa: E402 (MPI starts here)
 
 # waiting on MPI: test without pause this long, then yielding the core until SPIN_S, then between naps up to NAP_MAX_S
 BUSY_S, SPIN_S, NAP_MAX_S = 1e-4, 0.05, 0.002

@@ -198,9 +198,9 @@ def write_stdout(piece):
 
 
 def main(argv=None):
-    """Ctrl-C, or a SIGTERM (mpirun passes both on to every rank), stops without a traceback, with the shell's
-    exit status for the signal (130, 143); under way, every rank stops together and rank 0's control socket file
-    is removed."""
+    """Ctrl-C, or a SIGTERM (mpirun passes both on to every rank) or a SIGHUP (a terminal closed), stops without a
+    traceback, with the shell's exit status for the signal (130, 143, 129); under way, every rank stops together and
+    rank 0's control socket file is removed."""
     try:
         watched()
         run(argv)
@@ -209,11 +209,12 @@ def main(argv=None):
 
 
 def watched():
-    """Supervised, a watcher process says which rank died (spmd.watch). A SIGTERM stops the rank as Ctrl-C does,
-    except a supervised rank other than 0, which dies of it (`term_is_loss`)."""
+    """Supervised, a watcher process says which rank died (spmd.watch). A SIGTERM or SIGHUP stops the rank as
+    Ctrl-C does, except a supervised rank other than 0, which dies of it (`term_is_loss`)."""
     from .watch import fork_rank
     fork_rank()
-    signal.signal(signal.SIGTERM, signal.SIG_DFL if term_is_loss() else interrupt)
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_DFL if term_is_loss() else interrupt)
 
 
 def term_is_loss():

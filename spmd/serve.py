@@ -124,6 +124,7 @@ def stop_on_signals(comm, inbox):
     signal.signal(signal.SIGINT, on_signal)
     if not term_is_loss():
         signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGHUP, on_signal)
 
 
 if __name__ == "__main__":
