@@ -34,6 +34,7 @@ import numpy as np
 from .errors import UserError
 from .model import Segment
 from .plan import chunk_counts
+from .shm import clean_up_after_abort
 
 # UCX (the mpich wheel's transport) takes SIGHUP as its signal to log at debug level, by default: a terminal's
 # hang-up then went on generating with UCX's debug lines in the text. Off, SIGHUP is spmd's (run.watched).
@@ -517,6 +518,8 @@ class Comm:
         self.comm.Barrier()
 
     def abort(self, code=1):
+        """Every rank taken down (MPI_Abort), this rank's MPICH shared-memory files removed once the job is gone."""
+        clean_up_after_abort()
         self.comm.Abort(code)
 
 

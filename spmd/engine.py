@@ -31,7 +31,8 @@ class Engine:
         start_sync, t0 = comm.sync_s, time.perf_counter()
         done = threading.Event()
         if comm.size > 1 and state.opts.wait_timeout > 0:
-            threading.Thread(target=watch, args=(comm, state.opts.wait_timeout, done), name="spmd-watchdog",
+            closing = state.control.close if state.control is not None else (lambda: None)  # its socket file
+            threading.Thread(target=watch, args=(comm, state.opts.wait_timeout, done, closing), name="spmd-watchdog",
                              daemon=True).start()
         try:
             if not comm.is_root:
@@ -50,10 +51,11 @@ class Engine:
         return self.driver.finish(result, ranks) if comm.is_root else None
 
 
-def watch(comm, timeout_s, done):
+def watch(comm, timeout_s, done, before_abort):
     """Every rank, while it generates: when no step record has come for `timeout_s` seconds (rank 0 a little
-    sooner, so that it is the one to say so), a rank has stopped or its host has gone; say it in one line and take
-    every rank down (MPI_Abort) instead of waiting for ever."""
+    sooner, so that it is the one to say so), a rank has stopped or its host has gone; say it in one line, call
+    `before_abort` (rank 0: its control socket closed, the file removed) and take every rank down (MPI_Abort)
+    instead of waiting for ever."""
     limit = timeout_s + (0 if comm.is_root else 5)
     comm.last_step_at = time.monotonic()
     while not done.wait(min(1.0, timeout_s / 4)):
@@ -61,5 +63,6 @@ def watch(comm, timeout_s, done):
         if waited > limit:
             print(f"error: rank {comm.rank} ({host_name()}): no step for {waited:.0f} s: another rank has stopped "
                   "or its host is gone (--wait-timeout)", file=sys.stderr, flush=True)
+            before_abort()
             time.sleep(0.5)  # for mpirun to pass the line on before the abort ends its forwarding
             comm.abort(1)

@@ -22,6 +22,7 @@ from .plan import make_plan, parse_layout
 from .prompts import PromptSpec, Work, read_prompts_file
 from .quants import FLOATS, NATIVE
 from .sampling import Sampler
+from .shm import remove_stale
 from .tokenizer import load_tokenizer
 from .stream import DeviceWindow, Window, choose, device_copies, in_memory
 from .weights import half_bytes, load_shard, share_file_bytes
@@ -96,7 +97,7 @@ def per_rank_choice(opts, comm):
     ranks."""
     local_index, local_count = comm.on_this_machine()  # a collective: before any check that could stop a rank
     if local_index == 0:
-        remove_stale_shared_memory()
+        remove_stale()  # MPICH's files an earlier job left behind (spmd.shm)
     for name in opts.backend.split(","):
         if name.strip() not in BACKENDS:
             raise UserError(f"--backend {name.strip()!r}: choose one of {', '.join(BACKENDS)}")
@@ -129,40 +130,6 @@ def cores_note(backend, asked, cores, host_cores, local_count):
     start = f"--threads {asked}, but this rank" if asked else "this rank"
     return (f"note: {start} may run on only {cores} of the host's {host_cores} cores (its CPU affinity, which a "
             f"launcher's binding sets: Open MPI's mpirun binds ranks to cores unless given --bind-to none): {threads}")
-
-
-SHM_DIR, SHM_PREFIX, SHM_AGE_S = "/dev/shm", "mpich_shm_", 60.0
-
-
-def remove_stale_shared_memory(folder=SHM_DIR, now=None):
-    """MPICH's shared-memory files (/dev/shm/mpich_shm_*) that a job ended abnormally left behind (a rank killed,
-    mpirun taken down): this user's, mapped by no process, older than a minute (a job starting now may not have
-    mapped its own yet). Run by one rank on each host as a job starts; returns the names removed."""
-    try:
-        names = [n for n in os.listdir(folder) if n.startswith(SHM_PREFIX)]
-    except OSError:
-        return []
-    if not names:
-        return []
-    mapped = set()
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                with open(f"/proc/{pid}/maps") as f:
-                    mapped.update(line.rsplit("/", 1)[-1].strip() for line in f if SHM_PREFIX in line)
-            except OSError:  # gone, or another user's
-                continue
-    removed, now = [], time.time() if now is None else now
-    for name in names:
-        path = os.path.join(folder, name)
-        try:
-            st = os.lstat(path)
-            if name not in mapped and st.st_uid == os.getuid() and now - st.st_mtime > SHM_AGE_S:
-                os.unlink(path)
-                removed.append(name)
-        except OSError:
-            pass
-    return removed
 
 
 def open_model(path):

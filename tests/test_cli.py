@@ -440,6 +440,7 @@ def test_a_signal_stops_every_rank_and_removes_the_socket(tmp_path, ranks, sig):
            "--threads", "1", "--control-socket", str(sock)]
     if ranks > 1:
         cmd = [MPIRUN, "-n", str(ranks), *cmd]
+    before = shm_files()
     p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert len(p.stdout.read(8)) == 8  # generating
     p.send_signal(sig)
@@ -447,7 +448,7 @@ def test_a_signal_stops_every_rank_and_removes_the_socket(tmp_path, ranks, sig):
     assert p.returncode == 128 + sig or ranks > 1 and p.returncode != 0  # mpirun reports in its own way
     assert "Traceback" not in err, err
     assert "UCX" not in out + err  # (a SIGHUP was UCX's debug signal: it went on, with debug lines in the text)
-    assert not sock.exists()
+    assert not sock.exists() and no_new_shm_files(before)  # (an abort left MPICH's file: its janitor, spmd.shm)
 
 
 @pytest.mark.parametrize("sig, status", [(None, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
@@ -481,39 +482,53 @@ def test_a_signal_inside_a_compiled_function_stops_like_any_other(monkeypatch, c
     assert "Traceback" not in capsys.readouterr().err
 
 
+def shm_files():
+    return {n for n in os.listdir("/dev/shm") if n.startswith("mpich_shm_")} if os.path.isdir("/dev/shm") else set()
+
+
+def no_new_shm_files(before, wait_s=20):
+    """Whether MPICH's files that came since `before` are all gone within `wait_s` (the janitor of an abort)."""
+    deadline = time.monotonic() + wait_s
+    while shm_files() - before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return not shm_files() - before
+
+
 def test_stale_mpich_shared_memory_is_removed_at_start(tmp_path):
     """MPICH's /dev/shm files left by a job that ended abnormally: a job's start removes this user's old ones that
     no process maps; a new one (a job starting) and a mapped one (a job running) stay."""
     import mmap
 
-    from spmd.rank import SHM_AGE_S, remove_stale_shared_memory
+    from spmd.shm import AGE_S, remove_stale
     old, new, mapped = (tmp_path / f"mpich_shm_{name}_0" for name in ("old", "new", "mapped"))
     for path in (old, new, mapped):
         path.write_bytes(b"\0" * 4096)
     (tmp_path / "other").write_bytes(b"x")
-    past = time.time() - SHM_AGE_S - 10
+    past = time.time() - AGE_S - 10
     for path in (old, mapped, tmp_path / "other"):
         os.utime(path, (past, past))
     with open(mapped, "r+b") as f, mmap.mmap(f.fileno(), 4096):
-        assert remove_stale_shared_memory(str(tmp_path)) == [old.name]
+        assert remove_stale(str(tmp_path)) == [old.name]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([new.name, mapped.name, "other"])
 
 
 @pytest.mark.parametrize("stopped", [1, 2])
-def test_a_stopped_rank_ends_the_job_after_the_wait_timeout(model, stopped):
+def test_a_stopped_rank_ends_the_job_after_the_wait_timeout(model, stopped, tmp_path):
     """A rank frozen mid-generation (SIGSTOP, the test hook SPMD_TEST_SIGNAL): the others no longer wait for ever;
-    after --wait-timeout rank 0 says so in one line and every rank is taken down."""
+    after --wait-timeout rank 0 says so in one line and every rank is taken down, leaving neither the control
+    socket's file nor MPICH's shared memory behind."""
     if MPIRUN is None:
         pytest.skip("mpirun not on PATH")
-    t = time.monotonic()
+    t, before, sock = time.monotonic(), shm_files(), tmp_path / "c.sock"
     p = subprocess.run([MPIRUN, "-n", "3", sys.executable, "-m", "spmd.run", "--model", str(model), "--steps", "25",
-                        "--ratios", "1*1:1", "--wait-timeout", "2", "--control-socket", "none"],
+                        "--ratios", "1*1:1", "--wait-timeout", "2", "--control-socket", str(sock)],
                        cwd=ROOT, capture_output=True, text=True, timeout=60,
                        env={**os.environ, "SPMD_TEST_SIGNAL": f"{stopped}:4:STOP"})
     assert p.returncode != 0 and time.monotonic() - t < 45
     errors = [line for line in p.stderr.splitlines() if line.startswith("error")]
     assert len(errors) == 1 and errors[0].startswith("error: rank 0 (") and errors[0].endswith(
         "no step for 2 s: another rank has stopped or its host is gone (--wait-timeout)"), p.stderr
+    assert not sock.exists() and no_new_shm_files(before)
 
 
 def test_ranks_waiting_for_a_stopped_rank_do_not_spin(model):

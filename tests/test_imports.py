@@ -19,7 +19,7 @@ PURE = ("spmd.plan", "spmd.replan", "spmd.model", "spmd.config", "spmd.weights",
 # in a fraction of a second: none of them loads numpy, the gguf package or numba (a migration request that took
 # 0.14 s longer to start, through spmd.plan importing the weight types, came after the answers it was meant for)
 LIGHT = ("spmd.choices", "spmd.plan", "spmd.replan", "spmd.client", "spmd.control", "spmd.migrate", "spmd.launch",
-         "spmd.supervise")
+         "spmd.supervise", "spmd.shm")
 
 
 def loads_mpi(module: str, other="mpi4py") -> bool:

@@ -1,0 +1,81 @@
+"""MPICH's shared-memory files (/dev/shm/mpich_shm_*): MPI_Finalize removes a job's own, MPI_Abort does not. A job
+that ends by an abort (Ctrl-C or SIGTERM on several ranks, --wait-timeout, a bug) leaves a file of a few MB per
+host in memory. Two things keep /dev/shm clean: an aborting rank starts a janitor (`clean_up_after_abort`), a
+process of its own that removes the files this rank maps once no process maps them any more; and a job's start
+removes what an abort had no chance to clean (a rank killed, mpirun taken down: `remove_stale`). Standard library
+only: the janitor starts a fresh interpreter on this module (`python -m spmd.shm PATH ...`)."""
+import os
+import subprocess
+import sys
+import time
+
+FOLDER, PREFIX, AGE_S = "/dev/shm", "mpich_shm_", 60.0
+JANITOR_WAIT_S, JANITOR_LOOK_S = 30.0, 0.2  # how long the janitor waits for the job's processes to end; how often
+
+
+def mapped_names(pids=None, skip=()):
+    """The names of MPICH's files that processes (`pids`, default all readable ones but those in `skip`) map."""
+    names = set()
+    for pid in pids if pids is not None else (p for p in os.listdir("/proc") if p.isdigit()):
+        if str(pid) in skip:
+            continue
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                names.update(line.rsplit("/", 1)[-1].strip() for line in f if PREFIX in line)
+        except OSError:  # gone, or another user's
+            continue
+    return names
+
+
+def remove_stale(folder=FOLDER, now=None):
+    """The files of a job that ended abnormally: this user's, mapped by no process, older than a minute (a job
+    starting now may not have mapped its own yet). Run by one rank on each host as a job starts; returns the names
+    removed."""
+    try:
+        names = [n for n in os.listdir(folder) if n.startswith(PREFIX)]
+    except OSError:
+        return []
+    if not names:
+        return []
+    mapped, removed, now = mapped_names(), [], time.time() if now is None else now
+    for name in names:
+        path = os.path.join(folder, name)
+        try:
+            st = os.lstat(path)
+            if name not in mapped and st.st_uid == os.getuid() and now - st.st_mtime > AGE_S:
+                os.unlink(path)
+                removed.append(name)
+        except OSError:
+            pass
+    return removed
+
+
+def clean_up_after_abort():
+    """Before this rank calls MPI_Abort: a janitor process, in a session of its own (mpirun's teardown does not
+    reach it), removes the files this rank maps once no process maps them (JANITOR_WAIT_S at most). Never fails."""
+    try:
+        mine = sorted(mapped_names([os.getpid()]))
+        if mine:
+            subprocess.Popen([sys.executable, "-m", "spmd.shm", *(os.path.join(FOLDER, n) for n in mine)],
+                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True, cwd="/")
+    except Exception:  # an abort goes on whatever happens here
+        pass
+
+
+def janitor(paths, wait_s=JANITOR_WAIT_S):
+    """Remove `paths` once no other process maps them; give up after `wait_s` (the next job's start removes them)."""
+    names = {os.path.basename(p): p for p in paths}
+    deadline = time.monotonic() + wait_s
+    while names and time.monotonic() < deadline:
+        mapped = mapped_names(skip=(str(os.getpid()),))
+        for name in [n for n in names if n not in mapped]:
+            try:
+                os.unlink(names.pop(name))
+            except OSError:
+                pass
+        time.sleep(JANITOR_LOOK_S)
+
+
+if __name__ == "__main__":
+    janitor(sys.argv[1:])
