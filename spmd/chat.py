@@ -93,6 +93,9 @@ def start_local_server():
 def cli(url, model, system, max_tokens, temperature, seed):
     """Chat with an spmd.serve server in the terminal."""
     local = None
+    if url is not None and not re.fullmatch(r"https?://[^/\s]+(/\S*)?", url):
+        raise click.BadParameter(f"{url!r} is not an http:// or https:// address (http://HOST:PORT)",
+                                 param_hint="--url")
     if url is None:
         url = DEFAULT_URL
         if not answers(url):
@@ -111,9 +114,12 @@ def chat(url, model, system, max_tokens, temperature, seed):
     import openai
     client = openai.OpenAI(base_url=url.rstrip("/") + "/v1", api_key="none", max_retries=0, timeout=600)
     try:
-        model = model or client.models.list().data[0].id
-    except (openai.APIError, IndexError) as e:
+        served = [m.id for m in client.models.list().data]  # (with --model too: is a server there at all?)
+    except openai.APIError as e:
         raise click.ClickException(f"no server answers at {url} ({getattr(e, 'message', e)})") from None
+    if not served and model is None:
+        raise click.ClickException(f"the server at {url} lists no model: give --model")
+    model = model or served[0]
     options = dict(max_tokens=max_tokens, temperature=temperature, **({"seed": seed} if seed is not None else {}))
     start = [{"role": "system", "content": system}] if system else []
     messages = list(start)

@@ -241,7 +241,8 @@ def llama2c(checkpoint, tokenizer, out, outtype):
     except UserError as e:
         raise click.ClickException(str(e)) from None
     except OSError as e:
-        raise click.ClickException(f"{e.filename or out}: {e.strerror or e}") from None
+        where = out if str(e.filename or "").startswith(f"{out}.part-") else (e.filename or out)  # (its temporary)
+        raise click.ClickException(f"{where}: {e.strerror or e}") from None
     click.echo(f"wrote {out}: {c['n_layers']} layers, dim {c['dim']}, vocab {c['vocab_size']}, {outtype}")
 
 

@@ -15,12 +15,15 @@ def click_error_line(e, prog) -> str:
     return f"error: {e.format_message()}{hint}"
 
 
-def click_main(command, prog, argv=None):
+def click_main(command, prog, argv=None, passed_on=()):
     """Run a click command as the program `prog`: a usage mistake is one line on stderr (`click_error_line`), exit
-    2; its other errors one line `error: ...` (as spmd.run's), exit 1; Ctrl-C exit 130."""
+    2; its other errors one line `error: ...` (as spmd.run's), exit 1; Ctrl-C exit 130. Errors of the classes in
+    `passed_on` are raised to the caller instead (to say more)."""
     import click
     try:
         code = command.main(args=argv, prog_name=prog, standalone_mode=False)
+    except tuple(passed_on):
+        raise
     except click.ClickException as e:  # (a UsageError too, which click_error_line tells where --help is)
         click.echo(click_error_line(e, prog), err=True)
         sys.exit(e.exit_code)

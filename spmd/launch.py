@@ -17,6 +17,7 @@ import signal
 if __name__ == "__main__":  # a Ctrl-C while the imports below run (0.3 s after start on a loaded machine): 130,
     signal.signal(signal.SIGINT, lambda *_: os._exit(130))  # no traceback; nothing has started yet
 
+import re  # noqa: E402
 import shutil  # noqa: E402
 import socket  # noqa: E402
 import sys  # noqa: E402
@@ -52,9 +53,11 @@ def parse_hostfile(path):
         host, _, slots = text.partition(":")
         if ("#" in text or " " in text or not host or (slots and not is_whole_number(slots)) or slots == "0"
                 or len(slots) > 6):
+            openmpi = re.fullmatch(r"(\S+)\s+slots\s*=\s*(\d+)", text)  # Open MPI's form
+            hint = f": write {openmpi[1]}:{openmpi[2]}" if openmpi else ""
             raise click.ClickException(
                 f"{path} line {number}: {text!r} is not HOST or HOST:SLOTS (MPICH format, SLOTS 1-999999; comments "
-                "go on their own lines)")
+                f"go on their own lines){hint}")
         hosts.append((number, host, int(slots or 1)))
     if not hosts:
         raise click.ClickException(f"{path} names no hosts")
@@ -146,7 +149,12 @@ def _stop(_signum, _frame):
 
 
 def main():
-    click_main(cli, "python -m spmd.launch")
+    try:
+        click_main(cli, "python -m spmd.launch", passed_on=(click.NoSuchOption,))
+    except click.NoSuchOption as e:  # most often spmd.run's own flag given before "--"
+        click.echo(f"error: {e.format_message()} The job's own flags go after --, as in python -m spmd.launch -n 2 "
+                   f"-- {e.option_name} ... (see python -m spmd.launch --help)", err=True)
+        sys.exit(e.exit_code)
 
 
 if __name__ == "__main__":

@@ -586,8 +586,8 @@ class RankState:
                 capped.append(spec.where)
             work.append(Work(index, ids, min(steps, self.cfg.context - len(ids)), spec))
         if capped:
-            self.log(f"note: {capped[0]}{f' and {len(capped) - 1} more' if len(capped) > 1 else ''}: the steps "
-                     f"would pass the model's context of {self.cfg.context}; generating up to it")
+            self.log(f"note: {capped[0]}{f' and {len(capped) - 1} more' if len(capped) > 1 else ''}: its prompt and "
+                     f"steps would pass the model's context of {self.cfg.context} positions; generating up to it")
         return tok, work
 
     def _check_resume(self):

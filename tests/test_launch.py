@@ -31,6 +31,7 @@ def launch(tmp_path, hostfile_text, *args):
     # 127.0.0.2 is this machine's loopback, where no ssh server listens: refused, as a host that is down would be
     ("localhost:1\n127.0.0.2:1\n", "line 2: host 127.0.0.2 is unreachable on ssh port 22"),
     ("localhost slots=2\n", "line 1: 'localhost slots=2' is not HOST or HOST:SLOTS"),
+    ("localhost slots=2\n", "own lines): write localhost:2"),  # Open MPI's form: what to write instead
     ("localhost:2   # the desktop\n", "comments go on their own lines"),
     ("# nothing\n", "names no hosts"),
     ("foo..bar:1\n", "line 1: host 'foo..bar' does not resolve"),
@@ -83,3 +84,11 @@ def test_a_rank_count_beyond_a_household_is_refused(count):
 def test_hostfile_slots_beyond_a_household_are_refused(tmp_path):
     p = launch(tmp_path, "localhost:999\nlocalhost:999\n", "--", "--help")
     assert p.returncode == 1 and "slots make 1998 ranks; at most 1024" in p.stderr
+
+
+def test_a_jobs_flag_before_the_separator_says_where_it_goes():
+    p = subprocess.run([sys.executable, "-m", "spmd.launch", "-n", "2", "--prompt", "hi"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=30)
+    assert p.returncode == 2 and p.stdout == ""
+    assert p.stderr.splitlines() == ["error: No such option '--prompt'. The job's own flags go after --, as in "
+                                     "python -m spmd.launch -n 2 -- --prompt ... (see python -m spmd.launch --help)"]

@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -349,6 +350,20 @@ def test_chat_cli(served):
     assert p.returncode == 0, p.stderr
     assert p.stdout == f"{want}\n{want}\n"  # the same answer again after /reset forgot the first turn
     assert "chatting with chat.gguf" in p.stderr and "(conversation forgotten)" in p.stderr
+
+
+def test_the_chat_says_where_no_server_answers():
+    """A --url that is no address, or where nothing listens (with --model too, which used to skip the check and
+    chat on with an error a turn): one line, exit 1 or 2."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        free = s.getsockname()[1]  # (closed below: nothing listens there)
+    for args, status, said in [(["--url", "notaurl"], 2, "is not an http:// or https:// address"),
+                               (["--url", f"http://127.0.0.1:{free}", "--model", "m"], 1, "no server answers at")]:
+        p = subprocess.run([sys.executable, "-m", "spmd.chat", *args], input="Hello\n", cwd=ROOT,
+                           capture_output=True, text=True, timeout=60)
+        assert p.returncode == status and p.stdout == "" and len(p.stderr.splitlines()) == 1, p.stderr
+        assert said in p.stderr
 
 
 @pytest.mark.skipif(MPIRUN is None, reason="no mpirun")
