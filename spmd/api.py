@@ -304,6 +304,35 @@ def _prompt(body):
 
 
 # ---- the server ----------------------------------------------------------------------------------------------
+class Cors:
+    """--cors: pages of these origins ("*": any) may call the API from a browser. A preflight (OPTIONS with
+    Access-Control-Request-Method) from one of them is answered 204; every response to one of them, streams
+    included, carries Access-Control-Allow-Origin. Without --cors nothing changes (the page at / needs none)."""
+
+    def __init__(self, origins):
+        self.origins = tuple(origins)
+
+    def allows(self, request):
+        origin = request.headers.get("Origin")
+        return origin is not None and ("*" in self.origins or origin in self.origins)
+
+    @web.middleware
+    async def middleware(self, request, handler):
+        if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers and self.allows(request):
+            return web.Response(status=204)
+        return await handler(request)
+
+    async def headers(self, request, response):  # (aiohttp's on_response_prepare: before the headers go out)
+        if not self.allows(request):
+            return
+        response.headers["Access-Control-Allow-Origin"] = "*" if "*" in self.origins else request.headers["Origin"]
+        response.headers["Vary"] = "Origin"
+        if request.method == "OPTIONS":
+            response.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
+            response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type"
+            response.headers["Access-Control-Max-Age"] = "600"
+
+
 class Connections:
     """Closes a connection that holds no request in progress for IDLE_S: a client sending its headers a byte at a
     time, or an idle keep-alive, holds a connection (a file descriptor) that long at most, where aiohttp bounds
@@ -338,13 +367,16 @@ class Server:
     """The HTTP server on its own thread. `start()` binds (an OSError if it cannot), `open(gateway)` once the
     model has loaded, `stop()` at the end."""
 
-    def __init__(self, host, port, model_id, queue_limit):
+    def __init__(self, host, port, model_id, queue_limit, cors=()):
         self.host, self.port, self.model_id, self.queue_limit = host, port, model_id, queue_limit
         self.gateway, self.created = None, int(time.time())
         self.active = 0  # requests accepted and not yet answered (on the loop's thread only)
         self.loop, self._thread, self._runner = None, None, None
         self.connections = Connections()
-        app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[self.connections.middleware, json_errors])
+        cors = Cors(cors)
+        app = web.Application(client_max_size=MAX_BODY_BYTES,
+                              middlewares=[self.connections.middleware, cors.middleware, json_errors])
+        app.on_response_prepare.append(cors.headers)
         app.add_routes([web.get("/health", self.health), web.get("/v1/models", self.models),
                         web.get("/v1/models/{id}", self.model),
                         web.post("/v1/completions", self.completions),

@@ -48,14 +48,14 @@ class Front:
     """The supervisor's side. `lines(ready)` -> what to send the job now; `apply(event)` takes a journal event;
     `lost()` when a job has ended; `close()` at the end."""
 
-    def __init__(self, host, port, model_id, queue_limit, log, recovers=True):
+    def __init__(self, host, port, model_id, queue_limit, cors, log, recovers=True):
         from .api import Inbox, Server, listen_error
         self.log, self.model_id, self.host, self.recovers = log, model_id, host, recovers
         self.wake, self._wake_w = os.pipe()  # the supervisor's select wakes as a request comes
         for fd in (self.wake, self._wake_w):
             os.set_blocking(fd, False)
         self.inbox = Inbox(on_wake=self._wake)
-        self.server = Server(host, port, model_id, queue_limit)
+        self.server = Server(host, port, model_id, queue_limit, cors)
         try:
             self.server.start()
         except OSError as e:

@@ -134,14 +134,15 @@ def cli(hostfile, ranks, timeout, serve, no_recover, max_recoveries, progress_ti
 
 
 def server_flags(run_args):
-    """spmd.serve's flags the supervisor's HTTP side takes: (host, port, model id, queue limit). A mistake in any
-    flag, or --help, ends here as spmd.serve would, before the port is bound."""
+    """spmd.serve's flags the supervisor's HTTP side takes: (host, port, model id, queue limit, CORS origins). A
+    mistake in any flag, or --help, ends here as spmd.serve would, before the port is bound."""
     from .run import EMBEDDED_MODEL, parse_args
     from .serve import cli
     kw = parse_args(list(run_args), True, cli, "python -m spmd.serve")
     if isinstance(kw, int):
         sys.exit(kw)
-    return kw["host"], kw["port"], kw["alias"] or os.path.basename(kw["model"] or EMBEDDED_MODEL), kw["queue_limit"]
+    model_id = kw["alias"] or os.path.basename(kw["model"] or EMBEDDED_MODEL)
+    return kw["host"], kw["port"], model_id, kw["queue_limit"], kw["cors"]
 
 
 def _stop(_signum, _frame):

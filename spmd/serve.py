@@ -4,6 +4,7 @@ serves HTTP (spmd.api) while every rank runs the model (the driver takes the req
 end, every rank exits with status 0, the control socket file is removed."""
 from . import needs  # noqa: F401 (first: one line, not a traceback, where this Python lacks the set-up)
 import os
+import re
 import signal
 import sys
 import threading
@@ -28,6 +29,9 @@ STOP_GRACE_S = 20.0  # a rank told to stop waits this long for rank 0's STOP bef
 @click.option("--queue", "queue_limit", default=32, show_default=True, type=click.IntRange(min=0), metavar="N",
               help="Requests that may wait for a free sequence; more are answered 429 with Retry-After.")
 @click.option("--alias", default=None, metavar="NAME", help="The model's id in the API. Default: the file's name.")
+@click.option("--cors", default=None, metavar="ORIGIN[,ORIGIN...]", callback=lambda _c, _p, v: cors_origins(v),
+              help="Let pages of these origins (http://host:port, or * for any) call the API from a browser. "
+                   "Default: none (the page at / needs none).")
 @click.option("--journal", default=None, hidden=True, help="spmd.supervise's pipe (spmd.journal).")
 @click.option("--requests", default=None, hidden=True,
               help="spmd.front's pipe: the requests come from the supervisor, which serves HTTP.")
@@ -39,6 +43,17 @@ def cli(**kw):
     Run it on every rank: mpirun -n 3 python -m spmd.serve --model m.gguf --ratios 2:3:3 --port 8080
     """
     return kw
+
+
+def cors_origins(text):
+    """--cors -> a tuple of origins ("*", or scheme://host[:port] each); click's BadParameter where one is not."""
+    if text is None:
+        return ()
+    origins = tuple(o.strip().rstrip("/") for o in text.split(","))
+    for origin in origins:
+        if origin != "*" and not re.fullmatch(r"https?://[^/\s:]+(:\d{1,5})?", origin):
+            raise click.BadParameter(f"{origin!r} is not an origin (http://HOST[:PORT], https://..., or *)")
+    return origins
 
 
 def main(argv=None):
@@ -62,7 +77,7 @@ def run(argv):
     from .rank import agree
     log = root_log(comm)
     note = model_or_embedded(kw)
-    host, port, queue_limit = kw.pop("host"), kw.pop("port"), kw.pop("queue_limit")
+    host, port, queue_limit, cors = kw.pop("host"), kw.pop("port"), kw.pop("queue_limit"), kw.pop("cors")
     model_id = kw.pop("alias") or os.path.basename(kw["model"])
     requests = kw.pop("requests")  # supervised (spmd.front): the supervisor serves HTTP
     journal = supervised(comm, log, kw.pop("journal"))
@@ -71,7 +86,7 @@ def run(argv):
                                             and requests is not None else None))
     server, failed = None, None
     if comm.is_root and feed is None:
-        server = Server(host, port, model_id, queue_limit)
+        server = Server(host, port, model_id, queue_limit, cors)
         try:
             server.start()  # /health answers 503 while the model loads
         except OSError as e:

@@ -291,7 +291,7 @@ class Supervisor:
     def __init__(self, mpirun, hosts, n_ranks, run_args, progress_timeout=10.0, max_recoveries=3,
                  probe_timeout=2.0, env=None, serve=None):
         self.mpirun, self.run_args = mpirun, list(run_args)
-        self.serve, self.front = serve, None  # spmd.serve: (host, port, model id, queue limit); its spmd.front
+        self.serve, self.front = serve, None  # spmd.serve: launch.server_flags' answer; its spmd.front
         self.progress_timeout, self.max_recoveries, self.probe_timeout = progress_timeout, max_recoveries, probe_timeout
         self.env = dict(os.environ if env is None else env, SPMD_WATCH="1")  # each rank's watcher: spmd.watch
         per_rank = [h for h, slots in hosts for _ in range(slots)] if hosts else ["localhost"]

@@ -264,3 +264,43 @@ def test_a_request_that_is_not_http_is_400_and_one_line_on_the_servers_stderr(ca
     said = [r for r in caplog.records if r.name == "aiohttp.server"]
     assert said and all(r.exc_info is None and "\n" not in r.getMessage() for r in said)
     assert all(r.getMessage().startswith("note: Error handling request from 127.0.0.1: BadHttpMessage") for r in said)
+
+
+PAGE = "http://page.example:8000"
+
+
+@pytest.mark.parametrize("cors, origin, allowed", [
+    ((PAGE,), PAGE, True), ((PAGE,), "http://other.example", False), (("*",), "http://any.example", True),
+    ((), "http://a.example", False)])
+def test_cors_lets_the_named_origins_call_the_api(cors, origin, allowed):
+    """--cors: a preflight from an allowed origin is 204 with the methods and headers a browser asks about, and
+    responses to it (errors included) name it; other origins, and a server without --cors, get no such header
+    (and a preflight its 405, as before)."""
+    server = Server("127.0.0.1", 0, "m", 4, cors)
+    server.start()
+    try:
+        server.open(Gateway(inbox=None, tokenizer=None, template=None, context=8, n_known=8, slots=1))
+        url = f"http://127.0.0.1:{server.port}"
+        preflight = urllib.request.Request(url + "/v1/chat/completions", method="OPTIONS", headers={
+            "Origin": origin, "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "content-type, authorization"})
+        try:
+            with urllib.request.urlopen(preflight, timeout=10) as r:
+                status, headers = r.status, r.headers
+        except urllib.error.HTTPError as e:
+            status, headers = e.code, e.headers
+        assert status == (204 if allowed else 405)
+        want = ("*" if cors == ("*",) else origin) if allowed else None
+        assert headers.get("Access-Control-Allow-Origin") == want
+        if allowed:
+            assert "POST" in headers["Access-Control-Allow-Methods"]
+            assert "Content-Type" in headers["Access-Control-Allow-Headers"]
+        with urllib.request.urlopen(urllib.request.Request(url + "/v1/models", headers={"Origin": origin}),
+                                    timeout=10) as r:
+            assert r.headers.get("Access-Control-Allow-Origin") == want
+        with pytest.raises(urllib.error.HTTPError) as e:  # an error answer too (a browser reads it only so)
+            urllib.request.urlopen(urllib.request.Request(url + "/v1/completions", data=b"[", headers={
+                "Origin": origin, "Content-Type": "application/json"}), timeout=10)
+        assert e.value.code == 400 and e.value.headers.get("Access-Control-Allow-Origin") == want
+    finally:
+        server.stop()

@@ -194,7 +194,7 @@ def test_the_front_sends_requests_again_after_a_relaunch(model):
     from spmd.front import Front
     from spmd.prompts import PromptSpec, Work
     logged = []
-    front = Front("127.0.0.1", 0, "m", 4, logged.append)
+    front = Front("127.0.0.1", 0, "m", 4, (), logged.append)
     try:
         ready = {"ev": "ready", "model": model, "tokenizer": None, "context": 96, "n_known": 512, "slots": 2}
         a, b = Sink(), Sink()
