@@ -30,11 +30,11 @@ IDLE_S = 10.0  # a connection without a request in progress for this long is clo
 MAX_STOPS, MAX_STOP_CHARS = 16, 256
 STATUS_WAIT_S = 10.0  # the driver answers /cluster at its next token boundary; it is there within a token
 CHECK_CLIENT_S = 0.25  # how often a request waiting for its next token looks whether its client is still there
-# OpenAI fields that change what is generated and that spmd does not do: refused unless at their no-op value
-UNSUPPORTED = {"frequency_penalty": 0, "presence_penalty": 0, "logit_bias": None, "logprobs": None,
-               "top_logprobs": None, "tools": None, "tool_choice": None, "functions": None,
-               "response_format": {"type": "text"},
-               "echo": False, "best_of": 1, "suffix": None}
+# OpenAI fields that change what is generated and that spmd does not do: refused unless at a no-op value (null,
+# false, [] and {} are one for each)
+UNSUPPORTED = {"frequency_penalty": (0,), "presence_penalty": (0,), "logit_bias": (), "logprobs": (),
+               "top_logprobs": (0,), "tools": (), "tool_choice": ("none", "auto"), "functions": (),
+               "response_format": ({"type": "text"},), "echo": (), "best_of": (1,), "suffix": ("",)}
 FINISH = {"eos": "stop", "length": "length"}  # the driver's end -> OpenAI's finish_reason
 
 
@@ -240,8 +240,10 @@ def _sampling(body):
     """The request's sampling fields, checked."""
     for name, neutral in UNSUPPORTED.items():
         value = body.get(name)
-        if not (value is None or value is False or value in ([], {}) or value == neutral):
-            raise BadRequest(f"'{name}' is not supported by spmd (only {json.dumps(neutral)})", name)
+        if not (value is None or value is False or value in ([], {}) or any(value == n for n in neutral)) \
+                or isinstance(value, bool) and value and neutral:
+            said = " or ".join(json.dumps(n) for n in (None, *neutral)) if neutral else "null or false"
+            raise BadRequest(f"'{name}' is not supported by spmd (only {said})", name)
     if body.get("n") not in (None, 1) or isinstance(body.get("n"), bool):
         raise BadRequest("'n' must be 1: one answer a request", "n")
     caps = [_number(body, name, 1, 2**31 - 1, None, integer=True) for name in ("max_completion_tokens", "max_tokens")]

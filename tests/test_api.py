@@ -88,8 +88,12 @@ def test_request_checks():
         with pytest.raises(BadRequest) as e:
             _sampling(body)
         assert e.value.param == param
-    assert _sampling({"frequency_penalty": 0, "logit_bias": {}, "logprobs": False,
-                      "response_format": {"type": "text"}})["max_tokens"] is None
+    assert _sampling({"frequency_penalty": 0, "logit_bias": {}, "logprobs": False, "top_logprobs": 0, "suffix": "",
+                      "tool_choice": "none", "response_format": {"type": "text"}})["max_tokens"] is None  # no-ops
+    for body in ({"top_logprobs": 2}, {"suffix": "x"}, {"tool_choice": "required"}, {"best_of": True},
+                 {"echo": True}):
+        with pytest.raises(BadRequest, match="is not supported by spmd"):
+            _sampling(body)
     assert _messages({"messages": [{"role": "assistant", "content": None}]}) == [{"role": "assistant", "content": ""}]
     for given, cap in [({"max_tokens": 5, "max_completion_tokens": None}, 5), ({"max_completion_tokens": 3}, 3),
                        ({"max_tokens": 5, "max_completion_tokens": 7}, 7), ({"max_tokens": None}, None)]:
