@@ -58,7 +58,7 @@ def clean_up_after_abort():
         if mine:
             subprocess.Popen([sys.executable, "-m", "spmd.shm", *(os.path.join(FOLDER, n) for n in mine)],
                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             start_new_session=True, cwd="/")
+                             start_new_session=True)
     except Exception:  # an abort goes on whatever happens here
         pass
 
