@@ -6,10 +6,11 @@ the OOM killer, a crash) the parent says so in one line on stderr, which mpirun 
 
 That is how the supervisor knows which rank died: mpirun's own banner names whichever process it saw end first,
 often one it killed itself while taking the job down. The child dies with its parent (PR_SET_PDEATHSIG), so a job
-taken down (mpirun kills the processes it started: the parents) leaves no rank behind. A signal the parent gets
-(Ctrl-C, SIGTERM passed on by mpirun) goes on to the child, which has a process group of its own so that a
-signal mpirun sends the group comes once (twice, a Ctrl-C is a server's "stop at once"). Pure standard library:
-nothing is imported before the fork that the parent does not need."""
+taken down (mpirun kills the processes it started: the parents) leaves no rank behind; a watcher killed itself
+(SIGKILL: it passes every other signal on) takes its rank with it and names nobody, which the supervisor says. A
+signal the parent gets (Ctrl-C, SIGTERM passed on by mpirun) goes on to the child, which has a process group of
+its own so that a signal mpirun sends the group comes once (twice, a Ctrl-C is a server's "stop at once"). Pure
+standard library: nothing is imported before the fork that the parent does not need."""
 import ctypes
 import os
 import signal
