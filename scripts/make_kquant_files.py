@@ -1,8 +1,9 @@
 """Write tests/kquant/*.gguf: small K-quant files made by llama.cpp's own quantiser, as people download them.
 
 Each is a random F32 model from spmd.synth, quantised by `llama-quantize` (scripts/build_llama_cpp.sh builds it, or
-$LLAMA_QUANTIZE) into one of llama.cpp's file types: Q4_K_M and Q5_K_M (Q6_K where more bits go), Q6_K, and a
-Q4_K_M whose rows of 96 are not whole 256-element super-blocks (llama.cpp's fallback types). tests/test_kquant.py
+$LLAMA_QUANTIZE) into one of llama.cpp's file types: Q4_K_M and Q5_K_M (Q6_K where more bits go), Q6_K, a
+Q4_K_M whose rows of 96 are not whole 256-element super-blocks (llama.cpp's fallback types), Q3_K_M and IQ4_NL (held
+as Q6_K and Q8_0), and Q2_K (with Q3_K where more bits go). tests/test_kquant.py
 checks spmd's greedy tokens on them against tests/reference.py, which dequantises with the gguf package.
 
     python scripts/make_kquant_files.py [--out tests/kquant]
@@ -25,7 +26,8 @@ K_SHAPE = Shape(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, ffn=512, vocab=512
 ODD_SHAPE = Shape(dim=96, n_layers=2, n_heads=4, n_kv_heads=2, ffn=160, vocab=512, context=64)
 # file name -> (shape, seed, llama-quantize's type)
 FILES = {"q4_k_m": (K_SHAPE, 11, "Q4_K_M"), "q5_k_m": (K_SHAPE, 12, "Q5_K_M"), "q6_k": (K_SHAPE, 13, "Q6_K"),
-         "q4_k_m_rows96": (ODD_SHAPE, 14, "Q4_K_M")}
+         "q4_k_m_rows96": (ODD_SHAPE, 14, "Q4_K_M"), "q3_k_m": (K_SHAPE, 15, "Q3_K_M"),
+         "iq4_nl": (K_SHAPE, 16, "IQ4_NL"), "q2_k": (K_SHAPE, 17, "Q2_K")}
 
 
 def main():

@@ -128,13 +128,13 @@ def fit(shares, unit_bytes, times, rows) -> dict:
 
 
 def model_bytes(file, cfg) -> dict:
-    """Bytes the planner counts per unit, as the file holds them."""
-    from .weights import share_file_bytes
+    """Bytes the planner counts per unit, as the engine holds them (`spmd.quants.held_type`)."""
+    from .weights import share_bytes
     blocks = tuple(range(n_ffn_blocks(cfg.ffn_dim)))
     none = Share(0, (0, 1), (), cfg.group, (), cfg.ffn_dim, 0, 0)
     per = {"kv_group": replace(none, kv=(0,)), "ffn_block": replace(none, ffn_blocks=blocks[:1]),
            "vocab_row": replace(none, layers=(0, 0), n_vocab=1)}
-    out = {k: share_file_bytes(file, cfg, s) for k, s in per.items()}
+    out = {k: share_bytes(file, cfg, s) for k, s in per.items()}
     return {"layer": 2 * cfg.dim * 4, **out}  # the layer's two norms, float32
 
 

@@ -18,6 +18,16 @@ terms (f16: a float16; q: a row's integer, nibble `lo` plus high bits `hi`):
   Q6_K  (210 B / 256) 128 bytes lo, 64 bytes hi (2 bits each), 16 int8 sc (one per 16 elements), f16 d: element
                       128h + 32k + i is lo: byte 64h + 32(k % 2) + i, nibble k // 2; hi: byte 32h + i, bits 2k..2k+1
                                                                        d * sc * (q - 32)
+  Q2_K  (84 B / 256)  16 bytes: sixteen (sc, m) nibble pairs (low: sc), one per 16 elements; 64 bytes q (2 bits
+                      each, laid out as Q3_K's lo below); f16 d, f16 dmin   d * sc * q - dmin * m
+  Q3_K  (110 B / 256) 32 bytes hi, 64 bytes lo (2 bits each), 12 bytes of sixteen 6-bit sc (one per 16 elements,
+                      stored plus 32), f16 d: element 128h + 32k + i is lo: byte 32h + i, bits 2k..2k+1; hi: byte i,
+                      bit 4h + k, set for q >= 0; sc s: nibble s // 8 of byte s % 8, top bits 2(s // 4).. of byte
+                      8 + s % 4                                        d * sc * (q - 4)
+  IQ4_NL (18 B / 32)  f16 d, 16 bytes as Q4_0, each nibble an index into IQ4_NL_VALUES    d * value
+Q3_K and IQ4_NL are held as another type with the same numbers (`HELD`, `transcode`): Q3_K as Q6_K (q in 28..35, sc
+in -32..31; 210 bytes for the file's 110, where F32 would take 1024), IQ4_NL as Q8_0 (its table's values are int8s;
+34 bytes for 18). The kernels of Q6_K and Q8_0 then compute them unchanged.
 """
 import functools
 from dataclasses import dataclass
@@ -27,12 +37,15 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 from gguf import quants as gguf_quants
 
 # Types the engine computes with as stored; any other type is dequantised to F32 at load.
-NATIVE = (T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K)
+NATIVE = (T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q2_K, T.Q4_K, T.Q5_K, T.Q6_K)
 FLOATS = (T.F32, T.F16, T.BF16)  # float matrices: float activations under --activations int8 too
-K_QUANTS = (T.Q4_K, T.Q5_K, T.Q6_K)  # 256-element super-blocks
+HELD = {T.Q3_K: T.Q6_K, T.IQ4_NL: T.Q8_0}  # types held as a native type that has the same numbers (`transcode`)
+IQ4_NL_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.int16)
+KEPT_EXACTLY = NATIVE + tuple(HELD)  # types held with the file's numbers (a lookup on the device gives the host's)
+K_QUANTS = (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K)  # 256-element super-blocks
 # byte offsets of each block's float16 fields (d, then m or dmin where the type has one)
 F16_FIELDS = {T.Q8_0: (0,), T.Q4_0: (0,), T.Q4_1: (0, 2), T.Q5_0: (0,), T.Q5_1: (0, 2), T.Q4_K: (0, 2),
-              T.Q5_K: (0, 2), T.Q6_K: (208,)}
+              T.Q5_K: (0, 2), T.Q6_K: (208,), T.Q2_K: (80, 82), T.Q3_K: (108,), T.IQ4_NL: (0,)}
 BLOCK = 32  # elements per block of the 32-element quant types, and the unit FFN columns are split in
 SUPER = 256  # elements per K-quant super-block
 
@@ -40,6 +53,12 @@ SUPER = 256  # elements per K-quant super-block
 def block_size(qtype) -> int:
     """Elements per block (1 for plain float types)."""
     return GGML_QUANT_SIZES[qtype][0]
+
+
+def held_type(qtype):
+    """The type the engine keeps a file's `qtype` weights in: itself where native, `HELD`'s (Q3_K: Q6_K, IQ4_NL:
+    Q8_0), else F32 (dequantised at load)."""
+    return qtype if qtype in NATIVE else HELD.get(qtype, T.F32)
 
 
 def row_bytes(qtype, cols: int) -> int:
@@ -79,7 +98,10 @@ def quantize(w: np.ndarray, qtype) -> QTensor:
         return from_float(w)
     if qtype == T.F16:
         return QTensor(qtype, *w.shape, w.astype(np.float16))
-    data = _quantize_k(w, qtype) if qtype in K_QUANTS else gguf_quants.quantize(w, qtype)
+    if qtype == T.IQ4_NL:
+        data = _quantize_iq4_nl(w)
+    else:
+        data = _quantize_k(w, qtype) if qtype in K_QUANTS else gguf_quants.quantize(w, qtype)
     if qtype == T.BF16:
         data = data.view(np.uint16)
     return QTensor(qtype, w.shape[0], w.shape[1], np.ascontiguousarray(data))
@@ -94,6 +116,29 @@ def _quantize_k(w, qtype) -> np.ndarray:
         raise ValueError(f"{qtype.name} needs rows of whole {SUPER}-element super-blocks, not {cols}")
     x = w.reshape(-1, SUPER).astype(np.float32)
     f16 = lambda a: a.astype(np.float16)  # noqa: E731
+    if qtype == T.Q2_K:  # each sub-block's range onto 0..3, its minimum (or 0) the min
+        sub = x.reshape(-1, 16, 16)
+        low = np.minimum(sub.min(axis=2), 0)
+        scale = (sub.max(axis=2) - low) / 3
+        d, dmin = f16(scale.max(axis=1) / 15), f16(-low.min(axis=1) / 15)
+        sc = np.clip(np.round(scale / np.maximum(d.astype(np.float32), 1e-30)[:, None]), 0, 15)
+        m = np.clip(np.round(-low / np.maximum(dmin.astype(np.float32), 1e-30)[:, None]), 0, 15)
+        step = d.astype(np.float32)[:, None] * sc
+        offset = dmin.astype(np.float32)[:, None] * m
+        q = np.clip(np.round((sub + offset[..., None]) / np.where(step > 0, step, 1)[..., None]), 0, 3)
+        q = q.astype(np.uint8).reshape(-1, 2, 4, 32)  # (half h, j, i): element 128h + 32j + i
+        qs = np.bitwise_or.reduce(q << (2 * np.arange(4, dtype=np.uint8))[:, None], axis=2)  # byte 32h + i
+        parts = [(sc.astype(np.uint8) | (m.astype(np.uint8) << 4)), qs.reshape(-1, 64), d[:, None].view(np.uint8),
+                 dmin[:, None].view(np.uint8)]
+        return np.concatenate(parts, axis=1).reshape(rows, -1)
+    if qtype == T.Q3_K:  # each sub-block's extreme onto -4, the scale's sign following it
+        sub = x.reshape(-1, 16, 16)
+        peak = np.take_along_axis(sub, np.abs(sub).argmax(axis=2)[..., None], axis=2)[..., 0]
+        d = f16(np.abs(peak).max(axis=1) / (4 * 31))
+        sc = np.clip(np.round(-peak / 4 / np.maximum(d.astype(np.float32), 1e-30)[:, None]), -32, 31)
+        step = d.astype(np.float32)[:, None] * sc
+        q = np.clip(np.round(sub / np.where(step != 0, step, 1)[..., None]), -4, 3)
+        return _pack_q3_k((q + 4).reshape(-1, SUPER), sc, d).reshape(rows, -1)
     if qtype == T.Q6_K:
         sub = x.reshape(-1, 16, 16)
         amax = np.abs(sub).max(axis=2)  # (n, 16)
@@ -101,13 +146,7 @@ def _quantize_k(w, qtype) -> np.ndarray:
         sc = np.clip(np.round(amax / 31 / np.maximum(d.astype(np.float32), 1e-30)[:, None]), 0, 127)
         step = d.astype(np.float32)[:, None] * sc
         q = np.clip(np.round(sub / np.where(step > 0, step, 1)[..., None]), -32, 31).astype(np.int16) + 32
-        q = q.reshape(-1, 2, 4, 32).astype(np.uint8)  # (half, k, i)
-        ql = (q[:, :, 0:2] & 15) | ((q[:, :, 2:4] & 15) << 4)  # byte 64h + 32(k % 2) + i
-        qh = (q >> 4) << (2 * np.arange(4, dtype=np.uint8))[:, None]
-        qh = np.bitwise_or.reduce(qh, axis=2)
-        out = [ql.reshape(-1, 128), qh.reshape(-1, 64), sc.astype(np.int8).view(np.uint8),
-               d[:, None].view(np.uint8)]
-        return np.concatenate(out, axis=1).reshape(rows, -1)
+        return _pack_q6_k(q.reshape(-1, SUPER), sc, d).reshape(rows, -1)
     top = 15 if qtype == T.Q4_K else 31
     sub = x.reshape(-1, 8, 32)
     low = np.minimum(sub.min(axis=2), 0)  # (n, 8): what m undoes
@@ -126,6 +165,39 @@ def _quantize_k(w, qtype) -> np.ndarray:
     if qtype == T.Q5_K:  # bit j of byte i: element i of sub-block j
         parts.append(np.bitwise_or.reduce((q >> 4) << np.arange(8, dtype=np.uint8)[:, None], axis=1))
     return np.concatenate(parts + [qs.reshape(-1, 128)], axis=1).reshape(rows, -1)
+
+
+def _quantize_iq4_nl(w) -> np.ndarray:
+    """IQ4_NL blocks: each block's extreme onto the table's -127, every element to its nearest value there."""
+    x = w.reshape(-1, BLOCK).astype(np.float32)
+    peak = np.take_along_axis(x, np.abs(x).argmax(axis=1)[:, None], axis=1)
+    d = (-peak / 127).astype(np.float16)
+    ratio = x / np.where(d != 0, d, 1).astype(np.float32)
+    idx = np.abs(ratio[..., None] - IQ4_NL_VALUES).argmin(axis=2).astype(np.uint8)
+    qs = idx[:, :16] | (idx[:, 16:] << 4)
+    return np.concatenate([d.view(np.uint8), qs], axis=1).reshape(w.shape[0], -1)
+
+
+def _pack_q6_k(q, sc, d) -> np.ndarray:
+    """Q6_K blocks (n, 210) from each super-block's 256 stored integers q (0..63), 16 sub-block scales sc and d."""
+    q = q.reshape(-1, 2, 4, 32).astype(np.uint8)  # (half h, k, i): element 128h + 32k + i
+    ql = (q[:, :, 0:2] & 15) | ((q[:, :, 2:4] & 15) << 4)  # byte 64h + 32(k % 2) + i, nibble k // 2
+    qh = np.bitwise_or.reduce((q >> 4) << (2 * np.arange(4, dtype=np.uint8))[:, None], axis=2)  # byte 32h + i
+    return np.concatenate([ql.reshape(-1, 128), qh.reshape(-1, 64), sc.astype(np.int8).view(np.uint8),
+                           d.astype(np.float16)[:, None].view(np.uint8)], axis=1)
+
+
+def _pack_q3_k(q, sc, d) -> np.ndarray:
+    """Q3_K blocks (n, 110) from each super-block's 256 stored integers q (0..7), 16 sub-block scales sc (-32..31)
+    and d."""
+    q = q.reshape(-1, 2, 4, 32).astype(np.uint8)  # (half h, k, i): element 128h + 32k + i
+    lo = np.bitwise_or.reduce((q & 3) << (2 * np.arange(4, dtype=np.uint8))[:, None], axis=2)  # byte 32h + i
+    hi = np.bitwise_or.reduce((q >> 2).reshape(-1, 8, 32) << np.arange(8, dtype=np.uint8)[:, None], axis=1)
+    s = (sc.astype(np.int16) + 32).astype(np.uint8)  # (n, 16)
+    nibbles = (s[:, :8] & 15) | ((s[:, 8:] & 15) << 4)
+    tops = np.bitwise_or.reduce((s >> 4).reshape(-1, 4, 4) << (2 * np.arange(4, dtype=np.uint8))[:, None], axis=1)
+    return np.concatenate([hi, lo.reshape(-1, 64), nibbles, tops, d.astype(np.float16)[:, None].view(np.uint8)],
+                          axis=1)
 
 
 def _blocks(qt: QTensor) -> np.ndarray:
@@ -205,7 +277,33 @@ def unpack(qt: QTensor) -> Unpacked:
         hi = (b[..., 128:192].reshape(*b.shape[:2], 2, 1, 32) >> (2 * np.arange(4, dtype=np.uint8))[:, None]) & 3
         return Unpacked(i16(lo | (hi << 4)) - 32, 32, SUPER, 16, _f16(b, 208)[..., 0],
                         i16(b[..., 192:208].view(np.int8), 16))
+    if t == T.Q2_K:
+        q = (b[..., 16:80].reshape(*b.shape[:2], 2, 1, 32) >> (2 * np.arange(4, dtype=np.uint8))[:, None]) & 3
+        sc, m = b[..., :16] & 15, b[..., :16] >> 4
+        return Unpacked(i16(q), 0, SUPER, 16, _f16(b, 80)[..., 0], i16(sc, 16), -_f16(b, 82)[..., 0], i16(m, 16))
+    if t == T.Q3_K:
+        lo = (b[..., 32:96].reshape(*b.shape[:2], 2, 1, 32) >> (2 * np.arange(4, dtype=np.uint8))[:, None]) & 3
+        hi = ((b[..., None, 0:32] >> np.arange(8, dtype=np.uint8)[:, None]) & 1).reshape(lo.shape)  # (h, k, i)
+        nib = np.concatenate([b[..., 96:104] & 15, b[..., 96:104] >> 4], axis=-1)  # sc s: nibble s // 8 of s % 8
+        top = ((b[..., 104:108, None] >> (2 * np.arange(4, dtype=np.uint8))) & 3).transpose(0, 1, 3, 2)
+        sc = i16(nib | (top.reshape(nib.shape) << 4), 16) - 32
+        return Unpacked(i16(lo | (hi << 2)) - 4, 4, SUPER, 16, _f16(b, 108)[..., 0], sc)
+    if t == T.IQ4_NL:  # (offset 0: its integers are a table's values, not a stored integer less an offset)
+        return Unpacked(i16(IQ4_NL_VALUES[_nibbles(b[..., 2:])]), 0, 32, 32, _f16(b, 0)[..., 0])
     raise ValueError(f"no native dequantisation for {t.name}")
+
+
+def transcode(qt: QTensor) -> QTensor:
+    """A QTensor of a `HELD` type as its held type, the same numbers: d (and Q3_K's sub-block scales) as they are;
+    Q3_K's integers plus 32 (6-bit unsigned, as Q6_K stores them), IQ4_NL's table values as Q8_0's int8s."""
+    u = unpack(qt)
+    n = qt.rows * qt.cols // u.super
+    if qt.qtype == T.Q3_K:
+        data = _pack_q6_k((u.q + 32).reshape(n, SUPER), u.sc.reshape(n, 16), u.d.reshape(n))
+    else:  # IQ4_NL
+        d = u.d.reshape(n, 1).astype(np.float16).view(np.uint8)
+        data = np.concatenate([d, u.q.reshape(n, BLOCK).astype(np.int8).view(np.uint8)], axis=1)
+    return QTensor(HELD[qt.qtype], qt.rows, qt.cols, data.reshape(qt.rows, -1), qt.keep)
 
 
 def dequantize(qt: QTensor) -> np.ndarray:

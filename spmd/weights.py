@@ -24,7 +24,7 @@ from gguf import GGMLQuantizationType as T
 from .gguf_file import column_cover
 from .model import HALVES
 from .plan import Share, scale_ranges
-from .quants import NATIVE, block_size, dequantize, from_float
+from .quants import block_size, dequantize, from_float, held_type, row_bytes
 
 ROWS, COLS, VECTOR = 0, 1, 2  # how a tensor is sliced
 # field of LayerWeights -> (GGUF name in the block, slicing, element unit); "heads": query heads (head_dim rows each,
@@ -110,8 +110,9 @@ def element_spans(cfg, share: Share, unit) -> list:
     return [(share.vocab_start, share.vocab_start + share.n_vocab)] if share.n_vocab else []
 
 
-def share_file_bytes(f, cfg, share: Share, as_float32=False) -> int:
-    """The bytes of `share`'s weight slices as the file holds them (as float32 where the backend dequantises)."""
+def share_bytes(f, cfg, share: Share, as_float32=False) -> int:
+    """The bytes of `share`'s weight slices in the types the engine holds them in (`held_type`; float32 where the
+    backend dequantises everything), before a backend's padding or repacking (`half_bytes` counts those)."""
     total = 0
     matrices = [(f"blk.{i}.{name}", slicing, unit) for i in share.layer_ids
                 for name, slicing, unit in LAYER_TENSORS.values() if slicing != VECTOR]
@@ -120,7 +121,7 @@ def share_file_bytes(f, cfg, share: Share, as_float32=False) -> int:
     for name, slicing, unit in matrices:
         info = f.info(name)
         held = sum(b - a for a, b in element_spans(cfg, share, unit))
-        nbytes = 4 * info.shape[0] * info.shape[1] if as_float32 else info.nbytes
+        nbytes = info.shape[0] * row_bytes(T.F32 if as_float32 else held_type(info.qtype), info.shape[1])
         total += nbytes * held // info.shape[slicing]
     return total
 
@@ -130,7 +131,7 @@ def half_bytes(f, cfg, share: Share, backend) -> tuple:
     and the bytes of the classifier rows)."""
     def held(name, slicing, unit):
         info = f.info(name)
-        qtype = info.qtype if info.qtype in NATIVE else T.F32  # others are dequantised at load
+        qtype = held_type(info.qtype)
         rows, cols = info.shape
         spans, keep = element_spans(cfg, share, unit), None
         if slicing == ROWS:

@@ -1,6 +1,7 @@
-"""K-quant files made by llama.cpp's own quantiser (tests/kquant, scripts/make_kquant_files.py): spmd reads them as
-they are (no type dequantised at load) and its greedy tokens equal tests/reference.py's, which dequantises every
-weight with the gguf package; at several ranks, layouts and stages they equal one rank's."""
+"""K-quant files made by llama.cpp's own quantiser (tests/kquant, scripts/make_kquant_files.py): spmd holds them with
+the file's numbers (as they are; Q3_K as Q6_K and IQ4_NL as Q8_0; only Q2_K dequantised at load) and its greedy
+tokens equal tests/reference.py's, which dequantises every weight with the gguf package; at several ranks, layouts
+and stages they equal one rank's."""
 import struct
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from gguf import GGMLQuantizationType as T
 import reference
 from mpi_models import UNEQUAL, WORLD, generate, one_rank_tokens
 from spmd.gguf_file import GGUFFile
-from spmd.quants import K_QUANTS, NATIVE
+from spmd.quants import K_QUANTS, KEPT_EXACTLY, NATIVE
 
 FILES = sorted((Path(__file__).parent / "kquant").glob("*.gguf"))
 PROMPT = (1, 72, 101, 108, 108, 111, 44, 32)
@@ -21,16 +22,18 @@ STEPS = 12
 
 
 def test_the_files_are_there():
-    assert {f.stem for f in FILES} >= {"q4_k_m", "q5_k_m", "q6_k", "q4_k_m_rows96"}
+    assert {f.stem for f in FILES} >= {"q4_k_m", "q5_k_m", "q6_k", "q4_k_m_rows96", "q3_k_m", "iq4_nl", "q2_k"}
 
 
 @pytest.mark.parametrize("path", FILES, ids=[f.stem for f in FILES])
-def test_llama_cpp_files_are_kept_as_they_are_and_give_the_reference_tokens(path):
+def test_llama_cpp_files_are_held_with_their_numbers_and_give_the_reference_tokens(path):
     f = GGUFFile(path)
     types = {info.qtype for info in f.tensors.values() if len(info.shape) == 2}
     f.close()
-    assert types <= set(NATIVE)  # nothing for the engine to dequantise at load
-    if "rows96" not in path.stem:
+    held = {"q3_k_m": {T.Q3_K}, "iq4_nl": {T.IQ4_NL}, "q2_k": {T.Q3_K}}.get(path.stem, set())
+    assert types & held == held and types - held <= set(NATIVE) | ({T.Q2_K} if path.stem == "q2_k" else set())
+    assert types <= set(KEPT_EXACTLY) or path.stem == "q2_k"  # nothing else for the engine to dequantise at load
+    if "rows96" not in path.stem and path.stem != "iq4_nl":
         assert types & set(K_QUANTS)
     got = one_rank_tokens(model=str(path), prompt_tokens=PROMPT, steps=STEPS)
     assert got == reference.greedy(path, list(PROMPT), STEPS)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from gguf import GGMLQuantizationType as T
 from mpi4py import MPI
 
 import reference
@@ -68,10 +69,11 @@ def test_int8_activations_stay_near_the_reference(tmp_path, qtype):
 
 
 @pytest.mark.parametrize("backend", ["numpy", "cpu"])
-@pytest.mark.parametrize("qtype", ["Q4_K_M", "Q5_K_M", "Q6_K", "Q4_1", "Q5_1"])
+@pytest.mark.parametrize("qtype", ["Q4_K_M", "Q5_K_M", "Q6_K", "Q4_1", "Q5_1", "Q3_K_M", "IQ4_NL"])
 def test_logits_of_quantised_files_match_reference(tmp_path, qtype, backend):
-    """The types kept as they are (K-quants and their fallbacks, rows of 256 and of 96) against the reference,
-    which dequantises every weight with the gguf package."""
+    """The types kept as they are (K-quants and their fallbacks, rows of 256 and of 96), and those held as another
+    type with the same numbers (Q3_K as Q6_K, IQ4_NL as Q8_0), against the reference, which dequantises every
+    weight with the gguf package."""
     for dim in (256, 96):
         shape = Shape(dim=dim, n_layers=3, n_heads=4, n_kv_heads=2, ffn=2 * dim, vocab=512, context=64)
         path = write_model(tmp_path / f"{qtype}-{dim}.gguf", shape, qtype, seed=5)
@@ -175,28 +177,31 @@ def test_the_file_is_not_kept_resident_after_loading(tmp_path):
 @pytest.mark.parametrize("qtype, shape, spans", [
     ("Q8_0", Shape(dim=64, n_heads=4, n_kv_heads=4, ffn=128), [[(16, 48)], [(0, 16), (48, 64)], [(32, 64)]]),
     ("Q4_K_M", Shape(dim=256, n_heads=4, n_kv_heads=4, ffn=256), [[(64, 128)], [(0, 64), (192, 256)], [(64, 256)]]),
+    ("Q3_K_M", Shape(dim=256, n_heads=4, n_kv_heads=4, ffn=256), [[(64, 128)], [(0, 64), (192, 256)], [(64, 256)]]),
 ])
 def test_column_slices_through_quant_blocks_keep_the_blocks_whole(tmp_path, qtype, shape, spans):
     """A rank's heads may cut through quant blocks (head_dim 16 in Q8_0's 32, 64 in Q4_K's 256): its slice holds
-    the whole blocks around them in the file's type, and `keep` names its columns; the numbers stay the file's,
-    and every backend computes with them."""
+    the whole blocks around them in the file's type (Q3_K: as Q6_K, the same numbers), and `keep` names its
+    columns; the numbers stay the file's, and every backend computes with them."""
     from spmd.gguf_file import GGUFFile
     from spmd.quants import dequantize
     path = write_model(tmp_path / "m.gguf", shape, qtype, seed=2)
     f, notices = GGUFFile(path), []
-    whole = dequantize(f.rows("blk.0.attn_output.weight", 0, shape.dim))
+    whole = dequantize(f.rows("blk.0.attn_output.weight", 0, shape.dim, notice=notices.append))
     x = np.random.default_rng(0).standard_normal((3, shape.dim)).astype(np.float32)
     for ranges in spans:
         part = f.col_ranges("blk.0.attn_output.weight", ranges, notice=notices.append)
         expected = np.concatenate([whole[:, a:b] for a, b in ranges], axis=1)
-        assert part.qtype == f.info("blk.0.attn_output.weight").qtype
+        stored = f.info("blk.0.attn_output.weight").qtype
+        assert part.qtype == {T.Q3_K: T.Q6_K}.get(stored, stored)
         assert (part.keep is None) == (ranges == [(32, 64)])  # only the last cuts nothing
         assert part.width == expected.shape[1]
         np.testing.assert_array_equal(dequantize(part), expected)
         for backend in ("numpy", "cpu"):
             lin = get_backend(backend).linear(part)
             np.testing.assert_allclose(lin(x[:, :part.width]), x[:, :part.width] @ expected.T, rtol=1e-5, atol=1e-5)
-    assert notices == []
+    assert notices == ([] if qtype != "Q3_K_M" else ["note: the file holds Q3_K weights; holding them as Q6_K, the "
+                                                     "same numbers in 210 bytes for the file's 110 per 256 weights"])
 
 
 def test_a_model_file_written_during_the_run_stops_it_with_one_error(tmp_path):

@@ -9,39 +9,41 @@ float32 in registers and the products are summed in float32 with fused multiply-
 product to within float32 rounding, and a tiny change in the activations (another order of a partial sum across
 ranks) makes a tiny change in the output.
 
---activations int8 (every quantised type: `INT8`; F32, F16 and BF16 keep float activations) does what llama.cpp
-does: each 32 activations become int8 with d_x = amax / 127 (`_prepare_int8`), and vpdpbusd sums 64 byte products at
-once (`_int8_step`; plain LLVM integer code where the CPU lacks it, the same integers): eight of them give each of
-16 lanes the integer dot product of its 32 elements, a block or sub-block with one scale (Q6_K: four, for its
-16-element sub-blocks), so the float work (a conversion, the lane's d_w * d_x, a multiply-add) comes once per scale.
-That alone would make the output jump wherever another order of a partial sum moved an activation across an int8
-rounding boundary (after 22 layers the logits at 1 and 2 ranks differed by ~0.05 and greedy tokens changed with the
-rank count: why such kernels were once removed). So the products that are split by columns across ranks, whose
-partial sums the stage adds up (wo and w2: the model asks for a float64 result), are summed exactly: each lane's
-products are exact in int32, times d_w * d_x * 2^FIXED in float32 (K-quants: d_w = d * sc; Q4_K and Q5_K add the
-lane's min term, dmin * m times the sum of its activations times d_x * 2^FIXED; Q4_1 and Q5_1 their block's m), cut
-to an integer and summed in int64, then scaled back, exact in float64 below 2^25 in value. Those partial sums add up
-to the same bits in any order and at any split (the allreduce sums float64 in int8 runs), so every rank count, ratio
-and stage layout gives the same bits (a float matrix (F16, BF16, F32) sums in float32 as with --activations f32: its
-partial sums are not exact). Products split by rows (q, k, v, gate, up, the classifier) need no such care (a row is
-computed whole, in one order) and fused-multiply-add each lane's product into a float32 sum (the fast sums). Lanes
-of 16 elements (the first version had lanes of 8: twice the float work) made a 64-token prompt 1.3-1.4x faster end
-to end (TinyLlama shape, 2 cores: Q4_0 119 -> 159 tok/s, Q4_K_M 99 -> 142); lanes of 32 then made the exact sums
-1.3-1.55x faster for prompts and 1.4x for decode (per matrix, against lanes of 16), within 0.9-1.2x of the fast
-sums' time.
+--activations int8 (every quantised type but Q2_K: `INT8`; F32, F16, BF16 and Q2_K keep float activations) does what
+llama.cpp does: each 32 activations become int8 with d_x = amax / 127 (`_prepare_int8`), and vpdpbusd sums 64 byte
+products at once (`_int8_step`; plain LLVM integer code where the CPU lacks it, the same integers): eight of them
+give each of 16 lanes the integer dot product of its 32 elements, a block or sub-block with one scale (Q6_K: four,
+for its 16-element sub-blocks), so the float work (a conversion, the lane's d_w * d_x, a multiply-add) comes once
+per scale. That alone would make the output jump wherever another order of a partial sum moved an activation across
+an int8 rounding boundary (after 22 layers the logits at 1 and 2 ranks differed by ~0.05 and greedy tokens changed
+with the rank count: why such kernels were once removed). So the products that are split by columns across ranks,
+whose partial sums the stage adds up (wo and w2: the model asks for a float64 result), are summed exactly: each
+lane's products are exact in int32, times d_w * d_x * 2^FIXED in float32 (K-quants: d_w = d * sc; Q4_K and Q5_K add
+the lane's min term, dmin * m times the sum of its activations times d_x * 2^FIXED; Q4_1 and Q5_1 their block's m),
+cut to an integer and summed in int64, then scaled back, exact in float64 below 2^25 in value. Those partial sums
+add up to the same bits in any order and at any split (the allreduce sums float64 in int8 runs), so every rank
+count, ratio and stage layout gives the same bits (a float matrix (F16, BF16, F32) sums in float32 as with
+--activations f32: its partial sums are not exact). Products split by rows (q, k, v, gate, up, the classifier) need
+no such care (a row is computed whole, in one order) and fused-multiply-add each lane's product into a float32 sum
+(the fast sums). Lanes of 16 elements (the first version had lanes of 8: twice the float work) made a 64-token
+prompt 1.3-1.4x faster end to end (TinyLlama shape, 2 cores: Q4_0 119 -> 159 tok/s, Q4_K_M 99 -> 142); lanes of 32
+then made the exact sums 1.3-1.55x faster for prompts and 1.4x for decode (per matrix, against lanes of 16), within
+0.9-1.2x of the fast sums' time.
 
 Layouts, made once at load (`_repack_quantised`, `_repack_float`) from the file's blocks (`spmd.quants.unpack`);
 four arrays a matrix (w, wh, wd, ws; a type without one gets a 1x1 dummy), rows padded with zeros to a multiple of
 128 elements (K-quants: 256) or 64 (floats). `FORMATS` says what each quantised type has:
   w   4-bit types   uint8 (rows, cols/2): per 128-element group, 64 bytes = 16 little-endian dwords: nibble v (bits
-                    4v..4v+3) of dword l is element 8l + v; that is, byte e holds elements 2e (low) and 2e + 1 (high)
+                    4v..4v+3) of dword l is element 8l + v; that is, byte e holds elements 2e (low) and 2e + 1 (high);
+                    Q2_K too, its 2-bit integers in nibbles
       Q8_0          int8 (rows, cols): per 128-element group, byte 16v + l is element 8l + v
   wh  Q5_*, Q5_K    uint8 (rows, cols/8): bit v of byte 16g + l is the 5th bit of element 8l + v of group g
       Q6_K          uint16 (rows, cols/8): bits 2v..2v+1 of word 16g + l are the top two bits of that element
   wd  32-element    float16 bits: per group its 4 blocks' d, then (Q4_1, Q5_1) their 4 m
-      K-quants      float16 bits: per 256-element super-block its d, then (Q4_K, Q5_K) minus its dmin
+      K-quants      float16 bits: per 256-element super-block its d, then (Q4_K, Q5_K, Q2_K) minus its dmin
   ws  K-quants      uint8 (rows, cols/16): per group its 4 sub-blocks' 6-bit scales then their 6-bit mins (Q4_K,
-                    Q5_K), or its 8 int8 scales of 16 elements each (Q6_K)
+                    Q5_K), or its 8 int8 scales of 16 elements each (Q6_K); Q2_K (rows, cols/8): its 8 sub-blocks'
+                    4-bit scales, then their 4-bit mins
   F32 / F16 / BF16  w float32 / int16 / uint16 (rows, cols): numba has no float16, so F16 keeps its bits as int16
 The quantised types' four arrays then hold their rows in quads (`_interleave`, QUAD = 4; rows padded with zeros to
 a multiple of 4): array row k holds rows 4k..4k+3 unit by unit, the four rows' units of group 0, then of group 1, ...
@@ -53,10 +55,11 @@ element, in quads whose unit is a group of 16 lanes, rows padded to a multiple o
 (integer - offset) * scale [+ min]: the integer is the nibble, with the high bits above it where the type has them;
 the scale is d (times the sub-block's scale for K-quants), the min dmin times its m (K) or m.
 Memory: the file's bytes (Q4_K 148 for 144, Q5_K 180 for 176: their packed 6-bit scales held as bytes), with
-either activations, but for the padding (`held_bytes`; with int8, a row of 2816 columns holds 3072).
+either activations, but for the padding (`held_bytes`; with int8, a row of 2816 columns holds 3072); Q2_K 164 for
+84 (nibbles, and its 4-bit scales and mins as bytes).
 
-Quantised kernels: lane l (of 16) of a 128-element group owns elements 8l..8l+7, all in sub-block l // 4 (Q6_K:
-l // 2). For v = 0..7 the kernel turns element 8l + v of every lane into its integer as float32 (4-bit types: a
+Quantised kernels: lane l (of 16) of a 128-element group owns elements 8l..8l+7, all in sub-block l // 4 (Q6_K,
+Q2_K: l // 2). For v = 0..7 the kernel turns element 8l + v of every lane into its integer as float32 (4-bit types: a
 shift puts nibble v of each dword in the low 4 bits and vpermps looks it up in the 16-entry table of nibble minus
 offset; with high bits, shifts, masks and an or, then a conversion; Q8_0: 16 bytes sign-extended and converted) and
 fused-multiply-adds it with x[8l + v] into the lane's sum s (v = 0 multiplies); then acc += the lane's scale * s,
@@ -264,12 +267,11 @@ def _group_scales(b, g, pd, ps, fmt):
         sd = b.fpext(_load(b, pd, b.mul(g, c(QUAD * 8 * k)), _vec(F16, 4 * k)), _vec(F32, 4 * k))
         return lanes(sd, 0, 4), (lanes(sd, 4, 4) if fmt.mins else None)
     dd = b.fpext(_load(b, pd, b.mul(b.lshr(g, c(1)), c(QUAD * 2 * k)), _vec(F16, k)), _vec(F32, k))  # d (, dmin)
-    sub = _load(b, ps, b.mul(g, c(QUAD * 8)), _vec(I8, 8))  # 4 sc then 4 m (Q4_K, Q5_K), or 8 sc (Q6_K)
-    sub = (b.sitofp if fmt.signed_sub else b.uitofp)(sub, _vec(F32, 8))
-    prod = b.fmul(sub, _shuffle(b, dd, [0, 0, 0, 0, k - 1, k - 1, k - 1, k - 1]))
-    if fmt.mins:
-        return lanes(prod, 0, 4), lanes(prod, 4, 4)
-    return lanes(prod, 0, 2), None
+    n = GROUP // fmt.sub  # the group's sub-blocks: their n sc, then (types with mins) their n m
+    sub = _load(b, ps, b.mul(g, c(QUAD * n * k)), _vec(I8, n * k))  # Q4_K, Q5_K: 4 and 4; Q6_K: 8; Q2_K: 8 and 8
+    sub = (b.sitofp if fmt.signed_sub else b.uitofp)(sub, _vec(F32, n * k))
+    prod = b.fmul(sub, _shuffle(b, dd, [j // n for j in range(n * k)]))
+    return lanes(prod, 0, 16 // n), (lanes(prod, n, 16 // n) if fmt.mins else None)
 
 
 def _quantised_step(b, g, wrows, pxs, pxqs, fmt, accs, ahead):
@@ -895,8 +897,9 @@ class Format:
     offset: int = 0  # taken off the stored unsigned integer
     high: int = 0  # bits above the nibble (Q5_*: 1, Q6_K: 2); -1: int8 (Q8_0)
     per_d: int = 32  # elements per float16 d (and dmin)
-    mins: bool = False  # a dmin beside each d (K-quants: times an 8-bit m per 32 elements)
+    mins: bool = False  # a dmin beside each d (K-quants: times an 8-bit m per sub-block)
     signed_sub: bool = False  # K-quants' 8-bit sub-block scales: int8 (Q6_K) or uint8
+    sub: int = 32  # K-quants: elements per sub-block scale (Q4_K, Q5_K 32; Q6_K, Q2_K 16)
 
     @property
     def units(self):
@@ -904,13 +907,13 @@ class Format:
         for wd of a K-quant, a super-block."""
         k = 1 + self.mins
         return (GROUP if self.high < 0 else GROUP // 2, 16 * max(self.high, 0), (8 if self.per_d == 32 else 2) * k,
-                0 if self.per_d == 32 else 8)
+                0 if self.per_d == 32 else GROUP // self.sub * k)
 
     @property
     def lane8(self):
         """8-bit activations: elements a lane of the kernels owns, those of one scale: a 32-element block (Q4_0,
         Q8_0) or sub-block (Q4_K), or Q6_K's 16-element sub-block."""
-        return 16 if self.high == 2 else 32
+        return self.sub
 
     @property
     def group8(self):
@@ -935,7 +938,8 @@ class Format:
 FORMATS = {T.Q8_0: Format(high=-1), T.Q4_0: Format(offset=8), T.Q4_1: Format(mins=True),
            T.Q5_0: Format(offset=16, high=1), T.Q5_1: Format(high=1, mins=True),
            T.Q4_K: Format(per_d=SUPER, mins=True), T.Q5_K: Format(high=1, per_d=SUPER, mins=True),
-           T.Q6_K: Format(offset=32, high=2, per_d=SUPER, signed_sub=True)}
+           T.Q6_K: Format(offset=32, high=2, per_d=SUPER, signed_sub=True, sub=16),
+           T.Q2_K: Format(per_d=SUPER, mins=True, sub=16)}  # (2-bit integers held as nibbles)
 FLOATS = {T.F32: np.float32, T.F16: np.int16, T.BF16: np.uint16}  # numba has no float16: F16 keeps its bits as int16
 
 
@@ -1093,9 +1097,9 @@ def _scales(u, fmt, rows, cp):
         return _f16_bits(wd), _NONE
     wd = np.stack(parts, axis=2).reshape(rows, n_d * len(parts))  # per super-block: d (, dmin)
     sc = _padded(u.sc, cp // u.sub)  # (8-bit activations pad Q4_K to 512 elements)
-    if fmt.mins:  # per group: the 4 sc, then the 4 m of its sub-blocks
-        m = _padded(u.m, cp // u.sub)
-        ws = np.stack([sc.reshape(rows, groups, 4), m.reshape(rows, groups, 4)], axis=2).reshape(rows, cp // 16)
+    if fmt.mins:  # per group: the sc, then the m, of its sub-blocks (Q4_K 4, Q2_K 8)
+        m, n = _padded(u.m, cp // u.sub), GROUP // u.sub
+        ws = np.stack([sc.reshape(rows, groups, n), m.reshape(rows, groups, n)], axis=2).reshape(rows, 2 * groups * n)
     else:
         ws = sc
     return _f16_bits(wd), ws.astype(np.int8 if fmt.signed_sub else np.uint8).view(np.uint8)

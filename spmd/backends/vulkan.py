@@ -457,6 +457,11 @@ class VulkanBackend(Backend):
     def linear(self, w: QTensor, resident=True) -> VulkanLinear:
         return VulkanLinear(self, w, resident)
 
+    def embeds(self, qtype) -> bool:
+        """Whether a token_embd of the file's `qtype` can be looked up on the device (kernels/embed_<w>) to the
+        host's numbers: held with the file's numbers (a type dequantised at load is not) in a type with kernels."""
+        return qtype in quants.KEPT_EXACTLY and quants.held_type(qtype) in TYPES
+
     def held_bytes(self, qtype, rows, cols, keep=None):
         """What a VulkanLinear of a (rows, cols) matrix of `qtype` holds on the device (a type without a kernel, or
         a slice that cuts its 32-element blocks: as F32); a slice that cuts super-blocks holds its own columns'

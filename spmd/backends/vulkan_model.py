@@ -60,7 +60,6 @@ import numpy as np
 
 from ..errors import UserError
 from ..model import KV_DTYPES, Rope, check_pass, check_slot, last_rows, segment_rows, stage_schedule
-from ..quants import NATIVE
 from .vk_runtime import MIB, Buffer, Recording, env_tuple
 from .vulkan import FLOATS, pad
 
@@ -595,13 +594,12 @@ class VulkanModel:
     def _embedding(self):
         """token_embd as one VulkanLinear (the classifier itself where they are one tensor), loaded with the model
         (`RankState.memory_needs` counts it), where a chained decode can run: the whole model here (the caller
-        knows whether this is the only rank), a device whose memory the host maps, no streamed weights, a type kept
-        as it is (a type dequantised at load has a host lookup kernels/embed_<w> does not reproduce), one buffer
-        (within maxStorageBufferRange). Else None."""
+        knows whether this is the only rank), a device whose memory the host maps, no streamed weights, a type it
+        embeds (`VulkanBackend.embeds`), one buffer (within maxStorageBufferRange). Else None."""
         name, f = "token_embd.weight", self.w.file
         whole = len(self.share.layer_ids) == self.cfg.n_layers and self.nv == self.cfg.vocab
         if not (self.backend.ahead and whole and self.dev.direct and self.w.window is None
-                and f.info(name).qtype in NATIVE):
+                and self.backend.embeds(f.info(name).qtype)):
             return None
         emb = self.w.output if self.cfg.tied_output else self.backend.linear(f.rows(name, 0, self.cfg.vocab))
         if len(emb.parts) == 1:
