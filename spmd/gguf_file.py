@@ -172,8 +172,8 @@ class GGUFFile:
         return dequantize_any(raw[ids], info.qtype, len(ids), info.shape[1])
 
     def _keep(self, info, raw, rows, cols, notice) -> QTensor:
-        """Raw bytes (rows, ...) -> an owned QTensor: native types copied as they are, Q3_K as Q6_K, others
-        dequantised."""
+        """Raw bytes (rows, ...) -> an owned QTensor: native types copied as they are, HELD types (Q3_K, IQ4_NL)
+        transcoded, others dequantised."""
         if info.qtype in NATIVE:  # a copy: a view would keep the file's pages resident after _release
             return as_qtensor(raw.copy(), info.qtype, rows, cols)
         if info.qtype in HELD:

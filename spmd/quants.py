@@ -126,9 +126,7 @@ def _quantize_k(w, qtype) -> np.ndarray:
         step = d.astype(np.float32)[:, None] * sc
         offset = dmin.astype(np.float32)[:, None] * m
         q = np.clip(np.round((sub + offset[..., None]) / np.where(step > 0, step, 1)[..., None]), 0, 3)
-        q = q.astype(np.uint8).reshape(-1, 2, 4, 32)  # (half h, j, i): element 128h + 32j + i
-        qs = np.bitwise_or.reduce(q << (2 * np.arange(4, dtype=np.uint8))[:, None], axis=2)  # byte 32h + i
-        parts = [(sc.astype(np.uint8) | (m.astype(np.uint8) << 4)), qs.reshape(-1, 64), d[:, None].view(np.uint8),
+        parts = [(sc.astype(np.uint8) | (m.astype(np.uint8) << 4)), _pack_2bit(q), d[:, None].view(np.uint8),
                  dmin[:, None].view(np.uint8)]
         return np.concatenate(parts, axis=1).reshape(rows, -1)
     if qtype == T.Q3_K:  # each sub-block's extreme onto -4, the scale's sign following it
@@ -187,16 +185,23 @@ def _pack_q6_k(q, sc, d) -> np.ndarray:
                            d.astype(np.float16)[:, None].view(np.uint8)], axis=1)
 
 
+def _pack_2bit(q) -> np.ndarray:
+    """Q2_K's q and Q3_K's lo (n, 64) from each super-block's 256 2-bit integers: element 128h + 32k + i in bits
+    2k..2k+1 of byte 32h + i."""
+    q = q.reshape(-1, 2, 4, 32).astype(np.uint8)
+    return np.bitwise_or.reduce(q << (2 * np.arange(4, dtype=np.uint8))[:, None], axis=2).reshape(-1, 64)
+
+
 def _pack_q3_k(q, sc, d) -> np.ndarray:
     """Q3_K blocks (n, 110) from each super-block's 256 stored integers q (0..7), 16 sub-block scales sc (-32..31)
     and d."""
     q = q.reshape(-1, 2, 4, 32).astype(np.uint8)  # (half h, k, i): element 128h + 32k + i
-    lo = np.bitwise_or.reduce((q & 3) << (2 * np.arange(4, dtype=np.uint8))[:, None], axis=2)  # byte 32h + i
     hi = np.bitwise_or.reduce((q >> 2).reshape(-1, 8, 32) << np.arange(8, dtype=np.uint8)[:, None], axis=1)
+    lo = _pack_2bit(q & 3)
     s = (sc.astype(np.int16) + 32).astype(np.uint8)  # (n, 16)
     nibbles = (s[:, :8] & 15) | ((s[:, 8:] & 15) << 4)
     tops = np.bitwise_or.reduce((s >> 4).reshape(-1, 4, 4) << (2 * np.arange(4, dtype=np.uint8))[:, None], axis=1)
-    return np.concatenate([hi, lo.reshape(-1, 64), nibbles, tops, d.astype(np.float16)[:, None].view(np.uint8)],
+    return np.concatenate([hi, lo, nibbles, tops, d.astype(np.float16)[:, None].view(np.uint8)],
                           axis=1)
 
 
