@@ -308,7 +308,8 @@ def transcode(qt: QTensor) -> QTensor:
     else:  # IQ4_NL
         d = u.d.reshape(n, 1).astype(np.float16).view(np.uint8)
         data = np.concatenate([d, u.q.reshape(n, BLOCK).astype(np.int8).view(np.uint8)], axis=1)
-    return QTensor(HELD[qt.qtype], qt.rows, qt.cols, data.reshape(qt.rows, -1), qt.keep)
+    held = HELD[qt.qtype]
+    return QTensor(held, qt.rows, qt.cols, data.reshape(qt.rows, row_bytes(held, qt.cols)), qt.keep)
 
 
 def dequantize(qt: QTensor) -> np.ndarray:

@@ -62,17 +62,23 @@ DEFAULT_SERVE_CONTEXT = 4096  # spmd.serve's positions per sequence unless --ctx
 
 
 def agree(comm, step):
-    """Run `step()` on every rank; if it raised a UserError on any rank, raise the first one everywhere."""
-    error, value = None, None
+    """Run `step()` on every rank; if it raised a UserError on any rank, raise the first one everywhere. A bug (any
+    other exception) on one rank is raised there as it is, and as a RuntimeError naming it on the others, so no rank
+    waits for one that left."""
+    error, value, bug = None, None, None
     try:
         value = step()
     except UserError as e:
         error = str(e)
     except MemoryError:
         error = "out of memory"
+    except Exception as e:  # noqa: BLE001 - shared below, then raised as it is
+        error, bug = f"a bug: {type(e).__name__}: {e}", e
     first = comm.first_error(error)
+    if bug is not None:
+        raise bug
     if first is not None:
-        raise UserError(first)
+        raise (RuntimeError if "a bug: " in first else UserError)(first)
     return value
 
 

@@ -113,6 +113,8 @@ def test_a_type_held_as_another_keeps_the_files_numbers(qtype, held):
     back = gguf_quants.dequantize(q.data, qtype).astype(np.float32)
     np.testing.assert_array_equal(bits(back), bits(dequantize(q)))
     assert np.abs(back - w).mean() < (0.2 if qtype == T.Q3_K else 0.1) * np.abs(w).mean()
+    empty = transcode(QTensor(qtype, 0, cols, raw[:0]))  # a rank's share of no rows
+    assert empty.qtype == held and empty.data.shape == (0, row_bytes(held, cols))
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=NAMES)

@@ -154,6 +154,24 @@ def test_a_missing_file_on_one_rank_is_reported_by_every_rank(models):
 
 
 @pytest.mark.mpi
+def test_a_bug_on_one_rank_stops_every_rank_instead_of_a_hang():
+    """An exception that is not the user's (a bug) raised on the last rank only, inside a step every rank agrees on:
+    that rank raises it as it is, the others a RuntimeError naming it, where they used to wait for it forever."""
+    from spmd.rank import agree
+
+    def step():
+        if WORLD.rank == WORLD.size - 1:
+            raise ValueError("an empty share")
+        return WORLD.rank
+
+    last = WORLD.rank == WORLD.size - 1
+    prefix = "" if last or WORLD.size == 1 else f"rank {WORLD.size - 1}: a bug: ValueError: "
+    with pytest.raises(ValueError if last else RuntimeError, match=f"^{prefix}an empty share$"):
+        agree(Comm(comm=WORLD), step)
+    assert agree(Comm(comm=WORLD), lambda: WORLD.rank) == WORLD.rank  # and every rank goes on together
+
+
+@pytest.mark.mpi
 @pytest.mark.parametrize("layout", ["tp", "pp"])
 def test_logits_match_across_ranks(models, layout):
     """The rank-0 logits after the prompt agree with one rank's to float32 rounding, not just the argmax."""
