@@ -16,8 +16,8 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 
 from .errors import UserError, regular_file
 from .gguf_header import GGUFHeader, HeaderError
-from .quants import (HELD, NATIVE, QTensor, as_qtensor, block_size, dequantize, dequantize_any, from_float, row_bytes,
-                     transcode)
+from .quants import (KEPT_EXACTLY, QTensor, as_qtensor, block_size, dequantize, dequantize_any, from_float,
+                     row_bytes)
 
 PAGE = mmap.PAGESIZE
 FINGERPRINT_SAMPLE = 4096  # bytes hashed at each of three places of every tensor
@@ -172,16 +172,10 @@ class GGUFFile:
         return dequantize_any(raw[ids], info.qtype, len(ids), info.shape[1])
 
     def _keep(self, info, raw, rows, cols, notice) -> QTensor:
-        """Raw bytes (rows, ...) -> an owned QTensor: native types copied as they are, HELD types (Q3_K, IQ4_NL)
-        transcoded, others dequantised."""
-        if info.qtype in NATIVE:  # a copy: a view would keep the file's pages resident after _release
+        """Raw bytes (rows, ...) -> an owned QTensor: the types kept exactly (native and HELD's) copied as they are
+        (a backend without their kernels transcodes HELD's: spmd.weights), others dequantised."""
+        if info.qtype in KEPT_EXACTLY:  # a copy: a view would keep the file's pages resident after _release
             return as_qtensor(raw.copy(), info.qtype, rows, cols)
-        if info.qtype in HELD:
-            held = HELD[info.qtype]
-            self.notice_once(notice, info.qtype, f"note: the file holds {info.qtype.name} weights; holding them as "
-                             f"{held.name}, the same numbers in {row_bytes(held, 256)} bytes for the file's "
-                             f"{row_bytes(info.qtype, 256)} per 256 weights")
-            return transcode(as_qtensor(raw, info.qtype, rows, cols))
         self.notice_once(notice, info.qtype,
                          f"note: the file holds {info.qtype.name} weights; dequantising them to F32 at load")
         return from_float(dequantize_any(raw, info.qtype, rows, cols))

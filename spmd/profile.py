@@ -128,7 +128,7 @@ def fit(shares, unit_bytes, times, rows) -> dict:
 
 
 def model_bytes(file, cfg) -> dict:
-    """Bytes the planner counts per unit, as the engine holds them (`spmd.quants.held_type`)."""
+    """Bytes the planner counts per unit, as the cpu backend holds them (`spmd.quants.held_type`)."""
     from .weights import share_bytes
     blocks = tuple(range(n_ffn_blocks(cfg.ffn_dim)))
     none = Share(0, (0, 1), (), cfg.group, (), cfg.ffn_dim, 0, 0)

@@ -25,9 +25,10 @@ terms (f16: a float16; q: a row's integer, nibble `lo` plus high bits `hi`):
                       bit 4h + k, set for q >= 0; sc s: nibble s // 8 of byte s % 8, top bits 2(s // 4).. of byte
                       8 + s % 4                                        d * sc * (q - 4)
   IQ4_NL (18 B / 32)  f16 d, 16 bytes as Q4_0, each nibble an index into IQ4_NL_VALUES    d * value
-Q3_K and IQ4_NL are held as another type with the same numbers (`HELD`, `transcode`): Q3_K as Q6_K (q in 28..35, sc
-in -32..31; 210 bytes for the file's 110, where F32 would take 1024), IQ4_NL as Q8_0 (its table's values are int8s;
-34 bytes for 18). The kernels of Q6_K and Q8_0 then compute them unchanged.
+A backend without kernels for Q3_K or IQ4_NL holds them as another type with the same numbers (`HELD`, `transcode`):
+Q3_K as Q6_K (q in 28..35, sc in -32..31; 210 bytes for the file's 110, where F32 would take 1024; the Vulkan
+backend), IQ4_NL as Q8_0 (its table's values are int8s; 34 bytes for 18; both backends). The kernels of Q6_K and Q8_0
+then compute them unchanged.
 """
 import functools
 from dataclasses import dataclass
@@ -36,10 +37,12 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 from gguf import quants as gguf_quants
 
-# Types the engine computes with as stored; any other type is dequantised to F32 at load.
-NATIVE = (T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q2_K, T.Q4_K, T.Q5_K, T.Q6_K)
+# Types the cpu backend computes with as stored (Vulkan: those of its TYPES); the reader keeps these and HELD's
+# types as stored, and dequantises any other type to F32 at load.
+NATIVE = (T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K)
 FLOATS = (T.F32, T.F16, T.BF16)  # float matrices: float activations under --activations int8 too
-HELD = {T.Q3_K: T.Q6_K, T.IQ4_NL: T.Q8_0}  # types held as a native type that has the same numbers (`transcode`)
+HELD = {T.Q3_K: T.Q6_K, T.IQ4_NL: T.Q8_0}  # a type -> one with the same numbers (`transcode`), for a backend without
+# kernels for the type
 IQ4_NL_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.int16)
 KEPT_EXACTLY = NATIVE + tuple(HELD)  # types held with the file's numbers (a lookup on the device gives the host's)
 K_QUANTS = (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K)  # 256-element super-blocks
@@ -55,10 +58,13 @@ def block_size(qtype) -> int:
     return GGML_QUANT_SIZES[qtype][0]
 
 
-def held_type(qtype):
-    """The type the engine keeps a file's `qtype` weights in: itself where native, `HELD`'s (Q3_K: Q6_K, IQ4_NL:
-    Q8_0), else F32 (dequantised at load)."""
-    return qtype if qtype in NATIVE else HELD.get(qtype, T.F32)
+def held_type(qtype, computes=NATIVE.__contains__):
+    """The type a backend with kernels for the types `computes` names (by default the cpu backend's) holds a file's
+    `qtype` weights in: the file's where it has its kernels, else `HELD`'s where it has those (Q3_K: Q6_K, IQ4_NL:
+    Q8_0), else F32 (dequantised)."""
+    if qtype in KEPT_EXACTLY and computes(qtype):
+        return qtype
+    return HELD[qtype] if qtype in HELD and computes(HELD[qtype]) else T.F32
 
 
 def row_bytes(qtype, cols: int) -> int:

@@ -20,7 +20,7 @@ from .journal import read_resume
 from .model import PREFILL_TOKENS, kv_bytes_per_position, pass_bytes
 from .plan import make_plan, parse_layout
 from .prompts import PromptSpec, Work, read_prompts_file
-from .quants import FLOATS, held_type
+from .quants import FLOATS
 from .sampling import Sampler
 from .shm import remove_stale
 from .tokenizer import load_tokenizer
@@ -360,7 +360,7 @@ class RankState:
         whole = len(share.layer_ids) == cfg.n_layers and share.n_vocab == cfg.vocab
         if not (whole and getattr(self.backend, "ahead", 0)) or cfg.tied_output or not self.backend.embeds(info.qtype):
             return 0
-        return self.backend.held_bytes(held_type(info.qtype), cfg.vocab, cfg.dim)
+        return self.backend.held_bytes(self.backend.holds(info.qtype), cfg.vocab, cfg.dim)
 
     def _passes_and_tables(self, share, slots):
         """What --memory-limit keeps for `share` besides weights and KV caches: {"activations": the largest pass's
@@ -456,7 +456,7 @@ class RankState:
         memory of some rank's host (the host's ranks together; the Vulkan pool is slots x the longest sequence)."""
         per_position = self.kv_bytes_per_position(plan[self.comm.rank])
         kv = self.kv_need(plan[self.comm.rank])
-        weights = share_bytes(self.file, self.cfg, plan[self.comm.rank], as_float32=self.backend_name == "numpy")
+        weights = share_bytes(self.file, self.cfg, plan[self.comm.rank], self.backend.holds)
         if self.memory_limit is not None:  # what does not fit streams
             weights = min(weights, max(0, self.memory_limit - kv))
         everyone = self.comm.allgather((C.host_name(), kv, weights, available_bytes()))

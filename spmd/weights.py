@@ -19,12 +19,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gguf import GGMLQuantizationType as T
-
 from .gguf_file import column_cover
 from .model import HALVES
 from .plan import Share, scale_ranges
-from .quants import block_size, dequantize, from_float, held_type, row_bytes
+from .quants import HELD, block_size, dequantize, from_float, held_type, row_bytes
 
 ROWS, COLS, VECTOR = 0, 1, 2  # how a tensor is sliced
 # field of LayerWeights -> (GGUF name in the block, slicing, element unit); "heads": query heads (head_dim rows each,
@@ -110,9 +108,9 @@ def element_spans(cfg, share: Share, unit) -> list:
     return [(share.vocab_start, share.vocab_start + share.n_vocab)] if share.n_vocab else []
 
 
-def share_bytes(f, cfg, share: Share, as_float32=False) -> int:
-    """The bytes of `share`'s weight slices in the types the engine holds them in (`held_type`; float32 where the
-    backend dequantises everything), before a backend's padding or repacking (`half_bytes` counts those)."""
+def share_bytes(f, cfg, share: Share, holds=held_type) -> int:
+    """The bytes of `share`'s weight slices in the types `holds` names for the file's (a backend's `holds`; by
+    default the cpu backend's), before a backend's padding or repacking (`half_bytes` counts those)."""
     total = 0
     matrices = [(f"blk.{i}.{name}", slicing, unit) for i in share.layer_ids
                 for name, slicing, unit in LAYER_TENSORS.values() if slicing != VECTOR]
@@ -121,7 +119,7 @@ def share_bytes(f, cfg, share: Share, as_float32=False) -> int:
     for name, slicing, unit in matrices:
         info = f.info(name)
         held = sum(b - a for a, b in element_spans(cfg, share, unit))
-        nbytes = info.shape[0] * row_bytes(T.F32 if as_float32 else held_type(info.qtype), info.shape[1])
+        nbytes = info.shape[0] * row_bytes(holds(info.qtype), info.shape[1])
         total += nbytes * held // info.shape[slicing]
     return total
 
@@ -131,7 +129,7 @@ def half_bytes(f, cfg, share: Share, backend) -> tuple:
     and the bytes of the classifier rows)."""
     def held(name, slicing, unit):
         info = f.info(name)
-        qtype = held_type(info.qtype)
+        qtype = backend.holds(info.qtype)
         rows, cols = info.shape
         spans, keep = element_spans(cfg, share, unit), None
         if slicing == ROWS:
@@ -179,7 +177,13 @@ def load_shard(f, cfg, share: Share, backend, notice=print, read=None, old=None,
         return backend.linear(fit(read(f"blk.{i}.{name}", slicing, element_spans(cfg, share, unit))), not streamed)
 
     def fit(qt):
-        """The slice as the backend computes with it: F32 where it lacks a kernel for its type or its cut."""
+        """The slice as the backend computes with it: F32 where it lacks a kernel for its type or its cut. (A type
+        it holds as another, `HELD`'s, as Vulkan holds Q3_K as Q6_K, is said once: its `linear` transcodes it.)"""
+        if qt.qtype in HELD and backend.holds(qt.qtype) == HELD[qt.qtype]:
+            held = HELD[qt.qtype]
+            f.notice_once(notice, ("held", qt.qtype), f"note: the file holds {qt.qtype.name} weights; the "
+                          f"{backend.name} backend holds them as {held.name}, the same numbers in "
+                          f"{row_bytes(held, 256)} bytes for the file's {row_bytes(qt.qtype, 256)} per 256 weights")
         lacks = backend.lacks(qt)
         if lacks is None:
             return qt

@@ -18,7 +18,7 @@ from spmd.backends.numpy_ref import NumpyBackend
 from spmd.errors import UserError
 from spmd.quants import F16_FIELDS, QTensor, block_size, dequantize, quantize, row_bytes, transcode, unpack
 
-TYPES = (T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K)
+TYPES = (T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K)
 QUANTISED = TYPES[3:]
 NAMES = [t.name for t in TYPES]
 SHAPES = ((1, 32), (37, 96), (300, 544), (20, 4160), (0, 64))  # one block; odd rows; cols % 128 != 0; long; none
@@ -157,9 +157,16 @@ def test_cpu_matches_reference(qtype, shape, n):
 @pytest.mark.parametrize("qtype", QUANTISED, ids=NAMES[3:])
 def test_cpu_holds_about_the_file_bytes(qtype):
     """Kept quantised, not widened: rows of whole groups take the file's bytes, Q4_K / Q5_K 3% more at most (their
-    6-bit scales held as bytes)."""
+    6-bit scales held as bytes); Q2_K's and Q3_K's integers are held as nibbles (each 256 weights: 128 bytes, a byte
+    for each of the 16 sub-block scales and Q2_K's 16 mins, and the float16 d and dmin: Q2_K 164 for the file's 84,
+    Q3_K 146 for 110)."""
     w = random_qtensor(qtype, 8, 4096, np.random.default_rng(9))
-    assert w.nbytes <= CpuBackend().linear(w).nbytes <= 1.03 * w.nbytes
+    nibbles = {T.Q2_K: 128 + 16 + 16 + 4, T.Q3_K: 128 + 16 + 2}
+    held = CpuBackend().linear(w).nbytes
+    if qtype in nibbles:
+        assert held == 8 * 4096 // 256 * nibbles[qtype]
+    else:
+        assert w.nbytes <= held <= 1.03 * w.nbytes
 
 
 @pytest.mark.parametrize("qtype", QUANTISED, ids=NAMES[3:])
@@ -463,17 +470,17 @@ def test_settling_a_half_puts_its_arrays_together_on_huge_pages_with_the_same_bi
 
 
 # ---- 8-bit activations (--activations int8) -------------------------------------------------------------------
-INT8_TYPES = (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K)
+INT8_TYPES = (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K)
 
 
 def int8_lane(qtype):
-    """Elements a lane of the 8-bit kernels owns: a 32-element block, or Q6_K's 16-element sub-block."""
-    return 16 if qtype == T.Q6_K else 32
+    """Elements a lane of the 8-bit kernels owns: a 32-element block, or Q3_K's and Q6_K's 16-element sub-block."""
+    return 16 if qtype in (T.Q3_K, T.Q6_K) else 32
 
 
 def int8_reference(w, x):
     """What --activations int8 computes, transcribed with whole-array numpy (no lanes, no tiles): per 32-element
-    block of x, d = max |x| / 127 and q = rint(x * (1 / d)) in float32; per lane (a block, or Q6_K's 16 elements of
+    block of x, d = max |x| / 127 and q = rint(x * (1 / d)) in float32; per lane (a block, or 16 elements of
     one), the integer sum of the weights' integers times q, times d_w * d * 2^FIXED in float32 (K-quants: d_w = the
     super-block's d times the sub-block's sc; with mins, plus the sum of the lane's q times its min (K-quants: dmin
     * m of the sub-block; Q4_1, Q5_1: the block's m) times d * 2^FIXED), cut toward zero; all of those summed as

@@ -21,7 +21,7 @@ K_MODELS = {"Q4_K_M": (K_SHAPE, "Q4_K_M", 7), "Q5_K_M": (K_SHAPE, "Q5_K_M", 7), 
             "Q5_K_M rows of 96": (Shape(**{**SHAPE.__dict__, "dim": 96, "ffn": 160, "n_layers": 4}), "Q5_K_M", 7),
             # qwen3 (per-head q/k norms) with heads of 128: q is 512 wide where dim is 256
             "qwen3 Q4_K_M": (Shape(**{**K_SHAPE.__dict__, "arch": "qwen3", "key_length": 128}), "Q4_K_M", 7),
-            "Q3_K_M": (K_SHAPE, "Q3_K_M", 7), "IQ4_NL": (K_SHAPE, "IQ4_NL", 7)}  # held as Q6_K, Q8_0
+            "Q3_K_M": (K_SHAPE, "Q3_K_M", 7), "IQ4_NL": (K_SHAPE, "IQ4_NL", 7)}  # IQ4_NL held as Q8_0
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def test_tokens_equal_single_rank(models, qtype, allreduce, unequal):
 @pytest.mark.mpi
 @pytest.mark.parametrize("name", K_MODELS)
 def test_k_quant_files_give_the_same_tokens_at_any_layout(models, name):
-    """Kept as the file has them (kernels per type; Q3_K and IQ4_NL as Q6_K and Q8_0, the same numbers), the tokens
+    """Kept as the file has them (kernels per type; IQ4_NL as Q8_0, the same numbers), the tokens
     do not change with the ranks, ratios or stages, and match the numpy reference backend's (float32 weights
     dequantised from the file)."""
     expected = one_rank_tokens(model=models[name], backend="numpy")
@@ -66,13 +66,13 @@ def test_k_quant_files_give_the_same_tokens_at_any_layout(models, name):
 @pytest.mark.parametrize("name", ["Q4_K_M", "Q3_K_M"])
 def test_k_quant_weights_are_held_at_about_the_files_bytes(models, name):
     """Each rank holds its share in the file's types, not as floats: the cpu backend's layouts add 3% at most (Q4_K:
-    148 bytes for 144); Q3_K is held as Q6_K (210 bytes a super-block for 110). Ranks that split a column-split
-    matrix (attn_output, ffn_down) inside a super-block both hold it: at most one super-block a row more for each
-    boundary between ranks."""
+    148 bytes for 144); Q3_K's 3-bit integers are held as nibbles, beside its 16 sub-block scales (a byte each) and
+    d: 146 bytes a super-block for 110. Ranks that split a column-split matrix (attn_output, ffn_down) inside a
+    super-block both hold it: at most one super-block a row more for each boundary between ranks."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
     from spmd.gguf_file import GGUFFile
     f = GGUFFile(models[name])
-    as_held = {T.Q3_K: GGML_QUANT_SIZES[T.Q6_K][1] / GGML_QUANT_SIZES[T.Q3_K][1]}
+    as_held = {T.Q3_K: (256 // 2 + 16 + 2) / GGML_QUANT_SIZES[T.Q3_K][1]}
     matrices = sum(i.nbytes * as_held.get(i.qtype, 1) for n, i in f.tensors.items()
                    if len(i.shape) == 2 and n != "token_embd.weight")
     super_rows = sum(i.shape[0] * GGML_QUANT_SIZES[i.qtype][1] * as_held.get(i.qtype, 1) for n, i in f.tensors.items()

@@ -24,12 +24,15 @@
                                          # 0..slots-1; kv_cache: "f32" or "f16", the type keys and values are kept in
     backend.model_owns_weights           # True where the model frees its matrices on close(): a re-partition
                                          # then reads every matrix again instead of keeping unchanged ones
+    backend.holds(qtype)                 # the type it holds a file's qtype matrices in (spmd.quants.held_type)
     backend.lacks(w)                     # None where it computes with QTensor w as it is, else what it lacks
                                          # ("a kernel for Q2_K weights"): spmd.weights then hands it w as F32
 """
 import numpy as np
+from gguf import GGMLQuantizationType as T
 
 from ..errors import UserError
+from ..quants import HELD, transcode
 
 BACKENDS = ("numpy", "cpu", "vulkan")
 
@@ -42,6 +45,15 @@ class Backend:
     def lacks(self, w):
         """None: every type spmd.quants keeps, and slices that cut through quant blocks (QTensor.keep)."""
         return None
+
+    def holds(self, qtype):
+        """The type it holds a file's `qtype` matrices in (the numpy backend: float32, dequantised as it computes)."""
+        return T.F32
+
+    def as_held(self, w):
+        """QTensor w in the type it holds w's type in: `HELD`'s (the same numbers) where it has kernels for that
+        type and not for w's (its `linear` takes w either way)."""
+        return transcode(w) if w.qtype in HELD and self.holds(w.qtype) == HELD[w.qtype] else w
 
     def linear(self, w, resident=True):
         raise NotImplementedError

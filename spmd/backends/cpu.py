@@ -35,15 +35,15 @@ four arrays a matrix (w, wh, wd, ws; a type without one gets a 1x1 dummy), rows 
 128 elements (K-quants: 256) or 64 (floats). `FORMATS` says what each quantised type has:
   w   4-bit types   uint8 (rows, cols/2): per 128-element group, 64 bytes = 16 little-endian dwords: nibble v (bits
                     4v..4v+3) of dword l is element 8l + v; that is, byte e holds elements 2e (low) and 2e + 1 (high);
-                    Q2_K too, its 2-bit integers in nibbles
+                    Q2_K and Q3_K too, their 2- and 3-bit integers in nibbles
       Q8_0          int8 (rows, cols): per 128-element group, byte 16v + l is element 8l + v
   wh  Q5_*, Q5_K    uint8 (rows, cols/8): bit v of byte 16g + l is the 5th bit of element 8l + v of group g
       Q6_K          uint16 (rows, cols/8): bits 2v..2v+1 of word 16g + l are the top two bits of that element
   wd  32-element    float16 bits: per group its 4 blocks' d, then (Q4_1, Q5_1) their 4 m
       K-quants      float16 bits: per 256-element super-block its d, then (Q4_K, Q5_K, Q2_K) minus its dmin
   ws  K-quants      uint8 (rows, cols/16): per group its 4 sub-blocks' 6-bit scales then their 6-bit mins (Q4_K,
-                    Q5_K), or its 8 int8 scales of 16 elements each (Q6_K); Q2_K (rows, cols/8): its 8 sub-blocks'
-                    4-bit scales, then their 4-bit mins
+                    Q5_K), or its 8 int8 scales of 16 elements each (Q6_K, Q3_K); Q2_K (rows, cols/8): its 8
+                    sub-blocks' 4-bit scales, then their 4-bit mins
   F32 / F16 / BF16  w float32 / int16 / uint16 (rows, cols): numba has no float16, so F16 keeps its bits as int16
 The quantised types' four arrays then hold their rows in quads (`_interleave`, QUAD = 4; rows padded with zeros to
 a multiple of 4): array row k holds rows 4k..4k+3 unit by unit, the four rows' units of group 0, then of group 1, ...
@@ -56,7 +56,8 @@ element, in quads whose unit is a group of 16 lanes, rows padded to a multiple o
 the scale is d (times the sub-block's scale for K-quants), the min dmin times its m (K) or m.
 Memory: the file's bytes (Q4_K 148 for 144, Q5_K 180 for 176: their packed 6-bit scales held as bytes), with
 either activations, but for the padding (`held_bytes`; with int8, a row of 2816 columns holds 3072); Q2_K 164 for
-84 (nibbles, and its 4-bit scales and mins as bytes).
+84 (nibbles, and its 4-bit scales and mins as bytes), Q3_K 146 for 110 (nibbles, its 6-bit scales as bytes).
+IQ4_NL is held as Q8_0 (`spmd.quants.HELD`: 34 bytes for 18).
 
 Quantised kernels: lane l (of 16) of a 128-element group owns elements 8l..8l+7, all in sub-block l // 4 (Q6_K,
 Q2_K: l // 2). For v = 0..7 the kernel turns element 8l + v of every lane into its integer as float32 (4-bit types: a
@@ -99,7 +100,7 @@ from numba.core import cgutils
 from numba.core.codegen import get_host_cpu_features
 from numba.extending import intrinsic, overload
 
-from ..quants import SUPER, QTensor, unpack
+from ..quants import HELD, SUPER, QTensor, held_type, unpack
 from . import Backend, prepare_call
 from .kernel_cache import kernel_cache_dir
 
@@ -118,7 +119,7 @@ ROW_BLOCK = 16  # weight rows per parallel work item; activation rows go through
 QUAD = 4  # quantised weights: rows interleaved in fours, so that the kernels' tiles read one stream (docstring)
 SMALL = 1 << 17  # weights below this many bytes run on one thread (a fork-join costs more than it saves)
 # --activations int8: the types with 8-bit kernels, and the offset they store their integers with
-INT8 = {T.Q4_0: 8, T.Q4_1: 0, T.Q5_0: 16, T.Q5_1: 0, T.Q8_0: 128, T.Q4_K: 0, T.Q5_K: 0, T.Q6_K: 32}
+INT8 = {T.Q4_0: 8, T.Q4_1: 0, T.Q5_0: 16, T.Q5_1: 0, T.Q8_0: 128, T.Q4_K: 0, T.Q5_K: 0, T.Q6_K: 32, T.Q3_K: 4}
 FIXED = 28  # int8 exact sums: each lane's product is cut to a multiple of 2^-FIXED and summed as an integer
 LIMIT = 2.0 ** 22  # int8 exact sums: activations past this (or NaN) make the row NaN: a lane's value, up to 2^19
 # (32 products of 127 x 128) times d_w * d_x * 2^FIXED, d_x up to LIMIT / 127, stays under 2^63 for |d_w| < 2
@@ -939,7 +940,8 @@ FORMATS = {T.Q8_0: Format(high=-1), T.Q4_0: Format(offset=8), T.Q4_1: Format(min
            T.Q5_0: Format(offset=16, high=1), T.Q5_1: Format(high=1, mins=True),
            T.Q4_K: Format(per_d=SUPER, mins=True), T.Q5_K: Format(high=1, per_d=SUPER, mins=True),
            T.Q6_K: Format(offset=32, high=2, per_d=SUPER, signed_sub=True, sub=16),
-           T.Q2_K: Format(per_d=SUPER, mins=True, sub=16)}  # (2-bit integers held as nibbles)
+           T.Q2_K: Format(per_d=SUPER, mins=True, sub=16),  # (2-bit integers held as nibbles)
+           T.Q3_K: Format(offset=4, per_d=SUPER, signed_sub=True, sub=16)}  # (3-bit integers held as nibbles)
 FLOATS = {T.F32: np.float32, T.F16: np.int16, T.BF16: np.uint16}  # numba has no float16: F16 keeps its bits as int16
 
 
@@ -1254,10 +1256,16 @@ class CpuBackend(Backend):
         return head_dim % LANES != 0  # (else CpuModel widens each key and value as it reads it)
 
     def linear(self, w: QTensor, resident=True) -> CpuLinear:
-        return CpuLinear(w, self.threads, self.int8)
+        return CpuLinear(self.as_held(w), self.threads, self.int8)
 
     def settle(self, lins):
         settle(lins)
+
+    def holds(self, qtype):
+        return held_type(qtype, lambda t: t in FORMATS or t in FLOATS)
+
+    def lacks(self, w):
+        return None if self.holds(w.qtype) in (w.qtype, HELD.get(w.qtype)) else f"a kernel for {w.qtype.name} weights"
 
     def held_bytes(self, qtype, rows, cols, keep=None) -> int:
         return held_bytes(qtype, rows, cols, self.int8)  # a cut slice keeps the whole blocks around it
