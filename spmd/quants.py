@@ -186,14 +186,14 @@ def _pack_q6_k(q, sc, d) -> np.ndarray:
     """Q6_K blocks (n, 210) from each super-block's 256 stored integers q (0..63), 16 sub-block scales sc and d."""
     q = q.reshape(-1, 2, 4, 32).astype(np.uint8)  # (half h, k, i): element 128h + 32k + i
     ql = (q[:, :, 0:2] & 15) | ((q[:, :, 2:4] & 15) << 4)  # byte 64h + 32(k % 2) + i, nibble k // 2
-    qh = np.bitwise_or.reduce((q >> 4) << (2 * np.arange(4, dtype=np.uint8))[:, None], axis=2)  # byte 32h + i
-    return np.concatenate([ql.reshape(-1, 128), qh.reshape(-1, 64), sc.astype(np.int8).view(np.uint8),
+    qh = _pack_2bit(q >> 4)
+    return np.concatenate([ql.reshape(-1, 128), qh, sc.astype(np.int8).view(np.uint8),
                            d.astype(np.float16)[:, None].view(np.uint8)], axis=1)
 
 
 def _pack_2bit(q) -> np.ndarray:
-    """Q2_K's q and Q3_K's lo (n, 64) from each super-block's 256 2-bit integers: element 128h + 32k + i in bits
-    2k..2k+1 of byte 32h + i."""
+    """Q2_K's q, Q3_K's low and Q6_K's high bits (n, 64) from each super-block's 256 2-bit integers: element
+    128h + 32k + i in bits 2k..2k+1 of byte 32h + i (`_two_bits` reads them)."""
     q = q.reshape(-1, 2, 4, 32).astype(np.uint8)
     return np.bitwise_or.reduce(q << (2 * np.arange(4, dtype=np.uint8))[:, None], axis=2).reshape(-1, 64)
 
@@ -229,6 +229,12 @@ def _nibbles(qs):
 def _bits(hi, n):
     """uint32 (..., 1) -> its n low bits (..., n), bit e at e."""
     return ((hi.astype(np.uint32) >> np.arange(n, dtype=np.uint32)) & 1).astype(np.uint8)
+
+
+def _two_bits(planes):
+    """(rows, blocks, 64) bytes of 2-bit fields -> (rows, blocks, 2, 4, 32): bits 2k..2k+1 of byte 32h + i are
+    element (h, k, i) (Q2_K's integers, Q3_K's low bits, Q6_K's high bits; `_pack_2bit` writes them)."""
+    return (planes.reshape(*planes.shape[:2], 2, 1, 32) >> (2 * np.arange(4, dtype=np.uint8))[:, None]) & 3
 
 
 def k_scales(packed):
@@ -285,15 +291,15 @@ def unpack(qt: QTensor) -> Unpacked:
         lo = b[..., :128].reshape(*b.shape[:2], 2, 2, 1, 32)  # (half, byte group k % 2, 1, i)
         lo = np.concatenate([lo & 0x0F, lo >> 4], axis=4)  # (half, k % 2, k // 2, i)
         lo = lo.transpose(0, 1, 2, 4, 3, 5).reshape(*b.shape[:2], 2, 4, 32)  # (half, k, i)
-        hi = (b[..., 128:192].reshape(*b.shape[:2], 2, 1, 32) >> (2 * np.arange(4, dtype=np.uint8))[:, None]) & 3
+        hi = _two_bits(b[..., 128:192])
         return Unpacked(i16(lo | (hi << 4)) - 32, 32, SUPER, 16, _f16(b, 208)[..., 0],
                         i16(b[..., 192:208].view(np.int8), 16))
     if t == T.Q2_K:
-        q = (b[..., 16:80].reshape(*b.shape[:2], 2, 1, 32) >> (2 * np.arange(4, dtype=np.uint8))[:, None]) & 3
+        q = _two_bits(b[..., 16:80])
         sc, m = b[..., :16] & 15, b[..., :16] >> 4
         return Unpacked(i16(q), 0, SUPER, 16, _f16(b, 80)[..., 0], i16(sc, 16), -_f16(b, 82)[..., 0], i16(m, 16))
     if t == T.Q3_K:
-        lo = (b[..., 32:96].reshape(*b.shape[:2], 2, 1, 32) >> (2 * np.arange(4, dtype=np.uint8))[:, None]) & 3
+        lo = _two_bits(b[..., 32:96])
         hi = ((b[..., None, 0:32] >> np.arange(8, dtype=np.uint8)[:, None]) & 1).reshape(lo.shape)  # (h, k, i)
         nib = np.concatenate([b[..., 96:104] & 15, b[..., 96:104] >> 4], axis=-1)  # sc s: nibble s // 8 of s % 8
         top = ((b[..., 104:108, None] >> (2 * np.arange(4, dtype=np.uint8))) & 3).transpose(0, 1, 3, 2)
