@@ -22,7 +22,7 @@ import numpy as np
 from .gguf_file import column_cover
 from .model import HALVES
 from .plan import Share, scale_ranges
-from .quants import HELD, block_size, dequantize, from_float, held_type, row_bytes
+from .quants import block_size, dequantize, from_float, held_type, row_bytes
 
 ROWS, COLS, VECTOR = 0, 1, 2  # how a tensor is sliced
 # field of LayerWeights -> (GGUF name in the block, slicing, element unit); "heads": query heads (head_dim rows each,
@@ -179,8 +179,8 @@ def load_shard(f, cfg, share: Share, backend, notice=print, read=None, old=None,
     def fit(qt):
         """The slice as the backend computes with it: F32 where it lacks a kernel for its type or its cut. (A type
         it holds as another, `HELD`'s, as Vulkan holds Q3_K as Q6_K, is said once: its `linear` transcodes it.)"""
-        if qt.qtype in HELD and backend.holds(qt.qtype) == HELD[qt.qtype]:
-            held = HELD[qt.qtype]
+        held = backend.held_as(qt.qtype)
+        if held:
             f.notice_once(notice, ("held", qt.qtype), f"note: the file holds {qt.qtype.name} weights; the "
                           f"{backend.name} backend holds them as {held.name}, the same numbers in "
                           f"{row_bytes(held, 256)} bytes for the file's {row_bytes(qt.qtype, 256)} per 256 weights")

@@ -50,10 +50,15 @@ class Backend:
         """The type it holds a file's `qtype` matrices in (the numpy backend: float32, dequantised as it computes)."""
         return T.F32
 
+    def held_as(self, qtype):
+        """`HELD`'s type for `qtype` (the same numbers) where it holds `qtype` in that, having its kernels and not
+        `qtype`'s; else None."""
+        held = HELD.get(qtype)
+        return held if held is not None and self.holds(qtype) == held else None
+
     def as_held(self, w):
-        """QTensor w in the type it holds w's type in: `HELD`'s (the same numbers) where it has kernels for that
-        type and not for w's (its `linear` takes w either way)."""
-        return transcode(w) if w.qtype in HELD and self.holds(w.qtype) == HELD[w.qtype] else w
+        """QTensor w in the type it holds w's type in (its `linear` takes w either way)."""
+        return transcode(w) if self.held_as(w.qtype) else w
 
     def linear(self, w, resident=True):
         raise NotImplementedError
