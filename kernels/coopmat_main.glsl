@@ -212,8 +212,8 @@ void put() {
             else vs8[r * KW + WB * s + h] = q;
         }
 #ifdef HALF_SCALES
-        rs[(2 * s + m) * BR + r] = ps[k] * half_scale(pmeta[k], 0u);
-        rs[MINS + (2 * s + m) * BR + r] = ps[k] * half_scale(pmeta[k], 1u);
+        rs[(2 * s + m) * BR + r] = ps[k] * half_scale(raw, 0u);
+        rs[MINS + (2 * s + m) * BR + r] = ps[k] * half_scale(raw, 1u);
 #elif defined(META)
         rs[(2 * s + m) * BR + r] = ps[k] * meta_scale(pmeta[k]);
 #else
@@ -271,8 +271,8 @@ void put() {
         }
         if (tid % TPB == 0) {
 #ifdef HALF_SCALES
-            rs[rs_at(s, m, 0, r)] = ps[k] * half_scale(pmeta[k], 0u);
-            rs[rs_at(s, m, 1, r)] = ps[k] * half_scale(pmeta[k], 1u);
+            rs[rs_at(s, m, 0, r)] = ps[k] * half_scale(raw, 0u);
+            rs[rs_at(s, m, 1, r)] = ps[k] * half_scale(raw, 1u);
 #else
             rs[rs_at(s, m, 0, r)] = sc;
 #endif

@@ -25,10 +25,9 @@ terms (f16: a float16; q: a row's integer, nibble `lo` plus high bits `hi`):
                       bit 4h + k, set for q >= 0; sc s: nibble s // 8 of byte s % 8, top bits 2(s // 4).. of byte
                       8 + s % 4                                        d * sc * (q - 4)
   IQ4_NL (18 B / 32)  f16 d, 16 bytes as Q4_0, each nibble an index into IQ4_NL_VALUES    d * value
-A backend without kernels for Q3_K or IQ4_NL holds them as another type with the same numbers (`HELD`, `transcode`):
-Q3_K as Q6_K (q in 28..35, sc in -32..31; 210 bytes for the file's 110, where F32 would take 1024; the Vulkan
-backend), IQ4_NL as Q8_0 (its table's values are int8s; 34 bytes for 18; both backends). The kernels of Q6_K and Q8_0
-then compute them unchanged.
+A backend without kernels for IQ4_NL (both of them) holds it as another type with the same numbers (`HELD`,
+`transcode`): Q8_0, whose int8s hold its table's values (34 bytes for 18, where F32 would take 128); the kernels of
+Q8_0 then compute it unchanged.
 """
 import functools
 from dataclasses import dataclass
@@ -41,8 +40,7 @@ from gguf import quants as gguf_quants
 # types as stored, and dequantises any other type to F32 at load.
 NATIVE = (T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K)
 FLOATS = (T.F32, T.F16, T.BF16)  # float matrices: float activations under --activations int8 too
-HELD = {T.Q3_K: T.Q6_K, T.IQ4_NL: T.Q8_0}  # a type -> one with the same numbers (`transcode`), for a backend without
-# kernels for the type
+HELD = {T.IQ4_NL: T.Q8_0}  # a type -> one with the same numbers (`transcode`), for a backend without its kernels
 IQ4_NL_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.int16)
 KEPT_EXACTLY = NATIVE + tuple(HELD)  # types held with the file's numbers (a lookup on the device gives the host's)
 K_QUANTS = (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K)  # 256-element super-blocks
@@ -60,8 +58,8 @@ def block_size(qtype) -> int:
 
 def held_type(qtype, computes=NATIVE.__contains__):
     """The type a backend with kernels for the types `computes` names (by default the cpu backend's) holds a file's
-    `qtype` weights in: the file's where it has its kernels, else `HELD`'s where it has those (Q3_K: Q6_K, IQ4_NL:
-    Q8_0), else F32 (dequantised)."""
+    `qtype` weights in: the file's where it has its kernels, else `HELD`'s where it has those (IQ4_NL: Q8_0), else
+    F32 (dequantised)."""
     if qtype in KEPT_EXACTLY and computes(qtype):
         return qtype
     return HELD[qtype] if qtype in HELD and computes(HELD[qtype]) else T.F32
@@ -311,15 +309,12 @@ def unpack(qt: QTensor) -> Unpacked:
 
 
 def transcode(qt: QTensor) -> QTensor:
-    """A QTensor of a `HELD` type as its held type, the same numbers: d (and Q3_K's sub-block scales) as they are;
-    Q3_K's integers plus 32 (6-bit unsigned, as Q6_K stores them), IQ4_NL's table values as Q8_0's int8s."""
+    """A QTensor of a `HELD` type (IQ4_NL) as its held type (Q8_0), the same numbers: d as it is, the table's
+    values as Q8_0's int8s."""
     u = unpack(qt)
     n = qt.rows * qt.cols // u.super
-    if qt.qtype == T.Q3_K:
-        data = _pack_q6_k((u.q + 32).reshape(n, SUPER), u.sc.reshape(n, 16), u.d.reshape(n))
-    else:  # IQ4_NL
-        d = u.d.reshape(n, 1).astype(np.float16).view(np.uint8)
-        data = np.concatenate([d, u.q.reshape(n, BLOCK).astype(np.int8).view(np.uint8)], axis=1)
+    d = u.d.reshape(n, 1).astype(np.float16).view(np.uint8)
+    data = np.concatenate([d, u.q.reshape(n, BLOCK).astype(np.int8).view(np.uint8)], axis=1)
     held = HELD[qt.qtype]
     return QTensor(held, qt.rows, qt.cols, data.reshape(qt.rows, row_bytes(held, qt.cols)), qt.keep)
 

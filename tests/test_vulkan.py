@@ -34,7 +34,7 @@ from spmd.weights import load_shard
 from test_backends import activations, random_qtensor
 
 KERNELS = Path(__file__).resolve().parents[1] / "kernels"
-TYPES = (T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K)
+TYPES = (T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K)
 NAMES = [t.name for t in TYPES]
 PROMPT = (1, 72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100)
 LLAMA = Shape(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, ffn=256, vocab=512, context=64)  # GQA
@@ -338,7 +338,7 @@ def models(tmp_path_factory):
                                                                                           "F16")}
     paths["qwen2"] = write_model(folder / "qwen2.gguf", QWEN2, qtype="Q8_0", seed=3)
     paths["qwen3"] = write_model(folder / "qwen3.gguf", QWEN3, qtype="Q8_0", seed=5)
-    for q in ("Q4_K_M", "Q5_K_M", "Q3_K_M", "IQ4_NL"):  # Q4_K / Q5_K with Q6_K where more bits go; Q3_K (as Q6_K)
+    for q in ("Q4_K_M", "Q5_K_M", "Q3_K_M", "IQ4_NL"):  # Q4_K / Q5_K with Q6_K where more bits go; Q3_K
         # with Q4_K; IQ4_NL (as Q8_0)
         paths[q] = write_model(folder / f"llama-{q}.gguf", K_LLAMA, qtype=q, seed=7)
     return paths

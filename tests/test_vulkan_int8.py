@@ -81,7 +81,7 @@ def test_products_are_the_transcription(qtype, shape, n, matvec_rows, monkeypatc
         return
     assert np.all(np.abs(got - int8_reference(w, x)) <= _bound(w, x))
     kernels = {key[0] for key in BACKEND8.dev._pipelines}
-    held = vulkan.kind(BACKEND8.holds(qtype))  # (Q3_K: held as Q6_K)
+    held = vulkan.kind(BACKEND8.holds(qtype))  # (IQ4_NL: held as Q8_0)
     if n <= matvec_rows and held in vulkan.INT8:
         assert f"matvec_{held}_i8" in kernels
 

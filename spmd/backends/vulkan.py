@@ -42,15 +42,16 @@ from .vk_runtime import Buffer, Device, Recording, env_tuple
 
 # weight type -> its kernels' name (kernels/<name>.glsl): 4-bit with a min, 5-bit and Q6_K are repacked (_repack)
 TYPES = {T.F32: "f32", T.F16: "f16", T.BF16: "bf16", T.Q8_0: "q8_0", T.Q4_0: "q4_0", T.Q4_1: "q4m", T.Q4_K: "q4m",
-         T.Q5_0: "q5m", T.Q5_1: "q5m", T.Q5_K: "q5m", T.Q6_K: "q6"}  # (`kind`: WHOLE's where kept whole)
+         T.Q5_0: "q5m", T.Q5_1: "q5m", T.Q5_K: "q5m", T.Q6_K: "q6", T.Q3_K: "q3"}  # (`kind`: WHOLE's where kept whole)
 WHOLE = {T.Q4_K: "q4k", T.Q5_K: "q5k"}  # a K-quant kept whole: kernels with the file's super-block scales
 # uvec4s a block
-UV = {"f32": 8, "f16": 4, "bf16": 4, "q8_0": 2, "q4_0": 1, "q4m": 1, "q4k": 1, "q5m": 1, "q5k": 1, "q6": 1}
+UV = {"f32": 8, "f16": 4, "bf16": 4, "q8_0": 2, "q4_0": 1, "q4m": 1, "q4k": 1, "q5m": 1, "q5k": 1, "q6": 1,
+      "q3": 1}
 FLOATS = tuple(TYPES[t] for t in quants.FLOATS)  # kernels of float weights (float activations under int8 too)
 # kernels of 8-bit activations: matvec_<w>_i8 (every quantised type), coopmat_<w>_i8 where the device has 8-bit
 # matrix units
-INT8 = ("q4_0", "q8_0", "q4m", "q4k", "q5m", "q5k", "q6")
-WORDS = ("q4m", "q4k", "q5m", "q5k", "q6")  # repacked with uint32 words for their blocks (_repack_words)
+INT8 = ("q4_0", "q8_0", "q4m", "q4k", "q5m", "q5k", "q6", "q3")
+WORDS = ("q4m", "q4k", "q5m", "q5k", "q6", "q3")  # repacked from unpack's numbers (_repack_words)
 # a block's scales, in their own buffer (q4k: 20 bytes a super-block of 8 blocks, q5k 52)
 SCALE_BYTES = {"q4_0": 2, "q8_0": 2, "q4m": 8, "q4k": 2.5, "q5m": 12, "q5k": 6.5, "q6": 12}
 # rows, nb, x_stride, x_off, y_stride, y_off, n, groups, bias_off, flags, ss_count, inv_dim, eps
@@ -121,8 +122,9 @@ def _repack_words(w: QTensor, rows, nb):
     """q4m / q5m / q6 / q4k / q5k (kernels/q4m.glsl ...): (16 bytes of nibbles per block (rows, nb * 16), uint32
     words (rows, words a row): a block's float32 scale and min, then its high bits; q6: its halves' int8 scales and
     its d in one word, then its top bits; q4k: a super-block's d and dmin, its 8 scales and 8 mins a byte each; q5k:
-    d and dmin, the scales and mins a byte each, block j's two in half-word j, then each block's fifth bits). A slice
-    that cut K-quant super-blocks (w.keep, at 32-element blocks) keeps only its own blocks."""
+    d and dmin, the scales and mins a byte each, block j's two in half-word j, then each block's fifth bits); q3: (a
+    block's 16 bytes (rows, nb * 16), None): its integers' low and third bits and its halves' scales, q3.glsl. A
+    slice that cut K-quant super-blocks (w.keep, at 32-element blocks) keeps only its own blocks."""
     u = unpack(w)
     stored = pad(w.cols)  # the stored columns (with w.keep, the blocks around its own)
     q = np.zeros((rows, stored), np.uint32)
@@ -141,7 +143,7 @@ def _repack_words(w: QTensor, rows, nb):
                                     fifth.reshape(rows, nb // 8, 8)], axis=2)
         return _nibbles(blocks), words.reshape(rows, nb // 8 * round(8 * SCALE_BYTES[name] / 4))
     per_sub = lambda a: a.repeat(u.super // u.sub, axis=1)  # noqa: E731
-    if name == "q6":  # per 16-element half: its int8 sc (a byte) and its super-block's d (fp16 bits above)
+    if name in ("q6", "q3"):  # per 16-element half: its int8 sc (a byte) and its super-block's d (fp16 bits above)
         scale = np.zeros((rows, stored // u.sub), np.uint32)
         d_bits = per_sub(u.d).astype(np.float16).view(np.uint16).astype(np.uint32)
         scale[:, :w.cols // u.sub] = u.sc.astype(np.int8).view(np.uint8) | d_bits << 16
@@ -157,13 +159,19 @@ def _repack_words(w: QTensor, rows, nb):
         scale = scale.reshape(rows, -1, 32 // u.sub)[:, kept].reshape(rows, nb * 32 // u.sub)
         low = low[:, kept]
     blocks = q.reshape(rows, nb, 32)
-    nibbles = _nibbles(blocks)
-    high = blocks >> 4
-    if name == "q6":  # a block's two sc and its d in a word; top bits: element e at 2 (e % 16) of word 1 + e / 16
+    if name in ("q6", "q3"):  # a block's two sc and its d in a word (kernels/half_scales.glsl), and 2-bit fields of
+        # 16-element halves (element e at 2 (e % 16) of field word e / 16): q6's top bits, q3's low ones
         halves = scale.reshape(rows, nb, 2)
         first = halves[:, :, :1] | (halves[:, :, 1:] & 255) << 8  # (d: the same super-block's in both)
-        bits = (high.reshape(rows, nb, 2, 16) << (2 * np.arange(16, dtype=np.uint32))).sum(axis=3, dtype=np.uint32)
-        return nibbles, np.concatenate([first, bits], axis=2).reshape(rows, nb * 3)
+        two = blocks >> 4 if name == "q6" else blocks & 3
+        fields = (two.reshape(rows, nb, 2, 16) << (2 * np.arange(16, dtype=np.uint32))).sum(axis=3, dtype=np.uint32)
+        if name == "q6":
+            return _nibbles(blocks), np.concatenate([first, fields], axis=2).reshape(rows, nb * 3)
+        third = ((blocks >> 2) << np.arange(32, dtype=np.uint32)).sum(axis=2, dtype=np.uint32)  # bit e: element e
+        words = np.concatenate([fields, third[:, :, None], first], axis=2)  # a block's uvec4 (kernels/q3.glsl)
+        return np.ascontiguousarray(words).view(np.uint8).reshape(rows, nb * 16), None
+    nibbles = _nibbles(blocks)
+    high = blocks >> 4
     low -= u.offset * scale  # the stored integers are unsigned: Q5_0's m is -16 s
     words = [scale.view(np.uint32), low.view(np.uint32)]
     if TYPES[w.qtype] == "q5m":  # bit e: element e's fifth bit
