@@ -1,5 +1,5 @@
 """K-quant files made by llama.cpp's own quantiser (tests/kquant, scripts/make_kquant_files.py): spmd holds them with
-the file's numbers (as they are; IQ4_NL as Q8_0; Q2_K dequantised at load on Vulkan) and its greedy
+the file's numbers (as they are; IQ4_NL as Q8_0) and its greedy
 tokens equal tests/reference.py's, which dequantises every weight with the gguf package; at several ranks, layouts
 and stages they equal one rank's."""
 import struct

@@ -201,7 +201,7 @@ def vulkan_backend():
         pytest.skip(f"no Vulkan: {e}")
 
 
-@pytest.mark.parametrize("qtype", [T.F32, T.F16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q4_K, T.Q5_K, T.Q6_K])
+@pytest.mark.parametrize("qtype", [T.F32, T.F16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K])
 @pytest.mark.parametrize("rows, cols", [(3, 256), (17, 768), (0, 256), (5, 0)])
 def test_vulkan_held_bytes_is_what_a_linear_holds(qtype, rows, cols):
     from test_backends import random_qtensor
@@ -215,7 +215,7 @@ def test_vulkan_held_bytes_is_what_a_linear_holds(qtype, rows, cols):
 
 
 @pytest.mark.parametrize("name", ["numpy", "cpu", "vulkan"])
-@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q5_K, T.Q6_K, T.Q4_0])
+@pytest.mark.parametrize("qtype", [T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.Q4_0])
 @pytest.mark.parametrize("keep", [((32, 96), (256, 512), (608, 640)), ((8, 40), (256, 300))], ids=["blocks", "cut"])
 def test_held_bytes_of_a_slice_that_cuts_quant_blocks_is_what_its_linear_holds(name, qtype, keep):
     """A column slice that cuts quant blocks (QTensor.keep: the blocks around its own columns) is priced by what

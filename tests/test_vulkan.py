@@ -34,7 +34,7 @@ from spmd.weights import load_shard
 from test_backends import activations, random_qtensor
 
 KERNELS = Path(__file__).resolve().parents[1] / "kernels"
-TYPES = (T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K)
+TYPES = (T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K)
 NAMES = [t.name for t in TYPES]
 PROMPT = (1, 72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100)
 LLAMA = Shape(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, ffn=256, vocab=512, context=64)  # GQA
@@ -130,7 +130,7 @@ def test_columns_not_a_multiple_of_32_and_no_columns():
 
 
 @needs_device
-@pytest.mark.parametrize("qtype", (T.Q4_K, T.Q5_K, T.Q6_K), ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K), ids=lambda t: t.name)
 def test_slices_that_cut_super_blocks_stay_quantised(qtype):
     """A rank's columns that cut K-quant super-blocks (QTensor.keep, at 32-element blocks) keep their own blocks
     on the device, repacked like the rest; a cut through a 32-element block is what the backend lacks."""
@@ -143,6 +143,8 @@ def test_slices_that_cut_super_blocks_stay_quantised(qtype):
         x = activations(3, part.width, rng)
         lin = BACKEND.linear(part)
         assert lin.nbytes <= 8 / 32 * 4 * part.rows * part.width  # 8 bits a weight at most: not widened to F32
+        if qtype in (T.Q2_K, T.Q3_K):  # a 32-element block in one 16-byte word: 4 bits a weight
+            assert lin.nbytes == part.rows * part.width // 2
         assert np.all(np.abs(lin(x) - NumpyBackend().linear(part)(x)) <= tolerance(part, x))
         lin.free()
     q8 = random_qtensor(T.Q8_0, 2, 64, rng)
@@ -175,11 +177,11 @@ def test_a_whole_k_quant_matrix_is_held_near_its_files_bytes_and_computes_as_its
 
 
 @needs_device
-@pytest.mark.parametrize("qtype", (T.Q4_K, T.Q5_K, T.Q6_K), ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K), ids=lambda t: t.name)
 def test_k_quant_scales_below_float16s_normal_range_are_widened_exactly(qtype):
     """Every super-block's d (and dmin) below float16's smallest normal number (6.1e-5, as in many real files): the
-    kernels that widen them on the device (q4k, q5k, q6) keep them, as the host does, where a flush to zero would
-    lose those blocks."""
+    kernels that widen them on the device (q4k, q5k, q6, q3, q2) keep them, as the host does, where a flush to zero
+    would lose those blocks."""
     from gguf import GGML_QUANT_SIZES
 
     from spmd.quants import F16_FIELDS
@@ -357,6 +359,21 @@ def test_greedy_tokens_equal_numpy_reference(models, case):
     result = engine(models[case], "vulkan").run()
     assert result["tokens"] == expected and len(expected) == 12
     assert "vulkan (" in result["ranks"][0].get("backend", "vulkan (")
+
+
+KQUANT = sorted((Path(__file__).parent / "kquant").glob("*.gguf"))  # llama.cpp's own files (test_kquant)
+
+
+@needs_device
+@pytest.mark.parametrize("path", KQUANT, ids=[f.stem for f in KQUANT])
+def test_llama_cpp_k_quant_files_are_held_as_stored_and_give_the_reference_tokens(path):
+    """Every matrix type of llama.cpp's K-quant files is held as the file has it (Q2_K and Q3_K included: kernels
+    of their own), but IQ4_NL (as Q8_0, the same numbers); greedy tokens equal tests/reference.py's."""
+    f = GGUFFile(path)
+    types = {info.qtype for info in f.tensors.values() if len(info.shape) == 2}
+    f.close()
+    assert {t: BACKEND.holds(t) for t in types} == {t: T.Q8_0 if t == T.IQ4_NL else t for t in types}
+    assert engine(path, "vulkan").run()["tokens"] == reference.greedy(path, list(PROMPT), 12)
 
 
 def logits(e, tokens, pos):

@@ -8,6 +8,8 @@ The products are held to tests/test_backends.int8_reference (the transcription o
 within float32 summation (1e-5 of sum |x||w|, as in tests/test_vulkan.py) plus the reference's own cuts to 2^-28;
 the rounding itself to the bit."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
@@ -250,15 +252,17 @@ def _logits(model, tokens, pos):
 
 
 @needs_int8
-@pytest.mark.parametrize("case", ["Q8_0", "Q4_0", "Q4_K_M"])
+@pytest.mark.parametrize("case", ["Q8_0", "Q4_0", "Q4_K_M", "Q3_K_M", "q2_k"])
 def test_logits_follow_the_cpu_backends_with_int8(models, case):  # noqa: F811 (the fixture)
-    """The test models' logits against the cpu backend's --activations int8: prompts of 1 to 13 tokens in one pass,
+    """The test models' logits (q2_k: llama.cpp's file, tests/kquant, whose Q2_K matrices take float activations on
+    both backends) against the cpu backend's --activations int8: prompts of 1 to 13 tokens in one pass,
     then 8 decode steps after the first 8 (the rounding inside the products). Two engines' activations that differ
     in their last bit (float32 sums in another order) can round to integers one apart, which moves the logits by
     about as much as int8 activations move them from float32 ones (0.05-0.1 here), and that pass's later ones with
     it: so most passes, not all, must agree to float32 summation (on lavapipe 21, 19 and 17 of 21), and every one
     to within int8's own noise."""
-    cpu8, dev8 = _int8_model(models[case], "cpu"), _int8_model(models[case], "vulkan")
+    path = models[case] if case in models else Path(__file__).parent / "kquant" / f"{case}.gguf"
+    cpu8, dev8 = _int8_model(path, "cpu"), _int8_model(path, "vulkan")
     diffs = [np.abs(_logits(dev8, PROMPT[:n], 0) - _logits(cpu8, PROMPT[:n], 0)).max() for n in range(1, 14)]
     token, pos = int(np.argmax(_logits(cpu8, PROMPT[:8], 0))), 8
     _logits(dev8, PROMPT[:8], 0)

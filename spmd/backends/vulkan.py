@@ -7,7 +7,9 @@ fp16 scales moved to a second buffer (one per block), so every load is 16-byte a
 bits. The other kept types are repacked (`_repack_words`) to 16 bytes of low nibbles per block and a few uint32 words
 per block in the second buffer: float32 scale and min (Q4_1, and Q4_K sliced through its super-blocks: "q4m", 6 bits a
 weight), plus the fifth bits (Q5_0, Q5_1, and Q5_K sliced through its super-blocks: "q5m", 7 bits for Q5_K's 5.5), or
-Q6_K's two half-block int8 scales, its super-block's d and top bits ("q6", 7 bits for its 6.56); a K-quant's d * sc is
+Q6_K's two half-block int8 scales, its super-block's d and top bits ("q6", 7 bits for its 6.56). Q3_K and Q2_K
+("q3", "q2") hold a 32-element block in one 16-byte word: its 2-bit fields (and Q3_K's third bits) and its halves'
+scales (4 bits a weight for their 3.44 and 2.625). A K-quant's d * sc is
 exact in float32, so the numbers stay the file's, and a slice that cuts its super-blocks (QTensor.keep) keeps just its
 own 32-element blocks. Q4_K kept whole ("q4k", `kind`) keeps q4m's nibbles and, as its scales, each super-block's
 fp16 d and dmin and its 6-bit scales and mins a byte each: 4.625 bits a weight against the file's 4.5; its kernels
@@ -42,16 +44,18 @@ from .vk_runtime import Buffer, Device, Recording, env_tuple
 
 # weight type -> its kernels' name (kernels/<name>.glsl): 4-bit with a min, 5-bit and Q6_K are repacked (_repack)
 TYPES = {T.F32: "f32", T.F16: "f16", T.BF16: "bf16", T.Q8_0: "q8_0", T.Q4_0: "q4_0", T.Q4_1: "q4m", T.Q4_K: "q4m",
-         T.Q5_0: "q5m", T.Q5_1: "q5m", T.Q5_K: "q5m", T.Q6_K: "q6", T.Q3_K: "q3"}  # (`kind`: WHOLE's where kept whole)
+         T.Q5_0: "q5m", T.Q5_1: "q5m", T.Q5_K: "q5m", T.Q6_K: "q6", T.Q3_K: "q3",
+         T.Q2_K: "q2"}  # (`kind`: WHOLE's where kept whole)
 WHOLE = {T.Q4_K: "q4k", T.Q5_K: "q5k"}  # a K-quant kept whole: kernels with the file's super-block scales
 # uvec4s a block
 UV = {"f32": 8, "f16": 4, "bf16": 4, "q8_0": 2, "q4_0": 1, "q4m": 1, "q4k": 1, "q5m": 1, "q5k": 1, "q6": 1,
-      "q3": 1}
-FLOATS = tuple(TYPES[t] for t in quants.FLOATS)  # kernels of float weights (float activations under int8 too)
+      "q3": 1, "q2": 1}
+# kernels that take float activations under --activations int8 too: float weights, and Q2_K's (as on the cpu backend)
+FLOATS = tuple(TYPES[t] for t in quants.FLOATS) + ("q2",)
 # kernels of 8-bit activations: matvec_<w>_i8 (every quantised type), coopmat_<w>_i8 where the device has 8-bit
 # matrix units
 INT8 = ("q4_0", "q8_0", "q4m", "q4k", "q5m", "q5k", "q6", "q3")
-WORDS = ("q4m", "q4k", "q5m", "q5k", "q6", "q3")  # repacked from unpack's numbers (_repack_words)
+WORDS = ("q4m", "q4k", "q5m", "q5k", "q6", "q3", "q2")  # repacked from unpack's numbers (_repack_words)
 # a block's scales, in their own buffer (q4k: 20 bytes a super-block of 8 blocks, q5k 52)
 SCALE_BYTES = {"q4_0": 2, "q8_0": 2, "q4m": 8, "q4k": 2.5, "q5m": 12, "q5k": 6.5, "q6": 12}
 # rows, nb, x_stride, x_off, y_stride, y_off, n, groups, bias_off, flags, ss_count, inv_dim, eps
@@ -123,12 +127,12 @@ def _repack_words(w: QTensor, rows, nb):
     words (rows, words a row): a block's float32 scale and min, then its high bits; q6: its halves' int8 scales and
     its d in one word, then its top bits; q4k: a super-block's d and dmin, its 8 scales and 8 mins a byte each; q5k:
     d and dmin, the scales and mins a byte each, block j's two in half-word j, then each block's fifth bits); q3: (a
-    block's 16 bytes (rows, nb * 16), None): its integers' low and third bits and its halves' scales, q3.glsl. A
+    block's 16 bytes (rows, nb * 16), None): its integers' low and third bits and its halves' scales, q3.glsl; q2:
+    the same of its integers, d and dmin, its halves' scales and mins, q2.glsl. A
     slice that cut K-quant super-blocks (w.keep, at 32-element blocks) keeps only its own blocks."""
     u = unpack(w)
     stored = pad(w.cols)  # the stored columns (with w.keep, the blocks around its own)
-    q = np.zeros((rows, stored), np.uint32)
-    q[:, :w.cols] = u.q + u.offset  # the stored unsigned integers; padding 0 (its activations are 0 too)
+    q = (u.q + u.offset).astype(np.uint32)  # the stored unsigned integers (padding: 0, as its activations)
     name = kind(w.qtype, w.keep is None)
     if name in ("q4k", "q5k"):  # a super-block's d and dmin as the file has them, sc and m as bytes
         heads = np.ascontiguousarray(w.data.reshape(rows, nb // 8, quants.row_bytes(w.qtype, 256))[:, :, :4])
@@ -143,40 +147,42 @@ def _repack_words(w: QTensor, rows, nb):
                                     fifth.reshape(rows, nb // 8, 8)], axis=2)
         return _nibbles(blocks), words.reshape(rows, nb // 8 * round(8 * SCALE_BYTES[name] / 4))
     per_sub = lambda a: a.repeat(u.super // u.sub, axis=1)  # noqa: E731
-    if name in ("q6", "q3"):  # per 16-element half: its int8 sc (a byte) and its super-block's d (fp16 bits above)
-        scale = np.zeros((rows, stored // u.sub), np.uint32)
-        d_bits = per_sub(u.d).astype(np.float16).view(np.uint16).astype(np.uint32)
-        scale[:, :w.cols // u.sub] = u.sc.astype(np.int8).view(np.uint8) | d_bits << 16
-    else:  # per sub-block, exact in float32 (d * sc)
-        scale = np.zeros((rows, stored // u.sub), np.float32)
-        scale[:, :w.cols // u.sub] = per_sub(u.d) * (1 if u.sc is None else u.sc)
-    low = np.zeros((rows, stored // 32), np.float32)  # the min: dmin * m (K-quants, sign included), m (_1); Q6_K: 0
-    if u.dmin is not None:
-        low[:, :w.cols // 32] = per_sub(u.dmin) * (1 if u.m is None else u.m)
-    if w.keep is not None:  # the kept 32-element blocks, in order
-        kept = np.concatenate([np.arange(a // 32, b // 32) for a, b in w.keep])
-        q = q.reshape(rows, -1, 32)[:, kept].reshape(rows, nb * 32)
-        scale = scale.reshape(rows, -1, 32 // u.sub)[:, kept].reshape(rows, nb * 32 // u.sub)
-        low = low[:, kept]
-    blocks = q.reshape(rows, nb, 32)
-    if name in ("q6", "q3"):  # a block's two sc and its d in a word (kernels/half_scales.glsl), and 2-bit fields of
-        # 16-element halves (element e at 2 (e % 16) of field word e / 16): q6's top bits, q3's low ones
-        halves = scale.reshape(rows, nb, 2)
-        first = halves[:, :, :1] | (halves[:, :, 1:] & 255) << 8  # (d: the same super-block's in both)
+    f16_bits = lambda a: a.astype(np.float16).view(np.uint16).astype(np.uint32)  # noqa: E731
+    kept = None if w.keep is None else np.concatenate([np.arange(a // 32, b // 32) for a, b in w.keep])
+
+    def by_block(values, k=1, dtype=np.uint32):
+        """(rows, w.cols / k) numbers, one per k stored columns -> (rows, nb, 32 / k): those of the kept 32-element
+        blocks (the padding's 0)."""
+        out = np.zeros((rows, stored // k), dtype)
+        out[:, :values.shape[1]] = values
+        out = out.reshape(rows, stored // 32, 32 // k)
+        return out if kept is None else out[:, kept]
+
+    blocks = by_block(q)
+    if name in ("q6", "q3", "q2"):  # 2-bit fields of 16-element halves (element e at 2 (e % 16) of word e / 16):
+        # q6's top bits, q3's low ones, q2's integers; a word of the halves' scales (kernels/half_scales.glsl, q2.glsl)
         two = blocks >> 4 if name == "q6" else blocks & 3
         fields = (two.reshape(rows, nb, 2, 16) << (2 * np.arange(16, dtype=np.uint32))).sum(axis=3, dtype=np.uint32)
+        if name == "q2":  # per half its sc | m << 4 (a byte); the super-block's d and (minus) dmin in a word
+            halves = by_block(u.sc | u.m << 4, 16)
+            d_dmin = by_block((f16_bits(u.d) | f16_bits(u.dmin) << 16).repeat(u.super // 32, axis=1), 32)
+            words = np.concatenate([fields, d_dmin, halves[:, :, :1] | halves[:, :, 1:] << 8], axis=2)
+            return np.ascontiguousarray(words).view(np.uint8).reshape(rows, nb * 16), None
+        halves = by_block(u.sc.astype(np.int8).view(np.uint8) | f16_bits(per_sub(u.d)) << 16, 16)  # sc, d above
+        first = halves[:, :, :1] | (halves[:, :, 1:] & 255) << 8  # (d: the same super-block's in both)
         if name == "q6":
             return _nibbles(blocks), np.concatenate([first, fields], axis=2).reshape(rows, nb * 3)
         third = ((blocks >> 2) << np.arange(32, dtype=np.uint32)).sum(axis=2, dtype=np.uint32)  # bit e: element e
         words = np.concatenate([fields, third[:, :, None], first], axis=2)  # a block's uvec4 (kernels/q3.glsl)
         return np.ascontiguousarray(words).view(np.uint8).reshape(rows, nb * 16), None
-    nibbles = _nibbles(blocks)
-    high = blocks >> 4
-    low -= u.offset * scale  # the stored integers are unsigned: Q5_0's m is -16 s
+    scale = by_block(per_sub(u.d) * (1 if u.sc is None else u.sc), 32, np.float32)  # a block's, exact in float32
+    low = by_block(per_sub(u.dmin) * (1 if u.m is None else u.m), 32, np.float32) if u.dmin is not None else 0 * scale
+    low -= u.offset * scale  # the min: dmin * m (K-quants, sign included), m (_1); the stored integers are
+    # unsigned: Q5_0's is -16 s
     words = [scale.view(np.uint32), low.view(np.uint32)]
-    if TYPES[w.qtype] == "q5m":  # bit e: element e's fifth bit
-        words.append((high << np.arange(32, dtype=np.uint32)).sum(axis=2, dtype=np.uint32))
-    return nibbles, np.stack(words, axis=2).reshape(rows, nb * len(words))
+    if name == "q5m":  # bit e: element e's fifth bit
+        words.append(((blocks >> 4) << np.arange(32, dtype=np.uint32)).sum(axis=2, dtype=np.uint32)[:, :, None])
+    return _nibbles(blocks), np.concatenate(words, axis=2).reshape(rows, nb * len(words))
 
 
 def _repack(w: QTensor):
