@@ -25,7 +25,7 @@ terms (f16: a float16; q: a row's integer, nibble `lo` plus high bits `hi`):
                       bit 4h + k, set for q >= 0; sc s: nibble s // 8 of byte s % 8, top bits 2(s // 4).. of byte
                       8 + s % 4                                        d * sc * (q - 4)
   IQ4_NL (18 B / 32)  f16 d, 16 bytes as Q4_0, each nibble an index into IQ4_NL_VALUES    d * value
-A backend without kernels for IQ4_NL (both of them) holds it as another type with the same numbers (`HELD`,
+A backend without kernels for IQ4_NL (the cpu backend) holds it as another type with the same numbers (`HELD`,
 `transcode`): Q8_0, whose int8s hold its table's values (34 bytes for 18, where F32 would take 128); the kernels of
 Q8_0 then compute it unchanged.
 """

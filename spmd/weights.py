@@ -178,7 +178,8 @@ def load_shard(f, cfg, share: Share, backend, notice=print, read=None, old=None,
 
     def fit(qt):
         """The slice as the backend computes with it: F32 where it lacks a kernel for its type or its cut. (A type
-        it holds as another, `HELD`'s, as both hold IQ4_NL as Q8_0, is said once: its `linear` transcodes it.)"""
+        it holds as another, `HELD`'s, as the cpu backend holds IQ4_NL as Q8_0, is said once: its `linear`
+        transcodes it.)"""
         held = backend.held_as(qt.qtype)
         if held:
             f.notice_once(notice, ("held", qt.qtype), f"note: the file holds {qt.qtype.name} weights; the "

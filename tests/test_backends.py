@@ -108,7 +108,7 @@ def test_quantize_writes_blocks_gguf_reads_as_spmd_does(qtype):
 
 
 def test_iq4_nl_held_as_q8_0_keeps_the_files_numbers():
-    """IQ4_NL is held as Q8_0 (both backends): from random blocks, the held blocks dequantise, by gguf's code, to
+    """IQ4_NL is held as Q8_0 (the cpu backend): from random blocks, the held blocks dequantise, by gguf's code, to
     the very floats gguf's code makes of the file's; a rank's share of no rows transcodes too."""
     rows, cols = 37, 512
     raw = random_qtensor(T.IQ4_NL, rows, cols, np.random.default_rng(3)).data

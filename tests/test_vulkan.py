@@ -34,7 +34,8 @@ from spmd.weights import load_shard
 from test_backends import activations, random_qtensor
 
 KERNELS = Path(__file__).resolve().parents[1] / "kernels"
-TYPES = (T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K)
+TYPES = (T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K,
+         T.IQ4_NL)
 NAMES = [t.name for t in TYPES]
 PROMPT = (1, 72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100)
 LLAMA = Shape(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, ffn=256, vocab=512, context=64)  # GQA
@@ -341,7 +342,7 @@ def models(tmp_path_factory):
     paths["qwen2"] = write_model(folder / "qwen2.gguf", QWEN2, qtype="Q8_0", seed=3)
     paths["qwen3"] = write_model(folder / "qwen3.gguf", QWEN3, qtype="Q8_0", seed=5)
     for q in ("Q4_K_M", "Q5_K_M", "Q3_K_M", "IQ4_NL"):  # Q4_K / Q5_K with Q6_K where more bits go; Q3_K
-        # with Q4_K; IQ4_NL (as Q8_0)
+        # with Q4_K; IQ4_NL
         paths[q] = write_model(folder / f"llama-{q}.gguf", K_LLAMA, qtype=q, seed=7)
     return paths
 
@@ -367,12 +368,12 @@ KQUANT = sorted((Path(__file__).parent / "kquant").glob("*.gguf"))  # llama.cpp'
 @needs_device
 @pytest.mark.parametrize("path", KQUANT, ids=[f.stem for f in KQUANT])
 def test_llama_cpp_k_quant_files_are_held_as_stored_and_give_the_reference_tokens(path):
-    """Every matrix type of llama.cpp's K-quant files is held as the file has it (Q2_K and Q3_K included: kernels
-    of their own), but IQ4_NL (as Q8_0, the same numbers); greedy tokens equal tests/reference.py's."""
+    """Every matrix type of llama.cpp's K-quant files is held as the file has it (Q2_K, Q3_K and IQ4_NL included:
+    kernels of their own); greedy tokens equal tests/reference.py's."""
     f = GGUFFile(path)
     types = {info.qtype for info in f.tensors.values() if len(info.shape) == 2}
     f.close()
-    assert {t: BACKEND.holds(t) for t in types} == {t: T.Q8_0 if t == T.IQ4_NL else t for t in types}
+    assert {t: BACKEND.holds(t) for t in types} == {t: t for t in types}
     assert engine(path, "vulkan").run()["tokens"] == reference.greedy(path, list(PROMPT), 12)
 
 

@@ -3,19 +3,19 @@
 
 Weight layout on the device (made at load, `_repack`): a matrix is row-major 32-element blocks, the columns padded
 with zeros to a multiple of 32. Q4_0 and Q8_0 keep GGUF's block bytes (16 bytes of nibbles, 32 int8) with the 2-byte
-fp16 scales moved to a second buffer (one per block), so every load is 16-byte aligned; F32, F16 and BF16 keep their
-bits. The other kept types are repacked (`_repack_words`) to 16 bytes of low nibbles per block and a few uint32 words
-per block in the second buffer: float32 scale and min (Q4_1, and Q4_K sliced through its super-blocks: "q4m", 6 bits a
-weight), plus the fifth bits (Q5_0, Q5_1, and Q5_K sliced through its super-blocks: "q5m", 7 bits for Q5_K's 5.5), or
-Q6_K's two half-block int8 scales, its super-block's d and top bits ("q6", 7 bits for its 6.56). Q3_K and Q2_K
-("q3", "q2") hold a 32-element block in one 16-byte word: its 2-bit fields (and Q3_K's third bits) and its halves'
-scales (4 bits a weight for their 3.44 and 2.625). A K-quant's d * sc is
-exact in float32, so the numbers stay the file's, and a slice that cuts its super-blocks (QTensor.keep) keeps just its
-own 32-element blocks. Q4_K kept whole ("q4k", `kind`) keeps q4m's nibbles and, as its scales, each super-block's
-fp16 d and dmin and its 6-bit scales and mins a byte each: 4.625 bits a weight against the file's 4.5; its kernels
-make a block's float scale and min where they use it (on an H200 a float32 prompt 0.97x q4m's, an int8 one 1.04x,
-decode 0.96-0.97x: README). Q5_K kept whole ("q5k") does the same beside q5m's fifth bits: 5.625 bits a weight
-against the file's 5.5 (q5m: 7).
+fp16 scales moved to a second buffer (one per block), so every load is 16-byte aligned (IQ4_NL as Q4_0: its nibbles
+index the file's table); F32, F16 and BF16 keep their bits. The other kept types are repacked (`_repack_words`) to
+16 bytes of low nibbles per block and a few uint32 words per block in the second buffer: float32 scale and min
+(Q4_1, and Q4_K sliced through its super-blocks: "q4m", 6 bits a weight), plus the fifth bits (Q5_0, Q5_1, and Q5_K
+sliced through its super-blocks: "q5m", 7 bits for Q5_K's 5.5), or Q6_K's two half-block int8 scales, its
+super-block's d and top bits ("q6", 7 bits for its 6.56). Q3_K and Q2_K ("q3", "q2") hold a 32-element block in one
+16-byte word: its 2-bit fields (and Q3_K's third bits) and its halves' scales (4 bits a weight for their 3.44 and
+2.625). A K-quant's d * sc is exact in float32, so the numbers stay the file's, and a slice that cuts its
+super-blocks (QTensor.keep) keeps just its own 32-element blocks. Q4_K kept whole ("q4k", `kind`) keeps q4m's
+nibbles and, as its scales, each super-block's fp16 d and dmin and its 6-bit scales and mins a byte each: 4.625 bits
+a weight against the file's 4.5; its kernels make a block's float scale and min where they use it (on an H200 a
+float32 prompt 0.97x q4m's, an int8 one 1.04x, decode 0.96-0.97x: README). Q5_K kept whole ("q5k") does the same
+beside q5m's fifth bits: 5.625 bits a weight against the file's 5.5 (q5m: 7).
 A matrix larger than the device's maxStorageBufferRange (128 MiB on lavapipe) is held as row chunks, one buffer
 and one dispatch each.
 
@@ -45,19 +45,19 @@ from .vk_runtime import Buffer, Device, Recording, env_tuple
 # weight type -> its kernels' name (kernels/<name>.glsl): 4-bit with a min, 5-bit and Q6_K are repacked (_repack)
 TYPES = {T.F32: "f32", T.F16: "f16", T.BF16: "bf16", T.Q8_0: "q8_0", T.Q4_0: "q4_0", T.Q4_1: "q4m", T.Q4_K: "q4m",
          T.Q5_0: "q5m", T.Q5_1: "q5m", T.Q5_K: "q5m", T.Q6_K: "q6", T.Q3_K: "q3",
-         T.Q2_K: "q2"}  # (`kind`: WHOLE's where kept whole)
+         T.Q2_K: "q2", T.IQ4_NL: "iq4nl"}  # (`kind`: WHOLE's where kept whole)
 WHOLE = {T.Q4_K: "q4k", T.Q5_K: "q5k"}  # a K-quant kept whole: kernels with the file's super-block scales
 # uvec4s a block
 UV = {"f32": 8, "f16": 4, "bf16": 4, "q8_0": 2, "q4_0": 1, "q4m": 1, "q4k": 1, "q5m": 1, "q5k": 1, "q6": 1,
-      "q3": 1, "q2": 1}
+      "q3": 1, "q2": 1, "iq4nl": 1}
 # kernels that take float activations under --activations int8 too: float weights, and Q2_K's (as on the cpu backend)
 FLOATS = tuple(TYPES[t] for t in quants.FLOATS) + ("q2",)
 # kernels of 8-bit activations: matvec_<w>_i8 (every quantised type), coopmat_<w>_i8 where the device has 8-bit
 # matrix units
-INT8 = ("q4_0", "q8_0", "q4m", "q4k", "q5m", "q5k", "q6", "q3")
+INT8 = ("q4_0", "q8_0", "q4m", "q4k", "q5m", "q5k", "q6", "q3", "iq4nl")
 WORDS = ("q4m", "q4k", "q5m", "q5k", "q6", "q3", "q2")  # repacked from unpack's numbers (_repack_words)
 # a block's scales, in their own buffer (q4k: 20 bytes a super-block of 8 blocks, q5k 52)
-SCALE_BYTES = {"q4_0": 2, "q8_0": 2, "q4m": 8, "q4k": 2.5, "q5m": 12, "q5k": 6.5, "q6": 12}
+SCALE_BYTES = {"q4_0": 2, "q8_0": 2, "iq4nl": 2, "q4m": 8, "q4k": 2.5, "q5m": 12, "q5k": 6.5, "q6": 12}
 # rows, nb, x_stride, x_off, y_stride, y_off, n, groups, bias_off, flags, ss_count, inv_dim, eps
 MATVEC_PUSH = "<11I2f"
 PUSH_BYTES = struct.calcsize(MATVEC_PUSH)
@@ -192,8 +192,8 @@ def _repack(w: QTensor):
     name = kind(w.qtype, w.keep is None)
     if name in WORDS:
         return _repack_words(w, rows, nb)
-    if name in ("q4_0", "q8_0"):
-        size = 18 if name == "q4_0" else 34
+    if name in ("q4_0", "q8_0", "iq4nl"):
+        size = 34 if name == "q8_0" else 18
         b = w.data.reshape(rows, nb, size)
         quants = np.ascontiguousarray(b[:, :, 2:]).reshape(rows, nb * (size - 2))
         return quants, np.ascontiguousarray(b[:, :, :2]).view(np.uint16).reshape(rows, nb)
