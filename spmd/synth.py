@@ -37,12 +37,13 @@ FILE_TYPES = {"F32": (LlamaFileType.ALL_F32, T.F32, None), "F16": (LlamaFileType
               "Q4_0": (LlamaFileType.MOSTLY_Q4_0, T.Q4_0, None), "Q4_1": (LlamaFileType.MOSTLY_Q4_1, T.Q4_1, None),
               "Q5_0": (LlamaFileType.MOSTLY_Q5_0, T.Q5_0, None), "Q5_1": (LlamaFileType.MOSTLY_Q5_1, T.Q5_1, None),
               "IQ4_NL": (LlamaFileType.MOSTLY_IQ4_NL, T.IQ4_NL, None),
+              "Q2_K": (LlamaFileType.MOSTLY_Q2_K, T.Q2_K, T.Q3_K),
               "Q3_K_M": (LlamaFileType.MOSTLY_Q3_K_M, T.Q3_K, T.Q4_K),
               "Q4_K_M": (LlamaFileType.MOSTLY_Q4_K_M, T.Q4_K, T.Q6_K),
               "Q5_K_M": (LlamaFileType.MOSTLY_Q5_K_M, T.Q5_K, T.Q6_K),
               "Q6_K": (LlamaFileType.MOSTLY_Q6_K, T.Q6_K, None)}
 # llama.cpp's, for rows not of whole super-blocks
-FALLBACK = {T.Q3_K: T.IQ4_NL, T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0}
+FALLBACK = {T.Q2_K: T.IQ4_NL, T.Q3_K: T.IQ4_NL, T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0}
 # Standard deviation of a matrix is GAIN / sqrt(fan_in): q.k scores of std ~1, layers that move the residual as
 # much as the embedding does, and classifier logits of std ~2 so greedy steps are rarely near-ties.
 # Embeddings N(0, 1): each token stands out in the residual stream; N(0, 1/dim) when tied (the classifier's logits

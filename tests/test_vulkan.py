@@ -341,8 +341,8 @@ def models(tmp_path_factory):
                                                                                           "F16")}
     paths["qwen2"] = write_model(folder / "qwen2.gguf", QWEN2, qtype="Q8_0", seed=3)
     paths["qwen3"] = write_model(folder / "qwen3.gguf", QWEN3, qtype="Q8_0", seed=5)
-    for q in ("Q4_K_M", "Q5_K_M", "Q3_K_M", "IQ4_NL"):  # Q4_K / Q5_K with Q6_K where more bits go; Q3_K
-        # with Q4_K; IQ4_NL
+    for q in ("Q4_K_M", "Q5_K_M", "Q3_K_M", "Q2_K", "IQ4_NL"):  # Q4_K / Q5_K with Q6_K where more bits go; Q3_K
+        # with Q4_K; Q2_K with Q3_K; IQ4_NL
         paths[q] = write_model(folder / f"llama-{q}.gguf", K_LLAMA, qtype=q, seed=7)
     return paths
 
@@ -354,7 +354,7 @@ def engine(path, backend, **kw):
 
 @needs_device
 @pytest.mark.parametrize("case", ["F32", "Q8_0", "Q4_0", "F16", "qwen2", "qwen3", "Q4_K_M", "Q5_K_M", "Q3_K_M",
-                                  "IQ4_NL"])
+                                  "Q2_K", "IQ4_NL"])
 def test_greedy_tokens_equal_numpy_reference(models, case):
     expected = engine(models[case], "numpy").run()["tokens"]
     result = engine(models[case], "vulkan").run()
