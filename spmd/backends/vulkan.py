@@ -42,7 +42,8 @@ from ..quants import QTensor, unpack
 from . import Backend, prepare_call
 from .vk_runtime import Buffer, Device, Recording, env_tuple
 
-# weight type -> its kernels' name (kernels/<name>.glsl): 4-bit with a min, 5-bit and Q6_K are repacked (_repack)
+# weight type -> its kernels' name (kernels/<name>.glsl): 4-bit with a min, 5-bit and the K-quants are repacked
+# (_repack)
 TYPES = {T.F32: "f32", T.F16: "f16", T.BF16: "bf16", T.Q8_0: "q8_0", T.Q4_0: "q4_0", T.Q4_1: "q4m", T.Q4_K: "q4m",
          T.Q5_0: "q5m", T.Q5_1: "q5m", T.Q5_K: "q5m", T.Q6_K: "q6", T.Q3_K: "q3",
          T.Q2_K: "q2", T.IQ4_NL: "iq4nl"}  # (`kind`: WHOLE's where kept whole)
@@ -128,8 +129,8 @@ def _repack_words(w: QTensor, rows, nb):
     its d in one word, then its top bits; q4k: a super-block's d and dmin, its 8 scales and 8 mins a byte each; q5k:
     d and dmin, the scales and mins a byte each, block j's two in half-word j, then each block's fifth bits); q3: (a
     block's 16 bytes (rows, nb * 16), None): its integers' low and third bits and its halves' scales, q3.glsl; q2:
-    the same of its integers, d and dmin, its halves' scales and mins, q2.glsl. A
-    slice that cut K-quant super-blocks (w.keep, at 32-element blocks) keeps only its own blocks."""
+    the same of its integers, d and dmin, its halves' scales and mins, q2.glsl. A slice that cut K-quant
+    super-blocks (w.keep, at 32-element blocks) keeps only its own blocks."""
     u = unpack(w)
     stored = pad(w.cols)  # the stored columns (with w.keep, the blocks around its own)
     q = (u.q + u.offset).astype(np.uint32)  # the stored unsigned integers (padding: 0, as its activations)
