@@ -12,11 +12,11 @@
 // 2^-22 of the value, is left out, so a product is as close to the float32 one as float32 summation in another
 // order, and greedy tokens do not move. The next step's weight blocks and x are loaded into registers
 // while this step's products run.
-// INTW (the quantised types: a weight is s * q (+ m), q an integer of at most 8 bits): q itself is staged, exact
-// in fp16, and each row's scale (Q6_K: one a 16-element half) and min once, in rs, read as fragments with a stride
-// of 0 (every token's row alike). A block's products q.x_lo / 2^11 + q.x_hi (4 products, not 6, and W is not split)
-// are scaled as they are added to the sums; a min multiplies x's sum over the block (products with a matrix of
-// ones, once a subgroup). Only x's lo*lo is dropped. F16 and BF16 weights are split as above.
+// INTW (the quantised types but Q2_K: a weight is s * q (+ m), q an integer of at most 8 bits): q itself is staged,
+// exact in fp16, and each row's scale (Q6_K, Q3_K: one a 16-element half) and min once, in rs, read as fragments
+// with a stride of 0 (every token's row alike). A block's products q.x_lo / 2^11 + q.x_hi (4 products, not 6, and W
+// is not split) are scaled as they are added to the sums; a min multiplies x's sum over the block (products with a
+// matrix of ones, once a subgroup). Only x's lo*lo is dropped. F16 and BF16 weights are split as above.
 // The subgroups split the tile in TSG groups of tokens x RSG groups of rows; each holds TG fragments of 16 tokens
 // against RF of 8 rows, and every fragment it loads from shared memory serves several products. TG = 2 (with
 // BT = 64) loads fewer fragments a product than TG = 1 but takes more registers: faster where the workgroups are
@@ -63,8 +63,8 @@ const float LO = 2048.0;
 // blocks a step (a barrier for 4 blocks, not one; 2 for a pair whose subgroups hold 16 tokens, TG 1: at 64 tokens 4
 // would pass 48 KiB; at 16 or 32 they would fit, not measured), KB uvec4 a row
 // (SB blocks of 32 bytes and 16 bytes of padding: fewer bank conflicts)
-// HALF_SCALES (Q6_K): a weight block is staged as its first half, 32 zero bytes and its second half (KW uvec4 a
-// row), so that the 32 bytes from either half's start make that half alone: two products a block, one a half
+// HALF_SCALES (Q6_K, Q3_K): a weight block is staged as its first half, 32 zero bytes and its second half (KW uvec4
+// a row), so that the 32 bytes from either half's start make that half alone: two products a block, one a half
 #ifdef HALF_SCALES
 const uint SB = 2, WB = 4;
 #else
@@ -104,7 +104,7 @@ const uint XLO = BT * K4;
 // and a sum, gave wrong products on an H200, though it was never read without PAIR: sizes stay constant here)
 shared uvec2 ws_hi[BR * K4], vs_hi[BR * K4];
 #ifdef HALF_SCALES
-const uint NV = 2;                             // Q6_K: a scale for each 16-element half of a block
+const uint NV = 2;                             // Q6_K, Q3_K: a scale for each 16-element half
 #elif defined(HAS_MIN)
 const uint NV = 2;                             // a scale and a min
 #else

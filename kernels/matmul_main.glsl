@@ -125,7 +125,7 @@ void main() {
                 uvec4 x0 = xq[2 * xb], x1 = xq[2 * xb + 1];
                 vec2 s = xd[xb];  // the block's scale and the sum of its integers
                 [[unroll]] for (uint r = 0; r < NW; r++) {
-#ifdef HALF_SCALES  // Q6_K: each half's integer sum times its scale
+#ifdef HALF_SCALES  // Q6_K, Q3_K: each half's integer sum times its scale
                     acc[r * NT + t] += sc[u * NW + r] * s.x * dots_scaled(raw[u * NW + r], x0, x1);
 #else
                     acc[r * NT + t] += sc[u * NW + r] * s.x * float(idot(raw[u * NW + r], x0, x1) - OFFSET * int(s.y));

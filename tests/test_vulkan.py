@@ -690,7 +690,7 @@ def test_a_prompt_is_queued_in_parts_as_it_is_recorded(monkeypatch, models):
 
 
 @needs_device
-@pytest.mark.parametrize("case", ["F32", "Q4_0", "Q4_K_M", "Q5_K_M"])
+@pytest.mark.parametrize("case", ["F32", "Q4_0", "Q4_K_M", "Q5_K_M", "Q3_K_M", "Q2_K", "IQ4_NL"])
 def test_a_prompt_embedded_on_the_device_gives_the_hosts_bits(models, case):
     """Where the one rank holds token_embd on the device, `embed` leaves a prompt's ids (Tokens) and the pass embeds
     them (kernels/embed_<w>): the logits and caches are those of the same pass from the host's lookup, bit for bit,
@@ -1137,7 +1137,8 @@ def test_a_chain_past_its_slot_is_refused(models):
 @pytest.mark.parametrize("case,activations", [("F32", "f32"), ("Q4_0", "f32"), ("Q4_0", "int8"), ("qwen3", "f32"),
                                               ("Q4_K_M", "f32"), ("Q5_K_M", "f32"), ("Q5_K_M", "int8"),
                                               ("Q6_K", "f32"), ("Q4_1", "f32"), ("Q5_0", "f32"), ("Q5_1", "f32"),
-                                              ("BF16", "f32")])
+                                              ("BF16", "f32"), ("Q3_K_M", "f32"), ("Q3_K_M", "int8"),
+                                              ("Q2_K", "f32"), ("IQ4_NL", "f32"), ("IQ4_NL", "int8")])
 def test_a_chained_token_has_the_logits_of_a_step_to_the_bit(models, case, activations, monkeypatch, tmp_path):
     """The chain's input step (the embedding row dequantised on the device, kernels/embed_<w> for every type kept
     as it is, the first RMSNorm's input and sum of squares) makes the same bits as the host's lookup and

@@ -26,7 +26,7 @@
                                          # then reads every matrix again instead of keeping unchanged ones
     backend.holds(qtype)                 # the type it holds a file's qtype matrices in (spmd.quants.held_type)
     backend.lacks(w)                     # None where it computes with QTensor w as it is, else what it lacks
-                                         # ("a kernel for Q2_K weights"): spmd.weights then hands it w as F32
+                                         # ("a kernel for IQ4_XS weights"): spmd.weights then hands it w as F32
 """
 import numpy as np
 from gguf import GGMLQuantizationType as T
