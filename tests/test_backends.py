@@ -93,13 +93,9 @@ def test_dequantize_matches_gguf(qtype):
 @pytest.mark.parametrize("qtype", [T.Q3_K, T.IQ4_NL], ids=["Q3_K", "IQ4_NL"])
 def test_quantize_writes_blocks_gguf_reads_as_spmd_does(qtype):
     """quantize writes blocks of Q3_K and IQ4_NL (synth's Q3_K_M and IQ4_NL files) that gguf reads back as spmd
-    does, within the error of 3 and 4 bits; random blocks (every byte value, float16 scales from SCALES) read the
-    same through spmd (unpack) as through gguf's code."""
+    does, within the error of 3 and 4 bits."""
     rng = np.random.default_rng(3)
     rows, cols = 37, 512
-    raw = random_qtensor(qtype, rows, cols, rng).data
-    expected = gguf_quants.dequantize(raw, qtype).astype(np.float32)
-    np.testing.assert_array_equal(bits(dequantize(QTensor(qtype, rows, cols, raw))), bits(expected))
     w = rng.standard_normal((rows, cols)).astype(np.float32)
     q = quantize(w, qtype)
     back = gguf_quants.dequantize(q.data, qtype).astype(np.float32)
@@ -108,11 +104,13 @@ def test_quantize_writes_blocks_gguf_reads_as_spmd_does(qtype):
 
 
 def test_iq4_nl_held_as_q8_0_keeps_the_files_numbers():
-    """IQ4_NL is held as Q8_0 (the cpu backend): from random blocks, the held blocks dequantise, by gguf's code, to
-    the very floats gguf's code makes of the file's; a rank's share of no rows transcodes too."""
+    """IQ4_NL is held as Q8_0 (the cpu backend): from random blocks (every byte value, float16 scales from SCALES),
+    the held blocks dequantise, by gguf's code, to the very floats gguf's code makes of the file's, and spmd's own
+    reading of the file's blocks (unpack) agrees; a rank's share of no rows transcodes too."""
     rows, cols = 37, 512
     raw = random_qtensor(T.IQ4_NL, rows, cols, np.random.default_rng(3)).data
     expected = gguf_quants.dequantize(raw, T.IQ4_NL).astype(np.float32)
+    np.testing.assert_array_equal(bits(dequantize(QTensor(T.IQ4_NL, rows, cols, raw))), bits(expected))
     as_held = transcode(QTensor(T.IQ4_NL, rows, cols, raw))
     assert as_held.qtype == T.Q8_0 and as_held.data.shape == (rows, row_bytes(T.Q8_0, cols))
     np.testing.assert_array_equal(bits(gguf_quants.dequantize(as_held.data, T.Q8_0).astype(np.float32)),

@@ -175,15 +175,17 @@ def test_the_file_is_not_kept_resident_after_loading(tmp_path):
 
 @pytest.mark.parametrize("qtype, shape, spans", [
     ("Q8_0", Shape(dim=64, n_heads=4, n_kv_heads=4, ffn=128), [[(16, 48)], [(0, 16), (48, 64)], [(32, 64)]]),
+    ("IQ4_NL", Shape(dim=64, n_heads=4, n_kv_heads=4, ffn=128), [[(16, 48)], [(0, 16), (48, 64)], [(32, 64)]]),
     ("Q4_K_M", Shape(dim=256, n_heads=4, n_kv_heads=4, ffn=256), [[(64, 128)], [(0, 64), (192, 256)], [(64, 256)]]),
     ("Q3_K_M", Shape(dim=256, n_heads=4, n_kv_heads=4, ffn=256), [[(64, 128)], [(0, 64), (192, 256)], [(64, 256)]]),
 ])
 def test_column_slices_through_quant_blocks_keep_the_blocks_whole(tmp_path, qtype, shape, spans):
     """A rank's heads may cut through quant blocks (head_dim 16 in Q8_0's 32, 64 in Q4_K's 256): its slice holds
     the whole blocks around them in the file's type, and `keep` names its columns; the numbers stay the file's,
-    and every backend computes with them."""
+    every backend computes with them, and so does the cpu backend with IQ4_NL's slice held as Q8_0 (as it holds
+    it: the same numbers)."""
     from spmd.gguf_file import GGUFFile
-    from spmd.quants import dequantize
+    from spmd.quants import HELD, dequantize, transcode
     path = write_model(tmp_path / "m.gguf", shape, qtype, seed=2)
     f, notices = GGUFFile(path), []
     whole = dequantize(f.rows("blk.0.attn_output.weight", 0, shape.dim, notice=notices.append))
@@ -196,7 +198,13 @@ def test_column_slices_through_quant_blocks_keep_the_blocks_whole(tmp_path, qtyp
         assert (part.keep is None) == (ranges == [(32, 64)])  # only the last cuts nothing
         assert part.width == expected.shape[1]
         np.testing.assert_array_equal(dequantize(part), expected)
-        for lin in [get_backend(backend).linear(part) for backend in ("numpy", "cpu")]:
+        lins = [get_backend(backend).linear(part) for backend in ("numpy", "cpu")]
+        if stored in HELD:
+            held = transcode(part)
+            assert held.qtype == HELD[stored] and held.keep == part.keep
+            np.testing.assert_array_equal(dequantize(held), expected)
+            lins.append(get_backend("cpu").linear(held))
+        for lin in lins:
             np.testing.assert_allclose(lin(x[:, :part.width]), x[:, :part.width] @ expected.T, rtol=1e-5, atol=1e-5)
     assert notices == []
 

@@ -123,6 +123,12 @@ def _nibbles(blocks):
     return ((blocks[:, :, :16] & 15) | ((blocks[:, :, 16:] & 15) << 4)).astype(np.uint8).reshape(rows, nb * 16)
 
 
+def _bit_words(bits):
+    """(rows, blocks, 32) single bits -> (rows, blocks) uint32: bit e is element e's (Q5's fifth bits, Q3_K's
+    third)."""
+    return (bits << np.arange(32, dtype=np.uint32)).sum(axis=2, dtype=np.uint32)
+
+
 def _repack_words(w: QTensor, rows, nb):
     """q4m / q5m / q6 / q4k / q5k (kernels/q4m.glsl ...): (16 bytes of nibbles per block (rows, nb * 16), uint32
     words (rows, words a row): a block's float32 scale and min, then its high bits; q6: its halves' int8 scales and
@@ -143,7 +149,7 @@ def _repack_words(w: QTensor, rows, nb):
             words = np.concatenate([heads, sc, m], axis=2).view(np.uint32)
         else:  # sc_j, m_j pairs, then each block's fifth bits (bit e: element e)
             pairs = np.stack([sc, m], axis=3).reshape(rows, nb // 8, 16)
-            fifth = ((blocks >> 4) << np.arange(32, dtype=np.uint32)).sum(axis=2, dtype=np.uint32)
+            fifth = _bit_words(blocks >> 4)
             words = np.concatenate([np.concatenate([heads, pairs], axis=2).view(np.uint32),
                                     fifth.reshape(rows, nb // 8, 8)], axis=2)
         return _nibbles(blocks), words.reshape(rows, nb // 8 * round(8 * SCALE_BYTES[name] / 4))
@@ -173,16 +179,16 @@ def _repack_words(w: QTensor, rows, nb):
         first = halves[:, :, :1] | (halves[:, :, 1:] & 255) << 8  # (d: the same super-block's in both)
         if name == "q6":
             return _nibbles(blocks), np.concatenate([first, fields], axis=2).reshape(rows, nb * 3)
-        third = ((blocks >> 2) << np.arange(32, dtype=np.uint32)).sum(axis=2, dtype=np.uint32)  # bit e: element e
-        words = np.concatenate([fields, third[:, :, None], first], axis=2)  # a block's uvec4 (kernels/q3.glsl)
+        # a block's uvec4 (kernels/q3.glsl): the low bits' fields, the third bits, the scales' word
+        words = np.concatenate([fields, _bit_words(blocks >> 2)[:, :, None], first], axis=2)
         return np.ascontiguousarray(words).view(np.uint8).reshape(rows, nb * 16), None
     scale = by_block(per_sub(u.d) * (1 if u.sc is None else u.sc), 32, np.float32)  # a block's, exact in float32
     low = by_block(per_sub(u.dmin) * (1 if u.m is None else u.m), 32, np.float32) if u.dmin is not None else 0 * scale
     low -= u.offset * scale  # the min: dmin * m (K-quants, sign included), m (_1); the stored integers are
     # unsigned: Q5_0's is -16 s
     words = [scale.view(np.uint32), low.view(np.uint32)]
-    if name == "q5m":  # bit e: element e's fifth bit
-        words.append(((blocks >> 4) << np.arange(32, dtype=np.uint32)).sum(axis=2, dtype=np.uint32)[:, :, None])
+    if name == "q5m":
+        words.append(_bit_words(blocks >> 4)[:, :, None])
     return _nibbles(blocks), np.concatenate(words, axis=2).reshape(rows, nb * len(words))
 
 
