@@ -417,16 +417,23 @@ class DeviceWindow(Window):
     where the host maps device memory (resizable BAR, unified memory, lavapipe: one thread's writes into an H200's
     memory reach ~10 GB/s, four ~26); else on the compute thread through a staging buffer just before the half runs
     (the device's queue is the compute thread's). The host drops the pages at once: they are only passing
-    through."""
+    through.
+    Within a slot the halves of its sequence sit at its start and its end in turn (`span`): where a slot has one
+    half's room (the smallest window), an attention half and the FFN half after it then share only part of it, and
+    each half's copy goes in pieces bounded where the slot's halves begin and end, each piece waiting only for the
+    products that last read those bytes: the part of the next half that the half computing does not hold is copied
+    while it computes."""
 
     def __init__(self, order, dev, folder=None):
         super().__init__(order, folder)
         self.dev, self.slots, self.slot_of, self.user = dev, [], {}, []  # slot_of: key -> its slot's index
         self.copiers = ThreadPoolExecutor(COPY_THREADS, "spmd-copy") if dev.direct else None
-        self.host, self.copies = None, {}  # the halves in host memory, and each one's copy to its slot (a command
-        # buffer of the copy queue)
-        self.in_slot, self.ready, self.free_at = [], [], []  # per slot: the half whose copy was queued last, the
-        # value of dev.copied once it is there, and of dev.computed once the products reading its last half are done
+        self.host, self.copies = None, {}  # the halves in host memory, and each one's copy to its slot: pieces
+        # (a command buffer of the copy queue, [the halves of the slot that hold any of its bytes])
+        self.in_slot, self.ready = [], []  # per slot: the half whose copy was queued last, dev.copied's value once
+        # it is there
+        self.span = {}  # key -> (first byte, end) of the half in its slot
+        self.done_at = {}  # key -> dev.computed's value once the products of its last hold are done
         self.next_in_slot = {}  # key -> the half that uses its slot after it in running order (itself: a slot each)
 
     def start(self, window_bytes):
@@ -444,8 +451,11 @@ class DeviceWindow(Window):
             self.slot_of[key] = j % count
             # (after the last round of the slots, the first half in this slot: its index is the slot's)
             self.next_in_slot[key] = self.order[j + count if j + count < len(self.order) else j % count]
+            size = max(places[key][1], 4)
+            first = 0 if j // count % 2 == 0 else (slot_bytes - size) // DEVICE_ALIGN * DEVICE_ALIGN
+            self.span[key] = (first, first + size)
             for (lin, _), at in zip(self.parts[key][2], places[key][0]):
-                lin.bind(self.slots[j % count], at)
+                lin.bind(self.slots[j % count], [first + a for a in at])
         with host_turn(self.folder) as turn:  # (without a turn, the host's copies: they take no memory)
             if turn and halves_on_host(self.dev, sum(size for _, size in places.values())):
                 try:
@@ -464,26 +474,33 @@ class DeviceWindow(Window):
             at += -(-places[key][1] // DEVICE_ALIGN) * DEVICE_ALIGN
         self.host = Buffer(self.dev, at, "pool", copy_queue=True)
         count = len(self.slots)  # (the semaphores' values now, not 0: a wait must stay within 2^31 of them)
-        self.in_slot, self.ready, self.free_at = [None] * count, [self.dev.copied_value] * count, \
-            [self.dev.computed_value] * count
+        self.in_slot, self.ready = [None] * count, [self.dev.copied_value] * count
+        self.done_at = {key: self.dev.computed_value for key in self.order}
         for key in self.order:
+            first, end = self.span[key]
             for lin, _ in self.parts[key][2]:
                 for array, start in zip(lin.arrays, lin.offsets):
-                    self.host.write(array, where[key] + start)
+                    self.host.write(array, where[key] + start - first)
             self._advise(*self.parts[key][:2], mmap.MADV_DONTNEED)
-            self.copies[key] = self.dev.copy_commands(self.host, self.slots[self.slot_of[key]],
-                                                      max(places[key][1], 4), where[key])
+            mates = [k for k in self.order if self.slot_of[k] == self.slot_of[key]]
+            cuts = sorted({at for k in mates for at in self.span[k] if first < at < end} | {first, end})
+            self.copies[key] = [(self.dev.copy_commands(self.host, self.slots[self.slot_of[key]], hi - lo,
+                                                        where[key] + lo - first, lo),
+                                 [k for k in mates if self.span[k][0] < hi and lo < self.span[k][1]])
+                                for lo, hi in zip(cuts, cuts[1:])]
 
     @property
     def copies_by(self) -> str:
         return "device" if self.host is not None else "host"
 
     def _queue_copy(self, key):
-        """The half's copy into its slot on the device's copy queue, to start once the products that read the
-        slot's last half are done."""
+        """The half's copy into its slot on the device's copy queue, a piece at a time, each to start once the
+        products of the halves that last held its bytes are done (the pieces free first go first)."""
         slot = self.slot_of[key]
         self.in_slot[slot] = None  # (until it is queued: an interrupt in between leaves the slot unknown)
-        self.ready[slot] = self.dev.queue_copy(self.copies[key], after=self.free_at[slot])
+        waits = [(max(self.done_at[k] for k in holders), cmd) for cmd, holders in self.copies[key]]
+        for after, cmd in sorted(waits, key=lambda wait: wait[0]):
+            self.ready[slot] = self.dev.queue_copy(cmd, after=after)
         self.in_slot[slot] = key
         self.streamed_bytes += self.parts[key][1]
 
@@ -505,7 +522,7 @@ class DeviceWindow(Window):
         finally:
             self.dev.gate = 0
             # (whether or not the block queued its products: a signal after all of the compute queue's work)
-            self.free_at[slot] = self.dev.signal_computed()
+            self.done_at[key] = self.dev.signal_computed()
         if self.next_in_slot[key] != key:
             self._queue_copy(self.next_in_slot[key])
 
@@ -566,8 +583,9 @@ class DeviceWindow(Window):
     def _free_host(self):
         if self.copies:
             self.dev.idle()  # (a copy queued for nothing, after an error)
-        for cmd in self.copies.values():
-            self.dev.free_copy(cmd)
+        for pieces in self.copies.values():
+            for cmd, _ in pieces:
+                self.dev.free_copy(cmd)
         self.copies = {}
         if self.host is not None:
             self.host.free()

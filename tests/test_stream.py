@@ -295,7 +295,10 @@ def test_host_memory_halves_are_copied_ahead_on_the_copy_queue(tmp_path, monkeyp
     products wait for their own copy, and a half whose slot does not hold it (the first time, out of turn) has
     its copy queued on the spot. Products against the resident linears', bit for bit, over three rounds and out of
     turn, each half's command buffer queued without waiting (as a one-rank pass queues them) and waited for at the
-    end of each round; the copies queued are counted against the slots' sequence worked out here by hand."""
+    end of each round; the copies queued are counted against the slots' sequence worked out here by hand. The
+    halves of a slot's sequence sit at its start and its end in turn, and a copy goes in pieces that tile the half,
+    each waiting for the products of every half of the slot that holds any of its bytes and for no others: with one
+    slot, part of a half is copied before the products of the half before it are done."""
     from test_backends import random_qtensor
 
     from spmd import stream
@@ -330,11 +333,12 @@ def test_host_memory_halves_are_copied_ahead_on_the_copy_queue(tmp_path, monkeyp
         lin.dispatch(rec, xb, 256, 0, yb, 200, 40 * i, 1)
         rec.barrier(to_host=True)
         rec.end()
-    dev, log = backend.dev, []  # ("copy", key, after, value), ("products", key, gate), ("computed", value)
+    dev, log = backend.dev, []  # ("copy", key, piece, after, value), ("products", key, gate), ("computed", value)
+    cmds = {c: (k, i) for k, pieces in w.copies.items() for i, (c, _) in enumerate(pieces)}
 
     def queue_copy(cmd, after, queue=dev.queue_copy):
         value = queue(cmd, after)
-        log.append(("copy", next(k for k, c in w.copies.items() if c == cmd), after, value))
+        log.append(("copy", *cmds[cmd], after, value))
         return value
 
     def signal_computed(signal=dev.signal_computed):
@@ -355,20 +359,44 @@ def test_host_memory_halves_are_copied_ahead_on_the_copy_queue(tmp_path, monkeyp
         got = yb.array(np.float32, (5, 40))
         for k in turns:
             assert same(got[keys.index(k)][None], expected[k]), k
-    # the semaphores' values from the log: each copy waits for the products of the half its slot held last (the
-    # value signalled after them), each half's products for the latest copy into their slot, which is their own
-    freed, holds, copied, current = {}, {}, {}, None
+    # where each half sits: the i-th of its slot's sequence at the slot's start where i is even, else ending within
+    # the last 256 bytes (its arrays' alignment) of the slot
+    for j, k in enumerate(keys):
+        first, end = w.span[k]
+        at_end = w.slots[0].size - 256 < end <= w.slots[0].size and first % 256 == 0
+        assert first == 0 if j // slots % 2 == 0 else at_end, (k, w.span[k])
+        assert halves[k].offsets[0] == first
+    mates = {k: [m for m in keys if keys.index(m) % slots == keys.index(k) % slots] for k in keys}
+    # a half's pieces: its bytes cut wherever a half of its slot begins or ends
+    cuts = {k: sorted({b for m in mates[k] for b in w.span[m] if w.span[k][0] < b < w.span[k][1]} | set(w.span[k]))
+            for k in keys}
+    # the semaphores' values from the log: each piece waits for the products of every half of its slot that holds
+    # any of its bytes (the value signalled after each one's last products), the pieces of a copy go in the order
+    # of those values, and each half's products wait for its last piece, the latest copy into their slot
+    freed, holds, copied, current, queued, earlier = {}, {}, {}, None, [], 0
     for entry in log:
         if entry[0] == "copy":
-            _, k, after, value = entry
-            assert after == freed.get(keys.index(k) % slots, base) and value > max(copied.values(), default=0)
+            _, k, piece, after, value = entry
+            lo, hi = cuts[k][piece], cuts[k][piece + 1]
+            holders = [m for m in mates[k] if w.span[m][0] < hi and lo < w.span[m][1]]
+            assert after == max(freed.get(m, base) for m in holders) and value > max(copied.values(), default=0)
+            if queued and queued[-1][0] == k and len(queued[-1][1]) < len(cuts[k]) - 1:  # the copy's next piece
+                assert after >= queued[-1][2] and piece not in queued[-1][1]
+                queued[-1][1].add(piece)
+                queued[-1][2] = after
+            else:
+                queued.append([k, {piece}, after])
+            earlier += current is not None and after < freed.get(current, base)  # ahead of the last products
             holds[keys.index(k) % slots], copied[k] = k, value
         elif entry[0] == "products":
             _, current, gate = entry
             assert holds[keys.index(current) % slots] == current and gate == copied[current], entry
         else:
-            freed[keys.index(current) % slots] = entry[1]
-    queued = [entry[1] for entry in log if entry[0] == "copy"]
+            freed[current] = entry[1]
+    assert all(len(pieces) == len(cuts[k]) - 1 for k, pieces, _ in queued)  # (every piece, once a copy)
+    if slots == 1:
+        assert earlier > 0
+    queued = [k for k, _, _ in queued]
     # the slots' sequence by hand: a half j in slot j % slots; after its products, the next half in running order
     # with that slot is queued; a hold whose slot holds another queues its own first
     in_slot, expect = [None] * slots, []
