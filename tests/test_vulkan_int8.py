@@ -118,7 +118,7 @@ def test_matrix_unit_products_are_the_transcription(qtype, tokens, few, units, m
 @needs_int8
 @needs_matrix_units8
 @pytest.mark.parametrize("tokens", [16, 32, 64])
-@pytest.mark.parametrize("qtype", (T.Q4_0, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K), ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", (T.Q4_0, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K, T.Q3_K, T.IQ4_NL), ids=lambda t: t.name)
 def test_matrix_unit_gate_and_up_are_the_transcription(qtype, tokens, monkeypatch):
     """Gate and up in one 8-bit pass on the matrix units (two blocks a step where the subgroups hold 16 tokens each,
     with tiles of 16 and 32 tokens; four with 64, 32 x 32 a subgroup), with SiLU-multiply, against silu(gate) * up
