@@ -2,9 +2,9 @@
 
 Each is a random F32 model from spmd.synth, quantised by `llama-quantize` (scripts/build_llama_cpp.sh builds it, or
 $LLAMA_QUANTIZE) into one of llama.cpp's file types: Q4_K_M and Q5_K_M (Q6_K where more bits go), Q6_K, a
-Q4_K_M whose rows of 96 are not whole 256-element super-blocks (llama.cpp's fallback types), Q3_K_M, IQ4_NL (the cpu
-backend holds it as Q8_0), and Q2_K (with Q3_K where more bits go). tests/test_kquant.py
-checks spmd's greedy tokens on them against tests/reference.py, which dequantises with the gguf package.
+Q4_K_M whose rows of 96 are not whole 256-element super-blocks (llama.cpp's fallback types), Q3_K_M, IQ4_NL, and
+Q2_K (with Q3_K where more bits go). tests/test_kquant.py checks spmd's greedy tokens on them against
+tests/reference.py, which dequantises with the gguf package.
 
     python scripts/make_kquant_files.py [--out tests/kquant]
 

@@ -16,7 +16,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 
 from .errors import UserError, regular_file
 from .gguf_header import GGUFHeader, HeaderError
-from .quants import (KEPT_EXACTLY, QTensor, as_qtensor, block_size, dequantize, dequantize_any, from_float,
+from .quants import (NATIVE, QTensor, as_qtensor, block_size, dequantize, dequantize_any, from_float,
                      row_bytes)
 
 PAGE = mmap.PAGESIZE
@@ -172,9 +172,8 @@ class GGUFFile:
         return dequantize_any(raw[ids], info.qtype, len(ids), info.shape[1])
 
     def _keep(self, info, raw, rows, cols, notice) -> QTensor:
-        """Raw bytes (rows, ...) -> an owned QTensor: the types kept exactly (native and HELD's) copied as they are
-        (a backend without their kernels transcodes HELD's: spmd.weights), others dequantised."""
-        if info.qtype in KEPT_EXACTLY:  # a copy: a view would keep the file's pages resident after _release
+        """Raw bytes (rows, ...) -> an owned QTensor: the native types copied as they are, others dequantised."""
+        if info.qtype in NATIVE:  # a copy: a view would keep the file's pages resident after _release
             return as_qtensor(raw.copy(), info.qtype, rows, cols)
         self.notice_once(notice, info.qtype,
                          f"note: the file holds {info.qtype.name} weights; dequantising them to F32 at load")

@@ -25,9 +25,6 @@ terms (f16: a float16; q: a row's integer, nibble `lo` plus high bits `hi`):
                       bit 4h + k, set for q >= 0; sc s: nibble s // 8 of byte s % 8, top bits 2(s // 4).. of byte
                       8 + s % 4                                        d * sc * (q - 4)
   IQ4_NL (18 B / 32)  f16 d, 16 bytes as Q4_0, each nibble an index into IQ4_NL_VALUES    d * value
-A backend without kernels for IQ4_NL (the cpu backend) holds it as another type with the same numbers (`HELD`,
-`transcode`): Q8_0, whose int8s hold its table's values (34 bytes for 18, where F32 would take 128); the kernels of
-Q8_0 then compute it unchanged.
 """
 import functools
 from dataclasses import dataclass
@@ -36,13 +33,12 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 from gguf import quants as gguf_quants
 
-# Types the cpu backend computes with as stored (Vulkan: those of its TYPES); the reader keeps these and HELD's
-# types as stored, and dequantises any other type to F32 at load.
-NATIVE = (T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K)
+# Types the cpu backend computes with as stored (Vulkan: those of its TYPES); the reader keeps these as stored, and
+# dequantises any other type to F32 at load.
+NATIVE = (T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K,
+          T.IQ4_NL)
 FLOATS = (T.F32, T.F16, T.BF16)  # float matrices: float activations under --activations int8 too
-HELD = {T.IQ4_NL: T.Q8_0}  # a type -> one with the same numbers (`transcode`), for a backend without its kernels
 IQ4_NL_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.int16)
-KEPT_EXACTLY = NATIVE + tuple(HELD)  # types held with the file's numbers (a lookup on the device gives the host's)
 K_QUANTS = (T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K)  # 256-element super-blocks
 # byte offsets of each block's float16 fields (d, then m or dmin where the type has one)
 F16_FIELDS = {T.Q8_0: (0,), T.Q4_0: (0,), T.Q4_1: (0, 2), T.Q5_0: (0,), T.Q5_1: (0, 2), T.Q4_K: (0, 2),
@@ -58,11 +54,8 @@ def block_size(qtype) -> int:
 
 def held_type(qtype, computes=NATIVE.__contains__):
     """The type a backend with kernels for the types `computes` names (by default the cpu backend's) holds a file's
-    `qtype` weights in: the file's where it has its kernels, else `HELD`'s where it has those (IQ4_NL: Q8_0), else
-    F32 (dequantised)."""
-    if qtype in KEPT_EXACTLY and computes(qtype):
-        return qtype
-    return HELD[qtype] if qtype in HELD and computes(HELD[qtype]) else T.F32
+    `qtype` weights in: the file's where it has its kernels, else F32 (dequantised)."""
+    return qtype if qtype in NATIVE and computes(qtype) else T.F32
 
 
 def row_bytes(qtype, cols: int) -> int:
@@ -306,17 +299,6 @@ def unpack(qt: QTensor) -> Unpacked:
     if t == T.IQ4_NL:  # (offset 0: its integers are a table's values, not a stored integer less an offset)
         return Unpacked(i16(IQ4_NL_VALUES[_nibbles(b[..., 2:])]), 0, 32, 32, _f16(b, 0)[..., 0])
     raise ValueError(f"no native dequantisation for {t.name}")
-
-
-def transcode(qt: QTensor) -> QTensor:
-    """A QTensor of a `HELD` type (IQ4_NL) as its held type (Q8_0), the same numbers: d as it is, the table's
-    values as Q8_0's int8s."""
-    u = unpack(qt)
-    n = qt.rows * qt.cols // u.super
-    d = u.d.reshape(n, 1).astype(np.float16).view(np.uint8)
-    data = np.concatenate([d, u.q.reshape(n, BLOCK).astype(np.int8).view(np.uint8)], axis=1)
-    held = HELD[qt.qtype]
-    return QTensor(held, qt.rows, qt.cols, data.reshape(qt.rows, row_bytes(held, qt.cols)), qt.keep)
 
 
 def dequantize(qt: QTensor) -> np.ndarray:

@@ -177,14 +177,7 @@ def load_shard(f, cfg, share: Share, backend, notice=print, read=None, old=None,
         return backend.linear(fit(read(f"blk.{i}.{name}", slicing, element_spans(cfg, share, unit))), not streamed)
 
     def fit(qt):
-        """The slice as the backend computes with it: F32 where it lacks a kernel for its type or its cut. (A type
-        it holds as another, `HELD`'s, as the cpu backend holds IQ4_NL as Q8_0, is said once: its `linear`
-        transcodes it.)"""
-        held = backend.held_as(qt.qtype)
-        if held:
-            f.notice_once(notice, ("held", qt.qtype), f"note: the file holds {qt.qtype.name} weights; the "
-                          f"{backend.name} backend holds them as {held.name}, the same numbers in "
-                          f"{row_bytes(held, 256)} bytes for the file's {row_bytes(qt.qtype, 256)} per 256 weights")
+        """The slice as the backend computes with it: F32 where it lacks a kernel for its type or its cut."""
         lacks = backend.lacks(qt)
         if lacks is None:
             return qt

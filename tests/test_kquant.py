@@ -1,7 +1,6 @@
 """K-quant files made by llama.cpp's own quantiser (tests/kquant, scripts/make_kquant_files.py): spmd holds them with
-the file's numbers (as they are; IQ4_NL as Q8_0) and its greedy
-tokens equal tests/reference.py's, which dequantises every weight with the gguf package; at several ranks, layouts
-and stages they equal one rank's."""
+the file's numbers (as they are) and its greedy tokens equal tests/reference.py's, which dequantises every weight
+with the gguf package; at several ranks, layouts and stages they equal one rank's."""
 import struct
 import subprocess
 import sys
@@ -14,7 +13,7 @@ from gguf import GGMLQuantizationType as T
 import reference
 from mpi_models import UNEQUAL, WORLD, generate, one_rank_tokens
 from spmd.gguf_file import GGUFFile
-from spmd.quants import K_QUANTS, KEPT_EXACTLY
+from spmd.quants import K_QUANTS, NATIVE
 
 FILES = sorted((Path(__file__).parent / "kquant").glob("*.gguf"))
 PROMPT = (1, 72, 101, 108, 108, 111, 44, 32)
@@ -32,7 +31,7 @@ def test_llama_cpp_files_are_held_with_their_numbers_and_give_the_reference_toke
     f.close()
     named = {"q3_k_m": {T.Q3_K}, "iq4_nl": {T.IQ4_NL}, "q2_k": {T.Q2_K, T.Q3_K}}.get(path.stem, set())
     assert types & named == named  # the types the file is named after (Q2_K's llama.cpp gives Q3_K where it matters)
-    assert types <= set(KEPT_EXACTLY)  # nothing for the engine to dequantise at load
+    assert types <= set(NATIVE)  # nothing for the engine to dequantise at load
     if "rows96" not in path.stem and path.stem != "iq4_nl":
         assert types & set(K_QUANTS)
     got = one_rank_tokens(model=str(path), prompt_tokens=PROMPT, steps=STEPS)
@@ -66,7 +65,7 @@ def test_a_float_slice_of_a_type_read_as_floats_holds_only_its_columns(tmp_path)
     super-blocks holds just its own columns, not the blocks around them."""
     from spmd import gguf_file
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(gguf_file, "KEPT_EXACTLY", tuple(t for t in KEPT_EXACTLY if t != T.Q4_K))
+        mp.setattr(gguf_file, "NATIVE", tuple(t for t in NATIVE if t != T.Q4_K))
         f = GGUFFile(Path(__file__).parent / "kquant" / "q4_k_m.gguf")
         part = f.col_ranges("blk.0.attn_output.weight", [(64, 128)], notice=lambda _m: None)
         whole = f.rows("blk.0.attn_output.weight", 0, 256, notice=lambda _m: None)

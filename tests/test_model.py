@@ -70,9 +70,8 @@ def test_int8_activations_stay_near_the_reference(tmp_path, qtype):
 @pytest.mark.parametrize("backend", ["numpy", "cpu"])
 @pytest.mark.parametrize("qtype", ["Q4_K_M", "Q5_K_M", "Q6_K", "Q4_1", "Q5_1", "Q3_K_M", "IQ4_NL"])
 def test_logits_of_quantised_files_match_reference(tmp_path, qtype, backend):
-    """The types kept as they are (K-quants and their fallbacks, rows of 256 and of 96), and one the cpu backend
-    holds as another type with the same numbers (IQ4_NL as Q8_0), against the reference, which dequantises every
-    weight with the gguf package."""
+    """The types kept as they are (K-quants and their fallbacks, IQ4_NL; rows of 256 and of 96) against the
+    reference, which dequantises every weight with the gguf package."""
     for dim in (256, 96):
         shape = Shape(dim=dim, n_layers=3, n_heads=4, n_kv_heads=2, ffn=2 * dim, vocab=512, context=64)
         path = write_model(tmp_path / f"{qtype}-{dim}.gguf", shape, qtype, seed=5)
@@ -143,7 +142,7 @@ def test_other_weight_types_are_dequantised_at_load_with_one_notice(tmp_path, mo
     """A type the engine does not keep (IQ4_XS, ...; here Q5_0 taken off the kept list, as synth cannot write
     those) is read as F32, said once."""
     from spmd import gguf_file
-    monkeypatch.setattr(gguf_file, "KEPT_EXACTLY", tuple(t for t in gguf_file.KEPT_EXACTLY if t.name != "Q5_0"))
+    monkeypatch.setattr(gguf_file, "NATIVE", tuple(t for t in gguf_file.NATIVE if t.name != "Q5_0"))
     path = write_model(tmp_path / "q5.gguf", Shape(dim=64, ffn=128), qtype="Q5_0", seed=1)
     notices = []
     opts = RunOptions(model=str(path), prompts=(PromptSpec(ids=(1, 5, 9)),), steps=2)
@@ -182,10 +181,9 @@ def test_the_file_is_not_kept_resident_after_loading(tmp_path):
 def test_column_slices_through_quant_blocks_keep_the_blocks_whole(tmp_path, qtype, shape, spans):
     """A rank's heads may cut through quant blocks (head_dim 16 in Q8_0's 32, 64 in Q4_K's 256): its slice holds
     the whole blocks around them in the file's type, and `keep` names its columns; the numbers stay the file's,
-    every backend computes with them, and so does the cpu backend with IQ4_NL's slice held as Q8_0 (as it holds
-    it: the same numbers)."""
+    every backend computes with them."""
     from spmd.gguf_file import GGUFFile
-    from spmd.quants import HELD, dequantize, transcode
+    from spmd.quants import dequantize
     path = write_model(tmp_path / "m.gguf", shape, qtype, seed=2)
     f, notices = GGUFFile(path), []
     whole = dequantize(f.rows("blk.0.attn_output.weight", 0, shape.dim, notice=notices.append))
@@ -199,11 +197,6 @@ def test_column_slices_through_quant_blocks_keep_the_blocks_whole(tmp_path, qtyp
         assert part.width == expected.shape[1]
         np.testing.assert_array_equal(dequantize(part), expected)
         lins = [get_backend(backend).linear(part) for backend in ("numpy", "cpu")]
-        if stored in HELD:
-            held = transcode(part)
-            assert held.qtype == HELD[stored] and held.keep == part.keep
-            np.testing.assert_array_equal(dequantize(held), expected)
-            lins.append(get_backend("cpu").linear(held))
         for lin in lins:
             np.testing.assert_allclose(lin(x[:, :part.width]), x[:, :part.width] @ expected.T, rtol=1e-5, atol=1e-5)
     assert notices == []

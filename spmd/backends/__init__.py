@@ -32,7 +32,6 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from ..errors import UserError
-from ..quants import HELD, transcode
 
 BACKENDS = ("numpy", "cpu", "vulkan")
 
@@ -49,16 +48,6 @@ class Backend:
     def holds(self, qtype):
         """The type it holds a file's `qtype` matrices in (the numpy backend: float32, dequantised as it computes)."""
         return T.F32
-
-    def held_as(self, qtype):
-        """`HELD`'s type for `qtype` (the same numbers) where it holds `qtype` in that, having its kernels and not
-        `qtype`'s; else None."""
-        held = HELD.get(qtype)
-        return held if held is not None and self.holds(qtype) == held else None
-
-    def as_held(self, w):
-        """QTensor w in the type it holds w's type in (its `linear` takes w either way)."""
-        return transcode(w) if self.held_as(w.qtype) else w
 
     def linear(self, w, resident=True):
         raise NotImplementedError

@@ -57,7 +57,8 @@ the scale is d (times the sub-block's scale for K-quants), the min dmin times it
 Memory: the file's bytes (Q4_K 148 for 144, Q5_K 180 for 176: their packed 6-bit scales held as bytes), with
 either activations, but for the padding (`held_bytes`; with int8, a row of 2816 columns holds 3072); Q2_K 164 for
 84 (nibbles, and its 4-bit scales and mins as bytes), Q3_K 146 for 110 (nibbles, its 6-bit scales as bytes).
-IQ4_NL is held as Q8_0 (`spmd.quants.HELD`: 34 bytes for 18).
+IQ4_NL is held as Q4_0 is, its nibbles indices into the file's table (`Format.table`: vpermps's table is its values;
+without AVX-512, a select per entry); it takes float activations under --activations int8.
 
 Quantised kernels: lane l (of 16) of a 128-element group owns elements 8l..8l+7, all in sub-block l // 4 (Q6_K,
 Q2_K: l // 2). For v = 0..7 the kernel turns element 8l + v of every lane into its integer as float32 (4-bit types: a
@@ -100,7 +101,7 @@ from numba.core import cgutils
 from numba.core.codegen import get_host_cpu_features
 from numba.extending import intrinsic, overload
 
-from ..quants import HELD, SUPER, QTensor, held_type, unpack
+from ..quants import IQ4_NL_VALUES, SUPER, QTensor, held_type, unpack
 from . import Backend, prepare_call
 from .kernel_cache import kernel_cache_dir
 
@@ -220,15 +221,23 @@ def _to_f32(b, ptr, offset, dtype):
     return b.bitcast(bits, _vec(F32, 16))
 
 
-def _nibbles_to_f32(b, dw, v, offset):
-    """Nibble v of each of the 16 dwords dw, minus `offset`, as 16 x float (exact)."""
+def _nibbles_to_f32(b, dw, v, fmt):
+    """Nibble v of each of the 16 dwords dw, minus the offset (or through the type's table), as 16 x float
+    (exact)."""
     idx = b.lshr(dw, _splat(I32, 4 * v, 16)) if v else dw
+    values = fmt.table or tuple(n - fmt.offset for n in range(16))
     if AVX512:  # vpermps: the table entry at the low 4 bits of each index
         fnty = ir.FunctionType(_vec(F32, 16), [_vec(F32, 16), _vec(I32, 16)])
         fn = cgutils.get_or_insert_function(b.module, fnty, "llvm.x86.avx512.permvar.sf.512")
-        table = ir.Constant(_vec(F32, 16), [ir.Constant(F32, float(n - offset)) for n in range(16)])
+        table = ir.Constant(_vec(F32, 16), [ir.Constant(F32, float(value)) for value in values])
         return b.call(fn, [table, idx])
-    return b.sitofp(b.sub(b.and_(idx, _splat(I32, 15, 16)), _splat(I32, offset, 16)), _vec(F32, 16))
+    nibble = b.and_(idx, _splat(I32, 15, 16))
+    if fmt.table is None:
+        return b.sitofp(b.sub(nibble, _splat(I32, fmt.offset, 16)), _vec(F32, 16))
+    out = _splat(F32, float(values[0]), 16)  # a table (IQ4_NL): each entry where the nibble names it
+    for n, value in enumerate(values[1:], 1):
+        out = b.select(b.icmp_unsigned("==", nibble, _splat(I32, n, 16)), _splat(F32, float(value), 16), out)
+    return out
 
 
 def _ints_to_f32(b, dw, hw, v, fmt):
@@ -291,7 +300,7 @@ def _quantised_step(b, g, wrows, pxs, pxqs, fmt, accs, ahead):
             weights.append(lambda v, pw=pw: b.sitofp(_load(b, pw, b.add(base, c(16 * v)), _vec(I8, 16)),
                                                      _vec(F32, 16)))
         elif fmt.high == 0:  # nibble v of dword l
-            weights.append(lambda v, dw=_load(b, pw, base, _vec(I32, 16)): _nibbles_to_f32(b, dw, v, fmt.offset))
+            weights.append(lambda v, dw=_load(b, pw, base, _vec(I32, 16)): _nibbles_to_f32(b, dw, v, fmt))
         else:  # and field v of the lane's high-bit word
             width = ir.IntType(8 * fmt.high)
             hw = b.zext(_load(b, ph, b.mul(g, c(QUAD * 16 * fmt.high)), _vec(width, 16)), _vec(I32, 16))
@@ -901,6 +910,7 @@ class Format:
     mins: bool = False  # a dmin beside each d (K-quants: times an 8-bit m per sub-block)
     signed_sub: bool = False  # K-quants' 8-bit sub-block scales: int8 (Q6_K) or uint8
     sub: int = 32  # K-quants: elements per sub-block scale (Q4_K, Q5_K 32; Q6_K, Q2_K 16)
+    table: tuple = None  # each nibble's value (IQ4_NL), in place of the nibble less the offset
 
     @property
     def units(self):
@@ -941,7 +951,8 @@ FORMATS = {T.Q8_0: Format(high=-1), T.Q4_0: Format(offset=8), T.Q4_1: Format(min
            T.Q4_K: Format(per_d=SUPER, mins=True), T.Q5_K: Format(high=1, per_d=SUPER, mins=True),
            T.Q6_K: Format(offset=32, high=2, per_d=SUPER, signed_sub=True, sub=16),
            T.Q2_K: Format(per_d=SUPER, mins=True, sub=16),  # (2-bit integers held as nibbles)
-           T.Q3_K: Format(offset=4, per_d=SUPER, signed_sub=True, sub=16)}  # (3-bit integers held as nibbles)
+           T.Q3_K: Format(offset=4, per_d=SUPER, signed_sub=True, sub=16),  # (3-bit integers held as nibbles)
+           T.IQ4_NL: Format(table=tuple(int(v) for v in IQ4_NL_VALUES))}  # (its nibbles: indices into the table)
 FLOATS = {T.F32: np.float32, T.F16: np.int16, T.BF16: np.uint16}  # numba has no float16: F16 keeps its bits as int16
 
 
@@ -1082,7 +1093,10 @@ def _rows_quantised(u, fmt, rows, cp):
         q = _padded(u.q, cp).astype(np.int8).reshape(rows, groups, 16, 8).transpose(0, 1, 3, 2)
         w, wh = np.ascontiguousarray(q).reshape(rows, cp), _NONE
     else:
-        q = _padded(u.q + u.offset, cp, fill=u.offset).astype(np.uint8)  # the padding's value is 0
+        if fmt.table is not None:  # the values back to their nibbles (the table ascends); padding: d = 0
+            q = _padded(np.searchsorted(fmt.table, u.q), cp).astype(np.uint8)
+        else:
+            q = _padded(u.q + u.offset, cp, fill=u.offset).astype(np.uint8)  # the padding's value is 0
         w = (q[:, 0::2] & 15) | ((q[:, 1::2] & 15) << 4)
         lanes = (q >> 4).reshape(rows, cp // 8, 8).astype(np.uint16) << (fmt.high * np.arange(8, dtype=np.uint16))
         wh = lanes.sum(axis=2, dtype=np.uint16).astype(np.uint8 if fmt.high == 1 else np.uint16)
@@ -1256,7 +1270,7 @@ class CpuBackend(Backend):
         return head_dim % LANES != 0  # (else CpuModel widens each key and value as it reads it)
 
     def linear(self, w: QTensor, resident=True) -> CpuLinear:
-        return CpuLinear(self.as_held(w), self.threads, self.int8)
+        return CpuLinear(w, self.threads, self.int8)
 
     def settle(self, lins):
         settle(lins)
@@ -1265,7 +1279,7 @@ class CpuBackend(Backend):
         return held_type(qtype, lambda t: t in FORMATS or t in FLOATS)
 
     def lacks(self, w):
-        return None if self.holds(w.qtype) in (w.qtype, HELD.get(w.qtype)) else f"a kernel for {w.qtype.name} weights"
+        return None if self.holds(w.qtype) == w.qtype else f"a kernel for {w.qtype.name} weights"
 
     def held_bytes(self, qtype, rows, cols, keep=None) -> int:
         return held_bytes(qtype, rows, cols, self.int8)  # a cut slice keeps the whole blocks around it

@@ -417,11 +417,10 @@ class VulkanBackend(Backend):
 
     def lacks(self, w):
         """The repacked types (per-block scales) take slices that cut K-quant super-blocks at 32-element blocks;
-        a cut through a 32-element block, or a type without a kernel (its own or `HELD`'s), is held as F32."""
-        qtype = self.holds(w.qtype)
-        if qtype not in (w.qtype, quants.HELD.get(w.qtype)):
+        a cut through a 32-element block, or a type without a kernel, is held as F32."""
+        if self.holds(w.qtype) != w.qtype:
             return f"a kernel for {w.qtype.name} weights"
-        if _cut_within_blocks(qtype, w.keep):
+        if _cut_within_blocks(w.qtype, w.keep):
             return f"{w.qtype.name} slices that cut through its 32-element blocks"
         return None
 
@@ -480,12 +479,12 @@ class VulkanBackend(Backend):
         rec.mark("int8")
 
     def linear(self, w: QTensor, resident=True) -> VulkanLinear:
-        return VulkanLinear(self, self.as_held(w), resident)
+        return VulkanLinear(self, w, resident)
 
     def embeds(self, qtype) -> bool:
         """Whether a token_embd of the file's `qtype` can be looked up on the device (kernels/embed_<w>) to the
         host's numbers: held with the file's numbers (a type dequantised at load is not) in a type with kernels."""
-        return qtype in quants.KEPT_EXACTLY and self.holds(qtype) in TYPES
+        return qtype in quants.NATIVE and self.holds(qtype) in TYPES
 
     def held_bytes(self, qtype, rows, cols, keep=None):
         """What a VulkanLinear of a (rows, cols) matrix of `qtype` holds on the device (a type without a kernel, or
