@@ -268,10 +268,11 @@ for name in sys.argv[2:]:
 @pytest.mark.skipif(not cpu.AVX512, reason="no AVX-512 (or SPMD_CPU_GENERIC): the portable kernel is in use")
 def test_portable_kernel_is_bit_identical(tmp_path):
     """SPMD_CPU_GENERIC=1 (in a fresh numba cache) gives the plain-LLVM nibble conversion other CPUs get: same bits
-    for the 4-bit types that have a vpermps table (Q8_0 runs the same code either way, checked here too)."""
+    for the 4-bit types that have a vpermps table (IQ4_NL's: a select per entry there; Q8_0 runs the same code either
+    way, checked here too)."""
     rng = np.random.default_rng(8)
     names, expect = [], {}
-    for qtype in (T.Q4_0, T.Q4_1, T.Q5_1, T.Q4_K, T.Q8_0, T.Q6_K):
+    for qtype in (T.Q4_0, T.Q4_1, T.Q5_1, T.Q4_K, T.Q8_0, T.Q6_K, T.IQ4_NL):
         w = random_qtensor(qtype, 37, 544, rng)
         x = activations(5, w.cols, rng)
         np.save(tmp_path / f"{qtype.name}.w.npy", w.data)
