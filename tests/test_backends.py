@@ -459,6 +459,7 @@ def test_settling_a_half_puts_its_arrays_together_on_huge_pages_with_the_same_bi
 
 # ---- 8-bit activations (--activations int8) -------------------------------------------------------------------
 INT8_TYPES = (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K)
+CPU_INT8 = INT8_TYPES + (T.IQ4_NL,)  # (the cpu backend's 8-bit kernels take IQ4_NL as Q8_0: cpu.AS_INT8)
 
 
 def int8_lane(qtype):
@@ -496,7 +497,7 @@ def int8_reference(w, x):
 
 
 @pytest.mark.parametrize("shape", SHAPES[:4], ids=[f"{r}x{c}" for r, c in SHAPES[:4]])
-@pytest.mark.parametrize("qtype", INT8_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", CPU_INT8, ids=lambda t: t.name)
 @pytest.mark.parametrize("n", [1, 3, 13])
 def test_int8_exact_sums_are_the_transcription(qtype, shape, n):
     """A float64 result: the exact sums, the very bits of the transcription (raw blocks: every byte, float16
@@ -514,7 +515,7 @@ def test_int8_exact_sums_are_the_transcription(qtype, shape, n):
         assert np.all(np.abs(lin(x) - want) <= bound)
 
 
-@pytest.mark.parametrize("qtype", INT8_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", CPU_INT8, ids=lambda t: t.name)
 def test_int8_column_splits_add_up_to_the_same_bits(qtype):
     """Split by columns at any blocks (as ranks hold heads and FFN blocks), the exact partial sums add up, in any
     order, to the unsplit product's bits: what keeps int8 text the same at every layout. (The raw blocks' weights
@@ -534,7 +535,7 @@ def test_int8_column_splits_add_up_to_the_same_bits(qtype):
         np.testing.assert_array_equal(sum(reversed(parts)), whole)
 
 
-@pytest.mark.parametrize("qtype", INT8_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", CPU_INT8, ids=lambda t: t.name)
 def test_int8_rows_are_bit_identical_in_any_tile(qtype):
     """As with float activations: a row's fast and exact results do not depend on the rows held or the batch."""
     rng = np.random.default_rng(13)

@@ -58,18 +58,19 @@ Memory: the file's bytes (Q4_K 148 for 144, Q5_K 180 for 176: their packed 6-bit
 either activations, but for the padding (`held_bytes`; with int8, a row of 2816 columns holds 3072); Q2_K 164 for
 84 (nibbles, and its 4-bit scales and mins as bytes), Q3_K 146 for 110 (nibbles, its 6-bit scales as bytes).
 IQ4_NL is held as Q4_0 is, its nibbles indices into the file's table (`Format.table`: vpermps's table is its values;
-without AVX-512, a select per entry); it takes float activations under --activations int8.
+without AVX-512, a select per entry); with --activations int8 as Q8_0 (`AS_INT8`: its table's values as the int8s,
+34 bytes for 18), for the 8-bit kernels' exact sums.
 
-Quantised kernels: lane l (of 16) of a 128-element group owns elements 8l..8l+7, all in sub-block l // 4 (Q6_K,
-Q2_K: l // 2). For v = 0..7 the kernel turns element 8l + v of every lane into its integer as float32 (4-bit types: a
-shift puts nibble v of each dword in the low 4 bits and vpermps looks it up in the 16-entry table of nibble minus
-offset; with high bits, shifts, masks and an or, then a conversion; Q8_0: 16 bytes sign-extended and converted) and
-fused-multiply-adds it with x[8l + v] into the lane's sum s (v = 0 multiplies); then acc += the lane's scale * s,
-and for types with mins acc += the lane's min * (the sum of its 8 activations), one fused multiply-add each. Each
-of these rounds once, as a float dot product does. The activations are copied once per call into the same
-transposed order (scratch (n, padded cols) float32), so x[8l + v] of the 16 lanes is one load, with their sums by
-8 beside them. Float kernels convert 16 weights at a time to float32 and fused-multiply-add them, in 2
-accumulators. A kernel is compiled per type (its GGML number a compile-time constant, `_entry`), on first use.
+Quantised kernels: lane l (of 16) of a 128-element group owns elements 8l..8l+7, all in sub-block l // 4 (Q6_K, Q2_K:
+l // 2). For v = 0..7 the kernel turns element 8l + v of every lane into its integer as float32 (4-bit types: a shift
+puts nibble v of each dword in the low 4 bits and vpermps looks it up in the 16-entry table of nibble minus offset,
+IQ4_NL's of its table's values; with high bits, shifts, masks and an or, then a conversion; Q8_0: 16 bytes
+sign-extended and converted) and fused-multiply-adds it with x[8l + v] into the lane's sum s (v = 0 multiplies); then
+acc += the lane's scale * s, and for types with mins acc += the lane's min * (the sum of its 8 activations), one
+fused multiply-add each. Each of these rounds once, as a float dot product does. The activations are copied once per
+call into the same transposed order (scratch (n, padded cols) float32), so x[8l + v] of the 16 lanes is one load,
+with their sums by 8 beside them. Float kernels convert 16 weights at a time to float32 and fused-multiply-add them,
+in 2 accumulators. A kernel is compiled per type (its GGML number a compile-time constant, `_entry`), on first use.
 
 The kernels work on tiles of 2 weight rows x 4 activation rows (x 8 for quantised weights where AVX-512 has the
 registers, x 2 for a pair left over), so a prompt's or a batched decode step's weight loads and conversions serve
@@ -86,7 +87,8 @@ Every (weight row, activation row) dot product runs the same instructions in the
 row range held, the thread partition or the batch size, so results are bit-identical across those (the tests hold
 this). No fast-math: llvm.fma rounds once on any CPU (an instruction where there is one), so the results do not
 depend on the CPU either: without AVX-512, or with SPMD_CPU_GENERIC=1, nibbles are converted with plain LLVM
-vector code (mask, minus the offset, integer to float) to the same exact values as vpermps's table.
+vector code (mask, minus the offset, integer to float; IQ4_NL a select per table entry) to the same exact values
+as vpermps's table.
 """
 import mmap
 import os
@@ -121,6 +123,8 @@ QUAD = 4  # quantised weights: rows interleaved in fours, so that the kernels' t
 SMALL = 1 << 17  # weights below this many bytes run on one thread (a fork-join costs more than it saves)
 # --activations int8: the types with 8-bit kernels, and the offset they store their integers with
 INT8 = {T.Q4_0: 8, T.Q4_1: 0, T.Q5_0: 16, T.Q5_1: 0, T.Q8_0: 128, T.Q4_K: 0, T.Q5_K: 0, T.Q6_K: 32, T.Q3_K: 4}
+# and IQ4_NL, held for them as Q8_0 (its table's values as Q8_0's integers, the same numbers: 34 bytes for 18)
+AS_INT8 = {T.IQ4_NL: T.Q8_0}
 FIXED = 28  # int8 exact sums: each lane's product is cut to a multiple of 2^-FIXED and summed as an integer
 LIMIT = 2.0 ** 22  # int8 exact sums: activations past this (or NaN) make the row NaN: a lane's value, up to 2^19
 # (32 products of 127 x 128) times d_w * d_x * 2^FIXED, d_x up to LIMIT / 127, stays under 2^63 for |d_w| < 2
@@ -1121,6 +1125,15 @@ def _scales(u, fmt, rows, cp):
     return _f16_bits(wd), ws.astype(np.int8 if fmt.signed_sub else np.uint8).view(np.uint8)
 
 
+def _iq4_nl_as_q8_0(qt):
+    """IQ4_NL as Q8_0 (AS_INT8): each block's d as it is, its table's values as the int8s."""
+    u = unpack(qt)
+    n = qt.rows * qt.cols // 32
+    d = u.d.reshape(n, 1).astype(np.float16).view(np.uint8)
+    data = np.concatenate([d, u.q.reshape(n, 32).astype(np.int8).view(np.uint8)], axis=1)
+    return QTensor(T.Q8_0, qt.rows, qt.cols, data.reshape(qt.rows, qt.cols // 32 * 34), qt.keep)
+
+
 def _repack_float(qt):
     w = np.zeros((qt.rows, padded_cols(qt.qtype, qt.cols)), FLOATS[qt.qtype])
     w[:, :qt.cols] = qt.data.view(FLOATS[qt.qtype])  # the same bits
@@ -1140,7 +1153,8 @@ def padded_cols(qtype, cols, int8=False):
 
 def held_bytes(qtype, rows, cols, int8=False) -> int:
     """The bytes a CpuLinear holds for a (rows, cols) matrix of `qtype`: its repacked arrays (w, wh, wd, ws), with
-    float or (int8, for INT8's types) 8-bit activations."""
+    float or (int8, for INT8's types and AS_INT8's) 8-bit activations."""
+    qtype = AS_INT8.get(qtype, qtype) if int8 else qtype
     int8 = int8 and qtype in INT8
     cp = padded_cols(qtype, cols, int8)
     if qtype in FLOATS:
@@ -1156,6 +1170,8 @@ class CpuLinear:
     def __init__(self, w: QTensor, threads: int, int8=False):
         if w.qtype not in FORMATS and w.qtype not in FLOATS:
             raise ValueError(f"cpu backend: no kernel for {w.qtype.name}")
+        if int8 and w.qtype in AS_INT8:
+            w = _iq4_nl_as_q8_0(w)
         self.qtype, self.rows, self.cols, self.stored = w.qtype, w.rows, w.width, w.cols
         self.int8 = int8 and w.qtype in INT8  # 8-bit activations (--activations int8)
         self.arrays = _repack(w, self.int8)  # w, wh, wd, ws: what the kernel reads (spmd.stream swaps them)
