@@ -103,7 +103,7 @@ from numba.core import cgutils
 from numba.core.codegen import get_host_cpu_features
 from numba.extending import intrinsic, overload
 
-from ..quants import IQ4_NL_VALUES, SUPER, QTensor, held_type, unpack
+from ..quants import BLOCK, IQ4_NL_VALUES, SUPER, QTensor, held_type, row_bytes, unpack
 from . import Backend, prepare_call
 from .kernel_cache import kernel_cache_dir
 
@@ -1125,13 +1125,14 @@ def _scales(u, fmt, rows, cp):
     return _f16_bits(wd), ws.astype(np.int8 if fmt.signed_sub else np.uint8).view(np.uint8)
 
 
-def _iq4_nl_as_q8_0(qt):
-    """IQ4_NL as Q8_0 (AS_INT8): each block's d as it is, its table's values as the int8s."""
+def _as_q8_0(qt):
+    """A QTensor of an AS_INT8 type (IQ4_NL: a d per 32-element block, integers within int8) as Q8_0, the same
+    numbers: each block's d as it is, its integers as the int8s."""
     u = unpack(qt)
-    n = qt.rows * qt.cols // 32
+    n = qt.rows * qt.cols // BLOCK
     d = u.d.reshape(n, 1).astype(np.float16).view(np.uint8)
-    data = np.concatenate([d, u.q.reshape(n, 32).astype(np.int8).view(np.uint8)], axis=1)
-    return QTensor(T.Q8_0, qt.rows, qt.cols, data.reshape(qt.rows, qt.cols // 32 * 34), qt.keep)
+    data = np.concatenate([d, u.q.reshape(n, BLOCK).astype(np.int8).view(np.uint8)], axis=1)
+    return QTensor(T.Q8_0, qt.rows, qt.cols, data.reshape(qt.rows, row_bytes(T.Q8_0, qt.cols)), qt.keep)
 
 
 def _repack_float(qt):
@@ -1171,7 +1172,7 @@ class CpuLinear:
         if w.qtype not in FORMATS and w.qtype not in FLOATS:
             raise ValueError(f"cpu backend: no kernel for {w.qtype.name}")
         if int8 and w.qtype in AS_INT8:
-            w = _iq4_nl_as_q8_0(w)
+            w = _as_q8_0(w)
         self.qtype, self.rows, self.cols, self.stored = w.qtype, w.rows, w.width, w.cols
         self.int8 = int8 and w.qtype in INT8  # 8-bit activations (--activations int8)
         self.arrays = _repack(w, self.int8)  # w, wh, wd, ws: what the kernel reads (spmd.stream swaps them)

@@ -483,8 +483,9 @@ class VulkanBackend(Backend):
 
     def embeds(self, qtype) -> bool:
         """Whether a token_embd of the file's `qtype` can be looked up on the device (kernels/embed_<w>) to the
-        host's numbers: held with the file's numbers (a type dequantised at load is not) in a type with kernels."""
-        return qtype in quants.NATIVE and self.holds(qtype) in TYPES
+        host's numbers: held with the file's numbers (a type dequantised at load is not; a native type without a
+        kernel is held as F32, which has one)."""
+        return qtype in quants.NATIVE
 
     def held_bytes(self, qtype, rows, cols, keep=None):
         """What a VulkanLinear of a (rows, cols) matrix of `qtype` holds on the device (a type without a kernel, or
