@@ -459,7 +459,7 @@ def test_settling_a_half_puts_its_arrays_together_on_huge_pages_with_the_same_bi
 
 # ---- 8-bit activations (--activations int8) -------------------------------------------------------------------
 INT8_TYPES = (T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K)
-CPU_INT8 = INT8_TYPES + (T.IQ4_NL,)  # (the cpu backend's 8-bit kernels take IQ4_NL as Q8_0: cpu.AS_INT8)
+CPU_INT8 = INT8_TYPES + (T.IQ4_NL,)  # (the cpu backend has 8-bit IQ4_NL kernels: a table lookup a nibble)
 
 
 def int8_lane(qtype):

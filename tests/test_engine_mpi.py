@@ -190,7 +190,7 @@ def test_logits_match_across_ranks(models, layout):
 @pytest.mark.mpi
 @pytest.mark.parametrize("qtype, allreduce", [  # Q4_K_M, Q5_K_M: Q4_K, Q5_K and Q6_K (rows of 256)
     *((q, a) for q in ("Q4_0", "Q8_0", "Q4_K_M") for a in ("star", "ring", "mpi")),
-    ("Q5_K_M", "ring"), ("Q5_0 one kv head", "star"), ("Q5_1", "mpi"), ("Q4_1", "star")])
+    ("Q5_K_M", "ring"), ("Q5_0 one kv head", "star"), ("Q5_1", "mpi"), ("Q4_1", "star"), ("IQ4_NL", "ring")])
 def test_int8_activations_give_the_same_bits_at_any_layout(models, qtype, allreduce):
     """--activations int8: the column-split products' partial sums are exact (float64 integers of 2^-28), so rank
     0's logits after the prompt are the very same bits as one rank's at unequal ratios and across stages, and the

@@ -181,7 +181,7 @@ def test_bad_sizes_are_one_clear_error(text):
 
 # ---- the cpu backend's bytes held ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("qtype", [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K,
-                                   T.Q6_K])
+                                   T.Q6_K, T.Q2_K, T.Q3_K, T.IQ4_NL])
 @pytest.mark.parametrize("rows, cols", [(3, 256), (17, 768), (5, 1280)])
 @pytest.mark.parametrize("activations", ["f32", "int8"])
 def test_cpu_held_bytes_is_what_a_linear_holds(qtype, rows, cols, activations):

@@ -58,8 +58,9 @@ Memory: the file's bytes (Q4_K 148 for 144, Q5_K 180 for 176: their packed 6-bit
 either activations, but for the padding (`held_bytes`; with int8, a row of 2816 columns holds 3072); Q2_K 164 for
 84 (nibbles, and its 4-bit scales and mins as bytes), Q3_K 146 for 110 (nibbles, its 6-bit scales as bytes).
 IQ4_NL is held as Q4_0 is, its nibbles indices into the file's table (`Format.table`: vpermps's table is its values;
-without AVX-512, a select per entry); with --activations int8 as Q8_0 (`AS_INT8`: its table's values as the int8s,
-34 bytes for 18), for the 8-bit kernels' exact sums.
+without AVX-512, a select per entry), with either activations: the 8-bit kernels look each nibble up as its value +
+128, an unsigned byte for vpdpbusd (`_table_bytes`: vpshufb; without AVX-512BW a select per entry), offset 128 as
+Q8_0's.
 
 Quantised kernels: lane l (of 16) of a 128-element group owns elements 8l..8l+7, all in sub-block l // 4 (Q6_K, Q2_K:
 l // 2). For v = 0..7 the kernel turns element 8l + v of every lane into its integer as float32 (4-bit types: a shift
@@ -103,7 +104,7 @@ from numba.core import cgutils
 from numba.core.codegen import get_host_cpu_features
 from numba.extending import intrinsic, overload
 
-from ..quants import BLOCK, IQ4_NL_VALUES, SUPER, QTensor, held_type, row_bytes, unpack
+from ..quants import IQ4_NL_VALUES, SUPER, QTensor, held_type, unpack
 from . import Backend, prepare_call
 from .kernel_cache import kernel_cache_dir
 
@@ -114,6 +115,7 @@ numba.config.CACHE_DIR = kernel_cache_dir() or numba.config.CACHE_DIR  # before 
 _FEATURES = numba.config.CPU_FEATURES if numba.config.CPU_FEATURES is not None else get_host_cpu_features()
 AVX512 = "+avx512f" in _FEATURES.split(",") and not os.environ.get("SPMD_CPU_GENERIC")
 VNNI = AVX512 and "+avx512vnni" in _FEATURES.split(",")  # vpdpbusd: 64 byte products summed into 16 int32
+BW = AVX512 and "+avx512bw" in _FEATURES.split(",")  # vpshufb on 64 bytes: IQ4_NL's table with 8-bit activations
 GROUP = 128  # quantised kernels: elements per loop step (4 blocks, 16 lanes of 8)
 CHUNK = 64  # float kernels: elements per loop step
 CHUNK_GROUPS = 4  # a prompt's quantised products with float activations: groups a step of 8 activation rows
@@ -122,9 +124,9 @@ ROW_BLOCK = 16  # weight rows per parallel work item; activation rows go through
 QUAD = 4  # quantised weights: rows interleaved in fours, so that the kernels' tiles read one stream (docstring)
 SMALL = 1 << 17  # weights below this many bytes run on one thread (a fork-join costs more than it saves)
 # --activations int8: the types with 8-bit kernels, and the offset they store their integers with
-INT8 = {T.Q4_0: 8, T.Q4_1: 0, T.Q5_0: 16, T.Q5_1: 0, T.Q8_0: 128, T.Q4_K: 0, T.Q5_K: 0, T.Q6_K: 32, T.Q3_K: 4}
-# and IQ4_NL, held for them as Q8_0 (its table's values as Q8_0's integers, the same numbers: 34 bytes for 18)
-AS_INT8 = {T.IQ4_NL: T.Q8_0}
+# (IQ4_NL: its nibbles, each looked up as its table value + 128 in the kernel, `_table_bytes`)
+INT8 = {T.Q4_0: 8, T.Q4_1: 0, T.Q5_0: 16, T.Q5_1: 0, T.Q8_0: 128, T.Q4_K: 0, T.Q5_K: 0, T.Q6_K: 32, T.Q3_K: 4,
+        T.IQ4_NL: 128}
 FIXED = 28  # int8 exact sums: each lane's product is cut to a multiple of 2^-FIXED and summed as an integer
 LIMIT = 2.0 ** 22  # int8 exact sums: activations past this (or NaN) make the row NaN: a lane's value, up to 2^19
 # (32 products of 127 x 128) times d_w * d_x * 2^FIXED, d_x up to LIMIT / 127, stays under 2^63 for |d_w| < 2
@@ -242,6 +244,22 @@ def _nibbles_to_f32(b, dw, v, fmt):
     for n, value in enumerate(values[1:], 1):
         out = b.select(b.icmp_unsigned("==", nibble, _splat(I32, n, 16)), _splat(F32, float(value), 16), out)
     return out
+
+
+def _table_bytes(b, nibbles, table):
+    """Each byte of `nibbles` (16 x int32, every byte 0..15) -> its table value + 128 (unsigned, for vpdpbusd):
+    vpshufb, whose 16-byte table (in each 128-bit lane) is the values + 128, where the CPU has AVX-512BW; else a
+    select per entry (the same bytes)."""
+    idx, values = b.bitcast(nibbles, _vec(I8, 64)), [(v + 128) & 255 for v in table]
+    if BW:
+        fnty = ir.FunctionType(_vec(I8, 64), [_vec(I8, 64)] * 2)
+        fn = cgutils.get_or_insert_function(b.module, fnty, "llvm.x86.avx512.pshuf.b.512")
+        out = b.call(fn, [ir.Constant(_vec(I8, 64), [ir.Constant(I8, v) for v in values] * 4), idx])
+    else:
+        out = _splat(I8, values[0], 64)
+        for n, value in enumerate(values[1:], 1):
+            out = b.select(b.icmp_unsigned("==", idx, _splat(I8, n, 64)), _splat(I8, value, 64), out)
+    return b.bitcast(out, _vec(I32, 16))
 
 
 def _ints_to_f32(b, dw, hw, v, fmt):
@@ -383,6 +401,8 @@ def _int8_weights(b, g, base, fmt, pw, ph, pd, ps):
         for h in range(lane // 8):
             v = _load(b, pw, b.add(base, c(64 * h)), _vec(I32, 16))
             chunks += [b.and_(v, mask), b.and_(b.lshr(v, four), mask)]
+        if fmt.table is not None:  # IQ4_NL: each nibble its table value + 128
+            chunks = [_table_bytes(b, chunk, fmt.table) for chunk in chunks]
     if fmt.high > 0:  # Q5_*: bit c, Q6_K: bits 2c..2c+1 of the plane's bytes, moved to bit 4 (and 5)
         plane = _load(b, ph, b.mul(g, c(QUAD * units[1])), _vec(I32, 16))
         top = _splat(I32, 0x10101010 if fmt.high == 1 else 0x30303030, 16)
@@ -1059,7 +1079,11 @@ def _repack_int8(qt):
     had made the exact sums 8-16% slower on Q4_K)."""
     u, fmt = unpack(qt), FORMATS[qt.qtype]
     rows, cp, lane = qt.rows, padded_cols(qt.qtype, qt.cols, int8=True), fmt.lane8
-    q = (_padded(u.q, cp) + INT8[qt.qtype]).astype(np.uint8).reshape(rows, cp // fmt.group8, 16, lane // 4, 4)
+    if fmt.table is not None:  # IQ4_NL: the values back to their nibbles (the kernel looks them up); padding: d = 0
+        q = np.searchsorted(fmt.table, _padded(u.q, cp))
+    else:
+        q = _padded(u.q, cp) + INT8[qt.qtype]
+    q = q.astype(np.uint8).reshape(rows, cp // fmt.group8, 16, lane // 4, 4)
     wh = _NONE  # q: g l c k
     if fmt.high < 0:  # Q8_0
         w = q.transpose(0, 1, 3, 2, 4)
@@ -1125,16 +1149,6 @@ def _scales(u, fmt, rows, cp):
     return _f16_bits(wd), ws.astype(np.int8 if fmt.signed_sub else np.uint8).view(np.uint8)
 
 
-def _as_q8_0(qt):
-    """A QTensor of an AS_INT8 type (IQ4_NL: a d per 32-element block, integers within int8) as Q8_0, the same
-    numbers: each block's d as it is, its integers as the int8s."""
-    u = unpack(qt)
-    n = qt.rows * qt.cols // BLOCK
-    d = u.d.reshape(n, 1).astype(np.float16).view(np.uint8)
-    data = np.concatenate([d, u.q.reshape(n, BLOCK).astype(np.int8).view(np.uint8)], axis=1)
-    return QTensor(T.Q8_0, qt.rows, qt.cols, data.reshape(qt.rows, row_bytes(T.Q8_0, qt.cols)), qt.keep)
-
-
 def _repack_float(qt):
     w = np.zeros((qt.rows, padded_cols(qt.qtype, qt.cols)), FLOATS[qt.qtype])
     w[:, :qt.cols] = qt.data.view(FLOATS[qt.qtype])  # the same bits
@@ -1154,8 +1168,7 @@ def padded_cols(qtype, cols, int8=False):
 
 def held_bytes(qtype, rows, cols, int8=False) -> int:
     """The bytes a CpuLinear holds for a (rows, cols) matrix of `qtype`: its repacked arrays (w, wh, wd, ws), with
-    float or (int8, for INT8's types and AS_INT8's) 8-bit activations."""
-    qtype = AS_INT8.get(qtype, qtype) if int8 else qtype
+    float or (int8, for INT8's types) 8-bit activations."""
     int8 = int8 and qtype in INT8
     cp = padded_cols(qtype, cols, int8)
     if qtype in FLOATS:
@@ -1171,8 +1184,6 @@ class CpuLinear:
     def __init__(self, w: QTensor, threads: int, int8=False):
         if w.qtype not in FORMATS and w.qtype not in FLOATS:
             raise ValueError(f"cpu backend: no kernel for {w.qtype.name}")
-        if int8 and w.qtype in AS_INT8:
-            w = _as_q8_0(w)
         self.qtype, self.rows, self.cols, self.stored = w.qtype, w.rows, w.width, w.cols
         self.int8 = int8 and w.qtype in INT8  # 8-bit activations (--activations int8)
         self.arrays = _repack(w, self.int8)  # w, wh, wd, ws: what the kernel reads (spmd.stream swaps them)
