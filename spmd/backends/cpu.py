@@ -1080,7 +1080,7 @@ def _repack_int8(qt):
     u, fmt = unpack(qt), FORMATS[qt.qtype]
     rows, cp, lane = qt.rows, padded_cols(qt.qtype, qt.cols, int8=True), fmt.lane8
     if fmt.table is not None:  # IQ4_NL: the values back to their nibbles (the kernel looks them up); padding: d = 0
-        q = np.searchsorted(fmt.table, _padded(u.q, cp))
+        q = _table_nibbles(fmt.table, _padded(u.q, cp))
     else:
         q = _padded(u.q, cp) + INT8[qt.qtype]
     q = q.astype(np.uint8).reshape(rows, cp // fmt.group8, 16, lane // 4, 4)
@@ -1121,8 +1121,8 @@ def _rows_quantised(u, fmt, rows, cp):
         q = _padded(u.q, cp).astype(np.int8).reshape(rows, groups, 16, 8).transpose(0, 1, 3, 2)
         w, wh = np.ascontiguousarray(q).reshape(rows, cp), _NONE
     else:
-        if fmt.table is not None:  # the values back to their nibbles (the table ascends); padding: d = 0
-            q = _padded(np.searchsorted(fmt.table, u.q), cp).astype(np.uint8)
+        if fmt.table is not None:  # the values back to their nibbles; padding: d = 0
+            q = _table_nibbles(fmt.table, _padded(u.q, cp))
         else:
             q = _padded(u.q + u.offset, cp, fill=u.offset).astype(np.uint8)  # the padding's value is 0
         w = (q[:, 0::2] & 15) | ((q[:, 1::2] & 15) << 4)
@@ -1130,6 +1130,14 @@ def _rows_quantised(u, fmt, rows, cp):
         wh = lanes.sum(axis=2, dtype=np.uint16).astype(np.uint8 if fmt.high == 1 else np.uint16)
         wh = wh if fmt.high else _NONE
     return (w, wh) + _scales(u, fmt, rows, cp)
+
+
+def _table_nibbles(table, q):
+    """The nibble whose entry in `table` (IQ4_NL's: 16 distinct integers within int8) is each integer of q, by a
+    lookup on the integers' low bytes (a search of the table took 35 ns an element: 20 s for TinyLlama)."""
+    nibble = np.zeros(256, np.uint8)
+    nibble[np.array(table) & 255] = np.arange(16)
+    return nibble[q.astype(np.uint8)]
 
 
 def _scales(u, fmt, rows, cp):
