@@ -28,6 +28,7 @@ asked for out of turn (an error left a pass half done) restarts the loader from 
 themselves anyway, so the numbers never depend on the window.
 """
 import ctypes
+import errno
 import fcntl
 import mmap
 import os
@@ -66,6 +67,8 @@ def _write(fd, pieces, offset):
     views = [memoryview(p).cast("B") for p in pieces if len(p)]
     while views:
         done = os.pwritev(fd, views[:1024], offset)  # (IOV_MAX)
+        if done == 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         offset += done
         while views and done >= len(views[0]):
             done -= len(views[0])

@@ -1126,9 +1126,10 @@ def _rows_quantised(u, fmt, rows, cp):
         else:
             q = _padded(u.q + u.offset, cp, fill=u.offset).astype(np.uint8)  # the padding's value is 0
         w = (q[:, 0::2] & 15) | ((q[:, 1::2] & 15) << 4)
-        lanes = (q >> 4).reshape(rows, cp // 8, 8).astype(np.uint16) << (fmt.high * np.arange(8, dtype=np.uint16))
-        wh = lanes.sum(axis=2, dtype=np.uint16).astype(np.uint8 if fmt.high == 1 else np.uint16)
-        wh = wh if fmt.high else _NONE
+        wh = _NONE
+        if fmt.high:  # the bits above the nibbles
+            lanes = (q >> 4).reshape(rows, cp // 8, 8).astype(np.uint16) << (fmt.high * np.arange(8, dtype=np.uint16))
+            wh = lanes.sum(axis=2, dtype=np.uint16).astype(np.uint8 if fmt.high == 1 else np.uint16)
     return (w, wh) + _scales(u, fmt, rows, cp)
 
 
