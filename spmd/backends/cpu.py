@@ -985,6 +985,10 @@ def _pad(n, unit):
 
 
 def _padded(a, cols, fill=0):
+    """`a` (rows, n) with columns up to `cols`, the new ones `fill`; `a` itself where n is `cols` (callers only read
+    it)."""
+    if a.shape[1] == cols:
+        return a
     out = np.full((a.shape[0], cols), fill, a.dtype)
     out[:, :a.shape[1]] = a
     return out
@@ -1124,7 +1128,7 @@ def _rows_quantised(u, fmt, rows, cp):
         if fmt.table is not None:  # the values back to their nibbles; padding: d = 0
             q = _table_nibbles(fmt.table, _padded(u.q, cp))
         else:
-            q = _padded(u.q + u.offset, cp, fill=u.offset).astype(np.uint8)  # the padding's value is 0
+            q = _padded((u.q + u.offset).astype(np.uint8), cp, fill=u.offset)  # the padding's value is 0
         w = (q[:, 0::2] & 15) | ((q[:, 1::2] & 15) << 4)
         wh = _NONE
         if fmt.high:  # the bits above the nibbles
