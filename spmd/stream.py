@@ -13,9 +13,9 @@ At load each streamed half is built as every other (read from the GGUF, repacked
 its linears' arrays (`lin.arrays`) are written to a spill file and dropped: repacking takes far longer than
 reading (250 MB/s against GB/s), so it is done once. The spill file is unnamed (O_TMPFILE): it is gone with the
 process however that ends, and takes disk space equal to the streamed bytes (each half starts at a 2 MiB boundary,
-`HUGE`; the gaps are holes). Once all are spilled, the file is
-memory-mapped and the streamed linears' arrays become views of the mapping, for good: the kernels read the
-weights where the kernel's page cache holds them, with no copy.
+`HUGE`; the gaps are holes). Once all are spilled, the file is memory-mapped and the streamed linears' arrays
+become views of the mapping, for good: the kernels read the weights where the kernel's page cache holds them, with
+no copy.
 
 What makes it a window is which of those pages are in the process's memory. A loader thread brings the streamed
 halves in, in the order the stage runs them and round again, as far ahead as the window's bytes allow (more small
@@ -43,7 +43,7 @@ import numpy as np
 
 from .errors import UserError
 
-ALIGN = 64  # bytes: every array in the spill file starts at a multiple of this, every half at a page
+ALIGN = 64  # bytes: every array in the spill file starts at a multiple of this (every half at one of HUGE)
 DEVICE_ALIGN = 256  # bytes: every array in a device slot starts at a multiple of this (DeviceWindow)
 POOL_SPARE = 1 << 30  # DeviceWindow: host memory left over before it holds the streamed halves itself
 TURN_WAIT_S = 120.0  # DeviceWindow: how long a rank waits for its host's other ranks to take that memory
@@ -55,7 +55,8 @@ PAGE = mmap.PAGESIZE
 # folios of up to HUGE bytes where the file system makes large folios (ext4 on Linux 6.18, xfs), and populating a
 # half maps them whole: 2-3 ns a 4 KiB page against 70 where the arrays were written one by one behind Python's
 # buffered writes (TinyLlama streaming 508 MB a token from cached pages on 2 cores: 10.9 ms a token of populating).
-# The gaps between halves are holes: no disk, no page cache.
+# The gaps between halves are holes: no disk; a half is dropped through the gap after it (`_span`), so that no page
+# of a gap that read-around brought in stays mapped. (Also the cpu backend's transparent huge page: its arena.)
 HUGE = 2 << 20
 MADV_POPULATE_READ = 22  # Linux 5.14: fault the pages in (reading them from the disk where needed), synchronously
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -64,7 +65,7 @@ _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 
 def _write(fd, pieces, offset):
     """All of `pieces` (buffers) written at `offset`, in as few pwritev calls as the kernel takes."""
-    views = [memoryview(p).cast("B") for p in pieces if len(p)]
+    views = [memoryview(p) for p in pieces if len(p)]  # (bytes, and 1-D uint8 arrays)
     while views:
         done = os.pwritev(fd, views[:1024], offset)  # (IOV_MAX)
         if done == 0:
@@ -198,7 +199,7 @@ class Window:
         for lin in linears:
             arrays = []
             for a in lin.arrays:
-                pieces += [bytes(-end % ALIGN), np.ascontiguousarray(a).data]
+                pieces += [bytes(-end % ALIGN), np.ascontiguousarray(a).reshape(-1).view(np.uint8)]
                 end += -end % ALIGN
                 arrays.append((a.dtype, a.shape, self.spilled + end))
                 end += a.nbytes
@@ -286,7 +287,12 @@ class Window:
 
     def _drop(self, key):
         """The half's pages out of the process (the lock held)."""
-        self._advise(*self.parts[key][:2], mmap.MADV_DONTNEED)
+        self._advise(*self._span(key), mmap.MADV_DONTNEED)
+
+    def _span(self, key):
+        """(offset, bytes) of the half and the gap after it, up to the next half's HUGE boundary."""
+        offset, size, _ = self.parts[key]
+        return offset, size + -size % HUGE
 
     def _populate(self, offset, size):
         """Pages of the mapping read (where the page cache lacks them) and mapped. Without MADV_POPULATE_READ (Linux
@@ -294,7 +300,7 @@ class Window:
         try:
             self._advise(offset, size, MADV_POPULATE_READ)
         except OSError as e:
-            if e.errno != 22:  # EINVAL: an older kernel
+            if e.errno != errno.EINVAL:  # an older kernel
                 raise
             self._advise(offset, size, mmap.MADV_WILLNEED)
             np.frombuffer(self.map, np.uint8, size, offset)[::PAGE].sum()
@@ -507,7 +513,7 @@ class DeviceWindow(Window):
             for lin, _ in self.parts[key][2]:
                 for array, start in zip(lin.arrays, lin.offsets):
                     self.host.write(array, where[key] + start - first)
-            self._advise(*self.parts[key][:2], mmap.MADV_DONTNEED)
+            self._advise(*self._span(key), mmap.MADV_DONTNEED)
             mates = [k for k in self.order if self.slot_of[k] == self.slot_of[key]]
             before = mates[mates.index(key) - 1]  # (round the running order) whose bytes it shares comes last
             cuts = sorted({at for at in self.span[before] if first < at < end} | {first, end})
@@ -586,7 +592,7 @@ class DeviceWindow(Window):
     def _copy(self, key):
         """The half's arrays from the spill file's mapping into its slot (in pieces on COPY_THREADS threads where
         the host maps device memory, else through a staging buffer), then those pages out of the process."""
-        offset, size, layout = self.parts[key]
+        layout = self.parts[key][2]
         slot = self.slots[self.slot_of[key]]
         pieces = [(raw[at:at + COPY_PIECE], start + at) for lin, _ in layout
                   for array, start in zip(lin.arrays, lin.offsets)
@@ -596,7 +602,7 @@ class DeviceWindow(Window):
         else:
             for piece in pieces:
                 slot.write(*piece)
-        self._advise(offset, size, mmap.MADV_DONTNEED)
+        self._advise(*self._span(key), mmap.MADV_DONTNEED)
 
     def _drop(self, key):
         super()._drop(key)

@@ -563,16 +563,40 @@ def test_a_spill_file_that_cannot_be_written_is_one_error(tmp_path):
     old = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     w = Window([(0, "ffn")], tmp_path)
-    lin = FakeLinear(np.random.default_rng(4), [(20, 250)])  # 5000 bytes: the buffer keeps what fails
+    lin = FakeLinear(np.random.default_rng(4), [(20, 250)])  # 5000 bytes, past what the file may hold
     resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))
     try:
         with pytest.raises(UserError, match=f"^cannot write the spill file for streamed weights in {tmp_path}: "
                                             "File too large"):
             w.spill((0, "ffn"), [lin])
-        w.close()  # the failed write is still buffered: closing must not raise it again
+        w.close()  # after a failed write, closing must not raise
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
         signal.signal(signal.SIGXFSZ, old)
+
+
+def test_a_half_written_a_few_bytes_at_a_time_is_whole(tmp_path, monkeypatch):
+    """The spill file's writes go on where a pwritev wrote only part of its buffers (7 bytes a call here), and one
+    that writes nothing is a full disk, not a loop."""
+    from spmd import stream
+    pwritev = os.pwritev
+    monkeypatch.setattr(stream.os, "pwritev", lambda fd, views, at: pwritev(fd, [bytes(views[0][:7])], at))
+    halves = make_halves(2, 5, np.random.default_rng(5))
+    copies = {k: [[a.copy() for a in lin.arrays] for lin in lins] for k, lins in halves.items()}
+    w = Window(list(halves), tmp_path)
+    for k, lins in halves.items():
+        w.spill(k, lins)
+    w.start(w.largest)
+    for k in halves:
+        with w.hold(k):
+            for lin, expected in zip(halves[k], copies[k]):
+                assert all(same(a, e) for a, e in zip(lin.arrays, expected))
+    w.close()
+    monkeypatch.setattr(stream.os, "pwritev", lambda fd, views, at: 0)
+    w = Window([(0, "ffn")], tmp_path)
+    with pytest.raises(UserError, match="cannot write the spill file .*No space left on device"):
+        w.spill((0, "ffn"), make_halves(1, 5, np.random.default_rng(6))[0, "ffn"])
+    w.close()
 
 
 def test_a_spill_file_on_a_ram_disk_is_said_once(tmp_path):

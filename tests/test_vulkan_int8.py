@@ -72,7 +72,7 @@ def _bound(w, x):
 @pytest.mark.parametrize("qtype", INT8_TYPES + (T.IQ4_NL, T.F16), ids=lambda t: t.name)
 def test_products_are_the_transcription(qtype, shape, n, matvec_rows, monkeypatch):
     """Each quantised type against the transcription (F16 keeps float activations, as on the cpu backend; IQ4_NL's
-    table values are the integers, as the cpu backend's Q8_0 holding them), through the 8-bit kernels where the
+    table values are the integers, as the cpu backend's 8-bit kernels look them up), through the 8-bit kernels where the
     matrix-vector kernel runs."""
     monkeypatch.setattr(BACKEND8, "matvec_rows", matvec_rows)
     rng = np.random.default_rng(21)

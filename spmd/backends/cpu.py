@@ -105,6 +105,7 @@ from numba.core.codegen import get_host_cpu_features
 from numba.extending import intrinsic, overload
 
 from ..quants import IQ4_NL_VALUES, SUPER, QTensor, held_type, unpack
+from ..stream import HUGE  # bytes of a transparent huge page (x86-64; arm64 with 4 KiB pages)
 from . import Backend, prepare_call
 from .kernel_cache import kernel_cache_dir
 
@@ -999,7 +1000,6 @@ def _f16_bits(a):
 
 
 REPACK_ROWS = 1 << 22  # elements repacked at once: the temporaries of a big matrix's repacking stay tens of MB
-HUGE = 2 << 20  # bytes of a transparent huge page (x86-64; arm64 with 4 KiB pages)
 
 
 def huge_bytes(nbytes):
