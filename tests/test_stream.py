@@ -198,6 +198,9 @@ def test_a_half_is_mapped_in_2_mib_pages_where_the_file_system_makes_them(tmp_pa
         w.spill(k, lins)
     assert all(offset % stream.HUGE == 0 for offset, _, _ in w.parts.values())
     w.start(w.largest)
+    if w.base % stream.HUGE:
+        w.close()
+        pytest.skip("the kernel put the spill file's mapping off a 2 MiB boundary")
     for k in halves:
         with w.hold(k):
             offset, size, _ = w.parts[k]
