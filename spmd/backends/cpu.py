@@ -241,9 +241,16 @@ def _nibbles_to_f32(b, dw, v, fmt):
     nibble = b.and_(idx, _splat(I32, 15, 16))
     if fmt.table is None:
         return b.sitofp(b.sub(nibble, _splat(I32, fmt.offset, 16)), _vec(F32, 16))
-    out = _splat(F32, float(values[0]), 16)  # a table (IQ4_NL): each entry where the nibble names it
+    return _selected(b, nibble, [float(value) for value in values], F32)  # a table (IQ4_NL)
+
+
+def _selected(b, idx, values, ty):
+    """values[i] for each lane i of the integer vector idx (0..15), as lanes of type `ty`: a select per entry, where
+    the CPU has no table instruction (vpermps, vpshufb) for it."""
+    count = idx.type.count
+    out = _splat(ty, values[0], count)
     for n, value in enumerate(values[1:], 1):
-        out = b.select(b.icmp_unsigned("==", nibble, _splat(I32, n, 16)), _splat(F32, float(value), 16), out)
+        out = b.select(b.icmp_unsigned("==", idx, _splat(idx.type.element, n, count)), _splat(ty, value, count), out)
     return out
 
 
@@ -257,9 +264,7 @@ def _table_bytes(b, nibbles, table):
         fn = cgutils.get_or_insert_function(b.module, fnty, "llvm.x86.avx512.pshuf.b.512")
         out = b.call(fn, [ir.Constant(_vec(I8, 64), [ir.Constant(I8, v) for v in values] * 4), idx])
     else:
-        out = _splat(I8, values[0], 64)
-        for n, value in enumerate(values[1:], 1):
-            out = b.select(b.icmp_unsigned("==", idx, _splat(I8, n, 64)), _splat(I8, value, 64), out)
+        out = _selected(b, idx, values, I8)
     return b.bitcast(out, _vec(I32, 16))
 
 
