@@ -508,13 +508,14 @@ class DeviceWindow(Window):
         count = len(self.slots)  # (the semaphores' values now, not 0: a wait must stay within 2^31 of them)
         self.in_slot, self.ready = [None] * count, [self.dev.copied_value] * count
         self.done_at = {key: self.dev.computed_value for key in self.order}
+        halves_of = [[k for k in self.order if self.slot_of[k] == slot] for slot in range(count)]  # per slot
         for key in self.order:
             first, end = self.span[key]
             for lin, _ in self.parts[key][2]:
                 for array, start in zip(lin.arrays, lin.offsets):
                     self.host.write(array, where[key] + start - first)
             self._advise(*self._span(key), mmap.MADV_DONTNEED)
-            mates = [k for k in self.order if self.slot_of[k] == self.slot_of[key]]
+            mates = halves_of[self.slot_of[key]]
             before = mates[mates.index(key) - 1]  # (round the running order) whose bytes it shares comes last
             cuts = sorted({at for at in self.span[before] if first < at < end} | {first, end})
             self.copies[key] = [(self.dev.copy_commands(self.host, self.slots[self.slot_of[key]], hi - lo,
