@@ -2,16 +2,17 @@
 // blocks, float32 activations. y[tok, row] (+)= sum_k W[row, k] * x[tok, k] for NR weight rows and NT tokens per
 // workgroup (coopmat: BT tokens, specialised).
 #extension GL_EXT_control_flow_attributes : require
-// Rows and tokens per workgroup are compile-time constants, so that every per-row array stays in registers
-// (loops over them are unrolled here, not left to the driver); the threads per workgroup are specialised.
+// Rows and tokens per workgroup are constants, so that every per-row array stays in registers (loops over them
+// are unrolled); the threads per workgroup, matvec's rows and the pair are specialised (the driver unrolls).
 #if defined(COOPMAT)
 const uint NR = 64;                            // on the matrix units (vulkan.py: COOP_ROWS)
 #elif defined(MATMUL)
 const uint NR = 2;                             // weight rows per workgroup
 const uint NT = 8;                             // tokens per workgroup (prompt processing)
 #else
-const uint NR = 4;
-const uint NT = 1;                             // matrix-vector (decode)
+layout(constant_id = 3) const uint NR = 4;     // matrix-vector (decode): weight rows per workgroup (1, 2, 4, 8, 16
+                                               // or 32: a 32-row block of QUANTIZE is whole workgroups)
+const uint NT = 1;
 #endif
 layout(constant_id = 1) const uint PAIR = 0;   // 1: the same rows of W and W2 (ffn_gate, ffn_up) in one pass,
                                                // y = silu(W x) * (W2 x): SwiGLU's SiLU-multiply fused

@@ -252,6 +252,41 @@ def test_gate_and_up_in_one_pass_with_silu(bias, accum, n):
     assert np.all(np.abs(got - expect) <= tol)
 
 
+@needs_device
+@pytest.mark.parametrize("nr", [1, 8, 16])
+def test_matvec_rows_per_workgroup_change_no_bit(nr, monkeypatch):
+    """The matrix-vector kernel's weight rows per workgroup (NR, SPMD_VK_MATVEC's second number): each thread sums
+    the same blocks of its rows whatever NR is, so a product (37 rows: the last workgroup's cut short) and gate with
+    up (SiLU-multiply) are the same bits as at NR 4."""
+    def product(qtype, rows_per_group):
+        monkeypatch.setattr(BACKEND, "matvec_nr", rows_per_group)
+        rng = np.random.default_rng(5)
+        w = random_qtensor(qtype, 37, 96, rng)
+        lin = BACKEND.linear(w)  # (a linear records its dispatch once: one per NR)
+        got = lin(activations(1, w.cols, rng))
+        lin.free()
+        return got
+
+    for qtype in (T.Q4_0, T.Q8_0, T.Q4_K):
+        assert np.array_equal(product(qtype, nr), product(qtype, 4))
+    monkeypatch.setattr(BACKEND, "matvec_nr", nr)
+    got = _run_pair(1, np.random.default_rng(4))[0]
+    monkeypatch.setattr(BACKEND, "matvec_nr", 4)
+    assert np.array_equal(got, _run_pair(1, np.random.default_rng(4))[0])
+
+
+@needs_device
+@pytest.mark.parametrize("case,activations", [("Q4_0", "f32"), ("Q4_K_M", "f32"), ("Q4_0", "int8")])
+def test_a_decode_at_other_matvec_rows_gives_the_same_tokens(models, case, activations, monkeypatch):
+    """One-rank decode's products also write the next RMSNorm's sums of squares a workgroup each (the reader adds
+    up one per NR rows) and, with int8, round each 32-row block once its last workgroup is done: at NR 2 and 16
+    the tokens are the reference's (int8: those at NR 4)."""
+    want = engine(models[case], "numpy" if activations == "f32" else "vulkan", activations=activations).run()
+    for nr in (2, 16):
+        monkeypatch.setenv("SPMD_VK_MATVEC", f"16,{nr}")
+        assert engine(models[case], "vulkan", activations=activations).run()["tokens"] == want["tokens"]
+
+
 needs_matrix_units = pytest.mark.skipif(isinstance(BACKEND, str) or not BACKEND.dev.coop,
                                         reason="the device has no cooperative matrices (coopmat kernels)")
 
@@ -300,6 +335,8 @@ def test_a_matrix_unit_tile_that_does_not_exist_is_refused(monkeypatch):
 @pytest.mark.parametrize("name, value, message", [
     ("SPMD_VK_SPLIT_KEYS", "512", "SPMD_VK_SPLIT_KEYS=512: give 1 to 256"),
     ("SPMD_VK_MATVEC", "64x", "SPMD_VK_MATVEC=64x: expected whole numbers"),
+    ("SPMD_VK_MATVEC", "64,3", "SPMD_VK_MATVEC=64,3: give threads and rows per workgroup"),
+    ("SPMD_VK_MATVEC", "4,8", "SPMD_VK_MATVEC=4,8: give threads and rows per workgroup"),
 ])
 def test_a_tuning_knob_out_of_range_or_not_a_number_is_one_error(monkeypatch, name, value, message):
     monkeypatch.setenv(name, value)

@@ -322,7 +322,7 @@ class VulkanLinear:
         (xg where it produces, else y) into the Int8Input for the next product (flag QUANTIZE)."""
         b, tg, suffix, x_bind = self.backend, 1, "f32", None
         if n <= b.matvec_rows:
-            kernel, wg, nr, nt = "matvec", b.matvec_wg, 4, 1  # kernels/matmul_io.glsl's NR, NT
+            kernel, wg, nr, nt = "matvec", b.matvec_wg, b.matvec_nr, 1  # kernels/matmul_io.glsl's NR, NT
         elif self.dev.coop and self.type != "f32" and norm is None and self.nb > 0:
             # (an empty matrix, a rank's zero partial sum, keeps matmul, which reads nothing)
             nt, tg = coop_tile(self.rows, n, pair is not None, b.coop_tokens)
@@ -338,7 +338,8 @@ class VulkanLinear:
         assert quantize is None or (kernel == "matvec" and n == 1 and len(self.parts) == 1 and y_off % 32 == 0)
         bindings = MATVEC_BINDINGS if kernel == "matvec" else MATMUL_BINDINGS + (x_bind is not None)
         pipe = self.dev.pipeline(f"{kernel}_{self.type}_{suffix}", bindings, PUSH_BYTES,
-                                 (wg, int(pair is not None), b.unroll if kernel == "matvec" else 1, nt, tg))
+                                 (wg, int(pair is not None), b.unroll if kernel == "matvec" else 1,
+                                  nr if kernel == "matvec" else nt, tg))
         flags = (ACCUM if accum else 0) | (BIAS if bias is not None else 0)
         flags |= (NORM if norm is not None else 0) | (PRODUCE if produce is not None else 0)
         flags |= QUANTIZE if quantize is not None else 0
@@ -437,7 +438,12 @@ class VulkanBackend(Backend):
                             f"products ({Device.INT_DOT}): use --activations f32")
         # threads per workgroup of the kernels (specialisation constants), e.g. SPMD_VK_MATVEC=128 to try others
         # (GPU: 64 measured 4-8% faster than 32 and 128 on an H200 at TinyLlama's shapes; lavapipe: 16 of 16-64)
-        self.matvec_wg = env_tuple("SPMD_VK_MATVEC", (16,) if self.dev.is_cpu else (64,))[0]
+        # and weight rows per matvec workgroup, SPMD_VK_MATVEC=64,8
+        matvec = env_tuple("SPMD_VK_MATVEC", (16, 4) if self.dev.is_cpu else (64, 4))
+        self.matvec_wg, self.matvec_nr = matvec[0], matvec[1] if len(matvec) > 1 else 4
+        if self.matvec_nr not in (1, 2, 4, 8, 16, 32) or self.matvec_wg < self.matvec_nr:
+            raise UserError(f"SPMD_VK_MATVEC={','.join(map(str, matvec))}: give threads and rows per workgroup, "
+                            f"rows 1, 2, 4, 8, 16 or 32 and at most the threads (or leave it unset)")
         self.matmul_wg = env_tuple("SPMD_VK_MATMUL", (64,))[0]
         self.unroll = env_tuple("SPMD_VK_UNROLL", (1,))[0]  # blocks of a row a decode thread loads at once
         # passes of up to this many token rows (decode of several sequences) run the matrix-vector kernel, one
