@@ -89,6 +89,10 @@ def coop_tile(rows, n, pair, fixed_tokens=0):
     return tokens, 2 if tokens == 64 and (pair or few) else 1
 
 
+# a `wide` product's rows from which matvec takes SPMD_VK_MATVEC's third number of rows a workgroup (8 on a GPU).
+# H100, 2026-12-06, 8 rows for q, k, v and the classifier at every size: Llama-2-7B decode 1% faster in Q4_0 and
+# 3.5% in Q8_0, TinyLlama's 5% slower (q 2048 rows, k and v 256: too few workgroups to hide the latency)
+MATVEC_WIDE_ROWS = 4096
 AHEAD_TOKENS = 8  # a chained greedy decode's tokens a wait (SPMD_VK_AHEAD; each a command buffer of its own)
 SPLIT_KEYS = 256  # keys a workgroup attends in a decode step over long caches (vulkan_model.SPLIT_FROM; at most the
 # attention kernel's chunk of 256), SPMD_VK_SPLIT_KEYS to try others
@@ -311,7 +315,7 @@ class VulkanLinear:
         self.bindings = [(whole(p.w), whole(p.d or self.backend.dummy)) for p in self.parts]
 
     def dispatch(self, rec, x, x_stride, x_off, y, y_stride, y_off, n, pair=None, bias=None, bias_off=0,
-                 accum=False, norm=None, produce=None, int8=None, quantize=None):
+                 accum=False, norm=None, produce=None, int8=None, quantize=None, wide=False):
         """Record y[tok, y_off + row] (+)= W[row] . x[tok] for n tokens (x, y, bias: Buffers or bindings).
         pair: a VulkanLinear of the same shape and type; then y = silu(W x) * (pair x) (SwiGLU's gate and up).
         norm: (ss buffer, count, eps, dim): x is RMSNorm's input times its weight; scale by the producer's sums.
@@ -319,10 +323,15 @@ class VulkanLinear:
         int8 (--activations int8): x's rows as kernels/quantize_f32 wrote them, an `Int8Input`: a quantised
         matrix reads them (the 8-bit kernel where its type has one, else the rounded floats) instead of x.
         quantize (one-token decode with int8): (Int8Input, counts buffer): also round what this product finishes
-        (xg where it produces, else y) into the Int8Input for the next product (flag QUANTIZE)."""
+        (xg where it produces, else y) into the Int8Input for the next product (flag QUANTIZE).
+        wide: the caller queues other products beside this one with no barrier between them (q, k, v), or it is
+        the classifier: matvec then takes `matvec_wide` rows a workgroup where it neither pairs nor produces (the
+        sums of squares are counted per `matvec_nr` rows) and has MATVEC_WIDE_ROWS rows or more."""
         b, tg, suffix, x_bind = self.backend, 1, "f32", None
         if n <= b.matvec_rows:
-            kernel, wg, nr, nt = "matvec", b.matvec_wg, b.matvec_nr, 1  # kernels/matmul_io.glsl's NR, NT
+            wide = wide and pair is None and produce is None and self.rows >= MATVEC_WIDE_ROWS
+            nr = b.matvec_wide if wide else b.matvec_nr
+            kernel, wg, nt = "matvec", b.matvec_wg, 1  # (nr, nt: kernels/matmul_io.glsl's NR, NT)
         elif self.dev.coop and self.type != "f32" and norm is None and self.nb > 0:
             # (an empty matrix, a rank's zero partial sum, keeps matmul, which reads nothing)
             nt, tg = coop_tile(self.rows, n, pair is not None, b.coop_tokens)
@@ -438,12 +447,17 @@ class VulkanBackend(Backend):
                             f"products ({Device.INT_DOT}): use --activations f32")
         # threads per workgroup of the kernels (specialisation constants), e.g. SPMD_VK_MATVEC=128 to try others
         # (GPU: 64 measured 4-8% faster than 32 and 128 on an H200 at TinyLlama's shapes; lavapipe: 16 of 16-64)
-        # and weight rows per matvec workgroup, SPMD_VK_MATVEC=64,8
-        matvec = env_tuple("SPMD_VK_MATVEC", (16, 4) if self.dev.is_cpu else (64, 4))
+        # and weight rows per matvec workgroup, and for a `wide` product: SPMD_VK_MATVEC=64,4,8 (H100, Llama-2-7B
+        # shapes, a barrier after each: 8 rows read 4096 x 4096 in 9.9 us against 9.1, 12288 x 4096 in 16.6 against
+        # 20.5; the gate/up pair at 8 rows, 16 matrix rows a thread, made a 7B decode 3.5% slower)
+        matvec = env_tuple("SPMD_VK_MATVEC", (16, 4, 4) if self.dev.is_cpu else (64, 4, 8))
         self.matvec_wg, self.matvec_nr = matvec[0], matvec[1] if len(matvec) > 1 else 4
-        if self.matvec_nr not in (1, 2, 4, 8, 16, 32) or self.matvec_wg < self.matvec_nr:
-            raise UserError(f"SPMD_VK_MATVEC={','.join(map(str, matvec))}: give threads and rows per workgroup, "
-                            f"rows 1, 2, 4, 8, 16 or 32 and at most the threads (or leave it unset)")
+        self.matvec_wide = matvec[2] if len(matvec) > 2 else self.matvec_nr
+        if not {self.matvec_nr, self.matvec_wide} <= {1, 2, 4, 8, 16, 32} or \
+                self.matvec_wg < max(self.matvec_nr, self.matvec_wide):
+            raise UserError(f"SPMD_VK_MATVEC={','.join(map(str, matvec))}: give threads and rows per workgroup "
+                            f"(and for wide products), rows 1, 2, 4, 8, 16 or 32 and at most the threads "
+                            f"(or leave it unset)")
         self.matmul_wg = env_tuple("SPMD_VK_MATMUL", (64,))[0]
         self.unroll = env_tuple("SPMD_VK_UNROLL", (1,))[0]  # blocks of a row a decode thread loads at once
         # passes of up to this many token rows (decode of several sequences) run the matrix-vector kernel, one

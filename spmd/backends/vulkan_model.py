@@ -368,7 +368,8 @@ class VulkanModel:
         aligned row), then one product over them all."""
         out = self.w.output
         if self.nv and a.fused:  # (int8: the stage's last w2 rounded xg)
-            out.dispatch(rec, a.xg, self.dp, 0, a.logits, self.nv, 0, 1, norm=self._fused_norm(a), int8=a.int8_norm)
+            out.dispatch(rec, a.xg, self.dp, 0, a.logits, self.nv, 0, 1, norm=self._fused_norm(a), int8=a.int8_norm,
+                         wide=True)
         elif self.nv:
             stride = self.norm_stride
             for at, row, count in runs(scored):
@@ -377,7 +378,7 @@ class VulkanModel:
             rec.barrier()
             rec.mark("rmsnorm")
             int8 = self._int8(rec, a, a.xh, stride, self.cfg.dim, len(scored), (out,))
-            out.dispatch(rec, a.xh, stride, 0, a.logits, self.nv, 0, len(scored), int8=int8)
+            out.dispatch(rec, a.xh, stride, 0, a.logits, self.nv, 0, len(scored), int8=int8, wide=True)
 
     def _int8(self, rec, a, x, x_stride, width, rows, lins):
         """--activations int8: the first `width` floats of x's `rows` rows rounded to 8 bits a block for the
@@ -431,7 +432,7 @@ class VulkanModel:
             int8 = a.int8_norm or self._int8(rec, a, x, self.dp, cfg.dim, n, (lw.wq, lw.wk, lw.wv))
             for lin, off in ((lw.wq, 0), (lw.wk, self.nh * hd), (lw.wv, (self.nh + self.nkv) * hd)):
                 lin.dispatch(rec, x, self.dp, 0, a.qkv, self.qkv_stride, off, n, bias=self.bias,
-                             bias_off=li * self.qkv_width + off, norm=self._fused_norm(a), int8=int8)
+                             bias_off=li * self.qkv_width + off, norm=self._fused_norm(a), int8=int8, wide=True)
             rec.barrier()
             rec.mark("q k v")
             if self.qk_norms is not None:  # qwen3: each q and k head RMS-normalised in place
