@@ -284,7 +284,7 @@ def test_a_decode_at_other_matvec_rows_gives_the_same_tokens(models, case, activ
     at NR 4)."""
     want = engine(models[case], "numpy" if activations == "f32" else "vulkan", activations=activations).run()
     monkeypatch.setattr(vulkan, "MATVEC_WIDE_ROWS", 1)  # (the test model's matrices are narrower than a GPU's rule)
-    for rows in ("2", "16", "4,8"):
+    for rows in ("2,2", "16,16", "4,8"):
         monkeypatch.setenv("SPMD_VK_MATVEC", f"16,{rows}")
         assert engine(models[case], "vulkan", activations=activations).run()["tokens"] == want["tokens"]
 

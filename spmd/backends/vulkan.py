@@ -447,12 +447,12 @@ class VulkanBackend(Backend):
                             f"products ({Device.INT_DOT}): use --activations f32")
         # threads per workgroup of the kernels (specialisation constants), e.g. SPMD_VK_MATVEC=128 to try others
         # (GPU: 64 measured 4-8% faster than 32 and 128 on an H200 at TinyLlama's shapes; lavapipe: 16 of 16-64)
-        # and weight rows per matvec workgroup, and for a `wide` product: SPMD_VK_MATVEC=64,4,8 (H100, Llama-2-7B
-        # shapes, a barrier after each: 8 rows read 4096 x 4096 in 9.9 us against 9.1, 12288 x 4096 in 16.6 against
-        # 20.5; the gate/up pair at 8 rows, 16 matrix rows a thread, made a 7B decode 3.5% slower)
-        matvec = env_tuple("SPMD_VK_MATVEC", (16, 4, 4) if self.dev.is_cpu else (64, 4, 8))
-        self.matvec_wg, self.matvec_nr = matvec[0], matvec[1] if len(matvec) > 1 else 4
-        self.matvec_wide = matvec[2] if len(matvec) > 2 else self.matvec_nr
+        # and weight rows per matvec workgroup, and for a `wide` product: SPMD_VK_MATVEC=64,4,8, a number left out
+        # keeping its default (H100, Llama-2-7B shapes, a barrier after each: 8 rows read 4096 x 4096 in 9.9 us
+        # against 9.1, 12288 x 4096 in 16.6 against 20.5; 8 rows for every product made a 7B Q4_0 decode 4% slower)
+        default = (16, 4, 4) if self.dev.is_cpu else (64, 4, 8)
+        matvec = env_tuple("SPMD_VK_MATVEC", default)
+        self.matvec_wg, self.matvec_nr, self.matvec_wide = (matvec + default[len(matvec):])[:3]
         if not {self.matvec_nr, self.matvec_wide} <= {1, 2, 4, 8, 16, 32} or \
                 self.matvec_wg < max(self.matvec_nr, self.matvec_wide):
             raise UserError(f"SPMD_VK_MATVEC={','.join(map(str, matvec))}: give threads and rows per workgroup "

@@ -158,7 +158,7 @@ class Activations:
             self.xh = Buffer(dev, scored * m.norm_stride * 4)
             self.buffers.append(self.xh)
         if fused:
-            self.ss_count = -(-m.cfg.dim // m.backend.matvec_nr)  # workgroups of the matvec that writes x
+            self.ss_count = -(-m.cfg.dim // m.backend.matvec_nr)  # workgroups of the matvec that writes x (never wide)
             self.xg = Buffer(dev, n * m.dp * 4)  # (n, dp) x * the next RMSNorm's weight
             self.ss = Buffer(dev, self.ss_count * 4)  # partial sums of x^2
             self.buffers += [self.xg, self.ss]
