@@ -340,6 +340,7 @@ def test_a_matrix_unit_tile_that_does_not_exist_is_refused(monkeypatch):
     ("SPMD_VK_MATVEC", "64,3", "SPMD_VK_MATVEC=64,3: give threads and rows per workgroup"),
     ("SPMD_VK_MATVEC", "4,8", "SPMD_VK_MATVEC=4,8: give threads and rows per workgroup"),
     ("SPMD_VK_MATVEC", "64,4,12", "SPMD_VK_MATVEC=64,4,12: give threads and rows per workgroup"),
+    ("SPMD_VK_MATVEC", "64,4,8,8", "SPMD_VK_MATVEC=64,4,8,8: give threads and rows per workgroup"),
 ])
 def test_a_tuning_knob_out_of_range_or_not_a_number_is_one_error(monkeypatch, name, value, message):
     monkeypatch.setenv(name, value)

@@ -453,7 +453,7 @@ class VulkanBackend(Backend):
         default = (16, 4, 4) if self.dev.is_cpu else (64, 4, 8)
         matvec = env_tuple("SPMD_VK_MATVEC", default)
         self.matvec_wg, self.matvec_nr, self.matvec_wide = (matvec + default[len(matvec):])[:3]
-        if not {self.matvec_nr, self.matvec_wide} <= {1, 2, 4, 8, 16, 32} or \
+        if len(matvec) > 3 or not {self.matvec_nr, self.matvec_wide} <= {1, 2, 4, 8, 16, 32} or \
                 self.matvec_wg < max(self.matvec_nr, self.matvec_wide):
             raise UserError(f"SPMD_VK_MATVEC={','.join(map(str, matvec))}: give threads and rows per workgroup "
                             f"(and for wide products), rows 1, 2, 4, 8, 16 or 32 and at most the threads "
