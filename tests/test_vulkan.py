@@ -10,6 +10,8 @@ reference, as the cpu backend's are. Runs on any Vulkan device; CI uses Mesa's l
 import dataclasses
 import hashlib
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -434,6 +436,24 @@ def test_logits_match_reference_batched_and_step_by_step(models, case):
     logits(e, tokens[:5], 0)
     for pos in range(5, len(tokens)):
         np.testing.assert_allclose(logits(e, tokens[pos:pos + 1], pos), expected[pos], rtol=0, atol=1e-4)
+
+
+@needs_device
+def test_a_decode_step_s_attention_gives_the_same_bits_at_every_value_unroll(models, monkeypatch):
+    """A decode step's value sum loads VU values a thread at once (SPMD_VK_ATTENTION_UNROLL), its first VU while
+    the keys are scored: at VU 1 (always loaded early), 3 and 8 each step's logits are the same bits (the sum goes
+    in the same order) and near the reference's."""
+    tokens = list(PROMPT) + [5, 9, 200, 7, 31, 90, 4, 2, 8, 100, 300, 11]  # (the engine's cache: 25)
+    expected = reference.logits_for(models["F32"], tokens)
+    got = []
+    for vu in (1, 3, 8):
+        monkeypatch.setenv("SPMD_VK_ATTENTION_UNROLL", str(vu))
+        e = engine(models["F32"], "vulkan")
+        logits(e, tokens[:5], 0)
+        got.append([logits(e, tokens[pos:pos + 1], pos) for pos in range(5, len(tokens))])
+    for pos, step_logits in enumerate(got[0], 5):
+        np.testing.assert_allclose(step_logits, expected[pos], rtol=0, atol=1e-4)
+    assert all(np.array_equal(a, b) for other in got[1:] for a, b in zip(got[0], other))
 
 
 def _shard_models(path, share_of, cfg_change=None, max_seq=None, slots=1, kv_cache="f32"):
@@ -973,6 +993,23 @@ def test_a_device_whose_memory_the_host_cannot_map(monkeypatch, models):
         np.testing.assert_array_equal(k, cache[key][0])
         np.testing.assert_array_equal(v, cache[key][1][::-1])
     model.close()
+
+
+@needs_device
+def test_the_kernel_statistics_script_reports_them_or_says_why_not():
+    """scripts/vk_kernel_stats.py: a kernel that does not exist is one line; a kernel's statistics where the driver
+    gives them, else one line naming the extension the device lacks (lavapipe)."""
+    from spmd.backends.vk_runtime import KERNELS
+    script = [sys.executable, str(Path(__file__).parents[1] / "scripts" / "vk_kernel_stats.py")]
+    bad = subprocess.run(script + ["nosuch:1"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and bad.stderr.splitlines() == [f"nosuch:1: no kernel {KERNELS}/nosuch.spv"]
+    got = subprocess.run(script + ["matvec_q4_0_f32:16,0,1,4"], capture_output=True, text=True, timeout=120)
+    if got.returncode == 0:
+        line = next(x for x in got.stdout.splitlines() if "matvec_q4_0_f32:16,0,1,4" in x)
+        assert any(ch.isdigit() for ch in line.split("16,0,1,4", 1)[1])
+    else:
+        assert got.returncode == 1 and len(got.stderr.splitlines()) == 1
+        assert got.stderr.strip().endswith("(it lacks VK_KHR_pipeline_executable_properties)")
 
 
 # ---- errors ---------------------------------------------------------------------------------------------------
