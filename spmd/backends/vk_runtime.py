@@ -145,17 +145,21 @@ class Pipeline:
                                        pData=self._spec_data)
         stage = vk.VkPipelineShaderStageCreateInfo(stage=vk.VK_SHADER_STAGE_COMPUTE_BIT, module=module,
                                                    pName="main", pSpecializationInfo=info)
+        flags = vk.VK_PIPELINE_CREATE_CAPTURE_STATISTICS_BIT_KHR if dev.statistics else 0
         self.handle = vk.vkCreateComputePipelines(d, vk.VK_NULL_HANDLE, 1, [vk.VkComputePipelineCreateInfo(
-            stage=stage, layout=self.layout)], None)[0]
+            flags=flags, stage=stage, layout=self.layout)], None)[0]
         vk.vkDestroyShaderModule(d, module, None)
 
 
 class Device:
     """One Vulkan physical device, its compute queue and pools. Devices are in a stable order, GPUs first; `index`
     picks one (None: 0); with `wrap`, an index past the last device wraps around (the default per-rank choice, so
-    that several ranks on a host with one GPU share it), otherwise it is refused."""
+    that several ranks on a host with one GPU share it), otherwise it is refused. With `statistics` its pipelines
+    keep what the driver made of each kernel (`STATISTICS`, for scripts/vk_kernel_stats.py)."""
 
-    def __init__(self, index=None, wrap=False):
+    STATISTICS = "VK_KHR_pipeline_executable_properties"
+
+    def __init__(self, index=None, wrap=False, statistics=False):
         global vk
         vk = _import_vulkan()
         app = vk.VkApplicationInfo(pApplicationName="spmd", applicationVersion=0, pEngineName="spmd",
@@ -202,6 +206,15 @@ class Device:
                                                                           pNext=features)
         if self.timeline:
             features = vk.VkPhysicalDeviceTimelineSemaphoreFeatures(timelineSemaphore=vk.VK_TRUE, pNext=features)
+        self.statistics = statistics
+        if statistics:
+            if self.STATISTICS not in {_text(e.extensionName)
+                                       for e in vk.vkEnumerateDeviceExtensionProperties(self.physical, None)}:
+                raise UserError(f"{self.name} does not report what its driver made of kernels (it lacks "
+                                f"{self.STATISTICS})")
+            extensions = extensions + [self.STATISTICS]
+            features = vk.VkPhysicalDevicePipelineExecutablePropertiesFeaturesKHR(pipelineExecutableInfo=vk.VK_TRUE,
+                                                                                  pNext=features)
         self.device = vk.vkCreateDevice(self.physical, vk.VkDeviceCreateInfo(
             pNext=features, queueCreateInfoCount=len(queue_infos), pQueueCreateInfos=queue_infos,
             enabledExtensionCount=len(extensions), ppEnabledExtensionNames=extensions or None), None)
