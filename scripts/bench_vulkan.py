@@ -5,6 +5,8 @@
     python scripts/bench_vulkan.py --cpu                 # also the cpu backend on the same files: the ratio
     python scripts/bench_vulkan.py --llama-bench auto    # beside llama.cpp CUDA on the same files (built here
                                                          # once by scripts/build_llama_cpp.sh --cuda)
+    python scripts/bench_vulkan.py --shape llama2-7b --ffn-steps --activations f32,int8   # what each epilogue of
+                                                         # the FFN's decode steps costs (ffn_steps)
 
 Reports per weight type: prompt tokens/s (one batched pass), decode tokens/s, GPU time per decode token (timestamp
 queries around the command buffer), the time per token spent outside the GPU (wall minus GPU: Python, submit, wait,
@@ -156,14 +158,24 @@ def check(args):
             sys.exit(1)
 
 
+def random_linear(backend, qtype, rows, cols, rng):
+    """A matrix of random weights of GGUF type `qtype` on the device, each block's float16 scale (and min) small and
+    finite."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
+
+    from spmd.quants import F16_FIELDS, QTensor, row_bytes
+    data = rng.integers(0, 256, (rows, row_bytes(T[qtype], cols)), dtype=np.uint8)
+    for at in F16_FIELDS.get(T[qtype], ()):
+        blocks = data.reshape(rows, -1, GGML_QUANT_SIZES[T[qtype]][1])
+        blocks[:, :, at:at + 2] = np.array([0.01], np.float16).view(np.uint8)
+    return backend.linear(QTensor(T[qtype], rows, cols, data))
+
+
 def kernels(args):
     """One product at a time: GPU time per dispatch of a row of products on random weights, with and without a
     barrier between them, and the bandwidth that makes (steady state, no Python in the way); with int8 activations
     also the rounding of x to 8 bits (kernels/quantize_f32) alone, which each product's input takes once."""
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
-
     from spmd.backends.vk_runtime import Buffer, Recording
-    from spmd.quants import F16_FIELDS, QTensor, row_bytes
     backend = get_backend("vulkan", device=args.device, activations="int8" if "int8" in args.activations else "f32")
     rng = np.random.default_rng(0)
 
@@ -187,11 +199,7 @@ def kernels(args):
     for qtype in args.qtypes.split(","):
         for rows, cols in ((2048, 2048), (5632, 2048), (2048, 5632), (32000, 2048), (4096, 4096), (12288, 4096),
                            (4096, 11008), (65536, 4096)):
-            data = rng.integers(0, 256, (rows, row_bytes(T[qtype], cols)), dtype=np.uint8)
-            for at in F16_FIELDS.get(T[qtype], ()):  # the block's float16 scale (and min): small and finite
-                blocks = data.reshape(rows, -1, GGML_QUANT_SIZES[T[qtype]][1])
-                blocks[:, :, at:at + 2] = np.array([0.01], np.float16).view(np.uint8)
-            lin = backend.linear(QTensor(T[qtype], rows, cols, data))
+            lin = random_linear(backend, qtype, rows, cols, rng)
             x, y = Buffer(backend.dev, cols * 4), Buffer(backend.dev, rows * 4)
             backend.dev.zero([x, y])
             int8 = backend.int8_input(1, cols) if backend.int8 else None
@@ -211,6 +219,69 @@ def kernels(args):
             lin.free()
             x.free()
             y.free()
+
+
+PAST_L2 = 256e6  # bytes of distinct matrices in turn that no GPU's last-level cache holds (H100 50 MB, H200 60)
+
+
+def ffn_steps(args, shape):
+    """The FFN's two decode steps as a decode runs them, each epilogue added in turn, so that what it costs shows:
+    gate alone, gate and up paired, + NORM (the RMSNorm's scale from the producer's partial sums), + QUANTIZE (int8:
+    rounding what it finished for w2); w2 alone, + ACCUM and PRODUCE (the residual add, the next RMSNorm's input and
+    sums), + QUANTIZE. Random weights, enough distinct copies in turn that their bytes pass the GPU's cache (as a
+    decode's layers do: one matrix alone would stay in it), a barrier after each."""
+    from spmd.backends.vk_runtime import Buffer, Recording
+    backend = get_backend("vulkan", device=args.device, activations="int8" if "int8" in args.activations else "f32")
+    dev, rng, dim, ffn = backend.dev, np.random.default_rng(0), shape.dim, shape.ffn
+    x, h, y, xg, g = (Buffer(dev, n * 4) for n in (dim, ffn, dim, dim, dim))
+    ss, counts = Buffer(dev, -(-dim // backend.matvec_nr) * 4), Buffer(dev, -(-ffn // 32) * 4)
+    rounded = [backend.int8_input(1, n) for n in (dim, ffn)] if backend.int8 else []
+    keep = [x, h, y, xg, g, ss, counts] + [b for r in rounded for b in (r.rounded, r.q, r.d)]
+    dev.zero(keep)
+    norm = (ss, -(-dim // backend.matvec_nr), 1e-5, dim)
+    for qtype in args.qtypes.split(","):
+        first = random_linear(backend, qtype, ffn, dim, rng)
+        k = int(min(32, max(2, -(-PAST_L2 // (3 * first.nbytes)))))
+        gate = [first] + [random_linear(backend, qtype, ffn, dim, rng) for _ in range(k - 1)]
+        up = [random_linear(backend, qtype, ffn, dim, rng) for _ in range(k)]
+        down = [random_linear(backend, qtype, dim, ffn, rng) for _ in range(k)]
+        for activations in args.activations.split(","):
+            i8 = activations == "int8"
+            xq, hq = (rounded[0], rounded[1]) if i8 else (None, None)
+            steps = (("gate", gate, x, h, dict()),
+                     ("gate and up", gate, x, h, dict(pair=True)),
+                     ("gate and up + NORM", gate, x, h, dict(pair=True, norm=norm)),
+                     ("gate and up + NORM + QUANTIZE", gate, x, h, dict(pair=True, norm=norm, quantize=(hq, counts))),
+                     ("w2", down, h, y, dict()),
+                     ("w2 + ACCUM, PRODUCE", down, h, y, dict(accum=True, produce=(ss, (g, 0, g.nbytes), xg))),
+                     ("w2 + ACCUM, PRODUCE + QUANTIZE", down, h, y,
+                      dict(accum=True, produce=(ss, (g, 0, g.nbytes), xg), quantize=(xq, counts))))
+            for name, mats, src, dst, kw in steps:
+                if "quantize" in kw and not i8:
+                    continue
+                src_int8 = (hq if src is h else xq) if i8 else None
+                rec = Recording(dev, timestamps=True)
+                for i, lin in enumerate(mats):
+                    extra = dict(kw, pair=up[i]) if kw.get("pair") else kw
+                    lin.dispatch(rec, src, lin.cols, 0, dst, lin.rows, 0, 1, int8=src_int8, **extra)
+                    rec.barrier()
+                rec.end()
+                busy = time.perf_counter() + WARM_S
+                while time.perf_counter() < busy:
+                    rec.run()
+                times = []
+                for _ in range(3):
+                    rec.run()
+                    times.append(rec.gpu_seconds() / k)
+                t = min(times)
+                rec.free()
+                nbytes = mats[0].nbytes * (2 if kw.get("pair") else 1)
+                print(f"ffn step {qtype} {activations:4} {name:32} {1e6 * t:7.1f} us {nbytes / t / 1e9:6.0f} GB/s "
+                      f"({k} matrices in turn)", flush=True)
+        for lin in gate + up + down:
+            lin.free()
+    for buf in keep:
+        buf.free()
 
 
 def main():
@@ -238,6 +309,9 @@ def main():
                     help="GPU time of each step of a prompt pass and of a decode token, and the host's time of a "
                          "decode token in parts (embedding, the pass less its GPU time, argmax)")
     ap.add_argument("--kernels", action="store_true", help="only time single products (steady state)")
+    ap.add_argument("--ffn-steps", action="store_true",
+                    help="only time the FFN's decode steps of --shape as a decode runs them, each epilogue added "
+                         "in turn")
     ap.add_argument("--check", action="store_true", help="first compare a tiny model with the numpy reference")
     ap.add_argument("--llama-bench", default=None,
                     help="llama.cpp's llama-bench with CUDA, run on the same files; auto: build it here once "
@@ -258,6 +332,9 @@ def main():
     name = args.shape
     if args.small:
         shape, name = Shape(**{**shape.__dict__, "dim": shape.dim // 4, "ffn": shape.ffn // 4}), name + "-small"
+    if args.ffn_steps:
+        ffn_steps(args, shape)
+        return
     rows = []
     Path(args.dir).mkdir(parents=True, exist_ok=True)
     for qtype in args.qtypes.split(","):
