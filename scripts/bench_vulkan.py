@@ -158,6 +158,19 @@ def check(args):
             sys.exit(1)
 
 
+def gpu_seconds(rec, warm_s, runs=1):
+    """The least GPU time of `runs` runs of a recording (timestamps on), after running it for warm_s seconds
+    (WARM_S: the GPU's clock)."""
+    busy = time.perf_counter() + warm_s
+    while time.perf_counter() < busy:
+        rec.run()
+    times = []
+    for _ in range(runs):
+        rec.run()
+        times.append(rec.gpu_seconds())
+    return min(times)
+
+
 def random_linear(backend, qtype, rows, cols, rng):
     """A matrix of random weights of GGUF type `qtype` on the device, each block's float16 scale (and min) small and
     finite."""
@@ -188,11 +201,8 @@ def kernels(args):
                 if barriers:
                     rec.barrier()
             rec.end()
-            busy = time.perf_counter() + WARM_S * barriers  # (once a matrix: the CPU's repacking idles the GPU)
-            while time.perf_counter() < busy:
-                rec.run()
-            rec.run()
-            out.append(rec.gpu_seconds() / 20)
+            # (warmed once a matrix: the CPU's repacking idles the GPU)
+            out.append(gpu_seconds(rec, WARM_S * barriers) / 20)
             rec.free()
         return out
 
@@ -248,14 +258,15 @@ def ffn_steps(args, shape):
         for activations in args.activations.split(","):
             i8 = activations == "int8"
             xq, hq = (rounded[0], rounded[1]) if i8 else (None, None)
+            produce = (ss, (g, 0, g.nbytes), xg)
             steps = (("gate", gate, x, h, dict()),
                      ("gate and up", gate, x, h, dict(pair=True)),
                      ("gate and up + NORM", gate, x, h, dict(pair=True, norm=norm)),
                      ("gate and up + NORM + QUANTIZE", gate, x, h, dict(pair=True, norm=norm, quantize=(hq, counts))),
                      ("w2", down, h, y, dict()),
-                     ("w2 + ACCUM, PRODUCE", down, h, y, dict(accum=True, produce=(ss, (g, 0, g.nbytes), xg))),
+                     ("w2 + ACCUM, PRODUCE", down, h, y, dict(accum=True, produce=produce)),
                      ("w2 + ACCUM, PRODUCE + QUANTIZE", down, h, y,
-                      dict(accum=True, produce=(ss, (g, 0, g.nbytes), xg), quantize=(xq, counts))))
+                      dict(accum=True, produce=produce, quantize=(xq, counts))))
             for name, mats, src, dst, kw in steps:
                 if "quantize" in kw and not i8:
                     continue
@@ -266,14 +277,7 @@ def ffn_steps(args, shape):
                     lin.dispatch(rec, src, lin.cols, 0, dst, lin.rows, 0, 1, int8=src_int8, **extra)
                     rec.barrier()
                 rec.end()
-                busy = time.perf_counter() + WARM_S
-                while time.perf_counter() < busy:
-                    rec.run()
-                times = []
-                for _ in range(3):
-                    rec.run()
-                    times.append(rec.gpu_seconds() / k)
-                t = min(times)
+                t = gpu_seconds(rec, WARM_S, runs=3) / k
                 rec.free()
                 nbytes = mats[0].nbytes * (2 if kw.get("pair") else 1)
                 print(f"ffn step {qtype} {activations:4} {name:32} {1e6 * t:7.1f} us {nbytes / t / 1e9:6.0f} GB/s "

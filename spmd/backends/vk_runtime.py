@@ -208,8 +208,7 @@ class Device:
             features = vk.VkPhysicalDeviceTimelineSemaphoreFeatures(timelineSemaphore=vk.VK_TRUE, pNext=features)
         self.statistics = statistics
         if statistics:
-            if self.STATISTICS not in {_text(e.extensionName)
-                                       for e in vk.vkEnumerateDeviceExtensionProperties(self.physical, None)}:
+            if not self._offers(self.STATISTICS):
                 raise UserError(f"{self.name} does not report what its driver made of kernels (it lacks "
                                 f"{self.STATISTICS})")
             extensions = extensions + [self.STATISTICS]
@@ -290,13 +289,17 @@ class Device:
         return vk.vkCreateCommandPool(self.device, vk.VkCommandPoolCreateInfo(
             flags=vk.VK_COMMAND_POOL_CREATE_RESET_COMMAND_BUFFER_BIT, queueFamilyIndex=family), None)
 
+    def _offers(self, *extensions):
+        """Whether the physical device offers every one of these device extensions."""
+        have = {_text(e.extensionName) for e in vk.vkEnumerateDeviceExtensionProperties(self.physical, None)}
+        return all(e in have for e in extensions)
+
     INT_DOT = "VK_KHR_shader_integer_dot_product"
 
     def _integer_dot(self):
         """Whether the device has packed 4 x 8-bit integer dot products in shaders (--activations int8's kernels,
         kernels/int8.glsl: Vulkan 1.3 drivers have them, lavapipe's emulated)."""
-        have = {_text(e.extensionName) for e in vk.vkEnumerateDeviceExtensionProperties(self.physical, None)}
-        if self.INT_DOT not in have:
+        if not self._offers(self.INT_DOT):
             return False
         found = vk.VkPhysicalDeviceShaderIntegerDotProductFeatures()
         vk.vkGetPhysicalDeviceFeatures2(self.physical, vk.VkPhysicalDeviceFeatures2(pNext=found))
@@ -313,8 +316,7 @@ class Device:
         products of matvec_*_i8: VulkanBackend refuses it without them)."""
         if self.is_cpu or env_tuple("SPMD_VK_COOP", (1,))[0] == 0 or self.subgroup_size != 32:
             return [], None, False
-        have = {_text(e.extensionName) for e in vk.vkEnumerateDeviceExtensionProperties(self.physical, None)}
-        if not all(e in have for e in self.COOP_EXTENSIONS):
+        if not self._offers(*self.COOP_EXTENSIONS):
             return [], None, False
         memory = vk.VkPhysicalDeviceVulkanMemoryModelFeatures()
         half = vk.VkPhysicalDeviceShaderFloat16Int8Features(pNext=memory)
