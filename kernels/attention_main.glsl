@@ -11,7 +11,7 @@
 // A pass of more than ATTENTION_STORE rows (spmd/backends/vulkan_model.py: a prompt, or a decode step of many
 // sequences) runs it twice (p.mode): first every row's key and value into the cache, then the attention with all
 // keys from the cache, where mode 0 would rotate each of its segment's keys again for every query head and row.
-// (Mode 1 still starts every query head's workgroup and rotates its query: a cost not measured, left as it is.)
+// Mode 1 has a workgroup per KV head (as its first query head, which stores), which rotates no query.
 // A decode step over long caches (SPLIT_FROM) attends in splits of keys, a workgroup (h, i, split) each writing its
 // partial softmax (mode 3; split 0 stores the row's key and value, which the split holding its position reads from
 // qkv, as mode 0 does), then combines them (mode 4): with a workgroup per query head alone, most of a GPU idled
@@ -28,10 +28,16 @@ layout(constant_id = 2) const uint KS = 1;   // key splits of the value sum: max
 layout(constant_id = 3) const uint E = 1;    // (4 dims, split) pairs per thread: ceil(HD / 4 * KS / WG)
 layout(constant_id = 4) const uint VU = 8;   // values a thread loads before it sums them (loads in flight)
 const uint CH = 256;                         // keys per chunk
+const uint KL = 4;                           // vec4 of a cached key each of its threads scores
+const uint KC = (H4 + KL - 1u) / KL;         // threads a cached key
+const uint KP = gl_WorkGroupSize.x / KC;     // cached keys a pass scores (gl_WorkGroupSize.x >= KC)
+const uint PB = 2;                           // passes loaded at once (8 vec4 a thread; 4 were no faster on an
+                                             // H100 and took 187 registers a thread)
 
 shared float red_scratch[gl_WorkGroupSize.x];
 #include "reduce.glsl"
 shared float s[CH];
+shared float sp[CH * KC];  // each cached key's KC partial dot products
 shared float qs[HD];
 shared float kn[HD];
 shared float vn[HD];        // this row's value (as the cache holds it), stored with its key at the end
@@ -39,22 +45,26 @@ shared vec4 comb[H4 * KS];
 shared float res[HD];       // p.round: the head's output
 shared int res_q[HD];       // and its integers
 shared vec2 res_d[(HD + 31u) / 32u];  // per block (d, 1 / d): `int8_block`'s
+shared uint res_max[(HD + 31u) / 32u];  // per block: the largest |x|'s bits
+shared int res_sum[(HD + 31u) / 32u];   // and the sum of its integers
 
 void round_head(uint i, uint h) {
     // res, the head's output (h * HD.. of row i, HD a multiple of 32), rounded to 8 bits a 32-element block as
-    // kernels/quantize_f32 rounds it: the same integers, scales and sums, bit for bit
+    // kernels/quantize_f32 rounds it: the same integers, scales and sums, bit for bit. A block's largest |x| and
+    // its integers' sum are shared atomics (exact in any order: the bits of floats >= 0 order as integers, and a
+    // NaN's lie above infinity's, so a NaN or a value over the limit shows in the largest).
     if (HD % 32u != 0u) return;  // (uniform: a specialisation constant; the host asks only for whole blocks)
     uint tid = gl_LocalInvocationID.x, WG = gl_WorkGroupSize.x, nb = p.o_stride / 32u;
+    for (uint b = tid; b < HD / 32u; b += WG) {
+        res_max[b] = 0u;
+        res_sum[b] = 0;
+    }
+    barrier();
+    for (uint e = tid; e < HD; e += WG) atomicMax(res_max[e / 32u], floatBitsToUint(abs(res[e])));
     barrier();
     for (uint b = tid; b < HD / 32u; b += WG) {
-        float m = 0.0;
-        bool bad = false;
-        for (uint e = 32u * b; e < 32u * b + 32u; e++) {
-            float a = abs(res[e]);
-            m = max(m, a);
-            bad = bad || !(a <= INT8_LIMIT);  // (NaN too)
-        }
-        res_d[b] = int8_block(m, bad);
+        float m = uintBitsToFloat(res_max[b]);
+        res_d[b] = int8_block(m, !(m <= INT8_LIMIT));
     }
     barrier();
     uint ob = i * nb + h * HD / 32u;  // the head's first block in the row
@@ -62,16 +72,13 @@ void round_head(uint i, uint h) {
         vec2 scale = res_d[e / 32u];
         int q = int8_round(res[e], scale);
         res_q[e] = q;
+        atomicAdd(res_sum[e / 32u], q);
         o_rounded[ob * 32u + e] = float(q) * scale.x;
     }
     barrier();
     for (uint w = tid; w < HD / 4u; w += WG)
         oq[ob * 8u + w] = int8_pack(ivec4(res_q[4u * w], res_q[4u * w + 1u], res_q[4u * w + 2u], res_q[4u * w + 3u]));
-    for (uint b = tid; b < HD / 32u; b += WG) {
-        int sum = 0;
-        for (uint e = 32u * b; e < 32u * b + 32u; e++) sum += res_q[e];
-        od[ob + b] = vec2(res_d[b].x, float(sum));
-    }
+    for (uint b = tid; b < HD / 32u; b += WG) od[ob + b] = vec2(res_d[b].x, float(res_sum[b]));
 }
 
 void store_row(bool stores, uint c) {
@@ -103,7 +110,8 @@ void combine(uint h, uint i, uint T) {
 
 void main() {
     uint WG = gl_WorkGroupSize.x;
-    uint h = gl_WorkGroupID.x, i = gl_WorkGroupID.y, tid = gl_LocalInvocationID.x;
+    // (mode 1's grid has a workgroup per KV head: h its first query head, which stores)
+    uint h = gl_WorkGroupID.x * (p.mode == 1u ? p.group : 1u), i = gl_WorkGroupID.y, tid = gl_LocalInvocationID.x;
     uint kvh = h / p.group;
     uvec4 row = rows[i];
     uint pos = row.x, start = p.mode == 2u ? row.x + 1u : row.y, first = row.z, T = pos + 1u;
@@ -122,7 +130,8 @@ void main() {
     // The row's query, key and value are read in one round of loads; its key and value go to the cache at the end
     // (no workgroup of this dispatch reads them there), where the stores delay nothing
     for (uint d = tid; d < HD; d += WG) {
-        qs[d] = rotated(i * p.qkv_stride + h * HD, d, pos);
+        if (p.mode != 1u)
+            qs[d] = rotated(i * p.qkv_stride + h * HD, d, pos);
         kn[d] = as_cached(rotated(kbase, d, pos));
         vn[d] = as_cached(qkv[i * p.qkv_stride + p.v_off + kvh * HD + d]);
     }
@@ -138,21 +147,53 @@ void main() {
     for (uint c0 = lo; c0 < hi; c0 += CH) {
         uint cn = min(CH, hi - c0);
         float lmax = -1e30;
+        uint nc = start > c0 ? min(cn, start - c0) : 0u;  // the chunk's keys from the cache: c0..c0+nc-1
         // The first VU values of this thread's value sum (its first (4 dims, split) pair) are loaded now, while the
-        // keys are scored, on which they do not depend (H100, TinyLlama: the decode's attention step 5% faster)
+        // keys are scored, on which they do not depend (H100, TinyLlama: the decode's attention step 5% faster);
+        // past the cached keys a load repeats the last one, whose weight is then 0
         vec4 early[VU];
         uint d4e = tid % H4, kse = tid / H4;
-        bool loaded = tid < H4 * KS && kse + (VU - 1u) * KS < cn && c0 + kse + (VU - 1u) * KS < start;
+        bool loaded = tid < H4 * KS && kse < nc;
         if (loaded) {
-            [[unroll]] for (uint u = 0; u < VU; u++) early[u] = widen(vc[(cbase + c0 + kse + u * KS) * H4 + d4e]);
+            [[unroll]] for (uint u = 0; u < VU; u++)
+                early[u] = widen(vc[(cbase + c0 + min(kse + u * KS, nc - 1u)) * H4 + d4e]);
         }
+        // The cached keys are scored KC threads a key, each KL of its vec4 (lane, lane + KC, ...), PB passes of KP
+        // keys loaded at once: a warp's load then reads a few whole cache lines, where a thread a key had read a line
+        // for each of its threads (H100, Llama-2-7B: the step 21 -> 14 us). Each thread's dot product goes to sp, and
+        // the key's KC of them are added in order below.
+        uint lane = tid % KC;
+        vec4 q4[KL];
+        [[unroll]] for (uint u = 0; u < KL; u++) {
+            uint d4 = min(lane + u * KC, H4 - 1u);
+            q4[u] = lane + u * KC < H4 ? vec4(qs[4 * d4], qs[4 * d4 + 1], qs[4 * d4 + 2], qs[4 * d4 + 3]) : vec4(0.0);
+        }
+        for (uint p0 = 0; p0 * KP < nc; p0 += PB) {
+            vec4 kv[PB * KL];
+            [[unroll]] for (uint b = 0; b < PB; b++) {
+                uint j = (p0 + b) * KP + tid / KC;
+                if (tid < KP * KC && j < nc) {
+                    [[unroll]] for (uint u = 0; u < KL; u++) {
+                        uint d4 = lane + u * KC;
+                        kv[b * KL + u] = d4 < H4 ? widen(kc[(cbase + c0 + j) * H4 + min(d4, H4 - 1u)]) : vec4(0.0);
+                    }
+                }
+            }
+            [[unroll]] for (uint b = 0; b < PB; b++) {
+                uint j = (p0 + b) * KP + tid / KC;
+                if (tid < KP * KC && j < nc) {
+                    float part = 0.0;
+                    [[unroll]] for (uint u = 0; u < KL; u++) part += dot(q4[u], kv[b * KL + u]);
+                    sp[j * KC + lane] = part;
+                }
+            }
+        }
+        barrier();
         for (uint j = tid; j < cn; j += WG) {
             uint t = c0 + j;
             float sc = 0.0;
             if (t < start) {
-                uint kb = (cbase + t) * H4;
-                for (uint d4 = 0; d4 < H4; d4++)
-                    sc += dot(vec4(qs[4 * d4], qs[4 * d4 + 1], qs[4 * d4 + 2], qs[4 * d4 + 3]), widen(kc[kb + d4]));
+                for (uint c = 0; c < KC; c++) sc += sp[j * KC + c];
             } else if (t == pos) {
                 for (uint d = 0; d < HD; d++) sc += qs[d] * kn[d];
             } else {  // an earlier token of this segment in this pass (mode 0): rotated here
@@ -180,18 +221,24 @@ void main() {
             vec4 own = vec4(vn[4 * d4], vn[4 * d4 + 1], vn[4 * d4 + 2], vn[4 * d4 + 3]);  // (key pos)
             uint j = ks, base = cbase * H4 + d4;
             if (k == 0u && loaded) {  // (the batch of the loop below, loaded early)
-                [[unroll]] for (uint u = 0; u < VU; u++) sum += s[j + u * KS] * early[u];
+                [[unroll]] for (uint u = 0; u < VU; u++) {
+                    uint ju = j + u * KS;
+                    sum += ju < nc ? s[min(ju, CH - 1u)] * early[u] : vec4(0.0);
+                }
                 j += VU * KS;
             }
-            for (; j + (VU - 1u) * KS < cn && c0 + j + (VU - 1u) * KS < start; j += VU * KS) {  // VU loads in flight
+            for (; j < nc; j += VU * KS) {  // VU loads in flight, the last batch's past nc repeating key nc - 1
                 vec4 v[VU];
-                [[unroll]] for (uint u = 0; u < VU; u++) v[u] = widen(vc[base + (c0 + j + u * KS) * H4]);
-                [[unroll]] for (uint u = 0; u < VU; u++) sum += s[j + u * KS] * v[u];
+                [[unroll]] for (uint u = 0; u < VU; u++)
+                    v[u] = widen(vc[base + (c0 + min(j + u * KS, nc - 1u)) * H4]);
+                [[unroll]] for (uint u = 0; u < VU; u++) {
+                    uint ju = j + u * KS;
+                    sum += ju < nc ? s[min(ju, CH - 1u)] * v[u] : vec4(0.0);
+                }
             }
-            for (; j < cn; j += KS) {
+            for (j = nc <= ks ? ks : ks + (nc - ks + KS - 1u) / KS * KS; j < cn; j += KS) {  // the keys not cached
                 uint t = c0 + j;
-                sum += s[j] * (t < start ? widen(vc[base + t * H4]) : t == pos ? own
-                                                                                : value(first + t - start, kvh, d4));
+                sum += s[j] * (t == pos ? own : value(first + t - start, kvh, d4));
             }
             acc[k] = sum;
         }

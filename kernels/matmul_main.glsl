@@ -11,6 +11,8 @@ shared float red_scratch[gl_WorkGroupSize.x];
 shared bool last_of_block;
 shared float block_v[32];
 shared int block_q[32];
+shared uint block_max;  // the block's largest |x|'s bits
+shared int block_sum;   // the sum of its integers
 
 // QUANTIZE: the values this product finished (xg where it PRODUCEs, else y; one token, y_off a multiple of 32) go on
 // to the next product rounded to 8 bits, without a pass of quantize_f32 between the two: the workgroup that finishes
@@ -21,35 +23,39 @@ void quantize_block(uint g, uint tid) {
     uint expected = (min(p.rows, first + 32u) - first + NR - 1u) / NR;  // workgroups with rows in the block
     memoryBarrierBuffer();
     barrier();
-    if (tid == 0u) last_of_block = atomicAdd(counts[blk], 1u) + 1u == expected;
+    if (tid == 0u) {
+        last_of_block = atomicAdd(counts[blk], 1u) + 1u == expected;
+        block_max = 0u;
+        block_sum = 0;
+    }
     barrier();
     if (!last_of_block) return;  // (uniform in the workgroup)
     memoryBarrierBuffer();
     bool produce = (p.flags & 8u) != 0u;
+    // the block's largest |x| and its integers' sum are shared atomics, exact in any order (as in
+    // attention_main.glsl's round_head: a NaN or a value over the limit shows in the largest)
     for (uint e = tid; e < 32u; e += gl_WorkGroupSize.x) {
         uint at = p.y_off + first + e;
-        block_v[e] = first + e < p.rows ? (produce ? xg[at] : y[at]) : 0.0;
+        float v = first + e < p.rows ? (produce ? xg[at] : y[at]) : 0.0;
+        block_v[e] = v;
+        atomicMax(block_max, floatBitsToUint(abs(v)));
     }
     barrier();
-    float m = 0.0;  // every thread the block's scale, from shared memory (one workgroup a block does this)
-    bool bad = false;
-    for (uint e = 0u; e < 32u; e++) {
-        float a = abs(block_v[e]);
-        m = max(m, a);
-        bad = bad || !(a <= INT8_LIMIT);
-    }
-    vec2 scale = int8_block(m, bad);
-    for (uint e = tid; e < 32u; e += gl_WorkGroupSize.x) block_q[e] = int8_round(block_v[e], scale);
-    barrier();
+    float m = uintBitsToFloat(block_max);
+    vec2 scale = int8_block(m, !(m <= INT8_LIMIT));
     uint ob = p.y_off / 32u + blk;
-    for (uint e = tid; e < 32u; e += gl_WorkGroupSize.x) yr[ob * 32u + e] = float(block_q[e]) * scale.x;
+    for (uint e = tid; e < 32u; e += gl_WorkGroupSize.x) {
+        int q = int8_round(block_v[e], scale);
+        block_q[e] = q;
+        atomicAdd(block_sum, q);
+        yr[ob * 32u + e] = float(q) * scale.x;
+    }
+    barrier();
     for (uint word = tid; word < 8u; word += gl_WorkGroupSize.x)
         yq[ob * 8u + word] = int8_pack(ivec4(block_q[4u * word], block_q[4u * word + 1u], block_q[4u * word + 2u],
                                              block_q[4u * word + 3u]));
     if (tid == 0u) {
-        int sum = 0;
-        for (uint e = 0u; e < 32u; e++) sum += block_q[e];
-        yd[ob] = vec2(scale.x, float(sum));
+        yd[ob] = vec2(scale.x, float(block_sum));
         counts[blk] = 0u;
     }
 }

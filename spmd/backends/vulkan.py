@@ -472,6 +472,8 @@ class VulkanBackend(Backend):
             raise UserError(f"SPMD_VK_COOP_TOKENS={self.coop_tokens}: give 16, 32 or 64 (or leave it unset)")
         self.norm_wg = 64 if self.dev.is_cpu else 256
         self.attention_wg = env_tuple("SPMD_VK_ATTENTION", (16,) if self.dev.is_cpu else (256,))[0]
+        if not 1 <= self.attention_wg <= 1024:
+            raise UserError(f"SPMD_VK_ATTENTION={self.attention_wg}: give 1 to 1024 threads (or leave it unset)")
         # values an attention thread loads before summing them (kernels/attention_main.glsl VU)
         self.attention_unroll = env_tuple("SPMD_VK_ATTENTION_UNROLL", (8,))[0]
         if not 1 <= self.attention_unroll <= 32:

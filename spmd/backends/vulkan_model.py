@@ -248,7 +248,7 @@ class VulkanModel:
         self._pass = None  # the Activations of other passes (_pass_acts)
         self._timed = None  # the last pass's recordings, where it was a decode step (their timestamps: gpu_seconds)
         self._chains = {}  # (rows, split, n_known) -> (Activations, [the one Recording of a step], chain buffer)
-        wg = backend.attention_wg
+        wg = max(backend.attention_wg, -(-hd // 16))  # (kernels/attention_main.glsl: KC threads score a key)
         ks = max(1, wg // (hd // 4))  # threads sum the values 4 dims at a time, keys split ks ways
         kernel = "attention_kv16" if self.kv_dtype == np.float16 else "attention_f32"
         self.splits = -(-max_seq // backend.split_keys)  # a split decode step's: enough for the longest sequence
@@ -457,7 +457,8 @@ class VulkanModel:
                 if mode == 2 and self._attention_block is not None and a.n >= BLOCK_SEGMENT_ROWS * a.segments:
                     rec.dispatch(self._attention_block, bufs, push, (self.nh, -(-n // BLOCK_ROWS), 1))
                 else:
-                    rec.dispatch(self._attention, bufs, push, (self.nh, n, self.splits if mode == 3 else 1))
+                    heads = self.nkv if mode == 1 else self.nh  # (mode 1: a workgroup per KV head stores)
+                    rec.dispatch(self._attention, bufs, push, (heads, n, self.splits if mode == 3 else 1))
                 rec.barrier()
             rec.mark("attention")
         int8 = rounded or self._int8(rec, a, a.att, self.att_stride, self.nh * hd, n, (lw.wo,))
