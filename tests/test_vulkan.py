@@ -668,6 +668,30 @@ def test_long_prompts_of_several_sequences_in_one_pass(tmp_path, heads, kv_cache
 
 
 @needs_device
+@pytest.mark.parametrize("threads", [None, 2, 4], ids=["default-threads", "2-threads", "4-threads"])
+def test_decode_steps_with_a_head_size_that_is_no_multiple_of_16(tmp_path, threads, monkeypatch):
+    """head_dim 40: the decode attention scores a cached key with KC = 3 threads (head_dim / 16, rounded up), one of
+    which has 2 of its vec4 where the others have 3; also with 2 threads a workgroup asked (SPMD_VK_ATTENTION: the
+    model takes the 3 a key needs) and 4. 30 decode steps after a 5-token prompt, logits against spmd.model.Model."""
+    if threads:
+        monkeypatch.setattr(BACKEND, "attention_wg", threads)
+    shape = Shape(dim=240, n_heads=6, n_kv_heads=3, ffn=128, vocab=300, context=64)
+    path = write_model(tmp_path / "m.gguf", shape, "F32", 5)
+    ref, dev, cfg = _shard_models(path, _whole)
+    assert cfg.head_dim == 40
+    if threads:  # the kernel's threads a workgroup: at least the 3 a key needs
+        [spec] = [key[3] for key, pipe in dev.dev._pipelines.items() if pipe is dev._attention]
+        assert spec[:2] == (max(threads, 3), 40)
+    rng = np.random.default_rng(12)
+    tokens = [int(t) for t in rng.integers(1, 300, 35)]
+    np.testing.assert_allclose(step([dev], [(0, 0, tokens[:5])]), step([ref], [(0, 0, tokens[:5])]), rtol=0, atol=1e-4)
+    for pos in range(5, 35):
+        np.testing.assert_allclose(step([dev], [(0, pos, (tokens[pos],))]), step([ref], [(0, pos, (tokens[pos],))]),
+                                   rtol=0, atol=1e-4)
+    dev.close()
+
+
+@needs_device
 def test_prompt_activations_are_kept_up_to_a_size(monkeypatch, models):
     """A prompt's activations stay for the next prompt (grown to the largest so far), except a pass over
     KEPT_PASS_ROWS rows, whose own are freed after it: device memory goes back to what it was."""

@@ -200,11 +200,12 @@ def test_the_rounding_is_the_cpus_to_the_bit(skew, monkeypatch):
 
 @needs_int8
 @pytest.mark.parametrize("rows", [96, 100], ids=["whole-blocks", "a-part-block"])
-@pytest.mark.parametrize("kind", ["produce", "pair"])
+@pytest.mark.parametrize("kind", ["produce", "pair", "bad"])
 def test_a_product_rounds_what_it_finishes_as_the_rounding_pass_does(kind, rows):
     """Flag QUANTIZE: the workgroup that finishes a 32-row block last rounds it; the result is quantize_f32's of
     what the product wrote (xg where it produces, y for gate and up) to the bit, also the second time the same
-    recording runs (the counts went back to 0)."""
+    recording runs (the counts went back to 0). bad: y += the product over a y holding a NaN in the first block and
+    a value over the limit (2^22) in the second, whose scales are then NaN, as the pass makes them."""
     rng = np.random.default_rng(23)
     cols = 256
     w = random_qtensor(T.Q8_0, rows, cols, rng)
@@ -218,9 +219,12 @@ def test_a_product_rounds_what_it_finishes_as_the_rounding_pass_does(kind, rows)
     g.write(rng.standard_normal(width).astype(np.float32))
     for trial in range(2):
         x.write(rng.standard_normal(cols).astype(np.float32))
+        if kind == "bad":
+            y.write(np.array([0] * 3 + [np.nan] + [0] * 36 + [5e6] + [0] * (width - 41), np.float32))
         rec = Recording(dev)
         produce = (ss, g, xg) if kind == "produce" else None
-        lin.dispatch(rec, x, cols, 0, y, width, 0, 1, pair=pair, produce=produce, quantize=(fused, counts))
+        lin.dispatch(rec, x, cols, 0, y, width, 0, 1, pair=pair, produce=produce, quantize=(fused, counts),
+                     accum=kind == "bad")
         rec.barrier()
         BACKEND8.quantize(rec, xg if kind == "produce" else y, width, 1, again)
         rec.barrier(to_host=True)
@@ -230,7 +234,9 @@ def test_a_product_rounds_what_it_finishes_as_the_rounding_pass_does(kind, rows)
         for a, b in zip(quantized(fused, 1, width), quantized(again, 1, width)):
             np.testing.assert_array_equal(a, b)
         assert not read(counts, np.uint32, (width // 32,)).any()
-        assert np.abs(quantized(fused, 1, width)[3]).max() > 0
+        assert np.nanmax(np.abs(quantized(fused, 1, width)[3])) > 0
+        scales = quantized(fused, 1, width)[1][0]
+        assert np.isnan(scales[:2]).all() == (kind == "bad") and not np.isnan(scales[2:]).any()
     for b in (x, y, xg, ss, g, counts, fused.rounded, fused.q, fused.d, again.rounded, again.q, again.d):
         b.free()
     lin.free()
