@@ -37,7 +37,7 @@ const uint PB = 2;                           // passes loaded at once (8 vec4 a 
 shared float red_scratch[gl_WorkGroupSize.x];
 #include "reduce.glsl"
 shared float s[CH];
-shared float sp[CH * KC];  // each cached key's KC partial dot products
+shared float sp[2u * PB * gl_WorkGroupSize.x];  // a batch's keys' KC partial dot products each (two in turn)
 shared float qs[HD];
 shared float kn[HD];
 shared float vn[HD];        // this row's value (as the cache holds it), stored with its key at the end
@@ -158,10 +158,11 @@ void main() {
             [[unroll]] for (uint u = 0; u < VU; u++)
                 early[u] = widen(vc[(cbase + c0 + min(kse + u * KS, nc - 1u)) * H4 + d4e]);
         }
-        // The cached keys are scored KC threads a key, each KL of its vec4 (lane, lane + KC, ...), PB passes of KP
-        // keys loaded at once: a warp's load then reads a few whole cache lines, where a thread a key had read a line
-        // for each of its threads (H100, Llama-2-7B: the step 21 -> 14 us). Each thread's dot product goes to sp, and
-        // the key's KC of them are added in order below.
+        // The cached keys are scored KC threads a key, each KL of its vec4 (lane, lane + KC, ...), in batches of PB
+        // passes of KP keys loaded at once: a warp's load then reads a few whole cache lines, where a thread a key had
+        // read a line for each of its threads (H100, Llama-2-7B: the step 21 -> 13-14 us). Each thread's dot product
+        // goes to sp (a batch's half of it, the next batch's the other), and a thread a key adds the key's KC of them
+        // in order into s.
         uint lane = tid % KC;
         vec4 q4[KL];
         [[unroll]] for (uint u = 0; u < KL; u++) {
@@ -179,13 +180,20 @@ void main() {
                     }
                 }
             }
+            uint half_ = (p0 / PB) % 2u * PB * WG;
             [[unroll]] for (uint b = 0; b < PB; b++) {
                 uint j = (p0 + b) * KP + tid / KC;
                 if (tid < KP * KC && j < nc) {
                     float part = 0.0;
                     [[unroll]] for (uint u = 0; u < KL; u++) part += dot(q4[u], kv[b * KL + u]);
-                    sp[j * KC + lane] = part;
+                    sp[half_ + b * KP * KC + tid] = part;
                 }
+            }
+            barrier();
+            for (uint jb = tid; jb < PB * KP && p0 * KP + jb < nc; jb += WG) {
+                float sc = 0.0;
+                for (uint c = 0; c < KC; c++) sc += sp[half_ + jb * KC + c];
+                s[p0 * KP + jb] = sc;
             }
         }
         barrier();
@@ -193,7 +201,7 @@ void main() {
             uint t = c0 + j;
             float sc = 0.0;
             if (t < start) {
-                for (uint c = 0; c < KC; c++) sc += sp[j * KC + c];
+                sc = s[j];
             } else if (t == pos) {
                 for (uint d = 0; d < HD; d++) sc += qs[d] * kn[d];
             } else {  // an earlier token of this segment in this pass (mode 0): rotated here
