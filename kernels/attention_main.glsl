@@ -50,9 +50,9 @@ shared int res_sum[(HD + 31u) / 32u];   // and the sum of its integers
 
 void round_head(uint i, uint h) {
     // res, the head's output (h * HD.. of row i, HD a multiple of 32), rounded to 8 bits a 32-element block as
-    // kernels/quantize_f32 rounds it: the same integers, scales and sums, bit for bit. A block's largest |x| and
-    // its integers' sum are shared atomics (exact in any order: the bits of floats >= 0 order as integers, and a
-    // NaN's lie above infinity's, so a NaN or a value over the limit shows in the largest).
+    // kernels/quantize_f32 rounds it: the same integers, scales and sums, bit for bit. A block's largest |x| (its
+    // bits less the sign) and its integers' sum are shared atomics, exact in any order: the bits of floats >= 0
+    // order as integers, and a NaN's lie above infinity's, so a NaN or a value over the limit shows in the largest.
     if (HD % 32u != 0u) return;  // (uniform: a specialisation constant; the host asks only for whole blocks)
     uint tid = gl_LocalInvocationID.x, WG = gl_WorkGroupSize.x, nb = p.o_stride / 32u;
     for (uint b = tid; b < HD / 32u; b += WG) {
@@ -60,7 +60,7 @@ void round_head(uint i, uint h) {
         res_sum[b] = 0;
     }
     barrier();
-    for (uint e = tid; e < HD; e += WG) atomicMax(res_max[e / 32u], floatBitsToUint(abs(res[e])));
+    for (uint e = tid; e < HD; e += WG) atomicMax(res_max[e / 32u], floatBitsToUint(res[e]) & 0x7FFFFFFFu);
     barrier();
     for (uint b = tid; b < HD / 32u; b += WG) {
         float m = uintBitsToFloat(res_max[b]);

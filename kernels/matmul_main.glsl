@@ -38,7 +38,7 @@ void quantize_block(uint g, uint tid) {
         uint at = p.y_off + first + e;
         float v = first + e < p.rows ? (produce ? xg[at] : y[at]) : 0.0;
         block_v[e] = v;
-        atomicMax(block_max, floatBitsToUint(abs(v)));
+        atomicMax(block_max, floatBitsToUint(v) & 0x7FFFFFFFu);
     }
     barrier();
     float m = uintBitsToFloat(block_max);

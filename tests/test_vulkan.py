@@ -339,6 +339,8 @@ def test_a_matrix_unit_tile_that_does_not_exist_is_refused(monkeypatch):
 
 @pytest.mark.parametrize("name, value, message", [
     ("SPMD_VK_SPLIT_KEYS", "512", "SPMD_VK_SPLIT_KEYS=512: give 1 to 256"),
+    ("SPMD_VK_ATTENTION", "0", "SPMD_VK_ATTENTION=0: give 1 to"),
+    ("SPMD_VK_ATTENTION", "512", "SPMD_VK_ATTENTION=512: give 1 to"),
     ("SPMD_VK_MATVEC", "64x", "SPMD_VK_MATVEC=64x: expected whole numbers"),
     ("SPMD_VK_MATVEC", "64,3", "SPMD_VK_MATVEC=64,3: give threads and rows per workgroup"),
     ("SPMD_VK_MATVEC", "4,8", "SPMD_VK_MATVEC=4,8: give threads and rows per workgroup"),
@@ -670,9 +672,10 @@ def test_long_prompts_of_several_sequences_in_one_pass(tmp_path, heads, kv_cache
 @needs_device
 @pytest.mark.parametrize("threads", [None, 2, 4], ids=["default-threads", "2-threads", "4-threads"])
 def test_decode_steps_with_a_head_size_that_is_no_multiple_of_16(tmp_path, threads, monkeypatch):
-    """head_dim 40: the decode attention scores a cached key with KC = 3 threads (head_dim / 16, rounded up), one of
-    which has 2 of its vec4 where the others have 3; also with 2 threads a workgroup asked (SPMD_VK_ATTENTION: the
-    model takes the 3 a key needs) and 4. 30 decode steps after a 5-token prompt, logits against spmd.model.Model."""
+    """head_dim 40: the decode attention scores a cached key with KC = 3 threads (head_dim / 16, rounded up), the
+    first of them taking 4 of the key's 10 vec4 and the others 3; also with 2 threads a workgroup asked
+    (SPMD_VK_ATTENTION: the model takes the 3 a key needs) and 4. 30 decode steps after a 5-token prompt, logits
+    against spmd.model.Model."""
     if threads:
         monkeypatch.setattr(BACKEND, "attention_wg", threads)
     shape = Shape(dim=240, n_heads=6, n_kv_heads=3, ffn=128, vocab=300, context=64)

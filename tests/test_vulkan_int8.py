@@ -204,8 +204,8 @@ def test_the_rounding_is_the_cpus_to_the_bit(skew, monkeypatch):
 def test_a_product_rounds_what_it_finishes_as_the_rounding_pass_does(kind, rows):
     """Flag QUANTIZE: the workgroup that finishes a 32-row block last rounds it; the result is quantize_f32's of
     what the product wrote (xg where it produces, y for gate and up) to the bit, also the second time the same
-    recording runs (the counts went back to 0). bad: y += the product over a y holding a NaN in the first block and
-    a value over the limit (2^22) in the second, whose scales are then NaN, as the pass makes them."""
+    recording runs (the counts went back to 0). bad: y += the product over a y holding a NaN (sign bit set) in the
+    first block and a value under -2^22 in the second, whose scales are then NaN, as the pass makes them."""
     rng = np.random.default_rng(23)
     cols = 256
     w = random_qtensor(T.Q8_0, rows, cols, rng)
@@ -220,7 +220,9 @@ def test_a_product_rounds_what_it_finishes_as_the_rounding_pass_does(kind, rows)
     for trial in range(2):
         x.write(rng.standard_normal(cols).astype(np.float32))
         if kind == "bad":
-            y.write(np.array([0] * 3 + [np.nan] + [0] * 36 + [5e6] + [0] * (width - 41), np.float32))
+            bad = np.zeros(width, np.float32)
+            bad[[3, 40]] = np.uint32(0xFFC00000).view(np.float32), -5e6  # a NaN with the sign bit, -(over 2^22)
+            y.write(bad)
         rec = Recording(dev)
         produce = (ss, g, xg) if kind == "produce" else None
         lin.dispatch(rec, x, cols, 0, y, width, 0, 1, pair=pair, produce=produce, quantize=(fused, counts),

@@ -471,9 +471,12 @@ class VulkanBackend(Backend):
         if self.coop_tokens not in (0, 16, 32, 64):  # BT: whole fragments of 16 tokens over 4 subgroups
             raise UserError(f"SPMD_VK_COOP_TOKENS={self.coop_tokens}: give 16, 32 or 64 (or leave it unset)")
         self.norm_wg = 64 if self.dev.is_cpu else 256
-        self.attention_wg = env_tuple("SPMD_VK_ATTENTION", (16,) if self.dev.is_cpu else (256,))[0]
-        if not 1 <= self.attention_wg <= 1024:
-            raise UserError(f"SPMD_VK_ATTENTION={self.attention_wg}: give 1 to 1024 threads (or leave it unset)")
+        # the attention kernel's threads a workgroup: at most 256 (its shared memory grows with them: at 256 and a
+        # head_dim of 256, 15 KB of the 16 KB a Vulkan device may have) and the device's most
+        most = min(256, self.dev.max_threads)
+        self.attention_wg = env_tuple("SPMD_VK_ATTENTION", (min(16, most),) if self.dev.is_cpu else (most,))[0]
+        if not 1 <= self.attention_wg <= most:
+            raise UserError(f"SPMD_VK_ATTENTION={self.attention_wg}: give 1 to {most} threads (or leave it unset)")
         # values an attention thread loads before summing them (kernels/attention_main.glsl VU)
         self.attention_unroll = env_tuple("SPMD_VK_ATTENTION_UNROLL", (8,))[0]
         if not 1 <= self.attention_unroll <= 32:
