@@ -17,6 +17,7 @@ default, and the script prints lavapipe's speed as a fraction of it.
 """
 import argparse
 import os
+import struct
 import subprocess
 import sys
 import tempfile
@@ -288,6 +289,29 @@ def ffn_steps(args, shape):
         buf.free()
 
 
+def floor(args):
+    """What a decode's dependent step costs before its work: GPU time a dispatch of a chain of dispatches that do
+    nothing (kernels/add_f32 over no elements), with a barrier after each as a decode's steps have and without, at
+    1 to 4096 workgroups (H100, 2026-12-06: 2.4-2.6 us with the barrier up to 1024, 4.3 at 4096; 0.2-0.8 without)."""
+    from spmd.backends.vk_runtime import Buffer, Recording
+    dev = get_backend("vulkan", device=args.device).dev
+    pipe, y = dev.pipeline("add_f32", 2, 4), Buffer(dev, 1024)
+    chain = 200
+    for groups in (1, 132, 1024, 4096):
+        for barrier in (True, False):
+            rec = Recording(dev, timestamps=True)
+            for _ in range(chain):
+                rec.dispatch(pipe, [(y, 0, y.nbytes), (y, 0, y.nbytes)], struct.pack("<I", 0), (groups, 1, 1))
+                if barrier:
+                    rec.barrier()
+            rec.end()
+            t = gpu_seconds(rec, WARM_S, runs=5) / chain
+            rec.free()
+            print(f"floor: {groups:4} workgroups, {'a barrier after each' if barrier else 'no barriers':20} "
+                  f"{1e6 * t:6.2f} us a dispatch", flush=True)
+    y.free()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--qtypes", default="Q4_0,Q8_0",
@@ -316,6 +340,8 @@ def main():
     ap.add_argument("--ffn-steps", action="store_true",
                     help="only time the FFN's decode steps of --shape as a decode runs them, each epilogue added "
                          "in turn")
+    ap.add_argument("--floor", action="store_true",
+                    help="only time chains of dispatches that do nothing: a decode step's cost before its work")
     ap.add_argument("--check", action="store_true", help="first compare a tiny model with the numpy reference")
     ap.add_argument("--llama-bench", default=None,
                     help="llama.cpp's llama-bench with CUDA, run on the same files; auto: build it here once "
@@ -331,6 +357,9 @@ def main():
         check(args)
     if args.kernels:
         kernels(args)
+        return
+    if args.floor:
+        floor(args)
         return
     shape = {"tinyllama": TINYLLAMA, "llama2-7b": LLAMA2_7B}[args.shape]
     name = args.shape
