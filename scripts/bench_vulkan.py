@@ -7,6 +7,7 @@
                                                          # once by scripts/build_llama_cpp.sh --cuda)
     python scripts/bench_vulkan.py --shape llama2-7b --ffn-steps --activations f32,int8   # what each epilogue of
                                                          # the FFN's decode steps costs (ffn_steps)
+    python scripts/bench_vulkan.py --against HEAD        # this tree beside a git revision's, run in turn
 
 Reports per weight type: prompt tokens/s (one batched pass), decode tokens/s, GPU time per decode token (timestamp
 queries around the command buffer), the time per token spent outside the GPU (wall minus GPU: Python, submit, wait,
@@ -17,6 +18,7 @@ default, and the script prints lavapipe's speed as a fraction of it.
 """
 import argparse
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -343,10 +345,16 @@ def main():
     ap.add_argument("--floor", action="store_true",
                     help="only time chains of dispatches that do nothing: a decode step's cost before its work")
     ap.add_argument("--check", action="store_true", help="first compare a tiny model with the numpy reference")
+    ap.add_argument("--against", metavar="REV", default=None,
+                    help="also measure git revision REV's tree (its spmd, kernels, scripts) in turns with this one, "
+                         "--rounds runs each, and print this tree's ratio")
     ap.add_argument("--llama-bench", default=None,
                     help="llama.cpp's llama-bench with CUDA, run on the same files; auto: build it here once "
                          "(scripts/build_llama_cpp.sh --cuda) or use the one built before")
     args = ap.parse_args()
+    if args.against:
+        against(args, sys.argv[1:])
+        return
     if args.llama_bench == "auto":
         args.llama_bench = str(CUDA_BENCH)
         if not CUDA_BENCH.exists():
@@ -381,12 +389,56 @@ def main():
     print(f"{'type':5} {'backend':52} {'prompt tok/s':>12} {'decode tok/s':>12} {'ms/token':>9} {'GPU ms':>7} "
           f"{'outside':>7} {'weights MB':>10} {'GB/s (GPU)':>10} {'roofline':>8}")
     for r in rows:
-        fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
-        print(f"{r['qtype']:5} {r['backend'][:52]:52} {r['prompt_tps']:12.1f} {r['decode_tps']:12.1f} "
-              f"{r['ms_per_token']:9.3f} {fmt(r.get('gpu_ms'), '7.3f')} {fmt(r.get('outside_ms'), '7.3f')} "
-              f"{r['weights_mb']:10.1f} {fmt(r.get('gbs_gpu'), '10.1f')} {fmt(r.get('roofline_gpu'), '8.0%')}")
+        print(table_row(r))
     if args.llama_bench:
         compare_llama_cpp(args, rows)
+
+
+def table_row(r):
+    """A row of the table the run ends with (`TABLE_ROW` reads its first columns back: --against)."""
+    fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+    return (f"{r['qtype']:5} {r['backend'][:52]:52} {r['prompt_tps']:12.1f} {r['decode_tps']:12.1f} "
+            f"{r['ms_per_token']:9.3f} {fmt(r.get('gpu_ms'), '7.3f')} {fmt(r.get('outside_ms'), '7.3f')} "
+            f"{r['weights_mb']:10.1f} {fmt(r.get('gbs_gpu'), '10.1f')} {fmt(r.get('roofline_gpu'), '8.0%')}")
+
+
+# a table row's type, backend, prompt and decode tok/s (the format since 2026-12-02: older revisions' too)
+TABLE_ROW = re.compile(r"^(\S+) +((?:vulkan|cpu)\b.*?) +(\d+\.\d) +(\d+\.\d) +\d+\.\d{3} ")
+
+
+def against(args, argv):
+    """--against REV: the same measurement (argv, less --against and --rounds) of this tree and of git revision REV
+    (its spmd, kernels and scripts, exported to a temporary folder), one run of each in turn, --rounds times, so
+    that a device's clock and a machine's load fall on both alike; per table row, every run's decode and prompt
+    tok/s and this tree's best over REV's best."""
+    skip = {"--against", "--rounds"}
+    rest = [a for i, a in enumerate(argv)
+            if a.split("=")[0] not in skip and (i == 0 or argv[i - 1] not in skip)] + ["--rounds", "1"]
+    runs = {}  # (type, backend) -> {"base": [(prompt, decode)], "this": [...]}
+    with tempfile.TemporaryDirectory() as base:
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.against, "spmd", "kernels", "scripts"],
+                                 capture_output=True)
+        if archive.returncode:
+            sys.exit(f"--against {args.against}: {archive.stderr.decode().strip() or 'git archive failed'}")
+        subprocess.run(["tar", "-x", "-C", base], input=archive.stdout, check=True)
+        for _ in range(args.rounds):
+            for name, tree in (("base", Path(base)), ("this", ROOT)):
+                done = subprocess.run([sys.executable, str(tree / "scripts" / "bench_vulkan.py"), *rest], cwd=tree,
+                                      capture_output=True, text=True)
+                if done.returncode:
+                    sys.exit(f"--against: the {'revision' if name == 'base' else 'tree'}'s run failed:\n"
+                             + "\n".join((done.stdout + done.stderr).splitlines()[-12:]))
+                for m in filter(None, map(TABLE_ROW.match, done.stdout.splitlines())):
+                    got = runs.setdefault((m[1], m[2].strip()), {"base": [], "this": []})
+                    got[name].append((float(m[3]), float(m[4])))
+    print(f"\nthis tree against {args.against}, {args.rounds} run(s) of each in turn (decode, then prompt tok/s):")
+    for (qtype, backend), got in runs.items():
+        line = [f"{qtype:5} {backend[:52]:52}"]
+        for what, col in (("decode", 1), ("prompt", 0)):
+            base, this = ([f[col] for f in got[k]] for k in ("base", "this"))
+            ratio = f"{max(this) / max(base):.3f}x" if base and this else "-"
+            line.append(f"{what} {' / '.join(map(str, base)) or '-'} -> {' / '.join(map(str, this)) or '-'} ({ratio})")
+        print("  ".join(line), flush=True)
 
 
 def compare_llama_cpp(args, rows):

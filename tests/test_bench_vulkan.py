@@ -1,0 +1,20 @@
+"""scripts/bench_vulkan.py's --against reads the table rows each tree's run prints: the row it writes and the
+pattern it reads them with agree (a row of the verbose lines above the table does not match)."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import bench_vulkan  # noqa: E402
+
+
+def test_a_table_row_reads_back_its_type_backend_and_speeds():
+    row = {"qtype": "Q4_K_M", "backend": "vulkan (NVIDIA H100 80GB HBM3, int8)", "prompt_tps": 4602.34,
+           "decode_tps": 283.81, "ms_per_token": 3.5237, "gpu_ms": None, "outside_ms": 0.0177, "weights_mb": 3716.5,
+           "gbs_gpu": 1059.9, "roofline_gpu": 0.3164}
+    m = bench_vulkan.TABLE_ROW.match(bench_vulkan.table_row(row))
+    assert m and (m[1], m[2].strip(), float(m[3]), float(m[4])) == ("Q4_K_M", row["backend"], 4602.3, 283.8)
+    cpu = dict(row, qtype="Q8_0", backend="cpu (numba, 2 threads)", prompt_tps=12.0, decode_tps=7.25)
+    m = bench_vulkan.TABLE_ROW.match(bench_vulkan.table_row(cpu))
+    assert m and (m[1], m[2].strip(), float(m[3]), float(m[4])) == ("Q8_0", "cpu (numba, 2 threads)", 12.0, 7.2)
+    verbose = "Q4_0 vulkan (NVIDIA H100 80GB HBM3): prompt 3452.3 tok/s (5.13 ms of it the host's ...), decode 276.9"
+    assert bench_vulkan.TABLE_ROW.match(verbose) is None
