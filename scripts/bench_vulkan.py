@@ -352,6 +352,8 @@ def main():
                     help="llama.cpp's llama-bench with CUDA, run on the same files; auto: build it here once "
                          "(scripts/build_llama_cpp.sh --cuda) or use the one built before")
     args = ap.parse_args()
+    if args.against and (args.kernels or args.ffn_steps or args.floor):
+        sys.exit("--against compares the table's rows, which --kernels, --ffn-steps and --floor do not print")
     if args.against:
         against(args, sys.argv[1:])
         return
@@ -431,6 +433,8 @@ def against(args, argv):
                 for m in filter(None, map(TABLE_ROW.match, done.stdout.splitlines())):
                     got = runs.setdefault((m[1], m[2].strip()), {"base": [], "this": []})
                     got[name].append((float(m[3]), float(m[4])))
+    if not runs:
+        sys.exit("--against: the runs printed no table rows")
     print(f"\nthis tree against {args.against}, {args.rounds} run(s) of each in turn (decode, then prompt tok/s):")
     for (qtype, backend), got in runs.items():
         line = [f"{qtype:5} {backend[:52]:52}"]
