@@ -8,6 +8,7 @@ The products are held to tests/test_backends.int8_reference (the transcription o
 within float32 summation (1e-5 of sum |x||w|, as in tests/test_vulkan.py) plus the reference's own cuts to 2^-28;
 the rounding itself to the bit."""
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -292,15 +293,38 @@ def test_a_device_without_integer_dot_products_refuses_int8(monkeypatch):
         get_backend("vulkan", activations="int8")
 
 
+def _huge_first_heads(path, folder):
+    """A copy of the qwen3 test model (Q8_0; 4 query heads of 64, 2 KV heads) whose first layer's KV head 0 has the
+    largest values a Q8_0 block holds (127 x 65504 a weight), so that its two query heads' outputs pass 2^22 while
+    q, k and v's inputs do not, and whose wo reads those heads' columns with scale 0: where the rounding gives their
+    blocks a NaN scale, as the pass does, every logit is NaN; a finite scale would leave them finite."""
+    path = shutil.copy(path, folder / "huge.gguf")
+    f = GGUFFile(path)
+    v, wo = f.info("blk.0.attn_v.weight"), f.info("blk.0.attn_output.weight")
+    assert v.qtype == wo.qtype == T.Q8_0 and v.shape == (128, 128) and wo.shape == (128, 256)
+    blocks = np.memmap(path, np.uint8, "r+", offset=v.offset, shape=(128, 4, 34))
+    blocks[:64, :, :2] = np.array([65504], np.float16).view(np.uint8)
+    blocks[:64, :, 2:] = 127
+    blocks.flush()
+    blocks = np.memmap(path, np.uint8, "r+", offset=wo.offset, shape=(128, 8, 34))
+    blocks[:, :4, :2] = 0  # (columns 0..127: query heads 0 and 1)
+    blocks.flush()
+    del blocks
+    return path
+
+
 @needs_int8
-@pytest.mark.parametrize("case", ["Q4_0", "qwen3", "Q4_K_M"])
+@pytest.mark.parametrize("case", ["Q4_0", "qwen3", "Q4_K_M", "qwen3-huge"])
 @pytest.mark.parametrize("split", [False, True], ids=["one-dispatch", "in-splits"])
-def test_the_attention_rounds_its_output_as_the_rounding_pass_does(models, split, case, monkeypatch):  # noqa: F811
+def test_the_attention_rounds_its_output_as_the_rounding_pass_does(models, split, case, monkeypatch,  # noqa: F811
+                                                                   tmp_path):
     """A fused int8 decode: the attention kernel rounds each head's output for wo (`round_head`, in mode 0, or in
     mode 4 where the keys go in splits) instead of a rounding pass after it. The logits of 8 decode steps are those
     of the same model with the pass, to the bit, and the pass runs once a layer less a step. Heads of one block
     (Q4_0: 32 wide) and of two (qwen3, Q4_K_M: 64), read by the 8-bit kernels (Q4_0, qwen3's Q8_0, Q4_K_M's Q4_K) as
-    integers and scales, or (Q4_K_M's Q6_K) as the rounded floats."""
+    integers and scales, or (Q4_K_M's Q6_K) as the rounded floats; and heads whose outputs pass 2^22
+    (`_huge_first_heads`, 16 decode steps from position 0: NaN both ways; a bad block not caught fails it)."""
+    path = _huge_first_heads(models["qwen3"], tmp_path) if case == "qwen3-huge" else models[case]
     if split:  # splits of 4 keys from position 10 on
         monkeypatch.setattr(BACKEND8, "split_keys", 4)
         monkeypatch.setattr(vulkan_model, "SPLIT_FROM", 10)
@@ -308,12 +332,13 @@ def test_the_attention_rounds_its_output_as_the_rounding_pass_does(models, split
     monkeypatch.setattr(BACKEND8, "quantize", lambda *args: passes.append(1) or quantize(*args))
     runs = []
     for attention_rounds in (True, False):
-        model = _int8_model(models[case], "vulkan")
+        model = _int8_model(path, "vulkan")
         if not attention_rounds:
             model._attention_rounds = lambda a, lw: None
-        token, logits = 1, [_logits(model, PROMPT[:8], 0)]
+        huge = case == "qwen3-huge"  # (a prompt pass would round its NaN into the caches before any decode step)
+        token, logits = 1, [] if huge else [_logits(model, PROMPT[:8], 0)]
         before = len(passes)
-        for pos in range(8, 16):
+        for pos in range(0 if huge else 8, 16):
             logits.append(_logits(model, [token], pos))
             token = int(np.argmax(logits[-1]))
         recorded = [acts.split for acts, _ in model._decode.values()]
@@ -322,7 +347,8 @@ def test_the_attention_rounds_its_output_as_the_rounding_pass_does(models, split
     assert split in recorded
     for a, b in zip(runs[0][0], runs[1][0]):
         np.testing.assert_array_equal(a, b)
-    layers = read_config(GGUFFile(models[case])).n_layers
+    assert np.isnan(runs[0][0][-1]).all() == (case == "qwen3-huge")
+    layers = read_config(GGUFFile(path)).n_layers
     assert runs[1][1] - runs[0][1] == layers * len(recorded), (runs[0][1], runs[1][1], recorded)
 
 
