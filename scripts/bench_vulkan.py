@@ -346,8 +346,8 @@ def main():
                     help="only time chains of dispatches that do nothing: a decode step's cost before its work")
     ap.add_argument("--check", action="store_true", help="first compare a tiny model with the numpy reference")
     ap.add_argument("--against", metavar="REV", default=None,
-                    help="also measure git revision REV's tree (its spmd, kernels, scripts) in turns with this one, "
-                         "--rounds runs each, and print this tree's ratio")
+                    help="also measure git revision REV's tree (its spmd, kernels, scripts), or the tree in folder "
+                         "REV, in turns with this one, --rounds runs each, and print this tree's ratio")
     ap.add_argument("--llama-bench", default=None,
                     help="llama.cpp's llama-bench with CUDA, run on the same files; auto: build it here once "
                          "(scripts/build_llama_cpp.sh --cuda) or use the one built before")
@@ -410,19 +410,22 @@ TABLE_ROW = re.compile(r"^(\S+) +((?:vulkan|cpu)\b.*?) +(\d+\.\d) +(\d+\.\d) +\d
 
 def against(args, argv):
     """--against REV: the same measurement (argv, less --against and --rounds) of this tree and of git revision REV
-    (its spmd, kernels and scripts, exported to a temporary folder), one run of each in turn, --rounds times, so
-    that a device's clock and a machine's load fall on both alike; per table row, every run's decode and prompt
-    tok/s and this tree's best over REV's best."""
+    (its spmd, kernels and scripts, exported to a temporary folder) or of the tree in folder REV, one run of each in
+    turn, --rounds times, so that a device's clock and a machine's load fall on both alike; per table row, every
+    run's decode and prompt tok/s and this tree's best over REV's best."""
     skip = {"--against", "--rounds"}
     rest = [a for i, a in enumerate(argv)
             if a.split("=")[0] not in skip and (i == 0 or argv[i - 1] not in skip)] + ["--rounds", "1"]
     runs = {}  # (type, backend) -> {"base": [(prompt, decode)], "this": [...]}
     with tempfile.TemporaryDirectory() as base:
-        archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.against, "spmd", "kernels", "scripts"],
-                                 capture_output=True)
-        if archive.returncode:
-            sys.exit(f"--against {args.against}: {archive.stderr.decode().strip() or 'git archive failed'}")
-        subprocess.run(["tar", "-x", "-C", base], input=archive.stdout, check=True)
+        if (Path(args.against) / "scripts" / "bench_vulkan.py").is_file():
+            base = Path(args.against).resolve()  # a tree exported beforehand (a copy of the checkout may travel without .git)
+        else:
+            archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.against, "spmd", "kernels", "scripts"],
+                                     capture_output=True)
+            if archive.returncode:
+                sys.exit(f"--against {args.against}: {archive.stderr.decode().strip() or 'git archive failed'}")
+            subprocess.run(["tar", "-x", "-C", base], input=archive.stdout, check=True)
         for _ in range(args.rounds):
             for name, tree in (("base", Path(base)), ("this", ROOT)):
                 done = subprocess.run([sys.executable, str(tree / "scripts" / "bench_vulkan.py"), *rest], cwd=tree,
