@@ -8,6 +8,7 @@
     python scripts/bench_vulkan.py --shape llama2-7b --ffn-steps --activations f32,int8   # what each epilogue of
                                                          # the FFN's decode steps costs (ffn_steps)
     python scripts/bench_vulkan.py --against HEAD        # this tree beside a git revision's, run in turn
+    python scripts/bench_vulkan.py --against HEAD,../v1,../v2   # and beside trees in folders (variants)
 
 Reports per weight type: prompt tokens/s (one batched pass), decode tokens/s, GPU time per decode token (timestamp
 queries around the command buffer), the time per token spent outside the GPU (wall minus GPU: Python, submit, wait,
@@ -345,9 +346,9 @@ def main():
     ap.add_argument("--floor", action="store_true",
                     help="only time chains of dispatches that do nothing: a decode step's cost before its work")
     ap.add_argument("--check", action="store_true", help="first compare a tiny model with the numpy reference")
-    ap.add_argument("--against", metavar="REV", default=None,
+    ap.add_argument("--against", metavar="REV[,REV...]", default=None,
                     help="also measure git revision REV's tree (its spmd, kernels, scripts), or the tree in folder "
-                         "REV, in turns with this one, --rounds runs each, and print this tree's ratio")
+                         "REV, in turns with this one, --rounds runs each, and print this tree's ratio to each")
     ap.add_argument("--llama-bench", default=None,
                     help="llama.cpp's llama-bench with CUDA, run on the same files; auto: build it here once "
                          "(scripts/build_llama_cpp.sh --cuda) or use the one built before")
@@ -409,43 +410,55 @@ TABLE_ROW = re.compile(r"^(\S+) +((?:vulkan|cpu)\b.*?) +(\d+\.\d) +(\d+\.\d) +\d
 
 
 def against(args, argv):
-    """--against REV: the same measurement (argv, less --against and --rounds) of this tree and of git revision REV
-    (its spmd, kernels and scripts, exported to a temporary folder) or of the tree in folder REV, one run of each in
-    turn, --rounds times, so that a device's clock and a machine's load fall on both alike; per table row, every
-    run's decode and prompt tok/s and this tree's best over REV's best."""
+    """--against REV[,REV...]: the same measurement (argv, less --against and --rounds) of each git revision's tree
+    (its spmd, kernels and scripts, exported to a temporary folder) or the tree in folder REV, and of this tree, one
+    run of each in turn, --rounds times, so that a device's clock and a machine's load fall on all alike (several
+    variants measured in one lease); per table row and tree, every run's decode and prompt tok/s, and this tree's
+    best over that tree's best."""
     skip = {"--against", "--rounds"}
     rest = [a for i, a in enumerate(argv)
             if a.split("=")[0] not in skip and (i == 0 or argv[i - 1] not in skip)] + ["--rounds", "1"]
-    runs = {}  # (type, backend) -> {"base": [(prompt, decode)], "this": [...]}
-    with tempfile.TemporaryDirectory() as base:
-        if (Path(args.against) / "scripts" / "bench_vulkan.py").is_file():
-            base = Path(args.against).resolve()  # a tree exported beforehand (a copy of the checkout may travel without .git)
-        else:
-            archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.against, "spmd", "kernels", "scripts"],
-                                     capture_output=True)
-            if archive.returncode:
-                sys.exit(f"--against {args.against}: {archive.stderr.decode().strip() or 'git archive failed'}")
-            subprocess.run(["tar", "-x", "-C", base], input=archive.stdout, check=True)
+    runs = {}  # (type, backend) -> {tree's name: [(prompt, decode), ...]}
+    with tempfile.TemporaryDirectory() as tmp:
+        trees = [(rev, exported(rev, Path(tmp) / str(i))) for i, rev in enumerate(args.against.split(","))]
+        trees.append(("this tree", ROOT))
         for _ in range(args.rounds):
-            for name, tree in (("base", Path(base)), ("this", ROOT)):
+            for name, tree in trees:
                 done = subprocess.run([sys.executable, str(tree / "scripts" / "bench_vulkan.py"), *rest], cwd=tree,
                                       capture_output=True, text=True)
                 if done.returncode:
-                    sys.exit(f"--against: the {'revision' if name == 'base' else 'tree'}'s run failed:\n"
+                    sys.exit(f"--against: {name}'s run failed:\n"
                              + "\n".join((done.stdout + done.stderr).splitlines()[-12:]))
                 for m in filter(None, map(TABLE_ROW.match, done.stdout.splitlines())):
-                    got = runs.setdefault((m[1], m[2].strip()), {"base": [], "this": []})
+                    got = runs.setdefault((m[1], m[2].strip()), {n: [] for n, _ in trees})
                     got[name].append((float(m[3]), float(m[4])))
     if not runs:
         sys.exit("--against: the runs printed no table rows")
-    print(f"\nthis tree against {args.against}, {args.rounds} run(s) of each in turn (decode, then prompt tok/s):")
+    print(f"\n{len(trees)} trees, {args.rounds} run(s) of each in turn: decode, then prompt tok/s (this tree's best "
+          f"over each tree's best):")
     for (qtype, backend), got in runs.items():
-        line = [f"{qtype:5} {backend[:52]:52}"]
-        for what, col in (("decode", 1), ("prompt", 0)):
-            base, this = ([f[col] for f in got[k]] for k in ("base", "this"))
-            ratio = f"{max(this) / max(base):.3f}x" if base and this else "-"
-            line.append(f"{what} {' / '.join(map(str, base)) or '-'} -> {' / '.join(map(str, this)) or '-'} ({ratio})")
-        print("  ".join(line), flush=True)
+        print(f"{qtype:5} {backend}")
+        for name, _ in trees:
+            line = [f"  {name[:40]:40}"]
+            for what, col in (("decode", 1), ("prompt", 0)):
+                mine, theirs = ([f[col] for f in got[k]] for k in ("this tree", name))
+                ratio = f" ({max(mine) / max(theirs):.3f}x)" if mine and theirs and name != "this tree" else ""
+                line.append(f"{what} {' / '.join(map(str, theirs)) or '-'}{ratio}")
+            print("  ".join(line), flush=True)
+
+
+def exported(rev, folder):
+    """The tree to measure for --against's REV: folder REV where it holds one (a device's copy of the checkout may
+    travel without .git), else git revision REV's spmd, kernels and scripts, exported into `folder`."""
+    if (Path(rev) / "scripts" / "bench_vulkan.py").is_file():
+        return Path(rev).resolve()
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "spmd", "kernels", "scripts"],
+                             capture_output=True)
+    if archive.returncode:
+        sys.exit(f"--against {rev}: {archive.stderr.decode().strip() or 'git archive failed'}")
+    folder.mkdir()
+    subprocess.run(["tar", "-x", "-C", folder], input=archive.stdout, check=True)
+    return folder
 
 
 def compare_llama_cpp(args, rows):

@@ -1,7 +1,9 @@
-"""scripts/bench_vulkan.py's --against reads the table rows each tree's run prints: the row it writes and the
-pattern it reads them with agree (a row of the verbose lines above the table does not match)."""
+"""scripts/bench_vulkan.py's --against: the trees it measures, and the table rows each run prints (the row it writes and the
+pattern it reads them with agree; a row of the verbose lines above the table does not match)."""
 import sys
 from pathlib import Path
+
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import bench_vulkan  # noqa: E402
@@ -18,3 +20,14 @@ def test_a_table_row_reads_back_its_type_backend_and_speeds():
     assert m and (m[1], m[2].strip(), float(m[3]), float(m[4])) == ("Q8_0", "cpu (numba, 2 threads)", 12.0, 7.2)
     verbose = "Q4_0 vulkan (NVIDIA H100 80GB HBM3): prompt 3452.3 tok/s (5.13 ms of it the host's ...), decode 276.9"
     assert bench_vulkan.TABLE_ROW.match(verbose) is None
+
+
+def test_a_tree_to_measure_is_a_folder_holding_one_or_a_git_revision(tmp_path):
+    """--against's REV: a folder with the script in it is measured where it lies; anything else is a revision of
+    this checkout, exported, and one that does not exist is one line naming it."""
+    (tmp_path / "tree" / "scripts").mkdir(parents=True)
+    (tmp_path / "tree" / "scripts" / "bench_vulkan.py").write_text("")
+    assert bench_vulkan.exported(str(tmp_path / "tree"), tmp_path / "unused") == (tmp_path / "tree").resolve()
+    assert not (tmp_path / "unused").exists()
+    with pytest.raises(SystemExit, match="^--against no-such-revision-here: "):
+        bench_vulkan.exported("no-such-revision-here", tmp_path / "x")
