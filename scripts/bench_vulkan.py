@@ -418,10 +418,11 @@ def against(args, argv):
     skip = {"--against", "--rounds"}
     rest = [a for i, a in enumerate(argv)
             if a.split("=")[0] not in skip and (i == 0 or argv[i - 1] not in skip)] + ["--rounds", "1"]
+    this = "this tree"  # (its name among the trees)
     runs = {}  # (type, backend) -> {tree's name: [(prompt, decode), ...]}
     with tempfile.TemporaryDirectory() as tmp:
         trees = [(rev, exported(rev, Path(tmp) / str(i))) for i, rev in enumerate(args.against.split(","))]
-        trees.append(("this tree", ROOT))
+        trees.append((this, ROOT))
         for _ in range(args.rounds):
             for name, tree in trees:
                 done = subprocess.run([sys.executable, str(tree / "scripts" / "bench_vulkan.py"), *rest], cwd=tree,
@@ -441,8 +442,8 @@ def against(args, argv):
         for name, _ in trees:
             line = [f"  {name[:40]:40}"]
             for what, col in (("decode", 1), ("prompt", 0)):
-                mine, theirs = ([f[col] for f in got[k]] for k in ("this tree", name))
-                ratio = f" ({max(mine) / max(theirs):.3f}x)" if mine and theirs and name != "this tree" else ""
+                mine, theirs = ([f[col] for f in got[k]] for k in (this, name))
+                ratio = f" ({max(mine) / max(theirs):.3f}x)" if mine and theirs and name != this else ""
                 line.append(f"{what} {' / '.join(map(str, theirs)) or '-'}{ratio}")
             print("  ".join(line), flush=True)
 

@@ -1,5 +1,5 @@
-"""scripts/bench_vulkan.py's --against: the trees it measures, and the table rows each run prints (the row it writes and the
-pattern it reads them with agree; a row of the verbose lines above the table does not match)."""
+"""scripts/bench_vulkan.py's --against: the trees it measures, and the table rows each run prints (the row it
+writes and the pattern it reads them with agree; a row of the verbose lines above the table does not match)."""
 import sys
 from pathlib import Path
 
