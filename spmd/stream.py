@@ -59,6 +59,14 @@ PAGE = mmap.PAGESIZE
 # of a gap that read-around brought in stays mapped. (Also the cpu backend's transparent huge page: its arena.)
 HUGE = 2 << 20
 MADV_POPULATE_READ = 22  # Linux 5.14: fault the pages in (reading them from the disk where needed), synchronously
+# TAIL: after a half's last whole HUGE run its bytes sit in smaller folios, mapped a 4 KiB page at a time, which
+# MADV_POPULATE_READ does at about 200 ns a page; a read fault maps the pages around it (the kernel's
+# fault_around_bytes, 64 KiB by default), so one read every FAULT_AROUND bytes maps them 4 times faster. Populating a
+# TinyLlama attention / FFN half (5.1 / 18.6 MiB, cached pages, 2 cores): 52.6 / 39.8 us the one way, 19.2 / 23.1
+# the other (zeros written up to the next HUGE boundary made it one more 2 MiB folio: 5.6 / 13.6 us, but a half read
+# back from the disk then read the zeros too, up to 18% more bytes).
+FAULT_AROUND = 64 << 10
+_byte = ctypes.create_string_buffer(1)  # where those reads go
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 
@@ -295,15 +303,20 @@ class Window:
         return offset, size + -size % HUGE
 
     def _populate(self, offset, size):
-        """Pages of the mapping read (where the page cache lacks them) and mapped. Without MADV_POPULATE_READ (Linux
-        before 5.14): read ahead, then touch a byte a page."""
+        """Pages of the mapping read (where the page cache lacks them) and mapped: the half's whole HUGE runs with
+        MADV_POPULATE_READ, the rest (its last, partial run) by reading a byte every FAULT_AROUND bytes (`TAIL`).
+        Without MADV_POPULATE_READ (Linux before 5.14): read ahead, then touch a byte a page."""
+        whole = size // HUGE * HUGE
         try:
-            self._advise(offset, size, MADV_POPULATE_READ)
+            self._advise(offset, whole, MADV_POPULATE_READ)
         except OSError as e:
             if e.errno != errno.EINVAL:  # an older kernel
                 raise
             self._advise(offset, size, mmap.MADV_WILLNEED)
             np.frombuffer(self.map, np.uint8, size, offset)[::PAGE].sum()
+            return
+        for at in range(self.base + offset + whole, self.base + offset + size, FAULT_AROUND):
+            ctypes.memmove(_byte, at, 1)  # (a foreign call: the GIL let go while the page comes in)
 
     # ---- the compute thread ---------------------------------------------------------------------------------------
     @contextmanager

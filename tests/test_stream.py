@@ -208,6 +208,39 @@ def test_a_half_is_mapped_in_2_mib_pages_where_the_file_system_makes_them(tmp_pa
     w.close()
 
 
+def present_pages(address, nbytes):
+    """How many of the pages from `address` on, `nbytes` of them, the process maps now (/proc/self/pagemap's bit 63,
+    one 8-byte entry a page)."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    with open("/proc/self/pagemap", "rb") as f:
+        f.seek(address // page * 8)
+        entries = np.frombuffer(f.read(-(-nbytes // page) * 8), np.uint64)
+    return int(np.count_nonzero(entries >> np.uint64(63)))
+
+
+def test_the_loader_maps_every_page_of_a_half_its_tail_too(tmp_path):
+    """A half's last, partial 2 MiB run is mapped by a read every FAULT_AROUND bytes, not page by page: once the
+    loader has brought a half in, every page of it is mapped, wherever in a 2 MiB run its end falls. (The kernel's
+    fault_around_bytes at its default, 64 KiB, or more.)"""
+    from spmd import stream
+    mib, page = 1 << 20, stream.PAGE
+    rng = np.random.default_rng(5)
+    sizes = [(3 * mib + 100,), (mib // 2 + 7,), (2 * mib,), (5 * page + 1,)]  # tails of 1 MiB, 0.5 MiB, none, 5 pages
+    halves = {(i, "ffn"): [FakeLinear(rng, [shape])] for i, shape in enumerate(sizes)}
+    order = list(halves)
+    w = Window(order, tmp_path)
+    for k, lins in halves.items():
+        w.spill(k, lins)
+    w.start(w.largest)
+    try:
+        for k in order:
+            with w.hold(k):  # (brought in by the loader, untouched by this thread)
+                offset, size, _ = w.parts[k]
+                assert present_pages(w.base + offset, size) == -(-size // page), (k, size)
+    finally:
+        w.close()
+
+
 def test_window_refuses_a_folder_it_cannot_write(tmp_path):
     with pytest.raises(UserError, match="spill file"):
         Window([(0, "ffn")], tmp_path / "missing")
