@@ -65,10 +65,30 @@ MADV_POPULATE_READ = 22  # Linux 5.14: fault the pages in (reading them from the
 # TinyLlama attention / FFN half (5.1 / 18.6 MiB, cached pages, 2 cores): 52.6 / 39.8 us the one way, 19.2 / 23.1
 # the other (zeros written up to the next HUGE boundary made it one more 2 MiB folio: 5.6 / 13.6 us, but a half read
 # back from the disk then read the zeros too, up to 18% more bytes).
+# Only where the page cache holds the whole tail (`_cached`): a read that must go to the disk and fails would kill the
+# process (SIGBUS), where MADV_POPULATE_READ returns the error; from the disk the reading dwarfs the mapping anyway.
 FAULT_AROUND = 64 << 10
 _byte = ctypes.create_string_buffer(1)  # where those reads go
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+CACHESTAT = 451  # Linux 6.5's cachestat(2), the same number on every architecture: pages of a file range cached
+
+
+class _Range(ctypes.Structure):
+    _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
+
+
+class _Stat(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_uint64) for name in ("cache", "dirty", "writeback", "evicted", "recently_evicted")]
+
+
+def _cached(fd, offset, size) -> bool:
+    """Whether the page cache holds every page of the file's bytes from `offset` (a page boundary) on, `size` of
+    them; False where the kernel cannot say (before 6.5). (cachestat counts by folio: a few us for a half's tail,
+    where mincore's page by page took 24.)"""
+    stat = _Stat()
+    return size == 0 or (_libc.syscall(CACHESTAT, fd, ctypes.byref(_Range(offset, size)), ctypes.byref(stat), 0) == 0
+                         and stat.cache == -(-size // PAGE))
 
 
 def _write(fd, pieces, offset):
@@ -304,19 +324,23 @@ class Window:
 
     def _populate(self, offset, size):
         """Pages of the mapping read (where the page cache lacks them) and mapped: the half's whole HUGE runs with
-        MADV_POPULATE_READ, the rest (its last, partial run) by reading a byte every FAULT_AROUND bytes (`TAIL`).
-        Without MADV_POPULATE_READ (Linux before 5.14): read ahead, then touch a byte a page."""
+        MADV_POPULATE_READ, the rest (its last, partial run) by reading a byte every FAULT_AROUND bytes where the
+        page cache holds it (`TAIL`). Without MADV_POPULATE_READ (Linux before 5.14): read ahead, then touch a byte a
+        page."""
         whole = size // HUGE * HUGE
+        cached = _cached(self.file.fileno(), offset + whole, size - whole)  # (else: an error from madvise where
+        # a read from the disk fails, not a SIGBUS from a read of the mapping)
         try:
-            self._advise(offset, whole, MADV_POPULATE_READ)
+            self._advise(offset, whole if cached else size, MADV_POPULATE_READ)
         except OSError as e:
             if e.errno != errno.EINVAL:  # an older kernel
                 raise
             self._advise(offset, size, mmap.MADV_WILLNEED)
             np.frombuffer(self.map, np.uint8, size, offset)[::PAGE].sum()
             return
-        for at in range(self.base + offset + whole, self.base + offset + size, FAULT_AROUND):
-            ctypes.memmove(_byte, at, 1)  # (a foreign call: the GIL let go while the page comes in)
+        if cached:
+            for at in range(self.base + offset + whole, self.base + offset + size, FAULT_AROUND):
+                ctypes.memmove(_byte, at, 1)  # (a foreign call: the GIL let go meanwhile)
 
     # ---- the compute thread ---------------------------------------------------------------------------------------
     @contextmanager

@@ -218,10 +218,12 @@ def present_pages(address, nbytes):
     return int(np.count_nonzero(entries >> np.uint64(63)))
 
 
-def test_the_loader_maps_every_page_of_a_half_its_tail_too(tmp_path):
-    """A half's last, partial 2 MiB run is mapped by a read every FAULT_AROUND bytes, not page by page: once the
-    loader has brought a half in, every page of it is mapped, wherever in a 2 MiB run its end falls. (The kernel's
-    fault_around_bytes at its default, 64 KiB, or more.)"""
+@pytest.mark.parametrize("evicted", [False, True])
+def test_the_loader_maps_every_page_of_a_half_its_tail_too(tmp_path, evicted):
+    """A half's last, partial 2 MiB run is mapped by a read every FAULT_AROUND bytes where the page cache holds it,
+    else with MADV_POPULATE_READ (the spill file's pages evicted first): once the loader has brought a half in,
+    every page of it is mapped either way, wherever in a 2 MiB run its end falls. (The kernel's fault_around_bytes
+    at its default, 64 KiB, or more.)"""
     from spmd import stream
     mib, page = 1 << 20, stream.PAGE
     rng = np.random.default_rng(5)
@@ -231,6 +233,9 @@ def test_the_loader_maps_every_page_of_a_half_its_tail_too(tmp_path):
     w = Window(order, tmp_path)
     for k, lins in halves.items():
         w.spill(k, lins)
+    if evicted:
+        os.fsync(w.file.fileno())
+        os.posix_fadvise(w.file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
     w.start(w.largest)
     try:
         for k in order:
@@ -239,6 +244,27 @@ def test_the_loader_maps_every_page_of_a_half_its_tail_too(tmp_path):
                 assert present_pages(w.base + offset, size) == -(-size // page), (k, size)
     finally:
         w.close()
+
+
+def test_cached_says_whether_the_page_cache_holds_every_page_of_a_range(tmp_path):
+    """`_cached` (cachestat): a range written is cached; after its pages are dropped it is not, nor with one page of
+    it read back; read whole, it is again. An empty range is."""
+    from spmd import stream
+    page = stream.PAGE
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.pwritev(fd, [bytes(8 * page)], 0)
+        if not stream._cached(fd, 0, 8 * page):
+            pytest.skip("no cachestat here (Linux before 6.5): tails are populated as the rest is")
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        assert not stream._cached(fd, 2 * page, 3 * page + 1)
+        os.pread(fd, page, 3 * page)
+        assert stream._cached(fd, 3 * page, page) and not stream._cached(fd, 2 * page, 3 * page)
+        os.pread(fd, 8 * page, 0)
+        assert stream._cached(fd, 2 * page, 3 * page + 1) and stream._cached(fd, 5 * page, 0)
+    finally:
+        os.close(fd)
 
 
 def test_window_refuses_a_folder_it_cannot_write(tmp_path):
