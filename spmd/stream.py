@@ -72,6 +72,8 @@ _byte = ctypes.create_string_buffer(1)  # where those reads go
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 CACHESTAT = 451  # Linux 6.5's cachestat(2), the same number on every architecture: pages of a file range cached
+_libc.syscall.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long]
+_libc.syscall.restype = ctypes.c_long
 
 
 class _Range(ctypes.Structure):
@@ -328,8 +330,7 @@ class Window:
         page cache holds it (`TAIL`). Without MADV_POPULATE_READ (Linux before 5.14): read ahead, then touch a byte a
         page."""
         whole = size // HUGE * HUGE
-        cached = _cached(self.file.fileno(), offset + whole, size - whole)  # (else: an error from madvise where
-        # a read from the disk fails, not a SIGBUS from a read of the mapping)
+        cached = _cached(self.file.fileno(), offset + whole, size - whole)
         try:
             self._advise(offset, whole if cached else size, MADV_POPULATE_READ)
         except OSError as e:
