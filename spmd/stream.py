@@ -21,11 +21,13 @@ What makes it a window is which of those pages are in the process's memory. A lo
 halves in, in the order the stage runs them and round again, as far ahead as the window's bytes allow (more small
 halves than large ones: the prefetch depth follows the sizes): madvise(MADV_POPULATE_READ) reads a half from the
 disk where it is not cached and maps it (through ctypes, which lets go of the GIL, as the cpu kernels do). The
-compute thread `hold`s each half in turn: it waits until the loader has brought it in (the time is counted),
-computes, and drops the half's pages from the process (MADV_DONTNEED; the page cache keeps them while the host
-has room) before its allreduce, so the loader goes on while the stage's ranks add up their partial sums. A half
-asked for out of turn (an error left a pass half done) restarts the loader from it; its pages would fault in by
-themselves anyway, so the numbers never depend on the window.
+compute thread `hold`s each half in turn: it waits until the loader has brought it in (the time is counted; where
+the loader is idle and nothing is held, as between any two halves at the smallest window, it brings the half in
+itself, sparing two hand-offs between the threads: `INLINE`), computes, and drops the half's pages from the
+process (MADV_DONTNEED; the page cache keeps them while the host has room) before its allreduce, so the loader
+goes on while the stage's ranks add up their partial sums. A half asked for out of turn (an error left a pass half
+done) restarts the loader from it; its pages would fault in by themselves anyway, so the numbers never depend on
+the window.
 """
 import ctypes
 import errno
@@ -192,6 +194,8 @@ def figures(window) -> dict:
 
 
 class Window:
+    INLINE = True  # the compute thread brings a half in itself where the loader is idle and nothing is held
+
     def __init__(self, order, folder=None):
         self.order = list(order)  # the streamed halves, (layer, half), in the order the stage runs them
         self.index = {key: i for i, key in enumerate(self.order)}
@@ -281,30 +285,36 @@ class Window:
     def _load(self):
         while True:
             with self.cond:
-                while not self.closed and not self._room(self.order[self.next]):
+                while not self.closed and (self.loading or not self._room(self.order[self.next])):
                     self.cond.wait()
                 if self.closed:
                     return
-                key = self.order[self.next]
-                self.loading, generation = True, self.generation
-            offset, size, _ = self.parts[key]
-            t = time.perf_counter()
-            error = None
-            try:
-                self._bring_in(key)
-            except OSError as e:
-                error = f"cannot read the spill file for streamed weights: {e.strerror}"
-            with self.cond:
-                self.loading = False
-                if error is not None:
-                    self.error, self.closed = error, True
-                elif generation == self.generation:
-                    self.held.append(key)
-                    self.in_bytes += size
-                    self.next = (self.next + 1) % len(self.order)
-                    self.streamed_bytes += size
-                    self.read_s += time.perf_counter() - t
-                self.cond.notify_all()
+                key, self.loading, generation = self.order[self.next], True, self.generation
+            self._bring(key, generation)
+
+    def _bring(self, key, generation):
+        """Bring `key` in (the loader, or the compute thread: `_acquire`), `loading` set by the caller; then count
+        it held, unless a restart came meanwhile."""
+        offset, size, _ = self.parts[key]
+        t = time.perf_counter()
+        error = None
+        try:
+            self._bring_in(key)
+        except OSError as e:
+            error = f"cannot read the spill file for streamed weights: {e.strerror}"
+        except Exception as e:  # (a bug: said, where a loader that died would leave the compute thread waiting)
+            error = f"bringing a streamed half in failed: {type(e).__name__}: {e}"
+        with self.cond:
+            self.loading = False
+            if error is not None:
+                self.error, self.closed = error, True
+            elif generation == self.generation:
+                self.held.append(key)
+                self.in_bytes += size
+                self.next = (self.next + 1) % len(self.order)
+                self.streamed_bytes += size
+                self.read_s += time.perf_counter() - t
+            self.cond.notify_all()
 
     def _room(self, key) -> bool:
         """Whether the loader may bring `key` in now (the lock held): the window has room for it beside the halves
@@ -381,6 +391,12 @@ class Window:
                 self._restart()
                 self.in_bytes, self.next = 0, self.index[key]
                 self.cond.notify_all()
+            inline = self.INLINE and not self.held and not self.loading and not self.closed
+            if inline:
+                self.loading, generation = True, self.generation
+        if inline:  # the loader idle and nothing held: bring it in here, without two hand-offs between threads
+            self._bring(key, generation)
+        with self.cond:
             while not self.held and not self.closed:
                 self.cond.wait()
             if self.error is not None:
@@ -493,6 +509,8 @@ class DeviceWindow(Window):
     waiting only for the products of the halves that hold its bytes: the part of the next half that the half
     computing does not hold is copied while it computes (a cut wherever any of the slot's halves begins or ends
     would cost more copies, 11-15 us each on an H100, where a file's layers differ in size)."""
+
+    INLINE = False  # (a slot's user is claimed by the loader alone: `_room`)
 
     def __init__(self, order, dev, folder=None):
         super().__init__(order, folder)

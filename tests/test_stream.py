@@ -2,6 +2,7 @@
 the size flag, and the cpu and vulkan backends' bytes held (what the choice is made from); the Vulkan window's
 device slots."""
 import os
+import threading
 import time
 
 import numpy as np
@@ -130,6 +131,79 @@ def test_window_gives_every_half_its_arrays_in_turn_and_leaves_no_file(tmp_path)
     w.close()
     assert all(lin.arrays is None for k in order for lin in halves[k])
     assert os.listdir(tmp_path) == []
+
+
+def bounded(compute, timeout_s=60):
+    """Run `compute` on a thread of its own, so that a wait that never ends fails the test rather than hanging it:
+    (the thread's ident, the exception it raised or None)."""
+    raised = []
+
+    def run():
+        try:
+            compute()
+        except Exception as e:
+            raised.append(e)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    assert not thread.is_alive(), f"still waiting after {timeout_s} s"
+    return thread.ident, (raised or [None])[0]
+
+
+def test_the_compute_thread_brings_a_half_in_itself_where_the_loader_is_idle(tmp_path):
+    """Where nothing is held and the loader is not bringing a half in (as between any two halves at the smallest
+    window), `hold` brings the half in on the compute thread. With the loader never started, every half, round the
+    cycle and out of turn, is then brought in by this thread alone, and its wait and read are counted."""
+    class NoLoader(Window):
+        def _launch(self):
+            self.by = []
+
+        def _bring_in(self, key):
+            self.by.append(threading.get_ident())
+            super()._bring_in(key)
+
+    rng = np.random.default_rng(2)
+    halves = make_halves(3, 200, rng)
+    copies = {k: [[a.copy() for a in lin.arrays] for lin in lins] for k, lins in halves.items()}
+    order = list(halves)
+    w = NoLoader(order, tmp_path)
+    for k in order:
+        w.spill(k, halves[k])
+    w.start(w.largest)
+    asked = order + order + [order[4], order[1], order[1]]  # (the last two out of turn)
+    right = []
+
+    def compute():
+        for k in asked:
+            with w.hold(k):
+                right.append(all(same(a, e) for lin, c in zip(halves[k], copies[k]) for a, e in zip(lin.arrays, c)))
+
+    ident, error = bounded(compute)
+    assert error is None and right == [True] * len(asked) and w.by == [ident] * len(asked)
+    assert w.wait_s >= w.read_s > 0 and w.streamed_bytes == sum(w.parts[k][1] for k in asked)
+    w.close()
+
+
+def test_a_half_that_cannot_be_brought_in_ends_the_hold_with_the_reason(tmp_path):
+    """Whichever thread brings the half in, an error there (here not an OSError) reaches the compute thread."""
+    class Failing(Window):
+        def _bring_in(self, key):
+            raise ValueError("no such page")
+
+    halves = make_halves(2, 100, np.random.default_rng(3))
+    w = Failing(list(halves), tmp_path)
+    for k, lins in halves.items():
+        w.spill(k, lins)
+    w.start(w.largest)
+
+    def compute():
+        with w.hold(next(iter(halves))):
+            pass
+
+    _, error = bounded(compute)
+    assert isinstance(error, RuntimeError) and "ValueError: no such page" in str(error)
+    w.close()
 
 
 def test_window_pages_leave_the_process(tmp_path):
