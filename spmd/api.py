@@ -12,11 +12,13 @@ import json
 import logging
 import math
 import os
+import socket
 import threading
 import time
 import uuid
 from dataclasses import dataclass
 from importlib import resources
+from urllib.parse import urlsplit
 
 import numpy as np
 from aiohttp import web
@@ -26,15 +28,24 @@ from .prompts import PromptSpec, Work
 
 MAX_BODY_BYTES = 4 * 2**20
 BODY_WAIT_S = 30.0  # a request's body must have come whole within this long
+LINGER_S = 1.0  # after answering a request whose body it did not read, the server reads what comes of it this long
+# before it closes the connection (aiohttp's lingering_time, 10 s by default): a client that sent it all gets the
+# answer rather than a reset
+DECODED = {"identity", "gzip", "deflate", "br", "zstd"}  # Content-Encodings aiohttp decodes (br, zstd: where the
+# libraries are installed, else the body "could not be read")
 IDLE_S = 10.0  # a connection without a request in progress for this long is closed (see Connections)
 MAX_STOPS, MAX_STOP_CHARS = 16, 256
 STATUS_WAIT_S = 10.0  # the driver answers /cluster at its next token boundary; it is there within a token
 CHECK_CLIENT_S = 0.25  # how often a request waiting for its next token looks whether its client is still there
-# OpenAI fields that change what is generated and that spmd does not do: refused unless at a no-op value (null,
-# false, [] and {} are one for each)
-UNSUPPORTED = {"frequency_penalty": (0,), "presence_penalty": (0,), "logit_bias": (), "logprobs": (),
-               "top_logprobs": (0,), "tools": (), "tool_choice": ("none", "auto"), "functions": (),
-               "response_format": ({"type": "text"},), "echo": (), "best_of": (1,), "suffix": ("",)}
+# Fields that change what is generated or returned and that spmd does not do (OpenAI's, and llama.cpp's and vLLM's
+# sampling extensions): refused unless null or one of these no-op values
+UNSUPPORTED = {"frequency_penalty": (0,), "presence_penalty": (0,), "logit_bias": ({},), "logprobs": (False,),
+               "top_logprobs": (0,), "tools": ([],), "tool_choice": ("none", "auto"), "functions": ([],),
+               "function_call": ("none", "auto"), "response_format": ({"type": "text"},), "echo": (False,),
+               "best_of": (1,), "suffix": ("",), "modalities": (["text"],), "audio": (), "prediction": (),
+               "min_p": (0,), "typical_p": (1,), "repeat_penalty": (1,), "repetition_penalty": (1,),
+               "ignore_eos": (False,), "grammar": ("",), "json_schema": (), "guided_json": (), "guided_regex": (),
+               "guided_choice": (), "mirostat": (0,)}
 FINISH = {"eos": "stop", "length": "length"}  # the driver's end -> OpenAI's finish_reason
 
 
@@ -62,6 +73,8 @@ class BadRequest(Exception):
 
 def listen_error(e):
     """Why binding failed, in a few words (aiohttp's OSError repeats the address)."""
+    if isinstance(e, socket.gaierror):  # (a host name that does not resolve: its errno is the resolver's)
+        return f"no such host or address ({e.strerror})"
     return os.strerror(e.errno) if e.errno else str(e)
 
 
@@ -74,6 +87,17 @@ def serving_line(model_id, host, port, n_ranks, slots, context, more=""):
 def error_response(status, message, kind="invalid_request_error", param=None, headers=None):
     return web.json_response({"error": {"message": message, "type": kind, "param": param, "code": None}},
                              status=status, headers=headers)
+
+
+def unread(response):
+    """A response to a request whose body was not read: the connection closes after it (what is left of the body
+    would be read as the next request), within LINGER_S."""
+    response.force_close()
+    return response
+
+
+def loading():
+    return error_response(503, "the model is loading", "unavailable_error", headers={"Retry-After": "2"})
 
 
 @web.middleware
@@ -221,6 +245,8 @@ def _json_object(raw):
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
+        if "integer string conversion" in str(e):  # (Python's limit on a whole number's digits)
+            raise BadRequest("the body holds a whole number of more digits than this server reads (4300)") from None
         raise BadRequest(f"the body is not JSON ({e})"[:200]) from None
     except RecursionError:
         raise BadRequest("the body is not JSON this server reads (nested too deeply)") from None
@@ -240,10 +266,12 @@ def _sampling(body):
     """The request's sampling fields, checked."""
     for name, neutral in UNSUPPORTED.items():
         value = body.get(name)
-        if not (value is None or value is False or value in ([], {}) or any(value == n for n in neutral)) \
-                or isinstance(value, bool) and value and neutral:
-            said = " or ".join(json.dumps(n) for n in (None, *neutral)) if neutral else "null or false"
+        if value is not None and not any(value == n and isinstance(value, bool) == isinstance(n, bool)
+                                         for n in neutral):
+            said = " or ".join(json.dumps(n) for n in (None, *neutral))
             raise BadRequest(f"'{name}' is not supported by spmd (only {said})", name)
+    if not isinstance(body.get("model", ""), str):
+        raise BadRequest("'model' must be a string (this server has one model: any name is taken as it)", "model")
     if body.get("n") not in (None, 1) or isinstance(body.get("n"), bool):
         raise BadRequest("'n' must be 1: one answer a request", "n")
     caps = [_number(body, name, 1, 2**31 - 1, None, integer=True) for name in ("max_completion_tokens", "max_tokens")]
@@ -282,9 +310,12 @@ def _messages(body):
         if content is None and m["role"] == "assistant":
             content = ""
         if isinstance(content, list):  # parts: only text is understood
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                       for p in content):
-                raise BadRequest(f"{where}.content: only text parts are supported", "messages")
+            for j, p in enumerate(content):
+                if not isinstance(p, dict) or p.get("type") != "text":
+                    kind = json.dumps(p.get("type"))[:40] if isinstance(p, dict) else "not an object"
+                    raise BadRequest(f"{where}.content[{j}]: only text parts are supported (got {kind})", "messages")
+                if not isinstance(p.get("text"), str):
+                    raise BadRequest(f"{where}.content[{j}].text must be text", "messages")
             content = "".join(p["text"] for p in content)
         if not isinstance(content, str):
             raise BadRequest(f"{where}.content must be text", "messages")
@@ -295,6 +326,8 @@ def _messages(body):
 
 def _prompt(body):
     """A completion's prompt: text, or token ids."""
+    if "messages" in body:
+        raise BadRequest("'messages' belongs to /v1/chat/completions; /v1/completions takes a 'prompt'", "messages")
     prompt = body.get("prompt", "")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # a batch of one
@@ -307,9 +340,12 @@ def _prompt(body):
 
 # ---- the server ----------------------------------------------------------------------------------------------
 class Cors:
-    """--cors: pages of these origins ("*": any) may call the API from a browser. A preflight (OPTIONS with
-    Access-Control-Request-Method) from one of them is answered 204; every response to one of them, streams
-    included, carries Access-Control-Allow-Origin. Without --cors nothing changes (the page at / needs none)."""
+    """Which web pages may call the API. A browser names the page's origin in a request's Origin header (a client
+    that is not a browser sends none); the server's own page has the server's origin (the Host it asked). A request
+    from any other page is refused (403: a page elsewhere cannot make the server generate, though it could not read
+    the answer), unless --cors names that origin ("*": any): then a preflight (OPTIONS with
+    Access-Control-Request-Method) is answered 204 with the methods and the headers it asks for, and every response,
+    streams included, carries Access-Control-Allow-Origin."""
 
     def __init__(self, origins):
         self.origins = tuple(origins)
@@ -318,10 +354,24 @@ class Cors:
         origin = request.headers.get("Origin")
         return origin is not None and ("*" in self.origins or origin in self.origins)
 
+    @staticmethod
+    def own(request, origin):
+        try:
+            parts = urlsplit(origin)
+        except ValueError:  # (not a URL: "null", say, is one that parses)
+            return False
+        return parts.scheme in ("http", "https") and parts.netloc.lower() == request.host.lower()
+
     @web.middleware
     async def middleware(self, request, handler):
+        origin = request.headers.get("Origin")
+        if origin is None or self.own(request, origin):
+            return await handler(request)
         if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers and self.allows(request):
             return web.Response(status=204)
+        if not self.allows(request) and request.method != "OPTIONS":
+            return error_response(403, f"a page of another origin ({origin[:100]}) may not call this server: "
+                                       "allow it with --cors", "permission_error")
         return await handler(request)
 
     async def headers(self, request, response):  # (aiohttp's on_response_prepare: before the headers go out)
@@ -331,7 +381,8 @@ class Cors:
         response.headers["Vary"] = "Origin"
         if request.method == "OPTIONS":
             response.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
-            response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type"
+            asked = request.headers.get("Access-Control-Request-Headers", "")  # (OpenAI's SDK asks for its own)
+            response.headers["Access-Control-Allow-Headers"] = asked[:1000] or "Authorization, Content-Type"
             response.headers["Access-Control-Max-Age"] = "600"
 
 
@@ -393,7 +444,7 @@ class Server:
         def main():
             loop = self.loop = asyncio.new_event_loop()
             asyncio.set_event_loop(loop)
-            self._runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=2.0)
+            self._runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=2.0, lingering_time=LINGER_S)
             loop.run_until_complete(self._runner.setup())
             site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
             try:
@@ -433,7 +484,7 @@ class Server:
     # -- endpoints --
     async def health(self, _request):
         if self.gateway is None:
-            return error_response(503, "the model is loading", "unavailable_error")
+            return loading()
         return web.json_response({"status": "ok"})
 
     async def models(self, _request):
@@ -454,7 +505,7 @@ class Server:
 
     async def cluster(self, _request):
         if self.gateway is None:
-            return error_response(503, "the model is loading", "unavailable_error")
+            return loading()
         loop, answer = asyncio.get_running_loop(), asyncio.get_running_loop().create_future()
 
         def reply(status):
@@ -480,16 +531,18 @@ class Server:
     async def _generate(self, request, chat):
         gw = self.gateway
         if gw is None:
-            return error_response(503, "the model is loading", "unavailable_error")
+            return loading()
+        encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+        if encoding not in DECODED:
+            return unread(error_response(415, f"the body's Content-Encoding {encoding[:40]!r} is not one this server "
+                                              f"decodes ({', '.join(sorted(DECODED - {'identity'}))})"))
         try:
             if (request.content_length or 0) > MAX_BODY_BYTES:  # said up front: not worth waiting for
                 raise web.HTTPRequestEntityTooLarge(max_size=MAX_BODY_BYTES, actual_size=request.content_length)
             try:
                 raw = await asyncio.wait_for(request.read(), BODY_WAIT_S)
             except asyncio.TimeoutError:
-                late = error_response(408, f"the request's body did not come whole within {BODY_WAIT_S:.0f} s")
-                late.force_close()  # what is left of the body would be read as the next request
-                return late
+                return unread(error_response(408, f"the request's body did not come whole within {BODY_WAIT_S:.0f} s"))
             except ConnectionError:  # the client went away while sending it
                 return web.Response(status=499)
             except web.RequestPayloadError as e:  # (a Content-Encoding that does not decode, a bad chunk)
@@ -500,7 +553,7 @@ class Server:
             loop = asyncio.get_running_loop()
             ids = await loop.run_in_executor(None, self._tokens, source, chat)
         except web.HTTPRequestEntityTooLarge:
-            return error_response(413, f"the body is larger than {MAX_BODY_BYTES >> 20} MiB")
+            return unread(error_response(413, f"the body is larger than {MAX_BODY_BYTES >> 20} MiB"))
         except BadRequest as e:
             return error_response(400, str(e), param=e.param)
         room = gw.context - len(ids)

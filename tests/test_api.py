@@ -1,13 +1,15 @@
 """spmd.api's parts that need no cluster: stop strings held back and cut, the chat template in its sandbox and its
 fallback, request checks, and /health before and after the model has loaded (a real HTTP server on a free port)."""
 import json
+import re
 import time
 import urllib.error
 import urllib.request
 
 import pytest
 
-from spmd.api import BadRequest, Gateway, Server, StopFilter, _json_object, _messages, _sampling
+from spmd import api
+from spmd.api import BadRequest, Gateway, Server, StopFilter, _json_object, _messages, _prompt, _sampling
 from spmd.chat_template import FALLBACK, ChatTemplate, TemplateError
 
 
@@ -91,9 +93,20 @@ def test_request_checks():
     assert _sampling({"frequency_penalty": 0, "logit_bias": {}, "logprobs": False, "top_logprobs": 0, "suffix": "",
                       "tool_choice": "none", "response_format": {"type": "text"}})["max_tokens"] is None  # no-ops
     for body in ({"top_logprobs": 2}, {"suffix": "x"}, {"tool_choice": "required"}, {"best_of": True},
-                 {"echo": True}):
-        with pytest.raises(BadRequest, match="is not supported by spmd"):
+                 {"echo": True}, {"logprobs": True}, {"min_p": 0.05}, {"repeat_penalty": 1.1}, {"ignore_eos": True},
+                 {"grammar": "root ::= x"}, {"modalities": ["text", "audio"]}, {"tools": [{"type": "function"}]}):
+        with pytest.raises(BadRequest, match="is not supported by spmd") as e:
             _sampling(body)
+        assert e.value.param == next(iter(body))
+    assert _sampling({"min_p": 0, "repeat_penalty": 1.0, "ignore_eos": False, "modalities": ["text"], "tools": [],
+                      "model": "anything"})["max_tokens"] is None  # no-ops
+    for body, said in [({"logit_bias": {"5": 10}}, "only null or {}"), ({"tools": [1]}, "only null or []"),
+                       ({"logprobs": 0}, "only null or false")]:
+        with pytest.raises(BadRequest, match=re.escape(said)):
+            _sampling(body)
+    with pytest.raises(BadRequest) as e:
+        _sampling({"model": 5})
+    assert e.value.param == "model"
     assert _messages({"messages": [{"role": "assistant", "content": None}]}) == [{"role": "assistant", "content": ""}]
     for given, cap in [({"max_tokens": 5, "max_completion_tokens": None}, 5), ({"max_completion_tokens": 3}, 3),
                        ({"max_tokens": 5, "max_completion_tokens": 7}, 7), ({"max_tokens": None}, None)]:
@@ -102,15 +115,22 @@ def test_request_checks():
     assert developer == [{"role": "system", "content": "Be brief."}]  # OpenAI's newer name for a system message
     parts = [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]
     assert _messages({"messages": [{"role": "user", "content": parts}]}) == [{"role": "user", "content": "ab"}]
-    with pytest.raises(BadRequest):
+    with pytest.raises(BadRequest, match=re.escape('content[0]: only text parts are supported (got "image_url")')):
         _messages({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]})
+    with pytest.raises(BadRequest, match=re.escape("messages[0].content[1].text must be text")):
+        parts = [{"type": "text", "text": "a"}, {"type": "text", "text": 5}]
+        _messages({"messages": [{"role": "user", "content": parts}]})
+    with pytest.raises(BadRequest, match="belongs to /v1/chat/completions") as e:  # a chat body sent to completions
+        _prompt({"messages": [{"role": "user", "content": "hi"}]})
+    assert e.value.param == "messages"
 
 
 def test_a_body_must_be_a_json_object_of_text():
     assert _json_object(b'{"prompt": "caf\\u00e9 \\ud83d\\ude00"}') == {"prompt": "caf\u00e9 \U0001F600"}  # a pair
     for raw, said in [(b'{"prompt": "\\ud800"}', "unpaired UTF-16 surrogate"),
                       (b'{"messages": [{"role": "user", "content": "a\\udfffb"}]}', "surrogate"),
-                      (b'[1]', "JSON object"), (b'{"a": ', "not JSON"), (b'\xff{}', "not JSON")]:
+                      (b'[1]', "JSON object"), (b'{"a": ', "not JSON"), (b'\xff{}', "not JSON"),
+                      (b'{"max_tokens": ' + b"9" * 5000 + b"}", "more digits than this server reads")]:
         with pytest.raises(BadRequest, match=said):
             _json_object(raw)
 
@@ -122,16 +142,23 @@ def served_without_a_cluster():
     return server
 
 
-def raw_reply(port, request, timeout=10):
+def raw_reply(port, request, timeout=10, until_closed=False):
+    """The server's first answer to the bytes sent; until_closed: (all it sent, seconds until it closed)."""
     import socket
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
         s.sendall(request)
-        return s.recv(65536).decode("latin-1")
+        if not until_closed:
+            return s.recv(65536).decode("latin-1")
+        t, got = time.monotonic(), b""
+        while chunk := s.recv(65536):
+            got += chunk
+        return got.decode("latin-1"), time.monotonic() - t
 
 
 def test_a_body_that_does_not_decode_or_is_declared_too_large_is_a_json_error():
-    """A Content-Encoding whose bytes do not decode is 400, a declared length over the limit 413 at once (not after
-    BODY_WAIT_S), both in the API's JSON error shape."""
+    """A Content-Encoding whose bytes do not decode is 400, one the server does not decode 415, a declared length
+    over the limit 413 at once (not after BODY_WAIT_S), all in the API's JSON error shape; the connection of a
+    body left unread closes within LINGER_S."""
     server = served_without_a_cluster()
     try:
         head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -141,10 +168,13 @@ def test_a_body_that_does_not_decode_or_is_declared_too_large_is_a_json_error():
             assert reply.startswith("HTTP/1.1 400"), reply
             error = json.loads(reply.split("\r\n\r\n", 1)[1])["error"]
             assert "could not be read" in error["message"] and error["type"] == "invalid_request_error"
-        t = time.monotonic()
-        reply = raw_reply(server.port, head + b"Content-Length: 99999999999\r\n\r\n{}")
-        assert reply.startswith("HTTP/1.1 413") and time.monotonic() - t < 5, reply
-        assert "larger than" in json.loads(reply.split("\r\n\r\n", 1)[1])["error"]["message"]
+        for request, code, said in [(b"Content-Length: 99999999999\r\n\r\n{}", 413, "larger than"),
+                                    (b"Content-Encoding: zstdx\r\nContent-Length: 2\r\n\r\n{}", 415, "zstdx")]:
+            t = time.monotonic()
+            reply, closed = raw_reply(server.port, head + request, until_closed=True)
+            assert reply.startswith(f"HTTP/1.1 {code}") and time.monotonic() - t < 5, reply
+            assert said in json.loads(reply.split("\r\n\r\n", 1)[1])["error"]["message"]
+            assert closed < api.LINGER_S + 2  # (the body was not read: the connection goes, soon)
     finally:
         server.stop()
 
@@ -171,6 +201,7 @@ def test_health_is_503_until_loaded():
         with pytest.raises(urllib.error.HTTPError) as e:
             urllib.request.urlopen(url + "/health", timeout=10)
         assert e.value.code == 503 and json.loads(e.value.read())["error"]["type"] == "unavailable_error"
+        assert e.value.headers["Retry-After"] == "2"
         with pytest.raises(urllib.error.HTTPError) as e:
             urllib.request.urlopen(urllib.request.Request(url + "/v1/completions", data=b"{}"), timeout=10)
         assert e.value.code == 503
@@ -277,34 +308,58 @@ PAGE = "http://page.example:8000"
     ((PAGE,), PAGE, True), ((PAGE,), "http://other.example", False), (("*",), "http://any.example", True),
     ((), "http://a.example", False)])
 def test_cors_lets_the_named_origins_call_the_api(cors, origin, allowed):
-    """--cors: a preflight from an allowed origin is 204 with the methods and headers a browser asks about, and
-    responses to it (errors included) name it; other origins, and a server without --cors, get no such header
-    (and a preflight its 405, as before)."""
+    """--cors: a preflight from an allowed origin is 204 with the methods and the headers a browser asks for (OpenAI's
+    SDK asks for its own x-stainless-* headers), and responses to it (errors included) name it; a request from
+    another origin, on a server without --cors too, is 403 (a page elsewhere may not make the server generate) and
+    its preflight 405."""
     server = Server("127.0.0.1", 0, "m", 4, cors)
     server.start()
     try:
         server.open(Gateway(inbox=None, tokenizer=None, template=None, context=8, n_known=8, slots=1))
         url = f"http://127.0.0.1:{server.port}"
+        asked = "content-type, authorization, x-stainless-os"
         preflight = urllib.request.Request(url + "/v1/chat/completions", method="OPTIONS", headers={
-            "Origin": origin, "Access-Control-Request-Method": "POST",
-            "Access-Control-Request-Headers": "content-type, authorization"})
-        try:
-            with urllib.request.urlopen(preflight, timeout=10) as r:
-                status, headers = r.status, r.headers
-        except urllib.error.HTTPError as e:
-            status, headers = e.code, e.headers
+            "Origin": origin, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": asked})
+        status, headers, _ = ask(preflight)
         assert status == (204 if allowed else 405)
         want = ("*" if cors == ("*",) else origin) if allowed else None
         assert headers.get("Access-Control-Allow-Origin") == want
         if allowed:
             assert "POST" in headers["Access-Control-Allow-Methods"]
-            assert "Content-Type" in headers["Access-Control-Allow-Headers"]
-        with urllib.request.urlopen(urllib.request.Request(url + "/v1/models", headers={"Origin": origin}),
-                                    timeout=10) as r:
-            assert r.headers.get("Access-Control-Allow-Origin") == want
-        with pytest.raises(urllib.error.HTTPError) as e:  # an error answer too (a browser reads it only so)
-            urllib.request.urlopen(urllib.request.Request(url + "/v1/completions", data=b"[", headers={
-                "Origin": origin, "Content-Type": "application/json"}), timeout=10)
-        assert e.value.code == 400 and e.value.headers.get("Access-Control-Allow-Origin") == want
+            assert headers["Access-Control-Allow-Headers"] == asked
+        status, headers, body = ask(urllib.request.Request(url + "/v1/models", headers={"Origin": origin}))
+        assert status == (200 if allowed else 403) and headers.get("Access-Control-Allow-Origin") == want
+        status, headers, body = ask(urllib.request.Request(url + "/v1/completions", data=b"[", headers={
+            "Origin": origin, "Content-Type": "text/plain"}))  # (a page elsewhere may send this without a preflight)
+        assert status == (400 if allowed else 403) and headers.get("Access-Control-Allow-Origin") == want
+        if not allowed:
+            assert json.loads(body)["error"]["type"] == "permission_error" and "--cors" in body.decode()
+    finally:
+        server.stop()
+
+
+def ask(request):
+    """(status, headers, body) of a request, errors included."""
+    try:
+        with urllib.request.urlopen(request, timeout=10) as r:
+            return r.status, r.headers, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers, e.read()
+
+
+@pytest.mark.parametrize("origin, own", [("http://127.0.0.1:{port}", True), ("HTTP://127.0.0.1:{port}", True),
+                                         ("https://127.0.0.1:{port}", True), ("http://127.0.0.1:1", False),
+                                         ("http://localhost:{port}", False), ("null", False), ("http://[::1", False)])
+def test_the_servers_own_page_needs_no_cors(origin, own):
+    """A request whose Origin is the server's own (the host and port it was asked at) is answered as any other;
+    another, or one that is not a URL, is 403."""
+    server = Server("127.0.0.1", 0, "m", 4)
+    server.start()
+    try:
+        server.open(Gateway(inbox=None, tokenizer=None, template=None, context=8, n_known=8, slots=1))
+        url = f"http://127.0.0.1:{server.port}"
+        status, _, body = ask(urllib.request.Request(url + "/v1/completions", data=b"[", headers={
+            "Origin": origin.format(port=server.port), "Content-Type": "application/json"}))
+        assert status == (400 if own else 403), body
     finally:
         server.stop()

@@ -1,6 +1,6 @@
 """The page at / in a real headless browser (Debian's chromium, driven by selenium): a message sent in the chat box
-streams back the model's answer (the same text as the API's), and the rank table shows every rank of a 3-rank
-server with its stage and layers."""
+streams back the model's answer (the same text as the API's), a refused one leaves the chat, and the rank table
+shows every rank of a 3-rank server with its stage and layers."""
 import shutil
 
 import pytest
@@ -44,12 +44,21 @@ def test_chat_and_rank_table(browser, model):  # noqa: F811
         browser.find_element(By.ID, "max-tokens").clear()
         browser.find_element(By.ID, "max-tokens").send_keys("12")
         browser.find_element(By.ID, "temperature").clear()
+        browser.find_element(By.ID, "temperature").send_keys("5")  # refused (400): left out of the chat
+        browser.find_element(By.ID, "prompt").send_keys("Tell me more")
+        browser.find_element(By.ID, "send").click()
+        note = wait.until(lambda b: b.find_element(By.CSS_SELECTOR, ".note"))
+        assert "temperature" in note.text and "left out of the chat" in note.text
+        wait.until(lambda b: b.find_element(By.ID, "send").is_enabled())
+        browser.find_element(By.ID, "temperature").clear()
         browser.find_element(By.ID, "temperature").send_keys("0")
         browser.find_element(By.ID, "prompt").send_keys("Once upon a time")
         browser.find_element(By.ID, "send").click()
         answer = wait.until(lambda b: b.find_element(By.CSS_SELECTOR, ".assistant[data-done='1']"))
-        assert answer.text.strip() == want.strip()
-        assert browser.find_element(By.CSS_SELECTOR, ".user").text.endswith("Once upon a time")
+        assert answer.text.strip() == want.strip()  # the answer to this message alone
+        users = browser.find_elements(By.CSS_SELECTOR, ".user")
+        assert [u.get_attribute("class") for u in users] == ["msg user refused", "msg user"]
+        assert users[1].text.endswith("Once upon a time")
         wait.until(lambda b: "1 requests served" not in b.find_element(By.ID, "figures").text and
                    "2 requests served" in b.find_element(By.ID, "figures").text)
     finally:
