@@ -363,3 +363,10 @@ def test_the_servers_own_page_needs_no_cors(origin, own):
         assert status == (400 if own else 403), body
     finally:
         server.stop()
+
+
+def test_a_host_name_that_does_not_resolve_is_said_so():
+    server = Server("no-such-host.invalid", 0, "m", 4)
+    with pytest.raises(OSError) as e:
+        server.start()
+    assert api.listen_error(e.value).startswith("no such host or address")
