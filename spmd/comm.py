@@ -25,6 +25,7 @@ not a network delay: this machine's kernel has no netem. Unset or 0, it costs no
 import math
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from enum import IntEnum
@@ -43,6 +44,7 @@ from mpi4py import MPI  # noqa: E402 (MPI starts here)
 
 # waiting on MPI: test without pause this long, then yielding the core until SPIN_S, then between naps up to NAP_MAX_S
 BUSY_S, SPIN_S, NAP_MAX_S = 1e-4, 0.05, 0.002
+DEFAULT_WAIT_S = 600.0  # --wait-timeout's default: how long a rank waits for the others before it gives up
 TAG_META, TAG_DATA, TAG_HIDDEN, TAG_LOGITS, TAG_NOTE = 71, 72, 73, 74, 75  # point-to-point messages
 
 
@@ -97,16 +99,16 @@ def link_delay_s():
 def test_signals(rank):
     """TEST ONLY: SPMD_TEST_SIGNAL=RANK:STEP:SIG[:ONCE][,...] makes rank RANK send itself SIG (STOP: a host that
     froze; KILL: one that died; WATCHER_KILL: SIGKILL to its supervised watcher, spmd.watch) when it has seen STEP
-    step records (STEP "replan": at the first migration's). With ONCE (a file path) only the rank that creates that
-    file does it, so a relaunched job (spmd.supervise) does not repeat it. {step: [(signal, once, to the
-    watcher)]} for this rank."""
+    step records (STEP "replan": at the first migration's; "load": as it starts to load its weights). With ONCE
+    (a file path) only the rank that creates that file does it, so a relaunched job (spmd.supervise) does not
+    repeat it. {step: [(signal, once, to the watcher)]} for this rank."""
     text = os.environ.get("SPMD_TEST_SIGNAL", "").strip()
     out = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         who, at, sig, *once = part.split(":", 3)
         if int(who) == rank:
             watcher = sig.startswith("WATCHER_")
-            out.setdefault(at if at == "replan" else int(at), []).append(
+            out.setdefault(at if at in ("replan", "load") else int(at), []).append(
                 (getattr(signal, f"SIG{sig.removeprefix('WATCHER_')}"), once[0] if once else None, watcher))
     return out
 
@@ -164,6 +166,10 @@ class Comm:
         self._sends = []  # (request, buffer) of the hand-offs in flight
         self._notes, self._told = [], []  # requests of the lines sent to rank 0, and rank 0's own (`tell_root`)
         self.steps_seen, self.last_step_at = 0, time.monotonic()  # for the watchdog (spmd.engine)
+        self.setting_up = True  # set-up's collectives wait in Python, bounded (`arrive`); Engine.run ends it
+        self.wait_timeout_s = DEFAULT_WAIT_S  # --wait-timeout, once the flags are read (0: never)
+        self.before_abort = lambda: None  # what a stalled set-up does before it takes the job down (rank 0: its
+        # control socket's file removed)
         self._signals = test_signals(self.rank)  # test only: this rank signals itself (SIGSTOP, SIGKILL) at a step
         self.link_delay_s = link_delay_s() if self.size > 1 else 0.0  # test only; see the module's docstring
         self.plan = None
@@ -174,6 +180,10 @@ class Comm:
     @property
     def is_root(self):
         return self.rank == 0
+
+    def test_signal(self, at):
+        """TEST ONLY: this rank's SPMD_TEST_SIGNAL due at `at` (a point of the set-up: "load")."""
+        _test_signal(self._signals.pop(at, []))
 
     def _delay(self, steps=1):
         if self.link_delay_s and steps:
@@ -497,24 +507,45 @@ class Comm:
                 return e if rank == 0 else f"rank {rank}: {e}"
         return None
 
+    def arrive(self):
+        """While the job sets up, before each collective of this class: wait until every rank has reached it, in
+        Python (MPI's own waits spin in C, where a Ctrl-C or SIGTERM is not handled until they return), and after
+        --wait-timeout (rank 0 first, so that it is the one to say so) say in one line that a rank has stopped, and
+        take the job down. A rank loading a large model keeps the others waiting here as long as it takes, within
+        that limit."""
+        if not self.setting_up or self.size == 1:
+            return
+        limit = self.wait_timeout_s + (0 if self.is_root else 5) if self.wait_timeout_s > 0 else None
+        if not wait(self.comm.Ibarrier(), limit_s=limit):
+            print(f"error: rank {self.rank} ({host_name()}): waited {limit:.0f} s for the other ranks while setting "
+                  "up: a rank has stopped or its host is gone (--wait-timeout)", file=sys.stderr, flush=True)
+            self.before_abort()
+            time.sleep(0.5)  # for mpirun to pass the line on before the abort ends its forwarding
+            self.abort(1)
+
     def allgather(self, obj):
+        self.arrive()
         return self.comm.allgather(obj)
 
     def gather(self, obj):
+        self.arrive()
         return self.comm.gather(obj, root=0)
 
     def bcast(self, obj, root=0):
+        self.arrive()
         return self.comm.bcast(obj, root=root)
 
     def on_this_machine(self):
         """(this rank's index among the job's ranks on its machine, how many they are): they share its cores, and
         a rank takes the GPU of its index by default. A collective: every rank calls it."""
+        self.arrive()
         node = self.comm.Split_type(MPI.COMM_TYPE_SHARED)
         index, count = node.Get_rank(), node.Get_size()
         node.Free()
         return index, count
 
     def barrier(self):
+        self.arrive()
         self.comm.Barrier()
 
     def abort(self, code=1):
@@ -558,14 +589,17 @@ def star_allreduce(c, flat):
     return flat.nbytes * (size - 1) if first else flat.nbytes
 
 
-def wait(*requests):
+def wait(*requests, limit_s=None):
     """Wait for MPI requests without holding a core for long: test them back to back for BUSY_S (an allreduce on
     cores of its own is over by then), then yielding the core between tests (ranks may share cores) while messages
     still follow each other closely (generating), then between naps that double up to NAP_MAX_S (an idle server's
-    ranks, or ranks waiting for a stopped one, sleep instead of spinning as MPI's own waits do)."""
+    ranks, or ranks waiting for a stopped one, sleep instead of spinning as MPI's own waits do). False where
+    `limit_s` seconds passed first (the requests left as they are), else True."""
     t, nap = time.perf_counter(), 1e-4
     while not MPI.Request.Testall(requests):
         waited = time.perf_counter() - t
+        if limit_s is not None and waited > limit_s:
+            return False
         if waited < BUSY_S:
             continue
         if waited < SPIN_S:
@@ -573,6 +607,7 @@ def wait(*requests):
         else:
             time.sleep(nap)
             nap = min(2 * nap, NAP_MAX_S)
+    return True
 
 
 def host_name():

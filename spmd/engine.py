@@ -28,6 +28,7 @@ class Engine:
         `inbox` (spmd.serve) rank 0 generates what comes into it until it is closed."""
         comm, state = self.comm, self.state
         comm.barrier()
+        comm.setting_up = False  # from here the watchdog bounds the waits
         start_sync, t0 = comm.sync_s, time.perf_counter()
         done = threading.Event()
         if comm.size > 1 and state.opts.wait_timeout > 0:

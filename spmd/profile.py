@@ -283,7 +283,8 @@ def main(argv=None):
     try:
         from . import comm as C  # initialises MPI
         comm = C.Comm()
-        kw = R.flags_agreed(comm, R.parse_args(argv, comm.is_root, cli, "python -m spmd.profile"))
+        prog = "python -m spmd.profile"
+        kw = R.flags_agreed(comm, R.parse_args(argv, comm.is_root, cli, prog), prog)
         R.imports_agreed(comm, ("backends", "executor", "weights"))
         profile = R.guarded(comm, R.root_log(comm), lambda: profile_run(comm, kw))
     except KeyboardInterrupt:

@@ -220,7 +220,8 @@ class RankState:
                 opts = replace(opts, ratios=layout, plan=None)
         self.opts = opts
         check_options(opts)
-        self.backend_name, self.gpu, self.threads, self.gpu_wraps, threads_note = per_rank_choice(opts, comm)
+        self.backend_name, self.gpu, self.threads, self.gpu_wraps, threads_note = agree(
+            comm, lambda: per_rank_choice(opts, comm))
         self.memory_limit = agree(comm, self._memory_limit)
         self.file, self.cfg = agree(comm, self._read_header)
         comm.algorithm = opts.allreduce
@@ -255,7 +256,10 @@ class RankState:
         # the socket opens before the weights load, so a user (or a script) can queue a migration meanwhile
         self.plan = plan
         self.control = agree(comm, self._open_control if comm.is_root else lambda: None)
+        if self.control is not None:
+            comm.before_abort = self.control.close  # (a set-up that stalls from here on: Comm.arrive)
         try:
+            comm.test_signal("load")
             t, rss = time.perf_counter(), rss_bytes()
             notes = [threads_note] if threads_note else []  # and what loading says on this rank (a backend holding a
             # slice as F32, ...): said together, in a collective every rank reaches (spmd.profile on some ranks,

@@ -67,7 +67,8 @@ def main(argv=None):
 def run(argv):
     from . import comm as C  # initialises MPI
     comm = C.Comm()
-    kw = flags_agreed(comm, parse_args(argv, comm.is_root, cli, "python -m spmd.serve"))
+    prog = "python -m spmd.serve"
+    kw = flags_agreed(comm, parse_args(argv, comm.is_root, cli, prog), prog)
     imports_agreed(comm, ("engine", "api", "chat_template", "front"))
     from .api import Gateway, Inbox, Server, listen_error, serving_line
     from .chat_template import load_template

@@ -208,6 +208,8 @@ CASES = {
     "no such gpu": (lambda m, d: m, ["--backend", "vulkan", "--gpu", "64"], "--gpu 64: this host has 1 Vulkan device"),
     "zero threads": (lambda m, d: m, ["--threads", "0"], "--threads must be at least 1"),
     "thread count": (lambda m, d: m, ["--threads", "1,1,1,1,1"], "--threads '1,1,1,1,1' names 5 values for"),
+    "zero threads on one rank": (lambda m, d: m, ["--threads", "1,1,0"],  # (it hung: that rank alone stopped)
+                                 "error: rank 2: --threads must be at least 1|names 3 values for 1 rank"),
     "no tokenizer file": (lambda m, d: m, ["--tokenizer", "/nonexistent.model"], "/nonexistent.model"),
     "empty tokenizer": (lambda m, d: write_text(m, d / "e.model", ""), ["--tokenizer", "{tmp}/e.model"],
                         "the file is empty"),
@@ -529,6 +531,48 @@ def test_a_stopped_rank_ends_the_job_after_the_wait_timeout(model, stopped, tmp_
     assert len(errors) == 1 and errors[0].startswith("error: rank 0 (") and errors[0].endswith(
         "no step for 2 s: another rank has stopped or its host is gone (--wait-timeout)"), p.stderr
     assert not sock.exists() and no_new_shm_files(before)
+
+
+def test_a_rank_stopped_while_the_job_sets_up_ends_it_after_the_wait_timeout(model, tmp_path):
+    """A rank frozen as it starts to load (SIGSTOP, SPMD_TEST_SIGNAL's "load"): the others, waiting for it in the
+    set-up's next collective, give up after --wait-timeout with one line from rank 0, leaving no socket file and no
+    shared memory behind (they had waited for ever in MPI's own spin)."""
+    if MPIRUN is None:
+        pytest.skip("mpirun not on PATH")
+    t, before, sock = time.monotonic(), shm_files(), tmp_path / "c.sock"
+    p = subprocess.run([MPIRUN, "-n", "2", sys.executable, "-m", "spmd.run", "--model", str(model), "--steps", "4",
+                        "--wait-timeout", "2", "--control-socket", str(sock)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "SPMD_TEST_SIGNAL": "1:load:STOP"})
+    assert p.returncode != 0 and time.monotonic() - t < 45
+    errors = [line for line in p.stderr.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and errors[0].startswith("error: rank 0 (") and errors[0].endswith(
+        "waited 2 s for the other ranks while setting up: a rank has stopped or its host is gone (--wait-timeout)"), \
+        p.stderr
+    assert not sock.exists() and no_new_shm_files(before)
+
+
+def test_ctrl_c_ends_a_job_whose_rank_stopped_while_it_set_up(model):
+    """Ctrl-C (SIGINT to the job's process group, as a terminal sends it) while rank 0 waits for a frozen rank in
+    the set-up: the job ends at once, not after --wait-timeout."""
+    if MPIRUN is None:
+        pytest.skip("mpirun not on PATH")
+    p = subprocess.Popen([MPIRUN, "-n", "2", sys.executable, "-m", "spmd.run", "--model", str(model), "--steps", "4",
+                          "--wait-timeout", "300", "--control-socket", "none"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True, env={**os.environ, "SPMD_TEST_SIGNAL": "1:load:STOP"},
+                         start_new_session=True)
+    try:
+        time.sleep(8)  # (rank 1 stopped as it began to load; rank 0 loaded and waits)
+        assert p.poll() is None
+        t = time.monotonic()
+        os.killpg(p.pid, signal.SIGINT)
+        p.wait(30)
+        assert p.returncode != 0 and time.monotonic() - t < 20
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+        subprocess.run(["pkill", "-KILL", "-f", f"spmd.run --model {model}"])
 
 
 def test_ranks_waiting_for_a_stopped_rank_do_not_spin(model):
