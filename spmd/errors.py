@@ -66,6 +66,8 @@ def regular_file(path, what) -> str:
     else a UserError naming `what` ("--tokenizer", "model file")."""
     import os
     import stat
+    if not str(path):
+        raise UserError(f"{what}: the name is empty")
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:

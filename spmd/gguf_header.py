@@ -41,8 +41,10 @@ class RawTensor:
 class GGUFHeader:
     def __init__(self, buf):
         self.buf, self.pos = buf, 0
-        if len(buf) < 24 or self._u32() != GGUF_MAGIC:
+        if len(buf) < 4 or self._u32() != GGUF_MAGIC:
             raise HeaderError("no GGUF magic at the start")
+        if len(buf) < 24:
+            raise HeaderError(f"the file ends within its header ({len(buf)} bytes): it is truncated")
         version = self._u32()
         if version not in (2, 3):
             raise HeaderError(f"GGUF version {version} is not supported (2 and 3 are)")

@@ -64,7 +64,7 @@ def show(reply):
 def run(ctx, req):
     opts = ctx.obj
     try:
-        reply = request(find_socket(opts["socket"]), req, opts["timeout"] or None)
+        reply = request(find_socket(opts["socket"]), req, reply_wait_s(opts["timeout"], req))
     except ClientError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(1)
@@ -78,12 +78,26 @@ def run(ctx, req):
     click.echo(text)
 
 
+STATUS_WAIT_S, MIGRATE_WAIT_S = 30.0, 600.0  # --timeout's defaults: the job answers `status` at its next token,
+# applies a migration at its next token (the weights moved: seconds), or at the position `--at` names (no limit)
+
+
+def reply_wait_s(timeout, req):
+    """Seconds to wait for the job's reply (None: as long as it takes): --timeout where given (0: no limit), else
+    by the request."""
+    if timeout is not None:
+        return timeout or None
+    if req["cmd"] == "status":
+        return STATUS_WAIT_S
+    return None if req.get("mode") == "at" else MIGRATE_WAIT_S
+
+
 def with_mode(req, at):
     return {**req, "mode": "at", "at": at} if at is not None else {**req, "mode": "next"}
 
 
 def finite(_ctx, param, value):
-    if not math.isfinite(value):
+    if value is not None and not math.isfinite(value):
         raise click.BadParameter(f"{value} is not a finite number", param=param)
     return value
 
@@ -92,8 +106,9 @@ def finite(_ctx, param, value):
 @click.option("--socket", "socket_path", default=None, metavar="PATH",
               help="The job's control socket (default: the one running job's in the per-user folder).")
 @click.option("--json", "as_json", is_flag=True, help="Print the reply as it came (one JSON object).")
-@click.option("--timeout", default=0.0, show_default=True, type=click.FloatRange(min=0), callback=finite,
-              help="Seconds to wait for the reply (0: as long as it takes).")
+@click.option("--timeout", default=None, type=click.FloatRange(min=0), callback=finite,
+              help=f"Seconds to wait for the reply (0: as long as it takes). Default: {STATUS_WAIT_S:.0f} for status, "
+                   f"{MIGRATE_WAIT_S:.0f} for a migration at the next token, no limit for one --at a position.")
 @click.pass_context
 def cli(ctx, socket_path, as_json, timeout):
     """Move work between the ranks of a running `spmd.run` or `spmd.serve` job, while it generates."""

@@ -331,10 +331,13 @@ class RankState:
         """This rank's --memory-limit in bytes, or None."""
         if self.opts.memory_limit is None:
             return None
-        entry = per_rank("--memory-limit", self.opts.memory_limit, self.comm, "sizes")
         for text in str(self.opts.memory_limit).split(","):
+            if not text.strip():
+                raise UserError(f"--memory-limit {self.opts.memory_limit!r}: an empty size (one for every rank, or "
+                                "one per rank, separated by commas)")
             if text.strip().lower() != "none":
                 parse_size(text, "--memory-limit")
+        entry = per_rank("--memory-limit", self.opts.memory_limit, self.comm, "sizes")
         if entry.lower() == "none":
             return None
         return parse_size(entry, "--memory-limit")
@@ -596,8 +599,9 @@ class RankState:
                 capped.append(spec.where)
             work.append(Work(index, ids, min(steps, self.cfg.context - len(ids)), spec))
         if capped:
-            self.log(f"note: {capped[0]}{f' and {len(capped) - 1} more' if len(capped) > 1 else ''}: its prompt and "
-                     f"steps would pass the model's context of {self.cfg.context} positions; generating up to it")
+            more = f" and {len(capped) - 1} more" if len(capped) > 1 else ""
+            self.log(f"note: {capped[0]}{more}: the prompt's tokens and --steps would pass the model's context of "
+                     f"{self.cfg.context} positions; generating up to it")
         return tok, work
 
     def _check_resume(self):

@@ -140,6 +140,11 @@ def fifo(result, path):
     return result
 
 
+def write_bytes(path, data):
+    path.write_bytes(data)
+    return path
+
+
 def write_text(model, path, text):
     """Write a prompts file beside the test's files; the model is the usual one."""
     path.write_text(text)
@@ -214,6 +219,10 @@ CASES = {
     "empty tokenizer": (lambda m, d: write_text(m, d / "e.model", ""), ["--tokenizer", "{tmp}/e.model"],
                         "the file is empty"),
     "a directory": (lambda m, d: d, [], "is a directory, not a GGUF file"),
+    "an empty model name": (lambda m, d: "", [], "model file: the name is empty"),
+    "a header cut short": (lambda m, d: write_bytes(d / "short.gguf", b"GGUF\x03\x00\x00\x00"), [],
+                           r"the file ends within its header \(8 bytes\): it is truncated"),
+    "an empty memory limit": (lambda m, d: m, ["--memory-limit", "1G,"], "--memory-limit '1G,': an empty size"),
     "negative seed": (lambda m, d: m, ["--seed", "-1"], "Invalid value for '--seed'"),
     "nan temperature": (lambda m, d: m, ["--temperature", "nan"], "nan is not a finite number"),
     "huge ratio": (lambda m, d: m, ["--ratios", "1e100000000"], "--ratios '1e100000000': "),

@@ -113,3 +113,26 @@ def test_a_status_with_an_idle_rank_shows_as_a_table():
     text = show({"position": 7, "epoch": 1, "ratios": "1:0:1", "stages": plan.describe(), "ranks": ranks})
     rows = text.splitlines()[-3:]
     assert [row.split()[:3] for row in rows] == [["0", "0", "0-3"], ["1", "idle", "-"], ["2", "0", "0-3"]], text
+
+
+def test_a_job_that_does_not_answer_is_waited_for_a_bounded_time(tmp_path):
+    """A job whose rank 0 has stopped takes connections (the kernel's backlog) but never answers: the client gives
+    up after --timeout with one line, and by default waits a bounded time for every request but a migration --at a
+    position (which waits for that position)."""
+    import socket
+    from spmd.migrate import MIGRATE_WAIT_S, STATUS_WAIT_S, reply_wait_s
+    path = str(tmp_path / "c.sock")
+    silent = socket.socket(socket.AF_UNIX)
+    silent.bind(path)
+    silent.listen(4)
+    try:
+        t = time.monotonic()
+        p = subprocess.run([sys.executable, "-m", "spmd.migrate", "--socket", path, "--timeout", "1", "status"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert p.returncode == 1 and p.stderr.startswith("error: no reply from") and time.monotonic() - t < 20
+    finally:
+        silent.close()
+    assert reply_wait_s(None, {"cmd": "status"}) == STATUS_WAIT_S
+    assert reply_wait_s(None, {"cmd": "migrate", "mode": "next"}) == MIGRATE_WAIT_S
+    assert reply_wait_s(None, {"cmd": "migrate", "mode": "at", "at": 9}) is None
+    assert reply_wait_s(0, {"cmd": "status"}) is None and reply_wait_s(2.5, {"cmd": "status"}) == 2.5
