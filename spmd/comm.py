@@ -168,8 +168,8 @@ class Comm:
         self.steps_seen, self.last_step_at = 0, time.monotonic()  # for the watchdog (spmd.engine)
         self.setting_up = True  # set-up's collectives wait in Python, bounded (`arrive`); Engine.run ends it
         self.wait_timeout_s = DEFAULT_WAIT_S  # --wait-timeout, once the flags are read (0: never)
-        self.before_abort = lambda: None  # what a stalled set-up does before it takes the job down (rank 0: its
-        # control socket's file removed)
+        self.before_abort = lambda: None  # what `give_up` does before it takes the job down (rank 0: its control
+        # socket's file removed)
         self._signals = test_signals(self.rank)  # test only: this rank signals itself (SIGSTOP, SIGKILL) at a step
         self.link_delay_s = link_delay_s() if self.size > 1 else 0.0  # test only; see the module's docstring
         self.plan = None
@@ -517,11 +517,16 @@ class Comm:
             return
         limit = self.wait_timeout_s + (0 if self.is_root else 5) if self.wait_timeout_s > 0 else None
         if not wait(self.comm.Ibarrier(), limit_s=limit):
-            print(f"error: rank {self.rank} ({host_name()}): waited {limit:.0f} s for the other ranks while setting "
-                  "up: a rank has stopped or its host is gone (--wait-timeout)", file=sys.stderr, flush=True)
-            self.before_abort()
-            time.sleep(0.5)  # for mpirun to pass the line on before the abort ends its forwarding
-            self.abort(1)
+            self.give_up(f"waited {limit:.0f} s for the other ranks while setting up: a rank has stopped or its host "
+                         "is gone (--wait-timeout)")
+
+    def give_up(self, why):
+        """A wait for another rank has lasted too long: say why in one line, `before_abort`, and take every rank
+        down (MPI_Abort) instead of waiting for ever."""
+        print(f"error: rank {self.rank} ({host_name()}): {why}", file=sys.stderr, flush=True)
+        self.before_abort()
+        time.sleep(0.5)  # for mpirun to pass the line on before the abort ends its forwarding
+        self.abort(1)
 
     def allgather(self, obj):
         self.arrive()

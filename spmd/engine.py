@@ -1,10 +1,8 @@
 """One generation, run the same way on every rank: every rank's set-up (`spmd.rank`), then rank 0's driver
 (`spmd.driver`) issues step records that every rank's executor (`spmd.executor`) runs."""
-import sys
 import threading
 import time
 
-from .comm import host_name
 from .driver import Driver
 from .errors import UserError
 from .executor import Executor
@@ -32,8 +30,7 @@ class Engine:
         start_sync, t0 = comm.sync_s, time.perf_counter()
         done = threading.Event()
         if comm.size > 1 and state.opts.wait_timeout > 0:
-            closing = state.control.close if state.control is not None else (lambda: None)  # its socket file
-            threading.Thread(target=watch, args=(comm, state.opts.wait_timeout, done, closing), name="spmd-watchdog",
+            threading.Thread(target=watch, args=(comm, state.opts.wait_timeout, done), name="spmd-watchdog",
                              daemon=True).start()
         try:
             if not comm.is_root:
@@ -52,18 +49,13 @@ class Engine:
         return self.driver.finish(result, ranks) if comm.is_root else None
 
 
-def watch(comm, timeout_s, done, before_abort):
+def watch(comm, timeout_s, done):
     """Every rank, while it generates: when no step record has come for `timeout_s` seconds (rank 0 a little
-    sooner, so that it is the one to say so), a rank has stopped or its host has gone; say it in one line, call
-    `before_abort` (rank 0: its control socket closed, the file removed) and take every rank down (MPI_Abort)
-    instead of waiting for ever."""
+    sooner, so that it is the one to say so), a rank has stopped or its host has gone: `comm.give_up` (one line,
+    rank 0's control socket file removed, every rank taken down) instead of waiting for ever."""
     limit = timeout_s + (0 if comm.is_root else 5)
     comm.last_step_at = time.monotonic()
     while not done.wait(min(1.0, timeout_s / 4)):
         waited = time.monotonic() - comm.last_step_at
         if waited > limit:
-            print(f"error: rank {comm.rank} ({host_name()}): no step for {waited:.0f} s: another rank has stopped "
-                  "or its host is gone (--wait-timeout)", file=sys.stderr, flush=True)
-            before_abort()
-            time.sleep(0.5)  # for mpirun to pass the line on before the abort ends its forwarding
-            comm.abort(1)
+            comm.give_up(f"no step for {waited:.0f} s: another rank has stopped or its host is gone (--wait-timeout)")

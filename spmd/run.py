@@ -239,15 +239,14 @@ def flags_agreed(comm, kw, prog="python -m spmd.run"):
     """Every rank runs the same command (`prog`) and parsed the same flags, unless started differently (mpirun's
     "A : B" form): all go on (returns the options), or all stop (exits). The first collective of every command, so
     that a rank running another one is found before their collectives differ."""
-    outcomes = comm.allgather((prog, "run" if isinstance(kw, dict) else kw))
-    other = next((rank for rank, (theirs, _) in enumerate(outcomes) if theirs != prog), None)
-    if other is not None or any(o != (prog, "run") for o in outcomes):
-        if other is not None:
-            if comm.is_root:
-                print(f"error: rank {other} runs another program than rank 0 ({outcomes[other][0]}, not {prog}): "
-                      "every rank must run the same command", file=sys.stderr)
-            sys.exit(1)
-        outcomes = [o for _, o in outcomes]
+    progs, outcomes = zip(*comm.allgather((prog, "run" if isinstance(kw, dict) else kw)))
+    other = next((rank for rank, theirs in enumerate(progs) if theirs != prog), None)
+    if other is not None:
+        if comm.is_root:
+            print(f"error: rank {other} runs another program than rank 0 ({progs[other]}, not {prog}): every rank "
+                  "must run the same command", file=sys.stderr)
+        sys.exit(1)
+    if any(o != "run" for o in outcomes):
         bad = next((rank for rank, o in enumerate(outcomes) if o not in ("run", 0)), None)
         if comm.is_root and isinstance(kw, dict) and bad is not None:
             print(f"error: rank {bad}: invalid command-line flags", file=sys.stderr)

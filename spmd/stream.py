@@ -295,7 +295,7 @@ class Window:
     def _bring(self, key, generation):
         """Bring `key` in (the loader, or the compute thread: `_acquire`), `loading` set by the caller; then count
         it held, unless a restart came meanwhile."""
-        offset, size, _ = self.parts[key]
+        size = self.parts[key][1]
         t = time.perf_counter()
         error = None
         try:
