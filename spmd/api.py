@@ -8,6 +8,7 @@ Endpoints: GET /health (503 while the model loads, then 200), GET /v1/models (an
 OpenAI-style `error` object; a full queue 429 with Retry-After.
 """
 import asyncio
+import ipaddress
 import json
 import logging
 import math
@@ -386,6 +387,42 @@ class Cors:
             response.headers["Access-Control-Max-Age"] = "600"
 
 
+class Hosts:
+    """A guard against DNS rebinding, where the server listens on loopback addresses only (the default): a page of
+    another site whose name is then made to resolve to 127.0.0.1 has the server's origin by Cors' rule, so it could
+    call the API and read the answers. Such a server answers only requests that name it by an IP address, by
+    localhost (or a name under .localhost), by this machine's name, or by the name --host gave; others are 403. A
+    request without a Host header comes from no browser. A server listening on other addresses answers any name."""
+
+    def __init__(self, listen_host):
+        self.guard, self.listen_host = False, listen_host
+        self.names = {"localhost", socket.gethostname().lower(), listen_host.lower()}
+
+    def listening_on(self, addresses):
+        """The addresses the server's sockets were bound to: the guard is on where every one is a loopback one."""
+        self.guard = all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses)
+
+    def allows(self, host):
+        try:
+            name = urlsplit("//" + host).hostname or ""
+        except ValueError:
+            return False
+        try:
+            ipaddress.ip_address(name)
+            return True
+        except ValueError:
+            return name in self.names or name.endswith(".localhost")
+
+    @web.middleware
+    async def middleware(self, request, handler):
+        host = request.headers.get("Host")
+        if not self.guard or host is None or self.allows(host):
+            return await handler(request)
+        return error_response(403, f"this server listens on {self.listen_host} only and answers to localhost or an IP "
+                                   f"address, not to the name in Host ({host[:100]}): a guard against DNS rebinding "
+                                   "(a proxy in front of it should send Host: localhost)", "permission_error")
+
+
 class Connections:
     """Closes a connection that holds no request in progress for IDLE_S: a client sending its headers a byte at a
     time, or an idle keep-alive, holds a connection (a file descriptor) that long at most, where aiohttp bounds
@@ -426,9 +463,9 @@ class Server:
         self.active = 0  # requests accepted and not yet answered (on the loop's thread only)
         self.loop, self._thread, self._runner = None, None, None
         self.connections = Connections()
-        cors = Cors(cors)
-        app = web.Application(client_max_size=MAX_BODY_BYTES,
-                              middlewares=[self.connections.middleware, cors.middleware, json_errors])
+        self.hosts, cors = Hosts(host), Cors(cors)
+        app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[
+            self.connections.middleware, self.hosts.middleware, cors.middleware, json_errors])
         app.on_response_prepare.append(cors.headers)
         app.add_routes([web.get("/health", self.health), web.get("/v1/models", self.models),
                         web.get("/v1/models/{id}", self.model),
@@ -449,7 +486,9 @@ class Server:
             site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
             try:
                 loop.run_until_complete(site.start())
-                self.port = site._server.sockets[0].getsockname()[1]  # the real one where --port was 0
+                sockets = site._server.sockets
+                self.port = sockets[0].getsockname()[1]  # the real one where --port was 0
+                self.hosts.listening_on([s.getsockname()[0] for s in sockets])
             except OSError as e:
                 failure.append(e)
                 loop.run_until_complete(self._runner.cleanup())

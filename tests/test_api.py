@@ -2,6 +2,7 @@
 fallback, request checks, and /health before and after the model has loaded (a real HTTP server on a free port)."""
 import json
 import re
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -144,7 +145,6 @@ def served_without_a_cluster():
 
 def raw_reply(port, request, timeout=10, until_closed=False):
     """The server's first answer to the bytes sent; until_closed: (all it sent, seconds until it closed)."""
-    import socket
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
         s.sendall(request)
         if not until_closed:
@@ -161,7 +161,7 @@ def test_a_body_that_does_not_decode_or_is_declared_too_large_is_a_json_error():
     body left unread closes within LINGER_S."""
     server = served_without_a_cluster()
     try:
-        head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        head = b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
         for encoding in (b"gzip", b"deflate"):
             reply = raw_reply(server.port, head + b"Content-Encoding: " + encoding + b"\r\nContent-Length: 5\r\n"
                               b"Connection: close\r\n\r\nhello")
@@ -242,7 +242,7 @@ def test_a_body_that_comes_too_slowly_is_408(monkeypatch):
     try:
         server.open(Gateway(inbox=None, tokenizer=None, template=None, context=8, n_known=8, slots=1))
         with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
-            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                       b"Content-Length: 100\r\n\r\n{\"prompt\": ")
             reply = s.recv(4096).decode()
         assert reply.startswith("HTTP/1.1 408") and "did not come whole" in reply
@@ -263,10 +263,10 @@ def test_a_connection_without_a_request_in_progress_is_closed(monkeypatch):
         server.open(Gateway(inbox=None, tokenizer=None, template=None, context=8, n_known=8, slots=1))
         slow = socket.create_connection(("127.0.0.1", server.port), timeout=10)
         busy = socket.create_connection(("127.0.0.1", server.port), timeout=10)
-        busy.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        busy.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                      b"Content-Length: 100\r\n\r\n{")
         t, closed = time.monotonic(), None
-        for byte in b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 200:
+        for byte in b"GET /health HTTP/1.1\r\nHost: localhost\r\nX-Slow: " + b"a" * 200:
             try:
                 slow.sendall(bytes([byte]))
             except OSError:
@@ -289,7 +289,7 @@ def test_a_request_that_is_not_http_is_400_and_one_line_on_the_servers_stderr(ca
     server = Server("127.0.0.1", 0, "m", 4)
     server.start()
     try:
-        for raw in (b"GARBAGE\r\n\r\n", b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n"):
+        for raw in (b"GARBAGE\r\n\r\n", b"GET / HTTP/1.1\r\nHost: localhost\r\nContent-Length: -5\r\n\r\n"):
             with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
                 s.sendall(raw)
                 assert s.recv(4096).startswith(b"HTTP/1.0 400")
@@ -370,3 +370,28 @@ def test_a_host_name_that_does_not_resolve_is_said_so():
     with pytest.raises(OSError) as e:
         server.start()
     assert api.listen_error(e.value).startswith("no such host or address")
+
+
+@pytest.mark.parametrize("listen, host, answered", [
+    ("127.0.0.1", "rebound.example:{port}", False), ("127.0.0.1", "localhost:{port}", True),
+    ("127.0.0.1", "LocalHost", True), ("127.0.0.1", "app.localhost:{port}", True), ("127.0.0.1", "127.0.0.1", True),
+    ("127.0.0.1", "[::1]:{port}", True), ("127.0.0.1", "192.168.1.20:{port}", True),
+    ("127.0.0.1", socket.gethostname() + ":{port}", True), ("127.0.0.1", "localhost.rebound.example", False),
+    ("0.0.0.0", "rebound.example:{port}", True)])
+def test_a_server_on_loopback_answers_only_to_local_names(listen, host, answered):
+    """DNS rebinding: a page of another site whose name now resolves to 127.0.0.1 is of the server's own origin, so a
+    server that listens on loopback addresses only refuses requests that name it by another name (403), the page and
+    the API alike; one that listens on every interface answers any name."""
+    server = Server(listen, 0, "m", 4)
+    server.start()
+    try:
+        server.open(Gateway(inbox=None, tokenizer=None, template=None, context=8, n_known=8, slots=1))
+        for path in ("/", "/v1/models"):
+            name = host.format(port=server.port)
+            status, _, body = ask(urllib.request.Request(f"http://127.0.0.1:{server.port}{path}", headers={
+                "Host": name, "Origin": f"http://{name}"}))
+            assert status == (200 if answered else 403), body
+            if not answered:
+                assert b"DNS rebinding" in body and name.encode() in body
+    finally:
+        server.stop()
