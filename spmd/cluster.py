@@ -3,7 +3,6 @@ compute points, memory and host, the links between ranks, rank 0's step and allr
 checks a file (or its decoded dict) field by field; `python -m spmd.profile` writes one (`spmd.profile.measure`).
 The format is in spmd.profile's docstring and README's "Planning the split for you"."""
 import json
-import math
 from bisect import bisect_right
 from dataclasses import dataclass, replace
 from functools import cached_property
@@ -12,6 +11,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .errors import UserError, regular_file
+from .plan import n_ffn_blocks
 from .model import KV_DTYPES
 
 
@@ -126,6 +126,16 @@ class Profile:
                       if limit is not None and r not in self.streaming]
 
 
+# The largest sizes a profile may give: beyond any model in use (Llama 3.1 405B has 126 layers, dim 16384, FFN
+# 53248, 128256 tokens), and small enough that the planner's search stays quick and small.
+MOST = {"n_layers": 1024, "dim": 1 << 17, "n_heads": 1024, "n_kv_heads": 1024, "head_dim": 1 << 12,
+        "ffn_dim": 1 << 20, "vocab": 1 << 22, "context": 1 << 24}
+MOST_RANKS = 256
+MOST_WHOLE = 1 << 60  # any other whole number (bytes: an exbibyte), so that sums and ratios stay finite floats
+MOST_REAL = 1e15  # any number (bytes per second, milliseconds)
+MOST_FILE_BYTES = 16 << 20  # a profile of MOST_RANKS ranks is about 2 MiB: a larger file is something else
+
+
 def _shown(v) -> str:
     return json.dumps(v, default=repr)[:40]
 
@@ -146,15 +156,15 @@ class _Reader:
             self.fail(name, "is missing")
         return obj[key]
 
-    def whole(self, obj, key, name, least=0, null=False, most=None):
+    def whole(self, obj, key, name, least=0, null=False, most=MOST_WHOLE):
         v = self.get(obj, key, name)
         if v is None and null:
             return None
         if isinstance(v, bool) or not isinstance(v, int):
             self.fail(name, f"must be a whole number, not {_shown(v)}")
         if v < least:
-            self.fail(name, f"must be at least {least}, not {v}")
-        if most is not None and v > most:
+            self.fail(name, f"must be at least {least}, not {_shown(v)}")
+        if v > most:
             self.fail(name, f"must be at most {most}, not {_shown(v)}")
         return v
 
@@ -162,8 +172,9 @@ class _Reader:
         v = self.get(obj, key, name)
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             self.fail(name, f"must be a number, not {_shown(v)}")
-        if not math.isfinite(v) or v < 0 or (positive and v == 0):
-            self.fail(name, f"must be a finite number {'above' if positive else 'of at least'} 0, not {v}")
+        if not (0 <= v <= MOST_REAL) or (positive and v == 0):  # (False for NaN)
+            self.fail(name, f"must be a number {'above' if positive else 'of at least'} 0 and at most {MOST_REAL:g}, "
+                            f"not {_shown(v)}")
         return float(v)
 
     def text(self, obj, key, name):
@@ -191,24 +202,18 @@ class _Reader:
                            for j in range(n)) for i, row in enumerate(rows))
 
 
-# The largest sizes a profile may give: beyond any model in use (Llama 3.1 405B has 126 layers, dim 16384, FFN
-# 53248, 128256 tokens), and small enough that the planner's search stays quick and small.
-MOST = {"n_layers": 1024, "dim": 1 << 17, "n_heads": 1024, "n_kv_heads": 1024, "head_dim": 1 << 12,
-        "ffn_dim": 1 << 20, "vocab": 1 << 22, "context": 1 << 24}
-
-
 def _model(rd, m):
     b = rd.get(m, "bytes", "model.bytes")
     names = ("n_layers", "dim", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "vocab", "context")
     sizes = {k: rd.whole(m, k, f"model.{k}", 1, most=MOST[k]) for k in names}
     if sizes["n_heads"] % sizes["n_kv_heads"]:
         rd.fail("model.n_kv_heads", f"must divide model.n_heads ({sizes['n_heads']})")
+    blocks = n_ffn_blocks(sizes["ffn_dim"])
     return Model(rd.text(m, "file", "model.file"), **sizes,
                  **{f"{k}_bytes": rd.whole(b, k, f"model.bytes.{k}") for k in ("layer", "kv_group", "ffn_block",
                                                                                "vocab_row")},
                  kv_bytes_per_position=rd.whole(m, "kv_bytes_per_position", "model.kv_bytes_per_position"),
-                 ffn_unit=rd.whole(m, "ffn_unit", "model.ffn_unit", 1, most=MOST["ffn_dim"]) if "ffn_unit" in m
-                 else 1)
+                 ffn_unit=rd.whole(m, "ffn_unit", "model.ffn_unit", 1, most=blocks) if "ffn_unit" in m else 1)
 
 
 def _rank(rd, ranks, i):
@@ -236,20 +241,28 @@ def load_profile(source) -> Profile:
     else:
         rd = _Reader(f"profile {source}")
         try:
-            with open(regular_file(source, "profile"), encoding="utf-8") as f:
-                data = json.load(f)
+            with open(regular_file(source, "profile"), "rb") as f:
+                raw = f.read(MOST_FILE_BYTES + 1)
+            if len(raw) > MOST_FILE_BYTES:
+                raise UserError(f"profile {source} is over {MOST_FILE_BYTES >> 20} MiB: not a profile "
+                                "(python -m spmd.profile --out writes one)")
+            data = json.loads(raw.decode("utf-8-sig"))
         except OSError as e:
             raise UserError(f"cannot read profile {source}: {e.strerror or e}") from None
         except UnicodeDecodeError:
             raise UserError(f"profile {source} is not JSON: it is not UTF-8 text") from None
         except json.JSONDecodeError as e:
             raise UserError(f"profile {source} is not JSON: {e.msg} at line {e.lineno}") from None
+        except RecursionError:
+            raise UserError(f"profile {source} is not a profile: its JSON nests too deep") from None
     if rd.get(data, "format", "format") != "spmd-profile":
         rd.fail("format", "must be \"spmd-profile\"")
     if rd.whole(data, "version", "version") != 1:
         rd.fail("version", f"is {data['version']}; this planner reads version 1")
     model = _model(rd, rd.get(data, "model", "model"))
     ranks = rd.items(data, "ranks", "ranks")
+    if len(ranks) > MOST_RANKS:
+        rd.fail("ranks", f"must be at most {MOST_RANKS}, not {len(ranks)}")
     n, links = len(ranks), rd.get(data, "links", "links")
     return Profile(model, tuple(_rank(rd, ranks, i) for i in range(n)),
                    rd.matrix(links, "latency_ms", "links.latency_ms", n, False),
@@ -263,14 +276,28 @@ def as_profile(p) -> Profile:
     return p if isinstance(p, Profile) else load_profile(p)
 
 
-def check_matches(profile, cfg, n_ranks):
-    """A saved profile must be of this job's rank count and this model's shape (`cfg`: a ModelConfig)."""
+UNIT_NAMES = {"layer": "a layer's norms", "kv_group": "a KV-head group", "ffn_block": "an FFN block",
+              "vocab_row": "a classifier row"}
+
+
+def check_matches(profile, cfg, unit_bytes, hosts) -> str:
+    """A saved profile must be of this job's rank count, this model's shape (`cfg`: a ModelConfig) and its bytes per
+    unit (`unit_bytes`: spmd.profile.model_bytes; another weight type is another model); a note (else "") where
+    its ranks ran on other hosts than `hosts` (each rank's, this job's)."""
     prof = as_profile(profile)
-    if len(prof.ranks) != n_ranks:
+    if len(prof.ranks) != len(hosts):
         raise UserError(f"{prof.source} was measured on {len(prof.ranks)} rank{'s' * (len(prof.ranks) != 1)} but the "
-                        f"job has {n_ranks}: profile this job's ranks (python -m spmd.profile) or use --plan auto")
+                        f"job has {len(hosts)}: profile this job's ranks (python -m spmd.profile) or use --plan auto")
     m = prof.model
-    for name in ("n_layers", "dim", "n_heads", "n_kv_heads", "ffn_dim", "vocab"):
-        if getattr(m, name) != getattr(cfg, name):
-            raise UserError(f"{prof.source} was measured on another model ({name} {getattr(m, name)}, this one "
-                            f"{getattr(cfg, name)}): profile with this model or use --plan auto")
+    shape = ("n_layers", "dim", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "vocab")
+    pairs = [(name, getattr(m, name), getattr(cfg, name)) for name in shape]
+    pairs += [(f"bytes of {UNIT_NAMES[k]}", getattr(m, f"{k}_bytes"), v) for k, v in unit_bytes.items()]
+    for name, theirs, mine in pairs:
+        if theirs != mine:
+            raise UserError(f"{prof.source} was measured on another model ({name} {theirs}, this one {mine}): "
+                            "profile with this model or use --plan auto")
+    moved = [f"rank {r.rank} on {r.host}, now {host}" for r, host in zip(prof.ranks, hosts) if r.host != host]
+    if not moved:
+        return ""
+    return (f"note: {prof.source} was measured with {'; '.join(moved[:3])}{'; ...' * (len(moved) > 3)}: "
+            "its speeds may not be this job's ranks' (profile this job, or use --plan auto)")

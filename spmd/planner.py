@@ -29,11 +29,13 @@ B = b * dim * 4 bytes (one f32 row per batch row); link(i, j, x) = latency_ms[i]
 
 The search (`plan`): every grouping of ranks 1..n-1 into {idle, joins the current stage, starts a new stage}
 (3^(n-1): exhaustive up to EXHAUSTIVE ranks, 6561 groupings, a few seconds; beyond, 3^(n-1) takes minutes, so
-only the j slowest ranks are tried idle, j = 0..n-1, each with every 2^(n'-1) grouping of the n' others: this
-misses a layout that idles a fast rank, say one behind a slow link). Inside a stage each rank's ratio is its speed,
-1 / its time for a whole layer's units at b rows, the stage's slowest 1, rounded to 3 significant digits; the
-rounded text is what is evaluated. Given the grouping and ratios, t_s is affine in n_s (a_s * n_s + c_s) and each
-rank's memory in its stage's n_s (with streaming ranks t_s is convex in n_s: affine, then the steeper disk time),
+only the j slowest ranks are tried idle, j = 0..n-1, each with the groupings of the n' others into at most S
+stages, S the most that keeps the groupings within CANDIDATES: every 2^(n'-1) of them up to 12 ranks, at most 4
+stages at 16, 2 at 64. This misses a layout that idles a fast rank, say one behind a slow link, or has more
+stages). Inside a stage each rank's ratio is its speed, 1 / its time for a whole layer's units at b rows, the
+stage's slowest 1, rounded to 3 significant digits; the rounded text is what is evaluated. Given the grouping and
+ratios, t_s is affine in n_s (a_s * n_s + c_s) and each rank's memory in its stage's n_s (with streaming ranks t_s
+is convex in n_s: affine, then the steeper disk time),
 so the layer split is exact: with T a bound on every t_s and f(T) the least sum_s t_s under it and the memory
 limits (one layer each, then each next layer where it adds least; where one host's ranks sit in several stages, a
 dynamic programme over the stages instead), the cycle of that split is at most
@@ -49,7 +51,8 @@ import math
 import sys
 from bisect import bisect_right
 from dataclasses import dataclass, replace
-from itertools import product
+from itertools import combinations, product
+from math import comb
 from typing import NamedTuple
 
 import click
@@ -60,9 +63,9 @@ from .errors import UserError, click_main
 from .plan import make_plan, n_ffn_blocks, parse_layout
 
 EXHAUSTIVE = 9  # ranks searched over every grouping (3^8 = 6561 candidates)
+CANDIDATES = 4096  # past EXHAUSTIVE ranks, the most groupings tried (every one the search makes up to 12 ranks)
 SHAPES = ("any", "tp", "pp")
 OBJECTIVES = ("latency", "throughput")
-MIB = 2 ** 20
 
 
 # ---- the cost model ------------------------------------------------------------------------------------------
@@ -295,11 +298,25 @@ def _choices(prof, unit_ms):
         yield from product("ijn", repeat=n - 1)
         return
     slowest = sorted(range(1, n), key=lambda r: (-unit_ms(r, 1), r))
+    most = _most_stages(n)
     for j in range(n):
-        idle = set(slowest[:j])
-        for moves in product("jn", repeat=n - 1 - j):
-            it = iter(moves)
-            yield tuple("i" if r in idle else next(it) for r in range(1, n))
+        idle, working = set(slowest[:j]), n - j
+        for new in range(most):  # stages after the first
+            for starts in combinations(range(working - 1), new):
+                moves = ["j"] * (working - 1)
+                for i in starts:
+                    moves[i] = "n"
+                it = iter(moves)
+                yield tuple("i" if r in idle else next(it) for r in range(1, n))
+
+
+def _most_stages(n) -> int:
+    """The most stages a grouping of n ranks may have so that `_choices` yields at most CANDIDATES of them (at
+    least 1): for each count of working ranks w = 1..n, the groupings of w ranks into s stages number
+    C(w - 1, s - 1)."""
+    def count(stages):
+        return sum(comb(w - 1, k) for w in range(1, n + 1) for k in range(stages))
+    return max([1] + [s for s in range(1, n + 1) if count(s) <= CANDIDATES])
 
 
 def _groups(choice) -> list:
@@ -582,12 +599,12 @@ def _summary(pred) -> str:
 
 def _memory_lines(prof, pred) -> list:
     """Each working rank's bytes, each limit's use of what it has, each idle rank named."""
-    out = [f"rank {r.rank} (host {r.host}, {r.backend}): {pred.memory_bytes[r.rank] / MIB:.0f} MiB"
+    out = [f"rank {r.rank} (host {r.host}, {r.backend}): {_size(pred.memory_bytes[r.rank])}"
            for r in prof.ranks if r.rank not in pred.idle]
-    out += [f"{what}: {sum(pred.memory_bytes[r] for r in ranks) / MIB:.0f} MiB of {room / MIB:.0f} MiB available"
+    out += [f"{what}: {_size(sum(pred.memory_bytes[r] for r in ranks))} of {_size(room)} available"
             for ranks, room, what in prof.limits]
-    out += [f"rank {r}: over its --memory-limit of {prof.memory_limits[r] / MIB:.0f} MiB, streams "
-            f"{b / MIB:.1f} MiB a token from disk" for r, b in enumerate(pred.streamed_bytes) if b]
+    out += [f"rank {r}: over its --memory-limit of {_size(prof.memory_limits[r])}, streams "
+            f"{_size(b)} a token from disk" for r, b in enumerate(pred.streamed_bytes) if b]
     return out + [f"rank {r} (host {prof.ranks[r].host}): left idle (the layout is predicted faster without it)"
                   for r in pred.idle]
 

@@ -108,13 +108,14 @@ def time_share(file, cfg, backend, share, timer, rows) -> dict:
 def fit(shares, unit_bytes, times, rows) -> dict:
     """A compute point from the two shares' timings at `rows`: t = layer + cost per byte x the units' bytes, and
     head = head + cost per row x rows (each at least 0: noise can make a difference negative; where it makes the
-    cost per row so, the head's whole time is taken as per row)."""
+    cost per byte or per row so, the whole time is taken as per byte or per row)."""
     held = {name: shares[name].n_kv * unit_bytes["kv_group"] + len(shares[name].ffn_blocks) * unit_bytes["ffn_block"]
             for name in ("full", "half")}
     n = len(shares["full"].layer_ids)  # the layers timed: per layer from here on
     ta, tb = times["full"][rows] / n, times["half"][rows] / n
     per_byte = (ta - tb) / (held["full"] - held["half"]) if held["full"] > held["half"] else ta / held["full"]
-    per_byte = max(per_byte, 0.0)
+    if per_byte <= 0.0:  # noise: the larger share timed no slower than the smaller; its whole time, byte by byte
+        per_byte = ta / held["full"]
     ha, hb = times["head"][rows], times["head_quarter"][rows]
     va, vb = shares["head"].n_vocab, shares["head_quarter"].n_vocab
     vocab_row = (ha - hb) / (va - vb) if va > vb else ha / va
@@ -232,7 +233,7 @@ def table(profile) -> str:
 @click.option("--threads", default=None, metavar="N[,N...]", help="Kernel threads of each rank (as spmd.run).")
 @click.option("--out", default=None, metavar="FILE.json", help="Write the profile here (python -m spmd.plan reads it).")
 @click.option("--repeats", default=REPEATS, show_default=True, type=click.IntRange(1, 1000),
-              help="Runs of each timing (the median counts).")
+              help="Runs of each timing (compute: the least counts; links and collectives: the median).")
 def cli(**kw):
     """Measure every rank (compute per layer unit and classifier row, memory) and every link, for the planner.
 
@@ -263,15 +264,44 @@ def write_json(path, data):
         raise UserError(f"--out {path}: cannot write it ({e.strerror or e})") from None
 
 
+def check_out(path, model):
+    """--out before anything is measured: a name, in a folder it can write, neither the model nor another file
+    that is not a profile (it would be overwritten)."""
+    import os
+    if not path:
+        raise UserError("--out: the name is empty")
+    if os.path.isdir(path):
+        raise UserError(f"--out {path} is a directory: name the file to write")
+    if os.path.exists(path):
+        if os.path.exists(model) and os.path.samefile(path, model):
+            raise UserError(f"--out {path} is the model file: name another file to write the profile to")
+        try:
+            with open(path, "rb") as f:
+                head = f.read(64)
+        except OSError as e:
+            raise UserError(f"--out {path}: cannot read what is there ({e.strerror or e})") from None
+        if head and b'"spmd-profile"' not in head:
+            raise UserError(f"--out {path} exists and is not a profile: not overwritten (remove it or name another)")
+    tmp = f"{path}.tmp{os.getpid()}"  # (write_json's) the folder exists and can be written
+    try:
+        open(tmp, "w").close()
+        os.remove(tmp)
+    except OSError as e:
+        raise UserError(f"--out {path}: cannot write it ({e.strerror or e})") from None
+
+
 def profile_run(comm, kw):
     from types import SimpleNamespace
 
     from .executor import slowdown
+    from .rank import agree
     opts = SimpleNamespace(**kw)
+    if opts.out is not None:
+        agree(comm, lambda: check_out(opts.out, opts.model) if comm.is_root else None)
     file, cfg, backend, threads = set_up(comm, opts)
     profile = measure(comm, file, cfg, backend, threads, opts.repeats, slowdown(comm))
-    if comm.is_root and opts.out:
-        write_json(opts.out, profile)
+    if opts.out is not None:
+        agree(comm, lambda: write_json(opts.out, profile) if comm.is_root else None)
     return profile
 
 
@@ -291,7 +321,7 @@ def main(argv=None):
         sys.exit(R.signal_status())
     if comm.is_root:
         print(table(profile), flush=True)
-        if kw["out"]:
+        if kw["out"] is not None:
             print(f"wrote {kw['out']}: python -m spmd.plan {kw['out']}", file=sys.stderr, flush=True)
 
 

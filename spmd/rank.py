@@ -503,13 +503,15 @@ class RankState:
         """The cluster's profile on rank 0 (None elsewhere): measured now (`spmd.profile`: --plan auto, or for
         --rebalance without --plan) or read from --plan FILE; a saved one must be of this job."""
         from . import cluster
+        from .comm import host_name
         from .executor import slowdown
-        from .profile import measure
+        from .profile import measure, model_bytes
         opts, comm = self.opts, self.comm
         t = time.perf_counter()
         measured = opts.plan in (None, "auto")
         data = measure(comm, self.file, self.cfg, self.backend, self.threads,
                        slow=slowdown(comm)) if measured else None
+        hosts = comm.gather(host_name())
 
         def load():
             profile = cluster.load_profile(data if measured else opts.plan)
@@ -520,7 +522,9 @@ class RankState:
                     raise UserError(f"--resume {opts.resume}: its ranks {survivors} are not {comm.size} of "
                                     f"{profile.source}'s {len(profile.ranks)}")
                 profile = profile.subset(survivors)
-            cluster.check_matches(profile, self.cfg, comm.size)
+            note = cluster.check_matches(profile, self.cfg, model_bytes(self.file, self.cfg), hosts)
+            if note:
+                self.log(note)
             return profile.with_kv_cache(opts.kv_cache)
         profile = agree(comm, load if comm.is_root else lambda: None)
         self.profile_s = time.perf_counter() - t

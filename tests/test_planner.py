@@ -12,6 +12,7 @@ import pytest
 from spmd.errors import UserError
 from spmd.plan import parse_layout
 from spmd.cluster import load_profile
+from spmd import planner
 from spmd.planner import alternatives, main, plan, plan_within_limits, predict
 
 HOUSEHOLD = Path(__file__).resolve().parent / "profiles" / "household.json"
@@ -374,6 +375,25 @@ def test_beyond_nine_ranks_the_slowest_are_tried_idle():
     assert got.idle == (4, 7) and got.text == "1:1:1:1:0:1:1:0:1:1"
 
 
+@pytest.mark.parametrize("n", [10, 12, 13, 16, 40])
+def test_beyond_nine_ranks_the_groupings_tried_are_bounded(n):
+    """Past 12 ranks every grouping would be too many (16 ranks took two minutes, 20 never ended): the groupings of
+    the fewest stages are tried, at most planner.CANDIDATES of them; up to 12 ranks, every one as before."""
+    unit = {r: 1.0 + r for r in range(n)}  # rank n - 1 the slowest, idle first
+    got = list(planner._choices(load_profile(profile(n, 2)), lambda r, rows: unit[r]))
+    assert len(got) == len(set(got)) <= planner.CANDIDATES
+    if n > 16:  # (2^(n - 1) groupings to list)
+        return
+    every = set()  # each count of the slowest ranks idle, the others' every join/new pattern: 2^(w - 1) each
+    for idle in range(n):
+        for moves in itertools.product("jn", repeat=n - 1 - idle):
+            every.add(moves + ("i",) * idle)
+    stages = max(c.count("n") for c in got) + 1
+    assert set(got) == {c for c in every if c.count("n") < stages}
+    assert n > 12 or set(got) == every
+    assert n <= 12 or len({c for c in every if c.count("n") <= stages}) > planner.CANDIDATES
+
+
 def test_bad_arguments_are_refused():
     p = profile(2)
     for call, message in ((lambda: plan(p, "fast"), "objective must be one of latency, throughput"),
@@ -387,10 +407,13 @@ def test_bad_arguments_are_refused():
 
 
 # ---- the profile ---------------------------------------------------------------------------------------------
-def test_a_valid_profile_loads():
+def test_a_valid_profile_loads(tmp_path):
     p = load_profile(HOUSEHOLD)
     assert len(p.ranks) == 4 and p.model.n_layers == 32 and p.ranks[1].device_memory_bytes == 6 << 30
     assert load_profile(json.loads(HOUSEHOLD.read_text())).ranks == p.ranks
+    saved = tmp_path / "bom.json"  # as some Windows editors save it
+    saved.write_bytes(b"\xef\xbb\xbf" + HOUSEHOLD.read_bytes())
+    assert load_profile(str(saved)).ranks == p.ranks
 
 
 def edit(path, value):
@@ -409,11 +432,16 @@ def edit(path, value):
     (edit(["model", "n_layers"], KeyError), "model.n_layers is missing"),
     (edit(["ranks", 2, "host"], 7), "ranks[2].host must be a string"),
     (edit(["ranks", 0, "memory_bytes"], -1), "ranks[0].memory_bytes must be at least 0"),
-    (edit(["ranks", 1, "compute", 1, "kv_group_ms"], float("nan")), "ranks[1].compute[1].kv_group_ms must be a finite"),
+    (edit(["ranks", 1, "compute", 1, "kv_group_ms"], float("nan")), "ranks[1].compute[1].kv_group_ms must be a number"),
+    (edit(["ranks", 1, "compute", 0, "head_ms"], 1e300),
+     "ranks[1].compute[0].head_ms must be a number of at least 0 and at most 1e+15"),
+    (edit(["model", "bytes", "ffn_block"], 10 ** 400), "model.bytes.ffn_block must be at most 1152921504606846976"),
+    (edit(["model", "ffn_unit"], 1000), "model.ffn_unit must be at most 344"),
+    (edit(["ranks"], [{}] * 257), "ranks must be at most 256"),
     (edit(["links", "latency_ms", 1], [0.1, None]), "links.latency_ms[1] must be a list of 4 items"),
     (edit(["links", "bandwidth_bytes_per_s"], [[None]]), "links.bandwidth_bytes_per_s must be a list of 4 items"),
     (edit(["links", "bandwidth_bytes_per_s", 0, 1], 0),
-     "links.bandwidth_bytes_per_s[0][1] must be a finite number above 0"),
+     "links.bandwidth_bytes_per_s[0][1] must be a number above 0"),
     (edit(["ranks", 3, "compute", 0, "rows"], 2), "ranks[3].compute must have rows ascending, rows 1 first"),
     (edit(["model", "bytes", "layer"], 1.5), "model.bytes.layer must be a whole number"),
     (edit(["version"], 2), "version is 2"),
@@ -430,7 +458,9 @@ def test_a_bad_profile_is_refused_in_one_line(tmp_path, change, field):
     assert "\n" not in str(e.value)
 
 
-@pytest.mark.parametrize("text, message", [("{", "is not JSON"), ("[]", "the top level must be an object")])
+@pytest.mark.parametrize("text, message", [("{", "is not JSON"), ("[]", "the top level must be an object"),
+                                           ("[" * 100000, "nests too deep"),
+                                           ("{}" + " " * (16 << 20), "is over 16 MiB: not a profile")])
 def test_a_file_that_is_no_profile_is_refused(tmp_path, text, message):
     path = tmp_path / "p.json"
     path.write_text(text)
@@ -525,3 +555,25 @@ def test_a_profiles_subset_is_the_profile_of_those_ranks_written_out():
     assert replace(sub, source=want.source) == want
     assert [r.host for r in sub.ranks] == [data["ranks"][r]["host"] for r in keep]
     assert plan(sub, "latency").text == plan(want, "latency").text
+
+
+def test_a_saved_profile_must_be_of_this_model_and_says_where_its_ranks_ran():
+    """check_matches: another shape or other bytes per unit (the same shape in another weight type) is refused;
+    ranks measured on other hosts are a note."""
+    from types import SimpleNamespace
+
+    from spmd.cluster import check_matches
+    doc = profile(2)
+    m = doc["model"]
+    cfg = SimpleNamespace(**{k: m[k] for k in ("n_layers", "dim", "n_heads", "n_kv_heads", "head_dim", "ffn_dim",
+                                               "vocab")})
+    unit_bytes = dict(m["bytes"])
+    assert check_matches(doc, cfg, unit_bytes, ["h0", "h1"]) == ""
+    note = check_matches(doc, cfg, unit_bytes, ["h0", "laptop"])
+    assert note.startswith("note: the profile was measured with rank 1 on h1, now laptop:")
+    with pytest.raises(UserError, match=r"another model \(bytes of an FFN block 500, this one 2000\)"):
+        check_matches(doc, cfg, {**unit_bytes, "ffn_block": 2000}, ["h0", "h1"])
+    with pytest.raises(UserError, match=r"another model \(head_dim 8, this one 16\)"):
+        check_matches(doc, SimpleNamespace(**{**vars(cfg), "head_dim": 16}), unit_bytes, ["h0", "h1"])
+    with pytest.raises(UserError, match="measured on 2 ranks but the job has 3"):
+        check_matches(doc, cfg, unit_bytes, ["h0", "h1", "h2"])

@@ -105,7 +105,8 @@ def test_every_backend_can_be_profiled(models, backend):
 
 def test_a_head_timed_faster_than_its_quarter_still_costs_its_time():
     """Noise can time the whole-vocabulary head no slower than the quarter one (seen on lavapipe under load: head
-    cost 0, and the planner would think the classifier free); the head's whole time is then taken as per row."""
+    cost 0, and the planner would think the classifier free); the head's whole time is then taken as per row, and
+    a layer's as per byte where the half share timed no faster than the whole."""
     from types import SimpleNamespace as Share
 
     from spmd.profile import fit
@@ -120,6 +121,10 @@ def test_a_head_timed_faster_than_its_quarter_still_costs_its_time():
     steady = dict(noisy, head={1: 1.8})  # (1.8 - 1.0) / 384 a row
     point = fit(shares, units, steady, 1)
     assert point["vocab_row_ms"] == pytest.approx(0.8 / 384)
+    layers = dict(noisy, half={1: 2.1})  # the half share timed slower than the whole: its units would be free
+    point = fit(shares, units, layers, 1)  # 1.0 ms a layer of 2 * 1000 + 2 * 3000 bytes
+    assert point["kv_group_ms"] == pytest.approx(1000 / 8000) and point["ffn_block_ms"] == pytest.approx(3000 / 8000)
+    assert point["layer_ms"] == 0
 
 
 def test_slowdown_sleeps_factor_minus_one_times_the_compute():
@@ -146,11 +151,19 @@ def test_the_command_writes_the_profile_and_prints_the_table(tmp_path):
     load_profile(str(out))
     assert json.loads(out.read_text())["ranks"][1]["rank"] == 1
     assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]
-    bad = subprocess.run([MPIRUN, "-n", "2", sys.executable, "-m", "spmd.profile", "--model", str(model),
-                          "--out", str(tmp_path / "no" / "p.json")], capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 1 and "Traceback" not in bad.stderr
-    assert [line for line in bad.stderr.splitlines() if line.startswith("error:")] == \
-        [f"error: --out {tmp_path / 'no' / 'p.json'}: cannot write it (No such file or directory)"]
+    other = tmp_path / "notes.txt"
+    other.write_text("my notes")
+    before = model.read_bytes()
+    for out, said in [(tmp_path / "no" / "p.json", "cannot write it (No such file or directory)"),
+                      (model, "is the model file"), (tmp_path, "is a directory"),
+                      (other, "exists and is not a profile: not overwritten"), ("", "the name is empty")]:
+        bad = subprocess.run([MPIRUN, "-n", "2", sys.executable, "-m", "spmd.profile", "--model", str(model),
+                              "--out", str(out)], capture_output=True, text=True, timeout=120)
+        assert bad.returncode == 1 and "Traceback" not in bad.stderr, bad.stderr
+        errors = [line for line in bad.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and errors[0].startswith("error: --out") and said in errors[0], bad.stderr
+        assert "link 0-1" not in bad.stdout  # refused before anything was measured
+    assert model.read_bytes() == before and other.read_text() == "my notes"
 
 
 def run_job(model, prompts, comm=WORLD, **kw):
