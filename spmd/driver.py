@@ -26,6 +26,7 @@ from .executor import stage_figures
 from .model import PREFILL_TOKENS, Segment
 from .plan import parse_layout
 from .replan import relayout
+from .journal import FIGURES
 from .sampling import Sampler
 
 
@@ -45,6 +46,7 @@ class Sequence:
         self.times = {}  # "admitted", "first", "done": perf_counter seconds
         self.sink, self.sent = sink, 0  # spmd.serve: where the text goes (see api.Inbox), and the pieces sent so far
         self.resumed = False  # a relaunched job's sequence that had sampled tokens (or ended) before: see `replay`
+        self.figures_before = None  # a sequence a job before this one ended: its figures there (see `replay`)
 
     def replay(self, entry, now):
         """Go on from where a failed job left this sequence (spmd.supervise; the resume entry was checked at
@@ -56,6 +58,7 @@ class Sequence:
         self.resumed = bool(entry["tokens"]) or entry["finish"] is not None
         if entry["finish"] is not None:
             self.end(entry["finish"], now)
+            self.figures_before = entry.get("figures")
 
     @property
     def prefill(self):
@@ -105,16 +108,22 @@ class Sequence:
         self.pieces.append(self.stream.flush())
 
     def result(self, t0):
+        return dict(index=self.index, prompt_tokens=self.ids.tolist(), tokens=self.tokens, text="".join(self.pieces),
+                    finish=self.finish, **self.figures(t0))
+
+    def figures(self, t0):
+        """Its timings (`t0`: when the run began generating; each None where it has none: it never had a token);
+        a sequence a job before this one ended keeps that job's."""
+        if self.figures_before is not None:
+            return self.figures_before
         t = self.times
-        decode_s = t.get("done", 0) - t.get("first", 0)
-        out = dict(index=self.index, prompt_tokens=self.ids.tolist(), tokens=self.tokens, text="".join(self.pieces),
-                   finish=self.finish)
-        if "first" in t:
-            out.update(queued_ms=round((t["admitted"] - t0) * 1e3, 3),
-                       prefill_ms=round((t["first"] - t["admitted"]) * 1e3, 3),
-                       decode_tokens_per_s=round(self.decodes / decode_s, 3) if self.decodes and decode_s else None,
-                       ms_per_token=round(decode_s * 1e3 / self.decodes, 3) if self.decodes else None)
-        return out
+        if "first" not in t:
+            return dict.fromkeys(FIGURES)
+        decode_s = t.get("done", 0) - t["first"]
+        return dict(queued_ms=round((t["admitted"] - t0) * 1e3, 3),
+                    prefill_ms=round((t["first"] - t["admitted"]) * 1e3, 3),
+                    decode_tokens_per_s=round(self.decodes / decode_s, 3) if self.decodes and decode_s else None,
+                    ms_per_token=round(decode_s * 1e3 / self.decodes, 3) if self.decodes else None)
 
 
 REBALANCE_EVERY = 16  # tokens generated between the rebalancer's looks
@@ -165,7 +174,7 @@ class Driver:
         self._start([s for s in seqs if s.finish is None])
         self._first = seqs[0]
         self.reading = emit(seqs[0].shown) if single and not seqs[0].resumed else True  # else shown before
-        t0 = time.perf_counter()
+        t0 = self._t0 = time.perf_counter()
         self._generate(emit, single)
         now = time.perf_counter()
         for seq in seqs:
@@ -175,6 +184,8 @@ class Driver:
             emit(seqs[0].pieces[-1])  # what the stream held back
         self.pos = seqs[0].pos if single else self.generated
         elapsed = now - t0
+        if state.resume is not None and state.resume["began"] is not None:  # a relaunch: since the first job began
+            elapsed = max(elapsed, time.time() - state.resume["began"])
         if single:
             r = seqs[0].result(t0)
             n_prompt = len(r["prompt_tokens"])
@@ -184,10 +195,10 @@ class Driver:
                         prompt_tokens_per_s=round(n_prompt / prefill_s, 3) if prefill_s else None,
                         decode_tokens_per_s=r.get("decode_tokens_per_s"), ms_per_token=r.get("ms_per_token"),
                         finish=r["finish"], **self._common())
+        generated = sum(len(s.tokens) for s in seqs)
         return dict(sequences=[s.result(t0) for s in seqs], sequences_in_flight=state.n_slots,
-                    tokens_generated=sum(len(s.tokens) for s in seqs), pipeline_ticks=self.ticks,
-                    elapsed_s=round(elapsed, 3),  # the rate: this job's tokens (a relaunch's replayed ones not)
-                    tokens_per_s=round(self.generated / elapsed, 3) if elapsed else None, **self._common())
+                    tokens_generated=generated, pipeline_ticks=self.ticks, elapsed_s=round(elapsed, 3),
+                    tokens_per_s=round(generated / elapsed, 3) if elapsed else None, **self._common())
 
     def serve(self, inbox):
         """Generate what comes into `inbox` until it is closed (spmd.serve); returns the result dict (without the
@@ -399,7 +410,8 @@ class Driver:
         else:
             self._release(seq, emit, single)
         if self.journal is not None:  # with the text that went out for it
-            self.journal.token(seq, token if len(seq.tokens) > before else None)
+            self.journal.token(seq, token if len(seq.tokens) > before else None,
+                               None if seq.finish is None or self.inbox is not None else seq.figures(self._t0))
 
     def _release(self, seq, emit, single):
         """An ended sequence gives up its slot; its text goes out."""

@@ -5,9 +5,10 @@ Events, in the order rank 0 writes them:
   {"ev": "ranks", "ranks": [[host, pid], ...]}   each rank's host and process, as the job starts
   {"ev": "ready", "ratios": LAYOUT, "prompts": [[ids], ...]}   set up and loaded
   {"ev": "prefill", "tokens": N}    a step that runs N prompt tokens goes out (the supervisor allows for its time)
-  {"ev": "token", "seq": I, "token": T, "end": FINISH, "rng": STATE, "out": TEXT}
+  {"ev": "token", "seq": I, "token": T, "end": FINISH, "rng": STATE, "out": TEXT, "figures": FIGURES}
         sequence I sampled T (null: EOS, which ended it); END is null or why it ended ("eos", "length",
-        "stopped"); RNG the sampler's generator state after it (null when greedy); OUT the text stdout gets with it
+        "stopped"); RNG the sampler's generator state after it (null when greedy); OUT the text stdout gets with it;
+        FIGURES, where it ended spmd.run's sequence, its timings for the result (spmd.driver.FIGURES), else null
   {"ev": "plan", "ratios": LAYOUT}  a migration applied
   {"ev": "done", "text": TEXT}      --output text: generation has ended; TEXT is the rest of stdout (the last
                                     piece, the end of line): a job that fails after this has nothing more to say
@@ -17,19 +18,23 @@ the reader drops: what was not journaled did not happen, so the text a superviso
 
 The resume file (written by the supervisor, read by rank 0 of the relaunched job):
   {"version": 1, "ratios": LAYOUT, "sequences": [{"seq": I, "prompt": [ids], "tokens": [...], "finish": FINISH,
-   "rng": STATE}, ...], "ranks": [...]}
+   "rng": STATE, "figures": FIGURES}, ...], "ranks": [...], "began": T}
+T is when the first job was ready (time.time(), on rank 0's machine, the supervisor's): the relaunch's elapsed time
+and rate count from it, the failures' waits and the relaunches' loads included.
 LAYOUT is null where the run was planned (--plan): the relaunch plans again, on a saved profile's ranks that
 "ranks" names (the survivors' indices in the profile, in their new order; absent for --plan auto, which measures
 again).
 """
 import json
 import os
+import time
 
 from .errors import UserError, regular_file
 
 VERSION = 1
 MAX_RESUME_BYTES = 256 * 2**20
 FINISHES = (None, "eos", "length", "stopped")
+FIGURES = ("queued_ms", "prefill_ms", "decode_tokens_per_s", "ms_per_token")  # a sequence's timings in a result
 
 
 class Journal:
@@ -48,8 +53,9 @@ class Journal:
         self.pending.append(piece)
         return not self.gone
 
-    def token(self, seq, token):
-        self._write(ev="token", seq=seq.index, token=token, end=seq.finish, rng=seq.sampler.state, out=self.take())
+    def token(self, seq, token, figures=None):
+        self._write(ev="token", seq=seq.index, token=token, end=seq.finish, rng=seq.sampler.state, out=self.take(),
+                    figures=figures)
 
     def event(self, ev, **fields):
         self._write(ev=ev, **fields)
@@ -85,6 +91,7 @@ class Record:
         self.done, self.result = False, None
         self.prefill = 0  # prompt tokens of the last prefill step not yet answered by a token
         self.tokens = 0  # token events in all
+        self.began = None  # when the first job was ready (time.time())
 
     def apply(self, e):
         ev = e["ev"]
@@ -92,6 +99,7 @@ class Record:
             self.ranks = [tuple(r) for r in e["ranks"]]
         elif ev == "ready":
             self.ratios, self.prompts, self.ready, self.started = e["ratios"], e["prompts"], True, True
+            self.began = self.began or time.time()
         elif ev == "prefill":
             self.prefill += e["tokens"]
         elif ev == "token":
@@ -101,7 +109,7 @@ class Record:
             seq = self.sequences.setdefault(e["seq"], {"tokens": [], "finish": None, "rng": None})
             if e["token"] is not None:
                 seq["tokens"].append(e["token"])
-            seq["finish"], seq["rng"] = e["end"], e["rng"]
+            seq["finish"], seq["rng"], seq["figures"] = e["end"], e["rng"], e.get("figures")
             return e["out"]
         elif ev == "plan":
             self.ratios = e["ratios"]
@@ -123,7 +131,7 @@ class Record:
 
     def resume(self, ratios, ranks=None):
         """The resume file's contents for a relaunch on `ratios` (None: planned again, on the profile's `ranks`)."""
-        return {"version": VERSION, "ratios": ratios, "ranks": ranks,
+        return {"version": VERSION, "ratios": ratios, "ranks": ranks, "began": self.began,
                 "sequences": [{"seq": i, "prompt": self.prompts[i], **s} for i, s in sorted(self.sequences.items())]}
 
 
@@ -139,16 +147,24 @@ def read_resume(path):
     except ValueError:
         raise bad from None
     if not (isinstance(obj, dict) and obj.get("version") == VERSION and isinstance(obj.get("ratios"), (str, type(None)))
-            and isinstance(obj.get("sequences"), list) and (obj.get("ranks") is None or _ints(obj["ranks"]))):
+            and isinstance(obj.get("sequences"), list) and (obj.get("ranks") is None or _ints(obj["ranks"]))
+            and (obj.get("began") is None or _number(obj["began"]))):
         raise bad
     sequences = {}
     for s in obj["sequences"]:
+        figures = s.get("figures") if isinstance(s, dict) else None
         if not (isinstance(s, dict) and _ints(s.get("prompt")) and _ints(s.get("tokens"))
                 and isinstance(s.get("seq"), int) and s.get("finish") in FINISHES
-                and (s.get("rng") is None or isinstance(s["rng"], dict))):
+                and (s.get("rng") is None or isinstance(s["rng"], dict))
+                and (figures is None or (isinstance(figures, dict) and set(figures) == set(FIGURES)
+                                         and all(v is None or _number(v) for v in figures.values())))):
             raise bad
         sequences[s["seq"]] = s
-    return {"ratios": obj["ratios"], "ranks": obj.get("ranks"), "sequences": sequences}
+    return {"ratios": obj["ratios"], "ranks": obj.get("ranks"), "sequences": sequences, "began": obj.get("began")}
+
+
+def _number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1e12
 
 
 def _ints(v):

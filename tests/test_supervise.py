@@ -64,7 +64,8 @@ def test_the_journal_carries_text_with_its_token_and_drops_a_line_cut_short(tmp_
     journal.emit("Hello")
     journal.token(Seq(0), 7)
     journal.emit(" world")
-    journal.token(Seq(0, "length"), 9)
+    figures = {"queued_ms": 0.1, "prefill_ms": 2.5, "decode_tokens_per_s": 100.0, "ms_per_token": 10.0}
+    journal.token(Seq(0, "length"), 9, figures)
     data = os.read(reader, 1 << 16) + b'{"ev":"token","seq":0,"tok'  # a job killed in the middle of a line
     record, printed = Record(), []
     *lines, rest = data.split(b"\n")
@@ -74,9 +75,14 @@ def test_the_journal_carries_text_with_its_token_and_drops_a_line_cut_short(tmp_
         json.loads(rest)
     assert "".join(printed) == "Hello world"
     assert record.ranks == [("h", 1), ("h", 2)] and record.ratios == "1:1"
-    assert record.sequences == {0: {"tokens": [7, 9], "finish": "length", "rng": None}}
-    assert record.resume("1") == {"version": 1, "ratios": "1", "ranks": None, "sequences": [
-        {"seq": 0, "prompt": [1, 5], "tokens": [7, 9], "finish": "length", "rng": None}]}
+    assert record.sequences == {0: {"tokens": [7, 9], "finish": "length", "rng": None, "figures": figures}}
+    resume = record.resume("1")
+    assert 0 <= time.time() - resume.pop("began") < 60  # when the job was ready
+    assert resume == {"version": 1, "ratios": "1", "ranks": None, "sequences": [
+        {"seq": 0, "prompt": [1, 5], "tokens": [7, 9], "finish": "length", "rng": None, "figures": figures}]}
+    path = tmp_path / "resume.json"
+    path.write_text(json.dumps(record.resume("1")))
+    assert read_resume(path)["sequences"][0]["figures"] == figures
     os.close(reader)
 
 
@@ -96,7 +102,10 @@ def test_a_second_loss_before_the_relaunch_has_loaded_starts_from_its_layout(tmp
 
 @pytest.mark.parametrize("content", ["", "[]", '{"version": 2, "ratios": "1", "sequences": []}',
                                      '{"version": 1, "ratios": "1", "sequences": [{"seq": 0, "prompt": [1], '
-                                     '"tokens": ["a"], "finish": null, "rng": null}]}'])
+                                     '"tokens": ["a"], "finish": null, "rng": null}]}',
+                                     '{"version": 1, "ratios": "1", "sequences": [], "began": -1}',
+                                     '{"version": 1, "ratios": "1", "sequences": [{"seq": 0, "prompt": [1], '
+                                     '"tokens": [2], "finish": "eos", "rng": null, "figures": {"queued_ms": 1}}]}'])
 def test_a_bad_resume_file_is_refused(tmp_path, content):
     path = tmp_path / "r.json"
     path.write_text(content)
@@ -285,6 +294,28 @@ def test_several_sequences_and_a_seeded_sampler_go_on_as_if_nothing_happened(mod
     assert [s["tokens"] for s in got["sequences"]] == [s["tokens"] for s in want["sequences"]]
     assert [s["text"] for s in got["sequences"]] == [s["text"] for s in want["sequences"]]
     assert len(got["recoveries"]) == 1 and got["recoveries"][0]["tokens_replayed"] > 0
+
+
+def test_a_recovered_runs_figures_are_the_whole_runs(model, tmp_path):
+    """One sequence at a time, planned (--plan auto), a rank killed after the first sequence has ended: that
+    sequence keeps the figures of the job that ran it (the relaunch replays it as ended: it ended with a KeyError
+    where --plan reads them), and the run's time and rate cover both jobs, the wait for the lost rank included."""
+    t = time.monotonic()
+    p = subprocess.run([sys.executable, "-m", "spmd.launch", "-n", "3", "--", "--model", model, "--plan", "auto",
+                        "--steps", str(STEPS), "--prompt", "Hello", "--prompt", "Once upon", "--prompt", "x",
+                        "--sequences", "1", "--output", "json"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=180, env=dict(os.environ, SPMD_TEST_SIGNAL=kills(tmp_path, "1:50:KILL")))
+    took = time.monotonic() - t
+    assert p.returncode == 0, p.stderr
+    got = json.loads(p.stdout)
+    (recovery,) = got["recoveries"]
+    assert recovery["tokens_replayed"] < sum(len(s["tokens"]) for s in got["sequences"][:2])  # the first had ended
+    for s in got["sequences"]:
+        assert all(isinstance(s[k], (int, float)) and s[k] >= 0 for k in ("queued_ms", "prefill_ms")), s
+        assert s["ms_per_token"] > 0 and s["decode_tokens_per_s"] > 0, s
+    assert recovery["stall_s"] < got["elapsed_s"] < took
+    assert got["tokens_per_s"] == pytest.approx(got["tokens_generated"] / got["elapsed_s"], rel=1e-3)
+    assert got["planner"]["measured_ms_per_token"] > 0
 
 
 def test_a_planned_run_is_planned_again_on_the_survivors(model, tmp_path):
