@@ -528,6 +528,12 @@ class Comm:
         time.sleep(0.5)  # for mpirun to pass the line on before the abort ends its forwarding
         self.abort(1)
 
+    @staticmethod
+    def failed_call(e):
+        """Where `e` is an MPI call's error (a rank died, or its host went: not a bug), the error's first line; else
+        None."""
+        return e.Get_error_string().splitlines()[0] if isinstance(e, MPI.Exception) else None
+
     def allgather(self, obj):
         self.arrive()
         return self.comm.allgather(obj)

@@ -277,7 +277,8 @@ def imports_agreed(comm, modules):
 
 def guarded(comm, log, work):
     """`work()` on every rank: a UserError is one line on rank 0 and exit 1 everywhere; Ctrl-C stops every rank
-    together; a bug shows its traceback and takes every rank down instead of hanging. Returns what work returns."""
+    together; an MPI call that fails (a rank is gone) is one line; a bug shows its traceback and takes every rank
+    down instead of hanging. Returns what work returns."""
     try:
         return work()
     except UserError as e:
@@ -288,6 +289,10 @@ def guarded(comm, log, work):
     except Exception as e:  # a bug, not a user mistake: show it, and take every rank down instead of hanging
         if interrupted(e):
             stop(comm)
+        failed = comm.failed_call(e)
+        if failed is not None:  # another rank is gone: its watcher (supervised) or mpirun says which
+            comm.give_up(f"an MPI call failed ({failed}): a rank has died or its host is gone")
+            os._exit(1)
         traceback.print_exc()
         sys.stderr.flush()
         comm.abort(1)

@@ -2,14 +2,17 @@
 that ends by an abort (Ctrl-C or SIGTERM on several ranks, --wait-timeout, a bug) leaves a file of a few MB per
 host in memory. Two things keep /dev/shm clean: an aborting rank starts a janitor (`clean_up_after_abort`), a
 process of its own that removes the files this rank maps once no process maps them any more; and a job's start
-removes what an abort had no chance to clean (a rank killed, mpirun taken down: `remove_stale`). Standard library
-only: the janitor starts a fresh interpreter on this module (`python -m spmd.shm PATH ...`)."""
+removes what an abort had no chance to clean (a rank killed, mpirun taken down: `remove_stale`), and with it the
+machine's topology file that MPI_Init writes for the job's ranks of a host (/tmp/hydra_hwloc_xmlfile_*, 5 KB) and
+only MPI_Finalize removes. Standard library only: the janitor starts a fresh interpreter on this module (`python -m
+spmd.shm PATH ...`)."""
 import os
 import subprocess
 import sys
 import time
 
 FOLDER, PREFIX, AGE_S = "/dev/shm", "mpich_shm_", 60.0
+TOPOLOGY = ("/tmp", "hydra_hwloc_xmlfile_")  # (where MPICH's hwloc writes it, as built in: not TMPDIR)
 JANITOR_WAIT_S, JANITOR_LOOK_S = 30.0, 0.2  # how long the janitor waits for the job's processes to end; how often
 
 
@@ -27,22 +30,28 @@ def mapped_names(pids=None, skip=()):
     return names
 
 
-def remove_stale(folder=FOLDER, now=None):
-    """The files of a job that ended abnormally: this user's, mapped by no process, older than a minute (a job
-    starting now may not have mapped its own yet). Run by one rank on each host as a job starts; returns the names
-    removed."""
+def remove_stale(folder=FOLDER, topology=TOPOLOGY, now=None):
+    """The files of a job that ended abnormally: this user's, older than a minute (a job starting now may not have
+    mapped or read its own yet), its shared memory mapped by no process. Run by one rank on each host as a job
+    starts; returns the names removed."""
+    now = time.time() if now is None else now
+    removed = _remove_old(folder, PREFIX, now, mapped_names)
+    return removed + _remove_old(*topology, now, set)  # (read once, as a job starts)
+
+
+def _remove_old(folder, prefix, now, in_use):
     try:
-        names = [n for n in os.listdir(folder) if n.startswith(PREFIX)]
+        names = [n for n in os.listdir(folder) if n.startswith(prefix)]
     except OSError:
         return []
     if not names:
         return []
-    mapped, removed, now = mapped_names(), [], time.time() if now is None else now
+    used, removed = in_use(), []
     for name in names:
         path = os.path.join(folder, name)
         try:
             st = os.lstat(path)
-            if name not in mapped and st.st_uid == os.getuid() and now - st.st_mtime > AGE_S:
+            if name not in used and st.st_uid == os.getuid() and now - st.st_mtime > AGE_S:
                 os.unlink(path)
                 removed.append(name)
         except OSError:

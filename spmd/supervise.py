@@ -47,6 +47,11 @@ DIED = re.compile(re.escape(DIED_LINE).replace(r"\{rank\}", r"(\d+)").replace(r"
 BANNER_LINE = re.compile(r"^(=|YOUR APPLICATION TERMINATED|This typically refers|Please see the FAQ|\[mpiexec@)")
 # MPICH's line for a rank that a stop (the user's, or the supervisor's own) ended; it may follow another's text
 ABORTED = re.compile(r"Abort\(\d+\) on node \d+ \(rank \d+ in comm \d+\): application called MPI_Abort.*$")
+# What follows a rank's death on the ranks' stderr: MPICH's process manager's lines about the lost connections (one
+# proxy a host), a rank's MPI call that failed (spmd.run.guarded), MPI_Abort's: held until the job ends, and said
+# only where no death was seen
+AFTERMATH = re.compile(r"\[(mpiexec|proxy:[^\]]*)@[^\]]*\]|error: rank \d+ \([^)]*\): an MPI call failed|"
+                       + ABORTED.pattern)
 DIR_PREFIX = "spmd-supervise-"  # then the supervisor's pid: a folder of one killed with -9 is removed later
 TERM_GRACE_S = 3.0  # after SIGINT, how long mpirun has to take the job down before it is killed
 DEATH_GRACE_S = 2.0  # after a watcher's line says a rank died, how long mpirun has to end the job by itself
@@ -157,6 +162,7 @@ class Job:
             os.set_blocking(fd, False)
         self.lines = b""
         self.died = {}  # rank -> signal, from the watchers' lines
+        self.held = []  # stderr lines that may be a death's aftermath (AFTERMATH)
         self.ending = False  # the supervisor is taking it down
         self.interrupted = None  # when the user's stop was passed on
 
@@ -193,6 +199,10 @@ class Job:
             except BlockingIOError:  # a process of the job still holds it open
                 pass
             self._output(fd, data + (b"\n" if rest and not data.endswith(b"\n") else b""))
+        if not self.died:
+            for line in self.held:
+                print(line, file=sys.stderr, flush=True)
+        self.held = []
 
     def _output(self, fd, data):
         pipe, rest = self.pipes[fd]
@@ -207,7 +217,12 @@ class Job:
                     line = ABORTED.sub("", line)
                     if not line.strip():
                         continue
-                print(line, file=sys.stderr, flush=True)
+                aftermath = AFTERMATH.search(line)
+                if aftermath is not None:
+                    self.held.append(line[aftermath.start():])
+                    line = line[:aftermath.start()]
+                if line.strip() or aftermath is None:
+                    print(line, file=sys.stderr, flush=True)
             elif line.strip() and not BANNER_LINE.match(line):  # rank 0's own (--help)
                 print(line, flush=True)
 
@@ -528,6 +543,11 @@ class Supervisor:
         status = 128 - status if status < 0 else status
         if self.stopping is not None:
             return self._stopped(status), None
+        if job.proc.returncode < 0 and not job.ending:  # mpirun itself was killed: what it started here goes too
+            job.kill(self._local_pids())
+            print(f"error: mpirun ended by signal {-job.proc.returncode} ({signal.Signals(-job.proc.returncode).name})"
+                  ": the job is over (not relaunched: no rank was lost)", file=sys.stderr, flush=True)
+            return status, None
         if status == 0 and (record.result is not None or record.done or self.front is not None):
             return self._success(), None
         lost = self._lost(self._signalled(job.died))

@@ -507,7 +507,7 @@ def no_new_shm_files(before, wait_s=20):
 
 def test_stale_mpich_shared_memory_is_removed_at_start(tmp_path):
     """MPICH's /dev/shm files left by a job that ended abnormally: a job's start removes this user's old ones that
-    no process maps; a new one (a job starting) and a mapped one (a job running) stay."""
+    no process maps, and old topology files; a new one (a job starting) and a mapped one (a job running) stay."""
     import mmap
 
     from spmd.shm import AGE_S, remove_stale
@@ -518,9 +518,16 @@ def test_stale_mpich_shared_memory_is_removed_at_start(tmp_path):
     past = time.time() - AGE_S - 10
     for path in (old, mapped, tmp_path / "other"):
         os.utime(path, (past, past))
+    topology = tmp_path / "tmp"  # MPI_Init's topology files: an old one is an aborted job's
+    topology.mkdir()
+    for name in ("old", "new"):
+        (topology / f"hydra_hwloc_xmlfile_{name}").write_text("<topology/>")
+    os.utime(topology / "hydra_hwloc_xmlfile_old", (past, past))
     with open(mapped, "r+b") as f, mmap.mmap(f.fileno(), 4096):
-        assert remove_stale(str(tmp_path)) == [old.name]
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([new.name, mapped.name, "other"])
+        assert remove_stale(str(tmp_path), (str(topology), "hydra_hwloc_xmlfile_")) == \
+            [old.name, "hydra_hwloc_xmlfile_old"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([new.name, mapped.name, "other", "tmp"])
+    assert [p.name for p in topology.iterdir()] == ["hydra_hwloc_xmlfile_new"]
 
 
 @pytest.mark.parametrize("stopped", [1, 2])
@@ -655,3 +662,21 @@ def test_a_rank_bound_to_fewer_cores_than_its_threads_says_so(model):
     assert notes == [f"note: this rank may run on only 1 of the host's {host} cores {why}"]
     text, notes = go("--threads", str(host + 1), ranks=1, bound=False)  # more than the host has
     assert notes == [f"note: --threads {host + 1}, but the host has {host} cores: {host} kernel threads"]
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_an_mpi_call_that_fails_is_one_line_not_a_bug(ranks):
+    """A rank's MPI call fails (a peer has died: seen in a pipeline's gather of candidates): one line naming the
+    rank, after a moment for the dead rank's watcher to say which it was; no traceback, every rank exits."""
+    if ranks > 1 and MPIRUN is None:
+        pytest.skip("mpirun not on PATH")
+    code = ("from spmd import comm as C\nfrom spmd.run import guarded\nc = C.Comm()\n"
+            "def work():\n    if c.rank:\n        c.barrier()\n    raise C.MPI.Exception(C.MPI.ERR_OTHER)\n"
+            "guarded(c, print, work)")
+    cmd = [sys.executable, "-c", code]
+    p = subprocess.run([MPIRUN, "-n", str(ranks), *cmd] if ranks > 1 else cmd, cwd=ROOT, capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr
+    said = [line for line in p.stderr.splitlines() if line.startswith("error:")]
+    assert len(said) == 1 and said[0].startswith("error: rank 0 (") and \
+        "an MPI call failed (" in said[0] and said[0].endswith("a rank has died or its host is gone"), p.stderr

@@ -144,6 +144,61 @@ time.sleep(60)
     assert out == "Hi" and err.splitlines()[-1] == "error: rank 1 (localhost) died (signal 9): giving up (--no-recover)"
 
 
+@pytest.mark.parametrize("died", [True, False])
+def test_a_deaths_aftermath_on_stderr_is_not_said(tmp_path, capsys, died):
+    """After a rank's death MPICH's process manager (one proxy a host) and rank 0's failed MPI call say so in lines
+    of their own: the supervisor's one line says it instead. Where no rank died, they are said."""
+    from spmd.supervise import Supervisor
+    fake = tmp_path / "mpirun"
+    fake.write_text(f"""#!{sys.executable}
+import os, sys
+sys.path.insert(0, {str(ROOT)!r})
+from spmd.journal import Journal
+journal = Journal(sys.argv[sys.argv.index("--journal") + 1])
+journal.event("ranks", ranks=[["localhost", os.getpid()], ["localhost", 99999999]])
+journal.event("ready", ratios="1:1", prompts=[[1, 5]])
+journal.event("token", seq=0, token=7, end=None, rng=None, out="Hi")
+print("error: rank 0 (vm): an MPI call failed (Other MPI error): a rank has died or its host is gone",
+      file=sys.stderr, flush=True)
+print("[mpiexec@vm] HYDU_sock_write (lib/utils/sock.c:250): write error (Bad file descriptor)", file=sys.stderr)
+print("a rank's own line", file=sys.stderr)
+if {died}:
+    print("spmd: rank 1 (localhost) died (signal 9)", file=sys.stderr, flush=True)
+sys.exit(1)
+""")
+    fake.chmod(0o755)
+    sup = Supervisor(str(fake), None, 2, ["--model", "m.gguf"], progress_timeout=30.0, max_recoveries=0)
+    assert sup.run() != 0
+    err = capsys.readouterr().err.splitlines()
+    assert "a rank's own line" in err
+    aftermath = [line for line in err if "[mpiexec@vm]" in line or "an MPI call failed" in line]
+    assert len(aftermath) == (0 if died else 2), err
+
+
+def test_mpirun_killed_is_one_line(tmp_path, capsys):
+    """mpirun itself killed (-9): one line saying so, not silence, and what it started here is ended."""
+    from spmd.supervise import Supervisor
+    fake = tmp_path / "mpirun"
+    fake.write_text(f"""#!{sys.executable}
+import os, signal, subprocess, sys
+sys.path.insert(0, {str(ROOT)!r})
+from spmd.journal import Journal
+child = subprocess.Popen(["sleep", "60"])  # a rank it started
+journal = Journal(sys.argv[sys.argv.index("--journal") + 1])
+journal.event("ranks", ranks=[["localhost", child.pid]])
+journal.event("ready", ratios="1", prompts=[[1, 5]])
+os.kill(os.getpid(), signal.SIGKILL)
+""")
+    fake.chmod(0o755)
+    sup = Supervisor(str(fake), None, 1, ["--model", "m.gguf"], progress_timeout=30.0, max_recoveries=1)
+    assert sup.run() == 128 + signal.SIGKILL
+    assert capsys.readouterr().err.splitlines()[-1] == \
+        "error: mpirun ended by signal 9 (SIGKILL): the job is over (not relaunched: no rank was lost)"
+    pid = sup.record.ranks[0][1] if sup.record.ranks else None
+    from spmd.supervise import process_state
+    assert pid is not None and process_state(pid) in (None, "Z")
+
+
 def test_ranks_the_teardown_ended_after_a_death_are_not_lost(tmp_path, capsys):
     """mpirun's teardown after rank 1's death has already ended rank 0 (healthy) when the supervisor takes the job
     down: only rank 1 is lost, and the job is relaunched on one rank rather than given up as "rank 0 died"."""
