@@ -35,7 +35,7 @@ def parse_hostfile(path):
     """MPICH format -> [(line number, host, slots)]; raises click.ClickException naming the bad line."""
     try:
         regular_file(path, "hostfile")
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             lines = f.read(MAX_HOSTFILE_BYTES + 1).splitlines()
         if sum(len(line) + 1 for line in lines) > MAX_HOSTFILE_BYTES:
             raise click.ClickException(f"hostfile {path} is larger than {MAX_HOSTFILE_BYTES >> 10} KiB")
@@ -128,7 +128,8 @@ def cli(hostfile, ranks, timeout, serve, no_recover, max_recoveries, progress_ti
                             probe_timeout=min(timeout, 2.0), env=env, serve=flags).run())
     print(f"note: rank 0 runs on {first}, not on this machine: the {'server' if serve else 'run'} is not "
           "supervised (a lost rank ends it); start spmd.launch there to have it supervised", file=sys.stderr)
-    cmd = [mpirun, *(["-f", hostfile] if hostfile else []), "-n", str(ranks), sys.executable, "-m",
+    placed = ["-hosts", ",".join(f"{h}:{slots}" for _, h, slots in hosts)] if hosts else []  # (as checked)
+    cmd = [mpirun, *placed, "-n", str(ranks), sys.executable, "-m",
            "spmd.serve" if serve else "spmd.run", *run_args]
     os.execve(mpirun, cmd, env)
 

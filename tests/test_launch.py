@@ -48,8 +48,9 @@ def test_bad_hostfiles_and_hosts_are_named(tmp_path, text, message):
     assert p.stderr.strip().splitlines() == [p.stderr.strip()] and message in p.stderr
 
 
-def test_a_good_hostfile_starts_the_job(tmp_path):
-    p = launch(tmp_path, "# one machine\nlocalhost:2\n", "--", "--help")
+@pytest.mark.parametrize("bom", ["", "\ufeff"])  # (as some Windows editors save a file)
+def test_a_good_hostfile_starts_the_job(tmp_path, bom):
+    p = launch(tmp_path, bom + "# one machine\nlocalhost:2\n", "--", "--help")
     assert p.returncode == 0, p.stderr
     assert p.stdout.count("Usage: python -m spmd.run") == 1  # two ranks, rank 0 alone prints
 
