@@ -163,6 +163,7 @@ class Job:
         self.lines = b""
         self.died = {}  # rank -> signal, from the watchers' lines
         self.held = []  # stderr lines that may be a death's aftermath (AFTERMATH)
+        self.blanks = 0  # blank lines on stdout not yet said
         self.ending = False  # the supervisor is taking it down
         self.interrupted = None  # when the user's stop was passed on
 
@@ -223,8 +224,13 @@ class Job:
                     line = line[:aftermath.start()]
                 if line.strip() or aftermath is None:
                     print(line, file=sys.stderr, flush=True)
-            elif line.strip() and not BANNER_LINE.match(line):  # rank 0's own (--help)
-                print(line, flush=True)
+            elif BANNER_LINE.match(line):
+                self.blanks = 0
+            elif not line.strip():  # said only between lines of rank 0's own (--help's paragraphs), not the banner's
+                self.blanks += 1
+            else:  # rank 0's own (--help)
+                print("\n" * self.blanks + line, flush=True)
+                self.blanks = 0
 
     def signal(self, signum):
         try:

@@ -53,6 +53,8 @@ def test_a_good_hostfile_starts_the_job(tmp_path, bom):
     p = launch(tmp_path, bom + "# one machine\nlocalhost:2\n", "--", "--help")
     assert p.returncode == 0, p.stderr
     assert p.stdout.count("Usage: python -m spmd.run") == 1  # two ranks, rank 0 alone prints
+    alone = subprocess.run([sys.executable, "-m", "spmd.run", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert p.stdout == alone.stdout  # its blank lines too
 
 
 def test_serve_starts_the_server(tmp_path):
