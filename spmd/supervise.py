@@ -458,8 +458,9 @@ class Supervisor:
                         ready_at = now
                         if self.recoveries and self.recoveries[-1]["ratios_after"] is None:  # planned again
                             self.recoveries[-1]["ratios_after"] = record.ratios
-                    if timing is not None and record.tokens != tokens:  # the first token after a recovery
-                        detected, last_token = timing
+                    if timing is not None and (record.tokens != tokens or  # the first token after a recovery,
+                                               ready_at is not None and front is not None and not front.busy):
+                        detected, last_token = timing  # (or an idle server ready: no request waits for it)
                         self.recoveries[-1].update(relaunch_s=round(ready_at - detected, 3),
                                                    stall_s=round(now - last_token, 3))
                         timing = None

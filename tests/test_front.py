@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -141,6 +142,30 @@ def test_a_clients_stream_goes_on_through_a_lost_rank(model, tmp_path, ranks, la
     assert f"[spmd] rank {rank} (localhost) {why}" in err and "[spmd] served 3 requests, 88 tokens" in err
     assert "88 tokens in" in err and "; 1 recovery, " in err and "Traceback" not in err and out == ""
     assert set(Path(socket_dir()).glob("control-*.sock")) <= sockets  # the killed job's rank 0's is removed too
+
+
+def test_a_recovery_while_idle_stalls_only_until_the_relaunch_is_ready(model, tmp_path):
+    """A rank lost while the server has no request (its heartbeat steps: the third): the recovery's stall ends
+    when the relaunched job is ready, not when the next request's first token comes."""
+    server = Launched(model, 3, "1:1:1", f"2:3:KILL:{tmp_path / 'once'}")
+    try:
+        deadline, recoveries = time.monotonic() + 60, []
+        while time.monotonic() < deadline and not (recoveries and "stall_s" in recoveries[0]):
+            time.sleep(0.5)
+            try:
+                with urllib.request.urlopen(server.url + "/cluster", timeout=30) as r:
+                    recoveries = json.load(r)["recoveries"]
+            except urllib.error.HTTPError as e:  # 503 while the job relaunches
+                assert e.code == 503
+        time.sleep(3)  # idle after the relaunch
+        again = json.load(post(server.url, {"prompt": GREEDY, "max_tokens": 4, "temperature": 0}))
+        assert again["usage"]["completion_tokens"] == 4
+        with urllib.request.urlopen(server.url + "/cluster", timeout=30) as r:
+            (recovery,) = json.load(r)["recoveries"]
+        assert recovery["stall_s"] <= recovery["detect_s"] + recovery["relaunch_s"] + 0.1, recovery
+    finally:
+        status, _ = server.stop()
+    assert status == 0, "".join(server.lines)
 
 
 def test_a_second_ctrl_c_stops_the_server_at_once(model, tmp_path):
