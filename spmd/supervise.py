@@ -45,13 +45,13 @@ DIED = re.compile(re.escape(DIED_LINE).replace(r"\{rank\}", r"(\d+)").replace(r"
                   .replace(r"\{signal\}", r"(\d+)"))  # spmd.watch's line: rank, host, signal
 # mpirun's own lines on its stdout: its "BAD TERMINATION" banner, and what it says when a job is ended with SIGINT
 BANNER_LINE = re.compile(r"^(=|YOUR APPLICATION TERMINATED|This typically refers|Please see the FAQ|\[mpiexec@)")
-# MPICH's line for a rank that a stop (the user's, or the supervisor's own) ended; it may follow another's text
+# MPICH's line for a rank that called MPI_Abort, after its own line (a stop, a failure, a bug's traceback) said why: not
+# passed on; it may follow another's text
 ABORTED = re.compile(r"Abort\(\d+\) on node \d+ \(rank \d+ in comm \d+\): application called MPI_Abort.*$")
 # What follows a rank's death on the ranks' stderr: MPICH's process manager's lines about the lost connections (one
-# proxy a host), a rank's MPI call that failed (spmd.run.guarded), MPI_Abort's: held until the job ends, and said
-# only where no death was seen
-AFTERMATH = re.compile(r"\[(mpiexec|proxy:[^\]]*)@[^\]]*\]|error: rank \d+ \([^)]*\): an MPI call failed|"
-                       + ABORTED.pattern)
+# proxy a host), a rank's MPI call that failed (spmd.run.guarded): held until the job ends, and said only where no
+# death was seen
+AFTERMATH = re.compile(r"\[(mpiexec|proxy:[^\]]*)@[^\]]*\]|error: rank \d+ \([^)]*\): an MPI call failed")
 DIR_PREFIX = "spmd-supervise-"  # then the supervisor's pid: a folder of one killed with -9 is removed later
 TERM_GRACE_S = 3.0  # after SIGINT, how long mpirun has to take the job down before it is killed
 DEATH_GRACE_S = 2.0  # after a watcher's line says a rank died, how long mpirun has to end the job by itself
@@ -214,10 +214,9 @@ class Job:
             if died is not None:
                 self.died[int(died.group(1))] = int(died.group(3))
             elif pipe is self.proc.stderr:
-                if self.ending or self.interrupted is not None:
-                    line = ABORTED.sub("", line)
-                    if not line.strip():
-                        continue
+                line = ABORTED.sub("", line)
+                if not line.strip() and raw.strip():
+                    continue
                 aftermath = AFTERMATH.search(line)
                 if aftermath is not None:
                     self.held.append(line[aftermath.start():])
@@ -562,6 +561,10 @@ class Supervisor:
             print("error: the job ended with a process killed (status 9) and no rank's watcher said which rank died "
                   "(a watcher process itself killed?): not relaunched, as the lost rank is not known",
                   file=sys.stderr, flush=True)
+            return status, None
+        if not lost and status - 128 in (signal.SIGINT, signal.SIGTERM) and not record.done:
+            print(f"error: the job was stopped by {signal.Signals(status - 128).name} sent to rank 0 or mpirun, not to "
+                  "this launcher: not relaunched", file=sys.stderr, flush=True)
             return status, None
         if not lost:
             return status, None  # it ended by itself with an error it has said

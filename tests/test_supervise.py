@@ -402,6 +402,16 @@ def test_rank_0_lost_ends_the_run_with_one_line(model, tmp_path):
     assert "Traceback" not in p.stderr and "BAD TERMINATION" not in p.stdout
 
 
+def test_rank_0_told_to_stop_ends_the_run_with_one_line(model, tmp_path):
+    """SIGTERM to rank 0 itself (not to the launcher): it stops the job as Ctrl-C would; the supervisor says so in
+    one line, and MPICH's abort line is not passed on."""
+    p = supervised(model, 3, "1:1:1", kills(tmp_path, "0:10:TERM"), "--prompt", "Hello")
+    assert p.returncode == 128 + signal.SIGTERM
+    assert p.stderr.splitlines()[-1] == ("error: the job was stopped by SIGTERM sent to rank 0 or mpirun, not to "
+                                         "this launcher: not relaunched")
+    assert "Abort(" not in p.stderr and "Traceback" not in p.stderr
+
+
 def test_no_recover_names_the_rank_and_keeps_stdout_clean(model, tmp_path):
     p = supervised(model, 3, "1:1:1", kills(tmp_path, "2:10:KILL"), "--prompt", "Hello", "--output", "json",
                    launch=("--no-recover",))
