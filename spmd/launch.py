@@ -20,6 +20,7 @@ if __name__ == "__main__":  # a Ctrl-C while the imports below run (0.3 s after 
 import re  # noqa: E402
 import shutil  # noqa: E402
 import socket  # noqa: E402
+import subprocess  # noqa: E402
 import sys  # noqa: E402
 
 import click  # noqa: E402
@@ -78,6 +79,28 @@ def check_reachable(path, hosts, timeout):
             reason = "timed out" if isinstance(e, socket.timeout) else (e.strerror or str(e))
             raise click.ClickException(
                 f"{path} line {number}: host {host} is unreachable on ssh port 22 ({reason})") from None
+        check_ssh(path, number, host, timeout)
+
+
+def check_ssh(path, number, host, timeout):
+    """mpirun starts a remote host's ranks by ssh (or HYDRA_LAUNCHER_EXEC, which takes ssh's arguments), which must
+    log in without a password or a question: try it as mpirun will (BatchMode), and say in one line why it fails."""
+    try:
+        ssh = os.environ.get("HYDRA_LAUNCHER_EXEC") or "ssh"
+        p = subprocess.run([ssh, "-o", "BatchMode=yes", "-o", f"ConnectTimeout={int(timeout)}", host, "true"],
+                           stdin=subprocess.DEVNULL, capture_output=True, text=True, errors="replace",
+                           timeout=timeout + 5)
+    except FileNotFoundError:
+        raise click.ClickException(f"{path} line {number}: host {host}: ssh is not installed here (mpirun starts "
+                                   "the ranks of other hosts through it)") from None
+    except subprocess.TimeoutExpired:
+        raise click.ClickException(f"{path} line {number}: host {host}: ssh did not log in within "
+                                   f"{timeout + 5:g} s") from None
+    if p.returncode != 0:
+        said = [line.strip() for line in p.stderr.splitlines() if line.strip()]
+        raise click.ClickException(f"{path} line {number}: host {host}: ssh cannot log in without a password "
+                                   f"({said[-1][:200] if said else f'status {p.returncode}'}): set up a key "
+                                   f"(ssh-copy-id {host}) and accept its host key once")
 
 
 MOST_RANKS = 1024  # beyond any household; a mistyped count would start that many processes here

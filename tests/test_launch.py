@@ -1,6 +1,6 @@
 """The launcher refuses a bad hostfile or an unreachable host in one line, before any rank starts."""
-import socket
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -95,3 +95,30 @@ def test_a_jobs_flag_before_the_separator_says_where_it_goes():
     assert p.returncode == 2 and p.stdout == ""
     assert p.stderr.splitlines() == ["error: No such option '--prompt'. The job's own flags go after --, as in "
                                      "python -m spmd.launch -n 2 -- --prompt ... (see python -m spmd.launch --help)"]
+
+
+def test_a_host_whose_ssh_cannot_log_in_is_named(tmp_path):
+    """Its ssh port answers, but ssh cannot log in without a password (no key yet): one line naming the host and
+    ssh's reason, before mpirun would fail with lines of its own. (A fake ssh on PATH stands for the refusal.)"""
+    listener = socket.socket()
+    try:
+        listener.bind(("127.0.0.3", 22))
+    except OSError:
+        pytest.skip("cannot listen on 127.0.0.3:22 here")
+    listener.listen()
+    fake = tmp_path / "bin" / "ssh"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\necho 'user@127.0.0.3: Permission denied (publickey,password).' >&2\nexit 255\n")
+    fake.chmod(0o755)
+    hostfile = tmp_path / "hosts.txt"
+    hostfile.write_text("localhost:1\n127.0.0.3:1\n")
+    try:
+        p = subprocess.run([sys.executable, "-m", "spmd.launch", "-f", str(hostfile), "--timeout", "2", "--",
+                            "--help"], cwd=ROOT, capture_output=True, text=True, timeout=30,
+                           env=dict(os.environ, PATH=f"{fake.parent}:{os.environ['PATH']}"))
+    finally:
+        listener.close()
+    assert p.returncode == 1
+    assert p.stderr.strip() == (f"error: {hostfile} line 2: host 127.0.0.3: ssh cannot log in without a password "
+                                "(user@127.0.0.3: Permission denied (publickey,password).): set up a key "
+                                "(ssh-copy-id 127.0.0.3) and accept its host key once")
