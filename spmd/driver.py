@@ -189,11 +189,11 @@ class Driver:
         if single:
             r = seqs[0].result(t0)
             n_prompt = len(r["prompt_tokens"])
-            prefill_s = r.get("prefill_ms", 0) / 1e3
+            prefill_s = (r["prefill_ms"] or 0) / 1e3
             return dict(prompt_tokens=r["prompt_tokens"], tokens=r["tokens"], text=r["text"],
-                        prefill_ms=r.get("prefill_ms"),
+                        prefill_ms=r["prefill_ms"],
                         prompt_tokens_per_s=round(n_prompt / prefill_s, 3) if prefill_s else None,
-                        decode_tokens_per_s=r.get("decode_tokens_per_s"), ms_per_token=r.get("ms_per_token"),
+                        decode_tokens_per_s=r["decode_tokens_per_s"], ms_per_token=r["ms_per_token"],
                         finish=r["finish"], **self._common())
         generated = sum(len(s.tokens) for s in seqs)
         return dict(sequences=[s.result(t0) for s in seqs], sequences_in_flight=state.n_slots,
