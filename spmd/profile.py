@@ -313,6 +313,7 @@ def main(argv=None):
     try:
         from . import comm as C  # initialises MPI
         comm = C.Comm()
+        R.stdout_to_rank_0(comm)
         prog = "python -m spmd.profile"
         kw = R.flags_agreed(comm, R.parse_args(argv, comm.is_root, cli, prog), prog)
         R.imports_agreed(comm, ("backends", "executor", "weights"))

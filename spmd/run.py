@@ -352,9 +352,18 @@ def root_log(comm):
     return (lambda msg: print(msg, file=sys.stderr, flush=True)) if comm.is_root else (lambda msg: None)
 
 
+def stdout_to_rank_0(comm):
+    """stdout is rank 0's (the text, the JSON result): on any other rank, what anything prints there (a library's
+    stray terminal escape, seen on an H100 host, landed inside rank 0's JSON line) goes to stderr instead."""
+    if not comm.is_root:
+        sys.stdout.flush()
+        os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+
+
 def run(argv):
     from . import comm as C  # initialises MPI
     comm = C.Comm()
+    stdout_to_rank_0(comm)
     kw = flags_agreed(comm, parse_args(argv, comm.is_root))
     imports_agreed(comm, ("engine", "prompts"))
     from .engine import Engine, RunOptions

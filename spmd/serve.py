@@ -12,7 +12,7 @@ import threading
 import click
 
 from .run import (cluster_options, flags_agreed, guarded, imports_agreed, interrupt, model_or_embedded, parse_args,
-                  root_log, supervised, term_is_loss, watched)
+                  root_log, stdout_to_rank_0, supervised, term_is_loss, watched)
 
 STOP_GRACE_S = 20.0  # a rank told to stop waits this long for rank 0's STOP before it takes the job down
 
@@ -67,6 +67,7 @@ def main(argv=None):
 def run(argv):
     from . import comm as C  # initialises MPI
     comm = C.Comm()
+    stdout_to_rank_0(comm)
     prog = "python -m spmd.serve"
     kw = flags_agreed(comm, parse_args(argv, comm.is_root, cli, prog), prog)
     imports_agreed(comm, ("engine", "api", "chat_template", "front"))

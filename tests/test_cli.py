@@ -680,3 +680,16 @@ def test_an_mpi_call_that_fails_is_one_line_not_a_bug(ranks):
     said = [line for line in p.stderr.splitlines() if line.startswith("error:")]
     assert len(said) == 1 and said[0].startswith("error: rank 0 (") and \
         "an MPI call failed (" in said[0] and said[0].endswith("a rank has died or its host is gone"), p.stderr
+
+
+def test_stdout_is_rank_0s():
+    """What another rank prints on stdout (a library's stray terminal escape landed inside rank 0's JSON line on an
+    H100 host) goes to stderr: stdout holds rank 0's output alone."""
+    if MPIRUN is None:
+        pytest.skip("mpirun not on PATH")
+    code = ("from spmd import comm as C\nfrom spmd.run import stdout_to_rank_0\nc = C.Comm()\nstdout_to_rank_0(c)\n"
+            "print(f'rank {c.rank}', flush=True)\nc.barrier()")
+    p = subprocess.run([MPIRUN, "-n", "3", sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == "rank 0\n" and sorted(p.stderr.split()) == ["1", "2", "rank", "rank"]
