@@ -1,5 +1,6 @@
 """The model's hyper-parameters, read once from the GGUF header; derived fields computed here and nowhere else."""
 import math
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -135,6 +136,11 @@ def expected_shapes(cfg: ModelConfig) -> dict:
 def check_tensors(f, cfg: ModelConfig):
     """Refuse a file whose tensors disagree with its metadata, before anything is loaded."""
     shapes = expected_shapes(cfg)
+    beyond = next((name for name in f.tensors if re.match(r"blk\.(\d+)\.", name)
+                   and int(name.split(".")[1]) >= cfg.n_layers), None)
+    if beyond is not None:  # the metadata's layer count is short: the layers past it would be left out
+        raise UserError(f"{f.path}: tensor {beyond} is of a layer beyond the metadata's block_count "
+                        f"({cfg.n_layers})")
     if f.has("rope_freqs.weight"):
         shapes["rope_freqs.weight"] = (cfg.rope_dim // 2,)
     for name, shape in shapes.items():

@@ -50,7 +50,10 @@ def parse_size(text, what) -> int:
     whole, _, frac = number.partition(".")
     if not (is_whole_number(whole or "0") and (not frac or is_whole_number(frac)) and (whole or frac)):
         raise UserError(f"{what} {text!r}: expected a size such as 2G, 512M or 1.5GiB")
-    return int(float(f"{whole or 0}.{frac or 0}") * SIZE_UNITS[unit])
+    n = float(f"{whole or 0}.{frac or 0}") * SIZE_UNITS[unit]
+    if not n < 2**60:  # (inf for hundreds of digits)
+        raise UserError(f"{what} {text[:40]!r}: beyond any machine's memory (under 1024P)")
+    return int(n)
 
 
 def human_size(n) -> str:

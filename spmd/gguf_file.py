@@ -61,6 +61,9 @@ class GGUFFile:
         try:
             self._header = GGUFHeader(self._mm)
             self.tensors = {t.name: self._tensor_info(t) for t in self._header.tensors}
+            if len(self.tensors) != len(self._header.tensors):
+                names = [t.name for t in self._header.tensors]
+                raise ValueError(f"tensor {next(n for n in names if names.count(n) > 1)} appears more than once")
         except (ValueError, struct.error) as e:  # HeaderError is a ValueError
             from .convert import looks_like_llama2c  # (here: the converter and click, 14 ms, only on this error)
             hint = (f"; it is a llama2.c checkpoint: python -m spmd.convert llama2c {self.path} TOKENIZER.bin OUT.gguf "

@@ -202,12 +202,18 @@ class SpmEncoder:
 
 
 def _llama_from_gguf(gguf, tokens, types) -> Tokenizer:
-    unk_id = gguf.meta("tokenizer.ggml.unknown_token_id", next((i for i, k in enumerate(types) if k == UNKNOWN), 0))
+    unk_id = _token_id(gguf, "unknown_token_id", len(tokens))
+    unk_id = next((i for i, k in enumerate(types) if k == UNKNOWN), 0) if unk_id is None else unk_id
     add_space_prefix = gguf.meta("tokenizer.ggml.add_space_prefix", True)
-    encoder = SpmEncoder(tokens, types, gguf.meta("tokenizer.ggml.scores", [0.0] * len(tokens)), unk_id,
-                         add_space_prefix)
+    scores = gguf.meta("tokenizer.ggml.scores")
+    if scores is None:
+        scores = [0.0] * len(tokens)
+    elif not (isinstance(scores, list) and len(scores) == len(tokens)
+              and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in scores)):
+        raise UserError(f"{gguf.path}: tokenizer.ggml.scores must be a number for each of the {len(tokens)} tokens")
+    encoder = SpmEncoder(tokens, types, scores, unk_id, add_space_prefix)
     pieces, first = _decode_tables(tokens, types, _llama_piece, add_space_prefix)
-    return Tokenizer(encoder, pieces, first, gguf.meta("tokenizer.ggml.bos_token_id"), _eos_ids(gguf),
+    return Tokenizer(encoder, pieces, first, _token_id(gguf, "bos_token_id", len(tokens)), _eos_ids(gguf),
                      gguf.meta("tokenizer.ggml.add_bos_token", True), _controls(tokens, types))
 
 
@@ -276,7 +282,7 @@ def _gpt2_from_gguf(gguf, tokens, types) -> Tokenizer:
                         f"(known: {', '.join(PRE_TOKENIZERS)})")
     pieces, first = _decode_tables(tokens, types, _gpt2_piece, drop_first_space=False)
     return Tokenizer(BpeEncoder(tokens, types, merges, pre), pieces, first,
-                     gguf.meta("tokenizer.ggml.bos_token_id"), _eos_ids(gguf),
+                     _token_id(gguf, "bos_token_id", len(tokens)), _eos_ids(gguf),
                      gguf.meta("tokenizer.ggml.add_bos_token", False), _controls(tokens, types))
 
 
@@ -291,8 +297,17 @@ def _controls(tokens, types) -> dict:
 
 # ---- entry points -------------------------------------------------------------------------------------------
 def _eos_ids(gguf) -> set[int]:
+    n = len(gguf.meta("tokenizer.ggml.tokens"))
     keys = ("eos_token_id", "eot_token_id", "eom_token_id")
-    return {v for v in (gguf.meta(f"tokenizer.ggml.{k}") for k in keys) if v is not None}
+    return {v for v in (_token_id(gguf, k, n) for k in keys) if v is not None}
+
+
+def _token_id(gguf, key, n):
+    """tokenizer.ggml.KEY: a token id below n, or None where the file has none."""
+    v = gguf.meta(f"tokenizer.ggml.{key}")
+    if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < n):
+        raise UserError(f"{gguf.path}: tokenizer.ggml.{key} must be a token id in 0..{n - 1}, not {v!r:.40}")
+    return v
 
 
 _FROM_GGUF = {"llama": _llama_from_gguf, "gpt2": _gpt2_from_gguf}

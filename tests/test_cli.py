@@ -195,6 +195,16 @@ CASES = {
     "model a FIFO": (lambda m, d: fifo(d / "m.gguf", d / "m.gguf"), [], "m.gguf is not a regular file"),
     "size of the wrong type": (lambda m, d: patch_meta(m, d / "t.gguf", "llama.embedding_length", 6, 64),
                                [], "embedding_length is .*; it must be a whole number"),
+    "fewer blocks than layers": (lambda m, d: patch_meta(m, d / "b.gguf", "llama.block_count", 4, SHAPE.n_layers - 1),
+                                 [], f"tensor blk.{SHAPE.n_layers - 1}.* is of a layer beyond the metadata's "
+                                     rf"block_count \({SHAPE.n_layers - 1}\)"),
+    "a tensor twice": (lambda m, d: write_bytes(d / "twice.gguf", m.read_bytes().replace(
+        b"blk.1.attn_norm.weight", b"blk.0.attn_norm.weight", 1)), [], "tensor blk.0.attn_norm.weight appears more "
+                                                                       "than once"),
+    "BOS id a float": (lambda m, d: patch_meta(m, d / "o.gguf", "tokenizer.ggml.bos_token_id", 6, 0x3F800000),
+                       [], r"tokenizer.ggml.bos_token_id must be a token id in 0..\d+, not 1.0"),
+    "memory limit past any machine": (lambda m, d: m, ["--memory-limit", "9" * 400],
+                                      "--memory-limit .*: beyond any machine's memory"),
     "NaN epsilon": (lambda m, d: patch_meta(m, d / "e.gguf", "llama.attention.layer_norm_rms_epsilon", 6, NAN),
                     [], "layer_norm_rms_epsilon is nan; it must be a finite number above 0"),
     "zero RoPE base": (lambda m, d: patch_meta(m, d / "r.gguf", "llama.rope.freq_base", 6, 0),
