@@ -11,6 +11,7 @@ Nothing here raises into the main thread: the driver calls `poll(pos)` between t
 """
 import json
 import os
+import select
 import signal
 import socket
 import stat
@@ -27,6 +28,7 @@ MAX_LINE = 64 * 1024  # bytes in one request line
 IDLE_S = 10.0  # a connection that sends no complete line for this long is closed
 MAX_CONNECTIONS = 16
 MAX_STATUS_WAITING = 64
+CLIENT_LOOK_S = 0.5  # how often a connection waiting for its migration looks whether its client is still there
 FIELDS = {"status": {"cmd", "id"},
           "migrate": {"cmd", "id", "kind", "from", "to", "kv_groups", "ffn_blocks", "from_stage", "to_stage", "count",
                       "ratios", "mode", "at"}}
@@ -114,6 +116,7 @@ class Request:
     at: int = None  # migrate: the position it is due at (None: the next token boundary)
     reply: dict = None
     done: threading.Event = field(default_factory=threading.Event)
+    taken: bool = False  # the main thread has it (a migration's client that leaves before cancels it, see `_serve`)
 
 
 class Listener:
@@ -239,6 +242,7 @@ class Listener:
             due, self._status = self._status, []
             if self._pending is not None and self._pending.reply is None and (
                     self._pending.at is None or self._pending.at <= pos):
+                self._pending.taken = True
                 due.append(self._pending)
         return due
 
@@ -394,7 +398,9 @@ class Listener:
                     continue
                 reply, request = self.handle(line)
                 if request is not None:
-                    request.done.wait()  # finish() or close() answers every queued request
+                    while not request.done.wait(CLIENT_LOOK_S):  # finish() or close() answers every queued request
+                        if _gone(conn) and self._cancel(request):
+                            return
                     reply = request.reply
                 _send(conn, reply)
         except Exception:  # noqa: BLE001 - a client that misbehaves or leaves is dropped, nothing more
@@ -404,6 +410,24 @@ class Listener:
                 self._connections -= 1
                 self._open.discard(conn)
             conn.close()
+
+    def _cancel(self, request):
+        """A migration whose client has gone, while the main thread has not taken it: dropped (else it would stay
+        pending, refusing every other, until its position came). Whether it was."""
+        with self._lock:
+            if request is not self._pending or request.taken:
+                return False
+            self._pending = None
+            return True
+
+
+def _gone(conn):
+    """Whether the client has closed its end (what it sent meanwhile is left for the next read)."""
+    try:
+        readable, _, _ = select.select([conn], [], [], 0)
+        return bool(readable) and conn.recv(1, socket.MSG_PEEK) == b""
+    except OSError:
+        return True
 
 
 def _ratios_text(value):

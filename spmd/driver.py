@@ -126,6 +126,8 @@ class Sequence:
                     ms_per_token=round(decode_s * 1e3 / self.decodes, 3) if self.decodes else None)
 
 
+STATUS_MIGRATIONS = 100  # the last migrations a status reply lists (about 90 bytes each: a reply line stays well
+# within what a client reads, 64 KiB), beside migrations_total
 REBALANCE_EVERY = 16  # tokens generated between the rebalancer's looks
 CHAIN_S = 0.05  # the most time a chained decode computes before its tokens stream (a slow GPU: a token a chain)
 TOLD_WAIT_S = 1.0  # non-finite logits: how long rank 0 waits for a rank's reason to come (see Comm.tell_root)
@@ -475,7 +477,7 @@ class Driver:
         plan = self.state.plan
         reply = dict(ok=True, position=self.pos, epoch=plan.epoch, ratios=plan.text(),
                      n_layers=self.state.cfg.n_layers, stages=stage_figures(plan, ranks), ranks=ranks,
-                     migrations=self.migrations)
+                     migrations=self.migrations[-STATUS_MIGRATIONS:], migrations_total=len(self.migrations))
         if self.inbox is not None:  # serving: the requests, and the tokens generated once a second for a plot
             t0 = self.rates[0][0] if self.rates else 0.0
             reply["server"] = dict(requests=self.served, waiting=len(self.queue), in_flight=len(self.by_slot),

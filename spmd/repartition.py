@@ -23,6 +23,7 @@ from dataclasses import replace
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
+from .errors import UserError
 from .plan import ranges
 from .quants import QTensor, dequantize, from_float
 from .replan import diff
@@ -228,6 +229,10 @@ def build(rp, received):
 
 
 def _describe(e) -> str:
+    """A rank's failure as the reply says it (Comm.first_error names the rank): a user's error as its own line,
+    anything else with its type."""
     if isinstance(e, MemoryError):
         return "out of memory"
+    if isinstance(e, UserError):
+        return str(e)
     return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__

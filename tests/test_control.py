@@ -554,3 +554,22 @@ def test_fuzzed_requests_get_one_line_replies():
     finally:
         listener.close()
     assert kinds["queued"] > 0 and kinds["refused"] > 0
+
+
+def test_a_migration_whose_client_leaves_is_dropped(served, path):
+    """Its client gives up (spmd.migrate --timeout, Ctrl-C) before the migration's position comes: the migration
+    is dropped, so the next one is taken instead of refused as 'another migration is pending' until then."""
+    listener, loop = served
+    c = Connection(path, 10)
+    c.send({"cmd": "migrate", "kind": 1, "from": 0, "to": 1, "kv_groups": 1, "at": 9000})  # (the last: 10000)
+    for _ in range(500):
+        if listener._pending is not None:
+            break
+        time.sleep(0.01)
+    assert listener._pending is not None
+    c.close()
+    deadline = time.monotonic() + 10
+    while listener._pending is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    reply = ask(path, {"cmd": "migrate", "kind": 2, "from": 0, "to": 1, "ffn_blocks": 1})
+    assert reply["ok"] and loop.applied and loop.applied[-1][1] == 1, reply
