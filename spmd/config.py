@@ -136,8 +136,8 @@ def expected_shapes(cfg: ModelConfig) -> dict:
 def check_tensors(f, cfg: ModelConfig):
     """Refuse a file whose tensors disagree with its metadata, before anything is loaded."""
     shapes = expected_shapes(cfg)
-    beyond = next((name for name in f.tensors if re.match(r"blk\.(\d+)\.", name)
-                   and int(name.split(".")[1]) >= cfg.n_layers), None)
+    layer_of = ((name, re.match(r"blk\.(\d+)\.", name)) for name in f.tensors)
+    beyond = next((name for name, m in layer_of if m and int(m.group(1)) >= cfg.n_layers), None)
     if beyond is not None:  # the metadata's layer count is short: the layers past it would be left out
         raise UserError(f"{f.path}: tensor {beyond} is of a layer beyond the metadata's block_count "
                         f"({cfg.n_layers})")

@@ -23,10 +23,10 @@ import numpy as np
 
 from .comm import Op, Step
 from .executor import stage_figures
+from .journal import FIGURES
 from .model import PREFILL_TOKENS, Segment
 from .plan import parse_layout
 from .replan import relayout
-from .journal import FIGURES
 from .sampling import Sampler
 
 

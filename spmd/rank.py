@@ -472,11 +472,11 @@ class RankState:
         known = [e[3] for e in mine if e[3] is not None]
         free = min(known) if known else None
         gib = lambda n: f"{n / 2**30:.1f} GiB"  # noqa: E731
-        weights = sum(e[2] for e in mine)
-        if free is not None and weights > free:  # the weights alone: no fewer sequences help
+        host_weights = sum(e[2] for e in mine)
+        if free is not None and host_weights > free:  # the weights alone: no fewer sequences help
             raise UserError(f"the weights of host {everyone[self.comm.rank][0]}'s rank{'s' * (len(mine) > 1)} need "
-                            f"{gib(weights)} but it has {gib(free)} available: give --memory-limit (a rank streams "
-                            "what does not fit from disk), or more ranks or hosts")
+                            f"{gib(host_weights)} but it has {gib(free)} available: give --memory-limit (a rank "
+                            "streams what does not fit from disk), or more ranks or hosts")
         if free is not None and need > free:
             seqs = f"{self.n_slots} sequence{'s' * (self.n_slots > 1)}"
             raise UserError(f"--sequences {self.n_slots}: the KV caches of {seqs} of up to {self.max_seq} positions "

@@ -213,7 +213,7 @@ def _llama_from_gguf(gguf, tokens, types) -> Tokenizer:
         raise UserError(f"{gguf.path}: tokenizer.ggml.scores must be a number for each of the {len(tokens)} tokens")
     encoder = SpmEncoder(tokens, types, scores, unk_id, add_space_prefix)
     pieces, first = _decode_tables(tokens, types, _llama_piece, add_space_prefix)
-    return Tokenizer(encoder, pieces, first, _token_id(gguf, "bos_token_id", len(tokens)), _eos_ids(gguf),
+    return Tokenizer(encoder, pieces, first, _token_id(gguf, "bos_token_id", len(tokens)), _eos_ids(gguf, len(tokens)),
                      gguf.meta("tokenizer.ggml.add_bos_token", True), _controls(tokens, types))
 
 
@@ -282,7 +282,7 @@ def _gpt2_from_gguf(gguf, tokens, types) -> Tokenizer:
                         f"(known: {', '.join(PRE_TOKENIZERS)})")
     pieces, first = _decode_tables(tokens, types, _gpt2_piece, drop_first_space=False)
     return Tokenizer(BpeEncoder(tokens, types, merges, pre), pieces, first,
-                     _token_id(gguf, "bos_token_id", len(tokens)), _eos_ids(gguf),
+                     _token_id(gguf, "bos_token_id", len(tokens)), _eos_ids(gguf, len(tokens)),
                      gguf.meta("tokenizer.ggml.add_bos_token", False), _controls(tokens, types))
 
 
@@ -296,8 +296,8 @@ def _controls(tokens, types) -> dict:
 
 
 # ---- entry points -------------------------------------------------------------------------------------------
-def _eos_ids(gguf) -> set[int]:
-    n = len(gguf.meta("tokenizer.ggml.tokens"))
+def _eos_ids(gguf, n) -> set[int]:
+    """The ids that end a sequence (each below n, the vocabulary's size)."""
     keys = ("eos_token_id", "eot_token_id", "eom_token_id")
     return {v for v in (_token_id(gguf, k, n) for k in keys) if v is not None}
 
