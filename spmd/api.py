@@ -659,6 +659,7 @@ class Reply:
         self.server, self.request, self.sink, self.chat, self.params = server, request, sink, chat, params
         self.n_prompt, self.n_tokens, self.finish = n_prompt, 0, None
         self.stops = StopFilter(params["stop"])
+        self.leading = chat  # no text yet, whose leading space a chat answer drops (see _texts)
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         self.created = int(time.time())
 
@@ -668,7 +669,9 @@ class Reply:
 
     async def _texts(self):
         """The answer's text as it comes, cut at a stop string; sets finish and n_tokens. Where the client went away
-        it ends with finish still None (the sequence is cancelled)."""
+        it ends with finish still None (the sequence is cancelled). A chat answer starts without the space that the
+        first word of a sentencepiece vocabulary carries ("▁Hello"), as the answer's tokens decoded alone read; a
+        completion keeps it, as it goes on from the prompt ("Once upon a" -> " time")."""
         while True:
             try:
                 event = await asyncio.wait_for(self.sink.events.get(), CHECK_CLIENT_S)
@@ -679,6 +682,8 @@ class Reply:
                 continue
             if event[0] == "piece":
                 _, text, self.n_tokens = event
+                if self.leading and text:
+                    text, self.leading = text.removeprefix(" "), False
                 out, hit = self.stops.push(text)
                 if out:
                     yield out

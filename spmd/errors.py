@@ -20,6 +20,7 @@ def click_main(command, prog, argv=None, passed_on=()):
     2; its other errors one line `error: ...` (as spmd.run's), exit 1; Ctrl-C exit 130. Errors of the classes in
     `passed_on` are raised to the caller instead (to say more)."""
     import click
+    refuse_repeats(command)
     try:
         code = command.main(args=argv, prog_name=prog, standalone_mode=False)
     except tuple(passed_on):
@@ -31,6 +32,30 @@ def click_main(command, prog, argv=None, passed_on=()):
         sys.exit(130)
     if isinstance(code, int):  # (--help, or the command's ctx.exit)
         sys.exit(code)
+
+
+def refuse_repeats(command):
+    """Make an option given twice a usage error for `command` (click keeps the last value and says nothing, so
+    `--prompt-ids 1,2 --prompt-ids 3` ran on 3). Options that take several values, counts and flags are left free."""
+    import click
+    make_parser = type(command).make_parser
+
+    def parser_refusing_repeats(ctx):
+        parser = make_parser(command, ctx)
+        parse = parser.parse_args
+
+        def parse_args(args):
+            opts, rest, order = parse(args)
+            seen = set()
+            for p in order:
+                if isinstance(p, click.Option) and not (p.multiple or p.count or p.is_flag):
+                    if p.name in seen:
+                        raise click.UsageError(f"option {max(p.opts, key=len)} is given more than once", ctx)
+                    seen.add(p.name)
+            return opts, rest, order
+        parser.parse_args = parse_args
+        return parser
+    command.make_parser = parser_refusing_repeats
 
 
 def is_whole_number(text) -> bool:
@@ -60,7 +85,7 @@ def human_size(n) -> str:
     """Bytes as a person reads them: 812 B, 10.0 KiB, 56.3 MiB, 1.5 GiB."""
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(n) < 1024 or unit == "GiB":
-            return f"{n} B" if unit == "B" else f"{n:.1f} {unit}"
+            return f"{n:.0f} B" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
 
 

@@ -59,7 +59,7 @@ import click
 
 from .choices import ALLREDUCES, KV_CACHES
 from .cluster import Compute, Profile, as_profile, load_profile
-from .errors import UserError, click_main
+from .errors import UserError, click_main, human_size
 from .plan import make_plan, n_ffn_blocks, parse_layout
 
 EXHAUSTIVE = 9  # ranks searched over every grouping (3^8 = 6561 candidates)
@@ -203,13 +203,6 @@ def _step_ms(prof) -> float:
     return prof.step_ms + max((prof.latency_ms[0][r] for r in range(1, len(prof.ranks))), default=0.0)
 
 
-def _size(n_bytes) -> str:
-    for unit, scale in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
-        if n_bytes >= scale:
-            return f"{n_bytes / scale:.1f} {unit}"
-    return f"{n_bytes} bytes"
-
-
 def _check_run(prof, sequences, context, allreduce) -> int:
     """The context the run's KV caches hold, after checking the run's needs."""
     if isinstance(sequences, bool) or not isinstance(sequences, int) or sequences < 1:
@@ -234,7 +227,7 @@ def predict(profile, text, sequences=1, context=None, allreduce="star") -> Predi
     n_layers = {r: n for ranks, n in zip(work.stages, work.layers) for r in ranks}
     memory = tuple(per * n_layers.get(r, 0) + fixed
                    for r, (per, fixed) in enumerate(_memory_terms(prof, work, sequences, context)))
-    short = [f"{what} would need {_size(need)}, {_size(need - room)} more than its {_size(room)}"
+    short = [f"{what} would need {human_size(need)}, {human_size(need - room)} more than its {human_size(room)}"
              for ranks, room, what in prof.limits if (need := sum(memory[r] for r in ranks)) > room]
     streamed = [0] * len(prof.ranks)
     for s, ranks in enumerate(work.stages):
@@ -244,8 +237,8 @@ def predict(profile, text, sequences=1, context=None, allreduce="star") -> Predi
                 if streamed[r] is None:
                     limit, per_layer, half, _ = term
                     floor = memory[r] - per_layer * n_layers[r] + half
-                    short.append(f"rank {r}'s --memory-limit of {_size(limit)} is below what it keeps beside its "
-                                 f"weights and a window of half a layer, {_size(floor)}")
+                    short.append(f"rank {r}'s --memory-limit of {human_size(limit)} is below what it keeps beside its "
+                                 f"weights and a window of half a layer, {human_size(floor)}")
                     streamed[r] = 0
                 stage_ms[s] = max(stage_ms[s], streamed[r] / term[3] * 1e3)
     cycle = _cycle_ms(stage_ms, sequences, _step_ms(prof))
@@ -599,12 +592,12 @@ def _summary(pred) -> str:
 
 def _memory_lines(prof, pred) -> list:
     """Each working rank's bytes, each limit's use of what it has, each idle rank named."""
-    out = [f"rank {r.rank} (host {r.host}, {r.backend}): {_size(pred.memory_bytes[r.rank])}"
+    out = [f"rank {r.rank} (host {r.host}, {r.backend}): {human_size(pred.memory_bytes[r.rank])}"
            for r in prof.ranks if r.rank not in pred.idle]
-    out += [f"{what}: {_size(sum(pred.memory_bytes[r] for r in ranks))} of {_size(room)} available"
+    out += [f"{what}: {human_size(sum(pred.memory_bytes[r] for r in ranks))} of {human_size(room)} available"
             for ranks, room, what in prof.limits]
-    out += [f"rank {r}: over its --memory-limit of {_size(prof.memory_limits[r])}, streams "
-            f"{_size(b)} a token from disk" for r, b in enumerate(pred.streamed_bytes) if b]
+    out += [f"rank {r}: over its --memory-limit of {human_size(prof.memory_limits[r])}, streams "
+            f"{human_size(b)} a token from disk" for r, b in enumerate(pred.streamed_bytes) if b]
     return out + [f"rank {r} (host {prof.ranks[r].host}): left idle (the layout is predicted faster without it)"
                   for r in pred.idle]
 

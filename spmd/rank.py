@@ -241,9 +241,8 @@ class RankState:
         self.max_seq = max(self.needs)  # the longest sequence's KV-cache positions
         self.backend = make_backend(comm, self.backend_name, self.threads, self.gpu, self.gpu_wraps, opts.activations)
         profile = self._profile() if opts.plan or opts.rebalance else None  # rank 0's; None elsewhere
-        plan = plan or self._planned(profile)
-        if comm.is_root:
-            self._say_layout_notes(plan)
+        plan_lines = []  # rank 0's lines on the planner's choice, said once the layout's memory is checked
+        plan = plan or self._planned(profile, plan_lines.append)
         self.n_slots = self.in_flight(plan)
         comm.set_slots(self.n_slots)
         self.rebalancer = None
@@ -253,6 +252,10 @@ class RankState:
                                          self.max_seq, opts.allreduce)
         agree(comm, lambda: self._check_memory(plan))
         agree(comm, lambda: self._check_limits(plan))
+        if comm.is_root:
+            for line in plan_lines:
+                self.log(line)
+            self._say_layout_notes(plan)
         # the socket opens before the weights load, so a user (or a script) can queue a migration meanwhile
         self.plan = plan
         self.control = agree(comm, self._open_control if comm.is_root else lambda: None)
@@ -535,10 +538,11 @@ class RankState:
         self.profile_s = time.perf_counter() - t
         return profile
 
-    def _planned(self, profile):
+    def _planned(self, profile, say):
         """--plan: rank 0 plans from the profile for the run's sequences (throughput with several, else latency;
         the longest sequence's context; within each rank's --memory-limit where a layout can be) and every rank
-        makes that layout's plan. Rank 0 keeps the choice (`planned`) for the result."""
+        makes that layout's plan. Rank 0 keeps the choice (`planned`) for the result, and gives what it has to say
+        of it to `say`."""
         from . import planner
         opts, comm = self.opts, self.comm
 
@@ -554,7 +558,7 @@ class RankState:
             found, note = planner.plan_within_limits(profile, limits, objective, sequences=k, context=self.max_seq,
                                                      allreduce=opts.allreduce)
             if note:
-                self.log(note)
+                say(note)
             return found
         chosen = agree(comm, decide if comm.is_root else lambda: None)
         text = comm.bcast(chosen.text if comm.is_root else None)
@@ -565,8 +569,8 @@ class RankState:
                             "sequences": chosen.sequences, "ratios": text,
                             "predicted_ms_per_token": round(chosen.ms_per_token, 3),
                             "predicted_tokens_per_s": round(chosen.tokens_per_s, 2)}
-            self.log(f"plan ({'measured now' if opts.plan == 'auto' else opts.plan}): --ratios '{text}', "
-                     f"predicted {chosen.ms_per_token:.2f} ms per token")
+            say(f"plan ({'measured now' if opts.plan == 'auto' else opts.plan}): --ratios '{text}', "
+                f"predicted {chosen.ms_per_token:.2f} ms per token")
         return plan
 
     def _check_same_as_rank_0(self, plan):

@@ -13,7 +13,7 @@ import traceback
 import click
 
 from .choices import ACTIVATIONS, ALLREDUCES, KV_CACHES, WEIGHT_SOURCES
-from .errors import UserError, click_error_line
+from .errors import UserError, click_error_line, refuse_repeats
 
 
 def finite(_ctx, param, value):
@@ -152,6 +152,7 @@ def parse_args(argv, is_root, command=cli, prog="python -m spmd.run"):
         devnull = quiet.enter_context(open(os.devnull, "w"))
         quiet.enter_context(contextlib.redirect_stdout(devnull))
         quiet.enter_context(contextlib.redirect_stderr(devnull))
+    refuse_repeats(command)
     with quiet:
         try:
             return command.main(args=argv, prog_name=prog, standalone_mode=False)

@@ -223,10 +223,10 @@ def test_predict_names_the_memory_that_is_short():
     assert predict(p, "1:1@3*1@1").fits
     p["ranks"][0]["memory_bytes"] -= 1
     got = predict(p, "1:1@3*1@1")
-    assert not got.fits and got.why == "host h0 (ranks 0, 1) would need 10.1 KiB, 1 bytes more than its 10.1 KiB"
+    assert not got.fits and got.why == "host h0 (ranks 0, 1) would need 10.1 KiB, 1 B more than its 10.1 KiB"
     p["ranks"][0]["memory_bytes"] = None
     p["ranks"][2]["device_memory_bytes"] = 3455
-    assert predict(p, "1:1@3*1@1").why.startswith("rank 2's device would need 3.4 KiB, 1 bytes more")
+    assert predict(p, "1:1@3*1@1").why.startswith("rank 2's device would need 3.4 KiB, 1 B more")
 
 
 # ---- the cases a household meets -----------------------------------------------------------------------------

@@ -154,7 +154,8 @@ def test_chat_uses_the_files_template(served, model):
     got = served.client.chat.completions.create(model="any", messages=messages, max_tokens=10, temperature=0)
     assert got.usage.prompt_tokens == len(ids)
     assert got.choices[0].message.role == "assistant"
-    assert got.choices[0].message.content == want["text"]
+    assert want["text"].startswith(" ")  # (the greedy answer's first word, "▁...": what the check below needs)
+    assert got.choices[0].message.content == want["text"][1:]  # a chat answer drops it; a completion keeps it
     assert got.usage.completion_tokens == len(want["tokens"])
 
 
