@@ -6,7 +6,8 @@ float32 arrays in `_layout` order, then freq_cis_real and freq_cis_imag (seq_len
 here: run.c never reads them), then wcls (vocab, dim) when not shared. Every matrix is (out, in) row-major, as GGUF
 keeps it, and llama2.c's RoPE rotates interleaved pairs as GGUF's llama arch does, so no Q/K permutation is needed.
 
-llama2.c tokenizer: int32 max_token_length, then per token: float32 score, int32 length, `length` bytes.
+llama2.c tokenizer: int32 max_token_length, then per token: float32 score, int32 length, `length` bytes. The
+sentencepiece .model it is exported from (llama2.c's tokenizer.py) does as well: its pieces, scores and token types.
 """
 from . import needs  # noqa: F401 (first: one line, not a traceback, where this Python lacks the set-up)
 import os
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import click
 import numpy as np
+import sentencepiece as spm
 from gguf import GGMLQuantizationType as T, GGUFWriter, LlamaFileType, TokenType
 from gguf.quants import quantize
 
@@ -116,10 +118,35 @@ def read_llama2c(path):
     return c, arrays
 
 
-def read_llama2c_tokenizer(path, vocab_size):
-    """(pieces as bytes, scores) of a llama2.c tokenizer file that must hold exactly `vocab_size` tokens."""
+def read_tokenizer(path, vocab_size):
+    """(pieces as bytes, scores, token types) of TOKENIZER, which must hold exactly `vocab_size` tokens: a llama2.c
+    tokenizer.bin, or a sentencepiece .model."""
     path = regular_file(str(path), "tokenizer")
     raw = Path(path).read_bytes()
+    try:
+        sp = spm.SentencePieceProcessor(model_proto=raw)
+    except RuntimeError:  # (not a sentencepiece model: no line on stderr either)
+        pieces, scores = read_llama2c_tokenizer(path, vocab_size, raw)
+        return pieces, scores, [token_type(i, p) for i, p in enumerate(pieces)]
+    n = sp.get_piece_size()
+    if n != vocab_size:
+        raise UserError(f"{path} is a sentencepiece model of {n} tokens but the checkpoint's vocabulary has "
+                        f"{vocab_size}")
+    if (sp.unk_id(), sp.bos_id(), sp.eos_id()) != (0, 1, 2):
+        raise UserError(f"{path}: a llama2.c model has <unk>, <s> and </s> at ids 0, 1 and 2; this sentencepiece "
+                        f"model has them at {sp.unk_id()}, {sp.bos_id()} and {sp.eos_id()}")
+    kinds = ((sp.is_unknown, TokenType.UNKNOWN), (sp.is_control, TokenType.CONTROL), (sp.is_byte, TokenType.BYTE),
+             (sp.is_unused, TokenType.UNUSED))
+    types = [next((kind for is_kind, kind in kinds if is_kind(i)), TokenType.NORMAL) for i in range(n)]
+    pieces = [sp.id_to_piece(i).encode().replace(SPACE, b" ") for i in range(n)]
+    return pieces, [sp.get_score(i) for i in range(n)], types
+
+
+def read_llama2c_tokenizer(path, vocab_size, raw=None):
+    """(pieces as bytes, scores) of a llama2.c tokenizer file (its bytes `raw`, where read already) that must hold
+    exactly `vocab_size` tokens."""
+    path = regular_file(str(path), "tokenizer")
+    raw = Path(path).read_bytes() if raw is None else raw
     at, pieces, scores = 4, [], []  # skip max_token_length
     while at < len(raw) and len(pieces) <= vocab_size:
         if at + 8 > len(raw):
@@ -180,11 +207,11 @@ def add_model_metadata(w, name, c, file_type):
     w.add_rope_dimension_count(c["dim"] // c["n_heads"])
 
 
-def add_vocab(w, pieces, scores):
+def add_vocab(w, pieces, scores, types):
     w.add_tokenizer_model("llama")
     w.add_token_list([p.replace(b" ", SPACE) for p in pieces])
     w.add_token_scores(scores)
-    w.add_token_types([token_type(i, p) for i, p in enumerate(pieces)])
+    w.add_token_types(types)
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
     w.add_unk_token_id(0)
@@ -192,14 +219,14 @@ def add_vocab(w, pieces, scores):
     w.add_add_space_prefix(True)
 
 
-def write_gguf(path, name, c, arrays, pieces, scores, outtype="f32"):
+def write_gguf(path, name, c, arrays, vocab, outtype="f32"):
     """Write to a temporary name beside `path`, then rename: a failed write leaves no partial file behind."""
     qtype, file_type = OUTTYPES[outtype]
     part = f"{path}.part-{os.getpid()}"
     try:
         w = GGUFWriter(part, "llama")
         add_model_metadata(w, name, c, file_type)
-        add_vocab(w, pieces, scores)
+        add_vocab(w, *vocab)
         for tensor_name, a in gguf_tensors(c, arrays):
             data, dtype = encode(a, qtype)
             w.add_tensor(tensor_name, data, raw_dtype=dtype)
@@ -226,7 +253,8 @@ def cli():
 @click.option("--outtype", type=click.Choice(list(OUTTYPES)), default="f32", show_default=True,
               help="type of the matrices whose inputs are a multiple of 32; norms and the rest stay f32")
 def llama2c(checkpoint, tokenizer, out, outtype):
-    """Convert a llama2.c CHECKPOINT and its TOKENIZER to OUT (GGUF, arch llama)."""
+    """Convert a llama2.c CHECKPOINT and its TOKENIZER (tokenizer.bin, or the sentencepiece .model it was exported
+    from) to OUT (GGUF, arch llama)."""
     if not out.strip() or os.path.isdir(out):
         raise click.ClickException(f"OUT {out!r} must name a file to write")
     if os.path.lexists(out) and not os.path.isfile(out):  # written by a rename, which would replace a device
@@ -236,8 +264,7 @@ def llama2c(checkpoint, tokenizer, out, outtype):
             raise click.ClickException(f"{out} is also an input: writing it would destroy {source}")
     try:
         c, arrays = read_llama2c(checkpoint)
-        pieces, scores = read_llama2c_tokenizer(tokenizer, c["vocab_size"])
-        write_gguf(out, Path(checkpoint).stem, c, arrays, pieces, scores, outtype)
+        write_gguf(out, Path(checkpoint).stem, c, arrays, read_tokenizer(tokenizer, c["vocab_size"]), outtype)
     except UserError as e:
         raise click.ClickException(str(e)) from None
     except OSError as e:

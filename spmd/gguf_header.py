@@ -103,6 +103,8 @@ class GGUFHeader:
     def _skip_array(self, ref):
         if ref.item_type == V.STRING:  # walk the lengths without decoding
             for _ in range(ref.count):
+                if self.pos + 8 > len(self.buf):
+                    raise HeaderError("a string array runs past the end of the file")
                 self.pos += 8 + struct.unpack_from("<Q", self.buf, self.pos)[0]
                 if self.pos > len(self.buf):
                     raise HeaderError("a string array runs past the end of the file")

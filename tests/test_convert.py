@@ -218,6 +218,35 @@ def test_unshared_classifier_becomes_output_weight(tmp_path):
     np.testing.assert_array_equal(got["blk.1.attn_k.weight"][1], written["wk"][1])  # (kv_dim, dim): GQA
 
 
+def test_a_sentencepiece_model_as_the_tokenizer(tmp_path):
+    """The .model llama2.c's tokenizer.bin is exported from: its pieces, scores and types, encoded as sentencepiece
+    encodes (it was "truncated in token 1")."""
+    import sentencepiece as spm
+
+    from spmd.gguf_file import GGUFFile
+    from spmd.tokenizer import load_tokenizer
+    lines = [f"the cat {w} sat on the mat {i}" for i, w in enumerate(["big", "red", "little", "happy"] * 50)]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(tmp_path / "t"), vocab_size=300,
+                                   model_type="bpe", byte_fallback=True, character_coverage=1.0, num_threads=1,
+                                   minloglevel=2)
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "t.model"))
+    write_checkpoint(tmp_path / "m.bin", vocab=300)
+    code, output, _ = convert(tmp_path / "m.bin", tmp_path / "t.model", tmp_path / "m.gguf")
+    assert code == 0, output
+    reader = GGUFReader(tmp_path / "m.gguf")
+    assert meta(reader, "tokenizer.ggml.tokens") == [sp.id_to_piece(i) for i in range(300)]
+    assert meta(reader, "tokenizer.ggml.scores") == pytest.approx([sp.get_score(i) for i in range(300)])
+    assert meta(reader, "tokenizer.ggml.token_type") == [2, 3, 3] + [6] * 256 + [1] * 41  # unk, bos, eos, bytes
+    tok = load_tokenizer(GGUFFile(tmp_path / "m.gguf"))
+    for text in ["the big cat sat", "a mat 7, zebra é!"]:
+        assert tok.encode(text) == [1] + sp.encode(text)
+        assert tok.decode(sp.encode(text)) == sp.decode(sp.encode(text))
+    if (MODELS / "llama2-tokenizer.model").is_file():
+        code, output, _ = convert(tmp_path / "m.bin", MODELS / "llama2-tokenizer.model", tmp_path / "n.gguf")
+        assert code != 0 and output.count("\n") == 1
+        assert "is a sentencepiece model of 32000 tokens but the checkpoint's vocabulary has 300" in output
+
+
 # ---- bad input: one line, no traceback -----------------------------------------------------------------------
 def truncated(tmp_path):
     write_checkpoint(tmp_path / "m.bin")
