@@ -596,9 +596,12 @@ class RankState:
         """Rank 0: the tokenizer and every sequence's Work, in input order."""
         opts = self.opts
         tok = load_tokenizer(self.file, opts.tokenizer)
-        if tok.vocab_size > self.cfg.vocab:
+        if tok.vocab_size > self.cfg.vocab and opts.tokenizer is not None:
             raise UserError(f"the tokenizer has {tok.vocab_size} pieces but the model's vocabulary is "
                             f"{self.cfg.vocab}: they do not belong together")
+        if tok.vocab_size > self.cfg.vocab:
+            raise UserError(f"{opts.model}: its vocabulary (tokenizer.ggml.tokens) has {tok.vocab_size} tokens but "
+                            f"token_embd.weight has {self.cfg.vocab} rows: the file is inconsistent")
         if opts.context is not None:  # serving: the prompts come later, through the server
             return tok, []
         specs = list(opts.prompts) + (read_prompts_file(opts.prompts_file) if opts.prompts_file else [])

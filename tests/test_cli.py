@@ -161,6 +161,30 @@ def write_other_arch(path):
     return path
 
 
+def one_token_more(model, path):
+    """A copy of `model` whose vocabulary lists one token more than token_embd.weight has rows: 32 bytes more in the
+    header (a 16-byte token, its score and type), so the tensors' aligned offsets still hold."""
+    import struct
+    data = bytearray(model.read_bytes())
+
+    def array(key):  # (where the count is, where the items start)
+        at = data.index(key.encode()) + len(key) + 8  # (the value's type, the items' type)
+        return at, at + 8
+    count_at, at = array("tokenizer.ggml.tokens")
+    n = struct.unpack_from("<Q", data, count_at)[0]
+    for _ in range(n):
+        at += 8 + struct.unpack_from("<Q", data, at)[0]
+    data[at:at] = struct.pack("<Q", 16) + b"sixteen-byte-tok"
+    for key, item in (("tokenizer.ggml.scores", b"\0\0\0\0"), ("tokenizer.ggml.token_type", struct.pack("<i", 1))):
+        count_at, at = array(key)
+        data[at + 4 * n:at + 4 * n] = item
+        data[count_at:count_at + 8] = struct.pack("<Q", n + 1)
+    count_at, _ = array("tokenizer.ggml.tokens")
+    data[count_at:count_at + 8] = struct.pack("<Q", n + 1)
+    path.write_bytes(bytes(data))
+    return path
+
+
 def truncate(model, path):
     data = Path(model).read_bytes()
     path.write_bytes(data[:len(data) // 2])
@@ -253,6 +277,9 @@ CASES = {
                         [], r"inconsistent attention metadata .*rotated dims 0"),
     "vocab size that disagrees": (lambda m, d: patch_meta(m, d / "v.gguf", "llama.vocab_size", 4, 7),
                                   [], "vocab_size is 7, but token_embd.weight has 512 rows"),
+    "more tokens than embeddings": (lambda m, d: one_token_more(m, d / "t.gguf"), [],
+                                    r"t.gguf: its vocabulary \(tokenizer.ggml.tokens\) has 513 tokens but "
+                                    "token_embd.weight has 512 rows"),
     "foreign tokenizer": (lambda m, d: m, ["--tokenizer", LLAMA2_TOKENIZER], "has 32000 pieces but the model's"),
     "plan and ratios": (lambda m, d: m, ["--plan", "auto", "--ratios", "1"], "give --ratios or --plan, not both"),
     "no profile": (lambda m, d: m, ["--plan", "{tmp}/none.json"], "profile not found: .*none.json"),
