@@ -11,8 +11,12 @@ import glob
 import json
 import os
 import socket
+import time
 
 from .control import MAX_LINE, is_live, socket_dir
+
+
+BUSY_WAIT_S = 30.0  # how long `request` goes on asking a job that serves its most connections already
 
 
 class ClientError(Exception):
@@ -81,11 +85,27 @@ class Connection:
             raise ClientError(f"{self.path} replied with something that is not JSON: {line[:200]!r}") from None
 
     def ask(self, req) -> dict:
-        self.send(req)
+        try:
+            self.send(req)
+        except ClientError:  # a job that turned the connection away at once (busy) has answered already
+            try:
+                return self.reply()
+            except ClientError:
+                pass
+            raise
         return self.reply()
 
 
 def request(path, req, timeout=None) -> dict:
-    """One request on a connection of its own -> the reply object."""
-    with Connection(path, timeout) as c:
-        return c.ask(req)
+    """One request on a connection of its own -> the reply object. Where the job already serves its most
+    connections, it asks again a moment later, within `timeout` (None: BUSY_WAIT_S)."""
+    give_up = time.monotonic() + (timeout or BUSY_WAIT_S)
+    pause = 0.02
+    while True:
+        with Connection(path, timeout) as c:
+            reply = c.ask(req)
+        left = give_up - time.monotonic()
+        if not reply.get("busy") or left <= 0:
+            return reply
+        time.sleep(min(pause, left))
+        pause = min(2 * pause, 0.5)

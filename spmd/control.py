@@ -28,6 +28,7 @@ MAX_LINE = 64 * 1024  # bytes in one request line
 IDLE_S = 10.0  # a connection that sends no complete line for this long is closed
 MAX_CONNECTIONS = 16
 MAX_STATUS_WAITING = 64
+MOST_AT = 2**53  # the furthest position 'at' may name (past it, a JSON client's numbers lose their units)
 CLIENT_LOOK_S = 0.5  # how often a connection waiting for its migration looks whether its client is still there
 FIELDS = {"status": {"cmd", "id"},
           "migrate": {"cmd", "id", "kind", "from", "to", "kv_groups", "ffn_blocks", "from_stage", "to_stage", "count",
@@ -121,7 +122,7 @@ class Request:
 
 class Listener:
     """The socket, and what it validates against: `state.plan` (read when a request comes: the main thread swaps
-    it), the position of the next token boundary."""
+    it), the position of the next token boundary, and of the last (None: no end, a server's)."""
 
     def __init__(self, path, state, first_boundary, last_boundary):
         self.path = path
@@ -341,13 +342,15 @@ class Listener:
             at = msg.get("at")
             if not isinstance(at, int) or isinstance(at, bool):
                 raise UserError(f"mode 'at' needs 'at': a token position (got {at!r})"[:300])
+            if at > MOST_AT:
+                raise UserError(f"position {at} is too far ahead: 'at' is at most 2^53")
             if at < self._next_boundary:
                 raise UserError(f"position {at} has passed: the next token boundary is at position "
                                 f"{self._next_boundary}")
         due, last = at if at is not None else self._next_boundary, self._last_boundary
-        if last < self._next_boundary:
+        if last is not None and last < self._next_boundary:
             raise UserError("no token boundary is left in this generation")
-        if due > last:
+        if last is not None and due > last:
             raise UserError(f"generation ends before position {due} (its last token boundary is at position {last})")
         return at
 
@@ -377,7 +380,8 @@ class Listener:
             busy = self._connections >= MAX_CONNECTIONS
             self._connections += not busy
         if busy:
-            _send(conn, {"ok": False, "error": f"too many connections (at most {MAX_CONNECTIONS}); try again"})
+            _send(conn, {"ok": False, "busy": True,
+                         "error": f"too many connections (at most {MAX_CONNECTIONS}); try again"})
             conn.close()
             return
         threading.Thread(target=self._serve, args=(conn,), name="spmd-control-conn", daemon=True).start()

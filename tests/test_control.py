@@ -18,8 +18,8 @@ from types import SimpleNamespace
 import pytest
 
 from spmd import control
-from spmd.client import ClientError, Connection
-from spmd.control import Listener
+from spmd.client import ClientError, Connection, request
+from spmd.control import MAX_CONNECTIONS, Listener
 from spmd.plan import make_plan, parse_layout
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -234,6 +234,38 @@ def test_no_boundary_left():
         assert reply == {"ok": False, "error": "no token boundary is left in this generation"}
     finally:
         listener.close()
+
+
+def test_a_server_has_no_last_boundary_but_at_is_bounded():
+    """A server's boundaries have no end: a far 'at' is queued, one past 2^53 refused (it was told a sentinel,
+    "its last token boundary is at position 4611686018427387904")."""
+    listener = Listener("/tmp/spmd-test-server-boundary.sock", state(), 0, None)
+    try:
+        reply, _ = listener.handle(b'{"cmd": "migrate", "ratios": "1:1:2", "at": 9007199254740993}')
+        assert reply == {"ok": False, "error": "position 9007199254740993 is too far ahead: 'at' is at most 2^53"}
+        reply, queued = listener.handle(b'{"cmd": "migrate", "ratios": "1:1:2", "at": 9007199254740992}')
+        assert reply is None and queued.at == 2**53  # (queued: its reply comes once applied)
+    finally:
+        listener.close()
+
+
+def test_a_burst_past_the_most_connections_waits_its_turn(served, path):
+    """The 17th connection is turned away at once; `request` asks again until one of the 16 closes (a burst of
+    clients failed at once), and gives up at its timeout."""
+    held = [Connection(path, 10) for _ in range(MAX_CONNECTIONS)]
+    try:
+        time.sleep(0.2)  # (each admitted: the listener counts them)
+        with Connection(path, 10) as c:
+            assert c.reply() == {"ok": False, "busy": True,
+                                 "error": f"too many connections (at most {MAX_CONNECTIONS}); try again"}
+        t = time.monotonic()
+        assert request(path, {"cmd": "status"}, timeout=0.5)["busy"] and time.monotonic() - t >= 0.4
+        threading.Timer(0.5, held.pop().close).start()
+        reply = request(path, {"cmd": "status"}, timeout=10)
+        assert reply["ok"] and time.monotonic() - t >= 0.9
+    finally:
+        for c in held:
+            c.close()
 
 
 def test_long_lines_idle_clients_and_clients_that_leave_are_dropped(served, path, monkeypatch):
