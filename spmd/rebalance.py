@@ -9,7 +9,7 @@ time communicating: what its allreduces take beyond the links' latency and bandw
 (`planner.scaled`) the planner is asked again; a new layout is taken when it is predicted at least THRESHOLD
 faster than the current one (both predicted with the corrected profile) and the time it saves over the tokens
 still to come outweighs the move's cost. A rank must have run MIN_STEPS decode batches under the current plan
-before its figure counts; a layout left is not taken again for COOLDOWN looks.
+before its figure counts; a layout left is not proposed again for the next COOLDOWN looks.
 
 Predictions can be wrong (a loaded machine, a model that misses a cost), so the tokens/s each layout actually gave
 is kept too: when the current layout runs THRESHOLD slower than one measured before, the rebalancer goes back to
@@ -18,7 +18,6 @@ one look, not the rest of the run; and each such miss doubles the gain the next 
 model that keeps missing (a cost it cannot represent) stops moving instead of oscillating. Every move is kept
 (`decisions`) for the log and the result.
 """
-import collections
 from dataclasses import dataclass, replace
 
 from . import planner
@@ -60,7 +59,8 @@ class Rebalancer:
         self.objective, self.sequences, self.context, self.allreduce = objective, sequences, context, allreduce
         self.factors = [1.0] * len(self.profile.ranks)
         self.allreduce_ms = self.profile.allreduce_ms  # an allreduce's own cost, corrected by what stages measure
-        self.left = collections.deque(maxlen=COOLDOWN)  # layouts recently left
+        self.looks = 0  # `consider` calls so far
+        self.left = {}  # layout text -> the look it was left at
         self.measured = {}  # layout text -> tokens/s it gave at its latest look
         self.misses = 0  # proposals that measured slower than the layout they left (each doubles the threshold)
         self.decisions = []
@@ -99,19 +99,20 @@ class Rebalancer:
 
     def consider(self, plan, tokens_left, at):
         """A better layout's text, or None: predicted THRESHOLD faster, worth the move over the `tokens_left`
-        tokens still to generate, and not one left in the last COOLDOWN looks."""
+        tokens still to generate, and not one left in the last COOLDOWN looks (going back to a layout that measured
+        faster is not held back)."""
         current = plan.text()
         prof = replace(planner.scaled(self.profile, self.factors), allreduce_ms=self.allreduce_ms)
         k = self.sequences if self.objective == "throughput" else 1
         now = planner.predict(prof, current, k, self.context, self.allreduce)
-        self.left.append(None)  # a look: the cooldown counts looks
+        self.looks += 1
         fastest = max(self.measured, key=self.measured.get, default=current)
         if current in self.measured and self.measured[current] < self.measured[fastest] * (1 - THRESHOLD):
             self.misses += 1
             back = planner.predict(prof, fastest, k, self.context, self.allreduce)
             return self._decide(at, current, fastest, now, back, "measured")
         best = planner.plan(prof, self.objective, self.sequences, self.context, allreduce=self.allreduce)
-        if best.text == current or best.text in self.left:
+        if best.text == current or self.looks - self.left.get(best.text, -COOLDOWN - 1) <= COOLDOWN:
             return None
         if self.measured.get(best.text, 0) and self.measured[best.text] <= self.measured.get(current, 0):
             return None  # tried, and it ran no faster
@@ -123,7 +124,7 @@ class Rebalancer:
         return self._decide(at, current, best.text, now, best, "predicted")
 
     def _decide(self, at, current, text, now, then, why):
-        self.left.append(current)
+        self.left[current] = self.looks
         self.decisions.append(Decision(at, current, text, now.ms_per_token, then.ms_per_token,
                                        tuple(round(f, 3) for f in self.factors),
                                        {t: round(r, 3) for t, r in self.measured.items()}, why))
