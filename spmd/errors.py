@@ -36,8 +36,11 @@ def click_main(command, prog, argv=None, passed_on=()):
 
 def refuse_repeats(command):
     """Make an option given twice a usage error for `command` (click keeps the last value and says nothing, so
-    `--prompt-ids 1,2 --prompt-ids 3` ran on 3). Options that take several values, counts and flags are left free."""
+    `--prompt-ids 1,2 --prompt-ids 3` ran on 3), and for a group's subcommands. Options that take several values,
+    counts and flags are left free."""
     import click
+    for sub in getattr(command, "commands", {}).values():
+        refuse_repeats(sub)
     make_parser = type(command).make_parser
 
     def parser_refusing_repeats(ctx):

@@ -93,7 +93,7 @@ def coop_tile(rows, n, pair, fixed_tokens=0):
 # H100, 2026-12-06, 8 rows for q, k, v and the classifier at every size: Llama-2-7B decode 1% faster in Q4_0 and
 # 3.5% in Q8_0, TinyLlama's 5% slower (q 2048 rows, k and v 256: too few workgroups to hide the latency)
 MATVEC_WIDE_ROWS = 4096
-AHEAD_TOKENS = 8  # a chained greedy decode's tokens a wait (SPMD_VK_AHEAD; each a command buffer of its own)
+AHEAD_TOKENS = 8  # a chained greedy decode's tokens a wait (SPMD_VK_AHEAD; one command buffer submitted that often)
 SPLIT_KEYS = 256  # keys a workgroup attends in a decode step over long caches (vulkan_model.SPLIT_FROM; at most the
 # attention kernel's chunk of 256), SPMD_VK_SPLIT_KEYS to try others
 _DEVICES = {}  # one Device per GPU index, shared by every backend and model of the process
