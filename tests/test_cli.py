@@ -89,7 +89,8 @@ def test_several_prompts_from_flags_and_a_file(model, tmp_path):
     r = json.loads(p.stdout)
     alone = [["--prompt", "Hello"], ["--prompt", "Hi there"], ["--prompt", "Once", "--steps", 3],
              ["--prompt", "A dog", "--temperature", 0.9, "--seed", 4], ["--prompt-ids", "1,7,8,9", "--steps", 2]]
-    want = [json.loads(run(["--model", model, "--steps", 5, "--output", "json", *a]).stdout) for a in alone]
+    want = [json.loads(run(["--model", model, *([] if "--steps" in a else ["--steps", 5]), "--output", "json",
+                            *a]).stdout) for a in alone]
     assert [s["index"] for s in r["sequences"]] == [0, 1, 2, 3, 4]
     assert [s["tokens"] for s in r["sequences"]] == [w["tokens"] for w in want]
     assert [s["text"] for s in r["sequences"]] == [w["text"] for w in want]
@@ -748,4 +749,4 @@ def test_stdout_is_rank_0s():
     p = subprocess.run([MPIRUN, "-n", "3", sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                        timeout=60)
     assert p.returncode == 0, p.stderr
-    assert p.stdout == "rank 0\n" and sorted(p.stderr.split()) == ["1", "2", "rank", "rank"]
+    assert p.stdout == "rank 0\n" and sorted(p.stderr) == sorted("rank 1\nrank 2\n")  # (the two may interleave)

@@ -288,8 +288,9 @@ def reference(model, ranks, layout, *extra):
 
 def supervised(model, ranks, layout, signals, *extra, launch=(), timeout=180):
     env = dict(os.environ, SPMD_TEST_SIGNAL=signals)
+    steps = [] if "--steps" in extra else ["--steps", str(STEPS)]  # (an option given twice is refused)
     return subprocess.run([sys.executable, "-m", "spmd.launch", "-n", str(ranks), *launch, "--", "--model", model,
-                           "--ratios", layout, "--steps", str(STEPS), *extra],
+                           "--ratios", layout, *steps, *extra],
                           cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
 
 
