@@ -26,6 +26,7 @@ from aiohttp import web
 
 from .chat_template import ROLES, TemplateError
 from .prompts import PromptSpec, Work
+from .sampling import MOST_TOP_K
 
 MAX_BODY_BYTES = 4 * 2**20
 BODY_WAIT_S = 30.0  # a request's body must have come whole within this long
@@ -289,7 +290,7 @@ def _sampling(body):
     return dict(max_tokens=max_tokens, stream=bool(stream), usage=bool(options.get("include_usage")),
                 temperature=_number(body, "temperature", 0, 2, 1.0),
                 top_p=_number(body, "top_p", 0, 1, 1.0, lo_open=True),
-                top_k=_number(body, "top_k", 0, 2**31 - 1, 0, integer=True),
+                top_k=_number(body, "top_k", 0, MOST_TOP_K, 0, integer=True),
                 seed=_seed(body), stop=_stops(body))
 
 

@@ -188,14 +188,17 @@ def summary(r):
 
 
 def write_stdout(piece):
-    """Stream a piece of text; False once the reader has gone (`| head`), after which stdout is silenced."""
+    """Stream a piece of text; False once the reader has gone (`| head`), after which stdout is silenced. A stdout
+    that cannot be written (a full disk, /dev/full) is a UserError."""
     try:
         sys.stdout.write(piece)
         sys.stdout.flush()
         return True
-    except BrokenPipeError:
+    except OSError as e:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error when Python flushes at exit
-        return False
+        if isinstance(e, BrokenPipeError):
+            return False
+        raise UserError(f"cannot write the output: {e.strerror or e}") from None
 
 
 def main(argv=None):
@@ -404,7 +407,11 @@ def run(argv):
         elif journal:
             journal.event("result", result=result)
         else:
-            print(json.dumps(result), flush=True)
+            try:
+                write_stdout(json.dumps(result) + "\n")  # (a reader gone: nobody to tell)
+            except UserError as e:
+                log(f"error: {e}")
+                sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -2,12 +2,15 @@
 stage's ranks sent: greedy needs each rank's best, top-k each rank's k best, anything else every logit."""
 import numpy as np
 
+MOST_TOP_K = 2**31 - 1  # a step record carries each sequence's top-k in 64 bits: 2^63 did not fit
+
 
 class Sampler:
     """Greedy at temperature 0; otherwise temperature, then top-k, then top-p (nucleus), from a seeded generator."""
 
     def __init__(self, temperature=0.0, top_k=0, top_p=1.0, seed=None):
-        self.temperature, self.top_k, self.top_p = float(temperature), int(top_k), float(top_p)
+        self.temperature, self.top_p = float(temperature), float(top_p)
+        self.top_k = min(int(top_k), MOST_TOP_K)  # (any larger keeps as many: every vocabulary is smaller)
         self.rng = np.random.default_rng(seed)
 
     @property

@@ -469,6 +469,34 @@ def test_a_reader_that_leaves_early_stops_generation_cleanly(tmp_path, ranks):
         assert left == "", f"ranks left running: {left}"
 
 
+@pytest.mark.parametrize("output", ["text", "json"])
+def test_an_output_that_cannot_be_written_is_one_line(model, output):
+    """stdout on a full disk (/dev/full) was an OSError traceback and an MPI_Abort; a JSON result into a pipe
+    closed early was a BrokenPipeError traceback. Now: one line and exit 1; nothing said and exit 0."""
+    args = ["--model", model, "--prompt", "a", "--prompt", "b", "--steps", 4, "--output", output]
+    cmd = [sys.executable, "-m", "spmd.run", *map(str, args)]
+    with open("/dev/full", "w") as full:
+        p = subprocess.run(cmd, cwd=ROOT, stdout=full, stderr=subprocess.PIPE, text=True, timeout=60)
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    assert p.stderr.strip().splitlines()[-1] == "error: cannot write the output: No space left on device"
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p.stdout.close()  # (before the result comes)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 0 and "Traceback" not in err and "rror" not in err, err
+
+
+def test_a_top_k_past_any_vocabulary_keeps_them_all(model):
+    """--top-k 2^63 did not fit the step record (an OverflowError traceback): it samples as any top-k past the
+    vocabulary does."""
+    texts = []
+    for k in (2**63, 2**31 - 1):
+        p = run(["--model", model, "--prompt", "a", "--steps", 6, "--temperature", 1, "--seed", 3, "--top-k", k,
+                 "--output", "json"])
+        assert p.returncode == 0, p.stderr
+        texts.append(json.loads(p.stdout)["tokens"])
+    assert texts[0] == texts[1]
+
+
 @pytest.mark.parametrize("ranks", [2, 3])
 def test_a_model_file_written_on_another_rank_stops_every_rank(tmp_path, ranks):
     """The last rank reads its own copy of the model (another host's file), which is truncated mid-generation:
