@@ -92,7 +92,7 @@ def per_rank(flag, text, comm, what):
     parts = [p.strip() for p in str(text).split(",")]
     if len(parts) not in (1, comm.size):
         raise UserError(f"{flag} {text!r} names {len(parts)} {what} for {comm.size} rank{'s' * (comm.size != 1)}: "
-                        "give one for every rank, or one per rank")
+                        "give one for all ranks, or one per rank")
     return parts[0 if len(parts) == 1 else comm.rank]
 
 
@@ -292,6 +292,13 @@ class RankState:
         if all(len(t.shape) < 2 or t.qtype in FLOATS for t in self.file.tensors.values()):
             self.log("note: --activations int8: the model holds no quantised matrix, and float matrices keep float32 "
                      "activations")
+        names = [p.strip() for p in self.opts.backend.split(",")]
+        numpy_ranks = [r for r in range(self.comm.size) if names[r if len(names) > 1 else 0] == "numpy"]
+        if numpy_ranks:
+            ranks = "every rank" if len(numpy_ranks) == self.comm.size else \
+                f"rank{'s' * (len(numpy_ranks) > 1)} {', '.join(map(str, numpy_ranks))}"
+            self.log(f"note: --activations int8: the numpy backend ({ranks}) keeps float32 activations, the "
+                     "reference's products")
 
     @property
     def share(self):

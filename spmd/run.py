@@ -65,8 +65,8 @@ CLUSTER_OPTIONS = [  # the flags spmd.run and spmd.serve share: the model, and h
                  help="The arithmetic on quantised weights. f32: float32 activations, the reference's products to "
                       "within float rounding. int8: each 32 activations quantised to 8 bits as llama.cpp does "
                       "(on the cpu backend prompts 2-3x faster, decode about the same; on a GPU faster decode for the "
-                      "larger models, and prompts on its matrix units for Q4_0, Q8_0, Q4_1 and Q4_K; results move "
-                      "by about 0.5%, as llama.cpp's do); the cpu "
+                      "larger models, and prompts on its matrix units for every quantised type but Q2_K; results "
+                      "move by about 0.5%, as llama.cpp's do; the numpy backend keeps float32); the cpu "
                       "backend's partial sums add up exactly, so its text still does not change with the layout "
                       "(README)."),
     click.option("--kv-cache", default="f32", show_default=True, type=click.Choice(KV_CACHES),
@@ -75,7 +75,8 @@ CLUSTER_OPTIONS = [  # the flags spmd.run and spmd.serve share: the model, and h
                       "rounded to float16 as it is stored."),
     click.option("--gpu", default=None, metavar="N[,N...]",
                  help="Vulkan device index on each rank's host, one for all or one per rank. "
-                      "Default: the rank's index among the ranks on its host."),
+                      "Default: the rank's index among the ranks on its host, wrapping round where the host has "
+                      "fewer devices (two ranks then share one)."),
     click.option("--threads", default=None, metavar="N[,N...]",
                  help="Kernel threads of each rank, one for all or one per rank, at most the cores it may run on "
                       "(with Open MPI: mpirun --bind-to none). Default: those cores divided among the host's ranks "
@@ -85,7 +86,7 @@ CLUSTER_OPTIONS = [  # the flags spmd.run and spmd.serve share: the model, and h
                       "(powers of 1024), one for all or one per rank (none: no limit for that rank); the runtime "
                       "adds about 200-250 MiB. A share that does not fit streams: what fits stays resident, the rest "
                       "is read half a layer at a time, ahead of use, from a spill file in $TMPDIR (default /var/tmp; "
-                      "on a disk: it takes the streamed bytes).",
+                      "on a disk: it takes the streamed bytes). On a vulkan rank: what it holds on its GPU.",
                  ),
     click.option("--tokenizer", default=None, metavar="FILE.model",
                  help="A sentencepiece .model to use instead of the vocabulary in the GGUF."),

@@ -76,6 +76,18 @@ def test_int8_on_a_model_of_float_matrices_says_it_changes_nothing(tmp_path):
     assert p.stderr.count("note: --activations int8: the model holds no quantised matrix") == 1
 
 
+@pytest.mark.parametrize("ranks, backend, said", [(1, "numpy", "every rank"), (3, "cpu,numpy,numpy", "ranks 1, 2")])
+def test_int8_on_the_numpy_backend_says_it_keeps_float32(model, ranks, backend, said):
+    """The numpy reference has no 8-bit products: its ranks' text is float32's, which a note says (the result only
+    said int8)."""
+    if ranks > 1 and MPIRUN is None:
+        pytest.skip("mpirun not on PATH")
+    p = run(["--model", model, "--prompt", "Hello", "--steps", 2, "--activations", "int8", "--backend", backend,
+             "--threads", 1], ranks=ranks)
+    assert p.returncode == 0, p.stderr
+    assert p.stderr.count(f"note: --activations int8: the numpy backend ({said}) keeps float32 activations") == 1
+
+
 def test_several_prompts_from_flags_and_a_file(model, tmp_path):
     """Repeated --prompt and a JSON Lines file with settings per prompt: JSON gives every sequence in input order,
     each equal to its prompt run alone with the same settings; text labels each sequence as it ends."""
