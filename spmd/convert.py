@@ -22,6 +22,7 @@ from gguf import GGMLQuantizationType as T, GGUFWriter, LlamaFileType, TokenType
 from gguf.quants import quantize
 
 from .errors import UserError, click_main, regular_file
+from .tokenizer import sp_token_type
 
 HEADER = ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "seq_len")
 HEADER_BYTES = 4 * len(HEADER)
@@ -126,7 +127,7 @@ def read_tokenizer(path, vocab_size):
     try:
         sp = spm.SentencePieceProcessor(model_proto=raw)
     except RuntimeError:  # (not a sentencepiece model: no line on stderr either)
-        pieces, scores = read_llama2c_tokenizer(path, vocab_size, raw)
+        pieces, scores = _llama2c_tokens(raw, path, vocab_size)
         return pieces, scores, [token_type(i, p) for i, p in enumerate(pieces)]
     n = sp.get_piece_size()
     if n != vocab_size:
@@ -135,18 +136,17 @@ def read_tokenizer(path, vocab_size):
     if (sp.unk_id(), sp.bos_id(), sp.eos_id()) != (0, 1, 2):
         raise UserError(f"{path}: a llama2.c model has <unk>, <s> and </s> at ids 0, 1 and 2; this sentencepiece "
                         f"model has them at {sp.unk_id()}, {sp.bos_id()} and {sp.eos_id()}")
-    kinds = ((sp.is_unknown, TokenType.UNKNOWN), (sp.is_control, TokenType.CONTROL), (sp.is_byte, TokenType.BYTE),
-             (sp.is_unused, TokenType.UNUSED))
-    types = [next((kind for is_kind, kind in kinds if is_kind(i)), TokenType.NORMAL) for i in range(n)]
     pieces = [sp.id_to_piece(i).encode().replace(SPACE, b" ") for i in range(n)]
-    return pieces, [sp.get_score(i) for i in range(n)], types
+    return pieces, [sp.get_score(i) for i in range(n)], [sp_token_type(sp, i) for i in range(n)]
 
 
-def read_llama2c_tokenizer(path, vocab_size, raw=None):
-    """(pieces as bytes, scores) of a llama2.c tokenizer file (its bytes `raw`, where read already) that must hold
-    exactly `vocab_size` tokens."""
+def read_llama2c_tokenizer(path, vocab_size):
+    """(pieces as bytes, scores) of a llama2.c tokenizer file that must hold exactly `vocab_size` tokens."""
     path = regular_file(str(path), "tokenizer")
-    raw = Path(path).read_bytes() if raw is None else raw
+    return _llama2c_tokens(Path(path).read_bytes(), path, vocab_size)
+
+
+def _llama2c_tokens(raw, path, vocab_size):
     at, pieces, scores = 4, [], []  # skip max_token_length
     while at < len(raw) and len(pieces) <= vocab_size:
         if at + 8 > len(raw):

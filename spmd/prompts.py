@@ -108,12 +108,11 @@ def _json_prompt(line, where) -> PromptSpec:
     text, ids = obj.get("prompt", ""), obj.get("prompt_ids")
     if not isinstance(text, str):
         raise UserError(f"{where}: \"prompt\" must be a string")
-    if not text.isascii():
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise UserError(f"{where}: \"prompt\" holds an unpaired surrogate ({text[e.start]!r}): not a "
-                            "character") from None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise UserError(f"{where}: \"prompt\" holds an unpaired surrogate ({text[e.start]!r}): not a character") \
+            from None
     if ids is not None and not (isinstance(ids, list) and all(_is_int(i) for i in ids)):
         raise UserError(f"{where}: \"prompt_ids\" must be a list of integers")
     if ids == []:

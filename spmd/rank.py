@@ -89,11 +89,16 @@ def known_vocab(tokenizer, cfg) -> int:
 
 def per_rank(flag, text, comm, what):
     """This rank's entry of a flag given once for every rank ("cpu") or once per rank ("cpu,vulkan,vulkan")."""
+    return every_ranks(flag, text, comm.size, what)[comm.rank]
+
+
+def every_ranks(flag, text, n_ranks, what) -> list:
+    """Each of `n_ranks` ranks' entry of such a flag."""
     parts = [p.strip() for p in str(text).split(",")]
-    if len(parts) not in (1, comm.size):
-        raise UserError(f"{flag} {text!r} names {len(parts)} {what} for {comm.size} rank{'s' * (comm.size != 1)}: "
+    if len(parts) not in (1, n_ranks):
+        raise UserError(f"{flag} {text!r} names {len(parts)} {what} for {n_ranks} rank{'s' * (n_ranks != 1)}: "
                         "give one for all ranks, or one per rank")
-    return parts[0 if len(parts) == 1 else comm.rank]
+    return parts * n_ranks if len(parts) == 1 else parts
 
 
 def per_rank_choice(opts, comm):
@@ -292,8 +297,8 @@ class RankState:
         if all(len(t.shape) < 2 or t.qtype in FLOATS for t in self.file.tensors.values()):
             self.log("note: --activations int8: the model holds no quantised matrix, and float matrices keep float32 "
                      "activations")
-        names = [p.strip() for p in self.opts.backend.split(",")]
-        numpy_ranks = [r for r in range(self.comm.size) if names[r if len(names) > 1 else 0] == "numpy"]
+        names = every_ranks("--backend", self.opts.backend, self.comm.size, "backends")
+        numpy_ranks = [r for r, name in enumerate(names) if name == "numpy"]
         if numpy_ranks:
             ranks = "every rank" if len(numpy_ranks) == self.comm.size else \
                 f"rank{'s' * (len(numpy_ranks) > 1)} {', '.join(map(str, numpy_ranks))}"
@@ -603,11 +608,10 @@ class RankState:
         """Rank 0: the tokenizer and every sequence's Work, in input order."""
         opts = self.opts
         tok = load_tokenizer(self.file, opts.tokenizer)
-        if tok.vocab_size > self.cfg.vocab and opts.tokenizer is not None:
-            raise UserError(f"the tokenizer has {tok.vocab_size} pieces but the model's vocabulary is "
-                            f"{self.cfg.vocab}: they do not belong together")
         if tok.vocab_size > self.cfg.vocab:
-            raise UserError(f"{opts.model}: its vocabulary (tokenizer.ggml.tokens) has {tok.vocab_size} tokens but "
+            raise UserError(f"the tokenizer has {tok.vocab_size} pieces but the model's vocabulary is "
+                            f"{self.cfg.vocab}: they do not belong together" if opts.tokenizer is not None else
+                            f"{opts.model}: its vocabulary (tokenizer.ggml.tokens) has {tok.vocab_size} tokens but "
                             f"token_embd.weight has {self.cfg.vocab} rows: the file is inconsistent")
         if opts.context is not None:  # serving: the prompts come later, through the server
             return tok, []

@@ -331,7 +331,8 @@ def from_gguf(gguf) -> Tokenizer:
     return _FROM_GGUF[model](gguf, tokens, types)
 
 
-def _sp_type(sp, i) -> int:
+def sp_token_type(sp, i) -> int:
+    """Token `i`'s GGUF type (tokenizer.ggml.token_type) in the sentencepiece model `sp`."""
     checks = ((sp.is_control, CONTROL), (sp.is_unknown, UNKNOWN), (sp.is_byte, BYTE), (sp.is_unused, UNUSED))
     return next((kind for check, kind in checks if check(i)), NORMAL)
 
@@ -353,7 +354,7 @@ def from_sentencepiece_proto(model_proto: bytes) -> Tokenizer:
     if sp.get_piece_size() == 0:
         raise UserError("not a valid sentencepiece model (it has no pieces)")
     tokens = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
-    types = [_sp_type(sp, i) for i in range(len(tokens))]
+    types = [sp_token_type(sp, i) for i in range(len(tokens))]
     pieces, first = _decode_tables(tokens, types, _llama_piece, _drops_first_space(sp, tokens, types))
     bos_id = sp.bos_id() if sp.bos_id() >= 0 else None
     return Tokenizer(sp.encode, pieces, first, bos_id, {sp.eos_id()} - {-1}, add_bos=True,
