@@ -282,11 +282,15 @@ class RankState:
             raise
 
     def _say_layout_notes(self, plan):
-        """Rank 0: what a user should know of `plan` with these options (idle ranks; where int8 activations
-        cannot keep the text the same across layouts, or have nothing to act on)."""
+        """Rank 0: what a user should know of `plan` with these options (idle ranks; a --gpu no rank uses; where
+        int8 activations cannot keep the text the same across layouts, or have nothing to act on)."""
         if plan.idle:
             ranks = ", ".join(map(str, plan.idle))
             self.log(f"note: rank{'s' * (len(plan.idle) > 1)} {ranks} idle (ratio 0): holding no weights, in no stage")
+        names = every_ranks("--backend", self.opts.backend, self.comm.size, "backends")
+        if self.opts.gpu is not None and "vulkan" not in names:
+            self.log(f"note: --gpu {self.opts.gpu} chooses a vulkan rank's GPU, and no rank runs the vulkan backend "
+                     f"(--backend {self.opts.backend})")
         if self.opts.activations != "int8":
             return
         outputs = self.cfg.group * self.cfg.head_dim  # a KV group's attention outputs: wo's columns a rank takes
@@ -297,7 +301,6 @@ class RankState:
         if all(len(t.shape) < 2 or t.qtype in FLOATS for t in self.file.tensors.values()):
             self.log("note: --activations int8: the model holds no quantised matrix, and float matrices keep float32 "
                      "activations")
-        names = every_ranks("--backend", self.opts.backend, self.comm.size, "backends")
         numpy_ranks = [r for r, name in enumerate(names) if name == "numpy"]
         if numpy_ranks:
             ranks = "every rank" if len(numpy_ranks) == self.comm.size else \
@@ -409,6 +412,11 @@ class RankState:
         return (f"{floor} bytes ({human_size(floor)}: {kept}, and a weight window of half a layer, "
                 f"{human_size(max(sizes.values(), default=0))})")
 
+    def _limit_text(self, parts, sizes):
+        """--memory-limit as a person reads it, or in bytes where it rounds to what the share needs."""
+        shown = human_size(self.memory_limit)
+        return f"{self.memory_limit} bytes" if shown == human_size(self.floor_bytes(parts, sizes)) else shown
+
     def _check_limits(self, plan):
         """Every rank: refuse up front, naming every rank that is short, a --memory-limit below what a rank's share
         needs with a window of one half (the same line on every rank)."""
@@ -416,7 +424,7 @@ class RankState:
         if self.memory_limit is not None and plan[self.comm.rank].layer_ids:
             parts, sizes = self.memory_needs(plan[self.comm.rank])
             if self.floor_bytes(parts, sizes) > self.memory_limit:
-                short = f"rank {self.comm.rank} has {human_size(self.memory_limit)} and needs " + \
+                short = f"rank {self.comm.rank} has {self._limit_text(parts, sizes)} and needs " + \
                     self._need_text(parts, sizes)
         lines = [line for line in self.comm.allgather(short) if line]
         if lines:
@@ -445,7 +453,7 @@ class RankState:
         slots = 2 if self.backend_name == "vulkan" and device_copies(self.backend.dev) else 1
         chosen = choose(sizes, limit - fixed, slots) if sizes else ([], 0)
         if chosen is None:
-            raise UserError(f"--memory-limit {human_size(limit)} is below what this share needs: "
+            raise UserError(f"--memory-limit {self._limit_text(parts, sizes)} is below what this share needs: "
                             f"{self._need_text(parts, sizes)}: give more, or more ranks")
         streamed, _ = chosen
         if not streamed:

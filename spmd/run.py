@@ -30,6 +30,11 @@ def wait_s(ctx, param, value):
     return value
 
 
+def comma_list(_ctx, _param, text):
+    """A per-rank flag's value without blanks around its commas, as the summary and JSON result echo it."""
+    return text if text is None else ",".join(part.strip() for part in text.split(","))
+
+
 def split_ints(_ctx, _param, text):
     if text is None:
         return None
@@ -58,7 +63,7 @@ CLUSTER_OPTIONS = [  # the flags spmd.run and spmd.serve share: the model, and h
     click.option("--allreduce", default="star", show_default=True, type=click.Choice(ALLREDUCES),
                  help="How a stage's ranks add up their partial sums. star: reduce to the stage's first rank + "
                       "broadcast; ring: weighted reduce-scatter + allgather; mpi: the MPI library's Allreduce."),
-    click.option("--backend", default="cpu", show_default=True, metavar="NAME[,NAME...]",
+    click.option("--backend", default="cpu", show_default=True, metavar="NAME[,NAME...]", callback=comma_list,
                  help="cpu: numba kernels on quantised weights; vulkan: GLSL compute shaders on a GPU (or lavapipe); "
                       "numpy: the readable reference. One for every rank, or one per rank: cpu,vulkan,vulkan."),
     click.option("--activations", default="f32", show_default=True, type=click.Choice(ACTIVATIONS),
@@ -73,15 +78,15 @@ CLUSTER_OPTIONS = [  # the flags spmd.run and spmd.serve share: the model, and h
                  help="What the KV caches keep keys and values in. f16: half the memory of f32 (a sequence's "
                       "context costs half as much on every rank, as llama.cpp's default cache), each key and value "
                       "rounded to float16 as it is stored."),
-    click.option("--gpu", default=None, metavar="N[,N...]",
+    click.option("--gpu", default=None, metavar="N[,N...]", callback=comma_list,
                  help="Vulkan device index on each rank's host, one for all or one per rank. "
                       "Default: the rank's index among the ranks on its host, wrapping round where the host has "
                       "fewer devices (two ranks then share one)."),
-    click.option("--threads", default=None, metavar="N[,N...]",
+    click.option("--threads", default=None, metavar="N[,N...]", callback=comma_list,
                  help="Kernel threads of each rank, one for all or one per rank, at most the cores it may run on "
                       "(with Open MPI: mpirun --bind-to none). Default: those cores divided among the host's ranks "
                       "(give 1 where hosts share cores, as simulated hosts do)."),
-    click.option("--memory-limit", default=None, metavar="SIZE[,SIZE...]",
+    click.option("--memory-limit", default=None, metavar="SIZE[,SIZE...]", callback=comma_list,
                  help="The most memory each rank's weights, KV caches and activations may take: 2G, 512M, 1.5GiB "
                       "(powers of 1024), one for all or one per rank (none: no limit for that rank); the runtime "
                       "adds about 200-250 MiB. A share that does not fit streams: what fits stays resident, the rest "

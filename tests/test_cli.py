@@ -2,6 +2,7 @@
 with every rank exiting non-zero promptly (no hang, no traceback)."""
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -67,6 +68,21 @@ def test_the_result_says_the_activations(model):
     for activations in ("f32", "int8"):
         p = run(["--model", model, "--prompt", "Hello", "--steps", 2, "--activations", activations, "--output", "json"])
         assert json.loads(p.stdout)["activations"] == activations
+
+
+def test_per_rank_flags_are_echoed_without_blanks(model):
+    """Blanks around a per-rank flag's commas are not part of the names: the summary and the result say "cpu"."""
+    p = run(["--model", model, "--prompt", "Hello", "--steps", 2, "--backend", " cpu ", "--threads", "1 "])
+    assert p.returncode == 0 and ", cpu; rank 0 " in p.stderr.splitlines()[-1], p.stderr
+    p = run(["--model", model, "--steps", 2, "--backend", "cpu ", "--output", "json"])
+    assert json.loads(p.stdout)["backend"] == "cpu"
+
+
+def test_a_gpu_that_no_rank_uses_is_noted(model):
+    p = run(["--model", model, "--prompt", "Hello", "--steps", 2, "--gpu", 1])
+    assert p.returncode == 0, p.stderr
+    assert p.stderr.count("note: --gpu 1 chooses a vulkan rank's GPU, and no rank runs the vulkan backend "
+                          "(--backend cpu)") == 1
 
 
 def test_int8_on_a_model_of_float_matrices_says_it_changes_nothing(tmp_path):
@@ -329,7 +345,17 @@ def test_bad_input_gives_one_line_and_every_rank_exits(model, tmp_path, case, ra
     lines = [ln for ln in p.stderr.splitlines() if ln.strip() and not ln.startswith("control socket: ")]
     errors = [ln for ln in lines if "rror" in ln]  # (a job that started said where its control socket is)
     assert lines == errors and len(errors) == 1, p.stderr  # once, from rank 0 only, and nothing before it
-    assert __import__("re").search(message, errors[0]), errors[0]
+    assert re.search(message, errors[0]), errors[0]
+
+
+def test_a_limit_just_short_of_the_need_is_told_in_bytes(model):
+    """A limit a byte below a share's need rounds to the same KiB: the refusal then says it in bytes, so the two
+    figures differ."""
+    args = ["--model", model, "--steps", "4", "--memory-limit"]
+    need = int(re.search(r"needs (\d+) bytes", run([*args, "10K"]).stderr).group(1))
+    p = run([*args, str(need - 1)])
+    assert p.returncode == 1 and f"rank 0 has {need - 1} bytes and needs {need} bytes (" in p.stderr, p.stderr
+    assert run([*args, str(need)]).returncode == 0
 
 
 @pytest.mark.parametrize("ranks", [1, 3])

@@ -10,6 +10,7 @@ reference, as the cpu backend's are. Runs on any Vulkan device; CI uses Mesa's l
 import dataclasses
 import hashlib
 import json
+import os
 import re
 import subprocess
 import sys
@@ -1068,8 +1069,24 @@ def test_no_device_names_the_driver_to_install(monkeypatch):
 
     from spmd.backends import vk_runtime
     monkeypatch.setattr(vulkan, "vkEnumeratePhysicalDevices", lambda _instance: [])
+    for name in vk_runtime.DRIVER_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
     with pytest.raises(UserError, match=r"^no Vulkan device found: apt-get install .*mesa-vulkan-drivers"):
         vk_runtime.Device(0)
+
+
+def test_a_driver_list_that_finds_nothing_is_named(tmp_path):
+    """VK_DRIVER_FILES naming a file that is not a driver: the loader finds no device, and installing packages
+    would not help."""
+    env = {name: value for name, value in os.environ.items() if name != "VK_ICD_FILENAMES"}
+    env["VK_DRIVER_FILES"] = str(tmp_path / "none.json")
+    run = subprocess.run([sys.executable, "-m", "spmd.run", "--backend", "vulkan", "--steps", "2", "--prompt", "a",
+                          "--control-socket", "none"], capture_output=True, text=True, env=env, timeout=120)
+    if "libvulkan.so.1" in run.stderr:
+        pytest.skip("no Vulkan loader")
+    assert run.returncode == 1 and run.stdout == ""
+    assert run.stderr == (f"error: no Vulkan device found: VK_DRIVER_FILES={tmp_path / 'none.json'} names no "
+                          "driver that works here (unset it to let the loader search)\n")
 
 
 @needs_device

@@ -27,6 +27,7 @@ def _kernels_dir() -> Path:
 
 KERNELS = _kernels_dir()
 INSTALL = "apt-get install libvulkan1 mesa-vulkan-drivers"
+DRIVER_VARIABLES = ("VK_DRIVER_FILES", "VK_ICD_FILENAMES")  # the loader's list of drivers, where a user set one
 MIB = 1 << 20
 
 
@@ -171,6 +172,10 @@ class Device:
             physical = []
         devices = self._ordered(physical)
         if not devices:
+            chosen = [f"{name}={os.environ[name]}" for name in DRIVER_VARIABLES if os.environ.get(name)]
+            if chosen:
+                raise UserError(f"no Vulkan device found: {' and '.join(chosen)} names no driver that works "
+                                "here (unset it to let the loader search)")
             raise UserError(f"no Vulkan device found: {INSTALL} for the CPU (lavapipe), or install your GPU "
                             "vendor's Vulkan driver")
         self.count = len(devices)
