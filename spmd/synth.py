@@ -184,11 +184,13 @@ def more_bits(layer, n_layers) -> bool:
     return layer < eighth or layer >= 7 * n_layers // 8 or (layer - eighth) % 3 == 2
 
 
-def _stored_type(spec: TensorSpec, kind, shape: Shape):
+def _stored_type(spec: TensorSpec, kind, shape: Shape, mix=None):
     if len(spec.shape) == 1:
         return T.F32
     _, t, more = FILE_TYPES[kind]
     parts = spec.name.split(".")
+    if mix and parts[0] == "blk" and parts[2] in mix:
+        t, more = T[mix[parts[2]]], None
     classifier = spec.name == "output.weight" or (shape.tied and spec.kind == "embd")
     if more is not None and (classifier or (parts[0] == "blk" and parts[2] in ("attn_v", "ffn_down")
                                             and more_bits(int(parts[1]), shape.n_layers))):
@@ -217,9 +219,12 @@ def _check(shape: Shape, kind):
         raise ValueError(f"{qtype.name} needs dim and ffn to be multiples of {BLOCK}")
 
 
-def write_model(path, shape: Shape, qtype="F32", seed=0, exact=None, chat_template=None):
+def write_model(path, shape: Shape, qtype="F32", seed=0, exact=None, chat_template=None, mix=None):
     """Write a random `shape` model to `path` (matrices in `qtype`, a type or a FILE_TYPES name such as "Q4_K_M";
     norms/biases F32), with `chat_template` (Jinja text) where given; returns `path`.
+
+    mix: {a layer tensor's role: a type name} ({"ffn_up": "Q4_0"}): that role's matrices in every layer in that type
+    instead (the per-tensor mixes some published files have).
 
     exact: quantised types from quantising `random_weights` (True) or from random blocks (False);
     None picks exact for models up to EXACT_UP_TO weights.
@@ -234,7 +239,7 @@ def write_model(path, shape: Shape, qtype="F32", seed=0, exact=None, chat_templa
     if chat_template is not None:
         writer.add_chat_template(chat_template)
     for spec in plan:
-        t = _stored_type(spec, kind, shape)
+        t = _stored_type(spec, kind, shape, mix)
         rows = spec.shape[0] if len(spec.shape) == 2 else 1
         nbytes = rows * row_bytes(t, spec.shape[-1])
         if block_size(t) > 1:
@@ -247,8 +252,8 @@ def write_model(path, shape: Shape, qtype="F32", seed=0, exact=None, chat_templa
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         for spec in plan:  # one tensor in memory at a time
-            writer.write_tensor_data(np.ascontiguousarray(_stored_data(spec, _stored_type(spec, kind, shape), shape,
-                                                                       seed, exact)))
+            t = _stored_type(spec, kind, shape, mix)
+            writer.write_tensor_data(np.ascontiguousarray(_stored_data(spec, t, shape, seed, exact)))
     finally:
         writer.close()
     return path

@@ -409,6 +409,20 @@ def test_greedy_tokens_equal_numpy_reference(models, case):
     assert "vulkan (" in result["ranks"][0].get("backend", "vulkan (")
 
 
+@needs_device
+@pytest.mark.parametrize("activations", ["f32", "int8"])
+@pytest.mark.parametrize("gate, up", [("Q8_0", "Q4_0"), ("Q4_K", "Q6_K"), ("F32", "Q4_K")])
+def test_a_gate_and_up_of_different_types_give_the_reference_tokens(tmp_path, gate, up, activations):
+    """ffn_gate and ffn_up of different types (per-tensor mixes) cannot share one product, which read up's bytes as
+    gate's type (wrong tokens, or logits that were not finite): each has its own, then kernels/swiglu_f32. Prompt
+    pass, decode steps and the fused one-token decode of int8 all go through it."""
+    path = write_model(tmp_path / "mix.gguf", K_LLAMA, qtype="Q8_0", seed=82, mix={"ffn_gate": gate, "ffn_up": up})
+    types = {n.split(".")[-2]: info.qtype.name for n, info in GGUFFile(path).tensors.items() if n.startswith("blk.0")}
+    assert (types["ffn_gate"], types["ffn_up"]) == (gate, up)
+    expected = engine(path, "numpy").run()["tokens"]
+    assert engine(path, "vulkan", activations=activations).run()["tokens"] == expected and len(expected) == 12
+
+
 KQUANT = sorted((Path(__file__).parent / "kquant").glob("*.gguf"))  # llama.cpp's own files (test_kquant)
 
 

@@ -22,10 +22,10 @@ and one dispatch each.
 Kernels (see kernels/README.md): `matvec_<w>_f32` (decode) and `matmul_<w>_f32` (a prompt, 8 tokens a workgroup),
 or `coopmat_<w>_f32` (a prompt on the matrix units, where the device has cooperative matrices), with a bias, a
 residual add, and (gate and up in one pass) SiLU-multiply fused in; `rmsnorm_f32`; `headnorm_f32` (qwen3's q and
-k norms); `attention_f32` with RoPE and the KV-cache store fused in; `add_f32` for the allreduced sums. With
---activations int8, `quantize_f32` rounds a product's input to 8 bits a block (a one-rank, one-token decode rounds
-inside the products, flag QUANTIZE, and the attention kernel, all but the first layer's input), and the quantised
-products sum 8-bit integer products: `matvec_<w>_i8` in decode, `coopmat_<w>_i8` in a prompt where the device's
+k norms); `attention_f32` with RoPE and the KV-cache store fused in; `add_f32` for the allreduced sums;
+`swiglu_f32` where gate and up differ in type. With --activations int8, `quantize_f32` rounds a product's input to
+8 bits a block (a one-rank, one-token decode rounds inside the products, flag QUANTIZE, and the attention kernel, all
+but the first layer's input), and the quantised products sum 8-bit integer products: `matvec_<w>_i8` in decode, `coopmat_<w>_i8` in a prompt where the device's
 matrix units take 8-bit integers.
 
 Activations are float32 buffers whose rows are padded to a multiple of 32 floats (the padding stays zero).
@@ -298,6 +298,11 @@ class VulkanLinear:
             self.arrays = tuple(a for _, b, d in pieces for a in (b, d) if a is not None)
         self._io = None  # (n, x buffer, y buffer, recording) of the last call
 
+    def pairs_with(self, other) -> bool:
+        """Whether one product can take this matrix and `other` as SwiGLU's gate and up (`dispatch`'s pair): the
+        same kernel type and shape. Most files give ffn_gate and ffn_up one type; a per-tensor mix need not."""
+        return (self.type, self.rows, self.cols) == (other.type, other.rows, other.cols)
+
     def bind(self, slot, offsets):
         """Streamed: the arrays live in `slot` at `offsets` (one per array, in `arrays`' order) from now on."""
         self.offsets = list(offsets)
@@ -317,7 +322,7 @@ class VulkanLinear:
     def dispatch(self, rec, x, x_stride, x_off, y, y_stride, y_off, n, pair=None, bias=None, bias_off=0,
                  accum=False, norm=None, produce=None, int8=None, quantize=None, wide=False):
         """Record y[tok, y_off + row] (+)= W[row] . x[tok] for n tokens (x, y, bias: Buffers or bindings).
-        pair: a VulkanLinear of the same shape and type; then y = silu(W x) * (pair x) (SwiGLU's gate and up).
+        pair: a VulkanLinear that `pairs_with` this one; then y = silu(W x) * (pair x) (SwiGLU's gate and up).
         norm: (ss buffer, count, eps, dim): x is RMSNorm's input times its weight; scale by the producer's sums.
         produce (decode): (ss buffer, next norm weight binding, xg buffer): write xg = y * g and ss partials.
         int8 (--activations int8): x's rows as kernels/quantize_f32 wrote them, an `Int8Input`: a quantised

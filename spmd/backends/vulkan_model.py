@@ -144,6 +144,9 @@ class Activations:
         self.h = Buffer(dev, n * m.ffn_stride * 4)  # (n, n_ffn) silu(gate) * up
         self.delta = Buffer(dev, n * m.dp * 4, "host")  # (n, dp) a partial sum, allreduced by the host
         self.buffers = [self.x, self.table, self.xn, self.qkv, self.att, self.h, self.delta]
+        if m.apart:  # (n, n_ffn) up, where a layer's gate and up are products of different types
+            self.up = Buffer(dev, n * m.ffn_stride * 4)
+            self.buffers.append(self.up)
         self.ids = None  # (n,) uint32 token ids that a prompt pass embeds on the device (`VulkanModel.embed`)
         if m.embedding is not None and not chained:
             self.ids = Buffer(dev, n * 4)
@@ -212,6 +215,8 @@ class VulkanModel:
         # --activations int8 where some product has a quantised matrix (float ones read float activations: a model
         # of F16 or F32 matrices then rounds nothing)
         self.int8 = backend.int8 and any(lin.type not in FLOATS for lin in weights.linears())
+        # whether some layer's gate and up cannot go in one product (types that differ: kernels/swiglu_f32 then)
+        self.apart = any(not weights.layer(i).w1.pairs_with(weights.layer(i).w3) for i in layers)
         self.dp = pad(cfg.dim)
         self.qkv_width = (self.nh + 2 * self.nkv) * hd
         self.qkv_stride, self.att_stride, self.ffn_stride = pad(self.qkv_width), pad(self.nh * hd), pad(self.nf)
@@ -261,6 +266,7 @@ class VulkanModel:
                                                       struct.calcsize(ATTENTION_PUSH), (4 * BLOCK_ROWS, hd))
         self.profile = False  # bench: timestamps after every step of each pass (last_profile)
         self._add = self.dev.pipeline("add_f32", 2, 4)
+        self._swiglu = self.dev.pipeline("swiglu_f32", 2, 4) if self.apart else None
         self._rmsnorm = self.dev.pipeline("rmsnorm_f32", 3, struct.calcsize(NORM_PUSH), (backend.norm_wg,))
         self._prenorm = self.dev.pipeline("prenorm_f32", 7, 16, (backend.norm_wg,))  # (`_first_norm`)
         self.embedding = self._embedding()  # token_embd on the device for `ahead`, or None
@@ -473,19 +479,26 @@ class VulkanModel:
 
     def _ffn_half(self, rec, layer, a, multi):
         lw, n = self.w.layer(layer), a.n
+        rounded = None  # h rounded to 8 bits for w2 by the product that finished it
         if self.nf:
             if not a.fused:
                 self._norm_step(rec, a, self._row(layer, 1))
             x = a.xg if a.fused else a.xn
             int8 = a.int8_norm or self._int8(rec, a, x, self.dp, self.cfg.dim, n, (lw.w1, lw.w3))
-            lw.w1.dispatch(rec, x, self.dp, 0, a.h, self.ffn_stride, 0, n, pair=lw.w3, norm=self._fused_norm(a),
-                           int8=int8, quantize=self._rounds(a, a.int8))  # silu(gate) * up
+            if lw.w1.pairs_with(lw.w3):
+                lw.w1.dispatch(rec, x, self.dp, 0, a.h, self.ffn_stride, 0, n, pair=lw.w3, norm=self._fused_norm(a),
+                               int8=int8, quantize=self._rounds(a, a.int8))  # silu(gate) * up
+                if a.int8_norm is not None:
+                    rounded = a.int8._replace(stride=self.ffn_stride)  # (gate and up rounded h as they finished it)
+            else:  # up, then gate, then silu(gate) * up
+                for lin, into in ((lw.w3, a.up), (lw.w1, a.h)):
+                    lin.dispatch(rec, x, self.dp, 0, into, self.ffn_stride, 0, n, norm=self._fused_norm(a), int8=int8)
+                rec.barrier()
+                rec.dispatch(self._swiglu, [(a.h, 0, a.h.nbytes), (a.up, 0, a.up.nbytes)],
+                             struct.pack("<I", n * self.ffn_stride), (-(-n * self.ffn_stride // 256), 1, 1))
             rec.barrier()
             rec.mark("gate up")
-        if a.int8_norm is not None:
-            int8 = a.int8._replace(stride=self.ffn_stride)  # (gate and up rounded h)
-        else:
-            int8 = self._int8(rec, a, a.h, self.ffn_stride, self.nf, n, (lw.w2,))
+        int8 = rounded or self._int8(rec, a, a.h, self.ffn_stride, self.nf, n, (lw.w2,))
         if multi:
             lw.w2.dispatch(rec, a.h, self.ffn_stride, 0, a.delta, self.dp, 0, n, int8=int8)
         elif self.nf:
