@@ -25,8 +25,8 @@ residual add, and (gate and up in one pass) SiLU-multiply fused in; `rmsnorm_f32
 k norms); `attention_f32` with RoPE and the KV-cache store fused in; `add_f32` for the allreduced sums;
 `swiglu_f32` where gate and up differ in type. With --activations int8, `quantize_f32` rounds a product's input to
 8 bits a block (a one-rank, one-token decode rounds inside the products, flag QUANTIZE, and the attention kernel, all
-but the first layer's input), and the quantised products sum 8-bit integer products: `matvec_<w>_i8` in decode, `coopmat_<w>_i8` in a prompt where the device's
-matrix units take 8-bit integers.
+but the first layer's input), and the quantised products sum 8-bit integer products: `matvec_<w>_i8` in decode,
+`coopmat_<w>_i8` in a prompt where the device's matrix units take 8-bit integers.
 
 Activations are float32 buffers whose rows are padded to a multiple of 32 floats (the padding stays zero).
 """
