@@ -33,6 +33,10 @@ PRE_TOKENIZERS = {
     "qwen2": (_QWEN2, False), "deepseek-r1-qwen": (_QWEN2, False),
 }
 
+# where the file has no tokenizer.ggml.add_bos_token, these pre-tokenizers' prompts start with BOS (llama.cpp's
+# defaults: Llama 3's, as its tokenizer adds <|begin_of_text|>; the other gpt2 vocabularies add none)
+BOS_BY_DEFAULT = ("llama3", "llama-v3", "llama-bpe")
+
 
 class StreamDecoder:
     """Decodes generated ids one at a time, holding back the bytes of a UTF-8 character until it is complete."""
@@ -283,7 +287,7 @@ def _gpt2_from_gguf(gguf, tokens, types) -> Tokenizer:
     pieces, first = _decode_tables(tokens, types, _gpt2_piece, drop_first_space=False)
     return Tokenizer(BpeEncoder(tokens, types, merges, pre), pieces, first,
                      _token_id(gguf, "bos_token_id", len(tokens)), _eos_ids(gguf, len(tokens)),
-                     gguf.meta("tokenizer.ggml.add_bos_token", False), _controls(tokens, types))
+                     gguf.meta("tokenizer.ggml.add_bos_token", pre in BOS_BY_DEFAULT), _controls(tokens, types))
 
 
 def _controls(tokens, types) -> dict:

@@ -221,18 +221,30 @@ def gpt2_gguf(path, pre, tokens, merges, types, **setters):
     return write_gguf(path, "gpt2", tokens, types, add_token_merges=merges, add_tokenizer_pre=pre, **setters)
 
 
-def tiny_gpt2(path, pre="llama-bpe"):
+def tiny_gpt2(path, pre="llama-bpe", **setters):
     """All 256 byte characters, the merge results, one word with no merge path, and two special tokens."""
     tokens = list(BYTE_TO_CHAR.values()) + [m.replace(" ", "") for m in TINY_MERGES] + ["Ġworld"]
     tokens += list(TINY_SPECIALS)
     types = [NORMAL] * (len(tokens) - 2) + list(TINY_SPECIALS.values())
     bos = tokens.index("<|begin_of_text|>")
     return load_tokenizer(gpt2_gguf(path, pre, tokens, TINY_MERGES, types, add_bos_token_id=bos,
-                                    add_eos_token_id=bos, add_eot_token_id=bos + 1)), tokens
+                                    add_eos_token_id=bos, add_eot_token_id=bos + 1, **setters)), tokens
+
+
+@pytest.mark.parametrize("pre, said, adds", [("llama-bpe", None, True), ("llama3", None, True),
+                                             ("qwen2", None, False), ("default", None, False),
+                                             ("llama-bpe", False, False), ("qwen2", True, True)])
+def test_gpt2_bos_follows_the_file_else_llama_cpps_default(tmp_path, pre, said, adds):
+    """tokenizer.ggml.add_bos_token where the file has it; else llama.cpp's default for the pre-tokenizer: Llama 3's
+    (llama3, llama-v3, llama-bpe) add BOS, the others do not."""
+    setters = {} if said is None else {"add_add_bos_token": said}
+    tok, tokens = tiny_gpt2(tmp_path / "t.gguf", pre=pre, **setters)
+    assert tok.add_bos is adds
+    assert (tok.encode("hello")[0] == tokens.index("<|begin_of_text|>")) is adds
 
 
 def test_gpt2_hand_derived(tmp_path):
-    tok, tokens = tiny_gpt2(tmp_path / "tiny.gguf")
+    tok, tokens = tiny_gpt2(tmp_path / "tiny.gguf", add_add_bos_token=False)
     assert tok.add_bos is False and tok.bos_id == tokens.index("<|begin_of_text|>")
     assert tok.eos_ids == {tok.bos_id, tok.bos_id + 1}
 
@@ -252,7 +264,7 @@ def test_gpt2_hand_derived(tmp_path):
 
 
 def test_gpt2_round_trips_arbitrary_unicode(tmp_path):
-    tok, _ = tiny_gpt2(tmp_path / "tiny.gguf")
+    tok, _ = tiny_gpt2(tmp_path / "tiny.gguf", add_add_bos_token=False)
     rng = random.Random(0)
     alphabet = [chr(c) for r in ((0, 0x250), (0x370, 0x530), (0x3040, 0x30FF), (0x4E00, 0x4F00),
                                  (0x1F300, 0x1F64F)) for c in range(*r)] + list(" \n\t'") * 40
