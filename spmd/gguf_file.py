@@ -3,10 +3,15 @@
 The header is parsed by `gguf_header` (arrays such as the vocabulary only when asked for). Tensor bytes are read
 through a read-only mapping: a slice is copied out and the pages it touched are handed back to the kernel
 (MADV_DONTNEED), so a rank's resident memory holds its own share and not the file.
+
+A model split into several files (llama.cpp's gguf-split: NAME-00001-of-00003.gguf ..., the way large models are
+published) is opened from its first file: the others are found by their names, each mapped as a `Shard`; the
+metadata is the first's, and each tensor says which shard holds it.
 """
 import hashlib
 import mmap
 import os
+import re
 import socket
 import struct
 from dataclasses import dataclass
@@ -23,13 +28,75 @@ PAGE = mmap.PAGESIZE
 FINGERPRINT_SAMPLE = 4096  # bytes hashed at each of three places of every tensor
 
 
+SPLIT_NAME = re.compile(r"^(?P<stem>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")  # gguf-split's file names
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     name: str
     qtype: T
     shape: tuple  # numpy order: (rows, cols) for a matrix, (n,) for a vector
-    offset: int  # absolute byte offset in the file
+    offset: int  # absolute byte offset in its shard's file
     nbytes: int
+    shard: int = 0  # which file of a split model holds it (GGUFFile.shards)
+
+
+class Shard:
+    """One file of the model, memory-mapped, with its parsed header."""
+
+    def __init__(self, path):
+        self.path = path
+        if os.path.isdir(path):
+            raise UserError(f"--model {path} is a directory, not a GGUF file")
+        regular_file(path, "model file")
+        try:
+            with open(path, "rb") as f:
+                st = os.fstat(f.fileno())
+                self.identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+                self.mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if st.st_size else b""
+        except OSError as e:
+            raise UserError(f"cannot read model file {path}: {e.strerror}") from None
+        try:
+            self.header = GGUFHeader(self.mm)
+        except (ValueError, struct.error) as e:  # HeaderError is a ValueError
+            raise self.invalid(e) from None
+        self.bytes = None  # (set once the header is checked: GGUFFile)
+
+    def invalid(self, e) -> UserError:
+        from .convert import looks_like_llama2c  # (here: the converter and click, 14 ms, only on this error)
+        hint = (f"; it is a llama2.c checkpoint: python -m spmd.convert llama2c {self.path} TOKENIZER.bin OUT.gguf "
+                "makes a GGUF of it" if looks_like_llama2c(self.path) else "")
+        return UserError(f"{self.path} is not a valid GGUF file ({e}){hint}")
+
+    def changed(self) -> bool:
+        """Whether this file was written since it was opened (see GGUFFile.changed)."""
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return False
+        now = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        return now[:2] == self.identity[:2] and now != self.identity
+
+    def close(self):
+        self.bytes = None
+        self.mm.close()
+
+
+def split_paths(path, header) -> list:
+    """The files of the model whose first file is `path` (with `header`): [path] unless it is split (split.count),
+    then every part's path by gguf-split's naming."""
+    count, no = header.value("split.count", 0), header.value("split.no", 0)
+    if not isinstance(count, int) or count <= 1:
+        return [path]
+    name = SPLIT_NAME.match(path)
+    if no != 0:
+        first = f" ({name['stem']}-00001-of-{count:05d}.gguf)" if name else ""
+        raise UserError(f"{path} is part {no + 1} of a model split into {count} files: give the first{first}")
+    if name is None or int(name["count"]) != count:
+        raise UserError(f"{path} is the first of a model split into {count} files, but its name is not "
+                        f"NAME-00001-of-{count:05d}.gguf, by which the others are found: rename them as "
+                        "llama-gguf-split wrote them, or merge them (llama-gguf-split --merge)")
+    return [f"{name['stem']}-{i:05d}-of-{count:05d}.gguf" for i in range(1, count + 1)]
 
 
 def column_cover(spans, block) -> tuple:
@@ -48,32 +115,38 @@ def column_cover(spans, block) -> tuple:
 class GGUFFile:
     def __init__(self, path):
         self.path = str(path)
-        if os.path.isdir(self.path):
-            raise UserError(f"--model {self.path} is a directory, not a GGUF file")
-        regular_file(self.path, "model file")
+        self.shards = [Shard(self.path)]
+        self._header = self.shards[0].header  # the metadata: a split model's first file has it all
         try:
-            with open(self.path, "rb") as f:
-                st = os.fstat(f.fileno())
-                self._identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if st.st_size else b""
-        except OSError as e:
-            raise UserError(f"cannot read model file {self.path}: {e.strerror}") from None
-        try:
-            self._header = GGUFHeader(self._mm)
-            self.tensors = {t.name: self._tensor_info(t) for t in self._header.tensors}
-            if len(self.tensors) != len(self._header.tensors):
-                names = [t.name for t in self._header.tensors]
-                raise ValueError(f"tensor {next(n for n in names if names.count(n) > 1)} appears more than once")
-        except (ValueError, struct.error) as e:  # HeaderError is a ValueError
-            from .convert import looks_like_llama2c  # (here: the converter and click, 14 ms, only on this error)
-            hint = (f"; it is a llama2.c checkpoint: python -m spmd.convert llama2c {self.path} TOKENIZER.bin OUT.gguf "
-                    "makes a GGUF of it" if looks_like_llama2c(self.path) else "")
-            raise UserError(f"{self.path} is not a valid GGUF file ({e}){hint}") from None
-        self._mm.madvise(mmap.MADV_DONTNEED, 0, self._header.data_offset // PAGE * PAGE)  # the parsed header
-        self._bytes = np.frombuffer(self._mm, dtype=np.uint8)
+            parts = split_paths(self.path, self._header)
+            for part in parts[1:]:
+                if not os.path.exists(part):
+                    raise UserError(f"{self.path} is the first of a model split into {len(parts)} files, and {part} "
+                                    "is missing")
+                self.shards.append(Shard(part))
+                no = self.shards[-1].header.value("split.no")
+                if no != len(self.shards) - 1:
+                    said = f"part {no + 1}" if isinstance(no, int) else "no part (no split.no)"
+                    raise UserError(f"{part} holds {said} of a split model, not part {len(self.shards)} of "
+                                    f"{self.path}'s")
+            self.tensors = {}
+            for i, shard in enumerate(self.shards):
+                try:
+                    for t in shard.header.tensors:
+                        if t.name in self.tensors:
+                            raise HeaderError(f"tensor {t.name} appears more than once")
+                        self.tensors[t.name] = self._tensor_info(t, i)
+                except (ValueError, struct.error) as e:  # HeaderError is a ValueError
+                    raise shard.invalid(e) from None
+        except BaseException:
+            self.close()
+            raise
+        for shard in self.shards:
+            shard.mm.madvise(mmap.MADV_DONTNEED, 0, shard.header.data_offset // PAGE * PAGE)  # the parsed header
+            shard.bytes = np.frombuffer(shard.mm, dtype=np.uint8)
         self._noticed = set()  # notices already given
 
-    def _tensor_info(self, t) -> TensorInfo:
+    def _tensor_info(self, t, i) -> TensorInfo:
         try:
             qtype = T(t.ggml_type)
         except ValueError:
@@ -82,11 +155,17 @@ class GGUFFile:
         block, nbytes = GGML_QUANT_SIZES[qtype]
         if shape and shape[-1] % block:
             raise HeaderError(f"tensor {t.name!r} rows of {shape[-1]} are not whole {qtype.name} blocks")
-        info = TensorInfo(t.name, qtype, shape, self._header.data_offset + t.offset,
-                          int(np.prod(shape, dtype=np.int64)) // block * nbytes)
-        if info.offset + info.nbytes > len(self._mm):
+        shard = self.shards[i]
+        info = TensorInfo(t.name, qtype, shape, shard.header.data_offset + t.offset,
+                          int(np.prod(shape, dtype=np.int64)) // block * nbytes, i)
+        if info.offset + info.nbytes > len(shard.mm):
             raise HeaderError(f"truncated: tensor {t.name} ends past the end of the file")
         return info
+
+    @property
+    def nbytes(self) -> int:
+        """The model's size on disk: every file of it."""
+        return sum(len(shard.mm) for shard in self.shards)
 
     # ---- metadata -------------------------------------------------------------------------------------------
     def meta(self, key, default=None):
@@ -108,15 +187,16 @@ class GGUFFile:
 
     def _raw(self, info: TensorInfo) -> np.ndarray:
         """A tensor's bytes in the mapping; refused once the file was written since it was opened (see changed)."""
-        if self.changed():
-            raise UserError(f"the model file {self.path} on {socket.gethostname()} was written while in use "
+        shard = self.shards[info.shard]
+        if shard.changed():
+            raise UserError(f"the model file {shard.path} on {socket.gethostname()} was written while in use "
                             "(truncated or overwritten)")
-        return self._bytes[info.offset: info.offset + info.nbytes]
+        return shard.bytes[info.offset: info.offset + info.nbytes]
 
     def _release(self, info: TensorInfo):
         """Drop the mapped pages of a tensor from this process's resident set (the page cache keeps them)."""
         start = info.offset // PAGE * PAGE
-        self._mm.madvise(mmap.MADV_DONTNEED, start, info.offset + info.nbytes - start)
+        self.shards[info.shard].mm.madvise(mmap.MADV_DONTNEED, start, info.offset + info.nbytes - start)
 
     def vector(self, name) -> np.ndarray:
         """A 1-D tensor (norm weight, bias) as float32."""
@@ -186,22 +266,20 @@ class GGUFFile:
         """Whether the file mapped here was written since it was opened (truncated or overwritten in place: reading
         its pages then gives other weights, or a SIGBUS). A file replaced by another (a rename) is not: the mapping
         still holds the old one."""
-        try:
-            st = os.stat(self.path)
-        except OSError:
-            return False
-        now = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-        return now[:2] == self._identity[:2] and now != self._identity
+        return any(shard.changed() for shard in self.shards)
 
     def fingerprint(self, sample=FINGERPRINT_SAMPLE) -> str:
         """A hash of the header and tensor index, and of `sample` bytes at the start, middle and end of every
         tensor: two files of the same shape and size (another seed, a stale copy) differ in it, and it reads a few
         MB of a multi-GB file."""
-        h = hashlib.sha256(self._bytes[:self._header.data_offset].tobytes())
+        h = hashlib.sha256()
+        for shard in self.shards:
+            h.update(shard.bytes[:shard.header.data_offset].tobytes())
         for info in self.tensors.values():
+            data = self.shards[info.shard].bytes
             for at in (0, info.nbytes // 2, max(0, info.nbytes - sample)):
                 start = info.offset + min(at, max(0, info.nbytes - sample))
-                h.update(self._bytes[start:start + min(sample, info.nbytes)].tobytes())
+                h.update(data[start:start + min(sample, info.nbytes)].tobytes())
             self._release(info)
         return h.hexdigest()
 
@@ -212,5 +290,5 @@ class GGUFFile:
             notice(message)
 
     def close(self):
-        self._bytes = None
-        self._mm.close()
+        for shard in self.shards:
+            shard.close()

@@ -596,7 +596,7 @@ class RankState:
     def _check_same_as_rank_0(self, plan):
         """A rank started with another model file (a stale copy on one host) or other flags would fail in the
         middle of a step: refuse at set-up, naming what differs."""
-        mine = {"model (its header)": self.cfg, "model file size": os.path.getsize(self.opts.model),
+        mine = {"model (its header)": self.cfg, "model file size": self.file.nbytes,
                 "model file's contents (sampled)": self.file.fingerprint(),
                 "--ratios": plan, "--plan": self.opts.plan, "--rebalance": self.opts.rebalance,
                 "--allreduce": self.opts.allreduce, "--backend": self.opts.backend, "--gpu": self.opts.gpu,

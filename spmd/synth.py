@@ -20,6 +20,7 @@ import itertools
 import math
 import zlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -219,12 +220,14 @@ def _check(shape: Shape, kind):
         raise ValueError(f"{qtype.name} needs dim and ffn to be multiples of {BLOCK}")
 
 
-def write_model(path, shape: Shape, qtype="F32", seed=0, exact=None, chat_template=None, mix=None):
+def write_model(path, shape: Shape, qtype="F32", seed=0, exact=None, chat_template=None, mix=None, split=0):
     """Write a random `shape` model to `path` (matrices in `qtype`, a type or a FILE_TYPES name such as "Q4_K_M";
     norms/biases F32), with `chat_template` (Jinja text) where given; returns `path`.
 
     mix: {a layer tensor's role: a type name} ({"ffn_up": "Q4_0"}): that role's matrices in every layer in that type
     instead (the per-tensor mixes some published files have).
+    split: at most that many tensors a file, as llama.cpp's gguf-split writes a large model (NAME-00001-of-0000N.gguf,
+    ...; the first file's path is returned); 0: one file.
 
     exact: quantised types from quantising `random_weights` (True) or from random blocks (False);
     None picks exact for models up to EXACT_UP_TO weights.
@@ -234,7 +237,7 @@ def write_model(path, shape: Shape, qtype="F32", seed=0, exact=None, chat_templa
     if exact is None:
         exact = shape.n_params <= EXACT_UP_TO
     plan = tensor_plan(shape)
-    writer = GGUFWriter(str(path), shape.arch)
+    writer = GGUFWriter(str(path), shape.arch, split_max_tensors=split)
     _add_metadata(writer, shape, kind, seed)
     if chat_template is not None:
         writer.add_chat_template(chat_template)
@@ -256,7 +259,7 @@ def write_model(path, shape: Shape, qtype="F32", seed=0, exact=None, chat_templa
             writer.write_tensor_data(np.ascontiguousarray(_stored_data(spec, t, shape, seed, exact)))
     finally:
         writer.close()
-    return path
+    return writer.format_shard_names(Path(path))[0] if split else path
 
 
 def _add_metadata(w: GGUFWriter, shape: Shape, kind, seed):

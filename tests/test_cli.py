@@ -78,6 +78,22 @@ def test_per_rank_flags_are_echoed_without_blanks(model):
     assert json.loads(p.stdout)["backend"] == "cpu"
 
 
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_a_model_split_into_files_runs_from_its_first(tmp_path, ranks):
+    """llama.cpp's gguf-split files: --model names the first, and the text is the whole file's."""
+    if ranks > 1 and MPIRUN is None:
+        pytest.skip("mpirun not on PATH")
+    whole = write_model(tmp_path / "whole.gguf", SHAPE, qtype="Q8_0", seed=1)
+    first = write_model(tmp_path / "m.gguf", SHAPE, qtype="Q8_0", seed=1, split=8)
+    texts = []
+    for path in (whole, first):
+        p = run(["--model", path, "--prompt", "Hello", "--steps", 6, "--output", "json", "--ratios",
+                 "1*1" if ranks > 1 else "1"], ranks=ranks)
+        assert p.returncode == 0, p.stderr
+        texts.append(json.loads(p.stdout)["tokens"])
+    assert texts[0] == texts[1] and len(texts[0]) == 6
+
+
 def test_a_gpu_that_no_rank_uses_is_noted(model):
     p = run(["--model", model, "--prompt", "Hello", "--steps", 2, "--gpu", 1])
     assert p.returncode == 0, p.stderr

@@ -149,3 +149,45 @@ def test_an_alignment_that_is_not_a_sane_whole_number_is_one_line(tmp_path, valu
     w.close()
     with pytest.raises(UserError, match="not a valid GGUF file .general.alignment is"):
         GGUFFile(tmp_path / "a.gguf")
+
+
+def split_model(folder):
+    """One model written whole and split into 3 files of at most 8 tensors (llama.cpp's gguf-split, by the gguf
+    package's writer): (the whole file, the first part)."""
+    whole = write_model(folder / "whole.gguf", Shape(), "Q8_0", seed=1)
+    return whole, write_model(folder / "m.gguf", Shape(), "Q8_0", seed=1, split=8)
+
+
+def test_a_split_model_reads_as_the_whole_file(tmp_path):
+    whole, first = split_model(tmp_path)
+    assert first.name == "m-00001-of-00003.gguf"
+    a, b = GGUFFile(whole), GGUFFile(first)
+    assert len(b.shards) == 3 and {info.shard for info in b.tensors.values()} == {0, 1, 2}
+    assert list(a.tensors) == list(b.tensors)
+    for name, info in a.tensors.items():
+        if len(info.shape) == 2:
+            assert a.rows(name, 0, info.shape[0]).data.tobytes() == b.rows(name, 0, info.shape[0]).data.tobytes()
+        else:
+            np.testing.assert_array_equal(a.vector(name), b.vector(name))
+    assert a.meta("llama.block_count") == b.meta("llama.block_count")
+    assert b.nbytes == sum(p.stat().st_size for p in tmp_path.glob("m-*.gguf"))
+    assert b.fingerprint() != a.fingerprint()  # (another layout of the bytes: a rank must open the same files)
+
+
+def test_a_split_models_missing_or_misnamed_part_is_named(tmp_path):
+    _, first = split_model(tmp_path)
+    second = tmp_path / "m-00002-of-00003.gguf"
+    with pytest.raises(UserError, match=r"m-00002-of-00003.gguf is part 2 of a model split into 3 files: give the "
+                                        r"first \(.*m-00001-of-00003.gguf\)$"):
+        GGUFFile(second)
+    second.rename(tmp_path / "elsewhere.gguf")
+    with pytest.raises(UserError, match=r"m-00001-of-00003.gguf is the first of a model split into 3 files, and "
+                                        r".*m-00002-of-00003.gguf is missing$"):
+        GGUFFile(first)
+    (tmp_path / "m-00003-of-00003.gguf").rename(second)  # part 3 where part 2 belongs
+    with pytest.raises(UserError, match=r"m-00002-of-00003.gguf holds part 3 of a split model, not part 2 of "):
+        GGUFFile(first)
+    renamed = first.rename(tmp_path / "model.gguf")
+    with pytest.raises(UserError, match=r"model.gguf is the first of a model split into 3 files, but its name is "
+                                        r"not NAME-00001-of-00003.gguf"):
+        GGUFFile(renamed)
