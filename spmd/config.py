@@ -64,6 +64,10 @@ def read_config(f) -> ModelConfig:
             raise UserError(f"{f.path}: metadata {arch}.{key} is {value!r:.40}; it must be a finite number above 0")
         return kind(value)
 
+    experts = f.meta(f"{arch}.expert_count", 0)
+    if experts or f.has("blk.0.ffn_gate_exps.weight"):
+        raise UserError(f"{f.path}: a mixture-of-experts model ({arch}.expert_count {experts}, as Mixtral's) is not "
+                        "supported: spmd runs dense Llama-family models")
     dim, n_heads = meta("embedding_length", int), meta("attention.head_count", int)
     n_layers = meta("block_count", int)
     if n_layers > len(f.tensors) // 9:  # a layer has nine tensors at least

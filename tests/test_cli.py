@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from gguf import GGUFWriter
 
@@ -198,7 +199,19 @@ def write_text(model, path, text):
 
 def write_other_arch(path):
     w = GGUFWriter(str(path), "mamba")
-    w.add_tensor("token_embd.weight", __import__("numpy").zeros((4, 8), "float32"))
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), "float32"))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def write_moe(path):
+    """The start of a Mixtral-style file: architecture llama with experts."""
+    w = GGUFWriter(str(path), "llama")
+    w.add_expert_count(4)
+    w.add_tensor("blk.0.ffn_gate_exps.weight", np.zeros((4, 8, 8), "float32"))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -241,6 +254,9 @@ CASES = {
     "not gguf": (lambda m, d: write_garbage(d / "bad.gguf"), [], "is not a valid GGUF file"),
     "truncated": (lambda m, d: truncate(m, d / "half.gguf"), [], "not a valid GGUF file|truncated"),
     "unknown arch": (lambda m, d: write_other_arch(d / "mamba.gguf"), [], "architecture 'mamba' is not supported"),
+    "mixture of experts": (lambda m, d: write_moe(d / "moe.gguf"), [],
+                           r"moe.gguf: a mixture-of-experts model \(llama.expert_count 4, as Mixtral's\) is not "
+                           "supported"),
     "ratio count": (lambda m, d: m, ["--ratios", "1:2:3:4:5"], "has 5 values but the job has"),
     "zero ratio": (lambda m, d: m, ["--ratios", "0"], "rank 0 cannot be idle"),
     "long prompt": (lambda m, d: m, ["--prompt", "word " * 60], "the model's context is 32"),
