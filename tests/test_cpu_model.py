@@ -244,3 +244,35 @@ def test_a_decode_steps_halves_in_one_call_give_the_bits_of_the_calls_one_by_one
     monkeypatch.setattr(cpu_model.CpuModel, "_half", Model._half)
     for got, want in zip(one_call, logits()):
         np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
+def test_a_closed_model_goes_without_a_garbage_collection(tmp_path):
+    """A migration closes the model it replaces: its memory must go when the last reference does, not at Python's
+    next full collection (a cycle through the halves' one-call functions kept every replaced model, so a rank grew by
+    its weights with each move)."""
+    import gc
+    import weakref
+
+    from spmd.backends.cpu import CpuBackend
+    from spmd.config import read_config
+    from spmd.gguf_file import GGUFFile
+    from spmd.model import Segment
+    from spmd.plan import make_plan, parse_layout
+    from spmd.synth import Shape, write_model
+    from spmd.weights import load_shard
+    f = GGUFFile(str(write_model(tmp_path / "m.gguf", Shape(dim=64, n_layers=2, ffn=128, vocab=300), "Q8_0", 5)))
+    cfg = read_config(f)
+    share = make_plan(parse_layout(None, 1), cfg)[0]
+    backend = CpuBackend(1)
+    model = backend.make_model(cfg, load_shard(f, cfg, share, backend, notice=lambda _m: None), share, 16)
+    model.open(0, 16)
+    model.forward(model.embed(np.array([3])), [Segment(0, 0, 1)], None, head=True)
+    assert any(step is not None for step in model._one_call.values())  # (the one-call halves ran)
+    gone = weakref.ref(model)
+    gc.disable()
+    try:
+        model.close()
+        del model
+        assert gone() is None
+    finally:
+        gc.enable()

@@ -614,6 +614,12 @@ class CpuModel(Model):
             if all(getattr(getattr(lw, field), "arrays", None) is not None for field in half_fields(half)):
                 self._one_call[layer, half] = self._step(layer, half, lw)
 
+    def close(self):
+        """Also drop the halves' calls: their argument functions refer back to this model, a cycle that kept every
+        model a migration replaced until Python's occasional full collection (a rank grew by its weights a move)."""
+        self._one_call.clear()
+        super().close()
+
     def _half(self, layer, half, lw, x, segments, rope, buf):
         """A decode step of one token: the half in one compiled call (`_attention_step`, `_ffn_step`) where its
         matrices allow, the same functions in the same order as Model's calls one at a time, without Python between
