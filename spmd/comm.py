@@ -45,7 +45,7 @@ from mpi4py import MPI  # noqa: E402 (MPI starts here)
 # waiting on MPI: test without pause this long, then yielding the core until SPIN_S, then between naps up to NAP_MAX_S
 BUSY_S, SPIN_S, NAP_MAX_S = 1e-4, 0.05, 0.002
 DEFAULT_WAIT_S = 600.0  # --wait-timeout's default: how long a rank waits for the others before it gives up
-TAG_META, TAG_DATA, TAG_HIDDEN, TAG_LOGITS, TAG_NOTE = 71, 72, 73, 74, 75  # point-to-point messages
+TAG_META, TAG_DATA, TAG_HIDDEN, TAG_LOGITS, TAG_NOTE, TAG_STOP = 71, 72, 73, 74, 75, 76  # point-to-point messages
 
 
 class Op(IntEnum):
@@ -170,6 +170,8 @@ class Comm:
         self.wait_timeout_s = DEFAULT_WAIT_S  # --wait-timeout, once the flags are read (0: never)
         self.before_abort = lambda: None  # what `give_up` does before it takes the job down (rank 0: its control
         # socket's file removed)
+        self.on_stop_asked = lambda signum: os.kill(os.getpid(), signum)  # rank 0, asked by a rank that a signal
+        # stopped (`stop_asked`): stop as for that signal (a server: close the inbox, spmd.serve)
         self._signals = test_signals(self.rank)  # test only: this rank signals itself (SIGSTOP, SIGKILL) at a step
         self.link_delay_s = link_delay_s() if self.size > 1 else 0.0  # test only; see the module's docstring
         self.plan = None
@@ -499,6 +501,24 @@ class Comm:
                 time.sleep(0.01)
         return self._told.pop(0)
 
+    def ask_root_to_stop(self, signum, wait_s):
+        """A rank other than 0 that a signal stopped (SIGTERM, Ctrl-C) when rank 0 did not get it too: rank 0 is to
+        stop the job as if it had (`stop_asked`: its control socket file removed). Waits up to wait_s for the
+        message to go."""
+        wait(self.comm.Isend(np.array([self.rank, signum], np.int64), dest=0, tag=TAG_STOP), limit_s=wait_s)
+
+    def stop_asked(self):
+        """Rank 0, while it waits (set-up's `arrive`, the watchdog): where another rank asked (`ask_root_to_stop`),
+        say so and stop as for that signal (`on_stop_asked`: send this process the same signal)."""
+        if self.size == 1 or not self.comm.iprobe(source=MPI.ANY_SOURCE, tag=TAG_STOP):
+            return
+        asked = np.zeros(2, np.int64)
+        self.comm.Recv(asked, source=MPI.ANY_SOURCE, tag=TAG_STOP)
+        rank, signum = int(asked[0]), int(asked[1])
+        print(f"note: rank {rank} was stopped ({signal.Signals(signum).name}): stopping the job", file=sys.stderr,
+              flush=True)
+        self.on_stop_asked(signum)
+
     def first_error(self, message):
         """Every rank's error message (or None) -> the first one, on every rank, as 'rank N: message'."""
         errors = self.allgather(message)
@@ -516,7 +536,7 @@ class Comm:
         if not self.setting_up or self.size == 1:
             return
         limit = self.wait_timeout_s + (0 if self.is_root else 5) if self.wait_timeout_s > 0 else None
-        if not wait(self.comm.Ibarrier(), limit_s=limit):
+        if not wait(self.comm.Ibarrier(), limit_s=limit, poll=self.stop_asked if self.is_root else None):
             self.give_up(f"waited {limit:.0f} s for the other ranks while setting up: a rank has stopped or its host "
                          "is gone (--wait-timeout)")
 
@@ -600,12 +620,12 @@ def star_allreduce(c, flat):
     return flat.nbytes * (size - 1) if first else flat.nbytes
 
 
-def wait(*requests, limit_s=None):
+def wait(*requests, limit_s=None, poll=None):
     """Wait for MPI requests without holding a core for long: test them back to back for BUSY_S (an allreduce on
     cores of its own is over by then), then yielding the core between tests (ranks may share cores) while messages
     still follow each other closely (generating), then between naps that double up to NAP_MAX_S (an idle server's
-    ranks, or ranks waiting for a stopped one, sleep instead of spinning as MPI's own waits do). False where
-    `limit_s` seconds passed first (the requests left as they are), else True."""
+    ranks, or ranks waiting for a stopped one, sleep instead of spinning as MPI's own waits do); `poll()` is called
+    before each nap. False where `limit_s` seconds passed first (the requests left as they are), else True."""
     t, nap = time.perf_counter(), 1e-4
     while not MPI.Request.Testall(requests):
         waited = time.perf_counter() - t
@@ -616,6 +636,8 @@ def wait(*requests, limit_s=None):
         if waited < SPIN_S:
             os.sched_yield()
         else:
+            if poll is not None:
+                poll()
             time.sleep(nap)
             nap = min(2 * nap, NAP_MAX_S)
     return True

@@ -52,10 +52,13 @@ class Engine:
 def watch(comm, timeout_s, done):
     """Every rank, while it generates: when no step record has come for `timeout_s` seconds (rank 0 a little
     sooner, so that it is the one to say so), a rank has stopped or its host has gone: `comm.give_up` (one line,
-    rank 0's control socket file removed, every rank taken down) instead of waiting for ever."""
+    rank 0's control socket file removed, every rank taken down) instead of waiting for ever. Rank 0's also looks
+    each second whether a rank that a signal stopped asks it to stop the job (`Comm.stop_asked`)."""
     limit = timeout_s + (0 if comm.is_root else 5)
     comm.last_step_at = time.monotonic()
     while not done.wait(min(1.0, timeout_s / 4)):
+        if comm.is_root:
+            comm.stop_asked()  # another rank was stopped by a signal
         waited = time.monotonic() - comm.last_step_at
         if waited > limit:
             comm.give_up(f"no step for {waited:.0f} s: another rank has stopped or its host is gone (--wait-timeout)")

@@ -310,10 +310,15 @@ def guarded(comm, log, work):
 
 
 def stop(comm):
-    """Ctrl-C or SIGTERM: one rank just stops; several must all stop, wherever each one is."""
+    """Ctrl-C or SIGTERM: one rank just stops; several must all stop, wherever each one is. Rank 0 (removing its
+    socket file) aborts first: where the signal reached it too (mpirun passes it on to every rank) it is doing so
+    already; where it reached only this rank, rank 0 is asked to stop as if it had, and within a second or two it
+    does (unless it is stuck in a step: then this rank takes the job down)."""
     if comm.size > 1:
-        if not comm.is_root:  # rank 0 (removing its socket file) aborts first, unless it is stuck in a step
-            time.sleep(1.0)
+        if not comm.is_root:
+            time.sleep(0.5)
+            comm.ask_root_to_stop(_signals[0] if _signals else signal.SIGINT, wait_s=0.5)
+            time.sleep(2.5)
         comm.abort(signal_status())
         os._exit(signal_status())  # where MPI_Abort returns: no interpreter teardown racing the job's end
     sys.exit(signal_status())

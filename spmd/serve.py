@@ -15,6 +15,8 @@ from .run import (cluster_options, flags_agreed, guarded, imports_agreed, interr
                   root_log, stdout_to_rank_0, supervised, term_is_loss, watched)
 
 STOP_GRACE_S = 20.0  # a rank told to stop waits this long for rank 0's STOP before it takes the job down
+ASK_AFTER_S = 0.5  # and asks rank 0 to stop after this long (where mpirun passed the signal on to every rank, rank 0
+# is stopping already: the ask changes nothing)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -127,17 +129,24 @@ def run(argv):
 
 def stop_on_signals(comm, inbox):
     """From now on, Ctrl-C or SIGTERM stops the server cleanly: on rank 0 the inbox closes (the driver ends what is
-    in flight and sends STOP); another rank waits for that STOP, and takes the job down only if it does not come
-    within STOP_GRACE_S. A second signal on rank 0 stops at once."""
+    in flight and sends STOP); another rank asks rank 0 to stop too (where the signal reached it alone), waits for
+    that STOP, and takes the job down only if it does not come within STOP_GRACE_S. A second signal on rank 0 stops
+    at once."""
+    def later(seconds, action):
+        timer = threading.Timer(seconds, action)
+        timer.daemon = True
+        timer.start()
+
     def on_signal(signum, frame):
         if comm.is_root:
             if inbox.closed:
                 interrupt(signum, frame)
             inbox.close()
         else:
-            timer = threading.Timer(STOP_GRACE_S, lambda: comm.abort(128 + signum))
-            timer.daemon = True
-            timer.start()
+            later(ASK_AFTER_S, lambda: comm.ask_root_to_stop(signum, wait_s=1.0))
+            later(STOP_GRACE_S, lambda: comm.abort(128 + signum))
+    if comm.is_root:
+        comm.on_stop_asked = lambda _signum: inbox.close()  # (not a second signal: that would stop at once)
     signal.signal(signal.SIGINT, on_signal)
     if not term_is_loss():
         signal.signal(signal.SIGTERM, on_signal)

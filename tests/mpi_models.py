@@ -1,7 +1,10 @@
 """What the multi-rank tests share: tiny models that rank 0 writes once into a folder every rank reads, a job's
-generation on a communicator, and the tokens one rank alone produces (to compare a job with)."""
+generation on a communicator, the tokens one rank alone produces (to compare a job with), and the pid of a rank of a
+job run as a subprocess."""
 import os
 import shutil
+import time
+from pathlib import Path
 
 import pytest
 
@@ -67,3 +70,19 @@ def patch_meta(model, path, key, type_id, bits):
     with open(path, "wb") as f:
         f.write(bytes(data))
     return path
+
+
+def rank_pid(marker, rank, timeout_s=30):
+    """The pid of MPI rank `rank` (a process whose command line holds `marker`, an spmd command)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for entry in Path("/proc").iterdir():
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+                env = (entry / "environ").read_bytes().split(b"\0")
+            except (OSError, ValueError):
+                continue
+            if marker.encode() in cmdline and f"PMI_RANK={rank}".encode() in env:
+                return int(entry.name)
+        time.sleep(0.1)
+    raise AssertionError(f"no rank {rank} running {marker}")

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from gguf import GGUFWriter
 
-from mpi_models import patch_meta
+from mpi_models import patch_meta, rank_pid
 from spmd.synth import Shape, write_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -615,6 +615,29 @@ def test_a_signal_stops_every_rank_and_removes_the_socket(tmp_path, ranks, sig):
     assert "Traceback" not in err, err
     assert "UCX" not in out + err  # (a SIGHUP was UCX's debug signal: it went on, with debug lines in the text)
     assert not sock.exists() and no_new_shm_files(before)  # (an abort left MPICH's file: its janitor, spmd.shm)
+
+
+@pytest.mark.skipif(MPIRUN is None, reason="mpirun not on PATH")
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_to_one_rank_alone_stops_the_job_as_rank_0s_would(tmp_path, sig):
+    """A SIGTERM or Ctrl-C that reaches one rank other than 0 (its host shutting down, a kill by hand): rank 0 is
+    asked to stop as if it had got it, so the job ends within seconds, says which rank, and removes the control
+    socket file (rank 0 was taken down by the other's abort before it could)."""
+    model = write_model(tmp_path / "long.gguf", Shape(dim=64, n_heads=4, n_kv_heads=2, ffn=128, vocab=512,
+                                                      context=4096), qtype="F32", seed=3)
+    sock = tmp_path / "c.sock"
+    before = shm_files()
+    p = subprocess.Popen([MPIRUN, "-n", "3", sys.executable, "-m", "spmd.run", "--model", str(model), "--prompt",
+                          "Hello", "--steps", "4000", "--threads", "1", "--control-socket", str(sock)], cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert len(p.stdout.read(8)) == 8  # generating
+    os.kill(rank_pid(str(model), 2), sig)
+    t = time.monotonic()
+    out, err = p.communicate(timeout=60)
+    assert p.returncode != 0 and time.monotonic() - t < 15
+    assert "Traceback" not in err, err
+    assert f"note: rank 2 was stopped ({signal.Signals(sig).name}): stopping the job" in err, err
+    assert not sock.exists() and no_new_shm_files(before)
 
 
 @pytest.mark.parametrize("sig, status", [(None, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])

@@ -330,6 +330,36 @@ def test_sigterm_mid_answer_stops_every_rank(model, tmp_path):
     assert "[spmd] served 1 request," in "".join(server.lines)
 
 
+@pytest.mark.skipif(MPIRUN is None, reason="no mpirun")
+def test_sigterm_to_one_rank_alone_stops_the_server_as_rank_0s_would(model, tmp_path):
+    """A SIGTERM that reaches only rank 2 (its host shutting down): rank 0 is asked to stop, so the answer in flight
+    ends with a 503 within seconds (it waited STOP_GRACE_S, 20 s, and the socket file stayed) and every rank exits."""
+    from mpi_models import rank_pid
+    sock = tmp_path / "c.sock"
+    server = Served(model, 3, ("--ratios", "1*1:1", "--control-socket", sock), env=SLOW)
+    got = {}
+
+    def ask():
+        try:
+            got["r"] = server.client.completions.create(model="any", prompt="Once", max_tokens=400, temperature=0)
+        except openai.APIError as e:
+            got["e"] = e
+    t = threading.Thread(target=ask)
+    t.start()
+    deadline = time.perf_counter() + 60
+    while not server.get("/cluster")[1]["server"]["in_flight"]:
+        assert time.perf_counter() < deadline and not got, got
+        time.sleep(0.05)
+    started = time.perf_counter()
+    os.kill(rank_pid(str(sock), 2), signal.SIGTERM)
+    assert server.proc.wait(30) == 0, "".join(server.lines)
+    assert time.perf_counter() - started < 10
+    t.join(30)
+    assert "e" in got and getattr(got["e"], "status_code", None) == 503
+    assert not sock.exists()
+    assert "note: rank 2 was stopped (SIGTERM): stopping the job\n" in server.lines, "".join(server.lines)
+
+
 def test_port_in_use_is_one_line(model):
     import socket
     with socket.socket() as s:
