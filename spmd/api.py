@@ -22,7 +22,7 @@ from importlib import resources
 from urllib.parse import urlsplit
 
 import numpy as np
-from aiohttp import web
+from aiohttp import compression_utils as aiohttp_compression, web
 
 from .chat_template import ROLES, TemplateError
 from .prompts import PromptSpec, Work
@@ -33,8 +33,9 @@ BODY_WAIT_S = 30.0  # a request's body must have come whole within this long
 LINGER_S = 1.0  # after answering a request whose body it did not read, the server reads what comes of it this long
 # before it closes the connection (aiohttp's lingering_time, 10 s by default): a client that sent it all gets the
 # answer rather than a reset
-DECODED = {"identity", "gzip", "deflate", "br", "zstd"}  # Content-Encodings aiohttp decodes (br, zstd: where the
-# libraries are installed, else the body "could not be read")
+# Content-Encodings aiohttp decodes: br and zstd only where their libraries are installed (Brotli, zstandard)
+DECODED = {"identity", "gzip", "deflate"} | {name for name, has in (("br", "HAS_BROTLI"), ("zstd", "HAS_ZSTD"))
+                                             if getattr(aiohttp_compression, has, False)}
 IDLE_S = 10.0  # a connection without a request in progress for this long is closed (see Connections)
 MAX_STOPS, MAX_STOP_CHARS = 16, 256
 STATUS_WAIT_S = 10.0  # the driver answers /cluster at its next token boundary; it is there within a token
@@ -216,16 +217,15 @@ class StopFilter:
 
 
 # ---- request fields ---------------------------------------------------------------------------------------------
-def _number(body, name, lo, hi, default, integer=False, lo_open=False):
+def _number(body, name, lo, hi, default, integer=False):
     value = body.get(name)
     if value is None:
         return default
     ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
     if isinstance(value, bool) or not ok_type or (isinstance(value, float) and not math.isfinite(value)) \
-            or value > hi or value < lo or (lo_open and value == lo):
+            or value > hi or value < lo:
         kind = "a whole number" if integer else "a number"
-        bounds = f"{'(' if lo_open else '['}{lo}, {hi}]"
-        raise BadRequest(f"'{name}' must be {kind} in {bounds} (got {json.dumps(value)[:40]})", name)
+        raise BadRequest(f"'{name}' must be {kind} in [{lo}, {hi}] (got {json.dumps(value)[:40]})", name)
     return value
 
 
@@ -285,11 +285,11 @@ def _sampling(body):
     if options is not None and not stream:
         raise BadRequest("'stream_options' is only for a streamed answer (\"stream\": true)", "stream_options")
     options = options or {}
-    if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
+    if not isinstance(options, dict) or options.get("include_usage") not in (None, True, False):
         raise BadRequest("'stream_options' must be an object with 'include_usage' true or false", "stream_options")
     return dict(max_tokens=max_tokens, stream=bool(stream), usage=bool(options.get("include_usage")),
                 temperature=_number(body, "temperature", 0, 2, 1.0),
-                top_p=_number(body, "top_p", 0, 1, 1.0, lo_open=True),
+                top_p=_number(body, "top_p", 0, 1, 1.0),  # (0: the most probable token alone)
                 top_k=_number(body, "top_k", 0, MOST_TOP_K, 0, integer=True),
                 seed=_seed(body), stop=_stops(body))
 
@@ -587,7 +587,7 @@ class Server:
                 return web.Response(status=499)
             except web.RequestPayloadError as e:  # (a Content-Encoding that does not decode, a bad chunk)
                 raise BadRequest(f"the body could not be read: {e}"[:200]) from None
-            body = _json_object(raw)
+            body = {name: value for name, value in _json_object(raw).items() if value is not None}  # null: not given
             params = _sampling(body)
             source = _messages(body) if chat else _prompt(body)
             loop = asyncio.get_running_loop()

@@ -93,8 +93,11 @@ class Share:
         return self.n_kv == 0 and self.n_ffn == 0 and self.n_vocab == 0
 
     def describe(self) -> dict:
-        return {"layers": list(self.layers), "heads": self.n_heads, "kv_heads": self.n_kv, "ffn_columns": self.n_ffn,
-                "vocab_rows": self.n_vocab}
+        """What the rank holds, for the result and the control socket: an idle rank's layers are an empty range (its
+        `layers` keep its place in the layout text, where it may be woken)."""
+        first = self.layers[0]
+        return {"layers": [first, first] if self.is_empty else list(self.layers), "heads": self.n_heads,
+                "kv_heads": self.n_kv, "ffn_columns": self.n_ffn, "vocab_rows": self.n_vocab}
 
     def layout(self) -> dict:
         """Which units the rank holds, as [start, stop) ranges (the result's and the control socket's plan)."""
@@ -222,7 +225,9 @@ def _numbers(part, what):
         raise UserError(bad) from None
     if any(not v >= 0 for v in approx):
         raise UserError(f"{what}: every ratio must be positive, or 0 for a rank left idle")
-    if any(v != 0 and not RATIO_RANGE[0] <= v <= RATIO_RANGE[1] for v in approx):
+    zero = [set(re.split(r"[eE/]", p)[0].lstrip("+-")) <= set("0.") for p in pieces]  # (1e-400 is not 0: its
+    # float is)
+    if any(not z and not RATIO_RANGE[0] <= v <= RATIO_RANGE[1] for z, v in zip(zero, approx)):
         raise UserError(f"{what}: every ratio must lie between {RATIO_RANGE[0]:g} and {RATIO_RANGE[1]:g}, or be 0 "
                         "for an idle rank")
     return tuple(Fraction(p) for p in pieces)

@@ -120,7 +120,7 @@ def _json_prompt(line, where) -> PromptSpec:
     checks = {"steps": (_is_int, lambda v: v >= 1, "a whole number of at least 1"),
               "temperature": (_is_number, lambda v: v >= 0, "a finite number of at least 0"),
               "top_k": (_is_int, lambda v: v >= 0, "a whole number of at least 0"),
-              "top_p": (_is_number, lambda v: 0 < v <= 1, "a number in (0, 1]"),
+              "top_p": (_is_number, lambda v: 0 <= v <= 1, "a number in [0, 1]"),
               "seed": (_is_int, lambda v: v >= 0, "a whole number of at least 0")}
     for name, (kind, ok, what) in checks.items():
         if name in obj and not (kind(obj[name]) and ok(obj[name])):

@@ -134,8 +134,8 @@ def cluster_options(command):
 @click.option("--temperature", "-t", default=0.0, show_default=True, type=click.FloatRange(min=0),
               callback=finite, help="0 is greedy.")
 @click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0), help="0 keeps all tokens.")
-@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True),
-              callback=finite, help="Nucleus sampling mass.")
+@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1),
+              callback=finite, help="Nucleus sampling mass (0: the most probable token alone).")
 @click.option("--seed", default=None, type=click.IntRange(min=0), help="Sampling seed (default: random).")
 @click.option("--output", default="text", show_default=True, type=click.Choice(["text", "json"]),
               help="text: stream to stdout and a summary line on stderr; json: one object on stdout.")

@@ -81,7 +81,9 @@ def test_template_sandbox_and_errors():
 def test_request_checks():
     assert _sampling({})["temperature"] == 1.0  # OpenAI's default
     assert _sampling({"seed": -1})["seed"] == 2**64 - 1
-    for body, param in [({"top_p": 0}, "top_p"), ({"temperature": True}, "temperature"), ({"n": 3}, "n"),
+    assert _sampling({"top_p": 0})["top_p"] == 0  # (the most probable token alone, as some clients send it)
+    assert _sampling({"stream": True, "stream_options": {"include_usage": None}})["usage"] is False  # null: not given
+    for body, param in [({"top_p": -0.1}, "top_p"), ({"temperature": True}, "temperature"), ({"n": 3}, "n"),
                         ({"max_tokens": 1.5}, "max_tokens"), ({"stop": 5}, "stop"), ({"stream": "yes"}, "stream"),
                         ({"frequency_penalty": 0.5}, "frequency_penalty"), ({"seed": "1"}, "seed"),
                         ({"stream": True, "stream_options": {"include_usage": "y"}}, "stream_options"),
@@ -168,13 +170,18 @@ def test_a_body_that_does_not_decode_or_is_declared_too_large_is_a_json_error():
             assert reply.startswith("HTTP/1.1 400"), reply
             error = json.loads(reply.split("\r\n\r\n", 1)[1])["error"]
             assert "could not be read" in error["message"] and error["type"] == "invalid_request_error"
+        decoded = f"not one this server decodes ({', '.join(sorted(api.DECODED - {'identity'}))})"
         for request, code, said in [(b"Content-Length: 99999999999\r\n\r\n{}", 413, "larger than"),
-                                    (b"Content-Encoding: zstdx\r\nContent-Length: 2\r\n\r\n{}", 415, "zstdx")]:
+                                    (b"Content-Encoding: zstdx\r\nContent-Length: 2\r\n\r\n{}", 415, decoded)]:
             t = time.monotonic()
             reply, closed = raw_reply(server.port, head + request, until_closed=True)
             assert reply.startswith(f"HTTP/1.1 {code}") and time.monotonic() - t < 5, reply
             assert said in json.loads(reply.split("\r\n\r\n", 1)[1])["error"]["message"]
             assert closed < api.LINGER_S + 2  # (the body was not read: the connection goes, soon)
+        for name in {"br", "zstd"} - api.DECODED:  # their libraries not installed: aiohttp's own 400 (plain text)
+            reply = raw_reply(server.port, head + b"Content-Encoding: " + name.encode() + b"\r\nContent-Length: 2\r\n"
+                              b"Connection: close\r\n\r\n{}")
+            assert reply.split(" ", 2)[1] == "400" and "install" in reply, reply
     finally:
         server.stop()
 

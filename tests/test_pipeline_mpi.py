@@ -56,6 +56,9 @@ def test_every_layout_equals_one_rank(models, qtype, allreduce):
             assert [r["rank"] for r in result["ranks"] if r["stage"] is None] == idle
             assert all(result["ranks"][r]["weights_bytes"] == 0 and result["ranks"][r]["bytes_per_token"] == 0
                        for r in idle)
+            for r in idle:  # holding no layers, as the result and the socket's plan say
+                first, stop = result["ranks"][r]["share"]["layers"]
+                assert first == stop and result["plan"][r]["layers"] == [first, stop]
             assert [r["rank"] for r in result["ranks"] if r["stage"] is not None] == \
                 [r for s in stages for r in s["ranks"]]
 

@@ -144,6 +144,9 @@ def test_ffn_not_a_multiple_of_the_block():
     ("1e100000000", 1, "expected numbers|must lie between"),  # and promptly: no 100-million-digit Fraction
     ("1e7", 1, "must lie between"),
     ("1e-7:1", 2, "must lie between"),
+    ("1:1e-400", 2, "must lie between"),  # (its float is 0, but it is not 0)
+    ("1e-400:1", 2, "must lie between"),
+    ("1/10000000:1", 2, "must lie between"),
     ("1@x*1", 2, "@x must be a whole number of layers"),
     ("1@0*1", 2, "@0 must be a whole number of layers, at least 1"),
     ("1@-3*1", 2, "@-3 must be a whole number"),

@@ -29,6 +29,11 @@ def test_top_p_keeps_the_smallest_prefix_reaching_p():
     assert f[2] == f[3] == 0 and f[1] > 0.3
 
 
+def test_top_p_0_keeps_the_most_probable_token_alone():
+    f = frequencies(Sampler(1.0, top_p=0.0, seed=0))
+    assert f[0] == 1.0
+
+
 def test_low_temperature_sharpens():
     assert frequencies(Sampler(0.1, seed=0))[0] > 0.95
 

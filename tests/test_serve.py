@@ -253,6 +253,8 @@ def test_bad_requests(served):
     assert status == 413 and "larger than" in reply["error"]["message"]
     status, reply, _h = served.post("/v1/completions", {"prompt": "x", "max_tokens": 2, "max_completion_tokens": None})
     assert status == 200 and reply["usage"]["completion_tokens"] <= 2  # null: not given
+    status, reply, _h = served.post("/v1/completions", {"prompt": None, "max_tokens": 2, "stop": None})
+    assert status == 200 and reply["usage"]["prompt_tokens"] == 1  # (BOS alone, as with no prompt)
     status, models = served.get("/v1/models")
     assert status == 200 and models["data"][0]["id"] == "chat.gguf"
 
