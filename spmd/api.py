@@ -54,11 +54,14 @@ FINISH = {"eos": "stop", "length": "length"}  # the driver's end -> OpenAI's fin
 
 class OneLine(logging.Filter):
     """aiohttp logs a request it cannot parse (not HTTP, a bad header) with a traceback on the server's stderr: one
-    line is enough (the client got its 400)."""
+    line is enough (the client got its 400). A body that does not decode, found as aiohttp drains what a handler
+    left unread after its answer, is the client's, and said to it already: nothing."""
 
     def filter(self, record):
         if record.exc_info:
             e = record.exc_info[1]
+            if isinstance(e, web.RequestPayloadError):
+                return False
             detail = " ".join(str(e).split())[:200]
             record.msg, record.args = f"note: {record.getMessage()}: {type(e).__name__} {detail}".rstrip(), ()
             record.exc_info = record.exc_text = None
@@ -586,7 +589,9 @@ class Server:
             except ConnectionError:  # the client went away while sending it
                 return web.Response(status=499)
             except web.RequestPayloadError as e:  # (a Content-Encoding that does not decode, a bad chunk)
-                raise BadRequest(f"the body could not be read: {e}"[:200]) from None
+                detail = " ".join(str(e).split())  # ("400, message:\n  Can not decode ...": the why alone)
+                detail = detail.split("message: ", 1)[-1] if detail[:3].isdigit() else detail
+                raise BadRequest(f"the body could not be read: {detail}"[:200]) from None
             body = {name: value for name, value in _json_object(raw).items() if value is not None}  # null: not given
             params = _sampling(body)
             source = _messages(body) if chat else _prompt(body)

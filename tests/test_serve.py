@@ -255,8 +255,14 @@ def test_bad_requests(served):
     assert status == 200 and reply["usage"]["completion_tokens"] <= 2  # null: not given
     status, reply, _h = served.post("/v1/completions", {"prompt": None, "max_tokens": 2, "stop": None})
     assert status == 200 and reply["usage"]["prompt_tokens"] == 1  # (BOS alone, as with no prompt)
+    req = urllib.request.Request(served.url + "/v1/completions", data=b"not gzip",
+                                 headers={"Content-Type": "application/json", "Content-Encoding": "gzip"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=60)
+    assert e.value.code == 400
     status, models = served.get("/v1/models")
     assert status == 200 and models["data"][0]["id"] == "chat.gguf"
+    assert not [line for line in served.lines if "Unhandled" in line or "Traceback" in line]  # (the client's bytes)
 
 
 def test_cluster_status(served):
