@@ -72,7 +72,8 @@ SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P"
 def parse_size(text, what) -> int:
     """Bytes from "2G", "512M", "1.5GiB", "300000000" (K, M, G, T, P: powers of 1024, "MB" too; B, iB allowed
     after them)."""
-    t = str(text).strip().upper().removesuffix("B").removesuffix("I")
+    t = str(text).strip().upper()
+    t = t.removesuffix("IB") if t[-3:-2] in SIZE_UNITS and t[-3:-2] else t.removesuffix("B")  # (iB after a unit)
     unit = t[-1:] if t[-1:] in SIZE_UNITS else ""
     number = t[:len(t) - len(unit)]
     whole, _, frac = number.partition(".")

@@ -329,7 +329,7 @@ class RankState:
         of the plan units in `keep`), the halves that do not fit --memory-limit spilled to a window. `notice`
         gets what loading says (default: rank 0 says it, others not)."""
         notice = notice or (self.log if self.comm.is_root else (lambda _msg: None))
-        window, budget = self._window(share) if self.memory_limit is not None else (None, 0)
+        window, budget = self._window(share) if self.memory_limit is not None and not share.is_empty else (None, 0)
         if window is not None and in_memory(window.folder):
             self.file.notice_once(notice, "spill in memory", f"note: the spill file for streamed weights is in "
                                   f"memory ({window.folder} is a RAM disk): set TMPDIR to a folder on a disk")
@@ -421,7 +421,7 @@ class RankState:
         """Every rank: refuse up front, naming every rank that is short, a --memory-limit below what a rank's share
         needs with a window of one half (the same line on every rank)."""
         short = None
-        if self.memory_limit is not None and plan[self.comm.rank].layer_ids:
+        if self.memory_limit is not None and not plan[self.comm.rank].is_empty:  # (an idle rank holds nothing)
             parts, sizes = self.memory_needs(plan[self.comm.rank])
             if self.floor_bytes(parts, sizes) > self.memory_limit:
                 short = f"rank {self.comm.rank} has {self._limit_text(parts, sizes)} and needs " + \
@@ -435,8 +435,8 @@ class RankState:
 
     def memory_figures(self):
         """This rank's need: the limit above which nothing streams, and the smallest that works (a window of the
-        largest half); {} where the rank holds no layers."""
-        if not self.share.layer_ids:
+        largest half); {} where the rank holds nothing (idle)."""
+        if self.share.is_empty:
             return {}
         parts, sizes = self.memory_needs(self.share)
         return {"memory_need_bytes": sum(parts.values()) + sum(sizes.values()),

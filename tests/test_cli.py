@@ -390,6 +390,15 @@ def test_a_limit_just_short_of_the_need_is_told_in_bytes(model):
     assert run([*args, str(need)]).returncode == 0
 
 
+@pytest.mark.skipif(MPIRUN is None, reason="mpirun not on PATH")
+def test_an_idle_ranks_memory_limit_asks_nothing_of_it(model):
+    """An idle rank holds nothing: any --memory-limit of its own does (it was asked for activations and tables)."""
+    p = run(["--model", model, "--steps", "4", "--ratios", "1:0", "--memory-limit", "100M,1K", "--output", "json"],
+            ranks=2)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["ranks"][1]["stage"] is None
+
+
 @pytest.mark.parametrize("ranks", [1, 3])
 @pytest.mark.parametrize("flags, line", [
     (["--activations", "int4"], "error: Invalid value for '--activations': 'int4' is not one of 'f32', 'int8'. "

@@ -349,12 +349,12 @@ def test_window_refuses_a_folder_it_cannot_write(tmp_path):
 # ---- --memory-limit's sizes --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("text, expected", [("2G", 2 << 30), ("512M", 512 << 20), ("1.5GiB", 3 << 29),
                                             ("300000", 300000), ("64k", 64 << 10), ("2gb", 2 << 30),
-                                            (" 1T ", 1 << 40)])
+                                            (" 1T ", 1 << 40), ("300B", 300), ("1KIB", 1024)])
 def test_sizes(text, expected):
     assert parse_size(text, "--memory-limit") == expected
 
 
-@pytest.mark.parametrize("text", ["", "G", "2X", "-1G", "1.2.3M", "²G", "1e9", "nan"])
+@pytest.mark.parametrize("text", ["", "G", "2X", "-1G", "1.2.3M", "²G", "1e9", "nan", "4i", "4iB", "GiB", "iB"])
 def test_bad_sizes_are_one_clear_error(text):
     with pytest.raises(UserError, match="--memory-limit .*expected a size"):
         parse_size(text, "--memory-limit")
