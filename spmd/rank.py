@@ -497,9 +497,12 @@ class RankState:
         gib = lambda n: f"{n / 2**30:.1f} GiB"  # noqa: E731
         host_weights = sum(e[2] for e in mine)
         if free is not None and host_weights > free:  # the weights alone: no fewer sequences help
+            fix = (f"give the host's ranks --memory-limit sizes that add up to less than {gib(free)}"
+                   if self.memory_limit is not None else "give --memory-limit (a rank streams what does not fit "
+                   "from disk)")
             raise UserError(f"the weights of host {everyone[self.comm.rank][0]}'s rank{'s' * (len(mine) > 1)} need "
-                            f"{gib(host_weights)} but it has {gib(free)} available: give --memory-limit (a rank "
-                            "streams what does not fit from disk), or more ranks or hosts")
+                            f"{gib(host_weights)}{self._widened()} but it has {gib(free)} available: {fix}, or more "
+                            "ranks or hosts")
         if free is not None and need > free:
             seqs = f"{self.n_slots} sequence{'s' * (self.n_slots > 1)}"
             raise UserError(f"--sequences {self.n_slots}: the KV caches of {seqs} of up to {self.max_seq} positions "
@@ -508,6 +511,16 @@ class RankState:
                             f"{gib(need)} but has {gib(free)} available: give fewer --sequences or "
                             f"{'a smaller --ctx-size' if self.opts.context is not None else '--steps'}"
                             f"{', or --kv-cache f16' if self.opts.kv_cache == 'f32' else ''}")
+
+    def _widened(self):
+        """' (its IQ2_XXS matrices held as F32: the cpu backend has no kernels for them)', or '' where this rank's
+        backend holds every matrix type of the file as it is."""
+        types = sorted({info.qtype.name for info in self.file.tensors.values() if len(info.shape) == 2
+                        and info.qtype not in FLOATS and self.backend.holds(info.qtype) != info.qtype})
+        if not types:
+            return ""
+        return (f" (its {', '.join(types)} matrices held as F32, several times their size in the file: the "
+                f"{self.backend.name} backend has no kernels for them)")
 
     def _read_header(self):
         return open_model(self.opts.model)

@@ -755,3 +755,28 @@ def test_a_spill_file_on_a_ram_disk_is_said_once(tmp_path):
     assert p.returncode == 0, p.stderr
     assert p.stderr.count("note: the spill file for streamed weights is in memory (/dev/shm is a RAM disk)") == 1
     assert json.loads(p.stdout)["tokens"] == free["tokens"]
+
+
+@pytest.mark.parametrize("limit", [None, "1G"])
+def test_weights_beyond_the_hosts_memory_say_which_types_are_widened_and_what_to_give(monkeypatch, tmp_path, limit):
+    """Weights that do not fit the host's available memory: the refusal names the file's types the backend holds as
+    F32 (several times the file's bytes: why a file that fits does not), and asks for --memory-limit, or, given
+    one over what the host has, for sizes within it."""
+    from mpi4py import MPI
+
+    from spmd import rank
+    from spmd.comm import Comm
+    from spmd.engine import Engine, RunOptions
+    from spmd.prompts import PromptSpec
+    from spmd.synth import Shape, write_model
+    path = write_model(tmp_path / "m.gguf", Shape(dim=64, n_layers=2, ffn=128, vocab=300), "Q8_0", 1)
+    monkeypatch.setattr(rank, "available_bytes", lambda: 4096)
+    opts = RunOptions(model=str(path), prompts=(PromptSpec(ids=(1, 2)),), steps=2, backend="numpy",
+                      memory_limit=limit)
+    with pytest.raises(UserError) as e:
+        Engine(opts, Comm(comm=MPI.COMM_SELF), log=lambda _m: None)
+    said = str(e.value)
+    assert said.startswith("the weights of host ") and " (its Q8_0 matrices held as F32, several times their size " \
+        "in the file: the numpy backend has no kernels for them) but it has 0.0 GiB available: " in said, said
+    assert ("give the host's ranks --memory-limit sizes that add up to less than 0.0 GiB" if limit else
+            "give --memory-limit (a rank streams") in said
