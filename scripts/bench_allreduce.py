@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import click
 import numpy as np
@@ -34,14 +35,40 @@ PER_TOKEN = {"TinyLlama-1.1B": (2048, 44), "Llama-7B": (4096, 64)}  # floats per
 TCP_LOOPBACK = {"UCX_TLS": "tcp,self", "MPIR_CVAR_NOLOCAL": "1"}  # MPICH: no shared memory between local ranks
 
 
+# a model shape for the plan the ratios make (one stage of every rank): the ring's chunks follow its speeds
+DIMS = SimpleNamespace(n_layers=8, n_heads=64, n_kv_heads=64, ffn_dim=16384, vocab=32000)
+
+
 def ratios_for(spec, size):
     if spec == "equal":
         return (1,) * size
     if spec == "weighted":
         return tuple(range(1, size + 1))  # rank r holds r+1 parts: the ring's chunks follow
-    values = tuple(float(v) for v in spec.split(":"))
+    try:
+        values = tuple(float(v) for v in spec.split(":"))
+    except ValueError:
+        raise SystemExit(f"--ratios {spec!r}: expected equal, weighted or numbers separated by ':'") from None
     if len(values) != size:
         raise SystemExit(f"--ratios {spec} has {len(values)} values for {size} ranks")
+    return values
+
+
+def comm_for(algorithm, ratios, world):
+    """spmd's Comm with `algorithm` over one stage of every rank, the ring's chunks weighted by `ratios`."""
+    from spmd.comm import Comm
+    from spmd.plan import make_plan, parse_layout
+    comm = Comm(algorithm, comm=world)
+    comm.set_plan(make_plan(parse_layout(":".join(f"{r:g}" for r in ratios), world.size), DIMS))
+    return comm
+
+
+def whole_numbers(flag, text):
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise SystemExit(f"{flag} {text!r}: expected whole numbers from 1, separated by commas")
     return values
 
 
@@ -75,12 +102,11 @@ def measure(sizes, ratio_spec, warmup, repeats, budget):
     """Runs on every rank of this MPI job; returns the rows on rank 0 (None elsewhere)."""
     from mpi4py import MPI
 
-    from spmd.comm import Comm
     world = MPI.COMM_WORLD
     ratios = ratios_for(ratio_spec, world.size)
     rows = []
     for algorithm in ALGORITHMS:
-        comm = Comm(algorithm, ratios=ratios, comm=world)
+        comm = comm_for(algorithm, ratios, world)
         for n in sizes:
             x0 = np.random.default_rng([n, world.rank]).standard_normal(n).astype(np.float32)
             times, sent = time_case(comm, world, x0, warmup, repeats, budget)
@@ -92,7 +118,7 @@ def measure(sizes, ratio_spec, warmup, repeats, budget):
                                  p90_us=float(np.percentile(us, 90)), bytes_per_rank=sent_all,
                                  ratios=":".join(f"{r:g}" for r in ratios)))
     hosts = world.gather(MPI.Get_processor_name(), root=0)
-    return (rows, hosts, Comm(comm=world).link_delay_s * 1e3) if world.rank == 0 else None
+    return (rows, hosts, comm.link_delay_s * 1e3) if world.rank == 0 else None
 
 
 def print_table(rows):
@@ -172,12 +198,12 @@ def launch(ranks, hostfile, tcp, args):
 @click.option("--out", default="bench-out", show_default=True, help="Folder for the JSON and PNG.")
 @click.option("--part", default=None, hidden=True)
 def main(ranks, hostfile, tcp, sizes, ratios, warmup, repeats, budget, label, out, part):
-    sizes = [int(s) for s in sizes.split(",")]
+    sizes = whole_numbers("--sizes", sizes)
     delay = os.environ.get("SPMD_TEST_LINK_DELAY_MS")
     if ranks is not None:
         args = ["--sizes", ",".join(map(str, sizes)), "--ratios", ratios, "--warmup", str(warmup),
                 "--repeats", str(repeats), "--budget", str(budget)]
-        rows, runs = launch([int(p) for p in ranks.split(",")], hostfile, tcp, args)
+        rows, runs = launch(whole_numbers("--ranks", ranks), hostfile, tcp, args)
     else:
         if part is None and (hostfile or tcp):
             raise SystemExit("--hostfile and --tcp go with --ranks (or give them to your own mpirun)")

@@ -1,5 +1,7 @@
 """The three allreduces inside a stage, the hand-off between stages, the logits gather and the step record, at any
 rank count (mpirun -n N python -m pytest --with-mpi)."""
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -140,3 +142,20 @@ def test_a_new_stage_structure_makes_new_stage_communicators():
     assert comm.stage_size == WORLD.size
     x = np.ones(3, np.float32)
     np.testing.assert_array_equal(comm.allreduce(x), np.full(3, WORLD.size, np.float32))
+
+
+@pytest.mark.mpi(min_size=2)
+def test_the_allreduce_benchmark_measures_spmds_own_comm():
+    """scripts/bench_allreduce.py drives spmd.comm as the engine does (it fell behind Comm's signature once): each
+    algorithm at each size, with the bytes every rank sent."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from bench_allreduce import measure
+    got = measure([256, 1024], "weighted", 2, 3, 0.1)
+    if WORLD.rank:
+        assert got is None
+        return
+    rows, hosts, _delay = got
+    assert [(r["algorithm"], r["floats"]) for r in rows] == [(a, n) for a in ("star", "ring", "mpi")
+                                                             for n in (256, 1024)]
+    assert all(len(r["bytes_per_rank"]) == WORLD.size and r["median_us"] > 0 for r in rows)
+    assert len(hosts) == WORLD.size
