@@ -36,6 +36,7 @@ from collections import deque
 from fractions import Fraction
 from typing import NamedTuple
 
+from . import shm
 from .journal import Record
 from .plan import parse_layout
 from .run import PER_RANK_FLAGS, write_stdout
@@ -436,6 +437,7 @@ class Supervisor:
                 os.mkfifo(path, 0o600)
         record, front = self.record, self.front
         record.relaunch()
+        shm_before = shm.names()
         self.job = job = Job(self._command(fifo, resume), self.env, fifo, *(
             (requests, front.wake) if front is not None else ()))
         progress, ready_at, died_at = Progress(self.progress_timeout, self.prefill_s), None, None
@@ -487,6 +489,7 @@ class Supervisor:
         finally:
             job.close()
             self._remove_socket()
+            shm.clean_up_after_job(shm_before)  # (what a killed rank of it left here)
             if front is not None:
                 front.lost()
             self.prefill_s = progress.prefill_s

@@ -1,6 +1,6 @@
 """What the multi-rank tests share: tiny models that rank 0 writes once into a folder every rank reads, a job's
-generation on a communicator, the tokens one rank alone produces (to compare a job with), and the pid of a rank of a
-job run as a subprocess."""
+generation on a communicator, the tokens one rank alone produces (to compare a job with), the pid of a rank of a job
+run as a subprocess, and MPICH's shared-memory files."""
 import os
 import shutil
 import time
@@ -86,3 +86,15 @@ def rank_pid(marker, rank, timeout_s=30):
                 return int(entry.name)
         time.sleep(0.1)
     raise AssertionError(f"no rank {rank} running {marker}")
+
+
+def shm_files():
+    return {n for n in os.listdir("/dev/shm") if n.startswith("mpich_shm_")} if os.path.isdir("/dev/shm") else set()
+
+
+def no_new_shm_files(before, wait_s=20):
+    """Whether MPICH's files that came since `before` are all gone within `wait_s` (the janitor of an abort)."""
+    deadline = time.monotonic() + wait_s
+    while shm_files() - before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return not shm_files() - before

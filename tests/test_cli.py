@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from gguf import GGUFWriter
 
-from mpi_models import patch_meta, rank_pid
+from mpi_models import no_new_shm_files, patch_meta, rank_pid, shm_files
 from spmd.synth import Shape, write_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -678,18 +678,6 @@ def test_a_signal_inside_a_compiled_function_stops_like_any_other(monkeypatch, c
         run.guarded(Comm(comm=MPI.COMM_SELF), print, work)
     assert stopped.value.code == status
     assert "Traceback" not in capsys.readouterr().err
-
-
-def shm_files():
-    return {n for n in os.listdir("/dev/shm") if n.startswith("mpich_shm_")} if os.path.isdir("/dev/shm") else set()
-
-
-def no_new_shm_files(before, wait_s=20):
-    """Whether MPICH's files that came since `before` are all gone within `wait_s` (the janitor of an abort)."""
-    deadline = time.monotonic() + wait_s
-    while shm_files() - before and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return not shm_files() - before
 
 
 def test_stale_mpich_shared_memory_is_removed_at_start(tmp_path):

@@ -310,7 +310,9 @@ def kills(tmp_path, *entries):
     (3, "2:3:3", ["2:6:TERM"], "2:3"),  # its machine shutting down (it used to stop cleanly and end the run)
 ])
 def test_a_lost_rank_is_recovered_from_and_the_text_is_unchanged(model, tmp_path, ranks, layout, signals, after):
+    from mpi_models import no_new_shm_files, shm_files
     want = reference(model, ranks, layout, "--prompt", "Hello")
+    before = shm_files()
     stop = "STOP" in signals[0]  # found by the stall bound; a death is seen by mpirun, however slow the machine
     p = supervised(model, ranks, layout, kills(tmp_path, *signals), "--prompt", "Hello", "--output", "json",
                    launch=("--progress-timeout", "1" if stop else "20"))
@@ -330,6 +332,7 @@ def test_a_lost_rank_is_recovered_from_and_the_text_is_unchanged(model, tmp_path
     assert "BAD TERMINATION" not in p.stdout + p.stderr
     assert "Traceback" not in p.stderr and "Exception ignored" not in p.stderr, p.stderr  # a second signal found
     # the wake-up pipe of rank 0's socket closed (BrokenPipeError), or the interpreter's end raced the abort
+    assert no_new_shm_files(before)  # (a killed rank's job left its file: the supervisor's janitor)
 
 
 def test_text_streams_on_without_a_gap_or_a_repeat(model, tmp_path):
