@@ -77,8 +77,10 @@ def served(model, ranks, steps, signals):
 @click.command()
 @click.option("--model", default=str(ROOT / "bench-out" / "tinyllama-random-Q4_0.gguf"), show_default=True,
               help="GGUF file (written, 1.1B-shaped Q4_0 random weights, where it is not there).")
-@click.option("--ranks", default=3, show_default=True)
-@click.option("--steps", default=40, show_default=True)
+@click.option("--ranks", default=3, show_default=True, type=click.IntRange(min=2),
+              help="Ranks of the job; the cases kill or stop its last rank and rank 1.")
+@click.option("--steps", default=40, show_default=True, type=click.IntRange(min=8),
+              help="Tokens to generate; the cases strike at an eighth, a quarter and half of them.")
 @click.option("--progress-timeout", default=2.0, show_default=True)
 def main(model, ranks, steps, progress_timeout):
     if not os.path.exists(model):  # the 1.1B-shaped random model the other benchmarks use
@@ -89,9 +91,10 @@ def main(model, ranks, steps, progress_timeout):
     print(f"uninterrupted: {base_s:.1f} s wall, load {want['load_s']:.2f} s, {want['ms_per_token']:.0f} ms/token")
     print("case                     detect_s relaunch_s stall_s replayed same_tokens wall_s")
     with tempfile.TemporaryDirectory() as d:
-        for i, (name, signals) in enumerate([("kill rank 2 at step 5", "2:5:KILL"),
-                                             ("kill rank 1 at step 20", "1:20:KILL"),
-                                             ("stop rank 2 at step 10", "2:10:STOP")]):
+        last = ranks - 1
+        cases = [(last, steps // 8, "KILL"), (1, steps // 2, "KILL"), (last, steps // 4, "STOP")]
+        for i, (rank, step, sig) in enumerate(cases):
+            name, signals = f"{'kill' if sig == 'KILL' else 'stop'} rank {rank} at step {step}", f"{rank}:{step}:{sig}"
             got, wall = run(model, ranks, steps, f"{signals}:{d}/once{i}", progress_timeout=progress_timeout)
             r = got["recoveries"][0]
             print(f"{name:24} {r['detect_s']:8.2f} {r['relaunch_s']:10.2f} {r['stall_s']:7.2f} "
@@ -99,7 +102,8 @@ def main(model, ranks, steps, progress_timeout):
         print("served, streaming          detect_s relaunch_s stall_s longest_gap_s same_text")
         base, base_gap, _ = served(model, ranks, steps, "")
         print(f"{'uninterrupted':26} {'-':>8} {'-':>10} {'-':>7} {base_gap:13.2f} {'-':>9}")
-        for i, (name, signals) in enumerate([("kill rank 2 at step 12", "2:12:KILL")]):
+        for i, (name, signals) in enumerate([(f"kill rank {last} at step {steps * 3 // 10}",
+                                              f"{last}:{steps * 3 // 10}:KILL")]):
             text, gap, (r,) = served(model, ranks, steps, f"{signals}:{d}/served{i}")
             print(f"{name:26} {r['detect_s']:8.2f} {r['relaunch_s']:10.2f} {r['stall_s']:7.2f} {gap:13.2f} "
                   f"{str(text == base):>9}")
