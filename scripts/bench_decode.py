@@ -23,6 +23,7 @@ start a job under mpirun (locally, from a hostfile, or over scripts/netsim.sh's 
 `python -m spmd.run --output json`, one llama.cpp run, and writing a PNG. llama-cpp-python is often installed for
 another Python than the project's: the llama.cpp run happens in a child process of whichever Python imports it
 (this file's `--llama-cpp-worker` mode, which needs only numpy and llama_cpp there)."""
+import atexit
 import json
 import os
 import re
@@ -191,6 +192,24 @@ def random_prompt(length, vocab=32000):
     return [1] + [int(x) for x in np.random.default_rng(0).integers(3, vocab, length - 1)]
 
 
+def model_vocab(path):
+    """The vocabulary size of a GGUF file (a --model of any vocabulary: prompt ids must be below it)."""
+    from spmd.config import read_config
+    from spmd.gguf_file import GGUFFile
+    f = GGUFFile(path)
+    try:
+        return read_config(f).vocab
+    finally:
+        f.close()
+
+
+def temporary_folder(prefix):
+    """A folder for the models a benchmark writes, removed when the script exits however it ends."""
+    tmp = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, tmp, True)
+    return tmp
+
+
 def write_random_model(path, shape, qtype):
     from spmd.synth import write_model
     t = time.perf_counter()
@@ -263,13 +282,11 @@ def main():
                        "and range over the rounds (this machine's speed drifts by 10-20% between minutes).")
     @click.option("--json", "json_out", default=None, help="Also write the results here.")
     def cli(qtype, steps, prompt_len, ranks, allreduce, activations, kv_cache, model, repeats, rounds, json_out):
-        tmp = None
         if model is None:
-            tmp = tempfile.mkdtemp(prefix="spmd-bench-")
-            model = os.path.join(tmp, f"tinyllama-random-{qtype}.gguf")
+            model = os.path.join(temporary_folder("spmd-bench-"), f"tinyllama-random-{qtype}.gguf")
             write_random_model(model, TINYLLAMA, qtype)
         weight_bytes = matrix_bytes(model)
-        prompt = random_prompt(prompt_len)
+        prompt = random_prompt(prompt_len, model_vocab(model))
         configs = [(act, run) for act in activations.split(",") for run in ranks.split(",")]
         peer = llama_cpp_peer(numba.config.NUMBA_NUM_THREADS)  # as many threads as spmd's one rank: every core
         rounds_out = []  # per round: the spmd runs' figures, then the peer's (or None)
@@ -321,8 +338,6 @@ def main():
         if json_out:
             Path(json_out).write_text(json.dumps(dict(qtype=qtype, weight_bytes=weight_bytes, kv_cache=kv_cache,
                                                       rows=rows), indent=1))
-        if tmp:
-            shutil.rmtree(tmp)
 
     cli()
 

@@ -10,7 +10,7 @@ bench_decode.py) and the single-rank figures are shown beside it as ours/llama.c
 
 Table 1 (ranks and ratios, prompt --prompt-len): decode tok/s, speed-up over the first run, per-rank sync time as a
 share of the run, bytes each rank sends per decode token. Table 2 (prompt lengths, at each --prompt-ranks count):
-prefill and decode tok/s, and ours/llama.cpp. Writes bench-out/scaling-LABEL.json and .png (--out, --label).
+prefill and decode tok/s, and ours/llama.cpp. Writes bench-out/scaling-LABEL-TABLES.json and .png (--out, --label).
 Figures move by ~10% between runs on a shared machine: read the ratios, taken in one run.
 
 Table 3 (--tables layouts): tensor parallel, pipeline and hybrid layouts (--layouts, e.g. 1:1:1, 1*1*1, 1:1*1) side by
@@ -285,6 +285,9 @@ def split(text, kind=str):
     return [kind(x) for x in text.split(",") if x.strip()]
 
 
+TABLES = ("ranks", "prompts", "layouts")  # --tables: 1, 2, 3 (each set of them writes files of its own)
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.option("--model", default=None, type=click.Path(exists=True, dir_okay=False),
               help="A GGUF to use instead of writing a random one.")
@@ -319,6 +322,9 @@ def split(text, kind=str):
 def main(model, small, qtype, tables, runs, prompt_len, prompt_lens, prompt_ranks, steps, allreduce, hostfile,
          layouts, layout_allreduces, links, delays, repeat, threads, no_llama_cpp, label, out):
     tables = set(split(tables))
+    if not tables or tables - set(TABLES):
+        raise SystemExit(f"--tables: {', '.join(sorted(tables - set(TABLES))) or 'none given'}; choose among "
+                         f"{', '.join(TABLES)}")
     model, tmp = make_model(model, small, qtype)
     from spmd.config import read_config
     from spmd.gguf_file import GGUFFile
@@ -364,7 +370,7 @@ def main(model, small, qtype, tables, runs, prompt_len, prompt_lens, prompt_rank
     same = all(r["tokens"] == everything[0]["tokens"] for r in everything)
     print(f"greedy tokens identical across all {len(everything)} rank/ratio/layout runs: {same}")
     os.makedirs(out, exist_ok=True)
-    base = str(Path(out) / f"scaling-{label or Path(model).stem}")
+    base = str(Path(out) / f"scaling-{label or Path(model).stem}-{'-'.join(t for t in TABLES if t in tables)}")
     Path(base + ".json").write_text(json.dumps(dict(
         model=Path(model).name, where=place, allreduce=allreduce, steps=steps, link_delay_ms=float(delay or 0),
         prompt_len=prompt_len, threads=threads, cpu_count=os.cpu_count(), scaling=scaling, llama_cpp=lc,

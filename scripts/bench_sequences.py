@@ -18,13 +18,13 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import click
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_decode import ROOT, mpi_prefix, parse_run, where, write_random_model  # noqa: E402
+from bench_decode import (ROOT, model_vocab, mpi_prefix, parse_run, temporary_folder, where,  # noqa: E402
+                          write_random_model)
 from spmd.synth import TINYLLAMA, Shape  # noqa: E402
 
 SMALL = Shape(dim=512, n_layers=4, n_heads=8, n_kv_heads=4, ffn=1408, vocab=32000, context=1024)
@@ -97,12 +97,17 @@ def llama_bench(binary, model, ks, steps, threads):
 @click.option("--label", default=None)
 @click.option("--out", default="bench-out", show_default=True)
 def main(model, small, layouts, ks, prompt_len, steps, hostfile, threads, delay_ms, llama_bin, label, out):
-    ks = [int(k) for k in ks.split(",")]
-    tmp = tempfile.mkdtemp(prefix="spmd-bench-seq-")
+    try:
+        ks = [int(k) for k in ks.split(",")]
+    except ValueError:
+        raise SystemExit(f"--ks {ks!r}: expected whole numbers separated by commas") from None
+    if min(ks) < 1:
+        raise SystemExit(f"--ks {ks}: at least 1 sequence")
+    tmp = temporary_folder("spmd-bench-seq-")
     if model is None:
         model = os.path.join(tmp, f"{'small' if small else 'tinyllama'}-random-Q4_0.gguf")
         write_random_model(model, SMALL if small else TINYLLAMA, "Q4_0")
-    vocab = (SMALL if small else TINYLLAMA).vocab if model.startswith(tmp) else 32000
+    vocab = model_vocab(model)
     env = {"SPMD_TEST_LINK_DELAY_MS": str(delay_ms)} if delay_ms else {}
     rows = []
     for layout in layouts.split(","):
@@ -113,7 +118,7 @@ def main(model, small, layouts, ks, prompt_len, steps, hostfile, threads, delay_
     peer = llama_bench(llama_bin, model, ks, steps, threads) if llama_bin else {}
     print(f"\nmodel {Path(model).name}; prompt {prompt_len}, {steps} steps a sequence; {where(hostfile)}, "
           f"threads {threads or 'default'}, link delay {delay_ms} ms")
-    print(f"{'layout':<12}{'K':>3}{'tok/s':>10}{'vs K=1':>8}{'target':>8}{'ticks':>7}  {'idle per rank':<24}"
+    print(f"{'layout':<12}{'K':>3}{'tok/s':>10}{f'vs K={ks[0]}':>8}{'target':>8}{'ticks':>7}  {'idle per rank':<24}"
           f"{'KV MiB/rank':<18}{'llama.cpp':>10}{'ours/l.cpp':>11}")
     for r in rows:
         base = next(x for x in rows if x["layout"] == r["layout"] and x["k"] == ks[0])["tokens_per_s"]
@@ -126,6 +131,8 @@ def main(model, small, layouts, ks, prompt_len, steps, hostfile, threads, delay_
               f"{(f'{target:.1f}' if target else '-'):>8}{str(r['ticks'] or '-'):>7}  "
               f"{'/'.join(f'{x:.2f}' for x in r['idle']):<24}{'/'.join(map(str, r['kv_mib'])):<18}"
               f"{(f'{lc:.2f}' if lc else '-'):>10}{vs_lc:>11}")
+    if not llama_bin:
+        print("(llama.cpp not run: give --llama-bench, the binary scripts/build_llama_cpp.sh builds)")
     os.makedirs(out, exist_ok=True)
     path = Path(out) / f"sequences-{label or Path(model).stem}.json"
     path.write_text(json.dumps(dict(model=str(model), prompt_len=prompt_len, steps=steps, hostfile=hostfile,

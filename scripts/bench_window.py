@@ -30,7 +30,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_decode import ROOT, llama_bench, random_prompt, write_random_model  # noqa: E402
+from bench_decode import (ROOT, llama_bench, model_vocab, random_prompt, temporary_folder,  # noqa: E402
+                          write_random_model)
 from memory_cap import CapUnavailable, MemoryCap  # noqa: E402
 
 MIB = 1 << 20
@@ -136,12 +137,10 @@ def main():
     @click.option("--backend", default="cpu", type=click.Choice(["cpu", "vulkan"]), show_default=True)
     @click.option("--json", "json_out", default=None)
     def cli(qtype, steps, fractions, threads, model, backend, json_out):
-        tmp = None
         if model is None:
-            tmp = tempfile.mkdtemp(prefix="spmd-bench-")
-            model = os.path.join(tmp, f"tinyllama-random-{qtype}.gguf")
+            model = os.path.join(temporary_folder("spmd-bench-"), f"tinyllama-random-{qtype}.gguf")
             write_random_model(model, TINYLLAMA, qtype)
-        prompt = random_prompt(8)
+        prompt = random_prompt(8, model_vocab(model))
         gpu = backend == "vulkan"
         if gpu:
             disk, how = device_write_speed(os.path.getsize(model))
@@ -199,18 +198,19 @@ def main():
         shown = lambda v: "-" if v is None and (gpu or not binary) else "killed" if v is None else f"{v:.2f}"  # noqa
         for r in rows:
             peers = [v for v in (r["llama_cpp_tokens_per_s"], r["llama_cpp_no_repack_tokens_per_s"]) if v]
+            ratio = f"{r['decode_tokens_per_s'] / max(peers):.2f}" if peers else "-"
             print(f"| {r['limit_mib']:.0f} | {r['resident_mib']:.0f} | {r['streamed_mib']:.0f} | "
                   f"{r['window_mib']:.0f} | {r['decode_tokens_per_s']:.2f} | {r['ms_per_token']:.1f} | "
                   f"{r['wait_ms']:.1f} | {r['disk_ms']:.1f} | {r['bound_ms']:.1f} | {r['ratio']:.2f} | "
                   f"{r['peak_rss_mib']:.0f} | {shown(r['llama_cpp_tokens_per_s'])} | "
                   f"{'-' if gpu else shown(r['llama_cpp_no_repack_tokens_per_s'])} | "
-                  f"{r['decode_tokens_per_s'] / max(peers) if peers else float('nan'):.2f} | {r['same_tokens']} |")
+                  f"{ratio} | {r['same_tokens']} |")
+        if not binary:
+            print("(llama.cpp not run: no llama-bench found; bash scripts/build_llama_cpp.sh builds it, or set "
+                  "LLAMA_BENCH)")
         if json_out:
             Path(json_out).write_text(json.dumps(dict(model=str(model), disk_bytes_per_s=disk,
                                                       compute_ms=compute_ms, rows=rows), indent=1))
-        if tmp:
-            os.remove(model)
-            os.rmdir(tmp)
 
     cli()
 
