@@ -12,8 +12,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=cpu
-case "${1:-}" in --cuda|--sources) mode="${1#--}"; shift;; esac
+case "${1:-}" in
+    --cuda|--sources) mode="${1#--}"; shift;;
+    -h|--help) sed -n '2,11s/^# \{0,1\}//p' "$0"; exit 0;;
+esac
 version="${1:-0.3.36}"
+[[ "$version" =~ ^[0-9]+(\.[0-9]+)*$ ]] || {
+    echo "error: $version is not a llama-cpp-python version such as 0.3.36 (--help says what this takes)" >&2; exit 2; }
 out="$PWD/bench-out/llama.cpp"
 python="${SPMD_VENV:-.venv}/bin/python"
 for tool in cmake c++; do

@@ -4,6 +4,11 @@
 # Mesa's lavapipe (Vulkan on the CPU, so the Vulkan backend runs and is tested on any machine), and Chromium with
 # its driver (the server page's test runs in a real headless browser). Safe to run again.
 set -euo pipefail
+case "${1:-}" in
+    "") ;;
+    -h|--help) sed -n '2,5s/^# \{0,1\}//p' "$0"; echo "usage: bash scripts/setup.sh   (PYTHON=python3.11 to choose the interpreter)"; exit 0;;
+    *) echo "error: scripts/setup.sh takes no arguments (got $1; --help says what it does)" >&2; exit 2;;
+esac
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
