@@ -43,11 +43,13 @@ def free_port():
         return s.getsockname()[1]
 
 
-def wait_healthy(url, proc, timeout=600):
+def wait_healthy(url, proc, reader, lines, timeout=600):
     t = time.time()
     while time.time() - t < timeout:
         if proc.poll() is not None:
-            raise SystemExit(f"the server exited with {proc.returncode}")
+            reader.join(5)  # (its last lines)
+            said = "".join(lines[-5:]).strip()
+            raise SystemExit(f"the server exited with {proc.returncode}" + (f":\n{said}" if said else ""))
         try:
             with urllib.request.urlopen(url + "/health", timeout=2) as r:
                 if r.status == 200:
@@ -107,8 +109,10 @@ def measure(url, prompt, tokens, concurrency, ignore_eos, rounds):
 def serve(cmd, url, env=None):
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, **(env or {})}, start_new_session=True)
-    threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()
-    wait_healthy(url, proc)
+    lines = []  # its stderr, read as it comes (a full pipe would stop it); its last lines say why it ended
+    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+    reader.start()
+    wait_healthy(url, proc, reader, lines)
     return proc
 
 
@@ -177,8 +181,10 @@ def main():
         for a, b in zip(results["spmd"], results["llama-server"]):
             if a["tokens_per_s_total"] and b["tokens_per_s_total"]:
                 rate = a["tokens_per_s_total"] / b["tokens_per_s_total"]
-                print(f"ratio spmd/llama-server at {a['clients']} clients: tok/s {rate:.2f}, "
-                      f"TTFT {a['ttft_ms'] / b['ttft_ms']:.2f}")
+                ttft = f"{a['ttft_ms'] / b['ttft_ms']:.2f}" if a["ttft_ms"] and b["ttft_ms"] else "-"
+                print(f"ratio spmd/llama-server at {a['clients']} clients: tok/s {rate:.2f}, TTFT {ttft}")
+    else:
+        print("(llama-server not run: give --llama-server PATH; this script's docstring says how to build it)")
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "bench_serve.json"), "w") as f:
         json.dump({"model": model, "args": vars(args), "results": results}, f, indent=1)
