@@ -108,12 +108,19 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--peer", help="another version of spmd/backends/cpu.py to time alongside")
     a = ap.parse_args()
+    unknown = [t for t in a.types.split(",") if t not in T.__members__]
+    if unknown:
+        ap.error(f"--types: {unknown[0]!r} is not a GGUF type (Q4_0, Q8_0, Q4_K, Q6_K, F16, F32, ...)")
+    try:
+        shapes = [tuple(map(int, shape.split("x"))) for shape in a.shapes.split(",")]
+        ns = [int(n) for n in a.n.split(",")]
+    except ValueError:
+        ap.error("--shapes takes ROWSxCOLS,... and --n whole numbers, separated by commas")
     rng = np.random.default_rng(0)
     peer = load_peer(a.peer) if a.peer else None
     for name in a.types.split(","):
-        for shape in a.shapes.split(","):
-            rows, cols = map(int, shape.split("x"))
-            bench(T[name], rows, cols, [int(n) for n in a.n.split(",")], a.repeats, rng, peer)
+        for rows, cols in shapes:
+            bench(T[name], rows, cols, ns, a.repeats, rng, peer)
 
 
 if __name__ == "__main__":

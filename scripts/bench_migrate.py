@@ -153,7 +153,7 @@ def main():
     ap.add_argument("--cases", default="units,layers", help="which cases: units, layers (comma-separated)")
     ap.add_argument("--ranks", type=int, default=2, help="ranks of the units case (one stage)")
     ap.add_argument("--layers-layout", default=CASES["layers"][0], help="the layers case's starting layout")
-    ap.add_argument("--qtype", default="Q4_0")
+    ap.add_argument("--qtype", default="Q4_0", help="the written model's type: a spmd.synth file type")
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--model", help="an existing model file (default: write TinyLlama's shape to a temp folder)")
     ap.add_argument("--json", help="write the figures to this file as well")
@@ -162,7 +162,9 @@ def main():
     unknown = [c for c in cases if c not in CASES]
     if unknown:
         ap.error(f"unknown case {unknown[0]!r}: expected {', '.join(CASES)}")
-    from spmd.synth import TINYLLAMA, write_model
+    from spmd.synth import FILE_TYPES, TINYLLAMA, write_model
+    if args.qtype not in FILE_TYPES:
+        ap.error(f"--qtype {args.qtype!r}: expected one of {', '.join(FILE_TYPES)}")
     folder = tempfile.mkdtemp(prefix="spmd-bench-migrate-")
     try:
         model = args.model
