@@ -42,7 +42,7 @@ import click
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # spmd from this checkout
 from acceptance_checks import all_checks  # noqa: E402
 from acceptance_report import fmt, write_report  # noqa: E402
-from acceptance_runs import ENV, MPIRUN, PY, ROOT, VENV, one_line, run_job, run_migrating  # noqa: E402
+from acceptance_runs import BIN, ENV, MPIRUN, PY, ROOT, one_line, run_job, run_migrating  # noqa: E402
 from acceptance_schedules import layer_schedule, unit_schedule  # noqa: E402
 from spmd.choices import ALLREDUCES, WEIGHT_SOURCES  # noqa: E402
 from spmd.plan import parse_layout  # noqa: E402
@@ -131,7 +131,7 @@ def resolve_model(spec: str, seed: int, model_dir: Path, llama2c_tokenizer) -> t
     if spec.startswith("synth:"):
         parts = spec.split(":")
         shapes = {"tinyllama": synth.TINYLLAMA,
-                  "tiny": synth.Shape(dim=64, n_layers=2, n_heads=4, n_kv_heads=4, ffn=256, vocab=512, context=128)}
+                  "tiny": synth.Shape(dim=64, n_layers=4, n_heads=4, n_kv_heads=4, ffn=256, vocab=512, context=128)}
         if parts[1] not in shapes:
             raise click.UsageError(f"{spec}: expected synth:tinyllama[:QTYPE] or synth:tiny[:QTYPE]")
         qtype = parts[2] if len(parts) > 2 else "Q4_0"
@@ -208,7 +208,8 @@ def machine_info() -> dict:
                 if ln.startswith("MemTotal")), 0) if Path("/proc/meminfo").exists() else 0
     dirty = first_line(["git", "status", "--porcelain", "--untracked-files=no"])
     return dict(host=platform.node(), os=platform.platform(), cpu=cpu, cores=os.cpu_count(), memory_bytes=mem,
-                python=platform.python_version(), mpi=" ".join(first_line([f"{VENV}/bin/mpichversion"]).split()) or "?",
+                python=platform.python_version(),
+                mpi=" ".join(first_line([str(BIN / "mpichversion")]).split()) or "?",
                 vulkan_devices=[dict(name=n, type=t) for n, t in vulkan_devices()],
                 commit=first_line(["git", "rev-parse", "--short", "HEAD"]) + (" (with local changes)" * bool(dirty)),
                 date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"))

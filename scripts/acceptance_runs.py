@@ -3,6 +3,7 @@ and stderr to files, and, for a migration scenario, its schedule driven through 
 `spmd.client` while it generates."""
 import json
 import os
+import sys
 import shlex
 import signal
 import subprocess
@@ -14,9 +15,20 @@ from acceptance_schedules import request_of
 from spmd.client import ClientError, Connection
 
 ROOT = Path(__file__).resolve().parents[1]
-VENV = os.environ.get("SPMD_VENV", ".venv")
-PY, MPIRUN = f"{VENV}/bin/python", f"{VENV}/bin/mpirun"  # relative to ROOT, where every command runs
-ENV = {**os.environ, "PATH": f"{ROOT / VENV / 'bin'}:{os.environ.get('PATH', '')}"}
+
+
+def venv_bin() -> Path:
+    """The python and mpirun every run uses: $SPMD_VENV's (relative to the repository, or absolute), else the
+    running interpreter's where mpirun is beside it (an activated set-up anywhere), else the repository's .venv."""
+    if os.environ.get("SPMD_VENV"):
+        return ROOT / os.environ["SPMD_VENV"] / "bin"
+    here = Path(sys.executable).parent
+    return here if (here / "mpirun").exists() else ROOT / ".venv" / "bin"
+
+
+BIN = venv_bin()
+PY, MPIRUN = str(BIN / "python"), str(BIN / "mpirun")
+ENV = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
 
 
 def one_line(stderr: str) -> str:

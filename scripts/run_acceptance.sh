@@ -6,7 +6,9 @@
 # exits 1 when a check fails.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-python="$root/${SPMD_VENV:-.venv}/bin/python"
+venv="${SPMD_VENV:-.venv}"
+case "$venv" in /*) ;; *) venv="$root/$venv";; esac  # (an absolute SPMD_VENV as it is)
+python="$venv/bin/python"
 if [ ! -x "$python" ]; then
     echo "error: $python not found: run scripts/setup.sh first" >&2
     exit 2
