@@ -399,10 +399,9 @@ def main():
 
 def table_row(r):
     """A row of the table the run ends with (`TABLE_ROW` reads its first columns back: --against)."""
-    fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     return (f"{r['qtype']:5} {r['backend'][:52]:52} {r['prompt_tps']:12.1f} {r['decode_tps']:12.1f} "
-            f"{r['ms_per_token']:9.3f} {fmt(r.get('gpu_ms'), '7.3f')} {fmt(r.get('outside_ms'), '7.3f')} "
-            f"{r['weights_mb']:10.1f} {fmt(r.get('gbs_gpu'), '10.1f')} {fmt(r.get('roofline_gpu'), '8.0%')}")
+            f"{r['ms_per_token']:9.3f} {shown(r.get('gpu_ms'), '7.3f')} {shown(r.get('outside_ms'), '7.3f')} "
+            f"{r['weights_mb']:10.1f} {shown(r.get('gbs_gpu'), '10.1f')} {shown(r.get('roofline_gpu'), '8.0%')}")
 
 
 # a table row's type, backend, prompt and decode tok/s (the format since 2026-12-02: older revisions' too)
@@ -538,15 +537,22 @@ def show_profile(profile, what="the last decode token"):
         + f"; total {1e3 * whole:.3f} ms", flush=True)
 
 
+def shown(value, spec):
+    """A figure as the tables print it; '-' where there is none (no timestamps, no known peak)."""
+    return "-" if value is None else format(value, spec)
+
+
 def print_row(r, peak):
     how = f"chained on the device, {r['chain']} a wait; a step a token {r['step_tps']:.1f} tok/s" if r["chained"] \
         else "a step a token"
+    outside = r["outside_ms"]  # (chained, the GPU works on the next tokens while the host waits: it can be < 0)
+    outside = "-" if outside is None else "overlapped" if outside < 0 else f"{outside:.3f} ms"
     print(f"{r['qtype']} {r['backend']}: prompt {r['prompt_tps']:.1f} tok/s ({r['prompt_host_ms']:.2f} ms of it "
           f"the host's besides waiting for the GPU: embedding, recording, submits), decode {r['decode_tps']:.1f} tok/s "
-          f"({how}; {r['ms_per_token']:.3f} ms/token; GPU {r['gpu_ms']} ms, outside {r['outside_ms']} ms), "
-          f"{r['weights_mb']:.0f} MB/token, {r['gbs_wall']:.1f} GB/s wall, GPU {r['gbs_gpu']} GB/s, "
-          f"peak {peak} TB/s, roofline (GPU time) {r['roofline_gpu']}, (wall) {r['roofline_wall']}, "
-          f"load {r['load_s']:.1f}s", flush=True)
+          f"({how}; {r['ms_per_token']:.3f} ms/token; GPU {shown(r['gpu_ms'], '.3f')} ms, outside {outside}), "
+          f"{r['weights_mb']:.0f} MB/token, {r['gbs_wall']:.1f} GB/s wall, GPU {shown(r['gbs_gpu'], '.1f')} GB/s, "
+          f"peak {shown(peak, '.2f')} TB/s, roofline (GPU time) {shown(r['roofline_gpu'], '.0%')}, (wall) "
+          f"{shown(r['roofline_wall'], '.0%')}, load {r['load_s']:.1f}s", flush=True)
 
 
 if __name__ == "__main__":
