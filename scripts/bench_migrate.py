@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench_decode import mpi_prefix  # noqa: E402
+from bench_decode import model_vocab, mpi_prefix  # noqa: E402
 from spmd.client import ClientError, request  # noqa: E402
 
 CASES = {  # name -> (layout or None for the --ranks default, [(label, request without "at")])
@@ -132,7 +132,8 @@ def decode_ms(result):
 
 
 def print_table(figures):
-    print(f"TinyLlama-1.1B shape, {figures['qtype']}, prompt {figures['prompt_len']}, on one machine; decode ms/token "
+    print(f"{figures['model']}{', ' + figures['qtype'] if figures['qtype'] else ''}, prompt {figures['prompt_len']}, "
+          "on one machine; decode ms/token "
           "(migrations excluded) "
           + ", ".join(f"{c} {ms:.1f}" for c, ms in figures["decode_ms_per_token"].items())
           + "; restart = load + prefill of the tokens so far (wall: the new job from mpirun to exit)")
@@ -155,7 +156,8 @@ def main():
     ap.add_argument("--layers-layout", default=CASES["layers"][0], help="the layers case's starting layout")
     ap.add_argument("--qtype", default="Q4_0", help="the written model's type: a spmd.synth file type")
     ap.add_argument("--prompt-len", type=int, default=32)
-    ap.add_argument("--model", help="an existing model file (default: write TinyLlama's shape to a temp folder)")
+    ap.add_argument("--model", help="an existing model file of TinyLlama's shape, whose units the cases' moves "
+                    "count (default: write one to a temp folder)")
     ap.add_argument("--json", help="write the figures to this file as well")
     args = ap.parse_args()
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
@@ -174,8 +176,11 @@ def main():
             write_model(model, TINYLLAMA, qtype=args.qtype, seed=0)
             print(f"wrote {model} ({os.path.getsize(model) / 2**20:.0f} MiB) in {time.perf_counter() - t:.1f} s",
                   file=sys.stderr)
-        prompt = [1] + [(97 * i + 13) % 31000 + 500 for i in range(args.prompt_len - 1)]
-        figures = {"ranks": args.ranks, "qtype": args.qtype, "prompt_len": args.prompt_len, "moves": [],
+        vocab = model_vocab(model)
+        prompt = [1] + [(97 * i + 13) % (vocab - 500) + 500 for i in range(args.prompt_len - 1)]
+        shape = "TinyLlama-1.1B shape" if args.model is None else os.path.basename(model)
+        figures = {"model": shape, "ranks": args.ranks, "qtype": args.qtype if args.model is None else None,
+                   "prompt_len": args.prompt_len, "moves": [],
                    "decode_ms_per_token": {}, "tokens_equal_file_peer": {}, "load_1min": os.getloadavg()[0]}
         tokens = {}
         for case in cases:
