@@ -23,7 +23,7 @@ import click
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
-from bench_decode import mpi_prefix  # noqa: E402
+from bench_decode import model_vocab, mpi_prefix  # noqa: E402
 LAYOUTS = (("1 GPU", "1", "0"), ("TP 1:1", "1:1", "0,1"), ("PP 1*1", "1*1", "0,1"))
 
 
@@ -78,9 +78,7 @@ def main(model, shape, qtype, prompt_len, steps, threads, bench):
         model = f"/tmp/{shape}-random-{qtype}.gguf"
         if not os.path.exists(model):
             write_model(model, TINYLLAMA if shape == "tinyllama" else LLAMA2_7B, qtype=qtype, seed=0)
-    from spmd.config import read_config
-    from spmd.gguf_file import GGUFFile
-    vocab = read_config(GGUFFile(model)).vocab
+    vocab = model_vocab(model)
     rng = random.Random(0)
     prompt, second = ([1] + [rng.randrange(3, vocab) for _ in range(prompt_len - 1)] for _ in range(2))
     print(f"{os.path.basename(model)}: prompt {prompt_len} tokens, {steps} generated")

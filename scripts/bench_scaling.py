@@ -31,7 +31,7 @@ from pathlib import Path
 import click
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_decode import (NETSIM, llama_cpp_peer, parse_run, random_prompt,  # noqa: E402
+from bench_decode import (NETSIM, llama_cpp_peer, model_vocab, parse_run, random_prompt,  # noqa: E402
                           run_spmd, save_png, where, write_random_model)
 from spmd.choices import ALLREDUCES  # noqa: E402
 from spmd.synth import TINYLLAMA, Shape  # noqa: E402
@@ -326,9 +326,7 @@ def main(model, small, qtype, tables, runs, prompt_len, prompt_lens, prompt_rank
         raise SystemExit(f"--tables: {', '.join(sorted(tables - set(TABLES))) or 'none given'}; choose among "
                          f"{', '.join(TABLES)}")
     model, tmp = make_model(model, small, qtype)
-    from spmd.config import read_config
-    from spmd.gguf_file import GGUFFile
-    vocab = read_config(GGUFFile(model)).vocab
+    vocab = model_vocab(model)
     peer = None if no_llama_cpp or not tables & {"ranks", "prompts"} else llama_cpp_peer(threads or os.cpu_count())
     place = where(hostfile)
     delay = os.environ.get("SPMD_TEST_LINK_DELAY_MS")

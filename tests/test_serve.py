@@ -312,10 +312,9 @@ def test_a_full_queue_answers_429(model):
         assert server.stop() == 0, "".join(server.lines)
 
 
-@pytest.mark.skipif(MPIRUN is None, reason="no mpirun")
-def test_sigterm_mid_answer_stops_every_rank(model, tmp_path):
-    sock = tmp_path / "c.sock"
-    server = Served(model, 3, ("--ratios", "1*1:1", "--control-socket", sock), env=SLOW)
+def answer_in_flight(server):
+    """A long greedy completion asked on a thread, returned once the server is generating it (a stop then lands
+    while it answers, however fast the host): (the thread, {"r": its reply} or {"e": its APIError} once done)."""
     got = {}
 
     def ask():
@@ -326,9 +325,17 @@ def test_sigterm_mid_answer_stops_every_rank(model, tmp_path):
     t = threading.Thread(target=ask)
     t.start()
     deadline = time.perf_counter() + 60
-    while not server.get("/cluster")[1]["server"]["in_flight"]:  # stopped while answering, however fast the host
+    while not server.get("/cluster")[1]["server"]["in_flight"]:
         assert time.perf_counter() < deadline and not got, got
         time.sleep(0.05)
+    return t, got
+
+
+@pytest.mark.skipif(MPIRUN is None, reason="no mpirun")
+def test_sigterm_mid_answer_stops_every_rank(model, tmp_path):
+    sock = tmp_path / "c.sock"
+    server = Served(model, 3, ("--ratios", "1*1:1", "--control-socket", sock), env=SLOW)
+    t, got = answer_in_flight(server)
     started = time.perf_counter()
     assert server.stop() == 0, "".join(server.lines)
     assert time.perf_counter() - started < 30
@@ -345,19 +352,7 @@ def test_sigterm_to_one_rank_alone_stops_the_server_as_rank_0s_would(model, tmp_
     from mpi_models import rank_pid
     sock = tmp_path / "c.sock"
     server = Served(model, 3, ("--ratios", "1*1:1", "--control-socket", sock), env=SLOW)
-    got = {}
-
-    def ask():
-        try:
-            got["r"] = server.client.completions.create(model="any", prompt="Once", max_tokens=400, temperature=0)
-        except openai.APIError as e:
-            got["e"] = e
-    t = threading.Thread(target=ask)
-    t.start()
-    deadline = time.perf_counter() + 60
-    while not server.get("/cluster")[1]["server"]["in_flight"]:
-        assert time.perf_counter() < deadline and not got, got
-        time.sleep(0.05)
+    t, got = answer_in_flight(server)
     started = time.perf_counter()
     os.kill(rank_pid(str(sock), 2), signal.SIGTERM)
     assert server.proc.wait(30) == 0, "".join(server.lines)
