@@ -84,9 +84,14 @@ def listen_error(e):
     return os.strerror(e.errno) if e.errno else str(e)
 
 
+def address(host, port):
+    """host:port as a URL writes it (an IPv6 address in brackets)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def serving_line(model_id, host, port, n_ranks, slots, context, more=""):
     """The line that says where the server listens, once the model has loaded (`more`: said after the figures)."""
-    return (f"serving {model_id} on http://{host}:{port} ({n_ranks} rank{'s' * (n_ranks > 1)}, {slots} "
+    return (f"serving {model_id} on http://{address(host, port)} ({n_ranks} rank{'s' * (n_ranks > 1)}, {slots} "
             f"sequence{'s' * (slots > 1)} of up to {context} positions at once{more})")
 
 

@@ -3,9 +3,13 @@ template as Hugging Face writes them) rendered in Jinja's immutable sandbox, or 
 
 The template sees `messages` (each a dict with "role" and "content" text), `add_generation_prompt` (True),
 `bos_token` and `eos_token` (their texts), `raise_exception(message)` and `strftime_now(format)`, as Hugging Face's
-`apply_chat_template` gives them. A template that fails is the caller's problem to report (TemplateError).
+`apply_chat_template` gives them. A template that fails is the caller's problem to report (TemplateError), and so is
+one that runs longer than RENDER_LIMIT_S or builds a value over MAX_VALUE (the sandbox bounds `range` alone: nested
+loops or a repeated string could otherwise hold a server's thread, and its exit, for ever).
 """
 import datetime
+import sys
+import time
 
 import jinja2
 import jinja2.ext
@@ -22,6 +26,8 @@ FALLBACK = ("{% for m in messages %}"
             "{% if add_generation_prompt %}Assistant:{% endif %}")
 ROLES = ("system", "user", "assistant", "tool", "developer")
 MAX_TEMPLATE_CHARS = 256 * 1024
+RENDER_LIMIT_S = 2.0  # a render's time at most (a real template renders a chat in milliseconds)
+MAX_VALUE = 16 << 20  # items (characters) of a value `*` repeats, or bits of a number `**` makes, at most
 
 
 class TemplateError(Exception):
@@ -32,14 +38,28 @@ def _raise(message):
     raise TemplateError(str(message))
 
 
+class _Sandbox(ImmutableSandboxedEnvironment):
+    """Jinja's immutable sandbox with `*` and `**` bounded (MAX_VALUE): either could take a single operation of
+    gigabytes or of minutes, which the render's time limit cannot stop."""
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(self, context, operator, left, right):
+        if operator == "*":
+            for seq, times in ((left, right), (right, left)):
+                if isinstance(seq, (str, list, tuple)) and isinstance(times, int) and len(seq) * times > MAX_VALUE:
+                    raise TemplateError("the model's chat template builds a value too large")
+        elif isinstance(left, int) and isinstance(right, int) and abs(right) * abs(left).bit_length() > MAX_VALUE:
+            raise TemplateError("the model's chat template builds a number too large")
+        return super().call_binop(context, operator, left, right)
+
+
 class ChatTemplate:
     def __init__(self, source, bos_token="", eos_token=""):
         """`source`: the template's text, or None for FALLBACK."""
         self.builtin = source is None
         if source is not None and (not isinstance(source, str) or len(source) > MAX_TEMPLATE_CHARS):
             raise TemplateError(f"tokenizer.chat_template must be text of at most {MAX_TEMPLATE_CHARS} characters")
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                            extensions=[jinja2.ext.loopcontrols])
+        env = _Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
         env.globals.update(raise_exception=_raise,
                            strftime_now=lambda fmt: datetime.datetime.now().strftime(str(fmt)))
         try:
@@ -49,15 +69,28 @@ class ChatTemplate:
         self.bos_token, self.eos_token = bos_token, eos_token
 
     def render(self, messages) -> str:
-        """The prompt text for `messages` ([{"role": ..., "content": text}]) with the assistant's turn opened."""
+        """The prompt text for `messages` ([{"role": ..., "content": text}]) with the assistant's turn opened, within
+        RENDER_LIMIT_S: each line the render runs checks the clock (a trace function on this thread)."""
+        deadline = time.monotonic() + RENDER_LIMIT_S
+
+        def each_line(frame, event, arg):
+            if time.monotonic() > deadline:
+                raise TemplateError(f"the model's chat template took longer than {RENDER_LIMIT_S:g} s on these "
+                                    "messages")
+            return each_line
+
+        before = sys.gettrace()
+        sys.settrace(lambda frame, event, arg: each_line)
         try:
             return self._template.render(messages=messages, add_generation_prompt=True, bos_token=self.bos_token,
                                          eos_token=self.eos_token)
         except TemplateError:
             raise
         except (jinja2.TemplateError, TypeError, ValueError, KeyError, IndexError, AttributeError,
-                RecursionError, OverflowError) as e:
+                RecursionError, OverflowError, MemoryError) as e:
             raise TemplateError(f"the model's chat template failed on these messages: {e}"[:300]) from None
+        finally:
+            sys.settrace(before)
 
 
 def from_gguf(gguf, tokenizer) -> ChatTemplate:

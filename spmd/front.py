@@ -49,7 +49,7 @@ class Front:
     `lost()` when a job has ended; `close()` at the end."""
 
     def __init__(self, host, port, model_id, queue_limit, cors, log, recovers=True):
-        from .api import Inbox, Server, listen_error
+        from .api import Inbox, Server, address, listen_error
         self.log, self.model_id, self.host, self.recovers = log, model_id, host, recovers
         self.wake, self._wake_w = os.pipe()  # the supervisor's select wakes as a request comes
         for fd in (self.wake, self._wake_w):
@@ -60,7 +60,7 @@ class Front:
             self.server.start()
         except OSError as e:
             self._close_pipe()
-            raise UserError(f"cannot listen on {host}:{port}: {listen_error(e)}") from None
+            raise UserError(f"cannot listen on {address(host, port)}: {listen_error(e)}") from None
         self.requests = {}  # index -> Request: sent to a job and not ended
         self.waiting = []  # (work, sink) taken from the inbox while no job was ready
         self.asks, self._asks = {}, iter(range(1, 2**62))  # status id -> reply

@@ -80,7 +80,7 @@ def read_prompts_file(path) -> list:
 def _looks_like_json_lines(line) -> bool:
     try:
         obj = json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):
         return False
     return isinstance(obj, dict) and ("prompt" in obj or "prompt_ids" in obj)
 
@@ -98,6 +98,8 @@ def _json_prompt(line, where) -> PromptSpec:
         obj = json.loads(line, object_pairs_hook=_unique_keys)
     except ValueError as e:
         raise UserError(f"{where}: not JSON ({e})") from None
+    except RecursionError:
+        raise UserError(f"{where}: not JSON this reads (nested too deeply)") from None
     if not isinstance(obj, dict):
         raise UserError(f"{where}: expected a JSON object with \"prompt\"")
     unknown = sorted(set(obj) - {"prompt", "prompt_ids", *SAMPLING})

@@ -20,7 +20,7 @@ ASK_AFTER_S = 0.5  # and asks rank 0 to stop after this long (where mpirun passe
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
-@click.option("--host", default="127.0.0.1", show_default=True,
+@click.option("--host", default="127.0.0.1", show_default=True, callback=lambda _c, _p, v: listen_host(v),
               help="Address to listen on (0.0.0.0: every interface of rank 0's host).")
 @click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535),
               help="TCP port (0: any free one; the address is printed).")
@@ -45,6 +45,15 @@ def cli(**kw):
     Run it on every rank: mpirun -n 3 python -m spmd.serve --model m.gguf --ratios 2:3:3 --port 8080
     """
     return kw
+
+
+def listen_host(text):
+    """--host as given; click's BadParameter where it is empty (an unset shell variable: which would listen on every
+    interface)."""
+    if not text.strip():
+        raise click.BadParameter("give an address or host name (127.0.0.1: this machine only; 0.0.0.0: every "
+                                 "interface)")
+    return text
 
 
 def cors_origins(text):
@@ -73,7 +82,7 @@ def run(argv):
     prog = "python -m spmd.serve"
     kw = flags_agreed(comm, parse_args(argv, comm.is_root, cli, prog), prog)
     imports_agreed(comm, ("engine", "api", "chat_template", "front"))
-    from .api import Gateway, Inbox, Server, listen_error, serving_line
+    from .api import Gateway, Inbox, Server, address, listen_error, serving_line
     from .chat_template import load_template
     from .control import default_path
     from .engine import Engine, RunOptions
@@ -94,7 +103,7 @@ def run(argv):
         try:
             server.start()  # /health answers 503 while the model loads
         except OSError as e:
-            failed = f"cannot listen on {host}:{port}: {listen_error(e)}"
+            failed = f"cannot listen on {address(host, port)}: {listen_error(e)}"
     failed = comm.first_error(failed)
     if failed is not None:
         log(f"error: {failed}")

@@ -3,13 +3,14 @@ fallback, request checks, and /health before and after the model has loaded (a r
 import json
 import re
 import socket
+import sys
 import time
 import urllib.error
 import urllib.request
 
 import pytest
 
-from spmd import api
+from spmd import api, chat_template
 from spmd.api import BadRequest, Gateway, Server, StopFilter, _json_object, _messages, _prompt, _sampling
 from spmd.chat_template import FALLBACK, ChatTemplate, TemplateError
 
@@ -76,6 +77,19 @@ def test_template_sandbox_and_errors():
         ChatTemplate("{{ raise_exception('only user') }}").render([])
     with pytest.raises(TemplateError):  # the sandbox refuses attribute access to internals
         ChatTemplate("{{ messages.__class__.__mro__ }}").render([])
+
+
+def test_a_template_that_would_run_for_ever_or_build_gigabytes_is_stopped(monkeypatch):
+    monkeypatch.setattr(chat_template, "RENDER_LIMIT_S", 0.2)
+    endless = ChatTemplate("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}x")
+    before, t = sys.gettrace(), time.monotonic()
+    with pytest.raises(TemplateError, match="took longer than 0.2 s"):
+        endless.render([{"role": "user", "content": "hi"}])
+    assert time.monotonic() - t < 5 and sys.gettrace() is before  # (the caller's trace function put back)
+    for big in ("{{ 'x' * 100000000 }}", "{{ [1] * 100000000 }}", "{{ 100000000 * 'xy' }}", "{{ 10 ** 100000000 }}"):
+        with pytest.raises(TemplateError, match="too large"):
+            ChatTemplate(big).render([])
+    assert ChatTemplate("{{ '=' * 3 }}{{ 2 ** 10 }}{{ 3 * 4 }}{{ 1.5 * 2 }}").render([]) == "===1024123.0"
 
 
 def test_request_checks():
@@ -372,6 +386,12 @@ def test_the_servers_own_page_needs_no_cors(origin, own):
         assert status == (400 if own else 403), body
     finally:
         server.stop()
+
+
+def test_an_address_is_written_as_a_url_writes_it():
+    assert api.address("127.0.0.1", 8080) == "127.0.0.1:8080" and api.address("localhost", 80) == "localhost:80"
+    assert api.address("::1", 8080) == "[::1]:8080" and api.address("fe80::1%eth0", 1) == "[fe80::1%eth0]:1"
+    assert api.serving_line("m", "::", 8080, 1, 1, 8).startswith("serving m on http://[::]:8080 (")
 
 
 def test_a_host_name_that_does_not_resolve_is_said_so():

@@ -25,7 +25,9 @@ def test_a_bom_is_not_part_of_the_first_prompt(tmp_path):
                                                 r"\*.jsonl"),
     ("p.jsonl", '{"prompt": "a", "prompt": "b"}\n', r"p.jsonl line 1: not JSON \(the key 'prompt' appears twice\)"),
     ("p.jsonl", '{"prompt": "lone \\ud800 here"}\n', r"p.jsonl line 1: \"prompt\" holds an unpaired surrogate"),
-    ("p.jsonl", '{"prompt": "ok"}\n{"prompt_ids": []}\n', r"p.jsonl line 2: \"prompt_ids\" is an empty list")])
+    ("p.jsonl", '{"prompt": "ok"}\n{"prompt_ids": []}\n', r"p.jsonl line 2: \"prompt_ids\" is an empty list"),
+    ("p.jsonl", '{"prompt": ' + "[" * 100_000 + "]" * 100_000 + "}\n",
+     r"p.jsonl line 1: not JSON this reads \(nested too deeply\)")])
 def test_mistakes_are_named(tmp_path, name, text, message):
     (tmp_path / name).write_text(text)
     with pytest.raises(UserError, match=message):
@@ -33,5 +35,8 @@ def test_mistakes_are_named(tmp_path, name, text, message):
 
 
 def test_a_plain_file_may_hold_braces_that_are_no_prompt_object(tmp_path):
+    deep = "[" * 100_000 + "]" * 100_000
     (tmp_path / "p.txt").write_text('{"name": "x"}\n{not json\n')
     assert [p.text for p in read_prompts_file(tmp_path / "p.txt")] == ['{"name": "x"}', "{not json"]
+    (tmp_path / "deep.txt").write_text(f"{deep}\n")  # (JSON too deep to read is no prompt object either)
+    assert [p.text for p in read_prompts_file(tmp_path / "deep.txt")] == [deep]

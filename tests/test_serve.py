@@ -375,6 +375,14 @@ def test_port_in_use_is_one_line(model):
     assert len(p.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("host", ["", " "])
+def test_an_empty_host_is_refused_not_every_interface(host):
+    p = subprocess.run([sys.executable, "-m", "spmd.serve", "--host", host], cwd=ROOT, capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == 1 and p.stderr.startswith("error: Invalid value for '--host': give an address"), p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
+
+
 def test_chat_cli(served):
     want = served.client.chat.completions.create(model="any", messages=[{"role": "user", "content": "Hello"}],
                                                  max_tokens=8, temperature=0).choices[0].message.content
