@@ -593,14 +593,20 @@ def test_half_layer_command_buffers_with_an_allreduce(models):
 
 
 @needs_device
-@pytest.mark.parametrize("direct", [True, False], ids=["mapped", "staged"])
+@pytest.mark.parametrize("memory", ["mapped", "staged", "uncached"])
 @pytest.mark.parametrize("multi", [False, True], ids=["one-buffer", "half-layers"])
-def test_pipeline_stages_in_turn_equal_the_whole_model(tmp_path, monkeypatch, multi, direct):
+def test_pipeline_stages_in_turn_equal_the_whole_model(tmp_path, monkeypatch, multi, memory):
     """Three one-rank stages of a 5-layer model (the first and middle without the head: the hidden state comes back
-    to the host, through a copy where the device's memory cannot be mapped); a prompt, then decode steps (the fused
-    one-buffer decode ends the first stages without the output norm). Each stage's cache holds its layers."""
+    to the host, through a copy into host memory where the device's memory cannot be mapped, or is mapped but not
+    through the host's caches, as a GPU's; lavapipe's is); a prompt, then decode steps (the fused one-buffer decode
+    ends the first stages without the output norm). Each stage's cache holds its layers."""
+    direct = memory != "staged"
     if not direct:
         monkeypatch.setattr(BACKEND.dev, "direct", False)
+    if memory == "uncached":
+        from spmd.backends.vk_runtime import vk
+        monkeypatch.setattr(BACKEND.dev, "type_flags", [f & ~vk.VK_MEMORY_PROPERTY_HOST_CACHED_BIT
+                                                        for f in BACKEND.dev.type_flags])
     path = write_model(tmp_path / "m.gguf", Shape(**{**LLAMA.__dict__, "n_layers": 5}), "Q4_0", 7)
     ref = _shard_models(path, _whole)[0]
     stages = [_shard_models(path, lambda cfg, r=r: make_plan(parse_layout("1*2*1", 3), cfg)[r])[1] for r in range(3)]
@@ -610,7 +616,8 @@ def test_pipeline_stages_in_turn_equal_the_whole_model(tmp_path, monkeypatch, mu
     for pos, t in enumerate((5, 6, 7), start=len(PROMPT)):
         np.testing.assert_allclose(step(stages, [(0, pos, [t])], allreduce), run(ref, [t], pos), rtol=0, atol=1e-4)
     acts, recs = stages[0]._decode[multi, False, 1, False]  # the one-token decode recording without the head
-    assert (acts.io is acts.x) == direct and acts.fused == (direct and not multi)
+    assert (acts.io is acts.x) == direct and (acts.out is acts.x) == (memory == "mapped")
+    assert acts.fused == (direct and not multi)
     assert len(recs) == (1 if not multi else 2 * 1 + 1)
     assert set(stages[1].cache_take(0, 4)) == {(layer, j) for layer in (1, 2, 3) for j in (0, 1)}
     whole = ref.cache_take(0, len(PROMPT) + 3)

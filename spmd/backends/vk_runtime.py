@@ -89,6 +89,9 @@ class Buffer:
         vk.vkBindBufferMemory(dev.device, self.handle, self.memory, 0)
         self.key = int(vk.ffi.cast("uintptr_t", self.handle))  # names it in DescriptorSets
         self.view = None
+        # whether the host reads it through its caches (host memory, lavapipe's); else each read of a GPU's own
+        # memory crosses the bus uncached
+        self.cached = bool(dev.type_flags[type_index] & vk.VK_MEMORY_PROPERTY_HOST_CACHED_BIT)
         if dev.type_flags[type_index] & vk.VK_MEMORY_PROPERTY_HOST_VISIBLE_BIT and (where != "device" or dev.direct):
             mapped = vk.vkMapMemory(dev.device, self.memory, 0, self.nbytes, 0)
             self.view = np.frombuffer(mapped, np.uint8)
@@ -414,8 +417,9 @@ class Device:
         rec.free()
 
     def read(self, buf, offset, nbytes):
-        """Bytes of a buffer as a fresh uint8 array: from its mapping, or through a host buffer."""
-        if buf.view is not None:
+        """Bytes of a buffer as a fresh uint8 array: from its mapping where the host reads it through its caches,
+        else through a host buffer (a GPU's memory read over PCIe uncached is slow)."""
+        if buf.view is not None and buf.cached:
             return buf.view[offset:offset + nbytes].copy()
         host = Buffer(self, nbytes, "host")
         rec = Recording(self)

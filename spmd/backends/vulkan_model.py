@@ -132,8 +132,11 @@ class Activations:
         self.segments = n  # segments of the pass being recorded (forward sets it; a decode step: one a row)
         self.split = split
         self.x = Buffer(dev, n * m.dp * 4)  # (n, dp) residual stream
-        # (n, dp) the host's window on x: the input written in, the hidden state read out (x itself where mappable)
+        # (n, dp) the host's windows on x: `io` the input written in (x itself where mappable), `out` the hidden state
+        # read out (x itself where the host reads it through its caches: reading a GPU's memory over PCIe, uncached,
+        # took about 0.5 ms for a TinyLlama row on an H100)
         self.io = self.x if self.x.view is not None else Buffer(dev, n * m.dp * 4, "host")
+        self.out = self.io if self.io is not self.x or self.x.cached else Buffer(dev, n * m.dp * 4, "host")
         # (n, 4) uint32 the attention kernel's row table, written before each submit: in device memory where the
         # host can map it (read by every attention workgroup: a read over PCIe from host memory cost ~2 us each
         # on an H200)
@@ -179,6 +182,8 @@ class Activations:
                 self.buffers += [self.int8_norm.rounded, self.int8_norm.q, self.int8_norm.d, self.counts]
         if self.io is not self.x:
             self.buffers.append(self.io)
+        if self.out is not self.io:
+            self.buffers.append(self.out)
         dev.zero(self.buffers)
 
     def use(self, n):
@@ -343,9 +348,9 @@ class VulkanModel:
                 recs[-1].mark("add")
         if head:
             self._classifier(recs[-1], a, scored)
-        elif a.io is not a.x:  # the hidden state back to the host
+        elif a.out is not a.x:  # the hidden state back to the host
             recs[-1].barrier(to_copy=True)
-            self.dev.copy(recs[-1], a.x, a.io, a.n * self.dp * 4)
+            self.dev.copy(recs[-1], a.x, a.out, a.n * self.dp * 4)
         if into is not None:
             into.barrier(after_copy=True)
             into.mark("classifier")
@@ -586,7 +591,7 @@ class VulkanModel:
                 self.last_profile = [item for rec in recs for item in rec.profile()]
             if head:
                 return acts.logits.array(np.float32, (len(segments), self.nv)).copy()
-            return acts.io.array(np.float32, (n, self.dp))[:, :self.cfg.dim].copy()
+            return acts.out.array(np.float32, (n, self.dp))[:, :self.cfg.dim].copy()
         except BaseException:  # (recording failed, or a Ctrl-C while waiting): nothing may still run when its
             # buffers go
             self.dev.idle()
