@@ -8,6 +8,7 @@ one that runs longer than RENDER_LIMIT_S or builds a value over MAX_VALUE (the s
 loops or a repeated string could otherwise hold a server's thread, and its exit, for ever).
 """
 import datetime
+import functools
 import sys
 import time
 
@@ -38,10 +39,37 @@ def _raise(message):
     raise TemplateError(str(message))
 
 
+def _sizes(args, kwargs):
+    """Refuse a number over MAX_VALUE among a call's arguments: a width or count the call would fill."""
+    if any(isinstance(a, int) and abs(a) > MAX_VALUE for a in (*args, *kwargs.values())):
+        raise TemplateError("the model's chat template asks for a value too large")
+
+
+def _sized(f):
+    """A filter whose arguments after the value (and the context Jinja passes some first) are sizes (`_sizes`)."""
+    first = 2 if hasattr(f, "jinja_pass_arg") else 1
+
+    @functools.wraps(f)  # (with Jinja's mark of what it passes first)
+    def sized(*args, **kwargs):
+        _sizes(args[first:], kwargs)
+        return f(*args, **kwargs)
+    return sized
+
+
 class _Sandbox(ImmutableSandboxedEnvironment):
-    """Jinja's immutable sandbox with `*` and `**` bounded (MAX_VALUE): either could take a single operation of
-    gigabytes or of minutes, which the render's time limit cannot stop."""
+    """Jinja's immutable sandbox with `*` and `**`, the methods it calls and the filters that fill a size bounded
+    (MAX_VALUE): each could take a single operation of gigabytes or of minutes, which the render's time limit cannot
+    stop (and Jinja runs a filter of constants once, as it compiles the template)."""
     intercepted_binops = frozenset({"*", "**"})
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        for name in ("center", "indent", "batch", "slice"):
+            self.filters[name] = _sized(self.filters[name])
+
+    def call(__self, __context, __obj, *args, **kwargs):  # (Jinja's names: a template's arguments may be any)
+        _sizes(args, kwargs)
+        return super().call(__context, __obj, *args, **kwargs)
 
     def call_binop(self, context, operator, left, right):
         if operator == "*":

@@ -86,10 +86,14 @@ def test_a_template_that_would_run_for_ever_or_build_gigabytes_is_stopped(monkey
     with pytest.raises(TemplateError, match="took longer than 0.2 s"):
         endless.render([{"role": "user", "content": "hi"}])
     assert time.monotonic() - t < 5 and sys.gettrace() is before  # (the caller's trace function put back)
-    for big in ("{{ 'x' * 100000000 }}", "{{ [1] * 100000000 }}", "{{ 100000000 * 'xy' }}", "{{ 10 ** 100000000 }}"):
+    for big in ("{{ 'x' * 100000000 }}", "{{ [1] * 100000000 }}", "{{ 100000000 * 'xy' }}", "{{ 10 ** 100000000 }}",
+                "{{ 'x'|center(10 ** 10) }}", "{{ 'x'.rjust(10 ** 10) }}", "{{ [1]|batch(10 ** 10, 0)|list }}",
+                "{{ [1]|slice(10 ** 10)|list }}", "{{ 'a'|indent(10 ** 10) }}"):  # (filters of constants: as it loads)
         with pytest.raises(TemplateError, match="too large"):
             ChatTemplate(big).render([])
-    assert ChatTemplate("{{ '=' * 3 }}{{ 2 ** 10 }}{{ 3 * 4 }}{{ 1.5 * 2 }}").render([]) == "===1024123.0"
+    small = ChatTemplate("{{ '=' * 3 }}{{ 2 ** 10 }}{{ 3 * 4 }}{{ 1.5 * 2 }}|{{ 'x'|center(3) }}{{ 'y'.rjust(2) }}"
+                         "{{ [1, 2, 3]|batch(2)|list }}{{ 1700000000 }}")
+    assert small.render([]) == "===1024123.0| x  y[[1, 2], [3]]1700000000"
 
 
 def test_request_checks():
