@@ -4,8 +4,10 @@ template as Hugging Face writes them) rendered in Jinja's immutable sandbox, or 
 The template sees `messages` (each a dict with "role" and "content" text), `add_generation_prompt` (True),
 `bos_token` and `eos_token` (their texts), `raise_exception(message)` and `strftime_now(format)`, as Hugging Face's
 `apply_chat_template` gives them. A template that fails is the caller's problem to report (TemplateError), and so is
-one that runs longer than RENDER_LIMIT_S or builds a value over MAX_VALUE (the sandbox bounds `range` alone: nested
-loops or a repeated string could otherwise hold a server's thread, and its exit, for ever).
+one that runs longer than RENDER_LIMIT_S, writes more than MAX_VALUE characters, or builds a value over MAX_VALUE or a
+number over MAX_INT_BITS (the sandbox bounds `range` alone: nested loops or a repeated string could otherwise hold a
+server's thread, and its exit, for ever). What a single operation that is not checked (a `~` or a filter's result)
+takes within the time limit is not bounded: a template is the model file's, not a client's.
 """
 import datetime
 import functools
@@ -28,7 +30,8 @@ FALLBACK = ("{% for m in messages %}"
 ROLES = ("system", "user", "assistant", "tool", "developer")
 MAX_TEMPLATE_CHARS = 256 * 1024
 RENDER_LIMIT_S = 2.0  # a render's time at most (a real template renders a chat in milliseconds)
-MAX_VALUE = 16 << 20  # items (characters) of a value `*` repeats, or bits of a number `**` makes, at most
+MAX_VALUE = 16 << 20  # items (characters) of a value `*` repeats or a filter or method fills, or a render writes
+MAX_INT_BITS = 1 << 16  # bits of a number arithmetic makes (a long multiplication or division holds the GIL)
 
 
 class TemplateError(Exception):
@@ -37,6 +40,10 @@ class TemplateError(Exception):
 
 def _raise(message):
     raise TemplateError(str(message))
+
+
+class _Overtime(BaseException):
+    """The render's deadline passed: raised by its trace function, past any `except Exception` in Jinja's code."""
 
 
 def _sizes(args, kwargs):
@@ -60,7 +67,7 @@ class _Sandbox(ImmutableSandboxedEnvironment):
     """Jinja's immutable sandbox with `*` and `**`, the methods it calls and the filters that fill a size bounded
     (MAX_VALUE): each could take a single operation of gigabytes or of minutes, which the render's time limit cannot
     stop (and Jinja runs a filter of constants once, as it compiles the template)."""
-    intercepted_binops = frozenset({"*", "**"})
+    intercepted_binops = frozenset({"*", "**", "+", "-", "//", "%", "/"})
 
     def __init__(self, **options):
         super().__init__(**options)
@@ -72,12 +79,15 @@ class _Sandbox(ImmutableSandboxedEnvironment):
         return super().call(__context, __obj, *args, **kwargs)
 
     def call_binop(self, context, operator, left, right):
-        if operator == "*":
+        if isinstance(left, int) and isinstance(right, int):
+            bits = left.bit_length(), right.bit_length()
+            made = (abs(right) * bits[0] if operator == "**" else sum(bits) if operator == "*" else max(bits))
+            if made > MAX_INT_BITS:
+                raise TemplateError("the model's chat template builds a number too large")
+        elif operator == "*":
             for seq, times in ((left, right), (right, left)):
                 if isinstance(seq, (str, list, tuple)) and isinstance(times, int) and len(seq) * times > MAX_VALUE:
                     raise TemplateError("the model's chat template builds a value too large")
-        elif isinstance(left, int) and isinstance(right, int) and abs(right) * abs(left).bit_length() > MAX_VALUE:
-            raise TemplateError("the model's chat template builds a number too large")
         return super().call_binop(context, operator, left, right)
 
 
@@ -103,15 +113,23 @@ class ChatTemplate:
 
         def each_line(frame, event, arg):
             if time.monotonic() > deadline:
-                raise TemplateError(f"the model's chat template took longer than {RENDER_LIMIT_S:g} s on these "
-                                    "messages")
+                raise _Overtime
             return each_line
 
         before = sys.gettrace()
         sys.settrace(lambda frame, event, arg: each_line)
         try:
-            return self._template.render(messages=messages, add_generation_prompt=True, bos_token=self.bos_token,
-                                         eos_token=self.eos_token)
+            parts, written = [], 0
+            for part in self._template.generate(messages=messages, add_generation_prompt=True,
+                                                bos_token=self.bos_token, eos_token=self.eos_token):
+                written += len(part)
+                if written > MAX_VALUE:
+                    raise TemplateError(f"the model's chat template writes more than {MAX_VALUE} characters")
+                parts.append(part)
+            return "".join(parts)
+        except _Overtime:
+            raise TemplateError(f"the model's chat template took longer than {RENDER_LIMIT_S:g} s on these "
+                                "messages") from None
         except TemplateError:
             raise
         except (jinja2.TemplateError, TypeError, ValueError, KeyError, IndexError, AttributeError,

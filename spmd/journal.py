@@ -144,7 +144,7 @@ def read_resume(path):
     bad = UserError(f"--resume {path}: not a resume file of this version of spmd (spmd.supervise writes it)")
     try:
         obj = json.loads(data) if len(data) <= MAX_RESUME_BYTES else None
-    except ValueError:
+    except (ValueError, RecursionError):  # (RecursionError: nested too deeply)
         raise bad from None
     if not (isinstance(obj, dict) and obj.get("version") == VERSION and isinstance(obj.get("ratios"), (str, type(None)))
             and isinstance(obj.get("sequences"), list) and (obj.get("ranks") is None or _ints(obj["ranks"]))

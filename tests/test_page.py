@@ -106,8 +106,9 @@ def test_the_log_follows_an_answer_and_new_chat_or_an_input_method_do_not_mix_tu
         field("max-tokens", "400")
         enter(composing=False)
         wait.until(lambda b: b.find_element(By.CSS_SELECTOR, ".assistant:not([data-done])").text.strip())
-        browser.find_element(By.ID, "reset").click()  # mid-answer
-        assert browser.find_elements(By.CSS_SELECTOR, "#log .msg") == []
+        busy = browser.execute_script("const busy = !document.getElementById('stop').disabled; "
+                                      "document.getElementById('reset').click(); return busy;")
+        assert busy and browser.find_elements(By.CSS_SELECTOR, "#log .msg") == []  # New chat, mid-answer
         wait.until(lambda b: b.find_element(By.ID, "send").is_enabled())
         field("max-tokens", "12")
         field("temperature", "0")

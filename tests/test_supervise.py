@@ -105,7 +105,8 @@ def test_a_second_loss_before_the_relaunch_has_loaded_starts_from_its_layout(tmp
                                      '"tokens": ["a"], "finish": null, "rng": null}]}',
                                      '{"version": 1, "ratios": "1", "sequences": [], "began": -1}',
                                      '{"version": 1, "ratios": "1", "sequences": [{"seq": 0, "prompt": [1], '
-                                     '"tokens": [2], "finish": "eos", "rng": null, "figures": {"queued_ms": 1}}]}'])
+                                     '"tokens": [2], "finish": "eos", "rng": null, "figures": {"queued_ms": 1}}]}',
+                                     "[" * 100_000 + "]" * 100_000])
 def test_a_bad_resume_file_is_refused(tmp_path, content):
     path = tmp_path / "r.json"
     path.write_text(content)

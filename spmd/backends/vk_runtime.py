@@ -423,15 +423,15 @@ class Device:
             return buf.view[offset:offset + nbytes].copy()
         host = Buffer(self, nbytes, "host")
         rec = Recording(self)
-        region = vk.VkBufferCopy(srcOffset=offset, dstOffset=0, size=nbytes)
-        vk.vkCmdCopyBuffer(rec.cmd, buf.handle, host.handle, 1, [region])
-        rec.barrier(to_host=True)
-        rec.end()
-        rec.run()
-        rec.free()
-        data = host.view[:nbytes].copy()
-        host.free()
-        return data
+        try:
+            self.copy(rec, buf, host, nbytes, src_offset=offset)
+            rec.barrier(to_host=True)
+            rec.end()
+            rec.run()
+            return host.view[:nbytes].copy()
+        finally:
+            rec.free()
+            host.free()
 
     def copy(self, rec, src, dst, nbytes, src_offset=0, dst_offset=0):
         """Record a copy of nbytes of src (from src_offset) into dst (at dst_offset)."""
