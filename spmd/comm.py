@@ -99,7 +99,8 @@ def link_delay_s():
 def test_signals(rank):
     """TEST ONLY: SPMD_TEST_SIGNAL=RANK:STEP:SIG[:ONCE][,...] makes rank RANK send itself SIG (STOP: a host that
     froze; KILL: one that died; WATCHER_KILL: SIGKILL to its supervised watcher, spmd.watch) when it has seen STEP
-    step records (STEP "replan": at the first migration's; "load": as it starts to load its weights). With ONCE
+    step records (STEP "replan": at the first migration's; "load": as it starts to load its weights; "exit": as
+    spmd.run is done, before it exits). With ONCE
     (a file path) only the rank that creates that file does it, so a relaunched job (spmd.supervise) does not
     repeat it. {step: [(signal, once, to the watcher)]} for this rank."""
     text = os.environ.get("SPMD_TEST_SIGNAL", "").strip()
@@ -108,7 +109,7 @@ def test_signals(rank):
         who, at, sig, *once = part.split(":", 3)
         if int(who) == rank:
             watcher = sig.startswith("WATCHER_")
-            out.setdefault(at if at in ("replan", "load") else int(at), []).append(
+            out.setdefault(at if at in ("replan", "load", "exit") else int(at), []).append(
                 (getattr(signal, f"SIG{sig.removeprefix('WATCHER_')}"), once[0] if once else None, watcher))
     return out
 

@@ -423,6 +423,7 @@ def run(argv):
             except UserError as e:
                 log(f"error: {e}")
                 sys.exit(1)
+    comm.test_signal("exit")
 
 
 if __name__ == "__main__":

@@ -480,6 +480,18 @@ class Supervisor:
                             waited = now - progress.last
                     if waited is not None:
                         return 1, self._stalled(job, progress, waited, now)
+                elif record.done and front is None and self.stopping is None and min(
+                        now - progress.last, now - checked) > self.progress_timeout:
+                    # the text is complete and mpirun has not ended: it waits for a rank or host lost as the job
+                    # ended (a frozen rank, or a remote rank's proxy whose link went down)
+                    checked = now
+                    gone = self._stopped_or_gone()
+                    if gone or self._silent_hosts():
+                        lost = self._lost(gone)
+                        signal_pids([self.record.ranks[rank][1] for rank in gone], signal.SIGKILL)
+                        job.end(self._local_pids())
+                        print(f"note: {describe(lost, '')} after the text was complete", file=sys.stderr, flush=True)
+                        return self._success(), None
                 died_at = self._death_noticed(job, died_at, now)
                 if died_at is not None and now - died_at > DEATH_GRACE_S:
                     return 1, self._stalled(job, progress, None, now)

@@ -336,6 +336,22 @@ def test_a_lost_rank_is_recovered_from_and_the_text_is_unchanged(model, tmp_path
     assert no_new_shm_files(before)  # (a killed rank's job left its file: the supervisor's janitor)
 
 
+def test_a_rank_lost_as_the_job_ends_does_not_hold_the_finished_run(model, tmp_path):
+    """A rank that froze once its work was done (or a host whose link went down as the job ended: mpirun then waits
+    for its proxy for ever): the text is complete, so the supervisor ends the job once the rank is found and the run
+    succeeds, saying so; nothing of the job is left."""
+    from mpi_models import no_new_shm_files, shm_files
+    want = subprocess.run([MPIRUN, "-n", "3", sys.executable, "-m", "spmd.run", "--model", model, "--ratios",
+                           "1:1:1", "--steps", str(STEPS), "--prompt", "Hello"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    before = shm_files()
+    p = supervised(model, 3, "1:1:1", kills(tmp_path, "2:exit:STOP"), "--prompt", "Hello",
+                   launch=("--progress-timeout", "1"), timeout=120)
+    assert p.returncode == 0 and p.stdout == want.stdout, p.stderr
+    assert "note: rank 2 (localhost) stopped after the text was complete\n" in p.stderr
+    assert "Traceback" not in p.stderr and no_new_shm_files(before)
+
+
 def test_text_streams_on_without_a_gap_or_a_repeat(model, tmp_path):
     want = subprocess.run([MPIRUN, "-n", "3", sys.executable, "-m", "spmd.run", "--model", model, "--ratios",
                            "1:1:1", "--steps", str(STEPS), "--prompt", "Hello"], cwd=ROOT, capture_output=True,
