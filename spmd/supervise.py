@@ -486,8 +486,8 @@ class Supervisor:
                     # ended (a frozen rank, or a remote rank's proxy whose link went down)
                     checked = now
                     gone = self._stopped_or_gone()
-                    if gone or self._silent_hosts():
-                        lost = self._lost(gone)
+                    lost = self._lost(gone)  # (with the ranks of the hosts that do not answer: probed once)
+                    if lost:
                         signal_pids([self.record.ranks[rank][1] for rank in gone], signal.SIGKILL)
                         job.end(self._local_pids())
                         print(f"note: {describe(lost, '')} after the text was complete", file=sys.stderr, flush=True)
