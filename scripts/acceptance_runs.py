@@ -3,10 +3,10 @@ and stderr to files, and, for a migration scenario, its schedule driven through 
 `spmd.client` while it generates."""
 import json
 import os
-import sys
 import shlex
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
