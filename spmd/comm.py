@@ -26,7 +26,9 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
+import weakref
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -44,6 +46,9 @@ from mpi4py import MPI  # noqa: E402 (MPI starts here)
 
 # waiting on MPI: test without pause this long, then yielding the core until SPIN_S, then between naps up to NAP_MAX_S
 BUSY_S, SPIN_S, NAP_MAX_S = 1e-4, 0.05, 0.002
+WATCH_LOOK_S = 1.0  # how often the watchdog looks (`watch`)
+ABORT_GRACE_S = 5.0  # how long `give_up` lets MPI_Abort take the job down before this rank ends itself (on a host
+# cut off from the others, MPI_Abort cannot reach mpirun)
 DEFAULT_WAIT_S = 600.0  # --wait-timeout's default: how long a rank waits for the others before it gives up
 TAG_META, TAG_DATA, TAG_HIDDEN, TAG_LOGITS, TAG_NOTE, TAG_STOP = 71, 72, 73, 74, 75, 76  # point-to-point messages
 
@@ -99,8 +104,8 @@ def link_delay_s():
 def test_signals(rank):
     """TEST ONLY: SPMD_TEST_SIGNAL=RANK:STEP:SIG[:ONCE][,...] makes rank RANK send itself SIG (STOP: a host that
     froze; KILL: one that died; WATCHER_KILL: SIGKILL to its supervised watcher, spmd.watch) when it has seen STEP
-    step records (STEP "replan": at the first migration's; "load": as it starts to load its weights; "exit": as
-    spmd.run is done, before it exits). With ONCE
+    step records (STEP "replan": at the first migration's; "stop": at the STOP record, the text complete; "load": as
+    it starts to load its weights; "exit": as spmd.run is done, before it exits). With ONCE
     (a file path) only the rank that creates that file does it, so a relaunched job (spmd.supervise) does not
     repeat it. {step: [(signal, once, to the watcher)]} for this rank."""
     text = os.environ.get("SPMD_TEST_SIGNAL", "").strip()
@@ -109,7 +114,7 @@ def test_signals(rank):
         who, at, sig, *once = part.split(":", 3)
         if int(who) == rank:
             watcher = sig.startswith("WATCHER_")
-            out.setdefault(at if at in ("replan", "load", "exit") else int(at), []).append(
+            out.setdefault(at if at in ("replan", "stop", "load", "exit") else int(at), []).append(
                 (getattr(signal, f"SIG{sig.removeprefix('WATCHER_')}"), once[0] if once else None, watcher))
     return out
 
@@ -166,8 +171,12 @@ class Comm:
         self._step = np.zeros(record_size(1), dtype=np.int64)
         self._sends = []  # (request, buffer) of the hand-offs in flight
         self._notes, self._told = [], []  # requests of the lines sent to rank 0, and rank 0's own (`tell_root`)
-        self.steps_seen, self.last_step_at = 0, time.monotonic()  # for the watchdog (spmd.engine)
+        self.steps_seen, self.last_step_at = 0, time.monotonic()  # for the watchdog (`watch`)
         self.setting_up = True  # set-up's collectives wait in Python, bounded (`arrive`); Engine.run ends it
+        self.generating = False  # Engine.run: the watchdog bounds the time between step records
+        self.in_call_since = None  # when a collective of this class went into MPI (the watchdog bounds it)
+        self._watchdog = None  # the thread of `watch`, from the first collective of a job of several ranks
+        self._giving_up = threading.Lock()  # `give_up` once
         self.wait_timeout_s = DEFAULT_WAIT_S  # --wait-timeout, once the flags are read (0: never)
         self.before_abort = lambda: None  # what `give_up` does before it takes the job down (rank 0: its control
         # socket's file removed)
@@ -240,8 +249,8 @@ class Comm:
         step = step if self.is_root else self._decode(long_tokens)
         if self._signals:
             due = self._signals.pop(self.steps_seen, [])
-            if step.op == Op.REPLAN:
-                due += self._signals.pop("replan", [])
+            if step.op in (Op.REPLAN, Op.STOP):
+                due += self._signals.pop(step.op.name.lower(), [])
             _test_signal(due)
         return step
 
@@ -541,12 +550,53 @@ class Comm:
             self.give_up(f"waited {limit:.0f} s for the other ranks while setting up: a rank has stopped or its host "
                          "is gone (--wait-timeout)")
 
+    def collective(self, call, *args, **kwargs):
+        """One of MPI's blocking collectives, `call(*args, **kwargs)`: first `arrive` (set-up), then the call itself
+        under the watchdog. A rank that stops, or whose host is cut off, after the others arrived would leave them in
+        the call, in C, for ever."""
+        self.arrive()
+        self.start_watchdog()
+        self.in_call_since = time.monotonic()
+        try:
+            return call(*args, **kwargs)
+        finally:
+            self.in_call_since = None
+
+    def start_watchdog(self):
+        """Once, in a job of several ranks: the thread that bounds this rank's waits (`watch`), for its life."""
+        if self._watchdog is None and self.size > 1:
+            self._watchdog = threading.Thread(target=watch, args=(weakref.ref(self),), name="spmd-watchdog",
+                                              daemon=True)
+            self._watchdog.start()
+
+    def overdue(self):
+        """The watchdog's look, each second: why this rank gives up, or None. Past --wait-timeout (rank 0's a
+        little sooner, so that it is the one to say so) without a step record while generating, or inside one
+        collective at any time, another rank has stopped or its host is gone. Rank 0 also looks, while generating,
+        whether a rank that a signal stopped asks it to stop the job (`stop_asked`)."""
+        if self.generating and self.is_root:
+            self.stop_asked()
+        if self.wait_timeout_s <= 0:
+            return None
+        limit, now, since = self.wait_timeout_s + (0 if self.is_root else 5), time.monotonic(), self.in_call_since
+        if self.generating and now - self.last_step_at > limit:
+            return (f"no step for {now - self.last_step_at:.0f} s: another rank has stopped or its host is gone "
+                    "(--wait-timeout)")
+        if since is not None and now - since > limit:
+            return f"waited {now - since:.0f} s inside a collective: another rank has stopped or its host is gone " \
+                   "(--wait-timeout)"
+        return None
+
     def give_up(self, why):
         """A wait for another rank has lasted too long: say why in one line, `before_abort`, and take every rank
-        down (MPI_Abort) instead of waiting for ever."""
+        down (MPI_Abort) instead of waiting for ever; where that does not end this rank within ABORT_GRACE_S (its
+        host cut off: MPI_Abort cannot reach mpirun), it ends itself. Once: a second caller waits for the end."""
+        if not self._giving_up.acquire(blocking=False):
+            threading.Event().wait()  # (the first caller ends the process)
         print(f"error: rank {self.rank} ({host_name()}): {why}", file=sys.stderr, flush=True)
         self.before_abort()
         time.sleep(0.5)  # for mpirun to pass the line on before the abort ends its forwarding
+        threading.Timer(ABORT_GRACE_S, os._exit, (1,)).start()
         self.abort(1)
 
     @staticmethod
@@ -556,34 +606,40 @@ class Comm:
         return e.Get_error_string().splitlines()[0] if isinstance(e, MPI.Exception) else None
 
     def allgather(self, obj):
-        self.arrive()
-        return self.comm.allgather(obj)
+        return self.collective(self.comm.allgather, obj)
 
     def gather(self, obj):
-        self.arrive()
-        return self.comm.gather(obj, root=0)
+        return self.collective(self.comm.gather, obj, root=0)
 
     def bcast(self, obj, root=0):
-        self.arrive()
-        return self.comm.bcast(obj, root=root)
+        return self.collective(self.comm.bcast, obj, root=root)
 
     def on_this_machine(self):
         """(this rank's index among the job's ranks on its machine, how many they are): they share its cores, and
         a rank takes the GPU of its index by default. A collective: every rank calls it."""
-        self.arrive()
-        node = self.comm.Split_type(MPI.COMM_TYPE_SHARED)
+        node = self.collective(self.comm.Split_type, MPI.COMM_TYPE_SHARED)
         index, count = node.Get_rank(), node.Get_size()
         node.Free()
         return index, count
 
     def barrier(self):
-        self.arrive()
-        self.comm.Barrier()
+        self.collective(self.comm.Barrier)
 
     def abort(self, code=1):
         """Every rank taken down (MPI_Abort), this rank's MPICH shared-memory files removed once the job is gone."""
         clean_up_after_abort()
         self.comm.Abort(code)
+
+
+def watch(ref):
+    """A rank's watchdog thread: each second `Comm.overdue`, then `Comm.give_up` where it says why. It holds the
+    Comm weakly and ends with it."""
+    while (comm := ref()) is not None:
+        why, timeout = comm.overdue(), comm.wait_timeout_s
+        if why is not None:
+            comm.give_up(why)
+        del comm
+        time.sleep(min(WATCH_LOOK_S, timeout / 4) if timeout > 0 else WATCH_LOOK_S)
 
 
 def best(logits, keeps, start):

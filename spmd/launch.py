@@ -146,9 +146,13 @@ def cli(hostfile, ranks, timeout, serve, no_recover, max_recoveries, progress_ti
     first = hosts[0][1] if hosts else "localhost"  # where rank 0 runs
     if is_local(first):
         flags = server_flags(run_args) if serve else None
-        sys.exit(Supervisor(mpirun, [(h, slots) for _, h, slots in hosts] if hosts else None, ranks, run_args,
+        status = Supervisor(mpirun, [(h, slots) for _, h, slots in hosts] if hosts else None, ranks, run_args,
                             progress_timeout=progress_timeout, max_recoveries=0 if no_recover else max_recoveries,
-                            probe_timeout=min(timeout, 2.0), env=env, serve=flags).run())
+                            probe_timeout=min(timeout, 2.0), env=env, serve=flags).run()
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the job is over and its status known: a late Ctrl-C (a
+        # second one, as a server stops) changes nothing (Python's exit restores the default handler, which would
+        # end the launcher by SIGINT instead)
+        sys.exit(status)
     print(f"note: rank 0 runs on {first}, not on this machine: the {'server' if serve else 'run'} is not "
           "supervised (a lost rank ends it); start spmd.launch there to have it supervised", file=sys.stderr)
     placed = ["-hosts", ",".join(f"{h}:{slots}" for _, h, slots in hosts)] if hosts else []  # (as checked)

@@ -345,9 +345,9 @@ class Supervisor:
         finally:
             if self.front is not None:
                 self.front.close()
-            for s, handler in previous.items():
-                signal.signal(s, handler)
             remove_dir(self.dir)
+            for s, handler in previous.items():  # (last: the previous handler may raise)
+                signal.signal(s, handler)
 
     def _on_signal(self, signum, _frame):
         """The user stops the run: the job stops as spmd.run does on Ctrl-C (a server ends the answers under way)

@@ -743,6 +743,24 @@ def test_a_rank_stopped_while_the_job_sets_up_ends_it_after_the_wait_timeout(mod
     assert not sock.exists() and no_new_shm_files(before)
 
 
+def test_a_rank_stopped_as_the_text_ends_does_not_hold_the_others_in_the_last_collective(model, tmp_path):
+    """A rank frozen at the STOP step record (SPMD_TEST_SIGNAL's "stop"): the others go on into the run's last
+    collectives (the agreed error, the per-rank figures), which MPI waits in, in C. The watchdog bounds that wait
+    too: after --wait-timeout rank 0 says so in one line and every rank is taken down (they had waited for ever)."""
+    if MPIRUN is None:
+        pytest.skip("mpirun not on PATH")
+    t, before, sock = time.monotonic(), shm_files(), tmp_path / "c.sock"
+    p = subprocess.run([MPIRUN, "-n", "3", sys.executable, "-m", "spmd.run", "--model", str(model), "--steps", "4",
+                        "--wait-timeout", "2", "--control-socket", str(sock)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "SPMD_TEST_SIGNAL": "2:stop:STOP"})
+    assert p.returncode != 0 and time.monotonic() - t < 45
+    errors = [line for line in p.stderr.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and errors[0].startswith("error: rank 0 (") and errors[0].endswith(
+        "s inside a collective: another rank has stopped or its host is gone (--wait-timeout)"), p.stderr
+    assert not sock.exists() and no_new_shm_files(before)
+
+
 def test_ctrl_c_ends_a_job_whose_rank_stopped_while_it_set_up(model):
     """Ctrl-C (SIGINT to the job's process group, as a terminal sends it) while rank 0 waits for a frozen rank in
     the set-up: the job ends at once, not after --wait-timeout."""
