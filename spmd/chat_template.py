@@ -5,17 +5,20 @@ The template sees `messages` (each a dict with "role" and "content" text), `add_
 `bos_token` and `eos_token` (their texts), `raise_exception(message)` and `strftime_now(format)`, as Hugging Face's
 `apply_chat_template` gives them. A template that fails is the caller's problem to report (TemplateError), and so is
 one that runs longer than RENDER_LIMIT_S, writes more than MAX_VALUE characters, or builds a value over MAX_VALUE or a
-number over MAX_INT_BITS (the sandbox bounds `range` alone: nested loops or a repeated string could otherwise hold a
-server's thread, and its exit, for ever). What a single operation that is not checked (a `~` or a filter's result)
-takes within the time limit is not bounded: a template is the model file's, not a client's.
+number over MAX_INT_BITS (the sandbox bounds `range` alone: nested loops, a repeated or doubled string could
+otherwise hold a server's thread, and its exit, for ever, or take all its memory). Every operator, `~`, method call
+and filter is checked, before it runs where one operation could make a value far larger than its inputs (`*`,
+`**`, a join, a replace, a format's width), and its result after.
 """
 import datetime
 import functools
+import re
 import sys
 import time
 
 import jinja2
 import jinja2.ext
+from jinja2.compiler import CodeGenerator
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 # Used where the GGUF file has no tokenizer.chat_template: a plain transcript the model continues after
@@ -46,37 +49,128 @@ class _Overtime(BaseException):
     """The render's deadline passed: raised by its trace function, past any `except Exception` in Jinja's code."""
 
 
+def _too_large():
+    return TemplateError("the model's chat template builds a value too large")
+
+
+def _checked(value):
+    """`value`, where it holds at most MAX_VALUE items (characters)."""
+    if isinstance(value, (str, list, tuple, dict)) and len(value) > MAX_VALUE:
+        raise _too_large()
+    return value
+
+
 def _sizes(args, kwargs):
     """Refuse a number over MAX_VALUE among a call's arguments: a width or count the call would fill."""
     if any(isinstance(a, int) and abs(a) > MAX_VALUE for a in (*args, *kwargs.values())):
-        raise TemplateError("the model's chat template asks for a value too large")
+        raise _too_large()
 
 
-def _sized(f):
-    """A filter whose arguments after the value (and the context Jinja passes some first) are sizes (`_sizes`)."""
-    first = 2 if hasattr(f, "jinja_pass_arg") else 1
+WIDTH = re.compile(r"\d+")
+
+
+def _widths(text, args=()):
+    """A format string (`%` or str.format) whose widths or precisions would fill more than MAX_VALUE: any number
+    in it over MAX_VALUE, or, for a width it takes from the arguments (`*`), any of those over MAX_VALUE."""
+    if any(len(n) > 8 or (len(n) > 7 and int(n) > MAX_VALUE) for n in WIDTH.findall(text)):
+        raise _too_large()
+    if "*" in text:
+        _sizes(args if isinstance(args, tuple) else (args,), {})
+
+
+def _joined(sep, items, texts=True):
+    """The items a join (str.join, |join, `~`) is to put together, as a list (their texts, where `texts`), refused
+    where the result would be over MAX_VALUE characters, before it is made."""
+    out, total = [], 0
+    for x in items:
+        x = str(x) if texts else x
+        total += len(sep) + (len(x) if isinstance(x, str) else 0)
+        if total > MAX_VALUE:
+            raise _too_large()
+        out.append(x)
+    return out
+
+
+def _sized(f, before=None):
+    """Filter `f` with its result checked (`_checked`), and its value first passed through `before(value, *args,
+    **kwargs)` (its arguments after what Jinja passes some first: a context), which refuses what would be too
+    large."""
+    first = 1 if hasattr(f, "jinja_pass_arg") else 0
 
     @functools.wraps(f)  # (with Jinja's mark of what it passes first)
     def sized(*args, **kwargs):
-        _sizes(args[first:], kwargs)
-        return f(*args, **kwargs)
+        if before is not None:
+            value = before(*args[first:], **kwargs)
+            args = (*args[:first], value, *args[first + 1:])
+        return _checked(f(*args, **kwargs))
     return sized
 
 
+def _fills(value, *args, **kwargs):
+    """A filter whose arguments are widths or counts it fills (center, indent, batch, slice, wordwrap, truncate)."""
+    _sizes(args, kwargs)
+    return value
+
+
+def _replacing(value, old, new, count=None):
+    """|replace, refused where its result would be over MAX_VALUE characters."""
+    text, old, new = str(value), str(old), str(new)
+    times = text.count(old) if old else len(text) + 1
+    if isinstance(count, int) and count >= 0:
+        times = min(times, count)
+    if len(text) + times * (len(new) - len(old)) > MAX_VALUE:
+        raise _too_large()
+    return value
+
+
+def _joining(value, d="", attribute=None):
+    """|join (with an attribute, only its result is checked)."""
+    return value if attribute is not None else _joined(str(d), value)
+
+
+def _formatting(value, *args, **kwargs):
+    """|format: its widths (`_widths`)."""
+    _widths(str(value), args)
+    return value
+
+
+class _Generator(CodeGenerator):
+    """`~` through the environment's `concat` (Jinja's own join is not checked)."""
+    def visit_Concat(self, node, frame):
+        self.write("environment.concat((")
+        for arg in node.nodes:
+            self.visit(arg, frame)
+            self.write(", ")
+        self.write("))")
+
+
 class _Sandbox(ImmutableSandboxedEnvironment):
-    """Jinja's immutable sandbox with `*` and `**`, the methods it calls and the filters that fill a size bounded
-    (MAX_VALUE): each could take a single operation of gigabytes or of minutes, which the render's time limit cannot
-    stop (and Jinja runs a filter of constants once, as it compiles the template)."""
+    """Jinja's immutable sandbox with every value a template makes bounded (MAX_VALUE items, numbers MAX_INT_BITS):
+    one operation could take gigabytes or minutes, which the render's time limit cannot stop (and Jinja runs a
+    filter of constants once, as it compiles the template)."""
     intercepted_binops = frozenset({"*", "**", "+", "-", "//", "%", "/"})
+    code_generator_class = _Generator
+    BEFORE = {"center": _fills, "indent": _fills, "batch": _fills, "slice": _fills, "wordwrap": _fills,
+              "truncate": _fills, "replace": _replacing, "join": _joining, "format": _formatting}
 
     def __init__(self, **options):
         super().__init__(**options)
-        for name in ("center", "indent", "batch", "slice"):
-            self.filters[name] = _sized(self.filters[name])
+        for name, f in self.filters.items():
+            self.filters[name] = _sized(f, self.BEFORE.get(name))
+
+    @staticmethod
+    def concat(items):
+        """`~`: the items' texts joined, at most MAX_VALUE characters."""
+        return "".join(_joined("", items))
 
     def call(__self, __context, __obj, *args, **kwargs):  # (Jinja's names: a template's arguments may be any)
         _sizes(args, kwargs)
-        return super().call(__context, __obj, *args, **kwargs)
+        if isinstance(getattr(__obj, "__self__", None), str):  # a string's method
+            if __obj.__name__ == "join" and args:
+                args = (_joined(__obj.__self__, args[0], texts=False), *args[1:])
+            elif __obj.__name__ in ("format", "format_map"):
+                _widths(__obj.__self__, args)
+        return _checked(super().call(__context, __obj, *args, **kwargs))
 
     def call_binop(self, context, operator, left, right):
         if isinstance(left, int) and isinstance(right, int):
@@ -87,8 +181,13 @@ class _Sandbox(ImmutableSandboxedEnvironment):
         elif operator == "*":
             for seq, times in ((left, right), (right, left)):
                 if isinstance(seq, (str, list, tuple)) and isinstance(times, int) and len(seq) * times > MAX_VALUE:
-                    raise TemplateError("the model's chat template builds a value too large")
-        return super().call_binop(context, operator, left, right)
+                    raise _too_large()
+        elif operator == "+" and isinstance(left, (str, list, tuple)) and isinstance(right, (str, list, tuple)):
+            if len(left) + len(right) > MAX_VALUE:
+                raise _too_large()
+        elif operator == "%" and isinstance(left, str):
+            _widths(left, right)
+        return _checked(super().call_binop(context, operator, left, right))
 
 
 class ChatTemplate:

@@ -94,13 +94,25 @@ def test_a_template_that_would_run_for_ever_or_build_gigabytes_is_stopped(monkey
     for big in ("{{ 'x' * 100000000 }}", "{{ [1] * 100000000 }}", "{{ 100000000 * 'xy' }}", "{{ 10 ** 100000000 }}",
                 "{% set a = 2 ** 40000 %}{{ (a * a) // 7 }}", "{% set a = 2 ** 65536 %}{{ a % 7 }}",
                 "{{ 'x'|center(10 ** 10) }}", "{{ 'x'.rjust(10 ** 10) }}", "{{ [1]|batch(10 ** 10, 0)|list }}",
-                "{{ [1]|slice(10 ** 10)|list }}", "{{ 'a'|indent(10 ** 10) }}"):  # (filters of constants: as it loads)
+                "{{ [1]|slice(10 ** 10)|list }}", "{{ 'a'|indent(10 ** 10) }}",  # (filters of constants: as it loads)
+                "{{ '%099999999d' % 1 }}", "{{ '%*d' % (10 ** 9, 1) }}", "{{ '{:>99999999}'.format(1) }}",
+                "{{ '%30000000s'|format('x') }}", "{{ 'x'.ljust(3)|replace('', 'y' * 10000000) }}"):
         with pytest.raises(TemplateError, match="too large"):
             ChatTemplate(big).render([])
+    for double in ("s ~ s", "s + s", "[s, s]|join", "s.join([s, s, ''])", "s|replace('x', 'xx')",
+                   "[s, s]|join('')|string"):  # each step doubles a string: 2^30 characters at the 30th
+        started = time.monotonic()
+        with pytest.raises(TemplateError, match="too large"):
+            ChatTemplate("{% set n = namespace(s='x') %}{% for i in range(40) %}{% set s = n.s %}"
+                         f"{{% set n.s = {double} %}}{{% endfor %}}{{{{ n.s|length }}}}").render([])
+        assert time.monotonic() - started < 2
     small = ChatTemplate("{{ '=' * 3 }}{{ 2 ** 10 }}{{ 3 * 4 }}{{ 1.5 * 2 }}|{{ 'x'|center(3) }}{{ 'y'.rjust(2) }}"
                          "{{ [1, 2, 3]|batch(2)|list }}{{ 1700000000 }}{{ 7 // 2 }}{{ 7 % 4 }}{{ 'a' + 'b' }}"
-                         "{{ 1 - 3 }}")
-    assert small.render([]) == "===1024123.0| x  y[[1, 2], [3]]170000000033ab-2"
+                         "{{ 1 - 3 }}|{{ 'a' ~ 1 ~ none }}{{ ['x', 'y']|join('-') }}{{ '-'.join(['p', 'q']) }}"
+                         "{{ 'aXa'|replace('a', 'bb') }}{{ '%3d|%-4s|' % (7, 'z') }}{{ '{:>3}'.format(5) }}"
+                         "{{ '%s%s'|format(1, 2) }}{{ [1, 2] + [3] }}{{ messages|map(attribute='x')|join(',') }}")
+    want = "===1024123.0| x  y[[1, 2], [3]]170000000033ab-2|a1Nonex-yp-qbbXbb  7|z   |  512[1, 2, 3]1,2"
+    assert small.render([{"x": 1}, {"x": 2}]) == want
 
 
 def test_request_checks():
