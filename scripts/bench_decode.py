@@ -70,13 +70,13 @@ def mpi_prefix(ranks, hostfile=None):
 
 
 def run_spmd(model, ranks, steps, prompt_ids, allreduce="star", ratios=None, hostfile=None, env=None, threads=None,
-             activations="f32", repeats=1, kv_cache="f16"):
+             activations="f32", repeats=1, kv_cache="f16", backend=None):
     """One `python -m spmd.run --output json` under mpirun: its JSON result. threads: --threads of every rank
     (simulated hosts share one machine's cores, which each would otherwise take for its own). kv_cache: spmd's
     --kv-cache (f16 by default: the cache llama.cpp keeps, which the benchmarks compare with). repeats > 1: the
     prompt goes in that many times, one sequence after another, and the result's prompt_tokens_per_s,
     decode_tokens_per_s and ms_per_token are the medians over them (as llama-bench's over its repeats), its tokens
-    the first sequence's."""
+    the first sequence's. backend: --backend (one for every rank, or one per rank: 'cpu,vulkan')."""
     cmd = mpi_prefix(ranks, hostfile) + [
         sys.executable, "-m", "spmd.run", "--model", str(model), "--steps", str(steps), "--output", "json",
         "--allreduce", allreduce, "--activations", activations, "--kv-cache", kv_cache]
@@ -91,6 +91,8 @@ def run_spmd(model, ranks, steps, prompt_ids, allreduce="star", ratios=None, hos
             cmd += ["--ratios", ratios]
         if threads:
             cmd += ["--threads", str(threads)]
+        if backend:
+            cmd += ["--backend", backend]
         p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, **(env or {})})
     if p.returncode != 0:
         raise SystemExit(f"spmd run failed ({' '.join(cmd[:8])} ...):\n{p.stderr[-2000:]}")
@@ -117,11 +119,12 @@ def llama_bench():
     return path if os.access(path, os.X_OK) else None
 
 
-def run_llama_bench(binary, model, steps, prompt_len, threads):
+def run_llama_bench(binary, model, steps, prompt_len, threads, extra=()):
     """llama-bench's prompt (prompt_len tokens) and decode (steps tokens, with prompt_len already in the cache, as
-    spmd decodes after its prompt) speed, median of 3 repeats each (its KV cache: float16)."""
+    spmd decodes after its prompt) speed, median of 3 repeats each (its KV cache: float16). extra: more of its flags
+    (a GPU build's -ngl, -fa)."""
     def bench_json(*args):
-        cmd = [binary, "-m", str(model), "-t", str(threads), "-r", "3", "-o", "json", *args]
+        cmd = [binary, "-m", str(model), "-t", str(threads), "-r", "3", "-o", "json", *extra, *args]
         p = subprocess.run(cmd, capture_output=True, text=True)
         if p.returncode != 0:
             raise SystemExit(f"llama-bench failed:\n{p.stderr[-2000:]}")
