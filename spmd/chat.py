@@ -2,14 +2,21 @@
 
 The answer streams as it comes; the conversation is kept and sent with every turn. Ctrl-C stops the answer (the
 server frees its sequence) and keeps the program; Ctrl-D, /quit or /exit leaves; /reset forgets the conversation.
-Without --url, and with no server at the default address, it starts a one-rank spmd.serve of the embedded model for
-itself (said on stderr) and stops it at the end.
+Without --url, and with no server at the default address, it starts a one-rank spmd.serve for itself (said on
+stderr) of --model where that is a file, else of the embedded model, and stops it at the end (also on Ctrl-C or
+SIGTERM). A server still loading is waited for. Refused turns and errors are said on stderr; a chat whose input is
+not a terminal ends 1 where a turn failed.
 """
 from . import needs  # noqa: F401 (first: one line, not a traceback, where this Python lacks the set-up)
+import os
 import re
+import signal
 import subprocess
 import sys
 import threading
+import time
+import urllib.error
+import urllib.parse
 import urllib.request
 
 import click
@@ -42,7 +49,9 @@ def answer(client, model, messages, options, out):
     except KeyboardInterrupt:
         out.write(" [stopped]")
     except openai.APIError as e:
-        out.write(f"\n[error: {getattr(e, 'message', e)}]\n")
+        out.write("\n" if parts else "")
+        out.flush()
+        click.echo(f"[error: {getattr(e, 'message', e)}]", err=True)
         if getattr(e, "status_code", None) == 400:
             click.echo("(the turn was not kept; /reset starts a new conversation where it has grown too long)",
                        err=True)
@@ -61,25 +70,83 @@ def answers(url) -> bool:
         return False
 
 
-def start_local_server():
-    """A one-rank spmd.serve of the embedded model on a free port: (its process, its URL)."""
-    proc = subprocess.Popen([sys.executable, "-m", "spmd.serve", "--port", "0", "--control-socket", "none"],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    found, lines = threading.Event(), []
+def wait_loaded(url, timeout_s=START_TIMEOUT_S):
+    """Wait while the server's /health says it is loading (503: spmd.serve before its model is in); a server without
+    /health, or any other answer, is taken as ready."""
+    said, deadline = False, time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=3):
+                return
+        except urllib.error.HTTPError as e:
+            if e.code != 503:
+                return
+        except (OSError, ValueError):
+            return
+        if not said:
+            click.echo(f"note: the server at {url} is loading its model: waiting", err=True)
+            said = True
+        time.sleep(0.5)
+    raise click.ClickException(f"the server at {url} was still loading after {timeout_s:.0f} s")
 
-    def read():
-        for line in proc.stderr:
-            lines.append(line)
-            if " on http://" in line:
-                found.set()
-        found.set()
-    threading.Thread(target=read, daemon=True).start()
-    found.wait(START_TIMEOUT_S)
-    match = next((re.search(r"on (http://\S+)", s) for s in lines if " on http://" in s), None)
-    if match is None:
+
+def start_local_server(model=None):
+    """A one-rank spmd.serve of `model` (a GGUF file; None: the embedded model) on a free port: (its process, its
+    URL). Stopped again where it does not start, or where starting is interrupted."""
+    proc = subprocess.Popen([sys.executable, "-m", "spmd.serve", "--port", "0", "--control-socket", "none",
+                             *(["--model", model] if model else [])],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            errors="replace")
+    try:
+        found, lines = threading.Event(), []
+
+        def read():
+            for line in proc.stderr:
+                lines.append(line)
+                if " on http://" in line:
+                    found.set()
+            found.set()
+        threading.Thread(target=read, daemon=True).start()
+        found.wait(START_TIMEOUT_S)
+        match = next((re.search(r"on (http://\S+)", s) for s in lines if " on http://" in s), None)
+        if match is None:
+            raise click.ClickException("the local server did not start: " + "".join(lines[-3:]).strip())
+        return proc, match.group(1)
+    except BaseException:
+        stop_server(proc)
+        raise
+
+
+def stop_server(proc):
+    """SIGTERM, then wait for it (it removes what it made); SIGKILL where it has not ended within a minute."""
+    proc.terminate()
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
         proc.kill()
-        raise click.ClickException("the local server did not start: " + "".join(lines[-3:]).strip())
-    return proc, match.group(1)
+        proc.wait()
+
+
+def check_url(url):
+    """--url: http(s)://HOST[:PORT] with a port that is a number; a trailing /v1 (the base URL an OpenAI client
+    takes) is taken off."""
+    bad = click.BadParameter(f"{url!r} is not an http:// or https:// address (http://HOST:PORT)", param_hint="--url")
+    if not re.fullmatch(r"https?://[^/\s]+(/\S*)?", url):
+        raise bad
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port  # (a ValueError where it is not a number)
+    except ValueError:
+        raise bad from None
+    if not parts.hostname or port == 0:
+        raise bad
+    return re.sub(r"/v1/?$", "", url.rstrip("/"))
+
+
+def under_mpirun():
+    """Whether this process is one of several that mpirun started (MPICH's or Open MPI's)."""
+    size = os.environ.get("PMI_SIZE") or os.environ.get("OMPI_COMM_WORLD_SIZE") or "1"
+    return size.isdigit() and int(size) > 1
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -92,26 +159,39 @@ def start_local_server():
 @click.option("--seed", default=None, type=int, help="Sampling seed (default: random).")
 def cli(url, model, system, max_tokens, temperature, seed):
     """Chat with an spmd.serve server in the terminal."""
+    if under_mpirun():
+        if os.environ.get("PMI_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")) == "0":
+            click.echo("error: spmd.chat is a client of a server: run it without mpirun (python -m spmd.chat); the "
+                       "ranks run python -m spmd.serve", err=True)
+        sys.exit(2)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))  # (the server started here stops too)
     local = None
-    if url is not None and not re.fullmatch(r"https?://[^/\s]+(/\S*)?", url):
-        raise click.BadParameter(f"{url!r} is not an http:// or https:// address (http://HOST:PORT)",
-                                 param_hint="--url")
-    if url is None:
+    if url is not None:
+        url = check_url(url)
+    else:
         url = DEFAULT_URL
         if not answers(url):
-            click.echo(f"note: no server at {url}: starting one of the embedded model (python -m spmd.serve)",
-                       err=True)
-            local, url = start_local_server()
+            served = model if model and os.path.isfile(model) else None
+            if model and served is None:
+                raise click.ClickException(f"no server answers at {url}, and --model {model} is not a model file to "
+                                           "start one of (give a server's --url, or a GGUF file)")
+            click.echo(f"note: no server at {url}: starting one of {served or 'the embedded model'} (python -m "
+                       "spmd.serve)", err=True)
+            local, url = start_local_server(served)
+            model = None  # (the id the server gives its file)
     try:
-        chat(url, model, system, max_tokens, temperature, seed)
+        failed = chat(url, model, system, max_tokens, temperature, seed)
     finally:
         if local is not None:
-            local.terminate()
-            local.wait(60)
+            stop_server(local)
+    if failed and not sys.stdin.isatty():
+        sys.exit(1)
 
 
 def chat(url, model, system, max_tokens, temperature, seed):
+    """The conversation; returns whether a turn failed."""
     import openai
+    wait_loaded(url)
     client = openai.OpenAI(base_url=url.rstrip("/") + "/v1", api_key="none", max_retries=0, timeout=600)
     try:
         served = [m.id for m in client.models.list().data]  # (with --model too: is a server there at all?)
@@ -123,17 +203,25 @@ def chat(url, model, system, max_tokens, temperature, seed):
     options = dict(max_tokens=max_tokens, temperature=temperature, **({"seed": seed} if seed is not None else {}))
     start = [{"role": "system", "content": system}] if system else []
     messages = list(start)
-    interactive = sys.stdin.isatty()
+    interactive, failed = sys.stdin.isatty(), False
+    if interactive:
+        try:
+            import readline  # noqa: F401 (line editing and history for input())
+        except ImportError:
+            pass
     click.echo(f"chatting with {model} at {url}; {COMMANDS}", err=True)
     while True:
         try:
             line = input("> " if interactive else "")
         except EOFError:
+            if interactive:
+                click.echo("", err=True)
             break
         except KeyboardInterrupt:
             click.echo("", err=True)
             continue
-        text = line.strip()
+        # bytes that are not UTF-8 (a terminal or file in another encoding) become U+FFFD, not an error
+        text = line.encode("utf-8", "surrogateescape").decode("utf-8", "replace").strip()
         if not text:
             continue
         if text in ("/quit", "/exit"):
@@ -146,8 +234,10 @@ def chat(url, model, system, max_tokens, temperature, seed):
         reply = answer(client, model, messages, options, sys.stdout)
         if reply is None:
             messages.pop()  # a refused turn is not part of the conversation
+            failed = True
         else:
             messages.append({"role": "assistant", "content": reply})
+    return failed
 
 
 def main():

@@ -241,7 +241,7 @@ def write_gguf(path, name, c, arrays, vocab, outtype="f32"):
 
 
 # ---- command line --------------------------------------------------------------------------------------------
-@click.group()
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def cli():
     """Convert model files to GGUF."""
 

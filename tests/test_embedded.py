@@ -5,6 +5,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import reference
+from mpi_models import no_new_shm_files, shm_files
 from spmd.gguf_file import GGUFFile
 from spmd.run import EMBEDDED_MODEL
 from spmd.tokenizer import load_tokenizer
@@ -92,6 +94,44 @@ def test_spmd_chat_starts_its_own_server_when_none_answers():
     assert p.returncode == 0, p.stderr
     assert "starting one of the embedded model" in p.stderr and "chatting with embedded.gguf" in p.stderr
     assert "shutil" in p.stdout
+
+
+@pytest.mark.parametrize("signum, after", [(signal.SIGINT, "note: no server"), (signal.SIGTERM, "chatting with")])
+def test_a_chat_stopped_stops_the_server_it_started(signum, after):
+    """Ctrl-C while the chat starts its server, or SIGTERM once it chats: the server it started ends too, and leaves
+    no shared memory (it was left running, or killed mid-start)."""
+    import socket
+    from spmd.chat import DEFAULT_URL, answers
+    host, port = DEFAULT_URL.split("//")[1].split(":")
+    with socket.socket() as s:
+        if s.connect_ex((host, int(port))) == 0 or answers(DEFAULT_URL):
+            pytest.skip(f"something listens at {DEFAULT_URL}")
+    before = shm_files()
+    chat = subprocess.Popen([sys.executable, "-m", "spmd.chat"], cwd=ROOT, stdin=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        said = ""
+        while after not in said:
+            line = chat.stderr.readline()
+            assert line, said
+            said += line
+        children = [int(p) for p in os.listdir("/proc") if p.isdigit() and parent_of(p) == chat.pid]
+        chat.send_signal(signum)
+        chat.wait(90)
+    finally:
+        chat.kill()
+    assert chat.returncode == 128 + signum and children
+    assert all(parent_of(p) is None for p in children), "the chat's server is still running"
+    assert no_new_shm_files(before)
+
+
+def parent_of(pid):
+    """A process's parent id, or None where it has ended."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def test_a_bad_flag_without_a_model_is_one_line():

@@ -394,6 +394,56 @@ def test_chat_cli(served):
     assert "chatting with chat.gguf" in p.stderr and "(conversation forgotten)" in p.stderr
 
 
+def test_the_chat_takes_bytes_that_are_not_utf8_and_ends_1_where_a_turn_failed(served):
+    """Input in another encoding (a Latin-1 terminal) is chatted with, U+FFFD for what is not UTF-8, as an OpenAI
+    client's base URL (/v1) is taken; a turn the server refuses (a prompt longer than its context) is said on
+    stderr, not among the answers, and a piped chat ends 1."""
+    want = served.client.chat.completions.create(model="any", messages=[{"role": "user", "content": "caf\ufffd"}],
+                                                 max_tokens=8, temperature=0).choices[0].message.content
+    chat = [sys.executable, "-m", "spmd.chat", "--url", served.url + "/v1", "--temperature", "0", "--max-tokens", "8"]
+    p = subprocess.run(chat, input=b"caf\xe9\n", cwd=ROOT, capture_output=True, timeout=120)
+    assert p.returncode == 0 and p.stdout.decode() == f"{want}\n", p.stderr.decode()
+    p = subprocess.run(chat, input="word " * 3000 + "\n", cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and p.stdout == "" and "[error: " in p.stderr, p.stderr
+
+
+@pytest.mark.skipif(MPIRUN is None, reason="no mpirun")
+def test_the_chat_under_mpirun_is_one_line():
+    """spmd.chat is a client: several of it under mpirun (each would read stdin and start a server) is refused in
+    one line from rank 0, every rank ending 2 (rank 1 used to wait for ever on its stdin)."""
+    p = subprocess.run([MPIRUN, "-n", "2", sys.executable, "-m", "spmd.chat"], input="Hello\n", cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and p.stdout == "", p.stderr
+    assert [line for line in p.stderr.splitlines() if line.startswith("error")] == [
+        "error: spmd.chat is a client of a server: run it without mpirun (python -m spmd.chat); the ranks run "
+        "python -m spmd.serve"], p.stderr
+
+
+def test_the_chat_waits_for_a_server_that_is_loading():
+    """/health answering 503 (spmd.serve before its model is in): the chat says so once and waits for the 200,
+    where it used to send every turn into 503s."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from spmd.chat import wait_loaded
+    asked = []
+
+    class Loading(BaseHTTPRequestHandler):
+        def do_GET(self):
+            asked.append(self.path)
+            self.send_response(503 if len(asked) < 3 else 200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Loading)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        wait_loaded(f"http://127.0.0.1:{server.server_address[1]}", timeout_s=30)
+    finally:
+        server.shutdown()
+    assert asked == ["/health"] * 3
+
+
 def test_the_chat_says_where_no_server_answers():
     """A --url that is no address, or where nothing listens (with --model too, which used to skip the check and
     chat on with an error a turn): one line, exit 1 or 2."""
@@ -401,6 +451,10 @@ def test_the_chat_says_where_no_server_answers():
         s.bind(("127.0.0.1", 0))
         free = s.getsockname()[1]  # (closed below: nothing listens there)
     for args, status, said in [(["--url", "notaurl"], 2, "is not an http:// or https:// address"),
+                               (["--url", "http://127.0.0.1:abc"], 2, "is not an http:// or https:// address"),
+                               (["--url", "http://[::1"], 2, "is not an http:// or https:// address"),
+                               (["--model", "no-such-file.gguf", "--url", f"http://127.0.0.1:{free}"], 1,
+                                "no server answers at"),
                                (["--url", f"http://127.0.0.1:{free}", "--model", "m"], 1, "no server answers at")]:
         p = subprocess.run([sys.executable, "-m", "spmd.chat", *args], input="Hello\n", cwd=ROOT,
                            capture_output=True, text=True, timeout=60)
