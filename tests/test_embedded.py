@@ -82,17 +82,21 @@ def test_a_chat_with_it_ends_by_itself():
         assert server.stop() == 0
 
 
-def test_spmd_chat_starts_its_own_server_when_none_answers():
+@pytest.mark.parametrize("given", [False, True])
+def test_spmd_chat_starts_its_own_server_when_none_answers(given):
+    """Of the embedded model, or of --model FILE (it used to serve the embedded model under the file's name)."""
     import socket
     from spmd.chat import DEFAULT_URL, answers
     host, port = DEFAULT_URL.split("//")[1].split(":")
     with socket.socket() as s:
         if s.connect_ex((host, int(port))) == 0 or answers(DEFAULT_URL):
             pytest.skip(f"something listens at {DEFAULT_URL}")
-    p = subprocess.run([sys.executable, "-m", "spmd.chat", "--temperature", "0", "--max-tokens", "40"],
+    p = subprocess.run([sys.executable, "-m", "spmd.chat", "--temperature", "0", "--max-tokens", "40",
+                        *(["--model", EMBEDDED_MODEL] if given else [])],
                        input="How do I copy a file?\n", cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
-    assert "starting one of the embedded model" in p.stderr and "chatting with embedded.gguf" in p.stderr
+    assert f"starting one of {EMBEDDED_MODEL if given else 'the embedded model'}" in p.stderr, p.stderr
+    assert "chatting with embedded.gguf" in p.stderr
     assert "shutil" in p.stdout
 
 
