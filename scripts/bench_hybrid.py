@@ -27,7 +27,8 @@ CUDA_BENCH = ROOT / "bench-out" / "llama.cpp" / "cuda" / "bin" / "llama-bench"  
 
 
 def byte_counts(model):
-    """(bytes of each layer, in order; bytes of the classifier) of a GGUF file."""
+    """(bytes of each layer, in order; bytes of the classifier; bytes of token_embd where it is another tensor) of
+    a GGUF file."""
     from spmd.gguf_file import GGUFFile
     f = GGUFFile(model)
     try:
@@ -36,8 +37,9 @@ def byte_counts(model):
             m = re.match(r"blk\.(\d+)\.", name)
             if m:
                 layers[int(m[1])] = layers.get(int(m[1]), 0) + t.nbytes
-        head = f.info("output.weight" if f.has("output.weight") else "token_embd.weight").nbytes
-        return [layers[i] for i in sorted(layers)], head
+        tied = not f.has("output.weight")
+        head = f.info("token_embd.weight" if tied else "output.weight").nbytes
+        return [layers[i] for i in sorted(layers)], head, 0 if tied else f.info("token_embd.weight").nbytes
     finally:
         f.close()
 
@@ -71,7 +73,7 @@ def main():
         if model is None:
             model = os.path.join(temporary_folder("spmd-bench-"), f"tinyllama-random-{qtype}.gguf")
             write_random_model(model, TINYLLAMA, qtype)
-        layers, head = byte_counts(model)
+        layers, head, embedding = byte_counts(model)
         n = len(layers)
         prompt = random_prompt(prompt_len, model_vocab(model))
         binary = os.environ.get("LLAMA_BENCH") or str(CUDA_BENCH)
@@ -86,7 +88,8 @@ def main():
             if c is not None:
                 runs.append((g, f"cpu,vulkan 1@{c}*1@{n - c}", ("cpu,vulkan", f"{threads},1", f"1@{c}*1@{n - c}"),
                              None, sum(layers[c:]) + head))
-        runs.append((99, "vulkan (one rank)", ("vulkan", "1", None), 99, sum(layers) + head))
+        runs.append((99, "vulkan (one rank)", ("vulkan", "1", None), 99, sum(layers) + head + embedding))  # (a
+        # whole model's vulkan rank keeps a copy of token_embd for its chained decode: spmd.backends.vulkan_model)
         figures, first = {}, None  # name -> [(decode, prompt)]; the first run's tokens
         for r in range(rounds):
             for row, name, (backend, rank_threads, ratios), ngl, _ in runs:

@@ -204,6 +204,7 @@ def chat(url, model, system, max_tokens, temperature, seed):
     start = [{"role": "system", "content": system}] if system else []
     messages = list(start)
     interactive, failed = sys.stdin.isatty(), False
+    sys.stdin.reconfigure(errors="surrogateescape")  # (bytes that are not UTF-8 read in any locale: below)
     if interactive:
         try:
             import readline  # noqa: F401 (line editing and history for input())

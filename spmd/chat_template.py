@@ -66,16 +66,49 @@ def _sizes(args, kwargs):
         raise _too_large()
 
 
-WIDTH = re.compile(r"\d+")
+PERCENT_SPEC = re.compile(r"%(?:\([^)]*\))?[-#0 +]*(\*|\d+)?(?:\.(\*|\d+))?")  # a %-conversion's width, precision
+BRACE_SPEC = re.compile(r"\{[^{}]*?:([^{}]*)\}")  # a str.format field's spec
 
 
-def _widths(text, args=()):
-    """A format string (`%` or str.format) whose widths or precisions would fill more than MAX_VALUE: any number
-    in it over MAX_VALUE, or, for a width it takes from the arguments (`*`), any of those over MAX_VALUE."""
-    if any(len(n) > 8 or (len(n) > 7 and int(n) > MAX_VALUE) for n in WIDTH.findall(text)):
+def _widths(text, args=(), kwargs=None):
+    """A format string (`%`, str.format, |format) whose widths and precisions together would fill more than
+    MAX_VALUE: its own numbers, and the arguments a `*` takes (str.format's nested fields are arguments, checked
+    by `_sizes`)."""
+    if not isinstance(text, str):
+        return
+    numbers = [n for spec in PERCENT_SPEC.findall(text) for n in spec if n and n != "*"]
+    numbers += [n for spec in BRACE_SPEC.findall(text) for n in re.findall(r"\d+", spec)]
+    if sum(int(n) if len(n) <= 8 else MAX_VALUE + 1 for n in numbers) > MAX_VALUE:
         raise _too_large()
-    if "*" in text:
-        _sizes(args if isinstance(args, tuple) else (args,), {})
+    if any("*" in spec for spec in PERCENT_SPEC.findall(text)):
+        _sizes(args if isinstance(args, tuple) else (args,), kwargs or {})
+
+
+def _text_size(value, limit=MAX_VALUE):
+    """At least the length of str(value) (a container's items' reprs, up to 4 characters a character of a string's
+    escapes), counted without making it and given up past `limit`: more than `limit` where it would be over."""
+    total, stack = 0, [value]
+    while stack and total <= limit:
+        v = stack.pop()
+        if isinstance(v, str):
+            total += 4 * len(v) + 2
+        elif isinstance(v, dict):
+            total += 2 + 4 * len(v)
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, (list, tuple, set, frozenset)):
+            total += 2 + 2 * len(v)
+            stack.extend(v)
+        else:
+            total += 64 if not isinstance(v, int) else len(str(v)) if v.bit_length() <= MAX_INT_BITS else limit + 1
+    return total
+
+
+def _text(value):
+    """Refuse a value whose text would be over MAX_VALUE characters (`_text_size`), before it is made."""
+    if not isinstance(value, str) and _text_size(value) > MAX_VALUE:
+        raise _too_large()
+    return value
 
 
 def _joined(sep, items, texts=True):
@@ -83,7 +116,7 @@ def _joined(sep, items, texts=True):
     where the result would be over MAX_VALUE characters, before it is made."""
     out, total = [], 0
     for x in items:
-        x = str(x) if texts else x
+        x = str(_text(x)) if texts else x
         total += len(sep) + (len(x) if isinstance(x, str) else 0)
         if total > MAX_VALUE:
             raise _too_large()
@@ -107,19 +140,52 @@ def _sized(f, before=None):
 
 
 def _fills(value, *args, **kwargs):
-    """A filter whose arguments are widths or counts it fills (center, indent, batch, slice, wordwrap, truncate)."""
+    """A filter whose arguments are widths or counts it fills (center, batch, slice, truncate)."""
     _sizes(args, kwargs)
     return value
 
 
 def _replacing(value, old, new, count=None):
-    """|replace, refused where its result would be over MAX_VALUE characters."""
-    text, old, new = str(value), str(old), str(new)
+    """|replace and str.replace, refused where the result would be over MAX_VALUE characters."""
+    text, old, new = str(_text(value)), str(_text(old)), str(_text(new))
     times = text.count(old) if old else len(text) + 1
     if isinstance(count, int) and count >= 0:
         times = min(times, count)
     if len(text) + times * (len(new) - len(old)) > MAX_VALUE:
         raise _too_large()
+    return value
+
+
+def _indenting(value, width=4, *args, **kwargs):
+    """|indent: its width (a number, or a string put before each line) times the lines."""
+    text = str(_text(value))
+    each = len(width) if isinstance(width, str) else width if isinstance(width, int) else 0
+    if len(text) + each * (text.count("\n") + 1) > MAX_VALUE:
+        raise _too_large()
+    return value
+
+
+def _wrapping(value, width=79, break_long_words=True, wrapstring=None, *args, **kwargs):
+    """|wordwrap: its wrapstring once a line, at most a line a character."""
+    text = str(_text(value))
+    if len(text) * (1 + len(str(wrapstring or ""))) > MAX_VALUE:
+        raise _too_large()
+    return value
+
+
+def _serialising(value, indent=None, *args, **kwargs):
+    """|tojson and |pprint: the value's text, and an indent (repeated on every line) of at most 64."""
+    if indent is not None and not (isinstance(indent, int) and 0 <= indent <= 64):
+        raise TemplateError("the model's chat template asks for a JSON indent over 64")
+    if _text_size(value, MAX_VALUE // (2 + (indent or 0))) > MAX_VALUE // (2 + (indent or 0)):
+        raise _too_large()
+    return value
+
+
+def _summing(value, attribute=None, start=0):
+    """|sum of numbers only: with a list or a string to start from, each item's addition copies all before it."""
+    if not isinstance(start, (int, float)):
+        raise TemplateError("the model's chat template sums lists or strings (|sum with a start that is not a number)")
     return value
 
 
@@ -130,7 +196,7 @@ def _joining(value, d="", attribute=None):
 
 def _formatting(value, *args, **kwargs):
     """|format: its widths (`_widths`)."""
-    _widths(str(value), args)
+    _widths(value, args, kwargs)
     return value
 
 
@@ -150,11 +216,12 @@ class _Sandbox(ImmutableSandboxedEnvironment):
     filter of constants once, as it compiles the template)."""
     intercepted_binops = frozenset({"*", "**", "+", "-", "//", "%", "/"})
     code_generator_class = _Generator
-    BEFORE = {"center": _fills, "indent": _fills, "batch": _fills, "slice": _fills, "wordwrap": _fills,
-              "truncate": _fills, "replace": _replacing, "join": _joining, "format": _formatting}
+    BEFORE = {"center": _fills, "batch": _fills, "slice": _fills, "truncate": _fills, "indent": _indenting,
+              "wordwrap": _wrapping, "replace": _replacing, "join": _joining, "format": _formatting,
+              "tojson": _serialising, "pprint": _serialising, "string": _text, "sum": _summing}
 
     def __init__(self, **options):
-        super().__init__(**options)
+        super().__init__(finalize=_text, **options)  # (finalize: each {{ }}'s value, before its text is made)
         for name, f in self.filters.items():
             self.filters[name] = _sized(f, self.BEFORE.get(name))
 
@@ -165,12 +232,32 @@ class _Sandbox(ImmutableSandboxedEnvironment):
 
     def call(__self, __context, __obj, *args, **kwargs):  # (Jinja's names: a template's arguments may be any)
         _sizes(args, kwargs)
-        if isinstance(getattr(__obj, "__self__", None), str):  # a string's method
-            if __obj.__name__ == "join" and args:
-                args = (_joined(__obj.__self__, args[0], texts=False), *args[1:])
-            elif __obj.__name__ in ("format", "format_map"):
-                _widths(__obj.__self__, args)
+        text = getattr(__obj, "__self__", None)
+        if isinstance(text, str):  # a string's method
+            name = __obj.__name__
+            if name == "join" and args:
+                args = (_joined(text, args[0], texts=False), *args[1:])
+            elif name in ("format", "format_map"):  # (Jinja before 3.1.5; later ones: wrap_str_format)
+                _widths(text, args, kwargs)
+            elif name == "replace" and len(args) >= 2:
+                _replacing(text, *args[:3])
+            elif name == "expandtabs" and len(text) + text.count("\t") * (args[0] if args else 8) > MAX_VALUE:
+                raise _too_large()
+            elif name == "translate":
+                raise TemplateError("the model's chat template calls str.translate, which spmd does not run")
         return _checked(super().call(__context, __obj, *args, **kwargs))
+
+    def wrap_str_format(self, value):
+        """Jinja 3.1.5 and later: a string's format and format_map, sandboxed as they are looked up (`call` then
+        sees Jinja's wrapper), with their widths checked (`_widths`)."""
+        wrapped = super().wrap_str_format(value)
+        if wrapped is None:
+            return None
+
+        def checked(*args, **kwargs):
+            _widths(value.__self__, args, kwargs)
+            return wrapped(*args, **kwargs)
+        return checked
 
     def call_binop(self, context, operator, left, right):
         if isinstance(left, int) and isinstance(right, int):
@@ -187,6 +274,7 @@ class _Sandbox(ImmutableSandboxedEnvironment):
                 raise _too_large()
         elif operator == "%" and isinstance(left, str):
             _widths(left, right)
+            _text(right)
         return _checked(super().call_binop(context, operator, left, right))
 
 

@@ -22,6 +22,7 @@ d ms more to cross one link. Steps, at P > 1 ranks (one rank communicates nothin
 It models latency only (the bandwidth cap of scripts/netsim.sh is a real one), is the same on every rank, and is
 not a network delay: this machine's kernel has no netem. Unset or 0, it costs nothing.
 """
+import contextlib
 import math
 import os
 import signal
@@ -211,10 +212,11 @@ class Comm:
                 self.stage_comm.Free()
             stage = plan.stage_of(self.rank)
             if stage is None:  # an idle rank: in no stage (it still takes the step records)
-                self.comm.Split(MPI.UNDEFINED, self.rank)
+                self.collective(self.comm.Split, MPI.UNDEFINED, self.rank)
                 self.stage_comm, self.stage_rank, self.stage_size = None, 0, 0
             else:
-                self.stage_comm = self.comm.Split(stage.index, self.rank) if self.size > 1 else MPI.COMM_SELF
+                self.stage_comm = self.collective(self.comm.Split, stage.index, self.rank) if self.size > 1 \
+                    else MPI.COMM_SELF
                 self.stage_rank, self.stage_size = self.stage_comm.Get_rank(), self.stage_comm.Get_size()
             self._stages = stages
         self.plan = plan
@@ -451,29 +453,32 @@ class Comm:
         other = b if self.rank == a else a
         for _ in range(repeats + 1):  # the first round trip sets the connection up: not counted
             t = time.perf_counter()
-            if self.rank == a:
-                self._delay()
-                self.comm.Send(buf, dest=other, tag=TAG_DATA)
-                self.comm.Recv(buf, source=other, tag=TAG_DATA)
-            else:
-                self.comm.Recv(buf, source=other, tag=TAG_DATA)
-                self._delay()
-                self.comm.Send(buf, dest=other, tag=TAG_DATA)
+            with self.bounded():
+                if self.rank == a:
+                    self._delay()
+                    self.comm.Send(buf, dest=other, tag=TAG_DATA)
+                    self.comm.Recv(buf, source=other, tag=TAG_DATA)
+                else:
+                    self.comm.Recv(buf, source=other, tag=TAG_DATA)
+                    self._delay()
+                    self.comm.Send(buf, dest=other, tag=TAG_DATA)
             times.append((time.perf_counter() - t) / 2)
         return float(np.median(times[1:])) if self.rank == a else None
 
     def allreduce_seconds(self, peer, n, repeats):
         """Every rank: the median seconds of a star allreduce of n float32 between rank 0 and `peer` (the simulated
         link delay included), as measured on rank 0; None elsewhere."""
-        pair = self.comm.Split(0 if self.rank in (0, peer) else MPI.UNDEFINED, self.rank)
+        pair = self.collective(self.comm.Split, 0 if self.rank in (0, peer) else MPI.UNDEFINED, self.rank)
         if pair == MPI.COMM_NULL:
             return None
         x, times = np.zeros(n, np.float32), []
         for _ in range(repeats + 1):
-            pair.Barrier()
+            with self.bounded():
+                pair.Barrier()
             t = time.perf_counter()
             self._delay(2)
-            star_allreduce(pair, x)
+            with self.bounded():
+                star_allreduce(pair, x)
             times.append(time.perf_counter() - t)
         pair.Free()
         return float(np.median(times[1:])) if self.is_root else None
@@ -483,10 +488,12 @@ class Comm:
         barrier), as measured on rank 0."""
         times = []
         for _ in range(repeats + 1):
-            self.comm.Barrier()
+            with self.bounded():
+                self.comm.Barrier()
             t = time.perf_counter()
             self._delay()
-            wait(self.comm.Ibcast(self._step, root=0))
+            with self.bounded():
+                wait(self.comm.Ibcast(self._step, root=0))
             times.append(time.perf_counter() - t)
         return float(np.median(times[1:]))
 
@@ -552,15 +559,21 @@ class Comm:
 
     def collective(self, call, *args, **kwargs):
         """One of MPI's blocking collectives, `call(*args, **kwargs)`: first `arrive` (set-up), then the call itself
-        under the watchdog. A rank that stops, or whose host is cut off, after the others arrived would leave them in
-        the call, in C, for ever."""
+        under the watchdog (`bounded`)."""
         self.arrive()
-        self.start_watchdog()
-        self.in_call_since = time.monotonic()
-        try:
+        with self.bounded():
             return call(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def bounded(self):
+        """MPI's blocking calls inside this block, under the watchdog: a rank that stops, or whose host is cut off,
+        after the others went in would leave them in the call, in C, for ever (`overdue`)."""
+        self.start_watchdog()
+        outer, self.in_call_since = self.in_call_since, self.in_call_since or time.monotonic()
+        try:
+            yield
         finally:
-            self.in_call_since = None
+            self.in_call_since = outer
 
     def start_watchdog(self):
         """Once, in a job of several ranks: the thread that bounds this rank's waits (`watch`), for its life."""
@@ -635,7 +648,10 @@ def watch(ref):
     """A rank's watchdog thread: each second `Comm.overdue`, then `Comm.give_up` where it says why. It holds the
     Comm weakly and ends with it."""
     while (comm := ref()) is not None:
-        why, timeout = comm.overdue(), comm.wait_timeout_s
+        try:
+            why, timeout = comm.overdue(), comm.wait_timeout_s
+        except MPI.Exception as e:  # rank 0's look for a stop request failed: a rank has died or its host is gone
+            why, timeout = f"an MPI call failed ({Comm.failed_call(e)}): a rank has died or its host is gone", 1.0
         if why is not None:
             comm.give_up(why)
         del comm

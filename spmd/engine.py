@@ -11,6 +11,7 @@ from .rank import RankState, RunOptions  # noqa: F401 - RunOptions is part of th
 class Engine:
     def __init__(self, opts, comm, log=print, journal=None):
         self.comm = comm
+        comm.wait_timeout_s = opts.wait_timeout  # (the watchdog's; set as the flags were read, here for the API's)
         self.state = RankState(opts, comm, log)
         self.executor = Executor(self.state)
         self.driver = Driver(self.state, self.executor, journal) if comm.is_root else None

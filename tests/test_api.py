@@ -99,13 +99,27 @@ def test_a_template_that_would_run_for_ever_or_build_gigabytes_is_stopped(monkey
                 "{{ '%30000000s'|format('x') }}", "{{ 'x'.ljust(3)|replace('', 'y' * 10000000) }}"):
         with pytest.raises(TemplateError, match="too large"):
             ChatTemplate(big).render([])
+    monkeypatch.setattr(chat_template, "RENDER_LIMIT_S", 30.0)  # (these end by their size, at once)
+    for big in ("{{ [s] * 60 }}", "{{ ([s] * 60)|string }}", "{{ ([s] * 60)|tojson }}", "{{ 'a' ~ ([s] * 60) }}",
+                "{{ '%s' % ([s] * 60,) }}", "{{ ('{0:>16000000}' * 60).format(1) }}", "{{ '{:>99999999}'.format(1) }}",
+                "{{ ('\\n' * 60)|indent(s, true, true) }}", "{{ ('x' * 60).replace('', s) }}",
+                "{{ ('\\t' * 60).expandtabs(16000000) }}", "{{ ('%(a)16000000s' * 60) % {'a': 1} }}",
+                "{{ ('x' * 100)|wordwrap(1, true, s) }}"):  # each made in one call, in C, before any check after
+        started = time.monotonic()
+        with pytest.raises(TemplateError, match="too large"):
+            ChatTemplate("{% set s = 'x' * 16000000 %}" + big).render([])
+        assert time.monotonic() - started < 5, big
+    with pytest.raises(TemplateError, match="JSON indent over 64"):
+        ChatTemplate("{{ range(60)|list|tojson(16000000) }}").render([])
+    with pytest.raises(TemplateError, match="sums lists or strings"):  # (cubic: each list copies all before it)
+        ChatTemplate("{% set a = [0] * 1500 %}{{ ([a] * 1500)|sum(start=[])|length }}").render([])
     for double in ("s ~ s", "s + s", "[s, s]|join", "s.join([s, s, ''])", "s|replace('x', 'xx')",
                    "[s, s]|join('')|string"):  # each step doubles a string: 2^30 characters at the 30th
         started = time.monotonic()
         with pytest.raises(TemplateError, match="too large"):
             ChatTemplate("{% set n = namespace(s='x') %}{% for i in range(40) %}{% set s = n.s %}"
                          f"{{% set n.s = {double} %}}{{% endfor %}}{{{{ n.s|length }}}}").render([])
-        assert time.monotonic() - started < 2
+        assert time.monotonic() - started < 5
     small = ChatTemplate("{{ '=' * 3 }}{{ 2 ** 10 }}{{ 3 * 4 }}{{ 1.5 * 2 }}|{{ 'x'|center(3) }}{{ 'y'.rjust(2) }}"
                          "{{ [1, 2, 3]|batch(2)|list }}{{ 1700000000 }}{{ 7 // 2 }}{{ 7 % 4 }}{{ 'a' + 'b' }}"
                          "{{ 1 - 3 }}|{{ 'a' ~ 1 ~ none }}{{ ['x', 'y']|join('-') }}{{ '-'.join(['p', 'q']) }}"
@@ -113,6 +127,10 @@ def test_a_template_that_would_run_for_ever_or_build_gigabytes_is_stopped(monkey
                          "{{ '%s%s'|format(1, 2) }}{{ [1, 2] + [3] }}{{ messages|map(attribute='x')|join(',') }}")
     want = "===1024123.0| x  y[[1, 2], [3]]170000000033ab-2|a1Nonex-yp-qbbXbb  7|z   |  512[1, 2, 3]1,2"
     assert small.render([{"x": 1}, {"x": 2}]) == want
+    numbers = ChatTemplate("{{ 'id 12345678901: %s' % 'q' }}|{{ '**Note** %d' % 20000000 }}|"
+                           "{{ 'Cutoff 20231001123 {}'.format('q') }}|{{ [1, 2]|tojson(2)|length }}|{{ [1, 2]|sum }}")
+    indented = len(json.dumps([1, 2], indent=2))
+    assert numbers.render([]) == f"id 12345678901: q|**Note** 20000000|Cutoff 20231001123 q|{indented}|3"  # not widths
 
 
 def test_request_checks():

@@ -401,7 +401,8 @@ def test_the_chat_takes_bytes_that_are_not_utf8_and_ends_1_where_a_turn_failed(s
     want = served.client.chat.completions.create(model="any", messages=[{"role": "user", "content": "caf\ufffd"}],
                                                  max_tokens=8, temperature=0).choices[0].message.content
     chat = [sys.executable, "-m", "spmd.chat", "--url", served.url + "/v1", "--temperature", "0", "--max-tokens", "8"]
-    p = subprocess.run(chat, input=b"caf\xe9\n", cwd=ROOT, capture_output=True, timeout=120)
+    p = subprocess.run(chat, input=b"caf\xe9\n", cwd=ROOT, capture_output=True, timeout=120,
+                       env={**os.environ, "PYTHONIOENCODING": "utf-8:strict"})  # (as in en_US.UTF-8: not C's)
     assert p.returncode == 0 and p.stdout.decode() == f"{want}\n", p.stderr.decode()
     p = subprocess.run(chat, input="word " * 3000 + "\n", cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 1 and p.stdout == "" and "[error: " in p.stderr, p.stderr
