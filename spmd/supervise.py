@@ -359,7 +359,8 @@ class Supervisor:
             return  # the loop sees `stopping` before it starts one
         if again:
             self.forced = True
-            self.job.kill(self._local_pids())
+            if self.job.proc.poll() is None:  # (a job that has ended: its process ids may be another's by now)
+                self.job.kill(self._local_pids())
             return
         if self.record.ranks:  # else the loop passes it on once the ranks have started (see `_interrupt`)
             self._interrupt(self.job)
