@@ -102,8 +102,9 @@ CLUSTER_OPTIONS = [  # the flags spmd.run and spmd.serve share: the model, and h
                  help="Where a migration's moved weights come from: file: each rank reads them from its own model "
                       "file; peer: the rank that held them reads and sends them."),
     click.option("--wait-timeout", default=600.0, show_default=True, type=click.FloatRange(min=0), callback=wait_s,
-                 metavar="S", help="Seconds a rank waits for the next step before the job gives up with one line "
-                                   "(a rank stopped, a host gone); 0 waits for ever."),
+                 metavar="S", help="Seconds a rank waits for the next step, or for the others in one exchange, "
+                                   "before the job gives up with one line (a rank stopped, a host gone); 0 waits for "
+                                   "ever."),
 ]
 
 
