@@ -11,6 +11,7 @@ import pytest
 from spmd.comm import Comm
 from spmd.engine import Engine, RunOptions
 from spmd.prompts import PromptSpec
+from spmd.shm import JANITOR_WAIT_S
 from spmd.synth import Shape, write_model
 
 MPI = pytest.importorskip("mpi4py.MPI")
@@ -92,8 +93,9 @@ def shm_files():
     return {n for n in os.listdir("/dev/shm") if n.startswith("mpich_shm_")} if os.path.isdir("/dev/shm") else set()
 
 
-def no_new_shm_files(before, wait_s=20):
-    """Whether MPICH's files that came since `before` are all gone within `wait_s` (the janitor of an abort)."""
+def no_new_shm_files(before, wait_s=JANITOR_WAIT_S + 5):
+    """Whether MPICH's files that came since `before` are all gone within `wait_s`: by default as long as an abort's
+    janitor waits for the job's processes to end, and a little more (a loaded machine ends them slowly)."""
     deadline = time.monotonic() + wait_s
     while shm_files() - before and time.monotonic() < deadline:
         time.sleep(0.2)
