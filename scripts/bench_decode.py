@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+CUDA_BENCH = ROOT / "bench-out" / "llama.cpp" / "cuda" / "bin" / "llama-bench"  # build_llama_cpp.sh --cuda
 NETSIM = ROOT / "scripts" / "netsim.sh"
 NETSIM_MARK = "# netsim:"  # first line of the hostfile that scripts/netsim.sh up writes
 sys.path.insert(0, str(ROOT))

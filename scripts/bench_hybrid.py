@@ -20,10 +20,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_decode import (ROOT, model_vocab, random_prompt, run_llama_bench, run_spmd,  # noqa: E402
+from bench_decode import (CUDA_BENCH, model_vocab, random_prompt, run_llama_bench, run_spmd,  # noqa: E402
                           temporary_folder, write_random_model)
-
-CUDA_BENCH = ROOT / "bench-out" / "llama.cpp" / "cuda" / "bin" / "llama-bench"  # build_llama_cpp.sh --cuda
 
 
 def byte_counts(model):

@@ -31,6 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_decode import CUDA_BENCH  # noqa: E402
 from bench_gpus import llama  # noqa: E402
 from spmd.backends import get_backend  # noqa: E402
 from spmd.choices import KV_CACHES  # noqa: E402
@@ -46,7 +47,6 @@ WARM_S = 1.0  # the GPU is kept busy this long before a figure is timed (an H200
 # a second model's prompt in one run read 3x slower after 0.3 s of warm-up, as fast as the first after 1 s)
 PEAK_TBS = (("H100 PCIE", 2.0), ("H100", 3.35), ("H200", 4.8), ("A100", 2.0))
 ROOT = Path(__file__).resolve().parents[1]
-CUDA_BENCH = ROOT / "bench-out" / "llama.cpp" / "cuda" / "bin" / "llama-bench"  # build_llama_cpp.sh --cuda
 
 
 def peak_for(name, given):

@@ -705,60 +705,47 @@ def test_stale_mpich_shared_memory_is_removed_at_start(tmp_path):
     assert [p.name for p in topology.iterdir()] == ["hydra_hwloc_xmlfile_new"]
 
 
+def assert_rank_0_gives_up(model, tmp_path, ranks, flags, stop_at, ending):
+    """A job of `ranks` with --wait-timeout 2 and SPMD_TEST_SIGNAL `stop_at` (a rank SIGSTOPs itself): it ends
+    non-zero within 45 s with one error line, rank 0's, that ends with `ending`, and leaves neither the control
+    socket's file nor MPICH's shared memory behind."""
+    if MPIRUN is None:
+        pytest.skip("mpirun not on PATH")
+    t, before, sock = time.monotonic(), shm_files(), tmp_path / "c.sock"
+    p = subprocess.run([MPIRUN, "-n", str(ranks), sys.executable, "-m", "spmd.run", "--model", str(model), *flags,
+                        "--wait-timeout", "2", "--control-socket", str(sock)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "SPMD_TEST_SIGNAL": stop_at})
+    assert p.returncode != 0 and time.monotonic() - t < 45
+    errors = [line for line in p.stderr.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and errors[0].startswith("error: rank 0 (") and errors[0].endswith(ending), p.stderr
+    assert not sock.exists() and no_new_shm_files(before)
+
+
 @pytest.mark.parametrize("stopped", [1, 2])
 def test_a_stopped_rank_ends_the_job_after_the_wait_timeout(model, stopped, tmp_path):
     """A rank frozen mid-generation (SIGSTOP, the test hook SPMD_TEST_SIGNAL): the others no longer wait for ever;
     after --wait-timeout rank 0 says so in one line and every rank is taken down, leaving neither the control
     socket's file nor MPICH's shared memory behind."""
-    if MPIRUN is None:
-        pytest.skip("mpirun not on PATH")
-    t, before, sock = time.monotonic(), shm_files(), tmp_path / "c.sock"
-    p = subprocess.run([MPIRUN, "-n", "3", sys.executable, "-m", "spmd.run", "--model", str(model), "--steps", "25",
-                        "--ratios", "1*1:1", "--wait-timeout", "2", "--control-socket", str(sock)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=60,
-                       env={**os.environ, "SPMD_TEST_SIGNAL": f"{stopped}:4:STOP"})
-    assert p.returncode != 0 and time.monotonic() - t < 45
-    errors = [line for line in p.stderr.splitlines() if line.startswith("error")]
-    assert len(errors) == 1 and errors[0].startswith("error: rank 0 (") and errors[0].endswith(
-        "no step for 2 s: another rank has stopped or its host is gone (--wait-timeout)"), p.stderr
-    assert not sock.exists() and no_new_shm_files(before)
+    assert_rank_0_gives_up(model, tmp_path, 3, ["--steps", "25", "--ratios", "1*1:1"], f"{stopped}:4:STOP",
+                           "no step for 2 s: another rank has stopped or its host is gone (--wait-timeout)")
 
 
 def test_a_rank_stopped_while_the_job_sets_up_ends_it_after_the_wait_timeout(model, tmp_path):
     """A rank frozen as it starts to load (SIGSTOP, SPMD_TEST_SIGNAL's "load"): the others, waiting for it in the
     set-up's next collective, give up after --wait-timeout with one line from rank 0, leaving no socket file and no
     shared memory behind (they had waited for ever in MPI's own spin)."""
-    if MPIRUN is None:
-        pytest.skip("mpirun not on PATH")
-    t, before, sock = time.monotonic(), shm_files(), tmp_path / "c.sock"
-    p = subprocess.run([MPIRUN, "-n", "2", sys.executable, "-m", "spmd.run", "--model", str(model), "--steps", "4",
-                        "--wait-timeout", "2", "--control-socket", str(sock)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=60,
-                       env={**os.environ, "SPMD_TEST_SIGNAL": "1:load:STOP"})
-    assert p.returncode != 0 and time.monotonic() - t < 45
-    errors = [line for line in p.stderr.splitlines() if line.startswith("error")]
-    assert len(errors) == 1 and errors[0].startswith("error: rank 0 (") and errors[0].endswith(
-        "waited 2 s for the other ranks while setting up: a rank has stopped or its host is gone (--wait-timeout)"), \
-        p.stderr
-    assert not sock.exists() and no_new_shm_files(before)
+    assert_rank_0_gives_up(model, tmp_path, 2, ["--steps", "4"], "1:load:STOP",
+                           "waited 2 s for the other ranks while setting up: a rank has stopped or its host is gone "
+                           "(--wait-timeout)")
 
 
 def test_a_rank_stopped_as_the_text_ends_does_not_hold_the_others_in_the_last_collective(model, tmp_path):
     """A rank frozen at the STOP step record (SPMD_TEST_SIGNAL's "stop"): the others go on into the run's last
     collectives (the agreed error, the per-rank figures), which MPI waits in, in C. The watchdog bounds that wait
     too: after --wait-timeout rank 0 says so in one line and every rank is taken down (they had waited for ever)."""
-    if MPIRUN is None:
-        pytest.skip("mpirun not on PATH")
-    t, before, sock = time.monotonic(), shm_files(), tmp_path / "c.sock"
-    p = subprocess.run([MPIRUN, "-n", "3", sys.executable, "-m", "spmd.run", "--model", str(model), "--steps", "4",
-                        "--wait-timeout", "2", "--control-socket", str(sock)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=60,
-                       env={**os.environ, "SPMD_TEST_SIGNAL": "2:stop:STOP"})
-    assert p.returncode != 0 and time.monotonic() - t < 45
-    errors = [line for line in p.stderr.splitlines() if line.startswith("error")]
-    assert len(errors) == 1 and errors[0].startswith("error: rank 0 (") and errors[0].endswith(
-        "s inside a collective: another rank has stopped or its host is gone (--wait-timeout)"), p.stderr
-    assert not sock.exists() and no_new_shm_files(before)
+    assert_rank_0_gives_up(model, tmp_path, 3, ["--steps", "4"], "2:stop:STOP",
+                           "s inside a collective: another rank has stopped or its host is gone (--wait-timeout)")
 
 
 def test_ctrl_c_ends_a_job_whose_rank_stopped_while_it_set_up(model):
