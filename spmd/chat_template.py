@@ -177,7 +177,8 @@ def _serialising(value, indent=None, *args, **kwargs):
     """|tojson and |pprint: the value's text, and an indent (repeated on every line) of at most 64."""
     if indent is not None and not (isinstance(indent, int) and 0 <= indent <= 64):
         raise TemplateError("the model's chat template asks for a JSON indent over 64")
-    if _text_size(value, MAX_VALUE // (2 + (indent or 0))) > MAX_VALUE // (2 + (indent or 0)):
+    most = MAX_VALUE // (2 + (indent or 0))  # (every character may start a line of its own, indented)
+    if _text_size(value, most) > most:
         raise _too_large()
     return value
 
