@@ -59,6 +59,14 @@ class Sequence:
         if entry["finish"] is not None:
             self.end(entry["finish"], now)
             self.figures_before = entry.get("figures")
+        elif entry.get("since"):  # its timings go on from the job that admitted it, the wait for the relaunch in them
+            self.times = {k: now - (time.time() - t) for k, t in entry["since"].items()}
+            self.decodes = len(self.tokens)  # those after its first token, and the one its prefill here samples
+
+    def since(self):
+        """Its admission and first token as wall-clock times (time.time()): the journal keeps them for a relaunch."""
+        ago = time.perf_counter() - time.time()
+        return {k: self.times[k] - ago for k in ("admitted", "first")}
 
     @property
     def prefill(self):
@@ -176,7 +184,10 @@ class Driver:
         self._start([s for s in seqs if s.finish is None])
         self._first = seqs[0]
         self.reading = emit(seqs[0].shown) if single and not seqs[0].resumed else True  # else shown before
-        t0 = self._t0 = time.perf_counter()
+        t0 = time.perf_counter()
+        if state.resume is not None and state.resume["began"] is not None:  # a relaunch: since the first job began
+            t0 -= max(0.0, time.time() - state.resume["began"])
+        self._t0 = t0
         self._generate(emit, single)
         now = time.perf_counter()
         for seq in seqs:
@@ -186,8 +197,6 @@ class Driver:
             emit(seqs[0].pieces[-1])  # what the stream held back
         self.pos = seqs[0].pos if single else self.generated
         elapsed = now - t0
-        if state.resume is not None and state.resume["began"] is not None:  # a relaunch: since the first job began
-            elapsed = max(elapsed, time.time() - state.resume["began"])
         if single:
             r = seqs[0].result(t0)
             n_prompt = len(r["prompt_tokens"])
@@ -330,7 +339,7 @@ class Driver:
             if self.inbox is not None:
                 self.served += 1
             seq.slot = self.free.pop(0)
-            seq.times["admitted"] = now
+            seq.times.setdefault("admitted", now)  # (a relaunch's replayed sequence: when the first job admitted it)
             self.by_slot[seq.slot] = seq
             prompts.append(seq)
             taken += len(seq.prefill)
@@ -413,7 +422,8 @@ class Driver:
             self._release(seq, emit, single)
         if self.journal is not None:  # with the text that went out for it
             self.journal.token(seq, token if len(seq.tokens) > before else None,
-                               None if seq.finish is None or self.inbox is not None else seq.figures(self._t0))
+                               None if seq.finish is None or self.inbox is not None else seq.figures(self._t0),
+                               seq.since() if seq.decodes == 0 and seq.finish is None else None)
 
     def _release(self, seq, emit, single):
         """An ended sequence gives up its slot; its text goes out."""

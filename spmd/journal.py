@@ -3,12 +3,14 @@ on a pipe; and the resume file a relaunched job starts from. Both ends of the pr
 
 Events, in the order rank 0 writes them:
   {"ev": "ranks", "ranks": [[host, pid], ...]}   each rank's host and process, as the job starts
-  {"ev": "ready", "ratios": LAYOUT, "prompts": [[ids], ...]}   set up and loaded
+  {"ev": "ready", "ratios": LAYOUT, "prompts": [[ids], ...], "at": T}   set up and loaded, at T (time.time())
   {"ev": "prefill", "tokens": N}    a step that runs N prompt tokens goes out (the supervisor allows for its time)
-  {"ev": "token", "seq": I, "token": T, "end": FINISH, "rng": STATE, "out": TEXT, "figures": FIGURES}
+  {"ev": "token", "seq": I, "token": T, "end": FINISH, "rng": STATE, "out": TEXT, "figures": FIGURES,
+   "since": SINCE}
         sequence I sampled T (null: EOS, which ended it); END is null or why it ended ("eos", "length",
         "stopped"); RNG the sampler's generator state after it (null when greedy); OUT the text stdout gets with it;
-        FIGURES, where it ended spmd.run's sequence, its timings for the result (spmd.driver.FIGURES), else null
+        FIGURES, where it ended spmd.run's sequence, its timings for the result (spmd.driver.FIGURES), else null;
+        SINCE, with its first token where that did not end it, {"admitted": T, "first": T} (time.time()), else null
   {"ev": "plan", "ratios": LAYOUT}  a migration applied
   {"ev": "done", "text": TEXT}      --output text: generation has ended; TEXT is the rest of stdout (the last
                                     piece, the end of line): a job that fails after this has nothing more to say
@@ -18,9 +20,10 @@ the reader drops: what was not journaled did not happen, so the text a superviso
 
 The resume file (written by the supervisor, read by rank 0 of the relaunched job):
   {"version": 1, "ratios": LAYOUT, "sequences": [{"seq": I, "prompt": [ids], "tokens": [...], "finish": FINISH,
-   "rng": STATE, "figures": FIGURES}, ...], "ranks": [...], "began": T}
+   "rng": STATE, "figures": FIGURES, "since": SINCE}, ...], "ranks": [...], "began": T}
 T is when the first job was ready (time.time(), on rank 0's machine, the supervisor's): the relaunch's elapsed time
-and rate count from it, the failures' waits and the relaunches' loads included.
+and rate count from it, the failures' waits and the relaunches' loads included; a sequence that had begun (SINCE)
+keeps its admission and first token's times, so its decode rate counts the wait for the relaunch too.
 LAYOUT is null where the run was planned (--plan): the relaunch plans again, on a saved profile's ranks that
 "ranks" names (the survivors' indices in the profile, in their new order; absent for --plan auto, which measures
 again).
@@ -53,9 +56,9 @@ class Journal:
         self.pending.append(piece)
         return not self.gone
 
-    def token(self, seq, token, figures=None):
+    def token(self, seq, token, figures=None, since=None):
         self._write(ev="token", seq=seq.index, token=token, end=seq.finish, rng=seq.sampler.state, out=self.take(),
-                    figures=figures)
+                    figures=figures, since=since)
 
     def event(self, ev, **fields):
         self._write(ev=ev, **fields)
@@ -87,7 +90,7 @@ class Record:
         self.started = False  # whether any job has loaded (a failure before that is not recovered from)
         self.ratios = None  # its layout now
         self.prompts = None  # [[ids]] by sequence index
-        self.sequences = {}  # index -> {"tokens": [...], "finish": ..., "rng": ...}
+        self.sequences = {}  # index -> {"tokens": [...], "finish": ..., "rng": ..., "figures": ..., "since": ...}
         self.done, self.result = False, None
         self.prefill = 0  # prompt tokens of the last prefill step not yet answered by a token
         self.tokens = 0  # token events in all
@@ -99,7 +102,7 @@ class Record:
             self.ranks = [tuple(r) for r in e["ranks"]]
         elif ev == "ready":
             self.ratios, self.prompts, self.ready, self.started = e["ratios"], e["prompts"], True, True
-            self.began = self.began or time.time()
+            self.began = self.began or e.get("at") or time.time()
         elif ev == "prefill":
             self.prefill += e["tokens"]
         elif ev == "token":
@@ -110,6 +113,7 @@ class Record:
             if e["token"] is not None:
                 seq["tokens"].append(e["token"])
             seq["finish"], seq["rng"], seq["figures"] = e["end"], e["rng"], e.get("figures")
+            seq["since"] = e.get("since") or seq.get("since")
             return e["out"]
         elif ev == "plan":
             self.ratios = e["ratios"]
@@ -157,10 +161,15 @@ def read_resume(path):
                 and isinstance(s.get("seq"), int) and s.get("finish") in FINISHES
                 and (s.get("rng") is None or isinstance(s["rng"], dict))
                 and (figures is None or (isinstance(figures, dict) and set(figures) == set(FIGURES)
-                                         and all(v is None or _number(v) for v in figures.values())))):
+                                         and all(v is None or _number(v) for v in figures.values())))
+                and _since(s.get("since"))):
             raise bad
         sequences[s["seq"]] = s
     return {"ratios": obj["ratios"], "ranks": obj.get("ranks"), "sequences": sequences, "began": obj.get("began")}
+
+
+def _since(v):
+    return v is None or (isinstance(v, dict) and set(v) == {"admitted", "first"} and all(map(_number, v.values())))
 
 
 def _number(v):

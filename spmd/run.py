@@ -406,7 +406,8 @@ def run(argv):
     if note:
         log(note)
     if journal:
-        journal.event("ready", ratios=engine.state.plan.text(), prompts=[w.ids.tolist() for w in engine.state.work])
+        journal.event("ready", ratios=engine.state.plan.text(), prompts=[w.ids.tolist() for w in engine.state.work],
+                      at=time.time())
     emit = (journal.emit if journal else write_stdout) if text_out and comm.is_root else None
     result = guarded(comm, log, lambda: engine.run(emit))
     if comm.is_root:

@@ -62,7 +62,8 @@ def test_the_journal_carries_text_with_its_token_and_drops_a_line_cut_short(tmp_
     journal.event("ranks", ranks=[["h", 1], ["h", 2]])
     journal.event("ready", ratios="1:1", prompts=[[1, 5]])
     journal.emit("Hello")
-    journal.token(Seq(0), 7)
+    since = {"admitted": 1000.5, "first": 1000.75}
+    journal.token(Seq(0), 7, since=since)
     journal.emit(" world")
     figures = {"queued_ms": 0.1, "prefill_ms": 2.5, "decode_tokens_per_s": 100.0, "ms_per_token": 10.0}
     journal.token(Seq(0, "length"), 9, figures)
@@ -75,14 +76,17 @@ def test_the_journal_carries_text_with_its_token_and_drops_a_line_cut_short(tmp_
         json.loads(rest)
     assert "".join(printed) == "Hello world"
     assert record.ranks == [("h", 1), ("h", 2)] and record.ratios == "1:1"
-    assert record.sequences == {0: {"tokens": [7, 9], "finish": "length", "rng": None, "figures": figures}}
+    assert record.sequences == {0: {"tokens": [7, 9], "finish": "length", "rng": None, "figures": figures,
+                                    "since": since}}
     resume = record.resume("1")
     assert 0 <= time.time() - resume.pop("began") < 60  # when the job was ready
     assert resume == {"version": 1, "ratios": "1", "ranks": None, "sequences": [
-        {"seq": 0, "prompt": [1, 5], "tokens": [7, 9], "finish": "length", "rng": None, "figures": figures}]}
+        {"seq": 0, "prompt": [1, 5], "tokens": [7, 9], "finish": "length", "rng": None, "figures": figures,
+         "since": since}]}
     path = tmp_path / "resume.json"
     path.write_text(json.dumps(record.resume("1")))
     assert read_resume(path)["sequences"][0]["figures"] == figures
+    assert read_resume(path)["sequences"][0]["since"] == since
     os.close(reader)
 
 
@@ -106,6 +110,9 @@ def test_a_second_loss_before_the_relaunch_has_loaded_starts_from_its_layout(tmp
                                      '{"version": 1, "ratios": "1", "sequences": [], "began": -1}',
                                      '{"version": 1, "ratios": "1", "sequences": [{"seq": 0, "prompt": [1], '
                                      '"tokens": [2], "finish": "eos", "rng": null, "figures": {"queued_ms": 1}}]}',
+                                     '{"version": 1, "ratios": "1", "sequences": [{"seq": 0, "prompt": [1], '
+                                     '"tokens": [2], "finish": null, "rng": null, "since": {"admitted": "x", '
+                                     '"first": 1}}]}',
                                      "[" * 100_000 + "]" * 100_000])
 def test_a_bad_resume_file_is_refused(tmp_path, content):
     path = tmp_path / "r.json"
@@ -377,7 +384,9 @@ def test_several_sequences_and_a_seeded_sampler_go_on_as_if_nothing_happened(mod
 def test_a_recovered_runs_figures_are_the_whole_runs(model, tmp_path):
     """One sequence at a time, planned (--plan auto), a rank killed after the first sequence has ended: that
     sequence keeps the figures of the job that ran it (the relaunch replays it as ended: it ended with a KeyError
-    where --plan reads them), and the run's time and rate cover both jobs, the wait for the lost rank included."""
+    where --plan reads them); the one it killed in flight keeps its admission and first token, so its decode time
+    spans the wait for the lost rank (its figures were the relaunch's alone, and none where the replay's prefill
+    sampled its last token); and the run's time and rate cover both jobs, that wait included."""
     t = time.monotonic()
     p = subprocess.run([sys.executable, "-m", "spmd.launch", "-n", "3", "--", "--model", model, "--plan", "auto",
                         "--steps", str(STEPS), "--prompt", "Hello", "--prompt", "Once upon", "--prompt", "x",
@@ -391,6 +400,13 @@ def test_a_recovered_runs_figures_are_the_whole_runs(model, tmp_path):
     for s in got["sequences"]:
         assert all(isinstance(s[k], (int, float)) and s[k] >= 0 for k in ("queued_ms", "prefill_ms")), s
         assert s["ms_per_token"] > 0 and s["decode_tokens_per_s"] > 0, s
+    ended = recovery["after_tokens"] - recovery["tokens_replayed"]  # the tokens of the sequences ended before it
+    counts = [len(s["tokens"]) for s in got["sequences"]]
+    killed = next(i for i in range(len(counts)) if sum(counts[:i + 1]) > ended)  # (they run in order, one at a time)
+    assert sum(counts[:killed]) == ended and recovery["tokens_replayed"] > 0
+    s = got["sequences"][killed]
+    decode_s = (len(s["tokens"]) - 1) / s["decode_tokens_per_s"]  # at most its decodes' time (an EOS is one more)
+    assert decode_s > recovery["stall_s"] - 0.05, (s, recovery)
     assert recovery["stall_s"] < got["elapsed_s"] < took
     assert got["tokens_per_s"] == pytest.approx(got["tokens_generated"] / got["elapsed_s"], rel=1e-3)
     assert got["planner"]["measured_ms_per_token"] > 0
