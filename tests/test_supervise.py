@@ -406,7 +406,7 @@ def test_a_recovered_runs_figures_are_the_whole_runs(model, tmp_path):
     assert sum(counts[:killed]) == ended and recovery["tokens_replayed"] > 0
     s = got["sequences"][killed]
     decode_s = (len(s["tokens"]) - 1) / s["decode_tokens_per_s"]  # at most its decodes' time (an EOS is one more)
-    assert decode_s > recovery["stall_s"] - 0.05, (s, recovery)
+    assert decode_s > recovery["stall_s"] / 2, (s, recovery)  # (the supervisor's clock reads the tokens' arrivals)
     assert recovery["stall_s"] < got["elapsed_s"] < took
     assert got["tokens_per_s"] == pytest.approx(got["tokens_generated"] / got["elapsed_s"], rel=1e-3)
     assert got["planner"]["measured_ms_per_token"] > 0
