@@ -554,7 +554,7 @@ class Comm:
             return
         limit = self.wait_timeout_s + (0 if self.is_root else 5) if self.wait_timeout_s > 0 else None
         if not wait(self.comm.Ibarrier(), limit_s=limit, poll=self.stop_asked if self.is_root else None):
-            self.give_up(f"waited {limit:.0f} s for the other ranks while setting up: a rank has stopped or its host "
+            self.give_up(f"waited {limit:g} s for the other ranks while setting up: a rank has stopped or its host "
                          "is gone (--wait-timeout)")
 
     def collective(self, call, *args, **kwargs):
@@ -593,10 +593,9 @@ class Comm:
             return None
         limit, now, since = self.wait_timeout_s + (0 if self.is_root else 5), time.monotonic(), self.in_call_since
         if self.generating and now - self.last_step_at > limit:
-            return (f"no step for {now - self.last_step_at:.0f} s: another rank has stopped or its host is gone "
-                    "(--wait-timeout)")
+            return f"no step for over {limit:g} s: another rank has stopped or its host is gone (--wait-timeout)"
         if since is not None and now - since > limit:
-            return f"waited {now - since:.0f} s inside a collective: another rank has stopped or its host is gone " \
+            return f"waited over {limit:g} s inside a collective: another rank has stopped or its host is gone " \
                    "(--wait-timeout)"
         return None
 

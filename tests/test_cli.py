@@ -728,7 +728,7 @@ def test_a_stopped_rank_ends_the_job_after_the_wait_timeout(model, stopped, tmp_
     after --wait-timeout rank 0 says so in one line and every rank is taken down, leaving neither the control
     socket's file nor MPICH's shared memory behind."""
     assert_rank_0_gives_up(model, tmp_path, 3, ["--steps", "25", "--ratios", "1*1:1"], f"{stopped}:4:STOP",
-                           "no step for 2 s: another rank has stopped or its host is gone (--wait-timeout)")
+                           "no step for over 2 s: another rank has stopped or its host is gone (--wait-timeout)")
 
 
 def test_a_rank_stopped_while_the_job_sets_up_ends_it_after_the_wait_timeout(model, tmp_path):
@@ -745,7 +745,8 @@ def test_a_rank_stopped_as_the_text_ends_does_not_hold_the_others_in_the_last_co
     collectives (the agreed error, the per-rank figures), which MPI waits in, in C. The watchdog bounds that wait
     too: after --wait-timeout rank 0 says so in one line and every rank is taken down (they had waited for ever)."""
     assert_rank_0_gives_up(model, tmp_path, 3, ["--steps", "4"], "2:stop:STOP",
-                           "s inside a collective: another rank has stopped or its host is gone (--wait-timeout)")
+                           "waited over 2 s inside a collective: another rank has stopped or its host is gone "
+                           "(--wait-timeout)")
 
 
 def test_ctrl_c_ends_a_job_whose_rank_stopped_while_it_set_up(model):

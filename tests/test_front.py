@@ -177,7 +177,10 @@ def test_a_second_ctrl_c_stops_the_server_at_once(model, tmp_path):
     client = threading.Thread(target=lambda: streamed(server.url, {"prompt": GREEDY, "max_tokens": 80,
                                                                    "temperature": 0}), daemon=True)
     client.start()
-    time.sleep(2)
+    deadline = time.monotonic() + 60
+    while not in_flight(server):  # (a first Ctrl-C with no answer under way ends the server cleanly: exit 0)
+        assert time.monotonic() < deadline and client.is_alive(), "the answer never got under way"
+        time.sleep(0.05)
     server.proc.send_signal(signal.SIGINT)
     time.sleep(0.3)
     server.proc.send_signal(signal.SIGINT)
@@ -185,10 +188,20 @@ def test_a_second_ctrl_c_stops_the_server_at_once(model, tmp_path):
     err = "".join(server.lines)
     assert status == 130 and out == "", err
     assert "[proxy" not in err and "[mpiexec" not in err and "Traceback" not in err, err
-    time.sleep(1)
-    left = subprocess.run(["pgrep", "-f", str(mark)], capture_output=True, text=True).stdout.split()
+    deadline = time.monotonic() + 10
+    while True:  # (the job's processes end a moment after the launcher)
+        left = subprocess.run(["pgrep", "-f", str(mark)], capture_output=True, text=True).stdout.split()
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     subprocess.run(["pkill", "-9", "-f", str(mark)])
     assert left == [], "processes of the job left running"
+
+
+def in_flight(server):
+    """The requests the server is answering now (its /cluster page)."""
+    with urllib.request.urlopen(server.url + "/cluster", timeout=30) as r:
+        return json.load(r)["server"]["in_flight"]
 
 
 def test_rank_0_lost_ends_the_server_with_one_line_and_the_stream_says_so(model, tmp_path):

@@ -14,7 +14,8 @@ from spmd.synth import Shape, write_model
 
 ROOT = Path(__file__).resolve().parents[1]
 MPIRUN = shutil.which("mpirun") or str(Path(sys.executable).parent / "mpirun")
-# seed 4 and "Hello" settle into a loop without an end-of-sequence token: 4000 tokens, a few seconds at 2 ranks
+# seed 4 and "Hello" settle into a loop without an end-of-sequence token: 4000 tokens, about a second at 2 ranks (the
+# migrated job's rank 0 is slowed, SPMD_TEST_SLOW, so that it outlives the eight clients on a loaded machine)
 SHAPE = Shape(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, ffn=256, vocab=512, context=8192)
 STEPS = 4000
 
@@ -42,7 +43,7 @@ def test_migrations_from_the_command_line_keep_the_text(tmp_path):
     expected = json.loads(out)["tokens"]
     assert len(expected) == STEPS
 
-    p = job(model, env, "--migrate-weights", "peer")
+    p = job(model, {**env, "SPMD_TEST_SLOW": "0:10"}, "--migrate-weights", "peer")
     folder = tmp_path / "run" / "spmd"
     for _ in range(600):  # the job's socket appears once it has loaded
         socks = list(folder.glob("control-*.sock")) if folder.exists() else []

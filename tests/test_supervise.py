@@ -382,16 +382,19 @@ def test_several_sequences_and_a_seeded_sampler_go_on_as_if_nothing_happened(mod
 
 
 def test_a_recovered_runs_figures_are_the_whole_runs(model, tmp_path):
-    """One sequence at a time, planned (--plan auto), a rank killed after the first sequence has ended: that
-    sequence keeps the figures of the job that ran it (the relaunch replays it as ended: it ended with a KeyError
-    where --plan reads them); the one it killed in flight keeps its admission and first token, so its decode time
-    spans the wait for the lost rank (its figures were the relaunch's alone, and none where the replay's prefill
-    sampled its last token); and the run's time and rate cover both jobs, that wait included."""
+    """One sequence at a time, planned (--plan auto), a rank killed as the second sequence runs: the first keeps the
+    figures of the job that ran it (the relaunch replays it as ended: it ended with a KeyError where --plan reads
+    them); the second keeps its admission and first token, so its decode time spans the wait for the lost rank (its
+    figures were the relaunch's alone, and none where the replay's prefill sampled its last token); and the run's
+    time and rate cover both jobs, that wait included. (The plan may leave the killed rank idle, and rank 0 then
+    goes on generating until the job is taken down: it is slowed from the kill's step on, so that the loss lands
+    in the second sequence.)"""
     t = time.monotonic()
     p = subprocess.run([sys.executable, "-m", "spmd.launch", "-n", "3", "--", "--model", model, "--plan", "auto",
                         "--steps", str(STEPS), "--prompt", "Hello", "--prompt", "Once upon", "--prompt", "x",
                         "--sequences", "1", "--output", "json"], cwd=ROOT, capture_output=True, text=True,
-                       timeout=180, env=dict(os.environ, SPMD_TEST_SIGNAL=kills(tmp_path, "1:50:KILL")))
+                       timeout=180, env=dict(os.environ, SPMD_TEST_SIGNAL=kills(tmp_path, "1:50:KILL"),
+                                             SPMD_TEST_SLOW="0:500@50"))
     took = time.monotonic() - t
     assert p.returncode == 0, p.stderr
     got = json.loads(p.stdout)
@@ -403,7 +406,7 @@ def test_a_recovered_runs_figures_are_the_whole_runs(model, tmp_path):
     ended = recovery["after_tokens"] - recovery["tokens_replayed"]  # the tokens of the sequences ended before it
     counts = [len(s["tokens"]) for s in got["sequences"]]
     killed = next(i for i in range(len(counts)) if sum(counts[:i + 1]) > ended)  # (they run in order, one at a time)
-    assert sum(counts[:killed]) == ended and recovery["tokens_replayed"] > 0
+    assert killed == 1 and ended == counts[0] and recovery["tokens_replayed"] > 0
     s = got["sequences"][killed]
     decode_s = (len(s["tokens"]) - 1) / s["decode_tokens_per_s"]  # at most its decodes' time (an EOS is one more)
     assert decode_s > recovery["stall_s"] / 2, (s, recovery)  # (the supervisor's clock reads the tokens' arrivals)
