@@ -159,6 +159,17 @@ def make_backend(comm, name, threads, gpu, wraps, activations="f32"):
     return agree(comm, lambda: get_backend(name, threads=threads, device=gpu, wrap=wraps, activations=activations))
 
 
+def gpu_stages(gpus, n_layers):
+    """The default layout where every rank computes on a GPU of its own, all on one host (`gpus`: each rank's
+    (host, GPU index or None: the CPU)): a pipeline stage each, '1*1', as tensor parallelism across a host's GPUs
+    pays a round trip through host memory at every allreduce, two a layer, and stages hand on one hidden state a
+    token (README: "A host with several GPUs"); None otherwise (equal shares, one stage)."""
+    hosts, indices = {h for h, _ in gpus}, [g for _, g in gpus]
+    if len(gpus) > 1 and len(hosts) == 1 and None not in indices and len(set(indices)) == len(gpus) <= n_layers:
+        return "*".join("1" * len(gpus))
+    return None
+
+
 def proc_bytes(path, field):
     """A "Field:  N kB" line of a /proc file in bytes, or None where /proc does not tell."""
     try:
@@ -247,6 +258,13 @@ class RankState:
         self.backend = make_backend(comm, self.backend_name, self.threads, self.gpu, self.gpu_wraps, opts.activations)
         profile = self._profile() if opts.plan or opts.rebalance else None  # rank 0's; None elsewhere
         plan_lines = []  # rank 0's lines on the planner's choice, said once the layout's memory is checked
+        stages = gpu_stages(comm.allgather((C.host_name(), self.backend.gpu())), self.cfg.n_layers) \
+            if plan is not None and opts.ratios is None else None
+        if stages is not None:  # (no --ratios or --plan: the default layout)
+            plan = make_plan(parse_layout(stages, comm.size), self.cfg)
+            plan_lines.append(f"note: every rank on a GPU of its own on one host: a pipeline stage each (--ratios "
+                              f"'{stages}'), as tensor parallelism across GPUs pays a round trip through host memory "
+                              "at every allreduce; --ratios chooses another layout")
         plan = plan or self._planned(profile, plan_lines.append)
         self.n_slots = self.in_flight(plan)
         comm.set_slots(self.n_slots)

@@ -232,3 +232,18 @@ def test_an_ffn_block_is_a_quant_block():
     """plan.FFN_BLOCK repeats quants.BLOCK (plan stays free of numpy and gguf: tests/test_imports.py's LIGHT)."""
     from spmd.quants import BLOCK
     assert FFN_BLOCK == BLOCK
+
+
+@pytest.mark.parametrize("gpus, n_layers, expected", [
+    ([("h", 0), ("h", 1)], 22, "1*1"),  # two GPUs of one host: a stage each
+    ([("h", 0), ("h", 1), ("h", 2), ("h", 3)], 4, "1*1*1*1"),
+    ([("h", 0)], 22, None),  # one rank
+    ([("h", 0), ("h", 0)], 22, None),  # two ranks sharing one GPU (more ranks than GPUs: wrapped)
+    ([("h", 0), ("h", None)], 22, None),  # a rank on the CPU (the cpu backend, or lavapipe)
+    ([("h", None), ("h", None)], 22, None),
+    ([("a", 0), ("b", 0)], 22, None),  # GPUs of two hosts: the network between them, not host memory
+    ([("h", 0), ("h", 1), ("h", 2)], 2, None),  # more ranks than layers: no stage each
+])
+def test_ranks_on_gpus_of_their_own_on_one_host_default_to_a_stage_each(gpus, n_layers, expected):
+    from spmd.rank import gpu_stages
+    assert gpu_stages(gpus, n_layers) == expected

@@ -5,6 +5,7 @@ mpirun -n 3 python -m pytest --with-mpi -m mpi tests/test_vulkan_mpi.py"""
 import pytest
 
 from mpi_models import SHAPE, UNEQUAL, WORLD, generate, one_rank_tokens, shared_models
+from spmd.backends import get_backend
 from spmd.errors import UserError
 from spmd.synth import Shape
 
@@ -12,7 +13,6 @@ from spmd.synth import Shape
 def _vulkan_missing():
     """The reason every rank skips (agreed through rank 0's view), or None."""
     try:
-        from spmd.backends import get_backend
         get_backend("vulkan")
         reason = None
     except UserError as e:
@@ -44,9 +44,12 @@ def test_all_vulkan_tokens_equal_one_numpy_rank(models, case, unequal):
     expected = one_rank_tokens(model=models[case], backend="numpy")
     result = generate(WORLD, model=models[case], backend="vulkan", allreduce="ring",
                       ratios=UNEQUAL[WORLD.size] if unequal else None)
+    on_cpu = WORLD.allgather(get_backend("vulkan").gpu() is None)  # lavapipe: a CPU device
     if WORLD.rank == 0:
         assert result["tokens"] == expected and len(expected) == 12
         assert all(r["backend"].startswith("vulkan (") for r in result["ranks"])
+        if not unequal and all(on_cpu):  # the default layout: one stage (a stage each only on GPUs of their own)
+            assert "*" not in result["ratios"] and len(result["stages"]) == 1, result["ratios"]
 
 
 @needs_device

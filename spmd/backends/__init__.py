@@ -72,6 +72,10 @@ class Backend:
         """Memory of the device the backend computes on where it is not the host's (a GPU's), else None."""
         return None
 
+    def gpu(self):
+        """Which of its host's GPUs it computes on (an index), or None where it computes on the CPU."""
+        return None
+
 
 def get_backend(name: str, threads: int = None, device: int = None, wrap: bool = False, activations="f32"):
     if name == "numpy":

@@ -184,7 +184,8 @@ class Device:
         self.count = len(devices)
         index = index or 0
         self.check_index(index, wrap)
-        self.physical = devices[index % len(devices)]
+        self.index = index % len(devices)  # (wrapped: ranks sharing a GPU have the same)
+        self.physical = devices[self.index]
         props = vk.vkGetPhysicalDeviceProperties(self.physical)
         self.name = _text(props.deviceName)
         self.is_cpu = props.deviceType == vk.VK_PHYSICAL_DEVICE_TYPE_CPU

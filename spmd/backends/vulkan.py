@@ -527,6 +527,9 @@ class VulkanBackend(Backend):
         chunk = chunk_rows(self.dev, name, cols)
         return sum(part_bytes(block * n, scale * n) for n in (min(chunk, rows - r0) for r0 in range(0, rows, chunk)))
 
+    def gpu(self):
+        return None if self.dev.is_cpu else self.dev.index
+
     def device_memory_bytes(self):
         """The device's main memory heap, less what this process holds there (None for lavapipe: host memory)."""
         if self.dev.is_cpu:
