@@ -61,7 +61,7 @@ class Sequence:
             self.figures_before = entry.get("figures")
         elif entry.get("since"):  # its timings go on from the job that admitted it, the wait for the relaunch in them
             self.times = {k: now - (time.time() - t) for k, t in entry["since"].items()}
-            self.decodes = len(self.tokens)  # those after its first token, and the one its prefill here samples
+            self.decodes = len(self.tokens) - 1  # those after its first token (its prefill here samples one more)
 
     def since(self):
         """Its admission and first token as wall-clock times (time.time()): the journal keeps them for a relaunch."""
@@ -340,6 +340,8 @@ class Driver:
                 self.served += 1
             seq.slot = self.free.pop(0)
             seq.times.setdefault("admitted", now)  # (a relaunch's replayed sequence: when the first job admitted it)
+            if "first" in seq.times:  # (and its prefill samples a decode's token)
+                seq.decodes += 1
             self.by_slot[seq.slot] = seq
             prompts.append(seq)
             taken += len(seq.prefill)

@@ -3,7 +3,8 @@ on a pipe; and the resume file a relaunched job starts from. Both ends of the pr
 
 Events, in the order rank 0 writes them:
   {"ev": "ranks", "ranks": [[host, pid], ...]}   each rank's host and process, as the job starts
-  {"ev": "ready", "ratios": LAYOUT, "prompts": [[ids], ...], "at": T}   set up and loaded, at T (time.time())
+  {"ev": "ready", "ratios": LAYOUT, "prompts": [[ids], ...], "at": T}   set up and loaded, at T (time.time();
+                                    spmd.serve's has none: the supervisor's clock as it reads the line)
   {"ev": "prefill", "tokens": N}    a step that runs N prompt tokens goes out (the supervisor allows for its time)
   {"ev": "token", "seq": I, "token": T, "end": FINISH, "rng": STATE, "out": TEXT, "figures": FIGURES,
    "since": SINCE}
@@ -113,7 +114,7 @@ class Record:
             if e["token"] is not None:
                 seq["tokens"].append(e["token"])
             seq["finish"], seq["rng"], seq["figures"] = e["end"], e["rng"], e.get("figures")
-            seq["since"] = e.get("since") or seq.get("since")
+            seq["since"] = None if e["end"] else e.get("since") or seq.get("since")  # (an ended one has figures)
             return e["out"]
         elif ev == "plan":
             self.ratios = e["ratios"]
@@ -162,14 +163,21 @@ def read_resume(path):
                 and (s.get("rng") is None or isinstance(s["rng"], dict))
                 and (figures is None or (isinstance(figures, dict) and set(figures) == set(FIGURES)
                                          and all(v is None or _number(v) for v in figures.values())))
-                and _since(s.get("since"))):
+                and _since(s, obj.get("began"))):
             raise bad
         sequences[s["seq"]] = s
     return {"ratios": obj["ratios"], "ranks": obj.get("ranks"), "sequences": sequences, "began": obj.get("began")}
 
 
-def _since(v):
-    return v is None or (isinstance(v, dict) and set(v) == {"admitted", "first"} and all(map(_number, v.values())))
+def _since(entry, began):
+    """Whether a resume entry's "since" is none, or times that can be: an unfinished sequence that sampled a token,
+    admitted after the first job began, its first token after that, both before now."""
+    v = entry.get("since")
+    if v is None:
+        return True
+    return (isinstance(v, dict) and set(v) == {"admitted", "first"} and all(map(_number, v.values()))
+            and entry["tokens"] and entry["finish"] is None
+            and (began or 0) <= v["admitted"] <= v["first"] <= time.time())
 
 
 def _number(v):

@@ -260,11 +260,13 @@ class RankState:
         plan_lines = []  # rank 0's lines on the planner's choice, said once the layout's memory is checked
         stages = gpu_stages(comm.allgather((C.host_name(), self.backend.gpu())), self.cfg.n_layers) \
             if plan is not None and opts.ratios is None else None
-        if stages is not None:  # (no --ratios or --plan: the default layout)
-            plan = make_plan(parse_layout(stages, comm.size), self.cfg)
-            plan_lines.append(f"note: every rank on a GPU of its own on one host: a pipeline stage each (--ratios "
-                              f"'{stages}'), as tensor parallelism across GPUs pays a round trip through host memory "
-                              "at every allreduce; --ratios chooses another layout")
+        if stages is not None:  # (no --ratios or --plan: the default layout, where it fits; else one stage)
+            staged = make_plan(parse_layout(stages, comm.size), self.cfg)
+            if self._fits(staged):
+                plan = staged
+                plan_lines.append(f"note: every rank on a GPU of its own on one host: a pipeline stage each "
+                                  f"(--ratios '{stages}'), as tensor parallelism across GPUs pays a round trip "
+                                  "through host memory at every allreduce; --ratios chooses another layout")
         plan = plan or self._planned(profile, plan_lines.append)
         self.n_slots = self.in_flight(plan)
         comm.set_slots(self.n_slots)
@@ -273,8 +275,7 @@ class RankState:
             from .rebalance import Rebalancer
             self.rebalancer = Rebalancer(profile, "throughput" if self.n_slots > 1 else "latency", self.n_slots,
                                          self.max_seq, opts.allreduce)
-        agree(comm, lambda: self._check_memory(plan))
-        agree(comm, lambda: self._check_limits(plan))
+        self._check_fit(plan)
         if comm.is_root:
             for line in plan_lines:
                 self.log(line)
@@ -434,6 +435,21 @@ class RankState:
         """--memory-limit as a person reads it, or in bytes where it rounds to what the share needs."""
         shown = human_size(self.memory_limit)
         return f"{self.memory_limit} bytes" if shown == human_size(self.floor_bytes(parts, sizes)) else shown
+
+    def _fits(self, plan):
+        """Whether `plan` passes the memory checks on every rank, with the sequences in flight it makes (the same
+        answer on every rank)."""
+        self.n_slots = self.in_flight(plan)
+        try:
+            self._check_fit(plan)
+        except UserError:
+            return False
+        return True
+
+    def _check_fit(self, plan):
+        """Refuse `plan` where it does not fit memory (collective: the same UserError on every rank)."""
+        agree(self.comm, lambda: self._check_memory(plan))
+        agree(self.comm, lambda: self._check_limits(plan))
 
     def _check_limits(self, plan):
         """Every rank: refuse up front, naming every rank that is short, a --memory-limit below what a rank's share

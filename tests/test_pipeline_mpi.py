@@ -128,3 +128,42 @@ def test_measured_memory_follows_the_layer_share(tmp_path):
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     assert check_memory(json.loads(p.stdout)) == [2, 4, 2]
+
+
+@needs_two
+@pytest.mark.mpi
+def test_ranks_on_gpus_of_their_own_default_to_a_stage_each(models, monkeypatch):
+    """Without --ratios, ranks that each compute on a GPU of their own on one host (told so here through
+    Backend.gpu: this machine's ranks have none) run a pipeline stage each, rank 0's note says so, and the tokens
+    are one rank's; under a --memory-limit that one stage fits and a stage each does not (the last stage holds the
+    whole classifier), one stage, as before."""
+    from spmd.backends import Backend
+    from spmd.comm import Comm
+    from spmd.engine import Engine, RunOptions
+    from spmd.errors import UserError
+    from spmd.prompts import PromptSpec
+    from mpi_models import PROMPT
+    model = models["deep F32"]
+    expected = one_rank_tokens(model=model)
+    equal, stages = ":".join("1" * WORLD.size), "*".join("1" * WORLD.size)
+    floors = {layout: WORLD.bcast(generate(WORLD, model=model, ratios=layout)) for layout in (equal, stages)}
+    floors = {k: [r["memory_floor_bytes"] for r in v["ranks"]] for k, v in floors.items()}
+    limit = max(floors[equal])  # one stage fits; the last stage's rank needs more (the premise, checked below)
+    assert max(floors[stages]) > limit, floors
+    monkeypatch.setattr(Backend, "gpu", lambda self: WORLD.rank)  # each rank on GPU number `rank` of this host
+
+    def run(**kw):
+        lines = []
+        opts = RunOptions(model=model, prompts=(PromptSpec(ids=PROMPT),), steps=12, **kw)
+        return Engine(opts, Comm(comm=WORLD), log=lines.append).run(), lines
+
+    result, lines = run()
+    if WORLD.rank == 0:
+        assert result["tokens"] == expected and len(result["stages"]) == WORLD.size, result["ratios"]
+        assert any(f"a pipeline stage each (--ratios '{stages}')" in line for line in lines), lines
+    with pytest.raises(UserError, match="--memory-limit is below"):
+        run(ratios=stages, memory_limit=str(limit))
+    result, lines = run(memory_limit=str(limit))
+    if WORLD.rank == 0:
+        assert result["tokens"] == expected and len(result["stages"]) == 1, result["ratios"]
+        assert not any("a pipeline stage each" in line for line in lines), lines

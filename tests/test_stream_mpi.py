@@ -98,7 +98,8 @@ def test_migrations_under_a_memory_limit_keep_the_tokens(models, socket_path, ba
     if backend == "vulkan" and MISSING is not None:
         pytest.skip(f"no Vulkan: {MISSING}")
     model = models["Q8_0 deep"]
-    free = run(model, steps=16, backend=backend)
+    equal = ":".join("1" * WORLD.size)  # one stage (ranks on GPUs of their own default to a stage each)
+    free = run(model, steps=16, ratios=equal, backend=backend)
     stages = "*".join("1" * WORLD.size)
     final = run(model, steps=16, ratios=stages, backend=backend)
     # room for the moves' shares on the way, short of the first share's need (it streams from the start) unless
@@ -108,7 +109,8 @@ def test_migrations_under_a_memory_limit_keep_the_tokens(models, socket_path, ba
     last = WORLD.size - 1
     schedule = {1: [migrate(1, 0, last, kv=1)], 2: [{"cmd": "status"}], 3: [migrate(2, last, 0, ffn=2)],
                 5: [migrate(ratios=stages)]}
-    _, result, replies = migrate_run(model, socket_path, schedule=schedule, memory_limit=limit, backend=backend)
+    _, result, replies = migrate_run(model, socket_path, schedule=schedule, memory_limit=limit, backend=backend,
+                                     ratios=equal)
     if WORLD.rank == 0:
         assert result["tokens"] == free["tokens"]
         assert all(r["ok"] for r in replies) and result["plan_epoch"] == 3, replies

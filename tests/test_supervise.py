@@ -60,13 +60,15 @@ def test_the_journal_carries_text_with_its_token_and_drops_a_line_cut_short(tmp_
     reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
     journal = Journal(str(fifo))
     journal.event("ranks", ranks=[["h", 1], ["h", 2]])
-    journal.event("ready", ratios="1:1", prompts=[[1, 5]])
+    ready = time.time() - 10
+    journal.event("ready", ratios="1:1", prompts=[[1, 5], [2]], at=ready)
     journal.emit("Hello")
-    since = {"admitted": 1000.5, "first": 1000.75}
+    since = {"admitted": ready + 0.5, "first": ready + 0.75}
     journal.token(Seq(0), 7, since=since)
     journal.emit(" world")
     figures = {"queued_ms": 0.1, "prefill_ms": 2.5, "decode_tokens_per_s": 100.0, "ms_per_token": 10.0}
     journal.token(Seq(0, "length"), 9, figures)
+    journal.token(Seq(1), 3, since=since)  # the second sequence has begun
     data = os.read(reader, 1 << 16) + b'{"ev":"token","seq":0,"tok'  # a job killed in the middle of a line
     record, printed = Record(), []
     *lines, rest = data.split(b"\n")
@@ -76,17 +78,17 @@ def test_the_journal_carries_text_with_its_token_and_drops_a_line_cut_short(tmp_
         json.loads(rest)
     assert "".join(printed) == "Hello world"
     assert record.ranks == [("h", 1), ("h", 2)] and record.ratios == "1:1"
-    assert record.sequences == {0: {"tokens": [7, 9], "finish": "length", "rng": None, "figures": figures,
-                                    "since": since}}
+    ended = {"tokens": [7, 9], "finish": "length", "rng": None, "figures": figures, "since": None}
+    begun = {"tokens": [3], "finish": None, "rng": None, "figures": None, "since": since}
+    assert record.sequences == {0: ended, 1: begun}
     resume = record.resume("1")
-    assert 0 <= time.time() - resume.pop("began") < 60  # when the job was ready
+    assert resume.pop("began") == ready  # when the job was ready (rank 0's clock)
     assert resume == {"version": 1, "ratios": "1", "ranks": None, "sequences": [
-        {"seq": 0, "prompt": [1, 5], "tokens": [7, 9], "finish": "length", "rng": None, "figures": figures,
-         "since": since}]}
+        {"seq": 0, "prompt": [1, 5], **ended}, {"seq": 1, "prompt": [2], **begun}]}
     path = tmp_path / "resume.json"
     path.write_text(json.dumps(record.resume("1")))
     assert read_resume(path)["sequences"][0]["figures"] == figures
-    assert read_resume(path)["sequences"][0]["since"] == since
+    assert read_resume(path)["sequences"][1]["since"] == since
     os.close(reader)
 
 
@@ -113,6 +115,18 @@ def test_a_second_loss_before_the_relaunch_has_loaded_starts_from_its_layout(tmp
                                      '{"version": 1, "ratios": "1", "sequences": [{"seq": 0, "prompt": [1], '
                                      '"tokens": [2], "finish": null, "rng": null, "since": {"admitted": "x", '
                                      '"first": 1}}]}',
+                                     '{"version": 1, "ratios": "1", "sequences": [{"seq": 0, "prompt": [1], '  # first
+                                     '"tokens": [2], "finish": null, "rng": null, "since": {"admitted": 2, '  # before
+                                     '"first": 1}}]}',  # its admission
+                                     '{"version": 1, "ratios": "1", "sequences": [{"seq": 0, "prompt": [1], '  # ended
+                                     '"tokens": [2], "finish": "eos", "rng": null, "since": {"admitted": 1, '
+                                     '"first": 2}}]}',
+                                     '{"version": 1, "ratios": "1", "sequences": [{"seq": 0, "prompt": [1], '  # no
+                                     '"tokens": [], "finish": null, "rng": null, "since": {"admitted": 1, '  # token
+                                     '"first": 2}}]}',
+                                     '{"version": 1, "ratios": "1", "began": 5, "sequences": [{"seq": 0, "prompt": '
+                                     '[1], "tokens": [2], "finish": null, "rng": null, "since": {"admitted": 1, '
+                                     '"first": 2}}]}',  # admitted before the job began
                                      "[" * 100_000 + "]" * 100_000])
 def test_a_bad_resume_file_is_refused(tmp_path, content):
     path = tmp_path / "r.json"
