@@ -52,7 +52,7 @@ CLUSTER_OPTIONS = [  # the flags spmd.run and spmd.serve share: the model, and h
                  help="Each rank's relative speed, one number per rank: 2:3:3 (one stage, tensor parallel). '*' "
                       "separates pipeline stages of consecutive ranks, '@N' pins a stage's layer count: 1*1*1, "
                       "1:1*2:3, 1:1@10*1:1@12; 0 leaves a rank (never rank 0) idle: 2:0:3. Default: equal, one stage "
-                      "(ranks each on a GPU of its own on one host: a stage each, 1*1)."),
+                      "(ranks each on a GPU of its own on one host: a stage each, 1*1, where that fits memory)."),
     click.option("--plan", default=None, metavar="auto|PROFILE.json",
                  help="Instead of --ratios: the planner chooses the layout (ranks left idle, stages, shares) from the "
                       "cluster measured at start-up (auto, a few seconds) or a saved profile (python -m spmd.profile); "
