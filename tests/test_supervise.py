@@ -431,11 +431,18 @@ def test_a_recovered_runs_figures_are_the_whole_runs(model, tmp_path):
 
 def test_a_planned_run_is_planned_again_on_the_survivors(model, tmp_path):
     """--plan PROFILE: the relaunch plans again from the saved profile's surviving ranks (not the old layout less the
-    lost rank), and the text is unchanged."""
+    lost rank), and the text is unchanged. (The profile's compute is made 1000 times slower, a cluster of slow
+    machines, so that the plan gives every rank work, the lost one included: this machine's measured profile of the
+    tiny model leaves ranks idle.)"""
     profile = tmp_path / "profile.json"
     p = subprocess.run([MPIRUN, "-n", "3", sys.executable, "-m", "spmd.profile", "--model", model, "--out", profile],
                        cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert p.returncode == 0, p.stderr
+    measured = json.loads(profile.read_text())
+    for rank in measured["ranks"]:
+        for point in rank["compute"]:
+            point.update({k: v * 1000 for k, v in point.items() if k.endswith("_ms")})
+    profile.write_text(json.dumps(measured))
     want = reference(model, 3, "1:1:1", "--prompt", "Hello")
     p = subprocess.run([sys.executable, "-m", "spmd.launch", "-n", "3", "--", "--model", model, "--plan", profile,
                         "--steps", str(STEPS), "--prompt", "Hello", "--output", "json"], cwd=ROOT,
@@ -446,6 +453,8 @@ def test_a_planned_run_is_planned_again_on_the_survivors(model, tmp_path):
     assert got["tokens"] == want["tokens"]
     (recovery,) = got["recoveries"]
     assert recovery["ratios_after"] == got["ratios"] and len(got["plan"]) == 2
+    before = [v.split("@")[0] for v in recovery["ratios_before"].replace("*", ":").split(":")]
+    assert len(before) == 3 and float(before[2]) > 0, recovery  # the lost rank held work
     assert f"going on with 2 ranks, planned again (--plan {profile})" in p.stderr
     assert len([line for line in p.stderr.splitlines() if line.startswith(f"plan ({profile}): --ratios")]) == 2
 
