@@ -140,15 +140,19 @@ def stop_on_signals(comm, inbox):
     """From now on, Ctrl-C or SIGTERM stops the server cleanly: on rank 0 the inbox closes (the driver ends what is
     in flight and sends STOP); another rank asks rank 0 to stop too (where the signal reached it alone), waits for
     that STOP, and takes the job down only if it does not come within STOP_GRACE_S. A second signal on rank 0 stops
-    at once."""
+    at once (its second own: a signal that reaches rank 0 after another rank's ask has closed the inbox is its
+    first, as mpirun's passing it on may come late on a loaded machine)."""
     def later(seconds, action):
         timer = threading.Timer(seconds, action)
         timer.daemon = True
         timer.start()
 
+    seen = []  # the signals rank 0 got itself (the inbox may have closed without one: another rank's ask)
+
     def on_signal(signum, frame):
         if comm.is_root:
-            if inbox.closed:
+            seen.append(signum)
+            if len(seen) > 1:
                 interrupt(signum, frame)
             inbox.close()
         else:

@@ -363,6 +363,33 @@ def test_sigterm_to_one_rank_alone_stops_the_server_as_rank_0s_would(model, tmp_
     assert "note: rank 2 was stopped (SIGTERM): stopping the job\n" in server.lines, "".join(server.lines)
 
 
+def test_rank_0s_first_signal_after_another_ranks_ask_is_not_a_second_one():
+    """Rank 0 of a server: another rank's ask (its signal came first: mpirun passes a signal on to the ranks one by
+    one, late on a loaded machine) closes the inbox without a signal of rank 0's own; rank 0's own signal after it
+    is its first (the answers in flight end cleanly), and only its own second stops at once (it had stopped at once,
+    so the job ended by MPI_Abort and the launcher said 137 where a clean stop says 0)."""
+    from types import SimpleNamespace
+
+    from spmd.api import Inbox
+    from spmd.serve import stop_on_signals
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    comm, inbox = SimpleNamespace(is_root=True, on_stop_asked=None), Inbox()
+    try:
+        stop_on_signals(comm, inbox)
+        handler = signal.getsignal(signal.SIGTERM)
+        comm.on_stop_asked(signal.SIGTERM)  # another rank's ask
+        assert inbox.closed
+        try:
+            handler(signal.SIGTERM, None)  # rank 0's own first signal
+        except KeyboardInterrupt:
+            pytest.fail("rank 0's first own signal stopped the server at once")
+        with pytest.raises(KeyboardInterrupt):  # its second
+            handler(signal.SIGTERM, None)
+    finally:
+        for s, h in before.items():
+            signal.signal(s, h)
+
+
 def test_port_in_use_is_one_line(model):
     import socket
     with socket.socket() as s:
