@@ -43,11 +43,12 @@ def shared_models(tmp_path_factory, prefix, extra=None):
         shutil.rmtree(folder)
 
 
-def generate(comm, **kw):
-    """A quiet run of PROMPT (12 steps unless `steps` is given) on `comm`: the result on rank 0, None elsewhere."""
+def generate(comm, log=lambda _m: None, **kw):
+    """A run of PROMPT (12 steps unless `steps` is given) on `comm`, its lines to `log` (quiet by default): the
+    result on rank 0, None elsewhere."""
     kw = {"prompt_tokens": PROMPT, **kw}
     opts = RunOptions(**{"prompts": (PromptSpec(ids=tuple(kw.pop("prompt_tokens"))),), "steps": 12, **kw})
-    return Engine(opts, Comm(comm=comm), log=lambda _m: None).run()
+    return Engine(opts, Comm(comm=comm), log=log).run()
 
 
 def one_rank_tokens(**kw):

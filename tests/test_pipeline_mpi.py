@@ -138,24 +138,19 @@ def test_ranks_on_gpus_of_their_own_default_to_a_stage_each(models, monkeypatch)
     are one rank's; under a --memory-limit that one stage fits and a stage each does not (the last stage holds the
     whole classifier), one stage, as before."""
     from spmd.backends import Backend
-    from spmd.comm import Comm
-    from spmd.engine import Engine, RunOptions
     from spmd.errors import UserError
-    from spmd.prompts import PromptSpec
-    from mpi_models import PROMPT
     model = models["deep F32"]
     expected = one_rank_tokens(model=model)
     equal, stages = ":".join("1" * WORLD.size), "*".join("1" * WORLD.size)
-    floors = {layout: WORLD.bcast(generate(WORLD, model=model, ratios=layout)) for layout in (equal, stages)}
-    floors = {k: [r["memory_floor_bytes"] for r in v["ranks"]] for k, v in floors.items()}
+    floors = {layout: [r["memory_floor_bytes"] for r in WORLD.bcast(generate(WORLD, model=model, ratios=layout))[
+        "ranks"]] for layout in (equal, stages)}
     limit = max(floors[equal])  # one stage fits; the last stage's rank needs more (the premise, checked below)
     assert max(floors[stages]) > limit, floors
     monkeypatch.setattr(Backend, "gpu", lambda self: WORLD.rank)  # each rank on GPU number `rank` of this host
 
     def run(**kw):
         lines = []
-        opts = RunOptions(model=model, prompts=(PromptSpec(ids=PROMPT),), steps=12, **kw)
-        return Engine(opts, Comm(comm=WORLD), log=lines.append).run(), lines
+        return generate(WORLD, model=model, log=lines.append, **kw), lines
 
     result, lines = run()
     if WORLD.rank == 0:
