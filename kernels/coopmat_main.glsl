@@ -1,10 +1,10 @@
 // The body of the prompt's matrix products on the matrix units (coopmat_<w>_f32.comp; GL_NV_cooperative_matrix,
 // used only where the device offers fp16 16x8x16 products with float32 sums in a subgroup of 32: spmd/backends/
 // vk_runtime.py checks). y[tok, row] (+)= sum_k W[row, k] * x[tok, k] for BR = 64 weight rows x BT tokens (16, 32
-// or 64) a workgroup of 128 threads (4 subgroups); BT and TG below are specialised (spmd/backends/vulkan.py's
-// `coop_tile`).
+// or 64) a workgroup of 128 threads (4 subgroups; 256 and 8 with KSPLIT 2, below); BT and TG below are specialised
+// (spmd/backends/vulkan.py's `coop_tile`).
 //
-// Each step stages SB blocks (one, or two where the type's .comp sets STEP_BLOCKS 2: Q4_0) of every row of the tile
+// Each step stages SB blocks (one, or two where the type's .comp sets STEP_BLOCKS 2: Q4_0, Q8_0) of every row of the tile
 // (dequantised by the type's deq, in float32) and those columns of every token in shared memory as fp16 pairs:
 // v = hi + lo / 2^11, hi = fp16(v), lo = fp16((v - hi) 2^11) (scaled: a GPU may flush fp16 subnormals, and lo then
 // is normal unless |v - hi| is under 2^-25, an absolute error it may drop; kernels/README). The products sum
@@ -36,7 +36,13 @@
 #extension GL_EXT_shader_explicit_arithmetic_types_float16 : require
 #extension GL_KHR_shader_subgroup_basic : require
 
-const uint WG = 128;
+// KSPLIT (the type's .comp: 2) doubles the subgroups: each group of 4 takes its share of a step's blocks (SB / KSPLIT)
+// for the same tile, and the groups' sums are added at the end, so that an SM has twice the subgroups to hide the
+// latency of the loads and products where a product has about one workgroup an SM (Llama-2-7B's at 128 tokens)
+#ifndef KSPLIT
+#define KSPLIT 1
+#endif
+const uint WG = 128 * KSPLIT;
 layout(local_size_x = WG) in;
 const uint BR = NR;           // 64 weight rows
 layout(constant_id = 3) const uint BT = 32;  // tokens (16, 32 or 64)
@@ -88,6 +94,9 @@ shared float rs[2 * MINS];
 #if STEP_BLOCKS != 1 && (STEP_BLOCKS != 2 || !defined(INTW))
 #error STEP_BLOCKS: 1, or 2 with INTW
 #endif
+#if KSPLIT != 1 && (KSPLIT != STEP_BLOCKS || !defined(INTW))
+#error KSPLIT: 1, or 2 with INTW and STEP_BLOCKS 2
+#endif
 const uint SB = STEP_BLOCKS;
 // The staged tiles as fp16 in groups of 4 (uvec2, each group stored at once; the fragments are loaded with element
 // offsets and strides in those units: K4 groups a row of SB blocks and 8 halves of padding: fewer bank conflicts,
@@ -124,10 +133,12 @@ shared uvec2 vs_hi[BR * K4], vs_lo[BR * K4];   // PAIR: the second matrix
 // The result tile (BT * CS floats) takes x's place in the epilogue, which follows the last step's barrier: 2 * K4
 // floats a token, at least CS (72 against 68 at most), leave room for two blocks a step within 48 KiB
 void put_result(FRAG v, uint at) { coopMatStoreNV(v, xs, at / 2, CS / 2, false); }
+FRAG get_result(uint at) { FRAG v; coopMatLoadNV(v, xs, at / 2, CS / 2, false); return v; }
 float result_at(uint at) { return uintBitsToFloat(xs[at / 2][at % 2]); }
 #else
 shared float cs[BT * CS];
 void put_result(FRAG v, uint at) { coopMatStoreNV(v, cs, at, CS, false); }
+FRAG get_result(uint at) { FRAG v; coopMatLoadNV(v, cs, at, CS, false); return v; }
 float result_at(uint at) { return cs[at]; }
 #endif
 
@@ -324,7 +335,8 @@ FRAG block_sum(XBlock a, FRAG xsum, BMAT q0, BMAT q1, FRAG s0, FRAG s1, FRAG min
 void main() {
     uint g = gl_WorkGroupID.z * gl_NumWorkGroups.x + gl_WorkGroupID.x;
     if (g >= p.groups) return;  // the whole workgroup: before any barrier
-    uint tid = gl_LocalInvocationID.x, sg = gl_SubgroupID, rg = sg / TSG;
+    // sg: the subgroup within its group of 4, kg: its group (KSPLIT)
+    uint tid = gl_LocalInvocationID.x, sg = gl_SubgroupID % 4, kg = gl_SubgroupID / 4, rg = sg / TSG;
     uint row0 = g * BR, tok0 = gl_WorkGroupID.y * BT;
     uint tk = (sg % TSG) * TG * 16;  // this subgroup's first token in the tile (its first row: rg * SR)
 #ifndef INT8
@@ -349,7 +361,8 @@ void main() {
         barrier();
         if (b + SB < p.nb) fetch(row0, tok0, b + SB);
 #ifdef INT8
-        [[unroll]] for (uint sb = 0; sb < SB; sb++) {  // the step's blocks
+        [[unroll]] for (uint s = 0; s < SB / KSPLIT; s++) {  // the step's blocks (this group's share)
+            uint sb = kg * (SB / KSPLIT) + s;
             IMAT_A a[TG];
             FRAG xs[TG], xo[TG], xm[TG];  // each token's scale, OFFSET times its sum, scale times sum (HAS_MIN)
             [[unroll]] for (uint t = 0; t < TG; t++) {
@@ -398,7 +411,8 @@ void main() {
             }
         }
 #elif defined(INTW)
-        [[unroll]] for (uint sb = 0; sb < SB; sb++) {  // the step's blocks
+        [[unroll]] for (uint s = 0; s < SB / KSPLIT; s++) {  // the step's blocks (this group's share)
+            uint sb = kg * (SB / KSPLIT) + s;
             XBlock a[TG];
             FRAG xsum[TG];  // HAS_MIN: each token's sum of the block's x (products with ones), for the mins
             [[unroll]] for (uint t = 0; t < TG; t++) {
@@ -472,6 +486,26 @@ void main() {
 #endif
         barrier();
     }
+#if KSPLIT == 2
+    // the second group's sums to the first's, a group of rows at a time through the result tile
+    [[unroll]] for (uint m = 0; m <= PAIR; m++) {
+        for (uint k = 0; k < RSG; k++) {
+            if (rg == k && kg == 1) {
+                [[unroll]] for (uint i = 0; i < TG * RF; i++) {
+                    put_result(m == 0 ? acc[i] : acc2[i], (tk + (i / RF) * 16) * CS + (i % RF) * 8);
+                }
+            }
+            barrier();
+            if (rg == k && kg == 0) {
+                [[unroll]] for (uint i = 0; i < TG * RF; i++) {
+                    FRAG v = get_result((tk + (i / RF) * 16) * CS + (i % RF) * 8);
+                    if (m == 0) acc[i] = acc[i] + v; else acc2[i] = acc2[i] + v;
+                }
+            }
+            barrier();
+        }
+    }
+#endif
     [[unroll]] for (uint i = 0; i < TG * RF; i++) {
 #ifndef INTW
         acc[i] = acc[i] + low[i] * (1.0 / LO);
@@ -485,7 +519,7 @@ void main() {
         }
     }
     for (uint k = 0; k < RSG; k++) {  // the epilogue, a group of rows (one subgroup's) at a time
-        if (rg == k) {
+        if (rg == k && kg == 0) {
             [[unroll]] for (uint t = 0; t < TG; t++) {
                 [[unroll]] for (uint f = 0; f < RF; f++) {
                     put_result(acc[t * RF + f], (tk + t * 16) * CS + f * 8);

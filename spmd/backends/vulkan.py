@@ -76,7 +76,9 @@ COOP_WIDE = 72
 # against 289 and wo 106 against 112; TinyLlama's q k v 54 against 76); TG = 1 with more (256 workgroups of
 # TinyLlama at 512 tokens: q k v 118 against 89, wo 107 against 59, w2 281 against 150)
 COOP_FEW = 160
-COOP_ROWS, COOP_THREADS = 64, 128  # kernels/coopmat_main.glsl's BR and WG: 4 subgroups of 32 (Device._coop_matrix)
+# kernels/coopmat_main.glsl's BR, and its WG: 4 subgroups of 32 (Device._coop_matrix), twice that where a type's
+# kernel splits each step's blocks between two groups of them (KSPLIT: the kernel sets its own size)
+COOP_ROWS, COOP_THREADS = 64, 128
 
 
 def coop_tile(rows, n, pair, fixed_tokens=0):
