@@ -319,10 +319,11 @@ class Device:
     def _coop_matrix(self):
         """(extensions, features to enable, int8) for the prompt's products on the matrix units (kernels/coopmat_*):
         GL_NV_cooperative_matrix with fp16 16x8x16 products summed in float32 by a subgroup of 32 (the kernels'
-        4 subgroups of a workgroup of 128, or 8 of 256 where they split a step's blocks: KSPLIT), fp16 arithmetic and the Vulkan memory model; ([], None, False) where the
-        device lacks any of it, or SPMD_VK_COOP=0. int8: the device also has 8-bit 16x8x32 products summed in int32
-        and 8-bit shader arithmetic (coopmat_*_i8, with --activations int8, which itself needs the integer dot
-        products of matvec_*_i8: VulkanBackend refuses it without them)."""
+        4 subgroups of a workgroup of 128, or 8 of 256 where they split a step's blocks: KSPLIT), fp16 arithmetic
+        and the Vulkan memory model; ([], None, False) where the device lacks any of it, or SPMD_VK_COOP=0. int8:
+        the device also has 8-bit 16x8x32 products summed in int32 and 8-bit shader arithmetic (coopmat_*_i8, with
+        --activations int8, which itself needs the integer dot products of matvec_*_i8: VulkanBackend refuses it
+        without them)."""
         if self.is_cpu or env_tuple("SPMD_VK_COOP", (1,))[0] == 0 or self.subgroup_size != 32 \
                 or self.max_threads < 256:
             return [], None, False
