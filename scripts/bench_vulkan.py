@@ -355,15 +355,15 @@ def main():
     args = ap.parse_args()
     if args.against and (args.kernels or args.ffn_steps or args.floor):
         sys.exit("--against compares the table's rows, which --kernels, --ffn-steps and --floor do not print")
-    if args.against:
-        against(args, sys.argv[1:])
-        return
     if args.llama_bench == "auto":
         args.llama_bench = str(CUDA_BENCH)
         if not CUDA_BENCH.exists():
             subprocess.run(["bash", str(ROOT / "scripts" / "build_llama_cpp.sh"), "--cuda"], check=True)
     if args.llama_bench and not os.access(args.llama_bench, os.X_OK):
         sys.exit(f"--llama-bench {args.llama_bench}: no such program")
+    if args.against:
+        against(args, sys.argv[1:])
+        return
     if args.check:
         check(args)
     if args.kernels:
@@ -413,8 +413,8 @@ def against(args, argv):
     (its spmd, kernels and scripts, exported to a temporary folder) or the tree in folder REV, and of this tree, one
     run of each in turn, --rounds times, so that a device's clock and a machine's load fall on all alike (several
     variants measured in one lease); per table row and tree, every run's decode and prompt tok/s, and this tree's
-    best over that tree's best."""
-    skip = {"--against", "--rounds"}
+    best over that tree's best. --llama-bench runs once, beside this tree's last run."""
+    skip = {"--against", "--rounds", "--llama-bench"}
     rest = [a for i, a in enumerate(argv)
             if a.split("=")[0] not in skip and (i == 0 or argv[i - 1] not in skip)] + ["--rounds", "1"]
     this = "this tree"  # (its name among the trees)
@@ -422,16 +422,22 @@ def against(args, argv):
     with tempfile.TemporaryDirectory() as tmp:
         trees = [(rev, exported(rev, Path(tmp) / str(i))) for i, rev in enumerate(args.against.split(","))]
         trees.append((this, ROOT))
-        for _ in range(args.rounds):
+        llama = []  # llama.cpp's lines: run once, beside this tree's last run
+        for round_ in range(args.rounds):
             for name, tree in trees:
-                done = subprocess.run([sys.executable, str(tree / "scripts" / "bench_vulkan.py"), *rest], cwd=tree,
-                                      capture_output=True, text=True)
+                last = name == this and round_ == args.rounds - 1 and args.llama_bench
+                done = subprocess.run([sys.executable, str(tree / "scripts" / "bench_vulkan.py"), *rest]
+                                      + (["--llama-bench", os.path.abspath(args.llama_bench)] if last else []),
+                                      cwd=tree, capture_output=True, text=True)
                 if done.returncode:
                     sys.exit(f"--against: {name}'s run failed:\n"
                              + "\n".join((done.stdout + done.stderr).splitlines()[-12:]))
                 for m in filter(None, map(TABLE_ROW.match, done.stdout.splitlines())):
                     got = runs.setdefault((m[1], m[2].strip()), {n: [] for n, _ in trees})
                     got[name].append((float(m[3]), float(m[4])))
+                if last:
+                    lines = done.stdout.splitlines()
+                    llama = next((lines[i:] for i, line in enumerate(lines) if line.startswith("llama.cpp CUDA")), [])
     if not runs:
         sys.exit("--against: the runs printed no table rows")
     print(f"\n{len(trees)} trees, {args.rounds} run(s) of each in turn: decode, then prompt tok/s (this tree's best "
@@ -445,6 +451,8 @@ def against(args, argv):
                 ratio = f" ({max(mine) / max(theirs):.3f}x)" if mine and theirs and name != this else ""
                 line.append(f"{what} {' / '.join(map(str, theirs)) or '-'}{ratio}")
             print("  ".join(line), flush=True)
+    if llama:
+        print("\n" + "\n".join(llama) + "\n(spmd: this tree's last run)")
 
 
 def exported(rev, folder):

@@ -1,5 +1,6 @@
 """scripts/bench_vulkan.py's --against: the trees it measures, and the table rows each run prints (the row it
 writes and the pattern it reads them with agree; a row of the verbose lines above the table does not match)."""
+import json
 import sys
 from pathlib import Path
 
@@ -31,3 +32,39 @@ def test_a_tree_to_measure_is_a_folder_holding_one_or_a_git_revision(tmp_path):
     assert not (tmp_path / "unused").exists()
     with pytest.raises(SystemExit, match="^--against no-such-revision-here: "):
         bench_vulkan.exported("no-such-revision-here", tmp_path / "x")
+
+
+FAKE = """import json, sys
+from pathlib import Path
+with open(Path(__file__).parent / "argv.jsonl", "a") as f:
+    f.write(json.dumps(sys.argv[1:]) + "\\n")
+print("Q4_0  vulkan (a GPU)  {prompt}.0  {decode}.0  1.000  1.000  0.010  10.0  1.0  10%")
+if "--llama-bench" in sys.argv:
+    print("llama.cpp CUDA (its figures) on the same files, and spmd's ratio:")
+    print("Q4_0  f32  prompt  2000.0 tok/s (spmd 0.50x)")
+"""
+
+
+def test_llama_bench_runs_once_beside_this_trees_last_run(tmp_path, monkeypatch, capsys):
+    """--against with --llama-bench: llama.cpp's figures are printed (the runs' output was dropped), from one run of
+    it beside this tree's last run, not one a tree and round; the runs' speeds are read from each tree."""
+    trees = {}
+    for name, prompt, decode in (("this", 1000, 100), ("other", 900, 90)):
+        (tmp_path / name / "scripts").mkdir(parents=True)
+        (tmp_path / name / "scripts" / "bench_vulkan.py").write_text(FAKE.format(prompt=prompt, decode=decode))
+        trees[name] = tmp_path / name
+    llama = tmp_path / "llama-bench"
+    llama.write_text("")
+    llama.chmod(0o755)
+    monkeypatch.setattr(bench_vulkan, "ROOT", trees["this"])
+    argv = ["--against", str(trees["other"]), "--rounds", "2", "--llama-bench", str(llama), "--shape", "llama2-7b"]
+    monkeypatch.setattr(sys, "argv", ["bench_vulkan.py", *argv])
+    bench_vulkan.main()
+    out = capsys.readouterr().out
+    runs = {name: [json.loads(line) for line in (tree / "scripts" / "argv.jsonl").read_text().splitlines()]
+            for name, tree in trees.items()}
+    assert runs["other"] == [["--shape", "llama2-7b", "--rounds", "1"]] * 2
+    assert runs["this"] == [["--shape", "llama2-7b", "--rounds", "1"],
+                            ["--shape", "llama2-7b", "--rounds", "1", "--llama-bench", str(llama)]]
+    assert "decode 90.0 / 90.0 (1.111x)  prompt 900.0 / 900.0 (1.111x)" in out
+    assert "llama.cpp CUDA (its figures)" in out and "Q4_0  f32  prompt  2000.0 tok/s (spmd 0.50x)" in out
