@@ -42,6 +42,10 @@
 #ifndef KSPLIT
 #define KSPLIT 1
 #endif
+#if KSPLIT != 1 && (KSPLIT != 2 || defined(HALF_SCALES) && defined(INT8))
+// (INT8 with HALF_SCALES: a workgroup of 256 would have two threads stage each block, which its put does not share)
+#error KSPLIT: 1, or 2
+#endif
 const uint WG = 128 * KSPLIT;
 layout(local_size_x = WG) in;
 const uint BR = NR;           // 64 weight rows
@@ -86,8 +90,8 @@ shared float xsc[SB * BT], xsu[SB * BT];       // block s of token t at s * BT +
 const uint MINS = 2 * SB * BR;
 shared float rs[2 * MINS];
 #else
-// Blocks a step: 2 where the type's .comp says so (coopmat_q4_0_f32: a barrier for two blocks, and x's tile then
-// holds the results; faster for Q4_0 only, kernels/README), else 1. F16 and BF16 pairs would pass 48 KiB with 2.
+// Blocks a step: 2 where the type's .comp says so (coopmat_q4_0_f32, coopmat_q8_0_f32: a barrier for two blocks, one
+// for each group of subgroups with KSPLIT 2, and x's tile then holds the results; kernels/README), else 1. F16 and BF16 pairs would pass 48 KiB with 2.
 #ifndef STEP_BLOCKS
 #define STEP_BLOCKS 1
 #endif
@@ -130,8 +134,8 @@ shared uvec2 vs_hi[BR * K4], vs_lo[BR * K4];   // PAIR: the second matrix
 #endif
 #endif
 #if !defined(INT8) && STEP_BLOCKS == 2
-// The result tile (BT * CS floats) takes x's place in the epilogue, which follows the last step's barrier: 2 * K4
-// floats a token, at least CS (72 against 68 at most), leave room for two blocks a step within 48 KiB
+// The result tile (BT * CS floats) takes x's place in KSPLIT's adding and the epilogue, which follow the last step's
+// barrier: 2 * K4 floats a token, at least CS (72 against 68 at most), leave room for two blocks a step within 48 KiB
 void put_result(FRAG v, uint at) { coopMatStoreNV(v, xs, at / 2, CS / 2, false); }
 FRAG get_result(uint at) { FRAG v; coopMatLoadNV(v, xs, at / 2, CS / 2, false); return v; }
 float result_at(uint at) { return uintBitsToFloat(xs[at / 2][at % 2]); }
