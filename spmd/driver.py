@@ -240,11 +240,17 @@ class Driver:
 
     def _not_finite(self, seq, seg):
         """A batch's logits are NaN or infinite: a rank's model file was written under it (that rank says so, see
-        Executor._embed), or the weights or metadata hold invalid values. Generation stops with the reason."""
+        Executor._embed), or the weights or metadata hold invalid values, or (a vulkan rank with float32
+        activations) a prompt's activations overflowed float16 on the GPU's matrix units. Generation stops with the
+        reason."""
         if self.error is None:
             told = self.state.comm.told(TOLD_WAIT_S)
+            opts = self.state.opts
+            gpu = ("; or a prompt's activations passed float16's largest (65504) on a GPU's matrix units: "
+                   "SPMD_VK_COOP=0 keeps them in float32") \
+                if "vulkan" in opts.backend.split(",") and opts.activations == "f32" else ""
             self.error = told or (f"the model's logits for sequence {seq.index} at position {seg.pos + seg.n - 1} "
-                                  "are not finite (NaN or infinity): its weights or metadata hold invalid values")
+                                  f"are not finite (NaN or infinity): its weights or metadata hold invalid values{gpu}")
         self.reading = False
 
     def _start(self, seqs):
