@@ -90,15 +90,11 @@ def test_what_another_ranks_load_says_reaches_rank_0(models):
     ranks hold theirs as F32, and say so through rank 0, naming themselves."""
     if WORLD.size < 2:
         pytest.skip("needs a second rank")
-    from spmd.comm import Comm
-    from spmd.engine import Engine, RunOptions
-    from spmd.prompts import PromptSpec
     expected = one_rank_tokens(model=models["heads of 16"], backend="numpy", prompt_tokens=(1, 72, 101), steps=4)
     notes = []
     one_head_each = {2: "3:1", 3: "2:1:1", 4: "1:1:1:1"}[WORLD.size]  # rank 1's 16 columns cut a block
-    opts = RunOptions(model=models["heads of 16"], prompts=(PromptSpec(ids=(1, 72, 101)),), steps=4,
+    result = generate(WORLD, log=notes.append, model=models["heads of 16"], prompt_tokens=(1, 72, 101), steps=4,
                       backend=",".join(["cpu"] + ["vulkan"] * (WORLD.size - 1)), ratios=one_head_each)
-    result = Engine(opts, Comm(comm=WORLD), log=notes.append).run()
     if WORLD.rank == 0:
         assert result["tokens"] == expected
         lacking = [n for n in notes if "lacks" in n]
