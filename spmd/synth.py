@@ -16,8 +16,11 @@ Layout follows llama.cpp's converter: matrices are (out, in) in numpy order; lla
 GGUF's interleaved-pair RoPE order (random weights are defined in that layout, the HF model un-permutes them);
 Llama-3 rope scaling is a `rope_freqs.weight` tensor of per-frequency divisors.
 """
+import collections
+import concurrent.futures
 import itertools
 import math
+import os
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +33,7 @@ from gguf import GGUFWriter, LlamaFileType, TokenType
 from .quants import BLOCK, SUPER, block_size, quantize, row_bytes
 
 EXACT_UP_TO = 1 << 24  # weights; bigger models get random quant blocks written directly
+MAKING_BYTES = 1 << 29  # write_model: the float32 bytes of the tensors made ahead at once (each takes a few times that)
 RMS_EPS = {"llama": 1e-5, "qwen2": 1e-6, "qwen3": 1e-6}
 # The file types synth writes, as llama.cpp's quantiser makes them: (its file type, the matrices' type, the type of
 # those that get more bits: the classifier, and attn_v and ffn_down in the layers of `more_bits`)
@@ -254,12 +258,29 @@ def write_model(path, shape: Shape, qtype="F32", seed=0, exact=None, chat_templa
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for spec in plan:  # one tensor in memory at a time
-            t = _stored_type(spec, kind, shape, mix)
-            writer.write_tensor_data(np.ascontiguousarray(_stored_data(spec, t, shape, seed, exact)))
+        made = lambda spec: np.ascontiguousarray(  # noqa: E731
+            _stored_data(spec, _stored_type(spec, kind, shape, mix), shape, seed, exact))
+        for data in _in_order(made, plan, lambda spec: 4 * math.prod(spec.shape)):
+            writer.write_tensor_data(data)
     finally:
         writer.close()
     return writer.format_shard_names(Path(path))[0] if split else path
+
+
+def _in_order(make, items, size, budget=MAKING_BYTES):
+    """make(item) for each of `items`, yielded in order, made ahead on threads (numpy's random numbers and array
+    arithmetic run outside the GIL) while the items being made take at most `budget` bytes by `size` (one at a
+    time where one alone is larger)."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, max(2, os.cpu_count() or 1))) as pool:
+        ahead, held = collections.deque(), 0
+        for item in items:
+            while ahead and held + size(item) > budget:
+                held -= ahead[0][1]
+                yield ahead.popleft()[0].result()
+            ahead.append((pool.submit(make, item), size(item)))
+            held += size(item)
+        while ahead:
+            yield ahead.popleft()[0].result()
 
 
 def _add_metadata(w: GGUFWriter, shape: Shape, kind, seed):

@@ -128,3 +128,28 @@ def test_reference_greedy_equals_transformers(tmp_path, golden):
 def test_golden_cases_exist():
     names = {p.stem for p in GOLDEN}
     assert {"llama_gqa_f32", "llama3_rope_f32", "qwen2_tied_f32", "llama_q8_0", "llama_q4_0"} <= names
+
+
+def test_tensors_made_ahead_come_in_order_within_the_byte_budget():
+    """write_model makes tensors ahead on threads: they come back in order, the ones being made at once never take
+    more than the budget (one alone may), and a tensor that fails raises where it is written."""
+    import threading
+    from spmd import synth
+    lock, making, most = threading.Lock(), [0], [0]
+
+    def make(n):
+        with lock:
+            making[0] += n
+            most[0] = max(most[0], making[0])
+        threading.Event().wait(0.01)
+        with lock:
+            making[0] -= n
+        if n == 13:
+            raise ValueError("tensor 13")
+        return n * 10
+    sizes = [5, 3, 9, 2, 2, 7, 1, 4]
+    assert list(synth._in_order(make, sizes, lambda n: n, budget=10)) == [n * 10 for n in sizes]
+    assert 2 <= most[0] <= 10  # made ahead, within the budget
+    assert list(synth._in_order(make, [30, 1], lambda n: n, budget=10)) == [300, 10]  # larger than the budget
+    with pytest.raises(ValueError, match="tensor 13"):
+        list(synth._in_order(make, [1, 13, 2], lambda n: n, budget=10))
