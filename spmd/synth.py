@@ -271,7 +271,8 @@ def _in_order(make, items, size, budget=MAKING_BYTES):
     """make(item) for each of `items`, yielded in order, made ahead on threads (numpy's random numbers and array
     arithmetic run outside the GIL) while the items being made take at most `budget` bytes by `size` (one at a
     time where one alone is larger)."""
-    with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, max(2, os.cpu_count() or 1))) as pool:
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=min(8, max(2, os.cpu_count() or 1)))
+    try:
         ahead, held = collections.deque(), 0
         for item in items:
             while ahead and held + size(item) > budget:
@@ -281,6 +282,8 @@ def _in_order(make, items, size, budget=MAKING_BYTES):
             held += size(item)
         while ahead:
             yield ahead.popleft()[0].result()
+    finally:  # (an error, or the writer stopping: what has not started is dropped)
+        pool.shutdown(cancel_futures=True)
 
 
 def _add_metadata(w: GGUFWriter, shape: Shape, kind, seed):
