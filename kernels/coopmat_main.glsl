@@ -4,8 +4,8 @@
 // or 64) a workgroup of 128 threads (4 subgroups; 256 and 8 with KSPLIT 2, below); BT and TG below are specialised
 // (spmd/backends/vulkan.py's `coop_tile`).
 //
-// Each step stages SB blocks (one, or two where the type's .comp sets STEP_BLOCKS 2: Q4_0, Q8_0) of every row of the tile
-// (dequantised by the type's deq, in float32) and those columns of every token in shared memory as fp16 pairs:
+// Each step stages SB blocks (one, or two where the type's .comp sets STEP_BLOCKS 2: Q4_0, Q8_0) of every row of the
+// tile (dequantised by the type's deq, in float32) and those columns of every token in shared memory as fp16 pairs:
 // v = hi + lo / 2^11, hi = fp16(v), lo = fp16((v - hi) 2^11) (scaled: a GPU may flush fp16 subnormals, and lo then
 // is normal unless |v - hi| is under 2^-25, an absolute error it may drop; kernels/README). The products sum
 // hi*hi in one float32 fragment and lo*hi + hi*lo in another, added at the end with the 2^-11: only lo*lo, about
@@ -91,7 +91,8 @@ const uint MINS = 2 * SB * BR;
 shared float rs[2 * MINS];
 #else
 // Blocks a step: 2 where the type's .comp says so (coopmat_q4_0_f32, coopmat_q8_0_f32: a barrier for two blocks, one
-// for each group of subgroups with KSPLIT 2, and x's tile then holds the results; kernels/README), else 1. F16 and BF16 pairs would pass 48 KiB with 2.
+// for each group of subgroups with KSPLIT 2, and x's tile then holds the results; kernels/README), else 1. F16 and
+// BF16 pairs would pass 48 KiB with 2.
 #ifndef STEP_BLOCKS
 #define STEP_BLOCKS 1
 #endif
@@ -491,7 +492,8 @@ void main() {
         barrier();
     }
 #if KSPLIT == 2
-    // the second group's sums to the first's, a group of rows at a time through the result tile
+    // the second group's sums to the first's, a group of rows at a time through the result tile (at the epilogue's
+    // places: token fragment i / RF, row fragment i % RF)
     [[unroll]] for (uint m = 0; m <= PAIR; m++) {
         for (uint k = 0; k < RSG; k++) {
             if (rg == k && kg == 1) {
