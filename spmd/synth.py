@@ -258,8 +258,9 @@ def write_model(path, shape: Shape, qtype="F32", seed=0, exact=None, chat_templa
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        made = lambda spec: np.ascontiguousarray(  # noqa: E731
-            _stored_data(spec, _stored_type(spec, kind, shape, mix), shape, seed, exact))
+
+        def made(spec):
+            return np.ascontiguousarray(_stored_data(spec, _stored_type(spec, kind, shape, mix), shape, seed, exact))
         for data in _in_order(made, plan, lambda spec: 4 * math.prod(spec.shape)):
             writer.write_tensor_data(data)
     finally:
