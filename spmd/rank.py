@@ -262,6 +262,7 @@ class RankState:
             if plan is not None and opts.ratios is None else None
         if stages is not None:  # (no --ratios or --plan: the default layout, where it fits; else one stage)
             staged = make_plan(parse_layout(stages, comm.size), self.cfg)
+            self.n_slots = self.in_flight(staged)  # (the memory checks count its sequences)
             if self._fits(staged):
                 plan = staged
                 plan_lines.append(f"note: every rank on a GPU of its own on one host: a pipeline stage each "
@@ -437,9 +438,8 @@ class RankState:
         return f"{self.memory_limit} bytes" if shown == human_size(self.floor_bytes(parts, sizes)) else shown
 
     def _fits(self, plan):
-        """Whether `plan` passes the memory checks on every rank, with the sequences in flight it makes (the same
+        """Whether `plan` passes the memory checks on every rank, with `n_slots` sequences in flight (the same
         answer on every rank)."""
-        self.n_slots = self.in_flight(plan)
         try:
             self._check_fit(plan)
         except UserError:

@@ -76,9 +76,8 @@ COOP_WIDE = 72
 # against 289 and wo 106 against 112; TinyLlama's q k v 54 against 76); TG = 1 with more (256 workgroups of
 # TinyLlama at 512 tokens: q k v 118 against 89, wo 107 against 59, w2 281 against 150)
 COOP_FEW = 160
-# kernels/coopmat_main.glsl's BR, and its WG: 4 subgroups of 32 (Device._coop_matrix), twice that where a type's
-# kernel splits each step's blocks between two groups of them (KSPLIT: the kernel sets its own size)
-COOP_ROWS, COOP_THREADS = 64, 128
+# kernels/coopmat_main.glsl's BR (its workgroup size is its own: 4 subgroups of 32, or 8 with KSPLIT)
+COOP_ROWS = 64
 
 
 def coop_tile(rows, n, pair, fixed_tokens=0):
@@ -342,7 +341,7 @@ class VulkanLinear:
         elif self.dev.coop and self.type != "f32" and norm is None and self.nb > 0:
             # (an empty matrix, a rank's zero partial sum, keeps matmul, which reads nothing)
             nt, tg = coop_tile(self.rows, n, pair is not None, b.coop_tokens)
-            kernel, wg, nr = "coopmat", COOP_THREADS, COOP_ROWS
+            kernel, wg, nr = "coopmat", 0, COOP_ROWS  # (wg: unread, the kernel sets its own size)
         else:
             kernel, wg, nr, nt = "matmul", b.matmul_wg, 2, 8
         assert kernel == "coopmat" or wg >= nr * nt
