@@ -14,8 +14,8 @@ super-block's d and top bits ("q6", 7 bits for its 6.56). Q3_K and Q2_K ("q3", "
 super-blocks (QTensor.keep) keeps just its own 32-element blocks. Q4_K kept whole ("q4k", `kind`) keeps q4m's
 nibbles and, as its scales, each super-block's fp16 d and dmin and its 6-bit scales and mins a byte each: 4.625 bits
 a weight against the file's 4.5; its kernels make a block's float scale and min where they use it (on an H200 a
-float32 prompt 0.97x q4m's, an int8 one 1.04x, decode 0.96-0.97x: docs/performance.md). Q5_K kept whole ("q5k") does the same
-beside q5m's fifth bits: 5.625 bits a weight against the file's 5.5 (q5m: 7).
+float32 prompt 0.97x q4m's, an int8 one 1.04x, decode 0.96-0.97x: docs/performance.md). Q5_K kept whole ("q5k")
+does the same beside q5m's fifth bits: 5.625 bits a weight against the file's 5.5 (q5m: 7).
 A matrix larger than the device's maxStorageBufferRange (128 MiB on lavapipe) is held as row chunks, one buffer
 and one dispatch each.
 
