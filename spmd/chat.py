@@ -29,9 +29,13 @@ START_TIMEOUT_S = 300.0
 COMMANDS = "/reset forgets the conversation, /quit leaves, Ctrl-C stops an answer"
 
 
+# what an answer from a server that is not OpenAI-compatible raises as the client parses it
+NOT_OPENAI = (ValueError, TypeError, AttributeError, KeyError, IndexError)
+
+
 def answer(client, model, messages, options, out):
     """Stream one answer to `out`; returns its text (what came before a Ctrl-C, which stops it), or None where the
-    server refused the turn."""
+    server refused the turn or its answer was not an OpenAI chat stream."""
     import openai
     parts, finish = [], None
     try:
@@ -56,6 +60,18 @@ def answer(client, model, messages, options, out):
             click.echo("(the turn was not kept; /reset starts a new conversation where it has grown too long)",
                        err=True)
         return None
+    except NOT_OPENAI as e:
+        out.write("\n" if parts else "")
+        out.flush()
+        click.echo(f"[error: the answer is not an OpenAI chat stream ({type(e).__name__}: {str(e)[:200]})]", err=True)
+        return None
+    else:
+        if finish is None:  # (a stream that ended without its last event, or a body that was no stream at all)
+            out.write("\n" if parts else "")
+            out.flush()
+            click.echo("[error: the answer ended without a finish reason: the server stopped, or is not "
+                       "OpenAI-compatible]", err=True)
+            return None
     out.write("\n")
     if finish == "length":
         click.echo("(cut: --max-tokens, or the conversation fills the server's context)", err=True)
@@ -90,28 +106,44 @@ def wait_loaded(url, timeout_s=START_TIMEOUT_S):
     raise click.ClickException(f"the server at {url} was still loading after {timeout_s:.0f} s")
 
 
+class ServerLog:
+    """The stderr lines of the server started for this chat, read by a thread of their own: `started` is set once
+    it says its address (or ends); its errors are passed on where a turn fails (`tell_errors`), each once."""
+
+    def __init__(self, stream):
+        self.lines, self.told, self.started = [], 0, threading.Event()
+        self.reader = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self.reader.start()
+
+    def _read(self, stream):
+        for line in stream:
+            self.lines.append(line)
+            if " on http://" in line:
+                self.started.set()
+        self.started.set()
+
+    def tell_errors(self):
+        new = self.lines[self.told:]
+        self.told += len(new)
+        for line in new:
+            if line.startswith("error:"):
+                click.echo(f"(the server started for this chat said: {line.strip()})", err=True)
+
+
 def start_local_server(model=None):
     """A one-rank spmd.serve of `model` (a GGUF file; None: the embedded model) on a free port: (its process, its
-    URL). Stopped again where it does not start, or where starting is interrupted."""
+    URL, its ServerLog). Stopped again where it does not start, or where starting is interrupted."""
     proc = subprocess.Popen([sys.executable, "-m", "spmd.serve", "--port", "0", "--control-socket", "none",
                              *(["--model", model] if model else [])],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             errors="replace")
     try:
-        found, lines = threading.Event(), []
-
-        def read():
-            for line in proc.stderr:
-                lines.append(line)
-                if " on http://" in line:
-                    found.set()
-            found.set()
-        threading.Thread(target=read, daemon=True).start()
-        found.wait(START_TIMEOUT_S)
-        match = next((re.search(r"on (http://\S+)", s) for s in lines if " on http://" in s), None)
+        log = ServerLog(proc.stderr)
+        log.started.wait(START_TIMEOUT_S)
+        match = next((re.search(r"on (http://\S+)", s) for s in log.lines if " on http://" in s), None)
         if match is None:
-            raise click.ClickException("the local server did not start: " + "".join(lines[-3:]).strip())
-        return proc, match.group(1)
+            raise click.ClickException("the local server did not start: " + "".join(log.lines[-3:]).strip())
+        return proc, match.group(1), log
     except BaseException:
         stop_server(proc)
         raise
@@ -165,7 +197,7 @@ def cli(url, model, system, max_tokens, temperature, seed):
                        "ranks run python -m spmd.serve", err=True)
         sys.exit(2)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))  # (the server started here stops too)
-    local = None
+    local, log = None, None
     if url is not None:
         url = check_url(url)
     else:
@@ -177,26 +209,34 @@ def cli(url, model, system, max_tokens, temperature, seed):
                                            "start one of (give a server's --url, or a GGUF file)")
             click.echo(f"note: no server at {url}: starting one of {served or 'the embedded model'} (python -m "
                        "spmd.serve)", err=True)
-            local, url = start_local_server(served)
+            local, url, log = start_local_server(served)
             model = None  # (the id the server gives its file)
     try:
-        failed = chat(url, model, system, max_tokens, temperature, seed)
+        failed = chat(url, model, system, max_tokens, temperature, seed, log)
     finally:
         if local is not None:
             stop_server(local)
+            log.reader.join(5)  # (its last lines)
+            log.tell_errors()
     if failed and not sys.stdin.isatty():
         sys.exit(1)
 
 
-def chat(url, model, system, max_tokens, temperature, seed):
-    """The conversation; returns whether a turn failed."""
+def chat(url, model, system, max_tokens, temperature, seed, server_log=None):
+    """The conversation; returns whether a turn failed. server_log: the ServerLog of a server started for this
+    chat."""
     import openai
     wait_loaded(url)
     client = openai.OpenAI(base_url=url.rstrip("/") + "/v1", api_key="none", max_retries=0, timeout=600)
     try:
         served = [m.id for m in client.models.list().data]  # (with --model too: is a server there at all?)
+        if not all(isinstance(m, str) for m in served):
+            raise TypeError("model ids that are not strings")
     except openai.APIError as e:
         raise click.ClickException(f"no server answers at {url} ({getattr(e, 'message', e)})") from None
+    except NOT_OPENAI as e:
+        raise click.ClickException(f"{url} is not an OpenAI-compatible server: its /v1/models answer is not a list "
+                                   f"of models ({type(e).__name__}: {str(e)[:200]})") from None
     if not served and model is None:
         raise click.ClickException(f"the server at {url} lists no model: give --model")
     model = model or served[0]
@@ -236,6 +276,8 @@ def chat(url, model, system, max_tokens, temperature, seed):
         if reply is None:
             messages.pop()  # a refused turn is not part of the conversation
             failed = True
+            if server_log is not None:
+                server_log.tell_errors()
         else:
             messages.append({"role": "assistant", "content": reply})
     return failed

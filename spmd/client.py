@@ -80,9 +80,13 @@ class Connection:
         if not line:
             raise ClientError(f"{self.path} closed the connection without a reply")
         try:
-            return json.loads(line)
+            reply = json.loads(line)
         except ValueError:
             raise ClientError(f"{self.path} replied with something that is not JSON: {line[:200]!r}") from None
+        if not isinstance(reply, dict):
+            raise ClientError(f"{self.path} replied with something that is not a control-socket reply (a JSON "
+                              f"object): {line[:200]!r}")
+        return reply
 
     def ask(self, req) -> dict:
         try:

@@ -69,7 +69,9 @@ def run(ctx, req):
         click.echo(f"error: {e}", err=True)
         sys.exit(1)
     if not reply.get("ok"):
-        click.echo(f"error: {reply.get('error', reply)}", err=True)
+        said = reply.get("error")
+        click.echo(f"error: {said}" if isinstance(said, str) else
+                   f"error: the job refused the request without saying why: {json.dumps(reply)[:200]}", err=True)
         sys.exit(1)
     try:
         text = json.dumps(reply) if opts["json"] else show(reply)

@@ -100,6 +100,23 @@ def test_spmd_chat_starts_its_own_server_when_none_answers(given):
     assert "shutil" in p.stdout
 
 
+def test_the_chat_passes_on_why_the_server_it_started_failed(tmp_path):
+    """A model whose logits are not finite: the server the chat started says why it stops, and the chat passes that
+    line on (it used to say only that the server stopped)."""
+    import socket
+    from spmd.chat import DEFAULT_URL, answers
+    from test_cli import nan_tensor
+    host, port = DEFAULT_URL.split("//")[1].split(":")
+    with socket.socket() as s:
+        if s.connect_ex((host, int(port))) == 0 or answers(DEFAULT_URL):
+            pytest.skip(f"something listens at {DEFAULT_URL}")
+    broken = nan_tensor(EMBEDDED_MODEL, tmp_path / "nan.gguf", "output_norm.weight")
+    p = subprocess.run([sys.executable, "-m", "spmd.chat", "--model", str(broken), "--temperature", "0"],
+                       input="Hello\n", cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    assert re.search(r"^\(the server started for this chat said: error: .*not finite", p.stderr, re.M), p.stderr
+
+
 @pytest.mark.parametrize("signum, after", [(signal.SIGINT, "note: no server"), (signal.SIGTERM, "chatting with")])
 def test_a_chat_stopped_stops_the_server_it_started(signum, after):
     """Ctrl-C while the chat starts its server, or SIGTERM once it chats: the server it started ends too, and leaves

@@ -137,3 +137,34 @@ def test_a_job_that_does_not_answer_is_waited_for_a_bounded_time(tmp_path):
     assert reply_wait_s(None, {"cmd": "migrate", "mode": "next"}) == MIGRATE_WAIT_S
     assert reply_wait_s(None, {"cmd": "migrate", "mode": "at", "at": 9}) is None
     assert reply_wait_s(0, {"cmd": "status"}) is None and reply_wait_s(2.5, {"cmd": "status"}) == 2.5
+
+
+@pytest.mark.parametrize("reply, said", [
+    (b"[1]\n", "replied with something that is not a control-socket reply (a JSON object)"),
+    (b"null\n", "replied with something that is not a control-socket reply (a JSON object)"),
+    (b'{"ok": false}\n', 'the job refused the request without saying why: {"ok": false}'),
+    (b'{"ok": false, "error": ["x"]}\n', "the job refused the request without saying why"),
+])
+def test_a_reply_that_is_not_the_protocols_is_one_line(tmp_path, reply, said):
+    """A socket answering JSON that is not an object (a traceback, once), or a refusal without its error line (said
+    as a Python dict, once)."""
+    import socket
+    import threading
+    path = str(tmp_path / "c.sock")
+    other = socket.socket(socket.AF_UNIX)
+    other.bind(path)
+    other.listen(1)
+
+    def answer():
+        conn, _ = other.accept()
+        with conn:
+            conn.recv(4096)
+            conn.sendall(reply)
+    threading.Thread(target=answer, daemon=True).start()
+    try:
+        p = subprocess.run([sys.executable, "-m", "spmd.migrate", "--socket", path, "--timeout", "10", "status"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=60)
+    finally:
+        other.close()
+    assert p.returncode == 1 and p.stdout == "" and len(p.stderr.splitlines()) == 1, p.stderr
+    assert p.stderr.startswith("error: ") and said in p.stderr, p.stderr

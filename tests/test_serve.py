@@ -490,6 +490,54 @@ def test_the_chat_says_where_no_server_answers():
         assert said in p.stderr
 
 
+MODELS = json.dumps({"object": "list", "data": [{"id": "m", "object": "model", "created": 0, "owned_by": "x"}]})
+
+
+@pytest.mark.parametrize("models, answer, said", [
+    ("<html>My app</html>", "<html>My app</html>", "is not an OpenAI-compatible server"),  # another web app
+    ("[]", "", "is not an OpenAI-compatible server"),
+    ('{"data": "x"}', "", "is not an OpenAI-compatible server"),
+    (MODELS, "data: {not json}\n\n", "[error: the answer is not an OpenAI chat stream"),
+    (MODELS, "data: [1, 2]\n\n", "[error: the answer is not an OpenAI chat stream"),
+    (MODELS, '{"id": "x", "object": "chat.completion", "choices": []}', "[error: the answer ended without a finish"),
+])
+def test_the_chat_with_a_server_that_is_not_openai_compatible_says_so_in_a_line(models, answer, said):
+    """A --url of something else (a web app on that port, a server of another protocol): one line and exit 1, where
+    the client's parsing used to end in a traceback, or a 200 that was no stream in an empty answer and exit 0."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Other(BaseHTTPRequestHandler):
+        def reply(self, body, kind):
+            data = body.encode()
+            self.send_response(200)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):
+            self.reply(models, "text/html" if models.startswith("<") else "application/json")
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            self.reply(answer, "text/html" if answer.startswith("<") else
+                       "text/event-stream" if answer.startswith("data:") else "application/json")
+
+        def log_message(self, *args):
+            pass
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Other)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        p = subprocess.run([sys.executable, "-m", "spmd.chat", "--url", f"http://127.0.0.1:{server.server_address[1]}"],
+                           input="Hello\n", cwd=ROOT, capture_output=True, text=True, timeout=60)
+    finally:
+        server.shutdown()
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    assert [line for line in p.stderr.splitlines() if said in line], p.stderr
+    if said.startswith("is not"):
+        assert len(p.stderr.splitlines()) == 1, p.stderr
+
+
 @pytest.mark.skipif(MPIRUN is None, reason="no mpirun")
 def test_live_migrations_while_serving_keep_the_text(model, tmp_path):
     """Two streamed answers in flight while the layout changes twice (a new split, then a move of layers between
