@@ -85,6 +85,15 @@ def parse_size(text, what) -> int:
     return int(n)
 
 
+def nonempty(_ctx, param, value):
+    """A click callback: a name flag given as "" (an unset shell variable, say) is refused, not taken as not
+    given."""
+    import click
+    if value is not None and not value.strip():
+        raise click.BadParameter("the name is empty", param=param)
+    return value
+
+
 def human_size(n) -> str:
     """Bytes as a person reads them: 812 B, 10.0 KiB, 56.3 MiB, 1.5 GiB."""
     for unit in ("B", "KiB", "MiB", "GiB"):

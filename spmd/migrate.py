@@ -19,7 +19,7 @@ import sys
 import click
 
 from .client import ClientError, find_socket, request
-from .errors import click_main
+from .errors import click_main, nonempty
 from .plan import FFN_BLOCK
 
 
@@ -105,7 +105,7 @@ def finite(_ctx, param, value):
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
-@click.option("--socket", "socket_path", default=None, metavar="PATH",
+@click.option("--socket", "socket_path", default=None, metavar="PATH", callback=nonempty,
               help="The job's control socket (default: the one running job's in the per-user folder).")
 @click.option("--json", "as_json", is_flag=True, help="Print the reply as it came (one JSON object).")
 @click.option("--timeout", default=None, type=click.FloatRange(min=0), callback=finite,

@@ -547,7 +547,7 @@ def _shortfall(prof, search) -> str:
         return (f"no layout with ratios that follow the ranks' speeds fits in memory (with --ratios '{short[0]}', "
                 f"{whys[short[0]]}); --ratios '{fits[0]}' would")
     return (f"no layout fits in memory: even with --ratios '{short[0]}', {whys[short[0]]}; "
-            "lower --context or --sequences")
+            "give fewer sequences or shorter ones")
 
 
 def plan(profile, objective="latency", sequences=1, context=None, shape="any", allreduce="star") -> Prediction:

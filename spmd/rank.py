@@ -462,10 +462,13 @@ class RankState:
                     self._need_text(parts, sizes)
         lines = [line for line in self.comm.allgather(short) if line]
         if lines:
-            more = "fewer --sequences or a smaller --ctx-size" if self.opts.context is not None else \
-                "fewer --sequences or --steps"
             raise UserError(f"--memory-limit is below what {'a rank needs' if len(lines) == 1 else 'ranks need'}: "
-                            f"{'; '.join(lines)}: give at least that, {more}, or more ranks")
+                            f"{'; '.join(lines)}: give at least that, {self._shorter()}, or more ranks")
+
+    def _shorter(self):
+        """The flags that make this job's sequences fewer or shorter."""
+        return "fewer --sequences or a smaller --ctx-size" if self.opts.context is not None else \
+            "fewer --sequences or --steps"
 
     def memory_figures(self):
         """This rank's need: the limit above which nothing streams, and the smallest that works (a window of the
@@ -622,8 +625,11 @@ class RankState:
         def decide():
             k = self.in_flight()
             objective = "throughput" if k > 1 else "latency"
-            found, note = planner.plan_within_limits(profile, limits, objective, sequences=k, context=self.max_seq,
-                                                     allreduce=opts.allreduce)
+            try:
+                found, note = planner.plan_within_limits(profile, limits, objective, sequences=k,
+                                                         context=self.max_seq, allreduce=opts.allreduce)
+            except UserError as e:  # (the planner's own flags are not this job's)
+                raise UserError(f"{e} ({self._shorter()})") from None
             if note:
                 say(note)
             return found
@@ -670,7 +676,7 @@ class RankState:
                             f"token_embd.weight has {self.cfg.vocab} rows: the file is inconsistent")
         if opts.context is not None:  # serving: the prompts come later, through the server
             return tok, []
-        specs = list(opts.prompts) + (read_prompts_file(opts.prompts_file) if opts.prompts_file else [])
+        specs = list(opts.prompts) + (read_prompts_file(opts.prompts_file) if opts.prompts_file is not None else [])
         work, capped = [], []
         for index, spec in enumerate(specs or [PromptSpec()]):
             ids = self._prompt_ids(tok, spec)

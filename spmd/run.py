@@ -13,7 +13,7 @@ import traceback
 import click
 
 from .choices import ACTIVATIONS, ALLREDUCES, KV_CACHES, WEIGHT_SOURCES
-from .errors import UserError, click_error_line, refuse_repeats
+from .errors import UserError, click_error_line, nonempty, refuse_repeats
 
 
 def finite(_ctx, param, value):
@@ -38,10 +38,10 @@ def comma_list(_ctx, _param, text):
 def split_ints(_ctx, _param, text):
     if text is None:
         return None
-    try:
-        return tuple(int(t) for t in text.replace(",", " ").split())
-    except ValueError:
-        raise click.BadParameter(f"{text!r}: expected integers separated by commas") from None
+    parts = [t.strip() for t in text.split(",")]
+    if not all(t.isascii() and t.isdigit() for t in parts):  # (no empty item, sign or other script's digits)
+        raise click.BadParameter(f"{text!r}: expected token ids (integers from 0) separated by commas")
+    return tuple(int(t) for t in parts)
 
 
 CLUSTER_OPTIONS = [  # the flags spmd.run and spmd.serve share: the model, and how the cluster runs it
@@ -96,7 +96,7 @@ CLUSTER_OPTIONS = [  # the flags spmd.run and spmd.serve share: the model, and h
                  ),
     click.option("--tokenizer", default=None, metavar="FILE.model",
                  help="A sentencepiece .model to use instead of the vocabulary in the GGUF."),
-    click.option("--control-socket", default=None, metavar="PATH",
+    click.option("--control-socket", default=None, metavar="PATH", callback=nonempty,
                  help="Unix socket on rank 0 for live migrations (python -m spmd.migrate). "
                       "Default: $XDG_RUNTIME_DIR/spmd/control-PID.sock or /tmp/spmd-UID/control-PID.sock; none: off."),
     click.option("--migrate-weights", default="file", show_default=True, type=click.Choice(WEIGHT_SOURCES),
@@ -124,7 +124,7 @@ def cluster_options(command):
               help="Text to continue; BOS is added as the model says. Repeat it for several sequences.")
 @click.option("--prompt-ids", default=None, metavar="IDS", callback=split_ints,
               help="Comma-separated token ids to use as the prompt instead of --prompt.")
-@click.option("--prompts-file", default=None, metavar="FILE",
+@click.option("--prompts-file", default=None, metavar="FILE", callback=nonempty,
               help="More prompts, one a line (blank lines skipped); FILE.jsonl: one JSON object a line with "
                    "\"prompt\" (or \"prompt_ids\") and optional \"steps\", \"temperature\", \"top_k\", "
                    "\"top_p\", \"seed\".")

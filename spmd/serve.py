@@ -11,6 +11,7 @@ import threading
 
 import click
 
+from .errors import nonempty
 from .run import (cluster_options, flags_agreed, guarded, imports_agreed, interrupt, model_or_embedded, parse_args,
                   root_log, stdout_to_rank_0, supervised, term_is_loss, watched)
 
@@ -30,7 +31,8 @@ ASK_AFTER_S = 0.5  # and asks rank 0 to stop after this long (where mpirun passe
               help="Requests generated at once; the others wait in order.")
 @click.option("--queue", "queue_limit", default=32, show_default=True, type=click.IntRange(min=0), metavar="N",
               help="Requests that may wait for a free sequence; more are answered 429 with Retry-After.")
-@click.option("--alias", default=None, metavar="NAME", help="The model's id in the API. Default: the file's name.")
+@click.option("--alias", default=None, metavar="NAME", callback=nonempty,
+              help="The model's id in the API. Default: the file's name.")
 @click.option("--cors", default=None, metavar="ORIGIN[,ORIGIN...]", callback=lambda _c, _p, v: cors_origins(v),
               help="Let pages of these origins (http://host:port, or * for any) call the API from a browser. "
                    "Default: none (the page at / needs none).")

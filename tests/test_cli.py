@@ -261,6 +261,10 @@ CASES = {
     "zero ratio": (lambda m, d: m, ["--ratios", "0"], "rank 0 cannot be idle"),
     "long prompt": (lambda m, d: m, ["--prompt", "word " * 60], "the model's context is 32"),
     "bad token id": (lambda m, d: m, ["--prompt-ids", "1,99999"], "--prompt-ids: token ids must be in 0..511"),
+    "empty token id": (lambda m, d: m, ["--prompt-ids", "1,,2"], "'1,,2': expected token ids"),
+    "token ids by spaces": (lambda m, d: m, ["--prompt-ids", "1 2"], "'1 2': expected token ids"),
+    "empty prompts file name": (lambda m, d: m, ["--prompts-file", ""], "--prompts-file.*the name is empty"),
+    "empty socket name": (lambda m, d: m, ["--control-socket", " "], "--control-socket.*the name is empty"),
     "no prompts file": (lambda m, d: m, ["--prompts-file", "{tmp}/none.txt"], "--prompts-file not found: .*none.txt"),
     "blank prompts file": (lambda m, d: write_text(m, d / "p.txt", "\n \n"), ["--prompts-file", "{tmp}/p.txt"],
                            "p.txt holds no prompt"),
@@ -437,6 +441,17 @@ def test_every_command_refuses_an_option_given_twice(module, flags):
                        timeout=60)
     assert p.returncode in (1, 2) and p.stdout == ""
     assert p.stderr.count("\n") == 1 and p.stderr.startswith(f"error: option {flags[-2]} is given more than once")
+
+
+@pytest.mark.parametrize("module, flags", [("serve", ["--alias", ""]), ("migrate", ["--socket", "", "status"]),
+                                           ("run", ["--prompts-file", ""])])
+def test_an_empty_name_is_refused_not_taken_as_not_given(module, flags):
+    """"" (an unset shell variable) for a name: one line, where it ran on as if the flag were not there (the
+    default socket, no prompts file, the file's name as the model's id)."""
+    p = subprocess.run([sys.executable, "-m", f"spmd.{module}", *flags], cwd=ROOT, capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode in (1, 2) and p.stdout == ""
+    assert p.stderr.count("\n") == 1 and f"'{flags[0]}': the name is empty" in p.stderr, p.stderr
 
 
 def test_a_commands_own_refusal_is_one_error_line_as_spmd_runs(tmp_path):

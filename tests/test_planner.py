@@ -577,3 +577,23 @@ def test_a_saved_profile_must_be_of_this_model_and_says_where_its_ranks_ran():
         check_matches(doc, SimpleNamespace(**{**vars(cfg), "head_dim": 16}), unit_bytes, ["h0", "h1"])
     with pytest.raises(UserError, match="measured on 2 ranks but the job has 3"):
         check_matches(doc, cfg, unit_bytes, ["h0", "h1", "h2"])
+
+
+def test_a_job_whose_plan_fits_nowhere_names_its_own_flags(tmp_path):
+    """spmd.run --plan FILE where no layout fits: one line naming spmd.run's flags (it named the planner's
+    --context, which spmd.run does not have)."""
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parents[1]
+    made = subprocess.run([sys.executable, "-m", "spmd.profile", "--model", "spmd/embedded.gguf", "--threads", "1",
+                           "--repeats", "1", "--out", str(tmp_path / "p.json")], cwd=root, capture_output=True,
+                          text=True, timeout=120)
+    assert made.returncode == 0, made.stderr
+    profile = json.loads((tmp_path / "p.json").read_text())
+    profile["ranks"][0]["memory_bytes"] = 1
+    (tmp_path / "q.json").write_text(json.dumps(profile))
+    p = subprocess.run([sys.executable, "-m", "spmd.run", "--steps", "3", "--plan", str(tmp_path / "q.json")],
+                       cwd=root, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and p.stdout == "" and len(p.stderr.splitlines()) == 1, p.stderr
+    assert p.stderr.startswith("error: no layout fits in memory") and "--context" not in p.stderr
+    assert p.stderr.rstrip().endswith("(fewer --sequences or --steps)"), p.stderr
