@@ -82,6 +82,14 @@ class Shard:
         self.mm.close()
 
 
+def check_no_overlap(infos):
+    """A HeaderError where two of one file's tensors share bytes (a corrupt offset)."""
+    ordered = sorted((info for info in infos if info.nbytes), key=lambda info: info.offset)
+    for before, after in zip(ordered, ordered[1:]):
+        if after.offset < before.offset + before.nbytes:
+            raise HeaderError(f"tensors {before.name} and {after.name} overlap in the file (a corrupt offset)")
+
+
 def split_paths(path, header) -> list:
     """The files of the model whose first file is `path` (with `header`): [path] unless it is split (split.count),
     then every part's path by gguf-split's naming."""
@@ -136,6 +144,7 @@ class GGUFFile:
                         if t.name in self.tensors:
                             raise HeaderError(f"tensor {t.name} appears more than once")
                         self.tensors[t.name] = self._tensor_info(t, i)
+                    check_no_overlap([info for info in self.tensors.values() if info.shard == i])
                 except (ValueError, struct.error) as e:  # HeaderError is a ValueError
                     raise shard.invalid(e) from None
         except BaseException:
@@ -156,6 +165,9 @@ class GGUFFile:
         if shape and shape[-1] % block:
             raise HeaderError(f"tensor {t.name!r} rows of {shape[-1]} are not whole {qtype.name} blocks")
         shard = self.shards[i]
+        if t.offset % shard.header.alignment:
+            raise HeaderError(f"tensor {t.name}'s data does not start on the file's alignment of "
+                              f"{shard.header.alignment} bytes (offset {t.offset})")
         info = TensorInfo(t.name, qtype, shape, shard.header.data_offset + t.offset,
                           int(np.prod(shape, dtype=np.int64)) // block * nbytes, i)
         if info.offset + info.nbytes > len(shard.mm):

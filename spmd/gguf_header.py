@@ -50,15 +50,18 @@ class GGUFHeader:
             raise HeaderError(f"GGUF version {version} is not supported (2 and 3 are)")
         n_tensors, n_kv = self._u64(), self._u64()
         if n_tensors > len(buf) or n_kv > len(buf):
-            raise HeaderError(f"implausible counts ({n_tensors} tensors, {n_kv} metadata entries)")
+            raise HeaderError(f"{n_tensors} tensors and {n_kv} metadata entries cannot fit in its {len(buf)} bytes: "
+                              "it is truncated or damaged")
         self.fields = {}
         for _ in range(n_kv):
             key = self._string()
             self.fields[key] = self._value(V(self._u32()))
         self.tensors = [self._tensor_info() for _ in range(n_tensors)]
         alignment = self.fields.get("general.alignment", 32)
-        if not isinstance(alignment, int) or isinstance(alignment, bool) or not 1 <= alignment <= 1 << 20:
-            raise HeaderError(f"general.alignment is {alignment!r:.40}; it must be a whole number from 1 to 1048576")
+        if not isinstance(alignment, int) or isinstance(alignment, bool) or not 1 <= alignment <= 1 << 20 \
+                or alignment & (alignment - 1):
+            raise HeaderError(f"general.alignment is {alignment!r:.40}; it must be a power of two from 1 to 1048576")
+        self.alignment = alignment
         self.data_offset = -(-self.pos // alignment) * alignment
 
     def value(self, key, default=None):

@@ -329,8 +329,8 @@ def from_gguf(gguf) -> Tokenizer:
     if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
         raise UserError(f"{gguf.path}: tokenizer.ggml.tokens must be a list of strings")
     if not (isinstance(types, list) and len(types) == len(tokens)
-            and all(isinstance(k, int) and not isinstance(k, bool) for k in types)):
-        raise UserError(f"{gguf.path}: tokenizer.ggml.token_type must be a whole number for each of the "
+            and all(isinstance(k, int) and not isinstance(k, bool) and 0 <= k <= BYTE for k in types)):
+        raise UserError(f"{gguf.path}: tokenizer.ggml.token_type must be a type from 0 to {BYTE} for each of the "
                         f"{len(tokens)} tokens")
     return _FROM_GGUF[model](gguf, tokens, types)
 

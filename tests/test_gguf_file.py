@@ -1,10 +1,13 @@
 """The lean GGUF header reader against the gguf package's own reader, and its refusal of damaged files."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 from gguf import GGUFReader, GGUFWriter, quants as gguf_quants
 
 from spmd.errors import UserError
 from spmd.gguf_file import GGUFFile
+from spmd.run import EMBEDDED_MODEL
 from spmd.synth import Shape, write_model
 
 
@@ -76,8 +79,13 @@ def test_every_truncation_and_garbage_is_one_clear_error(tmp_path):
     for n in cuts:                                                                  # start: its strings and arrays)
         (tmp_path / "cut.gguf").write_bytes(good[:n])
         with pytest.raises(UserError, match=r"is not a valid GGUF file \((no GGUF magic|the file ends within its "
-                                            r"header|.* runs past the end of the file|truncated: tensor)"):
+                                            r"header|.* runs past the end of the file|truncated: tensor|.* cannot "
+                                            r"fit in its \d+ bytes: it is truncated)"):
             GGUFFile(tmp_path / "cut.gguf")
+    (tmp_path / "cut.gguf").write_bytes(Path(EMBEDDED_MODEL).read_bytes()[:40])  # (its counts: "implausible", once)
+    with pytest.raises(UserError, match=r"\(74 tensors and \d+ metadata entries cannot fit in its 40 bytes: it is "
+                                        r"truncated or damaged\)"):
+        GGUFFile(tmp_path / "cut.gguf")
     for i in range(40):  # random bytes after a valid magic and version
         (tmp_path / "junk.gguf").write_bytes(good[:8] + rng.integers(0, 256, 400, dtype=np.uint8).tobytes())
         with pytest.raises(UserError, match="is not a valid GGUF file"):
@@ -138,8 +146,8 @@ def test_fuzzed_headers_load_or_give_a_user_error(tmp_path, seed):
     assert outcomes["refused"] > 0 and sum(outcomes.values()) == 100
 
 
-@pytest.mark.parametrize("value", [0, "32", 1 << 40])
-def test_an_alignment_that_is_not_a_sane_whole_number_is_one_line(tmp_path, value):
+@pytest.mark.parametrize("value", [0, "32", 1 << 40, 3, 31, 48])
+def test_an_alignment_that_is_not_a_power_of_two_is_one_line(tmp_path, value):
     w = GGUFWriter(str(tmp_path / "a.gguf"), "llama")
     (w.add_string if isinstance(value, str) else w.add_uint64)("general.alignment", value)
     w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
@@ -191,3 +199,37 @@ def test_a_split_models_missing_or_misnamed_part_is_named(tmp_path):
     with pytest.raises(UserError, match=r"model.gguf is the first of a model split into 3 files, but its name is "
                                         r"not NAME-00001-of-00003.gguf"):
         GGUFFile(renamed)
+
+
+def patched_offset(model, path, name, offset):
+    """A copy of `model` whose tensor `name` has the data offset `offset` in its tensor info (the u64 after its
+    name, dimensions and type)."""
+    import struct
+    from spmd.gguf_file import GGUFFile
+    g = GGUFFile(str(model))
+    info = g.info(name)
+    g.close()
+    data = bytearray(Path(model).read_bytes())
+    key = struct.pack("<Q", len(name)) + name.encode()
+    at = data.index(key) + len(key)
+    n_dims = struct.unpack_from("<I", data, at)[0]
+    at += 4 + 8 * n_dims + 4
+    assert struct.unpack_from("<Q", data, at)[0] == info.offset - g.shards[0].header.data_offset
+    struct.pack_into("<Q", data, at, offset)
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize("change, said", [(lambda o, other: o + 1, "does not start on the file's alignment of 32"),
+                                          (lambda o, other: other, "overlap in the file")])
+def test_a_tensor_offset_that_is_off_its_alignment_or_overlaps_another_is_one_line(tmp_path, change, said):
+    """Damaged offsets used to load, and the run went on to wrong numbers (NaN logits, or text)."""
+    from spmd.gguf_file import GGUFFile
+    model = write_model(tmp_path / "m.gguf", Shape(), "Q8_0", seed=1)
+    g = GGUFFile(str(model))
+    base = g.shards[0].header.data_offset
+    embd, norm = g.info("token_embd.weight").offset - base, g.info("output_norm.weight").offset - base
+    g.close()
+    bad = patched_offset(model, tmp_path / "bad.gguf", "output_norm.weight", change(norm, embd))
+    with pytest.raises(UserError, match=said):
+        GGUFFile(str(bad))

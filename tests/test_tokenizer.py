@@ -338,9 +338,11 @@ def test_unreadable_model_file(tmp_path):
     ({"tokenizer.ggml.model": ["llama"], "tokenizer.ggml.tokens": ["a"]}, "tokenizer model .* is not supported"),
     ({"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": [1, 2]}, "must be a list of strings"),
     ({"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": ["a", "b"], "tokenizer.ggml.token_type": [1]},
-     "token_type must be a whole number for each of the 2 tokens"),
+     "token_type must be a type from 0 to 6 for each of the 2 tokens"),
     ({"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": ["a"], "tokenizer.ggml.token_type": ["x"]},
-     "token_type must be a whole number"),
+     "token_type must be a type from 0 to 6"),
+    ({"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": ["a"], "tokenizer.ggml.token_type": [999]},
+     "token_type must be a type from 0 to 6"),  # (it ran on, its text wrong)
 ])
 def test_a_vocabulary_of_the_wrong_types_is_one_line(meta, message):
     """Metadata as a damaged or hand-made file may hold it: values of the wrong types are refused by name."""
