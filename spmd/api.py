@@ -650,14 +650,13 @@ class Server:
         return ids
 
     def _fits(self, text, param):
-        """Refuse, before tokenizing it, a text too long for a sequence whatever its tokens (no token stands for
-        more than the longest piece's bytes): tokenizing megabytes would hold rank 0's driver back meanwhile."""
+        """Refuse, before tokenizing it, a text too long for a sequence whatever its tokens: tokenizing megabytes
+        would hold rank 0's driver back meanwhile."""
         gw = self.gateway
-        if len(text) > gw.context * gw.tokenizer.longest_piece:  # characters <= bytes
-            n = len(text.encode("utf-8", "replace"))
-            if n > gw.context * gw.tokenizer.longest_piece:
-                raise BadRequest(f"the prompt is {n} bytes: more than a sequence of {gw.context} positions "
-                                 "(--ctx-size) can hold", param)
+        n = gw.tokenizer.bytes_beyond(text, gw.context)
+        if n is not None:
+            raise BadRequest(f"the prompt is {n} bytes: more than a sequence of {gw.context} positions "
+                             "(--ctx-size) can hold", param)
 
 
 _counter = iter(range(1, 2**62))  # request numbers (the driver's sequence index)

@@ -715,6 +715,10 @@ class RankState:
             spec.text.encode("utf-8")
         except UnicodeEncodeError:  # bytes the shell passed that are not UTF-8 (Python keeps them as surrogates)
             raise UserError(f"{spec.where} is not UTF-8 text") from None
+        beyond = None if spec.ids is not None else tok.bytes_beyond(spec.text, self.cfg.context)
+        if beyond is not None:  # (refused before tokenizing: megabytes take long)
+            raise UserError(f"{spec.where} is {beyond} bytes: more than the model's context of {self.cfg.context} "
+                            "positions can hold")
         ids = list(spec.ids) if spec.ids is not None else tok.encode(spec.text)
         if not ids:
             raise UserError(f"{spec.where} is empty" + ("" if spec.ids is not None else

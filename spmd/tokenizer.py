@@ -71,6 +71,14 @@ class Tokenizer:
         self.longest_piece = max([len(p) for p in pieces] + [len(t) for t in self.controls] + [1])  # bytes
         self._split_controls = _splitter(self.controls)
 
+    def bytes_beyond(self, text: str, positions: int) -> int | None:
+        """The bytes of `text` where no way of tokenizing it fits `positions` (no token stands for more than the
+        longest piece's bytes), else None: cheap, so that megabytes need not be tokenized to be refused."""
+        if len(text) <= positions * self.longest_piece:  # (characters <= bytes)
+            return None
+        n = len(text.encode("utf-8", "replace"))
+        return n if n > positions * self.longest_piece else None
+
     def encode(self, text: str, add_bos: bool | None = None, controls: bool = False) -> list[int]:
         """The ids of `text`, BOS first where the model adds it. With `controls` (a chat template's output) the
         texts of control tokens become those tokens, the rest between them is encoded as text, and BOS is not
