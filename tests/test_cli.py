@@ -171,12 +171,12 @@ def write_garbage(path):
 NAN = 0x7FC00000  # float32 bits
 
 
-def nan_tensor(model, path, name):
-    """A copy of `model` whose F32 tensor `name` is all NaN."""
+def nan_tensor(model, path, name, bits=None):
+    """A copy of `model` whose F32 tensor `name` is all NaN (or all the float of `bits`)."""
     from spmd.gguf_file import GGUFFile
     info = GGUFFile(str(model)).info(name)
     data = bytearray(Path(model).read_bytes())
-    data[info.offset:info.offset + info.nbytes] = NAN.to_bytes(4, "little") * (info.nbytes // 4)
+    data[info.offset:info.offset + info.nbytes] = (bits or NAN).to_bytes(4, "little") * (info.nbytes // 4)
     path.write_bytes(bytes(data))
     return path
 
@@ -303,6 +303,9 @@ CASES = {
                        [], "rope.freq_base is 0.0; it must be a finite number above 0"),
     "NaN weights": (lambda m, d: nan_tensor(m, d / "n.gguf", "output_norm.weight"), [],
                     "logits for sequence 0 at position .* are not finite"),
+    "infinite weights, numpy": (lambda m, d: nan_tensor(m, d / "n.gguf", "blk.0.attn_norm.weight", 0x7F800000),
+                                ["--backend", "numpy"], "logits for sequence 0 at position .* are not finite"),  # (no
+    # numpy warnings before it)
     "cache beyond memory": (lambda m, d: write_model(d / "huge.gguf", Shape(**{**SHAPE.__dict__, "context": 2**28})),
                             ["--steps", str(2**28 - 8), "--sequences", "2", "--prompt", "a", "--prompt", "b"],
                             "--sequences 2: the KV caches of 2 sequences of up to .* positions need .* GiB on rank"),
