@@ -124,6 +124,8 @@ def read_tokenizer(path, vocab_size):
     tokenizer.bin, or a sentencepiece .model."""
     path = regular_file(str(path), "tokenizer")
     raw = Path(path).read_bytes()
+    if not raw:  # (sentencepiece would log several lines of its own before it fails)
+        raise UserError(f"tokenizer {path} is empty")
     try:
         sp = spm.SentencePieceProcessor(model_proto=raw)
     except RuntimeError:  # (not a sentencepiece model: no line on stderr either)

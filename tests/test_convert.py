@@ -282,8 +282,12 @@ def truncated_tokenizer(tmp_path):
     (tmp_path / "tok.bin").write_bytes((tmp_path / "tok.bin").read_bytes()[:-3])
 
 
+def empty_tokenizer(tmp_path):
+    (tmp_path / "tok.bin").write_bytes(b"")  # (sentencepiece logged three lines of its own before the error, once)
+
+
 @pytest.mark.parametrize("spoil, message", [
-    (truncated, "header implies"), (garbage, "not a llama2.c checkpoint"), (short_header, "too short"),
+    (empty_tokenizer, "tok.bin is empty"), (truncated, "header implies"), (garbage, "not a llama2.c checkpoint"), (short_header, "too short"),
     (inconsistent_header, "inconsistent header"), (missing_checkpoint, "not found"),
     (fewer_tokens, "holds 39 tokens"), (more_tokens, "more than 40"), (truncated_tokenizer, "truncated in token 39")])
 def test_bad_input_is_one_line_error(tmp_path, spoil, message):
