@@ -98,9 +98,12 @@ def check_ssh(path, number, host, timeout):
                                    f"{timeout + 5:g} s") from None
     if p.returncode != 0:
         said = [line.strip() for line in p.stderr.splitlines() if line.strip()]
+        why = said[-1][:200] if said else f"status {p.returncode}"
+        if not re.search(r"permission denied|host key|identification has changed", p.stderr, re.I):
+            raise click.ClickException(f"{path} line {number}: host {host}: ssh could not reach it ({why}): is its ssh "
+                                       "server running, and the host up?")
         raise click.ClickException(f"{path} line {number}: host {host}: ssh cannot log in without a password "
-                                   f"({said[-1][:200] if said else f'status {p.returncode}'}): set up a key "
-                                   f"(ssh-copy-id {host}) and accept its host key once")
+                                   f"({why}): set up a key (ssh-copy-id {host}) and accept its host key once")
 
 
 MOST_RANKS = 1024  # beyond any household; a mistyped count would start that many processes here

@@ -287,7 +287,8 @@ def empty_tokenizer(tmp_path):
 
 
 @pytest.mark.parametrize("spoil, message", [
-    (empty_tokenizer, "tok.bin is empty"), (truncated, "header implies"), (garbage, "not a llama2.c checkpoint"), (short_header, "too short"),
+    (empty_tokenizer, "tok.bin is empty"), (truncated, "header implies"), (garbage, "not a llama2.c checkpoint"),
+    (short_header, "too short"),
     (inconsistent_header, "inconsistent header"), (missing_checkpoint, "not found"),
     (fewer_tokens, "holds 39 tokens"), (more_tokens, "more than 40"), (truncated_tokenizer, "truncated in token 39")])
 def test_bad_input_is_one_line_error(tmp_path, spoil, message):

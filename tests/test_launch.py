@@ -97,9 +97,17 @@ def test_a_jobs_flag_before_the_separator_says_where_it_goes():
                                      "python -m spmd.launch -n 2 -- --prompt ... (see python -m spmd.launch --help)"]
 
 
-def test_a_host_whose_ssh_cannot_log_in_is_named(tmp_path):
-    """Its ssh port answers, but ssh cannot log in without a password (no key yet): one line naming the host and
-    ssh's reason, before mpirun would fail with lines of its own. (A fake ssh on PATH stands for the refusal.)"""
+@pytest.mark.parametrize("ssh_says, line", [
+    ("user@127.0.0.3: Permission denied (publickey,password).",
+     "ssh cannot log in without a password (user@127.0.0.3: Permission denied (publickey,password).): set up a key "
+     "(ssh-copy-id 127.0.0.3) and accept its host key once"),
+    ("ssh: connect to host 127.0.0.3 port 22: Connection timed out",  # (a key's advice, once)
+     "ssh could not reach it (ssh: connect to host 127.0.0.3 port 22: Connection timed out): is its ssh server "
+     "running, and the host up?")])
+def test_a_host_whose_ssh_cannot_log_in_is_named(tmp_path, ssh_says, line):
+    """Its ssh port answers, but ssh cannot log in without a password (no key yet), or does not get through: one
+    line naming the host and ssh's reason, before mpirun would fail with lines of its own. (A fake ssh on PATH stands
+    for ssh.)"""
     listener = socket.socket()
     try:
         listener.bind(("127.0.0.3", 22))
@@ -108,7 +116,7 @@ def test_a_host_whose_ssh_cannot_log_in_is_named(tmp_path):
     listener.listen()
     fake = tmp_path / "bin" / "ssh"
     fake.parent.mkdir()
-    fake.write_text("#!/bin/sh\necho 'user@127.0.0.3: Permission denied (publickey,password).' >&2\nexit 255\n")
+    fake.write_text(f"#!/bin/sh\necho '{ssh_says}' >&2\nexit 255\n")
     fake.chmod(0o755)
     hostfile = tmp_path / "hosts.txt"
     hostfile.write_text("localhost:1\n127.0.0.3:1\n")
@@ -119,6 +127,4 @@ def test_a_host_whose_ssh_cannot_log_in_is_named(tmp_path):
     finally:
         listener.close()
     assert p.returncode == 1
-    assert p.stderr.strip() == (f"error: {hostfile} line 2: host 127.0.0.3: ssh cannot log in without a password "
-                                "(user@127.0.0.3: Permission denied (publickey,password).): set up a key "
-                                "(ssh-copy-id 127.0.0.3) and accept its host key once")
+    assert p.stderr.strip() == f"error: {hostfile} line 2: host 127.0.0.3: {line}"
