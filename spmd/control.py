@@ -340,8 +340,8 @@ class Listener:
             at = None
         else:
             at = msg.get("at")
-            if not isinstance(at, int) or isinstance(at, bool):
-                raise UserError(f"mode 'at' needs 'at': a token position (got {at!r})"[:300])
+            if not isinstance(at, int) or isinstance(at, bool) or at < 0:
+                raise UserError(f"mode 'at' needs 'at': a token position, a whole number from 0 (got {at!r})"[:300])
             if at > MOST_AT:
                 raise UserError(f"position {at} is too far ahead: 'at' is at most 2^53")
             if at < self._next_boundary:

@@ -33,8 +33,10 @@ def _next(plan, shares, speeds, why) -> Plan:
 
 
 def _check_rank(plan, what, r):
-    if not isinstance(r, int) or isinstance(r, bool) or not 0 <= r < len(plan):
-        raise UserError(f"'{what}' rank {r!r} is out of range: the job has ranks 0..{len(plan) - 1}")
+    if not isinstance(r, int) or isinstance(r, bool):
+        raise UserError(f"'{what}' must be a rank, a whole number (got {r!r:.40})")
+    if not 0 <= r < len(plan):
+        raise UserError(f"'{what}' rank {r} is out of range: the job has ranks 0..{len(plan) - 1}")
 
 
 def work_ratios(shares) -> tuple:
@@ -94,8 +96,10 @@ def move_layers(plan, from_stage: int, to_stage: int, count: int) -> Plan:
     when `to_stage` follows it, its first when it precedes it); each stage keeps at least one layer."""
     stages = plan.stages
     for what, s in (("from_stage", from_stage), ("to_stage", to_stage)):
-        if not isinstance(s, int) or isinstance(s, bool) or not 0 <= s < len(stages):
-            raise UserError(f"'{what}' {s!r} is out of range: the plan has stages 0..{len(stages) - 1}")
+        if not isinstance(s, int) or isinstance(s, bool):
+            raise UserError(f"'{what}' must be a stage, a whole number (got {s!r:.40})")
+        if not 0 <= s < len(stages):
+            raise UserError(f"'{what}' {s} is out of range: the plan has stages 0..{len(stages) - 1}")
     if abs(from_stage - to_stage) != 1:
         raise UserError(f"stages {from_stage} and {to_stage} are not adjacent: layers move between neighbours")
     if not isinstance(count, int) or isinstance(count, bool) or count < 1:
