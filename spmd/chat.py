@@ -1,7 +1,8 @@
 """`python -m spmd.chat`: a terminal chat with a running spmd.serve (or any OpenAI-compatible server).
 
 The answer streams as it comes; the conversation is kept and sent with every turn. Ctrl-C stops the answer (the
-server frees its sequence) and keeps the program; Ctrl-D, /quit or /exit leaves; /reset forgets the conversation.
+server frees its sequence) and keeps the program; Ctrl-D, /quit or /exit leaves; /reset forgets the conversation;
+another /word alone is said to be no command, not sent.
 Without --url, and with no server at the default address, it starts a one-rank spmd.serve for itself (said on
 stderr) of --model where that is a file, else of the embedded model, and stops it at the end (also on Ctrl-C or
 SIGTERM). A server still loading is waited for. Refused turns and errors are said on stderr; a chat whose input is
@@ -270,6 +271,9 @@ def chat(url, model, system, max_tokens, temperature, seed, server_log=None):
         if text == "/reset":
             messages = list(start)
             click.echo("(conversation forgotten)", err=True)
+            continue
+        if re.fullmatch(r"/[a-z]+", text):  # a mistyped command, not a turn (a turn may start with a path: /usr ...)
+            click.echo(f"(no command {text}: {COMMANDS})", err=True)
             continue
         messages.append({"role": "user", "content": text})
         reply = answer(client, model, messages, options, sys.stdout)

@@ -414,11 +414,12 @@ def test_chat_cli(served):
     want = served.client.chat.completions.create(model="any", messages=[{"role": "user", "content": "Hello"}],
                                                  max_tokens=8, temperature=0).choices[0].message.content
     p = subprocess.run([sys.executable, "-m", "spmd.chat", "--url", served.url, "--temperature", "0",
-                        "--max-tokens", "8"], input="Hello\n/reset\nHello\n/quit\n", cwd=ROOT, capture_output=True,
-                       text=True, timeout=120)
+                        "--max-tokens", "8"], input="Hello\n/rest\n/reset\nHello\n/quit\n", cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     assert p.stdout == f"{want}\n{want}\n"  # the same answer again after /reset forgot the first turn
     assert "chatting with chat.gguf" in p.stderr and "(conversation forgotten)" in p.stderr
+    assert "(no command /rest: /reset forgets" in p.stderr  # (a mistyped command was sent as a turn)
 
 
 def test_the_chat_takes_bytes_that_are_not_utf8_and_ends_1_where_a_turn_failed(served):
