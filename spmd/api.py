@@ -17,12 +17,13 @@ import socket
 import threading
 import time
 import uuid
+import zlib
 from dataclasses import dataclass
 from importlib import resources
 from urllib.parse import urlsplit
 
 import numpy as np
-from aiohttp import compression_utils as aiohttp_compression, web
+from aiohttp import web
 
 from .chat_template import ROLES, TemplateError
 from .prompts import PromptSpec, Work
@@ -33,9 +34,10 @@ BODY_WAIT_S = 30.0  # a request's body must have come whole within this long
 LINGER_S = 1.0  # after answering a request whose body it did not read, the server reads what comes of it this long
 # before it closes the connection (aiohttp's lingering_time, 10 s by default): a client that sent it all gets the
 # answer rather than a reset
-# Content-Encodings aiohttp decodes: br and zstd only where their libraries are installed (Brotli, zstandard)
-DECODED = {"identity", "gzip", "deflate"} | {name for name, has in (("br", "HAS_BROTLI"), ("zstd", "HAS_ZSTD"))
-                                             if getattr(aiohttp_compression, has, False)}
+# Content-Encodings of a request body the server decodes itself (`decoded_body`: aiohttp's own decoding is off, as it
+# answers an encoding whose library is not installed in plain text before a handler runs, and takes a gzip stream
+# without its end)
+DECODED = ("identity", "gzip", "deflate")
 IDLE_S = 10.0  # a connection without a request in progress for this long is closed (see Connections)
 MAX_STOPS, MAX_STOP_CHARS = 16, 256
 STATUS_WAIT_S = 10.0  # the driver answers /cluster at its next token boundary; it is there within a token
@@ -69,6 +71,27 @@ class OneLine(logging.Filter):
 
 
 logging.getLogger("aiohttp.server").addFilter(OneLine())
+
+
+def decoded_body(raw, encoding) -> bytes:
+    """A request body of `encoding` (one of DECODED) decoded, whole and at most MAX_BODY_BYTES: BadRequest where it
+    does not decode, or ends early (a gzip stream without its end), web.HTTPRequestEntityTooLarge where larger."""
+    if encoding == "identity":
+        return raw
+    # deflate: zlib's format, or the raw deflate that some clients send (its first byte's low bits are not 8)
+    wbits = 16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS if raw[:1] and raw[0] & 15 == 8 else \
+        -zlib.MAX_WBITS
+    stream = zlib.decompressobj(wbits)
+    try:
+        out = stream.decompress(raw, MAX_BODY_BYTES + 1)
+    except zlib.error:
+        raise BadRequest(f"the body could not be read: Can not decode content-encoding: {encoding}") from None
+    if len(out) > MAX_BODY_BYTES:
+        raise web.HTTPRequestEntityTooLarge(max_size=MAX_BODY_BYTES, actual_size=len(out))
+    if not stream.eof or stream.unused_data:
+        raise BadRequest(f"the body could not be read: its {encoding} stream "
+                         f"{'ends early' if not stream.eof else 'has bytes after its end'}")
+    return out
 
 
 class BadRequest(Exception):
@@ -292,8 +315,8 @@ def _sampling(body):
     options = body.get("stream_options")
     if options is not None and not stream:
         raise BadRequest("'stream_options' is only for a streamed answer (\"stream\": true)", "stream_options")
-    options = options or {}
-    if not isinstance(options, dict) or options.get("include_usage") not in (None, True, False):
+    options = {} if options is None else options
+    if not isinstance(options, dict) or not isinstance(options.get("include_usage", None), (bool, type(None))):
         raise BadRequest("'stream_options' must be an object with 'include_usage' true or false", "stream_options")
     return dict(max_tokens=max_tokens, stream=bool(stream), usage=bool(options.get("include_usage")),
                 temperature=_number(body, "temperature", 0, 2, 1.0),
@@ -477,7 +500,7 @@ class Server:
             self.connections.middleware, self.hosts.middleware, cors.middleware, json_errors])
         app.on_response_prepare.append(cors.headers)
         app.add_routes([web.get("/health", self.health), web.get("/v1/models", self.models),
-                        web.get("/v1/models/{id}", self.model),
+                        web.get("/v1/models/{id:.+}", self.model),  # (an id may hold "/": org/name)
                         web.post("/v1/completions", self.completions),
                         web.post("/v1/chat/completions", self.chat_completions),
                         web.get("/cluster", self.cluster), web.get("/", self.page)])
@@ -490,7 +513,8 @@ class Server:
         def main():
             loop = self.loop = asyncio.new_event_loop()
             asyncio.set_event_loop(loop)
-            self._runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=2.0, lingering_time=LINGER_S)
+            self._runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=2.0, lingering_time=LINGER_S,
+                                         auto_decompress=False)  # (decoded_body)
             loop.run_until_complete(self._runner.setup())
             site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
             try:
@@ -583,7 +607,7 @@ class Server:
         encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
         if encoding not in DECODED:
             return unread(error_response(415, f"the body's Content-Encoding {encoding[:40]!r} is not one this server "
-                                              f"decodes ({', '.join(sorted(DECODED - {'identity'}))})"))
+                                              f"decodes ({', '.join(DECODED[1:])})"))
         try:
             if (request.content_length or 0) > MAX_BODY_BYTES:  # said up front: not worth waiting for
                 raise web.HTTPRequestEntityTooLarge(max_size=MAX_BODY_BYTES, actual_size=request.content_length)
@@ -593,10 +617,11 @@ class Server:
                 return unread(error_response(408, f"the request's body did not come whole within {BODY_WAIT_S:.0f} s"))
             except ConnectionError:  # the client went away while sending it
                 return web.Response(status=499)
-            except web.RequestPayloadError as e:  # (a Content-Encoding that does not decode, a bad chunk)
-                detail = " ".join(str(e).split())  # ("400, message:\n  Can not decode ...": the why alone)
+            except web.RequestPayloadError as e:  # (a bad chunk)
+                detail = " ".join(str(e).split())  # ("400, message:\n  ...": the why alone)
                 detail = detail.split("message: ", 1)[-1] if detail[:3].isdigit() else detail
                 raise BadRequest(f"the body could not be read: {detail}"[:200]) from None
+            raw = decoded_body(raw, encoding)
             body = {name: value for name, value in _json_object(raw).items() if value is not None}  # null: not given
             params = _sampling(body)
             source = _messages(body) if chat else _prompt(body)
