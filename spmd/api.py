@@ -39,6 +39,7 @@ LINGER_S = 1.0  # after answering a request whose body it did not read, the serv
 # without its end)
 DECODED = ("identity", "gzip", "deflate")
 IDLE_S = 10.0  # a connection without a request in progress for this long is closed (see Connections)
+WRITE_WAIT_S = 30.0  # a streamed answer's client that takes none of it for this long (its buffers full) is dropped
 MAX_STOPS, MAX_STOP_CHARS = 16, 256
 STATUS_WAIT_S = 10.0  # the driver answers /cluster at its next token boundary; it is there within a token
 CHECK_CLIENT_S = 0.25  # how often a request waiting for its next token looks whether its client is still there
@@ -128,6 +129,24 @@ def unread(response):
     would be read as the next request), within LINGER_S."""
     response.force_close()
     return response
+
+
+def too_large():
+    return unread(error_response(413, f"the body is larger than {MAX_BODY_BYTES >> 20} MiB"))
+
+
+async def expect_continue(request):
+    """`Expect: 100-continue`: a body declared larger than MAX_BODY_BYTES is refused at once, without the 100 that
+    would have the client send it all first (aiohttp's own handler sends it whatever the length)."""
+    expect = request.headers.get("Expect", "")
+    if expect.lower() != "100-continue":
+        return unread(error_response(417, f"Expect: {expect[:40]!r} is not one this server meets (100-continue)"))
+    if (request.content_length or 0) > MAX_BODY_BYTES:
+        return too_large()
+    if request.version >= (1, 1):
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # (the answer's own size starts after the 100)
+    return None
 
 
 def loading():
@@ -501,8 +520,8 @@ class Server:
         app.on_response_prepare.append(cors.headers)
         app.add_routes([web.get("/health", self.health), web.get("/v1/models", self.models),
                         web.get("/v1/models/{id:.+}", self.model),  # (an id may hold "/": org/name)
-                        web.post("/v1/completions", self.completions),
-                        web.post("/v1/chat/completions", self.chat_completions),
+                        web.post("/v1/completions", self.completions, expect_handler=expect_continue),
+                        web.post("/v1/chat/completions", self.chat_completions, expect_handler=expect_continue),
                         web.get("/cluster", self.cluster), web.get("/", self.page)])
         self.app = app
 
@@ -628,7 +647,7 @@ class Server:
             loop = asyncio.get_running_loop()
             ids = await loop.run_in_executor(None, self._tokens, source, chat)
         except web.HTTPRequestEntityTooLarge:
-            return unread(error_response(413, f"the body is larger than {MAX_BODY_BYTES >> 20} MiB"))
+            return too_large()
         except BadRequest as e:
             return error_response(400, str(e), param=e.param)
         room = gw.context - len(ids)
@@ -787,12 +806,20 @@ class Reply:
                 await _event(response, self._chunk([self._choice("", self.finish)], **usage))
                 if self.params["usage"]:
                     await _event(response, self._chunk([], usage=self.usage()))
-            await response.write(b"data: [DONE]\n\n")
-            await response.write_eof()
-        except ConnectionError:  # the client went away mid-stream
+            await _write(response, b"data: [DONE]\n\n")
+            await asyncio.wait_for(response.write_eof(), WRITE_WAIT_S)
+        except (ConnectionError, asyncio.TimeoutError):  # the client went away mid-stream, or stopped reading
             self.sink.cancelled = True
+            if self.request.transport is not None:
+                self.request.transport.abort()  # (what is buffered for it goes too)
         return response
 
 
+async def _write(response, data):
+    """One write of a streamed answer, within WRITE_WAIT_S: a client that stops reading (its socket's buffers
+    full) would hold its connection and the write for ever."""
+    await asyncio.wait_for(response.write(data), WRITE_WAIT_S)
+
+
 async def _event(response, obj):
-    await response.write(b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n")
+    await _write(response, b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n")

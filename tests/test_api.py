@@ -244,6 +244,28 @@ def test_a_body_that_does_not_decode_or_is_declared_too_large_is_a_json_error():
         server.stop()
 
 
+def test_expect_100_continue_is_answered_by_the_declared_length():
+    """A body declared over the limit is 413 at once, without the 100 that would have the client send it first;
+    one within it gets the 100 and then its answer; another Expect is a JSON 417."""
+    server = served_without_a_cluster()
+    try:
+        head = b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+        reply = raw_reply(server.port, head + b"Expect: 100-continue\r\nContent-Length: 5000000\r\n\r\n")
+        assert reply.startswith("HTTP/1.1 413") and "100 Continue" not in reply, reply
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+            s.sendall(head + b"Expect: 100-continue\r\nContent-Length: 8\r\nConnection: close\r\n\r\n")
+            assert s.recv(65536) == b"HTTP/1.1 100 Continue\r\n\r\n"
+            s.sendall(b'{"n": 3}')
+            got = b""
+            while chunk := s.recv(65536):
+                got += chunk
+        assert got.startswith(b"HTTP/1.1 400") and b"'n' must be 1" in got, got  # (the body was read)
+        reply = raw_reply(server.port, head + b"Expect: something\r\nContent-Length: 2\r\n\r\n{}")
+        assert reply.startswith("HTTP/1.1 417") and json.loads(reply.split("\r\n\r\n", 1)[1])["error"], reply
+    finally:
+        server.stop()
+
+
 def test_a_body_is_decoded_whole_and_within_the_limit():
     """gzip and deflate (zlib's format, or raw as some clients send it) decode; a stream that ends early (a gzip
     body without its trailer was taken), has bytes after its end, or does not decode is 400; more than
@@ -495,3 +517,45 @@ def test_a_server_on_loopback_answers_only_to_local_names(listen, host, answered
                 assert b"DNS rebinding" in body and name.encode() in body
     finally:
         server.stop()
+
+
+def test_a_streamed_answers_client_that_stops_reading_is_dropped(monkeypatch):
+    """A client that sends a streamed request and then takes nothing (its socket's buffers fill) used to hold its
+    connection and the write for ever: after WRITE_WAIT_S its sequence is cancelled and the connection dropped."""
+    import threading
+    from types import SimpleNamespace
+    from spmd.api import Inbox
+    monkeypatch.setattr(api, "WRITE_WAIT_S", 1.0)
+    inbox, seen = Inbox(), {}
+    tokenizer = SimpleNamespace(encode=lambda text: [1, 2], bytes_beyond=lambda text, positions: None)
+
+    def driver():  # text until the server cancels the sequence (the engine's driver stands here)
+        while not inbox.closed:
+            for work, sink in inbox.take(0.1)[0]:
+                t, n = time.monotonic(), 0
+                while not sink.cancelled and time.monotonic() - t < 30:
+                    n += 1
+                    sink.piece("x", n)
+                    time.sleep(0.001)
+                seen.update(cancelled=sink.cancelled, after=time.monotonic() - t)
+                sink.done("length", n)
+    server = Server("127.0.0.1", 0, "m" * 60000, 4)  # (an id in every chunk: 60 KB a token fills buffers fast)
+    server.start()
+    server.open(Gateway(inbox=inbox, tokenizer=tokenizer, template=None, context=1 << 20, n_known=8, slots=1))
+    thread = threading.Thread(target=driver, daemon=True)
+    thread.start()
+    try:
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.connect(("127.0.0.1", server.port))
+            body = b'{"prompt": "a", "stream": true, "max_tokens": 100000}'
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+            deadline = time.monotonic() + 20
+            while "cancelled" not in seen and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert seen.get("cancelled") is True and seen["after"] < 15, seen
+    finally:
+        inbox.close()
+        server.stop()
+        thread.join(10)
