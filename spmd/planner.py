@@ -527,13 +527,19 @@ def _search(prof, objective, sequences, context, allreduce) -> dict:
             if pred.fits and _better(pred, best[shape]):
                 best[shape] = pred
     if best["any"] is None:
-        raise UserError(_shortfall(prof, search))
+        _shortfall(prof, search)
     return best
 
 
-def _shortfall(prof, search) -> str:
-    """Why nothing fits, from one stage over every rank (the most spread out): with the search's ratios, equal
-    ones, or rank 0 alone (when some rank would get nothing); and a layout that fits if one of those does."""
+class TooLong(UserError):
+    """No layout fits, even with the model spread over every rank: fewer or shorter sequences may (the caller
+    names its own flags for them)."""
+
+
+def _shortfall(prof, search):
+    """Raise why nothing fits (TooLong where no layout would; a UserError naming one that would)."""
+    # from one stage over every rank (the most spread out): with the search's ratios, equal ones, or rank 0 alone
+    # (when some rank would get nothing); and a layout that fits if one of those does
     n, groups = len(prof.ranks), _groups("j" * (len(prof.ranks) - 1))
     whys = {}
     for text in (_layout_text(groups, _ratios(groups, search.sequences, search.unit_ms)), ":".join(["1"] * n),
@@ -544,10 +550,10 @@ def _shortfall(prof, search) -> str:
             continue
     short, fits = [t for t, why in whys.items() if why], [t for t, why in whys.items() if not why]
     if fits:  # short holds rank 0 alone at least: the search tried it
-        return (f"no layout with ratios that follow the ranks' speeds fits in memory (with --ratios '{short[0]}', "
-                f"{whys[short[0]]}); --ratios '{fits[0]}' would")
-    return (f"no layout fits in memory: even with --ratios '{short[0]}', {whys[short[0]]}; "
-            "give fewer sequences or shorter ones")
+        raise UserError(f"no layout with ratios that follow the ranks' speeds fits in memory (with --ratios "
+                        f"'{short[0]}', {whys[short[0]]}); --ratios '{fits[0]}' would")
+    raise TooLong(f"no layout fits in memory: even with --ratios '{short[0]}', {whys[short[0]]}; give fewer "
+                  "sequences or shorter ones")
 
 
 def plan(profile, objective="latency", sequences=1, context=None, shape="any", allreduce="star") -> Prediction:
@@ -649,7 +655,10 @@ def cli(profile_path, objective, sequences, context, allreduce, kv_cache, output
     objective = objective or ("throughput" if sequences > 1 else "latency")
     if objective == "latency" and sequences > 1:
         raise UserError(f"--sequences {sequences} counts only with --objective throughput (latency plans one)")
-    found = alternatives(prof, objective, sequences, context, allreduce)
+    try:
+        found = alternatives(prof, objective, sequences, context, allreduce)
+    except TooLong as e:
+        raise UserError(f"{e} (--sequences, --context)") from None
     if output == "json":
         click.echo(json.dumps({"objective": objective, "allreduce": allreduce,
                                **{k: found[k] and _as_dict(prof, found[k]) for k in found}}))

@@ -628,7 +628,7 @@ class RankState:
             try:
                 found, note = planner.plan_within_limits(profile, limits, objective, sequences=k,
                                                          context=self.max_seq, allreduce=opts.allreduce)
-            except UserError as e:  # (the planner's own flags are not this job's)
+            except planner.TooLong as e:  # (the planner's own flags are not this job's)
                 raise UserError(f"{e} ({self._shorter()})") from None
             if note:
                 say(note)

@@ -581,7 +581,7 @@ def test_a_saved_profile_must_be_of_this_model_and_says_where_its_ranks_ran():
 
 def test_a_job_whose_plan_fits_nowhere_names_its_own_flags(tmp_path):
     """spmd.run --plan FILE where no layout fits: one line naming spmd.run's flags (it named the planner's
-    --context, which spmd.run does not have)."""
+    --context, which spmd.run does not have); spmd.plan names its own."""
     import subprocess
     import sys
     root = Path(__file__).resolve().parents[1]
@@ -597,3 +597,6 @@ def test_a_job_whose_plan_fits_nowhere_names_its_own_flags(tmp_path):
     assert p.returncode == 1 and p.stdout == "" and len(p.stderr.splitlines()) == 1, p.stderr
     assert p.stderr.startswith("error: no layout fits in memory") and "--context" not in p.stderr
     assert p.stderr.rstrip().endswith("(fewer --sequences or --steps)"), p.stderr
+    p = subprocess.run([sys.executable, "-m", "spmd.plan", str(tmp_path / "q.json")], cwd=root, capture_output=True,
+                       text=True, timeout=120)  # the planner's own command names its own
+    assert p.returncode == 2 and p.stderr.rstrip().endswith("shorter ones (--sequences, --context)"), p.stderr
