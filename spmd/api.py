@@ -39,7 +39,8 @@ LINGER_S = 1.0  # after answering a request whose body it did not read, the serv
 # without its end)
 DECODED = ("identity", "gzip", "deflate")
 IDLE_S = 10.0  # a connection without a request in progress for this long is closed (see Connections)
-WRITE_WAIT_S = 30.0  # a streamed answer's client that takes none of it for this long (its buffers full) is dropped
+WRITE_WAIT_S = 30.0  # a streamed answer's write that waits this long for room in the connection's buffers (a client
+# that stopped reading) drops the connection
 MAX_STOPS, MAX_STOP_CHARS = 16, 256
 STATUS_WAIT_S = 10.0  # the driver answers /cluster at its next token boundary; it is there within a token
 CHECK_CLIENT_S = 0.25  # how often a request waiting for its next token looks whether its client is still there
@@ -57,7 +58,7 @@ FINISH = {"eos": "stop", "length": "length"}  # the driver's end -> OpenAI's fin
 
 class OneLine(logging.Filter):
     """aiohttp logs a request it cannot parse (not HTTP, a bad header) with a traceback on the server's stderr: one
-    line is enough (the client got its 400). A body that does not decode, found as aiohttp drains what a handler
+    line is enough (the client got its 400). A body of malformed chunks, found as aiohttp drains what a handler
     left unread after its answer, is the client's, and said to it already: nothing."""
 
     def filter(self, record):
@@ -82,17 +83,22 @@ def decoded_body(raw, encoding) -> bytes:
     # deflate: zlib's format, or the raw deflate that some clients send (its first byte's low bits are not 8)
     wbits = 16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS if raw[:1] and raw[0] & 15 == 8 else \
         -zlib.MAX_WBITS
-    stream = zlib.decompressobj(wbits)
-    try:
-        out = stream.decompress(raw, MAX_BODY_BYTES + 1)
-    except zlib.error:
-        raise BadRequest(f"the body could not be read: Can not decode content-encoding: {encoding}") from None
-    if len(out) > MAX_BODY_BYTES:
-        raise web.HTTPRequestEntityTooLarge(max_size=MAX_BODY_BYTES, actual_size=len(out))
-    if not stream.eof or stream.unused_data:
-        raise BadRequest(f"the body could not be read: its {encoding} stream "
-                         f"{'ends early' if not stream.eof else 'has bytes after its end'}")
-    return out
+    out, rest = b"", raw
+    while True:  # (gzip: one member after another, as RFC 1952 allows)
+        stream = zlib.decompressobj(wbits)
+        try:
+            out += stream.decompress(rest, MAX_BODY_BYTES + 1 - len(out))
+        except zlib.error:
+            raise BadRequest(f"the body could not be read: Can not decode content-encoding: {encoding}") from None
+        if len(out) > MAX_BODY_BYTES:
+            raise web.HTTPRequestEntityTooLarge(max_size=MAX_BODY_BYTES, actual_size=len(out))
+        if not stream.eof:
+            raise BadRequest(f"the body could not be read: its {encoding} stream ends early")
+        rest = stream.unused_data
+        if not rest:
+            return out
+        if encoding != "gzip" or not rest.startswith(b"\x1f\x8b"):
+            raise BadRequest(f"the body could not be read: its {encoding} stream has bytes after its end")
 
 
 class BadRequest(Exception):
@@ -133,20 +139,6 @@ def unread(response):
 
 def too_large():
     return unread(error_response(413, f"the body is larger than {MAX_BODY_BYTES >> 20} MiB"))
-
-
-async def expect_continue(request):
-    """`Expect: 100-continue`: a body declared larger than MAX_BODY_BYTES is refused at once, without the 100 that
-    would have the client send it all first (aiohttp's own handler sends it whatever the length)."""
-    expect = request.headers.get("Expect", "")
-    if expect.lower() != "100-continue":
-        return unread(error_response(417, f"Expect: {expect[:40]!r} is not one this server meets (100-continue)"))
-    if (request.content_length or 0) > MAX_BODY_BYTES:
-        return too_large()
-    if request.version >= (1, 1):
-        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        request.writer.output_size = 0  # (the answer's own size starts after the 100)
-    return None
 
 
 def loading():
@@ -520,8 +512,8 @@ class Server:
         app.on_response_prepare.append(cors.headers)
         app.add_routes([web.get("/health", self.health), web.get("/v1/models", self.models),
                         web.get("/v1/models/{id:.+}", self.model),  # (an id may hold "/": org/name)
-                        web.post("/v1/completions", self.completions, expect_handler=expect_continue),
-                        web.post("/v1/chat/completions", self.chat_completions, expect_handler=expect_continue),
+                        web.post("/v1/completions", self.completions, expect_handler=self._expect),
+                        web.post("/v1/chat/completions", self.chat_completions, expect_handler=self._expect),
                         web.get("/cluster", self.cluster), web.get("/", self.page)])
         self.app = app
 
@@ -619,17 +611,37 @@ class Server:
         return await self._generate(request, chat=True)
 
     # -- generation --
-    async def _generate(self, request, chat):
-        gw = self.gateway
-        if gw is None:
-            return loading()
+    def _refused_unread(self, request):
+        """The answer to a generation request that its head alone refuses (the model loading, a Content-Encoding
+        the server does not decode, a declared length over the limit: not worth waiting for), else None."""
+        if self.gateway is None:
+            return unread(loading())
         encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
         if encoding not in DECODED:
             return unread(error_response(415, f"the body's Content-Encoding {encoding[:40]!r} is not one this server "
                                               f"decodes ({', '.join(DECODED[1:])})"))
+        if (request.content_length or 0) > MAX_BODY_BYTES:
+            return too_large()
+        return None
+
+    async def _expect(self, request):
+        """`Expect: 100-continue`: a request its head refuses is answered at once, without the 100 that would have
+        the client send its body first (aiohttp's own handler sends it whatever the request)."""
+        expect = request.headers.get("Expect", "")
+        if expect.lower() != "100-continue":
+            return unread(error_response(417, f"Expect: {expect[:40]!r} is not one this server meets (100-continue)"))
+        refused = self._refused_unread(request)
+        if refused is None and request.version >= (1, 1):
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            request.writer.output_size = 0  # (the answer's own size starts after the 100)
+        return refused
+
+    async def _generate(self, request, chat):
+        refused = self._refused_unread(request)
+        if refused is not None:
+            return refused
+        gw, encoding = self.gateway, request.headers.get("Content-Encoding", "identity").strip().lower()
         try:
-            if (request.content_length or 0) > MAX_BODY_BYTES:  # said up front: not worth waiting for
-                raise web.HTTPRequestEntityTooLarge(max_size=MAX_BODY_BYTES, actual_size=request.content_length)
             try:
                 raw = await asyncio.wait_for(request.read(), BODY_WAIT_S)
             except asyncio.TimeoutError:

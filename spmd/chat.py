@@ -54,29 +54,29 @@ def answer(client, model, messages, options, out):
     except KeyboardInterrupt:
         out.write(" [stopped]")
     except openai.APIError as e:
-        out.write("\n" if parts else "")
-        out.flush()
-        click.echo(f"[error: {getattr(e, 'message', e)}]", err=True)
-        if getattr(e, "status_code", None) == 400:
-            click.echo("(the turn was not kept; /reset starts a new conversation where it has grown too long)",
-                       err=True)
-        return None
+        hint = "(the turn was not kept; /reset starts a new conversation where it has grown too long)" \
+            if getattr(e, "status_code", None) == 400 else None
+        return failed(out, parts, getattr(e, "message", e), hint)
     except NOT_OPENAI as e:
-        out.write("\n" if parts else "")
-        out.flush()
-        click.echo(f"[error: the answer is not an OpenAI chat stream ({type(e).__name__}: {str(e)[:200]})]", err=True)
-        return None
+        return failed(out, parts, f"the answer is not an OpenAI chat stream ({type(e).__name__}: {str(e)[:200]})")
     else:
         if finish is None:  # (a stream that ended without its last event, or a body that was no stream at all)
-            out.write("\n" if parts else "")
-            out.flush()
-            click.echo("[error: the answer ended without a finish reason: the server stopped, or is not "
-                       "OpenAI-compatible]", err=True)
-            return None
+            return failed(out, parts, "the answer ended without a finish reason: the server stopped, or is not "
+                                      "OpenAI-compatible")
     out.write("\n")
     if finish == "length":
         click.echo("(cut: --max-tokens, or the conversation fills the server's context)", err=True)
     return "".join(parts)
+
+
+def failed(out, parts, why, hint=None):
+    """A turn that failed: the answer's line ended where some of it came, why on stderr (and a hint); None."""
+    out.write("\n" if parts else "")
+    out.flush()
+    click.echo(f"[error: {why}]", err=True)
+    if hint:
+        click.echo(hint, err=True)
+    return None
 
 
 def answers(url) -> bool:
@@ -272,7 +272,7 @@ def chat(url, model, system, max_tokens, temperature, seed, server_log=None):
             messages = list(start)
             click.echo("(conversation forgotten)", err=True)
             continue
-        if re.fullmatch(r"/[a-z]+", text):  # a mistyped command, not a turn (a turn may start with a path: /usr ...)
+        if re.fullmatch(r"/[A-Za-z]+", text):  # a mistyped command, not a turn (a turn may start with a path: /usr ...)
             click.echo(f"(no command {text}: {COMMANDS})", err=True)
             continue
         messages.append({"role": "user", "content": text})

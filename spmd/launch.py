@@ -99,11 +99,14 @@ def check_ssh(path, number, host, timeout):
     if p.returncode != 0:
         said = [line.strip() for line in p.stderr.splitlines() if line.strip()]
         why = said[-1][:200] if said else f"status {p.returncode}"
-        if not re.search(r"permission denied|host key|identification has changed", p.stderr, re.I):
-            raise click.ClickException(f"{path} line {number}: host {host}: ssh could not reach it ({why}): is its ssh "
-                                       "server running, and the host up?")
-        raise click.ClickException(f"{path} line {number}: host {host}: ssh cannot log in without a password "
-                                   f"({why}): set up a key (ssh-copy-id {host}) and accept its host key once")
+        if re.search(r"permission denied|host key|identification has changed|authentication", p.stderr, re.I):
+            raise click.ClickException(f"{path} line {number}: host {host}: ssh cannot log in without a password "
+                                       f"({why}): set up a key (ssh-copy-id {host}) and accept its host key once")
+        if re.search(r"timed out|refused|no route|could not resolve|unreachable|closed by|reset by", p.stderr, re.I):
+            raise click.ClickException(f"{path} line {number}: host {host}: ssh could not reach it ({why}): is its "
+                                       "ssh server running, and the host up?")
+        raise click.ClickException(f"{path} line {number}: host {host}: ssh failed ({why}); mpirun starts the "
+                                   "host's ranks through it")
 
 
 MOST_RANKS = 1024  # beyond any household; a mistyped count would start that many processes here

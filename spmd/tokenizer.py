@@ -59,7 +59,7 @@ class StreamDecoder:
 class Tokenizer:
     """Encodes through a model-specific function; decodes through a table of the bytes of each id."""
 
-    def __init__(self, encode_fn, pieces, first_pieces, bos_id, eos_ids, add_bos, controls=None):
+    def __init__(self, encode_fn, pieces, first_pieces, bos_id, eos_ids, add_bos, controls=None, folds=False):
         self._encode = encode_fn  # str -> list[int], without BOS
         self._pieces = pieces  # id -> bytes it decodes to (b"" for control tokens)
         self._first_pieces = first_pieces  # the same, for the first visible token of a sequence
@@ -69,12 +69,14 @@ class Tokenizer:
         self.vocab_size = len(pieces)
         self.controls = dict(controls or {})  # control tokens' texts ("<s>", "<|im_start|>") -> ids
         self.longest_piece = max([len(p) for p in pieces] + [len(t) for t in self.controls] + [1])  # bytes
+        self.folds = folds  # whether a run of unknown characters, of any length, may become one <unk>
         self._split_controls = _splitter(self.controls)
 
     def bytes_beyond(self, text: str, positions: int) -> int | None:
         """The bytes of `text` where no way of tokenizing it fits `positions` (no token stands for more than the
-        longest piece's bytes), else None: cheap, so that megabytes need not be tokenized to be refused."""
-        if len(text) <= positions * self.longest_piece:  # (characters <= bytes)
+        longest piece's bytes, unless unknowns fold), else None: cheap, so that megabytes need not be tokenized to be
+        refused."""
+        if self.folds or len(text) <= positions * self.longest_piece:  # (characters <= bytes)
             return None
         n = len(text.encode("utf-8", "replace"))
         return n if n > positions * self.longest_piece else None
@@ -186,6 +188,7 @@ class SpmEncoder:
         self._split_user_defined = _splitter(self._user_defined)
         byte_ids = {byte_value(t): i for i, (t, k) in enumerate(zip(tokens, types)) if k == BYTE}
         self._byte_ids = byte_ids if len(byte_ids) == 256 else None  # byte fallback needs all 256
+        self.folds = self._byte_ids is None  # (then unknown characters become <unk>, a run of them one)
         self._unk_id = unk_id
         self._prefix = SPACE if add_space_prefix else ""
 
@@ -226,7 +229,8 @@ def _llama_from_gguf(gguf, tokens, types) -> Tokenizer:
     encoder = SpmEncoder(tokens, types, scores, unk_id, add_space_prefix)
     pieces, first = _decode_tables(tokens, types, _llama_piece, add_space_prefix)
     return Tokenizer(encoder, pieces, first, _token_id(gguf, "bos_token_id", len(tokens)), _eos_ids(gguf, len(tokens)),
-                     gguf.meta("tokenizer.ggml.add_bos_token", True), _controls(tokens, types))
+                     gguf.meta("tokenizer.ggml.add_bos_token", True), _controls(tokens, types),
+                     folds=encoder.folds)
 
 
 # ---- gpt2: byte-level BPE -----------------------------------------------------------------------------------
@@ -370,7 +374,7 @@ def from_sentencepiece_proto(model_proto: bytes) -> Tokenizer:
     pieces, first = _decode_tables(tokens, types, _llama_piece, _drops_first_space(sp, tokens, types))
     bos_id = sp.bos_id() if sp.bos_id() >= 0 else None
     return Tokenizer(sp.encode, pieces, first, bos_id, {sp.eos_id()} - {-1}, add_bos=True,
-                     controls=_controls(tokens, types))
+                     controls=_controls(tokens, types), folds=types.count(BYTE) < 256)  # (byte fallback: all 256)
 
 
 def load_tokenizer(gguf_file=None, sp_model_path=None) -> Tokenizer:

@@ -245,8 +245,9 @@ def test_a_body_that_does_not_decode_or_is_declared_too_large_is_a_json_error():
 
 
 def test_expect_100_continue_is_answered_by_the_declared_length():
-    """A body declared over the limit is 413 at once, without the 100 that would have the client send it first;
-    one within it gets the 100 and then its answer; another Expect is a JSON 417."""
+    """A body declared over the limit is 413 at once, without the 100 that would have the client send it first (as
+    are one of an encoding the server does not decode, 415, and a request while the model loads, 503); one within
+    it gets the 100 and then its answer; another Expect is a JSON 417."""
     server = served_without_a_cluster()
     try:
         head = b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
@@ -262,14 +263,24 @@ def test_expect_100_continue_is_answered_by_the_declared_length():
         assert got.startswith(b"HTTP/1.1 400") and b"'n' must be 1" in got, got  # (the body was read)
         reply = raw_reply(server.port, head + b"Expect: something\r\nContent-Length: 2\r\n\r\n{}")
         assert reply.startswith("HTTP/1.1 417") and json.loads(reply.split("\r\n\r\n", 1)[1])["error"], reply
+        reply = raw_reply(server.port, head + b"Expect: 100-continue\r\nContent-Encoding: br\r\n"
+                                              b"Content-Length: 2\r\n\r\n")
+        assert reply.startswith("HTTP/1.1 415") and "100 Continue" not in reply, reply
     finally:
         server.stop()
+    loading = Server("127.0.0.1", 0, "m", 4)
+    loading.start()
+    try:
+        reply = raw_reply(loading.port, head + b"Expect: 100-continue\r\nContent-Length: 2\r\n\r\n")
+        assert reply.startswith("HTTP/1.1 503") and "100 Continue" not in reply, reply
+    finally:
+        loading.stop()
 
 
 def test_a_body_is_decoded_whole_and_within_the_limit():
-    """gzip and deflate (zlib's format, or raw as some clients send it) decode; a stream that ends early (a gzip
-    body without its trailer was taken), has bytes after its end, or does not decode is 400; more than
-    MAX_BODY_BYTES decoded is 413 (a small body that inflates to gigabytes)."""
+    """gzip (of one member or several) and deflate (zlib's format, or raw as some clients send it) decode; a
+    stream that ends early (a gzip body without its trailer was taken), has bytes after its end, or does not decode
+    is 400; more than MAX_BODY_BYTES decoded is 413 (a small body that inflates to gigabytes)."""
     import gzip
     import zlib
     from aiohttp import web
@@ -278,6 +289,7 @@ def test_a_body_is_decoded_whole_and_within_the_limit():
     for encoding, data in [("identity", body), ("gzip", gzip.compress(body)), ("deflate", zlib.compress(body)),
                            ("deflate", raw_deflate.compress(body) + raw_deflate.flush())]:
         assert api.decoded_body(data, encoding) == body
+    assert api.decoded_body(gzip.compress(body[:9]) + gzip.compress(body[9:]), "gzip") == body  # two members
     whole = gzip.compress(body)
     for data, said in [(whole[:-8], "its gzip stream ends early"), (whole[:len(whole) // 2], "ends early"),
                        (whole + b"x", "has bytes after its end"), (b"hello", "Can not decode content-encoding")]:

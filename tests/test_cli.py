@@ -262,7 +262,8 @@ CASES = {
     "long prompt": (lambda m, d: m, ["--prompt", "word " * 60], "the model's context is 32"),
     "megabytes of prompt": (lambda m, d: write_text(m, d / "big.txt", "x" * 3_000_000),
                             ["--prompts-file", "{tmp}/big.txt"],
-                            r"big.txt line 1 is 3000000 bytes: more than the model's context of 32 positions can"),
+                            r"big.txt line 1 is 3000000 bytes long, more than any 32 tokens hold; the model's "
+                            "context is 32"),
     "bad token id": (lambda m, d: m, ["--prompt-ids", "1,99999"], "--prompt-ids: token ids must be in 0..511"),
     "empty token id": (lambda m, d: m, ["--prompt-ids", "1,,2"], "'1,,2': expected token ids"),
     "token ids by spaces": (lambda m, d: m, ["--prompt-ids", "1 2"], "'1 2': expected token ids"),

@@ -47,15 +47,24 @@ def tensor_type_at(data, name):
 
 def test_a_type_spmd_cannot_read_is_one_line(tmp_path):
     """gguf's code dequantises the types the engine does not keep, but not all of them (Q8_K, Q8_1, integers):
-    such a file is refused at start-up with one line naming the tensor and its type."""
-    data = bytearray((Path(__file__).parent / "kquant" / "q4_k_m.gguf").read_bytes())
-    struct.pack_into("<I", data, tensor_type_at(data, "blk.0.ffn_gate.weight"), int(T.Q8_K))
+    such a file is refused at start-up with one line naming the tensor and its type. (The file's last tensor
+    becomes Q8_K, the file growing by what that type takes more: a tensor that overlapped the next one would be
+    refused as a corrupt file first.)"""
+    from gguf import GGML_QUANT_SIZES
+    path = Path(__file__).parent / "kquant" / "q4_k_m.gguf"
+    f = GGUFFile(path)
+    last = max(f.tensors.values(), key=lambda info: info.offset)
+    f.close()
+    data = bytearray(path.read_bytes())
+    struct.pack_into("<I", data, tensor_type_at(data, last.name), int(T.Q8_K))
+    block, size = GGML_QUANT_SIZES[T.Q8_K]
+    data += bytes(last.offset + int(np.prod(last.shape)) // block * size - len(data))
     bad = tmp_path / "q8_k.gguf"
     bad.write_bytes(data)
     p = subprocess.run([sys.executable, "-m", "spmd.run", "--model", str(bad), "--prompt", "Hi", "--steps", "2"],
                        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120)
     assert p.returncode == 1 and p.stdout == ""
-    assert p.stderr.strip().splitlines()[-1] == f"error: {bad}: tensor blk.0.ffn_gate.weight is in Q8_K, a type " \
+    assert p.stderr.strip().splitlines()[-1] == f"error: {bad}: tensor {last.name} is in Q8_K, a type " \
         "spmd cannot read"
     assert "Traceback" not in p.stderr
 

@@ -103,7 +103,9 @@ def test_a_jobs_flag_before_the_separator_says_where_it_goes():
      "(ssh-copy-id 127.0.0.3) and accept its host key once"),
     ("ssh: connect to host 127.0.0.3 port 22: Connection timed out",  # (a key's advice, once)
      "ssh could not reach it (ssh: connect to host 127.0.0.3 port 22: Connection timed out): is its ssh server "
-     "running, and the host up?")])
+     "running, and the host up?"),
+    ("Bad owner or permissions on /root/.ssh/config",
+     "ssh failed (Bad owner or permissions on /root/.ssh/config); mpirun starts the host's ranks through it")])
 def test_a_host_whose_ssh_cannot_log_in_is_named(tmp_path, ssh_says, line):
     """Its ssh port answers, but ssh cannot log in without a password (no key yet), or does not get through: one
     line naming the host and ssh's reason, before mpirun would fail with lines of its own. (A fake ssh on PATH stands

@@ -361,3 +361,25 @@ def test_gpt2s_byte_map_read_and_written_alike():
     read, written = tokenizer.bytes_to_unicode(), synth.bytes_to_unicode()
     assert read == written and len(set(read.values())) == 256
     assert read[32] == "\u0120" and read[10] == "\u010a" and read[ord("a")] == "a" and read[0] == "\u0100"
+
+
+def test_a_text_is_refused_by_its_bytes_only_where_no_token_could_hold_more():
+    """bytes_beyond (a prompt refused before it is tokenized): with byte fallback no token stands for more than
+    the longest piece's bytes; without it a run of unknown characters becomes one <unk>, of any length, and a long
+    text may still fit (it was refused)."""
+    from types import SimpleNamespace
+
+    from spmd.run import EMBEDDED_MODEL
+    from spmd.gguf_file import GGUFFile
+    from spmd.tokenizer import from_gguf, load_tokenizer
+    f = GGUFFile(EMBEDDED_MODEL)
+    with_bytes = load_tokenizer(f)
+    f.close()
+    assert not with_bytes.folds
+    long = "x" * (10 * with_bytes.longest_piece + 1)
+    assert with_bytes.bytes_beyond(long, 10) == len(long) and with_bytes.bytes_beyond(long[:-1], 10) is None
+    meta = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": ["<unk>", "<s>", "</s>", "a", "\u2581a"],
+            "tokenizer.ggml.token_type": [2, 3, 3, 1, 1]}
+    folding = from_gguf(SimpleNamespace(path="x.gguf", meta=lambda key, default=None: meta.get(key, default)))
+    assert folding.folds and folding.bytes_beyond("\u6f22" * 10000, 4) is None
+    assert len(folding.encode("\u6f22" * 10000)) <= 3  # (BOS, and the run of unknowns as one <unk>)
