@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -136,7 +137,10 @@ def test_a_chat_stopped_stops_the_server_it_started(signum, after):
             line = chat.stderr.readline()
             assert line, said
             said += line
-        children = [int(p) for p in os.listdir("/proc") if p.isdigit() and parent_of(p) == chat.pid]
+        children, deadline = [], time.monotonic() + 30  # (the note comes just before the server is started)
+        while not children and time.monotonic() < deadline:
+            children = [int(p) for p in os.listdir("/proc") if p.isdigit() and parent_of(p) == chat.pid]
+            time.sleep(0.02)
         chat.send_signal(signum)
         chat.wait(90)
     finally:
