@@ -13,7 +13,9 @@ import os
 import socket
 import time
 
-from .control import MAX_LINE, is_live, socket_dir
+from .control import is_live, socket_dir
+
+MAX_REPLY = 16 * 2**20  # bytes of one reply line read at most (a status of many ranks, fragmented shares)
 
 
 BUSY_WAIT_S = 30.0  # how long `request` goes on asking a job that serves its most connections already
@@ -72,7 +74,7 @@ class Connection:
     def reply(self) -> dict:
         """The next reply line as an object."""
         try:
-            line = self._lines.readline(MAX_LINE + 1)
+            line = self._lines.readline(MAX_REPLY + 1)
         except socket.timeout:
             raise ClientError(f"no reply from {self.path} in time") from None
         except OSError as e:

@@ -289,7 +289,9 @@ class Listener:
             return None, request
         except UserError as e:
             reply = {"ok": False, "error": str(e)}
-            return ({"id": rid, **reply} if rid is not None else reply), None
+        except Exception as e:  # a bug: still one reply, and the job goes on
+            reply = {"ok": False, "error": f"the job could not handle the request ({type(e).__name__}: {e})"[:300]}
+        return ({"id": rid, **reply} if rid is not None else reply), None
 
     def _validate(self, msg) -> Request:
         """A request from a parsed message, checked against the current state (the lock is held)."""

@@ -121,8 +121,8 @@ class Record:
         elif ev == "done":
             self.done = True
             return e["text"]
-        elif ev == "result":
-            self.result = e["result"]
+        elif ev == "result":  # (--output json's end: the run is as complete as with "done")
+            self.result, self.done = e["result"], True
         return ""
 
     @property

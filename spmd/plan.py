@@ -217,7 +217,8 @@ COUNT = re.compile(r"[0-9]+", re.ASCII)
 def _numbers(part, what):
     pieces = [p.strip() for p in part.replace(",", ":").split(":")]
     bad = f"{what}: expected numbers separated by ':' and stages by '*' (for example 2:3:3 or 1:1*2)"
-    if not all(NUMBER.fullmatch(p) for p in pieces):
+    if not all(len(p) <= 64 and NUMBER.fullmatch(p) for p in pieces):  # (Python will not read an integer of
+        # more than 4300 digits, and no ratio in range needs 64 characters)
         raise UserError(bad)
     try:  # float() first: Fraction("1e100000000") would build a 100-million-digit integer
         approx = [float(Fraction(p)) if "/" in p else float(p) for p in pieces]
@@ -245,7 +246,7 @@ def parse_layout(text, n_ranks: int, name: str = "--ratios") -> Layout:
         layers = None
         if "@" in part:
             part, _, count = part.partition("@")
-            if not COUNT.fullmatch(count.strip()) or int(count) < 1:
+            if not COUNT.fullmatch(count.strip()) or len(count.strip()) > 9 or int(count) < 1:
                 raise UserError(f"{what}: @{count.strip()} must be a whole number of layers, at least 1")
             layers = int(count)
         specs.append(StageSpec(_numbers(part, what), layers))

@@ -37,6 +37,7 @@ from fractions import Fraction
 from typing import NamedTuple
 
 from . import shm
+from .errors import UserError
 from .journal import Record
 from .plan import parse_layout
 from .run import PER_RANK_FLAGS, write_stdout
@@ -229,7 +230,7 @@ class Job:
             elif not line.strip():  # said only between lines of rank 0's own (--help's paragraphs), not the banner's
                 self.blanks += 1
             else:  # rank 0's own (--help)
-                print("\n" * self.blanks + line, flush=True)
+                write_stdout("\n" * self.blanks + line + "\n")
                 self.blanks = 0
 
     def signal(self, signum):
@@ -329,11 +330,13 @@ class Supervisor:
     # ---- the loop -------------------------------------------------------------------------------------------------
     def run(self):
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-        remove_stale_dirs(os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir())
-        self.dir = tempfile.mkdtemp(prefix=f"{DIR_PREFIX}{os.getpid()}-", dir=os.environ.get("XDG_RUNTIME_DIR"))
+        runtime = os.environ.get("XDG_RUNTIME_DIR")  # (one that is gone or not ours, after su: the temporary folder)
+        base = runtime if runtime and os.path.isdir(runtime) and os.access(runtime, os.W_OK | os.X_OK) else \
+            tempfile.gettempdir()
+        remove_stale_dirs(base)
+        self.dir = tempfile.mkdtemp(prefix=f"{DIR_PREFIX}{os.getpid()}-", dir=base)
         try:
             if self.serve is not None:
-                from .errors import UserError
                 from .front import Front
                 try:
                     self.front = Front(*self.serve, log=lambda msg: print(msg, file=sys.stderr, flush=True),
@@ -342,6 +345,8 @@ class Supervisor:
                     return self._fail(str(e), 1)
                 self.front.recoveries = self.recoveries
             return self._run()
+        except UserError as e:  # stdout cannot be written as the job's last lines are (the job is over)
+            return self._fail(str(e), 1)
         finally:
             if self.front is not None:
                 self.front.close()
@@ -452,7 +457,12 @@ class Supervisor:
                     job.kill(self._local_pids())  # the stop passed on did not end it (a rank died meanwhile, say)
                 for line in lines:
                     tokens = record.tokens
-                    if not self._apply(line):  # nobody reads stdout any more
+                    try:
+                        reading = self._apply(line)
+                    except UserError as e:  # stdout cannot be written (a full disk)
+                        job.end(self._local_pids())
+                        return self._fail(str(e), 1), None
+                    if not reading:  # nobody reads stdout any more
                         job.end(self._local_pids())
                         return 0, None
                     progress.saw(now, record.tokens != tokens, record.prefill)
@@ -591,7 +601,7 @@ class Supervisor:
 
     def _success(self):
         if self.record.result is not None:
-            print(json.dumps(dict(self.record.result, recoveries=self.recoveries)), flush=True)
+            write_stdout(json.dumps(dict(self.record.result, recoveries=self.recoveries)) + "\n")
         elif self.recoveries and self.front is None:  # a server's summary line says it
             print(f"[spmd] {recoveries_text(self.recoveries)}", file=sys.stderr, flush=True)
         return 0

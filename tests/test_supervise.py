@@ -357,20 +357,40 @@ def test_a_lost_rank_is_recovered_from_and_the_text_is_unchanged(model, tmp_path
     assert no_new_shm_files(before)  # (a killed rank's job left its file: the supervisor's janitor)
 
 
-def test_a_rank_lost_as_the_job_ends_does_not_hold_the_finished_run(model, tmp_path):
+@pytest.mark.parametrize("output", ["text", "json"])
+def test_a_rank_lost_as_the_job_ends_does_not_hold_the_finished_run(model, tmp_path, output):
     """A rank that froze once its work was done (or a host whose link went down as the job ended: mpirun then waits
-    for its proxy for ever): the text is complete, so the supervisor ends the job once the rank is found and the run
-    succeeds, saying so; nothing of the job is left."""
+    for its proxy for ever): the text (or the JSON result) is complete, so the supervisor ends the job once the rank
+    is found and the run succeeds, saying so; nothing of the job is left. (A JSON result was taken for a run not
+    yet done: relaunched for nothing, or given up on.)"""
     from mpi_models import no_new_shm_files, shm_files
     want = subprocess.run([MPIRUN, "-n", "3", sys.executable, "-m", "spmd.run", "--model", model, "--ratios",
-                           "1:1:1", "--steps", str(STEPS), "--prompt", "Hello"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
+                           "1:1:1", "--steps", str(STEPS), "--prompt", "Hello", "--output", output], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
     before = shm_files()
-    p = supervised(model, 3, "1:1:1", kills(tmp_path, "2:exit:STOP"), "--prompt", "Hello",
+    p = supervised(model, 3, "1:1:1", kills(tmp_path, "2:exit:STOP"), "--prompt", "Hello", "--output", output,
                    launch=("--progress-timeout", "1"), timeout=120)
-    assert p.returncode == 0 and p.stdout == want.stdout, p.stderr
+    if output == "json":
+        got, wanted = json.loads(p.stdout), json.loads(want.stdout)
+        assert got["tokens"] == wanted["tokens"] and got["recoveries"] == [], p.stderr
+    else:
+        assert p.stdout == want.stdout, p.stderr
+    assert p.returncode == 0, p.stderr
     assert "note: rank 2 (localhost) stopped after the text was complete\n" in p.stderr
     assert "Traceback" not in p.stderr and no_new_shm_files(before)
+
+
+@pytest.mark.parametrize("output", ["text", "json"])
+def test_a_supervised_run_whose_stdout_cannot_be_written_is_one_line(model, output):
+    """stdout on a full disk (/dev/full): one line and exit 1, as spmd.run alone says it, where the supervisor's
+    writes ended in a traceback."""
+    with open("/dev/full", "w") as full:
+        p = subprocess.run([sys.executable, "-m", "spmd.launch", "-n", "2", "--", "--model", model, "--ratios", "1:1",
+                            "--steps", "8", "--prompt", "Hello", "--output", output], cwd=ROOT, stdout=full,
+                           stderr=subprocess.PIPE, text=True, timeout=180)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    assert [line for line in p.stderr.splitlines() if line.startswith("error:")] == [
+        "error: cannot write the output: No space left on device"], p.stderr
 
 
 def test_text_streams_on_without_a_gap_or_a_repeat(model, tmp_path):
