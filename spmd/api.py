@@ -137,6 +137,11 @@ def unread(response):
     return response
 
 
+def body_encoding(request) -> str:
+    """A request's Content-Encoding as DECODED names them."""
+    return request.headers.get("Content-Encoding", "identity").strip().lower()
+
+
 def too_large():
     return unread(error_response(413, f"the body is larger than {MAX_BODY_BYTES >> 20} MiB"))
 
@@ -616,7 +621,7 @@ class Server:
         the server does not decode, a declared length over the limit: not worth waiting for), else None."""
         if self.gateway is None:
             return unread(loading())
-        encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+        encoding = body_encoding(request)
         if encoding not in DECODED:
             return unread(error_response(415, f"the body's Content-Encoding {encoding[:40]!r} is not one this server "
                                               f"decodes ({', '.join(DECODED[1:])})"))
@@ -640,7 +645,7 @@ class Server:
         refused = self._refused_unread(request)
         if refused is not None:
             return refused
-        gw, encoding = self.gateway, request.headers.get("Content-Encoding", "identity").strip().lower()
+        gw = self.gateway
         try:
             try:
                 raw = await asyncio.wait_for(request.read(), BODY_WAIT_S)
@@ -652,7 +657,7 @@ class Server:
                 detail = " ".join(str(e).split())  # ("400, message:\n  ...": the why alone)
                 detail = detail.split("message: ", 1)[-1] if detail[:3].isdigit() else detail
                 raise BadRequest(f"the body could not be read: {detail}"[:200]) from None
-            raw = decoded_body(raw, encoding)
+            raw = decoded_body(raw, body_encoding(request))
             body = {name: value for name, value in _json_object(raw).items() if value is not None}  # null: not given
             params = _sampling(body)
             source = _messages(body) if chat else _prompt(body)

@@ -109,17 +109,19 @@ def wait_loaded(url, timeout_s=START_TIMEOUT_S):
 
 class ServerLog:
     """The stderr lines of the server started for this chat, read by a thread of their own: `started` is set once
-    it says its address (or ends); its errors are passed on where a turn fails (`tell_errors`), each once."""
+    it says its `address` (or ends); its errors are passed on where a turn fails (`tell_errors`), each once."""
 
     def __init__(self, stream):
-        self.lines, self.told, self.started = [], 0, threading.Event()
+        self.lines, self.told, self.started, self.address = [], 0, threading.Event(), None
         self.reader = threading.Thread(target=self._read, args=(stream,), daemon=True)
         self.reader.start()
 
     def _read(self, stream):
         for line in stream:
             self.lines.append(line)
-            if " on http://" in line:
+            found = re.search(r" on (http://\S+)", line) if self.address is None else None
+            if found:
+                self.address = found.group(1)
                 self.started.set()
         self.started.set()
 
@@ -141,10 +143,9 @@ def start_local_server(model=None):
     try:
         log = ServerLog(proc.stderr)
         log.started.wait(START_TIMEOUT_S)
-        match = next((re.search(r"on (http://\S+)", s) for s in log.lines if " on http://" in s), None)
-        if match is None:
+        if log.address is None:
             raise click.ClickException("the local server did not start: " + "".join(log.lines[-3:]).strip())
-        return proc, match.group(1), log
+        return proc, log.address, log
     except BaseException:
         stop_server(proc)
         raise

@@ -715,11 +715,14 @@ class RankState:
             spec.text.encode("utf-8")
         except UnicodeEncodeError:  # bytes the shell passed that are not UTF-8 (Python keeps them as surrogates)
             raise UserError(f"{spec.where} is not UTF-8 text") from None
-        beyond = None if spec.ids is not None else tok.bytes_beyond(spec.text, self.cfg.context)
-        if beyond is not None:  # (refused before tokenizing: megabytes take long)
-            raise UserError(f"{spec.where} is {beyond} bytes long, more than any {self.cfg.context} tokens hold; "
-                            f"the model's context is {self.cfg.context}, which leaves no room to generate")
-        ids = list(spec.ids) if spec.ids is not None else tok.encode(spec.text)
+        if spec.ids is not None:
+            ids = list(spec.ids)
+        else:
+            beyond = tok.bytes_beyond(spec.text, self.cfg.context)
+            if beyond is not None:  # (refused before tokenizing: megabytes take long)
+                raise UserError(f"{spec.where} is {beyond} bytes long, more than any {self.cfg.context} tokens hold; "
+                                f"the model's context is {self.cfg.context}, which leaves no room to generate")
+            ids = tok.encode(spec.text)
         if not ids:
             raise UserError(f"{spec.where} is empty" + ("" if spec.ids is not None else
                                                         " and this model adds no BOS token to start from"))

@@ -205,15 +205,13 @@ def patched_offset(model, path, name, offset):
     """A copy of `model` whose tensor `name` has the data offset `offset` in its tensor info (the u64 after its
     name, dimensions and type)."""
     import struct
-    from spmd.gguf_file import GGUFFile
+
+    from test_kquant import tensor_type_at
     g = GGUFFile(str(model))
     info = g.info(name)
     g.close()
     data = bytearray(Path(model).read_bytes())
-    key = struct.pack("<Q", len(name)) + name.encode()
-    at = data.index(key) + len(key)
-    n_dims = struct.unpack_from("<I", data, at)[0]
-    at += 4 + 8 * n_dims + 4
+    at = tensor_type_at(data, name) + 4  # (the offset follows the type)
     assert struct.unpack_from("<Q", data, at)[0] == info.offset - g.shards[0].header.data_offset
     struct.pack_into("<Q", data, at, offset)
     path.write_bytes(bytes(data))
