@@ -428,10 +428,13 @@ class Listener:
 
 
 def _gone(conn):
-    """Whether the client has closed its end (what it sent meanwhile is left for the next read)."""
+    """Whether the client has closed its socket. One that only shut its writing side (a request sent, then
+    shutdown(SHUT_WR), as `nc -N` or `socat` do) still reads its reply: on Linux, a Unix socket whose peer has
+    closed both ways polls as hung up, one whose peer shut its writing side only as readable at its end."""
     try:
-        readable, _, _ = select.select([conn], [], [], 0)
-        return bool(readable) and conn.recv(1, socket.MSG_PEEK) == b""
+        poller = select.poll()
+        poller.register(conn, select.POLLIN)
+        return any(events & (select.POLLHUP | select.POLLERR | select.POLLNVAL) for _, events in poller.poll(0))
     except OSError:
         return True
 

@@ -610,3 +610,24 @@ def test_a_migration_whose_client_leaves_is_dropped(served, path):
         time.sleep(0.05)
     reply = ask(path, {"cmd": "migrate", "kind": 2, "from": 0, "to": 1, "ffn_blocks": 1})
     assert reply["ok"] and loop.applied and loop.applied[-1][1] == 1, reply
+
+
+def test_a_client_that_only_stops_writing_still_gets_its_reply(served, path):
+    """A client may send its request and shut its writing side (`nc -N`, `socat`, a script's shutdown(SHUT_WR)):
+    it is still there to read, so its migration is applied and answered, not taken for a client that left."""
+    listener, loop = served
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(10)
+        s.connect(path)
+        at = loop.pos + 300  # 1.5 s ahead or more: the connection looks for its client (CLIENT_LOOK_S) meanwhile
+        s.sendall(json.dumps({"cmd": "migrate", "kind": 1, "from": 0, "to": 1, "kv_groups": 1, "at": at,
+                              "id": "w"}).encode() + b"\n")
+        s.shutdown(socket.SHUT_WR)
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = s.recv(4096)
+            assert chunk, f"the connection closed without a reply (read {data!r})"
+            data += chunk
+    reply = json.loads(data)
+    assert reply["ok"] and reply["id"] == "w" and reply["applied_at"] == at, reply
+    assert loop.applied == [(at, 1)]
