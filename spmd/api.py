@@ -39,8 +39,8 @@ LINGER_S = 1.0  # after answering a request whose body it did not read, the serv
 # without its end)
 DECODED = ("identity", "gzip", "deflate")
 IDLE_S = 10.0  # a connection without a request in progress for this long is closed (see Connections)
-WRITE_WAIT_S = 30.0  # a streamed answer's write that waits this long for room in the connection's buffers (a client
-# that stopped reading) drops the connection
+WRITE_WAIT_S = 30.0  # an answer's write that waits this long for room in the connection's buffers (a client that
+# stopped reading) drops the connection
 MAX_STOPS, MAX_STOP_CHARS = 16, 256
 STATUS_WAIT_S = 10.0  # the driver answers /cluster at its next token boundary; it is there within a token
 CHECK_CLIENT_S = 0.25  # how often a request waiting for its next token looks whether its client is still there
@@ -800,8 +800,14 @@ class Reply:
         else:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": self.finish}
         kind = "chat.completion" if self.chat else "text_completion"
-        return web.json_response({"id": self.id, "object": kind, "created": self.created,
-                                  "model": self.server.model_id, "choices": [choice], "usage": self.usage()})
+        response = web.json_response({"id": self.id, "object": kind, "created": self.created,
+                                      "model": self.server.model_id, "choices": [choice], "usage": self.usage()})
+        try:  # written here, within WRITE_WAIT_S, as a stream's writes are (aiohttp's own write waits for ever)
+            await response.prepare(self.request)
+            await asyncio.wait_for(response.write_eof(), WRITE_WAIT_S)
+        except (ConnectionError, asyncio.TimeoutError):
+            _drop(self.request)
+        return response
 
     async def stream(self):
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
@@ -827,9 +833,15 @@ class Reply:
             await asyncio.wait_for(response.write_eof(), WRITE_WAIT_S)
         except (ConnectionError, asyncio.TimeoutError):  # the client went away mid-stream, or stopped reading
             self.sink.cancelled = True
-            if self.request.transport is not None:
-                self.request.transport.abort()  # (what is buffered for it goes too)
+            _drop(self.request)
         return response
+
+
+def _drop(request):
+    """The connection of a client that went away or stopped reading, closed at once (what is buffered for it goes
+    too)."""
+    if request.transport is not None:
+        request.transport.abort()
 
 
 async def _write(response, data):

@@ -531,6 +531,50 @@ def test_a_server_on_loopback_answers_only_to_local_names(listen, host, answered
         server.stop()
 
 
+def test_a_whole_answers_client_that_stops_reading_is_dropped(monkeypatch):
+    """A non-streamed answer too is written within WRITE_WAIT_S: a client that sent its request and reads nothing
+    (its socket's buffers full) has its connection dropped, the answer cut, where aiohttp's own write waited for
+    ever."""
+    import threading
+    from types import SimpleNamespace
+    from spmd.api import Inbox
+    monkeypatch.setattr(api, "WRITE_WAIT_S", 0.5)
+    inbox, piece, pieces = Inbox(), "x" * 10000, 2000  # a 20 MB answer: far beyond a connection's buffers
+    tokenizer = SimpleNamespace(encode=lambda text: [1, 2], bytes_beyond=lambda text, positions: None)
+
+    def driver():
+        while not inbox.closed:
+            for work, sink in inbox.take(0.1)[0]:
+                for n in range(1, pieces + 1):
+                    sink.piece(piece, n)
+                sink.done("length", pieces)
+    server = Server("127.0.0.1", 0, "m", 4)
+    server.start()
+    server.open(Gateway(inbox=inbox, tokenizer=tokenizer, template=None, context=1 << 20, n_known=8, slots=1))
+    thread = threading.Thread(target=driver, daemon=True)
+    thread.start()
+    try:
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.connect(("127.0.0.1", server.port))
+            body = f'{{"prompt": "a", "max_tokens": {pieces}}}'.encode()
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+            time.sleep(4)  # the answer is made (20 MB through the sink) and its write stalls past WRITE_WAIT_S
+            s.settimeout(10)
+            got = 0
+            try:
+                while chunk := s.recv(1 << 20):
+                    got += len(chunk)
+            except ConnectionResetError:
+                pass
+            assert got < len(piece) * pieces, f"the whole answer came ({got} bytes): the connection was kept"
+    finally:
+        inbox.close()
+        server.stop()
+        thread.join(10)
+
+
 def test_a_streamed_answers_client_that_stops_reading_is_dropped(monkeypatch):
     """A client that sends a streamed request and then takes nothing (its socket's buffers fill) used to hold its
     connection and the write for ever: after WRITE_WAIT_S its sequence is cancelled and the connection dropped."""
