@@ -236,7 +236,7 @@ class Driver:
     def _common(self):
         state = self.state
         return dict(load_s=round(state.load_s, 3), n_ranks=state.comm.size, allreduce=state.comm.algorithm,
-                    backend=state.opts.backend, activations=state.opts.activations, kv_cache=state.opts.kv_cache)
+                    backend=state.opts.backend, activations=state.activations, kv_cache=state.opts.kv_cache)
 
     def _not_finite(self, seq, seg):
         """A batch's logits are NaN or infinite: a rank's model file was written under it (that rank says so, see

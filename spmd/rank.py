@@ -329,6 +329,13 @@ class RankState:
                      "reference's products")
 
     @property
+    def activations(self):
+        """The activations the job computes with: --activations, but f32 where every rank runs the numpy backend
+        (the reference keeps float32: see _say_layout_notes)."""
+        names = every_ranks("--backend", self.opts.backend, self.comm.size, "backends")
+        return "f32" if all(name == "numpy" for name in names) else self.opts.activations
+
+    @property
     def share(self):
         return self.plan[self.comm.rank]
 

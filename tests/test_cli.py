@@ -119,6 +119,8 @@ def test_int8_on_the_numpy_backend_says_it_keeps_float32(model, ranks, backend, 
              "--threads", 1], ranks=ranks)
     assert p.returncode == 0, p.stderr
     assert p.stderr.count(f"note: --activations int8: the numpy backend ({said}) keeps float32 activations") == 1
+    summary = p.stderr.splitlines()[-1]  # every rank numpy: float32 is what ran; else int8 where it runs
+    assert summary.startswith("[spmd]") and ("int8 activations" in summary) == (said != "every rank"), summary
 
 
 def test_several_prompts_from_flags_and_a_file(model, tmp_path):
