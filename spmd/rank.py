@@ -25,7 +25,7 @@ from .sampling import Sampler
 from .shm import remove_stale
 from .tokenizer import load_tokenizer
 from .stream import DeviceWindow, Window, choose, device_copies, in_memory
-from .weights import half_bytes, load_shard, share_bytes
+from .weights import HALF, UNIT_KIND, half_bytes, load_shard, share_bytes
 
 
 @dataclass(frozen=True)
@@ -555,6 +555,33 @@ class RankState:
                             f"{gib(need)} but has {gib(free)} available: give fewer --sequences or "
                             f"{'a smaller --ctx-size' if self.opts.context is not None else '--steps'}"
                             f"{', or --kv-cache f16' if self.opts.kv_cache == 'f32' else ''}")
+
+    def room_to_move(self, plan, keep):
+        """Every rank, before a re-partition to `plan`: None, or why a host has not the memory for it (the same
+        line on every rank). A rank whose share changes builds its new model while the old one is live (kept until
+        every rank has built its own): its new KV caches, activations and weights, but the matrices of the kinds
+        in `keep` in layers both shares hold (shared); at most its --memory-limit."""
+        old, new = self.share, plan[self.comm.rank]
+        need = 0
+        if new != old and not new.is_empty:
+            parts, sizes = self.memory_needs(new)
+            kind = {HALF[unit]: UNIT_KIND[unit] for unit in HALF}  # a layer's half -> the plan unit it holds
+            need = sum(n for (layer, half), n in sizes.items() if not (layer in old.layer_ids and kind[half] in keep))
+            need += sum(n for what, n in parts.items() if not (what == "classifier rows" and "vocab" in keep))
+            if self.memory_limit is not None:
+                need = min(need, self.memory_limit)
+        everyone = self.comm.allgather((C.host_name(), need, available_bytes()))
+        for host in dict.fromkeys(e[0] for e in everyone):
+            mine = [(rank, e) for rank, e in enumerate(everyone) if e[0] == host]
+            more = sum(e[1] for _, e in mine)
+            known = [e[2] for _, e in mine if e[2] is not None]
+            if known and more > min(known):
+                ranks = [str(rank) for rank, e in mine if e[1]]
+                return (f"host {host} has {human_size(min(known))} available, and rank{'s' * (len(ranks) > 1)} "
+                        f"{', '.join(ranks)} would need {human_size(more)} more while the move is made (a "
+                        "rank holds its old share and its new one until every rank has its new one): move less at "
+                        "a time")
+        return None
 
     def _widened(self):
         """' (its IQ2_XXS matrices held as F32: the cpu backend has no kernels for them)', or '' where this rank's

@@ -4,6 +4,8 @@ Each rank works out the difference between the old and the new plan (`replan.dif
 layer by layer, and classifier rows) and moves only what changes, whatever made the change (a head or FFN move
 inside a stage, layers moved between stages, a whole new layout):
 
+  0. every host must have the memory for what its changed ranks build while their old models are live
+     (`RankState.room_to_move`); else every rank keeps the old plan;
   1. outgoing: for every rank it hands units to, the KV cache rows of the moved (layer, KV head) pairs of every open
      sequence slot (the positions each has filled) and, with `--migrate-weights peer`, the weight slices of every
      moved unit, read from its own file;
@@ -141,6 +143,11 @@ class Repartition:
         self.moves = diff(self.old_plan, new_plan)  # (unit, layer, index, from, to)
         self.stats = dict(rank=self.rank, changed=self.old != self.new, weights_bytes_sent=0, cache_bytes_sent=0,
                           bytes_received=0, file_bytes_read=0)
+        # matrices of unchanged kinds are kept as they are, unless the backend's model owns (and frees) its matrices
+        # or the new model may stream them (--memory-limit: a spilled matrix holds no arrays, and the old model is
+        # live)
+        owned = state.backend.model_owns_weights or state.memory_limit is not None
+        self.keep = set() if owned else set(UNIT_KIND.values()) - changed_kinds(self.old, self.new)
 
     def _pairs(self, side):
         """The ranks this rank sends to (side 3) or receives from (side 4): those it hands units to / takes from,
@@ -172,7 +179,10 @@ class Repartition:
     def run(self):
         """Every rank: move, build, agree. Returns (error or None, this rank's stats, the new model or None)."""
         t0 = time.perf_counter()
-        outgoing, error = None, None
+        error = self.state.room_to_move(self.new_plan, self.keep)
+        if error is not None:
+            return error, self._done(t0), None
+        outgoing = None
         try:
             outgoing = self._outgoing()
         except Exception as e:  # noqa: BLE001 - agreed on below, so that no rank waits for a message
@@ -205,7 +215,7 @@ class Repartition:
 def build(rp, received):
     """A changed rank's new model: weights of unchanged kinds kept in the layers it keeps, the rest read (or
     assembled), the KV cache of kept (layer, head) pairs copied and of received ones written."""
-    state, new, old = rp.state, rp.new, rp.old
+    state, new = rp.state, rp.new
     counted = file_reader(state.file, notice=lambda _m: None)
 
     def read_file(name, slicing, spans):
@@ -214,11 +224,7 @@ def build(rp, received):
         return value
     weights_in = {k: v for k, v in received.items() if k[0] != "cache"}
     read = assembling_reader(read_file, weights_in) if rp.peer else read_file
-    # matrices of unchanged kinds are kept as they are, unless the backend's model owns (and frees) its matrices or
-    # the new model may stream them (--memory-limit: a spilled matrix holds no arrays, and the old model is live)
-    owned = state.backend.model_owns_weights or state.memory_limit is not None
-    keep = set() if owned else set(UNIT_KIND.values()) - changed_kinds(old, new)
-    model = state.build_model(new, read=read, keep=keep)
+    model = state.build_model(new, read=read, keep=rp.keep)
     for slot, need in state.model.slots.items():
         model.open(slot, need)
     for slot, filled in rp.filled.items():

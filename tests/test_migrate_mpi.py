@@ -421,3 +421,31 @@ def test_garbage_at_the_socket_during_generation(models, socket_path):
         if WORLD.size > 1:
             assert any(r and "no heads, FFN columns or vocabulary rows" in r.get("error", "") for r in replies)
         assert not os.path.exists(socket_path)
+
+
+@needs_two
+@pytest.mark.mpi
+def test_a_migration_the_host_has_no_memory_for_is_refused(models, socket_path, monkeypatch):
+    """A rank builds its new share while its old one is live: where the host has not the memory for what the
+    changed ranks build, every rank keeps its plan and model before anything moves, the reply says which ranks
+    and host; generation goes on unchanged, and the next migration (memory there again) works."""
+    from spmd import rank as rank_module
+    expected = one_rank_tokens(model=models["Q8_0"], steps=12)
+    short = []  # rank 0 arms it at token 2: its host then reads 1000 bytes available for one look
+
+    def available():
+        return short.pop() if short else None
+    monkeypatch.setattr(rank_module, "available_bytes", available)
+    last = WORLD.size - 1
+
+    def each_token(driver, k):
+        if k == 2:
+            short.append(1000)
+    engine, result, replies = run(models["Q8_0"], socket_path, steps=12, each_token=each_token,
+                                  schedule={2: [migrate(1, 0, last, kv=1)], 4: [migrate(1, 0, last, kv=1)]})
+    if WORLD.rank == 0:
+        assert result["tokens"] == expected
+        error = replies[0]["error"]
+        assert not replies[0]["ok"] and error.startswith("the migration failed and the plan is unchanged: host "), error
+        assert f"has 1000 B available, and ranks 0, {last} would need" in error and "move less at a time" in error
+        assert replies[1]["ok"] and replies[1]["epoch"] == 1 and result["plan_epoch"] == 1
