@@ -481,7 +481,7 @@ class Driver:
             if self._due_migration.cmd == "migrate":
                 control.finish(self._due_migration, reply)
             elif reply["ok"]:
-                self.state.log(self.rebalancer.decisions[-1].line())
+                self.state.log(self.rebalancer.taken().line())
             self._due_migration = None
         statuses = [r for r in due if r.cmd == "status"]
         if statuses:

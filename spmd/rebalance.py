@@ -15,7 +15,8 @@ Predictions can be wrong (a loaded machine, a model that misses a cost), so the 
 is kept too: when the current layout runs THRESHOLD slower than one measured before, the rebalancer goes back to
 that one, and a layout measured slower than the current one is not proposed. So a move the model got wrong costs
 one look, not the rest of the run; and each such miss doubles the gain the next proposal must promise, so a
-model that keeps missing (a cost it cannot represent) stops moving instead of oscillating. Every move is kept
+model that keeps missing (a cost it cannot represent) stops moving instead of oscillating. A proposal counts once
+it is carried out (`taken`: a socket migration may come first, or the move fail): every move made is kept
 (`decisions`) for the log and the result.
 """
 from dataclasses import dataclass, replace
@@ -64,6 +65,7 @@ class Rebalancer:
         self.measured = {}  # layout text -> tokens/s it gave at its latest look
         self.misses = 0  # proposals that measured slower than the layout they left (each doubles the threshold)
         self.decisions = []
+        self.proposed = None  # the Decision of `consider`'s last proposal, until `taken`
 
     def observe(self, plan, ranks, rate=None) -> bool:
         """Take every rank's recent figures (compute_ms, rows, steps per rank, under `plan`) and the tokens/s
@@ -102,13 +104,13 @@ class Rebalancer:
         tokens still to generate, and not one left in the last COOLDOWN looks (going back to a layout that measured
         faster is not held back)."""
         current = plan.text()
+        self.proposed = None
         prof = replace(planner.scaled(self.profile, self.factors), allreduce_ms=self.allreduce_ms)
         k = self.sequences if self.objective == "throughput" else 1
         now = planner.predict(prof, current, k, self.context, self.allreduce)
         self.looks += 1
         fastest = max(self.measured, key=self.measured.get, default=current)
         if current in self.measured and self.measured[current] < self.measured[fastest] * (1 - THRESHOLD):
-            self.misses += 1
             back = planner.predict(prof, fastest, k, self.context, self.allreduce)
             return self._decide(at, current, fastest, now, back, "measured")
         best = planner.plan(prof, self.objective, self.sequences, self.context, allreduce=self.allreduce)
@@ -124,11 +126,19 @@ class Rebalancer:
         return self._decide(at, current, best.text, now, best, "predicted")
 
     def _decide(self, at, current, text, now, then, why):
-        self.left[current] = self.looks
-        self.decisions.append(Decision(at, current, text, now.ms_per_token, then.ms_per_token,
-                                       tuple(round(f, 3) for f in self.factors),
-                                       {t: round(r, 3) for t, r in self.measured.items()}, why))
+        self.proposed = Decision(at, current, text, now.ms_per_token, then.ms_per_token,
+                                 tuple(round(f, 3) for f in self.factors),
+                                 {t: round(r, 3) for t, r in self.measured.items()}, why)
         return text
+
+    def taken(self) -> Decision:
+        """The last proposal has been carried out: it counts (the layout left, a miss where it goes back, the
+        record)."""
+        d, self.proposed = self.proposed, None
+        self.left[d.before] = self.looks
+        self.misses += d.why == "measured"
+        self.decisions.append(d)
+        return d
 
     def move_ms(self, plan, text) -> float:
         """The estimated cost of moving from `plan` to the layout `text`: the weights of the units that change

@@ -49,7 +49,8 @@ def test_a_rank_measured_slower_gets_less_work():
     assert rb.observe(plan, figures(plan, prof, [1, 1, 5]))
     assert rb.factors == pytest.approx([1, 1, 1 + RB.SMOOTHING * 4])  # smoothed from 1 toward 5
     text = rb.consider(plan, tokens_left=1000, at=16)
-    assert text is not None
+    assert text is not None and rb.decisions == []  # a proposal, until it is carried out
+    rb.taken()
     new = make_plan(parse_layout(text, 3), prof.model)
     work = [s.n_kv + len(s.ffn_blocks) for s in new]
     assert work[2] < work[0] and work[2] < work[1]
@@ -86,6 +87,7 @@ def test_a_layout_left_is_not_taken_again_within_the_cooldown():
     first = make_plan(parse_layout("1:1:1", 3), prof.model)
     rb.observe(first, figures(first, prof, [1, 1, 9]))
     moved = make_plan(parse_layout(rb.consider(first, 10**6, 16), 3), prof.model)
+    rb.taken()
     rb.factors = [1.0, 1.0, 1.0]  # the slow rank is fast again: back to 1:1:1 would be predicted faster
     for look in range(RB.COOLDOWN):  # (one of these moved back: the cooldown was a look short)
         assert rb.consider(moved, 10**6, 32 + 16 * look) is None, look
@@ -116,10 +118,11 @@ def test_a_move_that_ran_slower_is_taken_back():
     first = make_plan(parse_layout("1:1:1", 3), prof.model)
     assert rb.observe(first, figures(first, prof, [1, 1, 5]), rate=100.0)
     proposed, factors = rb.consider(first, 10**6, 16), list(rb.factors)
+    rb.taken()
     moved = relayout(first, parse_layout(proposed, 3))
     assert rb.observe(moved, figures(moved, prof, [1, 1, 5]), rate=60.0)  # slower than 1:1:1 ran, after all
     assert rb.consider(moved, 10**6, 32) == "1:1:1"
-    d = rb.decisions[-1]
+    d = rb.taken()
     assert d.why == "measured" and d.measured == {"1:1:1": 100.0, proposed: 60.0}
     assert "back: measured 60.0 against 100.0 tokens/s" in d.line()
     back = relayout(moved, parse_layout("1:1:1", 3))
@@ -143,3 +146,17 @@ def test_allreduces_slower_than_profiled_move_work_out_of_tensor_parallelism():
     text = rb.consider(plan, 10**6, 16)
     assert text is not None and text.count(":") + text.count("*") == 2
     assert len(make_plan(parse_layout(text, 3), prof.model).stages[0].ranks) < 3
+
+
+def test_a_proposal_not_carried_out_leaves_no_trace():
+    """A socket migration may come before the rebalancer's move is applied (or the move fail): its proposal is
+    then no decision, starts no cooldown and counts no miss; the next look may propose it again."""
+    prof = cluster()
+    rb = RB.Rebalancer(prof, "latency", 1, 64, "star")
+    plan = make_plan(parse_layout("1:1:1", 3), prof.model)
+    assert rb.observe(plan, figures(plan, prof, [1, 1, 5]))
+    text = rb.consider(plan, 10**6, 16)
+    assert text is not None
+    assert rb.consider(plan, 10**6, 32) == text  # not taken: proposed again, at once
+    assert rb.decisions == [] and rb.left == {} and rb.misses == 0
+    assert rb.taken().at == 32 and [d.after for d in rb.decisions] == [text]
