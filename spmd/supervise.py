@@ -21,6 +21,7 @@ A job that ends by itself with an error (a user's mistake, say) is not relaunche
 running (set-up, load) the first time, nor one whose rank 0 is lost: that is where the output goes.
 """
 import ctypes
+import functools
 import json
 import os
 import re
@@ -105,8 +106,10 @@ def probe(host, timeout):
         return False
 
 
+@functools.lru_cache(maxsize=None)
 def is_local(host):
-    """Is `host` this machine (a name of it, or an address one of its interfaces holds)?"""
+    """Is `host` this machine (a name of it, or an address one of its interfaces holds)? Resolved once a host (the
+    supervisor asks while a job is stalled, and a name that does not resolve can take the resolver seconds)."""
     from .launch import LOCAL
     if host in LOCAL:
         return True
@@ -439,8 +442,11 @@ class Supervisor:
         (when the failure before was detected, when its last token came), for the recovery's figures."""
         fifo, requests = os.path.join(self.dir, "journal"), os.path.join(self.dir, "requests")
         for path in (fifo, requests) if self.front is not None else (fifo,):
-            if not os.path.exists(path):
-                os.mkfifo(path, 0o600)
+            # new ones each launch: a process of the job before that lingers (a rank 0 stopped and then let go)
+            # holds the old ones, and neither writes into this job's journal nor reads its requests
+            if os.path.lexists(path):
+                os.unlink(path)
+            os.mkfifo(path, 0o600)
         record, front = self.record, self.front
         record.relaunch()
         shm_before = shm.names()
