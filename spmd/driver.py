@@ -286,8 +286,7 @@ class Driver:
                 for seg, (values, ids) in zip(done_batch.segments, candidates):
                     seq = self.by_slot[seg.slot]
                     if seq.cancelled:
-                        seq.end("stopped", now)
-                        self._release(seq, emit, single)
+                        self._cancel(seq, now, emit, single)
                         continue
                     if not np.isfinite(values).all():
                         self._not_finite(seq, seg)
@@ -358,7 +357,7 @@ class Driver:
         for seq in decodes:
             seq.decodes += 1
         if prompts and self.journal is not None:
-            self.journal.event("prefill", tokens=taken)
+            self.journal.event("prefill", seqs=[[s.index, len(s.prefill)] for s in prompts])
         segments = tuple(Segment(s.slot, 0, len(s.prefill)) for s in prompts) + \
             tuple(Segment(s.slot, s.pos, 1) for s in decodes)
         tokens = tuple(t for s in prompts for t in s.prefill) + tuple(s.tokens[-1] for s in decodes)
@@ -407,8 +406,7 @@ class Driver:
                     self.ready.remove(seq)
                     seq.decodes += 1
                 if seq.cancelled:
-                    seq.end("stopped", now)
-                    self._release(seq, emit, single)
+                    self._cancel(seq, now, emit, single)
                 elif not fine:
                     self._not_finite(seq, Segment(seg.slot, seg.pos + i, 1))
                 else:
@@ -432,6 +430,14 @@ class Driver:
             self.journal.token(seq, token if len(seq.tokens) > before else None,
                                None if seq.finish is None or self.inbox is not None else seq.figures(self._t0),
                                seq.since() if seq.decodes == 0 and seq.finish is None else None)
+
+    def _cancel(self, seq, now, emit, single):
+        """A sequence whose client has gone ends "stopped" (journaled: a supervisor no longer waits for its
+        prefill's token)."""
+        seq.end("stopped", now)
+        self._release(seq, emit, single)
+        if self.journal is not None:
+            self.journal.token(seq, None)
 
     def _release(self, seq, emit, single):
         """An ended sequence gives up its slot; its text goes out."""

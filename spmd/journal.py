@@ -5,7 +5,8 @@ Events, in the order rank 0 writes them:
   {"ev": "ranks", "ranks": [[host, pid], ...]}   each rank's host and process, as the job starts
   {"ev": "ready", "ratios": LAYOUT, "prompts": [[ids], ...], "at": T}   set up and loaded, at T (time.time();
                                     spmd.serve's has none: the supervisor's clock as it reads the line)
-  {"ev": "prefill", "tokens": N}    a step that runs N prompt tokens goes out (the supervisor allows for its time)
+  {"ev": "prefill", "seqs": [[I, N], ...]}   a step that runs the prompts of sequences I, N tokens each, goes out
+                                    (the supervisor allows for its time until each has its first token)
   {"ev": "token", "seq": I, "token": T, "end": FINISH, "rng": STATE, "out": TEXT, "figures": FIGURES,
    "since": SINCE}
         sequence I sampled T (null: EOS, which ended it); END is null or why it ended ("eos", "length",
@@ -93,7 +94,7 @@ class Record:
         self.prompts = None  # [[ids]] by sequence index
         self.sequences = {}  # index -> {"tokens": [...], "finish": ..., "rng": ..., "figures": ..., "since": ...}
         self.done, self.result = False, None
-        self.prefill = 0  # prompt tokens of the last prefill step not yet answered by a token
+        self.prefills = {}  # sequence index -> the prompt tokens of its prefill, sent and not yet answered by a token
         self.tokens = 0  # token events in all
         self.began = None  # when the first job was ready (time.time())
 
@@ -105,9 +106,10 @@ class Record:
             self.ratios, self.prompts, self.ready, self.started = e["ratios"], e["prompts"], True, True
             self.began = self.began or e.get("at") or time.time()
         elif ev == "prefill":
-            self.prefill += e["tokens"]
+            self.prefills.update((i, n) for i, n in e["seqs"])
         elif ev == "token":
-            self.prefill, self.tokens = 0, self.tokens + 1
+            self.prefills.pop(e["seq"], None)
+            self.tokens += 1
             if self.serving:
                 return ""
             seq = self.sequences.setdefault(e["seq"], {"tokens": [], "finish": None, "rng": None})
@@ -126,13 +128,18 @@ class Record:
         return ""
 
     @property
+    def prefill(self):
+        """Prompt tokens sent whose sequences have not had a token since."""
+        return sum(self.prefills.values())
+
+    @property
     def unfinished_tokens(self):
         """Tokens a relaunch replays: those of the sequences not yet ended."""
         return sum(len(s["tokens"]) for s in self.sequences.values() if s["finish"] is None)
 
     def relaunch(self):
         """A new job starts: what it has not said yet is unknown."""
-        self.ranks, self.ready, self.prefill = [], False, 0
+        self.ranks, self.ready, self.prefills = [], False, {}
 
     def resume(self, ratios, ranks=None):
         """The resume file's contents for a relaunch on `ratios` (None: planned again, on the profile's `ranks`)."""

@@ -282,31 +282,35 @@ class Progress:
     def __init__(self, timeout, prefill_s=None):
         self.timeout, self.gaps = timeout, deque(maxlen=GAPS)
         self.last = self.last_token = time.monotonic()
-        self.prefill_s = prefill_s  # seconds a prompt token took in the last prefill seen
-        self._prefill = None  # (when, tokens) of the prefill pending
+        self.prefill_s = prefill_s  # seconds a prompt token took in the last prefills seen
+        self.pending = 0  # prompt tokens sent whose sequences have had no token since
+        self._prefill = None  # [since when prompt tokens have been pending, how many were sent since]
 
     def saw(self, now, token, prefill):
-        """An event at `now`: `token` whether it was a token, `prefill` the prompt tokens pending after it."""
+        """An event at `now`: `token` whether it was a token, `prefill` the prompt tokens pending after it (tokens
+        of other sequences may come while one's prefill is pending: a pipeline holds several steps)."""
         if token:
-            if self._prefill is not None:
-                self.prefill_s = (now - self._prefill[0]) / self._prefill[1]
-                self._prefill = None
-            else:
-                self.gaps.append(now - self.last_token)
+            if self._prefill is None:
+                self.gaps.append(now - self.last_token)  # (not a gap that a prefill's time is in)
             self.last_token = now
-        elif prefill and self._prefill is None:
-            self._prefill = (now, prefill)
+        if prefill > self.pending:
+            self._prefill = self._prefill or [now, 0]
+            self._prefill[1] += prefill - self.pending
+        elif not prefill and self._prefill is not None:  # every prefill sent has had its token
+            self.prefill_s = (now - self._prefill[0]) / self._prefill[1]
+            self._prefill = None
+        self.pending = prefill
         self.last = now
 
     def idle(self, now):
         """Nothing was asked of the job (an idle server): no token is due."""
         self.last = self.last_token = now
-        self._prefill = None
+        self.pending, self._prefill = 0, None
 
     def overdue(self, now):
         bound = self.timeout + 2 * max(self.gaps, default=0.0)
-        if self._prefill is not None:
-            bound += float("inf") if self.prefill_s is None else 3 * self.prefill_s * self._prefill[1]
+        if self.pending:
+            bound += float("inf") if self.prefill_s is None else 3 * self.prefill_s * self.pending
         return now - self.last if now - self.last > bound else None
 
 

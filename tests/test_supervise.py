@@ -14,7 +14,7 @@ import pytest
 
 from spmd.errors import UserError
 from spmd.journal import Journal, Record, read_resume
-from spmd.supervise import args_without, hostfile_text, without
+from spmd.supervise import Progress, args_without, hostfile_text, without
 from spmd.synth import Shape, write_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -606,3 +606,30 @@ def test_a_watchers_signal_goes_on_to_its_rank_and_is_dropped_once_the_rank_is_g
     gone = subprocess.Popen(["true"])
     gone.wait()  # ended and reaped: no such process any more
     passer(gone.pid)(signal.SIGINT, None)
+
+
+def test_a_prefill_pending_behind_other_sequences_tokens_keeps_its_allowance():
+    """A pipeline holds several steps: while one sequence's long prefill is out, tokens of others come. The prefill
+    keeps its allowance (3x its tokens at the prefill speed seen) until its own sequence has a token; it was dropped
+    at the first token of any sequence, and a slow prefill then read as a stall."""
+    record = Record()
+    record.apply({"ev": "prefill", "seqs": [[0, 4], [1, 6]]})
+    assert record.prefill == 10
+    record.apply({"ev": "token", "seq": 0, "token": 5, "end": None, "rng": None, "out": ""})
+    assert record.prefill == 6
+    record.apply({"ev": "prefill", "seqs": [[2, 1000]]})
+    record.apply({"ev": "token", "seq": 1, "token": 5, "end": None, "rng": None, "out": ""})
+    assert record.prefill == 1000
+
+    progress = Progress(timeout=1.0, prefill_s=0.01)  # a prompt token took 10 ms before
+    t = progress.last
+    progress.saw(t, False, 1000)  # sequence 2's prefill goes out
+    for k in range(1, 6):  # tokens of other sequences, 0.1 s apart, while it is pending
+        progress.saw(t + 0.1 * k, True, 1000)
+    allowance = 1.0 + 3 * 0.01 * 1000  # the timeout and 3x the prefill's time (no gap seen outside a prefill)
+    assert progress.overdue(t + 0.5 + allowance - 0.5) is None
+    assert progress.overdue(t + 0.5 + allowance + 0.5) is not None
+    progress.saw(t + 2.5, True, 0)  # its token: the prefill took 2.5 s for 1000 tokens
+    assert progress.prefill_s == pytest.approx(2.5 / 1000)
+    assert progress.overdue(t + 2.5 + 1.0 - 0.5) is None
+    assert progress.overdue(t + 2.5 + 1.0 + 0.5) is not None  # no prefill pending: no allowance
