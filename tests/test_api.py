@@ -1,5 +1,6 @@
 """spmd.api's parts that need no cluster: stop strings held back and cut, the chat template in its sandbox and its
 fallback, request checks, and /health before and after the model has loaded (a real HTTP server on a free port)."""
+import contextlib
 import json
 import re
 import socket
@@ -531,24 +532,21 @@ def test_a_server_on_loopback_answers_only_to_local_names(listen, host, answered
         server.stop()
 
 
-def test_a_whole_answers_client_that_stops_reading_is_dropped(monkeypatch):
-    """A non-streamed answer too is written within WRITE_WAIT_S: a client that sent its request and reads nothing
-    (its socket's buffers full) has its connection dropped, the answer cut, where aiohttp's own write waited for
-    ever."""
+@contextlib.contextmanager
+def reading_nothing(body, drive, model_id="m"):
+    """A server whose requests `drive(sink)` answers (the engine's driver stands there), and a client that sent
+    `body` to /v1/completions on a socket with a 4 KiB receive buffer and reads nothing: the socket."""
     import threading
     from types import SimpleNamespace
     from spmd.api import Inbox
-    monkeypatch.setattr(api, "WRITE_WAIT_S", 0.5)
-    inbox, piece, pieces = Inbox(), "x" * 10000, 2000  # a 20 MB answer: far beyond a connection's buffers
+    inbox = Inbox()
     tokenizer = SimpleNamespace(encode=lambda text: [1, 2], bytes_beyond=lambda text, positions: None)
 
     def driver():
         while not inbox.closed:
             for work, sink in inbox.take(0.1)[0]:
-                for n in range(1, pieces + 1):
-                    sink.piece(piece, n)
-                sink.done("length", pieces)
-    server = Server("127.0.0.1", 0, "m", 4)
+                drive(sink)
+    server = Server("127.0.0.1", 0, model_id, 4)
     server.start()
     server.open(Gateway(inbox=inbox, tokenizer=tokenizer, template=None, context=1 << 20, n_known=8, slots=1))
     thread = threading.Thread(target=driver, daemon=True)
@@ -557,61 +555,55 @@ def test_a_whole_answers_client_that_stops_reading_is_dropped(monkeypatch):
         with socket.socket() as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             s.connect(("127.0.0.1", server.port))
-            body = f'{{"prompt": "a", "max_tokens": {pieces}}}'.encode()
             s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                       b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-            time.sleep(4)  # the answer is made (20 MB through the sink) and its write stalls past WRITE_WAIT_S
-            s.settimeout(10)
-            got = 0
-            try:
-                while chunk := s.recv(1 << 20):
-                    got += len(chunk)
-            except ConnectionResetError:
-                pass
-            assert got < len(piece) * pieces, f"the whole answer came ({got} bytes): the connection was kept"
+            yield s
     finally:
         inbox.close()
         server.stop()
         thread.join(10)
+
+
+def test_a_whole_answers_client_that_stops_reading_is_dropped(monkeypatch):
+    """A non-streamed answer too is written within WRITE_WAIT_S: a client that sent its request and reads nothing
+    (its socket's buffers full) has its connection dropped, the answer cut, where aiohttp's own write waited for
+    ever."""
+    monkeypatch.setattr(api, "WRITE_WAIT_S", 0.5)
+    piece, pieces = "x" * 10000, 2000  # a 20 MB answer: far beyond a connection's buffers
+
+    def drive(sink):
+        for n in range(1, pieces + 1):
+            sink.piece(piece, n)
+        sink.done("length", pieces)
+    with reading_nothing(f'{{"prompt": "a", "max_tokens": {pieces}}}'.encode(), drive) as s:
+        time.sleep(4)  # the answer is made (20 MB through the sink) and its write stalls past WRITE_WAIT_S
+        s.settimeout(10)
+        got = 0
+        try:
+            while chunk := s.recv(1 << 20):
+                got += len(chunk)
+        except ConnectionResetError:
+            pass
+        assert got < len(piece) * pieces, f"the whole answer came ({got} bytes): the connection was kept"
 
 
 def test_a_streamed_answers_client_that_stops_reading_is_dropped(monkeypatch):
     """A client that sends a streamed request and then takes nothing (its socket's buffers fill) used to hold its
     connection and the write for ever: after WRITE_WAIT_S its sequence is cancelled and the connection dropped."""
-    import threading
-    from types import SimpleNamespace
-    from spmd.api import Inbox
     monkeypatch.setattr(api, "WRITE_WAIT_S", 1.0)
-    inbox, seen = Inbox(), {}
-    tokenizer = SimpleNamespace(encode=lambda text: [1, 2], bytes_beyond=lambda text, positions: None)
+    seen = {}
 
-    def driver():  # text until the server cancels the sequence (the engine's driver stands here)
-        while not inbox.closed:
-            for work, sink in inbox.take(0.1)[0]:
-                t, n = time.monotonic(), 0
-                while not sink.cancelled and time.monotonic() - t < 30:
-                    n += 1
-                    sink.piece("x", n)
-                    time.sleep(0.001)
-                seen.update(cancelled=sink.cancelled, after=time.monotonic() - t)
-                sink.done("length", n)
-    server = Server("127.0.0.1", 0, "m" * 60000, 4)  # (an id in every chunk: 60 KB a token fills buffers fast)
-    server.start()
-    server.open(Gateway(inbox=inbox, tokenizer=tokenizer, template=None, context=1 << 20, n_known=8, slots=1))
-    thread = threading.Thread(target=driver, daemon=True)
-    thread.start()
-    try:
-        with socket.socket() as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            s.connect(("127.0.0.1", server.port))
-            body = b'{"prompt": "a", "stream": true, "max_tokens": 100000}'
-            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
-                      b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-            deadline = time.monotonic() + 20
-            while "cancelled" not in seen and time.monotonic() < deadline:
-                time.sleep(0.1)
-            assert seen.get("cancelled") is True and seen["after"] < 15, seen
-    finally:
-        inbox.close()
-        server.stop()
-        thread.join(10)
+    def drive(sink):  # text until the server cancels the sequence
+        t, n = time.monotonic(), 0
+        while not sink.cancelled and time.monotonic() - t < 30:
+            n += 1
+            sink.piece("x", n)
+            time.sleep(0.001)
+        seen.update(cancelled=sink.cancelled, after=time.monotonic() - t)
+        sink.done("length", n)
+    # (the model's id is in every chunk: 60 KB a token fills the buffers fast)
+    with reading_nothing(b'{"prompt": "a", "stream": true, "max_tokens": 100000}', drive, "m" * 60000):
+        deadline = time.monotonic() + 20
+        while "cancelled" not in seen and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert seen.get("cancelled") is True and seen["after"] < 15, seen
