@@ -253,6 +253,9 @@ def load_profile(source) -> Profile:
             raise UserError(f"profile {source} is not JSON: it is not UTF-8 text") from None
         except json.JSONDecodeError as e:
             raise UserError(f"profile {source} is not JSON: {e.msg} at line {e.lineno}") from None
+        except ValueError:  # (Python's limit on a whole number's digits, 4300)
+            raise UserError(f"profile {source} is not a profile: it holds a whole number of thousands of "
+                            "digits") from None
         except RecursionError:
             raise UserError(f"profile {source} is not a profile: its JSON nests too deep") from None
     if rd.get(data, "format", "format") != "spmd-profile":

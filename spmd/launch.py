@@ -25,7 +25,7 @@ import sys  # noqa: E402
 
 import click  # noqa: E402
 
-from .errors import UserError, click_main, is_whole_number, regular_file  # noqa: E402
+from .errors import UserError, click_main, is_whole_number, nonempty, regular_file  # noqa: E402
 from .run import finite  # noqa: E402
 
 MAX_HOSTFILE_BYTES = 1 << 20
@@ -113,7 +113,7 @@ MOST_RANKS = 1024  # beyond any household; a mistyped count would start that man
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--hostfile", "-f", default=None, type=click.Path(dir_okay=False),
+@click.option("--hostfile", "-f", default=None, type=click.Path(dir_okay=False), callback=nonempty,
               help="MPICH hostfile; rank 0 runs on its first host, which must be this machine for the run to be "
                    "supervised. Default: every rank here.")
 @click.option("-n", "ranks", type=click.IntRange(min=1, max=MOST_RANKS), default=None,

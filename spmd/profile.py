@@ -244,15 +244,18 @@ def cli(**kw):
 
 def set_up(comm, opts):
     """Every rank: its backend name, threads, the file and config (errors agreed on), then the backend."""
-    from .rank import agree, make_backend, open_model, per_rank_choice
+    from .rank import agree, check_same, make_backend, model_identity, open_model, per_rank_choice
     name, gpu, threads, wraps, _ = agree(comm, lambda: per_rank_choice(opts, comm))
     file, cfg = agree(comm, lambda: open_model(opts.model))
+    check_same(comm, model_identity(file, cfg), "python -m spmd.profile")
     return file, cfg, make_backend(comm, name, threads, gpu, wraps), threads
 
 
 def write_json(path, data):
-    """Write `data` to `path` whole or not at all (a temporary file renamed over it)."""
+    """Write `data` to `path` whole or not at all (a temporary file renamed over it; through a symbolic link, over
+    the file it names)."""
     import os
+    path = os.path.realpath(path)
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "w", encoding="utf-8") as f:
@@ -268,10 +271,13 @@ def check_out(path, model):
     """--out before anything is measured: a name, in a folder it can write, neither the model nor another file
     that is not a profile (it would be overwritten)."""
     import os
+    import stat
     if not path:
         raise UserError("--out: the name is empty")
     if os.path.isdir(path):
         raise UserError(f"--out {path} is a directory: name the file to write")
+    if os.path.exists(path) and not stat.S_ISREG(os.stat(path).st_mode):  # (not opened: a FIFO would wait)
+        raise UserError(f"--out {path} exists and is not a regular file (a device, a FIFO): name a file")
     if os.path.exists(path):
         if os.path.exists(model) and os.path.samefile(path, model):
             raise UserError(f"--out {path} is the model file: name another file to write the profile to")
@@ -282,7 +288,7 @@ def check_out(path, model):
             raise UserError(f"--out {path}: cannot read what is there ({e.strerror or e})") from None
         if head and b'"spmd-profile"' not in head:
             raise UserError(f"--out {path} exists and is not a profile: not overwritten (remove it or name another)")
-    tmp = f"{path}.tmp{os.getpid()}"  # (write_json's) the folder exists and can be written
+    tmp = f"{os.path.realpath(path)}.tmp{os.getpid()}"  # (write_json's) the folder exists and can be written
     try:
         open(tmp, "w").close()
         os.remove(tmp)

@@ -195,6 +195,26 @@ def available_bytes():
     return proc_bytes("/proc/meminfo", "MemAvailable")
 
 
+def model_identity(file, cfg) -> dict:
+    """What tells a model file from another (a stale copy on one host): its header, size and sampled contents."""
+    return {"model (its header)": cfg, "model file size": file.nbytes,
+            "model file's contents (sampled)": file.fingerprint()}
+
+
+def check_same(comm, mine, command):
+    """Every rank: `mine` ({what: value}) against rank 0's; the first that differs is a UserError, the same line on
+    every rank (a rank started with another model file or flags would fail in the middle of a collective)."""
+    everyone = comm.allgather(mine)
+    for rank, theirs in enumerate(everyone):
+        if not isinstance(theirs, dict) or set(theirs) != set(mine):
+            raise UserError(f"rank {rank} runs another program than rank 0: every rank must run the same command "
+                            f"({command} with the same flags)")
+        for what in mine:
+            if theirs[what] != everyone[0][what]:
+                raise UserError(f"rank {rank} differs from rank 0 in its {what}: every rank must run the same "
+                                "model file and flags")
+
+
 def rss_bytes():
     """This process's resident memory now (0 where /proc is not there to tell)."""
     try:
@@ -683,21 +703,11 @@ class RankState:
     def _check_same_as_rank_0(self, plan):
         """A rank started with another model file (a stale copy on one host) or other flags would fail in the
         middle of a step: refuse at set-up, naming what differs."""
-        mine = {"model (its header)": self.cfg, "model file size": self.file.nbytes,
-                "model file's contents (sampled)": self.file.fingerprint(),
-                "--ratios": plan, "--plan": self.opts.plan, "--rebalance": self.opts.rebalance,
-                "--allreduce": self.opts.allreduce, "--backend": self.opts.backend, "--gpu": self.opts.gpu,
-                "--threads": self.opts.threads, "--migrate-weights": self.opts.migrate_weights,
+        mine = {**model_identity(self.file, self.cfg), "--ratios": plan, "--plan": self.opts.plan,
+                "--rebalance": self.opts.rebalance, "--allreduce": self.opts.allreduce, "--backend": self.opts.backend,
+                "--gpu": self.opts.gpu, "--threads": self.opts.threads, "--migrate-weights": self.opts.migrate_weights,
                 "--activations": self.opts.activations, "--kv-cache": self.opts.kv_cache}
-        everyone = self.comm.allgather(mine)
-        for rank, theirs in enumerate(everyone):
-            if not isinstance(theirs, dict) or set(theirs) != set(mine):
-                raise UserError(f"rank {rank} runs another program than rank 0: every rank must run the same "
-                                "command (python -m spmd.run with the same flags)")
-            for what in mine:
-                if theirs[what] != everyone[0][what]:
-                    raise UserError(f"rank {rank} differs from rank 0 in its {what}: every rank must run the same "
-                                    "model file and flags")
+        check_same(self.comm, mine, "python -m spmd.run")
 
     def _tokenize(self):
         """Rank 0: the tokenizer and every sequence's Work, in input order."""

@@ -460,6 +460,7 @@ def test_a_bad_profile_is_refused_in_one_line(tmp_path, change, field):
 
 @pytest.mark.parametrize("text, message", [("{", "is not JSON"), ("[]", "the top level must be an object"),
                                            ("[" * 100000, "nests too deep"),
+                                           ('{"version": ' + "1" * 5000 + "}", "thousands of digits"),
                                            ("{}" + " " * (16 << 20), "is over 16 MiB: not a profile")])
 def test_a_file_that_is_no_profile_is_refused(tmp_path, text, message):
     path = tmp_path / "p.json"

@@ -44,6 +44,17 @@ def profile_of(model, slow=None, comm=None, backend="cpu"):
 
 
 @pytest.mark.mpi
+def test_a_rank_profiling_another_model_file_is_refused(models):
+    """A stale copy of the model on one host: its timings would be another model's, and another shape's collectives
+    broke off with 'Message truncated'; refused at set-up as spmd.run refuses it, the same line on every rank."""
+    from spmd.errors import UserError
+    if WORLD.size == 1:
+        pytest.skip("needs a second rank")
+    with pytest.raises(UserError, match="rank 1 differs from rank 0 in its model file size"):
+        profile_of(models["F32"] if WORLD.rank != 1 else models["Q8_0"])
+
+
+@pytest.mark.mpi
 def test_every_rank_and_link_is_measured_and_the_planner_reads_it(models):
     profile = profile_of(models["Q4_0"])
     if WORLD.rank != 0:
@@ -142,28 +153,32 @@ def test_slowdown_sleeps_factor_minus_one_times_the_compute():
 def test_the_command_writes_the_profile_and_prints_the_table(tmp_path):
     model = tmp_path / "m.gguf"
     write_model(model, SHAPE, qtype="Q8_0", seed=1)
-    out = tmp_path / "p.json"
+    out, link = tmp_path / "p.json", tmp_path / "latest.json"
+    link.symlink_to(out.name)  # written through: the link stays one
     p = subprocess.run([MPIRUN, "-n", "2", sys.executable, "-m", "spmd.profile", "--model", str(model),
-                        "--threads", "1", "--out", str(out), "--repeats", "2"], capture_output=True, text=True,
+                        "--threads", "1", "--out", str(link), "--repeats", "2"], capture_output=True, text=True,
                        timeout=120)
     assert p.returncode == 0, p.stderr
+    assert link.is_symlink() and out.is_file()
     assert "link 0-1" in p.stdout and "python -m spmd.plan" in p.stderr
     load_profile(str(out))
     assert json.loads(out.read_text())["ranks"][1]["rank"] == 1
     assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]
-    other = tmp_path / "notes.txt"
+    other, fifo = tmp_path / "notes.txt", tmp_path / "fifo"
     other.write_text("my notes")
+    os.mkfifo(fifo)
     before = model.read_bytes()
     for out, said in [(tmp_path / "no" / "p.json", "cannot write it (No such file or directory)"),
                       (model, "is the model file"), (tmp_path, "is a directory"),
-                      (other, "exists and is not a profile: not overwritten"), ("", "the name is empty")]:
+                      (other, "exists and is not a profile: not overwritten"), ("", "the name is empty"),
+                      (fifo, "exists and is not a regular file")]:
         bad = subprocess.run([MPIRUN, "-n", "2", sys.executable, "-m", "spmd.profile", "--model", str(model),
                               "--out", str(out)], capture_output=True, text=True, timeout=120)
         assert bad.returncode == 1 and "Traceback" not in bad.stderr, bad.stderr
         errors = [line for line in bad.stderr.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and errors[0].startswith("error: --out") and said in errors[0], bad.stderr
         assert "link 0-1" not in bad.stdout  # refused before anything was measured
-    assert model.read_bytes() == before and other.read_text() == "my notes"
+    assert model.read_bytes() == before and other.read_text() == "my notes" and fifo.is_fifo()
 
 
 def run_job(model, prompts, comm=WORLD, **kw):
