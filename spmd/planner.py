@@ -29,12 +29,13 @@ B = b * dim * 4 bytes (one f32 row per batch row); link(i, j, x) = latency_ms[i]
 
 The search (`plan`): every grouping of ranks 1..n-1 into {idle, joins the current stage, starts a new stage}
 (3^(n-1): exhaustive up to EXHAUSTIVE ranks, 6561 groupings, a few seconds; beyond, 3^(n-1) takes minutes, so
-only the j slowest ranks are tried idle, j = 0..n-1, each with the groupings of the n' others into at most S
-stages, S the most that keeps the groupings within CANDIDATES: every 2^(n'-1) of them up to 12 ranks, at most 4
-stages at 16, 2 at 64. This misses a layout that idles a fast rank, say one behind a slow link, or has more
-stages). Inside a stage each rank's ratio is its speed, 1 / its time for a whole layer's units at b rows, the
-stage's slowest 1, rounded to 3 significant digits; the rounded text is what is evaluated. Given the grouping and
-ratios, t_s is affine in n_s (a_s * n_s + c_s) and each rank's memory in its stage's n_s (with streaming ranks t_s
+only the j slowest ranks are tried idle, j = 0..n-1, each with the groupings of the n' others into stages: every
+2^(n'-1) of them where n' <= FULL (12), and where more work, into at most S stages, S the most that keeps those
+groupings within CANDIDATES (13 at 13 ranks, 4 at 16, 2 at 64): the 12 fastest ranks are always grouped every
+way, as 12 ranks are (a 13th rank had made a 9-stage plan a 4-stage one). This misses a layout that idles a fast
+rank, say one behind a slow link, or has more stages than S with more than 12 ranks working.) Inside a stage each
+rank's ratio is its speed, 1 / its time for a whole layer's units at b rows, the stage's slowest 1, rounded to 3
+significant digits; the rounded text is what is evaluated. Given the grouping and ratios, t_s is affine in n_s (a_s * n_s + c_s) and each rank's memory in its stage's n_s (with streaming ranks t_s
 is convex in n_s: affine, then the steeper disk time),
 so the layer split is exact: with T a bound on every t_s and f(T) the least sum_s t_s under it and the memory
 limits (one layer each, then each next layer where it adds least; where one host's ranks sit in several stages, a
@@ -63,7 +64,8 @@ from .errors import UserError, click_main, human_size
 from .plan import make_plan, n_ffn_blocks, parse_layout
 
 EXHAUSTIVE = 9  # ranks searched over every grouping (3^8 = 6561 candidates)
-CANDIDATES = 4096  # past EXHAUSTIVE ranks, the most groupings tried (every one the search makes up to 12 ranks)
+CANDIDATES = 4096  # past EXHAUSTIVE ranks, the most groupings of more than FULL working ranks tried
+FULL = 12  # past EXHAUSTIVE ranks, working ranks up to this many are grouped into stages every way (2^(w-1))
 SHAPES = ("any", "tp", "pp")
 OBJECTIVES = ("latency", "throughput")
 
@@ -294,7 +296,7 @@ def _choices(prof, unit_ms):
     most = _most_stages(n)
     for j in range(n):
         idle, working = set(slowest[:j]), n - j
-        for new in range(most):  # stages after the first
+        for new in range(working if working <= FULL else most):  # stages after the first
             for starts in combinations(range(working - 1), new):
                 moves = ["j"] * (working - 1)
                 for i in starts:
@@ -304,11 +306,11 @@ def _choices(prof, unit_ms):
 
 
 def _most_stages(n) -> int:
-    """The most stages a grouping of n ranks may have so that `_choices` yields at most CANDIDATES of them (at
-    least 1): for each count of working ranks w = 1..n, the groupings of w ranks into s stages number
-    C(w - 1, s - 1)."""
+    """The most stages a grouping of more than FULL of n ranks may have so that `_choices` yields at most
+    CANDIDATES of them (at least 1): for each count of working ranks w = FULL + 1..n, the groupings of w ranks into
+    s stages number C(w - 1, s - 1)."""
     def count(stages):
-        return sum(comb(w - 1, k) for w in range(1, n + 1) for k in range(stages))
+        return sum(comb(w - 1, k) for w in range(FULL + 1, n + 1) for k in range(stages))
     return max([1] + [s for s in range(1, n + 1) if count(s) <= CANDIDATES])
 
 
