@@ -28,24 +28,23 @@ B = b * dim * 4 bytes (one f32 row per batch row); link(i, j, x) = latency_ms[i]
         t_s = max(the t_s above, max over its streaming ranks of streamed_r / d_r)   (the loader reads ahead).
 
 The search (`plan`): every grouping of ranks 1..n-1 into {idle, joins the current stage, starts a new stage}
-(3^(n-1): exhaustive up to EXHAUSTIVE ranks, 6561 groupings, a few seconds; beyond, 3^(n-1) takes minutes, so
-only the j slowest ranks are tried idle, j = 0..n-1, each with the groupings of the n' others into stages: every
-2^(n'-1) of them where n' <= FULL (12), and where more work, into at most S stages, S the most that keeps those
-groupings within CANDIDATES (13 at 13 ranks, 4 at 16, 2 at 64): the 12 fastest ranks are always grouped every
-way, as 12 ranks are (a 13th rank had made a 9-stage plan a 4-stage one). This misses a layout that idles a fast
-rank, say one behind a slow link, or has more stages than S with more than 12 ranks working.) Inside a stage each
-rank's ratio is its speed, 1 / its time for a whole layer's units at b rows, the stage's slowest 1, rounded to 3
-significant digits; the rounded text is what is evaluated. Given the grouping and ratios, t_s is affine in n_s (a_s * n_s + c_s) and each rank's memory in its stage's n_s (with streaming ranks t_s
-is convex in n_s: affine, then the steeper disk time),
-so the layer split is exact: with T a bound on every t_s and f(T) the least sum_s t_s under it and the memory
-limits (one layer each, then each next layer where it adds least; where one host's ranks sit in several stages, a
-dynamic programme over the stages instead), the cycle of that split is at most
-max(f(T), m * T) + m * step, and the least of that over T (at the first T with m * T >= f(T), or the one before)
-is the optimum. Every stage is pinned with @N. A stage's units come from make_plan of its ratios, once per stage;
-a grouping's value comes from the cost functions above, and each one that may beat the best so far is `predict`ed
-from its text. The latency objective plans one sequence (K = 1, whatever `sequences` says); throughput, K =
-`sequences`. Ties: fewer working ranks, then fewer stages, then the smaller text.
-"""
+(3^(n-1): exhaustive up to EXHAUSTIVE ranks, 6561 groupings, a few seconds; beyond, 3^(n-1) takes minutes, so only
+the j slowest ranks are tried idle, j = 0..n-1, each with the groupings of the n' others into stages: every 2^(n'-1)
+of them where n' <= FULL (12), and where more work, into at most S stages, S the most that keeps those groupings
+within CANDIDATES (13 at 13 ranks, 4 at 16, 2 at 64): the 12 fastest ranks are always grouped every way, as 12 ranks
+are (a 13th rank had made a 9-stage plan a 4-stage one). This misses a layout that idles a fast rank, say one behind
+a slow link, or has more stages than S with more than 12 ranks working.) Inside a stage each rank's ratio is its
+speed, 1 / its time for a whole layer's units at b rows, the stage's slowest 1, rounded to 3 significant digits; the
+rounded text is what is evaluated. Given the grouping and ratios, t_s is affine in n_s (a_s * n_s + c_s) and each
+rank's memory in its stage's n_s (with streaming ranks t_s is convex in n_s: affine, then the steeper disk time), so
+the layer split is exact: with T a bound on every t_s and f(T) the least sum_s t_s under it and the memory limits
+(one layer each, then each next layer where it adds least; where one host's ranks sit in several stages, a dynamic
+programme over the stages instead), the cycle of that split is at most max(f(T), m * T) + m * step, and the least of
+that over T (at the first T with m * T >= f(T), or the one before) is the optimum. Every stage is pinned with @N. A
+stage's units come from make_plan of its ratios, once per stage; a grouping's value comes from the cost functions
+above, and each one that may beat the best so far is `predict`ed from its text. The latency objective plans one
+sequence (K = 1, whatever `sequences` says); throughput, K = `sequences`. Ties: fewer working ranks, then fewer
+stages, then the smaller text."""
 import heapq
 import json
 import math
