@@ -228,8 +228,8 @@ def _rank(rd, ranks, i):
         rd.fail(f"{name}.compute", "must have rows ascending, rows 1 first")
     return RankInfo(i, rd.text(r, "host", f"{name}.host"), rd.text(r, "backend", f"{name}.backend"),
                     rd.whole(r, "threads", f"{name}.threads"),
-                    rd.whole(r, "memory_bytes", f"{name}.memory_bytes", null=True),
-                    rd.whole(r, "device_memory_bytes", f"{name}.device_memory_bytes", null=True), compute,
+                    rd.whole(r, "memory_bytes", f"{name}.memory_bytes", 1, null=True),  # (0: nothing could run)
+                    rd.whole(r, "device_memory_bytes", f"{name}.device_memory_bytes", 1, null=True), compute,
                     None if r.get("disk_bytes_per_s") is None else rd.real(r, "disk_bytes_per_s",
                                                                            f"{name}.disk_bytes_per_s", True))
 
@@ -292,7 +292,7 @@ def check_matches(profile, cfg, unit_bytes, hosts) -> str:
         raise UserError(f"{prof.source} was measured on {len(prof.ranks)} rank{'s' * (len(prof.ranks) != 1)} but the "
                         f"job has {len(hosts)}: profile this job's ranks (python -m spmd.profile) or use --plan auto")
     m = prof.model
-    shape = ("n_layers", "dim", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "vocab")
+    shape = ("n_layers", "dim", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "vocab", "context")
     pairs = [(name, getattr(m, name), getattr(cfg, name)) for name in shape]
     pairs += [(f"bytes of {UNIT_NAMES[k]}", getattr(m, f"{k}_bytes"), v) for k, v in unit_bytes.items()]
     for name, theirs, mine in pairs:

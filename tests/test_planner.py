@@ -445,7 +445,7 @@ def edit(path, value):
 @pytest.mark.parametrize("change, field", [
     (edit(["model", "n_layers"], KeyError), "model.n_layers is missing"),
     (edit(["ranks", 2, "host"], 7), "ranks[2].host must be a string"),
-    (edit(["ranks", 0, "memory_bytes"], -1), "ranks[0].memory_bytes must be at least 0"),
+    (edit(["ranks", 0, "memory_bytes"], 0), "ranks[0].memory_bytes must be at least 1"),
     (edit(["ranks", 1, "compute", 1, "kv_group_ms"], float("nan")), "ranks[1].compute[1].kv_group_ms must be a number"),
     (edit(["ranks", 1, "compute", 0, "head_ms"], 1e300),
      "ranks[1].compute[0].head_ms must be a number of at least 0 and at most 1e+15"),
@@ -581,7 +581,7 @@ def test_a_saved_profile_must_be_of_this_model_and_says_where_its_ranks_ran():
     doc = profile(2)
     m = doc["model"]
     cfg = SimpleNamespace(**{k: m[k] for k in ("n_layers", "dim", "n_heads", "n_kv_heads", "head_dim", "ffn_dim",
-                                               "vocab")})
+                                               "vocab", "context")})
     unit_bytes = dict(m["bytes"])
     assert check_matches(doc, cfg, unit_bytes, ["h0", "h1"]) == ""
     note = check_matches(doc, cfg, unit_bytes, ["h0", "laptop"])
@@ -590,6 +590,8 @@ def test_a_saved_profile_must_be_of_this_model_and_says_where_its_ranks_ran():
         check_matches(doc, cfg, {**unit_bytes, "ffn_block": 2000}, ["h0", "h1"])
     with pytest.raises(UserError, match=r"another model \(head_dim 8, this one 16\)"):
         check_matches(doc, SimpleNamespace(**{**vars(cfg), "head_dim": 16}), unit_bytes, ["h0", "h1"])
+    with pytest.raises(UserError, match=r"another model \(context 128, this one 4096\)"):  # (its limits came from it)
+        check_matches(doc, SimpleNamespace(**{**vars(cfg), "context": 4096}), unit_bytes, ["h0", "h1"])
     with pytest.raises(UserError, match="measured on 2 ranks but the job has 3"):
         check_matches(doc, cfg, unit_bytes, ["h0", "h1", "h2"])
 
