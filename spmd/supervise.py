@@ -374,7 +374,9 @@ class Supervisor:
             if self.job.proc.poll() is None:  # (a job that has ended: its process ids may be another's by now)
                 self.job.kill(self._local_pids())
             return
-        if self.record.ranks:  # else the loop passes it on once the ranks have started (see `_interrupt`)
+        # else the loop passes it on once the ranks have started (see `_interrupt`); a job that has ended (a failure
+        # being handled) gets nothing: its process ids may be another's, and the loop relaunches none
+        if self.record.ranks and self.job.proc.poll() is None:
             self._interrupt(self.job)
 
     def _interrupt(self, job):
