@@ -41,6 +41,7 @@ DECODED = ("identity", "gzip", "deflate")
 IDLE_S = 10.0  # a connection without a request in progress for this long is closed (see Connections)
 WRITE_WAIT_S = 30.0  # an answer's write that waits this long for room in the connection's buffers (a client that
 # stopped reading) drops the connection
+WRITE_PIECE = 64 * 1024  # a whole answer's bytes a write (each has its WRITE_WAIT_S: a slow reader keeps going)
 MAX_STOPS, MAX_STOP_CHARS = 16, 256
 STATUS_WAIT_S = 10.0  # the driver answers /cluster at its next token boundary; it is there within a token
 CHECK_CLIENT_S = 0.25  # how often a request waiting for its next token looks whether its client is still there
@@ -800,10 +801,16 @@ class Reply:
         else:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": self.finish}
         kind = "chat.completion" if self.chat else "text_completion"
-        response = web.json_response({"id": self.id, "object": kind, "created": self.created,
-                                      "model": self.server.model_id, "choices": [choice], "usage": self.usage()})
-        try:  # written here, within WRITE_WAIT_S, as a stream's writes are (aiohttp's own write waits for ever)
+        body = json.dumps({"id": self.id, "object": kind, "created": self.created, "model": self.server.model_id,
+                           "choices": [choice], "usage": self.usage()}).encode()
+        # written here a piece at a time, each within WRITE_WAIT_S as a stream's writes are (aiohttp's own write of
+        # a returned response waits for ever for a client that reads nothing)
+        response = web.StreamResponse(headers={"Content-Type": "application/json; charset=utf-8"})
+        response.content_length = len(body)
+        try:
             await response.prepare(self.request)
+            for at in range(0, len(body), WRITE_PIECE):
+                await _write(response, body[at:at + WRITE_PIECE])
             await asyncio.wait_for(response.write_eof(), WRITE_WAIT_S)
         except (ConnectionError, asyncio.TimeoutError):
             _drop(self.request)
@@ -845,8 +852,8 @@ def _drop(request):
 
 
 async def _write(response, data):
-    """One write of a streamed answer, within WRITE_WAIT_S: a client that stops reading (its socket's buffers
-    full) would hold its connection and the write for ever."""
+    """One write of an answer, within WRITE_WAIT_S: a client that stops reading (its socket's buffers full) would
+    hold its connection and the write for ever."""
     await asyncio.wait_for(response.write(data), WRITE_WAIT_S)
 
 

@@ -229,7 +229,7 @@ def _rank(rd, ranks, i):
     return RankInfo(i, rd.text(r, "host", f"{name}.host"), rd.text(r, "backend", f"{name}.backend"),
                     rd.whole(r, "threads", f"{name}.threads"),
                     rd.whole(r, "memory_bytes", f"{name}.memory_bytes", 1, null=True),  # (0: nothing could run)
-                    rd.whole(r, "device_memory_bytes", f"{name}.device_memory_bytes", 1, null=True), compute,
+                    rd.whole(r, "device_memory_bytes", f"{name}.device_memory_bytes", null=True), compute,
                     None if r.get("disk_bytes_per_s") is None else rd.real(r, "disk_bytes_per_s",
                                                                            f"{name}.disk_bytes_per_s", True))
 

@@ -488,6 +488,9 @@ class Driver:
                 control.finish(self._due_migration, reply)
             elif reply["ok"]:
                 self.state.log(self.rebalancer.taken().line())
+            else:  # (not proposed again for a while: a host short of memory would refuse it at every look)
+                d = self.rebalancer.refused()
+                self.state.log(f"note: rebalance at token {d.at} to --ratios '{d.after}' not made: {reply['error']}")
             self._due_migration = None
         statuses = [r for r in due if r.cmd == "status"]
         if statuses:

@@ -350,8 +350,8 @@ class RankState:
 
     @property
     def activations(self):
-        """The activations the job computes with: --activations, but f32 where every rank runs the numpy backend
-        (the reference keeps float32: see _say_layout_notes)."""
+        """The activations the result names: --activations, but f32 where every rank runs the numpy backend (the
+        reference keeps float32: see _say_layout_notes, which also says where int8 changes nothing)."""
         names = every_ranks("--backend", self.opts.backend, self.comm.size, "backends")
         return "f32" if all(name == "numpy" for name in names) else self.opts.activations
 
@@ -582,17 +582,24 @@ class RankState:
         every rank has built its own): its new KV caches, activations and weights, but the matrices of the kinds
         in `keep` in layers both shares hold (shared); at most its --memory-limit."""
         old, new = self.share, plan[self.comm.rank]
-        need = 0
-        if new != old and not new.is_empty:
-            parts, sizes = self.memory_needs(new)
-            kind = {HALF[unit]: UNIT_KIND[unit] for unit in HALF}  # a layer's half -> the plan unit it holds
-            need = sum(n for (layer, half), n in sizes.items() if not (layer in old.layer_ids and kind[half] in keep))
-            need += sum(n for what, n in parts.items() if not (what == "classifier rows" and "vocab" in keep))
-            if self.memory_limit is not None:
-                need = min(need, self.memory_limit)
-        everyone = self.comm.allgather((C.host_name(), need, available_bytes()))
+        need, error = 0, None
+        try:
+            if new != old and not new.is_empty:
+                parts, sizes = self.memory_needs(new)
+                kind = {HALF[unit]: UNIT_KIND[unit] for unit in HALF}  # a layer's half -> the plan unit it holds
+                need = sum(n for (layer, half), n in sizes.items()
+                           if not (layer in old.layer_ids and kind[half] in keep))
+                need += sum(n for what, n in parts.items() if not (what == "classifier rows" and "vocab" in keep))
+                if self.memory_limit is not None:
+                    need = min(need, self.memory_limit)
+        except Exception as e:  # noqa: BLE001 - a bug: said in the reply, and no rank waits for this one
+            error = f"rank {self.comm.rank}: the memory a move needs could not be worked out ({type(e).__name__}: {e})"
+        everyone = self.comm.allgather((C.host_name(), need, available_bytes(), error))
+        first = next((e[3] for e in everyone if e[3] is not None), None)
+        if first is not None:
+            return first
         for host in dict.fromkeys(e[0] for e in everyone):
-            mine = [(rank, e) for rank, e in enumerate(everyone) if e[0] == host]
+            mine = [(rank, e) for rank, e in enumerate(everyone) if e[0] == host]  # (host, need, available, error)
             more = sum(e[1] for _, e in mine)
             known = [e[2] for _, e in mine if e[2] is not None]
             if known and more > min(known):

@@ -16,8 +16,9 @@ is kept too: when the current layout runs THRESHOLD slower than one measured bef
 that one, and a layout measured slower than the current one is not proposed. So a move the model got wrong costs
 one look, not the rest of the run; and each such miss doubles the gain the next proposal must promise, so a
 model that keeps missing (a cost it cannot represent) stops moving instead of oscillating. A proposal counts once
-it is carried out (`taken`: a socket migration may come first, or the move fail): every move made is kept
-(`decisions`) for the log and the result.
+it is carried out (`taken`: a socket migration may come first); one that could not be (`refused`: a host short of
+memory) is not proposed again for COOLDOWN looks. Every move made is kept (`decisions`) for the log and the
+result.
 """
 from dataclasses import dataclass, replace
 
@@ -130,6 +131,13 @@ class Rebalancer:
                                  tuple(round(f, 3) for f in self.factors),
                                  {t: round(r, 3) for t, r in self.measured.items()}, why)
         return text
+
+    def refused(self) -> Decision:
+        """The last proposal could not be carried out (a host short of memory, say): its layout is not proposed
+        again for COOLDOWN looks."""
+        d, self.proposed = self.proposed, None
+        self.left[d.after] = self.looks
+        return d
 
     def taken(self) -> Decision:
         """The last proposal has been carried out: it counts (the layout left, a miss where it goes back, the

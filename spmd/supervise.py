@@ -106,23 +106,29 @@ def probe(host, timeout):
         return False
 
 
-@functools.lru_cache(maxsize=None)
 def is_local(host):
-    """Is `host` this machine (a name of it, or an address one of its interfaces holds)? Resolved once a host (the
-    supervisor asks while a job is stalled, and a name that does not resolve can take the resolver seconds)."""
+    """Is `host` this machine (a name of it, or an address one of its interfaces holds)? A name that does not
+    resolve now is not (and is asked again next time: a resolver's hiccup is not kept)."""
     from .launch import LOCAL
     if host in LOCAL:
         return True
     try:
-        for family, kind, _, _, addr in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM):
-            with socket.socket(family, kind) as s:
-                try:
-                    s.bind((addr[0], 0))
-                    return True
-                except OSError:
-                    continue
+        return _holds_address(host)
     except (socket.gaierror, UnicodeError):
-        pass
+        return False
+
+
+@functools.lru_cache(maxsize=None)
+def _holds_address(host):
+    """Whether an interface here holds an address of `host`, resolved once (the supervisor asks while a job is
+    stalled, and a resolver can take seconds); a failure to resolve raises, and is not kept."""
+    for family, kind, _, _, addr in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM):
+        with socket.socket(family, kind) as s:
+            try:
+                s.bind((addr[0], 0))
+                return True
+            except OSError:
+                continue
     return False
 
 
@@ -297,7 +303,8 @@ class Progress:
             self._prefill = self._prefill or [now, 0]
             self._prefill[1] += prefill - self.pending
         elif not prefill and self._prefill is not None:  # every prefill sent has had its token
-            self.prefill_s = (now - self._prefill[0]) / self._prefill[1]
+            if now > self._prefill[0]:  # (not where a prefill and its token came in one read: no time seen)
+                self.prefill_s = (now - self._prefill[0]) / self._prefill[1]
             self._prefill = None
         self.pending = prefill
         self.last = now

@@ -587,6 +587,32 @@ def test_a_whole_answers_client_that_stops_reading_is_dropped(monkeypatch):
         assert got < len(piece) * pieces, f"the whole answer came ({got} bytes): the connection was kept"
 
 
+def test_a_whole_answers_slow_reader_gets_it_all(monkeypatch):
+    """The bound is on each write, not on the whole answer: a client that reads slowly but steadily (8 MB, beyond
+    what the sockets' buffers hold, 4 KiB at a time at most 2 MB/s: several times WRITE_WAIT_S) gets the whole
+    answer."""
+    monkeypatch.setattr(api, "WRITE_WAIT_S", 1.0)
+    piece, pieces = "y" * 1000, 8000
+
+    def drive(sink):
+        for n in range(1, pieces + 1):
+            sink.piece(piece, n)
+        sink.done("length", pieces)
+    with reading_nothing(f'{{"prompt": "a", "max_tokens": {pieces}}}'.encode(), drive) as s:
+        s.settimeout(10)
+        data, length = b"", None
+        while length is None or len(data) < length:  # (the connection stays open: keep-alive)
+            chunk = s.recv(65536)
+            assert chunk, f"the connection closed after {len(data)} bytes"
+            data += chunk
+            if length is None and b"\r\n\r\n" in data:
+                head, data = data.split(b"\r\n\r\n", 1)
+                assert head.startswith(b"HTTP/1.1 200"), head
+                length = int(re.search(rb"Content-Length: (\d+)", head, re.I).group(1))
+            time.sleep(0.002)
+        assert json.loads(data)["choices"][0]["text"] == piece * pieces
+
+
 def test_a_streamed_answers_client_that_stops_reading_is_dropped(monkeypatch):
     """A client that sends a streamed request and then takes nothing (its socket's buffers fill) used to hold its
     connection and the write for ever: after WRITE_WAIT_S its sequence is cancelled and the connection dropped."""

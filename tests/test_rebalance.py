@@ -160,3 +160,17 @@ def test_a_proposal_not_carried_out_leaves_no_trace():
     assert rb.consider(plan, 10**6, 32) == text  # not taken: proposed again, at once
     assert rb.decisions == [] and rb.left == {} and rb.misses == 0
     assert rb.taken().at == 32 and [d.after for d in rb.decisions] == [text]
+
+
+def test_a_move_that_could_not_be_made_is_not_proposed_again_at_once():
+    """A host short of memory refuses the move at every try: after `refused`, its layout waits COOLDOWN looks (the
+    pipeline emptied and a REPLAN refused every REBALANCE_EVERY tokens before)."""
+    prof = cluster()
+    rb = RB.Rebalancer(prof, "latency", 1, 64, "star")
+    plan = make_plan(parse_layout("1:1:1", 3), prof.model)
+    assert rb.observe(plan, figures(plan, prof, [1, 1, 5]))
+    text = rb.consider(plan, 10**6, 16)
+    assert rb.refused().after == text and rb.decisions == []
+    for look in range(RB.COOLDOWN):
+        assert rb.consider(plan, 10**6, 32 + 16 * look) is None, look
+    assert rb.consider(plan, 10**6, 99) == text
