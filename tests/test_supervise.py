@@ -451,17 +451,18 @@ def test_a_recovered_runs_figures_are_the_whole_runs(model, tmp_path):
 
 def test_a_planned_run_is_planned_again_on_the_survivors(model, tmp_path):
     """--plan PROFILE: the relaunch plans again from the saved profile's surviving ranks (not the old layout less the
-    lost rank), and the text is unchanged. (The profile's compute is made 1000 times slower, a cluster of slow
-    machines, so that the plan gives every rank work, the lost one included: this machine's measured profile of the
-    tiny model leaves ranks idle.)"""
+    lost rank), and the text is unchanged. (Every rank's compute is made rank 0's, 1000 times slower, a cluster of
+    equal slow machines, so that the plan gives every rank work, the lost one included: this machine's measured
+    profile of the tiny model leaves ranks idle, and 3 ranks on 2 cores measure one of them slower by chance.)"""
     profile = tmp_path / "profile.json"
     p = subprocess.run([MPIRUN, "-n", "3", sys.executable, "-m", "spmd.profile", "--model", model, "--out", profile],
                        cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert p.returncode == 0, p.stderr
     measured = json.loads(profile.read_text())
+    slow = [{k: v * 1000 if k.endswith("_ms") else v for k, v in point.items()}
+            for point in measured["ranks"][0]["compute"]]
     for rank in measured["ranks"]:
-        for point in rank["compute"]:
-            point.update({k: v * 1000 for k, v in point.items() if k.endswith("_ms")})
+        rank["compute"] = slow
     profile.write_text(json.dumps(measured))
     want = reference(model, 3, "1:1:1", "--prompt", "Hello")
     p = subprocess.run([sys.executable, "-m", "spmd.launch", "-n", "3", "--", "--model", model, "--plan", profile,
