@@ -593,13 +593,13 @@ class RankState:
                 if self.memory_limit is not None:
                     need = min(need, self.memory_limit)
         except Exception as e:  # noqa: BLE001 - a bug: said in the reply, and no rank waits for this one
-            error = f"rank {self.comm.rank}: the memory a move needs could not be worked out ({type(e).__name__}: {e})"
-        everyone = self.comm.allgather((C.host_name(), need, available_bytes(), error))
-        first = next((e[3] for e in everyone if e[3] is not None), None)
-        if first is not None:
-            return first
+            error = f"the memory a move needs could not be worked out ({type(e).__name__}: {e})"
+        error = self.comm.first_error(error)  # (names the rank, as every agreed error)
+        if error is not None:
+            return error
+        everyone = self.comm.allgather((C.host_name(), need, available_bytes()))
         for host in dict.fromkeys(e[0] for e in everyone):
-            mine = [(rank, e) for rank, e in enumerate(everyone) if e[0] == host]  # (host, need, available, error)
+            mine = [(rank, e) for rank, e in enumerate(everyone) if e[0] == host]  # (host, need, available)
             more = sum(e[1] for _, e in mine)
             known = [e[2] for _, e in mine if e[2] is not None]
             if known and more > min(known):
