@@ -129,6 +129,11 @@ def run(argv):
             log(serving_line(model_id, host, server.port, comm.size, state.n_slots, state.context))
         stop_on_signals(comm, inbox)
         result = guarded(comm, log, lambda: engine.run(inbox=inbox))
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # the job is over and its status known: a
+            # signal now (mpirun passing on the Ctrl-C that stopped it, late on a loaded machine) changes nothing.
+            # Python's exit would restore the default action before MPI's finalisation, and a rank killed there
+            # made mpirun exit 2 after a clean stop
+            signal.signal(signum, signal.SIG_IGN)
     finally:
         if server is not None:
             server.stop()
