@@ -577,10 +577,12 @@ class RankState:
                             f"{', or --kv-cache f16' if self.opts.kv_cache == 'f32' else ''}")
 
     def room_to_move(self, plan, keep):
-        """Every rank, before a re-partition to `plan`: None, or why a host has not the memory for it (the same
-        line on every rank). A rank whose share changes builds its new model while the old one is live (kept until
-        every rank has built its own): its new KV caches, activations and weights, but the matrices of the kinds
-        in `keep` in layers both shares hold (shared); at most its --memory-limit."""
+        """Every rank, before a re-partition to `plan`: None, or why a host or a GPU has not the memory for it (the
+        same line on every rank). A rank whose share changes builds its new model while the old one is live (kept
+        until every rank has built its own): its new KV caches, activations and weights, but the matrices of the
+        kinds in `keep` in layers both shares hold (shared); at most its --memory-limit. A GPU rank builds it in its
+        GPU's memory (what is free there beside what this process holds), any other in its host's (MemAvailable,
+        shared by the host's ranks)."""
         old, new = self.share, plan[self.comm.rank]
         need, error = 0, None
         try:
@@ -597,9 +599,15 @@ class RankState:
         error = self.comm.first_error(error)  # (names the rank, as every agreed error)
         if error is not None:
             return error
-        everyone = self.comm.allgather((C.host_name(), need, available_bytes()))
-        for host in dict.fromkeys(e[0] for e in everyone):
-            mine = [(rank, e) for rank, e in enumerate(everyone) if e[0] == host]  # (host, need, available)
+        device = self.backend.device_memory_bytes()
+        everyone = self.comm.allgather((C.host_name(), need, available_bytes() if device is None else None, device))
+        for rank, (_, more, _, free) in enumerate(everyone):
+            if free is not None and more > free:
+                return (f"rank {rank}'s GPU has {human_size(free)} free, and the rank would need {human_size(more)} "
+                        "more there while the move is made (it holds its old share and its new one until every "
+                        "rank has its new one): move less at a time")
+        for host in dict.fromkeys(e[0] for e in everyone if e[3] is None):
+            mine = [(rank, e) for rank, e in enumerate(everyone) if e[0] == host and e[3] is None]
             more = sum(e[1] for _, e in mine)
             known = [e[2] for _, e in mine if e[2] is not None]
             if known and more > min(known):

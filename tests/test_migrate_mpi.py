@@ -455,3 +455,31 @@ def test_a_migration_the_host_has_no_memory_for_is_refused(models, socket_path, 
         assert not replies[0]["ok"] and error.startswith("the migration failed and the plan is unchanged: host "), error
         assert f"has 1000 B available, and ranks 0, {last} would need" in error and "move less at a time" in error
         assert replies[1]["ok"] and replies[1]["epoch"] == 1 and result["plan_epoch"] == 1
+
+
+@needs_two
+@pytest.mark.mpi
+def test_a_migration_a_gpu_has_no_memory_for_is_refused(models, socket_path, monkeypatch):
+    """A Vulkan rank builds its new share in its device's memory, not the host's: where its GPU has not the room,
+    every rank keeps its plan, the reply names the rank's GPU; the next migration (room there again) works."""
+    if not all(WORLD.allgather(vulkan_available())):
+        pytest.skip("no Vulkan device on every rank")
+    from spmd.backends.vulkan import VulkanBackend
+    expected = one_rank_tokens(model=models["Q8_0"], steps=12)
+    short = []  # rank 0 (the Vulkan rank) arms it at token 2: its GPU then has 1000 bytes free for one look
+    device_free = VulkanBackend.device_memory_bytes
+    monkeypatch.setattr(VulkanBackend, "device_memory_bytes", lambda self: short.pop() if short else device_free(self))
+    last = WORLD.size - 1
+
+    def each_token(driver, k):
+        if k == 2:
+            short.append(1000)
+    backends = ",".join(["vulkan"] + ["cpu"] * last)
+    engine, result, replies = run(models["Q8_0"], socket_path, steps=12, each_token=each_token, backend=backends,
+                                  gpu="0", schedule={2: [migrate(1, 0, last, kv=1)], 4: [migrate(1, 0, last, kv=1)]})
+    if WORLD.rank == 0:
+        assert result["tokens"] == expected
+        error = replies[0]["error"]
+        assert not replies[0]["ok"] and error.startswith("the migration failed and the plan is unchanged: rank 0's "
+                                                         "GPU has 1000 B free, and the rank would need "), error
+        assert replies[1]["ok"] and replies[1]["epoch"] == 1 and result["plan_epoch"] == 1
