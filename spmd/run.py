@@ -195,12 +195,17 @@ def summary(r):
     return f"[spmd] {len(r['tokens'])} tokens, {decode}, prefill {len(r['prompt_tokens'])} tokens in {prefill}; {setup}"
 
 
+_mid_line = [False]  # the text streamed to stdout ends mid-line (where `root_log` starts a note on a new line)
+
+
 def write_stdout(piece):
     """Stream a piece of text; False once the reader has gone (`| head`), after which stdout is silenced. A stdout
     that cannot be written (a full disk, /dev/full) is a UserError."""
     try:
         sys.stdout.write(piece)
         sys.stdout.flush()
+        if piece:
+            _mid_line[0] = not piece.endswith("\n")
         return True
     except OSError as e:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error when Python flushes at exit
@@ -366,7 +371,13 @@ def model_or_embedded(kw):
 
 
 def root_log(comm):
-    return (lambda msg: print(msg, file=sys.stderr, flush=True)) if comm.is_root else (lambda msg: None)
+    """Rank 0's notes on stderr (nothing elsewhere). Where stdout and stderr are both a terminal, a note that comes
+    while the text is mid-line (a rebalance, a migration) starts on a line of its own, and the text goes on below."""
+    def log(msg):
+        if _mid_line[0] and sys.stdout.isatty() and sys.stderr.isatty():
+            msg, _mid_line[0] = "\n" + msg, False
+        print(msg, file=sys.stderr, flush=True)
+    return log if comm.is_root else (lambda msg: None)
 
 
 def stdout_to_rank_0(comm):

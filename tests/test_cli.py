@@ -898,3 +898,33 @@ def test_stdout_is_rank_0s():
                        timeout=60)
     assert p.returncode == 0, p.stderr
     assert p.stdout == "rank 0\n" and sorted(p.stderr) == sorted("rank 1\nrank 2\n")  # (the two may interleave)
+
+
+@pytest.mark.parametrize("terminal", [True, False], ids=["terminal", "pipes"])
+def test_a_note_that_comes_mid_line_starts_a_line_of_its_own_on_a_terminal(terminal):
+    """Rank 0's notes (a rebalance, a migration) go to stderr while the text streams to stdout: on a terminal that
+    both share, a note that comes mid-line starts on a new line and the text goes on below it; piped, neither
+    stream gets a byte it did not have."""
+    import pty
+    code = ("import types; from spmd.run import root_log, write_stdout\n"
+            "log = root_log(types.SimpleNamespace(is_root=True))\n"
+            "write_stdout('Once upon'); log('note: moved'); write_stdout(' a time\\n'); log('note: done')\n")
+    if not terminal:
+        p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert (p.returncode, p.stdout, p.stderr) == (0, "Once upon a time\n", "note: moved\nnote: done\n")
+        return
+    main, side = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=side, stderr=side)
+    os.close(side)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(main, 4096)
+        except OSError:  # (EIO: the child closed the terminal)
+            break
+        if not chunk:
+            break
+        seen += chunk
+    os.close(main)
+    assert proc.wait(60) == 0
+    assert seen.decode() == "Once upon\r\nnote: moved\r\n a time\r\nnote: done\r\n"
