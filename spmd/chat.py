@@ -8,7 +8,7 @@ stderr) of --model where that is a file, else of the embedded model, and stops i
 SIGTERM). A server still loading is waited for. Refused turns and errors are said on stderr; a chat whose input is
 not a terminal ends 1 where a turn failed.
 """
-from . import needs  # noqa: F401 (first: one line, not a traceback, where this Python lacks the set-up)
+from . import needs  # (first: one line, not a traceback, where this Python lacks the set-up)
 import os
 import re
 import signal
@@ -289,6 +289,7 @@ def chat(url, model, system, max_tokens, temperature, seed, server_log=None):
 
 
 def main():
+    needs.interruptible()
     click_main(cli, "python -m spmd.chat")
 
 

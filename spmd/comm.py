@@ -25,10 +25,12 @@ not a network delay: this machine's kernel has no netem. Unset or 0, it costs no
 import contextlib
 import math
 import os
+import select
 import signal
 import sys
 import threading
 import time
+import warnings
 import weakref
 from dataclasses import dataclass
 from enum import IntEnum
@@ -38,12 +40,74 @@ import numpy as np
 from .errors import UserError
 from .model import Segment
 from .plan import chunk_counts
-from .shm import clean_up_after_abort
+from . import shm
+
+START_WAIT_S = 120.0  # how long MPI's start waits for the job's other ranks to start too (`starting`)
+START_LOOK_S = 0.2  # how often its watcher looks
+START_FAILED = ("error: MPI did not start within {seconds:g} s: a rank of the job ended before its start (a host "
+                "without the set-up, a crash: its own line, if any, is above) or cannot reach this one\n")
+
+
+@contextlib.contextmanager
+def starting():
+    """Around MPI's start (MPI_Init, as mpi4py's MPI module is imported). It waits, holding the interpreter, until
+    every rank of the job has started too: no Python code of this process runs until it returns, neither a thread
+    nor a signal's handler, and where a rank ended before its own start it waits for ever. So in a job of several
+    ranks, meanwhile, Ctrl-C and SIGTERM have their default action (they end the process), and a child process
+    waits START_WAIT_S (SPMD_START_WAIT_S) for the start to end; if it has not, the child says so (on rank 0) and
+    kills this rank, and mpirun takes the job down. Where the start does not end well (this rank killed, by the
+    child or a signal), the child has MPI's shared-memory files of the host that this rank mapped removed."""
+    if int(os.environ.get("PMI_SIZE") or os.environ.get("OMPI_COMM_WORLD_SIZE") or 1) == 1:
+        yield  # (a rank alone waits for nobody)
+        return
+    kept = {s: signal.signal(s, signal.SIG_DFL) for s in (signal.SIGINT, signal.SIGTERM)}
+    watcher = _watch_start(float(os.environ.get("SPMD_START_WAIT_S") or START_WAIT_S))
+    try:
+        yield
+    finally:
+        child, end = watcher
+        os.write(end, b"1")  # (started: the child exits)
+        os.close(end)
+        os.waitpid(child, 0)
+        for s, handler in kept.items():
+            if handler is not None:  # (None: a handler not set from Python, which stays)
+                signal.signal(s, handler)
+
+
+def _watch_start(seconds):
+    """`starting`'s child: (its pid, the pipe's end on which this rank says that MPI has started). The pipe's end
+    without that word is this rank's death."""
+    parent = os.getpid()
+    r, w = os.pipe()
+    with warnings.catch_warnings():  # (Python 3.12 warns of a fork beside threads: the child runs no code of theirs)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        child = os.fork()
+    if child:
+        os.close(r)
+        return child, w
+    try:
+        os.close(w)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # (a Ctrl-C ends the rank, whose end ends this)
+        deadline, mapped = time.monotonic() + seconds, set()
+        while time.monotonic() < deadline:
+            mapped |= shm.mapped_names([parent])  # (MPI_Init makes and maps them; gone from view as the rank dies)
+            if select.select([r], [], [], START_LOOK_S)[0]:
+                if os.read(r, 1) != b"1":
+                    shm.start_janitor(mapped)
+                return
+        if os.environ.get("PMI_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")) == "0":
+            os.write(2, START_FAILED.format(seconds=seconds).encode())
+        shm.start_janitor(mapped | shm.mapped_names([parent]))
+        os.kill(parent, signal.SIGKILL)
+    finally:
+        os._exit(0)
+
 
 # UCX (the mpich wheel's transport) takes SIGHUP as its signal to log at debug level, by default: a terminal's
 # hang-up then went on generating with UCX's debug lines in the text. Off, SIGHUP is spmd's (run.watched).
 os.environ.setdefault("UCX_DEBUG_SIGNO", "0")
-from mpi4py import MPI  # noqa: E402 (MPI starts here)
+with starting():
+    from mpi4py import MPI  # noqa: E402 (MPI starts here)
 
 # waiting on MPI: test without pause this long, then yielding the core until SPIN_S, then between naps up to NAP_MAX_S
 BUSY_S, SPIN_S, NAP_MAX_S = 1e-4, 0.05, 0.002
@@ -639,7 +703,7 @@ class Comm:
 
     def abort(self, code=1):
         """Every rank taken down (MPI_Abort), this rank's MPICH shared-memory files removed once the job is gone."""
-        clean_up_after_abort()
+        shm.clean_up_after_abort()
         self.comm.Abort(code)
 
 

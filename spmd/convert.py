@@ -9,7 +9,7 @@ keeps it, and llama2.c's RoPE rotates interleaved pairs as GGUF's llama arch doe
 llama2.c tokenizer: int32 max_token_length, then per token: float32 score, int32 length, `length` bytes. The
 sentencepiece .model it is exported from (llama2.c's tokenizer.py) does as well: its pieces, scores and token types.
 """
-from . import needs  # noqa: F401 (first: one line, not a traceback, where this Python lacks the set-up)
+from . import needs  # (first: one line, not a traceback, where this Python lacks the set-up)
 import os
 import re
 import struct
@@ -276,6 +276,7 @@ def llama2c(checkpoint, tokenizer, out, outtype):
 
 
 def main():
+    needs.interruptible()  # (a Ctrl-C mid-write removes the part written)
     click_main(cli, "python -m spmd.convert")
 
 

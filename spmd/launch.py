@@ -12,21 +12,17 @@ instead, with one line naming the rank and host. So is a server (--serve): its H
 (spmd.front), and each client's stream goes on through a recovery."""
 from . import needs  # noqa: F401 (first: one line, not a traceback, where this Python lacks the set-up)
 import os
+import re
+import shutil
 import signal
+import socket
+import subprocess
+import sys
 
-if __name__ == "__main__":  # a Ctrl-C while the imports below run (0.3 s after start on a loaded machine): 130,
-    signal.signal(signal.SIGINT, lambda *_: os._exit(130))  # no traceback; nothing has started yet
+import click
 
-import re  # noqa: E402
-import shutil  # noqa: E402
-import socket  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-
-import click  # noqa: E402
-
-from .errors import UserError, click_main, is_whole_number, nonempty, regular_file  # noqa: E402
-from .run import finite  # noqa: E402
+from .errors import UserError, click_main, is_whole_number, nonempty, regular_file
+from .run import finite
 
 MAX_HOSTFILE_BYTES = 1 << 20
 LOCAL = {"localhost", "127.0.0.1", "::1", socket.gethostname(), socket.getfqdn()}

@@ -26,7 +26,7 @@ the median.
 `spmd.cluster.load_profile` reads). Simulated slow ranks (SPMD_TEST_SLOW) and links (SPMD_TEST_LINK_DELAY_MS)
 are measured as they would run.
 """
-from . import needs  # noqa: F401 (first: one line, not a traceback, where this Python lacks the set-up)
+from . import needs  # (first: one line, not a traceback, where this Python lacks the set-up)
 import json
 import sys
 import time
@@ -315,6 +315,7 @@ def main(argv=None):
     import signal
 
     from . import run as R
+    needs.interruptible()
     signal.signal(signal.SIGTERM, R.interrupt)
     try:
         from . import comm as C  # initialises MPI

@@ -1,6 +1,6 @@
 """`python -m spmd.run`: the command every rank runs. Rank 0 streams the text to stdout and one summary line to
 stderr (or prints one JSON object with --output json); every other rank stays quiet unless something is wrong."""
-from . import needs  # noqa: F401 (first: one line, not a traceback, where this Python lacks the set-up)
+from . import needs  # (first: one line, not a traceback, where this Python lacks the set-up)
 import contextlib
 import json
 import math
@@ -218,6 +218,7 @@ def main(argv=None):
     """Ctrl-C, or a SIGTERM (mpirun passes both on to every rank) or a SIGHUP (a terminal closed), stops without a
     traceback, with the shell's exit status for the signal (130, 143, 129); under way, every rank stops together and
     rank 0's control socket file is removed."""
+    needs.interruptible()
     try:
         watched()
         run(argv)

@@ -2,7 +2,7 @@
 serves HTTP (spmd.api) while every rank runs the model (the driver takes the requests as they come, up to
 --sequences at once). Ctrl-C or SIGTERM (mpirun passes it to every rank) stops it cleanly: the answers under way
 end, every rank exits with status 0, the control socket file is removed."""
-from . import needs  # noqa: F401 (first: one line, not a traceback, where this Python lacks the set-up)
+from . import needs  # (first: one line, not a traceback, where this Python lacks the set-up)
 import os
 import re
 import signal
@@ -70,6 +70,7 @@ def cors_origins(text):
 
 
 def main(argv=None):
+    needs.interruptible()
     try:
         watched()
         run(argv)

@@ -1,9 +1,9 @@
 """MPICH's shared-memory files (/dev/shm/mpich_shm_*): MPI_Finalize removes a job's own, MPI_Abort does not. A job
 that ends by an abort (Ctrl-C or SIGTERM on several ranks, --wait-timeout, a bug) leaves a file of a few MB per
-host in memory. Three things keep /dev/shm clean: an aborting rank starts a janitor (`clean_up_after_abort`), a
-process of its own that removes the files this rank maps once no process maps them any more; a supervisor starts
-one for the files of each job it ran, on its own host, once the job has ended (`clean_up_after_job`); and a job's
-start removes what an abort had no chance to clean (a rank killed, mpirun taken down: `remove_stale`), and with it
+host in memory. Four things keep /dev/shm clean: an aborting rank starts a janitor (`clean_up_after_abort`), a
+process of its own that removes the files this rank maps once no process maps them any more; so does the watcher
+of a rank's MPI start where the rank dies in it (spmd.comm's `starting`); a supervisor starts one for the files of
+each job it ran, on its own host, once the job has ended (`clean_up_after_job`); and a job's start removes what an abort had no chance to clean (a rank killed, mpirun taken down: `remove_stale`), and with it
 the machine's topology file that MPI_Init writes for the job's ranks of a host (/tmp/hydra_hwloc_xmlfile_*, 5 KB) and
 only MPI_Finalize removes. Standard library only: the janitor starts a fresh interpreter on this module (`python -m
 spmd.shm PATH ...`)."""
@@ -64,7 +64,7 @@ def clean_up_after_abort():
     """Before this rank calls MPI_Abort: a janitor process, in a session of its own (mpirun's teardown does not
     reach it), removes the files this rank maps once no process maps them (JANITOR_WAIT_S at most). Never fails."""
     try:
-        _start_janitor(mapped_names([os.getpid()]))
+        start_janitor(mapped_names([os.getpid()]))
     except Exception:  # an abort goes on whatever happens here
         pass
 
@@ -82,12 +82,14 @@ def clean_up_after_job(before, folder=FOLDER):
     appeared here while it ran (`before`: `names()` as it started), which a killed rank left (a file younger than
     `remove_stale`'s minute would stay until a later job's start). Never fails."""
     try:
-        _start_janitor(names(folder) - set(before), folder)
+        start_janitor(names(folder) - set(before), folder)
     except Exception:
         pass
 
 
-def _start_janitor(found, folder=FOLDER):
+def start_janitor(found, folder=FOLDER):
+    """A process of its own session (mpirun's teardown does not reach it) that removes the files `found` (names in
+    `folder`) once no process maps them (`janitor`)."""
     if found:
         subprocess.Popen([sys.executable, "-m", "spmd.shm", *(os.path.join(folder, n) for n in sorted(found))],
                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

@@ -928,3 +928,50 @@ def test_a_note_that_comes_mid_line_starts_a_line_of_its_own_on_a_terminal(termi
     os.close(main)
     assert proc.wait(60) == 0
     assert seen.decode() == "Once upon\r\nnote: moved\r\n a time\r\nnote: done\r\n"
+
+
+@pytest.mark.skipif(MPIRUN is None, reason="no mpirun")
+def test_a_rank_that_ends_before_mpi_starts_ends_the_job_within_the_start_wait(model):
+    """MPI's start waits for every rank of the job, holding the interpreter: where one ended before its own start
+    (here a stand-in for a host without the set-up), rank 0 waited for ever. Now the start's wait
+    (SPMD_START_WAIT_S) ends it with one line, and nothing is left in /dev/shm."""
+    from spmd.comm import START_FAILED
+    before, start = shm_files(), time.monotonic()
+    p = subprocess.run([MPIRUN, "-n", "1", sys.executable, "-m", "spmd.run", "--model", str(model), "--steps", "3",
+                        ":", "-n", "1", sys.executable, "-c", "import sys; sys.exit('error: no set-up here')"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "SPMD_START_WAIT_S": "3"})
+    assert p.returncode != 0 and time.monotonic() - start < 60, p.stderr
+    errors = {line for line in p.stderr.splitlines() if line.startswith("error:")}
+    assert errors == {"error: no set-up here", START_FAILED.format(seconds=3).strip()}, p.stderr
+    assert "Traceback" not in p.stderr
+    assert no_new_shm_files(before)
+
+
+@pytest.mark.skipif(MPIRUN is None, reason="no mpirun")
+def test_ctrl_c_while_mpi_starts_ends_the_job(model):
+    """A Ctrl-C that comes while rank 0 is in MPI's start, waiting for a rank that has not started (no Python
+    handler runs there), ends the job at once, not after the start's wait, and without a traceback. The other rank
+    stands in for one that the Ctrl-C reached before its start: it exits 1 (as a KeyboardInterrupt's traceback
+    did), which mpirun does not take for a failure of the job, and rank 0 waited for ever. MPI's shared-memory
+    file, which rank 0's start had made, is removed."""
+    before = shm_files()
+    stand_in = "import signal, os, time; signal.signal(signal.SIGINT, lambda *_: os._exit(1)); time.sleep(60)"
+    proc = subprocess.Popen([MPIRUN, "-n", "1", sys.executable, "-m", "spmd.run", "--model", str(model), "--steps",
+                             "3", ":", "-n", "1", sys.executable, "-c", stand_in], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "SPMD_START_WAIT_S": "100"})
+    try:
+        pid = rank_pid("spmd.run", 0)
+        deadline = time.monotonic() + 60
+        while "libmpi" not in Path(f"/proc/{pid}/maps").read_text():  # (loaded: in MPI's start, for good)
+            assert time.monotonic() < deadline, "rank 0 did not reach MPI's start"
+            time.sleep(0.05)
+        time.sleep(1.0)  # (in MPI_Init's wait, past mpi4py's own Python code around it)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0 and "Traceback" not in err, err
+    assert no_new_shm_files(before)
