@@ -1,12 +1,12 @@
-"""MPICH's shared-memory files (/dev/shm/mpich_shm_*): MPI_Finalize removes a job's own, MPI_Abort does not. A job
-that ends by an abort (Ctrl-C or SIGTERM on several ranks, --wait-timeout, a bug) leaves a file of a few MB per
-host in memory. Four things keep /dev/shm clean: an aborting rank starts a janitor (`clean_up_after_abort`), a
-process of its own that removes the files this rank maps once no process maps them any more; so does the watcher
-of a rank's MPI start where the rank dies in it (spmd.comm's `starting`); a supervisor starts one for the files of
-each job it ran, on its own host, once the job has ended (`clean_up_after_job`); and a job's start removes what an abort had no chance to clean (a rank killed, mpirun taken down: `remove_stale`), and with it
-the machine's topology file that MPI_Init writes for the job's ranks of a host (/tmp/hydra_hwloc_xmlfile_*, 5 KB) and
-only MPI_Finalize removes. Standard library only: the janitor starts a fresh interpreter on this module (`python -m
-spmd.shm PATH ...`)."""
+"""MPICH's shared-memory files (/dev/shm/mpich_shm_*): MPI_Finalize removes a job's own, MPI_Abort does not. A job that
+ends by an abort (Ctrl-C or SIGTERM on several ranks, --wait-timeout, a bug) leaves a file of a few MB per host in
+memory. Four things keep /dev/shm clean: an aborting rank starts a janitor (`clean_up_after_abort`), a process of its
+own that removes the files this rank maps once no process maps them any more; so does the watcher of a rank's MPI
+start where the rank dies in it (spmd.comm's `starting`); a supervisor starts one for the files of each job it ran,
+on its own host, once the job has ended (`clean_up_after_job`); and a job's start removes what an abort had no chance
+to clean (a rank killed, mpirun taken down: `remove_stale`), and with it the machine's topology file that MPI_Init
+writes for the job's ranks of a host (/tmp/hydra_hwloc_xmlfile_*, 5 KB) and only MPI_Finalize removes. Standard
+library only: the janitor starts a fresh interpreter on this module (`python -m spmd.shm PATH ...`)."""
 import os
 import subprocess
 import sys
