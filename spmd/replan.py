@@ -135,7 +135,7 @@ def _keep_what_you_can(held, counts, n_units) -> list:
 
 def relayout(plan, layout) -> Plan:
     """A plan for the parsed `layout` (same rank count), each rank keeping what it can of its units; refuses one
-    that would change nothing."""
+    that would change nothing (the same shares, and ratios that are the plan's times one factor)."""
     n = sum(len(s.speeds) for s in layout)
     if n != len(plan):
         raise UserError(f"{layout.what} has {n} ranks but the job has {len(plan)}")
@@ -152,7 +152,8 @@ def relayout(plan, layout) -> Plan:
                                kv, blocks)
         rank += len(ranks)
     speeds = tuple(v for s in layout for v in s.speeds)
-    if tuple(shares) == plan.shares and speeds == plan.speeds:
+    scale = sum(speeds) / sum(plan.speeds)  # ('2:2' is '1:1': ratios, not speeds; Fractions, exact)
+    if tuple(shares) == plan.shares and all(a * scale == b for a, b in zip(plan.speeds, speeds)):
         raise UserError(f"{layout.what} would change nothing: the plan is already {plan.text()}")
     return _next(plan, shares, speeds, layout.what)
 

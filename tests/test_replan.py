@@ -142,8 +142,10 @@ def test_relayout_follows_the_ratios_and_keeps_what_each_rank_has():
     assert {m[0] for m in moved} == {"ffn", "vocab"}
     assert sum(m[0] == "ffn" for m in moved) == (59 - 44) * 2 * 6  # ranks 0, 1 give 15 blocks each, every layer
     assert all(m[4] == 2 for m in moved if m[0] == "ffn")
-    with pytest.raises(UserError, match="^--ratios '1:1:2' would change nothing: the plan is already 1:1:2$"):
-        relayout(new, parse_layout("1:1:2", 3))
+    for same in ("1:1:2", "2:2:4", "0.5:0.5:1"):  # (ratios: one factor times the plan's changes nothing)
+        with pytest.raises(UserError, match=f"^--ratios '{same}' would change nothing: the plan is already 1:1:2$"):
+            relayout(new, parse_layout(same, 3))
+    assert relayout(new, parse_layout("1:1:2.1", 3)).text() == "1:1:2.1"  # (other ratios: a change)
 
 
 def test_relayout_regroups_stages():
