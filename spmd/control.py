@@ -37,9 +37,16 @@ KINDS = {1: ("kv_groups",), 2: ("ffn_blocks",), 3: ("kv_groups", "ffn_blocks"), 
 MOVE_FIELDS = {"kind", "from", "to", "kv_groups", "ffn_blocks", "from_stage", "to_stage", "count"}
 
 
-def socket_dir() -> str:
-    """The per-user folder of control sockets: $XDG_RUNTIME_DIR/spmd, or /tmp/spmd-<uid>."""
+def runtime_dir():
+    """$XDG_RUNTIME_DIR where it is a folder this user can write in, else None (unset, gone, or another user's after
+    su: it is never created here)."""
     runtime = os.environ.get("XDG_RUNTIME_DIR")
+    return runtime if runtime and os.path.isdir(runtime) and os.access(runtime, os.W_OK | os.X_OK) else None
+
+
+def socket_dir() -> str:
+    """The per-user folder of control sockets: $XDG_RUNTIME_DIR/spmd (`runtime_dir`), or /tmp/spmd-<uid>."""
+    runtime = runtime_dir()
     return os.path.join(runtime, "spmd") if runtime else f"/tmp/spmd-{os.getuid()}"
 
 

@@ -38,6 +38,7 @@ from fractions import Fraction
 from typing import NamedTuple
 
 from . import shm
+from .control import runtime_dir
 from .errors import UserError
 from .journal import Record
 from .plan import parse_layout
@@ -344,9 +345,7 @@ class Supervisor:
     # ---- the loop -------------------------------------------------------------------------------------------------
     def run(self):
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-        runtime = os.environ.get("XDG_RUNTIME_DIR")  # (one that is gone or not ours, after su: the temporary folder)
-        base = runtime if runtime and os.path.isdir(runtime) and os.access(runtime, os.W_OK | os.X_OK) else \
-            tempfile.gettempdir()
+        base = runtime_dir() or tempfile.gettempdir()
         remove_stale_dirs(base)
         self.dir = tempfile.mkdtemp(prefix=f"{DIR_PREFIX}{os.getpid()}-", dir=base)
         try:

@@ -107,6 +107,14 @@ def test_socket_is_private_and_removed_at_close(tmp_path, monkeypatch):
     assert not os.path.exists(path)
 
 
+def test_a_runtime_folder_that_is_not_there_is_not_made(tmp_path, monkeypatch):
+    """$XDG_RUNTIME_DIR naming a folder that does not exist (or is not this user's): the sockets go to
+    /tmp/spmd-UID, and nothing is created where it points."""
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "gone"))
+    assert control.socket_dir() == f"/tmp/spmd-{os.getuid()}"
+    assert not (tmp_path / "gone").exists()
+
+
 def test_a_shared_folder_is_refused(tmp_path):
     open_dir = tmp_path / "open"
     open_dir.mkdir(mode=0o777)
