@@ -1,10 +1,21 @@
 """The one exception type for a user's mistake (printed as one line on rank 0, never as a traceback), the checks of
 user input that several modules share, and how a click command runs as a program (`click_main`)."""
+import json
 import sys
 
 
 class UserError(Exception):
     """Bad input (file, flag, prompt, hostfile): the message names the problem in one line."""
+
+
+def as_sent(value, limit=40) -> str:
+    """A value of a JSON request as the request spells it (true, null, "text", Infinity), cut after `limit`
+    characters: for an error that names it."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):  # (not from JSON: a caller's own object)
+        text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def click_error_line(e, prog) -> str:

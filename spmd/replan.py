@@ -14,7 +14,7 @@ from dataclasses import replace
 from fractions import Fraction
 from types import SimpleNamespace
 
-from .errors import UserError
+from .errors import UserError, as_sent
 from .plan import Plan, apportion, n_ffn_blocks, refuse_empty, stage_layers, stage_shares, starts
 
 
@@ -34,7 +34,7 @@ def _next(plan, shares, speeds, why) -> Plan:
 
 def _check_rank(plan, what, r):
     if not isinstance(r, int) or isinstance(r, bool):
-        raise UserError(f"'{what}' must be a rank, a whole number (got {r!r:.40})")
+        raise UserError(f"'{what}' must be a rank, a whole number (got {as_sent(r)})")
     if not 0 <= r < len(plan):
         raise UserError(f"'{what}' rank {r} is out of range: the job has ranks 0..{len(plan) - 1}")
 
@@ -73,7 +73,7 @@ def move_units(plan, src: int, dst: int, kv_groups: int = None, ffn_blocks: int 
         if n is None:
             continue
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise UserError(f"'{key}' must be a whole number of {noun}s, at least 1 (got {n!r})")
+            raise UserError(f"'{key}' must be a whole number of {noun}s, at least 1 (got {as_sent(n)})")
         held = getattr(a, field)
         if n > len(held):
             raise UserError(f"rank {src} has {len(held)} {noun}{'s' * (len(held) != 1)}; cannot move {n}")
@@ -97,13 +97,13 @@ def move_layers(plan, from_stage: int, to_stage: int, count: int) -> Plan:
     stages = plan.stages
     for what, s in (("from_stage", from_stage), ("to_stage", to_stage)):
         if not isinstance(s, int) or isinstance(s, bool):
-            raise UserError(f"'{what}' must be a stage, a whole number (got {s!r:.40})")
+            raise UserError(f"'{what}' must be a stage, a whole number (got {as_sent(s)})")
         if not 0 <= s < len(stages):
             raise UserError(f"'{what}' {s} is out of range: the plan has stages 0..{len(stages) - 1}")
     if abs(from_stage - to_stage) != 1:
         raise UserError(f"stages {from_stage} and {to_stage} are not adjacent: layers move between neighbours")
     if not isinstance(count, int) or isinstance(count, bool) or count < 1:
-        raise UserError(f"'count' must be a whole number of layers, at least 1 (got {count!r})")
+        raise UserError(f"'count' must be a whole number of layers, at least 1 (got {as_sent(count)})")
     src = stages[from_stage]
     if count >= src.n_layers:
         raise UserError(f"stage {from_stage} has {src.n_layers} layer{'s' * (src.n_layers != 1)}; it must keep at "
