@@ -304,7 +304,7 @@ class Listener:
         """A request from a parsed message, checked against the current state (the lock is held)."""
         cmd = msg.get("cmd")
         if not isinstance(cmd, str) or cmd not in FIELDS:
-            raise UserError(f"unknown command {as_sent(cmd)}: expected 'status' or 'migrate'"[:300])
+            raise UserError(f"unknown command {as_sent(cmd)}: expected 'status' or 'migrate'")
         unknown = sorted(set(msg) - FIELDS[cmd])
         if unknown:
             raise UserError(f"unknown field{'s' * (len(unknown) > 1)} for {cmd}: {', '.join(map(repr, unknown))}"[:300])
@@ -325,7 +325,7 @@ class Listener:
             raise UserError("migrate needs 'kind' (or a whole new 'ratios')")
         if not isinstance(kind, (int, str)) or isinstance(kind, bool) or kind not in KINDS:
             raise UserError(f"unknown kind {as_sent(kind)}: 1 moves attention heads, 2 FFN columns, 3 both, "
-                            f"'layers' layers between stages"[:300])
+                            f"'layers' layers between stages")
         places = ("from_stage", "to_stage") if kind == "layers" else ("from", "to")
         for key in places + KINDS[kind]:
             if key not in msg:
@@ -342,7 +342,7 @@ class Listener:
     def _due_position(self, msg):
         mode = msg.get("mode", "at" if "at" in msg else "next")
         if mode not in ("next", "at"):
-            raise UserError(f"unknown mode {as_sent(mode)}: expected 'next' or 'at'"[:300])
+            raise UserError(f"unknown mode {as_sent(mode)}: expected 'next' or 'at'")
         if mode == "next":
             if "at" in msg:
                 raise UserError("mode 'next' takes no 'at'")
@@ -350,7 +350,7 @@ class Listener:
         else:
             at = msg.get("at")
             if not isinstance(at, int) or isinstance(at, bool) or at < 0:
-                raise UserError(f"mode 'at' needs 'at': a token position, a whole number from 0 (got {as_sent(at)})"[:300])
+                raise UserError(f"mode 'at' needs 'at': a token position, a whole number from 0 (got {as_sent(at)})")
             if at > MOST_AT:
                 raise UserError(f"position {at} is too far ahead: 'at' is at most 2^53")
             if at < self._next_boundary:
@@ -452,7 +452,7 @@ def _ratios_text(value):
     if isinstance(value, list) and value and all(isinstance(v, (int, float)) and not isinstance(v, bool)
                                                  for v in value):
         return ":".join(repr(v) for v in value)
-    raise UserError(f"'ratios' must be a string such as '1:1:2' or a list of positive numbers (got {as_sent(value)})"[:300])
+    raise UserError(f"'ratios' must be a string such as '1:1:2' or a list of positive numbers (got {as_sent(value)})")
 
 
 def _read_line(conn, buffer, deadline):
