@@ -11,6 +11,7 @@ import glob
 import json
 import os
 import socket
+import stat
 import time
 
 from .control import is_live, socket_dir
@@ -50,7 +51,11 @@ class Connection:
             self._sock.connect(path)
         except OSError as e:
             self._sock.close()
-            raise ClientError(f"cannot talk to {path}: {e.strerror or e}") from None
+            why = e.strerror or e
+            if isinstance(e, ConnectionRefusedError) and os.path.exists(path) and \
+                    not stat.S_ISSOCK(os.stat(path).st_mode):  # (Linux says "Connection refused" of any other file)
+                why = "not a socket (give a running job's control socket)"
+            raise ClientError(f"cannot talk to {path}: {why}") from None
         self._lines = self._sock.makefile("rb")
 
     def __enter__(self):

@@ -168,3 +168,14 @@ def test_a_reply_that_is_not_the_protocols_is_one_line(tmp_path, reply, said):
         other.close()
     assert p.returncode == 1 and p.stdout == "" and len(p.stderr.splitlines()) == 1, p.stderr
     assert p.stderr.startswith("error: ") and said in p.stderr, p.stderr
+
+
+@pytest.mark.parametrize("what", ["folder", "file"])
+def test_a_socket_path_that_is_not_a_socket_is_said_so(tmp_path, what):
+    """--socket naming a folder or a plain file: one line saying it is not a socket (Linux's own word for a
+    connect to either is "Connection refused", as for a job that has gone)."""
+    path = tmp_path / "x"
+    path.mkdir() if what == "folder" else path.write_text("")
+    p = client(dict(os.environ), "--socket", str(path), "status")
+    assert p.returncode == 1 and p.stderr == f"error: cannot talk to {path}: not a socket (give a running job's " \
+                                             "control socket)\n", p.stderr
