@@ -246,9 +246,12 @@ def parse_layout(text, n_ranks: int, name: str = "--ratios") -> Layout:
         layers = None
         if "@" in part:
             part, _, count = part.partition("@")
-            if not COUNT.fullmatch(count.strip()) or len(count.strip()) > 9 or int(count) < 1:
-                raise UserError(f"{what}: @{count.strip()} must be a whole number of layers, at least 1")
-            layers = int(count)
+            digits = count.strip()
+            if not COUNT.fullmatch(digits) or not digits.lstrip("0"):
+                raise UserError(f"{what}: @{digits[:20]} must be a whole number of layers, at least 1")
+            if len(digits.lstrip("0")) > 9:  # (and no int of a huge string)
+                raise UserError(f"{what}: @{digits[:20]} is more layers than any model has")
+            layers = int(digits)
         specs.append(StageSpec(_numbers(part, what), layers))
     if specs[0].speeds[0] == 0:
         raise UserError(f"{what}: rank 0 cannot be idle (ratio 0): it embeds the tokens and samples")

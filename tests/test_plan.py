@@ -149,6 +149,7 @@ def test_ffn_not_a_multiple_of_the_block():
     ("1/10000000:1", 2, "must lie between"),
     ("1@x*1", 2, "@x must be a whole number of layers"),
     ("1@0*1", 2, "@0 must be a whole number of layers, at least 1"),
+    ("1@" + "9" * 5000 + "*1", 2, "@99999999999999999999 is more layers than any model has"),
     ("1@-3*1", 2, "@-3 must be a whole number"),
     ("\uff11*1", 2, "expected numbers"),  # a full-width digit
     ("\u0663*1", 2, "expected numbers"),  # an Arabic-Indic digit
