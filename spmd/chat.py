@@ -234,6 +234,9 @@ def chat(url, model, system, max_tokens, temperature, seed, server_log=None):
         served = [m.id for m in client.models.list().data]  # (with --model too: is a server there at all?)
         if not all(isinstance(m, str) for m in served):
             raise TypeError("model ids that are not strings")
+    except openai.APIStatusError as e:  # (a web server answered, with an error)
+        raise click.ClickException(f"{url} is not an OpenAI-compatible server: GET /v1/models answered "
+                                   f"{e.status_code}") from None
     except openai.APIError as e:
         raise click.ClickException(f"no server answers at {url} ({getattr(e, 'message', e)})") from None
     except NOT_OPENAI as e:

@@ -26,7 +26,8 @@ ASK_AFTER_S = 0.5  # and asks rank 0 to stop after this long (where mpirun passe
 @click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535),
               help="TCP port (0: any free one; the address is printed).")
 @click.option("--ctx-size", "-c", "context", default=0, type=click.IntRange(min=0), metavar="N",
-              help="Positions a sequence may take, prompt and answer. Default: the model's context, at most 4096.")
+              help="Positions a sequence may take, prompt and answer. Default (or 0): the model's context, at most "
+                   "4096.")
 @click.option("--sequences", default=4, show_default=True, type=click.IntRange(min=1), metavar="K",
               help="Requests generated at once; the others wait in order.")
 @click.option("--queue", "queue_limit", default=32, show_default=True, type=click.IntRange(min=0), metavar="N",

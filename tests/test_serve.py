@@ -498,6 +498,7 @@ MODELS = json.dumps({"object": "list", "data": [{"id": "m", "object": "model", "
     ("<html>My app</html>", "<html>My app</html>", "is not an OpenAI-compatible server"),  # another web app
     ("[]", "", "is not an OpenAI-compatible server"),
     ('{"data": "x"}', "", "is not an OpenAI-compatible server"),
+    (None, "", "is not an OpenAI-compatible server: GET /v1/models answered 404"),  # a plain web server
     (MODELS, "data: {not json}\n\n", "[error: the answer is not an OpenAI chat stream"),
     (MODELS, "data: [1, 2]\n\n", "[error: the answer is not an OpenAI chat stream"),
     (MODELS, '{"id": "x", "object": "chat.completion", "choices": []}', "[error: the answer ended without a finish"),
@@ -517,6 +518,9 @@ def test_the_chat_with_a_server_that_is_not_openai_compatible_says_so_in_a_line(
             self.wfile.write(data)
 
         def do_GET(self):
+            if models is None:
+                self.send_error(404)
+                return
             self.reply(models, "text/html" if models.startswith("<") else "application/json")
 
         def do_POST(self):
