@@ -186,7 +186,7 @@ def test_status_and_migrate_replies(served, path):
     ({"cmd": "migrate", "ratios": "1:1:1", "mode": "at", "at": 3}, "position 3 has passed"),
     ({"cmd": "migrate", "ratios": "1:1:1", "mode": "at", "at": -1}, r"a token position, a whole number from 0 \("),
     ({"cmd": "migrate", "ratios": "1." + "0" * 4400 + ":1:1"}, "expected numbers separated by ':'"),  # (Python's
-    ({"cmd": "migrate", "ratios": "1@" + "9" * 4400 + "*1:1"}, "@9{20} is more layers than any model has"),  # limit on digits:
+    ({"cmd": "migrate", "ratios": "1@" + "9" * 4400 + "*1:1"}, "@9{20} is more layers than"),  # limit on digits:
     ({"cmd": "migrate", "ratios": "1/" + "7" * 4400 + ":1:1"}, "expected numbers separated by ':'"),  # no reply)
     ({"cmd": "migrate", "ratios": "1:1:1", "at": 10**9},
      r"generation ends before position 1000000000 \(its last token boundary is at position 10000\)"),
