@@ -747,7 +747,8 @@ class RankState:
             work.append(Work(index, ids, min(steps, self.cfg.context - len(ids)), spec))
         if capped:
             more = f" and {len(capped) - 1} more" if len(capped) > 1 else ""
-            self.log(f"note: {capped[0]}{more}: the prompt's tokens and --steps would pass the model's context of "
+            steps = "its steps" if opts.prompts_file is not None else "--steps"  # (a line of the file may set them)
+            self.log(f"note: {capped[0]}{more}: the prompt's tokens and {steps} would pass the model's context of "
                      f"{self.cfg.context} positions; generating up to it")
         return tok, work
 

@@ -975,3 +975,13 @@ def test_ctrl_c_while_mpi_starts_ends_the_job(model):
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode != 0 and "Traceback" not in err, err
     assert no_new_shm_files(before)
+
+
+def test_steps_past_the_context_from_a_prompts_file_are_said_to_be_its_own(model, tmp_path):
+    """A line of --prompts-file whose steps pass the model's context is capped, and the note says "its steps"
+    (the line's, or --steps for the others), not --steps alone."""
+    (tmp_path / "p.jsonl").write_text('{"prompt": "Once", "steps": 100000}\n')
+    p = run(["--model", model, "--prompts-file", tmp_path / "p.jsonl", "--output", "json"])
+    assert p.returncode == 0, p.stderr
+    assert (f"note: {tmp_path / 'p.jsonl'} line 1: the prompt's tokens and its steps would pass the model's context "
+            f"of {SHAPE.context} positions; generating up to it") in p.stderr, p.stderr
