@@ -26,6 +26,7 @@ import numpy as np
 from aiohttp import web
 
 from .chat_template import ROLES, TemplateError
+from .errors import as_sent
 from .prompts import PromptSpec, Work
 from .sampling import MOST_TOP_K
 
@@ -273,7 +274,7 @@ def _number(body, name, lo, hi, default, integer=False):
     if isinstance(value, bool) or not ok_type or (isinstance(value, float) and not math.isfinite(value)) \
             or value > hi or value < lo:
         kind = "a whole number" if integer else "a number"
-        raise BadRequest(f"'{name}' must be {kind} in [{lo}, {hi}] (got {json.dumps(value)[:40]})", name)
+        raise BadRequest(f"'{name}' must be {kind} in [{lo}, {hi}] (got {as_sent(value)})", name)
     return value
 
 
@@ -362,7 +363,7 @@ def _messages(body):
         if isinstance(content, list):  # parts: only text is understood
             for j, p in enumerate(content):
                 if not isinstance(p, dict) or p.get("type") != "text":
-                    kind = json.dumps(p.get("type"))[:40] if isinstance(p, dict) else "not an object"
+                    kind = as_sent(p.get("type")) if isinstance(p, dict) else "not an object"
                     raise BadRequest(f"{where}.content[{j}]: only text parts are supported (got {kind})", "messages")
                 if not isinstance(p.get("text"), str):
                     raise BadRequest(f"{where}.content[{j}].text must be text", "messages")

@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .errors import UserError, regular_file
+from .errors import UserError, as_sent, regular_file
 from .plan import n_ffn_blocks
 from .model import KV_DTYPES
 
@@ -136,10 +136,6 @@ MOST_REAL = 1e15  # any number (bytes per second, milliseconds)
 MOST_FILE_BYTES = 16 << 20  # a profile of MOST_RANKS ranks is about 2 MiB: a larger file is something else
 
 
-def _shown(v) -> str:
-    return json.dumps(v, default=repr)[:40]
-
-
 class _Reader:
     """Typed access to the profile's JSON; each refusal is one line naming the file and the field."""
 
@@ -161,26 +157,26 @@ class _Reader:
         if v is None and null:
             return None
         if isinstance(v, bool) or not isinstance(v, int):
-            self.fail(name, f"must be a whole number, not {_shown(v)}")
+            self.fail(name, f"must be a whole number, not {as_sent(v)}")
         if v < least:
-            self.fail(name, f"must be at least {least}, not {_shown(v)}")
+            self.fail(name, f"must be at least {least}, not {as_sent(v)}")
         if v > most:
-            self.fail(name, f"must be at most {most}, not {_shown(v)}")
+            self.fail(name, f"must be at most {most}, not {as_sent(v)}")
         return v
 
     def real(self, obj, key, name, positive=False):
         v = self.get(obj, key, name)
         if isinstance(v, bool) or not isinstance(v, (int, float)):
-            self.fail(name, f"must be a number, not {_shown(v)}")
+            self.fail(name, f"must be a number, not {as_sent(v)}")
         if not (0 <= v <= MOST_REAL) or (positive and v == 0):  # (False for NaN)
             self.fail(name, f"must be a number {'above' if positive else 'of at least'} 0 and at most {MOST_REAL:g}, "
-                            f"not {_shown(v)}")
+                            f"not {as_sent(v)}")
         return float(v)
 
     def text(self, obj, key, name):
         v = self.get(obj, key, name)
         if not isinstance(v, str):
-            self.fail(name, f"must be a string, not {_shown(v)}")
+            self.fail(name, f"must be a string, not {as_sent(v)}")
         return v
 
     def items(self, obj, key, name, count=None):

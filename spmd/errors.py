@@ -8,14 +8,10 @@ class UserError(Exception):
     """Bad input (file, flag, prompt, hostfile): the message names the problem in one line."""
 
 
-def as_sent(value, limit=40) -> str:
-    """A value of a JSON request as the request spells it (true, null, "text", Infinity), cut after `limit`
-    characters: for an error that names it."""
-    try:
-        text = json.dumps(value)
-    except (TypeError, ValueError):  # (not from JSON: a caller's own object)
-        text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
+def as_sent(value) -> str:
+    """A value of a JSON request or file as it is spelled there (true, null, "text", Infinity; another object as
+    Python's repr), its first 40 characters: for an error that names it."""
+    return json.dumps(value, default=repr)[:40]
 
 
 def click_error_line(e, prog) -> str:

@@ -10,7 +10,7 @@ import json
 import math
 from dataclasses import dataclass
 
-from .errors import UserError, regular_file
+from .errors import UserError, as_sent, regular_file
 
 MAX_FILE_BYTES = 64 * 2**20
 JSON_LINES = (".jsonl", ".ndjson")  # a --prompts-file named so (in any case) is JSON Lines
@@ -126,7 +126,7 @@ def _json_prompt(line, where) -> PromptSpec:
               "seed": (_is_int, lambda v: v >= 0, "a whole number of at least 0")}
     for name, (kind, ok, what) in checks.items():
         if name in obj and not (kind(obj[name]) and ok(obj[name])):
-            raise UserError(f"{where}: \"{name}\" must be {what} (got {json.dumps(obj[name])[:40]})")
+            raise UserError(f"{where}: \"{name}\" must be {what} (got {as_sent(obj[name])})")
     return PromptSpec(text=text, ids=tuple(ids) if ids is not None else None, where=where,
                       **{name: obj[name] for name in SAMPLING if name in obj})
 
