@@ -23,6 +23,7 @@ import urllib.request
 import click
 
 from .errors import click_main
+from .watch import first_rank, under_mpirun
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 START_TIMEOUT_S = 300.0
@@ -177,12 +178,6 @@ def check_url(url):
     return re.sub(r"/v1/?$", "", url.rstrip("/"))
 
 
-def under_mpirun():
-    """Whether this process is one of several that mpirun started (MPICH's or Open MPI's)."""
-    size = os.environ.get("PMI_SIZE") or os.environ.get("OMPI_COMM_WORLD_SIZE") or "1"
-    return size.isdigit() and int(size) > 1
-
-
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--url", default=None, help=f"The server's address. Default: {DEFAULT_URL}, or, where nothing answers "
                                           "there, a server of the embedded model started for this chat.")
@@ -194,7 +189,7 @@ def under_mpirun():
 def cli(url, model, system, max_tokens, temperature, seed):
     """Chat with an spmd.serve server in the terminal."""
     if under_mpirun():
-        if os.environ.get("PMI_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")) == "0":
+        if first_rank():
             click.echo("error: spmd.chat is a client of a server: run it without mpirun (python -m spmd.chat); the "
                        "ranks run python -m spmd.serve", err=True)
         sys.exit(2)

@@ -40,6 +40,7 @@ import numpy as np
 from .errors import UserError
 from .model import Segment
 from .plan import chunk_counts
+from .watch import first_rank, under_mpirun
 from . import shm
 
 START_WAIT_S = 120.0  # how long MPI's start waits for the job's other ranks to start too (`starting`)
@@ -57,7 +58,7 @@ def starting():
     waits START_WAIT_S (SPMD_START_WAIT_S) for the start to end; if it has not, the child says so (on rank 0) and
     kills this rank, and mpirun takes the job down. Where the start does not end well (this rank killed, by the
     child or a signal), the child has MPI's shared-memory files of the host that this rank mapped removed."""
-    if int(os.environ.get("PMI_SIZE") or os.environ.get("OMPI_COMM_WORLD_SIZE") or 1) == 1:
+    if not under_mpirun():
         yield  # (a rank alone waits for nobody)
         return
     kept = {s: signal.signal(s, signal.SIG_DFL) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -95,7 +96,7 @@ def _watch_start(seconds):
                 if os.read(r, 1) != b"1":
                     shm.start_janitor(mapped)
                 return
-        if os.environ.get("PMI_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")) == "0":
+        if first_rank():
             os.write(2, START_FAILED.format(seconds=seconds).encode())
         shm.start_janitor(mapped | shm.mapped_names([parent]))
         os.kill(parent, signal.SIGKILL)

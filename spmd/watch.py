@@ -10,7 +10,8 @@ taken down (mpirun kills the processes it started: the parents) leaves no rank b
 (SIGKILL: it passes every other signal on) takes its rank with it and names nobody, which the supervisor says. A
 signal the parent gets (Ctrl-C, SIGTERM passed on by mpirun) goes on to the child, which has a process group of
 its own so that a signal mpirun sends the group comes once (twice, a Ctrl-C is a server's "stop at once"). Pure
-standard library: nothing is imported before the fork that the parent does not need."""
+standard library: nothing is imported before the fork that the parent does not need. It also says what mpirun's
+environment tells before MPI starts (`under_mpirun`, `first_rank`: spmd.comm's start, spmd.chat)."""
 import ctypes
 import os
 import signal
@@ -19,6 +20,17 @@ import sys
 
 DIED = "spmd: rank {rank} ({host}) died (signal {signal})"
 PR_SET_PDEATHSIG = 1
+
+
+def under_mpirun():
+    """Before MPI starts: whether this process is one of several that mpirun started (MPICH's or Open MPI's)."""
+    size = os.environ.get("PMI_SIZE") or os.environ.get("OMPI_COMM_WORLD_SIZE") or "1"
+    return size.isdigit() and int(size) > 1
+
+
+def first_rank():
+    """Before MPI starts: whether this process is rank 0 of its job (or alone)."""
+    return os.environ.get("PMI_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")) == "0"
 
 
 def passer(child):
